@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Shared helpers for Pulse scripts: cache locations, logging, waiting on ports.
+# Sourced, never executed.
+
+PULSE_CACHE="${PULSE_CACHE:-$HOME/.cache/pulse}"
+PULSE_TOOLS="$PULSE_CACHE/tools"
+export PATH="$PULSE_TOOLS/bin:$PATH"
+# Builds go to the cache so a fresh clone (as CI uses) builds incrementally.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PULSE_CACHE/target}"
+
+log() { printf '\033[1m[pulse]\033[0m %s\n' "$*" >&2; }
+die() { printf '\033[31m[pulse] error:\033[0m %s\n' "$*" >&2; exit 1; }
+
+# wait_port HOST PORT NAME TIMEOUT_SECONDS
+wait_port() {
+  local host=$1 port=$2 name=$3 timeout=${4:-60} waited=0
+  until (exec 3<>"/dev/tcp/$host/$port") 2>/dev/null; do
+    sleep 0.5
+    waited=$((waited + 1))
+    if [ "$waited" -ge $((timeout * 2)) ]; then
+      return 1
+    fi
+  done
+  log "$name answers on $host:$port"
+}
+
+# free_port: asks the kernel for a free TCP port on loopback.
+free_port() {
+  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+}
