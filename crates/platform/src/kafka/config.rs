@@ -1,0 +1,238 @@
+//! Kafka connection and client settings, shared by producers, consumers and the admin
+//! client. Anything librdkafka accepts can be added with `--kafka-option key=value`.
+
+use rdkafka::ClientConfig;
+
+use crate::config::{Problems, Validate};
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct KafkaConfig {
+    /// Bootstrap brokers, comma-separated host:port.
+    #[arg(
+        long = "kafka-brokers",
+        env = "PULSE_KAFKA_BROKERS",
+        default_value = "127.0.0.1:9092"
+    )]
+    pub brokers: String,
+    /// Partitions for topics this service creates when they are missing.
+    #[arg(
+        long = "kafka-partitions",
+        env = "PULSE_KAFKA_PARTITIONS",
+        default_value_t = 3
+    )]
+    pub partitions: i32,
+    /// Replication factor for topics this service creates.
+    #[arg(
+        long = "kafka-replication-factor",
+        env = "PULSE_KAFKA_REPLICATION_FACTOR",
+        default_value_t = 1
+    )]
+    pub replication_factor: i32,
+    /// Producer: how long to wait to fill a batch before sending.
+    #[arg(
+        long = "kafka-linger-ms",
+        env = "PULSE_KAFKA_LINGER_MS",
+        default_value_t = 5
+    )]
+    pub linger_ms: u32,
+    /// Producer: records the local queue holds before enqueue reports backpressure.
+    #[arg(
+        long = "kafka-queue-max-messages",
+        env = "PULSE_KAFKA_QUEUE_MAX_MESSAGES",
+        default_value_t = 100_000
+    )]
+    pub queue_max_messages: u32,
+    /// Producer: time to get an acknowledgement (including retries) before a record fails.
+    #[arg(
+        long = "kafka-message-timeout-ms",
+        env = "PULSE_KAFKA_MESSAGE_TIMEOUT_MS",
+        default_value_t = 30_000
+    )]
+    pub message_timeout_ms: u32,
+    /// Producer compression codec: none, gzip, snappy, lz4 or zstd.
+    #[arg(
+        long = "kafka-compression",
+        env = "PULSE_KAFKA_COMPRESSION",
+        default_value = "none"
+    )]
+    pub compression: String,
+    /// Consumer: interval of automatic commits of offsets marked durable.
+    #[arg(
+        long = "kafka-commit-interval-ms",
+        env = "PULSE_KAFKA_COMMIT_INTERVAL_MS",
+        default_value_t = 1_000
+    )]
+    pub commit_interval_ms: u32,
+    /// Consumer: group session timeout.
+    #[arg(
+        long = "kafka-session-timeout-ms",
+        env = "PULSE_KAFKA_SESSION_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
+    pub session_timeout_ms: u32,
+    /// Interval of librdkafka statistics (consumer lag metrics); 0 turns them off.
+    #[arg(
+        long = "kafka-statistics-interval-ms",
+        env = "PULSE_KAFKA_STATISTICS_INTERVAL_MS",
+        default_value_t = 5_000
+    )]
+    pub statistics_interval_ms: u32,
+    /// Extra librdkafka properties, `key=value`, repeatable or comma-separated
+    /// (e.g. `security.protocol=SASL_SSL`). Applied last.
+    #[arg(
+        long = "kafka-option",
+        env = "PULSE_KAFKA_OPTIONS",
+        value_delimiter = ','
+    )]
+    pub options: Vec<String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            brokers: "127.0.0.1:9092".into(),
+            partitions: 3,
+            replication_factor: 1,
+            linger_ms: 5,
+            queue_max_messages: 100_000,
+            message_timeout_ms: 30_000,
+            compression: "none".into(),
+            commit_interval_ms: 1_000,
+            session_timeout_ms: 10_000,
+            statistics_interval_ms: 5_000,
+            options: Vec::new(),
+        }
+    }
+}
+
+impl KafkaConfig {
+    /// A config for `brokers` with every other setting at its default.
+    pub fn for_brokers(brokers: impl Into<String>) -> Self {
+        Self {
+            brokers: brokers.into(),
+            ..Self::default()
+        }
+    }
+
+    /// The base librdkafka config: brokers, client id and the extra options.
+    pub fn client_config(&self, client_id: &str) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers)
+            .set("client.id", client_id);
+        for (k, v) in self.parsed_options() {
+            c.set(k, v);
+        }
+        c
+    }
+
+    fn parsed_options(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.options
+            .iter()
+            .filter(|o| !o.trim().is_empty())
+            .filter_map(|o| o.split_once('='))
+            .map(|(k, v)| (k.trim(), v.trim()))
+    }
+}
+
+impl Validate for KafkaConfig {
+    fn validate(&self, p: &mut Problems) {
+        p.check(
+            !self.brokers.trim().is_empty(),
+            "--kafka-brokers / PULSE_KAFKA_BROKERS",
+            "must name at least one host:port",
+        );
+        for b in self.brokers.split(',').filter(|b| !b.trim().is_empty()) {
+            let ok = b
+                .trim()
+                .rsplit_once(':')
+                .is_some_and(|(h, port)| !h.is_empty() && port.parse::<u16>().is_ok());
+            p.check(
+                ok,
+                "--kafka-brokers / PULSE_KAFKA_BROKERS",
+                format!("{b:?} is not host:port"),
+            );
+        }
+        p.check(
+            self.partitions >= 1,
+            "--kafka-partitions / PULSE_KAFKA_PARTITIONS",
+            format!("must be >= 1, got {}", self.partitions),
+        );
+        p.check(
+            self.replication_factor >= 1,
+            "--kafka-replication-factor / PULSE_KAFKA_REPLICATION_FACTOR",
+            format!("must be >= 1, got {}", self.replication_factor),
+        );
+        p.check(
+            ["none", "gzip", "snappy", "lz4", "zstd"].contains(&self.compression.as_str()),
+            "--kafka-compression / PULSE_KAFKA_COMPRESSION",
+            format!(
+                "must be none, gzip, snappy, lz4 or zstd, got {:?}",
+                self.compression
+            ),
+        );
+        p.check(
+            self.queue_max_messages >= 1,
+            "--kafka-queue-max-messages / PULSE_KAFKA_QUEUE_MAX_MESSAGES",
+            "must be >= 1",
+        );
+        p.check(
+            self.message_timeout_ms >= 1_000,
+            "--kafka-message-timeout-ms / PULSE_KAFKA_MESSAGE_TIMEOUT_MS",
+            format!("must be >= 1000, got {}", self.message_timeout_ms),
+        );
+        for o in self.options.iter().filter(|o| !o.trim().is_empty()) {
+            p.check(
+                o.split_once('=').is_some_and(|(k, _)| !k.trim().is_empty()),
+                "--kafka-option / PULSE_KAFKA_OPTIONS",
+                format!("{o:?} is not key=value"),
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::validate_all;
+
+    #[test]
+    fn defaults_are_valid() {
+        validate_all(&[&KafkaConfig::default()]).unwrap();
+    }
+
+    #[test]
+    fn every_bad_kafka_setting_is_named() {
+        let cfg = KafkaConfig {
+            brokers: "localhost,:9092".into(),
+            partitions: 0,
+            compression: "brotli".into(),
+            options: vec!["acks".into()],
+            ..KafkaConfig::default()
+        };
+        let err = validate_all(&[&cfg]).unwrap_err();
+        let text = err.to_string();
+        for needle in [
+            "\"localhost\"",
+            "\":9092\"",
+            "--kafka-partitions",
+            "brotli",
+            "\"acks\"",
+        ] {
+            assert!(text.contains(needle), "{needle} missing in {text}");
+        }
+    }
+
+    #[test]
+    fn extra_options_are_applied_last() {
+        let cfg = KafkaConfig {
+            options: vec![
+                "client.id=override".into(),
+                " socket.timeout.ms = 5000 ".into(),
+            ],
+            ..KafkaConfig::default()
+        };
+        let c = cfg.client_config("pulse");
+        assert_eq!(c.get("client.id"), Some("override"));
+        assert_eq!(c.get("socket.timeout.ms"), Some("5000"));
+    }
+}

@@ -1,0 +1,232 @@
+//! The Kafka consumer: a group member that stores an offset only when the caller says the
+//! record's output is durable (`mark_durable`), commits stored offsets periodically and
+//! before giving partitions away in a rebalance, reports rebalances to the service, and
+//! exports consumer lag from librdkafka statistics.
+
+use std::sync::Arc;
+
+use rdkafka::client::ClientContext;
+use rdkafka::config::RDKafkaLogLevel;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
+use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::message::BorrowedMessage;
+use rdkafka::statistics::Statistics;
+use rdkafka::{Message, Offset, TopicPartitionList};
+use tokio::sync::mpsc;
+
+use crate::kafka::KafkaConfig;
+use crate::metrics as m;
+
+/// A change of this member's partitions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RebalanceEvent {
+    /// These partitions are now ours.
+    Assigned(Vec<(String, i32)>),
+    /// These partitions are being taken away; their stored offsets were committed first.
+    Revoked(Vec<(String, i32)>),
+    /// The rebalance failed (the group will retry).
+    Error(String),
+}
+
+/// librdkafka callbacks: rebalances, commits, statistics and logs.
+#[derive(Debug)]
+pub struct PulseConsumerContext {
+    events: mpsc::UnboundedSender<RebalanceEvent>,
+}
+
+fn partitions(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
+    tpl.elements()
+        .iter()
+        .map(|e| (e.topic().to_owned(), e.partition()))
+        .collect()
+}
+
+impl ClientContext for PulseConsumerContext {
+    fn stats(&self, stats: Statistics) {
+        for (topic, t) in &stats.topics {
+            for (partition, p) in &t.partitions {
+                // Partition -1 is librdkafka's internal "unassigned" bucket; lag -1 means unknown.
+                if *partition >= 0 && p.consumer_lag >= 0 {
+                    metrics::gauge!(m::KAFKA_CONSUMER_LAG, "topic" => topic.clone(), "partition" => partition.to_string())
+                        .set(p.consumer_lag as f64);
+                }
+            }
+        }
+    }
+
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        match level {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error => {
+                tracing::error!(facility = fac, "librdkafka: {log_message}")
+            }
+            RDKafkaLogLevel::Warning => tracing::warn!(facility = fac, "librdkafka: {log_message}"),
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+                tracing::info!(facility = fac, "librdkafka: {log_message}")
+            }
+            RDKafkaLogLevel::Debug => tracing::debug!(facility = fac, "librdkafka: {log_message}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(%error, reason, "kafka client error");
+    }
+}
+
+impl ConsumerContext for PulseConsumerContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            // Hand over exactly what is durable, so the next owner resumes from there.
+            let outcome = match consumer.commit_consumer_state(CommitMode::Sync) {
+                Ok(()) => "ok",
+                // Nothing stored since the last commit is not a failure.
+                Err(KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => "ok",
+                Err(e) => {
+                    tracing::warn!(error = %e, "commit before revoke failed; the next owner may reprocess records");
+                    "error"
+                }
+            };
+            metrics::counter!(m::KAFKA_COMMITS_TOTAL, "outcome" => outcome).increment(1);
+            metrics::counter!(m::KAFKA_REBALANCES_TOTAL, "kind" => "revoke").increment(1);
+            let parts = partitions(tpl);
+            tracing::info!(partitions = ?parts, "partitions revoked");
+            let _ = self.events.send(RebalanceEvent::Revoked(parts));
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                metrics::counter!(m::KAFKA_REBALANCES_TOTAL, "kind" => "assign").increment(1);
+                let parts = partitions(tpl);
+                tracing::info!(partitions = ?parts, "partitions assigned");
+                let _ = self.events.send(RebalanceEvent::Assigned(parts));
+            }
+            Rebalance::Revoke(_) => {}
+            Rebalance::Error(e) => {
+                metrics::counter!(m::KAFKA_REBALANCES_TOTAL, "kind" => "error").increment(1);
+                tracing::warn!(error = %e, "rebalance failed");
+                let _ = self.events.send(RebalanceEvent::Error(e.to_string()));
+            }
+        }
+        let assigned = consumer.assignment().map(|a| a.count()).unwrap_or(0);
+        metrics::gauge!(m::KAFKA_ASSIGNED_PARTITIONS).set(assigned as f64);
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
+        let outcome = match result {
+            Ok(())
+            | Err(KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => "ok",
+            Err(e) => {
+                tracing::warn!(error = %e, "offset commit failed; it is retried with the next commit");
+                "error"
+            }
+        };
+        metrics::counter!(m::KAFKA_COMMITS_TOTAL, "outcome" => outcome).increment(1);
+    }
+}
+
+/// A consumer-group member.
+#[derive(Clone)]
+pub struct KafkaConsumer {
+    inner: Arc<StreamConsumer<PulseConsumerContext>>,
+    group_id: String,
+}
+
+impl std::fmt::Debug for KafkaConsumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaConsumer")
+            .field("group_id", &self.group_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KafkaConsumer {
+    /// Joins `group_id` and subscribes to `topics`. Returns the consumer and the stream of
+    /// rebalance events. New groups start from the earliest offset.
+    pub fn new(
+        cfg: &KafkaConfig,
+        client_id: &str,
+        group_id: &str,
+        topics: &[&str],
+    ) -> Result<(Self, mpsc::UnboundedReceiver<RebalanceEvent>), KafkaError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut c = cfg.client_config(client_id);
+        c.set("group.id", group_id)
+            .set("enable.auto.commit", "true")
+            .set(
+                "auto.commit.interval.ms",
+                cfg.commit_interval_ms.to_string(),
+            )
+            // Offsets are stored only by mark_durable, never on delivery to the app.
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("session.timeout.ms", cfg.session_timeout_ms.to_string())
+            .set(
+                "statistics.interval.ms",
+                cfg.statistics_interval_ms.to_string(),
+            );
+        for o in &cfg.options {
+            if let Some((k, v)) = o.split_once('=') {
+                c.set(k.trim(), v.trim());
+            }
+        }
+        let consumer: StreamConsumer<PulseConsumerContext> =
+            c.create_with_context(PulseConsumerContext { events: tx })?;
+        consumer.subscribe(topics)?;
+        Ok((
+            Self {
+                inner: Arc::new(consumer),
+                group_id: group_id.to_owned(),
+            },
+            rx,
+        ))
+    }
+
+    /// The next record (also drives rebalance callbacks).
+    pub async fn recv(&self) -> Result<BorrowedMessage<'_>, KafkaError> {
+        let msg = self.inner.recv().await?;
+        metrics::counter!(m::KAFKA_CONSUMED_TOTAL, "topic" => msg.topic().to_owned()).increment(1);
+        Ok(msg)
+    }
+
+    /// Marks every record of `topic`/`partition` up to and including `offset` as durably
+    /// processed: the next commit moves the group's position to `offset + 1`.
+    pub fn mark_durable(&self, topic: &str, partition: i32, offset: i64) -> Result<(), KafkaError> {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, partition, Offset::Offset(offset + 1))?;
+        self.inner.store_offsets(&tpl)?;
+        metrics::counter!(m::KAFKA_OFFSETS_STORED_TOTAL, "topic" => topic.to_owned()).increment(1);
+        Ok(())
+    }
+
+    /// Commits the stored offsets now and waits for the broker (use at shutdown).
+    pub fn commit_now(&self) -> Result<(), KafkaError> {
+        match self.inner.commit_consumer_state(CommitMode::Sync) {
+            Ok(())
+            | Err(KafkaError::ConsumerCommit(rdkafka::types::RDKafkaErrorCode::NoOffset)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The group's committed offsets for the current assignment.
+    pub fn committed(
+        &self,
+        timeout: std::time::Duration,
+    ) -> Result<TopicPartitionList, KafkaError> {
+        self.inner.committed(timeout)
+    }
+
+    /// The underlying consumer, for pause/resume, seek and metadata.
+    pub fn raw(&self) -> &StreamConsumer<PulseConsumerContext> {
+        &self.inner
+    }
+
+    pub fn group_id(&self) -> &str {
+        &self.group_id
+    }
+}

@@ -1,0 +1,14 @@
+//! What every Pulse service shares: typed config pieces and their validation, telemetry
+//! (JSON logs with trace ids, OTLP export), the Prometheus exporter and admin server,
+//! graceful shutdown, and the Kafka producer/consumer wrappers with topic bootstrap.
+//! Service logic lives in the service crates; this crate has no Pulse business rules.
+
+pub mod admin;
+pub mod config;
+pub mod kafka;
+pub mod metrics;
+pub mod shutdown;
+pub mod telemetry;
+
+pub use admin::Health;
+pub use shutdown::Shutdown;

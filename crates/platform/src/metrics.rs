@@ -1,0 +1,112 @@
+//! The Prometheus recorder and the metrics the platform itself emits (Kafka clients,
+//! admin server). Service crates declare their own metrics in their own `metrics.rs`.
+//!
+//! Every series carries a `service` label set once at install; label values are bounded
+//! (topics and partitions of Pulse, fixed outcome names).
+
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+use metrics_exporter_prometheus::{BuildError, PrometheusBuilder, PrometheusHandle};
+
+pub const KAFKA_PRODUCED_TOTAL: &str = "pulse_kafka_produced_records_total";
+pub const KAFKA_PRODUCE_ERRORS_TOTAL: &str = "pulse_kafka_produce_errors_total";
+pub const KAFKA_PRODUCE_BACKPRESSURE_TOTAL: &str = "pulse_kafka_produce_backpressure_total";
+pub const KAFKA_PRODUCE_ACK_SECONDS: &str = "pulse_kafka_produce_ack_seconds";
+pub const KAFKA_CONSUMER_LAG: &str = "pulse_kafka_consumer_lag_records";
+pub const KAFKA_CONSUMED_TOTAL: &str = "pulse_kafka_consumed_records_total";
+pub const KAFKA_OFFSETS_STORED_TOTAL: &str = "pulse_kafka_offsets_stored_total";
+pub const KAFKA_COMMITS_TOTAL: &str = "pulse_kafka_commits_total";
+pub const KAFKA_REBALANCES_TOTAL: &str = "pulse_kafka_rebalances_total";
+pub const KAFKA_ASSIGNED_PARTITIONS: &str = "pulse_kafka_assigned_partitions";
+pub const BUILD_INFO: &str = "pulse_build_info";
+
+/// Seconds buckets for request and acknowledgement latencies (1 ms .. 30 s).
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the global Prometheus recorder once per process (later calls return the same
+/// handle, so tests may call it freely) and describes the platform's metrics.
+pub fn install(service: &str) -> Result<PrometheusHandle, BuildError> {
+    if let Some(h) = HANDLE.get() {
+        return Ok(h.clone());
+    }
+    let recorder = PrometheusBuilder::new()
+        .add_global_label("service", service)
+        .set_buckets(LATENCY_BUCKETS)?
+        .build_recorder();
+    let handle = recorder.handle();
+    // Another thread may have won the race; then ours is dropped and theirs is used.
+    if metrics::set_global_recorder(recorder).is_ok() {
+        let _ = HANDLE.set(handle.clone());
+        describe();
+        metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+        spawn_upkeep(handle.clone());
+    }
+    Ok(HANDLE.get().cloned().unwrap_or(handle))
+}
+
+fn spawn_upkeep(handle: PrometheusHandle) {
+    // Histograms are drained by upkeep; without it memory grows between scrapes.
+    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        rt.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                handle.run_upkeep();
+            }
+        });
+    }
+}
+
+fn describe() {
+    describe_counter!(
+        KAFKA_PRODUCED_TOTAL,
+        "Records the broker acknowledged, by topic."
+    );
+    describe_counter!(
+        KAFKA_PRODUCE_ERRORS_TOTAL,
+        "Records that failed to enqueue or were not acknowledged, by topic and kind."
+    );
+    describe_counter!(
+        KAFKA_PRODUCE_BACKPRESSURE_TOTAL,
+        "Times an enqueue found the producer's local queue full (the caller waited or was told to retry)."
+    );
+    describe_histogram!(
+        KAFKA_PRODUCE_ACK_SECONDS,
+        Unit::Seconds,
+        "Time from enqueue to broker acknowledgement."
+    );
+    describe_gauge!(
+        KAFKA_CONSUMER_LAG,
+        "Records between the consumer's position and the partition's high watermark."
+    );
+    describe_counter!(
+        KAFKA_CONSUMED_TOTAL,
+        "Records received by the consumer, by topic."
+    );
+    describe_counter!(
+        KAFKA_OFFSETS_STORED_TOTAL,
+        "Offsets marked durable by the service and stored for the next commit."
+    );
+    describe_counter!(
+        KAFKA_COMMITS_TOTAL,
+        "Offset commits, by outcome (ok, error)."
+    );
+    describe_counter!(
+        KAFKA_REBALANCES_TOTAL,
+        "Consumer-group rebalances, by kind (assign, revoke, error)."
+    );
+    describe_gauge!(
+        KAFKA_ASSIGNED_PARTITIONS,
+        "Partitions currently assigned to this consumer."
+    );
+    describe_gauge!(
+        BUILD_INFO,
+        "Always 1; the version label says which build runs."
+    );
+}
