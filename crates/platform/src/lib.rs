@@ -7,6 +7,7 @@ pub mod admin;
 pub mod config;
 pub mod kafka;
 pub mod metrics;
+pub mod service;
 pub mod shutdown;
 pub mod telemetry;
 

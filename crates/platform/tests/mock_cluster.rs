@@ -5,7 +5,10 @@
 
 use std::time::Duration;
 
-use pulse_platform::kafka::{KafkaConfig, KafkaConsumer, KafkaProducer, OutRecord, ProduceError, RebalanceEvent, RecordProducer};
+use pulse_platform::kafka::{
+    KafkaConfig, KafkaConsumer, KafkaProducer, OutRecord, ProduceError, RebalanceEvent,
+    RecordProducer,
+};
 use rdkafka::Message;
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
@@ -17,7 +20,11 @@ fn cluster(topic: &str, partitions: i32) -> MockCluster<'static, DefaultProducer
 }
 
 fn record(topic: &str, i: usize) -> OutRecord {
-    OutRecord::new(topic, Some(format!("user-{i}").into_bytes()), format!("payload-{i}").into_bytes())
+    OutRecord::new(
+        topic,
+        Some(format!("user-{i}").into_bytes()),
+        format!("payload-{i}").into_bytes(),
+    )
 }
 
 async fn recv(consumer: &KafkaConsumer) -> (i32, i64, Vec<u8>) {
@@ -25,7 +32,11 @@ async fn recv(consumer: &KafkaConsumer) -> (i32, i64, Vec<u8>) {
         .await
         .expect("a record within 30 s")
         .unwrap();
-    (m.partition(), m.offset(), m.payload().unwrap_or_default().to_vec())
+    (
+        m.partition(),
+        m.offset(),
+        m.payload().unwrap_or_default().to_vec(),
+    )
 }
 
 #[tokio::test]
@@ -56,10 +67,17 @@ async fn a_full_local_queue_is_backpressure_and_nothing_is_dropped() {
     for i in 0..5 {
         acks.push(p.enqueue(record("bp", i)).unwrap());
     }
-    assert!(matches!(p.enqueue(record("bp", 5)), Err(ProduceError::QueueFull)));
+    assert!(matches!(
+        p.enqueue(record("bp", 5)),
+        Err(ProduceError::QueueFull)
+    ));
     assert!(ProduceError::QueueFull.is_retryable());
     // Waiting for room succeeds once the linger expires and acknowledgements free the queue.
-    acks.push(p.enqueue_with_wait(record("bp", 5), Duration::from_secs(30)).await.unwrap());
+    acks.push(
+        p.enqueue_with_wait(record("bp", 5), Duration::from_secs(30))
+            .await
+            .unwrap(),
+    );
     for a in acks {
         a.await.unwrap();
     }
@@ -70,7 +88,10 @@ async fn a_full_local_queue_is_backpressure_and_nothing_is_dropped() {
         payloads.push(String::from_utf8(recv(&consumer).await.2).unwrap());
     }
     let expected: Vec<String> = (0..6).map(|i| format!("payload-{i}")).collect();
-    assert_eq!(payloads, expected, "every acknowledged record is in the log, in order");
+    assert_eq!(
+        payloads, expected,
+        "every acknowledged record is in the log, in order"
+    );
 }
 
 #[tokio::test]
@@ -82,8 +103,13 @@ async fn an_unreachable_broker_fails_the_ack_future_not_the_enqueue() {
     };
     let p = KafkaProducer::new(&cfg, "test").unwrap();
     c.broker_down(1).unwrap();
-    let ack = p.enqueue(record("down", 0)).expect("enqueue succeeds while the broker is down");
-    let err = tokio::time::timeout(Duration::from_secs(30), ack).await.unwrap().unwrap_err();
+    let ack = p
+        .enqueue(record("down", 0))
+        .expect("enqueue succeeds while the broker is down");
+    let err = tokio::time::timeout(Duration::from_secs(30), ack)
+        .await
+        .unwrap()
+        .unwrap_err();
     assert!(matches!(err, ProduceError::Delivery(_)), "{err}");
     assert!(err.is_retryable(), "a timeout may succeed when retried");
 }

@@ -1,0 +1,118 @@
+//! The life cycle every service binary shares: install metrics, serve the admin endpoints,
+//! hand the service a [`Shutdown`], and after the service returned, keep the admin server
+//! up until its work is flushed, then stop it.
+
+use std::future::Future;
+use std::net::SocketAddr;
+
+use clap::Parser;
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{ConfigErrors, Validate};
+use crate::telemetry::{self, TelemetryConfig};
+use crate::{Health, Shutdown, admin};
+
+/// What a running service gets from the platform.
+#[derive(Debug, Clone)]
+pub struct ServiceContext {
+    pub service: &'static str,
+    pub shutdown: Shutdown,
+    pub health: Health,
+    pub metrics: PrometheusHandle,
+    /// Where the admin server actually listens (useful with port 0 in tests).
+    pub admin_addr: SocketAddr,
+}
+
+/// A running admin server.
+#[derive(Debug)]
+pub struct AdminServer {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl AdminServer {
+    /// Stops the admin server and waits for it.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        match self.task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "admin server failed"),
+            Err(e) => tracing::warn!(error = %e, "admin server task panicked"),
+        }
+    }
+}
+
+/// Installs metrics and starts the admin server on `listener`.
+pub fn start(
+    service: &'static str,
+    listener: TcpListener,
+) -> std::io::Result<(ServiceContext, AdminServer)> {
+    let metrics = crate::metrics::install(service).map_err(std::io::Error::other)?;
+    let health = Health::new();
+    let shutdown = Shutdown::new(health.clone());
+    let admin_addr = listener.local_addr()?;
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(admin::serve(
+        listener,
+        health.clone(),
+        metrics.clone(),
+        stop.clone(),
+    ));
+    tracing::info!(service, %admin_addr, "admin server listening (/metrics, /livez, /readyz)");
+    Ok((
+        ServiceContext {
+            service,
+            shutdown,
+            health,
+            metrics,
+            admin_addr,
+        },
+        AdminServer { stop, task },
+    ))
+}
+
+/// A service binary's config: clap-parsed, self-validating, with telemetry and admin address.
+pub trait ServiceConfig: Parser + Validate {
+    fn telemetry(&self) -> &TelemetryConfig;
+    fn admin_addr(&self) -> SocketAddr;
+}
+
+/// Error of a service's `main`.
+pub type MainError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The whole `main` of a service: parse and validate config (all errors at once), start
+/// telemetry and the admin server, install signal handlers, run `body` until it returns,
+/// then stop the admin server and flush telemetry.
+pub async fn main<C, F, Fut, E>(service: &'static str, body: F) -> Result<(), MainError>
+where
+    C: ServiceConfig,
+    F: FnOnce(C, ServiceContext) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: std::error::Error + Send + Sync + 'static,
+{
+    let config = C::parse();
+    crate::config::validate_all(&[&config])
+        .map_err(|e: ConfigErrors| -> MainError { e.to_string().into() })?;
+    let _telemetry = telemetry::init(service, config.telemetry())?;
+    let listener = TcpListener::bind(config.admin_addr())
+        .await
+        .map_err(|e| -> MainError {
+            format!("binding the admin server to {}: {e}", config.admin_addr()).into()
+        })?;
+    let (ctx, admin) = start(service, listener)?;
+    ctx.shutdown.install_signal_handlers()?;
+    let result = body(config, ctx).await;
+    admin.stop().await;
+    match result {
+        Ok(()) => {
+            tracing::info!(service, "stopped");
+            Ok(())
+        }
+        Err(e) => {
+            tracing::error!(service, error = %e, "service failed");
+            Err(Box::new(e))
+        }
+    }
+}
