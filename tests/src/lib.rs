@@ -1,1 +1,49 @@
-//! Shared helpers for the integration tests in `tests/tests/`.
+//! Shared helpers for the integration tests in `tests/tests/`: where the backing services
+//! are (environment set by `scripts/test.sh`) and unique names so tests run side by side.
+//!
+//! A test that needs a backing service fails — never skips — when its address is
+//! missing: run the suite with `scripts/test.sh`, which starts the real servers.
+
+use pulse_platform::clickhouse::ClickHouseConfig;
+use pulse_platform::kafka::KafkaConfig;
+use pulse_platform::s3::S3Config;
+
+fn required_env(name: &str) -> String {
+    match std::env::var(name) {
+        Ok(v) if !v.is_empty() => v,
+        _ => panic!(
+            "{name} is not set: run the tests with scripts/test.sh, which starts the real servers and sets it"
+        ),
+    }
+}
+
+/// The Kafka-API broker started by `scripts/test.sh`.
+pub fn kafka() -> KafkaConfig {
+    KafkaConfig::for_brokers(required_env("PULSE_TEST_KAFKA_BROKERS"))
+}
+
+/// The ClickHouse server started by `scripts/test.sh`, with the 18.16-safe client defaults.
+pub fn clickhouse() -> ClickHouseConfig {
+    ClickHouseConfig {
+        url: required_env("PULSE_TEST_CLICKHOUSE_URL"),
+        ..ClickHouseConfig::default()
+    }
+}
+
+/// The S3 server (s3s-fs) started by `scripts/test.sh`, with its bucket.
+pub fn s3() -> S3Config {
+    S3Config {
+        endpoint: required_env("PULSE_TEST_S3_ENDPOINT"),
+        bucket: required_env("PULSE_TEST_S3_BUCKET"),
+        prefix: String::new(),
+        region: "us-east-1".into(),
+        access_key: required_env("PULSE_TEST_S3_ACCESS_KEY"),
+        secret_key: required_env("PULSE_TEST_S3_SECRET_KEY"),
+        path_style: true,
+    }
+}
+
+/// A name no other test (or earlier run) uses: `prefix` plus a random suffix.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
+}

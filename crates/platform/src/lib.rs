@@ -4,9 +4,11 @@
 //! Service logic lives in the service crates; this crate has no Pulse business rules.
 
 pub mod admin;
+pub mod clickhouse;
 pub mod config;
 pub mod kafka;
 pub mod metrics;
+pub mod s3;
 pub mod service;
 pub mod shutdown;
 pub mod telemetry;

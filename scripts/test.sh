@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Runs every test of the workspace against real backing services:
+#   1. installs missing dependencies (scripts/install-deps.sh; a no-op when present),
+#   2. starts its own Kafka API (Tansu), ClickHouse and S3 (s3s-fs) on free ports in a
+#      temporary folder,
+#   3. checks formatting and clippy, runs `cargo test --workspace`,
+#   4. stops what it started, and exits non-zero on any failure.
+# Options (environment): PULSE_TEST_LINT=0 skips fmt/clippy; PULSE_TEST_KEEP=1 keeps
+# the temporary folder (logs, data) for inspection; extra arguments go to `cargo test`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/stack.sh
+
+started=$(date +%s)
+bash scripts/install-deps.sh
+
+STATE=$(mktemp -d "${TMPDIR:-/tmp}/pulse-test.XXXXXX")
+cleanup() {
+  local rc=$?
+  stack_stop "$STATE" kafka clickhouse s3
+  if [ "$rc" -ne 0 ] || [ "${PULSE_TEST_KEEP:-0}" = 1 ]; then
+    log "state, data and logs kept in $STATE"
+  else
+    rm -rf "$STATE"
+  fi
+  exit "$rc"
+}
+trap cleanup EXIT INT TERM
+
+KAFKA_PORT=$(free_port)
+CH_HTTP_PORT=$(free_port)
+CH_TCP_PORT=$(free_port)
+S3_PORT=$(free_port)
+
+log "starting backing services in $STATE"
+start_kafka "$STATE" "$KAFKA_PORT"
+start_clickhouse "$STATE" "$CH_HTTP_PORT" "$CH_TCP_PORT"
+start_s3 "$STATE" "$S3_PORT"
+
+export PULSE_TEST_KAFKA_BROKERS="127.0.0.1:$KAFKA_PORT"
+export PULSE_TEST_CLICKHOUSE_URL="http://127.0.0.1:$CH_HTTP_PORT"
+export PULSE_TEST_S3_ENDPOINT="http://127.0.0.1:$S3_PORT"
+export PULSE_TEST_S3_BUCKET="$S3_BUCKET"
+export PULSE_TEST_S3_ACCESS_KEY="$S3_ACCESS_KEY"
+export PULSE_TEST_S3_SECRET_KEY="$S3_SECRET_KEY"
+export PULSE_TEST_STATE="$STATE"
+
+if [ "${PULSE_TEST_LINT:-1}" = 1 ]; then
+  log "cargo fmt --check"
+  cargo fmt --all -- --check || die "formatting differs: run cargo fmt --all"
+  log "cargo clippy --workspace --all-targets -- -D warnings"
+  cargo clippy --workspace --all-targets --quiet -- -D warnings || die "clippy found problems"
+fi
+
+log "cargo test --workspace"
+cargo test --workspace "$@"
+
+log "all tests passed in $(( $(date +%s) - started )) s"
