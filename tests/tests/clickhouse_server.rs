@@ -1,6 +1,8 @@
 //! The ClickHouse client settings against the real server (Debian's 18.16 in
 //! scripts/test.sh): create a table, insert a batch with RowBinary, select it back.
 
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
 use clickhouse::Row;
 use serde::{Deserialize, Serialize};
 

@@ -2,6 +2,8 @@
 //! idempotent produce with headers, and a consumer group that resumes from its committed
 //! offset.
 
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
 use std::time::Duration;
 
 use pulse_contracts::{headers, trace_context};

@@ -39,10 +39,10 @@ impl KafkaTraceCarrier {
     pub fn from_headers<H: Headers>(headers: &H) -> Self {
         let mut map = BTreeMap::new();
         for h in headers.iter() {
-            if h.key == headers::TRACEPARENT || h.key == headers::TRACESTATE {
-                if let Some(v) = h.value.and_then(|v| std::str::from_utf8(v).ok()) {
-                    map.insert(h.key.to_owned(), v.to_owned());
-                }
+            if (h.key == headers::TRACEPARENT || h.key == headers::TRACESTATE)
+                && let Some(v) = h.value.and_then(|v| std::str::from_utf8(v).ok())
+            {
+                map.insert(h.key.to_owned(), v.to_owned());
             }
         }
         Self(map)

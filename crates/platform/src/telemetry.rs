@@ -250,24 +250,24 @@ where
             if let Some(scope) = ctx.event_scope() {
                 for s in scope.from_root() {
                     let ext = s.extensions();
-                    if let Some(f) = ext.get::<FormattedFields<N>>() {
-                        if let Ok(Value::Object(m)) = serde_json::from_str::<Value>(f) {
-                            span_obj.extend(m);
-                        }
+                    if let Some(f) = ext.get::<FormattedFields<N>>()
+                        && let Ok(Value::Object(m)) = serde_json::from_str::<Value>(f)
+                    {
+                        span_obj.extend(m);
                     }
                 }
             }
             obj.insert("span".into(), Value::Object(span_obj));
             let id = span.id();
             drop(span);
-            if let Some(dispatch) = self.dispatch.get().and_then(WeakDispatch::upgrade) {
-                if let Some(cx) = tracing_opentelemetry::get_otel_context(&id, &dispatch) {
-                    let otel_span = cx.span();
-                    let sc = otel_span.span_context();
-                    if sc.is_valid() {
-                        obj.insert("trace_id".into(), Value::String(sc.trace_id().to_string()));
-                        obj.insert("span_id".into(), Value::String(sc.span_id().to_string()));
-                    }
+            if let Some(dispatch) = self.dispatch.get().and_then(WeakDispatch::upgrade)
+                && let Some(cx) = tracing_opentelemetry::get_otel_context(&id, &dispatch)
+            {
+                let otel_span = cx.span();
+                let sc = otel_span.span_context();
+                if sc.is_valid() {
+                    obj.insert("trace_id".into(), Value::String(sc.trace_id().to_string()));
+                    obj.insert("span_id".into(), Value::String(sc.span_id().to_string()));
                 }
             }
         }

@@ -3,6 +3,8 @@
 //! commit-after-durable. The same behaviours are also tested against the real broker in
 //! the `pulse-tests` crate.
 
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
 use std::time::Duration;
 
 use pulse_platform::kafka::{
