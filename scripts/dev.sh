@@ -77,6 +77,8 @@ up() {
     IFS=: read -r name bin port extra <<<"$spec"
     wait_ready "$name" "$port"
   done
+  PULSE_SCHEMA_REGISTRY_URL="http://127.0.0.1:8081" "$BIN_DIR/pulsectl" schemas register \
+    || die "registering Pulse's schemas failed; see $STATE/logs/schema-registry.log"
 
   cat <<TXT
 
@@ -84,11 +86,13 @@ Pulse is up. State, data and logs: $STATE
   Kafka API (Tansu)   127.0.0.1:$KAFKA_PORT
   ClickHouse HTTP     http://127.0.0.1:$CH_HTTP_PORT   (try: curl 'http://127.0.0.1:$CH_HTTP_PORT/?query=SELECT+version()')
   S3 (s3s-fs)         http://127.0.0.1:$S3_PORT  bucket '$S3_BUCKET'
+  Schema registry     http://127.0.0.1:8081   (try: curl http://127.0.0.1:8081/subjects)
   Service admin       http://127.0.0.1:{9101 ingest, 9102 processor, 9103 writer-clickhouse,
                       9106 writer-parquet, 9104 query-api, 9105 schema-registry}/metrics|livez|readyz
 Logs:   scripts/dev.sh logs [name]      Status: scripts/dev.sh status      Stop: scripts/dev.sh down
-The services are skeletons for now (admin endpoints only); intake, processing, storage,
-queries and the synthetic workload arrive with their issues (see README, Status).
+The schema registry is complete; ingest, processor, writer and query-api are skeletons for
+now (admin endpoints only): their work and the synthetic workload arrive with their issues
+(see README, Status).
 TXT
 }
 

@@ -17,7 +17,7 @@ bash scripts/install-deps.sh
 STATE=$(mktemp -d "${TMPDIR:-/tmp}/pulse-test.XXXXXX")
 cleanup() {
   local rc=$?
-  stack_stop "$STATE" kafka clickhouse s3
+  stack_stop "$STATE" schema-registry kafka clickhouse s3
   if [ "$rc" -ne 0 ] || [ "${PULSE_TEST_KEEP:-0}" = 1 ]; then
     log "state, data and logs kept in $STATE"
   else
@@ -44,6 +44,7 @@ export PULSE_TEST_S3_BUCKET="$S3_BUCKET"
 export PULSE_TEST_S3_ACCESS_KEY="$S3_ACCESS_KEY"
 export PULSE_TEST_S3_SECRET_KEY="$S3_SECRET_KEY"
 export PULSE_TEST_STATE="$STATE"
+export PULSE_TEST_PYTHON="$PULSE_CACHE/venv/bin/python"
 
 if [ "${PULSE_TEST_LINT:-1}" = 1 ]; then
   log "cargo fmt --check"
@@ -54,5 +55,34 @@ fi
 
 log "cargo test --workspace"
 cargo test --workspace "$@"
+
+# Schema compatibility: register the protos of a baseline commit with a real registry,
+# then check the working tree's protos against them (BACKWARD). The baseline is HEAD when
+# proto/ has uncommitted changes, else HEAD~1 (so the last commit's change is checked);
+# PULSE_SCHEMA_BASELINE overrides it.
+log "schema compatibility check"
+cargo build --quiet --bins
+if [ -z "${PULSE_SCHEMA_BASELINE:-}" ]; then
+  if git diff --quiet HEAD -- proto 2>/dev/null; then PULSE_SCHEMA_BASELINE=HEAD~1; else PULSE_SCHEMA_BASELINE=HEAD; fi
+fi
+SR_PORT=$(free_port)
+start_proc "$STATE" schema-registry env PULSE_KAFKA_BROKERS="$PULSE_TEST_KAFKA_BROKERS" \
+  PULSE_SCHEMAS_TOPIC=_schemas_check PULSE_SCHEMA_REGISTRY_ADDR="127.0.0.1:$SR_PORT" \
+  PULSE_ADMIN_ADDR="127.0.0.1:$(free_port)" "$CARGO_TARGET_DIR/debug/pulse-schema-registry"
+wait_port 127.0.0.1 "$SR_PORT" "schema registry" 60 || die "schema registry did not start; see $STATE/logs/schema-registry.log"
+export PULSE_SCHEMA_REGISTRY_URL="http://127.0.0.1:$SR_PORT"
+if git rev-parse --verify --quiet "$PULSE_SCHEMA_BASELINE^{commit}" >/dev/null \
+  && git ls-tree -d --name-only "$PULSE_SCHEMA_BASELINE" proto | grep -q proto; then
+  mkdir -p "$STATE/baseline"
+  git archive "$PULSE_SCHEMA_BASELINE" proto | tar -x -C "$STATE/baseline"
+  log "registering the schemas of $PULSE_SCHEMA_BASELINE ($(git rev-parse --short "$PULSE_SCHEMA_BASELINE"))"
+  "$CARGO_TARGET_DIR/debug/pulsectl" schemas register --proto-dir "$STATE/baseline/proto"
+else
+  log "no baseline commit $PULSE_SCHEMA_BASELINE with proto/; checking registration only"
+fi
+"$CARGO_TARGET_DIR/debug/pulsectl" schemas check \
+  || die "a proto change breaks BACKWARD compatibility with $PULSE_SCHEMA_BASELINE (reasons above)"
+"$CARGO_TARGET_DIR/debug/pulsectl" schemas register
+stop_proc "$STATE" schema-registry
 
 log "all tests passed in $(( $(date +%s) - started )) s"

@@ -1,16 +1,28 @@
-//! The schema-registry service: Confluent-compatible schema registry backed by the compacted `_schemas` topic.
+//! The schema registry: a Confluent Schema Registry–compatible REST API (the subset Pulse
+//! and standard clients use) whose storage is the compacted Kafka topic `_schemas`.
 //!
-//! Status: the service skeleton — config, telemetry, admin endpoints, graceful shutdown
-//! and topic bootstrap. Its pipeline work lands with issue #3.
+//! Modules: `api` (routes), `error` (Confluent error shape), `store` (the deterministic
+//! state machine), `log` (the Kafka log and its reader), `compat` (protobuf parsing and
+//! compatibility rules), `metrics`. Any number of replicas can run side by side: each
+//! reads the whole log, and ids are assigned from log order, never by a replica alone.
+
+pub mod api;
+pub mod compat;
+pub mod error;
+pub mod log;
+pub mod metrics;
+pub mod store;
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
-use pulse_contracts::topics;
 use pulse_platform::config::{Problems, Validate};
 use pulse_platform::kafka::KafkaConfig;
 use pulse_platform::kafka::topics::{TopicError, TopicSpec, ensure_topics};
 use pulse_platform::service::{ServiceConfig, ServiceContext};
 use pulse_platform::telemetry::TelemetryConfig;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
 
 /// Service name: metrics label, OpenTelemetry `service.name`, log field.
 pub const SERVICE: &str = "schema-registry";
@@ -20,9 +32,16 @@ pub const SERVICE: &str = "schema-registry";
 #[command(
     name = "pulse-schema-registry",
     version,
-    about = "Confluent-compatible schema registry backed by the compacted `_schemas` topic."
+    about = "Confluent-compatible schema registry backed by a Kafka topic."
 )]
 pub struct Config {
+    /// Address of the REST API.
+    #[arg(
+        long = "http-addr",
+        env = "PULSE_SCHEMA_REGISTRY_ADDR",
+        default_value = "127.0.0.1:8081"
+    )]
+    pub http_addr: SocketAddr,
     /// Address of the admin server (/metrics, /livez, /readyz).
     #[arg(
         long = "admin-addr",
@@ -30,6 +49,27 @@ pub struct Config {
         default_value = "127.0.0.1:9105"
     )]
     pub admin_addr: SocketAddr,
+    /// The compacted topic holding the registry's log (one partition).
+    #[arg(
+        long = "schemas-topic",
+        env = "PULSE_SCHEMAS_TOPIC",
+        default_value = "_schemas"
+    )]
+    pub schemas_topic: String,
+    /// How long a write waits for this replica to read its own record back.
+    #[arg(
+        long = "apply-timeout-ms",
+        env = "PULSE_SCHEMA_REGISTRY_APPLY_TIMEOUT_MS",
+        default_value_t = 30_000
+    )]
+    pub apply_timeout_ms: u64,
+    /// How long startup may take to read the existing log before the replica gives up.
+    #[arg(
+        long = "startup-timeout-ms",
+        env = "PULSE_SCHEMA_REGISTRY_STARTUP_TIMEOUT_MS",
+        default_value_t = 120_000
+    )]
+    pub startup_timeout_ms: u64,
     #[command(flatten)]
     pub kafka: KafkaConfig,
     #[command(flatten)]
@@ -38,6 +78,16 @@ pub struct Config {
 
 impl Validate for Config {
     fn validate(&self, p: &mut Problems) {
+        p.check(
+            !self.schemas_topic.is_empty(),
+            "--schemas-topic / PULSE_SCHEMAS_TOPIC",
+            "must not be empty",
+        );
+        p.check(
+            self.apply_timeout_ms >= 100,
+            "--apply-timeout-ms / PULSE_SCHEMA_REGISTRY_APPLY_TIMEOUT_MS",
+            format!("must be >= 100, got {}", self.apply_timeout_ms),
+        );
         self.kafka.validate(p);
         self.telemetry.validate(p);
     }
@@ -52,23 +102,105 @@ impl ServiceConfig for Config {
     }
 }
 
-/// Why the service stopped with an error.
+/// Why the registry stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("creating topics: {0}")]
+    #[error("creating the schemas topic: {0}")]
     Topics(#[from] TopicError),
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("reading the existing schema log did not finish within {0:?}")]
+    CatchUp(Duration),
+    #[error("binding the REST API to {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("REST server: {0}")]
+    Serve(std::io::Error),
+}
+
+/// One running replica: REST server plus log reader.
+#[derive(Debug)]
+pub struct Replica {
+    pub addr: SocketAddr,
+    pub log: log::SchemaLog,
+    stop_http: CancellationToken,
+    stop_reader: CancellationToken,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+    reader: tokio::task::JoinHandle<Result<(), rdkafka::error::KafkaError>>,
+}
+
+impl Replica {
+    /// Creates the log topic if missing, reads the existing log, then serves on `listener`.
+    pub async fn start(
+        kafka: &KafkaConfig,
+        topic: &str,
+        apply_timeout: Duration,
+        startup_timeout: Duration,
+        listener: TcpListener,
+    ) -> Result<Self, Error> {
+        metrics::describe();
+        ensure_topics(kafka, &[TopicSpec::compacted(topic)]).await?;
+        let stop_reader = CancellationToken::new();
+        let (log, reader) =
+            log::SchemaLog::start(kafka, topic, apply_timeout, stop_reader.clone())?;
+        log.catch_up(kafka, startup_timeout)
+            .await
+            .map_err(|_| Error::CatchUp(startup_timeout))?;
+        let addr = listener.local_addr().map_err(Error::Serve)?;
+        let stop_http = CancellationToken::new();
+        let app = api::router(log.clone());
+        let server = {
+            let stop = stop_http.clone();
+            tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(async move { stop.cancelled().await })
+                    .await
+            })
+        };
+        tracing::info!(%addr, topic, "schema registry serving");
+        Ok(Self {
+            addr,
+            log,
+            stop_http,
+            stop_reader,
+            server,
+            reader,
+        })
+    }
+
+    /// Stops accepting, finishes in-flight requests, then stops the log reader.
+    pub async fn stop(self) -> Result<(), Error> {
+        self.stop_http.cancel();
+        let served = self.server.await;
+        self.stop_reader.cancel();
+        let _ = self.reader.await;
+        match served {
+            Ok(r) => r.map_err(Error::Serve),
+            Err(e) => Err(Error::Serve(std::io::Error::other(e))),
+        }
+    }
 }
 
 /// Runs the service until shutdown.
 pub async fn run(config: Config, ctx: ServiceContext) -> Result<(), Error> {
-    let specs = vec![TopicSpec::compacted(topics::SCHEMAS)];
-    ensure_topics(&config.kafka, &specs).await?;
+    let listener = TcpListener::bind(config.http_addr)
+        .await
+        .map_err(|source| Error::Bind {
+            addr: config.http_addr,
+            source,
+        })?;
+    let replica = Replica::start(
+        &config.kafka,
+        &config.schemas_topic,
+        Duration::from_millis(config.apply_timeout_ms),
+        Duration::from_millis(config.startup_timeout_ms),
+        listener,
+    )
+    .await?;
     ctx.health.set_ready(true);
-    tracing::warn!(
-        service = SERVICE,
-        "skeleton build: only the admin endpoints are served (see issue #3)"
-    );
     ctx.shutdown.cancelled().await;
-    drop(config);
-    Ok(())
+    tracing::info!("draining the REST API");
+    replica.stop().await
 }

@@ -1,0 +1,30 @@
+//! The schema registry's metrics (HTTP request metrics come from `platform::http`).
+
+use metrics::{describe_counter, describe_gauge};
+
+pub const SUBJECTS: &str = "pulse_schema_registry_subjects";
+pub const SCHEMAS: &str = "pulse_schema_registry_schemas";
+pub const VERSIONS: &str = "pulse_schema_registry_versions";
+pub const COMPATIBILITY_REJECTIONS_TOTAL: &str =
+    "pulse_schema_registry_compatibility_rejections_total";
+pub const LOG_APPLIED_TOTAL: &str = "pulse_schema_registry_log_records_applied_total";
+pub const LOG_OFFSET: &str = "pulse_schema_registry_log_applied_offset";
+
+pub fn describe() {
+    pulse_platform::http::describe_metrics();
+    describe_gauge!(SUBJECTS, "Subjects with at least one live version.");
+    describe_gauge!(SCHEMAS, "Distinct schemas (ids) known.");
+    describe_gauge!(VERSIONS, "Live subject versions.");
+    describe_counter!(
+        COMPATIBILITY_REJECTIONS_TOTAL,
+        "Registrations refused because the schema is incompatible with earlier versions."
+    );
+    describe_counter!(
+        LOG_APPLIED_TOTAL,
+        "Records of the _schemas log applied by this replica, by outcome."
+    );
+    describe_gauge!(
+        LOG_OFFSET,
+        "Offset of the last _schemas record this replica applied."
+    );
+}
