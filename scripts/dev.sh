@@ -67,18 +67,27 @@ up() {
   export PULSE_S3_BUCKET="$S3_BUCKET" PULSE_S3_ACCESS_KEY="$S3_ACCESS_KEY" PULSE_S3_SECRET_KEY="$S3_SECRET_KEY"
   "$BIN_DIR/pulsectl" topics create || die "creating topics failed"
 
+  # Dev-only secrets, documented in the README; never use them elsewhere.
+  export PULSE_INGEST_API_KEYS="${PULSE_INGEST_API_KEYS:-pulse-dev-key=dev}"
+  export PULSE_INGEST_PII_HMAC_KEY="${PULSE_INGEST_PII_HMAC_KEY:-pulse-dev-hmac-key}"
+  export PULSE_SCHEMA_REGISTRY_URL="http://127.0.0.1:8081"
+
   local spec name bin port extra
+  # The registry first: the other services need Pulse's schemas registered.
   for spec in "${SERVICES[@]}"; do
     IFS=: read -r name bin port extra <<<"$spec"
     # shellcheck disable=SC2086 # extra holds separate arguments
     start_proc "$STATE" "$name" env PULSE_ADMIN_ADDR="127.0.0.1:$port" "$BIN_DIR/$bin" $extra
+    if [ "$name" = schema-registry ]; then
+      wait_ready "$name" "$port"
+      "$BIN_DIR/pulsectl" schemas register \
+        || die "registering Pulse's schemas failed; see $STATE/logs/schema-registry.log"
+    fi
   done
   for spec in "${SERVICES[@]}"; do
     IFS=: read -r name bin port extra <<<"$spec"
     wait_ready "$name" "$port"
   done
-  PULSE_SCHEMA_REGISTRY_URL="http://127.0.0.1:8081" "$BIN_DIR/pulsectl" schemas register \
-    || die "registering Pulse's schemas failed; see $STATE/logs/schema-registry.log"
 
   cat <<TXT
 
@@ -87,11 +96,14 @@ Pulse is up. State, data and logs: $STATE
   ClickHouse HTTP     http://127.0.0.1:$CH_HTTP_PORT   (try: curl 'http://127.0.0.1:$CH_HTTP_PORT/?query=SELECT+version()')
   S3 (s3s-fs)         http://127.0.0.1:$S3_PORT  bucket '$S3_BUCKET'
   Schema registry     http://127.0.0.1:8081   (try: curl http://127.0.0.1:8081/subjects)
+  Ingest              http://127.0.0.1:8080/v1/events, gRPC 127.0.0.1:50051 (API key: pulse-dev-key)
+    try: curl -s http://127.0.0.1:8080/v1/events -H 'Authorization: Bearer pulse-dev-key' \\
+           -d '{"schema_version":1,"event_type":"page_view","key":{"user_id":"u-1"},"payload":{"page":"/"},"metadata":{"event_timestamp":'\$(date +%s000)'}}'
   Service admin       http://127.0.0.1:{9101 ingest, 9102 processor, 9103 writer-clickhouse,
                       9106 writer-parquet, 9104 query-api, 9105 schema-registry}/metrics|livez|readyz
 Logs:   scripts/dev.sh logs [name]      Status: scripts/dev.sh status      Stop: scripts/dev.sh down
-The schema registry is complete; ingest, processor, writer and query-api are skeletons for
-now (admin endpoints only): their work and the synthetic workload arrive with their issues
+The schema registry and ingest work; processor, writer and query-api are skeletons for now
+(admin endpoints only): their work and the synthetic workload arrive with their issues
 (see README, Status).
 TXT
 }

@@ -1,0 +1,474 @@
+//! API-key authentication and per-source rate limiting for ingest.
+//!
+//! Owns: parsing API keys (`key=source` lists from config or a file), the
+//! constant-time key lookup, extracting the presented key from header values,
+//! and the per-source token buckets with their Retry-After arithmetic.
+//!
+//! Leaves to others: reading HTTP/gRPC headers (callers pass the raw header
+//! values to [`presented_key`]), turning a refusal into a 401/429 response,
+//! metrics, and where the key spec comes from (CLI flag, env, file path).
+//!
+//! Keys are never kept in clear text: only their SHA-256 digests are stored, so
+//! neither `Debug` nor error messages can reveal them.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use subtle::{ConditionallySelectable, ConstantTimeEq};
+
+type KeyDigest = [u8; 32];
+
+fn digest(key: &str) -> KeyDigest {
+    Sha256::digest(key.as_bytes()).into()
+}
+
+#[derive(Clone)]
+struct Entry {
+    digest: KeyDigest,
+    source: String,
+}
+
+/// API keys, each bound to a source name. `Debug` never prints keys (they are
+/// stored only as SHA-256 digests).
+#[derive(Clone, Default)]
+pub struct ApiKeys {
+    entries: Vec<Entry>,
+}
+
+impl ApiKeys {
+    /// Parses `"key=source,key2=source2"`. Whitespace around items, keys and
+    /// sources is trimmed and empty items (e.g. a trailing comma) are skipped.
+    /// The item is split at its *last* `=`, so keys may contain `=` (base64
+    /// padding) while source names may not. Errors name the 1-based item
+    /// position but never echo the key.
+    pub fn parse(spec: &str) -> Result<Self, String> {
+        let mut keys = ApiKeys::default();
+        for (i, item) in spec.split(',').enumerate() {
+            let item = item.trim();
+            if item.is_empty() {
+                continue;
+            }
+            keys.push_item(item, &format!("API key item {}", i + 1))?;
+        }
+        Ok(keys)
+    }
+
+    /// Reads a file with one `key=source` per line; blank lines and lines
+    /// starting with `#` (after leading whitespace) are ignored. Errors name the
+    /// file and the 1-based line number but never echo a key.
+    pub fn from_file(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("reading API key file {}: {e}", path.display()))?;
+        let mut keys = ApiKeys::default();
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            keys.push_item(
+                line,
+                &format!("API key file {} line {}", path.display(), i + 1),
+            )?;
+        }
+        Ok(keys)
+    }
+
+    fn push_item(&mut self, item: &str, at: &str) -> Result<(), String> {
+        let Some((key, source)) = item.rsplit_once('=') else {
+            return Err(format!("{at}: expected key=source (missing '=')"));
+        };
+        let (key, source) = (key.trim(), source.trim());
+        if key.is_empty() {
+            return Err(format!("{at}: empty key"));
+        }
+        if source.is_empty() {
+            return Err(format!("{at}: empty source name"));
+        }
+        let d = digest(key);
+        if self.entries.iter().any(|e| e.digest == d) {
+            return Err(format!(
+                "{at}: duplicate key (the same key appears earlier)"
+            ));
+        }
+        self.entries.push(Entry {
+            digest: d,
+            source: source.to_owned(),
+        });
+        Ok(())
+    }
+
+    /// Merges `other` into `self` (config keys + file keys). A key present in
+    /// both keeps the binding from `other`.
+    pub fn extend(&mut self, other: ApiKeys) {
+        for entry in other.entries {
+            match self.entries.iter_mut().find(|e| e.digest == entry.digest) {
+                Some(existing) => existing.source = entry.source,
+                None => self.entries.push(entry),
+            }
+        }
+    }
+
+    /// Number of keys.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// True when no key is configured.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The source bound to `presented`, or `None` if the key is unknown.
+    ///
+    /// Compares the SHA-256 digest of `presented` against the digest of every
+    /// key with `subtle::ConstantTimeEq`, without stopping at a match, so
+    /// neither the position of a match nor the key length leaks through timing.
+    pub fn authenticate(&self, presented: &str) -> Option<String> {
+        if presented.is_empty() {
+            return None;
+        }
+        let d = digest(presented);
+        let mut found = u64::MAX;
+        for (i, entry) in self.entries.iter().enumerate() {
+            let index = u64::try_from(i).unwrap_or(u64::MAX);
+            found.conditional_assign(&index, entry.digest.ct_eq(&d));
+        }
+        let index = usize::try_from(found).ok()?;
+        self.entries.get(index).map(|e| e.source.clone())
+    }
+}
+
+impl std::fmt::Debug for ApiKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let sources: Vec<&str> = self.entries.iter().map(|e| e.source.as_str()).collect();
+        f.debug_struct("ApiKeys")
+            .field("sources", &sources)
+            .field("keys", &format_args!("<redacted>"))
+            .finish()
+    }
+}
+
+/// Extracts the presented key from the `Authorization` header value
+/// (`Bearer <key>`, scheme case-insensitive, surrounding whitespace ignored) or,
+/// when that is absent or not a bearer token, from the `X-Api-Key` value
+/// (trimmed). Returns `None` when neither yields a non-empty key without inner
+/// whitespace (e.g. `Basic xyz` and no `X-Api-Key`).
+pub fn presented_key<'a>(
+    authorization: Option<&'a str>,
+    x_api_key: Option<&'a str>,
+) -> Option<&'a str> {
+    authorization
+        .and_then(bearer_token)
+        .or_else(|| x_api_key.map(str::trim).filter(|k| valid_token(k)))
+}
+
+fn bearer_token(value: &str) -> Option<&str> {
+    let value = value.trim();
+    let split = value.find(|c: char| c.is_ascii_whitespace())?;
+    let (scheme, rest) = value.split_at(split);
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let token = rest.trim();
+    valid_token(token).then_some(token)
+}
+
+fn valid_token(token: &str) -> bool {
+    !token.is_empty() && !token.contains(|c: char| c.is_whitespace())
+}
+
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    last: Instant,
+}
+
+/// Per-source token buckets: `rate` tokens per second refill up to `burst`.
+///
+/// A request of `n` events is admitted when the bucket holds at least 1 token;
+/// it then takes `n` tokens, so the bucket may go negative (never below `1 - n`)
+/// and big batches are never starved — the debt delays later requests instead.
+/// When refused, the `Err` carries the time until the bucket is back to >= 1
+/// token (see [`retry_after_secs`]).
+///
+/// `rate <= 0` (or NaN) means unlimited. `burst` is raised to at least 1 so a
+/// bucket can always admit something. A bucket starts full. Memory: one bucket
+/// per source name; sources come from the configured API keys, so this is
+/// bounded by the key configuration.
+#[derive(Debug)]
+pub struct RateLimiter {
+    rate: f64,
+    burst: f64,
+    buckets: Mutex<HashMap<String, Bucket>>,
+}
+
+impl RateLimiter {
+    /// A limiter refilling `rate_per_sec` tokens/s up to `burst` tokens.
+    pub fn new(rate_per_sec: f64, burst: f64) -> Self {
+        Self {
+            rate: rate_per_sec,
+            burst: burst.max(1.0),
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn unlimited(&self) -> bool {
+        self.rate.is_nan() || self.rate <= 0.0 || self.rate.is_infinite()
+    }
+
+    /// Admits a request of `events` events from `source` at `now`, or returns
+    /// how long until the bucket is back to at least 1 token. An earlier `now`
+    /// than previously seen never refills (and never panics).
+    pub fn try_acquire(&self, source: &str, events: u32, now: Instant) -> Result<(), Duration> {
+        if self.unlimited() {
+            return Ok(());
+        }
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        let bucket = match buckets.get_mut(source) {
+            Some(b) => b,
+            None => buckets.entry(source.to_owned()).or_insert(Bucket {
+                tokens: self.burst,
+                last: now,
+            }),
+        };
+        if now > bucket.last {
+            let elapsed = now.duration_since(bucket.last).as_secs_f64();
+            bucket.tokens = (bucket.tokens + elapsed * self.rate).min(self.burst);
+            bucket.last = now;
+        }
+        if bucket.tokens >= 1.0 {
+            bucket.tokens -= f64::from(events);
+            Ok(())
+        } else {
+            let secs = (1.0 - bucket.tokens) / self.rate;
+            Err(Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX))
+        }
+    }
+}
+
+/// Whole seconds for a `Retry-After` header: `d` rounded up, at least 1.
+pub fn retry_after_secs(d: Duration) -> u64 {
+    let secs = d.as_secs().saturating_add(u64::from(d.subsec_nanos() > 0));
+    secs.max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    const K1: &str = "k3y-0ne-SECRET";
+    const K2: &str = "k3y-TW0-SECRET==";
+
+    #[test]
+    fn parse_and_authenticate() {
+        let keys = ApiKeys::parse(&format!("  {K1}=web , {K2} = ios ,")).unwrap();
+        assert_eq!(keys.len(), 2);
+        assert!(!keys.is_empty());
+        assert_eq!(keys.authenticate(K1).as_deref(), Some("web"));
+        // Keys may contain '=' (split at the last one).
+        assert_eq!(keys.authenticate(K2).as_deref(), Some("ios"));
+    }
+
+    #[test]
+    fn empty_spec_is_empty_set() {
+        let keys = ApiKeys::parse("  ").unwrap();
+        assert!(keys.is_empty());
+        assert_eq!(keys.authenticate("anything"), None);
+    }
+
+    #[test]
+    fn authenticate_rejects_wrong_empty_and_prefix() {
+        let keys = ApiKeys::parse(&format!("{K1}=web")).unwrap();
+        assert_eq!(keys.authenticate("wrong"), None);
+        assert_eq!(keys.authenticate(""), None);
+        assert_eq!(keys.authenticate(&K1[..K1.len() - 1]), None);
+        assert_eq!(keys.authenticate(&format!("{K1}x")), None);
+        assert_eq!(keys.authenticate(&K1.to_uppercase()), None);
+    }
+
+    #[test]
+    fn file_round_trip() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(
+            f,
+            "# production keys\n\n{K1}=web\n   # indented comment\n  {K2}=ios  \n"
+        )
+        .unwrap();
+        let keys = ApiKeys::from_file(f.path()).unwrap();
+        assert_eq!(keys.len(), 2);
+        assert_eq!(keys.authenticate(K1).as_deref(), Some("web"));
+        assert_eq!(keys.authenticate(K2).as_deref(), Some("ios"));
+    }
+
+    #[test]
+    fn file_errors_name_line_not_key() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        writeln!(f, "{K1}=web\n{K2}").unwrap();
+        let err = ApiKeys::from_file(f.path()).unwrap_err();
+        assert!(err.contains("line 2"), "{err}");
+        assert!(!err.contains(K2) && !err.contains("SECRET"), "{err}");
+
+        let missing = ApiKeys::from_file(Path::new("/nonexistent/pulse-keys")).unwrap_err();
+        assert!(missing.contains("/nonexistent/pulse-keys"), "{missing}");
+    }
+
+    #[test]
+    fn bad_specs_rejected_without_echoing_keys() {
+        let cases = [
+            (
+                format!("{K1}=web,k3y-three-SECRET"),
+                "item 2",
+                "missing '='",
+            ),
+            // A key ending in '=' with no source: split at the last '='.
+            (format!("{K1}=web,{K2}"), "item 2", "empty source"),
+            (format!("{K1}=web,  = ios"), "item 2", "empty key"),
+            (format!("{K1}="), "item 1", "empty source"),
+            (format!("{K1}=web,{K1}=ios"), "item 2", "duplicate key"),
+        ];
+        for (spec, position, problem) in cases {
+            let err = ApiKeys::parse(&spec).unwrap_err();
+            assert!(err.contains(position), "{spec}: {err}");
+            assert!(err.contains(problem), "{spec}: {err}");
+            assert!(!err.contains("SECRET"), "key echoed: {err}");
+            assert!(!err.contains("k3y"), "key echoed: {err}");
+        }
+    }
+
+    #[test]
+    fn extend_merges_and_other_wins() {
+        let mut keys = ApiKeys::parse(&format!("{K1}=web")).unwrap();
+        keys.extend(ApiKeys::parse(&format!("{K2}=ios,{K1}=android")).unwrap());
+        assert_eq!(keys.len(), 2);
+        assert_eq!(keys.authenticate(K1).as_deref(), Some("android"));
+        assert_eq!(keys.authenticate(K2).as_deref(), Some("ios"));
+    }
+
+    #[test]
+    fn debug_hides_keys() {
+        let keys = ApiKeys::parse(&format!("{K1}=web,{K2}=ios")).unwrap();
+        let dbg = format!("{keys:?} {keys:#?}");
+        assert!(dbg.contains("web") && dbg.contains("ios"), "{dbg}");
+        assert!(dbg.contains("<redacted>"), "{dbg}");
+        assert!(!dbg.contains("SECRET") && !dbg.contains("k3y"), "{dbg}");
+    }
+
+    #[test]
+    fn presented_key_variants() {
+        assert_eq!(presented_key(Some("Bearer abc"), None), Some("abc"));
+        assert_eq!(presented_key(Some("bearer abc"), None), Some("abc"));
+        assert_eq!(presented_key(Some("BEARER abc"), None), Some("abc"));
+        assert_eq!(presented_key(Some("  Bearer    abc  "), None), Some("abc"));
+        assert_eq!(presented_key(Some("Bearer\tabc"), None), Some("abc"));
+        assert_eq!(presented_key(None, Some(" xyz ")), Some("xyz"));
+        assert_eq!(presented_key(Some("Bearer abc"), Some("xyz")), Some("abc"));
+        assert_eq!(presented_key(None, None), None);
+        assert_eq!(presented_key(Some("Basic xyz"), None), None);
+        assert_eq!(presented_key(Some("Basic xyz"), Some("k")), Some("k"));
+        assert_eq!(presented_key(Some("Bearer"), None), None);
+        assert_eq!(presented_key(Some("Bearer   "), None), None);
+        assert_eq!(presented_key(Some("Bearerabc"), None), None);
+        assert_eq!(presented_key(Some("Bearer a b"), None), None);
+        assert_eq!(presented_key(Some(""), Some("  ")), None);
+    }
+
+    #[test]
+    fn rate_limiter_burst_then_refusal() {
+        let rl = RateLimiter::new(2.0, 3.0);
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            assert_eq!(rl.try_acquire("web", 1, t0), Ok(()));
+        }
+        let wait = rl.try_acquire("web", 1, t0).unwrap_err();
+        // Empty bucket, 2 tokens/s: 0.5 s until 1 token.
+        assert_eq!(wait, Duration::from_millis(500));
+        assert_eq!(retry_after_secs(wait), 1);
+    }
+
+    #[test]
+    fn rate_limiter_refills_over_time() {
+        let rl = RateLimiter::new(2.0, 2.0);
+        let t0 = Instant::now();
+        assert!(rl.try_acquire("web", 2, t0).is_ok());
+        assert!(rl.try_acquire("web", 1, t0).is_err());
+        // An earlier instant never refills nor panics.
+        assert!(
+            rl.try_acquire("web", 1, t0 - Duration::from_secs(5))
+                .is_err()
+        );
+        let t1 = t0 + Duration::from_millis(500);
+        assert!(rl.try_acquire("web", 1, t1).is_ok());
+        assert!(rl.try_acquire("web", 1, t1).is_err());
+        // Refill is capped at burst.
+        let t2 = t1 + Duration::from_secs(3600);
+        assert!(rl.try_acquire("web", 1, t2).is_ok());
+        assert!(rl.try_acquire("web", 1, t2).is_ok());
+        assert!(rl.try_acquire("web", 1, t2).is_err());
+    }
+
+    #[test]
+    fn rate_limiter_big_batch_goes_into_debt() {
+        let rl = RateLimiter::new(10.0, 5.0);
+        let t0 = Instant::now();
+        // 100 events > burst: admitted, bucket goes to 5 - 100 = -95.
+        assert!(rl.try_acquire("web", 100, t0).is_ok());
+        let wait = rl.try_acquire("web", 1, t0).unwrap_err();
+        // (1 - (-95)) / 10 = 9.6 s.
+        assert!((wait.as_secs_f64() - 9.6).abs() < 1e-9, "{wait:?}");
+        assert_eq!(retry_after_secs(wait), 10);
+        assert!(
+            rl.try_acquire("web", 1, t0 + Duration::from_secs(9))
+                .is_err()
+        );
+        assert!(
+            rl.try_acquire("web", 1, t0 + Duration::from_millis(9600))
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn rate_limiter_buckets_are_per_source() {
+        let rl = RateLimiter::new(1.0, 1.0);
+        let t0 = Instant::now();
+        assert!(rl.try_acquire("web", 1, t0).is_ok());
+        assert!(rl.try_acquire("web", 1, t0).is_err());
+        assert!(rl.try_acquire("ios", 1, t0).is_ok());
+        assert!(rl.try_acquire("ios", 1, t0).is_err());
+    }
+
+    #[test]
+    fn rate_limiter_unlimited() {
+        let t0 = Instant::now();
+        for rate in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            let rl = RateLimiter::new(rate, 1.0);
+            for _ in 0..1000 {
+                assert!(rl.try_acquire("web", u32::MAX, t0).is_ok());
+            }
+        }
+    }
+
+    #[test]
+    fn rate_limiter_odd_parameters_do_not_panic() {
+        let t0 = Instant::now();
+        // Burst below 1 is raised to 1; a tiny rate gives a huge but finite wait.
+        let rl = RateLimiter::new(1e-300, 0.0);
+        assert!(rl.try_acquire("web", 1, t0).is_ok());
+        let wait = rl.try_acquire("web", 1, t0).unwrap_err();
+        assert!(retry_after_secs(wait) >= 1);
+        let rl = RateLimiter::new(1.0, f64::NAN);
+        assert!(rl.try_acquire("web", 1, t0).is_ok());
+    }
+
+    #[test]
+    fn retry_after_rounds_up_min_one() {
+        assert_eq!(retry_after_secs(Duration::ZERO), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(1)), 1);
+        assert_eq!(retry_after_secs(Duration::from_secs(1)), 1);
+        assert_eq!(retry_after_secs(Duration::from_millis(1001)), 2);
+        assert_eq!(retry_after_secs(Duration::MAX), u64::MAX);
+    }
+}

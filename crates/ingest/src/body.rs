@@ -1,0 +1,290 @@
+//! HTTP request bodies: gzip decoding under a hard size limit (a gzip bomb is refused,
+//! never inflated into memory) and splitting a body into events — one JSON object, a
+//! JSON array of objects, or NDJSON — keeping each event's original bytes for the DLQ.
+//! Validation of each event is `validate`'s job.
+
+use std::io::Read;
+
+use serde_json::value::RawValue;
+
+/// Body size limits.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyLimits {
+    /// Bytes on the wire (compressed or not).
+    pub max_body_bytes: usize,
+    /// Bytes after gzip decoding.
+    pub max_decompressed_bytes: usize,
+    /// Events in one request.
+    pub max_batch_events: usize,
+}
+
+impl Default for BodyLimits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 1024 * 1024,
+            max_decompressed_bytes: 8 * 1024 * 1024,
+            max_batch_events: 1000,
+        }
+    }
+}
+
+/// How the events are laid out in the body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFormat {
+    /// One JSON object or a JSON array of objects (`application/json`).
+    Json,
+    /// One JSON object per line (`application/x-ndjson`).
+    Ndjson,
+}
+
+/// Why a whole body was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BodyError {
+    #[error("body is larger than {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error("body inflates to more than {limit} bytes (gzip)")]
+    DecompressedTooLarge { limit: usize },
+    #[error("body is not valid gzip: {0}")]
+    BadGzip(String),
+    #[error("unsupported Content-Encoding {0:?}; use gzip or none")]
+    UnsupportedEncoding(String),
+    #[error("unsupported Content-Type {0:?}; use application/json or application/x-ndjson")]
+    UnsupportedContentType(String),
+    #[error("body is empty")]
+    Empty,
+    #[error("body is not JSON: {0}")]
+    NotJson(String),
+    #[error("batch has {count} events; the limit is {limit}")]
+    TooManyEvents { count: usize, limit: usize },
+}
+
+impl BodyError {
+    /// Stable code for metrics and the DLQ header.
+    pub fn code(&self) -> &'static str {
+        match self {
+            BodyError::TooLarge { .. } | BodyError::DecompressedTooLarge { .. } => "body_too_large",
+            BodyError::BadGzip(_) => "bad_gzip",
+            BodyError::UnsupportedEncoding(_) => "unsupported_encoding",
+            BodyError::UnsupportedContentType(_) => "unsupported_content_type",
+            BodyError::Empty => "empty_body",
+            BodyError::NotJson(_) => "unparseable_body",
+            BodyError::TooManyEvents { .. } => "batch_too_large",
+        }
+    }
+}
+
+/// The body format for a `Content-Type` header value (absent means JSON).
+pub fn format_for(content_type: Option<&str>) -> Result<BodyFormat, BodyError> {
+    let Some(ct) = content_type else {
+        return Ok(BodyFormat::Json);
+    };
+    let essence = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    match essence.as_str() {
+        "" | "application/json" | "text/json" => Ok(BodyFormat::Json),
+        "application/x-ndjson"
+        | "application/ndjson"
+        | "application/jsonl"
+        | "application/x-jsonlines" => Ok(BodyFormat::Ndjson),
+        _ => Err(BodyError::UnsupportedContentType(ct.to_owned())),
+    }
+}
+
+/// Decodes the body per `Content-Encoding`, enforcing both size limits.
+pub fn decode(
+    body: &[u8],
+    content_encoding: Option<&str>,
+    limits: &BodyLimits,
+) -> Result<Vec<u8>, BodyError> {
+    if body.len() > limits.max_body_bytes {
+        return Err(BodyError::TooLarge {
+            limit: limits.max_body_bytes,
+        });
+    }
+    let encoding = content_encoding.map(|e| e.trim().to_ascii_lowercase());
+    match encoding.as_deref() {
+        None | Some("") | Some("identity") => Ok(body.to_vec()),
+        Some("gzip") | Some("x-gzip") => {
+            let limit = limits.max_decompressed_bytes;
+            let mut out = Vec::with_capacity(body.len().saturating_mul(4).min(limit));
+            // Read at most limit + 1 bytes: one byte more than allowed proves the bomb.
+            let mut reader = flate2::read::MultiGzDecoder::new(body).take(limit as u64 + 1);
+            reader
+                .read_to_end(&mut out)
+                .map_err(|e| BodyError::BadGzip(e.to_string()))?;
+            if out.len() > limit {
+                return Err(BodyError::DecompressedTooLarge { limit });
+            }
+            Ok(out)
+        }
+        Some(other) => Err(BodyError::UnsupportedEncoding(other.to_owned())),
+    }
+}
+
+/// Splits a decoded body into the original bytes of each event.
+pub fn split(
+    body: &[u8],
+    format: BodyFormat,
+    limits: &BodyLimits,
+) -> Result<Vec<Vec<u8>>, BodyError> {
+    let events: Vec<Vec<u8>> = match format {
+        BodyFormat::Ndjson => body
+            .split(|b| *b == b'\n')
+            .map(|line| line.strip_suffix(b"\r").unwrap_or(line))
+            .filter(|line| line.iter().any(|b| !b.is_ascii_whitespace()))
+            .map(<[u8]>::to_vec)
+            .collect(),
+        BodyFormat::Json => {
+            let first = body.iter().find(|b| !b.is_ascii_whitespace());
+            match first {
+                None => return Err(BodyError::Empty),
+                Some(b'[') => {
+                    let items: Vec<&RawValue> = serde_json::from_slice(body)
+                        .map_err(|e| BodyError::NotJson(e.to_string()))?;
+                    items.iter().map(|r| r.get().as_bytes().to_vec()).collect()
+                }
+                Some(_) => {
+                    // One event: must at least be JSON; its shape is validated per event.
+                    serde_json::from_slice::<&RawValue>(body)
+                        .map_err(|e| BodyError::NotJson(e.to_string()))?;
+                    vec![body.to_vec()]
+                }
+            }
+        }
+    };
+    if events.is_empty() {
+        return Err(BodyError::Empty);
+    }
+    if events.len() > limits.max_batch_events {
+        return Err(BodyError::TooManyEvents {
+            count: events.len(),
+            limit: limits.max_batch_events,
+        });
+    }
+    Ok(events)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn gzip(data: &[u8]) -> Vec<u8> {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        e.write_all(data).unwrap();
+        e.finish().unwrap()
+    }
+
+    #[test]
+    fn a_json_array_keeps_each_events_original_bytes() {
+        let body = br#"[{"a": 1}, {"b":[2, 3]} ,"x"]"#;
+        let events = split(body, BodyFormat::Json, &BodyLimits::default()).unwrap();
+        assert_eq!(
+            events,
+            vec![
+                br#"{"a": 1}"#.to_vec(),
+                br#"{"b":[2, 3]}"#.to_vec(),
+                br#""x""#.to_vec()
+            ]
+        );
+    }
+
+    #[test]
+    fn ndjson_splits_lines_and_skips_blank_ones() {
+        let body = b"{\"a\":1}\r\n\n  \n{not json}\n{\"c\":3}";
+        let events = split(body, BodyFormat::Ndjson, &BodyLimits::default()).unwrap();
+        assert_eq!(events.len(), 3);
+        assert_eq!(events[1], b"{not json}");
+    }
+
+    #[test]
+    fn an_unparseable_json_body_is_refused_with_the_reason() {
+        let err = split(b"[{\"a\":1}, ", BodyFormat::Json, &BodyLimits::default()).unwrap_err();
+        assert_eq!(err.code(), "unparseable_body");
+        assert!(err.to_string().contains("EOF"), "{err}");
+        assert_eq!(
+            split(b"  ", BodyFormat::Json, &BodyLimits::default()),
+            Err(BodyError::Empty)
+        );
+        assert_eq!(
+            split(b"[]", BodyFormat::Json, &BodyLimits::default()),
+            Err(BodyError::Empty)
+        );
+    }
+
+    #[test]
+    fn too_many_events_are_refused() {
+        let limits = BodyLimits {
+            max_batch_events: 2,
+            ..BodyLimits::default()
+        };
+        let err = split(b"[1,2,3]", BodyFormat::Json, &limits).unwrap_err();
+        assert_eq!(err, BodyError::TooManyEvents { count: 3, limit: 2 });
+    }
+
+    #[test]
+    fn gzip_bodies_are_decoded() {
+        let data = br#"{"hello":"world"}"#;
+        assert_eq!(
+            decode(&gzip(data), Some("gzip"), &BodyLimits::default()).unwrap(),
+            data
+        );
+        assert_eq!(decode(data, None, &BodyLimits::default()).unwrap(), data);
+    }
+
+    #[test]
+    fn a_gzip_bomb_is_refused_without_inflating_it() {
+        // 64 MiB of zeros compresses to ~64 KiB.
+        let bomb = gzip(&vec![0u8; 64 * 1024 * 1024]);
+        let limits = BodyLimits::default();
+        assert!(bomb.len() < limits.max_body_bytes);
+        let err = decode(&bomb, Some("gzip"), &limits).unwrap_err();
+        assert_eq!(
+            err,
+            BodyError::DecompressedTooLarge {
+                limit: limits.max_decompressed_bytes
+            }
+        );
+    }
+
+    #[test]
+    fn oversized_and_malformed_bodies_are_refused() {
+        let limits = BodyLimits {
+            max_body_bytes: 4,
+            ..BodyLimits::default()
+        };
+        assert_eq!(
+            decode(b"12345", None, &limits),
+            Err(BodyError::TooLarge { limit: 4 })
+        );
+        assert!(matches!(
+            decode(b"not gzip", Some("gzip"), &BodyLimits::default()),
+            Err(BodyError::BadGzip(_))
+        ));
+        assert!(matches!(
+            decode(b"x", Some("br"), &BodyLimits::default()),
+            Err(BodyError::UnsupportedEncoding(_))
+        ));
+    }
+
+    #[test]
+    fn content_types_select_the_format() {
+        assert_eq!(format_for(None).unwrap(), BodyFormat::Json);
+        assert_eq!(
+            format_for(Some("application/json; charset=utf-8")).unwrap(),
+            BodyFormat::Json
+        );
+        assert_eq!(
+            format_for(Some("application/x-ndjson")).unwrap(),
+            BodyFormat::Ndjson
+        );
+        assert!(matches!(
+            format_for(Some("text/csv")),
+            Err(BodyError::UnsupportedContentType(_))
+        ));
+    }
+}

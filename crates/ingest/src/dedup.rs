@@ -1,0 +1,418 @@
+//! Best-effort duplicate detection for event ids within one ingest replica.
+//!
+//! Owns: a bounded, time-windowed set of recently seen event ids, its eviction
+//! policy and the count of early evictions.
+//!
+//! Leaves to others: choosing or deriving the event id, deciding what to do with
+//! a duplicate (the pipeline), calling [`DedupSet::forget`] when producing
+//! fails, exporting the counters as metrics, and cross-replica / downstream
+//! deduplication (the set is per process and lost on restart).
+//!
+//! The window runs from the first accepted sighting: a duplicate does not
+//! extend it. Time is passed in by the caller, so the set is deterministic in
+//! tests.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    at: Instant,
+    generation: u64,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    /// Live ids. Invariant: each has exactly one deque entry with the same
+    /// generation.
+    map: HashMap<Arc<str>, Seen>,
+    /// Insertion order; entries whose generation no longer matches the map
+    /// (forgotten or re-inserted ids) are stale and skipped.
+    order: VecDeque<(Seen, Arc<str>)>,
+    next_generation: u64,
+    evicted_early: u64,
+}
+
+impl Inner {
+    fn is_live(&self, seen: Seen, id: &str) -> bool {
+        self.map
+            .get(id)
+            .is_some_and(|live| live.generation == seen.generation)
+    }
+
+    /// Drops expired entries from the front of the deque.
+    fn purge_expired(&mut self, now: Instant, window: Duration) {
+        while let Some((seen, id)) = self.order.front() {
+            if now.saturating_duration_since(seen.at) < window {
+                break;
+            }
+            let (seen, id) = (*seen, Arc::clone(id));
+            self.order.pop_front();
+            if self.is_live(seen, &id) {
+                self.map.remove(&id);
+            }
+        }
+    }
+
+    /// Pops the oldest deque entry, removing it from the map if live; returns
+    /// whether a live entry was evicted.
+    fn evict_oldest(&mut self, now: Instant, window: Duration) -> bool {
+        let Some((seen, id)) = self.order.pop_front() else {
+            return false;
+        };
+        if !self.is_live(seen, &id) {
+            return false;
+        }
+        self.map.remove(&id);
+        if now.saturating_duration_since(seen.at) < window {
+            self.evicted_early = self.evicted_early.saturating_add(1);
+        }
+        true
+    }
+
+    /// Drops stale deque entries once they make up at least half of it, keeping
+    /// the deque within `2 * capacity` at amortized O(1) cost per insert.
+    fn compact(&mut self, capacity: usize) {
+        if self.order.len() < capacity.saturating_mul(2) {
+            return;
+        }
+        let map = &self.map;
+        self.order.retain(|(seen, id)| {
+            map.get(id)
+                .is_some_and(|live| live.generation == seen.generation)
+        });
+    }
+}
+
+/// A bounded, time-windowed set of recently seen event ids (one per ingest
+/// replica). Thread-safe (interior `Mutex`).
+///
+/// Memory is bounded by `capacity` live entries (plus at most `capacity` stale
+/// bookkeeping entries left by [`forget`](Self::forget)): when full, the oldest
+/// entries are evicted first, even if still within the window, and counted in
+/// [`evicted_early`](Self::evicted_early). Capacity 0 disables deduplication
+/// (every id is new, nothing is stored); a zero window does the same.
+#[derive(Debug)]
+pub struct DedupSet {
+    capacity: usize,
+    window: Duration,
+    inner: Mutex<Inner>,
+}
+
+impl DedupSet {
+    /// A set holding at most `capacity` ids, each for `window`.
+    pub fn new(capacity: usize, window: Duration) -> Self {
+        Self {
+            capacity,
+            window,
+            inner: Mutex::new(Inner::default()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records `id` as seen at `now` and returns true if it was not seen within
+    /// the window (first sighting); false for a duplicate. Expired entries are
+    /// purged lazily from the front of the insertion-ordered deque (amortized
+    /// O(1)).
+    pub fn insert_if_new(&self, id: &str, now: Instant) -> bool {
+        if self.capacity == 0 || self.window.is_zero() {
+            return true;
+        }
+        let mut inner = self.lock();
+        inner.purge_expired(now, self.window);
+        if let Some(seen) = inner.map.get(id) {
+            if now.saturating_duration_since(seen.at) < self.window {
+                return false;
+            }
+            // Expired but not yet purged (callers' instants can arrive slightly
+            // out of order); its deque entry becomes stale.
+            inner.map.remove(id);
+        }
+        while inner.map.len() >= self.capacity {
+            if inner.order.is_empty() {
+                // Unreachable while the invariant holds; never loop forever.
+                inner.map.clear();
+                break;
+            }
+            inner.evict_oldest(now, self.window);
+        }
+        let seen = Seen {
+            at: now,
+            generation: inner.next_generation,
+        };
+        inner.next_generation = inner.next_generation.wrapping_add(1);
+        let id: Arc<str> = Arc::from(id);
+        inner.map.insert(Arc::clone(&id), seen);
+        inner.order.push_back((seen, id));
+        inner.compact(self.capacity);
+        true
+    }
+
+    /// Forgets `id` (used when producing the event failed, so a client retry is
+    /// not called a duplicate). Its deque entry becomes stale and is skipped.
+    pub fn forget(&self, id: &str) {
+        let mut inner = self.lock();
+        inner.map.remove(id);
+        if let Some((seen, back)) = inner.order.back()
+            && seen.generation.wrapping_add(1) == inner.next_generation
+            && &**back == id
+        {
+            // The common case (forgetting the latest insert) frees its slot now.
+            inner.order.pop_back();
+        }
+    }
+
+    /// Number of ids currently remembered (possibly including expired ones not
+    /// yet purged).
+    pub fn len(&self) -> usize {
+        self.lock().map.len()
+    }
+
+    /// True when no id is remembered.
+    pub fn is_empty(&self) -> bool {
+        self.lock().map.is_empty()
+    }
+
+    /// Entries evicted because the set was full before their window ended (a
+    /// metric: dedup misses are possible when this grows).
+    pub fn evicted_early(&self) -> u64 {
+        self.lock().evicted_early
+    }
+
+    #[cfg(test)]
+    fn check_invariants(&self) {
+        let inner = self.lock();
+        assert!(inner.map.len() <= self.capacity, "map over capacity");
+        assert!(
+            inner.order.len() <= self.capacity.saturating_mul(2),
+            "deque over 2x capacity: {}",
+            inner.order.len()
+        );
+        let live = inner
+            .order
+            .iter()
+            .filter(|(seen, id)| inner.is_live(*seen, id))
+            .count();
+        assert_eq!(live, inner.map.len(), "each live id has one deque entry");
+        for (id, seen) in &inner.map {
+            let matching = inner
+                .order
+                .iter()
+                .filter(|(s, i)| i == id && s.generation == seen.generation && s.at == seen.at)
+                .count();
+            assert_eq!(matching, 1, "id {id} has {matching} deque entries");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const WINDOW: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn duplicate_within_window() {
+        let set = DedupSet::new(10, WINDOW);
+        let t0 = Instant::now();
+        assert!(set.insert_if_new("a", t0));
+        assert!(!set.insert_if_new("a", t0));
+        assert!(!set.insert_if_new("a", t0 + Duration::from_secs(59)));
+        assert!(set.insert_if_new("b", t0));
+        assert_eq!(set.len(), 2);
+        assert!(!set.is_empty());
+        set.check_invariants();
+    }
+
+    #[test]
+    fn same_id_after_window_is_new() {
+        let set = DedupSet::new(10, WINDOW);
+        let t0 = Instant::now();
+        assert!(set.insert_if_new("a", t0));
+        // A duplicate does not extend the window.
+        assert!(!set.insert_if_new("a", t0 + Duration::from_secs(30)));
+        let t1 = t0 + WINDOW;
+        assert!(set.insert_if_new("a", t1));
+        assert!(!set.insert_if_new("a", t1 + Duration::from_secs(1)));
+        assert_eq!(set.len(), 1);
+        assert_eq!(set.evicted_early(), 0);
+        set.check_invariants();
+    }
+
+    #[test]
+    fn expired_entries_are_purged() {
+        let set = DedupSet::new(10, WINDOW);
+        let t0 = Instant::now();
+        for id in ["a", "b", "c"] {
+            assert!(set.insert_if_new(id, t0));
+        }
+        assert!(set.insert_if_new("d", t0 + WINDOW));
+        assert_eq!(set.len(), 1);
+        assert_eq!(set.evicted_early(), 0);
+        set.check_invariants();
+    }
+
+    #[test]
+    fn out_of_order_instants_do_not_panic() {
+        let set = DedupSet::new(4, WINDOW);
+        let t0 = Instant::now() + Duration::from_secs(3600);
+        assert!(set.insert_if_new("a", t0));
+        assert!(!set.insert_if_new("a", t0 - Duration::from_secs(10)));
+        assert!(set.insert_if_new("b", t0 - Duration::from_secs(3600)));
+        set.check_invariants();
+    }
+
+    #[test]
+    fn capacity_eviction_keeps_newest_and_counts() {
+        let set = DedupSet::new(3, WINDOW);
+        let t0 = Instant::now();
+        for (i, id) in ["a", "b", "c", "d", "e"].into_iter().enumerate() {
+            assert!(set.insert_if_new(id, t0 + Duration::from_millis(i as u64)));
+        }
+        assert_eq!(set.len(), 3);
+        assert_eq!(set.evicted_early(), 2);
+        let t1 = t0 + Duration::from_secs(1);
+        // The newest three are still duplicates (checked before any insert).
+        for id in ["c", "d", "e"] {
+            assert!(!set.insert_if_new(id, t1), "{id}");
+        }
+        // The evicted ones are new again (a possible dedup miss).
+        assert!(set.insert_if_new("a", t1));
+        assert_eq!(set.evicted_early(), 3);
+        set.check_invariants();
+    }
+
+    #[test]
+    fn expired_entries_are_not_counted_as_early_evictions() {
+        let set = DedupSet::new(2, WINDOW);
+        let t0 = Instant::now();
+        assert!(set.insert_if_new("a", t0));
+        assert!(set.insert_if_new("b", t0));
+        assert!(set.insert_if_new("c", t0 + WINDOW));
+        assert_eq!(set.evicted_early(), 0);
+        set.check_invariants();
+    }
+
+    #[test]
+    fn forget_then_reinsert_is_new() {
+        let set = DedupSet::new(10, WINDOW);
+        let t0 = Instant::now();
+        assert!(set.insert_if_new("a", t0));
+        set.forget("a");
+        assert!(set.is_empty());
+        assert!(set.insert_if_new("a", t0));
+        assert!(!set.insert_if_new("a", t0));
+        set.forget("never-seen");
+        set.check_invariants();
+    }
+
+    #[test]
+    fn stale_deque_entries_do_not_break_reinserted_ids() {
+        let set = DedupSet::new(10, WINDOW);
+        let t0 = Instant::now();
+        assert!(set.insert_if_new("a", t0));
+        assert!(set.insert_if_new("b", t0)); // "a" is not at the back: stays stale.
+        set.forget("a");
+        let t1 = t0 + Duration::from_secs(30);
+        assert!(set.insert_if_new("a", t1));
+        // The stale entry for "a" (t0) expires at t0 + 60 s; the new one must survive.
+        let t2 = t0 + WINDOW + Duration::from_secs(1);
+        assert!(set.insert_if_new("c", t2));
+        assert!(!set.insert_if_new("a", t2), "re-inserted id lost");
+        assert!(set.insert_if_new("b", t2), "b expired");
+        set.check_invariants();
+
+        // Same under capacity eviction: the stale front entry must not evict the new one.
+        let set = DedupSet::new(2, WINDOW);
+        assert!(set.insert_if_new("a", t0));
+        assert!(set.insert_if_new("b", t0));
+        set.forget("a");
+        assert!(set.insert_if_new("a", t0));
+        assert!(set.insert_if_new("c", t0)); // evicts "b", the oldest live entry.
+        assert!(!set.insert_if_new("a", t0));
+        assert!(set.insert_if_new("b", t0));
+        set.check_invariants();
+    }
+
+    #[test]
+    fn zero_capacity_or_window_disables() {
+        let t0 = Instant::now();
+        for set in [DedupSet::new(0, WINDOW), DedupSet::new(10, Duration::ZERO)] {
+            assert!(set.insert_if_new("a", t0));
+            assert!(set.insert_if_new("a", t0));
+            assert!(set.is_empty());
+        }
+    }
+
+    #[test]
+    fn concurrent_inserts_of_same_id_yield_one_true() {
+        for _ in 0..20 {
+            let set = Arc::new(DedupSet::new(100, WINDOW));
+            let now = Instant::now();
+            let barrier = Arc::new(std::sync::Barrier::new(8));
+            let handles: Vec<_> = (0..8)
+                .map(|_| {
+                    let (set, barrier) = (Arc::clone(&set), Arc::clone(&barrier));
+                    std::thread::spawn(move || {
+                        barrier.wait();
+                        (0..50).filter(|_| set.insert_if_new("same", now)).count()
+                    })
+                })
+                .collect();
+            let trues: usize = handles.into_iter().map(|h| h.join().unwrap()).sum();
+            assert_eq!(trues, 1);
+            set.check_invariants();
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Insert(u8),
+        Forget(u8),
+        Advance(u64),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            5 => (0u8..16).prop_map(Op::Insert),
+            2 => (0u8..16).prop_map(Op::Forget),
+            1 => (0u64..40_000).prop_map(Op::Advance),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn memory_bounded_and_consistent(
+            capacity in 1usize..8,
+            ops in proptest::collection::vec(op(), 0..300),
+        ) {
+            let window = Duration::from_secs(10);
+            let set = DedupSet::new(capacity, window);
+            let mut now = Instant::now();
+            for op in ops {
+                match op {
+                    Op::Insert(id) => {
+                        let id = id.to_string();
+                        let fresh = set.insert_if_new(&id, now);
+                        // Whatever was just inserted (or found) is a duplicate now.
+                        prop_assert!(!set.insert_if_new(&id, now), "fresh={}", fresh);
+                    }
+                    Op::Forget(id) => {
+                        let id = id.to_string();
+                        set.forget(&id);
+                        prop_assert!(set.insert_if_new(&id, now));
+                        set.forget(&id);
+                    }
+                    Op::Advance(ms) => now += Duration::from_millis(ms),
+                }
+                prop_assert!(set.len() <= capacity);
+                set.check_invariants();
+            }
+        }
+    }
+}

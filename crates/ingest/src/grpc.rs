@@ -1,0 +1,235 @@
+//! The gRPC `IngestService`: a unary batch call and a client-streaming call that
+//! acknowledges chunk by chunk (each request message is produced and acknowledged before
+//! the next is read). Same auth (metadata `authorization: Bearer …` or `x-api-key`), rate
+//! limit, validation, dedup and DLQ as HTTP: protobuf events are converted to the JSON
+//! shape and validated by the same rules; the DLQ keeps their protobuf bytes.
+
+use std::sync::Arc;
+
+use prost::Message;
+use pulse_contracts::pb::events::v1::Event;
+use pulse_contracts::pb::ingest::v1::ingest_service_server::IngestService;
+use pulse_contracts::pb::ingest::v1::{
+    EventResult, EventStatus, FieldError, SendEventsRequest, SendEventsResponse,
+};
+use serde_json::{Map, Value, json};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::auth::{ApiKeys, RateLimiter, retry_after_secs};
+use crate::metrics as m;
+use crate::pipeline::{BatchResult, Incoming, IngestError, Ingestor, Status as EventOutcome};
+
+/// The gRPC service.
+#[derive(Debug, Clone)]
+pub struct GrpcIngest {
+    pub ingestor: Ingestor,
+    pub keys: Arc<ApiKeys>,
+    pub limiter: Arc<RateLimiter>,
+    pub max_batch_events: usize,
+}
+
+/// Exact decimal text of `micros` millionths.
+pub fn micros_to_decimal(micros: i64) -> String {
+    let sign = if micros < 0 { "-" } else { "" };
+    let abs = micros.unsigned_abs();
+    format!("{sign}{}.{:06}", abs / 1_000_000, abs % 1_000_000)
+}
+
+/// The JSON shape of a protobuf event, for validation by the HTTP rules. Empty strings
+/// are absent (proto3 has no presence for them).
+pub fn event_json(e: &Event) -> Value {
+    let mut obj = Map::new();
+    if !e.event_id.is_empty() {
+        obj.insert("event_id".into(), json!(e.event_id));
+    }
+    obj.insert("schema_version".into(), json!(e.schema_version));
+    obj.insert("event_type".into(), json!(e.event_type));
+    if let Some(k) = &e.key {
+        let mut key = Map::new();
+        key.insert("user_id".into(), json!(k.user_id));
+        if !k.session_id.is_empty() {
+            key.insert("session_id".into(), json!(k.session_id));
+        }
+        obj.insert("key".into(), Value::Object(key));
+    }
+    if let Some(p) = &e.payload {
+        let mut payload = Map::new();
+        for (name, v) in [
+            ("page", &p.page),
+            ("referrer", &p.referrer),
+            ("currency", &p.currency),
+        ] {
+            if !v.is_empty() {
+                payload.insert(name.into(), json!(v));
+            }
+        }
+        if let Some(a) = p.amount_micros {
+            payload.insert("amount".into(), json!(micros_to_decimal(a)));
+        }
+        if !p.properties.is_empty() {
+            payload.insert("properties".into(), json!(p.properties));
+        }
+        obj.insert("payload".into(), Value::Object(payload));
+    }
+    if let Some(md) = &e.metadata {
+        let mut meta = Map::new();
+        meta.insert("event_timestamp".into(), json!(md.event_timestamp_ms));
+        if !md.trace_id.is_empty() {
+            meta.insert("trace_id".into(), json!(md.trace_id));
+        }
+        if !md.source.is_empty() {
+            meta.insert("source".into(), json!(md.source));
+        }
+        obj.insert("metadata".into(), Value::Object(meta));
+    }
+    Value::Object(obj)
+}
+
+/// The caller's W3C trace context from gRPC metadata (`traceparent`, `tracestate`).
+fn remote_context(md: &tonic::metadata::MetadataMap) -> opentelemetry::Context {
+    let mut headers = axum::http::HeaderMap::new();
+    for name in ["traceparent", "tracestate"] {
+        if let Some(v) = md.get(name).and_then(|v| v.to_str().ok())
+            && let Ok(v) = axum::http::HeaderValue::from_str(v)
+        {
+            headers.insert(name, v);
+        }
+    }
+    pulse_platform::http::extract_context(&headers)
+}
+
+fn to_status(e: IngestError) -> Status {
+    Status::unavailable(e.to_string())
+}
+
+fn response(r: &BatchResult, offset: usize) -> SendEventsResponse {
+    SendEventsResponse {
+        accepted: r.accepted as u32,
+        duplicates: r.duplicates as u32,
+        rejected: r.rejected as u32,
+        results: r
+            .results
+            .iter()
+            .map(|e| EventResult {
+                index: (e.index + offset) as u32,
+                status: match e.status {
+                    EventOutcome::Accepted => EventStatus::Accepted,
+                    EventOutcome::Duplicate => EventStatus::Duplicate,
+                    EventOutcome::Rejected => EventStatus::Rejected,
+                } as i32,
+                event_id: e.event_id.clone(),
+                error: e.error.as_ref().map(|f| FieldError {
+                    field: f.field.clone(),
+                    reason: f.reason.clone(),
+                }),
+            })
+            .collect(),
+    }
+}
+
+impl GrpcIngest {
+    fn source<T>(&self, req: &Request<T>) -> Result<String, Status> {
+        let md = req.metadata();
+        let auth = md.get("authorization").and_then(|v| v.to_str().ok());
+        let key = md.get("x-api-key").and_then(|v| v.to_str().ok());
+        crate::http::authenticate(&self.keys, auth, key).ok_or_else(|| {
+            Status::unauthenticated(
+                "a valid API key is required (authorization: Bearer <key> or x-api-key)",
+            )
+        })
+    }
+
+    async fn batch(
+        &self,
+        source: &str,
+        events: Vec<Event>,
+        parent: &opentelemetry::Context,
+    ) -> Result<BatchResult, Status> {
+        if events.is_empty() {
+            return Err(Status::invalid_argument("events: the batch is empty"));
+        }
+        if events.len() > self.max_batch_events {
+            return Err(Status::invalid_argument(format!(
+                "events: batch has {} events; the limit is {}",
+                events.len(),
+                self.max_batch_events
+            )));
+        }
+        let count = u32::try_from(events.len()).unwrap_or(u32::MAX);
+        if let Err(wait) = self
+            .limiter
+            .try_acquire(source, count, std::time::Instant::now())
+        {
+            metrics::counter!(m::EVENTS_TOTAL, "outcome" => "rate_limited", "reason" => "")
+                .increment(u64::from(count));
+            let mut status = Status::resource_exhausted(format!(
+                "the rate limit of source {source:?} is exhausted"
+            ));
+            if let Ok(v) = retry_after_secs(wait).to_string().parse() {
+                status.metadata_mut().insert("retry-after", v);
+            }
+            return Err(status);
+        }
+        let incoming = events
+            .iter()
+            .map(|e| Incoming {
+                original: e.encode_to_vec(),
+                json: serde_json::to_vec(&event_json(e)).unwrap_or_default(),
+            })
+            .collect();
+        self.ingestor
+            .ingest(source, "grpc", incoming, parent.clone())
+            .await
+            .map_err(to_status)
+    }
+}
+
+#[tonic::async_trait]
+impl IngestService for GrpcIngest {
+    async fn send_events(
+        &self,
+        request: Request<SendEventsRequest>,
+    ) -> Result<Response<SendEventsResponse>, Status> {
+        let source = self.source(&request)?;
+        let parent = remote_context(request.metadata());
+        let result = self
+            .batch(&source, request.into_inner().events, &parent)
+            .await?;
+        Ok(Response::new(response(&result, 0)))
+    }
+
+    async fn stream_events(
+        &self,
+        request: Request<Streaming<SendEventsRequest>>,
+    ) -> Result<Response<SendEventsResponse>, Status> {
+        let source = self.source(&request)?;
+        let parent = remote_context(request.metadata());
+        let mut stream = request.into_inner();
+        let mut total = SendEventsResponse::default();
+        let mut offset = 0usize;
+        while let Some(chunk) = stream.message().await? {
+            let n = chunk.events.len();
+            let result = self.batch(&source, chunk.events, &parent).await?;
+            let part = response(&result, offset);
+            total.accepted += part.accepted;
+            total.duplicates += part.duplicates;
+            total.rejected += part.rejected;
+            total.results.extend(part.results);
+            offset += n;
+        }
+        Ok(Response::new(total))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn micros_print_as_exact_decimals() {
+        assert_eq!(micros_to_decimal(19_990_000), "19.990000");
+        assert_eq!(micros_to_decimal(1), "0.000001");
+        assert_eq!(micros_to_decimal(-1_500_000), "-1.500000");
+        assert_eq!(micros_to_decimal(i64::MIN), "-9223372036854.775808");
+    }
+}

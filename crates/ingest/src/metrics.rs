@@ -1,0 +1,41 @@
+//! The ingest service's metrics (HTTP request metrics come from `platform::http`, Kafka
+//! producer metrics from `platform::kafka`).
+
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+
+pub const EVENTS_TOTAL: &str = "pulse_ingest_events_total";
+pub const BATCH_EVENTS: &str = "pulse_ingest_batch_events";
+pub const BODY_BYTES: &str = "pulse_ingest_body_bytes";
+pub const PRODUCE_ACK_SECONDS: &str = "pulse_ingest_batch_ack_seconds";
+pub const DEDUP_SET_SIZE: &str = "pulse_ingest_dedup_set_size";
+pub const PRODUCER_QUEUE_DEPTH: &str = "pulse_ingest_producer_queue_depth";
+pub const PII_CHANGES_TOTAL: &str = "pulse_ingest_pii_changes_total";
+pub const AUTH_FAILURES_TOTAL: &str = "pulse_ingest_auth_failures_total";
+
+pub fn describe() {
+    pulse_platform::http::describe_metrics();
+    describe_counter!(
+        EVENTS_TOTAL,
+        "Events by outcome (accepted, duplicate, invalid, rate_limited, unavailable) and reason (validation code)."
+    );
+    describe_histogram!(BATCH_EVENTS, "Events per request, by protocol.");
+    describe_histogram!(BODY_BYTES, Unit::Bytes, "Request body size on the wire.");
+    describe_histogram!(
+        PRODUCE_ACK_SECONDS,
+        Unit::Seconds,
+        "Time from the start of a batch to the broker acknowledging all its records."
+    );
+    describe_gauge!(DEDUP_SET_SIZE, "Event ids in this replica's dedup set.");
+    describe_gauge!(
+        PRODUCER_QUEUE_DEPTH,
+        "Records queued in the producer and not yet acknowledged."
+    );
+    describe_counter!(
+        PII_CHANGES_TOTAL,
+        "Field values dropped, hashed or truncated by the PII policy."
+    );
+    describe_counter!(
+        AUTH_FAILURES_TOTAL,
+        "Requests refused for a missing or unknown API key."
+    );
+}

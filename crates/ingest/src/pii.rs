@@ -1,0 +1,654 @@
+//! The PII policy ingest applies to every accepted event before it is published.
+//!
+//! Owns: parsing the policy spec, deciding which action applies to which field,
+//! and the actions themselves (keep, drop, HMAC hash, IP truncation).
+//!
+//! Leaves to others: where the spec and HMAC key come from (config/secrets),
+//! when `apply` is called in the pipeline, and exporting the returned change
+//! count as a metric. It does not validate events.
+//!
+//! # Spec
+//!
+//! Comma-separated `path=action` items; actions are `keep`, `drop`, `hash`,
+//! `truncate` (case-insensitive). Paths:
+//!
+//! * `payload.page`, `payload.referrer`, `metadata.source`
+//! * `payload.properties.<name>` — the property with exactly that name
+//! * `payload.properties.*` — every property without an exact rule
+//! * `email` — values that look like an e-mail address (see below)
+//!
+//! The default is [`PiiPolicy::DEFAULT_SPEC`].
+//!
+//! # Precedence
+//!
+//! For a property: exact-name rule > e-mail rule > `payload.properties.*` rule >
+//! keep. For `payload.page` / `payload.referrer`: the path rule > e-mail rule >
+//! keep. `metadata.source` only follows its own path rule.
+//!
+//! A value "looks like an e-mail address" when it contains an `@` (or its
+//! URL-encoded form `%40`) preceded by a local-part character
+//! (`A-Z a-z 0-9 . _ % + -`) and followed by a domain with a dot inside
+//! (`a@b.c`), anywhere in the value — so `mailto:` links and `?email=a%40b.com`
+//! in a page URL are caught; false positives are hashed, which is the safe side.
+//!
+//! # Actions
+//!
+//! * `keep`: unchanged.
+//! * `drop`: the property is removed; page/referrer/source become `""`.
+//! * `hash`: `"hmac:"` + hex of the first 16 bytes of HMAC-SHA256(key, value) —
+//!   stable for the same key and value, so joins across events still work.
+//! * `truncate`: an IPv4 address becomes its /24 (`203.0.113.77` →
+//!   `203.0.113.0`), an IPv6 address its /48 (`2001:db8:abcd:1234::1` →
+//!   `2001:db8:abcd::`; IPv4-mapped IPv6 addresses are truncated as IPv4 /24).
+//!   **A value that is not an IP address is hashed instead**, so a truncate rule
+//!   never lets an unexpected value through in clear. Hence `truncate` needs the
+//!   HMAC key too.
+//!
+//! Empty values are left alone by `hash` and `truncate` (there is nothing to
+//! protect); `drop` still removes an empty property.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use hmac::{Hmac, Mac};
+use pulse_contracts::pb::events::v1::Event;
+use sha2::Sha256;
+
+type HmacSha256 = Hmac<Sha256>;
+
+const PROPERTIES_PREFIX: &str = "payload.properties.";
+
+/// What to do with a field's value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PiiAction {
+    /// Leave the value unchanged.
+    Keep,
+    /// Remove the property (or blank the field).
+    Drop,
+    /// Replace with a keyed hash: `hmac:<32 hex chars>`.
+    Hash,
+    /// Truncate an IP address (v4 → /24, v6 → /48); non-IPs are hashed.
+    Truncate,
+}
+
+impl PiiAction {
+    fn parse(s: &str) -> Option<Self> {
+        let s = s.trim();
+        [
+            ("keep", Self::Keep),
+            ("drop", Self::Drop),
+            ("hash", Self::Hash),
+            ("truncate", Self::Truncate),
+        ]
+        .into_iter()
+        .find_map(|(name, action)| s.eq_ignore_ascii_case(name).then_some(action))
+    }
+
+    fn needs_key(self) -> bool {
+        matches!(self, Self::Hash | Self::Truncate)
+    }
+}
+
+/// Rules by field path plus the e-mail rule (see the module docs for the spec
+/// and precedence). `Debug` never prints the HMAC key.
+#[derive(Clone)]
+pub struct PiiPolicy {
+    page: Option<PiiAction>,
+    referrer: Option<PiiAction>,
+    source: Option<PiiAction>,
+    properties: HashMap<String, PiiAction>,
+    any_property: Option<PiiAction>,
+    email: Option<PiiAction>,
+    mac: HmacSha256,
+}
+
+impl std::fmt::Debug for PiiPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PiiPolicy")
+            .field("page", &self.page)
+            .field("referrer", &self.referrer)
+            .field("source", &self.source)
+            .field("properties", &self.properties)
+            .field("any_property", &self.any_property)
+            .field("email", &self.email)
+            .field("hmac_key", &format_args!("<redacted>"))
+            .finish()
+    }
+}
+
+/// Outcome of applying an action to one value.
+enum Outcome {
+    Unchanged,
+    Replace(String),
+    Remove,
+}
+
+impl PiiPolicy {
+    /// The documented default: truncate the `ip` property, hash e-mail addresses.
+    pub const DEFAULT_SPEC: &'static str = "payload.properties.ip=truncate,email=hash";
+
+    /// Parses a spec (see the module docs). Empty items are skipped; an empty
+    /// spec keeps everything. `hmac_key` must be non-empty when any rule hashes
+    /// or truncates (truncate hashes non-IP values).
+    pub fn parse(spec: &str, hmac_key: &[u8]) -> Result<Self, String> {
+        let mut page = None;
+        let mut referrer = None;
+        let mut source = None;
+        let mut properties = HashMap::new();
+        let mut any_property = None;
+        let mut email = None;
+        let mut keyed_rule: Option<String> = None;
+
+        for (i, item) in spec.split(',').enumerate() {
+            let item = item.trim();
+            if item.is_empty() {
+                continue;
+            }
+            let at = format!("PII policy item {} ({item:?})", i + 1);
+            let Some((path, action)) = item.rsplit_once('=') else {
+                return Err(format!("{at}: expected path=action (missing '=')"));
+            };
+            let path = path.trim();
+            let action = PiiAction::parse(action).ok_or_else(|| {
+                format!(
+                    "{at}: unknown action {:?} (expected keep, drop, hash or truncate)",
+                    action.trim()
+                )
+            })?;
+            let slot = match path {
+                "payload.page" => &mut page,
+                "payload.referrer" => &mut referrer,
+                "metadata.source" => &mut source,
+                "payload.properties.*" => &mut any_property,
+                "email" => &mut email,
+                _ => match path.strip_prefix(PROPERTIES_PREFIX) {
+                    Some(name) if !name.is_empty() => {
+                        if properties.insert(name.to_owned(), action).is_some() {
+                            return Err(format!("{at}: duplicate rule for {path:?}"));
+                        }
+                        if action.needs_key() && keyed_rule.is_none() {
+                            keyed_rule = Some(item.to_owned());
+                        }
+                        continue;
+                    }
+                    _ => {
+                        return Err(format!(
+                            "{at}: unknown path {path:?} (expected payload.page, payload.referrer, \
+                             metadata.source, payload.properties.<name>, payload.properties.* or email)"
+                        ));
+                    }
+                },
+            };
+            if slot.replace(action).is_some() {
+                return Err(format!("{at}: duplicate rule for {path:?}"));
+            }
+            if action.needs_key() && keyed_rule.is_none() {
+                keyed_rule = Some(item.to_owned());
+            }
+        }
+
+        if let Some(rule) = &keyed_rule
+            && hmac_key.is_empty()
+        {
+            return Err(format!(
+                "PII policy rule {rule:?} hashes values (truncate hashes non-IP values) \
+                 but the HMAC key is empty; configure a non-empty PII HMAC key"
+            ));
+        }
+        let mac = HmacSha256::new_from_slice(hmac_key)
+            .map_err(|e| format!("PII policy: invalid HMAC key: {e}"))?;
+        Ok(Self {
+            page,
+            referrer,
+            source,
+            properties,
+            any_property,
+            email,
+            mac,
+        })
+    }
+
+    /// Applies the policy to `event` in place; returns how many values were
+    /// changed or dropped (for a metric). Values already equal to their result
+    /// (e.g. an IP already truncated) are not counted.
+    pub fn apply(&self, event: &mut Event) -> usize {
+        let mut changed = 0;
+        if let Some(payload) = event.payload.as_mut() {
+            changed += self.apply_field(&mut payload.page, self.page, true);
+            changed += self.apply_field(&mut payload.referrer, self.referrer, true);
+            payload.properties.retain(|name, value| {
+                let action = self.property_action(name, value);
+                match self.run(action, value) {
+                    Outcome::Unchanged => true,
+                    Outcome::Replace(new) => {
+                        *value = new;
+                        changed += 1;
+                        true
+                    }
+                    Outcome::Remove => {
+                        changed += 1;
+                        false
+                    }
+                }
+            });
+        }
+        if let Some(metadata) = event.metadata.as_mut() {
+            changed += self.apply_field(&mut metadata.source, self.source, false);
+        }
+        changed
+    }
+
+    fn property_action(&self, name: &str, value: &str) -> PiiAction {
+        if let Some(action) = self.properties.get(name) {
+            return *action;
+        }
+        if let Some(action) = self.email
+            && looks_like_email(value)
+        {
+            return action;
+        }
+        self.any_property.unwrap_or(PiiAction::Keep)
+    }
+
+    fn apply_field(&self, value: &mut String, rule: Option<PiiAction>, email_rule: bool) -> usize {
+        let action = match (rule, self.email) {
+            (Some(action), _) => action,
+            (None, Some(email)) if email_rule && looks_like_email(value) => email,
+            _ => PiiAction::Keep,
+        };
+        match self.run(action, value) {
+            Outcome::Unchanged => 0,
+            Outcome::Replace(new) => {
+                *value = new;
+                1
+            }
+            Outcome::Remove => {
+                if value.is_empty() {
+                    0
+                } else {
+                    value.clear();
+                    1
+                }
+            }
+        }
+    }
+
+    fn run(&self, action: PiiAction, value: &str) -> Outcome {
+        let new = match action {
+            PiiAction::Keep => return Outcome::Unchanged,
+            PiiAction::Drop => return Outcome::Remove,
+            _ if value.is_empty() => return Outcome::Unchanged,
+            PiiAction::Hash => self.hash(value),
+            PiiAction::Truncate => match value.parse::<IpAddr>() {
+                Ok(ip) => truncate_ip(ip).to_string(),
+                Err(_) => self.hash(value),
+            },
+        };
+        if new == value {
+            Outcome::Unchanged
+        } else {
+            Outcome::Replace(new)
+        }
+    }
+
+    fn hash(&self, value: &str) -> String {
+        let mut mac = self.mac.clone();
+        mac.update(value.as_bytes());
+        let tag = mac.finalize().into_bytes();
+        format!("hmac:{}", hex::encode(&tag[..16]))
+    }
+}
+
+fn truncate_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => IpAddr::V4(truncate_v4(v4)),
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V6(truncate_v4(v4).to_ipv6_mapped()),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], 0, 0, 0, 0, 0))
+            }
+        },
+    }
+}
+
+fn truncate_v4(v4: Ipv4Addr) -> Ipv4Addr {
+    let [a, b, c, _] = v4.octets();
+    Ipv4Addr::new(a, b, c, 0)
+}
+
+/// True when `value` contains something shaped like `local@domain.tld` (or
+/// `local%40domain.tld`); see the module docs.
+fn looks_like_email(value: &str) -> bool {
+    let bytes = value.as_bytes();
+    let is_local = |b: u8| b.is_ascii_alphanumeric() || b"._%+-".contains(&b);
+    let is_domain = |b: u8| b.is_ascii_alphanumeric() || b == b'.' || b == b'-';
+    (1..bytes.len()).any(|i| {
+        let sep = if bytes[i] == b'@' {
+            1
+        } else if bytes[i..].len() >= 3
+            && bytes[i] == b'%'
+            && bytes[i + 1] == b'4'
+            && bytes[i + 2] == b'0'
+        {
+            3
+        } else {
+            return false;
+        };
+        if !is_local(bytes[i - 1]) {
+            return false;
+        }
+        let rest = &bytes[i + sep..];
+        let len = rest
+            .iter()
+            .position(|b| !is_domain(*b))
+            .unwrap_or(rest.len());
+        let domain = trim_trailing_dots(&rest[..len]);
+        match domain.iter().position(|b| *b == b'.') {
+            Some(dot) => dot > 0 && dot + 1 < domain.len(),
+            None => false,
+        }
+    })
+}
+
+fn trim_trailing_dots(mut s: &[u8]) -> &[u8] {
+    while let [rest @ .., b'.'] = s {
+        s = rest;
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pulse_contracts::pb::events::v1::{Metadata, Payload};
+
+    const KEY: &[u8] = b"test-hmac-key-SECRET";
+
+    fn event(props: &[(&str, &str)]) -> Event {
+        Event {
+            event_id: "e1".into(),
+            payload: Some(Payload {
+                page: "/home".into(),
+                referrer: "https://example.com/".into(),
+                properties: props
+                    .iter()
+                    .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                    .collect(),
+                ..Default::default()
+            }),
+            metadata: Some(Metadata {
+                source: "web".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn props(e: &Event) -> &HashMap<String, String> {
+        &e.payload.as_ref().unwrap().properties
+    }
+
+    fn prop<'a>(e: &'a Event, name: &str) -> Option<&'a str> {
+        props(e).get(name).map(String::as_str)
+    }
+
+    fn is_hash(v: &str) -> bool {
+        v.len() == 5 + 32
+            && v.starts_with("hmac:")
+            && v[5..]
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    }
+
+    fn hash_of(value: &str) -> String {
+        let p = PiiPolicy::parse("payload.properties.x=hash", KEY).unwrap();
+        let mut e = event(&[("x", value)]);
+        p.apply(&mut e);
+        prop(&e, "x").unwrap().to_owned()
+    }
+
+    #[test]
+    fn default_spec_on_mixed_event() {
+        let p = PiiPolicy::parse(PiiPolicy::DEFAULT_SPEC, KEY).unwrap();
+        let mut e = event(&[
+            ("ip", "203.0.113.77"),
+            ("contact", "Alice.Smith+news@example.co.uk"),
+            ("plan", "pro"),
+            ("count", "3"),
+        ]);
+        assert_eq!(p.apply(&mut e), 2);
+        assert_eq!(prop(&e, "ip"), Some("203.0.113.0"));
+        let contact = prop(&e, "contact").unwrap();
+        assert!(is_hash(contact), "{contact}");
+        assert_eq!(prop(&e, "plan"), Some("pro"));
+        assert_eq!(prop(&e, "count"), Some("3"));
+        let payload = e.payload.as_ref().unwrap();
+        assert_eq!(payload.page, "/home");
+        assert_eq!(payload.referrer, "https://example.com/");
+        assert_eq!(e.metadata.as_ref().unwrap().source, "web");
+        // Applying again changes nothing but already-hashed values stay hashed.
+        assert_eq!(p.apply(&mut e), 0);
+    }
+
+    #[test]
+    fn hash_is_deterministic_and_keyed() {
+        let a = hash_of("alice");
+        assert!(is_hash(&a), "{a}");
+        assert_eq!(a, hash_of("alice"));
+        assert_ne!(a, hash_of("bob"));
+        let other = PiiPolicy::parse("payload.properties.x=hash", b"another-key").unwrap();
+        let mut e = event(&[("x", "alice")]);
+        other.apply(&mut e);
+        assert_ne!(prop(&e, "x"), Some(a.as_str()));
+    }
+
+    #[test]
+    fn hash_matches_hmac_sha256_reference() {
+        // RFC 4231 test case 2: key "Jefe", data "what do ya want for nothing?".
+        let p = PiiPolicy::parse("payload.page=hash", b"Jefe").unwrap();
+        let mut e = event(&[]);
+        e.payload.as_mut().unwrap().page = "what do ya want for nothing?".into();
+        assert_eq!(p.apply(&mut e), 1);
+        assert_eq!(
+            e.payload.unwrap().page,
+            "hmac:5bdcc146bf60754e6a042426089575c7"
+        );
+    }
+
+    #[test]
+    fn each_action_on_properties() {
+        let p = PiiPolicy::parse(
+            "payload.properties.a=keep,payload.properties.b=DROP,payload.properties.c=Hash,\
+             payload.properties.d=truncate",
+            KEY,
+        )
+        .unwrap();
+        let mut e = event(&[("a", "x@y.com"), ("b", "1"), ("c", "2"), ("d", "10.1.2.3")]);
+        assert_eq!(p.apply(&mut e), 3);
+        assert_eq!(prop(&e, "a"), Some("x@y.com"));
+        assert_eq!(prop(&e, "b"), None);
+        assert_eq!(prop(&e, "c"), Some(hash_of("2").as_str()));
+        assert_eq!(prop(&e, "d"), Some("10.1.2.0"));
+    }
+
+    #[test]
+    fn page_referrer_source_paths() {
+        let p = PiiPolicy::parse(
+            "payload.page=hash,payload.referrer=drop,metadata.source=truncate",
+            KEY,
+        )
+        .unwrap();
+        let mut e = event(&[("plan", "pro")]);
+        assert_eq!(p.apply(&mut e), 3);
+        let payload = e.payload.as_ref().unwrap();
+        assert_eq!(payload.page, hash_of("/home"));
+        assert_eq!(payload.referrer, "");
+        // "web" is not an IP: truncate hashes it.
+        assert_eq!(e.metadata.as_ref().unwrap().source, hash_of("web"));
+        assert_eq!(prop(&e, "plan"), Some("pro"));
+    }
+
+    #[test]
+    fn drop_source_and_missing_sections() {
+        let p = PiiPolicy::parse("metadata.source=drop,payload.page=drop", KEY).unwrap();
+        let mut e = event(&[]);
+        assert_eq!(p.apply(&mut e), 2);
+        assert_eq!(e.metadata.as_ref().unwrap().source, "");
+        // Already empty: nothing changes.
+        assert_eq!(p.apply(&mut e), 0);
+        let mut bare = Event::default();
+        assert_eq!(p.apply(&mut bare), 0);
+    }
+
+    #[test]
+    fn truncate_ipv6_and_non_ip() {
+        let p = PiiPolicy::parse("payload.properties.*=truncate", KEY).unwrap();
+        let mut e = event(&[
+            ("v6", "2001:db8:abcd:1234::1"),
+            ("mapped", "::ffff:198.51.100.9"),
+            ("port", "203.0.113.77:8080"),
+            ("word", "hello"),
+            ("empty", ""),
+            ("done", "203.0.113.0"),
+        ]);
+        assert_eq!(p.apply(&mut e), 4);
+        assert_eq!(prop(&e, "v6"), Some("2001:db8:abcd::"));
+        assert_eq!(prop(&e, "mapped"), Some("::ffff:198.51.100.0"));
+        assert_eq!(
+            prop(&e, "port"),
+            Some(hash_of("203.0.113.77:8080").as_str())
+        );
+        assert_eq!(prop(&e, "word"), Some(hash_of("hello").as_str()));
+        assert_eq!(prop(&e, "empty"), Some(""));
+        assert_eq!(prop(&e, "done"), Some("203.0.113.0"));
+    }
+
+    #[test]
+    fn precedence_exact_then_email_then_wildcard() {
+        let p = PiiPolicy::parse(
+            "payload.properties.owner=keep,payload.properties.*=drop,email=hash",
+            KEY,
+        )
+        .unwrap();
+        let mut e = event(&[
+            ("owner", "boss@example.com"),
+            ("contact", "someone@example.com"),
+            ("plan", "pro"),
+        ]);
+        assert_eq!(p.apply(&mut e), 2);
+        // Exact rule beats e-mail rule.
+        assert_eq!(prop(&e, "owner"), Some("boss@example.com"));
+        // E-mail rule beats the wildcard.
+        assert_eq!(
+            prop(&e, "contact"),
+            Some(hash_of("someone@example.com").as_str())
+        );
+        // Wildcard applies to the rest.
+        assert_eq!(prop(&e, "plan"), None);
+    }
+
+    #[test]
+    fn email_rule_on_page_and_referrer_but_path_rule_wins() {
+        let p = PiiPolicy::parse("email=drop,payload.referrer=keep", KEY).unwrap();
+        let mut e = event(&[]);
+        {
+            let payload = e.payload.as_mut().unwrap();
+            payload.page = "/signup?email=a%40b.com".into();
+            payload.referrer = "mailto:a@b.com".into();
+        }
+        assert_eq!(p.apply(&mut e), 1);
+        let payload = e.payload.as_ref().unwrap();
+        assert_eq!(payload.page, "");
+        assert_eq!(payload.referrer, "mailto:a@b.com");
+        // metadata.source is not subject to the e-mail rule.
+        let mut e = event(&[]);
+        e.metadata.as_mut().unwrap().source = "x@y.com".into();
+        assert_eq!(p.apply(&mut e), 0);
+    }
+
+    #[test]
+    fn email_detection() {
+        for yes in [
+            "a@b.co",
+            "Alice.Smith+tag@mail.example.org",
+            "contact a@b.com please",
+            "mailto:x_y@d-e.io",
+            "/p?e=a%40b.com",
+            "a@b.com.",
+        ] {
+            assert!(looks_like_email(yes), "{yes}");
+        }
+        for no in [
+            "",
+            "@",
+            "@b.com",
+            "a@",
+            "a@b",
+            "a@.com",
+            "a@b.",
+            "https://mastodon.social/@alice",
+            "https://medium.com/@john.doe",
+            "user @ example.com",
+            "100%",
+            "%40",
+            "plain text",
+        ] {
+            assert!(!looks_like_email(no), "{no}");
+        }
+    }
+
+    #[test]
+    fn invalid_specs_have_clear_messages() {
+        let cases = [
+            ("payload.user=drop", "unknown path \"payload.user\""),
+            ("payload.properties.=drop", "unknown path"),
+            ("payload.page=scramble", "unknown action \"scramble\""),
+            ("payload.page", "missing '='"),
+            ("payload.page=keep, payload.page=drop", "duplicate rule"),
+            (
+                "payload.properties.ip=keep,payload.properties.ip=drop",
+                "duplicate rule",
+            ),
+            ("email=hash,email=keep", "duplicate rule"),
+        ];
+        for (spec, want) in cases {
+            let err = PiiPolicy::parse(spec, KEY).unwrap_err();
+            assert!(err.contains(want), "{spec}: {err}");
+            assert!(err.contains("item"), "{spec}: {err}");
+        }
+        let err = PiiPolicy::parse("payload.page=keep,bogus=drop", KEY).unwrap_err();
+        assert!(err.contains("item 2"), "{err}");
+    }
+
+    #[test]
+    fn keyed_actions_need_a_key() {
+        for spec in [
+            "email=hash",
+            "payload.properties.ip=truncate",
+            PiiPolicy::DEFAULT_SPEC,
+        ] {
+            let err = PiiPolicy::parse(spec, b"").unwrap_err();
+            assert!(err.contains("HMAC key is empty"), "{spec}: {err}");
+        }
+        // Keep/drop need no key; neither does an empty spec.
+        assert!(PiiPolicy::parse("payload.page=drop,email=keep", b"").is_ok());
+        let p = PiiPolicy::parse(" , ", b"").unwrap();
+        let mut e = event(&[("ip", "1.2.3.4"), ("m", "a@b.com")]);
+        assert_eq!(p.apply(&mut e), 0);
+    }
+
+    #[test]
+    fn debug_hides_key() {
+        let p = PiiPolicy::parse(PiiPolicy::DEFAULT_SPEC, KEY).unwrap();
+        let dbg = format!("{p:?} {p:#?}");
+        assert!(dbg.contains("<redacted>"), "{dbg}");
+        assert!(
+            !dbg.contains("SECRET") && !dbg.contains("test-hmac"),
+            "{dbg}"
+        );
+        let hex_key = hex::encode(KEY);
+        assert!(!dbg.contains(&hex_key), "{dbg}");
+        assert!(!dbg.contains(&format!("{:?}", KEY)), "{dbg}");
+    }
+}

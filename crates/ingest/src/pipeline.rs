@@ -1,0 +1,437 @@
+//! The intake pipeline shared by HTTP and gRPC: validate each event, enrich it (ingest
+//! time, source, trace context), apply the PII policy, drop duplicates, frame it in the
+//! Confluent wire format and produce it — rejected events go to the DLQ with their
+//! original bytes and the reason. A batch is answered only after the broker acknowledged
+//! every record; if any record could not be queued or acknowledged, the batch is
+//! answered with a retryable error and the ids of its unproduced events are forgotten,
+//! so the client's retry is not mistaken for a duplicate. Transport concerns (auth, body
+//! decoding, status codes) stay in `http` and `grpc`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use opentelemetry::trace::TraceContextExt;
+use prost::Message;
+use pulse_contracts::pb::events::v1::{Event, IngestInfo};
+use pulse_contracts::wire::{RegistryEncoder, WireError};
+use pulse_contracts::{headers, schemas, trace_context};
+use pulse_platform::kafka::{AckFuture, OutRecord, ProduceError, RecordProducer};
+use rdkafka::message::OwnedHeaders;
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use crate::dedup::DedupSet;
+use crate::metrics as m;
+use crate::pii::PiiPolicy;
+use crate::validate::{FieldError, Limits, validate};
+
+/// Frames protobuf bytes for a topic (Confluent wire format). The registry-backed
+/// implementation is used in production; tests may use a fixed schema id.
+#[async_trait::async_trait]
+pub trait Framer: Send + Sync {
+    async fn frame(&self, topic: &str, payload: &[u8]) -> Result<Vec<u8>, WireError>;
+}
+
+#[async_trait::async_trait]
+impl Framer for RegistryEncoder {
+    async fn frame(&self, topic: &str, payload: &[u8]) -> Result<Vec<u8>, WireError> {
+        self.encode(topic, schemas::EVENT.full_name, payload).await
+    }
+}
+
+/// Frames with a fixed schema id (for a registry-less deployment or tests).
+#[derive(Debug, Clone, Copy)]
+pub struct FixedSchemaId(pub u32);
+
+#[async_trait::async_trait]
+impl Framer for FixedSchemaId {
+    async fn frame(&self, _topic: &str, payload: &[u8]) -> Result<Vec<u8>, WireError> {
+        Ok(pulse_contracts::wire::frame(self.0, &[0], payload))
+    }
+}
+
+/// One event as received: its original bytes (kept on the DLQ) and its JSON form
+/// (validated). For HTTP both are the same bytes; for gRPC the original is protobuf.
+#[derive(Debug, Clone)]
+pub struct Incoming {
+    pub original: Vec<u8>,
+    pub json: Vec<u8>,
+}
+
+impl Incoming {
+    pub fn json(bytes: Vec<u8>) -> Self {
+        Self {
+            original: bytes.clone(),
+            json: bytes,
+        }
+    }
+}
+
+/// The outcome of one event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Accepted,
+    Duplicate,
+    Rejected,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Accepted => "accepted",
+            Status::Duplicate => "duplicate",
+            Status::Rejected => "rejected",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventResult {
+    pub index: usize,
+    pub status: Status,
+    pub event_id: String,
+    pub error: Option<FieldError>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BatchResult {
+    pub accepted: usize,
+    pub duplicates: usize,
+    pub rejected: usize,
+    pub results: Vec<EventResult>,
+}
+
+/// Why a batch could not be answered with per-event results. Both are retryable.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error("the producer queue is full; retry later")]
+    Backpressure,
+    #[error("the event pipeline is unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Pipeline settings.
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    pub events_topic: String,
+    pub dlq_topic: String,
+    pub limits: Limits,
+    /// How long an enqueue may wait for room in a full producer queue before the batch
+    /// is answered with backpressure.
+    pub max_backpressure_wait: Duration,
+}
+
+/// The intake pipeline; cheap to clone.
+#[derive(Clone)]
+pub struct Ingestor {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    cfg: PipelineConfig,
+    producer: Arc<dyn RecordProducer>,
+    framer: Arc<dyn Framer>,
+    pii: PiiPolicy,
+    dedup: DedupSet,
+}
+
+impl std::fmt::Debug for Ingestor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ingestor")
+            .field("cfg", &self.inner.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// The `event_id` a rejected event claimed, if it is readable.
+fn claimed_event_id(json: &[u8]) -> String {
+    serde_json::from_slice::<serde_json::Value>(json)
+        .ok()
+        .and_then(|v| {
+            v.get("event_id")
+                .and_then(|e| e.as_str())
+                .map(str::to_owned)
+        })
+        .unwrap_or_default()
+}
+
+fn claimed_user_id(json: &[u8]) -> Option<Vec<u8>> {
+    serde_json::from_slice::<serde_json::Value>(json)
+        .ok()
+        .and_then(|v| {
+            v.pointer("/key/user_id")
+                .and_then(|u| u.as_str())
+                .map(|u| u.as_bytes().to_vec())
+        })
+}
+
+/// The trace headers of a record: the current span's context, or — when no tracing
+/// subscriber records spans (embedded use, some tests) — the caller's incoming context, so
+/// the trace continues either way.
+fn trace_headers(fallback: &opentelemetry::Context) -> OwnedHeaders {
+    let cx = tracing::Span::current().context();
+    if cx.span().span_context().is_valid() {
+        trace_context::inject(&cx, OwnedHeaders::new())
+    } else {
+        trace_context::inject(fallback, OwnedHeaders::new())
+    }
+}
+
+impl Ingestor {
+    pub fn new(
+        cfg: PipelineConfig,
+        producer: Arc<dyn RecordProducer>,
+        framer: Arc<dyn Framer>,
+        pii: PiiPolicy,
+        dedup: DedupSet,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                cfg,
+                producer,
+                framer,
+                pii,
+                dedup,
+            }),
+        }
+    }
+
+    pub fn dedup_len(&self) -> usize {
+        self.inner.dedup.len()
+    }
+
+    /// Keeps a body that could not be parsed at all on the DLQ (best effort for the
+    /// caller's 400: the body is kept if the broker takes it).
+    pub async fn dead_letter_body(
+        &self,
+        source: &str,
+        original: &[u8],
+        code: &str,
+        detail: &str,
+        parent: &opentelemetry::Context,
+    ) -> Result<(), IngestError> {
+        metrics::counter!(m::EVENTS_TOTAL, "outcome" => "invalid", "reason" => code.to_owned())
+            .increment(1);
+        let rec = self.dlq_record(source, original, None, "", code, detail, parent);
+        let ack = self.enqueue(rec).await?;
+        ack.await
+            .map(|_| ())
+            .map_err(|e| IngestError::Unavailable(e.to_string()))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn dlq_record(
+        &self,
+        source: &str,
+        original: &[u8],
+        key: Option<Vec<u8>>,
+        event_id: &str,
+        code: &str,
+        detail: &str,
+        parent: &opentelemetry::Context,
+    ) -> OutRecord {
+        let mut h = trace_headers(parent);
+        h = headers::with_str(h, headers::INGEST_TS, &now_ms().to_string());
+        if !event_id.is_empty() {
+            h = headers::with_str(h, headers::EVENT_ID, event_id);
+        }
+        h = headers::with_str(h, headers::ERROR_CODE, code);
+        h = headers::with_str(h, headers::ERROR_DETAIL, detail);
+        h = headers::with_str(h, "pulse-source", source);
+        OutRecord::new(&self.inner.cfg.dlq_topic, key, original.to_vec()).with_headers(h)
+    }
+
+    async fn enqueue(&self, rec: OutRecord) -> Result<AckFuture, IngestError> {
+        let deadline = Instant::now() + self.inner.cfg.max_backpressure_wait;
+        let mut pause = Duration::from_millis(1);
+        loop {
+            match self.inner.producer.enqueue(rec.clone()) {
+                Ok(ack) => return Ok(ack),
+                Err(ProduceError::QueueFull) if Instant::now() < deadline => {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(50));
+                }
+                Err(ProduceError::QueueFull) => return Err(IngestError::Backpressure),
+                Err(e) => return Err(IngestError::Unavailable(e.to_string())),
+            }
+        }
+    }
+
+    /// Runs a batch from `source` over `protocol` ("http" or "grpc"). `parent` is the
+    /// caller's incoming trace context: the batch span is its child unless the current
+    /// span already continues it.
+    pub async fn ingest(
+        &self,
+        source: &str,
+        protocol: &str,
+        events: Vec<Incoming>,
+        parent: opentelemetry::Context,
+    ) -> Result<BatchResult, IngestError> {
+        let span = tracing::info_span!("ingest.batch", source, protocol, events = events.len());
+        if !tracing::Span::current()
+            .context()
+            .span()
+            .span_context()
+            .is_valid()
+        {
+            let _ = span.set_parent(parent.clone());
+        }
+        self.ingest_inner(source, protocol, events, &parent)
+            .instrument(span)
+            .await
+    }
+
+    async fn ingest_inner(
+        &self,
+        source: &str,
+        protocol: &str,
+        events: Vec<Incoming>,
+        parent: &opentelemetry::Context,
+    ) -> Result<BatchResult, IngestError> {
+        let inner = &self.inner;
+        let now = now_ms();
+        let started = Instant::now();
+        metrics::histogram!(m::BATCH_EVENTS, "protocol" => protocol.to_owned())
+            .record(events.len() as f64);
+        let mut result = BatchResult::default();
+        // (index, event id) of records whose acknowledgement decides the batch.
+        let mut pending: Vec<(Option<String>, AckFuture)> = Vec::new();
+        let mut reserved: Vec<String> = Vec::new();
+        let mut failure: Option<IngestError> = None;
+
+        for (index, incoming) in events.into_iter().enumerate() {
+            match validate(&incoming.json, now, &inner.cfg.limits) {
+                Err(error) => {
+                    let event_id = claimed_event_id(&incoming.json);
+                    metrics::counter!(m::EVENTS_TOTAL, "outcome" => "invalid", "reason" => error.code).increment(1);
+                    let detail = error.to_string();
+                    let rec = self.dlq_record(
+                        source,
+                        &incoming.original,
+                        claimed_user_id(&incoming.json),
+                        &event_id,
+                        error.code,
+                        &detail,
+                        parent,
+                    );
+                    match self.enqueue(rec).await {
+                        Ok(ack) => pending.push((None, ack)),
+                        Err(e) => {
+                            failure = Some(e);
+                            break;
+                        }
+                    }
+                    result.rejected += 1;
+                    result.results.push(EventResult {
+                        index,
+                        status: Status::Rejected,
+                        event_id,
+                        error: Some(error),
+                    });
+                }
+                Ok(mut event) => {
+                    event.ingest = Some(IngestInfo {
+                        ingest_timestamp_ms: now,
+                        ingest_source: source.to_owned(),
+                        protocol: protocol.to_owned(),
+                    });
+                    let changed = inner.pii.apply(&mut event);
+                    if changed > 0 {
+                        metrics::counter!(m::PII_CHANGES_TOTAL).increment(changed as u64);
+                    }
+                    let event_id = event.event_id.clone();
+                    if !inner.dedup.insert_if_new(&event_id, Instant::now()) {
+                        metrics::counter!(m::EVENTS_TOTAL, "outcome" => "duplicate", "reason" => "").increment(1);
+                        result.duplicates += 1;
+                        result.results.push(EventResult {
+                            index,
+                            status: Status::Duplicate,
+                            event_id,
+                            error: None,
+                        });
+                        continue;
+                    }
+                    reserved.push(event_id.clone());
+                    match self.produce_event(&event, now, parent).await {
+                        Ok(ack) => pending.push((Some(event_id.clone()), ack)),
+                        Err(e) => {
+                            failure = Some(e);
+                            break;
+                        }
+                    }
+                    result.accepted += 1;
+                    result.results.push(EventResult {
+                        index,
+                        status: Status::Accepted,
+                        event_id,
+                        error: None,
+                    });
+                }
+            }
+        }
+
+        // Every queued record is awaited, even when the batch already failed: an id stays
+        // in the dedup set only if its record is durably on the broker.
+        let mut acked: Vec<String> = Vec::new();
+        for (event_id, ack) in pending {
+            match ack.await {
+                Ok(_) => {
+                    if let Some(id) = event_id {
+                        acked.push(id);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "record not acknowledged");
+                    if failure.is_none() {
+                        failure = Some(IngestError::Unavailable(e.to_string()));
+                    }
+                }
+            }
+        }
+        metrics::histogram!(m::PRODUCE_ACK_SECONDS).record(started.elapsed().as_secs_f64());
+        if let Some(e) = failure {
+            for id in reserved.iter().filter(|id| !acked.contains(id)) {
+                inner.dedup.forget(id);
+            }
+            let reason = match e {
+                IngestError::Backpressure => "backpressure",
+                IngestError::Unavailable(_) => "unavailable",
+            };
+            let unproduced = reserved.len() - acked.len();
+            metrics::counter!(m::EVENTS_TOTAL, "outcome" => "unavailable", "reason" => reason)
+                .increment(unproduced as u64);
+            return Err(e);
+        }
+        metrics::counter!(m::EVENTS_TOTAL, "outcome" => "accepted", "reason" => "")
+            .increment(result.accepted as u64);
+        metrics::gauge!(m::DEDUP_SET_SIZE).set(inner.dedup.len() as f64);
+        Ok(result)
+    }
+
+    async fn produce_event(
+        &self,
+        event: &Event,
+        now: i64,
+        parent: &opentelemetry::Context,
+    ) -> Result<AckFuture, IngestError> {
+        let inner = &self.inner;
+        let value = inner
+            .framer
+            .frame(&inner.cfg.events_topic, &event.encode_to_vec())
+            .await
+            .map_err(|e| IngestError::Unavailable(e.to_string()))?;
+        let mut h = trace_headers(parent);
+        h = headers::with_str(h, headers::EVENT_ID, &event.event_id);
+        h = headers::with_str(h, headers::INGEST_TS, &now.to_string());
+        let key = event.key.as_ref().map(|k| k.user_id.as_bytes().to_vec());
+        self.enqueue(OutRecord::new(&inner.cfg.events_topic, key, value).with_headers(h))
+            .await
+    }
+}

@@ -1,0 +1,520 @@
+//! The ingest service against the real broker and a real schema registry (both started
+//! by scripts/test.sh / in-process): what lands on the events topic and the DLQ, with
+//! which key, framing and headers, and every HTTP error path; gRPC unary and streaming.
+
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use clap::Parser;
+use prost::Message as _;
+use pulse_contracts::pb::events::v1 as ev;
+use pulse_contracts::pb::ingest::v1::ingest_service_client::IngestServiceClient;
+use pulse_contracts::pb::ingest::v1::{EventStatus, SendEventsRequest};
+use pulse_contracts::{headers, trace_context, wire};
+use pulse_ingest::pipeline::{FixedSchemaId, Framer};
+use pulse_platform::kafka::{KafkaConfig, KafkaConsumer, KafkaProducer};
+use rdkafka::Message;
+use rdkafka::message::{Headers, OwnedMessage};
+use serde_json::{Value, json};
+
+struct Harness {
+    http: String,
+    grpc: String,
+    events_topic: String,
+    dlq_topic: String,
+    schema_id: u32,
+    servers: Option<pulse_ingest::Servers>,
+    registry: Option<pulse_schema_registry::Replica>,
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        // Servers stop with the runtime; explicit stops happen in tests that care.
+        let _ = (&self.servers, &self.registry);
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+fn config(kafka: &KafkaConfig, events: &str, dlq: &str, extra: &[&str]) -> pulse_ingest::Config {
+    let mut args = vec![
+        "pulse-ingest".to_string(),
+        "--api-keys".into(),
+        "test-key=shop,other-key=app".into(),
+        "--kafka-brokers".into(),
+        kafka.brokers.clone(),
+        "--kafka-partitions".into(),
+        "2".into(),
+        "--events-topic".into(),
+        events.into(),
+        "--dlq-topic".into(),
+        dlq.into(),
+        "--pii-hmac-key".into(),
+        "test-hmac".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    pulse_ingest::Config::parse_from(args)
+}
+
+async fn start(extra: &[&str]) -> Harness {
+    let kafka = pulse_tests::kafka();
+    let events_topic = pulse_tests::unique("events");
+    let dlq_topic = pulse_tests::unique("dlq");
+    let cfg = config(&kafka, &events_topic, &dlq_topic, extra);
+    pulse_platform::kafka::ensure_topics(
+        &kafka,
+        &[
+            pulse_platform::kafka::TopicSpec::new(&events_topic, 2),
+            pulse_platform::kafka::TopicSpec::new(&dlq_topic, 1),
+        ],
+    )
+    .await
+    .unwrap();
+    // A real registry with the event schema registered for this topic.
+    let registry = pulse_schema_registry::Replica::start(
+        &kafka,
+        &pulse_tests::unique("_schemas"),
+        Duration::from_secs(30),
+        Duration::from_secs(60),
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+    )
+    .await
+    .unwrap();
+    let url = format!("http://{}", registry.addr);
+    let resp: Value = reqwest::Client::new()
+        .post(format!("{url}/subjects/{events_topic}-value/versions"))
+        .json(
+            &json!({ "schemaType": "PROTOBUF", "schema": pulse_contracts::schemas::EVENTS.source }),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let schema_id = resp["id"].as_u64().unwrap() as u32;
+    let framer: Arc<dyn Framer> = Arc::new(pulse_contracts::wire::RegistryEncoder::new(&url));
+    let producer = Arc::new(KafkaProducer::new(&kafka, "ingest-test").unwrap());
+    let servers = pulse_ingest::serve(
+        &cfg,
+        producer,
+        framer,
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+    )
+    .await
+    .unwrap();
+    Harness {
+        http: format!("http://{}/v1/events", servers.http_addr),
+        grpc: format!("http://{}", servers.grpc_addr),
+        events_topic,
+        dlq_topic,
+        schema_id,
+        servers: Some(servers),
+        registry: Some(registry),
+    }
+}
+
+fn event(id: &str, user: &str) -> Value {
+    json!({
+        "event_id": id,
+        "schema_version": 1,
+        "event_type": "page_view",
+        "key": { "user_id": user, "session_id": "s1" },
+        "payload": { "page": "/home", "properties": { "ip": "203.0.113.77", "plan": "pro" } },
+        "metadata": { "event_timestamp": now_ms(), "source": "web" }
+    })
+}
+
+fn purchase(id: &str, user: &str, amount: &str) -> Value {
+    json!({
+        "event_id": id,
+        "schema_version": 1,
+        "event_type": "purchase",
+        "key": { "user_id": user },
+        "payload": { "currency": "EUR", "amount": amount },
+        "metadata": { "event_timestamp": chrono_like_now() }
+    })
+}
+
+fn chrono_like_now() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap()
+}
+
+async fn post(
+    url: &str,
+    key: Option<&str>,
+    body: Vec<u8>,
+    headers: &[(&str, &str)],
+) -> (u16, Value, reqwest::header::HeaderMap) {
+    let mut req = reqwest::Client::new().post(url).body(body);
+    if let Some(k) = key {
+        req = req.header("Authorization", format!("Bearer {k}"));
+    }
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let h = resp.headers().clone();
+    let body = resp.json().await.unwrap_or(Value::Null);
+    (status, body, h)
+}
+
+async fn read_n(topic: &str, n: usize) -> Vec<OwnedMessage> {
+    let (consumer, _) = KafkaConsumer::new(
+        &pulse_tests::kafka(),
+        "ingest-test",
+        &pulse_tests::unique("reader"),
+        &[topic],
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    while out.len() < n {
+        let m = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+            .await
+            .unwrap_or_else(|_| panic!("only {} of {n} records on {topic}", out.len()))
+            .unwrap();
+        out.push(m.detach());
+    }
+    // Nothing more arrives within a short grace period.
+    if let Ok(Ok(extra)) = tokio::time::timeout(Duration::from_secs(2), consumer.recv()).await {
+        panic!(
+            "unexpected extra record at offset {} on {topic}",
+            extra.offset()
+        );
+    }
+    out
+}
+
+fn header(m: &OwnedMessage, name: &str) -> Option<String> {
+    m.headers()?
+        .iter()
+        .find(|h| h.key == name)
+        .and_then(|h| h.value)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+}
+
+#[tokio::test]
+async fn accepted_events_land_keyed_framed_and_traced_and_bad_ones_go_to_the_dlq() {
+    let h = start(&[]).await;
+    let bad = json!({ "schema_version": 1, "event_type": "purchase", "key": { "user_id": "u9" },
+                      "payload": { "amount": "12.5" }, "metadata": { "event_timestamp": now_ms() } });
+    let bad_bytes = serde_json::to_vec(&bad).unwrap();
+    let batch = format!(
+        "[{},{},{}]",
+        event("e1", "u1"),
+        purchase("e2", "u2", "19.99"),
+        String::from_utf8(bad_bytes.clone()).unwrap()
+    );
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let (status, body, _) = post(
+        &h.http,
+        Some("test-key"),
+        batch.into_bytes(),
+        &[
+            ("Content-Type", "application/json"),
+            ("traceparent", traceparent),
+        ],
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        (body["accepted"].as_u64(), body["rejected"].as_u64()),
+        (Some(2), Some(1)),
+        "{body}"
+    );
+    assert_eq!(body["results"][2]["status"], "rejected");
+    assert_eq!(
+        body["results"][2]["error"]["field"], "payload.currency",
+        "{body}"
+    );
+
+    let records = read_n(&h.events_topic, 2).await;
+    let mut seen = Vec::new();
+    for m in &records {
+        let framed = wire::unframe(m.payload().unwrap()).unwrap();
+        assert_eq!(
+            framed.schema_id, h.schema_id,
+            "framed with the registered schema id"
+        );
+        let e = ev::Event::decode(framed.payload).unwrap();
+        assert_eq!(
+            m.key().unwrap(),
+            e.key.as_ref().unwrap().user_id.as_bytes(),
+            "keyed by user id"
+        );
+        assert_eq!(
+            header(m, headers::EVENT_ID).as_deref(),
+            Some(e.event_id.as_str())
+        );
+        let ingest_ts: i64 = header(m, headers::INGEST_TS).unwrap().parse().unwrap();
+        assert_eq!(e.ingest.as_ref().unwrap().ingest_timestamp_ms, ingest_ts);
+        assert_eq!(e.ingest.as_ref().unwrap().ingest_source, "shop");
+        let cx = trace_context::extract(m.headers());
+        assert_eq!(
+            trace_context::trace_id_hex(&cx).as_deref(),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736"),
+            "the request's trace continues in the record"
+        );
+        seen.push(e);
+    }
+    seen.sort_by(|a, b| a.event_id.cmp(&b.event_id));
+    assert_eq!(
+        seen[0].payload.as_ref().unwrap().properties["ip"],
+        "203.0.113.0",
+        "PII default truncates ip"
+    );
+    assert_eq!(
+        seen[1].payload.as_ref().unwrap().amount_micros,
+        Some(19_990_000)
+    );
+
+    let dlq = read_n(&h.dlq_topic, 1).await;
+    assert_eq!(
+        dlq[0].payload().unwrap(),
+        bad_bytes.as_slice(),
+        "original bytes kept"
+    );
+    assert_eq!(
+        header(&dlq[0], headers::ERROR_CODE).as_deref(),
+        Some("missing_field")
+    );
+    assert!(
+        header(&dlq[0], headers::ERROR_DETAIL)
+            .unwrap()
+            .contains("payload.currency")
+    );
+}
+
+#[tokio::test]
+async fn duplicates_are_produced_once_and_retries_of_derived_ids_are_duplicates() {
+    let h = start(&[]).await;
+    let mut no_id = event("x", "u5");
+    no_id.as_object_mut().unwrap().remove("event_id");
+    let batch = json!([event("d1", "u1"), event("d1", "u1"), no_id]).to_string();
+    let (status, body, _) = post(&h.http, Some("test-key"), batch.clone().into_bytes(), &[]).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        (body["accepted"].as_u64(), body["duplicates"].as_u64()),
+        (Some(2), Some(1))
+    );
+    let derived = body["results"][2]["event_id"].as_str().unwrap().to_owned();
+    assert!(derived.starts_with("d-"), "{derived}");
+    // The client's retry of the same batch: every event is a duplicate.
+    let (status, body, _) = post(&h.http, Some("test-key"), batch.into_bytes(), &[]).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        (body["accepted"].as_u64(), body["duplicates"].as_u64()),
+        (Some(0), Some(3)),
+        "{body}"
+    );
+    assert_eq!(
+        body["results"][2]["event_id"].as_str(),
+        Some(derived.as_str())
+    );
+    read_n(&h.events_topic, 2).await;
+}
+
+#[tokio::test]
+async fn gzip_and_ndjson_bodies_are_accepted() {
+    let h = start(&[]).await;
+    let ndjson = format!("{}\n{}\n", event("n1", "u1"), event("n2", "u2"));
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    gz.write_all(ndjson.as_bytes()).unwrap();
+    let (status, body, _) = post(
+        &h.http,
+        Some("test-key"),
+        gz.finish().unwrap(),
+        &[
+            ("Content-Type", "application/x-ndjson"),
+            ("Content-Encoding", "gzip"),
+        ],
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["accepted"], 2);
+    read_n(&h.events_topic, 2).await;
+}
+
+#[tokio::test]
+async fn error_paths_answer_400_401_413_415_and_429_with_reasons() {
+    let h = start(&["--rate-limit", "1", "--rate-burst", "3"]).await;
+    let (status, body, hdrs) = post(&h.http, None, b"{}".to_vec(), &[]).await;
+    assert_eq!(status, 401, "{body}");
+    assert_eq!(hdrs.get("www-authenticate").unwrap(), "Bearer");
+    let (status, _, _) = post(&h.http, Some("wrong-key"), b"{}".to_vec(), &[]).await;
+    assert_eq!(status, 401);
+
+    // Unparseable: 400 with the reason, and the body is kept on the DLQ.
+    let (status, body, _) = post(&h.http, Some("other-key"), b"[{\"a\":".to_vec(), &[]).await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["code"], "unparseable_body");
+    let dlq = read_n(&h.dlq_topic, 1).await;
+    assert_eq!(dlq[0].payload().unwrap(), b"[{\"a\":");
+
+    // A gzip bomb: 413 without inflating it.
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    gz.write_all(&vec![b' '; 32 * 1024 * 1024]).unwrap();
+    let (status, body, _) = post(
+        &h.http,
+        Some("other-key"),
+        gz.finish().unwrap(),
+        &[("Content-Encoding", "gzip")],
+    )
+    .await;
+    assert_eq!(status, 413, "{body}");
+    let (status, _, _) = post(
+        &h.http,
+        Some("other-key"),
+        b"x".to_vec(),
+        &[("Content-Type", "text/csv")],
+    )
+    .await;
+    assert_eq!(status, 415);
+
+    // Rate limit: burst 3 events, then 429 with Retry-After.
+    let batch = json!([event("r1", "u1"), event("r2", "u1"), event("r3", "u1")]).to_string();
+    let (status, _, _) = post(&h.http, Some("test-key"), batch.into_bytes(), &[]).await;
+    assert_eq!(status, 200);
+    let (status, body, hdrs) = post(
+        &h.http,
+        Some("test-key"),
+        event("r4", "u1").to_string().into_bytes(),
+        &[],
+    )
+    .await;
+    assert_eq!(status, 429, "{body}");
+    assert!(hdrs.get("retry-after").is_some());
+}
+
+#[tokio::test]
+async fn an_unreachable_broker_answers_503_with_retry_after_and_forgets_the_ids() {
+    let dead = KafkaConfig {
+        message_timeout_ms: 1_000,
+        ..KafkaConfig::for_brokers("127.0.0.1:1")
+    };
+    let cfg = config(&dead, "t", "d", &[]);
+    let producer = Arc::new(KafkaProducer::new(&dead, "ingest-test").unwrap());
+    let servers = pulse_ingest::serve(
+        &cfg,
+        producer,
+        Arc::new(FixedSchemaId(1)),
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+    )
+    .await
+    .unwrap();
+    let url = format!("http://{}/v1/events", servers.http_addr);
+    for _ in 0..2 {
+        // Both attempts are 503 (not "duplicate" the second time): nothing was stored.
+        let (status, body, hdrs) = post(
+            &url,
+            Some("test-key"),
+            event("z1", "u1").to_string().into_bytes(),
+            &[],
+        )
+        .await;
+        assert_eq!(status, 503, "{body}");
+        assert_eq!(hdrs.get("retry-after").unwrap(), "1");
+    }
+    servers.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn grpc_unary_and_streaming_calls_ingest_with_per_event_results() {
+    let h = start(&[]).await;
+    let mut client = IngestServiceClient::connect(h.grpc.clone()).await.unwrap();
+    let pb_event = |id: &str| ev::Event {
+        event_id: id.into(),
+        schema_version: 1,
+        event_type: "purchase".into(),
+        key: Some(ev::EventKey {
+            user_id: "g1".into(),
+            session_id: String::new(),
+        }),
+        payload: Some(ev::Payload {
+            currency: "USD".into(),
+            amount_micros: Some(5_250_000),
+            ..Default::default()
+        }),
+        metadata: Some(ev::Metadata {
+            event_timestamp_ms: now_ms(),
+            ..Default::default()
+        }),
+        ingest: None,
+    };
+    let mut bad = pb_event("gbad");
+    bad.payload.as_mut().unwrap().currency = "XXQ".into();
+
+    let mut req = tonic::Request::new(SendEventsRequest {
+        events: vec![pb_event("g-1"), bad.clone()],
+    });
+    req.metadata_mut()
+        .insert("x-api-key", "test-key".parse().unwrap());
+    let resp = client.send_events(req).await.unwrap().into_inner();
+    assert_eq!((resp.accepted, resp.rejected), (1, 1));
+    assert_eq!(resp.results[1].status, EventStatus::Rejected as i32);
+    assert_eq!(
+        resp.results[1].error.as_ref().unwrap().field,
+        "payload.currency"
+    );
+
+    let chunks = vec![
+        SendEventsRequest {
+            events: vec![pb_event("g-2"), pb_event("g-3")],
+        },
+        SendEventsRequest {
+            events: vec![pb_event("g-3"), pb_event("g-4")],
+        },
+    ];
+    let mut req = tonic::Request::new(tokio_stream::iter(chunks));
+    req.metadata_mut()
+        .insert("authorization", "Bearer test-key".parse().unwrap());
+    let resp = client.stream_events(req).await.unwrap().into_inner();
+    assert_eq!((resp.accepted, resp.duplicates), (3, 1));
+    assert_eq!(
+        resp.results.iter().map(|r| r.index).collect::<Vec<_>>(),
+        vec![0, 1, 2, 3]
+    );
+
+    let mut unauth = tonic::Request::new(SendEventsRequest {
+        events: vec![pb_event("g-9")],
+    });
+    unauth
+        .metadata_mut()
+        .insert("x-api-key", "nope".parse().unwrap());
+    assert_eq!(
+        client.send_events(unauth).await.unwrap_err().code(),
+        tonic::Code::Unauthenticated
+    );
+
+    let records = read_n(&h.events_topic, 4).await;
+    let amounts: Vec<Option<i64>> = records
+        .iter()
+        .map(|m| {
+            ev::Event::decode(wire::unframe(m.payload().unwrap()).unwrap().payload)
+                .unwrap()
+                .payload
+                .unwrap()
+                .amount_micros
+        })
+        .collect();
+    assert!(amounts.iter().all(|a| *a == Some(5_250_000)), "{amounts:?}");
+    let dlq = read_n(&h.dlq_topic, 1).await;
+    assert_eq!(
+        dlq[0].payload().unwrap(),
+        bad.encode_to_vec().as_slice(),
+        "gRPC DLQ keeps the protobuf bytes"
+    );
+}
