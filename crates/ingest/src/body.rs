@@ -287,4 +287,34 @@ mod tests {
             Err(BodyError::UnsupportedContentType(_))
         ));
     }
+
+    proptest::proptest! {
+        /// Arbitrary bytes through every decode and split path: never a panic, and every
+        /// refusal carries a code and a reason.
+        #[test]
+        fn arbitrary_bodies_never_panic(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..2048),
+            gz in proptest::prelude::any::<bool>(),
+            ndjson in proptest::prelude::any::<bool>(),
+        ) {
+            let limits = BodyLimits { max_body_bytes: 4096, max_decompressed_bytes: 8192, max_batch_events: 50 };
+            let encoding = if gz { Some("gzip") } else { None };
+            let format = if ndjson { BodyFormat::Ndjson } else { BodyFormat::Json };
+            match decode(&bytes, encoding, &limits).and_then(|d| split(&d, format, &limits)) {
+                Ok(events) => {
+                    proptest::prop_assert!(!events.is_empty() && events.len() <= 50);
+                    for e in events {
+                        // Whatever the body held, each event is then judged by validate.
+                        let r = crate::validate::validate(&e, 1_764_000_000_000, &crate::validate::Limits::default());
+                        if let Err(err) = r {
+                            proptest::prop_assert!(!err.reason.is_empty() && !err.code.is_empty());
+                        }
+                    }
+                }
+                Err(e) => {
+                    proptest::prop_assert!(!e.code().is_empty() && !e.to_string().is_empty());
+                }
+            }
+        }
+    }
 }

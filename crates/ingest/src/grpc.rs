@@ -232,4 +232,42 @@ mod tests {
         assert_eq!(micros_to_decimal(-1_500_000), "-1.500000");
         assert_eq!(micros_to_decimal(i64::MIN), "-9223372036854.775808");
     }
+
+    fn arb_string() -> impl proptest::strategy::Strategy<Value = String> {
+        proptest::prelude::prop_oneof![
+            proptest::prelude::Just(String::new()),
+            "[a-z_]{1,10}",
+            proptest::prelude::any::<String>(),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Arbitrary protobuf events (any field values, absent sub-messages) through the
+        /// gRPC path's conversion and validation: never a panic, and a rejection always
+        /// names a field and a reason.
+        #[test]
+        fn arbitrary_grpc_events_never_panic(
+            id in arb_string(), ty in arb_string(), user in arb_string(), page in arb_string(),
+            currency in arb_string(), version in proptest::prelude::any::<u32>(),
+            amount in proptest::prelude::any::<Option<i64>>(), ts in proptest::prelude::any::<i64>(),
+            has_key in proptest::prelude::any::<bool>(), has_meta in proptest::prelude::any::<bool>(),
+            props in proptest::collection::hash_map(arb_string(), arb_string(), 0..4),
+        ) {
+            use pulse_contracts::pb::events::v1 as ev;
+            let e = ev::Event {
+                event_id: id,
+                schema_version: version,
+                event_type: ty,
+                key: has_key.then(|| ev::EventKey { user_id: user, session_id: String::new() }),
+                payload: Some(ev::Payload { page, currency, amount_micros: amount, properties: props, ..Default::default() }),
+                metadata: has_meta.then(|| ev::Metadata { event_timestamp_ms: ts, ..Default::default() }),
+                ingest: None,
+            };
+            let json = serde_json::to_vec(&event_json(&e)).unwrap();
+            match crate::validate::validate(&json, 1_764_000_000_000, &crate::validate::Limits::default()) {
+                Ok(valid) => proptest::prop_assert!(!valid.event_id.is_empty()),
+                Err(err) => proptest::prop_assert!(!err.reason.is_empty() && !err.code.is_empty()),
+            }
+        }
+    }
 }

@@ -435,3 +435,132 @@ impl Ingestor {
             .await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A producer that acknowledges, fails, or reports a full queue, as told.
+    #[derive(Default)]
+    struct FakeProducer {
+        mode: Mutex<&'static str>,
+        sent: Mutex<Vec<OutRecord>>,
+        calls: AtomicUsize,
+    }
+
+    impl RecordProducer for FakeProducer {
+        fn enqueue(&self, record: OutRecord) -> Result<AckFuture, ProduceError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            match *self.mode.lock().unwrap() {
+                "full" => Err(ProduceError::QueueFull),
+                "fail" => Ok(Box::pin(async {
+                    Err(ProduceError::Delivery(rdkafka::error::KafkaError::Canceled))
+                })),
+                _ => {
+                    self.sent.lock().unwrap().push(record);
+                    Ok(Box::pin(async {
+                        Ok(pulse_platform::kafka::Acked {
+                            partition: 0,
+                            offset: 0,
+                        })
+                    }))
+                }
+            }
+        }
+    }
+
+    fn ingestor(producer: Arc<FakeProducer>) -> Ingestor {
+        Ingestor::new(
+            PipelineConfig {
+                events_topic: "events".into(),
+                dlq_topic: "dlq".into(),
+                limits: Limits::default(),
+                max_backpressure_wait: Duration::from_millis(20),
+            },
+            producer,
+            Arc::new(FixedSchemaId(7)),
+            PiiPolicy::parse(PiiPolicy::DEFAULT_SPEC, b"k").unwrap(),
+            DedupSet::new(1000, Duration::from_secs(60)),
+        )
+    }
+
+    fn event(id: &str) -> Incoming {
+        Incoming::json(
+            serde_json::json!({
+                "event_id": id, "schema_version": 1, "event_type": "page_view",
+                "key": { "user_id": "u1" }, "metadata": { "event_timestamp": now_ms() }
+            })
+            .to_string()
+            .into_bytes(),
+        )
+    }
+
+    async fn run(i: &Ingestor, ids: &[&str]) -> Result<BatchResult, IngestError> {
+        i.ingest(
+            "src",
+            "http",
+            ids.iter().map(|id| event(id)).collect(),
+            opentelemetry::Context::new(),
+        )
+        .await
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_answers_backpressure_and_the_retry_is_not_a_duplicate() {
+        let p = Arc::new(FakeProducer::default());
+        let i = ingestor(p.clone());
+        *p.mode.lock().unwrap() = "full";
+        assert!(matches!(
+            run(&i, &["a", "b"]).await,
+            Err(IngestError::Backpressure)
+        ));
+        assert!(
+            p.calls.load(Ordering::SeqCst) > 1,
+            "enqueue was retried while waiting for room"
+        );
+        assert_eq!(i.dedup_len(), 0, "ids of unproduced events are forgotten");
+        *p.mode.lock().unwrap() = "ok";
+        let r = run(&i, &["a", "b"]).await.unwrap();
+        assert_eq!((r.accepted, r.duplicates), (2, 0));
+    }
+
+    #[tokio::test]
+    async fn an_unacknowledged_record_fails_the_batch_and_forgets_its_id() {
+        let p = Arc::new(FakeProducer::default());
+        let i = ingestor(p.clone());
+        *p.mode.lock().unwrap() = "fail";
+        assert!(matches!(
+            run(&i, &["x"]).await,
+            Err(IngestError::Unavailable(_))
+        ));
+        *p.mode.lock().unwrap() = "ok";
+        assert_eq!(run(&i, &["x"]).await.unwrap().accepted, 1);
+        assert_eq!(run(&i, &["x"]).await.unwrap().duplicates, 1);
+    }
+
+    #[tokio::test]
+    async fn records_are_framed_keyed_and_carry_the_event_headers() {
+        let p = Arc::new(FakeProducer::default());
+        let i = ingestor(p.clone());
+        run(&i, &["h1"]).await.unwrap();
+        let sent = p.sent.lock().unwrap();
+        let rec = &sent[0];
+        assert_eq!(rec.topic, "events");
+        assert_eq!(rec.key.as_deref(), Some(&b"u1"[..]));
+        assert_eq!(
+            pulse_contracts::wire::unframe(&rec.payload)
+                .unwrap()
+                .schema_id,
+            7
+        );
+        let names: Vec<&str> = rdkafka::message::Headers::iter(&rec.headers)
+            .map(|h| h.key)
+            .collect();
+        assert!(
+            names.contains(&headers::EVENT_ID) && names.contains(&headers::INGEST_TS),
+            "{names:?}"
+        );
+    }
+}
