@@ -1,16 +1,30 @@
-//! The processor service: Event-time windowed metrics with watermarks, lateness and sessions.
-//!
-//! Status: the service skeleton — config, telemetry, admin endpoints, graceful shutdown
-//! and topic bootstrap. Its pipeline work lands with issue #5.
+//! The processor: event-time windowed metrics over `pulse.events.v1` — per-user tumbling
+//! window activity and gap-based sessions — with watermarks, allowed lateness, a late
+//! side output, and effectively-once output (deterministic versions; offsets committed
+//! only up to what open aggregates no longer need). Modules: `model` (input and settings),
+//! `watermark`, `window`, `session`, `engine` (pure logic), `run` (the Kafka loop),
+//! `metrics`.
+
+pub mod engine;
+pub mod metrics;
+pub mod model;
+pub mod run;
+pub mod session;
+pub mod watermark;
+pub mod window;
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use pulse_contracts::topics;
+use pulse_contracts::wire::RegistryEncoder;
 use pulse_platform::config::{Problems, Validate};
-use pulse_platform::kafka::KafkaConfig;
 use pulse_platform::kafka::topics::{TopicError, TopicSpec, ensure_topics};
+use pulse_platform::kafka::{KafkaConfig, KafkaConsumer, KafkaProducer};
 use pulse_platform::service::{ServiceConfig, ServiceContext};
 use pulse_platform::telemetry::TelemetryConfig;
+
+use crate::model::TimeConfig;
 
 /// Service name: metrics label, OpenTelemetry `service.name`, log field.
 pub const SERVICE: &str = "processor";
@@ -30,14 +44,139 @@ pub struct Config {
         default_value = "127.0.0.1:9102"
     )]
     pub admin_addr: SocketAddr,
+    /// Schema registry base URL (outputs are framed with their registered schema ids).
+    #[arg(
+        long = "schema-registry-url",
+        env = "PULSE_SCHEMA_REGISTRY_URL",
+        default_value = "http://127.0.0.1:8081"
+    )]
+    pub schema_registry_url: String,
+    /// Consumer group; every replica of the processor uses the same one.
+    #[arg(
+        long = "group-id",
+        env = "PULSE_PROCESSOR_GROUP_ID",
+        default_value = "pulse-processor"
+    )]
+    pub group_id: String,
+    /// Tumbling window size, ms.
+    #[arg(
+        long = "window-ms",
+        env = "PULSE_PROCESSOR_WINDOW_MS",
+        default_value_t = 60_000
+    )]
+    pub window_ms: i64,
+    /// Allowed lateness after a window's end, ms (event time, by the watermark).
+    #[arg(
+        long = "allowed-lateness-ms",
+        env = "PULSE_PROCESSOR_ALLOWED_LATENESS_MS",
+        default_value_t = 60_000
+    )]
+    pub allowed_lateness_ms: i64,
+    /// Watermark = max event time seen − this, ms.
+    #[arg(
+        long = "max-out-of-orderness-ms",
+        env = "PULSE_PROCESSOR_MAX_OUT_OF_ORDERNESS_MS",
+        default_value_t = 5_000
+    )]
+    pub max_out_of_orderness_ms: i64,
+    /// A partition silent this long (processing time) is idle and does not hold the watermark, ms.
+    #[arg(
+        long = "idle-timeout-ms",
+        env = "PULSE_PROCESSOR_IDLE_TIMEOUT_MS",
+        default_value_t = 30_000
+    )]
+    pub idle_timeout_ms: i64,
+    /// Event times beyond processing time + this never advance the watermark, ms.
+    #[arg(
+        long = "max-future-skew-ms",
+        env = "PULSE_PROCESSOR_MAX_FUTURE_SKEW_MS",
+        default_value_t = 300_000
+    )]
+    pub max_future_skew_ms: i64,
+    /// Session gap, ms.
+    #[arg(
+        long = "session-gap-ms",
+        env = "PULSE_PROCESSOR_SESSION_GAP_MS",
+        default_value_t = 1_800_000
+    )]
+    pub session_gap_ms: i64,
+    /// Interval of early (non-final) results and of offset storing, ms.
+    #[arg(
+        long = "emit-interval-ms",
+        env = "PULSE_PROCESSOR_EMIT_INTERVAL_MS",
+        default_value_t = 1_000
+    )]
+    pub emit_interval_ms: u64,
+    #[arg(long = "events-topic", env = "PULSE_EVENTS_TOPIC", default_value = topics::EVENTS)]
+    pub events_topic: String,
+    #[arg(long = "user-activity-topic", env = "PULSE_USER_ACTIVITY_TOPIC", default_value = topics::USER_ACTIVITY)]
+    pub user_activity_topic: String,
+    #[arg(long = "sessions-topic", env = "PULSE_SESSIONS_TOPIC", default_value = topics::SESSIONS)]
+    pub sessions_topic: String,
+    #[arg(long = "late-topic", env = "PULSE_LATE_TOPIC", default_value = topics::EVENTS_LATE)]
+    pub late_topic: String,
     #[command(flatten)]
     pub kafka: KafkaConfig,
     #[command(flatten)]
     pub telemetry: TelemetryConfig,
 }
 
+impl Config {
+    pub fn time(&self) -> TimeConfig {
+        TimeConfig {
+            window_ms: self.window_ms,
+            allowed_lateness_ms: self.allowed_lateness_ms,
+            max_out_of_orderness_ms: self.max_out_of_orderness_ms,
+            idle_timeout_ms: self.idle_timeout_ms,
+            max_future_skew_ms: self.max_future_skew_ms,
+            session_gap_ms: self.session_gap_ms,
+        }
+    }
+
+    pub fn topics(&self) -> run::Topics {
+        run::Topics {
+            events: self.events_topic.clone(),
+            user_activity: self.user_activity_topic.clone(),
+            sessions: self.sessions_topic.clone(),
+            late: self.late_topic.clone(),
+        }
+    }
+}
+
 impl Validate for Config {
     fn validate(&self, p: &mut Problems) {
+        p.check(
+            self.window_ms >= 1_000,
+            "--window-ms",
+            format!("must be >= 1000, got {}", self.window_ms),
+        );
+        p.check(
+            self.allowed_lateness_ms >= 0,
+            "--allowed-lateness-ms",
+            "must be >= 0",
+        );
+        p.check(
+            self.max_out_of_orderness_ms >= 0,
+            "--max-out-of-orderness-ms",
+            "must be >= 0",
+        );
+        p.check(
+            self.idle_timeout_ms >= 1,
+            "--idle-timeout-ms",
+            "must be >= 1",
+        );
+        p.check(
+            self.max_future_skew_ms >= 0,
+            "--max-future-skew-ms",
+            "must be >= 0",
+        );
+        p.check(self.session_gap_ms >= 1, "--session-gap-ms", "must be >= 1");
+        p.check(
+            self.emit_interval_ms >= 10,
+            "--emit-interval-ms",
+            "must be >= 10",
+        );
+        p.check(!self.group_id.is_empty(), "--group-id", "must not be empty");
         self.kafka.validate(p);
         self.telemetry.validate(p);
     }
@@ -57,21 +196,48 @@ impl ServiceConfig for Config {
 pub enum Error {
     #[error("creating topics: {0}")]
     Topics(#[from] TopicError),
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("{0}")]
+    Run(#[from] run::RunError),
+}
+
+/// Builds the processor loop for `config` (used by `run` and by tests).
+pub async fn build(config: &Config) -> Result<run::Processor, Error> {
+    let partitions = config.kafka.partitions;
+    let specs: Vec<TopicSpec> = [
+        &config.events_topic,
+        &config.user_activity_topic,
+        &config.sessions_topic,
+        &config.late_topic,
+    ]
+    .iter()
+    .map(|t| TopicSpec::new(t.as_str(), partitions))
+    .collect();
+    ensure_topics(&config.kafka, &specs).await?;
+    let (consumer, rebalances) = KafkaConsumer::new(
+        &config.kafka,
+        "pulse-processor",
+        &config.group_id,
+        &[&config.events_topic],
+    )?;
+    Ok(run::Processor {
+        engine: engine::Engine::new(config.time()),
+        consumer,
+        rebalances,
+        producer: KafkaProducer::new(&config.kafka, "pulse-processor")?,
+        encoder: RegistryEncoder::new(&config.schema_registry_url),
+        topics: config.topics(),
+        tick: Duration::from_millis(config.emit_interval_ms),
+    })
 }
 
 /// Runs the service until shutdown.
 pub async fn run(config: Config, ctx: ServiceContext) -> Result<(), Error> {
-    let specs = [topics::USER_ACTIVITY, topics::SESSIONS, topics::EVENTS_LATE]
-        .iter()
-        .map(|t| TopicSpec::new(*t, config.kafka.partitions))
-        .collect::<Vec<_>>();
-    ensure_topics(&config.kafka, &specs).await?;
+    crate::metrics::describe();
+    let processor = build(&config).await?;
     ctx.health.set_ready(true);
-    tracing::warn!(
-        service = SERVICE,
-        "skeleton build: only the admin endpoints are served (see issue #5)"
-    );
-    ctx.shutdown.cancelled().await;
-    drop(config);
+    let stop = ctx.shutdown.child_token();
+    processor.run(stop).await?;
     Ok(())
 }

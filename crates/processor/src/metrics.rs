@@ -1,0 +1,42 @@
+//! The processor's metrics (Kafka consumer/producer metrics come from `platform::kafka`).
+
+use metrics::{describe_counter, describe_gauge, describe_histogram};
+
+pub const EVENTS_TOTAL: &str = "pulse_processor_events_total";
+pub const OUTPUTS_TOTAL: &str = "pulse_processor_outputs_total";
+pub const WATERMARK_MS: &str = "pulse_processor_watermark_ms";
+pub const WATERMARK_LAG_SECONDS: &str = "pulse_processor_watermark_lag_seconds";
+pub const OPEN_WINDOWS: &str = "pulse_processor_open_windows";
+pub const OPEN_SESSIONS: &str = "pulse_processor_open_sessions";
+pub const EMIT_SECONDS: &str = "pulse_processor_emit_seconds";
+pub const LAST_EVENT_TIME_MS: &str = "pulse_processor_last_event_time_ms";
+
+pub fn describe() {
+    describe_counter!(
+        EVENTS_TOTAL,
+        "Input records by outcome: added, duplicate, late, future (added but not moving the watermark), undecodable."
+    );
+    describe_counter!(
+        OUTPUTS_TOTAL,
+        "Aggregates produced, by kind (activity, session) and final (true, false)."
+    );
+    describe_gauge!(
+        WATERMARK_MS,
+        "The processor's event-time watermark, epoch ms."
+    );
+    describe_gauge!(
+        WATERMARK_LAG_SECONDS,
+        "Processing time minus the watermark."
+    );
+    describe_gauge!(OPEN_WINDOWS, "Open per-user tumbling windows.");
+    describe_gauge!(OPEN_SESSIONS, "Open sessions.");
+    describe_histogram!(
+        EMIT_SECONDS,
+        metrics::Unit::Seconds,
+        "Time to produce a tick's outputs and have them acknowledged."
+    );
+    describe_gauge!(
+        LAST_EVENT_TIME_MS,
+        "Latest event time folded in, epoch ms (freshness)."
+    );
+}

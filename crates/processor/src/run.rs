@@ -1,0 +1,321 @@
+//! The processor's Kafka loop: consume `pulse.events.v1` in a consumer group, feed the
+//! engine, send too-late events to the late topic, and on every tick produce the due
+//! aggregates, wait for their acknowledgements, and only then store each partition's
+//! resume offset (so a crash or rebalance rebuilds open aggregates from the log).
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use prost::Message as _;
+use pulse_contracts::pb::events::v1::Event;
+use pulse_contracts::wire::{self, RegistryEncoder};
+use pulse_contracts::{headers, schemas, trace_context};
+use pulse_platform::kafka::{AckFuture, KafkaConsumer, KafkaProducer, OutRecord, RebalanceEvent};
+use rdkafka::Message;
+use rdkafka::message::{BorrowedMessage, Headers, OwnedHeaders};
+use tokio_util::sync::CancellationToken;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use crate::engine::{Engine, Outcome, Outputs};
+use crate::metrics as m;
+use crate::model::InputEvent;
+
+/// Topics the loop reads and writes.
+#[derive(Debug, Clone)]
+pub struct Topics {
+    pub events: String,
+    pub user_activity: String,
+    pub sessions: String,
+    pub late: String,
+}
+
+/// Why the loop stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error(
+        "producing outputs failed (the offsets were not committed; a restart re-emits them): {0}"
+    )]
+    Produce(String),
+}
+
+/// How long an output may wait for room in a full producer queue (backpressure slows the
+/// loop; it never drops an output).
+const OUTPUT_QUEUE_WAIT: Duration = Duration::from_secs(60);
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Decodes a record of the events topic. None when it is not a framed Pulse event.
+pub fn decode(msg: &BorrowedMessage<'_>) -> Option<InputEvent> {
+    let framed = wire::unframe(msg.payload()?).ok()?;
+    let e = Event::decode(framed.payload).ok()?;
+    let key = e.key.as_ref()?;
+    let payload = e.payload.clone().unwrap_or_default();
+    let ingest_ms = msg
+        .headers()
+        .and_then(headers::ingest_ts_ms)
+        .or_else(|| e.ingest.as_ref().map(|i| i.ingest_timestamp_ms))
+        .unwrap_or(0);
+    Some(InputEvent {
+        partition: msg.partition(),
+        offset: msg.offset(),
+        event_id: e.event_id.clone(),
+        user_id: key.user_id.clone(),
+        event_type: e.event_type.clone(),
+        page: payload.page,
+        currency: payload.currency,
+        amount_micros: payload.amount_micros,
+        event_time_ms: e
+            .metadata
+            .as_ref()
+            .map(|md| md.event_timestamp_ms)
+            .unwrap_or(0),
+        ingest_ms,
+    })
+}
+
+/// The processor loop.
+pub struct Processor {
+    pub engine: Engine,
+    pub consumer: KafkaConsumer,
+    pub rebalances: tokio::sync::mpsc::UnboundedReceiver<RebalanceEvent>,
+    pub producer: KafkaProducer,
+    pub encoder: RegistryEncoder,
+    pub topics: Topics,
+    pub tick: Duration,
+}
+
+impl std::fmt::Debug for Processor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Processor")
+            .field("topics", &self.topics)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Processor {
+    /// Runs until `stop` is cancelled; then emits, flushes and commits what is durable.
+    pub async fn run(mut self, stop: CancellationToken) -> Result<(), RunError> {
+        let mut assigned: HashSet<i32> = HashSet::new();
+        let mut pending: Vec<AckFuture> = Vec::new();
+        let consumer = self.consumer.clone();
+        let mut ticker = tokio::time::interval(self.tick);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                Some(ev) = self.rebalances.recv() => self.on_rebalance(ev, &mut assigned),
+                _ = ticker.tick() => {
+                    self.flush(&mut pending, &assigned, true).await?;
+                }
+                msg = consumer.recv() => {
+                    let msg = match msg {
+                        Ok(m) => m,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "consume failed");
+                            continue;
+                        }
+                    };
+                    if let Some(ack) = self.on_record(&msg).await? {
+                        pending.push(ack);
+                    }
+                }
+            }
+        }
+        // Shutdown: everything due is produced and acknowledged before the last commit.
+        while let Ok(ev) = self.rebalances.try_recv() {
+            self.on_rebalance(ev, &mut assigned);
+        }
+        self.flush(&mut pending, &assigned, true).await?;
+        self.consumer.commit_now()?;
+        Ok(())
+    }
+
+    fn on_rebalance(&mut self, ev: RebalanceEvent, assigned: &mut HashSet<i32>) {
+        match ev {
+            RebalanceEvent::Assigned(parts) => {
+                for (topic, p) in parts {
+                    if topic == self.topics.events {
+                        self.engine.assign(p, now_ms());
+                        assigned.insert(p);
+                    }
+                }
+            }
+            RebalanceEvent::Revoked(parts) => {
+                for (topic, p) in parts {
+                    if topic == self.topics.events {
+                        self.engine.revoke(p);
+                        assigned.remove(&p);
+                    }
+                }
+            }
+            RebalanceEvent::Error(_) => {}
+        }
+    }
+
+    async fn on_record(
+        &mut self,
+        msg: &BorrowedMessage<'_>,
+    ) -> Result<Option<AckFuture>, RunError> {
+        let parent = trace_context::extract(msg.headers());
+        let span = tracing::info_span!(
+            "processor.event",
+            partition = msg.partition(),
+            offset = msg.offset()
+        );
+        let _ = span.set_parent(parent);
+        let now = now_ms();
+        let Some(event) = decode(msg) else {
+            metrics::counter!(m::EVENTS_TOTAL, "outcome" => "undecodable").increment(1);
+            tracing::warn!(
+                offset = msg.offset(),
+                partition = msg.partition(),
+                "skipping a record that is not a framed Pulse event"
+            );
+            self.engine.skip(msg.partition(), msg.offset(), now);
+            return Ok(None);
+        };
+        match self.engine.process(&event, now) {
+            Outcome::Added { future } => {
+                metrics::counter!(m::EVENTS_TOTAL, "outcome" => if future { "future" } else { "added" }).increment(1);
+                metrics::gauge!(m::LAST_EVENT_TIME_MS).set(event.event_time_ms as f64);
+                Ok(None)
+            }
+            Outcome::Duplicate => {
+                metrics::counter!(m::EVENTS_TOTAL, "outcome" => "duplicate").increment(1);
+                Ok(None)
+            }
+            Outcome::Late { reason } => {
+                metrics::counter!(m::EVENTS_TOTAL, "outcome" => "late").increment(1);
+                let mut h = OwnedHeaders::new();
+                if let Some(orig) = msg.headers() {
+                    for header in orig.iter() {
+                        if let Some(v) = header.value {
+                            h = h.insert(rdkafka::message::Header {
+                                key: header.key,
+                                value: Some(v),
+                            });
+                        }
+                    }
+                }
+                h = headers::with_str(h, headers::ERROR_CODE, "late_event");
+                h = headers::with_str(h, headers::ERROR_DETAIL, &reason);
+                let rec = OutRecord::new(
+                    &self.topics.late,
+                    Some(event.user_id.into_bytes()),
+                    msg.payload().unwrap_or_default().to_vec(),
+                )
+                .with_headers(h);
+                span.in_scope(|| tracing::debug!(reason, "late event to the late topic"));
+                self.producer
+                    .enqueue_with_wait(rec, OUTPUT_QUEUE_WAIT)
+                    .await
+                    .map(Some)
+                    .map_err(|e| RunError::Produce(e.to_string()))
+            }
+        }
+    }
+
+    /// Produces the due outputs, waits for every acknowledgement (late records too), then
+    /// stores each assigned partition's resume offset.
+    async fn flush(
+        &mut self,
+        pending: &mut Vec<AckFuture>,
+        assigned: &HashSet<i32>,
+        early: bool,
+    ) -> Result<(), RunError> {
+        let started = Instant::now();
+        let now = now_ms();
+        let outputs = self.engine.emit(now, early);
+        let span = tracing::info_span!(
+            "processor.emit",
+            activity = outputs.activity.len(),
+            sessions = outputs.sessions.len()
+        );
+        let cx = span.context();
+        let trace_headers = trace_context::inject(&cx, OwnedHeaders::new());
+        self.produce_outputs(outputs, &trace_headers, pending)
+            .await?;
+        for ack in pending.drain(..) {
+            ack.await.map_err(|e| RunError::Produce(e.to_string()))?;
+        }
+        for p in assigned {
+            if let Some(resume) = self.engine.resume_offset(*p)
+                && resume > 0
+            {
+                self.consumer
+                    .mark_durable(&self.topics.events, *p, resume - 1)?;
+            }
+        }
+        if let Some(wm) = self.engine.watermark() {
+            metrics::gauge!(m::WATERMARK_MS).set(wm as f64);
+            metrics::gauge!(m::WATERMARK_LAG_SECONDS).set((now - wm) as f64 / 1000.0);
+        }
+        metrics::gauge!(m::OPEN_WINDOWS).set(self.engine.open_windows() as f64);
+        metrics::gauge!(m::OPEN_SESSIONS).set(self.engine.open_sessions() as f64);
+        metrics::histogram!(m::EMIT_SECONDS).record(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    async fn produce_outputs(
+        &self,
+        outputs: Outputs,
+        trace: &OwnedHeaders,
+        pending: &mut Vec<AckFuture>,
+    ) -> Result<(), RunError> {
+        for a in outputs.activity {
+            let key = format!("{}|{}", a.user_id, a.window_start_ms);
+            let fin = if a.r#final { "true" } else { "false" };
+            let value = self
+                .encoder
+                .encode(
+                    &self.topics.user_activity,
+                    schemas::USER_WINDOW_ACTIVITY.full_name,
+                    &a.encode_to_vec(),
+                )
+                .await
+                .map_err(|e| RunError::Produce(e.to_string()))?;
+            let rec = OutRecord::new(&self.topics.user_activity, Some(key.into_bytes()), value)
+                .with_headers(trace.clone());
+            pending.push(
+                self.producer
+                    .enqueue_with_wait(rec, OUTPUT_QUEUE_WAIT)
+                    .await
+                    .map_err(|e| RunError::Produce(e.to_string()))?,
+            );
+            metrics::counter!(m::OUTPUTS_TOTAL, "kind" => "activity", "final" => fin).increment(1);
+        }
+        for s in outputs.sessions {
+            let fin = if s.r#final { "true" } else { "false" };
+            let value = self
+                .encoder
+                .encode(
+                    &self.topics.sessions,
+                    schemas::SESSION.full_name,
+                    &s.encode_to_vec(),
+                )
+                .await
+                .map_err(|e| RunError::Produce(e.to_string()))?;
+            let rec = OutRecord::new(
+                &self.topics.sessions,
+                Some(s.session_id.clone().into_bytes()),
+                value,
+            )
+            .with_headers(trace.clone());
+            pending.push(
+                self.producer
+                    .enqueue_with_wait(rec, OUTPUT_QUEUE_WAIT)
+                    .await
+                    .map_err(|e| RunError::Produce(e.to_string()))?,
+            );
+            metrics::counter!(m::OUTPUTS_TOTAL, "kind" => "session", "final" => fin).increment(1);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Benchmarks against a throwaway broker:
+#   scripts/bench.sh ingest [bench-ingest args]
+# installs missing dependencies, starts Tansu on a free port in a temporary folder, builds
+# and runs the release `bench-ingest` binary (HTTP and gRPC ingest vs a raw rdkafka
+# producer; see tests/src/bin/bench_ingest.rs and `--help`), then stops the broker.
+# PULSE_BENCH_KEEP=1 keeps the temporary folder (broker log and data).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/stack.sh
+
+usage() { echo "usage: scripts/bench.sh ingest [--duration-secs N] [--batch N] [--concurrency N] [--warmup-secs N]" >&2; exit 2; }
+[ $# -ge 1 ] || usage
+what=$1; shift
+[ "$what" = ingest ] || usage
+
+bash scripts/install-deps.sh
+
+STATE=$(mktemp -d "${TMPDIR:-/tmp}/pulse-bench.XXXXXX")
+cleanup() {
+  local rc=$?
+  stack_stop "$STATE" kafka
+  if [ "$rc" -ne 0 ] || [ "${PULSE_BENCH_KEEP:-0}" = 1 ]; then
+    log "state and broker log kept in $STATE"
+  else
+    rm -rf "$STATE"
+  fi
+  exit "$rc"
+}
+trap cleanup EXIT INT TERM
+
+log "building bench-ingest (release)"
+cargo build --release --quiet -p pulse-tests --bin bench-ingest
+
+KAFKA_PORT=$(free_port)
+log "starting Tansu in $STATE"
+start_kafka "$STATE" "$KAFKA_PORT"
+
+log "running bench-ingest against 127.0.0.1:$KAFKA_PORT"
+"$CARGO_TARGET_DIR/release/bench-ingest" --brokers "127.0.0.1:$KAFKA_PORT" "$@"
+
+log "figures: the table above (events/s, request latency p50/p99 per phase); progress lines went to stderr"
+log "vs raw = phase events/s ÷ mean of the raw rdkafka producer's first and last runs (same records, broker and topic); goal >= 0.8"

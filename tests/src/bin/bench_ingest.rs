@@ -1,0 +1,720 @@
+//! Ingest throughput benchmark: drives the HTTP and gRPC paths of an in-process ingest
+//! with batches and compares the events/s with a raw rdkafka producer that sends the same
+//! records (protobuf, framed, keyed, with ingest's headers) to the same broker and topic in
+//! the same run. The raw baseline runs first and last; the mean of the two is the baseline
+//! (the ratio's goal is >= 0.8). Each request's latency gives p50/p99.
+//!
+//! Every phase uses `--concurrency` tasks that each send one batch of `--batch` events and
+//! wait for its answer (for raw: every broker acknowledgement) before sending the next, so
+//! the raw producer sees the same request shape as ingest's producer. Event ids are unique
+//! across all phases, so nothing is deduplicated.
+//!
+//! Run it with `scripts/bench.sh ingest`, which starts a broker; this binary only needs
+//! `--brokers`. It is a measurement, not a test: it exits 0 whatever the ratio.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context as _, Result, bail};
+use clap::Parser;
+use prost::Message as _;
+use pulse_contracts::headers;
+use pulse_contracts::pb::events::v1 as ev;
+use pulse_contracts::pb::ingest::v1::SendEventsRequest;
+use pulse_contracts::pb::ingest::v1::ingest_service_client::IngestServiceClient;
+use pulse_ingest::pii::PiiPolicy;
+use pulse_ingest::pipeline::{FixedSchemaId, Framer};
+use pulse_platform::kafka::{KafkaProducer, OutRecord, RecordProducer, TopicSpec, ensure_topics};
+use rdkafka::message::OwnedHeaders;
+use serde_json::{Value, json};
+use tonic::transport::Channel;
+
+const API_KEY: &str = "bench-key";
+const SOURCE: &str = "bench";
+const HMAC_KEY: &str = "bench";
+const SCHEMA_ID: u32 = 1;
+/// Distinct batch templates per transport (event ids are patched in per request).
+const TEMPLATES: usize = 16;
+const USERS: usize = 20;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "bench-ingest",
+    about = "Ingest HTTP/gRPC events/s and latency beside a raw rdkafka producer."
+)]
+struct Args {
+    /// Bootstrap brokers (host:port,…) of the broker to measure against.
+    #[arg(long, env = "PULSE_BENCH_KAFKA_BROKERS")]
+    brokers: String,
+    /// Measured seconds per phase.
+    #[arg(long, default_value_t = 10)]
+    duration_secs: u64,
+    /// Events per request (and per raw batch).
+    #[arg(long, default_value_t = 100)]
+    batch: usize,
+    /// Concurrent senders per phase.
+    #[arg(long, default_value_t = 8)]
+    concurrency: usize,
+    /// Unmeasured seconds before each phase's window.
+    #[arg(long, default_value_t = 2)]
+    warmup_secs: u64,
+    /// Producer linger of both ingest's producer and the raw one.
+    #[arg(long, default_value_t = 5)]
+    linger_ms: u32,
+    /// Partitions of the benchmark's topics.
+    #[arg(long, default_value_t = 3)]
+    partitions: i32,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or_default()
+}
+
+/// Bytes with fixed-width event ids at known offsets, so a template is rendered with
+/// fresh ids by copying it and overwriting the ids (no re-serialisation per request).
+#[derive(Debug, Clone)]
+struct Patchable {
+    bytes: Vec<u8>,
+    offsets: Vec<usize>,
+}
+
+impl Patchable {
+    /// `bytes` must contain each of `placeholders` exactly once.
+    fn new(bytes: Vec<u8>, placeholders: &[String]) -> Result<Self> {
+        let mut offsets = Vec::with_capacity(placeholders.len());
+        for p in placeholders {
+            let p = p.as_bytes();
+            let mut hits = bytes
+                .windows(p.len())
+                .enumerate()
+                .filter(|(_, w)| *w == p)
+                .map(|(i, _)| i);
+            match (hits.next(), hits.next()) {
+                (Some(i), None) => offsets.push(i),
+                _ => bail!(
+                    "placeholder {} is not in the template exactly once",
+                    String::from_utf8_lossy(p)
+                ),
+            }
+        }
+        Ok(Self { bytes, offsets })
+    }
+
+    fn render(&self, ids: &[String]) -> Vec<u8> {
+        let mut out = self.bytes.clone();
+        for (off, id) in self.offsets.iter().zip(ids) {
+            out[*off..*off + id.len()].copy_from_slice(id.as_bytes());
+        }
+        out
+    }
+}
+
+/// Unique, fixed-width event ids for the whole run.
+#[derive(Debug)]
+struct Ids {
+    run: u32,
+    next: AtomicU64,
+}
+
+impl Ids {
+    fn id(run: u32, n: u64) -> String {
+        format!("bench-{run:08x}-{n:012}")
+    }
+
+    fn placeholder(n: u64) -> String {
+        // Same width as `id`.
+        format!("tmplt-ffffffff-{n:012}")
+    }
+
+    fn take(&self, count: usize) -> Vec<String> {
+        let start = self.next.fetch_add(count as u64, Ordering::Relaxed);
+        (start..start + count as u64)
+            .map(|n| Self::id(self.run, n))
+            .collect()
+    }
+}
+
+/// One record of the raw baseline: what ingest would produce for the same event.
+#[derive(Debug, Clone)]
+struct RawRecord {
+    key: Vec<u8>,
+    value: Patchable,
+}
+
+/// The same logical events in the three forms the phases send.
+#[derive(Debug)]
+struct Templates {
+    json: Vec<Patchable>,
+    pb: Vec<Vec<ev::Event>>,
+    raw: Vec<Vec<RawRecord>>,
+}
+
+/// A small deterministic generator (no need for cryptographic randomness).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+
+    fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
+        items[(self.next() % items.len() as u64) as usize]
+    }
+}
+
+/// A realistic event as clients send it: ~75 % page views, the rest purchases.
+fn json_event(rng: &mut Rng, id: &str, ts: i64) -> Value {
+    let user = format!("user-{:02}", rng.next() % USERS as u64);
+    let session = format!("s-{user}-{}", rng.next() % 4);
+    let ip = format!("203.0.113.{}", rng.next() % 250 + 1);
+    let plan = rng.pick(&["free", "pro", "team"]);
+    if rng.next().is_multiple_of(4) {
+        let amount = format!("{}.{:02}", rng.next() % 500 + 1, rng.next() % 100);
+        json!({
+            "event_id": id,
+            "schema_version": 1,
+            "event_type": "purchase",
+            "key": { "user_id": user, "session_id": session },
+            "payload": {
+                "page": "/checkout",
+                "currency": rng.pick(&["EUR", "USD", "GBP"]),
+                "amount": amount,
+                "properties": { "ip": ip, "plan": plan }
+            },
+            "metadata": { "event_timestamp": ts, "source": "web" }
+        })
+    } else {
+        json!({
+            "event_id": id,
+            "schema_version": 1,
+            "event_type": "page_view",
+            "key": { "user_id": user, "session_id": session },
+            "payload": {
+                "page": rng.pick(&["/", "/pricing", "/docs/getting-started", "/blog/launch", "/cart"]),
+                "referrer": rng.pick(&["https://www.example.com/", "https://search.example.org/?q=pulse", ""]),
+                "properties": { "ip": ip, "plan": plan }
+            },
+            "metadata": { "event_timestamp": ts, "source": "web" }
+        })
+    }
+}
+
+impl Templates {
+    /// Builds `TEMPLATES` batches of `batch` events. The protobuf forms come from ingest's
+    /// own validation, so HTTP, gRPC and raw carry the same events; the raw records are
+    /// additionally enriched and PII-filtered as ingest does before producing.
+    fn build(batch: usize) -> Result<Self> {
+        let limits = pulse_ingest::validate::Limits::default();
+        let pii = PiiPolicy::parse(PiiPolicy::DEFAULT_SPEC, HMAC_KEY.as_bytes())
+            .map_err(anyhow::Error::msg)?;
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let ts = now_ms();
+        let mut out = Self {
+            json: Vec::new(),
+            pb: Vec::new(),
+            raw: Vec::new(),
+        };
+        let mut n = 0u64;
+        for _ in 0..TEMPLATES {
+            let mut placeholders = Vec::with_capacity(batch);
+            let mut events = Vec::with_capacity(batch);
+            let mut pbs = Vec::with_capacity(batch);
+            let mut raws = Vec::with_capacity(batch);
+            for _ in 0..batch {
+                let ph = Ids::placeholder(n);
+                n += 1;
+                let event = json_event(&mut rng, &ph, ts);
+                let bytes = serde_json::to_vec(&event)?;
+                let mut pb = pulse_ingest::validate::validate(&bytes, ts, &limits)
+                    .map_err(|e| anyhow::anyhow!("generated event is invalid: {e}"))?;
+                pbs.push(pb.clone());
+                pb.ingest = Some(ev::IngestInfo {
+                    ingest_timestamp_ms: ts,
+                    ingest_source: SOURCE.into(),
+                    protocol: "http".into(),
+                });
+                pii.apply(&mut pb);
+                let key = pb
+                    .key
+                    .as_ref()
+                    .map(|k| k.user_id.as_bytes().to_vec())
+                    .unwrap_or_default();
+                let value = pulse_contracts::wire::frame(SCHEMA_ID, &[0], &pb.encode_to_vec());
+                raws.push(RawRecord {
+                    key,
+                    value: Patchable::new(value, std::slice::from_ref(&ph))?,
+                });
+                events.push(event);
+                placeholders.push(ph);
+            }
+            out.json.push(Patchable::new(
+                serde_json::to_vec(&Value::Array(events))?,
+                &placeholders,
+            )?);
+            out.pb.push(pbs);
+            out.raw.push(raws);
+        }
+        Ok(out)
+    }
+}
+
+/// A W3C traceparent, fresh per request (ingest copies the caller's onto each record).
+fn traceparent(seq: u64) -> String {
+    format!(
+        "00-{}-{:016x}-01",
+        uuid::Uuid::new_v4().simple(),
+        seq | 1 << 63
+    )
+}
+
+/// What a phase sends to.
+enum Target {
+    Raw {
+        producer: KafkaProducer,
+        topic: String,
+    },
+    Http {
+        client: reqwest::Client,
+        url: String,
+    },
+    Grpc {
+        clients: Vec<IngestServiceClient<Channel>>,
+    },
+}
+
+/// One request's outcome: events accepted, or why it failed.
+type Outcome = std::result::Result<u64, String>;
+
+impl Target {
+    async fn send(&self, t: &Templates, worker: usize, seq: u64, ids: &Ids) -> Outcome {
+        let tmpl = (seq as usize) % TEMPLATES;
+        let tp = traceparent(seq);
+        match self {
+            Target::Raw { producer, topic } => {
+                let records = &t.raw[tmpl];
+                let ids = ids.take(records.len());
+                let now = now_ms().to_string();
+                let mut pending = Vec::with_capacity(records.len());
+                let mut failure = None;
+                for (r, id) in records.iter().zip(&ids) {
+                    let mut h = headers::with_str(OwnedHeaders::new(), headers::TRACEPARENT, &tp);
+                    h = headers::with_str(h, headers::EVENT_ID, id);
+                    h = headers::with_str(h, headers::INGEST_TS, &now);
+                    let rec = OutRecord::new(
+                        topic.as_str(),
+                        Some(r.key.clone()),
+                        r.value.render(std::slice::from_ref(id)),
+                    )
+                    .with_headers(h);
+                    match enqueue(producer, rec).await {
+                        Ok(ack) => pending.push(ack),
+                        Err(e) => {
+                            failure = Some(e);
+                            break;
+                        }
+                    }
+                }
+                let mut acked = 0;
+                for ack in pending {
+                    match ack.await {
+                        Ok(_) => acked += 1,
+                        Err(e) => failure = failure.or(Some(e.to_string())),
+                    }
+                }
+                match failure {
+                    Some(e) => Err(format!("raw produce: {e}")),
+                    None => Ok(acked),
+                }
+            }
+            Target::Http { client, url } => {
+                let body_t = &t.json[tmpl];
+                let n = body_t.offsets.len();
+                let body = body_t.render(&ids.take(n));
+                let resp = client
+                    .post(url)
+                    .header("content-type", "application/json")
+                    .header("x-api-key", API_KEY)
+                    .header("traceparent", &tp)
+                    .body(body)
+                    .send()
+                    .await
+                    .map_err(|e| format!("http: {e}"))?;
+                let status = resp.status();
+                let text = resp.text().await.map_err(|e| format!("http body: {e}"))?;
+                if status != reqwest::StatusCode::OK {
+                    return Err(format!("http {status}: {}", truncate(&text)));
+                }
+                let v: Value =
+                    serde_json::from_str(&text).map_err(|e| format!("http response: {e}"))?;
+                let accepted = v["accepted"].as_u64().unwrap_or(0);
+                if accepted != n as u64 {
+                    return Err(format!(
+                        "http 200 but {accepted} of {n} accepted: {}",
+                        truncate(&text)
+                    ));
+                }
+                Ok(accepted)
+            }
+            Target::Grpc { clients } => {
+                let events = &t.pb[tmpl];
+                let n = events.len();
+                let events = events
+                    .iter()
+                    .zip(ids.take(n))
+                    .map(|(e, id)| ev::Event {
+                        event_id: id,
+                        ..e.clone()
+                    })
+                    .collect();
+                let mut req = tonic::Request::new(SendEventsRequest { events });
+                let md = req.metadata_mut();
+                md.insert(
+                    "x-api-key",
+                    tonic::metadata::MetadataValue::from_static(API_KEY),
+                );
+                if let Ok(v) = tp.parse() {
+                    md.insert("traceparent", v);
+                }
+                let mut client = clients[worker % clients.len()].clone();
+                let resp = client
+                    .send_events(req)
+                    .await
+                    .map_err(|s| format!("grpc {:?}: {}", s.code(), truncate(s.message())))?
+                    .into_inner();
+                if resp.accepted as usize != n {
+                    return Err(format!(
+                        "grpc ok but {} of {n} accepted ({} duplicates, {} rejected)",
+                        resp.accepted, resp.duplicates, resp.rejected
+                    ));
+                }
+                Ok(u64::from(resp.accepted))
+            }
+        }
+    }
+}
+
+/// Queues a record like ingest does: waits up to 100 ms for room in a full queue.
+async fn enqueue(
+    producer: &KafkaProducer,
+    rec: OutRecord,
+) -> std::result::Result<pulse_platform::kafka::AckFuture, String> {
+    let deadline = Instant::now() + Duration::from_millis(100);
+    let mut pause = Duration::from_millis(1);
+    loop {
+        match producer.enqueue(rec.clone()) {
+            Ok(ack) => return Ok(ack),
+            Err(pulse_platform::kafka::ProduceError::QueueFull) if Instant::now() < deadline => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(50));
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+fn truncate(s: &str) -> String {
+    s.chars().take(300).collect()
+}
+
+#[derive(Debug)]
+struct PhaseStats {
+    name: &'static str,
+    events: u64,
+    requests: u64,
+    errors: u64,
+    error_samples: Vec<String>,
+    elapsed: Duration,
+    latencies: Vec<Duration>,
+}
+
+impl PhaseStats {
+    fn rate(&self) -> f64 {
+        let secs = self.elapsed.as_secs_f64();
+        if secs > 0.0 {
+            self.events as f64 / secs
+        } else {
+            0.0
+        }
+    }
+
+    /// Nearest-rank percentile in ms.
+    fn percentile_ms(&self, q: f64) -> f64 {
+        if self.latencies.is_empty() {
+            return f64::NAN;
+        }
+        let rank =
+            ((q * self.latencies.len() as f64).ceil() as usize).clamp(1, self.latencies.len());
+        self.latencies[rank - 1].as_secs_f64() * 1e3
+    }
+}
+
+#[derive(Default)]
+struct WorkerStats {
+    events: u64,
+    requests: u64,
+    errors: u64,
+    error_samples: Vec<String>,
+    latencies: Vec<Duration>,
+    last_done: Option<Instant>,
+}
+
+/// Runs one phase: warmup, then the measured window. A request counts when it started
+/// inside the window; the window ends when the last counted request completed.
+async fn run_phase(
+    name: &'static str,
+    target: Arc<Target>,
+    templates: Arc<Templates>,
+    ids: Arc<Ids>,
+    args: &Args,
+) -> Result<PhaseStats> {
+    let start = Instant::now();
+    let measure_from = start + Duration::from_secs(args.warmup_secs);
+    let end = measure_from + Duration::from_secs(args.duration_secs);
+    let seq = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::with_capacity(args.concurrency);
+    for worker in 0..args.concurrency {
+        let (target, templates, ids, seq) =
+            (target.clone(), templates.clone(), ids.clone(), seq.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut s = WorkerStats::default();
+            loop {
+                let began = Instant::now();
+                if began >= end {
+                    break;
+                }
+                let n = seq.fetch_add(1, Ordering::Relaxed);
+                let outcome = target.send(&templates, worker, n, &ids).await;
+                let done = Instant::now();
+                if began < measure_from {
+                    if let Err(e) = outcome {
+                        // Warmup errors are reported but not counted.
+                        if s.error_samples.len() < 3 {
+                            s.error_samples.push(format!("(warmup) {e}"));
+                        }
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    continue;
+                }
+                s.requests += 1;
+                s.last_done = Some(done);
+                match outcome {
+                    Ok(n) => {
+                        s.events += n;
+                        s.latencies.push(done - began);
+                    }
+                    Err(e) => {
+                        s.errors += 1;
+                        if s.error_samples.len() < 3 {
+                            s.error_samples.push(e);
+                        }
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            }
+            s
+        }));
+    }
+    let mut stats = PhaseStats {
+        name,
+        events: 0,
+        requests: 0,
+        errors: 0,
+        error_samples: Vec::new(),
+        elapsed: Duration::ZERO,
+        latencies: Vec::new(),
+    };
+    let mut last_done = end;
+    for t in tasks {
+        let s = t
+            .await
+            .with_context(|| format!("{name}: a sender task failed"))?;
+        stats.events += s.events;
+        stats.requests += s.requests;
+        stats.errors += s.errors;
+        stats.error_samples.extend(s.error_samples);
+        stats.latencies.extend(s.latencies);
+        if let Some(d) = s.last_done {
+            last_done = last_done.max(d);
+        }
+    }
+    stats.elapsed = last_done.saturating_duration_since(measure_from);
+    stats.latencies.sort_unstable();
+    eprintln!(
+        "[bench] {name:<11} {:>9.0} events/s  ({} events, {} requests, {} errors in {:.2} s)",
+        stats.rate(),
+        stats.events,
+        stats.requests,
+        stats.errors,
+        stats.elapsed.as_secs_f64()
+    );
+    for e in &stats.error_samples {
+        eprintln!("[bench]   error: {e}");
+    }
+    Ok(stats)
+}
+
+fn ingest_config(args: &Args, events: &str, dlq: &str) -> pulse_ingest::Config {
+    let max_batch = args.batch.max(1000).to_string();
+    pulse_ingest::Config::parse_from([
+        "pulse-ingest",
+        "--api-keys",
+        &format!("{API_KEY}={SOURCE}"),
+        "--pii-hmac-key",
+        HMAC_KEY,
+        "--rate-limit",
+        "0",
+        "--dedup-capacity",
+        "100000000",
+        "--max-batch-events",
+        &max_batch,
+        "--max-body-bytes",
+        &(64 * 1024 * 1024).to_string(),
+        "--max-decompressed-bytes",
+        &(64 * 1024 * 1024).to_string(),
+        "--kafka-brokers",
+        &args.brokers,
+        "--kafka-partitions",
+        &args.partitions.to_string(),
+        "--kafka-linger-ms",
+        &args.linger_ms.to_string(),
+        "--events-topic",
+        events,
+        "--dlq-topic",
+        dlq,
+    ])
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    if args.batch == 0 || args.concurrency == 0 || args.duration_secs == 0 {
+        bail!("--batch, --concurrency and --duration-secs must be >= 1");
+    }
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let events_topic = format!("bench.events.{run}");
+    let dlq_topic = format!("bench.dlq.{run}");
+    let cfg = ingest_config(&args, &events_topic, &dlq_topic);
+    ensure_topics(
+        &cfg.kafka,
+        &[
+            TopicSpec::new(&events_topic, args.partitions),
+            TopicSpec::new(&dlq_topic, args.partitions),
+        ],
+    )
+    .await
+    .context("creating the benchmark topics")?;
+
+    let ingest_producer = Arc::new(
+        KafkaProducer::new(&cfg.kafka, "pulse-ingest").context("creating ingest's producer")?,
+    );
+    let framer: Arc<dyn Framer> = Arc::new(FixedSchemaId(SCHEMA_ID));
+    let bind = || tokio::net::TcpListener::bind("127.0.0.1:0");
+    let servers = pulse_ingest::serve(
+        &cfg,
+        ingest_producer.clone(),
+        framer,
+        bind().await.context("binding HTTP")?,
+        bind().await.context("binding gRPC")?,
+    )
+    .await
+    .context("starting ingest")?;
+    let raw_producer =
+        KafkaProducer::new(&cfg.kafka, "bench-raw").context("creating the raw producer")?;
+
+    let templates = Arc::new(Templates::build(args.batch)?);
+    let ids = Arc::new(Ids {
+        run: u32::from_str_radix(&run[..8], 16).unwrap_or_default(),
+        next: AtomicU64::new(0),
+    });
+    let raw = Arc::new(Target::Raw {
+        producer: raw_producer.clone(),
+        topic: events_topic.clone(),
+    });
+    let http = Arc::new(Target::Http {
+        client: reqwest::Client::builder()
+            .pool_max_idle_per_host(args.concurrency)
+            .build()
+            .context("building the HTTP client")?,
+        url: format!("http://{}/v1/events", servers.http_addr),
+    });
+    let grpc_url = format!("http://{}", servers.grpc_addr);
+    let mut clients = Vec::with_capacity(args.concurrency);
+    for _ in 0..args.concurrency {
+        // One connection per sender, like the HTTP client's pool.
+        clients.push(
+            IngestServiceClient::connect(grpc_url.clone())
+                .await
+                .context("connecting to ingest's gRPC")?,
+        );
+    }
+    let grpc = Arc::new(Target::Grpc { clients });
+
+    eprintln!(
+        "[bench] brokers {}, topic {events_topic} ({} partitions), batch {}, concurrency {}, \
+         warmup {} s + {} s per phase, linger {} ms",
+        args.brokers,
+        args.partitions,
+        args.batch,
+        args.concurrency,
+        args.warmup_secs,
+        args.duration_secs,
+        args.linger_ms
+    );
+    let t = &templates;
+    let raw_first = run_phase("raw (first)", raw.clone(), t.clone(), ids.clone(), &args).await?;
+    let http_s = run_phase("http", http, t.clone(), ids.clone(), &args).await?;
+    let grpc_s = run_phase("grpc", grpc, t.clone(), ids.clone(), &args).await?;
+    let raw_last = run_phase("raw (last)", raw, t.clone(), ids.clone(), &args).await?;
+
+    servers.stop().await.context("stopping ingest")?;
+    for p in [ingest_producer.as_ref(), &raw_producer] {
+        if let Err(e) = p.flush(Duration::from_secs(10)) {
+            eprintln!("[bench] producer flush: {e}");
+        }
+    }
+
+    let baseline = (raw_first.rate() + raw_last.rate()) / 2.0;
+    let ratio = |s: &PhaseStats| {
+        if baseline > 0.0 {
+            s.rate() / baseline
+        } else {
+            f64::NAN
+        }
+    };
+    println!();
+    println!(
+        "{:<12} {:>10} {:>8} {:>8} {:>7} {:>7}",
+        "phase", "events/s", "p50 ms", "p99 ms", "vs raw", "errors"
+    );
+    for s in [&raw_first, &http_s, &grpc_s, &raw_last] {
+        println!(
+            "{:<12} {:>10.0} {:>8.2} {:>8.2} {:>7.2} {:>7}",
+            s.name,
+            s.rate(),
+            s.percentile_ms(0.50),
+            s.percentile_ms(0.99),
+            ratio(s),
+            s.errors
+        );
+    }
+    println!();
+    println!(
+        "raw baseline = mean of first and last = {baseline:.0} events/s; \
+         http/raw = {:.2}, grpc/raw = {:.2} (goal >= 0.80)",
+        ratio(&http_s),
+        ratio(&grpc_s)
+    );
+    println!(
+        "batch {} events, concurrency {}, {} s measured per phase after {} s warmup; \
+         latency = one request (raw: one batch until every ack)",
+        args.batch, args.concurrency, args.duration_secs, args.warmup_secs
+    );
+    Ok(())
+}

@@ -1,0 +1,264 @@
+//! The processor against the real broker and a real schema registry: final window and
+//! session aggregates, corrected results for late-but-allowed events, the late topic for
+//! events beyond the allowed lateness, and commit-after-durable resumption.
+
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use clap::Parser;
+use prost::Message as _;
+use pulse_contracts::pb::aggregates::v1::{Session, UserWindowActivity};
+use pulse_contracts::pb::events::v1 as ev;
+use pulse_contracts::{headers, wire};
+use pulse_platform::kafka::{KafkaConsumer, KafkaProducer, OutRecord, TopicSpec, ensure_topics};
+use rdkafka::Message;
+use rdkafka::message::{Headers, OwnedHeaders};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+struct Topics {
+    events: String,
+    activity: String,
+    sessions: String,
+    late: String,
+}
+
+async fn setup() -> (Topics, pulse_schema_registry::Replica) {
+    let kafka = pulse_tests::kafka();
+    let t = Topics {
+        events: pulse_tests::unique("events"),
+        activity: pulse_tests::unique("activity"),
+        sessions: pulse_tests::unique("sessions"),
+        late: pulse_tests::unique("late"),
+    };
+    let specs: Vec<TopicSpec> = [&t.events, &t.activity, &t.sessions, &t.late]
+        .iter()
+        .map(|n| TopicSpec::new(n.as_str(), 1))
+        .collect();
+    ensure_topics(&kafka, &specs).await.unwrap();
+    let registry = pulse_schema_registry::Replica::start(
+        &kafka,
+        &pulse_tests::unique("_schemas"),
+        Duration::from_secs(30),
+        Duration::from_secs(60),
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+    )
+    .await
+    .unwrap();
+    let client = reqwest::Client::new();
+    for topic in [&t.activity, &t.sessions] {
+        let r = client
+            .post(format!("http://{}/subjects/{topic}-value/versions", registry.addr))
+            .json(&json!({ "schemaType": "PROTOBUF", "schema": pulse_contracts::schemas::AGGREGATES.source }))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    (t, registry)
+}
+
+fn config(
+    t: &Topics,
+    registry: &pulse_schema_registry::Replica,
+    group: &str,
+) -> pulse_processor::Config {
+    pulse_processor::Config::parse_from([
+        "pulse-processor",
+        "--kafka-brokers",
+        &pulse_tests::kafka().brokers,
+        "--schema-registry-url",
+        &format!("http://{}", registry.addr),
+        "--group-id",
+        group,
+        "--window-ms",
+        "60000",
+        "--allowed-lateness-ms",
+        "30000",
+        "--max-out-of-orderness-ms",
+        "1000",
+        "--session-gap-ms",
+        "120000",
+        "--emit-interval-ms",
+        "100",
+        "--events-topic",
+        &t.events,
+        "--user-activity-topic",
+        &t.activity,
+        "--sessions-topic",
+        &t.sessions,
+        "--late-topic",
+        &t.late,
+    ])
+}
+
+/// A page view (or purchase with `amount`) of `user` at event time `t` (ms since base).
+fn event(id: &str, user: &str, t: i64, amount: Option<i64>) -> ev::Event {
+    // A minute boundary, so window [0, 60 s) of the test starts at `base`.
+    let base: i64 = 1_764_000_000_000 / 60_000 * 60_000;
+    ev::Event {
+        event_id: id.into(),
+        schema_version: 1,
+        event_type: if amount.is_some() {
+            "purchase"
+        } else {
+            "page_view"
+        }
+        .into(),
+        key: Some(ev::EventKey {
+            user_id: user.into(),
+            session_id: String::new(),
+        }),
+        payload: Some(ev::Payload {
+            page: if amount.is_some() {
+                String::new()
+            } else {
+                "/home".into()
+            },
+            currency: if amount.is_some() {
+                "EUR".into()
+            } else {
+                String::new()
+            },
+            amount_micros: amount,
+            ..Default::default()
+        }),
+        metadata: Some(ev::Metadata {
+            event_timestamp_ms: base + t,
+            ..Default::default()
+        }),
+        ingest: None,
+    }
+}
+
+async fn produce(topic: &str, events: &[ev::Event]) {
+    let p = KafkaProducer::new(&pulse_tests::kafka(), "processor-test").unwrap();
+    for e in events {
+        let h = headers::with_str(OwnedHeaders::new(), headers::EVENT_ID, &e.event_id);
+        let h = headers::with_str(h, headers::INGEST_TS, "1764000000000");
+        let rec = OutRecord::new(
+            topic,
+            Some(e.key.as_ref().unwrap().user_id.clone().into_bytes()),
+            wire::frame(1, &[0], &e.encode_to_vec()),
+        )
+        .with_headers(h);
+        p.send(rec, Duration::from_secs(5)).await.unwrap();
+    }
+}
+
+/// Reads `topic` until `done` holds for the highest-version value per key, or 60 s pass.
+async fn read_until<T: prost::Message + Default + Clone>(
+    topic: &str,
+    key_of: impl Fn(&T) -> String,
+    version_of: impl Fn(&T) -> u64,
+    done: impl Fn(&BTreeMap<String, T>) -> bool,
+) -> BTreeMap<String, T> {
+    let (consumer, _) = KafkaConsumer::new(
+        &pulse_tests::kafka(),
+        "processor-test",
+        &pulse_tests::unique("reader"),
+        &[topic],
+    )
+    .unwrap();
+    let mut best: BTreeMap<String, T> = BTreeMap::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !done(&best) {
+        let m = tokio::time::timeout_at(deadline, consumer.recv())
+            .await
+            .unwrap_or_else(|_| {
+                panic!("condition not reached on {topic}; have {} keys", best.len())
+            })
+            .unwrap();
+        let framed = wire::unframe(m.payload().unwrap()).unwrap();
+        let v = T::decode(framed.payload).unwrap();
+        let k = key_of(&v);
+        if best.get(&k).is_none_or(|b| version_of(b) < version_of(&v)) {
+            best.insert(k, v);
+        }
+    }
+    best
+}
+
+#[tokio::test]
+async fn windows_and_sessions_become_final_and_too_late_events_go_to_the_late_topic() {
+    let (t, registry) = setup().await;
+    let cfg = config(&t, &registry, &pulse_tests::unique("proc"));
+    let processor = pulse_processor::build(&cfg).await.unwrap();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(processor.run(stop.clone()));
+
+    // u1: three events in window [0, 60 s), one purchase; then u2 far later moves the
+    // watermark past u1's window end + lateness; then a too-late event of u1.
+    produce(
+        &t.events,
+        &[
+            event("a1", "u1", 1_000, None),
+            event("a2", "u1", 20_000, None),
+            event("a3", "u1", 30_000, Some(19_990_000)),
+            event("a2", "u1", 31_000, None), // duplicate id: dropped
+            event("b1", "u2", 400_000, None),
+        ],
+    )
+    .await;
+    let activity = read_until::<UserWindowActivity>(
+        &t.activity,
+        |a| format!("{}|{}", a.user_id, a.window_start_ms),
+        |a| a.version,
+        |m| m.values().any(|a| a.user_id == "u1" && a.r#final),
+    )
+    .await;
+    let u1 = activity.values().find(|a| a.user_id == "u1").unwrap();
+    assert_eq!((u1.page_views, u1.event_count), (2, 3));
+    assert_eq!(u1.revenue[0].currency, "EUR");
+    assert_eq!(u1.revenue[0].amount_micros, 19_990_000);
+    assert_eq!(u1.events_by_type["purchase"], 1);
+
+    produce(&t.events, &[event("late1", "u1", 2_000, None)]).await;
+    let (consumer, _) = KafkaConsumer::new(
+        &pulse_tests::kafka(),
+        "processor-test",
+        &pulse_tests::unique("late"),
+        &[&t.late],
+    )
+    .unwrap();
+    let late = tokio::time::timeout(Duration::from_secs(60), consumer.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    let code = late
+        .headers()
+        .unwrap()
+        .iter()
+        .find(|h| h.key == headers::ERROR_CODE)
+        .and_then(|h| h.value)
+        .unwrap()
+        .to_vec();
+    assert_eq!(code, b"late_event");
+    assert_eq!(
+        ev::Event::decode(wire::unframe(late.payload().unwrap()).unwrap().payload)
+            .unwrap()
+            .event_id,
+        "late1"
+    );
+
+    // u1's session (gap 120 s) is final once the watermark passes end + gap + lateness.
+    produce(&t.events, &[event("c1", "u3", 900_000, None)]).await;
+    let sessions = read_until::<Session>(
+        &t.sessions,
+        |s| s.session_id.clone(),
+        |s| s.version,
+        |m| m.values().any(|s| s.user_id == "u1" && s.r#final),
+    )
+    .await;
+    let s1 = sessions.values().find(|s| s.user_id == "u1").unwrap();
+    assert_eq!(
+        (s1.event_count, s1.page_count, s1.duration_ms),
+        (3, 2, 29_000)
+    );
+
+    stop.cancel();
+    task.await.unwrap().unwrap();
+    registry.stop().await.unwrap();
+}
