@@ -11,6 +11,8 @@ pub const EVENTS_LATE: &str = "pulse.events.late.v1";
 pub const USER_ACTIVITY: &str = "pulse.user-activity.v1";
 /// Gap-based sessions. Key: session_id.
 pub const SESSIONS: &str = "pulse.sessions.v1";
+/// The processor's per-partition checkpoints (compacted; see `processor::checkpoint`).
+pub const PROCESSOR_CHECKPOINTS: &str = "pulse.processor.checkpoints.v1";
 /// The schema registry's compacted log.
 pub const SCHEMAS: &str = "_schemas";
 

@@ -5,6 +5,7 @@
 //! `watermark`, `window`, `session`, `engine` (pure logic), `run` (the Kafka loop),
 //! `metrics`.
 
+pub mod checkpoint;
 pub mod engine;
 pub mod metrics;
 pub mod model;
@@ -115,6 +116,9 @@ pub struct Config {
     pub sessions_topic: String,
     #[arg(long = "late-topic", env = "PULSE_LATE_TOPIC", default_value = topics::EVENTS_LATE)]
     pub late_topic: String,
+    /// Compacted topic of per-partition checkpoints (resume offset, last offset, event-time progress).
+    #[arg(long = "checkpoint-topic", env = "PULSE_PROCESSOR_CHECKPOINT_TOPIC", default_value = topics::PROCESSOR_CHECKPOINTS)]
+    pub checkpoint_topic: String,
     #[command(flatten)]
     pub kafka: KafkaConfig,
     #[command(flatten)]
@@ -213,6 +217,9 @@ pub async fn build(config: &Config) -> Result<run::Processor, Error> {
     ]
     .iter()
     .map(|t| TopicSpec::new(t.as_str(), partitions))
+    .chain(std::iter::once(TopicSpec::compacted(
+        &config.checkpoint_topic,
+    )))
     .collect();
     ensure_topics(&config.kafka, &specs).await?;
     let (consumer, rebalances) = KafkaConsumer::new(
@@ -229,6 +236,13 @@ pub async fn build(config: &Config) -> Result<run::Processor, Error> {
         encoder: RegistryEncoder::new(&config.schema_registry_url),
         topics: config.topics(),
         tick: Duration::from_millis(config.emit_interval_ms),
+        checkpoints: checkpoint::CheckpointStore {
+            topic: config.checkpoint_topic.clone(),
+            group: config.group_id.clone(),
+            input_topic: config.events_topic.clone(),
+            kafka: config.kafka.clone(),
+        },
+        written: Default::default(),
     })
 }
 

@@ -3,7 +3,7 @@
 //! aggregates, wait for their acknowledgements, and only then store each partition's
 //! resume offset (so a crash or rebalance rebuilds open aggregates from the log).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use prost::Message as _;
@@ -16,7 +16,8 @@ use rdkafka::message::{BorrowedMessage, Headers, OwnedHeaders};
 use tokio_util::sync::CancellationToken;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::engine::{Engine, Outcome, Outputs};
+use crate::checkpoint::CheckpointStore;
+use crate::engine::{Checkpoint, Engine, Outcome, Outputs};
 use crate::metrics as m;
 use crate::model::InputEvent;
 
@@ -89,6 +90,9 @@ pub struct Processor {
     pub encoder: RegistryEncoder,
     pub topics: Topics,
     pub tick: Duration,
+    pub checkpoints: CheckpointStore,
+    /// The last checkpoint written per partition (unchanged ones are not rewritten).
+    pub written: HashMap<i32, Checkpoint>,
 }
 
 impl std::fmt::Debug for Processor {
@@ -110,7 +114,7 @@ impl Processor {
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
-                Some(ev) = self.rebalances.recv() => self.on_rebalance(ev, &mut assigned),
+                Some(ev) = self.rebalances.recv() => self.on_rebalance(ev, &mut assigned).await?,
                 _ = ticker.tick() => {
                     self.flush(&mut pending, &assigned, true).await?;
                 }
@@ -122,6 +126,10 @@ impl Processor {
                             continue;
                         }
                     };
+                    // The assignment that delivered this record is applied first.
+                    while let Ok(ev) = self.rebalances.try_recv() {
+                        self.on_rebalance(ev, &mut assigned).await?;
+                    }
                     if let Some(ack) = self.on_record(&msg).await? {
                         pending.push(ack);
                     }
@@ -130,33 +138,48 @@ impl Processor {
         }
         // Shutdown: everything due is produced and acknowledged before the last commit.
         while let Ok(ev) = self.rebalances.try_recv() {
-            self.on_rebalance(ev, &mut assigned);
+            self.on_rebalance(ev, &mut assigned).await?;
         }
         self.flush(&mut pending, &assigned, true).await?;
         self.consumer.commit_now()?;
         Ok(())
     }
 
-    fn on_rebalance(&mut self, ev: RebalanceEvent, assigned: &mut HashSet<i32>) {
+    async fn on_rebalance(
+        &mut self,
+        ev: RebalanceEvent,
+        assigned: &mut HashSet<i32>,
+    ) -> Result<(), RunError> {
         match ev {
             RebalanceEvent::Assigned(parts) => {
-                for (topic, p) in parts {
-                    if topic == self.topics.events {
-                        self.engine.assign(p, now_ms());
-                        assigned.insert(p);
+                let mine: Vec<i32> = parts
+                    .into_iter()
+                    .filter(|(t, _)| *t == self.topics.events)
+                    .map(|(_, p)| p)
+                    .collect();
+                let checkpoints = self.checkpoints.read_all(Duration::from_secs(30)).await?;
+                for p in mine {
+                    self.engine.assign(p, now_ms());
+                    if let Some(cp) = checkpoints.get(&p) {
+                        tracing::info!(partition = p, ?cp, "continuing from checkpoint");
+                        self.engine.restore(p, *cp, now_ms());
+                        self.written.insert(p, *cp);
                     }
+                    assigned.insert(p);
                 }
             }
             RebalanceEvent::Revoked(parts) => {
                 for (topic, p) in parts {
                     if topic == self.topics.events {
                         self.engine.revoke(p);
+                        self.written.remove(&p);
                         assigned.remove(&p);
                     }
                 }
             }
             RebalanceEvent::Error(_) => {}
         }
+        Ok(())
     }
 
     async fn on_record(
@@ -189,6 +212,10 @@ impl Processor {
             }
             Outcome::Duplicate => {
                 metrics::counter!(m::EVENTS_TOTAL, "outcome" => "duplicate").increment(1);
+                Ok(None)
+            }
+            Outcome::Replayed => {
+                metrics::counter!(m::EVENTS_TOTAL, "outcome" => "replayed").increment(1);
                 Ok(None)
             }
             Outcome::Late { reason } => {
@@ -243,6 +270,24 @@ impl Processor {
         self.produce_outputs(outputs, &trace_headers, pending)
             .await?;
         for ack in pending.drain(..) {
+            ack.await.map_err(|e| RunError::Produce(e.to_string()))?;
+        }
+        // Checkpoints first, acknowledged; only then the offsets they cover.
+        let mut acks = Vec::new();
+        for p in assigned {
+            if let Some(cp) = self.engine.checkpoint(*p)
+                && self.written.get(p) != Some(&cp)
+            {
+                acks.push(
+                    self.checkpoints
+                        .write(&self.producer, *p, &cp)
+                        .await
+                        .map_err(|e| RunError::Produce(e.to_string()))?,
+                );
+                self.written.insert(*p, cp);
+            }
+        }
+        for ack in acks {
             ack.await.map_err(|e| RunError::Produce(e.to_string()))?;
         }
         for p in assigned {

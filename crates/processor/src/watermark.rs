@@ -88,6 +88,11 @@ impl Watermarks {
         self.state_mut(partition, now_ms);
     }
 
+    /// The highest (non-future) event time the partition has seen, None before data.
+    pub fn max_event_time(&self, partition: i32) -> Option<i64> {
+        self.partitions.get(&partition).and_then(|s| s.max_event_ms)
+    }
+
     /// The partition's own watermark (max event time − max_out_of_orderness_ms), None
     /// before data or when the partition is not assigned.
     pub fn partition_watermark(&self, partition: i32) -> Option<i64> {

@@ -22,6 +22,7 @@ pub fn all_topics(partitions: i32) -> Vec<TopicSpec> {
         .map(|t| TopicSpec::new(*t, partitions))
         .collect();
     specs.push(TopicSpec::compacted(topics::SCHEMAS));
+    specs.push(TopicSpec::compacted(topics::PROCESSOR_CHECKPOINTS));
     specs
 }
 
@@ -54,15 +55,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_data_topic_and_the_schema_log_are_created() {
+    fn every_data_topic_and_the_compacted_logs_are_created() {
         let specs = all_topics(6);
-        assert_eq!(specs.len(), topics::ALL_DATA_TOPICS.len() + 1);
+        assert_eq!(specs.len(), topics::ALL_DATA_TOPICS.len() + 2);
         assert!(
             specs
                 .iter()
-                .filter(|s| s.name != topics::SCHEMAS)
+                .filter(|s| topics::ALL_DATA_TOPICS.contains(&s.name.as_str()))
                 .all(|s| s.partitions == 6)
         );
+        let cp = specs
+            .iter()
+            .find(|s| s.name == topics::PROCESSOR_CHECKPOINTS)
+            .unwrap();
+        assert_eq!(cp.partitions, 1);
         let schemas = specs.iter().find(|s| s.name == topics::SCHEMAS).unwrap();
         assert_eq!(schemas.partitions, 1);
         assert_eq!(
