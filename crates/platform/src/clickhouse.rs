@@ -49,6 +49,7 @@ pub struct ClickHouseConfig {
     pub password: String,
     /// Transport compression (`none` is required for ClickHouse 18.16).
     #[arg(
+        id = "clickhouse_compression",
         long = "clickhouse-compression",
         env = "PULSE_CLICKHOUSE_COMPRESSION",
         value_enum,
@@ -139,6 +140,34 @@ impl Validate for ClickHouseConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every shared config section can be flattened into one command line.
+    #[derive(Debug, clap::Parser)]
+    struct All {
+        #[command(flatten)]
+        kafka: crate::kafka::KafkaConfig,
+        #[command(flatten)]
+        clickhouse: ClickHouseConfig,
+        #[command(flatten)]
+        s3: crate::s3::S3Config,
+        #[command(flatten)]
+        telemetry: crate::telemetry::TelemetryConfig,
+    }
+
+    #[test]
+    fn shared_sections_flatten_together_without_clashing_flags() {
+        use clap::{CommandFactory, Parser};
+        All::command().debug_assert();
+        let all = All::parse_from([
+            "x",
+            "--clickhouse-compression",
+            "lz4",
+            "--kafka-compression",
+            "zstd",
+        ]);
+        assert_eq!(all.clickhouse.compression, ClickHouseCompression::Lz4);
+        assert_eq!(all.kafka.compression, "zstd");
+    }
 
     #[test]
     fn debug_output_never_shows_the_password() {

@@ -1,14 +1,31 @@
-//! The writer service: Sinks: ClickHouse hot store and Parquet-on-S3 archive.
-//!
-//! Status: the service skeleton — config, telemetry, admin endpoints, graceful shutdown
-//! and topic bootstrap. Its pipeline work lands with issue #6.
+//! The writer: stores what the pipeline produced. `--sink clickhouse` writes raw events,
+//! window activity and sessions to ClickHouse (hot store); `--sink parquet` will archive
+//! raw events as Parquet on S3. Each sink is its own consumer group and deployment.
+//! Modules: `migrate` (schema in deploy/clickhouse, retention), `rows` (row types), `batch`
+//! (batching and commit points), `retry` (error kinds, backoff, circuit breaker),
+//! `clickhouse_sink` (the loop), `metrics`.
+
+pub mod batch;
+pub mod clickhouse_sink;
+pub mod metrics;
+pub mod migrate;
+pub mod retry;
+pub mod rows;
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
+use pulse_contracts::topics;
+use pulse_platform::clickhouse::ClickHouseConfig;
 use pulse_platform::config::{Problems, Validate};
-use pulse_platform::kafka::KafkaConfig;
+use pulse_platform::kafka::topics::{TopicError, TopicSpec, ensure_topics};
+use pulse_platform::kafka::{KafkaConfig, KafkaConsumer, KafkaProducer};
 use pulse_platform::service::{ServiceConfig, ServiceContext};
 use pulse_platform::telemetry::TelemetryConfig;
+
+use crate::batch::BatchLimits;
+use crate::clickhouse_sink::{ClickHouseSink, SinkTopics};
+use crate::retry::Backoff;
 
 /// Service name: metrics label, OpenTelemetry `service.name`, log field.
 pub const SERVICE: &str = "writer";
@@ -18,7 +35,8 @@ pub const SERVICE: &str = "writer";
 pub enum Sink {
     /// The ClickHouse hot store.
     Clickhouse,
-    /// The Parquet archive on S3.
+    /// The Parquet archive on S3 (not implemented yet: the instance serves its admin
+    /// endpoints and idles).
     Parquet,
 }
 
@@ -27,7 +45,7 @@ pub enum Sink {
 #[command(
     name = "pulse-writer",
     version,
-    about = "Sinks: ClickHouse hot store and Parquet-on-S3 archive."
+    about = "Stores events and aggregates in ClickHouse (and Parquet on S3)."
 )]
 pub struct Config {
     /// Address of the admin server (/metrics, /livez, /readyz).
@@ -37,7 +55,7 @@ pub struct Config {
         default_value = "127.0.0.1:9103"
     )]
     pub admin_addr: SocketAddr,
-    /// Which sink this instance runs; each sink is its own consumer group and deployment.
+    /// Which sink this instance runs.
     #[arg(
         long = "sink",
         env = "PULSE_WRITER_SINK",
@@ -45,6 +63,74 @@ pub struct Config {
         default_value = "clickhouse"
     )]
     pub sink: Sink,
+    /// Consumer group (default: pulse-writer-<sink>).
+    #[arg(long = "group-id", env = "PULSE_WRITER_GROUP_ID")]
+    pub group_id: Option<String>,
+    /// A batch is written at this many rows...
+    #[arg(
+        long = "batch-max-rows",
+        env = "PULSE_WRITER_BATCH_MAX_ROWS",
+        default_value_t = 10_000
+    )]
+    pub batch_max_rows: usize,
+    /// ...or this many record bytes...
+    #[arg(long = "batch-max-bytes", env = "PULSE_WRITER_BATCH_MAX_BYTES", default_value_t = 8 * 1024 * 1024)]
+    pub batch_max_bytes: usize,
+    /// ...or when its oldest row is this old, ms.
+    #[arg(
+        long = "batch-max-age-ms",
+        env = "PULSE_WRITER_BATCH_MAX_AGE_MS",
+        default_value_t = 1_000
+    )]
+    pub batch_max_age_ms: u64,
+    /// First retry delay, ms (doubles per failure, with jitter).
+    #[arg(
+        long = "retry-base-ms",
+        env = "PULSE_WRITER_RETRY_BASE_MS",
+        default_value_t = 200
+    )]
+    pub retry_base_ms: u64,
+    /// Longest retry delay, ms.
+    #[arg(
+        long = "retry-max-ms",
+        env = "PULSE_WRITER_RETRY_MAX_MS",
+        default_value_t = 10_000
+    )]
+    pub retry_max_ms: u64,
+    /// Consecutive failures that open the circuit breaker.
+    #[arg(
+        long = "breaker-failures",
+        env = "PULSE_WRITER_BREAKER_FAILURES",
+        default_value_t = 8
+    )]
+    pub breaker_failures: u32,
+    /// Probe interval while the breaker is open, ms.
+    #[arg(
+        long = "breaker-probe-ms",
+        env = "PULSE_WRITER_BREAKER_PROBE_MS",
+        default_value_t = 15_000
+    )]
+    pub breaker_probe_ms: u64,
+    /// Apply the ClickHouse migrations at start.
+    #[arg(long = "migrate", env = "PULSE_WRITER_MIGRATE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub migrate: bool,
+    /// Days of data kept: older day partitions are dropped (checked hourly; 0 = keep all).
+    #[arg(
+        long = "retention-days",
+        env = "PULSE_WRITER_RETENTION_DAYS",
+        default_value_t = 30
+    )]
+    pub retention_days: u32,
+    #[arg(long = "events-topic", env = "PULSE_EVENTS_TOPIC", default_value = topics::EVENTS)]
+    pub events_topic: String,
+    #[arg(long = "user-activity-topic", env = "PULSE_USER_ACTIVITY_TOPIC", default_value = topics::USER_ACTIVITY)]
+    pub user_activity_topic: String,
+    #[arg(long = "sessions-topic", env = "PULSE_SESSIONS_TOPIC", default_value = topics::SESSIONS)]
+    pub sessions_topic: String,
+    #[arg(long = "dlq-topic", env = "PULSE_DLQ_TOPIC", default_value = topics::EVENTS_DLQ)]
+    pub dlq_topic: String,
+    #[command(flatten)]
+    pub clickhouse: ClickHouseConfig,
     #[command(flatten)]
     pub kafka: KafkaConfig,
     #[command(flatten)]
@@ -53,6 +139,29 @@ pub struct Config {
 
 impl Validate for Config {
     fn validate(&self, p: &mut Problems) {
+        p.check(self.batch_max_rows >= 1, "--batch-max-rows", "must be >= 1");
+        p.check(
+            self.batch_max_bytes >= 1024,
+            "--batch-max-bytes",
+            "must be >= 1024",
+        );
+        p.check(
+            self.batch_max_age_ms >= 10,
+            "--batch-max-age-ms",
+            "must be >= 10",
+        );
+        p.check(self.retry_base_ms >= 1, "--retry-base-ms", "must be >= 1");
+        p.check(
+            self.retry_max_ms >= self.retry_base_ms,
+            "--retry-max-ms",
+            "must be >= --retry-base-ms",
+        );
+        p.check(
+            self.breaker_failures >= 1,
+            "--breaker-failures",
+            "must be >= 1",
+        );
+        self.clickhouse.validate(p);
         self.kafka.validate(p);
         self.telemetry.validate(p);
     }
@@ -70,18 +179,124 @@ impl ServiceConfig for Config {
 /// Why the service stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    #[error("creating topics: {0}")]
+    Topics(#[from] TopicError),
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("ClickHouse migrations: {0}")]
+    Migrate(#[from] migrate::MigrateError),
     #[error("{0}")]
-    Startup(String),
+    Sink(#[from] clickhouse_sink::SinkError),
+}
+
+impl Config {
+    pub fn group(&self) -> String {
+        self.group_id.clone().unwrap_or_else(|| match self.sink {
+            Sink::Clickhouse => "pulse-writer-clickhouse".into(),
+            Sink::Parquet => "pulse-writer-parquet".into(),
+        })
+    }
+}
+
+/// Builds the ClickHouse sink loop (used by `run` and tests). Applies migrations first when
+/// configured.
+pub async fn build_clickhouse(config: &Config) -> Result<ClickHouseSink, Error> {
+    let topics = [
+        &config.events_topic,
+        &config.user_activity_topic,
+        &config.sessions_topic,
+        &config.dlq_topic,
+    ];
+    let specs: Vec<TopicSpec> = topics
+        .iter()
+        .map(|t| TopicSpec::new(t.as_str(), config.kafka.partitions))
+        .collect();
+    ensure_topics(&config.kafka, &specs).await?;
+    if config.migrate {
+        let applied = migrate::migrate(&config.clickhouse).await?;
+        tracing::info!(?applied, "ClickHouse migrations applied");
+    }
+    let (consumer, _rebalances) = KafkaConsumer::new(
+        &config.kafka,
+        "pulse-writer",
+        &config.group(),
+        &[
+            &config.events_topic,
+            &config.user_activity_topic,
+            &config.sessions_topic,
+        ],
+    )?;
+    Ok(ClickHouseSink {
+        client: config.clickhouse.client(),
+        consumer,
+        producer: KafkaProducer::new(&config.kafka, "pulse-writer")?,
+        topics: SinkTopics {
+            events: config.events_topic.clone(),
+            user_activity: config.user_activity_topic.clone(),
+            sessions: config.sessions_topic.clone(),
+            dlq: config.dlq_topic.clone(),
+        },
+        limits: BatchLimits {
+            max_rows: config.batch_max_rows,
+            max_bytes: config.batch_max_bytes,
+            max_age: Duration::from_millis(config.batch_max_age_ms),
+        },
+        backoff: Backoff::new(
+            Duration::from_millis(config.retry_base_ms),
+            Duration::from_millis(config.retry_max_ms),
+            config.breaker_failures,
+            Duration::from_millis(config.breaker_probe_ms),
+        ),
+    })
+}
+
+fn today_yyyymmdd() -> u32 {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0);
+    migrate::yyyymmdd_from_ms(now_ms)
 }
 
 /// Runs the service until shutdown.
 pub async fn run(config: Config, ctx: ServiceContext) -> Result<(), Error> {
-    ctx.health.set_ready(true);
-    tracing::warn!(
-        service = SERVICE,
-        "skeleton build: only the admin endpoints are served (see issue #6)"
-    );
-    ctx.shutdown.cancelled().await;
-    drop(config);
-    Ok(())
+    crate::metrics::describe();
+    match config.sink {
+        Sink::Parquet => {
+            ctx.health.set_ready(true);
+            tracing::warn!(
+                "the parquet sink is not implemented yet; this instance only serves its admin endpoints"
+            );
+            ctx.shutdown.cancelled().await;
+            Ok(())
+        }
+        Sink::Clickhouse => {
+            let sink = build_clickhouse(&config).await?;
+            let retention = {
+                let cfg = config.clickhouse.clone();
+                let days = config.retention_days;
+                tokio::spawn(async move {
+                    if days == 0 {
+                        return;
+                    }
+                    loop {
+                        match migrate::apply_retention(&cfg, days, today_yyyymmdd()).await {
+                            Ok(dropped) if !dropped.is_empty() => {
+                                tracing::info!(?dropped, "retention dropped partitions")
+                            }
+                            Ok(_) => {}
+                            Err(e) => {
+                                tracing::warn!(error = %e, "retention failed; retrying in an hour")
+                            }
+                        }
+                        tokio::time::sleep(Duration::from_secs(3_600)).await;
+                    }
+                })
+            };
+            ctx.health.set_ready(true);
+            let result = sink.run(ctx.shutdown.child_token()).await;
+            retention.abort();
+            Ok(result?)
+        }
+    }
 }

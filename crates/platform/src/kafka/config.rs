@@ -51,6 +51,7 @@ pub struct KafkaConfig {
     pub message_timeout_ms: u32,
     /// Producer compression codec: none, gzip, snappy, lz4 or zstd.
     #[arg(
+        id = "kafka_compression",
         long = "kafka-compression",
         env = "PULSE_KAFKA_COMPRESSION",
         default_value = "none"

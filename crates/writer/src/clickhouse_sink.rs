@@ -1,0 +1,376 @@
+//! The ClickHouse sink: consumes the events, user-activity and sessions topics in the
+//! consumer group `pulse-writer-clickhouse`, batches rows by count, bytes and age, writes
+//! them with RowBinary inserts, and marks offsets durable only after ClickHouse accepted
+//! the batch. Retryable failures are retried with backoff and jitter while consumption is
+//! paused (memory stays bounded; a circuit breaker spaces the probes of a dead server);
+//! rows ClickHouse refuses for good go to the DLQ with the reason. Retries are idempotent:
+//! ReplacingMergeTree keys collapse rows written twice.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use clickhouse::{Client, RowOwned, RowWrite};
+use prost::Message as _;
+use pulse_contracts::pb::aggregates::v1::{Session, UserWindowActivity};
+use pulse_contracts::pb::events::v1::Event;
+use pulse_contracts::{headers, trace_context, wire};
+use pulse_platform::kafka::{KafkaConsumer, KafkaProducer, OutRecord};
+use rdkafka::Message;
+use rdkafka::consumer::Consumer;
+use rdkafka::message::{BorrowedMessage, OwnedHeaders};
+use tokio_util::sync::CancellationToken;
+
+use crate::batch::{Batch, BatchLimits, Source, commit_points};
+use crate::metrics as m;
+use crate::retry::{Backoff, ErrorKind, classify};
+use crate::rows::{ActivityRow, EventRow, FreshnessRow, SessionRow};
+
+/// Stage name in the freshness table and metrics.
+pub const STAGE: &str = "writer-clickhouse";
+
+#[derive(Debug, Clone)]
+pub struct SinkTopics {
+    pub events: String,
+    pub user_activity: String,
+    pub sessions: String,
+    pub dlq: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("dead-lettering a refused record failed: {0}")]
+    Dlq(String),
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// The sink loop.
+pub struct ClickHouseSink {
+    pub client: Client,
+    pub consumer: KafkaConsumer,
+    pub producer: KafkaProducer,
+    pub topics: SinkTopics,
+    pub limits: BatchLimits,
+    pub backoff: Backoff,
+}
+
+impl std::fmt::Debug for ClickHouseSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClickHouseSink")
+            .field("topics", &self.topics)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Default)]
+struct Batches {
+    events: Batch<EventRow>,
+    activity: Batch<ActivityRow>,
+    sessions: Batch<SessionRow>,
+    /// Per partition of the events topic: (max event time, max ingest time) in the batch.
+    freshness: BTreeMap<i32, (i64, i64)>,
+    /// Ingest timestamps of the records in the batch (end-to-end latency at commit).
+    ingest_ts: Vec<i64>,
+}
+
+impl Batches {
+    fn rows(&self) -> usize {
+        self.events.len() + self.activity.len() + self.sessions.len()
+    }
+    fn bytes(&self) -> usize {
+        self.events.bytes() + self.activity.bytes() + self.sessions.bytes()
+    }
+    fn is_due(&self, limits: &BatchLimits, now: Instant) -> bool {
+        self.rows() >= limits.max_rows
+            || self.bytes() >= limits.max_bytes
+            || self.events.is_due(limits, now)
+            || self.activity.is_due(limits, now)
+            || self.sessions.is_due(limits, now)
+    }
+}
+
+async fn insert<R: RowOwned + RowWrite>(
+    client: &Client,
+    table: &str,
+    rows: &[R],
+) -> Result<(), clickhouse::error::Error> {
+    let mut ins = client.insert::<R>(table).await?;
+    for r in rows {
+        ins.write(r).await?;
+    }
+    ins.end().await
+}
+
+impl ClickHouseSink {
+    /// Runs until `stop`; then writes what is buffered and commits.
+    pub async fn run(mut self, stop: CancellationToken) -> Result<(), SinkError> {
+        let mut batches = Batches::default();
+        let consumer = self.consumer.clone();
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tick.tick() => {
+                    if batches.is_due(&self.limits, Instant::now()) {
+                        self.flush(&mut batches, &stop).await?;
+                    }
+                }
+                msg = consumer.recv() => {
+                    match msg {
+                        Ok(msg) => self.add(&msg, &mut batches).await?,
+                        Err(e) => tracing::warn!(error = %e, "consume failed"),
+                    }
+                    if batches.rows() >= self.limits.max_rows || batches.bytes() >= self.limits.max_bytes {
+                        self.flush(&mut batches, &stop).await?;
+                    }
+                }
+            }
+        }
+        self.flush(&mut batches, &CancellationToken::new()).await?;
+        self.consumer.commit_now()?;
+        Ok(())
+    }
+
+    async fn add(&self, msg: &BorrowedMessage<'_>, b: &mut Batches) -> Result<(), SinkError> {
+        let now = Instant::now();
+        let topic = msg.topic().to_owned();
+        let value = msg.payload().unwrap_or_default();
+        let source = Source {
+            topic: topic.clone(),
+            partition: msg.partition(),
+            offset: msg.offset(),
+            value: value.to_vec(),
+        };
+        let written_at = now_ms();
+        let decoded = wire::unframe(value)
+            .map_err(|e| e.to_string())
+            .map(|f| f.payload);
+        let ingest_ts = msg.headers().and_then(headers::ingest_ts_ms);
+        if let Some(ts) = ingest_ts {
+            b.ingest_ts.push(ts);
+        }
+        let result: Result<(), String> = decoded.and_then(|payload| {
+            if topic == self.topics.events {
+                let e = Event::decode(payload).map_err(|e| e.to_string())?;
+                let trace = trace_context::trace_id_hex(&trace_context::extract(msg.headers()));
+                let row = EventRow::from_event(
+                    &e,
+                    msg.partition(),
+                    msg.offset(),
+                    trace.as_deref(),
+                    written_at,
+                );
+                let ev_ms = e
+                    .metadata
+                    .as_ref()
+                    .map(|m| m.event_timestamp_ms)
+                    .unwrap_or(0);
+                let ing_ms = ingest_ts.unwrap_or(0);
+                let f = b
+                    .freshness
+                    .entry(msg.partition())
+                    .or_insert((ev_ms, ing_ms));
+                *f = (f.0.max(ev_ms), f.1.max(ing_ms));
+                b.events.push(row, source.clone(), now);
+            } else if topic == self.topics.user_activity {
+                let a = UserWindowActivity::decode(payload).map_err(|e| e.to_string())?;
+                b.activity.push(
+                    ActivityRow::from_activity(&a, written_at),
+                    source.clone(),
+                    now,
+                );
+            } else if topic == self.topics.sessions {
+                let s = Session::decode(payload).map_err(|e| e.to_string())?;
+                b.sessions.push(
+                    SessionRow::from_session(&s, written_at),
+                    source.clone(),
+                    now,
+                );
+            } else {
+                return Err(format!("unexpected topic {topic}"));
+            }
+            Ok(())
+        });
+        if let Err(reason) = result {
+            // Not a record this sink can store: kept on the DLQ, never dropped.
+            self.dead_letter(&source, "undecodable", &reason).await?;
+            self.consumer
+                .mark_durable(&source.topic, source.partition, source.offset)?;
+        }
+        Ok(())
+    }
+
+    async fn dead_letter(
+        &self,
+        source: &Source,
+        code: &str,
+        detail: &str,
+    ) -> Result<(), SinkError> {
+        let h = headers::with_str(OwnedHeaders::new(), headers::ERROR_CODE, code);
+        let h = headers::with_str(h, headers::ERROR_DETAIL, detail);
+        let h = headers::with_str(h, "pulse-source-topic", &source.topic);
+        let rec = OutRecord::new(&self.topics.dlq, None, source.value.clone()).with_headers(h);
+        self.producer
+            .send(rec, Duration::from_secs(60))
+            .await
+            .map_err(|e| SinkError::Dlq(e.to_string()))?;
+        metrics::counter!(m::DLQ_TOTAL, "sink" => "clickhouse", "code" => code.to_owned())
+            .increment(1);
+        Ok(())
+    }
+
+    /// Writes one table's batch, retrying retryable failures until it succeeds (or `stop`
+    /// ends the wait: then the batch stays unwritten and uncommitted). Rows refused for good
+    /// are written one by one and the failing ones dead-lettered.
+    async fn write<R: RowOwned + RowWrite>(
+        &mut self,
+        table: &str,
+        batch: Batch<R>,
+        stop: &CancellationToken,
+    ) -> Result<bool, SinkError> {
+        if batch.is_empty() {
+            return Ok(true);
+        }
+        let started = Instant::now();
+        loop {
+            match insert(&self.client, table, &batch.rows).await {
+                Ok(()) => {
+                    self.backoff.success();
+                    metrics::gauge!(m::CIRCUIT_OPEN, "sink" => "clickhouse").set(0.0);
+                    self.resume();
+                    metrics::counter!(m::ROWS_WRITTEN_TOTAL, "sink" => "clickhouse", "table" => table.to_owned())
+                        .increment(batch.len() as u64);
+                    metrics::histogram!(m::BATCH_ROWS, "sink" => "clickhouse", "table" => table.to_owned())
+                        .record(batch.len() as f64);
+                    metrics::histogram!(m::BATCH_BYTES, "sink" => "clickhouse", "table" => table.to_owned())
+                        .record(batch.bytes() as f64);
+                    metrics::histogram!(m::BATCH_SECONDS, "sink" => "clickhouse")
+                        .record(started.elapsed().as_secs_f64());
+                    return Ok(true);
+                }
+                Err(e) => {
+                    let kind = classify(&e);
+                    metrics::counter!(m::ERRORS_TOTAL, "sink" => "clickhouse", "kind" => kind.as_str()).increment(1);
+                    match kind {
+                        ErrorKind::Permanent => {
+                            tracing::warn!(table, error = %e, rows = batch.len(), "ClickHouse refused the batch; isolating the bad rows");
+                            return self.write_one_by_one(table, batch).await.map(|_| true);
+                        }
+                        ErrorKind::Retryable => {
+                            self.pause();
+                            let wait = self.backoff.failure();
+                            if self.backoff.is_open() {
+                                metrics::gauge!(m::CIRCUIT_OPEN, "sink" => "clickhouse").set(1.0);
+                            }
+                            metrics::counter!(m::RETRIES_TOTAL, "sink" => "clickhouse", "kind" => kind.as_str()).increment(1);
+                            tracing::warn!(table, error = %e, wait_ms = wait.as_millis() as u64, failures = self.backoff.failures(), "ClickHouse write failed; retrying");
+                            tokio::select! {
+                                _ = stop.cancelled() => return Ok(false),
+                                _ = tokio::time::sleep(wait) => {}
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn write_one_by_one<R: RowOwned + RowWrite>(
+        &mut self,
+        table: &str,
+        batch: Batch<R>,
+    ) -> Result<(), SinkError> {
+        for (row, source) in batch.rows.iter().zip(&batch.sources) {
+            if let Err(e) = insert(&self.client, table, std::slice::from_ref(row)).await {
+                if classify(&e) == ErrorKind::Permanent {
+                    self.dead_letter(source, "rejected_by_clickhouse", &e.to_string())
+                        .await?;
+                } else {
+                    // A transient failure while isolating: retry this row alone.
+                    let mut attempts = 0;
+                    while let Err(e) = insert(&self.client, table, std::slice::from_ref(row)).await
+                    {
+                        attempts += 1;
+                        let wait = self.backoff.failure();
+                        tracing::warn!(table, error = %e, attempts, "retrying a single row");
+                        tokio::time::sleep(wait).await;
+                    }
+                    self.backoff.success();
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn pause(&self) {
+        if let Ok(a) = self.consumer.raw().assignment() {
+            let _ = self.consumer.raw().pause(&a);
+        }
+    }
+
+    fn resume(&self) {
+        if let Ok(a) = self.consumer.raw().assignment() {
+            let _ = self.consumer.raw().resume(&a);
+        }
+    }
+
+    /// Writes every table's batch; only when all are durable are the offsets marked.
+    async fn flush(&mut self, b: &mut Batches, stop: &CancellationToken) -> Result<(), SinkError> {
+        if b.rows() == 0 {
+            return Ok(());
+        }
+        let events = b.events.take();
+        let activity = b.activity.take();
+        let sessions = b.sessions.take();
+        let mut points = commit_points(
+            events
+                .sources
+                .iter()
+                .chain(&activity.sources)
+                .chain(&sessions.sources),
+        );
+        let ok = self.write("events", events, stop).await?
+            && self.write("user_activity", activity, stop).await?
+            && self.write("sessions", sessions, stop).await?;
+        if !ok {
+            // Stopped while ClickHouse was down: nothing of this batch is committed; the next
+            // owner re-reads and rewrites it (idempotently).
+            return Ok(());
+        }
+        let written_at = now_ms();
+        let fresh: Vec<FreshnessRow> = std::mem::take(&mut b.freshness)
+            .into_iter()
+            .map(|(partition, (ev, ing))| FreshnessRow {
+                stage: STAGE.to_owned(),
+                kafka_partition: partition,
+                last_event_time_ms: ev,
+                last_ingest_ms: ing,
+                written_at_ms: written_at,
+            })
+            .collect();
+        for f in &fresh {
+            metrics::gauge!(m::FRESHNESS_EVENT_TIME_MS, "sink" => "clickhouse", "partition" => f.kafka_partition.to_string())
+                .set(f.last_event_time_ms as f64);
+        }
+        if !fresh.is_empty()
+            && let Err(e) = insert(&self.client, "freshness", &fresh).await
+        {
+            tracing::warn!(error = %e, "writing freshness rows failed (data rows are written)");
+        }
+        for ((topic, partition), offset) in std::mem::take(&mut points) {
+            self.consumer.mark_durable(&topic, partition, offset)?;
+        }
+        for ts in b.ingest_ts.drain(..) {
+            metrics::histogram!(m::END_TO_END_SECONDS, "sink" => "clickhouse")
+                .record((written_at - ts).max(0) as f64 / 1000.0);
+        }
+        Ok(())
+    }
+}

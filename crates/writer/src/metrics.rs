@@ -1,0 +1,57 @@
+//! The writer's metrics (Kafka consumer metrics come from `platform::kafka`).
+
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+
+pub const ROWS_WRITTEN_TOTAL: &str = "pulse_writer_rows_written_total";
+pub const BATCH_ROWS: &str = "pulse_writer_batch_rows";
+pub const BATCH_BYTES: &str = "pulse_writer_batch_bytes";
+pub const BATCH_SECONDS: &str = "pulse_writer_batch_write_seconds";
+pub const RETRIES_TOTAL: &str = "pulse_writer_retries_total";
+pub const ERRORS_TOTAL: &str = "pulse_writer_errors_total";
+pub const DLQ_TOTAL: &str = "pulse_writer_dead_letters_total";
+pub const CIRCUIT_OPEN: &str = "pulse_writer_circuit_open";
+pub const END_TO_END_SECONDS: &str = "pulse_writer_end_to_end_latency_seconds";
+pub const FRESHNESS_EVENT_TIME_MS: &str = "pulse_writer_last_event_time_ms";
+
+pub fn describe() {
+    describe_counter!(
+        ROWS_WRITTEN_TOTAL,
+        "Rows the store accepted, by sink and table."
+    );
+    describe_histogram!(BATCH_ROWS, "Rows per written batch, by sink and table.");
+    describe_histogram!(
+        BATCH_BYTES,
+        Unit::Bytes,
+        "Record bytes per written batch, by sink and table."
+    );
+    describe_histogram!(
+        BATCH_SECONDS,
+        Unit::Seconds,
+        "Time to write one batch, retries included."
+    );
+    describe_counter!(
+        RETRIES_TOTAL,
+        "Write attempts retried, by sink and error kind."
+    );
+    describe_counter!(
+        ERRORS_TOTAL,
+        "Write errors, by sink and kind (retryable, permanent)."
+    );
+    describe_counter!(
+        DLQ_TOTAL,
+        "Records sent to the DLQ because the store refused them for good or they could not be decoded."
+    );
+    describe_gauge!(
+        CIRCUIT_OPEN,
+        "1 while the circuit breaker is open (the store failed repeatedly)."
+    );
+    describe_histogram!(
+        END_TO_END_SECONDS,
+        Unit::Seconds,
+        "Ingest timestamp to committed write, per record."
+    );
+    describe_gauge!(
+        FRESHNESS_EVENT_TIME_MS,
+        "Latest event time written, by sink and partition."
+    );
+}

@@ -1,0 +1,444 @@
+//! ClickHouse schema migrations and day-partition retention for the hot store.
+//!
+//! The migrations live in `deploy/clickhouse/` as plain SQL and are embedded here, so the
+//! writer binary can bring any ClickHouse (Debian's 18.16 or a current release) to the
+//! current schema on start-up. Each file uses the literal placeholder `{database}` for
+//! the configured database. Applied versions are recorded in `schema_migrations`;
+//! statements are written re-runnable (`IF NOT EXISTS`) so an interrupted migration, or
+//! two writers migrating at once, is harmless.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use pulse_platform::clickhouse::ClickHouseConfig;
+
+/// Migrations embedded from `deploy/clickhouse/` (`include_str!`), in order:
+/// `(version, name, sql)`.
+pub const MIGRATIONS: &[(u32, &str, &str)] = &[(
+    1,
+    "init",
+    include_str!("../../../deploy/clickhouse/0001_init.sql"),
+)];
+
+/// The bookkeeping table, created before it is read (migration 0001 declares it too).
+const SCHEMA_MIGRATIONS_DDL: &str = "CREATE TABLE IF NOT EXISTS {database}.schema_migrations \
+     (version UInt32, name String, applied_at_ms Int64) ENGINE = MergeTree ORDER BY version";
+
+/// The day-partitioned tables that retention trims.
+pub const RETENTION_TABLES: &[&str] = &["events", "user_activity", "sessions"];
+
+/// Why migrating or trimming failed.
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    /// The database name would not be a plain identifier.
+    #[error("invalid ClickHouse database name {0:?}: letters, digits and _ only")]
+    InvalidDatabase(String),
+    /// A statement of a migration failed.
+    #[error("migration {version} failed at `{statement}`: {source}")]
+    Sql {
+        version: u32,
+        /// The first 80 characters of the statement.
+        statement: String,
+        #[source]
+        source: clickhouse::error::Error,
+    },
+    /// A bookkeeping or retention query failed.
+    #[error("ClickHouse {step} failed: {source}")]
+    Query {
+        step: String,
+        #[source]
+        source: clickhouse::error::Error,
+    },
+    /// `today_yyyymmdd` is not a calendar date.
+    #[error("{0} is not a YYYYMMDD date")]
+    InvalidDate(u32),
+}
+
+#[derive(Debug, clickhouse::Row, serde::Serialize)]
+struct MigrationRow {
+    version: u32,
+    name: String,
+    applied_at_ms: i64,
+}
+
+#[derive(Debug, clickhouse::Row, serde::Deserialize)]
+struct PartRow {
+    table: String,
+    partition_id: String,
+}
+
+fn valid_database(name: &str) -> Result<&str, MigrateError> {
+    if !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        Ok(name)
+    } else {
+        Err(MigrateError::InvalidDatabase(name.to_owned()))
+    }
+}
+
+/// Replaces the `{database}` placeholder.
+fn render(sql: &str, database: &str) -> String {
+    sql.replace("{database}", database)
+}
+
+fn query_error(step: impl Into<String>) -> impl FnOnce(clickhouse::error::Error) -> MigrateError {
+    let step = step.into();
+    move |source| MigrateError::Query { step, source }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// Splits a SQL script into statements on `;` outside of quotes and comments. Comments
+/// are dropped (replaced by a space), statements are trimmed, empty ones skipped.
+pub fn split_statements(sql: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut chars = sql.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\'' | '"' | '`' => {
+                cur.push(c);
+                while let Some(q) = chars.next() {
+                    cur.push(q);
+                    if q == '\\' {
+                        if let Some(escaped) = chars.next() {
+                            cur.push(escaped);
+                        }
+                    } else if q == c {
+                        // A doubled quote is an escaped quote, not the end.
+                        if chars.peek() == Some(&c) {
+                            cur.push(c);
+                            chars.next();
+                        } else {
+                            break;
+                        }
+                    }
+                }
+            }
+            '-' if chars.peek() == Some(&'-') => {
+                for n in chars.by_ref() {
+                    if n == '\n' {
+                        break;
+                    }
+                }
+                cur.push(' ');
+            }
+            '/' if chars.peek() == Some(&'*') => {
+                chars.next();
+                let mut prev = '\0';
+                for n in chars.by_ref() {
+                    if prev == '*' && n == '/' {
+                        break;
+                    }
+                    prev = n;
+                }
+                cur.push(' ');
+            }
+            ';' => {
+                let stmt = cur.trim();
+                if !stmt.is_empty() {
+                    out.push(stmt.to_owned());
+                }
+                cur.clear();
+            }
+            _ => cur.push(c),
+        }
+    }
+    let stmt = cur.trim();
+    if !stmt.is_empty() {
+        out.push(stmt.to_owned());
+    }
+    out
+}
+
+fn head(statement: &str) -> String {
+    let flat = statement.split_whitespace().collect::<Vec<_>>().join(" ");
+    flat.chars().take(80).collect()
+}
+
+/// Creates the database if missing and applies every migration not yet recorded in
+/// `schema_migrations`, statement by statement, recording each applied version.
+/// Idempotent: a second run applies nothing. Returns the versions applied now.
+pub async fn migrate(cfg: &ClickHouseConfig) -> Result<Vec<u32>, MigrateError> {
+    let db = valid_database(&cfg.database)?;
+    let server = cfg.server_client();
+    server
+        .query_raw(&format!("CREATE DATABASE IF NOT EXISTS {db}"))
+        .execute()
+        .await
+        .map_err(query_error(format!("CREATE DATABASE {db}")))?;
+    server
+        .query_raw(&render(SCHEMA_MIGRATIONS_DDL, db))
+        .execute()
+        .await
+        .map_err(query_error("creating schema_migrations"))?;
+    let done: Vec<u32> = server
+        .query_raw(&format!(
+            "SELECT DISTINCT version FROM {db}.schema_migrations"
+        ))
+        .fetch_all()
+        .await
+        .map_err(query_error("reading schema_migrations"))?;
+
+    let client = cfg.client();
+    let mut applied = Vec::new();
+    for &(version, name, sql) in MIGRATIONS {
+        if done.contains(&version) {
+            continue;
+        }
+        for statement in split_statements(&render(sql, db)) {
+            server
+                .query_raw(&statement)
+                .execute()
+                .await
+                .map_err(|source| MigrateError::Sql {
+                    version,
+                    statement: head(&statement),
+                    source,
+                })?;
+        }
+        let mut insert = client
+            .insert::<MigrationRow>("schema_migrations")
+            .await
+            .map_err(query_error("recording a migration"))?;
+        insert
+            .write(&MigrationRow {
+                version,
+                name: name.to_owned(),
+                applied_at_ms: now_ms(),
+            })
+            .await
+            .map_err(query_error("recording a migration"))?;
+        insert
+            .end()
+            .await
+            .map_err(query_error("recording a migration"))?;
+        tracing::info!(database = db, version, name, "applied ClickHouse migration");
+        applied.push(version);
+    }
+    Ok(applied)
+}
+
+/// `YYYYMMDD` of the UTC day containing `ms` (epoch milliseconds).
+pub fn yyyymmdd_from_ms(ms: i64) -> u32 {
+    time::OffsetDateTime::from_unix_timestamp(ms.div_euclid(1_000))
+        .map_or(19_700_101, |t| yyyymmdd(t.date()))
+}
+
+fn yyyymmdd(date: time::Date) -> u32 {
+    u32::try_from(date.year()).unwrap_or(0) * 10_000
+        + u32::from(u8::from(date.month())) * 100
+        + u32::from(date.day())
+}
+
+/// The oldest day kept: `today - retention_days`, as `YYYYMMDD` (0 if before year 1).
+fn cutoff_yyyymmdd(today_yyyymmdd: u32, retention_days: u32) -> Result<u32, MigrateError> {
+    let bad = || MigrateError::InvalidDate(today_yyyymmdd);
+    let year = i32::try_from(today_yyyymmdd / 10_000).map_err(|_| bad())?;
+    let month = u8::try_from(today_yyyymmdd / 100 % 100)
+        .ok()
+        .and_then(|m| time::Month::try_from(m).ok())
+        .ok_or_else(bad)?;
+    let day = u8::try_from(today_yyyymmdd % 100).map_err(|_| bad())?;
+    let today = time::Date::from_calendar_date(year, month, day).map_err(|_| bad())?;
+    Ok(today
+        .checked_sub(time::Duration::days(i64::from(retention_days)))
+        .map_or(0, yyyymmdd))
+}
+
+/// Whether a partition id is a `YYYYMMDD` day before `cutoff` (other ids are never dropped).
+fn is_expired(partition_id: &str, cutoff: u32) -> bool {
+    partition_id.len() == 8
+        && partition_id.bytes().all(|b| b.is_ascii_digit())
+        && partition_id.parse::<u32>().is_ok_and(|day| day < cutoff)
+}
+
+/// Drops the day partitions of `events`, `user_activity` and `sessions` older than
+/// `retention_days` before `today_yyyymmdd` (a day `retention_days` ago is kept; with 0
+/// only today is kept), found by partition id in `system.parts` (active parts only).
+/// Returns the `(table, partition_id)` pairs dropped.
+pub async fn apply_retention(
+    cfg: &ClickHouseConfig,
+    retention_days: u32,
+    today_yyyymmdd: u32,
+) -> Result<Vec<(String, String)>, MigrateError> {
+    let db = valid_database(&cfg.database)?;
+    let cutoff = cutoff_yyyymmdd(today_yyyymmdd, retention_days)?;
+    let server = cfg.server_client();
+    let tables = RETENTION_TABLES
+        .iter()
+        .map(|t| format!("'{t}'"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let parts: Vec<PartRow> = server
+        .query(&format!(
+            "SELECT DISTINCT table, partition_id FROM system.parts \
+             WHERE database = ? AND active AND table IN ({tables}) \
+             ORDER BY table, partition_id"
+        ))
+        .bind(db)
+        .fetch_all()
+        .await
+        .map_err(query_error("listing partitions"))?;
+
+    let mut dropped = Vec::new();
+    for part in parts {
+        if !is_expired(&part.partition_id, cutoff) {
+            continue;
+        }
+        // Both parts are checked identifiers: a known table and an all-digit id.
+        server
+            .query_raw(&format!(
+                "ALTER TABLE {db}.{} DROP PARTITION {}",
+                part.table, part.partition_id
+            ))
+            .execute()
+            .await
+            .map_err(query_error(format!(
+                "dropping partition {} of {}",
+                part.partition_id, part.table
+            )))?;
+        tracing::info!(
+            database = db,
+            table = part.table,
+            partition = part.partition_id,
+            "dropped expired partition"
+        );
+        dropped.push((part.table, part.partition_id));
+    }
+    Ok(dropped)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_on_semicolons_outside_quotes_and_comments() {
+        let sql = "-- header; not a split\nCREATE TABLE a (x String DEFAULT ';');\n\
+                   /* block ; comment */ SELECT 'it''s;' , \"q;\" , `b;`;\n\
+                   SELECT 'back\\'slash;'\n;;\n  -- trailing comment only\n";
+        assert_eq!(
+            split_statements(sql),
+            vec![
+                "CREATE TABLE a (x String DEFAULT ';')".to_owned(),
+                "SELECT 'it''s;' , \"q;\" , `b;`".to_owned(),
+                "SELECT 'back\\'slash;'".to_owned(),
+            ]
+        );
+    }
+
+    #[test]
+    fn the_last_statement_needs_no_semicolon() {
+        assert_eq!(
+            split_statements("SELECT 1; SELECT 2"),
+            vec!["SELECT 1", "SELECT 2"]
+        );
+        assert!(split_statements(" \n-- nothing\n ; ").is_empty());
+    }
+
+    #[test]
+    fn migrations_are_ordered_and_render_the_database() {
+        let versions: Vec<u32> = MIGRATIONS.iter().map(|m| m.0).collect();
+        let mut sorted = versions.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(versions, sorted);
+        for &(_, _, sql) in MIGRATIONS {
+            for statement in split_statements(&render(sql, "pulse_x")) {
+                assert!(!statement.contains("{database}"), "{statement}");
+                // Sent with query_raw, but keep the scripts free of bind markers anyway.
+                assert!(!statement.contains('?'), "{statement}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_initial_migration_creates_every_table_within_the_18_16_subset() {
+        let statements = split_statements(&render(MIGRATIONS[0].2, "pulse"));
+        for table in [
+            "events",
+            "user_activity",
+            "sessions",
+            "freshness",
+            "schema_migrations",
+        ] {
+            let create = format!("CREATE TABLE IF NOT EXISTS pulse.{table}");
+            assert!(
+                statements.iter().any(|s| s.starts_with(&create)),
+                "{table} missing"
+            );
+        }
+        for statement in &statements {
+            for banned in [
+                "DateTime64",
+                "TTL",
+                "LowCardinality",
+                "Map(",
+                "Nullable",
+                "JSON",
+            ] {
+                assert!(!statement.contains(banned), "{banned} in {statement}");
+            }
+        }
+    }
+
+    #[test]
+    fn bookkeeping_ddl_matches_the_migration() {
+        let ddl = render(SCHEMA_MIGRATIONS_DDL, "pulse");
+        let from_file: String = split_statements(&render(MIGRATIONS[0].2, "pulse"))
+            .into_iter()
+            .find(|s| s.contains("pulse.schema_migrations"))
+            .unwrap_or_default();
+        let squash = |s: &str| s.split_whitespace().collect::<String>();
+        assert_eq!(squash(&ddl), squash(&from_file));
+    }
+
+    #[test]
+    fn database_names_are_plain_identifiers() {
+        assert!(valid_database("pulse_1").is_ok());
+        assert!(valid_database("").is_err());
+        assert!(valid_database("pulse; DROP").is_err());
+        assert!(valid_database("a.b").is_err());
+    }
+
+    #[test]
+    fn statement_heads_are_short_and_flat() {
+        let long = format!("CREATE TABLE\n  x ({})", "a String, ".repeat(20));
+        let h = head(&long);
+        assert_eq!(h.chars().count(), 80);
+        assert!(h.starts_with("CREATE TABLE x (a String"));
+    }
+
+    #[test]
+    fn cutoff_counts_back_calendar_days() {
+        assert_eq!(cutoff_yyyymmdd(20240110, 7).ok(), Some(20240103));
+        assert_eq!(cutoff_yyyymmdd(20240301, 1).ok(), Some(20240229));
+        assert_eq!(cutoff_yyyymmdd(20250101, 0).ok(), Some(20250101));
+        assert_eq!(cutoff_yyyymmdd(20250101, 365).ok(), Some(20240102));
+        assert!(matches!(
+            cutoff_yyyymmdd(20241301, 1),
+            Err(MigrateError::InvalidDate(20241301))
+        ));
+        assert!(cutoff_yyyymmdd(20240230, 1).is_err());
+    }
+
+    #[test]
+    fn only_day_partitions_before_the_cutoff_expire() {
+        assert!(is_expired("20240102", 20240103));
+        assert!(!is_expired("20240103", 20240103));
+        assert!(!is_expired("all", 20240103));
+        assert!(!is_expired("2024010", 20240103));
+        assert!(!is_expired("2024-01-", 20240103));
+    }
+
+    #[test]
+    fn yyyymmdd_of_epoch_ms() {
+        assert_eq!(yyyymmdd_from_ms(0), 19700101);
+        assert_eq!(yyyymmdd_from_ms(-1), 19691231);
+        assert_eq!(yyyymmdd_from_ms(1_709_164_800_000), 20240229);
+    }
+}

@@ -1,0 +1,362 @@
+//! The hot-store schema (deploy/clickhouse/) against the real server (Debian's 18.16 in
+//! scripts/test.sh): migrations, the documented exactly-once read patterns (`FINAL` and
+//! `argMax ... GROUP BY key`) and day-partition retention.
+
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+use pulse_contracts::pb::aggregates::v1::UserWindowActivity;
+use pulse_contracts::pb::events::v1::{Event, EventKey, IngestInfo, Metadata, Payload};
+use pulse_platform::clickhouse::ClickHouseConfig;
+use pulse_writer::migrate::{MIGRATIONS, apply_retention, migrate, yyyymmdd_from_ms};
+use pulse_writer::rows::{ActivityRow, EventRow, SessionRow};
+
+const DAY_MS: i64 = 86_400_000;
+/// 2024-02-29 12:00 UTC.
+const NOW: i64 = 1_709_164_800_000 + 12 * 3_600_000;
+
+const EVENT_COLUMNS: &[&str] = &[
+    "event_id",
+    "schema_version",
+    "event_type",
+    "user_id",
+    "session_id",
+    "page",
+    "referrer",
+    "currency",
+    "amount_micros",
+    "has_amount",
+    "property_keys",
+    "property_values",
+    "event_time_ms",
+    "ingest_time_ms",
+    "trace_id",
+    "source",
+    "ingest_source",
+    "kafka_partition",
+    "kafka_offset",
+    "written_at_ms",
+    "event_date",
+];
+
+const ACTIVITY_COLUMNS: &[&str] = &[
+    "user_id",
+    "window_start_ms",
+    "window_end_ms",
+    "page_views",
+    "pages",
+    "page_views_by_page",
+    "types",
+    "events_by_type",
+    "revenue_currencies",
+    "revenue_micros",
+    "event_count",
+    "first_event_ms",
+    "last_event_ms",
+    "version",
+    "is_final",
+    "last_ingest_ms",
+    "written_at_ms",
+    "window_date",
+];
+
+/// The documented `argMax` read pattern (deploy/clickhouse/README.md): key columns as is,
+/// the version as `max`, every other column as `argMax(col, version)`. The version is
+/// renamed in a subquery because an alias equal to a column name would shadow that column
+/// inside the other aggregates (error 184).
+fn arg_max_query(
+    table: &str,
+    columns: &[&str],
+    key: &[&str],
+    version: &str,
+    filter: &str,
+) -> String {
+    let select = columns
+        .iter()
+        .map(|c| {
+            if key.contains(c) {
+                (*c).to_owned()
+            } else if *c == version {
+                format!("max(_v) AS {c}")
+            } else {
+                format!("argMax({c}, _v) AS {c}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "SELECT {select} FROM (SELECT *, {version} AS _v FROM {table} WHERE {filter}) \
+         GROUP BY {} ORDER BY {}",
+        key.join(", "),
+        key.join(", ")
+    )
+}
+
+/// A fresh database with the schema applied.
+async fn fresh() -> ClickHouseConfig {
+    let cfg = ClickHouseConfig {
+        database: pulse_tests::unique("pulse_test"),
+        ..pulse_tests::clickhouse()
+    };
+    migrate(&cfg).await.unwrap();
+    cfg
+}
+
+async fn drop_database(cfg: &ClickHouseConfig) {
+    cfg.server_client()
+        .query(&format!("DROP DATABASE {}", cfg.database))
+        .execute()
+        .await
+        .unwrap();
+}
+
+async fn insert<T>(cfg: &ClickHouseConfig, table: &str, rows: &[T])
+where
+    T: clickhouse::RowOwned + clickhouse::RowWrite,
+{
+    let mut insert = cfg.client().insert::<T>(table).await.unwrap();
+    for r in rows {
+        insert.write(r).await.unwrap();
+    }
+    insert.end().await.unwrap();
+}
+
+fn event(id: &str, user: &str, event_time_ms: i64) -> Event {
+    Event {
+        event_id: id.into(),
+        schema_version: 1,
+        event_type: "purchase".into(),
+        key: Some(EventKey {
+            user_id: user.into(),
+            session_id: "s1".into(),
+        }),
+        payload: Some(Payload {
+            page: "/checkout".into(),
+            referrer: String::new(),
+            currency: "EUR".into(),
+            amount_micros: Some(12_340_000),
+            properties: [("b", "2"), ("a", "1")]
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect(),
+        }),
+        metadata: Some(Metadata {
+            event_timestamp_ms: event_time_ms,
+            trace_id: String::new(),
+            source: "web".into(),
+        }),
+        ingest: Some(IngestInfo {
+            ingest_timestamp_ms: event_time_ms + 100,
+            ingest_source: "shop".into(),
+            protocol: "http".into(),
+        }),
+    }
+}
+
+fn window(user: &str, start: i64, version: u64, page_views: u64, last: bool) -> ActivityRow {
+    let a = UserWindowActivity {
+        user_id: user.into(),
+        window_start_ms: start,
+        window_end_ms: start + 60_000,
+        page_views,
+        page_views_by_page: [("/a".to_owned(), page_views)].into(),
+        events_by_type: [("page_view".to_owned(), page_views)].into(),
+        revenue: Vec::new(),
+        event_count: page_views,
+        first_event_ms: start + 1,
+        last_event_ms: start + 2,
+        version,
+        r#final: last,
+        last_ingest_ms: start + 3,
+    };
+    ActivityRow::from_activity(&a, NOW + i64::try_from(version).unwrap())
+}
+
+#[tokio::test]
+async fn migrations_apply_on_a_fresh_database_and_a_second_run_applies_nothing() {
+    let cfg = ClickHouseConfig {
+        database: pulse_tests::unique("pulse_test"),
+        ..pulse_tests::clickhouse()
+    };
+    let all: Vec<u32> = MIGRATIONS.iter().map(|m| m.0).collect();
+    assert_eq!(migrate(&cfg).await.unwrap(), all);
+    assert_eq!(migrate(&cfg).await.unwrap(), Vec::<u32>::new());
+
+    let client = cfg.client();
+    let tables: Vec<String> = client
+        .query("SELECT name FROM system.tables WHERE database = ? ORDER BY name")
+        .bind(cfg.database.as_str())
+        .fetch_all()
+        .await
+        .unwrap();
+    assert_eq!(
+        tables,
+        [
+            "events",
+            "freshness",
+            "schema_migrations",
+            "sessions",
+            "user_activity"
+        ]
+    );
+    let recorded: Vec<u32> = client
+        .query("SELECT version FROM schema_migrations ORDER BY version")
+        .fetch_all()
+        .await
+        .unwrap();
+    assert_eq!(recorded, all);
+    drop_database(&cfg).await;
+}
+
+#[tokio::test]
+async fn an_event_inserted_twice_is_returned_once_by_final_and_by_arg_max() {
+    let cfg = fresh().await;
+    let first = EventRow::from_event(&event("e1", "u1", NOW), 0, 10, None, NOW + 1_000);
+    // The retried batch: same event and offset, written again later.
+    let retried = EventRow {
+        written_at_ms: NOW + 5_000,
+        ..first.clone()
+    };
+    let other = EventRow::from_event(&event("e2", "u1", NOW + 1), 0, 11, None, NOW + 1_000);
+    insert(&cfg, "events", &[first.clone(), other.clone()]).await;
+    insert(&cfg, "events", std::slice::from_ref(&retried)).await;
+    let client = cfg.client();
+
+    let fin: Vec<EventRow> = client
+        .query("SELECT ?fields FROM events FINAL WHERE user_id = ? ORDER BY event_id")
+        .bind("u1")
+        .fetch_all()
+        .await
+        .unwrap();
+    assert_eq!(fin.len(), 2, "{fin:?}");
+    assert!(fin[0] == first || fin[0] == retried, "{:?}", fin[0]);
+    assert_eq!(fin[1], other);
+
+    let sql = arg_max_query(
+        "events",
+        EVENT_COLUMNS,
+        &["user_id", "event_time_ms", "event_id"],
+        "ingest_time_ms",
+        "user_id = ?",
+    );
+    let grouped: Vec<EventRow> = client.query(&sql).bind("u1").fetch_all().await.unwrap();
+    assert_eq!(grouped.len(), 2, "{grouped:?}");
+    assert!(
+        grouped[0] == first || grouped[0] == retried,
+        "{:?}",
+        grouped[0]
+    );
+    assert_eq!(grouped[1], other);
+    drop_database(&cfg).await;
+}
+
+#[tokio::test]
+async fn a_window_inserted_with_versions_3_and_5_reads_back_as_the_version_5_row() {
+    let cfg = fresh().await;
+    let early = window("u1", NOW, 3, 2, false);
+    let last = window("u1", NOW, 5, 7, true);
+    insert(&cfg, "user_activity", std::slice::from_ref(&early)).await;
+    insert(&cfg, "user_activity", std::slice::from_ref(&last)).await;
+    // Arrival order does not matter: here the final row lands first.
+    let late_early = window("u2", NOW, 3, 1, false);
+    let first_final = window("u2", NOW, 5, 4, true);
+    insert(&cfg, "user_activity", std::slice::from_ref(&first_final)).await;
+    insert(&cfg, "user_activity", std::slice::from_ref(&late_early)).await;
+    let client = cfg.client();
+
+    let fin: Vec<ActivityRow> = client
+        .query("SELECT ?fields FROM user_activity FINAL ORDER BY user_id, window_start_ms")
+        .fetch_all()
+        .await
+        .unwrap();
+    assert_eq!(fin, [last.clone(), first_final.clone()]);
+
+    let sql = arg_max_query(
+        "user_activity",
+        ACTIVITY_COLUMNS,
+        &["user_id", "window_start_ms"],
+        "version",
+        "1",
+    );
+    let grouped: Vec<ActivityRow> = client.query(&sql).fetch_all().await.unwrap();
+    assert_eq!(grouped, [last, first_final]);
+    drop_database(&cfg).await;
+}
+
+#[tokio::test]
+async fn retention_drops_only_partitions_older_than_n_days() {
+    let cfg = fresh().await;
+    let day = |n: i64| NOW - n * DAY_MS;
+    let events: Vec<EventRow> = [0, 3, 7, 8, 10]
+        .iter()
+        .map(|&n| EventRow::from_event(&event(&format!("e{n}"), "u1", day(n)), 0, n, None, NOW))
+        .collect();
+    insert(&cfg, "events", &events).await;
+    insert(
+        &cfg,
+        "user_activity",
+        &[
+            window("u1", day(10), 1, 1, true),
+            window("u1", day(1), 1, 1, true),
+        ],
+    )
+    .await;
+    let session = |id: &str, start: i64| {
+        SessionRow::from_session(
+            &pulse_contracts::pb::aggregates::v1::Session {
+                session_id: id.into(),
+                user_id: "u1".into(),
+                start_ms: start,
+                end_ms: start + 1_000,
+                duration_ms: 1_000,
+                version: 1,
+                ..Default::default()
+            },
+            NOW,
+        )
+    };
+    insert(
+        &cfg,
+        "sessions",
+        &[session("s8", day(8)), session("s2", day(2))],
+    )
+    .await;
+
+    let today = yyyymmdd_from_ms(NOW);
+    assert_eq!(today, 20240229);
+    let dropped = apply_retention(&cfg, 7, today).await.unwrap();
+    let s = |t: &str, p: &str| (t.to_owned(), p.to_owned());
+    assert_eq!(
+        dropped,
+        [
+            s("events", "20240219"),
+            s("events", "20240221"),
+            s("sessions", "20240221"),
+            s("user_activity", "20240219"),
+        ]
+    );
+
+    let left: Vec<String> = cfg
+        .client()
+        .query("SELECT event_id FROM events ORDER BY event_time_ms")
+        .fetch_all()
+        .await
+        .unwrap();
+    assert_eq!(left, ["e7", "e3", "e0"]);
+    let sessions: Vec<String> = cfg
+        .client()
+        .query("SELECT session_id FROM sessions")
+        .fetch_all()
+        .await
+        .unwrap();
+    assert_eq!(sessions, ["s2"]);
+    let windows: u64 = cfg
+        .client()
+        .query("SELECT count() FROM user_activity")
+        .fetch_one()
+        .await
+        .unwrap();
+    assert_eq!(windows, 1);
+    // Nothing left to drop.
+    assert!(apply_retention(&cfg, 7, today).await.unwrap().is_empty());
+    drop_database(&cfg).await;
+}
