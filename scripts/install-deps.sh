@@ -52,13 +52,13 @@ cargo_tool s3s-fs "$S3S_FS_VERSION" s3s-fs --features binary
 # boto3 speaks S3, confluent-kafka speaks Kafka) in a venv in the cache.
 VENV="$PULSE_CACHE/venv"
 # confluent-kafka[schemaregistry] brings the SchemaRegistryClient dependencies (authlib, httpx).
-PY_PACKAGES=(pyarrow boto3 "confluent-kafka[schemaregistry]" requests)
-if [ ! -f "$VENV/.ok-v2" ]; then
+PY_PACKAGES=(pyarrow boto3 "confluent-kafka[schemaregistry]" requests pyyaml)
+if [ ! -f "$VENV/.ok-v3" ]; then
   log "creating Python venv with ${PY_PACKAGES[*]}"
   python3 -m venv "$VENV" || die "python venv failed"
   "$VENV/bin/pip" install -q --upgrade pip >/dev/null || true
   "$VENV/bin/pip" install -q "${PY_PACKAGES[@]}" || die "pip install failed"
-  touch "$VENV/.ok-v2"
+  touch "$VENV/.ok-v3"
 else
   log "Python venv present"
 fi

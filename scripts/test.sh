@@ -53,6 +53,10 @@ if [ "${PULSE_TEST_LINT:-1}" = 1 ]; then
   cargo clippy --workspace --all-targets --quiet -- -D warnings || die "clippy found problems"
 fi
 
+log "docker-compose.yml syntax"
+"$PULSE_CACHE/venv/bin/python" -c 'import yaml, sys; d = yaml.safe_load(open("docker-compose.yml")); sys.exit(0 if d.get("services") else 1)' \
+  || die "docker-compose.yml is not valid YAML with services"
+
 log "cargo test --workspace"
 cargo test --workspace "$@"
 
