@@ -57,6 +57,10 @@ log "docker-compose.yml syntax"
 "$PULSE_CACHE/venv/bin/python" -c 'import yaml, sys; d = yaml.safe_load(open("docker-compose.yml")); sys.exit(0 if d.get("services") else 1)' \
   || die "docker-compose.yml is not valid YAML with services"
 
+# The service binaries first: some tests run them as child processes (e.g. SIGKILL tests).
+log "cargo build --bins"
+cargo build --quiet --bins
+
 log "cargo test --workspace"
 cargo test --workspace "$@"
 
@@ -65,7 +69,6 @@ cargo test --workspace "$@"
 # proto/ has uncommitted changes, else HEAD~1 (so the last commit's change is checked);
 # PULSE_SCHEMA_BASELINE overrides it.
 log "schema compatibility check"
-cargo build --quiet --bins
 if [ -z "${PULSE_SCHEMA_BASELINE:-}" ]; then
   if git diff --quiet HEAD -- proto 2>/dev/null; then PULSE_SCHEMA_BASELINE=HEAD~1; else PULSE_SCHEMA_BASELINE=HEAD; fi
 fi

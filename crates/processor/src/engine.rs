@@ -35,7 +35,7 @@ pub enum Outcome {
 
 /// What a partition's next owner needs to continue exactly where the last checkpoint was:
 /// written after every acknowledged emission, before the offsets are stored.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Checkpoint {
     /// The offset to resume from (the earliest record an open aggregate needs).
     pub resume_offset: i64,
@@ -43,6 +43,31 @@ pub struct Checkpoint {
     pub last_offset: i64,
     /// The partition's max event time (its watermark + the out-of-orderness).
     pub max_event_ms: Option<i64>,
+    /// The watermark the engine had used to close windows and sessions when the checkpoint
+    /// was written: a replayed record is known to be handled only if this closed its window.
+    #[serde(default)]
+    pub closed_watermark: Option<i64>,
+    /// Users with a session still open then, and its earliest start: a replayed record of
+    /// such a user at or after that start belongs to an open session; any other replayed
+    /// record's session was already final.
+    #[serde(default)]
+    pub open_sessions: std::collections::BTreeMap<String, i64>,
+}
+
+/// A partition being replayed after a restore.
+#[derive(Debug, Clone)]
+struct Replay {
+    open_sessions: std::collections::BTreeMap<String, i64>,
+    /// Records at or before this offset were processed before the restart.
+    until: i64,
+    /// The watermark that had closed windows then.
+    closed_watermark: Option<i64>,
+    /// Processing time of the restore.
+    since_ms: i64,
+    /// A record of the partition was processed since the restore.
+    seen: bool,
+    /// The replay reached `until`.
+    done: bool,
 }
 
 /// Results to produce.
@@ -66,8 +91,8 @@ pub struct Engine {
     sessions: Sessions,
     /// Last offset processed per partition.
     last_offset: HashMap<i32, i64>,
-    /// Per partition: records at or before this offset were processed before a restart.
-    replay_until: HashMap<i32, i64>,
+    /// Partitions restored from a checkpoint and their replay progress.
+    replays: HashMap<i32, Replay>,
     /// The highest watermark used so far: the combined watermark may step back when an
     /// idle partition wakes up, but a closed window must never reopen.
     high_watermark: Option<i64>,
@@ -82,7 +107,7 @@ impl Engine {
             sessions: Sessions::new(cfg),
             last_offset: HashMap::new(),
             high_watermark: None,
-            replay_until: HashMap::new(),
+            replays: HashMap::new(),
         }
     }
 
@@ -92,8 +117,27 @@ impl Engine {
         if let Some(t) = cp.max_event_ms {
             self.watermarks.observe(partition, t, now_ms);
         }
-        self.replay_until.insert(partition, cp.last_offset);
+        self.replays.insert(
+            partition,
+            Replay {
+                open_sessions: cp.open_sessions,
+                until: cp.last_offset,
+                closed_watermark: cp.closed_watermark,
+                since_ms: now_ms,
+                seen: false,
+                done: false,
+            },
+        );
         self.high_watermark = None;
+    }
+
+    /// Whether some restored partition is still replaying records processed before the
+    /// restart. Finals wait for it: a window rebuilt from part of its replay must not be
+    /// closed. A restored partition that delivers nothing for the idle timeout counts as done.
+    fn replaying(&self, now_ms: i64) -> bool {
+        self.replays.values().any(|r| {
+            !r.done && (r.seen || now_ms.saturating_sub(r.since_ms) < self.cfg.idle_timeout_ms)
+        })
     }
 
     /// The checkpoint of `partition` now; None before any record of it.
@@ -102,6 +146,8 @@ impl Engine {
             resume_offset: self.resume_offset(partition)?,
             last_offset: *self.last_offset.get(&partition)?,
             max_event_ms: self.watermarks.max_event_time(partition),
+            closed_watermark: self.high_watermark,
+            open_sessions: self.sessions.open_starts(partition),
         })
     }
 
@@ -128,7 +174,7 @@ impl Engine {
         self.windows.revoke(partition);
         self.sessions.revoke(partition);
         self.last_offset.remove(&partition);
-        self.replay_until.remove(&partition);
+        self.replays.remove(&partition);
     }
 
     /// A record of `partition` that could not be decoded: it still counts as processed.
@@ -150,12 +196,33 @@ impl Engine {
         {
             return Outcome::Duplicate;
         }
-        let replayed = self
-            .replay_until
-            .get(&event.partition)
-            .is_some_and(|last| event.offset <= *last);
-        if replayed && self.windows.is_late(event.event_time_ms, watermark) {
-            return Outcome::Replayed;
+        let mut replay = None;
+        if let Some(r) = self.replays.get_mut(&event.partition) {
+            r.seen = true;
+            if event.offset >= r.until {
+                r.done = true;
+            }
+            if event.offset <= r.until {
+                let session_open = r
+                    .open_sessions
+                    .get(&event.user_id)
+                    .is_some_and(|start| event.event_time_ms >= *start);
+                replay = Some((r.closed_watermark, session_open));
+            }
+        }
+        if let Some((closed, session_open)) = replay {
+            // Processed before the restart: decided as it was then. Its session is rebuilt
+            // only if that session was still open at the checkpoint (no lateness check: the
+            // record was accepted then).
+            if session_open {
+                let _ = self.sessions.add(event, None);
+            }
+            if self.windows.is_late(event.event_time_ms, closed) {
+                // Its window's final (or its late record) was produced before.
+                return Outcome::Replayed;
+            }
+            let _ = self.windows.add(event, closed);
+            return Outcome::Added { future };
         }
         if self.windows.is_late(event.event_time_ms, watermark) {
             let wm = watermark.unwrap_or(i64::MIN);
@@ -184,6 +251,9 @@ impl Engine {
     /// and (when `early`) updates of changed open ones.
     pub fn emit(&mut self, now_ms: i64, early: bool) -> Outputs {
         let watermark = self.advance_watermark(now_ms);
+        if self.replaying(now_ms) {
+            return Outputs::default();
+        }
         Outputs {
             activity: self.windows.emit(watermark, early),
             sessions: self.sessions.emit(watermark, early),

@@ -162,8 +162,8 @@ impl Processor {
                     self.engine.assign(p, now_ms());
                     if let Some(cp) = checkpoints.get(&p) {
                         tracing::info!(partition = p, ?cp, "continuing from checkpoint");
-                        self.engine.restore(p, *cp, now_ms());
-                        self.written.insert(p, *cp);
+                        self.engine.restore(p, cp.clone(), now_ms());
+                        self.written.insert(p, cp.clone());
                     }
                     assigned.insert(p);
                 }
@@ -284,7 +284,7 @@ impl Processor {
                         .await
                         .map_err(|e| RunError::Produce(e.to_string()))?,
                 );
-                self.written.insert(*p, cp);
+                self.written.insert(*p, cp.clone());
             }
         }
         for ack in acks {

@@ -282,6 +282,23 @@ impl Sessions {
             .min()
     }
 
+    /// Per user with an open session holding records of `partition`: the earliest start of
+    /// those sessions (for checkpoints: a replayed record at or after it belongs to a session
+    /// that was still open).
+    pub fn open_starts(&self, partition: i32) -> std::collections::BTreeMap<String, i64> {
+        self.users
+            .iter()
+            .filter_map(|(user, s)| {
+                s.open
+                    .iter()
+                    .filter(|o| o.offsets.contains_key(&partition))
+                    .map(|o| o.start_ms)
+                    .min()
+                    .map(|start| (user.clone(), start))
+            })
+            .collect()
+    }
+
     /// Drops the open sessions of `partition` (revoked in a rebalance), and the records of
     /// the partition's final sessions.
     pub fn revoke(&mut self, partition: i32) {

@@ -102,12 +102,17 @@ impl Watermarks {
     }
 
     /// The combined watermark at processing time `now_ms`; None when no assigned
-    /// partition has data.
+    /// partition has data, or while an active (not idle) assigned partition has none yet.
     pub fn current(&self, now_ms: i64) -> Option<i64> {
         let mut active_min: Option<i64> = None;
         let mut idle_max: Option<i64> = None;
         for state in self.partitions.values() {
             let Some(wm) = self.watermark_of(state) else {
+                // An active partition that has not delivered data yet (e.g. its backlog is
+                // still being fetched) holds the watermark back; an idle one does not.
+                if !self.is_idle(state, now_ms) {
+                    return None;
+                }
                 continue;
             };
             if self.is_idle(state, now_ms) {
@@ -187,10 +192,19 @@ mod tests {
         let mut w = Watermarks::new(cfg());
         w.assign(0, NOW);
         w.assign(1, NOW);
-        w.assign(2, NOW); // no data: does not hold anything back
+        w.assign(2, NOW);
         w.observe(0, NOW - 1_000, NOW);
         w.observe(1, NOW - 20_000, NOW);
+        // Partition 2 is active but delivered nothing yet (its backlog may still be on the
+        // way): no watermark, so partitions 0 and 1 cannot make its events late.
+        assert_eq!(w.current(NOW), None);
+        w.observe(2, NOW - 5_000, NOW);
         assert_eq!(w.current(NOW), Some(NOW - 21_000));
+        // Once silent for the idle timeout, a partition without data no longer holds it back.
+        let mut v = Watermarks::new(cfg());
+        v.assign(3, NOW);
+        v.observe(0, NOW - 1_000, NOW + 10_000);
+        assert_eq!(v.current(NOW + 10_000), Some(NOW - 2_000));
     }
 
     #[test]
@@ -213,7 +227,6 @@ mod tests {
         let mut w = Watermarks::new(cfg());
         w.observe(0, NOW - 20_000, NOW);
         w.observe(1, NOW - 1_000, NOW);
-        w.assign(2, NOW + 100_000); // active but without data
         assert_eq!(w.idle_partitions(NOW + 100_000), vec![0, 1]);
         assert_eq!(w.current(NOW + 100_000), Some(NOW - 2_000));
     }
