@@ -281,6 +281,16 @@ impl Engine {
         self.high_watermark
     }
 
+    /// `partition`'s own watermark (its max event time − the out-of-orderness).
+    pub fn partition_watermark(&self, partition: i32) -> Option<i64> {
+        self.watermarks.partition_watermark(partition)
+    }
+
+    /// The last offset of `partition` processed.
+    pub fn last_offset(&self, partition: i32) -> Option<i64> {
+        self.last_offset.get(&partition).copied()
+    }
+
     pub fn open_windows(&self) -> usize {
         self.windows.open_count()
     }

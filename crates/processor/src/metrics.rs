@@ -10,6 +10,9 @@ pub const OPEN_WINDOWS: &str = "pulse_processor_open_windows";
 pub const OPEN_SESSIONS: &str = "pulse_processor_open_sessions";
 pub const EMIT_SECONDS: &str = "pulse_processor_emit_seconds";
 pub const LAST_EVENT_TIME_MS: &str = "pulse_processor_last_event_time_ms";
+pub const PARTITION_WATERMARK_MS: &str = "pulse_processor_partition_watermark_ms";
+pub const HELD_RECORDS: &str = "pulse_processor_held_records";
+pub const CORRECTIONS_TOTAL: &str = "pulse_processor_corrections_total";
 
 pub fn describe() {
     describe_counter!(

@@ -298,6 +298,19 @@ impl Processor {
                     .mark_durable(&self.topics.events, *p, resume - 1)?;
             }
         }
+        for p in assigned {
+            let label = p.to_string();
+            if let Some(wm) = self.engine.partition_watermark(*p) {
+                metrics::gauge!(m::PARTITION_WATERMARK_MS, "partition" => label.clone())
+                    .set(wm as f64);
+            }
+            if let (Some(last), Some(resume)) =
+                (self.engine.last_offset(*p), self.engine.resume_offset(*p))
+            {
+                metrics::gauge!(m::HELD_RECORDS, "partition" => label)
+                    .set((last + 1 - resume).max(0) as f64);
+            }
+        }
         if let Some(wm) = self.engine.watermark() {
             metrics::gauge!(m::WATERMARK_MS).set(wm as f64);
             metrics::gauge!(m::WATERMARK_LAG_SECONDS).set((now - wm) as f64 / 1000.0);
@@ -314,7 +327,11 @@ impl Processor {
         trace: &OwnedHeaders,
         pending: &mut Vec<AckFuture>,
     ) -> Result<(), RunError> {
+        let watermark = self.engine.watermark();
         for a in outputs.activity {
+            if !a.r#final && watermark.is_some_and(|wm| a.window_end_ms <= wm) {
+                metrics::counter!(m::CORRECTIONS_TOTAL).increment(1);
+            }
             let key = format!("{}|{}", a.user_id, a.window_start_ms);
             let fin = if a.r#final { "true" } else { "false" };
             let value = self
