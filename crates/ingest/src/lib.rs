@@ -27,7 +27,7 @@ use pulse_contracts::wire::RegistryEncoder;
 use pulse_platform::config::{Problems, Validate};
 use pulse_platform::kafka::topics::{TopicError, TopicSpec, ensure_topics};
 use pulse_platform::kafka::{KafkaConfig, KafkaProducer};
-use pulse_platform::service::{ServiceConfig, ServiceContext};
+use pulse_platform::service::ServiceContext;
 use pulse_platform::telemetry::TelemetryConfig;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -298,14 +298,7 @@ impl Validate for Config {
     }
 }
 
-impl ServiceConfig for Config {
-    fn telemetry(&self) -> &TelemetryConfig {
-        &self.telemetry
-    }
-    fn admin_addr(&self) -> SocketAddr {
-        self.admin_addr
-    }
-}
+pulse_platform::impl_service_config!(Config);
 
 /// Why the service stopped with an error.
 #[derive(Debug, thiserror::Error)]

@@ -15,6 +15,7 @@ use prost::Message;
 use pulse_contracts::pb::events::v1::{Event, IngestInfo};
 use pulse_contracts::wire::{RegistryEncoder, WireError};
 use pulse_contracts::{headers, schemas, trace_context};
+use pulse_platform::kafka::producer::enqueue_with_wait;
 use pulse_platform::kafka::{AckFuture, OutRecord, ProduceError, RecordProducer};
 use rdkafka::message::OwnedHeaders;
 use tracing::Instrument;
@@ -150,26 +151,21 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// The `event_id` a rejected event claimed, if it is readable.
-fn claimed_event_id(json: &[u8]) -> String {
-    serde_json::from_slice::<serde_json::Value>(json)
-        .ok()
-        .and_then(|v| {
-            v.get("event_id")
-                .and_then(|e| e.as_str())
-                .map(str::to_owned)
-        })
+/// The `event_id` and `key.user_id` a rejected event claimed, where readable (one parse).
+fn claimed_ids(json: &[u8]) -> (String, Option<Vec<u8>>) {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(json) else {
+        return (String::new(), None);
+    };
+    let event_id = v
+        .get("event_id")
+        .and_then(|e| e.as_str())
         .unwrap_or_default()
-}
-
-fn claimed_user_id(json: &[u8]) -> Option<Vec<u8>> {
-    serde_json::from_slice::<serde_json::Value>(json)
-        .ok()
-        .and_then(|v| {
-            v.pointer("/key/user_id")
-                .and_then(|u| u.as_str())
-                .map(|u| u.as_bytes().to_vec())
-        })
+        .to_owned();
+    let user_id = v
+        .pointer("/key/user_id")
+        .and_then(|u| u.as_str())
+        .map(|u| u.as_bytes().to_vec());
+    (event_id, user_id)
 }
 
 /// The trace headers of a record: the current span's context, or — when no tracing
@@ -249,18 +245,11 @@ impl Ingestor {
     }
 
     async fn enqueue(&self, rec: OutRecord) -> Result<AckFuture, IngestError> {
-        let deadline = Instant::now() + self.inner.cfg.max_backpressure_wait;
-        let mut pause = Duration::from_millis(1);
-        loop {
-            match self.inner.producer.enqueue(rec.clone()) {
-                Ok(ack) => return Ok(ack),
-                Err(ProduceError::QueueFull) if Instant::now() < deadline => {
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_millis(50));
-                }
-                Err(ProduceError::QueueFull) => return Err(IngestError::Backpressure),
-                Err(e) => return Err(IngestError::Unavailable(e.to_string())),
-            }
+        let wait = self.inner.cfg.max_backpressure_wait;
+        match enqueue_with_wait(self.inner.producer.as_ref(), rec, wait).await {
+            Ok(ack) => Ok(ack),
+            Err(ProduceError::QueueFull) => Err(IngestError::Backpressure),
+            Err(e) => Err(IngestError::Unavailable(e.to_string())),
         }
     }
 
@@ -309,13 +298,13 @@ impl Ingestor {
         for (index, incoming) in events.into_iter().enumerate() {
             match validate(&incoming.json, now, &inner.cfg.limits) {
                 Err(error) => {
-                    let event_id = claimed_event_id(&incoming.json);
+                    let (event_id, user_key) = claimed_ids(&incoming.json);
                     metrics::counter!(m::EVENTS_TOTAL, "outcome" => "invalid", "reason" => error.code).increment(1);
                     let detail = error.to_string();
                     let rec = self.dlq_record(
                         source,
                         &incoming.original,
-                        claimed_user_id(&incoming.json),
+                        user_key,
                         &event_id,
                         error.code,
                         &detail,

@@ -79,6 +79,22 @@ pub trait ServiceConfig: Parser + Validate {
     fn admin_addr(&self) -> SocketAddr;
 }
 
+/// Implements [`ServiceConfig`] for a service config with `telemetry: TelemetryConfig` and
+/// `admin_addr: SocketAddr` fields.
+#[macro_export]
+macro_rules! impl_service_config {
+    ($config:ty) => {
+        impl $crate::service::ServiceConfig for $config {
+            fn telemetry(&self) -> &$crate::telemetry::TelemetryConfig {
+                &self.telemetry
+            }
+            fn admin_addr(&self) -> ::std::net::SocketAddr {
+                self.admin_addr
+            }
+        }
+    };
+}
+
 /// Error of a service's `main`.
 pub type MainError = Box<dyn std::error::Error + Send + Sync>;
 

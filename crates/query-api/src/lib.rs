@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 
 use pulse_platform::config::{Problems, Validate};
-use pulse_platform::service::{ServiceConfig, ServiceContext};
+use pulse_platform::service::ServiceContext;
 use pulse_platform::telemetry::TelemetryConfig;
 
 /// Service name: metrics label, OpenTelemetry `service.name`, log field.
@@ -37,14 +37,7 @@ impl Validate for Config {
     }
 }
 
-impl ServiceConfig for Config {
-    fn telemetry(&self) -> &TelemetryConfig {
-        &self.telemetry
-    }
-    fn admin_addr(&self) -> SocketAddr {
-        self.admin_addr
-    }
-}
+pulse_platform::impl_service_config!(Config);
 
 /// Why the service stopped with an error.
 #[derive(Debug, thiserror::Error)]

@@ -258,15 +258,12 @@ async fn get_version(
 ) -> Result<Response, ApiError> {
     let flags = Flags::from(query);
     let v = find_version(&log, &subject, &version, flags.deleted)?;
-    let reg = read(&log);
-    let stored = reg
-        .schema(v.id)
-        .ok_or_else(|| ApiError::SchemaNotFound(format!("id {}", v.id)))?;
+    let content = content_of(&log, v.id)?;
     let mut obj = serde_json::Map::new();
     obj.insert("subject".into(), json!(subject));
     obj.insert("version".into(), json!(v.version));
     obj.insert("id".into(), json!(v.id));
-    Ok(reply(schema_json(&stored.content, obj)))
+    Ok(reply(schema_json(&content, obj)))
 }
 
 async fn get_version_schema(
@@ -274,11 +271,16 @@ async fn get_version_schema(
     Path((subject, version)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     let v = find_version(&log, &subject, &version, false)?;
-    let reg = read(&log);
-    let stored = reg
-        .schema(v.id)
-        .ok_or_else(|| ApiError::SchemaNotFound(format!("id {}", v.id)))?;
-    Ok(stored.content.schema.clone().into_response())
+    let content = content_of(&log, v.id)?;
+    Ok(content.schema.into_response())
+}
+
+/// The schema stored under `id`, or 40403.
+fn content_of(log: &SchemaLog, id: u32) -> Result<SchemaContent, ApiError> {
+    read(log)
+        .schema(id)
+        .map(|s| s.content.clone())
+        .ok_or_else(|| ApiError::SchemaNotFound(format!("id {id}")))
 }
 
 fn parse_id(id: &str) -> Result<u32, ApiError> {
@@ -291,11 +293,8 @@ async fn get_schema_by_id(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
-    let reg = read(&log);
-    let stored = reg
-        .schema(id)
-        .ok_or_else(|| ApiError::SchemaNotFound(format!("id {id}")))?;
-    Ok(reply(schema_json(&stored.content, serde_json::Map::new())))
+    let content = content_of(&log, id)?;
+    Ok(reply(schema_json(&content, serde_json::Map::new())))
 }
 
 async fn get_raw_schema_by_id(
@@ -303,11 +302,8 @@ async fn get_raw_schema_by_id(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let id = parse_id(&id)?;
-    let reg = read(&log);
-    let stored = reg
-        .schema(id)
-        .ok_or_else(|| ApiError::SchemaNotFound(format!("id {id}")))?;
-    Ok(stored.content.schema.clone().into_response())
+    let content = content_of(&log, id)?;
+    Ok(content.schema.into_response())
 }
 
 async fn get_schema_versions(

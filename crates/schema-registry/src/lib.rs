@@ -19,7 +19,7 @@ use std::time::Duration;
 use pulse_platform::config::{Problems, Validate};
 use pulse_platform::kafka::KafkaConfig;
 use pulse_platform::kafka::topics::{TopicError, TopicSpec, ensure_topics};
-use pulse_platform::service::{ServiceConfig, ServiceContext};
+use pulse_platform::service::ServiceContext;
 use pulse_platform::telemetry::TelemetryConfig;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -93,14 +93,7 @@ impl Validate for Config {
     }
 }
 
-impl ServiceConfig for Config {
-    fn telemetry(&self) -> &TelemetryConfig {
-        &self.telemetry
-    }
-    fn admin_addr(&self) -> SocketAddr {
-        self.admin_addr
-    }
-}
+pulse_platform::impl_service_config!(Config);
 
 /// Why the registry stopped with an error.
 #[derive(Debug, thiserror::Error)]

@@ -101,6 +101,27 @@ pub trait RecordProducer: Send + Sync {
     fn enqueue(&self, record: OutRecord) -> Result<AckFuture, ProduceError>;
 }
 
+/// Queues `record` on any [`RecordProducer`], retrying while its local queue is full (1 ms
+/// doubling to 50 ms) for at most `max_backpressure_wait`; then returns the last result, so
+/// a queue still full is [`ProduceError::QueueFull`].
+pub async fn enqueue_with_wait(
+    producer: &(impl RecordProducer + ?Sized),
+    record: OutRecord,
+    max_backpressure_wait: Duration,
+) -> Result<AckFuture, ProduceError> {
+    let deadline = Instant::now() + max_backpressure_wait;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        match producer.enqueue(record.clone()) {
+            Err(ProduceError::QueueFull) if Instant::now() < deadline => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(50));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// The librdkafka-backed producer.
 #[derive(Clone)]
 pub struct KafkaProducer {
@@ -142,17 +163,7 @@ impl KafkaProducer {
         record: OutRecord,
         max_backpressure_wait: Duration,
     ) -> Result<AckFuture, ProduceError> {
-        let deadline = Instant::now() + max_backpressure_wait;
-        let mut pause = Duration::from_millis(1);
-        loop {
-            match self.enqueue(record.clone()) {
-                Err(ProduceError::QueueFull) if Instant::now() < deadline => {
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(Duration::from_millis(50));
-                }
-                other => return other,
-            }
-        }
+        enqueue_with_wait(self, record, max_backpressure_wait).await
     }
 
     /// Enqueues and waits for the acknowledgement.
