@@ -97,14 +97,14 @@ Pulse is up. State, data and logs: $STATE
   S3 (s3s-fs)         http://127.0.0.1:$S3_PORT  bucket '$S3_BUCKET'
   Schema registry     http://127.0.0.1:8081   (try: curl http://127.0.0.1:8081/subjects)
   Ingest              http://127.0.0.1:8080/v1/events, gRPC 127.0.0.1:50051 (API key: pulse-dev-key)
-    try: curl -s http://127.0.0.1:8080/v1/events -H 'Authorization: Bearer pulse-dev-key' \\
+    try: curl -s http://127.0.0.1:8080/v1/events -H 'Authorization: Bearer pulse-dev-key' -H 'Content-Type: application/json' \\
            -d '{"schema_version":1,"event_type":"page_view","key":{"user_id":"u-1"},"payload":{"page":"/"},"metadata":{"event_timestamp":'\$(date +%s000)'}}'
   Service admin       http://127.0.0.1:{9101 ingest, 9102 processor, 9103 writer-clickhouse,
                       9106 writer-parquet, 9104 query-api, 9105 schema-registry}/metrics|livez|readyz
 Logs:   scripts/dev.sh logs [name]      Status: scripts/dev.sh status      Stop: scripts/dev.sh down
-The schema registry and ingest work; processor, writer and query-api are skeletons for now
-(admin endpoints only): their work and the synthetic workload arrive with their issues
-(see README, Status).
+Events sent to ingest flow through the processor into ClickHouse (database 'pulse'; try:
+curl 'http://127.0.0.1:$CH_HTTP_PORT/?query=SELECT+count()+FROM+pulse.events+FINAL').
+Not there yet: the Parquet archive, the query API and the synthetic workload (README, Status).
 TXT
 }
 
