@@ -11,7 +11,9 @@ const PROTOS: &[&str] = &[
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let proto_root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    // Read at run time, not with env!(): a build script compiled in one checkout may be
+    // reused (same target dir) for a checkout at another path.
+    let proto_root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../../proto");
     println!("cargo:rerun-if-changed={}", proto_root.display());
     let fds = protox::compile(PROTOS, [&proto_root])?;
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
