@@ -4,6 +4,7 @@
 //! they never spell a topic or header as a string literal.
 
 pub mod headers;
+pub mod money;
 pub mod schemas;
 pub mod topics;
 pub mod trace_context;
