@@ -1,18 +1,26 @@
 #!/usr/bin/env bash
 # Benchmarks against a throwaway broker:
-#   scripts/bench.sh ingest [bench-ingest args]
+#   scripts/bench.sh ingest [bench-ingest args]       HTTP and gRPC ingest vs a raw producer
+#   scripts/bench.sh processor [bench-processor args] windowing core; processor loop vs a raw consumer
 # installs missing dependencies, starts Tansu on a free port in a temporary folder, builds
-# and runs the release `bench-ingest` binary (HTTP and gRPC ingest vs a raw rdkafka
-# producer; see tests/src/bin/bench_ingest.rs and `--help`), then stops the broker.
+# and runs the release benchmark binary (tests/src/bin/bench_<what>.rs; `--help` lists its
+# arguments), then stops the broker.
 # PULSE_BENCH_KEEP=1 keeps the temporary folder (broker log and data).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/stack.sh
 
-usage() { echo "usage: scripts/bench.sh ingest [--duration-secs N] [--batch N] [--concurrency N] [--warmup-secs N]" >&2; exit 2; }
+usage() {
+  echo "usage: scripts/bench.sh ingest [--duration-secs N] [--batch N] [--concurrency N] [--warmup-secs N]" >&2
+  echo "       scripts/bench.sh processor [--core-events N] [--loop-events N] [--users N]" >&2
+  exit 2
+}
 [ $# -ge 1 ] || usage
 what=$1; shift
-[ "$what" = ingest ] || usage
+case "$what" in
+  ingest|processor) ;;
+  *) usage ;;
+esac
 
 bash scripts/install-deps.sh
 
@@ -29,15 +37,21 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-log "building bench-ingest (release)"
-cargo build --release --quiet -p pulse-tests --bin bench-ingest
+log "building bench-$what (release)"
+cargo build --release --quiet -p pulse-tests --bin "bench-$what"
 
 KAFKA_PORT=$(free_port)
 log "starting Tansu in $STATE"
 start_kafka "$STATE" "$KAFKA_PORT"
 
-log "running bench-ingest against 127.0.0.1:$KAFKA_PORT"
-"$CARGO_TARGET_DIR/release/bench-ingest" --brokers "127.0.0.1:$KAFKA_PORT" "$@"
+log "running bench-$what against 127.0.0.1:$KAFKA_PORT"
+"$CARGO_TARGET_DIR/release/bench-$what" --brokers "127.0.0.1:$KAFKA_PORT" "$@"
 
-log "figures: the table above (events/s, request latency p50/p99 per phase); progress lines went to stderr"
-log "vs raw = phase events/s ÷ mean of the raw rdkafka producer's first and last runs (same records, broker and topic); goal >= 0.8"
+case "$what" in
+  ingest)
+    log "figures: the table above (events/s, request latency p50/p99 per phase); progress lines went to stderr"
+    log "vs raw = phase events/s ÷ mean of the raw rdkafka producer's first and last runs (same records, broker and topic); goal >= 0.8" ;;
+  processor)
+    log "figures: the table above; events/cpu-s counts the whole process's CPU time (librdkafka threads included)"
+    log "vs raw = processor loop events/s ÷ mean of the raw consumer's first and last runs (same topic and records); goal >= 0.8" ;;
+esac

@@ -9,7 +9,8 @@ source "$(dirname "$0")/lib.sh"
 TANSU_VERSION=0.6.0
 S3S_FS_VERSION=0.14.1
 APT_PACKAGES=(clickhouse-server clickhouse-client protobuf-compiler prometheus
-  cmake pkg-config build-essential zlib1g-dev libssl-dev libcurl4-openssl-dev python3-venv)
+  cmake pkg-config build-essential zlib1g-dev libssl-dev libcurl4-openssl-dev python3-venv
+  chromium)  # chromium: the query API's dashboard test renders the page headless
 
 mkdir -p "$PULSE_TOOLS/bin"
 

@@ -4,6 +4,8 @@
 //! A test that needs a backing service fails — never skips — when its address is
 //! missing: run the suite with `scripts/test.sh`, which starts the real servers.
 
+pub mod otlp;
+
 use pulse_platform::clickhouse::ClickHouseConfig;
 use pulse_platform::kafka::KafkaConfig;
 use pulse_platform::s3::S3Config;

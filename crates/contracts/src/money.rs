@@ -19,7 +19,9 @@ pub fn micros_to_decimal(micros: i64) -> String {
 /// Sums micros, `None` on overflow (a sum that cannot be shown exactly is an error, not a
 /// wrapped number).
 pub fn checked_sum(values: impl IntoIterator<Item = i64>) -> Option<i64> {
-    values.into_iter().try_fold(0i64, |acc, v| acc.checked_add(v))
+    values
+        .into_iter()
+        .try_fold(0i64, |acc, v| acc.checked_add(v))
 }
 
 #[cfg(test)]

@@ -10,6 +10,9 @@ use std::time::Duration;
 use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
 use metrics_exporter_prometheus::{BuildError, PrometheusBuilder, PrometheusHandle};
 
+/// The handle that renders the registry in the Prometheus text format.
+pub use metrics_exporter_prometheus::PrometheusHandle as Handle;
+
 pub const KAFKA_PRODUCED_TOTAL: &str = "pulse_kafka_produced_records_total";
 pub const KAFKA_PRODUCE_ERRORS_TOTAL: &str = "pulse_kafka_produce_errors_total";
 pub const KAFKA_PRODUCE_BACKPRESSURE_TOTAL: &str = "pulse_kafka_produce_backpressure_total";

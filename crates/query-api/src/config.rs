@@ -1,0 +1,231 @@
+//! The query API's configuration: clap flags with `PULSE_*` environment fallbacks, every
+//! one documented in the README's "Query API" section, validated at start.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use pulse_platform::clickhouse::ClickHouseConfig;
+use pulse_platform::config::{Problems, Validate};
+use pulse_platform::telemetry::TelemetryConfig;
+
+use crate::auth::Tokens;
+use crate::query::Limits;
+
+/// The token of the local dev stack (documented in the README; never use it elsewhere).
+pub const DEV_TOKEN: &str = "pulse-dev-token";
+
+/// Configuration; every flag has a `PULSE_*` environment fallback (see README).
+#[derive(Clone, clap::Parser)]
+#[command(
+    name = "pulse-query-api",
+    version,
+    about = "Analytics over HTTP and gRPC with freshness metadata, and the live dashboard."
+)]
+pub struct Config {
+    /// HTTP listen address (JSON API, OpenAPI, dashboard).
+    #[arg(
+        long = "http-addr",
+        env = "PULSE_QUERY_HTTP_ADDR",
+        default_value = "127.0.0.1:8090"
+    )]
+    pub http_addr: SocketAddr,
+    /// gRPC listen address.
+    #[arg(
+        long = "grpc-addr",
+        env = "PULSE_QUERY_GRPC_ADDR",
+        default_value = "127.0.0.1:50052"
+    )]
+    pub grpc_addr: SocketAddr,
+    /// Address of the admin server (/metrics, /livez, /readyz).
+    #[arg(
+        long = "admin-addr",
+        env = "PULSE_ADMIN_ADDR",
+        default_value = "127.0.0.1:9104"
+    )]
+    pub admin_addr: SocketAddr,
+    /// Bearer tokens, comma-separated. Prefer the env var or a file; never logged.
+    #[arg(
+        long = "api-tokens",
+        env = "PULSE_QUERY_API_TOKENS",
+        default_value = "",
+        hide_env_values = true,
+        hide_default_value = true
+    )]
+    pub api_tokens: String,
+    /// File with one bearer token per line (e.g. a mounted Kubernetes secret).
+    #[arg(long = "api-tokens-file", env = "PULSE_QUERY_API_TOKENS_FILE")]
+    pub api_tokens_file: Option<PathBuf>,
+    /// The processor's allowed lateness, ms (must equal the processor's): the watermark
+    /// reported is the latest final window end plus this.
+    #[arg(
+        long = "allowed-lateness-ms",
+        env = "PULSE_QUERY_ALLOWED_LATENESS_MS",
+        default_value_t = 60_000
+    )]
+    pub allowed_lateness_ms: i64,
+    /// The processor's window length, ms: a series step must be a whole number of windows.
+    #[arg(
+        long = "window-ms",
+        env = "PULSE_QUERY_WINDOW_MS",
+        default_value_t = 60_000
+    )]
+    pub window_ms: i64,
+    /// Most buckets one series answer may have.
+    #[arg(
+        long = "max-points",
+        env = "PULSE_QUERY_MAX_POINTS",
+        default_value_t = 1500
+    )]
+    pub max_points: usize,
+    /// ClickHouse query timeout, ms (504 / DEADLINE_EXCEEDED after it).
+    #[arg(
+        long = "query-timeout-ms",
+        env = "PULSE_QUERY_TIMEOUT_MS",
+        default_value_t = 10_000
+    )]
+    pub query_timeout_ms: u64,
+    /// How long the table-wide freshness is cached, ms (0 = read it for every request).
+    #[arg(
+        long = "freshness-cache-ms",
+        env = "PULSE_QUERY_FRESHNESS_CACHE_MS",
+        default_value_t = 1000
+    )]
+    pub freshness_cache_ms: u64,
+    #[command(flatten)]
+    pub clickhouse: ClickHouseConfig,
+    #[command(flatten)]
+    pub telemetry: TelemetryConfig,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("http_addr", &self.http_addr)
+            .field("grpc_addr", &self.grpc_addr)
+            .field("admin_addr", &self.admin_addr)
+            .field("api_tokens", &"<redacted>")
+            .field("api_tokens_file", &self.api_tokens_file)
+            .field("allowed_lateness_ms", &self.allowed_lateness_ms)
+            .field("window_ms", &self.window_ms)
+            .field("max_points", &self.max_points)
+            .field("query_timeout_ms", &self.query_timeout_ms)
+            .field("freshness_cache_ms", &self.freshness_cache_ms)
+            .field("clickhouse", &self.clickhouse)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Config {
+    /// Every accepted token, from the list and the file.
+    pub fn tokens(&self) -> Result<Tokens, String> {
+        let mut tokens = Tokens::parse_list(&self.api_tokens);
+        if let Some(path) = &self.api_tokens_file {
+            tokens.extend(Tokens::read_file(path)?);
+        }
+        Ok(tokens)
+    }
+
+    pub fn limits(&self) -> Limits {
+        Limits {
+            window_ms: self.window_ms,
+            max_points: self.max_points,
+            allowed_lateness_ms: self.allowed_lateness_ms,
+        }
+    }
+
+    pub fn query_timeout(&self) -> Duration {
+        Duration::from_millis(self.query_timeout_ms)
+    }
+
+    pub fn freshness_ttl(&self) -> Duration {
+        Duration::from_millis(self.freshness_cache_ms)
+    }
+}
+
+const TOKENS_KEY: &str = "--api-tokens / PULSE_QUERY_API_TOKENS / --api-tokens-file";
+
+impl Validate for Config {
+    fn validate(&self, p: &mut Problems) {
+        match self.tokens() {
+            Ok(t) => p.check(
+                !t.is_empty(),
+                TOKENS_KEY,
+                "at least one API token is required",
+            ),
+            Err(e) => p.add(TOKENS_KEY, e),
+        }
+        p.check(
+            self.allowed_lateness_ms >= 0,
+            "--allowed-lateness-ms",
+            "must be >= 0",
+        );
+        p.check(
+            self.window_ms > 0 && crate::params::DAY_MS % self.window_ms == 0,
+            "--window-ms",
+            "must be > 0 and divide one day",
+        );
+        p.check(self.max_points >= 1, "--max-points", "must be >= 1");
+        p.check(
+            self.query_timeout_ms >= 1,
+            "--query-timeout-ms",
+            "must be >= 1",
+        );
+        self.clickhouse.validate(p);
+        self.telemetry.validate(p);
+    }
+}
+
+pulse_platform::impl_service_config!(Config);
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+    use pulse_platform::config::validate_all;
+
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_readme() {
+        let c = Config::try_parse_from(["q", "--api-tokens", "t"]).unwrap();
+        assert_eq!(c.http_addr.to_string(), "127.0.0.1:8090");
+        assert_eq!(c.grpc_addr.to_string(), "127.0.0.1:50052");
+        assert_eq!(c.admin_addr.to_string(), "127.0.0.1:9104");
+        assert_eq!((c.allowed_lateness_ms, c.window_ms), (60_000, 60_000));
+        assert_eq!(
+            (c.max_points, c.query_timeout_ms, c.freshness_cache_ms),
+            (1500, 10_000, 1000)
+        );
+        validate_all(&[&c]).unwrap();
+    }
+
+    #[test]
+    fn a_config_without_tokens_is_refused() {
+        let c = Config::try_parse_from(["q", "--api-tokens", " , "]).unwrap();
+        let err = validate_all(&[&c]).unwrap_err();
+        assert!(err.to_string().contains("at least one API token"), "{err}");
+    }
+
+    #[test]
+    fn debug_output_never_shows_tokens() {
+        let c = Config::try_parse_from(["q", "--api-tokens", "hunter2"]).unwrap();
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn bad_knobs_are_all_reported() {
+        let c = Config::try_parse_from([
+            "q",
+            "--api-tokens",
+            "t",
+            "--window-ms",
+            "7",
+            "--max-points",
+            "0",
+            "--query-timeout-ms",
+            "0",
+        ])
+        .unwrap();
+        assert_eq!(validate_all(&[&c]).unwrap_err().0.len(), 3);
+    }
+}

@@ -1,0 +1,363 @@
+//! The query core shared by HTTP and gRPC: typed parameters in, typed answers (epoch
+//! milliseconds, exact money strings) with their freshness out. The meaning of every
+//! number is defined here (README "Query API"); the SQL is in `store`, parsing in
+//! `params`, and each transport only converts to its wire shape.
+
+use std::time::Duration;
+
+use pulse_contracts::money::micros_to_decimal;
+
+use crate::error::QueryError;
+use crate::freshness::{self, Freshness, FreshnessCache, StageFreshness};
+use crate::params::{HOUR_MS, Step, TimeRange, Window, now_ms};
+use crate::store::{RevenueRow, SessionsRow, Store};
+
+/// An answer and the freshness of the data it was computed from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Answer<T> {
+    pub data: T,
+    pub freshness: Freshness,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ActiveUsersPoint {
+    pub ts_ms: i64,
+    pub active_users: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevenuePoint {
+    pub ts_ms: i64,
+    pub currency: String,
+    /// Exact decimal, e.g. `12.34`.
+    pub amount: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CurrencyTotal {
+    pub currency: String,
+    pub amount: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageViews {
+    pub page: String,
+    pub views: u64,
+    pub unique_users: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserSummary {
+    pub user_id: String,
+    pub first_seen_ms: i64,
+    pub last_seen_ms: i64,
+    pub page_views: u64,
+    pub events: u64,
+    pub sessions: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SessionStats {
+    pub sessions: u64,
+    pub avg_duration_seconds: f64,
+    pub p50_duration_seconds: f64,
+    pub p95_duration_seconds: f64,
+    pub avg_pages: f64,
+}
+
+/// Knobs the answers depend on.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// The processor's window length: a step must be a whole number of windows.
+    pub window_ms: i64,
+    pub max_points: usize,
+    pub allowed_lateness_ms: i64,
+}
+
+/// The nearest-rank percentile `pct`/100 of ascending `sorted`: the element at index
+/// ceil(pct/100 · n) − 1 (integer arithmetic, no float rounding), `None` when empty.
+pub fn nearest_rank(sorted: &[i64], pct: u32) -> Option<i64> {
+    let n = sorted.len();
+    if n == 0 {
+        return None;
+    }
+    let pct = usize::try_from(pct.clamp(1, 100)).unwrap_or(100);
+    let rank = (pct * n).div_ceil(100);
+    sorted.get(rank.max(1) - 1).copied()
+}
+
+/// Session statistics of a [`SessionsRow`]: all 0 when there are none.
+pub fn session_stats(row: &SessionsRow) -> SessionStats {
+    if row.count == 0 {
+        return SessionStats {
+            sessions: 0,
+            avg_duration_seconds: 0.0,
+            p50_duration_seconds: 0.0,
+            p95_duration_seconds: 0.0,
+            avg_pages: 0.0,
+        };
+    }
+    let n = row.count as f64;
+    let secs = |ms: Option<i64>| ms.unwrap_or(0) as f64 / 1000.0;
+    SessionStats {
+        sessions: row.count,
+        avg_duration_seconds: row.total_duration_ms as f64 / n / 1000.0,
+        p50_duration_seconds: secs(nearest_rank(&row.durations_ms, 50)),
+        p95_duration_seconds: secs(nearest_rank(&row.durations_ms, 95)),
+        avg_pages: row.total_pages as f64 / n,
+    }
+}
+
+fn amount(row: &RevenueRow) -> Result<String, QueryError> {
+    row.micros().map(micros_to_decimal).ok_or_else(|| {
+        QueryError::Internal(format!(
+            "the revenue total of {} does not fit 64-bit micros",
+            row.currency
+        ))
+    })
+}
+
+/// The query engine: a store, the freshness cache and the limits.
+#[derive(Debug)]
+pub struct Engine {
+    store: Store,
+    freshness: FreshnessCache,
+    limits: Limits,
+}
+
+impl Engine {
+    pub fn new(store: Store, freshness_ttl: Duration, limits: Limits) -> Self {
+        Self {
+            store,
+            freshness: FreshnessCache::new(freshness_ttl),
+            limits,
+        }
+    }
+
+    /// Runs `data` and the (cached) freshness together; the answer covers times before `to_ms`.
+    async fn answer<T>(
+        &self,
+        to_ms: i64,
+        data: impl Future<Output = Result<T, QueryError>>,
+    ) -> Result<Answer<T>, QueryError> {
+        let (data, table) = tokio::try_join!(data, self.freshness.get(&self.store))?;
+        Ok(Answer {
+            data,
+            freshness: table.for_answer(to_ms, now_ms(), self.limits.allowed_lateness_ms),
+        })
+    }
+
+    /// The buckets of a series, checking the step against the window length and the
+    /// point limit.
+    fn buckets(&self, range: TimeRange, step: Step) -> Result<Vec<i64>, QueryError> {
+        if self.limits.window_ms > 0 && step.ms % self.limits.window_ms != 0 {
+            return Err(QueryError::invalid(
+                "step",
+                format!(
+                    "{} is not a whole number of the processor's {} ms windows",
+                    step.label, self.limits.window_ms
+                ),
+            ));
+        }
+        step.buckets(range, self.limits.max_points)
+    }
+
+    /// Distinct users with activity per bucket; every bucket present, 0 when empty.
+    pub async fn active_users(
+        &self,
+        range: TimeRange,
+        step: Step,
+    ) -> Result<Answer<Vec<ActiveUsersPoint>>, QueryError> {
+        let buckets = self.buckets(range, step)?;
+        let fetch = self.store.active_users(step.ms, range.from_ms, range.to_ms);
+        self.answer(range.to_ms, async move {
+            let rows = fetch.await?;
+            Ok(buckets
+                .into_iter()
+                .map(|ts_ms| ActiveUsersPoint {
+                    ts_ms,
+                    active_users: rows
+                        .iter()
+                        .find(|r| r.bucket == ts_ms)
+                        .map_or(0, |r| r.users),
+                })
+                .collect())
+        })
+        .await
+    }
+
+    /// Distinct users with a window starting at or after now − `window`.
+    pub async fn active_users_current(&self, window: &Window) -> Result<Answer<u64>, QueryError> {
+        let now = now_ms();
+        self.answer(now, self.store.active_users_since(now - window.ms))
+            .await
+    }
+
+    /// Revenue per bucket and currency (only pairs with data), ts asc then currency asc.
+    pub async fn revenue(
+        &self,
+        range: TimeRange,
+        step: Step,
+        currency: Option<&str>,
+    ) -> Result<Answer<Vec<RevenuePoint>>, QueryError> {
+        self.buckets(range, step)?;
+        let fetch = self
+            .store
+            .revenue(step.ms, range.from_ms, range.to_ms, currency);
+        self.answer(range.to_ms, async move {
+            fetch
+                .await?
+                .iter()
+                .map(|r| {
+                    Ok(RevenuePoint {
+                        ts_ms: r.bucket,
+                        currency: r.currency.clone(),
+                        amount: amount(r)?,
+                    })
+                })
+                .collect()
+        })
+        .await
+    }
+
+    /// Revenue per currency over windows starting in the last hour.
+    pub async fn revenue_last_hour(&self) -> Result<Answer<Vec<CurrencyTotal>>, QueryError> {
+        let now = now_ms();
+        let fetch = self.store.revenue_since(now - HOUR_MS);
+        self.answer(now, async move {
+            fetch
+                .await?
+                .iter()
+                .map(|r| {
+                    Ok(CurrencyTotal {
+                        currency: r.currency.clone(),
+                        amount: amount(r)?,
+                    })
+                })
+                .collect()
+        })
+        .await
+    }
+
+    /// Pages by views (desc, then page asc), with distinct viewers.
+    pub async fn top_pages(
+        &self,
+        range: TimeRange,
+        limit: u32,
+    ) -> Result<Answer<Vec<PageViews>>, QueryError> {
+        let fetch = self.store.top_pages(range.from_ms, range.to_ms, limit);
+        self.answer(range.to_ms, async move {
+            Ok(fetch
+                .await?
+                .into_iter()
+                .map(|r| PageViews {
+                    page: r.page,
+                    views: r.views,
+                    unique_users: r.viewers,
+                })
+                .collect())
+        })
+        .await
+    }
+
+    /// One user's activity in the range; `NotFound` without a window in it.
+    pub async fn user(
+        &self,
+        user_id: &str,
+        range: TimeRange,
+    ) -> Result<Answer<UserSummary>, QueryError> {
+        let windows = self.store.user(user_id, range.from_ms, range.to_ms);
+        let sessions = self
+            .store
+            .sessions(range.from_ms, range.to_ms, Some(user_id));
+        self.answer(range.to_ms, async move {
+            let (w, s) = tokio::try_join!(windows, sessions)?;
+            if w.windows == 0 {
+                return Err(QueryError::NotFound(format!(
+                    "user {user_id:?} has no activity in the range"
+                )));
+            }
+            Ok(UserSummary {
+                user_id: user_id.to_owned(),
+                first_seen_ms: w.first_seen,
+                last_seen_ms: w.last_seen,
+                page_views: w.page_views,
+                events: w.events,
+                sessions: s.count,
+            })
+        })
+        .await
+    }
+
+    /// Statistics of the current sessions starting in the range.
+    pub async fn sessions(&self, range: TimeRange) -> Result<Answer<SessionStats>, QueryError> {
+        let fetch = self.store.sessions(range.from_ms, range.to_ms, None);
+        self.answer(range.to_ms, async move { Ok(session_stats(&fetch.await?)) })
+            .await
+    }
+
+    /// Freshness of each pipeline stage.
+    pub async fn stages(&self) -> Result<Vec<StageFreshness>, QueryError> {
+        freshness::stages(&self.store, &self.freshness, now_ms()).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nearest_rank_takes_the_element_at_ceil_q_n_minus_one() {
+        let v: Vec<i64> = (1..=20).collect();
+        assert_eq!(nearest_rank(&v, 50), Some(10)); // ceil(10) - 1 = index 9
+        assert_eq!(nearest_rank(&v, 95), Some(19)); // ceil(19) - 1 = index 18
+        assert_eq!(nearest_rank(&v, 100), Some(20));
+        let v = [3, 7, 9];
+        assert_eq!(nearest_rank(&v, 50), Some(7)); // ceil(1.5) - 1 = 1
+        assert_eq!(nearest_rank(&v, 95), Some(9)); // ceil(2.85) - 1 = 2
+        assert_eq!(nearest_rank(&[42], 50), Some(42));
+        assert_eq!(nearest_rank(&[42], 95), Some(42));
+        assert_eq!(nearest_rank(&[], 50), None);
+        // Where q·n is a whole number, no float error pushes the rank up by one.
+        let v: Vec<i64> = (1..=100).collect();
+        for q in [50u32, 95] {
+            assert_eq!(nearest_rank(&v, q), Some(i64::from(q)));
+        }
+    }
+
+    #[test]
+    fn session_stats_average_and_take_percentiles_in_seconds() {
+        let row = SessionsRow {
+            count: 4,
+            total_duration_ms: 10_000,
+            total_pages: 10,
+            durations_ms: vec![1_000, 2_000, 3_000, 4_000],
+        };
+        let s = session_stats(&row);
+        assert_eq!(s.sessions, 4);
+        assert_eq!(s.avg_duration_seconds, 2.5);
+        assert_eq!(s.p50_duration_seconds, 2.0);
+        assert_eq!(s.p95_duration_seconds, 4.0);
+        assert_eq!(s.avg_pages, 2.5);
+    }
+
+    #[test]
+    fn no_sessions_means_all_zero() {
+        let s = session_stats(&SessionsRow {
+            count: 0,
+            total_duration_ms: 0,
+            total_pages: 0,
+            durations_ms: vec![],
+        });
+        assert_eq!(
+            (
+                s.sessions,
+                s.avg_duration_seconds,
+                s.p50_duration_seconds,
+                s.p95_duration_seconds,
+                s.avg_pages
+            ),
+            (0, 0.0, 0.0, 0.0, 0.0)
+        );
+    }
+}

@@ -1,0 +1,456 @@
+//! Processor throughput benchmark, in two parts:
+//!
+//! 1. **Windowing core**: `pulse_processor::engine::Engine` alone (no Kafka) folds a
+//!    generated stream of out-of-order events from many users and emits early and final
+//!    results as processing time advances. Prints events/s and events per CPU-second.
+//! 2. **Whole loop vs raw consumer**: the same kind of stream is produced once to a topic;
+//!    then a raw consumer (the platform's `KafkaConsumer`, a fresh group, nothing done per
+//!    record but counting) reads all of it, then the real processor loop
+//!    (`pulse_processor::build` + `run`: consume, decode, aggregate, produce results, write
+//!    checkpoints, store offsets) with a fresh group, then the raw consumer again. The
+//!    baseline is the mean of the two raw runs; the ratio's goal is >= 0.8. The processor
+//!    is done when its `pulse_processor_events_total` counters reach the record count.
+//!
+//! CPU seconds are the process's user + system time from /proc/self/stat (Linux); a
+//! phase's figure includes every thread of the process (librdkafka's too).
+//!
+//! Run it with `scripts/bench.sh processor`, which starts a broker; this binary only needs
+//! `--brokers`. It is a measurement, not a test: it exits 0 whatever the ratio.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+use clap::Parser;
+use prost::Message as _;
+use pulse_contracts::pb::events::v1 as ev;
+use pulse_contracts::{headers, schemas, wire};
+use pulse_platform::kafka::{
+    KafkaConfig, KafkaConsumer, KafkaProducer, OutRecord, TopicSpec, ensure_topics,
+};
+use pulse_processor::engine::Engine;
+use pulse_processor::model::{InputEvent, TimeConfig};
+use rdkafka::message::OwnedHeaders;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "bench-processor",
+    about = "Processor events/s: the windowing core, and the whole loop beside a raw consumer."
+)]
+struct Args {
+    /// Bootstrap brokers of the broker to measure against.
+    #[arg(long, env = "PULSE_BENCH_KAFKA_BROKERS")]
+    brokers: String,
+    /// Events fed to the windowing core.
+    #[arg(long, default_value_t = 1_000_000)]
+    core_events: usize,
+    /// The core emits (early results, and finals the watermark allows) after every this
+    /// many events: one emit tick of the loop (1 s) at ~10k events/s.
+    #[arg(long, default_value_t = 10_000)]
+    core_emit_every: usize,
+    /// Events produced to the topic for the loop phases.
+    #[arg(long, default_value_t = 200_000)]
+    loop_events: usize,
+    /// Distinct users.
+    #[arg(long, default_value_t = 5_000)]
+    users: usize,
+    /// Mean event-time step between consecutive events, ms (the stream's event-time rate).
+    #[arg(long, default_value_t = 2)]
+    step_ms: i64,
+    /// Partitions of the benchmark topic.
+    #[arg(long, default_value_t = 3)]
+    partitions: i32,
+}
+
+/// Process CPU time (user + system) in seconds, from /proc/self/stat.
+fn cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return f64::NAN;
+    };
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return f64::NAN;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, i.e. 11 and 12 after ')'.
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok());
+    match (ticks(11), ticks(12)) {
+        // The kernel's USER_HZ is 100 on every Linux this runs on.
+        (Some(u), Some(s)) => (u + s) / 100.0,
+        _ => f64::NAN,
+    }
+}
+
+/// A small deterministic generator (xorshift), so every run sees the same stream.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+}
+
+const PAGES: &[&str] = &[
+    "/",
+    "/home",
+    "/search",
+    "/product/1",
+    "/product/2",
+    "/product/3",
+    "/cart",
+    "/checkout",
+    "/about",
+    "/blog",
+];
+
+/// The benchmark stream: event `n` of user `n * 7919 % users`, event time advancing by
+/// `step_ms` on average with up to 2 s of disorder; 1 in 20 is a purchase.
+fn stream(count: usize, users: usize, step_ms: i64, partitions: i32) -> Vec<InputEvent> {
+    let base = 1_764_000_000_000_i64;
+    let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+    (0..count)
+        .map(|n| {
+            let user = (n as u64 * 7_919 % users as u64) as usize;
+            let purchase = rng.below(20) == 0;
+            let jitter = rng.below(2_000) as i64;
+            InputEvent {
+                partition: (user % partitions.max(1) as usize) as i32,
+                offset: n as i64,
+                event_id: format!("b-{n}"),
+                user_id: format!("user-{user}"),
+                event_type: if purchase { "purchase" } else { "page_view" }.into(),
+                page: if purchase {
+                    String::new()
+                } else {
+                    PAGES[rng.below(PAGES.len() as u64) as usize].into()
+                },
+                currency: if purchase {
+                    "EUR".into()
+                } else {
+                    String::new()
+                },
+                amount_micros: purchase.then_some(1_990_000),
+                event_time_ms: base + n as i64 * step_ms - jitter,
+                ingest_ms: base + n as i64 * step_ms,
+            }
+        })
+        .collect()
+}
+
+fn time_config() -> TimeConfig {
+    TimeConfig {
+        window_ms: 60_000,
+        allowed_lateness_ms: 60_000,
+        max_out_of_orderness_ms: 5_000,
+        idle_timeout_ms: 30_000,
+        max_future_skew_ms: 300_000,
+        session_gap_ms: 1_800_000,
+    }
+}
+
+struct Figures {
+    name: &'static str,
+    events: usize,
+    secs: f64,
+    cpu: f64,
+}
+
+impl Figures {
+    fn rate(&self) -> f64 {
+        self.events as f64 / self.secs
+    }
+    fn per_cpu(&self) -> f64 {
+        self.events as f64 / self.cpu
+    }
+}
+
+/// The core: process every event; every `emit_every` events (one emit tick) advance
+/// processing time to the stream's time and emit (early results; finals as the watermark
+/// passes).
+fn bench_core(events: &[InputEvent], partitions: i32, emit_every: usize) -> (Figures, u64) {
+    let mut engine = Engine::new(time_config());
+    let start_ms = events.first().map(|e| e.ingest_ms).unwrap_or_default();
+    for p in 0..partitions {
+        engine.assign(p, start_ms);
+    }
+    let mut outputs = 0u64;
+    let cpu0 = cpu_seconds();
+    let t0 = Instant::now();
+    for chunk in events.chunks(emit_every.max(1)) {
+        let now = chunk.last().map(|e| e.ingest_ms).unwrap_or(start_ms);
+        for e in chunk {
+            engine.process(e, now);
+        }
+        let out = engine.emit(now, true);
+        outputs += (out.activity.len() + out.sessions.len()) as u64;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let cpu = cpu_seconds() - cpu0;
+    (
+        Figures {
+            name: "windowing core",
+            events: events.len(),
+            secs,
+            cpu,
+        },
+        outputs,
+    )
+}
+
+fn to_event(e: &InputEvent) -> ev::Event {
+    ev::Event {
+        event_id: e.event_id.clone(),
+        schema_version: 1,
+        event_type: e.event_type.clone(),
+        key: Some(ev::EventKey {
+            user_id: e.user_id.clone(),
+            session_id: String::new(),
+        }),
+        payload: Some(ev::Payload {
+            page: e.page.clone(),
+            currency: e.currency.clone(),
+            amount_micros: e.amount_micros,
+            ..Default::default()
+        }),
+        metadata: Some(ev::Metadata {
+            event_timestamp_ms: e.event_time_ms,
+            ..Default::default()
+        }),
+        ingest: None,
+    }
+}
+
+async fn produce(kafka: &KafkaConfig, topic: &str, events: &[InputEvent]) -> Result<()> {
+    let producer = KafkaProducer::new(kafka, "bench-processor-load")?;
+    let mut acks = Vec::with_capacity(10_000);
+    for e in events {
+        let h = headers::with_str(OwnedHeaders::new(), headers::EVENT_ID, &e.event_id);
+        let h = headers::with_str(h, headers::INGEST_TS, &e.ingest_ms.to_string());
+        let rec = OutRecord::new(
+            topic,
+            Some(e.user_id.clone().into_bytes()),
+            wire::frame(1, &[0], &to_event(e).encode_to_vec()),
+        )
+        .with_headers(h);
+        acks.push(
+            producer
+                .enqueue_with_wait(rec, Duration::from_secs(60))
+                .await
+                .context("enqueueing a benchmark record")?,
+        );
+        if acks.len() >= 10_000 {
+            for a in acks.drain(..) {
+                a.await.context("a benchmark record was not acknowledged")?;
+            }
+        }
+    }
+    for a in acks {
+        a.await.context("a benchmark record was not acknowledged")?;
+    }
+    Ok(())
+}
+
+async fn bench_raw(kafka: &KafkaConfig, topic: &str, count: usize) -> Result<Figures> {
+    let group = format!("bench-raw-{}", uuid::Uuid::new_v4().simple());
+    let (consumer, _rebalances) = KafkaConsumer::new(kafka, "bench-raw", &group, &[topic])?;
+    let cpu0 = cpu_seconds();
+    let t0 = Instant::now();
+    let mut seen = 0usize;
+    while seen < count {
+        let msg = tokio::time::timeout(Duration::from_secs(120), consumer.recv())
+            .await
+            .with_context(|| format!("the raw consumer stalled for 120 s after {seen} records"))?;
+        if msg.is_ok() {
+            seen += 1;
+        }
+    }
+    Ok(Figures {
+        name: "raw consumer",
+        events: count,
+        secs: t0.elapsed().as_secs_f64(),
+        cpu: cpu_seconds() - cpu0,
+    })
+}
+
+/// Sum of `pulse_processor_events_total` over its labels in the process's registry.
+fn processed(handle: &pulse_platform::metrics::Handle) -> u64 {
+    handle
+        .render()
+        .lines()
+        .filter(|l| l.starts_with(pulse_processor::metrics::EVENTS_TOTAL))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+async fn bench_loop(
+    args: &Args,
+    topic: &str,
+    registry: &str,
+    run: &str,
+    handle: &pulse_platform::metrics::Handle,
+) -> Result<Figures> {
+    // Output topics of this run (their schemas are registered by `main`).
+    let out = |name: &str| format!("bench.{name}.{run}");
+    let config = <pulse_processor::Config as Parser>::try_parse_from([
+        "pulse-processor",
+        "--kafka-brokers",
+        &args.brokers,
+        "--kafka-partitions",
+        &args.partitions.to_string(),
+        "--schema-registry-url",
+        registry,
+        "--group-id",
+        &format!("bench-processor-{run}"),
+        "--events-topic",
+        topic,
+        "--user-activity-topic",
+        &out("activity"),
+        "--sessions-topic",
+        &out("sessions"),
+        "--late-topic",
+        &out("late"),
+        "--checkpoint-topic",
+        &out("checkpoints"),
+    ])
+    .context("processor config")?;
+    let processor = pulse_processor::build(&config)
+        .await
+        .context("building the processor")?;
+    let before = processed(handle);
+    let stop = CancellationToken::new();
+    let cpu0 = cpu_seconds();
+    let t0 = Instant::now();
+    let task = tokio::spawn(processor.run(stop.clone()));
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while processed(handle) - before < args.loop_events as u64 {
+        if task.is_finished() {
+            let result = task.await.context("processor task")?;
+            bail!(
+                "the processor stopped after {} of {} events: {result:?}",
+                processed(handle) - before,
+                args.loop_events
+            );
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the processor handled {} of {} events",
+                processed(handle) - before,
+                args.loop_events
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let cpu = cpu_seconds() - cpu0;
+    stop.cancel();
+    task.await
+        .context("processor task")?
+        .context("processor loop")?;
+    Ok(Figures {
+        name: "processor loop",
+        events: args.loop_events,
+        secs,
+        cpu,
+    })
+}
+
+fn print(f: &Figures, baseline: Option<f64>) {
+    let ratio = baseline
+        .map(|b| format!("{:>8.2}", f.rate() / b))
+        .unwrap_or_else(|| format!("{:>8}", "-"));
+    println!(
+        "{:<16} {:>10} {:>9.2} {:>12.0} {:>9.2} {:>14.0} {ratio}",
+        f.name,
+        f.events,
+        f.secs,
+        f.rate(),
+        f.cpu,
+        f.per_cpu()
+    );
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    if args.core_events == 0 || args.loop_events == 0 || args.users == 0 {
+        bail!("--core-events, --loop-events and --users must be >= 1");
+    }
+    let handle = pulse_platform::metrics::install("bench-processor")
+        .context("installing the metrics recorder")?;
+    pulse_processor::metrics::describe();
+
+    // 1. The core, before any Kafka client exists (so its CPU time is its own).
+    let core_events = stream(args.core_events, args.users, args.step_ms, args.partitions);
+    let (core, outputs) = bench_core(&core_events, args.partitions, args.core_emit_every);
+    drop(core_events);
+
+    // 2. The loop against the broker.
+    let kafka = KafkaConfig::for_brokers(&args.brokers);
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let topic = format!("bench.events.{run}");
+    ensure_topics(&kafka, &[TopicSpec::new(&topic, args.partitions)])
+        .await
+        .context("creating the benchmark topic")?;
+    let registry = pulse_schema_registry::Replica::start(
+        &kafka,
+        &format!("_schemas_bench_{run}"),
+        Duration::from_secs(30),
+        Duration::from_secs(60),
+        tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .context("binding the registry")?,
+    )
+    .await
+    .context("starting a schema registry")?;
+    let registry_url = format!("http://{}", registry.addr);
+    let http = reqwest::Client::new();
+    for subject in ["activity", "sessions"] {
+        let r = http
+            .post(format!(
+                "{registry_url}/subjects/bench.{subject}.{run}-value/versions"
+            ))
+            .json(&serde_json::json!({
+                "schemaType": "PROTOBUF",
+                "schema": schemas::AGGREGATES.source,
+            }))
+            .send()
+            .await
+            .context("registering the aggregates schema")?;
+        if !r.status().is_success() {
+            bail!("registering the aggregates schema: HTTP {}", r.status());
+        }
+    }
+    eprintln!("producing {} events to {topic}", args.loop_events);
+    let loop_events = stream(args.loop_events, args.users, args.step_ms, args.partitions);
+    produce(&kafka, &topic, &loop_events).await?;
+    drop(loop_events);
+
+    eprintln!("raw consumer (1/2)");
+    let raw1 = bench_raw(&kafka, &topic, args.loop_events).await?;
+    eprintln!("processor loop");
+    let proc_loop = bench_loop(&args, &topic, &registry_url, &run, &handle).await?;
+    eprintln!("raw consumer (2/2)");
+    let raw2 = bench_raw(&kafka, &topic, args.loop_events).await?;
+    registry.stop().await.context("stopping the registry")?;
+
+    let baseline = (raw1.rate() + raw2.rate()) / 2.0;
+    println!(
+        "\n{:<16} {:>10} {:>9} {:>12} {:>9} {:>14} {:>8}",
+        "phase", "events", "seconds", "events/s", "cpu s", "events/cpu-s", "vs raw"
+    );
+    print(&core, None);
+    print(&raw1, Some(baseline));
+    print(&proc_loop, Some(baseline));
+    print(&raw2, Some(baseline));
+    println!(
+        "\ncore: {} users, an emit every {} events, {} results emitted; loop: {} partitions; raw baseline {:.0} events/s (mean of both runs)",
+        args.users, args.core_emit_every, outputs, args.partitions, baseline
+    );
+    Ok(())
+}
