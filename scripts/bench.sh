@@ -2,6 +2,10 @@
 # Benchmarks against a throwaway broker:
 #   scripts/bench.sh ingest [bench-ingest args]       HTTP and gRPC ingest vs a raw producer
 #   scripts/bench.sh processor [bench-processor args] windowing core; processor loop vs a raw consumer
+#   scripts/bench.sh writer [bench-writer args]       Parquet encoding vs prost decoding; ClickHouse
+#                                                     inserts (clickhouse crate) vs clickhouse-client
+# (writer starts a throwaway ClickHouse on two free ports instead of Tansu, and passes them as
+# --clickhouse-url http://127.0.0.1:<http> and --clickhouse-tcp-port <native>)
 # installs missing dependencies, starts Tansu on a free port in a temporary folder, builds
 # and runs the release benchmark binary (tests/src/bin/bench_<what>.rs; `--help` lists its
 # arguments), then stops the broker.
@@ -13,12 +17,13 @@ source scripts/stack.sh
 usage() {
   echo "usage: scripts/bench.sh ingest [--duration-secs N] [--batch N] [--concurrency N] [--warmup-secs N]" >&2
   echo "       scripts/bench.sh processor [--core-events N] [--loop-events N] [--users N]" >&2
+  echo "       scripts/bench.sh writer [--events N] [--roll-rows N] [--insert-rows N] [--insert-batch N]" >&2
   exit 2
 }
 [ $# -ge 1 ] || usage
 what=$1; shift
 case "$what" in
-  ingest|processor) ;;
+  ingest|processor|writer) ;;
   *) usage ;;
 esac
 
@@ -27,7 +32,7 @@ bash scripts/install-deps.sh
 STATE=$(mktemp -d "${TMPDIR:-/tmp}/pulse-bench.XXXXXX")
 cleanup() {
   local rc=$?
-  stack_stop "$STATE" kafka
+  stack_stop "$STATE" kafka clickhouse
   if [ "$rc" -ne 0 ] || [ "${PULSE_BENCH_KEEP:-0}" = 1 ]; then
     log "state and broker log kept in $STATE"
   else
@@ -40,12 +45,23 @@ trap cleanup EXIT INT TERM
 log "building bench-$what (release)"
 cargo build --release --quiet -p pulse-tests --bin "bench-$what"
 
-KAFKA_PORT=$(free_port)
-log "starting Tansu in $STATE"
-start_kafka "$STATE" "$KAFKA_PORT"
+if [ "$what" = writer ]; then
+  CH_HTTP_PORT=$(free_port)
+  CH_TCP_PORT=$(free_port)
+  while [ "$CH_TCP_PORT" = "$CH_HTTP_PORT" ]; do CH_TCP_PORT=$(free_port); done
+  log "starting ClickHouse in $STATE"
+  start_clickhouse "$STATE" "$CH_HTTP_PORT" "$CH_TCP_PORT"
+  log "running bench-writer against ClickHouse 127.0.0.1:$CH_HTTP_PORT (HTTP) and :$CH_TCP_PORT (native)"
+  "$CARGO_TARGET_DIR/release/bench-writer" --clickhouse-url "http://127.0.0.1:$CH_HTTP_PORT" \
+    --clickhouse-tcp-port "$CH_TCP_PORT" "$@"
+else
+  KAFKA_PORT=$(free_port)
+  log "starting Tansu in $STATE"
+  start_kafka "$STATE" "$KAFKA_PORT"
 
-log "running bench-$what against 127.0.0.1:$KAFKA_PORT"
-"$CARGO_TARGET_DIR/release/bench-$what" --brokers "127.0.0.1:$KAFKA_PORT" "$@"
+  log "running bench-$what against 127.0.0.1:$KAFKA_PORT"
+  "$CARGO_TARGET_DIR/release/bench-$what" --brokers "127.0.0.1:$KAFKA_PORT" "$@"
+fi
 
 case "$what" in
   ingest)
@@ -54,4 +70,8 @@ case "$what" in
   processor)
     log "figures: the table above; events/cpu-s counts the whole process's CPU time (librdkafka threads included)"
     log "vs raw = processor loop events/s ÷ mean of the raw consumer's first and last runs (same topic and records); goal >= 0.8" ;;
+  writer)
+    log "figures: the two tables above; progress lines went to stderr"
+    log "archive ÷ decode = Parquet rows/s ÷ mean of the prost-decode runs before and after (what archiving costs; no goal)"
+    log "crate ÷ clickhouse-client = mean rows/s of the two crate runs ÷ mean of the two client runs (same rows, server and table schema); goal >= 0.8" ;;
 esac

@@ -5,9 +5,12 @@
 #   scripts/dev.sh down     stop exactly what `up` started (by recorded pid)
 #   scripts/dev.sh status   what runs, with pids and ports
 #   scripts/dev.sh logs [NAME]  follow the logs (all, or one of: kafka clickhouse s3 ingest
-#                           processor writer-clickhouse writer-parquet query-api schema-registry)
+#                           processor writer-clickhouse writer-parquet query-api schema-registry loadgen)
 # Everything lives in $PULSE_STATE (default: .pulse/ in the checkout). `up` is safe to
-# run again: what runs is left running.
+# run again: what runs is left running. Every port can be moved with an environment
+# variable (README, Ports); PULSE_DEV_PROFILE=debug runs debug binaries, PULSE_DEV_BUILD=0
+# skips the build, PULSE_DEV_LOADGEN=0 skips the synthetic workload (the end-to-end test
+# uses all three).
 set -euo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 source "$REPO/scripts/stack.sh"
@@ -17,18 +20,34 @@ KAFKA_PORT="${PULSE_KAFKA_PORT:-9092}"
 CH_HTTP_PORT="${PULSE_CLICKHOUSE_HTTP_PORT:-8123}"
 CH_TCP_PORT="${PULSE_CLICKHOUSE_TCP_PORT:-9000}"
 S3_PORT="${PULSE_S3_PORT:-9900}"
+SR_PORT="${PULSE_SCHEMA_REGISTRY_PORT:-8081}"
+INGEST_HTTP_PORT="${PULSE_INGEST_HTTP_PORT:-8080}"
+INGEST_GRPC_PORT="${PULSE_INGEST_GRPC_PORT:-50051}"
+QUERY_HTTP_PORT="${PULSE_QUERY_HTTP_PORT:-8090}"
+QUERY_GRPC_PORT="${PULSE_QUERY_GRPC_PORT:-50052}"
+PROFILE="${PULSE_DEV_PROFILE:-release}"
+LOADGEN_RATE="${PULSE_DEV_LOADGEN_RATE:-20}"
 
 BACKING=(kafka clickhouse s3)
 # name:binary:admin-port[:extra args]
 SERVICES=(
-  "schema-registry:pulse-schema-registry:9105"
-  "ingest:pulse-ingest:9101"
-  "processor:pulse-processor:9102"
-  "writer-clickhouse:pulse-writer:9103:--sink clickhouse"
-  "writer-parquet:pulse-writer:9106:--sink parquet"
-  "query-api:pulse-query-api:9104"
+  "schema-registry:pulse-schema-registry:${PULSE_SCHEMA_REGISTRY_ADMIN_PORT:-9105}"
+  "ingest:pulse-ingest:${PULSE_INGEST_ADMIN_PORT:-9101}"
+  "processor:pulse-processor:${PULSE_PROCESSOR_ADMIN_PORT:-9102}"
+  "writer-clickhouse:pulse-writer:${PULSE_WRITER_CLICKHOUSE_ADMIN_PORT:-9103}:--sink clickhouse"
+  "writer-parquet:pulse-writer:${PULSE_WRITER_PARQUET_ADMIN_PORT:-9106}:--sink parquet"
+  "query-api:pulse-query-api:${PULSE_QUERY_ADMIN_PORT:-9104}"
 )
-BIN_DIR="$CARGO_TARGET_DIR/release"
+case "$PROFILE" in
+  release|debug) BIN_DIR="$CARGO_TARGET_DIR/$PROFILE" ;;
+  *) die "PULSE_DEV_PROFILE must be release or debug, not '$PROFILE'" ;;
+esac
+admin_port() { # NAME
+  local spec
+  for spec in "${SERVICES[@]}"; do
+    [ "${spec%%:*}" = "$1" ] && { IFS=: read -r _ _ port _ <<<"$spec"; echo "$port"; return; }
+  done
+}
 
 port_owned_by_other() { # PORT NAME: the port answers but not from our recorded process
   (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && ! is_running "$STATE" "$2"
@@ -58,8 +77,12 @@ up() {
   start_clickhouse "$STATE" "$CH_HTTP_PORT" "$CH_TCP_PORT"
   start_s3 "$STATE" "$S3_PORT"
 
-  log "building Pulse (release; the first build takes several minutes)"
-  (cd "$REPO" && cargo build --release --quiet --bins) || die "cargo build failed"
+  if [ "${PULSE_DEV_BUILD:-1}" = 1 ]; then
+    log "building Pulse ($PROFILE; the first build takes several minutes)"
+    local flags=(--quiet --bins)
+    [ "$PROFILE" = release ] && flags+=(--release)
+    (cd "$REPO" && cargo build "${flags[@]}") || die "cargo build failed"
+  fi
 
   export PULSE_KAFKA_BROKERS="127.0.0.1:$KAFKA_PORT"
   export PULSE_CLICKHOUSE_URL="http://127.0.0.1:$CH_HTTP_PORT"
@@ -70,7 +93,12 @@ up() {
   # Dev-only secrets, documented in the README; never use them elsewhere.
   export PULSE_INGEST_API_KEYS="${PULSE_INGEST_API_KEYS:-pulse-dev-key=dev}"
   export PULSE_INGEST_PII_HMAC_KEY="${PULSE_INGEST_PII_HMAC_KEY:-pulse-dev-hmac-key}"
-  export PULSE_SCHEMA_REGISTRY_URL="http://127.0.0.1:8081"
+  export PULSE_SCHEMA_REGISTRY_URL="http://127.0.0.1:$SR_PORT"
+  export PULSE_SCHEMA_REGISTRY_ADDR="127.0.0.1:$SR_PORT"
+  export PULSE_INGEST_HTTP_ADDR="127.0.0.1:$INGEST_HTTP_PORT" PULSE_INGEST_GRPC_ADDR="127.0.0.1:$INGEST_GRPC_PORT"
+  export PULSE_QUERY_HTTP_ADDR="127.0.0.1:$QUERY_HTTP_PORT" PULSE_QUERY_GRPC_ADDR="127.0.0.1:$QUERY_GRPC_PORT"
+  export PULSE_QUERY_API_TOKENS="${PULSE_QUERY_API_TOKENS:-pulse-dev-token}"
+  "$BIN_DIR/pulsectl" migrate >/dev/null || die "applying the ClickHouse migrations failed"
 
   local spec name bin port extra
   # The registry first: the other services need Pulse's schemas registered.
@@ -89,27 +117,48 @@ up() {
     wait_ready "$name" "$port"
   done
 
+  if [ "${PULSE_DEV_LOADGEN:-1}" = 1 ] && ! is_running "$STATE" loadgen; then
+    # A live synthetic workload: users browsing, buying in several currencies, with a few
+    # out-of-order, late, duplicate and malformed events (README, pulsectl loadgen).
+    start_proc "$STATE" loadgen "$BIN_DIR/pulsectl" loadgen \
+      --target "http://127.0.0.1:$INGEST_HTTP_PORT" --api-key pulse-dev-key \
+      --rate "$LOADGEN_RATE" --duration 0
+    log "loadgen sending ~$LOADGEN_RATE events/s (log: $STATE/logs/loadgen.log)"
+  fi
+
+  local ap_ingest ap_proc ap_wc ap_wp ap_q ap_sr
+  ap_ingest=$(admin_port ingest); ap_proc=$(admin_port processor); ap_wc=$(admin_port writer-clickhouse)
+  ap_wp=$(admin_port writer-parquet); ap_q=$(admin_port query-api); ap_sr=$(admin_port schema-registry)
   cat <<TXT
 
 Pulse is up. State, data and logs: $STATE
-  Kafka API (Tansu)   127.0.0.1:$KAFKA_PORT
-  ClickHouse HTTP     http://127.0.0.1:$CH_HTTP_PORT   (try: curl 'http://127.0.0.1:$CH_HTTP_PORT/?query=SELECT+version()')
-  S3 (s3s-fs)         http://127.0.0.1:$S3_PORT  bucket '$S3_BUCKET'
-  Schema registry     http://127.0.0.1:8081   (try: curl http://127.0.0.1:8081/subjects)
-  Ingest              http://127.0.0.1:8080/v1/events, gRPC 127.0.0.1:50051 (API key: pulse-dev-key)
-    try: curl -s http://127.0.0.1:8080/v1/events -H 'Authorization: Bearer pulse-dev-key' -H 'Content-Type: application/json' \\
+
+  Dashboard           http://127.0.0.1:$QUERY_HTTP_PORT/#token=pulse-dev-token
+  Query API           http://127.0.0.1:$QUERY_HTTP_PORT/v1/...  gRPC 127.0.0.1:$QUERY_GRPC_PORT  (token: pulse-dev-token)
+    try: curl -s -H 'Authorization: Bearer pulse-dev-token' 'http://127.0.0.1:$QUERY_HTTP_PORT/v1/active_users?step=1m'
+         curl -s -H 'Authorization: Bearer pulse-dev-token' http://127.0.0.1:$QUERY_HTTP_PORT/v1/freshness
+         (API description: http://127.0.0.1:$QUERY_HTTP_PORT/openapi.json)
+  Ingest              http://127.0.0.1:$INGEST_HTTP_PORT/v1/events, gRPC 127.0.0.1:$INGEST_GRPC_PORT  (API key: pulse-dev-key)
+    try: curl -s http://127.0.0.1:$INGEST_HTTP_PORT/v1/events -H 'Authorization: Bearer pulse-dev-key' -H 'Content-Type: application/json' \\
            -d '{"schema_version":1,"event_type":"page_view","key":{"user_id":"u-1"},"payload":{"page":"/"},"metadata":{"event_timestamp":'\$(date +%s000)'}}'
-  Service admin       http://127.0.0.1:{9101 ingest, 9102 processor, 9103 writer-clickhouse,
-                      9106 writer-parquet, 9104 query-api, 9105 schema-registry}/metrics|livez|readyz
-Logs:   scripts/dev.sh logs [name]      Status: scripts/dev.sh status      Stop: scripts/dev.sh down
-Events sent to ingest flow through the processor into ClickHouse (database 'pulse'; try:
-curl 'http://127.0.0.1:$CH_HTTP_PORT/?query=SELECT+count()+FROM+pulse.events+FINAL').
-Not there yet: the Parquet archive, the query API and the synthetic workload (README, Status).
+  Schema registry     http://127.0.0.1:$SR_PORT/subjects
+  Kafka API (Tansu)   127.0.0.1:$KAFKA_PORT      (dead letters: $BIN_DIR/pulsectl dlq inspect)
+  ClickHouse HTTP     http://127.0.0.1:$CH_HTTP_PORT  database 'pulse'
+    try: curl 'http://127.0.0.1:$CH_HTTP_PORT/?query=SELECT+count()+FROM+pulse.events+FINAL'
+  S3 (s3s-fs)         http://127.0.0.1:$S3_PORT  bucket '$S3_BUCKET' (Parquet archive under events/)
+  Metrics             http://127.0.0.1:{$ap_ingest ingest, $ap_proc processor, $ap_wc writer-clickhouse,
+                      $ap_wp writer-parquet, $ap_q query-api, $ap_sr schema-registry}/metrics (also /livez, /readyz)
+  SLIs                $BIN_DIR/pulsectl slo --metrics ingest=http://127.0.0.1:$ap_ingest/metrics,writer=http://127.0.0.1:$ap_wc/metrics
+
+Logs:   scripts/dev.sh logs [name]  (files in $STATE/logs)
+Status: scripts/dev.sh status
+Stop:   scripts/dev.sh down
 TXT
 }
 
 down() {
   local spec name i
+  stop_proc "$STATE" loadgen
   for ((i = ${#SERVICES[@]} - 1; i >= 0; i--)); do
     name="${SERVICES[$i]%%:*}"
     stop_proc "$STATE" "$name"
@@ -121,7 +170,7 @@ down() {
 status() {
   local name pidfile
   printf '%-20s %-9s %s\n' NAME STATE PID
-  for name in "${BACKING[@]}" $(printf '%s\n' "${SERVICES[@]}" | cut -d: -f1); do
+  for name in "${BACKING[@]}" $(printf '%s\n' "${SERVICES[@]}" | cut -d: -f1) loadgen; do
     pidfile="$STATE/pids/$name.pid"
     if is_running "$STATE" "$name"; then
       printf '%-20s %-9s %s\n' "$name" running "$(cat "$pidfile")"

@@ -1,10 +1,15 @@
 //! `pulsectl`, the operator CLI. Each subcommand is a module; this file holds the
-//! command tree and dispatch. Implemented so far: `topics create|list`,
-//! `schemas register|check`.
+//! command tree and dispatch. Implemented: `topics create|list`, `schemas register|check`,
+//! `migrate`, `loadgen`, `dlq inspect|redrive`, `slo`.
 
+pub mod dlq;
+pub mod loadgen;
+pub mod migrate;
 pub mod schemas;
+pub mod slo;
 pub mod topics;
 
+use pulse_platform::clickhouse::ClickHouseConfig;
 use pulse_platform::kafka::KafkaConfig;
 
 /// Pulse operator CLI.
@@ -29,6 +34,20 @@ pub enum Command {
         #[command(subcommand)]
         command: schemas::SchemasCommand,
     },
+    /// Apply the ClickHouse migrations (idempotent); prints the versions applied.
+    Migrate {
+        #[command(flatten)]
+        clickhouse: ClickHouseConfig,
+    },
+    /// Send a realistic, seeded workload to ingest (HTTP or gRPC) and report what happened.
+    Loadgen(Box<loadgen::LoadgenArgs>),
+    /// The dead-letter queue: inspect records, re-submit them to ingest.
+    Dlq {
+        #[command(subcommand)]
+        command: dlq::DlqCommand,
+    },
+    /// Scrape the services' metrics and report the SLIs against their targets.
+    Slo(slo::SloArgs),
 }
 
 /// Why a command failed.
@@ -40,6 +59,14 @@ pub enum Error {
     Topics(#[from] pulse_platform::kafka::topics::TopicError),
     #[error("schemas: {0}")]
     Schemas(#[from] schemas::SchemaError),
+    #[error("migrate: {0}")]
+    Migrate(#[from] pulse_writer::migrate::MigrateError),
+    #[error("loadgen: {0}")]
+    Loadgen(#[from] loadgen::LoadgenError),
+    #[error("dlq: {0}")]
+    Dlq(#[from] dlq::DlqError),
+    #[error("slo: {0}")]
+    Slo(#[from] slo::SloError),
 }
 
 /// Runs one command.
@@ -47,5 +74,61 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
     match cli.command {
         Command::Topics { command, kafka } => topics::run(command, &kafka).await,
         Command::Schemas { command } => schemas::run(command).await,
+        Command::Migrate { clickhouse } => migrate::run(&clickhouse).await,
+        Command::Loadgen(args) => loadgen::run(*args).await,
+        Command::Dlq { command } => dlq::run(command).await,
+        Command::Slo(args) => slo::run(args).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_command_tree_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn loadgen_dlq_and_slo_parse_their_flags() {
+        use clap::Parser;
+        let cli = Cli::parse_from([
+            "pulsectl",
+            "loadgen",
+            "--rate",
+            "10",
+            "--duration",
+            "5s",
+            "--seed",
+            "42",
+            "--grpc",
+            "http://127.0.0.1:50051",
+        ]);
+        let Command::Loadgen(args) = cli.command else {
+            panic!("not loadgen")
+        };
+        assert_eq!((args.rate, args.seed), (10.0, Some(42)));
+        let cli = Cli::parse_from([
+            "pulsectl",
+            "dlq",
+            "redrive",
+            "--offsets",
+            "0:1,2:3",
+            "--kafka-brokers",
+            "k:9092",
+        ]);
+        let Command::Dlq {
+            command: dlq::DlqCommand::Redrive(r),
+        } = cli.command
+        else {
+            panic!("not dlq redrive")
+        };
+        assert_eq!(r.offsets, vec![(0, 1), (2, 3)]);
+        assert_eq!(r.topic.kafka.brokers, "k:9092");
+        assert!(Cli::try_parse_from(["pulsectl", "dlq", "redrive"]).is_err());
+        let cli = Cli::parse_from(["pulsectl", "slo", "--check"]);
+        assert!(matches!(cli.command, Command::Slo(s) if s.check && s.metrics.len() == 2));
     }
 }

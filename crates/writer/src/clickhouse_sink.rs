@@ -14,10 +14,10 @@ use prost::Message as _;
 use pulse_contracts::pb::aggregates::v1::{Session, UserWindowActivity};
 use pulse_contracts::pb::events::v1::Event;
 use pulse_contracts::{headers, trace_context, wire};
-use pulse_platform::kafka::{KafkaConsumer, KafkaProducer, OutRecord};
+use pulse_platform::kafka::{KafkaConsumer, KafkaProducer};
 use rdkafka::Message;
 use rdkafka::consumer::Consumer;
-use rdkafka::message::{BorrowedMessage, OwnedHeaders};
+use rdkafka::message::BorrowedMessage;
 use tokio_util::sync::CancellationToken;
 
 use crate::batch::{Batch, BatchLimits, Source, commit_points};
@@ -213,17 +213,17 @@ impl ClickHouseSink {
         code: &str,
         detail: &str,
     ) -> Result<(), SinkError> {
-        let h = headers::with_str(OwnedHeaders::new(), headers::ERROR_CODE, code);
-        let h = headers::with_str(h, headers::ERROR_DETAIL, detail);
-        let h = headers::with_str(h, "pulse-source-topic", &source.topic);
-        let rec = OutRecord::new(&self.topics.dlq, None, source.value.clone()).with_headers(h);
-        self.producer
-            .send(rec, Duration::from_secs(60))
-            .await
-            .map_err(|e| SinkError::Dlq(e.to_string()))?;
-        metrics::counter!(m::DLQ_TOTAL, "sink" => "clickhouse", "code" => code.to_owned())
-            .increment(1);
-        Ok(())
+        crate::dlq::dead_letter(
+            &self.producer,
+            &self.topics.dlq,
+            "clickhouse",
+            &source.topic,
+            source.value.clone(),
+            code,
+            detail,
+        )
+        .await
+        .map_err(|e| SinkError::Dlq(e.to_string()))
     }
 
     /// Writes one table's batch, retrying retryable failures until it succeeds (or `stop`

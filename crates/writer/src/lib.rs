@@ -1,14 +1,18 @@
 //! The writer: stores what the pipeline produced. `--sink clickhouse` writes raw events,
-//! window activity and sessions to ClickHouse (hot store); `--sink parquet` will archive
-//! raw events as Parquet on S3. Each sink is its own consumer group and deployment.
+//! window activity and sessions to ClickHouse (hot store); `--sink parquet` archives raw
+//! events as Parquet on S3. Each sink is its own consumer group and deployment.
 //! Modules: `migrate` (schema in deploy/clickhouse, retention), `rows` (row types), `batch`
-//! (batching and commit points), `retry` (error kinds, backoff, circuit breaker),
-//! `clickhouse_sink` (the loop), `metrics`.
+//! (batching and commit points), `retry` (error kinds, backoff, circuit breaker), `dlq`
+//! (dead-lettering), `clickhouse_sink` (the ClickHouse loop), `archive` (Parquet encoding
+//! and object keys), `parquet_sink` (the S3 loop), `metrics`.
 
+pub mod archive;
 pub mod batch;
 pub mod clickhouse_sink;
+pub mod dlq;
 pub mod metrics;
 pub mod migrate;
+pub mod parquet_sink;
 pub mod retry;
 pub mod rows;
 
@@ -20,11 +24,13 @@ use pulse_platform::clickhouse::ClickHouseConfig;
 use pulse_platform::config::{Problems, Validate};
 use pulse_platform::kafka::topics::{TopicError, TopicSpec, ensure_topics};
 use pulse_platform::kafka::{KafkaConfig, KafkaConsumer, KafkaProducer};
+use pulse_platform::s3::S3Config;
 use pulse_platform::service::ServiceContext;
 use pulse_platform::telemetry::TelemetryConfig;
 
 use crate::batch::BatchLimits;
 use crate::clickhouse_sink::{ClickHouseSink, SinkTopics};
+use crate::parquet_sink::{ParquetSink, ParquetTopics};
 use crate::retry::Backoff;
 
 /// Service name: metrics label, OpenTelemetry `service.name`, log field.
@@ -35,8 +41,7 @@ pub const SERVICE: &str = "writer";
 pub enum Sink {
     /// The ClickHouse hot store.
     Clickhouse,
-    /// The Parquet archive on S3 (not implemented yet: the instance serves its admin
-    /// endpoints and idles).
+    /// The Parquet archive of raw events on S3.
     Parquet,
 }
 
@@ -129,8 +134,31 @@ pub struct Config {
     pub sessions_topic: String,
     #[arg(long = "dlq-topic", env = "PULSE_DLQ_TOPIC", default_value = topics::EVENTS_DLQ)]
     pub dlq_topic: String,
+    /// Parquet sink: a roll (the objects of one upload) is written at this many rows...
+    #[arg(
+        long = "parquet-max-rows",
+        env = "PULSE_WRITER_PARQUET_MAX_ROWS",
+        default_value_t = 100_000
+    )]
+    pub parquet_max_rows: usize,
+    /// ...or this many record bytes...
+    #[arg(long = "parquet-max-bytes", env = "PULSE_WRITER_PARQUET_MAX_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub parquet_max_bytes: usize,
+    /// ...or when its oldest record is this old, ms.
+    #[arg(
+        long = "parquet-max-age-ms",
+        env = "PULSE_WRITER_PARQUET_MAX_AGE_MS",
+        default_value_t = 60_000
+    )]
+    pub parquet_max_age_ms: u64,
+    /// Parquet sink: after each confirmed upload, write a `freshness` row per partition
+    /// (stage `writer-parquet`) to ClickHouse, best effort.
+    #[arg(long = "parquet-freshness", env = "PULSE_WRITER_PARQUET_FRESHNESS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub parquet_freshness: bool,
     #[command(flatten)]
     pub clickhouse: ClickHouseConfig,
+    #[command(flatten)]
+    pub s3: S3Config,
     #[command(flatten)]
     pub kafka: KafkaConfig,
     #[command(flatten)]
@@ -161,7 +189,25 @@ impl Validate for Config {
             "--breaker-failures",
             "must be >= 1",
         );
+        p.check(
+            self.parquet_max_rows >= 1,
+            "--parquet-max-rows",
+            "must be >= 1",
+        );
+        p.check(
+            self.parquet_max_bytes >= 1024,
+            "--parquet-max-bytes",
+            "must be >= 1024",
+        );
+        p.check(
+            self.parquet_max_age_ms >= 10,
+            "--parquet-max-age-ms",
+            "must be >= 10",
+        );
         self.clickhouse.validate(p);
+        if self.sink == Sink::Parquet {
+            self.s3.validate(p);
+        }
         self.kafka.validate(p);
         self.telemetry.validate(p);
     }
@@ -180,6 +226,10 @@ pub enum Error {
     Migrate(#[from] migrate::MigrateError),
     #[error("{0}")]
     Sink(#[from] clickhouse_sink::SinkError),
+    #[error("S3: {0}")]
+    S3(#[from] object_store::Error),
+    #[error("{0}")]
+    ParquetSink(#[from] parquet_sink::ParquetSinkError),
 }
 
 impl Config {
@@ -243,6 +293,47 @@ pub async fn build_clickhouse(config: &Config) -> Result<ClickHouseSink, Error> 
     })
 }
 
+/// Builds the Parquet sink loop (used by `run` and tests): consumes the events topic in
+/// its own group and uploads to `config.s3`. It applies no ClickHouse migrations (the
+/// ClickHouse sink owns the schema); freshness rows are written if the table exists.
+pub async fn build_parquet(config: &Config) -> Result<ParquetSink, Error> {
+    let specs = [
+        TopicSpec::new(config.events_topic.as_str(), config.kafka.partitions),
+        TopicSpec::new(config.dlq_topic.as_str(), config.kafka.partitions),
+    ];
+    ensure_topics(&config.kafka, &specs).await?;
+    let store = config.s3.object_store()?;
+    let (consumer, rebalances) = KafkaConsumer::new(
+        &config.kafka,
+        "pulse-writer",
+        &config.group(),
+        &[&config.events_topic],
+    )?;
+    Ok(ParquetSink {
+        store,
+        s3: config.s3.clone(),
+        consumer,
+        rebalances,
+        producer: KafkaProducer::new(&config.kafka, "pulse-writer")?,
+        topics: ParquetTopics {
+            events: config.events_topic.clone(),
+            dlq: config.dlq_topic.clone(),
+        },
+        limits: BatchLimits {
+            max_rows: config.parquet_max_rows,
+            max_bytes: config.parquet_max_bytes,
+            max_age: Duration::from_millis(config.parquet_max_age_ms),
+        },
+        backoff: Backoff::new(
+            Duration::from_millis(config.retry_base_ms),
+            Duration::from_millis(config.retry_max_ms),
+            config.breaker_failures,
+            Duration::from_millis(config.breaker_probe_ms),
+        ),
+        freshness: config.parquet_freshness.then(|| config.clickhouse.client()),
+    })
+}
+
 fn today_yyyymmdd() -> u32 {
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -256,12 +347,9 @@ pub async fn run(config: Config, ctx: ServiceContext) -> Result<(), Error> {
     crate::metrics::describe();
     match config.sink {
         Sink::Parquet => {
+            let sink = build_parquet(&config).await?;
             ctx.health.set_ready(true);
-            tracing::warn!(
-                "the parquet sink is not implemented yet; this instance only serves its admin endpoints"
-            );
-            ctx.shutdown.cancelled().await;
-            Ok(())
+            Ok(sink.run(ctx.shutdown.child_token()).await?)
         }
         Sink::Clickhouse => {
             let sink = build_clickhouse(&config).await?;
@@ -291,5 +379,120 @@ pub async fn run(config: Config, ctx: ServiceContext) -> Result<(), Error> {
             retention.abort();
             Ok(result?)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::{CommandFactory, Parser};
+
+    #[test]
+    fn the_flag_ids_of_every_section_are_distinct() {
+        Config::command().debug_assert();
+    }
+
+    #[test]
+    fn a_full_parquet_command_line_parses() {
+        let cfg = Config::try_parse_from([
+            "pulse-writer",
+            "--sink",
+            "parquet",
+            "--parquet-max-rows",
+            "500",
+            "--parquet-max-bytes",
+            "2048",
+            "--parquet-max-age-ms",
+            "250",
+            "--parquet-freshness",
+            "false",
+            "--s3-endpoint",
+            "http://127.0.0.1:9999",
+            "--s3-bucket",
+            "archive",
+            "--s3-prefix",
+            "pulse/raw",
+            "--s3-region",
+            "eu-west-1",
+            "--s3-access-key",
+            "ak",
+            "--s3-secret-key",
+            "sk",
+            "--s3-path-style",
+            "false",
+            "--clickhouse-url",
+            "http://127.0.0.1:8124",
+            "--clickhouse-compression",
+            "none",
+            "--kafka-brokers",
+            "127.0.0.1:19092",
+            "--kafka-compression",
+            "zstd",
+            "--events-topic",
+            "ev",
+            "--dlq-topic",
+            "dlq",
+            "--retry-base-ms",
+            "50",
+            "--log-format",
+            "text",
+        ])
+        .unwrap();
+        assert_eq!(cfg.sink, Sink::Parquet);
+        assert_eq!(cfg.group(), "pulse-writer-parquet");
+        assert_eq!(
+            (
+                cfg.parquet_max_rows,
+                cfg.parquet_max_bytes,
+                cfg.parquet_max_age_ms
+            ),
+            (500, 2048, 250)
+        );
+        assert!(!cfg.parquet_freshness);
+        assert_eq!(cfg.s3.endpoint, "http://127.0.0.1:9999");
+        assert_eq!(cfg.s3.bucket, "archive");
+        assert_eq!(cfg.s3.prefix, "pulse/raw");
+        assert_eq!(cfg.s3.region, "eu-west-1");
+        assert_eq!(
+            (cfg.s3.access_key.as_str(), cfg.s3.secret_key.as_str()),
+            ("ak", "sk")
+        );
+        assert!(!cfg.s3.path_style);
+        assert_eq!(cfg.clickhouse.url, "http://127.0.0.1:8124");
+        assert_eq!(cfg.kafka.compression, "zstd");
+        assert_eq!(
+            (cfg.events_topic.as_str(), cfg.dlq_topic.as_str()),
+            ("ev", "dlq")
+        );
+        assert!(pulse_platform::config::validate_all(&[&cfg]).is_ok());
+    }
+
+    #[test]
+    fn parquet_defaults_match_the_readme() {
+        let cfg = Config::try_parse_from(["pulse-writer", "--sink", "parquet"]).unwrap();
+        assert_eq!(cfg.parquet_max_rows, 100_000);
+        assert_eq!(cfg.parquet_max_bytes, 64 * 1024 * 1024);
+        assert_eq!(cfg.parquet_max_age_ms, 60_000);
+        assert!(cfg.parquet_freshness);
+    }
+
+    #[test]
+    fn bad_parquet_settings_are_all_reported() {
+        let cfg = Config::try_parse_from([
+            "pulse-writer",
+            "--sink",
+            "parquet",
+            "--parquet-max-rows",
+            "0",
+            "--parquet-max-bytes",
+            "10",
+            "--parquet-max-age-ms",
+            "1",
+            "--s3-prefix",
+            "/x/",
+        ])
+        .unwrap();
+        let problems = pulse_platform::config::validate_all(&[&cfg]).unwrap_err().0;
+        assert_eq!(problems.len(), 4, "{problems:?}");
     }
 }

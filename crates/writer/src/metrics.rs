@@ -12,6 +12,14 @@ pub const DLQ_TOTAL: &str = "pulse_writer_dead_letters_total";
 pub const CIRCUIT_OPEN: &str = "pulse_writer_circuit_open";
 pub const END_TO_END_SECONDS: &str = "pulse_writer_end_to_end_latency_seconds";
 pub const FRESHNESS_EVENT_TIME_MS: &str = "pulse_writer_last_event_time_ms";
+// The Parquet sink (shared ones above carry `sink="parquet"`).
+pub const FILES_UPLOADED_TOTAL: &str = "pulse_writer_files_uploaded_total";
+pub const UPLOADED_BYTES_TOTAL: &str = "pulse_writer_uploaded_bytes_total";
+pub const FILE_ROWS: &str = "pulse_writer_file_rows";
+pub const FILE_BYTES: &str = "pulse_writer_file_bytes";
+pub const UPLOAD_SECONDS: &str = "pulse_writer_upload_seconds";
+pub const ENCODE_SECONDS: &str = "pulse_writer_encode_seconds";
+pub const FRESHNESS_ERRORS_TOTAL: &str = "pulse_writer_freshness_errors_total";
 
 pub fn describe() {
     describe_counter!(
@@ -53,5 +61,34 @@ pub fn describe() {
     describe_gauge!(
         FRESHNESS_EVENT_TIME_MS,
         "Latest event time written, by sink and partition."
+    );
+    describe_counter!(
+        FILES_UPLOADED_TOTAL,
+        "Parquet objects whose upload S3 confirmed, by sink."
+    );
+    describe_counter!(
+        UPLOADED_BYTES_TOTAL,
+        Unit::Bytes,
+        "Bytes of Parquet objects whose upload S3 confirmed, by sink."
+    );
+    describe_histogram!(FILE_ROWS, "Rows per uploaded Parquet object.");
+    describe_histogram!(
+        FILE_BYTES,
+        Unit::Bytes,
+        "Size of each uploaded Parquet object (zstd-compressed)."
+    );
+    describe_histogram!(
+        UPLOAD_SECONDS,
+        Unit::Seconds,
+        "Time of the successful upload attempt of one Parquet object."
+    );
+    describe_histogram!(
+        ENCODE_SECONDS,
+        Unit::Seconds,
+        "Time to encode one Parquet object from its rows."
+    );
+    describe_counter!(
+        FRESHNESS_ERRORS_TOTAL,
+        "Freshness rows that could not be written to ClickHouse (best effort; data is unaffected), by sink."
     );
 }

@@ -1,0 +1,382 @@
+//! Talking to ingest: one batch over HTTP (`POST /v1/events`, a JSON array) or gRPC
+//! (unary `SendEvents`), answered with one result per event; retries of 503/429 (and
+//! `UNAVAILABLE`/`RESOURCE_EXHAUSTED`) honouring Retry-After, and of transport failures,
+//! with backoff. Shared by `loadgen` and `dlq redrive`; what to send is left to them.
+
+use std::time::Duration;
+
+use pulse_contracts::pb::events::v1 as pb;
+use pulse_contracts::pb::ingest::v1::ingest_service_client::IngestServiceClient;
+use pulse_contracts::pb::ingest::v1::{EventStatus, SendEventsRequest};
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+/// Ingest's answer for one event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    /// "accepted", "duplicate" or "rejected".
+    pub status: String,
+    pub event_id: String,
+    /// For rejected events: the validation code (HTTP only; gRPC reports no code).
+    pub code: Option<String>,
+    pub field: Option<String>,
+    pub reason: Option<String>,
+}
+
+/// Why a request got no per-event answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    /// 503/429 (or their gRPC codes): nothing of the batch counted; retry after the wait.
+    #[error("ingest answered {status}: {reason}")]
+    Retryable {
+        status: String,
+        reason: String,
+        retry_after: Option<Duration>,
+    },
+    /// No answer (connection refused or reset, timeout): the outcome is unknown.
+    #[error("transport failure: {0}")]
+    Transport(String),
+    /// An error answer a retry cannot fix (400, 401, 413, 415, …).
+    #[error("ingest answered {status}: {reason}")]
+    Refused { status: String, reason: String },
+}
+
+/// An error with its causes (`error sending request: connection refused`).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        cause = c.source();
+    }
+    text
+}
+
+/// Ingest's HTTP intake.
+#[derive(Debug, Clone)]
+pub struct HttpIngest {
+    client: reqwest::Client,
+    url: String,
+    api_key: String,
+}
+
+impl HttpIngest {
+    /// `target` is the base URL (`http://127.0.0.1:8080`); events go to `/v1/events`.
+    pub fn new(target: &str, api_key: &str, timeout: Duration) -> Result<Self, String> {
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .build()
+            .map_err(|e| e.to_string())?;
+        Ok(Self {
+            client,
+            url: format!("{}/v1/events", target.trim_end_matches('/')),
+            api_key: api_key.to_owned(),
+        })
+    }
+
+    /// Posts a JSON body (one event or an array) and returns the per-event answers.
+    pub async fn post(&self, body: Vec<u8>) -> Result<Vec<Answer>, SendError> {
+        let resp = self
+            .client
+            .post(&self.url)
+            .header("Authorization", format!("Bearer {}", self.api_key))
+            .header("Content-Type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| SendError::Transport(chain(&e)))?;
+        let status = resp.status();
+        let retry_after = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let text = resp
+            .text()
+            .await
+            .map_err(|e| SendError::Transport(chain(&e)))?;
+        let value: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+        if !status.is_success() {
+            let reason = value["error"]["reason"]
+                .as_str()
+                .or(value["error"]["code"].as_str())
+                .map_or_else(|| text.chars().take(200).collect(), str::to_owned);
+            let status_text = format!(
+                "{} {}",
+                status.as_u16(),
+                value["error"]["code"].as_str().unwrap_or("")
+            )
+            .trim()
+            .to_owned();
+            return Err(if status.as_u16() == 503 || status.as_u16() == 429 {
+                SendError::Retryable {
+                    status: status_text,
+                    reason,
+                    retry_after,
+                }
+            } else {
+                SendError::Refused {
+                    status: status_text,
+                    reason,
+                }
+            });
+        }
+        let results = value["results"]
+            .as_array()
+            .ok_or_else(|| SendError::Refused {
+                status: status.as_u16().to_string(),
+                reason: "the answer has no results".into(),
+            })?;
+        let mut answers: Vec<(u64, Answer)> = results
+            .iter()
+            .map(|r| {
+                let text = |v: &Value| v.as_str().map(str::to_owned);
+                (
+                    r["index"].as_u64().unwrap_or(u64::MAX),
+                    Answer {
+                        status: r["status"].as_str().unwrap_or("").to_owned(),
+                        event_id: r["event_id"].as_str().unwrap_or("").to_owned(),
+                        code: text(&r["error"]["code"]),
+                        field: text(&r["error"]["field"]),
+                        reason: text(&r["error"]["reason"]),
+                    },
+                )
+            })
+            .collect();
+        answers.sort_by_key(|(i, _)| *i);
+        Ok(answers.into_iter().map(|(_, a)| a).collect())
+    }
+}
+
+/// Ingest's gRPC intake (unary batch call).
+#[derive(Debug, Clone)]
+pub struct GrpcIngest {
+    client: IngestServiceClient<tonic::transport::Channel>,
+    api_key: String,
+}
+
+impl GrpcIngest {
+    pub async fn connect(url: &str, api_key: &str, timeout: Duration) -> Result<Self, String> {
+        let endpoint = tonic::transport::Endpoint::from_shared(url.to_owned())
+            .map_err(|e| format!("{url}: {e}"))?
+            .timeout(timeout)
+            .connect_timeout(timeout);
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|e| format!("{url}: {}", chain(&e)))?;
+        Ok(Self {
+            client: IngestServiceClient::new(channel),
+            api_key: api_key.to_owned(),
+        })
+    }
+
+    pub async fn send(&self, events: Vec<pb::Event>) -> Result<Vec<Answer>, SendError> {
+        let mut req = tonic::Request::new(SendEventsRequest { events });
+        let auth = format!("Bearer {}", self.api_key)
+            .parse()
+            .map_err(|_| SendError::Refused {
+                status: "invalid api key".into(),
+                reason: "the API key is not a valid metadata value".into(),
+            })?;
+        req.metadata_mut().insert("authorization", auth);
+        let mut client = self.client.clone();
+        match client.send_events(req).await {
+            Ok(resp) => {
+                let mut results = resp.into_inner().results;
+                results.sort_by_key(|r| r.index);
+                Ok(results
+                    .into_iter()
+                    .map(|r| Answer {
+                        status: match EventStatus::try_from(r.status) {
+                            Ok(EventStatus::Accepted) => "accepted",
+                            Ok(EventStatus::Duplicate) => "duplicate",
+                            Ok(EventStatus::Rejected) => "rejected",
+                            _ => "unspecified",
+                        }
+                        .to_owned(),
+                        event_id: r.event_id,
+                        code: None,
+                        field: r.error.as_ref().map(|e| e.field.clone()),
+                        reason: r.error.map(|e| e.reason),
+                    })
+                    .collect())
+            }
+            Err(status) => {
+                let retry_after = status
+                    .metadata()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .map(Duration::from_secs);
+                let code = format!("{:?}", status.code());
+                // A status made on this side (with a transport error as its source) means
+                // ingest never answered; a status from ingest has no source.
+                let no_answer = std::error::Error::source(&status).is_some()
+                    || matches!(
+                        status.code(),
+                        tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+                    );
+                let reason = status.message().to_owned();
+                Err(match status.code() {
+                    _ if no_answer => SendError::Transport(chain(&status)),
+                    tonic::Code::Unavailable | tonic::Code::ResourceExhausted => {
+                        SendError::Retryable {
+                            status: code,
+                            reason,
+                            retry_after,
+                        }
+                    }
+                    _ => SendError::Refused {
+                        status: code,
+                        reason,
+                    },
+                })
+            }
+        }
+    }
+}
+
+/// How a batch went after retries.
+#[derive(Debug)]
+pub struct Delivery {
+    pub result: Result<Vec<Answer>, SendError>,
+    /// Requests made (1 + retries).
+    pub attempts: u32,
+    /// Latencies of the requests that got an answer from ingest (any status).
+    pub latencies: Vec<Duration>,
+    /// Some attempt got no answer, so its events may have been accepted already: a
+    /// `duplicate` answer on a later attempt can be that first acceptance.
+    pub unanswered_attempt: bool,
+    /// Stopped (Ctrl-C) while waiting to retry.
+    pub abandoned: bool,
+}
+
+/// Retry policy: retryable failures are retried until `max_retry` has passed since the
+/// first attempt, waiting Retry-After when given, else 200 ms doubling up to 5 s.
+#[derive(Debug, Clone, Copy)]
+pub struct Retry {
+    pub max_retry: Duration,
+}
+
+impl Retry {
+    /// Calls `attempt` until it is answered, refused, out of retry time or stopped.
+    pub async fn run<F, Fut>(&self, stop: &CancellationToken, mut attempt: F) -> Delivery
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<Vec<Answer>, SendError>>,
+    {
+        let first = tokio::time::Instant::now();
+        let mut backoff = Duration::from_millis(200);
+        let mut d = Delivery {
+            result: Err(SendError::Transport("not sent".into())),
+            attempts: 0,
+            latencies: Vec::new(),
+            unanswered_attempt: false,
+            abandoned: false,
+        };
+        loop {
+            let started = tokio::time::Instant::now();
+            d.attempts += 1;
+            let result = attempt().await;
+            match &result {
+                Err(SendError::Transport(_)) => d.unanswered_attempt = true,
+                _ => d.latencies.push(started.elapsed()),
+            }
+            let wait = match &result {
+                Err(SendError::Retryable { retry_after, .. }) => retry_after.unwrap_or(backoff),
+                Err(SendError::Transport(_)) => backoff,
+                Ok(_) | Err(SendError::Refused { .. }) => {
+                    d.result = result;
+                    return d;
+                }
+            };
+            d.result = result;
+            if first.elapsed() + wait > self.max_retry {
+                return d;
+            }
+            tokio::select! {
+                _ = stop.cancelled() => {
+                    d.abandoned = true;
+                    return d;
+                }
+                _ = tokio::time::sleep(wait) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    fn accepted() -> Vec<Answer> {
+        vec![Answer {
+            status: "accepted".into(),
+            event_id: "e".into(),
+            code: None,
+            field: None,
+            reason: None,
+        }]
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retryable_answers_are_retried_after_their_retry_after_until_answered() {
+        let calls = AtomicU32::new(0);
+        let retry = Retry {
+            max_retry: Duration::from_secs(60),
+        };
+        let started = tokio::time::Instant::now();
+        let d = retry
+            .run(&CancellationToken::new(), || {
+                let n = calls.fetch_add(1, Ordering::SeqCst);
+                async move {
+                    match n {
+                        0 => Err(SendError::Retryable {
+                            status: "503".into(),
+                            reason: "busy".into(),
+                            retry_after: Some(Duration::from_secs(2)),
+                        }),
+                        1 => Err(SendError::Transport("reset".into())),
+                        _ => Ok(accepted()),
+                    }
+                }
+            })
+            .await;
+        assert_eq!(d.result, Ok(accepted()));
+        assert_eq!(d.attempts, 3);
+        assert!(d.unanswered_attempt);
+        assert!(started.elapsed() >= Duration::from_millis(2_400));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refused_answers_are_not_retried_and_retries_stop_at_the_limit() {
+        let retry = Retry {
+            max_retry: Duration::from_secs(3),
+        };
+        let stop = CancellationToken::new();
+        let d = retry
+            .run(&stop, || async {
+                Err(SendError::Refused {
+                    status: "401".into(),
+                    reason: "no key".into(),
+                })
+            })
+            .await;
+        assert_eq!(d.attempts, 1);
+        let d = retry
+            .run(&stop, || async {
+                Err(SendError::Transport("refused".into()))
+            })
+            .await;
+        assert!(d.result.is_err());
+        assert!(d.attempts > 2 && d.attempts < 10, "{}", d.attempts);
+    }
+}

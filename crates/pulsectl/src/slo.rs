@@ -1,0 +1,345 @@
+//! `pulsectl slo`: scrapes the services' `/metrics` and reports Pulse's service-level
+//! indicators against their targets — freshness (p95 of the writer's end-to-end latency),
+//! correctness (rows the ClickHouse writer stored vs events ingest accepted) and
+//! availability (ingest HTTP requests that were not 5xx). Parsing the exposition format is
+//! `slo::prom`; the metric names come from the services' `metrics.rs`.
+
+pub mod prom;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use self::prom::{Sample, buckets, histogram_quantile, sum};
+
+/// `pulse_writer::metrics::END_TO_END_SECONDS` (ingest timestamp → committed write).
+pub const WRITER_END_TO_END: &str = "pulse_writer_end_to_end_latency_seconds";
+/// `pulse_writer::metrics::ROWS_WRITTEN_TOTAL`.
+pub const WRITER_ROWS_WRITTEN: &str = "pulse_writer_rows_written_total";
+/// `pulse_ingest::metrics::EVENTS_TOTAL`.
+pub const INGEST_EVENTS: &str = "pulse_ingest_events_total";
+/// `pulse_platform::http::HTTP_REQUESTS_TOTAL`.
+pub const HTTP_REQUESTS: &str = pulse_platform::http::HTTP_REQUESTS_TOTAL;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct SloArgs {
+    /// The services' metrics endpoints, `name=url`, comma-separated; names `ingest` and
+    /// `writer` feed the SLIs (repeat a name for replicas: their series are summed).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        value_parser = parse_target,
+        default_value = "ingest=http://127.0.0.1:9101/metrics,writer=http://127.0.0.1:9103/metrics"
+    )]
+    pub metrics: Vec<(String, String)>,
+    /// Exit 1 when an SLI misses its target (or cannot be measured).
+    #[arg(long)]
+    pub check: bool,
+    /// Freshness target: p95 of ingest → ClickHouse latency, seconds.
+    #[arg(long, default_value_t = 10.0)]
+    pub freshness_p95_secs: f64,
+    /// Correctness target: rows stored / events accepted (a fraction).
+    #[arg(long, default_value_t = 0.999)]
+    pub correctness: f64,
+    /// Availability target: non-5xx ingest HTTP requests / all (a fraction).
+    #[arg(long, default_value_t = 0.999)]
+    pub availability: f64,
+    /// Timeout of one scrape.
+    #[arg(long, default_value = "10s", value_parser = crate::loadgen::parse_duration)]
+    pub timeout: Duration,
+}
+
+/// `name=url`.
+pub fn parse_target(s: &str) -> Result<(String, String), String> {
+    let (name, url) = s
+        .trim()
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not name=url"))?;
+    if name.is_empty() || !(url.starts_with("http://") || url.starts_with("https://")) {
+        return Err(format!("{s:?} is not name=http(s)://…"));
+    }
+    Ok((name.to_owned(), url.to_owned()))
+}
+
+/// Why the report could not be made, or a target was missed with `--check`.
+#[derive(Debug, thiserror::Error)]
+pub enum SloError {
+    #[error("SLO missed: {}", .0.join(", "))]
+    Missed(Vec<String>),
+}
+
+/// One indicator.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sli {
+    pub name: &'static str,
+    /// The measured value (seconds for freshness, a fraction otherwise); None when there
+    /// is no data to measure it.
+    pub value: Option<f64>,
+    pub target: f64,
+    /// True when the value must be at most the target (freshness), else at least.
+    pub at_most: bool,
+    /// How it was computed (counts), or why there is no value.
+    pub detail: String,
+}
+
+impl Sli {
+    pub fn passed(&self) -> bool {
+        self.value.is_some_and(|v| {
+            if self.at_most {
+                v <= self.target
+            } else {
+                v >= self.target
+            }
+        })
+    }
+
+    fn show(&self, v: f64) -> String {
+        if self.at_most {
+            format!("{v:.3} s")
+        } else {
+            format!("{:.3} %", v * 100.0)
+        }
+    }
+
+    /// One report line.
+    pub fn line(&self) -> String {
+        let value = self
+            .value
+            .map_or_else(|| "no data".to_owned(), |v| self.show(v));
+        let target = format!(
+            "{} {}",
+            if self.at_most { "<=" } else { ">=" },
+            self.show(self.target)
+        );
+        let status = match (self.value, self.passed()) {
+            (None, _) => "NO DATA",
+            (_, true) => "PASS",
+            (_, false) => "FAIL",
+        };
+        format!(
+            "{:<14} {:>12}  {:<12} {:<8} {}",
+            self.name, value, target, status, self.detail
+        )
+    }
+}
+
+/// The SLIs from the samples scraped per service name (replicas concatenated).
+pub fn evaluate(scraped: &BTreeMap<String, Vec<Sample>>, args: &SloArgs) -> Vec<Sli> {
+    let none = Vec::new();
+    let ingest = scraped.get("ingest").unwrap_or(&none);
+    let writer = scraped.get("writer").unwrap_or(&none);
+
+    let b = buckets(writer, WRITER_END_TO_END, &[("sink", "clickhouse")]);
+    let observations = b.last().map_or(0.0, |(_, n)| *n);
+    let p95 = histogram_quantile(0.95, &b);
+    let freshness = Sli {
+        name: "freshness p95",
+        value: p95,
+        target: args.freshness_p95_secs,
+        at_most: true,
+        detail: if p95.is_some() {
+            format!("{WRITER_END_TO_END}, {observations:.0} records")
+        } else {
+            format!("no {WRITER_END_TO_END} observations from writer")
+        },
+    };
+
+    let accepted = sum(ingest, INGEST_EVENTS, &[("outcome", "accepted")]);
+    let written = sum(
+        writer,
+        WRITER_ROWS_WRITTEN,
+        &[("sink", "clickhouse"), ("table", "events")],
+    );
+    let correctness = match (accepted, written) {
+        (Some(a), w) if a > 0.0 => {
+            let w = w.unwrap_or(0.0);
+            Sli {
+                name: "correctness",
+                value: Some(w / a),
+                target: args.correctness,
+                at_most: false,
+                detail: format!("{w:.0} rows stored of {a:.0} events accepted"),
+            }
+        }
+        _ => Sli {
+            name: "correctness",
+            value: None,
+            target: args.correctness,
+            at_most: false,
+            detail: "no accepted events counted by ingest".into(),
+        },
+    };
+
+    let total = sum(ingest, HTTP_REQUESTS, &[]).unwrap_or(0.0);
+    let errors: f64 = ingest
+        .iter()
+        .filter(|s| {
+            s.name == HTTP_REQUESTS && s.labels.get("status").is_some_and(|v| v.starts_with('5'))
+        })
+        .map(|s| s.value)
+        // fold from +0.0: an empty f64 `sum()` is -0.0, shown as "-0".
+        .fold(0.0, |a, b| a + b);
+    let availability = Sli {
+        name: "availability",
+        value: (total > 0.0).then(|| 1.0 - errors / total),
+        target: args.availability,
+        at_most: false,
+        detail: if total > 0.0 {
+            format!("{errors:.0} of {total:.0} ingest HTTP requests answered 5xx")
+        } else {
+            "no ingest HTTP requests counted".into()
+        },
+    };
+    vec![freshness, correctness, availability]
+}
+
+/// Scrapes every target; returns the samples per name and one line per target.
+pub async fn scrape(
+    targets: &[(String, String)],
+    timeout: Duration,
+) -> (BTreeMap<String, Vec<Sample>>, Vec<String>) {
+    let client = reqwest::Client::builder().timeout(timeout).build();
+    let mut out: BTreeMap<String, Vec<Sample>> = BTreeMap::new();
+    let mut lines = Vec::new();
+    for (name, url) in targets {
+        let result = match &client {
+            Ok(c) => fetch(c, url).await,
+            Err(e) => Err(e.to_string()),
+        };
+        match result {
+            Ok(samples) => {
+                lines.push(format!("{name:<10} {url}  {} samples", samples.len()));
+                out.entry(name.clone()).or_default().extend(samples);
+            }
+            Err(e) => lines.push(format!("{name:<10} {url}  scrape failed: {e}")),
+        }
+    }
+    (out, lines)
+}
+
+async fn fetch(client: &reqwest::Client, url: &str) -> Result<Vec<Sample>, String> {
+    let resp = client.get(url).send().await.map_err(|e| e.to_string())?;
+    if !resp.status().is_success() {
+        return Err(format!("answered {}", resp.status()));
+    }
+    let text = resp.text().await.map_err(|e| e.to_string())?;
+    prom::parse(&text).map_err(|e| e.to_string())
+}
+
+pub async fn run(args: SloArgs) -> Result<(), crate::Error> {
+    let (scraped, lines) = scrape(&args.metrics, args.timeout).await;
+    for l in lines {
+        println!("{l}");
+    }
+    println!();
+    println!(
+        "{:<14} {:>12}  {:<12} {:<8} detail",
+        "SLI", "value", "target", "status"
+    );
+    let slis = evaluate(&scraped, &args);
+    for s in &slis {
+        println!("{}", s.line());
+    }
+    let missed: Vec<String> = slis
+        .iter()
+        .filter(|s| !s.passed())
+        .map(|s| s.name.to_owned())
+        .collect();
+    if args.check && !missed.is_empty() {
+        return Err(SloError::Missed(missed).into());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: SloArgs,
+    }
+
+    fn scraped(ingest: &str, writer: &str) -> BTreeMap<String, Vec<Sample>> {
+        let mut m = BTreeMap::new();
+        m.insert("ingest".to_owned(), prom::parse(ingest).unwrap());
+        m.insert("writer".to_owned(), prom::parse(writer).unwrap());
+        m
+    }
+
+    const INGEST: &str = r#"
+pulse_ingest_events_total{service="ingest",outcome="accepted",reason=""} 10000
+pulse_ingest_events_total{service="ingest",outcome="invalid",reason="missing_field"} 7
+pulse_http_requests_total{service="ingest",route="/v1/events",method="POST",status="200"} 4999
+pulse_http_requests_total{service="ingest",route="/v1/events",method="POST",status="400"} 1
+pulse_http_requests_total{service="ingest",route="/v1/events",method="POST",status="503"} 0
+"#;
+
+    fn writer(rows: u64, slow: u64) -> String {
+        format!(
+            r#"
+pulse_writer_rows_written_total{{service="writer",sink="clickhouse",table="events"}} {rows}
+pulse_writer_rows_written_total{{service="writer",sink="clickhouse",table="user_activity"}} 555
+pulse_writer_end_to_end_latency_seconds_bucket{{service="writer",sink="clickhouse",le="1"}} 50
+pulse_writer_end_to_end_latency_seconds_bucket{{service="writer",sink="clickhouse",le="2.5"}} 100
+pulse_writer_end_to_end_latency_seconds_bucket{{service="writer",sink="clickhouse",le="10"}} 100
+pulse_writer_end_to_end_latency_seconds_bucket{{service="writer",sink="clickhouse",le="30"}} {}
+pulse_writer_end_to_end_latency_seconds_bucket{{service="writer",sink="clickhouse",le="+Inf"}} {}
+"#,
+            100 + slow,
+            100 + slow
+        )
+    }
+
+    #[test]
+    fn a_healthy_pipeline_passes_every_sli() {
+        let args = Cli::parse_from(["x"]).args;
+        let slis = evaluate(&scraped(INGEST, &writer(10_000, 0)), &args);
+        assert!(slis.iter().all(Sli::passed), "{slis:?}");
+        // p95 = rank 95 of 100: 45 of the 50 in (1, 2.5].
+        assert!((slis[0].value.unwrap() - 2.35).abs() < 1e-9);
+        assert_eq!(slis[1].value, Some(1.0));
+        assert_eq!(slis[2].value, Some(1.0), "a 400 is not unavailability");
+        let no_5xx_series = INGEST.replace("status=\"503\"} 0", "status=\"201\"} 0");
+        let slis = evaluate(&scraped(&no_5xx_series, &writer(10_000, 0)), &args);
+        assert!(
+            slis[2].detail.starts_with("0 of 5000"),
+            "{}",
+            slis[2].detail
+        );
+    }
+
+    #[test]
+    fn missing_rows_slow_writes_and_5xx_fail_their_slis() {
+        let args = Cli::parse_from(["x"]).args;
+        let ingest = INGEST.replace("status=\"503\"} 0", "status=\"503\"} 50");
+        let slis = evaluate(&scraped(&ingest, &writer(9_980, 20)), &args);
+        let failed: Vec<&str> = slis
+            .iter()
+            .filter(|s| !s.passed())
+            .map(|s| s.name)
+            .collect();
+        assert_eq!(failed, vec!["freshness p95", "correctness", "availability"]);
+        assert!(slis[0].value.unwrap() > 10.0);
+        assert!(slis[1].line().contains("99.800 %"), "{}", slis[1].line());
+    }
+
+    #[test]
+    fn no_data_is_reported_and_never_passes() {
+        let args = Cli::parse_from(["x"]).args;
+        let slis = evaluate(&BTreeMap::new(), &args);
+        assert!(slis.iter().all(|s| s.value.is_none() && !s.passed()));
+        assert!(slis[0].line().contains("NO DATA"));
+    }
+
+    #[test]
+    fn targets_parse_as_name_equals_url() {
+        assert_eq!(
+            parse_target("ingest=http://h:9101/metrics"),
+            Ok(("ingest".into(), "http://h:9101/metrics".into()))
+        );
+        assert!(parse_target("ingest").is_err());
+        assert!(parse_target("ingest=h:9101").is_err());
+    }
+}

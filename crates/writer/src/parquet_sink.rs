@@ -1,0 +1,669 @@
+//! The Parquet sink: consumes raw events (`pulse.events.v1`) in the consumer group
+//! `pulse-writer-parquet` and archives them on S3. Rows collect in a *roll* until it is
+//! due by rows, record bytes or age; the roll is written as one Parquet object per
+//! (partition, UTC hour of event time), named from the topic, partition and offsets (see
+//! `archive`), and only after S3 confirmed every object are the offsets marked durable and
+//! committed. Failed uploads are retried with backoff and jitter while consumption is
+//! paused; a retried roll overwrites the same objects. Undecodable records go to the DLQ.
+//! After each roll a best-effort `freshness` row per partition goes to ClickHouse.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
+use prost::Message as _;
+use pulse_contracts::pb::events::v1::Event;
+use pulse_contracts::{headers, trace_context, wire};
+use pulse_platform::kafka::{KafkaConsumer, KafkaProducer, RebalanceEvent};
+use pulse_platform::s3::S3Config;
+use rdkafka::Message;
+use rdkafka::consumer::Consumer;
+use rdkafka::message::BorrowedMessage;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+
+use crate::archive::{self, ArchiveError, ArchiveRow, HourBucket};
+use crate::batch::BatchLimits;
+use crate::metrics as m;
+use crate::retry::{Backoff, ErrorKind};
+use crate::rows::FreshnessRow;
+
+/// Stage name in the freshness table.
+pub const STAGE: &str = "writer-parquet";
+/// `sink` label of the metrics.
+const SINK: &str = "parquet";
+/// How long one freshness insert may take before it is abandoned.
+const FRESHNESS_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone)]
+pub struct ParquetTopics {
+    pub events: String,
+    pub dlq: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ParquetSinkError {
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("dead-lettering an undecodable record failed: {0}")]
+    Dlq(String),
+    #[error("encoding a Parquet object failed (a bug; nothing was committed): {0}")]
+    Encode(#[from] ArchiveError),
+    #[error("the encoding task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// Whether retrying an S3 failure unchanged can help. Every failure is retried (an archive
+/// never drops data); `Permanent` ones (credentials, missing bucket) need an operator.
+pub fn classify_s3(err: &object_store::Error) -> ErrorKind {
+    use object_store::Error as E;
+    match err {
+        E::NotFound { .. }
+        | E::PermissionDenied { .. }
+        | E::Unauthenticated { .. }
+        | E::InvalidPath { .. }
+        | E::NotSupported { .. }
+        | E::NotImplemented { .. }
+        | E::UnknownConfigurationKey { .. } => ErrorKind::Permanent,
+        _ => ErrorKind::Retryable,
+    }
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+/// Per partition: (max event time, max ingest time) archived so far.
+type Freshness = BTreeMap<i32, (i64, i64)>;
+
+/// The objects of a roll are keyed by partition and hour (the topic is the events topic).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct FileKey {
+    partition: i32,
+    bucket: HourBucket,
+}
+
+/// The rows of one object, and the trace context of its first record.
+#[derive(Debug)]
+struct Group {
+    rows: Vec<ArchiveRow>,
+    /// Record bytes of the rows (as read from Kafka).
+    bytes: usize,
+    parent: opentelemetry::Context,
+}
+
+/// What has been read since the last confirmed upload.
+#[derive(Debug, Default)]
+struct Roll {
+    groups: BTreeMap<FileKey, Group>,
+    rows: usize,
+    bytes: usize,
+    started: Option<Instant>,
+    /// Per partition: the highest offset handled (rows and dead-lettered records).
+    done: BTreeMap<i32, i64>,
+    /// Per partition: (max event time, max ingest time) of the rows.
+    freshness: BTreeMap<i32, (i64, i64)>,
+    /// (partition, ingest timestamp) of the rows (end-to-end latency at commit).
+    ingest_ts: Vec<(i32, i64)>,
+}
+
+impl Roll {
+    fn is_empty(&self) -> bool {
+        self.done.is_empty()
+    }
+
+    fn is_full(&self, limits: &BatchLimits) -> bool {
+        self.rows >= limits.max_rows || self.bytes >= limits.max_bytes
+    }
+
+    fn is_due(&self, limits: &BatchLimits, now: Instant) -> bool {
+        !self.is_empty()
+            && (self.is_full(limits)
+                || self
+                    .started
+                    .is_some_and(|s| now.duration_since(s) >= limits.max_age))
+    }
+
+    fn mark_done(&mut self, partition: i32, offset: i64, now: Instant) {
+        self.started.get_or_insert(now);
+        let e = self.done.entry(partition).or_insert(offset);
+        *e = (*e).max(offset);
+    }
+
+    fn push(
+        &mut self,
+        row: ArchiveRow,
+        parent: impl FnOnce() -> opentelemetry::Context,
+        record_bytes: usize,
+        ingest_ts: Option<i64>,
+        now: Instant,
+    ) {
+        let partition = row.kafka_partition;
+        self.mark_done(partition, row.kafka_offset, now);
+        let f = self
+            .freshness
+            .entry(partition)
+            .or_insert((row.event_time_ms, row.ingest_time_ms));
+        *f = (f.0.max(row.event_time_ms), f.1.max(row.ingest_time_ms));
+        if let Some(ts) = ingest_ts {
+            self.ingest_ts.push((partition, ts));
+        }
+        self.rows += 1;
+        self.bytes += record_bytes;
+        let key = FileKey {
+            partition,
+            bucket: archive::hour_bucket(row.event_time_ms),
+        };
+        let group = self.groups.entry(key).or_insert_with(|| Group {
+            rows: Vec::new(),
+            bytes: 0,
+            parent: parent(),
+        });
+        group.rows.push(row);
+        group.bytes += record_bytes;
+    }
+
+    /// Forgets the rows of partitions taken away in a rebalance: their next owner re-reads
+    /// them from the last commit, so uploading them here would only duplicate them.
+    fn revoke(&mut self, partitions: &[i32]) {
+        self.groups
+            .retain(|k, _| !partitions.contains(&k.partition));
+        self.done.retain(|p, _| !partitions.contains(p));
+        self.freshness.retain(|p, _| !partitions.contains(p));
+        self.ingest_ts.retain(|(p, _)| !partitions.contains(p));
+        self.rows = self.groups.values().map(|g| g.rows.len()).sum();
+        self.bytes = self.groups.values().map(|g| g.bytes).sum();
+        if self.done.is_empty() {
+            self.started = None;
+        }
+    }
+}
+
+/// The sink loop.
+pub struct ParquetSink {
+    pub store: Arc<dyn ObjectStore>,
+    /// Bucket settings; object keys go under its prefix.
+    pub s3: S3Config,
+    pub consumer: KafkaConsumer,
+    pub rebalances: mpsc::UnboundedReceiver<RebalanceEvent>,
+    pub producer: KafkaProducer,
+    pub topics: ParquetTopics,
+    pub limits: BatchLimits,
+    pub backoff: Backoff,
+    /// Where freshness rows go (`None`: not written).
+    pub freshness: Option<clickhouse::Client>,
+}
+
+impl std::fmt::Debug for ParquetSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ParquetSink")
+            .field("s3", &self.s3)
+            .field("topics", &self.topics)
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ParquetSink {
+    /// Runs until `stop`; then writes the current roll and commits.
+    pub async fn run(mut self, stop: CancellationToken) -> Result<(), ParquetSinkError> {
+        let mut roll = Roll::default();
+        let mut high = Freshness::new();
+        let consumer = self.consumer.clone();
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tick.tick() => {
+                    if roll.is_due(&self.limits, Instant::now()) {
+                        self.write_roll(std::mem::take(&mut roll), &mut high, &stop).await?;
+                    }
+                }
+                Some(event) = self.rebalances.recv() => {
+                    if let RebalanceEvent::Revoked(parts) = event {
+                        let mine: Vec<i32> = parts
+                            .into_iter()
+                            .filter(|(t, _)| *t == self.topics.events)
+                            .map(|(_, p)| p)
+                            .collect();
+                        roll.revoke(&mine);
+                    }
+                }
+                msg = consumer.recv() => {
+                    match msg {
+                        Ok(msg) => self.add(&msg, &mut roll).await?,
+                        Err(e) => tracing::warn!(error = %e, "consume failed"),
+                    }
+                    if roll.is_full(&self.limits) {
+                        self.write_roll(std::mem::take(&mut roll), &mut high, &stop).await?;
+                    }
+                }
+            }
+        }
+        // Shutdown: the current roll is written (retrying until it is; a second signal
+        // exits at once), then the offsets are committed.
+        self.write_roll(roll, &mut high, &CancellationToken::new())
+            .await?;
+        self.consumer.commit_now()?;
+        Ok(())
+    }
+
+    async fn add(
+        &mut self,
+        msg: &BorrowedMessage<'_>,
+        roll: &mut Roll,
+    ) -> Result<(), ParquetSinkError> {
+        let now = Instant::now();
+        let value = msg.payload().unwrap_or_default();
+        let (partition, offset) = (msg.partition(), msg.offset());
+        let decoded = wire::unframe(value)
+            .map_err(|e| e.to_string())
+            .and_then(|f| {
+                Event::decode(f.payload)
+                    .map(|e| (e, f.payload))
+                    .map_err(|e| format!("not a pulse.events.v1.Event: {e}"))
+            });
+        match decoded {
+            Ok((event, proto)) => {
+                let cx = trace_context::extract(msg.headers());
+                let trace = trace_context::trace_id_hex(&cx);
+                let row = ArchiveRow::from_event(
+                    &event,
+                    proto,
+                    msg.topic(),
+                    partition,
+                    offset,
+                    trace.as_deref(),
+                );
+                let ingest_ts = msg.headers().and_then(headers::ingest_ts_ms);
+                roll.push(row, || cx, value.len(), ingest_ts, now);
+            }
+            Err(reason) => {
+                // Not a record this sink can archive: kept on the DLQ, never dropped. Its
+                // offset is committed with the roll it was read in.
+                tracing::warn!(
+                    partition,
+                    offset,
+                    reason,
+                    "dead-lettering an undecodable record"
+                );
+                crate::dlq::dead_letter(
+                    &self.producer,
+                    &self.topics.dlq,
+                    SINK,
+                    msg.topic(),
+                    value.to_vec(),
+                    "undecodable",
+                    &reason,
+                )
+                .await
+                .map_err(|e| ParquetSinkError::Dlq(e.to_string()))?;
+                roll.mark_done(partition, offset, now);
+            }
+        }
+        Ok(())
+    }
+
+    /// Uploads every object of `roll`; when S3 confirmed them all, marks each partition's
+    /// highest offset durable and commits. Returns `false` if `stop` ended a retry wait
+    /// (then nothing of the roll is committed: the next owner re-reads and rewrites it).
+    async fn write_roll(
+        &mut self,
+        roll: Roll,
+        high: &mut Freshness,
+        stop: &CancellationToken,
+    ) -> Result<bool, ParquetSinkError> {
+        if roll.is_empty() {
+            return Ok(true);
+        }
+        let started = Instant::now();
+        let (rows, record_bytes) = (roll.rows, roll.bytes);
+        for (key, group) in roll.groups {
+            let first = group.rows.iter().map(|r| r.kafka_offset).min().unwrap_or(0);
+            let last = group.rows.iter().map(|r| r.kafka_offset).max().unwrap_or(0);
+            let path = self.s3.key(&archive::object_key(
+                &key.bucket,
+                &self.topics.events,
+                key.partition,
+                first,
+                last,
+            ));
+            let n = group.rows.len();
+            let span = tracing::info_span!(
+                "writer.parquet.upload",
+                key = %path,
+                partition = key.partition,
+                rows = n,
+                first_offset = first,
+                last_offset = last
+            );
+            let _ = span.set_parent(group.parent);
+            let encoding = Instant::now();
+            let body = tokio::task::spawn_blocking(move || archive::encode(&group.rows)).await??;
+            metrics::histogram!(m::ENCODE_SECONDS, "sink" => SINK)
+                .record(encoding.elapsed().as_secs_f64());
+            let body = Bytes::from(body);
+            let size = body.len();
+            if !self.upload(&path, body, stop).instrument(span).await {
+                return Ok(false);
+            }
+            metrics::counter!(m::FILES_UPLOADED_TOTAL, "sink" => SINK).increment(1);
+            metrics::counter!(m::UPLOADED_BYTES_TOTAL, "sink" => SINK).increment(size as u64);
+            metrics::histogram!(m::FILE_ROWS, "sink" => SINK).record(n as f64);
+            metrics::histogram!(m::FILE_BYTES, "sink" => SINK).record(size as f64);
+            tracing::debug!(key = %path, rows = n, bytes = size, "parquet object uploaded");
+        }
+        // Every object is confirmed: now (and only now) the offsets may move.
+        for (partition, offset) in &roll.done {
+            if let Err(e) = self
+                .consumer
+                .mark_durable(&self.topics.events, *partition, *offset)
+            {
+                // The partition was revoked meanwhile; its next owner re-archives from the
+                // last commit (overwriting or adding objects, never losing rows).
+                metrics::counter!(m::ERRORS_TOTAL, "sink" => SINK, "kind" => "commit").increment(1);
+                tracing::warn!(partition, offset, error = %e, "marking offsets durable failed");
+            }
+        }
+        if let Err(e) = self.consumer.commit_now() {
+            metrics::counter!(m::ERRORS_TOTAL, "sink" => SINK, "kind" => "commit").increment(1);
+            tracing::warn!(error = %e, "commit failed; the stored offsets are committed with the next one");
+        }
+        let written_at = now_ms();
+        metrics::counter!(m::ROWS_WRITTEN_TOTAL, "sink" => SINK, "table" => "events")
+            .increment(rows as u64);
+        metrics::histogram!(m::BATCH_ROWS, "sink" => SINK, "table" => "events").record(rows as f64);
+        metrics::histogram!(m::BATCH_BYTES, "sink" => SINK, "table" => "events")
+            .record(record_bytes as f64);
+        metrics::histogram!(m::BATCH_SECONDS, "sink" => SINK)
+            .record(started.elapsed().as_secs_f64());
+        for (_, ts) in &roll.ingest_ts {
+            metrics::histogram!(m::END_TO_END_SECONDS, "sink" => SINK)
+                .record((written_at - ts).max(0) as f64 / 1000.0);
+        }
+        // The partitions of this roll, at the highest times archived so far (a roll of
+        // older events never moves freshness backwards).
+        let fresh: Vec<FreshnessRow> = roll
+            .freshness
+            .into_iter()
+            .map(|(partition, (ev, ing))| {
+                let h = high.entry(partition).or_insert((ev, ing));
+                *h = (h.0.max(ev), h.1.max(ing));
+                (partition, *h)
+            })
+            .map(|(partition, (ev, ing))| FreshnessRow {
+                stage: STAGE.to_owned(),
+                kafka_partition: partition,
+                last_event_time_ms: ev,
+                last_ingest_ms: ing,
+                written_at_ms: written_at,
+            })
+            .collect();
+        for f in &fresh {
+            metrics::gauge!(m::FRESHNESS_EVENT_TIME_MS, "sink" => SINK, "partition" => f.kafka_partition.to_string())
+                .set(f.last_event_time_ms as f64);
+        }
+        self.write_freshness(fresh);
+        tracing::info!(
+            rows,
+            partitions = roll.done.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "roll archived and committed"
+        );
+        Ok(true)
+    }
+
+    /// Puts one object, retrying every failure with backoff (consumption paused meanwhile)
+    /// until S3 confirms it. Returns `false` if `stop` ended a retry wait.
+    async fn upload(&mut self, path: &Path, body: Bytes, stop: &CancellationToken) -> bool {
+        loop {
+            let attempt = Instant::now();
+            let put = tokio::select! {
+                _ = stop.cancelled() => return false,
+                r = self.store.put(path, PutPayload::from(body.clone())) => r,
+            };
+            match put {
+                Ok(_) => {
+                    metrics::histogram!(m::UPLOAD_SECONDS, "sink" => SINK)
+                        .record(attempt.elapsed().as_secs_f64());
+                    self.backoff.success();
+                    metrics::gauge!(m::CIRCUIT_OPEN, "sink" => SINK).set(0.0);
+                    self.resume();
+                    return true;
+                }
+                Err(e) => {
+                    let kind = classify_s3(&e);
+                    metrics::counter!(m::ERRORS_TOTAL, "sink" => SINK, "kind" => kind.as_str())
+                        .increment(1);
+                    self.pause();
+                    let wait = self.backoff.failure();
+                    if self.backoff.is_open() {
+                        metrics::gauge!(m::CIRCUIT_OPEN, "sink" => SINK).set(1.0);
+                    }
+                    metrics::counter!(m::RETRIES_TOTAL, "sink" => SINK, "kind" => kind.as_str())
+                        .increment(1);
+                    let (wait_ms, failures) = (wait.as_millis() as u64, self.backoff.failures());
+                    match kind {
+                        ErrorKind::Retryable => {
+                            tracing::warn!(key = %path, error = %e, wait_ms, failures, "S3 upload failed; retrying")
+                        }
+                        ErrorKind::Permanent => {
+                            tracing::error!(key = %path, error = %e, wait_ms, failures, "S3 refused the upload (check bucket and credentials); retrying")
+                        }
+                    }
+                    tokio::select! {
+                        _ = stop.cancelled() => return false,
+                        _ = tokio::time::sleep(wait) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes the freshness rows in the background: a slow or failing ClickHouse only
+    /// logs a warning and counts a metric, it never holds up the archive.
+    fn write_freshness(&self, rows: Vec<FreshnessRow>) {
+        let Some(client) = self.freshness.clone() else {
+            return;
+        };
+        if rows.is_empty() {
+            return;
+        }
+        tokio::spawn(async move {
+            let insert = async {
+                let mut ins = client.insert::<FreshnessRow>("freshness").await?;
+                for r in &rows {
+                    ins.write(r).await?;
+                }
+                ins.end().await
+            };
+            let error = match tokio::time::timeout(FRESHNESS_TIMEOUT, insert).await {
+                Ok(Ok(())) => return,
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => format!("timed out after {FRESHNESS_TIMEOUT:?}"),
+            };
+            metrics::counter!(m::FRESHNESS_ERRORS_TOTAL, "sink" => SINK).increment(1);
+            tracing::warn!(
+                error,
+                "writing freshness rows failed (the archive is written)"
+            );
+        });
+    }
+
+    fn pause(&self) {
+        if let Ok(a) = self.consumer.raw().assignment() {
+            let _ = self.consumer.raw().pause(&a);
+        }
+    }
+
+    fn resume(&self) {
+        if let Ok(a) = self.consumer.raw().assignment() {
+            let _ = self.consumer.raw().resume(&a);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(partition: i32, offset: i64, event_time_ms: i64, proto_len: usize) -> ArchiveRow {
+        ArchiveRow {
+            event_id: format!("e{offset}"),
+            schema_version: 1,
+            event_type: "page_view".into(),
+            user_id: String::new(),
+            session_id: String::new(),
+            page: String::new(),
+            referrer: String::new(),
+            currency: String::new(),
+            amount_micros: None,
+            properties: Vec::new(),
+            event_time_ms,
+            ingest_time_ms: event_time_ms + 1,
+            trace_id: String::new(),
+            source: String::new(),
+            ingest_source: String::new(),
+            kafka_topic: "t".into(),
+            kafka_partition: partition,
+            kafka_offset: offset,
+            event_proto: vec![0; proto_len],
+        }
+    }
+
+    const H: i64 = 3_600_000;
+    const T: i64 = 1_709_164_800_000; // 2024-02-29 00:00 UTC
+
+    fn limits() -> BatchLimits {
+        BatchLimits {
+            max_rows: 4,
+            max_bytes: 100,
+            max_age: Duration::from_millis(500),
+        }
+    }
+
+    #[test]
+    fn rows_are_grouped_by_partition_and_hour_and_offsets_tracked_per_partition() {
+        let t0 = Instant::now();
+        let mut roll = Roll::default();
+        roll.push(
+            row(0, 10, T, 1),
+            opentelemetry::Context::new,
+            1,
+            Some(5),
+            t0,
+        );
+        roll.push(
+            row(0, 11, T + H, 1),
+            opentelemetry::Context::new,
+            1,
+            None,
+            t0,
+        );
+        roll.push(
+            row(1, 3, T + 1, 1),
+            opentelemetry::Context::new,
+            1,
+            Some(6),
+            t0,
+        );
+        roll.push(
+            row(0, 12, T + 2, 1),
+            opentelemetry::Context::new,
+            1,
+            None,
+            t0,
+        );
+        roll.mark_done(1, 4, t0); // a dead-lettered record
+        let groups: Vec<(i32, u8, Vec<i64>)> = roll
+            .groups
+            .iter()
+            .map(|(k, g)| {
+                (
+                    k.partition,
+                    k.bucket.hour,
+                    g.rows.iter().map(|r| r.kafka_offset).collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            groups,
+            vec![(0, 0, vec![10, 12]), (0, 1, vec![11]), (1, 0, vec![3])]
+        );
+        assert_eq!(roll.done, BTreeMap::from([(0, 12), (1, 4)]));
+        assert_eq!(roll.freshness[&0], (T + H, T + H + 1));
+        assert_eq!(roll.ingest_ts, vec![(0, 5), (1, 6)]);
+        assert_eq!((roll.rows, roll.bytes), (4, 4));
+    }
+
+    #[test]
+    fn a_roll_is_due_by_rows_bytes_or_age_even_with_only_dead_letters() {
+        let t0 = Instant::now();
+        let mut roll = Roll::default();
+        assert!(
+            !roll.is_due(&limits(), t0 + Duration::from_secs(9)),
+            "empty"
+        );
+        roll.mark_done(0, 1, t0);
+        assert!(!roll.is_due(&limits(), t0));
+        assert!(
+            roll.is_due(&limits(), t0 + Duration::from_millis(500)),
+            "by age"
+        );
+
+        let mut by_rows = Roll::default();
+        for i in 0..4 {
+            assert!(!by_rows.is_full(&limits()));
+            by_rows.push(row(0, i, T, 1), opentelemetry::Context::new, 1, None, t0);
+        }
+        assert!(by_rows.is_full(&limits()) && by_rows.is_due(&limits(), t0));
+
+        let mut by_bytes = Roll::default();
+        by_bytes.push(
+            row(0, 0, T, 100),
+            opentelemetry::Context::new,
+            100,
+            None,
+            t0,
+        );
+        assert!(by_bytes.is_full(&limits()));
+    }
+
+    #[test]
+    fn revoked_partitions_leave_the_roll() {
+        let t0 = Instant::now();
+        let mut roll = Roll::default();
+        roll.push(row(0, 1, T, 3), opentelemetry::Context::new, 3, Some(1), t0);
+        roll.push(row(1, 1, T, 5), opentelemetry::Context::new, 5, Some(2), t0);
+        roll.mark_done(2, 7, t0);
+        roll.revoke(&[1, 2]);
+        assert_eq!(roll.done, BTreeMap::from([(0, 1)]));
+        assert_eq!((roll.rows, roll.bytes), (1, 3));
+        assert_eq!(roll.ingest_ts, vec![(0, 1)]);
+        assert!(roll.groups.keys().all(|k| k.partition == 0));
+        roll.revoke(&[0]);
+        assert!(roll.is_empty() && roll.started.is_none());
+    }
+
+    #[test]
+    fn s3_errors_are_classified() {
+        let not_found = object_store::Error::NotFound {
+            path: "x".into(),
+            source: "no such bucket".into(),
+        };
+        assert_eq!(classify_s3(&not_found), ErrorKind::Permanent);
+        let generic = object_store::Error::Generic {
+            store: "S3",
+            source: "connection refused".into(),
+        };
+        assert_eq!(classify_s3(&generic), ErrorKind::Retryable);
+    }
+}
