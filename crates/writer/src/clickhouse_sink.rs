@@ -19,6 +19,7 @@ use rdkafka::Message;
 use rdkafka::consumer::Consumer;
 use rdkafka::message::BorrowedMessage;
 use tokio_util::sync::CancellationToken;
+use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use crate::batch::{Batch, BatchLimits, Source, commit_points};
 use crate::metrics as m;
@@ -156,6 +157,17 @@ impl ClickHouseSink {
         if let Some(ts) = ingest_ts {
             b.ingest_ts.push(ts);
         }
+        // One span per record, continuing the trace that came with it (ingest request →
+        // processor → this writer), like the processor's per-record span.
+        let span = tracing::info_span!(
+            "writer.record",
+            sink = "clickhouse",
+            topic = %topic,
+            partition = msg.partition(),
+            offset = msg.offset()
+        );
+        let _ = span.set_parent(trace_context::extract(msg.headers()));
+        let entered = span.enter();
         let result: Result<(), String> = decoded.and_then(|payload| {
             if topic == self.topics.events {
                 let e = Event::decode(payload).map_err(|e| e.to_string())?;
@@ -198,6 +210,7 @@ impl ClickHouseSink {
             }
             Ok(())
         });
+        drop(entered); // never held across the await below
         if let Err(reason) = result {
             // Not a record this sink can store: kept on the DLQ, never dropped.
             self.dead_letter(&source, "undecodable", &reason).await?;

@@ -1,0 +1,617 @@
+//! The end-to-end test: the whole platform brought up as the README does
+//! (`scripts/dev.sh up`, on free ports, with the debug binaries `scripts/test.sh` built),
+//! a deterministic `pulsectl loadgen` workload with duplicates, out-of-order, late and
+//! malformed events, then — once the pipeline has settled by watermark and freshness —
+//! every query-API answer against the answers loadgen expects, the DLQ and late topics
+//! against the events loadgen made malformed and late, the raw events in ClickHouse and in
+//! the Parquet archive against every accepted event, and one trace id from the ingest
+//! request through the processor's and the writer's spans (collected by an OTLP receiver
+//! in the test).
+
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use pulse_contracts::{headers, topics};
+use pulse_platform::kafka::KafkaConfig;
+use rdkafka::Message;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Headers;
+use serde_json::{Value, json};
+
+const TOKEN: &str = "pulse-dev-token";
+const API_KEY: &str = "pulse-dev-key";
+/// Sentinel users whose events, dated after the workload, move every partition's
+/// watermark past the workload's last window (so its windows become final).
+const SENTINELS: usize = 30;
+/// The processor's allowed lateness (its default), ms.
+const LATENESS_MS: i64 = 60_000;
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// The debug binaries directory (target/debug), next to the test executable.
+fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().and_then(Path::parent).unwrap().to_path_buf()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// The platform started by `scripts/dev.sh up`; `down` when dropped.
+struct Platform {
+    env: Vec<(String, String)>,
+    state: PathBuf,
+    kafka: String,
+    clickhouse: String,
+    ingest: String,
+    query: String,
+    ok: bool,
+}
+
+impl Platform {
+    fn dev_sh(&self, arg: &str) -> std::process::Output {
+        Command::new("bash")
+            .arg(repo().join("scripts/dev.sh"))
+            .arg(arg)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .output()
+            .unwrap()
+    }
+
+    fn up(otlp: &str) -> Self {
+        let state = std::env::temp_dir().join(pulse_tests::unique("pulse-e2e"));
+        let p = |name: &str| (name.to_owned(), free_port().to_string());
+        let ports = [
+            p("PULSE_KAFKA_PORT"),
+            p("PULSE_CLICKHOUSE_HTTP_PORT"),
+            p("PULSE_CLICKHOUSE_TCP_PORT"),
+            p("PULSE_S3_PORT"),
+            p("PULSE_SCHEMA_REGISTRY_PORT"),
+            p("PULSE_INGEST_HTTP_PORT"),
+            p("PULSE_INGEST_GRPC_PORT"),
+            p("PULSE_QUERY_HTTP_PORT"),
+            p("PULSE_QUERY_GRPC_PORT"),
+            p("PULSE_SCHEMA_REGISTRY_ADMIN_PORT"),
+            p("PULSE_INGEST_ADMIN_PORT"),
+            p("PULSE_PROCESSOR_ADMIN_PORT"),
+            p("PULSE_WRITER_CLICKHOUSE_ADMIN_PORT"),
+            p("PULSE_WRITER_PARQUET_ADMIN_PORT"),
+            p("PULSE_QUERY_ADMIN_PORT"),
+        ];
+        let port = |name: &str| ports.iter().find(|(k, _)| k == name).unwrap().1.clone();
+        let mut env: Vec<(String, String)> = ports.to_vec();
+        for (k, v) in [
+            ("PULSE_STATE", state.display().to_string()),
+            ("PULSE_DEV_PROFILE", "debug".into()),
+            ("PULSE_DEV_BUILD", "0".into()),
+            ("PULSE_DEV_LOADGEN", "0".into()),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.into()),
+            // Settle fast: silent partitions stop holding the watermark after 3 s, the
+            // archive rolls every 2 s.
+            ("PULSE_PROCESSOR_IDLE_TIMEOUT_MS", "3000".into()),
+            ("PULSE_WRITER_PARQUET_MAX_AGE_MS", "2000".into()),
+            ("PULSE_LOG_FORMAT", "json".into()),
+        ] {
+            env.push((k.into(), v));
+        }
+        let mut platform = Platform {
+            kafka: format!("127.0.0.1:{}", port("PULSE_KAFKA_PORT")),
+            clickhouse: format!("http://127.0.0.1:{}", port("PULSE_CLICKHOUSE_HTTP_PORT")),
+            ingest: format!("http://127.0.0.1:{}", port("PULSE_INGEST_HTTP_PORT")),
+            query: format!("http://127.0.0.1:{}", port("PULSE_QUERY_HTTP_PORT")),
+            env,
+            state,
+            ok: false,
+        };
+        let out = platform.dev_sh("up");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "scripts/dev.sh up failed:\n{stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // The README promises these in the banner.
+        for promised in ["Dashboard", "pulse-dev-token", "pulse-dev-key", "Stop:"] {
+            assert!(
+                stdout.contains(promised),
+                "banner lacks {promised}:\n{stdout}"
+            );
+        }
+        platform.ok = true;
+        platform
+    }
+}
+
+impl Drop for Platform {
+    fn drop(&mut self) {
+        let out = self.dev_sh("down");
+        if std::thread::panicking() || !self.ok || !out.status.success() {
+            eprintln!(
+                "platform state and logs kept in {} (dev.sh down: {})",
+                self.state.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        } else {
+            let _ = std::fs::remove_dir_all(&self.state);
+        }
+    }
+}
+
+/// Runs the deterministic workload; returns loadgen's expected answers.
+fn run_loadgen(p: &Platform, expect: &Path) -> Value {
+    let out = Command::new(bin_dir().join("pulsectl"))
+        .args([
+            "loadgen",
+            "--target",
+            &p.ingest,
+            "--api-key",
+            API_KEY,
+            "--seed",
+            "7",
+            "--users",
+            "40",
+            "--rate",
+            "100",
+            "--duration",
+            "20s",
+            "--out-of-order",
+            "0.05",
+            "--late",
+            "0.02",
+            "--late-warmup-ms",
+            "8000",
+            "--duplicates",
+            "0.03",
+            "--malformed",
+            "0.02",
+            "--expect-out",
+        ])
+        .arg(expect)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "loadgen failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&std::fs::read(expect).unwrap()).unwrap()
+}
+
+/// Events dated after the workload's range for users of every partition, so every
+/// partition's watermark passes the range's last window end + the allowed lateness.
+async fn send_sentinels(p: &Platform, wave: u32, after_ms: i64) -> Vec<String> {
+    let ids: Vec<String> = (0..SENTINELS)
+        .map(|i| format!("e2e-sentinel-{wave}-{i}"))
+        .collect();
+    let events: Vec<Value> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| {
+            json!({
+                "event_id": id,
+                "schema_version": 1,
+                "event_type": "page_view",
+                "key": {"user_id": format!("sentinel-{i}")},
+                "payload": {"page": "/sentinel"},
+                "metadata": {"event_timestamp": after_ms},
+            })
+        })
+        .collect();
+    let r = reqwest::Client::new()
+        .post(format!("{}/v1/events", p.ingest))
+        .bearer_auth(API_KEY)
+        .json(&events)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(status, 200, "sentinels refused: {body}");
+    assert_eq!(body["accepted"], SENTINELS, "sentinels: {body}");
+    ids
+}
+
+async fn query(p: &Platform, path: &str) -> Value {
+    let r = reqwest::Client::new()
+        .get(format!("{}{path}", p.query))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    let body: Value = r.json().await.unwrap();
+    assert!(status.is_success(), "GET {path}: {status} {body}");
+    body
+}
+
+fn rfc3339_ms(v: &Value) -> i64 {
+    let s = v.as_str().unwrap_or_else(|| panic!("not a time: {v}"));
+    let t = time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|e| panic!("{s}: {e}"));
+    (t.unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+/// The query API's answers in the shape of loadgen's expectations (times as epoch ms,
+/// empty active-user buckets left out).
+async fn answers(p: &Platform, exp: &Value) -> Value {
+    let (from, to) = (
+        exp["range"]["from_ms"].as_i64().unwrap(),
+        exp["range"]["to_ms"].as_i64().unwrap(),
+    );
+    let range = format!("from={from}&to={to}");
+    let au = query(p, &format!("/v1/active_users?{range}&step=1m")).await;
+    let active: Vec<Value> = au["series"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|pt| pt["active_users"].as_u64() != Some(0))
+        .map(|pt| json!({"ts_ms": rfc3339_ms(&pt["ts"]), "active_users": pt["active_users"]}))
+        .collect();
+    let rev = query(p, &format!("/v1/revenue?{range}&step=1m")).await;
+    let revenue: Vec<Value> = rev["series"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|pt| {
+            json!({"ts_ms": rfc3339_ms(&pt["ts"]), "currency": pt["currency"], "amount": pt["amount"]})
+        })
+        .collect();
+    let top = query(p, &format!("/v1/top_pages?{range}&limit=10")).await;
+    let mut users = serde_json::Map::new();
+    for user in exp["users"].as_object().unwrap().keys() {
+        let u = query(p, &format!("/v1/users/{user}?{range}")).await;
+        users.insert(
+            user.clone(),
+            json!({
+                "first_seen_ms": rfc3339_ms(&u["first_seen"]),
+                "last_seen_ms": rfc3339_ms(&u["last_seen"]),
+                "page_views": u["page_views"],
+                "events": u["events"],
+                "sessions": u["sessions"],
+            }),
+        );
+    }
+    let s = query(p, &format!("/v1/sessions?{range}")).await;
+    json!({
+        "active_users": active,
+        "revenue": revenue,
+        "top_pages": top["pages"],
+        "users": users,
+        "sessions": {
+            "sessions": s["sessions"],
+            "avg_duration_seconds": s["avg_duration_seconds"],
+            "p50_duration_seconds": s["p50_duration_seconds"],
+            "p95_duration_seconds": s["p95_duration_seconds"],
+            "avg_pages": s["avg_pages"],
+        },
+        "complete": au["freshness"]["complete"],
+    })
+}
+
+fn expected_answers(exp: &Value) -> Value {
+    let active: Vec<Value> = exp["active_users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|pt| pt["active_users"].as_u64() != Some(0))
+        .cloned()
+        .collect();
+    json!({
+        "active_users": active,
+        "revenue": exp["revenue"],
+        "top_pages": exp["top_pages"],
+        "users": exp["users"],
+        "sessions": exp["sessions"],
+        "complete": true,
+    })
+}
+
+/// Every record of `topic` from the beginning to its current end.
+fn read_topic(kafka: &str, topic: &str) -> Vec<(Option<String>, Option<String>, Vec<u8>)> {
+    let cfg = KafkaConfig::for_brokers(kafka);
+    let consumer: BaseConsumer = cfg
+        .client_config("e2e-reader")
+        .set("group.id", pulse_tests::unique("e2e-reader"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    let mut ends = BTreeMap::new();
+    for part in md.topics()[0].partitions() {
+        let (_, high) = consumer
+            .fetch_watermarks(topic, part.id(), Duration::from_secs(10))
+            .unwrap();
+        if high > 0 {
+            tpl.add_partition_offset(topic, part.id(), rdkafka::Offset::Beginning)
+                .unwrap();
+            ends.insert(part.id(), high);
+        }
+    }
+    let mut out = Vec::new();
+    if ends.is_empty() {
+        return out;
+    }
+    consumer.assign(&tpl).unwrap();
+    let mut done = BTreeSet::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while done.len() < ends.len() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "reading {topic} timed out"
+        );
+        let Some(m) = consumer.poll(Duration::from_millis(500)) else {
+            continue;
+        };
+        let m = m.unwrap();
+        let header = |name: &str| {
+            m.headers().and_then(|h| {
+                h.iter()
+                    .find(|x| x.key == name)
+                    .and_then(|x| x.value)
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+            })
+        };
+        out.push((
+            header(headers::EVENT_ID),
+            header(headers::ERROR_CODE),
+            m.payload().unwrap_or_default().to_vec(),
+        ));
+        if m.offset() + 1 >= ends[&m.partition()] {
+            done.insert(m.partition());
+        }
+    }
+    out
+}
+
+async fn clickhouse(p: &Platform, sql: &str) -> String {
+    let r = reqwest::Client::new()
+        .post(&p.clickhouse)
+        .body(sql.to_owned())
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    let text = r.text().await.unwrap();
+    assert!(status.is_success(), "{sql}: {text}");
+    text
+}
+
+/// Event ids in every Parquet object of the archive (read by pyarrow from s3s-fs's folder).
+fn parquet_event_ids(state: &Path) -> Vec<String> {
+    let python = std::env::var("PULSE_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+    let root = state.join("s3");
+    let out = Command::new(python)
+        .args([
+            "-c",
+            "import sys, glob, json, pyarrow.parquet as pq\n\
+             ids = []\n\
+             for f in sorted(glob.glob(sys.argv[1] + '/**/*.parquet', recursive=True)):\n\
+             \x20   ids += pq.read_table(f, columns=['event_id']).column('event_id').to_pylist()\n\
+             print(json.dumps(ids))",
+        ])
+        .arg(&root)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "pyarrow: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn sorted(mut v: Vec<String>) -> Vec<String> {
+    v.sort();
+    v
+}
+
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_platform_answers_exactly_what_loadgen_expects_and_one_trace_links_the_stages() {
+    let receiver = pulse_tests::otlp::Receiver::start().await.unwrap();
+    let platform = Platform::up(&receiver.endpoint());
+    let expect_file = platform.state.join("expected.json");
+    let exp = run_loadgen(&platform, &expect_file);
+
+    let accepted = strings(&exp["accepted_event_ids"]);
+    let late = strings(&exp["late_event_ids"]);
+    let rejected: BTreeMap<String, String> = exp["rejected"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["event_id"].as_str().unwrap().to_owned(),
+                r["reason_code"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert!(
+        accepted.len() > 1_000,
+        "workload too small: {}",
+        accepted.len()
+    );
+    assert!(!late.is_empty(), "the workload has no late events");
+    assert!(!rejected.is_empty(), "the workload has no malformed events");
+    assert!(
+        exp["duplicates"].as_u64().unwrap() > 0,
+        "no duplicates sent"
+    );
+
+    // The query API calls a range complete once a final window ends at or after its end
+    // (a lower bound of the processor's watermark it can see in the store). The range's
+    // last minute has no events (loadgen's `to` is the end of the minute after the last
+    // event), so the sentinels make windows after it: wave 1 in the minute from `to`, wave 2
+    // late enough that every partition's watermark (max event time − 5 s) passes wave 1's
+    // windows' end + the allowed lateness, which makes them and every window before final.
+    // Both stay within ingest's 5 min future-skew limit (`to` is at most ~2 min ahead).
+    let to_ms = exp["range"]["to_ms"].as_i64().unwrap();
+    let mut sentinels = send_sentinels(&platform, 1, to_ms + 1_000).await;
+    sentinels.extend(send_sentinels(&platform, 2, to_ms + 60_000 + LATENESS_MS + 10_000).await);
+
+    // Settled = the query API says the range is complete and its answers stopped changing
+    // into the expected ones; on the deadline, show the difference.
+    let want = expected_answers(&exp);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
+    let mut got = answers(&platform, &exp).await;
+    while got != want && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
+        got = answers(&platform, &exp).await;
+    }
+    if got != want {
+        let mut report = String::new();
+        for (key, w) in want.as_object().unwrap() {
+            if &got[key] != w {
+                report.push_str(&format!(
+                    "\n{key}:\n  query API: {}\n  expected:  {w}",
+                    got[key]
+                ));
+            }
+        }
+        panic!("query API answers differ from loadgen's expectations:{report}");
+    }
+    let fresh = query(&platform, "/v1/freshness").await;
+    assert!(
+        fresh["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|s| !s["last_event_time"].is_null()),
+        "a stage reports no freshness: {fresh}"
+    );
+
+    // The DLQ holds exactly the malformed events, each with its reason.
+    let dlq = read_topic(&platform.kafka, topics::EVENTS_DLQ);
+    let mut dlq_ids = BTreeMap::new();
+    for (_, code, payload) in &dlq {
+        let v: Value = serde_json::from_slice(payload).unwrap_or(Value::Null);
+        let id = v["event_id"].as_str().unwrap_or("<no event_id>").to_owned();
+        dlq_ids.insert(id, code.clone().unwrap_or_default());
+    }
+    assert_eq!(dlq.len(), rejected.len(), "DLQ records: {dlq_ids:?}");
+    assert_eq!(
+        dlq_ids, rejected,
+        "the DLQ (left) vs loadgen's rejected events"
+    );
+
+    // The late topic holds exactly the too-late events.
+    let late_records = read_topic(&platform.kafka, topics::EVENTS_LATE);
+    let late_ids = sorted(
+        late_records
+            .iter()
+            .map(|(id, _, _)| id.clone().unwrap_or_default())
+            .collect(),
+    );
+    assert_eq!(
+        late_ids,
+        sorted(late.clone()),
+        "late topic vs loadgen's late events"
+    );
+
+    // ClickHouse and the Parquet archive each hold every accepted event exactly once.
+    let mut all_ids = accepted.clone();
+    all_ids.extend(sentinels.iter().cloned());
+    let all_ids = sorted(all_ids);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let ch = clickhouse(
+            &platform,
+            "SELECT event_id FROM pulse.events FINAL ORDER BY event_id",
+        )
+        .await;
+        let ch_ids: Vec<String> = ch.lines().map(str::to_owned).collect();
+        let pq_ids = sorted(parquet_event_ids(&platform.state));
+        if ch_ids == all_ids && pq_ids == all_ids {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            let missing = |have: &[String]| {
+                let have: BTreeSet<&String> = have.iter().collect();
+                all_ids.iter().filter(|i| !have.contains(i)).count()
+            };
+            panic!(
+                "stored events differ: ClickHouse {} rows ({} missing), Parquet {} rows ({} missing), expected {}",
+                ch_ids.len(),
+                missing(&ch_ids),
+                pq_ids.len(),
+                missing(&pq_ids),
+                all_ids.len()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(1_000)).await;
+    }
+
+    // One trace id links the ingest request to the processor's and the writer's spans.
+    // The probe is an event from the middle of the run (not the first record of anything).
+    let non_late: BTreeSet<&String> = late.iter().collect();
+    let counted: Vec<&String> = accepted
+        .iter()
+        .filter(|id| !non_late.contains(id))
+        .collect();
+    let probe = counted[counted.len() / 2];
+    let trace_id = clickhouse(
+        &platform,
+        &format!("SELECT any(trace_id) FROM pulse.events FINAL WHERE event_id = '{probe}'"),
+    )
+    .await
+    .trim()
+    .to_owned();
+    assert_eq!(
+        trace_id.len(),
+        32,
+        "event {probe} has no W3C trace id: {trace_id:?}"
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        // The ClickHouse writer's span of this very record, not only a span of a batch.
+        let services: BTreeSet<String> = receiver
+            .spans()
+            .iter()
+            .filter(|s| s.touches(&trace_id))
+            .map(|s| {
+                if s.service == "writer" && s.name != "writer.record" {
+                    format!("writer ({})", s.name)
+                } else {
+                    s.service.clone()
+                }
+            })
+            .collect();
+        if ["ingest", "processor", "writer"]
+            .iter()
+            .all(|s| services.contains(*s))
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "trace {trace_id} reached only {services:?} ({} spans received)",
+            receiver.spans().len()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
