@@ -308,6 +308,10 @@ for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=p
         out.append({"key": o["Key"], "types": {f.name: str(f.type) for f in table.schema},
                     "codecs": codecs, "rows": rows})
 print(json.dumps(out))
+# Skip interpreter teardown: pyarrow's thread pools can abort it ("terminate called without
+# an active exception") after the output is complete.
+sys.stdout.flush()
+os._exit(0)
 "#;
     let python = std::env::var("PULSE_TEST_PYTHON")
         .expect("PULSE_TEST_PYTHON is not set: run the tests with scripts/test.sh");

@@ -79,6 +79,10 @@ struct Batches {
     freshness: BTreeMap<i32, (i64, i64)>,
     /// Ingest timestamps of the records in the batch (end-to-end latency at commit).
     ingest_ts: Vec<i64>,
+    /// Records already dead-lettered (undecodable). Their offsets are committed with the
+    /// batch, never before it: committing one alone would also cover the batch's earlier,
+    /// still unwritten rows of the same partition.
+    skipped: Vec<Source>,
 }
 
 impl Batches {
@@ -89,7 +93,10 @@ impl Batches {
         self.events.bytes() + self.activity.bytes() + self.sessions.bytes()
     }
     fn is_due(&self, limits: &BatchLimits, now: Instant) -> bool {
-        self.rows() >= limits.max_rows
+        // Dead-lettered records wait for no more rows: their commit is due with what is
+        // buffered (the DLQ copy is already acknowledged).
+        !self.skipped.is_empty()
+            || self.rows() >= limits.max_rows
             || self.bytes() >= limits.max_bytes
             || self.events.is_due(limits, now)
             || self.activity.is_due(limits, now)
@@ -214,8 +221,10 @@ impl ClickHouseSink {
         if let Err(reason) = result {
             // Not a record this sink can store: kept on the DLQ, never dropped.
             self.dead_letter(&source, "undecodable", &reason).await?;
-            self.consumer
-                .mark_durable(&source.topic, source.partition, source.offset)?;
+            b.skipped.push(Source {
+                value: Vec::new(),
+                ..source
+            });
         }
         Ok(())
     }
@@ -337,17 +346,23 @@ impl ClickHouseSink {
     /// Writes every table's batch; only when all are durable are the offsets marked.
     async fn flush(&mut self, b: &mut Batches, stop: &CancellationToken) -> Result<(), SinkError> {
         if b.rows() == 0 {
+            // Only dead-lettered records: nothing earlier is pending, commit them.
+            for ((topic, partition), offset) in commit_points(&std::mem::take(&mut b.skipped)) {
+                self.consumer.mark_durable(&topic, partition, offset)?;
+            }
             return Ok(());
         }
         let events = b.events.take();
         let activity = b.activity.take();
         let sessions = b.sessions.take();
+        let skipped = std::mem::take(&mut b.skipped);
         let mut points = commit_points(
             events
                 .sources
                 .iter()
                 .chain(&activity.sources)
-                .chain(&sessions.sources),
+                .chain(&sessions.sources)
+                .chain(&skipped),
         );
         let ok = self.write("events", events, stop).await?
             && self.write("user_activity", activity, stop).await?
