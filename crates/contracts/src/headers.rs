@@ -9,6 +9,8 @@ pub const TRACESTATE: &str = "tracestate";
 pub const EVENT_ID: &str = "pulse-event-id";
 /// Processing time: when ingest accepted the event, epoch ms as a decimal string.
 pub const INGEST_TS: &str = "pulse-ingest-ts";
+/// `1` on events that `pulsectl replay` re-published from the Parquet archive.
+pub const REPLAY: &str = "pulse-replay";
 /// DLQ and late-topic records: a stable machine-readable code...
 pub const ERROR_CODE: &str = "pulse-error-code";
 /// ...and a human-readable detail naming the field and the reason.

@@ -1,10 +1,11 @@
 //! `pulsectl`, the operator CLI. Each subcommand is a module; this file holds the
 //! command tree and dispatch. Implemented: `topics create|list`, `schemas register|check`,
-//! `migrate`, `loadgen`, `dlq inspect|redrive`, `slo`.
+//! `migrate`, `loadgen`, `dlq inspect|redrive`, `slo`, `replay`.
 
 pub mod dlq;
 pub mod loadgen;
 pub mod migrate;
+pub mod replay;
 pub mod schemas;
 pub mod slo;
 pub mod topics;
@@ -48,6 +49,8 @@ pub enum Command {
     },
     /// Scrape the services' metrics and report the SLIs against their targets.
     Slo(slo::SloArgs),
+    /// Re-publish the archived events of an event-time range to the events topic.
+    Replay(Box<replay::ReplayArgs>),
 }
 
 /// Why a command failed.
@@ -67,6 +70,8 @@ pub enum Error {
     Dlq(#[from] dlq::DlqError),
     #[error("slo: {0}")]
     Slo(#[from] slo::SloError),
+    #[error("replay: {0}")]
+    Replay(#[from] replay::ReplayError),
 }
 
 /// Runs one command.
@@ -78,6 +83,7 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
         Command::Loadgen(args) => loadgen::run(*args).await,
         Command::Dlq { command } => dlq::run(command).await,
         Command::Slo(args) => slo::run(args).await,
+        Command::Replay(args) => replay::run(*args).await,
     }
 }
 

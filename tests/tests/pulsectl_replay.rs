@@ -1,0 +1,470 @@
+//! `pulsectl replay` against the real broker, s3s-fs and an in-process schema registry:
+//! events archived by the real Parquet sink (plus an at-least-once re-upload and objects in
+//! the hours just outside the range) are re-published for a sub-range into a fresh topic —
+//! exactly the events in range, each once, with their original ids, bytes, keys and ingest
+//! times, framed with the topic's registered schema id; a dry run publishes nothing, and a
+//! topic without a registered schema publishes nothing and fails.
+
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use object_store::{ObjectStoreExt, PutPayload};
+use prost::Message as _;
+use pulse_contracts::pb::events::v1 as ev;
+use pulse_contracts::{headers, trace_context, wire};
+use pulse_platform::kafka::{KafkaProducer, OutRecord, TopicSpec, ensure_topics};
+use pulse_writer::archive::{ArchiveRow, encode, hour_bucket, object_key};
+use pulsectl::replay::{ReplayArgs, ReplayError, replay};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, OwnedHeaders, OwnedMessage};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+/// 2025-11-25T00:00:00Z.
+const MIDNIGHT: i64 = 1_764_028_800_000;
+const MINUTE: i64 = 60_000;
+const HOUR: i64 = 60 * MINUTE;
+/// The replayed range: from 23:59 to 01:00 exactly.
+const FROM: i64 = MIDNIGHT - MINUTE;
+const TO: i64 = MIDNIGHT + HOUR;
+const DEADLINE: Duration = Duration::from_secs(60);
+
+/// A unique name short enough for s3s-fs (keys must stay under ~160 characters).
+fn short_unique(prefix: &str) -> String {
+    let u = pulse_tests::unique(prefix);
+    format!("{prefix}{}", &u[u.len() - 16..])
+}
+
+/// Event `id` at `event_time_ms`; every other one carries no W3C trace (only a producer
+/// trace id in its metadata).
+fn event(id: &str, user: &str, event_time_ms: i64) -> ev::Event {
+    ev::Event {
+        event_id: id.into(),
+        schema_version: 1,
+        event_type: "page_view".into(),
+        key: Some(ev::EventKey {
+            user_id: user.into(),
+            session_id: format!("s-{user}"),
+        }),
+        payload: Some(ev::Payload {
+            page: format!("/p/{id}"),
+            ..Default::default()
+        }),
+        metadata: Some(ev::Metadata {
+            event_timestamp_ms: event_time_ms,
+            trace_id: format!("producer-{id}"),
+            source: "web".into(),
+        }),
+        ingest: Some(ev::IngestInfo {
+            ingest_timestamp_ms: event_time_ms + 321,
+            ingest_source: "shop".into(),
+            protocol: "http".into(),
+        }),
+    }
+}
+
+/// What was archived for one event id.
+#[derive(Debug, Clone)]
+struct Archived {
+    user: String,
+    proto: Vec<u8>,
+    ingest_ms: i64,
+    /// The W3C trace id of its record, if it had one.
+    w3c_trace: Option<String>,
+}
+
+/// Sends `e` framed as ingest does (schema id 1 on the source topic), with a
+/// `traceparent` when `trace` is given.
+async fn send(p: &KafkaProducer, topic: &str, partition: i32, e: &ev::Event, trace: Option<&str>) {
+    let ingest = e.ingest.as_ref().unwrap().ingest_timestamp_ms;
+    let mut h = headers::with_str(OwnedHeaders::new(), headers::INGEST_TS, &ingest.to_string());
+    h = headers::with_str(h, headers::EVENT_ID, &e.event_id);
+    if let Some(t) = trace {
+        h = headers::with_str(
+            h,
+            headers::TRACEPARENT,
+            &format!("00-{t}-00f067aa0ba902b7-01"),
+        );
+    }
+    let mut rec = OutRecord::new(
+        topic,
+        Some(e.key.as_ref().unwrap().user_id.clone().into_bytes()),
+        wire::frame(1, &[0], &e.encode_to_vec()),
+    )
+    .with_headers(h);
+    rec.partition = Some(partition);
+    p.send(rec, Duration::from_secs(10)).await.unwrap();
+}
+
+/// The group's committed offsets per partition (-1: none).
+fn committed(c: &BaseConsumer, topic: &str, partitions: i32) -> Vec<i64> {
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..partitions {
+        tpl.add_partition(topic, p);
+    }
+    let got = c.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
+    (0..partitions)
+        .map(|p| match got.find_partition(topic, p).map(|e| e.offset()) {
+            Some(Offset::Offset(o)) => o,
+            _ => -1,
+        })
+        .collect()
+}
+
+/// Runs the real Parquet sink on `topic` until it committed every record, under `prefix`.
+async fn archive_with_the_parquet_sink(topic: &str, dlq: &str, prefix: &str) {
+    let kafka = pulse_tests::kafka();
+    let s3 = pulse_tests::s3();
+    let group = pulse_tests::unique("rp_group");
+    let cfg = pulse_writer::Config::parse_from([
+        "pulse-writer",
+        "--sink",
+        "parquet",
+        "--kafka-brokers",
+        &kafka.brokers,
+        "--kafka-partitions",
+        "2",
+        "--events-topic",
+        topic,
+        "--dlq-topic",
+        dlq,
+        "--group-id",
+        &group,
+        "--s3-endpoint",
+        &s3.endpoint,
+        "--s3-bucket",
+        &s3.bucket,
+        "--s3-access-key",
+        &s3.access_key,
+        "--s3-secret-key",
+        &s3.secret_key,
+        "--s3-prefix",
+        prefix,
+        "--clickhouse-url",
+        "http://127.0.0.1:1",
+        "--parquet-freshness",
+        "false",
+        "--parquet-max-age-ms",
+        "200",
+        "--retry-base-ms",
+        "20",
+        "--retry-max-ms",
+        "100",
+    ]);
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(
+        pulse_writer::build_parquet(&cfg)
+            .await
+            .unwrap()
+            .run(stop.clone()),
+    );
+    let c: BaseConsumer = kafka
+        .client_config("replay-test")
+        .set("group.id", &group)
+        .create()
+        .unwrap();
+    let ends: Vec<i64> = (0..2)
+        .map(|p| {
+            c.fetch_watermarks(topic, p, Duration::from_secs(10))
+                .unwrap()
+                .1
+        })
+        .collect();
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let now = committed(&c, topic, 2);
+        if now == ends {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the sink committed {now:?}, the partitions end at {ends:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+/// Writes `rows` as one archive object of `hour_of` (at `partition`, offsets 0..=0).
+async fn put_object(prefix: &str, hour_of: i64, topic: &str, partition: i32, rows: &[ArchiveRow]) {
+    let mut s3 = pulse_tests::s3();
+    s3.prefix = prefix.to_owned();
+    let key = s3.key(&object_key(&hour_bucket(hour_of), topic, partition, 0, 0));
+    s3.object_store()
+        .unwrap()
+        .put(&key, PutPayload::from(encode(rows).unwrap()))
+        .await
+        .unwrap();
+}
+
+/// Every record of `topic` (all partitions, from the beginning to the current end).
+fn read_all(topic: &str) -> Vec<OwnedMessage> {
+    let c: BaseConsumer = pulse_tests::kafka()
+        .client_config("replay-test")
+        .set("group.id", pulse_tests::unique("replay_reader"))
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    let mut remaining = BTreeMap::new();
+    for p in 0..2 {
+        let (low, high) = c
+            .fetch_watermarks(topic, p, Duration::from_secs(10))
+            .unwrap();
+        if high > low {
+            tpl.add_partition_offset(topic, p, Offset::Offset(low))
+                .unwrap();
+            remaining.insert(p, high - 1);
+        }
+    }
+    let mut out = Vec::new();
+    if remaining.is_empty() {
+        return out;
+    }
+    c.assign(&tpl).unwrap();
+    let deadline = Instant::now() + DEADLINE;
+    while !remaining.is_empty() {
+        assert!(Instant::now() < deadline, "{topic}: not read to its end");
+        let Some(m) = c.poll(Duration::from_millis(200)) else {
+            continue;
+        };
+        let m = m.unwrap().detach();
+        if remaining
+            .get(&m.partition())
+            .is_some_and(|last| m.offset() >= *last)
+        {
+            remaining.remove(&m.partition());
+        }
+        out.push(m);
+    }
+    out
+}
+
+fn header<'a>(m: &'a OwnedMessage, name: &str) -> Option<&'a str> {
+    m.headers()?
+        .iter()
+        .find(|h| h.key == name)
+        .and_then(|h| h.value)
+        .and_then(|v| std::str::from_utf8(v).ok())
+}
+
+fn args(prefix: &str, topic: &str, registry: &str, extra: &[&str]) -> ReplayArgs {
+    let s3 = pulse_tests::s3();
+    let mut argv: Vec<String> = [
+        "pulsectl",
+        "replay",
+        "--from",
+        "2025-11-24T23:59:00Z",
+        "--to",
+        &TO.to_string(),
+        "--topic",
+        topic,
+        "--schema-registry-url",
+        registry,
+        "--kafka-brokers",
+        &pulse_tests::kafka().brokers,
+        "--s3-endpoint",
+        &s3.endpoint,
+        "--s3-bucket",
+        &s3.bucket,
+        "--s3-access-key",
+        &s3.access_key,
+        "--s3-secret-key",
+        &s3.secret_key,
+        "--s3-prefix",
+        prefix,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    argv.extend(extra.iter().map(|s| s.to_string()));
+    match pulsectl::Cli::parse_from(argv).command {
+        pulsectl::Command::Replay(a) => *a,
+        other => panic!("not replay: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn replay_republishes_exactly_the_archived_events_of_the_range_once_with_their_ids() {
+    let kafka = pulse_tests::kafka();
+    let source = short_unique("rp_src");
+    let dlq = pulse_tests::unique("rp_dlq");
+    let target = pulse_tests::unique("rp_target");
+    let unregistered = pulse_tests::unique("rp_unreg");
+    ensure_topics(
+        &kafka,
+        &[
+            TopicSpec::new(&source, 2),
+            TopicSpec::new(&dlq, 2),
+            TopicSpec::new(&target, 2),
+            TopicSpec::new(&unregistered, 2),
+        ],
+    )
+    .await
+    .unwrap();
+    let registry = pulse_schema_registry::Replica::start(
+        &kafka,
+        &pulse_tests::unique("_schemas"),
+        Duration::from_secs(30),
+        Duration::from_secs(60),
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+    )
+    .await
+    .unwrap();
+    let registry_url = format!("http://{}", registry.addr);
+    // Another schema first, so the events schema's id is not simply the first one.
+    let client = reqwest::Client::new();
+    let mut ids = Vec::new();
+    for (subject, schema) in [
+        (&dlq, pulse_contracts::schemas::AGGREGATES.source),
+        (&target, pulse_contracts::schemas::EVENTS.source),
+    ] {
+        let r: serde_json::Value = client
+            .post(format!("{registry_url}/subjects/{subject}-value/versions"))
+            .json(&json!({ "schemaType": "PROTOBUF", "schema": schema }))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        ids.push(u32::try_from(r["id"].as_u64().unwrap()).unwrap());
+    }
+    let schema_id = ids[1];
+    assert_ne!(ids[0], schema_id);
+
+    // The archive: events on both sides of every edge of [23:59, 01:00), across midnight.
+    let times: [(&str, i64); 9] = [
+        ("e-22h", FROM - HOUR),
+        ("e-before", FROM - 1),
+        ("e-from", FROM),
+        ("e-2359", MIDNIGHT - 1),
+        ("e-0000", MIDNIGHT),
+        ("e-0030", MIDNIGHT + 30 * MINUTE),
+        ("e-last", TO - 1),
+        ("e-to", TO),
+        ("e-02h", TO + HOUR),
+    ];
+    let producer = KafkaProducer::new(&kafka, "replay-test").unwrap();
+    let mut archived: BTreeMap<String, Archived> = BTreeMap::new();
+    for (i, (id, t)) in times.iter().enumerate() {
+        let user = format!("u{}", i % 3);
+        let e = event(id, &user, *t);
+        let trace = (i % 2 == 0).then(|| format!("{:032x}", 0xfeed_0000 + i));
+        send(&producer, &source, (i % 2) as i32, &e, trace.as_deref()).await;
+        archived.insert(
+            (*id).to_owned(),
+            Archived {
+                user,
+                proto: e.encode_to_vec(),
+                ingest_ms: t + 321,
+                w3c_trace: trace,
+            },
+        );
+    }
+    // A producer-side duplicate: the same event sent twice is two records, two rows.
+    let again = event("e-2359", &archived["e-2359"].user, MIDNIGHT - 1);
+    send(&producer, &source, 1, &again, None).await;
+    let prefix = short_unique("rp");
+    archive_with_the_parquet_sink(&source, &dlq, &prefix).await;
+
+    // An at-least-once re-upload: rows of e-from and e-0030 again, in another object.
+    let row = |id: &str| {
+        let e = ev::Event::decode(archived[id].proto.as_slice()).unwrap();
+        ArchiveRow::from_event(&e, &archived[id].proto, &source, 7, 0, None)
+    };
+    put_object(&prefix, FROM, &source, 7, &[row("e-from")]).await;
+    put_object(&prefix, MIDNIGHT, &source, 7, &[row("e-0030")]).await;
+    // Objects in the hours just outside the range whose rows claim to be inside it: the
+    // writer never puts them there, so they are published only if those hours are listed.
+    for (hour, id) in [(FROM - HOUR, "trap-22h"), (TO, "trap-01h")] {
+        let e = event(id, "u-trap", MIDNIGHT + 1);
+        let trap = ArchiveRow::from_event(&e, &e.encode_to_vec(), &source, 8, 0, None);
+        put_object(&prefix, hour, &source, 8, &[trap]).await;
+    }
+
+    let expected: BTreeSet<&str> = ["e-from", "e-2359", "e-0000", "e-0030", "e-last"].into();
+
+    // A dry run reads and counts the same, and publishes nothing.
+    let dry = replay(&args(&prefix, &target, &registry_url, &["--dry-run"]))
+        .await
+        .unwrap();
+    assert_eq!(dry.folders, 2, "23:00 and 00:00 only");
+    assert_eq!(dry.rows_in_range, 5 + 1 + 2, "{dry:?}");
+    assert_eq!((dry.duplicates, dry.unique()), (3, 5), "{dry:?}");
+    assert_eq!((dry.published, dry.objects_failed), (0, 0));
+    assert!(read_all(&target).is_empty(), "a dry run published");
+
+    // A topic whose subject has no schema: refused before anything is published.
+    let err = replay(&args(&prefix, &unregistered, &registry_url, &[]))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ReplayError::Registry { .. }), "{err}");
+    assert!(read_all(&unregistered).is_empty());
+
+    let s = replay(&args(&prefix, &target, &registry_url, &[]))
+        .await
+        .unwrap();
+    assert!(s.complete(), "{s:?}");
+    assert_eq!((s.published, s.failed, s.duplicates), (5, 0, 3), "{s:?}");
+    assert_eq!(s.objects, dry.objects);
+    assert_eq!(s.schema_id, Some(schema_id));
+
+    let records = read_all(&target);
+    let got: Vec<&str> = records
+        .iter()
+        .map(|m| header(m, headers::EVENT_ID).unwrap())
+        .collect();
+    assert_eq!(got.len(), expected.len(), "each event once: {got:?}");
+    assert_eq!(got.iter().copied().collect::<BTreeSet<_>>(), expected);
+    for m in &records {
+        let id = header(m, headers::EVENT_ID).unwrap();
+        let a = &archived[id];
+        let framed = wire::unframe(m.payload().unwrap()).unwrap();
+        assert_eq!(framed.schema_id, schema_id, "{id}");
+        assert_eq!(framed.message_indexes, vec![0]);
+        assert_eq!(
+            framed.payload,
+            a.proto.as_slice(),
+            "{id}: the original bytes"
+        );
+        assert_eq!(
+            ev::Event::decode(framed.payload).unwrap().event_id,
+            id,
+            "the header names the event in the value"
+        );
+        assert_eq!(m.key(), Some(a.user.as_bytes()));
+        assert_eq!(
+            header(m, headers::INGEST_TS),
+            Some(a.ingest_ms.to_string().as_str()),
+            "{id}: the original ingest time"
+        );
+        assert_eq!(header(m, headers::REPLAY), Some("1"));
+        let trace = trace_context::trace_id_hex(&trace_context::extract(m.headers()))
+            .unwrap_or_else(|| panic!("{id} has no valid traceparent"));
+        match &a.w3c_trace {
+            Some(original) => assert_eq!(&trace, original, "{id}: the original trace"),
+            None => assert_eq!(trace.len(), 32, "{id}: a new trace"),
+        }
+    }
+    // The same key goes to the same partition as ingest's key hashing would send it: each
+    // user's replayed events share one partition.
+    let mut partition_of: BTreeMap<&[u8], BTreeSet<i32>> = BTreeMap::new();
+    for m in &records {
+        partition_of
+            .entry(m.key().unwrap())
+            .or_default()
+            .insert(m.partition());
+    }
+    assert!(
+        partition_of.values().all(|p| p.len() == 1),
+        "{partition_of:?}"
+    );
+    registry.stop().await.unwrap();
+}
