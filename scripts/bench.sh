@@ -4,8 +4,10 @@
 #   scripts/bench.sh processor [bench-processor args] windowing core; processor loop vs a raw consumer
 #   scripts/bench.sh writer [bench-writer args]       Parquet encoding vs prost decoding; ClickHouse
 #                                                     inserts (clickhouse crate) vs clickhouse-client
-# (writer starts a throwaway ClickHouse on two free ports instead of Tansu, and passes them as
-# --clickhouse-url http://127.0.0.1:<http> and --clickhouse-tcp-port <native>)
+#   scripts/bench.sh query [bench-query args]         query API p50/p95 per endpoint vs the same SQL
+#                                                     sent straight to ClickHouse over HTTP
+# (writer and query start a throwaway ClickHouse on two free ports instead of Tansu and pass
+# --clickhouse-url http://127.0.0.1:<http>; writer also --clickhouse-tcp-port <native>)
 # installs missing dependencies, starts Tansu on a free port in a temporary folder, builds
 # and runs the release benchmark binary (tests/src/bin/bench_<what>.rs; `--help` lists its
 # arguments), then stops the broker.
@@ -18,12 +20,13 @@ usage() {
   echo "usage: scripts/bench.sh ingest [--duration-secs N] [--batch N] [--concurrency N] [--warmup-secs N]" >&2
   echo "       scripts/bench.sh processor [--core-events N] [--loop-events N] [--users N]" >&2
   echo "       scripts/bench.sh writer [--events N] [--roll-rows N] [--insert-rows N] [--insert-batch N]" >&2
+  echo "       scripts/bench.sh query [--users N] [--hours N] [--active-share F] [--requests N] [--warmup N]" >&2
   exit 2
 }
 [ $# -ge 1 ] || usage
 what=$1; shift
 case "$what" in
-  ingest|processor|writer) ;;
+  ingest|processor|writer|query) ;;
   *) usage ;;
 esac
 
@@ -45,15 +48,20 @@ trap cleanup EXIT INT TERM
 log "building bench-$what (release)"
 cargo build --release --quiet -p pulse-tests --bin "bench-$what"
 
-if [ "$what" = writer ]; then
+if [ "$what" = writer ] || [ "$what" = query ]; then
   CH_HTTP_PORT=$(free_port)
   CH_TCP_PORT=$(free_port)
   while [ "$CH_TCP_PORT" = "$CH_HTTP_PORT" ]; do CH_TCP_PORT=$(free_port); done
   log "starting ClickHouse in $STATE"
   start_clickhouse "$STATE" "$CH_HTTP_PORT" "$CH_TCP_PORT"
-  log "running bench-writer against ClickHouse 127.0.0.1:$CH_HTTP_PORT (HTTP) and :$CH_TCP_PORT (native)"
-  "$CARGO_TARGET_DIR/release/bench-writer" --clickhouse-url "http://127.0.0.1:$CH_HTTP_PORT" \
-    --clickhouse-tcp-port "$CH_TCP_PORT" "$@"
+  if [ "$what" = writer ]; then
+    log "running bench-writer against ClickHouse 127.0.0.1:$CH_HTTP_PORT (HTTP) and :$CH_TCP_PORT (native)"
+    "$CARGO_TARGET_DIR/release/bench-writer" --clickhouse-url "http://127.0.0.1:$CH_HTTP_PORT" \
+      --clickhouse-tcp-port "$CH_TCP_PORT" "$@"
+  else
+    log "running bench-query against ClickHouse 127.0.0.1:$CH_HTTP_PORT (HTTP)"
+    "$CARGO_TARGET_DIR/release/bench-query" --clickhouse-url "http://127.0.0.1:$CH_HTTP_PORT" "$@"
+  fi
 else
   KAFKA_PORT=$(free_port)
   log "starting Tansu in $STATE"
@@ -74,4 +82,7 @@ case "$what" in
     log "figures: the two tables above; progress lines went to stderr"
     log "archive ÷ decode = Parquet rows/s ÷ mean of the prost-decode runs before and after (what archiving costs; no goal)"
     log "crate ÷ clickhouse-client = mean rows/s of the two crate runs ÷ mean of the two client runs (same rows, server and table schema); goal >= 0.8" ;;
+  query)
+    log "figures: the seed counts and the table above; progress lines went to stderr"
+    log "ratio = API latency ÷ the same statements sent straight to ClickHouse (same run, interleaved); goal <= 1.2 on the first row of each endpoint" ;;
 esac

@@ -518,3 +518,72 @@ async fn grpc_unary_and_streaming_calls_ingest_with_per_event_results() {
         "gRPC DLQ keeps the protobuf bytes"
     );
 }
+
+#[path = "support/grpc_meta.rs"]
+mod grpc_meta;
+
+#[tokio::test]
+async fn grpc_serves_health_and_reflection_listing_only_the_ingest_service() {
+    let h = start(&[]).await;
+    let channel = grpc_meta::channel(&h.grpc).await;
+    grpc_meta::assert_health_serving(channel.clone(), "pulse.ingest.v1.IngestService").await;
+    grpc_meta::assert_reflection_describes(
+        channel,
+        "pulse.ingest.v1.IngestService",
+        &[
+            (
+                "SendEvents",
+                ".pulse.ingest.v1.SendEventsRequest",
+                ".pulse.ingest.v1.SendEventsResponse",
+                false,
+            ),
+            (
+                "StreamEvents",
+                ".pulse.ingest.v1.SendEventsRequest",
+                ".pulse.ingest.v1.SendEventsResponse",
+                true,
+            ),
+        ],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_content_type_or_encoding_that_is_not_visible_ascii_is_refused_with_415() {
+    let h = start(&[]).await;
+    let body = event("na1", "u1").to_string().into_bytes();
+    for (name, value, want) in [
+        (
+            "content-type",
+            &b"application/json\xe9"[..],
+            "unsupported_content_type",
+        ),
+        ("content-encoding", b"\xe9gzip", "unsupported_encoding"),
+        ("content-encoding", b"identity\xff", "unsupported_encoding"),
+        // A parameter is not the media type: this is still JSON.
+        (
+            "content-type",
+            b"application/json; charset=\xe9",
+            "accepted",
+        ),
+    ] {
+        let value = reqwest::header::HeaderValue::from_bytes(value).unwrap();
+        let resp = reqwest::Client::new()
+            .post(&h.http)
+            .bearer_auth("test-key")
+            .header(name, value)
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let answer: Value = resp.json().await.unwrap();
+        if want == "accepted" {
+            assert_eq!(status, 200, "{name}: {answer}");
+            assert_eq!(answer["accepted"], 1, "{answer}");
+        } else {
+            assert_eq!(status, 415, "{name}: {answer}");
+            assert_eq!(answer["error"]["code"], want, "{answer}");
+        }
+    }
+}

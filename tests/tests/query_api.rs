@@ -1407,3 +1407,73 @@ async fn grpc_serves_health_for_the_query_service() {
     api.stop().await;
     drop_database(&ch).await;
 }
+
+#[path = "support/grpc_meta.rs"]
+mod grpc_meta;
+
+#[tokio::test]
+async fn grpc_serves_health_and_reflection_listing_only_the_query_service() {
+    // Health and reflection need no ClickHouse: serve against a closed port.
+    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let ch = ClickHouseConfig {
+        url: format!("http://127.0.0.1:{port}"),
+        database: "pulse_unreachable".into(),
+        ..pulse_tests::clickhouse()
+    };
+    let api = serve_api(&ch, &[]).await;
+    let channel = grpc_meta::channel(&api.grpc).await;
+    grpc_meta::assert_health_serving(channel.clone(), "pulse.query.v1.QueryService").await;
+    let unary = |name: &'static str, input: &'static str, output: &'static str| {
+        (name, input, output, false)
+    };
+    grpc_meta::assert_reflection_describes(
+        channel,
+        "pulse.query.v1.QueryService",
+        &[
+            unary(
+                "ActiveUsers",
+                ".pulse.query.v1.RangeRequest",
+                ".pulse.query.v1.ActiveUsersResponse",
+            ),
+            unary(
+                "ActiveUsersCurrent",
+                ".pulse.query.v1.CurrentRequest",
+                ".pulse.query.v1.ActiveUsersCurrentResponse",
+            ),
+            unary(
+                "Revenue",
+                ".pulse.query.v1.RevenueRequest",
+                ".pulse.query.v1.RevenueResponse",
+            ),
+            unary(
+                "RevenueLastHour",
+                ".pulse.query.v1.RevenueLastHourRequest",
+                ".pulse.query.v1.RevenueLastHourResponse",
+            ),
+            unary(
+                "TopPages",
+                ".pulse.query.v1.TopPagesRequest",
+                ".pulse.query.v1.TopPagesResponse",
+            ),
+            unary(
+                "User",
+                ".pulse.query.v1.UserRequest",
+                ".pulse.query.v1.UserResponse",
+            ),
+            unary(
+                "Sessions",
+                ".pulse.query.v1.RangeRequest",
+                ".pulse.query.v1.SessionsResponse",
+            ),
+            unary(
+                "GetFreshness",
+                ".pulse.query.v1.FreshnessRequest",
+                ".pulse.query.v1.FreshnessResponse",
+            ),
+        ],
+    )
+    .await;
+    api.stop().await;
+}

@@ -103,6 +103,15 @@ fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
     headers.get(name).and_then(|v| v.to_str().ok())
 }
 
+/// A header describing the body (Content-Type, Content-Encoding), read lossily: a value
+/// that is not visible ASCII names no supported type or encoding, so it must be refused
+/// (415), not ignored as if the header were absent.
+fn body_header(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get(name)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+}
+
 /// Authenticates the request; returns the key's source name.
 pub fn authenticate(
     keys: &ApiKeys,
@@ -131,8 +140,8 @@ async fn post_events(State(state): State<HttpState>, req: Request) -> Result<Res
             "a valid API key is required (Authorization: Bearer <key> or X-Api-Key)",
         )
     })?;
-    let format =
-        body::format_for(header_str(&headers, "content-type")).map_err(|e| body_error(&e))?;
+    let format = body::format_for(body_header(&headers, "content-type").as_deref())
+        .map_err(|e| body_error(&e))?;
     let limit = state.body_limits.max_body_bytes;
     let raw = axum::body::to_bytes(Body::new(req.into_body()), limit)
         .await
@@ -140,7 +149,7 @@ async fn post_events(State(state): State<HttpState>, req: Request) -> Result<Res
     metrics::histogram!(m::BODY_BYTES).record(raw.len() as f64);
     let decoded = body::decode(
         &raw,
-        header_str(&headers, "content-encoding"),
+        body_header(&headers, "content-encoding").as_deref(),
         &state.body_limits,
     )
     .map_err(|e| body_error(&e))?;

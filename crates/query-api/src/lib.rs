@@ -120,6 +120,11 @@ pub async fn serve(
         .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(pulse_contracts::FILE_DESCRIPTOR_SET)
+        // List only the services served here (the descriptor set holds every Pulse service).
+        .with_service_name(
+            <QueryServiceServer<grpc::GrpcQuery> as tonic::server::NamedService>::NAME,
+        )
+        .with_service_name(tonic_reflection::pb::v1::server_reflection_server::SERVICE_NAME)
         .build_v1()
         .map_err(|e| Error::Serve(e.to_string()))?;
     let service = QueryServiceServer::new(grpc::GrpcQuery::new(state));

@@ -3,10 +3,13 @@
 //! aggregates are read with the argMax pattern of deploy/clickhouse/README.md (the version
 //! renamed `_v` in a subquery, so every window and session counts once, at its highest
 //! version), each query runs in a `clickhouse.query` span carrying its SQL as
-//! `db.statement`, is timed by name, and is cut off after the query timeout.
+//! `db.statement`, is timed by name, and is cut off after the query timeout. A store made
+//! with [`Store::recording`] also keeps every statement it sends, values bound (how the
+//! query benchmark sends exactly the API's SQL straight to ClickHouse).
 //!
 //! Turning these rows into answers is `query`'s job; this module only fetches.
 
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use clickhouse::query::Query;
@@ -235,17 +238,31 @@ pub struct StageRow {
     pub written_at_ms: i64,
 }
 
+/// A statement as the store sent it: its name (the `query` label of its timing) and its
+/// SQL with every value bound, byte for byte the body of the request to ClickHouse.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Statement {
+    pub name: &'static str,
+    pub sql: String,
+}
+
+/// Where a recording store appends the statements it sends, in the order they were sent.
+pub type StatementLog = Arc<Mutex<Vec<Statement>>>;
+
 /// The ClickHouse side of the query API.
 #[derive(Clone)]
 pub struct Store {
     client: clickhouse::Client,
     timeout: Duration,
+    /// Set by [`Store::recording`].
+    log: Option<StatementLog>,
 }
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store")
             .field("timeout", &self.timeout)
+            .field("recording", &self.log.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -271,7 +288,20 @@ impl Store {
         let client = cfg
             .client()
             .with_setting("max_execution_time", secs.max(1).to_string());
-        Self { client, timeout }
+        Self {
+            client,
+            timeout,
+            log: None,
+        }
+    }
+
+    /// This store, also appending every statement it sends to `log` (for benchmarks; the
+    /// service never records).
+    pub fn recording(self, log: StatementLog) -> Self {
+        Self {
+            log: Some(log),
+            ..self
+        }
     }
 
     /// Runs `query` (built from `sql`), timing it as `name` in a span with its SQL.
@@ -284,6 +314,12 @@ impl Store {
     where
         T: clickhouse::RowOwned + clickhouse::RowRead,
     {
+        if let Some(log) = &self.log {
+            let sql = query.sql_display().to_string();
+            log.lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(Statement { name, sql });
+        }
         let span = tracing::info_span!(
             "clickhouse.query",
             otel.kind = "client",
@@ -456,6 +492,31 @@ mod tests {
             count(STAGES) + count(ACTIVITY_FRESHNESS) + count(SESSIONS_FRESHNESS),
             0
         );
+    }
+
+    #[tokio::test]
+    async fn a_recording_store_keeps_each_statement_with_its_values_bound() {
+        let cfg = ClickHouseConfig {
+            // Nothing listens on port 1: the query fails, after it was recorded.
+            url: "http://127.0.0.1:1".into(),
+            ..ClickHouseConfig::default()
+        };
+        let log = StatementLog::default();
+        let store = Store::new(&cfg, Duration::from_secs(5)).recording(log.clone());
+        assert!(store.top_pages(1_000, 2_000, 7).await.is_err());
+        let sent = log.lock().unwrap().clone();
+        let expected = TOP_PAGES
+            .replacen('?', "1000", 1)
+            .replacen('?', "2000", 1)
+            .replacen('?', "7", 1);
+        assert_eq!(
+            sent,
+            [Statement {
+                name: "top_pages",
+                sql: expected
+            }]
+        );
+        assert!(Store::new(&cfg, Duration::from_secs(5)).log.is_none());
     }
 
     #[test]

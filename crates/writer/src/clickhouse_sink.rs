@@ -54,6 +54,8 @@ fn now_ms() -> i64 {
 
 /// The sink loop.
 pub struct ClickHouseSink {
+    /// Deadline of one insert (a hung server counts as a retryable timeout).
+    pub insert_timeout: Duration,
     pub client: Client,
     pub consumer: KafkaConsumer,
     pub producer: KafkaProducer,
@@ -108,12 +110,21 @@ async fn insert<R: RowOwned + RowWrite>(
     client: &Client,
     table: &str,
     rows: &[R],
+    timeout: Duration,
 ) -> Result<(), clickhouse::error::Error> {
-    let mut ins = client.insert::<R>(table).await?;
-    for r in rows {
-        ins.write(r).await?;
-    }
-    ins.end().await
+    // A server that hangs (instead of refusing) must fail the insert too, so that retries,
+    // pausing and the circuit breaker apply: without a deadline the loop waits forever
+    // while librdkafka keeps prefetching (measured: +64 MiB RSS during a 30 s freeze).
+    let write = async {
+        let mut ins = client.insert::<R>(table).await?;
+        for r in rows {
+            ins.write(r).await?;
+        }
+        ins.end().await
+    };
+    tokio::time::timeout(timeout, write)
+        .await
+        .unwrap_or(Err(clickhouse::error::Error::TimedOut))
 }
 
 impl ClickHouseSink {
@@ -262,7 +273,7 @@ impl ClickHouseSink {
         }
         let started = Instant::now();
         loop {
-            match insert(&self.client, table, &batch.rows).await {
+            match insert(&self.client, table, &batch.rows, self.insert_timeout).await {
                 Ok(()) => {
                     self.backoff.success();
                     metrics::gauge!(m::CIRCUIT_OPEN, "sink" => "clickhouse").set(0.0);
@@ -310,14 +321,27 @@ impl ClickHouseSink {
         batch: Batch<R>,
     ) -> Result<(), SinkError> {
         for (row, source) in batch.rows.iter().zip(&batch.sources) {
-            if let Err(e) = insert(&self.client, table, std::slice::from_ref(row)).await {
+            if let Err(e) = insert(
+                &self.client,
+                table,
+                std::slice::from_ref(row),
+                self.insert_timeout,
+            )
+            .await
+            {
                 if classify(&e) == ErrorKind::Permanent {
                     self.dead_letter(source, "rejected_by_clickhouse", &e.to_string())
                         .await?;
                 } else {
                     // A transient failure while isolating: retry this row alone.
                     let mut attempts = 0;
-                    while let Err(e) = insert(&self.client, table, std::slice::from_ref(row)).await
+                    while let Err(e) = insert(
+                        &self.client,
+                        table,
+                        std::slice::from_ref(row),
+                        self.insert_timeout,
+                    )
+                    .await
                     {
                         attempts += 1;
                         let wait = self.backoff.failure();
@@ -388,7 +412,7 @@ impl ClickHouseSink {
                 .set(f.last_event_time_ms as f64);
         }
         if !fresh.is_empty()
-            && let Err(e) = insert(&self.client, "freshness", &fresh).await
+            && let Err(e) = insert(&self.client, "freshness", &fresh, self.insert_timeout).await
         {
             tracing::warn!(error = %e, "writing freshness rows failed (data rows are written)");
         }

@@ -116,6 +116,15 @@ pub struct Config {
         default_value_t = 15_000
     )]
     pub breaker_probe_ms: u64,
+    /// Deadline of one insert, ms: a ClickHouse that hangs instead of refusing is then
+    /// retried (with backoff, paused consumption and the circuit breaker) like one that is
+    /// down.
+    #[arg(
+        long = "insert-timeout-ms",
+        env = "PULSE_WRITER_INSERT_TIMEOUT_MS",
+        default_value_t = 30_000
+    )]
+    pub insert_timeout_ms: u64,
     /// Apply the ClickHouse migrations at start.
     #[arg(long = "migrate", env = "PULSE_WRITER_MIGRATE", default_value_t = true, action = clap::ArgAction::Set)]
     pub migrate: bool,
@@ -179,6 +188,11 @@ impl Validate for Config {
             "must be >= 10",
         );
         p.check(self.retry_base_ms >= 1, "--retry-base-ms", "must be >= 1");
+        p.check(
+            self.insert_timeout_ms >= 100,
+            "--insert-timeout-ms",
+            "must be >= 100",
+        );
         p.check(
             self.retry_max_ms >= self.retry_base_ms,
             "--retry-max-ms",
@@ -270,6 +284,7 @@ pub async fn build_clickhouse(config: &Config) -> Result<ClickHouseSink, Error> 
         ],
     )?;
     Ok(ClickHouseSink {
+        insert_timeout: Duration::from_millis(config.insert_timeout_ms),
         client: config.clickhouse.client(),
         consumer,
         producer: KafkaProducer::new(&config.kafka, "pulse-writer")?,
