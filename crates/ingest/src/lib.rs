@@ -392,19 +392,12 @@ pub async fn serve(
         limiter,
         max_batch_events: config.max_batch_events,
     };
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<IngestServiceServer<grpc::GrpcIngest>>()
-        .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pulse_contracts::FILE_DESCRIPTOR_SET)
-        // List only the services served here (the descriptor set holds every Pulse service).
-        .with_service_name(
-            <IngestServiceServer<grpc::GrpcIngest> as tonic::server::NamedService>::NAME,
-        )
-        .with_service_name(tonic_reflection::pb::v1::server_reflection_server::SERVICE_NAME)
-        .build_v1()
-        .map_err(|e| Error::Serve(e.to_string()))?;
+    let (health_service, reflection) = pulse_platform::grpc::health_and_reflection(
+        <IngestServiceServer<grpc::GrpcIngest> as tonic::server::NamedService>::NAME,
+        pulse_contracts::FILE_DESCRIPTOR_SET,
+    )
+    .await
+    .map_err(|e| Error::Serve(e.to_string()))?;
     let grpc_task = {
         let stop = stop.clone();
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);

@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod clickhouse;
 pub mod config;
+pub mod grpc;
 pub mod http;
 pub mod kafka;
 pub mod metrics;

@@ -114,19 +114,12 @@ pub async fn serve(
                 .await
         })
     };
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<QueryServiceServer<grpc::GrpcQuery>>()
-        .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(pulse_contracts::FILE_DESCRIPTOR_SET)
-        // List only the services served here (the descriptor set holds every Pulse service).
-        .with_service_name(
-            <QueryServiceServer<grpc::GrpcQuery> as tonic::server::NamedService>::NAME,
-        )
-        .with_service_name(tonic_reflection::pb::v1::server_reflection_server::SERVICE_NAME)
-        .build_v1()
-        .map_err(|e| Error::Serve(e.to_string()))?;
+    let (health_service, reflection) = pulse_platform::grpc::health_and_reflection(
+        <QueryServiceServer<grpc::GrpcQuery> as tonic::server::NamedService>::NAME,
+        pulse_contracts::FILE_DESCRIPTOR_SET,
+    )
+    .await
+    .map_err(|e| Error::Serve(e.to_string()))?;
     let service = QueryServiceServer::new(grpc::GrpcQuery::new(state));
     let grpc_task = {
         let stop = shutdown.clone();

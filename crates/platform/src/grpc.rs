@@ -1,0 +1,32 @@
+//! The standard services every Pulse gRPC server carries beside its own: gRPC health
+//! (SERVING for the server and for the named service) and reflection that lists only that
+//! service (Pulse's descriptor set holds every Pulse service, most served elsewhere).
+
+use tonic_health::pb::health_server::{Health, HealthServer};
+use tonic_reflection::pb::v1::server_reflection_server::{
+    SERVICE_NAME as REFLECTION, ServerReflection, ServerReflectionServer,
+};
+
+/// Health and reflection for a server serving `service` (its `NamedService::NAME`), with
+/// the encoded `FileDescriptorSet` that describes it.
+pub async fn health_and_reflection(
+    service: &'static str,
+    descriptors: &'static [u8],
+) -> Result<
+    (
+        HealthServer<impl Health>,
+        ServerReflectionServer<impl ServerReflection>,
+    ),
+    tonic_reflection::server::Error,
+> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status(service, tonic_health::ServingStatus::Serving)
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(descriptors)
+        .with_service_name(service)
+        .with_service_name(REFLECTION)
+        .build_v1()?;
+    Ok((health, reflection))
+}
