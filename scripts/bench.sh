@@ -18,7 +18,7 @@ source scripts/stack.sh
 
 usage() {
   echo "usage: scripts/bench.sh ingest [--duration-secs N] [--batch N] [--concurrency N] [--warmup-secs N]" >&2
-  echo "       scripts/bench.sh processor [--core-events N] [--loop-events N] [--users N]" >&2
+  echo "       scripts/bench.sh processor [--core-events N] [--loop-events N] [--users N] [--rounds N]" >&2
   echo "       scripts/bench.sh writer [--events N] [--roll-rows N] [--insert-rows N] [--insert-batch N]" >&2
   echo "       scripts/bench.sh query [--users N] [--hours N] [--active-share F] [--requests N] [--warmup N]" >&2
   exit 2
@@ -77,7 +77,7 @@ case "$what" in
     log "vs raw = phase events/s ÷ mean of the raw rdkafka producer's first and last runs (same records, broker and topic); goal >= 0.8" ;;
   processor)
     log "figures: the table above; events/cpu-s counts the whole process's CPU time (librdkafka threads included)"
-    log "vs raw = processor loop events/s ÷ mean of the raw consumer's first and last runs (same topic and records); goal >= 0.8" ;;
+    log "vs raw = each processor loop run's events/s ÷ mean of the raw consumer runs just before and after it (same topic and records); the median is the figure; goal >= 0.8" ;;
   writer)
     log "figures: the two tables above; progress lines went to stderr"
     log "archive ÷ decode = Parquet rows/s ÷ mean of the prost-decode runs before and after (what archiving costs; no goal)"

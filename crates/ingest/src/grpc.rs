@@ -172,10 +172,7 @@ impl GrpcIngest {
         }
         let incoming = events
             .iter()
-            .map(|e| Incoming {
-                original: e.encode_to_vec(),
-                json: serde_json::to_vec(&event_json(e)).unwrap_or_default(),
-            })
+            .map(|e| Incoming::parsed(e.encode_to_vec(), event_json(e)))
             .collect();
         self.ingestor
             .ingest(source, "grpc", incoming, parent.clone())

@@ -24,7 +24,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use crate::dedup::DedupSet;
 use crate::metrics as m;
 use crate::pii::PiiPolicy;
-use crate::validate::{FieldError, Limits, validate};
+use crate::validate::{FieldError, Limits, validate, validate_parsed};
 
 /// Frames protobuf bytes for a topic (Confluent wire format). The registry-backed
 /// implementation is used in production; tests may use a fixed schema id.
@@ -51,19 +51,48 @@ impl Framer for FixedSchemaId {
     }
 }
 
-/// One event as received: its original bytes (kept on the DLQ) and its JSON form
-/// (validated). For HTTP both are the same bytes; for gRPC the original is protobuf.
+/// One event as received: its original bytes (kept on the DLQ) and, when those are not
+/// JSON (gRPC: protobuf), its JSON shape, which is what is validated.
 #[derive(Debug, Clone)]
 pub struct Incoming {
+    /// The bytes as received (kept on the DLQ if the event is rejected).
     pub original: Vec<u8>,
-    pub json: Vec<u8>,
+    /// The event's JSON shape when it did not arrive as JSON; `None`: `original` is JSON.
+    pub parsed: Option<serde_json::Value>,
 }
 
 impl Incoming {
+    /// An event that arrived as JSON text.
     pub fn json(bytes: Vec<u8>) -> Self {
         Self {
-            original: bytes.clone(),
-            json: bytes,
+            original: bytes,
+            parsed: None,
+        }
+    }
+
+    /// An event that arrived in another encoding (`original`), given in its JSON shape.
+    pub fn parsed(original: Vec<u8>, value: serde_json::Value) -> Self {
+        Self {
+            original,
+            parsed: Some(value),
+        }
+    }
+
+    fn validate(&self, now_ms: i64, limits: &Limits) -> Result<Event, FieldError> {
+        match &self.parsed {
+            None => validate(&self.original, now_ms, limits),
+            Some(v) => validate_parsed(v, self.original.len(), now_ms, limits),
+        }
+    }
+
+    /// The `event_id` and `key.user_id` a rejected event claimed, where readable.
+    fn claimed_ids(&self) -> (String, Option<Vec<u8>>) {
+        match &self.parsed {
+            Some(v) => claimed_ids(v),
+            None => match serde_json::from_slice::<serde_json::Value>(&self.original) {
+                Ok(v) => claimed_ids(&v),
+                Err(_) => (String::new(), None),
+            },
         }
     }
 }
@@ -151,11 +180,8 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-/// The `event_id` and `key.user_id` a rejected event claimed, where readable (one parse).
-fn claimed_ids(json: &[u8]) -> (String, Option<Vec<u8>>) {
-    let Ok(v) = serde_json::from_slice::<serde_json::Value>(json) else {
-        return (String::new(), None);
-    };
+/// The `event_id` and `key.user_id` an event's JSON shape claims.
+fn claimed_ids(v: &serde_json::Value) -> (String, Option<Vec<u8>>) {
     let event_id = v
         .get("event_id")
         .and_then(|e| e.as_str())
@@ -296,9 +322,9 @@ impl Ingestor {
         let mut failure: Option<IngestError> = None;
 
         for (index, incoming) in events.into_iter().enumerate() {
-            match validate(&incoming.json, now, &inner.cfg.limits) {
+            match incoming.validate(now, &inner.cfg.limits) {
                 Err(error) => {
-                    let (event_id, user_key) = claimed_ids(&incoming.json);
+                    let (event_id, user_key) = incoming.claimed_ids();
                     metrics::counter!(m::EVENTS_TOTAL, "outcome" => "invalid", "reason" => error.code).increment(1);
                     let detail = error.to_string();
                     let rec = self.dlq_record(

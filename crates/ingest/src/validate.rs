@@ -159,17 +159,7 @@ const EVENT_TYPE_PATTERN: &str = "^[a-z][a-z0-9_]{0,63}$";
 /// Parses and validates one event given as its original JSON bytes; returns the protobuf
 /// `Event` with `event_id` set (derived if absent) and `ingest` = None.
 pub fn validate(raw: &[u8], now_ms: i64, limits: &Limits) -> Result<Event, FieldError> {
-    if raw.len() > limits.max_event_bytes {
-        return Err(FieldError::new(
-            "",
-            code::EVENT_TOO_LARGE,
-            format!(
-                "event is {} bytes; the limit is {} bytes",
-                raw.len(),
-                limits.max_event_bytes
-            ),
-        ));
-    }
+    check_size(raw.len(), limits)?;
     let value: Value = serde_json::from_slice(raw).map_err(|e| {
         FieldError::new(
             "",
@@ -177,11 +167,42 @@ pub fn validate(raw: &[u8], now_ms: i64, limits: &Limits) -> Result<Event, Field
             format!("event is not valid JSON: {e}"),
         )
     })?;
-    let Value::Object(top) = &value else {
+    validate_value(&value, now_ms, limits)
+}
+
+/// Validates one event that arrived as something else than JSON (a gRPC message) and is
+/// given in its JSON shape, `value`; `size` is the length of its original encoding, checked
+/// against the per-event limit. The same rules as [`validate`].
+pub fn validate_parsed(
+    value: &Value,
+    size: usize,
+    now_ms: i64,
+    limits: &Limits,
+) -> Result<Event, FieldError> {
+    check_size(size, limits)?;
+    validate_value(value, now_ms, limits)
+}
+
+fn check_size(size: usize, limits: &Limits) -> Result<(), FieldError> {
+    if size > limits.max_event_bytes {
+        return Err(FieldError::new(
+            "",
+            code::EVENT_TOO_LARGE,
+            format!(
+                "event is {size} bytes; the limit is {} bytes",
+                limits.max_event_bytes
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn validate_value(value: &Value, now_ms: i64, limits: &Limits) -> Result<Event, FieldError> {
+    let Value::Object(top) = value else {
         return Err(FieldError::new(
             "",
             code::NOT_AN_OBJECT,
-            format!("event must be a JSON object, got {}", type_name(&value)),
+            format!("event must be a JSON object, got {}", type_name(value)),
         ));
     };
 
@@ -210,7 +231,7 @@ pub fn validate(raw: &[u8], now_ms: i64, limits: &Limits) -> Result<Event, Field
             )?;
             id.to_owned()
         }
-        None => derive_event_id(&value),
+        None => derive_event_id(value),
     };
     let schema_version = check_schema_version(top, limits)?;
     let event_type = check_event_type(top)?;
@@ -890,6 +911,29 @@ mod tests {
             "{err}"
         );
         assert!(validate(b"{}", NOW, &limits).is_err_and(|e| e.code != code::EVENT_TOO_LARGE));
+    }
+
+    #[test]
+    fn a_parsed_event_is_held_to_the_size_of_its_original_encoding_and_the_same_rules() {
+        let limits = Limits {
+            max_event_bytes: 100,
+            ..Limits::default()
+        };
+        let event = full_event();
+        let err = validate_parsed(&event, 101, NOW, &limits).unwrap_err();
+        assert_eq!((err.field.as_str(), err.code), ("", code::EVENT_TOO_LARGE));
+        assert!(err.reason.contains("101 bytes"), "{err}");
+        // Within the limit, the answer is the one the JSON text gets.
+        let limits = Limits::default();
+        assert_eq!(
+            validate_parsed(&event, 100, NOW, &limits),
+            validate(&serde_json::to_vec(&event).unwrap(), NOW, &limits)
+        );
+        let bad = with(minimal_event(), "/event_type", json!("Not-A-Type"));
+        assert_eq!(
+            validate_parsed(&bad, 10, NOW, &limits).unwrap_err(),
+            validate(&serde_json::to_vec(&bad).unwrap(), NOW, &limits).unwrap_err()
+        );
     }
 
     #[test]

@@ -199,6 +199,9 @@ pub enum Error {
     Run(#[from] run::RunError),
 }
 
+/// How long a revoke waits for queued outputs and checkpoints to be acknowledged.
+const REVOKE_FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Builds the processor loop for `config` (used by `run` and by tests).
 pub async fn build(config: &Config) -> Result<run::Processor, Error> {
     let partitions = config.kafka.partitions;
@@ -221,11 +224,20 @@ pub async fn build(config: &Config) -> Result<run::Processor, Error> {
         &config.group_id,
         &[&config.events_topic],
     )?;
+    let producer = KafkaProducer::new(&config.kafka, "pulse-processor")?;
+    // Outputs and checkpoints already queued land before a revoke's commit, so the next
+    // owner of a partition reads the newest checkpoint (see `run::Pipeline`).
+    let flusher = producer.clone();
+    consumer.before_revoke(move || {
+        if let Err(e) = flusher.flush(REVOKE_FLUSH_TIMEOUT) {
+            tracing::warn!(error = %e, "flushing queued outputs before a revoke failed");
+        }
+    });
     Ok(run::Processor {
         engine: engine::Engine::new(config.time()),
         consumer,
         rebalances,
-        producer: KafkaProducer::new(&config.kafka, "pulse-processor")?,
+        producer,
         encoder: RegistryEncoder::new(&config.schema_registry_url),
         topics: config.topics(),
         tick: Duration::from_millis(config.emit_interval_ms),

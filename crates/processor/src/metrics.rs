@@ -13,6 +13,7 @@ pub const LAST_EVENT_TIME_MS: &str = "pulse_processor_last_event_time_ms";
 pub const PARTITION_WATERMARK_MS: &str = "pulse_processor_partition_watermark_ms";
 pub const HELD_RECORDS: &str = "pulse_processor_held_records";
 pub const CORRECTIONS_TOTAL: &str = "pulse_processor_corrections_total";
+pub const EMISSIONS_IN_FLIGHT: &str = "pulse_processor_emissions_in_flight";
 
 pub fn describe() {
     describe_counter!(
@@ -36,7 +37,23 @@ pub fn describe() {
     describe_histogram!(
         EMIT_SECONDS,
         metrics::Unit::Seconds,
-        "Time to produce a tick's outputs and have them acknowledged."
+        "Time from a tick's emission until its outputs and checkpoints are acknowledged and its offsets stored."
+    );
+    describe_gauge!(
+        EMISSIONS_IN_FLIGHT,
+        "Ticks whose outputs or checkpoints are still awaiting acknowledgement."
+    );
+    describe_gauge!(
+        PARTITION_WATERMARK_MS,
+        "Each assigned partition's watermark (max event time minus the out-of-orderness), epoch ms."
+    );
+    describe_gauge!(
+        HELD_RECORDS,
+        "Records of a partition after its resume offset: re-read after a crash or rebalance because an open window or session still needs them."
+    );
+    describe_counter!(
+        CORRECTIONS_TOTAL,
+        "Results re-emitted for a window the watermark had already passed (late events within the allowed lateness)."
     );
     describe_gauge!(
         LAST_EVENT_TIME_MS,

@@ -1,10 +1,17 @@
 //! The processor's Kafka loop: consume `pulse.events.v1` in a consumer group, feed the
 //! engine, send too-late events to the late topic, and on every tick produce the due
-//! aggregates, wait for their acknowledgements, and only then store each partition's
-//! resume offset (so a crash or rebalance rebuilds open aggregates from the log).
+//! aggregates. Each tick's emission then goes through a pipeline while the loop keeps
+//! consuming: its outputs are acknowledged, then its checkpoints are written and
+//! acknowledged, and only then is each partition's resume offset stored (so a crash or
+//! rebalance rebuilds open aggregates from the log).
 
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures::StreamExt as _;
+use futures::stream::FuturesOrdered;
 
 use prost::Message as _;
 use pulse_contracts::pb::events::v1::Event;
@@ -44,6 +51,10 @@ pub enum RunError {
 /// How long an output may wait for room in a full producer queue (backpressure slows the
 /// loop; it never drops an output).
 const OUTPUT_QUEUE_WAIT: Duration = Duration::from_secs(60);
+
+/// Ticks whose outputs may be awaiting acknowledgement at once before the loop stops
+/// consuming to wait for the oldest.
+const MAX_EMISSIONS_IN_FLIGHT: usize = 4;
 
 pub fn now_ms() -> i64 {
     SystemTime::now()
@@ -103,10 +114,54 @@ impl std::fmt::Debug for Processor {
     }
 }
 
+/// One tick's emission on its way to durability: its outputs (and the late records sent
+/// since the last tick) are acknowledged, then its checkpoints, then its offsets are stored.
+/// Emissions pass these stages in order, while the loop goes on consuming.
+#[derive(Debug)]
+struct Emission {
+    /// The rebalance epoch it was taken in; after a rebalance it no longer counts.
+    epoch: u64,
+    /// Each assigned partition's checkpoint at the time of the emission.
+    checkpoints: Vec<(i32, Checkpoint)>,
+    /// Each assigned partition's resume offset at the time of the emission.
+    resumes: Vec<(i32, i64)>,
+    started: Instant,
+}
+
+type Stage = Pin<Box<dyn Future<Output = Result<Emission, RunError>> + Send>>;
+
+/// Waits for every acknowledgement in `acks`, then hands `emission` on.
+fn after_acks(acks: Vec<AckFuture>, emission: Emission) -> Stage {
+    Box::pin(async move {
+        for ack in acks {
+            ack.await.map_err(|e| RunError::Produce(e.to_string()))?;
+        }
+        Ok(emission)
+    })
+}
+
+/// The emissions in flight and what they are checked against.
+#[derive(Default)]
+struct Pipeline {
+    /// Waiting for their outputs' acknowledgements.
+    outputs: FuturesOrdered<Stage>,
+    /// Waiting for their checkpoints' acknowledgements.
+    checkpoints: FuturesOrdered<Stage>,
+    /// Bumped by every rebalance event.
+    epoch: u64,
+    assigned: HashSet<i32>,
+}
+
+impl Pipeline {
+    fn len(&self) -> usize {
+        self.outputs.len() + self.checkpoints.len()
+    }
+}
+
 impl Processor {
     /// Runs until `stop` is cancelled; then emits, flushes and commits what is durable.
     pub async fn run(mut self, stop: CancellationToken) -> Result<(), RunError> {
-        let mut assigned: HashSet<i32> = HashSet::new();
+        let mut pipe = Pipeline::default();
         let mut pending: Vec<AckFuture> = Vec::new();
         let consumer = self.consumer.clone();
         let mut ticker = tokio::time::interval(self.tick);
@@ -114,9 +169,16 @@ impl Processor {
         loop {
             tokio::select! {
                 _ = stop.cancelled() => break,
-                Some(ev) = self.rebalances.recv() => self.on_rebalance(ev, &mut assigned).await?,
+                Some(ev) = self.rebalances.recv() => self.on_rebalance(ev, &mut pipe).await?,
+                Some(done) = pipe.outputs.next() => self.write_checkpoints(done?, &mut pipe).await?,
+                Some(done) = pipe.checkpoints.next() => self.store_offsets(done?, &pipe)?,
                 _ = ticker.tick() => {
-                    self.flush(&mut pending, &assigned, true).await?;
+                    // A broker that stops acknowledging slows consumption instead of letting
+                    // emissions pile up.
+                    while pipe.len() >= MAX_EMISSIONS_IN_FLIGHT {
+                        self.advance_oldest(&mut pipe).await?;
+                    }
+                    self.emit(&mut pending, &mut pipe, true).await?;
                 }
                 msg = consumer.recv() => {
                     let msg = match msg {
@@ -128,7 +190,7 @@ impl Processor {
                     };
                     // The assignment that delivered this record is applied first.
                     while let Ok(ev) = self.rebalances.try_recv() {
-                        self.on_rebalance(ev, &mut assigned).await?;
+                        self.on_rebalance(ev, &mut pipe).await?;
                     }
                     if let Some(ack) = self.on_record(&msg).await? {
                         pending.push(ack);
@@ -138,18 +200,40 @@ impl Processor {
         }
         // Shutdown: everything due is produced and acknowledged before the last commit.
         while let Ok(ev) = self.rebalances.try_recv() {
-            self.on_rebalance(ev, &mut assigned).await?;
+            self.on_rebalance(ev, &mut pipe).await?;
         }
-        self.flush(&mut pending, &assigned, true).await?;
+        self.emit(&mut pending, &mut pipe, true).await?;
+        while pipe.len() > 0 {
+            self.advance_oldest(&mut pipe).await?;
+        }
         self.consumer.commit_now()?;
+        Ok(())
+    }
+
+    /// Moves the oldest emission in flight one stage on, waiting for it.
+    async fn advance_oldest(&mut self, pipe: &mut Pipeline) -> Result<(), RunError> {
+        // Emissions reach the checkpoint stage in order, so the oldest is the front of the
+        // checkpoint stage if it has any.
+        if !pipe.checkpoints.is_empty() {
+            if let Some(done) = pipe.checkpoints.next().await {
+                self.store_offsets(done?, pipe)?;
+            }
+        } else if let Some(done) = pipe.outputs.next().await {
+            self.write_checkpoints(done?, pipe).await?;
+        }
         Ok(())
     }
 
     async fn on_rebalance(
         &mut self,
         ev: RebalanceEvent,
-        assigned: &mut HashSet<i32>,
+        pipe: &mut Pipeline,
     ) -> Result<(), RunError> {
+        // Emissions in flight no longer write checkpoints or store offsets: the partitions
+        // they cover may have changed hands (what they had queued was flushed before the
+        // revoke's commit; see `build`).
+        pipe.epoch += 1;
+        let assigned = &mut pipe.assigned;
         match ev {
             RebalanceEvent::Assigned(parts) => {
                 let mine: Vec<i32> = parts
@@ -249,12 +333,13 @@ impl Processor {
         }
     }
 
-    /// Produces the due outputs, waits for every acknowledgement (late records too), then
-    /// stores each assigned partition's resume offset.
-    async fn flush(
+    /// Produces the due outputs and puts them, with the late records sent since the last
+    /// tick, in the pipeline, together with each assigned partition's checkpoint and resume
+    /// offset as they are now.
+    async fn emit(
         &mut self,
         pending: &mut Vec<AckFuture>,
-        assigned: &HashSet<i32>,
+        pipe: &mut Pipeline,
         early: bool,
     ) -> Result<(), RunError> {
         let started = Instant::now();
@@ -269,36 +354,24 @@ impl Processor {
         let trace_headers = trace_context::inject(&cx, OwnedHeaders::new());
         self.produce_outputs(outputs, &trace_headers, pending)
             .await?;
-        for ack in pending.drain(..) {
-            ack.await.map_err(|e| RunError::Produce(e.to_string()))?;
-        }
-        // Checkpoints first, acknowledged; only then the offsets they cover.
-        let mut acks = Vec::new();
-        for p in assigned {
-            if let Some(cp) = self.engine.checkpoint(*p)
-                && self.written.get(p) != Some(&cp)
-            {
-                acks.push(
-                    self.checkpoints
-                        .write(&self.producer, *p, &cp)
-                        .await
-                        .map_err(|e| RunError::Produce(e.to_string()))?,
-                );
-                self.written.insert(*p, cp.clone());
+        let mut emission = Emission {
+            epoch: pipe.epoch,
+            checkpoints: Vec::new(),
+            resumes: Vec::new(),
+            started,
+        };
+        for p in &pipe.assigned {
+            if let Some(cp) = self.engine.checkpoint(*p) {
+                emission.checkpoints.push((*p, cp));
+            }
+            if let Some(resume) = self.engine.resume_offset(*p) {
+                emission.resumes.push((*p, resume));
             }
         }
-        for ack in acks {
-            ack.await.map_err(|e| RunError::Produce(e.to_string()))?;
-        }
-        for p in assigned {
-            if let Some(resume) = self.engine.resume_offset(*p)
-                && resume > 0
-            {
-                self.consumer
-                    .mark_durable(&self.topics.events, *p, resume - 1)?;
-            }
-        }
-        for p in assigned {
+        pipe.outputs
+            .push_back(after_acks(std::mem::take(pending), emission));
+        metrics::gauge!(m::EMISSIONS_IN_FLIGHT).set(pipe.len() as f64);
+        for p in &pipe.assigned {
             let label = p.to_string();
             if let Some(wm) = self.engine.partition_watermark(*p) {
                 metrics::gauge!(m::PARTITION_WATERMARK_MS, "partition" => label.clone())
@@ -317,7 +390,49 @@ impl Processor {
         }
         metrics::gauge!(m::OPEN_WINDOWS).set(self.engine.open_windows() as f64);
         metrics::gauge!(m::OPEN_SESSIONS).set(self.engine.open_sessions() as f64);
-        metrics::histogram!(m::EMIT_SECONDS).record(started.elapsed().as_secs_f64());
+        Ok(())
+    }
+
+    /// An emission's outputs are acknowledged: queue its changed checkpoints. Checkpoints
+    /// are queued in emission order, so the topic's latest is always the newest.
+    async fn write_checkpoints(
+        &mut self,
+        emission: Emission,
+        pipe: &mut Pipeline,
+    ) -> Result<(), RunError> {
+        if emission.epoch != pipe.epoch {
+            tracing::debug!("dropping an emission's checkpoints taken before a rebalance");
+            return Ok(());
+        }
+        let mut acks = Vec::new();
+        for (p, cp) in &emission.checkpoints {
+            if pipe.assigned.contains(p) && self.written.get(p) != Some(cp) {
+                acks.push(
+                    self.checkpoints
+                        .write(&self.producer, *p, cp)
+                        .await
+                        .map_err(|e| RunError::Produce(e.to_string()))?,
+                );
+                self.written.insert(*p, cp.clone());
+            }
+        }
+        pipe.checkpoints.push_back(after_acks(acks, emission));
+        Ok(())
+    }
+
+    /// An emission's checkpoints are acknowledged: store the offsets they cover.
+    fn store_offsets(&self, emission: Emission, pipe: &Pipeline) -> Result<(), RunError> {
+        metrics::gauge!(m::EMISSIONS_IN_FLIGHT).set(pipe.len() as f64);
+        if emission.epoch != pipe.epoch {
+            return Ok(());
+        }
+        for (p, resume) in &emission.resumes {
+            if *resume > 0 && pipe.assigned.contains(p) {
+                self.consumer
+                    .mark_durable(&self.topics.events, *p, resume - 1)?;
+            }
+        }
+        metrics::histogram!(m::EMIT_SECONDS).record(emission.started.elapsed().as_secs_f64());
         Ok(())
     }
 

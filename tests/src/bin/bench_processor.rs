@@ -5,11 +5,13 @@
 //!    results as processing time advances. Prints events/s and events per CPU-second.
 //! 2. **Whole loop vs raw consumer**: the same kind of stream is produced once to a topic;
 //!    then a raw consumer (the platform's `KafkaConsumer`, a fresh group, nothing done per
-//!    record but counting) reads all of it, then the real processor loop
+//!    record but counting) reads all of it, then `--rounds` times the real processor loop
 //!    (`pulse_processor::build` + `run`: consume, decode, aggregate, produce results, write
-//!    checkpoints, store offsets) with a fresh group, then the raw consumer again. The
-//!    baseline is the mean of the two raw runs; the ratio's goal is >= 0.8. The processor
-//!    is done when its `pulse_processor_events_total` counters reach the record count.
+//!    checkpoints, store offsets) with a fresh group, each followed by the raw consumer
+//!    again. Each loop run is compared with the mean of the raw runs just before and after
+//!    it (the broker's speed drifts within a run); the median of those ratios is the
+//!    figure, and its goal is >= 0.8. The processor is done when its
+//!    `pulse_processor_events_total` counters reach the record count.
 //!
 //! CPU seconds are the process's user + system time from /proc/self/stat (Linux); a
 //! phase's figure includes every thread of the process (librdkafka's too).
@@ -41,6 +43,7 @@ struct Args {
     /// Bootstrap brokers of the broker to measure against.
     #[arg(long, env = "PULSE_BENCH_KAFKA_BROKERS")]
     brokers: String,
+
     /// Events fed to the windowing core.
     #[arg(long, default_value_t = 1_000_000)]
     core_events: usize,
@@ -60,6 +63,14 @@ struct Args {
     /// Partitions of the benchmark topic.
     #[arg(long, default_value_t = 3)]
     partitions: i32,
+    /// Processor loop runs, each followed by a raw consumer run (one more raw run comes
+    /// first); each loop run is compared with the raw runs either side of it.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    /// An extra `pulse-processor` argument for the loop runs (repeatable), e.g.
+    /// `--processor-arg=--kafka-compression=lz4`.
+    #[arg(long, allow_hyphen_values = true)]
+    processor_arg: Vec<String>,
 }
 
 /// Process CPU time (user + system) in seconds, from /proc/self/stat.
@@ -278,35 +289,42 @@ async fn bench_raw(kafka: &KafkaConfig, topic: &str, count: usize) -> Result<Fig
     })
 }
 
-/// Sum of `pulse_processor_events_total` over its labels in the process's registry.
-fn processed(handle: &pulse_platform::metrics::Handle) -> u64 {
+/// Sum of the counter `name` over its labels in the process's registry.
+fn counter_sum(handle: &pulse_platform::metrics::Handle, name: &str) -> u64 {
     handle
         .render()
         .lines()
-        .filter(|l| l.starts_with(pulse_processor::metrics::EVENTS_TOTAL))
+        .filter(|l| l.starts_with(name))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum::<f64>() as u64
 }
 
+/// Sum of `pulse_processor_events_total` over its labels in the process's registry.
+fn processed(handle: &pulse_platform::metrics::Handle) -> u64 {
+    counter_sum(handle, pulse_processor::metrics::EVENTS_TOTAL)
+}
+
 async fn bench_loop(
     args: &Args,
+    brokers: &str,
     topic: &str,
     registry: &str,
     run: &str,
+    round: usize,
     handle: &pulse_platform::metrics::Handle,
-) -> Result<Figures> {
+) -> Result<(Figures, u64)> {
     // Output topics of this run (their schemas are registered by `main`).
     let out = |name: &str| format!("bench.{name}.{run}");
-    let config = <pulse_processor::Config as Parser>::try_parse_from([
+    let base = [
         "pulse-processor",
         "--kafka-brokers",
-        &args.brokers,
+        brokers,
         "--kafka-partitions",
         &args.partitions.to_string(),
         "--schema-registry-url",
         registry,
         "--group-id",
-        &format!("bench-processor-{run}"),
+        &format!("bench-processor-{run}-{round}"),
         "--events-topic",
         topic,
         "--user-activity-topic",
@@ -317,12 +335,18 @@ async fn bench_loop(
         &out("late"),
         "--checkpoint-topic",
         &out("checkpoints"),
-    ])
+    ];
+    let config = <pulse_processor::Config as Parser>::try_parse_from(
+        base.iter()
+            .map(|a| a.to_string())
+            .chain(args.processor_arg.iter().cloned()),
+    )
     .context("processor config")?;
     let processor = pulse_processor::build(&config)
         .await
         .context("building the processor")?;
     let before = processed(handle);
+    let outputs_before = counter_sum(handle, pulse_processor::metrics::OUTPUTS_TOTAL);
     let stop = CancellationToken::new();
     let cpu0 = cpu_seconds();
     let t0 = Instant::now();
@@ -348,16 +372,20 @@ async fn bench_loop(
     }
     let secs = t0.elapsed().as_secs_f64();
     let cpu = cpu_seconds() - cpu0;
+    let outputs = counter_sum(handle, pulse_processor::metrics::OUTPUTS_TOTAL) - outputs_before;
     stop.cancel();
     task.await
         .context("processor task")?
         .context("processor loop")?;
-    Ok(Figures {
-        name: "processor loop",
-        events: args.loop_events,
-        secs,
-        cpu,
-    })
+    Ok((
+        Figures {
+            name: "processor loop",
+            events: args.loop_events,
+            secs,
+            cpu,
+        },
+        outputs,
+    ))
 }
 
 fn print(f: &Figures, baseline: Option<f64>) {
@@ -387,11 +415,12 @@ async fn main() -> Result<()> {
 
     // 1. The core, before any Kafka client exists (so its CPU time is its own).
     let core_events = stream(args.core_events, args.users, args.step_ms, args.partitions);
-    let (core, outputs) = bench_core(&core_events, args.partitions, args.core_emit_every);
+    let (core, outputs_core) = bench_core(&core_events, args.partitions, args.core_emit_every);
     drop(core_events);
 
     // 2. The loop against the broker.
-    let kafka = KafkaConfig::for_brokers(&args.brokers);
+    let brokers = args.brokers.clone();
+    let kafka = KafkaConfig::for_brokers(&brokers);
     let run = uuid::Uuid::new_v4().simple().to_string();
     let topic = format!("bench.events.{run}");
     ensure_topics(&kafka, &[TopicSpec::new(&topic, args.partitions)])
@@ -431,26 +460,56 @@ async fn main() -> Result<()> {
     produce(&kafka, &topic, &loop_events).await?;
     drop(loop_events);
 
-    eprintln!("raw consumer (1/2)");
-    let raw1 = bench_raw(&kafka, &topic, args.loop_events).await?;
-    eprintln!("processor loop");
-    let proc_loop = bench_loop(&args, &topic, &registry_url, &run, &handle).await?;
-    eprintln!("raw consumer (2/2)");
-    let raw2 = bench_raw(&kafka, &topic, args.loop_events).await?;
+    let rounds = args.rounds.max(1);
+    eprintln!("raw consumer (1/{})", rounds + 1);
+    let mut raws = vec![bench_raw(&kafka, &topic, args.loop_events).await?];
+    let mut loops = Vec::new();
+    for round in 0..rounds {
+        eprintln!("processor loop ({}/{rounds})", round + 1);
+        loops.push(bench_loop(&args, &brokers, &topic, &registry_url, &run, round, &handle).await?);
+        eprintln!("raw consumer ({}/{})", round + 2, rounds + 1);
+        raws.push(bench_raw(&kafka, &topic, args.loop_events).await?);
+    }
     registry.stop().await.context("stopping the registry")?;
 
-    let baseline = (raw1.rate() + raw2.rate()) / 2.0;
+    let baseline = raws.iter().map(Figures::rate).sum::<f64>() / raws.len() as f64;
     println!(
         "\n{:<16} {:>10} {:>9} {:>12} {:>9} {:>14} {:>8}",
         "phase", "events", "seconds", "events/s", "cpu s", "events/cpu-s", "vs raw"
     );
     print(&core, None);
-    print(&raw1, Some(baseline));
-    print(&proc_loop, Some(baseline));
-    print(&raw2, Some(baseline));
+    let mut ratios = Vec::new();
+    for (i, raw) in raws.iter().enumerate() {
+        print(raw, Some(baseline));
+        if let Some((lp, _)) = loops.get(i) {
+            // Each loop run against the raw runs just before and after it.
+            let local = (raw.rate() + raws[i + 1].rate()) / 2.0;
+            ratios.push(lp.rate() / local);
+            print(lp, Some(local));
+        }
+    }
+    let mut sorted = ratios.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted[sorted.len() / 2];
+    let outputs: Vec<String> = loops.iter().map(|(_, o)| o.to_string()).collect();
     println!(
-        "\ncore: {} users, an emit every {} events, {} results emitted; loop: {} partitions; raw baseline {:.0} events/s (mean of both runs)",
-        args.users, args.core_emit_every, outputs, args.partitions, baseline
+        "\ncore: {} users, an emit every {} events, {} results emitted; loop: {} partitions, outputs produced per run {}",
+        args.users,
+        args.core_emit_every,
+        outputs_core,
+        args.partitions,
+        outputs.join(" / ")
+    );
+    println!(
+        "loop vs raw (each loop run against the mean of the raw runs either side): {} -> median {:.2} (min {:.2}, max {:.2})",
+        ratios
+            .iter()
+            .map(|r| format!("{r:.2}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        median,
+        sorted[0],
+        sorted[sorted.len() - 1]
     );
     Ok(())
 }

@@ -3,7 +3,7 @@
 //! before giving partitions away in a rebalance, reports rebalances to the service, and
 //! exports consumer lag from librdkafka statistics.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
@@ -30,10 +30,21 @@ pub enum RebalanceEvent {
     Error(String),
 }
 
+/// Called before the commit that hands partitions away (see [`KafkaConsumer::before_revoke`]).
+type RevokeHook = Box<dyn Fn() + Send + Sync>;
+
 /// librdkafka callbacks: rebalances, commits, statistics and logs.
-#[derive(Debug)]
 pub struct PulseConsumerContext {
     events: mpsc::UnboundedSender<RebalanceEvent>,
+    before_revoke: OnceLock<RevokeHook>,
+}
+
+impl std::fmt::Debug for PulseConsumerContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PulseConsumerContext")
+            .field("before_revoke", &self.before_revoke.get().is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 fn partitions(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
@@ -80,6 +91,9 @@ impl ClientContext for PulseConsumerContext {
 impl ConsumerContext for PulseConsumerContext {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
+            if let Some(hook) = self.before_revoke.get() {
+                hook();
+            }
             // Hand over exactly what is durable, so the next owner resumes from there.
             let outcome = match consumer.commit_consumer_state(CommitMode::Sync) {
                 Ok(()) => "ok",
@@ -176,7 +190,10 @@ impl KafkaConsumer {
             }
         }
         let consumer: StreamConsumer<PulseConsumerContext> =
-            c.create_with_context(PulseConsumerContext { events: tx })?;
+            c.create_with_context(PulseConsumerContext {
+                events: tx,
+                before_revoke: OnceLock::new(),
+            })?;
         consumer.subscribe(topics)?;
         Ok((
             Self {
@@ -202,6 +219,19 @@ impl KafkaConsumer {
         self.inner.store_offsets(&tpl)?;
         metrics::counter!(m::KAFKA_OFFSETS_STORED_TOTAL, "topic" => topic.to_owned()).increment(1);
         Ok(())
+    }
+
+    /// Installs `hook`, run in the rebalance callback before the stored offsets are committed
+    /// and the partitions handed to their next owner: the place to make writes that were
+    /// already queued land first (for example `KafkaProducer::flush`). It runs on the task
+    /// that polls the consumer and may block it. Only the first hook installed is kept;
+    /// returns false if one was already installed.
+    pub fn before_revoke(&self, hook: impl Fn() + Send + Sync + 'static) -> bool {
+        self.inner
+            .context()
+            .before_revoke
+            .set(Box::new(hook))
+            .is_ok()
     }
 
     /// Commits the stored offsets now and waits for the broker (use at shutdown).
