@@ -17,7 +17,7 @@ cd "$(dirname "$0")/.."
 source scripts/stack.sh
 
 usage() {
-  echo "usage: scripts/bench.sh ingest [--duration-secs N] [--batch N] [--concurrency N] [--warmup-secs N]" >&2
+  echo "usage: scripts/bench.sh ingest [--duration-secs N] [--batch N] [--concurrency N] [--warmup-secs N] [--rounds N] [--linger-ms N]" >&2
   echo "       scripts/bench.sh processor [--core-events N] [--loop-events N] [--users N] [--rounds N]" >&2
   echo "       scripts/bench.sh writer [--events N] [--roll-rows N] [--insert-rows N] [--insert-batch N]" >&2
   echo "       scripts/bench.sh query [--users N] [--hours N] [--active-share F] [--requests N] [--warmup N]" >&2
@@ -74,7 +74,7 @@ fi
 case "$what" in
   ingest)
     log "figures: the table above (events/s, request latency p50/p99 per phase); progress lines went to stderr"
-    log "vs raw = phase events/s ÷ mean of the raw rdkafka producer's first and last runs (same records, broker and topic); goal >= 0.8" ;;
+    log "vs raw = each http/grpc phase's events/s ÷ mean of the raw rdkafka producer runs just before and after its round (same records, broker and topic); the median is the figure; goal >= 0.8" ;;
   processor)
     log "figures: the table above; events/cpu-s counts the whole process's CPU time (librdkafka threads included)"
     log "vs raw = each processor loop run's events/s ÷ mean of the raw consumer runs just before and after it (same topic and records); the median is the figure; goal >= 0.8" ;;

@@ -381,7 +381,7 @@ pub async fn serve(
     let http_task = {
         let stop = stop.clone();
         tokio::spawn(async move {
-            axum::serve(http, app)
+            axum::serve(pulse_platform::http::nodelay(http), app)
                 .with_graceful_shutdown(async move { stop.cancelled().await })
                 .await
         })
@@ -400,7 +400,7 @@ pub async fn serve(
     .map_err(|e| Error::Serve(e.to_string()))?;
     let grpc_task = {
         let stop = stop.clone();
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
+        let incoming = pulse_platform::grpc::incoming(grpc);
         tokio::spawn(async move {
             tonic::transport::Server::builder()
                 .add_service(health_service)

@@ -316,7 +316,11 @@ impl Ingestor {
         metrics::histogram!(m::BATCH_EVENTS, "protocol" => protocol.to_owned())
             .record(events.len() as f64);
         let mut result = BatchResult::default();
-        // (index, event id) of records whose acknowledgement decides the batch.
+        // Every record is built first and then queued in one run, so a request's records
+        // fall into the same producer batches instead of trickling out between validations.
+        // (event id for accepted events, record) in request order.
+        let mut records: Vec<(Option<String>, OutRecord)> = Vec::with_capacity(events.len());
+        // (event id, acknowledgement) of records whose acknowledgement decides the batch.
         let mut pending: Vec<(Option<String>, AckFuture)> = Vec::new();
         let mut reserved: Vec<String> = Vec::new();
         let mut failure: Option<IngestError> = None;
@@ -336,13 +340,7 @@ impl Ingestor {
                         &detail,
                         parent,
                     );
-                    match self.enqueue(rec).await {
-                        Ok(ack) => pending.push((None, ack)),
-                        Err(e) => {
-                            failure = Some(e);
-                            break;
-                        }
-                    }
+                    records.push((None, rec));
                     result.rejected += 1;
                     result.results.push(EventResult {
                         index,
@@ -374,8 +372,8 @@ impl Ingestor {
                         continue;
                     }
                     reserved.push(event_id.clone());
-                    match self.produce_event(&event, now, parent).await {
-                        Ok(ack) => pending.push((Some(event_id.clone()), ack)),
+                    match self.event_record(&event, now, parent).await {
+                        Ok(rec) => records.push((Some(event_id.clone()), rec)),
                         Err(e) => {
                             failure = Some(e);
                             break;
@@ -388,6 +386,18 @@ impl Ingestor {
                         event_id,
                         error: None,
                     });
+                }
+            }
+        }
+
+        if failure.is_none() {
+            for (event_id, rec) in records {
+                match self.enqueue(rec).await {
+                    Ok(ack) => pending.push((event_id, ack)),
+                    Err(e) => {
+                        failure = Some(e);
+                        break;
+                    }
                 }
             }
         }
@@ -430,12 +440,14 @@ impl Ingestor {
         Ok(result)
     }
 
-    async fn produce_event(
+    /// The record of an accepted event: framed with the registered schema id, keyed by user
+    /// id, with trace context, event id and ingest time in its headers.
+    async fn event_record(
         &self,
         event: &Event,
         now: i64,
         parent: &opentelemetry::Context,
-    ) -> Result<AckFuture, IngestError> {
+    ) -> Result<OutRecord, IngestError> {
         let inner = &self.inner;
         let value = inner
             .framer
@@ -446,8 +458,7 @@ impl Ingestor {
         h = headers::with_str(h, headers::EVENT_ID, &event.event_id);
         h = headers::with_str(h, headers::INGEST_TS, &now.to_string());
         let key = event.key.as_ref().map(|k| k.user_id.as_bytes().to_vec());
-        self.enqueue(OutRecord::new(&inner.cfg.events_topic, key, value).with_headers(h))
-            .await
+        Ok(OutRecord::new(&inner.cfg.events_topic, key, value).with_headers(h))
     }
 }
 

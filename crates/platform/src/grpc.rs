@@ -30,3 +30,25 @@ pub async fn health_and_reflection(
         .build_v1()?;
     Ok((health, reflection))
 }
+
+/// The accepted connections of `listener` for a tonic server, with `TCP_NODELAY` set (tonic
+/// sets it only on sockets it binds itself): without it, a response's small HTTP/2 frames
+/// wait on Nagle's algorithm and the peer's delayed ACK.
+pub fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt as _;
+
+    #[tokio::test]
+    async fn accepted_grpc_connections_have_tcp_nodelay_set() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut incoming = super::incoming(listener);
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let accepted = incoming.next().await.unwrap().unwrap();
+        assert!(accepted.nodelay().unwrap());
+    }
+}

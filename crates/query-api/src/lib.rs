@@ -109,7 +109,7 @@ pub async fn serve(
     let http_task = {
         let stop = shutdown.clone();
         tokio::spawn(async move {
-            axum::serve(http, app)
+            axum::serve(pulse_platform::http::nodelay(http), app)
                 .with_graceful_shutdown(async move { stop.cancelled().await })
                 .await
         })
@@ -123,7 +123,7 @@ pub async fn serve(
     let service = QueryServiceServer::new(grpc::GrpcQuery::new(state));
     let grpc_task = {
         let stop = shutdown.clone();
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(grpc);
+        let incoming = pulse_platform::grpc::incoming(grpc);
         tokio::spawn(async move {
             tonic::transport::Server::builder()
                 .add_service(health_service)
