@@ -9,6 +9,7 @@ pub mod otlp;
 use pulse_platform::clickhouse::ClickHouseConfig;
 use pulse_platform::kafka::KafkaConfig;
 use pulse_platform::s3::S3Config;
+use rdkafka::message::{Headers as _, Message};
 
 fn required_env(name: &str) -> String {
     match std::env::var(name) {
@@ -48,4 +49,21 @@ pub fn s3() -> S3Config {
 /// A name no other test (or earlier run) uses: `prefix` plus a random suffix.
 pub fn unique(prefix: &str) -> String {
     format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
+}
+
+/// A unique name short enough for s3s-fs: `prefix` plus 16 random hex digits (it stores each
+/// object's metadata in a file named after the base64 of the whole key, so keys must stay
+/// under ~160 characters).
+pub fn short_unique(prefix: &str) -> String {
+    let u = unique(prefix);
+    format!("{prefix}{}", &u[u.len() - 16..])
+}
+
+/// The value of header `name` of record `m`, as (lossy) UTF-8, if it has one.
+pub fn header(m: &impl Message, name: &str) -> Option<String> {
+    m.headers()?
+        .iter()
+        .find(|h| h.key == name)
+        .and_then(|h| h.value)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
 }

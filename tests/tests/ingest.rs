@@ -6,18 +6,16 @@
 
 use std::io::Write;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
-use clap::Parser;
 use prost::Message as _;
 use pulse_contracts::pb::events::v1 as ev;
 use pulse_contracts::pb::ingest::v1::ingest_service_client::IngestServiceClient;
 use pulse_contracts::pb::ingest::v1::{EventStatus, SendEventsRequest};
 use pulse_contracts::{headers, trace_context, wire};
 use pulse_ingest::pipeline::{FixedSchemaId, Framer};
-use pulse_platform::kafka::{KafkaConfig, KafkaConsumer, KafkaProducer};
+use pulse_platform::kafka::KafkaConfig;
 use rdkafka::Message;
-use rdkafka::message::{Headers, OwnedMessage};
 use serde_json::{Value, json};
 
 struct Harness {
@@ -44,24 +42,26 @@ fn now_ms() -> i64 {
         .as_millis() as i64
 }
 
+#[path = "support/ingest_server.rs"]
+mod ingest_server;
+#[path = "support/registry.rs"]
+mod registry;
+
+use ingest_server::read_exactly;
+use pulse_tests::header;
+
+/// This file's ingest flags: two API keys, 2 partitions, then `extra`.
 fn config(kafka: &KafkaConfig, events: &str, dlq: &str, extra: &[&str]) -> pulse_ingest::Config {
-    let mut args = vec![
-        "pulse-ingest".to_string(),
-        "--api-keys".into(),
-        "test-key=shop,other-key=app".into(),
-        "--kafka-brokers".into(),
-        kafka.brokers.clone(),
-        "--kafka-partitions".into(),
-        "2".into(),
-        "--events-topic".into(),
-        events.into(),
-        "--dlq-topic".into(),
-        dlq.into(),
-        "--pii-hmac-key".into(),
-        "test-hmac".into(),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    pulse_ingest::Config::parse_from(args)
+    let mut args = vec!["--kafka-partitions", "2"];
+    args.extend_from_slice(extra);
+    ingest_server::config(
+        kafka,
+        "test-key=shop,other-key=app",
+        "test-hmac",
+        events,
+        dlq,
+        &args,
+    )
 }
 
 async fn start(extra: &[&str]) -> Harness {
@@ -69,49 +69,19 @@ async fn start(extra: &[&str]) -> Harness {
     let events_topic = pulse_tests::unique("events");
     let dlq_topic = pulse_tests::unique("dlq");
     let cfg = config(&kafka, &events_topic, &dlq_topic, extra);
-    pulse_platform::kafka::ensure_topics(
-        &kafka,
-        &[
-            pulse_platform::kafka::TopicSpec::new(&events_topic, 2),
-            pulse_platform::kafka::TopicSpec::new(&dlq_topic, 1),
-        ],
-    )
-    .await
-    .unwrap();
+    ingest_server::create_topics(&kafka, &events_topic, &dlq_topic, 1).await;
     // A real registry with the event schema registered for this topic.
-    let registry = pulse_schema_registry::Replica::start(
-        &kafka,
-        &pulse_tests::unique("_schemas"),
-        Duration::from_secs(30),
-        Duration::from_secs(60),
-        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-    )
-    .await
-    .unwrap();
+    let registry = registry::start(&kafka).await;
     let url = format!("http://{}", registry.addr);
-    let resp: Value = reqwest::Client::new()
-        .post(format!("{url}/subjects/{events_topic}-value/versions"))
-        .json(
-            &json!({ "schemaType": "PROTOBUF", "schema": pulse_contracts::schemas::EVENTS.source }),
-        )
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let resp: Value =
+        registry::register(&url, &events_topic, pulse_contracts::schemas::EVENTS.source)
+            .await
+            .json()
+            .await
+            .unwrap();
     let schema_id = resp["id"].as_u64().unwrap() as u32;
     let framer: Arc<dyn Framer> = Arc::new(pulse_contracts::wire::RegistryEncoder::new(&url));
-    let producer = Arc::new(KafkaProducer::new(&kafka, "ingest-test").unwrap());
-    let servers = pulse_ingest::serve(
-        &cfg,
-        producer,
-        framer,
-        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-    )
-    .await
-    .unwrap();
+    let servers = ingest_server::serve(&kafka, &cfg, framer, "ingest-test").await;
     Harness {
         http: format!("http://{}/v1/events", servers.http_addr),
         grpc: format!("http://{}", servers.grpc_addr),
@@ -171,40 +141,6 @@ async fn post(
     (status, body, h)
 }
 
-async fn read_n(topic: &str, n: usize) -> Vec<OwnedMessage> {
-    let (consumer, _) = KafkaConsumer::new(
-        &pulse_tests::kafka(),
-        "ingest-test",
-        &pulse_tests::unique("reader"),
-        &[topic],
-    )
-    .unwrap();
-    let mut out = Vec::new();
-    while out.len() < n {
-        let m = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
-            .await
-            .unwrap_or_else(|_| panic!("only {} of {n} records on {topic}", out.len()))
-            .unwrap();
-        out.push(m.detach());
-    }
-    // Nothing more arrives within a short grace period.
-    if let Ok(Ok(extra)) = tokio::time::timeout(Duration::from_secs(2), consumer.recv()).await {
-        panic!(
-            "unexpected extra record at offset {} on {topic}",
-            extra.offset()
-        );
-    }
-    out
-}
-
-fn header(m: &OwnedMessage, name: &str) -> Option<String> {
-    m.headers()?
-        .iter()
-        .find(|h| h.key == name)
-        .and_then(|h| h.value)
-        .map(|v| String::from_utf8_lossy(v).into_owned())
-}
-
 #[tokio::test]
 async fn accepted_events_land_keyed_framed_and_traced_and_bad_ones_go_to_the_dlq() {
     let h = start(&[]).await;
@@ -240,7 +176,7 @@ async fn accepted_events_land_keyed_framed_and_traced_and_bad_ones_go_to_the_dlq
         "{body}"
     );
 
-    let records = read_n(&h.events_topic, 2).await;
+    let records = read_exactly(&h.events_topic, 2).await;
     let mut seen = Vec::new();
     for m in &records {
         let framed = wire::unframe(m.payload().unwrap()).unwrap();
@@ -280,7 +216,7 @@ async fn accepted_events_land_keyed_framed_and_traced_and_bad_ones_go_to_the_dlq
         Some(19_990_000)
     );
 
-    let dlq = read_n(&h.dlq_topic, 1).await;
+    let dlq = read_exactly(&h.dlq_topic, 1).await;
     assert_eq!(
         dlq[0].payload().unwrap(),
         bad_bytes.as_slice(),
@@ -323,7 +259,7 @@ async fn duplicates_are_produced_once_and_retries_of_derived_ids_are_duplicates(
         body["results"][2]["event_id"].as_str(),
         Some(derived.as_str())
     );
-    read_n(&h.events_topic, 2).await;
+    read_exactly(&h.events_topic, 2).await;
 }
 
 #[tokio::test]
@@ -344,7 +280,7 @@ async fn gzip_and_ndjson_bodies_are_accepted() {
     .await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["accepted"], 2);
-    read_n(&h.events_topic, 2).await;
+    read_exactly(&h.events_topic, 2).await;
 }
 
 #[tokio::test]
@@ -360,7 +296,7 @@ async fn error_paths_answer_400_401_413_415_and_429_with_reasons() {
     let (status, body, _) = post(&h.http, Some("other-key"), b"[{\"a\":".to_vec(), &[]).await;
     assert_eq!(status, 400, "{body}");
     assert_eq!(body["error"]["code"], "unparseable_body");
-    let dlq = read_n(&h.dlq_topic, 1).await;
+    let dlq = read_exactly(&h.dlq_topic, 1).await;
     assert_eq!(dlq[0].payload().unwrap(), b"[{\"a\":");
 
     // A gzip bomb: 413 without inflating it.
@@ -405,16 +341,8 @@ async fn an_unreachable_broker_answers_503_with_retry_after_and_forgets_the_ids(
         ..KafkaConfig::for_brokers("127.0.0.1:1")
     };
     let cfg = config(&dead, "t", "d", &[]);
-    let producer = Arc::new(KafkaProducer::new(&dead, "ingest-test").unwrap());
-    let servers = pulse_ingest::serve(
-        &cfg,
-        producer,
-        Arc::new(FixedSchemaId(1)),
-        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-    )
-    .await
-    .unwrap();
+    let servers =
+        ingest_server::serve(&dead, &cfg, Arc::new(FixedSchemaId(1)), "ingest-test").await;
     let url = format!("http://{}/v1/events", servers.http_addr);
     for _ in 0..2 {
         // Both attempts are 503 (not "duplicate" the second time): nothing was stored.
@@ -499,7 +427,7 @@ async fn grpc_unary_and_streaming_calls_ingest_with_per_event_results() {
         tonic::Code::Unauthenticated
     );
 
-    let records = read_n(&h.events_topic, 4).await;
+    let records = read_exactly(&h.events_topic, 4).await;
     let amounts: Vec<Option<i64>> = records
         .iter()
         .map(|m| {
@@ -511,7 +439,7 @@ async fn grpc_unary_and_streaming_calls_ingest_with_per_event_results() {
         })
         .collect();
     assert!(amounts.iter().all(|a| *a == Some(5_250_000)), "{amounts:?}");
-    let dlq = read_n(&h.dlq_topic, 1).await;
+    let dlq = read_exactly(&h.dlq_topic, 1).await;
     assert_eq!(
         dlq[0].payload().unwrap(),
         bad.encode_to_vec().as_slice(),

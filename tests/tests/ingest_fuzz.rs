@@ -13,10 +13,9 @@
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, BufMut};
-use clap::Parser;
 use proptest::prelude::*;
 use proptest::test_runner::{Config as ProptestConfig, FileFailurePersistence, TestRunner};
 use prost::Message as _;
@@ -24,15 +23,18 @@ use pulse_contracts::pb::events::v1 as ev;
 use pulse_contracts::pb::ingest::v1::ingest_service_client::IngestServiceClient;
 use pulse_contracts::pb::ingest::v1::{EventStatus, SendEventsRequest, SendEventsResponse};
 use pulse_ingest::pipeline::Framer;
-use pulse_platform::kafka::KafkaProducer;
-use serde_json::{Value, json};
+use serde_json::Value;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::transport::Channel;
 
 #[path = "support/grpc_meta.rs"]
 mod grpc_meta;
+#[path = "support/ingest_server.rs"]
+mod ingest_server;
 #[path = "support/ingest_inputs.rs"]
 mod inputs;
+#[path = "support/registry.rs"]
+mod registry;
 
 use inputs::{Auth, Class, Gunzip};
 
@@ -85,74 +87,40 @@ async fn start() -> (
     let kafka = pulse_tests::kafka();
     let events_topic = pulse_tests::unique("fuzz_events");
     let dlq_topic = pulse_tests::unique("fuzz_dlq");
-    pulse_platform::kafka::ensure_topics(
-        &kafka,
-        &[
-            pulse_platform::kafka::TopicSpec::new(&events_topic, 2),
-            pulse_platform::kafka::TopicSpec::new(&dlq_topic, 1),
-        ],
-    )
-    .await
-    .unwrap();
-    let registry = pulse_schema_registry::Replica::start(
-        &kafka,
-        &pulse_tests::unique("_schemas"),
-        Duration::from_secs(30),
-        Duration::from_secs(60),
-        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-    )
-    .await
-    .unwrap();
+    ingest_server::create_topics(&kafka, &events_topic, &dlq_topic, 1).await;
+    let registry = registry::start(&kafka).await;
     let url = format!("http://{}", registry.addr);
-    let status = reqwest::Client::new()
-        .post(format!("{url}/subjects/{events_topic}-value/versions"))
-        .json(
-            &json!({ "schemaType": "PROTOBUF", "schema": pulse_contracts::schemas::EVENTS.source }),
-        )
-        .send()
+    let status = registry::register(&url, &events_topic, pulse_contracts::schemas::EVENTS.source)
         .await
-        .unwrap()
         .status();
     assert!(
         status.is_success(),
         "registering the event schema: {status}"
     );
-    let config = pulse_ingest::Config::parse_from([
-        "pulse-ingest".to_string(),
-        "--api-keys".into(),
-        format!("{KEY}=fuzz"),
-        "--kafka-brokers".into(),
-        kafka.brokers.clone(),
-        "--kafka-partitions".into(),
-        "2".into(),
-        "--events-topic".into(),
-        events_topic,
-        "--dlq-topic".into(),
-        dlq_topic,
-        "--pii-hmac-key".into(),
-        "fuzz-hmac".into(),
-        "--rate-limit".into(),
-        "0".into(),
-        "--max-body-bytes".into(),
-        MAX_BODY.to_string(),
-        "--max-decompressed-bytes".into(),
-        MAX_DECOMPRESSED.to_string(),
-        "--max-batch-events".into(),
-        MAX_BATCH.to_string(),
-        "--max-event-bytes".into(),
-        MAX_EVENT.to_string(),
-    ]);
+    let limits = [MAX_BODY, MAX_DECOMPRESSED, MAX_BATCH, MAX_EVENT].map(|n| n.to_string());
+    let config = ingest_server::config(
+        &kafka,
+        &format!("{KEY}=fuzz"),
+        "fuzz-hmac",
+        &events_topic,
+        &dlq_topic,
+        &[
+            "--kafka-partitions",
+            "2",
+            "--rate-limit",
+            "0",
+            "--max-body-bytes",
+            &limits[0],
+            "--max-decompressed-bytes",
+            &limits[1],
+            "--max-batch-events",
+            &limits[2],
+            "--max-event-bytes",
+            &limits[3],
+        ],
+    );
     let framer: Arc<dyn Framer> = Arc::new(pulse_contracts::wire::RegistryEncoder::new(&url));
-    let producer = Arc::new(KafkaProducer::new(&kafka, "ingest-fuzz").unwrap());
-    let servers = pulse_ingest::serve(
-        &config,
-        producer,
-        framer,
-        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-    )
-    .await
-    .unwrap();
+    let servers = ingest_server::serve(&kafka, &config, framer, "ingest-fuzz").await;
     let http = format!("http://{}/v1/events", servers.http_addr);
     let grpc = format!("http://{}", servers.grpc_addr);
     (servers, registry, http, grpc)

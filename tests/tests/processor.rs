@@ -15,8 +15,10 @@ use pulse_contracts::{headers, wire};
 use pulse_platform::kafka::{KafkaConsumer, KafkaProducer, OutRecord, TopicSpec, ensure_topics};
 use rdkafka::Message;
 use rdkafka::message::{Headers, OwnedHeaders};
-use serde_json::json;
 use tokio_util::sync::CancellationToken;
+
+#[path = "support/registry.rs"]
+mod registry;
 
 struct Topics {
     events: String,
@@ -38,25 +40,8 @@ async fn setup() -> (Topics, pulse_schema_registry::Replica) {
         .map(|n| TopicSpec::new(n.as_str(), 1))
         .collect();
     ensure_topics(&kafka, &specs).await.unwrap();
-    let registry = pulse_schema_registry::Replica::start(
-        &kafka,
-        &pulse_tests::unique("_schemas"),
-        Duration::from_secs(30),
-        Duration::from_secs(60),
-        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-    )
-    .await
-    .unwrap();
-    let client = reqwest::Client::new();
-    for topic in [&t.activity, &t.sessions] {
-        let r = client
-            .post(format!("http://{}/subjects/{topic}-value/versions", registry.addr))
-            .json(&json!({ "schemaType": "PROTOBUF", "schema": pulse_contracts::schemas::AGGREGATES.source }))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 200);
-    }
+    let registry = registry::start(&kafka).await;
+    registry::register_aggregates(&registry, &[&t.activity, &t.sessions]).await;
     (t, registry)
 }
 

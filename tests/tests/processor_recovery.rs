@@ -17,7 +17,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use clap::Parser;
@@ -29,7 +29,6 @@ use pulse_platform::kafka::{KafkaConsumer, KafkaProducer, OutRecord, TopicSpec, 
 use rdkafka::Message;
 use rdkafka::consumer::Consumer;
 use rdkafka::message::OwnedHeaders;
-use serde_json::json;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -43,6 +42,13 @@ const IDLE_MS: i64 = 600_000;
 const WAIT: Duration = Duration::from_secs(90);
 /// Users whose far-future events close every window and session of the workload.
 const FLUSH_PREFIX: &str = "flush-";
+
+#[path = "support/child_process.rs"]
+mod child_process;
+#[path = "support/registry.rs"]
+mod registry;
+
+use child_process::{TempDir, binary, free_port};
 
 /// The processor's topics of one run (events shared, outputs per run).
 #[derive(Debug, Clone)]
@@ -97,26 +103,9 @@ async fn setup(events: &str, partitions: i32, runs: &[&Topics]) -> pulse_schema_
         }
     }
     ensure_topics(&kafka, &specs).await.unwrap();
-    let registry = pulse_schema_registry::Replica::start(
-        &kafka,
-        &pulse_tests::unique("_schemas"),
-        Duration::from_secs(30),
-        Duration::from_secs(60),
-        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-    )
-    .await
-    .unwrap();
-    let client = reqwest::Client::new();
+    let registry = registry::start(&kafka).await;
     for t in runs {
-        for topic in [&t.activity, &t.sessions] {
-            let r = client
-                .post(format!("http://{}/subjects/{topic}-value/versions", registry.addr))
-                .json(&json!({ "schemaType": "PROTOBUF", "schema": pulse_contracts::schemas::AGGREGATES.source }))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), 200);
-        }
+        registry::register_aggregates(&registry, &[&t.activity, &t.sessions]).await;
     }
     registry
 }
@@ -743,50 +732,6 @@ async fn assert_same(
     panic!("{msg}");
 }
 
-/// The `pulse-processor` binary next to the test executable (target/debug/).
-fn processor_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(Path::parent).unwrap();
-    let bin = dir.join(format!("pulse-processor{}", std::env::consts::EXE_SUFFIX));
-    assert!(
-        bin.is_file(),
-        "{} is missing: run the tests through scripts/test.sh (cargo test --workspace builds it) \
-         or `cargo build -p pulse-processor` first",
-        bin.display()
-    );
-    bin
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A temporary folder for the child processes' logs; its path is printed if the test fails,
-/// and it is removed when the test passes.
-struct Logs(PathBuf);
-
-impl Logs {
-    fn new() -> Self {
-        let dir = std::env::temp_dir().join(pulse_tests::unique("processor-recovery"));
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-}
-
-impl Drop for Logs {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("processor logs kept in {}", self.0.display());
-        } else {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
-
 /// Starts the real binary with the run's topics, configured by flags and environment;
 /// stdout and stderr go to `log`.
 fn spawn_binary(
@@ -797,7 +742,7 @@ fn spawn_binary(
 ) -> tokio::process::Child {
     let out = std::fs::File::create(log).unwrap();
     let err = out.try_clone().unwrap();
-    tokio::process::Command::new(processor_binary())
+    tokio::process::Command::new(binary("pulse-processor"))
         .args(t.flags())
         .env("PULSE_KAFKA_BROKERS", pulse_tests::kafka().brokers)
         .env(
@@ -828,7 +773,7 @@ fn base_time() -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn final_aggregates_after_a_sigkill_and_restart_equal_an_uninterrupted_run() {
-    let logs = Logs::new();
+    let logs = TempDir::new("processor-recovery");
     let events_topic = pulse_tests::unique("events");
     let run = Topics::outputs_of(&events_topic, "killed");
     let reference = Topics::outputs_of(&events_topic, "reference");

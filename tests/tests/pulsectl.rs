@@ -13,7 +13,6 @@ use std::time::Duration;
 use clap::Parser;
 use pulse_contracts::headers;
 use pulse_ingest::pipeline::{FixedSchemaId, Framer};
-use pulse_platform::kafka::{KafkaConsumer, KafkaProducer, TopicSpec, ensure_topics};
 use pulsectl::dlq::{self, Redriven, TopicArgs};
 use pulsectl::loadgen::expect::Settings;
 use pulsectl::loadgen::{LoadgenArgs, Report, RunOptions, run_load};
@@ -27,6 +26,11 @@ const MALFORMED_CODES: [&str; 4] = [
     "invalid_currency",
     "invalid_event_type",
 ];
+
+#[path = "support/ingest_server.rs"]
+mod ingest_server;
+
+use ingest_server::read_exactly;
 
 struct Ingest {
     http: String,
@@ -42,39 +46,17 @@ async fn start_ingest() -> Ingest {
     let kafka = pulse_tests::kafka();
     let events_topic = pulse_tests::unique("events");
     let dlq_topic = pulse_tests::unique("dlq");
-    ensure_topics(
+    ingest_server::create_topics(&kafka, &events_topic, &dlq_topic, 2).await;
+    let cfg = ingest_server::config(
         &kafka,
-        &[
-            TopicSpec::new(&events_topic, 2),
-            TopicSpec::new(&dlq_topic, 2),
-        ],
-    )
-    .await
-    .unwrap();
-    let cfg = pulse_ingest::Config::parse_from([
-        "pulse-ingest",
-        "--api-keys",
         "test-key=loadgen",
-        "--kafka-brokers",
-        &kafka.brokers,
-        "--events-topic",
-        &events_topic,
-        "--dlq-topic",
-        &dlq_topic,
-        "--pii-hmac-key",
         "test-hmac",
-    ]);
+        &events_topic,
+        &dlq_topic,
+        &[],
+    );
     let framer: Arc<dyn Framer> = Arc::new(FixedSchemaId(1));
-    let producer = Arc::new(KafkaProducer::new(&kafka, "pulsectl-test").unwrap());
-    let servers = pulse_ingest::serve(
-        &cfg,
-        producer,
-        framer,
-        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-    )
-    .await
-    .unwrap();
+    let servers = ingest_server::serve(&kafka, &cfg, framer, "pulsectl-test").await;
     Ingest {
         http: format!("http://{}", servers.http_addr),
         grpc: format!("http://{}", servers.grpc_addr),
@@ -99,33 +81,6 @@ fn topic_args(topic: &str) -> TopicArgs {
         read_timeout: Duration::from_secs(30),
         kafka: pulse_tests::kafka(),
     }
-}
-
-/// Exactly `n` records of `topic` (read by a consumer group of its own), and nothing more
-/// within a grace period.
-async fn read_exactly(topic: &str, n: usize) -> Vec<OwnedMessage> {
-    let (consumer, _) = KafkaConsumer::new(
-        &pulse_tests::kafka(),
-        "pulsectl-test",
-        &pulse_tests::unique("reader"),
-        &[topic],
-    )
-    .unwrap();
-    let mut out = Vec::new();
-    while out.len() < n {
-        let m = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
-            .await
-            .unwrap_or_else(|_| panic!("only {} of {n} records on {topic}", out.len()))
-            .unwrap();
-        out.push(m.detach());
-    }
-    if let Ok(Ok(extra)) = tokio::time::timeout(Duration::from_secs(2), consumer.recv()).await {
-        panic!(
-            "unexpected extra record at offset {} on {topic}",
-            extra.offset()
-        );
-    }
-    out
 }
 
 fn event_id(m: &OwnedMessage) -> String {

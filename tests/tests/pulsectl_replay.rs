@@ -15,14 +15,12 @@ use object_store::{ObjectStoreExt, PutPayload};
 use prost::Message as _;
 use pulse_contracts::pb::events::v1 as ev;
 use pulse_contracts::{headers, trace_context, wire};
-use pulse_platform::kafka::{KafkaProducer, OutRecord, TopicSpec, ensure_topics};
+use pulse_platform::kafka::{KafkaProducer, TopicSpec, ensure_topics};
 use pulse_writer::archive::{ArchiveRow, encode, hour_bucket, object_key};
 use pulsectl::replay::{ReplayArgs, ReplayError, replay};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, OwnedHeaders, OwnedMessage};
+use rdkafka::message::{Headers, OwnedMessage};
 use rdkafka::{Message, Offset, TopicPartitionList};
-use serde_json::json;
-use tokio_util::sync::CancellationToken;
 
 /// 2025-11-25T00:00:00Z.
 const MIDNIGHT: i64 = 1_764_028_800_000;
@@ -33,11 +31,12 @@ const FROM: i64 = MIDNIGHT - MINUTE;
 const TO: i64 = MIDNIGHT + HOUR;
 const DEADLINE: Duration = Duration::from_secs(60);
 
-/// A unique name short enough for s3s-fs (keys must stay under ~160 characters).
-fn short_unique(prefix: &str) -> String {
-    let u = pulse_tests::unique(prefix);
-    format!("{prefix}{}", &u[u.len() - 16..])
-}
+#[path = "support/archive.rs"]
+mod archive;
+#[path = "support/registry.rs"]
+mod registry;
+
+use pulse_tests::short_unique;
 
 /// Event `id` at `event_time_ms`; every other one carries no W3C trace (only a producer
 /// trace id in its metadata).
@@ -80,114 +79,32 @@ struct Archived {
 /// Sends `e` framed as ingest does (schema id 1 on the source topic), with a
 /// `traceparent` when `trace` is given.
 async fn send(p: &KafkaProducer, topic: &str, partition: i32, e: &ev::Event, trace: Option<&str>) {
-    let ingest = e.ingest.as_ref().unwrap().ingest_timestamp_ms;
-    let mut h = headers::with_str(OwnedHeaders::new(), headers::INGEST_TS, &ingest.to_string());
-    h = headers::with_str(h, headers::EVENT_ID, &e.event_id);
-    if let Some(t) = trace {
-        h = headers::with_str(
-            h,
-            headers::TRACEPARENT,
-            &format!("00-{t}-00f067aa0ba902b7-01"),
-        );
-    }
-    let mut rec = OutRecord::new(
-        topic,
-        Some(e.key.as_ref().unwrap().user_id.clone().into_bytes()),
-        wire::frame(1, &[0], &e.encode_to_vec()),
-    )
-    .with_headers(h);
-    rec.partition = Some(partition);
-    p.send(rec, Duration::from_secs(10)).await.unwrap();
-}
-
-/// The group's committed offsets per partition (-1: none).
-fn committed(c: &BaseConsumer, topic: &str, partitions: i32) -> Vec<i64> {
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..partitions {
-        tpl.add_partition(topic, p);
-    }
-    let got = c.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
-    (0..partitions)
-        .map(|p| match got.find_partition(topic, p).map(|e| e.offset()) {
-            Some(Offset::Offset(o)) => o,
-            _ => -1,
-        })
-        .collect()
+    let id = [(headers::EVENT_ID, e.event_id.as_str())];
+    archive::send_event(p, topic, partition, e, &id, trace).await;
 }
 
 /// Runs the real Parquet sink on `topic` until it committed every record, under `prefix`.
 async fn archive_with_the_parquet_sink(topic: &str, dlq: &str, prefix: &str) {
-    let kafka = pulse_tests::kafka();
-    let s3 = pulse_tests::s3();
     let group = pulse_tests::unique("rp_group");
-    let cfg = pulse_writer::Config::parse_from([
-        "pulse-writer",
-        "--sink",
-        "parquet",
-        "--kafka-brokers",
-        &kafka.brokers,
-        "--kafka-partitions",
-        "2",
-        "--events-topic",
+    let cfg = archive::parquet_config(
         topic,
-        "--dlq-topic",
         dlq,
-        "--group-id",
         &group,
-        "--s3-endpoint",
-        &s3.endpoint,
-        "--s3-bucket",
-        &s3.bucket,
-        "--s3-access-key",
-        &s3.access_key,
-        "--s3-secret-key",
-        &s3.secret_key,
-        "--s3-prefix",
         prefix,
-        "--clickhouse-url",
-        "http://127.0.0.1:1",
-        "--parquet-freshness",
-        "false",
-        "--parquet-max-age-ms",
-        "200",
-        "--retry-base-ms",
-        "20",
-        "--retry-max-ms",
-        "100",
-    ]);
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(
-        pulse_writer::build_parquet(&cfg)
-            .await
-            .unwrap()
-            .run(stop.clone()),
+        &[
+            "--kafka-partitions",
+            "2",
+            "--clickhouse-url",
+            "http://127.0.0.1:1",
+            "--parquet-freshness",
+            "false",
+            "--parquet-max-age-ms",
+            "200",
+        ],
     );
-    let c: BaseConsumer = kafka
-        .client_config("replay-test")
-        .set("group.id", &group)
-        .create()
-        .unwrap();
-    let ends: Vec<i64> = (0..2)
-        .map(|p| {
-            c.fetch_watermarks(topic, p, Duration::from_secs(10))
-                .unwrap()
-                .1
-        })
-        .collect();
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        let now = committed(&c, topic, 2);
-        if now == ends {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the sink committed {now:?}, the partitions end at {ends:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    stop.cancel();
-    task.await.unwrap().unwrap();
+    let sink = archive::Sink::start(&cfg).await;
+    archive::wait_committed_to_end("replay-test", &group, topic, 2).await;
+    sink.stop().await;
 }
 
 /// Writes `rows` as one archive object of `hour_of` (at `partition`, offsets 0..=0).
@@ -255,7 +172,6 @@ fn header<'a>(m: &'a OwnedMessage, name: &str) -> Option<&'a str> {
 }
 
 fn args(prefix: &str, topic: &str, registry: &str, extra: &[&str]) -> ReplayArgs {
-    let s3 = pulse_tests::s3();
     let mut argv: Vec<String> = [
         "pulsectl",
         "replay",
@@ -269,20 +185,11 @@ fn args(prefix: &str, topic: &str, registry: &str, extra: &[&str]) -> ReplayArgs
         registry,
         "--kafka-brokers",
         &pulse_tests::kafka().brokers,
-        "--s3-endpoint",
-        &s3.endpoint,
-        "--s3-bucket",
-        &s3.bucket,
-        "--s3-access-key",
-        &s3.access_key,
-        "--s3-secret-key",
-        &s3.secret_key,
-        "--s3-prefix",
-        prefix,
     ]
     .iter()
     .map(|s| s.to_string())
     .collect();
+    argv.extend(archive::s3_flags(prefix));
     argv.extend(extra.iter().map(|s| s.to_string()));
     match pulsectl::Cli::parse_from(argv).command {
         pulsectl::Command::Replay(a) => *a,
@@ -308,29 +215,16 @@ async fn replay_republishes_exactly_the_archived_events_of_the_range_once_with_t
     )
     .await
     .unwrap();
-    let registry = pulse_schema_registry::Replica::start(
-        &kafka,
-        &pulse_tests::unique("_schemas"),
-        Duration::from_secs(30),
-        Duration::from_secs(60),
-        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-    )
-    .await
-    .unwrap();
+    let registry = registry::start(&kafka).await;
     let registry_url = format!("http://{}", registry.addr);
     // Another schema first, so the events schema's id is not simply the first one.
-    let client = reqwest::Client::new();
     let mut ids = Vec::new();
     for (subject, schema) in [
         (&dlq, pulse_contracts::schemas::AGGREGATES.source),
         (&target, pulse_contracts::schemas::EVENTS.source),
     ] {
-        let r: serde_json::Value = client
-            .post(format!("{registry_url}/subjects/{subject}-value/versions"))
-            .json(&json!({ "schemaType": "PROTOBUF", "schema": schema }))
-            .send()
+        let r: serde_json::Value = registry::register(&registry_url, subject, schema)
             .await
-            .unwrap()
             .json()
             .await
             .unwrap();

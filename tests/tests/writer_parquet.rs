@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use clap::Parser;
 use futures::TryStreamExt;
 use futures::stream::BoxStream;
 use object_store::path::Path;
@@ -20,25 +19,22 @@ use object_store::{
     PutMultipartOptions, PutOptions, PutPayload, PutResult,
 };
 use prost::Message as _;
+use pulse_contracts::headers;
 use pulse_contracts::pb::events::v1 as ev;
-use pulse_contracts::{headers, wire};
 use pulse_platform::kafka::{KafkaConsumer, KafkaProducer, OutRecord, TopicSpec, ensure_topics};
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::{Headers, OwnedHeaders, OwnedMessage};
-use rdkafka::{Message, Offset, TopicPartitionList};
+use rdkafka::Message;
+use rdkafka::consumer::BaseConsumer;
+use rdkafka::message::OwnedMessage;
 use serde_json::Value;
-use tokio_util::sync::CancellationToken;
 
 /// 2025-11-25T00:00:00Z: events straddle this midnight (two days, two hours).
 const MIDNIGHT: i64 = 1_764_028_800_000;
 const DEADLINE: Duration = Duration::from_secs(60);
 
-/// A unique name short enough for s3s-fs: it stores each object's metadata in a file
-/// named after the base64 of the whole key, so keys must stay under ~160 characters.
-fn short_unique(prefix: &str) -> String {
-    let u = pulse_tests::unique(prefix);
-    format!("{prefix}{}", &u[u.len() - 16..])
-}
+#[path = "support/archive.rs"]
+mod archive;
+
+use pulse_tests::{header, short_unique};
 
 struct Topics {
     events: String,
@@ -73,44 +69,14 @@ fn config(
     database: &str,
     extra: &[&str],
 ) -> pulse_writer::Config {
-    let kafka = pulse_tests::kafka();
-    let s3 = pulse_tests::s3();
-    let mut args: Vec<String> = [
-        "pulse-writer",
-        "--sink",
-        "parquet",
-        "--kafka-brokers",
-        &kafka.brokers,
-        "--events-topic",
-        &t.events,
-        "--dlq-topic",
-        &t.dlq,
-        "--group-id",
-        group,
-        "--s3-endpoint",
-        &s3.endpoint,
-        "--s3-bucket",
-        &s3.bucket,
-        "--s3-access-key",
-        &s3.access_key,
-        "--s3-secret-key",
-        &s3.secret_key,
-        "--s3-prefix",
-        prefix,
+    let mut args = vec![
         "--clickhouse-url",
         clickhouse_url,
         "--clickhouse-database",
         database,
-        "--retry-base-ms",
-        "20",
-        "--retry-max-ms",
-        "100",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    args.extend(extra.iter().map(|s| s.to_string()));
-    pulse_writer::Config::parse_from(args)
+    ];
+    args.extend_from_slice(extra);
+    archive::parquet_config(&t.events, &t.dlq, group, prefix, &args)
 }
 
 /// What the test sent and expects to find archived.
@@ -170,28 +136,10 @@ fn event(i: i64, event_time_ms: i64) -> ev::Event {
 /// Sends framed `e` to `partition`; every third event carries a W3C `traceparent`.
 async fn send_event(p: &KafkaProducer, topic: &str, partition: i32, i: i64, e: ev::Event) -> Sent {
     let proto = e.encode_to_vec();
-    let ingest = e.ingest.as_ref().unwrap().ingest_timestamp_ms;
-    let mut h = headers::with_str(OwnedHeaders::new(), headers::INGEST_TS, &ingest.to_string());
-    let trace_id = if i % 3 == 1 {
-        let id = format!("{:032x}", 0xabc000 + i);
-        h = headers::with_str(
-            h,
-            headers::TRACEPARENT,
-            &format!("00-{id}-00f067aa0ba902b7-01"),
-        );
-        id
-    } else {
-        e.metadata.as_ref().unwrap().trace_id.clone()
-    };
-    let mut rec = OutRecord::new(
-        topic,
-        Some(e.key.as_ref().unwrap().user_id.clone().into_bytes()),
-        wire::frame(1, &[0], &proto),
-    )
-    .with_headers(h);
-    rec.partition = Some(partition);
-    let acked = p.send(rec, Duration::from_secs(10)).await.unwrap();
+    let trace = (i % 3 == 1).then(|| format!("{:032x}", 0xabc000 + i));
+    let acked = archive::send_event(p, topic, partition, &e, &[], trace.as_deref()).await;
     assert_eq!(acked.partition, partition);
+    let trace_id = trace.unwrap_or_else(|| e.metadata.as_ref().unwrap().trace_id.clone());
     Sent {
         event: e,
         proto,
@@ -207,47 +155,9 @@ async fn send_raw(p: &KafkaProducer, topic: &str, partition: i32, bytes: &[u8]) 
     p.send(rec, Duration::from_secs(10)).await.unwrap().offset
 }
 
-/// The group's committed offset per partition (-1: none).
-fn committed(c: &BaseConsumer, topic: &str, partitions: i32) -> Vec<i64> {
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..partitions {
-        tpl.add_partition(topic, p);
-    }
-    let got = c.committed_offsets(tpl, Duration::from_secs(10)).unwrap();
-    (0..partitions)
-        .map(|p| match got.find_partition(topic, p).map(|e| e.offset()) {
-            Some(Offset::Offset(o)) => o,
-            _ => -1,
-        })
-        .collect()
-}
-
 /// Waits until `group` has committed every record of `topic`.
 async fn wait_committed_to_end(group: &str, t: &Topics) -> Vec<i64> {
-    let c: BaseConsumer = pulse_tests::kafka()
-        .client_config("parquet-test")
-        .set("group.id", group)
-        .create()
-        .unwrap();
-    let ends: Vec<i64> = (0..t.partitions)
-        .map(|p| {
-            c.fetch_watermarks(&t.events, p, Duration::from_secs(10))
-                .unwrap()
-                .1
-        })
-        .collect();
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        let now = committed(&c, &t.events, t.partitions);
-        if now == ends {
-            return now;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "group {group} committed {now:?}, the partitions end at {ends:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    archive::wait_committed_to_end("parquet-test", group, &t.events, t.partitions).await
 }
 
 fn committed_now(group: &str, t: &Topics) -> Vec<i64> {
@@ -256,7 +166,7 @@ fn committed_now(group: &str, t: &Topics) -> Vec<i64> {
         .set("group.id", group)
         .create()
         .unwrap();
-    committed(&c, &t.events, t.partitions)
+    archive::committed(&c, &t.events, t.partitions)
 }
 
 async fn listing(prefix: &str) -> BTreeMap<String, ObjectMeta> {
@@ -450,14 +360,6 @@ async fn read_dlq(topic: &str) -> OwnedMessage {
         .detach()
 }
 
-fn header(m: &OwnedMessage, name: &str) -> Option<String> {
-    m.headers()?
-        .iter()
-        .find(|h| h.key == name)
-        .and_then(|h| h.value)
-        .map(|v| String::from_utf8_lossy(v).into_owned())
-}
-
 #[derive(Debug, clickhouse::Row, serde::Deserialize)]
 struct Fresh {
     kafka_partition: i32,
@@ -483,9 +385,7 @@ async fn events_are_archived_once_per_partition_and_hour_and_undecodable_records
     pulse_writer::migrate::migrate(&cfg.clickhouse)
         .await
         .unwrap();
-    let sink = pulse_writer::build_parquet(&cfg).await.unwrap();
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(sink.run(stop.clone()));
+    let sink = archive::Sink::start(&cfg).await;
 
     let producer = KafkaProducer::new(&pulse_tests::kafka(), "parquet-test").unwrap();
     let mut sent = BTreeMap::new();
@@ -521,8 +421,7 @@ async fn events_are_archived_once_per_partition_and_hour_and_undecodable_records
         14,
         "13 events and 1 undecodable record"
     );
-    stop.cancel();
-    task.await.unwrap().unwrap();
+    sink.stop().await;
 
     let objects = read_with_pyarrow(&prefix);
     let mut archived = Vec::new();
@@ -639,13 +538,7 @@ async fn shutdown_writes_the_open_roll_and_a_restart_resumes_after_the_commit() 
     // An undecodable record last: once it is on the DLQ, the sink has read everything.
     send_raw(&producer, &t.events, 0, b"x").await;
 
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(
-        pulse_writer::build_parquet(&cfg)
-            .await
-            .unwrap()
-            .run(stop.clone()),
-    );
+    let sink = archive::Sink::start(&cfg).await;
     let dlq = read_dlq(&t.dlq).await;
     assert_eq!(dlq.payload().unwrap(), b"x");
     assert_eq!(
@@ -654,8 +547,7 @@ async fn shutdown_writes_the_open_roll_and_a_restart_resumes_after_the_commit() 
         "nothing is committed before the upload"
     );
     assert!(listing(&prefix).await.is_empty());
-    stop.cancel();
-    task.await.unwrap().unwrap();
+    sink.stop().await;
     assert_eq!(
         committed_now(&group, &t),
         vec![4],
@@ -682,19 +574,12 @@ async fn shutdown_writes_the_open_roll_and_a_restart_resumes_after_the_commit() 
             "false",
         ],
     );
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(
-        pulse_writer::build_parquet(&cfg)
-            .await
-            .unwrap()
-            .run(stop.clone()),
-    );
+    let sink = archive::Sink::start(&cfg).await;
     let s = send_event(&producer, &t.events, 0, 3, event(3, MIDNIGHT + 3)).await;
     assert_eq!(s.offset, 4);
     sent.insert((s.partition, s.offset), s);
     assert_eq!(wait_committed_to_end(&group, &t).await, vec![5]);
-    stop.cancel();
-    task.await.unwrap().unwrap();
+    sink.stop().await;
 
     let second = listing(&prefix).await;
     let new: Vec<&String> = second.keys().filter(|k| !first.contains_key(*k)).collect();
@@ -729,16 +614,9 @@ async fn archive_all(t: &Topics, prefix: &str, group: &str) -> BTreeMap<String, 
         "default",
         &["--parquet-max-rows", "6", "--parquet-max-age-ms", "600000"],
     );
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(
-        pulse_writer::build_parquet(&cfg)
-            .await
-            .unwrap()
-            .run(stop.clone()),
-    );
+    let sink = archive::Sink::start(&cfg).await;
     wait_committed_to_end(group, t).await;
-    stop.cancel();
-    task.await.unwrap().unwrap();
+    sink.stop().await;
     listing(prefix).await
 }
 
@@ -881,8 +759,7 @@ async fn failed_uploads_are_retried_and_offsets_move_only_once_s3_confirms() {
     });
     let mut sink = pulse_writer::build_parquet(&cfg).await.unwrap();
     sink.store = flaky.clone();
-    let stop = CancellationToken::new();
-    let task = tokio::spawn(sink.run(stop.clone()));
+    let sink = archive::Sink::run(sink);
 
     let deadline = tokio::time::Instant::now() + DEADLINE;
     while flaky.failed.load(Ordering::SeqCst) < 3 {
@@ -898,8 +775,7 @@ async fn failed_uploads_are_retried_and_offsets_move_only_once_s3_confirms() {
 
     flaky.failing.store(false, Ordering::SeqCst);
     assert_eq!(wait_committed_to_end(&group, &t).await, vec![3]);
-    stop.cancel();
-    task.await.unwrap().unwrap();
+    sink.stop().await;
     let mut archived = Vec::new();
     for obj in read_with_pyarrow(&prefix) {
         archived.extend(check_object(&obj, &prefix, &t.events, &sent));

@@ -70,54 +70,16 @@ impl Topics {
     }
 }
 
-/// The `pulse-writer` binary next to the test executable (target/debug/).
-fn writer_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(Path::parent).unwrap();
-    let bin = dir.join(format!("pulse-writer{}", std::env::consts::EXE_SUFFIX));
-    assert!(
-        bin.is_file(),
-        "{} is missing: run `cargo build -p pulse-writer` first",
-        bin.display()
-    );
-    bin
-}
+#[path = "support/child_process.rs"]
+mod child_process;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use child_process::{TempDir, binary, free_port};
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as i64
-}
-
-/// A temporary folder for logs (and the dedicated ClickHouse's data); kept and printed if
-/// the test fails, removed when it passes.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(prefix: &str) -> Self {
-        let dir = std::env::temp_dir().join(pulse_tests::unique(prefix));
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("logs kept in {}", self.0.display());
-        } else {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
 }
 
 /// A running `pulse-writer --sink clickhouse`; SIGKILLed when dropped.
@@ -144,7 +106,7 @@ impl Writer {
             .open(&log)
             .unwrap();
         let err = out.try_clone().unwrap();
-        let child = Command::new(writer_binary())
+        let child = Command::new(binary("pulse-writer"))
             .args([
                 "--sink",
                 "clickhouse",

@@ -1,0 +1,103 @@
+//! An in-process ingest against the real broker, for the tests that post to one
+//! (`ingest.rs`, `ingest_fuzz.rs`, `pulsectl.rs`): its topics, flags and servers, and reading
+//! what it produced.
+
+// Each test binary includes this file and uses a subset of it.
+#![allow(dead_code)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use pulse_ingest::pipeline::Framer;
+use pulse_platform::kafka::{KafkaConfig, KafkaConsumer, KafkaProducer, TopicSpec, ensure_topics};
+use rdkafka::Message;
+use rdkafka::message::OwnedMessage;
+
+/// Creates the events topic (2 partitions) and the DLQ (`dlq_partitions`).
+pub async fn create_topics(kafka: &KafkaConfig, events: &str, dlq: &str, dlq_partitions: i32) {
+    ensure_topics(
+        kafka,
+        &[
+            TopicSpec::new(events, 2),
+            TopicSpec::new(dlq, dlq_partitions),
+        ],
+    )
+    .await
+    .unwrap();
+}
+
+/// `pulse-ingest` flags for `kafka`, the topics, `api_keys` and `hmac_key`, then `extra`.
+pub fn config(
+    kafka: &KafkaConfig,
+    api_keys: &str,
+    hmac_key: &str,
+    events: &str,
+    dlq: &str,
+    extra: &[&str],
+) -> pulse_ingest::Config {
+    let mut args: Vec<String> = [
+        "pulse-ingest",
+        "--api-keys",
+        api_keys,
+        "--kafka-brokers",
+        &kafka.brokers,
+        "--events-topic",
+        events,
+        "--dlq-topic",
+        dlq,
+        "--pii-hmac-key",
+        hmac_key,
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    pulse_ingest::Config::parse_from(args)
+}
+
+/// Serves `cfg` on two free 127.0.0.1 ports (HTTP, gRPC), producing as `client_id`.
+pub async fn serve(
+    kafka: &KafkaConfig,
+    cfg: &pulse_ingest::Config,
+    framer: Arc<dyn Framer>,
+    client_id: &str,
+) -> pulse_ingest::Servers {
+    let producer = Arc::new(KafkaProducer::new(kafka, client_id).unwrap());
+    pulse_ingest::serve(
+        cfg,
+        producer,
+        framer,
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+    )
+    .await
+    .unwrap()
+}
+
+/// Exactly `n` records of `topic` (read by a consumer group of its own), and nothing more
+/// within a grace period.
+pub async fn read_exactly(topic: &str, n: usize) -> Vec<OwnedMessage> {
+    let (consumer, _) = KafkaConsumer::new(
+        &pulse_tests::kafka(),
+        "ingest-reader",
+        &pulse_tests::unique("reader"),
+        &[topic],
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    while out.len() < n {
+        let m = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+            .await
+            .unwrap_or_else(|_| panic!("only {} of {n} records on {topic}", out.len()))
+            .unwrap();
+        out.push(m.detach());
+    }
+    if let Ok(Ok(extra)) = tokio::time::timeout(Duration::from_secs(2), consumer.recv()).await {
+        panic!(
+            "unexpected extra record at offset {} on {topic}",
+            extra.offset()
+        );
+    }
+    out
+}
