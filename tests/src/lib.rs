@@ -67,3 +67,33 @@ pub fn header(m: &impl Message, name: &str) -> Option<String> {
         .and_then(|h| h.value)
         .map(|v| String::from_utf8_lossy(v).into_owned())
 }
+
+/// A benchmark's per-run ratios and their spread: `"0.66, 0.82, 0.76 -> median 0.76 (min
+/// 0.66, max 0.82)"` (for an even count, the upper of the two middle values).
+pub fn ratio_summary(ratios: &[f64]) -> String {
+    let each = ratios
+        .iter()
+        .map(|r| format!("{r:.2}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut sorted = ratios.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match (sorted.first(), sorted.get(sorted.len() / 2), sorted.last()) {
+        (Some(min), Some(median), Some(max)) => {
+            format!("{each} -> median {median:.2} (min {min:.2}, max {max:.2})")
+        }
+        _ => "no runs".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn ratio_summary_lists_each_ratio_and_the_median_min_and_max() {
+        assert_eq!(
+            super::ratio_summary(&[0.66, 0.82, 0.76]),
+            "0.66, 0.82, 0.76 -> median 0.76 (min 0.66, max 0.82)"
+        );
+        assert_eq!(super::ratio_summary(&[]), "no runs");
+    }
+}

@@ -364,26 +364,22 @@ impl Processor {
             if let Some(cp) = self.engine.checkpoint(*p) {
                 emission.checkpoints.push((*p, cp));
             }
-            if let Some(resume) = self.engine.resume_offset(*p) {
-                emission.resumes.push((*p, resume));
-            }
-        }
-        pipe.outputs
-            .push_back(after_acks(std::mem::take(pending), emission));
-        metrics::gauge!(m::EMISSIONS_IN_FLIGHT).set(pipe.len() as f64);
-        for p in &pipe.assigned {
             let label = p.to_string();
             if let Some(wm) = self.engine.partition_watermark(*p) {
                 metrics::gauge!(m::PARTITION_WATERMARK_MS, "partition" => label.clone())
                     .set(wm as f64);
             }
-            if let (Some(last), Some(resume)) =
-                (self.engine.last_offset(*p), self.engine.resume_offset(*p))
-            {
-                metrics::gauge!(m::HELD_RECORDS, "partition" => label)
-                    .set((last + 1 - resume).max(0) as f64);
+            if let Some(resume) = self.engine.resume_offset(*p) {
+                emission.resumes.push((*p, resume));
+                if let Some(last) = self.engine.last_offset(*p) {
+                    metrics::gauge!(m::HELD_RECORDS, "partition" => label)
+                        .set((last + 1 - resume).max(0) as f64);
+                }
             }
         }
+        pipe.outputs
+            .push_back(after_acks(std::mem::take(pending), emission));
+        metrics::gauge!(m::EMISSIONS_IN_FLIGHT).set(pipe.len() as f64);
         if let Some(wm) = self.engine.watermark() {
             metrics::gauge!(m::WATERMARK_MS).set(wm as f64);
             metrics::gauge!(m::WATERMARK_LAG_SECONDS).set((now - wm) as f64 / 1000.0);

@@ -108,16 +108,6 @@ pub enum DlqError {
     Ingest(String),
 }
 
-fn rfc3339(ms: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| ms.to_string())
-}
-
 /// The records `inspect` prints: every record of the topic, filtered by code, limited.
 pub async fn inspect(
     topic: &TopicArgs,
@@ -138,7 +128,8 @@ pub fn text_line(r: &Record) -> String {
         "{}:{}  {}  {}  {}  | {}",
         r.partition,
         r.offset,
-        r.timestamp_ms.map_or_else(|| "-".to_owned(), rfc3339),
+        r.timestamp_ms
+            .map_or_else(|| "-".to_owned(), crate::rfc3339),
         r.code.as_deref().unwrap_or("-"),
         r.detail.as_deref().unwrap_or("-"),
         preview(&r.payload, PREVIEW_CHARS)
@@ -151,7 +142,7 @@ pub fn json_line(r: &Record) -> Value {
         "partition": r.partition,
         "offset": r.offset,
         "timestamp_ms": r.timestamp_ms,
-        "timestamp": r.timestamp_ms.map(rfc3339),
+        "timestamp": r.timestamp_ms.map(crate::rfc3339),
         "code": r.code,
         "detail": r.detail,
         "event_id": r.event_id,

@@ -87,6 +87,17 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
     }
 }
 
+/// `ms` (epoch milliseconds) as RFC 3339 UTC text, or the number itself if out of range.
+fn rfc3339(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| ms.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

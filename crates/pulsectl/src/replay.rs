@@ -61,8 +61,8 @@ impl Validate for ReplayArgs {
             "--from / --to",
             format!(
                 "--from must be before --to, got {} and {}",
-                rfc3339(self.from),
-                rfc3339(self.to)
+                crate::rfc3339(self.from),
+                crate::rfc3339(self.to)
             ),
         );
         let hours = read::hours_spanned(self.from, self.to);
@@ -246,23 +246,13 @@ pub async fn replay(args: &ReplayArgs) -> Result<Summary, ReplayError> {
     replay_archive(&store, &args.s3, args.from, args.to, Some(target)).await
 }
 
-fn rfc3339(ms: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| ms.to_string())
-}
-
 /// The summary lines `run` prints.
 pub fn summary_lines(args: &ReplayArgs, s: &Summary) -> Vec<String> {
     let mut lines = vec![
         format!(
             "replay [{}, {}) from s3://{}/{} ({} hour folder(s))",
-            rfc3339(args.from),
-            rfc3339(args.to),
+            crate::rfc3339(args.from),
+            crate::rfc3339(args.to),
             args.s3.bucket,
             args.s3.prefix,
             s.folders

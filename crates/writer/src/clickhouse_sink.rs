@@ -397,20 +397,12 @@ impl ClickHouseSink {
             return Ok(());
         }
         let written_at = now_ms();
-        let fresh: Vec<FreshnessRow> = std::mem::take(&mut b.freshness)
-            .into_iter()
-            .map(|(partition, (ev, ing))| FreshnessRow {
-                stage: STAGE.to_owned(),
-                kafka_partition: partition,
-                last_event_time_ms: ev,
-                last_ingest_ms: ing,
-                written_at_ms: written_at,
-            })
-            .collect();
-        for f in &fresh {
-            metrics::gauge!(m::FRESHNESS_EVENT_TIME_MS, "sink" => "clickhouse", "partition" => f.kafka_partition.to_string())
-                .set(f.last_event_time_ms as f64);
-        }
+        let fresh = FreshnessRow::for_partitions(
+            STAGE,
+            "clickhouse",
+            std::mem::take(&mut b.freshness),
+            written_at,
+        );
         if !fresh.is_empty()
             && let Err(e) = insert(&self.client, "freshness", &fresh, self.insert_timeout).await
         {

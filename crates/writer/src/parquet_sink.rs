@@ -391,26 +391,12 @@ impl ParquetSink {
         }
         // The partitions of this roll, at the highest times archived so far (a roll of
         // older events never moves freshness backwards).
-        let fresh: Vec<FreshnessRow> = roll
-            .freshness
-            .into_iter()
-            .map(|(partition, (ev, ing))| {
-                let h = high.entry(partition).or_insert((ev, ing));
-                *h = (h.0.max(ev), h.1.max(ing));
-                (partition, *h)
-            })
-            .map(|(partition, (ev, ing))| FreshnessRow {
-                stage: STAGE.to_owned(),
-                kafka_partition: partition,
-                last_event_time_ms: ev,
-                last_ingest_ms: ing,
-                written_at_ms: written_at,
-            })
-            .collect();
-        for f in &fresh {
-            metrics::gauge!(m::FRESHNESS_EVENT_TIME_MS, "sink" => SINK, "partition" => f.kafka_partition.to_string())
-                .set(f.last_event_time_ms as f64);
-        }
+        let highest = roll.freshness.into_iter().map(|(partition, (ev, ing))| {
+            let h = high.entry(partition).or_insert((ev, ing));
+            *h = (h.0.max(ev), h.1.max(ing));
+            (partition, *h)
+        });
+        let fresh = FreshnessRow::for_partitions(STAGE, SINK, highest, written_at);
         self.write_freshness(fresh);
         tracing::info!(
             rows,

@@ -221,6 +221,32 @@ pub struct FreshnessRow {
     pub written_at_ms: i64,
 }
 
+impl FreshnessRow {
+    /// The rows of `stage` for each `(partition, (last event time, last ingest time))`,
+    /// written at `written_at_ms`; also sets the sink's freshness gauge per partition.
+    pub fn for_partitions(
+        stage: &str,
+        sink: &'static str,
+        partitions: impl IntoIterator<Item = (i32, (i64, i64))>,
+        written_at_ms: i64,
+    ) -> Vec<Self> {
+        partitions
+            .into_iter()
+            .map(|(partition, (ev, ing))| {
+                metrics::gauge!(crate::metrics::FRESHNESS_EVENT_TIME_MS, "sink" => sink, "partition" => partition.to_string())
+                    .set(ev as f64);
+                Self {
+                    stage: stage.to_owned(),
+                    kafka_partition: partition,
+                    last_event_time_ms: ev,
+                    last_ingest_ms: ing,
+                    written_at_ms,
+                }
+            })
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -723,22 +723,19 @@ async fn main() -> Result<()> {
             grpc_r.push(row(g, local));
         }
     }
-    let summary = |mut r: Vec<f64>| {
-        let each = r
-            .iter()
-            .map(|x| format!("{x:.2}"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        r.sort_by(f64::total_cmp);
-        format!("{each} -> median {:.2}", r[r.len() / 2])
-    };
     println!();
     println!(
         "vs raw = each phase's events/s / mean of the raw runs before and after its round \
          (raw rows: vs the mean of all raw runs, {overall:.0} events/s)"
     );
-    println!("http/raw: {} (goal >= 0.80)", summary(http_r));
-    println!("grpc/raw: {} (goal >= 0.80)", summary(grpc_r));
+    println!(
+        "http/raw: {} (goal >= 0.80)",
+        pulse_tests::ratio_summary(&http_r)
+    );
+    println!(
+        "grpc/raw: {} (goal >= 0.80)",
+        pulse_tests::ratio_summary(&grpc_r)
+    );
     println!(
         "batch {} events, concurrency {}, {} s measured per phase after {} s warmup; \
          latency = one request (raw: one batch until every ack)",

@@ -488,9 +488,6 @@ async fn main() -> Result<()> {
             print(lp, Some(local));
         }
     }
-    let mut sorted = ratios.clone();
-    sorted.sort_by(f64::total_cmp);
-    let median = sorted[sorted.len() / 2];
     let outputs: Vec<String> = loops.iter().map(|(_, o)| o.to_string()).collect();
     println!(
         "\ncore: {} users, an emit every {} events, {} results emitted; loop: {} partitions, outputs produced per run {}",
@@ -501,15 +498,8 @@ async fn main() -> Result<()> {
         outputs.join(" / ")
     );
     println!(
-        "loop vs raw (each loop run against the mean of the raw runs either side): {} -> median {:.2} (min {:.2}, max {:.2})",
-        ratios
-            .iter()
-            .map(|r| format!("{r:.2}"))
-            .collect::<Vec<_>>()
-            .join(", "),
-        median,
-        sorted[0],
-        sorted[sorted.len() - 1]
+        "loop vs raw (each loop run against the mean of the raw runs either side): {}",
+        pulse_tests::ratio_summary(&ratios)
     );
     Ok(())
 }
