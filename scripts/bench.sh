@@ -11,7 +11,11 @@
 # installs missing dependencies, starts Tansu on a free port in a temporary folder, builds
 # and runs the release benchmark binary (tests/src/bin/bench_<what>.rs; `--help` lists its
 # arguments), then stops the broker.
+# ingest and processor also get --broker-pid, so each phase prints the broker's CPU use.
 # PULSE_BENCH_KEEP=1 keeps the temporary folder (broker log and data).
+# PULSE_BENCH_PIN=1 (the default, on machines with 2+ cores) pins Tansu to core 0 and the
+# ingest/processor benchmark to the other cores, as if the broker had its own host;
+# PULSE_BENCH_PIN=0 lets them share every core.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/stack.sh
@@ -67,8 +71,20 @@ else
   log "starting Tansu in $STATE"
   start_kafka "$STATE" "$KAFKA_PORT"
 
+  broker_pid=$(cat "$STATE/pids/kafka.pid")
+  pin=()
+  cores=$(nproc)
+  if [ "${PULSE_BENCH_PIN:-1}" = 1 ] && [ "$cores" -ge 2 ] && command -v taskset >/dev/null; then
+    # The broker gets core 0 to itself (every thread, -a), the benchmark the others, as if
+    # the broker ran on its own host: otherwise the measured side and the broker take CPU
+    # from each other, and the ratio measures that contention instead of Pulse.
+    taskset -a -c -p 0 "$broker_pid" >/dev/null
+    pin=(taskset -c "1-$((cores - 1))")
+    log "pinned: Tansu on core 0, bench-$what on cores 1-$((cores - 1)) (PULSE_BENCH_PIN=0 turns this off)"
+  fi
   log "running bench-$what against 127.0.0.1:$KAFKA_PORT"
-  "$CARGO_TARGET_DIR/release/bench-$what" --brokers "127.0.0.1:$KAFKA_PORT" "$@"
+  "${pin[@]}" "$CARGO_TARGET_DIR/release/bench-$what" --brokers "127.0.0.1:$KAFKA_PORT" \
+    --broker-pid "$broker_pid" "$@"
 fi
 
 case "$what" in

@@ -86,8 +86,75 @@ pub fn ratio_summary(ratios: &[f64]) -> String {
     }
 }
 
+/// The trace headers ingest puts on a record of a request that carried `traceparent`:
+/// what OpenTelemetry's W3C propagator writes (`traceparent`, and `tracestate`, empty when
+/// the trace has no state). Benchmarks give their baseline records exactly these headers.
+pub fn ingest_trace_headers(traceparent: &str) -> rdkafka::message::OwnedHeaders {
+    use pulse_contracts::{headers, trace_context};
+    use rdkafka::message::OwnedHeaders;
+    let incoming = headers::with_str(OwnedHeaders::new(), headers::TRACEPARENT, traceparent);
+    trace_context::inject(
+        &trace_context::extract(Some(&incoming)),
+        OwnedHeaders::new(),
+    )
+}
+
+/// CPU time (user + system, every thread) of process `pid`, or of this process when
+/// `None`, in seconds, from `/proc/<pid>/stat` (Linux). NaN when it cannot be read, so a
+/// figure computed from it shows as NaN instead of a wrong number.
+pub fn cpu_seconds(pid: Option<u32>) -> f64 {
+    let path = match pid {
+        Some(p) => format!("/proc/{p}/stat"),
+        None => "/proc/self/stat".to_owned(),
+    };
+    let Ok(stat) = std::fs::read_to_string(path) else {
+        return f64::NAN;
+    };
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return f64::NAN;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, i.e. 11 and 12 after ')'.
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok());
+    match (ticks(11), ticks(12)) {
+        // The kernel's USER_HZ is 100 on every Linux this runs on.
+        (Some(u), Some(s)) => (u + s) / 100.0,
+        _ => f64::NAN,
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn ingest_trace_headers_are_the_propagators_traceparent_and_tracestate() {
+        use rdkafka::message::Headers as _;
+        let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let h = super::ingest_trace_headers(tp);
+        let got: Vec<(&str, &[u8])> = h
+            .iter()
+            .map(|h| (h.key, h.value.unwrap_or_default()))
+            .collect();
+        assert_eq!(
+            got,
+            [("traceparent", tp.as_bytes()), ("tracestate", &b""[..])]
+        );
+    }
+
+    #[test]
+    fn cpu_seconds_grows_with_work_and_is_nan_for_a_missing_process() {
+        let before = super::cpu_seconds(None);
+        let until = std::time::Instant::now() + std::time::Duration::from_millis(300);
+        let mut x = 0u64;
+        while std::time::Instant::now() < until {
+            x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+        }
+        let after = super::cpu_seconds(Some(std::process::id()));
+        assert!(after - before >= 0.1, "{before} -> {after}");
+        // Pid 0 is the scheduler, never a process with a /proc entry.
+        assert!(super::cpu_seconds(Some(0)).is_nan());
+    }
+
     #[test]
     fn ratio_summary_lists_each_ratio_and_the_median_min_and_max() {
         assert_eq!(

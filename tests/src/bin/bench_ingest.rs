@@ -28,7 +28,6 @@ use pulse_contracts::pb::ingest::v1::ingest_service_client::IngestServiceClient;
 use pulse_ingest::pii::PiiPolicy;
 use pulse_ingest::pipeline::{FixedSchemaId, Framer};
 use pulse_platform::kafka::{KafkaProducer, OutRecord, RecordProducer, TopicSpec, ensure_topics};
-use rdkafka::message::OwnedHeaders;
 use serde_json::{Value, json};
 use tonic::transport::Channel;
 
@@ -70,6 +69,10 @@ struct Args {
     /// Rounds of HTTP, gRPC and raw phases after the first raw phase.
     #[arg(long, default_value_t = 3)]
     rounds: usize,
+    /// The broker's process id: each phase then also prints the share of a core the broker
+    /// used, to show whether it was the limit (`scripts/bench.sh` passes it).
+    #[arg(long)]
+    broker_pid: Option<u32>,
 }
 
 fn now_ms() -> i64 {
@@ -306,11 +309,12 @@ impl Target {
                 let records = &t.raw[tmpl];
                 let ids = ids.take(records.len());
                 let now = now_ms().to_string();
+                // The headers of ingest's records: trace context, event id, ingest time.
+                let trace = pulse_tests::ingest_trace_headers(&tp);
                 let mut pending = Vec::with_capacity(records.len());
                 let mut failure = None;
                 for (r, id) in records.iter().zip(&ids) {
-                    let mut h = headers::with_str(OwnedHeaders::new(), headers::TRACEPARENT, &tp);
-                    h = headers::with_str(h, headers::EVENT_ID, id);
+                    let mut h = headers::with_str(trace.clone(), headers::EVENT_ID, id);
                     h = headers::with_str(h, headers::INGEST_TS, &now);
                     let rec = OutRecord::new(
                         topic.as_str(),
@@ -437,6 +441,8 @@ struct PhaseStats {
     error_samples: Vec<String>,
     elapsed: Duration,
     latencies: Vec<Duration>,
+    /// The broker's CPU use during the measured window, in % of one core (NaN unknown).
+    broker_busy: f64,
 }
 
 impl PhaseStats {
@@ -483,6 +489,11 @@ async fn run_phase(
     let measure_from = start + Duration::from_secs(args.warmup_secs);
     let end = measure_from + Duration::from_secs(args.duration_secs);
     let seq = Arc::new(AtomicU64::new(0));
+    let broker = args.broker_pid;
+    let broker_from = tokio::spawn(async move {
+        tokio::time::sleep_until(measure_from.into()).await;
+        (Instant::now(), pulse_tests::cpu_seconds(broker))
+    });
     let mut tasks = Vec::with_capacity(args.concurrency);
     for worker in 0..args.concurrency {
         let (target, templates, ids, seq) =
@@ -534,6 +545,7 @@ async fn run_phase(
         error_samples: Vec::new(),
         elapsed: Duration::ZERO,
         latencies: Vec::new(),
+        broker_busy: f64::NAN,
     };
     let mut last_done = end;
     for t in tasks {
@@ -549,6 +561,11 @@ async fn run_phase(
             last_done = last_done.max(d);
         }
     }
+    let (t0, cpu0) = broker_from
+        .await
+        .with_context(|| format!("{name}: the broker CPU sampler failed"))?;
+    stats.broker_busy =
+        100.0 * (pulse_tests::cpu_seconds(broker) - cpu0) / t0.elapsed().as_secs_f64();
     stats.elapsed = last_done.saturating_duration_since(measure_from);
     stats.latencies.sort_unstable();
     eprintln!(
@@ -697,21 +714,22 @@ async fn main() -> Result<()> {
             f64::NAN
         };
         println!(
-            "{:<12} {:>10.0} {:>8.2} {:>8.2} {:>7.2} {:>7}",
+            "{:<12} {:>10.0} {:>8.2} {:>8.2} {:>7.2} {:>7} {:>9.0}",
             s.name,
             s.rate(),
             s.percentile_ms(0.50),
             s.percentile_ms(0.99),
             ratio,
-            s.errors
+            s.errors,
+            s.broker_busy
         );
         ratio
     };
     let overall = raws.iter().map(PhaseStats::rate).sum::<f64>() / raws.len() as f64;
     println!();
     println!(
-        "{:<12} {:>10} {:>8} {:>8} {:>7} {:>7}",
-        "phase", "events/s", "p50 ms", "p99 ms", "vs raw", "errors"
+        "{:<12} {:>10} {:>8} {:>8} {:>7} {:>7} {:>9}",
+        "phase", "events/s", "p50 ms", "p99 ms", "vs raw", "errors", "broker %"
     );
     let (mut http_r, mut grpc_r) = (Vec::new(), Vec::new());
     for (i, raw_s) in raws.iter().enumerate() {

@@ -3,7 +3,8 @@
 //! 1. **Windowing core**: `pulse_processor::engine::Engine` alone (no Kafka) folds a
 //!    generated stream of out-of-order events from many users and emits early and final
 //!    results as processing time advances. Prints events/s and events per CPU-second.
-//! 2. **Whole loop vs raw consumer**: the same kind of stream is produced once to a topic;
+//! 2. **Whole loop vs raw consumer**: the same kind of stream is produced once to a topic,
+//!    as ingest writes it (its event fields and record headers), and read once unmeasured;
 //!    then a raw consumer (the platform's `KafkaConsumer`, a fresh group, nothing done per
 //!    record but counting) reads all of it, then `--rounds` times the real processor loop
 //!    (`pulse_processor::build` + `run`: consume, decode, aggregate, produce results, write
@@ -14,7 +15,8 @@
 //!    `pulse_processor_events_total` counters reach the record count.
 //!
 //! CPU seconds are the process's user + system time from /proc/self/stat (Linux); a
-//! phase's figure includes every thread of the process (librdkafka's too).
+//! phase's figure includes every thread of the process (librdkafka's too). With
+//! `--broker-pid`, the broker's CPU seconds per phase are read the same way.
 //!
 //! Run it with `scripts/bench.sh processor`, which starts a broker; this binary only needs
 //! `--brokers`. It is a measurement, not a test: it exits 0 whatever the ratio.
@@ -31,7 +33,7 @@ use pulse_platform::kafka::{
 };
 use pulse_processor::engine::Engine;
 use pulse_processor::model::{InputEvent, TimeConfig};
-use rdkafka::message::OwnedHeaders;
+use pulse_tests::cpu_seconds;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
@@ -71,25 +73,10 @@ struct Args {
     /// `--processor-arg=--kafka-compression=lz4`.
     #[arg(long, allow_hyphen_values = true)]
     processor_arg: Vec<String>,
-}
-
-/// Process CPU time (user + system) in seconds, from /proc/self/stat.
-fn cpu_seconds() -> f64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
-        return f64::NAN;
-    };
-    // Fields after the command name (which is in parentheses and may hold spaces).
-    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
-        return f64::NAN;
-    };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the line, i.e. 11 and 12 after ')'.
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok());
-    match (ticks(11), ticks(12)) {
-        // The kernel's USER_HZ is 100 on every Linux this runs on.
-        (Some(u), Some(s)) => (u + s) / 100.0,
-        _ => f64::NAN,
-    }
+    /// The broker's process id: each phase then also prints the broker's CPU time, to show
+    /// whether the broker was the limit (`scripts/bench.sh` passes it).
+    #[arg(long)]
+    broker_pid: Option<u32>,
 }
 
 /// A small deterministic generator (xorshift), so every run sees the same stream.
@@ -170,6 +157,8 @@ struct Figures {
     events: usize,
     secs: f64,
     cpu: f64,
+    /// The broker's CPU seconds during the phase (NaN when its pid is not known).
+    broker_cpu: f64,
 }
 
 impl Figures {
@@ -191,7 +180,7 @@ fn bench_core(events: &[InputEvent], partitions: i32, emit_every: usize) -> (Fig
         engine.assign(p, start_ms);
     }
     let mut outputs = 0u64;
-    let cpu0 = cpu_seconds();
+    let cpu0 = cpu_seconds(None);
     let t0 = Instant::now();
     for chunk in events.chunks(emit_every.max(1)) {
         let now = chunk.last().map(|e| e.ingest_ms).unwrap_or(start_ms);
@@ -202,13 +191,14 @@ fn bench_core(events: &[InputEvent], partitions: i32, emit_every: usize) -> (Fig
         outputs += (out.activity.len() + out.sessions.len()) as u64;
     }
     let secs = t0.elapsed().as_secs_f64();
-    let cpu = cpu_seconds() - cpu0;
+    let cpu = cpu_seconds(None) - cpu0;
     (
         Figures {
             name: "windowing core",
             events: events.len(),
             secs,
             cpu,
+            broker_cpu: f64::NAN,
         },
         outputs,
     )
@@ -233,15 +223,32 @@ fn to_event(e: &InputEvent) -> ev::Event {
             event_timestamp_ms: e.event_time_ms,
             ..Default::default()
         }),
-        ingest: None,
+        // As ingest writes it.
+        ingest: Some(ev::IngestInfo {
+            ingest_timestamp_ms: e.ingest_ms,
+            ingest_source: "bench".into(),
+            protocol: "http".into(),
+        }),
     }
+}
+
+/// A W3C `traceparent` for benchmark record `n`: every record ingest writes carries one
+/// (it continues the request's trace or starts one), and the processor continues it.
+fn traceparent(n: i64) -> String {
+    format!(
+        "00-{:032x}-{:016x}-01",
+        0x9e37_79b9_u128 << 64 | n as u128,
+        n + 1
+    )
 }
 
 async fn produce(kafka: &KafkaConfig, topic: &str, events: &[InputEvent]) -> Result<()> {
     let producer = KafkaProducer::new(kafka, "bench-processor-load")?;
     let mut acks = Vec::with_capacity(10_000);
     for e in events {
-        let h = headers::with_str(OwnedHeaders::new(), headers::EVENT_ID, &e.event_id);
+        // The headers ingest puts on every record.
+        let h = pulse_tests::ingest_trace_headers(&traceparent(e.offset));
+        let h = headers::with_str(h, headers::EVENT_ID, &e.event_id);
         let h = headers::with_str(h, headers::INGEST_TS, &e.ingest_ms.to_string());
         let rec = OutRecord::new(
             topic,
@@ -267,10 +274,16 @@ async fn produce(kafka: &KafkaConfig, topic: &str, events: &[InputEvent]) -> Res
     Ok(())
 }
 
-async fn bench_raw(kafka: &KafkaConfig, topic: &str, count: usize) -> Result<Figures> {
+async fn bench_raw(
+    kafka: &KafkaConfig,
+    topic: &str,
+    count: usize,
+    broker: Option<u32>,
+) -> Result<Figures> {
     let group = format!("bench-raw-{}", uuid::Uuid::new_v4().simple());
     let (consumer, _rebalances) = KafkaConsumer::new(kafka, "bench-raw", &group, &[topic])?;
-    let cpu0 = cpu_seconds();
+    let cpu0 = cpu_seconds(None);
+    let broker0 = cpu_seconds(broker);
     let t0 = Instant::now();
     let mut seen = 0usize;
     while seen < count {
@@ -285,23 +298,52 @@ async fn bench_raw(kafka: &KafkaConfig, topic: &str, count: usize) -> Result<Fig
         name: "raw consumer",
         events: count,
         secs: t0.elapsed().as_secs_f64(),
-        cpu: cpu_seconds() - cpu0,
+        cpu: cpu_seconds(None) - cpu0,
+        broker_cpu: cpu_seconds(broker) - broker0,
     })
 }
 
-/// Sum of the counter `name` over its labels in the process's registry.
-fn counter_sum(handle: &pulse_platform::metrics::Handle, name: &str) -> u64 {
+/// The counter `name` per label set (`{kind="activity",final="true"}` → value).
+fn counters(
+    handle: &pulse_platform::metrics::Handle,
+    name: &str,
+) -> std::collections::BTreeMap<String, u64> {
     handle
         .render()
         .lines()
         .filter(|l| l.starts_with(name))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let labels = series.strip_prefix(name)?.to_owned();
+            Some((labels, value.parse::<f64>().ok()? as u64))
+        })
+        .collect()
+}
+
+/// The outputs of one loop run: the total, and per kind and finality.
+fn describe_outputs(
+    before: &std::collections::BTreeMap<String, u64>,
+    after: &std::collections::BTreeMap<String, u64>,
+) -> String {
+    let parts: Vec<String> = after
+        .iter()
+        .filter_map(|(labels, v)| {
+            let d = v - before.get(labels).copied().unwrap_or(0);
+            // `{service="…",kind="activity",final="false"}` → `activity final=false`.
+            let kind = labels.split("kind=\"").nth(1)?.split('"').next()?;
+            let fin = labels.split("final=\"").nth(1)?.split('"').next()?;
+            (d > 0).then(|| format!("{kind} final={fin} {d}"))
+        })
+        .collect();
+    let total: u64 = after.values().sum::<u64>() - before.values().sum::<u64>();
+    format!("{total} ({})", parts.join(", "))
 }
 
 /// Sum of `pulse_processor_events_total` over its labels in the process's registry.
 fn processed(handle: &pulse_platform::metrics::Handle) -> u64 {
-    counter_sum(handle, pulse_processor::metrics::EVENTS_TOTAL)
+    counters(handle, pulse_processor::metrics::EVENTS_TOTAL)
+        .values()
+        .sum()
 }
 
 async fn bench_loop(
@@ -312,7 +354,7 @@ async fn bench_loop(
     run: &str,
     round: usize,
     handle: &pulse_platform::metrics::Handle,
-) -> Result<(Figures, u64)> {
+) -> Result<(Figures, String)> {
     // Output topics of this run (their schemas are registered by `main`).
     let out = |name: &str| format!("bench.{name}.{run}");
     let base = [
@@ -346,9 +388,10 @@ async fn bench_loop(
         .await
         .context("building the processor")?;
     let before = processed(handle);
-    let outputs_before = counter_sum(handle, pulse_processor::metrics::OUTPUTS_TOTAL);
+    let outputs_before = counters(handle, pulse_processor::metrics::OUTPUTS_TOTAL);
     let stop = CancellationToken::new();
-    let cpu0 = cpu_seconds();
+    let cpu0 = cpu_seconds(None);
+    let broker0 = cpu_seconds(args.broker_pid);
     let t0 = Instant::now();
     let task = tokio::spawn(processor.run(stop.clone()));
     let deadline = Instant::now() + Duration::from_secs(600);
@@ -368,11 +411,16 @@ async fn bench_loop(
                 args.loop_events
             );
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // The loop's time ends within 50 ms of its last event.
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let secs = t0.elapsed().as_secs_f64();
-    let cpu = cpu_seconds() - cpu0;
-    let outputs = counter_sum(handle, pulse_processor::metrics::OUTPUTS_TOTAL) - outputs_before;
+    let cpu = cpu_seconds(None) - cpu0;
+    let broker_cpu = cpu_seconds(args.broker_pid) - broker0;
+    let outputs = describe_outputs(
+        &outputs_before,
+        &counters(handle, pulse_processor::metrics::OUTPUTS_TOTAL),
+    );
     stop.cancel();
     task.await
         .context("processor task")?
@@ -383,6 +431,7 @@ async fn bench_loop(
             events: args.loop_events,
             secs,
             cpu,
+            broker_cpu,
         },
         outputs,
     ))
@@ -393,13 +442,15 @@ fn print(f: &Figures, baseline: Option<f64>) {
         .map(|b| format!("{:>8.2}", f.rate() / b))
         .unwrap_or_else(|| format!("{:>8}", "-"));
     println!(
-        "{:<16} {:>10} {:>9.2} {:>12.0} {:>9.2} {:>14.0} {ratio}",
+        "{:<16} {:>10} {:>9.2} {:>12.0} {:>9.2} {:>14.0} {:>11.2} {:>9.0} {ratio}",
         f.name,
         f.events,
         f.secs,
         f.rate(),
         f.cpu,
-        f.per_cpu()
+        f.per_cpu(),
+        f.broker_cpu,
+        100.0 * f.broker_cpu / f.secs
     );
 }
 
@@ -457,25 +508,41 @@ async fn main() -> Result<()> {
     }
     eprintln!("producing {} events to {topic}", args.loop_events);
     let loop_events = stream(args.loop_events, args.users, args.step_ms, args.partitions);
+    let (load_t0, load_broker0) = (Instant::now(), cpu_seconds(args.broker_pid));
     produce(&kafka, &topic, &loop_events).await?;
+    let load_secs = load_t0.elapsed().as_secs_f64();
+    let load_broker = cpu_seconds(args.broker_pid) - load_broker0;
     drop(loop_events);
 
+    // An unmeasured read first: the broker's first read of freshly written records is
+    // slower than later ones (measured here: ~20 % more broker CPU), which would favour
+    // the first loop run's ratio.
+    eprintln!("raw consumer (warm-up, not measured)");
+    bench_raw(&kafka, &topic, args.loop_events, args.broker_pid).await?;
     let rounds = args.rounds.max(1);
     eprintln!("raw consumer (1/{})", rounds + 1);
-    let mut raws = vec![bench_raw(&kafka, &topic, args.loop_events).await?];
+    let mut raws = vec![bench_raw(&kafka, &topic, args.loop_events, args.broker_pid).await?];
     let mut loops = Vec::new();
     for round in 0..rounds {
         eprintln!("processor loop ({}/{rounds})", round + 1);
         loops.push(bench_loop(&args, &brokers, &topic, &registry_url, &run, round, &handle).await?);
         eprintln!("raw consumer ({}/{})", round + 2, rounds + 1);
-        raws.push(bench_raw(&kafka, &topic, args.loop_events).await?);
+        raws.push(bench_raw(&kafka, &topic, args.loop_events, args.broker_pid).await?);
     }
     registry.stop().await.context("stopping the registry")?;
 
     let baseline = raws.iter().map(Figures::rate).sum::<f64>() / raws.len() as f64;
     println!(
-        "\n{:<16} {:>10} {:>9} {:>12} {:>9} {:>14} {:>8}",
-        "phase", "events", "seconds", "events/s", "cpu s", "events/cpu-s", "vs raw"
+        "\n{:<16} {:>10} {:>9} {:>12} {:>9} {:>14} {:>11} {:>9} {:>8}",
+        "phase",
+        "events",
+        "seconds",
+        "events/s",
+        "cpu s",
+        "events/cpu-s",
+        "broker cpu s",
+        "broker %",
+        "vs raw"
     );
     print(&core, None);
     let mut ratios = Vec::new();
@@ -488,14 +555,23 @@ async fn main() -> Result<()> {
             print(lp, Some(local));
         }
     }
-    let outputs: Vec<String> = loops.iter().map(|(_, o)| o.to_string()).collect();
+    let outputs: Vec<&str> = loops.iter().map(|(_, o)| o.as_str()).collect();
     println!(
-        "\ncore: {} users, an emit every {} events, {} results emitted; loop: {} partitions, outputs produced per run {}",
+        "\ncore: {} users, an emit every {} events, {} results emitted; loop: {} partitions; outputs per loop run: {}",
         args.users,
         args.core_emit_every,
         outputs_core,
         args.partitions,
         outputs.join(" / ")
+    );
+    // What a produced record costs the broker, beside what a consumed one does: the loop
+    // adds its outputs' produce cost to the raw consumer's fetch cost.
+    println!(
+        "broker CPU per 1,000 records: produced (the load, {} records in {load_secs:.2} s) {:.3} s; consumed (raw runs, mean) {:.3} s",
+        args.loop_events,
+        1000.0 * load_broker / args.loop_events as f64,
+        1000.0 * raws.iter().map(|r| r.broker_cpu).sum::<f64>()
+            / (raws.len() * args.loop_events) as f64
     );
     println!(
         "loop vs raw (each loop run against the mean of the raw runs either side): {}",
