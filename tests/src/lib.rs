@@ -51,6 +51,18 @@ pub fn unique(prefix: &str) -> String {
     format!("{prefix}_{}", uuid::Uuid::new_v4().simple())
 }
 
+/// A consumer of `topic` on the test broker, as `client_id`, in a consumer group of its own
+/// (named `group_prefix` plus a random suffix), reading from the topic's beginning.
+pub fn reader(
+    client_id: &str,
+    group_prefix: &str,
+    topic: &str,
+) -> pulse_platform::kafka::KafkaConsumer {
+    pulse_platform::kafka::KafkaConsumer::new(&kafka(), client_id, &unique(group_prefix), &[topic])
+        .map(|(consumer, _rebalances)| consumer)
+        .unwrap_or_else(|e| panic!("a consumer of {topic}: {e}"))
+}
+
 /// A unique name short enough for s3s-fs: `prefix` plus 16 random hex digits (it stores each
 /// object's metadata in a file named after the base64 of the whole key, so keys must stay
 /// under ~160 characters).

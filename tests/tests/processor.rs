@@ -12,7 +12,7 @@ use prost::Message as _;
 use pulse_contracts::pb::aggregates::v1::{Session, UserWindowActivity};
 use pulse_contracts::pb::events::v1 as ev;
 use pulse_contracts::{headers, wire};
-use pulse_platform::kafka::{KafkaConsumer, KafkaProducer, OutRecord, TopicSpec, ensure_topics};
+use pulse_platform::kafka::{KafkaProducer, OutRecord, TopicSpec, ensure_topics};
 use rdkafka::Message;
 use rdkafka::message::{Headers, OwnedHeaders};
 use tokio_util::sync::CancellationToken;
@@ -140,13 +140,7 @@ async fn read_until<T: prost::Message + Default + Clone>(
     version_of: impl Fn(&T) -> u64,
     done: impl Fn(&BTreeMap<String, T>) -> bool,
 ) -> BTreeMap<String, T> {
-    let (consumer, _) = KafkaConsumer::new(
-        &pulse_tests::kafka(),
-        "processor-test",
-        &pulse_tests::unique("reader"),
-        &[topic],
-    )
-    .unwrap();
+    let consumer = pulse_tests::reader("processor-test", "reader", topic);
     let mut best: BTreeMap<String, T> = BTreeMap::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while !done(&best) {
@@ -201,13 +195,7 @@ async fn windows_and_sessions_become_final_and_too_late_events_go_to_the_late_to
     assert_eq!(u1.events_by_type["purchase"], 1);
 
     produce(&t.events, &[event("late1", "u1", 2_000, None)]).await;
-    let (consumer, _) = KafkaConsumer::new(
-        &pulse_tests::kafka(),
-        "processor-test",
-        &pulse_tests::unique("late"),
-        &[&t.late],
-    )
-    .unwrap();
+    let consumer = pulse_tests::reader("processor-test", "late", &t.late);
     let late = tokio::time::timeout(Duration::from_secs(60), consumer.recv())
         .await
         .unwrap()

@@ -469,13 +469,7 @@ struct Latest<T> {
 
 impl<T: Aggregate> Latest<T> {
     fn new(topic: &str) -> Self {
-        let (consumer, _) = KafkaConsumer::new(
-            &pulse_tests::kafka(),
-            "processor-recovery-test",
-            &pulse_tests::unique("reader"),
-            &[topic],
-        )
-        .unwrap();
+        let consumer = pulse_tests::reader("processor-recovery-test", "reader", topic);
         Self {
             consumer,
             best: BTreeMap::new(),
@@ -531,13 +525,7 @@ impl<T: Aggregate> Latest<T> {
 /// The records of a one-partition late topic, per user: how many, and one event's time
 /// with the processor's reason.
 async fn late_events(topic: &str) -> BTreeMap<String, (usize, String)> {
-    let (c, _) = KafkaConsumer::new(
-        &pulse_tests::kafka(),
-        "processor-recovery-test",
-        &pulse_tests::unique("late-reader"),
-        &[topic],
-    )
-    .unwrap();
+    let c = pulse_tests::reader("processor-recovery-test", "late-reader", topic);
     let (lo, hi) = c
         .raw()
         .fetch_watermarks(topic, 0, Duration::from_secs(10))

@@ -21,7 +21,7 @@ use object_store::{
 use prost::Message as _;
 use pulse_contracts::headers;
 use pulse_contracts::pb::events::v1 as ev;
-use pulse_platform::kafka::{KafkaConsumer, KafkaProducer, OutRecord, TopicSpec, ensure_topics};
+use pulse_platform::kafka::{KafkaProducer, OutRecord, TopicSpec, ensure_topics};
 use rdkafka::Message;
 use rdkafka::consumer::BaseConsumer;
 use rdkafka::message::OwnedMessage;
@@ -346,13 +346,7 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 async fn read_dlq(topic: &str) -> OwnedMessage {
-    let (c, _) = KafkaConsumer::new(
-        &pulse_tests::kafka(),
-        "parquet-test",
-        &pulse_tests::unique("dlq_reader"),
-        &[topic],
-    )
-    .unwrap();
+    let c = pulse_tests::reader("parquet-test", "dlq_reader", topic);
     tokio::time::timeout(DEADLINE, c.recv())
         .await
         .expect("nothing arrived on the DLQ")

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use pulse_ingest::pipeline::Framer;
-use pulse_platform::kafka::{KafkaConfig, KafkaConsumer, KafkaProducer, TopicSpec, ensure_topics};
+use pulse_platform::kafka::{KafkaConfig, KafkaProducer, TopicSpec, ensure_topics};
 use rdkafka::Message;
 use rdkafka::message::OwnedMessage;
 
@@ -78,13 +78,7 @@ pub async fn serve(
 /// Exactly `n` records of `topic` (read by a consumer group of its own), and nothing more
 /// within a grace period.
 pub async fn read_exactly(topic: &str, n: usize) -> Vec<OwnedMessage> {
-    let (consumer, _) = KafkaConsumer::new(
-        &pulse_tests::kafka(),
-        "ingest-reader",
-        &pulse_tests::unique("reader"),
-        &[topic],
-    )
-    .unwrap();
+    let consumer = pulse_tests::reader("ingest-reader", "reader", topic);
     let mut out = Vec::new();
     while out.len() < n {
         let m = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
