@@ -38,7 +38,8 @@ bash scripts/install-deps.sh
 
 STATE=$(mktemp -d "${TMPDIR:-/tmp}/pulse-bench.XXXXXX")
 cleanup() {
-  local rc=$?
+  local rc=$1
+  trap - EXIT INT TERM
   stack_stop "$STATE" kafka clickhouse
   if [ "$rc" -ne 0 ] || [ "${PULSE_BENCH_KEEP:-0}" = 1 ]; then
     log "state and broker log kept in $STATE"
@@ -47,7 +48,7 @@ cleanup() {
   fi
   exit "$rc"
 }
-trap cleanup EXIT INT TERM
+trap_cleanup cleanup
 
 log "building bench-$what (release)"
 cargo build --release --quiet -p pulse-tests --bin "bench-$what"

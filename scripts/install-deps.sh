@@ -48,6 +48,8 @@ cargo_tool() { # name version binary features...
 
 cargo_tool tansu "$TANSU_VERSION" tansu --no-default-features --features dynostore,libsql
 cargo_tool s3s-fs "$S3S_FS_VERSION" s3s-fs --features binary
+# scripts/checks.sh: unused dependencies of the workspace crates.
+cargo_tool cargo-machete 0.9.2 cargo-machete
 
 # Python tools for tests with clients we did not write (pyarrow reads Parquet,
 # boto3 speaks S3, confluent-kafka speaks Kafka) in a venv in the cache.

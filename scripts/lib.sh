@@ -11,6 +11,19 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PULSE_CACHE/target}"
 log() { printf '\033[1m[pulse]\033[0m %s\n' "$*" >&2; }
 die() { printf '\033[31m[pulse] error:\033[0m %s\n' "$*" >&2; exit 1; }
 
+# trap_cleanup FN: calls `FN STATUS` once when the script ends: with the script's exit
+# status on a normal exit, with 130 on SIGINT and 143 on SIGTERM. FN must end with
+# `exit "$1"`, so a signal never turns into exit 0 and the remaining steps are skipped.
+trap_cleanup() {
+  local fn=$1
+  # shellcheck disable=SC2064  # expand $fn now
+  trap "$fn \$?" EXIT
+  # shellcheck disable=SC2064
+  trap "trap - EXIT INT TERM; $fn 130" INT
+  # shellcheck disable=SC2064
+  trap "trap - EXIT INT TERM; $fn 143" TERM
+}
+
 # wait_port HOST PORT NAME TIMEOUT_SECONDS
 wait_port() {
   local host=$1 port=$2 name=$3 timeout=${4:-60} waited=0

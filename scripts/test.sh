@@ -3,7 +3,8 @@
 #   1. installs missing dependencies (scripts/install-deps.sh; a no-op when present),
 #   2. starts its own Kafka API (Tansu), ClickHouse and S3 (s3s-fs) on free ports in a
 #      temporary folder,
-#   3. checks formatting and clippy, runs `cargo test --workspace`,
+#   3. checks formatting and clippy, the crate layering, unused dependencies and the
+#      scripts' signal handling (scripts/checks.sh), runs `cargo test --workspace`,
 #   4. stops what it started, and exits non-zero on any failure.
 # Options (environment): PULSE_TEST_LINT=0 skips fmt/clippy; PULSE_TEST_KEEP=1 keeps
 # the temporary folder (logs, data) for inspection; extra arguments go to `cargo test`.
@@ -16,7 +17,8 @@ bash scripts/install-deps.sh
 
 STATE=$(mktemp -d "${TMPDIR:-/tmp}/pulse-test.XXXXXX")
 cleanup() {
-  local rc=$?
+  local rc=$1
+  trap - EXIT INT TERM
   stack_stop "$STATE" schema-registry kafka clickhouse s3
   if [ "$rc" -ne 0 ] || [ "${PULSE_TEST_KEEP:-0}" = 1 ]; then
     log "state, data and logs kept in $STATE"
@@ -25,7 +27,7 @@ cleanup() {
   fi
   exit "$rc"
 }
-trap cleanup EXIT INT TERM
+trap_cleanup cleanup
 
 KAFKA_PORT=$(free_port)
 CH_HTTP_PORT=$(free_port)
@@ -52,6 +54,8 @@ if [ "${PULSE_TEST_LINT:-1}" = 1 ]; then
   log "cargo clippy --workspace --all-targets -- -D warnings"
   cargo clippy --workspace --all-targets --quiet -- -D warnings || die "clippy found problems"
 fi
+
+bash scripts/checks.sh
 
 log "docker-compose.yml syntax"
 "$PULSE_CACHE/venv/bin/python" -c 'import yaml, sys; d = yaml.safe_load(open("docker-compose.yml")); sys.exit(0 if d.get("services") else 1)' \

@@ -1,4 +1,4 @@
-//! The hot-store schema (deploy/clickhouse/) against the real server (Debian's 18.16 in
+//! The hot-store schema (crates/storage/clickhouse/) against the real server (Debian's 18.16 in
 //! scripts/test.sh): migrations, the documented exactly-once read patterns (`FINAL` and
 //! `argMax ... GROUP BY key`) and day-partition retention.
 
@@ -7,8 +7,8 @@
 use pulse_contracts::pb::aggregates::v1::UserWindowActivity;
 use pulse_contracts::pb::events::v1::{Event, EventKey, IngestInfo, Metadata, Payload};
 use pulse_platform::clickhouse::ClickHouseConfig;
-use pulse_writer::migrate::{MIGRATIONS, apply_retention, migrate, yyyymmdd_from_ms};
-use pulse_writer::rows::{ActivityRow, EventRow, SessionRow};
+use pulse_storage::migrate::{MIGRATIONS, apply_retention, migrate, yyyymmdd_from_ms};
+use pulse_storage::rows::{ActivityRow, EventRow, SessionRow};
 
 const DAY_MS: i64 = 86_400_000;
 /// 2024-02-29 12:00 UTC.
@@ -59,7 +59,7 @@ const ACTIVITY_COLUMNS: &[&str] = &[
     "window_date",
 ];
 
-/// The documented `argMax` read pattern (deploy/clickhouse/README.md): key columns as is,
+/// The documented `argMax` read pattern (crates/storage/clickhouse/README.md): key columns as is,
 /// the version as `max`, every other column as `argMax(col, version)`. The version is
 /// renamed in a subquery because an alias equal to a column name would shadow that column
 /// inside the other aggregates (error 184).

@@ -953,3 +953,45 @@ async fn two_instances_share_the_partitions_and_a_forced_rebalance_loses_nothing
     reference_instance.stop().await;
     registry.stop().await.unwrap();
 }
+
+/// Upgrades: the window settings' earlier env names (per service) still configure the
+/// binaries, and earlier names that disagree are refused at start naming the new one.
+#[test]
+fn window_settings_read_the_earlier_env_names_and_refuse_disagreeing_ones() {
+    let help = |bin: &str, env: &[(&str, &str)]| {
+        let out = std::process::Command::new(child_process::binary(bin))
+            .arg("--help")
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{bin} --help failed");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let processor = help("pulse-processor", &[("PULSE_PROCESSOR_WINDOW_MS", "30000")]);
+    assert!(
+        processor.contains("PULSE_WINDOW_MS") && processor.contains("[default: 30000]"),
+        "{processor}"
+    );
+    let query = help(
+        "pulse-query-api",
+        &[("PULSE_QUERY_ALLOWED_LATENESS_MS", "5000")],
+    );
+    assert!(
+        query.contains("PULSE_ALLOWED_LATENESS_MS") && query.contains("[default: 5000]"),
+        "{query}"
+    );
+
+    let out = std::process::Command::new(child_process::binary("pulse-processor"))
+        .env("PULSE_PROCESSOR_WINDOW_MS", "60000")
+        .env("PULSE_QUERY_WINDOW_MS", "30000")
+        .env("PULSE_ADMIN_ADDR", "127.0.0.1:0")
+        .env("PULSE_KAFKA_BROKERS", "127.0.0.1:1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started with disagreeing windows");
+    assert!(
+        stderr.contains("PULSE_WINDOW_MS") && stderr.contains("disagree"),
+        "{stderr}"
+    );
+}

@@ -293,7 +293,7 @@ async fn migrate_applies_the_schema_once() {
     assert!(!first.is_empty());
     assert_eq!(
         first,
-        pulse_writer::migrate::MIGRATIONS
+        pulse_storage::migrate::MIGRATIONS
             .iter()
             .map(|(v, _, _)| *v)
             .collect::<Vec<_>>()

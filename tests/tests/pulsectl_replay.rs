@@ -16,7 +16,7 @@ use prost::Message as _;
 use pulse_contracts::pb::events::v1 as ev;
 use pulse_contracts::{headers, trace_context, wire};
 use pulse_platform::kafka::{KafkaProducer, TopicSpec, ensure_topics};
-use pulse_writer::archive::{ArchiveRow, encode, hour_bucket, object_key};
+use pulse_storage::archive::{ArchiveRow, encode, hour_bucket, object_key};
 use pulsectl::replay::{ReplayArgs, ReplayError, replay};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, OwnedMessage};

@@ -13,7 +13,7 @@ use pulse_contracts::pb::query::v1 as pb;
 use pulse_contracts::pb::query::v1::query_service_client::QueryServiceClient;
 use pulse_platform::clickhouse::ClickHouseConfig;
 use pulse_query_api::{AppState, Servers};
-use pulse_writer::rows::{ActivityRow, FreshnessRow, SessionRow, epoch_day};
+use pulse_storage::rows::{ActivityRow, FreshnessRow, SessionRow, epoch_day};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -35,7 +35,7 @@ async fn database() -> ClickHouseConfig {
         .execute()
         .await
         .unwrap();
-    pulse_writer::migrate::migrate(&ch).await.unwrap();
+    pulse_storage::migrate::migrate(&ch).await.unwrap();
     ch
 }
 

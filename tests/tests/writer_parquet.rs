@@ -376,7 +376,7 @@ async fn events_are_archived_once_per_partition_and_hour_and_undecodable_records
         &["--parquet-max-rows", "4", "--parquet-max-age-ms", "300"],
     );
     // The freshness table (the ClickHouse sink owns the schema).
-    pulse_writer::migrate::migrate(&cfg.clickhouse)
+    pulse_storage::migrate::migrate(&cfg.clickhouse)
         .await
         .unwrap();
     let sink = archive::Sink::start(&cfg).await;

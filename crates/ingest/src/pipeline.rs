@@ -7,8 +7,9 @@
 //! so the client's retry is not mistaken for a duplicate. Transport concerns (auth, body
 //! decoding, status codes) stay in `http` and `grpc`.
 
+use pulse_platform::clock::now_ms;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use opentelemetry::trace::TraceContextExt;
 use prost::Message;
@@ -171,13 +172,6 @@ impl std::fmt::Debug for Ingestor {
             .field("cfg", &self.inner.cfg)
             .finish_non_exhaustive()
     }
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 /// The `event_id` and `key.user_id` an event's JSON shape claims.

@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod clickhouse;
+pub mod clock;
 pub mod config;
 pub mod grpc;
 pub mod http;
@@ -14,6 +15,7 @@ pub mod s3;
 pub mod service;
 pub mod shutdown;
 pub mod telemetry;
+pub mod windowing;
 
 pub use admin::Health;
 pub use shutdown::Shutdown;

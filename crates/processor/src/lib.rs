@@ -24,6 +24,7 @@ use pulse_platform::kafka::topics::{TopicError, TopicSpec, ensure_topics};
 use pulse_platform::kafka::{KafkaConfig, KafkaConsumer, KafkaProducer};
 use pulse_platform::service::ServiceContext;
 use pulse_platform::telemetry::TelemetryConfig;
+use pulse_platform::windowing::WindowSettings;
 
 use crate::model::TimeConfig;
 
@@ -59,20 +60,9 @@ pub struct Config {
         default_value = "pulse-processor"
     )]
     pub group_id: String,
-    /// Tumbling window size, ms.
-    #[arg(
-        long = "window-ms",
-        env = "PULSE_PROCESSOR_WINDOW_MS",
-        default_value_t = 60_000
-    )]
-    pub window_ms: i64,
-    /// Allowed lateness after a window's end, ms (event time, by the watermark).
-    #[arg(
-        long = "allowed-lateness-ms",
-        env = "PULSE_PROCESSOR_ALLOWED_LATENESS_MS",
-        default_value_t = 60_000
-    )]
-    pub allowed_lateness_ms: i64,
+    /// Window size and allowed lateness, shared with the query API.
+    #[command(flatten)]
+    pub windowing: WindowSettings,
     /// Watermark = max event time seen − this, ms.
     #[arg(
         long = "max-out-of-orderness-ms",
@@ -128,8 +118,8 @@ pub struct Config {
 impl Config {
     pub fn time(&self) -> TimeConfig {
         TimeConfig {
-            window_ms: self.window_ms,
-            allowed_lateness_ms: self.allowed_lateness_ms,
+            window_ms: self.windowing.window_ms,
+            allowed_lateness_ms: self.windowing.allowed_lateness_ms,
             max_out_of_orderness_ms: self.max_out_of_orderness_ms,
             idle_timeout_ms: self.idle_timeout_ms,
             max_future_skew_ms: self.max_future_skew_ms,
@@ -149,16 +139,7 @@ impl Config {
 
 impl Validate for Config {
     fn validate(&self, p: &mut Problems) {
-        p.check(
-            self.window_ms >= 1_000,
-            "--window-ms",
-            format!("must be >= 1000, got {}", self.window_ms),
-        );
-        p.check(
-            self.allowed_lateness_ms >= 0,
-            "--allowed-lateness-ms",
-            "must be >= 0",
-        );
+        self.windowing.validate(p);
         p.check(
             self.max_out_of_orderness_ms >= 0,
             "--max-out-of-orderness-ms",

@@ -5,10 +5,11 @@
 //! acknowledged, and only then is each partition's resume offset stored (so a crash or
 //! rebalance rebuilds open aggregates from the log).
 
+pub use pulse_platform::clock::now_ms;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use futures::StreamExt as _;
 use futures::stream::FuturesOrdered;
@@ -55,13 +56,6 @@ const OUTPUT_QUEUE_WAIT: Duration = Duration::from_secs(60);
 /// Ticks whose outputs may be awaiting acknowledgement at once before the loop stops
 /// consuming to wait for the oldest.
 const MAX_EMISSIONS_IN_FLIGHT: usize = 4;
-
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
 
 /// Decodes a record of the events topic. None when it is not a framed Pulse event.
 pub fn decode(msg: &BorrowedMessage<'_>) -> Option<InputEvent> {

@@ -11,6 +11,7 @@ pub mod slo;
 pub mod topics;
 
 use pulse_platform::clickhouse::ClickHouseConfig;
+use pulse_platform::clock::rfc3339;
 use pulse_platform::kafka::KafkaConfig;
 
 /// Pulse operator CLI.
@@ -63,7 +64,7 @@ pub enum Error {
     #[error("schemas: {0}")]
     Schemas(#[from] schemas::SchemaError),
     #[error("migrate: {0}")]
-    Migrate(#[from] pulse_writer::migrate::MigrateError),
+    Migrate(#[from] pulse_storage::migrate::MigrateError),
     #[error("loadgen: {0}")]
     Loadgen(#[from] loadgen::LoadgenError),
     #[error("dlq: {0}")]
@@ -85,17 +86,6 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
         Command::Slo(args) => slo::run(args).await,
         Command::Replay(args) => replay::run(*args).await,
     }
-}
-
-/// `ms` (epoch milliseconds) as RFC 3339 UTC text, or the number itself if out of range.
-fn rfc3339(ms: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| ms.to_string())
 }
 
 #[cfg(test)]

@@ -1,10 +1,10 @@
 //! `pulsectl migrate`: brings ClickHouse to the current schema with the writer's embedded
-//! migrations (`pulse_writer::migrate`), printing the versions it applied. The migrations
+//! migrations (`pulse_storage::migrate`), printing the versions it applied. The migrations
 //! themselves, and their idempotence, belong to the writer.
 
 use pulse_platform::clickhouse::ClickHouseConfig;
 use pulse_platform::config::validate_all;
-use pulse_writer::migrate::{MIGRATIONS, MigrateError, migrate};
+use pulse_storage::migrate::{MIGRATIONS, MigrateError, migrate};
 
 /// Applies the pending migrations; returns the versions applied (empty when up to date).
 pub async fn apply(clickhouse: &ClickHouseConfig) -> Result<Vec<u32>, MigrateError> {

@@ -3,7 +3,7 @@
 //! are listed; rows outside the range are dropped, repeated event ids (the archive is at
 //! least once) are published once, and each event goes out with its original bytes, id,
 //! ingest time and trace id, Confluent-framed with the topic's registered schema id.
-//! Reading the archive is `replay::read`; the archive format is `pulse_writer::archive`.
+//! Reading the archive is `replay::read`; the archive format is `pulse_storage::archive`.
 
 mod publish;
 pub mod read;
@@ -304,7 +304,7 @@ mod tests {
     use object_store::{ObjectStoreExt, PutPayload};
     use pulse_contracts::headers;
     use pulse_platform::kafka::{AckFuture, Acked, OutRecord, ProduceError, RecordProducer};
-    use pulse_writer::archive::{ArchiveRow, encode, hour_bucket, object_key};
+    use pulse_storage::archive::{ArchiveRow, encode, hour_bucket, object_key};
 
     use super::*;
 

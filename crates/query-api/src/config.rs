@@ -8,6 +8,7 @@ use std::time::Duration;
 use pulse_platform::clickhouse::ClickHouseConfig;
 use pulse_platform::config::{Problems, Validate};
 use pulse_platform::telemetry::TelemetryConfig;
+use pulse_platform::windowing::WindowSettings;
 
 use crate::auth::Tokens;
 use crate::query::Limits;
@@ -56,21 +57,11 @@ pub struct Config {
     /// File with one bearer token per line (e.g. a mounted Kubernetes secret).
     #[arg(long = "api-tokens-file", env = "PULSE_QUERY_API_TOKENS_FILE")]
     pub api_tokens_file: Option<PathBuf>,
-    /// The processor's allowed lateness, ms (must equal the processor's): the watermark
-    /// reported is the latest final window end plus this.
-    #[arg(
-        long = "allowed-lateness-ms",
-        env = "PULSE_QUERY_ALLOWED_LATENESS_MS",
-        default_value_t = 60_000
-    )]
-    pub allowed_lateness_ms: i64,
-    /// The processor's window length, ms: a series step must be a whole number of windows.
-    #[arg(
-        long = "window-ms",
-        env = "PULSE_QUERY_WINDOW_MS",
-        default_value_t = 60_000
-    )]
-    pub window_ms: i64,
+    /// Window size and allowed lateness, shared with the processor: the watermark
+    /// reported is the latest final window end plus the lateness, and a series step must
+    /// be a whole number of windows.
+    #[command(flatten)]
+    pub windowing: WindowSettings,
     /// Most buckets one series answer may have.
     #[arg(
         long = "max-points",
@@ -106,8 +97,7 @@ impl std::fmt::Debug for Config {
             .field("admin_addr", &self.admin_addr)
             .field("api_tokens", &"<redacted>")
             .field("api_tokens_file", &self.api_tokens_file)
-            .field("allowed_lateness_ms", &self.allowed_lateness_ms)
-            .field("window_ms", &self.window_ms)
+            .field("windowing", &self.windowing)
             .field("max_points", &self.max_points)
             .field("query_timeout_ms", &self.query_timeout_ms)
             .field("freshness_cache_ms", &self.freshness_cache_ms)
@@ -128,9 +118,9 @@ impl Config {
 
     pub fn limits(&self) -> Limits {
         Limits {
-            window_ms: self.window_ms,
+            window_ms: self.windowing.window_ms,
             max_points: self.max_points,
-            allowed_lateness_ms: self.allowed_lateness_ms,
+            allowed_lateness_ms: self.windowing.allowed_lateness_ms,
         }
     }
 
@@ -155,16 +145,7 @@ impl Validate for Config {
             ),
             Err(e) => p.add(TOKENS_KEY, e),
         }
-        p.check(
-            self.allowed_lateness_ms >= 0,
-            "--allowed-lateness-ms",
-            "must be >= 0",
-        );
-        p.check(
-            self.window_ms > 0 && crate::params::DAY_MS % self.window_ms == 0,
-            "--window-ms",
-            "must be > 0 and divide one day",
-        );
+        self.windowing.validate(p);
         p.check(self.max_points >= 1, "--max-points", "must be >= 1");
         p.check(
             self.query_timeout_ms >= 1,
@@ -191,7 +172,10 @@ mod tests {
         assert_eq!(c.http_addr.to_string(), "127.0.0.1:8090");
         assert_eq!(c.grpc_addr.to_string(), "127.0.0.1:50052");
         assert_eq!(c.admin_addr.to_string(), "127.0.0.1:9104");
-        assert_eq!((c.allowed_lateness_ms, c.window_ms), (60_000, 60_000));
+        assert_eq!(
+            (c.windowing.allowed_lateness_ms, c.windowing.window_ms),
+            (60_000, 60_000)
+        );
         assert_eq!(
             (c.max_points, c.query_timeout_ms, c.freshness_cache_ms),
             (1500, 10_000, 1000)

@@ -3,18 +3,16 @@
 //! bucket arithmetic (docs: README "Query API", devstack QUERY_SEMANTICS.md). Both
 //! transports go through here; what the numbers mean is the business of `query`.
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
+
+pub use pulse_platform::clock::{MAX_TIME_MS, now_ms, rfc3339};
 
 use crate::error::QueryError;
 
 pub const MINUTE_MS: i64 = 60_000;
 pub const HOUR_MS: i64 = 3_600_000;
 pub const DAY_MS: i64 = 86_400_000;
-/// 9999-12-31T23:59:59.999Z: the last instant RFC 3339 can show.
-pub const MAX_TIME_MS: i64 = 253_402_300_799_999;
 
 /// The steps of a series, as written in requests, with their length.
 pub const STEPS: [(&str, i64); 5] = [
@@ -28,14 +26,6 @@ pub const DEFAULT_STEP: &str = "1m";
 pub const DEFAULT_WINDOW: &str = "5m";
 pub const DEFAULT_LIMIT: u32 = 10;
 pub const MAX_LIMIT: u32 = 1000;
-
-/// Milliseconds since the Unix epoch, now.
-pub fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
 
 /// A time given as RFC 3339 (`2024-02-29T01:00:00Z`) or epoch milliseconds.
 pub fn parse_time(parameter: &'static str, raw: &str) -> Result<i64, QueryError> {
@@ -59,23 +49,6 @@ pub fn parse_time(parameter: &'static str, raw: &str) -> Result<i64, QueryError>
                 "{raw:?} is neither RFC 3339 (e.g. 2024-02-29T01:00:00Z) nor epoch milliseconds"
             ),
         )),
-    }
-}
-
-/// `ms` as RFC 3339 UTC: `2024-02-29T01:00:00Z`, with `.mmm` when not a whole second.
-pub fn rfc3339(ms: i64) -> String {
-    let ms = ms.clamp(0, MAX_TIME_MS);
-    let secs = ms.div_euclid(1000);
-    let frac = ms.rem_euclid(1000);
-    let Ok(t) = OffsetDateTime::from_unix_timestamp(secs) else {
-        return String::new();
-    };
-    let (y, mo, d) = (t.year(), u8::from(t.month()), t.day());
-    let (h, mi, s) = (t.hour(), t.minute(), t.second());
-    if frac == 0 {
-        format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}Z")
-    } else {
-        format!("{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}.{frac:03}Z")
     }
 }
 

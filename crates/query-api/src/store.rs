@@ -1,6 +1,6 @@
 //! Every SQL statement of the query API, and running them against ClickHouse: values are
 //! bound with the `clickhouse` crate's `?` placeholders (never spliced into the text),
-//! aggregates are read with the argMax pattern of deploy/clickhouse/README.md (the version
+//! aggregates are read with the argMax pattern of crates/storage/clickhouse/README.md (the version
 //! renamed `_v` in a subquery, so every window and session counts once, at its highest
 //! version), each query runs in a `clickhouse.query` span carrying its SQL as
 //! `db.statement`, is timed by name, and is cut off after the query timeout. A store made

@@ -6,8 +6,9 @@
 //! rows ClickHouse refuses for good go to the DLQ with the reason. Retries are idempotent:
 //! ReplacingMergeTree keys collapse rows written twice.
 
+use pulse_platform::clock::now_ms;
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use clickhouse::{Client, RowOwned, RowWrite};
 use prost::Message as _;
@@ -43,13 +44,6 @@ pub enum SinkError {
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error("dead-lettering a refused record failed: {0}")]
     Dlq(String),
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 /// The sink loop.
@@ -397,12 +391,9 @@ impl ClickHouseSink {
             return Ok(());
         }
         let written_at = now_ms();
-        let fresh = FreshnessRow::for_partitions(
-            STAGE,
-            "clickhouse",
-            std::mem::take(&mut b.freshness),
-            written_at,
-        );
+        let fresh =
+            FreshnessRow::for_partitions(STAGE, std::mem::take(&mut b.freshness), written_at);
+        m::record_freshness("clickhouse", &fresh);
         if !fresh.is_empty()
             && let Err(e) = insert(&self.client, "freshness", &fresh, self.insert_timeout).await
         {

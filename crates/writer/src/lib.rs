@@ -1,20 +1,20 @@
 //! The writer: stores what the pipeline produced. `--sink clickhouse` writes raw events,
 //! window activity and sessions to ClickHouse (hot store); `--sink parquet` archives raw
 //! events as Parquet on S3. Each sink is its own consumer group and deployment.
-//! Modules: `migrate` (schema in deploy/clickhouse, retention), `rows` (row types), `batch`
-//! (batching and commit points), `retry` (error kinds, backoff, circuit breaker), `dlq`
-//! (dead-lettering), `clickhouse_sink` (the ClickHouse loop), `archive` (Parquet encoding
-//! and object keys), `parquet_sink` (the S3 loop), `metrics`.
+//! Modules: `batch` (batching and commit points), `retry` (error kinds, backoff, circuit
+//! breaker), `dlq` (dead-lettering), `clickhouse_sink` (the ClickHouse loop),
+//! `parquet_sink` (the S3 loop), `metrics`. The schema, its migrations and retention, the
+//! row types and the archive layout are the storage contract in `pulse-storage`.
 
-pub mod archive;
 pub mod batch;
 pub mod clickhouse_sink;
 pub mod dlq;
 pub mod metrics;
-pub mod migrate;
 pub mod parquet_sink;
 pub mod retry;
-pub mod rows;
+
+// The storage contract (schema, rows, archive layout) lives in `pulse-storage`.
+use pulse_storage::{archive, migrate, rows};
 
 use std::net::SocketAddr;
 use std::time::Duration;

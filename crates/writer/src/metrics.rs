@@ -92,3 +92,11 @@ pub fn describe() {
         "Freshness rows that could not be written to ClickHouse (best effort; data is unaffected), by sink."
     );
 }
+
+/// Sets the sink's freshness gauge (latest event time written) for each freshness row.
+pub fn record_freshness(sink: &'static str, rows: &[pulse_storage::rows::FreshnessRow]) {
+    for r in rows {
+        metrics::gauge!(FRESHNESS_EVENT_TIME_MS, "sink" => sink, "partition" => r.kafka_partition.to_string())
+            .set(r.last_event_time_ms as f64);
+    }
+}

@@ -7,9 +7,10 @@
 //! paused; a retried roll overwrites the same objects. Undecodable records go to the DLQ.
 //! After each roll a best-effort `freshness` row per partition goes to ClickHouse.
 
+use pulse_platform::clock::now_ms;
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use object_store::path::Path;
@@ -72,13 +73,6 @@ pub fn classify_s3(err: &object_store::Error) -> ErrorKind {
         | E::UnknownConfigurationKey { .. } => ErrorKind::Permanent,
         _ => ErrorKind::Retryable,
     }
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 /// Per partition: (max event time, max ingest time) archived so far.
@@ -396,7 +390,8 @@ impl ParquetSink {
             *h = (h.0.max(ev), h.1.max(ing));
             (partition, *h)
         });
-        let fresh = FreshnessRow::for_partitions(STAGE, SINK, highest, written_at);
+        let fresh = FreshnessRow::for_partitions(STAGE, highest, written_at);
+        crate::metrics::record_freshness(SINK, &fresh);
         self.write_freshness(fresh);
         tracing::info!(
             rows,

@@ -37,7 +37,7 @@ use pulse_platform::clickhouse::ClickHouseConfig;
 use pulse_query_api::query::{Engine, nearest_rank};
 use pulse_query_api::store::{Statement, StatementLog, Store};
 use pulse_query_api::{AppState, Config, Servers};
-use pulse_writer::rows::{ActivityRow, FreshnessRow, SessionRow, epoch_day};
+use pulse_storage::rows::{ActivityRow, FreshnessRow, SessionRow, epoch_day};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -936,7 +936,7 @@ async fn main() -> Result<()> {
         database: format!("bench_query_{}", uuid::Uuid::new_v4().simple()),
         ..ClickHouseConfig::default()
     };
-    pulse_writer::migrate::migrate(&cfg)
+    pulse_storage::migrate::migrate(&cfg)
         .await
         .context("creating the schema")?;
     let stop = CancellationToken::new();

@@ -1,12 +1,12 @@
 //! Writer throughput benchmark, in two parts, each beside a baseline measured in the same run:
 //!
 //! 1. **Parquet encoding** (no I/O): `--events` generated events, framed as on the topic,
-//!    are decoded and encoded into Parquet by `pulse_writer::archive` in rolls of
+//!    are decoded and encoded into Parquet by `pulse_storage::archive` in rolls of
 //!    `--roll-rows` (the sink's work per record, minus the upload), beside a baseline that
 //!    only unframes and prost-decodes the same records (run first and last; the mean is the
 //!    baseline). The ratio shows what archiving costs relative to decoding.
 //! 2. **ClickHouse inserts**: `--insert-rows` event rows inserted with the `clickhouse` crate
-//!    (RowBinary over HTTP, `pulse_writer::rows::EventRow`, exactly as the ClickHouse sink
+//!    (RowBinary over HTTP, `pulse_storage::rows::EventRow`, exactly as the ClickHouse sink
 //!    does) beside `clickhouse-client` (ClickHouse's own client, native protocol) inserting
 //!    the same rows as TabSeparated into an identical table (`CREATE TABLE … AS events`).
 //!    Both sides insert in batches of `--insert-batch` rows (the client: one process per
@@ -28,8 +28,8 @@ use prost::Message as _;
 use pulse_contracts::pb::events::v1 as ev;
 use pulse_contracts::wire;
 use pulse_platform::clickhouse::ClickHouseConfig;
-use pulse_writer::archive::{self, ArchiveRow};
-use pulse_writer::rows::EventRow;
+use pulse_storage::archive::{self, ArchiveRow};
+use pulse_storage::rows::EventRow;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -390,7 +390,7 @@ async fn clickhouse_part(args: &Args) -> Result<()> {
         database: database.clone(),
         ..ClickHouseConfig::default()
     };
-    pulse_writer::migrate::migrate(&cfg)
+    pulse_storage::migrate::migrate(&cfg)
         .await
         .context("creating the events table")?;
     let result = clickhouse_runs(args, &cfg).await;

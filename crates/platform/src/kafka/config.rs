@@ -120,13 +120,21 @@ impl KafkaConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.brokers)
             .set("client.id", client_id);
-        for (k, v) in self.parsed_options() {
-            c.set(k, v);
-        }
+        self.apply_options(&mut c);
         c
     }
 
-    fn parsed_options(&self) -> impl Iterator<Item = (&str, &str)> {
+    /// Sets the extra `--kafka-option` properties on `c`. Called last, so they win over
+    /// Pulse's own defaults (producer and consumer settings included).
+    pub fn apply_options(&self, c: &mut ClientConfig) {
+        for (k, v) in self.parsed_options() {
+            c.set(k, v);
+        }
+    }
+
+    /// The extra options as `(key, value)`, trimmed; entries without `=` are skipped here
+    /// and refused by `validate`.
+    pub fn parsed_options(&self) -> impl Iterator<Item = (&str, &str)> {
         self.options
             .iter()
             .filter(|o| !o.trim().is_empty())

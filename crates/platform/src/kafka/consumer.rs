@@ -184,11 +184,7 @@ impl KafkaConsumer {
                 "statistics.interval.ms",
                 cfg.statistics_interval_ms.to_string(),
             );
-        for o in &cfg.options {
-            if let Some((k, v)) = o.split_once('=') {
-                c.set(k.trim(), v.trim());
-            }
-        }
+        cfg.apply_options(&mut c);
         let consumer: StreamConsumer<PulseConsumerContext> =
             c.create_with_context(PulseConsumerContext {
                 events: tx,

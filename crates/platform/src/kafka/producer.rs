@@ -148,11 +148,7 @@ impl KafkaProducer {
             .set("message.timeout.ms", cfg.message_timeout_ms.to_string())
             .set("compression.type", &cfg.compression);
         // Extra options win over our defaults.
-        for o in &cfg.options {
-            if let Some((k, v)) = o.split_once('=') {
-                c.set(k.trim(), v.trim());
-            }
-        }
+        cfg.apply_options(&mut c);
         Ok(Self { inner: c.create()? })
     }
 

@@ -1,7 +1,7 @@
 //! Reading the Parquet archive for `pulsectl replay`: the time range flags, the hour folders
 //! (`events/dt=YYYY-MM-DD/hour=HH/`) that overlap a range, listing them, and decoding one
 //! object into the rows whose event time is in the range. The folder layout, object names
-//! and schema are the writer's (`pulse_writer::archive`); publishing is `replay`'s.
+//! and schema are the writer's (`pulse_storage::archive`); publishing is `replay`'s.
 
 use std::sync::Arc;
 
@@ -15,7 +15,7 @@ use object_store::{ObjectStore, ObjectStoreExt};
 use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use pulse_platform::s3::S3Config;
-use pulse_writer::archive::{EVENTS_DIR, HourBucket, hour_bucket};
+use pulse_storage::archive::{EVENTS_DIR, HourBucket, hour_bucket};
 
 const MS_PER_HOUR: i64 = 3_600_000;
 /// 9999-12-31T23:00:00Z, the last hour folder: `archive::hour_bucket` clamps event times to
@@ -213,7 +213,7 @@ fn rows_in_range(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pulse_writer::archive::{ArchiveRow, encode};
+    use pulse_storage::archive::{ArchiveRow, encode};
 
     /// 2025-11-25T00:00:00Z.
     const MIDNIGHT: i64 = 1_764_028_800_000;

@@ -1,23 +1,20 @@
 //! ClickHouse schema migrations and day-partition retention for the hot store.
 //!
-//! The migrations live in `deploy/clickhouse/` as plain SQL and are embedded here, so the
+//! The migrations live in `crates/storage/clickhouse/` as plain SQL and are embedded here, so the
 //! writer binary can bring any ClickHouse (Debian's 18.16 or a current release) to the
 //! current schema on start-up. Each file uses the literal placeholder `{database}` for
 //! the configured database. Applied versions are recorded in `schema_migrations`;
 //! statements are written re-runnable (`IF NOT EXISTS`) so an interrupted migration, or
 //! two writers migrating at once, is harmless.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use pulse_platform::clock::now_ms;
 
 use pulse_platform::clickhouse::ClickHouseConfig;
 
-/// Migrations embedded from `deploy/clickhouse/` (`include_str!`), in order:
+/// Migrations embedded from `crates/storage/clickhouse/` (`include_str!`), in order:
 /// `(version, name, sql)`.
-pub const MIGRATIONS: &[(u32, &str, &str)] = &[(
-    1,
-    "init",
-    include_str!("../../../deploy/clickhouse/0001_init.sql"),
-)];
+pub const MIGRATIONS: &[(u32, &str, &str)] =
+    &[(1, "init", include_str!("../clickhouse/0001_init.sql"))];
 
 /// The bookkeeping table, created before it is read (migration 0001 declares it too).
 const SCHEMA_MIGRATIONS_DDL: &str = "CREATE TABLE IF NOT EXISTS {database}.schema_migrations \
@@ -82,13 +79,6 @@ fn render(sql: &str, database: &str) -> String {
 fn query_error(step: impl Into<String>) -> impl FnOnce(clickhouse::error::Error) -> MigrateError {
     let step = step.into();
     move |source| MigrateError::Query { step, source }
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
 }
 
 /// Splits a SQL script into statements on `;` outside of quotes and comments. Comments

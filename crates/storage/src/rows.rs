@@ -1,5 +1,5 @@
 //! Rows of the ClickHouse hot store, field for field in table order (see
-//! `deploy/clickhouse/0001_init.sql`), serialized as RowBinary by the `clickhouse` crate.
+//! `crates/storage/clickhouse/0001_init.sql`), serialized as RowBinary by the `clickhouse` crate.
 //!
 //! Types stay within what ClickHouse 18.16 has: booleans are `u8` (`UInt8`), times are
 //! `i64` epoch milliseconds, `Date` columns are `u16` days since 1970-01-01, protobuf
@@ -223,25 +223,20 @@ pub struct FreshnessRow {
 
 impl FreshnessRow {
     /// The rows of `stage` for each `(partition, (last event time, last ingest time))`,
-    /// written at `written_at_ms`; also sets the sink's freshness gauge per partition.
+    /// written at `written_at_ms`.
     pub fn for_partitions(
         stage: &str,
-        sink: &'static str,
         partitions: impl IntoIterator<Item = (i32, (i64, i64))>,
         written_at_ms: i64,
     ) -> Vec<Self> {
         partitions
             .into_iter()
-            .map(|(partition, (ev, ing))| {
-                metrics::gauge!(crate::metrics::FRESHNESS_EVENT_TIME_MS, "sink" => sink, "partition" => partition.to_string())
-                    .set(ev as f64);
-                Self {
-                    stage: stage.to_owned(),
-                    kafka_partition: partition,
-                    last_event_time_ms: ev,
-                    last_ingest_ms: ing,
-                    written_at_ms,
-                }
+            .map(|(partition, (ev, ing))| Self {
+                stage: stage.to_owned(),
+                kafka_partition: partition,
+                last_event_time_ms: ev,
+                last_ingest_ms: ing,
+                written_at_ms,
             })
             .collect()
     }
