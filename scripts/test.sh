@@ -4,7 +4,8 @@
 #   2. starts its own Kafka API (Tansu), ClickHouse and S3 (s3s-fs) on free ports in a
 #      temporary folder,
 #   3. checks formatting and clippy, the crate layering, unused dependencies and the
-#      scripts' signal handling (scripts/checks.sh), runs `cargo test --workspace`,
+#      scripts' signal handling (scripts/checks.sh), the Helm chart and compose file
+#      (scripts/chart-test.sh), runs `cargo test --workspace`,
 #   4. stops what it started, and exits non-zero on any failure.
 # Options (environment): PULSE_TEST_LINT=0 skips fmt/clippy; PULSE_TEST_KEEP=1 keeps
 # the temporary folder (logs, data) for inspection; extra arguments go to `cargo test`.
@@ -57,13 +58,15 @@ fi
 
 bash scripts/checks.sh
 
-log "docker-compose.yml syntax"
-"$PULSE_CACHE/venv/bin/python" -c 'import yaml, sys; d = yaml.safe_load(open("docker-compose.yml")); sys.exit(0 if d.get("services") else 1)' \
-  || die "docker-compose.yml is not valid YAML with services"
-
 # The service binaries first: some tests run them as child processes (e.g. SIGKILL tests).
 log "cargo build --bins"
 cargo build --quiet --bins
+
+# The Helm chart, the Dockerfile and docker-compose.yml: lint, render, schemas, policies,
+# bad values, every env name and flag against the binaries, and the chart's exact
+# commands run against this script's broker, ClickHouse and S3 (scripts/chart-test.sh).
+log "Helm chart and compose file (scripts/chart-test.sh)"
+bash scripts/chart-test.sh
 
 log "cargo test --workspace"
 cargo test --workspace "$@"

@@ -1,0 +1,412 @@
+{{/*
+Names, labels and the component table shared by every template.
+*/}}
+
+{{- define "pulse.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Release-prefixed name; components append "-<component>", so it stays under 40 characters. */}}
+{{- define "pulse.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "pulse.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Labels of every resource. */}}
+{{- define "pulse.labels" -}}
+helm.sh/chart: {{ include "pulse.chart" . }}
+app.kubernetes.io/name: {{ include "pulse.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: pulse
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* Selector labels of the release (every Pulse pod of it). */}}
+{{- define "pulse.releaseSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "pulse.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{/* Labels of one component: call with (dict "root" $ "c" $component). */}}
+{{- define "pulse.componentLabels" -}}
+{{ include "pulse.labels" .root }}
+app.kubernetes.io/component: {{ .c.name }}
+{{- end -}}
+
+{{- define "pulse.selectorLabels" -}}
+{{ include "pulse.releaseSelectorLabels" .root }}
+app.kubernetes.io/component: {{ .c.name }}
+{{- end -}}
+
+{{- define "pulse.componentName" -}}
+{{- printf "%s-%s" (include "pulse.fullname" .root) .c.name -}}
+{{- end -}}
+
+{{- define "pulse.image" -}}
+{{- $tag := default .Chart.AppVersion .Values.image.tag -}}
+{{- if .Values.image.digest -}}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" .Values.image.repository $tag -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The fixed facts of each service: binary, arguments, ports, which shared settings it
+reads (kafka, clickhouse, s3, windowing, registry) and which Secret keys. Values add
+the rest (replicas, resources, …) under .Values.<key>. Every env name here is a real
+setting of the binary (checked by tests/python/chart_runs.py against `--help`).
+*/}}
+{{- define "pulse.componentTable" -}}
+ingest:
+  key: ingest
+  command: [pulse-ingest]
+  args: []
+  ports: {http: 8080, grpc: 50051, admin: 9101}
+  addrEnv: {http: PULSE_INGEST_HTTP_ADDR, grpc: PULSE_INGEST_GRPC_ADDR}
+  uses: [kafka, registry]
+  consumer: false
+  secrets: [ingest-api-keys, pii-hmac-key]
+processor:
+  key: processor
+  command: [pulse-processor]
+  args: []
+  ports: {admin: 9102}
+  addrEnv: {}
+  uses: [kafka, registry, windowing]
+  consumer: true
+  topics: [pulse.events.v1]
+  secrets: []
+writer-clickhouse:
+  key: writerClickhouse
+  command: [pulse-writer]
+  args: [--sink, clickhouse]
+  ports: {admin: 9103}
+  addrEnv: {}
+  uses: [kafka, clickhouse]
+  consumer: true
+  topics: [pulse.events.v1, pulse.user-activity.v1, pulse.sessions.v1]
+  secrets: [clickhouse-password]
+writer-parquet:
+  key: writerParquet
+  command: [pulse-writer]
+  args: [--sink, parquet]
+  ports: {admin: 9106}
+  addrEnv: {}
+  uses: [kafka, clickhouse, s3]
+  consumer: true
+  topics: [pulse.events.v1, pulse.user-activity.v1, pulse.sessions.v1]
+  secrets: [clickhouse-password, s3-access-key, s3-secret-key]
+query-api:
+  key: queryApi
+  command: [pulse-query-api]
+  args: []
+  ports: {http: 8090, grpc: 50052, admin: 9104}
+  addrEnv: {http: PULSE_QUERY_HTTP_ADDR, grpc: PULSE_QUERY_GRPC_ADDR}
+  uses: [clickhouse, windowing]
+  consumer: false
+  secrets: [query-api-tokens, clickhouse-password]
+schema-registry:
+  key: schemaRegistry
+  command: [pulse-schema-registry]
+  args: []
+  ports: {http: 8081, admin: 9105}
+  addrEnv: {http: PULSE_SCHEMA_REGISTRY_ADDR}
+  uses: [kafka]
+  consumer: false
+  secrets: []
+{{- end -}}
+
+{{/*
+The enabled components as a list of dicts: the table's facts plus `name` and `values`
+(the component's block of .Values). Call: include "pulse.components" $ | fromYaml.
+*/}}
+{{- define "pulse.components" -}}
+{{- $out := list -}}
+{{- $table := include "pulse.componentTable" . | fromYaml -}}
+{{- range $name := list "schema-registry" "ingest" "processor" "writer-clickhouse" "writer-parquet" "query-api" -}}
+{{- $c := index $table $name -}}
+{{- $v := index $.Values $c.key -}}
+{{- if $v.enabled -}}
+{{- $out = append $out (merge (dict "name" $name "values" $v) $c) -}}
+{{- end -}}
+{{- end -}}
+{{- toYaml (dict "items" $out) -}}
+{{- end -}}
+
+{{/* Secret name (chart-created or existing). */}}
+{{- define "pulse.secretName" -}}
+{{- default (printf "%s-secrets" (include "pulse.fullname" .)) .Values.secrets.existingSecret -}}
+{{- end -}}
+
+{{/*
+How each Secret key reaches a binary: `env` is the variable holding the value, `fileEnv`
+(when the binary can read the value from a file) the variable holding the file's path.
+*/}}
+{{- define "pulse.secretKeys" -}}
+ingest-api-keys: {env: PULSE_INGEST_API_KEYS, fileEnv: PULSE_INGEST_API_KEYS_FILE, optional: false}
+pii-hmac-key: {env: PULSE_INGEST_PII_HMAC_KEY, fileEnv: PULSE_INGEST_PII_HMAC_KEY_FILE, optional: false}
+query-api-tokens: {env: PULSE_QUERY_API_TOKENS, fileEnv: PULSE_QUERY_API_TOKENS_FILE, optional: false}
+clickhouse-password: {env: PULSE_CLICKHOUSE_PASSWORD, fileEnv: "", optional: true}
+s3-access-key: {env: PULSE_S3_ACCESS_KEY, fileEnv: "", optional: true}
+s3-secret-key: {env: PULSE_S3_SECRET_KEY, fileEnv: "", optional: true}
+{{- end -}}
+
+{{- define "pulse.secretMountPath" -}}/etc/pulse/secrets{{- end -}}
+
+{{/*
+A generated secret value, the same in every template of one render and kept across
+upgrades: the value from the existing chart-created Secret when there is one (lookup;
+empty under `helm template`), else a random one formatted with the optional third
+argument (e.g. "%s=default"). Call with (list $ "secret-key") or (list $ "key" "format").
+*/}}
+{{- define "pulse.generated" -}}
+{{- $root := index . 0 -}}
+{{- $key := index . 1 -}}
+{{- $memo := get $root "pulseGenerated" | default dict -}}
+{{- if not (hasKey $memo $key) -}}
+{{- $existing := lookup "v1" "Secret" $root.Release.Namespace (printf "%s-secrets" (include "pulse.fullname" $root)) -}}
+{{- $value := "" -}}
+{{- if and $existing (hasKey ($existing.data | default dict) $key) -}}
+{{- $value = index $existing.data $key | b64dec -}}
+{{- else -}}
+{{- $format := "%s" -}}
+{{- if gt (len .) 2 }}{{ $format = index . 2 }}{{ end -}}
+{{- $value = printf $format (randAlphaNum 32) -}}
+{{- end -}}
+{{- $_ := set $memo $key $value -}}
+{{- $_ := set $root "pulseGenerated" $memo -}}
+{{- end -}}
+{{- index $memo $key -}}
+{{- end -}}
+
+{{/* The librdkafka options string (PULSE_KAFKA_OPTIONS): values, SASL, TLS CA. */}}
+{{- define "pulse.kafkaOptions" -}}
+{{- $opts := list -}}
+{{- range $k, $v := .Values.kafka.options -}}
+{{- $opts = append $opts (printf "%s=%v" $k $v) -}}
+{{- end -}}
+{{- if .Values.kafka.sasl.enabled -}}
+{{- $opts = append $opts (printf "sasl.mechanism=%s" .Values.kafka.sasl.mechanism) -}}
+{{- $opts = append $opts (printf "sasl.username=%s" .Values.kafka.sasl.username) -}}
+{{- $opts = append $opts "sasl.password=$(KAFKA_SASL_PASSWORD)" -}}
+{{- end -}}
+{{- if .Values.kafka.tls.caSecret -}}
+{{- $opts = append $opts (printf "ssl.ca.location=/etc/pulse/kafka-ca/%s" .Values.kafka.tls.caKey) -}}
+{{- end -}}
+{{- join "," $opts -}}
+{{- end -}}
+
+{{/*
+Env shared by every container that talks to Kafka, in order: the SASL password first,
+so PULSE_KAFKA_OPTIONS can expand $(KAFKA_SASL_PASSWORD) (Kubernetes dependent
+variables); the password never appears in args or a ConfigMap.
+*/}}
+{{- define "pulse.kafkaEnv" -}}
+{{- if .Values.kafka.sasl.enabled }}
+- name: KAFKA_SASL_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "pulse.secretName" . }}
+      key: kafka-sasl-password
+{{- end }}
+{{- $opts := include "pulse.kafkaOptions" . }}
+{{- if $opts }}
+- name: PULSE_KAFKA_OPTIONS
+  value: {{ $opts | quote }}
+{{- end }}
+{{- end -}}
+
+{{- define "pulse.kafkaVolumeMounts" -}}
+{{- if .Values.kafka.tls.caSecret }}
+- name: kafka-ca
+  mountPath: /etc/pulse/kafka-ca
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{- define "pulse.kafkaVolumes" -}}
+{{- if .Values.kafka.tls.caSecret }}
+- name: kafka-ca
+  secret:
+    secretName: {{ .Values.kafka.tls.caSecret }}
+    items:
+      - key: {{ .Values.kafka.tls.caKey }}
+        path: {{ .Values.kafka.tls.caKey }}
+{{- end }}
+{{- end -}}
+
+{{/* The ClickHouse password env (for containers that use ClickHouse). */}}
+{{- define "pulse.clickhousePasswordEnv" -}}
+- name: PULSE_CLICKHOUSE_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "pulse.secretName" . }}
+      key: clickhouse-password
+      optional: true
+{{- end -}}
+
+{{/* Service URL of a component inside the cluster: (list $ "component" "port-name"). */}}
+{{- define "pulse.serviceURL" -}}
+{{- $root := index . 0 -}}
+{{- $table := include "pulse.componentTable" $root | fromYaml -}}
+{{- $c := index $table (index . 1) -}}
+{{- printf "http://%s-%s.%s.svc:%v" (include "pulse.fullname" $root) (index . 1) $root.Release.Namespace (index $c.ports (index . 2)) -}}
+{{- end -}}
+
+{{/* maxReplicas of a component: its value, or kafka.partitions for consumers when 0. */}}
+{{- define "pulse.maxReplicas" -}}
+{{- $max := int .c.values.autoscaling.maxReplicas -}}
+{{- if and .c.consumer (eq $max 0) -}}
+{{- $max = int .root.Values.kafka.partitions -}}
+{{- end -}}
+{{- $max -}}
+{{- end -}}
+
+{{/* Pod annotations: config and secret checksums roll the pods when a setting changes. */}}
+{{- define "pulse.checksums" -}}
+checksum/config: {{ include (print .Template.BasePath "/configmap.yaml") . | sha256sum }}
+checksum/secret: {{ include (print .Template.BasePath "/secret.yaml") . | sha256sum }}
+{{- end -}}
+
+{{/*
+The env list of a service container (no leading newline; empty when there is none):
+Kafka options and SASL password, Secret values (as env, or as the path of the mounted
+file when the binary reads files), extraEnv. Call with (dict "root" $ "c" $c "fileKeys" list).
+*/}}
+{{- define "pulse.containerEnv" -}}
+{{- $root := .root -}}
+{{- $secretTable := include "pulse.secretKeys" $root | fromYaml -}}
+{{- $out := list -}}
+{{- if has "kafka" .c.uses -}}
+{{- with include "pulse.kafkaEnv" $root | fromYamlArray -}}
+{{- $out = concat $out . -}}
+{{- end -}}
+{{- end -}}
+{{- range $key := .c.secrets -}}
+{{- $s := index $secretTable $key -}}
+{{- if has $key $.fileKeys -}}
+{{- $out = append $out (dict "name" $s.fileEnv "value" (printf "%s/%s" (include "pulse.secretMountPath" $root) $key)) -}}
+{{- else -}}
+{{- $out = append $out (dict "name" $s.env "valueFrom" (dict "secretKeyRef" (dict "name" (include "pulse.secretName" $root) "key" $key "optional" $s.optional))) -}}
+{{- end -}}
+{{- end -}}
+{{- with .c.values.extraEnv -}}
+{{- $out = concat $out . -}}
+{{- end -}}
+{{- if $out -}}
+{{- toYaml $out -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Non-secret settings per concern, as a YAML map (ConfigMaps and the hook Jobs use them). */}}
+{{- define "pulse.settings.telemetry" -}}
+PULSE_LOG_FORMAT: {{ .Values.telemetry.logFormat | quote }}
+PULSE_LOG: {{ .Values.telemetry.logLevel | quote }}
+PULSE_TRACE_SAMPLE_RATIO: {{ .Values.telemetry.traceSampleRatio | toString | quote }}
+{{- with .Values.telemetry.otlpEndpoint }}
+OTEL_EXPORTER_OTLP_ENDPOINT: {{ . | quote }}
+{{- end }}
+{{- end -}}
+
+{{- define "pulse.settings.kafka" -}}
+PULSE_KAFKA_BROKERS: {{ required "kafka.brokers is required" .Values.kafka.brokers | quote }}
+PULSE_KAFKA_PARTITIONS: {{ .Values.kafka.partitions | toString | quote }}
+PULSE_KAFKA_REPLICATION_FACTOR: {{ .Values.kafka.replicationFactor | toString | quote }}
+PULSE_KAFKA_COMPRESSION: {{ .Values.kafka.compression | quote }}
+{{- end -}}
+
+{{- define "pulse.settings.clickhouse" -}}
+PULSE_CLICKHOUSE_URL: {{ required "clickhouse.url is required" .Values.clickhouse.url | quote }}
+PULSE_CLICKHOUSE_DATABASE: {{ .Values.clickhouse.database | quote }}
+PULSE_CLICKHOUSE_USER: {{ .Values.clickhouse.user | quote }}
+PULSE_CLICKHOUSE_COMPRESSION: {{ .Values.clickhouse.compression | quote }}
+PULSE_CLICKHOUSE_VALIDATION: {{ .Values.clickhouse.validation | toString | quote }}
+{{- end -}}
+
+{{- define "pulse.settings.s3" -}}
+PULSE_S3_ENDPOINT: {{ .Values.s3.endpoint | quote }}
+PULSE_S3_BUCKET: {{ .Values.s3.bucket | quote }}
+PULSE_S3_PREFIX: {{ .Values.s3.prefix | quote }}
+PULSE_S3_REGION: {{ .Values.s3.region | quote }}
+PULSE_S3_PATH_STYLE: {{ .Values.s3.pathStyle | toString | quote }}
+{{- end -}}
+
+{{- define "pulse.settings.windowing" -}}
+PULSE_WINDOW_MS: {{ .Values.windowing.windowMs | int64 | toString | quote }}
+PULSE_ALLOWED_LATENESS_MS: {{ .Values.windowing.allowedLatenessMs | int64 | toString | quote }}
+{{- end -}}
+
+{{/* A settings map as an env list: (list $ "kafka" "clickhouse"). */}}
+{{- define "pulse.settingsEnv" -}}
+{{- $root := index . 0 -}}
+{{- range $concern := rest . }}
+{{- range $k, $v := include (printf "pulse.settings.%s" $concern) $root | fromYaml }}
+- name: {{ $k }}
+  value: {{ $v | quote }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* Pod-level settings shared by the Jobs and the test Pod. */}}
+{{- define "pulse.jobPodSpec" -}}
+restartPolicy: Never
+automountServiceAccountToken: false
+enableServiceLinks: false
+{{- with .Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+securityContext:
+  {{- toYaml .Values.podSecurityContext | nindent 2 }}
+{{- end -}}
+
+{{/* A pulsectl container: (dict "root" $ "name" "x" "args" list "env" yaml-string). */}}
+{{- define "pulse.pulsectlContainer" -}}
+- name: {{ .name }}
+  image: {{ include "pulse.image" .root | quote }}
+  imagePullPolicy: {{ .root.Values.image.pullPolicy }}
+  command: [pulsectl]
+  args:
+    {{- toYaml .args | nindent 4 }}
+  {{- with .env }}
+  env:
+    {{- . | nindent 4 }}
+  {{- end }}
+  {{- with .mounts }}
+  volumeMounts:
+    {{- . | nindent 4 }}
+  {{- end }}
+  resources:
+    {{- toYaml .root.Values.hooks.resources | nindent 4 }}
+  securityContext:
+    {{- toYaml .root.Values.securityContext | nindent 4 }}
+{{- end -}}
+
+{{/* The schema Job's pod template: (dict "root" $ "env" yaml-string). */}}
+{{- define "pulse.schemasPod" -}}
+metadata:
+  labels:
+    {{- include "pulse.labels" .root | nindent 4 }}
+    app.kubernetes.io/component: schemas
+spec:
+  {{- include "pulse.jobPodSpec" .root | nindent 2 }}
+  containers:
+    {{- include "pulse.pulsectlContainer" (dict "root" .root "name" "schemas" "args" (list "schemas" "register") "env" .env) | nindent 4 }}
+{{- end -}}

