@@ -4,9 +4,18 @@
 //! policy and the count of early evictions.
 //!
 //! Leaves to others: choosing or deriving the event id, deciding what to do with
-//! a duplicate (the pipeline), calling [`DedupSet::forget`] when producing
-//! fails, exporting the counters as metrics, and cross-replica / downstream
-//! deduplication (the set is per process and lost on restart).
+//! a duplicate (the pipeline), exporting the counters as metrics, and
+//! cross-replica / downstream deduplication (the set is per process and lost on
+//! restart).
+//!
+//! An id is first *claimed* ([`DedupSet::claim`]): the caller holds a
+//! [`Reservation`] while its record waits for the broker. Only a confirmed
+//! reservation (the broker acknowledged the record) makes later sightings
+//! duplicates. A sighting while the first attempt is still in flight is told so
+//! ([`Claim::InFlight`]) and can wait for it ([`DedupSet::settled`]); a
+//! reservation dropped without confirming — a failed produce, a cancelled
+//! request, a disconnected client — releases the id, so a client's retry of an
+//! event that was never stored is never answered `duplicate`.
 //!
 //! The window runs from the first accepted sighting: a duplicate does not
 //! extend it. Time is passed in by the caller, so the set is deterministic in
@@ -16,10 +25,15 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use tokio::sync::Notify;
+
 #[derive(Debug, Clone, Copy)]
 struct Seen {
     at: Instant,
     generation: u64,
+    /// The record of this id was acknowledged by the broker; until then the id is
+    /// only reserved by an attempt in flight.
+    durable: bool,
 }
 
 #[derive(Debug, Default)]
@@ -71,6 +85,18 @@ impl Inner {
         true
     }
 
+    /// Removes `id`; its deque entry becomes stale and is skipped.
+    fn forget(&mut self, id: &str) {
+        self.map.remove(id);
+        if let Some((seen, back)) = self.order.back()
+            && seen.generation.wrapping_add(1) == self.next_generation
+            && &**back == id
+        {
+            // The common case (forgetting the latest insert) frees its slot now.
+            self.order.pop_back();
+        }
+    }
+
     /// Drops stale deque entries once they make up at least half of it, keeping
     /// the deque within `2 * capacity` at amortized O(1) cost per insert.
     fn compact(&mut self, capacity: usize) {
@@ -98,6 +124,51 @@ pub struct DedupSet {
     capacity: usize,
     window: Duration,
     inner: Mutex<Inner>,
+    /// Woken whenever a reservation is confirmed or released.
+    settled: Notify,
+}
+
+/// What a sighting of an event id means.
+#[derive(Debug)]
+pub enum Claim {
+    /// First sighting within the window: produce the record, then
+    /// [`confirm`](Reservation::confirm) once the broker acknowledged it.
+    New(Reservation),
+    /// Stored durably within the window: a duplicate.
+    Duplicate,
+    /// An earlier attempt of this id is still waiting for the broker; neither new
+    /// nor a duplicate yet. Wait with [`DedupSet::settled`] and claim again.
+    InFlight,
+}
+
+/// An id reserved by one attempt. Dropping it unconfirmed releases the id (the
+/// attempt failed or was cancelled), so the next sighting is new again.
+#[derive(Debug)]
+pub struct Reservation {
+    set: Option<Arc<DedupSet>>,
+    id: Arc<str>,
+    generation: u64,
+}
+
+impl Reservation {
+    /// The id is durably stored: later sightings within the window are duplicates.
+    pub fn confirm(mut self) {
+        if let Some(set) = self.set.take() {
+            set.resolve(&self.id, self.generation, true);
+        }
+    }
+
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if let Some(set) = self.set.take() {
+            set.resolve(&self.id, self.generation, false);
+        }
+    }
 }
 
 impl DedupSet {
@@ -107,6 +178,7 @@ impl DedupSet {
             capacity,
             window,
             inner: Mutex::new(Inner::default()),
+            settled: Notify::new(),
         }
     }
 
@@ -114,19 +186,72 @@ impl DedupSet {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Records `id` as seen at `now` and returns true if it was not seen within
-    /// the window (first sighting); false for a duplicate. Expired entries are
-    /// purged lazily from the front of the insertion-ordered deque (amortized
-    /// O(1)).
+    /// Claims `id` at `now`: [`Claim::New`] with a reservation if it was not seen
+    /// within the window, [`Claim::Duplicate`] if it was stored durably,
+    /// [`Claim::InFlight`] if another attempt holds it. Expired entries are purged
+    /// lazily from the front of the insertion-ordered deque (amortized O(1)).
+    pub fn claim(self: &Arc<Self>, id: &str, now: Instant) -> Claim {
+        match self.reserve(id, now) {
+            Ok(Some(generation)) => Claim::New(Reservation {
+                set: Some(Arc::clone(self)),
+                id: Arc::from(id),
+                generation,
+            }),
+            // Deduplication is disabled: nothing to confirm or release.
+            Ok(None) => Claim::New(Reservation {
+                set: None,
+                id: Arc::from(id),
+                generation: 0,
+            }),
+            Err(true) => Claim::Duplicate,
+            Err(false) => Claim::InFlight,
+        }
+    }
+
+    /// Records `id` as durably seen at `now` and returns true if it was not seen
+    /// within the window (claim and confirm at once); false if it was seen or is in
+    /// flight.
     pub fn insert_if_new(&self, id: &str, now: Instant) -> bool {
+        match self.reserve(id, now) {
+            Ok(Some(generation)) => {
+                self.resolve(id, generation, true);
+                true
+            }
+            Ok(None) => true,
+            Err(_) => false,
+        }
+    }
+
+    /// Waits until no attempt of `id` is in flight (it was confirmed or released),
+    /// at most `timeout`. Returns false on timeout.
+    pub async fn settled(&self, id: &str, timeout: Duration) -> bool {
+        let wait = async {
+            loop {
+                let notified = self.settled.notified();
+                tokio::pin!(notified);
+                // Registered before the check, so a resolution in between is not missed.
+                notified.as_mut().enable();
+                let in_flight = self.lock().map.get(id).is_some_and(|s| !s.durable);
+                if !in_flight {
+                    return;
+                }
+                notified.await;
+            }
+        };
+        tokio::time::timeout(timeout, wait).await.is_ok()
+    }
+
+    /// Reserves `id`: `Ok(Some(generation))` for a first sighting, `Ok(None)` when
+    /// deduplication is disabled, `Err(durable)` when the id is already present.
+    fn reserve(&self, id: &str, now: Instant) -> Result<Option<u64>, bool> {
         if self.capacity == 0 || self.window.is_zero() {
-            return true;
+            return Ok(None);
         }
         let mut inner = self.lock();
         inner.purge_expired(now, self.window);
         if let Some(seen) = inner.map.get(id) {
-            if now.saturating_duration_since(seen.at) < self.window {
-                return false;
+            if now.saturating_duration_since(seen.at) < self.window || !seen.durable {
+                return Err(seen.durable);
             }
             // Expired but not yet purged (callers' instants can arrive slightly
             // out of order); its deque entry becomes stale.
@@ -143,27 +268,43 @@ impl DedupSet {
         let seen = Seen {
             at: now,
             generation: inner.next_generation,
+            durable: false,
         };
         inner.next_generation = inner.next_generation.wrapping_add(1);
         let id: Arc<str> = Arc::from(id);
         inner.map.insert(Arc::clone(&id), seen);
         inner.order.push_back((seen, id));
         inner.compact(self.capacity);
-        true
+        Ok(Some(seen.generation))
+    }
+
+    /// Ends the attempt `generation` of `id`: durable, or released (forgotten).
+    /// A newer attempt of the same id (after eviction) is left alone.
+    fn resolve(&self, id: &str, generation: u64, durable: bool) {
+        {
+            let mut inner = self.lock();
+            let live = inner
+                .map
+                .get(id)
+                .is_some_and(|s| s.generation == generation && !s.durable);
+            if live {
+                if durable {
+                    if let Some(s) = inner.map.get_mut(id) {
+                        s.durable = true;
+                    }
+                } else {
+                    inner.forget(id);
+                }
+            }
+        }
+        self.settled.notify_waiters();
     }
 
     /// Forgets `id` (used when producing the event failed, so a client retry is
     /// not called a duplicate). Its deque entry becomes stale and is skipped.
     pub fn forget(&self, id: &str) {
-        let mut inner = self.lock();
-        inner.map.remove(id);
-        if let Some((seen, back)) = inner.order.back()
-            && seen.generation.wrapping_add(1) == inner.next_generation
-            && &**back == id
-        {
-            // The common case (forgetting the latest insert) frees its slot now.
-            inner.order.pop_back();
-        }
+        self.lock().forget(id);
+        self.settled.notify_waiters();
     }
 
     /// Number of ids currently remembered (possibly including expired ones not
@@ -337,6 +478,69 @@ mod tests {
         assert!(!set.insert_if_new("a", t0));
         assert!(set.insert_if_new("b", t0));
         set.check_invariants();
+    }
+
+    fn claimed(set: &Arc<DedupSet>, id: &str, now: Instant) -> Reservation {
+        match set.claim(id, now) {
+            Claim::New(r) => r,
+            other => panic!("{id}: expected a new claim, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_id_in_flight_is_neither_new_nor_a_duplicate_until_confirmed() {
+        let set = Arc::new(DedupSet::new(10, WINDOW));
+        let t0 = Instant::now();
+        let r = claimed(&set, "a", t0);
+        assert!(matches!(set.claim("a", t0), Claim::InFlight));
+        assert!(!set.insert_if_new("a", t0), "in flight is not new");
+        r.confirm();
+        assert!(matches!(set.claim("a", t0), Claim::Duplicate));
+        set.check_invariants();
+    }
+
+    #[test]
+    fn a_dropped_reservation_releases_its_id() {
+        let set = Arc::new(DedupSet::new(10, WINDOW));
+        let t0 = Instant::now();
+        drop(claimed(&set, "a", t0)); // a failed produce or a cancelled request
+        let again = claimed(&set, "a", t0);
+        again.confirm();
+        assert!(matches!(set.claim("a", t0), Claim::Duplicate));
+        set.check_invariants();
+    }
+
+    #[test]
+    fn an_old_reservation_does_not_release_a_newer_attempt() {
+        let set = Arc::new(DedupSet::new(1, WINDOW));
+        let t0 = Instant::now();
+        let old = claimed(&set, "a", t0);
+        claimed(&set, "b", t0).confirm(); // capacity 1: evicts the pending "a"
+        let newer = claimed(&set, "a", t0); // evicts "b"
+        drop(old);
+        assert!(matches!(set.claim("a", t0), Claim::InFlight));
+        newer.confirm();
+        assert!(matches!(set.claim("a", t0), Claim::Duplicate));
+        set.check_invariants();
+    }
+
+    #[tokio::test]
+    async fn a_waiter_learns_when_the_attempt_in_flight_settles() {
+        let set = Arc::new(DedupSet::new(10, WINDOW));
+        let t0 = Instant::now();
+        let r = claimed(&set, "a", t0);
+        assert!(
+            !set.settled("a", Duration::from_millis(20)).await,
+            "still in flight"
+        );
+        let waiter = {
+            let set = Arc::clone(&set);
+            tokio::spawn(async move { set.settled("a", Duration::from_secs(10)).await })
+        };
+        tokio::task::yield_now().await;
+        drop(r);
+        assert!(waiter.await.unwrap(), "a release wakes the waiter");
+        assert!(set.settled("never-seen", Duration::ZERO).await);
     }
 
     #[test]

@@ -179,6 +179,16 @@ pub struct Config {
         default_value_t = 100
     )]
     pub max_backpressure_wait_ms: u64,
+    /// How long a request waits for an earlier attempt of the same event id that is
+    /// still waiting for the broker (then it is a duplicate if that attempt was stored,
+    /// new if it failed) before answering 503; e.g. `5s`, `500ms`.
+    #[arg(
+        long = "in-flight-wait",
+        env = "PULSE_INGEST_IN_FLIGHT_WAIT",
+        default_value = "5s",
+        value_parser = humantime::parse_duration
+    )]
+    pub in_flight_wait: Duration,
     /// Retry-After seconds on 503.
     #[arg(
         long = "retry-after-secs",
@@ -359,6 +369,7 @@ pub async fn serve(
             dlq_topic: config.dlq_topic.clone(),
             limits: config.limits(),
             max_backpressure_wait: Duration::from_millis(config.max_backpressure_wait_ms),
+            in_flight_wait: config.in_flight_wait,
         },
         producer,
         framer,

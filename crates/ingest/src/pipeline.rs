@@ -8,6 +8,7 @@
 //! decoding, status codes) stay in `http` and `grpc`.
 
 use pulse_platform::clock::now_ms;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,7 +23,7 @@ use rdkafka::message::OwnedHeaders;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::dedup::DedupSet;
+use crate::dedup::{Claim, DedupSet, Reservation};
 use crate::metrics as m;
 use crate::pii::PiiPolicy;
 use crate::validate::{FieldError, Limits, validate, validate_parsed};
@@ -150,6 +151,9 @@ pub struct PipelineConfig {
     /// How long an enqueue may wait for room in a full producer queue before the batch
     /// is answered with backpressure.
     pub max_backpressure_wait: Duration,
+    /// How long a request may wait for an earlier attempt of one of its event ids that
+    /// is still waiting for the broker, before it is answered 503 (retry later).
+    pub in_flight_wait: Duration,
 }
 
 /// The intake pipeline; cheap to clone.
@@ -163,7 +167,7 @@ struct Inner {
     producer: Arc<dyn RecordProducer>,
     framer: Arc<dyn Framer>,
     pii: PiiPolicy,
-    dedup: DedupSet,
+    dedup: Arc<DedupSet>,
 }
 
 impl std::fmt::Debug for Ingestor {
@@ -214,7 +218,7 @@ impl Ingestor {
                 producer,
                 framer,
                 pii,
-                dedup,
+                dedup: Arc::new(dedup),
             }),
         }
     }
@@ -316,10 +320,14 @@ impl Ingestor {
         let mut records: Vec<(Option<String>, OutRecord)> = Vec::with_capacity(events.len());
         // (event id, acknowledgement) of records whose acknowledgement decides the batch.
         let mut pending: Vec<(Option<String>, AckFuture)> = Vec::new();
-        let mut reserved: Vec<String> = Vec::new();
+        // The ids this request reserved. A reservation that is not confirmed (the broker
+        // did not acknowledge its record, or this future is dropped: client timeout,
+        // disconnect, gRPC deadline) releases its id when dropped, so a retry of an event
+        // that was never stored is never answered `duplicate`.
+        let mut reserved: HashMap<String, Reservation> = HashMap::new();
         let mut failure: Option<IngestError> = None;
 
-        for (index, incoming) in events.into_iter().enumerate() {
+        'events: for (index, incoming) in events.into_iter().enumerate() {
             match incoming.validate(now, &inner.cfg.limits) {
                 Err(error) => {
                     let (event_id, user_key) = incoming.claimed_ids();
@@ -354,7 +362,20 @@ impl Ingestor {
                         metrics::counter!(m::PII_CHANGES_TOTAL).increment(changed as u64);
                     }
                     let event_id = event.event_id.clone();
-                    if !inner.dedup.insert_if_new(&event_id, Instant::now()) {
+                    // A second copy in the same request is a duplicate of the first: they
+                    // are stored together or the whole request fails.
+                    let reservation = if reserved.contains_key(&event_id) {
+                        None
+                    } else {
+                        match self.claim(&event_id).await {
+                            Ok(r) => r,
+                            Err(e) => {
+                                failure = Some(e);
+                                break 'events;
+                            }
+                        }
+                    };
+                    let Some(reservation) = reservation else {
                         metrics::counter!(m::EVENTS_TOTAL, "outcome" => "duplicate", "reason" => "").increment(1);
                         result.duplicates += 1;
                         result.results.push(EventResult {
@@ -364,8 +385,8 @@ impl Ingestor {
                             error: None,
                         });
                         continue;
-                    }
-                    reserved.push(event_id.clone());
+                    };
+                    reserved.insert(event_id.clone(), reservation);
                     match self.event_record(&event, now, parent).await {
                         Ok(rec) => records.push((Some(event_id.clone()), rec)),
                         Err(e) => {
@@ -398,12 +419,13 @@ impl Ingestor {
 
         // Every queued record is awaited, even when the batch already failed: an id stays
         // in the dedup set only if its record is durably on the broker.
-        let mut acked: Vec<String> = Vec::new();
+        let mut acked = 0usize;
         for (event_id, ack) in pending {
             match ack.await {
                 Ok(_) => {
-                    if let Some(id) = event_id {
-                        acked.push(id);
+                    if let Some(r) = event_id.and_then(|id| reserved.remove(&id)) {
+                        r.confirm();
+                        acked += 1;
                     }
                 }
                 Err(e) => {
@@ -416,22 +438,49 @@ impl Ingestor {
         }
         metrics::histogram!(m::PRODUCE_ACK_SECONDS).record(started.elapsed().as_secs_f64());
         if let Some(e) = failure {
-            for id in reserved.iter().filter(|id| !acked.contains(id)) {
-                inner.dedup.forget(id);
-            }
+            let unproduced = reserved.len();
+            // Dropping the unconfirmed reservations releases their ids.
+            drop(reserved);
             let reason = match e {
                 IngestError::Backpressure => "backpressure",
                 IngestError::Unavailable(_) => "unavailable",
             };
-            let unproduced = reserved.len() - acked.len();
             metrics::counter!(m::EVENTS_TOTAL, "outcome" => "unavailable", "reason" => reason)
                 .increment(unproduced as u64);
+            tracing::debug!(acked, unproduced, "batch failed");
             return Err(e);
         }
         metrics::counter!(m::EVENTS_TOTAL, "outcome" => "accepted", "reason" => "")
             .increment(result.accepted as u64);
         metrics::gauge!(m::DEDUP_SET_SIZE).set(inner.dedup.len() as f64);
         Ok(result)
+    }
+
+    /// Claims `event_id` for this request: `Some` reservation for a first sighting,
+    /// `None` for a durable duplicate. While an earlier attempt of the id is still
+    /// waiting for the broker, waits for it (at most `in_flight_wait`): it becomes a
+    /// duplicate if that attempt was stored, new if it failed; still undecided after the
+    /// wait, the request is answered 503 so the client retries later.
+    async fn claim(&self, event_id: &str) -> Result<Option<Reservation>, IngestError> {
+        let inner = &self.inner;
+        let deadline = Instant::now() + inner.cfg.in_flight_wait;
+        loop {
+            match inner.dedup.claim(event_id, Instant::now()) {
+                Claim::New(r) => return Ok(Some(r)),
+                Claim::Duplicate => return Ok(None),
+                Claim::InFlight => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    let settled = !left.is_zero() && inner.dedup.settled(event_id, left).await;
+                    metrics::counter!(m::DEDUP_IN_FLIGHT_WAITS_TOTAL, "outcome" => if settled { "settled" } else { "timeout" })
+                        .increment(1);
+                    if !settled {
+                        return Err(IngestError::Unavailable(format!(
+                            "an earlier attempt of event {event_id:?} is still waiting for the broker; retry later"
+                        )));
+                    }
+                }
+            }
+        }
     }
 
     /// The record of an accepted event: framed with the registered schema id, keyed by user
@@ -478,6 +527,19 @@ mod tests {
                 "fail" => Ok(Box::pin(async {
                     Err(ProduceError::Delivery(rdkafka::error::KafkaError::Canceled))
                 })),
+                // The broker answers after a while: with a failure, an acknowledgement, or never.
+                "slow-fail" => Ok(Box::pin(async {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    Err(ProduceError::Delivery(rdkafka::error::KafkaError::Canceled))
+                })),
+                "slow-ok" => Ok(Box::pin(async {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    Ok(pulse_platform::kafka::Acked {
+                        partition: 0,
+                        offset: 0,
+                    })
+                })),
+                "hang" => Ok(Box::pin(std::future::pending())),
                 _ => {
                     self.sent.lock().unwrap().push(record);
                     Ok(Box::pin(async {
@@ -498,6 +560,7 @@ mod tests {
                 dlq_topic: "dlq".into(),
                 limits: Limits::default(),
                 max_backpressure_wait: Duration::from_millis(20),
+                in_flight_wait: Duration::from_millis(500),
             },
             producer,
             Arc::new(FixedSchemaId(7)),
@@ -544,6 +607,97 @@ mod tests {
         *p.mode.lock().unwrap() = "ok";
         let r = run(&i, &["a", "b"]).await.unwrap();
         assert_eq!((r.accepted, r.duplicates), (2, 0));
+    }
+
+    /// Starts a first attempt of `id` in `mode` and returns once it is in flight.
+    async fn first_attempt(
+        p: &Arc<FakeProducer>,
+        i: &Ingestor,
+        id: &'static str,
+        mode: &'static str,
+    ) -> tokio::task::JoinHandle<Result<BatchResult, IngestError>> {
+        *p.mode.lock().unwrap() = mode;
+        let calls = p.calls.load(Ordering::SeqCst);
+        let first = {
+            let i = i.clone();
+            tokio::spawn(async move { run(&i, &[id]).await })
+        };
+        while p.calls.load(Ordering::SeqCst) == calls {
+            tokio::task::yield_now().await;
+        }
+        *p.mode.lock().unwrap() = "ok";
+        first
+    }
+
+    #[tokio::test]
+    async fn a_retry_while_the_first_attempt_is_in_flight_is_stored_when_the_first_fails() {
+        let p = Arc::new(FakeProducer::default());
+        let i = ingestor(p.clone());
+        let first = first_attempt(&p, &i, "r", "slow-fail").await;
+        let retry = run(&i, &["r"]).await.unwrap();
+        assert_eq!(
+            (retry.accepted, retry.duplicates),
+            (1, 0),
+            "the retry waited for the failed attempt and was stored, not called a duplicate"
+        );
+        assert!(matches!(
+            first.await.unwrap(),
+            Err(IngestError::Unavailable(_))
+        ));
+        assert_eq!(p.sent.lock().unwrap().len(), 1);
+        assert_eq!(run(&i, &["r"]).await.unwrap().duplicates, 1);
+    }
+
+    #[tokio::test]
+    async fn a_retry_while_the_first_attempt_is_in_flight_is_a_duplicate_once_it_is_stored() {
+        let p = Arc::new(FakeProducer::default());
+        let i = ingestor(p.clone());
+        let first = first_attempt(&p, &i, "s", "slow-ok").await;
+        let retry = run(&i, &["s"]).await.unwrap();
+        assert_eq!((retry.accepted, retry.duplicates), (0, 1));
+        assert_eq!(first.await.unwrap().unwrap().accepted, 1);
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_request_releases_its_ids() {
+        let p = Arc::new(FakeProducer::default());
+        let i = ingestor(p.clone());
+        *p.mode.lock().unwrap() = "hang";
+        // The client gives up (timeout, disconnect): the handler future is dropped.
+        let cancelled = tokio::time::timeout(Duration::from_millis(50), run(&i, &["c"])).await;
+        assert!(cancelled.is_err());
+        *p.mode.lock().unwrap() = "ok";
+        let retry = run(&i, &["c"]).await.unwrap();
+        assert_eq!((retry.accepted, retry.duplicates), (1, 0));
+    }
+
+    #[tokio::test]
+    async fn a_retry_waits_at_most_the_in_flight_wait_then_answers_unavailable() {
+        let p = Arc::new(FakeProducer::default());
+        let i = ingestor(p.clone());
+        let first = first_attempt(&p, &i, "h", "hang").await;
+        let started = Instant::now();
+        let retry = run(&i, &["h"]).await;
+        assert!(
+            matches!(&retry, Err(IngestError::Unavailable(m)) if m.contains("still waiting")),
+            "{retry:?}"
+        );
+        assert!(started.elapsed() >= Duration::from_millis(500));
+        first.abort();
+        let _ = first.await;
+        assert_eq!(
+            run(&i, &["h"]).await.unwrap().accepted,
+            1,
+            "the aborted attempt released h"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_repeated_id_within_one_request_is_a_duplicate_of_the_first_copy() {
+        let p = Arc::new(FakeProducer::default());
+        let i = ingestor(p.clone());
+        let r = run(&i, &["d", "d"]).await.unwrap();
+        assert_eq!((r.accepted, r.duplicates), (1, 1));
     }
 
     #[tokio::test]
