@@ -431,24 +431,6 @@ pub async fn serve(
     })
 }
 
-/// Waits until events can be framed (the registry answers and the subject exists).
-async fn wait_for_schema(framer: &dyn Framer, topic: &str, ctx: &ServiceContext) -> bool {
-    let mut pause = Duration::from_millis(200);
-    loop {
-        match framer.frame(topic, &[]).await {
-            Ok(_) => return true,
-            Err(e) => {
-                tracing::warn!(error = %e, topic, "waiting for the event schema in the registry (run pulsectl schemas register)");
-            }
-        }
-        tokio::select! {
-            _ = ctx.shutdown.cancelled() => return false,
-            _ = tokio::time::sleep(pause) => {}
-        }
-        pause = (pause * 2).min(Duration::from_secs(5));
-    }
-}
-
 /// Runs the service until shutdown.
 pub async fn run(config: Config, ctx: ServiceContext) -> Result<(), Error> {
     crate::metrics::describe();
@@ -459,7 +441,15 @@ pub async fn run(config: Config, ctx: ServiceContext) -> Result<(), Error> {
     ensure_topics(&config.kafka, &specs).await?;
     let producer = Arc::new(KafkaProducer::new(&config.kafka, "pulse-ingest")?);
     let framer: Arc<dyn Framer> = Arc::new(RegistryEncoder::new(&config.schema_registry_url));
-    if !wait_for_schema(framer.as_ref(), &config.events_topic, &ctx).await {
+    // Events can be framed once the registry answers and the subject exists.
+    let topic = config.events_topic.as_str();
+    let schema_ready = ctx
+        .wait_until_ok(
+            &format!("the schema of {topic} in the registry (run pulsectl schemas register)"),
+            || async { framer.frame(topic, &[]).await.map(|_| ()) },
+        )
+        .await;
+    if !schema_ready {
         return Ok(());
     }
     let bind = |addr: SocketAddr| async move {

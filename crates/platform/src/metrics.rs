@@ -18,6 +18,7 @@ pub const KAFKA_PRODUCE_ERRORS_TOTAL: &str = "pulse_kafka_produce_errors_total";
 pub const KAFKA_PRODUCE_BACKPRESSURE_TOTAL: &str = "pulse_kafka_produce_backpressure_total";
 pub const KAFKA_PRODUCE_ACK_SECONDS: &str = "pulse_kafka_produce_ack_seconds";
 pub const KAFKA_CONSUMER_LAG: &str = "pulse_kafka_consumer_lag_records";
+pub const KAFKA_PROCESSING_LAG: &str = "pulse_kafka_consumer_processing_lag_records";
 pub const KAFKA_CONSUMED_TOTAL: &str = "pulse_kafka_consumed_records_total";
 pub const KAFKA_OFFSETS_STORED_TOTAL: &str = "pulse_kafka_offsets_stored_total";
 pub const KAFKA_COMMITS_TOTAL: &str = "pulse_kafka_commits_total";
@@ -86,7 +87,11 @@ fn describe() {
     );
     describe_gauge!(
         KAFKA_CONSUMER_LAG,
-        "Records between the consumer's position and the partition's high watermark."
+        "Records between the group's committed offset and the partition's high watermark (librdkafka consumer_lag). Large by design for the processor and the Parquet writer, which hold commits back; alert and scale on the processing lag instead."
+    );
+    describe_gauge!(
+        KAFKA_PROCESSING_LAG,
+        "Records between what this consumer has read (its position) and the partition's high watermark, per assigned partition; 0 for partitions it no longer fetches. The lag to scale and alert on."
     );
     describe_counter!(
         KAFKA_CONSUMED_TOTAL,

@@ -25,6 +25,33 @@ pub struct ServiceContext {
     pub admin_addr: SocketAddr,
 }
 
+impl ServiceContext {
+    /// Runs `attempt` until it succeeds, waiting 200 ms after the first failure and twice
+    /// as long after each next one (at most 5 s), logging each failure at WARN as
+    /// "waiting for `what`". Returns false when shutdown starts first. For start-up
+    /// dependencies a service cannot work without (a registered schema, say): the service
+    /// stays alive and not ready instead of crash-looping.
+    pub async fn wait_until_ok<F, Fut, E>(&self, what: &str, mut attempt: F) -> bool
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<(), E>>,
+        E: std::fmt::Display,
+    {
+        let mut pause = std::time::Duration::from_millis(200);
+        loop {
+            match attempt().await {
+                Ok(()) => return true,
+                Err(e) => tracing::warn!(error = %e, "waiting for {what}"),
+            }
+            tokio::select! {
+                _ = self.shutdown.cancelled() => return false,
+                _ = tokio::time::sleep(pause) => {}
+            }
+            pause = (pause * 2).min(std::time::Duration::from_secs(5));
+        }
+    }
+}
+
 /// A running admin server.
 #[derive(Debug)]
 pub struct AdminServer {

@@ -235,6 +235,32 @@ pub async fn build(config: &Config) -> Result<run::Processor, Error> {
 /// Runs the service until shutdown.
 pub async fn run(config: Config, ctx: ServiceContext) -> Result<(), Error> {
     crate::metrics::describe();
+    // Outputs can be framed only once their subjects are registered (pulsectl schemas
+    // register, the chart's schema Job): wait for them, not ready, instead of failing the
+    // first emission and crash-looping on a fresh install.
+    let encoder = RegistryEncoder::new(&config.schema_registry_url);
+    for (topic, schema) in [
+        (
+            &config.user_activity_topic,
+            pulse_contracts::schemas::USER_WINDOW_ACTIVITY,
+        ),
+        (&config.sessions_topic, pulse_contracts::schemas::SESSION),
+    ] {
+        let registered = ctx
+            .wait_until_ok(
+                &format!("the schema of {topic} in the registry (run pulsectl schemas register)"),
+                || async {
+                    encoder
+                        .encode(topic, schema.full_name, &[])
+                        .await
+                        .map(|_| ())
+                },
+            )
+            .await;
+        if !registered {
+            return Ok(());
+        }
+    }
     let processor = build(&config).await?;
     ctx.health.set_ready(true);
     let stop = ctx.shutdown.child_token();

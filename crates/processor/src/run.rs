@@ -18,7 +18,9 @@ use prost::Message as _;
 use pulse_contracts::pb::events::v1::Event;
 use pulse_contracts::wire::{self, RegistryEncoder};
 use pulse_contracts::{headers, schemas, trace_context};
-use pulse_platform::kafka::{AckFuture, KafkaConsumer, KafkaProducer, OutRecord, RebalanceEvent};
+use pulse_platform::kafka::{
+    AckFuture, KafkaConsumer, KafkaProducer, OutRecord, ProduceError, RebalanceEvent,
+};
 use rdkafka::Message;
 use rdkafka::message::{BorrowedMessage, Headers, OwnedHeaders};
 use tokio_util::sync::CancellationToken;
@@ -46,7 +48,22 @@ pub enum RunError {
     #[error(
         "producing outputs failed (the offsets were not committed; a restart re-emits them): {0}"
     )]
-    Produce(String),
+    Produce(#[from] ProduceError),
+    #[error(
+        "framing outputs failed (the offsets were not committed; a restart re-emits them): {0}"
+    )]
+    Frame(#[from] wire::WireError),
+}
+
+impl RunError {
+    /// Whether trying again (in-process or after a restart) can help.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Kafka(_) => true,
+            Self::Produce(e) => e.is_retryable(),
+            Self::Frame(e) => e.is_retryable(),
+        }
+    }
 }
 
 /// How long an output may wait for room in a full producer queue (backpressure slows the
@@ -128,7 +145,7 @@ type Stage = Pin<Box<dyn Future<Output = Result<Emission, RunError>> + Send>>;
 fn after_acks(acks: Vec<AckFuture>, emission: Emission) -> Stage {
     Box::pin(async move {
         for ack in acks {
-            ack.await.map_err(|e| RunError::Produce(e.to_string()))?;
+            ack.await.map_err(RunError::from)?;
         }
         Ok(emission)
     })
@@ -322,7 +339,7 @@ impl Processor {
                     .enqueue_with_wait(rec, OUTPUT_QUEUE_WAIT)
                     .await
                     .map(Some)
-                    .map_err(|e| RunError::Produce(e.to_string()))
+                    .map_err(RunError::from)
             }
         }
     }
@@ -401,7 +418,7 @@ impl Processor {
                     self.checkpoints
                         .write(&self.producer, *p, cp)
                         .await
-                        .map_err(|e| RunError::Produce(e.to_string()))?,
+                        .map_err(RunError::from)?,
                 );
                 self.written.insert(*p, cp.clone());
             }
@@ -447,14 +464,14 @@ impl Processor {
                     &a.encode_to_vec(),
                 )
                 .await
-                .map_err(|e| RunError::Produce(e.to_string()))?;
+                .map_err(RunError::from)?;
             let rec = OutRecord::new(&self.topics.user_activity, Some(key.into_bytes()), value)
                 .with_headers(trace.clone());
             pending.push(
                 self.producer
                     .enqueue_with_wait(rec, OUTPUT_QUEUE_WAIT)
                     .await
-                    .map_err(|e| RunError::Produce(e.to_string()))?,
+                    .map_err(RunError::from)?,
             );
             metrics::counter!(m::OUTPUTS_TOTAL, "kind" => "activity", "final" => fin).increment(1);
         }
@@ -468,7 +485,7 @@ impl Processor {
                     &s.encode_to_vec(),
                 )
                 .await
-                .map_err(|e| RunError::Produce(e.to_string()))?;
+                .map_err(RunError::from)?;
             let rec = OutRecord::new(
                 &self.topics.sessions,
                 Some(s.session_id.clone().into_bytes()),
@@ -479,7 +496,7 @@ impl Processor {
                 self.producer
                     .enqueue_with_wait(rec, OUTPUT_QUEUE_WAIT)
                     .await
-                    .map_err(|e| RunError::Produce(e.to_string()))?,
+                    .map_err(RunError::from)?,
             );
             metrics::counter!(m::OUTPUTS_TOTAL, "kind" => "session", "final" => fin).increment(1);
         }

@@ -2,8 +2,8 @@
 //! and standard clients use) whose storage is the compacted Kafka topic `_schemas`.
 //!
 //! Modules: `api` (routes), `error` (Confluent error shape), `store` (the deterministic
-//! state machine), `log` (the Kafka log and its reader), `compat` (protobuf parsing and
-//! compatibility rules), `metrics`. Any number of replicas can run side by side: each
+//! state machine), `log` (the Kafka log and its reader), `parse` (protobuf schema
+//! texts), `compat` (compatibility rules), `metrics`. Any number of replicas can run side by side: each
 //! reads the whole log, and ids are assigned from log order, never by a replica alone.
 
 pub mod api;
@@ -11,6 +11,7 @@ pub mod compat;
 pub mod error;
 pub mod log;
 pub mod metrics;
+pub mod parse;
 pub mod store;
 
 use std::net::SocketAddr;

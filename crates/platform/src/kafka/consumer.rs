@@ -47,6 +47,26 @@ impl std::fmt::Debug for PulseConsumerContext {
     }
 }
 
+/// Processing lag of one partition from librdkafka's statistics: the high watermark minus
+/// the offset after the last record handed to the application (`app_offset`), i.e. what
+/// this consumer still has to read. 0 for a partition it does not fetch (revoked, or never
+/// assigned: `fetch_state` other than `active`), so a sum over replicas counts each
+/// partition once; None while either offset is unknown (-1 before the first fetch).
+pub fn processing_lag(fetch_state: &str, hi_offset: i64, app_offset: i64) -> Option<i64> {
+    if fetch_state != "active" {
+        return Some(0);
+    }
+    if hi_offset < 0 {
+        return None;
+    }
+    if app_offset < 0 {
+        // Assigned and fetching but nothing handed over yet: everything is still ahead,
+        // unless librdkafka has not resolved the start offset (reported as unknown).
+        return None;
+    }
+    Some((hi_offset - app_offset).max(0))
+}
+
 fn partitions(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
     tpl.elements()
         .iter()
@@ -59,9 +79,16 @@ impl ClientContext for PulseConsumerContext {
         for (topic, t) in &stats.topics {
             for (partition, p) in &t.partitions {
                 // Partition -1 is librdkafka's internal "unassigned" bucket; lag -1 means unknown.
-                if *partition >= 0 && p.consumer_lag >= 0 {
+                if *partition < 0 {
+                    continue;
+                }
+                if p.consumer_lag >= 0 {
                     metrics::gauge!(m::KAFKA_CONSUMER_LAG, "topic" => topic.clone(), "partition" => partition.to_string())
                         .set(p.consumer_lag as f64);
+                }
+                if let Some(lag) = processing_lag(&p.fetch_state, p.hi_offset, p.app_offset) {
+                    metrics::gauge!(m::KAFKA_PROCESSING_LAG, "topic" => topic.clone(), "partition" => partition.to_string())
+                        .set(lag as f64);
                 }
             }
         }
@@ -254,5 +281,26 @@ impl KafkaConsumer {
 
     pub fn group_id(&self) -> &str {
         &self.group_id
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::processing_lag;
+
+    #[test]
+    fn processing_lag_is_what_is_left_to_read_of_an_active_partition() {
+        assert_eq!(processing_lag("active", 1_000, 400), Some(600));
+        assert_eq!(processing_lag("active", 1_000, 1_000), Some(0));
+        // A position past a watermark read earlier never shows as negative lag.
+        assert_eq!(processing_lag("active", 1_000, 1_005), Some(0));
+    }
+
+    #[test]
+    fn partitions_not_fetched_count_zero_and_unknown_offsets_are_skipped() {
+        assert_eq!(processing_lag("stopped", 1_000, 400), Some(0));
+        assert_eq!(processing_lag("none", -1, -1), Some(0));
+        assert_eq!(processing_lag("active", -1, 5), None);
+        assert_eq!(processing_lag("active", 1_000, -1), None);
     }
 }
