@@ -3,7 +3,8 @@
 #   scripts/dev.sh up       install what is missing, start Kafka API (Tansu), ClickHouse and
 #                           S3 (s3s-fs), create topics, build and start the Pulse services
 #   scripts/dev.sh down     stop exactly what `up` started (by recorded pid)
-#   scripts/dev.sh status   what runs, with pids and ports
+#   scripts/dev.sh status   what runs, with pids and health (the broker by a real produce,
+#                           each service by its /readyz); exits 1 if anything is unhealthy
 #   scripts/dev.sh logs [NAME]  follow the logs (all, or one of: kafka clickhouse s3 ingest
 #                           processor writer-clickhouse writer-parquet query-api schema-registry loadgen)
 # Everything lives in $PULSE_STATE (default: .pulse/ in the checkout). `up` is safe to
@@ -167,17 +168,72 @@ down() {
   log "stopped; data kept in $STATE (remove it for a clean start)"
 }
 
+# broker_health PORT: "ok", or why the broker fails a real request. A TCP connect is not
+# enough: a stalled broker, or Tansu after its storage task panicked, accepts connections
+# and fails every request. This creates (once) and produces one record to `_pulse_health`
+# with a 10 s deadline, through PyPI's confluent-kafka in the cache's venv.
+broker_health() {
+  timeout 20 "$PULSE_CACHE/venv/bin/python" - "$1" <<'PY' 2>/dev/null || echo "no answer within 20 s"
+import sys
+from confluent_kafka import Producer
+from confluent_kafka.admin import AdminClient, NewTopic
+bootstrap = f"127.0.0.1:{sys.argv[1]}"
+try:
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    if "_pulse_health" not in admin.list_topics(timeout=10).topics:
+        for f in admin.create_topics([NewTopic("_pulse_health", 1, 1)]).values():
+            try:
+                f.result(10)
+            except Exception as e:  # already created by a concurrent check
+                if "TOPIC_ALREADY_EXISTS" not in str(e):
+                    raise
+    outcome = []
+    p = Producer({"bootstrap.servers": bootstrap, "message.timeout.ms": 10000})
+    p.produce("_pulse_health", b"ping", on_delivery=lambda err, msg: outcome.append(err))
+    p.flush(15)
+    if not outcome:
+        print("produce not acknowledged within 10 s")
+    elif outcome[0] is not None:
+        print(f"produce failed: {outcome[0]}")
+    else:
+        print("ok")
+except Exception as e:
+    print(f"request failed: {e}")
+PY
+}
+
+# service_health ADMIN_PORT: "ready", or /readyz's reason.
+service_health() {
+  local body code
+  body=$(curl -s -m 3 -w '\n%{http_code}' "http://127.0.0.1:$1/readyz" 2>/dev/null) || { echo "admin port $1 not answering"; return; }
+  code=${body##*$'\n'}
+  body=${body%$'\n'*}
+  if [ "$code" = 200 ]; then echo ready; else echo "not ready ($code): ${body//$'\n'/ }"; fi
+}
+
 status() {
-  local name pidfile
-  printf '%-20s %-9s %s\n' NAME STATE PID
+  local name pidfile spec health rc=0
+  printf '%-20s %-9s %-8s %s\n' NAME STATE PID HEALTH
   for name in "${BACKING[@]}" $(printf '%s\n' "${SERVICES[@]}" | cut -d: -f1) loadgen; do
     pidfile="$STATE/pids/$name.pid"
     if is_running "$STATE" "$name"; then
-      printf '%-20s %-9s %s\n' "$name" running "$(cat "$pidfile")"
+      health=-
+      if [ "$name" = kafka ]; then
+        health=$(broker_health "$KAFKA_PORT")
+      else
+        for spec in "${SERVICES[@]}"; do
+          [ "${spec%%:*}" = "$name" ] || continue
+          IFS=: read -r _ _ port _ <<<"$spec"
+          health=$(service_health "$port")
+        done
+      fi
+      case "$health" in -|ok|ready) ;; *) rc=1 ;; esac
+      printf '%-20s %-9s %-8s %s\n' "$name" running "$(cat "$pidfile")" "$health"
     else
-      printf '%-20s %-9s %s\n' "$name" stopped -
+      printf '%-20s %-9s %-8s %s\n' "$name" stopped - -
     fi
   done
+  return "$rc"
 }
 
 logs() {

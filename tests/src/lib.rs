@@ -40,8 +40,8 @@ pub fn s3() -> S3Config {
         bucket: required_env("PULSE_TEST_S3_BUCKET"),
         prefix: String::new(),
         region: "us-east-1".into(),
-        access_key: required_env("PULSE_TEST_S3_ACCESS_KEY"),
-        secret_key: required_env("PULSE_TEST_S3_SECRET_KEY"),
+        access_key: required_env("PULSE_TEST_S3_ACCESS_KEY").into(),
+        secret_key: required_env("PULSE_TEST_S3_SECRET_KEY").into(),
         path_style: true,
     }
 }

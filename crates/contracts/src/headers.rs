@@ -15,6 +15,9 @@ pub const REPLAY: &str = "pulse-replay";
 pub const ERROR_CODE: &str = "pulse-error-code";
 /// ...and a human-readable detail naming the field and the reason.
 pub const ERROR_DETAIL: &str = "pulse-error-detail";
+/// DLQ records whose original was longer than the DLQ keeps: the original's size in bytes
+/// (decimal). The value then holds only the original's first bytes.
+pub const ORIGINAL_SIZE: &str = "pulse-original-size";
 
 /// The value of header `name` as UTF-8, if present and valid.
 pub fn get_str<'a>(headers: &'a BorrowedHeaders, name: &str) -> Option<&'a str> {

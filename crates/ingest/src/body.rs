@@ -54,8 +54,8 @@ pub enum BodyError {
     Empty,
     #[error("body is not JSON: {0}")]
     NotJson(String),
-    #[error("batch has {count} events; the limit is {limit}")]
-    TooManyEvents { count: usize, limit: usize },
+    #[error("batch has more than {limit} events (the limit)")]
+    TooManyEvents { limit: usize },
 }
 
 impl BodyError {
@@ -126,32 +126,55 @@ pub fn decode(
 }
 
 /// Splits a decoded body into the original bytes of each event.
+///
+/// Memory stays bounded by the body: the event limit is checked while splitting, so a
+/// body of millions of tiny elements (`[0,0,0,…]`) is refused after `max_batch_events + 1`
+/// of them, and each event's bytes are copied only once the whole body has passed.
 pub fn split(
     body: &[u8],
     format: BodyFormat,
     limits: &BodyLimits,
 ) -> Result<Vec<Vec<u8>>, BodyError> {
-    let events: Vec<Vec<u8>> = match format {
-        BodyFormat::Ndjson => body
-            .split(|b| *b == b'\n')
-            .map(|line| line.strip_suffix(b"\r").unwrap_or(line))
-            .filter(|line| line.iter().any(|b| !b.is_ascii_whitespace()))
-            .map(<[u8]>::to_vec)
-            .collect(),
+    let limit = limits.max_batch_events;
+    let too_many = || BodyError::TooManyEvents { limit };
+    let events: Vec<&[u8]> = match format {
+        BodyFormat::Ndjson => {
+            let mut out = Vec::new();
+            for line in body.split(|b| *b == b'\n') {
+                let line = line.strip_suffix(b"\r").unwrap_or(line);
+                if !line.iter().any(|b| !b.is_ascii_whitespace()) {
+                    continue;
+                }
+                if out.len() == limit {
+                    return Err(too_many());
+                }
+                out.push(line);
+            }
+            out
+        }
         BodyFormat::Json => {
             let first = body.iter().find(|b| !b.is_ascii_whitespace());
             match first {
                 None => return Err(BodyError::Empty),
                 Some(b'[') => {
-                    let items: Vec<&RawValue> = serde_json::from_slice(body)
-                        .map_err(|e| BodyError::NotJson(e.to_string()))?;
-                    items.iter().map(|r| r.get().as_bytes().to_vec()).collect()
+                    let mut de = serde_json::Deserializer::from_slice(body);
+                    let items =
+                        serde::Deserializer::deserialize_seq(&mut de, BoundedArray { limit })
+                            .and_then(|items| de.end().map(|()| items))
+                            .map_err(|e| {
+                                if e.to_string().starts_with(TOO_MANY) {
+                                    too_many()
+                                } else {
+                                    BodyError::NotJson(e.to_string())
+                                }
+                            })?;
+                    items.into_iter().map(|r| r.get().as_bytes()).collect()
                 }
                 Some(_) => {
                     // One event: must at least be JSON; its shape is validated per event.
                     serde_json::from_slice::<&RawValue>(body)
                         .map_err(|e| BodyError::NotJson(e.to_string()))?;
-                    vec![body.to_vec()]
+                    vec![body]
                 }
             }
         }
@@ -159,13 +182,35 @@ pub fn split(
     if events.is_empty() {
         return Err(BodyError::Empty);
     }
-    if events.len() > limits.max_batch_events {
-        return Err(BodyError::TooManyEvents {
-            count: events.len(),
-            limit: limits.max_batch_events,
-        });
+    Ok(events.into_iter().map(<[u8]>::to_vec).collect())
+}
+
+/// The error text a [`BoundedArray`] stops with (told apart from JSON errors by it).
+const TOO_MANY: &str = "pulse: too many events";
+
+/// Deserializes a JSON array into its elements' raw text, failing as soon as it holds
+/// more than `limit` elements.
+struct BoundedArray {
+    limit: usize,
+}
+
+impl<'de> serde::de::Visitor<'de> for BoundedArray {
+    type Value = Vec<&'de RawValue>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "a JSON array of at most {} events", self.limit)
     }
-    Ok(events)
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut out = Vec::with_capacity(self.limit.min(1024));
+        while let Some(item) = seq.next_element::<&'de RawValue>()? {
+            if out.len() == self.limit {
+                return Err(serde::de::Error::custom(TOO_MANY));
+            }
+            out.push(item);
+        }
+        Ok(out)
+    }
 }
 
 #[cfg(test)]
@@ -223,7 +268,36 @@ mod tests {
             ..BodyLimits::default()
         };
         let err = split(b"[1,2,3]", BodyFormat::Json, &limits).unwrap_err();
-        assert_eq!(err, BodyError::TooManyEvents { count: 3, limit: 2 });
+        assert_eq!(err, BodyError::TooManyEvents { limit: 2 });
+        let err = split(b"1\n2\n\n3\n", BodyFormat::Ndjson, &limits).unwrap_err();
+        assert_eq!(err, BodyError::TooManyEvents { limit: 2 });
+        // At the limit: accepted, blank NDJSON lines not counted.
+        assert_eq!(split(b"[1,2]", BodyFormat::Json, &limits).unwrap().len(), 2);
+        assert_eq!(
+            split(b"1\n\n2\n", BodyFormat::Ndjson, &limits)
+                .unwrap()
+                .len(),
+            2
+        );
+    }
+
+    #[test]
+    fn a_huge_array_of_tiny_elements_stops_at_the_limit_not_at_the_end() {
+        // 8 MiB of `0,`: the limit is reached after 1001 elements, so the malformed tail
+        // (which a full parse would report as NotJson) is never read.
+        let mut body = b"[".to_vec();
+        body.extend(std::iter::repeat_n(b"0,".as_slice(), 4 * 1024 * 1024).flatten());
+        body.extend_from_slice(b"oops");
+        let err = split(&body, BodyFormat::Json, &BodyLimits::default()).unwrap_err();
+        assert_eq!(err, BodyError::TooManyEvents { limit: 1000 });
+    }
+
+    #[test]
+    fn json_errors_in_an_array_stay_json_errors() {
+        let err = split(b"[1,2", BodyFormat::Json, &BodyLimits::default()).unwrap_err();
+        assert!(matches!(err, BodyError::NotJson(_)), "{err:?}");
+        let err = split(b"[1] x", BodyFormat::Json, &BodyLimits::default()).unwrap_err();
+        assert!(matches!(err, BodyError::NotJson(_)), "{err:?}");
     }
 
     #[test]

@@ -13,6 +13,7 @@ use pulse_contracts::pb::ingest::v1::{
     EventResult, EventStatus, FieldError, SendEventsRequest, SendEventsResponse,
 };
 use serde_json::{Map, Value, json};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::auth::{ApiKeys, RateLimiter, retry_after_secs};
@@ -26,6 +27,8 @@ pub struct GrpcIngest {
     pub keys: Arc<ApiKeys>,
     pub limiter: Arc<RateLimiter>,
     pub max_batch_events: usize,
+    /// Most events one `StreamEvents` call may carry (see the proto).
+    pub max_stream_events: usize,
 }
 
 /// Exact decimal text of `micros` millionths.
@@ -206,6 +209,17 @@ impl IngestService for GrpcIngest {
         let mut offset = 0usize;
         while let Some(chunk) = stream.message().await? {
             let n = chunk.events.len();
+            if offset.saturating_add(n) > self.max_stream_events {
+                metrics::counter!(m::EVENTS_TOTAL, "outcome" => "stream_limit", "reason" => "")
+                    .increment(n as u64);
+                return Err(Status::resource_exhausted(format!(
+                    "events: this StreamEvents call would carry more than {} events (its answer \
+                     holds one result per event); the {offset} events of earlier messages were \
+                     processed and a retry of them is answered duplicate; use SendEventsStream \
+                     for longer streams",
+                    self.max_stream_events
+                )));
+            }
             let result = self.batch(&source, chunk.events, &parent).await?;
             let part = response(&result, offset);
             total.accepted += part.accepted;
@@ -216,7 +230,48 @@ impl IngestService for GrpcIngest {
         }
         Ok(Response::new(total))
     }
+
+    type SendEventsStreamStream = ReceiverStream<Result<SendEventsResponse, Status>>;
+
+    async fn send_events_stream(
+        &self,
+        request: Request<Streaming<SendEventsRequest>>,
+    ) -> Result<Response<Self::SendEventsStreamStream>, Status> {
+        let source = self.source(&request)?;
+        let parent = remote_context(request.metadata());
+        let mut stream = request.into_inner();
+        // Few answers in flight: a client that stops reading stops the intake (backpressure).
+        let (tx, rx) = tokio::sync::mpsc::channel(STREAM_ANSWERS_IN_FLIGHT);
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut offset = 0usize;
+            loop {
+                let answer = match stream.message().await {
+                    Ok(Some(chunk)) => {
+                        let n = chunk.events.len();
+                        let answer = this
+                            .batch(&source, chunk.events, &parent)
+                            .await
+                            .map(|result| response(&result, offset));
+                        offset += n;
+                        answer
+                    }
+                    Ok(None) => return,
+                    Err(status) => Err(status),
+                };
+                let failed = answer.is_err();
+                // A closed receiver is a client that went away: stop reading its stream.
+                if tx.send(answer).await.is_err() || failed {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
 }
+
+/// Answers of a `SendEventsStream` call queued for the client at most.
+const STREAM_ANSWERS_IN_FLIGHT: usize = 4;
 
 #[cfg(test)]
 mod tests {

@@ -142,6 +142,17 @@ async fn post_events(State(state): State<HttpState>, req: Request) -> Result<Res
     })?;
     let format = body::format_for(body_header(&headers, "content-type").as_deref())
         .map_err(|e| body_error(&e))?;
+    // Rate-limit before the body is read, decoded and split: a source whose bucket is
+    // empty costs no decompression or parsing. (The request's events are charged below,
+    // once they are counted.)
+    if let Err(wait) = state
+        .limiter
+        .try_acquire(&source, 0, std::time::Instant::now())
+    {
+        metrics::counter!(m::EVENTS_TOTAL, "outcome" => "rate_limited", "reason" => "")
+            .increment(1);
+        return Err(rate_limited(&source, wait));
+    }
     let limit = state.body_limits.max_body_bytes;
     let raw = axum::body::to_bytes(Body::new(req.into_body()), limit)
         .await
@@ -176,14 +187,7 @@ async fn post_events(State(state): State<HttpState>, req: Request) -> Result<Res
     {
         metrics::counter!(m::EVENTS_TOTAL, "outcome" => "rate_limited", "reason" => "")
             .increment(u64::from(count));
-        return Err(HttpError {
-            retry_after: Some(retry_after_secs(wait)),
-            ..HttpError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
-                format!("the rate limit of source {source:?} is exhausted"),
-            )
-        });
+        return Err(rate_limited(&source, wait));
     }
     let incoming = events.into_iter().map(Incoming::json).collect();
     let result = state
@@ -192,6 +196,18 @@ async fn post_events(State(state): State<HttpState>, req: Request) -> Result<Res
         .await
         .map_err(|e| unavailable(e, state.retry_after_secs))?;
     Ok(axum::Json(result_json(&result)).into_response())
+}
+
+/// 429 with `Retry-After` for a source whose token bucket is empty.
+fn rate_limited(source: &str, wait: std::time::Duration) -> HttpError {
+    HttpError {
+        retry_after: Some(retry_after_secs(wait)),
+        ..HttpError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!("the rate limit of source {source:?} is exhausted"),
+        )
+    }
 }
 
 /// The response body of a processed batch.

@@ -27,6 +27,7 @@ use pulse_contracts::wire::RegistryEncoder;
 use pulse_platform::config::{Problems, Validate};
 use pulse_platform::kafka::topics::{TopicError, TopicSpec, ensure_topics};
 use pulse_platform::kafka::{KafkaConfig, KafkaProducer};
+use pulse_platform::secret::Secret;
 use pulse_platform::service::ServiceContext;
 use pulse_platform::telemetry::TelemetryConfig;
 use tokio::net::TcpListener;
@@ -46,7 +47,7 @@ pub const SERVICE: &str = "ingest";
 pub const DEV_API_KEY: &str = "pulse-dev-key";
 
 /// Configuration; every flag has a `PULSE_*` environment fallback (see README).
-#[derive(Clone, clap::Parser)]
+#[derive(Debug, Clone, clap::Parser)]
 #[command(name = "pulse-ingest", version, about = "HTTP and gRPC event intake.")]
 pub struct Config {
     /// HTTP listen address.
@@ -85,7 +86,7 @@ pub struct Config {
         hide_env_values = true,
         hide_default_value = true
     )]
-    pub api_keys: String,
+    pub api_keys: Secret,
     /// File with one `key=source` per line (e.g. a mounted Kubernetes secret).
     #[arg(long = "api-keys-file", env = "PULSE_INGEST_API_KEYS_FILE")]
     pub api_keys_file: Option<PathBuf>,
@@ -116,6 +117,25 @@ pub struct Config {
         default_value_t = 1000
     )]
     pub max_batch_events: usize,
+    /// Most events one gRPC `StreamEvents` call may carry (its single answer holds one
+    /// result per event); the message that would exceed it is refused with
+    /// RESOURCE_EXHAUSTED. `SendEventsStream` answers per message and has no such limit.
+    #[arg(
+        long = "max-stream-events",
+        env = "PULSE_INGEST_MAX_STREAM_EVENTS",
+        default_value_t = 50_000
+    )]
+    pub max_stream_events: usize,
+    /// Most bytes of a rejected original a DLQ record keeps; longer originals (an
+    /// unparseable 8 MiB body, say) are cut to this and flagged with their size
+    /// (`pulse-original-size`), so the record always fits the broker's message limit
+    /// (librdkafka's `message.max.bytes`, 1,000,000 by default, headers included).
+    #[arg(
+        long = "max-dlq-original-bytes",
+        env = "PULSE_INGEST_MAX_DLQ_ORIGINAL_BYTES",
+        default_value_t = 900 * 1024
+    )]
+    pub max_dlq_original_bytes: usize,
     /// Maximum size of one event, bytes.
     #[arg(long = "max-event-bytes", env = "PULSE_INGEST_MAX_EVENT_BYTES", default_value_t = 32 * 1024)]
     pub max_event_bytes: usize,
@@ -168,7 +188,7 @@ pub struct Config {
         hide_env_values = true,
         hide_default_value = true
     )]
-    pub pii_hmac_key: String,
+    pub pii_hmac_key: Secret,
     /// File holding the HMAC key for hashed PII.
     #[arg(long = "pii-hmac-key-file", env = "PULSE_INGEST_PII_HMAC_KEY_FILE")]
     pub pii_hmac_key_file: Option<PathBuf>,
@@ -208,21 +228,9 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
 }
 
-impl std::fmt::Debug for Config {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Config")
-            .field("http_addr", &self.http_addr)
-            .field("grpc_addr", &self.grpc_addr)
-            .field("api_keys", &"<redacted>")
-            .field("pii_hmac_key", &"<redacted>")
-            .field("events_topic", &self.events_topic)
-            .finish_non_exhaustive()
-    }
-}
-
 impl Config {
     fn api_keys_resolved(&self) -> Result<ApiKeys, String> {
-        let mut keys = ApiKeys::parse(&self.api_keys)?;
+        let mut keys = ApiKeys::parse(self.api_keys.expose())?;
         if let Some(path) = &self.api_keys_file {
             keys.extend(ApiKeys::from_file(path)?);
         }
@@ -234,7 +242,7 @@ impl Config {
             Some(path) => std::fs::read(path)
                 .map(|k| k.trim_ascii().to_vec())
                 .map_err(|e| format!("reading {}: {e}", path.display())),
-            None => Ok(self.pii_hmac_key.as_bytes().to_vec()),
+            None => Ok(self.pii_hmac_key.expose().as_bytes().to_vec()),
         }
     }
 
@@ -295,6 +303,16 @@ impl Validate for Config {
             self.max_batch_events >= 1,
             "--max-batch-events",
             "must be >= 1",
+        );
+        p.check(
+            (1..=1_000_000).contains(&self.max_dlq_original_bytes),
+            "--max-dlq-original-bytes",
+            "must be between 1 and 1000000 (the broker's default message limit)",
+        );
+        p.check(
+            self.max_stream_events >= self.max_batch_events,
+            "--max-stream-events",
+            "must be >= --max-batch-events",
         );
         p.check(
             self.min_schema_version <= self.max_schema_version,
@@ -370,6 +388,7 @@ pub async fn serve(
             limits: config.limits(),
             max_backpressure_wait: Duration::from_millis(config.max_backpressure_wait_ms),
             in_flight_wait: config.in_flight_wait,
+            max_dlq_original_bytes: config.max_dlq_original_bytes,
         },
         producer,
         framer,
@@ -402,6 +421,7 @@ pub async fn serve(
         keys,
         limiter,
         max_batch_events: config.max_batch_events,
+        max_stream_events: config.max_stream_events,
     };
     let (health_service, reflection) = pulse_platform::grpc::health_and_reflection(
         <IngestServiceServer<grpc::GrpcIngest> as tonic::server::NamedService>::NAME,
@@ -440,6 +460,15 @@ pub async fn run(config: Config, ctx: ServiceContext) -> Result<(), Error> {
         .collect::<Vec<_>>();
     ensure_topics(&config.kafka, &specs).await?;
     let producer = Arc::new(KafkaProducer::new(&config.kafka, "pulse-ingest")?);
+    // A producer that stops delivering (a stalled broker, or one failing every request)
+    // makes ingest not ready and is recreated (see platform::kafka::producer).
+    let watchdog = pulse_platform::kafka::producer::spawn_watchdog(
+        (*producer).clone(),
+        ctx.health.clone(),
+        "kafka-producer",
+        config.kafka.producer_stall_timeout,
+        ctx.shutdown.child_token(),
+    );
     let framer: Arc<dyn Framer> = Arc::new(RegistryEncoder::new(&config.schema_registry_url));
     // Events can be framed once the registry answers and the subject exists.
     let topic = config.events_topic.as_str();
@@ -480,6 +509,7 @@ pub async fn run(config: Config, ctx: ServiceContext) -> Result<(), Error> {
     tracing::info!("draining: no new requests; finishing in-flight ones");
     let result = servers.stop().await;
     depth.abort();
+    watchdog.abort();
     if let Err(e) = producer.flush(Duration::from_secs(30)) {
         tracing::warn!(error = %e, "producer flush at shutdown failed");
     }

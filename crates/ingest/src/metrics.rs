@@ -8,6 +8,7 @@ pub const BATCH_EVENTS: &str = "pulse_ingest_batch_events";
 pub const BODY_BYTES: &str = "pulse_ingest_body_bytes";
 pub const PRODUCE_ACK_SECONDS: &str = "pulse_ingest_batch_ack_seconds";
 pub const DEDUP_SET_SIZE: &str = "pulse_ingest_dedup_set_size";
+pub const DLQ_TRUNCATED_TOTAL: &str = "pulse_ingest_dlq_truncated_total";
 pub const DEDUP_IN_FLIGHT_WAITS_TOTAL: &str = "pulse_ingest_dedup_in_flight_waits_total";
 pub const PRODUCER_QUEUE_DEPTH: &str = "pulse_ingest_producer_queue_depth";
 pub const PII_CHANGES_TOTAL: &str = "pulse_ingest_pii_changes_total";
@@ -27,6 +28,10 @@ pub fn describe() {
         "Time from the start of a batch to the broker acknowledging all its records."
     );
     describe_gauge!(DEDUP_SET_SIZE, "Event ids in this replica's dedup set.");
+    describe_counter!(
+        DLQ_TRUNCATED_TOTAL,
+        "DLQ records whose original was longer than --max-dlq-original-bytes and was cut (flagged with pulse-original-size)."
+    );
     describe_counter!(
         DEDUP_IN_FLIGHT_WAITS_TOTAL,
         "Waits for an earlier attempt of the same event id that was still waiting for the broker, by outcome (settled, timeout: answered 503)."

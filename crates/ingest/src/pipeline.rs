@@ -154,6 +154,9 @@ pub struct PipelineConfig {
     /// How long a request may wait for an earlier attempt of one of its event ids that
     /// is still waiting for the broker, before it is answered 503 (retry later).
     pub in_flight_wait: Duration,
+    /// Most bytes of an original a DLQ record keeps (below the broker's message limit);
+    /// longer originals are cut and flagged with `pulse-original-size`.
+    pub max_dlq_original_bytes: usize,
 }
 
 /// The intake pipeline; cheap to clone.
@@ -265,7 +268,17 @@ impl Ingestor {
         h = headers::with_str(h, headers::ERROR_CODE, code);
         h = headers::with_str(h, headers::ERROR_DETAIL, detail);
         h = headers::with_str(h, "pulse-source", source);
-        OutRecord::new(&self.inner.cfg.dlq_topic, key, original.to_vec()).with_headers(h)
+        // An original longer than the broker takes would make every attempt fail (and the
+        // client retry forever): keep its first bytes, flagged with the original's size.
+        let keep = self.inner.cfg.max_dlq_original_bytes;
+        let kept = if original.len() > keep {
+            h = headers::with_str(h, headers::ORIGINAL_SIZE, &original.len().to_string());
+            metrics::counter!(m::DLQ_TRUNCATED_TOTAL).increment(1);
+            &original[..keep]
+        } else {
+            original
+        };
+        OutRecord::new(&self.inner.cfg.dlq_topic, key, kept.to_vec()).with_headers(h)
     }
 
     async fn enqueue(&self, rec: OutRecord) -> Result<AckFuture, IngestError> {
@@ -561,6 +574,7 @@ mod tests {
                 limits: Limits::default(),
                 max_backpressure_wait: Duration::from_millis(20),
                 in_flight_wait: Duration::from_millis(500),
+                max_dlq_original_bytes: 64,
             },
             producer,
             Arc::new(FixedSchemaId(7)),
@@ -736,5 +750,41 @@ mod tests {
             names.contains(&headers::EVENT_ID) && names.contains(&headers::INGEST_TS),
             "{names:?}"
         );
+    }
+
+    fn header_of<'a>(rec: &'a OutRecord, name: &str) -> Option<&'a [u8]> {
+        rdkafka::message::Headers::iter(&rec.headers)
+            .find(|h| h.key == name)
+            .and_then(|h| h.value)
+    }
+
+    #[tokio::test]
+    async fn a_dlq_original_longer_than_the_limit_is_cut_and_flagged_with_its_size() {
+        let p = Arc::new(FakeProducer::default());
+        let i = ingestor(p.clone()); // keeps at most 64 bytes
+        let long = format!("{{\"event_id\": \"{}\"}}", "x".repeat(200));
+        let short = b"{\"event_id\": 1}".to_vec();
+        let r = i
+            .ingest(
+                "src",
+                "http",
+                vec![
+                    Incoming::json(long.clone().into_bytes()),
+                    Incoming::json(short.clone()),
+                ],
+                opentelemetry::Context::new(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.rejected, 2);
+        let sent = p.sent.lock().unwrap();
+        assert_eq!(sent.len(), 2);
+        assert_eq!(sent[0].payload, long.as_bytes()[..64].to_vec());
+        assert_eq!(
+            header_of(&sent[0], headers::ORIGINAL_SIZE),
+            Some(long.len().to_string().as_bytes())
+        );
+        assert_eq!(sent[1].payload, short, "a short original is kept unchanged");
+        assert_eq!(header_of(&sent[1], headers::ORIGINAL_SIZE), None);
     }
 }

@@ -1,8 +1,9 @@
 //! The admin HTTP server every service runs: `/metrics` (Prometheus text), `/livez`
 //! (the process is up) and `/readyz` (ready for traffic; 503 once draining starts).
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use axum::{Router, extract::State, http::StatusCode, routing::get};
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -19,6 +20,8 @@ pub struct Health {
 struct HealthInner {
     ready: AtomicBool,
     draining: AtomicBool,
+    /// Why parts of the service cannot do their work right now (see [`Health::block`]).
+    blocked: Mutex<BTreeMap<&'static str, String>>,
 }
 
 impl Health {
@@ -37,7 +40,34 @@ impl Health {
         self.inner.draining.load(Ordering::SeqCst)
     }
     pub fn is_ready(&self) -> bool {
-        self.inner.ready.load(Ordering::SeqCst) && !self.is_draining()
+        self.inner.ready.load(Ordering::SeqCst) && !self.is_draining() && self.blocked().is_none()
+    }
+    /// `component` cannot do its work for `reason` (e.g. a sink refusing every write):
+    /// readiness answers 503 with the reason until [`Health::unblock`] (or a new reason
+    /// replaces this one).
+    pub fn block(&self, component: &'static str, reason: impl Into<String>) {
+        self.blocked_map().insert(component, reason.into());
+    }
+    /// `component` works again.
+    pub fn unblock(&self, component: &'static str) {
+        self.blocked_map().remove(component);
+    }
+    /// The blocked components and their reasons (`"sink: reason; ..."`), if any.
+    pub fn blocked(&self) -> Option<String> {
+        let map = self.blocked_map();
+        (!map.is_empty()).then(|| {
+            map.iter()
+                .map(|(c, r)| format!("{c}: {r}"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        })
+    }
+    fn blocked_map(&self) -> std::sync::MutexGuard<'_, BTreeMap<&'static str, String>> {
+        // The map stays consistent even if a holder panicked (single inserts and removes).
+        self.inner
+            .blocked
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -68,13 +98,18 @@ async fn render_metrics(
     )
 }
 
-async fn readyz(State(s): State<AdminState>) -> (StatusCode, &'static str) {
+async fn readyz(State(s): State<AdminState>) -> (StatusCode, String) {
     if s.health.is_draining() {
-        (StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+        (StatusCode::SERVICE_UNAVAILABLE, "draining\n".into())
+    } else if let Some(reasons) = s.health.blocked() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("blocked: {reasons}\n"),
+        )
     } else if s.health.is_ready() {
-        (StatusCode::OK, "ready\n")
+        (StatusCode::OK, "ready\n".into())
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "starting\n")
+        (StatusCode::SERVICE_UNAVAILABLE, "starting\n".into())
     }
 }
 
@@ -123,6 +158,19 @@ mod tests {
         );
         health.set_ready(true);
         assert_eq!(get("/readyz").await.status(), 200);
+        health.block("sink", "unknown_table: Code: 60");
+        let r = get("/readyz").await;
+        assert_eq!(r.status(), 503);
+        assert_eq!(
+            r.text().await.unwrap(),
+            "blocked: sink: unknown_table: Code: 60\n"
+        );
+        health.unblock("sink");
+        assert_eq!(
+            get("/readyz").await.status(),
+            200,
+            "ready again once unblocked"
+        );
         health.start_draining();
         let r = get("/readyz").await;
         assert_eq!(r.status(), 503);

@@ -7,6 +7,7 @@
 //! are safe to choose.
 
 use crate::config::{Problems, Validate};
+use crate::secret::Secret;
 
 /// Transport compression between Pulse and ClickHouse.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -17,7 +18,7 @@ pub enum ClickHouseCompression {
     Lz4,
 }
 
-#[derive(Clone, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct ClickHouseConfig {
     /// ClickHouse HTTP endpoint.
     #[arg(
@@ -46,7 +47,7 @@ pub struct ClickHouseConfig {
         default_value = "",
         hide_env_values = true
     )]
-    pub password: String,
+    pub password: Secret,
     /// Transport compression (`none` is required for ClickHouse 18.16).
     #[arg(
         id = "clickhouse_compression",
@@ -65,33 +66,13 @@ pub struct ClickHouseConfig {
     pub validation: bool,
 }
 
-impl std::fmt::Debug for ClickHouseConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClickHouseConfig")
-            .field("url", &self.url)
-            .field("database", &self.database)
-            .field("user", &self.user)
-            .field(
-                "password",
-                &if self.password.is_empty() {
-                    ""
-                } else {
-                    "<redacted>"
-                },
-            )
-            .field("compression", &self.compression)
-            .field("validation", &self.validation)
-            .finish()
-    }
-}
-
 impl Default for ClickHouseConfig {
     fn default() -> Self {
         Self {
             url: "http://127.0.0.1:8123".into(),
             database: "pulse".into(),
             user: "default".into(),
-            password: String::new(),
+            password: Secret::default(),
             compression: ClickHouseCompression::None,
             validation: false,
         }
@@ -109,7 +90,7 @@ impl ClickHouseConfig {
         clickhouse::Client::default()
             .with_url(&self.url)
             .with_user(&self.user)
-            .with_password(&self.password)
+            .with_password(self.password.expose())
             .with_compression(match self.compression {
                 ClickHouseCompression::None => clickhouse::Compression::None,
                 ClickHouseCompression::Lz4 => clickhouse::Compression::Lz4,

@@ -12,6 +12,7 @@ pub mod http;
 pub mod kafka;
 pub mod metrics;
 pub mod s3;
+pub mod secret;
 pub mod service;
 pub mod shutdown;
 pub mod telemetry;

@@ -17,6 +17,7 @@ pub const KAFKA_PRODUCED_TOTAL: &str = "pulse_kafka_produced_records_total";
 pub const KAFKA_PRODUCE_ERRORS_TOTAL: &str = "pulse_kafka_produce_errors_total";
 pub const KAFKA_PRODUCE_BACKPRESSURE_TOTAL: &str = "pulse_kafka_produce_backpressure_total";
 pub const KAFKA_PRODUCE_ACK_SECONDS: &str = "pulse_kafka_produce_ack_seconds";
+pub const KAFKA_PRODUCER_RECREATED_TOTAL: &str = "pulse_kafka_producer_recreated_total";
 pub const KAFKA_CONSUMER_LAG: &str = "pulse_kafka_consumer_lag_records";
 pub const KAFKA_PROCESSING_LAG: &str = "pulse_kafka_consumer_processing_lag_records";
 pub const KAFKA_CONSUMED_TOTAL: &str = "pulse_kafka_consumed_records_total";
@@ -84,6 +85,10 @@ fn describe() {
         KAFKA_PRODUCE_ACK_SECONDS,
         Unit::Seconds,
         "Time from enqueue to broker acknowledgement."
+    );
+    describe_counter!(
+        KAFKA_PRODUCER_RECREATED_TOTAL,
+        "Kafka producer clients replaced because they could not deliver (a fatal error, or no acknowledgement for the stall timeout)."
     );
     describe_gauge!(
         KAFKA_CONSUMER_LAG,

@@ -8,8 +8,9 @@ use object_store::ObjectStore;
 use object_store::aws::AmazonS3Builder;
 
 use crate::config::{Problems, Validate};
+use crate::secret::Secret;
 
-#[derive(Clone, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct S3Config {
     /// S3 endpoint URL; empty means AWS's regional endpoint.
     #[arg(
@@ -35,7 +36,7 @@ pub struct S3Config {
         default_value = "pulse-dev-access",
         hide_env_values = true
     )]
-    pub access_key: String,
+    pub access_key: Secret,
     /// Secret key; prefer the environment variable. Never logged.
     #[arg(
         long = "s3-secret-key",
@@ -43,24 +44,10 @@ pub struct S3Config {
         default_value = "pulse-dev-secret",
         hide_env_values = true
     )]
-    pub secret_key: String,
+    pub secret_key: Secret,
     /// Path-style addressing (`endpoint/bucket/key`), as s3s-fs and MinIO need.
     #[arg(long = "s3-path-style", env = "PULSE_S3_PATH_STYLE", default_value_t = true, action = clap::ArgAction::Set)]
     pub path_style: bool,
-}
-
-impl std::fmt::Debug for S3Config {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("S3Config")
-            .field("endpoint", &self.endpoint)
-            .field("bucket", &self.bucket)
-            .field("prefix", &self.prefix)
-            .field("region", &self.region)
-            .field("access_key", &"<redacted>")
-            .field("secret_key", &"<redacted>")
-            .field("path_style", &self.path_style)
-            .finish()
-    }
 }
 
 impl S3Config {
@@ -69,8 +56,8 @@ impl S3Config {
         let mut b = AmazonS3Builder::new()
             .with_bucket_name(&self.bucket)
             .with_region(&self.region)
-            .with_access_key_id(&self.access_key)
-            .with_secret_access_key(&self.secret_key)
+            .with_access_key_id(self.access_key.expose())
+            .with_secret_access_key(self.secret_key.expose())
             .with_virtual_hosted_style_request(!self.path_style);
         if !self.endpoint.is_empty() {
             b = b

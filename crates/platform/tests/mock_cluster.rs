@@ -145,3 +145,80 @@ async fn the_group_resumes_after_the_last_offset_marked_durable() {
     assert_eq!(offset, 5, "resumes at the first record not marked durable");
     assert_eq!(payload, b"payload-5");
 }
+
+/// Polls `cond` every 20 ms for at most `within`.
+async fn eventually(within: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + within;
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_producer_whose_deliveries_all_fail_is_reported_and_a_recreated_one_delivers() {
+    use pulse_platform::Health;
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+
+    let c = cluster("stall", 1);
+    let mut cfg = KafkaConfig::for_brokers(c.bootstrap_servers());
+    cfg.message_timeout_ms = 2_000;
+    let p = KafkaProducer::new(&cfg, "test").unwrap();
+    p.enqueue(record("stall", 0)).unwrap().await.unwrap();
+    assert!(
+        p.unhealthy(Duration::ZERO).is_none(),
+        "healthy after an ack"
+    );
+
+    // The broker answers every produce request with an error (as a broker whose storage
+    // fails every request does).
+    c.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 500],
+    );
+    let health = Health::default();
+    health.set_ready(true);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let stall = Duration::from_millis(300);
+    let watchdog = pulse_platform::kafka::producer::spawn_watchdog(
+        p.clone(),
+        health.clone(),
+        "kafka-producer",
+        stall,
+        stop.clone(),
+    );
+    let failed = p.enqueue(record("stall", 1)).unwrap().await;
+    assert!(failed.is_err(), "{failed:?}");
+    eventually(Duration::from_secs(10), "readiness to be blocked", || {
+        health.blocked().is_some()
+    })
+    .await;
+    assert!(!health.is_ready());
+    let reason = health.blocked().unwrap();
+    assert!(reason.contains("kafka-producer"), "{reason}");
+    eventually(Duration::from_secs(10), "a recreated client", || {
+        p.recreated() >= 1
+    })
+    .await;
+
+    // The broker works again: the (recreated) producer delivers and readiness returns.
+    c.clear_request_errors(RDKafkaApiKey::Produce);
+    let mut delivered = false;
+    for i in 2..50 {
+        if p.enqueue(record("stall", i)).unwrap().await.is_ok() {
+            delivered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(delivered, "no delivery after the broker recovered");
+    eventually(Duration::from_secs(10), "readiness to return", || {
+        health.is_ready()
+    })
+    .await;
+    stop.cancel();
+    watchdog.await.unwrap();
+}

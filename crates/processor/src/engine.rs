@@ -52,6 +52,17 @@ pub struct Checkpoint {
     /// record's session was already final.
     #[serde(default)]
     pub open_sessions: std::collections::BTreeMap<String, i64>,
+    /// Users of `open_sessions` whose earliest open session continues one already final
+    /// (cut at the maximum session duration): a new event of theirs before that start is
+    /// late, as it was before the restart. Absent in checkpoints written before the maximum
+    /// existed (no session was ever cut then).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeSet::is_empty")]
+    pub continued_sessions: std::collections::BTreeSet<String>,
+    /// The maximum session duration the open sessions were cut with; None in checkpoints
+    /// written before it existed (no maximum). A different value at restore is a rules
+    /// change (see the README).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_session_ms: Option<i64>,
 }
 
 /// A partition being replayed after a restore.
@@ -111,11 +122,28 @@ impl Engine {
         }
     }
 
+    /// The engine with sessions cut at `max_session_ms` instead of the default
+    /// ([`crate::model::DEFAULT_MAX_SESSION_MS`]).
+    pub fn with_max_session_ms(mut self, max_session_ms: i64) -> Self {
+        self.sessions = Sessions::with_max_session_ms(self.cfg, max_session_ms);
+        self
+    }
+
+    /// The maximum session duration in force, ms.
+    pub fn max_session_ms(&self) -> i64 {
+        self.sessions.max_session_ms()
+    }
+
     /// Continues `partition` from its last checkpoint: restores its event-time progress and
     /// remembers which records a replay re-reads.
     pub fn restore(&mut self, partition: i32, cp: Checkpoint, now_ms: i64) {
         if let Some(t) = cp.max_event_ms {
             self.watermarks.observe(partition, t, now_ms);
+        }
+        for user in &cp.continued_sessions {
+            if let Some(start) = cp.open_sessions.get(user) {
+                self.sessions.restore_continuation(user, *start, partition);
+            }
         }
         self.replays.insert(
             partition,
@@ -148,6 +176,8 @@ impl Engine {
             max_event_ms: self.watermarks.max_event_time(partition),
             closed_watermark: self.high_watermark,
             open_sessions: self.sessions.open_starts(partition),
+            continued_sessions: self.sessions.continued(partition),
+            max_session_ms: Some(self.sessions.max_session_ms()),
         })
     }
 
@@ -275,6 +305,24 @@ impl Engine {
             Some(o) => Some(o),
             None => self.last_offset.get(&partition).map(|o| o + 1),
         }
+    }
+
+    /// How far, in event time, `partition`'s commit is held back: the watermark minus the
+    /// earliest start of an open window or session holding its records (0 when none is
+    /// open; None before a watermark). An open window starts less than window +
+    /// allowed lateness before the watermark, an open session less than the maximum
+    /// session duration + gap + allowed lateness, so this is bounded by configuration
+    /// (only future-dated events, which never move the watermark, can hold longer).
+    pub fn commit_hold_ms(&self, partition: i32) -> Option<i64> {
+        let wm = self.high_watermark?;
+        let earliest = [
+            self.windows.min_open_start(partition),
+            self.sessions.min_open_start(partition),
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        Some(earliest.map_or(0, |start| wm.saturating_sub(start).max(0)))
     }
 
     pub fn watermark(&self) -> Option<i64> {
@@ -447,5 +495,158 @@ mod tests {
                 .iter()
                 .all(|x| x.user_id == "b")
         );
+    }
+
+    /// Final sessions by id (the sinks keep the highest version of each).
+    fn final_sessions(v: &[Session]) -> std::collections::BTreeMap<String, Session> {
+        let mut m: std::collections::BTreeMap<String, Session> = Default::default();
+        for s in v.iter().filter(|s| s.r#final) {
+            if m.get(&s.session_id).is_none_or(|b| b.version < s.version) {
+                m.insert(s.session_id.clone(), s.clone());
+            }
+        }
+        m
+    }
+
+    #[test]
+    fn an_always_active_user_no_longer_pins_the_resume_offset() {
+        // A user with an event every 10 s for two hours: never a gap of 30 s.
+        let max = 120_000;
+        let mut e = Engine::new(cfg()).with_max_session_ms(max);
+        e.assign(0, 0);
+        let bound = max + cfg().session_gap_ms + cfg().allowed_lateness_ms;
+        for i in 0..720 {
+            e.process(&ev(i, "a", 1_000 + i * 10_000), 0);
+            e.emit(0, false);
+            let hold = e.commit_hold_ms(0).unwrap();
+            assert!(hold <= bound, "hold {hold} ms at offset {i}");
+        }
+        // The resume offset follows: at most (bound + out-of-orderness) / 10 s behind.
+        let held = e.last_offset(0).unwrap() + 1 - e.resume_offset(0).unwrap();
+        assert!(held <= 17, "{held} records held");
+        assert!(e.open_sessions() <= 2);
+    }
+
+    #[test]
+    fn the_cut_is_the_same_after_a_restart_from_a_checkpoint() {
+        let cfg = cfg();
+        let max = 60_000;
+        let s = 1_000;
+        // a: one run cut at 61 s (first session 1..60 s, the next from 70 s); the first
+        // is final at 105 s; then an event at 65 s (its window still open) that would move
+        // the second session's start back, which the final first session forbids.
+        let mut events: Vec<InputEvent> = [1, 21, 41, 60, 70, 85, 100, 105, 65, 110, 125, 140]
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| ev(i as i64, "a", t * s))
+            .collect();
+        let n = events.len() as i64;
+        events.push(ev(n, "b", 2_000 * s));
+        let mut full = Engine::new(cfg).with_max_session_ms(max);
+        full.assign(0, 0);
+        let mut want = Vec::new();
+        for x in &events {
+            full.process(x, 0);
+            want.extend(full.emit(0, false).sessions);
+        }
+        let want = final_sessions(&want);
+        let a: Vec<(i64, i64, u64)> = want
+            .values()
+            .filter(|x| x.user_id == "a")
+            .map(|x| (x.start_ms, x.end_ms, x.event_count))
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        assert_eq!(
+            a,
+            vec![(s, 60 * s, 4), (70 * s, 125 * s, 6), (140 * s, 140 * s, 1)]
+        );
+
+        for stop in 1..events.len() {
+            let mut first = Engine::new(cfg).with_max_session_ms(max);
+            first.assign(0, 0);
+            let mut got = Vec::new();
+            for x in &events[..stop] {
+                first.process(x, 0);
+                got.extend(first.emit(0, false).sessions);
+            }
+            // Through the checkpoint topic's encoding.
+            let json = serde_json::to_vec(&first.checkpoint(0).unwrap()).unwrap();
+            let cp: Checkpoint = serde_json::from_slice(&json).unwrap();
+            let mut next = Engine::new(cfg).with_max_session_ms(max);
+            next.assign(0, 0);
+            next.restore(0, cp.clone(), 0);
+            for x in &events[cp.resume_offset as usize..] {
+                next.process(x, 0);
+                got.extend(next.emit(0, false).sessions);
+            }
+            assert_eq!(final_sessions(&got), want, "restart after {stop} events");
+        }
+    }
+
+    #[test]
+    fn an_old_checkpoint_holding_a_session_longer_than_the_maximum_is_cut_on_replay() {
+        let max = 120_000;
+        // a, active every 10 s from 1 s to 591 s: the previous version (no maximum) kept
+        // one session open since 1 s and wrote this checkpoint after offset 59.
+        let events: Vec<InputEvent> = (0..62)
+            .map(|i| match i {
+                60 => ev(i, "a", 601_000),
+                61 => ev(i, "b", 5_000_000),
+                _ => ev(i, "a", 1_000 + i * 10_000),
+            })
+            .collect();
+        let old = r#"{"resume_offset":0,"last_offset":59,"max_event_ms":591000,"closed_watermark":590000,"open_sessions":{"a":1000}}"#;
+        let cp: Checkpoint = serde_json::from_str(old).unwrap();
+        assert!(cp.continued_sessions.is_empty() && cp.max_session_ms.is_none());
+        let mut e = Engine::new(cfg()).with_max_session_ms(max);
+        e.assign(0, 0);
+        e.restore(0, cp, 0);
+        let mut out = Vec::new();
+        for x in &events {
+            e.process(x, 0);
+            out.extend(e.emit(0, false).sessions);
+        }
+        let got = final_sessions(&out);
+        let a: Vec<&Session> = got.values().filter(|x| x.user_id == "a").collect();
+        let mut spans: Vec<(i64, i64, u64)> = a
+            .iter()
+            .map(|x| (x.start_ms, x.end_ms, x.event_count))
+            .collect();
+        spans.sort();
+        assert_eq!(
+            spans,
+            vec![
+                (1_000, 111_000, 12),
+                (121_000, 231_000, 12),
+                (241_000, 351_000, 12),
+                (361_000, 471_000, 12),
+                (481_000, 591_000, 12),
+                (601_000, 601_000, 1),
+            ]
+        );
+        // The first takes the split id and supersedes the long session's id, whose early
+        // results (with more events, so a higher version) the previous version wrote.
+        let first = a.iter().find(|x| x.start_ms == 1_000).unwrap();
+        assert_eq!(
+            first.session_id,
+            Sessions::split_session_id("a", 1_000, max)
+        );
+        assert!(
+            first
+                .merged_session_ids
+                .contains(&Sessions::session_id("a", 1_000))
+        );
+        // The same as if this version had run from the start.
+        let mut fresh = Engine::new(cfg()).with_max_session_ms(max);
+        fresh.assign(0, 0);
+        let mut all = Vec::new();
+        for x in &events {
+            fresh.process(x, 0);
+            all.extend(fresh.emit(0, false).sessions);
+        }
+        assert_eq!(got, final_sessions(&all));
+        // Its checkpoints now carry the maximum.
+        assert_eq!(e.checkpoint(0).unwrap().max_session_ms, Some(max));
     }
 }

@@ -91,6 +91,17 @@ pub struct Config {
         default_value_t = 1_800_000
     )]
     pub session_gap_ms: i64,
+    /// Maximum session duration (humantime, e.g. `12h`): a user's events with no gap longer
+    /// than the session gap are cut into sessions shorter than this, so an always-active
+    /// user cannot keep one session, and the partition's commit, open forever. Must be
+    /// longer than the session gap.
+    #[arg(
+        long = "max-session-duration",
+        env = "PULSE_PROCESSOR_MAX_SESSION_DURATION",
+        default_value = "24h",
+        value_parser = humantime::parse_duration
+    )]
+    pub max_session_duration: Duration,
     /// Interval of early (non-final) results and of offset storing, ms.
     #[arg(
         long = "emit-interval-ms",
@@ -127,6 +138,11 @@ impl Config {
         }
     }
 
+    /// The maximum session duration in ms (saturating).
+    pub fn max_session_ms(&self) -> i64 {
+        i64::try_from(self.max_session_duration.as_millis()).unwrap_or(i64::MAX)
+    }
+
     pub fn topics(&self) -> run::Topics {
         run::Topics {
             events: self.events_topic.clone(),
@@ -156,6 +172,11 @@ impl Validate for Config {
             "must be >= 0",
         );
         p.check(self.session_gap_ms >= 1, "--session-gap-ms", "must be >= 1");
+        p.check(
+            self.max_session_ms() > self.session_gap_ms,
+            "--max-session-duration",
+            "must be longer than the session gap (--session-gap-ms)",
+        );
         p.check(
             self.emit_interval_ms >= 10,
             "--emit-interval-ms",
@@ -215,7 +236,7 @@ pub async fn build(config: &Config) -> Result<run::Processor, Error> {
         }
     });
     Ok(run::Processor {
-        engine: engine::Engine::new(config.time()),
+        engine: engine::Engine::new(config.time()).with_max_session_ms(config.max_session_ms()),
         consumer,
         rebalances,
         producer,
@@ -227,6 +248,7 @@ pub async fn build(config: &Config) -> Result<run::Processor, Error> {
             group: config.group_id.clone(),
             input_topic: config.events_topic.clone(),
             kafka: config.kafka.clone(),
+            generations: Default::default(),
         },
         written: Default::default(),
     })
@@ -266,4 +288,54 @@ pub async fn run(config: Config, ctx: ServiceContext) -> Result<(), Error> {
     let stop = ctx.shutdown.child_token();
     processor.run(stop).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    fn parse(args: &[&str]) -> Config {
+        Config::try_parse_from(std::iter::once("pulse-processor").chain(args.iter().copied()))
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn problems(c: &Config) -> String {
+        let mut p = Problems::default();
+        c.validate(&mut p);
+        p.into_result()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn the_maximum_session_duration_is_a_humantime_flag_defaulting_to_a_day() {
+        let c = parse(&[]);
+        assert_eq!(c.max_session_ms(), 24 * 3_600_000);
+        assert_eq!(problems(&c), "");
+        let c = parse(&["--max-session-duration", "12h"]);
+        assert_eq!(c.max_session_ms(), 12 * 3_600_000);
+        assert!(
+            Config::try_parse_from(["pulse-processor", "--max-session-duration", "12"]).is_err()
+        );
+    }
+
+    #[test]
+    fn a_maximum_session_duration_not_longer_than_the_gap_is_refused() {
+        let c = parse(&["--max-session-duration", "30m"]);
+        assert!(
+            problems(&c).contains("--max-session-duration"),
+            "{}",
+            problems(&c)
+        );
+        let c = parse(&[
+            "--max-session-duration",
+            "30m",
+            "--session-gap-ms",
+            "600000",
+        ]);
+        assert_eq!(problems(&c), "");
+    }
 }

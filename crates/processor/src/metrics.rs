@@ -12,6 +12,7 @@ pub const EMIT_SECONDS: &str = "pulse_processor_emit_seconds";
 pub const LAST_EVENT_TIME_MS: &str = "pulse_processor_last_event_time_ms";
 pub const PARTITION_WATERMARK_MS: &str = "pulse_processor_partition_watermark_ms";
 pub const HELD_RECORDS: &str = "pulse_processor_held_records";
+pub const COMMIT_HOLD_SECONDS: &str = "pulse_processor_commit_hold_seconds";
 pub const CORRECTIONS_TOTAL: &str = "pulse_processor_corrections_total";
 pub const EMISSIONS_IN_FLIGHT: &str = "pulse_processor_emissions_in_flight";
 
@@ -50,6 +51,11 @@ pub fn describe() {
     describe_gauge!(
         HELD_RECORDS,
         "Records of a partition after its resume offset: re-read after a crash or rebalance because an open window or session still needs them."
+    );
+    describe_gauge!(
+        COMMIT_HOLD_SECONDS,
+        metrics::Unit::Seconds,
+        "Per partition, the event time between the watermark and the start of the oldest open window or session holding its records: how far back a restart replays. At most the maximum session duration + session gap + allowed lateness (or window + allowed lateness if longer)."
     );
     describe_counter!(
         CORRECTIONS_TOTAL,

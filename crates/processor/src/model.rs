@@ -69,6 +69,12 @@ impl Default for TimeConfig {
     }
 }
 
+/// Default maximum session duration (24 h): a user's run of events with no gap longer than
+/// the session gap is cut into sessions shorter than this (see `session`). Kept out of
+/// [`TimeConfig`], which other crates build field by field; the engine takes it with
+/// `Engine::with_max_session_ms`.
+pub const DEFAULT_MAX_SESSION_MS: i64 = 24 * 3_600_000;
+
 /// Whether an event was taken into state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admit {

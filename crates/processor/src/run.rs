@@ -256,7 +256,23 @@ impl Processor {
                 for p in mine {
                     self.engine.assign(p, now_ms());
                     if let Some(cp) = checkpoints.get(&p) {
-                        tracing::info!(partition = p, ?cp, "continuing from checkpoint");
+                        tracing::info!(
+                            partition = p,
+                            resume_offset = cp.resume_offset,
+                            last_offset = cp.last_offset,
+                            max_event_ms = cp.max_event_ms,
+                            closed_watermark = cp.closed_watermark,
+                            open_sessions = cp.open_sessions.len(),
+                            "continuing from checkpoint"
+                        );
+                        if cp.max_session_ms != Some(self.engine.max_session_ms()) {
+                            tracing::warn!(
+                                partition = p,
+                                checkpoint_max_session_ms = cp.max_session_ms,
+                                max_session_ms = self.engine.max_session_ms(),
+                                "the maximum session duration differs from the checkpoint's: open sessions are re-cut by the new maximum"
+                            );
+                        }
                         self.engine.restore(p, cp.clone(), now_ms());
                         self.written.insert(p, cp.clone());
                     }
@@ -380,6 +396,10 @@ impl Processor {
                 metrics::gauge!(m::PARTITION_WATERMARK_MS, "partition" => label.clone())
                     .set(wm as f64);
             }
+            if let Some(hold) = self.engine.commit_hold_ms(*p) {
+                metrics::gauge!(m::COMMIT_HOLD_SECONDS, "partition" => label.clone())
+                    .set(hold as f64 / 1000.0);
+            }
             if let Some(resume) = self.engine.resume_offset(*p) {
                 emission.resumes.push((*p, resume));
                 if let Some(last) = self.engine.last_offset(*p) {
@@ -414,7 +434,7 @@ impl Processor {
         let mut acks = Vec::new();
         for (p, cp) in &emission.checkpoints {
             if pipe.assigned.contains(p) && self.written.get(p) != Some(cp) {
-                acks.push(
+                acks.extend(
                     self.checkpoints
                         .write(&self.producer, *p, cp)
                         .await

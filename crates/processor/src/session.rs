@@ -1,16 +1,37 @@
-//! Gap-based session windows per user, in event time.
+//! Gap-based session windows per user, in event time, with a maximum duration.
 //!
-//! A session is a maximal run of one user's events whose consecutive event times are at
-//! most `session_gap_ms` apart. Open sessions of a user are kept sorted by start and are
-//! always more than a gap apart; an event within a gap of one extends it, an event within a
-//! gap of two bridges (merges) them. Everything here is pure logic: no I/O, no clocks.
+//! A user's events whose consecutive event times are at most `session_gap_ms` apart form a
+//! run. A run is cut into sessions of less than `max_session_ms` each: the first session
+//! starts at the run's first event, and the first event at or after a session's start +
+//! `max_session_ms` starts the next one, so a session covers event times
+//! `[start, start + max_session_ms)` and a user who is never idle still gets sessions that
+//! end. The cut depends only on the event times of the run, never on arrival order or on
+//! when results were emitted.
+//!
+//! Open sessions of a user are kept sorted by start; sessions of different runs are more
+//! than a gap apart. An event within a gap of one extends it, an event within a gap of two
+//! runs bridges (merges) them, and an event that moves a run's first event back moves
+//! every cut after it. Everything here is pure logic: no I/O, no clocks.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::Arc;
 
 use pulse_contracts::pb::aggregates::v1::Session;
 use sha2::{Digest, Sha256};
 
 use crate::model::{self, Admit, InputEvent, TimeConfig};
+
+/// One event folded into an open session: what a re-cut needs to move it to another
+/// session.
+#[derive(Debug, Clone)]
+struct Ev {
+    t: i64,
+    partition: i32,
+    offset: i64,
+    ingest_ms: i64,
+    page: bool,
+    id: Arc<str>,
+}
 
 /// One open session of a user.
 #[derive(Debug, Clone)]
@@ -19,66 +40,84 @@ struct Open {
     start_ms: i64,
     end_ms: i64,
     page_count: u64,
-    event_count: u64,
-    /// Event ids folded in (deduplication).
-    event_ids: HashSet<String>,
+    /// The events folded in (any order).
+    events: Vec<Ev>,
     /// Per partition: (min offset, max offset) of the events folded in. A user's events
     /// normally come from one partition; keeping a map stays correct if they do not.
     offsets: BTreeMap<i32, (i64, i64)>,
     /// Highest offset folded in, over all partitions (drives the version).
     max_offset: i64,
     last_ingest_ms: i64,
-    /// Ids this session superseded (absorbed sessions, and its own ids before its start
-    /// moved back).
+    /// Ids this session superseded (absorbed sessions, its own ids before its start moved
+    /// back, and its id from before it was closed at the maximum).
     merged: BTreeSet<String>,
+    /// Closed at the maximum duration: the next open session of the user continues the
+    /// same run (it starts within a gap of this one's end).
+    split: bool,
     /// Changed since it was last emitted.
     dirty: bool,
 }
 
 impl Open {
-    fn from_event(event: &InputEvent) -> Self {
-        let t = event.event_time_ms;
-        let mut event_ids = HashSet::new();
-        event_ids.insert(event.event_id.clone());
-        let mut offsets = BTreeMap::new();
-        offsets.insert(event.partition, (event.offset, event.offset));
-        Self {
-            id: Sessions::session_id(&event.user_id, t),
-            start_ms: t,
-            end_ms: t,
-            page_count: u64::from(event.is_page_view()),
-            event_count: 1,
-            event_ids,
-            offsets,
-            max_offset: event.offset,
-            last_ingest_ms: event.ingest_ms,
+    /// A session of `events` (not empty); `split` when a later session continues its run.
+    fn new(user_id: &str, events: Vec<Ev>, split: bool, max_ms: i64) -> Self {
+        let mut open = Self {
+            id: String::new(),
+            start_ms: i64::MAX,
+            end_ms: i64::MIN,
+            page_count: 0,
+            events: Vec::with_capacity(events.len()),
+            offsets: BTreeMap::new(),
+            max_offset: i64::MIN,
+            last_ingest_ms: i64::MIN,
             merged: BTreeSet::new(),
+            split: false,
             dirty: true,
+        };
+        for e in events {
+            open.push(e);
         }
+        open.id = Sessions::session_id(user_id, open.start_ms);
+        if split {
+            open.close_at_max(user_id, max_ms);
+        }
+        open
+    }
+
+    fn push(&mut self, e: Ev) {
+        self.start_ms = self.start_ms.min(e.t);
+        self.end_ms = self.end_ms.max(e.t);
+        self.page_count = self.page_count.saturating_add(u64::from(e.page));
+        let entry = self
+            .offsets
+            .entry(e.partition)
+            .or_insert((e.offset, e.offset));
+        entry.0 = entry.0.min(e.offset);
+        entry.1 = entry.1.max(e.offset);
+        self.max_offset = self.max_offset.max(e.offset);
+        self.last_ingest_ms = self.last_ingest_ms.max(e.ingest_ms);
+        self.events.push(e);
+        self.dirty = true;
+    }
+
+    /// A later session now continues this one's run: it is closed at the maximum, takes
+    /// its split id and supersedes the id it had while it was the run's last session.
+    fn close_at_max(&mut self, user_id: &str, max_ms: i64) {
+        let plain = Sessions::session_id(user_id, self.start_ms);
+        self.id = Sessions::split_session_id(user_id, self.start_ms, max_ms);
+        self.merged.insert(plain);
+        self.merged.remove(&self.id);
+        self.split = true;
+        self.dirty = true;
+    }
+
+    fn event_count(&self) -> u64 {
+        u64::try_from(self.events.len()).unwrap_or(u64::MAX)
     }
 
     /// Whether event time `t` is within `gap` of this session: in [start - gap, end + gap].
     fn near(&self, t: i64, gap: i64) -> bool {
         self.start_ms.saturating_sub(gap) <= t && t <= self.end_ms.saturating_add(gap)
-    }
-
-    /// Folds another session of the same user into this one; its id becomes superseded.
-    fn absorb(&mut self, other: Open) {
-        self.start_ms = self.start_ms.min(other.start_ms);
-        self.end_ms = self.end_ms.max(other.end_ms);
-        self.page_count = self.page_count.saturating_add(other.page_count);
-        self.event_count = self.event_count.saturating_add(other.event_count);
-        self.event_ids.extend(other.event_ids);
-        for (partition, (lo, hi)) in other.offsets {
-            let entry = self.offsets.entry(partition).or_insert((lo, hi));
-            entry.0 = entry.0.min(lo);
-            entry.1 = entry.1.max(hi);
-        }
-        self.max_offset = self.max_offset.max(other.max_offset);
-        self.last_ingest_ms = self.last_ingest_ms.max(other.last_ingest_ms);
-        self.merged.extend(other.merged);
-        self.merged.insert(other.id);
-        self.dirty = true;
     }
 
     fn to_session(&self, user_id: &str, is_final: bool) -> Session {
@@ -89,8 +128,8 @@ impl Open {
             end_ms: self.end_ms,
             duration_ms: self.end_ms.saturating_sub(self.start_ms),
             page_count: self.page_count,
-            event_count: self.event_count,
-            version: model::version(self.max_offset, self.event_count, is_final),
+            event_count: self.event_count(),
+            version: model::version(self.max_offset, self.event_count(), is_final),
             r#final: is_final,
             last_ingest_ms: self.last_ingest_ms,
             merged_session_ids: self.merged.iter().cloned().collect(),
@@ -98,28 +137,66 @@ impl Open {
     }
 }
 
+/// Cuts the events of one run into sessions by the maximum duration: the first event at or
+/// after a session's start + `max_ms` starts the next one.
+fn cut(mut events: Vec<Ev>, max_ms: i64) -> Vec<Vec<Ev>> {
+    events.sort_by_key(|e| (e.t, e.partition, e.offset));
+    let mut out: Vec<Vec<Ev>> = Vec::new();
+    for e in events {
+        match out.last_mut() {
+            Some(s) if e.t < s[0].t.saturating_add(max_ms) => s.push(e),
+            _ => out.push(vec![e]),
+        }
+    }
+    out
+}
+
 /// The end of the user's latest session already emitted final. An event within a gap after
-/// it could only extend a closed session, so it is late.
+/// it could only extend a closed session, so it is late — unless that session was closed
+/// at the maximum and the event is at or after the start of the open session continuing it.
 #[derive(Debug, Clone, Copy)]
 struct Closed {
     end_ms: i64,
     partition: i32,
+    /// Start of the open session that continues the closed one's run (split at the
+    /// maximum).
+    next_start_ms: Option<i64>,
+}
+
+impl Closed {
+    fn reaches(&self, t: i64, gap: i64) -> bool {
+        t <= self.end_ms.saturating_add(gap) && self.next_start_ms.is_none_or(|s| t < s)
+    }
 }
 
 #[derive(Debug, Default)]
 struct UserState {
-    /// Sorted by start; consecutive sessions are more than a gap apart.
+    /// Sorted by start. A session with `split` is followed by the next one of its run;
+    /// sessions of different runs are more than a gap apart.
     open: Vec<Open>,
     closed: Option<Closed>,
+    /// Event ids of the open sessions (deduplication).
+    ids: HashSet<Arc<str>>,
 }
 
-/// Gap-based session windows per user (event time). A session is a maximal run of a user's
-/// events where consecutive event times are at most `session_gap_ms` apart. start_ms =
-/// first event time, end_ms = last event time, duration_ms = end - start, page_count =
-/// page_view events, event_count = all events.
+impl UserState {
+    /// Every superseded id that is some open session's current id again is dropped from
+    /// the lists (a session must never list a live one).
+    fn unlist_current_ids(&mut self) {
+        let current: HashSet<String> = self.open.iter().map(|o| o.id.clone()).collect();
+        for o in &mut self.open {
+            o.merged.retain(|m| !current.contains(m));
+        }
+    }
+}
+
+/// Gap-based session windows per user (event time), cut at a maximum duration. start_ms =
+/// first event time, end_ms = last event time, duration_ms = end - start (< the maximum),
+/// page_count = page_view events, event_count = all events.
 #[derive(Debug)]
 pub struct Sessions {
     cfg: TimeConfig,
+    max_session_ms: i64,
     users: BTreeMap<String, UserState>,
     /// Event times at or below this may touch a finalized session whose record was pruned:
     /// a watermark-late event there is late even if it touches an open session.
@@ -127,12 +204,23 @@ pub struct Sessions {
 }
 
 impl Sessions {
+    /// Sessions with the default maximum duration ([`model::DEFAULT_MAX_SESSION_MS`]).
     pub fn new(cfg: TimeConfig) -> Self {
+        Self::with_max_session_ms(cfg, model::DEFAULT_MAX_SESSION_MS)
+    }
+
+    /// Sessions cut at `max_session_ms` (below 1 is treated as 1).
+    pub fn with_max_session_ms(cfg: TimeConfig, max_session_ms: i64) -> Self {
         Self {
             cfg,
+            max_session_ms: max_session_ms.max(1),
             users: BTreeMap::new(),
             floor_ms: i64::MIN,
         }
+    }
+
+    pub fn max_session_ms(&self) -> i64 {
+        self.max_session_ms
     }
 
     fn gap(&self) -> i64 {
@@ -148,10 +236,28 @@ impl Sessions {
     /// Deterministic session id: "s-" + 32 hex chars of SHA-256 over (user_id, '\0',
     /// start_ms as decimal).
     pub fn session_id(user_id: &str, start_ms: i64) -> String {
+        Self::hash_id(user_id, start_ms, None)
+    }
+
+    /// Deterministic id of a session closed at the maximum duration (a later session of
+    /// the user continues its run): "s-" + 32 hex chars of SHA-256 over (user_id, '\0',
+    /// start_ms, '\0', "max=" max_session_ms). It differs from the session's
+    /// [`Self::session_id`], which it lists in `merged_session_ids`: an earlier result of
+    /// the same start with more events (written before the maximum existed, or under a
+    /// larger one) is superseded instead of outranking the cut session by its version.
+    pub fn split_session_id(user_id: &str, start_ms: i64, max_session_ms: i64) -> String {
+        Self::hash_id(user_id, start_ms, Some(max_session_ms))
+    }
+
+    fn hash_id(user_id: &str, start_ms: i64, max_session_ms: Option<i64>) -> String {
         let mut hasher = Sha256::new();
         hasher.update(user_id.as_bytes());
         hasher.update([0u8]);
         hasher.update(start_ms.to_string().as_bytes());
+        if let Some(max) = max_session_ms {
+            hasher.update([0u8]);
+            hasher.update(format!("max={max}").as_bytes());
+        }
         let digest = hasher.finalize();
         format!("s-{}", hex::encode(&digest[..16]))
     }
@@ -161,14 +267,17 @@ impl Sessions {
     /// of one of the user's open sessions.
     ///
     /// Also late, so that a final session is never contradicted: an event within a gap after
-    /// a session of the user already emitted final (it would extend a closed session), and a
-    /// watermark-late event at or below the floor of pruned final sessions.
+    /// a session of the user already emitted final (it would extend a closed session) —
+    /// unless that session was closed at the maximum and the event is at or after the start
+    /// of the open session continuing it — and a watermark-late event at or below the floor
+    /// of pruned final sessions.
     pub fn is_late(&self, event: &InputEvent, watermark: Option<i64>) -> bool {
         let t = event.event_time_ms;
         let gap = self.gap();
         let state = self.users.get(&event.user_id);
-        if let Some(closed) = state.and_then(|s| s.closed)
-            && t <= closed.end_ms.saturating_add(gap)
+        if state
+            .and_then(|s| s.closed)
+            .is_some_and(|c| c.reaches(t, gap))
         {
             return true;
         }
@@ -187,16 +296,18 @@ impl Sessions {
     pub fn contains(&self, user_id: &str, event_id: &str) -> bool {
         self.users
             .get(user_id)
-            .is_some_and(|s| s.open.iter().any(|o| o.event_ids.contains(event_id)))
+            .is_some_and(|s| s.ids.contains(event_id))
     }
 
     /// Folds the event in: Duplicate (same event id in any of the user's open sessions; an
     /// event already folded in is never reported late) / Late / Added. An event may extend a
-    /// session on either side, start a new session, or bridge two open sessions (its time
-    /// within gap of both) — then they merge into one whose id is the id for its (new)
-    /// start; the ids of the sessions it absorbed are listed in `merged_session_ids`
-    /// (sorted, deduplicated, accumulated across merges). If extending a session backwards
-    /// changes its start, the old id goes to `merged_session_ids` as well.
+    /// run on either side, start a new run, or bridge two open runs (its time within gap of
+    /// both) — then they merge. The run is then cut at the maximum duration (see the module
+    /// doc); a session's id is the id for its start (the split id when it was closed at the
+    /// maximum). Ids a session no longer has — absorbed sessions, a start that moved back,
+    /// a cut that moved — go to `merged_session_ids` (sorted, deduplicated, accumulated
+    /// across merges) of the session holding this event, or of the session keeping that
+    /// start.
     pub fn add(&mut self, event: &InputEvent, watermark: Option<i64>) -> Admit {
         if self.contains(&event.user_id, &event.event_id) {
             return Admit::Duplicate;
@@ -205,23 +316,59 @@ impl Sessions {
             return Admit::Late;
         }
         let gap = self.gap();
+        let max = self.max_session_ms;
         let t = event.event_time_ms;
+        let user = event.user_id.as_str();
+        let ev = Ev {
+            t,
+            partition: event.partition,
+            offset: event.offset,
+            ingest_ms: event.ingest_ms,
+            page: event.is_page_view(),
+            id: Arc::from(event.event_id.as_str()),
+        };
         let state = self.users.entry(event.user_id.clone()).or_default();
-        let (touching, mut rest): (Vec<Open>, Vec<Open>) = std::mem::take(&mut state.open)
-            .into_iter()
-            .partition(|o| o.near(t, gap));
-        let mut session = Open::from_event(event);
-        for other in touching {
-            session.absorb(other);
+        state.ids.insert(ev.id.clone());
+        let open = &mut state.open;
+        let Some(mut lo) = open.iter().position(|o| o.near(t, gap)) else {
+            // A new run.
+            let at = open.partition_point(|o| o.start_ms < t);
+            open.insert(at, Open::new(user, vec![ev], false, max));
+            return Admit::Added;
+        };
+        // The touched sessions are consecutive; widen them to whole runs.
+        let mut hi = lo;
+        while hi + 1 < open.len() && open[hi + 1].near(t, gap) {
+            hi += 1;
         }
-        // The id for the (possibly new) start; an id retired earlier stays retired unless
-        // it is this session's id again.
-        let id = Self::session_id(&event.user_id, session.start_ms);
-        session.merged.remove(&id);
-        session.id = id;
-        let at = rest.partition_point(|o| o.start_ms < session.start_ms);
-        rest.insert(at, session);
-        state.open = rest;
+        while lo > 0 && open[lo - 1].split {
+            lo -= 1;
+        }
+        while open[hi].split && hi + 1 < open.len() {
+            hi += 1;
+        }
+        let one_run = (lo..hi).all(|i| open[i].split);
+        if one_run && t >= open[lo].start_ms {
+            // Within one run, not before its first event: the session whose start is the
+            // latest at or before t.
+            let j = lo + open[lo..=hi].partition_point(|o| o.start_ms <= t) - 1;
+            if t < open[j].start_ms.saturating_add(max) {
+                open[j].push(ev);
+                return Admit::Added;
+            }
+            if j == hi {
+                // The run's last session reached the maximum: this event starts the next.
+                open[j].close_at_max(user, max);
+                open.insert(j + 1, Open::new(user, vec![ev], false, max));
+                return Admit::Added;
+            }
+            // Before the start of the session after j, past j's maximum: it becomes that
+            // session's start, and the cuts after it move.
+            recut(open, j + 1, hi, ev, user, max);
+        } else {
+            recut(open, lo, hi, ev, user, max);
+        }
+        state.unlist_current_ids();
         Admit::Added
     }
 
@@ -237,16 +384,30 @@ impl Sessions {
         let mut floor = self.floor_ms;
         for (user, state) in &mut self.users {
             let mut kept = Vec::with_capacity(state.open.len());
-            for mut open in std::mem::take(&mut state.open) {
+            let mut sessions = std::mem::take(&mut state.open).into_iter().peekable();
+            while let Some(mut open) = sessions.next() {
                 let is_final =
                     watermark.is_some_and(|wm| open.end_ms.saturating_add(horizon) <= wm);
                 if is_final {
                     out.push(open.to_session(user, true));
+                    for e in &open.events {
+                        state.ids.remove(&e.id);
+                    }
                     let partition = open.offsets.keys().next_back().copied().unwrap_or_default();
-                    let end_ms = state
-                        .closed
-                        .map_or(open.end_ms, |c| c.end_ms.max(open.end_ms));
-                    state.closed = Some(Closed { end_ms, partition });
+                    let next_start_ms = if open.split {
+                        sessions.peek().map(|next| next.start_ms)
+                    } else {
+                        None
+                    };
+                    let this = Closed {
+                        end_ms: open.end_ms,
+                        partition,
+                        next_start_ms,
+                    };
+                    state.closed = Some(match state.closed {
+                        Some(c) if c.end_ms > open.end_ms => c,
+                        _ => this,
+                    });
                 } else {
                     if early && open.dirty {
                         out.push(open.to_session(user, false));
@@ -282,10 +443,20 @@ impl Sessions {
             .min()
     }
 
+    /// Earliest start of an open session holding records of `partition`, None if none.
+    pub fn min_open_start(&self, partition: i32) -> Option<i64> {
+        self.users
+            .values()
+            .flat_map(|s| s.open.iter())
+            .filter(|o| o.offsets.contains_key(&partition))
+            .map(|o| o.start_ms)
+            .min()
+    }
+
     /// Per user with an open session holding records of `partition`: the earliest start of
     /// those sessions (for checkpoints: a replayed record at or after it belongs to a session
     /// that was still open).
-    pub fn open_starts(&self, partition: i32) -> std::collections::BTreeMap<String, i64> {
+    pub fn open_starts(&self, partition: i32) -> BTreeMap<String, i64> {
         self.users
             .iter()
             .filter_map(|(user, s)| {
@@ -299,11 +470,63 @@ impl Sessions {
             .collect()
     }
 
-    /// Drops the open sessions of `partition` (revoked in a rebalance), and the records of
-    /// the partition's final sessions.
+    /// Users among [`Self::open_starts`] whose earliest open session continues one already
+    /// final (cut at the maximum): after a restart an event before that session's start is
+    /// still late (see [`Self::restore_continuation`]).
+    pub fn continued(&self, partition: i32) -> BTreeSet<String> {
+        self.users
+            .iter()
+            .filter(|(_, s)| {
+                let first = s
+                    .open
+                    .iter()
+                    .filter(|o| o.offsets.contains_key(&partition))
+                    .map(|o| o.start_ms)
+                    .min();
+                first.is_some() && s.closed.and_then(|c| c.next_start_ms) == first
+            })
+            .map(|(user, _)| user.clone())
+            .collect()
+    }
+
+    /// After a restart: `user`'s session starting at `start_ms` continues a session already
+    /// final (cut at the maximum), so an event before `start_ms` is late, as it was before.
+    pub fn restore_continuation(&mut self, user_id: &str, start_ms: i64, partition: i32) {
+        let gap = self.gap();
+        let state = self.users.entry(user_id.to_owned()).or_default();
+        state.closed = Some(Closed {
+            end_ms: start_ms.saturating_sub(gap),
+            partition,
+            next_start_ms: Some(start_ms),
+        });
+    }
+
+    /// Drops the open sessions of `partition` (revoked in a rebalance) — a whole run when
+    /// any of its sessions holds records of it — and the records of the partition's final
+    /// sessions.
     pub fn revoke(&mut self, partition: i32) {
         for state in self.users.values_mut() {
-            state.open.retain(|o| !o.offsets.contains_key(&partition));
+            let mut kept: Vec<Open> = Vec::with_capacity(state.open.len());
+            let mut run: Vec<Open> = Vec::new();
+            for o in std::mem::take(&mut state.open) {
+                let ends_run = !o.split;
+                run.push(o);
+                if ends_run {
+                    if !run.iter().any(|o| o.offsets.contains_key(&partition)) {
+                        kept.append(&mut run);
+                    }
+                    run.clear();
+                }
+            }
+            if !run.iter().any(|o| o.offsets.contains_key(&partition)) {
+                kept.append(&mut run);
+            }
+            state.open = kept;
+            state.ids = state
+                .open
+                .iter()
+                .flat_map(|o| o.events.iter().map(|e| e.id.clone()))
+                .collect();
             if state.closed.is_some_and(|c| c.partition == partition) {
                 state.closed = None;
             }
@@ -315,6 +538,59 @@ impl Sessions {
     pub fn open_count(&self) -> usize {
         self.users.values().map(|s| s.open.len()).sum()
     }
+}
+
+/// Re-cuts sessions `lo..=hi` of `open` (whole runs, or the tail of one run) with the new
+/// event `ev` into one run's sessions. A new session with the start of an old one keeps its
+/// superseded ids (and lists the old id if its id changed); the ids of old sessions whose
+/// start is no longer a start go to the session holding `ev`.
+fn recut(open: &mut Vec<Open>, lo: usize, hi: usize, ev: Ev, user: &str, max: i64) {
+    let new_t = ev.t;
+    let old: Vec<Open> = open.drain(lo..=hi).collect();
+    let mut events: Vec<Ev> = Vec::new();
+    let mut shells: Vec<(i64, String, BTreeSet<String>, u64, bool)> = Vec::new();
+    for o in old {
+        let count = o.event_count();
+        shells.push((o.start_ms, o.id, o.merged, count, o.dirty));
+        events.extend(o.events);
+    }
+    events.push(ev);
+    let groups = cut(events, max);
+    let n = groups.len();
+    let mut sessions: Vec<Open> = groups
+        .into_iter()
+        .enumerate()
+        .map(|(i, g)| Open::new(user, g, i + 1 < n, max))
+        .collect();
+    let holder = sessions
+        .partition_point(|s| s.start_ms <= new_t)
+        .saturating_sub(1);
+    let mut retired = BTreeSet::new();
+    for (start, id, merged, count, dirty) in shells {
+        match sessions.iter_mut().find(|s| s.start_ms == start) {
+            Some(s) => {
+                s.merged.extend(merged);
+                if s.id != id {
+                    s.merged.insert(id);
+                } else if s.event_count() == count {
+                    s.dirty = dirty;
+                }
+            }
+            None => {
+                retired.extend(merged);
+                retired.insert(id);
+            }
+        }
+    }
+    if let Some(s) = sessions.get_mut(holder) {
+        s.merged.extend(retired);
+        s.dirty = true;
+    }
+    for s in &mut sessions {
+        let id = s.id.clone();
+        s.merged.remove(&id);
+    }
+    open.splice(lo..lo, sessions);
 }
 
 #[cfg(test)]
@@ -651,6 +927,144 @@ mod tests {
         assert_eq!(out[0].version, model::version(-1, 2, true));
     }
 
+    const MAX: i64 = 5_000;
+
+    fn capped() -> Sessions {
+        Sessions::with_max_session_ms(cfg(), MAX)
+    }
+
+    #[test]
+    fn an_always_active_user_gets_sessions_shorter_than_the_maximum() {
+        let mut s = capped();
+        let mut out = Vec::new();
+        // One event every 500 ms (less than the gap) for 75 s: one run, never idle.
+        for i in 0..150 {
+            let t = i * 500;
+            let wm = Some(t - 100);
+            assert_eq!(s.add(&ev("u", &format!("e{i}"), t, i), wm), Admit::Added);
+            out.extend(s.emit(wm, i % 10 == 0));
+        }
+        // Sessions cut at the maximum are final while the user is still active.
+        let finals_while_active = out.iter().filter(|x| x.r#final).count();
+        assert!(finals_while_active >= 10, "{finals_while_active} finals");
+        assert!(s.open_count() <= 3, "{} open", s.open_count());
+        out.extend(s.emit(Some(i64::MAX), false));
+        let finals: Vec<&Session> = out.iter().filter(|x| x.r#final).collect();
+        // [0, 5000) holds 0..=4500, the next starts at 5000, and so on.
+        let spans: Vec<(i64, i64)> = finals.iter().map(|x| (x.start_ms, x.end_ms)).collect();
+        let want: Vec<(i64, i64)> = (0..15).map(|k| (k * MAX, k * MAX + 4_500)).collect();
+        assert_eq!(spans, want);
+        assert!(
+            finals
+                .iter()
+                .all(|x| x.duration_ms < MAX && x.event_count == 10)
+        );
+        for (k, f) in finals.iter().enumerate() {
+            let plain = Sessions::session_id("u", f.start_ms);
+            if k + 1 < finals.len() {
+                assert_eq!(
+                    f.session_id,
+                    Sessions::split_session_id("u", f.start_ms, MAX)
+                );
+                assert_eq!(f.merged_session_ids, vec![plain]);
+            } else {
+                assert_eq!(f.session_id, plain);
+                assert!(f.merged_session_ids.is_empty());
+            }
+        }
+        // Every early result of a cut session's plain id is superseded by its final.
+        for early in out.iter().filter(|x| !x.r#final) {
+            assert!(
+                finals.iter().any(|f| f.session_id == early.session_id
+                    || f.merged_session_ids.contains(&early.session_id)),
+                "early {} left behind",
+                early.session_id
+            );
+        }
+    }
+
+    #[test]
+    fn the_cut_depends_on_event_times_not_on_arrival_order() {
+        let times: Vec<i64> = (0..40).map(|i| i * 300).collect();
+        let run = |order: &[usize]| {
+            let mut s = capped();
+            for (offset, i) in order.iter().enumerate() {
+                let e = ev("u", &format!("e{i}"), times[*i], offset as i64);
+                assert_eq!(s.add(&e, None), Admit::Added);
+            }
+            let out = s.emit(Some(i64::MAX), false);
+            out.iter()
+                .map(|x| (x.session_id.clone(), x.start_ms, x.end_ms, x.event_count))
+                .collect::<Vec<_>>()
+        };
+        let forward: Vec<usize> = (0..40).collect();
+        let backward: Vec<usize> = (0..40).rev().collect();
+        let shuffled: Vec<usize> = (0..40).map(|i| i * 17 % 40).collect();
+        let want = run(&forward);
+        assert_eq!(
+            want.iter().map(|x| (x.1, x.2)).collect::<Vec<_>>(),
+            vec![(0, 4_800), (5_100, 9_900), (10_200, 11_700)]
+        );
+        assert_eq!(run(&backward), want);
+        assert_eq!(run(&shuffled), want);
+    }
+
+    #[test]
+    fn an_event_moving_a_run_back_moves_the_cuts_and_retires_the_old_ids() {
+        let mut s = capped();
+        // One run (800 ms apart): [1000, 6000) holds 1000..=5800, then 6600.
+        for i in 0..8 {
+            s.add(&ev("u", &format!("e{i}"), 1_000 + i * 800, i), None);
+        }
+        let before = s.emit(None, true);
+        let spans: Vec<(i64, i64)> = before.iter().map(|x| (x.start_ms, x.end_ms)).collect();
+        assert_eq!(spans, vec![(1_000, 5_800), (6_600, 6_600)]);
+        // 200 moves the run's start back: [200, 5200) holds 200..=5000, and 5800 becomes
+        // the next session's start. Both old ids are retired by the session holding 200.
+        assert_eq!(s.add(&ev("u", "b", 200, 10), None), Admit::Added);
+        let out = s.emit(Some(i64::MAX), true);
+        let spans: Vec<(i64, i64, u64)> = out
+            .iter()
+            .map(|x| (x.start_ms, x.end_ms, x.event_count))
+            .collect();
+        assert_eq!(spans, vec![(200, 5_000, 7), (5_800, 6_600, 2)]);
+        assert_eq!(out[0].session_id, Sessions::split_session_id("u", 200, MAX));
+        assert_eq!(out[1].session_id, Sessions::session_id("u", 5_800));
+        for old in &before {
+            assert!(out[0].merged_session_ids.contains(&old.session_id));
+        }
+        assert!(
+            out[0]
+                .merged_session_ids
+                .contains(&Sessions::session_id("u", 200))
+        );
+        assert!(out[1].merged_session_ids.is_empty());
+    }
+
+    #[test]
+    fn after_a_cut_session_is_final_only_events_of_its_successor_are_admitted() {
+        let mut s = capped();
+        for (i, t) in [0, 900, 1_800, 2_700, 3_600, 4_500, 5_300]
+            .into_iter()
+            .enumerate()
+        {
+            s.add(&ev("u", &format!("e{i}"), t, i as i64), None);
+        }
+        // [0, 4500] is final; [5300] stays open.
+        let wm = Some(4_500 + GAP + LATENESS);
+        let out = s.emit(wm, false);
+        assert_eq!(out.len(), 1);
+        assert_eq!(s.continued(0), BTreeSet::from(["u".to_owned()]));
+        // Before the successor's start: would change the final one or move the cut.
+        assert_eq!(s.add(&ev("u", "x", 5_200, 9), wm), Admit::Late);
+        assert_eq!(s.add(&ev("u", "y", 5_300, 10), wm), Admit::Added);
+        // A restored continuation judges the same way.
+        let mut r = capped();
+        r.restore_continuation("u", 5_300, 0);
+        assert_eq!(r.add(&ev("u", "x", 5_200, 9), None), Admit::Late);
+        assert_eq!(r.add(&ev("u", "y", 5_300, 10), None), Admit::Added);
+    }
+
     #[derive(Debug, Clone)]
     enum Op {
         Add {
@@ -678,13 +1092,14 @@ mod tests {
             ops in prop::collection::vec(op(), 1..120),
             gap in 1i64..2_500,
             lateness in 0i64..1_500,
+            max in 1i64..6_000,
         ) {
             let cfg = TimeConfig {
                 session_gap_ms: gap,
                 allowed_lateness_ms: lateness,
                 ..TimeConfig::default()
             };
-            let mut s = Sessions::new(cfg);
+            let mut s = Sessions::with_max_session_ms(cfg, max);
             let mut wm: Option<i64> = None;
             let mut out = Vec::new();
             let mut added = 0u64;
@@ -719,21 +1134,38 @@ mod tests {
                 prop_assert_eq!(f.duration_ms, f.end_ms - f.start_ms);
                 prop_assert!(f.event_count >= f.page_count);
                 prop_assert!(f.event_count >= 1);
-                prop_assert_eq!(&f.session_id, &Sessions::session_id(&f.user_id, f.start_ms));
+                prop_assert!(f.duration_ms < max, "longer than the maximum: {:?}", f);
+                let plain = Sessions::session_id(&f.user_id, f.start_ms);
+                if f.session_id != plain {
+                    prop_assert_eq!(
+                        &f.session_id,
+                        &Sessions::split_session_id(&f.user_id, f.start_ms, max)
+                    );
+                    prop_assert!(f.merged_session_ids.contains(&plain));
+                }
                 prop_assert!(!f.merged_session_ids.contains(&f.session_id));
             }
             // Every admitted event ends up in exactly one final session.
             prop_assert_eq!(finals.iter().map(|f| f.event_count).sum::<u64>(), added);
-            // No two final sessions of a user are within the gap of each other.
-            let mut by_user: HashMap<&str, Vec<(i64, i64)>> = HashMap::new();
+            // No two final sessions of a user are within the gap of each other, unless the
+            // first was cut at the maximum and the second starts at its first event at or
+            // after the first's start + the maximum.
+            let mut by_user: HashMap<&str, Vec<(i64, i64, bool)>> = HashMap::new();
             for f in &finals {
-                by_user.entry(&f.user_id).or_default().push((f.start_ms, f.end_ms));
+                let split = f.session_id != Sessions::session_id(&f.user_id, f.start_ms);
+                by_user.entry(&f.user_id).or_default().push((f.start_ms, f.end_ms, split));
             }
             for spans in by_user.values_mut() {
                 spans.sort();
                 for w in spans.windows(2) {
-                    prop_assert!(w[1].0 - w[0].1 > gap, "overlap within gap: {:?}", w);
+                    if w[0].2 {
+                        prop_assert!(w[1].0 - w[0].1 <= gap, "cut without a follower: {:?}", w);
+                        prop_assert!(w[1].0 >= w[0].0 + max, "cut too early: {:?}", w);
+                    } else {
+                        prop_assert!(w[1].0 - w[0].1 > gap, "overlap within gap: {:?}", w);
+                    }
                 }
+                prop_assert!(spans.last().is_none_or(|l| !l.2), "last session cut: {:?}", spans);
             }
             // A final session is never superseded by another final.
             for f in &finals {

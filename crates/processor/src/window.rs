@@ -278,6 +278,18 @@ impl Windows {
             .map(|((_, offset), _)| *offset)
     }
 
+    /// The earliest start of an open window holding records of `partition`, None if none.
+    pub fn min_open_start(&self, partition: i32) -> Option<i64> {
+        self.users
+            .values()
+            .filter_map(|ws| {
+                ws.iter()
+                    .find(|(_, w)| w.offsets.contains_key(&partition))
+                    .map(|(start, _)| *start)
+            })
+            .min()
+    }
+
     /// Drops the open windows holding events of `partition` (it was revoked; a new owner
     /// rebuilds them from the log).
     pub fn revoke(&mut self, partition: i32) {

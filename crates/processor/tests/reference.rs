@@ -6,7 +6,9 @@
 //! independently (watermark = max event time seen, this event included, − out-of-orderness;
 //! an event is late when its window's end + allowed lateness <= watermark; a re-sent event
 //! is never folded in twice), then aggregates the accepted events in batch: windows by
-//! grouping, sessions by sorting and splitting at gaps.
+//! grouping, sessions by sorting, splitting at gaps, and cutting each run at the maximum
+//! session duration (the first event at or after a session's start + the maximum starts
+//! the next session).
 
 use std::collections::{BTreeMap, HashSet};
 
@@ -78,12 +80,13 @@ fn step(users: usize) -> impl Strategy<Value = Step> {
 #[derive(Debug, Clone)]
 struct Case {
     cfg: TimeConfig,
+    max_session_ms: i64,
     /// Early results every this many events.
     early_every: usize,
     events: Vec<InputEvent>,
 }
 
-fn build(cfg: TimeConfig, early_every: usize, steps: Vec<Step>) -> Case {
+fn build(cfg: TimeConfig, max_session_ms: i64, early_every: usize, steps: Vec<Step>) -> Case {
     let mut events: Vec<InputEvent> = Vec::new();
     let mut max_t = BASE;
     for s in steps {
@@ -131,6 +134,7 @@ fn build(cfg: TimeConfig, early_every: usize, steps: Vec<Step>) -> Case {
     }
     Case {
         cfg,
+        max_session_ms,
         early_every,
         events,
     }
@@ -143,8 +147,11 @@ fn case() -> impl Strategy<Value = Case> {
         (20i64..=80).prop_map(|n| n * TICK),
         1usize..=10,
         1usize..=4,
+        // Longer than the gap (as the flag is validated) by up to 40 s: runs of the
+        // generated streams are often cut.
+        (1i64..=160).prop_map(|n| n * TICK),
     )
-        .prop_flat_map(|(lateness, ooo, gap, early_every, users)| {
+        .prop_flat_map(|(lateness, ooo, gap, early_every, users, over_gap)| {
             let cfg = TimeConfig {
                 window_ms: WINDOW,
                 allowed_lateness_ms: lateness,
@@ -154,7 +161,7 @@ fn case() -> impl Strategy<Value = Case> {
                 session_gap_ms: gap,
             };
             prop::collection::vec(step(users), 0..=200)
-                .prop_map(move |steps| build(cfg, early_every, steps))
+                .prop_map(move |steps| build(cfg, gap + over_gap, early_every, steps))
         })
 }
 
@@ -198,8 +205,8 @@ impl WindowAgg {
     }
 }
 
-/// (start, end, event_count, page_count) of one session.
-type SessionAgg = (i64, u64, u64);
+/// (end, event_count, page_count, cut at the maximum) of one session.
+type SessionAgg = (i64, u64, u64, bool);
 
 /// What the reference expects `process` to return.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -214,14 +221,16 @@ enum Expect {
 /// the aggregates are computed in batch over the accepted events.
 struct Reference {
     cfg: TimeConfig,
+    max_session_ms: i64,
     max_t: Option<i64>,
     seen: HashSet<(String, String)>,
     /// Events accepted into windows.
     accepted: Vec<InputEvent>,
     /// Per user: (time, is page view) of events accepted into sessions and not yet final.
     open: BTreeMap<String, Vec<(i64, bool)>>,
-    /// Per user: the latest end of a session already final (until no event can reach it).
-    closed: BTreeMap<String, i64>,
+    /// Per user: the latest end of a session already final (until no event can reach it),
+    /// and when that session was cut at the maximum, the start of the session continuing it.
+    closed: BTreeMap<String, (i64, Option<i64>)>,
     /// Event times at or below this may touch a forgotten final session.
     floor: i64,
     final_sessions: Vec<(String, i64, SessionAgg)>,
@@ -231,23 +240,30 @@ fn window_end(t: i64) -> i64 {
     t.div_euclid(WINDOW) * WINDOW + WINDOW
 }
 
-/// Sorts and splits at gaps > `gap`: the events of each session, in time order.
-fn split(mut evs: Vec<(i64, bool)>, gap: i64) -> Vec<Vec<(i64, bool)>> {
+/// Sorts, splits at gaps > `gap`, and cuts each run where an event is at or after its
+/// session's first event + `max`: the events of each session, in time order, and whether
+/// it was cut at the maximum (the next session continues its run).
+fn split(mut evs: Vec<(i64, bool)>, gap: i64, max: i64) -> Vec<(Vec<(i64, bool)>, bool)> {
     evs.sort_unstable();
-    let mut out: Vec<Vec<(i64, bool)>> = Vec::new();
+    let mut out: Vec<(Vec<(i64, bool)>, bool)> = Vec::new();
     for (t, pv) in evs {
         match out.last_mut() {
-            Some(s) if t - s.last().unwrap().0 <= gap => s.push((t, pv)),
-            _ => out.push(vec![(t, pv)]),
+            Some((s, _)) if t - s.last().unwrap().0 <= gap && t < s[0].0 + max => s.push((t, pv)),
+            Some((s, cut)) if t - s.last().unwrap().0 <= gap => {
+                *cut = true;
+                out.push((vec![(t, pv)], false));
+            }
+            _ => out.push((vec![(t, pv)], false)),
         }
     }
     out
 }
 
 impl Reference {
-    fn new(cfg: TimeConfig) -> Self {
+    fn new(cfg: TimeConfig, max_session_ms: i64) -> Self {
         Self {
             cfg,
+            max_session_ms,
             max_t: None,
             seen: HashSet::new(),
             accepted: Vec::new(),
@@ -278,7 +294,10 @@ impl Reference {
         // is past it by gap + lateness and it touches no open session of the user.
         let gap = self.cfg.session_gap_ms;
         let open = self.open.entry(e.user_id.clone()).or_default();
-        let session_late = self.closed.get(&e.user_id).is_some_and(|c| t <= c + gap)
+        let session_late = self
+            .closed
+            .get(&e.user_id)
+            .is_some_and(|(c, next)| t <= c + gap && !next.is_some_and(|s| t >= s))
             || (t + gap + lateness <= wm
                 && (t <= self.floor || !open.iter().any(|(x, _)| (t - x).abs() <= gap)));
         if !session_late {
@@ -305,7 +324,8 @@ impl Reference {
         for user in users {
             let evs = self.open.remove(&user).unwrap_or_default();
             let mut still_open: Vec<(i64, bool)> = Vec::new();
-            for session in split(evs, gap) {
+            let sessions = split(evs, gap, self.max_session_ms);
+            for (i, (session, cut)) in sessions.iter().enumerate() {
                 let start = session[0].0;
                 let end = session[session.len() - 1].0;
                 if end + horizon <= wm {
@@ -313,14 +333,17 @@ impl Reference {
                     let pages =
                         u64::try_from(session.iter().filter(|(_, pv)| *pv).count()).unwrap();
                     self.final_sessions
-                        .push((user.clone(), start, (end, n, pages)));
-                    let c = self.closed.entry(user.clone()).or_insert(end);
-                    *c = (*c).max(end);
+                        .push((user.clone(), start, (end, n, pages, *cut)));
+                    let next = cut.then(|| sessions[i + 1].0[0].0);
+                    let c = self.closed.entry(user.clone()).or_insert((end, next));
+                    if end >= c.0 {
+                        *c = (end, next);
+                    }
                 } else {
-                    still_open.extend(session);
+                    still_open.extend(session.iter().copied());
                 }
             }
-            if let Some(c) = self.closed.get(&user).copied()
+            if let Some((c, _)) = self.closed.get(&user).copied()
                 && still_open.is_empty()
                 && c + gap + horizon <= wm
             {
@@ -336,9 +359,10 @@ impl Reference {
 
 fn run(case: &Case) -> Result<(), TestCaseError> {
     let cfg = case.cfg;
-    let mut engine = Engine::new(cfg);
+    let max = case.max_session_ms;
+    let mut engine = Engine::new(cfg).with_max_session_ms(max);
     engine.assign(0, NOW);
-    let mut reference = Reference::new(cfg);
+    let mut reference = Reference::new(cfg, max);
     let mut activity: Vec<UserWindowActivity> = Vec::new();
     let mut sessions: Vec<Session> = Vec::new();
 
@@ -457,11 +481,20 @@ fn run(case: &Case) -> Result<(), TestCaseError> {
     let mut got_sessions: BTreeMap<(String, i64), SessionAgg> = BTreeMap::new();
     for s in sessions.iter().filter(|s| s.r#final) {
         let key = (s.user_id.clone(), s.start_ms);
-        prop_assert_eq!(&s.session_id, &Sessions::session_id(&s.user_id, s.start_ms));
+        let plain = Sessions::session_id(&s.user_id, s.start_ms);
+        let cut = s.session_id != plain;
+        if cut {
+            prop_assert_eq!(
+                &s.session_id,
+                &Sessions::split_session_id(&s.user_id, s.start_ms, max)
+            );
+            prop_assert!(s.merged_session_ids.contains(&plain));
+        }
         prop_assert_eq!(s.duration_ms, s.end_ms - s.start_ms);
+        prop_assert!(s.duration_ms < max, "longer than the maximum: {:?}", s);
         prop_assert!(
             got_sessions
-                .insert(key.clone(), (s.end_ms, s.event_count, s.page_count))
+                .insert(key.clone(), (s.end_ms, s.event_count, s.page_count, cut))
                 .is_none(),
             "session {key:?} emitted final twice"
         );

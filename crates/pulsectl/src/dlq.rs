@@ -185,6 +185,16 @@ pub async fn redrive(args: &RedriveArgs) -> Result<Vec<((i32, i64), Redriven)>, 
     }
     let mut json_records: Vec<&Record> = Vec::new();
     for r in selected {
+        if let Some(size) = r.original_size {
+            out.push((
+                (r.partition, r.offset),
+                Redriven::Skipped(format!(
+                    "the DLQ kept only the first {} of {size} bytes of the original",
+                    r.payload.len()
+                )),
+            ));
+            continue;
+        }
         match serde_json::from_slice::<Value>(&r.payload) {
             Ok(Value::Object(_)) => json_records.push(r),
             Ok(_) => out.push((
@@ -298,6 +308,7 @@ mod tests {
             code: Some("missing_field".into()),
             detail: Some("key.user_id: is required".into()),
             event_id: Some("lg-1-3".into()),
+            original_size: None,
             payload: br#"{"event_id":"lg-1-3"}"#.to_vec(),
         };
         assert_eq!(

@@ -362,8 +362,8 @@ mod tests {
             bucket: "pulse".into(),
             prefix: "arch".into(),
             region: "us-east-1".into(),
-            access_key: String::new(),
-            secret_key: String::new(),
+            access_key: Default::default(),
+            secret_key: Default::default(),
             path_style: true,
         }
     }

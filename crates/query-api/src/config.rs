@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use pulse_platform::clickhouse::ClickHouseConfig;
 use pulse_platform::config::{Problems, Validate};
+use pulse_platform::secret::Secret;
 use pulse_platform::telemetry::TelemetryConfig;
 use pulse_platform::windowing::WindowSettings;
 
@@ -17,7 +18,7 @@ use crate::query::Limits;
 pub const DEV_TOKEN: &str = "pulse-dev-token";
 
 /// Configuration; every flag has a `PULSE_*` environment fallback (see README).
-#[derive(Clone, clap::Parser)]
+#[derive(Debug, Clone, clap::Parser)]
 #[command(
     name = "pulse-query-api",
     version,
@@ -53,7 +54,7 @@ pub struct Config {
         hide_env_values = true,
         hide_default_value = true
     )]
-    pub api_tokens: String,
+    pub api_tokens: Secret,
     /// File with one bearer token per line (e.g. a mounted Kubernetes secret).
     #[arg(long = "api-tokens-file", env = "PULSE_QUERY_API_TOKENS_FILE")]
     pub api_tokens_file: Option<PathBuf>,
@@ -89,27 +90,10 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
 }
 
-impl std::fmt::Debug for Config {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Config")
-            .field("http_addr", &self.http_addr)
-            .field("grpc_addr", &self.grpc_addr)
-            .field("admin_addr", &self.admin_addr)
-            .field("api_tokens", &"<redacted>")
-            .field("api_tokens_file", &self.api_tokens_file)
-            .field("windowing", &self.windowing)
-            .field("max_points", &self.max_points)
-            .field("query_timeout_ms", &self.query_timeout_ms)
-            .field("freshness_cache_ms", &self.freshness_cache_ms)
-            .field("clickhouse", &self.clickhouse)
-            .finish_non_exhaustive()
-    }
-}
-
 impl Config {
     /// Every accepted token, from the list and the file.
     pub fn tokens(&self) -> Result<Tokens, String> {
-        let mut tokens = Tokens::parse_list(&self.api_tokens);
+        let mut tokens = Tokens::parse_list(self.api_tokens.expose());
         if let Some(path) = &self.api_tokens_file {
             tokens.extend(Tokens::read_file(path)?);
         }

@@ -1,10 +1,13 @@
 //! The ClickHouse sink: consumes the events, user-activity and sessions topics in the
 //! consumer group `pulse-writer-clickhouse`, batches rows by count, bytes and age, writes
 //! them with RowBinary inserts, and marks offsets durable only after ClickHouse accepted
-//! the batch. Retryable failures are retried with backoff and jitter while consumption is
+//! the batch. Transient failures are retried with backoff and jitter while consumption is
 //! paused (memory stays bounded; a circuit breaker spaces the probes of a dead server);
-//! rows ClickHouse refuses for good go to the DLQ with the reason. Retries are idempotent:
-//! ReplacingMergeTree keys collapse rows written twice.
+//! failures that are not about the data (credentials, rights, a missing table) are retried
+//! the same way while the sink reports itself blocked (`blocked`): nothing of the batch is
+//! dead-lettered or committed. Only rows ClickHouse refuses for what they hold go to the
+//! DLQ with the reason. Retries are idempotent: ReplacingMergeTree keys collapse rows
+//! written twice. At shutdown the final flush is bounded (`shutdown_timeout`).
 
 use pulse_platform::clock::now_ms;
 use std::collections::BTreeMap;
@@ -15,15 +18,17 @@ use prost::Message as _;
 use pulse_contracts::pb::aggregates::v1::{Session, UserWindowActivity};
 use pulse_contracts::pb::events::v1::Event;
 use pulse_contracts::{headers, trace_context, wire};
+use pulse_platform::Health;
 use pulse_platform::kafka::{KafkaConsumer, KafkaProducer};
 use rdkafka::Message;
-use rdkafka::consumer::Consumer;
 use rdkafka::message::BorrowedMessage;
 use tokio_util::sync::CancellationToken;
 use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use crate::batch::{Batch, BatchLimits, Source, commit_points};
+use crate::blocked::Blocked;
 use crate::metrics as m;
+use crate::pause::{pause, resume, wait_polling};
 use crate::retry::{Backoff, ErrorKind, classify};
 use crate::rows::{ActivityRow, EventRow, FreshnessRow, SessionRow};
 
@@ -56,6 +61,13 @@ pub struct ClickHouseSink {
     pub topics: SinkTopics,
     pub limits: BatchLimits,
     pub backoff: Backoff,
+    /// Readiness: 503 with the reason while ClickHouse refuses every write for a reason
+    /// that is not about the data. `run` of the service passes its own; a sink built for a
+    /// test has a detached one.
+    pub health: Health,
+    /// How long the final flush at shutdown may take (retries included) before the
+    /// unwritten rest is left uncommitted for the next owner.
+    pub shutdown_timeout: Duration,
 }
 
 impl std::fmt::Debug for ClickHouseSink {
@@ -124,6 +136,7 @@ async fn insert<R: RowOwned + RowWrite>(
 impl ClickHouseSink {
     /// Runs until `stop`; then writes what is buffered and commits.
     pub async fn run(mut self, stop: CancellationToken) -> Result<(), SinkError> {
+        let mut blocked = Blocked::new("clickhouse", self.health.clone());
         let mut batches = Batches::default();
         let consumer = self.consumer.clone();
         let mut tick = tokio::time::interval(Duration::from_millis(100));
@@ -132,7 +145,7 @@ impl ClickHouseSink {
                 _ = stop.cancelled() => break,
                 _ = tick.tick() => {
                     if batches.is_due(&self.limits, Instant::now()) {
-                        self.flush(&mut batches, &stop).await?;
+                        self.flush(&mut batches, &mut blocked, &stop).await?;
                     }
                 }
                 msg = consumer.recv() => {
@@ -141,12 +154,25 @@ impl ClickHouseSink {
                         Err(e) => tracing::warn!(error = %e, "consume failed"),
                     }
                     if batches.rows() >= self.limits.max_rows || batches.bytes() >= self.limits.max_bytes {
-                        self.flush(&mut batches, &stop).await?;
+                        self.flush(&mut batches, &mut blocked, &stop).await?;
                     }
                 }
             }
         }
-        self.flush(&mut batches, &CancellationToken::new()).await?;
+        // Shutdown: write what is buffered, but for at most `shutdown_timeout` (an insert in
+        // flight is abandoned then): what is not written is not committed, and the next
+        // owner re-reads it. The offsets of what was written are committed.
+        let (timeout, never) = (self.shutdown_timeout, CancellationToken::new());
+        let rows = batches.rows();
+        let last = self.flush(&mut batches, &mut blocked, &never);
+        match tokio::time::timeout(timeout, last).await {
+            Ok(result) => result?,
+            Err(_) => tracing::warn!(
+                timeout_ms = timeout.as_millis() as u64,
+                rows,
+                "shutdown: ClickHouse did not take the last batch in time; it stays uncommitted and is re-read by the next owner"
+            ),
+        }
         self.consumer.commit_now()?;
         Ok(())
     }
@@ -253,13 +279,15 @@ impl ClickHouseSink {
         .map_err(|e| SinkError::Dlq(e.to_string()))
     }
 
-    /// Writes one table's batch, retrying retryable failures until it succeeds (or `stop`
-    /// ends the wait: then the batch stays unwritten and uncommitted). Rows refused for good
-    /// are written one by one and the failing ones dead-lettered.
+    /// Writes one table's batch, retrying transient and blocking failures until it succeeds
+    /// (or `stop` ends a wait: then the batch stays unwritten and uncommitted, and `false`
+    /// is returned). Rows refused for what they hold are written one by one and the
+    /// failing ones dead-lettered.
     async fn write<R: RowOwned + RowWrite>(
         &mut self,
         table: &str,
         batch: Batch<R>,
+        blocked: &mut Blocked,
         stop: &CancellationToken,
     ) -> Result<bool, SinkError> {
         if batch.is_empty() {
@@ -269,9 +297,7 @@ impl ClickHouseSink {
         loop {
             match insert(&self.client, table, &batch.rows, self.insert_timeout).await {
                 Ok(()) => {
-                    self.backoff.success();
-                    metrics::gauge!(m::CIRCUIT_OPEN, "sink" => "clickhouse").set(0.0);
-                    self.resume();
+                    self.succeeded(blocked);
                     metrics::counter!(m::ROWS_WRITTEN_TOTAL, "sink" => "clickhouse", "table" => table.to_owned())
                         .increment(batch.len() as u64);
                     metrics::histogram!(m::BATCH_ROWS, "sink" => "clickhouse", "table" => table.to_owned())
@@ -285,88 +311,107 @@ impl ClickHouseSink {
                 Err(e) => {
                     let kind = classify(&e);
                     metrics::counter!(m::ERRORS_TOTAL, "sink" => "clickhouse", "kind" => kind.as_str()).increment(1);
-                    match kind {
-                        ErrorKind::Permanent => {
-                            tracing::warn!(table, error = %e, rows = batch.len(), "ClickHouse refused the batch; isolating the bad rows");
-                            return self.write_one_by_one(table, batch).await.map(|_| true);
-                        }
-                        ErrorKind::Retryable => {
-                            self.pause();
-                            let wait = self.backoff.failure();
-                            if self.backoff.is_open() {
-                                metrics::gauge!(m::CIRCUIT_OPEN, "sink" => "clickhouse").set(1.0);
-                            }
-                            metrics::counter!(m::RETRIES_TOTAL, "sink" => "clickhouse", "kind" => kind.as_str()).increment(1);
-                            tracing::warn!(table, error = %e, wait_ms = wait.as_millis() as u64, failures = self.backoff.failures(), "ClickHouse write failed; retrying");
-                            tokio::select! {
-                                _ = stop.cancelled() => return Ok(false),
-                                _ = tokio::time::sleep(wait) => {}
-                            }
-                        }
+                    if kind == ErrorKind::Row {
+                        tracing::warn!(table, error = %e, rows = batch.len(), "ClickHouse refused the batch's data; isolating the bad rows");
+                        return self.write_one_by_one(table, batch, blocked, stop).await;
+                    }
+                    if !self
+                        .retry_wait(table, kind, &e, batch.len(), blocked, stop)
+                        .await?
+                    {
+                        return Ok(false);
                     }
                 }
             }
         }
     }
 
+    /// After a transient or blocking failure: pauses consumption, reports a blocking one,
+    /// and waits the backoff while polling the consumer. `false` if `stop` ended the wait.
+    async fn retry_wait(
+        &mut self,
+        table: &str,
+        kind: ErrorKind,
+        e: &clickhouse::error::Error,
+        rows: usize,
+        blocked: &mut Blocked,
+        stop: &CancellationToken,
+    ) -> Result<bool, SinkError> {
+        pause(&self.consumer);
+        if let ErrorKind::Blocking(reason) = kind {
+            blocked.set(reason, &e.to_string());
+        }
+        let wait = self.backoff.failure();
+        if self.backoff.is_open() {
+            metrics::gauge!(m::CIRCUIT_OPEN, "sink" => "clickhouse").set(1.0);
+        }
+        metrics::counter!(m::RETRIES_TOTAL, "sink" => "clickhouse", "kind" => kind.as_str())
+            .increment(1);
+        tracing::warn!(table, kind = kind.as_str(), error = %e, rows, wait_ms = wait.as_millis() as u64, failures = self.backoff.failures(), "ClickHouse write failed; retrying");
+        Ok(wait_polling(&self.consumer, wait, stop).await?)
+    }
+
+    fn succeeded(&mut self, blocked: &mut Blocked) {
+        self.backoff.success();
+        metrics::gauge!(m::CIRCUIT_OPEN, "sink" => "clickhouse").set(0.0);
+        blocked.clear();
+        resume(&self.consumer);
+    }
+
+    /// Inserts each row alone: a row refused for what it holds goes to the DLQ; any other
+    /// failure is retried (with backoff, paused, blocked if it is not about the data) until
+    /// the row is written or refused for good. `false` if `stop` ended a wait (the batch is
+    /// then not committed; the rows written or dead-lettered so far are again after the
+    /// re-read).
     async fn write_one_by_one<R: RowOwned + RowWrite>(
         &mut self,
         table: &str,
         batch: Batch<R>,
-    ) -> Result<(), SinkError> {
+        blocked: &mut Blocked,
+        stop: &CancellationToken,
+    ) -> Result<bool, SinkError> {
         for (row, source) in batch.rows.iter().zip(&batch.sources) {
-            if let Err(e) = insert(
-                &self.client,
-                table,
-                std::slice::from_ref(row),
-                self.insert_timeout,
-            )
-            .await
-            {
-                if classify(&e) == ErrorKind::Permanent {
+            loop {
+                let Err(e) = insert(
+                    &self.client,
+                    table,
+                    std::slice::from_ref(row),
+                    self.insert_timeout,
+                )
+                .await
+                else {
+                    self.succeeded(blocked);
+                    metrics::counter!(m::ROWS_WRITTEN_TOTAL, "sink" => "clickhouse", "table" => table.to_owned())
+                        .increment(1);
+                    break;
+                };
+                let kind = classify(&e);
+                if kind == ErrorKind::Row {
                     self.dead_letter(source, "rejected_by_clickhouse", &e.to_string())
                         .await?;
-                } else {
-                    // A transient failure while isolating: retry this row alone.
-                    let mut attempts = 0;
-                    while let Err(e) = insert(
-                        &self.client,
-                        table,
-                        std::slice::from_ref(row),
-                        self.insert_timeout,
-                    )
-                    .await
-                    {
-                        attempts += 1;
-                        let wait = self.backoff.failure();
-                        tracing::warn!(table, error = %e, attempts, "retrying a single row");
-                        tokio::time::sleep(wait).await;
-                    }
-                    self.backoff.success();
+                    break;
+                }
+                metrics::counter!(m::ERRORS_TOTAL, "sink" => "clickhouse", "kind" => kind.as_str())
+                    .increment(1);
+                if !self.retry_wait(table, kind, &e, 1, blocked, stop).await? {
+                    return Ok(false);
                 }
             }
         }
-        Ok(())
-    }
-
-    fn pause(&self) {
-        if let Ok(a) = self.consumer.raw().assignment() {
-            let _ = self.consumer.raw().pause(&a);
-        }
-    }
-
-    fn resume(&self) {
-        if let Ok(a) = self.consumer.raw().assignment() {
-            let _ = self.consumer.raw().resume(&a);
-        }
+        Ok(true)
     }
 
     /// Writes every table's batch; only when all are durable are the offsets marked.
-    async fn flush(&mut self, b: &mut Batches, stop: &CancellationToken) -> Result<(), SinkError> {
+    async fn flush(
+        &mut self,
+        b: &mut Batches,
+        blocked: &mut Blocked,
+        stop: &CancellationToken,
+    ) -> Result<(), SinkError> {
         if b.rows() == 0 {
             // Only dead-lettered records: nothing earlier is pending, commit them.
             for ((topic, partition), offset) in commit_points(&std::mem::take(&mut b.skipped)) {
-                self.consumer.mark_durable(&topic, partition, offset)?;
+                self.mark_durable(&topic, partition, offset);
             }
             return Ok(());
         }
@@ -382,9 +427,9 @@ impl ClickHouseSink {
                 .chain(&sessions.sources)
                 .chain(&skipped),
         );
-        let ok = self.write("events", events, stop).await?
-            && self.write("user_activity", activity, stop).await?
-            && self.write("sessions", sessions, stop).await?;
+        let ok = self.write("events", events, blocked, stop).await?
+            && self.write("user_activity", activity, blocked, stop).await?
+            && self.write("sessions", sessions, blocked, stop).await?;
         if !ok {
             // Stopped while ClickHouse was down: nothing of this batch is committed; the next
             // owner re-reads and rewrites it (idempotently).
@@ -400,12 +445,23 @@ impl ClickHouseSink {
             tracing::warn!(error = %e, "writing freshness rows failed (data rows are written)");
         }
         for ((topic, partition), offset) in std::mem::take(&mut points) {
-            self.consumer.mark_durable(&topic, partition, offset)?;
+            self.mark_durable(&topic, partition, offset);
         }
         for ts in b.ingest_ts.drain(..) {
             metrics::histogram!(m::END_TO_END_SECONDS, "sink" => "clickhouse")
                 .record((written_at - ts).max(0) as f64 / 1000.0);
         }
         Ok(())
+    }
+
+    /// Stores a written record's offset for the next commit. A partition revoked meanwhile
+    /// (a rebalance during a long retry) refuses it: its next owner re-reads from the last
+    /// commit and rewrites the rows idempotently.
+    fn mark_durable(&self, topic: &str, partition: i32, offset: i64) {
+        if let Err(e) = self.consumer.mark_durable(topic, partition, offset) {
+            metrics::counter!(m::ERRORS_TOTAL, "sink" => "clickhouse", "kind" => "commit")
+                .increment(1);
+            tracing::warn!(topic, partition, offset, error = %e, "marking offsets durable failed");
+        }
     }
 }

@@ -2,15 +2,18 @@
 //! window activity and sessions to ClickHouse (hot store); `--sink parquet` archives raw
 //! events as Parquet on S3. Each sink is its own consumer group and deployment.
 //! Modules: `batch` (batching and commit points), `retry` (error kinds, backoff, circuit
-//! breaker), `dlq` (dead-lettering), `clickhouse_sink` (the ClickHouse loop),
+//! breaker), `blocked` (readiness and metric while the store refuses every write),
+//! `pause` (paused consumption that keeps the group membership), `dlq` (dead-lettering), `clickhouse_sink` (the ClickHouse loop),
 //! `parquet_sink` (the S3 loop), `metrics`. The schema, its migrations and retention, the
 //! row types and the archive layout are the storage contract in `pulse-storage`.
 
 pub mod batch;
+pub mod blocked;
 pub mod clickhouse_sink;
 pub mod dlq;
 pub mod metrics;
 pub mod parquet_sink;
+pub mod pause;
 pub mod retry;
 
 // The storage contract (schema, rows, archive layout) lives in `pulse-storage`.
@@ -125,6 +128,15 @@ pub struct Config {
         default_value_t = 30_000
     )]
     pub insert_timeout_ms: u64,
+    /// How long the final write at shutdown (the buffered batch, or the Parquet roll) may
+    /// take, retries included, ms. What is not written by then is not committed: the next
+    /// owner re-reads it. Keep it below the pod's termination grace period.
+    #[arg(
+        long = "shutdown-timeout-ms",
+        env = "PULSE_WRITER_SHUTDOWN_TIMEOUT_MS",
+        default_value_t = 60_000
+    )]
+    pub shutdown_timeout_ms: u64,
     /// Apply the ClickHouse migrations at start.
     #[arg(long = "migrate", env = "PULSE_WRITER_MIGRATE", default_value_t = true, action = clap::ArgAction::Set)]
     pub migrate: bool,
@@ -191,6 +203,11 @@ impl Validate for Config {
         p.check(
             self.insert_timeout_ms >= 100,
             "--insert-timeout-ms",
+            "must be >= 100",
+        );
+        p.check(
+            self.shutdown_timeout_ms >= 100,
+            "--shutdown-timeout-ms",
             "must be >= 100",
         );
         p.check(
@@ -305,6 +322,8 @@ pub async fn build_clickhouse(config: &Config) -> Result<ClickHouseSink, Error> 
             config.breaker_failures,
             Duration::from_millis(config.breaker_probe_ms),
         ),
+        health: pulse_platform::Health::new(),
+        shutdown_timeout: Duration::from_millis(config.shutdown_timeout_ms),
     })
 }
 
@@ -346,6 +365,8 @@ pub async fn build_parquet(config: &Config) -> Result<ParquetSink, Error> {
             Duration::from_millis(config.breaker_probe_ms),
         ),
         freshness: config.parquet_freshness.then(|| config.clickhouse.client()),
+        health: pulse_platform::Health::new(),
+        shutdown_timeout: Duration::from_millis(config.shutdown_timeout_ms),
     })
 }
 
@@ -362,12 +383,14 @@ pub async fn run(config: Config, ctx: ServiceContext) -> Result<(), Error> {
     crate::metrics::describe();
     match config.sink {
         Sink::Parquet => {
-            let sink = build_parquet(&config).await?;
+            let mut sink = build_parquet(&config).await?;
+            sink.health = ctx.health.clone();
             ctx.health.set_ready(true);
             Ok(sink.run(ctx.shutdown.child_token()).await?)
         }
         Sink::Clickhouse => {
-            let sink = build_clickhouse(&config).await?;
+            let mut sink = build_clickhouse(&config).await?;
+            sink.health = ctx.health.clone();
             let retention = {
                 let cfg = config.clickhouse.clone();
                 let days = config.retention_days;
@@ -469,7 +492,7 @@ mod tests {
         assert_eq!(cfg.s3.prefix, "pulse/raw");
         assert_eq!(cfg.s3.region, "eu-west-1");
         assert_eq!(
-            (cfg.s3.access_key.as_str(), cfg.s3.secret_key.as_str()),
+            (cfg.s3.access_key.expose(), cfg.s3.secret_key.expose()),
             ("ak", "sk")
         );
         assert!(!cfg.s3.path_style);

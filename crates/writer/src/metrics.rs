@@ -10,6 +10,7 @@ pub const RETRIES_TOTAL: &str = "pulse_writer_retries_total";
 pub const ERRORS_TOTAL: &str = "pulse_writer_errors_total";
 pub const DLQ_TOTAL: &str = "pulse_writer_dead_letters_total";
 pub const CIRCUIT_OPEN: &str = "pulse_writer_circuit_open";
+pub const BLOCKED: &str = "pulse_writer_blocked";
 pub const END_TO_END_SECONDS: &str = "pulse_writer_end_to_end_latency_seconds";
 pub const FRESHNESS_EVENT_TIME_MS: &str = "pulse_writer_last_event_time_ms";
 // The Parquet sink (shared ones above carry `sink="parquet"`).
@@ -39,11 +40,11 @@ pub fn describe() {
     );
     describe_counter!(
         RETRIES_TOTAL,
-        "Write attempts retried, by sink and error kind."
+        "Write attempts retried, by sink and error kind (retryable, blocking)."
     );
     describe_counter!(
         ERRORS_TOTAL,
-        "Write errors, by sink and kind (retryable, permanent)."
+        "Write errors, by sink and kind (retryable, blocking, row)."
     );
     describe_counter!(
         DLQ_TOTAL,
@@ -52,6 +53,10 @@ pub fn describe() {
     describe_gauge!(
         CIRCUIT_OPEN,
         "1 while the circuit breaker is open (the store failed repeatedly)."
+    );
+    describe_gauge!(
+        BLOCKED,
+        "1 while the store refuses every write for a reason that is not about the data (credentials, rights, missing table or bucket, coordination), by sink and reason; readiness is 503 meanwhile and nothing is dead-lettered."
     );
     describe_histogram!(
         END_TO_END_SECONDS,

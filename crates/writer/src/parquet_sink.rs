@@ -4,7 +4,10 @@
 //! (partition, UTC hour of event time), named from the topic, partition and offsets (see
 //! `archive`), and only after S3 confirmed every object are the offsets marked durable and
 //! committed. Failed uploads are retried with backoff and jitter while consumption is
-//! paused; a retried roll overwrites the same objects. Undecodable records go to the DLQ.
+//! paused; a retried roll overwrites the same objects. Refusals that are not transient
+//! (credentials, a missing bucket) are retried too, with the sink reported blocked
+//! (`blocked`). At shutdown the last roll is bounded by `shutdown_timeout`. Undecodable
+//! records go to the DLQ.
 //! After each roll a best-effort `freshness` row per partition goes to ClickHouse.
 
 use pulse_platform::clock::now_ms;
@@ -18,10 +21,10 @@ use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 use prost::Message as _;
 use pulse_contracts::pb::events::v1::Event;
 use pulse_contracts::{headers, trace_context, wire};
+use pulse_platform::Health;
 use pulse_platform::kafka::{KafkaConsumer, KafkaProducer, RebalanceEvent};
 use pulse_platform::s3::S3Config;
 use rdkafka::Message;
-use rdkafka::consumer::Consumer;
 use rdkafka::message::BorrowedMessage;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -30,8 +33,10 @@ use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 
 use crate::archive::{self, ArchiveError, ArchiveRow, HourBucket};
 use crate::batch::BatchLimits;
+use crate::blocked::Blocked;
 use crate::metrics as m;
-use crate::retry::{Backoff, ErrorKind};
+use crate::pause::{pause, resume, wait_polling};
+use crate::retry::{Backoff, BlockReason, ErrorKind};
 use crate::rows::FreshnessRow;
 
 /// Stage name in the freshness table.
@@ -59,19 +64,53 @@ pub enum ParquetSinkError {
     Join(#[from] tokio::task::JoinError),
 }
 
-/// Whether retrying an S3 failure unchanged can help. Every failure is retried (an archive
-/// never drops data); `Permanent` ones (credentials, missing bucket) need an operator.
+/// What an S3 failure means. Every failure is retried (an archive never drops data, and
+/// an upload is never about one row); `Blocking` ones (credentials, rights, a missing
+/// bucket) need an operator, and the sink reports itself blocked meanwhile.
 pub fn classify_s3(err: &object_store::Error) -> ErrorKind {
     use object_store::Error as E;
     match err {
-        E::NotFound { .. }
-        | E::PermissionDenied { .. }
-        | E::Unauthenticated { .. }
-        | E::InvalidPath { .. }
+        // A put answered 404: the bucket does not exist (keys are created, never looked up).
+        E::NotFound { .. } => ErrorKind::Blocking(BlockReason::MissingBucket),
+        E::Unauthenticated { .. } => ErrorKind::Blocking(BlockReason::Authentication),
+        E::PermissionDenied { .. } => ErrorKind::Blocking(s3_refusal(&err.to_string())),
+        E::InvalidPath { .. }
         | E::NotSupported { .. }
         | E::NotImplemented { .. }
-        | E::UnknownConfigurationKey { .. } => ErrorKind::Permanent,
-        _ => ErrorKind::Retryable,
+        | E::UnknownConfigurationKey { .. } => ErrorKind::Blocking(BlockReason::Server),
+        // Other statuses keep the S3 error code in the message.
+        _ => {
+            let text = err.to_string();
+            if text.contains("NoSuchBucket") {
+                ErrorKind::Blocking(BlockReason::MissingBucket)
+            } else if [
+                "InvalidAccessKeyId",
+                "SignatureDoesNotMatch",
+                "NotSignedUp",
+                "AccessDenied",
+            ]
+            .iter()
+            .any(|c| text.contains(c))
+            {
+                ErrorKind::Blocking(s3_refusal(&text))
+            } else {
+                ErrorKind::Retryable
+            }
+        }
+    }
+}
+
+/// A 403: bad keys or signature (`InvalidAccessKeyId`, `SignatureDoesNotMatch`; s3s
+/// answers an unknown key with `NotSignedUp`), else
+/// missing rights.
+fn s3_refusal(text: &str) -> BlockReason {
+    if ["InvalidAccessKeyId", "SignatureDoesNotMatch", "NotSignedUp"]
+        .iter()
+        .any(|c| text.contains(c))
+    {
+        BlockReason::Authentication
+    } else {
+        BlockReason::AccessDenied
     }
 }
 
@@ -194,6 +233,10 @@ pub struct ParquetSink {
     pub backoff: Backoff,
     /// Where freshness rows go (`None`: not written).
     pub freshness: Option<clickhouse::Client>,
+    /// Readiness: 503 with the reason while S3 refuses uploads (credentials, bucket).
+    pub health: Health,
+    /// How long writing the last roll at shutdown may take, retries included.
+    pub shutdown_timeout: Duration,
 }
 
 impl std::fmt::Debug for ParquetSink {
@@ -209,6 +252,7 @@ impl std::fmt::Debug for ParquetSink {
 impl ParquetSink {
     /// Runs until `stop`; then writes the current roll and commits.
     pub async fn run(mut self, stop: CancellationToken) -> Result<(), ParquetSinkError> {
+        let mut blocked = Blocked::new(SINK, self.health.clone());
         let mut roll = Roll::default();
         let mut high = Freshness::new();
         let consumer = self.consumer.clone();
@@ -218,7 +262,7 @@ impl ParquetSink {
                 _ = stop.cancelled() => break,
                 _ = tick.tick() => {
                     if roll.is_due(&self.limits, Instant::now()) {
-                        self.write_roll(std::mem::take(&mut roll), &mut high, &stop).await?;
+                        self.write_roll(std::mem::take(&mut roll), &mut high, &mut blocked, &stop).await?;
                     }
                 }
                 Some(event) = self.rebalances.recv() => {
@@ -237,15 +281,27 @@ impl ParquetSink {
                         Err(e) => tracing::warn!(error = %e, "consume failed"),
                     }
                     if roll.is_full(&self.limits) {
-                        self.write_roll(std::mem::take(&mut roll), &mut high, &stop).await?;
+                        self.write_roll(std::mem::take(&mut roll), &mut high, &mut blocked, &stop).await?;
                     }
                 }
             }
         }
-        // Shutdown: the current roll is written (retrying until it is; a second signal
-        // exits at once), then the offsets are committed.
-        self.write_roll(roll, &mut high, &CancellationToken::new())
-            .await?;
+        // Shutdown: the current roll is written, retrying for at most `shutdown_timeout`
+        // (an upload in flight is abandoned then); its offsets are committed only if every
+        // object was confirmed, else the next owner re-reads it. A second signal exits at once.
+        let rows = roll.rows;
+        let (timeout, never) = (self.shutdown_timeout, CancellationToken::new());
+        let last = self.write_roll(roll, &mut high, &mut blocked, &never);
+        match tokio::time::timeout(timeout, last).await {
+            Ok(result) => {
+                result?;
+            }
+            Err(_) => tracing::warn!(
+                timeout_ms = timeout.as_millis() as u64,
+                rows,
+                "shutdown: S3 did not take the last roll in time; it stays uncommitted and is re-read by the next owner"
+            ),
+        }
         self.consumer.commit_now()?;
         Ok(())
     }
@@ -313,6 +369,7 @@ impl ParquetSink {
         &mut self,
         roll: Roll,
         high: &mut Freshness,
+        blocked: &mut Blocked,
         stop: &CancellationToken,
     ) -> Result<bool, ParquetSinkError> {
         if roll.is_empty() {
@@ -346,7 +403,11 @@ impl ParquetSink {
                 .record(encoding.elapsed().as_secs_f64());
             let body = Bytes::from(body);
             let size = body.len();
-            if !self.upload(&path, body, stop).instrument(span).await {
+            if !self
+                .upload(&path, body, blocked, stop)
+                .instrument(span)
+                .await?
+            {
                 return Ok(false);
             }
             metrics::counter!(m::FILES_UPLOADED_TOTAL, "sink" => SINK).increment(1);
@@ -402,13 +463,20 @@ impl ParquetSink {
         Ok(true)
     }
 
-    /// Puts one object, retrying every failure with backoff (consumption paused meanwhile)
+    /// Puts one object, retrying every failure with backoff (consumption paused meanwhile,
+    /// the sink reported blocked while S3 refuses for a reason retrying alone cannot fix)
     /// until S3 confirms it. Returns `false` if `stop` ended a retry wait.
-    async fn upload(&mut self, path: &Path, body: Bytes, stop: &CancellationToken) -> bool {
+    async fn upload(
+        &mut self,
+        path: &Path,
+        body: Bytes,
+        blocked: &mut Blocked,
+        stop: &CancellationToken,
+    ) -> Result<bool, ParquetSinkError> {
         loop {
             let attempt = Instant::now();
             let put = tokio::select! {
-                _ = stop.cancelled() => return false,
+                _ = stop.cancelled() => return Ok(false),
                 r = self.store.put(path, PutPayload::from(body.clone())) => r,
             };
             match put {
@@ -417,14 +485,15 @@ impl ParquetSink {
                         .record(attempt.elapsed().as_secs_f64());
                     self.backoff.success();
                     metrics::gauge!(m::CIRCUIT_OPEN, "sink" => SINK).set(0.0);
-                    self.resume();
-                    return true;
+                    blocked.clear();
+                    resume(&self.consumer);
+                    return Ok(true);
                 }
                 Err(e) => {
                     let kind = classify_s3(&e);
                     metrics::counter!(m::ERRORS_TOTAL, "sink" => SINK, "kind" => kind.as_str())
                         .increment(1);
-                    self.pause();
+                    pause(&self.consumer);
                     let wait = self.backoff.failure();
                     if self.backoff.is_open() {
                         metrics::gauge!(m::CIRCUIT_OPEN, "sink" => SINK).set(1.0);
@@ -432,17 +501,12 @@ impl ParquetSink {
                     metrics::counter!(m::RETRIES_TOTAL, "sink" => SINK, "kind" => kind.as_str())
                         .increment(1);
                     let (wait_ms, failures) = (wait.as_millis() as u64, self.backoff.failures());
-                    match kind {
-                        ErrorKind::Retryable => {
-                            tracing::warn!(key = %path, error = %e, wait_ms, failures, "S3 upload failed; retrying")
-                        }
-                        ErrorKind::Permanent => {
-                            tracing::error!(key = %path, error = %e, wait_ms, failures, "S3 refused the upload (check bucket and credentials); retrying")
-                        }
+                    if let ErrorKind::Blocking(reason) = kind {
+                        blocked.set(reason, &e.to_string());
                     }
-                    tokio::select! {
-                        _ = stop.cancelled() => return false,
-                        _ = tokio::time::sleep(wait) => {}
+                    tracing::warn!(key = %path, kind = kind.as_str(), error = %e, wait_ms, failures, "S3 upload failed; retrying");
+                    if !wait_polling(&self.consumer, wait, stop).await? {
+                        return Ok(false);
                     }
                 }
             }
@@ -477,18 +541,6 @@ impl ParquetSink {
                 "writing freshness rows failed (the archive is written)"
             );
         });
-    }
-
-    fn pause(&self) {
-        if let Ok(a) = self.consumer.raw().assignment() {
-            let _ = self.consumer.raw().pause(&a);
-        }
-    }
-
-    fn resume(&self) {
-        if let Ok(a) = self.consumer.raw().assignment() {
-            let _ = self.consumer.raw().resume(&a);
-        }
     }
 }
 
@@ -635,16 +687,69 @@ mod tests {
     }
 
     #[test]
-    fn s3_errors_are_classified() {
-        let not_found = object_store::Error::NotFound {
-            path: "x".into(),
-            source: "no such bucket".into(),
-        };
-        assert_eq!(classify_s3(&not_found), ErrorKind::Permanent);
-        let generic = object_store::Error::Generic {
-            store: "S3",
-            source: "connection refused".into(),
-        };
-        assert_eq!(classify_s3(&generic), ErrorKind::Retryable);
+    fn s3_refusals_block_and_other_failures_are_transient() {
+        use object_store::Error as E;
+        let cases = [
+            (
+                E::NotFound {
+                    path: "x".into(),
+                    source: "NoSuchBucket".into(),
+                },
+                ErrorKind::Blocking(BlockReason::MissingBucket),
+            ),
+            (
+                E::PermissionDenied {
+                    path: "x".into(),
+                    source: "<Code>InvalidAccessKeyId</Code>".into(),
+                },
+                ErrorKind::Blocking(BlockReason::Authentication),
+            ),
+            (
+                E::PermissionDenied {
+                    path: "x".into(),
+                    source: "<Code>SignatureDoesNotMatch</Code>".into(),
+                },
+                ErrorKind::Blocking(BlockReason::Authentication),
+            ),
+            (
+                E::PermissionDenied {
+                    path: "x".into(),
+                    source: "<Code>AccessDenied</Code>".into(),
+                },
+                ErrorKind::Blocking(BlockReason::AccessDenied),
+            ),
+            (
+                E::Unauthenticated {
+                    path: "x".into(),
+                    source: "401".into(),
+                },
+                ErrorKind::Blocking(BlockReason::Authentication),
+            ),
+            (
+                E::Generic {
+                    store: "S3",
+                    source: "Client error with status 400 Bad Request: <Code>NoSuchBucket</Code>"
+                        .into(),
+                },
+                ErrorKind::Blocking(BlockReason::MissingBucket),
+            ),
+            (
+                E::Generic {
+                    store: "S3",
+                    source: "connection refused".into(),
+                },
+                ErrorKind::Retryable,
+            ),
+            (
+                E::Generic {
+                    store: "S3",
+                    source: "Server returned non-2xx status code: 503 Service Unavailable".into(),
+                },
+                ErrorKind::Retryable,
+            ),
+        ];
+        for (err, kind) in cases {
+            assert_eq!(classify_s3(&err), kind, "{err}");
+        }
     }
 }

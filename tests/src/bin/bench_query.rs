@@ -549,7 +549,7 @@ impl Direct {
             http: reqwest::Client::new(),
             url: url.into(),
             user: config.clickhouse.user.clone(),
-            password: config.clickhouse.password.clone(),
+            password: config.clickhouse.password.expose().to_owned(),
         })
     }
 

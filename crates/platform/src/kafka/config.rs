@@ -78,6 +78,16 @@ pub struct KafkaConfig {
         default_value_t = 5_000
     )]
     pub statistics_interval_ms: u32,
+    /// A producer whose deliveries have all failed for this long (a stalled broker, or one
+    /// that accepts connections but fails every request) makes the service not ready and
+    /// is recreated with a new client; e.g. `30s`, `2m`.
+    #[arg(
+        long = "kafka-producer-stall-timeout",
+        env = "PULSE_KAFKA_PRODUCER_STALL_TIMEOUT",
+        default_value = "30s",
+        value_parser = humantime::parse_duration
+    )]
+    pub producer_stall_timeout: std::time::Duration,
     /// Extra librdkafka properties, `key=value`, repeatable or comma-separated
     /// (e.g. `security.protocol=SASL_SSL`). Applied last.
     #[arg(
@@ -101,6 +111,7 @@ impl Default for KafkaConfig {
             commit_interval_ms: 1_000,
             session_timeout_ms: 10_000,
             statistics_interval_ms: 5_000,
+            producer_stall_timeout: std::time::Duration::from_secs(30),
             options: Vec::new(),
         }
     }
@@ -188,6 +199,11 @@ impl Validate for KafkaConfig {
             self.message_timeout_ms >= 1_000,
             "--kafka-message-timeout-ms / PULSE_KAFKA_MESSAGE_TIMEOUT_MS",
             format!("must be >= 1000, got {}", self.message_timeout_ms),
+        );
+        p.check(
+            self.producer_stall_timeout >= std::time::Duration::from_secs(1),
+            "--kafka-producer-stall-timeout / PULSE_KAFKA_PRODUCER_STALL_TIMEOUT",
+            "must be at least 1s",
         );
         for o in self.options.iter().filter(|o| !o.trim().is_empty()) {
             p.check(

@@ -2,15 +2,28 @@
 //! at once — an error if the record cannot be queued (a full local queue is
 //! [`ProduceError::QueueFull`], i.e. backpressure, never a silent drop) — and otherwise an
 //! [`AckFuture`] that resolves when the broker acknowledged the record or it finally failed.
+//!
+//! A producer that cannot deliver — a fatal librdkafka error (an idempotence sequence the
+//! broker refuses), or deliveries failing with no acknowledgement for longer than a stall
+//! timeout (a broker that accepts connections but fails every request) — reports it
+//! ([`KafkaProducer::unhealthy`]) and can be replaced by a fresh client with a new producer
+//! id ([`KafkaProducer::recreate`]); [`spawn_watchdog`] does both and keeps readiness
+//! honest meanwhile.
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
+use rdkafka::ClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::OwnedHeaders;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use tokio_util::sync::CancellationToken;
+
+use crate::Health;
 
 use crate::kafka::KafkaConfig;
 use crate::metrics as m;
@@ -122,21 +135,81 @@ pub async fn enqueue_with_wait(
     }
 }
 
-/// The librdkafka-backed producer.
+/// Delivery outcomes the producer's health is judged by.
+#[derive(Debug, Default)]
+struct Delivery {
+    /// The first failed delivery since the last acknowledgement.
+    failing_since: Option<Instant>,
+    /// librdkafka's fatal error, if one was raised (the client cannot produce again).
+    fatal: Option<String>,
+}
+
+fn lock(d: &Mutex<Delivery>) -> std::sync::MutexGuard<'_, Delivery> {
+    d.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// librdkafka's client callbacks of a Pulse producer: fatal errors are remembered.
+struct PulseProducerContext {
+    delivery: Arc<Mutex<Delivery>>,
+}
+
+impl ClientContext for PulseProducerContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal) {
+            tracing::error!(error = %error, reason, "kafka producer: fatal error");
+            lock(&self.delivery).fatal = Some(reason.to_owned());
+        } else {
+            tracing::warn!(error = %error, reason, "kafka producer error");
+        }
+    }
+}
+
+type Client = FutureProducer<PulseProducerContext>;
+
+/// The librdkafka-backed producer. Cheap to clone; clones share one client, which
+/// [`recreate`](Self::recreate) replaces for all of them.
 #[derive(Clone)]
 pub struct KafkaProducer {
-    inner: FutureProducer,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    cfg: KafkaConfig,
+    client_id: String,
+    client: RwLock<Client>,
+    delivery: Arc<Mutex<Delivery>>,
+    recreated: AtomicU64,
 }
 
 impl std::fmt::Debug for KafkaProducer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("KafkaProducer").finish_non_exhaustive()
+        f.debug_struct("KafkaProducer")
+            .field("client_id", &self.shared.client_id)
+            .finish_non_exhaustive()
     }
 }
 
 impl KafkaProducer {
     /// An idempotent, acks=all producer.
     pub fn new(cfg: &KafkaConfig, client_id: &str) -> Result<Self, KafkaError> {
+        let delivery = Arc::new(Mutex::new(Delivery::default()));
+        let client = Self::client(cfg, client_id, &delivery)?;
+        Ok(Self {
+            shared: Arc::new(Shared {
+                cfg: cfg.clone(),
+                client_id: client_id.to_owned(),
+                client: RwLock::new(client),
+                delivery,
+                recreated: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    fn client(
+        cfg: &KafkaConfig,
+        client_id: &str,
+        delivery: &Arc<Mutex<Delivery>>,
+    ) -> Result<Client, KafkaError> {
         let mut c = cfg.client_config(client_id);
         c.set("enable.idempotence", "true")
             .set("acks", "all")
@@ -149,7 +222,67 @@ impl KafkaProducer {
             .set("compression.type", &cfg.compression);
         // Extra options win over our defaults.
         cfg.apply_options(&mut c);
-        Ok(Self { inner: c.create()? })
+        c.create_with_context(PulseProducerContext {
+            delivery: Arc::clone(delivery),
+        })
+    }
+
+    /// The current client (a cheap handle).
+    fn current(&self) -> Client {
+        self.shared
+            .client
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Why this producer cannot deliver now, if it cannot: librdkafka raised a fatal
+    /// error, or deliveries have failed for at least `stall` without one acknowledgement.
+    pub fn unhealthy(&self, stall: Duration) -> Option<String> {
+        let d = lock(&self.shared.delivery);
+        if let Some(reason) = &d.fatal {
+            return Some(format!("fatal producer error: {reason}"));
+        }
+        d.failing_since
+            .map(|since| since.elapsed())
+            .filter(|failing| *failing >= stall)
+            .map(|failing| {
+                format!(
+                    "no broker acknowledgement for {} s (every delivery failed)",
+                    failing.as_secs()
+                )
+            })
+    }
+
+    /// Replaces the client by a new one (a new producer id, so the broker sees no stale
+    /// idempotence sequence). Records still queued on the old client fail, so their
+    /// callers answer with an error and clients retry; nothing is acknowledged that the
+    /// broker did not store.
+    pub fn recreate(&self) -> Result<(), KafkaError> {
+        let fresh = Self::client(
+            &self.shared.cfg,
+            &self.shared.client_id,
+            &self.shared.delivery,
+        )?;
+        let old = std::mem::replace(
+            &mut *self
+                .shared
+                .client
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            fresh,
+        );
+        *lock(&self.shared.delivery) = Delivery::default();
+        self.shared.recreated.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!(m::KAFKA_PRODUCER_RECREATED_TOTAL).increment(1);
+        // The old client fails what it still holds (purge) once its last handle is gone.
+        drop(old);
+        Ok(())
+    }
+
+    /// How many times the client was recreated.
+    pub fn recreated(&self) -> u64 {
+        self.shared.recreated.load(Ordering::Relaxed)
     }
 
     /// Queues `record`, waiting while the local queue is full for at most
@@ -175,12 +308,12 @@ impl KafkaProducer {
 
     /// Waits until every queued record was acknowledged or failed, up to `timeout`.
     pub fn flush(&self, timeout: Duration) -> Result<(), KafkaError> {
-        self.inner.flush(timeout)
+        self.current().flush(timeout)
     }
 
     /// Records queued locally and not yet acknowledged.
     pub fn in_flight(&self) -> i32 {
-        self.inner.in_flight_count()
+        self.current().in_flight_count()
     }
 }
 
@@ -197,7 +330,8 @@ impl RecordProducer for KafkaProducer {
             fr = fr.partition(p);
         }
         let started = Instant::now();
-        match self.inner.send_result(fr) {
+        let health = Arc::clone(&self.shared.delivery);
+        match self.current().send_result(fr) {
             Ok(delivery) => Ok(delivery
                 .map(move |r| {
                     let result = match r {
@@ -208,6 +342,15 @@ impl RecordProducer for KafkaProducer {
                         Ok(Err((e, _msg))) => Err(ProduceError::Delivery(e)),
                         Err(_canceled) => Err(ProduceError::Cancelled),
                     };
+                    {
+                        let mut d = lock(&health);
+                        match &result {
+                            Ok(_) => d.failing_since = None,
+                            Err(_) => {
+                                d.failing_since.get_or_insert_with(Instant::now);
+                            }
+                        }
+                    }
                     match &result {
                         Ok(_) => {
                             metrics::counter!(m::KAFKA_PRODUCED_TOTAL, "topic" => topic.clone()).increment(1);
@@ -232,4 +375,40 @@ impl RecordProducer for KafkaProducer {
             }
         }
     }
+}
+
+/// Watches `producer` every second until `stop`: while it cannot deliver
+/// ([`KafkaProducer::unhealthy`] with `stall`), readiness is blocked for `component` with
+/// the reason, and the client is recreated (at most once per `stall`); readiness returns
+/// as soon as the producer is healthy again. For a broker that stalls, or that accepts
+/// connections but fails every request, this is what turns endless 503s into recovery.
+pub fn spawn_watchdog(
+    producer: KafkaProducer,
+    health: Health,
+    component: &'static str,
+    stall: Duration,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut last_recreate: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            match producer.unhealthy(stall) {
+                None => health.unblock(component),
+                Some(reason) => {
+                    health.block(component, reason.clone());
+                    if last_recreate.is_none_or(|t| t.elapsed() >= stall) {
+                        tracing::warn!(reason, component, "recreating the kafka producer");
+                        last_recreate = Some(Instant::now());
+                        if let Err(e) = producer.recreate() {
+                            tracing::error!(error = %e, component, "recreating the kafka producer failed");
+                        }
+                    }
+                }
+            }
+        }
+    })
 }

@@ -26,6 +26,10 @@ pub struct Record {
     pub detail: Option<String>,
     /// `pulse-event-id`.
     pub event_id: Option<String>,
+    /// `pulse-original-size`: set when the DLQ kept only the first bytes of a longer
+    /// original (such a record cannot be redriven).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub original_size: Option<u64>,
     #[serde(skip)]
     pub payload: Vec<u8>,
 }
@@ -140,6 +144,7 @@ fn read_blocking(
             code: header(h, headers::ERROR_CODE),
             detail: header(h, headers::ERROR_DETAIL),
             event_id: header(h, headers::EVENT_ID),
+            original_size: header(h, headers::ORIGINAL_SIZE).and_then(|v| v.parse().ok()),
             payload: msg.payload().map(<[u8]>::to_vec).unwrap_or_default(),
         });
         if msg.offset() >= last {

@@ -1,8 +1,5 @@
 //! What the tests that run the real service binaries as child processes share
-//! (`processor_recovery.rs`, `writer_recovery.rs`): the binary, a free port, a log folder.
-
-// Each test binary includes this file and uses a subset of it.
-#![allow(dead_code)]
+//! (`processor_recovery`, `writer_recovery`, `e2e`): the binary, a free port.
 
 use std::path::{Path, PathBuf};
 
@@ -26,25 +23,4 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-/// A temporary folder (logs, data); kept and printed if the test fails, removed when it passes.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new(prefix: &str) -> Self {
-        let dir = std::env::temp_dir().join(pulse_tests::unique(prefix));
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("logs kept in {}", self.0.display());
-        } else {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
 }

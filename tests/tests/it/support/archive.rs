@@ -1,9 +1,6 @@
-//! The Parquet archive's side of the tests that run the real sink (`writer_parquet.rs`,
-//! `pulsectl_replay.rs`): its flags, the running sink, framed source events, and the group's
+//! The Parquet archive's side of the tests that run the real sink (`writer_parquet`,
+//! `pulsectl_replay`): its flags, the running sink, framed source events, and the group's
 //! committed offsets.
-
-// Each test binary includes this file and uses a subset of it.
-#![allow(dead_code)]
 
 use std::time::Duration;
 
@@ -17,6 +14,8 @@ use rdkafka::message::OwnedHeaders;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+
+use super::wait_until;
 
 /// Time allowed for the sink to commit everything.
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -62,8 +61,8 @@ pub fn s3_flags(prefix: &str) -> Vec<String> {
     [
         ("--s3-endpoint", s3.endpoint.as_str()),
         ("--s3-bucket", &s3.bucket),
-        ("--s3-access-key", &s3.access_key),
-        ("--s3-secret-key", &s3.secret_key),
+        ("--s3-access-key", s3.access_key.expose()),
+        ("--s3-secret-key", s3.secret_key.expose()),
         ("--s3-prefix", prefix),
     ]
     .into_iter()
@@ -164,16 +163,13 @@ pub async fn wait_committed_to_end(
                 .1
         })
         .collect();
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        let now = committed(&c, topic, partitions);
-        if now == ends {
-            return now;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "group {group} committed {now:?}, the partitions end at {ends:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_until(
+        DEADLINE,
+        format!("group {group} to commit {topic} to its end {ends:?}"),
+        async || {
+            let now = committed(&c, topic, partitions);
+            if now == ends { Ok(now) } else { Err(now) }
+        },
+    )
+    .await
 }

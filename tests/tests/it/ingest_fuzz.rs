@@ -10,10 +10,7 @@
 //! `PROPTEST_CASES` overrides the number of cases per property (default 96); failures are
 //! saved next to this file (`ingest_fuzz.proptest-regressions`) and replayed first.
 
-#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
-
 use std::sync::{Arc, OnceLock};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, BufMut};
 use proptest::prelude::*;
@@ -27,14 +24,10 @@ use serde_json::Value;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::transport::Channel;
 
-#[path = "support/grpc_meta.rs"]
-mod grpc_meta;
-#[path = "support/ingest_server.rs"]
-mod ingest_server;
-#[path = "support/ingest_inputs.rs"]
+use crate::support::registry::{self, Registry};
+use crate::support::{cleanup, grpc_meta, ingest_server};
+
 mod inputs;
-#[path = "support/registry.rs"]
-mod registry;
 
 use inputs::{Auth, Class, Gunzip};
 
@@ -67,27 +60,23 @@ struct Fuzz {
     client: reqwest::Client,
     channel: Channel,
     _servers: pulse_ingest::Servers,
-    _registry: pulse_schema_registry::Replica,
-}
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
+    _registry: Registry,
+    /// Never dropped (a static): the topics outlive the test process.
+    _topics: cleanup::Topics,
 }
 
 /// Ingest with the real broker and a real registry holding the event schema.
 async fn start() -> (
     pulse_ingest::Servers,
-    pulse_schema_registry::Replica,
+    Registry,
+    cleanup::Topics,
     String,
     String,
 ) {
     let kafka = pulse_tests::kafka();
     let events_topic = pulse_tests::unique("fuzz_events");
     let dlq_topic = pulse_tests::unique("fuzz_dlq");
-    ingest_server::create_topics(&kafka, &events_topic, &dlq_topic, 1).await;
+    let topics = ingest_server::create_topics(&events_topic, &dlq_topic, 1).await;
     let registry = registry::start(&kafka).await;
     let url = format!("http://{}", registry.addr);
     let status = registry::register(&url, &events_topic, pulse_contracts::schemas::EVENTS.source)
@@ -123,7 +112,7 @@ async fn start() -> (
     let servers = ingest_server::serve(&kafka, &config, framer, "ingest-fuzz").await;
     let http = format!("http://{}/v1/events", servers.http_addr);
     let grpc = format!("http://{}", servers.grpc_addr);
-    (servers, registry, http, grpc)
+    (servers, registry, topics, http, grpc)
 }
 
 fn fuzz() -> &'static Fuzz {
@@ -133,7 +122,7 @@ fn fuzz() -> &'static Fuzz {
             .enable_all()
             .build()
             .unwrap();
-        let (servers, registry, http, grpc) = rt.block_on(start());
+        let (servers, registry, topics, http, grpc) = rt.block_on(start());
         let channel = rt.block_on(grpc_meta::channel(&grpc));
         Fuzz {
             rt,
@@ -142,6 +131,7 @@ fn fuzz() -> &'static Fuzz {
             channel,
             _servers: servers,
             _registry: registry,
+            _topics: topics,
         }
     })
 }
@@ -156,7 +146,7 @@ fn proptest_config() -> ProptestConfig {
         // Every shrink step is a request: keep a failure's report quick.
         max_shrink_iters: 256,
         source_file: Some(file!()),
-        // `ingest_fuzz.proptest-regressions` next to this file, as for the other tests/.
+        // `ingest_fuzz.proptest-regressions` next to this file.
         failure_persistence: Some(Box::new(FileFailurePersistence::WithSource(
             "proptest-regressions",
         ))),

@@ -1,4 +1,4 @@
-//! Inputs for `ingest_fuzz.rs`: proptest strategies for credentials, Content-Type and
+//! Inputs for `ingest_fuzz`: proptest strategies for credentials, Content-Type and
 //! Content-Encoding headers, JSON values and events, raw and gzip bodies, protobuf events
 //! and protobuf-ish bytes. Each input that the README classifies carries its class (what
 //! the header means, what gzip decoding yields, which events are well-formed), so the test
@@ -13,7 +13,10 @@ use pulse_contracts::pb::events::v1 as ev;
 use pulse_contracts::pb::ingest::v1::SendEventsRequest;
 use serde_json::{Value, json};
 
-use super::{MAX_BATCH, MAX_BODY, MAX_DECOMPRESSED, now_ms};
+use pulse_platform::clock::now_ms;
+
+use super::{MAX_BATCH, MAX_BODY, MAX_DECOMPRESSED};
+use crate::support::events;
 
 /// `s` split on `sep`: keeps long lists of literals on a few lines.
 fn split(s: &'static str, sep: char) -> Vec<&'static str> {
@@ -197,14 +200,7 @@ pub fn any_json() -> impl Strategy<Value = Value> {
 
 /// A well-formed event per the README's validation table.
 pub fn valid_json(id: &str, user: &str) -> Value {
-    json!({
-        "event_id": id,
-        "schema_version": 1,
-        "event_type": "page_view",
-        "key": { "user_id": user },
-        "payload": { "page": "/fuzz" },
-        "metadata": { "event_timestamp": now_ms() }
-    })
+    events::event(id, user, now_ms()).page("/fuzz").json()
 }
 
 /// Well-formed events with varied ids, free text (unicode, NUL, emoji), properties, amounts
@@ -397,24 +393,7 @@ pub fn payload() -> impl Strategy<Value = (Vec<u8>, Gunzip)> {
 
 /// A well-formed protobuf event.
 pub fn valid_pb(id: &str, user: &str) -> ev::Event {
-    ev::Event {
-        event_id: id.into(),
-        schema_version: 1,
-        event_type: "page_view".into(),
-        key: Some(ev::EventKey {
-            user_id: user.into(),
-            session_id: String::new(),
-        }),
-        payload: Some(ev::Payload {
-            page: "/fuzz".into(),
-            ..Default::default()
-        }),
-        metadata: Some(ev::Metadata {
-            event_timestamp_ms: now_ms(),
-            ..Default::default()
-        }),
-        ingest: None,
-    }
+    events::event(id, user, now_ms()).page("/fuzz").build()
 }
 
 fn pb_text() -> impl Strategy<Value = String> + Clone {

@@ -3,8 +3,6 @@
 //! go to the DLQ, offsets move only after S3 confirmed the uploads, a restart resumes after
 //! the commit, and a re-run of the same range overwrites the same objects.
 
-#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::sync::Arc;
@@ -21,7 +19,8 @@ use object_store::{
 use prost::Message as _;
 use pulse_contracts::headers;
 use pulse_contracts::pb::events::v1 as ev;
-use pulse_platform::kafka::{KafkaProducer, OutRecord, TopicSpec, ensure_topics};
+use pulse_platform::kafka::{KafkaProducer, OutRecord, TopicSpec};
+use pulse_tests::{header, short_unique};
 use rdkafka::Message;
 use rdkafka::consumer::BaseConsumer;
 use rdkafka::message::OwnedMessage;
@@ -31,33 +30,27 @@ use serde_json::Value;
 const MIDNIGHT: i64 = 1_764_028_800_000;
 const DEADLINE: Duration = Duration::from_secs(60);
 
-#[path = "support/archive.rs"]
-mod archive;
-
-use pulse_tests::{header, short_unique};
+use crate::support::{Deadline, archive, cleanup, events, wait_until};
 
 struct Topics {
     events: String,
     dlq: String,
     partitions: i32,
+    _guard: cleanup::Topics,
 }
 
 async fn topics(partitions: i32) -> Topics {
-    let t = Topics {
-        events: short_unique("pq_events"),
-        dlq: pulse_tests::unique("pq_dlq"),
+    let events = short_unique("pq_events");
+    let dlq = pulse_tests::unique("pq_dlq");
+    let guard =
+        cleanup::Topics::create(&[TopicSpec::new(&events, partitions), TopicSpec::new(&dlq, 1)])
+            .await;
+    Topics {
+        events,
+        dlq,
         partitions,
-    };
-    ensure_topics(
-        &pulse_tests::kafka(),
-        &[
-            TopicSpec::new(&t.events, partitions),
-            TopicSpec::new(&t.dlq, 1),
-        ],
-    )
-    .await
-    .unwrap();
-    t
+        _guard: guard,
+    }
 }
 
 /// A writer config for the Parquet sink of `t`, writing under `prefix`.
@@ -89,48 +82,27 @@ struct Sent {
     offset: i64,
 }
 
+/// Event `e<i>`: a purchase every third, in a session unless `i` is a multiple of 4, with
+/// a referrer and properties when `i` is even.
 fn event(i: i64, event_time_ms: i64) -> ev::Event {
-    ev::Event {
-        event_id: format!("e{i}"),
-        schema_version: 1,
-        event_type: if i % 3 == 0 { "purchase" } else { "page_view" }.into(),
-        key: Some(ev::EventKey {
-            user_id: format!("u{}", i % 3),
-            session_id: if i % 4 == 0 {
-                String::new()
-            } else {
-                format!("s{i}")
-            },
-        }),
-        payload: Some(ev::Payload {
-            page: format!("/p/{i}"),
-            referrer: if i % 2 == 0 {
-                "https://example.com/".into()
-            } else {
-                String::new()
-            },
-            currency: if i % 3 == 0 { "EUR" } else { "" }.into(),
-            amount_micros: (i % 3 == 0).then_some(i * 1_250_000),
-            properties: if i % 2 == 0 {
-                [("plan", "pro".to_string()), ("n", i.to_string())]
-                    .into_iter()
-                    .map(|(k, v)| (k.to_owned(), v))
-                    .collect()
-            } else {
-                Default::default()
-            },
-        }),
-        metadata: Some(ev::Metadata {
-            event_timestamp_ms: event_time_ms,
-            trace_id: format!("producer-{i}"),
-            source: "web".into(),
-        }),
-        ingest: Some(ev::IngestInfo {
-            ingest_timestamp_ms: event_time_ms + 500,
-            ingest_source: "shop".into(),
-            protocol: "http".into(),
-        }),
+    let mut e = events::event(format!("e{i}"), format!("u{}", i % 3), event_time_ms)
+        .page(format!("/p/{i}"))
+        .trace_id(format!("producer-{i}"))
+        .source("web")
+        .ingested(event_time_ms + 500, "shop");
+    if i % 3 == 0 {
+        e = e.purchase("EUR", i * 1_250_000);
     }
+    if i % 4 != 0 {
+        e = e.session(format!("s{i}"));
+    }
+    if i % 2 == 0 {
+        e = e
+            .referrer("https://example.com/")
+            .property("plan", "pro")
+            .property("n", i.to_string());
+    }
+    e.build()
 }
 
 /// Sends framed `e` to `partition`; every third event carries a W3C `traceparent`.
@@ -364,7 +336,8 @@ struct Fresh {
 async fn events_are_archived_once_per_partition_and_hour_and_undecodable_records_go_to_the_dlq() {
     let t = topics(2).await;
     let ch = pulse_tests::clickhouse();
-    let db = pulse_tests::unique("pq_writer");
+    let database = cleanup::Database::unique("pq_writer");
+    let db = &database.database;
     let prefix = short_unique("pq_archive");
     let group = pulse_tests::unique("pq_group");
     let cfg = config(
@@ -372,7 +345,7 @@ async fn events_are_archived_once_per_partition_and_hour_and_undecodable_records
         &prefix,
         &group,
         &ch.url,
-        &db,
+        db,
         &["--parquet-max-rows", "4", "--parquet-max-age-ms", "300"],
     );
     // The freshness table (the ClickHouse sink owns the schema).
@@ -474,31 +447,22 @@ async fn events_are_archived_once_per_partition_and_hour_and_undecodable_records
             (p, max)
         })
         .collect();
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        let got: Vec<(i32, i64)> = client
-            .query("SELECT kafka_partition, last_event_time_ms FROM freshness FINAL WHERE stage = 'writer-parquet' ORDER BY kafka_partition")
-            .fetch_all::<Fresh>()
-            .await
-            .unwrap()
-            .into_iter()
-            .map(|f| (f.kafka_partition, f.last_event_time_ms))
-            .collect();
-        if got == want {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "freshness rows {got:?}, expected {want:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    cfg.clickhouse
-        .server_client()
-        .query(&format!("DROP DATABASE {db}"))
-        .execute()
-        .await
-        .unwrap();
+    wait_until(
+        Deadline::after(DEADLINE).every(Duration::from_millis(200)),
+        format!("the freshness rows {want:?} (partition, latest event time)"),
+        async || {
+            let got: Vec<(i32, i64)> = client
+                .query("SELECT kafka_partition, last_event_time_ms FROM freshness FINAL WHERE stage = 'writer-parquet' ORDER BY kafka_partition")
+                .fetch_all::<Fresh>()
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|f| (f.kafka_partition, f.last_event_time_ms))
+                .collect();
+            if got == want { Ok(()) } else { Err(got) }
+        },
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -755,11 +719,15 @@ async fn failed_uploads_are_retried_and_offsets_move_only_once_s3_confirms() {
     sink.store = flaky.clone();
     let sink = archive::Sink::run(sink);
 
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    while flaky.failed.load(Ordering::SeqCst) < 3 {
-        assert!(tokio::time::Instant::now() < deadline, "no upload attempts");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until(
+        Deadline::after(DEADLINE).every(Duration::from_millis(50)),
+        "3 failed upload attempts",
+        async || match flaky.failed.load(Ordering::SeqCst) {
+            n if n >= 3 => Ok(()),
+            n => Err(format!("{n} failed upload attempts")),
+        },
+    )
+    .await;
     assert_eq!(
         committed_now(&group, &t),
         vec![-1],

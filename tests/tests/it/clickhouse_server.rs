@@ -1,10 +1,10 @@
 //! The ClickHouse client settings against the real server (Debian's 18.16 in
 //! scripts/test.sh): create a table, insert a batch with RowBinary, select it back.
 
-#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
-
 use clickhouse::Row;
 use serde::{Deserialize, Serialize};
+
+use crate::support::cleanup::Database;
 
 #[derive(Debug, Clone, PartialEq, Row, Serialize, Deserialize)]
 struct EventRow {
@@ -17,8 +17,9 @@ struct EventRow {
 
 #[tokio::test]
 async fn a_batch_inserted_with_row_binary_reads_back_exactly() {
+    let guard = Database::unique("pulse_test");
+    let db = &guard.database;
     let cfg = pulse_tests::clickhouse();
-    let db = pulse_tests::unique("pulse_test");
     let server = cfg.server_client();
     server
         .query(&format!("CREATE DATABASE IF NOT EXISTS {db}"))
@@ -70,10 +71,4 @@ async fn a_batch_inserted_with_row_binary_reads_back_exactly() {
         .await
         .unwrap();
     assert_eq!(n, rows.iter().filter(|r| r.user_id == "u3").count() as u64);
-
-    server
-        .query(&format!("DROP DATABASE {db}"))
-        .execute()
-        .await
-        .unwrap();
 }

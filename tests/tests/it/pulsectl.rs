@@ -4,8 +4,6 @@
 //! codes; `dlq redrive` re-submits JSON records and skips protobuf ones; `migrate` applies
 //! the schema once.
 
-#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,10 +25,8 @@ const MALFORMED_CODES: [&str; 4] = [
     "invalid_event_type",
 ];
 
-#[path = "support/ingest_server.rs"]
-mod ingest_server;
-
-use ingest_server::read_exactly;
+use crate::support::cleanup;
+use crate::support::ingest_server::{self, read_exactly};
 
 struct Ingest {
     http: String,
@@ -38,15 +34,16 @@ struct Ingest {
     events_topic: String,
     dlq_topic: String,
     _servers: pulse_ingest::Servers,
+    _topics: cleanup::Topics,
 }
 
 /// An in-process ingest on 127.0.0.1:0 against the real broker, with its own topics (the
-/// pattern of tests/ingest.rs, framing with a fixed schema id instead of a registry).
+/// pattern of the `ingest` tests, framing with a fixed schema id instead of a registry).
 async fn start_ingest() -> Ingest {
     let kafka = pulse_tests::kafka();
     let events_topic = pulse_tests::unique("events");
     let dlq_topic = pulse_tests::unique("dlq");
-    ingest_server::create_topics(&kafka, &events_topic, &dlq_topic, 2).await;
+    let topics = ingest_server::create_topics(&events_topic, &dlq_topic, 2).await;
     let cfg = ingest_server::config(
         &kafka,
         "test-key=loadgen",
@@ -63,6 +60,7 @@ async fn start_ingest() -> Ingest {
         events_topic,
         dlq_topic,
         _servers: servers,
+        _topics: topics,
     }
 }
 
@@ -287,8 +285,7 @@ async fn loadgen_over_grpc_matches_the_topics_and_redrive_skips_protobuf_records
 
 #[tokio::test]
 async fn migrate_applies_the_schema_once() {
-    let mut ch = pulse_tests::clickhouse();
-    ch.database = pulse_tests::unique("pulsectl");
+    let ch = cleanup::Database::unique("pulsectl");
     let first = pulsectl::migrate::apply(&ch).await.unwrap();
     assert!(!first.is_empty());
     assert_eq!(
@@ -299,9 +296,4 @@ async fn migrate_applies_the_schema_once() {
             .collect::<Vec<_>>()
     );
     assert!(pulsectl::migrate::apply(&ch).await.unwrap().is_empty());
-    ch.server_client()
-        .query(&format!("DROP DATABASE {}", ch.database))
-        .execute()
-        .await
-        .unwrap();
 }

@@ -8,9 +8,7 @@
 //!   breaker and pauses consumption, so its memory stays bounded while the backlog grows in
 //!   Kafka; once ClickHouse is back everything lands exactly once.
 
-#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
-
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
@@ -19,12 +17,17 @@ use prost::Message as _;
 use pulse_contracts::pb::events::v1 as ev;
 use pulse_contracts::{headers, wire};
 use pulse_platform::clickhouse::ClickHouseConfig;
-use pulse_platform::kafka::{AckFuture, KafkaProducer, OutRecord, TopicSpec, ensure_topics};
+use pulse_platform::clock::now_ms;
+use pulse_platform::kafka::{AckFuture, KafkaProducer, OutRecord, TopicSpec};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::OwnedHeaders;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+use crate::support::child_process::{binary, free_port};
+use crate::support::cleanup::{self, TempDir};
+use crate::support::{Deadline, events, wait_until};
 
 /// Partitions of the test topics.
 const PARTITIONS: i32 = 2;
@@ -39,22 +42,25 @@ struct Topics {
     activity: String,
     sessions: String,
     dlq: String,
+    _guard: cleanup::Topics,
 }
 
 impl Topics {
     async fn create() -> Self {
-        let t = Self {
-            events: pulse_tests::unique("events"),
-            activity: pulse_tests::unique("user_activity"),
-            sessions: pulse_tests::unique("sessions"),
-            dlq: pulse_tests::unique("dlq"),
-        };
-        let specs: Vec<TopicSpec> = [&t.events, &t.activity, &t.sessions, &t.dlq]
+        let names = ["events", "user_activity", "sessions", "dlq"].map(pulse_tests::unique);
+        let specs: Vec<TopicSpec> = names
             .iter()
-            .map(|name| TopicSpec::new(name.as_str(), PARTITIONS))
+            .map(|name| TopicSpec::new(name, PARTITIONS))
             .collect();
-        ensure_topics(&pulse_tests::kafka(), &specs).await.unwrap();
-        t
+        let guard = cleanup::Topics::create(&specs).await;
+        let [events, activity, sessions, dlq] = names;
+        Self {
+            events,
+            activity,
+            sessions,
+            dlq,
+            _guard: guard,
+        }
     }
 
     fn flags(&self) -> Vec<String> {
@@ -68,18 +74,6 @@ impl Topics {
         .flat_map(|(k, v)| [k.to_owned(), v.clone()])
         .collect()
     }
-}
-
-#[path = "support/child_process.rs"]
-mod child_process;
-
-use child_process::{TempDir, binary, free_port};
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
 }
 
 /// A running `pulse-writer --sink clickhouse`; SIGKILLed when dropped.
@@ -214,33 +208,13 @@ fn mib(bytes: u64) -> String {
 
 /// Event `id` of `user` at `t`, with a property of `pad` bytes (to give the backlog weight).
 fn event(id: &str, user: &str, t: i64, pad: usize) -> ev::Event {
-    let properties = if pad > 0 {
-        HashMap::from([("pad".to_owned(), "x".repeat(pad))])
+    let e = events::event(id, user, t)
+        .page("/p")
+        .ingested(t + 100, "writer-recovery-test");
+    if pad > 0 {
+        e.property("pad", "x".repeat(pad)).build()
     } else {
-        HashMap::new()
-    };
-    ev::Event {
-        event_id: id.into(),
-        schema_version: 1,
-        event_type: "page_view".into(),
-        key: Some(ev::EventKey {
-            user_id: user.into(),
-            session_id: String::new(),
-        }),
-        payload: Some(ev::Payload {
-            page: "/p".into(),
-            properties,
-            ..Default::default()
-        }),
-        metadata: Some(ev::Metadata {
-            event_timestamp_ms: t,
-            ..Default::default()
-        }),
-        ingest: Some(ev::IngestInfo {
-            ingest_timestamp_ms: t + 100,
-            ingest_source: "writer-recovery-test".into(),
-            protocol: "http".into(),
-        }),
+        e.build()
     }
 }
 
@@ -327,9 +301,9 @@ async fn wait_final_count(
     within: Duration,
     log: &Path,
 ) -> u64 {
-    let deadline = Instant::now() + within;
     let mut raw_peak = 0;
-    loop {
+    let what = format!("{want} events under FINAL; see {}", log.display());
+    wait_until(within, what, async || {
         let raw = query_u64(client, "SELECT count() FROM events")
             .await
             .unwrap_or(0);
@@ -341,19 +315,15 @@ async fn wait_final_count(
             let raw = query_u64(client, "SELECT count() FROM events")
                 .await
                 .unwrap_or(0);
-            return raw_peak.max(raw);
+            return Ok(raw_peak.max(raw));
         }
         assert!(
             n < want,
             "events FINAL holds {n} rows, more than the {want} produced"
         );
-        assert!(
-            Instant::now() < deadline,
-            "only {n} of {want} events arrived within {within:?}; see {}",
-            log.display()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        Err(format!("{n} of {want} events"))
+    })
+    .await
 }
 
 /// The group's committed offset (the next record to read) per partition of `topic`; 0 where
@@ -448,10 +418,7 @@ async fn a_writer_killed_mid_batch_loses_nothing_and_duplicates_nothing() {
     let started = Instant::now();
     let logs = TempDir::new("writer-recovery-kill");
     let topics = Topics::create().await;
-    let ch = ClickHouseConfig {
-        database: pulse_tests::unique("pulse_writer_kill"),
-        ..pulse_tests::clickhouse()
-    };
+    let ch = cleanup::Database::unique("pulse_writer_kill");
     let client = ch.client();
     let group = pulse_tests::unique("writer");
 
@@ -462,7 +429,7 @@ async fn a_writer_killed_mid_batch_loses_nothing_and_duplicates_nothing() {
         "--kafka-option".to_owned(),
         format!("group.instance.id={group}-member"),
     ];
-    let mut log = logs.0.join("writer-1.log");
+    let mut log = logs.path().join("writer-1.log");
     let mut writer = Writer::spawn(&topics, &ch, &group, log.clone(), &static_member);
 
     // The events are produced while the writers consume them.
@@ -486,19 +453,22 @@ async fn a_writer_killed_mid_batch_loses_nothing_and_duplicates_nothing() {
     let mut kill_at = EVENTS / 4;
     let deadline = Instant::now() + Duration::from_secs(120);
     while kills.len() < MAX_KILLS && kills.iter().all(|k| k.replayed == 0) {
-        let n = query_u64(&client, "SELECT count() FROM events")
-            .await
-            .unwrap_or(0);
-        if n < kill_at {
-            writer.assert_running();
-            assert!(
-                Instant::now() < deadline,
-                "only {n} rows arrived before the deadline; see {}",
-                log.display()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-            continue;
-        }
+        wait_until(
+            Deadline::at(deadline).every(Duration::from_millis(20)),
+            format!("{kill_at} rows before a kill; see {}", log.display()),
+            async || {
+                let n = query_u64(&client, "SELECT count() FROM events")
+                    .await
+                    .unwrap_or(0);
+                writer.assert_running();
+                if n >= kill_at {
+                    Ok(())
+                } else {
+                    Err(format!("{n} rows"))
+                }
+            },
+        )
+        .await;
         writer.assert_running();
         let status = writer.kill();
         let raw_rows = query_u64(&client, "SELECT count() FROM events")
@@ -529,7 +499,7 @@ async fn a_writer_killed_mid_batch_loses_nothing_and_duplicates_nothing() {
         );
         kills.push(kill);
         kill_at = raw_rows + 2_000;
-        log = logs.0.join(format!("writer-{}.log", kills.len() + 1));
+        log = logs.path().join(format!("writer-{}.log", kills.len() + 1));
         writer = Writer::spawn(&topics, &ch, &group, log.clone(), &static_member);
     }
     assert!(
@@ -545,18 +515,19 @@ async fn a_writer_killed_mid_batch_loses_nothing_and_duplicates_nothing() {
     writer.assert_running();
     assert_exactly_once(&client, &produced).await;
     // And the last writer commits everything it wrote: a later restart replays nothing.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let committed = committed_offsets(&group, &topics.events);
-        if committed.iter().sum::<i64>() == EVENTS as i64 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the group's committed offsets stay at {committed:?}; {EVENTS} records were produced"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    wait_until(
+        Deadline::after(Duration::from_secs(30)).every(Duration::from_millis(250)),
+        format!("the group's committed offsets to sum up to the {EVENTS} records produced"),
+        async || {
+            let committed = committed_offsets(&group, &topics.events);
+            if committed.iter().sum::<i64>() == EVENTS as i64 {
+                Ok(())
+            } else {
+                Err(committed)
+            }
+        },
+    )
+    .await;
 
     // The last writer resumed exactly at the committed offsets: it inserted every record
     // from there on, the ones already inserted before the kill included.
@@ -596,11 +567,6 @@ async fn a_writer_killed_mid_batch_loses_nothing_and_duplicates_nothing() {
     eprintln!("kill test done in {:.1} s", started.elapsed().as_secs_f64());
 
     drop(writer);
-    ch.server_client()
-        .query(&format!("DROP DATABASE {}", ch.database))
-        .execute()
-        .await
-        .unwrap();
     drop(logs);
 }
 
@@ -696,7 +662,7 @@ async fn a_30_second_clickhouse_outage_under_load_loses_nothing_and_memory_stays
     const OUTAGE: Duration = Duration::from_secs(30);
     let started = Instant::now();
     let dir = TempDir::new("writer-recovery-outage");
-    let server = DedicatedClickHouse::start(&dir.0.join("stack"));
+    let server = DedicatedClickHouse::start(&dir.path().join("stack"));
     let topics = Topics::create().await;
     let ch = ClickHouseConfig {
         url: server.url(),
@@ -704,7 +670,7 @@ async fn a_30_second_clickhouse_outage_under_load_loses_nothing_and_memory_stays
         ..pulse_tests::clickhouse()
     };
     let client = ch.client();
-    let log = dir.0.join("writer.log");
+    let log = dir.path().join("writer.log");
     // The breaker opens after 4 failures in a row (~1.5–3 s of backoff) and then probes
     // every 3 s, so most of the outage runs with the circuit open, and recovery is quick.
     let mut writer = Writer::spawn(
@@ -737,20 +703,21 @@ async fn a_30_second_clickhouse_outage_under_load_loses_nothing_and_memory_stays
     };
 
     // Steady state under load before the outage.
-    let deadline = Instant::now() + Duration::from_secs(90);
-    while query_u64(&client, "SELECT count() FROM events")
-        .await
-        .unwrap_or(0)
-        < 2_000
-    {
-        writer.assert_running();
-        assert!(
-            Instant::now() < deadline,
-            "no rows arrived before the outage; see {}",
-            log.display()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_until(
+        Deadline::after(Duration::from_secs(90)).every(Duration::from_millis(200)),
+        format!("2000 rows before the outage; see {}", log.display()),
+        async || {
+            let n = query_u64(&client, "SELECT count() FROM events")
+                .await
+                .unwrap_or(0);
+            if n >= 2_000 {
+                return Ok(());
+            }
+            writer.assert_running();
+            Err(format!("{n} rows"))
+        },
+    )
+    .await;
     let mut before = Vec::new();
     for _ in 0..5 {
         before.push(rss_bytes(writer.pid()));

@@ -5,22 +5,21 @@
 //! times, framed with the topic's registered schema id; a dry run publishes nothing, and a
 //! topic without a registered schema publishes nothing and fails.
 
-#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
-
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::{Duration, Instant};
 
 use clap::Parser;
 use object_store::{ObjectStoreExt, PutPayload};
 use prost::Message as _;
 use pulse_contracts::pb::events::v1 as ev;
 use pulse_contracts::{headers, trace_context, wire};
-use pulse_platform::kafka::{KafkaProducer, TopicSpec, ensure_topics};
+use pulse_platform::kafka::{KafkaProducer, TopicSpec};
 use pulse_storage::archive::{ArchiveRow, encode, hour_bucket, object_key};
+use pulse_tests::short_unique;
 use pulsectl::replay::{ReplayArgs, ReplayError, replay};
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::Message;
 use rdkafka::message::{Headers, OwnedMessage};
-use rdkafka::{Message, Offset, TopicPartitionList};
+
+use crate::support::{archive, cleanup, events, kafka, registry};
 
 /// 2025-11-25T00:00:00Z.
 const MIDNIGHT: i64 = 1_764_028_800_000;
@@ -29,41 +28,17 @@ const HOUR: i64 = 60 * MINUTE;
 /// The replayed range: from 23:59 to 01:00 exactly.
 const FROM: i64 = MIDNIGHT - MINUTE;
 const TO: i64 = MIDNIGHT + HOUR;
-const DEADLINE: Duration = Duration::from_secs(60);
-
-#[path = "support/archive.rs"]
-mod archive;
-#[path = "support/registry.rs"]
-mod registry;
-
-use pulse_tests::short_unique;
 
 /// Event `id` at `event_time_ms`; every other one carries no W3C trace (only a producer
 /// trace id in its metadata).
 fn event(id: &str, user: &str, event_time_ms: i64) -> ev::Event {
-    ev::Event {
-        event_id: id.into(),
-        schema_version: 1,
-        event_type: "page_view".into(),
-        key: Some(ev::EventKey {
-            user_id: user.into(),
-            session_id: format!("s-{user}"),
-        }),
-        payload: Some(ev::Payload {
-            page: format!("/p/{id}"),
-            ..Default::default()
-        }),
-        metadata: Some(ev::Metadata {
-            event_timestamp_ms: event_time_ms,
-            trace_id: format!("producer-{id}"),
-            source: "web".into(),
-        }),
-        ingest: Some(ev::IngestInfo {
-            ingest_timestamp_ms: event_time_ms + 321,
-            ingest_source: "shop".into(),
-            protocol: "http".into(),
-        }),
-    }
+    events::event(id, user, event_time_ms)
+        .session(format!("s-{user}"))
+        .page(format!("/p/{id}"))
+        .trace_id(format!("producer-{id}"))
+        .source("web")
+        .ingested(event_time_ms + 321, "shop")
+        .build()
 }
 
 /// What was archived for one event id.
@@ -120,47 +95,8 @@ async fn put_object(prefix: &str, hour_of: i64, topic: &str, partition: i32, row
 }
 
 /// Every record of `topic` (all partitions, from the beginning to the current end).
-fn read_all(topic: &str) -> Vec<OwnedMessage> {
-    let c: BaseConsumer = pulse_tests::kafka()
-        .client_config("replay-test")
-        .set("group.id", pulse_tests::unique("replay_reader"))
-        .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest")
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    let mut remaining = BTreeMap::new();
-    for p in 0..2 {
-        let (low, high) = c
-            .fetch_watermarks(topic, p, Duration::from_secs(10))
-            .unwrap();
-        if high > low {
-            tpl.add_partition_offset(topic, p, Offset::Offset(low))
-                .unwrap();
-            remaining.insert(p, high - 1);
-        }
-    }
-    let mut out = Vec::new();
-    if remaining.is_empty() {
-        return out;
-    }
-    c.assign(&tpl).unwrap();
-    let deadline = Instant::now() + DEADLINE;
-    while !remaining.is_empty() {
-        assert!(Instant::now() < deadline, "{topic}: not read to its end");
-        let Some(m) = c.poll(Duration::from_millis(200)) else {
-            continue;
-        };
-        let m = m.unwrap().detach();
-        if remaining
-            .get(&m.partition())
-            .is_some_and(|last| m.offset() >= *last)
-        {
-            remaining.remove(&m.partition());
-        }
-        out.push(m);
-    }
-    out
+async fn read_all(topic: &str) -> Vec<OwnedMessage> {
+    kafka::read_to_end(&pulse_tests::kafka(), topic).await
 }
 
 fn header<'a>(m: &'a OwnedMessage, name: &str) -> Option<&'a str> {
@@ -204,17 +140,13 @@ async fn replay_republishes_exactly_the_archived_events_of_the_range_once_with_t
     let dlq = pulse_tests::unique("rp_dlq");
     let target = pulse_tests::unique("rp_target");
     let unregistered = pulse_tests::unique("rp_unreg");
-    ensure_topics(
-        &kafka,
-        &[
-            TopicSpec::new(&source, 2),
-            TopicSpec::new(&dlq, 2),
-            TopicSpec::new(&target, 2),
-            TopicSpec::new(&unregistered, 2),
-        ],
-    )
-    .await
-    .unwrap();
+    let _topics = cleanup::Topics::create(&[
+        TopicSpec::new(&source, 2),
+        TopicSpec::new(&dlq, 2),
+        TopicSpec::new(&target, 2),
+        TopicSpec::new(&unregistered, 2),
+    ])
+    .await;
     let registry = registry::start(&kafka).await;
     let registry_url = format!("http://{}", registry.addr);
     // Another schema first, so the events schema's id is not simply the first one.
@@ -293,14 +225,14 @@ async fn replay_republishes_exactly_the_archived_events_of_the_range_once_with_t
     assert_eq!(dry.rows_in_range, 5 + 1 + 2, "{dry:?}");
     assert_eq!((dry.duplicates, dry.unique()), (3, 5), "{dry:?}");
     assert_eq!((dry.published, dry.objects_failed), (0, 0));
-    assert!(read_all(&target).is_empty(), "a dry run published");
+    assert!(read_all(&target).await.is_empty(), "a dry run published");
 
     // A topic whose subject has no schema: refused before anything is published.
     let err = replay(&args(&prefix, &unregistered, &registry_url, &[]))
         .await
         .unwrap_err();
     assert!(matches!(err, ReplayError::Registry { .. }), "{err}");
-    assert!(read_all(&unregistered).is_empty());
+    assert!(read_all(&unregistered).await.is_empty());
 
     let s = replay(&args(&prefix, &target, &registry_url, &[]))
         .await
@@ -310,7 +242,7 @@ async fn replay_republishes_exactly_the_archived_events_of_the_range_once_with_t
     assert_eq!(s.objects, dry.objects);
     assert_eq!(s.schema_id, Some(schema_id));
 
-    let records = read_all(&target);
+    let records = read_all(&target).await;
     let got: Vec<&str> = records
         .iter()
         .map(|m| header(m, headers::EVENT_ID).unwrap())

@@ -2,8 +2,6 @@
 //! idempotent produce with headers, and a consumer group that resumes from its committed
 //! offset.
 
-#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
-
 use std::time::Duration;
 
 use pulse_contracts::{headers, trace_context};
@@ -12,6 +10,8 @@ use pulse_platform::kafka::{
 };
 use rdkafka::Message;
 use rdkafka::message::{Headers, OwnedHeaders};
+
+use crate::support::cleanup;
 
 async fn recv(consumer: &KafkaConsumer) -> rdkafka::message::OwnedMessage {
     tokio::time::timeout(Duration::from_secs(60), consumer.recv())
@@ -25,6 +25,7 @@ async fn recv(consumer: &KafkaConsumer) -> rdkafka::message::OwnedMessage {
 async fn idempotent_produce_keeps_headers_and_order() {
     let cfg = pulse_tests::kafka();
     let topic = pulse_tests::unique("produce");
+    let _topics = cleanup::Topics::adopt([&topic]);
     let created = ensure_topics(&cfg, &[TopicSpec::new(&topic, 1)])
         .await
         .unwrap();
@@ -85,9 +86,7 @@ async fn consumer_group_resumes_from_its_committed_offset() {
     let cfg = pulse_tests::kafka();
     let topic = pulse_tests::unique("resume");
     let group = pulse_tests::unique("group");
-    ensure_topics(&cfg, &[TopicSpec::new(&topic, 1)])
-        .await
-        .unwrap();
+    let _topics = cleanup::Topics::create(&[TopicSpec::new(&topic, 1)]).await;
     let producer = KafkaProducer::new(&cfg, "pulse-test").unwrap();
     for i in 0..10 {
         producer

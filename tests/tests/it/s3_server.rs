@@ -1,8 +1,6 @@
 //! The S3 client the writer uses (object_store) against the real S3 server (s3s-fs in
 //! scripts/test.sh): put, list and get objects, including a multipart upload.
 
-#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
-
 use futures::TryStreamExt;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};

@@ -13,8 +13,6 @@
 //! a final record for each, and then compares the highest-version record per key: whole
 //! protobuf messages, no extra or missing keys, nothing on the late topics.
 
-#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
 use std::path::Path;
@@ -25,7 +23,7 @@ use prost::Message as _;
 use pulse_contracts::pb::aggregates::v1::{Session, UserWindowActivity};
 use pulse_contracts::pb::events::v1 as ev;
 use pulse_contracts::{headers, wire};
-use pulse_platform::kafka::{KafkaConsumer, KafkaProducer, OutRecord, TopicSpec, ensure_topics};
+use pulse_platform::kafka::{KafkaConsumer, KafkaProducer, OutRecord, TopicSpec};
 use rdkafka::Message;
 use rdkafka::consumer::Consumer;
 use rdkafka::message::OwnedHeaders;
@@ -42,13 +40,13 @@ const IDLE_MS: i64 = 600_000;
 const WAIT: Duration = Duration::from_secs(90);
 /// Users whose far-future events close every window and session of the workload.
 const FLUSH_PREFIX: &str = "flush-";
+/// How often a wait looks at the consumer group's assignments.
+const POLL: Duration = Duration::from_millis(50);
 
-#[path = "support/child_process.rs"]
-mod child_process;
-#[path = "support/registry.rs"]
-mod registry;
-
-use child_process::{TempDir, binary, free_port};
+use crate::support::child_process::{binary, free_port};
+use crate::support::cleanup::{self, TempDir};
+use crate::support::registry::{self, Registry};
+use crate::support::{Deadline, events, poll_until, wait_until};
 
 /// The processor's topics of one run (events shared, outputs per run).
 #[derive(Debug, Clone)]
@@ -93,8 +91,10 @@ impl Topics {
 }
 
 /// Creates the events topic (`partitions`) and each run's output topics (1 partition),
-/// starts a schema registry and registers the aggregates schema for the outputs.
-async fn setup(events: &str, partitions: i32, runs: &[&Topics]) -> pulse_schema_registry::Replica {
+/// starts a schema registry and registers the aggregates schema for the outputs. The
+/// topics (the checkpoint topics the processors create included) are deleted when the
+/// guard is dropped.
+async fn setup(events: &str, partitions: i32, runs: &[&Topics]) -> (Registry, cleanup::Topics) {
     let kafka = pulse_tests::kafka();
     let mut specs = vec![TopicSpec::new(events, partitions)];
     for t in runs {
@@ -102,19 +102,18 @@ async fn setup(events: &str, partitions: i32, runs: &[&Topics]) -> pulse_schema_
             specs.push(TopicSpec::new(name.as_str(), 1));
         }
     }
-    ensure_topics(&kafka, &specs).await.unwrap();
+    let mut topics = cleanup::Topics::create(&specs).await;
+    for t in runs {
+        topics.add(&t.checkpoints);
+    }
     let registry = registry::start(&kafka).await;
     for t in runs {
         registry::register_aggregates(&registry, &[&t.activity, &t.sessions]).await;
     }
-    registry
+    (registry, topics)
 }
 
-fn config(
-    t: &Topics,
-    registry: &pulse_schema_registry::Replica,
-    group: &str,
-) -> pulse_processor::Config {
+fn config(t: &Topics, registry: &Registry, group: &str) -> pulse_processor::Config {
     let mut args: Vec<String> = vec![
         "pulse-processor".into(),
         "--kafka-brokers".into(),
@@ -162,16 +161,16 @@ impl Instance {
 
     /// Waits until the assigned partitions are exactly `want`.
     async fn wait_assigned(&self, name: &str, want: &BTreeSet<i32>) {
-        let deadline = Instant::now() + WAIT;
-        while &self.assigned() != want {
-            assert!(
-                Instant::now() < deadline,
-                "{name} was not assigned {want:?} in time; it has {:?}",
-                self.assigned()
-            );
+        let what = format!("{name} to be assigned {want:?}");
+        wait_until(Deadline::after(WAIT).every(POLL), what, async || {
+            let has = self.assigned();
+            if &has == want {
+                return Ok(());
+            }
             assert!(!self.task.is_finished(), "{name} stopped");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+            Err(has)
+        })
+        .await;
     }
 
     /// Stops the loop (it emits, flushes and commits) and waits for it.
@@ -197,35 +196,12 @@ struct Event {
 
 impl Event {
     fn to_proto(&self) -> ev::Event {
-        ev::Event {
-            event_id: self.id.clone(),
-            schema_version: 1,
-            event_type: if self.purchase.is_some() {
-                "purchase"
-            } else {
-                "page_view"
-            }
-            .into(),
-            key: Some(ev::EventKey {
-                user_id: self.user.clone(),
-                session_id: String::new(),
-            }),
-            payload: Some(ev::Payload {
-                page: if self.purchase.is_some() {
-                    String::new()
-                } else {
-                    self.page.clone()
-                },
-                currency: self.purchase.map(|p| p.0.to_owned()).unwrap_or_default(),
-                amount_micros: self.purchase.map(|p| p.1),
-                ..Default::default()
-            }),
-            metadata: Some(ev::Metadata {
-                event_timestamp_ms: self.t,
-                ..Default::default()
-            }),
-            ingest: None,
+        let e = events::event(&self.id, &self.user, self.t);
+        match self.purchase {
+            Some((currency, micros)) => e.purchase(currency, micros),
+            None => e.page(&self.page),
         }
+        .build()
     }
 }
 
@@ -477,11 +453,17 @@ impl<T: Aggregate> Latest<T> {
         }
     }
 
-    /// Reads until `done` holds; false if `deadline` passes first.
+    /// Reads until `done` holds; false if `deadline` passes first (the caller reports what
+    /// is missing).
     async fn until(&mut self, deadline: Instant, done: impl Fn(&Self) -> bool) -> bool {
-        while !done(self) {
+        // Each look reads one record (waiting for it up to the deadline); no pause between.
+        let looks = Deadline::at(deadline).every(Duration::ZERO);
+        poll_until(looks, async || {
+            if done(self) {
+                return Ok(());
+            }
             let Ok(m) = tokio::time::timeout_at(deadline, self.consumer.recv()).await else {
-                return false;
+                return Err(());
             };
             let m = m.unwrap();
             let key = String::from_utf8(m.key().unwrap().to_vec()).unwrap();
@@ -494,8 +476,10 @@ impl<T: Aggregate> Latest<T> {
             {
                 self.best.insert(key, v);
             }
-        }
-        true
+            if done(self) { Ok(()) } else { Err(()) }
+        })
+        .await
+        .is_ok()
     }
 
     /// Whether every key of `want` has a final record.
@@ -722,12 +706,7 @@ async fn assert_same(
 
 /// Starts the real binary with the run's topics, configured by flags and environment;
 /// stdout and stderr go to `log`.
-fn spawn_binary(
-    t: &Topics,
-    registry: &pulse_schema_registry::Replica,
-    group: &str,
-    log: &Path,
-) -> tokio::process::Child {
+fn spawn_binary(t: &Topics, registry: &Registry, group: &str, log: &Path) -> tokio::process::Child {
     let out = std::fs::File::create(log).unwrap();
     let err = out.try_clone().unwrap();
     tokio::process::Command::new(binary("pulse-processor"))
@@ -765,7 +744,7 @@ async fn final_aggregates_after_a_sigkill_and_restart_equal_an_uninterrupted_run
     let events_topic = pulse_tests::unique("events");
     let run = Topics::outputs_of(&events_topic, "killed");
     let reference = Topics::outputs_of(&events_topic, "reference");
-    let registry = setup(&events_topic, 2, &[&run, &reference]).await;
+    let (registry, _topics) = setup(&events_topic, 2, &[&run, &reference]).await;
     let base = base_time();
     let events = workload(base);
     let (first, rest) = events.split_at(events.len() / 2);
@@ -797,7 +776,7 @@ async fn final_aggregates_after_a_sigkill_and_restart_equal_an_uninterrupted_run
     acks.extend(first_acks);
 
     let group = pulse_tests::unique("killed");
-    let log1 = logs.0.join("processor-1.log");
+    let log1 = logs.path().join("processor-1.log");
     let mut child = spawn_binary(&run, &registry, &group, &log1);
     // Mid-stream: some windows are final (their offsets may be committed), others open.
     let started = out
@@ -828,7 +807,7 @@ async fn final_aggregates_after_a_sigkill_and_restart_equal_an_uninterrupted_run
     acks.extend(produce_to_every_partition(&events_topic, 2, FLUSH_PREFIX, last + 600_000).await);
     let x = Expected::of(acks.iter().map(|a| &a.0));
 
-    let log2 = logs.0.join("processor-2.log");
+    let log2 = logs.path().join("processor-2.log");
     let mut child = spawn_binary(&run, &registry, &group, &log2);
     let deadline = Instant::now() + WAIT;
     let (complete, reference_complete) = tokio::join!(
@@ -859,7 +838,7 @@ async fn two_instances_share_the_partitions_and_a_forced_rebalance_loses_nothing
     let events_topic = pulse_tests::unique("events");
     let run = Topics::outputs_of(&events_topic, "shared");
     let reference = Topics::outputs_of(&events_topic, "reference");
-    let registry = setup(&events_topic, 4, &[&run, &reference]).await;
+    let (registry, _topics) = setup(&events_topic, 4, &[&run, &reference]).await;
     let base = base_time();
     let events = workload(base);
     let third = events.len() / 3;
@@ -908,16 +887,15 @@ async fn two_instances_share_the_partitions_and_a_forced_rebalance_loses_nothing
 
     // B joins: the group rebalances and the instances share the 4 partitions.
     let b = Instance::start(&config(&run, &registry, &group)).await;
-    let deadline = Instant::now() + WAIT;
-    while !(a.assigned().len() == 2 && b.assigned().len() == 2) {
-        assert!(
-            Instant::now() < deadline,
-            "no 2 + 2 assignment: A {:?}, B {:?}",
-            a.assigned(),
-            b.assigned()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until(
+        Deadline::after(WAIT).every(POLL),
+        "a 2 + 2 assignment of A and B",
+        async || match (a.assigned(), b.assigned()) {
+            (pa, pb) if pa.len() == 2 && pb.len() == 2 => Ok(()),
+            (pa, pb) => Err(format!("A {pa:?}, B {pb:?}")),
+        },
+    )
+    .await;
     eprintln!("shared: A {:?}, B {:?}", a.assigned(), b.assigned());
 
     // Both process part 2: every window of it shows up (early or final).
@@ -959,7 +937,7 @@ async fn two_instances_share_the_partitions_and_a_forced_rebalance_loses_nothing
 #[test]
 fn window_settings_read_the_earlier_env_names_and_refuse_disagreeing_ones() {
     let help = |bin: &str, env: &[(&str, &str)]| {
-        let out = std::process::Command::new(child_process::binary(bin))
+        let out = std::process::Command::new(binary(bin))
             .arg("--help")
             .envs(env.iter().copied())
             .output()
@@ -981,7 +959,7 @@ fn window_settings_read_the_earlier_env_names_and_refuse_disagreeing_ones() {
         "{query}"
     );
 
-    let out = std::process::Command::new(child_process::binary("pulse-processor"))
+    let out = std::process::Command::new(binary("pulse-processor"))
         .env("PULSE_PROCESSOR_WINDOW_MS", "60000")
         .env("PULSE_QUERY_WINDOW_MS", "30000")
         .env("PULSE_ADMIN_ADDR", "127.0.0.1:0")

@@ -2,8 +2,6 @@
 //! session aggregates, corrected results for late-but-allowed events, the late topic for
 //! events beyond the allowed lateness, and commit-after-durable resumption.
 
-#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
-
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -12,34 +10,35 @@ use prost::Message as _;
 use pulse_contracts::pb::aggregates::v1::{Session, UserWindowActivity};
 use pulse_contracts::pb::events::v1 as ev;
 use pulse_contracts::{headers, wire};
-use pulse_platform::kafka::{KafkaProducer, OutRecord, TopicSpec, ensure_topics};
+use pulse_platform::kafka::{KafkaProducer, OutRecord, TopicSpec};
 use rdkafka::Message;
 use rdkafka::message::{Headers, OwnedHeaders};
 use tokio_util::sync::CancellationToken;
 
-#[path = "support/registry.rs"]
-mod registry;
+use crate::support::registry::{self, Registry};
+use crate::support::{Deadline, cleanup, events, wait_until};
 
 struct Topics {
     events: String,
     activity: String,
     sessions: String,
     late: String,
+    _guard: cleanup::Topics,
 }
 
-async fn setup() -> (Topics, pulse_schema_registry::Replica) {
+async fn setup() -> (Topics, Registry) {
     let kafka = pulse_tests::kafka();
+    let names = ["events", "activity", "sessions", "late"].map(pulse_tests::unique);
+    let specs: Vec<TopicSpec> = names.iter().map(|n| TopicSpec::new(n, 1)).collect();
+    let guard = cleanup::Topics::create(&specs).await;
+    let [events, activity, sessions, late] = names;
     let t = Topics {
-        events: pulse_tests::unique("events"),
-        activity: pulse_tests::unique("activity"),
-        sessions: pulse_tests::unique("sessions"),
-        late: pulse_tests::unique("late"),
+        events,
+        activity,
+        sessions,
+        late,
+        _guard: guard,
     };
-    let specs: Vec<TopicSpec> = [&t.events, &t.activity, &t.sessions, &t.late]
-        .iter()
-        .map(|n| TopicSpec::new(n.as_str(), 1))
-        .collect();
-    ensure_topics(&kafka, &specs).await.unwrap();
     let registry = registry::start(&kafka).await;
     registry::register_aggregates(&registry, &[&t.activity, &t.sessions]).await;
     (t, registry)
@@ -79,43 +78,17 @@ fn config(
     ])
 }
 
-/// A page view (or purchase with `amount`) of `user` at event time `t` (ms since base).
+/// A page view of /home (or purchase of `amount` EUR micros) of `user` at event time `t`
+/// (ms since base).
 fn event(id: &str, user: &str, t: i64, amount: Option<i64>) -> ev::Event {
     // A minute boundary, so window [0, 60 s) of the test starts at `base`.
     let base: i64 = 1_764_000_000_000 / 60_000 * 60_000;
-    ev::Event {
-        event_id: id.into(),
-        schema_version: 1,
-        event_type: if amount.is_some() {
-            "purchase"
-        } else {
-            "page_view"
-        }
-        .into(),
-        key: Some(ev::EventKey {
-            user_id: user.into(),
-            session_id: String::new(),
-        }),
-        payload: Some(ev::Payload {
-            page: if amount.is_some() {
-                String::new()
-            } else {
-                "/home".into()
-            },
-            currency: if amount.is_some() {
-                "EUR".into()
-            } else {
-                String::new()
-            },
-            amount_micros: amount,
-            ..Default::default()
-        }),
-        metadata: Some(ev::Metadata {
-            event_timestamp_ms: base + t,
-            ..Default::default()
-        }),
-        ingest: None,
+    let e = events::event(id, user, base + t);
+    match amount {
+        Some(a) => e.purchase("EUR", a),
+        None => e.page("/home"),
     }
+    .build()
 }
 
 async fn produce(topic: &str, events: &[ev::Event]) {
@@ -142,21 +115,24 @@ async fn read_until<T: prost::Message + Default + Clone>(
 ) -> BTreeMap<String, T> {
     let consumer = pulse_tests::reader("processor-test", "reader", topic);
     let mut best: BTreeMap<String, T> = BTreeMap::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while !done(&best) {
-        let m = tokio::time::timeout_at(deadline, consumer.recv())
-            .await
-            .unwrap_or_else(|_| {
-                panic!("condition not reached on {topic}; have {} keys", best.len())
-            })
-            .unwrap();
-        let framed = wire::unframe(m.payload().unwrap()).unwrap();
-        let v = T::decode(framed.payload).unwrap();
-        let k = key_of(&v);
-        if best.get(&k).is_none_or(|b| version_of(b) < version_of(&v)) {
-            best.insert(k, v);
+    // Each look reads (at most) one record; no pause between looks.
+    let deadline = Deadline::after(Duration::from_secs(60)).every(Duration::ZERO);
+    wait_until(deadline, format!("the condition on {topic}"), async || {
+        if done(&best) {
+            return Ok(());
         }
-    }
+        if let Ok(m) = tokio::time::timeout(Duration::from_millis(500), consumer.recv()).await {
+            let m = m.unwrap();
+            let framed = wire::unframe(m.payload().unwrap()).unwrap();
+            let v = T::decode(framed.payload).unwrap();
+            let k = key_of(&v);
+            if best.get(&k).is_none_or(|b| version_of(b) < version_of(&v)) {
+                best.insert(k, v);
+            }
+        }
+        Err(format!("{} keys", best.len()))
+    })
+    .await;
     best
 }
 

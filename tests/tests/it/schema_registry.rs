@@ -2,8 +2,6 @@
 //! concurrently, a new replica rebuilds the same state from the log, and clients we did
 //! not write (Rust `schema_registry_converter`, PyPI `confluent-kafka`) work against it.
 
-#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
@@ -11,6 +9,8 @@ use prost::Message;
 use pulse_contracts::pb::events::v1 as ev;
 use pulse_schema_registry::Replica;
 use serde_json::{Value, json};
+
+use crate::support::{cleanup, events};
 
 async fn replica(topic: &str) -> Replica {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -52,6 +52,7 @@ async fn get(client: &reqwest::Client, url: String) -> Value {
 #[tokio::test]
 async fn two_replicas_registering_concurrently_never_share_an_id() {
     let topic = pulse_tests::unique("_schemas");
+    let _topics = cleanup::Topics::adopt([&topic]);
     let a = replica(&topic).await;
     let b = replica(&topic).await;
     let client = reqwest::Client::new();
@@ -126,6 +127,7 @@ async fn two_replicas_registering_concurrently_never_share_an_id() {
 #[tokio::test]
 async fn incompatible_change_is_refused_with_the_reason_and_confluent_codes() {
     let topic = pulse_tests::unique("_schemas");
+    let _topics = cleanup::Topics::adopt([&topic]);
     let r = replica(&topic).await;
     let base = format!("http://{}", r.addr);
     let client = reqwest::Client::new();
@@ -179,6 +181,7 @@ async fn schema_registry_converter_round_trips_a_pulse_event_through_the_registr
     use schema_registry_converter::schema_registry_common::SubjectNameStrategy;
 
     let topic = pulse_tests::unique("_schemas");
+    let _topics = cleanup::Topics::adopt([&topic]);
     let r = replica(&topic).await;
     let base = format!("http://{}", r.addr);
     let events_topic = pulse_tests::unique("events");
@@ -194,25 +197,10 @@ async fn schema_registry_converter_round_trips_a_pulse_event_through_the_registr
     assert_eq!(status, 200, "{body}");
     let id = body["id"].as_u64().unwrap() as u32;
 
-    let event = ev::Event {
-        event_id: "e-1".into(),
-        schema_version: 1,
-        event_type: "purchase".into(),
-        key: Some(ev::EventKey {
-            user_id: "u-1".into(),
-            session_id: "s-1".into(),
-        }),
-        payload: Some(ev::Payload {
-            currency: "EUR".into(),
-            amount_micros: Some(19_990_000),
-            ..Default::default()
-        }),
-        metadata: Some(ev::Metadata {
-            event_timestamp_ms: 1_764_000_000_000,
-            ..Default::default()
-        }),
-        ingest: None,
-    };
+    let event = events::event("e-1", "u-1", 1_764_000_000_000)
+        .session("s-1")
+        .purchase("EUR", 19_990_000)
+        .build();
     let bytes = event.encode_to_vec();
     let encoder = ProtoRawEncoder::new(SrSettings::new(base.clone()));
     let framed = encoder
@@ -247,6 +235,7 @@ async fn confluent_kafka_python_client_works_against_the_registry() {
         "PULSE_TEST_PYTHON is not set: run the tests with scripts/test.sh (it provides the venv)",
     );
     let topic = pulse_tests::unique("_schemas");
+    let _topics = cleanup::Topics::adopt([&topic]);
     let r = replica(&topic).await;
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),

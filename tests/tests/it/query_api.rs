@@ -4,19 +4,21 @@
 //! numbers as HTTP, and every error path has its status, code and parameter. The last
 //! test renders the dashboard in headless Chromium and reads the numbers from its DOM.
 
-#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
-
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use clap::Parser;
 use pulse_contracts::pb::query::v1 as pb;
 use pulse_contracts::pb::query::v1::query_service_client::QueryServiceClient;
 use pulse_platform::clickhouse::ClickHouseConfig;
+use pulse_platform::clock::now_ms;
 use pulse_query_api::{AppState, Servers};
 use pulse_storage::rows::{ActivityRow, FreshnessRow, SessionRow, epoch_day};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+
+use crate::support::cleanup::{Database, TempDir};
+use crate::support::grpc_meta;
 
 const TOKEN: &str = "test-token-1";
 /// 2024-02-29T01:00:00Z, on a minute, five-minute and hour boundary.
@@ -26,10 +28,9 @@ const M: i64 = 60_000;
 // ---------------------------------------------------------------------------------------
 // ClickHouse seeding
 
-/// A fresh database with Pulse's schema.
-async fn database() -> ClickHouseConfig {
-    let mut ch = pulse_tests::clickhouse();
-    ch.database = pulse_tests::unique("pulse_query");
+/// A fresh database with Pulse's schema, dropped with the guard.
+async fn database() -> Database {
+    let ch = Database::unique("pulse_query");
     ch.server_client()
         .query(&format!("CREATE DATABASE {}", ch.database))
         .execute()
@@ -37,14 +38,6 @@ async fn database() -> ClickHouseConfig {
         .unwrap();
     pulse_storage::migrate::migrate(&ch).await.unwrap();
     ch
-}
-
-async fn drop_database(ch: &ClickHouseConfig) {
-    ch.server_client()
-        .query(&format!("DROP DATABASE IF EXISTS {}", ch.database))
-        .execute()
-        .await
-        .unwrap();
 }
 
 /// One INSERT (one part): rows inserted by separate calls stay separate until a merge.
@@ -423,16 +416,6 @@ fn range(from: i64, to: i64, step: &str) -> pb::RangeRequest {
     }
 }
 
-fn now_ms() -> i64 {
-    i64::try_from(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap()
-            .as_millis(),
-    )
-    .unwrap()
-}
-
 /// The active-users series as (RFC 3339 ts, users).
 fn series(body: &Value) -> Vec<(String, u64)> {
     body["series"]
@@ -682,7 +665,6 @@ async fn every_endpoint_answers_the_hand_computed_numbers() {
     assert!(stages[0]["lag_seconds"].as_f64().unwrap() > 0.0);
 
     api.stop().await;
-    drop_database(&ch).await;
 }
 
 #[tokio::test]
@@ -829,7 +811,6 @@ async fn grpc_answers_the_same_numbers_as_http() {
     }
 
     api.stop().await;
-    drop_database(&ch).await;
 }
 
 #[tokio::test]
@@ -922,7 +903,6 @@ async fn current_active_users_and_last_hour_revenue_count_windows_near_now() {
     );
 
     api.stop().await;
-    drop_database(&ch).await;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1022,7 +1002,6 @@ async fn bad_parameters_are_refused_with_400_naming_the_parameter() {
     assert_eq!(e.metadata().get("pulse-parameter").unwrap(), "from");
 
     api.stop().await;
-    drop_database(&ch).await;
 }
 
 #[tokio::test]
@@ -1068,7 +1047,6 @@ async fn requests_without_a_valid_token_are_refused_with_401() {
         assert_eq!(e.code(), tonic::Code::Unauthenticated);
     }
     api.stop().await;
-    drop_database(&ch).await;
 }
 
 #[tokio::test]
@@ -1171,7 +1149,6 @@ async fn openapi_json_lists_every_route_without_a_token() {
     assert_eq!(status, 200);
     assert!(page.as_str().unwrap().contains("active-users-now"));
     api.stop().await;
-    drop_database(&ch).await;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1181,8 +1158,7 @@ const CHROMIUM: &str = "/usr/bin/chromium";
 
 /// Runs headless Chromium on `url` with `extra` flags; its stdout.
 async fn chromium(url: &str, extra: &[String]) -> String {
-    let profile = std::env::temp_dir().join(pulse_tests::unique("pulse-chromium"));
-    std::fs::create_dir_all(&profile).unwrap();
+    let profile = TempDir::new("pulse-chromium");
     let mut cmd = tokio::process::Command::new(CHROMIUM);
     cmd.args([
         "--headless",
@@ -1195,7 +1171,7 @@ async fn chromium(url: &str, extra: &[String]) -> String {
         "--disable-sync",
         "--virtual-time-budget=10000",
     ])
-    .arg(format!("--user-data-dir={}", profile.display()))
+    .arg(format!("--user-data-dir={}", profile.path().display()))
     .args(extra)
     .arg(url)
     .kill_on_drop(true);
@@ -1203,7 +1179,6 @@ async fn chromium(url: &str, extra: &[String]) -> String {
         .await
         .expect("chromium did not finish within 120 s")
         .unwrap();
-    let _ = std::fs::remove_dir_all(&profile);
     assert!(
         out.status.success(),
         "chromium failed: {}",
@@ -1348,7 +1323,6 @@ async fn the_dashboard_renders_the_seeded_numbers_in_chromium() {
     println!("dashboard screenshot: {}", png.display());
 
     api.stop().await;
-    drop_database(&ch).await;
 }
 
 #[tokio::test]
@@ -1380,7 +1354,6 @@ async fn table_freshness_is_cached_for_the_configured_time() {
     assert_eq!(refreshed(uncached.ok("/v1/top_pages").await), json!(ts(2)));
     cached.stop().await;
     uncached.stop().await;
-    drop_database(&ch).await;
 }
 
 #[tokio::test]
@@ -1405,11 +1378,7 @@ async fn grpc_serves_health_for_the_query_service() {
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
     api.stop().await;
-    drop_database(&ch).await;
 }
-
-#[path = "support/grpc_meta.rs"]
-mod grpc_meta;
 
 #[tokio::test]
 async fn grpc_serves_health_and_reflection_listing_only_the_query_service() {

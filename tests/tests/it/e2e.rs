@@ -8,8 +8,6 @@
 //! request through the processor's and the writer's spans (collected by an OTLP receiver
 //! in the test).
 
-#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -17,10 +15,14 @@ use std::time::Duration;
 
 use pulse_contracts::{headers, topics};
 use pulse_platform::kafka::KafkaConfig;
+use pulse_tests::header;
 use rdkafka::Message;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Headers;
 use serde_json::{Value, json};
+
+use crate::support::child_process::{binary, free_port};
+use crate::support::cleanup::TempDir;
+use crate::support::wait::Text;
+use crate::support::{Deadline, events, kafka, wait_until};
 
 const TOKEN: &str = "pulse-dev-token";
 const API_KEY: &str = "pulse-dev-key";
@@ -37,24 +39,10 @@ fn repo() -> PathBuf {
         .to_path_buf()
 }
 
-/// The debug binaries directory (target/debug), next to the test executable.
-fn bin_dir() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().and_then(Path::parent).unwrap().to_path_buf()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// The platform started by `scripts/dev.sh up`; `down` when dropped.
 struct Platform {
     env: Vec<(String, String)>,
-    state: PathBuf,
+    state: TempDir,
     kafka: String,
     clickhouse: String,
     ingest: String,
@@ -73,7 +61,7 @@ impl Platform {
     }
 
     fn up(otlp: &str) -> Self {
-        let state = std::env::temp_dir().join(pulse_tests::unique("pulse-e2e"));
+        let state = TempDir::new("pulse-e2e");
         let p = |name: &str| (name.to_owned(), free_port().to_string());
         let ports = [
             p("PULSE_KAFKA_PORT"),
@@ -95,7 +83,7 @@ impl Platform {
         let port = |name: &str| ports.iter().find(|(k, _)| k == name).unwrap().1.clone();
         let mut env: Vec<(String, String)> = ports.to_vec();
         for (k, v) in [
-            ("PULSE_STATE", state.display().to_string()),
+            ("PULSE_STATE", state.path().display().to_string()),
             ("PULSE_DEV_PROFILE", "debug".into()),
             ("PULSE_DEV_BUILD", "0".into()),
             ("PULSE_DEV_LOADGEN", "0".into()),
@@ -137,23 +125,25 @@ impl Platform {
 }
 
 impl Drop for Platform {
+    /// Stops the platform; its state folder (data and logs) goes with the `TempDir`, kept
+    /// if `dev.sh down` failed (something may still run there) or the platform never came
+    /// up.
     fn drop(&mut self) {
         let out = self.dev_sh("down");
-        if std::thread::panicking() || !self.ok || !out.status.success() {
+        if !self.ok || !out.status.success() {
             eprintln!(
                 "platform state and logs kept in {} (dev.sh down: {})",
-                self.state.display(),
+                self.state.path().display(),
                 String::from_utf8_lossy(&out.stderr)
             );
-        } else {
-            let _ = std::fs::remove_dir_all(&self.state);
+            self.state.keep();
         }
     }
 }
 
 /// Runs the deterministic workload; returns loadgen's expected answers.
 fn run_loadgen(p: &Platform, expect: &Path) -> Value {
-    let out = Command::new(bin_dir().join("pulsectl"))
+    let out = Command::new(binary("pulsectl"))
         .args([
             "loadgen",
             "--target",
@@ -202,14 +192,9 @@ async fn send_sentinels(p: &Platform, wave: u32, after_ms: i64) -> Vec<String> {
         .iter()
         .enumerate()
         .map(|(i, id)| {
-            json!({
-                "event_id": id,
-                "schema_version": 1,
-                "event_type": "page_view",
-                "key": {"user_id": format!("sentinel-{i}")},
-                "payload": {"page": "/sentinel"},
-                "metadata": {"event_timestamp": after_ms},
-            })
+            events::event(id, format!("sentinel-{i}"), after_ms)
+                .page("/sentinel")
+                .json()
         })
         .collect();
     let r = reqwest::Client::new()
@@ -321,64 +306,20 @@ fn expected_answers(exp: &Value) -> Value {
     })
 }
 
-/// Every record of `topic` from the beginning to its current end.
-fn read_topic(kafka: &str, topic: &str) -> Vec<(Option<String>, Option<String>, Vec<u8>)> {
-    let cfg = KafkaConfig::for_brokers(kafka);
-    let consumer: BaseConsumer = cfg
-        .client_config("e2e-reader")
-        .set("group.id", pulse_tests::unique("e2e-reader"))
-        .set("enable.auto.commit", "false")
-        .create()
-        .unwrap();
-    let md = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .unwrap();
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    let mut ends = BTreeMap::new();
-    for part in md.topics()[0].partitions() {
-        let (_, high) = consumer
-            .fetch_watermarks(topic, part.id(), Duration::from_secs(10))
-            .unwrap();
-        if high > 0 {
-            tpl.add_partition_offset(topic, part.id(), rdkafka::Offset::Beginning)
-                .unwrap();
-            ends.insert(part.id(), high);
-        }
-    }
-    let mut out = Vec::new();
-    if ends.is_empty() {
-        return out;
-    }
-    consumer.assign(&tpl).unwrap();
-    let mut done = BTreeSet::new();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while done.len() < ends.len() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "reading {topic} timed out"
-        );
-        let Some(m) = consumer.poll(Duration::from_millis(500)) else {
-            continue;
-        };
-        let m = m.unwrap();
-        let header = |name: &str| {
-            m.headers().and_then(|h| {
-                h.iter()
-                    .find(|x| x.key == name)
-                    .and_then(|x| x.value)
-                    .map(|v| String::from_utf8_lossy(v).into_owned())
-            })
-        };
-        out.push((
-            header(headers::EVENT_ID),
-            header(headers::ERROR_CODE),
-            m.payload().unwrap_or_default().to_vec(),
-        ));
-        if m.offset() + 1 >= ends[&m.partition()] {
-            done.insert(m.partition());
-        }
-    }
-    out
+/// Every record of `topic` from the beginning to its current end: its event id and error
+/// code headers and its value.
+async fn read_topic(kafka: &str, topic: &str) -> Vec<(Option<String>, Option<String>, Vec<u8>)> {
+    kafka::read_to_end(&KafkaConfig::for_brokers(kafka), topic)
+        .await
+        .iter()
+        .map(|m| {
+            (
+                header(m, headers::EVENT_ID),
+                header(m, headers::ERROR_CODE),
+                m.payload().unwrap_or_default().to_vec(),
+            )
+        })
+        .collect()
 }
 
 async fn clickhouse(p: &Platform, sql: &str) -> String {
@@ -436,7 +377,7 @@ fn strings(v: &Value) -> Vec<String> {
 async fn the_platform_answers_exactly_what_loadgen_expects_and_one_trace_links_the_stages() {
     let receiver = pulse_tests::otlp::Receiver::start().await.unwrap();
     let platform = Platform::up(&receiver.endpoint());
-    let expect_file = platform.state.join("expected.json");
+    let expect_file = platform.state.path().join("expected.json");
     let exp = run_loadgen(&platform, &expect_file);
 
     let accepted = strings(&exp["accepted_event_ids"]);
@@ -478,24 +419,27 @@ async fn the_platform_answers_exactly_what_loadgen_expects_and_one_trace_links_t
     // Settled = the query API says the range is complete and its answers stopped changing
     // into the expected ones; on the deadline, show the difference.
     let want = expected_answers(&exp);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(180);
-    let mut got = answers(&platform, &exp).await;
-    while got != want && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(1_000)).await;
-        got = answers(&platform, &exp).await;
-    }
-    if got != want {
-        let mut report = String::new();
-        for (key, w) in want.as_object().unwrap() {
-            if &got[key] != w {
-                report.push_str(&format!(
-                    "\n{key}:\n  query API: {}\n  expected:  {w}",
-                    got[key]
-                ));
+    wait_until(
+        Deadline::after(Duration::from_secs(180)).every(Duration::from_secs(1)),
+        "the query API's answers to equal loadgen's expectations",
+        async || {
+            let got = answers(&platform, &exp).await;
+            if got == want {
+                return Ok(());
             }
-        }
-        panic!("query API answers differ from loadgen's expectations:{report}");
-    }
+            let mut report = String::from("the answers that differ:");
+            for (key, w) in want.as_object().unwrap() {
+                if &got[key] != w {
+                    report.push_str(&format!(
+                        "\n{key}:\n  query API: {}\n  expected:  {w}",
+                        got[key]
+                    ));
+                }
+            }
+            Err(Text(report))
+        },
+    )
+    .await;
     let fresh = query(&platform, "/v1/freshness").await;
     assert!(
         fresh["stages"]
@@ -507,7 +451,7 @@ async fn the_platform_answers_exactly_what_loadgen_expects_and_one_trace_links_t
     );
 
     // The DLQ holds exactly the malformed events, each with its reason.
-    let dlq = read_topic(&platform.kafka, topics::EVENTS_DLQ);
+    let dlq = read_topic(&platform.kafka, topics::EVENTS_DLQ).await;
     let mut dlq_ids = BTreeMap::new();
     for (_, code, payload) in &dlq {
         let v: Value = serde_json::from_slice(payload).unwrap_or(Value::Null);
@@ -521,7 +465,7 @@ async fn the_platform_answers_exactly_what_loadgen_expects_and_one_trace_links_t
     );
 
     // The late topic holds exactly the too-late events.
-    let late_records = read_topic(&platform.kafka, topics::EVENTS_LATE);
+    let late_records = read_topic(&platform.kafka, topics::EVENTS_LATE).await;
     let late_ids = sorted(
         late_records
             .iter()
@@ -538,34 +482,37 @@ async fn the_platform_answers_exactly_what_loadgen_expects_and_one_trace_links_t
     let mut all_ids = accepted.clone();
     all_ids.extend(sentinels.iter().cloned());
     let all_ids = sorted(all_ids);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let ch = clickhouse(
-            &platform,
-            "SELECT event_id FROM pulse.events FINAL ORDER BY event_id",
-        )
-        .await;
-        let ch_ids: Vec<String> = ch.lines().map(str::to_owned).collect();
-        let pq_ids = sorted(parquet_event_ids(&platform.state));
-        if ch_ids == all_ids && pq_ids == all_ids {
-            break;
-        }
-        if tokio::time::Instant::now() > deadline {
-            let missing = |have: &[String]| {
-                let have: BTreeSet<&String> = have.iter().collect();
-                all_ids.iter().filter(|i| !have.contains(i)).count()
-            };
-            panic!(
-                "stored events differ: ClickHouse {} rows ({} missing), Parquet {} rows ({} missing), expected {}",
+    let missing = |have: &[String]| {
+        let have: BTreeSet<&String> = have.iter().collect();
+        all_ids.iter().filter(|i| !have.contains(i)).count()
+    };
+    wait_until(
+        Deadline::after(Duration::from_secs(60)).every(Duration::from_secs(1)),
+        format!(
+            "the {} accepted events, each once, in ClickHouse and the Parquet archive",
+            all_ids.len()
+        ),
+        async || {
+            let ch = clickhouse(
+                &platform,
+                "SELECT event_id FROM pulse.events FINAL ORDER BY event_id",
+            )
+            .await;
+            let ch_ids: Vec<String> = ch.lines().map(str::to_owned).collect();
+            let pq_ids = sorted(parquet_event_ids(platform.state.path()));
+            if ch_ids == all_ids && pq_ids == all_ids {
+                return Ok(());
+            }
+            Err(format!(
+                "stored events differ: ClickHouse {} rows ({} missing), Parquet {} rows ({} missing)",
                 ch_ids.len(),
                 missing(&ch_ids),
                 pq_ids.len(),
                 missing(&pq_ids),
-                all_ids.len()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(1_000)).await;
-    }
+            ))
+        },
+    )
+    .await;
 
     // One trace id links the ingest request to the processor's and the writer's spans.
     // The probe is an event from the middle of the run (not the first record of anything).
@@ -587,32 +534,34 @@ async fn the_platform_answers_exactly_what_loadgen_expects_and_one_trace_links_t
         32,
         "event {probe} has no W3C trace id: {trace_id:?}"
     );
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        // The ClickHouse writer's span of this very record, not only a span of a batch.
-        let services: BTreeSet<String> = receiver
-            .spans()
-            .iter()
-            .filter(|s| s.touches(&trace_id))
-            .map(|s| {
-                if s.service == "writer" && s.name != "writer.record" {
-                    format!("writer ({})", s.name)
-                } else {
-                    s.service.clone()
-                }
-            })
-            .collect();
-        if ["ingest", "processor", "writer"]
-            .iter()
-            .all(|s| services.contains(*s))
-        {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "trace {trace_id} reached only {services:?} ({} spans received)",
-            receiver.spans().len()
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    // The ClickHouse writer's span of this very record, not only a span of a batch.
+    wait_until(
+        Deadline::after(Duration::from_secs(60)).every(Duration::from_millis(500)),
+        format!("spans of trace {trace_id} from ingest, the processor and the writer"),
+        async || {
+            let services: BTreeSet<String> = receiver
+                .spans()
+                .iter()
+                .filter(|s| s.touches(&trace_id))
+                .map(|s| {
+                    if s.service == "writer" && s.name != "writer.record" {
+                        format!("writer ({})", s.name)
+                    } else {
+                        s.service.clone()
+                    }
+                })
+                .collect();
+            if ["ingest", "processor", "writer"]
+                .iter()
+                .all(|s| services.contains(*s))
+            {
+                return Ok(());
+            }
+            Err(format!(
+                "trace {trace_id} reached only {services:?} ({} spans received)",
+                receiver.spans().len()
+            ))
+        },
+    )
+    .await;
 }

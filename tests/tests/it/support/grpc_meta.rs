@@ -1,10 +1,7 @@
 //! gRPC health (`grpc.health.v1.Health/Check`) and server reflection (`grpc.reflection.v1`)
-//! checks shared by the service tests (`ingest.rs`, `query_api.rs`, `ingest_fuzz.rs`): both
+//! checks shared by the service tests (`ingest`, `query_api`, `ingest_fuzz`): both
 //! services register the same health reporter and reflection builder, so one set of checks
 //! serves both.
-
-// Each test binary includes this file and uses a subset of it.
-#![allow(dead_code)]
 
 use prost::Message as _;
 use prost_types::FileDescriptorProto;

@@ -2,8 +2,6 @@
 //! (duplicates and re-deliveries collapse under the documented read pattern), aggregates
 //! keep the highest version, and offsets are committed only after the insert.
 
-#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
-
 use std::time::Duration;
 
 use clap::Parser;
@@ -11,14 +9,18 @@ use prost::Message as _;
 use pulse_contracts::pb::aggregates::v1::UserWindowActivity;
 use pulse_contracts::pb::events::v1 as ev;
 use pulse_contracts::{headers, wire};
-use pulse_platform::kafka::{KafkaProducer, OutRecord, TopicSpec, ensure_topics};
+use pulse_platform::kafka::{KafkaProducer, OutRecord, TopicSpec};
 use rdkafka::message::OwnedHeaders;
 use tokio_util::sync::CancellationToken;
+
+use crate::support::{Deadline, cleanup, events, wait_until};
 
 struct Setup {
     cfg: pulse_writer::Config,
     events: String,
     activity: String,
+    _topics: cleanup::Topics,
+    _database: cleanup::Database,
 }
 
 async fn setup() -> Setup {
@@ -28,16 +30,15 @@ async fn setup() -> Setup {
     let activity = pulse_tests::unique("activity");
     let sessions = pulse_tests::unique("sessions");
     let dlq = pulse_tests::unique("dlq");
-    ensure_topics(
-        &kafka,
+    let topics = cleanup::Topics::create(
         &[&events, &activity, &sessions, &dlq]
             .iter()
             .map(|t| TopicSpec::new(t.as_str(), 2))
             .collect::<Vec<_>>(),
     )
-    .await
-    .unwrap();
-    let db = pulse_tests::unique("pulse_writer");
+    .await;
+    let database = cleanup::Database::unique("pulse_writer");
+    let db = database.database.clone();
     let cfg = pulse_writer::Config::parse_from([
         "pulse-writer",
         "--kafka-brokers",
@@ -63,32 +64,16 @@ async fn setup() -> Setup {
         cfg,
         events,
         activity,
+        _topics: topics,
+        _database: database,
     }
 }
 
 fn event(id: &str, user: &str) -> ev::Event {
-    ev::Event {
-        event_id: id.into(),
-        schema_version: 1,
-        event_type: "page_view".into(),
-        key: Some(ev::EventKey {
-            user_id: user.into(),
-            session_id: String::new(),
-        }),
-        payload: Some(ev::Payload {
-            page: "/p".into(),
-            ..Default::default()
-        }),
-        metadata: Some(ev::Metadata {
-            event_timestamp_ms: 1_764_000_000_000,
-            ..Default::default()
-        }),
-        ingest: Some(ev::IngestInfo {
-            ingest_timestamp_ms: 1_764_000_000_500,
-            ingest_source: "t".into(),
-            protocol: "http".into(),
-        }),
-    }
+    events::event(id, user, 1_764_000_000_000)
+        .page("/p")
+        .ingested(1_764_000_000_500, "t")
+        .build()
 }
 
 async fn produce(topic: &str, key: &str, bytes: Vec<u8>) {
@@ -150,27 +135,30 @@ async fn events_land_once_and_windows_keep_their_highest_version() {
 
     let client = s.cfg.clickhouse.client();
     // Rows may already be merged, so wait on what the read pattern answers.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let raw = client
-            .query("SELECT uniqExact(event_id) FROM events")
-            .fetch_one::<u64>()
-            .await
-            .unwrap_or(0);
-        let top = client
-            .query("SELECT max(version) FROM user_activity")
-            .fetch_one::<u64>()
-            .await
-            .unwrap_or(0);
-        if raw >= 20 && top >= 5 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "rows did not arrive: {raw} distinct events, highest window version {top}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_until(
+        Deadline::after(Duration::from_secs(60)).every(Duration::from_millis(200)),
+        "20 distinct events and window version 5 in ClickHouse",
+        async || {
+            let raw = client
+                .query("SELECT uniqExact(event_id) FROM events")
+                .fetch_one::<u64>()
+                .await
+                .unwrap_or(0);
+            let top = client
+                .query("SELECT max(version) FROM user_activity")
+                .fetch_one::<u64>()
+                .await
+                .unwrap_or(0);
+            if raw >= 20 && top >= 5 {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{raw} distinct events, highest window version {top}"
+                ))
+            }
+        },
+    )
+    .await;
     assert_eq!(
         count(&client, "SELECT count() FROM events FINAL").await,
         20,
@@ -195,12 +183,4 @@ async fn events_land_once_and_windows_keep_their_highest_version() {
 
     stop.cancel();
     task.await.unwrap().unwrap();
-    s.cfg
-        .clickhouse
-        .server_client()
-        .query(&format!("DROP DATABASE {}", s.cfg.clickhouse.database))
-        .execute()
-        .await
-        .unwrap();
-    let _ = s.activity;
 }

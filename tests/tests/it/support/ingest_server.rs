@@ -1,30 +1,26 @@
 //! An in-process ingest against the real broker, for the tests that post to one
-//! (`ingest.rs`, `ingest_fuzz.rs`, `pulsectl.rs`): its topics, flags and servers, and reading
+//! (`ingest`, `ingest_fuzz`, `pulsectl`): its topics, flags and servers, and reading
 //! what it produced.
-
-// Each test binary includes this file and uses a subset of it.
-#![allow(dead_code)]
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
 use pulse_ingest::pipeline::Framer;
-use pulse_platform::kafka::{KafkaConfig, KafkaProducer, TopicSpec, ensure_topics};
+use pulse_platform::kafka::{KafkaConfig, KafkaProducer, TopicSpec};
 use rdkafka::Message;
 use rdkafka::message::OwnedMessage;
 
-/// Creates the events topic (2 partitions) and the DLQ (`dlq_partitions`).
-pub async fn create_topics(kafka: &KafkaConfig, events: &str, dlq: &str, dlq_partitions: i32) {
-    ensure_topics(
-        kafka,
-        &[
-            TopicSpec::new(events, 2),
-            TopicSpec::new(dlq, dlq_partitions),
-        ],
-    )
+use super::cleanup;
+
+/// Creates the events topic (2 partitions) and the DLQ (`dlq_partitions`) on the test
+/// broker; they are deleted when the guard is dropped.
+pub async fn create_topics(events: &str, dlq: &str, dlq_partitions: i32) -> cleanup::Topics {
+    cleanup::Topics::create(&[
+        TopicSpec::new(events, 2),
+        TopicSpec::new(dlq, dlq_partitions),
+    ])
     .await
-    .unwrap();
 }
 
 /// `pulse-ingest` flags for `kafka`, the topics, `api_keys` and `hmac_key`, then `extra`.

@@ -2,13 +2,14 @@
 //! scripts/test.sh): migrations, the documented exactly-once read patterns (`FINAL` and
 //! `argMax ... GROUP BY key`) and day-partition retention.
 
-#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
-
 use pulse_contracts::pb::aggregates::v1::UserWindowActivity;
-use pulse_contracts::pb::events::v1::{Event, EventKey, IngestInfo, Metadata, Payload};
+use pulse_contracts::pb::events::v1::Event;
 use pulse_platform::clickhouse::ClickHouseConfig;
 use pulse_storage::migrate::{MIGRATIONS, apply_retention, migrate, yyyymmdd_from_ms};
 use pulse_storage::rows::{ActivityRow, EventRow, SessionRow};
+
+use crate::support::cleanup::Database;
+use crate::support::events;
 
 const DAY_MS: i64 = 86_400_000;
 /// 2024-02-29 12:00 UTC.
@@ -92,21 +93,10 @@ fn arg_max_query(
 }
 
 /// A fresh database with the schema applied.
-async fn fresh() -> ClickHouseConfig {
-    let cfg = ClickHouseConfig {
-        database: pulse_tests::unique("pulse_test"),
-        ..pulse_tests::clickhouse()
-    };
-    migrate(&cfg).await.unwrap();
-    cfg
-}
-
-async fn drop_database(cfg: &ClickHouseConfig) {
-    cfg.server_client()
-        .query(&format!("DROP DATABASE {}", cfg.database))
-        .execute()
-        .await
-        .unwrap();
+async fn fresh() -> Database {
+    let db = Database::unique("pulse_test");
+    migrate(&db).await.unwrap();
+    db
 }
 
 async fn insert<T>(cfg: &ClickHouseConfig, table: &str, rows: &[T])
@@ -121,35 +111,15 @@ where
 }
 
 fn event(id: &str, user: &str, event_time_ms: i64) -> Event {
-    Event {
-        event_id: id.into(),
-        schema_version: 1,
-        event_type: "purchase".into(),
-        key: Some(EventKey {
-            user_id: user.into(),
-            session_id: "s1".into(),
-        }),
-        payload: Some(Payload {
-            page: "/checkout".into(),
-            referrer: String::new(),
-            currency: "EUR".into(),
-            amount_micros: Some(12_340_000),
-            properties: [("b", "2"), ("a", "1")]
-                .into_iter()
-                .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                .collect(),
-        }),
-        metadata: Some(Metadata {
-            event_timestamp_ms: event_time_ms,
-            trace_id: String::new(),
-            source: "web".into(),
-        }),
-        ingest: Some(IngestInfo {
-            ingest_timestamp_ms: event_time_ms + 100,
-            ingest_source: "shop".into(),
-            protocol: "http".into(),
-        }),
-    }
+    events::event(id, user, event_time_ms)
+        .purchase("EUR", 12_340_000)
+        .page("/checkout")
+        .session("s1")
+        .property("b", "2")
+        .property("a", "1")
+        .source("web")
+        .ingested(event_time_ms + 100, "shop")
+        .build()
 }
 
 fn window(user: &str, start: i64, version: u64, page_views: u64, last: bool) -> ActivityRow {
@@ -173,10 +143,7 @@ fn window(user: &str, start: i64, version: u64, page_views: u64, last: bool) -> 
 
 #[tokio::test]
 async fn migrations_apply_on_a_fresh_database_and_a_second_run_applies_nothing() {
-    let cfg = ClickHouseConfig {
-        database: pulse_tests::unique("pulse_test"),
-        ..pulse_tests::clickhouse()
-    };
+    let cfg = Database::unique("pulse_test");
     let all: Vec<u32> = MIGRATIONS.iter().map(|m| m.0).collect();
     assert_eq!(migrate(&cfg).await.unwrap(), all);
     assert_eq!(migrate(&cfg).await.unwrap(), Vec::<u32>::new());
@@ -204,7 +171,6 @@ async fn migrations_apply_on_a_fresh_database_and_a_second_run_applies_nothing()
         .await
         .unwrap();
     assert_eq!(recorded, all);
-    drop_database(&cfg).await;
 }
 
 #[tokio::test]
@@ -246,7 +212,6 @@ async fn an_event_inserted_twice_is_returned_once_by_final_and_by_arg_max() {
         grouped[0]
     );
     assert_eq!(grouped[1], other);
-    drop_database(&cfg).await;
 }
 
 #[tokio::test]
@@ -279,7 +244,6 @@ async fn a_window_inserted_with_versions_3_and_5_reads_back_as_the_version_5_row
     );
     let grouped: Vec<ActivityRow> = client.query(&sql).fetch_all().await.unwrap();
     assert_eq!(grouped, [last, first_final]);
-    drop_database(&cfg).await;
 }
 
 #[tokio::test]
@@ -358,5 +322,4 @@ async fn retention_drops_only_partitions_older_than_n_days() {
     assert_eq!(windows, 1);
     // Nothing left to drop.
     assert!(apply_retention(&cfg, 7, today).await.unwrap().is_empty());
-    drop_database(&cfg).await;
 }

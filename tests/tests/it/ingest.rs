@@ -2,11 +2,8 @@
 //! by scripts/test.sh / in-process): what lands on the events topic and the DLQ, with
 //! which key, framing and headers, and every HTTP error path; gRPC unary and streaming.
 
-#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
-
 use std::io::Write;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use prost::Message as _;
 use pulse_contracts::pb::events::v1 as ev;
@@ -14,9 +11,15 @@ use pulse_contracts::pb::ingest::v1::ingest_service_client::IngestServiceClient;
 use pulse_contracts::pb::ingest::v1::{EventStatus, SendEventsRequest};
 use pulse_contracts::{headers, trace_context, wire};
 use pulse_ingest::pipeline::{FixedSchemaId, Framer};
+use pulse_platform::clock::now_ms;
 use pulse_platform::kafka::KafkaConfig;
+use pulse_tests::header;
 use rdkafka::Message;
 use serde_json::{Value, json};
+
+use crate::support::ingest_server::{self, read_exactly};
+use crate::support::registry::{self, Registry};
+use crate::support::{cleanup, events, grpc_meta};
 
 struct Harness {
     http: String,
@@ -25,7 +28,8 @@ struct Harness {
     dlq_topic: String,
     schema_id: u32,
     servers: Option<pulse_ingest::Servers>,
-    registry: Option<pulse_schema_registry::Replica>,
+    registry: Option<Registry>,
+    _topics: cleanup::Topics,
 }
 
 impl Drop for Harness {
@@ -34,21 +38,6 @@ impl Drop for Harness {
         let _ = (&self.servers, &self.registry);
     }
 }
-
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
-
-#[path = "support/ingest_server.rs"]
-mod ingest_server;
-#[path = "support/registry.rs"]
-mod registry;
-
-use ingest_server::read_exactly;
-use pulse_tests::header;
 
 /// This file's ingest flags: two API keys, 2 partitions, then `extra`.
 fn config(kafka: &KafkaConfig, events: &str, dlq: &str, extra: &[&str]) -> pulse_ingest::Config {
@@ -69,7 +58,7 @@ async fn start(extra: &[&str]) -> Harness {
     let events_topic = pulse_tests::unique("events");
     let dlq_topic = pulse_tests::unique("dlq");
     let cfg = config(&kafka, &events_topic, &dlq_topic, extra);
-    ingest_server::create_topics(&kafka, &events_topic, &dlq_topic, 1).await;
+    let topics = ingest_server::create_topics(&events_topic, &dlq_topic, 1).await;
     // A real registry with the event schema registered for this topic.
     let registry = registry::start(&kafka).await;
     let url = format!("http://{}", registry.addr);
@@ -90,29 +79,27 @@ async fn start(extra: &[&str]) -> Harness {
         schema_id,
         servers: Some(servers),
         registry: Some(registry),
+        _topics: topics,
     }
 }
 
 fn event(id: &str, user: &str) -> Value {
-    json!({
-        "event_id": id,
-        "schema_version": 1,
-        "event_type": "page_view",
-        "key": { "user_id": user, "session_id": "s1" },
-        "payload": { "page": "/home", "properties": { "ip": "203.0.113.77", "plan": "pro" } },
-        "metadata": { "event_timestamp": now_ms(), "source": "web" }
-    })
+    events::event(id, user, now_ms())
+        .session("s1")
+        .page("/home")
+        .property("ip", "203.0.113.77")
+        .property("plan", "pro")
+        .source("web")
+        .json()
 }
 
-fn purchase(id: &str, user: &str, amount: &str) -> Value {
-    json!({
-        "event_id": id,
-        "schema_version": 1,
-        "event_type": "purchase",
-        "key": { "user_id": user },
-        "payload": { "currency": "EUR", "amount": amount },
-        "metadata": { "event_timestamp": chrono_like_now() }
-    })
+/// A purchase in EUR whose event time is an RFC 3339 string.
+fn purchase(id: &str, user: &str, amount_micros: i64) -> Value {
+    let mut e = events::event(id, user, now_ms())
+        .purchase("EUR", amount_micros)
+        .json();
+    e["metadata"]["event_timestamp"] = json!(chrono_like_now());
+    e
 }
 
 fn chrono_like_now() -> String {
@@ -150,7 +137,7 @@ async fn accepted_events_land_keyed_framed_and_traced_and_bad_ones_go_to_the_dlq
     let batch = format!(
         "[{},{},{}]",
         event("e1", "u1"),
-        purchase("e2", "u2", "19.99"),
+        purchase("e2", "u2", 19_990_000),
         String::from_utf8(bad_bytes.clone()).unwrap()
     );
     let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
@@ -363,24 +350,10 @@ async fn an_unreachable_broker_answers_503_with_retry_after_and_forgets_the_ids(
 async fn grpc_unary_and_streaming_calls_ingest_with_per_event_results() {
     let h = start(&[]).await;
     let mut client = IngestServiceClient::connect(h.grpc.clone()).await.unwrap();
-    let pb_event = |id: &str| ev::Event {
-        event_id: id.into(),
-        schema_version: 1,
-        event_type: "purchase".into(),
-        key: Some(ev::EventKey {
-            user_id: "g1".into(),
-            session_id: String::new(),
-        }),
-        payload: Some(ev::Payload {
-            currency: "USD".into(),
-            amount_micros: Some(5_250_000),
-            ..Default::default()
-        }),
-        metadata: Some(ev::Metadata {
-            event_timestamp_ms: now_ms(),
-            ..Default::default()
-        }),
-        ingest: None,
+    let pb_event = |id: &str| {
+        events::event(id, "g1", now_ms())
+            .purchase("USD", 5_250_000)
+            .build()
     };
     let mut bad = pb_event("gbad");
     bad.payload.as_mut().unwrap().currency = "XXQ".into();
@@ -447,9 +420,6 @@ async fn grpc_unary_and_streaming_calls_ingest_with_per_event_results() {
     );
 }
 
-#[path = "support/grpc_meta.rs"]
-mod grpc_meta;
-
 #[tokio::test]
 async fn grpc_serves_health_and_reflection_listing_only_the_ingest_service() {
     let h = start(&[]).await;
@@ -467,6 +437,12 @@ async fn grpc_serves_health_and_reflection_listing_only_the_ingest_service() {
             ),
             (
                 "StreamEvents",
+                ".pulse.ingest.v1.SendEventsRequest",
+                ".pulse.ingest.v1.SendEventsResponse",
+                true,
+            ),
+            (
+                "SendEventsStream",
                 ".pulse.ingest.v1.SendEventsRequest",
                 ".pulse.ingest.v1.SendEventsResponse",
                 true,
@@ -514,4 +490,32 @@ async fn a_content_type_or_encoding_that_is_not_visible_ascii_is_refused_with_41
             assert_eq!(answer["error"]["code"], want, "{answer}");
         }
     }
+}
+
+#[tokio::test]
+async fn an_unparseable_body_longer_than_the_broker_takes_is_refused_and_kept_cut_on_the_dlq() {
+    // 4 MiB after gzip: longer than the broker's 1 MB message limit. Before the DLQ cut its
+    // original, the DLQ record could never be produced and the client got 503 forever.
+    let h = start(&[]).await;
+    let mut original = b"[{\"a\":".to_vec();
+    original.resize(4 * 1024 * 1024, b'x');
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    gz.write_all(&original).unwrap();
+    let (status, body, _) = post(
+        &h.http,
+        Some("test-key"),
+        gz.finish().unwrap(),
+        &[("Content-Encoding", "gzip")],
+    )
+    .await;
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["code"], "unparseable_body");
+    let dlq = read_exactly(&h.dlq_topic, 1).await;
+    let kept = dlq[0].payload().unwrap();
+    assert_eq!(kept.len(), 900 * 1024, "cut to --max-dlq-original-bytes");
+    assert_eq!(kept, &original[..kept.len()]);
+    assert_eq!(
+        header(&dlq[0], headers::ORIGINAL_SIZE).as_deref(),
+        Some(original.len().to_string().as_str())
+    );
 }

@@ -1,0 +1,29 @@
+//! The integration tests of Pulse, in one test binary (`cargo test -p pulse-tests --test it`):
+//! one module per component or scenario, against the real broker, ClickHouse and S3 that
+//! `scripts/test.sh` starts, plus the end-to-end test. What the modules share is in
+//! [`support`]; the backing services' addresses and unique names are in the `pulse_tests`
+//! library (`tests/src/lib.rs`).
+
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+mod support;
+
+mod clickhouse_schema;
+mod clickhouse_server;
+mod e2e;
+mod ingest;
+mod ingest_fuzz;
+mod ingest_stream;
+mod kafka_broker;
+mod processor;
+mod processor_max_session;
+mod processor_recovery;
+mod pulsectl;
+mod pulsectl_replay;
+mod query_api;
+mod s3_server;
+mod schema_registry;
+mod writer_blocking;
+mod writer_clickhouse;
+mod writer_parquet;
+mod writer_recovery;

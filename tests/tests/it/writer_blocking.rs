@@ -1,0 +1,695 @@
+//! The writer when its store refuses every write for a reason that is not about the data,
+//! with the real `pulse-writer` binary against the real broker, ClickHouse 18.16 and
+//! s3s-fs:
+//!
+//! - ClickHouse: the events table is dropped under a running writer (code 60, unknown
+//!   table). The writer dead-letters nothing, commits nothing it did not write, answers
+//!   `/readyz` 503 with the reason and exports `pulse_writer_blocked`; once the migrations
+//!   are run again it writes every event exactly once and is ready again on its own.
+//! - S3: the Parquet writer's credentials are refused. It is blocked the same way, a
+//!   SIGTERM still stops it within its shutdown timeout without committing the roll S3
+//!   never took, and its successor with the right credentials archives every event.
+//! - A SIGTERM while ClickHouse is down stops the ClickHouse writer within its shutdown
+//!   timeout, and the buffered batch it could not write stays uncommitted.
+//!
+//! Standalone on purpose (its few helpers are inlined): it is written while `tests/` moves
+//! to one test binary, and will be moved into it with the shared support.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use futures::TryStreamExt;
+use object_store::ObjectStore as _;
+use prost::Message as _;
+use pulse_contracts::pb::events::v1 as ev;
+use pulse_contracts::{headers, wire};
+use pulse_platform::clickhouse::ClickHouseConfig;
+use pulse_platform::kafka::{KafkaProducer, OutRecord, TopicSpec, ensure_topics};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::OwnedHeaders;
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::time::Instant;
+
+const PARTITIONS: i32 = 2;
+const DEADLINE: Duration = Duration::from_secs(60);
+/// `--shutdown-timeout-ms` of every writer here.
+const SHUTDOWN_TIMEOUT_MS: &str = "2000";
+/// How long a writer may take to exit after SIGTERM (its shutdown timeout plus slack).
+const STOP_WITHIN: Duration = Duration::from_secs(20);
+
+/// The `name` binary next to the test executable (target/debug/), built by `cargo build`.
+fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().and_then(Path::parent).unwrap();
+    let bin = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.is_file(),
+        "{} is missing: run `cargo build -p {name}` first (scripts/test.sh builds it)",
+        bin.display()
+    );
+    bin
+}
+
+/// A 127.0.0.1 port nothing listens on right now.
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A folder for the writers' logs; kept and printed if the test fails, removed if it passes.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(prefix: &str) -> Self {
+        let dir = std::env::temp_dir().join(pulse_tests::unique(prefix));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("logs kept in {}", self.0.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+/// The topics one writer reads and dead-letters to, unique per test.
+struct Topics {
+    events: String,
+    activity: String,
+    sessions: String,
+    dlq: String,
+}
+
+impl Topics {
+    async fn create() -> Self {
+        let t = Self {
+            events: pulse_tests::short_unique("blk_events"),
+            activity: pulse_tests::unique("blk_activity"),
+            sessions: pulse_tests::unique("blk_sessions"),
+            dlq: pulse_tests::unique("blk_dlq"),
+        };
+        let specs: Vec<TopicSpec> = [&t.events, &t.activity, &t.sessions, &t.dlq]
+            .iter()
+            .map(|name| TopicSpec::new(name.as_str(), PARTITIONS))
+            .collect();
+        ensure_topics(&pulse_tests::kafka(), &specs).await.unwrap();
+        t
+    }
+}
+
+/// A running `pulse-writer`; SIGKILLed when dropped.
+struct Writer {
+    child: Child,
+    admin: String,
+    log: PathBuf,
+}
+
+impl Writer {
+    /// Starts the binary with fast retries, a 2 s shutdown timeout, its admin server on a
+    /// free port, `args`, and stdout and stderr in `log`.
+    fn spawn(args: &[String], log: PathBuf) -> Self {
+        let admin = format!("127.0.0.1:{}", free_port());
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap();
+        let err = out.try_clone().unwrap();
+        let child = Command::new(binary("pulse-writer"))
+            .args([
+                "--kafka-brokers",
+                &pulse_tests::kafka().brokers,
+                "--retry-base-ms",
+                "100",
+                "--retry-max-ms",
+                "500",
+                "--admin-addr",
+                &admin,
+                "--log-format",
+                "text",
+            ])
+            .args(args)
+            // As an environment variable, so a writer that lacks the setting still starts.
+            .env("PULSE_WRITER_SHUTDOWN_TIMEOUT_MS", SHUTDOWN_TIMEOUT_MS)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .unwrap();
+        Self { child, admin, log }
+    }
+
+    fn assert_running(&mut self) {
+        let status = self.child.try_wait().unwrap();
+        assert!(
+            status.is_none(),
+            "the writer exited ({status:?}); see {}",
+            self.log.display()
+        );
+    }
+
+    async fn get(&self, path: &str) -> Option<(u16, String)> {
+        let r = reqwest::Client::new()
+            .get(format!("http://{}{path}", self.admin))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .ok()?;
+        let status = r.status().as_u16();
+        Some((status, r.text().await.ok()?))
+    }
+
+    /// The sum of the samples of metric `name` whose labels contain each of `labels`.
+    async fn metric(&self, name: &str, labels: &[&str]) -> Option<f64> {
+        let (_, text) = self.get("/metrics").await?;
+        let mut found = None;
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix(name) else {
+                continue;
+            };
+            if !(rest.starts_with('{') || rest.starts_with(' ')) {
+                continue; // a longer name, e.g. the _bucket series of a histogram
+            }
+            let (series, value) = line.rsplit_once(' ').unwrap();
+            if labels.iter().all(|l| series.contains(l)) {
+                *found.get_or_insert(0.0) += value.parse::<f64>().unwrap();
+            }
+        }
+        found
+    }
+
+    /// Waits until `/readyz` answers `status` with a body containing `body`; returns the body.
+    async fn wait_readyz(&mut self, status: u16, body: &str) -> String {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            self.assert_running();
+            let got = self.get("/readyz").await;
+            if let Some((s, b)) = &got
+                && *s == status
+                && b.contains(body)
+            {
+                return b.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "/readyz never answered {status} with {body:?} (last: {got:?}); see {}",
+                self.log.display()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Waits until metric `name{labels}` is at least `min`; returns its value.
+    async fn wait_metric(&mut self, name: &str, labels: &[&str], min: f64) -> f64 {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            self.assert_running();
+            let v = self.metric(name, labels).await;
+            if let Some(v) = v.filter(|v| *v >= min) {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name}{labels:?} stayed at {v:?}, below {min}; see {}",
+                self.log.display()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// SIGTERM; the exit status if the process exits within `within`.
+    async fn terminate(&mut self, within: Duration) -> Option<ExitStatus> {
+        let sent = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        None
+    }
+}
+
+impl Drop for Writer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn event(id: &str, user: &str) -> ev::Event {
+    let t = 1_764_000_000_000;
+    ev::Event {
+        event_id: id.into(),
+        schema_version: 1,
+        event_type: "page_view".into(),
+        key: Some(ev::EventKey {
+            user_id: user.into(),
+            session_id: String::new(),
+        }),
+        payload: Some(ev::Payload {
+            page: "/p".into(),
+            ..Default::default()
+        }),
+        metadata: Some(ev::Metadata {
+            event_timestamp_ms: t,
+            ..Default::default()
+        }),
+        ingest: Some(ev::IngestInfo {
+            ingest_timestamp_ms: t + 100,
+            ingest_source: "writer-blocking-test".into(),
+            protocol: "http".into(),
+        }),
+    }
+}
+
+/// Produces the events `ids` (framed as the processor writes them, keyed by user) and
+/// waits for the broker's acknowledgements.
+async fn produce(topic: &str, ids: &[String]) {
+    let p = KafkaProducer::new(&pulse_tests::kafka(), "writer-blocking-test").unwrap();
+    for id in ids {
+        let user = format!("u-{id}");
+        let h = headers::with_str(OwnedHeaders::new(), headers::INGEST_TS, "1764000000100");
+        let rec = OutRecord::new(
+            topic,
+            Some(user.clone().into_bytes()),
+            wire::frame(1, &[0], &event(id, &user).encode_to_vec()),
+        )
+        .with_headers(h);
+        p.send(rec, Duration::from_secs(10)).await.unwrap();
+    }
+}
+
+/// The group's committed offsets on `topic`, summed over the partitions (0 where none).
+fn committed(group: &str, topic: &str) -> i64 {
+    let consumer: BaseConsumer = pulse_tests::kafka()
+        .client_config("writer-blocking-offsets")
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..PARTITIONS {
+        tpl.add_partition(topic, p);
+    }
+    let c = consumer
+        .committed_offsets(tpl, Duration::from_secs(10))
+        .unwrap();
+    (0..PARTITIONS)
+        .map(|p| match c.find_partition(topic, p).map(|e| e.offset()) {
+            Some(Offset::Offset(o)) => o,
+            _ => 0,
+        })
+        .sum()
+}
+
+/// Records in `topic` (the sum of its partitions' high watermarks).
+fn records_in(topic: &str) -> i64 {
+    let consumer: BaseConsumer = pulse_tests::kafka()
+        .client_config("writer-blocking-offsets")
+        .create()
+        .unwrap();
+    (0..PARTITIONS)
+        .map(|p| {
+            consumer
+                .fetch_watermarks(topic, p, Duration::from_secs(10))
+                .unwrap()
+                .1
+        })
+        .sum()
+}
+
+/// Waits until the group's committed offsets on `topic` sum to `want`.
+async fn wait_committed(group: &str, topic: &str, want: i64) {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let c = committed(group, topic);
+        if c == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the committed offsets stay at {c}, not {want}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_events_table_blocks_the_writer_without_dead_lettering_until_it_is_back() {
+    let logs = TempDir::new("writer-blocking-ch");
+    let topics = Topics::create().await;
+    let ch = ClickHouseConfig {
+        database: pulse_tests::unique("pulse_writer_blocking"),
+        ..pulse_tests::clickhouse()
+    };
+    let client = ch.client();
+    let group = pulse_tests::unique("writer");
+    let args: Vec<String> = [
+        "--sink",
+        "clickhouse",
+        "--clickhouse-url",
+        &ch.url,
+        "--clickhouse-database",
+        &ch.database,
+        "--group-id",
+        &group,
+        "--batch-max-age-ms",
+        "200",
+        "--breaker-probe-ms",
+        "2000",
+        // The shortest librdkafka allows (>= the 10 s session timeout): the block below
+        // outlasts it, and a writer that stopped polling would leave its group.
+        "--kafka-option",
+        "max.poll.interval.ms=10000",
+        "--events-topic",
+        &topics.events,
+        "--user-activity-topic",
+        &topics.activity,
+        "--sessions-topic",
+        &topics.sessions,
+        "--dlq-topic",
+        &topics.dlq,
+    ]
+    .map(String::from)
+    .to_vec();
+    let log = logs.0.join("writer.log");
+    let mut writer = Writer::spawn(&args, log.clone());
+    writer.wait_readyz(200, "ready").await;
+
+    // Working: the first event is written and committed.
+    produce(&topics.events, &["e0".to_owned()]).await;
+    wait_committed(&group, &topics.events, 1).await;
+
+    // The table goes away under the running writer; five valid events follow.
+    client
+        .query(&format!("DROP TABLE {}.events", ch.database))
+        .execute()
+        .await
+        .unwrap();
+    let ids: Vec<String> = (1..=5).map(|i| format!("e{i}")).collect();
+    produce(&topics.events, &ids).await;
+
+    let body = writer
+        .wait_readyz(503, "blocked: clickhouse: unknown_table")
+        .await;
+    let blocked_at = Instant::now();
+    eprintln!("/readyz while the table is missing: {body}");
+    assert!(body.contains("Code: 60"), "{body}");
+    let blocked = writer
+        .wait_metric(
+            "pulse_writer_blocked",
+            &["sink=\"clickhouse\"", "reason=\"unknown_table\""],
+            1.0,
+        )
+        .await;
+    assert_eq!(blocked, 1.0);
+    // Several retries of the same batch (a writer that dead-letters does so at the first).
+    let retries = writer
+        .wait_metric(
+            "pulse_writer_retries_total",
+            &["sink=\"clickhouse\"", "kind=\"blocking\""],
+            3.0,
+        )
+        .await;
+    assert_eq!(
+        records_in(&topics.dlq),
+        0,
+        "a batch refused for a missing table was dead-lettered"
+    );
+    assert_eq!(
+        writer
+            .metric("pulse_writer_dead_letters_total", &["sink=\"clickhouse\""])
+            .await,
+        None,
+        "the writer counted dead letters"
+    );
+    assert_eq!(
+        committed(&group, &topics.events),
+        1,
+        "offsets of unwritten records were committed"
+    );
+
+    // Blocked for longer than max.poll.interval.ms: still blocked, still in the group.
+    while blocked_at.elapsed() < Duration::from_secs(13) {
+        let got = writer.get("/readyz").await;
+        assert!(
+            got.as_ref().is_some_and(|(s, _)| *s == 503),
+            "/readyz answered {got:?} while the table was missing"
+        );
+        writer.assert_running();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(records_in(&topics.dlq), 0);
+    assert_eq!(committed(&group, &topics.events), 1);
+
+    // The operator runs the migrations again: the table is back and the writer resumes on
+    // its own, without a restart.
+    client
+        .query(&format!("DROP TABLE {}.schema_migrations", ch.database))
+        .execute()
+        .await
+        .unwrap();
+    let applied = pulse_storage::migrate::migrate(&ch).await.unwrap();
+    assert!(!applied.is_empty());
+    let want: BTreeSet<String> = ids.iter().cloned().collect();
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        writer.assert_running();
+        let stored: BTreeSet<String> = client
+            .query("SELECT DISTINCT event_id FROM events FINAL")
+            .fetch_all::<String>()
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        if stored == want {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "events FINAL holds {stored:?}, not {want:?}; see {}",
+            log.display()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let once: u64 = client
+        .query("SELECT count() FROM events FINAL")
+        .fetch_one()
+        .await
+        .unwrap();
+    assert_eq!(once, 5, "each event once under FINAL");
+    wait_committed(&group, &topics.events, 6).await;
+    writer.wait_readyz(200, "ready").await;
+    assert_eq!(
+        writer
+            .metric("pulse_writer_blocked", &["sink=\"clickhouse\""])
+            .await,
+        Some(0.0),
+        "a reason is still reported"
+    );
+    assert_eq!(records_in(&topics.dlq), 0, "something was dead-lettered");
+    let revoked = writer
+        .metric("pulse_kafka_rebalances_total", &["kind=\"revoke\""])
+        .await
+        .unwrap_or(0.0);
+    assert_eq!(
+        revoked,
+        0.0,
+        "the writer lost its partitions during the block (left its group); see {}",
+        log.display()
+    );
+    eprintln!(
+        "blocked for {retries} retries with nothing dead-lettered or committed; the 5 events \
+         written once after the migrations ran again"
+    );
+
+    drop(writer);
+    ch.server_client()
+        .query(&format!("DROP DATABASE {}", ch.database))
+        .execute()
+        .await
+        .unwrap();
+    drop(logs);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_s3_credentials_block_the_parquet_writer_and_sigterm_still_stops_it_in_time() {
+    let logs = TempDir::new("writer-blocking-s3");
+    let topics = Topics::create().await;
+    let s3 = pulse_tests::s3();
+    let prefix = pulse_tests::short_unique("blk");
+    let group = pulse_tests::unique("writer_pq");
+    let args = |secret: &str, max_age_ms: &str| -> Vec<String> {
+        [
+            "--sink",
+            "parquet",
+            "--group-id",
+            &group,
+            "--events-topic",
+            &topics.events,
+            "--dlq-topic",
+            &topics.dlq,
+            "--parquet-max-age-ms",
+            max_age_ms,
+            "--parquet-freshness",
+            "false",
+            "--s3-endpoint",
+            &s3.endpoint,
+            "--s3-bucket",
+            &s3.bucket,
+            "--s3-access-key",
+            s3.access_key.expose(),
+            "--s3-secret-key",
+            secret,
+            "--s3-prefix",
+            &prefix,
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let ids: Vec<String> = (0..5).map(|i| format!("e{i}")).collect();
+    produce(&topics.events, &ids).await;
+
+    // Rolls due after 200 ms: S3 refuses the first upload, the writer is blocked.
+    let log = logs.0.join("writer-1.log");
+    let mut writer = Writer::spawn(&args("not-the-secret", "200"), log.clone());
+    let body = writer.wait_readyz(503, "blocked: parquet: ").await;
+    eprintln!("/readyz while S3 refuses the credentials: {body}");
+    writer
+        .wait_metric(
+            "pulse_writer_retries_total",
+            &["sink=\"parquet\"", "kind=\"blocking\""],
+            3.0,
+        )
+        .await;
+    assert_eq!(committed(&group, &topics.events), 0);
+    assert_eq!(records_in(&topics.dlq), 0);
+    assert!(writer.terminate(STOP_WITHIN).await.is_some());
+
+    // A roll that is not due yet when SIGTERM comes: it is written at shutdown, S3 refuses
+    // it, and the writer gives up after its shutdown timeout, committing nothing.
+    let log = logs.0.join("writer-3.log");
+    let mut writer = Writer::spawn(&args("not-the-secret", "600000"), log.clone());
+    writer
+        .wait_metric(
+            "pulse_kafka_consumed_records_total",
+            &[&format!("topic=\"{}\"", topics.events)],
+            ids.len() as f64,
+        )
+        .await;
+    let began = Instant::now();
+    let status = writer.terminate(STOP_WITHIN).await;
+    assert!(
+        status.is_some(),
+        "the writer ignored SIGTERM for {STOP_WITHIN:?} while S3 refused its last roll; see {}",
+        log.display()
+    );
+    eprintln!(
+        "stopped {:.1} s after SIGTERM ({status:?}) with its last roll refused",
+        began.elapsed().as_secs_f64()
+    );
+    assert_eq!(
+        committed(&group, &topics.events),
+        0,
+        "the roll S3 never took was committed"
+    );
+
+    // The successor with the right credentials archives every event and commits.
+    let log = logs.0.join("writer-3.log");
+    let mut writer = Writer::spawn(&args(s3.secret_key.expose(), "200"), log);
+    wait_committed(&group, &topics.events, 5).await;
+    writer.wait_readyz(200, "ready").await;
+    let objects: Vec<object_store::ObjectMeta> = s3
+        .object_store()
+        .unwrap()
+        .list(Some(&object_store::path::Path::from(prefix.as_str())))
+        .try_collect()
+        .await
+        .unwrap();
+    assert!(!objects.is_empty(), "nothing archived under {prefix}");
+    let rows = writer
+        .metric("pulse_writer_rows_written_total", &["sink=\"parquet\""])
+        .await;
+    assert_eq!(rows, Some(5.0), "{objects:?}");
+    assert_eq!(records_in(&topics.dlq), 0);
+    drop(writer);
+    drop(logs);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_clickhouse_outage_stops_the_writer_in_time_without_committing() {
+    let logs = TempDir::new("writer-blocking-down");
+    let topics = Topics::create().await;
+    let group = pulse_tests::unique("writer");
+    // Nothing listens there: every insert fails with a connection error (transient).
+    let down = format!("http://127.0.0.1:{}", free_port());
+    let args: Vec<String> = [
+        "--sink",
+        "clickhouse",
+        "--clickhouse-url",
+        &down,
+        "--migrate",
+        "false",
+        "--retention-days",
+        "0",
+        "--group-id",
+        &group,
+        // Not due before SIGTERM: the batch is written by the shutdown's final flush.
+        "--batch-max-age-ms",
+        "600000",
+        "--events-topic",
+        &topics.events,
+        "--user-activity-topic",
+        &topics.activity,
+        "--sessions-topic",
+        &topics.sessions,
+        "--dlq-topic",
+        &topics.dlq,
+    ]
+    .map(String::from)
+    .to_vec();
+    let ids: Vec<String> = (0..5).map(|i| format!("e{i}")).collect();
+    produce(&topics.events, &ids).await;
+    let log = logs.0.join("writer.log");
+    let mut writer = Writer::spawn(&args, log.clone());
+    writer
+        .wait_metric(
+            "pulse_kafka_consumed_records_total",
+            &[&format!("topic=\"{}\"", topics.events)],
+            ids.len() as f64,
+        )
+        .await;
+    let began = Instant::now();
+    let status = writer.terminate(STOP_WITHIN).await;
+    assert!(
+        status.is_some(),
+        "the writer ignored SIGTERM for {STOP_WITHIN:?} while ClickHouse was down; see {}",
+        log.display()
+    );
+    eprintln!(
+        "stopped {:.1} s after SIGTERM ({status:?}) with ClickHouse down",
+        began.elapsed().as_secs_f64()
+    );
+    assert_eq!(
+        committed(&group, &topics.events),
+        0,
+        "offsets of a batch ClickHouse never took were committed"
+    );
+    assert_eq!(records_in(&topics.dlq), 0);
+    drop(logs);
+}
