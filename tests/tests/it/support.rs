@@ -14,3 +14,22 @@ pub mod registry;
 pub mod wait;
 
 pub use wait::{Deadline, poll_until, wait_until};
+
+/// The sum of the samples of `name` whose labels contain every one of `labels` in a
+/// Prometheus text-format scrape, or `None` if there is none.
+pub fn metric_sum(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    let mut found = None;
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        if !(rest.starts_with('{') || rest.starts_with(' ')) {
+            continue; // a longer name, e.g. the _bucket series of a histogram
+        }
+        let (series, value) = line.rsplit_once(' ')?;
+        if labels.iter().all(|l| series.contains(l)) {
+            *found.get_or_insert(0.0) += value.parse::<f64>().ok()?;
+        }
+    }
+    found
+}

@@ -15,8 +15,11 @@
 //! Standalone on purpose (its few helpers are inlined): it is written while `tests/` moves
 //! to one test binary, and will be moved into it with the shared support.
 
+use crate::support::child_process::{binary, free_port};
+use crate::support::cleanup::TempDir;
+use crate::support::metric_sum;
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
@@ -38,49 +41,6 @@ const DEADLINE: Duration = Duration::from_secs(60);
 const SHUTDOWN_TIMEOUT_MS: &str = "2000";
 /// How long a writer may take to exit after SIGTERM (its shutdown timeout plus slack).
 const STOP_WITHIN: Duration = Duration::from_secs(20);
-
-/// The `name` binary next to the test executable (target/debug/), built by `cargo build`.
-fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(Path::parent).unwrap();
-    let bin = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
-    assert!(
-        bin.is_file(),
-        "{} is missing: run `cargo build -p {name}` first (scripts/test.sh builds it)",
-        bin.display()
-    );
-    bin
-}
-
-/// A 127.0.0.1 port nothing listens on right now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A folder for the writers' logs; kept and printed if the test fails, removed if it passes.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(prefix: &str) -> Self {
-        let dir = std::env::temp_dir().join(pulse_tests::unique(prefix));
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("logs kept in {}", self.0.display());
-        } else {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
 
 /// The topics one writer reads and dead-letters to, unique per test.
 struct Topics {
@@ -172,20 +132,7 @@ impl Writer {
     /// The sum of the samples of metric `name` whose labels contain each of `labels`.
     async fn metric(&self, name: &str, labels: &[&str]) -> Option<f64> {
         let (_, text) = self.get("/metrics").await?;
-        let mut found = None;
-        for line in text.lines() {
-            let Some(rest) = line.strip_prefix(name) else {
-                continue;
-            };
-            if !(rest.starts_with('{') || rest.starts_with(' ')) {
-                continue; // a longer name, e.g. the _bucket series of a histogram
-            }
-            let (series, value) = line.rsplit_once(' ').unwrap();
-            if labels.iter().all(|l| series.contains(l)) {
-                *found.get_or_insert(0.0) += value.parse::<f64>().unwrap();
-            }
-        }
-        found
+        metric_sum(&text, name, labels)
     }
 
     /// Waits until `/readyz` answers `status` with a body containing `body`; returns the body.
@@ -387,7 +334,7 @@ async fn a_dropped_events_table_blocks_the_writer_without_dead_lettering_until_i
     ]
     .map(String::from)
     .to_vec();
-    let log = logs.0.join("writer.log");
+    let log = logs.path().join("writer.log");
     let mut writer = Writer::spawn(&args, log.clone());
     writer.wait_readyz(200, "ready").await;
 
@@ -566,7 +513,7 @@ async fn refused_s3_credentials_block_the_parquet_writer_and_sigterm_still_stops
     produce(&topics.events, &ids).await;
 
     // Rolls due after 200 ms: S3 refuses the first upload, the writer is blocked.
-    let log = logs.0.join("writer-1.log");
+    let log = logs.path().join("writer-1.log");
     let mut writer = Writer::spawn(&args("not-the-secret", "200"), log.clone());
     let body = writer.wait_readyz(503, "blocked: parquet: ").await;
     eprintln!("/readyz while S3 refuses the credentials: {body}");
@@ -583,7 +530,7 @@ async fn refused_s3_credentials_block_the_parquet_writer_and_sigterm_still_stops
 
     // A roll that is not due yet when SIGTERM comes: it is written at shutdown, S3 refuses
     // it, and the writer gives up after its shutdown timeout, committing nothing.
-    let log = logs.0.join("writer-3.log");
+    let log = logs.path().join("writer-3.log");
     let mut writer = Writer::spawn(&args("not-the-secret", "600000"), log.clone());
     writer
         .wait_metric(
@@ -610,7 +557,7 @@ async fn refused_s3_credentials_block_the_parquet_writer_and_sigterm_still_stops
     );
 
     // The successor with the right credentials archives every event and commits.
-    let log = logs.0.join("writer-3.log");
+    let log = logs.path().join("writer-3.log");
     let mut writer = Writer::spawn(&args(s3.secret_key.expose(), "200"), log);
     wait_committed(&group, &topics.events, 5).await;
     writer.wait_readyz(200, "ready").await;
@@ -665,7 +612,7 @@ async fn sigterm_during_a_clickhouse_outage_stops_the_writer_in_time_without_com
     .to_vec();
     let ids: Vec<String> = (0..5).map(|i| format!("e{i}")).collect();
     produce(&topics.events, &ids).await;
-    let log = logs.0.join("writer.log");
+    let log = logs.path().join("writer.log");
     let mut writer = Writer::spawn(&args, log.clone());
     writer
         .wait_metric(

@@ -8,6 +8,7 @@
 //!   breaker and pauses consumption, so its memory stays bounded while the backlog grows in
 //!   Kafka; once ClickHouse is back everything lands exactly once.
 
+use crate::support::metric_sum;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -167,25 +168,6 @@ impl Drop for Writer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// The sum of the samples of `name` whose labels contain every one of `labels`
-/// (Prometheus text format), or `None` if there is none.
-fn metric(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
-    let mut found = None;
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix(name) else {
-            continue;
-        };
-        if !(rest.starts_with('{') || rest.starts_with(' ')) {
-            continue; // a longer name, e.g. the _bucket series of a histogram
-        }
-        let (series, value) = line.rsplit_once(' ').unwrap();
-        if labels.iter().all(|l| series.contains(l)) {
-            *found.get_or_insert(0.0) += value.parse::<f64>().unwrap();
-        }
-    }
-    found
 }
 
 /// Resident set size of process `pid`, bytes (`VmRSS` of /proc/<pid>/status).
@@ -534,7 +516,7 @@ async fn a_writer_killed_mid_batch_loses_nothing_and_duplicates_nothing() {
     let last = kills.last().unwrap();
     let committed: i64 = last.committed.iter().sum();
     let text = writer.metrics().await.unwrap();
-    let written = metric(
+    let written = metric_sum(
         &text,
         "pulse_writer_rows_written_total",
         &["table=\"events\""],
@@ -753,8 +735,8 @@ async fn a_30_second_clickhouse_outage_under_load_loses_nothing_and_memory_stays
             at: stop_began.elapsed(),
             down: down_at.is_some(),
             rss: rss_bytes(writer.pid()),
-            circuit_open: metric(&text, "pulse_writer_circuit_open", &["sink=\"clickhouse\""]),
-            consumed: metric(
+            circuit_open: metric_sum(&text, "pulse_writer_circuit_open", &["sink=\"clickhouse\""]),
+            consumed: metric_sum(
                 &text,
                 "pulse_kafka_consumed_records_total",
                 &[&format!("topic=\"{}\"", topics.events)],
@@ -832,17 +814,17 @@ async fn a_30_second_clickhouse_outage_under_load_loses_nothing_and_memory_stays
     );
 
     let text = writer.metrics().await.unwrap();
-    let retries = metric(
+    let retries = metric_sum(
         &text,
         "pulse_writer_retries_total",
         &["sink=\"clickhouse\""],
     );
-    let errors = metric(
+    let errors = metric_sum(
         &text,
         "pulse_writer_errors_total",
         &["sink=\"clickhouse\"", "kind=\"retryable\""],
     );
-    let circuit = metric(&text, "pulse_writer_circuit_open", &["sink=\"clickhouse\""]);
+    let circuit = metric_sum(&text, "pulse_writer_circuit_open", &["sink=\"clickhouse\""]);
     eprintln!(
         "after recovery: retries {retries:?}, retryable errors {errors:?}, circuit open {circuit:?}"
     );
