@@ -68,6 +68,10 @@ cargo build --quiet --bins
 log "Helm chart and compose file (scripts/chart-test.sh)"
 bash scripts/chart-test.sh
 
+# Ingest's memory under a body of millions of tiny events (its own broker and registry).
+log "ingest memory under a hostile body (scripts/check-ingest-memory.sh)"
+bash scripts/check-ingest-memory.sh
+
 log "cargo test --workspace"
 cargo test --workspace "$@"
 
