@@ -115,7 +115,7 @@ impl Inner {
 /// replica). Thread-safe (interior `Mutex`).
 ///
 /// Memory is bounded by `capacity` live entries (plus at most `capacity` stale
-/// bookkeeping entries left by [`forget`](Self::forget)): when full, the oldest
+/// bookkeeping entries left by released reservations): when full, the oldest
 /// entries are evicted first, even if still within the window, and counted in
 /// [`evicted_early`](Self::evicted_early). Capacity 0 disables deduplication
 /// (every id is new, nothing is stored); a zero window does the same.
@@ -210,7 +210,8 @@ impl DedupSet {
 
     /// Records `id` as durably seen at `now` and returns true if it was not seen
     /// within the window (claim and confirm at once); false if it was seen or is in
-    /// flight.
+    /// flight. The tests' shorthand for a claim confirmed at once.
+    #[cfg(test)]
     pub fn insert_if_new(&self, id: &str, now: Instant) -> bool {
         match self.reserve(id, now) {
             Ok(Some(generation)) => {
@@ -300,8 +301,9 @@ impl DedupSet {
         self.settled.notify_waiters();
     }
 
-    /// Forgets `id` (used when producing the event failed, so a client retry is
-    /// not called a duplicate). Its deque entry becomes stale and is skipped.
+    /// Forgets `id` outright (tests: releasing is a dropped [`Reservation`]). Its deque
+    /// entry becomes stale and is skipped.
+    #[cfg(test)]
     pub fn forget(&self, id: &str) {
         self.lock().forget(id);
         self.settled.notify_waiters();

@@ -462,12 +462,10 @@ pub async fn run(config: Config, ctx: ServiceContext) -> Result<(), Error> {
     let producer = Arc::new(KafkaProducer::new(&config.kafka, "pulse-ingest")?);
     // A producer that stops delivering (a stalled broker, or one failing every request)
     // makes ingest not ready and is recreated (see platform::kafka::producer).
-    let watchdog = pulse_platform::kafka::producer::spawn_watchdog(
-        (*producer).clone(),
-        ctx.health.clone(),
+    let watchdog = ctx.watch_producer(
+        &producer,
         "kafka-producer",
         config.kafka.producer_stall_timeout,
-        ctx.shutdown.child_token(),
     );
     let framer: Arc<dyn Framer> = Arc::new(RegistryEncoder::new(&config.schema_registry_url));
     // Events can be framed once the registry answers and the subject exists.

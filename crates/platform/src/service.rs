@@ -26,6 +26,25 @@ pub struct ServiceContext {
 }
 
 impl ServiceContext {
+    /// Watches `producer` until shutdown starts (see
+    /// [`crate::kafka::producer::spawn_watchdog`]): while it cannot deliver for its
+    /// config's stall timeout, readiness is blocked for `component` and the client is
+    /// recreated.
+    pub fn watch_producer(
+        &self,
+        producer: &crate::kafka::KafkaProducer,
+        component: &'static str,
+        stall: std::time::Duration,
+    ) -> tokio::task::JoinHandle<()> {
+        crate::kafka::producer::spawn_watchdog(
+            producer.clone(),
+            self.health.clone(),
+            component,
+            stall,
+            self.shutdown.child_token(),
+        )
+    }
+
     /// Runs `attempt` until it succeeds, waiting 200 ms after the first failure and twice
     /// as long after each next one (at most 5 s), logging each failure at WARN as
     /// "waiting for `what`". Returns false when shutdown starts first. For start-up

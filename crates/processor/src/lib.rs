@@ -287,12 +287,10 @@ pub async fn run(config: Config, ctx: ServiceContext) -> Result<(), Error> {
     // An output producer that cannot deliver (a stalled or broken broker) makes the
     // processor not ready and is recreated (see platform::kafka::producer); the emission
     // that failed stops the loop, and the orchestrator restarts it from its checkpoints.
-    let _watchdog = pulse_platform::kafka::producer::spawn_watchdog(
-        processor.producer.clone(),
-        ctx.health.clone(),
+    let _watchdog = ctx.watch_producer(
+        &processor.producer,
         "kafka-producer",
         config.kafka.producer_stall_timeout,
-        ctx.shutdown.child_token(),
     );
     ctx.health.set_ready(true);
     let stop = ctx.shutdown.child_token();

@@ -385,14 +385,24 @@ pub async fn run(config: Config, ctx: ServiceContext) -> Result<(), Error> {
         Sink::Parquet => {
             let mut sink = build_parquet(&config).await?;
             sink.health = ctx.health.clone();
-            let _watchdog = dlq_watchdog(&sink.producer, &config, &ctx);
+            // A DLQ producer that cannot deliver makes the writer not ready and is recreated.
+            let _watchdog = ctx.watch_producer(
+                &sink.producer,
+                "kafka-dlq-producer",
+                config.kafka.producer_stall_timeout,
+            );
             ctx.health.set_ready(true);
             Ok(sink.run(ctx.shutdown.child_token()).await?)
         }
         Sink::Clickhouse => {
             let mut sink = build_clickhouse(&config).await?;
             sink.health = ctx.health.clone();
-            let _watchdog = dlq_watchdog(&sink.producer, &config, &ctx);
+            // A DLQ producer that cannot deliver makes the writer not ready and is recreated.
+            let _watchdog = ctx.watch_producer(
+                &sink.producer,
+                "kafka-dlq-producer",
+                config.kafka.producer_stall_timeout,
+            );
             let retention = {
                 let cfg = config.clickhouse.clone();
                 let days = config.retention_days;
@@ -420,23 +430,6 @@ pub async fn run(config: Config, ctx: ServiceContext) -> Result<(), Error> {
             Ok(result?)
         }
     }
-}
-
-/// Watches the DLQ producer: one that cannot deliver (a stalled or broken broker) makes
-/// the writer not ready and is recreated (see `platform::kafka::producer`). The watchdog
-/// stops with the service.
-fn dlq_watchdog(
-    producer: &KafkaProducer,
-    config: &Config,
-    ctx: &ServiceContext,
-) -> tokio::task::JoinHandle<()> {
-    pulse_platform::kafka::producer::spawn_watchdog(
-        producer.clone(),
-        ctx.health.clone(),
-        "kafka-dlq-producer",
-        config.kafka.producer_stall_timeout,
-        ctx.shutdown.child_token(),
-    )
 }
 
 #[cfg(test)]

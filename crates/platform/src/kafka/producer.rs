@@ -342,22 +342,15 @@ impl RecordProducer for KafkaProducer {
                         Ok(Err((e, _msg))) => Err(ProduceError::Delivery(e)),
                         Err(_canceled) => Err(ProduceError::Cancelled),
                     };
-                    {
-                        let mut d = lock(&health);
-                        match &result {
-                            Ok(_) => d.failing_since = None,
-                            Err(_) => {
-                                d.failing_since.get_or_insert_with(Instant::now);
-                            }
-                        }
-                    }
                     match &result {
                         Ok(_) => {
+                            lock(&health).failing_since = None;
                             metrics::counter!(m::KAFKA_PRODUCED_TOTAL, "topic" => topic.clone()).increment(1);
                             metrics::histogram!(m::KAFKA_PRODUCE_ACK_SECONDS, "topic" => topic)
                                 .record(started.elapsed().as_secs_f64());
                         }
                         Err(e) => {
+                            lock(&health).failing_since.get_or_insert_with(Instant::now);
                             metrics::counter!(m::KAFKA_PRODUCE_ERRORS_TOTAL, "topic" => topic, "kind" => e.kind())
                                 .increment(1);
                         }
