@@ -71,6 +71,8 @@ else
   KAFKA_PORT=$(free_port)
   log "starting Tansu in $STATE"
   start_kafka "$STATE" "$KAFKA_PORT"
+  # One local broker: one replica per topic (the defaults, 3 and 2, need three brokers).
+  export PULSE_KAFKA_REPLICATION_FACTOR=1 PULSE_KAFKA_MIN_INSYNC_REPLICAS=1
 
   broker_pid=$(cat "$STATE/pids/kafka.pid")
   pin=()

@@ -11,7 +11,8 @@
 #   4. bad values refused, naming the key: by values.schema.json (wrong type, unknown key,
 #      replicas < 0, …) and by templates/validate.yaml (a credential in args, SASL without
 #      a password);
-#   5. the values table of helm/pulse/README.md in sync with values.yaml;
+#   5. the values table of helm/pulse/README.md in sync with values.yaml; the Grafana
+#      dashboards' static check (tests/python/dashboards_check.py);
 #   6. with the service binaries in $CARGO_TARGET_DIR/debug: every PULSE_* env name and
 #      flag the chart (every ci/*-values.yaml render) and docker-compose.yml give a Pulse
 #      binary is one its --help lists; docker-compose.yml against the compose-spec schema;
@@ -65,8 +66,8 @@ done
 if [ "${#HELMS[@]}" -gt 1 ]; then
   # Same objects from both (the generated credentials and their checksum differ by design).
   for f in "$OUT"/rendered/*.yaml; do
-    diff <(grep -vE '^  (ingest-api-keys|query-api-tokens|pii-hmac-key): |checksum/secret' "$f") \
-         <(grep -vE '^  (ingest-api-keys|query-api-tokens|pii-hmac-key): |checksum/secret' "$OUT/rendered-helm3/$(basename "$f")") >&2 \
+    diff <(grep -vE '^  (ingest-api-keys|query-api-tokens|pii-hmac-key|ledger-query-token): |checksum/secret' "$f") \
+         <(grep -vE '^  (ingest-api-keys|query-api-tokens|pii-hmac-key|ledger-query-token): |checksum/secret' "$OUT/rendered-helm3/$(basename "$f")") >&2 \
       || die "helm and helm3 render $(basename "$f") differently (above)"
   done
   log "chart: helm 4 and helm 3 render the same manifests"
@@ -114,9 +115,14 @@ refused "a negative window" "windowing[./]windowMs" "lint template" --set window
 refused "a setting name that is not PULSE_*" "queryApi[./]config.*query_timeout|query_timeout.*queryApi" "lint template" --set queryApi.config.query_timeout=5
 refused "a credential in extraArgs" "ingest\.extraArgs" "template" --set 'ingest.extraArgs[0]=--api-keys=k=s'
 refused "SASL without a password" "secrets\.kafkaSaslPassword" "template" --set kafka.sasl.enabled=true,kafka.sasl.username=u
+refused "a second ledger replica" "ledger\.replicas" "template" --set ledger.replicas=2
+refused "an autoscaled ledger" "ledger\.autoscaling" "template" --set ledger.autoscaling.enabled=true
 
 log "chart: README values table"
 "$PY" tests/python/chart_docs.py "$CHART" || die "helm/pulse/README.md's values table is stale (above)"
+
+log "chart: Grafana dashboards (static: structure, datasource variables, metric names, one copy)"
+"$PY" tests/python/dashboards_check.py || die "the Grafana dashboards have problems (above)"
 
 BIN_DIR="$CARGO_TARGET_DIR/debug"
 COMPOSE_SCHEMA="$PULSE_TOOLS/share/compose-spec-1.0.0.json"

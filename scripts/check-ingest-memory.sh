@@ -26,6 +26,8 @@ trap_cleanup cleanup
 KP=$(free_port); SRP=$(free_port); IP=$(free_port)
 start_kafka "$ST" "$KP"
 export PULSE_KAFKA_BROKERS="127.0.0.1:$KP" PULSE_SCHEMA_REGISTRY_URL="http://127.0.0.1:$SRP"
+# One local broker: one replica per topic (the defaults, 3 and 2, need three brokers).
+export PULSE_KAFKA_REPLICATION_FACTOR=1 PULSE_KAFKA_MIN_INSYNC_REPLICAS=1
 "$BIN/pulsectl" topics create >/dev/null
 start_proc "$ST" schema-registry env PULSE_SCHEMA_REGISTRY_ADDR="127.0.0.1:$SRP" \
   PULSE_ADMIN_ADDR="127.0.0.1:$(free_port)" "$BIN/pulse-schema-registry"

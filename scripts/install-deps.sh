@@ -8,7 +8,9 @@ source "$(dirname "$0")/lib.sh"
 
 TANSU_VERSION=0.6.0
 S3S_FS_VERSION=0.14.1
-APT_PACKAGES=(clickhouse-server clickhouse-client protobuf-compiler prometheus
+# prometheus (with promtool) 2.42 and prometheus-alertmanager 0.25: dev.sh and the
+# observability check run both binaries themselves, never through the packages' units.
+APT_PACKAGES=(clickhouse-server clickhouse-client protobuf-compiler prometheus prometheus-alertmanager
   cmake pkg-config build-essential zlib1g-dev libssl-dev libcurl4-openssl-dev python3-venv
   chromium)  # chromium: the query API's dashboard test renders the page headless
 
@@ -25,10 +27,13 @@ if [ "${#missing[@]}" -gt 0 ]; then
   $SUDO apt-get update -qq || die "apt-get update failed"
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" \
     || die "apt-get install failed for: ${missing[*]}"
-  # The Debian package starts a system ClickHouse on 8123/9000; Pulse runs its
-  # own instances under its state folder, so stop and disable the system one.
-  if command -v systemctl >/dev/null 2>&1; then $SUDO systemctl disable --now clickhouse-server >/dev/null 2>&1 || true; fi
-  $SUDO service clickhouse-server stop >/dev/null 2>&1 || true
+  # The Debian packages start a system ClickHouse on 8123/9000, Prometheus on 9090 and
+  # Alertmanager on 9093 (and node-exporter, if recommended); Pulse runs its own instances
+  # under its state folder, so stop and disable the system ones.
+  for unit in clickhouse-server prometheus prometheus-alertmanager prometheus-node-exporter; do
+    if command -v systemctl >/dev/null 2>&1; then $SUDO systemctl disable --now "$unit" >/dev/null 2>&1 || true; fi
+    $SUDO service "$unit" stop >/dev/null 2>&1 || true
+  done
 else
   log "Debian packages present"
 fi
@@ -132,5 +137,19 @@ else
   log "npm not found: docker-compose.yml will not be validated against the compose-spec schema"
 fi
 # <<< Helm chart tools <<<
+
+# >>> Observability check tools (scripts/check-observability.sh) >>>
+# grpcio: the check calls the query API's gRPC methods (generic unary calls with empty
+# requests, no generated stubs) so the gRPC metrics the alert rules use exist in the live
+# Prometheus. Prometheus and Alertmanager themselves are the Debian packages above.
+OBS_PY_PACKAGES=(grpcio==1.85.4)
+if [ ! -f "$VENV/.ok-obs-v1" ]; then
+  log "adding ${OBS_PY_PACKAGES[*]} to the Python venv"
+  "$VENV/bin/pip" install -q "${OBS_PY_PACKAGES[@]}" || die "pip install of the observability check tools failed"
+  touch "$VENV/.ok-obs-v1"
+else
+  log "observability check tools present in the Python venv"
+fi
+# <<< Observability check tools <<<
 
 log "dependencies ready in $PULSE_CACHE"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Starts and stops Pulse's backing services — Kafka API (Tansu, sqlite storage),
-# ClickHouse and S3 (s3s-fs) — as plain processes under one state folder:
-#   $STATE/{kafka,clickhouse,s3}/   data
+# ClickHouse and S3 (s3s-fs), and the monitoring pair Prometheus and Alertmanager
+# (Debian's packages) — as plain processes under one state folder:
+#   $STATE/{kafka,clickhouse,s3,prometheus,alertmanager}/   data
 #   $STATE/logs/*.log               logs
 #   $STATE/pids/*.pid               what `stack_stop` stops, and nothing else
 # Sourced by dev.sh and test.sh, never executed.
@@ -151,6 +152,52 @@ start_s3() {
   start_proc "$state" s3 s3s-fs --host 127.0.0.1 --port "$port" \
     --access-key "$S3_ACCESS_KEY" --secret-key "$S3_SECRET_KEY" "$state/s3"
   wait_port 127.0.0.1 "$port" "S3 (s3s-fs)" 30 || die "s3s-fs did not open port $port; see $state/logs/s3.log"
+}
+
+# start_prometheus STATE PORT CONFIG_FILE — Debian's Prometheus (our own process, never the
+# package's systemd unit) on 127.0.0.1:PORT with its TSDB in $STATE/prometheus; waits until
+# /-/ready answers. --web.enable-lifecycle lets a caller reload rules (POST /-/reload).
+start_prometheus() {
+  local state=$1 port=$2 config=$3 i
+  [ -f "$config" ] || die "Prometheus config $config not found"
+  mkdir -p "$state/prometheus"
+  start_proc "$state" prometheus prometheus \
+    --config.file="$config" \
+    --storage.tsdb.path="$state/prometheus" \
+    --storage.tsdb.retention.time=7d \
+    --web.listen-address="127.0.0.1:$port" \
+    --web.enable-lifecycle
+  for i in $(seq 1 120); do
+    if [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/-/ready")" = 200 ]; then
+      log "Prometheus answers on http://127.0.0.1:$port"
+      return 0
+    fi
+    is_running "$state" prometheus || die "Prometheus exited; see $state/logs/prometheus.log"
+    sleep 0.5
+  done
+  die "Prometheus not ready on $port within 60 s; see $state/logs/prometheus.log"
+}
+
+# start_alertmanager STATE PORT CONFIG_FILE — Debian's Alertmanager (our own process) on
+# 127.0.0.1:PORT, data in $STATE/alertmanager, clustering off (it would bind 9094).
+start_alertmanager() {
+  local state=$1 port=$2 config=$3 i
+  [ -f "$config" ] || die "Alertmanager config $config not found"
+  mkdir -p "$state/alertmanager"
+  start_proc "$state" alertmanager prometheus-alertmanager \
+    --config.file="$config" \
+    --storage.path="$state/alertmanager" \
+    --web.listen-address="127.0.0.1:$port" \
+    --cluster.listen-address=
+  for i in $(seq 1 60); do
+    if [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$port/-/ready")" = 200 ]; then
+      log "Alertmanager answers on http://127.0.0.1:$port"
+      return 0
+    fi
+    is_running "$state" alertmanager || die "Alertmanager exited; see $state/logs/alertmanager.log"
+    sleep 0.5
+  done
+  die "Alertmanager not ready on $port within 30 s; see $state/logs/alertmanager.log"
 }
 
 stack_stop() {

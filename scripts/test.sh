@@ -67,6 +67,9 @@ cargo build --quiet --bins
 # commands run against this script's broker, ClickHouse and S3 (scripts/chart-test.sh).
 log "Helm chart and compose file (scripts/chart-test.sh)"
 bash scripts/chart-test.sh
+bash scripts/check-observability.sh  # alert rules, runbooks, and alerts that fire on real faults (its own platform)
+log "chaos suite, quick profile: its own platform, faults, reconciliation (scripts/chaos.sh)"
+bash scripts/chaos.sh
 
 # Ingest's memory under a body of millions of tiny events (its own broker and registry).
 log "ingest memory under a hostile body (scripts/check-ingest-memory.sh)"

@@ -6,7 +6,10 @@
 2. every service running the Pulse image: its command is accepted by the binary
    (`<command> --help` succeeds: clap refuses unknown flags and subcommands) and every
    `PULSE_*`/`OTEL_*` variable in its environment is listed in that `--help` (clap
-   ignores unknown env vars); services bind 0.0.0.0; depends_on uses conditions.
+   ignores unknown env vars); services bind 0.0.0.0; depends_on uses conditions;
+   long-running services (restart other than "no"/"on-failure") have a healthcheck;
+3. Prometheus scrapes every long-running Pulse service's admin port (PULSE_ADMIN_ADDR),
+   labelled with its `component` (the compose service name), as the alert rules expect.
 
     python tests/python/chart_compose.py docker-compose.yml BIN_DIR [SCHEMA_JSON]
 """
@@ -22,6 +25,35 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 from chart_runs import CHECKED_PREFIXES, HELP_ENV, HelpCache  # noqa: E402
+
+
+def scrape_problems(doc: dict) -> list[str]:
+    """Every long-running Pulse service's admin port is a target of the Prometheus config
+    (written inline by the prometheus service's command) with `component: <service>`."""
+    prom = doc["services"].get("prometheus")
+    if prom is None:
+        return ["no prometheus service"]
+    script = "\n".join(prom.get("command") or [])
+    body = script.split("<<'EOF'\n", 1)[-1].split("\nEOF", 1)[0]
+    try:
+        config = yaml.safe_load(body)
+        statics = [s for job in config["scrape_configs"] for s in job.get("static_configs") or []]
+    except (yaml.YAMLError, KeyError, TypeError) as e:
+        return [f"prometheus: cannot read the inline prometheus.yml: {e}"]
+    labelled = {t: (s.get("labels") or {}).get("component") for s in statics for t in s.get("targets") or []}
+    out = []
+    for name, svc in doc["services"].items():
+        if svc.get("image") != "pulse:dev" or svc.get("restart") in ("no", "on-failure"):
+            continue
+        admin = str((svc.get("environment") or {}).get("PULSE_ADMIN_ADDR", ""))
+        target = f"{name}:{admin.rsplit(':', 1)[-1]}"
+        if not admin:
+            out.append(f"{name}: a long-running Pulse service without PULSE_ADMIN_ADDR")
+        elif target not in labelled:
+            out.append(f"prometheus: does not scrape {target} ({name}'s admin port)")
+        elif labelled[target] != name:
+            out.append(f"prometheus: target {target} has component={labelled[target]!r}, not {name!r}")
+    return out
 
 
 def main(argv: list[str]) -> int:
@@ -66,8 +98,11 @@ def main(argv: list[str]) -> int:
                 problems.append(f"{name}: {key} is not listed by `{' '.join(cmd)} --help`")
             if key.endswith("_ADDR") and not str(value).startswith("0.0.0.0:"):
                 problems.append(f"{name}: {key}={value} does not bind 0.0.0.0 (unreachable from other containers)")
-        if cmd[0] != "pulsectl" and "healthcheck" not in svc:
+        # One-shot commands (topics, migrate, schemas) run with restart "no" or
+        # "on-failure"; anything else is long-running (the services, `pulsectl ledger watch`).
+        if svc.get("restart") not in ("no", "on-failure") and "healthcheck" not in svc:
             problems.append(f"{name}: a long-running service without a healthcheck")
+    problems += scrape_problems(doc)
     for p in problems:
         print(f"FAIL {compose_path}: {p}", file=sys.stderr)
     print(f"{compose_path}: {checked} Pulse services' commands and environment match the binaries' --help"

@@ -19,7 +19,8 @@ local processes instead of pods:
    retried like a Job's backoffLimit), and each Deployment must answer its declared
    startup, liveness and readiness probes (path and named port) with 200;
 4. the `helm test` Pods run and must exit 0: they post an event to ingest and read it back
-   from the query API;
+   from the query API; the ledger's query URL and token (as the chart gives them) are
+   accepted by the query API, and the rules' pulse_ledger_* series are in its /metrics;
 5. every process gets SIGTERM and must exit 0 within its terminationGracePeriodSeconds;
    then the Parquet archive must hold the events under the run's S3 prefix.
 
@@ -121,7 +122,7 @@ def render(chart: Path, values: list[Path]) -> list[dict]:
 # The keys an existing Secret (secrets.existingSecret) must hold, as the chart README
 # documents them; a CA Secret (kafka.tls.caSecret) holds kafka.tls.caKey.
 EXISTING_SECRET_KEYS = ["ingest-api-keys", "query-api-tokens", "pii-hmac-key", "clickhouse-password",
-                        "s3-access-key", "s3-secret-key", "kafka-sasl-password"]
+                        "s3-access-key", "s3-secret-key", "kafka-sasl-password", "ledger-query-token"]
 
 
 def external_secrets(values_file: Path) -> dict[str, dict]:
@@ -560,10 +561,57 @@ def check_scaling_metrics(objs: "Objects", running: list["Service"]) -> None:
             log(f"{target}: KEDA's {', '.join(names)} present in the live /metrics scrape")
 
 
+def http_status(url: str, token: str | None) -> int:
+    req = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token is not None else {})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def check_ledger(objs: "Objects", running: list["Service"]) -> None:
+    """The ledger Deployment (`pulsectl ledger watch`), configured only by the chart: the
+    query URL and token it is given reach this release's query API (through the Service
+    name) and are accepted there, on the route and with the parameters its revenue check
+    uses, while the same request without the token is refused; and every pulse_ledger_*
+    series the rendered PrometheusRule reads is in its live /metrics."""
+    ledgers = [s for s in running if s.argv[1:3] == ["ledger", "watch"]]
+    if len(ledgers) != 1:
+        raise Failure(f"expected one running `pulsectl ledger watch` Deployment, found {len(ledgers)}")
+    svc = ledgers[0]
+    url = svc.env.get("PULSE_LEDGER_QUERY_URL", "")
+    if not url.startswith("http://127.0.0.1:"):
+        raise Failure(f"{svc.c.label}: PULSE_LEDGER_QUERY_URL={url!r} does not name a Service of the release")
+    token_file = svc.env.get("PULSE_LEDGER_QUERY_TOKEN_FILE")
+    if not token_file:
+        raise Failure(f"{svc.c.label}: no PULSE_LEDGER_QUERY_TOKEN_FILE (secrets.asFiles is on in the test values)")
+    token = Path(token_file).read_text().rstrip("\r\n")
+    hour = int(time.time()) // 3600 * 3600 * 1000
+    route = f"{url}/v1/revenue?from={hour - 3600_000}&to={hour}&step=1h"
+    ok, anonymous = http_status(route, token), http_status(route, None)
+    if ok != 200 or anonymous != 401:
+        raise Failure(f"{svc.c.label}: GET {route} answered {ok} with the ledger's token (want 200) and {anonymous} without one (want 401)")
+    log(f"{svc.c.owner}: its query URL reaches the query API Service and its token is accepted (200; 401 without)")
+    rules = objs.of_kind("PrometheusRule")
+    exprs = [str(r.get("expr", "")) for pr in rules for g in pr["spec"]["groups"] for r in g["rules"]]
+    names = sorted({n for e in exprs for n in re.findall(r"\b(pulse_ledger_[a-z_]+)\b", e)})
+    if not names:
+        raise Failure("the rendered PrometheusRule reads no pulse_ledger_* series (prometheusRule.enabled in the test values?)")
+    with urllib.request.urlopen(f"http://127.0.0.1:{svc.c.ports['admin']}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    present = {l.split("{")[0].split(" ")[0] for l in text.splitlines() if l and not l.startswith("#")}
+    missing = [n for n in names if n not in present]
+    if missing:
+        raise Failure(f"{svc.c.owner}: the rules read {missing}, absent from its live /metrics")
+    log(f"{svc.c.owner}: the rules' {', '.join(names)} present in its live /metrics")
+
+
 def test_values(run_id: str) -> dict:
     e = os.environ
     return {
-        "kafka": {"brokers": e["PULSE_TEST_KAFKA_BROKERS"], "partitions": 3, "replicationFactor": 1, "compression": "lz4"},
+        "kafka": {"brokers": e["PULSE_TEST_KAFKA_BROKERS"], "partitions": 3, "replicationFactor": 1, "minInsyncReplicas": 1,
+                  "compression": "lz4"},
         "clickhouse": {"url": e["PULSE_TEST_CLICKHOUSE_URL"], "database": f"pulse_{run_id}", "user": "default",
                        "compression": "none", "validation": False},
         "s3": {"endpoint": e["PULSE_TEST_S3_ENDPOINT"], "bucket": e["PULSE_TEST_S3_BUCKET"], "prefix": run_id,
@@ -581,6 +629,10 @@ def test_values(run_id: str) -> dict:
         # Rendered so that check_scaling_metrics can hold the ScaledObjects' queries
         # against the services' live /metrics (nothing here runs KEDA itself).
         "keda": {"enabled": True},
+        # Rendered so that check_ledger can hold the rules' pulse_ledger_* series against
+        # the ledger's live /metrics.
+        "serviceMonitor": {"enabled": True},
+        "prometheusRule": {"enabled": True},
         "ingest": {"replicas": 1},
         "processor": {"replicas": 1, "config": {
             "PULSE_PROCESSOR_GROUP_ID": f"pulse-processor-{run_id}",
@@ -589,6 +641,7 @@ def test_values(run_id: str) -> dict:
         "writerParquet": {"replicas": 1, "config": {"PULSE_WRITER_GROUP_ID": f"pulse-writer-parquet-{run_id}"}},
         "queryApi": {"replicas": 1},
         "schemaRegistry": {"replicas": 1, "schemasTopic": f"_schemas_{run_id}"},
+        "ledger": {"enabled": True},
     }
 
 
@@ -678,6 +731,7 @@ def main() -> int:
                 log(f"helm test {tname}: " + out.strip().splitlines()[-1])
 
         check_scaling_metrics(objs, running)
+        check_ledger(objs, running)
 
         for svc in running:
             if svc.proc.poll() is not None:

@@ -1,7 +1,7 @@
 """Validates rendered Helm manifests offline against the Kubernetes API schemas
 (kubernetes-validate, strict: unknown fields are errors) for several Kubernetes versions.
 
-Custom resources (ServiceMonitor, KEDA's ScaledObject) have no schema in
+Custom resources (ServiceMonitor, PrometheusRule, KEDA's ScaledObject) have no schema in
 kubernetes-validate: for those kinds only, schema validation is skipped and replaced by a
 structural check (apiVersion, metadata.name, spec). Any other kind without a schema is an
 error (a typo in apiVersion must not pass silently). Before the real files, a known-bad
@@ -20,6 +20,7 @@ import yaml
 
 CUSTOM_KINDS = {
     ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
     ("keda.sh/v1alpha1", "ScaledObject"),
 }
 

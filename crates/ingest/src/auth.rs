@@ -4,18 +4,22 @@
 //! constant-time key lookup, extracting the presented key from header values,
 //! and the per-source token buckets with their Retry-After arithmetic.
 //!
+//! Both transports authenticate through [`authenticate`] and rate-limit through [`admit`]
+//! (which count refusals).
+//!
 //! Leaves to others: reading HTTP/gRPC headers (callers pass the raw header
-//! values to [`presented_key`]), turning a refusal into a 401/429 response,
-//! metrics, and where the key spec comes from (CLI flag, env, file path).
+//! values to [`authenticate`]), turning a refusal into a 401/429 answer (`error`),
+//! and where the key spec comes from (CLI flag, env, file path).
 //!
 //! Keys are never kept in clear text: only their SHA-256 digests are stored, so
 //! neither `Debug` nor error messages can reveal them.
 
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::error::Refusal;
 use sha2::{Digest, Sha256};
 use subtle::{ConditionallySelectable, ConstantTimeEq};
 
@@ -38,20 +42,34 @@ pub struct ApiKeys {
     entries: Vec<Entry>,
 }
 
+/// Why API keys could not be loaded. No variant ever shows a key.
+#[derive(Debug, thiserror::Error)]
+pub enum KeysError {
+    #[error("reading API key file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// A malformed item or line; the message names its position, never the key.
+    #[error("{0}")]
+    Invalid(String),
+}
+
 impl ApiKeys {
     /// Parses `"key=source,key2=source2"`. Whitespace around items, keys and
     /// sources is trimmed and empty items (e.g. a trailing comma) are skipped.
     /// The item is split at its *last* `=`, so keys may contain `=` (base64
     /// padding) while source names may not. Errors name the 1-based item
     /// position but never echo the key.
-    pub fn parse(spec: &str) -> Result<Self, String> {
+    pub fn parse(spec: &str) -> Result<Self, KeysError> {
         let mut keys = ApiKeys::default();
         for (i, item) in spec.split(',').enumerate() {
             let item = item.trim();
             if item.is_empty() {
                 continue;
             }
-            keys.push_item(item, &format!("API key item {}", i + 1))?;
+            keys.push_item(item, &format!("API key item {}", i + 1))
+                .map_err(KeysError::Invalid)?;
         }
         Ok(keys)
     }
@@ -59,9 +77,11 @@ impl ApiKeys {
     /// Reads a file with one `key=source` per line; blank lines and lines
     /// starting with `#` (after leading whitespace) are ignored. Errors name the
     /// file and the 1-based line number but never echo a key.
-    pub fn from_file(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("reading API key file {}: {e}", path.display()))?;
+    pub fn from_file(path: &Path) -> Result<Self, KeysError> {
+        let text = std::fs::read_to_string(path).map_err(|source| KeysError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
         let mut keys = ApiKeys::default();
         for (i, line) in text.lines().enumerate() {
             let line = line.trim();
@@ -71,7 +91,8 @@ impl ApiKeys {
             keys.push_item(
                 line,
                 &format!("API key file {} line {}", path.display(), i + 1),
-            )?;
+            )
+            .map_err(KeysError::Invalid)?;
         }
         Ok(keys)
     }
@@ -163,6 +184,35 @@ pub fn presented_key<'a>(
     authorization
         .and_then(bearer_token)
         .or_else(|| x_api_key.map(str::trim).filter(|k| valid_token(k)))
+}
+
+/// Authenticates a request by its `Authorization` and `X-Api-Key` values (HTTP headers or
+/// gRPC metadata); returns the key's source name. A refusal is counted.
+pub fn authenticate(
+    keys: &ApiKeys,
+    authorization: Option<&str>,
+    x_api_key: Option<&str>,
+) -> Option<String> {
+    let source = presented_key(authorization, x_api_key).and_then(|k| keys.authenticate(k));
+    if source.is_none() {
+        metrics::counter!(crate::metrics::AUTH_FAILURES_TOTAL).increment(1);
+    }
+    source
+}
+
+/// Charges `events` to `source`'s token bucket; refused (and counted as rate-limited
+/// events, at least one) when the bucket is empty.
+pub fn admit(limiter: &RateLimiter, source: &str, events: u32) -> Result<(), Refusal> {
+    limiter
+        .try_acquire(source, events, Instant::now())
+        .map_err(|wait| {
+            metrics::counter!(crate::metrics::EVENTS_TOTAL, "outcome" => "rate_limited", "reason" => "")
+                .increment(u64::from(events.max(1)));
+            Refusal::RateLimited {
+                key_source: source.to_owned(),
+                retry_after_secs: retry_after_secs(wait),
+            }
+        })
 }
 
 fn bearer_token(value: &str) -> Option<&str> {
@@ -308,11 +358,13 @@ mod tests {
     fn file_errors_name_line_not_key() {
         let mut f = tempfile::NamedTempFile::new().unwrap();
         writeln!(f, "{K1}=web\n{K2}").unwrap();
-        let err = ApiKeys::from_file(f.path()).unwrap_err();
+        let err = ApiKeys::from_file(f.path()).unwrap_err().to_string();
         assert!(err.contains("line 2"), "{err}");
         assert!(!err.contains(K2) && !err.contains("SECRET"), "{err}");
 
         let missing = ApiKeys::from_file(Path::new("/nonexistent/pulse-keys")).unwrap_err();
+        assert!(matches!(missing, KeysError::Read { .. }), "{missing}");
+        let missing = missing.to_string();
         assert!(missing.contains("/nonexistent/pulse-keys"), "{missing}");
     }
 
@@ -331,7 +383,7 @@ mod tests {
             (format!("{K1}=web,{K1}=ios"), "item 2", "duplicate key"),
         ];
         for (spec, position, problem) in cases {
-            let err = ApiKeys::parse(&spec).unwrap_err();
+            let err = ApiKeys::parse(&spec).unwrap_err().to_string();
             assert!(err.contains(position), "{spec}: {err}");
             assert!(err.contains(problem), "{spec}: {err}");
             assert!(!err.contains("SECRET"), "key echoed: {err}");

@@ -16,7 +16,8 @@ use serde_json::{Map, Value, json};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::auth::{ApiKeys, RateLimiter, retry_after_secs};
+use crate::auth::{ApiKeys, RateLimiter, admit, authenticate};
+use crate::error::{GRPC_KEY_HINT, Refusal};
 use crate::metrics as m;
 use crate::pipeline::{BatchResult, Incoming, IngestError, Ingestor, Status as EventOutcome};
 
@@ -88,21 +89,11 @@ pub fn event_json(e: &Event) -> Value {
     Value::Object(obj)
 }
 
-/// The caller's W3C trace context from gRPC metadata (`traceparent`, `tracestate`).
-fn remote_context(md: &tonic::metadata::MetadataMap) -> opentelemetry::Context {
-    let mut headers = axum::http::HeaderMap::new();
-    for name in ["traceparent", "tracestate"] {
-        if let Some(v) = md.get(name).and_then(|v| v.to_str().ok())
-            && let Ok(v) = axum::http::HeaderValue::from_str(v)
-        {
-            headers.insert(name, v);
-        }
+fn unavailable(error: IngestError) -> Refusal {
+    Refusal::Unavailable {
+        error,
+        retry_after_secs: None,
     }
-    pulse_platform::http::extract_context(&headers)
-}
-
-fn to_status(e: IngestError) -> Status {
-    Status::unavailable(e.to_string())
 }
 
 fn response(r: &BatchResult, offset: usize) -> SendEventsResponse {
@@ -135,10 +126,11 @@ impl GrpcIngest {
         let md = req.metadata();
         let auth = md.get("authorization").and_then(|v| v.to_str().ok());
         let key = md.get("x-api-key").and_then(|v| v.to_str().ok());
-        crate::http::authenticate(&self.keys, auth, key).ok_or_else(|| {
-            Status::unauthenticated(
-                "a valid API key is required (authorization: Bearer <key> or x-api-key)",
-            )
+        authenticate(&self.keys, auth, key).ok_or_else(|| {
+            Refusal::Unauthenticated {
+                hint: GRPC_KEY_HINT,
+            }
+            .into()
         })
     }
 
@@ -149,30 +141,18 @@ impl GrpcIngest {
         parent: &opentelemetry::Context,
     ) -> Result<BatchResult, Status> {
         if events.is_empty() {
-            return Err(Status::invalid_argument("events: the batch is empty"));
+            return Err(Refusal::InvalidBatch("the batch is empty".into()).into());
         }
         if events.len() > self.max_batch_events {
-            return Err(Status::invalid_argument(format!(
-                "events: batch has {} events; the limit is {}",
+            return Err(Refusal::InvalidBatch(format!(
+                "batch has {} events; the limit is {}",
                 events.len(),
                 self.max_batch_events
-            )));
+            ))
+            .into());
         }
         let count = u32::try_from(events.len()).unwrap_or(u32::MAX);
-        if let Err(wait) = self
-            .limiter
-            .try_acquire(source, count, std::time::Instant::now())
-        {
-            metrics::counter!(m::EVENTS_TOTAL, "outcome" => "rate_limited", "reason" => "")
-                .increment(u64::from(count));
-            let mut status = Status::resource_exhausted(format!(
-                "the rate limit of source {source:?} is exhausted"
-            ));
-            if let Ok(v) = retry_after_secs(wait).to_string().parse() {
-                status.metadata_mut().insert("retry-after", v);
-            }
-            return Err(status);
-        }
+        admit(&self.limiter, source, count)?;
         let incoming = events
             .iter()
             .map(|e| Incoming::parsed(e.encode_to_vec(), event_json(e)))
@@ -180,7 +160,7 @@ impl GrpcIngest {
         self.ingestor
             .ingest(source, "grpc", incoming, parent.clone())
             .await
-            .map_err(to_status)
+            .map_err(|e| unavailable(e).into())
     }
 }
 
@@ -191,7 +171,7 @@ impl IngestService for GrpcIngest {
         request: Request<SendEventsRequest>,
     ) -> Result<Response<SendEventsResponse>, Status> {
         let source = self.source(&request)?;
-        let parent = remote_context(request.metadata());
+        let parent = pulse_platform::grpc::extract_context(request.metadata());
         let result = self
             .batch(&source, request.into_inner().events, &parent)
             .await?;
@@ -203,7 +183,7 @@ impl IngestService for GrpcIngest {
         request: Request<Streaming<SendEventsRequest>>,
     ) -> Result<Response<SendEventsResponse>, Status> {
         let source = self.source(&request)?;
-        let parent = remote_context(request.metadata());
+        let parent = pulse_platform::grpc::extract_context(request.metadata());
         let mut stream = request.into_inner();
         let mut total = SendEventsResponse::default();
         let mut offset = 0usize;
@@ -212,13 +192,11 @@ impl IngestService for GrpcIngest {
             if offset.saturating_add(n) > self.max_stream_events {
                 metrics::counter!(m::EVENTS_TOTAL, "outcome" => "stream_limit", "reason" => "")
                     .increment(n as u64);
-                return Err(Status::resource_exhausted(format!(
-                    "events: this StreamEvents call would carry more than {} events (its answer \
-                     holds one result per event); the {offset} events of earlier messages were \
-                     processed and a retry of them is answered duplicate; use SendEventsStream \
-                     for longer streams",
-                    self.max_stream_events
-                )));
+                return Err(Refusal::StreamLimit {
+                    limit: self.max_stream_events,
+                    processed: offset,
+                }
+                .into());
             }
             let result = self.batch(&source, chunk.events, &parent).await?;
             let part = response(&result, offset);
@@ -238,7 +216,7 @@ impl IngestService for GrpcIngest {
         request: Request<Streaming<SendEventsRequest>>,
     ) -> Result<Response<Self::SendEventsStreamStream>, Status> {
         let source = self.source(&request)?;
-        let parent = remote_context(request.metadata());
+        let parent = pulse_platform::grpc::extract_context(request.metadata());
         let mut stream = request.into_inner();
         // Few answers in flight: a client that stops reading stops the intake (backpressure).
         let (tx, rx) = tokio::sync::mpsc::channel(STREAM_ANSWERS_IN_FLIGHT);

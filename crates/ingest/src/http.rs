@@ -1,19 +1,20 @@
 //! `POST /v1/events`: authenticates the API key, rate-limits per key, decodes the body
 //! (gzip, JSON / array / NDJSON) and hands the events to the pipeline; maps every failure
-//! to one JSON error shape and status (400, 401, 413, 415, 429, 503).
+//! to one JSON error shape and status (400, 401, 413, 415, 429, 503; see `error`).
 
 use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use serde_json::json;
 
-use crate::auth::{ApiKeys, RateLimiter, presented_key, retry_after_secs};
+use crate::auth::{ApiKeys, RateLimiter, admit, authenticate};
 use crate::body::{self, BodyError, BodyLimits};
+use crate::error::{HTTP_KEY_HINT, Refusal};
 use crate::metrics as m;
 use crate::pipeline::{BatchResult, Incoming, IngestError, Ingestor};
 
@@ -38,64 +39,11 @@ pub fn router(state: HttpState) -> Router {
         .with_state(state)
 }
 
-/// An error answer: `{"error": {"code", "reason"}}`.
-#[derive(Debug)]
-pub struct HttpError {
-    status: StatusCode,
-    code: &'static str,
-    reason: String,
-    retry_after: Option<u64>,
-}
-
-impl HttpError {
-    fn new(status: StatusCode, code: &'static str, reason: impl Into<String>) -> Self {
-        Self {
-            status,
-            code,
-            reason: reason.into(),
-            retry_after: None,
-        }
-    }
-}
-
-impl IntoResponse for HttpError {
-    fn into_response(self) -> Response {
-        let body = json!({ "error": { "code": self.code, "reason": self.reason } });
-        let mut resp = (self.status, axum::Json(body)).into_response();
-        if let Some(secs) = self.retry_after
-            && let Ok(v) = HeaderValue::from_str(&secs.to_string())
-        {
-            resp.headers_mut().insert(header::RETRY_AFTER, v);
-        }
-        if self.status == StatusCode::UNAUTHORIZED {
-            resp.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-        }
-        resp
-    }
-}
-
-fn body_error(e: &BodyError) -> HttpError {
-    let status = match e {
-        BodyError::TooLarge { .. }
-        | BodyError::DecompressedTooLarge { .. }
-        | BodyError::TooManyEvents { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-        BodyError::UnsupportedEncoding(_) | BodyError::UnsupportedContentType(_) => {
-            StatusCode::UNSUPPORTED_MEDIA_TYPE
-        }
-        BodyError::BadGzip(_) | BodyError::Empty | BodyError::NotJson(_) => StatusCode::BAD_REQUEST,
-    };
-    HttpError::new(status, e.code(), e.to_string())
-}
-
-fn unavailable(e: IngestError, retry_after: u64) -> HttpError {
-    let code = match e {
-        IngestError::Backpressure => "backpressure",
-        IngestError::Unavailable(_) => "unavailable",
-    };
-    HttpError {
-        retry_after: Some(retry_after),
-        ..HttpError::new(StatusCode::SERVICE_UNAVAILABLE, code, e.to_string())
+/// 503 with `Retry-After`.
+fn unavailable(error: IngestError, retry_after_secs: u64) -> Refusal {
+    Refusal::Unavailable {
+        error,
+        retry_after_secs: Some(retry_after_secs),
     }
 }
 
@@ -112,20 +60,7 @@ fn body_header(headers: &HeaderMap, name: &str) -> Option<String> {
         .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
 }
 
-/// Authenticates the request; returns the key's source name.
-pub fn authenticate(
-    keys: &ApiKeys,
-    authorization: Option<&str>,
-    x_api_key: Option<&str>,
-) -> Option<String> {
-    let source = presented_key(authorization, x_api_key).and_then(|k| keys.authenticate(k));
-    if source.is_none() {
-        metrics::counter!(m::AUTH_FAILURES_TOTAL).increment(1);
-    }
-    source
-}
-
-async fn post_events(State(state): State<HttpState>, req: Request) -> Result<Response, HttpError> {
+async fn post_events(State(state): State<HttpState>, req: Request) -> Result<Response, Refusal> {
     let headers = req.headers().clone();
     let parent = pulse_platform::http::extract_context(&headers);
     let source = authenticate(
@@ -133,37 +68,24 @@ async fn post_events(State(state): State<HttpState>, req: Request) -> Result<Res
         header_str(&headers, "authorization"),
         header_str(&headers, "x-api-key"),
     )
-    .ok_or_else(|| {
-        HttpError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthenticated",
-            "a valid API key is required (Authorization: Bearer <key> or X-Api-Key)",
-        )
+    .ok_or(Refusal::Unauthenticated {
+        hint: HTTP_KEY_HINT,
     })?;
-    let format = body::format_for(body_header(&headers, "content-type").as_deref())
-        .map_err(|e| body_error(&e))?;
+    let format = body::format_for(body_header(&headers, "content-type").as_deref())?;
     // Rate-limit before the body is read, decoded and split: a source whose bucket is
     // empty costs no decompression or parsing. (The request's events are charged below,
     // once they are counted.)
-    if let Err(wait) = state
-        .limiter
-        .try_acquire(&source, 0, std::time::Instant::now())
-    {
-        metrics::counter!(m::EVENTS_TOTAL, "outcome" => "rate_limited", "reason" => "")
-            .increment(1);
-        return Err(rate_limited(&source, wait));
-    }
+    admit(&state.limiter, &source, 0)?;
     let limit = state.body_limits.max_body_bytes;
     let raw = axum::body::to_bytes(Body::new(req.into_body()), limit)
         .await
-        .map_err(|_| body_error(&BodyError::TooLarge { limit }))?;
+        .map_err(|_| BodyError::TooLarge { limit })?;
     metrics::histogram!(m::BODY_BYTES).record(raw.len() as f64);
     let decoded = body::decode(
         &raw,
         body_header(&headers, "content-encoding").as_deref(),
         &state.body_limits,
-    )
-    .map_err(|e| body_error(&e))?;
+    )?;
     let events = match body::split(&decoded, format, &state.body_limits) {
         Ok(events) => events,
         Err(e @ BodyError::NotJson(_)) => {
@@ -176,19 +98,12 @@ async fn post_events(State(state): State<HttpState>, req: Request) -> Result<Res
                 tracing::warn!(error = %dlq, "could not keep an unparseable body on the DLQ");
                 return Err(unavailable(dlq, state.retry_after_secs));
             }
-            return Err(body_error(&e));
+            return Err(e.into());
         }
-        Err(e) => return Err(body_error(&e)),
+        Err(e) => return Err(e.into()),
     };
     let count = u32::try_from(events.len()).unwrap_or(u32::MAX);
-    if let Err(wait) = state
-        .limiter
-        .try_acquire(&source, count, std::time::Instant::now())
-    {
-        metrics::counter!(m::EVENTS_TOTAL, "outcome" => "rate_limited", "reason" => "")
-            .increment(u64::from(count));
-        return Err(rate_limited(&source, wait));
-    }
+    admit(&state.limiter, &source, count)?;
     let incoming = events.into_iter().map(Incoming::json).collect();
     let result = state
         .ingestor
@@ -196,18 +111,6 @@ async fn post_events(State(state): State<HttpState>, req: Request) -> Result<Res
         .await
         .map_err(|e| unavailable(e, state.retry_after_secs))?;
     Ok(axum::Json(result_json(&result)).into_response())
-}
-
-/// 429 with `Retry-After` for a source whose token bucket is empty.
-fn rate_limited(source: &str, wait: std::time::Duration) -> HttpError {
-    HttpError {
-        retry_after: Some(retry_after_secs(wait)),
-        ..HttpError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limited",
-            format!("the rate limit of source {source:?} is exhausted"),
-        )
-    }
 }
 
 /// The response body of a processed batch.

@@ -133,13 +133,33 @@ pub struct BatchResult {
     pub results: Vec<EventResult>,
 }
 
-/// Why a batch could not be answered with per-event results. Both are retryable.
+/// Why a batch could not be answered with per-event results. All are retryable.
 #[derive(Debug, thiserror::Error)]
 pub enum IngestError {
     #[error("the producer queue is full; retry later")]
     Backpressure,
+    /// The broker did not take or did not acknowledge a record.
     #[error("the event pipeline is unavailable: {0}")]
-    Unavailable(String),
+    Produce(#[source] ProduceError),
+    /// The events could not be framed with their schema id (the registry is unreachable).
+    #[error("the event pipeline is unavailable: {0}")]
+    Framing(#[source] WireError),
+    /// An earlier attempt of the event is still waiting for the broker's answer.
+    #[error(
+        "the event pipeline is unavailable: an earlier attempt of event {event_id:?} is still waiting for the broker; retry later"
+    )]
+    InFlight { event_id: String },
+}
+
+impl IngestError {
+    /// `backpressure` or `unavailable`: the `reason` label of the events metric and the
+    /// error code of the answer.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::Backpressure => "backpressure",
+            Self::Produce(_) | Self::Framing(_) | Self::InFlight { .. } => "unavailable",
+        }
+    }
 }
 
 /// Pipeline settings.
@@ -244,9 +264,7 @@ impl Ingestor {
             .increment(1);
         let rec = self.dlq_record(source, original, None, "", code, detail, parent);
         let ack = self.enqueue(rec).await?;
-        ack.await
-            .map(|_| ())
-            .map_err(|e| IngestError::Unavailable(e.to_string()))
+        ack.await.map(|_| ()).map_err(IngestError::Produce)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -286,7 +304,7 @@ impl Ingestor {
         match enqueue_with_wait(self.inner.producer.as_ref(), rec, wait).await {
             Ok(ack) => Ok(ack),
             Err(ProduceError::QueueFull) => Err(IngestError::Backpressure),
-            Err(e) => Err(IngestError::Unavailable(e.to_string())),
+            Err(e) => Err(IngestError::Produce(e)),
         }
     }
 
@@ -444,7 +462,7 @@ impl Ingestor {
                 Err(e) => {
                     tracing::warn!(error = %e, "record not acknowledged");
                     if failure.is_none() {
-                        failure = Some(IngestError::Unavailable(e.to_string()));
+                        failure = Some(IngestError::Produce(e));
                     }
                 }
             }
@@ -454,11 +472,7 @@ impl Ingestor {
             let unproduced = reserved.len();
             // Dropping the unconfirmed reservations releases their ids.
             drop(reserved);
-            let reason = match e {
-                IngestError::Backpressure => "backpressure",
-                IngestError::Unavailable(_) => "unavailable",
-            };
-            metrics::counter!(m::EVENTS_TOTAL, "outcome" => "unavailable", "reason" => reason)
+            metrics::counter!(m::EVENTS_TOTAL, "outcome" => "unavailable", "reason" => e.code())
                 .increment(unproduced as u64);
             tracing::debug!(acked, unproduced, "batch failed");
             return Err(e);
@@ -487,9 +501,9 @@ impl Ingestor {
                     metrics::counter!(m::DEDUP_IN_FLIGHT_WAITS_TOTAL, "outcome" => if settled { "settled" } else { "timeout" })
                         .increment(1);
                     if !settled {
-                        return Err(IngestError::Unavailable(format!(
-                            "an earlier attempt of event {event_id:?} is still waiting for the broker; retry later"
-                        )));
+                        return Err(IngestError::InFlight {
+                            event_id: event_id.to_owned(),
+                        });
                     }
                 }
             }
@@ -509,7 +523,7 @@ impl Ingestor {
             .framer
             .frame(&inner.cfg.events_topic, &event.encode_to_vec())
             .await
-            .map_err(|e| IngestError::Unavailable(e.to_string()))?;
+            .map_err(IngestError::Framing)?;
         let mut h = trace_headers(parent);
         h = headers::with_str(h, headers::EVENT_ID, &event.event_id);
         h = headers::with_str(h, headers::INGEST_TS, &now.to_string());
@@ -654,10 +668,7 @@ mod tests {
             (1, 0),
             "the retry waited for the failed attempt and was stored, not called a duplicate"
         );
-        assert!(matches!(
-            first.await.unwrap(),
-            Err(IngestError::Unavailable(_))
-        ));
+        assert!(matches!(first.await.unwrap(), Err(IngestError::Produce(_))));
         assert_eq!(p.sent.lock().unwrap().len(), 1);
         assert_eq!(run(&i, &["r"]).await.unwrap().duplicates, 1);
     }
@@ -693,7 +704,7 @@ mod tests {
         let started = Instant::now();
         let retry = run(&i, &["h"]).await;
         assert!(
-            matches!(&retry, Err(IngestError::Unavailable(m)) if m.contains("still waiting")),
+            matches!(&retry, Err(e @ IngestError::InFlight { .. }) if e.to_string().contains("still waiting")),
             "{retry:?}"
         );
         assert!(started.elapsed() >= Duration::from_millis(500));
@@ -721,7 +732,7 @@ mod tests {
         *p.mode.lock().unwrap() = "fail";
         assert!(matches!(
             run(&i, &["x"]).await,
-            Err(IngestError::Unavailable(_))
+            Err(IngestError::Produce(_))
         ));
         *p.mode.lock().unwrap() = "ok";
         assert_eq!(run(&i, &["x"]).await.unwrap().accepted, 1);

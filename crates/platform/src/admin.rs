@@ -1,5 +1,7 @@
 //! The admin HTTP server every service runs: `/metrics` (Prometheus text), `/livez`
-//! (the process is up) and `/readyz` (ready for traffic; 503 once draining starts).
+//! (the process can still do its work: 503 only when a part of it is stuck in a way only
+//! a restart fixes, see [`Health::fail_liveness`]) and `/readyz` (ready for traffic; 503
+//! while a part is blocked and once draining starts).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,6 +24,8 @@ struct HealthInner {
     draining: AtomicBool,
     /// Why parts of the service cannot do their work right now (see [`Health::block`]).
     blocked: Mutex<BTreeMap<&'static str, String>>,
+    /// Why parts of the service need a restart (see [`Health::fail_liveness`]).
+    dead: Mutex<BTreeMap<&'static str, String>>,
 }
 
 impl Health {
@@ -54,22 +58,47 @@ impl Health {
     }
     /// The blocked components and their reasons (`"sink: reason; ..."`), if any.
     pub fn blocked(&self) -> Option<String> {
-        let map = self.blocked_map();
-        (!map.is_empty()).then(|| {
-            map.iter()
-                .map(|(c, r)| format!("{c}: {r}"))
-                .collect::<Vec<_>>()
-                .join("; ")
-        })
+        joined(&self.blocked_map())
+    }
+    /// `component` is stuck in a way only a restart fixes (e.g. a producer that delivered
+    /// nothing for its liveness timeout although it was recreated): `/livez` answers 503
+    /// with the reason until [`Health::revive`], so the orchestrator restarts the process.
+    pub fn fail_liveness(&self, component: &'static str, reason: impl Into<String>) {
+        lock_map(&self.inner.dead).insert(component, reason.into());
+    }
+    /// `component` works again (it recovered before the restart).
+    pub fn revive(&self, component: &'static str) {
+        lock_map(&self.inner.dead).remove(component);
+    }
+    pub fn is_dead(&self) -> bool {
+        !lock_map(&self.inner.dead).is_empty()
+    }
+    /// Why liveness fails (`"component: reason; ..."`), if it does.
+    pub fn dead(&self) -> Option<String> {
+        joined(&lock_map(&self.inner.dead))
     }
     fn blocked_map(&self) -> std::sync::MutexGuard<'_, BTreeMap<&'static str, String>> {
-        // The map stays consistent even if a holder panicked (single inserts and removes).
-        self.inner
-            .blocked
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        lock_map(&self.inner.blocked)
     }
 }
+
+// The maps stay consistent even if a holder panicked (single inserts and removes).
+fn lock_map<'a>(
+    m: &'a Mutex<BTreeMap<&'static str, String>>,
+) -> std::sync::MutexGuard<'a, BTreeMap<&'static str, String>> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn joined(map: &BTreeMap<&'static str, String>) -> Option<String> {
+    (!map.is_empty()).then(|| {
+        map.iter()
+            .map(|(c, r)| format!("{c}: {r}"))
+            .collect::<Vec<_>>()
+            .join("; ")
+    })
+}
+
+impl Health {}
 
 #[derive(Clone)]
 struct AdminState {
@@ -81,7 +110,7 @@ struct AdminState {
 pub fn router(health: Health, metrics: PrometheusHandle) -> Router {
     Router::new()
         .route("/metrics", get(render_metrics))
-        .route("/livez", get(|| async { "ok\n" }))
+        .route("/livez", get(livez))
         .route("/readyz", get(readyz))
         .with_state(AdminState { health, metrics })
 }
@@ -96,6 +125,16 @@ async fn render_metrics(
         )],
         s.metrics.render(),
     )
+}
+
+async fn livez(State(s): State<AdminState>) -> (StatusCode, String) {
+    match s.health.dead() {
+        Some(reasons) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("restart needed: {reasons}\n"),
+        ),
+        None => (StatusCode::OK, "ok\n".into()),
+    }
 }
 
 async fn readyz(State(s): State<AdminState>) -> (StatusCode, String) {
@@ -180,6 +219,15 @@ mod tests {
             200,
             "still alive while draining"
         );
+        health.fail_liveness("kafka-producer", "delivered nothing for 180 s");
+        let r = get("/livez").await;
+        assert_eq!(r.status(), 503);
+        assert_eq!(
+            r.text().await.unwrap(),
+            "restart needed: kafka-producer: delivered nothing for 180 s\n"
+        );
+        health.revive("kafka-producer");
+        assert_eq!(get("/livez").await.status(), 200, "alive once revived");
 
         let body = get("/metrics").await.text().await.unwrap();
         assert!(body.contains("pulse_build_info"), "{body}");

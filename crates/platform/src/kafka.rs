@@ -11,4 +11,4 @@ pub mod topics;
 pub use config::KafkaConfig;
 pub use consumer::{KafkaConsumer, RebalanceEvent};
 pub use producer::{AckFuture, Acked, KafkaProducer, OutRecord, ProduceError, RecordProducer};
-pub use topics::{TopicSpec, ensure_topics};
+pub use topics::{TopicKind, TopicSettings, TopicSpec, ensure_topics};

@@ -4,6 +4,7 @@
 //! Service logic lives in the service crates; this crate has no Pulse business rules.
 
 pub mod admin;
+pub mod api_error;
 pub mod clickhouse;
 pub mod clock;
 pub mod config;
@@ -13,6 +14,7 @@ pub mod kafka;
 pub mod metrics;
 pub mod s3;
 pub mod secret;
+pub mod server;
 pub mod service;
 pub mod shutdown;
 pub mod telemetry;

@@ -27,9 +27,11 @@ pub const KAFKA_REBALANCES_TOTAL: &str = "pulse_kafka_rebalances_total";
 pub const KAFKA_ASSIGNED_PARTITIONS: &str = "pulse_kafka_assigned_partitions";
 pub const BUILD_INFO: &str = "pulse_build_info";
 
-/// Seconds buckets for request and acknowledgement latencies (1 ms .. 30 s).
+/// Seconds buckets for request and acknowledgement latencies (1 ms .. 30 s). 3 s is the
+/// freshness SLO's threshold: the freshness SLI (deploy/prometheus) counts the writer's
+/// end-to-end observations in the `le="3"` bucket.
 pub const LATENCY_BUCKETS: &[f64] = &[
-    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 3.0, 5.0, 10.0, 30.0,
 ];
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();

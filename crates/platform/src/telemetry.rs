@@ -97,9 +97,9 @@ impl Validate for TelemetryConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
     #[error("OTLP exporter: {0}")]
-    Exporter(String),
+    Exporter(#[source] opentelemetry_otlp::ExporterBuildError),
     #[error("log filter: {0}")]
-    Filter(String),
+    Filter(#[source] tracing_subscriber::filter::ParseError),
     #[error("a global subscriber is already installed")]
     AlreadyInstalled,
 }
@@ -146,8 +146,7 @@ fn build_dispatch<W>(
 where
     W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
 {
-    let filter =
-        EnvFilter::try_new(&cfg.log_filter).map_err(|e| TelemetryError::Filter(e.to_string()))?;
+    let filter = EnvFilter::try_new(&cfg.log_filter).map_err(TelemetryError::Filter)?;
     let otel = tracing_opentelemetry::layer().with_tracer(provider.tracer(service.to_owned()));
     let own_dispatch = Arc::new(OnceLock::new());
     let fmt = match cfg.log_format {
@@ -189,7 +188,7 @@ fn tracer_provider(
             .with_http()
             .with_endpoint(endpoint)
             .build()
-            .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
+            .map_err(TelemetryError::Exporter)?;
         builder = builder.with_batch_exporter(exporter);
     }
     Ok(builder.build())

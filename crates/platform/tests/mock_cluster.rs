@@ -222,3 +222,31 @@ async fn a_producer_whose_deliveries_all_fail_is_reported_and_a_recreated_one_de
     stop.cancel();
     watchdog.await.unwrap();
 }
+
+#[tokio::test]
+async fn a_paused_consumer_hands_over_nothing_until_it_resumes() {
+    let c = cluster("paused", 2);
+    let cfg = KafkaConfig::for_brokers(c.bootstrap_servers());
+    let p = KafkaProducer::new(&cfg, "test").unwrap();
+    p.enqueue(record("paused", 0)).unwrap().await.unwrap();
+    let (consumer, _) = KafkaConsumer::new(&cfg, "test", "pauser", &["paused"]).unwrap();
+    // The first record proves the partitions are assigned.
+    let (_, _, first) = recv(&consumer).await;
+    assert_eq!(first, b"payload-0");
+    consumer.pause_all();
+    for i in 1..4 {
+        p.enqueue(record("paused", i)).unwrap().await.unwrap();
+    }
+    let while_paused = tokio::time::timeout(Duration::from_secs(2), consumer.recv()).await;
+    assert!(
+        while_paused.is_err(),
+        "a paused consumer handed over a record"
+    );
+    consumer.resume_all();
+    let mut got = Vec::new();
+    for _ in 1..4 {
+        got.push(String::from_utf8(recv(&consumer).await.2).unwrap());
+    }
+    got.sort();
+    assert_eq!(got, ["payload-1", "payload-2", "payload-3"]);
+}

@@ -9,6 +9,7 @@ pub mod checkpoint;
 pub mod engine;
 pub mod metrics;
 pub mod model;
+pub mod retention;
 pub mod run;
 pub mod session;
 pub mod watermark;
@@ -20,7 +21,9 @@ use std::time::Duration;
 use pulse_contracts::topics;
 use pulse_contracts::wire::RegistryEncoder;
 use pulse_platform::config::{Problems, Validate};
-use pulse_platform::kafka::topics::{TopicError, TopicSpec, ensure_topics};
+use pulse_platform::kafka::topics::{
+    TopicError, TopicKind, TopicSpec, ensure_topics, topic_configs,
+};
 use pulse_platform::kafka::{KafkaConfig, KafkaConsumer, KafkaProducer};
 use pulse_platform::service::ServiceContext;
 use pulse_platform::telemetry::TelemetryConfig;
@@ -120,6 +123,14 @@ pub struct Config {
     /// Compacted topic of per-partition checkpoints (resume offset, last offset, event-time progress).
     #[arg(long = "checkpoint-topic", env = "PULSE_PROCESSOR_CHECKPOINT_TOPIC", default_value = topics::PROCESSOR_CHECKPOINTS)]
     pub checkpoint_topic: String,
+    /// Start even when the events topic's retention is shorter than the longest span an
+    /// open window or session holds (see README, Topics): records it still needs may be
+    /// deleted, and their aggregates lose them after a restart.
+    #[arg(
+        long = "allow-short-retention",
+        env = "PULSE_PROCESSOR_ALLOW_SHORT_RETENTION"
+    )]
+    pub allow_short_retention: bool,
     #[command(flatten)]
     pub kafka: KafkaConfig,
     #[command(flatten)]
@@ -141,6 +152,35 @@ impl Config {
     /// The maximum session duration in ms (saturating).
     pub fn max_session_ms(&self) -> i64 {
         i64::try_from(self.max_session_duration.as_millis()).unwrap_or(i64::MAX)
+    }
+
+    /// The shortest retention of the events topic that keeps every record an open window
+    /// or session may need: max session duration + session gap + allowed lateness +
+    /// window + max out-of-orderness.
+    pub fn needed_retention(&self) -> Duration {
+        let ms = [
+            self.session_gap_ms,
+            self.windowing.allowed_lateness_ms,
+            self.windowing.window_ms,
+            self.max_out_of_orderness_ms,
+        ]
+        .iter()
+        .map(|v| u64::try_from(*v).unwrap_or(0))
+        .fold(0_u64, u64::saturating_add);
+        self.max_session_duration
+            .saturating_add(Duration::from_millis(ms))
+    }
+
+    /// The topics the processor reads and writes, with their kinds.
+    pub fn topic_specs(&self) -> Vec<TopicSpec> {
+        let partitions = self.kafka.partitions;
+        vec![
+            TopicSpec::of(TopicKind::Events, &self.events_topic, partitions),
+            TopicSpec::of(TopicKind::Aggregates, &self.user_activity_topic, partitions),
+            TopicSpec::of(TopicKind::Aggregates, &self.sessions_topic, partitions),
+            TopicSpec::of(TopicKind::Late, &self.late_topic, partitions),
+            TopicSpec::compacted(&self.checkpoint_topic),
+        ]
     }
 
     pub fn topics(&self) -> run::Topics {
@@ -183,6 +223,15 @@ impl Validate for Config {
             "must be >= 10",
         );
         p.check(!self.group_id.is_empty(), "--group-id", "must not be empty");
+        p.check(
+            self.allow_short_retention || self.kafka.topics.events_retention >= self.needed_retention(),
+            "--kafka-events-retention / PULSE_KAFKA_EVENTS_RETENTION",
+            format!(
+                "{} is shorter than the {} open sessions and windows need (max session duration + session gap + allowed lateness + window + max out-of-orderness); raise it or pass --allow-short-retention",
+                humantime::format_duration(self.kafka.topics.events_retention),
+                humantime::format_duration(self.needed_retention())
+            ),
+        );
         self.kafka.validate(p);
         self.telemetry.validate(p);
     }
@@ -199,6 +248,8 @@ pub enum Error {
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error("{0}")]
     Run(#[from] run::RunError),
+    #[error("{0}")]
+    ShortRetention(#[from] retention::ShortRetention),
 }
 
 /// How long a revoke waits for queued outputs and checkpoints to be acknowledged.
@@ -206,20 +257,7 @@ const REVOKE_FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Builds the processor loop for `config` (used by `run` and by tests).
 pub async fn build(config: &Config) -> Result<run::Processor, Error> {
-    let partitions = config.kafka.partitions;
-    let specs: Vec<TopicSpec> = [
-        &config.events_topic,
-        &config.user_activity_topic,
-        &config.sessions_topic,
-        &config.late_topic,
-    ]
-    .iter()
-    .map(|t| TopicSpec::new(t.as_str(), partitions))
-    .chain(std::iter::once(TopicSpec::compacted(
-        &config.checkpoint_topic,
-    )))
-    .collect();
-    ensure_topics(&config.kafka, &specs).await?;
+    ensure_topics(&config.kafka, &config.topic_specs()).await?;
     let (consumer, rebalances) = KafkaConsumer::new(
         &config.kafka,
         "pulse-processor",
@@ -254,9 +292,59 @@ pub async fn build(config: &Config) -> Result<run::Processor, Error> {
     })
 }
 
+/// Refuses to start (unless `--allow-short-retention`) when the events topic's
+/// retention is shorter than [`Config::needed_retention`]. A broker that cannot describe
+/// the topic's configs, or does not report its retention, is logged at WARN and the
+/// processor starts.
+pub async fn check_events_retention(config: &Config) -> Result<(), Error> {
+    let topic = &config.events_topic;
+    let needed = config.needed_retention();
+    let configs = match topic_configs(&config.kafka, topic).await {
+        Ok(Some(c)) => c,
+        Ok(None) => {
+            tracing::warn!(
+                topic,
+                "the events topic does not exist; its retention is not checked"
+            );
+            return Ok(());
+        }
+        Err(e) => {
+            tracing::warn!(topic, error = %e, "cannot describe the events topic's configs; its retention is not checked");
+            return Ok(());
+        }
+    };
+    match retention::judge(&configs, needed) {
+        retention::Verdict::Enough => {
+            tracing::info!(topic, needed = %humantime::format_duration(needed), "the events topic's retention covers open sessions and windows");
+            Ok(())
+        }
+        retention::Verdict::Unknown(why) => {
+            tracing::warn!(topic, why, needed = %humantime::format_duration(needed), "the events topic's retention is not checked");
+            Ok(())
+        }
+        retention::Verdict::Short { retention } => {
+            let e = retention::ShortRetention {
+                topic: topic.clone(),
+                retention,
+                needed,
+            };
+            if config.allow_short_retention {
+                tracing::warn!(error = %e, "starting anyway (--allow-short-retention)");
+                Ok(())
+            } else {
+                Err(e.into())
+            }
+        }
+    }
+}
+
 /// Runs the service until shutdown.
 pub async fn run(config: Config, ctx: ServiceContext) -> Result<(), Error> {
     crate::metrics::describe();
+    // Before anything else, so a topic that would lose records keeps the processor from
+    // starting at all (the topics are created first when missing).
+    ensure_topics(&config.kafka, &config.topic_specs()).await?;
+    check_events_retention(&config).await?;
     // Outputs can be framed only once their subjects are registered (pulsectl schemas
     // register, the chart's schema Job): wait for them, not ready, instead of failing the
     // first emission and crash-looping on a fresh install.
@@ -345,5 +433,38 @@ mod tests {
             "600000",
         ]);
         assert_eq!(problems(&c), "");
+    }
+
+    #[test]
+    fn the_events_retention_must_cover_the_longest_session_unless_allowed() {
+        let c = parse(&[]);
+        // 24 h + 30 min gap + 1 min lateness + 1 min window + 5 s out-of-orderness.
+        assert_eq!(
+            c.needed_retention(),
+            Duration::from_millis(86_400_000 + 1_800_000 + 60_000 + 60_000 + 5_000)
+        );
+        let c = parse(&["--kafka-events-retention", "1d"]);
+        let text = problems(&c);
+        assert!(
+            text.contains("--kafka-events-retention") && text.contains("1day 32m 5s"),
+            "{text}"
+        );
+        let c = parse(&["--kafka-events-retention", "1d", "--allow-short-retention"]);
+        assert_eq!(problems(&c), "");
+    }
+
+    #[test]
+    fn the_processor_creates_its_topics_with_their_kinds() {
+        let kinds: Vec<TopicKind> = parse(&[]).topic_specs().iter().map(|s| s.kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                TopicKind::Events,
+                TopicKind::Aggregates,
+                TopicKind::Aggregates,
+                TopicKind::Late,
+                TopicKind::Compacted
+            ]
+        );
     }
 }

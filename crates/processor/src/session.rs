@@ -334,6 +334,9 @@ impl Sessions {
             // A new run.
             let at = open.partition_point(|o| o.start_ms < t);
             open.insert(at, Open::new(user, vec![ev], false, max));
+            // Its id may be one an open session lists as superseded (a start that moved
+            // away earlier): a session must never list a live one.
+            state.unlist_current_ids();
             return Admit::Added;
         };
         // The touched sessions are consecutive; widen them to whole runs.
@@ -360,6 +363,7 @@ impl Sessions {
                 // The run's last session reached the maximum: this event starts the next.
                 open[j].close_at_max(user, max);
                 open.insert(j + 1, Open::new(user, vec![ev], false, max));
+                state.unlist_current_ids();
                 return Admit::Added;
             }
             // Before the start of the session after j, past j's maximum: it becomes that
@@ -567,19 +571,28 @@ fn recut(open: &mut Vec<Open>, lo: usize, hi: usize, ev: Ev, user: &str, max: i6
         .saturating_sub(1);
     let mut retired = BTreeSet::new();
     for (start, id, merged, count, dirty) in shells {
-        match sessions.iter_mut().find(|s| s.start_ms == start) {
-            Some(s) => {
-                s.merged.extend(merged);
-                if s.id != id {
-                    s.merged.insert(id);
-                } else if s.event_count() == count {
-                    s.dirty = dirty;
-                }
+        if let Some(s) = sessions.iter_mut().find(|s| s.start_ms == start) {
+            s.merged.extend(merged);
+            if s.id != id {
+                s.merged.insert(id);
+            } else if s.event_count() == count {
+                s.dirty = dirty;
             }
-            None => {
-                retired.extend(merged);
-                retired.insert(id);
-            }
+        } else if let Some(s) = sessions
+            .iter_mut()
+            .find(|s| s.start_ms <= start && start <= s.end_ms)
+        {
+            // That start is no longer a start: the session now holding its first event
+            // supersedes it. Not the session holding `ev`, which may be in another part of
+            // the run and become final while this part is still open — and a later cut
+            // could make `start` a start again, with the same id, after a final session
+            // had listed it as superseded.
+            s.merged.extend(merged);
+            s.merged.insert(id);
+            s.dirty = true;
+        } else {
+            retired.extend(merged);
+            retired.insert(id);
         }
     }
     if let Some(s) = sessions.get_mut(holder) {
@@ -1020,7 +1033,8 @@ mod tests {
         let spans: Vec<(i64, i64)> = before.iter().map(|x| (x.start_ms, x.end_ms)).collect();
         assert_eq!(spans, vec![(1_000, 5_800), (6_600, 6_600)]);
         // 200 moves the run's start back: [200, 5200) holds 200..=5000, and 5800 becomes
-        // the next session's start. Both old ids are retired by the session holding 200.
+        // the next session's start. Each old id is retired by the session now holding its
+        // old first event: 1000's by [200, 5200), 6600's by the session from 5800.
         assert_eq!(s.add(&ev("u", "b", 200, 10), None), Admit::Added);
         let out = s.emit(Some(i64::MAX), true);
         let spans: Vec<(i64, i64, u64)> = out
@@ -1030,15 +1044,16 @@ mod tests {
         assert_eq!(spans, vec![(200, 5_000, 7), (5_800, 6_600, 2)]);
         assert_eq!(out[0].session_id, Sessions::split_session_id("u", 200, MAX));
         assert_eq!(out[1].session_id, Sessions::session_id("u", 5_800));
-        for old in &before {
-            assert!(out[0].merged_session_ids.contains(&old.session_id));
-        }
+        assert!(out[0].merged_session_ids.contains(&before[0].session_id));
         assert!(
             out[0]
                 .merged_session_ids
                 .contains(&Sessions::session_id("u", 200))
         );
-        assert!(out[1].merged_session_ids.is_empty());
+        assert_eq!(
+            out[1].merged_session_ids,
+            vec![before[1].session_id.clone()]
+        );
     }
 
     #[test]

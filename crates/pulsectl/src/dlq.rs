@@ -1,7 +1,7 @@
 //! `pulsectl dlq inspect|redrive`: lists the records of `pulse.events.dlq.v1` with their
 //! error code, detail and a preview of the original bytes, and re-submits chosen records'
 //! original bytes to ingest's HTTP API. Reading the topic is `dlq::read`; talking to ingest
-//! is `loadgen::send`.
+//! is `ingest_client`.
 
 pub mod read;
 
@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 pub use self::read::{ReadError, Record, preview, read_topic};
-use crate::loadgen::send::{Answer, HttpIngest, Retry};
+use crate::ingest_client::{Answer, ClientError, HttpIngest, Retry, SendError};
 
 /// Characters of the original bytes shown per record.
 const PREVIEW_CHARS: usize = 120;
@@ -36,7 +36,7 @@ pub struct TopicArgs {
     #[arg(long = "topic", default_value = topics::EVENTS_DLQ)]
     pub topic: String,
     /// How long reading the topic may take.
-    #[arg(long = "read-timeout", default_value = "30s", value_parser = crate::loadgen::parse_duration)]
+    #[arg(long = "read-timeout", default_value = "30s", value_parser = crate::duration::parse_duration)]
     pub read_timeout: Duration,
     #[command(flatten)]
     pub kafka: KafkaConfig,
@@ -105,7 +105,11 @@ pub enum DlqError {
     #[error("{0}")]
     Read(#[from] ReadError),
     #[error("ingest: {0}")]
-    Ingest(String),
+    Client(#[from] ClientError),
+    #[error("ingest: {0}")]
+    Send(#[from] SendError),
+    #[error("ingest: answered {answered} results for {sent} events")]
+    Answers { answered: usize, sent: usize },
 }
 
 /// The records `inspect` prints: every record of the topic, filtered by code, limited.
@@ -210,8 +214,7 @@ pub async fn redrive(args: &RedriveArgs) -> Result<Vec<((i32, i64), Redriven)>, 
             )),
         }
     }
-    let ingest = HttpIngest::new(&args.target, &args.api_key, Duration::from_secs(30))
-        .map_err(DlqError::Ingest)?;
+    let ingest = HttpIngest::new(&args.target, &args.api_key, Duration::from_secs(30))?;
     let retry = Retry {
         max_retry: Duration::from_secs(60),
     };
@@ -226,15 +229,12 @@ pub async fn redrive(args: &RedriveArgs) -> Result<Vec<((i32, i64), Redriven)>, 
         }
         body.push(b']');
         let delivery = retry.run(&stop, || ingest.post(body.clone())).await;
-        let answers = delivery
-            .result
-            .map_err(|e| DlqError::Ingest(e.to_string()))?;
+        let answers = delivery.result?;
         if answers.len() != chunk.len() {
-            return Err(DlqError::Ingest(format!(
-                "answered {} results for {} events",
-                answers.len(),
-                chunk.len()
-            )));
+            return Err(DlqError::Answers {
+                answered: answers.len(),
+                sent: chunk.len(),
+            });
         }
         for (r, a) in chunk.iter().zip(answers) {
             out.push(((r.partition, r.offset), Redriven::Answered(a)));

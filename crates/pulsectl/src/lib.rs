@@ -1,8 +1,11 @@
 //! `pulsectl`, the operator CLI. Each subcommand is a module; this file holds the
 //! command tree and dispatch. Implemented: `topics create|list`, `schemas register|check`,
-//! `migrate`, `loadgen`, `dlq inspect|redrive`, `slo`, `replay`.
+//! `migrate`, `loadgen`, `dlq inspect|redrive`, `slo`, `replay`, `ledger [watch]`.
 
 pub mod dlq;
+pub mod duration;
+pub mod ingest_client;
+pub mod ledger;
 pub mod loadgen;
 pub mod migrate;
 pub mod replay;
@@ -52,6 +55,9 @@ pub enum Command {
     Slo(slo::SloArgs),
     /// Re-publish the archived events of an event-time range to the events topic.
     Replay(Box<replay::ReplayArgs>),
+    /// Reconcile a closed event-time range: every accepted event in one terminal state per
+    /// path, revenue equal to the query API's (`ledger watch`: continuously, with metrics).
+    Ledger(Box<ledger::LedgerArgs>),
 }
 
 /// Why a command failed.
@@ -73,6 +79,8 @@ pub enum Error {
     Slo(#[from] slo::SloError),
     #[error("replay: {0}")]
     Replay(#[from] replay::ReplayError),
+    #[error("ledger: {0}")]
+    Ledger(#[from] ledger::LedgerError),
 }
 
 /// Runs one command.
@@ -85,6 +93,7 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
         Command::Dlq { command } => dlq::run(command).await,
         Command::Slo(args) => slo::run(args).await,
         Command::Replay(args) => replay::run(*args).await,
+        Command::Ledger(args) => ledger::run(*args).await,
     }
 }
 

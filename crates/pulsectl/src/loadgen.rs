@@ -1,11 +1,11 @@
 //! `pulsectl loadgen`: drives a realistic, seeded workload against ingest over HTTP or
 //! gRPC at a planned rate, shows live progress, prints a summary and optionally writes
 //! the answers the platform should give (`--expect-out`). The workload itself
-//! (`workload`), the expected answers (`expect`), transport and retries (`send`) and the
-//! accounting (`stats`) live in the submodules; this file schedules and dispatches batches.
+//! (`workload`), the expected answers (`expect`) and the accounting (`stats`) live in the
+//! submodules, transport and retries in `crate::ingest_client`; this file schedules and
+//! dispatches batches.
 
 pub mod expect;
-pub mod send;
 pub mod stats;
 pub mod workload;
 
@@ -24,9 +24,10 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use self::expect::{Answered, Settings, Status};
-use self::send::{Delivery, GrpcIngest, HttpIngest, Retry, SendError};
 use self::stats::{Counts, Summary, progress_line};
 use self::workload::{GenEvent, Kind, Workload, WorkloadConfig};
+use crate::duration::parse_duration;
+use crate::ingest_client::{ClientError, Delivery, GrpcIngest, HttpIngest, Retry, SendError};
 
 /// A partial batch waits at most this long for more events before it is sent.
 const LINGER: Duration = Duration::from_millis(500);
@@ -95,6 +96,12 @@ pub struct LoadgenArgs {
     /// Write the answers the platform should give for this run to FILE (JSON).
     #[arg(long, value_name = "FILE")]
     pub expect_out: Option<PathBuf>,
+    /// Write every sent event's outcome to FILE, one JSON object a line: `event_id`,
+    /// `status` (accepted, duplicate, rejected, or failed/unsent when no answer came),
+    /// `late`, and `code` for a rejected event. What a reconciliation (scripts/chaos.sh)
+    /// compares the stores against.
+    #[arg(long, value_name = "FILE")]
+    pub record: Option<PathBuf>,
     /// The processor's window length, for the expected answers.
     #[arg(long, default_value_t = 60_000)]
     pub window_ms: i64,
@@ -107,26 +114,6 @@ pub struct LoadgenArgs {
     /// Timeout of one request.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     pub request_timeout: Duration,
-}
-
-/// `90s`, `5m`, `1h`, `250ms`, or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
-        Some(i) => s.split_at(i),
-        None => (s, "s"),
-    };
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 90s, 5m, 1h or 250ms"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return Err(format!("{s:?}: the unit must be ms, s, m or h")),
-    };
-    Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
 }
 
 impl Validate for LoadgenArgs {
@@ -200,9 +187,9 @@ pub enum LoadgenError {
     #[error("{0}")]
     Config(#[from] pulse_platform::config::ConfigErrors),
     #[error("cannot reach ingest: {0}")]
-    Connect(String),
+    Connect(#[from] ClientError),
     #[error("writing {path}: {source}")]
-    WriteExpect {
+    WriteFile {
         path: PathBuf,
         source: std::io::Error,
     },
@@ -229,6 +216,8 @@ pub struct Report {
     pub answered: Vec<Answered>,
     /// Error messages of batches that were not answered, with how often each occurred.
     pub errors: BTreeMap<String, u64>,
+    /// Ids of events that got no answer, each with "failed" or "unsent" (when kept).
+    pub unanswered: Vec<(String, &'static str)>,
 }
 
 impl Report {
@@ -248,6 +237,7 @@ enum Transport {
 struct Shared {
     counts: Counts,
     answered: Vec<(u64, Answered)>,
+    unanswered: Vec<(u64, String, &'static str)>,
     errors: BTreeMap<String, u64>,
 }
 
@@ -276,6 +266,11 @@ fn answered(e: &GenEvent, status: Status, code: Option<String>, start_ms: i64) -
         status,
         reason_code: code,
     }
+}
+
+fn unanswered(s: &mut Shared, batch: &[GenEvent], outcome: &'static str) {
+    s.unanswered
+        .extend(batch.iter().map(|e| (e.seq, e.event_id.clone(), outcome)));
 }
 
 /// Books a batch's delivery. Returns true when the run must stop (the key was refused).
@@ -329,6 +324,9 @@ fn record(
         }
         Ok(answers) => {
             s.counts.failed += n;
+            if keep {
+                unanswered(&mut s, batch, "failed");
+            }
             let msg = format!(
                 "ingest answered {} results for {} events",
                 answers.len(),
@@ -339,10 +337,16 @@ fn record(
         }
         Err(_) if d.abandoned => {
             s.counts.unsent += n;
+            if keep {
+                unanswered(&mut s, batch, "unsent");
+            }
             false
         }
         Err(e) => {
             s.counts.failed += n;
+            if keep {
+                unanswered(&mut s, batch, "failed");
+            }
             let msg = e.to_string();
             let first = !s.errors.contains_key(&msg);
             *s.errors.entry(msg.clone()).or_default() += 1;
@@ -402,7 +406,7 @@ pub async fn run_load(
 ) -> Result<Report, LoadgenError> {
     validate_all(&[args])?;
     let seed = args.seed.unwrap_or_else(clock_seed);
-    let keep = opts.keep_answers || args.expect_out.is_some();
+    let keep = opts.keep_answers || args.expect_out.is_some() || args.record.is_some();
     let transport = match &args.grpc {
         Some(url) => Transport::Grpc(
             GrpcIngest::connect(url, &args.api_key, args.request_timeout)
@@ -469,7 +473,11 @@ pub async fn run_load(
             let batch = std::mem::take(&mut pending);
             // Every task ends after its retries (at once once halted), so this wait is bounded.
             let Ok(permit) = permits.clone().acquire_owned().await else {
-                lock(&shared).counts.unsent += batch.len() as u64;
+                let mut s = lock(&shared);
+                s.counts.unsent += batch.len() as u64;
+                if keep {
+                    unanswered(&mut s, &batch, "unsent");
+                }
                 break;
             };
             let (transport, shared, halt, retry) =
@@ -532,12 +540,45 @@ pub async fn run_load(
     }
     let mut s = std::mem::take(&mut *lock(&shared));
     s.answered.sort_by_key(|(seq, _)| *seq);
+    s.unanswered.sort_by_key(|(seq, _, _)| *seq);
     Ok(Report {
         summary: Summary::new(seed, &s.counts, elapsed),
         start_ms,
         answered: s.answered.into_iter().map(|(_, a)| a).collect(),
         errors: s.errors,
+        unanswered: s
+            .unanswered
+            .into_iter()
+            .map(|(_, id, outcome)| (id, outcome))
+            .collect(),
     })
+}
+
+/// `--record`'s lines: one JSON object per sent event, answered ones first (in sending
+/// order), then those that got no answer.
+fn outcomes_ndjson(report: &Report) -> String {
+    let mut out = String::new();
+    for a in &report.answered {
+        let status = match a.status {
+            Status::Accepted => "accepted",
+            Status::Duplicate => "duplicate",
+            Status::Rejected => "rejected",
+        };
+        let line = serde_json::json!({
+            "event_id": a.event_id,
+            "status": status,
+            "late": a.late,
+            "code": a.reason_code,
+        });
+        out.push_str(&line.to_string());
+        out.push('\n');
+    }
+    for (id, outcome) in &report.unanswered {
+        let line = serde_json::json!({"event_id": id, "status": outcome});
+        out.push_str(&line.to_string());
+        out.push('\n');
+    }
+    out
 }
 
 /// The command: runs until the duration or Ctrl-C, prints the summary, writes the expect
@@ -575,11 +616,20 @@ pub async fn run(args: LoadgenArgs) -> Result<(), crate::Error> {
             session_gap_ms: args.session_gap_ms,
         });
         let text = serde_json::to_vec_pretty(&expected).unwrap_or_default();
-        std::fs::write(path, text).map_err(|source| LoadgenError::WriteExpect {
+        std::fs::write(path, text).map_err(|source| LoadgenError::WriteFile {
             path: path.clone(),
             source,
         })?;
         println!("  expected answers written to {}", path.display());
+    }
+    if let Some(path) = &args.record {
+        std::fs::write(path, outcomes_ndjson(&report)).map_err(|source| {
+            LoadgenError::WriteFile {
+                path: path.clone(),
+                source,
+            }
+        })?;
+        println!("  every event's outcome written to {}", path.display());
     }
     if report.summary.failed > 0 {
         return Err(LoadgenError::Lost {
@@ -599,17 +649,6 @@ mod tests {
     struct Cli {
         #[command(flatten)]
         args: LoadgenArgs,
-    }
-
-    #[test]
-    fn durations_parse_with_units() {
-        assert_eq!(parse_duration("60s"), Ok(Duration::from_secs(60)));
-        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
-        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
-        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
-        assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
-        assert!(parse_duration("5 parsecs").is_err());
-        assert!(parse_duration("-1s").is_err());
     }
 
     #[test]
@@ -637,17 +676,22 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_duplicate_answer_after_an_unanswered_attempt_counts_as_accepted() {
-        let mut w = Workload::new(WorkloadConfig {
+    /// A workload of well-formed, in-order, unique events.
+    fn plain_workload() -> Workload {
+        Workload::new(WorkloadConfig {
             duplicates: 0.0,
             malformed: 0.0,
             late: 0.0,
             out_of_order: 0.0,
             ..WorkloadConfig::default()
-        });
+        })
+    }
+
+    #[test]
+    fn a_duplicate_answer_after_an_unanswered_attempt_counts_as_accepted() {
+        let mut w = plain_workload();
         let batch: Vec<GenEvent> = (0..2).filter_map(|_| w.next()).collect();
-        let answer = |status: &str| send::Answer {
+        let answer = |status: &str| crate::ingest_client::Answer {
             status: status.into(),
             event_id: String::new(),
             code: None,
@@ -667,5 +711,55 @@ mod tests {
         assert_eq!((s.counts.accepted, s.counts.duplicates), (2, 0));
         assert_eq!(s.counts.retries, 1);
         assert_eq!(s.answered.len(), 2);
+    }
+
+    #[test]
+    fn the_record_lists_answered_events_and_those_without_an_answer() {
+        let mut w = plain_workload();
+        let batch: Vec<GenEvent> = (0..3).filter_map(|_| w.next()).collect();
+        let shared = Mutex::new(Shared::default());
+        let answered = Delivery {
+            result: Ok(vec![crate::ingest_client::Answer {
+                status: "accepted".into(),
+                event_id: batch[0].event_id.clone(),
+                code: None,
+                field: None,
+                reason: None,
+            }]),
+            attempts: 1,
+            latencies: vec![],
+            unanswered_attempt: false,
+            abandoned: false,
+        };
+        record(&shared, &batch[..1], answered, 0, true);
+        let lost = Delivery {
+            result: Err(SendError::transport(std::io::Error::from(
+                std::io::ErrorKind::TimedOut,
+            ))),
+            attempts: 3,
+            latencies: vec![],
+            unanswered_attempt: true,
+            abandoned: false,
+        };
+        record(&shared, &batch[1..], lost, 0, true);
+        let mut s = std::mem::take(&mut *lock(&shared));
+        let report = Report {
+            summary: Summary::new(1, &s.counts, Duration::from_secs(1)),
+            start_ms: 0,
+            answered: s.answered.drain(..).map(|(_, a)| a).collect(),
+            errors: s.errors,
+            unanswered: s.unanswered.into_iter().map(|(_, id, o)| (id, o)).collect(),
+        };
+        let lines: Vec<Value> = outcomes_ndjson(&report)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 3);
+        assert_eq!(lines[0]["status"], "accepted");
+        assert_eq!(lines[0]["event_id"], batch[0].event_id.as_str());
+        for (line, e) in lines[1..].iter().zip(&batch[1..]) {
+            assert_eq!(line["status"], "failed");
+            assert_eq!(line["event_id"], e.event_id.as_str());
+        }
     }
 }

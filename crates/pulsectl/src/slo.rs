@@ -35,21 +35,21 @@ pub struct SloArgs {
     #[arg(long)]
     pub check: bool,
     /// Freshness target: p95 of ingest → ClickHouse latency, seconds.
-    #[arg(long, default_value_t = 10.0)]
+    #[arg(long, default_value_t = 3.0)]
     pub freshness_p95_secs: f64,
     /// Correctness target: rows stored / events accepted (a fraction).
     #[arg(long, default_value_t = 0.999)]
     pub correctness: f64,
     /// Availability target: non-5xx ingest HTTP requests / all (a fraction).
-    #[arg(long, default_value_t = 0.999)]
+    #[arg(long, default_value_t = 0.9995)]
     pub availability: f64,
     /// Timeout of one scrape.
-    #[arg(long, default_value = "10s", value_parser = crate::loadgen::parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = crate::duration::parse_duration)]
     pub timeout: Duration,
     /// Correctness compares the events ingest had accepted at the first scrape with the
     /// rows the writer had stored this long after it (`writer` targets are scraped again),
     /// so events still in flight are not counted as lost. `0` scrapes once.
-    #[arg(long, default_value = "10s", value_parser = crate::loadgen::parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = crate::duration::parse_duration)]
     pub settle: Duration,
 }
 
@@ -210,7 +210,10 @@ pub async fn scrape(
     for (name, url) in targets {
         let result = match &client {
             Ok(c) => fetch(c, url).await,
-            Err(e) => Err(e.to_string()),
+            Err(e) => {
+                lines.push(format!("{name:<10} {url}  scrape failed: {e}"));
+                continue;
+            }
         };
         match result {
             Ok(samples) => {
@@ -223,13 +226,24 @@ pub async fn scrape(
     (out, lines)
 }
 
-async fn fetch(client: &reqwest::Client, url: &str) -> Result<Vec<Sample>, String> {
-    let resp = client.get(url).send().await.map_err(|e| e.to_string())?;
+/// Why one target could not be scraped (reported on its line, the others still count).
+#[derive(Debug, thiserror::Error)]
+pub enum ScrapeError {
+    #[error("{0}")]
+    Http(#[from] reqwest::Error),
+    #[error("answered {0}")]
+    Status(reqwest::StatusCode),
+    #[error("{0}")]
+    Parse(#[from] prom::ParseError),
+}
+
+async fn fetch(client: &reqwest::Client, url: &str) -> Result<Vec<Sample>, ScrapeError> {
+    let resp = client.get(url).send().await?;
     if !resp.status().is_success() {
-        return Err(format!("answered {}", resp.status()));
+        return Err(ScrapeError::Status(resp.status()));
     }
-    let text = resp.text().await.map_err(|e| e.to_string())?;
-    prom::parse(&text).map_err(|e| e.to_string())
+    let text = resp.text().await?;
+    Ok(prom::parse(&text)?)
 }
 
 pub async fn run(args: SloArgs) -> Result<(), crate::Error> {

@@ -2,7 +2,7 @@
 //! kept only as SHA-256 digests, compared in constant time, never logged. Both
 //! transports call [`Tokens::authorize`] with the `authorization` header or metadata.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 use subtle::{Choice, ConstantTimeEq};
@@ -29,6 +29,14 @@ impl std::fmt::Debug for Tokens {
     }
 }
 
+/// The token file could not be read.
+#[derive(Debug, thiserror::Error)]
+#[error("reading {}: {source}", path.display())]
+pub struct TokenFileError {
+    pub path: PathBuf,
+    pub source: std::io::Error,
+}
+
 impl Tokens {
     /// Tokens from a comma-separated list (blanks ignored).
     pub fn parse_list(list: &str) -> Self {
@@ -36,9 +44,11 @@ impl Tokens {
     }
 
     /// Tokens from a file with one per line (blank lines and `#` comments ignored).
-    pub fn read_file(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("reading {}: {e}", path.display()))?;
+    pub fn read_file(path: &Path) -> Result<Self, TokenFileError> {
+        let text = std::fs::read_to_string(path).map_err(|source| TokenFileError {
+            path: path.to_owned(),
+            source,
+        })?;
         Ok(Self::from_iter(
             text.lines().filter(|l| !l.trim_start().starts_with('#')),
         ))

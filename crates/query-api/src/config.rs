@@ -11,7 +11,7 @@ use pulse_platform::secret::Secret;
 use pulse_platform::telemetry::TelemetryConfig;
 use pulse_platform::windowing::WindowSettings;
 
-use crate::auth::Tokens;
+use crate::auth::{TokenFileError, Tokens};
 use crate::query::Limits;
 
 /// The token of the local dev stack (documented in the README; never use it elsewhere).
@@ -92,7 +92,7 @@ pub struct Config {
 
 impl Config {
     /// Every accepted token, from the list and the file.
-    pub fn tokens(&self) -> Result<Tokens, String> {
+    pub fn tokens(&self) -> Result<Tokens, TokenFileError> {
         let mut tokens = Tokens::parse_list(self.api_tokens.expose());
         if let Some(path) = &self.api_tokens_file {
             tokens.extend(Tokens::read_file(path)?);
@@ -127,7 +127,7 @@ impl Validate for Config {
                 TOKENS_KEY,
                 "at least one API token is required",
             ),
-            Err(e) => p.add(TOKENS_KEY, e),
+            Err(e) => p.add(TOKENS_KEY, e.to_string()),
         }
         self.windowing.validate(p);
         p.check(self.max_points >= 1, "--max-points", "must be >= 1");

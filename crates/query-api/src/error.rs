@@ -1,12 +1,12 @@
-//! The one error type of every query and its single mapping to an HTTP status with the
-//! JSON error body, and to a gRPC status. Both transports count errors by kind here.
+//! The one error type of every query and its single mapping to a code, an HTTP status and
+//! a gRPC code (`pulse_platform::api_error`, which renders both answers). Both transports
+//! count errors by kind here.
 
 use std::time::Duration;
 
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde::Serialize;
-use utoipa::ToSchema;
+use pulse_platform::api_error::{self, ApiError};
 
 use crate::metrics as m;
 
@@ -36,31 +36,22 @@ pub enum QueryError {
     NotFound(String),
     /// ClickHouse cannot be reached; a retry later can help.
     #[error("ClickHouse is unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(#[source] clickhouse::error::Error),
     /// The query ran longer than `--query-timeout-ms`.
     #[error("the query did not finish within {} ms", .0.as_millis())]
     Timeout(Duration),
-    /// ClickHouse answered with an error or an unexpected result (logged, not shown).
+    /// ClickHouse answered with an error (logged, not shown).
+    #[error("internal error: {0}")]
+    ClickHouse(#[source] clickhouse::error::Error),
+    /// ClickHouse answered with an unexpected result (logged, not shown).
     #[error("internal error: {0}")]
     Internal(String),
 }
 
-/// The JSON error body: `{"error": {"code", "parameter"?, "message"}}`.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct ErrorBody {
-    pub error: ErrorDetail,
-}
-
-#[derive(Debug, Serialize, ToSchema)]
-pub struct ErrorDetail {
-    /// Stable machine-readable code: invalid_parameter, invalid_range, too_many_points,
-    /// unauthenticated, not_found, unavailable, timeout, internal.
-    pub code: &'static str,
-    /// The request parameter at fault (400 answers only).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub parameter: Option<&'static str>,
-    pub message: String,
-}
+/// The JSON error body: `{"error": {"code", "parameter"?, "message"}}` (the platform's
+/// standard shape). Codes: invalid_parameter, invalid_range, too_many_points,
+/// unauthenticated, not_found, unavailable, timeout, internal.
+pub use pulse_platform::api_error::{ErrorBody, ErrorDetail};
 
 impl QueryError {
     pub fn invalid(parameter: &'static str, message: impl Into<String>) -> Self {
@@ -70,8 +61,33 @@ impl QueryError {
         }
     }
 
+    /// Counts and logs the error once, for `transport` (`http` or `grpc`).
+    fn observe(&self, transport: &'static str) {
+        ::metrics::counter!(m::ERRORS_TOTAL, "kind" => self.code(), "transport" => transport)
+            .increment(1);
+        match self {
+            Self::Unavailable(_) | Self::Timeout(_) | Self::ClickHouse(_) | Self::Internal(_) => {
+                tracing::warn!(kind = self.code(), transport, error = %self, "query failed");
+            }
+            _ => tracing::debug!(kind = self.code(), transport, error = %self, "request refused"),
+        }
+    }
+
+    pub fn body(&self) -> ErrorBody {
+        ErrorBody::of(self)
+    }
+
+    /// The gRPC status: the code, the message (naming the parameter for InvalidArgument),
+    /// and `retry-after` metadata when unavailable.
+    pub fn into_status(self) -> tonic::Status {
+        self.observe("grpc");
+        api_error::grpc_status(&self)
+    }
+}
+
+impl ApiError for QueryError {
     /// The stable code, also the `kind` label of the error metric.
-    pub fn code(&self) -> &'static str {
+    fn code(&self) -> &'static str {
         match self {
             Self::InvalidParameter { .. } => "invalid_parameter",
             Self::InvalidRange { .. } => "invalid_range",
@@ -80,12 +96,12 @@ impl QueryError {
             Self::NotFound(_) => "not_found",
             Self::Unavailable(_) => "unavailable",
             Self::Timeout(_) => "timeout",
-            Self::Internal(_) => "internal",
+            Self::ClickHouse(_) | Self::Internal(_) => "internal",
         }
     }
 
     /// The parameter at fault: `from` for an empty range, `step` for too many points.
-    pub fn parameter(&self) -> Option<&'static str> {
+    fn parameter(&self) -> Option<&'static str> {
         match self {
             Self::InvalidParameter { parameter, .. } => Some(parameter),
             Self::InvalidRange { .. } => Some("from"),
@@ -94,7 +110,7 @@ impl QueryError {
         }
     }
 
-    pub fn http_status(&self) -> StatusCode {
+    fn http_status(&self) -> StatusCode {
         match self {
             Self::InvalidParameter { .. }
             | Self::InvalidRange { .. }
@@ -103,11 +119,11 @@ impl QueryError {
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::ClickHouse(_) | Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
-    pub fn grpc_code(&self) -> tonic::Code {
+    fn grpc_code(&self) -> tonic::Code {
         match self {
             Self::InvalidParameter { .. }
             | Self::InvalidRange { .. }
@@ -116,79 +132,33 @@ impl QueryError {
             Self::NotFound(_) => tonic::Code::NotFound,
             Self::Unavailable(_) => tonic::Code::Unavailable,
             Self::Timeout(_) => tonic::Code::DeadlineExceeded,
-            Self::Internal(_) => tonic::Code::Internal,
+            Self::ClickHouse(_) | Self::Internal(_) => tonic::Code::Internal,
         }
     }
 
     /// The message shown to callers; internal details stay in the logs.
     fn public_message(&self) -> String {
         match self {
-            Self::Internal(_) => "the query failed; see the service logs".to_owned(),
+            Self::ClickHouse(_) | Self::Internal(_) => {
+                "the query failed; see the service logs".to_owned()
+            }
             other => other.to_string(),
         }
     }
 
-    /// Counts and logs the error once, for `transport` (`http` or `grpc`).
-    fn observe(&self, transport: &'static str) {
-        ::metrics::counter!(m::ERRORS_TOTAL, "kind" => self.code(), "transport" => transport)
-            .increment(1);
-        match self {
-            Self::Unavailable(_) | Self::Timeout(_) | Self::Internal(_) => {
-                tracing::warn!(kind = self.code(), transport, error = %self, "query failed");
-            }
-            _ => tracing::debug!(kind = self.code(), transport, error = %self, "request refused"),
-        }
+    fn retry_after(&self) -> Option<u64> {
+        matches!(self, Self::Unavailable(_)).then_some(RETRY_AFTER_SECS)
     }
 
-    pub fn body(&self) -> ErrorBody {
-        ErrorBody {
-            error: ErrorDetail {
-                code: self.code(),
-                parameter: self.parameter(),
-                message: self.public_message(),
-            },
-        }
-    }
-
-    /// The gRPC status: the code, the message (naming the parameter for InvalidArgument),
-    /// and `retry-after` metadata when unavailable.
-    pub fn into_status(self) -> tonic::Status {
-        self.observe("grpc");
-        let mut status = tonic::Status::new(self.grpc_code(), self.public_message());
-        if matches!(self, Self::Unavailable(_)) {
-            status.metadata_mut().insert(
-                "retry-after",
-                tonic::metadata::MetadataValue::from(RETRY_AFTER_SECS),
-            );
-        }
-        if let Some(p) = self.parameter() {
-            status.metadata_mut().insert(
-                "pulse-parameter",
-                tonic::metadata::MetadataValue::from_static(p),
-            );
-        }
-        status
+    fn www_authenticate(&self) -> Option<&'static str> {
+        matches!(self, Self::Unauthenticated).then_some("Bearer realm=\"pulse\"")
     }
 }
 
 impl IntoResponse for QueryError {
     fn into_response(self) -> Response {
         self.observe("http");
-        let mut response = (self.http_status(), axum::Json(self.body())).into_response();
-        let headers = response.headers_mut();
-        match self {
-            Self::Unavailable(_) => {
-                headers.insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
-            }
-            Self::Unauthenticated => {
-                headers.insert(
-                    header::WWW_AUTHENTICATE,
-                    HeaderValue::from_static("Bearer realm=\"pulse\""),
-                );
-            }
-            _ => {}
-        }
-        response
+        api_error::http_response(&self)
     }
 }
 
@@ -231,7 +201,7 @@ mod tests {
             ),
             (QueryError::NotFound("x".into()), 404, tonic::Code::NotFound),
             (
-                QueryError::Unavailable("x".into()),
+                QueryError::Unavailable(clickhouse::error::Error::Network("x".into())),
                 503,
                 tonic::Code::Unavailable,
             ),
@@ -239,6 +209,11 @@ mod tests {
                 QueryError::Timeout(Duration::from_secs(1)),
                 504,
                 tonic::Code::DeadlineExceeded,
+            ),
+            (
+                QueryError::ClickHouse(clickhouse::error::Error::BadResponse("x".into())),
+                500,
+                tonic::Code::Internal,
             ),
             (QueryError::Internal("x".into()), 500, tonic::Code::Internal),
         ];

@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use pulse_contracts::pb::query::v1 as pb;
 use pulse_contracts::pb::query::v1::query_service_server::QueryService;
+use pulse_platform::api_error::ApiError as _;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -41,7 +42,6 @@ impl GrpcQuery {
         F: FnOnce(AppState, Req) -> Fut,
         Fut: Future<Output = Result<Resp, QueryError>>,
     {
-        let headers = request.metadata().clone().into_headers();
         let span = tracing::info_span!(
             "grpc.request",
             otel.kind = "server",
@@ -50,14 +50,16 @@ impl GrpcQuery {
             rpc.method = method,
             rpc.grpc.status_code = tracing::field::Empty,
         );
-        let _ = span.set_parent(pulse_platform::http::extract_context(&headers));
+        let _ = span.set_parent(pulse_platform::grpc::extract_context(request.metadata()));
         let started = Instant::now();
-        let auth = headers
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok());
+        let auth = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         let state = self.state.clone();
         let result = async move {
-            state.tokens.authorize(auth)?;
+            state.tokens.authorize(auth.as_deref())?;
             f(state.clone(), request.into_inner()).await
         }
         .instrument(span.clone())

@@ -25,11 +25,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use pulse_contracts::pb::query::v1::query_service_server::QueryServiceServer;
+use pulse_platform::server::ServeError;
 use pulse_platform::service::ServiceContext;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::Tokens;
+use crate::auth::{TokenFileError, Tokens};
 pub use crate::config::{Config, DEV_TOKEN};
 use crate::query::Engine;
 use crate::store::Store;
@@ -41,14 +42,16 @@ pub const SERVICE: &str = "query-api";
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("configuration: {0}")]
-    Config(String),
+    TokenFile(#[from] TokenFileError),
+    #[error("configuration: at least one API token is required")]
+    NoTokens,
     #[error("binding {addr}: {source}")]
     Bind {
         addr: SocketAddr,
         source: std::io::Error,
     },
     #[error("server: {0}")]
-    Serve(String),
+    Serve(#[from] ServeError),
 }
 
 /// What both transports share: the query engine and the accepted tokens.
@@ -61,9 +64,9 @@ pub struct AppState {
 impl AppState {
     /// The state of `config`: a ClickHouse store (no connection is made yet) and the tokens.
     pub fn new(config: &Config) -> Result<Self, Error> {
-        let tokens = config.tokens().map_err(Error::Config)?;
+        let tokens = config.tokens()?;
         if tokens.is_empty() {
-            return Err(Error::Config("at least one API token is required".into()));
+            return Err(Error::NoTokens);
         }
         let store = Store::new(&config.clickhouse, config.query_timeout());
         Ok(Self {
@@ -73,28 +76,9 @@ impl AppState {
     }
 }
 
-/// The running HTTP and gRPC servers.
-#[derive(Debug)]
-pub struct Servers {
-    pub http_addr: SocketAddr,
-    pub grpc_addr: SocketAddr,
-    http: tokio::task::JoinHandle<std::io::Result<()>>,
-    grpc: tokio::task::JoinHandle<Result<(), tonic::transport::Error>>,
-}
-
-impl Servers {
-    /// Waits until both servers stopped (after `shutdown` was cancelled and in-flight
-    /// requests finished).
-    pub async fn wait(self) -> Result<(), Error> {
-        let h = self.http.await;
-        let g = self.grpc.await;
-        h.map_err(|e| Error::Serve(e.to_string()))?
-            .map_err(|e| Error::Serve(e.to_string()))?;
-        g.map_err(|e| Error::Serve(e.to_string()))?
-            .map_err(|e| Error::Serve(e.to_string()))?;
-        Ok(())
-    }
-}
+/// The running HTTP and gRPC servers ([`Servers::wait`] waits until they stopped after
+/// the shutdown token was cancelled).
+pub use pulse_platform::server::ServerPair as Servers;
 
 /// Serves HTTP on `http` and gRPC on `grpc` until `shutdown` is cancelled.
 pub async fn serve(
@@ -103,43 +87,19 @@ pub async fn serve(
     state: AppState,
     shutdown: CancellationToken,
 ) -> Result<Servers, Error> {
-    let http_addr = http.local_addr().map_err(|e| Error::Serve(e.to_string()))?;
-    let grpc_addr = grpc.local_addr().map_err(|e| Error::Serve(e.to_string()))?;
     let app = http::router(state.clone());
-    let http_task = {
-        let stop = shutdown.clone();
-        tokio::spawn(async move {
-            axum::serve(pulse_platform::http::nodelay(http), app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await
-        })
-    };
-    let (health_service, reflection) = pulse_platform::grpc::health_and_reflection(
-        <QueryServiceServer<grpc::GrpcQuery> as tonic::server::NamedService>::NAME,
-        pulse_contracts::FILE_DESCRIPTOR_SET,
-    )
-    .await
-    .map_err(|e| Error::Serve(e.to_string()))?;
     let service = QueryServiceServer::new(grpc::GrpcQuery::new(state));
-    let grpc_task = {
-        let stop = shutdown.clone();
-        let incoming = pulse_platform::grpc::incoming(grpc);
-        tokio::spawn(async move {
-            tonic::transport::Server::builder()
-                .add_service(health_service)
-                .add_service(reflection)
-                .add_service(service)
-                .serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await })
-                .await
-        })
-    };
-    tracing::info!(%http_addr, %grpc_addr, "query-api serving");
-    Ok(Servers {
-        http_addr,
-        grpc_addr,
-        http: http_task,
-        grpc: grpc_task,
-    })
+    let servers = Servers::start(
+        http,
+        app,
+        grpc,
+        service,
+        pulse_contracts::FILE_DESCRIPTOR_SET,
+        shutdown,
+    )
+    .await?;
+    tracing::info!(http_addr = %servers.http_addr, grpc_addr = %servers.grpc_addr, "query-api serving");
+    Ok(servers)
 }
 
 /// Runs the service until shutdown.
@@ -161,5 +121,5 @@ pub async fn run(config: Config, ctx: ServiceContext) -> Result<(), Error> {
     ctx.health.set_ready(true);
     ctx.shutdown.cancelled().await;
     tracing::info!("draining: no new requests; finishing in-flight ones");
-    servers.wait().await
+    Ok(servers.wait().await?)
 }

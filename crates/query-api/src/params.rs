@@ -252,6 +252,7 @@ pub fn parse_user_id(raw: &str) -> Result<String, QueryError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pulse_platform::api_error::ApiError as _;
 
     const T: i64 = 1_709_168_400_000; // 2024-02-29T01:00:00Z
 

@@ -271,12 +271,12 @@ impl std::fmt::Debug for Store {
 /// timeouts (code 159) `Timeout`, everything else `Internal`.
 fn classify(e: clickhouse::error::Error, timeout: Duration) -> QueryError {
     match e {
-        clickhouse::error::Error::Network(_) => QueryError::Unavailable(e.to_string()),
+        clickhouse::error::Error::Network(_) => QueryError::Unavailable(e),
         clickhouse::error::Error::TimedOut => QueryError::Timeout(timeout),
         clickhouse::error::Error::BadResponse(ref text) if text.contains("Code: 159") => {
             QueryError::Timeout(timeout)
         }
-        other => QueryError::Internal(other.to_string()),
+        other => QueryError::ClickHouse(other),
     }
 }
 

@@ -70,8 +70,7 @@ fn reply(body: Value) -> Response {
 
 /// Parses a JSON body, answering Confluent-shaped errors for malformed bodies.
 fn parse_body<T: for<'de> Deserialize<'de>>(body: &Bytes) -> Result<T, ApiError> {
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError::BadRequest(format!("the request body is not valid: {e}")))
+    serde_json::from_slice(body).map_err(ApiError::BadBody)
 }
 
 #[derive(Debug, Deserialize)]
@@ -137,10 +136,19 @@ fn schema_json(content: &SchemaContent, mut obj: serde_json::Map<String, Value>)
     Value::Object(obj)
 }
 
+/// A subject's version with its schema: `{"subject", "version", "id", "schema", …}`.
+fn version_json(subject: &str, v: VersionEntry, content: &SchemaContent) -> Value {
+    let mut obj = serde_json::Map::new();
+    obj.insert("subject".into(), json!(subject));
+    obj.insert("version".into(), json!(v.version));
+    obj.insert("id".into(), json!(v.id));
+    schema_json(content, obj)
+}
+
 async fn propose(log: &SchemaLog, command: Command) -> Result<Outcome, ApiError> {
     log.propose(command).await.map_err(|e| match e {
-        LogError::Timeout(_) => ApiError::Timeout(e.to_string()),
-        other => ApiError::Store(other.to_string()),
+        LogError::Timeout(_) => ApiError::Timeout(e),
+        other => ApiError::Store(other),
     })
 }
 
@@ -175,7 +183,7 @@ async fn register(
             Err(ApiError::Incompatible { subject, reasons })
         }
         Outcome::InvalidSchema(reason) => Err(ApiError::InvalidSchema(reason)),
-        other => Err(ApiError::Store(format!("unexpected outcome {other:?}"))),
+        other => Err(ApiError::UnexpectedOutcome(Box::new(other))),
     }
 }
 
@@ -194,11 +202,7 @@ async fn lookup(
     let v = reg.lookup(&subject, &content).ok_or_else(|| {
         ApiError::SchemaNotFound(format!("no version of subject '{subject}' has this schema"))
     })?;
-    let mut obj = serde_json::Map::new();
-    obj.insert("subject".into(), json!(subject));
-    obj.insert("id".into(), json!(v.id));
-    obj.insert("version".into(), json!(v.version));
-    Ok(reply(schema_json(&content, obj)))
+    Ok(reply(version_json(&subject, v, &content)))
 }
 
 async fn list_subjects(
@@ -259,11 +263,7 @@ async fn get_version(
     let flags = Flags::from(query);
     let v = find_version(&log, &subject, &version, flags.deleted)?;
     let content = content_of(&log, v.id)?;
-    let mut obj = serde_json::Map::new();
-    obj.insert("subject".into(), json!(subject));
-    obj.insert("version".into(), json!(v.version));
-    obj.insert("id".into(), json!(v.id));
-    Ok(reply(schema_json(&content, obj)))
+    Ok(reply(version_json(&subject, v, &content)))
 }
 
 async fn get_version_schema(
@@ -354,7 +354,7 @@ async fn delete_subject(
         }
         Outcome::NotSoftDeleted(s) => Err(ApiError::SubjectNotSoftDeleted(s)),
         Outcome::SubjectNotFound(s) => Err(ApiError::SubjectNotFound(s)),
-        other => Err(ApiError::Store(format!("unexpected outcome {other:?}"))),
+        other => Err(ApiError::UnexpectedOutcome(Box::new(other))),
     }
 }
 
@@ -446,7 +446,7 @@ async fn set_config(
     {
         Outcome::ConfigSet(l) => Ok(reply(json!({ "compatibility": l.to_string() }))),
         Outcome::InvalidLevel(e) => Err(ApiError::InvalidLevel(e)),
-        other => Err(ApiError::Store(format!("unexpected outcome {other:?}"))),
+        other => Err(ApiError::UnexpectedOutcome(Box::new(other))),
     }
 }
 
@@ -482,6 +482,6 @@ async fn delete_subject_config(
     {
         Outcome::ConfigDeleted(l) => Ok(reply(json!({ "compatibilityLevel": l.to_string() }))),
         Outcome::SubjectNotFound(_) => Err(ApiError::SubjectLevelNotConfigured(subject)),
-        other => Err(ApiError::Store(format!("unexpected outcome {other:?}"))),
+        other => Err(ApiError::UnexpectedOutcome(Box::new(other))),
     }
 }

@@ -19,7 +19,7 @@ use pulse_contracts::pb::aggregates::v1::{Session, UserWindowActivity};
 use pulse_contracts::pb::events::v1::Event;
 use pulse_contracts::{headers, trace_context, wire};
 use pulse_platform::Health;
-use pulse_platform::kafka::{KafkaConsumer, KafkaProducer};
+use pulse_platform::kafka::{KafkaConsumer, KafkaProducer, ProduceError};
 use rdkafka::Message;
 use rdkafka::message::BorrowedMessage;
 use tokio_util::sync::CancellationToken;
@@ -28,7 +28,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt as _;
 use crate::batch::{Batch, BatchLimits, Source, commit_points};
 use crate::blocked::Blocked;
 use crate::metrics as m;
-use crate::pause::{pause, resume, wait_polling};
+use crate::pause::{self, wait_polling};
 use crate::retry::{Backoff, ErrorKind, classify};
 use crate::rows::{ActivityRow, EventRow, FreshnessRow, SessionRow};
 
@@ -48,7 +48,7 @@ pub enum SinkError {
     #[error("kafka: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error("dead-lettering a refused record failed: {0}")]
-    Dlq(String),
+    Dlq(#[source] ProduceError),
 }
 
 /// The sink loop.
@@ -276,7 +276,7 @@ impl ClickHouseSink {
             detail,
         )
         .await
-        .map_err(|e| SinkError::Dlq(e.to_string()))
+        .map_err(SinkError::Dlq)
     }
 
     /// Writes one table's batch, retrying transient and blocking failures until it succeeds
@@ -337,25 +337,20 @@ impl ClickHouseSink {
         blocked: &mut Blocked,
         stop: &CancellationToken,
     ) -> Result<bool, SinkError> {
-        pause(&self.consumer);
-        if let ErrorKind::Blocking(reason) = kind {
-            blocked.set(reason, &e.to_string());
-        }
-        let wait = self.backoff.failure();
-        if self.backoff.is_open() {
-            metrics::gauge!(m::CIRCUIT_OPEN, "sink" => "clickhouse").set(1.0);
-        }
-        metrics::counter!(m::RETRIES_TOTAL, "sink" => "clickhouse", "kind" => kind.as_str())
-            .increment(1);
+        let wait = pause::failed(
+            &self.consumer,
+            &mut self.backoff,
+            blocked,
+            "clickhouse",
+            kind,
+            e,
+        );
         tracing::warn!(table, kind = kind.as_str(), error = %e, rows, wait_ms = wait.as_millis() as u64, failures = self.backoff.failures(), "ClickHouse write failed; retrying");
         Ok(wait_polling(&self.consumer, wait, stop).await?)
     }
 
     fn succeeded(&mut self, blocked: &mut Blocked) {
-        self.backoff.success();
-        metrics::gauge!(m::CIRCUIT_OPEN, "sink" => "clickhouse").set(0.0);
-        blocked.clear();
-        resume(&self.consumer);
+        pause::succeeded(&self.consumer, &mut self.backoff, blocked, "clickhouse");
     }
 
     /// Inserts each row alone: a row refused for what it holds goes to the DLQ; any other

@@ -25,7 +25,7 @@ use std::time::Duration;
 use pulse_contracts::topics;
 use pulse_platform::clickhouse::ClickHouseConfig;
 use pulse_platform::config::{Problems, Validate};
-use pulse_platform::kafka::topics::{TopicError, TopicSpec, ensure_topics};
+use pulse_platform::kafka::topics::{TopicError, TopicKind, TopicSpec, ensure_topics};
 use pulse_platform::kafka::{KafkaConfig, KafkaConsumer, KafkaProducer};
 use pulse_platform::s3::S3Config;
 use pulse_platform::service::ServiceContext;
@@ -276,14 +276,14 @@ impl Config {
 /// configured.
 pub async fn build_clickhouse(config: &Config) -> Result<ClickHouseSink, Error> {
     let topics = [
-        &config.events_topic,
-        &config.user_activity_topic,
-        &config.sessions_topic,
-        &config.dlq_topic,
+        (TopicKind::Events, &config.events_topic),
+        (TopicKind::Aggregates, &config.user_activity_topic),
+        (TopicKind::Aggregates, &config.sessions_topic),
+        (TopicKind::Dlq, &config.dlq_topic),
     ];
     let specs: Vec<TopicSpec> = topics
         .iter()
-        .map(|t| TopicSpec::new(t.as_str(), config.kafka.partitions))
+        .map(|(kind, t)| TopicSpec::of(*kind, t.as_str(), config.kafka.partitions))
         .collect();
     ensure_topics(&config.kafka, &specs).await?;
     if config.migrate {
@@ -332,8 +332,16 @@ pub async fn build_clickhouse(config: &Config) -> Result<ClickHouseSink, Error> 
 /// ClickHouse sink owns the schema); freshness rows are written if the table exists.
 pub async fn build_parquet(config: &Config) -> Result<ParquetSink, Error> {
     let specs = [
-        TopicSpec::new(config.events_topic.as_str(), config.kafka.partitions),
-        TopicSpec::new(config.dlq_topic.as_str(), config.kafka.partitions),
+        TopicSpec::of(
+            TopicKind::Events,
+            config.events_topic.as_str(),
+            config.kafka.partitions,
+        ),
+        TopicSpec::of(
+            TopicKind::Dlq,
+            config.dlq_topic.as_str(),
+            config.kafka.partitions,
+        ),
     ];
     ensure_topics(&config.kafka, &specs).await?;
     let store = config.s3.object_store()?;

@@ -22,7 +22,7 @@ use prost::Message as _;
 use pulse_contracts::pb::events::v1::Event;
 use pulse_contracts::{headers, trace_context, wire};
 use pulse_platform::Health;
-use pulse_platform::kafka::{KafkaConsumer, KafkaProducer, RebalanceEvent};
+use pulse_platform::kafka::{KafkaConsumer, KafkaProducer, ProduceError, RebalanceEvent};
 use pulse_platform::s3::S3Config;
 use rdkafka::Message;
 use rdkafka::message::BorrowedMessage;
@@ -35,7 +35,7 @@ use crate::archive::{self, ArchiveError, ArchiveRow, HourBucket};
 use crate::batch::BatchLimits;
 use crate::blocked::Blocked;
 use crate::metrics as m;
-use crate::pause::{pause, resume, wait_polling};
+use crate::pause::{self, wait_polling};
 use crate::retry::{Backoff, BlockReason, ErrorKind};
 use crate::rows::FreshnessRow;
 
@@ -57,7 +57,7 @@ pub enum ParquetSinkError {
     #[error("kafka: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error("dead-lettering an undecodable record failed: {0}")]
-    Dlq(String),
+    Dlq(#[source] ProduceError),
     #[error("encoding a Parquet object failed (a bug; nothing was committed): {0}")]
     Encode(#[from] ArchiveError),
     #[error("the encoding task failed: {0}")]
@@ -355,7 +355,7 @@ impl ParquetSink {
                     &reason,
                 )
                 .await
-                .map_err(|e| ParquetSinkError::Dlq(e.to_string()))?;
+                .map_err(ParquetSinkError::Dlq)?;
                 roll.mark_done(partition, offset, now);
             }
         }
@@ -483,27 +483,16 @@ impl ParquetSink {
                 Ok(_) => {
                     metrics::histogram!(m::UPLOAD_SECONDS, "sink" => SINK)
                         .record(attempt.elapsed().as_secs_f64());
-                    self.backoff.success();
-                    metrics::gauge!(m::CIRCUIT_OPEN, "sink" => SINK).set(0.0);
-                    blocked.clear();
-                    resume(&self.consumer);
+                    pause::succeeded(&self.consumer, &mut self.backoff, blocked, SINK);
                     return Ok(true);
                 }
                 Err(e) => {
                     let kind = classify_s3(&e);
                     metrics::counter!(m::ERRORS_TOTAL, "sink" => SINK, "kind" => kind.as_str())
                         .increment(1);
-                    pause(&self.consumer);
-                    let wait = self.backoff.failure();
-                    if self.backoff.is_open() {
-                        metrics::gauge!(m::CIRCUIT_OPEN, "sink" => SINK).set(1.0);
-                    }
-                    metrics::counter!(m::RETRIES_TOTAL, "sink" => SINK, "kind" => kind.as_str())
-                        .increment(1);
+                    let wait =
+                        pause::failed(&self.consumer, &mut self.backoff, blocked, SINK, kind, &e);
                     let (wait_ms, failures) = (wait.as_millis() as u64, self.backoff.failures());
-                    if let ErrorKind::Blocking(reason) = kind {
-                        blocked.set(reason, &e.to_string());
-                    }
                     tracing::warn!(key = %path, kind = kind.as_str(), error = %e, wait_ms, failures, "S3 upload failed; retrying");
                     if !wait_polling(&self.consumer, wait, stop).await? {
                         return Ok(false);

@@ -131,6 +131,18 @@ schema-registry:
   uses: [kafka]
   consumer: false
   secrets: []
+# The event ledger: reads the topics (assigned partitions, no consumer group), ClickHouse,
+# the archive and the query API; one process (`singleton`: Recreate, never scaled).
+ledger:
+  key: ledger
+  command: [pulsectl]
+  args: [ledger, watch]
+  ports: {admin: 9107}
+  addrEnv: {}
+  uses: [kafka, clickhouse, s3, windowing]
+  consumer: false
+  singleton: true
+  secrets: [ledger-query-token, clickhouse-password, s3-access-key, s3-secret-key]
 {{- end -}}
 
 {{/*
@@ -140,7 +152,7 @@ The enabled components as a list of dicts: the table's facts plus `name` and `va
 {{- define "pulse.components" -}}
 {{- $out := list -}}
 {{- $table := include "pulse.componentTable" . | fromYaml -}}
-{{- range $name := list "schema-registry" "ingest" "processor" "writer-clickhouse" "writer-parquet" "query-api" -}}
+{{- range $name := list "schema-registry" "ingest" "processor" "writer-clickhouse" "writer-parquet" "query-api" "ledger" -}}
 {{- $c := index $table $name -}}
 {{- $v := index $.Values $c.key -}}
 {{- if $v.enabled -}}
@@ -163,6 +175,7 @@ How each Secret key reaches a binary: `env` is the variable holding the value, `
 ingest-api-keys: {env: PULSE_INGEST_API_KEYS, fileEnv: PULSE_INGEST_API_KEYS_FILE, optional: false}
 pii-hmac-key: {env: PULSE_INGEST_PII_HMAC_KEY, fileEnv: PULSE_INGEST_PII_HMAC_KEY_FILE, optional: false}
 query-api-tokens: {env: PULSE_QUERY_API_TOKENS, fileEnv: PULSE_QUERY_API_TOKENS_FILE, optional: false}
+ledger-query-token: {env: PULSE_LEDGER_QUERY_TOKEN, fileEnv: PULSE_LEDGER_QUERY_TOKEN_FILE, optional: false}
 clickhouse-password: {env: PULSE_CLICKHOUSE_PASSWORD, fileEnv: "", optional: true}
 s3-access-key: {env: PULSE_S3_ACCESS_KEY, fileEnv: "", optional: true}
 s3-secret-key: {env: PULSE_S3_SECRET_KEY, fileEnv: "", optional: true}
@@ -329,6 +342,13 @@ OTEL_EXPORTER_OTLP_ENDPOINT: {{ . | quote }}
 PULSE_KAFKA_BROKERS: {{ required "kafka.brokers is required" .Values.kafka.brokers | quote }}
 PULSE_KAFKA_PARTITIONS: {{ .Values.kafka.partitions | toString | quote }}
 PULSE_KAFKA_REPLICATION_FACTOR: {{ .Values.kafka.replicationFactor | toString | quote }}
+PULSE_KAFKA_MIN_INSYNC_REPLICAS: {{ .Values.kafka.minInsyncReplicas | toString | quote }}
+PULSE_KAFKA_EVENTS_RETENTION: {{ .Values.kafka.retention.events | quote }}
+PULSE_KAFKA_DLQ_RETENTION: {{ .Values.kafka.retention.dlq | quote }}
+PULSE_KAFKA_LATE_RETENTION: {{ .Values.kafka.retention.late | quote }}
+PULSE_KAFKA_AGGREGATES_RETENTION: {{ .Values.kafka.retention.aggregates | quote }}
+PULSE_KAFKA_PRODUCER_STALL_TIMEOUT: {{ .Values.kafka.producer.stallTimeout | quote }}
+PULSE_KAFKA_PRODUCER_LIVENESS_TIMEOUT: {{ .Values.kafka.producer.livenessTimeout | quote }}
 PULSE_KAFKA_COMPRESSION: {{ .Values.kafka.compression | quote }}
 {{- end -}}
 

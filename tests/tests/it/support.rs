@@ -12,6 +12,7 @@ pub mod ingest_server;
 pub mod kafka;
 pub mod registry;
 pub mod wait;
+pub mod writer_process;
 
 pub use wait::{Deadline, poll_until, wait_until};
 

@@ -12,15 +12,10 @@
 //! - A SIGTERM while ClickHouse is down stops the ClickHouse writer within its shutdown
 //!   timeout, and the buffered batch it could not write stays uncommitted.
 //!
-//! Standalone on purpose (its few helpers are inlined): it is written while `tests/` moves
-//! to one test binary, and will be moved into it with the shared support.
+//! The writer process, its topics and offsets are `support::writer_process`.
 
-use crate::support::child_process::{binary, free_port};
-use crate::support::cleanup::TempDir;
-use crate::support::metric_sum;
 use std::collections::BTreeSet;
 use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::Duration;
 
 use futures::TryStreamExt;
@@ -28,201 +23,41 @@ use object_store::ObjectStore as _;
 use prost::Message as _;
 use pulse_contracts::pb::events::v1 as ev;
 use pulse_contracts::{headers, wire};
-use pulse_platform::clickhouse::ClickHouseConfig;
-use pulse_platform::kafka::{KafkaProducer, OutRecord, TopicSpec, ensure_topics};
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use pulse_platform::kafka::{KafkaProducer, OutRecord};
 use rdkafka::message::OwnedHeaders;
-use rdkafka::{Offset, TopicPartitionList};
 use tokio::time::Instant;
 
-const PARTITIONS: i32 = 2;
+use crate::support::child_process::free_port;
+use crate::support::cleanup::{self, TempDir};
+use crate::support::writer_process::{WriterProcess, WriterTopics, committed_offsets, end_offsets};
+use crate::support::{Deadline, events, wait_until};
+
 const DEADLINE: Duration = Duration::from_secs(60);
 /// `--shutdown-timeout-ms` of every writer here.
 const SHUTDOWN_TIMEOUT_MS: &str = "2000";
 /// How long a writer may take to exit after SIGTERM (its shutdown timeout plus slack).
 const STOP_WITHIN: Duration = Duration::from_secs(20);
 
-/// The topics one writer reads and dead-letters to, unique per test.
-struct Topics {
-    events: String,
-    activity: String,
-    sessions: String,
-    dlq: String,
-}
-
-impl Topics {
-    async fn create() -> Self {
-        let t = Self {
-            events: pulse_tests::short_unique("blk_events"),
-            activity: pulse_tests::unique("blk_activity"),
-            sessions: pulse_tests::unique("blk_sessions"),
-            dlq: pulse_tests::unique("blk_dlq"),
-        };
-        let specs: Vec<TopicSpec> = [&t.events, &t.activity, &t.sessions, &t.dlq]
-            .iter()
-            .map(|name| TopicSpec::new(name.as_str(), PARTITIONS))
-            .collect();
-        ensure_topics(&pulse_tests::kafka(), &specs).await.unwrap();
-        t
-    }
-}
-
-/// A running `pulse-writer`; SIGKILLed when dropped.
-struct Writer {
-    child: Child,
-    admin: String,
-    log: PathBuf,
-}
-
-impl Writer {
-    /// Starts the binary with fast retries, a 2 s shutdown timeout, its admin server on a
-    /// free port, `args`, and stdout and stderr in `log`.
-    fn spawn(args: &[String], log: PathBuf) -> Self {
-        let admin = format!("127.0.0.1:{}", free_port());
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .unwrap();
-        let err = out.try_clone().unwrap();
-        let child = Command::new(binary("pulse-writer"))
-            .args([
-                "--kafka-brokers",
-                &pulse_tests::kafka().brokers,
-                "--retry-base-ms",
-                "100",
-                "--retry-max-ms",
-                "500",
-                "--admin-addr",
-                &admin,
-                "--log-format",
-                "text",
-            ])
-            .args(args)
-            // As an environment variable, so a writer that lacks the setting still starts.
-            .env("PULSE_WRITER_SHUTDOWN_TIMEOUT_MS", SHUTDOWN_TIMEOUT_MS)
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .unwrap();
-        Self { child, admin, log }
-    }
-
-    fn assert_running(&mut self) {
-        let status = self.child.try_wait().unwrap();
-        assert!(
-            status.is_none(),
-            "the writer exited ({status:?}); see {}",
-            self.log.display()
-        );
-    }
-
-    async fn get(&self, path: &str) -> Option<(u16, String)> {
-        let r = reqwest::Client::new()
-            .get(format!("http://{}{path}", self.admin))
-            .timeout(Duration::from_secs(5))
-            .send()
-            .await
-            .ok()?;
-        let status = r.status().as_u16();
-        Some((status, r.text().await.ok()?))
-    }
-
-    /// The sum of the samples of metric `name` whose labels contain each of `labels`.
-    async fn metric(&self, name: &str, labels: &[&str]) -> Option<f64> {
-        let (_, text) = self.get("/metrics").await?;
-        metric_sum(&text, name, labels)
-    }
-
-    /// Waits until `/readyz` answers `status` with a body containing `body`; returns the body.
-    async fn wait_readyz(&mut self, status: u16, body: &str) -> String {
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            self.assert_running();
-            let got = self.get("/readyz").await;
-            if let Some((s, b)) = &got
-                && *s == status
-                && b.contains(body)
-            {
-                return b.clone();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "/readyz never answered {status} with {body:?} (last: {got:?}); see {}",
-                self.log.display()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    /// Waits until metric `name{labels}` is at least `min`; returns its value.
-    async fn wait_metric(&mut self, name: &str, labels: &[&str], min: f64) -> f64 {
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            self.assert_running();
-            let v = self.metric(name, labels).await;
-            if let Some(v) = v.filter(|v| *v >= min) {
-                return v;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{name}{labels:?} stayed at {v:?}, below {min}; see {}",
-                self.log.display()
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    /// SIGTERM; the exit status if the process exits within `within`.
-    async fn terminate(&mut self, within: Duration) -> Option<ExitStatus> {
-        let sent = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(sent.success());
-        let deadline = Instant::now() + within;
-        while Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return Some(status);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        None
-    }
-}
-
-impl Drop for Writer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// Starts the writer with fast retries, a 2 s shutdown timeout and `args`.
+fn spawn(args: &[String], log: PathBuf) -> WriterProcess {
+    let mut all: Vec<String> = ["--retry-base-ms", "100", "--retry-max-ms", "500"]
+        .map(String::from)
+        .to_vec();
+    all.extend_from_slice(args);
+    // As an environment variable, so a writer that lacks the setting still starts.
+    WriterProcess::spawn(
+        &all,
+        &[("PULSE_WRITER_SHUTDOWN_TIMEOUT_MS", SHUTDOWN_TIMEOUT_MS)],
+        log,
+    )
 }
 
 fn event(id: &str, user: &str) -> ev::Event {
     let t = 1_764_000_000_000;
-    ev::Event {
-        event_id: id.into(),
-        schema_version: 1,
-        event_type: "page_view".into(),
-        key: Some(ev::EventKey {
-            user_id: user.into(),
-            session_id: String::new(),
-        }),
-        payload: Some(ev::Payload {
-            page: "/p".into(),
-            ..Default::default()
-        }),
-        metadata: Some(ev::Metadata {
-            event_timestamp_ms: t,
-            ..Default::default()
-        }),
-        ingest: Some(ev::IngestInfo {
-            ingest_timestamp_ms: t + 100,
-            ingest_source: "writer-blocking-test".into(),
-            protocol: "http".into(),
-        }),
-    }
+    events::event(id, user, t)
+        .page("/p")
+        .ingested(t + 100, "writer-blocking-test")
+        .build()
 }
 
 /// Produces the events `ids` (framed as the processor writes them, keyed by user) and
@@ -244,66 +79,33 @@ async fn produce(topic: &str, ids: &[String]) {
 
 /// The group's committed offsets on `topic`, summed over the partitions (0 where none).
 fn committed(group: &str, topic: &str) -> i64 {
-    let consumer: BaseConsumer = pulse_tests::kafka()
-        .client_config("writer-blocking-offsets")
-        .set("group.id", group)
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..PARTITIONS {
-        tpl.add_partition(topic, p);
-    }
-    let c = consumer
-        .committed_offsets(tpl, Duration::from_secs(10))
-        .unwrap();
-    (0..PARTITIONS)
-        .map(|p| match c.find_partition(topic, p).map(|e| e.offset()) {
-            Some(Offset::Offset(o)) => o,
-            _ => 0,
-        })
-        .sum()
+    committed_offsets(group, topic).iter().sum()
 }
 
-/// Records in `topic` (the sum of its partitions' high watermarks).
+/// Records in `topic` (the sum of its partitions' end offsets).
 fn records_in(topic: &str) -> i64 {
-    let consumer: BaseConsumer = pulse_tests::kafka()
-        .client_config("writer-blocking-offsets")
-        .create()
-        .unwrap();
-    (0..PARTITIONS)
-        .map(|p| {
-            consumer
-                .fetch_watermarks(topic, p, Duration::from_secs(10))
-                .unwrap()
-                .1
-        })
-        .sum()
+    end_offsets(topic).iter().sum()
 }
 
 /// Waits until the group's committed offsets on `topic` sum to `want`.
 async fn wait_committed(group: &str, topic: &str, want: i64) {
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        let c = committed(group, topic);
-        if c == want {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the committed offsets stay at {c}, not {want}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let what = format!("the committed offsets of {topic} to sum up to {want}");
+    wait_until(
+        Deadline::after(DEADLINE).every(Duration::from_millis(200)),
+        what,
+        async || {
+            let c = committed(group, topic);
+            if c == want { Ok(()) } else { Err(c) }
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_events_table_blocks_the_writer_without_dead_lettering_until_it_is_back() {
     let logs = TempDir::new("writer-blocking-ch");
-    let topics = Topics::create().await;
-    let ch = ClickHouseConfig {
-        database: pulse_tests::unique("pulse_writer_blocking"),
-        ..pulse_tests::clickhouse()
-    };
+    let topics = WriterTopics::create("blk").await;
+    let ch = cleanup::Database::unique("pulse_writer_blocking");
     let client = ch.client();
     let group = pulse_tests::unique("writer");
     let args: Vec<String> = [
@@ -323,19 +125,13 @@ async fn a_dropped_events_table_blocks_the_writer_without_dead_lettering_until_i
         // outlasts it, and a writer that stopped polling would leave its group.
         "--kafka-option",
         "max.poll.interval.ms=10000",
-        "--events-topic",
-        &topics.events,
-        "--user-activity-topic",
-        &topics.activity,
-        "--sessions-topic",
-        &topics.sessions,
-        "--dlq-topic",
-        &topics.dlq,
     ]
     .map(String::from)
-    .to_vec();
+    .into_iter()
+    .chain(topics.flags())
+    .collect();
     let log = logs.path().join("writer.log");
-    let mut writer = Writer::spawn(&args, log.clone());
+    let mut writer = spawn(&args, log.clone());
     writer.wait_readyz(200, "ready").await;
 
     // Working: the first event is written and committed.
@@ -414,26 +210,22 @@ async fn a_dropped_events_table_blocks_the_writer_without_dead_lettering_until_i
     let applied = pulse_storage::migrate::migrate(&ch).await.unwrap();
     assert!(!applied.is_empty());
     let want: BTreeSet<String> = ids.iter().cloned().collect();
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        writer.assert_running();
-        let stored: BTreeSet<String> = client
-            .query("SELECT DISTINCT event_id FROM events FINAL")
-            .fetch_all::<String>()
-            .await
-            .unwrap_or_default()
-            .into_iter()
-            .collect();
-        if stored == want {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "events FINAL holds {stored:?}, not {want:?}; see {}",
-            log.display()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_until(
+        Deadline::after(DEADLINE).every(Duration::from_millis(200)),
+        format!("events FINAL to hold {want:?}; see {}", log.display()),
+        async || {
+            writer.assert_running();
+            let stored: BTreeSet<String> = client
+                .query("SELECT DISTINCT event_id FROM events FINAL")
+                .fetch_all::<String>()
+                .await
+                .unwrap_or_default()
+                .into_iter()
+                .collect();
+            if stored == want { Ok(()) } else { Err(stored) }
+        },
+    )
+    .await;
     let once: u64 = client
         .query("SELECT count() FROM events FINAL")
         .fetch_one()
@@ -466,18 +258,14 @@ async fn a_dropped_events_table_blocks_the_writer_without_dead_lettering_until_i
     );
 
     drop(writer);
-    ch.server_client()
-        .query(&format!("DROP DATABASE {}", ch.database))
-        .execute()
-        .await
-        .unwrap();
+    drop(ch);
     drop(logs);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_s3_credentials_block_the_parquet_writer_and_sigterm_still_stops_it_in_time() {
     let logs = TempDir::new("writer-blocking-s3");
-    let topics = Topics::create().await;
+    let topics = WriterTopics::create("blk").await;
     let s3 = pulse_tests::s3();
     let prefix = pulse_tests::short_unique("blk");
     let group = pulse_tests::unique("writer_pq");
@@ -514,7 +302,7 @@ async fn refused_s3_credentials_block_the_parquet_writer_and_sigterm_still_stops
 
     // Rolls due after 200 ms: S3 refuses the first upload, the writer is blocked.
     let log = logs.path().join("writer-1.log");
-    let mut writer = Writer::spawn(&args("not-the-secret", "200"), log.clone());
+    let mut writer = spawn(&args("not-the-secret", "200"), log.clone());
     let body = writer.wait_readyz(503, "blocked: parquet: ").await;
     eprintln!("/readyz while S3 refuses the credentials: {body}");
     writer
@@ -530,8 +318,8 @@ async fn refused_s3_credentials_block_the_parquet_writer_and_sigterm_still_stops
 
     // A roll that is not due yet when SIGTERM comes: it is written at shutdown, S3 refuses
     // it, and the writer gives up after its shutdown timeout, committing nothing.
-    let log = logs.path().join("writer-3.log");
-    let mut writer = Writer::spawn(&args("not-the-secret", "600000"), log.clone());
+    let log = logs.path().join("writer-2.log");
+    let mut writer = spawn(&args("not-the-secret", "600000"), log.clone());
     writer
         .wait_metric(
             "pulse_kafka_consumed_records_total",
@@ -558,7 +346,7 @@ async fn refused_s3_credentials_block_the_parquet_writer_and_sigterm_still_stops
 
     // The successor with the right credentials archives every event and commits.
     let log = logs.path().join("writer-3.log");
-    let mut writer = Writer::spawn(&args(s3.secret_key.expose(), "200"), log);
+    let mut writer = spawn(&args(s3.secret_key.expose(), "200"), log);
     wait_committed(&group, &topics.events, 5).await;
     writer.wait_readyz(200, "ready").await;
     let objects: Vec<object_store::ObjectMeta> = s3
@@ -581,7 +369,7 @@ async fn refused_s3_credentials_block_the_parquet_writer_and_sigterm_still_stops
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_during_a_clickhouse_outage_stops_the_writer_in_time_without_committing() {
     let logs = TempDir::new("writer-blocking-down");
-    let topics = Topics::create().await;
+    let topics = WriterTopics::create("blk").await;
     let group = pulse_tests::unique("writer");
     // Nothing listens there: every insert fails with a connection error (transient).
     let down = format!("http://127.0.0.1:{}", free_port());
@@ -599,21 +387,15 @@ async fn sigterm_during_a_clickhouse_outage_stops_the_writer_in_time_without_com
         // Not due before SIGTERM: the batch is written by the shutdown's final flush.
         "--batch-max-age-ms",
         "600000",
-        "--events-topic",
-        &topics.events,
-        "--user-activity-topic",
-        &topics.activity,
-        "--sessions-topic",
-        &topics.sessions,
-        "--dlq-topic",
-        &topics.dlq,
     ]
     .map(String::from)
-    .to_vec();
+    .into_iter()
+    .chain(topics.flags())
+    .collect();
     let ids: Vec<String> = (0..5).map(|i| format!("e{i}")).collect();
     produce(&topics.events, &ids).await;
     let log = logs.path().join("writer.log");
-    let mut writer = Writer::spawn(&args, log.clone());
+    let mut writer = spawn(&args, log.clone());
     writer
         .wait_metric(
             "pulse_kafka_consumed_records_total",

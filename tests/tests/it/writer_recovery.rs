@@ -8,10 +8,9 @@
 //!   breaker and pauses consumption, so its memory stays bounded while the backlog grows in
 //!   Kafka; once ClickHouse is back everything lands exactly once.
 
-use crate::support::metric_sum;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use prost::Message as _;
@@ -19,155 +18,48 @@ use pulse_contracts::pb::events::v1 as ev;
 use pulse_contracts::{headers, wire};
 use pulse_platform::clickhouse::ClickHouseConfig;
 use pulse_platform::clock::now_ms;
-use pulse_platform::kafka::{AckFuture, KafkaProducer, OutRecord, TopicSpec};
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use pulse_platform::kafka::{AckFuture, KafkaProducer, OutRecord};
 use rdkafka::message::OwnedHeaders;
-use rdkafka::{Offset, TopicPartitionList};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::support::child_process::{binary, free_port};
+use crate::support::child_process::free_port;
 use crate::support::cleanup::{self, TempDir};
-use crate::support::{Deadline, events, wait_until};
-
-/// Partitions of the test topics.
-const PARTITIONS: i32 = 2;
+use crate::support::writer_process::{WriterProcess, WriterTopics, committed_offsets, end_offsets};
+use crate::support::{Deadline, events, metric_sum, wait_until};
 /// Rows per ClickHouse insert: small, so a run has many inserts and commits to land between.
 const BATCH_ROWS: &str = "500";
 
 const MIB: u64 = 1024 * 1024;
 
-/// The four topics one writer reads and dead-letters to, unique per test.
-struct Topics {
-    events: String,
-    activity: String,
-    sessions: String,
-    dlq: String,
-    _guard: cleanup::Topics,
-}
-
-impl Topics {
-    async fn create() -> Self {
-        let names = ["events", "user_activity", "sessions", "dlq"].map(pulse_tests::unique);
-        let specs: Vec<TopicSpec> = names
-            .iter()
-            .map(|name| TopicSpec::new(name, PARTITIONS))
-            .collect();
-        let guard = cleanup::Topics::create(&specs).await;
-        let [events, activity, sessions, dlq] = names;
-        Self {
-            events,
-            activity,
-            sessions,
-            dlq,
-            _guard: guard,
-        }
-    }
-
-    fn flags(&self) -> Vec<String> {
-        [
-            ("--events-topic", &self.events),
-            ("--user-activity-topic", &self.activity),
-            ("--sessions-topic", &self.sessions),
-            ("--dlq-topic", &self.dlq),
-        ]
-        .into_iter()
-        .flat_map(|(k, v)| [k.to_owned(), v.clone()])
-        .collect()
-    }
-}
-
-/// A running `pulse-writer --sink clickhouse`; SIGKILLed when dropped.
-struct Writer {
-    child: Child,
-    admin: String,
+/// Starts `pulse-writer --sink clickhouse` on `topics` with small batches, `extra` flags,
+/// and stdout and stderr in `log`.
+fn spawn(
+    topics: &WriterTopics,
+    ch: &ClickHouseConfig,
+    group: &str,
     log: PathBuf,
-}
-
-impl Writer {
-    /// Starts the binary with small batches, its admin server on a free port, `extra` flags,
-    /// and stdout and stderr in `log`.
-    fn spawn(
-        topics: &Topics,
-        ch: &ClickHouseConfig,
-        group: &str,
-        log: PathBuf,
-        extra: &[String],
-    ) -> Self {
-        let admin = format!("127.0.0.1:{}", free_port());
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)
-            .unwrap();
-        let err = out.try_clone().unwrap();
-        let child = Command::new(binary("pulse-writer"))
-            .args([
-                "--sink",
-                "clickhouse",
-                "--kafka-brokers",
-                &pulse_tests::kafka().brokers,
-                "--clickhouse-url",
-                &ch.url,
-                "--clickhouse-database",
-                &ch.database,
-                "--group-id",
-                group,
-                "--batch-max-rows",
-                BATCH_ROWS,
-                "--batch-max-age-ms",
-                "200",
-                "--admin-addr",
-                &admin,
-                "--log-format",
-                "text",
-            ])
-            .args(topics.flags())
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .spawn()
-            .unwrap();
-        Self { child, admin, log }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn assert_running(&mut self) {
-        let status = self.child.try_wait().unwrap();
-        assert!(
-            status.is_none(),
-            "the writer exited ({status:?}); see {}",
-            self.log.display()
-        );
-    }
-
-    /// SIGKILL: no flush, no final commit.
-    fn kill(&mut self) -> ExitStatus {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap()
-    }
-
-    /// The admin server's `/metrics` text, if it answers.
-    async fn metrics(&self) -> Option<String> {
-        let r = reqwest::Client::new()
-            .get(format!("http://{}/metrics", self.admin))
-            .timeout(Duration::from_secs(5))
-            .send()
-            .await
-            .ok()?;
-        r.text().await.ok()
-    }
-}
-
-impl Drop for Writer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    extra: &[String],
+) -> WriterProcess {
+    let mut args: Vec<String> = [
+        "--sink",
+        "clickhouse",
+        "--clickhouse-url",
+        &ch.url,
+        "--clickhouse-database",
+        &ch.database,
+        "--group-id",
+        group,
+        "--batch-max-rows",
+        BATCH_ROWS,
+        "--batch-max-age-ms",
+        "200",
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(topics.flags());
+    args.extend_from_slice(extra);
+    WriterProcess::spawn(&args, &[], log)
 }
 
 /// Resident set size of process `pid`, bytes (`VmRSS` of /proc/<pid>/status).
@@ -308,47 +200,6 @@ async fn wait_final_count(
     .await
 }
 
-/// The group's committed offset (the next record to read) per partition of `topic`; 0 where
-/// it has committed nothing.
-fn committed_offsets(group: &str, topic: &str) -> Vec<i64> {
-    let consumer: BaseConsumer = pulse_tests::kafka()
-        .client_config("writer-recovery-offsets")
-        .set("group.id", group)
-        .create()
-        .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..PARTITIONS {
-        tpl.add_partition(topic, p);
-    }
-    let committed = consumer
-        .committed_offsets(tpl, Duration::from_secs(10))
-        .unwrap();
-    (0..PARTITIONS)
-        .map(
-            |p| match committed.find_partition(topic, p).map(|e| e.offset()) {
-                Some(Offset::Offset(o)) => o,
-                _ => 0,
-            },
-        )
-        .collect()
-}
-
-/// The end offset (next offset to be written) per partition of `topic`.
-fn end_offsets(topic: &str) -> Vec<i64> {
-    let consumer: BaseConsumer = pulse_tests::kafka()
-        .client_config("writer-recovery-offsets")
-        .create()
-        .unwrap();
-    (0..PARTITIONS)
-        .map(|p| {
-            consumer
-                .fetch_watermarks(topic, p, Duration::from_secs(10))
-                .unwrap()
-                .1
-        })
-        .collect()
-}
-
 /// Distinct records (partition, offset) in `events` at or after `committed` of their
 /// partition: inserted, but not committed.
 async fn rows_beyond(client: &clickhouse::Client, committed: &[i64]) -> u64 {
@@ -399,7 +250,7 @@ async fn a_writer_killed_mid_batch_loses_nothing_and_duplicates_nothing() {
     const MAX_KILLS: usize = 3;
     let started = Instant::now();
     let logs = TempDir::new("writer-recovery-kill");
-    let topics = Topics::create().await;
+    let topics = WriterTopics::create("rec").await;
     let ch = cleanup::Database::unique("pulse_writer_kill");
     let client = ch.client();
     let group = pulse_tests::unique("writer");
@@ -412,7 +263,7 @@ async fn a_writer_killed_mid_batch_loses_nothing_and_duplicates_nothing() {
         format!("group.instance.id={group}-member"),
     ];
     let mut log = logs.path().join("writer-1.log");
-    let mut writer = Writer::spawn(&topics, &ch, &group, log.clone(), &static_member);
+    let mut writer = spawn(&topics, &ch, &group, log.clone(), &static_member);
 
     // The events are produced while the writers consume them.
     let producing = {
@@ -482,7 +333,7 @@ async fn a_writer_killed_mid_batch_loses_nothing_and_duplicates_nothing() {
         kills.push(kill);
         kill_at = raw_rows + 2_000;
         log = logs.path().join(format!("writer-{}.log", kills.len() + 1));
-        writer = Writer::spawn(&topics, &ch, &group, log.clone(), &static_member);
+        writer = spawn(&topics, &ch, &group, log.clone(), &static_member);
     }
     assert!(
         kills.iter().any(|k| k.replayed > 0),
@@ -645,7 +496,7 @@ async fn a_30_second_clickhouse_outage_under_load_loses_nothing_and_memory_stays
     let started = Instant::now();
     let dir = TempDir::new("writer-recovery-outage");
     let server = DedicatedClickHouse::start(&dir.path().join("stack"));
-    let topics = Topics::create().await;
+    let topics = WriterTopics::create("rec").await;
     let ch = ClickHouseConfig {
         url: server.url(),
         database: pulse_tests::unique("pulse_writer_outage"),
@@ -655,7 +506,7 @@ async fn a_30_second_clickhouse_outage_under_load_loses_nothing_and_memory_stays
     let log = dir.path().join("writer.log");
     // The breaker opens after 4 failures in a row (~1.5–3 s of backoff) and then probes
     // every 3 s, so most of the outage runs with the circuit open, and recovery is quick.
-    let mut writer = Writer::spawn(
+    let mut writer = spawn(
         &topics,
         &ch,
         &pulse_tests::unique("writer"),

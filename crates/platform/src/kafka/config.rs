@@ -4,6 +4,7 @@
 use rdkafka::ClientConfig;
 
 use crate::config::{Problems, Validate};
+use crate::kafka::topics::TopicSettings;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct KafkaConfig {
@@ -21,13 +22,9 @@ pub struct KafkaConfig {
         default_value_t = 3
     )]
     pub partitions: i32,
-    /// Replication factor for topics this service creates.
-    #[arg(
-        long = "kafka-replication-factor",
-        env = "PULSE_KAFKA_REPLICATION_FACTOR",
-        default_value_t = 1
-    )]
-    pub replication_factor: i32,
+    /// Replication factor, `min.insync.replicas` and retention of the topics created.
+    #[command(flatten)]
+    pub topics: TopicSettings,
     /// Producer: how long to wait to fill a batch before sending.
     #[arg(
         long = "kafka-linger-ms",
@@ -88,6 +85,16 @@ pub struct KafkaConfig {
         value_parser = humantime::parse_duration
     )]
     pub producer_stall_timeout: std::time::Duration,
+    /// A producer that has delivered nothing for this long while its deliveries kept
+    /// failing (recreating it every stall timeout did not help) fails `/livez`, so the
+    /// orchestrator restarts the process; longer than the stall timeout; `0s` turns it off.
+    #[arg(
+        long = "kafka-producer-liveness-timeout",
+        env = "PULSE_KAFKA_PRODUCER_LIVENESS_TIMEOUT",
+        default_value = "3m",
+        value_parser = humantime::parse_duration
+    )]
+    pub producer_liveness_timeout: std::time::Duration,
     /// Extra librdkafka properties, `key=value`, repeatable or comma-separated
     /// (e.g. `security.protocol=SASL_SSL`). Applied last.
     #[arg(
@@ -103,7 +110,7 @@ impl Default for KafkaConfig {
         Self {
             brokers: "127.0.0.1:9092".into(),
             partitions: 3,
-            replication_factor: 1,
+            topics: TopicSettings::default(),
             linger_ms: 5,
             queue_max_messages: 100_000,
             message_timeout_ms: 30_000,
@@ -112,6 +119,7 @@ impl Default for KafkaConfig {
             session_timeout_ms: 10_000,
             statistics_interval_ms: 5_000,
             producer_stall_timeout: std::time::Duration::from_secs(30),
+            producer_liveness_timeout: std::time::Duration::from_secs(180),
             options: Vec::new(),
         }
     }
@@ -177,11 +185,7 @@ impl Validate for KafkaConfig {
             "--kafka-partitions / PULSE_KAFKA_PARTITIONS",
             format!("must be >= 1, got {}", self.partitions),
         );
-        p.check(
-            self.replication_factor >= 1,
-            "--kafka-replication-factor / PULSE_KAFKA_REPLICATION_FACTOR",
-            format!("must be >= 1, got {}", self.replication_factor),
-        );
+        self.topics.validate(p);
         p.check(
             ["none", "gzip", "snappy", "lz4", "zstd"].contains(&self.compression.as_str()),
             "--kafka-compression / PULSE_KAFKA_COMPRESSION",
@@ -204,6 +208,16 @@ impl Validate for KafkaConfig {
             self.producer_stall_timeout >= std::time::Duration::from_secs(1),
             "--kafka-producer-stall-timeout / PULSE_KAFKA_PRODUCER_STALL_TIMEOUT",
             "must be at least 1s",
+        );
+        p.check(
+            self.producer_liveness_timeout.is_zero()
+                || self.producer_liveness_timeout > self.producer_stall_timeout,
+            "--kafka-producer-liveness-timeout / PULSE_KAFKA_PRODUCER_LIVENESS_TIMEOUT",
+            format!(
+                "must be longer than the stall timeout ({}) so recreating the producer is tried first, or 0s (off); got {}",
+                humantime::format_duration(self.producer_stall_timeout),
+                humantime::format_duration(self.producer_liveness_timeout)
+            ),
         );
         for o in self.options.iter().filter(|o| !o.trim().is_empty()) {
             p.check(
@@ -245,6 +259,46 @@ mod tests {
         ] {
             assert!(text.contains(needle), "{needle} missing in {text}");
         }
+    }
+
+    #[test]
+    fn the_clap_defaults_are_the_rust_defaults() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            kafka: KafkaConfig,
+        }
+        let parsed = <Cli as clap::Parser>::try_parse_from(["x"]).unwrap().kafka;
+        assert_eq!(parsed.topics, TopicSettings::default());
+        assert_eq!(
+            parsed.producer_liveness_timeout,
+            KafkaConfig::default().producer_liveness_timeout
+        );
+        let single = <Cli as clap::Parser>::try_parse_from([
+            "x",
+            "--kafka-replication-factor",
+            "1",
+            "--kafka-min-insync-replicas",
+            "1",
+        ])
+        .unwrap()
+        .kafka;
+        assert_eq!(single.topics, TopicSettings::single_broker());
+    }
+
+    #[test]
+    fn a_liveness_timeout_not_longer_than_the_stall_timeout_is_refused() {
+        let cfg = KafkaConfig {
+            producer_liveness_timeout: std::time::Duration::from_secs(30),
+            ..KafkaConfig::default()
+        };
+        let text = validate_all(&[&cfg]).unwrap_err().to_string();
+        assert!(text.contains("--kafka-producer-liveness-timeout"), "{text}");
+        let off = KafkaConfig {
+            producer_liveness_timeout: std::time::Duration::ZERO,
+            ..KafkaConfig::default()
+        };
+        validate_all(&[&off]).unwrap();
     }
 
     #[test]

@@ -27,7 +27,7 @@ pub enum RebalanceEvent {
     /// These partitions are being taken away; their stored offsets were committed first.
     Revoked(Vec<(String, i32)>),
     /// The rebalance failed (the group will retry).
-    Error(String),
+    Error(KafkaError),
 }
 
 /// Called before the commit that hands partitions away (see [`KafkaConsumer::before_revoke`]).
@@ -151,7 +151,7 @@ impl ConsumerContext for PulseConsumerContext {
             Rebalance::Error(e) => {
                 metrics::counter!(m::KAFKA_REBALANCES_TOTAL, "kind" => "error").increment(1);
                 tracing::warn!(error = %e, "rebalance failed");
-                let _ = self.events.send(RebalanceEvent::Error(e.to_string()));
+                let _ = self.events.send(RebalanceEvent::Error(e.clone()));
             }
         }
         let assigned = consumer.assignment().map(|a| a.count()).unwrap_or(0);
@@ -274,7 +274,34 @@ impl KafkaConsumer {
         self.inner.committed(timeout)
     }
 
-    /// The underlying consumer, for pause/resume, seek and metadata.
+    /// Stops fetching every assigned partition, keeping the group membership (records
+    /// already fetched are dropped by librdkafka and fetched again after
+    /// [`resume_all`](Self::resume_all), from the last one handed over). A partition
+    /// assigned later is not paused. Best effort: a failure is logged.
+    pub fn pause_all(&self) {
+        match self.inner.assignment() {
+            Ok(a) => {
+                if let Err(e) = self.inner.pause(&a) {
+                    tracing::warn!(error = %e, "pausing the assigned partitions failed");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "reading the assignment to pause failed"),
+        }
+    }
+
+    /// Resumes fetching every assigned partition (see [`pause_all`](Self::pause_all)).
+    pub fn resume_all(&self) {
+        match self.inner.assignment() {
+            Ok(a) => {
+                if let Err(e) = self.inner.resume(&a) {
+                    tracing::warn!(error = %e, "resuming the assigned partitions failed");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "reading the assignment to resume failed"),
+        }
+    }
+
+    /// The underlying consumer, for seek and metadata.
     pub fn raw(&self) -> &StreamConsumer<PulseConsumerContext> {
         &self.inner
     }

@@ -138,10 +138,51 @@ pub async fn enqueue_with_wait(
 /// Delivery outcomes the producer's health is judged by.
 #[derive(Debug, Default)]
 struct Delivery {
-    /// The first failed delivery since the last acknowledgement.
+    /// The first failed delivery since the last acknowledgement (reset when the client
+    /// is recreated, so a fresh client gets a full stall timeout).
     failing_since: Option<Instant>,
     /// librdkafka's fatal error, if one was raised (the client cannot produce again).
     fatal: Option<String>,
+    /// Like `failing_since`, and the newest failure, but kept across recreations: what
+    /// liveness is judged by ([`liveness_failure`]).
+    undelivered_since: Option<Instant>,
+    last_failure: Option<Instant>,
+}
+
+impl Delivery {
+    fn acknowledged(&mut self) {
+        self.failing_since = None;
+        self.undelivered_since = None;
+    }
+
+    fn failed(&mut self, now: Instant) {
+        self.failing_since.get_or_insert(now);
+        self.undelivered_since.get_or_insert(now);
+        self.last_failure = Some(now);
+    }
+}
+
+/// Why a producer should count as dead at `now` (liveness fails, the process is
+/// restarted), if it should: its deliveries have failed with no acknowledgement since
+/// the first failure `undelivered_since`, for at least `limit`, and they are still
+/// failing (the newest failure is less than `limit` old; a producer that merely has had
+/// nothing to send since a failure is not dead). A zero `limit` turns it off.
+pub fn liveness_failure(
+    undelivered_since: Option<Instant>,
+    last_failure: Option<Instant>,
+    now: Instant,
+    limit: Duration,
+) -> Option<String> {
+    let (first, last) = (undelivered_since?, last_failure?);
+    let undelivered = now.saturating_duration_since(first);
+    let quiet = now.saturating_duration_since(last);
+    (!limit.is_zero() && undelivered >= limit && quiet < limit).then(|| {
+        format!(
+            "kafka producer delivered nothing for {} s while every delivery failed (liveness timeout {} s)",
+            undelivered.as_secs(),
+            limit.as_secs()
+        )
+    })
 }
 
 fn lock(d: &Mutex<Delivery>) -> std::sync::MutexGuard<'_, Delivery> {
@@ -254,6 +295,18 @@ impl KafkaProducer {
             })
     }
 
+    /// Why this producer should fail liveness, if it should (see [`liveness_failure`]),
+    /// with its config's `--kafka-producer-liveness-timeout`.
+    pub fn dead(&self) -> Option<String> {
+        let d = lock(&self.shared.delivery);
+        liveness_failure(
+            d.undelivered_since,
+            d.last_failure,
+            Instant::now(),
+            self.shared.cfg.producer_liveness_timeout,
+        )
+    }
+
     /// Replaces the client by a new one (a new producer id, so the broker sees no stale
     /// idempotence sequence). Records still queued on the old client fail, so their
     /// callers answer with an error and clients retry; nothing is acknowledged that the
@@ -272,7 +325,12 @@ impl KafkaProducer {
                 .unwrap_or_else(std::sync::PoisonError::into_inner),
             fresh,
         );
-        *lock(&self.shared.delivery) = Delivery::default();
+        {
+            // A fresh client starts a new stall period; liveness keeps counting.
+            let mut d = lock(&self.shared.delivery);
+            d.failing_since = None;
+            d.fatal = None;
+        }
         self.shared.recreated.fetch_add(1, Ordering::Relaxed);
         metrics::counter!(m::KAFKA_PRODUCER_RECREATED_TOTAL).increment(1);
         // The old client fails what it still holds (purge) once its last handle is gone.
@@ -344,13 +402,17 @@ impl RecordProducer for KafkaProducer {
                     };
                     match &result {
                         Ok(_) => {
-                            lock(&health).failing_since = None;
+                            lock(&health).acknowledged();
                             metrics::counter!(m::KAFKA_PRODUCED_TOTAL, "topic" => topic.clone()).increment(1);
                             metrics::histogram!(m::KAFKA_PRODUCE_ACK_SECONDS, "topic" => topic)
                                 .record(started.elapsed().as_secs_f64());
                         }
                         Err(e) => {
-                            lock(&health).failing_since.get_or_insert_with(Instant::now);
+                            // A refusal of this record (too large, invalid) proves the
+                            // broker answers: it says nothing about the producer.
+                            if e.is_retryable() {
+                                lock(&health).failed(Instant::now());
+                            }
                             metrics::counter!(m::KAFKA_PRODUCE_ERRORS_TOTAL, "topic" => topic, "kind" => e.kind())
                                 .increment(1);
                         }
@@ -375,6 +437,9 @@ impl RecordProducer for KafkaProducer {
 /// the reason, and the client is recreated (at most once per `stall`); readiness returns
 /// as soon as the producer is healthy again. For a broker that stalls, or that accepts
 /// connections but fails every request, this is what turns endless 503s into recovery.
+/// When recreating does not help either ([`KafkaProducer::dead`]: nothing delivered for
+/// the liveness timeout), `/livez` fails for `component` so the orchestrator restarts
+/// the process; it passes again once a delivery succeeds.
 pub fn spawn_watchdog(
     producer: KafkaProducer,
     health: Health,
@@ -388,6 +453,15 @@ pub fn spawn_watchdog(
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            match producer.dead() {
+                None => health.revive(component),
+                Some(reason) => {
+                    if !health.is_dead() {
+                        tracing::error!(reason, component, "kafka producer failing liveness");
+                    }
+                    health.fail_liveness(component, reason);
+                }
             }
             match producer.unhealthy(stall) {
                 None => health.unblock(component),
@@ -404,4 +478,113 @@ pub fn spawn_watchdog(
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn liveness_fails_only_after_failing_for_the_whole_limit_and_while_still_failing() {
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        assert_eq!(
+            liveness_failure(None, None, at(600), MIN),
+            None,
+            "never failed"
+        );
+        assert_eq!(
+            liveness_failure(Some(t0), Some(at(59)), at(59), MIN),
+            None,
+            "failing for less than the limit"
+        );
+        let dead = liveness_failure(Some(t0), Some(at(59)), at(60), MIN).unwrap();
+        assert!(dead.contains("delivered nothing for 60 s"), "{dead}");
+        assert_eq!(
+            liveness_failure(Some(t0), Some(at(10)), at(70), MIN),
+            None,
+            "one failure, then nothing to send: not dead"
+        );
+        assert_eq!(
+            liveness_failure(Some(t0), Some(at(59)), at(60), Duration::ZERO),
+            None,
+            "0 turns it off"
+        );
+    }
+
+    #[test]
+    fn an_acknowledgement_clears_the_failure_and_a_recreation_does_not() {
+        let mut d = Delivery::default();
+        let t0 = Instant::now();
+        d.failed(t0);
+        d.failed(t0 + Duration::from_secs(5));
+        assert_eq!(d.undelivered_since, Some(t0));
+        // What `recreate` resets: the stall period, not the liveness period.
+        d.failing_since = None;
+        d.failed(t0 + Duration::from_secs(9));
+        assert_eq!(d.failing_since, Some(t0 + Duration::from_secs(9)));
+        assert_eq!(d.undelivered_since, Some(t0));
+        d.acknowledged();
+        assert_eq!((d.failing_since, d.undelivered_since), (None, None));
+    }
+
+    /// No broker listens on the address: every delivery times out. The watchdog blocks
+    /// readiness and recreates the client after the stall timeout, and once nothing was
+    /// delivered for the liveness timeout it fails liveness.
+    #[tokio::test]
+    async fn a_producer_that_never_delivers_fails_readiness_then_liveness() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port(); // released at once: nothing listens there
+        let cfg = KafkaConfig {
+            message_timeout_ms: 1_000,
+            producer_stall_timeout: Duration::from_secs(1),
+            producer_liveness_timeout: Duration::from_secs(3),
+            ..KafkaConfig::for_brokers(format!("127.0.0.1:{port}"))
+        };
+        let producer = KafkaProducer::new(&cfg, "liveness-test").unwrap();
+        let health = Health::new();
+        health.set_ready(true);
+        let stop = CancellationToken::new();
+        let watchdog = spawn_watchdog(
+            producer.clone(),
+            health.clone(),
+            "kafka-producer",
+            cfg.producer_stall_timeout,
+            stop.clone(),
+        );
+        let started = Instant::now();
+        let mut was_blocked = false;
+        while !health.is_dead() {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "liveness never failed"
+            );
+            if let Ok(ack) = producer.enqueue(OutRecord::new("t", None, b"x".to_vec())) {
+                tokio::spawn(ack);
+            }
+            was_blocked |= health.blocked().is_some();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert!(
+            started.elapsed() >= Duration::from_secs(3),
+            "dead too early"
+        );
+        assert!(was_blocked, "readiness was never blocked");
+        assert!(producer.recreated() >= 1, "the client was never recreated");
+        assert!(
+            health
+                .dead()
+                .unwrap()
+                .contains("kafka-producer: kafka producer delivered nothing"),
+            "{:?}",
+            health.dead()
+        );
+        stop.cancel();
+        watchdog.await.unwrap();
+    }
 }

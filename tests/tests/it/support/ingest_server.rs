@@ -7,20 +7,32 @@ use std::time::Duration;
 
 use clap::Parser;
 use pulse_ingest::pipeline::Framer;
-use pulse_platform::kafka::{KafkaConfig, KafkaProducer, TopicSpec};
+use pulse_platform::kafka::{
+    KafkaConfig, KafkaProducer, TopicKind, TopicSettings, TopicSpec, ensure_topics,
+};
 use rdkafka::Message;
 use rdkafka::message::OwnedMessage;
 
 use super::cleanup;
 
 /// Creates the events topic (2 partitions) and the DLQ (`dlq_partitions`) on the test
-/// broker; they are deleted when the guard is dropped.
+/// broker, with their kinds' retention and one replica (the test broker is a single
+/// one); they are deleted when the guard is dropped.
 pub async fn create_topics(events: &str, dlq: &str, dlq_partitions: i32) -> cleanup::Topics {
-    cleanup::Topics::create(&[
-        TopicSpec::new(events, 2),
-        TopicSpec::new(dlq, dlq_partitions),
-    ])
+    let kafka = KafkaConfig {
+        topics: TopicSettings::single_broker(),
+        ..pulse_tests::kafka()
+    };
+    ensure_topics(
+        &kafka,
+        &[
+            TopicSpec::of(TopicKind::Events, events, 2),
+            TopicSpec::of(TopicKind::Dlq, dlq, dlq_partitions),
+        ],
+    )
     .await
+    .unwrap();
+    cleanup::Topics::adopt([events, dlq])
 }
 
 /// `pulse-ingest` flags for `kafka`, the topics, `api_keys` and `hmac_key`, then `extra`.

@@ -1,8 +1,9 @@
-//! Talking to ingest: one batch over HTTP (`POST /v1/events`, a JSON array) or gRPC
-//! (unary `SendEvents`), answered with one result per event; retries of 503/429 (and
+//! The client of ingest's API: one batch over HTTP (`POST /v1/events`, a JSON array) or
+//! gRPC (unary `SendEvents`), answered with one result per event; retries of 503/429 (and
 //! `UNAVAILABLE`/`RESOURCE_EXHAUSTED`) honouring Retry-After, and of transport failures,
 //! with backoff. Shared by `loadgen` and `dlq redrive`; what to send is left to them.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use pulse_contracts::pb::events::v1 as pb;
@@ -23,8 +24,28 @@ pub struct Answer {
     pub reason: Option<String>,
 }
 
+/// Why a client for ingest could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("building the HTTP client: {0}")]
+    Http(#[source] reqwest::Error),
+    #[error("{url}: {source}")]
+    Url {
+        url: String,
+        source: tonic::transport::Error,
+    },
+    #[error("{url}: {}", chain(source))]
+    Connect {
+        url: String,
+        source: tonic::transport::Error,
+    },
+}
+
+/// A request's failure on the way, with its causes.
+pub type Cause = Arc<dyn std::error::Error + Send + Sync>;
+
 /// Why a request got no per-event answer.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum SendError {
     /// 503/429 (or their gRPC codes): nothing of the batch counted; retry after the wait.
     #[error("ingest answered {status}: {reason}")]
@@ -34,15 +55,24 @@ pub enum SendError {
         retry_after: Option<Duration>,
     },
     /// No answer (connection refused or reset, timeout): the outcome is unknown.
-    #[error("transport failure: {0}")]
-    Transport(String),
+    #[error("transport failure: {}", chain(source.as_ref()))]
+    Transport { source: Cause },
     /// An error answer a retry cannot fix (400, 401, 413, 415, …).
     #[error("ingest answered {status}: {reason}")]
     Refused { status: String, reason: String },
 }
 
+impl SendError {
+    /// No answer because of `e`.
+    pub fn transport(e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self::Transport {
+            source: Arc::new(e),
+        }
+    }
+}
+
 /// An error with its causes (`error sending request: connection refused`).
-fn chain(e: &dyn std::error::Error) -> String {
+fn chain(e: &(dyn std::error::Error + '_)) -> String {
     let mut text = e.to_string();
     let mut cause = e.source();
     while let Some(c) = cause {
@@ -66,11 +96,11 @@ pub struct HttpIngest {
 
 impl HttpIngest {
     /// `target` is the base URL (`http://127.0.0.1:8080`); events go to `/v1/events`.
-    pub fn new(target: &str, api_key: &str, timeout: Duration) -> Result<Self, String> {
+    pub fn new(target: &str, api_key: &str, timeout: Duration) -> Result<Self, ClientError> {
         let client = reqwest::Client::builder()
             .timeout(timeout)
             .build()
-            .map_err(|e| e.to_string())?;
+            .map_err(ClientError::Http)?;
         Ok(Self {
             client,
             url: format!("{}/v1/events", target.trim_end_matches('/')),
@@ -88,7 +118,7 @@ impl HttpIngest {
             .body(body)
             .send()
             .await
-            .map_err(|e| SendError::Transport(chain(&e)))?;
+            .map_err(SendError::transport)?;
         let status = resp.status();
         let retry_after = resp
             .headers()
@@ -96,10 +126,7 @@ impl HttpIngest {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse::<u64>().ok())
             .map(Duration::from_secs);
-        let text = resp
-            .text()
-            .await
-            .map_err(|e| SendError::Transport(chain(&e)))?;
+        let text = resp.text().await.map_err(SendError::transport)?;
         let value: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
         if !status.is_success() {
             let reason = value["error"]["reason"]
@@ -161,15 +188,21 @@ pub struct GrpcIngest {
 }
 
 impl GrpcIngest {
-    pub async fn connect(url: &str, api_key: &str, timeout: Duration) -> Result<Self, String> {
+    pub async fn connect(url: &str, api_key: &str, timeout: Duration) -> Result<Self, ClientError> {
         let endpoint = tonic::transport::Endpoint::from_shared(url.to_owned())
-            .map_err(|e| format!("{url}: {e}"))?
+            .map_err(|source| ClientError::Url {
+                url: url.to_owned(),
+                source,
+            })?
             .timeout(timeout)
             .connect_timeout(timeout);
         let channel = endpoint
             .connect()
             .await
-            .map_err(|e| format!("{url}: {}", chain(&e)))?;
+            .map_err(|source| ClientError::Connect {
+                url: url.to_owned(),
+                source,
+            })?;
         Ok(Self {
             client: IngestServiceClient::new(channel),
             api_key: api_key.to_owned(),
@@ -224,7 +257,7 @@ impl GrpcIngest {
                     );
                 let reason = status.message().to_owned();
                 Err(match status.code() {
-                    _ if no_answer => SendError::Transport(chain(&status)),
+                    _ if no_answer => SendError::transport(status),
                     tonic::Code::Unavailable | tonic::Code::ResourceExhausted => {
                         SendError::Retryable {
                             status: code,
@@ -274,7 +307,8 @@ impl Retry {
         let first = tokio::time::Instant::now();
         let mut backoff = Duration::from_millis(200);
         let mut d = Delivery {
-            result: Err(SendError::Transport("not sent".into())),
+            // Replaced by the first attempt's result (the loop runs at least once).
+            result: Ok(Vec::new()),
             attempts: 0,
             latencies: Vec::new(),
             unanswered_attempt: false,
@@ -285,12 +319,12 @@ impl Retry {
             d.attempts += 1;
             let result = attempt().await;
             match &result {
-                Err(SendError::Transport(_)) => d.unanswered_attempt = true,
+                Err(SendError::Transport { .. }) => d.unanswered_attempt = true,
                 _ => d.latencies.push(started.elapsed()),
             }
             let wait = match &result {
                 Err(SendError::Retryable { retry_after, .. }) => retry_after.unwrap_or(backoff),
-                Err(SendError::Transport(_)) => backoff,
+                Err(SendError::Transport { .. }) => backoff,
                 Ok(_) | Err(SendError::Refused { .. }) => {
                     d.result = result;
                     return d;
@@ -344,13 +378,15 @@ mod tests {
                             reason: "busy".into(),
                             retry_after: Some(Duration::from_secs(2)),
                         }),
-                        1 => Err(SendError::Transport("reset".into())),
+                        1 => Err(SendError::transport(std::io::Error::from(
+                            std::io::ErrorKind::ConnectionReset,
+                        ))),
                         _ => Ok(accepted()),
                     }
                 }
             })
             .await;
-        assert_eq!(d.result, Ok(accepted()));
+        assert_eq!(d.result.unwrap(), accepted());
         assert_eq!(d.attempts, 3);
         assert!(d.unanswered_attempt);
         assert!(started.elapsed() >= Duration::from_millis(2_400));
@@ -373,7 +409,9 @@ mod tests {
         assert_eq!(d.attempts, 1);
         let d = retry
             .run(&stop, || async {
-                Err(SendError::Transport("refused".into()))
+                Err(SendError::transport(std::io::Error::from(
+                    std::io::ErrorKind::ConnectionRefused,
+                )))
             })
             .await;
         assert!(d.result.is_err());

@@ -1,0 +1,285 @@
+//! Everything the ledger reads, held open between reconciliations (so `ledger watch` reads
+//! each topic record and each archive object once): the tails of the events, late and DLQ
+//! topics feeding a [`Book`], ClickHouse (`pulse_storage::ledger`), the Parquet archive
+//! (objects cached by key: their names are deterministic and their content fixed), and
+//! the query API. Also the rule that says when a range is closed.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use object_store::ObjectStore;
+use object_store::path::Path as ObjectPath;
+use pulse_storage::ledger as store;
+
+use super::book::Book;
+use super::reconcile::{Report, Stored, reconcile};
+use super::topic::{TopicTail, open_async, read_async};
+use super::{LedgerError, SourceArgs, revenue};
+use crate::replay::read;
+
+const HOUR_MS: i64 = 3_600_000;
+
+/// Now, epoch ms.
+pub fn now_ms() -> i64 {
+    pulse_platform::clock::now_ms()
+}
+
+/// What decides whether a range is closed, as read at one moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Horizon {
+    /// The latest end of a final window in ClickHouse: the processor's watermark has
+    /// passed it plus the allowed lateness, so no window ending at or before it changes.
+    pub final_window_end_ms: Option<i64>,
+    /// Now − allowed lateness − settle: the writers have flushed what came before.
+    pub settled_ms: i64,
+}
+
+impl Horizon {
+    /// Ranges ending at or before this are closed.
+    pub fn closed_until(&self) -> Option<i64> {
+        self.final_window_end_ms.map(|f| f.min(self.settled_ms))
+    }
+}
+
+/// Refuses a range whose end is not closed, saying which condition is missing.
+pub fn check_closed(to: i64, h: &Horizon) -> Result<(), LedgerError> {
+    let t = crate::rfc3339;
+    match h.final_window_end_ms {
+        None => Err(LedgerError::NotClosed(format!(
+            "the range is not closed: no window ending at or after --to {} is final yet (the processor's watermark has not passed --to plus the allowed lateness); try again later or choose an earlier --to",
+            t(to)
+        ))),
+        Some(f) if to > f => Err(LedgerError::NotClosed(format!(
+            "the range is not closed: --to {} is after the latest final window end {} (the processor's watermark has not passed --to plus the allowed lateness yet); try again later or choose an earlier --to",
+            t(to),
+            t(f)
+        ))),
+        Some(_) if to > h.settled_ms => Err(LedgerError::NotClosed(format!(
+            "the range is not closed: --to {} is less than the allowed lateness plus --settle before now (writers may still be flushing it; latest settled end {})",
+            t(to),
+            t(h.settled_ms)
+        ))),
+        Some(_) => Ok(()),
+    }
+}
+
+/// The ledger's open sources.
+pub struct Sources {
+    args: SourceArgs,
+    events: Arc<Mutex<TopicTail>>,
+    late: Arc<Mutex<TopicTail>>,
+    dlq: Arc<Mutex<TopicTail>>,
+    pub book: Book,
+    store: Option<Arc<dyn ObjectStore>>,
+    /// Archive object → (its hour folder's start, its rows' ids and event times).
+    archive_cache: HashMap<ObjectPath, (i64, Vec<(String, i64)>)>,
+    http: reqwest::Client,
+    token: pulse_platform::secret::Secret,
+}
+
+impl std::fmt::Debug for Sources {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sources")
+            .field("accepted", &self.book.accepted.len())
+            .field("archive_objects", &self.archive_cache.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Sources {
+    /// Opens the topics at `keep_from` minus the scan margin, keeping event times in
+    /// `[keep_from, keep_to)`.
+    pub async fn open(
+        args: &SourceArgs,
+        keep_from: i64,
+        keep_to: i64,
+    ) -> Result<Self, LedgerError> {
+        let start = keep_from
+            .saturating_sub(i64::try_from(args.scan_margin.as_millis()).unwrap_or(i64::MAX));
+        let t = args.read_timeout;
+        let events = open_async(&args.kafka, &args.events_topic, Some(start), t).await?;
+        let late = open_async(&args.kafka, &args.late_topic, Some(start), t).await?;
+        let dlq = open_async(&args.kafka, &args.dlq_topic, Some(start), t).await?;
+        let store = if args.skip_archive {
+            None
+        } else {
+            Some(args.s3.object_store()?)
+        };
+        Ok(Self {
+            args: args.clone(),
+            events: Arc::new(Mutex::new(events)),
+            late: Arc::new(Mutex::new(late)),
+            dlq: Arc::new(Mutex::new(dlq)),
+            book: Book::new(keep_from, keep_to),
+            store,
+            archive_cache: HashMap::new(),
+            http: reqwest::Client::new(),
+            token: args.token()?,
+        })
+    }
+
+    /// Reads what the topics got since the last call into the book.
+    pub async fn catch_up(&mut self) -> Result<(), LedgerError> {
+        let t = self.args.read_timeout;
+        // Events first: the late and dead-letter records of every event read are produced
+        // after it, so reading them second finds those of all but the newest events (which
+        // `reconcile` leaves out as in flight).
+        // Each read is kept as soon as it succeeded: a tail does not give records twice.
+        let events = read_async(&self.events, t).await?;
+        self.book.add_events(&events);
+        let late = read_async(&self.late, t).await?;
+        self.book.add_late(&late);
+        let dlq = read_async(&self.dlq, t).await?;
+        self.book.add_dlq(&dlq, &self.args.events_topic);
+        Ok(())
+    }
+
+    /// Where closed ranges end now, looking at final windows starting at or after
+    /// `since` (the start of the last window of the range to close: older days are not
+    /// read).
+    pub async fn closed_horizon(&self, since: i64, now: i64) -> Result<Horizon, LedgerError> {
+        let lateness = self.args.windowing.allowed_lateness_ms;
+        let settle = i64::try_from(self.args.settle.as_millis()).unwrap_or(i64::MAX);
+        Ok(Horizon {
+            final_window_end_ms: store::final_window_end(&self.args.clickhouse.client(), since)
+                .await?,
+            settled_ms: now.saturating_sub(lateness).saturating_sub(settle),
+        })
+    }
+
+    /// The archive's ids and event times in `[from, to)`.
+    async fn archive(
+        &mut self,
+        store: &Arc<dyn ObjectStore>,
+        from: i64,
+        to: i64,
+    ) -> Result<HashMap<String, i64>, LedgerError> {
+        let mut out = HashMap::new();
+        let first_hour = from.div_euclid(HOUR_MS) * HOUR_MS;
+        for (i, bucket) in read::hour_folders(from, to).iter().enumerate() {
+            let hour_ms = first_hour + i64::try_from(i).unwrap_or(0) * HOUR_MS;
+            let folder = read::folder_path(&self.args.s3, bucket);
+            for key in read::list_folder(store.as_ref(), &folder).await? {
+                if !self.archive_cache.contains_key(&key) {
+                    let (_, rows) = read::read_object(store, &key, i64::MIN, i64::MAX)
+                        .await
+                        .map_err(|e| LedgerError::Archive {
+                            key: key.to_string(),
+                            reason: e.to_string(),
+                        })?;
+                    let rows = rows
+                        .into_iter()
+                        .map(|r| (r.event_id, r.event_time_ms))
+                        .collect();
+                    self.archive_cache.insert(key.clone(), (hour_ms, rows));
+                }
+                if let Some((_, rows)) = self.archive_cache.get(&key) {
+                    for (id, t) in rows {
+                        if (from..to).contains(t) {
+                            out.insert(id.clone(), *t);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// What the stores hold for `[from, to)`.
+    pub async fn stored(&mut self, from: i64, to: i64) -> Result<Stored, LedgerError> {
+        let ch = self.args.clickhouse.client();
+        let clickhouse = store::event_ids(&ch, from, to)
+            .await?
+            .into_iter()
+            .map(|r| (r.event_id, r.time_ms))
+            .collect();
+        let windows = store::user_windows(&ch, from, to).await?;
+        let archive = match self.store.clone() {
+            Some(s) => Some(self.archive(&s, from, to).await?),
+            None => None,
+        };
+        let served_revenue: Option<BTreeMap<(i64, String), i128>> = if self.args.skip_revenue {
+            None
+        } else {
+            Some(
+                revenue::served(
+                    &self.http,
+                    &self.args.query_url,
+                    &self.token,
+                    from,
+                    to,
+                    self.args.read_timeout,
+                )
+                .await?,
+            )
+        };
+        Ok(Stored {
+            clickhouse,
+            archive,
+            windows,
+            served_revenue,
+        })
+    }
+
+    /// Reconciles `[from, to)` with what the book holds now (call [`Self::catch_up`] first).
+    pub async fn reconcile(&mut self, from: i64, to: i64) -> Result<Report, LedgerError> {
+        let stored = self.stored(from, to).await?;
+        let settle = i64::try_from(self.args.settle.as_millis()).unwrap_or(i64::MAX);
+        Ok(reconcile(
+            &self.book,
+            &stored,
+            (from, to),
+            self.args.window_ms(),
+            now_ms().saturating_sub(settle),
+        ))
+    }
+
+    /// Forgets what came before `t` (reconciled): book entries and archive objects of
+    /// hours ending at or before it.
+    pub fn forget_before(&mut self, t: i64) {
+        self.book.forget_before(t);
+        // Objects of hours still open stay listed (not read again); only their rows of
+        // times not reconciled yet are kept, so memory follows the open span, not the hour.
+        self.archive_cache
+            .retain(|_, (hour_ms, _)| hour_ms.saturating_add(HOUR_MS) > t);
+        for (_, rows) in self.archive_cache.values_mut() {
+            rows.retain(|(_, et)| *et >= t);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const T: i64 = 1_764_028_800_000;
+
+    #[test]
+    fn a_range_is_closed_only_when_final_and_settled() {
+        let h = Horizon {
+            final_window_end_ms: Some(T),
+            settled_ms: T + 60_000,
+        };
+        assert_eq!(h.closed_until(), Some(T));
+        assert!(check_closed(T, &h).is_ok());
+        let e = check_closed(T + 60_000, &h).unwrap_err().to_string();
+        assert!(e.contains("after the latest final window end"), "{e}");
+        let h2 = Horizon {
+            final_window_end_ms: Some(T + 120_000),
+            settled_ms: T,
+        };
+        let e = check_closed(T + 60_000, &h2).unwrap_err().to_string();
+        assert!(e.contains("--settle"), "{e}");
+        let none = Horizon {
+            final_window_end_ms: None,
+            settled_ms: T,
+        };
+        assert_eq!(none.closed_until(), None);
+        assert!(
+            check_closed(T - 60_000, &none)
+                .unwrap_err()
+                .to_string()
+                .contains("no window ending at or after --to")
+        );
+    }
+}

@@ -1,0 +1,658 @@
+//! `pulsectl ledger` against the real pipeline: the processor, the ClickHouse writer, the
+//! Parquet sink and the query API run in-process on the real broker, ClickHouse 18.16 and
+//! s3s-fs, with topics, a database and an archive prefix of their own. A clean range
+//! (with a duplicate record and a late event) reconciles to zero; a range that is not
+//! closed yet is refused; events produced while the Parquet sink is down are named as
+//! missing from the archive; rows deleted from ClickHouse are named; a changed aggregate
+//! is a revenue difference; the binary exits 0 and 1 accordingly; and `ledger watch`
+//! exports the same findings as `pulse_ledger_*` metrics on its admin port, counting an
+//! event that arrives after its window was reconciled as unchecked.
+
+use std::time::Duration;
+
+use clap::Parser;
+use pulse_contracts::headers;
+use pulse_contracts::pb::events::v1 as ev;
+use pulse_platform::clickhouse::ClickHouseConfig;
+use pulse_platform::kafka::{KafkaProducer, TopicSpec};
+use pulse_query_api::Servers;
+use pulse_storage::rows::ActivityRow;
+use pulse_tests::short_unique;
+use pulsectl::ledger::{LedgerArgs, LedgerError, Path, Report, SourceArgs, check};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::support::child_process::binary;
+use crate::support::{archive, cleanup, events, kafka, metric_sum, registry, wait_until};
+
+/// 2025-11-24T16:00:00Z: an hour boundary in the past.
+const B0: i64 = 1_764_000_000_000 / 3_600_000 * 3_600_000;
+const M: i64 = 60_000;
+const TOKEN: &str = "ledger-test-token";
+const DEADLINE: Duration = Duration::from_secs(45);
+
+struct Pipeline {
+    events: String,
+    late: String,
+    dlq: String,
+    prefix: String,
+    ch: ClickHouseConfig,
+    stop: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    parquet: Option<archive::Sink>,
+    parquet_group: String,
+    api: Servers,
+    api_base: String,
+    registry: registry::Registry,
+    _topics: cleanup::Topics,
+    _database: cleanup::Database,
+}
+
+async fn pipeline() -> Pipeline {
+    let kafka = pulse_tests::kafka();
+    let events = short_unique("lg_ev");
+    let [activity, sessions, late, dlq] =
+        ["lg_act", "lg_ses", "lg_late", "lg_dlq"].map(pulse_tests::unique);
+    let topics = cleanup::Topics::create(
+        &[&events, &activity, &sessions, &late, &dlq]
+            .iter()
+            .map(|t| TopicSpec::new(t.as_str(), 1))
+            .collect::<Vec<_>>(),
+    )
+    .await;
+    let registry = registry::start(&kafka).await;
+    registry::register_aggregates(&registry, &[&activity, &sessions]).await;
+    let database = cleanup::Database::unique("pulse_ledger");
+    let ch = ClickHouseConfig::clone(&database);
+    let stop = CancellationToken::new();
+    let mut tasks = Vec::new();
+
+    let processor = pulse_processor::Config::parse_from([
+        "pulse-processor",
+        "--kafka-brokers",
+        &kafka.brokers,
+        "--schema-registry-url",
+        &format!("http://{}", registry.addr),
+        "--group-id",
+        &pulse_tests::unique("lg_proc"),
+        "--window-ms",
+        "60000",
+        "--allowed-lateness-ms",
+        "30000",
+        "--max-out-of-orderness-ms",
+        "1000",
+        "--emit-interval-ms",
+        "100",
+        "--events-topic",
+        &events,
+        "--user-activity-topic",
+        &activity,
+        "--sessions-topic",
+        &sessions,
+        "--late-topic",
+        &late,
+    ]);
+    let processor = pulse_processor::build(&processor).await.unwrap();
+    let s = stop.clone();
+    tasks.push(tokio::spawn(async move {
+        processor.run(s).await.unwrap();
+    }));
+
+    let writer = pulse_writer::Config::parse_from([
+        "pulse-writer",
+        "--kafka-brokers",
+        &kafka.brokers,
+        "--clickhouse-url",
+        &ch.url,
+        "--clickhouse-database",
+        &ch.database,
+        "--group-id",
+        &pulse_tests::unique("lg_ch"),
+        "--batch-max-age-ms",
+        "200",
+        "--events-topic",
+        &events,
+        "--user-activity-topic",
+        &activity,
+        "--sessions-topic",
+        &sessions,
+        "--dlq-topic",
+        &dlq,
+    ]);
+    let sink = pulse_writer::build_clickhouse(&writer).await.unwrap();
+    let s = stop.clone();
+    tasks.push(tokio::spawn(async move {
+        sink.run(s).await.unwrap();
+    }));
+
+    let prefix = short_unique("lg");
+    let parquet_group = pulse_tests::unique("lg_pq");
+    let parquet = archive::Sink::start(&archive::parquet_config(
+        &events,
+        &dlq,
+        &parquet_group,
+        &prefix,
+        &[
+            "--kafka-partitions",
+            "1",
+            "--clickhouse-url",
+            "http://127.0.0.1:1",
+            "--parquet-freshness",
+            "false",
+            "--parquet-max-age-ms",
+            "200",
+        ],
+    ))
+    .await;
+
+    let api = pulse_query_api::Config::parse_from([
+        "pulse-query-api",
+        "--api-tokens",
+        TOKEN,
+        "--clickhouse-url",
+        &ch.url,
+        "--clickhouse-database",
+        &ch.database,
+        "--window-ms",
+        "60000",
+        "--allowed-lateness-ms",
+        "30000",
+        "--freshness-cache-ms",
+        "0",
+    ]);
+    let state = pulse_query_api::AppState::new(&api).unwrap();
+    let api = pulse_query_api::serve(
+        TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        state,
+        stop.clone(),
+    )
+    .await
+    .unwrap();
+    let api_base = format!("http://{}", api.http_addr);
+    Pipeline {
+        events,
+        late,
+        dlq,
+        prefix,
+        ch,
+        stop,
+        tasks,
+        parquet: Some(parquet),
+        parquet_group,
+        api,
+        api_base,
+        registry,
+        _topics: topics,
+        _database: database,
+    }
+}
+
+impl Pipeline {
+    /// The ledger's flags for this pipeline, then `extra`.
+    fn argv(&self, extra: &[&str]) -> Vec<String> {
+        let mut v: Vec<String> = [
+            "--events-topic",
+            &self.events,
+            "--late-topic",
+            &self.late,
+            "--dlq-topic",
+            &self.dlq,
+            "--kafka-brokers",
+            &pulse_tests::kafka().brokers,
+            "--clickhouse-url",
+            &self.ch.url,
+            "--clickhouse-database",
+            &self.ch.database,
+            "--query-url",
+            &self.api_base,
+            "--query-token",
+            TOKEN,
+            "--window-ms",
+            "60000",
+            "--allowed-lateness-ms",
+            "30000",
+            "--settle",
+            "0s",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        v.extend(archive::s3_flags(&self.prefix));
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    }
+
+    fn sources(&self) -> SourceArgs {
+        let mut argv = vec![
+            "pulsectl".to_owned(),
+            "ledger".to_owned(),
+            "--from".to_owned(),
+            "0".to_owned(),
+            "--to".to_owned(),
+            "1".to_owned(),
+        ];
+        argv.extend(self.argv(&[]));
+        match pulsectl::Cli::parse_from(argv).command {
+            pulsectl::Command::Ledger(a) => {
+                let LedgerArgs { sources, .. } = *a;
+                sources
+            }
+            other => panic!("not ledger: {other:?}"),
+        }
+    }
+
+    async fn ledger(&self, from: i64, to: i64) -> Report {
+        check(from, to, &self.sources()).await.unwrap()
+    }
+
+    async fn produce(&self, es: &[ev::Event]) {
+        let p = KafkaProducer::new(&pulse_tests::kafka(), "ledger-test").unwrap();
+        for e in es {
+            let id = [(headers::EVENT_ID, e.event_id.as_str())];
+            archive::send_event(&p, &self.events, 0, e, &id, None).await;
+        }
+    }
+
+    async fn count(&self, sql: &str) -> u64 {
+        self.ch
+            .client()
+            .query(sql)
+            .fetch_one::<u64>()
+            .await
+            .unwrap()
+    }
+
+    /// Waits until the latest final window ends at or after `end` and `events` rows of
+    /// distinct ids are in ClickHouse.
+    async fn wait_stored(&self, end: i64, events: u64) {
+        wait_until(
+            DEADLINE,
+            format!("final windows to {end} and {events} events"),
+            async || {
+                let f = self
+                    .count(
+                        "SELECT toUInt64(max(window_end_ms)) FROM user_activity WHERE is_final = 1",
+                    )
+                    .await;
+                let n = self
+                    .count("SELECT toUInt64(uniqExact(event_id)) FROM events")
+                    .await;
+                if f >= end as u64 && n == events {
+                    Ok(())
+                } else {
+                    Err((f, n))
+                }
+            },
+        )
+        .await;
+    }
+
+    async fn shutdown(mut self) {
+        if let Some(p) = self.parquet.take() {
+            p.stop().await;
+        }
+        self.stop.cancel();
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        self.api.wait().await.unwrap();
+        self.registry.stop().await.unwrap();
+    }
+}
+
+/// Event `id` of `user` at `B0 + t` ms, ingested 500 ms later; a purchase when `amount`.
+fn event(id: &str, user: &str, t: i64, amount: Option<(&str, i64)>) -> ev::Event {
+    let e = events::event(id, user, B0 + t).ingested(B0 + t + 500, "lg");
+    match amount {
+        Some((c, a)) => e.purchase(c, a),
+        None => e.page("/p"),
+    }
+    .build()
+}
+
+/// Range A: [B0, B0 + 2 min), 4 users, purchases in EUR and USD, one id sent twice.
+fn range_a() -> Vec<ev::Event> {
+    let mut v = Vec::new();
+    for i in 0..24 {
+        let user = format!("u{}", i % 4);
+        let amount = match i % 6 {
+            0 => Some(("EUR", 10_500_000 + i)),
+            3 => Some(("USD", 1_000_001)),
+            _ => None,
+        };
+        v.push(event(&format!("a{i}"), &user, i * 5_000, amount));
+    }
+    v.push(v[5].clone()); // the same id again (a replay): harmless
+    v
+}
+
+fn ids(r: &Report, path: Path) -> Vec<String> {
+    r.paths[&path]
+        .missing
+        .iter()
+        .map(|i| i.event_id.clone())
+        .collect()
+}
+
+#[tokio::test]
+async fn the_ledger_reconciles_a_clean_range_and_names_what_a_store_lost() {
+    let mut p = pipeline().await;
+    let a = range_a();
+    p.produce(&a).await;
+    // u9 far later moves the watermark past [B0, B0 + 2 min) + lateness: final.
+    p.produce(&[event("close1", "u9", 200_000, None)]).await;
+    p.wait_stored(B0 + 2 * M, 25).await;
+    // A late event of range A: on the late topic, stored, archived, not aggregated.
+    p.produce(&[event("late1", "u1", 10_000, None)]).await;
+    wait_until(DEADLINE, "the late event on the late topic", async || {
+        let n = kafka::read_to_end(&pulse_tests::kafka(), &p.late)
+            .await
+            .len();
+        if n == 1 { Ok(()) } else { Err(n) }
+    })
+    .await;
+    p.wait_stored(B0 + 2 * M, 26).await;
+    archive::wait_committed_to_end("ledger-test", &p.parquet_group, &p.events, 1).await;
+
+    // A clean range: every state adds up, revenue equal to the micro.
+    let r = p.ledger(B0, B0 + 2 * M).await;
+    let lines = r.lines(20).join("\n");
+    assert!(!r.is_mismatch(), "{lines}");
+    assert_eq!(r.windows.len(), 2);
+    let total = |f: fn(&pulsectl::ledger::reconcile::WindowRow) -> u64| {
+        r.windows.iter().map(f).sum::<u64>()
+    };
+    assert_eq!(total(|w| w.accepted), 25, "{lines}");
+    assert_eq!(total(|w| w.clickhouse), 25, "{lines}");
+    assert_eq!(total(|w| w.archive.unwrap()), 25, "{lines}");
+    assert_eq!(total(|w| w.late), 1, "{lines}");
+    assert_eq!(total(|w| w.aggregated), 24, "{lines}");
+    assert_eq!(r.topic_copies, 1);
+    let revenue = r.revenue.clone().unwrap();
+    let eur: i128 = (0..24)
+        .filter(|i| i % 6 == 0)
+        .map(|i| i128::from(10_500_000 + i))
+        .sum();
+    assert_eq!(
+        revenue
+            .iter()
+            .map(|x| (x.hour_ms, x.currency.as_str(), x.raw, x.served))
+            .collect::<Vec<_>>(),
+        [(B0, "EUR", eur, eur), (B0, "USD", 4_000_004, 4_000_004)],
+        "{lines}"
+    );
+
+    // A range that is not closed yet is refused, naming why.
+    let e = check(B0 + 10 * M, B0 + 11 * M, &p.sources())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, LedgerError::NotClosed(_)), "{e}");
+    assert!(e.to_string().contains("the range is not closed: no window ending at or after --to 2025-11-24T16:11:00Z is final yet"), "{e}");
+
+    // Range B is produced while the Parquet sink is down: never archived.
+    if let Some(sink) = p.parquet.take() {
+        sink.stop().await;
+    }
+    let b: Vec<ev::Event> = (0..5)
+        .map(|i| event(&format!("b{i}"), "u5", 4 * M + i * 7_000, None))
+        .collect();
+    p.produce(&b).await;
+    p.produce(&[event("close2", "u9", 400_000, None)]).await;
+    p.wait_stored(B0 + 5 * M, 32).await;
+    let r = p.ledger(B0 + 4 * M, B0 + 5 * M).await;
+    let lines = r.lines(20).join("\n");
+    assert_eq!(
+        ids(&r, Path::Archive),
+        ["b0", "b1", "b2", "b3", "b4"],
+        "{lines}"
+    );
+    assert!(r.paths[&Path::Clickhouse].is_clean(), "{lines}");
+    assert!(r.paths[&Path::Aggregate].is_clean(), "{lines}");
+    assert!(lines.contains("missing in archive: b0 ("), "{lines}");
+    assert!(
+        lines.contains("result: MISMATCH — archive: 5 missing"),
+        "{lines}"
+    );
+
+    // Rows deleted in ClickHouse are named on the clickhouse path only.
+    p.ch.client()
+        .query("ALTER TABLE events DELETE WHERE event_id IN ('a3', 'a7')")
+        .execute()
+        .await
+        .unwrap();
+    wait_until(DEADLINE, "the deletion to apply", async || {
+        let n = p
+            .count("SELECT toUInt64(count()) FROM events WHERE event_id IN ('a3', 'a7')")
+            .await;
+        if n == 0 { Ok(()) } else { Err(n) }
+    })
+    .await;
+    let r = p.ledger(B0, B0 + 2 * M).await;
+    let lines = r.lines(20).join("\n");
+    assert_eq!(ids(&r, Path::Clickhouse), ["a3", "a7"], "{lines}");
+    assert!(r.paths[&Path::Archive].is_clean(), "{lines}");
+    assert!(r.paths[&Path::Aggregate].is_clean(), "{lines}");
+    assert!(r.revenue_mismatches().is_empty(), "{lines}");
+
+    // A newer version of u0's first window with one cent more EUR: the counts still
+    // agree, the revenue does not.
+    let mut row: ActivityRow = p
+        .ch
+        .client()
+        .query("SELECT ?fields FROM user_activity WHERE user_id = 'u0' AND window_start_ms = ? ORDER BY version DESC LIMIT 1")
+        .bind(B0)
+        .fetch_one()
+        .await
+        .unwrap();
+    let eur_at = row
+        .revenue_currencies
+        .iter()
+        .position(|c| c == "EUR")
+        .unwrap();
+    row.revenue_micros[eur_at] += 10_000;
+    row.version += 1_000;
+    let client = p.ch.client();
+    let mut ins = client.insert::<ActivityRow>("user_activity").await.unwrap();
+    ins.write(&row).await.unwrap();
+    ins.end().await.unwrap();
+    let r = p.ledger(B0, B0 + 2 * M).await;
+    let lines = r.lines(20).join("\n");
+    let bad = r.revenue_mismatches();
+    assert_eq!(bad.len(), 1, "{lines}");
+    assert_eq!(
+        (bad[0].currency.as_str(), bad[0].delta()),
+        ("EUR", 10_000),
+        "{lines}"
+    );
+    assert!(lines.contains("delta 0.01  MISMATCH"), "{lines}");
+    assert!(r.paths[&Path::Aggregate].is_clean(), "{lines}");
+
+    // The binary: a mismatch exits 1 naming it; a clean range exits 0.
+    let run = |from: i64, to: i64| {
+        let mut argv = vec![
+            "ledger".to_owned(),
+            "--from".to_owned(),
+            pulse_platform::clock::rfc3339(from),
+            "--to".to_owned(),
+            to.to_string(),
+        ];
+        argv.extend(p.argv(&[]));
+        // On the blocking pool: the in-process query API must keep answering meanwhile.
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(binary("pulsectl"))
+                .args(argv)
+                .output()
+                .unwrap()
+        })
+    };
+    let out = run(B0, B0 + 2 * M).await.unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("missing in clickhouse: a3 ("),
+        "{stdout}\n{stderr}"
+    );
+    assert!(stderr.contains("clickhouse: 2 missing"), "{stderr}");
+    assert!(
+        stderr.contains("revenue: 1 hour/currency bucket(s) differ"),
+        "{stderr}"
+    );
+    let out = run(B0 + 2 * M, B0 + 4 * M).await.unwrap();
+    assert!(
+        out.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // `ledger watch` reconciles every closed window from its look-back and exports it.
+    let lookback_s = (pulse_platform::clock::now_ms() - B0) / 1000 + 1;
+    let mut argv = vec![
+        "pulsectl".to_owned(),
+        "ledger".to_owned(),
+        "watch".to_owned(),
+        "--interval".to_owned(),
+        "200ms".to_owned(),
+        "--lookback".to_owned(),
+        format!("{lookback_s}s"),
+    ];
+    argv.extend(p.argv(&[]));
+    let pulsectl::Command::Ledger(args) = pulsectl::Cli::parse_from(argv).command else {
+        panic!("not ledger")
+    };
+    let Some(pulsectl::ledger::LedgerCommand::Watch(watch)) = args.command else {
+        panic!("not ledger watch")
+    };
+    let (ctx, admin) =
+        pulse_platform::service::start("ledger", TcpListener::bind("127.0.0.1:0").await.unwrap())
+            .unwrap();
+    let metrics_url = format!("http://{}/metrics", ctx.admin_addr);
+    let watch_ctx = ctx.clone();
+    let task =
+        tokio::spawn(async move { pulsectl::ledger::watch::watch(&watch, &watch_ctx).await });
+    let scrape = wait_until(
+        DEADLINE,
+        "ledger watch to reconcile up to B0 + 5 min",
+        async || {
+            let text = reqwest::get(&metrics_url)
+                .await
+                .map_err(|e| e.to_string())?
+                .text()
+                .await
+                .map_err(|e| e.to_string())?;
+            match metric_sum(&text, "pulse_ledger_last_reconciled_timestamp_seconds", &[]) {
+                Some(t) if t >= ((B0 + 5 * M) / 1000) as f64 => Ok(text),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    let sum = |name: &str, labels: &[&str]| metric_sum(&scrape, name, labels).unwrap_or(-1.0);
+    assert_eq!(
+        sum(
+            "pulse_ledger_missing_events_total",
+            &["path=\"clickhouse\""]
+        ),
+        2.0,
+        "{scrape}"
+    );
+    assert_eq!(
+        sum("pulse_ledger_missing_events_total", &["path=\"archive\""]),
+        5.0,
+        "{scrape}"
+    );
+    assert_eq!(
+        sum("pulse_ledger_missing_events_total", &["path=\"aggregate\""]),
+        0.0,
+        "{scrape}"
+    );
+    // 25 of range A, close1, 5 of range B.
+    assert_eq!(
+        sum(
+            "pulse_ledger_checked_events_total",
+            &["path=\"clickhouse\""]
+        ),
+        31.0,
+        "{scrape}"
+    );
+    assert_eq!(
+        sum("pulse_ledger_events_total", &["state=\"accepted\""]),
+        31.0,
+        "{scrape}"
+    );
+    assert_eq!(
+        sum("pulse_ledger_events_total", &["state=\"late\""]),
+        1.0,
+        "{scrape}"
+    );
+    assert_eq!(
+        sum(
+            "pulse_ledger_revenue_mismatches_total",
+            &["currency=\"EUR\""]
+        ),
+        1.0,
+        "{scrape}"
+    );
+    assert_eq!(
+        sum("pulse_ledger_revenue_delta_micros", &["currency=\"USD\""]),
+        0.0,
+        "{scrape}"
+    );
+    assert!(
+        sum("pulse_ledger_runs_total", &["result=\"mismatch\""]) >= 2.0,
+        "{scrape}"
+    );
+    assert!(
+        sum("pulse_ledger_runs_total", &["result=\"ok\""]) >= 1.0,
+        "{scrape}"
+    );
+    for name in [
+        "pulse_ledger_duplicate_events_total",
+        "pulse_ledger_unexpected_events_total",
+        "pulse_ledger_closed_timestamp_seconds",
+    ] {
+        assert!(
+            metric_sum(&scrape, name, &[]).is_some(),
+            "{name} missing:\n{scrape}"
+        );
+    }
+    assert!(
+        scrape.contains("# HELP pulse_ledger_missing_events_total"),
+        "{scrape}"
+    );
+    assert_eq!(
+        sum("pulse_ledger_unchecked_events_total", &[]),
+        0.0,
+        "{scrape}"
+    );
+    // An event of a window `watch` has reconciled already is counted as unchecked, not
+    // lost and not in the reconciled counters.
+    p.produce(&[event("late2", "u2", 30_000, None)]).await;
+    wait_until(
+        DEADLINE,
+        "the late arrival counted as unchecked",
+        async || {
+            let text = reqwest::get(&metrics_url)
+                .await
+                .map_err(|e| e.to_string())?
+                .text()
+                .await
+                .map_err(|e| e.to_string())?;
+            let unchecked = metric_sum(&text, "pulse_ledger_unchecked_events_total", &[]);
+            let accepted = metric_sum(&text, "pulse_ledger_events_total", &["state=\"accepted\""]);
+            match (unchecked, accepted) {
+                (Some(1.0), Some(31.0)) => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        },
+    )
+    .await;
+    ctx.shutdown.trigger();
+    task.await.unwrap().unwrap();
+    admin.stop().await;
+    p.shutdown().await;
+}
