@@ -17,6 +17,12 @@
 //! request, a disconnected client — releases the id, so a client's retry of an
 //! event that was never stored is never answered `duplicate`.
 //!
+//! Rejected events are deduplicated in the same set under a separate key space
+//! ([`dlq_key`]): the id a rejected event claims is reserved while its DLQ record
+//! waits for the broker and confirmed once it is acknowledged, so a client's
+//! retry of a batch does not write the same rejection to the DLQ twice. Both key
+//! spaces share the one capacity bound.
+//!
 //! The window runs from the first accepted sighting: a duplicate does not
 //! extend it. Time is passed in by the caller, so the set is deterministic in
 //! tests.
@@ -109,6 +115,38 @@ impl Inner {
                 .is_some_and(|live| live.generation == seen.generation)
         });
     }
+}
+
+/// Most bytes of a rejected event's claimed id kept verbatim in its [`dlq_key`];
+/// longer (invalid) ids are kept as their SHA-256, so a key never exceeds ~70 bytes.
+const MAX_VERBATIM_DLQ_ID: usize = 128;
+
+/// The dedup key of a rejected event that claims `event_id` (its DLQ record), or
+/// `None` when it claims none (an event without a readable string id cannot be
+/// deduplicated: a derived id needs a valid event). The key space cannot collide
+/// with accepted event ids: `/` and `#` are not in the event id character set
+/// (`A-Z a-z 0-9 . _ : -`), and a derived id starts with `d-`.
+pub fn dlq_key(event_id: &str) -> Option<String> {
+    use sha2::{Digest, Sha256};
+    if event_id.is_empty() {
+        return None;
+    }
+    if event_id.len() <= MAX_VERBATIM_DLQ_ID {
+        return Some(format!("dlq/{event_id}"));
+    }
+    let digest = Sha256::digest(event_id.as_bytes());
+    let mut key = String::with_capacity(4 + 64);
+    key.push_str("dlq#");
+    for b in digest {
+        use std::fmt::Write;
+        let _ = write!(key, "{b:02x}");
+    }
+    Some(key)
+}
+
+/// Whether `key` is a [`dlq_key`] (a rejected event's), not an accepted event's id.
+pub fn is_dlq_key(key: &str) -> bool {
+    key.starts_with("dlq/") || key.starts_with("dlq#")
 }
 
 /// A bounded, time-windowed set of recently seen event ids (one per ingest
@@ -543,6 +581,37 @@ mod tests {
         drop(r);
         assert!(waiter.await.unwrap(), "a release wakes the waiter");
         assert!(set.settled("never-seen", Duration::ZERO).await);
+    }
+
+    #[test]
+    fn dlq_keys_are_bounded_and_never_collide_with_event_ids() {
+        assert_eq!(dlq_key(""), None, "no id: nothing to deduplicate");
+        assert_eq!(dlq_key("lg-1-1170").as_deref(), Some("dlq/lg-1-1170"));
+        // A valid event id may contain ':', so a `dlq:` prefix could collide; `/` cannot.
+        let valid_id = "dlq:lg-1";
+        assert_ne!(dlq_key("lg-1").as_deref(), Some(valid_id));
+        let long = "x".repeat(10_000);
+        let key = dlq_key(&long).unwrap();
+        assert!(key.starts_with("dlq#") && key.len() == 68, "{key}");
+        assert_eq!(dlq_key(&long), Some(key), "stable");
+        assert_ne!(dlq_key(&long), dlq_key(&"x".repeat(10_001)));
+        let key = dlq_key(&"y".repeat(128)).unwrap();
+        assert_eq!(key.len(), 132, "128 bytes are kept verbatim");
+        assert!(is_dlq_key(&key) && is_dlq_key(&dlq_key(&long).unwrap()));
+        assert!(!is_dlq_key("lg-1-1170") && !is_dlq_key("dlq:lg-1") && !is_dlq_key("d-00"));
+    }
+
+    #[test]
+    fn a_rejected_id_and_an_accepted_id_are_separate_entries() {
+        let set = Arc::new(DedupSet::new(10, WINDOW));
+        let t0 = Instant::now();
+        let key = dlq_key("a").unwrap();
+        claimed(&set, &key, t0).confirm();
+        assert!(matches!(set.claim(&key, t0), Claim::Duplicate));
+        // The same id as a valid event is still new (a fixed event is stored).
+        claimed(&set, "a", t0).confirm();
+        assert_eq!(set.len(), 2);
+        set.check_invariants();
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub const BODY_BYTES: &str = "pulse_ingest_body_bytes";
 pub const PRODUCE_ACK_SECONDS: &str = "pulse_ingest_batch_ack_seconds";
 pub const DEDUP_SET_SIZE: &str = "pulse_ingest_dedup_set_size";
 pub const DLQ_TRUNCATED_TOTAL: &str = "pulse_ingest_dlq_truncated_total";
+pub const DLQ_DEDUPLICATED_TOTAL: &str = "pulse_ingest_dlq_deduplicated_total";
 pub const DEDUP_IN_FLIGHT_WAITS_TOTAL: &str = "pulse_ingest_dedup_in_flight_waits_total";
 pub const PRODUCER_QUEUE_DEPTH: &str = "pulse_ingest_producer_queue_depth";
 pub const PII_CHANGES_TOTAL: &str = "pulse_ingest_pii_changes_total";
@@ -31,6 +32,10 @@ pub fn describe() {
     describe_counter!(
         DLQ_TRUNCATED_TOTAL,
         "DLQ records whose original was longer than --max-dlq-original-bytes and was cut (flagged with pulse-original-size)."
+    );
+    describe_counter!(
+        DLQ_DEDUPLICATED_TOTAL,
+        "Rejected events answered `rejected` again without a new DLQ record: a DLQ record of the same event id was already acknowledged within the dedup window (a client's retry)."
     );
     describe_counter!(
         DEDUP_IN_FLIGHT_WAITS_TOTAL,

@@ -4,7 +4,10 @@
 //! original bytes and the reason. A batch is answered only after the broker acknowledged
 //! every record; if any record could not be queued or acknowledged, the batch is
 //! answered with a retryable error and the ids of its unproduced events are forgotten,
-//! so the client's retry is not mistaken for a duplicate. Transport concerns (auth, body
+//! so the client's retry is not mistaken for a duplicate. The ids of records that were
+//! acknowledged stay: the retry answers an accepted one `duplicate` and a rejected one
+//! `rejected` again without writing its DLQ record twice (rejected ids are reserved
+//! under their own key space, [`crate::dedup::dlq_key`]). Transport concerns (auth, body
 //! decoding, status codes) stay in `http` and `grpc`.
 
 use pulse_platform::clock::now_ms;
@@ -23,7 +26,7 @@ use rdkafka::message::OwnedHeaders;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::dedup::{Claim, DedupSet, Reservation};
+use crate::dedup::{Claim, DedupSet, Reservation, dlq_key, is_dlq_key};
 use crate::metrics as m;
 use crate::pii::PiiPolicy;
 use crate::validate::{FieldError, Limits, validate, validate_parsed};
@@ -347,9 +350,10 @@ impl Ingestor {
         let mut result = BatchResult::default();
         // Every record is built first and then queued in one run, so a request's records
         // fall into the same producer batches instead of trickling out between validations.
-        // (event id for accepted events, record) in request order.
+        // (dedup key: the event id of an accepted event, the `dlq_key` of a rejected one
+        // that claims an id; record) in request order.
         let mut records: Vec<(Option<String>, OutRecord)> = Vec::with_capacity(events.len());
-        // (event id, acknowledgement) of records whose acknowledgement decides the batch.
+        // (dedup key, acknowledgement) of records whose acknowledgement decides the batch.
         let mut pending: Vec<(Option<String>, AckFuture)> = Vec::new();
         // The ids this request reserved. A reservation that is not confirmed (the broker
         // did not acknowledge its record, or this future is dropped: client timeout,
@@ -363,17 +367,47 @@ impl Ingestor {
                 Err(error) => {
                     let (event_id, user_key) = incoming.claimed_ids();
                     metrics::counter!(m::EVENTS_TOTAL, "outcome" => "invalid", "reason" => error.code).increment(1);
-                    let detail = error.to_string();
-                    let rec = self.dlq_record(
-                        source,
-                        &incoming.original,
-                        user_key,
-                        &event_id,
-                        error.code,
-                        &detail,
-                        parent,
-                    );
-                    records.push((None, rec));
+                    // The rejection is written to the DLQ once per claimed id within the
+                    // dedup window: a client's retry of a batch whose DLQ record is
+                    // already durable gets the same rejection without a second record.
+                    // (An event without an id cannot be deduplicated: it is written again.)
+                    let key = dlq_key(&event_id);
+                    let write = match &key {
+                        None => true,
+                        // A second copy in this request: the first copy's record decides.
+                        Some(key) if reserved.contains_key(key) => false,
+                        Some(key) => match self.claim(key).await {
+                            Ok(Some(reservation)) => {
+                                reserved.insert(key.clone(), reservation);
+                                true
+                            }
+                            Ok(None) => false,
+                            Err(IngestError::InFlight { .. }) => {
+                                // Name the event's id, not its dedup key.
+                                failure = Some(IngestError::InFlight { event_id });
+                                break 'events;
+                            }
+                            Err(e) => {
+                                failure = Some(e);
+                                break 'events;
+                            }
+                        },
+                    };
+                    if write {
+                        let detail = error.to_string();
+                        let rec = self.dlq_record(
+                            source,
+                            &incoming.original,
+                            user_key,
+                            &event_id,
+                            error.code,
+                            &detail,
+                            parent,
+                        );
+                        records.push((key, rec));
+                    } else {
+                        metrics::counter!(m::DLQ_DEDUPLICATED_TOTAL).increment(1);
+                    }
                     result.rejected += 1;
                     result.results.push(EventResult {
                         index,
@@ -454,6 +488,9 @@ impl Ingestor {
         for (event_id, ack) in pending {
             match ack.await {
                 Ok(_) => {
+                    // A record is durable: its id stays reserved even if the batch
+                    // fails, so the retry answers it `duplicate` (accepted) or
+                    // `rejected` without a second DLQ record.
                     if let Some(r) = event_id.and_then(|id| reserved.remove(&id)) {
                         r.confirm();
                         acked += 1;
@@ -469,7 +506,8 @@ impl Ingestor {
         }
         metrics::histogram!(m::PRODUCE_ACK_SECONDS).record(started.elapsed().as_secs_f64());
         if let Some(e) = failure {
-            let unproduced = reserved.len();
+            // Unproduced accepted events (rejected ones were counted as `invalid`).
+            let unproduced = reserved.keys().filter(|k| !is_dlq_key(k)).count();
             // Dropping the unconfirmed reservations releases their ids.
             drop(reserved);
             metrics::counter!(m::EVENTS_TOTAL, "outcome" => "unavailable", "reason" => e.code())
@@ -567,6 +605,11 @@ mod tests {
                     })
                 })),
                 "hang" => Ok(Box::pin(std::future::pending())),
+                // The DLQ record is acknowledged, an event record is not (a broker stall
+                // that times some records out).
+                "dlq-ok-events-fail" if record.topic != "dlq" => Ok(Box::pin(async {
+                    Err(ProduceError::Delivery(rdkafka::error::KafkaError::Canceled))
+                })),
                 _ => {
                     self.sent.lock().unwrap().push(record);
                     Ok(Box::pin(async {
@@ -737,6 +780,171 @@ mod tests {
         *p.mode.lock().unwrap() = "ok";
         assert_eq!(run(&i, &["x"]).await.unwrap().accepted, 1);
         assert_eq!(run(&i, &["x"]).await.unwrap().duplicates, 1);
+    }
+
+    /// An event that fails validation (`invalid_amount`), with `id` if given.
+    fn malformed(id: Option<&str>) -> Incoming {
+        let mut v = serde_json::json!({
+            "schema_version": 1, "event_type": "purchase",
+            "key": { "user_id": "u1" }, "metadata": { "event_timestamp": now_ms() },
+            "payload": { "amount": "-1", "currency": "EUR" }
+        });
+        if let Some(id) = id {
+            v["event_id"] = id.into();
+        }
+        Incoming::json(v.to_string().into_bytes())
+    }
+
+    async fn run_events(i: &Ingestor, events: Vec<Incoming>) -> Result<BatchResult, IngestError> {
+        i.ingest("src", "http", events, opentelemetry::Context::new())
+            .await
+    }
+
+    fn dlq_sent(p: &FakeProducer) -> usize {
+        p.sent
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.topic == "dlq")
+            .count()
+    }
+
+    #[tokio::test]
+    async fn a_retried_rejection_whose_dlq_record_is_durable_is_not_written_again() {
+        let p = Arc::new(FakeProducer::default());
+        let i = ingestor(p.clone());
+        let batch = || vec![event("ok-1"), malformed(Some("bad-1")), event("ok-2")];
+        // First attempt: the DLQ record is acknowledged, the event records are not: 503.
+        *p.mode.lock().unwrap() = "dlq-ok-events-fail";
+        assert!(matches!(
+            run_events(&i, batch()).await,
+            Err(IngestError::Produce(_))
+        ));
+        assert_eq!(dlq_sent(&p), 1);
+        // The client retries the whole batch.
+        *p.mode.lock().unwrap() = "ok";
+        let r = run_events(&i, batch()).await.unwrap();
+        assert_eq!((r.accepted, r.duplicates, r.rejected), (2, 0, 1));
+        let rejected = &r.results[1];
+        assert_eq!(rejected.status, Status::Rejected);
+        assert_eq!(rejected.event_id, "bad-1");
+        assert_eq!(
+            rejected.error.as_ref().map(|e| (e.field.as_str(), e.code)),
+            Some(("payload.amount", "invalid_amount")),
+            "the same definite rejection"
+        );
+        assert_eq!(dlq_sent(&p), 1, "exactly one DLQ record for bad-1");
+        // And again, after a success.
+        let r = run_events(&i, batch()).await.unwrap();
+        assert_eq!((r.accepted, r.duplicates, r.rejected), (0, 2, 1));
+        assert_eq!(dlq_sent(&p), 1);
+    }
+
+    #[tokio::test]
+    async fn an_unacknowledged_dlq_record_releases_its_id_so_the_retry_writes_it() {
+        let p = Arc::new(FakeProducer::default());
+        let i = ingestor(p.clone());
+        *p.mode.lock().unwrap() = "fail";
+        assert!(
+            run_events(&i, vec![malformed(Some("bad-2"))])
+                .await
+                .is_err()
+        );
+        *p.mode.lock().unwrap() = "ok";
+        let r = run_events(&i, vec![malformed(Some("bad-2"))])
+            .await
+            .unwrap();
+        assert_eq!(r.rejected, 1);
+        assert_eq!(
+            dlq_sent(&p),
+            1,
+            "the retry wrote the record the first attempt lost"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_request_releases_its_rejected_ids() {
+        let p = Arc::new(FakeProducer::default());
+        let i = ingestor(p.clone());
+        *p.mode.lock().unwrap() = "hang";
+        let cancelled = tokio::time::timeout(
+            Duration::from_millis(50),
+            run_events(&i, vec![malformed(Some("bad-3"))]),
+        )
+        .await;
+        assert!(cancelled.is_err());
+        *p.mode.lock().unwrap() = "ok";
+        run_events(&i, vec![malformed(Some("bad-3"))])
+            .await
+            .unwrap();
+        assert_eq!(dlq_sent(&p), 1);
+    }
+
+    #[tokio::test]
+    async fn a_retried_rejection_waits_for_its_dlq_record_in_flight() {
+        let p = Arc::new(FakeProducer::default());
+        let i = ingestor(p.clone());
+        // The first attempt's DLQ record is acknowledged after 100 ms ("slow-ok" does not
+        // record it as sent); the retry arrives meanwhile and must not write a second one.
+        *p.mode.lock().unwrap() = "slow-ok";
+        let first = {
+            let i = i.clone();
+            tokio::spawn(async move { run_events(&i, vec![malformed(Some("bad-4"))]).await })
+        };
+        while p.calls.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        *p.mode.lock().unwrap() = "ok";
+        let retry = run_events(&i, vec![malformed(Some("bad-4"))])
+            .await
+            .unwrap();
+        assert_eq!(retry.rejected, 1);
+        assert_eq!(first.await.unwrap().unwrap().rejected, 1);
+        assert_eq!(p.calls.load(Ordering::SeqCst), 1, "one DLQ record in all");
+    }
+
+    #[tokio::test]
+    async fn a_rejection_still_in_flight_after_the_wait_answers_unavailable_naming_its_id() {
+        let p = Arc::new(FakeProducer::default());
+        let i = ingestor(p.clone());
+        *p.mode.lock().unwrap() = "hang";
+        let first = {
+            let i = i.clone();
+            tokio::spawn(async move { run_events(&i, vec![malformed(Some("bad-6"))]).await })
+        };
+        while p.calls.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        let retry = run_events(&i, vec![malformed(Some("bad-6"))]).await;
+        assert!(
+            matches!(&retry, Err(IngestError::InFlight { event_id }) if event_id == "bad-6"),
+            "{retry:?}"
+        );
+        first.abort();
+        let _ = first.await;
+        *p.mode.lock().unwrap() = "ok";
+        run_events(&i, vec![malformed(Some("bad-6"))])
+            .await
+            .unwrap();
+        assert_eq!(dlq_sent(&p), 1, "the aborted attempt released bad-6");
+    }
+
+    #[tokio::test]
+    async fn rejected_copies_in_one_request_and_events_without_an_id() {
+        let p = Arc::new(FakeProducer::default());
+        let i = ingestor(p.clone());
+        let r = run_events(&i, vec![malformed(Some("bad-5")), malformed(Some("bad-5"))])
+            .await
+            .unwrap();
+        assert_eq!(r.rejected, 2);
+        assert_eq!(dlq_sent(&p), 1, "the second copy is the first one's record");
+        // Without an id a rejection cannot be deduplicated: each sighting is written.
+        run_events(&i, vec![malformed(None)]).await.unwrap();
+        run_events(&i, vec![malformed(None)]).await.unwrap();
+        assert_eq!(dlq_sent(&p), 3);
+        // A rejected id does not make the same id as a valid event a duplicate.
+        let r = run(&i, &["bad-5"]).await.unwrap();
+        assert_eq!((r.accepted, r.duplicates), (1, 0));
     }
 
     #[tokio::test]

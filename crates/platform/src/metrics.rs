@@ -25,6 +25,8 @@ pub const KAFKA_OFFSETS_STORED_TOTAL: &str = "pulse_kafka_offsets_stored_total";
 pub const KAFKA_COMMITS_TOTAL: &str = "pulse_kafka_commits_total";
 pub const KAFKA_REBALANCES_TOTAL: &str = "pulse_kafka_rebalances_total";
 pub const KAFKA_ASSIGNED_PARTITIONS: &str = "pulse_kafka_assigned_partitions";
+pub const KAFKA_CONSUMER_STUCK: &str = "pulse_kafka_consumer_stuck";
+pub const KAFKA_CONSUMER_REJOINS_TOTAL: &str = "pulse_kafka_consumer_rejoins_total";
 pub const BUILD_INFO: &str = "pulse_build_info";
 
 /// Seconds buckets for request and acknowledgement latencies (1 ms .. 30 s). 3 s is the
@@ -119,6 +121,14 @@ fn describe() {
     describe_gauge!(
         KAFKA_ASSIGNED_PARTITIONS,
         "Partitions currently assigned to this consumer."
+    );
+    describe_gauge!(
+        KAFKA_CONSUMER_STUCK,
+        "1 while this consumer owns no partition and no partition of its topics with records left makes progress for the stuck timeout (--kafka-consumer-stuck-timeout), else 0."
+    );
+    describe_counter!(
+        KAFKA_CONSUMER_REJOINS_TOTAL,
+        "Times a stuck consumer left and rejoined its group as a new member."
     );
     describe_gauge!(
         BUILD_INFO,

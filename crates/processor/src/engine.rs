@@ -68,6 +68,11 @@ pub struct Checkpoint {
 /// A partition being replayed after a restore.
 #[derive(Debug, Clone)]
 struct Replay {
+    /// The checkpoint restored. Until the replay reaches its last offset, it is still the
+    /// partition's checkpoint: a checkpoint of the partly rebuilt state would move the
+    /// applied position back, and a crash then would judge records applied before the
+    /// restore as new (late ones when their windows were final).
+    checkpoint: Checkpoint,
     open_sessions: std::collections::BTreeMap<String, i64>,
     /// Records at or before this offset were processed before the restart.
     until: i64,
@@ -107,6 +112,8 @@ pub struct Engine {
     /// The highest watermark used so far: the combined watermark may step back when an
     /// idle partition wakes up, but a closed window must never reopen.
     high_watermark: Option<i64>,
+    /// The latest processing time seen (by `process`, `emit` or `restore`).
+    now_ms: i64,
 }
 
 impl Engine {
@@ -119,6 +126,7 @@ impl Engine {
             last_offset: HashMap::new(),
             high_watermark: None,
             replays: HashMap::new(),
+            now_ms: i64::MIN,
         }
     }
 
@@ -137,6 +145,7 @@ impl Engine {
     /// Continues `partition` from its last checkpoint: restores its event-time progress and
     /// remembers which records a replay re-reads.
     pub fn restore(&mut self, partition: i32, cp: Checkpoint, now_ms: i64) {
+        self.now_ms = self.now_ms.max(now_ms);
         if let Some(t) = cp.max_event_ms {
             self.watermarks.observe(partition, t, now_ms);
         }
@@ -148,6 +157,7 @@ impl Engine {
         self.replays.insert(
             partition,
             Replay {
+                checkpoint: cp.clone(),
                 open_sessions: cp.open_sessions,
                 until: cp.last_offset,
                 closed_watermark: cp.closed_watermark,
@@ -163,18 +173,61 @@ impl Engine {
     /// restart. Finals wait for it: a window rebuilt from part of its replay must not be
     /// closed. A restored partition that delivers nothing for the idle timeout counts as done.
     fn replaying(&self, now_ms: i64) -> bool {
-        self.replays.values().any(|r| {
-            !r.done && (r.seen || now_ms.saturating_sub(r.since_ms) < self.cfg.idle_timeout_ms)
-        })
+        self.replay_cap(now_ms).is_some()
     }
 
-    /// The checkpoint of `partition` now; None before any record of it.
+    /// While some restored partition is replaying (finals wait), the highest watermark
+    /// whose closed windows are known to be final: the lowest closed watermark of the
+    /// checkpoints being replayed. Records read meanwhile (of other partitions, or of a
+    /// replayed one past its checkpoint) are judged late against no more than this, and
+    /// checkpoints written meanwhile carry it: a watermark whose windows were not emitted
+    /// must not decide lateness, nor tell a later replay that those windows are final.
+    /// None when no replay is under way; `Some(None)` when a checkpoint had no watermark.
+    fn replay_cap(&self, now_ms: i64) -> Option<Option<i64>> {
+        self.replays
+            .values()
+            .filter(|r| {
+                !r.done && (r.seen || now_ms.saturating_sub(r.since_ms) < self.cfg.idle_timeout_ms)
+            })
+            .map(|r| r.closed_watermark)
+            .reduce(|a, b| match (a, b) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                _ => None,
+            })
+    }
+
+    /// `watermark` capped while a replay is under way (see [`Self::replay_cap`]).
+    fn capped(&self, watermark: Option<i64>, now_ms: i64) -> Option<i64> {
+        match self.replay_cap(now_ms) {
+            None => watermark,
+            Some(cap) => match (watermark, cap) {
+                (Some(w), Some(c)) => Some(w.min(c)),
+                _ => None,
+            },
+        }
+    }
+
+    /// The checkpoint of `partition` now; None before any record of it. While the
+    /// partition replays records processed before its restore, it is the restored
+    /// checkpoint (only its resume offset follows the rebuild), so the position up to which
+    /// records count as applied, the watermark that closed their windows and the sessions
+    /// open then never go back.
     pub fn checkpoint(&self, partition: i32) -> Option<Checkpoint> {
+        if let Some(r) = self.replays.get(&partition)
+            && !r.done
+        {
+            return Some(Checkpoint {
+                resume_offset: self
+                    .resume_offset(partition)
+                    .unwrap_or(r.checkpoint.resume_offset),
+                ..r.checkpoint.clone()
+            });
+        }
         Some(Checkpoint {
             resume_offset: self.resume_offset(partition)?,
             last_offset: *self.last_offset.get(&partition)?,
             max_event_ms: self.watermarks.max_event_time(partition),
-            closed_watermark: self.high_watermark,
+            closed_watermark: self.capped(self.high_watermark, self.now_ms),
             open_sessions: self.sessions.open_starts(partition),
             continued_sessions: self.sessions.continued(partition),
             max_session_ms: Some(self.sessions.max_session_ms()),
@@ -211,6 +264,13 @@ impl Engine {
     pub fn skip(&mut self, partition: i32, offset: i64, now_ms: i64) {
         self.watermarks.touch(partition, now_ms);
         self.last_offset.insert(partition, offset);
+        self.now_ms = self.now_ms.max(now_ms);
+        if let Some(r) = self.replays.get_mut(&partition) {
+            r.seen = true;
+            if offset >= r.until {
+                r.done = true;
+            }
+        }
     }
 
     pub fn process(&mut self, event: &InputEvent, now_ms: i64) -> Outcome {
@@ -220,6 +280,7 @@ impl Engine {
             Observation::Future
         );
         self.last_offset.insert(event.partition, event.offset);
+        self.now_ms = self.now_ms.max(now_ms);
         let watermark = self.advance_watermark(now_ms);
         if self.windows.contains(&event.user_id, &event.event_id)
             || self.sessions.contains(&event.user_id, &event.event_id)
@@ -254,6 +315,7 @@ impl Engine {
             let _ = self.windows.add(event, closed);
             return Outcome::Added { future };
         }
+        let watermark = self.capped(watermark, now_ms);
         if self.windows.is_late(event.event_time_ms, watermark) {
             let wm = watermark.unwrap_or(i64::MIN);
             return Outcome::Late {
@@ -280,6 +342,7 @@ impl Engine {
     /// Results due at processing time `now_ms`: finals for closed windows and sessions,
     /// and (when `early`) updates of changed open ones.
     pub fn emit(&mut self, now_ms: i64, early: bool) -> Outputs {
+        self.now_ms = self.now_ms.max(now_ms);
         let watermark = self.advance_watermark(now_ms);
         if self.replaying(now_ms) {
             return Outputs::default();
@@ -648,5 +711,306 @@ mod tests {
         assert_eq!(got, final_sessions(&all));
         // Its checkpoints now carry the maximum.
         assert_eq!(e.checkpoint(0).unwrap().max_session_ms, Some(max));
+    }
+
+    /// One partition's records fed as the processor loop does: a tick (emit, then the
+    /// checkpoint the loop would write) after every `tick` records. Returns the late records'
+    /// offsets and the checkpoint of the last tick.
+    fn run_ticks(
+        e: &mut Engine,
+        events: &[InputEvent],
+        tick: usize,
+        late: &mut Vec<i64>,
+    ) -> Option<Checkpoint> {
+        let mut cp = None;
+        for (i, x) in events.iter().enumerate() {
+            if let Outcome::Late { .. } = e.process(x, 0) {
+                late.push(x.offset);
+            }
+            if (i + 1) % tick == 0 {
+                e.emit(0, true);
+                cp = e.checkpoint(0).or(cp);
+            }
+        }
+        cp
+    }
+
+    #[test]
+    fn a_crash_during_a_replay_does_not_send_applied_records_to_the_late_topic() {
+        // h is active every 10 s, so its session (opened by offset 0) holds the resume
+        // offset at 0 while the windows of x and h close and are final.
+        let events: Vec<InputEvent> = (0..12)
+            .map(|i| match i {
+                1 => ev(i, "x", 2_000),
+                _ => ev(i, "h", 1_000 + i * 10_000),
+            })
+            .collect();
+        let mut first = Engine::new(cfg());
+        first.assign(0, 0);
+        let mut late = Vec::new();
+        let cp = run_ticks(&mut first, &events, 1, &mut late).unwrap();
+        assert!(late.is_empty(), "nothing is late: {late:?}");
+        assert_eq!((cp.resume_offset, cp.last_offset), (0, 11));
+
+        // The second processor replays from offset 0 and writes a checkpoint after two
+        // records (windows closed before the crash are skipped, nothing is emitted)...
+        let mut second = Engine::new(cfg());
+        second.assign(0, 0);
+        second.restore(0, cp, 0);
+        let cp2 = run_ticks(&mut second, &events[..2], 2, &mut late).unwrap();
+        assert!(late.is_empty(), "nothing is late: {late:?}");
+        // ...and is killed. The third replays from the same offset with that checkpoint:
+        // every record up to 11 was applied before the first crash.
+        assert_eq!(cp2.resume_offset, 0);
+        assert_eq!(cp2.last_offset, 11, "the applied position went back");
+        let mut third = Engine::new(cfg());
+        third.assign(0, 0);
+        third.restore(0, cp2, 0);
+        let mut out = Vec::new();
+        for x in &events {
+            match third.process(x, 0) {
+                Outcome::Late { .. } => late.push(x.offset),
+                o => out.push((x.offset, o)),
+            }
+        }
+        assert!(late.is_empty(), "applied records judged late: {late:?}");
+        // A genuinely late event after the replay still is.
+        assert!(matches!(
+            third.process(&ev(12, "x", 3_000), 0),
+            Outcome::Late { .. }
+        ));
+    }
+
+    #[test]
+    fn while_a_partition_replays_checkpoints_do_not_claim_windows_not_yet_final() {
+        let on = |p: i32, offset: i64, user: &str, t: i64| InputEvent {
+            partition: p,
+            ..ev(offset, user, t)
+        };
+        // Partition 1 was at offset 5 (event time 200 s) when the last checkpoint was
+        // written; the windows final then were those closed at 100 s.
+        let cp1 = Checkpoint {
+            resume_offset: 0,
+            last_offset: 5,
+            max_event_ms: Some(200_000),
+            closed_watermark: Some(100_000),
+            open_sessions: [("b".to_owned(), 150_000)].into(),
+            continued_sessions: Default::default(),
+            max_session_ms: None,
+        };
+        let p1: Vec<InputEvent> = (0..6)
+            .map(|i| on(1, i, "b", 150_000 + i * 10_000))
+            .collect();
+        // Partition 0 is new. While partition 1 replays, y's window (60–120 s) gets an
+        // event, then the watermark passes its end; nothing is final yet.
+        let mut second = Engine::new(cfg());
+        second.assign(0, 0);
+        second.assign(1, 0);
+        second.restore(1, cp1.clone(), 0);
+        second.process(&p1[0], 0);
+        assert_eq!(
+            second.process(&on(0, 0, "y", 75_000), 0),
+            Outcome::Added { future: false }
+        );
+        second.process(&on(0, 1, "x", 150_000), 0);
+        assert!(
+            second.emit(0, true).is_empty(),
+            "finals wait for the replay"
+        );
+        let cp0 = second.checkpoint(0).unwrap();
+        assert_eq!(second.checkpoint(1).unwrap().last_offset, 5);
+        // Killed before the replay ended. y's window was never final, so the next
+        // owner must rebuild it rather than skip y's event as handled.
+        let mut third = Engine::new(cfg());
+        third.assign(0, 0);
+        third.assign(1, 0);
+        third.restore(0, cp0, 0);
+        third.restore(1, second.checkpoint(1).unwrap(), 0);
+        let mut finals = Vec::new();
+        for x in [on(0, 0, "y", 75_000), on(0, 1, "x", 150_000)]
+            .iter()
+            .chain(&p1)
+            .chain([&on(1, 6, "b", 1_000_000)])
+        {
+            assert!(
+                matches!(third.process(x, 0), Outcome::Added { .. }),
+                "{x:?}"
+            );
+            finals.extend(third.emit(0, false).activity);
+        }
+        let y: Vec<_> = finals.iter().filter(|a| a.user_id == "y").collect();
+        assert_eq!(y.len(), 1, "{finals:?}");
+        assert!(y[0].r#final && y[0].event_count == 1, "{y:?}");
+    }
+
+    mod crashes {
+        use std::collections::{BTreeMap, BTreeSet};
+
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// A stream over two partitions: (partition, user, event time), in arrival order;
+        /// event times advance 2 s a record, some up to 90 s behind (late or not).
+        fn stream() -> impl Strategy<Value = Vec<(i32, u8, i64)>> {
+            proptest::collection::vec((0..2i32, 0..4u8, 0..10u8, 0..90_000i64), 10..120).prop_map(
+                |v| {
+                    v.into_iter()
+                        .enumerate()
+                        .map(|(i, (p, u, back, by))| {
+                            let p = if i < 2 { i as i32 } else { p };
+                            let t = 100_000 + i as i64 * 2_000;
+                            (p, u, if back == 0 { t - by } else { t })
+                        })
+                        .collect()
+                },
+            )
+        }
+
+        /// Runs the stream through engines that crash right after the ticks in `crashes`
+        /// (their last checkpoints and offsets durable) and restart from the committed
+        /// offsets with those checkpoints, as the processor loop does. Returns, per window,
+        /// the count of its highest (final) version, and the event ids sent to the late
+        /// topic, and the events of each window.
+        #[allow(clippy::type_complexity)]
+        fn run(
+            stream: &[(i32, u8, i64)],
+            tick: usize,
+            crashes: &BTreeSet<usize>,
+        ) -> (
+            BTreeMap<(String, i64), u64>,
+            BTreeSet<String>,
+            BTreeMap<(String, i64), BTreeSet<String>>,
+        ) {
+            let mut log: BTreeMap<i32, Vec<(usize, InputEvent)>> = BTreeMap::new();
+            let mut by_window: BTreeMap<(String, i64), BTreeSet<String>> = BTreeMap::new();
+            let mut arrivals = Vec::new();
+            for (i, (p, u, t)) in stream.iter().enumerate() {
+                let part = log.entry(*p).or_default();
+                let x = InputEvent {
+                    partition: *p,
+                    event_id: format!("id{i}"),
+                    ..ev(part.len() as i64, &format!("u{u}"), *t)
+                };
+                by_window
+                    .entry((x.user_id.clone(), t - t.rem_euclid(60_000)))
+                    .or_default()
+                    .insert(x.event_id.clone());
+                arrivals.push((*p, x.offset));
+                part.push((i, x));
+            }
+            // Flush records that close everything.
+            for p in [0, 1] {
+                let part = log.entry(p).or_default();
+                let x = InputEvent {
+                    partition: p,
+                    event_id: format!("flush{p}"),
+                    ..ev(part.len() as i64, "flush", 10_000_000)
+                };
+                arrivals.push((p, x.offset));
+                part.push((stream.len() + p as usize, x));
+            }
+            let mut committed: BTreeMap<i32, i64> = BTreeMap::new();
+            let mut written: BTreeMap<i32, Checkpoint> = BTreeMap::new();
+            let mut activity: Vec<UserWindowActivity> = Vec::new();
+            let mut late = BTreeSet::new();
+            let mut ticks = 0;
+            let mut arrived = 0;
+            let mut engine = None;
+            while arrived < arrivals.len() || engine.is_none() {
+                let e = engine.get_or_insert_with(|| {
+                    let mut e = Engine::new(cfg());
+                    for p in [0, 1] {
+                        e.assign(p, 0);
+                        if let Some(cp) = written.get(&p) {
+                            e.restore(p, cp.clone(), 0);
+                        }
+                    }
+                    e
+                });
+                // Each partition from its committed offset: the backlog first, then the
+                // next arrival.
+                let mut todo: Vec<&(usize, InputEvent)> = Vec::new();
+                for (p, part) in &log {
+                    let from = committed.get(p).copied().unwrap_or(0);
+                    todo.extend(part.iter().filter(|(i, x)| {
+                        x.offset >= from && *i < stream.len() + 2 && {
+                            let idx = arrivals
+                                .iter()
+                                .position(|a| *a == (x.partition, x.offset))
+                                .unwrap_or(usize::MAX);
+                            idx <= arrived
+                        }
+                    }));
+                }
+                todo.sort_by_key(|(i, _)| *i);
+                arrived = (arrived + 1).min(arrivals.len());
+                let mut crashed = false;
+                for (n, (_, x)) in todo.iter().enumerate() {
+                    // Only this engine's records not yet processed.
+                    if e.last_offset(x.partition).is_some_and(|o| x.offset <= o) {
+                        continue;
+                    }
+                    if let Outcome::Late { .. } = e.process(x, 0) {
+                        late.insert(x.event_id.clone());
+                    }
+                    if (n + 1) % tick == 0 || n + 1 == todo.len() {
+                        ticks += 1;
+                        activity.extend(e.emit(0, true).activity);
+                        for p in [0, 1] {
+                            if let Some(cp) = e.checkpoint(p) {
+                                committed.insert(p, cp.resume_offset);
+                                written.insert(p, cp);
+                            }
+                        }
+                        if crashes.contains(&ticks) {
+                            crashed = true;
+                            break;
+                        }
+                    }
+                }
+                if crashed {
+                    engine = None;
+                } else if arrived >= arrivals.len() {
+                    break;
+                }
+            }
+            let mut best: BTreeMap<(String, i64), &UserWindowActivity> = BTreeMap::new();
+            for a in activity.iter().filter(|a| a.user_id != "flush") {
+                let k = (a.user_id.clone(), a.window_start_ms);
+                if best.get(&k).is_none_or(|b| b.version < a.version) {
+                    best.insert(k, a);
+                }
+            }
+            let counted = best
+                .into_iter()
+                .map(|(k, a)| {
+                    assert!(a.r#final, "{k:?}: the highest version is not final");
+                    (k, a.event_count)
+                })
+                .collect();
+            (counted, late, by_window)
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(400))]
+            #[test]
+            fn every_event_is_counted_or_late_once_whatever_the_crashes(
+                stream in stream(),
+                tick in 1..6usize,
+                crashes in proptest::collection::btree_set(1..60usize, 0..6),
+            ) {
+                let (counted, late, by_window) = run(&stream, tick, &crashes);
+                for (key, ids) in &by_window {
+                    let l = ids.iter().filter(|id| late.contains(*id)).count() as u64;
+                    let c = counted.get(key).copied().unwrap_or(0);
+                    prop_assert_eq!(
+                        c + l,
+                        ids.len() as u64,
+                        "window {:?}: {} counted + {} late of {} events", key, c, l, ids.len()
+                    );
+                }
+            }
+        }
     }
 }

@@ -380,6 +380,11 @@ pub async fn run(config: Config, ctx: ServiceContext) -> Result<(), Error> {
         "kafka-producer",
         config.kafka.producer_stall_timeout,
     );
+    // A member left owning nothing while the group's partitions do not advance is not
+    // ready, with the reason, while its watchdog rejoins the group (platform consumer).
+    processor
+        .consumer
+        .watch_health(ctx.health.clone(), "kafka-consumer");
     ctx.health.set_ready(true);
     let stop = ctx.shutdown.child_token();
     processor.run(stop).await?;

@@ -393,6 +393,9 @@ pub async fn run(config: Config, ctx: ServiceContext) -> Result<(), Error> {
         Sink::Parquet => {
             let mut sink = build_parquet(&config).await?;
             sink.health = ctx.health.clone();
+            // A member left owning nothing while the group does not advance: not ready.
+            sink.consumer
+                .watch_health(ctx.health.clone(), "kafka-consumer");
             // A DLQ producer that cannot deliver makes the writer not ready and is recreated.
             let _watchdog = ctx.watch_producer(
                 &sink.producer,
@@ -405,6 +408,9 @@ pub async fn run(config: Config, ctx: ServiceContext) -> Result<(), Error> {
         Sink::Clickhouse => {
             let mut sink = build_clickhouse(&config).await?;
             sink.health = ctx.health.clone();
+            // A member left owning nothing while the group does not advance: not ready.
+            sink.consumer
+                .watch_health(ctx.health.clone(), "kafka-consumer");
             // A DLQ producer that cannot deliver makes the writer not ready and is recreated.
             let _watchdog = ctx.watch_producer(
                 &sink.producer,

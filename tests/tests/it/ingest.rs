@@ -54,6 +54,11 @@ fn config(kafka: &KafkaConfig, events: &str, dlq: &str, extra: &[&str]) -> pulse
 }
 
 async fn start(extra: &[&str]) -> Harness {
+    start_with_producer_options(extra, &[]).await
+}
+
+/// [`start`], with extra librdkafka settings (`key=value`) for ingest's producer only.
+async fn start_with_producer_options(extra: &[&str], producer_options: &[&str]) -> Harness {
     let kafka = pulse_tests::kafka();
     let events_topic = pulse_tests::unique("events");
     let dlq_topic = pulse_tests::unique("dlq");
@@ -70,7 +75,11 @@ async fn start(extra: &[&str]) -> Harness {
             .unwrap();
     let schema_id = resp["id"].as_u64().unwrap() as u32;
     let framer: Arc<dyn Framer> = Arc::new(pulse_contracts::wire::RegistryEncoder::new(&url));
-    let servers = ingest_server::serve(&kafka, &cfg, framer, "ingest-test").await;
+    let producer_kafka = KafkaConfig {
+        options: producer_options.iter().map(|o| o.to_string()).collect(),
+        ..kafka.clone()
+    };
+    let servers = ingest_server::serve(&producer_kafka, &cfg, framer, "ingest-test").await;
     Harness {
         http: format!("http://{}/v1/events", servers.http_addr),
         grpc: format!("http://{}", servers.grpc_addr),
@@ -319,6 +328,68 @@ async fn error_paths_answer_400_401_413_415_and_429_with_reasons() {
     .await;
     assert_eq!(status, 429, "{body}");
     assert!(hdrs.get("retry-after").is_some());
+}
+
+/// Issue #15 (chaos seed 1, `lg-1-1170`): a batch answered 503 because one of its records
+/// was not acknowledged, although its malformed event's DLQ record was; the client
+/// retried the whole batch and the rejection was written to the DLQ a second time.
+/// Here the producer refuses records over 2000 bytes (`message.max.bytes`), so the
+/// batch's oversized valid event is never acknowledged while its other records are.
+#[tokio::test]
+async fn a_retried_batch_writes_its_rejected_event_to_the_dlq_once() {
+    let h = start_with_producer_options(&[], &["message.max.bytes=2000"]).await;
+    let bad = json!({ "event_id": "bad-1", "schema_version": 1, "event_type": "purchase",
+                      "key": { "user_id": "u9" },
+                      "payload": { "amount": "-5", "currency": "EUR" },
+                      "metadata": { "event_timestamp": now_ms() } });
+    let big = events::event("big-1", "u3", now_ms())
+        .page(format!("/{}", "p".repeat(2000)))
+        .json();
+    let batch = json!([event("ok-1", "u1"), bad, big]).to_string();
+    for attempt in 1..=2 {
+        let (status, body, _) =
+            post(&h.http, Some("test-key"), batch.clone().into_bytes(), &[]).await;
+        assert_eq!(status, 503, "attempt {attempt}: {body}");
+    }
+    // The client gives up on the event the broker refuses and retries the rest.
+    let retry = json!([event("ok-1", "u1"), bad]).to_string();
+    let (status, body, _) = post(&h.http, Some("test-key"), retry.into_bytes(), &[]).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        (
+            body["accepted"].as_u64(),
+            body["duplicates"].as_u64(),
+            body["rejected"].as_u64()
+        ),
+        (Some(0), Some(1), Some(1)),
+        "ok-1 was stored by the first attempt; bad-1 is rejected again: {body}"
+    );
+    assert_eq!(body["results"][1]["status"], "rejected");
+    assert_eq!(body["results"][1]["event_id"], "bad-1");
+    assert_eq!(
+        (
+            body["results"][1]["error"]["field"].as_str(),
+            body["results"][1]["error"]["code"].as_str()
+        ),
+        (Some("payload.amount"), Some("invalid_amount")),
+        "the same definite rejection: {body}"
+    );
+
+    let dlq = read_exactly(&h.dlq_topic, 1).await;
+    assert_eq!(
+        header(&dlq[0], headers::EVENT_ID).as_deref(),
+        Some("bad-1"),
+        "exactly one DLQ record, for bad-1"
+    );
+    assert_eq!(
+        header(&dlq[0], headers::ERROR_CODE).as_deref(),
+        Some("invalid_amount")
+    );
+    let stored = read_exactly(&h.events_topic, 1).await;
+    assert_eq!(
+        header(&stored[0], headers::EVENT_ID).as_deref(),
+        Some("ok-1")
+    );
 }
 
 #[tokio::test]

@@ -68,6 +68,17 @@ pub struct KafkaConfig {
         default_value_t = 10_000
     )]
     pub session_timeout_ms: u32,
+    /// Consumer: a member that owns no partition while no partition of its topics with
+    /// records left to read makes progress (no committed offset of the group advances) for
+    /// this long is stuck: it leaves and rejoins the group as a new member, and readiness
+    /// says why while the condition lasts; e.g. `30s`; `0s` turns the watchdog off.
+    #[arg(
+        long = "kafka-consumer-stuck-timeout",
+        env = "PULSE_KAFKA_CONSUMER_STUCK_TIMEOUT",
+        default_value = "30s",
+        value_parser = humantime::parse_duration
+    )]
+    pub consumer_stuck_timeout: std::time::Duration,
     /// Interval of librdkafka statistics (consumer lag metrics); 0 turns them off.
     #[arg(
         long = "kafka-statistics-interval-ms",
@@ -117,6 +128,7 @@ impl Default for KafkaConfig {
             compression: "none".into(),
             commit_interval_ms: 1_000,
             session_timeout_ms: 10_000,
+            consumer_stuck_timeout: std::time::Duration::from_secs(30),
             statistics_interval_ms: 5_000,
             producer_stall_timeout: std::time::Duration::from_secs(30),
             producer_liveness_timeout: std::time::Duration::from_secs(180),
@@ -219,6 +231,16 @@ impl Validate for KafkaConfig {
                 humantime::format_duration(self.producer_liveness_timeout)
             ),
         );
+        let session = std::time::Duration::from_millis(u64::from(self.session_timeout_ms));
+        p.check(
+            self.consumer_stuck_timeout.is_zero() || self.consumer_stuck_timeout >= session * 2,
+            "--kafka-consumer-stuck-timeout / PULSE_KAFKA_CONSUMER_STUCK_TIMEOUT",
+            format!(
+                "must be at least twice the session timeout ({}) so the broker can expire a dead member first, or 0s (off); got {}",
+                humantime::format_duration(session),
+                humantime::format_duration(self.consumer_stuck_timeout)
+            ),
+        );
         for o in self.options.iter().filter(|o| !o.trim().is_empty()) {
             p.check(
                 o.split_once('=').is_some_and(|(k, _)| !k.trim().is_empty()),
@@ -274,6 +296,10 @@ mod tests {
             parsed.producer_liveness_timeout,
             KafkaConfig::default().producer_liveness_timeout
         );
+        assert_eq!(
+            parsed.consumer_stuck_timeout,
+            KafkaConfig::default().consumer_stuck_timeout
+        );
         let single = <Cli as clap::Parser>::try_parse_from([
             "x",
             "--kafka-replication-factor",
@@ -299,6 +325,23 @@ mod tests {
             ..KafkaConfig::default()
         };
         validate_all(&[&off]).unwrap();
+    }
+
+    #[test]
+    fn a_stuck_timeout_shorter_than_two_sessions_is_refused() {
+        let cfg = KafkaConfig {
+            consumer_stuck_timeout: std::time::Duration::from_secs(15),
+            ..KafkaConfig::default()
+        };
+        let text = validate_all(&[&cfg]).unwrap_err().to_string();
+        assert!(text.contains("--kafka-consumer-stuck-timeout"), "{text}");
+        for ok in [0, 20] {
+            let cfg = KafkaConfig {
+                consumer_stuck_timeout: std::time::Duration::from_secs(ok),
+                ..KafkaConfig::default()
+            };
+            validate_all(&[&cfg]).unwrap();
+        }
     }
 
     #[test]

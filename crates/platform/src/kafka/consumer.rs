@@ -1,9 +1,12 @@
 //! The Kafka consumer: a group member that stores an offset only when the caller says the
 //! record's output is durable (`mark_durable`), commits stored offsets periodically and
 //! before giving partitions away in a rebalance, reports rebalances to the service, and
-//! exports consumer lag from librdkafka statistics.
+//! exports consumer lag from librdkafka statistics. A watchdog ([`StuckDetector`]) makes a
+//! member that owns no partition while nobody consumes its topics leave and rejoin the group.
 
-use std::sync::{Arc, OnceLock};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::{Duration, Instant};
 
 use rdkafka::client::ClientContext;
 use rdkafka::config::RDKafkaLogLevel;
@@ -176,6 +179,39 @@ impl ConsumerContext for PulseConsumerContext {
 pub struct KafkaConsumer {
     inner: Arc<StreamConsumer<PulseConsumerContext>>,
     group_id: String,
+    stuck: Arc<StuckState>,
+}
+
+/// What the watchdog found, and where it reports it (see [`KafkaConsumer::watch_health`]).
+#[derive(Default)]
+struct StuckState {
+    group_id: String,
+    reason: Mutex<Option<String>>,
+    health: OnceLock<(crate::Health, &'static str)>,
+}
+
+impl StuckState {
+    fn set(&self, reason: Option<String>) {
+        metrics::gauge!(m::KAFKA_CONSUMER_STUCK, "group" => self.group_id.clone())
+            .set(if reason.is_some() { 1.0 } else { 0.0 });
+        if let Some((health, component)) = self.health.get() {
+            match &reason {
+                Some(r) => health.block(component, r.clone()),
+                None => health.unblock(component),
+            }
+        }
+        *self
+            .reason
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = reason;
+    }
+
+    fn get(&self) -> Option<String> {
+        self.reason
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
 }
 
 impl std::fmt::Debug for KafkaConsumer {
@@ -218,13 +254,42 @@ impl KafkaConsumer {
                 before_revoke: OnceLock::new(),
             })?;
         consumer.subscribe(topics)?;
-        Ok((
-            Self {
-                inner: Arc::new(consumer),
+        let this = Self {
+            inner: Arc::new(consumer),
+            group_id: group_id.to_owned(),
+            stuck: Arc::new(StuckState {
                 group_id: group_id.to_owned(),
-            },
-            rx,
-        ))
+                ..StuckState::default()
+            }),
+        };
+        if let (false, Ok(rt)) = (
+            cfg.consumer_stuck_timeout.is_zero(),
+            tokio::runtime::Handle::try_current(),
+        ) {
+            rt.spawn(watchdog(
+                Arc::downgrade(&this.inner),
+                this.stuck.clone(),
+                topics.iter().map(|t| (*t).to_owned()).collect(),
+                group_id.to_owned(),
+                cfg.consumer_stuck_timeout,
+            ));
+        }
+        this.stuck.set(None);
+        Ok((this, rx))
+    }
+
+    /// Reports the stuck-member watchdog's verdict to `health`: readiness is blocked for
+    /// `component` with the reason while this member owns no partition and nobody consumes
+    /// its topics (see `--kafka-consumer-stuck-timeout`). Only the first call counts.
+    pub fn watch_health(&self, health: crate::Health, component: &'static str) {
+        if self.stuck.health.set((health, component)).is_ok() {
+            self.stuck.set(self.stuck.get());
+        }
+    }
+
+    /// Why the watchdog considers this member stuck, if it does.
+    pub fn stuck_reason(&self) -> Option<String> {
+        self.stuck.get()
     }
 
     /// The next record (also drives rebalance callbacks).
@@ -311,6 +376,232 @@ impl KafkaConsumer {
     }
 }
 
+/// Where the group stands on one partition of a subscribed topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionProgress {
+    pub topic: String,
+    pub partition: i32,
+    /// The group's committed offset; None if it never committed one.
+    pub committed: Option<i64>,
+    pub low: i64,
+    pub high: i64,
+}
+
+impl PartitionProgress {
+    /// Where the group resumes reading (the committed offset, else the start of the log).
+    fn position(&self) -> i64 {
+        self.committed.unwrap_or(self.low).max(self.low)
+    }
+}
+
+/// The watchdog's verdict on one observation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    /// This member owns partitions, or its topics have nothing to read, or the group's
+    /// committed offsets advance: nothing to do.
+    Fine,
+    /// This member owns nothing and nothing advances, for less than the timeout so far
+    /// (or the broker could not be asked).
+    Watching,
+    /// Owns nothing while nothing advances for `stalled`: rejoin now.
+    Stuck { stalled: Duration, pending: usize },
+}
+
+/// Decides when a consumer-group member is stuck: it owns no partition while partitions of
+/// its topics have records left to read and none of the group's committed offsets advanced,
+/// for the stuck timeout. A member beyond the partition count also owns nothing, but then
+/// the members that own the partitions commit, which resets the clock. After each `Stuck`
+/// the next one needs twice as long (at most 8 timeouts), so a cause a rejoin does not
+/// fix (an owner that legitimately does not commit) costs a rebalance rarely.
+#[derive(Debug)]
+pub struct StuckDetector {
+    timeout: Duration,
+    since: Option<Instant>,
+    last: HashMap<(String, i32), i64>,
+    strikes: u32,
+}
+
+impl StuckDetector {
+    pub fn new(timeout: Duration) -> Self {
+        Self {
+            timeout,
+            since: None,
+            last: HashMap::new(),
+            strikes: 0,
+        }
+    }
+
+    /// The time the condition must hold before the next `Stuck`.
+    pub fn required(&self) -> Duration {
+        self.timeout * 2u32.pow(self.strikes.min(3))
+    }
+
+    /// One observation at `now`: the partitions this member owns and, when it owns none,
+    /// the group's progress on every partition of its topics (None: the broker could not
+    /// be asked; that is no evidence of progress, so the clock starts or keeps running).
+    pub fn observe(
+        &mut self,
+        now: Instant,
+        assigned: usize,
+        progress: Option<&[PartitionProgress]>,
+    ) -> Verdict {
+        if assigned > 0 {
+            self.since = None;
+            self.last.clear();
+            self.strikes = 0;
+            return Verdict::Fine;
+        }
+        // Unknown progress (the broker did not answer) is no evidence that anyone consumes:
+        // the clock runs; `pending` 0 then stands for "unknown".
+        let mut pending = 0;
+        if let Some(parts) = progress {
+            let mut advanced = false;
+            for p in parts {
+                let key = (p.topic.clone(), p.partition);
+                // Only a committed offset that moved up counts as progress (a commit that
+                // was not readable once and is again is not).
+                if let Some(c) = p.committed {
+                    if self.last.get(&key).is_some_and(|prev| c > *prev) {
+                        advanced = true;
+                    }
+                    self.last.insert(key, c);
+                }
+                if p.high > p.position() {
+                    pending += 1;
+                }
+            }
+            if advanced || pending == 0 {
+                self.since = None;
+                return Verdict::Fine;
+            }
+        }
+        let since = *self.since.get_or_insert(now);
+        let stalled = now.saturating_duration_since(since);
+        if stalled >= self.required() {
+            self.since = Some(now);
+            self.strikes += 1;
+            return Verdict::Stuck { stalled, pending };
+        }
+        Verdict::Watching
+    }
+}
+
+/// Reads the group's progress on every partition of `topics` (blocking broker calls).
+fn read_progress(
+    consumer: &StreamConsumer<PulseConsumerContext>,
+    topics: &[String],
+) -> KafkaResult<Vec<PartitionProgress>> {
+    let timeout = Duration::from_secs(5);
+    let mut tpl = TopicPartitionList::new();
+    let mut parts = Vec::new();
+    for topic in topics {
+        let md = consumer.fetch_metadata(Some(topic), timeout)?;
+        for t in md.topics().iter().filter(|t| t.name() == topic) {
+            for p in t.partitions() {
+                tpl.add_partition(topic, p.id());
+                let (low, high) = consumer.fetch_watermarks(topic, p.id(), timeout)?;
+                parts.push(PartitionProgress {
+                    topic: topic.clone(),
+                    partition: p.id(),
+                    committed: None,
+                    low,
+                    high,
+                });
+            }
+        }
+    }
+    if parts.is_empty() {
+        return Ok(parts);
+    }
+    let committed = consumer.committed_offsets(tpl, timeout)?;
+    for p in &mut parts {
+        if let Some(Offset::Offset(o)) = committed
+            .find_partition(&p.topic, p.partition)
+            .map(|e| e.offset())
+        {
+            p.committed = Some(o);
+        }
+    }
+    Ok(parts)
+}
+
+/// The stuck-member watchdog: observes the consumer every few seconds until it is dropped;
+/// when [`StuckDetector`] says stuck, blocks readiness (if wired) and leaves and rejoins
+/// the group (unsubscribe, subscribe: the broker sees a new member join and rebalances,
+/// which a broker that kept a dead member's generation, as Tansu 0.6 does, needs).
+async fn watchdog(
+    consumer: Weak<StreamConsumer<PulseConsumerContext>>,
+    state: Arc<StuckState>,
+    topics: Vec<String>,
+    group_id: String,
+    timeout: Duration,
+) {
+    let mut detector = StuckDetector::new(timeout);
+    let every = (timeout / 6).clamp(Duration::from_secs(1), Duration::from_secs(10));
+    loop {
+        tokio::time::sleep(every).await;
+        let (c, t) = (consumer.clone(), topics.clone());
+        let observed = tokio::task::spawn_blocking(move || {
+            let c = c.upgrade()?;
+            let assigned = c.assignment().map(|a| a.count()).unwrap_or(0);
+            if assigned > 0 {
+                return Some((assigned, None));
+            }
+            match read_progress(&c, &t) {
+                Ok(p) => Some((0, Some(p))),
+                Err(e) => {
+                    tracing::warn!(error = %e, "stuck-member watchdog: reading the group's progress failed; counting it as no progress");
+                    Some((0, None))
+                }
+            }
+        })
+        .await;
+        let Ok(Some((assigned, progress))) = observed else {
+            return; // the consumer was dropped (or the runtime is shutting down)
+        };
+        let verdict = detector.observe(Instant::now(), assigned, progress.as_deref());
+        match verdict {
+            Verdict::Fine => {
+                if state.get().is_some() {
+                    tracing::info!(group = %group_id, "consumer is no longer stuck");
+                    state.set(None);
+                }
+            }
+            Verdict::Watching => {}
+            Verdict::Stuck { stalled, pending } => {
+                let left = if pending > 0 {
+                    format!("{pending} partition(s) of {topics:?} have records left")
+                } else {
+                    format!("the group's progress on {topics:?} cannot be read")
+                };
+                let reason = format!(
+                    "consumer of group {group_id} owns no partition while {left} and no committed offset advanced for {}; rejoining the group",
+                    humantime::format_duration(Duration::from_secs(stalled.as_secs()))
+                );
+                tracing::warn!(group = %group_id, "{reason}");
+                state.set(Some(reason));
+                metrics::counter!(m::KAFKA_CONSUMER_REJOINS_TOTAL, "group" => group_id.clone())
+                    .increment(1);
+                let (c, t) = (consumer.clone(), topics.clone());
+                let rejoined = tokio::task::spawn_blocking(move || {
+                    let c = c.upgrade()?;
+                    c.unsubscribe();
+                    let refs: Vec<&str> = t.iter().map(String::as_str).collect();
+                    Some(c.subscribe(&refs))
+                })
+                .await;
+                match rejoined {
+                    Ok(Some(Ok(()))) => {}
+                    Ok(Some(Err(e))) => {
+                        tracing::error!(group = %group_id, error = %e, "resubscribing after leaving the group failed")
+                    }
+                    _ => return,
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::processing_lag;
@@ -329,5 +620,122 @@ mod tests {
         assert_eq!(processing_lag("none", -1, -1), Some(0));
         assert_eq!(processing_lag("active", -1, 5), None);
         assert_eq!(processing_lag("active", 1_000, -1), None);
+    }
+
+    mod stuck {
+        use std::time::{Duration, Instant};
+
+        use super::super::{PartitionProgress, StuckDetector, Verdict};
+
+        fn parts(positions: &[(Option<i64>, i64)]) -> Vec<PartitionProgress> {
+            positions
+                .iter()
+                .enumerate()
+                .map(|(i, (committed, high))| PartitionProgress {
+                    topic: "t".into(),
+                    partition: i as i32,
+                    committed: *committed,
+                    low: 0,
+                    high: *high,
+                })
+                .collect()
+        }
+
+        const T: Duration = Duration::from_secs(30);
+
+        #[test]
+        fn a_member_that_owns_nothing_while_nothing_advances_is_stuck_after_the_timeout() {
+            let mut d = StuckDetector::new(T);
+            let t0 = Instant::now();
+            let p = parts(&[(Some(10), 50), (None, 20), (Some(5), 5)]);
+            assert_eq!(d.observe(t0, 0, Some(&p)), Verdict::Watching);
+            assert_eq!(d.observe(t0 + T / 2, 0, Some(&p)), Verdict::Watching);
+            assert_eq!(
+                d.observe(t0 + T, 0, Some(&p)),
+                Verdict::Stuck {
+                    stalled: T,
+                    pending: 2
+                }
+            );
+            // The clock restarts, and the next verdict needs twice as long.
+            assert_eq!(d.observe(t0 + T * 2, 0, Some(&p)), Verdict::Watching);
+            assert!(matches!(
+                d.observe(t0 + T * 3, 0, Some(&p)),
+                Verdict::Stuck { .. }
+            ));
+            assert_eq!(d.required(), T * 4);
+            // Owning partitions again resets everything.
+            assert_eq!(d.observe(t0 + T * 4, 3, None), Verdict::Fine);
+            assert_eq!(d.required(), T);
+        }
+
+        #[test]
+        fn a_member_beyond_the_partition_count_is_fine_while_the_owners_commit() {
+            let mut d = StuckDetector::new(T);
+            let t0 = Instant::now();
+            for i in 0..10u32 {
+                let committed = 10 + i64::from(i);
+                let p = parts(&[(Some(committed), 100), (Some(7), 100)]);
+                let v = d.observe(t0 + T * i, 0, Some(&p));
+                assert!(
+                    matches!(v, Verdict::Fine | Verdict::Watching),
+                    "{v:?} at {i}"
+                );
+                if i > 0 {
+                    assert_eq!(v, Verdict::Fine);
+                }
+            }
+        }
+
+        #[test]
+        fn nothing_to_read_or_no_partitions_is_fine() {
+            let mut d = StuckDetector::new(T);
+            let t0 = Instant::now();
+            let caught_up = parts(&[(Some(50), 50), (None, 0)]);
+            for i in 0..5u32 {
+                assert_eq!(d.observe(t0 + T * i, 0, Some(&caught_up)), Verdict::Fine);
+                assert_eq!(d.observe(t0 + T * i, 0, Some(&[])), Verdict::Fine);
+            }
+        }
+
+        #[test]
+        fn unknown_progress_is_no_progress() {
+            let mut d = StuckDetector::new(T);
+            let t0 = Instant::now();
+            assert_eq!(d.observe(t0, 0, None), Verdict::Watching);
+            let p = parts(&[(Some(1), 9)]);
+            assert_eq!(d.observe(t0 + T / 2, 0, Some(&p)), Verdict::Watching);
+            assert_eq!(
+                d.observe(t0 + T, 0, None),
+                Verdict::Stuck {
+                    stalled: T,
+                    pending: 0
+                }
+            );
+        }
+
+        #[test]
+        fn a_commit_that_becomes_readable_again_is_not_progress() {
+            let mut d = StuckDetector::new(T);
+            let t0 = Instant::now();
+            let five = parts(&[(Some(5), 9)]);
+            assert_eq!(d.observe(t0, 0, Some(&five)), Verdict::Watching);
+            let unknown = parts(&[(None, 9)]);
+            assert_eq!(d.observe(t0 + T / 3, 0, Some(&unknown)), Verdict::Watching);
+            assert!(matches!(
+                d.observe(t0 + T, 0, Some(&five)),
+                Verdict::Stuck { .. }
+            ));
+        }
+
+        #[test]
+        fn a_committed_offset_below_the_log_start_counts_from_the_log_start() {
+            let mut d = StuckDetector::new(T);
+            let t0 = Instant::now();
+            let mut p = parts(&[(Some(3), 10)]);
+            p[0].low = 10;
+            // Everything left was deleted by retention: nothing to read.
+            assert_eq!(d.observe(t0, 0, Some(&p)), Verdict::Fine);
+        }
     }
 }
