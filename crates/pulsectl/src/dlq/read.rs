@@ -70,21 +70,24 @@ pub async fn read_topic(
         .map_err(|_| ReadError::Kafka(KafkaError::Canceled))?
 }
 
-fn read_blocking(
+/// A consumer for reading `topic` by assigning its partitions (never subscribed: the group
+/// id, `<group_prefix>-<pid>-<nanos>`, is only a formality and no offset is ever committed
+/// under it), and the topic's partitions. Blocking.
+pub(crate) fn assigned_consumer(
     kafka: &KafkaConfig,
+    client_id: &str,
+    group_prefix: &str,
     topic: &str,
     timeout: Duration,
-) -> Result<Vec<Record>, ReadError> {
+) -> Result<(BaseConsumer, Vec<i32>), ReadError> {
     let nanos = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or(0);
-    let mut c = kafka.client_config("pulsectl");
-    // Partitions are assigned, never subscribed; the group id is only a formality and no
-    // offset is ever committed under it.
+    let mut c = kafka.client_config(client_id);
     c.set(
         "group.id",
-        format!("pulsectl-read-{}-{nanos}", std::process::id()),
+        format!("{group_prefix}-{}-{nanos}", std::process::id()),
     )
     .set("enable.auto.commit", "false")
     .set("enable.auto.offset.store", "false")
@@ -101,6 +104,16 @@ fn read_blocking(
     if partitions.is_empty() {
         return Err(ReadError::NoTopic(topic.to_owned()));
     }
+    Ok((consumer, partitions))
+}
+
+fn read_blocking(
+    kafka: &KafkaConfig,
+    topic: &str,
+    timeout: Duration,
+) -> Result<Vec<Record>, ReadError> {
+    let (consumer, partitions) =
+        assigned_consumer(kafka, "pulsectl", "pulsectl-read", topic, timeout)?;
     // partition → last offset to read.
     let mut remaining: BTreeMap<i32, i64> = BTreeMap::new();
     let mut tpl = TopicPartitionList::new();

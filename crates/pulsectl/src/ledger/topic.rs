@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use pulse_platform::kafka::KafkaConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -64,31 +64,14 @@ impl TopicTail {
         start_ms: Option<i64>,
         timeout: Duration,
     ) -> Result<Self, ReadError> {
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_nanos())
-            .unwrap_or(0);
-        let mut c = kafka.client_config("pulsectl-ledger");
-        // Assigned, never subscribed: the group id is a formality, nothing is committed.
-        c.set(
-            "group.id",
-            format!("pulsectl-ledger-{}-{nanos}", std::process::id()),
-        )
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("enable.partition.eof", "false")
-        .set("auto.offset.reset", "earliest");
-        let consumer: BaseConsumer = c.create()?;
-        let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
-        let partitions: Vec<i32> = metadata
-            .topics()
-            .iter()
-            .find(|t| t.name() == topic && t.error().is_none())
-            .map(|t| t.partitions().iter().map(|p| p.id()).collect())
-            .unwrap_or_default();
-        if partitions.is_empty() {
-            return Err(ReadError::NoTopic(topic.to_owned()));
-        }
+        // Assigned, never subscribed: nothing is committed.
+        let (consumer, partitions) = crate::dlq::read::assigned_consumer(
+            kafka,
+            "pulsectl-ledger",
+            "pulsectl-ledger",
+            topic,
+            timeout,
+        )?;
         let mut next = BTreeMap::new();
         for p in &partitions {
             let (low, _) = consumer.fetch_watermarks(topic, *p, timeout)?;
