@@ -6,6 +6,14 @@
 #                                                     inserts (clickhouse crate) vs clickhouse-client
 #   scripts/bench.sh query [bench-query args]         query API p50/p95 per endpoint vs the same SQL
 #                                                     sent straight to ClickHouse over HTTP
+#   scripts/bench.sh memory [memory_bench.py args]   the whole local platform (scripts/dev.sh up
+#                                                     on free ports, its own state folder) under a
+#                                                     high-cardinality loadgen workload (1M users
+#                                                     taking turns); peak RSS per service and the
+#                                                     processor's state (tests/python/memory_bench.py;
+#                                                     --profile debug|release, --users, --rate,
+#                                                     --duration; table also in
+#                                                     $PULSE_CACHE/bench/memory-<profile>.md)
 # (writer and query start a throwaway ClickHouse on two free ports instead of Tansu and pass
 # --clickhouse-url http://127.0.0.1:<http>; writer also --clickhouse-tcp-port <native>)
 # installs missing dependencies, starts Tansu on a free port in a temporary folder, builds
@@ -25,16 +33,34 @@ usage() {
   echo "       scripts/bench.sh processor [--core-events N] [--loop-events N] [--users N] [--rounds N]" >&2
   echo "       scripts/bench.sh writer [--events N] [--roll-rows N] [--insert-rows N] [--insert-batch N]" >&2
   echo "       scripts/bench.sh query [--users N] [--hours N] [--active-share F] [--requests N] [--warmup N]" >&2
+  echo "       scripts/bench.sh memory [--profile debug|release] [--users N] [--rate F] [--duration SECS] [--settle SECS] [--keep]" >&2
   exit 2
 }
 [ $# -ge 1 ] || usage
 what=$1; shift
 case "$what" in
-  ingest|processor|writer|query) ;;
+  ingest|processor|writer|query|memory) ;;
   *) usage ;;
 esac
 
 bash scripts/install-deps.sh
+
+if [ "$what" = memory ]; then
+  # Its own platform (dev.sh up/down inside the driver): no throwaway broker here.
+  profile=release
+  prev=
+  for a in "$@"; do
+    [ "$prev" = --profile ] && profile=$a
+    case "$a" in --profile=*) profile=${a#--profile=} ;; esac
+    prev=$a
+  done
+  case "$profile" in
+    release) log "building the Pulse binaries (release)"; cargo build --release --quiet --bins ;;
+    debug) log "building the Pulse binaries (debug; figures are not release figures)"; cargo build --quiet --bins ;;
+    *) die "--profile must be debug or release, not '$profile'" ;;
+  esac
+  exec "$PULSE_CACHE/venv/bin/python" tests/python/memory_bench.py "$@"
+fi
 
 STATE=$(mktemp -d "${TMPDIR:-/tmp}/pulse-bench.XXXXXX")
 cleanup() {

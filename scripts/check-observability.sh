@@ -9,8 +9,10 @@
 #      selector shortened to 15s and every `for:` to 3s (tests/python/observability_check.py
 #      prepare; SLO and ledger rules unchanged), and an Alertmanager that notifies a webhook
 #      receiver in the check at once. Real faults, one at a time, each followed by
-#      `dev.sh up`: stop writer-clickhouse while loadgen sends events, stop the processor,
-#      stop ClickHouse; the matching alerts must reach the webhook firing, then resolved.
+#      `dev.sh up`: stop writer-clickhouse while loadgen sends events; stop the processor
+#      and the schema registry; kill ClickHouse and the S3 server; then a second loadgen
+#      sending malformed and late events. The matching alerts (10 of the 24, listed at the
+#      end of the run) must reach the webhook firing, then resolved.
 #      Every metric name a rule uses must exist in the live Prometheus, and
 #      tests/python/dashboards_check.py (if present) runs against the same Prometheus.
 # Prints the time to fire and to resolve of each alert, and its own duration.
@@ -20,6 +22,7 @@ cd "$(dirname "$0")/.."
 source scripts/lib.sh
 
 started=$(date +%s)
+script_start=$SECONDS
 PY="$PULSE_CACHE/venv/bin/python"
 CHECK=tests/python/observability_check.py
 [ -x "$CARGO_TARGET_DIR/debug/pulse-ingest" ] || die "no debug binaries in $CARGO_TARGET_DIR/debug: run cargo build --bins"
@@ -31,12 +34,19 @@ export PULSE_STATE="$ST/platform"
 cleanup() {
   local rc=$1
   trap - EXIT INT TERM
-  bash scripts/dev.sh down >/dev/null 2>&1 || log "dev.sh down failed; see $PULSE_STATE/logs"
+  local t0=$SECONDS
+  bash scripts/dev.sh down >"$ST/down.log" 2>&1 || log "dev.sh down failed; see $PULSE_STATE/logs"
+  # A process that ignores SIGTERM costs 20 s here: name it.
+  grep -h "did not stop" "$ST/down.log" >&2 || true
+  log "dev.sh down took $((SECONDS - t0)) s"
   if [ "$rc" -ne 0 ] || [ "${PULSE_TEST_KEEP:-0}" = 1 ]; then
     log "observability check: state and logs kept in $ST"
   else
+    t0=$SECONDS
     rm -rf "$ST"
+    log "state folder removed in $((SECONDS - t0)) s"
   fi
+  log "observability check: $((SECONDS - script_start)) s in all"
   exit "$rc"
 }
 trap_cleanup cleanup
@@ -53,6 +63,10 @@ export PULSE_PROMETHEUS_INTERVAL=1s
 export PULSE_PROMETHEUS_RULES="$ST/rules" PULSE_ALERTMANAGER_CONFIG="$ST/alertmanager.yml"
 # Parquet rolls every 5 s (not 60 s), so the archive's metrics exist within the check.
 export PULSE_WRITER_PARQUET_MAX_AGE_MS=5000
+# The writers' breaker opens after 3 failed writes (not 8) and retries every 2 s at most
+# (not 10 s, probing every 15 s), so a store outage opens it within seconds and recovery
+# is seen soon after the store is back.
+export PULSE_WRITER_BREAKER_FAILURES=3 PULSE_WRITER_BREAKER_PROBE_MS=2000 PULSE_WRITER_RETRY_MAX_MS=2000
 
 "$PY" "$CHECK" prepare "$ST" --window 15s --for 3s --webhook "http://127.0.0.1:$WEBHOOK_PORT/"
 "$PY" "$CHECK" live --webhook-port "$WEBHOOK_PORT"

@@ -12,7 +12,8 @@ S3S_FS_VERSION=0.14.1
 # observability check run both binaries themselves, never through the packages' units.
 APT_PACKAGES=(clickhouse-server clickhouse-client protobuf-compiler prometheus prometheus-alertmanager
   cmake pkg-config build-essential zlib1g-dev libssl-dev libcurl4-openssl-dev python3-venv
-  chromium)  # chromium: the query API's dashboard test renders the page headless
+  chromium openssl)  # chromium: the query API's dashboard test renders the page headless;
+  # openssl: the Kafka TLS test (tests/it/kafka_tls.rs) makes its CA and certificates
 
 mkdir -p "$PULSE_TOOLS/bin"
 
@@ -39,22 +40,22 @@ else
 fi
 
 # cargo install builds into its own target dir in the cache (kept between runs).
-cargo_tool() { # name version binary features...
-  local name=$1 version=$2 bin=$3; shift 3
+cargo_tool() { # name version binary estimate features...
+  local name=$1 version=$2 bin=$3 estimate=$4; shift 4
   if [ -x "$PULSE_TOOLS/bin/$bin" ] && [ -f "$PULSE_TOOLS/.$name-$version" ]; then
     log "$name $version present"
     return
   fi
-  log "building $name $version from crates.io (first time only; Tansu takes ~20 min on 2 cores)"
+  log "building $name $version from crates.io: $estimate on 2 cores (first time only; kept in $PULSE_TOOLS)"
   CARGO_TARGET_DIR="$PULSE_CACHE/tool-target/$name" cargo install "$name" --version "$version" --locked \
     --root "$PULSE_TOOLS" "$@" || die "cargo install $name $version failed"
   touch "$PULSE_TOOLS/.$name-$version"
 }
 
-cargo_tool tansu "$TANSU_VERSION" tansu --no-default-features --features dynostore,libsql
-cargo_tool s3s-fs "$S3S_FS_VERSION" s3s-fs --features binary
+cargo_tool tansu "$TANSU_VERSION" tansu "the local Kafka broker, ~20 min" --no-default-features --features dynostore,libsql
+cargo_tool s3s-fs "$S3S_FS_VERSION" s3s-fs "the local S3 server, a few min" --features binary
 # scripts/checks.sh: unused dependencies of the workspace crates.
-cargo_tool cargo-machete 0.9.2 cargo-machete
+cargo_tool cargo-machete 0.9.2 cargo-machete "the unused-dependency check, a few min"
 
 # Python tools for tests with clients we did not write (pyarrow reads Parquet,
 # boto3 speaks S3, confluent-kafka speaks Kafka) in a venv in the cache.

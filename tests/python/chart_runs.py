@@ -65,6 +65,9 @@ NAMESPACE = "pulse-chart-test"
 RELEASE = "pulse"
 REF = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
 HELP_ENV = re.compile(r"\[env: ([A-Za-z_][A-Za-z0-9_]*)")
+# Secrets read from the environment only (no flag, so no `[env: …]`): the flag that takes
+# their file form documents them as "Or the password itself in PULSE_…".
+HELP_ENV_ONLY = re.compile(r"(?:itself in|environment variable) (PULSE_[A-Z0-9_]+)")
 CHECKED_PREFIXES = ("PULSE_", "OTEL_")
 PROCS: list[subprocess.Popen] = []
 
@@ -296,12 +299,13 @@ def check_static(c: Container, help_cache: HelpCache) -> list[str]:
     if rc != 0:
         problems.append(f"{c.label}: `{' '.join(c.argv)} --help` failed (a flag or subcommand the binary does not know?):\n{text.strip()[:2000]}")
         return problems
-    known = set(HELP_ENV.findall(text))
+    known = set(HELP_ENV.findall(text)) | set(HELP_ENV_ONLY.findall(text))
     # Env of parent commands (e.g. `pulsectl topics` holds the Kafka flags of `topics create`).
     for i in range(1, len(c.argv)):
         if c.argv[i].startswith("-"):
             break
-        known |= set(HELP_ENV.findall(help_cache.help(c.argv[:i])[1]))
+        parent = help_cache.help(c.argv[:i])[1]
+        known |= set(HELP_ENV.findall(parent)) | set(HELP_ENV_ONLY.findall(parent))
     for name in c.env_names:
         if name.startswith(CHECKED_PREFIXES):
             if name not in known:

@@ -15,9 +15,13 @@ receiver, `dev.sh up`, a query workload (HTTP and gRPC), then real faults one at
 each followed by `dev.sh up` (which starts what is not running):
   1. stop writer-clickhouse while events flow -> PulseEventsNotStored and PulseServiceDown
      {component=writer-clickhouse} reach the webhook; PulseProcessorStalled does not;
-  2. stop the processor -> PulseProcessorStalled and PulseServiceDown{component=processor};
-     PulseEventsNotStored does not;
-  3. stop ClickHouse -> PulseClickHouseInsertErrors;
+  2. stop the processor and the schema registry -> PulseProcessorStalled,
+     PulseServiceDown{component=processor}, PulseServiceDown{component=schema-registry},
+     PulseSchemaRegistryUnreachable; PulseEventsNotStored does not;
+  3. kill ClickHouse and the S3 server -> PulseClickHouseInsertErrors, PulseS3UploadErrors,
+     PulseWriterCircuitOpen of each writer, PulseEventsNotArchived;
+  4. a second loadgen sending malformed and late events (stopped once the alerts fired) ->
+     PulseDeadLetterRateHigh, PulseLateEventRateHigh;
 and after each recovery the same alerts arrive resolved. Then every metric name used by a
 rule must be in the live Prometheus (/api/v1/label/__name__/values), and
 tests/python/dashboards_check.py runs against the same Prometheus if it exists.
@@ -347,18 +351,71 @@ def rule_metric_names() -> set[str]:
     return names
 
 
+class Fault:
+    """One fault: what is stopped (name, crash?) or the bad traffic injected, the alerts that
+    must fire [(alertname, component or None)] and those that must stay silent."""
+
+    def __init__(self, label: str, expect: list, silent: list, stop: list | None = None,
+                 traffic: list | None = None):
+        self.label, self.expect, self.silent = label, expect, silent
+        self.stop = stop or []          # [(process name in $PULSE_STATE/pids, crash?)]
+        self.traffic = traffic          # extra `pulsectl loadgen` arguments, or None
+
+
+# The injected traffic: a second loadgen at 40 events/s besides dev.sh's (20/s, 1 %
+# malformed, 1 % late): half its events fail validation (ingest dead-letters them) and half
+# are dated 10 min back, beyond the processor's allowed lateness (the late topic), so both
+# shares are well above the alerts' 10 % while it runs, and back at ~1 % once it stops.
+BAD_TRAFFIC = ["--rate", "40", "--malformed", "0.5", "--late", "0.5", "--late-warmup-ms", "0",
+               "--duplicates", "0", "--out-of-order", "0"]
+
 FAULTS = [
-    # (what is stopped, crash (SIGKILL) or graceful stop, alerts that must fire
-    #  [(alertname, component or None)], alerts that must stay silent)
-    ("writer-clickhouse", False,
-     [("PulseEventsNotStored", None), ("PulseServiceDown", "writer-clickhouse")],
-     ["PulseProcessorStalled"]),
-    ("processor", False,
-     [("PulseProcessorStalled", None), ("PulseServiceDown", "processor")],
-     ["PulseEventsNotStored"]),
-    # ClickHouse's graceful shutdown takes ~17 s; a crash is as real and quicker.
-    ("clickhouse", True, [("PulseClickHouseInsertErrors", "writer-clickhouse")], []),
+    Fault("writer-clickhouse stopped",
+          stop=[("writer-clickhouse", False)],
+          expect=[("PulseEventsNotStored", None), ("PulseServiceDown", "writer-clickhouse")],
+          silent=["PulseProcessorStalled"]),
+    # The processor and the schema registry at once (the others keep running on the schema
+    # ids they cached): each alert names what it is about.
+    Fault("processor and schema-registry stopped",
+          stop=[("processor", False), ("schema-registry", False)],
+          expect=[("PulseProcessorStalled", None), ("PulseServiceDown", "processor"),
+                  ("PulseServiceDown", "schema-registry"),
+                  ("PulseSchemaRegistryUnreachable", "schema-registry")],
+          silent=["PulseEventsNotStored"]),
+    # Both stores crash (ClickHouse's graceful shutdown takes ~17 s; a crash is as real and
+    # quicker). check-observability.sh runs the writers with a 3-failure breaker, so each
+    # opens within seconds.
+    Fault("clickhouse and s3 killed",
+          stop=[("clickhouse", True), ("s3", True)],
+          expect=[("PulseClickHouseInsertErrors", "writer-clickhouse"),
+                  ("PulseWriterCircuitOpen", "writer-clickhouse"),
+                  ("PulseS3UploadErrors", "writer-parquet"),
+                  ("PulseWriterCircuitOpen", "writer-parquet"),
+                  ("PulseEventsNotArchived", "writer-parquet")],
+          silent=["PulseProcessorStalled"]),
+    Fault("malformed and late events",
+          traffic=BAD_TRAFFIC,
+          expect=[("PulseDeadLetterRateHigh", "ingest"), ("PulseLateEventRateHigh", "processor")],
+          silent=["PulseEventsNotStored", "PulseProcessorStalled"]),
 ]
+
+
+def start_traffic(env, args: list[str]) -> subprocess.Popen:
+    pulsectl = Path(env["CARGO_TARGET_DIR"]) / "debug" / "pulsectl"
+    log = open(Path(env["PULSE_STATE"]) / "logs" / "bad-traffic.log", "wb")
+    return subprocess.Popen(
+        [str(pulsectl), "loadgen", "--target", f"http://127.0.0.1:{env['PULSE_INGEST_HTTP_PORT']}",
+         "--api-key", "pulse-dev-key", "--duration", "0", *args],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop_traffic(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def live(webhook_port: int) -> None:
@@ -375,7 +432,7 @@ def live(webhook_port: int) -> None:
     wait_for("Prometheus to scrape every component (up == 1)",
              lambda: {r["metric"].get("component") for r in prom_query(prom, 'up{component!=""} == 1')}
              >= set(components), 60)
-    watched = {a for *_, expect, silent in FAULTS for a, _ in expect + [(s, None) for s in silent]}
+    watched = {a for f in FAULTS for a, _ in f.expect} | {a for f in FAULTS for a in f.silent}
 
     def healthy():
         # Events flow end to end (in the rules' own test window) and none of the watched
@@ -389,36 +446,53 @@ def live(webhook_port: int) -> None:
              "pending or firing)", healthy, 90)
     say(f"baseline healthy after {time.monotonic() - t:.1f} s")
 
-    results = []
-    for name, crash, expect, silent in FAULTS:
-        if name != FAULTS[0][0]:
-            wait_for(f"a healthy baseline before stopping {name}", healthy, 90)
-        t_stop = time.monotonic()
-        stop(state, name, crash)
-        t_stopped = time.monotonic()
-        say(f"{'killed' if crash else 'stopped'} {name} ({t_stopped - t_stop:.1f} s); "
-            f"waiting for {[a for a, _ in expect]}")
-        for alert, comp in expect:
-            at = wait_for(f"{alert} firing at the webhook after stopping {name}",
-                          lambda: hook.first("firing", alert, comp, t_stop), FIRE_TIMEOUT)
-            results.append((name, alert, "fired", at - t_stopped))
-        for alert in silent:
-            if hook.first("firing", alert, None, t_stop) is not None:
-                fail(f"{alert} fired while only {name} was stopped")
-        t_up = time.monotonic()
-        took = dev("up")
-        say(f"dev.sh up restarted {name} in {took:.1f} s; waiting for the alerts to resolve")
-        for alert, comp in expect:
-            at = wait_for(f"{alert} resolved at the webhook after restarting {name}",
-                          lambda: hook.first("resolved", alert, comp, t_up), RESOLVE_TIMEOUT)
-            results.append((name, alert, "resolved", at - t_up))
-        for alert in silent:
-            if hook.first("firing", alert, None, t_stop) is not None:
-                fail(f"{alert} fired while {name} was stopped or restarting")
+    def named(alert: str, comp: str | None) -> str:
+        return f"{alert}{{component={comp}}}" if comp else alert
 
-    say("fault                alert                        event     seconds after the stop / the start of dev.sh up")
-    for name, alert, what, secs in results:
-        say(f"{name:<20} {alert:<28} {what:<9} {secs:6.1f}")
+    results = []
+    for i, f in enumerate(FAULTS):
+        if i:
+            wait_for(f"a healthy baseline before: {f.label}", healthy, 90)
+        t_stop = time.monotonic()
+        traffic = None
+        for name, crash in f.stop:
+            stop(state, name, crash)
+        if f.traffic is not None:
+            traffic = start_traffic(env, f.traffic)
+        t_stopped = time.monotonic()
+        say(f"{f.label} ({t_stopped - t_stop:.1f} s); waiting for {[named(*a) for a in f.expect]}")
+        try:
+            for alert, comp in f.expect:
+                at = wait_for(f"{named(alert, comp)} firing at the webhook after: {f.label}",
+                              lambda: hook.first("firing", alert, comp, t_stop), FIRE_TIMEOUT)
+                results.append((f.label, named(alert, comp), "fired", at - t_stopped))
+        finally:
+            if traffic is not None:
+                stop_traffic(traffic)
+        for alert in f.silent:
+            if hook.first("firing", alert, None, t_stop) is not None:
+                fail(f"{alert} fired during: {f.label}")
+        t_up = time.monotonic()
+        if f.stop:
+            took = dev("up")
+            say(f"dev.sh up restarted {', '.join(n for n, _ in f.stop)} in {took:.1f} s; "
+                "waiting for the alerts to resolve")
+        else:
+            say("bad traffic stopped; waiting for the alerts to resolve")
+        for alert, comp in f.expect:
+            at = wait_for(f"{named(alert, comp)} resolved at the webhook after: {f.label}",
+                          lambda: hook.first("resolved", alert, comp, t_up), RESOLVE_TIMEOUT)
+            results.append((f.label, named(alert, comp), "resolved", at - t_up))
+        for alert in f.silent:
+            if hook.first("firing", alert, None, t_stop) is not None:
+                fail(f"{alert} fired during or after: {f.label}")
+
+    say("fault                                  alert                                             "
+        "event     seconds after the fault / its end (dev.sh up, or the bad traffic stopped)")
+    for label, alert, what, secs in results:
+        say(f"{label:<38} {alert:<49} {what:<9} {secs:6.1f}")
+    proven = sorted({a.split("{")[0] for _, a, _, _ in results})
+    say(f"{len(proven)} of {len(load_alerts())} alerts proven to fire and resolve live: {', '.join(proven)}")
 
     # The last two checks both run (one platform serves both); either failing fails.
     failures = []

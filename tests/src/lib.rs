@@ -42,6 +42,8 @@ pub fn s3() -> S3Config {
         region: "us-east-1".into(),
         access_key: required_env("PULSE_TEST_S3_ACCESS_KEY").into(),
         secret_key: required_env("PULSE_TEST_S3_SECRET_KEY").into(),
+        access_key_file: None,
+        secret_key_file: None,
         path_style: true,
     }
 }

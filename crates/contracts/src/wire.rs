@@ -144,10 +144,38 @@ pub struct RegistryEncoder {
 }
 
 impl RegistryEncoder {
-    /// An encoder against the registry at `url` (e.g. `http://127.0.0.1:8081`).
+    /// An encoder against the registry at `url` (e.g. `http://127.0.0.1:8081`), without
+    /// credentials.
     pub fn new(url: &str) -> Self {
         Self {
             inner: ProtoRawEncoder::new(SrSettings::new(url.to_owned())),
+        }
+    }
+
+    /// An encoder that sends HTTP basic credentials (`username`, `password`) with every
+    /// registry call, as Confluent's clients do.
+    pub fn with_basic_auth(url: &str, username: &str, password: &str) -> Result<Self, WireError> {
+        let settings = SrSettings::new_builder(url.to_owned())
+            .set_basic_authorization(username, Some(password))
+            .build()
+            .map_err(|e| WireError::Registry {
+                message: format!("building the registry client: {}", e.error),
+                retryable: false,
+            })?;
+        Ok(Self {
+            inner: ProtoRawEncoder::new(settings),
+        })
+    }
+
+    /// [`RegistryEncoder::with_basic_auth`] with `credentials` (`(username, password)`),
+    /// else [`RegistryEncoder::new`].
+    pub fn with_credentials(
+        url: &str,
+        credentials: Option<(&str, &str)>,
+    ) -> Result<Self, WireError> {
+        match credentials {
+            None => Ok(Self::new(url)),
+            Some((username, password)) => Self::with_basic_auth(url, username, password),
         }
     }
 

@@ -9,6 +9,7 @@ use std::time::Duration;
 use pulse_contracts::topics;
 use pulse_platform::config::{Problems, Validate};
 use pulse_platform::kafka::KafkaConfig;
+use pulse_platform::registry_auth::RegistryAuthArgs;
 use pulse_platform::secret::Secret;
 use pulse_platform::telemetry::TelemetryConfig;
 
@@ -65,6 +66,8 @@ pub struct Config {
         default_value = "http://127.0.0.1:8081"
     )]
     pub schema_registry_url: String,
+    #[command(flatten)]
+    pub registry_auth: RegistryAuthArgs,
     /// API keys as `key=source,…`. Prefer the env var or a file; never logged.
     #[arg(
         long = "api-keys",
@@ -282,6 +285,7 @@ impl Validate for Config {
             "--schema-registry-url / PULSE_SCHEMA_REGISTRY_URL",
             format!("must be an http(s) URL, got {:?}", self.schema_registry_url),
         );
+        self.registry_auth.validate(p);
         p.check(
             self.max_body_bytes >= 1024,
             "--max-body-bytes",

@@ -171,7 +171,10 @@ impl IngestService for GrpcIngest {
         request: Request<SendEventsRequest>,
     ) -> Result<Response<SendEventsResponse>, Status> {
         let source = self.source(&request)?;
-        let parent = pulse_platform::grpc::extract_context(request.metadata());
+        // The call's `grpc.request` span (platform::grpc::Traced) continues the caller's
+        // `traceparent` or starts the trace the answer names.
+        let parent =
+            crate::http::current_or(pulse_platform::grpc::extract_context(request.metadata()));
         let result = self
             .batch(&source, request.into_inner().events, &parent)
             .await?;
@@ -183,7 +186,10 @@ impl IngestService for GrpcIngest {
         request: Request<Streaming<SendEventsRequest>>,
     ) -> Result<Response<SendEventsResponse>, Status> {
         let source = self.source(&request)?;
-        let parent = pulse_platform::grpc::extract_context(request.metadata());
+        // The call's `grpc.request` span (platform::grpc::Traced) continues the caller's
+        // `traceparent` or starts the trace the answer names.
+        let parent =
+            crate::http::current_or(pulse_platform::grpc::extract_context(request.metadata()));
         let mut stream = request.into_inner();
         let mut total = SendEventsResponse::default();
         let mut offset = 0usize;
@@ -216,7 +222,10 @@ impl IngestService for GrpcIngest {
         request: Request<Streaming<SendEventsRequest>>,
     ) -> Result<Response<Self::SendEventsStreamStream>, Status> {
         let source = self.source(&request)?;
-        let parent = pulse_platform::grpc::extract_context(request.metadata());
+        // The call's `grpc.request` span (platform::grpc::Traced) continues the caller's
+        // `traceparent` or starts the trace the answer names.
+        let parent =
+            crate::http::current_or(pulse_platform::grpc::extract_context(request.metadata()));
         let mut stream = request.into_inner();
         // Few answers in flight: a client that stops reading stops the intake (backpressure).
         let (tx, rx) = tokio::sync::mpsc::channel(STREAM_ANSWERS_IN_FLIGHT);

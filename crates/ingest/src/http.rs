@@ -10,7 +10,9 @@ use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
+use opentelemetry::trace::TraceContextExt;
 use serde_json::json;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::auth::{ApiKeys, RateLimiter, admit, authenticate};
 use crate::body::{self, BodyError, BodyLimits};
@@ -60,9 +62,22 @@ fn body_header(headers: &HeaderMap, name: &str) -> Option<String> {
         .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
 }
 
+/// The current span's context when it is a valid (recorded) span, else `fallback`.
+pub(crate) fn current_or(fallback: opentelemetry::Context) -> opentelemetry::Context {
+    let current = tracing::Span::current().context();
+    if current.span().span_context().is_valid() {
+        current
+    } else {
+        fallback
+    }
+}
+
 async fn post_events(State(state): State<HttpState>, req: Request) -> Result<Response, Refusal> {
     let headers = req.headers().clone();
-    let parent = pulse_platform::http::extract_context(&headers);
+    // The request's server span (platform::http::observe) continues an incoming
+    // `traceparent` or starts the trace the answer's `x-trace-id` names: continue it (the
+    // header itself when no OpenTelemetry layer is installed).
+    let parent = current_or(pulse_platform::http::extract_context(&headers));
     let source = authenticate(
         &state.keys,
         header_str(&headers, "authorization"),

@@ -60,6 +60,8 @@ pub enum Error {
     },
     #[error("server: {0}")]
     Serve(#[from] ServeError),
+    #[error("schema registry client: {0}")]
+    RegistryClient(String),
 }
 
 /// The running HTTP and gRPC servers ([`Servers::stop`] stops accepting and waits for
@@ -122,8 +124,22 @@ pub async fn serve(
 }
 
 /// Runs the service until shutdown.
+/// The registry client ingest frames events with, sending the configured credentials.
+pub fn registry_encoder(config: &Config) -> Result<RegistryEncoder, Error> {
+    let credentials = config
+        .registry_auth
+        .credentials()
+        .map_err(Error::RegistryClient)?;
+    RegistryEncoder::with_credentials(
+        &config.schema_registry_url,
+        credentials.as_ref().map(|(u, p)| (u.as_str(), p.expose())),
+    )
+    .map_err(|e| Error::RegistryClient(e.to_string()))
+}
+
 pub async fn run(config: Config, ctx: ServiceContext) -> Result<(), Error> {
     crate::metrics::describe();
+    crate::metrics::init(&config.events_topic, &config.dlq_topic);
     let specs = [
         TopicSpec::of(
             TopicKind::Events,
@@ -141,7 +157,7 @@ pub async fn run(config: Config, ctx: ServiceContext) -> Result<(), Error> {
         "kafka-producer",
         config.kafka.producer_stall_timeout,
     );
-    let framer: Arc<dyn Framer> = Arc::new(RegistryEncoder::new(&config.schema_registry_url));
+    let framer: Arc<dyn Framer> = Arc::new(registry_encoder(&config)?);
     // Events can be framed once the registry answers and the subject exists.
     let topic = config.events_topic.as_str();
     let schema_ready = ctx

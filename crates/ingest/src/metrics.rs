@@ -54,3 +54,47 @@ pub fn describe() {
         "Requests refused for a missing or unknown API key."
     );
 }
+
+/// The `outcome` values of [`DEDUP_IN_FLIGHT_WAITS_TOTAL`].
+pub const IN_FLIGHT_WAIT_OUTCOMES: &[&str] = &["settled", "timeout"];
+
+/// Creates, at zero, the series that only a fault, a refusal or a policy would otherwise
+/// create (metrics-rs registers a series at its first update), so rules and dashboards see
+/// them from the first scrape: DLQ truncations, in-flight dedup waits (each outcome),
+/// authentication failures, PII changes, and the producer's series for the configured
+/// events and DLQ topics. Label values are fixed or configured, never client input.
+pub fn init(events_topic: &str, dlq_topic: &str) {
+    metrics::counter!(DLQ_TRUNCATED_TOTAL).increment(0);
+    metrics::counter!(DLQ_DEDUPLICATED_TOTAL).increment(0);
+    for &outcome in IN_FLIGHT_WAIT_OUTCOMES {
+        metrics::counter!(DEDUP_IN_FLIGHT_WAITS_TOTAL, "outcome" => outcome).increment(0);
+    }
+    metrics::counter!(AUTH_FAILURES_TOTAL).increment(0);
+    metrics::counter!(PII_CHANGES_TOTAL).increment(0);
+    pulse_platform::metrics::init_producer(&[events_topic, dlq_topic]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fresh_scrape_has_the_fault_only_series() {
+        let text = pulse_platform::metrics::scrape_with(|| {
+            init("pulse.events.v1", "pulse.events.dlq.v1");
+        });
+        for series in [
+            "pulse_ingest_dlq_truncated_total 0",
+            "pulse_ingest_dlq_deduplicated_total 0",
+            "pulse_ingest_dedup_in_flight_waits_total{outcome=\"settled\"} 0",
+            "pulse_ingest_dedup_in_flight_waits_total{outcome=\"timeout\"} 0",
+            "pulse_ingest_auth_failures_total 0",
+            "pulse_ingest_pii_changes_total 0",
+            "pulse_kafka_produce_errors_total{topic=\"pulse.events.dlq.v1\",kind=\"delivery\"} 0",
+            "pulse_kafka_produce_backpressure_total{topic=\"pulse.events.v1\"} 0",
+            "pulse_kafka_producer_recreated_total 0",
+        ] {
+            assert!(text.contains(series), "{series} missing from\n{text}");
+        }
+    }
+}

@@ -6,6 +6,8 @@
 //! work on 18.16 and on current releases; with a current server `lz4` and validation on
 //! are safe to choose.
 
+use std::path::PathBuf;
+
 use crate::config::{Problems, Validate};
 use crate::secret::Secret;
 
@@ -40,14 +42,23 @@ pub struct ClickHouseConfig {
         default_value = "default"
     )]
     pub user: String,
-    /// Password; prefer PULSE_CLICKHOUSE_PASSWORD or a file over the command line. Never logged.
+    /// Password; prefer --clickhouse-password-file or PULSE_CLICKHOUSE_PASSWORD over this
+    /// flag (process arguments are visible to every local user). Never logged.
     #[arg(
         long = "clickhouse-password",
         env = "PULSE_CLICKHOUSE_PASSWORD",
         default_value = "",
-        hide_env_values = true
+        hide_env_values = true,
+        hide_default_value = true
     )]
     pub password: Secret,
+    /// File holding the password (e.g. a mounted Secret), instead of the password itself;
+    /// read each time a client is created. Setting both is an error.
+    #[arg(
+        long = "clickhouse-password-file",
+        env = "PULSE_CLICKHOUSE_PASSWORD_FILE"
+    )]
+    pub password_file: Option<PathBuf>,
     /// Transport compression (`none` is required for ClickHouse 18.16).
     #[arg(
         id = "clickhouse_compression",
@@ -73,6 +84,7 @@ impl Default for ClickHouseConfig {
             database: "pulse".into(),
             user: "default".into(),
             password: Secret::default(),
+            password_file: None,
             compression: ClickHouseCompression::None,
             validation: false,
         }
@@ -90,7 +102,7 @@ impl ClickHouseConfig {
         clickhouse::Client::default()
             .with_url(&self.url)
             .with_user(&self.user)
-            .with_password(self.password.expose())
+            .with_password(self.effective_password().expose())
             .with_compression(match self.compression {
                 ClickHouseCompression::None => clickhouse::Compression::None,
                 ClickHouseCompression::Lz4 => clickhouse::Compression::Lz4,
@@ -99,8 +111,26 @@ impl ClickHouseConfig {
     }
 }
 
+impl ClickHouseConfig {
+    /// The password from the file or the flag/env. A file that cannot be read (validation
+    /// at start refuses that; a file removed later) is logged by name and no password is
+    /// sent, so ClickHouse refuses the client with an authentication error.
+    fn effective_password(&self) -> Secret {
+        Secret::resolve(&self.password, self.password_file.as_deref()).unwrap_or_else(|reason| {
+            tracing::error!(%reason, "clickhouse: password not set");
+            Secret::default()
+        })
+    }
+}
+
 impl Validate for ClickHouseConfig {
     fn validate(&self, p: &mut Problems) {
+        if let Err(reason) = Secret::resolve(&self.password, self.password_file.as_deref()) {
+            p.add(
+                "--clickhouse-password-file / PULSE_CLICKHOUSE_PASSWORD_FILE",
+                reason,
+            );
+        }
         p.check(
             self.url.starts_with("http://") || self.url.starts_with("https://"),
             "--clickhouse-url / PULSE_CLICKHOUSE_URL",
@@ -159,6 +189,71 @@ mod tests {
         let text = format!("{cfg:?}");
         assert!(!text.contains("hunter2"), "{text}");
         assert!(text.contains("<redacted>"));
+    }
+
+    #[test]
+    fn the_password_comes_from_its_file_or_its_value_never_both() {
+        let dir = std::env::temp_dir().join(format!("pulse-ch-pw-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("password");
+        std::fs::write(&file, "from-file\n").unwrap();
+        let from_file =
+            All::try_parse_from_for_test(&["--clickhouse-password-file", file.to_str().unwrap()])
+                .clickhouse;
+        crate::config::validate_all(&[&from_file]).unwrap();
+        assert_eq!(from_file.effective_password().expose(), "from-file");
+        let from_flag =
+            All::try_parse_from_for_test(&["--clickhouse-password", "from-flag"]).clickhouse;
+        assert_eq!(from_flag.effective_password().expose(), "from-flag");
+        let both = All::try_parse_from_for_test(&[
+            "--clickhouse-password",
+            "from-flag",
+            "--clickhouse-password-file",
+            file.to_str().unwrap(),
+        ])
+        .clickhouse;
+        let text = crate::config::validate_all(&[&both])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            text.contains("--clickhouse-password-file") && text.contains("set only one"),
+            "{text}"
+        );
+        assert!(!text.contains("from-"), "{text}");
+        assert!(both.effective_password().is_empty());
+        let none = All::try_parse_from_for_test(&[]).clickhouse;
+        assert!(none.effective_password().is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    impl All {
+        fn try_parse_from_for_test(args: &[&str]) -> Self {
+            <Self as clap::Parser>::try_parse_from(std::iter::once("x").chain(args.iter().copied()))
+                .unwrap()
+        }
+    }
+
+    #[test]
+    fn help_never_shows_secret_values() {
+        use clap::CommandFactory;
+        let help = All::command().render_long_help().to_string();
+        for secret in ["pulse-dev-access", "pulse-dev-secret"] {
+            assert!(!help.contains(secret), "{secret} in --help");
+        }
+        for env in [
+            "PULSE_CLICKHOUSE_PASSWORD",
+            "PULSE_S3_ACCESS_KEY",
+            "PULSE_S3_SECRET_KEY",
+        ] {
+            assert!(
+                help.contains(&format!("[env: {env}]")),
+                "{env} missing in --help"
+            );
+            assert!(
+                !help.contains(&format!("{env}=")),
+                "--help shows {env}'s value"
+            );
+        }
     }
 
     #[test]

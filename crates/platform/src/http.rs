@@ -1,21 +1,34 @@
 //! HTTP server plumbing shared by the HTTP services: every request runs in a span that
 //! continues the caller's W3C trace context (`traceparent` header), is counted and timed
-//! by route template and status, and is logged as one structured line. Routes are the
-//! matched templates (`/subjects/{subject}`), never raw paths, so label values stay bounded.
+//! by route template and status, and is logged as one structured line; every answer,
+//! errors included, names that span in its `traceresponse` and `x-trace-id` headers.
+//! Label values stay bounded: routes are the matched templates (`/subjects/{subject}`) or
+//! `unmatched`, never raw paths, and methods other than the standard nine are `other`.
 
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request};
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, HeaderName, HeaderValue, Method};
 use axum::middleware::Next;
 use axum::response::Response;
 use opentelemetry::propagation::{Extractor, TextMapPropagator};
+use opentelemetry::trace::TraceContextExt as _;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 pub const HTTP_REQUESTS_TOTAL: &str = "pulse_http_requests_total";
 pub const HTTP_REQUEST_SECONDS: &str = "pulse_http_request_duration_seconds";
+
+/// Response header with the server span as W3C Trace Context Level 2 writes it:
+/// `00-<trace id>-<span id>-<flags>`.
+pub const TRACERESPONSE: HeaderName = HeaderName::from_static("traceresponse");
+/// Response header with the 32-hex-digit trace id alone (for people and log searches).
+pub const X_TRACE_ID: HeaderName = HeaderName::from_static("x-trace-id");
+/// The `route` label of a request that matched no route.
+pub const UNMATCHED_ROUTE: &str = "unmatched";
+/// The `method` label of a request whose method is none of RFC 9110's eight and PATCH.
+pub const OTHER_METHOD: &str = "other";
 
 /// Describes the HTTP metrics (call once per process; repeated calls are harmless).
 pub fn describe_metrics() {
@@ -46,14 +59,60 @@ pub fn extract_context(headers: &HeaderMap) -> opentelemetry::Context {
     TraceContextPropagator::new().extract(&HeaderExtractor(headers))
 }
 
+/// The `method` label of `method`: its name for the standard methods, else `other` (a
+/// client can send any token as a method; it must not become a new series).
+pub fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::CONNECT => "CONNECT",
+        Method::OPTIONS => "OPTIONS",
+        Method::TRACE => "TRACE",
+        Method::PATCH => "PATCH",
+        _ => OTHER_METHOD,
+    }
+}
+
+/// The `traceresponse` and `x-trace-id` values naming `span`'s OpenTelemetry span, or
+/// `None` when it has none (no OpenTelemetry layer in the subscriber).
+pub fn trace_header_values(span: &tracing::Span) -> Option<[(HeaderName, HeaderValue); 2]> {
+    let cx = span.context();
+    let otel = cx.span();
+    let sc = otel.span_context();
+    if !sc.is_valid() {
+        return None;
+    }
+    let trace_id = sc.trace_id().to_string();
+    let traceresponse = format!(
+        "00-{trace_id}-{}-{:02x}",
+        sc.span_id(),
+        sc.trace_flags().to_u8()
+    );
+    Some([
+        (TRACERESPONSE, HeaderValue::from_str(&traceresponse).ok()?),
+        (X_TRACE_ID, HeaderValue::from_str(&trace_id).ok()?),
+    ])
+}
+
+/// Adds the trace headers of `span` (see [`trace_header_values`]) to `headers`.
+pub fn insert_trace_headers(headers: &mut HeaderMap, span: &tracing::Span) {
+    if let Some(values) = trace_header_values(span) {
+        for (name, value) in values {
+            headers.insert(name, value);
+        }
+    }
+}
+
 /// Middleware: `Router::layer(axum::middleware::from_fn(pulse_platform::http::observe))`.
 pub async fn observe(req: Request, next: Next) -> Response {
     let route = req
         .extensions()
         .get::<MatchedPath>()
-        .map(|p| p.as_str().to_owned())
-        .unwrap_or_else(|| "unmatched".to_owned());
-    let method = req.method().as_str().to_owned();
+        .map_or_else(|| UNMATCHED_ROUTE.to_owned(), |p| p.as_str().to_owned());
+    let method = method_label(req.method());
     let span = tracing::info_span!(
         "http.request",
         otel.kind = "server",
@@ -63,13 +122,14 @@ pub async fn observe(req: Request, next: Next) -> Response {
     );
     let _ = span.set_parent(extract_context(req.headers()));
     let started = Instant::now();
-    let response = next.run(req).instrument(span.clone()).await;
+    let mut response = next.run(req).instrument(span.clone()).await;
+    insert_trace_headers(response.headers_mut(), &span);
     let status = response.status().as_u16();
     let elapsed = started.elapsed().as_secs_f64();
     span.record("http.response.status_code", status);
-    metrics::counter!(HTTP_REQUESTS_TOTAL, "route" => route.clone(), "method" => method.clone(), "status" => status.to_string())
+    metrics::counter!(HTTP_REQUESTS_TOTAL, "route" => route.clone(), "method" => method, "status" => status.to_string())
         .increment(1);
-    metrics::histogram!(HTTP_REQUEST_SECONDS, "route" => route.clone(), "method" => method.clone())
+    metrics::histogram!(HTTP_REQUEST_SECONDS, "route" => route.clone(), "method" => method)
         .record(elapsed);
     span.in_scope(|| {
         if status >= 500 {
@@ -106,9 +166,91 @@ pub fn nodelay(
     })
 }
 
+/// A subscriber with an OpenTelemetry layer (no exporter), for tests that read span ids.
+#[cfg(test)]
+pub(crate) fn otel_subscriber() -> impl tracing::Subscriber + Send + Sync {
+    use opentelemetry::trace::TracerProvider as _;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+    tracing_subscriber::registry()
+        .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")))
+}
+
 #[cfg(test)]
 mod tests {
+    use axum::body::Body;
+    use axum::http::{Method, Request};
     use axum::serve::Listener as _;
+    use tonic::codegen::Service as _;
+
+    const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    async fn answer(req: Request<Body>) -> axum::response::Response {
+        let app = axum::Router::new()
+            .route("/ok", axum::routing::get(|| async { "ok" }))
+            .layer(axum::middleware::from_fn(super::observe));
+        app.into_service().call(req).await.unwrap()
+    }
+
+    fn header(r: &axum::response::Response, name: &str) -> String {
+        r.headers()
+            .get(name)
+            .unwrap_or_else(|| panic!("no {name} header"))
+            .to_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    #[tokio::test]
+    async fn answers_name_the_server_span_which_continues_an_incoming_traceparent() {
+        let _guard = tracing::subscriber::set_default(super::otel_subscriber());
+        let req = Request::get("/ok")
+            .header("traceparent", TRACEPARENT)
+            .body(Body::empty())
+            .unwrap();
+        let r = answer(req).await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(header(&r, "x-trace-id"), "4bf92f3577b34da6a3ce929d0e0e4736");
+        let tr = header(&r, "traceresponse");
+        let parts: Vec<&str> = tr.split('-').collect();
+        assert_eq!(parts.len(), 4, "{tr}");
+        assert_eq!(parts[..2], ["00", "4bf92f3577b34da6a3ce929d0e0e4736"]);
+        assert_eq!(parts[2].len(), 16);
+        assert_ne!(
+            parts[2], "00f067aa0ba902b7",
+            "the server span, not the caller's"
+        );
+        assert_eq!(parts[3], "01");
+    }
+
+    #[tokio::test]
+    async fn error_answers_without_a_traceparent_name_a_fresh_trace() {
+        let _guard = tracing::subscriber::set_default(super::otel_subscriber());
+        let unmatched = answer(Request::get("/nope").body(Body::empty()).unwrap()).await;
+        assert_eq!(unmatched.status(), 404);
+        let bad_method = answer(Request::post("/ok").body(Body::empty()).unwrap()).await;
+        assert_eq!(bad_method.status(), 405);
+        let (a, b) = (
+            header(&unmatched, "x-trace-id"),
+            header(&bad_method, "x-trace-id"),
+        );
+        for id in [&a, &b] {
+            assert_eq!(id.len(), 32, "{id}");
+            assert!(id.bytes().all(|c| c.is_ascii_hexdigit()), "{id}");
+            assert_ne!(id.as_str(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        }
+        assert_ne!(a, b, "each request starts its own trace");
+    }
+
+    #[test]
+    fn unknown_methods_share_one_label() {
+        assert_eq!(super::method_label(&Method::GET), "GET");
+        assert_eq!(super::method_label(&Method::PATCH), "PATCH");
+        for m in ["FOO", "get", "BREW", "X-LONG-MADE-UP-METHOD"] {
+            let m = Method::from_bytes(m.as_bytes()).unwrap();
+            assert_eq!(super::method_label(&m), "other", "{m}");
+        }
+    }
 
     #[tokio::test]
     async fn accepted_http_connections_have_tcp_nodelay_set() {

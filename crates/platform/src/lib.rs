@@ -12,6 +12,7 @@ pub mod grpc;
 pub mod http;
 pub mod kafka;
 pub mod metrics;
+pub mod registry_auth;
 pub mod s3;
 pub mod secret;
 pub mod server;

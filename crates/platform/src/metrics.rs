@@ -59,6 +59,43 @@ pub fn install(service: &str) -> Result<PrometheusHandle, BuildError> {
     Ok(HANDLE.get().cloned().unwrap_or(handle))
 }
 
+/// The `kind` label values of [`KAFKA_PRODUCE_ERRORS_TOTAL`] (one per
+/// `kafka::ProduceError` variant; a test there keeps the two in step).
+pub const PRODUCE_ERROR_KINDS: &[&str] = &["queue_full", "enqueue", "delivery", "cancelled"];
+
+/// Creates a producer's series at zero for the topics it is configured to write (call at
+/// start-up with configured names, never with client input), so that rules and dashboards
+/// find them before the first record, error or backpressure: the produced, error (every
+/// kind), backpressure and recreated counters. `increment(0)` leaves a counter that already
+/// moved as it is, so calling it again is harmless.
+pub fn init_producer(topics: &[&str]) {
+    metrics::counter!(KAFKA_PRODUCER_RECREATED_TOTAL).increment(0);
+    for &topic in topics {
+        let t = topic.to_owned();
+        metrics::counter!(KAFKA_PRODUCED_TOTAL, "topic" => t.clone()).increment(0);
+        metrics::counter!(KAFKA_PRODUCE_BACKPRESSURE_TOTAL, "topic" => t.clone()).increment(0);
+        for &kind in PRODUCE_ERROR_KINDS {
+            metrics::counter!(KAFKA_PRODUCE_ERRORS_TOTAL, "topic" => t.clone(), "kind" => kind)
+                .increment(0);
+        }
+    }
+}
+
+/// The Prometheus text a fresh registry holds after `f` ran with it as the (thread-local)
+/// recorder: for the services' tests that their start-up registers the series the rules
+/// and dashboards use. The global recorder is not touched.
+pub fn scrape_with(f: impl FnOnce()) -> String {
+    // The production buckets (so histograms render as histograms); they are valid.
+    let recorder = match PrometheusBuilder::new().set_buckets(LATENCY_BUCKETS) {
+        Ok(b) => b,
+        Err(_) => PrometheusBuilder::new(),
+    }
+    .build_recorder();
+    let handle = recorder.handle();
+    metrics::with_local_recorder(&recorder, f);
+    handle.render()
+}
+
 fn spawn_upkeep(handle: PrometheusHandle) {
     // Histograms are drained by upkeep; without it memory grows between scrapes.
     if let Ok(rt) = tokio::runtime::Handle::try_current() {
@@ -134,4 +171,43 @@ fn describe() {
         BUILD_INFO,
         "Always 1; the version label says which build runs."
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fresh_producer_scrape_has_every_fault_series_at_zero() {
+        let text = scrape_with(|| init_producer(&["pulse.events.v1", "pulse.events.dlq.v1"]));
+        assert!(
+            text.contains("pulse_kafka_producer_recreated_total 0"),
+            "{text}"
+        );
+        for topic in ["pulse.events.v1", "pulse.events.dlq.v1"] {
+            for series in [
+                format!("{KAFKA_PRODUCED_TOTAL}{{topic=\"{topic}\"}} 0"),
+                format!("{KAFKA_PRODUCE_BACKPRESSURE_TOTAL}{{topic=\"{topic}\"}} 0"),
+            ] {
+                assert!(text.contains(&series), "{series} missing from\n{text}");
+            }
+            for kind in PRODUCE_ERROR_KINDS {
+                let series =
+                    format!("{KAFKA_PRODUCE_ERRORS_TOTAL}{{topic=\"{topic}\",kind=\"{kind}\"}} 0");
+                assert!(text.contains(&series), "{series} missing from\n{text}");
+            }
+        }
+    }
+
+    #[test]
+    fn init_producer_does_not_reset_a_counter_that_moved() {
+        let text = scrape_with(|| {
+            metrics::counter!(KAFKA_PRODUCER_RECREATED_TOTAL).increment(2);
+            init_producer(&[]);
+        });
+        assert!(
+            text.contains("pulse_kafka_producer_recreated_total 2"),
+            "{text}"
+        );
+    }
 }

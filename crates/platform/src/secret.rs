@@ -2,6 +2,10 @@
 //! `<redacted>` in `Debug`, has no `Display`, and is wiped from memory when dropped.
 //! Read the value only where it is used, with [`Secret::expose`]. Config structs holding
 //! secrets can then derive `Debug` instead of hand-writing a redacting one.
+//!
+//! A secret setting comes either as a value (an environment variable, for some older
+//! settings also a flag) or as a file (`--…-file` / `PULSE_…_FILE`, e.g. a mounted
+//! Kubernetes Secret); [`Secret::resolve`] applies the one rule for all of them.
 
 use std::fmt;
 
@@ -35,6 +39,34 @@ impl Secret {
             text.pop();
         }
         Ok(Self(text))
+    }
+
+    /// The value of the environment variable `name`; empty when it is unset or not
+    /// UTF-8. For secrets that are read from the environment only, never from a flag.
+    pub fn from_env(name: &str) -> Self {
+        Self(std::env::var(name).unwrap_or_default())
+    }
+
+    /// The secret of a setting that can be given as a value or as a file: the file's
+    /// content when `file` is set (it must not be empty), else `value` (possibly empty,
+    /// i.e. not set). Both set is an error, so a stale value never silently wins over a
+    /// mounted file or the other way round. Errors name the file, never the content.
+    pub fn resolve(value: &Secret, file: Option<&std::path::Path>) -> Result<Self, String> {
+        match file {
+            Some(path) if !value.is_empty() => Err(format!(
+                "both the value and the file {} are set; set only one",
+                path.display()
+            )),
+            Some(path) => {
+                let secret = Self::from_file(path)?;
+                if secret.is_empty() {
+                    Err(format!("{} is empty", path.display()))
+                } else {
+                    Ok(secret)
+                }
+            }
+            None => Ok(value.clone()),
+        }
     }
 }
 
@@ -99,6 +131,39 @@ mod tests {
         assert_eq!(Secret::from_file(&path).unwrap().expose(), " a b ");
         let err = Secret::from_file(&dir.join("missing")).unwrap_err();
         assert!(err.contains("missing"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_file_wins_over_nothing_a_value_over_nothing_and_both_are_refused() {
+        let dir = std::env::temp_dir().join(format!("pulse-resolve-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("password");
+        std::fs::write(&file, "from-file\n").unwrap();
+        let empty = dir.join("empty");
+        std::fs::write(&empty, "\n").unwrap();
+
+        let none = Secret::default();
+        let value = Secret::from("from-value");
+        assert_eq!(Secret::resolve(&none, None).unwrap(), none);
+        assert_eq!(
+            Secret::resolve(&value, None).unwrap().expose(),
+            "from-value"
+        );
+        assert_eq!(
+            Secret::resolve(&none, Some(&file)).unwrap().expose(),
+            "from-file"
+        );
+        let both = Secret::resolve(&value, Some(&file)).unwrap_err();
+        assert!(
+            both.contains("set only one") && both.contains("password"),
+            "{both}"
+        );
+        assert!(!both.contains("from-"), "the error shows a secret: {both}");
+        let blank = Secret::resolve(&none, Some(&empty)).unwrap_err();
+        assert!(blank.contains("is empty"), "{blank}");
+        let missing = Secret::resolve(&none, Some(&dir.join("missing"))).unwrap_err();
+        assert!(missing.contains("cannot read"), "{missing}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -1,6 +1,7 @@
 //! An HTTP server (axum) and a gRPC server (tonic) side by side, as a service that answers
 //! on both transports runs them: each on its own listener with `TCP_NODELAY`, the gRPC one
-//! with health and reflection beside the service, both stopped by one token. Stopping is
+//! with health and reflection beside the service (whose calls run in the server span of
+//! [`crate::grpc::Traced`]), both stopped by one token. Stopping is
 //! ordered: both stop accepting at once, then each finishes its in-flight requests, and
 //! [`ServerPair::stop`] returns only when both have, so the caller can flush what those
 //! requests queued (a producer, say) afterwards. Routes and services are the caller's.
@@ -13,7 +14,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::body::Body;
 use tonic::codegen::Service;
-use tonic::codegen::http::Request;
+use tonic::codegen::http::{Request, Response};
 use tonic::server::NamedService;
 
 /// Why a server pair could not start or did not stop cleanly.
@@ -59,13 +60,12 @@ impl ServerPair {
         stop: CancellationToken,
     ) -> Result<Self, ServeError>
     where
-        S: Service<Request<Body>, Error = Infallible>
+        S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>
             + NamedService
             + Clone
             + Send
             + Sync
             + 'static,
-        S::Response: axum::response::IntoResponse,
         S::Future: Send + 'static,
     {
         let local = |l: &TcpListener, transport| {
@@ -90,7 +90,7 @@ impl ServerPair {
                 tonic::transport::Server::builder()
                     .add_service(health)
                     .add_service(reflection)
-                    .add_service(service)
+                    .add_service(crate::grpc::Traced::new(service))
                     .serve_with_incoming_shutdown(incoming, async move { stop.cancelled().await })
                     .await
             })

@@ -56,6 +56,8 @@ pub struct Config {
         default_value = "http://127.0.0.1:8081"
     )]
     pub schema_registry_url: String,
+    #[command(flatten)]
+    pub registry_auth: pulse_platform::registry_auth::RegistryAuthArgs,
     /// Consumer group; every replica of the processor uses the same one.
     #[arg(
         long = "group-id",
@@ -196,6 +198,7 @@ impl Config {
 impl Validate for Config {
     fn validate(&self, p: &mut Problems) {
         self.windowing.validate(p);
+        self.registry_auth.validate(p);
         p.check(
             self.max_out_of_orderness_ms >= 0,
             "--max-out-of-orderness-ms",
@@ -250,6 +253,21 @@ pub enum Error {
     Run(#[from] run::RunError),
     #[error("{0}")]
     ShortRetention(#[from] retention::ShortRetention),
+    #[error("schema registry client: {0}")]
+    RegistryClient(String),
+}
+
+/// The registry client, with the configured credentials.
+pub fn registry_encoder(config: &Config) -> Result<RegistryEncoder, Error> {
+    let credentials = config
+        .registry_auth
+        .credentials()
+        .map_err(Error::RegistryClient)?;
+    RegistryEncoder::with_credentials(
+        &config.schema_registry_url,
+        credentials.as_ref().map(|(u, p)| (u.as_str(), p.expose())),
+    )
+    .map_err(|e| Error::RegistryClient(e.to_string()))
 }
 
 /// How long a revoke waits for queued outputs and checkpoints to be acknowledged.
@@ -278,7 +296,7 @@ pub async fn build(config: &Config) -> Result<run::Processor, Error> {
         consumer,
         rebalances,
         producer,
-        encoder: RegistryEncoder::new(&config.schema_registry_url),
+        encoder: registry_encoder(config)?,
         topics: config.topics(),
         tick: Duration::from_millis(config.emit_interval_ms),
         checkpoints: checkpoint::CheckpointStore {
@@ -341,6 +359,12 @@ pub async fn check_events_retention(config: &Config) -> Result<(), Error> {
 /// Runs the service until shutdown.
 pub async fn run(config: Config, ctx: ServiceContext) -> Result<(), Error> {
     crate::metrics::describe();
+    crate::metrics::init(&[
+        &config.user_activity_topic,
+        &config.sessions_topic,
+        &config.late_topic,
+        &config.checkpoint_topic,
+    ]);
     // Before anything else, so a topic that would lose records keeps the processor from
     // starting at all (the topics are created first when missing).
     ensure_topics(&config.kafka, &config.topic_specs()).await?;
@@ -348,7 +372,7 @@ pub async fn run(config: Config, ctx: ServiceContext) -> Result<(), Error> {
     // Outputs can be framed only once their subjects are registered (pulsectl schemas
     // register, the chart's schema Job): wait for them, not ready, instead of failing the
     // first emission and crash-looping on a fresh install.
-    let encoder = RegistryEncoder::new(&config.schema_registry_url);
+    let encoder = registry_encoder(&config)?;
     for (topic, schema) in [
         (
             &config.user_activity_topic,

@@ -66,3 +66,45 @@ pub fn describe() {
         "Latest event time folded in, epoch ms (freshness)."
     );
 }
+
+/// The `outcome` values of [`EVENTS_TOTAL`].
+pub const EVENT_OUTCOMES: &[&str] = &[
+    "added",
+    "future",
+    "duplicate",
+    "replayed",
+    "late",
+    "undecodable",
+];
+
+/// Creates, at zero, the series that only a late event, a correction or a fault would
+/// otherwise create (metrics-rs registers a series at its first update): input records by
+/// every outcome, corrections, and the producer's series for the configured output topics
+/// (aggregates, late, checkpoints). Label values are fixed or configured.
+pub fn init(output_topics: &[&str]) {
+    for &outcome in EVENT_OUTCOMES {
+        metrics::counter!(EVENTS_TOTAL, "outcome" => outcome).increment(0);
+    }
+    metrics::counter!(CORRECTIONS_TOTAL).increment(0);
+    pulse_platform::metrics::init_producer(output_topics);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fresh_scrape_has_the_fault_only_series() {
+        let text = pulse_platform::metrics::scrape_with(|| init(&["pulse.events.late.v1"]));
+        for series in [
+            "pulse_processor_corrections_total 0",
+            "pulse_processor_events_total{outcome=\"late\"} 0",
+            "pulse_processor_events_total{outcome=\"undecodable\"} 0",
+            "pulse_kafka_produce_errors_total{topic=\"pulse.events.late.v1\",kind=\"enqueue\"} 0",
+            "pulse_kafka_produce_backpressure_total{topic=\"pulse.events.late.v1\"} 0",
+            "pulse_kafka_producer_recreated_total 0",
+        ] {
+            assert!(text.contains(series), "{series} missing from\n{text}");
+        }
+    }
+}

@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use self::expect::{Answered, Settings, Status};
 use self::stats::{Counts, Summary, progress_line};
-use self::workload::{GenEvent, Kind, Workload, WorkloadConfig};
+use self::workload::{GenEvent, Kind, UserOrder, Workload, WorkloadConfig};
 use crate::duration::parse_duration;
 use crate::ingest_client::{ClientError, Delivery, GrpcIngest, HttpIngest, Retry, SendError};
 
@@ -55,6 +55,11 @@ pub struct LoadgenArgs {
     /// Simulated users.
     #[arg(long, default_value_t = 200)]
     pub users: u32,
+    /// How events are spread over the users: `random` (each event a user drawn at random)
+    /// or `turns` (users take turns in a fixed, scattered order, so the first `--users`
+    /// normal events reach `--users` distinct users and every user stays active).
+    #[arg(long, value_enum, default_value_t = UserOrder::Random)]
+    pub user_order: UserOrder,
     /// Events per second (planned; the summary shows what was achieved).
     #[arg(long, default_value_t = 50.0)]
     pub rate: f64,
@@ -430,6 +435,7 @@ pub async fn run_load(
         duplicates: args.duplicates,
         malformed: args.malformed,
         duplicate_min_distance: (args.batch_size * args.concurrency) as u64,
+        user_order: args.user_order,
     });
     if opts.progress {
         eprintln!(
@@ -467,8 +473,13 @@ pub async fn run_load(
         // Ctrl-C (or a refused key) ends generating; what was generated is still sent.
         let finished = halt.is_cancelled() || end.is_some_and(|e| event_due >= e);
         let now = Instant::now();
+        // A partial batch waits for more events only while the next one is not due yet:
+        // behind schedule, due events fill it first (else every batch would be one event
+        // once the run lags more than the linger behind, and it would never catch up).
         let flush = !pending.is_empty()
-            && (finished || pending.len() >= args.batch_size || now >= first_due + LINGER);
+            && (finished
+                || pending.len() >= args.batch_size
+                || (now >= first_due + LINGER && event_due > now));
         if flush {
             let batch = std::mem::take(&mut pending);
             // Every task ends after its retries (at once once halted), so this wait is bounded.

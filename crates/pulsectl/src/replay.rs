@@ -49,6 +49,8 @@ pub struct ReplayArgs {
     )]
     pub schema_registry_url: String,
     #[command(flatten)]
+    pub registry_auth: pulse_platform::registry_auth::RegistryAuthArgs,
+    #[command(flatten)]
     pub s3: S3Config,
     #[command(flatten)]
     pub kafka: KafkaConfig,
@@ -75,6 +77,9 @@ impl Validate for ReplayArgs {
             ),
         );
         p.check(!self.topic.is_empty(), "--topic", "must not be empty");
+        if !self.dry_run {
+            self.registry_auth.validate(p);
+        }
         p.check(
             self.schema_registry_url.starts_with("http://")
                 || self.schema_registry_url.starts_with("https://"),
@@ -232,7 +237,7 @@ pub async fn replay(args: &ReplayArgs) -> Result<Summary, ReplayError> {
         return replay_archive(&store, &args.s3, args.from, args.to, None).await;
     }
     let (schema_id, message_indexes) =
-        registered_schema(&args.schema_registry_url, &args.topic).await?;
+        registered_schema(&args.registry_auth, &args.schema_registry_url, &args.topic).await?;
     if !topic_exists(&args.kafka, &args.topic).await? {
         return Err(ReplayError::NoTopic(args.topic.clone()));
     }
@@ -364,6 +369,8 @@ mod tests {
             region: "us-east-1".into(),
             access_key: Default::default(),
             secret_key: Default::default(),
+            access_key_file: None,
+            secret_key_file: None,
             path_style: true,
         }
     }

@@ -8,6 +8,7 @@ use pulse_contracts::schemas::{RecordSchema, TOPIC_SCHEMAS, value_subject};
 use serde_json::{Value, json};
 
 use crate::Error;
+use pulse_platform::registry_auth::RegistryAuthArgs;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum SchemasCommand {
@@ -26,6 +27,8 @@ pub struct SchemaArgs {
         default_value = "http://127.0.0.1:8081"
     )]
     pub url: String,
+    #[command(flatten)]
+    pub registry_auth: RegistryAuthArgs,
     /// Read the .proto files from this folder (a `proto/` tree) instead of the ones built
     /// into pulsectl.
     #[arg(long = "proto-dir")]
@@ -40,6 +43,8 @@ pub enum SchemaError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("schema registry credentials: {0}")]
+    Credentials(String),
     #[error("schema registry at {url}: {source}")]
     Http { url: String, source: reqwest::Error },
     #[error("subject {subject}: registry answered {status}: {message}")]
@@ -65,14 +70,26 @@ fn source_of(schema: &RecordSchema, dir: Option<&Path>) -> Result<String, Schema
     }
 }
 
+/// Adds the basic-auth header of `auth` to a registry request (none without a user).
+fn with_credentials(
+    req: reqwest::RequestBuilder,
+    auth: &RegistryAuthArgs,
+) -> Result<reqwest::RequestBuilder, String> {
+    Ok(match auth.credentials()? {
+        None => req,
+        Some((user, password)) => req.basic_auth(user, Some(password.expose())),
+    })
+}
+
 async fn call(
     client: &reqwest::Client,
+    auth: &RegistryAuthArgs,
     url: &str,
     subject: &str,
     body: &Value,
 ) -> Result<(u16, Value), SchemaError> {
-    let resp = client
-        .post(url)
+    let resp = with_credentials(client.post(url), auth)
+        .map_err(SchemaError::Credentials)?
         .header("Content-Type", "application/vnd.schemaregistry.v1+json")
         .json(body)
         .send()
@@ -103,7 +120,7 @@ pub async fn register(args: &SchemaArgs) -> Result<Vec<(String, u64)>, SchemaErr
         let text = source_of(schema, args.proto_dir.as_deref())?;
         let body = json!({ "schemaType": "PROTOBUF", "schema": text });
         let url = format!("{base}/subjects/{subject}/versions");
-        let (_, value) = call(&client, &url, &subject, &body).await?;
+        let (_, value) = call(&client, &args.registry_auth, &url, &subject, &body).await?;
         out.push((subject, value["id"].as_u64().unwrap_or(0)));
     }
     Ok(out)
@@ -120,7 +137,7 @@ pub async fn check(args: &SchemaArgs) -> Result<Vec<(String, &'static str)>, Sch
         let text = source_of(schema, args.proto_dir.as_deref())?;
         let body = json!({ "schemaType": "PROTOBUF", "schema": text });
         let url = format!("{base}/compatibility/subjects/{subject}/versions/latest?verbose=true");
-        let (status, value) = call(&client, &url, &subject, &body).await?;
+        let (status, value) = call(&client, &args.registry_auth, &url, &subject, &body).await?;
         if status == 404 {
             out.push((subject, "not registered yet"));
             continue;

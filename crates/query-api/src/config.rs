@@ -12,7 +12,9 @@ use pulse_platform::telemetry::TelemetryConfig;
 use pulse_platform::windowing::WindowSettings;
 
 use crate::auth::{TokenFileError, Tokens};
+use crate::params::DAY_MS;
 use crate::query::Limits;
+use crate::store::QueryLimits;
 
 /// The token of the local dev stack (documented in the README; never use it elsewhere).
 pub const DEV_TOKEN: &str = "pulse-dev-token";
@@ -70,13 +72,35 @@ pub struct Config {
         default_value_t = 1500
     )]
     pub max_points: usize,
-    /// ClickHouse query timeout, ms (504 / DEADLINE_EXCEEDED after it).
+    /// Longest `from`..`to` range of any endpoint, ms (400 `range_too_long` beyond it).
+    #[arg(
+        long = "max-range-ms",
+        env = "PULSE_QUERY_MAX_RANGE_MS",
+        default_value_t = 31 * DAY_MS
+    )]
+    pub max_range_ms: i64,
+    /// ClickHouse query timeout, ms (504 / DEADLINE_EXCEEDED after it); also sent to
+    /// ClickHouse as `max_execution_time` (whole seconds, rounded up).
     #[arg(
         long = "query-timeout-ms",
         env = "PULSE_QUERY_TIMEOUT_MS",
         default_value_t = 10_000
     )]
     pub query_timeout_ms: u64,
+    /// Memory one ClickHouse query may use, bytes (`max_memory_usage`; 0 = no limit).
+    #[arg(
+        long = "query-max-memory-bytes",
+        env = "PULSE_QUERY_MAX_MEMORY_BYTES",
+        default_value_t = 1 << 30
+    )]
+    pub query_max_memory_bytes: u64,
+    /// Rows one ClickHouse query may return (`max_result_rows`; 0 = no limit).
+    #[arg(
+        long = "query-max-result-rows",
+        env = "PULSE_QUERY_MAX_RESULT_ROWS",
+        default_value_t = 100_000
+    )]
+    pub query_max_result_rows: u64,
     /// How long the table-wide freshness is cached, ms (0 = read it for every request).
     #[arg(
         long = "freshness-cache-ms",
@@ -105,6 +129,15 @@ impl Config {
             window_ms: self.windowing.window_ms,
             max_points: self.max_points,
             allowed_lateness_ms: self.windowing.allowed_lateness_ms,
+            max_range_ms: self.max_range_ms,
+        }
+    }
+
+    /// The memory and result limits ClickHouse enforces on every query of the service.
+    pub fn query_limits(&self) -> QueryLimits {
+        QueryLimits {
+            max_memory_bytes: self.query_max_memory_bytes,
+            max_result_rows: self.query_max_result_rows,
         }
     }
 
@@ -131,6 +164,14 @@ impl Validate for Config {
         }
         self.windowing.validate(p);
         p.check(self.max_points >= 1, "--max-points", "must be >= 1");
+        p.check(
+            self.max_range_ms >= 60_000,
+            "--max-range-ms / PULSE_QUERY_MAX_RANGE_MS",
+            format!(
+                "must be at least one minute (60000), got {}",
+                self.max_range_ms
+            ),
+        );
         p.check(
             self.query_timeout_ms >= 1,
             "--query-timeout-ms",
@@ -164,6 +205,11 @@ mod tests {
             (c.max_points, c.query_timeout_ms, c.freshness_cache_ms),
             (1500, 10_000, 1000)
         );
+        assert_eq!(c.max_range_ms, 2_678_400_000, "31 days");
+        assert_eq!(
+            (c.query_max_memory_bytes, c.query_max_result_rows),
+            (1_073_741_824, 100_000)
+        );
         validate_all(&[&c]).unwrap();
     }
 
@@ -192,8 +238,10 @@ mod tests {
             "0",
             "--query-timeout-ms",
             "0",
+            "--max-range-ms",
+            "59999",
         ])
         .unwrap();
-        assert_eq!(validate_all(&[&c]).unwrap_err().0.len(), 3);
+        assert_eq!(validate_all(&[&c]).unwrap_err().0.len(), 4);
     }
 }

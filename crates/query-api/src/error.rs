@@ -28,6 +28,9 @@ pub enum QueryError {
     /// The range and step give more buckets than `--max-points`.
     #[error("too many points: {message}")]
     TooManyPoints { message: String },
+    /// `from`..`to` is longer than `--max-range-ms`.
+    #[error("range too long: {message}")]
+    RangeTooLong { message: String },
     /// No valid `Authorization: Bearer <token>`.
     #[error("a valid `Authorization: Bearer <token>` is required")]
     Unauthenticated,
@@ -40,6 +43,16 @@ pub enum QueryError {
     /// The query ran longer than `--query-timeout-ms`.
     #[error("the query did not finish within {} ms", .0.as_millis())]
     Timeout(Duration),
+    /// ClickHouse refused the query for going over one of its limits (memory, result
+    /// rows); the same request will fail again, a narrower one may not.
+    #[error(
+        "the query went over ClickHouse's `{setting}` limit of {limit} ({flag}); ask for a shorter range or fewer rows"
+    )]
+    LimitExceeded {
+        setting: &'static str,
+        flag: &'static str,
+        limit: u64,
+    },
     /// ClickHouse answered with an error (logged, not shown).
     #[error("internal error: {0}")]
     ClickHouse(#[source] clickhouse::error::Error),
@@ -50,7 +63,8 @@ pub enum QueryError {
 
 /// The JSON error body: `{"error": {"code", "parameter"?, "message"}}` (the platform's
 /// standard shape). Codes: invalid_parameter, invalid_range, too_many_points,
-/// unauthenticated, not_found, unavailable, timeout, internal.
+/// range_too_long, unauthenticated, not_found, unavailable, timeout, limit_exceeded,
+/// internal.
 pub use pulse_platform::api_error::{ErrorBody, ErrorDetail};
 
 impl QueryError {
@@ -66,7 +80,11 @@ impl QueryError {
         ::metrics::counter!(m::ERRORS_TOTAL, "kind" => self.code(), "transport" => transport)
             .increment(1);
         match self {
-            Self::Unavailable(_) | Self::Timeout(_) | Self::ClickHouse(_) | Self::Internal(_) => {
+            Self::Unavailable(_)
+            | Self::Timeout(_)
+            | Self::LimitExceeded { .. }
+            | Self::ClickHouse(_)
+            | Self::Internal(_) => {
                 tracing::warn!(kind = self.code(), transport, error = %self, "query failed");
             }
             _ => tracing::debug!(kind = self.code(), transport, error = %self, "request refused"),
@@ -92,19 +110,22 @@ impl ApiError for QueryError {
             Self::InvalidParameter { .. } => "invalid_parameter",
             Self::InvalidRange { .. } => "invalid_range",
             Self::TooManyPoints { .. } => "too_many_points",
+            Self::RangeTooLong { .. } => "range_too_long",
             Self::Unauthenticated => "unauthenticated",
             Self::NotFound(_) => "not_found",
             Self::Unavailable(_) => "unavailable",
             Self::Timeout(_) => "timeout",
+            Self::LimitExceeded { .. } => "limit_exceeded",
             Self::ClickHouse(_) | Self::Internal(_) => "internal",
         }
     }
 
-    /// The parameter at fault: `from` for an empty range, `step` for too many points.
+    /// The parameter at fault: `from` for an empty or too long range, `step` for too
+    /// many points.
     fn parameter(&self) -> Option<&'static str> {
         match self {
             Self::InvalidParameter { parameter, .. } => Some(parameter),
-            Self::InvalidRange { .. } => Some("from"),
+            Self::InvalidRange { .. } | Self::RangeTooLong { .. } => Some("from"),
             Self::TooManyPoints { .. } => Some("step"),
             _ => None,
         }
@@ -114,11 +135,13 @@ impl ApiError for QueryError {
         match self {
             Self::InvalidParameter { .. }
             | Self::InvalidRange { .. }
-            | Self::TooManyPoints { .. } => StatusCode::BAD_REQUEST,
+            | Self::TooManyPoints { .. }
+            | Self::RangeTooLong { .. } => StatusCode::BAD_REQUEST,
             Self::Unauthenticated => StatusCode::UNAUTHORIZED,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::LimitExceeded { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Self::ClickHouse(_) | Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -127,11 +150,13 @@ impl ApiError for QueryError {
         match self {
             Self::InvalidParameter { .. }
             | Self::InvalidRange { .. }
-            | Self::TooManyPoints { .. } => tonic::Code::InvalidArgument,
+            | Self::TooManyPoints { .. }
+            | Self::RangeTooLong { .. } => tonic::Code::InvalidArgument,
             Self::Unauthenticated => tonic::Code::Unauthenticated,
             Self::NotFound(_) => tonic::Code::NotFound,
             Self::Unavailable(_) => tonic::Code::Unavailable,
             Self::Timeout(_) => tonic::Code::DeadlineExceeded,
+            Self::LimitExceeded { .. } => tonic::Code::ResourceExhausted,
             Self::ClickHouse(_) | Self::Internal(_) => tonic::Code::Internal,
         }
     }
@@ -195,6 +220,22 @@ mod tests {
                 tonic::Code::InvalidArgument,
             ),
             (
+                QueryError::RangeTooLong {
+                    message: "x".into(),
+                },
+                400,
+                tonic::Code::InvalidArgument,
+            ),
+            (
+                QueryError::LimitExceeded {
+                    setting: "max_result_rows",
+                    flag: "--query-max-result-rows",
+                    limit: 1,
+                },
+                422,
+                tonic::Code::ResourceExhausted,
+            ),
+            (
                 QueryError::Unauthenticated,
                 401,
                 tonic::Code::Unauthenticated,
@@ -220,6 +261,9 @@ mod tests {
         for (e, http, grpc) in cases {
             assert_eq!(e.http_status().as_u16(), http, "{e}");
             assert_eq!(e.grpc_code(), grpc, "{e}");
+            // Every kind's series is registered at zero (metrics::init).
+            assert!(m::ERROR_KINDS.contains(&e.code()), "{}", e.code());
+            assert!(m::GRPC_CODES.contains(&grpc), "{grpc:?}");
         }
     }
 

@@ -2,8 +2,10 @@
 //! `params` parsing and `query::Engine` (one implementation, two transports). Auth is the
 //! `authorization: Bearer <token>` metadata; errors map through `error::QueryError`
 //! (InvalidArgument naming the parameter, Unauthenticated, NotFound, Unavailable,
-//! DeadlineExceeded). Each call runs in a span continuing the caller's `traceparent`
-//! metadata and is counted by method and code. Zero/empty request fields mean the default.
+//! DeadlineExceeded, ResourceExhausted). Each call runs in a `query.grpc` span inside the
+//! server span of `pulse_platform::grpc::Traced` (which continues the caller's
+//! `traceparent` metadata and answers with `traceresponse`/`x-trace-id`), and is counted
+//! by method and code. Zero/empty request fields mean the default.
 
 use std::time::Instant;
 
@@ -12,7 +14,6 @@ use pulse_contracts::pb::query::v1::query_service_server::QueryService;
 use pulse_platform::api_error::ApiError as _;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
-use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::AppState;
 use crate::error::QueryError;
@@ -31,7 +32,8 @@ impl GrpcQuery {
         Self { state }
     }
 
-    /// Authenticates, runs `f` in the request's span, and counts the outcome.
+    /// Authenticates, runs `f` in a span (a child of the server span), and counts the
+    /// outcome.
     async fn handle<Req, Resp, F, Fut>(
         &self,
         method: &'static str,
@@ -43,14 +45,10 @@ impl GrpcQuery {
         Fut: Future<Output = Result<Resp, QueryError>>,
     {
         let span = tracing::info_span!(
-            "grpc.request",
-            otel.kind = "server",
-            rpc.system = "grpc",
-            rpc.service = "pulse.query.v1.QueryService",
+            "query.grpc",
             rpc.method = method,
             rpc.grpc.status_code = tracing::field::Empty,
         );
-        let _ = span.set_parent(pulse_platform::grpc::extract_context(request.metadata()));
         let started = Instant::now();
         let auth = request
             .metadata()

@@ -1,7 +1,7 @@
 //! The HTTP API (axum): the `/v1` JSON routes behind bearer-token auth, plus the
 //! unauthenticated `/openapi.json` and dashboard (`/`). Every request runs in the span of
 //! `pulse_platform::http::observe` (continuing the caller's `traceparent`, counted by route
-//! and status); handlers parse with `params`, ask the shared `query::Engine`, and answer
+//! and status, named in the answer's `traceresponse` and `x-trace-id` headers); handlers parse with `params`, ask the shared `query::Engine`, and answer
 //! with the shapes of `model`. Errors take the one JSON shape of `error`.
 
 use std::sync::Arc;
@@ -79,6 +79,7 @@ type Answer<T> = Result<Json<T>, QueryError>;
         (status = 400, description = "A parameter is invalid (named in `error.parameter`)", body = ErrorBody),
         (status = 401, description = "Missing or unknown bearer token", body = ErrorBody),
         (status = 503, description = "ClickHouse is unreachable; retry after `Retry-After` seconds", body = ErrorBody),
+        (status = 422, description = "The query went over a ClickHouse limit (memory, result rows)", body = ErrorBody),
         (status = 504, description = "The query timed out", body = ErrorBody),
     )
 )]
@@ -102,6 +103,7 @@ async fn active_users(
         (status = 400, description = "Invalid `window`", body = ErrorBody),
         (status = 401, description = "Missing or unknown bearer token", body = ErrorBody),
         (status = 503, description = "ClickHouse is unreachable", body = ErrorBody),
+        (status = 422, description = "The query went over a ClickHouse limit (memory, result rows)", body = ErrorBody),
         (status = 504, description = "The query timed out", body = ErrorBody),
     )
 )]
@@ -128,6 +130,7 @@ async fn active_users_current(
         (status = 400, description = "A parameter is invalid (named in `error.parameter`)", body = ErrorBody),
         (status = 401, description = "Missing or unknown bearer token", body = ErrorBody),
         (status = 503, description = "ClickHouse is unreachable", body = ErrorBody),
+        (status = 422, description = "The query went over a ClickHouse limit (memory, result rows)", body = ErrorBody),
         (status = 504, description = "The query timed out", body = ErrorBody),
     )
 )]
@@ -151,6 +154,7 @@ async fn revenue(
         (status = 200, description = "Totals per currency over windows starting in the last hour", body = RevenueLastHourResponse),
         (status = 401, description = "Missing or unknown bearer token", body = ErrorBody),
         (status = 503, description = "ClickHouse is unreachable", body = ErrorBody),
+        (status = 422, description = "The query went over a ClickHouse limit (memory, result rows)", body = ErrorBody),
         (status = 504, description = "The query timed out", body = ErrorBody),
     )
 )]
@@ -168,6 +172,7 @@ async fn revenue_last_hour(State(s): State<AppState>) -> Answer<RevenueLastHourR
         (status = 400, description = "A parameter is invalid (named in `error.parameter`)", body = ErrorBody),
         (status = 401, description = "Missing or unknown bearer token", body = ErrorBody),
         (status = 503, description = "ClickHouse is unreachable", body = ErrorBody),
+        (status = 422, description = "The query went over a ClickHouse limit (memory, result rows)", body = ErrorBody),
         (status = 504, description = "The query timed out", body = ErrorBody),
     )
 )]
@@ -193,6 +198,7 @@ async fn top_pages(
         (status = 401, description = "Missing or unknown bearer token", body = ErrorBody),
         (status = 404, description = "The user has no window in the range", body = ErrorBody),
         (status = 503, description = "ClickHouse is unreachable", body = ErrorBody),
+        (status = 422, description = "The query went over a ClickHouse limit (memory, result rows)", body = ErrorBody),
         (status = 504, description = "The query timed out", body = ErrorBody),
     )
 )]
@@ -217,6 +223,7 @@ async fn user(
         (status = 400, description = "A parameter is invalid (named in `error.parameter`)", body = ErrorBody),
         (status = 401, description = "Missing or unknown bearer token", body = ErrorBody),
         (status = 503, description = "ClickHouse is unreachable", body = ErrorBody),
+        (status = 422, description = "The query went over a ClickHouse limit (memory, result rows)", body = ErrorBody),
         (status = 504, description = "The query timed out", body = ErrorBody),
     )
 )]
@@ -238,6 +245,7 @@ async fn sessions(
         (status = 200, description = "ingest, processor, writer-clickhouse, writer-parquet", body = FreshnessResponse),
         (status = 401, description = "Missing or unknown bearer token", body = ErrorBody),
         (status = 503, description = "ClickHouse is unreachable", body = ErrorBody),
+        (status = 422, description = "The query went over a ClickHouse limit (memory, result rows)", body = ErrorBody),
         (status = 504, description = "The query timed out", body = ErrorBody),
     )
 )]

@@ -68,7 +68,8 @@ impl AppState {
         if tokens.is_empty() {
             return Err(Error::NoTokens);
         }
-        let store = Store::new(&config.clickhouse, config.query_timeout());
+        let store = Store::new(&config.clickhouse, config.query_timeout())
+            .with_limits(config.query_limits());
         Ok(Self {
             engine: Arc::new(Engine::new(store, config.freshness_ttl(), config.limits())),
             tokens: Arc::new(tokens),
@@ -105,6 +106,7 @@ pub async fn serve(
 /// Runs the service until shutdown.
 pub async fn run(config: Config, ctx: ServiceContext) -> Result<(), Error> {
     crate::metrics::describe();
+    crate::metrics::init();
     let state = AppState::new(&config)?;
     let bind = |addr: SocketAddr| async move {
         TcpListener::bind(addr)

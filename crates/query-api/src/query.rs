@@ -9,7 +9,7 @@ use pulse_contracts::money::micros_to_decimal;
 
 use crate::error::QueryError;
 use crate::freshness::{self, Freshness, FreshnessCache, StageFreshness};
-use crate::params::{HOUR_MS, Step, TimeRange, Window, now_ms};
+use crate::params::{DAY_MS, HOUR_MS, MINUTE_MS, Step, TimeRange, Window, now_ms, rfc3339};
 use crate::store::{RevenueRow, SessionsRow, Store};
 
 /// An answer and the freshness of the data it was computed from.
@@ -72,10 +72,23 @@ pub struct Limits {
     pub window_ms: i64,
     pub max_points: usize,
     pub allowed_lateness_ms: i64,
+    /// The longest `from`..`to` of a request.
+    pub max_range_ms: i64,
+}
+
+/// `ms` in the largest whole unit (`31 d`, `36 h`, `90 min`), else in ms.
+fn duration_text(ms: i64) -> String {
+    for (unit, len) in [("d", DAY_MS), ("h", HOUR_MS), ("min", MINUTE_MS)] {
+        if ms % len == 0 {
+            return format!("{} {unit}", ms / len);
+        }
+    }
+    format!("{ms} ms")
 }
 
 /// The nearest-rank percentile `pct`/100 of ascending `sorted`: the element at index
-/// ceil(pct/100 · n) − 1 (integer arithmetic, no float rounding), `None` when empty.
+/// ceil(pct/100 · n) − 1 (integer arithmetic, no float rounding), `None` when empty. The
+/// definition the sessions SQL implements in ClickHouse (`store`); also used by benchmarks.
 pub fn nearest_rank(sorted: &[i64], pct: u32) -> Option<i64> {
     let n = sorted.len();
     if n == 0 {
@@ -86,7 +99,8 @@ pub fn nearest_rank(sorted: &[i64], pct: u32) -> Option<i64> {
     sorted.get(rank.max(1) - 1).copied()
 }
 
-/// Session statistics of a [`SessionsRow`]: all 0 when there are none.
+/// Session statistics of a [`SessionsRow`] (percentiles computed by ClickHouse, see
+/// `store`): all 0 when there are none.
 pub fn session_stats(row: &SessionsRow) -> SessionStats {
     if row.count == 0 {
         return SessionStats {
@@ -98,12 +112,12 @@ pub fn session_stats(row: &SessionsRow) -> SessionStats {
         };
     }
     let n = row.count as f64;
-    let secs = |ms: Option<i64>| ms.unwrap_or(0) as f64 / 1000.0;
+    let secs = |ms: i64| ms as f64 / 1000.0;
     SessionStats {
         sessions: row.count,
         avg_duration_seconds: row.total_duration_ms as f64 / n / 1000.0,
-        p50_duration_seconds: secs(nearest_rank(&row.durations_ms, 50)),
-        p95_duration_seconds: secs(nearest_rank(&row.durations_ms, 95)),
+        p50_duration_seconds: secs(row.p50_ms),
+        p95_duration_seconds: secs(row.p95_ms),
         avg_pages: row.total_pages as f64 / n,
     }
 }
@@ -147,9 +161,28 @@ impl Engine {
         })
     }
 
-    /// The buckets of a series, checking the step against the window length and the
-    /// point limit.
+    /// Refuses a range longer than `max_range_ms` (every endpoint with `from`/`to`).
+    fn check_range(&self, range: TimeRange) -> Result<(), QueryError> {
+        let len = range.to_ms - range.from_ms;
+        let max = self.limits.max_range_ms;
+        if len > max {
+            return Err(QueryError::RangeTooLong {
+                message: format!(
+                    "`from` ({}) to `to` ({}) spans {}; at most {} per request (--max-range-ms): move `from` later or `to` earlier",
+                    rfc3339(range.from_ms),
+                    rfc3339(range.to_ms),
+                    duration_text(len),
+                    duration_text(max)
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// The buckets of a series, checking the range length, the step against the window
+    /// length and the point limit.
     fn buckets(&self, range: TimeRange, step: Step) -> Result<Vec<i64>, QueryError> {
+        self.check_range(range)?;
         if self.limits.window_ms > 0 && step.ms % self.limits.window_ms != 0 {
             return Err(QueryError::invalid(
                 "step",
@@ -245,6 +278,7 @@ impl Engine {
         range: TimeRange,
         limit: u32,
     ) -> Result<Answer<Vec<PageViews>>, QueryError> {
+        self.check_range(range)?;
         let fetch = self.store.top_pages(range.from_ms, range.to_ms, limit);
         self.answer(range.to_ms, async move {
             Ok(fetch
@@ -266,6 +300,7 @@ impl Engine {
         user_id: &str,
         range: TimeRange,
     ) -> Result<Answer<UserSummary>, QueryError> {
+        self.check_range(range)?;
         let windows = self.store.user(user_id, range.from_ms, range.to_ms);
         let sessions = self
             .store
@@ -291,6 +326,7 @@ impl Engine {
 
     /// Statistics of the current sessions starting in the range.
     pub async fn sessions(&self, range: TimeRange) -> Result<Answer<SessionStats>, QueryError> {
+        self.check_range(range)?;
         let fetch = self.store.sessions(range.from_ms, range.to_ms, None);
         self.answer(range.to_ms, async move { Ok(session_stats(&fetch.await?)) })
             .await
@@ -305,6 +341,39 @@ impl Engine {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn durations_are_written_in_their_largest_whole_unit() {
+        assert_eq!(duration_text(31 * DAY_MS), "31 d");
+        assert_eq!(duration_text(36 * HOUR_MS), "36 h");
+        assert_eq!(duration_text(90 * MINUTE_MS), "90 min");
+        assert_eq!(duration_text(1_500), "1500 ms");
+    }
+
+    #[test]
+    fn ranges_up_to_the_maximum_pass_and_longer_ones_name_from_and_the_limit() {
+        use pulse_platform::api_error::ApiError as _;
+        let store = Store::new(
+            &pulse_platform::clickhouse::ClickHouseConfig::default(),
+            Duration::from_secs(1),
+        );
+        let limits = Limits {
+            window_ms: MINUTE_MS,
+            max_points: 1500,
+            allowed_lateness_ms: 0,
+            max_range_ms: DAY_MS,
+        };
+        let engine = Engine::new(store, Duration::ZERO, limits);
+        let range = |len| TimeRange {
+            from_ms: 0,
+            to_ms: len,
+        };
+        engine.check_range(range(DAY_MS)).unwrap();
+        let e = engine.check_range(range(DAY_MS + 1)).unwrap_err();
+        assert_eq!((e.code(), e.parameter()), ("range_too_long", Some("from")));
+        assert!(e.to_string().contains("at most 1 d"), "{e}");
+        assert!(e.to_string().contains("--max-range-ms"), "{e}");
+    }
 
     #[test]
     fn nearest_rank_takes_the_element_at_ceil_q_n_minus_one() {
@@ -331,7 +400,8 @@ mod tests {
             count: 4,
             total_duration_ms: 10_000,
             total_pages: 10,
-            durations_ms: vec![1_000, 2_000, 3_000, 4_000],
+            p50_ms: 2_000,
+            p95_ms: 4_000,
         };
         let s = session_stats(&row);
         assert_eq!(s.sessions, 4);
@@ -347,7 +417,8 @@ mod tests {
             count: 0,
             total_duration_ms: 0,
             total_pages: 0,
-            durations_ms: vec![],
+            p50_ms: 0,
+            p95_ms: 0,
         });
         assert_eq!(
             (

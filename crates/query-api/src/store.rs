@@ -3,7 +3,10 @@
 //! aggregates are read with the argMax pattern of crates/storage/clickhouse/README.md (the version
 //! renamed `_v` in a subquery, so every window and session counts once, at its highest
 //! version), each query runs in a `clickhouse.query` span carrying its SQL as
-//! `db.statement`, is timed by name, and is cut off after the query timeout. A store made
+//! `db.statement`, is timed by name, and is cut off after the query timeout. ClickHouse
+//! runs every query with `readonly=1` (the service cannot write or change settings in a
+//! statement), `max_execution_time`, and the [`QueryLimits`] on memory and result rows;
+//! a query over a limit is refused as [`QueryError::LimitExceeded`]. A store made
 //! with [`Store::recording`] also keeps every statement it sends, values bound (how the
 //! query benchmark sends exactly the API's SQL straight to ClickHouse).
 //!
@@ -111,13 +114,19 @@ const USER: &str = "SELECT toUInt64(count()) AS windows, toInt64(min(first_ms)) 
      GROUP BY window_start_ms)";
 
 /// Current sessions (latest version; not listed in another session's latest
-/// `merged_session_ids`) starting in a range: count, totals and the sorted durations.
+/// `merged_session_ids`) starting in a range: count, totals, and the nearest-rank p50 and
+/// p95 durations, computed in ClickHouse (the element at 1-based index ceil(q·n) of the
+/// sorted durations, in integers: `intDiv(q·n + 99, 100)` for q in percent; 0 when none),
+/// so one row comes back however many sessions there are.
 /// `start_ms` never changes for a session id (the id is derived from it), so it can
 /// filter the raw rows. A session may be superseded by one starting before the range,
 /// so the merged ids are read from every session of the users concerned.
 macro_rules! current_sessions {
     ($user_filter:literal) => {
         concat!(
+            "SELECT n, total_ms, total_pages, ",
+            "toInt64(durations[greatest(1, intDiv(50 * n + 99, 100))]) AS p50_ms, ",
+            "toInt64(durations[greatest(1, intDiv(95 * n + 99, 100))]) AS p95_ms FROM (",
             "SELECT toUInt64(count()) AS n, toInt64(sum(dur)) AS total_ms, ",
             "toUInt64(sum(pages)) AS total_pages, arraySort(groupArray(dur)) AS durations FROM (",
             "SELECT user_id, session_id, argMax(duration_ms, _v) AS dur, argMax(page_count, _v) AS pages ",
@@ -134,7 +143,7 @@ macro_rules! current_sessions {
             ")) GROUP BY user_id, session_id) ",
             // ARRAY JOIN, not a lambda over session_id: 18.16 cannot resolve outer
             // columns inside arrayFilter here.
-            "ARRAY JOIN merged AS merged_id WHERE merged_id != session_id)"
+            "ARRAY JOIN merged AS merged_id WHERE merged_id != session_id))"
         )
     };
 }
@@ -211,8 +220,10 @@ pub struct SessionsRow {
     pub count: u64,
     pub total_duration_ms: i64,
     pub total_pages: u64,
-    /// Durations of the counted sessions, ascending.
-    pub durations_ms: Vec<i64>,
+    /// Nearest-rank median duration (0 without sessions).
+    pub p50_ms: i64,
+    /// Nearest-rank 95th percentile duration (0 without sessions).
+    pub p95_ms: i64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clickhouse::Row, Deserialize)]
@@ -249,11 +260,35 @@ pub struct Statement {
 /// Where a recording store appends the statements it sends, in the order they were sent.
 pub type StatementLog = Arc<Mutex<Vec<Statement>>>;
 
+/// The limits ClickHouse enforces on each query besides its running time (0 = none).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueryLimits {
+    /// `max_memory_usage`, bytes.
+    pub max_memory_bytes: u64,
+    /// `max_result_rows` (with `result_overflow_mode=throw`).
+    pub max_result_rows: u64,
+}
+
+/// ClickHouse's error codes for a query over a limit: MEMORY_LIMIT_EXCEEDED, and
+/// TOO_MANY_ROWS / TOO_MANY_ROWS_OR_BYTES (the code of `max_result_rows` since 18.x).
+const MEMORY_LIMIT_EXCEEDED: u32 = 241;
+const TOO_MANY_ROWS: [u32; 2] = [158, 396];
+/// TIMEOUT_EXCEEDED (`max_execution_time`).
+const TIMEOUT_EXCEEDED: u32 = 159;
+
+/// The ClickHouse error code in an error's text (`Code: 241, e.displayText() = …`).
+fn server_code(text: &str) -> Option<u32> {
+    let rest = &text[text.find("Code: ")? + "Code: ".len()..];
+    let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+    rest.get(..digits)?.parse().ok()
+}
+
 /// The ClickHouse side of the query API.
 #[derive(Clone)]
 pub struct Store {
     client: clickhouse::Client,
     timeout: Duration,
+    limits: QueryLimits,
     /// Set by [`Store::recording`].
     log: Option<StatementLog>,
 }
@@ -262,36 +297,71 @@ impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store")
             .field("timeout", &self.timeout)
+            .field("limits", &self.limits)
             .field("recording", &self.log.is_some())
             .finish_non_exhaustive()
     }
 }
 
 /// Maps a client error: transport failures are `Unavailable` (a retry can help), server
-/// timeouts (code 159) `Timeout`, everything else `Internal`.
-fn classify(e: clickhouse::error::Error, timeout: Duration) -> QueryError {
-    match e {
-        clickhouse::error::Error::Network(_) => QueryError::Unavailable(e),
-        clickhouse::error::Error::TimedOut => QueryError::Timeout(timeout),
-        clickhouse::error::Error::BadResponse(ref text) if text.contains("Code: 159") => {
-            QueryError::Timeout(timeout)
-        }
-        other => QueryError::ClickHouse(other),
+/// timeouts (code 159) `Timeout`, a memory or result-rows limit `LimitExceeded`,
+/// everything else `Internal`.
+fn classify(e: clickhouse::error::Error, timeout: Duration, limits: QueryLimits) -> QueryError {
+    if let clickhouse::error::Error::Network(_) = e {
+        return QueryError::Unavailable(e);
+    }
+    if let clickhouse::error::Error::TimedOut = e {
+        return QueryError::Timeout(timeout);
+    }
+    match server_code(&e.to_string()) {
+        Some(TIMEOUT_EXCEEDED) => QueryError::Timeout(timeout),
+        Some(MEMORY_LIMIT_EXCEEDED) => QueryError::LimitExceeded {
+            setting: "max_memory_usage",
+            flag: "--query-max-memory-bytes",
+            limit: limits.max_memory_bytes,
+        },
+        Some(code) if TOO_MANY_ROWS.contains(&code) => QueryError::LimitExceeded {
+            setting: "max_result_rows",
+            flag: "--query-max-result-rows",
+            limit: limits.max_result_rows,
+        },
+        _ => QueryError::ClickHouse(e),
     }
 }
 
 impl Store {
-    /// A store on `cfg`'s database; ClickHouse also stops queries at the timeout
-    /// (`max_execution_time`, whole seconds, at least 1).
+    /// A store on `cfg`'s database, read-only (`readonly=1`); ClickHouse also stops
+    /// queries at the timeout (`max_execution_time`, whole seconds, at least 1).
     pub fn new(cfg: &ClickHouseConfig, timeout: Duration) -> Self {
         let secs = timeout.as_secs() + u64::from(timeout.subsec_nanos() > 0);
         let client = cfg
             .client()
+            .with_setting("readonly", "1")
             .with_setting("max_execution_time", secs.max(1).to_string());
         Self {
             client,
             timeout,
+            limits: QueryLimits::default(),
             log: None,
+        }
+    }
+
+    /// This store, with ClickHouse enforcing `limits` on every query (a 0 leaves that
+    /// limit to the server's profile).
+    pub fn with_limits(self, limits: QueryLimits) -> Self {
+        let mut client = self.client;
+        if limits.max_memory_bytes > 0 {
+            client = client.with_setting("max_memory_usage", limits.max_memory_bytes.to_string());
+        }
+        if limits.max_result_rows > 0 {
+            client = client
+                .with_setting("max_result_rows", limits.max_result_rows.to_string())
+                .with_setting("result_overflow_mode", "throw");
+        }
+        Self {
+            client,
+            limits,
+            ..self
         }
     }
 
@@ -337,7 +407,7 @@ impl Store {
             .record(started.elapsed().as_secs_f64());
         let result = match result {
             Err(_) => Err(QueryError::Timeout(self.timeout)),
-            Ok(r) => r.map_err(|e| classify(e, self.timeout)),
+            Ok(r) => r.map_err(|e| classify(e, self.timeout, self.limits)),
         };
         if let Err(e) = &result {
             span.in_scope(|| tracing::debug!(query = name, error = %e, "clickhouse query failed"));
@@ -517,6 +587,60 @@ mod tests {
             }]
         );
         assert!(Store::new(&cfg, Duration::from_secs(5)).log.is_none());
+    }
+
+    #[test]
+    fn clickhouse_error_codes_are_read_from_the_error_text() {
+        assert_eq!(
+            server_code("bad response: Code: 396, e.displayText() = DB::Exception: Limit"),
+            Some(396)
+        );
+        assert_eq!(
+            server_code("Code: 241. DB::Exception: Memory limit"),
+            Some(241)
+        );
+        assert_eq!(server_code("no code here"), None);
+        assert_eq!(server_code("Code: x"), None);
+    }
+
+    #[test]
+    fn limit_errors_name_the_setting_and_the_flag() {
+        let limits = QueryLimits {
+            max_memory_bytes: 1000,
+            max_result_rows: 7,
+        };
+        let t = Duration::from_secs(1);
+        let bad = |text: &str| clickhouse::error::Error::BadResponse(text.into());
+        let e = classify(
+            bad("Code: 396, e.displayText() = DB::Exception: Limit for result exceeded"),
+            t,
+            limits,
+        );
+        assert!(
+            matches!(
+                e,
+                QueryError::LimitExceeded {
+                    setting: "max_result_rows",
+                    limit: 7,
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        let e = classify(
+            bad("Code: 241, e.displayText() = DB::Exception: Memory limit"),
+            t,
+            limits,
+        );
+        assert!(e.to_string().contains("--query-max-memory-bytes"), "{e}");
+        let e = classify(bad("Code: 159, e.displayText() = timeout"), t, limits);
+        assert!(matches!(e, QueryError::Timeout(_)), "{e}");
+        let e = classify(
+            bad("Code: 47, e.displayText() = unknown identifier"),
+            t,
+            limits,
+        );
+        assert!(matches!(e, QueryError::ClickHouse(_)), "{e}");
     }
 
     #[test]

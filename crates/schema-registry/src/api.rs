@@ -12,6 +12,7 @@ use axum::{Router, middleware};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use crate::auth::{self, Access};
 use crate::compat::Level;
 use crate::error::ApiError;
 use crate::log::{LogError, SchemaLog};
@@ -20,8 +21,9 @@ use crate::store::{Command, Outcome, Reference, SchemaContent, SchemaType, Versi
 /// Content type of every answer.
 pub const CONTENT_TYPE: &str = "application/vnd.schemaregistry.v1+json";
 
-/// The routes, with the tracing/metrics middleware.
-pub fn router(log: SchemaLog) -> Router {
+/// The routes, behind authentication (`auth`) and the tracing/metrics middleware (which
+/// therefore also counts refused requests).
+pub fn router(log: SchemaLog, access: Access) -> Router {
     Router::new()
         .route("/", get(|| async { reply(json!({})) }))
         .route("/subjects", get(list_subjects))
@@ -57,6 +59,7 @@ pub fn router(log: SchemaLog) -> Router {
                 .put(put_subject_config)
                 .delete(delete_subject_config),
         )
+        .layer(middleware::from_fn_with_state(access, auth::middleware))
         .layer(middleware::from_fn(pulse_platform::http::observe))
         .with_state(log)
 }
@@ -152,6 +155,22 @@ async fn propose(log: &SchemaLog, command: Command) -> Result<Outcome, ApiError>
     })
 }
 
+/// What the command would answer now: parsing and compatibility checks run on the
+/// blocking pool under the read lock, so they hold up neither the async runtime nor other
+/// readers.
+async fn preview(log: &SchemaLog, command: &Command) -> Outcome {
+    let registry = log.registry().clone();
+    let command = command.clone();
+    tokio::task::spawn_blocking(move || {
+        registry
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .dry_run(&command)
+    })
+    .await
+    .unwrap_or_else(|e| Outcome::InvalidSchema(format!("internal error while checking: {e}")))
+}
+
 async fn register(
     State(log): State<SchemaLog>,
     Path(subject): Path<String>,
@@ -163,11 +182,7 @@ async fn register(
         content,
     };
     // Answer from local state when the outcome cannot change by writing.
-    let preview = log
-        .registry()
-        .write()
-        .unwrap_or_else(|e| e.into_inner())
-        .dry_run(&command);
+    let preview = preview(&log, &command).await;
     let outcome = match preview {
         Outcome::Registered { .. } => propose(&log, command).await?,
         other => other,
@@ -333,11 +348,7 @@ async fn delete_subject(
         subject: subject.clone(),
         permanent: flags.permanent,
     };
-    let preview = log
-        .registry()
-        .write()
-        .unwrap_or_else(|e| e.into_inner())
-        .dry_run(&command);
+    let preview = preview(&log, &command).await;
     let outcome = match preview {
         Outcome::Deleted(_) => propose(&log, command).await?,
         other => other,
@@ -432,8 +443,20 @@ async fn set_config(
     body: &Bytes,
 ) -> Result<Response, ApiError> {
     let req = parse_body::<ConfigRequest>(body)?;
-    if let Err(e) = req.compatibility.parse::<Level>() {
-        return Err(ApiError::InvalidLevel(e));
+    let level = req
+        .compatibility
+        .parse::<Level>()
+        .map_err(ApiError::InvalidLevel)?;
+    // Setting the level already in force appends nothing to the log (keeps it bounded).
+    let current = {
+        let reg = read(log);
+        match &subject {
+            Some(s) => reg.subject_level(s),
+            None => reg.global_level_setting(),
+        }
+    };
+    if current == Some(level) {
+        return Ok(reply(json!({ "compatibility": level.to_string() })));
     }
     match propose(
         log,

@@ -44,6 +44,10 @@ pub enum ApiError {
     UnexpectedOutcome(Box<Outcome>),
     #[error("Operation timed out: {0}")]
     Timeout(#[source] LogError),
+    #[error("Unauthorized: send HTTP basic credentials of a registry user")]
+    Unauthorized,
+    #[error("User '{0}' has the read role; this operation needs the write role")]
+    Forbidden(String),
 }
 
 impl ApiError {
@@ -64,6 +68,8 @@ impl ApiError {
                 (StatusCode::INTERNAL_SERVER_ERROR, 50001)
             }
             ApiError::Timeout(_) => (StatusCode::INTERNAL_SERVER_ERROR, 50002),
+            ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, 40101),
+            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, 40301),
         }
     }
 }
@@ -83,6 +89,8 @@ impl api_error::ApiError for ApiError {
             ApiError::BadBody(_) => "bad_request",
             ApiError::Store(_) | ApiError::UnexpectedOutcome(_) => "store",
             ApiError::Timeout(_) => "timeout",
+            ApiError::Unauthorized => "unauthorized",
+            ApiError::Forbidden(_) => "forbidden",
         }
     }
 
@@ -104,6 +112,8 @@ impl api_error::ApiError for ApiError {
             | ApiError::BadBody(_) => GrpcCode::InvalidArgument,
             ApiError::Store(_) | ApiError::UnexpectedOutcome(_) => GrpcCode::Internal,
             ApiError::Timeout(_) => GrpcCode::DeadlineExceeded,
+            ApiError::Unauthorized => GrpcCode::Unauthenticated,
+            ApiError::Forbidden(_) => GrpcCode::PermissionDenied,
         }
     }
 
@@ -218,6 +228,18 @@ mod tests {
                 500,
                 50002,
                 GrpcCode::DeadlineExceeded,
+            ),
+            (
+                ApiError::Unauthorized,
+                401,
+                40101,
+                GrpcCode::Unauthenticated,
+            ),
+            (
+                ApiError::Forbidden("r".into()),
+                403,
+                40301,
+                GrpcCode::PermissionDenied,
             ),
         ];
         for (e, http, confluent, grpc) in cases {

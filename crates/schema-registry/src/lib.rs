@@ -1,12 +1,13 @@
 //! The schema registry: a Confluent Schema Registry–compatible REST API (the subset Pulse
 //! and standard clients use) whose storage is the compacted Kafka topic `_schemas`.
 //!
-//! Modules: `api` (routes), `error` (Confluent error shape), `store` (the deterministic
+//! Modules: `api` (routes), `auth` (basic authentication and roles), `error` (Confluent error shape), `store` (the deterministic
 //! state machine), `log` (the Kafka log and its reader), `parse` (protobuf schema
 //! texts), `compat` (compatibility rules), `metrics`. Any number of replicas can run side by side: each
 //! reads the whole log, and ids are assigned from log order, never by a replica alone.
 
 pub mod api;
+pub mod auth;
 pub mod compat;
 pub mod error;
 pub mod log;
@@ -15,6 +16,8 @@ pub mod parse;
 pub mod store;
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use pulse_platform::config::{Problems, Validate};
@@ -71,6 +74,18 @@ pub struct Config {
         default_value_t = 120_000
     )]
     pub startup_timeout_ms: u64,
+    /// Credentials file: one `name:role:hash` line per user (role `read` or `write`; make
+    /// a line with `pulse-schema-registry hash-password`). Without it every caller is
+    /// anonymous and may write (local development only; a warning is logged at start).
+    #[arg(long = "auth-file", env = "PULSE_REGISTRY_AUTH_FILE")]
+    pub auth_file: Option<PathBuf>,
+    /// How often the credentials file is checked for changes (reloaded without a restart).
+    #[arg(
+        long = "auth-reload-interval-ms",
+        env = "PULSE_REGISTRY_AUTH_RELOAD_INTERVAL_MS",
+        default_value_t = 5_000
+    )]
+    pub auth_reload_interval_ms: u64,
     #[command(flatten)]
     pub kafka: KafkaConfig,
     #[command(flatten)]
@@ -89,6 +104,18 @@ impl Validate for Config {
             "--apply-timeout-ms / PULSE_SCHEMA_REGISTRY_APPLY_TIMEOUT_MS",
             format!("must be >= 100, got {}", self.apply_timeout_ms),
         );
+        p.check(
+            self.auth_reload_interval_ms >= 100,
+            "--auth-reload-interval-ms / PULSE_REGISTRY_AUTH_RELOAD_INTERVAL_MS",
+            format!("must be >= 100, got {}", self.auth_reload_interval_ms),
+        );
+        if let Some(path) = &self.auth_file {
+            p.check(
+                path.is_file(),
+                "--auth-file / PULSE_REGISTRY_AUTH_FILE",
+                format!("{} is not a readable file", path.display()),
+            );
+        }
         self.kafka.validate(p);
         self.telemetry.validate(p);
     }
@@ -112,6 +139,8 @@ pub enum Error {
     },
     #[error("REST server: {0}")]
     Serve(std::io::Error),
+    #[error(transparent)]
+    Auth(#[from] auth::AuthFileError),
 }
 
 /// One running replica: REST server plus log reader.
@@ -126,7 +155,8 @@ pub struct Replica {
 }
 
 impl Replica {
-    /// Creates the log topic if missing, reads the existing log, then serves on `listener`.
+    /// Creates the log topic if missing, reads the existing log, then serves on `listener`
+    /// to anonymous callers (see [`Replica::start_with_access`]).
     pub async fn start(
         kafka: &KafkaConfig,
         topic: &str,
@@ -134,7 +164,28 @@ impl Replica {
         startup_timeout: Duration,
         listener: TcpListener,
     ) -> Result<Self, Error> {
+        Self::start_with_access(
+            kafka,
+            topic,
+            apply_timeout,
+            startup_timeout,
+            listener,
+            auth::Access::anonymous(),
+        )
+        .await
+    }
+
+    /// [`Replica::start`] with the callers that `access` allows.
+    pub async fn start_with_access(
+        kafka: &KafkaConfig,
+        topic: &str,
+        apply_timeout: Duration,
+        startup_timeout: Duration,
+        listener: TcpListener,
+        access: auth::Access,
+    ) -> Result<Self, Error> {
         metrics::describe();
+        auth::register_metrics();
         ensure_topics(kafka, &[TopicSpec::compacted(topic)]).await?;
         let stop_reader = CancellationToken::new();
         let (log, reader) =
@@ -144,7 +195,8 @@ impl Replica {
             .map_err(|_| Error::CatchUp(startup_timeout))?;
         let addr = listener.local_addr().map_err(Error::Serve)?;
         let stop_http = CancellationToken::new();
-        let app = api::router(log.clone());
+        let app =
+            api::router(log.clone(), access).into_make_service_with_connect_info::<SocketAddr>();
         let server = {
             let stop = stop_http.clone();
             tokio::spawn(async move {
@@ -179,18 +231,38 @@ impl Replica {
 
 /// Runs the service until shutdown.
 pub async fn run(config: Config, ctx: ServiceContext) -> Result<(), Error> {
+    let stop_watch = CancellationToken::new();
+    let access = match &config.auth_file {
+        Some(path) => {
+            let users = Arc::new(auth::Users::load(path)?);
+            tracing::info!(path = %path.display(), users = users.count(), "registry authentication on");
+            tokio::spawn(users.clone().watch(
+                Duration::from_millis(config.auth_reload_interval_ms),
+                stop_watch.clone(),
+            ));
+            auth::Access::users(users)
+        }
+        None => {
+            tracing::warn!(
+                "no --auth-file / PULSE_REGISTRY_AUTH_FILE: the registry accepts anonymous registrations, deletes and config changes (local development only)"
+            );
+            auth::Access::anonymous()
+        }
+    };
+    let _stop_watch = stop_watch.drop_guard();
     let listener = TcpListener::bind(config.http_addr)
         .await
         .map_err(|source| Error::Bind {
             addr: config.http_addr,
             source,
         })?;
-    let replica = Replica::start(
+    let replica = Replica::start_with_access(
         &config.kafka,
         &config.schemas_topic,
         Duration::from_millis(config.apply_timeout_ms),
         Duration::from_millis(config.startup_timeout_ms),
         listener,
+        access,
     )
     .await?;
     ctx.health.set_ready(true);

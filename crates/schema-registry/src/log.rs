@@ -189,10 +189,7 @@ async fn read_loop(
         let offset = msg.offset();
         match msg.payload().map(serde_json::from_slice::<LogRecord>) {
             Some(Ok(record)) => {
-                let outcome = registry
-                    .write()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .apply(&record.request_id, &record.command);
+                let outcome = apply(&registry, record.clone()).await;
                 metrics::counter!(m::LOG_APPLIED_TOTAL, "outcome" => outcome_label(&outcome))
                     .increment(1);
                 if matches!(outcome, Outcome::Incompatible(_)) {
@@ -221,6 +218,29 @@ async fn read_loop(
         }
         metrics::gauge!(m::LOG_OFFSET).set(offset as f64);
         let _ = applied.send(offset);
+    }
+}
+
+/// Applies one record: the plan (parsing, compatibility checks) is made on the blocking
+/// pool under the read lock, so readers and the async runtime are not held up; only the
+/// commit takes the write lock. This task is the registry's only writer, so the state
+/// cannot change between the two.
+async fn apply(registry: &Arc<RwLock<Registry>>, record: LogRecord) -> Outcome {
+    let shared = registry.clone();
+    let request_id = record.request_id.clone();
+    let planned = tokio::task::spawn_blocking(move || {
+        let r = shared.read().unwrap_or_else(|e| e.into_inner());
+        (!r.was_applied(&record.request_id)).then(|| r.plan(&record.command))
+    })
+    .await;
+    match planned {
+        Ok(Some(plan)) => registry
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .commit(&request_id, plan),
+        Ok(None) => Outcome::AlreadyApplied,
+        // The planning task panicked (a bug in parsing): nothing was changed.
+        Err(e) => Outcome::InvalidSchema(format!("internal error while applying: {e}")),
     }
 }
 

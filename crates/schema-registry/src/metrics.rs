@@ -9,6 +9,11 @@ pub const COMPATIBILITY_REJECTIONS_TOTAL: &str =
     "pulse_schema_registry_compatibility_rejections_total";
 pub const LOG_APPLIED_TOTAL: &str = "pulse_schema_registry_log_records_applied_total";
 pub const LOG_OFFSET: &str = "pulse_schema_registry_log_applied_offset";
+/// Refused requests by `reason` (`auth::Failure::reason`: missing, malformed, unknown_user,
+/// wrong_password, forbidden); registered at zero.
+pub const AUTH_FAILURES_TOTAL: &str = "pulse_schema_registry_auth_failures_total";
+pub const AUTH_USERS: &str = "pulse_schema_registry_auth_users";
+pub const AUTH_RELOADS_TOTAL: &str = "pulse_schema_registry_auth_reloads_total";
 
 pub fn describe() {
     pulse_platform::http::describe_metrics();
@@ -22,6 +27,18 @@ pub fn describe() {
     describe_counter!(
         LOG_APPLIED_TOTAL,
         "Records of the _schemas log applied by this replica, by outcome."
+    );
+    describe_counter!(
+        AUTH_FAILURES_TOTAL,
+        "Requests refused by authentication (401) or authorization (403), by reason."
+    );
+    describe_gauge!(
+        AUTH_USERS,
+        "Users in the credentials file currently in force."
+    );
+    describe_counter!(
+        AUTH_RELOADS_TOTAL,
+        "Reloads of the credentials file after it changed, by outcome (ok, error)."
     );
     describe_gauge!(
         LOG_OFFSET,

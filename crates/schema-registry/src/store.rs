@@ -123,55 +123,123 @@ pub struct Registry {
     applied: HashSet<String>,
 }
 
+/// What applying a command would change; computed with shared access ([`Registry::plan`]),
+/// so the expensive part (parsing and compatibility checks) never holds the write lock.
+#[derive(Debug)]
+pub struct Plan {
+    outcome: Outcome,
+    effect: Effect,
+}
+
+impl Plan {
+    pub fn outcome(&self) -> &Outcome {
+        &self.outcome
+    }
+}
+
+#[derive(Debug)]
+enum Effect {
+    None,
+    AddVersion {
+        subject: String,
+        version: VersionEntry,
+        /// A schema not stored before, with its id.
+        new_schema: Option<(u32, Box<StoredSchema>)>,
+    },
+    SoftDelete(String),
+    Remove(String),
+    SetLevel(Option<String>, Level),
+    RemoveLevel(String),
+}
+
 impl Registry {
     /// Applies `command` with `request_id`. Deterministic: the same sequence of commands
     /// gives the same state and outcomes on every replica.
     pub fn apply(&mut self, request_id: &str, command: &Command) -> Outcome {
-        if !self.applied.insert(request_id.to_owned()) {
+        if self.was_applied(request_id) {
             return Outcome::AlreadyApplied;
         }
-        self.evaluate(command, true)
+        let plan = self.plan(command);
+        self.commit(request_id, plan)
+    }
+
+    /// Whether a record with `request_id` was applied already (a redelivery).
+    pub fn was_applied(&self, request_id: &str) -> bool {
+        self.applied.contains(request_id)
     }
 
     /// What `apply` would answer now, without changing anything (fast rejection before
-    /// writing to the log).
-    pub fn dry_run(&mut self, command: &Command) -> Outcome {
-        self.evaluate(command, false)
+    /// writing to the log). Needs only shared access.
+    pub fn dry_run(&self, command: &Command) -> Outcome {
+        self.plan(command).outcome
     }
 
-    fn evaluate(&mut self, command: &Command, commit: bool) -> Outcome {
+    /// What `command` would do to the current state. The state must not change between
+    /// `plan` and [`Registry::commit`] (the log reader is the only writer).
+    pub fn plan(&self, command: &Command) -> Plan {
         match command {
-            Command::Register { subject, content } => self.register(subject, content, commit),
-            Command::DeleteSubject { subject, permanent } => {
-                self.delete_subject(subject, *permanent, commit)
-            }
+            Command::Register { subject, content } => self.plan_register(subject, content),
+            Command::DeleteSubject { subject, permanent } => self.plan_delete(subject, *permanent),
             Command::SetConfig { subject, level } => match level.parse::<Level>() {
-                Ok(l) => {
-                    if commit {
-                        match subject {
-                            Some(s) => {
-                                self.subject_levels.insert(s.clone(), l);
-                            }
-                            None => self.global_level = Some(l),
-                        }
-                    }
-                    Outcome::ConfigSet(l)
-                }
-                Err(e) => Outcome::InvalidLevel(e),
+                Ok(l) => Plan {
+                    outcome: Outcome::ConfigSet(l),
+                    effect: Effect::SetLevel(subject.clone(), l),
+                },
+                Err(e) => Plan {
+                    outcome: Outcome::InvalidLevel(e),
+                    effect: Effect::None,
+                },
             },
-            Command::DeleteConfig { subject } => {
-                let previous = self.subject_levels.get(subject).copied();
-                match previous {
-                    Some(l) => {
-                        if commit {
-                            self.subject_levels.remove(subject);
-                        }
-                        Outcome::ConfigDeleted(l)
-                    }
-                    None => Outcome::SubjectNotFound(subject.clone()),
+            Command::DeleteConfig { subject } => match self.subject_levels.get(subject) {
+                Some(&l) => Plan {
+                    outcome: Outcome::ConfigDeleted(l),
+                    effect: Effect::RemoveLevel(subject.clone()),
+                },
+                None => Plan {
+                    outcome: Outcome::SubjectNotFound(subject.clone()),
+                    effect: Effect::None,
+                },
+            },
+        }
+    }
+
+    /// Carries out `plan` (made by [`Registry::plan`] on this same state) for the record
+    /// `request_id`, and returns its outcome.
+    pub fn commit(&mut self, request_id: &str, plan: Plan) -> Outcome {
+        if !self.applied.insert(request_id.to_owned()) {
+            return Outcome::AlreadyApplied;
+        }
+        match plan.effect {
+            Effect::None => {}
+            Effect::AddVersion {
+                subject,
+                version,
+                new_schema,
+            } => {
+                if let Some((id, stored)) = new_schema {
+                    self.by_content.insert(stored.content.clone(), id);
+                    self.schemas.push(*stored);
                 }
+                self.subjects.entry(subject).or_default().push(version);
+            }
+            Effect::SoftDelete(subject) => {
+                if let Some(versions) = self.subjects.get_mut(&subject) {
+                    versions.iter_mut().for_each(|v| v.deleted = true);
+                }
+            }
+            Effect::Remove(subject) => {
+                self.subjects.remove(&subject);
+                self.subject_levels.remove(&subject);
+            }
+            Effect::SetLevel(Some(subject), l) => {
+                self.subject_levels.insert(subject, l);
+            }
+            Effect::SetLevel(None, l) => self.global_level = Some(l),
+            Effect::RemoveLevel(subject) => {
+                self.subject_levels.remove(&subject);
             }
         }
+        plan.outcome
     }
 
     fn resolve_references(&self, content: &SchemaContent) -> Result<Vec<(String, String)>, String> {
@@ -214,19 +282,23 @@ impl Registry {
         }
     }
 
-    fn register(&mut self, subject: &str, content: &SchemaContent, commit: bool) -> Outcome {
-        let versions = self.subjects.get(subject).cloned().unwrap_or_default();
+    fn plan_register(&self, subject: &str, content: &SchemaContent) -> Plan {
+        let refuse = |outcome| Plan {
+            outcome,
+            effect: Effect::None,
+        };
+        let versions = self.subjects.get(subject).map(Vec::as_slice).unwrap_or(&[]);
         if let Some(&id) = self.by_content.get(content)
             && let Some(v) = versions.iter().find(|v| v.id == id && !v.deleted)
         {
-            return Outcome::Existing {
+            return refuse(Outcome::Existing {
                 id,
                 version: v.version,
-            };
+            });
         }
         let parsed = match self.parse(content) {
             Ok(p) => p,
-            Err(reason) => return Outcome::InvalidSchema(reason),
+            Err(reason) => return refuse(Outcome::InvalidSchema(reason)),
         };
         if let Some(new) = &parsed {
             let previous: Vec<ParsedSchema> = versions
@@ -236,49 +308,53 @@ impl Registry {
                 .collect();
             let problems = compat::check(self.level(subject), new, &previous);
             if !problems.is_empty() {
-                return Outcome::Incompatible(problems.iter().map(|p| p.describe()).collect());
+                return refuse(Outcome::Incompatible(
+                    problems.iter().map(|p| p.describe()).collect(),
+                ));
             }
         }
-        let id = self
-            .by_content
-            .get(content)
-            .copied()
-            .unwrap_or(self.schemas.len() as u32 + 1);
-        let version = versions.iter().map(|v| v.version).max().unwrap_or(0) + 1;
-        if commit {
-            if id as usize > self.schemas.len() {
-                self.schemas.push(StoredSchema {
+        let (id, new_schema) = match self.by_content.get(content) {
+            Some(&id) => (id, None),
+            None => {
+                let id = self.schemas.len() as u32 + 1;
+                let stored = StoredSchema {
                     content: content.clone(),
                     parsed,
-                });
-                self.by_content.insert(content.clone(), id);
+                };
+                (id, Some((id, Box::new(stored))))
             }
-            self.subjects
-                .entry(subject.to_owned())
-                .or_default()
-                .push(VersionEntry {
+        };
+        let version = versions.iter().map(|v| v.version).max().unwrap_or(0) + 1;
+        Plan {
+            outcome: Outcome::Registered { id, version },
+            effect: Effect::AddVersion {
+                subject: subject.to_owned(),
+                version: VersionEntry {
                     version,
                     id,
                     deleted: false,
-                });
+                },
+                new_schema,
+            },
         }
-        Outcome::Registered { id, version }
     }
 
-    fn delete_subject(&mut self, subject: &str, permanent: bool, commit: bool) -> Outcome {
-        let Some(versions) = self.subjects.get_mut(subject) else {
-            return Outcome::SubjectNotFound(subject.to_owned());
+    fn plan_delete(&self, subject: &str, permanent: bool) -> Plan {
+        let refuse = |outcome| Plan {
+            outcome,
+            effect: Effect::None,
+        };
+        let Some(versions) = self.subjects.get(subject) else {
+            return refuse(Outcome::SubjectNotFound(subject.to_owned()));
         };
         if permanent {
             if versions.iter().any(|v| !v.deleted) {
-                return Outcome::NotSoftDeleted(subject.to_owned());
+                return refuse(Outcome::NotSoftDeleted(subject.to_owned()));
             }
-            let numbers = versions.iter().map(|v| v.version).collect();
-            if commit {
-                self.subjects.remove(subject);
-                self.subject_levels.remove(subject);
+            Plan {
+                outcome: Outcome::Deleted(versions.iter().map(|v| v.version).collect()),
+                effect: Effect::Remove(subject.to_owned()),
             }
-            Outcome::Deleted(numbers)
         } else {
             let live: Vec<u32> = versions
                 .iter()
@@ -286,12 +362,12 @@ impl Registry {
                 .map(|v| v.version)
                 .collect();
             if live.is_empty() {
-                return Outcome::SubjectNotFound(subject.to_owned());
+                return refuse(Outcome::SubjectNotFound(subject.to_owned()));
             }
-            if commit {
-                versions.iter_mut().for_each(|v| v.deleted = true);
+            Plan {
+                outcome: Outcome::Deleted(live),
+                effect: Effect::SoftDelete(subject.to_owned()),
             }
-            Outcome::Deleted(live)
         }
     }
 
@@ -305,6 +381,11 @@ impl Registry {
 
     pub fn global_level(&self) -> Level {
         self.global_level.unwrap_or_default()
+    }
+
+    /// The global level if one was set (`None`: the default is in force).
+    pub fn global_level_setting(&self) -> Option<Level> {
+        self.global_level
     }
 
     pub fn subject_level(&self, subject: &str) -> Option<Level> {
@@ -447,6 +528,28 @@ mod tests {
             r.usages(1),
             vec![("s1".to_string(), 1), ("s3".to_string(), 1)]
         );
+    }
+
+    #[test]
+    fn a_dry_run_changes_nothing_and_a_plan_commits_like_apply() {
+        let mut r = Registry::default();
+        let cmd = register("s", proto("message A { string x = 1; }"));
+        assert_eq!(r.dry_run(&cmd), Outcome::Registered { id: 1, version: 1 });
+        assert_eq!(r.dry_run(&cmd), Outcome::Registered { id: 1, version: 1 });
+        assert_eq!((r.schema_count(), r.version_count()), (0, 0));
+        let plan = r.plan(&cmd);
+        assert_eq!(
+            r.commit("req-1", plan),
+            Outcome::Registered { id: 1, version: 1 }
+        );
+        assert!(r.was_applied("req-1"));
+        assert_eq!(r.dry_run(&cmd), Outcome::Existing { id: 1, version: 1 });
+        let soft = Command::DeleteSubject {
+            subject: "s".into(),
+            permanent: false,
+        };
+        assert_eq!(r.dry_run(&soft), Outcome::Deleted(vec![1]));
+        assert_eq!(r.subjects(false), vec!["s".to_string()]);
     }
 
     #[test]

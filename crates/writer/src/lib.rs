@@ -15,6 +15,7 @@ pub mod metrics;
 pub mod parquet_sink;
 pub mod pause;
 pub mod retry;
+pub mod startup;
 
 // The storage contract (schema, rows, archive layout) lives in `pulse-storage`.
 use pulse_storage::{archive, migrate, rows};
@@ -261,6 +262,12 @@ pub enum Error {
     S3(#[from] object_store::Error),
     #[error("{0}")]
     ParquetSink(#[from] parquet_sink::ParquetSinkError),
+    /// A ClickHouse setting that no retry can fix (the URL does not parse, a scheme the
+    /// client does not support): the process exits instead of waiting.
+    #[error(
+        "ClickHouse cannot be used with these settings (check --clickhouse-url / PULSE_CLICKHOUSE_URL): {0}"
+    )]
+    ClickHouseSettings(#[source] migrate::MigrateError),
 }
 
 impl Config {
@@ -273,8 +280,17 @@ impl Config {
 }
 
 /// Builds the ClickHouse sink loop (used by `run` and tests). Applies migrations first when
-/// configured.
+/// configured (once: a failure is returned; `run` waits for ClickHouse before this).
 pub async fn build_clickhouse(config: &Config) -> Result<ClickHouseSink, Error> {
+    ensure_clickhouse_topics(config).await?;
+    if config.migrate {
+        let applied = migrate::migrate(&config.clickhouse).await?;
+        tracing::info!(?applied, "ClickHouse migrations applied");
+    }
+    clickhouse_sink(config)
+}
+
+async fn ensure_clickhouse_topics(config: &Config) -> Result<(), Error> {
     let topics = [
         (TopicKind::Events, &config.events_topic),
         (TopicKind::Aggregates, &config.user_activity_topic),
@@ -286,10 +302,12 @@ pub async fn build_clickhouse(config: &Config) -> Result<ClickHouseSink, Error> 
         .map(|(kind, t)| TopicSpec::of(*kind, t.as_str(), config.kafka.partitions))
         .collect();
     ensure_topics(&config.kafka, &specs).await?;
-    if config.migrate {
-        let applied = migrate::migrate(&config.clickhouse).await?;
-        tracing::info!(?applied, "ClickHouse migrations applied");
-    }
+    Ok(())
+}
+
+/// The ClickHouse sink loop: its consumer joins the group here, so only once ClickHouse
+/// answered (and the migrations are applied).
+fn clickhouse_sink(config: &Config) -> Result<ClickHouseSink, Error> {
     let (consumer, _rebalances) = KafkaConsumer::new(
         &config.kafka,
         "pulse-writer",
@@ -331,6 +349,11 @@ pub async fn build_clickhouse(config: &Config) -> Result<ClickHouseSink, Error> 
 /// its own group and uploads to `config.s3`. It applies no ClickHouse migrations (the
 /// ClickHouse sink owns the schema); freshness rows are written if the table exists.
 pub async fn build_parquet(config: &Config) -> Result<ParquetSink, Error> {
+    ensure_parquet_topics(config).await?;
+    parquet_sink(config, config.s3.object_store()?)
+}
+
+async fn ensure_parquet_topics(config: &Config) -> Result<(), Error> {
     let specs = [
         TopicSpec::of(
             TopicKind::Events,
@@ -344,7 +367,15 @@ pub async fn build_parquet(config: &Config) -> Result<ParquetSink, Error> {
         ),
     ];
     ensure_topics(&config.kafka, &specs).await?;
-    let store = config.s3.object_store()?;
+    Ok(())
+}
+
+/// The Parquet sink loop on `store`: its consumer joins the group here, so only once S3
+/// answered.
+fn parquet_sink(
+    config: &Config,
+    store: std::sync::Arc<dyn object_store::ObjectStore>,
+) -> Result<ParquetSink, Error> {
     let (consumer, rebalances) = KafkaConsumer::new(
         &config.kafka,
         "pulse-writer",
@@ -389,9 +420,20 @@ fn today_yyyymmdd() -> u32 {
 /// Runs the service until shutdown.
 pub async fn run(config: Config, ctx: ServiceContext) -> Result<(), Error> {
     crate::metrics::describe();
+    let sink_label = match config.sink {
+        Sink::Parquet => "parquet",
+        Sink::Clickhouse => "clickhouse",
+    };
+    crate::metrics::init(sink_label, &config.dlq_topic);
+    startup::describe(sink_label);
     match config.sink {
         Sink::Parquet => {
-            let mut sink = build_parquet(&config).await?;
+            ensure_parquet_topics(&config).await?;
+            let store = config.s3.object_store()?;
+            if !startup::wait_for_s3(&config, &ctx, store.as_ref()).await? {
+                return Ok(()); // shutdown while waiting: nothing was consumed
+            }
+            let mut sink = parquet_sink(&config, store)?;
             sink.health = ctx.health.clone();
             // A member left owning nothing while the group does not advance: not ready.
             sink.consumer
@@ -406,7 +448,11 @@ pub async fn run(config: Config, ctx: ServiceContext) -> Result<(), Error> {
             Ok(sink.run(ctx.shutdown.child_token()).await?)
         }
         Sink::Clickhouse => {
-            let mut sink = build_clickhouse(&config).await?;
+            ensure_clickhouse_topics(&config).await?;
+            if !startup::wait_for_clickhouse(&config, &ctx).await? {
+                return Ok(()); // shutdown while waiting: nothing was consumed
+            }
+            let mut sink = clickhouse_sink(&config)?;
             sink.health = ctx.health.clone();
             // A member left owning nothing while the group does not advance: not ready.
             sink.consumer

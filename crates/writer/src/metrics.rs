@@ -105,3 +105,93 @@ pub fn record_freshness(sink: &'static str, rows: &[pulse_storage::rows::Freshne
             .set(r.last_event_time_ms as f64);
     }
 }
+
+/// The DLQ `code` values each sink sends (`dlq::dead_letter` callers).
+pub const DLQ_CODES_CLICKHOUSE: &[&str] = &["undecodable", "rejected_by_clickhouse"];
+pub const DLQ_CODES_PARQUET: &[&str] = &["undecodable"];
+/// The `kind` of [`ERRORS_TOTAL`] for a failed offset commit after a write.
+pub const ERROR_KIND_COMMIT: &str = "commit";
+
+/// Creates, at zero, the series of `sink` ("clickhouse" or "parquet") that only a failure
+/// would otherwise create (metrics-rs registers a series at its first update), so rules
+/// and dashboards see them from the first scrape: retries and errors by every kind the
+/// sink counts, dead letters by every code it sends, the circuit and every blocked reason
+/// (0), the Parquet sink's freshness errors, and the DLQ producer's series for the
+/// configured DLQ topic. Label values are fixed or configured, never record content.
+pub fn init(sink: &'static str, dlq_topic: &str) {
+    use crate::retry::{BlockReason, ErrorKind};
+    let parquet = sink == "parquet";
+    let retried = [
+        ErrorKind::Retryable,
+        ErrorKind::Blocking(BlockReason::Server),
+    ];
+    for kind in retried {
+        metrics::counter!(RETRIES_TOTAL, "sink" => sink, "kind" => kind.as_str()).increment(0);
+        metrics::counter!(ERRORS_TOTAL, "sink" => sink, "kind" => kind.as_str()).increment(0);
+    }
+    if !parquet {
+        // Only ClickHouse refuses single rows (the archive takes any decodable record).
+        let row = ErrorKind::Row.as_str();
+        metrics::counter!(ERRORS_TOTAL, "sink" => sink, "kind" => row).increment(0);
+    }
+    metrics::counter!(ERRORS_TOTAL, "sink" => sink, "kind" => ERROR_KIND_COMMIT).increment(0);
+    let codes = if parquet {
+        DLQ_CODES_PARQUET
+    } else {
+        DLQ_CODES_CLICKHOUSE
+    };
+    for &code in codes {
+        metrics::counter!(DLQ_TOTAL, "sink" => sink, "code" => code).increment(0);
+    }
+    metrics::gauge!(CIRCUIT_OPEN, "sink" => sink).set(0.0);
+    for r in BlockReason::ALL {
+        metrics::gauge!(BLOCKED, "sink" => sink, "reason" => r.as_str()).set(0.0);
+    }
+    if parquet {
+        metrics::counter!(FRESHNESS_ERRORS_TOTAL, "sink" => sink).increment(0);
+    }
+    pulse_platform::metrics::init_producer(&[dlq_topic]);
+}
+
+#[cfg(test)]
+mod init_tests {
+    use super::*;
+
+    #[test]
+    fn a_fresh_clickhouse_writer_scrape_has_the_fault_only_series() {
+        let text =
+            pulse_platform::metrics::scrape_with(|| init("clickhouse", "pulse.events.dlq.v1"));
+        for series in [
+            r#"pulse_writer_retries_total{sink="clickhouse",kind="retryable"} 0"#,
+            r#"pulse_writer_retries_total{sink="clickhouse",kind="blocking"} 0"#,
+            r#"pulse_writer_errors_total{sink="clickhouse",kind="row"} 0"#,
+            r#"pulse_writer_errors_total{sink="clickhouse",kind="commit"} 0"#,
+            r#"pulse_writer_dead_letters_total{sink="clickhouse",code="rejected_by_clickhouse"} 0"#,
+            r#"pulse_writer_circuit_open{sink="clickhouse"} 0"#,
+            r#"pulse_writer_blocked{sink="clickhouse",reason="authentication"} 0"#,
+            r#"pulse_kafka_produce_errors_total{topic="pulse.events.dlq.v1",kind="delivery"} 0"#,
+            "pulse_kafka_producer_recreated_total 0",
+        ] {
+            assert!(text.contains(series), "{series} missing from\n{text}");
+        }
+        assert!(
+            !text.contains("pulse_writer_freshness_errors_total"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_fresh_parquet_writer_scrape_has_the_fault_only_series() {
+        let text = pulse_platform::metrics::scrape_with(|| init("parquet", "pulse.events.dlq.v1"));
+        for series in [
+            r#"pulse_writer_retries_total{sink="parquet",kind="retryable"} 0"#,
+            r#"pulse_writer_errors_total{sink="parquet",kind="blocking"} 0"#,
+            r#"pulse_writer_dead_letters_total{sink="parquet",code="undecodable"} 0"#,
+            r#"pulse_writer_freshness_errors_total{sink="parquet"} 0"#,
+            r#"pulse_writer_blocked{sink="parquet",reason="missing_bucket"} 0"#,
+        ] {
+            assert!(text.contains(series), "{series} missing from\n{text}");
+        }
+        assert!(!text.contains(r#"kind="row""#), "{text}");
+    }
+}

@@ -170,6 +170,8 @@ The enabled components as a list of dicts: the table's facts plus `name` and `va
 {{/*
 How each Secret key reaches a binary: `env` is the variable holding the value, `fileEnv`
 (when the binary can read the value from a file) the variable holding the file's path.
+The optional keys stay env (secretKeyRef, optional): the binaries also read their *_FILE
+forms, but a mounted file for a key the Secret does not hold would be refused at start.
 */}}
 {{- define "pulse.secretKeys" -}}
 ingest-api-keys: {env: PULSE_INGEST_API_KEYS, fileEnv: PULSE_INGEST_API_KEYS_FILE, optional: false}
@@ -218,7 +220,6 @@ argument (e.g. "%s=default"). Call with (list $ "secret-key") or (list $ "key" "
 {{- if .Values.kafka.sasl.enabled -}}
 {{- $opts = append $opts (printf "sasl.mechanism=%s" .Values.kafka.sasl.mechanism) -}}
 {{- $opts = append $opts (printf "sasl.username=%s" .Values.kafka.sasl.username) -}}
-{{- $opts = append $opts "sasl.password=$(KAFKA_SASL_PASSWORD)" -}}
 {{- end -}}
 {{- if .Values.kafka.tls.caSecret -}}
 {{- $opts = append $opts (printf "ssl.ca.location=/etc/pulse/kafka-ca/%s" .Values.kafka.tls.caKey) -}}
@@ -227,13 +228,13 @@ argument (e.g. "%s=default"). Call with (list $ "secret-key") or (list $ "key" "
 {{- end -}}
 
 {{/*
-Env shared by every container that talks to Kafka, in order: the SASL password first,
-so PULSE_KAFKA_OPTIONS can expand $(KAFKA_SASL_PASSWORD) (Kubernetes dependent
-variables); the password never appears in args or a ConfigMap.
+Env shared by every container that talks to Kafka: the SASL password (PULSE_KAFKA_SASL_PASSWORD,
+read by the binaries from env only; they refuse sasl.password in PULSE_KAFKA_OPTIONS) and
+the options; the password never appears in args or a ConfigMap.
 */}}
 {{- define "pulse.kafkaEnv" -}}
 {{- if .Values.kafka.sasl.enabled }}
-- name: KAFKA_SASL_PASSWORD
+- name: PULSE_KAFKA_SASL_PASSWORD
   valueFrom:
     secretKeyRef:
       name: {{ include "pulse.secretName" . }}

@@ -1,8 +1,12 @@
 //! The query API against the real ClickHouse 18.16: every endpoint's numbers equal a
 //! hand-computed expectation over hand-written aggregate rows (bucket edges, duplicates,
 //! early and final versions, a late correction, merged sessions), gRPC answers the same
-//! numbers as HTTP, and every error path has its status, code and parameter. The last
-//! test renders the dashboard in headless Chromium and reads the numbers from its DOM.
+//! numbers as HTTP, and every error path has its status, code and parameter, including a
+//! range longer than `--max-range-ms` and a query over a ClickHouse limit. One test renders
+//! the dashboard in headless Chromium and reads the numbers from its DOM; the last ones run
+//! the real binary: every answer names its trace (continuing an incoming `traceparent`)
+//! and that span reaches an OTLP collector, and made-up methods and paths add no metric
+//! series.
 
 use std::time::Duration;
 
@@ -18,7 +22,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::support::cleanup::{Database, TempDir};
-use crate::support::grpc_meta;
+use crate::support::{grpc_meta, wait_until};
 
 const TOKEN: &str = "test-token-1";
 /// 2024-02-29T01:00:00Z, on a minute, five-minute and hour boundary.
@@ -1445,4 +1449,375 @@ async fn grpc_serves_health_and_reflection_listing_only_the_query_service() {
     )
     .await;
     api.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Limits: the longest range, ClickHouse's limits
+
+#[tokio::test]
+async fn every_range_endpoint_refuses_a_range_longer_than_the_maximum_naming_from_and_the_limit() {
+    let ch = database().await;
+    let api = serve_api(&ch, &[]).await;
+    let max = 31 * 24 * 60 * M;
+    let paths = [
+        "/v1/top_pages",
+        "/v1/active_users",
+        "/v1/revenue",
+        "/v1/users/alice",
+        "/v1/sessions",
+    ];
+    for path in paths {
+        for range in [
+            // The issue's example: the whole representable time.
+            "from=0&to=253402300799999".to_owned(),
+            format!("from={T0}&to={}", T0 + max + 1),
+            format!("from={}", now_ms() - max - M),
+        ] {
+            let (status, _, body) = api.get(&format!("{path}?{range}")).await;
+            assert_eq!(status, 400, "{path}?{range}: {body}");
+            assert_eq!(body["error"]["code"], "range_too_long", "{path}?{range}");
+            assert_eq!(body["error"]["parameter"], "from", "{path}?{range}");
+            let message = body["error"]["message"].as_str().unwrap();
+            assert!(
+                message.contains("at most 31 d") && message.contains("--max-range-ms"),
+                "{message}"
+            );
+        }
+    }
+    // Exactly the maximum is answered (a 1d step keeps the series within --max-points).
+    let full = format!("from={T0}&to={}", T0 + max);
+    for path in [
+        format!("/v1/top_pages?{full}"),
+        format!("/v1/sessions?{full}"),
+        format!("/v1/active_users?{full}&step=1d"),
+        format!("/v1/revenue?{full}&step=1d"),
+    ] {
+        api.ok(&path).await;
+    }
+    let (status, _, body) = api.get(&format!("/v1/users/alice?{full}")).await;
+    assert_eq!((status, &body["error"]["code"]), (404, &json!("not_found")));
+
+    let mut client = api.client().await;
+    let e = client
+        .top_pages(req(pb::TopPagesRequest {
+            range: Some(range(1, pulse_query_api::params::MAX_TIME_MS, "")),
+            limit: 0,
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert_eq!(e.metadata().get("pulse-parameter").unwrap(), "from");
+    assert!(e.message().contains("--max-range-ms"), "{}", e.message());
+    let e = client
+        .sessions(req(range(T0, T0 + max + 1, "")))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    client.sessions(req(range(T0, T0 + max, ""))).await.unwrap();
+    api.stop().await;
+
+    let hour = serve_api(&ch, &["--max-range-ms", "3600000"]).await;
+    let (status, _, body) = hour
+        .get(&format!("/v1/top_pages?from={T0}&to={}", T0 + 60 * M + 1))
+        .await;
+    assert_eq!(status, 400, "{body}");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(message.contains("at most 1 h"), "{message}");
+    hour.ok(&format!("/v1/top_pages?from={T0}&to={}", T0 + 60 * M))
+        .await;
+    hour.stop().await;
+}
+
+#[tokio::test]
+async fn queries_over_a_clickhouse_limit_are_refused_with_422_naming_the_limit() {
+    let ch = database().await;
+    seed(&ch).await;
+    let r = main_range();
+    // The seeded range has several pages: more result rows than one.
+    let rows = serve_api(&ch, &["--query-max-result-rows", "1"]).await;
+    let started = std::time::Instant::now();
+    let (status, _, body) = rows.get(&format!("/v1/top_pages?{r}")).await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["error"]["code"], "limit_exceeded");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("max_result_rows") && message.contains("--query-max-result-rows"),
+        "{message}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // Within the limit the same range is answered.
+    let body = rows.ok(&format!("/v1/top_pages?{r}&limit=1")).await;
+    assert_eq!(body["pages"].as_array().unwrap().len(), 1, "{body}");
+    let mut client = rows.client().await;
+    let e = client
+        .top_pages(req(pb::TopPagesRequest {
+            range: Some(range(T0, T0 + 10 * M, "")),
+            limit: 0,
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("max_result_rows"), "{}", e.message());
+    rows.stop().await;
+
+    let memory = serve_api(&ch, &["--query-max-memory-bytes", "1000"]).await;
+    let (status, _, body) = memory.get(&format!("/v1/sessions?{r}")).await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["error"]["code"], "limit_exceeded");
+    let message = body["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("max_memory_usage") && message.contains("--query-max-memory-bytes"),
+        "{message}"
+    );
+    memory.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// The real binary: trace ids in answers and exported spans, bounded metric labels
+
+/// The `pulse-query-api` binary on free ports (text logs in a temporary folder), killed
+/// when dropped.
+struct ApiProcess {
+    child: std::process::Child,
+    base: String,
+    grpc: String,
+    admin: String,
+    logs: TempDir,
+}
+
+impl Drop for ApiProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl ApiProcess {
+    /// Starts it on `ch`, exporting spans to `otlp` if given, and waits until it is ready.
+    async fn spawn(ch: &ClickHouseConfig, otlp: Option<&str>) -> Self {
+        use crate::support::child_process::{binary, free_port};
+        let addr = || format!("127.0.0.1:{}", free_port());
+        let (http, grpc, admin) = (addr(), addr(), addr());
+        let logs = TempDir::new("pulse-query-api");
+        let log = std::fs::File::create(logs.path().join("query-api.log")).unwrap();
+        let mut cmd = std::process::Command::new(binary("pulse-query-api"));
+        cmd.args(["--api-tokens", TOKEN, "--log-format", "text"])
+            .args(["--clickhouse-url", &ch.url])
+            .args(["--clickhouse-database", &ch.database])
+            .args(["--http-addr", &http, "--grpc-addr", &grpc])
+            .args(["--admin-addr", &admin])
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        if let Some(endpoint) = otlp {
+            cmd.env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint);
+        }
+        let mut api = Self {
+            child: cmd.spawn().unwrap(),
+            base: format!("http://{http}"),
+            grpc: format!("http://{grpc}"),
+            admin: format!("http://{admin}"),
+            logs,
+        };
+        let http = reqwest::Client::new();
+        let ready = format!("{}/readyz", api.admin);
+        wait_until(Duration::from_secs(30), "query-api ready", async || {
+            if let Some(status) = api.child.try_wait().unwrap() {
+                panic!(
+                    "query-api exited ({status}): {}",
+                    std::fs::read_to_string(api.logs.path().join("query-api.log"))
+                        .unwrap_or_default()
+                );
+            }
+            match http.get(&ready).send().await {
+                Ok(r) if r.status() == 200 => Ok(()),
+                Ok(r) => Err(r.status().to_string()),
+                Err(e) => Err(e.to_string()),
+            }
+        })
+        .await;
+        api
+    }
+
+    /// The label sets of every `pulse_http_*` series in a `/metrics` scrape.
+    async fn http_series(&self) -> std::collections::BTreeSet<String> {
+        let text = reqwest::get(format!("{}/metrics", self.admin))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        text.lines()
+            .filter(|l| l.starts_with("pulse_http_"))
+            .filter_map(|l| l.rsplit_once(' ').map(|(series, _)| series.to_owned()))
+            .collect()
+    }
+}
+
+/// A W3C `traceparent` of trace `trace_id` and a made-up caller span.
+fn traceparent(trace_id: &str) -> String {
+    format!("00-{trace_id}-00f067aa0ba902b7-01")
+}
+
+/// The trace id an answer names, checking that `traceresponse` agrees with `x-trace-id`
+/// and names a span other than the caller's.
+fn answered_trace_id(headers: &reqwest::header::HeaderMap) -> String {
+    let text = |name: &str| {
+        headers
+            .get(name)
+            .unwrap_or_else(|| panic!("no {name} in {headers:?}"))
+            .to_str()
+            .unwrap()
+            .to_owned()
+    };
+    let id = text("x-trace-id");
+    assert_eq!(id.len(), 32, "{id}");
+    assert!(id.bytes().all(|b| b.is_ascii_hexdigit()), "{id}");
+    let tr = text("traceresponse");
+    let parts: Vec<&str> = tr.split('-').collect();
+    assert_eq!(parts.len(), 4, "{tr}");
+    assert_eq!((parts[0], parts[1]), ("00", id.as_str()), "{tr}");
+    assert_eq!(parts[2].len(), 16, "{tr}");
+    assert_ne!(parts[2], "00f067aa0ba902b7", "{tr}");
+    id
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_answer_carries_the_trace_id_of_its_request_and_the_span_is_exported() {
+    let ch = database().await;
+    let otlp = pulse_tests::otlp::Receiver::start().await.unwrap();
+    let api = ApiProcess::spawn(&ch, Some(&otlp.endpoint())).await;
+    let http = reqwest::Client::new();
+    let trace = |n: u128| format!("{:032x}", 0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4700 + n);
+    let bearer = format!("Bearer {TOKEN}");
+    // (trace id continued, or None for a fresh trace; span name)
+    let mut expected: Vec<(String, bool, &str)> = Vec::new();
+
+    // HTTP: an answer, a 400, a 401 and a 404 each name the caller's trace…
+    let cases = [
+        ("/v1/top_pages", true, 200),
+        ("/v1/top_pages?limit=0", true, 400),
+        ("/v1/sessions", false, 401),
+        ("/v1/no_such_route", true, 404),
+    ];
+    for (n, (path, token, status)) in (0u128..).zip(cases) {
+        let t = trace(n);
+        let mut r = http
+            .get(format!("{}{path}", api.base))
+            .header("traceparent", traceparent(&t));
+        if token {
+            r = r.header("authorization", &bearer);
+        }
+        let resp = r.send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), status, "{path}");
+        assert_eq!(answered_trace_id(resp.headers()), t, "{path}");
+        expected.push((t, true, "http.request"));
+    }
+    // …and without one, a fresh trace of its own.
+    let resp = http
+        .get(format!("{}/v1/freshness", api.base))
+        .header("authorization", &bearer)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let fresh = answered_trace_id(resp.headers());
+    expected.push((fresh, false, "http.request"));
+
+    // gRPC: an answer and an error (in its trailers-only metadata).
+    let mut client = QueryServiceClient::connect(api.grpc.clone()).await.unwrap();
+    let with_parent = |mut r: tonic::Request<pb::RangeRequest>, t: &str| {
+        r.metadata_mut()
+            .insert("traceparent", traceparent(t).parse().unwrap());
+        r
+    };
+    let ok_trace = trace(10);
+    let answer = client
+        .sessions(with_parent(req(range(0, 0, "")), &ok_trace))
+        .await
+        .unwrap();
+    let headers = answer.metadata().clone().into_headers();
+    assert_eq!(answered_trace_id(&headers), ok_trace);
+    expected.push((ok_trace, true, "grpc.request"));
+    let err_trace = trace(11);
+    let e = client
+        .sessions(with_parent(authed(range(0, 0, ""), None), &err_trace))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    assert_eq!(
+        answered_trace_id(&e.metadata().clone().into_headers()),
+        err_trace
+    );
+    expected.push((err_trace, true, "grpc.request"));
+    let answer = client.sessions(req(range(0, 0, ""))).await.unwrap();
+    let fresh = answered_trace_id(&answer.metadata().clone().into_headers());
+    assert!(expected.iter().all(|(t, ..)| *t != fresh), "{fresh} reused");
+    expected.push((fresh, false, "grpc.request"));
+
+    // The collector receives each server span under the trace id its answer named.
+    wait_until(
+        Duration::from_secs(30),
+        "the server span of every request at the collector",
+        async || {
+            let spans = otlp.spans();
+            let missing: Vec<_> = expected
+                .iter()
+                .filter(|(t, continued, name)| {
+                    !spans.iter().any(|s| {
+                        s.service == "query-api"
+                            && s.name == *name
+                            && s.trace_id == *t
+                            && s.has_parent == *continued
+                    })
+                })
+                .collect();
+            if missing.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("missing {missing:?} among {} spans", spans.len()))
+            }
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn made_up_methods_and_paths_add_no_http_metric_series() {
+    let ch = database().await;
+    let api = ApiProcess::spawn(&ch, None).await;
+    let http = reqwest::Client::new();
+    let send = async |method: &str, path: &str| {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        http.request(method, format!("{}{path}", api.base))
+            .header("authorization", format!("Bearer {TOKEN}"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    // One request of each shape creates the fixed series…
+    assert_eq!(send("BREW", "/v1/top_pages").await, 405);
+    assert_eq!(send("BREW", "/made/up").await, 404);
+    assert_eq!(send("GET", "/made/up").await, 404);
+    let before = api.http_series().await;
+    let has = |label: &str| before.iter().any(|s| s.contains(label));
+    assert!(has(r#"method="other""#), "{before:#?}");
+    assert!(has(r#"route="unmatched""#), "{before:#?}");
+    // …and more of them, with other made-up methods and paths, add none.
+    for i in 0..5 {
+        assert_eq!(send(&format!("MADEUP{i}"), "/v1/top_pages").await, 405);
+        assert_eq!(send(&format!("X-{i}"), &format!("/no/such/{i}")).await, 404);
+        assert_eq!(send("GET", &format!("/v1/no_such_{i}")).await, 404);
+    }
+    let after = api.http_series().await;
+    assert_eq!(before, after);
+    assert!(
+        !after
+            .iter()
+            .any(|s| s.contains("MADEUP") || s.contains("/no/such") || s.contains("no_such")),
+        "{after:#?}"
+    );
 }

@@ -270,3 +270,529 @@ async fn confluent_kafka_python_client_works_against_the_registry() {
     );
     r.stop().await.unwrap();
 }
+
+// ---------------------------------------------------------------------------------------
+// Authentication: the real `pulse-schema-registry` binary with a credentials file.
+
+mod authenticated {
+    use std::path::PathBuf;
+    use std::process::Stdio;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use clap::Parser as _;
+    use pulse_ingest::pipeline::Framer;
+    use pulse_schema_registry::auth::{Role, hash_line};
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use serde_json::{Value, json};
+    use tokio::process::{Child, Command};
+
+    use crate::support::child_process::{binary, free_port};
+    use crate::support::wait::wait_until;
+    use crate::support::{cleanup, events, ingest_server};
+
+    const CONTENT_TYPE: &str = "application/vnd.schemaregistry.v1+json";
+
+    /// A registry process whose users are in `file`, reloaded every 200 ms.
+    struct Registry {
+        child: Child,
+        base: String,
+        admin: String,
+        topic: String,
+        file: PathBuf,
+        dir: cleanup::TempDir,
+        _topics: cleanup::Topics,
+    }
+
+    impl Registry {
+        async fn start(users: &[(&str, Role, &str)]) -> Self {
+            let dir = cleanup::TempDir::new("sr-auth");
+            let file = dir.path().join("users");
+            let lines: Vec<String> = users
+                .iter()
+                .map(|(n, r, p)| hash_line(n, *r, p).unwrap())
+                .collect();
+            std::fs::write(&file, lines.join("\n") + "\n").unwrap();
+            let topic = pulse_tests::unique("_schemas");
+            let (port, admin) = (free_port(), free_port());
+            let log = std::fs::File::create(dir.path().join("registry.log")).unwrap();
+            let child = Command::new(binary("pulse-schema-registry"))
+                .env("PULSE_KAFKA_BROKERS", pulse_tests::kafka().brokers)
+                .env("PULSE_SCHEMAS_TOPIC", &topic)
+                .env("PULSE_SCHEMA_REGISTRY_ADDR", format!("127.0.0.1:{port}"))
+                .env("PULSE_ADMIN_ADDR", format!("127.0.0.1:{admin}"))
+                .env("PULSE_REGISTRY_AUTH_FILE", &file)
+                .env("PULSE_REGISTRY_AUTH_RELOAD_INTERVAL_MS", "200")
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .kill_on_drop(true)
+                .spawn()
+                .unwrap();
+            let mut r = Self {
+                child,
+                base: format!("http://127.0.0.1:{port}"),
+                admin: format!("http://127.0.0.1:{admin}"),
+                topic: topic.clone(),
+                file,
+                dir,
+                _topics: cleanup::Topics::adopt([topic]),
+            };
+            let ready = format!("{}/readyz", r.admin);
+            let log = r.dir.path().join("registry.log");
+            let child = &mut r.child;
+            wait_until(
+                Duration::from_secs(90),
+                "the registry to be ready",
+                async || {
+                    if let Ok(Some(status)) = child.try_wait() {
+                        panic!(
+                            "the registry exited ({status}): {}",
+                            std::fs::read_to_string(&log).unwrap_or_default()
+                        );
+                    }
+                    match reqwest::get(&ready).await {
+                        Ok(resp) if resp.status() == 200 => Ok(()),
+                        Ok(resp) => Err(resp.status().to_string()),
+                        Err(e) => Err(e.to_string()),
+                    }
+                },
+            )
+            .await;
+            r
+        }
+
+        fn log(&self) -> String {
+            std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
+        }
+
+        /// `pulse_schema_registry_auth_failures_total{reason}` from the admin port (no credentials).
+        async fn failures(&self, reason: &str) -> f64 {
+            let text = reqwest::get(format!("{}/metrics", self.admin))
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            let label = format!("reason=\"{reason}\"");
+            text.lines()
+                .find(|l| {
+                    l.starts_with("pulse_schema_registry_auth_failures_total{")
+                        && l.contains(&label)
+                })
+                .and_then(|l| l.rsplit(' ').next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("no failure series for {reason} in /metrics:\n{text}"))
+        }
+
+        /// The end offset of the registry's `_schemas` topic.
+        fn log_end(&self) -> i64 {
+            let c: BaseConsumer = pulse_tests::kafka()
+                .client_config("schemas-end")
+                .create()
+                .unwrap();
+            c.fetch_watermarks(&self.topic, 0, Duration::from_secs(10))
+                .unwrap()
+                .1
+        }
+    }
+
+    fn proto(n: usize) -> String {
+        format!("syntax = \"proto3\";\npackage auth{n};\nmessage M {{\n  string f = 1;\n}}\n")
+    }
+
+    /// A request as `user` (`None`: anonymous); returns (status, WWW-Authenticate, body).
+    async fn call(
+        method: reqwest::Method,
+        url: String,
+        user: Option<(&str, &str)>,
+        body: Option<Value>,
+    ) -> (u16, Option<String>, Value) {
+        let mut req = reqwest::Client::new()
+            .request(method, url)
+            .header("Content-Type", CONTENT_TYPE);
+        if let Some((u, p)) = user {
+            req = req.basic_auth(u, Some(p));
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let challenge = resp
+            .headers()
+            .get("www-authenticate")
+            .map(|v| v.to_str().unwrap().to_owned());
+        let text = resp.text().await.unwrap();
+        (
+            status,
+            challenge,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        )
+    }
+
+    const WRITER: (&str, &str) = ("ci", "write-pass-1");
+    const READER: (&str, &str) = ("svc", "read-pass-1");
+
+    fn schema_body(n: usize) -> Option<Value> {
+        Some(json!({ "schemaType": "PROTOBUF", "schema": proto(n) }))
+    }
+
+    #[tokio::test]
+    async fn writes_need_the_write_role_reads_need_a_user_and_failures_are_counted() {
+        use reqwest::Method as M;
+        let r = Registry::start(&[
+            (WRITER.0, Role::Write, WRITER.1),
+            (READER.0, Role::Read, READER.1),
+        ])
+        .await;
+        let b = &r.base;
+        // Every reason is exported at zero before the first failure; admin stays open.
+        for reason in [
+            "missing",
+            "malformed",
+            "unknown_user",
+            "wrong_password",
+            "forbidden",
+        ] {
+            assert_eq!(r.failures(reason).await, 0.0, "{reason}");
+        }
+        for path in ["livez", "readyz"] {
+            assert_eq!(
+                reqwest::get(format!("{}/{path}", r.admin))
+                    .await
+                    .unwrap()
+                    .status(),
+                200
+            );
+        }
+        assert!(
+            r.log().contains("registry authentication on"),
+            "{}",
+            r.log()
+        );
+
+        // Anonymous: 401 with a Basic challenge, on reads and writes; the write has no effect.
+        let (s, challenge, body) = call(
+            M::PUT,
+            format!("{b}/config/orders-value"),
+            None,
+            Some(json!({"compatibility": "NONE"})),
+        )
+        .await;
+        assert_eq!(s, 401, "{body}");
+        assert!(challenge.unwrap_or_default().starts_with("Basic "));
+        assert_eq!(body["error_code"], 40101);
+        let (s, _, _) = call(M::GET, format!("{b}/subjects"), None, None).await;
+        assert_eq!(s, 401);
+        let (s, _, body) = call(
+            M::GET,
+            format!("{b}/config/orders-value"),
+            Some(WRITER),
+            None,
+        )
+        .await;
+        assert_eq!((s, &body["error_code"]), (404, &json!(40408)), "{body}");
+
+        // A read user may not register, delete or change config.
+        let (s, _, body) = call(
+            M::POST,
+            format!("{b}/subjects/a-value/versions"),
+            Some(READER),
+            schema_body(1),
+        )
+        .await;
+        assert_eq!((s, &body["error_code"]), (403, &json!(40301)), "{body}");
+        let (s, _, _) = call(
+            M::PUT,
+            format!("{b}/config"),
+            Some(READER),
+            Some(json!({"compatibility": "NONE"})),
+        )
+        .await;
+        assert_eq!(s, 403);
+        let (s, _, _) = call(
+            M::DELETE,
+            format!("{b}/subjects/a-value?permanent=true"),
+            Some(READER),
+            None,
+        )
+        .await;
+        assert_eq!(s, 403);
+
+        // The write user registers; the read user reads, looks up and checks compatibility.
+        let (s, _, body) = call(
+            M::POST,
+            format!("{b}/subjects/a-value/versions"),
+            Some(WRITER),
+            schema_body(1),
+        )
+        .await;
+        assert_eq!(s, 200, "{body}");
+        let id = body["id"].as_u64().unwrap();
+        let (s, _, body) = call(
+            M::GET,
+            format!("{b}/subjects/a-value/versions"),
+            Some(READER),
+            None,
+        )
+        .await;
+        assert_eq!((s, body), (200, json!([1])));
+        let (s, _, body) = call(M::GET, format!("{b}/schemas/ids/{id}"), Some(READER), None).await;
+        assert_eq!(s, 200, "{body}");
+        let (s, _, body) = call(
+            M::POST,
+            format!("{b}/subjects/a-value"),
+            Some(READER),
+            schema_body(1),
+        )
+        .await;
+        assert_eq!((s, &body["id"]), (200, &json!(id)), "{body}");
+        let (s, _, body) = call(
+            M::POST,
+            format!("{b}/compatibility/subjects/a-value/versions/latest"),
+            Some(READER),
+            schema_body(1),
+        )
+        .await;
+        assert_eq!((s, &body["is_compatible"]), (200, &json!(true)), "{body}");
+
+        // A wrong password and an unknown user: 401, each counted once under its reason,
+        // logged with the caller's address and never with the password.
+        let before = r.failures("wrong_password").await;
+        let (s, challenge, _) = call(
+            M::GET,
+            format!("{b}/subjects"),
+            Some((READER.0, "not-the-password")),
+            None,
+        )
+        .await;
+        assert_eq!(s, 401);
+        assert!(challenge.is_some());
+        assert_eq!(r.failures("wrong_password").await, before + 1.0);
+        let before = r.failures("unknown_user").await;
+        let (s, _, _) = call(M::GET, format!("{b}/subjects"), Some(("nobody", "x")), None).await;
+        assert_eq!(s, 401);
+        assert_eq!(r.failures("unknown_user").await, before + 1.0);
+        assert!(r.failures("forbidden").await >= 3.0);
+        assert!(r.failures("missing").await >= 2.0);
+        let log = r.log();
+        assert!(
+            log.contains("registry request refused") && log.contains("127.0.0.1:"),
+            "{log}"
+        );
+        assert!(
+            !log.contains("not-the-password") && !log.contains(READER.1),
+            "{log}"
+        );
+
+        // Reload without a restart: a user appended to the file can write; a removed one
+        // is refused.
+        let late = ("late", "late-pass-1");
+        let mut text = std::fs::read_to_string(&r.file).unwrap();
+        text.push_str(&hash_line(late.0, Role::Write, late.1).unwrap());
+        text.push('\n');
+        std::fs::write(&r.file, &text).unwrap();
+        wait_until(
+            Duration::from_secs(15),
+            "the appended user to be accepted",
+            async || match call(
+                M::POST,
+                format!("{b}/subjects/late-value/versions"),
+                Some(late),
+                schema_body(2),
+            )
+            .await
+            {
+                (200, _, _) => Ok(()),
+                other => Err(other),
+            },
+        )
+        .await;
+        let without_reader: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with(&format!("{}:", READER.0)))
+            .collect();
+        std::fs::write(&r.file, without_reader.join("\n") + "\n").unwrap();
+        wait_until(
+            Duration::from_secs(15),
+            "the removed user to be refused",
+            async || match call(M::GET, format!("{b}/subjects"), Some(READER), None).await {
+                (401, _, _) => Ok(()),
+                other => Err(other),
+            },
+        )
+        .await;
+        let (s, _, _) = call(M::GET, format!("{b}/subjects"), Some(WRITER), None).await;
+        assert_eq!(s, 200, "other users are unaffected");
+    }
+
+    #[tokio::test]
+    async fn repeated_identical_writes_do_not_grow_the_schemas_log() {
+        use reqwest::Method as M;
+        let r = Registry::start(&[(WRITER.0, Role::Write, WRITER.1)]).await;
+        let b = &r.base;
+        let config = || Some(json!({ "compatibility": "FULL" }));
+        for url in [format!("{b}/config/c-value"), format!("{b}/config")] {
+            assert_eq!(call(M::PUT, url, Some(WRITER), config()).await.0, 200);
+        }
+        let (s, _, first) = call(
+            M::POST,
+            format!("{b}/subjects/c-value/versions"),
+            Some(WRITER),
+            schema_body(3),
+        )
+        .await;
+        assert_eq!(s, 200, "{first}");
+        let end = r.log_end();
+        assert_eq!(end, 3, "one record per distinct write");
+        for _ in 0..5 {
+            for url in [format!("{b}/config/c-value"), format!("{b}/config")] {
+                let (s, _, body) = call(M::PUT, url, Some(WRITER), config()).await;
+                assert_eq!((s, &body["compatibility"]), (200, &json!("FULL")), "{body}");
+            }
+            let (s, _, body) = call(
+                M::POST,
+                format!("{b}/subjects/c-value/versions"),
+                Some(WRITER),
+                schema_body(3),
+            )
+            .await;
+            assert_eq!((s, &body["id"]), (200, &first["id"]), "{body}");
+        }
+        assert_eq!(r.log_end(), end, "identical writes appended records");
+        // A different level is a real change and is written.
+        let (s, _, _) = call(
+            M::PUT,
+            format!("{b}/config/c-value"),
+            Some(WRITER),
+            Some(json!({"compatibility": "NONE"})),
+        )
+        .await;
+        assert_eq!(s, 200);
+        assert_eq!(r.log_end(), end + 1);
+        let (_, _, body) = call(M::GET, format!("{b}/config/c-value"), Some(WRITER), None).await;
+        assert_eq!(body["compatibilityLevel"], "NONE");
+    }
+
+    #[tokio::test]
+    async fn ingest_and_pulsectl_authenticate_with_the_configured_credentials() {
+        let r = Registry::start(&[
+            (WRITER.0, Role::Write, WRITER.1),
+            (READER.0, Role::Read, READER.1),
+        ])
+        .await;
+        let kafka = pulse_tests::kafka();
+        let events_topic = pulse_tests::unique("events");
+        let dlq_topic = pulse_tests::unique("dlq");
+        let _topics = ingest_server::create_topics(&events_topic, &dlq_topic, 1).await;
+
+        // pulsectl without credentials is refused; with the write user's it registers.
+        let pulsectl = |user: Option<&str>, password: Option<&str>| {
+            let mut c = Command::new(binary("pulsectl"));
+            c.args(["schemas", "register", "--schema-registry-url", &r.base])
+                .env_remove("PULSE_REGISTRY_USERNAME")
+                .env_remove("PULSE_REGISTRY_PASSWORD")
+                .env_remove("PULSE_REGISTRY_PASSWORD_FILE")
+                .stdin(Stdio::null());
+            if let Some(u) = user {
+                c.args(["--registry-username", u]);
+            }
+            if let Some(p) = password {
+                c.env("PULSE_REGISTRY_PASSWORD", p);
+            }
+            c
+        };
+        let out = pulsectl(None, None).output().await.unwrap();
+        let text = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success());
+        assert!(text.contains("401"), "{text}");
+        let out = pulsectl(Some(WRITER.0), Some(WRITER.1))
+            .output()
+            .await
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!String::from_utf8_lossy(&out.stdout).contains(WRITER.1));
+
+        // The events schema for this test's topic, then ingest configured with the read
+        // user (password from a file) frames events with its id.
+        let (s, _, body) = call(
+            reqwest::Method::POST,
+            format!("{}/subjects/{events_topic}-value/versions", r.base),
+            Some(WRITER),
+            Some(json!({ "schemaType": "PROTOBUF", "schema": pulse_contracts::schemas::EVENTS.source })),
+        )
+        .await;
+        assert_eq!(s, 200, "{body}");
+        let schema_id = body["id"].as_u64().unwrap() as u32;
+        let password_file = r.dir.path().join("ingest-password");
+        std::fs::write(&password_file, format!("{}\n", READER.1)).unwrap();
+        let cfg = ingest_server::config(
+            &kafka,
+            "auth-key=shop",
+            "hmac",
+            &events_topic,
+            &dlq_topic,
+            &[
+                "--schema-registry-url",
+                &r.base,
+                "--registry-username",
+                READER.0,
+                "--registry-password-file",
+                password_file.to_str().unwrap(),
+            ],
+        );
+        let framer: Arc<dyn Framer> = Arc::new(pulse_ingest::registry_encoder(&cfg).unwrap());
+        let servers = ingest_server::serve(&kafka, &cfg, framer, "ingest-auth-test").await;
+        let event = events::event("auth-e1", "auth-u1", pulse_platform::clock::now_ms())
+            .session("s1")
+            .page("/home")
+            .json();
+        let resp = reqwest::Client::new()
+            .post(format!("http://{}/v1/events", servers.http_addr))
+            .bearer_auth("auth-key")
+            .json(&json!([event]))
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!((status, &body["accepted"]), (200, &json!(1)), "{body}");
+        let records = ingest_server::read_exactly(&events_topic, 1).await;
+        use rdkafka::Message as _;
+        let framed = pulse_contracts::wire::unframe(records[0].payload().unwrap()).unwrap();
+        assert_eq!(framed.schema_id, schema_id);
+        servers.stop().await.unwrap();
+
+        // Without credentials the same lookup is refused by the registry.
+        let anonymous = pulse_contracts::wire::RegistryEncoder::new(&r.base)
+            .encode(&events_topic, "pulse.events.v1.Event", b"")
+            .await
+            .unwrap_err();
+        assert!(anonymous.to_string().contains("401"), "{anonymous}");
+
+        // The processor takes the same flags (password from the environment is covered
+        // by its unit test); its encoder finds the id with the read user.
+        let processor = pulse_processor::Config::parse_from([
+            "pulse-processor",
+            "--schema-registry-url",
+            &r.base,
+            "--registry-username",
+            READER.0,
+            "--registry-password-file",
+            password_file.to_str().unwrap(),
+        ]);
+        let framed = pulse_processor::registry_encoder(&processor)
+            .unwrap()
+            .encode(&events_topic, "pulse.events.v1.Event", b"")
+            .await
+            .unwrap();
+        assert_eq!(
+            pulse_contracts::wire::unframe(&framed).unwrap().schema_id,
+            schema_id
+        );
+    }
+}

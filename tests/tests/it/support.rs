@@ -7,6 +7,7 @@ pub mod archive;
 pub mod child_process;
 pub mod cleanup;
 pub mod events;
+pub mod forwarder;
 pub mod grpc_meta;
 pub mod ingest_server;
 pub mod kafka;

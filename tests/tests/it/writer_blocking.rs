@@ -29,6 +29,7 @@ use tokio::time::Instant;
 
 use crate::support::child_process::free_port;
 use crate::support::cleanup::{self, TempDir};
+use crate::support::forwarder::{Forwarder, address_of};
 use crate::support::writer_process::{WriterProcess, WriterTopics, committed_offsets, end_offsets};
 use crate::support::{Deadline, events, wait_until};
 
@@ -178,7 +179,8 @@ async fn a_dropped_events_table_blocks_the_writer_without_dead_lettering_until_i
         writer
             .metric("pulse_writer_dead_letters_total", &["sink=\"clickhouse\""])
             .await,
-        None,
+        // Registered at zero at start-up (writer::metrics::init); it must not have moved.
+        Some(0.0),
         "the writer counted dead letters"
     );
     assert_eq!(
@@ -269,7 +271,7 @@ async fn refused_s3_credentials_block_the_parquet_writer_and_sigterm_still_stops
     let s3 = pulse_tests::s3();
     let prefix = pulse_tests::short_unique("blk");
     let group = pulse_tests::unique("writer_pq");
-    let args = |secret: &str, max_age_ms: &str| -> Vec<String> {
+    let args = |endpoint: &str, secret: &str, max_age_ms: &str| -> Vec<String> {
         [
             "--sink",
             "parquet",
@@ -284,7 +286,7 @@ async fn refused_s3_credentials_block_the_parquet_writer_and_sigterm_still_stops
             "--parquet-freshness",
             "false",
             "--s3-endpoint",
-            &s3.endpoint,
+            endpoint,
             "--s3-bucket",
             &s3.bucket,
             "--s3-access-key",
@@ -300,15 +302,16 @@ async fn refused_s3_credentials_block_the_parquet_writer_and_sigterm_still_stops
     let ids: Vec<String> = (0..5).map(|i| format!("e{i}")).collect();
     produce(&topics.events, &ids).await;
 
-    // Rolls due after 200 ms: S3 refuses the first upload, the writer is blocked.
+    // S3 refuses the credentials from the start: the writer is blocked before it consumes
+    // (its start-up check lists the prefix), and SIGTERM stops it.
     let log = logs.path().join("writer-1.log");
-    let mut writer = spawn(&args("not-the-secret", "200"), log.clone());
+    let mut writer = spawn(&args(&s3.endpoint, "not-the-secret", "200"), log.clone());
     let body = writer.wait_readyz(503, "blocked: parquet: ").await;
     eprintln!("/readyz while S3 refuses the credentials: {body}");
     writer
         .wait_metric(
-            "pulse_writer_retries_total",
-            &["sink=\"parquet\"", "kind=\"blocking\""],
+            "pulse_writer_startup_retries_total",
+            &["sink=\"parquet\"", "reason=\"refused\""],
             3.0,
         )
         .await;
@@ -316,10 +319,14 @@ async fn refused_s3_credentials_block_the_parquet_writer_and_sigterm_still_stops
     assert_eq!(records_in(&topics.dlq), 0);
     assert!(writer.terminate(STOP_WITHIN).await.is_some());
 
-    // A roll that is not due yet when SIGTERM comes: it is written at shutdown, S3 refuses
-    // it, and the writer gives up after its shutdown timeout, committing nothing.
+    // A roll that is not due yet when SIGTERM comes, and S3 gone meanwhile (a forwarder
+    // the writer started through, then cut): the roll is written at shutdown, fails, and
+    // the writer gives up after its shutdown timeout, committing nothing.
+    let port = free_port();
+    let forwarder = Forwarder::start(port, address_of(&s3.endpoint).await).await;
+    let via = format!("http://127.0.0.1:{port}");
     let log = logs.path().join("writer-2.log");
-    let mut writer = spawn(&args("not-the-secret", "600000"), log.clone());
+    let mut writer = spawn(&args(&via, s3.secret_key.expose(), "600000"), log.clone());
     writer
         .wait_metric(
             "pulse_kafka_consumed_records_total",
@@ -327,15 +334,16 @@ async fn refused_s3_credentials_block_the_parquet_writer_and_sigterm_still_stops
             ids.len() as f64,
         )
         .await;
+    drop(forwarder);
     let began = Instant::now();
     let status = writer.terminate(STOP_WITHIN).await;
     assert!(
         status.is_some(),
-        "the writer ignored SIGTERM for {STOP_WITHIN:?} while S3 refused its last roll; see {}",
+        "the writer ignored SIGTERM for {STOP_WITHIN:?} while S3 was gone for its last roll; see {}",
         log.display()
     );
     eprintln!(
-        "stopped {:.1} s after SIGTERM ({status:?}) with its last roll refused",
+        "stopped {:.1} s after SIGTERM ({status:?}) with S3 gone for its last roll",
         began.elapsed().as_secs_f64()
     );
     assert_eq!(
@@ -346,7 +354,7 @@ async fn refused_s3_credentials_block_the_parquet_writer_and_sigterm_still_stops
 
     // The successor with the right credentials archives every event and commits.
     let log = logs.path().join("writer-3.log");
-    let mut writer = spawn(&args(s3.secret_key.expose(), "200"), log);
+    let mut writer = spawn(&args(&s3.endpoint, s3.secret_key.expose(), "200"), log);
     wait_committed(&group, &topics.events, 5).await;
     writer.wait_readyz(200, "ready").await;
     let objects: Vec<object_store::ObjectMeta> = s3
@@ -371,8 +379,11 @@ async fn sigterm_during_a_clickhouse_outage_stops_the_writer_in_time_without_com
     let logs = TempDir::new("writer-blocking-down");
     let topics = WriterTopics::create("blk").await;
     let group = pulse_tests::unique("writer");
-    // Nothing listens there: every insert fails with a connection error (transient).
-    let down = format!("http://127.0.0.1:{}", free_port());
+    // The writer starts through a forwarder to ClickHouse (its start-up check passes), which
+    // is then cut: nothing listens there, every insert fails with a connection error.
+    let port = free_port();
+    let forwarder = Forwarder::start(port, address_of(&pulse_tests::clickhouse().url).await).await;
+    let down = format!("http://127.0.0.1:{port}");
     let args: Vec<String> = [
         "--sink",
         "clickhouse",
@@ -403,6 +414,7 @@ async fn sigterm_during_a_clickhouse_outage_stops_the_writer_in_time_without_com
             ids.len() as f64,
         )
         .await;
+    drop(forwarder);
     let began = Instant::now();
     let status = writer.terminate(STOP_WITHIN).await;
     assert!(

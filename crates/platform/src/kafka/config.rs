@@ -1,10 +1,96 @@
 //! Kafka connection and client settings, shared by producers, consumers and the admin
-//! client. Anything librdkafka accepts can be added with `--kafka-option key=value`.
+//! client: [`KafkaConfig::client_config`] is the one place every Kafka client of every
+//! service and `pulsectl` gets its librdkafka config from. Anything librdkafka accepts can
+//! be added with `--kafka-option key=value` (TLS and SASL included, see README,
+//! Security) — except secrets, which come from files or the environment only.
+
+use std::path::{Path, PathBuf};
 
 use rdkafka::ClientConfig;
 
 use crate::config::{Problems, Validate};
 use crate::kafka::topics::TopicSettings;
+use crate::secret::Secret;
+
+/// A librdkafka property holding a secret: set from a file or an environment variable,
+/// never from `--kafka-option` (process arguments and config dumps show those).
+#[derive(Debug, Clone, Copy)]
+pub struct SecretOption {
+    /// The librdkafka property.
+    pub key: &'static str,
+    /// The flag naming a file that holds the value.
+    pub file_flag: &'static str,
+    /// The environment variable naming that file.
+    pub file_env: &'static str,
+    /// The environment variable holding the value itself.
+    pub env: &'static str,
+}
+
+impl SecretOption {
+    /// How to set it, for error messages.
+    pub fn how(&self) -> String {
+        format!(
+            "{} / {} (a file) or {} (the value)",
+            self.file_flag, self.file_env, self.env
+        )
+    }
+}
+
+/// The secret librdkafka properties Pulse sets itself, from a file or the environment.
+pub const SECRET_OPTIONS: [SecretOption; 3] = [
+    SecretOption {
+        key: "sasl.password",
+        file_flag: "--kafka-sasl-password-file",
+        file_env: "PULSE_KAFKA_SASL_PASSWORD_FILE",
+        env: "PULSE_KAFKA_SASL_PASSWORD",
+    },
+    SecretOption {
+        key: "ssl.key.password",
+        file_flag: "--kafka-ssl-key-password-file",
+        file_env: "PULSE_KAFKA_SSL_KEY_PASSWORD_FILE",
+        env: "PULSE_KAFKA_SSL_KEY_PASSWORD",
+    },
+    SecretOption {
+        key: "sasl.oauthbearer.client.secret",
+        file_flag: "--kafka-oauthbearer-client-secret-file",
+        file_env: "PULSE_KAFKA_OAUTHBEARER_CLIENT_SECRET_FILE",
+        env: "PULSE_KAFKA_OAUTHBEARER_CLIENT_SECRET",
+    },
+];
+
+/// Secret librdkafka properties Pulse has no setting for, and what to use instead.
+const REFUSED_OPTIONS: [(&str, &str); 3] = [
+    (
+        "ssl.key.pem",
+        "put the key in a file and set ssl.key.location",
+    ),
+    (
+        "ssl.keystore.password",
+        "use PEM files (ssl.certificate.location, ssl.key.location) instead of a keystore",
+    ),
+    (
+        "ssl.truststore.password",
+        "use a PEM CA file (ssl.ca.location) instead of a truststore",
+    ),
+];
+
+/// Why `--kafka-option key=…` is refused, if it is: `key` is a secret.
+fn refused_option(key: &str) -> Option<String> {
+    if let Some(s) = SECRET_OPTIONS.iter().find(|s| s.key == key) {
+        return Some(format!(
+            "{key} is a secret and is never taken from --kafka-option (process arguments and config dumps show those); set it with {}",
+            s.how()
+        ));
+    }
+    REFUSED_OPTIONS
+        .iter()
+        .find(|(k, _)| *k == key)
+        .map(|(_, instead)| {
+            format!(
+                "{key} is a secret and is never taken from --kafka-option (process arguments and config dumps show those); {instead}"
+            )
+        })
+}
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct KafkaConfig {
@@ -107,13 +193,49 @@ pub struct KafkaConfig {
     )]
     pub producer_liveness_timeout: std::time::Duration,
     /// Extra librdkafka properties, `key=value`, repeatable or comma-separated
-    /// (e.g. `security.protocol=SASL_SSL`). Applied last.
+    /// (e.g. `security.protocol=SASL_SSL`, `ssl.ca.location=/etc/kafka/ca.pem`,
+    /// `sasl.mechanism=SCRAM-SHA-512`, `sasl.username=pulse`). Applied last. Secrets
+    /// (`sasl.password`, `ssl.key.password`, …) are refused here: use the `*-file` flags or
+    /// their environment variables.
     #[arg(
         long = "kafka-option",
         env = "PULSE_KAFKA_OPTIONS",
         value_delimiter = ','
     )]
     pub options: Vec<String>,
+    /// File holding the SASL password (`sasl.password`), e.g. a mounted Secret; read each
+    /// time a client is created. Or the password itself in PULSE_KAFKA_SASL_PASSWORD
+    /// (environment only, never a flag). Not both.
+    #[arg(
+        long = "kafka-sasl-password-file",
+        env = "PULSE_KAFKA_SASL_PASSWORD_FILE"
+    )]
+    pub sasl_password_file: Option<PathBuf>,
+    /// The SASL password from PULSE_KAFKA_SASL_PASSWORD.
+    #[arg(skip = Secret::from_env(SECRET_OPTIONS[0].env))]
+    pub sasl_password: Secret,
+    /// File holding the password of the encrypted client key (`ssl.key.password`) at
+    /// `ssl.key.location`. Or the password itself in PULSE_KAFKA_SSL_KEY_PASSWORD
+    /// (environment only). Not both.
+    #[arg(
+        long = "kafka-ssl-key-password-file",
+        env = "PULSE_KAFKA_SSL_KEY_PASSWORD_FILE"
+    )]
+    pub ssl_key_password_file: Option<PathBuf>,
+    /// The client key password from PULSE_KAFKA_SSL_KEY_PASSWORD.
+    #[arg(skip = Secret::from_env(SECRET_OPTIONS[1].env))]
+    pub ssl_key_password: Secret,
+    /// File holding the OIDC client secret (`sasl.oauthbearer.client.secret`) for
+    /// `sasl.mechanism=OAUTHBEARER` with `sasl.oauthbearer.method=oidc`. Or the secret
+    /// itself in PULSE_KAFKA_OAUTHBEARER_CLIENT_SECRET (environment only). Not both.
+    #[arg(
+        long = "kafka-oauthbearer-client-secret-file",
+        env = "PULSE_KAFKA_OAUTHBEARER_CLIENT_SECRET_FILE"
+    )]
+    pub oauthbearer_client_secret_file: Option<PathBuf>,
+    /// The OIDC client secret from PULSE_KAFKA_OAUTHBEARER_CLIENT_SECRET.
+    #[arg(skip = Secret::from_env(SECRET_OPTIONS[2].env))]
+    pub oauthbearer_client_secret: Secret,
 }
 
 impl Default for KafkaConfig {
@@ -133,6 +255,12 @@ impl Default for KafkaConfig {
             producer_stall_timeout: std::time::Duration::from_secs(30),
             producer_liveness_timeout: std::time::Duration::from_secs(180),
             options: Vec::new(),
+            sasl_password_file: None,
+            sasl_password: Secret::default(),
+            ssl_key_password_file: None,
+            ssl_key_password: Secret::default(),
+            oauthbearer_client_secret_file: None,
+            oauthbearer_client_secret: Secret::default(),
         }
     }
 }
@@ -146,21 +274,76 @@ impl KafkaConfig {
         }
     }
 
-    /// The base librdkafka config: brokers, client id and the extra options.
+    /// The base librdkafka config of every Kafka client: brokers, client id, the extra
+    /// options (TLS and SASL settings among them) and the secrets, read from their files
+    /// now (so a client created after a rotation gets the new value). A secret that cannot
+    /// be read (validation at start refuses that; a file removed later) is logged — by
+    /// its setting, never its value — and left unset, so the broker refuses the client.
     pub fn client_config(&self, client_id: &str) -> ClientConfig {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.brokers)
             .set("client.id", client_id);
         self.apply_options(&mut c);
+        for (option, value, file) in self.secrets() {
+            match Secret::resolve(value, file) {
+                Ok(secret) if secret.is_empty() => {}
+                Ok(secret) => {
+                    c.set(option.key, secret.expose());
+                }
+                Err(reason) => tracing::error!(
+                    property = option.key,
+                    setting = %option.how(),
+                    %reason,
+                    "kafka: secret not set"
+                ),
+            }
+        }
         c
     }
 
+    /// Each secret property with its value (from the environment) and file, if set.
+    fn secrets(&self) -> [(&'static SecretOption, &Secret, Option<&Path>); 3] {
+        [
+            (
+                &SECRET_OPTIONS[0],
+                &self.sasl_password,
+                self.sasl_password_file.as_deref(),
+            ),
+            (
+                &SECRET_OPTIONS[1],
+                &self.ssl_key_password,
+                self.ssl_key_password_file.as_deref(),
+            ),
+            (
+                &SECRET_OPTIONS[2],
+                &self.oauthbearer_client_secret,
+                self.oauthbearer_client_secret_file.as_deref(),
+            ),
+        ]
+    }
+
     /// Sets the extra `--kafka-option` properties on `c`. Called last, so they win over
-    /// Pulse's own defaults (producer and consumer settings included).
+    /// Pulse's own defaults (producer and consumer settings included). Secret properties
+    /// are skipped (validation at start refuses them with the reason).
     pub fn apply_options(&self, c: &mut ClientConfig) {
         for (k, v) in self.parsed_options() {
+            if refused_option(k).is_some() {
+                tracing::error!(
+                    property = k,
+                    "kafka: a secret in --kafka-option / PULSE_KAFKA_OPTIONS is ignored"
+                );
+                continue;
+            }
             c.set(k, v);
         }
+    }
+
+    /// The value of the extra option `key`, if set (the last one wins, as in librdkafka).
+    fn option(&self, key: &str) -> Option<&str> {
+        self.parsed_options()
+            .filter(|(k, _)| *k == key)
+            .map(|(_, v)| v)
+            .last()
     }
 
     /// The extra options as `(key, value)`, trimmed; entries without `=` are skipped here
@@ -242,10 +425,82 @@ impl Validate for KafkaConfig {
             ),
         );
         for o in self.options.iter().filter(|o| !o.trim().is_empty()) {
+            match o.split_once('=') {
+                Some((k, _)) if !k.trim().is_empty() => {
+                    if let Some(reason) = refused_option(k.trim()) {
+                        // Never echo the value: it is the secret.
+                        p.add("--kafka-option / PULSE_KAFKA_OPTIONS", reason);
+                    }
+                }
+                _ => p.add(
+                    "--kafka-option / PULSE_KAFKA_OPTIONS",
+                    format!("{o:?} is not key=value"),
+                ),
+            }
+        }
+        for (option, value, file) in self.secrets() {
+            if let Err(reason) = Secret::resolve(value, file) {
+                p.add(
+                    format!(
+                        "{} / {} / {}",
+                        option.file_flag, option.file_env, option.env
+                    ),
+                    reason,
+                );
+            }
+        }
+        self.validate_security(p);
+    }
+}
+
+impl KafkaConfig {
+    /// TLS and SASL settings that cannot work together are named at start, rather than
+    /// as a broker connection failing later.
+    fn validate_security(&self, p: &mut Problems) {
+        let key = "--kafka-option / PULSE_KAFKA_OPTIONS";
+        let protocol = self
+            .option("security.protocol")
+            .unwrap_or("plaintext")
+            .to_ascii_lowercase();
+        p.check(
+            ["plaintext", "ssl", "sasl_plaintext", "sasl_ssl"].contains(&protocol.as_str()),
+            key,
+            format!("security.protocol must be PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL, got {protocol:?}"),
+        );
+        for file_option in [
+            "ssl.ca.location",
+            "ssl.certificate.location",
+            "ssl.key.location",
+        ] {
+            if let Some(path) = self.option(file_option).filter(|v| *v != "probe") {
+                p.check(
+                    Path::new(path).exists(),
+                    key,
+                    format!("{file_option}={path}: no such file or directory"),
+                );
+            }
+        }
+        if !protocol.starts_with("sasl_") {
+            return;
+        }
+        let mechanism = self
+            .option("sasl.mechanism")
+            .or_else(|| self.option("sasl.mechanisms"))
+            .unwrap_or("GSSAPI");
+        if ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"].contains(&mechanism) {
             p.check(
-                o.split_once('=').is_some_and(|(k, _)| !k.trim().is_empty()),
-                "--kafka-option / PULSE_KAFKA_OPTIONS",
-                format!("{o:?} is not key=value"),
+                self.option("sasl.username").is_some_and(|u| !u.is_empty()),
+                key,
+                format!("sasl.mechanism={mechanism} needs sasl.username"),
+            );
+            let password = self.secrets()[0];
+            p.check(
+                !password.1.is_empty() || password.2.is_some(),
+                key,
+                format!(
+                    "sasl.mechanism={mechanism} needs a password: set {}",
+                    SECRET_OPTIONS[0].how()
+                ),
             );
         }
     }
@@ -356,5 +611,218 @@ mod tests {
         let c = cfg.client_config("pulse");
         assert_eq!(c.get("client.id"), Some("override"));
         assert_eq!(c.get("socket.timeout.ms"), Some("5000"));
+    }
+
+    /// A temporary folder removed on drop.
+    struct TempDir(std::path::PathBuf);
+    impl TempDir {
+        fn new(name: &str) -> Self {
+            let dir = std::env::temp_dir().join(format!("pulse-{name}-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).unwrap();
+            Self(dir)
+        }
+        fn file(&self, name: &str, content: &str) -> std::path::PathBuf {
+            let path = self.0.join(name);
+            std::fs::write(&path, content).unwrap();
+            path
+        }
+    }
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn librdkafka_is_built_with_tls_sasl_and_every_codec() {
+        let native = ClientConfig::new().create_native_config().unwrap();
+        let features = native.get("builtin.features").unwrap();
+        let features: Vec<&str> = features.split(',').collect();
+        for needed in [
+            "ssl",
+            "sasl_plain",
+            "sasl_scram",
+            "sasl_oauthbearer",
+            "gzip",
+            "snappy",
+            "lz4",
+            "zstd",
+        ] {
+            assert!(
+                features.contains(&needed),
+                "{needed} missing in {features:?}"
+            );
+        }
+        // librdkafka refuses security.protocol=SASL_SSL at creation when built without
+        // OpenSSL; with it the client is created (it connects later, in the background).
+        let cfg = KafkaConfig {
+            options: vec![
+                "security.protocol=SASL_SSL".into(),
+                "sasl.mechanism=SCRAM-SHA-512".into(),
+                "sasl.username=pulse".into(),
+            ],
+            sasl_password: "pw".into(),
+            ..KafkaConfig::for_brokers("127.0.0.1:1")
+        };
+        let producer: Result<rdkafka::producer::BaseProducer, _> =
+            cfg.client_config("pulse-test").create();
+        assert!(producer.is_ok(), "{:?}", producer.err());
+    }
+
+    #[test]
+    fn a_secret_in_a_kafka_option_is_refused_and_never_echoed() {
+        for (option, alternative) in [
+            ("sasl.password=hunter2", "--kafka-sasl-password-file"),
+            ("ssl.key.password=hunter2", "PULSE_KAFKA_SSL_KEY_PASSWORD"),
+            (
+                "sasl.oauthbearer.client.secret=hunter2",
+                "PULSE_KAFKA_OAUTHBEARER_CLIENT_SECRET_FILE",
+            ),
+            ("ssl.key.pem=hunter2", "ssl.key.location"),
+        ] {
+            let cfg = KafkaConfig {
+                options: vec![option.into()],
+                ..KafkaConfig::default()
+            };
+            let text = validate_all(&[&cfg]).unwrap_err().to_string();
+            assert!(text.contains("--kafka-option"), "{text}");
+            assert!(
+                text.contains(alternative),
+                "{alternative} missing in {text}"
+            );
+            assert!(
+                !text.contains("hunter2"),
+                "the error shows the secret: {text}"
+            );
+            let key = option.split_once('=').unwrap().0;
+            assert_eq!(
+                cfg.client_config("pulse").get(key),
+                None,
+                "{key} was applied"
+            );
+        }
+    }
+
+    #[test]
+    fn secrets_come_from_their_file_or_the_environment_never_both() {
+        let dir = TempDir::new("kafka-secrets");
+        let file = dir.file("sasl", "from-file\n");
+        let from_file = KafkaConfig {
+            sasl_password_file: Some(file.clone()),
+            ..KafkaConfig::default()
+        };
+        validate_all(&[&from_file]).unwrap();
+        let c = from_file.client_config("pulse");
+        assert_eq!(c.get("sasl.password"), Some("from-file"));
+        assert!(!format!("{c:?}").contains("from-file"), "{c:?}");
+        assert!(!format!("{from_file:?}").contains("from-file"));
+
+        let from_env = KafkaConfig {
+            ssl_key_password: "from-env".into(),
+            ..KafkaConfig::default()
+        };
+        let c = from_env.client_config("pulse");
+        assert_eq!(c.get("ssl.key.password"), Some("from-env"));
+        assert_eq!(c.get("sasl.password"), None);
+        assert!(!format!("{from_env:?}").contains("from-env"));
+
+        let both = KafkaConfig {
+            sasl_password: "from-env".into(),
+            ..from_file.clone()
+        };
+        let text = validate_all(&[&both]).unwrap_err().to_string();
+        assert!(
+            text.contains("PULSE_KAFKA_SASL_PASSWORD") && text.contains("set only one"),
+            "{text}"
+        );
+        assert!(!text.contains("from-"), "{text}");
+        // Not applied at all rather than one of the two picked silently.
+        assert_eq!(both.client_config("pulse").get("sasl.password"), None);
+
+        let missing = KafkaConfig {
+            oauthbearer_client_secret_file: Some(dir.0.join("missing")),
+            ..KafkaConfig::default()
+        };
+        let text = validate_all(&[&missing]).unwrap_err().to_string();
+        assert!(
+            text.contains("--kafka-oauthbearer-client-secret-file") && text.contains("missing"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn secret_files_are_flags_and_secret_values_are_not() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            kafka: KafkaConfig,
+        }
+        let parsed = <Cli as clap::Parser>::try_parse_from([
+            "x",
+            "--kafka-sasl-password-file",
+            "/run/secrets/kafka",
+            "--kafka-ssl-key-password-file",
+            "/run/secrets/key",
+        ])
+        .unwrap()
+        .kafka;
+        assert_eq!(
+            parsed.sasl_password_file.as_deref(),
+            Some(Path::new("/run/secrets/kafka"))
+        );
+        assert_eq!(
+            parsed.ssl_key_password_file.as_deref(),
+            Some(Path::new("/run/secrets/key"))
+        );
+        for flag in [
+            "--kafka-sasl-password",
+            "--kafka-ssl-key-password",
+            "--kafka-oauthbearer-client-secret",
+        ] {
+            assert!(
+                <Cli as clap::Parser>::try_parse_from(["x", flag, "hunter2"]).is_err(),
+                "{flag} is accepted on the command line"
+            );
+        }
+    }
+
+    #[test]
+    fn sasl_settings_that_cannot_work_are_named() {
+        let cfg = KafkaConfig {
+            options: vec![
+                "security.protocol=SASL_SSL".into(),
+                "sasl.mechanism=SCRAM-SHA-256".into(),
+                "ssl.ca.location=/nonexistent/ca.pem".into(),
+            ],
+            ..KafkaConfig::default()
+        };
+        let text = validate_all(&[&cfg]).unwrap_err().to_string();
+        for needle in [
+            "needs sasl.username",
+            "needs a password",
+            "--kafka-sasl-password-file",
+            "/nonexistent/ca.pem",
+        ] {
+            assert!(text.contains(needle), "{needle} missing in {text}");
+        }
+        let typo = KafkaConfig {
+            options: vec!["security.protocol=TLS".into()],
+            ..KafkaConfig::default()
+        };
+        let text = validate_all(&[&typo]).unwrap_err().to_string();
+        assert!(
+            text.contains("SASL_SSL") && text.contains("\"tls\""),
+            "{text}"
+        );
+        let ok = KafkaConfig {
+            options: vec![
+                "security.protocol=sasl_plaintext".into(),
+                "sasl.mechanisms=PLAIN".into(),
+                "sasl.username=pulse".into(),
+            ],
+            sasl_password: "pw".into(),
+            ..KafkaConfig::default()
+        };
+        validate_all(&[&ok]).unwrap();
     }
 }

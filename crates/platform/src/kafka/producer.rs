@@ -487,6 +487,18 @@ mod tests {
     const MIN: Duration = Duration::from_secs(60);
 
     #[test]
+    fn every_produce_error_kind_is_initialised_at_start_up() {
+        let errors = [
+            ProduceError::QueueFull,
+            ProduceError::Enqueue(KafkaError::Canceled),
+            ProduceError::Delivery(KafkaError::Canceled),
+            ProduceError::Cancelled,
+        ];
+        let kinds: Vec<&str> = errors.iter().map(ProduceError::kind).collect();
+        assert_eq!(kinds, crate::metrics::PRODUCE_ERROR_KINDS);
+    }
+
+    #[test]
     fn liveness_fails_only_after_failing_for_the_whole_limit_and_while_still_failing() {
         let t0 = Instant::now();
         let at = |s: u64| t0 + Duration::from_secs(s);

@@ -117,6 +117,16 @@ pub fn init(currencies: &[String]) {
     }
 }
 
+/// Sets the reconciled and closed horizons to `from_ms`, the start of the look-back:
+/// everything before it counts as reconciled and closed, so a ledger that makes no progress
+/// from its start shows as a growing age (PulseLedgerStalled) even before it could open
+/// its sources. Called once at start-up, before the sources are opened.
+#[allow(clippy::cast_precision_loss)]
+pub fn set_horizon(from_ms: i64) {
+    metrics::gauge!(LAST_RECONCILED).set(from_ms as f64 / 1000.0);
+    metrics::gauge!(CLOSED).set(from_ms as f64 / 1000.0);
+}
+
 /// Counts one reconciled range.
 pub fn record(report: &Report, currencies: &[String]) {
     let mut states = [0_u64; 6];
@@ -174,4 +184,27 @@ pub fn record(report: &Report, currencies: &[String]) {
     metrics::counter!(RUNS_TOTAL, "result" => result).increment(1);
     #[allow(clippy::cast_precision_loss)]
     metrics::gauge!(LAST_RECONCILED).set(report.to_ms as f64 / 1000.0);
+}
+
+#[cfg(test)]
+mod init_tests {
+    use super::*;
+
+    #[test]
+    fn a_fresh_scrape_has_every_ledger_series_before_the_first_range() {
+        let text = pulse_platform::metrics::scrape_with(|| {
+            init(&["EUR".to_owned()]);
+            set_horizon(1_700_000_000_000);
+        });
+        for series in [
+            "pulse_ledger_last_reconciled_timestamp_seconds 1700000000",
+            "pulse_ledger_closed_timestamp_seconds 1700000000",
+            r#"pulse_ledger_missing_events_total{path="clickhouse"} 0"#,
+            r#"pulse_ledger_revenue_mismatches_total{currency="other"} 0"#,
+            r#"pulse_ledger_runs_total{result="error"} 0"#,
+            "pulse_ledger_unchecked_events_total 0",
+        ] {
+            assert!(text.contains(series), "{series} missing from\n{text}");
+        }
+    }
 }

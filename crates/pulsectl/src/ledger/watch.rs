@@ -105,6 +105,10 @@ pub async fn watch(args: &WatchArgs, ctx: &ServiceContext) -> Result<(), LedgerE
         .saturating_sub(ms(args.lookback))
         .div_euclid(window)
         * window;
+    // Everything before the look-back counts as reconciled and closed: a ledger that
+    // makes no progress from here on (its sources cannot be opened, or it never reconciles)
+    // shows as a growing age of these gauges.
+    m::set_horizon(next);
     let mut sources = loop {
         match Sources::open(&args.sources, next, i64::MAX).await {
             Ok(s) => break s,
@@ -120,13 +124,6 @@ pub async fn watch(args: &WatchArgs, ctx: &ServiceContext) -> Result<(), LedgerE
     };
     ctx.health.unblock("ledger");
     ctx.health.set_ready(true);
-    // Everything before the look-back counts as reconciled and closed: a ledger that
-    // makes no progress from here on shows as a growing age of these gauges.
-    #[allow(clippy::cast_precision_loss)]
-    {
-        metrics::gauge!(m::LAST_RECONCILED).set(next as f64 / 1000.0);
-        metrics::gauge!(m::CLOSED).set(next as f64 / 1000.0);
-    }
     tracing::info!(from = %crate::rfc3339(next), window_ms = window, "ledger: reconciling closed windows");
     // Records of the first read that precede the look-back are not counted as unchecked.
     let mut outside: Option<u64> = None;

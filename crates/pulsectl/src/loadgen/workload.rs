@@ -43,6 +43,22 @@ pub struct WorkloadConfig {
     /// A duplicate repeats an event at least this many events back (so the original's
     /// request has normally been answered before the copy is sent).
     pub duplicate_min_distance: u64,
+    /// Which user a normal event belongs to.
+    pub user_order: UserOrder,
+}
+
+/// How normal events are spread over the users.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum UserOrder {
+    /// Each event picks a user uniformly at random (a few users are seen far more often
+    /// than others, some never in a short run).
+    #[default]
+    Random,
+    /// The users take turns in a fixed, scattered order: the first `users` normal events
+    /// go to `users` distinct users, then the turn repeats. Every user is active, each
+    /// once every `users / rate` seconds (long-lived sessions when that is below the
+    /// session gap): the high-cardinality workload of the memory benchmark.
+    Turns,
 }
 
 impl Default for WorkloadConfig {
@@ -59,6 +75,7 @@ impl Default for WorkloadConfig {
             duplicates: 0.02,
             malformed: 0.01,
             duplicate_min_distance: 40,
+            user_order: UserOrder::Random,
         }
     }
 }
@@ -275,22 +292,42 @@ impl Catalogue {
 
     /// A page drawn by popularity.
     pub fn pick(&self, rng: &mut Rng) -> &str {
+        let i = self.pick_index(rng);
+        self.page(i)
+    }
+
+    /// The index (in `pages`) of a page drawn by popularity.
+    fn pick_index(&self, rng: &mut Rng) -> u16 {
         let u = rng.unit();
         let i = self.cdf.partition_point(|c| *c <= u);
+        u16::try_from(i.min(self.pages.len().saturating_sub(1))).unwrap_or(0)
+    }
+
+    /// The page at `index` ("/" when out of range).
+    fn page(&self, index: u16) -> &str {
         self.pages
-            .get(i.min(self.pages.len().saturating_sub(1)))
+            .get(usize::from(index))
             .map_or("/", String::as_str)
     }
 
+    /// The index of `page` (0, "/", when it is not in the catalogue).
+    fn index_of(&self, page: &str) -> u16 {
+        self.pages
+            .iter()
+            .position(|p| p == page)
+            .and_then(|i| u16::try_from(i).ok())
+            .unwrap_or(0)
+    }
+
     /// A product page drawn by popularity among products.
-    fn pick_product(&self, rng: &mut Rng) -> String {
+    fn pick_product(&self, rng: &mut Rng) -> u16 {
         for _ in 0..8 {
-            let p = self.pick(rng);
-            if p.starts_with("/products/") {
-                return p.to_owned();
+            let i = self.pick_index(rng);
+            if self.page(i).starts_with("/products/") {
+                return i;
             }
         }
-        format!("/products/p-{:02}", rng.range(1, 25))
+        self.index_of(&format!("/products/p-{:02}", rng.range(1, 25)))
     }
 }
 
@@ -300,18 +337,27 @@ impl Default for Catalogue {
     }
 }
 
-/// One planned step of a session.
-#[derive(Debug, Clone)]
+/// The event types a session's steps use (a [`Step`] holds an index into it).
+const STEP_TYPES: [&str; 4] = ["page_view", "click", "add_to_cart", "purchase"];
+const PAGE_VIEW: u8 = 0;
+const CLICK: u8 = 1;
+const ADD_TO_CART: u8 = 2;
+const PURCHASE: u8 = 3;
+
+/// One planned step of a session: 4 bytes (indices, not strings), so a workload of a
+/// million users holding their planned sessions stays small.
+#[derive(Debug, Clone, Copy)]
 struct Step {
-    event_type: &'static str,
-    page: String,
-    purchase: bool,
+    event_type: u8,
+    page: u16,
 }
 
+/// A user's session counter and the rest of the current session's plan.
 #[derive(Debug, Clone, Default)]
 struct User {
     sessions: u64,
-    plan: VecDeque<Step>,
+    plan: Box<[Step]>,
+    next: usize,
 }
 
 /// The seeded event generator; an endless iterator of [`GenEvent`]s.
@@ -324,11 +370,16 @@ pub struct Workload {
     next_seq: u64,
     /// Recent normal events, candidates for duplicates (ordered by seq).
     recent: VecDeque<GenEvent>,
+    /// `UserOrder::Turns`: how many normal events have been generated, and the stride
+    /// (coprime with the user count) that scatters the turn over the users.
+    turn: u64,
+    stride: u64,
 }
 
 impl Workload {
     pub fn new(cfg: WorkloadConfig) -> Self {
         let users = vec![User::default(); cfg.users.max(1) as usize];
+        let stride = turn_stride(users.len() as u64);
         Self {
             rng: Rng::new(cfg.seed),
             cfg,
@@ -336,6 +387,8 @@ impl Workload {
             users,
             next_seq: 0,
             recent: VecDeque::new(),
+            turn: 0,
+            stride,
         }
     }
 
@@ -357,50 +410,46 @@ impl Workload {
         (seq as f64 * 1000.0 / rate) as i64
     }
 
-    fn plan_session(&mut self) -> VecDeque<Step> {
+    fn plan_session(&mut self) -> Box<[Step]> {
         let rng = &mut self.rng;
-        let mut plan = VecDeque::new();
+        let mut plan = Vec::new();
         let mut views = 1;
         while views < 20 && rng.chance(0.8) {
             views += 1;
         }
         for _ in 0..views {
-            let page = self.catalogue.pick(rng).to_owned();
+            let page = self.catalogue.pick_index(rng);
             let click = rng.chance(0.35);
-            plan.push_back(Step {
-                event_type: "page_view",
-                page: page.clone(),
-                purchase: false,
+            plan.push(Step {
+                event_type: PAGE_VIEW,
+                page,
             });
             if click {
-                plan.push_back(Step {
-                    event_type: "click",
+                plan.push(Step {
+                    event_type: CLICK,
                     page,
-                    purchase: false,
                 });
             }
         }
         if rng.chance(0.25) {
             let product = self.catalogue.pick_product(rng);
-            plan.push_back(Step {
-                event_type: "add_to_cart",
+            plan.push(Step {
+                event_type: ADD_TO_CART,
                 page: product,
-                purchase: false,
             });
             if rng.chance(0.6) {
-                plan.push_back(Step {
-                    event_type: "page_view",
-                    page: "/checkout".into(),
-                    purchase: false,
+                let checkout = self.catalogue.index_of("/checkout");
+                plan.push(Step {
+                    event_type: PAGE_VIEW,
+                    page: checkout,
                 });
-                plan.push_back(Step {
-                    event_type: "purchase",
-                    page: "/checkout".into(),
-                    purchase: true,
+                plan.push(Step {
+                    event_type: PURCHASE,
+                    page: checkout,
                 });
             }
         }
-        plan
+        plan.into_boxed_slice()
     }
 
     /// An amount in `currency`, in micros: cents for USD/EUR/GBP (one in eight with
@@ -435,22 +484,36 @@ impl Workload {
         self.rng.below(self.users.len() as u64) as usize
     }
 
-    /// The next step of a random user's session (a new session when it has none).
+    /// The user whose turn it is (`UserOrder::Turns`): `turn × stride mod users`, a
+    /// permutation of the users for each round of `users` turns.
+    fn user_in_turn(&mut self) -> usize {
+        let n = self.users.len() as u64;
+        let u = ((u128::from(self.turn % n) * u128::from(self.stride)) % u128::from(n)) as usize;
+        self.turn = self.turn.wrapping_add(1);
+        u
+    }
+
+    /// The next step of a user's session (a new session when it has none).
     fn normal(&mut self, seq: u64, send: i64) -> GenEvent {
-        let u = self.random_user();
-        if self.users[u].plan.is_empty() {
+        let u = match self.cfg.user_order {
+            UserOrder::Random => self.random_user(),
+            UserOrder::Turns => self.user_in_turn(),
+        };
+        if self.users[u].next >= self.users[u].plan.len() {
             let plan = self.plan_session();
             let user = &mut self.users[u];
             user.sessions += 1;
             user.plan = plan;
+            user.next = 0;
         }
-        let sessions = self.users[u].sessions;
-        let step = self.users[u].plan.pop_front().unwrap_or(Step {
-            event_type: "page_view",
-            page: "/".into(),
-            purchase: false,
+        let user = &mut self.users[u];
+        let sessions = user.sessions;
+        let step = user.plan.get(user.next).copied().unwrap_or(Step {
+            event_type: PAGE_VIEW,
+            page: 0,
         });
-        let (currency, amount) = if step.purchase {
+        user.next += 1;
+        let (currency, amount) = if step.event_type == PURCHASE {
             let c = self.currency();
             (c.to_owned(), Some(self.amount(c)))
         } else {
@@ -463,8 +526,8 @@ impl Workload {
             event_id: Self::event_id(self.cfg.seed, seq),
             session_id: format!("{user_id}-s{sessions}"),
             user_id: Some(user_id),
-            event_type: step.event_type.to_owned(),
-            page: step.page,
+            event_type: STEP_TYPES[usize::from(step.event_type)].to_owned(),
+            page: self.catalogue.page(step.page).to_owned(),
             currency,
             amount_micros: amount,
             event_offset_ms: send,
@@ -532,6 +595,22 @@ impl Workload {
             ..original.clone()
         })
     }
+}
+
+/// A stride coprime with `n` near `n × 0.618` (so consecutive turns land far apart in the
+/// user space and every user gets one turn per round of `n`).
+fn turn_stride(n: u64) -> u64 {
+    fn gcd(a: u64, b: u64) -> u64 {
+        if b == 0 { a } else { gcd(b, a % b) }
+    }
+    if n <= 2 {
+        return 1;
+    }
+    let mut s = ((n as f64 * 0.618) as u64).max(1);
+    while gcd(s, n) != 1 {
+        s += 1;
+    }
+    s
 }
 
 impl Iterator for Workload {
@@ -727,6 +806,35 @@ mod tests {
             events.iter().map(|e| e.event_type.as_str()).collect();
         for t in ["page_view", "click", "add_to_cart", "purchase"] {
             assert!(types.contains(t), "{t}");
+        }
+    }
+
+    #[test]
+    fn users_in_turn_see_every_user_once_per_round_and_keep_their_sessions() {
+        let users = 1_000;
+        let c = WorkloadConfig {
+            users,
+            user_order: UserOrder::Turns,
+            duplicates: 0.0,
+            malformed: 0.0,
+            late: 0.0,
+            ..cfg(4)
+        };
+        let events: Vec<GenEvent> = Workload::new(c).take(3 * users as usize).collect();
+        for round in events.chunks(users as usize) {
+            let distinct: std::collections::BTreeSet<&str> =
+                round.iter().filter_map(|e| e.user_id.as_deref()).collect();
+            assert_eq!(distinct.len(), users as usize);
+        }
+        // Consecutive events go to users far apart, not to neighbours.
+        assert_ne!(events[1].user_id, Some(Workload::user_id(4, 1)));
+        // A user's next turn continues its session (sessions hold several events).
+        let sessions: std::collections::BTreeSet<&str> =
+            events.iter().map(|e| e.session_id.as_str()).collect();
+        assert!(sessions.len() < events.len() * 2 / 3, "{}", sessions.len());
+        for n in [1, 2, 3, 4, 10, 1_000_000, 999_983] {
+            let s = turn_stride(n);
+            assert!(s >= 1 && (n <= 2 || s < n), "{n}: {s}");
         }
     }
 

@@ -9,7 +9,7 @@ use futures::stream::FuturesUnordered;
 use opentelemetry::Context;
 use opentelemetry::trace::{SpanContext, TraceContextExt, TraceFlags, TraceId, TraceState};
 use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator};
-use pulse_contracts::wire::{self, RegistryEncoder};
+use pulse_contracts::wire::{self, RegistryEncoder, WireError};
 use pulse_contracts::{headers, schemas, trace_context};
 use pulse_platform::kafka::producer::enqueue_with_wait;
 use pulse_platform::kafka::{AckFuture, KafkaConfig, OutRecord, RecordProducer};
@@ -143,6 +143,7 @@ impl<'a> Publisher<'a> {
 /// The schema id and message indexes registered for `<topic>-value` with the events
 /// message, looked up once (framing an empty payload through the registry).
 pub async fn registered_schema(
+    auth: &pulse_platform::registry_auth::RegistryAuthArgs,
     registry_url: &str,
     topic: &str,
 ) -> Result<(u32, Vec<i32>), ReplayError> {
@@ -150,7 +151,18 @@ pub async fn registered_schema(
         topic: topic.to_owned(),
         source,
     };
-    let framed = RegistryEncoder::new(registry_url)
+    let credentials = auth.credentials().map_err(|message| {
+        registry(WireError::Registry {
+            message,
+            retryable: false,
+        })
+    })?;
+    let encoder = RegistryEncoder::with_credentials(
+        registry_url,
+        credentials.as_ref().map(|(u, p)| (u.as_str(), p.expose())),
+    )
+    .map_err(registry)?;
+    let framed = encoder
         .encode(topic, schemas::EVENT.full_name, &[])
         .await
         .map_err(registry)?;

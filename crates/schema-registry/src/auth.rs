@@ -1,0 +1,694 @@
+//! Who may call the REST API: HTTP basic authentication against a credentials file of
+//! `name:role:hash` lines (role `read` or `write`, hash an Argon2id PHC string), checked on
+//! every route, with the set reloaded when the file changes. Read users may call every
+//! read route; registering, deleting and changing config need `write`. With no file
+//! configured every caller is anonymous and allowed (local development only).
+//!
+//! It owns the file format, verification and the failure metric; which routes write is
+//! decided by [`is_write`] from the method and path alone, so a new route is a write
+//! unless it is a GET or one of the two read-only POSTs.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
+
+use argon2::Argon2;
+use argon2::password_hash::rand_core::OsRng;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderValue, Method, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use base64::Engine as _;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::ApiError;
+use crate::metrics as m;
+
+/// What a user may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// GETs, schema lookups and compatibility checks.
+    Read,
+    /// Everything `Read` may, plus register, delete and config changes.
+    Write,
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "read" => Ok(Role::Read),
+            "write" => Ok(Role::Write),
+            other => Err(format!("role must be `read` or `write`, got {other:?}")),
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Read => "read",
+            Role::Write => "write",
+        })
+    }
+}
+
+/// One line of the credentials file.
+#[derive(Debug, Clone)]
+struct User {
+    role: Role,
+    /// The Argon2 PHC string (`$argon2id$v=19$m=…$salt$hash`).
+    hash: String,
+}
+
+/// Why authentication or authorization failed; the label of
+/// `pulse_schema_registry_auth_failures_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// No `Authorization` header.
+    Missing,
+    /// Not `Basic <base64 of name:password>`.
+    Malformed,
+    UnknownUser,
+    WrongPassword,
+    /// A `read` user called a route that writes.
+    Forbidden,
+}
+
+impl Failure {
+    pub const ALL: [Failure; 5] = [
+        Failure::Missing,
+        Failure::Malformed,
+        Failure::UnknownUser,
+        Failure::WrongPassword,
+        Failure::Forbidden,
+    ];
+
+    pub fn reason(self) -> &'static str {
+        match self {
+            Failure::Missing => "missing",
+            Failure::Malformed => "malformed",
+            Failure::UnknownUser => "unknown_user",
+            Failure::WrongPassword => "wrong_password",
+            Failure::Forbidden => "forbidden",
+        }
+    }
+}
+
+/// Why the credentials file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum AuthFileError {
+    #[error("cannot read the credentials file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("credentials file {path}: {}", .problems.join("; "))]
+    Invalid {
+        path: PathBuf,
+        problems: Vec<String>,
+    },
+}
+
+/// Parses the credentials file: `name:role:hash` per line; blank lines and lines starting
+/// with `#` are skipped. Every bad line is reported (by number, never by content, since a
+/// line may hold a pasted password).
+fn parse(text: &str) -> Result<HashMap<String, User>, Vec<String>> {
+    let mut users = HashMap::new();
+    let mut problems = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let n = i + 1;
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let mut parts = line.splitn(3, ':');
+        let (Some(name), Some(role), Some(hash)) = (parts.next(), parts.next(), parts.next())
+        else {
+            problems.push(format!("line {n}: expected `name:role:hash`"));
+            continue;
+        };
+        if name.is_empty() {
+            problems.push(format!("line {n}: the user name is empty"));
+            continue;
+        }
+        let role = match role.parse::<Role>() {
+            Ok(r) => r,
+            Err(e) => {
+                problems.push(format!("line {n}: {e}"));
+                continue;
+            }
+        };
+        if let Err(e) = PasswordHash::new(hash) {
+            problems.push(format!(
+                "line {n}: the hash is not a PHC string ({e}); generate the line with `pulse-schema-registry hash-password`"
+            ));
+            continue;
+        }
+        if users
+            .insert(
+                name.to_owned(),
+                User {
+                    role,
+                    hash: hash.to_owned(),
+                },
+            )
+            .is_some()
+        {
+            problems.push(format!("line {n}: user {name:?} appears twice"));
+        }
+    }
+    if problems.is_empty() {
+        Ok(users)
+    } else {
+        Err(problems)
+    }
+}
+
+/// A credentials-file line for `name` with `role` and a new salted Argon2id hash of
+/// `password`.
+pub fn hash_line(name: &str, role: Role, password: &str) -> Result<String, String> {
+    if name.is_empty() || name.contains(':') || name.chars().any(char::is_whitespace) {
+        return Err(format!(
+            "user name {name:?} must be non-empty, without ':' or whitespace"
+        ));
+    }
+    if password.is_empty() {
+        return Err("the password is empty".into());
+    }
+    let salt = SaltString::generate(&mut OsRng);
+    let hash = Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map_err(|e| format!("hashing failed: {e}"))?;
+    Ok(format!("{name}:{role}:{hash}"))
+}
+
+/// The file's identity at a point in time; a change of either means "reload".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    modified: Option<SystemTime>,
+    len: u64,
+}
+
+fn stamp(path: &Path) -> std::io::Result<Stamp> {
+    let meta = std::fs::metadata(path)?;
+    Ok(Stamp {
+        modified: meta.modified().ok(),
+        len: meta.len(),
+    })
+}
+
+/// The users of a credentials file, reloaded by [`Users::reload_if_changed`].
+pub struct Users {
+    path: PathBuf,
+    users: RwLock<Arc<HashMap<String, User>>>,
+    stamp: Mutex<Option<Stamp>>,
+    /// user → SHA-256(pepper, password) of the password last verified for that user, so
+    /// that a client's repeated requests cost one Argon2 check, not one each. Cleared on
+    /// every reload.
+    verified: Mutex<HashMap<String, [u8; 32]>>,
+    pepper: [u8; 16],
+    /// At most this many Argon2 checks run at once (on the blocking pool), so a flood of
+    /// wrong passwords cannot take every core.
+    checks: tokio::sync::Semaphore,
+    /// A hash of a random password, checked for unknown users so that an unknown name
+    /// costs the same time as a wrong password (no user-name probing by timing).
+    decoy: String,
+}
+
+impl std::fmt::Debug for Users {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Users")
+            .field("path", &self.path)
+            .field("count", &self.count())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Users {
+    /// Reads `path`; an unreadable or invalid file is an error (the registry does not start).
+    pub fn load(path: &Path) -> Result<Self, AuthFileError> {
+        let before = stamp(path).ok();
+        let users = Self::read(path)?;
+        let this = Self {
+            path: path.to_owned(),
+            users: RwLock::new(Arc::new(users)),
+            stamp: Mutex::new(before),
+            verified: Mutex::default(),
+            pepper: *uuid::Uuid::new_v4().as_bytes(),
+            checks: tokio::sync::Semaphore::new(2),
+            decoy: decoy_hash(),
+        };
+        metrics::gauge!(m::AUTH_USERS).set(this.count() as f64);
+        Ok(this)
+    }
+
+    fn read(path: &Path) -> Result<HashMap<String, User>, AuthFileError> {
+        let text = std::fs::read_to_string(path).map_err(|source| AuthFileError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        parse(&text).map_err(|problems| AuthFileError::Invalid {
+            path: path.to_owned(),
+            problems,
+        })
+    }
+
+    pub fn count(&self) -> usize {
+        self.users.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Reloads the file when its modification time or size changed. A file that cannot
+    /// be read or parsed keeps the previous users (logged and counted).
+    pub fn reload_if_changed(&self) {
+        let now = stamp(&self.path).ok();
+        {
+            let mut last = self.stamp.lock().unwrap_or_else(|e| e.into_inner());
+            if *last == now {
+                return;
+            }
+            *last = now;
+        }
+        match Self::read(&self.path) {
+            Ok(users) => {
+                let n = users.len();
+                *self.users.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(users);
+                self.verified
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .clear();
+                metrics::gauge!(m::AUTH_USERS).set(n as f64);
+                metrics::counter!(m::AUTH_RELOADS_TOTAL, "outcome" => "ok").increment(1);
+                tracing::info!(path = %self.path.display(), users = n, "registry credentials reloaded");
+            }
+            Err(e) => {
+                metrics::counter!(m::AUTH_RELOADS_TOTAL, "outcome" => "error").increment(1);
+                tracing::error!(error = %e, "registry credentials not reloaded; the previous users stay valid");
+            }
+        }
+    }
+
+    /// Polls the file every `every` until `stop` is cancelled.
+    pub async fn watch(self: Arc<Self>, every: Duration, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            let this = self.clone();
+            // File I/O off the async threads.
+            let _ = tokio::task::spawn_blocking(move || this.reload_if_changed()).await;
+        }
+    }
+
+    fn fingerprint(&self, password: &str) -> [u8; 32] {
+        let mut h = Sha256::new();
+        h.update(self.pepper);
+        h.update(password.as_bytes());
+        h.finalize().into()
+    }
+
+    /// Checks a `Basic` authorization header; returns the user's name and role.
+    pub async fn authenticate(
+        &self,
+        authorization: Option<&HeaderValue>,
+    ) -> Result<(String, Role), Failure> {
+        let (name, password) = decode_basic(authorization.ok_or(Failure::Missing)?)?;
+        let found = self
+            .users
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&name)
+            .cloned();
+        let Some(user) = found else {
+            self.argon2_check(self.decoy.clone(), password).await;
+            return Err(Failure::UnknownUser);
+        };
+        let fingerprint = self.fingerprint(&password);
+        let known = self
+            .verified
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&name)
+            .is_some_and(|f| bool::from(f.ct_eq(&fingerprint)));
+        if known {
+            return Ok((name, user.role));
+        }
+        if !self.argon2_check(user.hash.clone(), password).await {
+            return Err(Failure::WrongPassword);
+        }
+        // Remember it only if the user was not changed by a reload meanwhile.
+        let still = self
+            .users
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&name)
+            .is_some_and(|u| u.hash == user.hash);
+        if still {
+            self.verified
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(name.clone(), fingerprint);
+        }
+        Ok((name, user.role))
+    }
+}
+
+impl Users {
+    /// One Argon2 verification on the blocking pool, at most `checks` at once.
+    async fn argon2_check(&self, hash: String, password: String) -> bool {
+        let Ok(_permit) = self.checks.acquire().await else {
+            return false;
+        };
+        tokio::task::spawn_blocking(move || verify(&hash, &password))
+            .await
+            .unwrap_or(false)
+    }
+}
+
+fn decoy_hash() -> String {
+    let salt = SaltString::generate(&mut OsRng);
+    Argon2::default()
+        .hash_password(uuid::Uuid::new_v4().as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .unwrap_or_default()
+}
+
+fn verify(hash: &str, password: &str) -> bool {
+    PasswordHash::new(hash).is_ok_and(|h| {
+        Argon2::default()
+            .verify_password(password.as_bytes(), &h)
+            .is_ok()
+    })
+}
+
+/// `Basic base64(name:password)` → (name, password).
+fn decode_basic(value: &HeaderValue) -> Result<(String, String), Failure> {
+    let text = value.to_str().map_err(|_| Failure::Malformed)?;
+    let (scheme, encoded) = text.trim().split_once(' ').ok_or(Failure::Malformed)?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return Err(Failure::Malformed);
+    }
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(encoded.trim())
+        .map_err(|_| Failure::Malformed)?;
+    let text = String::from_utf8(bytes).map_err(|_| Failure::Malformed)?;
+    let (name, password) = text.split_once(':').ok_or(Failure::Malformed)?;
+    Ok((name.to_owned(), password.to_owned()))
+}
+
+/// Whether a request changes state. GETs (and HEAD/OPTIONS), schema lookups
+/// (`POST /subjects/{s}`) and compatibility checks (`POST /compatibility/…`) read;
+/// everything else — registering, deletes, config changes, and any route added later —
+/// writes.
+pub fn is_write(method: &Method, path: &str) -> bool {
+    if matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS) {
+        return false;
+    }
+    if *method == Method::POST {
+        let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let lookup = segments.len() == 2 && segments[0] == "subjects";
+        let compatibility = segments.first() == Some(&"compatibility");
+        return !(lookup || compatibility);
+    }
+    true
+}
+
+/// Who may call: anyone (no credentials file) or the users of a file.
+#[derive(Debug, Clone, Default)]
+pub struct Access {
+    users: Option<Arc<Users>>,
+}
+
+impl Access {
+    /// Everyone may do everything (no credentials file).
+    pub fn anonymous() -> Self {
+        Self::default()
+    }
+
+    pub fn users(users: Arc<Users>) -> Self {
+        Self { users: Some(users) }
+    }
+
+    pub fn is_anonymous(&self) -> bool {
+        self.users.is_none()
+    }
+}
+
+/// Registers the failure counter at zero for every reason, so it is scraped before the
+/// first failure.
+pub fn register_metrics() {
+    for f in Failure::ALL {
+        metrics::counter!(m::AUTH_FAILURES_TOTAL, "reason" => f.reason()).increment(0);
+    }
+}
+
+/// The middleware: authenticates, authorizes, and answers 401 (with `WWW-Authenticate:
+/// Basic`) or 403 on failure.
+pub async fn middleware(State(access): State<Access>, req: Request, next: Next) -> Response {
+    let Some(users) = &access.users else {
+        return next.run(req).await;
+    };
+    let write = is_write(req.method(), req.uri().path());
+    let outcome = match users
+        .authenticate(req.headers().get(header::AUTHORIZATION))
+        .await
+    {
+        Ok((name, Role::Read)) if write => Err((Failure::Forbidden, Some(name))),
+        Ok(_) => Ok(()),
+        Err(f) => Err((f, None)),
+    };
+    let Err((failure, user)) = outcome else {
+        return next.run(req).await;
+    };
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.to_string())
+        .unwrap_or_else(|| "unknown".into());
+    metrics::counter!(m::AUTH_FAILURES_TOTAL, "reason" => failure.reason()).increment(1);
+    tracing::warn!(
+        peer,
+        reason = failure.reason(),
+        user = user.as_deref().unwrap_or(""),
+        method = %req.method(),
+        path = req.uri().path(),
+        "registry request refused"
+    );
+    match failure {
+        Failure::Forbidden => ApiError::Forbidden(user.unwrap_or_default()).into_response(),
+        _ => {
+            let mut resp = ApiError::Unauthorized.into_response();
+            resp.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(
+                    "Basic realm=\"pulse-schema-registry\", charset=\"UTF-8\"",
+                ),
+            );
+            resp
+        }
+    }
+}
+
+/// `pulse-schema-registry hash-password --user NAME --role read|write`: reads the password
+/// from the first line of stdin and prints the credentials-file line.
+#[derive(Debug, clap::Parser)]
+#[command(
+    name = "pulse-schema-registry hash-password",
+    about = "Print a credentials-file line (name:role:argon2id-hash); the password is read from stdin."
+)]
+pub struct HashPassword {
+    /// User name (no ':' or whitespace).
+    #[arg(long)]
+    pub user: String,
+    /// `read` (GETs, lookups, compatibility checks) or `write` (also register, delete, config).
+    #[arg(long)]
+    pub role: Role,
+}
+
+impl HashPassword {
+    /// Reads the password from `input` (first line, without its newline) and returns the line.
+    pub fn run(&self, input: &mut impl std::io::BufRead) -> Result<String, String> {
+        let mut password = String::new();
+        input
+            .read_line(&mut password)
+            .map_err(|e| format!("reading the password from stdin: {e}"))?;
+        while password.ends_with('\n') || password.ends_with('\r') {
+            password.pop();
+        }
+        let line = hash_line(&self.user, self.role, &password);
+        password.clear();
+        line
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(name: &str, password: &str) -> HeaderValue {
+        let b = base64::engine::general_purpose::STANDARD.encode(format!("{name}:{password}"));
+        HeaderValue::from_str(&format!("Basic {b}")).unwrap()
+    }
+
+    fn file(lines: &[String]) -> (tempfile_dir::Dir, PathBuf) {
+        let dir = tempfile_dir::Dir::new();
+        let path = dir.0.join("users");
+        std::fs::write(&path, lines.join("\n")).unwrap();
+        (dir, path)
+    }
+
+    /// A folder removed on drop (no tempfile dependency in this crate).
+    mod tempfile_dir {
+        pub struct Dir(pub std::path::PathBuf);
+        impl Dir {
+            pub fn new() -> Self {
+                let p =
+                    std::env::temp_dir().join(format!("pulse-sr-auth-{}", uuid::Uuid::new_v4()));
+                std::fs::create_dir_all(&p).unwrap();
+                Self(p)
+            }
+        }
+        impl Drop for Dir {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_user_authenticates_with_the_right_password_only() {
+        let (_d, path) = file(&[
+            "# comment".into(),
+            hash_line("alice", Role::Write, "s3cret").unwrap(),
+            hash_line("bob", Role::Read, "pw").unwrap(),
+        ]);
+        let users = Users::load(&path).unwrap();
+        assert_eq!(
+            users.authenticate(Some(&header("alice", "s3cret"))).await,
+            Ok(("alice".into(), Role::Write))
+        );
+        // Twice: the second answer comes from the verified cache and agrees.
+        assert_eq!(
+            users.authenticate(Some(&header("alice", "s3cret"))).await,
+            Ok(("alice".into(), Role::Write))
+        );
+        assert_eq!(
+            users.authenticate(Some(&header("alice", "s3cret!"))).await,
+            Err(Failure::WrongPassword)
+        );
+        assert_eq!(
+            users.authenticate(Some(&header("bob", "pw"))).await,
+            Ok(("bob".into(), Role::Read))
+        );
+        assert_eq!(
+            users.authenticate(Some(&header("carol", "pw"))).await,
+            Err(Failure::UnknownUser)
+        );
+        assert_eq!(users.authenticate(None).await, Err(Failure::Missing));
+        for bad in ["Bearer abc", "Basic !!!", "Basic", "Basic YWxpY2U="] {
+            assert_eq!(
+                users
+                    .authenticate(Some(&HeaderValue::from_static(bad)))
+                    .await,
+                Err(Failure::Malformed),
+                "{bad}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_changed_file_replaces_the_users_and_a_broken_one_keeps_them() {
+        let (_d, path) = file(&[hash_line("alice", Role::Write, "one").unwrap()]);
+        let users = Users::load(&path).unwrap();
+        assert!(
+            users
+                .authenticate(Some(&header("alice", "one")))
+                .await
+                .is_ok()
+        );
+        std::fs::write(
+            &path,
+            format!(
+                "{}\n{}\n",
+                hash_line("alice", Role::Write, "two").unwrap(),
+                hash_line("dave", Role::Read, "d").unwrap()
+            ),
+        )
+        .unwrap();
+        users.reload_if_changed();
+        assert_eq!(users.count(), 2);
+        // The old password no longer works, even though it was cached.
+        assert_eq!(
+            users.authenticate(Some(&header("alice", "one"))).await,
+            Err(Failure::WrongPassword)
+        );
+        assert!(
+            users
+                .authenticate(Some(&header("alice", "two")))
+                .await
+                .is_ok()
+        );
+        assert!(users.authenticate(Some(&header("dave", "d"))).await.is_ok());
+        std::fs::write(&path, "garbage line without the format but longer\n").unwrap();
+        users.reload_if_changed();
+        assert_eq!(users.count(), 2, "a broken file keeps the previous users");
+    }
+
+    #[test]
+    fn bad_lines_are_named_by_number_without_their_content() {
+        let text = "ok:read:$argon2id$v=19$m=19456,t=2,p=1$c2FsdHNhbHQ$aGFzaGhhc2hoYXNoaGFzaA\n\
+                    nocolons\nx:admin:$argon2id$v=19$m=1,t=1,p=1$c2FsdA$aGFzaA\ny:read:plaintext-secret\n";
+        let problems = parse(text).unwrap_err();
+        assert_eq!(problems.len(), 3, "{problems:?}");
+        assert!(problems[0].starts_with("line 2:"), "{problems:?}");
+        assert!(problems[1].contains("admin"), "{problems:?}");
+        assert!(problems[2].starts_with("line 4:"), "{problems:?}");
+        assert!(
+            !problems.iter().any(|p| p.contains("plaintext-secret")),
+            "{problems:?}"
+        );
+    }
+
+    #[test]
+    fn only_reads_lookups_and_compatibility_checks_are_not_writes() {
+        let w = |m: Method, p: &str| is_write(&m, p);
+        assert!(!w(Method::GET, "/subjects"));
+        assert!(!w(Method::GET, "/config/x"));
+        assert!(!w(Method::POST, "/subjects/orders-value"));
+        assert!(!w(
+            Method::POST,
+            "/compatibility/subjects/x/versions/latest"
+        ));
+        assert!(w(Method::POST, "/subjects/orders-value/versions"));
+        assert!(w(Method::PUT, "/config"));
+        assert!(w(Method::PUT, "/config/x"));
+        assert!(w(Method::DELETE, "/subjects/x"));
+        assert!(w(Method::DELETE, "/config/x"));
+        assert!(w(Method::PATCH, "/subjects"));
+        assert!(w(Method::POST, "/anything/new"));
+    }
+
+    #[test]
+    fn hash_password_reads_one_line_and_prints_a_parsable_line() {
+        let cmd = HashPassword {
+            user: "ci".into(),
+            role: Role::Write,
+        };
+        let line = cmd.run(&mut "pa ss\nignored\n".as_bytes()).unwrap();
+        assert!(line.starts_with("ci:write:$argon2id$"), "{line}");
+        assert!(!line.contains("pa ss"));
+        let users = parse(&line).unwrap();
+        assert!(verify(&users["ci"].hash, "pa ss"));
+        assert!(cmd.run(&mut "\n".as_bytes()).is_err());
+        assert!(hash_line("a:b", Role::Read, "x").is_err());
+    }
+}
