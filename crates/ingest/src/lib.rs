@@ -123,7 +123,6 @@ pub async fn serve(
     Ok(servers)
 }
 
-/// Runs the service until shutdown.
 /// The registry client ingest frames events with, sending the configured credentials.
 pub fn registry_encoder(config: &Config) -> Result<RegistryEncoder, Error> {
     let credentials = config
@@ -137,6 +136,7 @@ pub fn registry_encoder(config: &Config) -> Result<RegistryEncoder, Error> {
     .map_err(|e| Error::RegistryClient(e.to_string()))
 }
 
+/// Runs the service until shutdown.
 pub async fn run(config: Config, ctx: ServiceContext) -> Result<(), Error> {
     crate::metrics::describe();
     crate::metrics::init(&config.events_topic, &config.dlq_topic);
