@@ -374,14 +374,12 @@ mod authenticated {
                 .await
                 .unwrap();
             let label = format!("reason=\"{reason}\"");
-            text.lines()
-                .find(|l| {
-                    l.starts_with("pulse_schema_registry_auth_failures_total{")
-                        && l.contains(&label)
-                })
-                .and_then(|l| l.rsplit(' ').next())
-                .and_then(|v| v.parse().ok())
-                .unwrap_or_else(|| panic!("no failure series for {reason} in /metrics:\n{text}"))
+            crate::support::metric_sum(
+                &text,
+                "pulse_schema_registry_auth_failures_total",
+                &[&label],
+            )
+            .unwrap_or_else(|| panic!("no failure series for {reason} in /metrics:\n{text}"))
         }
 
         /// The end offset of the registry's `_schemas` topic.
