@@ -2,19 +2,24 @@
 # Pulse's alerting, end to end (issue 16), run by scripts/test.sh after the chart step:
 #   1. static: promtool check/test of deploy/prometheus, severity/summary/runbook_url on
 #      every alert, every runbook_url at an existing heading of docs/runbooks/, a promtool
-#      case that fires and one that must not fire for every alert;
+#      case that fires and one that must not fire for every alert; every `by`/`on` of every
+#      rule keeps `namespace` and `pulse_release`, and two Helm releases rendered into one
+#      namespace label their series with their own `pulse_release`;
 #   2. live: an isolated platform from `scripts/dev.sh up` (its own state folder, free
 #      ports, debug binaries already built, PULSE_DEV_BUILD=0) with Prometheus scraping and
-#      evaluating every second, the symptom alerts loaded from a test copy with every range
-#      selector shortened to 15s and every `for:` to 3s (tests/python/observability_check.py
-#      prepare; SLO and ledger rules unchanged), and an Alertmanager that notifies a webhook
-#      receiver in the check at once. Real faults, one at a time, each followed by
-#      `dev.sh up`: stop writer-clickhouse while loadgen sends events; stop the processor
-#      and the schema registry; kill ClickHouse and the S3 server; then a second loadgen
-#      sending malformed and late events. The matching alerts (10 of the 24, listed at the
-#      end of the run) must reach the webhook firing, then resolved.
+#      evaluating every second, the rules loaded from a test copy
+#      (tests/python/observability_check.py prepare): the symptom alerts with every range
+#      selector shortened to 15s and every `for:` to 3s; the SLO burn-rate alerts unchanged
+#      but on a compressed clock (SLI windows of 10-20 s, `for:` 3s); the ledger rules
+#      unchanged. An Alertmanager notifies a webhook receiver in the check at once. Real
+#      faults, one at a time, each followed by its recovery: stop writer-clickhouse while
+#      loadgen sends events; stop the processor and the schema registry; kill ClickHouse
+#      and the S3 server; stall ClickHouse (SIGSTOP, then SIGCONT) while dashboards query;
+#      rename the ClickHouse events table away (and back); replace dev.sh's loadgen by one
+#      sending only malformed and late events. The matching alerts (17 of the 24, listed at
+#      the end of the run) must reach the webhook firing, then resolved.
 #      Every metric name a rule uses must exist in the live Prometheus, and
-#      tests/python/dashboards_check.py (if present) runs against the same Prometheus.
+#      tests/python/dashboards_check.py runs against the same Prometheus.
 # Prints the time to fire and to resolve of each alert, and its own duration.
 # PULSE_TEST_KEEP=1 keeps the state folder (logs, generated configs).
 set -euo pipefail

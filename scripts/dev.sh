@@ -107,7 +107,7 @@ scrape_configs:
 YAML
     for spec in "${SERVICES[@]}"; do
       IFS=: read -r name _ port _ <<<"$spec"
-      printf '      - targets: ["127.0.0.1:%s"]\n        labels: {component: %s}\n' "$port" "$name"
+      printf '      - targets: ["127.0.0.1:%s"]\n        labels: {component: %s, pulse_release: local}\n' "$port" "$name"
     done
     cat <<YAML
   - job_name: prometheus

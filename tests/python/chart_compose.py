@@ -24,7 +24,7 @@ import jsonschema
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from chart_runs import CHECKED_PREFIXES, HELP_ENV, HelpCache  # noqa: E402
+from chart_runs import CHECKED_PREFIXES, HELP_ENV, HELP_ENV_ONLY, HelpCache  # noqa: E402
 
 
 def scrape_problems(doc: dict) -> list[str]:
@@ -87,11 +87,13 @@ def main(argv: list[str]) -> int:
         if rc != 0:
             problems.append(f"{name}: `{' '.join(cmd)} --help` failed:\n{text.strip()[:1500]}")
             continue
-        known = set(HELP_ENV.findall(text))
+        # `[env: …]` of a flag, or a secret read from the environment only (no flag).
+        known = set(HELP_ENV.findall(text)) | set(HELP_ENV_ONLY.findall(text))
         for i in range(1, len(cmd)):
             if cmd[i].startswith("-"):
                 break
-            known |= set(HELP_ENV.findall(help_cache.help(cmd[:i])[1]))
+            parent = help_cache.help(cmd[:i])[1]
+            known |= set(HELP_ENV.findall(parent)) | set(HELP_ENV_ONLY.findall(parent))
         env = svc.get("environment") or {}
         for key, value in env.items():
             if key.startswith(CHECKED_PREFIXES) and key not in known:

@@ -21,6 +21,10 @@ local processes instead of pods:
 4. the `helm test` Pods run and must exit 0: they post an event to ingest and read it back
    from the query API; the ledger's query URL and token (as the chart gives them) are
    accepted by the query API, and the rules' pulse_ledger_* series are in its /metrics;
+   the schema registry runs with authentication (users file from its own Secret, hashed
+   by `pulse-schema-registry hash-password`): it refuses anonymous requests and a read
+   user's config change, and accepts ingest's user and password file as the chart gives
+   them (ingest, the processor and the schemas Job authenticate to get ready / register);
 5. every process gets SIGTERM and must exit 0 within its terminationGracePeriodSeconds;
    then the Parquet archive must hold the events under the run's S3 prefix.
 
@@ -125,7 +129,8 @@ def render(chart: Path, values: list[Path]) -> list[dict]:
 # The keys an existing Secret (secrets.existingSecret) must hold, as the chart README
 # documents them; a CA Secret (kafka.tls.caSecret) holds kafka.tls.caKey.
 EXISTING_SECRET_KEYS = ["ingest-api-keys", "query-api-tokens", "pii-hmac-key", "clickhouse-password",
-                        "s3-access-key", "s3-secret-key", "kafka-sasl-password", "ledger-query-token"]
+                        "s3-access-key", "s3-secret-key", "kafka-sasl-password", "ledger-query-token",
+                        "registry-read-password", "registry-write-password"]
 
 
 def external_secrets(values_file: Path) -> dict[str, dict]:
@@ -138,6 +143,12 @@ def external_secrets(values_file: Path) -> dict[str, dict]:
     tls = (v.get("kafka") or {}).get("tls") or {}
     if tls.get("caSecret"):
         out[tls["caSecret"]] = {tls.get("caKey", "ca.crt"): "-----BEGIN CERTIFICATE-----\n"}
+    ch = v.get("clickhouse") or {}
+    if ch.get("caSecret"):
+        out[ch["caSecret"]] = {ch.get("caKey", "ca.crt"): "-----BEGIN CERTIFICATE-----\n"}
+    auth = (v.get("schemaRegistry") or {}).get("auth") or {}
+    if auth.get("existingSecret"):
+        out[auth["existingSecret"]] = {auth.get("usersKey", "users"): "stand-in:read:$argon2id$\n"}
     return out
 
 
@@ -611,15 +622,70 @@ def check_ledger(objs: "Objects", running: list["Service"]) -> None:
     log(f"{svc.c.owner}: the rules' {', '.join(names)} present in its live /metrics")
 
 
-def test_values(run_id: str) -> dict:
+def check_registry_auth(running: list["Service"]) -> None:
+    """Schema-registry authentication as the chart wires it (schemaRegistry.auth in the
+    test values): the registry Service refuses an anonymous request (401), accepts ingest's
+    user and password file as the chart gives them (200), and refuses that read user a
+    config change (403). Ingest and the processor being ready, and the schemas Job having
+    registered, already show that each authenticated."""
+    ingest = [s for s in running if Path(s.argv[0]).name == "pulse-ingest"]
+    if len(ingest) != 1:
+        raise Failure(f"expected one running pulse-ingest Deployment, found {len(ingest)}")
+    env = ingest[0].env
+    url, user, pw_file = (env.get(k, "") for k in
+                          ("PULSE_SCHEMA_REGISTRY_URL", "PULSE_REGISTRY_USERNAME", "PULSE_REGISTRY_PASSWORD_FILE"))
+    if not (url.startswith("http://127.0.0.1:") and user and pw_file):
+        raise Failure(f"{ingest[0].c.label}: registry URL {url!r}, user {user!r}, password file {pw_file!r}: not all set")
+    basic = "Basic " + base64.b64encode(f"{user}:{Path(pw_file).read_text().rstrip(chr(10))}".encode()).decode()
+
+    def status(method: str, path: str, auth: str | None) -> int:
+        body = b'{"compatibility":"NONE"}' if method == "PUT" else None
+        headers = {"Content-Type": "application/vnd.schemaregistry.v1+json"}
+        if auth:
+            headers["Authorization"] = auth
+        try:
+            with urllib.request.urlopen(urllib.request.Request(f"{url}{path}", data=body, method=method,
+                                                               headers=headers), timeout=10) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    got = (status("GET", "/subjects", None), status("GET", "/subjects", basic), status("PUT", "/config", basic))
+    if got != (401, 200, 403):
+        raise Failure(f"schema registry: anonymous GET /subjects, GET as {user}, PUT /config as {user} answered {got}, want (401, 200, 403)")
+    log(f"schema registry: anonymous 401, {user} (password file from the chart's Secret) 200, its PUT /config 403")
+
+
+def registry_users(bin_dir: Path, users: list[tuple[str, str, str]]) -> str:
+    """The registry's users file for (name, role, password) triples, each line made by
+    `pulse-schema-registry hash-password` (the chart cannot hash; its README says so)."""
+    lines = []
+    for name, role, password in users:
+        out = subprocess.run([str(bin_dir / "pulse-schema-registry"), "hash-password", "--user", name, "--role", role],
+                             input=password + "\n", capture_output=True, text=True, timeout=60)
+        if out.returncode != 0:
+            raise Failure(f"pulse-schema-registry hash-password failed: {out.stderr.strip()}")
+        lines.append(out.stdout.strip())
+    return "\n".join(lines) + "\n"
+
+
+def test_values(run_id: str, bin_dir: Path) -> dict:
     e = os.environ
+    # The registry requires authentication: ingest and the processor read as pulse-read,
+    # the schemas Job registers as pulse-write (passwords as Secret files, hashes in the
+    # registry's users Secret).
+    read_pw, write_pw = f"read-{run_id}", f"write-{run_id}"
     return {
         "kafka": {"brokers": e["PULSE_TEST_KAFKA_BROKERS"], "partitions": 3, "replicationFactor": 1, "minInsyncReplicas": 1,
                   "compression": "lz4"},
         "clickhouse": {"url": e["PULSE_TEST_CLICKHOUSE_URL"], "database": f"pulse_{run_id}", "user": "default",
                        "compression": "none", "validation": False},
         "s3": {"endpoint": e["PULSE_TEST_S3_ENDPOINT"], "bucket": e["PULSE_TEST_S3_BUCKET"], "prefix": run_id,
-               "region": "us-east-1", "pathStyle": True},
+               "region": "us-east-1", "pathStyle": True,
+               # s3s-fs accepts the SSE header without encrypting; here: the setting reaches
+               # the writer and the ledger and they run with it (tests/it/s3_sse.rs checks
+               # the requests).
+               "sse": "AES256"},
         "secrets": {
             "asFiles": True,
             "ingestApiKeys": [{"key": f"ingest-{run_id}", "source": "chart-test"}],
@@ -627,6 +693,8 @@ def test_values(run_id: str) -> dict:
             "piiHmacKey": f"hmac-{run_id}",
             "s3AccessKey": e["PULSE_TEST_S3_ACCESS_KEY"],
             "s3SecretKey": e["PULSE_TEST_S3_SECRET_KEY"],
+            "registryReadPassword": read_pw,
+            "registryWritePassword": write_pw,
         },
         "telemetry": {"logFormat": "text", "traceSampleRatio": 1.0},
         "tests": {"timeoutSeconds": 120},
@@ -644,7 +712,9 @@ def test_values(run_id: str) -> dict:
         "writerClickhouse": {"replicas": 1, "config": {"PULSE_WRITER_GROUP_ID": f"pulse-writer-clickhouse-{run_id}"}},
         "writerParquet": {"replicas": 1, "config": {"PULSE_WRITER_GROUP_ID": f"pulse-writer-parquet-{run_id}"}},
         "queryApi": {"replicas": 1},
-        "schemaRegistry": {"replicas": 1, "schemasTopic": f"_schemas_{run_id}"},
+        "schemaRegistry": {"replicas": 1, "schemasTopic": f"_schemas_{run_id}", "auth": {
+            "enabled": True, "readUser": "pulse-read", "writeUser": "pulse-write",
+            "users": registry_users(bin_dir, [("pulse-read", "read", read_pw), ("pulse-write", "write", write_pw)])}},
         "ledger": {"enabled": True},
     }
 
@@ -670,7 +740,7 @@ def main() -> int:
             return 0
         run_id = "c" + secrets.token_hex(4)
         values_file = args.work / "values.yaml"
-        values_file.write_text(yaml.safe_dump(test_values(run_id)))
+        values_file.write_text(yaml.safe_dump(test_values(run_id, args.bin_dir)))
         objs = Objects(render(args.chart, [values_file]))
         static_checks(objs, help_cache, "test values")
         runner = Runner(objs, args.work, args.bin_dir, help_cache)
@@ -736,6 +806,7 @@ def main() -> int:
 
         check_scaling_metrics(objs, running)
         check_ledger(objs, running)
+        check_registry_auth(running)
 
         for svc in running:
             if svc.proc.poll() is not None:

@@ -8,6 +8,9 @@ Static (always, no Prometheus needed):
   - panel ids are unique, gridPos is complete, inside the 24-column grid, and no two panels
     overlap; every panel has a title and a description, every graph a unit;
   - every `$variable` used is defined; every key panel named in KEY_PANELS exists;
+  - every dashboard has the `namespace` and `release` variables (labels `namespace` and
+    `pulse_release`, set by the chart's ServiceMonitor) and every series selector filters on
+    both, so two Pulse releases (also in one namespace) are told apart;
   - every metric name a query uses is declared in the services' source (a string literal
     in crates/*/src) or is a recording rule in deploy/prometheus (catches typos offline);
   - deploy/grafana/dashboards and the chart's folder hold the same files, byte for byte
@@ -22,7 +25,9 @@ Live (with --prometheus URL, after a workload):
     reported, not failed;
   - every key panel returns data: a number (not NaN) from at least one of its targets,
     within --settle seconds (the last scrapes after a workload may not be in yet);
-  - every query variable's `label_values(...)` finds values.
+  - every query variable's `label_values(...)` finds values (`namespace` and `release` may
+    find none where no series carries their label, e.g. scripts/dev.sh's scrape config:
+    then All matches every series, and that is reported).
 
     python tests/python/dashboards_check.py [--dashboards DIR] [--prometheus URL]
         [--rate-interval 1m] [--timeout 10] [--settle 15]
@@ -87,7 +92,24 @@ KEY_PANELS: dict[str, list[str]] = {
         "ClickHouse query latency (p95)",
         "Freshness lag",
     ],
+    "pulse-schema-registry": [
+        "Replicas up",
+        "Requests by route and status",
+        "Request latency by route (p95)",
+        "Auth failures by reason",
+        "Subjects, schemas and versions",
+        "_schemas log: applied offset per replica",
+    ],
 }
+
+# The variables that pick a Pulse install: every dashboard has them (before `job`), and every
+# selector of every query filters on them, so two releases (also in one namespace) can be
+# told apart. Their labels come from the chart's ServiceMonitor; a scrape config without
+# them (scripts/dev.sh) leaves them empty, and their All value (.*) matches that.
+SCOPE_VARS = {"namespace": "namespace", "release": "pulse_release"}
+SCOPE_MATCHERS = ('namespace=~"$namespace"', 'pulse_release=~"$release"')
+# Series without the scope labels: one per SLO for every install (deploy/prometheus).
+UNSCOPED_SERIES = {"pulse:slo_objective:ratio", "pulse:slo_freshness_threshold:seconds"}
 
 # Metrics that may be absent from a healthy stack's Prometheus: the live check reports them
 # missing instead of failing. Every service registers its failure-only series (errors,
@@ -129,6 +151,22 @@ def metric_names(expr: str) -> set[str]:
             continue
         names.add(word)
     return names
+
+
+SELECTOR_RE = re.compile(
+    r'"(?:\\.|[^"\\])*"|\[[^\]]*\]|\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)'
+    r'|(?<![\w:$.])([a-zA-Z_:][a-zA-Z0-9_:]*(?:\$\{\w+\})?)(\s*\{[^}]*\}|\s*\()?')
+
+
+def selectors(expr: str) -> list[str]:
+    """The series selectors of a PromQL expression, each as written (name{matchers})."""
+    out = []
+    for m in SELECTOR_RE.finditer(expr):
+        word, after = m.group(1), m.group(2)
+        if word is None or word.lower() in PROMQL_WORDS or (after and after.strip().startswith("(")):
+            continue
+        out.append(word + (after.strip() if after else ""))
+    return out
 
 
 def base_name(name: str) -> str:
@@ -206,6 +244,10 @@ def static_checks(dashboards: list[Dashboard], dash_dir: Path) -> list[str]:
                 problems.append(f"{w}: variable {name} does not use ${{datasource}}")
             if not v.get("description") and name != "datasource":
                 problems.append(f"{w}: variable {name} has no description")
+        for name, label in SCOPE_VARS.items():
+            v = d.vars.get(name)
+            if not v or v.get("type") != "query" or v.get("allValue") != ".*" or not v.get("includeAll"):
+                problems.append(f"{w}: no query variable {name} (label {label}) with an All value of .*")
         defined = set(d.vars) | BUILTIN_VARS
         assignments = variable_values(d)
         ids: dict[int, str] = {}
@@ -257,6 +299,11 @@ def static_checks(dashboards: list[Dashboard], dash_dir: Path) -> list[str]:
                     name = next(g for g in m.groups() if g)
                     if name not in defined:
                         problems.append(f"{pw}: ${name} is not a variable of the dashboard")
+                for sel in selectors(expr):
+                    name = sel.split("{", 1)[0].strip()
+                    if name not in UNSCOPED_SERIES and not all(m in sel for m in SCOPE_MATCHERS):
+                        problems.append(f"{pw}: target {t.get('refId')}: selector {sel!r} does not filter on "
+                                        f"{' and '.join(SCOPE_MATCHERS)}")
                 used = set().union(*(metric_names(substitute(expr, a, "1m")) for a in assignments))
                 for name in sorted(used):
                     if base_name(name) not in known and name not in known:
@@ -406,7 +453,14 @@ def live_checks(dashboards: list[Dashboard], prom: Prometheus, rate_interval: st
                 if r.get("status") != "success":
                     problems.append(f"{d.where()}: variable {name}: {r.get('error')}")
                 elif not r["data"]["result"]:
-                    problems.append(f"{d.where()}: variable {name}: {q} finds no values")
+                    label = SCOPE_VARS.get(name)
+                    if label and not prom.query(f'count({{__name__=~"pulse_.+", {label}!=""}})')["data"]["result"]:
+                        note = (f"variable {name}: no series carries `{label}` (a scrape config without the "
+                                f"chart's ServiceMonitor labels): All (.*) matches every series")
+                        if note not in notes:
+                            notes.append(note)
+                    else:
+                        problems.append(f"{d.where()}: variable {name}: {q} finds no values")
     unique = sorted({e for _, _, e in jobs})
     with ThreadPoolExecutor(max_workers=8) as pool:
         results = dict(zip(unique, pool.map(prom.query, unique)))

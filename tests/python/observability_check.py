@@ -7,12 +7,14 @@ docs/runbooks/; every alert has a promtool test case where it fires and one wher
 not.
 
 `prepare DIR`: writes the test copy of the rules (every range selector `[Nm]` of the symptom
-alerts shortened to WINDOW, every `for:` there to FOR; SLO and ledger rules unchanged) and an
-Alertmanager config that sends every notification (resolved too) at once to the webhook.
+alerts shortened to WINDOW, every `for:` there to FOR; the SLIs' windows compressed by
+SLO_WINDOWS and the burn-rate alerts' `for:` set to FOR, thresholds and window pairs
+unchanged; ledger rules unchanged) and an Alertmanager config that sends every
+notification (resolved too) at once to the webhook.
 
 `live`: with the PULSE_* variables of scripts/dev.sh set by the caller, runs a webhook
-receiver, `dev.sh up`, a query workload (HTTP and gRPC), then real faults one at a time,
-each followed by `dev.sh up` (which starts what is not running):
+receiver, `dev.sh up`, a query workload (HTTP and gRPC), then real faults one at a time
+(FAULTS), each followed by its recovery (`dev.sh up`, SIGCONT, or the repairing SQL):
   1. stop writer-clickhouse while events flow -> PulseEventsNotStored and PulseServiceDown
      {component=writer-clickhouse} reach the webhook; PulseProcessorStalled does not;
   2. stop the processor and the schema registry -> PulseProcessorStalled,
@@ -20,11 +22,15 @@ each followed by `dev.sh up` (which starts what is not running):
      PulseSchemaRegistryUnreachable; PulseEventsNotStored does not;
   3. kill ClickHouse and the S3 server -> PulseClickHouseInsertErrors, PulseS3UploadErrors,
      PulseWriterCircuitOpen of each writer, PulseEventsNotArchived;
-  4. a second loadgen sending malformed and late events (stopped once the alerts fired) ->
-     PulseDeadLetterRateHigh, PulseLateEventRateHigh;
+  4. stall ClickHouse (SIGSTOP) while 8 clients query -> PulseQueryLatencyHigh,
+     PulseAvailabilityBudgetFastBurn and SlowBurn; after SIGCONT the backlog is written
+     late -> PulseFreshnessBudgetFastBurn and SlowBurn;
+  5. rename the events table away -> PulseWriterBlocked{component=writer-clickhouse};
+  6. dev.sh's loadgen stopped, a loadgen sending only malformed and late events ->
+     PulseDeadLetterRateHigh, PulseLateEventRateHigh, PulseWatermarkNotAdvancing;
 and after each recovery the same alerts arrive resolved. Then every metric name used by a
 rule must be in the live Prometheus (/api/v1/label/__name__/values), and
-tests/python/dashboards_check.py runs against the same Prometheus if it exists.
+tests/python/dashboards_check.py runs against the same Prometheus.
 """
 
 from __future__ import annotations
@@ -171,6 +177,63 @@ def check_chart_rules() -> list[str]:
     return [] if r.returncode == 0 else [f"promtool refuses the chart's rendered rules: {r.stdout}{r.stderr}"]
 
 
+# The labels that tell Pulse installs apart (the ServiceMonitor sets both): every rule's
+# aggregation keeps them, so two releases, in one namespace or several, alert separately.
+SCOPE_LABELS = ("namespace", "pulse_release")
+
+
+def check_release_scope() -> list[str]:
+    """Every `by (...)` and `on (...)` of every rule keeps namespace and pulse_release
+    (`on (slo)`, the join with the one objective series per SLO, is the only exception)."""
+    problems = []
+    for f in sorted(RULES.glob("*.rules.yaml")):
+        for group in yaml.safe_load(f.read_text())["groups"]:
+            for rule in group["rules"]:
+                name = rule.get("alert") or rule.get("record")
+                expr = re.sub(r'"[^"]*"', '""', str(rule["expr"]))
+                for kw, labels in re.findall(r"\b(by|on)\s*\(([^)]*)\)", expr):
+                    got = {s.strip() for s in labels.split(",") if s.strip()}
+                    if kw == "on" and got == {"slo"}:
+                        continue
+                    if not set(SCOPE_LABELS) <= got:
+                        problems.append(f"{f.name}: {name}: `{kw} ({labels})` drops "
+                                        f"{' and '.join(sorted(set(SCOPE_LABELS) - got))}: two releases would merge")
+    return problems
+
+
+def check_two_releases_render() -> list[str]:
+    """Two releases in one namespace: `helm template` of each, with serviceMonitor enabled,
+    gives ServiceMonitors of distinct names whose every endpoint sets `pulse_release` to
+    its own release (the label the rules aggregate by and the dashboards filter on)."""
+    helm = Path(os.environ.get("PULSE_CACHE", Path.home() / ".cache/pulse")) / "tools/bin/helm"
+    names: dict[str, str] = {}
+    problems = []
+    for release in ("blue", "green"):
+        r = subprocess.run([str(helm), "template", release, str(REPO / "helm/pulse"), "--namespace", "pulse",
+                            "--set", "serviceMonitor.enabled=true", "--show-only", "templates/servicemonitor.yaml"],
+                           capture_output=True, text=True)
+        if r.returncode != 0:
+            return [f"helm template of the ServiceMonitors ({release}) failed: {r.stderr.strip()}"]
+        docs = [d for d in yaml.safe_load_all(r.stdout) if d]
+        if not docs:
+            problems.append(f"release {release}: no ServiceMonitor rendered")
+        for d in docs:
+            name = d["metadata"]["name"]
+            if name in names:
+                problems.append(f"ServiceMonitor {name} rendered by both {names[name]} and {release}")
+            names[name] = release
+            for ep in d["spec"]["endpoints"]:
+                got = [rl.get("replacement") for rl in ep.get("relabelings", [])
+                       if rl.get("targetLabel") == "pulse_release" and not rl.get("sourceLabels")]
+                if got != [release]:
+                    problems.append(f"release {release}: ServiceMonitor {name} sets pulse_release to {got}, "
+                                    f"not [{release!r}]")
+                comp = [rl for rl in ep.get("relabelings", []) if rl.get("targetLabel") == "component"]
+                if not comp:
+                    problems.append(f"release {release}: ServiceMonitor {name} sets no `component`")
+    return problems
+
+
 def static() -> None:
     rules = sorted(str(p) for p in RULES.glob("*.rules.yaml"))
     tests = sorted(str(p) for p in RULE_TESTS.glob("*.test.yaml"))
@@ -182,12 +245,14 @@ def static() -> None:
             fail(f"{' '.join(cmd[:3])} failed:\n{r.stdout}{r.stderr}")
     alerts = load_alerts()
     problems = (check_annotations(alerts) + check_runbook_links() + check_test_coverage(alerts)
-                + check_chart_rules())
+                + check_chart_rules() + check_release_scope() + check_two_releases_render())
     if problems:
         fail("\n  " + "\n  ".join(problems))
     say(f"static: {len(rules)} rule files, {len(alerts)} alerts, each with severity, summary, "
         f"an existing runbook anchor, and promtool tests that fire it and keep it silent; "
-        f"the chart's PrometheusRule holds the same groups")
+        f"the chart's PrometheusRule holds the same groups; every aggregation keeps "
+        f"{' and '.join(SCOPE_LABELS)}, and two releases in one namespace render ServiceMonitors "
+        f"that label their series with their own pulse_release")
 
 
 # ---------------------------------------------------------------- prepare
@@ -200,6 +265,10 @@ def prepare(out: Path, window: str, for_: str, webhook: str) -> None:
         text = f.read_text()
         if f.name == SYMPTOMS:
             text = re.sub(r"\[(\d+)m\]", f"[{window}]", text)
+            text = re.sub(r"(?m)^(\s+for:) \S+$", rf"\1 {for_}", text)
+        elif f.name == SLIS:
+            text = re.sub(r"\[(\d+[mhd])\]", lambda m: f"[{SLO_WINDOWS[m.group(1)]}]", text)
+        elif f.name == SLO_ALERTS:
             text = re.sub(r"(?m)^(\s+for:) \S+$", rf"\1 {for_}", text)
         (rules / f.name).write_text(text)
     (out / "alertmanager.yml").write_text(
@@ -315,7 +384,15 @@ def stop(state: str, name: str, crash: bool) -> None:
 
 
 def workload(env: dict) -> None:
-    """Every query-API route over HTTP and every gRPC method once, so their series exist."""
+    """Every query-API route over HTTP and every gRPC method once, so their series exist;
+    and a client's lookups in the schema registry (its dashboard's latency panels)."""
+    registry = f"http://127.0.0.1:{env['PULSE_SCHEMA_REGISTRY_PORT']}"
+    for path in ("/subjects", "/schemas/ids/1", "/subjects/pulse.events.v1-value/versions/latest"):
+        try:
+            urllib.request.urlopen(registry + path, timeout=10).read()
+        except urllib.error.HTTPError as e:
+            if e.code >= 500:
+                fail(f"schema registry GET {path} answered {e.code}")
     base = f"http://127.0.0.1:{env['PULSE_QUERY_HTTP_PORT']}"
     for path in ("/v1/active_users?step=1m", "/v1/active_users/current", "/v1/revenue?step=1m",
                  "/v1/revenue_last_hour", "/v1/top_pages", "/v1/sessions", "/v1/freshness",
@@ -347,27 +424,49 @@ def rule_metric_names() -> set[str]:
         for group in yaml.safe_load(f.read_text())["groups"]:
             for rule in group["rules"]:
                 expr = re.sub(r'"[^"]*"', '""', str(rule["expr"]))
+                # Label names (by/on clauses, matchers) are not metric names.
+                expr = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)|\{[^}]*\}", " ", expr)
                 names |= set(re.findall(r"\b(pulse_[a-z0-9_]+|up)\b", expr))
     return names
 
 
 class Fault:
-    """One fault: what is stopped (name, crash?) or the bad traffic injected, the alerts that
-    must fire [(alertname, component or None)] and those that must stay silent."""
+    """One fault: what is stopped (name, crash?), paused (SIGSTOP, resumed by SIGCONT), broken
+    in ClickHouse (statements, and the ones that repair it) or the bad traffic injected; the
+    alerts that must fire during it [(alertname, component or None)], those that must fire
+    after the recovery (`after`: e.g. a backlog written late), and those that must stay
+    silent. `queries`: query-API requests run in the background while the fault lasts."""
 
     def __init__(self, label: str, expect: list, silent: list, stop: list | None = None,
-                 traffic: list | None = None):
+                 traffic: list | None = None, pause: list | None = None,
+                 sql: tuple[list, list] | None = None, queries: bool = False,
+                 after: list | None = None):
         self.label, self.expect, self.silent = label, expect, silent
         self.stop = stop or []          # [(process name in $PULSE_STATE/pids, crash?)]
         self.traffic = traffic          # extra `pulsectl loadgen` arguments, or None
+        self.pause = pause or []        # [process name]: SIGSTOP to its group, then SIGCONT
+        self.sql = sql                  # ([statements that break], [statements that repair])
+        self.queries = queries
+        self.after = after or []
 
 
-# The injected traffic: a second loadgen at 40 events/s besides dev.sh's (20/s, 1 %
-# malformed, 1 % late): half its events fail validation (ingest dead-letters them) and half
-# are dated 10 min back, beyond the processor's allowed lateness (the late topic), so both
-# shares are well above the alerts' 10 % while it runs, and back at ~1 % once it stops.
+# The injected traffic: a second loadgen at 40 events/s while dev.sh's own loadgen is
+# stopped: half its events fail validation (ingest dead-letters them) and half are dated
+# 10 min back, beyond the processor's allowed lateness (the late topic), so both shares are
+# well above the alerts' 10 %; and as no event moves event time forward, the processor
+# consumes while its watermark stands still. Back at ~1 % once dev.sh's loadgen is back.
 BAD_TRAFFIC = ["--rate", "40", "--malformed", "0.5", "--late", "0.5", "--late-warmup-ms", "0",
                "--duplicates", "0", "--out-of-order", "0"]
+
+# The SLO burn-rate alerts as they are (thresholds, objectives, the pairing of a long and a
+# short window), on a compressed clock: every SLI window shortened (the check's Prometheus
+# scrapes and evaluates every second) and every `for:` set to --for. The long windows 1h,
+# 1d and 3d become 20 s; 5m, 30m, 2h and 6h (6h is the short window of the 3d pair) 10 s:
+# a fault of ~15 s burns the budget at well over 14.4x in both windows of a pair, and the
+# alert resolves ~10 s after the burn stops. This proves the chain (SLI recording rules ->
+# burn-rate alert -> Alertmanager) with real failures; promtool proves the real windows.
+SLO_WINDOWS = {"5m": "10s", "30m": "10s", "2h": "10s", "6h": "10s", "1h": "20s", "1d": "20s", "3d": "20s"}
+SLIS, SLO_ALERTS = "pulse-slis.rules.yaml", "pulse-slo-alerts.rules.yaml"
 
 FAULTS = [
     Fault("writer-clickhouse stopped",
@@ -393,15 +492,96 @@ FAULTS = [
                   ("PulseWriterCircuitOpen", "writer-parquet"),
                   ("PulseEventsNotArchived", "writer-parquet")],
           silent=["PulseProcessorStalled"]),
-    Fault("malformed and late events",
-          traffic=BAD_TRAFFIC,
-          expect=[("PulseDeadLetterRateHigh", "ingest"), ("PulseLateEventRateHigh", "processor")],
-          silent=["PulseEventsNotStored", "PulseProcessorStalled"]),
+    # ClickHouse hangs (SIGSTOP: a stalled server, not a dead one) while dashboards query:
+    # every query waits for the query API's timeout (10 s) and answers 504, so query p95
+    # latency passes 1 s and the availability budget burns (fast and slow); the writer's
+    # inserts hang too, and once ClickHouse resumes (SIGCONT) the backlog is written more
+    # than 3 s after ingest's acknowledgement: the freshness budget burns.
+    Fault("clickhouse stalled (SIGSTOP) while queries run",
+          pause=["clickhouse"], queries=True,
+          expect=[("PulseQueryLatencyHigh", "query-api"),
+                  ("PulseAvailabilityBudgetFastBurn", None),
+                  ("PulseAvailabilityBudgetSlowBurn", None)],
+          after=[("PulseFreshnessBudgetFastBurn", None), ("PulseFreshnessBudgetSlowBurn", None)],
+          silent=["PulseProcessorStalled"]),
+    # The events table disappears (an operator's mistake, a botched migration): ClickHouse
+    # refuses every insert with UNKNOWN_TABLE, which is not about the data, so the writer
+    # blocks (readiness 503, nothing dead-lettered) instead of retrying rows; renaming the
+    # table back unblocks it.
+    Fault("events table renamed away in ClickHouse",
+          sql=(["RENAME TABLE pulse.events TO pulse.events_moved_by_check"],
+               ["RENAME TABLE pulse.events_moved_by_check TO pulse.events"]),
+          expect=[("PulseWriterBlocked", "writer-clickhouse")],
+          silent=["PulseProcessorStalled"]),
+    # dev.sh's loadgen stops and only malformed and late events arrive. PulseProcessorStalled
+    # may fire too here (late events make no aggregate): not asserted either way.
+    Fault("only malformed and late events",
+          stop=[("loadgen", False)], traffic=BAD_TRAFFIC,
+          expect=[("PulseDeadLetterRateHigh", "ingest"), ("PulseLateEventRateHigh", "processor"),
+                  ("PulseWatermarkNotAdvancing", "processor")],
+          silent=["PulseEventsNotStored"]),
 ]
 
 
+class QueryLoad:
+    """Query-API requests in WORKERS threads until stopped (a dashboard's refreshes): each
+    answer, error or not, is what the query API's metrics count."""
+
+    ROUTES = ("/v1/top_pages", "/v1/active_users?step=1m", "/v1/revenue?step=1m", "/v1/sessions")
+    WORKERS = 8
+
+    def __init__(self, env):
+        self.base = f"http://127.0.0.1:{env['PULSE_QUERY_HTTP_PORT']}"
+        self.done = threading.Event()
+        self.answers: dict[int, int] = {}
+        self.lock = threading.Lock()
+        self.threads = [threading.Thread(target=self.run, args=(i,), daemon=True) for i in range(self.WORKERS)]
+        for th in self.threads:
+            th.start()
+
+    def run(self, i: int) -> None:
+        n = i
+        while not self.done.is_set():
+            path = self.ROUTES[n % len(self.ROUTES)]
+            n += 1
+            req = urllib.request.Request(self.base + path, headers={"Authorization": f"Bearer {TOKEN}"})
+            try:
+                with urllib.request.urlopen(req, timeout=30) as r:
+                    r.read()
+                    code = r.status
+            except urllib.error.HTTPError as e:
+                code = e.code
+            except (OSError, urllib.error.URLError):
+                code = 0
+            with self.lock:
+                self.answers[code] = self.answers.get(code, 0) + 1
+            time.sleep(0.2)
+
+    def stop(self) -> dict[int, int]:
+        self.done.set()
+        for th in self.threads:
+            th.join(timeout=35)
+        return dict(sorted(self.answers.items()))
+
+
+def clickhouse(env, statement: str) -> None:
+    url = f"http://127.0.0.1:{env['PULSE_CLICKHOUSE_HTTP_PORT']}/"
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, data=statement.encode()), timeout=30).read()
+    except (OSError, urllib.error.URLError) as e:
+        fail(f"ClickHouse refused {statement!r}: {e}")
+
+
+def signal_group(state: str, name: str, sig: int) -> None:
+    pid = int((Path(state) / "pids" / f"{name}.pid").read_text().strip())
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        fail(f"{name} (pid {pid}) was not running")
+
+
 def start_traffic(env, args: list[str]) -> subprocess.Popen:
-    pulsectl = Path(env["CARGO_TARGET_DIR"]) / "debug" / "pulsectl"
+    pulsectl = Path(env["CARGO_TARGET_DIR"]) / env.get("PULSE_DEV_PROFILE", "debug") / "pulsectl"
     log = open(Path(env["PULSE_STATE"]) / "logs" / "bad-traffic.log", "wb")
     return subprocess.Popen(
         [str(pulsectl), "loadgen", "--target", f"http://127.0.0.1:{env['PULSE_INGEST_HTTP_PORT']}",
@@ -434,13 +614,13 @@ def live(webhook_port: int) -> None:
              >= set(components), 60)
     watched = {a for f in FAULTS for a, _ in f.expect} | {a for f in FAULTS for a in f.silent}
 
-    def healthy():
+    def healthy(also=frozenset()):
         # Events flow end to end (in the rules' own test window) and none of the watched
-        # alerts is pending or firing.
+        # alerts (and of `also`: the next fault's SLO alerts) is pending or firing.
         flowing = prom_query(prom, 'sum(rate(pulse_writer_rows_written_total{sink="clickhouse",table="events"}[10s])) > 0 '
                              'and on () sum(rate(pulse_processor_outputs_total{kind="activity"}[10s])) > 0')
         alerts = http_json(f"{prom}/api/v1/alerts")["data"]["alerts"]
-        return flowing and not [a for a in alerts if a["labels"]["alertname"] in watched]
+        return flowing and not [a for a in alerts if a["labels"]["alertname"] in watched | also]
     t = time.monotonic()
     wait_for(f"a healthy baseline (events stored and aggregated; none of {sorted(watched)} "
              "pending or firing)", healthy, 90)
@@ -450,47 +630,81 @@ def live(webhook_port: int) -> None:
         return f"{alert}{{component={comp}}}" if comp else alert
 
     results = []
+    durations = []
     for i, f in enumerate(FAULTS):
-        if i:
-            wait_for(f"a healthy baseline before: {f.label}", healthy, 90)
+        t_fault = time.monotonic()
+        also = frozenset(a for a, _ in f.after)
+        if i or also:
+            t = time.monotonic()
+            wait_for(f"a healthy baseline before: {f.label}", lambda: healthy(also), 90)
+            say(f"healthy again after {time.monotonic() - t:.1f} s")
         t_stop = time.monotonic()
-        traffic = None
+        traffic = load = None
         for name, crash in f.stop:
             stop(state, name, crash)
+        for name in f.pause:
+            signal_group(state, name, signal.SIGSTOP)
+        for statement in (f.sql or ([], []))[0]:
+            clickhouse(env, statement)
         if f.traffic is not None:
             traffic = start_traffic(env, f.traffic)
+        if f.queries:
+            load = QueryLoad(env)
         t_stopped = time.monotonic()
         say(f"{f.label} ({t_stopped - t_stop:.1f} s); waiting for {[named(*a) for a in f.expect]}")
+        fired = {}
         try:
             for alert, comp in f.expect:
                 at = wait_for(f"{named(alert, comp)} firing at the webhook after: {f.label}",
                               lambda: hook.first("firing", alert, comp, t_stop), FIRE_TIMEOUT)
+                fired[(alert, comp)] = at
                 results.append((f.label, named(alert, comp), "fired", at - t_stopped))
         finally:
+            # Whatever happens, the fault ends: a paused ClickHouse would hang dev.sh down.
             if traffic is not None:
                 stop_traffic(traffic)
+            for name in f.pause:
+                signal_group(state, name, signal.SIGCONT)
+            if load is not None:
+                say(f"query answers during the fault (status: count): {load.stop()}")
         for alert in f.silent:
             if hook.first("firing", alert, None, t_stop) is not None:
                 fail(f"{alert} fired during: {f.label}")
         t_up = time.monotonic()
+        for statement in (f.sql or ([], []))[1]:
+            clickhouse(env, statement)
         if f.stop:
             took = dev("up")
             say(f"dev.sh up restarted {', '.join(n for n, _ in f.stop)} in {took:.1f} s; "
                 "waiting for the alerts to resolve")
+        elif f.pause:
+            say(f"{', '.join(f.pause)} resumed (SIGCONT); waiting for the alerts to resolve")
+        elif f.sql:
+            say("ClickHouse repaired; waiting for the alerts to resolve")
         else:
             say("bad traffic stopped; waiting for the alerts to resolve")
-        for alert, comp in f.expect:
+        for alert, comp in f.after:
+            at = wait_for(f"{named(alert, comp)} firing at the webhook after the end of: {f.label}",
+                          lambda: hook.first("firing", alert, comp, t_stop), FIRE_TIMEOUT)
+            fired[(alert, comp)] = at
+            results.append((f.label, named(alert, comp), "fired", at - t_up))
+        for alert, comp in f.expect + f.after:
+            since = max(t_up, fired[(alert, comp)])
             at = wait_for(f"{named(alert, comp)} resolved at the webhook after: {f.label}",
-                          lambda: hook.first("resolved", alert, comp, t_up), RESOLVE_TIMEOUT)
+                          lambda: hook.first("resolved", alert, comp, since), RESOLVE_TIMEOUT)
             results.append((f.label, named(alert, comp), "resolved", at - t_up))
         for alert in f.silent:
             if hook.first("firing", alert, None, t_stop) is not None:
                 fail(f"{alert} fired during or after: {f.label}")
+        durations.append((f.label, time.monotonic() - t_fault))
+        say(f"{f.label}: {durations[-1][1]:.1f} s (healthy baseline, fault, recovery, every alert resolved)")
 
-    say("fault                                  alert                                             "
-        "event     seconds after the fault / its end (dev.sh up, or the bad traffic stopped)")
+    say("fault                                            alert                                             "
+        "event     seconds after the fault / its end (fired after the end: the `after` alerts)")
     for label, alert, what, secs in results:
-        say(f"{label:<38} {alert:<49} {what:<9} {secs:6.1f}")
+        say(f"{label:<48} {alert:<49} {what:<9} {secs:6.1f}")
+    say("time per fault: " + ", ".join(f"{label} {secs:.1f} s" for label, secs in durations)
+        + f"; {sum(s for _, s in durations):.1f} s in all")
     proven = sorted({a.split("{")[0] for _, a, _, _ in results})
     say(f"{len(proven)} of {len(load_alerts())} alerts proven to fire and resolve live: {', '.join(proven)}")
 

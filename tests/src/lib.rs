@@ -33,6 +33,20 @@ pub fn clickhouse() -> ClickHouseConfig {
     }
 }
 
+/// A new file holding `value`, for a `--…-file` flag (secrets are never flags): under the
+/// suite's state folder when scripts/test.sh runs the tests (removed with it), else the
+/// temporary folder.
+pub fn secret_file(name: &str, value: &str) -> String {
+    let base = std::env::var_os("PULSE_TEST_STATE")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    let dir = base.join(unique("secrets"));
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display()));
+    let path = dir.join(name);
+    std::fs::write(&path, value).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    path.to_string_lossy().into_owned()
+}
+
 /// The S3 server (s3s-fs) started by `scripts/test.sh`, with its bucket.
 pub fn s3() -> S3Config {
     S3Config {
@@ -42,9 +56,7 @@ pub fn s3() -> S3Config {
         region: "us-east-1".into(),
         access_key: required_env("PULSE_TEST_S3_ACCESS_KEY").into(),
         secret_key: required_env("PULSE_TEST_S3_SECRET_KEY").into(),
-        access_key_file: None,
-        secret_key_file: None,
-        path_style: true,
+        ..S3Config::default()
     }
 }
 

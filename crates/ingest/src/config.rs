@@ -11,12 +11,13 @@ use pulse_platform::config::{Problems, Validate};
 use pulse_platform::kafka::KafkaConfig;
 use pulse_platform::registry_auth::RegistryAuthArgs;
 use pulse_platform::secret::Secret;
+use pulse_platform::server::ServerArgs;
 use pulse_platform::telemetry::TelemetryConfig;
 
 use crate::auth::{ApiKeys, KeysError};
 use crate::body::BodyLimits;
 use crate::pii::PiiPolicy;
-use crate::validate::Limits;
+use crate::validate::{Limits, RefusedVersions};
 
 /// Why the PII policy could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -139,20 +140,30 @@ pub struct Config {
     /// How old an event time may be, ms.
     #[arg(long = "max-age-ms", env = "PULSE_INGEST_MAX_AGE_MS", default_value_t = 7 * 24 * 3_600_000)]
     pub max_age_ms: i64,
-    /// Oldest supported `schema_version`.
+    /// Producer `schema_version`s to refuse, e.g. `2,4-6` (default: none; every version
+    /// from 1 up is accepted and stored with the event).
+    #[arg(
+        long = "refuse-schema-versions",
+        env = "PULSE_INGEST_REFUSE_SCHEMA_VERSIONS",
+        default_value = ""
+    )]
+    pub refuse_schema_versions: RefusedVersions,
+    /// Deprecated (read so that existing deployments keep their behaviour): the oldest
+    /// accepted `schema_version`; `M` refuses `1..M-1`, added to --refuse-schema-versions.
     #[arg(
         long = "min-schema-version",
         env = "PULSE_INGEST_MIN_SCHEMA_VERSION",
-        default_value_t = 1
+        hide = true
     )]
-    pub min_schema_version: u32,
-    /// Newest supported `schema_version`.
+    pub min_schema_version: Option<u32>,
+    /// Deprecated: the newest accepted `schema_version`; `N` refuses everything above `N`,
+    /// added to --refuse-schema-versions.
     #[arg(
         long = "max-schema-version",
         env = "PULSE_INGEST_MAX_SCHEMA_VERSION",
-        default_value_t = 1
+        hide = true
     )]
-    pub max_schema_version: u32,
+    pub max_schema_version: Option<u32>,
     /// Event ids remembered for dedup (memory bound).
     #[arg(
         long = "dedup-capacity",
@@ -216,6 +227,9 @@ pub struct Config {
     pub kafka: KafkaConfig,
     #[command(flatten)]
     pub telemetry: TelemetryConfig,
+    /// TLS and limits of the HTTP, gRPC and admin servers.
+    #[command(flatten)]
+    pub server: ServerArgs,
 }
 
 impl Config {
@@ -243,10 +257,32 @@ impl Config {
         PiiPolicy::parse(&self.pii_policy, &self.hmac_key()?).map_err(PiiSettingError::Policy)
     }
 
+    /// --refuse-schema-versions plus what the deprecated --min/--max-schema-version
+    /// (which earlier versions read) refuse.
+    pub fn refused_schema_versions(&self) -> RefusedVersions {
+        self.refuse_schema_versions
+            .with_bounds(self.min_schema_version, self.max_schema_version)
+    }
+
+    /// The deprecated settings in use, for a start-up warning naming their replacement.
+    pub fn deprecated_settings(&self) -> Vec<String> {
+        let mut used = Vec::new();
+        if let Some(m) = self.min_schema_version {
+            used.push(format!(
+                "--min-schema-version / PULSE_INGEST_MIN_SCHEMA_VERSION={m}"
+            ));
+        }
+        if let Some(m) = self.max_schema_version {
+            used.push(format!(
+                "--max-schema-version / PULSE_INGEST_MAX_SCHEMA_VERSION={m}"
+            ));
+        }
+        used
+    }
+
     pub fn limits(&self) -> Limits {
         Limits {
-            min_schema_version: self.min_schema_version,
-            max_schema_version: self.max_schema_version,
+            refused_schema_versions: self.refused_schema_versions(),
             max_future_skew_ms: self.max_future_skew_ms,
             max_age_ms: self.max_age_ms,
             max_event_bytes: self.max_event_bytes,
@@ -311,16 +347,24 @@ impl Validate for Config {
             "--max-stream-events",
             "must be >= --max-batch-events",
         );
-        p.check(
-            self.min_schema_version <= self.max_schema_version,
-            "--min-schema-version",
-            "must be <= --max-schema-version",
-        );
         p.check(self.dedup_capacity >= 1, "--dedup-capacity", "must be >= 1");
         p.check(self.rate_burst >= 1.0, "--rate-burst", "must be >= 1");
         self.kafka.validate(p);
         self.telemetry.validate(p);
+        self.server.validate(p);
     }
 }
 
-pulse_platform::impl_service_config!(Config);
+pulse_platform::impl_service_config!(Config, server);
+
+#[cfg(test)]
+mod flag_tests {
+    use clap::CommandFactory as _;
+
+    #[test]
+    fn every_flag_has_a_name_of_its_own() {
+        // clap's debug assertions: duplicate argument ids or flags (ingest's own and the
+        // flattened platform ones) panic here rather than at start.
+        super::Config::command().debug_assert();
+    }
+}

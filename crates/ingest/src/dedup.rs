@@ -27,93 +27,238 @@
 //! extend it. Time is passed in by the caller, so the set is deterministic in
 //! tests.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
+/// What the set keeps of an id: a 128-bit keyed hash, never the id itself.
+///
+/// The two halves are SipHash (std's [`RandomState`]: SipHash-1-3, random keys drawn
+/// when the set is created) of the id under two domain tags, so they behave as one
+/// 128-bit pseudo-random function of the id that a client cannot steer without the
+/// key. Two different ids share a key with probability 2⁻¹²⁸. With `n` ids held, a
+/// new id is falsely taken for a held one with probability `n / 2¹²⁸` (≈ 3·10⁻³³
+/// at 1,000,000 ids), and any two of the `n` collide with probability
+/// `n² / 2¹²⁹` (≈ 1.5·10⁻²⁷ at 1,000,000): a false `duplicate` is not a practical
+/// concern, and a false one would drop one event, never store one twice.
+type Key = [u64; 2];
+
+/// Seconds are counted in 30 bits (34 years of uptime); the top two bits of
+/// [`Entry::at`] are flags.
+const MAX_TICKS: u32 = (1 << 30) - 1;
+/// The record of this id was acknowledged by the broker; until then the id is only
+/// reserved by an attempt in flight.
+const DURABLE: u32 = 1 << 30;
+/// The entry was released, expired or evicted out of turn: no longer in the index,
+/// skipped when it reaches the front of the ring.
+const DEAD: u32 = 1 << 31;
+/// An empty index slot.
+const EMPTY: u32 = u32::MAX;
+
+/// One sighting, 24 bytes: the id's key, the whole second of the first sighting and
+/// the attempt's generation. The ring position is the expiry order, so nothing else
+/// is stored per id but its 4-byte index slot.
 #[derive(Debug, Clone, Copy)]
-struct Seen {
-    at: Instant,
-    generation: u64,
-    /// The record of this id was acknowledged by the broker; until then the id is
-    /// only reserved by an attempt in flight.
-    durable: bool,
+struct Entry {
+    key: Key,
+    /// Seconds since the set's epoch (bits 0–29) | [`DURABLE`] | [`DEAD`].
+    at: u32,
+    /// Which attempt reserved it (a released old reservation must not release a newer
+    /// attempt of the same id). Wraps after 2³² claims.
+    generation: u32,
 }
 
+impl Entry {
+    fn ticks(&self) -> u32 {
+        self.at & MAX_TICKS
+    }
+    fn durable(&self) -> bool {
+        self.at & DURABLE != 0
+    }
+    fn dead(&self) -> bool {
+        self.at & DEAD != 0
+    }
+}
+
+/// The ids of the set, in one structure: a ring of entries in insertion order (the
+/// expiry and eviction order) and an open-addressing index (linear probing, deletion
+/// by backward shift) whose slots hold only the 32-bit sequence number of an entry —
+/// the key is stored once, in the ring.
 #[derive(Debug, Default)]
 struct Inner {
-    /// Live ids. Invariant: each has exactly one deque entry with the same
-    /// generation.
-    map: HashMap<Arc<str>, Seen>,
-    /// Insertion order; entries whose generation no longer matches the map
-    /// (forgotten or re-inserted ids) are stale and skipped.
-    order: VecDeque<(Seen, Arc<str>)>,
-    next_generation: u64,
+    /// Insertion order. Entries marked [`DEAD`] are not in the index and are dropped
+    /// when they reach the front, or by [`Inner::compact`].
+    ring: VecDeque<Entry>,
+    /// Sequence number of `ring[0]`; `ring[i]` has `head + i`. Kept below
+    /// `u32::MAX - ring.len()` (rebased by [`Inner::compact`]), so no slot is [`EMPTY`].
+    head: u32,
+    /// Sequence numbers of the live entries; a power of two long (or empty), at most
+    /// three quarters full.
+    slots: Vec<u32>,
+    /// Live (indexed) entries.
+    live: usize,
+    next_generation: u32,
     evicted_early: u64,
 }
 
 impl Inner {
-    fn is_live(&self, seen: Seen, id: &str) -> bool {
-        self.map
-            .get(id)
-            .is_some_and(|live| live.generation == seen.generation)
+    fn mask(&self) -> usize {
+        self.slots.len().wrapping_sub(1)
     }
 
-    /// Drops expired entries from the front of the deque.
-    fn purge_expired(&mut self, now: Instant, window: Duration) {
-        while let Some((seen, id)) = self.order.front() {
-            if now.saturating_duration_since(seen.at) < window {
+    fn home(&self, key: &Key) -> usize {
+        (key[0] as usize) & self.mask()
+    }
+
+    fn position(&self, seq: u32) -> usize {
+        seq.wrapping_sub(self.head) as usize
+    }
+
+    /// The index slot and ring position of the live entry of `key`.
+    fn find(&self, key: &Key) -> Option<(usize, usize)> {
+        if self.slots.is_empty() {
+            return None;
+        }
+        let mask = self.mask();
+        let mut slot = self.home(key);
+        loop {
+            let seq = self.slots[slot];
+            if seq == EMPTY {
+                return None;
+            }
+            let pos = self.position(seq);
+            if self.ring.get(pos).is_some_and(|e| e.key == *key) {
+                return Some((slot, pos));
+            }
+            slot = (slot + 1) & mask;
+        }
+    }
+
+    /// Indexes the entry at ring position `pos` (its key is not indexed yet).
+    fn index(&mut self, pos: usize) {
+        let mask = self.mask();
+        let mut slot = self.home(&self.ring[pos].key);
+        while self.slots[slot] != EMPTY {
+            slot = (slot + 1) & mask;
+        }
+        self.slots[slot] = self.head.wrapping_add(pos as u32);
+    }
+
+    /// Empties index slot `hole`, shifting later entries of its probe run back.
+    fn unindex(&mut self, mut hole: usize) {
+        let mask = self.mask();
+        let mut slot = hole;
+        loop {
+            slot = (slot + 1) & mask;
+            let seq = self.slots[slot];
+            if seq == EMPTY {
                 break;
             }
-            let (seen, id) = (*seen, Arc::clone(id));
-            self.order.pop_front();
-            if self.is_live(seen, &id) {
-                self.map.remove(&id);
+            let home = self.home(&self.ring[self.position(seq)].key);
+            // The entry may move into the hole when the hole lies between its home and
+            // its slot (cyclically).
+            if slot.wrapping_sub(home) & mask >= slot.wrapping_sub(hole) & mask {
+                self.slots[hole] = seq;
+                hole = slot;
             }
+        }
+        self.slots[hole] = EMPTY;
+    }
+
+    /// Takes the live entry at (`slot`, `pos`) out of the set; it stays in the ring,
+    /// dead, until it reaches the front (or is the newest: then it goes now).
+    fn kill(&mut self, slot: usize, pos: usize) {
+        self.unindex(slot);
+        self.ring[pos].at |= DEAD;
+        self.live -= 1;
+        if pos + 1 == self.ring.len() {
+            // The common case (releasing the latest insert) frees its slot now.
+            self.ring.pop_back();
         }
     }
 
-    /// Pops the oldest deque entry, removing it from the map if live; returns
-    /// whether a live entry was evicted.
-    fn evict_oldest(&mut self, now: Instant, window: Duration) -> bool {
-        let Some((seen, id)) = self.order.pop_front() else {
+    /// Removes the front entry; returns it if it was live.
+    fn pop_front(&mut self) -> Option<Entry> {
+        let entry = *self.ring.front()?;
+        let live = !entry.dead();
+        if live && let Some((slot, _)) = self.find(&entry.key) {
+            self.unindex(slot);
+            self.live -= 1;
+        }
+        self.ring.pop_front();
+        self.head = self.head.wrapping_add(1);
+        live.then_some(entry)
+    }
+
+    /// Drops expired entries (and dead ones) from the front of the ring.
+    fn purge_expired(&mut self, now: u32, window: u32) {
+        while let Some(front) = self.ring.front() {
+            if !front.dead() && now.saturating_sub(front.ticks()) < window {
+                break;
+            }
+            self.pop_front();
+        }
+    }
+
+    /// Pops the oldest ring entry; returns whether a live entry was evicted (counted
+    /// in `evicted_early` if its window had not ended).
+    fn evict_oldest(&mut self, now: u32, window: u32) -> bool {
+        let Some(evicted) = self.pop_front() else {
             return false;
         };
-        if !self.is_live(seen, &id) {
-            return false;
-        }
-        self.map.remove(&id);
-        if now.saturating_duration_since(seen.at) < window {
+        if now.saturating_sub(evicted.ticks()) < window {
             self.evicted_early = self.evicted_early.saturating_add(1);
         }
         true
     }
 
-    /// Removes `id`; its deque entry becomes stale and is skipped.
-    fn forget(&mut self, id: &str) {
-        self.map.remove(id);
-        if let Some((seen, back)) = self.order.back()
-            && seen.generation.wrapping_add(1) == self.next_generation
-            && &**back == id
-        {
-            // The common case (forgetting the latest insert) frees its slot now.
-            self.order.pop_back();
+    /// Drops the dead entries, renumbers the ring from 0 and rebuilds the index.
+    fn compact(&mut self) {
+        self.ring.retain(|e| !e.dead());
+        self.head = 0;
+        self.reindex(self.slots.len());
+    }
+
+    /// Rebuilds the index with `slots` slots (a power of two above the live count).
+    fn reindex(&mut self, slots: usize) {
+        self.slots.clear();
+        self.slots.resize(slots, EMPTY);
+        for pos in 0..self.ring.len() {
+            if !self.ring[pos].dead() {
+                self.index(pos);
+            }
         }
     }
 
-    /// Drops stale deque entries once they make up at least half of it, keeping
-    /// the deque within `2 * capacity` at amortized O(1) cost per insert.
-    fn compact(&mut self, capacity: usize) {
-        if self.order.len() < capacity.saturating_mul(2) {
-            return;
+    /// Appends a live entry and indexes it.
+    fn push(&mut self, entry: Entry, capacity: usize) {
+        let dead = self.ring.len() - self.live;
+        // Dead entries make up at least half of a ring twice the capacity (as before:
+        // the ring stays within `2 * capacity`), or a quarter of a ring about to grow
+        // (its allocation then follows the live count): drop them, at amortized O(1).
+        if self.ring.len() >= capacity.saturating_mul(2)
+            || (self.ring.len() == self.ring.capacity() && dead > 0 && dead * 4 >= self.ring.len())
+            || u64::from(self.head) + self.ring.len() as u64 + 1 >= u64::from(u32::MAX)
+        {
+            self.compact();
         }
-        let map = &self.map;
-        self.order.retain(|(seen, id)| {
-            map.get(id)
-                .is_some_and(|live| live.generation == seen.generation)
-        });
+        if (self.live + 1) * 4 > self.slots.len() * 3 {
+            let slots = (self.slots.len() * 2).max(16);
+            self.reindex(slots);
+        }
+        self.ring.push_back(entry);
+        self.index(self.ring.len() - 1);
+        self.live += 1;
+    }
+
+    fn clear(&mut self) {
+        self.ring.clear();
+        self.slots.iter_mut().for_each(|s| *s = EMPTY);
+        self.live = 0;
+        self.head = 0;
     }
 }
 
@@ -152,15 +297,27 @@ pub fn is_dlq_key(key: &str) -> bool {
 /// A bounded, time-windowed set of recently seen event ids (one per ingest
 /// replica). Thread-safe (interior `Mutex`).
 ///
-/// Memory is bounded by `capacity` live entries (plus at most `capacity` stale
+/// Memory is bounded by `capacity` live entries (plus at most `capacity` dead
 /// bookkeeping entries left by released reservations): when full, the oldest
 /// entries are evicted first, even if still within the window, and counted in
 /// [`evicted_early`](Self::evicted_early). Capacity 0 disables deduplication
 /// (every id is new, nothing is stored); a zero window does the same.
+///
+/// An id costs 24 bytes in the ring (its 128-bit keyed hash, see [`Key`], the
+/// second of its first sighting and its attempt's generation) and one 4-byte index
+/// slot; with the growth of both (doubling) that is 28–56 bytes, ≈ 34 bytes per id
+/// with 1,000,000 ids (32 MiB; [`allocated_bytes`](Self::allocated_bytes)).
+///
+/// Time is kept in whole seconds since the set was created: an id sighted in second
+/// `s` is remembered until second `s + window` begins (for between `window − 1 s` and
+/// `window`; a window is rounded up to whole seconds).
 #[derive(Debug)]
 pub struct DedupSet {
     capacity: usize,
-    window: Duration,
+    /// The window in whole seconds (rounded up; 0 disables).
+    window: u32,
+    epoch: Instant,
+    hasher: RandomState,
     inner: Mutex<Inner>,
     /// Woken whenever a reservation is confirmed or released.
     settled: Notify,
@@ -184,27 +341,23 @@ pub enum Claim {
 #[derive(Debug)]
 pub struct Reservation {
     set: Option<Arc<DedupSet>>,
-    id: Arc<str>,
-    generation: u64,
+    key: Key,
+    generation: u32,
 }
 
 impl Reservation {
     /// The id is durably stored: later sightings within the window are duplicates.
     pub fn confirm(mut self) {
         if let Some(set) = self.set.take() {
-            set.resolve(&self.id, self.generation, true);
+            set.resolve(&self.key, self.generation, true);
         }
-    }
-
-    pub fn id(&self) -> &str {
-        &self.id
     }
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
         if let Some(set) = self.set.take() {
-            set.resolve(&self.id, self.generation, false);
+            set.resolve(&self.key, self.generation, false);
         }
     }
 }
@@ -212,9 +365,15 @@ impl Drop for Reservation {
 impl DedupSet {
     /// A set holding at most `capacity` ids, each for `window`.
     pub fn new(capacity: usize, window: Duration) -> Self {
+        let secs = window
+            .as_secs()
+            .saturating_add(u64::from(window.subsec_nanos() > 0));
         Self {
-            capacity,
-            window,
+            // Sequence numbers are 32-bit and the ring holds up to twice the capacity.
+            capacity: capacity.min(1 << 30),
+            window: secs.min(u64::from(MAX_TICKS)) as u32,
+            epoch: Instant::now(),
+            hasher: RandomState::new(),
             inner: Mutex::new(Inner::default()),
             settled: Notify::new(),
         }
@@ -224,21 +383,36 @@ impl DedupSet {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn key(&self, id: &str) -> Key {
+        [
+            self.hasher.hash_one((0u8, id)),
+            self.hasher.hash_one((1u8, id)),
+        ]
+    }
+
+    /// Whole seconds from the set's epoch to `now` (0 for an earlier instant).
+    fn ticks(&self, now: Instant) -> u32 {
+        now.saturating_duration_since(self.epoch)
+            .as_secs()
+            .min(u64::from(MAX_TICKS)) as u32
+    }
+
     /// Claims `id` at `now`: [`Claim::New`] with a reservation if it was not seen
     /// within the window, [`Claim::Duplicate`] if it was stored durably,
     /// [`Claim::InFlight`] if another attempt holds it. Expired entries are purged
-    /// lazily from the front of the insertion-ordered deque (amortized O(1)).
+    /// lazily from the front of the insertion-ordered ring (amortized O(1)).
     pub fn claim(self: &Arc<Self>, id: &str, now: Instant) -> Claim {
-        match self.reserve(id, now) {
+        let key = self.key(id);
+        match self.reserve(key, now) {
             Ok(Some(generation)) => Claim::New(Reservation {
                 set: Some(Arc::clone(self)),
-                id: Arc::from(id),
+                key,
                 generation,
             }),
             // Deduplication is disabled: nothing to confirm or release.
             Ok(None) => Claim::New(Reservation {
                 set: None,
-                id: Arc::from(id),
+                key,
                 generation: 0,
             }),
             Err(true) => Claim::Duplicate,
@@ -251,9 +425,10 @@ impl DedupSet {
     /// flight. The tests' shorthand for a claim confirmed at once.
     #[cfg(test)]
     pub fn insert_if_new(&self, id: &str, now: Instant) -> bool {
-        match self.reserve(id, now) {
+        let key = self.key(id);
+        match self.reserve(key, now) {
             Ok(Some(generation)) => {
-                self.resolve(id, generation, true);
+                self.resolve(&key, generation, true);
                 true
             }
             Ok(None) => true,
@@ -264,13 +439,19 @@ impl DedupSet {
     /// Waits until no attempt of `id` is in flight (it was confirmed or released),
     /// at most `timeout`. Returns false on timeout.
     pub async fn settled(&self, id: &str, timeout: Duration) -> bool {
+        let key = self.key(id);
         let wait = async {
             loop {
                 let notified = self.settled.notified();
                 tokio::pin!(notified);
                 // Registered before the check, so a resolution in between is not missed.
                 notified.as_mut().enable();
-                let in_flight = self.lock().map.get(id).is_some_and(|s| !s.durable);
+                let in_flight = {
+                    let inner = self.lock();
+                    inner
+                        .find(&key)
+                        .is_some_and(|(_, pos)| !inner.ring[pos].durable())
+                };
                 if !in_flight {
                     return;
                 }
@@ -280,82 +461,86 @@ impl DedupSet {
         tokio::time::timeout(timeout, wait).await.is_ok()
     }
 
-    /// Reserves `id`: `Ok(Some(generation))` for a first sighting, `Ok(None)` when
+    /// Reserves `key`: `Ok(Some(generation))` for a first sighting, `Ok(None)` when
     /// deduplication is disabled, `Err(durable)` when the id is already present.
-    fn reserve(&self, id: &str, now: Instant) -> Result<Option<u64>, bool> {
-        if self.capacity == 0 || self.window.is_zero() {
+    fn reserve(&self, key: Key, now: Instant) -> Result<Option<u32>, bool> {
+        if self.capacity == 0 || self.window == 0 {
             return Ok(None);
         }
+        let now = self.ticks(now);
         let mut inner = self.lock();
         inner.purge_expired(now, self.window);
-        if let Some(seen) = inner.map.get(id) {
-            if now.saturating_duration_since(seen.at) < self.window || !seen.durable {
-                return Err(seen.durable);
+        if let Some((slot, pos)) = inner.find(&key) {
+            let seen = inner.ring[pos];
+            if now.saturating_sub(seen.ticks()) < self.window || !seen.durable() {
+                return Err(seen.durable());
             }
             // Expired but not yet purged (callers' instants can arrive slightly
-            // out of order); its deque entry becomes stale.
-            inner.map.remove(id);
+            // out of order, and the ring is in insertion order).
+            inner.kill(slot, pos);
         }
-        while inner.map.len() >= self.capacity {
-            if inner.order.is_empty() {
+        while inner.live >= self.capacity {
+            if inner.ring.is_empty() {
                 // Unreachable while the invariant holds; never loop forever.
-                inner.map.clear();
+                inner.clear();
                 break;
             }
             inner.evict_oldest(now, self.window);
         }
-        let seen = Seen {
-            at: now,
-            generation: inner.next_generation,
-            durable: false,
-        };
-        inner.next_generation = inner.next_generation.wrapping_add(1);
-        let id: Arc<str> = Arc::from(id);
-        inner.map.insert(Arc::clone(&id), seen);
-        inner.order.push_back((seen, id));
-        inner.compact(self.capacity);
-        Ok(Some(seen.generation))
+        let generation = inner.next_generation;
+        inner.next_generation = generation.wrapping_add(1);
+        inner.push(
+            Entry {
+                key,
+                at: now,
+                generation,
+            },
+            self.capacity,
+        );
+        Ok(Some(generation))
     }
 
-    /// Ends the attempt `generation` of `id`: durable, or released (forgotten).
+    /// Ends the attempt `generation` of `key`: durable, or released (forgotten).
     /// A newer attempt of the same id (after eviction) is left alone.
-    fn resolve(&self, id: &str, generation: u64, durable: bool) {
+    fn resolve(&self, key: &Key, generation: u32, durable: bool) {
         {
             let mut inner = self.lock();
-            let live = inner
-                .map
-                .get(id)
-                .is_some_and(|s| s.generation == generation && !s.durable);
-            if live {
-                if durable {
-                    if let Some(s) = inner.map.get_mut(id) {
-                        s.durable = true;
+            if let Some((slot, pos)) = inner.find(key) {
+                let seen = inner.ring[pos];
+                if seen.generation == generation && !seen.durable() {
+                    if durable {
+                        inner.ring[pos].at |= DURABLE;
+                    } else {
+                        inner.kill(slot, pos);
                     }
-                } else {
-                    inner.forget(id);
                 }
             }
         }
         self.settled.notify_waiters();
     }
 
-    /// Forgets `id` outright (tests: releasing is a dropped [`Reservation`]). Its deque
-    /// entry becomes stale and is skipped.
+    /// Forgets `id` outright (tests: releasing is a dropped [`Reservation`]).
     #[cfg(test)]
     pub fn forget(&self, id: &str) {
-        self.lock().forget(id);
+        let key = self.key(id);
+        {
+            let mut inner = self.lock();
+            if let Some((slot, pos)) = inner.find(&key) {
+                inner.kill(slot, pos);
+            }
+        }
         self.settled.notify_waiters();
     }
 
     /// Number of ids currently remembered (possibly including expired ones not
     /// yet purged).
     pub fn len(&self) -> usize {
-        self.lock().map.len()
+        self.lock().live
     }
 
     /// True when no id is remembered.
     pub fn is_empty(&self) -> bool {
-        self.lock().map.is_empty()
+        self.lock().live == 0
     }
 
     /// Entries evicted because the set was full before their window ended (a
@@ -364,28 +549,40 @@ impl DedupSet {
         self.lock().evicted_early
     }
 
+    /// Heap bytes the set holds (ring and index allocations): what its ids cost.
+    pub fn allocated_bytes(&self) -> usize {
+        let inner = self.lock();
+        inner.ring.capacity() * std::mem::size_of::<Entry>()
+            + inner.slots.capacity() * std::mem::size_of::<u32>()
+    }
+
     #[cfg(test)]
     fn check_invariants(&self) {
         let inner = self.lock();
-        assert!(inner.map.len() <= self.capacity, "map over capacity");
+        assert!(inner.live <= self.capacity, "over capacity");
         assert!(
-            inner.order.len() <= self.capacity.saturating_mul(2),
-            "deque over 2x capacity: {}",
-            inner.order.len()
+            inner.ring.len() <= self.capacity.saturating_mul(2),
+            "ring over 2x capacity: {}",
+            inner.ring.len()
         );
-        let live = inner
-            .order
-            .iter()
-            .filter(|(seen, id)| inner.is_live(*seen, id))
-            .count();
-        assert_eq!(live, inner.map.len(), "each live id has one deque entry");
-        for (id, seen) in &inner.map {
-            let matching = inner
-                .order
-                .iter()
-                .filter(|(s, i)| i == id && s.generation == seen.generation && s.at == seen.at)
-                .count();
-            assert_eq!(matching, 1, "id {id} has {matching} deque entries");
+        let live: Vec<usize> = (0..inner.ring.len())
+            .filter(|&p| !inner.ring[p].dead())
+            .collect();
+        assert_eq!(live.len(), inner.live, "live count");
+        assert!(inner.slots.is_empty() || inner.slots.len().is_power_of_two());
+        assert!(
+            inner.live * 4 <= inner.slots.len() * 3,
+            "index over 3/4 full"
+        );
+        let indexed = inner.slots.iter().filter(|&&s| s != EMPTY).count();
+        assert_eq!(indexed, inner.live, "each live entry has one slot");
+        for pos in live {
+            let key = inner.ring[pos].key;
+            assert_eq!(
+                inner.find(&key).map(|(_, p)| p),
+                Some(pos),
+                "live entry {pos} is found"
+            );
         }
     }
 }
@@ -642,6 +839,213 @@ mod tests {
             let trues: usize = handles.into_iter().map(|h| h.join().unwrap()).sum();
             assert_eq!(trues, 1);
             set.check_invariants();
+        }
+    }
+
+    #[test]
+    fn an_id_costs_at_most_40_bytes_at_the_default_capacity() {
+        // Deterministic: the set's own allocations (ring and index), not RSS. Before the
+        // compact layout (`Arc<str>` keys in a `HashMap` plus a `VecDeque` of copies) an
+        // id cost 162 bytes of RSS (`bench-memory`).
+        const IDS: usize = 1_000_000;
+        let set = Arc::new(DedupSet::new(IDS, WINDOW));
+        let t0 = Instant::now();
+        for i in 0..IDS {
+            let id = format!("lg-7-{i}");
+            match set.claim(&id, t0) {
+                Claim::New(r) => r.confirm(),
+                other => panic!("{id}: {other:?}"),
+            }
+        }
+        assert_eq!(set.len(), IDS);
+        let per_id = set.allocated_bytes() as f64 / IDS as f64;
+        println!(
+            "dedup set: {IDS} ids in {} bytes, {per_id:.1} bytes per id",
+            set.allocated_bytes()
+        );
+        assert!(per_id <= 40.0, "{per_id:.1} bytes per id");
+        assert!(matches!(set.claim("lg-7-0", t0), Claim::Duplicate));
+        assert!(matches!(set.claim("lg-7-999999", t0), Claim::Duplicate));
+        assert_eq!(set.evicted_early(), 0);
+        // Full: a new id evicts the oldest within its window, counted.
+        claimed(&set, "lg-7-1000000", t0).confirm();
+        assert_eq!((set.len(), set.evicted_early()), (IDS, 1));
+    }
+
+    #[test]
+    fn released_reservations_do_not_grow_the_ring_past_twice_the_capacity() {
+        let set = Arc::new(DedupSet::new(100, WINDOW));
+        let t0 = Instant::now();
+        let held: Vec<Reservation> = (0..50)
+            .map(|i| claimed(&set, &format!("h{i}"), t0))
+            .collect();
+        for round in 0..10_000 {
+            // Released out of order: the dead entries stay in the ring until compacted.
+            let a = claimed(&set, &format!("a{round}"), t0);
+            let b = claimed(&set, &format!("b{round}"), t0);
+            drop(a);
+            b.confirm();
+        }
+        set.check_invariants();
+        assert!(
+            set.allocated_bytes() < 200 * 24 * 2 + 1024 * 4,
+            "{}",
+            set.allocated_bytes()
+        );
+        drop(held);
+        set.check_invariants();
+    }
+
+    /// The set before its compact layout (ids in a `HashMap` plus an insertion-ordered
+    /// `VecDeque`), kept as the reference the compact set must agree with, at the same
+    /// whole-second clock.
+    mod reference {
+        use std::collections::{HashMap, VecDeque};
+
+        #[derive(Debug, Clone, Copy)]
+        struct Seen {
+            at: u32,
+            generation: u64,
+            durable: bool,
+        }
+
+        #[derive(Debug, Default)]
+        pub struct RefSet {
+            pub capacity: usize,
+            pub window: u32,
+            map: HashMap<String, Seen>,
+            order: VecDeque<(Seen, String)>,
+            next_generation: u64,
+            pub evicted_early: u64,
+        }
+
+        impl RefSet {
+            pub fn new(capacity: usize, window: u32) -> Self {
+                Self {
+                    capacity,
+                    window,
+                    ..Default::default()
+                }
+            }
+
+            fn is_live(&self, seen: Seen, id: &str) -> bool {
+                self.map
+                    .get(id)
+                    .is_some_and(|l| l.generation == seen.generation)
+            }
+
+            /// `Ok(generation)`, or `Err(durable)`.
+            pub fn reserve(&mut self, id: &str, now: u32) -> Result<u64, bool> {
+                while let Some((seen, front)) = self.order.front() {
+                    if now.saturating_sub(seen.at) < self.window {
+                        break;
+                    }
+                    let (seen, front) = (*seen, front.clone());
+                    self.order.pop_front();
+                    if self.is_live(seen, &front) {
+                        self.map.remove(&front);
+                    }
+                }
+                if let Some(seen) = self.map.get(id) {
+                    if now.saturating_sub(seen.at) < self.window || !seen.durable {
+                        return Err(seen.durable);
+                    }
+                    self.map.remove(id);
+                }
+                while self.map.len() >= self.capacity {
+                    let (seen, old) = self.order.pop_front().expect("live ids are in order");
+                    if self.is_live(seen, &old) {
+                        self.map.remove(&old);
+                        if now.saturating_sub(seen.at) < self.window {
+                            self.evicted_early += 1;
+                        }
+                    }
+                }
+                let seen = Seen {
+                    at: now,
+                    generation: self.next_generation,
+                    durable: false,
+                };
+                self.next_generation += 1;
+                self.map.insert(id.to_owned(), seen);
+                self.order.push_back((seen, id.to_owned()));
+                Ok(seen.generation)
+            }
+
+            pub fn resolve(&mut self, id: &str, generation: u64, durable: bool) {
+                if let Some(s) = self.map.get_mut(id)
+                    && s.generation == generation
+                    && !s.durable
+                {
+                    if durable {
+                        s.durable = true;
+                    } else {
+                        self.map.remove(id);
+                    }
+                }
+            }
+
+            pub fn len(&self) -> usize {
+                self.map.len()
+            }
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum ModelOp {
+        Claim(u8),
+        Confirm(usize),
+        Release(usize),
+        Advance(u32),
+    }
+
+    fn model_op() -> impl Strategy<Value = ModelOp> {
+        prop_oneof![
+            6 => (0u8..12).prop_map(ModelOp::Claim),
+            2 => any::<usize>().prop_map(ModelOp::Confirm),
+            2 => any::<usize>().prop_map(ModelOp::Release),
+            1 => (0u32..8).prop_map(ModelOp::Advance),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn agrees_with_the_reference_set(
+            capacity in 1usize..7,
+            ops in proptest::collection::vec(model_op(), 0..400),
+        ) {
+            let window = 10u32;
+            let set = Arc::new(DedupSet::new(capacity, Duration::from_secs(window.into())));
+            let mut reference = reference::RefSet::new(capacity, window);
+            let t0 = Instant::now();
+            let mut now = 0u32;
+            // Open attempts: (id, the set's reservation, the reference's generation).
+            let mut open: Vec<(String, Reservation, u64)> = Vec::new();
+            for op in ops {
+                let at = t0 + Duration::from_secs(now.into());
+                match op {
+                    ModelOp::Claim(id) => {
+                        let id = format!("e{id}");
+                        let expected = reference.reserve(&id, now);
+                        match (set.claim(&id, at), expected) {
+                            (Claim::New(r), Ok(generation)) => open.push((id, r, generation)),
+                            (Claim::Duplicate, Err(true)) | (Claim::InFlight, Err(false)) => {}
+                            (got, expected) => prop_assert!(false, "{id} at {now}: {got:?}, reference {expected:?}"),
+                        }
+                    }
+                    ModelOp::Confirm(i) | ModelOp::Release(i) if !open.is_empty() => {
+                        let durable = matches!(op, ModelOp::Confirm(_));
+                        let (id, r, generation) = open.swap_remove(i % open.len());
+                        reference.resolve(&id, generation, durable);
+                        if durable { r.confirm() } else { drop(r) }
+                    }
+                    ModelOp::Confirm(_) | ModelOp::Release(_) => {}
+                    ModelOp::Advance(secs) => now += secs,
+                }
+                prop_assert_eq!(set.len(), reference.len());
+                prop_assert_eq!(set.evicted_early(), reference.evicted_early);
+                set.check_invariants();
+            }
         }
     }
 

@@ -60,6 +60,8 @@ pub enum Error {
     },
     #[error("server: {0}")]
     Serve(#[from] ServeError),
+    #[error("configuration: TLS: {0}")]
+    Tls(#[from] pulse_platform::tls::TlsError),
     #[error("schema registry client: {0}")]
     RegistryClient(String),
 }
@@ -110,16 +112,18 @@ pub async fn serve(
         max_batch_events: config.max_batch_events,
         max_stream_events: config.max_stream_events,
     });
-    let servers = Servers::start(
+    let settings = config.server.settings()?;
+    let servers = Servers::start_with(
         http,
         app,
         grpc,
         service,
         pulse_contracts::FILE_DESCRIPTOR_SET,
+        &settings,
         CancellationToken::new(),
     )
     .await?;
-    tracing::info!(http_addr = %servers.http_addr, grpc_addr = %servers.grpc_addr, "ingest serving");
+    tracing::info!(http_addr = %servers.http_addr, grpc_addr = %servers.grpc_addr, tls = settings.tls.is_some(), "ingest serving");
     Ok(servers)
 }
 
@@ -140,6 +144,14 @@ pub fn registry_encoder(config: &Config) -> Result<RegistryEncoder, Error> {
 pub async fn run(config: Config, ctx: ServiceContext) -> Result<(), Error> {
     crate::metrics::describe();
     crate::metrics::init(&config.events_topic, &config.dlq_topic);
+    for setting in config.deprecated_settings() {
+        tracing::warn!(
+            setting = %setting,
+            refused = %config.refused_schema_versions(),
+            "deprecated setting: every schema_version outside its range is refused; \
+             use --refuse-schema-versions / PULSE_INGEST_REFUSE_SCHEMA_VERSIONS instead"
+        );
+    }
     let specs = [
         TopicSpec::of(
             TopicKind::Events,

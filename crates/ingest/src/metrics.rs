@@ -4,6 +4,7 @@
 use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
 
 pub const EVENTS_TOTAL: &str = "pulse_ingest_events_total";
+pub const EVENTS_BY_SCHEMA_VERSION_TOTAL: &str = "pulse_ingest_events_by_schema_version_total";
 pub const BATCH_EVENTS: &str = "pulse_ingest_batch_events";
 pub const BODY_BYTES: &str = "pulse_ingest_body_bytes";
 pub const PRODUCE_ACK_SECONDS: &str = "pulse_ingest_batch_ack_seconds";
@@ -20,6 +21,11 @@ pub fn describe() {
     describe_counter!(
         EVENTS_TOTAL,
         "Events by outcome (accepted, duplicate, invalid, rate_limited, unavailable) and reason (validation code)."
+    );
+    describe_counter!(
+        EVENTS_BY_SCHEMA_VERSION_TOTAL,
+        "Accepted events (acknowledged by the broker) by the producer's schema_version: \
+         version=\"1\" … \"32\", higher versions as \"other\"."
     );
     describe_histogram!(BATCH_EVENTS, "Events per request, by protocol.");
     describe_histogram!(BODY_BYTES, Unit::Bytes, "Request body size on the wire.");

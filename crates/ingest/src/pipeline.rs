@@ -29,7 +29,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use crate::dedup::{Claim, DedupSet, Reservation, dlq_key, is_dlq_key};
 use crate::metrics as m;
 use crate::pii::PiiPolicy;
-use crate::validate::{FieldError, Limits, validate, validate_parsed};
+use crate::validate::{FieldError, Limits, schema_version, validate, validate_parsed};
 
 /// Frames protobuf bytes for a topic (Confluent wire format). The registry-backed
 /// implementation is used in production; tests may use a fixed schema id.
@@ -361,6 +361,8 @@ impl Ingestor {
         // that was never stored is never answered `duplicate`.
         let mut reserved: HashMap<String, Reservation> = HashMap::new();
         let mut failure: Option<IngestError> = None;
+        // Accepted events per `schema_version` label, counted once the batch is durable.
+        let mut by_version: HashMap<String, u64> = HashMap::new();
 
         'events: for (index, incoming) in events.into_iter().enumerate() {
             match incoming.validate(now, &inner.cfg.limits) {
@@ -460,6 +462,9 @@ impl Ingestor {
                         }
                     }
                     result.accepted += 1;
+                    *by_version
+                        .entry(schema_version::label(event.schema_version))
+                        .or_default() += 1;
                     result.results.push(EventResult {
                         index,
                         status: Status::Accepted,
@@ -517,6 +522,9 @@ impl Ingestor {
         }
         metrics::counter!(m::EVENTS_TOTAL, "outcome" => "accepted", "reason" => "")
             .increment(result.accepted as u64);
+        for (version, n) in by_version {
+            metrics::counter!(m::EVENTS_BY_SCHEMA_VERSION_TOTAL, "version" => version).increment(n);
+        }
         metrics::gauge!(m::DEDUP_SET_SIZE).set(inner.dedup.len() as f64);
         Ok(result)
     }
@@ -659,6 +667,47 @@ mod tests {
             opentelemetry::Context::new(),
         )
         .await
+    }
+
+    #[test]
+    fn accepted_events_are_counted_per_schema_version_with_high_versions_as_other() {
+        let versioned = |id: &str, v: u64| {
+            Incoming::json(
+                serde_json::json!({
+                    "event_id": id, "schema_version": v, "event_type": "page_view",
+                    "key": { "user_id": "u1" }, "metadata": { "event_timestamp": now_ms() }
+                })
+                .to_string()
+                .into_bytes(),
+            )
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let text = pulse_platform::metrics::scrape_with(|| {
+            let i = ingestor(Arc::new(FakeProducer::default()));
+            let batch = vec![
+                versioned("a", 3),
+                versioned("b", 3),
+                versioned("c", 1),
+                versioned("d", 33),
+                versioned("e", 4_000_000_000),
+                versioned("f", 0),
+            ];
+            let r = rt
+                .block_on(i.ingest("src", "http", batch, opentelemetry::Context::new()))
+                .unwrap();
+            assert_eq!((r.accepted, r.rejected), (5, 1));
+        });
+        for series in [
+            "pulse_ingest_events_by_schema_version_total{version=\"3\"} 2",
+            "pulse_ingest_events_by_schema_version_total{version=\"1\"} 1",
+            "pulse_ingest_events_by_schema_version_total{version=\"other\"} 2",
+        ] {
+            assert!(text.contains(series), "{series} missing from\n{text}");
+        }
+        assert!(!text.contains("version=\"0\""), "{text}");
     }
 
     #[tokio::test]

@@ -10,6 +10,9 @@
 //! counts as absent; a `null` required field as missing. A field of the wrong JSON type is
 //! `invalid_type`, except `payload.amount` and `metadata.event_timestamp`, which accept
 //! several types and report their own codes.
+//!
+//! `schema_version` is the producer's version of its event shape (see [`schema_version`]):
+//! any version from 1 up is accepted unless the deployment refuses it.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -19,6 +22,10 @@ use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
+
+pub mod schema_version;
+
+pub use self::schema_version::RefusedVersions;
 
 /// Stable machine codes of [`FieldError`]; bounded, so fit for metric labels.
 pub mod code {
@@ -36,7 +43,7 @@ pub mod code {
     pub const INVALID_TYPE: &str = "invalid_type";
     /// `event_id` is empty, too long or has characters outside the allowed set.
     pub const INVALID_EVENT_ID: &str = "invalid_event_id";
-    /// `schema_version` is outside the supported range.
+    /// `schema_version` is 0 (protobuf's unset value) or on `--refuse-schema-versions`.
     pub const UNSUPPORTED_SCHEMA_VERSION: &str = "unsupported_schema_version";
     /// `event_type` does not match the pattern.
     pub const INVALID_EVENT_TYPE: &str = "invalid_event_type";
@@ -65,10 +72,9 @@ pub mod code {
 /// Validation limits (all configurable by the service; defaults shown).
 #[derive(Debug, Clone)]
 pub struct Limits {
-    /// Lowest accepted `schema_version` (1).
-    pub min_schema_version: u32,
-    /// Highest accepted `schema_version` (1).
-    pub max_schema_version: u32,
+    /// `schema_version`s refused by this deployment (none); every other version from 1
+    /// up is accepted.
+    pub refused_schema_versions: RefusedVersions,
     /// How far ahead of the server clock an event time may be (5 minutes).
     pub max_future_skew_ms: i64,
     /// How far behind the server clock an event time may be (7 days).
@@ -87,8 +93,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            min_schema_version: 1,
-            max_schema_version: 1,
+            refused_schema_versions: RefusedVersions::default(),
             max_future_skew_ms: 5 * 60_000,
             max_age_ms: 7 * 24 * 3_600_000,
             max_event_bytes: 32 * 1024,
@@ -367,13 +372,28 @@ fn check_schema_version(top: &Map<String, Value>, limits: &Limits) -> Result<u32
     } else {
         return Err(wrong_type(field, "an integer", v));
     };
-    let (min, max) = (limits.min_schema_version, limits.max_schema_version);
-    match u32::try_from(version) {
-        Ok(version) if (min..=max).contains(&version) => Ok(version),
-        _ => Err(FieldError::new(
+    let refused = |reason: String| {
+        Err(FieldError::new(
             field,
             code::UNSUPPORTED_SCHEMA_VERSION,
-            format!("{version} is not supported; supported versions are {min}..={max}"),
+            reason,
+        ))
+    };
+    match u32::try_from(version) {
+        Ok(0) => refused(
+            "0 is not a version (it is protobuf's unset value); send the producer's version \
+             of its event shape, 1 or higher"
+                .to_owned(),
+        ),
+        Ok(version) if limits.refused_schema_versions.contains(version) => refused(format!(
+            "{version} is refused by this deployment (--refuse-schema-versions {}); \
+             send the event in a version it accepts",
+            limits.refused_schema_versions
+        )),
+        Ok(version) => Ok(version),
+        Err(_) => refused(format!(
+            "{version} is not a version; it must be a whole number from 1 to {}",
+            u32::MAX
         )),
     }
 }

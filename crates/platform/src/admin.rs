@@ -2,6 +2,11 @@
 //! (the process can still do its work: 503 only when a part of it is stuck in a way only
 //! a restart fixes, see [`Health::fail_liveness`]) and `/readyz` (ready for traffic; 503
 //! while a part is blocked and once draining starts).
+//!
+//! None of the routes changes state or reveals configuration (the metrics carry the build
+//! version and operational series only), so they stay open: no token is asked for. The
+//! server speaks TLS when `--admin-tls-cert-file`/`--admin-tls-key-file` are set and has
+//! the same limits as the service's servers (see [`crate::server::ServerSettings`]).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -160,7 +165,32 @@ pub async fn serve(
     metrics: PrometheusHandle,
     stop: CancellationToken,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(health, metrics))
+    serve_with(
+        listener,
+        health,
+        metrics,
+        &crate::server::ServerSettings::default(),
+        stop,
+    )
+    .await
+}
+
+/// [`serve`] with TLS and limits from `settings`.
+pub async fn serve_with(
+    listener: TcpListener,
+    health: Health,
+    metrics: PrometheusHandle,
+    settings: &crate::server::ServerSettings,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
+    settings.watch(stop.clone());
+    let listener = crate::listener::HttpListener::new(
+        listener,
+        settings.accept(crate::tls::Alpn::Http, "admin"),
+        stop.child_token(),
+    )?;
+    let app = crate::limits::http(router(health, metrics), &settings.limits, "admin");
+    axum::serve(listener, app)
         .with_graceful_shutdown(async move { stop.cancelled().await })
         .await
 }

@@ -5,11 +5,22 @@
 //! query the client uses for schema validation. The defaults (`none`, validation off)
 //! work on 18.16 and on current releases; with a current server `lz4` and validation on
 //! are safe to choose.
+//!
+//! `https://` URLs go over rustls ([`tls`]), trusting `--clickhouse-ca-file` or the
+//! system's CA certificates. The password comes from a file or the environment, never
+//! from a flag.
+
+mod tls;
 
 use std::path::PathBuf;
 
 use crate::config::{Problems, Validate};
-use crate::secret::Secret;
+use crate::secret::{Secret, removed_secret_flag};
+
+pub use tls::{ConnectError, error_chain};
+
+/// The environment variable holding the password when no file is given.
+pub const PASSWORD_ENV: &str = "PULSE_CLICKHOUSE_PASSWORD";
 
 /// Transport compression between Pulse and ClickHouse.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -42,23 +53,27 @@ pub struct ClickHouseConfig {
         default_value = "default"
     )]
     pub user: String,
-    /// Password; prefer --clickhouse-password-file or PULSE_CLICKHOUSE_PASSWORD over this
-    /// flag (process arguments are visible to every local user). Never logged.
-    #[arg(
-        long = "clickhouse-password",
-        env = "PULSE_CLICKHOUSE_PASSWORD",
-        default_value = "",
-        hide_env_values = true,
-        hide_default_value = true
-    )]
+    /// The password from PULSE_CLICKHOUSE_PASSWORD (environment only, never a flag).
+    /// Never logged.
+    #[arg(skip = Secret::from_env(PASSWORD_ENV))]
     pub password: Secret,
-    /// File holding the password (e.g. a mounted Secret), instead of the password itself;
-    /// read each time a client is created. Setting both is an error.
+    /// File holding the password (e.g. a mounted Secret); read each time a client is
+    /// created. Or set the password itself in PULSE_CLICKHOUSE_PASSWORD (environment only,
+    /// no flag; not both).
     #[arg(
         long = "clickhouse-password-file",
         env = "PULSE_CLICKHOUSE_PASSWORD_FILE"
     )]
     pub password_file: Option<PathBuf>,
+    /// Removed: took the password as a process argument. Refused at start, naming the
+    /// replacement.
+    #[arg(long = "clickhouse-password", hide = true)]
+    pub removed_password_flag: Option<Secret>,
+    /// PEM file of the CA certificate(s) that signed ClickHouse's server certificate, for
+    /// `https://` URLs; unset: the system's CA certificates. Read each time a client is
+    /// created.
+    #[arg(long = "clickhouse-ca-file", env = "PULSE_CLICKHOUSE_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
     /// Transport compression (`none` is required for ClickHouse 18.16).
     #[arg(
         id = "clickhouse_compression",
@@ -85,6 +100,8 @@ impl Default for ClickHouseConfig {
             user: "default".into(),
             password: Secret::default(),
             password_file: None,
+            removed_password_flag: None,
+            ca_file: None,
             compression: ClickHouseCompression::None,
             validation: false,
         }
@@ -98,9 +115,16 @@ impl ClickHouseConfig {
     }
 
     /// A client without a database selected (to create the database itself).
+    ///
+    /// `https://` URLs are checked against the CA file or the system's roots. A CA file
+    /// that cannot be used (validation at start refuses that; a file broken later) is
+    /// logged, and every request of the client fails with that reason.
     pub fn server_client(&self) -> clickhouse::Client {
-        clickhouse::Client::default()
-            .with_url(&self.url)
+        let base = tls::client(self.is_https(), self.ca_file.as_deref()).unwrap_or_else(|reason| {
+            tracing::error!(url = %self.url, %reason, "clickhouse: TLS settings unusable");
+            tls::broken_client(reason)
+        });
+        base.with_url(&self.url)
             .with_user(&self.user)
             .with_password(self.effective_password().expose())
             .with_compression(match self.compression {
@@ -112,7 +136,11 @@ impl ClickHouseConfig {
 }
 
 impl ClickHouseConfig {
-    /// The password from the file or the flag/env. A file that cannot be read (validation
+    fn is_https(&self) -> bool {
+        self.url.starts_with("https://")
+    }
+
+    /// The password from the file or the environment. A file that cannot be read (validation
     /// at start refuses that; a file removed later) is logged by name and no password is
     /// sent, so ClickHouse refuses the client with an authentication error.
     fn effective_password(&self) -> Secret {
@@ -125,6 +153,33 @@ impl ClickHouseConfig {
 
 impl Validate for ClickHouseConfig {
     fn validate(&self, p: &mut Problems) {
+        removed_secret_flag(
+            p,
+            "--clickhouse-password",
+            self.removed_password_flag.is_some(),
+            "--clickhouse-password-file or the environment variable PULSE_CLICKHOUSE_PASSWORD",
+        );
+        const CA: &str = "--clickhouse-ca-file / PULSE_CLICKHOUSE_CA_FILE";
+        match (&self.ca_file, self.is_https()) {
+            (Some(_), false) => p.add(
+                CA,
+                format!(
+                    "a CA file is set but --clickhouse-url {:?} is not https://: the connection would not use TLS",
+                    self.url
+                ),
+            ),
+            (Some(ca), true) => {
+                if let Err(reason) = tls::read_ca_file(ca) {
+                    p.add(CA, reason);
+                }
+            }
+            (None, true) => {
+                if let Err(reason) = tls::roots(None) {
+                    p.add(CA, reason);
+                }
+            }
+            (None, false) => {}
+        }
         if let Err(reason) = Secret::resolve(&self.password, self.password_file.as_deref()) {
             p.add(
                 "--clickhouse-password-file / PULSE_CLICKHOUSE_PASSWORD_FILE",
@@ -192,7 +247,7 @@ mod tests {
     }
 
     #[test]
-    fn the_password_comes_from_its_file_or_its_value_never_both() {
+    fn the_password_comes_from_its_file_or_the_environment_never_both() {
         let dir = std::env::temp_dir().join(format!("pulse-ch-pw-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("password");
@@ -202,16 +257,18 @@ mod tests {
                 .clickhouse;
         crate::config::validate_all(&[&from_file]).unwrap();
         assert_eq!(from_file.effective_password().expose(), "from-file");
-        let from_flag =
-            All::try_parse_from_for_test(&["--clickhouse-password", "from-flag"]).clickhouse;
-        assert_eq!(from_flag.effective_password().expose(), "from-flag");
-        let both = All::try_parse_from_for_test(&[
-            "--clickhouse-password",
-            "from-flag",
-            "--clickhouse-password-file",
-            file.to_str().unwrap(),
-        ])
-        .clickhouse;
+        // PULSE_CLICKHOUSE_PASSWORD is read at parse time; set directly here so the test
+        // does not change the process environment.
+        let from_env = ClickHouseConfig {
+            password: "from-env".into(),
+            ..ClickHouseConfig::default()
+        };
+        assert_eq!(from_env.effective_password().expose(), "from-env");
+        let both = ClickHouseConfig {
+            password: "from-env".into(),
+            ..All::try_parse_from_for_test(&["--clickhouse-password-file", file.to_str().unwrap()])
+                .clickhouse
+        };
         let text = crate::config::validate_all(&[&both])
             .unwrap_err()
             .to_string();
@@ -234,6 +291,68 @@ mod tests {
     }
 
     #[test]
+    fn the_removed_password_flag_is_refused_naming_the_replacement_not_the_value() {
+        let old = All::try_parse_from_for_test(&["--clickhouse-password", "from-arg"]).clickhouse;
+        let text = crate::config::validate_all(&[&old])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            text.contains("--clickhouse-password: this flag was removed")
+                && text.contains("--clickhouse-password-file or the environment variable PULSE_CLICKHOUSE_PASSWORD"),
+            "{text}"
+        );
+        assert!(!text.contains("from-arg"), "{text}");
+    }
+
+    #[test]
+    fn a_ca_file_must_hold_certificates_and_go_with_an_https_url() {
+        let dir = std::env::temp_dir().join(format!("pulse-ch-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let not_pem = dir.join("not.pem");
+        std::fs::write(&not_pem, "hello\n").unwrap();
+        let https = |ca: Option<PathBuf>| ClickHouseConfig {
+            url: "https://clickhouse.example:8443".into(),
+            ca_file: ca,
+            ..ClickHouseConfig::default()
+        };
+        for (ca, expected) in [
+            (dir.join("missing.pem"), "cannot read"),
+            (not_pem.clone(), "holds no PEM certificate"),
+        ] {
+            let text = crate::config::validate_all(&[&https(Some(ca.clone()))])
+                .unwrap_err()
+                .to_string();
+            assert!(
+                text.contains("--clickhouse-ca-file")
+                    && text.contains(expected)
+                    && text.contains(&ca.display().to_string()),
+                "{text}"
+            );
+        }
+        let plain = ClickHouseConfig {
+            ca_file: Some(not_pem),
+            ..ClickHouseConfig::default()
+        };
+        let text = crate::config::validate_all(&[&plain])
+            .unwrap_err()
+            .to_string();
+        assert!(text.contains("is not https://"), "{text}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn error_chain_names_every_cause_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("outer: {0}")]
+        struct Outer(#[source] Inner);
+        #[derive(Debug, thiserror::Error)]
+        #[error("inner")]
+        struct Inner(#[source] std::io::Error);
+        let e = Outer(Inner(std::io::Error::other("root cause")));
+        assert_eq!(error_chain(&e), "outer: inner: root cause");
+    }
+
+    #[test]
     fn help_never_shows_secret_values() {
         use clap::CommandFactory;
         let help = All::command().render_long_help().to_string();
@@ -245,14 +364,22 @@ mod tests {
             "PULSE_S3_ACCESS_KEY",
             "PULSE_S3_SECRET_KEY",
         ] {
+            // Environment only: named in the text of the file flag, never a flag itself.
             assert!(
-                help.contains(&format!("[env: {env}]")),
+                help.contains(&format!("itself in {env}")),
                 "{env} missing in --help"
             );
             assert!(
-                !help.contains(&format!("{env}=")),
-                "--help shows {env}'s value"
+                !help.contains(&format!("[env: {env}]")) && !help.contains(&format!("{env}=")),
+                "--help offers {env} as a flag or shows its value"
             );
+        }
+        for removed in [
+            "--clickhouse-password ",
+            "--s3-access-key ",
+            "--s3-secret-key ",
+        ] {
+            assert!(!help.contains(removed), "{removed}in --help");
         }
     }
 

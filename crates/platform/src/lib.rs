@@ -11,6 +11,8 @@ pub mod config;
 pub mod grpc;
 pub mod http;
 pub mod kafka;
+pub mod limits;
+pub mod listener;
 pub mod metrics;
 pub mod registry_auth;
 pub mod s3;
@@ -19,6 +21,7 @@ pub mod server;
 pub mod service;
 pub mod shutdown;
 pub mod telemetry;
+pub mod tls;
 pub mod windowing;
 
 pub use admin::Health;

@@ -3,13 +3,30 @@
 //! Read the value only where it is used, with [`Secret::expose`]. Config structs holding
 //! secrets can then derive `Debug` instead of hand-writing a redacting one.
 //!
-//! A secret setting comes either as a value (an environment variable, for some older
-//! settings also a flag) or as a file (`--…-file` / `PULSE_…_FILE`, e.g. a mounted
-//! Kubernetes Secret); [`Secret::resolve`] applies the one rule for all of them.
+//! A secret setting comes either as a value (an environment variable only: process
+//! arguments are visible to every local user) or as a file (`--…-file` / `PULSE_…_FILE`,
+//! e.g. a mounted Kubernetes Secret); [`Secret::resolve`] applies the one rule for all of
+//! them. The flags that once took a secret value are kept hidden only to refuse them at
+//! start with the replacement's name ([`removed_secret_flag`]).
 
 use std::fmt;
 
 use zeroize::Zeroize;
+
+use crate::config::Problems;
+
+/// Reports a removed flag that took a secret as a process argument, when it was `used`,
+/// naming the `replacement`; the value itself is never shown.
+pub fn removed_secret_flag(p: &mut Problems, flag: &str, used: bool, replacement: &str) {
+    if used {
+        p.add(
+            flag,
+            format!(
+                "this flag was removed because process arguments are visible to every local user; use {replacement}"
+            ),
+        );
+    }
+}
 
 /// A secret string. `Debug` shows `<redacted>` (or `""` when empty, so a missing
 /// secret is visible in a config dump); the value is zeroed on drop.

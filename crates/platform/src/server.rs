@@ -1,5 +1,7 @@
 //! An HTTP server (axum) and a gRPC server (tonic) side by side, as a service that answers
-//! on both transports runs them: each on its own listener with `TCP_NODELAY`, the gRPC one
+//! on both transports runs them: each on its own listener with `TCP_NODELAY`, TLS when a
+//! certificate is configured and the limits of [`crate::limits`] (see [`ServerArgs`], the
+//! flags every serving service flattens into its config), the gRPC one
 //! with health and reflection beside the service (whose calls run in the server span of
 //! [`crate::grpc::Traced`]), both stopped by one token. Stopping is
 //! ordered: both stop accepting at once, then each finishes its in-flight requests, and
@@ -8,6 +10,9 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -16,6 +21,249 @@ use tonic::body::Body;
 use tonic::codegen::Service;
 use tonic::codegen::http::{Request, Response};
 use tonic::server::NamedService;
+
+use crate::config::{Problems, Validate};
+use crate::limits::LimitArgs;
+use crate::listener::{AcceptSettings, HttpListener};
+use crate::tls::{Alpn, ReloadingTls, TlsError, TlsFiles};
+
+fn parse_duration(s: &str) -> Result<Duration, humantime::DurationError> {
+    humantime::parse_duration(s)
+}
+
+/// The server flags of a service: TLS of its servers and of its admin server, and the
+/// limits of all of them. A service flattens it into its config as `server`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServerArgs {
+    /// PEM certificate chain (leaf first) of the service's HTTP and gRPC servers; with
+    /// `--tls-key-file` they speak TLS only. Reloaded when the file changes.
+    #[arg(long = "tls-cert-file", env = "PULSE_TLS_CERT_FILE")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of `--tls-cert-file`.
+    #[arg(long = "tls-key-file", env = "PULSE_TLS_KEY_FILE")]
+    pub tls_key_file: Option<PathBuf>,
+    /// PEM CA certificate(s): when set, clients must present a certificate one of them
+    /// signed (mutual TLS).
+    #[arg(long = "tls-client-ca-file", env = "PULSE_TLS_CLIENT_CA_FILE")]
+    pub tls_client_ca_file: Option<PathBuf>,
+    /// PEM certificate chain of the admin server (/metrics, /livez, /readyz); plain HTTP
+    /// without it (the service's own certificate is not used there).
+    #[arg(long = "admin-tls-cert-file", env = "PULSE_ADMIN_TLS_CERT_FILE")]
+    pub admin_tls_cert_file: Option<PathBuf>,
+    /// PEM private key of `--admin-tls-cert-file`.
+    #[arg(long = "admin-tls-key-file", env = "PULSE_ADMIN_TLS_KEY_FILE")]
+    pub admin_tls_key_file: Option<PathBuf>,
+    /// PEM CA certificate(s) whose client certificates the admin server requires.
+    #[arg(
+        long = "admin-tls-client-ca-file",
+        env = "PULSE_ADMIN_TLS_CLIENT_CA_FILE"
+    )]
+    pub admin_tls_client_ca_file: Option<PathBuf>,
+    /// How often the certificate, key and client CA files are checked for changes.
+    #[arg(
+        long = "tls-reload-interval",
+        env = "PULSE_TLS_RELOAD_INTERVAL",
+        default_value = "5s",
+        value_parser = parse_duration
+    )]
+    pub tls_reload_interval: Duration,
+    /// Longest time a client may take to finish its TLS handshake.
+    #[arg(
+        long = "tls-handshake-timeout",
+        env = "PULSE_TLS_HANDSHAKE_TIMEOUT",
+        default_value = "10s",
+        value_parser = parse_duration
+    )]
+    pub tls_handshake_timeout: Duration,
+    #[command(flatten)]
+    pub limits: LimitArgs,
+}
+
+impl Default for ServerArgs {
+    fn default() -> Self {
+        Self {
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_client_ca_file: None,
+            admin_tls_cert_file: None,
+            admin_tls_key_file: None,
+            admin_tls_client_ca_file: None,
+            tls_reload_interval: Duration::from_secs(5),
+            tls_handshake_timeout: Duration::from_secs(10),
+            limits: LimitArgs::default(),
+        }
+    }
+}
+
+/// The TLS files of one listener from its three flags, or a problem naming them.
+fn tls_files(
+    cert: &Option<PathBuf>,
+    key: &Option<PathBuf>,
+    client_ca: &Option<PathBuf>,
+    prefix: &str,
+) -> Result<Option<TlsFiles>, (String, String)> {
+    let flag = |name: &str| {
+        format!(
+            "--{prefix}tls-{name} / PULSE_{}TLS_{}",
+            prefix.replace('-', "_").to_uppercase(),
+            name.replace('-', "_").to_uppercase()
+        )
+    };
+    match (cert, key) {
+        (Some(cert), Some(key)) => Ok(Some(TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: client_ca.clone(),
+        })),
+        (None, None) if client_ca.is_some() => Err((
+            flag("client-ca-file"),
+            format!("needs {} and {}", flag("cert-file"), flag("key-file")),
+        )),
+        (None, None) => Ok(None),
+        (Some(_), None) => Err((
+            flag("key-file"),
+            format!("is required with {}", flag("cert-file")),
+        )),
+        (None, Some(_)) => Err((
+            flag("cert-file"),
+            format!("is required with {}", flag("key-file")),
+        )),
+    }
+}
+
+impl ServerArgs {
+    /// The TLS files of the service's HTTP and gRPC servers, if TLS is on.
+    pub fn tls_files(&self) -> Result<Option<TlsFiles>, (String, String)> {
+        tls_files(
+            &self.tls_cert_file,
+            &self.tls_key_file,
+            &self.tls_client_ca_file,
+            "",
+        )
+    }
+
+    /// The TLS files of the admin server, if TLS is on there.
+    pub fn admin_tls_files(&self) -> Result<Option<TlsFiles>, (String, String)> {
+        tls_files(
+            &self.admin_tls_cert_file,
+            &self.admin_tls_key_file,
+            &self.admin_tls_client_ca_file,
+            "admin-",
+        )
+    }
+
+    /// The settings of the service's servers (loads the certificate if TLS is on).
+    pub fn settings(&self) -> Result<ServerSettings, TlsError> {
+        let files = self
+            .tls_files()
+            .map_err(|(key, reason)| TlsError::Flags { key, reason })?;
+        self.settings_of(files, "service")
+    }
+
+    /// The settings of the admin server.
+    pub fn admin_settings(&self) -> Result<ServerSettings, TlsError> {
+        let files = self
+            .admin_tls_files()
+            .map_err(|(key, reason)| TlsError::Flags { key, reason })?;
+        self.settings_of(files, "admin")
+    }
+
+    fn settings_of(
+        &self,
+        files: Option<TlsFiles>,
+        listener: &'static str,
+    ) -> Result<ServerSettings, TlsError> {
+        Ok(ServerSettings {
+            tls: files.map(|f| ReloadingTls::load(f, listener)).transpose()?,
+            tls_reload_interval: self.tls_reload_interval,
+            tls_handshake_timeout: self.tls_handshake_timeout,
+            limits: self.limits.clone(),
+        })
+    }
+}
+
+impl Validate for ServerArgs {
+    fn validate(&self, p: &mut Problems) {
+        for (files, listener) in [
+            (self.tls_files(), "service"),
+            (self.admin_tls_files(), "admin"),
+        ] {
+            match files {
+                Err((key, reason)) => p.add(key, reason),
+                // Load once at start, so a bad file is reported with the other problems.
+                Ok(Some(files)) => {
+                    if let Err(e) = crate::tls::ReloadingTls::load(files, listener) {
+                        let key = if listener == "admin" {
+                            "--admin-tls-*"
+                        } else {
+                            "--tls-*"
+                        };
+                        p.add(key, e.to_string());
+                    }
+                }
+                Ok(None) => {}
+            }
+        }
+        p.check(
+            !self.tls_reload_interval.is_zero(),
+            "--tls-reload-interval / PULSE_TLS_RELOAD_INTERVAL",
+            "must be more than 0",
+        );
+        p.check(
+            !self.tls_handshake_timeout.is_zero(),
+            "--tls-handshake-timeout / PULSE_TLS_HANDSHAKE_TIMEOUT",
+            "must be more than 0",
+        );
+        self.limits.validate(p);
+    }
+}
+
+/// How a service's servers (or its admin server) listen: TLS (reloaded) or plain, and
+/// the limits. [`Default`] is plain with the default limits.
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    pub tls: Option<Arc<ReloadingTls>>,
+    pub tls_reload_interval: Duration,
+    pub tls_handshake_timeout: Duration,
+    pub limits: LimitArgs,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        let args = ServerArgs::default();
+        Self {
+            tls: None,
+            tls_reload_interval: args.tls_reload_interval,
+            tls_handshake_timeout: args.tls_handshake_timeout,
+            limits: args.limits,
+        }
+    }
+}
+
+impl ServerSettings {
+    /// How a listener of these settings accepts, labelled `server` in the limit metric.
+    pub fn accept(&self, alpn: Alpn, server: &'static str) -> AcceptSettings {
+        AcceptSettings {
+            tls: self.tls.clone(),
+            alpn,
+            handshake_timeout: self.tls_handshake_timeout,
+            max_connections: self.limits.max_connections,
+            server,
+        }
+    }
+
+    /// Watches the certificate files (if TLS is on) until `stop` is cancelled.
+    pub fn watch(&self, stop: CancellationToken) {
+        if let Some(tls) = &self.tls {
+            tokio::spawn(tls.clone().watch(self.tls_reload_interval, stop));
+        }
+    }
+
+    /// `http` or `https`, for log lines.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls.is_some() { "https" } else { "http" }
+    }
+}
 
 /// Why a server pair could not start or did not stop cleanly.
 #[derive(Debug, thiserror::Error)]
@@ -50,13 +298,45 @@ pub struct ServerPair {
 
 impl ServerPair {
     /// Serves `app` on `http` and `service` (with gRPC health and reflection from the
-    /// encoded `descriptors`) on `grpc` until `stop` is cancelled.
+    /// encoded `descriptors`) on `grpc` until `stop` is cancelled, plain and with the
+    /// default limits (see [`start_with`](Self::start_with)).
     pub async fn start<S>(
         http: TcpListener,
         app: axum::Router,
         grpc: TcpListener,
         service: S,
         descriptors: &'static [u8],
+        stop: CancellationToken,
+    ) -> Result<Self, ServeError>
+    where
+        S: Service<Request<Body>, Response = Response<Body>, Error = Infallible>
+            + NamedService
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+        S::Future: Send + 'static,
+    {
+        Self::start_with(
+            http,
+            app,
+            grpc,
+            service,
+            descriptors,
+            &ServerSettings::default(),
+            stop,
+        )
+        .await
+    }
+
+    /// [`start`](Self::start) with TLS and limits from `settings`.
+    pub async fn start_with<S>(
+        http: TcpListener,
+        app: axum::Router,
+        grpc: TcpListener,
+        service: S,
+        descriptors: &'static [u8],
+        settings: &ServerSettings,
         stop: CancellationToken,
     ) -> Result<Self, ServeError>
     where
@@ -75,19 +355,36 @@ impl ServerPair {
         let http_addr = local(&http, "HTTP")?;
         let grpc_addr = local(&grpc, "gRPC")?;
         let (health, reflection) = crate::grpc::health_and_reflection(S::NAME, descriptors).await?;
+        settings.watch(stop.clone());
         let http = {
             let stop = stop.clone();
+            let listener = HttpListener::new(
+                http,
+                settings.accept(Alpn::Http, "http"),
+                stop.child_token(),
+            )
+            .map_err(|source| ServeError::LocalAddr {
+                transport: "HTTP",
+                source,
+            })?;
+            let app = crate::limits::http(app, &settings.limits, "http");
             tokio::spawn(async move {
-                axum::serve(crate::http::nodelay(http), app)
+                axum::serve(listener, app)
                     .with_graceful_shutdown(async move { stop.cancelled().await })
                     .await
             })
         };
         let grpc = {
             let stop = stop.clone();
-            let incoming = crate::grpc::incoming(grpc);
+            let incoming = crate::listener::grpc_incoming(
+                grpc,
+                settings.accept(Alpn::Grpc, "grpc"),
+                stop.child_token(),
+            );
+            let limits = crate::limits::grpc_layer(settings.limits.clone());
             tokio::spawn(async move {
                 tonic::transport::Server::builder()
+                    .layer(limits)
                     .add_service(health)
                     .add_service(reflection)
                     .add_service(crate::grpc::Traced::new(service))
@@ -126,5 +423,77 @@ impl ServerPair {
             source,
         })??;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+
+    #[derive(Debug, clap::Parser)]
+    struct Flags {
+        #[command(flatten)]
+        server: ServerArgs,
+    }
+
+    fn problems(args: &[&str]) -> Vec<String> {
+        let flags = Flags::parse_from(std::iter::once("test").chain(args.iter().copied()));
+        let mut p = Problems::default();
+        flags.server.validate(&mut p);
+        match p.into_result() {
+            Ok(()) => Vec::new(),
+            Err(e) => {
+                e.0.into_iter()
+                    .map(|e| format!("{}: {}", e.key, e.reason))
+                    .collect()
+            }
+        }
+    }
+
+    #[test]
+    fn bad_tls_and_limit_settings_are_named_at_once() {
+        assert!(problems(&[]).is_empty());
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.pem");
+        let missing = missing.to_str().unwrap();
+        let found = problems(&[
+            "--tls-cert-file",
+            missing,
+            "--admin-tls-client-ca-file",
+            missing,
+            "--max-concurrent-requests",
+            "0",
+            "--request-body-timeout",
+            "0s",
+        ]);
+        assert_eq!(
+            found,
+            [
+                "--tls-key-file / PULSE_TLS_KEY_FILE: is required with --tls-cert-file / PULSE_TLS_CERT_FILE",
+                "--admin-tls-client-ca-file / PULSE_ADMIN_TLS_CLIENT_CA_FILE: needs --admin-tls-cert-file / PULSE_ADMIN_TLS_CERT_FILE and --admin-tls-key-file / PULSE_ADMIN_TLS_KEY_FILE",
+                "--request-body-timeout / PULSE_REQUEST_BODY_TIMEOUT: must be more than 0",
+                "--max-concurrent-requests / PULSE_MAX_CONCURRENT_REQUESTS: must be at least 1",
+            ]
+        );
+        let found = problems(&["--tls-cert-file", missing, "--tls-key-file", missing]);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].starts_with("--tls-*: reading "), "{found:?}");
+    }
+
+    #[test]
+    fn without_a_certificate_the_servers_stay_plain() {
+        let flags = Flags::parse_from(["test"]);
+        let settings = flags.server.settings().unwrap();
+        assert!(settings.tls.is_none());
+        assert_eq!(settings.scheme(), "http");
+        assert!(flags.server.admin_settings().unwrap().tls.is_none());
+        let half = Flags::parse_from(["test", "--tls-key-file", "k.pem"]);
+        let e = half.server.settings().unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "--tls-cert-file / PULSE_TLS_CERT_FILE: is required with --tls-key-file / PULSE_TLS_KEY_FILE"
+        );
     }
 }

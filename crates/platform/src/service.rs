@@ -11,6 +11,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{ConfigErrors, Validate};
+use crate::server::{ServerArgs, ServerSettings};
 use crate::telemetry::{self, TelemetryConfig};
 use crate::{Health, Shutdown, admin};
 
@@ -90,23 +91,33 @@ impl AdminServer {
     }
 }
 
-/// Installs metrics and starts the admin server on `listener`.
+/// Installs metrics and starts the admin server on `listener` (plain HTTP, default limits).
 pub fn start(
     service: &'static str,
     listener: TcpListener,
+) -> std::io::Result<(ServiceContext, AdminServer)> {
+    start_with(service, listener, ServerSettings::default())
+}
+
+/// [`start`] with the admin server's TLS and limits from `settings`.
+pub fn start_with(
+    service: &'static str,
+    listener: TcpListener,
+    settings: ServerSettings,
 ) -> std::io::Result<(ServiceContext, AdminServer)> {
     let metrics = crate::metrics::install(service).map_err(std::io::Error::other)?;
     let health = Health::new();
     let shutdown = Shutdown::new(health.clone());
     let admin_addr = listener.local_addr()?;
+    let tls_on = settings.tls.is_some();
     let stop = CancellationToken::new();
-    let task = tokio::spawn(admin::serve(
-        listener,
-        health.clone(),
-        metrics.clone(),
-        stop.clone(),
-    ));
-    tracing::info!(service, %admin_addr, "admin server listening (/metrics, /livez, /readyz)");
+    let task = {
+        let (health, metrics, stop) = (health.clone(), metrics.clone(), stop.clone());
+        tokio::spawn(
+            async move { admin::serve_with(listener, health, metrics, &settings, stop).await },
+        )
+    };
+    tracing::info!(service, %admin_addr, tls = tls_on, "admin server listening (/metrics, /livez, /readyz)");
     Ok((
         ServiceContext {
             service,
@@ -123,10 +134,16 @@ pub fn start(
 pub trait ServiceConfig: Parser + Validate {
     fn telemetry(&self) -> &TelemetryConfig;
     fn admin_addr(&self) -> SocketAddr;
+    /// The server flags (TLS, limits), for a service that has them; the admin server
+    /// takes its TLS and limits from them. Without: plain, default limits.
+    fn server_args(&self) -> Option<&ServerArgs> {
+        None
+    }
 }
 
 /// Implements [`ServiceConfig`] for a service config with `telemetry: TelemetryConfig` and
-/// `admin_addr: SocketAddr` fields.
+/// `admin_addr: SocketAddr` fields, and with `server: ServerArgs` when written
+/// `impl_service_config!(Config, server)`.
 #[macro_export]
 macro_rules! impl_service_config {
     ($config:ty) => {
@@ -136,6 +153,19 @@ macro_rules! impl_service_config {
             }
             fn admin_addr(&self) -> ::std::net::SocketAddr {
                 self.admin_addr
+            }
+        }
+    };
+    ($config:ty, $server:ident) => {
+        impl $crate::service::ServiceConfig for $config {
+            fn telemetry(&self) -> &$crate::telemetry::TelemetryConfig {
+                &self.telemetry
+            }
+            fn admin_addr(&self) -> ::std::net::SocketAddr {
+                self.admin_addr
+            }
+            fn server_args(&self) -> Option<&$crate::server::ServerArgs> {
+                Some(&self.$server)
             }
         }
     };
@@ -163,7 +193,11 @@ where
         .map_err(|e| -> MainError {
             format!("binding the admin server to {}: {e}", config.admin_addr()).into()
         })?;
-    let (ctx, admin) = start(service, listener)?;
+    let admin_settings = match config.server_args() {
+        Some(args) => args.admin_settings()?,
+        None => ServerSettings::default(),
+    };
+    let (ctx, admin) = start_with(service, listener, admin_settings)?;
     ctx.shutdown.install_signal_handlers()?;
     let result = body(config, ctx).await;
     admin.stop().await;

@@ -5,18 +5,34 @@
 //! the partition next, so a replay after a crash or rebalance continues with the same
 //! event-time progress instead of rebuilding it from the replayed records alone.
 //!
-//! **Bounded records.** The open sessions grow with the number of users, so they are not
-//! written in one record: a checkpoint is a header (key `<group>|<input topic>|<partition>`,
-//! the checkpoint without its sessions, plus its generation and number of parts) and parts
-//! of at most [`PART_BYTES`] of sessions each (key `<group>|<input topic>|<partition>|<slot>|
-//! <index>`). Generations alternate between two slots, so the keys a partition uses stay
-//! bounded (compaction keeps the latest of each), and the parts of a new checkpoint never
-//! overwrite those of the header still in force. Parts are queued before their header on
-//! the topic's single partition, so a header is never visible before its parts; the reader
-//! takes a partition's latest header and the parts of its generation. A header whose parts
-//! are not all there (a write that failed half-way, whose offsets were then never stored) is
-//! ignored with a warning: the partition starts as if it had no checkpoint. A record of the
-//! earlier format (one record, sessions inline) is a header without parts and still loads.
+//! **Incremental, bounded records** (format 3). The open sessions grow with the number of
+//! users, and most of them do not change from one checkpoint to the next, so a checkpoint
+//! is a *base* plus a short chain of *deltas*:
+//!
+//! - the header (key `<group>|<input topic>|<partition>`): the checkpoint without its
+//!   sessions, its generation, and what it is made of — the base's generation, slot and
+//!   number of parts, and the generation of each delta of the chain, in order;
+//! - the base's parts (key `…|<partition>|<slot>|<index>`): at most [`PART_BYTES`] of
+//!   sessions each; bases alternate between two slots, so a new base never overwrites the
+//!   parts of the base in force;
+//! - the deltas (key `…|<partition>|d|<position>`): the sessions added, changed and
+//!   removed since the previous checkpoint. A new delta goes to the position after the
+//!   chain in force, never to one the header in force lists.
+//!
+//! A checkpoint whose sessions did not change writes its header only; one whose sessions
+//! changed writes one delta (the changes) and its header. The chain is rewritten into a
+//! new base when it reaches [`MAX_DELTAS`] deltas or its deltas outgrow the base (so the
+//! bytes written per checkpoint are about the changes, and a reader applies a bounded
+//! chain). Records are queued on the topic's single partition before their header, so a
+//! header is never visible before what it lists; each part and delta carries the
+//! generation it was written for, and a header whose records are not all there with that
+//! generation (a write that failed half-way, whose offsets were then never stored) is
+//! ignored with a warning: the partition starts as if it had no checkpoint.
+//!
+//! Earlier formats still load: format 2 (a header with `generation` and `parts` only: its
+//! base is the parts of slot `generation % 2`, no deltas) and format 1 (one record, the
+//! sessions inline). The first checkpoint written after reading them continues their
+//! chain (a delta on their base), see `tests::a_checkpoint_of_format_2_continues_*`.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -29,11 +45,19 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
 use crate::engine::Checkpoint;
+use crate::metrics as m;
 
-/// Most bytes of sessions in one part: well under librdkafka's default `message.max.bytes`
-/// (1,000,000) and a broker's default `max.message.bytes` (1 MiB), whatever the number of
-/// users. A user id longer than this still gets a part of its own.
+/// Most bytes of sessions in one part or delta: well under librdkafka's default
+/// `message.max.bytes` (1,000,000) and a broker's default `max.message.bytes` (1 MiB),
+/// whatever the number of users. A user id longer than this still gets a part of its own.
 pub const PART_BYTES: usize = 256 * 1024;
+
+/// Most deltas a chain holds: the next checkpoint after that writes a new base.
+pub const MAX_DELTAS: usize = 128;
+
+/// A chain whose deltas hold fewer bytes than this is not rebased for outgrowing a small
+/// base (a base of a few sessions would otherwise be rewritten every checkpoint).
+const MIN_REBASE_BYTES: usize = 16 * 1024;
 
 /// Where checkpoints live and whose they are.
 #[derive(Debug, Clone)]
@@ -42,24 +66,63 @@ pub struct CheckpointStore {
     pub group: String,
     pub input_topic: String,
     pub kafka: KafkaConfig,
-    /// Per partition, the generation of the latest checkpoint read or written.
-    pub generations: Arc<Mutex<HashMap<i32, u64>>>,
+    /// Per partition, the chain of the latest checkpoint read or written (its generation,
+    /// base, deltas and content, to write the next one as a delta).
+    pub generations: Arc<Mutex<HashMap<i32, Chain>>>,
 }
 
-/// The header record: the checkpoint without its sessions (those are in the parts).
+/// What the checkpoint in force of one partition is made of.
+#[derive(Debug, Clone, Default)]
+pub struct Chain {
+    generation: u64,
+    base_generation: u64,
+    base_slot: u64,
+    base_parts: u32,
+    base_bytes: usize,
+    /// Generations of the deltas, by position.
+    deltas: Vec<u64>,
+    delta_bytes: usize,
+    /// The checkpoint in force, whole (what the next delta is computed against); None
+    /// when nothing is known to be in force (the next checkpoint writes a base).
+    last: Option<Checkpoint>,
+    /// Its sessions are inline in its header (format 1): the next checkpoint writes a base.
+    inline: bool,
+}
+
+/// The header record: the checkpoint without its sessions (those are in the base's parts
+/// and the deltas), except in format 1 where they are inline.
 #[derive(Debug, Serialize, Deserialize)]
 struct Header {
     #[serde(flatten)]
     checkpoint: Checkpoint,
-    /// 0 in records of the earlier format.
+    /// 0 in records of format 1.
     #[serde(default)]
     generation: u64,
-    /// Parts holding the sessions; 0 when they are inline (the earlier format).
+    /// Parts of the base; 0 when the sessions are inline (format 1).
     #[serde(default)]
     parts: u32,
+    /// Generation the base was written with; absent (format 2): `generation`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    base_generation: Option<u64>,
+    /// Slot of the base's parts; absent (format 2): `generation % 2`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    base_slot: Option<u64>,
+    /// Generation of each delta of the chain, by position; absent: none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    deltas: Vec<u64>,
 }
 
-/// One part of a checkpoint's sessions.
+impl Header {
+    fn base_generation(&self) -> u64 {
+        self.base_generation.unwrap_or(self.generation)
+    }
+
+    fn base_slot(&self) -> u64 {
+        self.base_slot.unwrap_or(self.generation % 2)
+    }
+}
+
+/// One part of a base's sessions.
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct Part {
     generation: u64,
@@ -67,6 +130,72 @@ struct Part {
     open_sessions: BTreeMap<String, i64>,
     #[serde(default)]
     continued_sessions: BTreeSet<String>,
+}
+
+/// The sessions' changes from one checkpoint to the next.
+#[derive(Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+struct Delta {
+    generation: u64,
+    /// Users whose earliest open session start is new or changed.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    set: BTreeMap<String, i64>,
+    /// Users no longer with an open session.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    removed: BTreeSet<String>,
+    /// Users now in `continued_sessions`.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    continued: BTreeSet<String>,
+    /// Users no longer in `continued_sessions`.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    uncontinued: BTreeSet<String>,
+}
+
+impl Delta {
+    fn between(generation: u64, old: &Checkpoint, new: &Checkpoint) -> Self {
+        let mut d = Self {
+            generation,
+            ..Self::default()
+        };
+        for (user, start) in &new.open_sessions {
+            if old.open_sessions.get(user) != Some(start) {
+                d.set.insert(user.clone(), *start);
+            }
+        }
+        for user in old.open_sessions.keys() {
+            if !new.open_sessions.contains_key(user) {
+                d.removed.insert(user.clone());
+            }
+        }
+        d.continued = new
+            .continued_sessions
+            .difference(&old.continued_sessions)
+            .cloned()
+            .collect();
+        d.uncontinued = old
+            .continued_sessions
+            .difference(&new.continued_sessions)
+            .cloned()
+            .collect();
+        d
+    }
+
+    fn is_empty(&self) -> bool {
+        self.set.is_empty()
+            && self.removed.is_empty()
+            && self.continued.is_empty()
+            && self.uncontinued.is_empty()
+    }
+
+    fn apply(self, cp: &mut Checkpoint) {
+        for user in &self.removed {
+            cp.open_sessions.remove(user);
+        }
+        cp.open_sessions.extend(self.set);
+        for user in &self.uncontinued {
+            cp.continued_sessions.remove(user);
+        }
+        cp.continued_sessions.extend(self.continued);
+    }
 }
 
 /// A decoded record key.
@@ -78,15 +207,23 @@ enum Key {
         slot: u64,
         index: u32,
     },
+    Delta {
+        partition: i32,
+        position: u32,
+    },
 }
 
-fn slot(generation: u64) -> u64 {
-    generation % 2
+/// The checkpoint without its sessions.
+fn scalars(cp: &Checkpoint) -> Checkpoint {
+    Checkpoint {
+        open_sessions: BTreeMap::new(),
+        continued_sessions: BTreeSet::new(),
+        ..cp.clone()
+    }
 }
 
-/// The records of `cp` as generation `generation`: (key suffix after the prefix, value),
-/// parts first, the header last.
-fn encode(partition: i32, generation: u64, cp: &Checkpoint) -> Vec<(String, Vec<u8>)> {
+/// The parts of a base of `cp` written with `generation`.
+fn base_parts(generation: u64, cp: &Checkpoint) -> Vec<Part> {
     let mut parts: Vec<Part> = Vec::new();
     let mut size = 0;
     for (user, start) in &cp.open_sessions {
@@ -108,30 +245,100 @@ fn encode(partition: i32, generation: u64, cp: &Checkpoint) -> Vec<(String, Vec<
             }
         }
     }
-    let header = Header {
-        checkpoint: Checkpoint {
-            open_sessions: BTreeMap::new(),
-            continued_sessions: BTreeSet::new(),
-            ..cp.clone()
-        },
-        generation,
-        parts: u32::try_from(parts.len()).unwrap_or(u32::MAX),
-    };
-    let mut out: Vec<(String, Vec<u8>)> = parts
+    // Continued users without an open session (none in practice) still round-trip.
+    let orphans: BTreeSet<String> = cp
+        .continued_sessions
         .iter()
-        .enumerate()
-        .map(|(i, part)| {
-            (
-                format!("{partition}|{}|{i}", slot(generation)),
-                serde_json::to_vec(part).unwrap_or_default(),
-            )
-        })
+        .filter(|u| !cp.open_sessions.contains_key(*u))
+        .cloned()
         .collect();
-    out.push((
-        partition.to_string(),
-        serde_json::to_vec(&header).unwrap_or_default(),
-    ));
-    out
+    if !orphans.is_empty() {
+        parts.push(Part {
+            generation,
+            open_sessions: BTreeMap::new(),
+            continued_sessions: orphans,
+        });
+    }
+    parts
+}
+
+/// What one checkpoint write is: its records, (key suffix after the prefix, value, kind),
+/// the header last.
+type Records = Vec<(String, Vec<u8>, &'static str)>;
+
+impl Chain {
+    /// The records of `cp` as the next checkpoint of `partition`, and the chain after
+    /// them; no records when `cp` is the checkpoint in force.
+    fn next(&self, partition: i32, cp: &Checkpoint) -> (Records, Self) {
+        if self.last.as_ref() == Some(cp) {
+            return (Vec::new(), self.clone());
+        }
+        let generation = self.generation.saturating_add(1);
+        let mut out: Records = Vec::new();
+        let mut chain = Self {
+            generation,
+            last: Some(cp.clone()),
+            ..self.clone()
+        };
+        let delta = self.last.as_ref().filter(|_| !self.inline).map(|old| {
+            let d = Delta::between(generation, old, cp);
+            let bytes = if d.is_empty() {
+                Vec::new()
+            } else {
+                serde_json::to_vec(&d).unwrap_or_default()
+            };
+            (d.is_empty(), bytes)
+        });
+        match delta {
+            // Only the scalars changed: the same base and chain under a new header.
+            Some((true, _)) => {}
+            Some((false, bytes))
+                if self.deltas.len() < MAX_DELTAS
+                    && bytes.len() <= PART_BYTES
+                    && self.delta_bytes + bytes.len() <= self.base_bytes.max(MIN_REBASE_BYTES) =>
+            {
+                let position = self.deltas.len();
+                chain.delta_bytes += bytes.len();
+                chain.deltas.push(generation);
+                out.push((format!("{partition}|d|{position}"), bytes, "delta"));
+            }
+            // No checkpoint in force, or the chain is full: a new base in the other slot.
+            _ => {
+                chain.inline = false;
+                let slot = if self.last.is_some() {
+                    1 - self.base_slot % 2
+                } else {
+                    generation % 2
+                };
+                let parts = base_parts(generation, cp);
+                chain.base_generation = generation;
+                chain.base_slot = slot;
+                chain.base_parts = u32::try_from(parts.len()).unwrap_or(u32::MAX);
+                chain.base_bytes = 0;
+                chain.deltas = Vec::new();
+                chain.delta_bytes = 0;
+                for (i, part) in parts.iter().enumerate() {
+                    let value = serde_json::to_vec(part).unwrap_or_default();
+                    chain.base_bytes += value.len();
+                    out.push((format!("{partition}|{slot}|{i}"), value, "base"));
+                }
+            }
+        }
+        let header = Header {
+            checkpoint: scalars(cp),
+            generation,
+            parts: chain.base_parts,
+            base_generation: Some(chain.base_generation),
+            base_slot: Some(chain.base_slot),
+            deltas: chain.deltas.clone(),
+        };
+        out.push((
+            partition.to_string(),
+            serde_json::to_vec(&header).unwrap_or_default(),
+            "header",
+        ));
+        (out, chain)
+    }
 }
 
 fn parse_key(rest: &str) -> Option<Key> {
@@ -139,6 +346,10 @@ fn parse_key(rest: &str) -> Option<Key> {
     let partition = it.next()?.parse().ok()?;
     match (it.next(), it.next(), it.next()) {
         (None, ..) => Some(Key::Header(partition)),
+        (Some("d"), Some(position), None) => Some(Key::Delta {
+            partition,
+            position: position.parse().ok()?,
+        }),
         (Some(slot), Some(index), None) => Some(Key::Part {
             partition,
             slot: slot.parse().ok()?,
@@ -152,7 +363,8 @@ fn parse_key(rest: &str) -> Option<Key> {
 #[derive(Debug, Default)]
 struct Assembler {
     headers: HashMap<i32, Header>,
-    parts: HashMap<(i32, u64, u32), Part>,
+    parts: HashMap<(i32, u64, u32), (Part, usize)>,
+    deltas: HashMap<(i32, u32), (Delta, usize)>,
 }
 
 impl Assembler {
@@ -169,49 +381,87 @@ impl Assembler {
                 index,
             } => {
                 if let Ok(part) = serde_json::from_slice::<Part>(value) {
-                    self.parts.insert((partition, slot, index), part);
+                    self.parts
+                        .insert((partition, slot, index), (part, value.len()));
+                }
+            }
+            Key::Delta {
+                partition,
+                position,
+            } => {
+                if let Ok(delta) = serde_json::from_slice::<Delta>(value) {
+                    self.deltas
+                        .insert((partition, position), (delta, value.len()));
                 }
             }
         }
     }
 
-    /// Each partition's checkpoint and generation; partitions whose latest header misses
-    /// parts are left out.
-    fn finish(mut self) -> HashMap<i32, (Checkpoint, u64)> {
+    /// Each partition's checkpoint and chain; partitions whose latest header misses parts
+    /// or deltas are left out.
+    fn finish(mut self) -> HashMap<i32, Chain> {
         let mut out = HashMap::new();
-        for (p, header) in self.headers {
-            let Header {
-                mut checkpoint,
-                generation,
-                parts,
-            } = header;
-            let mut complete = true;
-            for index in 0..parts {
-                match self.parts.remove(&(p, slot(generation), index)) {
-                    Some(part) if part.generation == generation => {
-                        checkpoint.open_sessions.extend(part.open_sessions);
-                        checkpoint
-                            .continued_sessions
-                            .extend(part.continued_sessions);
-                    }
-                    _ => {
-                        complete = false;
-                        break;
-                    }
+        for (p, header) in std::mem::take(&mut self.headers) {
+            match self.assemble(p, header) {
+                Ok(chain) => {
+                    out.insert(p, chain);
                 }
-            }
-            if complete {
-                out.insert(p, (checkpoint, generation));
-            } else {
-                tracing::warn!(
+                Err((generation, missing)) => tracing::warn!(
                     partition = p,
                     generation,
-                    parts,
-                    "a checkpoint's parts are missing; the partition continues without it"
-                );
+                    missing,
+                    "a checkpoint's records are missing; the partition continues without it"
+                ),
             }
         }
         out
+    }
+
+    fn assemble(&mut self, p: i32, header: Header) -> Result<Chain, (u64, String)> {
+        let (base_generation, base_slot) = (header.base_generation(), header.base_slot());
+        let Header {
+            mut checkpoint,
+            generation,
+            parts,
+            deltas,
+            ..
+        } = header;
+        let inline = parts == 0 && !checkpoint.open_sessions.is_empty();
+        let mut base_bytes = 0;
+        for index in 0..parts {
+            match self.parts.remove(&(p, base_slot, index)) {
+                Some((part, bytes)) if part.generation == base_generation => {
+                    checkpoint.open_sessions.extend(part.open_sessions);
+                    checkpoint
+                        .continued_sessions
+                        .extend(part.continued_sessions);
+                    base_bytes += bytes;
+                }
+                _ => return Err((generation, format!("part {index} of slot {base_slot}"))),
+            }
+        }
+        let mut delta_bytes = 0;
+        for (position, want) in deltas.iter().enumerate() {
+            let position = u32::try_from(position).unwrap_or(u32::MAX);
+            match self.deltas.remove(&(p, position)) {
+                Some((delta, bytes)) if delta.generation == *want => {
+                    delta.apply(&mut checkpoint);
+                    delta_bytes += bytes;
+                }
+                _ => return Err((generation, format!("delta {position}"))),
+            }
+        }
+        Ok(Chain {
+            generation,
+            base_generation,
+            base_slot,
+            base_parts: parts,
+            base_bytes,
+            deltas,
+            delta_bytes,
+            last: Some(checkpoint),
+            inline,
+        })
     }
 }
 
@@ -220,36 +470,72 @@ impl CheckpointStore {
         format!("{}|{}|", self.group, self.input_topic)
     }
 
-    fn next_generation(&self, partition: i32) -> u64 {
-        let mut g = self
-            .generations
+    fn chains(&self) -> std::sync::MutexGuard<'_, HashMap<i32, Chain>> {
+        self.generations
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let next = g.get(&partition).map_or(1, |x| x.saturating_add(1));
-        g.insert(partition, next);
-        next
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Queues the checkpoint of `partition` (its parts, then its header); one
-    /// acknowledgement per record.
+    /// The records that make `cp` the checkpoint of `partition` (key, value, kind: `base`,
+    /// `delta` or `header`), the header last, and the chain is advanced as if they were
+    /// written; none when `cp` is the checkpoint in force. For [`Self::write`] and for
+    /// measuring what a checkpoint costs without a broker.
+    pub fn prepare(
+        &self,
+        partition: i32,
+        cp: &Checkpoint,
+    ) -> Vec<(Vec<u8>, Vec<u8>, &'static str)> {
+        let mut chains = self.chains();
+        let chain = chains.entry(partition).or_default();
+        let (records, next) = chain.next(partition, cp);
+        *chain = next;
+        let prefix = self.prefix();
+        records
+            .into_iter()
+            .map(|(key, value, kind)| (format!("{prefix}{key}").into_bytes(), value, kind))
+            .collect()
+    }
+
+    /// Estimated heap bytes of the checkpoints in force this store keeps (one whole copy
+    /// per partition, to write the next one as a delta).
+    pub fn held_bytes(&self) -> usize {
+        self.chains()
+            .values()
+            .filter_map(|c| c.last.as_ref())
+            .map(|cp| {
+                let entries: usize = cp
+                    .open_sessions
+                    .keys()
+                    .chain(cp.continued_sessions.iter())
+                    .map(|u| u.len().div_ceil(16) * 16 + 32)
+                    .sum();
+                entries * 3 / 2
+            })
+            .sum()
+    }
+
+    /// Forgets the chain of `partition` (revoked: its next owner writes it; if it comes
+    /// back, [`Self::read_all`] reads it again).
+    pub fn forget(&self, partition: i32) {
+        self.chains().remove(&partition);
+    }
+
+    /// Queues the checkpoint of `partition` (what changed since the checkpoint in force,
+    /// then its header); one acknowledgement per record, none when nothing changed.
     pub async fn write(
         &self,
         producer: &KafkaProducer,
         partition: i32,
         cp: &Checkpoint,
     ) -> Result<Vec<AckFuture>, ProduceError> {
-        let generation = self.next_generation(partition);
-        let prefix = self.prefix();
         let mut acks = Vec::new();
-        for (key, value) in encode(partition, generation, cp) {
+        for (key, value, kind) in self.prepare(partition, cp) {
+            metrics::counter!(m::CHECKPOINT_BYTES_TOTAL, "kind" => kind)
+                .increment(u64::try_from(value.len()).unwrap_or(u64::MAX));
             acks.push(
                 producer
                     .enqueue_with_wait(
-                        OutRecord::new(
-                            &self.topic,
-                            Some(format!("{prefix}{key}").into_bytes()),
-                            value,
-                        ),
+                        OutRecord::new(&self.topic, Some(key), value),
                         Duration::from_secs(60),
                     )
                     .await?,
@@ -259,7 +545,8 @@ impl CheckpointStore {
     }
 
     /// Reads the whole checkpoint topic and returns the latest checkpoint of each partition
-    /// of this group and input topic.
+    /// of this group and input topic. Partitions this store has no chain for (never
+    /// written, or forgotten at a revoke) continue the chain read.
     pub async fn read_all(
         &self,
         timeout: Duration,
@@ -268,23 +555,24 @@ impl CheckpointStore {
         let read = tokio::task::spawn_blocking(move || store.read_blocking(timeout))
             .await
             .map_err(|_| KafkaError::Canceled)??;
-        let mut generations = self
-            .generations
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut chains = self.chains();
         let mut out = HashMap::new();
-        for (p, (cp, generation)) in read {
-            let g = generations.entry(p).or_insert(generation);
-            *g = (*g).max(generation);
-            out.insert(p, cp);
+        for (p, chain) in read {
+            if let Some(cp) = chain.last.clone() {
+                out.insert(p, cp);
+            }
+            match chains.get_mut(&p) {
+                // Ours is at least as new as the topic (it may have writes in flight).
+                Some(mine) => mine.generation = mine.generation.max(chain.generation),
+                None => {
+                    chains.insert(p, chain);
+                }
+            }
         }
         Ok(out)
     }
 
-    fn read_blocking(
-        &self,
-        timeout: Duration,
-    ) -> Result<HashMap<i32, (Checkpoint, u64)>, KafkaError> {
+    fn read_blocking(&self, timeout: Duration) -> Result<HashMap<i32, Chain>, KafkaError> {
         let mut c = self.kafka.client_config("pulse-processor-checkpoints");
         c.set(
             "group.id",
@@ -328,6 +616,8 @@ impl CheckpointStore {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
 
     fn checkpoint(users: usize, every_continued: usize) -> Checkpoint {
@@ -347,18 +637,74 @@ mod tests {
         }
     }
 
-    fn assemble(records: Vec<(String, Vec<u8>)>) -> HashMap<i32, (Checkpoint, u64)> {
+    /// Today's format-2 writer, kept as it was (the code path of the release before
+    /// format 3): parts of generation `generation` in slot `generation % 2`, then the header.
+    fn format_2(partition: i32, generation: u64, cp: &Checkpoint) -> Vec<(String, Vec<u8>)> {
+        #[derive(Serialize)]
+        struct Header2 {
+            #[serde(flatten)]
+            checkpoint: Checkpoint,
+            generation: u64,
+            parts: u32,
+        }
+        let parts = base_parts(generation, cp);
+        let header = Header2 {
+            checkpoint: scalars(cp),
+            generation,
+            parts: u32::try_from(parts.len()).unwrap(),
+        };
+        let mut out: Vec<(String, Vec<u8>)> = parts
+            .iter()
+            .enumerate()
+            .map(|(i, part)| {
+                (
+                    format!("{partition}|{}|{i}", generation % 2),
+                    serde_json::to_vec(part).unwrap(),
+                )
+            })
+            .collect();
+        out.push((partition.to_string(), serde_json::to_vec(&header).unwrap()));
+        out
+    }
+
+    /// A writer of one partition's chain, keeping every record it wrote, in order.
+    #[derive(Default)]
+    struct Topic {
+        chain: Chain,
+        log: Vec<(String, Vec<u8>)>,
+    }
+
+    impl Topic {
+        fn write(&mut self, partition: i32, cp: &Checkpoint) -> Vec<(String, Vec<u8>)> {
+            let (records, next) = self.chain.next(partition, cp);
+            self.chain = next;
+            let records: Vec<(String, Vec<u8>)> =
+                records.into_iter().map(|(k, v, _)| (k, v)).collect();
+            self.log.extend(records.clone());
+            records
+        }
+    }
+
+    fn assemble(records: &[(String, Vec<u8>)]) -> HashMap<i32, Checkpoint> {
         let mut a = Assembler::default();
         for (k, v) in records {
-            a.add(parse_key(&k).unwrap(), &v);
+            a.add(parse_key(k).unwrap(), v);
         }
         a.finish()
+            .into_iter()
+            .map(|(p, c)| (p, c.last.unwrap()))
+            .collect()
+    }
+
+    fn bytes(records: &[(String, Vec<u8>)]) -> usize {
+        records.iter().map(|(_, v)| v.len()).sum()
     }
 
     #[test]
     fn a_checkpoint_of_100k_open_sessions_is_written_in_bounded_records() {
         let cp = checkpoint(100_000, 7);
-        let records = encode(3, 8, &cp);
+        let mut t = Topic::default();
+        let records = t.write(3, &cp);
         assert!(records.len() > 4, "{} records", records.len());
         for (key, value) in &records {
             assert!(
@@ -368,39 +714,127 @@ mod tests {
             );
         }
         assert_eq!(records.last().unwrap().0, "3");
-        assert_eq!(assemble(records), HashMap::from([(3, (cp, 8))]));
+        assert_eq!(assemble(&records), HashMap::from([(3, cp)]));
+    }
+
+    #[test]
+    fn a_checkpoint_rewrites_only_the_sessions_that_changed() {
+        let mut cp = checkpoint(100_000, 7);
+        let mut t = Topic::default();
+        let base = bytes(&t.write(0, &cp));
+        // Unchanged: nothing is written.
+        assert!(t.write(0, &cp).is_empty());
+        // Only the offsets moved: the header alone.
+        cp.last_offset += 10;
+        let header_only = t.write(0, &cp);
+        assert_eq!(header_only.len(), 1);
+        assert!(bytes(&header_only) < 1_024, "{}", bytes(&header_only));
+        // 1,000 sessions opened, 500 closed, 10 more continued: one delta and a header.
+        for i in 0..1_000 {
+            cp.open_sessions
+                .insert(format!("new-{i:05}"), 1_700_000_100_000);
+        }
+        for i in 0..500 {
+            cp.open_sessions.remove(&format!("user-{i:08}"));
+        }
+        cp.continued_sessions
+            .extend((0..10).map(|i| format!("new-{i:05}")));
+        let delta = t.write(0, &cp);
+        assert_eq!(
+            delta.len(),
+            2,
+            "{:?}",
+            delta.iter().map(|r| &r.0).collect::<Vec<_>>()
+        );
+        assert_eq!(delta[0].0, "0|d|0");
+        assert!(
+            bytes(&delta) * 50 < base,
+            "delta {} bytes, base {base}",
+            bytes(&delta)
+        );
+        assert_eq!(assemble(&t.log), HashMap::from([(0, cp)]));
+    }
+
+    #[test]
+    fn a_long_or_large_chain_is_rewritten_into_a_new_base_in_the_other_slot() {
+        let mut cp = checkpoint(2_000, 5);
+        let mut t = Topic::default();
+        t.write(0, &cp);
+        let first_slot = t.chain.base_slot;
+        let mut bases = 0;
+        for round in 0..(MAX_DELTAS + 5) {
+            cp.open_sessions.insert(format!("r{round}"), round as i64);
+            let records = t.write(0, &cp);
+            if records
+                .iter()
+                .any(|(k, _)| !k.contains("|d|") && k.contains('|'))
+            {
+                bases += 1;
+                assert_ne!(t.chain.base_slot, first_slot);
+                assert!(t.chain.deltas.is_empty());
+            }
+            assert!(t.chain.deltas.len() <= MAX_DELTAS);
+            assert_eq!(assemble(&t.log)[&0], cp);
+        }
+        assert_eq!(bases, 1);
+        // Deltas that outgrow the base: a new base.
+        let mut t = Topic::default();
+        let mut small = checkpoint(10, 3);
+        t.write(0, &small);
+        for i in 0..2_000 {
+            small.open_sessions.insert(format!("x-{i:06}"), i);
+        }
+        let records = t.write(0, &small);
+        assert!(
+            records.iter().all(|(k, _)| !k.contains("|d|")),
+            "a delta larger than 16 KiB on a tiny base"
+        );
+        assert_eq!(assemble(&t.log)[&0], small);
     }
 
     #[test]
     fn a_smaller_checkpoint_ignores_the_parts_left_by_earlier_generations() {
         let big = checkpoint(30_000, 3);
         let small = checkpoint(10, 3);
-        let mut records = encode(0, 1, &big);
-        records.extend(encode(0, 2, &big));
-        records.extend(encode(0, 3, &small));
-        assert_eq!(assemble(records), HashMap::from([(0, (small, 3))]));
+        let mut t = Topic::default();
+        t.write(0, &big);
+        t.chain.last = None; // force bases
+        t.write(0, &big);
+        t.chain.last = None;
+        t.write(0, &small);
+        assert_eq!(assemble(&t.log), HashMap::from([(0, small)]));
     }
 
     #[test]
-    fn a_header_whose_parts_are_missing_is_not_used() {
-        let mut records = encode(0, 4, &checkpoint(30_000, 3));
+    fn a_header_whose_parts_or_deltas_are_missing_is_not_used() {
+        let mut t = Topic::default();
+        let mut records = t.write(0, &checkpoint(30_000, 3));
         records.remove(1);
-        assert!(assemble(records).is_empty());
-        // Parts of another generation in the same slot do not complete it.
-        let mut records = encode(0, 2, &checkpoint(30_000, 3));
-        let header = records.pop().unwrap();
-        records.extend(encode(0, 4, &checkpoint(30_000, 3)));
-        records.pop();
-        records.push(header);
-        assert!(assemble(records).is_empty());
+        assert!(assemble(&records).is_empty());
+        // A delta of another generation at the same position does not complete it.
+        let mut t = Topic::default();
+        let mut cp = checkpoint(100, 3);
+        t.write(0, &cp);
+        cp.open_sessions.insert("a".into(), 1);
+        let first = t.write(0, &cp);
+        let mut other = Topic::default();
+        other.chain.generation = 10;
+        other.write(0, &cp);
+        cp.open_sessions.insert("b".into(), 2);
+        let mut log = t.log.clone();
+        log.push(other.write(0, &cp).remove(0));
+        log.push(first[1].clone());
+        assert!(assemble(&log).is_empty());
     }
 
     #[test]
-    fn a_checkpoint_of_the_earlier_single_record_format_still_loads() {
+    fn a_checkpoint_of_format_1_still_loads_and_the_next_one_writes_a_base() {
         let old = br#"{"resume_offset":3,"last_offset":9,"max_event_ms":1000,"closed_watermark":900,"open_sessions":{"a":100,"b":200}}"#;
-        let got = assemble(vec![("1".into(), old.to_vec())]);
-        let (cp, generation) = &got[&1];
-        assert_eq!(generation, &0);
+        let mut a = Assembler::default();
+        a.add(Key::Header(1), old);
+        let chain = a.finish().remove(&1).unwrap();
+        let cp = chain.last.clone().unwrap();
+        assert_eq!(chain.generation, 0);
         assert_eq!((cp.resume_offset, cp.last_offset), (3, 9));
         assert_eq!(
             cp.open_sessions,
@@ -408,10 +842,41 @@ mod tests {
         );
         assert!(cp.continued_sessions.is_empty());
         assert_eq!(cp.max_session_ms, None);
+        let mut next = cp.clone();
+        next.open_sessions.insert("c".into(), 300);
+        let mut t = Topic {
+            chain,
+            log: vec![("1".into(), old.to_vec())],
+        };
+        let records = t.write(1, &next);
+        assert!(records.iter().all(|(k, _)| !k.contains("|d|")));
+        assert_eq!(assemble(&t.log)[&1], next);
     }
 
     #[test]
-    fn keys_of_headers_and_parts_are_told_apart() {
+    fn a_checkpoint_of_format_2_continues_as_a_delta_on_its_base() {
+        let old = checkpoint(20_000, 4);
+        let log = format_2(2, 7, &old);
+        let mut a = Assembler::default();
+        for (k, v) in &log {
+            a.add(parse_key(k).unwrap(), v);
+        }
+        let chain = a.finish().remove(&2).unwrap();
+        assert_eq!(chain.last.as_ref(), Some(&old));
+        assert_eq!((chain.generation, chain.base_slot), (7, 1));
+        let mut t = Topic { chain, log };
+        let mut next = old.clone();
+        next.open_sessions.remove("user-00000004");
+        next.open_sessions.insert("new".into(), 5);
+        next.last_offset += 1;
+        let records = t.write(2, &next);
+        assert_eq!(records.len(), 2);
+        assert_eq!(records[0].0, "2|d|0");
+        assert_eq!(assemble(&t.log)[&2], next);
+    }
+
+    #[test]
+    fn keys_of_headers_parts_and_deltas_are_told_apart() {
         assert_eq!(parse_key("12"), Some(Key::Header(12)));
         assert_eq!(
             parse_key("12|1|3"),
@@ -421,7 +886,67 @@ mod tests {
                 index: 3
             })
         );
+        assert_eq!(
+            parse_key("12|d|3"),
+            Some(Key::Delta {
+                partition: 12,
+                position: 3
+            })
+        );
         assert_eq!(parse_key("12|1"), None);
         assert_eq!(parse_key("x"), None);
+    }
+
+    /// One step of a random history: sessions opened, closed, continued, offsets moved.
+    /// (sessions set, removed, continued, offsets moved).
+    type Step = (Vec<(u16, i64)>, Vec<u16>, Vec<u16>, bool);
+
+    fn step() -> impl Strategy<Value = Step> {
+        (
+            prop::collection::vec((0u16..400, 0i64..50), 0..60),
+            prop::collection::vec(0u16..400, 0..60),
+            prop::collection::vec(0u16..400, 0..5),
+            any::<bool>(),
+        )
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// After every write the topic reads back the newest checkpoint, and a write cut
+        /// short anywhere (its header, or more, never acknowledged) reads back the one
+        /// before: no record of a write overwrites one the header in force lists.
+        #[test]
+        fn every_prefix_of_the_topic_reads_back_a_checkpoint_that_was_written(
+            steps in prop::collection::vec(step(), 1..80),
+        ) {
+            let mut t = Topic::default();
+            let mut cp = checkpoint(50, 7);
+            let mut previous: Option<Checkpoint> = None;
+            for (set, removed, continued, moved) in steps {
+                for (u, start) in set {
+                    cp.open_sessions.insert(format!("u{u}"), start);
+                }
+                for u in removed {
+                    cp.open_sessions.remove(&format!("u{u}"));
+                    cp.continued_sessions.remove(&format!("u{u}"));
+                }
+                for u in continued {
+                    if cp.open_sessions.contains_key(&format!("u{u}")) {
+                        cp.continued_sessions.insert(format!("u{u}"));
+                    }
+                }
+                if moved {
+                    cp.last_offset += 1;
+                }
+                let before = t.log.len();
+                let records = t.write(0, &cp);
+                for cut in 0..records.len() {
+                    let got = assemble(&t.log[..before + cut]).remove(&0);
+                    prop_assert_eq!(got.as_ref(), previous.as_ref(), "cut after {} of {}", cut, records.len());
+                }
+                prop_assert_eq!(assemble(&t.log).remove(&0), Some(cp.clone()));
+                previous = Some(cp.clone());
+            }
+        }
     }
 }

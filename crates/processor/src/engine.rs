@@ -6,6 +6,7 @@
 //! (processing time is passed in).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use pulse_contracts::pb::aggregates::v1::{Session, UserWindowActivity};
 
@@ -114,6 +115,8 @@ pub struct Engine {
     high_watermark: Option<i64>,
     /// The latest processing time seen (by `process`, `emit` or `restore`).
     now_ms: i64,
+    /// Running average length of the event ids folded in (for the state estimate).
+    id_len: usize,
 }
 
 impl Engine {
@@ -127,6 +130,7 @@ impl Engine {
             high_watermark: None,
             replays: HashMap::new(),
             now_ms: i64::MIN,
+            id_len: 0,
         }
     }
 
@@ -287,6 +291,14 @@ impl Engine {
         {
             return Outcome::Duplicate;
         }
+        // One shared copy of the user's and the event's ids for its window and session.
+        let user = self
+            .windows
+            .user_key(&event.user_id)
+            .or_else(|| self.sessions.user_key(&event.user_id))
+            .unwrap_or_else(|| Arc::from(event.user_id.as_str()));
+        let id: Arc<str> = Arc::from(event.event_id.as_str());
+        self.id_len = (self.id_len * 63 + event.event_id.len()).div_ceil(64);
         let mut replay = None;
         if let Some(r) = self.replays.get_mut(&event.partition) {
             r.seen = true;
@@ -306,13 +318,13 @@ impl Engine {
             // only if that session was still open at the checkpoint (no lateness check: the
             // record was accepted then).
             if session_open {
-                let _ = self.sessions.add(event, None);
+                let _ = self.sessions.add_shared(event, &user, id.clone(), None);
             }
             if self.windows.is_late(event.event_time_ms, closed) {
                 // Its window's final (or its late record) was produced before.
                 return Outcome::Replayed;
             }
-            let _ = self.windows.add(event, closed);
+            let _ = self.windows.add_shared(event, &user, id, closed);
             return Outcome::Added { future };
         }
         let watermark = self.capped(watermark, now_ms);
@@ -325,11 +337,11 @@ impl Engine {
                 ),
             };
         }
-        match self.windows.add(event, watermark) {
+        match self.windows.add_shared(event, &user, id.clone(), watermark) {
             Admit::Added => {
                 // A session may judge the event late on its own (gap-based); the window
                 // result still counts it.
-                let _ = self.sessions.add(event, watermark);
+                let _ = self.sessions.add_shared(event, &user, id, watermark);
                 Outcome::Added { future }
             }
             Admit::Duplicate => Outcome::Duplicate,
@@ -344,6 +356,12 @@ impl Engine {
     pub fn emit(&mut self, now_ms: i64, early: bool) -> Outputs {
         self.now_ms = self.now_ms.max(now_ms);
         let watermark = self.advance_watermark(now_ms);
+        // A finished replay's copy of the restored sessions is no longer read.
+        for r in self.replays.values_mut().filter(|r| r.done) {
+            r.open_sessions = Default::default();
+            r.checkpoint.open_sessions = Default::default();
+            r.checkpoint.continued_sessions = Default::default();
+        }
         if self.replaying(now_ms) {
             return Outputs::default();
         }
@@ -409,6 +427,20 @@ impl Engine {
     pub fn open_sessions(&self) -> usize {
         self.sessions.open_count()
     }
+
+    /// Estimated heap bytes of the engine's state: open windows and sessions (with the
+    /// user and event ids they share) and the checkpoints restored while their partitions
+    /// replay. An estimate from the structures' sizes (see `Windows::heap_bytes`,
+    /// `Sessions::heap_bytes`); it walks the state, so call it once an emission.
+    pub fn state_bytes(&self) -> usize {
+        let replays: usize = self
+            .replays
+            .values()
+            .filter(|r| !r.done)
+            .map(|r| r.open_sessions.keys().map(|u| u.len() + 64).sum::<usize>() * 2)
+            .sum();
+        self.windows.heap_bytes() + self.sessions.heap_bytes(self.id_len) + replays
+    }
 }
 
 #[cfg(test)]
@@ -439,6 +471,26 @@ mod tests {
             max_future_skew_ms: 1_000_000_000,
             session_gap_ms: 30_000,
         }
+    }
+
+    #[test]
+    fn the_state_estimate_grows_with_open_users_and_returns_to_zero_when_they_close() {
+        let mut e = Engine::new(cfg());
+        e.assign(0, 0);
+        assert_eq!(e.state_bytes(), 0);
+        for i in 0..1_000 {
+            e.process(&ev(i, &format!("user-{i:06}"), 1_000), 0);
+        }
+        let per_user = e.state_bytes() / 1_000;
+        // One open window and session with one event each: a few hundred bytes, not KBs.
+        assert!((300..1_500).contains(&per_user), "{per_user} B per user");
+        for i in 1_000..1_100 {
+            e.process(&ev(i, &format!("user-{i:06}"), 1_000), 0);
+        }
+        assert!(e.state_bytes() > per_user * 1_050);
+        e.process(&ev(2_000, "late-closer", 10_000_000), 0);
+        e.emit(0, false);
+        assert!(e.state_bytes() < 2_000, "{}", e.state_bytes());
     }
 
     #[test]

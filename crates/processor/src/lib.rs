@@ -6,6 +6,7 @@
 //! `metrics`.
 
 pub mod checkpoint;
+pub mod compact;
 pub mod engine;
 pub mod metrics;
 pub mod model;
@@ -114,6 +115,17 @@ pub struct Config {
         default_value_t = 1_000
     )]
     pub emit_interval_ms: u64,
+    /// State budget in bytes (0: none). When the estimated state (open windows and
+    /// sessions, the checkpoints kept: `pulse_processor_state_bytes`) exceeds it, the
+    /// processor is not ready ("state budget exceeded") and counts the tick in
+    /// `pulse_processor_state_budget_exceeded_total`; it keeps processing, and loses or
+    /// changes nothing (see README, Memory bounds).
+    #[arg(
+        long = "state-budget-bytes",
+        env = "PULSE_PROCESSOR_STATE_BUDGET_BYTES",
+        default_value_t = 0
+    )]
+    pub state_budget_bytes: u64,
     #[arg(long = "events-topic", env = "PULSE_EVENTS_TOPIC", default_value = topics::EVENTS)]
     pub events_topic: String,
     #[arg(long = "user-activity-topic", env = "PULSE_USER_ACTIVITY_TOPIC", default_value = topics::USER_ACTIVITY)]
@@ -306,7 +318,8 @@ pub async fn build(config: &Config) -> Result<run::Processor, Error> {
             kafka: config.kafka.clone(),
             generations: Default::default(),
         },
-        written: Default::default(),
+        health: Default::default(),
+        state_budget_bytes: config.state_budget_bytes,
     })
 }
 
@@ -395,7 +408,8 @@ pub async fn run(config: Config, ctx: ServiceContext) -> Result<(), Error> {
             return Ok(());
         }
     }
-    let processor = build(&config).await?;
+    let mut processor = build(&config).await?;
+    processor.health = ctx.health.clone();
     // An output producer that cannot deliver (a stalled or broken broker) makes the
     // processor not ready and is recreated (see platform::kafka::producer); the emission
     // that failed stops the loop, and the orchestrator restarts it from its checkpoints.

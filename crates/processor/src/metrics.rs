@@ -15,6 +15,10 @@ pub const HELD_RECORDS: &str = "pulse_processor_held_records";
 pub const COMMIT_HOLD_SECONDS: &str = "pulse_processor_commit_hold_seconds";
 pub const CORRECTIONS_TOTAL: &str = "pulse_processor_corrections_total";
 pub const EMISSIONS_IN_FLIGHT: &str = "pulse_processor_emissions_in_flight";
+pub const CHECKPOINT_BYTES_TOTAL: &str = "pulse_processor_checkpoint_bytes_total";
+pub const STATE_BYTES: &str = "pulse_processor_state_bytes";
+pub const STATE_BUDGET_BYTES: &str = "pulse_processor_state_budget_bytes";
+pub const STATE_BUDGET_EXCEEDED_TOTAL: &str = "pulse_processor_state_budget_exceeded_total";
 
 pub fn describe() {
     describe_counter!(
@@ -61,6 +65,25 @@ pub fn describe() {
         CORRECTIONS_TOTAL,
         "Results re-emitted for a window the watermark had already passed (late events within the allowed lateness)."
     );
+    describe_counter!(
+        CHECKPOINT_BYTES_TOTAL,
+        metrics::Unit::Bytes,
+        "Bytes of checkpoint records queued, by kind: base (a full rewrite of the open sessions), delta (the sessions changed since the previous checkpoint), header."
+    );
+    describe_gauge!(
+        STATE_BYTES,
+        metrics::Unit::Bytes,
+        "Estimated heap bytes of the processor's state: open windows, open sessions and the checkpoint in force (an estimate from the structures' sizes, not allocator statistics)."
+    );
+    describe_gauge!(
+        STATE_BUDGET_BYTES,
+        metrics::Unit::Bytes,
+        "The configured state budget (--state-budget-bytes); 0 when none is set."
+    );
+    describe_counter!(
+        STATE_BUDGET_EXCEEDED_TOTAL,
+        "Emission ticks at which the estimated state exceeded the state budget (the processor is then not ready: blocked: state budget exceeded)."
+    );
     describe_gauge!(
         LAST_EVENT_TIME_MS,
         "Latest event time folded in, epoch ms (freshness)."
@@ -86,6 +109,12 @@ pub fn init(output_topics: &[&str]) {
         metrics::counter!(EVENTS_TOTAL, "outcome" => outcome).increment(0);
     }
     metrics::counter!(CORRECTIONS_TOTAL).increment(0);
+    metrics::counter!(STATE_BUDGET_EXCEEDED_TOTAL).increment(0);
+    metrics::gauge!(STATE_BYTES).set(0.0);
+    metrics::gauge!(STATE_BUDGET_BYTES).set(0.0);
+    for kind in ["base", "delta", "header"] {
+        metrics::counter!(CHECKPOINT_BYTES_TOTAL, "kind" => kind).increment(0);
+    }
     pulse_platform::metrics::init_producer(output_topics);
 }
 
@@ -100,6 +129,9 @@ mod tests {
             "pulse_processor_corrections_total 0",
             "pulse_processor_events_total{outcome=\"late\"} 0",
             "pulse_processor_events_total{outcome=\"undecodable\"} 0",
+            "pulse_processor_state_budget_exceeded_total 0",
+            "pulse_processor_state_bytes 0",
+            "pulse_processor_checkpoint_bytes_total{kind=\"delta\"} 0",
             "pulse_kafka_produce_errors_total{topic=\"pulse.events.late.v1\",kind=\"enqueue\"} 0",
             "pulse_kafka_produce_backpressure_total{topic=\"pulse.events.late.v1\"} 0",
             "pulse_kafka_producer_recreated_total 0",

@@ -6,7 +6,7 @@
 //! rebalance rebuilds open aggregates from the log).
 
 pub use pulse_platform::clock::now_ms;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
 use std::time::{Duration, Instant};
@@ -18,6 +18,7 @@ use prost::Message as _;
 use pulse_contracts::pb::events::v1::Event;
 use pulse_contracts::wire::{self, RegistryEncoder};
 use pulse_contracts::{headers, schemas, trace_context};
+use pulse_platform::admin::Health;
 use pulse_platform::kafka::{
     AckFuture, KafkaConsumer, KafkaProducer, OutRecord, ProduceError, RebalanceEvent,
 };
@@ -74,6 +75,54 @@ const OUTPUT_QUEUE_WAIT: Duration = Duration::from_secs(60);
 /// consuming to wait for the oldest.
 const MAX_EMISSIONS_IN_FLIGHT: usize = 4;
 
+/// The readiness component the state budget blocks.
+const STATE_COMPONENT: &str = "state";
+
+/// The state against its budget. Over it, the processor reports itself not ready
+/// ("state budget exceeded: …") and counts the tick, and keeps processing: closing windows
+/// or sessions early, or dropping events, would change answers the guarantees say are
+/// exact, and pausing consumption would stop the watermark that closes them. The signal
+/// is for scaling out (state is per partition: more replicas share it) or raising the
+/// budget, and for the alert on `pulse_processor_state_budget_exceeded_total`.
+#[derive(Debug, PartialEq, Eq)]
+pub enum StateBudget {
+    Within,
+    Exceeded(String),
+}
+
+impl StateBudget {
+    pub fn judge(bytes: usize, budget: u64) -> Self {
+        let bytes = u64::try_from(bytes).unwrap_or(u64::MAX);
+        if budget > 0 && bytes > budget {
+            Self::Exceeded(format!(
+                "state budget exceeded: estimated {bytes} bytes > --state-budget-bytes {budget}"
+            ))
+        } else {
+            Self::Within
+        }
+    }
+}
+
+/// Judges `bytes` against `budget` and sets readiness and the counter accordingly.
+pub fn apply_state_budget(health: &Health, bytes: usize, budget: u64) -> StateBudget {
+    let verdict = StateBudget::judge(bytes, budget);
+    match &verdict {
+        StateBudget::Exceeded(reason) => {
+            metrics::counter!(m::STATE_BUDGET_EXCEEDED_TOTAL).increment(1);
+            if health.blocked().is_none_or(|b| !b.contains("state budget")) {
+                tracing::warn!(
+                    bytes,
+                    budget,
+                    "state budget exceeded: not ready until it shrinks"
+                );
+            }
+            health.block(STATE_COMPONENT, reason.clone());
+        }
+        StateBudget::Within => health.unblock(STATE_COMPONENT),
+    }
+    verdict
+}
+
 /// Decodes a record of the events topic. None when it is not a framed Pulse event.
 pub fn decode(msg: &BorrowedMessage<'_>) -> Option<InputEvent> {
     let framed = wire::unframe(msg.payload()?).ok()?;
@@ -112,9 +161,13 @@ pub struct Processor {
     pub encoder: RegistryEncoder,
     pub topics: Topics,
     pub tick: Duration,
+    /// Also keeps each partition's checkpoint in force (unchanged ones are not rewritten,
+    /// changed ones are written as deltas).
     pub checkpoints: CheckpointStore,
-    /// The last checkpoint written per partition (unchanged ones are not rewritten).
-    pub written: HashMap<i32, Checkpoint>,
+    /// Readiness: blocked while the state exceeds its budget.
+    pub health: Health,
+    /// `--state-budget-bytes` (0: none).
+    pub state_budget_bytes: u64,
 }
 
 impl std::fmt::Debug for Processor {
@@ -274,7 +327,6 @@ impl Processor {
                             );
                         }
                         self.engine.restore(p, cp.clone(), now_ms());
-                        self.written.insert(p, cp.clone());
                     }
                     assigned.insert(p);
                 }
@@ -283,7 +335,7 @@ impl Processor {
                 for (topic, p) in parts {
                     if topic == self.topics.events {
                         self.engine.revoke(p);
-                        self.written.remove(&p);
+                        self.checkpoints.forget(p);
                         assigned.remove(&p);
                     }
                 }
@@ -417,7 +469,18 @@ impl Processor {
         }
         metrics::gauge!(m::OPEN_WINDOWS).set(self.engine.open_windows() as f64);
         metrics::gauge!(m::OPEN_SESSIONS).set(self.engine.open_sessions() as f64);
+        self.account_state();
         Ok(())
+    }
+
+    /// Publishes the estimated state size and judges it against the budget: over it, the
+    /// processor is not ready (the reason says so) and the tick is counted; it keeps
+    /// processing, so nothing is lost or changed (see [`StateBudget`]).
+    fn account_state(&self) {
+        let bytes = self.engine.state_bytes() + self.checkpoints.held_bytes();
+        metrics::gauge!(m::STATE_BYTES).set(bytes as f64);
+        metrics::gauge!(m::STATE_BUDGET_BYTES).set(self.state_budget_bytes as f64);
+        apply_state_budget(&self.health, bytes, self.state_budget_bytes);
     }
 
     /// An emission's outputs are acknowledged: queue its changed checkpoints. Checkpoints
@@ -433,14 +496,13 @@ impl Processor {
         }
         let mut acks = Vec::new();
         for (p, cp) in &emission.checkpoints {
-            if pipe.assigned.contains(p) && self.written.get(p) != Some(cp) {
+            if pipe.assigned.contains(p) {
                 acks.extend(
                     self.checkpoints
                         .write(&self.producer, *p, cp)
                         .await
                         .map_err(RunError::from)?,
                 );
-                self.written.insert(*p, cp.clone());
             }
         }
         pipe.checkpoints.push_back(after_acks(acks, emission));
@@ -521,5 +583,41 @@ impl Processor {
             metrics::counter!(m::OUTPUTS_TOTAL, "kind" => "session", "final" => fin).increment(1);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_state_over_its_budget_makes_the_processor_not_ready_until_it_shrinks() {
+        let health = Health::new();
+        health.set_ready(true);
+        let text = pulse_platform::metrics::scrape_with(|| {
+            assert_eq!(apply_state_budget(&health, 10_000, 0), StateBudget::Within);
+            assert!(health.is_ready(), "no budget: always within");
+            assert_eq!(
+                apply_state_budget(&health, 10_000, 10_000),
+                StateBudget::Within
+            );
+            let over = apply_state_budget(&health, 10_001, 10_000);
+            assert!(
+                matches!(over, StateBudget::Exceeded(ref r) if r.contains("state budget exceeded"))
+            );
+            assert!(!health.is_ready());
+            assert!(
+                health.blocked().unwrap().contains("state budget exceeded"),
+                "{:?}",
+                health.blocked()
+            );
+            apply_state_budget(&health, 20_000, 10_000);
+            apply_state_budget(&health, 9_000, 10_000);
+            assert!(health.is_ready(), "{:?}", health.blocked());
+        });
+        assert!(
+            text.contains("pulse_processor_state_budget_exceeded_total 2"),
+            "{text}"
+        );
     }
 }

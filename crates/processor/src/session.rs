@@ -16,6 +16,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 
+use crate::compact::{IdSet, Offsets, arc_str_bytes, insert_exact};
+
 use pulse_contracts::pb::aggregates::v1::Session;
 use sha2::{Digest, Sha256};
 
@@ -44,7 +46,7 @@ struct Open {
     events: Vec<Ev>,
     /// Per partition: (min offset, max offset) of the events folded in. A user's events
     /// normally come from one partition; keeping a map stays correct if they do not.
-    offsets: BTreeMap<i32, (i64, i64)>,
+    offsets: Offsets,
     /// Highest offset folded in, over all partitions (drives the version).
     max_offset: i64,
     last_ingest_ms: i64,
@@ -67,7 +69,7 @@ impl Open {
             end_ms: i64::MIN,
             page_count: 0,
             events: Vec::with_capacity(events.len()),
-            offsets: BTreeMap::new(),
+            offsets: Offsets::default(),
             max_offset: i64::MIN,
             last_ingest_ms: i64::MIN,
             merged: BTreeSet::new(),
@@ -88,12 +90,7 @@ impl Open {
         self.start_ms = self.start_ms.min(e.t);
         self.end_ms = self.end_ms.max(e.t);
         self.page_count = self.page_count.saturating_add(u64::from(e.page));
-        let entry = self
-            .offsets
-            .entry(e.partition)
-            .or_insert((e.offset, e.offset));
-        entry.0 = entry.0.min(e.offset);
-        entry.1 = entry.1.max(e.offset);
+        self.offsets.fold(e.partition, e.offset);
         self.max_offset = self.max_offset.max(e.offset);
         self.last_ingest_ms = self.last_ingest_ms.max(e.ingest_ms);
         self.events.push(e);
@@ -176,7 +173,7 @@ struct UserState {
     open: Vec<Open>,
     closed: Option<Closed>,
     /// Event ids of the open sessions (deduplication).
-    ids: HashSet<Arc<str>>,
+    ids: IdSet,
 }
 
 impl UserState {
@@ -197,7 +194,7 @@ impl UserState {
 pub struct Sessions {
     cfg: TimeConfig,
     max_session_ms: i64,
-    users: BTreeMap<String, UserState>,
+    users: BTreeMap<Arc<str>, UserState>,
     /// Event times at or below this may touch a finalized session whose record was pruned:
     /// a watermark-late event there is late even if it touches an open session.
     floor_ms: i64,
@@ -274,7 +271,7 @@ impl Sessions {
     pub fn is_late(&self, event: &InputEvent, watermark: Option<i64>) -> bool {
         let t = event.event_time_ms;
         let gap = self.gap();
-        let state = self.users.get(&event.user_id);
+        let state = self.users.get(event.user_id.as_str());
         if state
             .and_then(|s| s.closed)
             .is_some_and(|c| c.reaches(t, gap))
@@ -309,6 +306,26 @@ impl Sessions {
     /// across merges) of the session holding this event, or of the session keeping that
     /// start.
     pub fn add(&mut self, event: &InputEvent, watermark: Option<i64>) -> Admit {
+        let user = self
+            .user_key(&event.user_id)
+            .unwrap_or_else(|| Arc::from(event.user_id.as_str()));
+        self.add_shared(event, &user, Arc::from(event.event_id.as_str()), watermark)
+    }
+
+    /// The shared copy of `user_id` if it has state here.
+    pub fn user_key(&self, user_id: &str) -> Option<Arc<str>> {
+        self.users.get_key_value(user_id).map(|(k, _)| k.clone())
+    }
+
+    /// [`Self::add`] with the user's and the event's ids already shared (the engine passes
+    /// the same copies to the windows).
+    pub fn add_shared(
+        &mut self,
+        event: &InputEvent,
+        user_key: &Arc<str>,
+        id: Arc<str>,
+        watermark: Option<i64>,
+    ) -> Admit {
         if self.contains(&event.user_id, &event.event_id) {
             return Admit::Duplicate;
         }
@@ -325,15 +342,18 @@ impl Sessions {
             offset: event.offset,
             ingest_ms: event.ingest_ms,
             page: event.is_page_view(),
-            id: Arc::from(event.event_id.as_str()),
+            id,
         };
-        let state = self.users.entry(event.user_id.clone()).or_default();
+        let state = match self.users.get_mut(&**user_key) {
+            Some(s) => s,
+            None => self.users.entry(user_key.clone()).or_default(),
+        };
         state.ids.insert(ev.id.clone());
         let open = &mut state.open;
         let Some(mut lo) = open.iter().position(|o| o.near(t, gap)) else {
             // A new run.
             let at = open.partition_point(|o| o.start_ms < t);
-            open.insert(at, Open::new(user, vec![ev], false, max));
+            insert_exact(open, at, Open::new(user, vec![ev], false, max));
             // Its id may be one an open session lists as superseded (a start that moved
             // away earlier): a session must never list a live one.
             state.unlist_current_ids();
@@ -362,7 +382,7 @@ impl Sessions {
             if j == hi {
                 // The run's last session reached the maximum: this event starts the next.
                 open[j].close_at_max(user, max);
-                open.insert(j + 1, Open::new(user, vec![ev], false, max));
+                insert_exact(open, j + 1, Open::new(user, vec![ev], false, max));
                 state.unlist_current_ids();
                 return Admit::Added;
             }
@@ -397,7 +417,7 @@ impl Sessions {
                     for e in &open.events {
                         state.ids.remove(&e.id);
                     }
-                    let partition = open.offsets.keys().next_back().copied().unwrap_or_default();
+                    let partition = open.offsets.last_partition().unwrap_or_default();
                     let next_start_ms = if open.split {
                         sessions.peek().map(|next| next.start_ms)
                     } else {
@@ -443,7 +463,7 @@ impl Sessions {
         self.users
             .values()
             .flat_map(|s| s.open.iter())
-            .filter_map(|o| o.offsets.get(&partition).map(|(lo, _)| *lo))
+            .filter_map(|o| o.offsets.min(partition))
             .min()
     }
 
@@ -452,7 +472,7 @@ impl Sessions {
         self.users
             .values()
             .flat_map(|s| s.open.iter())
-            .filter(|o| o.offsets.contains_key(&partition))
+            .filter(|o| o.offsets.contains(partition))
             .map(|o| o.start_ms)
             .min()
     }
@@ -466,10 +486,10 @@ impl Sessions {
             .filter_map(|(user, s)| {
                 s.open
                     .iter()
-                    .filter(|o| o.offsets.contains_key(&partition))
+                    .filter(|o| o.offsets.contains(partition))
                     .map(|o| o.start_ms)
                     .min()
-                    .map(|start| (user.clone(), start))
+                    .map(|start| (user.to_string(), start))
             })
             .collect()
     }
@@ -484,12 +504,12 @@ impl Sessions {
                 let first = s
                     .open
                     .iter()
-                    .filter(|o| o.offsets.contains_key(&partition))
+                    .filter(|o| o.offsets.contains(partition))
                     .map(|o| o.start_ms)
                     .min();
                 first.is_some() && s.closed.and_then(|c| c.next_start_ms) == first
             })
-            .map(|(user, _)| user.clone())
+            .map(|(user, _)| user.to_string())
             .collect()
     }
 
@@ -497,7 +517,7 @@ impl Sessions {
     /// final (cut at the maximum), so an event before `start_ms` is late, as it was before.
     pub fn restore_continuation(&mut self, user_id: &str, start_ms: i64, partition: i32) {
         let gap = self.gap();
-        let state = self.users.entry(user_id.to_owned()).or_default();
+        let state = self.users.entry(Arc::from(user_id)).or_default();
         state.closed = Some(Closed {
             end_ms: start_ms.saturating_sub(gap),
             partition,
@@ -516,21 +536,21 @@ impl Sessions {
                 let ends_run = !o.split;
                 run.push(o);
                 if ends_run {
-                    if !run.iter().any(|o| o.offsets.contains_key(&partition)) {
+                    if !run.iter().any(|o| o.offsets.contains(partition)) {
                         kept.append(&mut run);
                     }
                     run.clear();
                 }
             }
-            if !run.iter().any(|o| o.offsets.contains_key(&partition)) {
+            if !run.iter().any(|o| o.offsets.contains(partition)) {
                 kept.append(&mut run);
             }
             state.open = kept;
-            state.ids = state
-                .open
-                .iter()
-                .flat_map(|o| o.events.iter().map(|e| e.id.clone()))
-                .collect();
+            let mut ids = IdSet::default();
+            for e in state.open.iter().flat_map(|o| o.events.iter()) {
+                ids.insert(e.id.clone());
+            }
+            state.ids = ids;
             if state.closed.is_some_and(|c| c.partition == partition) {
                 state.closed = None;
             }
@@ -541,6 +561,38 @@ impl Sessions {
 
     pub fn open_count(&self) -> usize {
         self.users.values().map(|s| s.open.len()).sum()
+    }
+
+    /// Estimated heap bytes of the sessions' state (walks it: for the state gauge, once an
+    /// emission, not per event): per user its shared id (user ids are counted here only,
+    /// the windows share them), its map entry and event-id set; per open session its
+    /// events, with each event id as an `Arc<str>` of `id_len` bytes on average (shared
+    /// with the user's window, counted here only), its id and superseded ids.
+    pub fn heap_bytes(&self, id_len: usize) -> usize {
+        let entry = (std::mem::size_of::<Arc<str>>() + std::mem::size_of::<UserState>()) * 3 / 2;
+        let id_bytes = arc_str_bytes(id_len);
+        self.users
+            .iter()
+            .map(|(user, s)| {
+                let ids = s.ids.heap_bytes();
+                let open: usize = s
+                    .open
+                    .iter()
+                    .map(|o| {
+                        o.events.capacity() * std::mem::size_of::<Ev>()
+                            + o.events.len() * id_bytes
+                            + o.offsets.heap_bytes()
+                            + 48
+                            + o.merged.iter().map(|m| m.len() + 48).sum::<usize>()
+                    })
+                    .sum();
+                entry
+                    + arc_str_bytes(user.len())
+                    + ids
+                    + s.open.capacity() * std::mem::size_of::<Open>()
+                    + open
+            })
+            .sum()
     }
 }
 

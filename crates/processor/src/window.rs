@@ -5,27 +5,33 @@
 //! lateness; then it is emitted once as final and dropped. Until then it may be emitted
 //! early (not final) whenever it changed. Versions come from `model::version`, so they
 //! depend only on the input folded in and a rebuild from the log reproduces them.
+//!
+//! State is kept compact (see `compact`): a user's open windows are an exact-size vector
+//! sorted by start (one or two for most users), ids and labels are shared `Arc<str>`s.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use pulse_contracts::pb::aggregates::v1::{CurrencyAmount, UserWindowActivity};
 
+use crate::compact::{Counts, IdSet, Interner, Offsets, arc_str_bytes, insert_exact};
 use crate::model::{Admit, InputEvent, TimeConfig, version};
 
 /// One open window of one user.
 #[derive(Debug, Clone)]
 struct Window {
+    start_ms: i64,
     end_ms: i64,
-    event_ids: HashSet<String>,
+    event_ids: IdSet,
     /// Per partition the (min, max) offset folded in. Normally a user's events come from
-    /// one partition; the map keeps commit points right even when they do not.
-    offsets: BTreeMap<i32, (i64, i64)>,
+    /// one partition; keeping them all keeps commit points right even when they do not.
+    offsets: Offsets,
     max_offset: i64,
     page_views: u64,
-    page_views_by_page: BTreeMap<String, u64>,
-    events_by_type: BTreeMap<String, u64>,
+    page_views_by_page: Counts<u64>,
+    events_by_type: Counts<u64>,
     /// Exact sums in micros; clamped to i64 on output.
-    revenue: BTreeMap<String, i128>,
+    revenue: Counts<i128>,
     event_count: u64,
     first_event_ms: i64,
     last_event_ms: i64,
@@ -35,16 +41,17 @@ struct Window {
 }
 
 impl Window {
-    fn new(end_ms: i64) -> Self {
+    fn new(start_ms: i64, end_ms: i64) -> Self {
         Self {
+            start_ms,
             end_ms,
-            event_ids: HashSet::new(),
-            offsets: BTreeMap::new(),
+            event_ids: IdSet::default(),
+            offsets: Offsets::default(),
             max_offset: i64::MIN,
             page_views: 0,
-            page_views_by_page: BTreeMap::new(),
-            events_by_type: BTreeMap::new(),
-            revenue: BTreeMap::new(),
+            page_views_by_page: Counts::default(),
+            events_by_type: Counts::default(),
+            revenue: Counts::default(),
             event_count: 0,
             first_event_ms: i64::MAX,
             last_event_ms: i64::MIN,
@@ -54,21 +61,20 @@ impl Window {
     }
 
     /// Folds the event's content in (offsets are handled by the caller).
-    fn fold(&mut self, event: &InputEvent) {
-        self.event_ids.insert(event.event_id.clone());
+    fn fold(&mut self, event: &InputEvent, id: Arc<str>, labels: &mut Interner) {
+        self.event_ids.insert(id);
         self.max_offset = self.max_offset.max(event.offset);
         if event.is_page_view() {
             self.page_views = self.page_views.saturating_add(1);
             if !event.page.is_empty() {
-                bump(&mut self.page_views_by_page, &event.page);
+                let n = self.page_views_by_page.entry(&event.page, labels);
+                *n = n.saturating_add(1);
             }
         }
-        bump(&mut self.events_by_type, &event.event_type);
+        let n = self.events_by_type.entry(&event.event_type, labels);
+        *n = n.saturating_add(1);
         if let Some((currency, amount)) = event.revenue() {
-            let sum = match self.revenue.get_mut(currency) {
-                Some(sum) => sum,
-                None => self.revenue.entry(currency.to_owned()).or_insert(0),
-            };
+            let sum = self.revenue.entry(currency, labels);
             *sum = sum.saturating_add(i128::from(amount));
         }
         self.event_count = self.event_count.saturating_add(1);
@@ -78,28 +84,28 @@ impl Window {
         self.dirty = true;
     }
 
-    fn output(&self, user_id: &str, start_ms: i64, is_final: bool) -> UserWindowActivity {
+    fn output(&self, user_id: &str, is_final: bool) -> UserWindowActivity {
         UserWindowActivity {
             user_id: user_id.to_owned(),
-            window_start_ms: start_ms,
+            window_start_ms: self.start_ms,
             window_end_ms: self.end_ms,
             page_views: self.page_views,
             page_views_by_page: self
                 .page_views_by_page
                 .iter()
-                .map(|(k, v)| (k.clone(), *v))
+                .map(|(k, v)| (k.to_owned(), v))
                 .collect(),
             events_by_type: self
                 .events_by_type
                 .iter()
-                .map(|(k, v)| (k.clone(), *v))
+                .map(|(k, v)| (k.to_owned(), v))
                 .collect(),
             revenue: self
                 .revenue
                 .iter()
                 .map(|(currency, sum)| CurrencyAmount {
-                    currency: currency.clone(),
-                    amount_micros: clamp_i64(*sum),
+                    currency: currency.to_owned(),
+                    amount_micros: clamp_i64(sum),
                 })
                 .collect(),
             event_count: self.event_count,
@@ -110,14 +116,15 @@ impl Window {
             last_ingest_ms: self.last_ingest_ms,
         }
     }
-}
 
-fn bump(map: &mut BTreeMap<String, u64>, key: &str) {
-    match map.get_mut(key) {
-        Some(n) => *n = n.saturating_add(1),
-        None => {
-            map.insert(key.to_owned(), 1);
-        }
+    /// Estimated heap bytes (the window itself counted by its holder): its containers (the
+    /// ids themselves are shared with the user's session and counted there).
+    fn heap_bytes(&self) -> usize {
+        let ids = self.event_ids.heap_bytes();
+        ids + self.offsets.heap_bytes()
+            + self.page_views_by_page.heap_bytes()
+            + self.events_by_type.heap_bytes()
+            + self.revenue.heap_bytes()
     }
 }
 
@@ -143,8 +150,8 @@ fn release(held: &mut Held, partition: i32, offset: i64) {
 }
 
 fn release_window(held: &mut Held, window: &Window) {
-    for (partition, (min, _)) in &window.offsets {
-        release(held, *partition, *min);
+    for (partition, min) in window.offsets.mins() {
+        release(held, partition, min);
     }
 }
 
@@ -158,10 +165,11 @@ fn release_window(held: &mut Held, window: &Window) {
 pub struct Windows {
     window_ms: i64,
     allowed_lateness_ms: i64,
-    /// user → window start → window; ordered, so emissions are deterministic.
-    users: BTreeMap<String, BTreeMap<i64, Window>>,
+    /// user → open windows sorted by start; ordered, so emissions are deterministic.
+    users: BTreeMap<Arc<str>, Vec<Window>>,
     held: Held,
     open: usize,
+    labels: Interner,
 }
 
 impl Windows {
@@ -172,6 +180,7 @@ impl Windows {
             users: BTreeMap::new(),
             held: BTreeMap::new(),
             open: 0,
+            labels: Interner::default(),
         }
     }
 
@@ -197,13 +206,33 @@ impl Windows {
     pub fn contains(&self, user_id: &str, event_id: &str) -> bool {
         self.users
             .get(user_id)
-            .is_some_and(|ws| ws.values().any(|w| w.event_ids.contains(event_id)))
+            .is_some_and(|ws| ws.iter().any(|w| w.event_ids.contains(event_id)))
+    }
+
+    /// The shared copy of `user_id` if it has open windows.
+    pub fn user_key(&self, user_id: &str) -> Option<Arc<str>> {
+        self.users.get_key_value(user_id).map(|(k, _)| k.clone())
     }
 
     /// Folds `event` into its window. Returns Late (state unchanged) when `is_late`,
     /// Duplicate (unchanged) when the same event id is already in any of this user's open
     /// windows, else Added. Marks the window dirty.
     pub fn add(&mut self, event: &InputEvent, watermark: Option<i64>) -> Admit {
+        let user = self
+            .user_key(&event.user_id)
+            .unwrap_or_else(|| Arc::from(event.user_id.as_str()));
+        self.add_shared(event, &user, Arc::from(event.event_id.as_str()), watermark)
+    }
+
+    /// [`Self::add`] with the user's and the event's ids already shared (the engine passes
+    /// the same copies to the sessions).
+    pub fn add_shared(
+        &mut self,
+        event: &InputEvent,
+        user: &Arc<str>,
+        id: Arc<str>,
+        watermark: Option<i64>,
+    ) -> Admit {
         if self.is_late(event.event_time_ms, watermark) {
             return Admit::Late;
         }
@@ -211,30 +240,29 @@ impl Windows {
             return Admit::Duplicate;
         }
         let (start, end) = self.window_bounds(event.event_time_ms);
-        let windows = match self.users.get_mut(&event.user_id) {
+        let windows = match self.users.get_mut(&**user) {
             Some(ws) => ws,
-            None => self.users.entry(event.user_id.clone()).or_default(),
+            None => self.users.entry(user.clone()).or_default(),
         };
-        let window = windows.entry(start).or_insert_with(|| {
-            self.open = self.open.saturating_add(1);
-            Window::new(end)
-        });
+        let at = match windows.binary_search_by_key(&start, |w| w.start_ms) {
+            Ok(at) => at,
+            Err(at) => {
+                insert_exact(windows, at, Window::new(start, end));
+                self.open = self.open.saturating_add(1);
+                at
+            }
+        };
+        let window = &mut windows[at];
         let (partition, offset) = (event.partition, event.offset);
-        match window.offsets.get_mut(&partition) {
-            None => {
-                window.offsets.insert(partition, (offset, offset));
+        match window.offsets.fold(partition, offset) {
+            None => hold(&mut self.held, partition, offset),
+            Some(min) if offset < min => {
+                release(&mut self.held, partition, min);
                 hold(&mut self.held, partition, offset);
             }
-            Some((min, max)) => {
-                if offset < *min {
-                    release(&mut self.held, partition, *min);
-                    hold(&mut self.held, partition, offset);
-                    *min = offset;
-                }
-                *max = (*max).max(offset);
-            }
+            Some(_) => {}
         }
-        window.fold(event);
+        window.fold(event, id, &mut self.labels);
         Admit::Added
     }
 
@@ -250,22 +278,24 @@ impl Windows {
             users, held, open, ..
         } = self;
         users.retain(|user, windows| {
-            windows.retain(|start, w| {
+            windows.retain_mut(|w| {
                 if closed(w.end_ms, lateness, watermark) {
-                    out.push(w.output(user, *start, true));
+                    out.push(w.output(user, true));
                     release_window(held, w);
                     *open = open.saturating_sub(1);
                     false
                 } else {
                     if early && w.dirty {
-                        out.push(w.output(user, *start, false));
+                        out.push(w.output(user, false));
                         w.dirty = false;
                     }
                     true
                 }
             });
+            windows.shrink_to_fit();
             !windows.is_empty()
         });
+        self.labels.prune();
         out
     }
 
@@ -284,8 +314,8 @@ impl Windows {
             .values()
             .filter_map(|ws| {
                 ws.iter()
-                    .find(|(_, w)| w.offsets.contains_key(&partition))
-                    .map(|(start, _)| *start)
+                    .find(|w| w.offsets.contains(partition))
+                    .map(|w| w.start_ms)
             })
             .min()
     }
@@ -297,8 +327,8 @@ impl Windows {
             users, held, open, ..
         } = self;
         users.retain(|_, windows| {
-            windows.retain(|_, w| {
-                if w.offsets.contains_key(&partition) {
+            windows.retain(|w| {
+                if w.offsets.contains(partition) {
                     release_window(held, w);
                     *open = open.saturating_sub(1);
                     false
@@ -313,6 +343,25 @@ impl Windows {
     /// Number of open windows over all users.
     pub fn open_count(&self) -> usize {
         self.open
+    }
+
+    /// Estimated heap bytes of the open windows (walks them: for the state gauge, once an
+    /// emission, not per event). User and event ids are shared with the sessions and
+    /// counted there, except the ids of users without a session state.
+    pub fn heap_bytes(&self) -> usize {
+        // A B-tree entry (key, value) in nodes about two-thirds full.
+        let entry = (std::mem::size_of::<Arc<str>>() + std::mem::size_of::<Vec<Window>>()) * 3 / 2;
+        self.users
+            .iter()
+            .map(|(user, ws)| {
+                let shared = Arc::strong_count(user) > 1;
+                entry
+                    + if shared { 0 } else { arc_str_bytes(user.len()) }
+                    + ws.capacity() * std::mem::size_of::<Window>()
+                    + ws.iter().map(Window::heap_bytes).sum::<usize>()
+            })
+            .sum::<usize>()
+            + self.held.len() * 48
     }
 }
 

@@ -39,6 +39,26 @@ pub enum ClientError {
         url: String,
         source: tonic::transport::Error,
     },
+    #[error("--ca-file {}: {reason}", path.display())]
+    CaFile {
+        path: std::path::PathBuf,
+        reason: String,
+    },
+}
+
+/// The PEM CA certificate(s) of `--ca-file`.
+fn read_ca(path: &std::path::Path) -> Result<Vec<u8>, ClientError> {
+    let pem = std::fs::read(path).map_err(|e| ClientError::CaFile {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })?;
+    if !String::from_utf8_lossy(&pem).contains("-----BEGIN CERTIFICATE-----") {
+        return Err(ClientError::CaFile {
+            path: path.to_owned(),
+            reason: "holds no PEM certificate".into(),
+        });
+    }
+    Ok(pem)
 }
 
 /// A request's failure on the way, with its causes.
@@ -97,10 +117,29 @@ pub struct HttpIngest {
 impl HttpIngest {
     /// `target` is the base URL (`http://127.0.0.1:8080`); events go to `/v1/events`.
     pub fn new(target: &str, api_key: &str, timeout: Duration) -> Result<Self, ClientError> {
-        let client = reqwest::Client::builder()
-            .timeout(timeout)
-            .build()
-            .map_err(ClientError::Http)?;
+        Self::new_with_ca(target, api_key, timeout, None)
+    }
+
+    /// [`new`](Self::new), trusting the CA certificate(s) in `ca` (PEM) for `https://`.
+    pub fn new_with_ca(
+        target: &str,
+        api_key: &str,
+        timeout: Duration,
+        ca: Option<&std::path::Path>,
+    ) -> Result<Self, ClientError> {
+        let mut builder = reqwest::Client::builder().timeout(timeout);
+        if let Some(path) = ca {
+            let certs = reqwest::Certificate::from_pem_bundle(&read_ca(path)?).map_err(|e| {
+                ClientError::CaFile {
+                    path: path.to_owned(),
+                    reason: e.to_string(),
+                }
+            })?;
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let client = builder.build().map_err(ClientError::Http)?;
         Ok(Self {
             client,
             url: format!("{}/v1/events", target.trim_end_matches('/')),
@@ -189,13 +228,29 @@ pub struct GrpcIngest {
 
 impl GrpcIngest {
     pub async fn connect(url: &str, api_key: &str, timeout: Duration) -> Result<Self, ClientError> {
-        let endpoint = tonic::transport::Endpoint::from_shared(url.to_owned())
-            .map_err(|source| ClientError::Url {
-                url: url.to_owned(),
-                source,
-            })?
+        Self::connect_with_ca(url, api_key, timeout, None).await
+    }
+
+    /// [`connect`](Self::connect) over TLS when `ca` (PEM CA certificate(s)) is given.
+    pub async fn connect_with_ca(
+        url: &str,
+        api_key: &str,
+        timeout: Duration,
+        ca: Option<&std::path::Path>,
+    ) -> Result<Self, ClientError> {
+        let url_error = |source| ClientError::Url {
+            url: url.to_owned(),
+            source,
+        };
+        let mut endpoint = tonic::transport::Endpoint::from_shared(url.to_owned())
+            .map_err(url_error)?
             .timeout(timeout)
             .connect_timeout(timeout);
+        if let Some(path) = ca {
+            let tls = tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(read_ca(path)?));
+            endpoint = endpoint.tls_config(tls).map_err(url_error)?;
+        }
         let channel = endpoint
             .connect()
             .await

@@ -44,6 +44,11 @@ pub struct LoadgenArgs {
     /// Send over gRPC to this URL instead (unary SendEvents), e.g. http://127.0.0.1:50051.
     #[arg(long)]
     pub grpc: Option<String>,
+    /// PEM CA certificate(s) to trust for an `https://` target or gRPC URL (ingest with
+    /// `--tls-cert-file`); unset: the built-in web roots over HTTPS, and gRPC over TLS is
+    /// not possible.
+    #[arg(long = "ca-file", env = "PULSE_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
     /// API key, sent as `Authorization: Bearer <key>`.
     #[arg(
         long,
@@ -414,13 +419,23 @@ pub async fn run_load(
     let keep = opts.keep_answers || args.expect_out.is_some() || args.record.is_some();
     let transport = match &args.grpc {
         Some(url) => Transport::Grpc(
-            GrpcIngest::connect(url, &args.api_key, args.request_timeout)
-                .await
-                .map_err(LoadgenError::Connect)?,
+            GrpcIngest::connect_with_ca(
+                url,
+                &args.api_key,
+                args.request_timeout,
+                args.ca_file.as_deref(),
+            )
+            .await
+            .map_err(LoadgenError::Connect)?,
         ),
         None => Transport::Http(
-            HttpIngest::new(&args.target, &args.api_key, args.request_timeout)
-                .map_err(LoadgenError::Connect)?,
+            HttpIngest::new_with_ca(
+                &args.target,
+                &args.api_key,
+                args.request_timeout,
+                args.ca_file.as_deref(),
+            )
+            .map_err(LoadgenError::Connect)?,
         ),
     };
     let mut workload = Workload::new(WorkloadConfig {

@@ -367,11 +367,7 @@ mod tests {
             bucket: "pulse".into(),
             prefix: "arch".into(),
             region: "us-east-1".into(),
-            access_key: Default::default(),
-            secret_key: Default::default(),
-            access_key_file: None,
-            secret_key_file: None,
-            path_style: true,
+            ..S3Config::default()
         }
     }
 

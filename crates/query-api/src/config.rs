@@ -8,6 +8,7 @@ use std::time::Duration;
 use pulse_platform::clickhouse::ClickHouseConfig;
 use pulse_platform::config::{Problems, Validate};
 use pulse_platform::secret::Secret;
+use pulse_platform::server::ServerArgs;
 use pulse_platform::telemetry::TelemetryConfig;
 use pulse_platform::windowing::WindowSettings;
 
@@ -112,6 +113,9 @@ pub struct Config {
     pub clickhouse: ClickHouseConfig,
     #[command(flatten)]
     pub telemetry: TelemetryConfig,
+    /// TLS and limits of the HTTP, gRPC and admin servers.
+    #[command(flatten)]
+    pub server: ServerArgs,
 }
 
 impl Config {
@@ -179,10 +183,11 @@ impl Validate for Config {
         );
         self.clickhouse.validate(p);
         self.telemetry.validate(p);
+        self.server.validate(p);
     }
 }
 
-pulse_platform::impl_service_config!(Config);
+pulse_platform::impl_service_config!(Config, server);
 
 #[cfg(test)]
 mod tests {
@@ -243,5 +248,11 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(validate_all(&[&c]).unwrap_err().0.len(), 4);
+    }
+
+    #[test]
+    fn every_flag_has_a_name_of_its_own() {
+        use clap::CommandFactory as _;
+        Config::command().debug_assert();
     }
 }

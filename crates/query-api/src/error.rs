@@ -85,7 +85,9 @@ impl QueryError {
             | Self::LimitExceeded { .. }
             | Self::ClickHouse(_)
             | Self::Internal(_) => {
-                tracing::warn!(kind = self.code(), transport, error = %self, "query failed");
+                // With its causes: a TLS failure's reason, URL and CA file are only there.
+                let error = pulse_platform::clickhouse::error_chain(self);
+                tracing::warn!(kind = self.code(), transport, %error, "query failed");
             }
             _ => tracing::debug!(kind = self.code(), transport, error = %self, "request refused"),
         }

@@ -25,7 +25,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use pulse_contracts::pb::query::v1::query_service_server::QueryServiceServer;
-use pulse_platform::server::ServeError;
+use pulse_platform::server::{ServeError, ServerSettings};
 use pulse_platform::service::ServiceContext;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -52,6 +52,8 @@ pub enum Error {
     },
     #[error("server: {0}")]
     Serve(#[from] ServeError),
+    #[error("configuration: TLS: {0}")]
+    Tls(#[from] pulse_platform::tls::TlsError),
 }
 
 /// What both transports share: the query engine and the accepted tokens.
@@ -81,25 +83,38 @@ impl AppState {
 /// the shutdown token was cancelled).
 pub use pulse_platform::server::ServerPair as Servers;
 
-/// Serves HTTP on `http` and gRPC on `grpc` until `shutdown` is cancelled.
+/// Serves HTTP on `http` and gRPC on `grpc` until `shutdown` is cancelled (plain, default
+/// limits; see [`serve_with`]).
 pub async fn serve(
     http: TcpListener,
     grpc: TcpListener,
     state: AppState,
     shutdown: CancellationToken,
 ) -> Result<Servers, Error> {
+    serve_with(http, grpc, state, &ServerSettings::default(), shutdown).await
+}
+
+/// [`serve`] with TLS and limits from `settings`.
+pub async fn serve_with(
+    http: TcpListener,
+    grpc: TcpListener,
+    state: AppState,
+    settings: &ServerSettings,
+    shutdown: CancellationToken,
+) -> Result<Servers, Error> {
     let app = http::router(state.clone());
     let service = QueryServiceServer::new(grpc::GrpcQuery::new(state));
-    let servers = Servers::start(
+    let servers = Servers::start_with(
         http,
         app,
         grpc,
         service,
         pulse_contracts::FILE_DESCRIPTOR_SET,
+        settings,
         shutdown,
     )
     .await?;
-    tracing::info!(http_addr = %servers.http_addr, grpc_addr = %servers.grpc_addr, "query-api serving");
+    tracing::info!(http_addr = %servers.http_addr, grpc_addr = %servers.grpc_addr, tls = settings.tls.is_some(), "query-api serving");
     Ok(servers)
 }
 
@@ -113,10 +128,12 @@ pub async fn run(config: Config, ctx: ServiceContext) -> Result<(), Error> {
             .await
             .map_err(|source| Error::Bind { addr, source })
     };
-    let servers = serve(
+    let settings = config.server.settings()?;
+    let servers = serve_with(
         bind(config.http_addr).await?,
         bind(config.grpc_addr).await?,
         state,
+        &settings,
         ctx.shutdown.child_token(),
     )
     .await?;

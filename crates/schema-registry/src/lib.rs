@@ -23,8 +23,11 @@ use std::time::Duration;
 use pulse_platform::config::{Problems, Validate};
 use pulse_platform::kafka::KafkaConfig;
 use pulse_platform::kafka::topics::{TopicError, TopicSpec, ensure_topics};
+use pulse_platform::listener::{HttpListener, WithConnectInfo};
+use pulse_platform::server::{ServerArgs, ServerSettings};
 use pulse_platform::service::ServiceContext;
 use pulse_platform::telemetry::TelemetryConfig;
+use pulse_platform::tls::Alpn;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -90,6 +93,9 @@ pub struct Config {
     pub kafka: KafkaConfig,
     #[command(flatten)]
     pub telemetry: TelemetryConfig,
+    /// TLS and limits of the REST and admin servers.
+    #[command(flatten)]
+    pub server: ServerArgs,
 }
 
 impl Validate for Config {
@@ -118,10 +124,11 @@ impl Validate for Config {
         }
         self.kafka.validate(p);
         self.telemetry.validate(p);
+        self.server.validate(p);
     }
 }
 
-pulse_platform::impl_service_config!(Config);
+pulse_platform::impl_service_config!(Config, server);
 
 /// Why the registry stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -141,6 +148,8 @@ pub enum Error {
     Serve(std::io::Error),
     #[error(transparent)]
     Auth(#[from] auth::AuthFileError),
+    #[error("configuration: TLS: {0}")]
+    Tls(#[from] pulse_platform::tls::TlsError),
 }
 
 /// One running replica: REST server plus log reader.
@@ -184,6 +193,29 @@ impl Replica {
         listener: TcpListener,
         access: auth::Access,
     ) -> Result<Self, Error> {
+        Self::start_with_server(
+            kafka,
+            topic,
+            apply_timeout,
+            startup_timeout,
+            listener,
+            access,
+            &ServerSettings::default(),
+        )
+        .await
+    }
+
+    /// [`Replica::start_with_access`] with the REST server's TLS and limits from
+    /// `settings`.
+    pub async fn start_with_server(
+        kafka: &KafkaConfig,
+        topic: &str,
+        apply_timeout: Duration,
+        startup_timeout: Duration,
+        listener: TcpListener,
+        access: auth::Access,
+        settings: &ServerSettings,
+    ) -> Result<Self, Error> {
         metrics::describe();
         auth::register_metrics();
         ensure_topics(kafka, &[TopicSpec::compacted(topic)]).await?;
@@ -195,8 +227,18 @@ impl Replica {
             .map_err(|_| Error::CatchUp(startup_timeout))?;
         let addr = listener.local_addr().map_err(Error::Serve)?;
         let stop_http = CancellationToken::new();
-        let app =
-            api::router(log.clone(), access).into_make_service_with_connect_info::<SocketAddr>();
+        settings.watch(stop_http.clone());
+        let listener = HttpListener::new(
+            listener,
+            settings.accept(Alpn::Http, "http"),
+            stop_http.child_token(),
+        )
+        .map_err(Error::Serve)?;
+        let app = WithConnectInfo(pulse_platform::limits::http(
+            api::router(log.clone(), access),
+            &settings.limits,
+            "http",
+        ));
         let server = {
             let stop = stop_http.clone();
             tokio::spawn(async move {
@@ -205,7 +247,7 @@ impl Replica {
                     .await
             })
         };
-        tracing::info!(%addr, topic, "schema registry serving");
+        tracing::info!(%addr, topic, tls = settings.tls.is_some(), "schema registry serving");
         Ok(Self {
             addr,
             log,
@@ -256,17 +298,29 @@ pub async fn run(config: Config, ctx: ServiceContext) -> Result<(), Error> {
             addr: config.http_addr,
             source,
         })?;
-    let replica = Replica::start_with_access(
+    let settings = config.server.settings()?;
+    let replica = Replica::start_with_server(
         &config.kafka,
         &config.schemas_topic,
         Duration::from_millis(config.apply_timeout_ms),
         Duration::from_millis(config.startup_timeout_ms),
         listener,
         access,
+        &settings,
     )
     .await?;
     ctx.health.set_ready(true);
     ctx.shutdown.cancelled().await;
     tracing::info!("draining the REST API");
     replica.stop().await
+}
+
+#[cfg(test)]
+mod flag_tests {
+    use clap::CommandFactory as _;
+
+    #[test]
+    fn every_flag_has_a_name_of_its_own() {
+        super::Config::command().debug_assert();
+    }
 }

@@ -13,15 +13,31 @@ use pulse_platform::clickhouse::ClickHouseConfig;
 
 /// Migrations embedded from `crates/storage/clickhouse/` (`include_str!`), in order:
 /// `(version, name, sql)`.
-pub const MIGRATIONS: &[(u32, &str, &str)] =
-    &[(1, "init", include_str!("../clickhouse/0001_init.sql"))];
+pub const MIGRATIONS: &[(u32, &str, &str)] = &[
+    (1, "init", include_str!("../clickhouse/0001_init.sql")),
+    (
+        2,
+        "source_trace_id",
+        include_str!("../clickhouse/0002_source_trace_id.sql"),
+    ),
+    (
+        3,
+        "events_by_source_trace",
+        include_str!("../clickhouse/0003_events_by_source_trace.sql"),
+    ),
+];
 
 /// The bookkeeping table, created before it is read (migration 0001 declares it too).
 const SCHEMA_MIGRATIONS_DDL: &str = "CREATE TABLE IF NOT EXISTS {database}.schema_migrations \
      (version UInt32, name String, applied_at_ms Int64) ENGINE = MergeTree ORDER BY version";
 
 /// The day-partitioned tables that retention trims.
-pub const RETENTION_TABLES: &[&str] = &["events", "user_activity", "sessions"];
+pub const RETENTION_TABLES: &[&str] = &[
+    "events",
+    "events_by_source_trace",
+    "user_activity",
+    "sessions",
+];
 
 /// Why migrating or trimming failed.
 #[derive(Debug, thiserror::Error)]
@@ -246,7 +262,8 @@ fn is_expired(partition_id: &str, cutoff: u32) -> bool {
         && partition_id.parse::<u32>().is_ok_and(|day| day < cutoff)
 }
 
-/// Drops the day partitions of `events`, `user_activity` and `sessions` older than
+/// Drops the day partitions of `events` (and its lookup `events_by_source_trace`),
+/// `user_activity` and `sessions` older than
 /// `retention_days` before `today_yyyymmdd` (a day `retention_days` ago is kept; with 0
 /// only today is kept), found by partition id in `system.parts` (active parts only).
 /// Returns the `(table, partition_id)` pairs dropped.
@@ -372,6 +389,36 @@ mod tests {
                 "JSON",
             ] {
                 assert!(!statement.contains(banned), "{banned} in {statement}");
+            }
+        }
+    }
+
+    #[test]
+    fn every_migration_stays_within_the_18_16_subset() {
+        for &(version, _, sql) in MIGRATIONS {
+            for statement in split_statements(&render(sql, "pulse")) {
+                for banned in [
+                    "DateTime64",
+                    "TTL",
+                    "LowCardinality",
+                    "Map(",
+                    "Nullable",
+                    "JSON",
+                    "INDEX",
+                ] {
+                    assert!(
+                        !statement.contains(banned),
+                        "{version}: {banned} in {statement}"
+                    );
+                }
+            }
+        }
+        // 18.16 has no `ADD COLUMN IF NOT EXISTS`: a column addition is alone in its
+        // migration, so a failed one is retried from the start.
+        for &(version, _, sql) in MIGRATIONS {
+            let statements = split_statements(sql);
+            if statements.iter().any(|s| s.contains("ADD COLUMN")) {
+                assert_eq!(statements.len(), 1, "migration {version}");
             }
         }
     }

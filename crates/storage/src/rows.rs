@@ -1,5 +1,6 @@
 //! Rows of the ClickHouse hot store, field for field in table order (see
-//! `crates/storage/clickhouse/0001_init.sql`), serialized as RowBinary by the `clickhouse` crate.
+//! `crates/storage/clickhouse/0001_init.sql` and the later migrations, whose added columns
+//! come last), serialized as RowBinary by the `clickhouse` crate.
 //!
 //! Types stay within what ClickHouse 18.16 has: booleans are `u8` (`UInt8`), times are
 //! `i64` epoch milliseconds, `Date` columns are `u16` days since 1970-01-01, protobuf
@@ -43,12 +44,15 @@ pub struct EventRow {
     pub written_at_ms: i64,
     /// `epoch_day(event_time_ms)`: the partition day.
     pub event_date: u16,
+    /// The producer's own `metadata.trace_id`, as sent (any form; "" when none), kept
+    /// even when `trace_id` holds the record's W3C trace id (migration 0002).
+    pub source_trace_id: String,
 }
 
 impl EventRow {
     /// The row of an accepted event read from `partition`/`offset`. `trace_id` is the
     /// W3C trace id of the Kafka record if known; otherwise the producer's
-    /// `metadata.trace_id` is kept.
+    /// `metadata.trace_id` is kept. `source_trace_id` is always the producer's.
     pub fn from_event(
         e: &Event,
         partition: i32,
@@ -88,8 +92,9 @@ impl EventRow {
             ingest_time_ms: ingest.ingest_timestamp_ms,
             trace_id: match trace_id {
                 Some(t) if !t.is_empty() => t.to_owned(),
-                _ => metadata.trace_id,
+                _ => metadata.trace_id.clone(),
             },
+            source_trace_id: metadata.trace_id,
             source: metadata.source,
             ingest_source: ingest.ingest_source,
             kafka_partition: partition,
@@ -326,6 +331,7 @@ mod tests {
                 kafka_offset: 42,
                 written_at_ms: 99,
                 event_date: 19_782,
+                source_trace_id: "producer-trace".into(),
             }
         );
     }
@@ -338,6 +344,19 @@ mod tests {
         );
         assert_eq!(
             EventRow::from_event(&event(), 0, 0, Some(""), 0).trace_id,
+            "producer-trace"
+        );
+    }
+
+    #[test]
+    fn the_producers_trace_id_is_kept_beside_the_w3c_one() {
+        let row = EventRow::from_event(&event(), 0, 0, Some("0af7651916cd43dd8448eb211c80319c"), 0);
+        assert_eq!(
+            (row.trace_id.as_str(), row.source_trace_id.as_str()),
+            ("0af7651916cd43dd8448eb211c80319c", "producer-trace")
+        );
+        assert_eq!(
+            EventRow::from_event(&event(), 0, 0, None, 0).source_trace_id,
             "producer-trace"
         );
     }

@@ -34,7 +34,7 @@ use pulse_platform::telemetry::TelemetryConfig;
 
 use crate::batch::BatchLimits;
 use crate::clickhouse_sink::{ClickHouseSink, SinkTopics};
-use crate::parquet_sink::{ParquetSink, ParquetTopics};
+use crate::parquet_sink::{ParquetSink, ParquetTopics, RollLimits};
 use crate::retry::Backoff;
 
 /// Service name: metrics label, OpenTelemetry `service.name`, log field.
@@ -166,13 +166,17 @@ pub struct Config {
     /// ...or this many record bytes...
     #[arg(long = "parquet-max-bytes", env = "PULSE_WRITER_PARQUET_MAX_BYTES", default_value_t = 64 * 1024 * 1024)]
     pub parquet_max_bytes: usize,
-    /// ...or when its oldest record is this old, ms.
+    /// ...or when its oldest record is this old, ms...
     #[arg(
         long = "parquet-max-age-ms",
         env = "PULSE_WRITER_PARQUET_MAX_AGE_MS",
         default_value_t = 60_000
     )]
     pub parquet_max_age_ms: u64,
+    /// ...or once the memory it holds reaches this many bytes (estimated from the decoded
+    /// rows and the column copy their encoding makes): the bound of the sink's memory.
+    #[arg(long = "parquet-max-buffer-bytes", env = "PULSE_WRITER_PARQUET_MAX_BUFFER_BYTES", default_value_t = 24 * 1024 * 1024)]
+    pub parquet_max_buffer_bytes: usize,
     /// Parquet sink: after each confirmed upload, write a `freshness` row per partition
     /// (stage `writer-parquet`) to ClickHouse, best effort.
     #[arg(long = "parquet-freshness", env = "PULSE_WRITER_PARQUET_FRESHNESS", default_value_t = true, action = clap::ArgAction::Set)]
@@ -230,6 +234,11 @@ impl Validate for Config {
             self.parquet_max_bytes >= 1024,
             "--parquet-max-bytes",
             "must be >= 1024",
+        );
+        p.check(
+            self.parquet_max_buffer_bytes >= 64 * 1024,
+            "--parquet-max-buffer-bytes",
+            "must be >= 65536",
         );
         p.check(
             self.parquet_max_age_ms >= 10,
@@ -291,6 +300,10 @@ pub async fn build_clickhouse(config: &Config) -> Result<ClickHouseSink, Error> 
 }
 
 async fn ensure_clickhouse_topics(config: &Config) -> Result<(), Error> {
+    Ok(ensure_clickhouse_topics_of(config).await?)
+}
+
+async fn ensure_clickhouse_topics_of(config: &Config) -> Result<(), TopicError> {
     let topics = [
         (TopicKind::Events, &config.events_topic),
         (TopicKind::Aggregates, &config.user_activity_topic),
@@ -354,6 +367,10 @@ pub async fn build_parquet(config: &Config) -> Result<ParquetSink, Error> {
 }
 
 async fn ensure_parquet_topics(config: &Config) -> Result<(), Error> {
+    Ok(ensure_parquet_topics_of(config).await?)
+}
+
+async fn ensure_parquet_topics_of(config: &Config) -> Result<(), TopicError> {
     let specs = [
         TopicSpec::of(
             TopicKind::Events,
@@ -392,10 +409,13 @@ fn parquet_sink(
             events: config.events_topic.clone(),
             dlq: config.dlq_topic.clone(),
         },
-        limits: BatchLimits {
-            max_rows: config.parquet_max_rows,
-            max_bytes: config.parquet_max_bytes,
-            max_age: Duration::from_millis(config.parquet_max_age_ms),
+        limits: RollLimits {
+            batch: BatchLimits {
+                max_rows: config.parquet_max_rows,
+                max_bytes: config.parquet_max_bytes,
+                max_age: Duration::from_millis(config.parquet_max_age_ms),
+            },
+            max_buffer_bytes: config.parquet_max_buffer_bytes,
         },
         backoff: Backoff::new(
             Duration::from_millis(config.retry_base_ms),
@@ -428,7 +448,15 @@ pub async fn run(config: Config, ctx: ServiceContext) -> Result<(), Error> {
     startup::describe(sink_label);
     match config.sink {
         Sink::Parquet => {
-            ensure_parquet_topics(&config).await?;
+            // The broker first (the topics), then the store: until both answer the writer
+            // is alive, not ready, and consumes nothing.
+            if !startup::wait_for_kafka(&config, &ctx, sink_label, || {
+                ensure_parquet_topics_of(&config)
+            })
+            .await?
+            {
+                return Ok(()); // shutdown while waiting: nothing was consumed
+            }
             let store = config.s3.object_store()?;
             if !startup::wait_for_s3(&config, &ctx, store.as_ref()).await? {
                 return Ok(()); // shutdown while waiting: nothing was consumed
@@ -448,7 +476,13 @@ pub async fn run(config: Config, ctx: ServiceContext) -> Result<(), Error> {
             Ok(sink.run(ctx.shutdown.child_token()).await?)
         }
         Sink::Clickhouse => {
-            ensure_clickhouse_topics(&config).await?;
+            if !startup::wait_for_kafka(&config, &ctx, sink_label, || {
+                ensure_clickhouse_topics_of(&config)
+            })
+            .await?
+            {
+                return Ok(()); // shutdown while waiting: nothing was consumed
+            }
             if !startup::wait_for_clickhouse(&config, &ctx).await? {
                 return Ok(()); // shutdown while waiting: nothing was consumed
             }
@@ -504,6 +538,12 @@ mod tests {
 
     #[test]
     fn a_full_parquet_command_line_parses() {
+        // The S3 keys come from files (never flags).
+        let dir = std::env::temp_dir().join(format!("pulse-writer-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (ak, sk) = (dir.join("ak"), dir.join("sk"));
+        std::fs::write(&ak, "ak\n").unwrap();
+        std::fs::write(&sk, "sk\n").unwrap();
         let cfg = Config::try_parse_from([
             "pulse-writer",
             "--sink",
@@ -524,10 +564,10 @@ mod tests {
             "pulse/raw",
             "--s3-region",
             "eu-west-1",
-            "--s3-access-key",
-            "ak",
-            "--s3-secret-key",
-            "sk",
+            "--s3-access-key-file",
+            ak.to_str().unwrap(),
+            "--s3-secret-key-file",
+            sk.to_str().unwrap(),
             "--s3-path-style",
             "false",
             "--clickhouse-url",
@@ -563,10 +603,8 @@ mod tests {
         assert_eq!(cfg.s3.bucket, "archive");
         assert_eq!(cfg.s3.prefix, "pulse/raw");
         assert_eq!(cfg.s3.region, "eu-west-1");
-        assert_eq!(
-            (cfg.s3.access_key.expose(), cfg.s3.secret_key.expose()),
-            ("ak", "sk")
-        );
+        let (access, secret) = cfg.s3.credentials().unwrap();
+        assert_eq!((access.expose(), secret.expose()), ("ak", "sk"));
         assert!(!cfg.s3.path_style);
         assert_eq!(cfg.clickhouse.url, "http://127.0.0.1:8124");
         assert_eq!(cfg.kafka.compression, "zstd");
@@ -575,6 +613,7 @@ mod tests {
             ("ev", "dlq")
         );
         assert!(pulse_platform::config::validate_all(&[&cfg]).is_ok());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
@@ -583,6 +622,7 @@ mod tests {
         assert_eq!(cfg.parquet_max_rows, 100_000);
         assert_eq!(cfg.parquet_max_bytes, 64 * 1024 * 1024);
         assert_eq!(cfg.parquet_max_age_ms, 60_000);
+        assert_eq!(cfg.parquet_max_buffer_bytes, 24 * 1024 * 1024);
         assert!(cfg.parquet_freshness);
     }
 

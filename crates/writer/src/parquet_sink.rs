@@ -117,6 +117,51 @@ fn s3_refusal(text: &str) -> BlockReason {
 /// Per partition: (max event time, max ingest time) archived so far.
 type Freshness = BTreeMap<i32, (i64, i64)>;
 
+/// Bytes the allocator hands out for a request of `cap` bytes (glibc: 8 bytes of header,
+/// 16-byte steps, 32 at least).
+fn alloc_bytes(cap: usize) -> usize {
+    if cap == 0 {
+        0
+    } else {
+        (cap + 8).next_multiple_of(16).max(32)
+    }
+}
+
+/// Per row, what encoding adds besides the copies of its strings and protobuf: the Arrow
+/// offsets and fixed-width values of every column, and the Parquet writer's page buffers.
+const ENCODE_ROW_OVERHEAD: usize = 160;
+
+/// The estimated memory one buffered row holds until its roll is uploaded: its heap
+/// allocations (every string, the properties, the raw protobuf) and its share of the copy
+/// the encoding makes (the Arrow columns hold its strings and protobuf again; the Parquet
+/// output is reserved at half the protobuf bytes). The row itself is counted by its
+/// group's `Vec` capacity ([`Roll::buffered_bytes`]).
+fn row_footprint(row: &ArchiveRow) -> usize {
+    let strings = [
+        &row.event_id,
+        &row.event_type,
+        &row.user_id,
+        &row.session_id,
+        &row.page,
+        &row.referrer,
+        &row.currency,
+        &row.trace_id,
+        &row.source,
+        &row.ingest_source,
+        &row.kafka_topic,
+    ];
+    let mut text: usize = strings.iter().map(|s| s.len()).sum();
+    let mut heap: usize = strings.iter().map(|s| alloc_bytes(s.capacity())).sum();
+    heap += alloc_bytes(row.properties.capacity() * std::mem::size_of::<(String, String)>());
+    for (k, v) in &row.properties {
+        text += k.len() + v.len();
+        heap += alloc_bytes(k.capacity()) + alloc_bytes(v.capacity());
+    }
+    let proto = row.event_proto.len();
+    heap += alloc_bytes(row.event_proto.capacity());
+    heap + text + proto + proto / 2 + ENCODE_ROW_OVERHEAD
+}
+
 /// The objects of a roll are keyed by partition and hour (the topic is the events topic).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 struct FileKey {
@@ -130,6 +175,8 @@ struct Group {
     rows: Vec<ArchiveRow>,
     /// Record bytes of the rows (as read from Kafka).
     bytes: usize,
+    /// The rows' [`row_footprint`]s.
+    footprint: usize,
     parent: opentelemetry::Context,
 }
 
@@ -153,16 +200,29 @@ impl Roll {
         self.done.is_empty()
     }
 
-    fn is_full(&self, limits: &BatchLimits) -> bool {
-        self.rows >= limits.max_rows || self.bytes >= limits.max_bytes
+    /// The estimated memory the roll holds (see [`row_footprint`]), the rows' slots in
+    /// their groups' vectors included (by capacity, as allocated).
+    fn buffered_bytes(&self) -> usize {
+        let groups: usize = self
+            .groups
+            .values()
+            .map(|g| g.footprint + g.rows.capacity() * std::mem::size_of::<ArchiveRow>())
+            .sum();
+        groups + self.ingest_ts.capacity() * std::mem::size_of::<(i32, i64)>()
     }
 
-    fn is_due(&self, limits: &BatchLimits, now: Instant) -> bool {
+    fn is_full(&self, limits: &RollLimits) -> bool {
+        self.rows >= limits.batch.max_rows
+            || self.bytes >= limits.batch.max_bytes
+            || self.buffered_bytes() >= limits.max_buffer_bytes
+    }
+
+    fn is_due(&self, limits: &RollLimits, now: Instant) -> bool {
         !self.is_empty()
             && (self.is_full(limits)
                 || self
                     .started
-                    .is_some_and(|s| now.duration_since(s) >= limits.max_age))
+                    .is_some_and(|s| now.duration_since(s) >= limits.batch.max_age))
     }
 
     fn mark_done(&mut self, partition: i32, offset: i64, now: Instant) {
@@ -198,8 +258,10 @@ impl Roll {
         let group = self.groups.entry(key).or_insert_with(|| Group {
             rows: Vec::new(),
             bytes: 0,
+            footprint: 0,
             parent: parent(),
         });
+        group.footprint += row_footprint(&row);
         group.rows.push(row);
         group.bytes += record_bytes;
     }
@@ -220,6 +282,16 @@ impl Roll {
     }
 }
 
+/// When a roll is written: at `batch.max_rows` rows, `batch.max_bytes` record bytes or
+/// `batch.max_age`, or once its estimated memory ([`row_footprint`]: the decoded rows and
+/// the copy their encoding makes) reaches `max_buffer_bytes` — the knob that bounds the
+/// sink's memory whatever the rows look like.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RollLimits {
+    pub batch: BatchLimits,
+    pub max_buffer_bytes: usize,
+}
+
 /// The sink loop.
 pub struct ParquetSink {
     pub store: Arc<dyn ObjectStore>,
@@ -229,7 +301,7 @@ pub struct ParquetSink {
     pub rebalances: mpsc::UnboundedReceiver<RebalanceEvent>,
     pub producer: KafkaProducer,
     pub topics: ParquetTopics,
-    pub limits: BatchLimits,
+    pub limits: RollLimits,
     pub backoff: Backoff,
     /// Where freshness rows go (`None`: not written).
     pub freshness: Option<clickhouse::Client>,
@@ -376,7 +448,7 @@ impl ParquetSink {
             return Ok(true);
         }
         let started = Instant::now();
-        let (rows, record_bytes) = (roll.rows, roll.bytes);
+        let (rows, record_bytes, buffered) = (roll.rows, roll.bytes, roll.buffered_bytes());
         for (key, group) in roll.groups {
             let first = group.rows.iter().map(|r| r.kafka_offset).min().unwrap_or(0);
             let last = group.rows.iter().map(|r| r.kafka_offset).max().unwrap_or(0);
@@ -456,6 +528,8 @@ impl ParquetSink {
         self.write_freshness(fresh);
         tracing::info!(
             rows,
+            record_bytes,
+            buffered_bytes = buffered,
             partitions = roll.done.len(),
             elapsed_ms = started.elapsed().as_millis() as u64,
             "roll archived and committed"
@@ -564,11 +638,14 @@ mod tests {
     const H: i64 = 3_600_000;
     const T: i64 = 1_709_164_800_000; // 2024-02-29 00:00 UTC
 
-    fn limits() -> BatchLimits {
-        BatchLimits {
-            max_rows: 4,
-            max_bytes: 100,
-            max_age: Duration::from_millis(500),
+    fn limits() -> RollLimits {
+        RollLimits {
+            batch: BatchLimits {
+                max_rows: 4,
+                max_bytes: 100,
+                max_age: Duration::from_millis(500),
+            },
+            max_buffer_bytes: usize::MAX,
         }
     }
 
@@ -657,6 +734,146 @@ mod tests {
             t0,
         );
         assert!(by_bytes.is_full(&limits()));
+    }
+
+    #[test]
+    fn a_roll_is_full_when_its_estimated_memory_reaches_the_buffer_limit() {
+        let t0 = Instant::now();
+        let limits = RollLimits {
+            batch: BatchLimits {
+                max_rows: 1_000_000,
+                max_bytes: usize::MAX,
+                max_age: Duration::from_secs(60),
+            },
+            max_buffer_bytes: 256 * 1024,
+        };
+        let mut roll = Roll::default();
+        let mut rows = 0;
+        while !roll.is_full(&limits) {
+            roll.push(
+                row(rows % 2, i64::from(rows), T, 300),
+                opentelemetry::Context::new,
+                300,
+                None,
+                t0,
+            );
+            rows += 1;
+        }
+        // A row of 300 protobuf bytes holds its inline struct, its allocations and its
+        // share of the encoding: more than 3 times the record, never counted as less.
+        let per_row = roll.buffered_bytes() / roll.rows;
+        assert!(
+            per_row > 3 * 300 && per_row < 4_000,
+            "{per_row} bytes per row"
+        );
+        assert!(roll.rows < 1_000, "{} rows", roll.rows);
+        assert!(
+            roll.bytes < 256 * 1024 / 3,
+            "the record bytes alone are far from it"
+        );
+        // Revoking a partition gives its memory back.
+        let before = roll.buffered_bytes();
+        roll.revoke(&[1]);
+        assert!(
+            roll.buffered_bytes() < before * 2 / 3,
+            "{before} -> {}",
+            roll.buffered_bytes()
+        );
+    }
+
+    /// Not a check: measures the resident memory a roll of `PULSE_ROLL_ROWS` (100,000)
+    /// loadgen-like rows takes, built and then encoded, against the estimate.
+    /// `cargo test -p pulse-writer --release --lib -- --ignored --nocapture roll_memory`
+    #[test]
+    #[ignore]
+    fn roll_memory_against_the_estimate() {
+        fn rss() -> usize {
+            let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+            let pages: usize = statm
+                .split_whitespace()
+                .nth(1)
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(0);
+            pages * 4096
+        }
+        fn hwm() -> usize {
+            let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<usize>().ok())
+                .unwrap_or(0)
+                * 1024
+        }
+        use pulse_contracts::pb::events::v1::{EventKey, IngestInfo, Metadata, Payload};
+        let n: usize = std::env::var("PULSE_ROLL_ROWS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(100_000);
+        let t0 = Instant::now();
+        let before = rss();
+        let mut roll = Roll::default();
+        for i in 0..n {
+            let e = Event {
+                event_id: format!("lg-42-{i}"),
+                schema_version: 1,
+                event_type: "page_view".into(),
+                key: Some(EventKey {
+                    user_id: format!("user-{}", i % 1_000_000),
+                    session_id: format!("s-{}", i % 5_000),
+                }),
+                payload: Some(Payload {
+                    page: format!("/products/{}", i % 500),
+                    referrer: "https://www.example.com/search?q=shoes".into(),
+                    currency: String::new(),
+                    amount_micros: None,
+                    properties: [("plan".to_owned(), "pro".to_owned())].into(),
+                }),
+                metadata: Some(Metadata {
+                    event_timestamp_ms: T + i as i64,
+                    trace_id: String::new(),
+                    source: "web".into(),
+                }),
+                ingest: Some(IngestInfo {
+                    ingest_timestamp_ms: T + i as i64 + 5,
+                    ingest_source: "loadgen".into(),
+                    protocol: "http".into(),
+                }),
+            };
+            let proto = e.encode_to_vec();
+            let row = ArchiveRow::from_event(
+                &e,
+                &proto,
+                "pulse.events.v1",
+                (i % 3) as i32,
+                i as i64,
+                Some("0af7651916cd43dd8448eb211c80319c"),
+            );
+            roll.push(
+                row,
+                opentelemetry::Context::new,
+                proto.len() + 5,
+                Some(T),
+                t0,
+            );
+        }
+        let held = rss() - before;
+        let estimate = roll.buffered_bytes();
+        let mut peak_encoding = 0;
+        for (_, group) in std::mem::take(&mut roll.groups) {
+            let body = archive::encode(&group.rows).unwrap_or_default();
+            peak_encoding = peak_encoding.max(hwm().saturating_sub(before));
+            drop((group, body));
+        }
+        println!(
+            "{n} rows, {} record bytes: resident {} MiB after buffering ({} B/row), peak {} MiB while encoding; estimate {} MiB ({} B/row)",
+            roll.bytes,
+            held >> 20,
+            held / n,
+            peak_encoding >> 20,
+            estimate >> 20,
+            estimate / n
+        );
     }
 
     #[test]

@@ -1,4 +1,9 @@
-//! Waiting for the sink's store at start: until ClickHouse answers (and its migrations are
+//! Waiting for the broker and the sink's store at start. Until the broker answers (the
+//! topics are checked or created), the writer is alive, answers `/readyz` 503 "blocked:
+//! kafka: unreachable: …", counts each failed attempt in
+//! `pulse_writer_startup_retries_total{reason="kafka_unreachable"}` and retries with the
+//! same backoff; a topic setting the broker refuses for good ends the process instead.
+//! Then, until ClickHouse answers (and its migrations are
 //! applied) or S3 answers for the bucket, the writer stays alive (`/livez` 200), reports
 //! itself not ready with the reason (`/readyz` 503 "clickhouse unreachable: …"), consumes
 //! nothing (its consumer does not join the group yet), logs every failed attempt at WARN
@@ -13,6 +18,7 @@ use std::time::Duration;
 
 use metrics::describe_counter;
 use object_store::ObjectStore;
+use pulse_platform::kafka::topics::TopicError;
 use pulse_platform::service::ServiceContext;
 use pulse_storage::migrate::{self, MigrateError};
 
@@ -23,14 +29,23 @@ use crate::{Config, Error};
 pub const STARTUP_RETRIES_TOTAL: &str = "pulse_writer_startup_retries_total";
 
 /// The `reason` label values of [`STARTUP_RETRIES_TOTAL`].
-pub const REASONS: [&str; 3] = ["unreachable", "refused", "missing_bucket"];
+pub const REASONS: [&str; 4] = [
+    "unreachable",
+    "refused",
+    "missing_bucket",
+    "kafka_unreachable",
+];
+
+/// Longest wait for one attempt to reach the broker (the attempt deadline is
+/// `--insert-timeout-ms` up to this): the topic admin request itself waits 30 s.
+const KAFKA_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Describes this module's metric and creates its series of `sink` at zero (so they are
 /// in the first scrape).
 pub fn describe(sink: &'static str) {
     describe_counter!(
         STARTUP_RETRIES_TOTAL,
-        "Failed start-up checks of the sink's store (ClickHouse migrations or ping, S3 bucket listing), by sink and reason (unreachable, refused, missing_bucket); the writer consumes nothing and /readyz is 503 until one succeeds."
+        "Failed start-up checks of the broker (creating or checking the topics; reason kafka_unreachable) and of the sink's store (ClickHouse migrations or ping, S3 bucket listing; unreachable, refused, missing_bucket), by sink and reason; the writer consumes nothing and /readyz is 503 until they succeed."
     );
     for reason in REASONS {
         metrics::counter!(STARTUP_RETRIES_TOTAL, "sink" => sink, "reason" => reason).increment(0);
@@ -65,7 +80,11 @@ fn clickhouse_failure(e: MigrateError) -> Failure {
         E::InvalidParams(_) | E::Unsupported(_) => Failure::Fatal(Error::ClickHouseSettings(e)),
         E::Network(_) | E::TimedOut => Failure::Retry {
             reason: "unreachable",
-            detail: format!("clickhouse unreachable: {e}"),
+            // The causes too: a TLS failure's reason, URL and CA file are only there.
+            detail: format!(
+                "clickhouse unreachable: {}",
+                pulse_platform::clickhouse::error_chain(&e)
+            ),
         },
         // The server answered but refused (credentials, rights, read-only, …): an operator
         // or the server itself can fix it while we wait.
@@ -103,9 +122,81 @@ async fn clickhouse_attempt(config: &Config) -> Result<(), Failure> {
 /// Waits until ClickHouse answers and the migrations are applied. `Ok(false)`: shutdown
 /// started first.
 pub async fn wait_for_clickhouse(config: &Config, ctx: &ServiceContext) -> Result<bool, Error> {
-    wait(config, ctx, "clickhouse", "clickhouse", || {
-        clickhouse_attempt(config)
-    })
+    wait(
+        config,
+        ctx,
+        Labels::store(config, "clickhouse", "clickhouse"),
+        || clickhouse_attempt(config),
+    )
+    .await
+}
+
+/// What a failure to check or create the topics means at start: the broker is down, hangs
+/// or is not ready yet (retried), or it refuses a topic for good, or the client settings
+/// are wrong (fatal).
+fn kafka_failure(e: TopicError) -> Failure {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    let transient = match &e {
+        TopicError::Request(_) | TopicError::Metadata(_) | TopicError::Task(_) => true,
+        TopicError::Topic { code, .. } => matches!(
+            code,
+            C::RequestTimedOut
+                | C::OperationTimedOut
+                | C::BrokerNotAvailable
+                | C::LeaderNotAvailable
+                | C::NotController
+                | C::NotCoordinator
+                | C::CoordinatorNotAvailable
+                | C::NetworkException
+                | C::AllBrokersDown
+                | C::BrokerTransportFailure
+                | C::KafkaStorageError
+                | C::NotEnoughReplicas
+        ),
+        _ => false,
+    };
+    if transient {
+        Failure::Retry {
+            reason: "kafka_unreachable",
+            detail: format!("unreachable: {e}"),
+        }
+    } else {
+        Failure::Fatal(Error::Topics(e))
+    }
+}
+
+/// Waits until the broker answers and `ensure` (checking or creating the sink's topics)
+/// succeeded. `Ok(false)`: shutdown started first.
+pub async fn wait_for_kafka<F, Fut>(
+    config: &Config,
+    ctx: &ServiceContext,
+    sink: &'static str,
+    mut ensure: F,
+) -> Result<bool, Error>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<(), TopicError>>,
+{
+    let deadline = Duration::from_millis(config.insert_timeout_ms).min(KAFKA_ATTEMPT_TIMEOUT);
+    let timeout_reason = (
+        "kafka_unreachable",
+        format!("unreachable (brokers {})", config.kafka.brokers),
+    );
+    wait(
+        config,
+        ctx,
+        Labels {
+            sink,
+            component: "kafka",
+            store: "kafka",
+            deadline,
+            timeout_reason,
+        },
+        || {
+            let attempt = ensure();
+            async move { attempt.await.map_err(kafka_failure) }
+        },
+    )
     .await
 }
 
@@ -137,30 +228,67 @@ pub async fn wait_for_s3(
 ) -> Result<bool, Error> {
     let prefix = (!config.s3.prefix.is_empty())
         .then(|| object_store::path::Path::from(config.s3.prefix.as_str()));
-    wait(config, ctx, "parquet", "s3", || async {
-        match store.list_with_delimiter(prefix.as_ref()).await {
-            Ok(_) => Ok(()),
-            Err(e) => s3_failure(&e).map_or(Ok(()), Err),
-        }
-    })
+    wait(
+        config,
+        ctx,
+        Labels::store(config, "parquet", "s3"),
+        || async {
+            match store.list_with_delimiter(prefix.as_ref()).await {
+                Ok(_) => Ok(()),
+                Err(e) => s3_failure(&e).map_or(Ok(()), Err),
+            }
+        },
+    )
     .await
 }
 
-/// Runs `attempt` (each with the insert deadline, `--insert-timeout-ms`) until it succeeds;
-/// meanwhile readiness is blocked for `sink` (also the metric label) with the reason.
-/// `store` names the store in messages.
+/// Who waits for what, in labels and messages.
+struct Labels {
+    /// The `sink` metric label.
+    sink: &'static str,
+    /// The readiness component blocked meanwhile.
+    component: &'static str,
+    /// The dependency, in messages.
+    store: &'static str,
+    /// Deadline of one attempt.
+    deadline: Duration,
+    /// (metric reason, readiness word) when an attempt exceeds the deadline.
+    timeout_reason: (&'static str, String),
+}
+
+impl Labels {
+    /// The sink's store: readiness blocked under the sink's name, attempts bounded by the
+    /// insert deadline (`--insert-timeout-ms`).
+    fn store(config: &Config, sink: &'static str, store: &'static str) -> Self {
+        Self {
+            sink,
+            component: sink,
+            store,
+            deadline: Duration::from_millis(config.insert_timeout_ms),
+            timeout_reason: ("unreachable", format!("{store} unreachable")),
+        }
+    }
+}
+
+/// Runs `attempt` (each within `labels.deadline`) until it succeeds; meanwhile readiness
+/// is blocked for `labels.component` with the reason.
 async fn wait<F, Fut>(
     config: &Config,
     ctx: &ServiceContext,
-    sink: &'static str,
-    store: &'static str,
+    labels: Labels,
     mut attempt: F,
 ) -> Result<bool, Error>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<(), Failure>>,
 {
-    let deadline = Duration::from_millis(config.insert_timeout_ms);
+    let Labels {
+        sink,
+        component,
+        store,
+        deadline,
+        timeout_reason,
+    } = labels;
     // No circuit breaker: the cap bounds the wait between attempts.
     let mut backoff = Backoff::new(
         Duration::from_millis(config.retry_base_ms),
@@ -182,14 +310,14 @@ where
                         "{store} answers; starting to consume"
                     );
                 }
-                ctx.health.unblock(sink);
+                ctx.health.unblock(component);
                 return Ok(true);
             }
             Ok(Err(Failure::Fatal(e))) => return Err(e),
             Ok(Err(Failure::Retry { reason, detail })) => (reason, detail),
             Err(_) => (
-                "unreachable",
-                format!("{store} unreachable: no answer within {deadline:?}"),
+                timeout_reason.0,
+                format!("{}: no answer within {deadline:?}", timeout_reason.1),
             ),
         };
         let pause = backoff.failure();
@@ -201,7 +329,7 @@ where
             error = %detail,
             "{store} not usable at start; not consuming, retrying"
         );
-        ctx.health.block(sink, detail);
+        ctx.health.block(component, detail);
         tokio::select! {
             _ = ctx.shutdown.cancelled() => return Ok(false),
             _ = tokio::time::sleep(pause) => {}

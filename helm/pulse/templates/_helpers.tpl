@@ -359,6 +359,9 @@ PULSE_CLICKHOUSE_DATABASE: {{ .Values.clickhouse.database | quote }}
 PULSE_CLICKHOUSE_USER: {{ .Values.clickhouse.user | quote }}
 PULSE_CLICKHOUSE_COMPRESSION: {{ .Values.clickhouse.compression | quote }}
 PULSE_CLICKHOUSE_VALIDATION: {{ .Values.clickhouse.validation | toString | quote }}
+{{- if .Values.clickhouse.caSecret }}
+PULSE_CLICKHOUSE_CA_FILE: {{ printf "/etc/pulse/clickhouse-ca/%s" .Values.clickhouse.caKey | quote }}
+{{- end }}
 {{- end -}}
 
 {{- define "pulse.settings.s3" -}}
@@ -367,6 +370,81 @@ PULSE_S3_BUCKET: {{ .Values.s3.bucket | quote }}
 PULSE_S3_PREFIX: {{ .Values.s3.prefix | quote }}
 PULSE_S3_REGION: {{ .Values.s3.region | quote }}
 PULSE_S3_PATH_STYLE: {{ .Values.s3.pathStyle | toString | quote }}
+{{- with .Values.s3.sse }}
+PULSE_S3_SSE: {{ . | quote }}
+{{- end }}
+{{- with .Values.s3.sseKmsKeyId }}
+PULSE_S3_SSE_KMS_KEY_ID: {{ . | quote }}
+{{- end }}
+{{- end -}}
+
+{{/*
+Files mounted from Secrets (never with subPath, so an edited Secret reaches the running
+pod): the ClickHouse CA (containers using ClickHouse), the registry's users file (the
+registry) and a registry client's password (ingest, processor, the schemas Job). Each
+takes (dict "root" $ "c" component); the Jobs pass a c of their own (`uses`, `name`).
+*/}}
+{{- define "pulse.fileVolumeMounts" -}}
+{{- $auth := .root.Values.schemaRegistry.auth -}}
+{{- if and (has "clickhouse" .c.uses) .root.Values.clickhouse.caSecret }}
+- name: clickhouse-ca
+  mountPath: /etc/pulse/clickhouse-ca
+  readOnly: true
+{{- end }}
+{{- if and $auth.enabled (eq .c.name "schema-registry") }}
+- name: registry-users
+  mountPath: /etc/pulse/registry-auth
+  readOnly: true
+{{- end }}
+{{- if and $auth.enabled (has "registry" .c.uses) }}
+- name: registry-client
+  mountPath: /etc/pulse/registry-client
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{- define "pulse.fileVolumes" -}}
+{{- $auth := .root.Values.schemaRegistry.auth -}}
+{{- if and (has "clickhouse" .c.uses) .root.Values.clickhouse.caSecret }}
+- name: clickhouse-ca
+  secret:
+    secretName: {{ .root.Values.clickhouse.caSecret }}
+    items:
+      - key: {{ .root.Values.clickhouse.caKey }}
+        path: {{ .root.Values.clickhouse.caKey }}
+{{- end }}
+{{- if and $auth.enabled (eq .c.name "schema-registry") }}
+- name: registry-users
+  secret:
+    secretName: {{ default (printf "%s-registry-users" (include "pulse.fullname" .root)) $auth.existingSecret }}
+    defaultMode: 0440
+    items:
+      - key: {{ $auth.usersKey }}
+        path: users
+{{- end }}
+{{- if and $auth.enabled (has "registry" .c.uses) }}
+- name: registry-client
+  secret:
+    secretName: {{ include "pulse.secretName" .root }}
+    defaultMode: 0440
+    items:
+      - key: {{ ternary "registry-write-password" "registry-read-password" (eq .c.name "schemas") }}
+        path: password
+{{- end }}
+{{- end -}}
+
+{{/* Registry auth settings of a component (ConfigMap / Job env map): (dict "root" $ "c" c). */}}
+{{- define "pulse.settings.registryAuth" -}}
+{{- $auth := .root.Values.schemaRegistry.auth -}}
+{{- if $auth.enabled }}
+{{- if eq .c.name "schema-registry" }}
+PULSE_REGISTRY_AUTH_FILE: /etc/pulse/registry-auth/users
+{{- end }}
+{{- if has "registry" .c.uses }}
+PULSE_REGISTRY_USERNAME: {{ ternary $auth.writeUser $auth.readUser (eq .c.name "schemas") | quote }}
+PULSE_REGISTRY_PASSWORD_FILE: /etc/pulse/registry-client/password
+{{- end }}
+{{- end }}
 {{- end -}}
 
 {{- define "pulse.settings.windowing" -}}
@@ -429,5 +507,70 @@ metadata:
 spec:
   {{- include "pulse.jobPodSpec" .root | nindent 2 }}
   containers:
-    {{- include "pulse.pulsectlContainer" (dict "root" .root "name" "schemas" "args" (list "schemas" "register") "env" .env) | nindent 4 }}
+    {{- include "pulse.pulsectlContainer" (dict "root" .root "name" "schemas" "args" (list "schemas" "register") "env" .env "mounts" (include "pulse.fileVolumeMounts" .ctx | trim)) | nindent 4 }}
+  {{- with include "pulse.fileVolumes" .ctx | trim }}
+  volumes:
+    {{- . | nindent 4 }}
+  {{- end }}
+{{- end -}}
+
+{{/*
+Server TLS of a component (dict "root" $ "c" component): "true" when `serverTls` is on and
+lists it. Its settings (the files of the mounted Secrets) go into the component's
+ConfigMap; the volumes are pulse.serverTlsVolumeMounts / pulse.serverTlsVolumes.
+*/}}
+{{- define "pulse.serverTlsOn" -}}
+{{- $t := .root.Values.serverTls -}}
+{{- if and $t.enabled (has .c.name $t.components) }}true{{ end -}}
+{{- end -}}
+
+{{- define "pulse.settings.serverTls" -}}
+{{- $t := .root.Values.serverTls -}}
+{{- if include "pulse.serverTlsOn" . }}
+PULSE_TLS_CERT_FILE: /etc/pulse/tls/tls.crt
+PULSE_TLS_KEY_FILE: /etc/pulse/tls/tls.key
+{{- if $t.clientCaSecret }}
+PULSE_TLS_CLIENT_CA_FILE: {{ printf "/etc/pulse/tls-client-ca/%s" $t.clientCaKey }}
+{{- end }}
+{{- if $t.admin }}
+PULSE_ADMIN_TLS_CERT_FILE: /etc/pulse/tls/tls.crt
+PULSE_ADMIN_TLS_KEY_FILE: /etc/pulse/tls/tls.key
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{- define "pulse.serverTlsVolumeMounts" -}}
+{{- if include "pulse.serverTlsOn" . }}
+- name: server-tls
+  mountPath: /etc/pulse/tls
+  readOnly: true
+{{- if .root.Values.serverTls.clientCaSecret }}
+- name: server-tls-client-ca
+  mountPath: /etc/pulse/tls-client-ca
+  readOnly: true
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{- define "pulse.serverTlsVolumes" -}}
+{{- $t := .root.Values.serverTls -}}
+{{- if include "pulse.serverTlsOn" . }}
+- name: server-tls
+  secret:
+    secretName: {{ required "serverTls.secret is required when serverTls.enabled is true" $t.secret }}
+    defaultMode: 0440
+    items:
+      - key: tls.crt
+        path: tls.crt
+      - key: tls.key
+        path: tls.key
+{{- if $t.clientCaSecret }}
+- name: server-tls-client-ca
+  secret:
+    secretName: {{ $t.clientCaSecret }}
+    items:
+      - key: {{ $t.clientCaKey }}
+        path: {{ $t.clientCaKey }}
+{{- end }}
+{{- end }}
 {{- end -}}

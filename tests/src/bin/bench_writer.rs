@@ -307,14 +307,17 @@ fn tsv_row(out: &mut String, r: &EventRow) -> Result<()> {
         tsv_str(out, s);
         out.push('\t');
     }
-    writeln!(
+    write!(
         out,
-        "{}\t{}\t{}\t{}",
+        "{}\t{}\t{}\t{}\t",
         r.kafka_partition,
         r.kafka_offset,
         r.written_at_ms,
         date(r.event_date)?
     )?;
+    // Added by migration 0002, after every earlier column.
+    tsv_str(out, &r.source_trace_id);
+    out.push('\n');
     Ok(())
 }
 

@@ -37,6 +37,7 @@ const EVENT_COLUMNS: &[&str] = &[
     "kafka_offset",
     "written_at_ms",
     "event_date",
+    "source_trace_id",
 ];
 
 const ACTIVITY_COLUMNS: &[&str] = &[
@@ -159,6 +160,8 @@ async fn migrations_apply_on_a_fresh_database_and_a_second_run_applies_nothing()
         tables,
         [
             "events",
+            "events_by_source_trace",
+            "events_by_source_trace_mv",
             "freshness",
             "schema_migrations",
             "sessions",
@@ -171,6 +174,114 @@ async fn migrations_apply_on_a_fresh_database_and_a_second_run_applies_nothing()
         .await
         .unwrap();
     assert_eq!(recorded, all);
+}
+
+/// An `events` row as a writer before migration 0002 wrote it (no `source_trace_id`).
+#[derive(Debug, clickhouse::Row, serde::Serialize, serde::Deserialize)]
+struct EventRowV1 {
+    event_id: String,
+    schema_version: u32,
+    event_type: String,
+    user_id: String,
+    event_time_ms: i64,
+    ingest_time_ms: i64,
+    trace_id: String,
+    event_date: u16,
+}
+
+#[tokio::test]
+async fn a_store_at_the_initial_schema_upgrades_and_old_rows_and_old_writers_keep_working() {
+    let cfg = Database::unique("pulse_upgrade");
+    let server = cfg.server_client();
+    let db = cfg.database.as_str();
+    // The store as migration 0001 left it, applied and recorded the way `migrate` does.
+    server
+        .query(&format!("CREATE DATABASE {db}"))
+        .execute()
+        .await
+        .unwrap();
+    for statement in
+        pulse_storage::migrate::split_statements(&MIGRATIONS[0].2.replace("{database}", db))
+    {
+        server.query(&statement).execute().await.unwrap();
+    }
+    server
+        .query(&format!(
+            "INSERT INTO {db}.schema_migrations (version, name, applied_at_ms) VALUES (1, 'init', 0)"
+        ))
+        .execute()
+        .await
+        .unwrap();
+    let old = |id: &str| EventRowV1 {
+        event_id: id.into(),
+        schema_version: 1,
+        event_type: "page_view".into(),
+        user_id: "u1".into(),
+        event_time_ms: NOW,
+        ingest_time_ms: NOW,
+        trace_id: "producer-before".into(),
+        event_date: pulse_storage::rows::epoch_day(NOW),
+    };
+    insert(&cfg, "events", &[old("before")]).await;
+
+    let later: Vec<u32> = MIGRATIONS.iter().skip(1).map(|m| m.0).collect();
+    assert_eq!(
+        migrate(&cfg).await.unwrap(),
+        later,
+        "only the new migrations run"
+    );
+    assert!(migrate(&cfg).await.unwrap().is_empty());
+
+    // A writer of the old row shape still inserts (the new column takes its default);
+    // a current writer stores the producer's trace id, which the lookup finds.
+    insert(&cfg, "events", &[old("old-writer")]).await;
+    let mut e = event("new", "u1", NOW + 1);
+    e.metadata.as_mut().unwrap().trace_id = "abcd-1234".into();
+    let new = EventRow::from_event(&e, 0, 1, Some("4bf92f3577b34da6a3ce929d0e0e4736"), NOW);
+    insert(&cfg, "events", std::slice::from_ref(&new)).await;
+
+    let client = cfg.client();
+    let rows: Vec<(String, String, String)> = client
+        .query("SELECT event_id, trace_id, source_trace_id FROM events FINAL ORDER BY event_id")
+        .fetch_all()
+        .await
+        .unwrap();
+    let row =
+        |id: &str, trace: &str, source: &str| (id.to_owned(), trace.to_owned(), source.to_owned());
+    assert_eq!(
+        rows,
+        [
+            row("before", "producer-before", ""),
+            row("new", "4bf92f3577b34da6a3ce929d0e0e4736", "abcd-1234"),
+            row("old-writer", "producer-before", ""),
+        ]
+    );
+    let all: Vec<EventRow> = client
+        .query("SELECT ?fields FROM events FINAL WHERE event_id = 'new'")
+        .fetch_all()
+        .await
+        .unwrap();
+    assert_eq!(all, [new]);
+    let found: Vec<String> = client
+        .query(
+            "SELECT event_id FROM events FINAL WHERE (user_id, event_time_ms, event_id) IN \
+             (SELECT user_id, event_time_ms, event_id FROM events_by_source_trace \
+              WHERE source_trace_id = ?)",
+        )
+        .bind("abcd-1234")
+        .fetch_all()
+        .await
+        .unwrap();
+    assert_eq!(found, ["new"]);
+    let indexed: u64 = client
+        .query("SELECT count() FROM events_by_source_trace")
+        .fetch_one()
+        .await
+        .unwrap();
+    assert_eq!(
+        indexed, 1,
+        "events without a producer trace id are not indexed"
+    );
 }
 
 #[tokio::test]

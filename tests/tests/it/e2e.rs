@@ -4,7 +4,8 @@
 //! malformed events, then — once the pipeline has settled by watermark and freshness —
 //! every query-API answer against the answers loadgen expects, the DLQ and late topics
 //! against the events loadgen made malformed and late, the raw events in ClickHouse and in
-//! the Parquet archive against every accepted event, and one trace id from the ingest
+//! the Parquet archive against every accepted event, ingest's per-`schema_version` count in
+//! its live /metrics against its accepted count, and one trace id from the ingest
 //! request through the processor's and the writer's spans (collected by an OTLP receiver
 //! in the test).
 
@@ -22,7 +23,7 @@ use serde_json::{Value, json};
 use crate::support::child_process::{binary, free_port};
 use crate::support::cleanup::TempDir;
 use crate::support::wait::Text;
-use crate::support::{Deadline, events, kafka, wait_until};
+use crate::support::{Deadline, events, kafka, metric_sum, wait_until};
 
 const TOKEN: &str = "pulse-dev-token";
 const API_KEY: &str = "pulse-dev-key";
@@ -51,6 +52,15 @@ struct Platform {
 }
 
 impl Platform {
+    /// The port `dev.sh` was given in `name` (e.g. `PULSE_INGEST_ADMIN_PORT`).
+    fn port(&self, name: &str) -> &str {
+        self.env
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+            .unwrap_or_else(|| panic!("no {name}"))
+    }
+
     fn dev_sh(&self, arg: &str) -> std::process::Output {
         Command::new("bash")
             .arg(repo().join("scripts/dev.sh"))
@@ -513,6 +523,42 @@ async fn the_platform_answers_exactly_what_loadgen_expects_and_one_trace_links_t
         },
     )
     .await;
+
+    // Ingest's live /metrics counts every accepted event by the producer's schema_version
+    // (loadgen and the sentinels send version 1), reconciling with its accepted count.
+    let ingest_metrics = reqwest::get(format!(
+        "http://127.0.0.1:{}/metrics",
+        platform.port("PULSE_INGEST_ADMIN_PORT")
+    ))
+    .await
+    .unwrap()
+    .text()
+    .await
+    .unwrap();
+    let by_version = |labels: &[&str]| {
+        metric_sum(
+            &ingest_metrics,
+            "pulse_ingest_events_by_schema_version_total",
+            labels,
+        )
+        .unwrap_or(0.0)
+    };
+    let accepted_total = metric_sum(
+        &ingest_metrics,
+        "pulse_ingest_events_total",
+        &["outcome=\"accepted\""],
+    )
+    .unwrap_or(0.0);
+    assert!(
+        accepted_total >= all_ids.len() as f64,
+        "ingest counted {accepted_total} accepted events, {} are stored",
+        all_ids.len()
+    );
+    assert_eq!(
+        (by_version(&["version=\"1\""]), by_version(&[])),
+        (accepted_total, accepted_total),
+        "accepted events by schema_version vs all accepted events"
+    );
 
     // One trace id links the ingest request to the processor's and the writer's spans.
     // The probe is an event from the middle of the run (not the first record of anything).

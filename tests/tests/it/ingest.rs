@@ -4,6 +4,7 @@
 
 use std::io::Write;
 use std::sync::Arc;
+use std::time::Duration;
 
 use prost::Message as _;
 use pulse_contracts::pb::events::v1 as ev;
@@ -19,7 +20,7 @@ use serde_json::{Value, json};
 
 use crate::support::ingest_server::{self, read_exactly};
 use crate::support::registry::{self, Registry};
-use crate::support::{cleanup, events, grpc_meta};
+use crate::support::{Deadline, cleanup, events, grpc_meta, wait_until};
 
 struct Harness {
     http: String,
@@ -589,4 +590,254 @@ async fn an_unparseable_body_longer_than_the_broker_takes_is_refused_and_kept_cu
         header(&dlq[0], headers::ORIGINAL_SIZE).as_deref(),
         Some(original.len().to_string().as_str())
     );
+}
+
+/// The reference event (the README's quick-start, `docs/examples/reference-event.json`),
+/// byte for byte: a producer's `schema_version` 3 and a trace id that is not W3C.
+const REFERENCE_EVENT: &[u8] = include_bytes!("../../../docs/examples/reference-event.json");
+/// Its `metadata.event_timestamp`, 2026-06-04T11:01:23.456Z, in epoch ms.
+const REFERENCE_EVENT_MS: i64 = 1_780_570_883_456;
+/// Ingest flags that accept the reference event's fixed event time whatever today's date.
+const ANY_EVENT_TIME: &[&str] = &[
+    "--max-age-ms",
+    "315360000000",
+    "--max-future-skew-ms",
+    "315360000000",
+];
+
+/// The reference event as a producer would send it over gRPC.
+fn reference_event_pb() -> ev::Event {
+    ev::Event {
+        event_id: String::new(),
+        schema_version: 3,
+        event_type: "page_view".into(),
+        key: Some(ev::EventKey {
+            user_id: "u123".into(),
+            session_id: "s456".into(),
+        }),
+        payload: Some(ev::Payload {
+            page: "/home".into(),
+            referrer: "google".into(),
+            currency: "USD".into(),
+            amount_micros: Some(0),
+            properties: Default::default(),
+        }),
+        metadata: Some(ev::Metadata {
+            event_timestamp_ms: REFERENCE_EVENT_MS,
+            trace_id: "abcd-1234".into(),
+            source: "web-frontend".into(),
+        }),
+        ingest: None,
+    }
+}
+
+/// The stored row of an event, as the ClickHouse writer wrote it.
+#[derive(Debug, PartialEq, clickhouse::Row, serde::Deserialize)]
+struct StoredReference {
+    schema_version: u32,
+    event_type: String,
+    user_id: String,
+    session_id: String,
+    page: String,
+    referrer: String,
+    currency: String,
+    amount_micros: i64,
+    has_amount: u8,
+    event_time_ms: i64,
+    trace_id: String,
+    source_trace_id: String,
+    source: String,
+    ingest_source: String,
+}
+
+#[tokio::test]
+async fn the_reference_event_over_http_byte_for_byte_and_over_grpc_is_stored_with_version_and_trace_id()
+ {
+    use clap::Parser as _;
+    let h = start(ANY_EVENT_TIME).await;
+
+    // HTTP: the exact bytes, with a W3C trace context on the request.
+    let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let (status, body, _) = post(
+        &h.http,
+        Some("test-key"),
+        REFERENCE_EVENT.to_vec(),
+        &[
+            ("Content-Type", "application/json"),
+            ("traceparent", traceparent),
+        ],
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["accepted"], 1, "{body}");
+    let http_id = body["results"][0]["event_id"].as_str().unwrap().to_owned();
+
+    // gRPC: its protobuf equivalent (a different derived id: the amount and the time
+    // are written differently), with a W3C trace context in the metadata.
+    let mut client = IngestServiceClient::connect(h.grpc.clone()).await.unwrap();
+    let mut req = tonic::Request::new(SendEventsRequest {
+        events: vec![reference_event_pb()],
+    });
+    req.metadata_mut()
+        .insert("x-api-key", "test-key".parse().unwrap());
+    req.metadata_mut().insert(
+        "traceparent",
+        "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+            .parse()
+            .unwrap(),
+    );
+    let resp = client.send_events(req).await.unwrap().into_inner();
+    assert_eq!(resp.accepted, 1, "{resp:?}");
+    let grpc_id = resp.results[0].event_id.clone();
+    assert_ne!(http_id, grpc_id);
+
+    // The ClickHouse writer, on this ingest's topic, into a database of its own.
+    let kafka = pulse_tests::kafka();
+    let (activity, sessions, dlq) = (
+        pulse_tests::unique("activity"),
+        pulse_tests::unique("sessions"),
+        pulse_tests::unique("writer-dlq"),
+    );
+    let _topics = cleanup::Topics::create(
+        &[&activity, &sessions, &dlq]
+            .iter()
+            .map(|t| pulse_platform::kafka::TopicSpec::new(t.as_str(), 1))
+            .collect::<Vec<_>>(),
+    )
+    .await;
+    let database = cleanup::Database::unique("pulse_reference");
+    let cfg = pulse_writer::Config::parse_from([
+        "pulse-writer",
+        "--kafka-brokers",
+        &kafka.brokers,
+        "--clickhouse-url",
+        &database.url,
+        "--clickhouse-database",
+        &database.database,
+        "--group-id",
+        &pulse_tests::unique("writer"),
+        "--batch-max-age-ms",
+        "200",
+        "--events-topic",
+        &h.events_topic,
+        "--user-activity-topic",
+        &activity,
+        "--sessions-topic",
+        &sessions,
+        "--dlq-topic",
+        &dlq,
+    ]);
+    let sink = pulse_writer::build_clickhouse(&cfg).await.unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(sink.run(stop.clone()));
+
+    let ch = database.client();
+    let stored = |id: String| {
+        let ch = ch.clone();
+        async move {
+            ch.query("SELECT ?fields FROM events FINAL WHERE event_id = ?")
+                .bind(id)
+                .fetch_all::<StoredReference>()
+                .await
+                .map_err(|e| e.to_string())
+        }
+    };
+    wait_until(
+        Deadline::after(Duration::from_secs(60)).every(Duration::from_millis(200)),
+        "both copies of the reference event in ClickHouse",
+        async || {
+            let (a, b) = (
+                stored(http_id.clone()).await?,
+                stored(grpc_id.clone()).await?,
+            );
+            if a.len() == 1 && b.len() == 1 {
+                Ok(())
+            } else {
+                Err(format!("http {a:?}, grpc {b:?}"))
+            }
+        },
+    )
+    .await;
+    let want = |trace_id: &str| StoredReference {
+        schema_version: 3,
+        event_type: "page_view".into(),
+        user_id: "u123".into(),
+        session_id: "s456".into(),
+        page: "/home".into(),
+        referrer: "google".into(),
+        currency: "USD".into(),
+        amount_micros: 0,
+        has_amount: 1,
+        event_time_ms: REFERENCE_EVENT_MS,
+        trace_id: trace_id.into(),
+        source_trace_id: "abcd-1234".into(),
+        source: "web-frontend".into(),
+        ingest_source: "shop".into(),
+    };
+    let over_http = stored(http_id.clone()).await.unwrap().remove(0);
+    assert_eq!(
+        over_http,
+        want("4bf92f3577b34da6a3ce929d0e0e4736"),
+        "the producer's trace id beside the request's W3C one"
+    );
+    let over_grpc = stored(grpc_id.clone()).await.unwrap().remove(0);
+    assert_eq!(over_grpc, want("0af7651916cd43dd8448eb211c80319c"));
+
+    // Searchable by the producer's trace id: the documented lookup
+    // (crates/storage/clickhouse/0003_events_by_source_trace.sql).
+    let found: Vec<String> = ch
+        .query(
+            "SELECT event_id FROM events FINAL WHERE (user_id, event_time_ms, event_id) IN \
+             (SELECT user_id, event_time_ms, event_id FROM events_by_source_trace \
+              WHERE source_trace_id = ?) ORDER BY event_id",
+        )
+        .bind("abcd-1234")
+        .fetch_all()
+        .await
+        .unwrap();
+    let mut both = vec![http_id, grpc_id];
+    both.sort();
+    assert_eq!(found, both);
+
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_refused_schema_version_is_rejected_naming_the_field_and_the_setting() {
+    let mut flags = ANY_EVENT_TIME.to_vec();
+    flags.extend(["--refuse-schema-versions", "2-3"]);
+    let h = start(&flags).await;
+    let (status, body, _) = post(
+        &h.http,
+        Some("test-key"),
+        REFERENCE_EVENT.to_vec(),
+        &[("Content-Type", "application/json")],
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["rejected"], 1, "{body}");
+    let error = &body["results"][0]["error"];
+    assert_eq!(error["field"], "schema_version", "{body}");
+    assert_eq!(error["code"], "unsupported_schema_version", "{body}");
+    assert_eq!(
+        error["reason"],
+        "3 is refused by this deployment (--refuse-schema-versions 2-3); \
+         send the event in a version it accepts"
+    );
+
+    let mut client = IngestServiceClient::connect(h.grpc.clone()).await.unwrap();
+    let mut version_4 = reference_event_pb();
+    version_4.schema_version = 4;
+    let mut req = tonic::Request::new(SendEventsRequest {
+        events: vec![reference_event_pb(), version_4],
+    });
+    req.metadata_mut()
+        .insert("x-api-key", "test-key".parse().unwrap());
+    let resp = client.send_events(req).await.unwrap().into_inner();
+    assert_eq!((resp.accepted, resp.rejected), (1, 1), "{resp:?}");
+    let error = resp.results[0].error.as_ref().unwrap();
+    assert_eq!(error.field, "schema_version");
+    assert!(error.reason.contains("refused"), "{error:?}");
+    assert_eq!(resp.results[1].status, EventStatus::Accepted as i32);
 }

@@ -10,6 +10,7 @@ mod support;
 
 mod clickhouse_schema;
 mod clickhouse_server;
+mod clickhouse_tls;
 mod e2e;
 mod ingest;
 mod ingest_fuzz;
@@ -24,7 +25,9 @@ mod pulsectl;
 mod pulsectl_replay;
 mod query_api;
 mod s3_server;
+mod s3_sse;
 mod schema_registry;
+mod server_tls;
 mod topic_durability;
 mod writer_blocking;
 mod writer_clickhouse;

@@ -178,7 +178,13 @@ impl Instance {
         // The loop's consumer must be the last reference, so that it leaves the group.
         drop(self.consumer);
         self.stop.cancel();
-        self.task.await.unwrap().unwrap();
+        // Bounded: a loop that never finishes its shutdown fails the test instead of
+        // hanging it.
+        tokio::time::timeout(WAIT, self.task)
+            .await
+            .expect("the processor loop did not stop within the wait")
+            .unwrap()
+            .unwrap();
     }
 }
 
@@ -738,11 +744,123 @@ fn base_time() -> i64 {
     two_hours_ago.div_euclid(60_000) * 60_000
 }
 
+/// The records the previous release (checkpoint format 2) wrote for `cp` as generation
+/// `generation`, keys after `prefix`: its encoder, kept verbatim — parts of at most 256 KiB
+/// of sessions in slot `generation % 2`, then the header with the checkpoint's scalars,
+/// its generation and number of parts.
+fn format_2_records(
+    prefix: &str,
+    partition: i32,
+    generation: u64,
+    cp: &pulse_processor::engine::Checkpoint,
+) -> Vec<(String, Vec<u8>)> {
+    #[derive(serde::Serialize, Default)]
+    struct Part {
+        generation: u64,
+        open_sessions: BTreeMap<String, i64>,
+        continued_sessions: BTreeSet<String>,
+    }
+    #[derive(serde::Serialize)]
+    struct Header {
+        #[serde(flatten)]
+        checkpoint: pulse_processor::engine::Checkpoint,
+        generation: u64,
+        parts: u32,
+    }
+    let mut parts: Vec<Part> = Vec::new();
+    let mut size = 0;
+    for (user, start) in &cp.open_sessions {
+        let continued = cp.continued_sessions.contains(user);
+        let entry = user.len() * if continued { 2 } else { 1 } + 32;
+        if parts.is_empty() || size + entry > 256 * 1024 {
+            parts.push(Part {
+                generation,
+                ..Part::default()
+            });
+            size = 0;
+        }
+        size += entry;
+        let part = parts.last_mut().unwrap();
+        part.open_sessions.insert(user.clone(), *start);
+        if continued {
+            part.continued_sessions.insert(user.clone());
+        }
+    }
+    let header = Header {
+        checkpoint: pulse_processor::engine::Checkpoint {
+            open_sessions: BTreeMap::new(),
+            continued_sessions: BTreeSet::new(),
+            ..cp.clone()
+        },
+        generation,
+        parts: parts.len() as u32,
+    };
+    let mut out: Vec<(String, Vec<u8>)> = parts
+        .iter()
+        .enumerate()
+        .map(|(i, part)| {
+            (
+                format!("{prefix}{partition}|{}|{i}", generation % 2),
+                serde_json::to_vec(part).unwrap(),
+            )
+        })
+        .collect();
+    out.push((
+        format!("{prefix}{partition}"),
+        serde_json::to_vec(&header).unwrap(),
+    ));
+    out
+}
+
+/// Replaces the checkpoints of `group` on `t`'s checkpoint topic by the same checkpoints in
+/// the previous release's format (as if it had written them before an upgrade). Returns
+/// how many partitions had one and their open sessions.
+async fn rewrite_checkpoints_as_format_2(t: &Topics, events: &str, group: &str) -> (usize, usize) {
+    let store = pulse_processor::checkpoint::CheckpointStore {
+        topic: t.checkpoints.clone(),
+        group: group.to_owned(),
+        input_topic: events.to_owned(),
+        kafka: pulse_tests::kafka(),
+        generations: Default::default(),
+    };
+    let read = store.read_all(Duration::from_secs(30)).await.unwrap();
+    let producer = KafkaProducer::new(&pulse_tests::kafka(), "test-format-2").unwrap();
+    let prefix = format!("{group}|{events}|");
+    for (p, cp) in &read {
+        for (key, value) in format_2_records(&prefix, *p, 1_000_001, cp) {
+            let rec = OutRecord::new(&t.checkpoints, Some(key.into_bytes()), value);
+            producer.send(rec, Duration::from_secs(30)).await.unwrap();
+        }
+    }
+    let back = store.read_all(Duration::from_secs(30)).await.unwrap();
+    assert_eq!(
+        back, read,
+        "the format-2 records read back as the same checkpoints"
+    );
+    (
+        read.len(),
+        read.values().map(|c| c.open_sessions.len()).sum(),
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn final_aggregates_after_a_sigkill_and_restart_equal_an_uninterrupted_run() {
+    sigkill_and_restart("killed", false).await;
+}
+
+/// The upgrade rule: a changed checkpoint format gets a test that starts from the old one.
+/// The killed processor's checkpoints are rewritten in the previous release's format
+/// (format 2: header + parts, no deltas) before the restart, which must continue from them
+/// exactly, then write its own (incremental) checkpoints on top.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_from_checkpoints_of_the_previous_format_equals_an_uninterrupted_run() {
+    sigkill_and_restart("upgraded", true).await;
+}
+
+async fn sigkill_and_restart(name: &str, rewrite_as_format_2: bool) {
     let logs = TempDir::new("processor-recovery");
     let events_topic = pulse_tests::unique("events");
-    let run = Topics::outputs_of(&events_topic, "killed");
+    let run = Topics::outputs_of(&events_topic, name);
     let reference = Topics::outputs_of(&events_topic, "reference");
     let (registry, _topics) = setup(&events_topic, 2, &[&run, &reference]).await;
     let base = base_time();
@@ -775,7 +893,7 @@ async fn final_aggregates_after_a_sigkill_and_restart_equal_an_uninterrupted_run
     );
     acks.extend(first_acks);
 
-    let group = pulse_tests::unique("killed");
+    let group = pulse_tests::unique(name);
     let log1 = logs.path().join("processor-1.log");
     let mut child = spawn_binary(&run, &registry, &group, &log1);
     // Mid-stream: some windows are final (their offsets may be committed), others open.
@@ -802,6 +920,12 @@ async fn final_aggregates_after_a_sigkill_and_restart_equal_an_uninterrupted_run
         out.activity.records
     );
 
+    if rewrite_as_format_2 {
+        let (partitions, sessions) =
+            rewrite_checkpoints_as_format_2(&run, &events_topic, &group).await;
+        eprintln!("rewrote {partitions} checkpoints ({sessions} open sessions) in format 2");
+        assert!(partitions > 0, "the killed processor wrote no checkpoint");
+    }
     acks.extend(produce(&events_topic, rest).await);
     let last = events.iter().map(|e| e.t).max().unwrap();
     acks.extend(produce_to_every_partition(&events_topic, 2, FLUSH_PREFIX, last + 600_000).await);

@@ -12,6 +12,7 @@ pub mod grpc_meta;
 pub mod ingest_server;
 pub mod kafka;
 pub mod registry;
+pub mod tls;
 pub mod wait;
 pub mod writer_process;
 

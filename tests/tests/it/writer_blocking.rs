@@ -271,7 +271,9 @@ async fn refused_s3_credentials_block_the_parquet_writer_and_sigterm_still_stops
     let s3 = pulse_tests::s3();
     let prefix = pulse_tests::short_unique("blk");
     let group = pulse_tests::unique("writer_pq");
+    let access_file = pulse_tests::secret_file("s3-access-key", s3.access_key.expose());
     let args = |endpoint: &str, secret: &str, max_age_ms: &str| -> Vec<String> {
+        let secret_file = pulse_tests::secret_file("s3-secret-key", secret);
         [
             "--sink",
             "parquet",
@@ -289,10 +291,10 @@ async fn refused_s3_credentials_block_the_parquet_writer_and_sigterm_still_stops
             endpoint,
             "--s3-bucket",
             &s3.bucket,
-            "--s3-access-key",
-            s3.access_key.expose(),
-            "--s3-secret-key",
-            secret,
+            "--s3-access-key-file",
+            &access_file,
+            "--s3-secret-key-file",
+            &secret_file,
             "--s3-prefix",
             &prefix,
         ]

@@ -745,3 +745,192 @@ async fn failed_uploads_are_retried_and_offsets_move_only_once_s3_confirms() {
     archived.sort();
     assert_eq!(archived, sent.keys().copied().collect::<Vec<_>>());
 }
+
+#[tokio::test]
+async fn a_small_buffer_limit_rolls_files_before_the_row_limit() {
+    const EVENTS: i64 = 120;
+    let t = topics(1).await;
+    let prefix = short_unique("pq_buffer");
+    let group = pulse_tests::unique("pq_group");
+    // Neither the rows (100,000), the record bytes (64 MiB) nor the age (10 min) make a
+    // roll due: only the estimated memory of the buffered rows (64 KiB, some 40 rows).
+    let cfg = config(
+        &t,
+        &prefix,
+        &group,
+        "http://127.0.0.1:1",
+        "default",
+        &[
+            "--parquet-max-buffer-bytes",
+            "65536",
+            "--parquet-max-age-ms",
+            "600000",
+            "--parquet-freshness",
+            "false",
+        ],
+    );
+    let producer = KafkaProducer::new(&pulse_tests::kafka(), "parquet-test").unwrap();
+    let sends = (0..EVENTS).map(|i| send_event(&producer, &t.events, 0, i, event(i, MIDNIGHT + i)));
+    let sent: BTreeMap<(i32, i64), Sent> = futures::future::join_all(sends)
+        .await
+        .into_iter()
+        .map(|s| ((s.partition, s.offset), s))
+        .collect();
+    assert_eq!(sent.len(), EVENTS as usize);
+
+    let sink = archive::Sink::start(&cfg).await;
+    // Commits while the sink runs can only come from rolls due by memory.
+    let committed = wait_until(
+        Deadline::after(DEADLINE).every(Duration::from_millis(100)),
+        "two rolls committed by the buffer limit",
+        async || match committed_now(&group, &t)[0] {
+            n if n >= 60 => Ok(n),
+            n => Err(format!("committed {n}")),
+        },
+    )
+    .await;
+    let rolled = listing(&prefix).await.len();
+    assert!(
+        rolled >= 2,
+        "{rolled} objects before shutdown, {committed} records committed"
+    );
+    sink.stop().await;
+    assert_eq!(committed_now(&group, &t), vec![EVENTS]);
+
+    let objects = read_with_pyarrow(&prefix);
+    let mut archived = Vec::new();
+    for obj in &objects {
+        let rows = obj["rows"].as_array().unwrap().len();
+        assert!(
+            (1..=60).contains(&rows),
+            "{}: {rows} rows in one roll",
+            obj["key"]
+        );
+        archived.extend(check_object(obj, &prefix, &t.events, &sent));
+    }
+    assert!(objects.len() >= 3, "{} objects", objects.len());
+    archived.sort();
+    assert_eq!(
+        archived,
+        sent.keys().copied().collect::<Vec<_>>(),
+        "every row once"
+    );
+}
+
+/// Not a check (run on demand): the peak resident memory of the real `pulse-writer --sink
+/// parquet` at its default limits while it archives `PULSE_MEMORY_EVENTS` (100,000)
+/// records produced beforehand, and the rolls it cut.
+/// `bash /work/notes/run-it.sh --ignored --nocapture writer_parquet::parquet_writer_memory`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn parquet_writer_memory_at_the_default_limits() {
+    use crate::support::cleanup::TempDir;
+    use crate::support::writer_process::{WriterProcess, committed_offsets};
+    let n: i64 = std::env::var("PULSE_MEMORY_EVENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000);
+    let t = topics(1).await;
+    let prefix = short_unique("pq_memory");
+    let group = pulse_tests::unique("pq_group");
+    let producer = KafkaProducer::new(&pulse_tests::kafka(), "parquet-test").unwrap();
+    let produce = async || {
+        let started = std::time::Instant::now();
+        for chunk in (0..n).collect::<Vec<_>>().chunks(10_000) {
+            let sends = chunk
+                .iter()
+                .map(|&i| send_event(&producer, &t.events, 0, i, event(i, MIDNIGHT + i)));
+            futures::future::join_all(sends).await;
+        }
+        eprintln!(
+            "produced {n} records in {:.1} s",
+            started.elapsed().as_secs_f64()
+        );
+    };
+    // A backlog read at once (default), or records produced while the writer runs.
+    let live = std::env::var_os("PULSE_MEMORY_LIVE").is_some();
+    if !live {
+        produce().await;
+    }
+    let logs = TempDir::new("writer-parquet-memory");
+    let mut args: Vec<String> = [
+        "--sink",
+        "parquet",
+        "--group-id",
+        &group,
+        "--events-topic",
+        &t.events,
+        "--dlq-topic",
+        &t.dlq,
+        "--parquet-freshness",
+        "false",
+    ]
+    .map(String::from)
+    .to_vec();
+    args.extend(archive::s3_flags(&prefix));
+    // Flags to compare with, e.g. `--kafka-option queued.max.messages.kbytes=8192`.
+    let extra = std::env::var("PULSE_MEMORY_WRITER_ARGS").unwrap_or_default();
+    args.extend(extra.split_whitespace().map(String::from));
+    // And an environment to compare with, e.g. `MALLOC_ARENA_MAX=2`.
+    let env = std::env::var("PULSE_MEMORY_WRITER_ENV").unwrap_or_default();
+    let envs: Vec<(&str, &str)> = env
+        .split_whitespace()
+        .filter_map(|kv| kv.split_once('='))
+        .collect();
+    let mut writer = WriterProcess::spawn(&args, &envs, logs.path().join("writer.log"));
+    let status = format!("/proc/{}/status", writer.pid());
+    let kib = |field: &str| {
+        std::fs::read_to_string(&status)
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let mut samples = Vec::new();
+    if live {
+        writer.wait_readyz(200, "ready").await;
+        produce().await;
+    }
+    let started = std::time::Instant::now();
+    // The last roll is cut by age (60 s) or at shutdown: wait for the rolls cut by memory.
+    let committed = wait_until(
+        Deadline::after(Duration::from_secs(300)).every(Duration::from_millis(250)),
+        "90% committed",
+        async || {
+            writer.assert_running();
+            samples.push(kib("VmRSS:") / 1024);
+            match committed_offsets(&group, &t.events)[0] {
+                c if c >= n * 9 / 10 => Ok(c),
+                c => Err(c),
+            }
+        },
+    )
+    .await;
+    let peak_kib = kib("VmHWM:");
+    // Resident now: the heap (anonymous) and the mapped binary's pages (file).
+    let (anon, file) = (kib("RssAnon:") / 1024, kib("RssFile:") / 1024);
+    let elapsed = started.elapsed().as_secs_f64();
+    assert!(
+        writer
+            .terminate(Duration::from_secs(30))
+            .await
+            .is_some_and(|s| s.success())
+    );
+    let objects = listing(&prefix).await;
+    let rows: Vec<i64> = objects
+        .keys()
+        .filter_map(|k| {
+            let name = k.rsplit('/').next()?.strip_suffix(".parquet")?;
+            let mut parts = name.rsplitn(2, "-o");
+            let range = parts.next()?;
+            let (first, last) = range.split_once('-')?;
+            Some(last.parse::<i64>().ok()? - first.parse::<i64>().ok()? + 1)
+        })
+        .collect();
+    eprintln!(
+        "pulse-writer --sink parquet, default limits: {committed} of {n} records committed in {elapsed:.1} s; peak RSS (VmHWM) {:.1} MiB, now {anon} MiB anonymous + {file} MiB file-backed (every 250 ms, MiB: {samples:?}); {} objects, rows per object {rows:?}",
+        peak_kib as f64 / 1024.0,
+        objects.len()
+    );
+}

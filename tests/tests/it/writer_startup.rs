@@ -8,6 +8,9 @@
 //!   applies the migrations, becomes ready and stores the events produced before and after.
 //! - S3: the Parquet writer likewise ("s3 unreachable"), then archives and commits; and
 //!   the same while its bucket is missing ("s3 bucket missing") until the bucket is made.
+//! - Kafka: a writer whose broker is unreachable at start waits likewise ("blocked:
+//!   kafka: unreachable …", `reason="kafka_unreachable"`), exits 0 on SIGTERM meanwhile,
+//!   and once the broker answers it checks its topics, becomes ready and archives.
 //! - A ClickHouse URL that can never work ends the process at once with an error naming
 //!   the setting.
 
@@ -75,8 +78,14 @@ fn spawn(args: &[String], log: PathBuf) -> WriterProcess {
 }
 
 /// For [`DOWN_FOR`], the writer keeps running, `/livez` is 200 and `/readyz` 503 naming
-/// `reason`, and it owns no partition; then its start-up retries are counted.
-async fn assert_waits_without_consuming(writer: &mut WriterProcess, sink: &str, reason: &str) {
+/// `reason`, and it owns no partition; then its start-up retries are counted under
+/// `metric_reason`.
+async fn assert_waits_without_consuming(
+    writer: &mut WriterProcess,
+    sink: &str,
+    reason: &str,
+    metric_reason: &str,
+) {
     let body = writer.wait_readyz(503, reason).await;
     eprintln!("/readyz while the store is unreachable: {body}");
     let until = Instant::now() + DOWN_FOR;
@@ -93,10 +102,11 @@ async fn assert_waits_without_consuming(writer: &mut WriterProcess, sink: &str, 
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let sink_label = format!("sink=\"{sink}\"");
+    let reason_label = format!("reason=\"{metric_reason}\"");
     let retries = writer
         .wait_metric(
             "pulse_writer_startup_retries_total",
-            &[&sink_label, "reason=\"unreachable\""],
+            &[&sink_label, &reason_label],
             3.0,
         )
         .await;
@@ -131,7 +141,13 @@ async fn a_clickhouse_writer_started_while_clickhouse_is_down_waits_then_stores_
     let log = logs.path().join("writer.log");
     let mut writer = spawn(&args, log.clone());
 
-    assert_waits_without_consuming(&mut writer, "clickhouse", "clickhouse unreachable: ").await;
+    assert_waits_without_consuming(
+        &mut writer,
+        "clickhouse",
+        "clickhouse unreachable: ",
+        "unreachable",
+    )
+    .await;
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(
         text.lines()
@@ -188,10 +204,10 @@ async fn a_parquet_writer_started_while_s3_is_down_waits_then_archives() {
         &endpoint,
         "--s3-bucket",
         &s3.bucket,
-        "--s3-access-key",
-        s3.access_key.expose(),
-        "--s3-secret-key",
-        s3.secret_key.expose(),
+        "--s3-access-key-file",
+        &pulse_tests::secret_file("s3-access-key", s3.access_key.expose()),
+        "--s3-secret-key-file",
+        &pulse_tests::secret_file("s3-secret-key", s3.secret_key.expose()),
         "--s3-prefix",
         &prefix,
     ]
@@ -201,12 +217,95 @@ async fn a_parquet_writer_started_while_s3_is_down_waits_then_archives() {
     let log = logs.path().join("writer.log");
     let mut writer = spawn(&args, log.clone());
 
-    assert_waits_without_consuming(&mut writer, "parquet", "s3 unreachable: ").await;
+    assert_waits_without_consuming(&mut writer, "parquet", "s3 unreachable: ", "unreachable").await;
     assert_eq!(committed_offsets(&group, &topics.events), [0, 0]);
 
     let _forwarder = Forwarder::start(port, address_of(&s3.endpoint).await).await;
     writer.wait_readyz(200, "ready").await;
     // The roll is committed only after S3 confirmed its upload.
+    wait_until(
+        Deadline::after(DEADLINE).every(Duration::from_millis(200)),
+        "both events archived and committed",
+        async || {
+            writer.assert_running();
+            let c: i64 = committed_offsets(&group, &topics.events).iter().sum();
+            if c == 2 { Ok(()) } else { Err(c) }
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_started_while_the_broker_is_unreachable_waits_then_archives() {
+    let logs = TempDir::new("writer-startup-kafka");
+    let topics = WriterTopics::create("stk").await;
+    let s3 = pulse_tests::s3();
+    let group = pulse_tests::unique("writer_pq");
+    // The writer bootstraps from a forwarder's port, where nothing listens until later.
+    let port = free_port();
+    let args = |group: &str| -> Vec<String> {
+        [
+            "--sink",
+            "parquet",
+            "--group-id",
+            group,
+            "--events-topic",
+            &topics.events,
+            "--dlq-topic",
+            &topics.dlq,
+            "--parquet-max-age-ms",
+            "200",
+            "--parquet-freshness",
+            "false",
+            "--s3-endpoint",
+            &s3.endpoint,
+            "--s3-bucket",
+            &s3.bucket,
+            "--s3-access-key-file",
+            &pulse_tests::secret_file("s3-access-key", s3.access_key.expose()),
+            "--s3-secret-key-file",
+            &pulse_tests::secret_file("s3-secret-key", s3.secret_key.expose()),
+            "--s3-prefix",
+            &pulse_tests::short_unique("stk"),
+            "--kafka-option",
+            &format!("bootstrap.servers=127.0.0.1:{port}"),
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    produce(&topics.events, &["k0", "k1"]).await;
+    let mut writer = spawn(&args(&group), logs.path().join("writer.log"));
+    // A second one, stopped while it waits: SIGTERM ends it at once and cleanly.
+    let mut stopped = spawn(
+        &args(&pulse_tests::unique("writer_pq")),
+        logs.path().join("stopped.log"),
+    );
+
+    assert_waits_without_consuming(
+        &mut writer,
+        "parquet",
+        "blocked: kafka: unreachable",
+        "kafka_unreachable",
+    )
+    .await;
+    assert_eq!(committed_offsets(&group, &topics.events), [0, 0]);
+    let text = std::fs::read_to_string(logs.path().join("writer.log")).unwrap();
+    assert!(
+        text.lines()
+            .any(|l| l.contains("WARN") && l.contains("kafka not usable at start")),
+        "no WARN line about the broker in {}",
+        logs.path().display()
+    );
+    stopped.wait_readyz(503, "blocked: kafka: ").await;
+    let status = stopped.terminate(Duration::from_secs(10)).await;
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "SIGTERM while waiting for the broker: {status:?}"
+    );
+
+    // The broker becomes reachable: topics checked, ready, and the events archived.
+    let _forwarder = Forwarder::start(port, address_of(&pulse_tests::kafka().brokers).await).await;
+    writer.wait_readyz(200, "ready").await;
     wait_until(
         Deadline::after(DEADLINE).every(Duration::from_millis(200)),
         "both events archived and committed",
@@ -276,10 +375,10 @@ async fn a_parquet_writer_whose_bucket_is_missing_waits_until_it_exists() {
         &s3.endpoint,
         "--s3-bucket",
         &bucket.name,
-        "--s3-access-key",
-        s3.access_key.expose(),
-        "--s3-secret-key",
-        s3.secret_key.expose(),
+        "--s3-access-key-file",
+        &pulse_tests::secret_file("s3-access-key", s3.access_key.expose()),
+        "--s3-secret-key-file",
+        &pulse_tests::secret_file("s3-secret-key", s3.secret_key.expose()),
     ]
     .map(String::from)
     .to_vec();

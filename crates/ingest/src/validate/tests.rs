@@ -307,21 +307,54 @@ fn schema_version_that_is_not_an_integer_is_rejected_as_invalid_type() {
 }
 
 #[test]
-fn schema_version_outside_the_supported_range_is_rejected_naming_the_range() {
-    for v in [json!(0), json!(2), json!(-1), json!(u64::MAX)] {
+fn any_producer_schema_version_from_1_up_is_accepted_and_kept() {
+    for v in [1, 2, 3, 33, u32::MAX] {
+        let event = with(minimal_event(), "/schema_version", json!(v));
+        assert_eq!(check(&event).unwrap().schema_version, v);
+    }
+}
+
+#[test]
+fn schema_version_0_negative_or_beyond_u32_is_rejected_naming_the_field() {
+    for (v, says) in [
+        (json!(0), "unset value"),
+        (json!(-1), "not a version"),
+        (json!(u64::MAX), "not a version"),
+    ] {
         let err = rejected(
             &with(minimal_event(), "/schema_version", v),
             "schema_version",
             code::UNSUPPORTED_SCHEMA_VERSION,
         );
-        assert!(err.reason.contains("1..=1"), "{err}");
+        assert!(err.reason.contains(says), "{err}");
     }
+}
+
+#[test]
+fn a_refused_schema_version_is_rejected_naming_the_field_and_the_setting() {
     let limits = Limits {
-        max_schema_version: 3,
+        refused_schema_versions: "2,4-5".parse().unwrap(),
         ..Limits::default()
     };
-    let event = with(minimal_event(), "/schema_version", json!(3));
-    assert_eq!(check_with(&event, &limits).unwrap().schema_version, 3);
+    for v in [2, 4, 5] {
+        let event = with(minimal_event(), "/schema_version", json!(v));
+        let err = check_with(&event, &limits).unwrap_err();
+        assert_eq!(
+            (err.field.as_str(), err.code),
+            ("schema_version", code::UNSUPPORTED_SCHEMA_VERSION)
+        );
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "schema_version: {v} is refused by this deployment \
+                 (--refuse-schema-versions 2,4-5); send the event in a version it accepts"
+            )
+        );
+    }
+    for v in [1, 3, 6] {
+        let event = with(minimal_event(), "/schema_version", json!(v));
+        assert_eq!(check_with(&event, &limits).unwrap().schema_version, v);
+    }
 }
 
 #[test]
@@ -790,7 +823,7 @@ fn the_first_error_in_the_fixed_order_is_reported() {
         ("/key/session_id", json!("#"), "key.session_id"),
         ("/key/user_id", json!("#"), "key.user_id"),
         ("/event_type", json!("#"), "event_type"),
-        ("/schema_version", json!(9), "schema_version"),
+        ("/schema_version", json!(0), "schema_version"),
         ("/event_id", json!("#"), "event_id"),
         ("/payload/zzz", json!(1), "payload.zzz"),
         ("/key/zzz", json!(1), "key.zzz"),
@@ -884,7 +917,7 @@ fn field_error_displays_field_and_reason() {
 #[test]
 fn default_limits_match_the_documented_values() {
     let l = Limits::default();
-    assert_eq!((l.min_schema_version, l.max_schema_version), (1, 1));
+    assert!(l.refused_schema_versions.is_empty());
     assert_eq!((l.max_future_skew_ms, l.max_age_ms), (300_000, 604_800_000));
     assert_eq!((l.max_event_bytes, l.max_user_id_len), (32_768, 128));
     assert_eq!((l.max_properties, l.max_string_len), (64, 2048));
@@ -985,8 +1018,7 @@ proptest! {
         let raw = serde_json::to_vec(&with(full_event(), pointer, value)).unwrap();
         assert_well_formed(&validate(&raw, now, &Limits::default()));
         let extreme = Limits {
-            min_schema_version: u32::MAX,
-            max_schema_version: 0,
+            refused_schema_versions: "0-4294967295".parse().unwrap(),
             max_future_skew_ms: i64::MAX,
             max_age_ms: i64::MIN,
             max_event_bytes: usize::MAX,

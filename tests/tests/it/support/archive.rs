@@ -61,8 +61,14 @@ pub fn s3_flags(prefix: &str) -> Vec<String> {
     [
         ("--s3-endpoint", s3.endpoint.as_str()),
         ("--s3-bucket", &s3.bucket),
-        ("--s3-access-key", s3.access_key.expose()),
-        ("--s3-secret-key", s3.secret_key.expose()),
+        (
+            "--s3-access-key-file",
+            &pulse_tests::secret_file("s3-access-key", s3.access_key.expose()),
+        ),
+        (
+            "--s3-secret-key-file",
+            &pulse_tests::secret_file("s3-secret-key", s3.secret_key.expose()),
+        ),
         ("--s3-prefix", prefix),
     ]
     .into_iter()

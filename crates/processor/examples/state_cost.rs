@@ -1,0 +1,136 @@
+//! What the processor's state and checkpoints cost (issue #15, bounded memory), without a
+//! broker: a measurement, not a test (it exits 0 whatever the figures).
+//!
+//! 1. Feeds `--users` users one event each (default windows and sessions, spread over
+//!    `--partitions`) into an [`Engine`] and prints the resident memory it grew by
+//!    (/proc/self/statm) and its own estimate (`Engine::state_bytes`, the
+//!    `pulse_processor_state_bytes` gauge), per user.
+//! 2. Then runs `--ticks` emission ticks of the memory benchmark's workload (users taking
+//!    turns: `--new-per-tick` new users a tick over all partitions, every session staying
+//!    open) and prints the checkpoint bytes written per tick, all partitions: as the
+//!    previous format wrote them (every open session every tick: the JSON of the whole
+//!    checkpoint) and as this one does (`CheckpointStore::prepare`: deltas, headers and
+//!    the occasional new base).
+//!
+//! `cargo run --release -p pulse-processor --example state_cost -- --users 100000`
+
+use std::collections::HashMap;
+
+use pulse_platform::kafka::KafkaConfig;
+use pulse_processor::checkpoint::CheckpointStore;
+use pulse_processor::engine::Engine;
+use pulse_processor::model::{InputEvent, TimeConfig};
+
+fn rss() -> i64 {
+    std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1)?.parse::<i64>().ok())
+        .map_or(0, |pages| pages * 4096)
+}
+
+fn arg(name: &str, default: i64) -> i64 {
+    let args: Vec<String> = std::env::args().collect();
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn event(u: i64, seq: i64, partitions: i64, t: i64) -> InputEvent {
+    InputEvent {
+        partition: (u % partitions) as i32,
+        offset: seq,
+        event_id: format!("lg-15-{seq}"),
+        user_id: format!("lg-15-u{u:07}"),
+        event_type: "page_view".to_owned(),
+        page: format!("/products/p-{:02}", u % 25 + 1),
+        currency: String::new(),
+        amount_micros: None,
+        event_time_ms: t,
+        ingest_ms: t,
+    }
+}
+
+fn main() {
+    let users = arg("--users", 100_000).max(1);
+    let partitions = arg("--partitions", 3).max(1);
+    let ticks = arg("--ticks", 60).max(1);
+    let per_tick = arg("--new-per-tick", 4_000).max(1);
+    let now = pulse_platform::clock::now_ms();
+    let t0 = (now / 60_000 - 2) * 60_000;
+    let mut engine = Engine::new(TimeConfig::default());
+    for p in 0..partitions {
+        engine.assign(p as i32, now);
+    }
+    let before = rss();
+    let mut seq = 0;
+    for u in 0..users {
+        let _ = engine.process(&event(u, seq, partitions, t0 + 1_000), now);
+        seq += 1;
+    }
+    let grown = rss() - before;
+    let estimate = engine.state_bytes();
+    println!(
+        "state: {users} users, 1 event each, {} open windows, {} open sessions",
+        engine.open_windows(),
+        engine.open_sessions()
+    );
+    println!(
+        "  RSS growth {:>6} B/user   estimate (pulse_processor_state_bytes) {:>6} B/user",
+        grown / users,
+        estimate as i64 / users
+    );
+
+    let store = CheckpointStore {
+        topic: "checkpoints".into(),
+        group: "pulse-processor".into(),
+        input_topic: "events".into(),
+        kafka: KafkaConfig::for_brokers("127.0.0.1:1"),
+        generations: Default::default(),
+    };
+    let mut old_total = 0usize;
+    let mut new_total = 0usize;
+    let mut kinds: HashMap<&str, usize> = HashMap::new();
+    let mut next_user = users;
+    for tick in 0..=ticks {
+        if tick > 0 {
+            for _ in 0..per_tick {
+                let t = t0 + 1_000 + tick * 1_000;
+                let _ = engine.process(&event(next_user, seq, partitions, t), now);
+                next_user += 1;
+                seq += 1;
+            }
+        }
+        let _ = engine.emit(now, true);
+        for p in 0..partitions {
+            let Some(cp) = engine.checkpoint(p as i32) else {
+                continue;
+            };
+            let records = store.prepare(p as i32, &cp);
+            // Tick 0 writes every partition's first base (both formats): not counted.
+            if tick > 0 {
+                old_total += serde_json::to_vec(&cp).map_or(0, |v| v.len());
+                for (_, value, kind) in &records {
+                    new_total += value.len();
+                    *kinds.entry(kind).or_default() += value.len();
+                }
+            }
+        }
+    }
+    println!(
+        "checkpoints: {ticks} ticks, {per_tick} new open sessions a tick, {} open sessions at the end",
+        engine.open_sessions()
+    );
+    println!(
+        "  previous format (every open session every tick): {:>10} B/tick",
+        old_total / ticks as usize
+    );
+    println!(
+        "  incremental (this format):                      {:>10} B/tick  (base {} B, delta {} B, header {} B in all)",
+        new_total / ticks as usize,
+        kinds.get("base").copied().unwrap_or(0),
+        kinds.get("delta").copied().unwrap_or(0),
+        kinds.get("header").copied().unwrap_or(0),
+    );
+}

@@ -1,0 +1,331 @@
+//! Compact containers for the per-user state of `window` and `session` (issue #15, bounded
+//! memory): most users hold one open window and one open session with a handful of events,
+//! so the containers are sized for that — exact-capacity sorted vectors instead of
+//! B-tree maps (whose smallest node holds room for 11 entries) and hash sets, shared
+//! (`Arc<str>`) user ids, event ids and label values instead of a `String` copy in every
+//! structure — and switch to a hash set only when a user's event ids grow large.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+/// Above this many ids an [`IdSet`] becomes a hash set (a linear scan below).
+const SMALL_IDS: usize = 24;
+
+/// The event ids of one user's open window or session (deduplication): inline for one id
+/// (most users), a vector for a few, a hash set beyond [`SMALL_IDS`].
+#[derive(Debug, Clone, Default)]
+pub enum IdSet {
+    #[default]
+    Empty,
+    One(Arc<str>),
+    Small(Vec<Arc<str>>),
+    Large(Box<HashSet<Arc<str>>>),
+}
+
+impl IdSet {
+    pub fn contains(&self, id: &str) -> bool {
+        match self {
+            Self::Empty => false,
+            Self::One(x) => &**x == id,
+            Self::Small(v) => v.iter().any(|x| &**x == id),
+            Self::Large(s) => s.contains(id),
+        }
+    }
+
+    /// Adds `id` (the caller checked it is not there).
+    pub fn insert(&mut self, id: Arc<str>) {
+        match std::mem::take(self) {
+            Self::Empty => *self = Self::One(id),
+            Self::One(x) => {
+                *self = Self::Small(vec![x, id]);
+            }
+            Self::Small(mut v) if v.len() < SMALL_IDS => {
+                push_exact(&mut v, id);
+                *self = Self::Small(v);
+            }
+            Self::Small(v) => {
+                let mut s: HashSet<Arc<str>> = v.into_iter().collect();
+                s.insert(id);
+                *self = Self::Large(Box::new(s));
+            }
+            Self::Large(mut s) => {
+                s.insert(id);
+                *self = Self::Large(s);
+            }
+        }
+    }
+
+    pub fn remove(&mut self, id: &str) {
+        match self {
+            Self::Empty => {}
+            Self::One(x) => {
+                if &**x == id {
+                    *self = Self::Empty;
+                }
+            }
+            Self::Small(v) => {
+                if let Some(i) = v.iter().position(|x| &**x == id) {
+                    v.swap_remove(i);
+                }
+            }
+            Self::Large(s) => {
+                s.remove(id);
+            }
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            Self::Empty => 0,
+            Self::One(_) => 1,
+            Self::Small(v) => v.len(),
+            Self::Large(s) => s.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Estimated heap bytes of the set itself (not of the ids, which are shared).
+    pub fn heap_bytes(&self) -> usize {
+        match self {
+            Self::Empty | Self::One(_) => 0,
+            Self::Small(v) => v.capacity() * 16,
+            Self::Large(s) => s.capacity() * 17 + 64,
+        }
+    }
+}
+
+/// Pushes with room for one more only while the vector is small (1, 2, 3, 4 elements),
+/// then doubling as usual: most vectors here hold one or two elements for their life.
+pub fn push_exact<T>(v: &mut Vec<T>, x: T) {
+    if v.len() == v.capacity() && v.len() < 4 {
+        v.reserve_exact(1);
+    }
+    v.push(x);
+}
+
+/// Inserts at `at` with the growth of [`push_exact`].
+pub fn insert_exact<T>(v: &mut Vec<T>, at: usize, x: T) {
+    if v.len() == v.capacity() && v.len() < 4 {
+        v.reserve_exact(1);
+    }
+    v.insert(at, x);
+}
+
+/// Per partition, the (min, max) offset folded in: inline for one partition (the normal
+/// case: a user's events come from one partition), sorted by partition beyond.
+#[derive(Debug, Clone, Default)]
+pub enum Offsets {
+    #[default]
+    Empty,
+    One(i32, i64, i64),
+    Many(Vec<(i32, i64, i64)>),
+}
+
+impl Offsets {
+    fn slice(&self) -> &[(i32, i64, i64)] {
+        match self {
+            Self::Empty => &[],
+            Self::One(..) => &[],
+            Self::Many(v) => v,
+        }
+    }
+
+    /// Folds `offset` of `partition` in; returns the previous min of the partition (None
+    /// when it is new), so the caller can move what it holds.
+    pub fn fold(&mut self, partition: i32, offset: i64) -> Option<i64> {
+        match self {
+            Self::Empty => {
+                *self = Self::One(partition, offset, offset);
+                None
+            }
+            Self::One(p, min, max) if *p == partition => {
+                let before = *min;
+                *min = (*min).min(offset);
+                *max = (*max).max(offset);
+                Some(before)
+            }
+            Self::One(p, min, max) => {
+                let mut v = vec![(*p, *min, *max), (partition, offset, offset)];
+                v.sort_unstable_by_key(|(p, _, _)| *p);
+                *self = Self::Many(v);
+                None
+            }
+            Self::Many(v) => match v.iter_mut().find(|(p, _, _)| *p == partition) {
+                Some((_, min, max)) => {
+                    let before = *min;
+                    *min = (*min).min(offset);
+                    *max = (*max).max(offset);
+                    Some(before)
+                }
+                None => {
+                    let at = v.partition_point(|(p, _, _)| *p < partition);
+                    v.insert(at, (partition, offset, offset));
+                    None
+                }
+            },
+        }
+    }
+
+    pub fn min(&self, partition: i32) -> Option<i64> {
+        self.mins().find(|(p, _)| *p == partition).map(|(_, m)| m)
+    }
+
+    pub fn contains(&self, partition: i32) -> bool {
+        self.mins().any(|(p, _)| p == partition)
+    }
+
+    /// (partition, min) of every partition, ascending.
+    pub fn mins(&self) -> impl Iterator<Item = (i32, i64)> + '_ {
+        let one = match self {
+            Self::One(p, min, _) => Some((*p, *min)),
+            _ => None,
+        };
+        one.into_iter()
+            .chain(self.slice().iter().map(|(p, min, _)| (*p, *min)))
+    }
+
+    /// The highest partition folded in.
+    pub fn last_partition(&self) -> Option<i32> {
+        self.mins().last().map(|(p, _)| p)
+    }
+
+    pub fn heap_bytes(&self) -> usize {
+        match self {
+            Self::Many(v) => v.capacity() * std::mem::size_of::<(i32, i64, i64)>(),
+            _ => 0,
+        }
+    }
+}
+
+/// Counts by label, sorted by label (page, event type, currency).
+#[derive(Debug, Clone)]
+pub struct Counts<V>(Vec<(Arc<str>, V)>);
+
+impl<V> Default for Counts<V> {
+    fn default() -> Self {
+        Self(Vec::new())
+    }
+}
+
+impl<V: Copy + Default> Counts<V> {
+    /// The value of `label`, inserted at its default (with `intern`'s shared copy of the
+    /// label) when new.
+    pub fn entry(&mut self, label: &str, intern: &mut Interner) -> &mut V {
+        let i = match self.0.binary_search_by(|(k, _)| (**k).cmp(label)) {
+            Ok(i) => i,
+            Err(i) => {
+                insert_exact(&mut self.0, i, (intern.get(label), V::default()));
+                i
+            }
+        };
+        &mut self.0[i].1
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, V)> + '_ {
+        self.0.iter().map(|(k, v)| (&**k, *v))
+    }
+
+    pub fn heap_bytes(&self) -> usize {
+        self.0.capacity() * std::mem::size_of::<(Arc<str>, V)>()
+    }
+}
+
+/// Shared copies of label values (pages, event types, currencies): one allocation per
+/// distinct value in use, not one per window. Values no window uses any more are dropped
+/// by [`Self::prune`].
+#[derive(Debug, Default, Clone)]
+pub struct Interner {
+    set: HashSet<Arc<str>>,
+    pruned_at: usize,
+}
+
+impl Interner {
+    pub fn get(&mut self, value: &str) -> Arc<str> {
+        if let Some(v) = self.set.get(value) {
+            return v.clone();
+        }
+        let v: Arc<str> = Arc::from(value);
+        self.set.insert(v.clone());
+        v
+    }
+
+    /// Drops the values only the interner holds, when it doubled since the last prune
+    /// (amortised: the labels' cardinality is the client's).
+    pub fn prune(&mut self) {
+        if self.set.len() > (2 * self.pruned_at).max(1_024) {
+            self.set.retain(|v| Arc::strong_count(v) > 1);
+            self.pruned_at = self.set.len();
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.set.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty()
+    }
+}
+
+/// Heap bytes of an `Arc<str>` of `len` bytes (two counters and the text, rounded to the
+/// allocator's 16-byte classes), for estimates.
+pub fn arc_str_bytes(len: usize) -> usize {
+    (16 + len).div_ceil(16) * 16
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_id_set_grows_into_a_hash_set_and_keeps_its_ids() {
+        let mut s = IdSet::default();
+        for i in 0..100 {
+            let id = format!("e{i}");
+            assert!(!s.contains(&id));
+            s.insert(Arc::from(id.as_str()));
+            assert!(s.contains(&id));
+        }
+        assert!(matches!(s, IdSet::Large(_)));
+        assert_eq!(s.len(), 100);
+        s.remove("e5");
+        assert!(!s.contains("e5") && s.contains("e6"));
+    }
+
+    #[test]
+    fn counts_stay_sorted_and_share_interned_labels() {
+        let mut i = Interner::default();
+        let mut a: Counts<u64> = Counts::default();
+        let mut b: Counts<u64> = Counts::default();
+        for l in ["/b", "/a", "/b", "/c"] {
+            *a.entry(l, &mut i) += 1;
+        }
+        *b.entry("/a", &mut i) += 1;
+        assert_eq!(
+            a.iter().collect::<Vec<_>>(),
+            vec![("/a", 1), ("/b", 2), ("/c", 1)]
+        );
+        assert_eq!(i.len(), 3);
+        drop(a);
+        i.pruned_at = 0;
+        i.set
+            .extend((0..2_000).map(|n| Arc::from(format!("x{n}").as_str())));
+        i.prune();
+        assert_eq!(i.len(), 1, "only /a is still used");
+        drop(b);
+    }
+
+    #[test]
+    fn offsets_track_min_and_max_per_partition() {
+        let mut o = Offsets::default();
+        assert_eq!(o.fold(1, 10), None);
+        assert_eq!(o.fold(0, 7), None);
+        assert_eq!(o.fold(1, 4), Some(10));
+        assert_eq!(o.min(1), Some(4));
+        assert_eq!(o.mins().collect::<Vec<_>>(), vec![(0, 7), (1, 4)]);
+        assert_eq!(o.last_partition(), Some(1));
+    }
+}

@@ -1,0 +1,730 @@
+//! TLS and limits of Pulse's own servers, against the real binaries and the real server
+//! code: `pulse-query-api` started with certificates the test makes (`openssl` CLI) and
+//! called with curl, reqwest and tonic; a certificate replaced on disk and served without a
+//! restart; mutual TLS; and the limits (a body trickled or stalled, more concurrent slow
+//! requests than allowed) on a schema registry replica.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use pulse_platform::server::ServerArgs;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+
+use crate::support::child_process::{binary, free_port};
+use crate::support::tls::{make_ca, make_server_cert, openssl, work_dir};
+use crate::support::{cleanup, metric_sum, wait_until};
+
+const TOKEN: &str = "server-tls-test-token";
+
+/// A client certificate (`client.pem`, `client.key`) signed by the CA `ca` in `dir`.
+fn make_client_cert(dir: &Path, ca: &str) -> (PathBuf, PathBuf) {
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "client.key",
+            "-out",
+            "client.csr",
+            "-subj",
+            "/CN=pulse-test-client",
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "client.csr",
+            "-CA",
+            &format!("{ca}.pem"),
+            "-CAkey",
+            &format!("{ca}.key"),
+            "-CAcreateserial",
+            "-out",
+            "client.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "client.ext",
+        ],
+    );
+    (dir.join("client.pem"), dir.join("client.key"))
+}
+
+/// A CA (named after `name`) and a server certificate for 127.0.0.1/localhost it signed,
+/// in a folder of their own: (CA, server certificate, server key).
+fn pki(name: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let dir = work_dir(name);
+    // A CA name of its own (its subject), so that another test CA is not mistaken for it.
+    let ca_name = format!("{name}-ca");
+    let ca = make_ca(&dir, &ca_name);
+    let (cert, key) = make_server_cert(&dir, &ca_name);
+    (ca, cert, key)
+}
+
+/// A `pulse-query-api` process (killed when dropped). ClickHouse is not needed for what
+/// these tests call: the OpenAPI document, gRPC health and the admin server.
+struct Api {
+    child: Child,
+    http: String,
+    grpc: String,
+    admin: String,
+    log: PathBuf,
+}
+
+impl Drop for Api {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Api {
+    fn spawn(dir: &Path, args: &[&str]) -> Self {
+        let addr = || format!("127.0.0.1:{}", free_port());
+        let (http, grpc, admin) = (addr(), addr(), addr());
+        let log = dir.join("query-api.log");
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new(binary("pulse-query-api"))
+            .args(["--api-tokens", TOKEN, "--log-format", "text"])
+            .args(["--clickhouse-url", &pulse_tests::clickhouse().url])
+            .args(["--http-addr", &http, "--grpc-addr", &grpc])
+            .args(["--admin-addr", &admin])
+            .args(args)
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        Self {
+            child,
+            http,
+            grpc,
+            admin,
+            log,
+        }
+    }
+
+    fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until `/readyz` of the admin server answers 200 to `client` over `scheme`.
+    async fn wait_ready(&mut self, client: &reqwest::Client, scheme: &str) {
+        let url = format!("{scheme}://{}/readyz", self.admin);
+        wait_until(Duration::from_secs(30), "query-api ready", async || {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("query-api exited ({status}): {}", self.logs());
+            }
+            match client.get(&url).send().await {
+                Ok(r) if r.status() == 200 => Ok(()),
+                Ok(r) => Err(r.status().to_string()),
+                Err(e) => Err(chain(&e)),
+            }
+        })
+        .await;
+    }
+}
+
+/// An error with all its sources, as a user would read them.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// A reqwest client that trusts only `ca` (and opens a new connection per request, so each
+/// request makes a new handshake).
+fn client_trusting(ca: &Path) -> reqwest::Client {
+    let pem = std::fs::read(ca).unwrap();
+    reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap())
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap()
+}
+
+/// curl's (exit code, HTTP status or error text) for `url`, trusting `ca`, with `extra`.
+fn curl(url: &str, ca: &Path, extra: &[&str]) -> (i32, String) {
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "10",
+        ])
+        .arg("--cacert")
+        .arg(ca)
+        .args(extra)
+        .arg(url)
+        .output()
+        .expect("curl");
+    let code = out.status.code().unwrap_or(-1);
+    let text = if code == 0 {
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    } else {
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    (code, text)
+}
+
+/// gRPC health of the query service over TLS, trusting `ca` (with a client identity if
+/// given).
+async fn grpc_health(
+    addr: &str,
+    ca: &Path,
+    identity: Option<(&Path, &Path)>,
+) -> Result<i32, String> {
+    use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(std::fs::read(ca).unwrap()))
+        .domain_name("localhost");
+    if let Some((cert, key)) = identity {
+        tls = tls.identity(Identity::from_pem(
+            std::fs::read(cert).unwrap(),
+            std::fs::read(key).unwrap(),
+        ));
+    }
+    let channel = Channel::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(tls)
+        .map_err(|e| chain(&e))?
+        .connect()
+        .await
+        .map_err(|e| chain(&e))?;
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let answer = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "pulse.query.v1.QueryService".into(),
+        })
+        .await
+        .map_err(|s| format!("{s:?}"))?;
+    Ok(answer.into_inner().status)
+}
+
+async fn scrape(client: &reqwest::Client, url: &str) -> String {
+    client.get(url).send().await.unwrap().text().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_query_api_serves_https_and_grpc_over_tls_and_refuses_what_it_should() {
+    let (ca, cert, key) = pki("server-tls");
+    let (wrong_ca, _, _) = pki("server-tls-wrong");
+    let dir = ca.parent().unwrap().to_owned();
+    let (cert_s, key_s) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    let mut api = Api::spawn(
+        &dir,
+        &[
+            "--tls-cert-file",
+            cert_s,
+            "--tls-key-file",
+            key_s,
+            "--admin-tls-cert-file",
+            cert_s,
+            "--admin-tls-key-file",
+            key_s,
+        ],
+    );
+    let trusting = client_trusting(&ca);
+    api.wait_ready(&trusting, "https").await;
+    let openapi = format!("https://{}/openapi.json", api.http);
+
+    // The project's client and curl, trusting the CA, get answers over HTTPS.
+    let r = trusting.get(&openapi).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(curl(&openapi, &ca, &[]), (0, "200".into()));
+    assert_eq!(
+        curl(
+            &format!("https://localhost:{}/v1/freshness", port(&api.http)),
+            &ca,
+            &["-H", &format!("Authorization: Bearer {TOKEN}")]
+        )
+        .0,
+        0,
+        "a token-protected route answers over TLS too (whatever ClickHouse says)"
+    );
+    // gRPC over TLS (ALPN h2) with tonic.
+    assert_eq!(grpc_health(&api.grpc, &ca, None).await, Ok(1), "SERVING");
+
+    // pulsectl's ingest clients (`loadgen --ca-file`) get answers (refusals: this is not
+    // ingest) with the CA, and a certificate error without it.
+    {
+        use pulsectl::ingest_client::{GrpcIngest, HttpIngest, SendError};
+        let timeout = Duration::from_secs(10);
+        let https = format!("https://{}", api.http);
+        let with_ca = HttpIngest::new_with_ca(&https, "k", timeout, Some(&ca)).unwrap();
+        let e = with_ca.post(b"[]".to_vec()).await.unwrap_err();
+        assert!(matches!(e, SendError::Refused { .. }), "{e}");
+        let without = HttpIngest::new(&https, "k", timeout).unwrap();
+        let e = without.post(b"[]".to_vec()).await.unwrap_err();
+        assert!(matches!(e, SendError::Transport { .. }), "{e}");
+        assert!(e.to_string().contains("UnknownIssuer"), "{e}");
+        let grpc =
+            GrpcIngest::connect_with_ca(&format!("https://{}", api.grpc), "k", timeout, Some(&ca))
+                .await
+                .unwrap();
+        let e = grpc.send(Vec::new()).await.unwrap_err();
+        assert!(
+            e.to_string().contains("Unimplemented") || e.to_string().contains("unimplemented"),
+            "{e}"
+        );
+        let e = GrpcIngest::connect_with_ca(
+            &format!("https://{}", api.grpc),
+            "k",
+            timeout,
+            Some(&api.log),
+        )
+        .await
+        .unwrap_err();
+        assert!(e.to_string().contains("holds no PEM certificate"), "{e}");
+    }
+
+    // Plain HTTP to a TLS port gets no answer.
+    let plain = reqwest::Client::new()
+        .get(format!("http://{}/openapi.json", api.http))
+        .send()
+        .await;
+    assert!(plain.is_err(), "plain HTTP answered: {plain:?}");
+    let plain_grpc = tonic::transport::Channel::from_shared(format!("http://{}", api.grpc))
+        .unwrap()
+        .connect()
+        .await;
+    if let Ok(channel) = plain_grpc {
+        let r = tonic_health::pb::health_client::HealthClient::new(channel)
+            .check(tonic_health::pb::HealthCheckRequest::default())
+            .await;
+        assert!(r.is_err(), "plain gRPC answered: {r:?}");
+    }
+
+    // A client that trusts another CA fails with a clear certificate error.
+    let e = client_trusting(&wrong_ca)
+        .get(&openapi)
+        .send()
+        .await
+        .unwrap_err();
+    let text = chain(&e);
+    assert!(
+        text.contains("invalid peer certificate") && text.contains("UnknownIssuer"),
+        "{text}"
+    );
+    let (code, text) = curl(&openapi, &wrong_ca, &[]);
+    assert_eq!(
+        code, 60,
+        "curl: peer certificate cannot be authenticated: {text}"
+    );
+    assert!(text.contains("SSL certificate problem"), "{text}");
+    let e = grpc_health(&api.grpc, &wrong_ca, None).await.unwrap_err();
+    assert!(e.contains("UnknownIssuer"), "{e}");
+
+    // The admin server has its own TLS; its metrics count the failed handshakes.
+    let metrics = scrape(&trusting, &format!("https://{}/metrics", api.admin)).await;
+    let failures = metric_sum(
+        &metrics,
+        "pulse_tls_handshake_failures_total",
+        &["listener=\"service\""],
+    )
+    .unwrap();
+    assert!(
+        failures >= 3.0,
+        "plain HTTP, plain gRPC, wrong CA x3: {failures}"
+    );
+    let expiry = metric_sum(
+        &metrics,
+        "pulse_tls_cert_expiry_timestamp_seconds",
+        &["listener=\"service\""],
+    )
+    .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        (now + 86_400.0..now + 3.0 * 86_400.0).contains(&expiry),
+        "the test certificate is valid for 2 days: {expiry} vs now {now}"
+    );
+    assert!(
+        metrics.contains("# HELP pulse_tls_reload_total"),
+        "{metrics}"
+    );
+}
+
+fn port(addr: &str) -> &str {
+    addr.rsplit_once(':').unwrap().1
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replaced_certificate_is_served_without_a_restart_and_a_bad_one_is_not() {
+    let (ca1, cert, key) = pki("server-tls-reload-1");
+    let (ca2, cert2, key2) = pki("server-tls-reload-2");
+    let dir = ca1.parent().unwrap().to_owned();
+    let mut api = Api::spawn(
+        &dir,
+        &[
+            "--tls-cert-file",
+            cert.to_str().unwrap(),
+            "--tls-key-file",
+            key.to_str().unwrap(),
+            "--tls-reload-interval",
+            "200ms",
+        ],
+    );
+    let plain = reqwest::Client::new();
+    api.wait_ready(&plain, "http").await;
+    let pid = api.child.id();
+    let openapi = format!("https://{}/openapi.json", api.http);
+    let metrics_url = format!("http://{}/metrics", api.admin);
+    let (old, new) = (client_trusting(&ca1), client_trusting(&ca2));
+    assert_eq!(old.get(&openapi).send().await.unwrap().status(), 200);
+    assert!(new.get(&openapi).send().await.is_err());
+
+    // Replace the pair in place (key first, as a secret update may do it in any order).
+    std::fs::copy(&key2, &key).unwrap();
+    std::fs::copy(&cert2, &cert).unwrap();
+    let started = Instant::now();
+    wait_until(
+        Duration::from_secs(10),
+        "the new certificate served",
+        async || match new.get(&openapi).send().await {
+            Ok(r) if r.status() == 200 => Ok(()),
+            Ok(r) => Err(r.status().to_string()),
+            Err(e) => Err(chain(&e)),
+        },
+    )
+    .await;
+    eprintln!("new certificate served after {:?}", started.elapsed());
+    let e = old.get(&openapi).send().await.unwrap_err();
+    assert!(chain(&e).contains("UnknownIssuer"), "{}", chain(&e));
+    assert_eq!(curl(&openapi, &ca2, &[]), (0, "200".into()));
+    assert!(api.child.try_wait().unwrap().is_none(), "no restart");
+    assert_eq!(api.child.id(), pid);
+    let metrics = scrape(&plain, &metrics_url).await;
+    let ok = |m: &str| {
+        metric_sum(
+            m,
+            "pulse_tls_reload_total",
+            &["listener=\"service\"", "outcome=\"ok\""],
+        )
+        .unwrap()
+    };
+    let errors = |m: &str| {
+        metric_sum(
+            m,
+            "pulse_tls_reload_total",
+            &["listener=\"service\"", "outcome=\"error\""],
+        )
+        .unwrap()
+    };
+    assert!(ok(&metrics) >= 1.0, "{metrics}");
+    let errors_before = errors(&metrics);
+
+    // A broken certificate file is refused: the last good one stays in use.
+    std::fs::write(&cert, "-----BEGIN CERTIFICATE-----\nbroken\n").unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        "the failed reload counted",
+        async || {
+            let m = scrape(&plain, &metrics_url).await;
+            if errors(&m) > errors_before {
+                Ok(())
+            } else {
+                Err(errors(&m))
+            }
+        },
+    )
+    .await;
+    assert_eq!(new.get(&openapi).send().await.unwrap().status(), 200);
+    assert!(
+        api.logs().contains("tls certificate reload failed"),
+        "{}",
+        api.logs()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn mutual_tls_refuses_a_client_without_a_certificate_of_the_client_ca() {
+    let (ca, cert, key) = pki("server-mtls");
+    let dir = ca.parent().unwrap().to_owned();
+    let clients = work_dir("server-mtls-clients");
+    make_ca(&clients, "client-ca");
+    let (client_cert, client_key) = make_client_cert(&clients, "client-ca");
+    let mut api = Api::spawn(
+        &dir,
+        &[
+            "--tls-cert-file",
+            cert.to_str().unwrap(),
+            "--tls-key-file",
+            key.to_str().unwrap(),
+            "--tls-client-ca-file",
+            clients.join("client-ca.pem").to_str().unwrap(),
+        ],
+    );
+    api.wait_ready(&reqwest::Client::new(), "http").await;
+    let openapi = format!("https://{}/openapi.json", api.http);
+
+    let e = client_trusting(&ca).get(&openapi).send().await.unwrap_err();
+    let text = chain(&e);
+    assert!(text.to_lowercase().contains("certificate"), "{text}");
+    let (code, text) = curl(&openapi, &ca, &[]);
+    assert_ne!(code, 0, "curl without a client certificate got {text}");
+
+    let (cert_s, key_s) = (client_cert.to_str().unwrap(), client_key.to_str().unwrap());
+    assert_eq!(
+        curl(&openapi, &ca, &["--cert", cert_s, "--key", key_s]),
+        (0, "200".into())
+    );
+    let mut pem = std::fs::read(&client_cert).unwrap();
+    pem.extend(std::fs::read(&client_key).unwrap());
+    let with_identity = reqwest::Client::builder()
+        .tls_built_in_root_certs(false)
+        .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(&ca).unwrap()).unwrap())
+        .identity(reqwest::Identity::from_pem(&pem).unwrap())
+        .build()
+        .unwrap();
+    assert_eq!(
+        with_identity.get(&openapi).send().await.unwrap().status(),
+        200
+    );
+    assert_eq!(
+        grpc_health(&api.grpc, &ca, Some((&client_cert, &client_key))).await,
+        Ok(1)
+    );
+    assert!(grpc_health(&api.grpc, &ca, None).await.is_err());
+}
+
+// ---------------------------------------------------------------------------------------
+// Limits, on a schema registry replica (its register route reads a JSON body)
+
+struct LimitedRegistry {
+    replica: pulse_schema_registry::Replica,
+    _topic: cleanup::Topics,
+}
+
+async fn registry_with(args: &[&str]) -> LimitedRegistry {
+    use clap::Parser as _;
+    #[derive(clap::Parser)]
+    struct Flags {
+        #[command(flatten)]
+        server: ServerArgs,
+    }
+    let flags = Flags::parse_from(std::iter::once("test").chain(args.iter().copied()));
+    let topic = pulse_tests::unique("_schemas");
+    let replica = pulse_schema_registry::Replica::start_with_server(
+        &pulse_tests::kafka(),
+        &topic,
+        Duration::from_secs(30),
+        Duration::from_secs(60),
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        pulse_schema_registry::auth::Access::anonymous(),
+        &flags.server.settings().unwrap(),
+    )
+    .await
+    .unwrap();
+    LimitedRegistry {
+        replica,
+        _topic: cleanup::Topics::adopt([topic]),
+    }
+}
+
+/// Opens a POST of a 1000-byte JSON body and sends its first byte.
+async fn start_slow_post(addr: std::net::SocketAddr) -> TcpStream {
+    let mut tcp = TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(
+        b"POST /subjects/slow-value/versions HTTP/1.1\r\nHost: registry\r\n\
+          Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{",
+    )
+    .await
+    .unwrap();
+    tcp
+}
+
+/// Sends a body byte every `every` until the server answers or closes; returns the
+/// answer's head (empty if it closed without one) and when it came.
+async fn trickle_until_answered(mut tcp: TcpStream, every: Duration) -> (String, Instant) {
+    let mut buf = vec![0u8; 4096];
+    loop {
+        tokio::select! {
+            n = tcp.read(&mut buf) => {
+                let n = n.unwrap_or(0);
+                return (String::from_utf8_lossy(&buf[..n]).into_owned(), Instant::now());
+            }
+            _ = tokio::time::sleep(every) => {
+                if tcp.write_all(b" ").await.is_err() {
+                    return (String::new(), Instant::now());
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_trickled_or_stalled_body_is_cut_and_requests_over_the_limit_get_503() {
+    let handle = pulse_platform::metrics::install("server-tls-test").unwrap();
+    let registry = registry_with(&[
+        "--request-body-timeout",
+        "1s",
+        "--request-timeout",
+        "3s",
+        "--max-concurrent-requests",
+        "2",
+        "--limit-retry-after-secs",
+        "7",
+    ])
+    .await;
+    let addr = registry.replica.addr;
+
+    // A body that stalls after its first byte: cut after the body timeout.
+    let started = Instant::now();
+    let stalled = start_slow_post(addr).await;
+    let (head, at) = trickle_until_answered(stalled, Duration::from_secs(60)).await;
+    let took = at - started;
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_millis(2500),
+        "cut after {took:?}: {head}"
+    );
+    assert!(head.starts_with("HTTP/1.1 4"), "{head}");
+
+    // Two bodies trickled just fast enough (a byte every 300 ms) hold both slots…
+    let started = Instant::now();
+    let slow = [start_slow_post(addr).await, start_slow_post(addr).await]
+        .map(|tcp| tokio::spawn(trickle_until_answered(tcp, Duration::from_millis(300))));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // …so the next request is refused at once with 503 and Retry-After.
+    let r = reqwest::get(format!("http://{addr}/subjects"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 503);
+    assert_eq!(r.headers()["retry-after"], "7");
+    let body = r.text().await.unwrap();
+    assert!(body.contains("concurrent requests"), "{body}");
+    // The trickled requests are cut by the request timeout, with 503 and Retry-After.
+    for task in slow {
+        let (head, at) = task.await.unwrap();
+        let took = at - started;
+        assert!(
+            took >= Duration::from_millis(2900) && took < Duration::from_millis(4500),
+            "cut after {took:?}: {head}"
+        );
+        assert!(head.starts_with("HTTP/1.1 503"), "{head}");
+        assert!(head.to_lowercase().contains("retry-after: 7"), "{head}");
+    }
+    let r = reqwest::get(format!("http://{addr}/subjects"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "slots free again");
+
+    let text = handle.render();
+    for (limit, at_least) in [
+        ("body_timeout", 1.0),
+        ("request_timeout", 2.0),
+        ("concurrency", 1.0),
+    ] {
+        let n = metric_sum(
+            &text,
+            "pulse_server_limited_total",
+            &["server=\"http\"", &format!("limit=\"{limit}\"")],
+        )
+        .unwrap_or(0.0);
+        assert!(n >= at_least, "{limit}: {n}\n{text}");
+    }
+    registry.replica.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_grpc_call_over_the_concurrency_limit_gets_unavailable_with_retry_after() {
+    use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
+    let dir = work_dir("server-grpc-limits");
+    let mut api = Api::spawn(
+        &dir,
+        &[
+            "--max-concurrent-requests",
+            "1",
+            "--request-body-timeout",
+            "1500ms",
+            "--request-timeout",
+            "10s",
+            "--limit-retry-after-secs",
+            "4",
+        ],
+    );
+    let plain = reqwest::Client::new();
+    api.wait_ready(&plain, "http").await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", api.grpc))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+
+    // A call whose request message never comes holds the one slot…
+    let held = {
+        let mut grpc = tonic::client::Grpc::new(channel.clone());
+        tokio::spawn(async move {
+            grpc.ready().await.unwrap();
+            let started = Instant::now();
+            let never = futures::stream::pending::<HealthCheckRequest>();
+            let r = grpc
+                .client_streaming(
+                    tonic::Request::new(never),
+                    "/grpc.health.v1.Health/Check".parse().unwrap(),
+                    tonic_prost::ProstCodec::<HealthCheckRequest, HealthCheckResponse>::default(),
+                )
+                .await;
+            (r, started.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // …so the next call is refused at once with UNAVAILABLE and retry-after metadata.
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let refused = health
+        .check(HealthCheckRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert_eq!(refused.metadata().get("retry-after").unwrap(), "4");
+    assert!(
+        refused.message().contains("concurrent requests"),
+        "{refused:?}"
+    );
+    // The held call is cut by the body timeout; then calls are served again.
+    let (r, took) = held.await.unwrap();
+    assert!(r.is_err(), "{r:?}");
+    assert!(
+        took >= Duration::from_millis(1400) && took < Duration::from_secs(5),
+        "cut after {took:?}"
+    );
+    assert!(health.check(HealthCheckRequest::default()).await.is_ok());
+
+    let metrics = scrape(&plain, &format!("http://{}/metrics", api.admin)).await;
+    for limit in ["concurrency", "body_timeout"] {
+        let n = metric_sum(
+            &metrics,
+            "pulse_server_limited_total",
+            &["server=\"grpc\"", &format!("limit=\"{limit}\"")],
+        )
+        .unwrap();
+        assert!(n >= 1.0, "{limit}: {n}");
+    }
+    assert!(
+        metrics.contains("# HELP pulse_server_limited_total"),
+        "{metrics}"
+    );
+}
