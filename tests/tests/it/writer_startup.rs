@@ -77,6 +77,21 @@ fn spawn(args: &[String], log: PathBuf) -> WriterProcess {
     WriterProcess::spawn(&all, &[], log)
 }
 
+/// Waits until the writer (still running) committed both produced events of `topic`: a
+/// roll or insert is committed only after its store confirmed it.
+async fn wait_both_committed(writer: &mut WriterProcess, group: &str, topic: &str) {
+    wait_until(
+        Deadline::after(DEADLINE).every(Duration::from_millis(200)),
+        "both events archived and committed",
+        async || {
+            writer.assert_running();
+            let c: i64 = committed_offsets(group, topic).iter().sum();
+            if c == 2 { Ok(()) } else { Err(c) }
+        },
+    )
+    .await;
+}
+
 /// For [`DOWN_FOR`], the writer keeps running, `/livez` is 200 and `/readyz` 503 naming
 /// `reason`, and it owns no partition; then its start-up retries are counted under
 /// `metric_reason`.
@@ -223,16 +238,7 @@ async fn a_parquet_writer_started_while_s3_is_down_waits_then_archives() {
     let _forwarder = Forwarder::start(port, address_of(&s3.endpoint).await).await;
     writer.wait_readyz(200, "ready").await;
     // The roll is committed only after S3 confirmed its upload.
-    wait_until(
-        Deadline::after(DEADLINE).every(Duration::from_millis(200)),
-        "both events archived and committed",
-        async || {
-            writer.assert_running();
-            let c: i64 = committed_offsets(&group, &topics.events).iter().sum();
-            if c == 2 { Ok(()) } else { Err(c) }
-        },
-    )
-    .await;
+    wait_both_committed(&mut writer, &group, &topics.events).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -306,16 +312,7 @@ async fn a_writer_started_while_the_broker_is_unreachable_waits_then_archives() 
     // The broker becomes reachable: topics checked, ready, and the events archived.
     let _forwarder = Forwarder::start(port, address_of(&pulse_tests::kafka().brokers).await).await;
     writer.wait_readyz(200, "ready").await;
-    wait_until(
-        Deadline::after(DEADLINE).every(Duration::from_millis(200)),
-        "both events archived and committed",
-        async || {
-            writer.assert_running();
-            let c: i64 = committed_offsets(&group, &topics.events).iter().sum();
-            if c == 2 { Ok(()) } else { Err(c) }
-        },
-    )
-    .await;
+    wait_both_committed(&mut writer, &group, &topics.events).await;
 }
 
 /// A bucket of the test's s3s-fs (a folder under its root, `$PULSE_TEST_STATE/s3`) that
@@ -407,16 +404,7 @@ async fn a_parquet_writer_whose_bucket_is_missing_waits_until_it_exists() {
 
     bucket.create();
     writer.wait_readyz(200, "ready").await;
-    wait_until(
-        Deadline::after(DEADLINE).every(Duration::from_millis(200)),
-        "both events archived and committed",
-        async || {
-            writer.assert_running();
-            let c: i64 = committed_offsets(&group, &topics.events).iter().sum();
-            if c == 2 { Ok(()) } else { Err(c) }
-        },
-    )
-    .await;
+    wait_both_committed(&mut writer, &group, &topics.events).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
