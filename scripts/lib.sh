@@ -37,7 +37,34 @@ wait_port() {
   log "$name answers on $host:$port"
 }
 
-# free_port: asks the kernel for a free TCP port on loopback.
+# free_port: a free TCP port on loopback, chosen below the kernel's ephemeral range
+# (net.ipv4.ip_local_port_range starts at 32768 by default). A port the kernel hands out
+# with bind(0) is an ephemeral one: any outgoing connection made between this call and the
+# service's own bind can take it ("Address already in use"). Ports below the range are only
+# ever taken by an explicit bind, so a port that binds now stays free for the service.
 free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()'
+  python3 - <<'PY'
+import random, socket
+low = 20000
+try:
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        high = int(f.read().split()[0]) - 1
+except (OSError, ValueError, IndexError):
+    high = 32767
+if high <= low:
+    low, high = 10000, max(high, 10001)
+for _ in range(200):
+    port = random.randint(low, high)
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.1", port))
+    except OSError:
+        continue
+    finally:
+        s.close()
+    print(port)
+    break
+else:
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()
+PY
 }

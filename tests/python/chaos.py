@@ -105,14 +105,19 @@ def say(msg: str) -> None:
 def free_ports(n: int) -> list[int]:
     """n distinct free loopback ports: every socket is held until all are picked, so the
     kernel cannot hand the same port out twice."""
-    socks = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
+    # Below the kernel's ephemeral range (32768 up): a bind(0) port is ephemeral, and an
+    # outgoing connection can take it before the service binds it.
+    ports: list[int] = []
+    while len(ports) < n:
+        port = random.randint(20000, 32000)
+        if port in ports:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        ports.append(port)
     return ports
 
 

@@ -50,6 +50,7 @@ import argparse
 import atexit
 import base64
 import os
+import random
 import re
 import secrets
 import shutil
@@ -85,9 +86,16 @@ def log(msg: str) -> None:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    # Below the kernel's ephemeral range (32768 up): a bind(0) port is ephemeral, and an
+    # outgoing connection can take it before the service binds it.
+    while True:
+        port = random.randint(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
 
 
 def kill_all() -> None:
