@@ -10,14 +10,17 @@
 #      evaluating every second, the rules loaded from a test copy
 #      (tests/python/observability_check.py prepare): the symptom alerts with every range
 #      selector shortened to 15s and every `for:` to 3s; the SLO burn-rate alerts unchanged
-#      but on a compressed clock (SLI windows of 10-20 s, `for:` 3s); the ledger rules
-#      unchanged. An Alertmanager notifies a webhook receiver in the check at once. Real
+#      but on a compressed clock (SLI windows of 10-20 s, `for:` 3s); the ledger alerts
+#      shortened like the symptoms. An Alertmanager notifies a webhook receiver at once. Real
 #      faults, one at a time, each followed by its recovery: stop writer-clickhouse while
 #      loadgen sends events; stop the processor and the schema registry; kill ClickHouse
 #      and the S3 server; stall ClickHouse (SIGSTOP, then SIGCONT) while dashboards query;
 #      rename the ClickHouse events table away (and back); replace dev.sh's loadgen by one
-#      sending only malformed and late events. The matching alerts (17 of the 24, listed at
-#      the end of the run) must reach the webhook firing, then resolved.
+#      sending only malformed and late events; restart ingest (1 request in flight), the
+#      processor (1-byte state budget) and the query API (a certificate expiring in a day)
+#      under load. Beside the faults, one not yet reconciled minute is corrupted in
+#      ClickHouse (events deleted, a window's revenue raised). The matching alerts (listed
+#      at the end of the run) must reach the webhook firing, then resolved.
 #      Every metric name a rule uses must exist in the live Prometheus, and
 #      tests/python/dashboards_check.py runs against the same Prometheus.
 # Prints the time to fire and to resolve of each alert, and its own duration.
@@ -72,6 +75,10 @@ export PULSE_WRITER_PARQUET_MAX_AGE_MS=5000
 # (not 10 s, probing every 15 s), so a store outage opens it within seconds and recovery
 # is seen soon after the store is back.
 export PULSE_WRITER_BREAKER_FAILURES=3 PULSE_WRITER_BREAKER_PROBE_MS=2000 PULSE_WRITER_RETRY_MAX_MS=2000
+# The ledger looks for closed minutes every 2 s (not 15 s) and counts a minute closed 30 s
+# (not 2 min) after its end plus the allowed lateness, so the minute the check corrupts is
+# reconciled within the run; consumer lag is refreshed from the broker every second.
+export PULSE_LEDGER_INTERVAL=2s PULSE_LEDGER_SETTLE=30s PULSE_KAFKA_STATISTICS_INTERVAL_MS=1000
 
 "$PY" "$CHECK" prepare "$ST" --window 15s --for 3s --webhook "http://127.0.0.1:$WEBHOOK_PORT/"
 "$PY" "$CHECK" live --webhook-port "$WEBHOOK_PORT"

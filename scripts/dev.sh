@@ -186,7 +186,9 @@ monitoring_health() {
 }
 
 up() {
+  log "step 1/5: tools (scripts/install-deps.sh): Debian packages, the broker (Tansu) and S3 server (s3s-fs) built from crates.io, a Python venv; each says whether it is cached or being built, and how long that takes"
   bash "$REPO/scripts/install-deps.sh"
+  log "step 2/5: backing services: Kafka API (Tansu), ClickHouse and S3 (s3s-fs) under $STATE"
   mkdir -p "$STATE/logs" "$STATE/pids"
   for pair in "kafka:$KAFKA_PORT" "clickhouse:$CH_HTTP_PORT" "s3:$S3_PORT" \
     "prometheus:$PROM_PORT" "alertmanager:$AM_PORT"; do
@@ -198,10 +200,17 @@ up() {
   start_s3 "$STATE" "$S3_PORT"
 
   if [ "${PULSE_DEV_BUILD:-1}" = 1 ]; then
-    log "building Pulse ($PROFILE; the first build takes several minutes)"
-    local flags=(--quiet --bins)
+    local flags=(--quiet --bins) t0=$SECONDS
     [ "$PROFILE" = release ] && flags+=(--release)
+    if [ -x "$BIN_DIR/pulse-ingest" ] && [ -x "$BIN_DIR/pulsectl" ]; then
+      log "step 3/5: building the Pulse services and pulsectl ($PROFILE profile, $BIN_DIR): incremental, only what changed since the last build (nothing changed: seconds; a change in a shared crate: a few minutes)"
+    else
+      log "step 3/5: building the Pulse services and pulsectl ($PROFILE profile, $BIN_DIR): the first $PROFILE build compiles every dependency (librdkafka from its C sources, Arrow/Parquet, tonic; expect 15-30 min on 2 cores), later runs rebuild only what changed"
+    fi
     (cd "$REPO" && cargo build "${flags[@]}") || die "cargo build failed"
+    log "Pulse binaries ready in $BIN_DIR (build took $(( (SECONDS - t0) / 60 )) min $(( (SECONDS - t0) % 60 )) s)"
+  else
+    log "step 3/5: build skipped (PULSE_DEV_BUILD=0): using the binaries in $BIN_DIR"
   fi
 
   export PULSE_KAFKA_BROKERS="127.0.0.1:$KAFKA_PORT"
@@ -216,6 +225,10 @@ up() {
   # Dev-only secrets, documented in the README; never use them elsewhere.
   export PULSE_INGEST_API_KEYS="${PULSE_INGEST_API_KEYS:-pulse-dev-key=dev}"
   export PULSE_INGEST_PII_HMAC_KEY="${PULSE_INGEST_PII_HMAC_KEY:-pulse-dev-hmac-key}"
+  # The local stack takes event times up to 10 years back (ingest's own default is 7 days),
+  # so the README's reference event, dated 2026-06-04, is accepted as written; it is late
+  # for the processor (late topic), and stored in ClickHouse and the archive.
+  export PULSE_INGEST_MAX_AGE_MS="${PULSE_INGEST_MAX_AGE_MS:-315360000000}"
   export PULSE_SCHEMA_REGISTRY_URL="http://127.0.0.1:$SR_PORT"
   export PULSE_SCHEMA_REGISTRY_ADDR="127.0.0.1:$SR_PORT"
   export PULSE_INGEST_HTTP_ADDR="127.0.0.1:$INGEST_HTTP_PORT" PULSE_INGEST_GRPC_ADDR="127.0.0.1:$INGEST_GRPC_PORT"
@@ -223,6 +236,7 @@ up() {
   export PULSE_QUERY_API_TOKENS="${PULSE_QUERY_API_TOKENS:-pulse-dev-token}"
   "$BIN_DIR/pulsectl" migrate >/dev/null || die "applying the ClickHouse migrations failed"
 
+  log "step 4/5: starting the Pulse services (schema registry first, then ingest, processor, writers, query API, ledger)"
   local spec name bin port extra
   # The registry first: the other services need Pulse's schemas registered.
   for spec in "${SERVICES[@]}"; do
@@ -239,6 +253,7 @@ up() {
     IFS=: read -r name bin port extra <<<"$spec"
     wait_ready "$name" "$port"
   done
+  log "step 5/5: Prometheus and Alertmanager (rules of $PROM_RULES)"
   start_monitoring
 
   if [ "${PULSE_DEV_LOADGEN:-1}" = 1 ] && ! is_running "$STATE" loadgen; then
@@ -250,9 +265,10 @@ up() {
     log "loadgen sending ~$LOADGEN_RATE events/s (log: $STATE/logs/loadgen.log)"
   fi
 
-  local ap_ingest ap_proc ap_wc ap_wp ap_q ap_sr
+  local ap_ingest ap_proc ap_wc ap_wp ap_q ap_sr ap_ledger
   ap_ingest=$(admin_port ingest); ap_proc=$(admin_port processor); ap_wc=$(admin_port writer-clickhouse)
   ap_wp=$(admin_port writer-parquet); ap_q=$(admin_port query-api); ap_sr=$(admin_port schema-registry)
+  ap_ledger=$(admin_port ledger)
   cat <<TXT
 
 Pulse is up. State, data and logs: $STATE
@@ -274,7 +290,7 @@ Pulse is up. State, data and logs: $STATE
                       $ap_wp writer-parquet, $ap_q query-api, $ap_sr schema-registry}/metrics (also /livez, /readyz)
   Prometheus          http://127.0.0.1:$PROM_PORT  (rules: $PROM_RULES; alerts: http://127.0.0.1:$PROM_PORT/alerts)
   Alertmanager        http://127.0.0.1:$AM_PORT  (runbooks: docs/runbooks/)
-  SLIs                $BIN_DIR/pulsectl slo --metrics ingest=http://127.0.0.1:$ap_ingest/metrics,writer=http://127.0.0.1:$ap_wc/metrics
+  SLIs                $BIN_DIR/pulsectl slo --metrics ingest=http://127.0.0.1:$ap_ingest/metrics,writer=http://127.0.0.1:$ap_wc/metrics,query-api=http://127.0.0.1:$ap_q/metrics,ledger=http://127.0.0.1:$ap_ledger/metrics
 
 Logs:   scripts/dev.sh logs [name]  (files in $STATE/logs)
 Status: scripts/dev.sh status

@@ -40,22 +40,32 @@ else
 fi
 
 # cargo install builds into its own target dir in the cache (kept between runs).
-cargo_tool() { # name version binary estimate features...
-  local name=$1 version=$2 bin=$3 estimate=$4; shift 4
-  if [ -x "$PULSE_TOOLS/bin/$bin" ] && [ -f "$PULSE_TOOLS/.$name-$version" ]; then
-    log "$name $version present"
+# cargo_tool NAME VERSION BINARY WHY ESTIMATE FEATURES...: WHY says what the stack or the
+# tests use it for, ESTIMATE is the first build's time on 2 cores (a rough figure, each
+# tool its own; s3s-fs and cargo-machete measured at low priority on a busy 2-core machine:
+# 7.0 and 3.7 min, so upper bounds). The marker file keeps how long the build really took; a
+# later run says the tool is cached and skips the build.
+cargo_tool() {
+  local name=$1 version=$2 bin=$3 why=$4 estimate=$5 marker t0 took; shift 5
+  marker="$PULSE_TOOLS/.$name-$version"
+  if [ -x "$PULSE_TOOLS/bin/$bin" ] && [ -f "$marker" ]; then
+    took=$(cat "$marker" 2>/dev/null || true)
+    log "$name $version ($why): cached in $PULSE_TOOLS/bin, build skipped${took:+ (it took $took)}"
     return
   fi
-  log "building $name $version from crates.io: $estimate on 2 cores (first time only; kept in $PULSE_TOOLS)"
+  log "building $name $version from crates.io: $why; first build $estimate on 2 cores, once (kept in $PULSE_TOOLS)"
+  t0=$SECONDS
   CARGO_TARGET_DIR="$PULSE_CACHE/tool-target/$name" cargo install "$name" --version "$version" --locked \
     --root "$PULSE_TOOLS" "$@" || die "cargo install $name $version failed"
-  touch "$PULSE_TOOLS/.$name-$version"
+  took="$(( (SECONDS - t0) / 60 )) min $(( (SECONDS - t0) % 60 )) s"
+  echo "$took" > "$marker"
+  log "built $name $version in $took"
 }
 
-cargo_tool tansu "$TANSU_VERSION" tansu "the local Kafka broker, ~20 min" --no-default-features --features dynostore,libsql
-cargo_tool s3s-fs "$S3S_FS_VERSION" s3s-fs "the local S3 server, a few min" --features binary
-# scripts/checks.sh: unused dependencies of the workspace crates.
-cargo_tool cargo-machete 0.9.2 cargo-machete "the unused-dependency check, a few min"
+cargo_tool tansu "$TANSU_VERSION" tansu "the Kafka-API broker of the local stack and the tests" "~20 min" \
+  --no-default-features --features dynostore,libsql
+cargo_tool s3s-fs "$S3S_FS_VERSION" s3s-fs "the S3 server holding the Parquet archive" "~3-7 min" --features binary
+cargo_tool cargo-machete 0.9.2 cargo-machete "the unused-dependency check of scripts/checks.sh" "~2-4 min"
 
 # Python tools for tests with clients we did not write (pyarrow reads Parquet,
 # boto3 speaks S3, confluent-kafka speaks Kafka) in a venv in the cache.

@@ -42,9 +42,18 @@ wait_port() {
 # with bind(0) is an ephemeral one: any outgoing connection made between this call and the
 # service's own bind can take it ("Address already in use"). Ports below the range are only
 # ever taken by an explicit bind, so a port that binds now stays free for the service.
+# Ports already handed out by this script (and its subshells: $$ is the script's pid in
+# them too) are remembered in a file and never handed out twice, so two calls before any
+# service binds cannot return the same port.
 free_port() {
-  python3 - <<'PY'
-import random, socket
+  PULSE_FREE_PORTS_FILE="${TMPDIR:-/tmp}/pulse-free-ports.$$" python3 - <<'PY'
+import os, random, socket
+given_file = os.environ["PULSE_FREE_PORTS_FILE"]
+try:
+    with open(given_file) as f:
+        given = {int(line) for line in f if line.strip().isdigit()}
+except OSError:
+    given = set()
 low = 20000
 try:
     with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
@@ -55,6 +64,8 @@ if high <= low:
     low, high = 10000, max(high, 10001)
 for _ in range(200):
     port = random.randint(low, high)
+    if port in given:
+        continue
     s = socket.socket()
     try:
         s.bind(("127.0.0.1", port))
@@ -62,6 +73,8 @@ for _ in range(200):
         continue
     finally:
         s.close()
+    with open(given_file, "a") as f:
+        f.write(f"{port}\n")
     print(port)
     break
 else:

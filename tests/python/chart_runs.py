@@ -85,11 +85,17 @@ def log(msg: str) -> None:
     print(f"[chart-runs] {msg}", file=sys.stderr, flush=True)
 
 
+GIVEN_PORTS: set[int] = set()
+
+
 def free_port() -> int:
     # Below the kernel's ephemeral range (32768 up): a bind(0) port is ephemeral, and an
-    # outgoing connection can take it before the service binds it.
+    # outgoing connection can take it before the service binds it. Never the same port twice.
     while True:
         port = random.randint(20000, 32000)
+        if port in GIVEN_PORTS:
+            continue
+        GIVEN_PORTS.add(port)
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))

@@ -51,14 +51,20 @@ LEDGER_ENV = "PULSE_LEDGER_ADMIN_PORT"
 GAUGES = {
     "processor": ["pulse_processor_open_sessions", "pulse_processor_open_windows",
                   "pulse_processor_held_records", "pulse_processor_events_total",
+                  "pulse_processor_state_bytes", "pulse_processor_state_budget_bytes",
                   "pulse_kafka_consumer_lag_records"],
     "ingest": ["pulse_ingest_dedup_set_size", "pulse_ingest_producer_queue_depth"],
     "writer-clickhouse": ["pulse_kafka_consumer_lag_records"],
     "writer-parquet": ["pulse_kafka_consumer_lag_records"],
+    "ledger": ["pulse_ledger_held_events", "pulse_ledger_rereads_total"],
 }
+ADMIN_PORT_ENV = {**ADMIN_ENV, "ledger": LEDGER_ENV}
+# What every Pulse service sets for glibc's allocator at start (pulse_platform::malloc).
+TUNABLES = "glibc.malloc.arena_max=2:glibc.malloc.mmap_threshold=131072"
 # Shown as "at the end" too: how far each consumer got (a processor that fell behind holds
 # less state than the workload would give it).
-PROGRESS = {"pulse_processor_events_total", "pulse_kafka_consumer_lag_records"}
+PROGRESS = {"pulse_processor_events_total", "pulse_kafka_consumer_lag_records", "pulse_ledger_rereads_total",
+            "pulse_processor_state_budget_bytes"}
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 T0 = time.monotonic()
@@ -95,6 +101,26 @@ def cpu_s(pid: int | None) -> float | None:
         return None
 
 
+def tunables(pid: int | None) -> str | None:
+    """GLIBC_TUNABLES in a live process's environment ('' when unset), None if unreadable."""
+    if pid is None:
+        return None
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    for i, var in enumerate(env):
+        if var.startswith(b"GLIBC_TUNABLES="):
+            # glibc (2.36) parses the variable in place, writing NUL over each ':'.
+            parts = [var.split(b"=", 1)[1]]
+            j = i + 1
+            while j < len(env) and env[j].startswith(b"glibc."):
+                parts.append(env[j])
+                j += 1
+            return b":".join(parts).decode(errors="replace")
+    return ""
+
+
 def scrape(port: int, names: list[str]) -> dict[str, float]:
     """Each gauge summed over its label sets (missing ones left out)."""
     code, body = http(f"http://127.0.0.1:{port}/metrics", timeout=3)
@@ -114,6 +140,7 @@ def scrape(port: int, names: list[str]) -> dict[str, float]:
 @dataclass
 class Mem:
     peak_rss_kib: int = 0
+    tunables: str | None = None
     hwm_kib: int = 0
     end_rss_kib: int = 0
     idle_rss_kib: int = 0
@@ -150,6 +177,8 @@ class Sampler:
                     if m.cpu_start_s is None or self.phase == "idle":
                         m.cpu_start_s = cpu
                     m.cpu_end_s = cpu
+                if pid not in m.pids:
+                    m.tunables = tunables(pid)
                 m.pids.add(pid)
                 m.peak_rss_kib = max(m.peak_rss_kib, rss)
                 m.hwm_kib = max(m.hwm_kib, hwm)
@@ -158,7 +187,7 @@ class Sampler:
                     m.idle_rss_kib = rss
             row[f"{n}_rss_kib"] = rss
         for svc, names in GAUGES.items():
-            for k, v in scrape(self.p.port(ADMIN_ENV[svc]), names).items():
+            for k, v in scrape(self.p.port(ADMIN_PORT_ENV[svc]), names).items():
                 if k.startswith("pulse_kafka_"):  # the platform's series: named per service
                     k = f"{svc}:{k}"
                 with self.lock:
@@ -381,8 +410,9 @@ def report(args, s: Sampler, counts: dict, failures: list[str], state_table: str
         f"--seed {args.seed}` (default shares of out-of-order, late, duplicate and malformed events), "
         f"then {args.settle} s of draining; RSS sampled every second from /proc/<pid>/status.",
         "",
-        "| service | peak RSS (VmHWM) | RSS at end | idle RSS before load | CPU s during the run | goal | result |",
-        "|---|---|---|---|---|---|---|",
+        "| service | peak RSS (VmHWM) | RSS at end | idle RSS before load | CPU s during the run | goal | result "
+        "| glibc allocator |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for n in s.names:
         m = s.mem[n]
@@ -393,14 +423,20 @@ def report(args, s: Sampler, counts: dict, failures: list[str], state_table: str
         elif n == "processor":
             goal = f"< {GOAL_MIB} MiB + state budget"
             extra = hwm - GOAL_MIB * 1024
+            budget = g.get("pulse_processor_state_budget_bytes", 0)
+            state = g.get("pulse_processor_state_bytes", 0)
             res = ("pass" if extra <= 0 else
-                   f"{extra / 1024:.1f} MiB above {GOAL_MIB} MiB for {sessions:,.0f} open sessions (no state budget knob)")
+                   f"{extra / 1024:.1f} MiB above {GOAL_MIB} MiB for {sessions:,.0f} open sessions, estimated state "
+                   f"{state / MIB:.1f} MiB at its peak; the state is bounded by `--state-budget-bytes` "
+                   + (f"({budget / MIB:.0f} MiB in this run)" if budget else "(none set in this run)"))
         else:
             goal, res = "(not a Pulse service)" if n in BACKING else "(no goal)", "-"
         restarts = f" ({len(m.pids)} pids)" if len(m.pids) > 1 else ""
         cpu = f"{m.cpu_end_s - m.cpu_start_s:.0f}" if m.cpu_start_s is not None else "-"
+        alloc = ("-" if n in BACKING else "tuned" if m.tunables == TUNABLES else
+                 "glibc defaults" if m.tunables == "" else f"GLIBC_TUNABLES={m.tunables}" if m.tunables else "?")
         lines.append(f"| {n}{restarts} | {mib(hwm)} | {mib(m.end_rss_kib)} | {mib(m.idle_rss_kib)} | {cpu} "
-                     f"| {goal} | {res} |")
+                     f"| {goal} | {res} | {alloc} |")
     lines += [
         "",
         "| state and progress | peak | at the end |",

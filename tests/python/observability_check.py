@@ -9,7 +9,8 @@ not.
 `prepare DIR`: writes the test copy of the rules (every range selector `[Nm]` of the symptom
 alerts shortened to WINDOW, every `for:` there to FOR; the SLIs' windows compressed by
 SLO_WINDOWS and the burn-rate alerts' `for:` set to FOR, thresholds and window pairs
-unchanged; ledger rules unchanged) and an Alertmanager config that sends every
+unchanged; the ledger alerts shortened like the symptom alerts) and an Alertmanager
+config that sends every
 notification (resolved too) at once to the webhook.
 
 `live`: with the PULSE_* variables of scripts/dev.sh set by the caller, runs a webhook
@@ -20,15 +21,25 @@ receiver, `dev.sh up`, a query workload (HTTP and gRPC), then real faults one at
   2. stop the processor and the schema registry -> PulseProcessorStalled,
      PulseServiceDown{component=processor}, PulseServiceDown{component=schema-registry},
      PulseSchemaRegistryUnreachable; PulseEventsNotStored does not;
-  3. kill ClickHouse and the S3 server -> PulseClickHouseInsertErrors, PulseS3UploadErrors,
-     PulseWriterCircuitOpen of each writer, PulseEventsNotArchived;
+  3. kill ClickHouse and the S3 server while a second loadgen sends 400 events/s ->
+     PulseClickHouseInsertErrors, PulseS3UploadErrors, PulseWriterCircuitOpen of each
+     writer, PulseEventsNotArchived, PulseConsumerLagGrowing{component=writer-clickhouse}
+     (its breaker paused consumption), PulseLedgerStalled (its runs fail);
   4. stall ClickHouse (SIGSTOP) while 8 clients query -> PulseQueryLatencyHigh,
      PulseAvailabilityBudgetFastBurn and SlowBurn; after SIGCONT the backlog is written
      late -> PulseFreshnessBudgetFastBurn and SlowBurn;
   5. rename the events table away -> PulseWriterBlocked{component=writer-clickhouse};
   6. dev.sh's loadgen stopped, a loadgen sending only malformed and late events ->
      PulseDeadLetterRateHigh, PulseLateEventRateHigh, PulseWatermarkNotAdvancing;
-and after each recovery the same alerts arrive resolved. Then every metric name used by a
+  7. ingest restarted with --max-concurrent-requests 1, the processor with a 1-byte state
+     budget and the query API with a certificate that expires in a day, while a loadgen
+     sends 400 events/s with 16 requests in flight -> PulseIngestBackpressure,
+     PulseProcessorStateOverBudget, PulseTlsCertExpiringSoon{component=query-api};
+and after each recovery the same alerts arrive resolved. Beside the faults (LedgerTamper),
+a final user window the ledger has not reconciled yet is corrupted in ClickHouse (a
+tenth of its minute's events deleted, its revenue raised by 1 unit): once the minute closes,
+PulseLedgerMismatch, PulseRevenueDelta and the correctness burn (fast and slow) fire and
+resolve, and the ledger's missing count grows by at least the deleted events. Then every metric name used by a
 rule must be in the live Prometheus (/api/v1/label/__name__/values), and
 tests/python/dashboards_check.py runs against the same Prometheus.
 """
@@ -58,6 +69,7 @@ RULE_TESTS = REPO / "deploy/prometheus/tests"
 RUNBOOKS = REPO / "docs/runbooks"
 RUNBOOK_BASE = "https://github.com/pulse-analytics/pulse/blob/main/docs/runbooks/"
 SYMPTOMS = "pulse-symptoms.rules.yaml"
+LEDGER = "pulse-ledger.rules.yaml"
 DEV = REPO / "scripts/dev.sh"
 TOKEN = "pulse-dev-token"
 
@@ -248,7 +260,8 @@ def static() -> None:
                 + check_chart_rules() + check_release_scope() + check_two_releases_render())
     if problems:
         fail("\n  " + "\n  ".join(problems))
-    say(f"static: {len(rules)} rule files, {len(alerts)} alerts, each with severity, summary, "
+    say(f"static: {len(rules)} rule files, {len(alerts)} alerting rules ({len({a['alert'] for a in alerts})} "
+        f"alerts), each with severity, summary, "
         f"an existing runbook anchor, and promtool tests that fire it and keep it silent; "
         f"the chart's PrometheusRule holds the same groups; every aggregation keeps "
         f"{' and '.join(SCOPE_LABELS)}, and two releases in one namespace render ServiceMonitors "
@@ -263,7 +276,7 @@ def prepare(out: Path, window: str, for_: str, webhook: str) -> None:
     rules.mkdir(parents=True, exist_ok=True)
     for f in RULES.glob("*.rules.yaml"):
         text = f.read_text()
-        if f.name == SYMPTOMS:
+        if f.name in (SYMPTOMS, LEDGER):
             text = re.sub(r"\[(\d+)m\]", f"[{window}]", text)
             text = re.sub(r"(?m)^(\s+for:) \S+$", rf"\1 {for_}", text)
         elif f.name == SLIS:
@@ -383,6 +396,40 @@ def stop(state: str, name: str, crash: bool) -> None:
         fail(f"stopping {name} failed: {r.stderr}")
 
 
+def restart_with(state: str, name: str, extra: dict[str, str]) -> None:
+    """Restarts NAME as it runs now (its command line, environment and working directory,
+    read from /proc) with EXTRA added to its environment, under the same pid file (so
+    `dev.sh down` stops it), without waiting for readiness."""
+    pidfile = Path(state) / "pids" / f"{name}.pid"
+    pid = int(pidfile.read_text().strip())
+    proc = Path(f"/proc/{pid}")
+    argv = [a.decode() for a in (proc / "cmdline").read_bytes().split(b"\0") if a]
+    environ = dict(kv.decode().split("=", 1) for kv in (proc / "environ").read_bytes().split(b"\0") if b"=" in kv)
+    cwd = os.readlink(proc / "cwd")
+    stop(state, name, False)
+    # stack.sh's start_proc (setsid nohup ... &, pid file): the process is not this one's
+    # child, so once stopped it is reaped at once and stop_proc does not wait on a zombie.
+    r = subprocess.run(["bash", "-c", 'source "$0/scripts/stack.sh" && cd "$1" && shift && start_proc "$@"',
+                        str(REPO), cwd, state, name, *argv], env={**environ, **extra}, capture_output=True, text=True)
+    if r.returncode != 0:
+        fail(f"restarting {name} failed: {r.stderr}")
+
+
+def short_lived_cert(state: str) -> dict[str, str]:
+    """A self-signed certificate for 127.0.0.1 that expires in one day (openssl), as the
+    TLS variables of a server: its expiry gauge is then under PulseTlsCertExpiringSoon's
+    2-day page threshold."""
+    d = Path(state) / "tls"
+    d.mkdir(exist_ok=True)
+    cert, key = d / "expiring.crt", d / "expiring.key"
+    r = subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                        "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=127.0.0.1",
+                        "-addext", "subjectAltName=IP:127.0.0.1"], capture_output=True, text=True)
+    if r.returncode != 0:
+        fail(f"openssl could not make the test certificate: {r.stderr}")
+    return {"PULSE_TLS_CERT_FILE": str(cert), "PULSE_TLS_KEY_FILE": str(key)}
+
+
 def workload(env: dict) -> None:
     """Every query-API route over HTTP and every gRPC method once, so their series exist;
     and a client's lookups in the schema registry (its dashboard's latency panels)."""
@@ -440,8 +487,12 @@ class Fault:
     def __init__(self, label: str, expect: list, silent: list, stop: list | None = None,
                  traffic: list | None = None, pause: list | None = None,
                  sql: tuple[list, list] | None = None, queries: bool = False,
-                 after: list | None = None):
+                 after: list | None = None, restart: dict | None = None):
         self.label, self.expect, self.silent = label, expect, silent
+        # {process name: {VAR: value or callable(state dir) -> value}}: restarted with these
+        # variables added, not waited for (its readiness may be what the fault breaks);
+        # recovery stops it and `dev.sh up` starts it as configured.
+        self.restart = restart or {}
         self.stop = stop or []          # [(process name in $PULSE_STATE/pids, crash?)]
         self.traffic = traffic          # extra `pulsectl loadgen` arguments, or None
         self.pause = pause or []        # [process name]: SIGSTOP to its group, then SIGCONT
@@ -484,13 +535,19 @@ FAULTS = [
     # Both stores crash (ClickHouse's graceful shutdown takes ~17 s; a crash is as real and
     # quicker). check-observability.sh runs the writers with a 3-failure breaker, so each
     # opens within seconds.
+    # A second loadgen at 400 events/s meanwhile: the writers, their breakers open, stop
+    # consuming, so their processing lag (refreshed from the broker on a timer, not from
+    # what the paused consumer fetches) passes 1000 records and grows; the ledger cannot
+    # read ClickHouse, so its runs fail.
     Fault("clickhouse and s3 killed",
-          stop=[("clickhouse", True), ("s3", True)],
+          stop=[("clickhouse", True), ("s3", True)], traffic=["--rate", "400", "--concurrency", "8"],
           expect=[("PulseClickHouseInsertErrors", "writer-clickhouse"),
                   ("PulseWriterCircuitOpen", "writer-clickhouse"),
                   ("PulseS3UploadErrors", "writer-parquet"),
                   ("PulseWriterCircuitOpen", "writer-parquet"),
-                  ("PulseEventsNotArchived", "writer-parquet")],
+                  ("PulseEventsNotArchived", "writer-parquet"),
+                  ("PulseConsumerLagGrowing", "writer-clickhouse"),
+                  ("PulseLedgerStalled", "ledger")],
           silent=["PulseProcessorStalled"]),
     # ClickHouse hangs (SIGSTOP: a stalled server, not a dead one) while dashboards query:
     # every query waits for the query API's timeout (10 s) and answers 504, so query p95
@@ -520,7 +577,116 @@ FAULTS = [
           expect=[("PulseDeadLetterRateHigh", "ingest"), ("PulseLateEventRateHigh", "processor"),
                   ("PulseWatermarkNotAdvancing", "processor")],
           silent=["PulseEventsNotStored"]),
+    # Three services restarted with tight settings while a loadgen sends 400 events/s with
+    # 16 requests in flight: ingest allows one request at a time (--max-concurrent-requests
+    # 1: the rest is shed with 503 + Retry-After), the processor's state budget is 1 byte,
+    # and the query API serves a certificate that expires in a day. Recovery: `dev.sh up`
+    # restarts them as configured (no TLS, default limits and budget).
+    Fault("ingest, processor and query-api restarted with tight limits",
+          restart={"ingest": {"PULSE_MAX_CONCURRENT_REQUESTS": "1"},
+                   "processor": {"PULSE_PROCESSOR_STATE_BUDGET_BYTES": "1"},
+                   "query-api": short_lived_cert},
+          traffic=["--rate", "400", "--concurrency", "16"],
+          expect=[("PulseIngestBackpressure", "ingest"), ("PulseProcessorStateOverBudget", "processor"),
+                  ("PulseTlsCertExpiringSoon", "query-api")],
+          silent=[]),
 ]
+
+
+# What the corrupted minute raises (the fired times count from the corruption).
+LEDGER_EXPECT = [("PulseLedgerMismatch", "ledger"), ("PulseRevenueDelta", "ledger"),
+                 ("PulseCorrectnessBudgetFastBurn", None), ("PulseCorrectnessBudgetSlowBurn", None)]
+
+
+class LedgerTamper(threading.Thread):
+    """Corrupts, in ClickHouse, one minute the ledger has not reconciled yet, the way a bad
+    migration or a manual fix would: deletes a tenth of its stored events and adds 1
+    currency unit to the revenue of one final user window (a new row version, which the query
+    API serves). Runs beside the faults (it waits for a final, unreconciled window with
+    revenue; ClickHouse may be down meanwhile) and records what it did; the ledger must then
+    report the missing events (PulseLedgerMismatch, the correctness burn) and the revenue
+    delta (PulseRevenueDelta) once the minute closes."""
+
+    def __init__(self, env):
+        super().__init__(daemon=True)
+        self.ch = f"http://127.0.0.1:{env['PULSE_CLICKHOUSE_HTTP_PORT']}/"
+        self.ledger = f"http://127.0.0.1:{env['PULSE_LEDGER_ADMIN_PORT']}/metrics"
+        self.done = threading.Event()
+        self.stopping = threading.Event()
+        self.when: float | None = None
+        self.window_ms: int | None = None
+        self.user, self.version, self.window = "", 0, ""
+        self.raised = self.altered = False
+        self.deleted: int | None = None
+        self.missing_before = 0.0
+        self.error = ""
+
+    def sql(self, q: str, params: str = "") -> str:
+        with urllib.request.urlopen(urllib.request.Request(self.ch + params, data=q.encode()), timeout=15) as r:
+            return r.read().decode()
+
+    def ledger_metric(self, name: str, labels: str = "") -> float:
+        with urllib.request.urlopen(self.ledger, timeout=5) as r:
+            text = r.read().decode()
+        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith(name) and labels in line and not line.startswith("#"))
+
+    def run(self) -> None:
+        deadline = time.monotonic() + 240
+        while not self.stopping.is_set() and time.monotonic() < deadline:
+            try:
+                if self.attempt():
+                    self.when = time.monotonic()
+                    break
+            except (OSError, urllib.error.URLError, ValueError, IndexError) as e:
+                self.error = str(e)
+            time.sleep(1)
+        self.done.set()
+
+    def attempt(self) -> bool:
+        """One try; each step is done once (ClickHouse may be killed or stalled by a fault
+        between two steps: the next try resumes where this one failed)."""
+        if self.window_ms is None:
+            reconciled_ms = int(self.ledger_metric("pulse_ledger_last_reconciled_timestamp_seconds") * 1000)
+            row = self.sql(
+                "SELECT user_id, window_start_ms, version FROM pulse.user_activity FINAL "
+                f"WHERE is_final = 1 AND window_start_ms >= {reconciled_ms} AND arraySum(revenue_micros) > 0 "
+                "ORDER BY window_start_ms LIMIT 1 FORMAT TSV").strip()
+            if not row:
+                return False
+            user, start, version = row.split("\t")
+            self.user = user.replace("\\", "\\\\").replace("'", "\\'")
+            self.version = int(version)
+            self.missing_before = self.ledger_metric("pulse_ledger_missing_events_total", 'path="clickhouse"')
+            self.window_ms = int(start)
+            self.window = time.strftime("%H:%M:%S", time.gmtime(self.window_ms / 1000))
+        if not self.raised:
+            # The window's revenue + 1 unit per currency, as a newer version of its row (the
+            # local ClickHouse, 18.16, has no `* REPLACE`: every column named).
+            cols = ("user_id, window_start_ms, window_end_ms, page_views, pages, page_views_by_page, types, "
+                    "events_by_type, revenue_currencies, revenue_micros, event_count, first_event_ms, "
+                    "last_event_ms, version, is_final, last_ingest_ms, written_at_ms, window_date")
+            changed = cols.replace("revenue_micros,", "arrayMap(x -> x + 1000000, revenue_micros),").replace(
+                "version,", "version + 1,")
+            self.sql(f"INSERT INTO pulse.user_activity ({cols}) SELECT {changed} FROM pulse.user_activity FINAL "
+                     f"WHERE user_id = '{self.user}' AND window_start_ms = {self.window_ms} AND version = {self.version}")
+            self.raised = True
+        # ... and a tenth of its stored events deleted (by a hash of the id: spread over the
+        # minute, which may have begun before the platform did; a mutation: waited for).
+        where = (f"event_time_ms >= {self.window_ms} AND event_time_ms < {self.window_ms + 60_000} "
+                 "AND cityHash64(event_id) % 10 = 0")
+        if self.deleted is None:
+            self.deleted = int(self.sql(f"SELECT uniqExact(event_id) FROM pulse.events WHERE {where}").strip())
+        if not self.altered:
+            self.sql(f"ALTER TABLE pulse.events DELETE WHERE {where}")
+            self.altered = True
+        deadline = time.monotonic() + 30
+        while self.sql("SELECT count() FROM system.mutations WHERE database = 'pulse' AND table = 'events' "
+                       "AND is_done = 0").strip() != "0":
+            if time.monotonic() > deadline:
+                raise ValueError("the DELETE mutation on pulse.events did not finish in 30 s")
+            time.sleep(0.2)
+        return True
 
 
 class QueryLoad:
@@ -582,7 +748,7 @@ def signal_group(state: str, name: str, sig: int) -> None:
 
 def start_traffic(env, args: list[str]) -> subprocess.Popen:
     pulsectl = Path(env["CARGO_TARGET_DIR"]) / env.get("PULSE_DEV_PROFILE", "debug") / "pulsectl"
-    log = open(Path(env["PULSE_STATE"]) / "logs" / "bad-traffic.log", "wb")
+    log = open(Path(env["PULSE_STATE"]) / "logs" / "check-traffic.log", "ab")
     return subprocess.Popen(
         [str(pulsectl), "loadgen", "--target", f"http://127.0.0.1:{env['PULSE_INGEST_HTTP_PORT']}",
          "--api-key", "pulse-dev-key", "--duration", "0", *args],
@@ -625,12 +791,15 @@ def live(webhook_port: int) -> None:
     wait_for(f"a healthy baseline (events stored and aggregated; none of {sorted(watched)} "
              "pending or firing)", healthy, 90)
     say(f"baseline healthy after {time.monotonic() - t:.1f} s")
+    tamper = LedgerTamper(env)
+    tamper.start()
 
     def named(alert: str, comp: str | None) -> str:
         return f"{alert}{{component={comp}}}" if comp else alert
 
     results = []
     durations = []
+    t_tamper = time.monotonic()
     for i, f in enumerate(FAULTS):
         t_fault = time.monotonic()
         also = frozenset(a for a, _ in f.after)
@@ -644,6 +813,8 @@ def live(webhook_port: int) -> None:
             stop(state, name, crash)
         for name in f.pause:
             signal_group(state, name, signal.SIGSTOP)
+        for name, extra in f.restart.items():
+            restart_with(state, name, extra(state) if callable(extra) else extra)
         for statement in (f.sql or ([], []))[0]:
             clickhouse(env, statement)
         if f.traffic is not None:
@@ -673,9 +844,11 @@ def live(webhook_port: int) -> None:
         t_up = time.monotonic()
         for statement in (f.sql or ([], []))[1]:
             clickhouse(env, statement)
-        if f.stop:
+        for name in f.restart:
+            stop(state, name, False)
+        if f.stop or f.restart:
             took = dev("up")
-            say(f"dev.sh up restarted {', '.join(n for n, _ in f.stop)} in {took:.1f} s; "
+            say(f"dev.sh up restarted {', '.join([n for n, _ in f.stop] + list(f.restart))} in {took:.1f} s; "
                 "waiting for the alerts to resolve")
         elif f.pause:
             say(f"{', '.join(f.pause)} resumed (SIGCONT); waiting for the alerts to resolve")
@@ -699,6 +872,33 @@ def live(webhook_port: int) -> None:
         durations.append((f.label, time.monotonic() - t_fault))
         say(f"{f.label}: {durations[-1][1]:.1f} s (healthy baseline, fault, recovery, every alert resolved)")
 
+    # The ledger's minute corrupted beside the faults: reported once it closes (the check
+    # runs the ledger with --settle 30s; a minute closes ~2.5 min after it starts).
+    tamper.stopping.set()
+    tamper.done.wait(10)
+    if tamper.when is None or tamper.deleted is None:
+        fail(f"no final, unreconciled user window with revenue to corrupt was found in ClickHouse "
+             f"(last error: {tamper.error or 'none'})")
+    label = f"ledger: {tamper.deleted} events deleted, revenue +1 (window {tamper.window} UTC)"
+    say(f"{label}: injected {tamper.when - t_tamper:.1f} s after the first fault started")
+    fired = {}
+    for alert, comp in LEDGER_EXPECT:
+        at = wait_for(f"{named(alert, comp)} firing at the webhook after: {label}",
+                      lambda: hook.first("firing", alert, comp, tamper.when),
+                      max(5.0, tamper.when + 180 - time.monotonic()))
+        fired[(alert, comp)] = at
+        results.append((label, named(alert, comp), "fired", at - tamper.when))
+    for alert, comp in LEDGER_EXPECT:
+        at = wait_for(f"{named(alert, comp)} resolved at the webhook after: {label}",
+                      lambda: hook.first("resolved", alert, comp, fired[(alert, comp)]), RESOLVE_TIMEOUT)
+        results.append((label, named(alert, comp), "resolved", at - tamper.when))
+    missing = tamper.ledger_metric("pulse_ledger_missing_events_total", 'path="clickhouse"') - tamper.missing_before
+    if missing < tamper.deleted:
+        fail(f"the ledger counted {missing:.0f} events missing in ClickHouse; {tamper.deleted} were deleted")
+    if tamper.deleted == 0:
+        fail(f"the window {tamper.window} UTC had no stored events to delete")
+    say(f"the ledger counted {missing:.0f} events missing in ClickHouse ({tamper.deleted} deleted)")
+
     say("fault                                            alert                                             "
         "event     seconds after the fault / its end (fired after the end: the `after` alerts)")
     for label, alert, what, secs in results:
@@ -706,7 +906,7 @@ def live(webhook_port: int) -> None:
     say("time per fault: " + ", ".join(f"{label} {secs:.1f} s" for label, secs in durations)
         + f"; {sum(s for _, s in durations):.1f} s in all")
     proven = sorted({a.split("{")[0] for _, a, _, _ in results})
-    say(f"{len(proven)} of {len(load_alerts())} alerts proven to fire and resolve live: {', '.join(proven)}")
+    say(f"{len(proven)} of {len({a['alert'] for a in load_alerts()})} alerts proven to fire and resolve live: {', '.join(proven)}")
 
     # The last two checks both run (one platform serves both); either failing fails.
     failures = []

@@ -13,6 +13,11 @@
 //!
 //! Keys are never kept in clear text: only their SHA-256 digests are stored, so
 //! neither `Debug` nor error messages can reveal them.
+//!
+//! Each key has a name (`key=source:name`; the name defaults to the source) that labels
+//! [`crate::metrics::AUTHENTICATED_TOTAL`] and the log, so that during a rotation (old and
+//! new key of one source valid at once) the old key's use can be watched going to zero.
+//! [`KeyStore`] re-reads `--api-keys-file` when it changes, without a restart.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -33,6 +38,8 @@ fn digest(key: &str) -> KeyDigest {
 struct Entry {
     digest: KeyDigest,
     source: String,
+    /// The key's name (metrics, logs); never the key.
+    name: String,
 }
 
 /// API keys, each bound to a source name. `Debug` never prints keys (they are
@@ -78,10 +85,11 @@ impl ApiKeys {
     /// starting with `#` (after leading whitespace) are ignored. Errors name the
     /// file and the 1-based line number but never echo a key.
     pub fn from_file(path: &Path) -> Result<Self, KeysError> {
-        let text = std::fs::read_to_string(path).map_err(|source| KeysError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
+        Self::from_text(&read_keys_file(path)?, path)
+    }
+
+    /// [`ApiKeys::from_file`] of the file `path` whose content is `text`.
+    fn from_text(text: &str, path: &Path) -> Result<Self, KeysError> {
         let mut keys = ApiKeys::default();
         for (i, line) in text.lines().enumerate() {
             let line = line.trim();
@@ -98,15 +106,29 @@ impl ApiKeys {
     }
 
     fn push_item(&mut self, item: &str, at: &str) -> Result<(), String> {
-        let Some((key, source)) = item.rsplit_once('=') else {
+        let Some((key, bound)) = item.rsplit_once('=') else {
             return Err(format!("{at}: expected key=source (missing '=')"));
         };
-        let (key, source) = (key.trim(), source.trim());
+        let (source, name) = match bound.split_once(':') {
+            Some((source, name)) => (source.trim(), name.trim()),
+            None => (bound.trim(), bound.trim()),
+        };
+        let key = key.trim();
         if key.is_empty() {
             return Err(format!("{at}: empty key"));
         }
         if source.is_empty() {
             return Err(format!("{at}: empty source name"));
+        }
+        if name.is_empty()
+            || name.len() > 64
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        {
+            return Err(format!(
+                "{at}: key name must be 1-64 characters of A-Z a-z 0-9 . _ - (key=source:name; without `:name` the source is the name)"
+            ));
         }
         let d = digest(key);
         if self.entries.iter().any(|e| e.digest == d) {
@@ -117,6 +139,7 @@ impl ApiKeys {
         self.entries.push(Entry {
             digest: d,
             source: source.to_owned(),
+            name: name.to_owned(),
         });
         Ok(())
     }
@@ -126,7 +149,7 @@ impl ApiKeys {
     pub fn extend(&mut self, other: ApiKeys) {
         for entry in other.entries {
             match self.entries.iter_mut().find(|e| e.digest == entry.digest) {
-                Some(existing) => existing.source = entry.source,
+                Some(existing) => *existing = entry,
                 None => self.entries.push(entry),
             }
         }
@@ -148,6 +171,12 @@ impl ApiKeys {
     /// key with `subtle::ConstantTimeEq`, without stopping at a match, so
     /// neither the position of a match nor the key length leaks through timing.
     pub fn authenticate(&self, presented: &str) -> Option<String> {
+        self.authenticate_named(presented)
+            .map(|(source, _)| source.to_owned())
+    }
+
+    /// The (source, key name) of `presented`, compared as [`ApiKeys::authenticate`] does.
+    pub fn authenticate_named(&self, presented: &str) -> Option<(&str, &str)> {
         if presented.is_empty() {
             return None;
         }
@@ -158,7 +187,17 @@ impl ApiKeys {
             found.conditional_assign(&index, entry.digest.ct_eq(&d));
         }
         let index = usize::try_from(found).ok()?;
-        self.entries.get(index).map(|e| e.source.clone())
+        self.entries
+            .get(index)
+            .map(|e| (e.source.as_str(), e.name.as_str()))
+    }
+
+    /// The keys' names, sorted, each once.
+    pub fn names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.entries.iter().map(|e| e.name.as_str()).collect();
+        names.sort_unstable();
+        names.dedup();
+        names
     }
 }
 
@@ -167,6 +206,7 @@ impl std::fmt::Debug for ApiKeys {
         let sources: Vec<&str> = self.entries.iter().map(|e| e.source.as_str()).collect();
         f.debug_struct("ApiKeys")
             .field("sources", &sources)
+            .field("names", &self.names())
             .field("keys", &format_args!("<redacted>"))
             .finish()
     }
@@ -187,17 +227,165 @@ pub fn presented_key<'a>(
 }
 
 /// Authenticates a request by its `Authorization` and `X-Api-Key` values (HTTP headers or
-/// gRPC metadata); returns the key's source name. A refusal is counted.
+/// gRPC metadata) against the current keys of `keys`; returns the key's source name. The
+/// request is counted under the key's name, a refusal as an authentication failure.
 pub fn authenticate(
-    keys: &ApiKeys,
+    keys: &KeyStore,
     authorization: Option<&str>,
     x_api_key: Option<&str>,
 ) -> Option<String> {
-    let source = presented_key(authorization, x_api_key).and_then(|k| keys.authenticate(k));
-    if source.is_none() {
-        metrics::counter!(crate::metrics::AUTH_FAILURES_TOTAL).increment(1);
+    let current = keys.current();
+    let found = presented_key(authorization, x_api_key).and_then(|k| current.authenticate_named(k));
+    match found {
+        Some((source, name)) => {
+            metrics::counter!(crate::metrics::AUTHENTICATED_TOTAL, "key" => name.to_owned())
+                .increment(1);
+            Some(source.to_owned())
+        }
+        None => {
+            metrics::counter!(crate::metrics::AUTH_FAILURES_TOTAL).increment(1);
+            None
+        }
     }
-    source
+}
+
+/// The API keys in force: the inline ones (`--api-keys`) and those of `--api-keys-file`,
+/// which [`KeyStore::watch`] re-reads when its content changes, so keys are added and
+/// removed without a restart (rotation: add the new key, move the clients, remove the old
+/// one). A file that no longer parses keeps the previous keys, logged and counted.
+pub struct KeyStore {
+    inline: ApiKeys,
+    file: Option<PathBuf>,
+    current: std::sync::RwLock<std::sync::Arc<ApiKeys>>,
+    /// The file's content (SHA-256; `None`: unreadable) when it was last tried, good or
+    /// not, so that a bad file is reported once and tried again when it changes.
+    last: Mutex<Option<KeyDigest>>,
+    tried: std::sync::atomic::AtomicBool,
+}
+
+impl std::fmt::Debug for KeyStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyStore")
+            .field("file", &self.file)
+            .field("current", &*self.current())
+            .finish()
+    }
+}
+
+impl KeyStore {
+    /// The inline keys and those of `file` (read now: an error is returned).
+    pub fn load(inline: ApiKeys, file: Option<PathBuf>) -> Result<Self, KeysError> {
+        let (keys, last) = match &file {
+            None => (inline.clone(), None),
+            Some(path) => {
+                let text = read_keys_file(path)?;
+                let mut keys = inline.clone();
+                keys.extend(ApiKeys::from_text(&text, path)?);
+                (keys, Some(digest(&text)))
+            }
+        };
+        init_key_metrics(&keys);
+        Ok(Self {
+            inline,
+            file,
+            current: std::sync::RwLock::new(std::sync::Arc::new(keys)),
+            tried: std::sync::atomic::AtomicBool::new(last.is_some()),
+            last: Mutex::new(last),
+        })
+    }
+
+    /// The keys in force now.
+    pub fn current(&self) -> std::sync::Arc<ApiKeys> {
+        self.current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Re-reads the file if its content changed since it was last tried: `None` when it
+    /// did not (or there is no file), else the outcome (on error the keys stay).
+    pub fn reload_if_changed(&self) -> Option<Result<(), KeysError>> {
+        let path = self.file.as_ref()?;
+        let read = read_keys_file(path);
+        let content = read.as_ref().ok().map(|text| digest(text));
+        {
+            let mut last = self
+                .last
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let tried = self.tried.swap(true, std::sync::atomic::Ordering::SeqCst);
+            if tried && *last == content {
+                return None;
+            }
+            *last = content;
+        }
+        let outcome = read
+            .and_then(|text| ApiKeys::from_text(&text, path))
+            .map(|file_keys| {
+                let mut keys = self.inline.clone();
+                keys.extend(file_keys);
+                init_key_metrics(&keys);
+                *self
+                    .current
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = std::sync::Arc::new(keys);
+            });
+        let label = if outcome.is_ok() { "ok" } else { "error" };
+        metrics::counter!(crate::metrics::API_KEYS_RELOAD_TOTAL, "outcome" => label).increment(1);
+        Some(outcome)
+    }
+
+    /// Checks the file every `interval` until `stop` is cancelled, logging each reload
+    /// (key names and counts, never keys).
+    pub async fn watch(
+        self: std::sync::Arc<Self>,
+        interval: Duration,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
+        if self.file.is_none() {
+            return;
+        }
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            match self.reload_if_changed() {
+                None => {}
+                Some(Ok(())) => {
+                    let keys = self.current();
+                    tracing::info!(
+                        keys = keys.len(),
+                        names = ?keys.names(),
+                        "API keys reloaded from the key file; they apply to new requests"
+                    );
+                }
+                Some(Err(e)) => tracing::error!(
+                    error = %e,
+                    "API key file reload failed; the previous keys stay in force"
+                ),
+            }
+        }
+    }
+}
+
+fn read_keys_file(path: &Path) -> Result<String, KeysError> {
+    std::fs::read_to_string(path).map_err(|source| KeysError::Read {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Creates the per-key series at zero and sets the key count.
+fn init_key_metrics(keys: &ApiKeys) {
+    for name in keys.names() {
+        metrics::counter!(crate::metrics::AUTHENTICATED_TOTAL, "key" => name.to_owned())
+            .increment(0);
+    }
+    metrics::gauge!(crate::metrics::API_KEYS).set(keys.len() as f64);
 }
 
 /// Charges `events` to `source`'s token bucket; refused (and counted as rate-limited
@@ -312,6 +500,82 @@ mod tests {
 
     const K1: &str = "k3y-0ne-SECRET";
     const K2: &str = "k3y-TW0-SECRET==";
+
+    #[test]
+    fn a_key_has_a_name_that_defaults_to_its_source() {
+        let keys = ApiKeys::parse(&format!("{K1}=acme:acme-2026-12,{K2}=beta")).unwrap();
+        assert_eq!(keys.authenticate_named(K1), Some(("acme", "acme-2026-12")));
+        assert_eq!(keys.authenticate_named(K2), Some(("beta", "beta")));
+        assert_eq!(keys.names(), ["acme-2026-12", "beta"]);
+        let debug = format!("{keys:?}");
+        assert!(
+            debug.contains("acme-2026-12") && !debug.contains(K1),
+            "{debug}"
+        );
+        for bad in [
+            format!("{K1}=acme:"),
+            format!("{K1}=acme:has space"),
+            format!("{K1}=acme:{}", "n".repeat(65)),
+            format!("{K1}=acme:a\"b"),
+        ] {
+            let e = ApiKeys::parse(&bad).unwrap_err().to_string();
+            assert!(e.contains("key name must be"), "{e}");
+            assert!(!e.contains(K1), "the key leaked: {e}");
+        }
+    }
+
+    #[test]
+    fn the_key_file_is_reloaded_when_it_changes_and_a_bad_one_keeps_the_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys");
+        std::fs::write(&path, format!("{K1}=acme:old\n")).unwrap();
+        let inline = ApiKeys::parse("inline-key=ops").unwrap();
+        let store = KeyStore::load(inline, Some(path.clone())).unwrap();
+        let who = |key: &str| {
+            store
+                .current()
+                .authenticate_named(key)
+                .map(|(s, n)| format!("{s}/{n}"))
+        };
+        assert_eq!(who(K1).as_deref(), Some("acme/old"));
+        assert_eq!(who("inline-key").as_deref(), Some("ops/ops"));
+        assert!(store.reload_if_changed().is_none(), "unchanged");
+
+        // Rotation: the new key next to the old one, both valid…
+        std::fs::write(&path, format!("{K1}=acme:old\n{K2}=acme:new\n")).unwrap();
+        assert!(matches!(store.reload_if_changed(), Some(Ok(()))));
+        assert_eq!(who(K1).as_deref(), Some("acme/old"));
+        assert_eq!(who(K2).as_deref(), Some("acme/new"));
+        // …then the old one removed.
+        std::fs::write(&path, format!("{K2}=acme:new\n")).unwrap();
+        assert!(matches!(store.reload_if_changed(), Some(Ok(()))));
+        assert_eq!(who(K1), None);
+        assert_eq!(who(K2).as_deref(), Some("acme/new"));
+        assert_eq!(
+            who("inline-key").as_deref(),
+            Some("ops/ops"),
+            "inline keys stay"
+        );
+
+        // A file that no longer parses, or is gone, keeps the keys in force; each is
+        // reported once.
+        std::fs::write(&path, "no-equals-sign\n").unwrap();
+        let e = store.reload_if_changed().unwrap().unwrap_err().to_string();
+        assert!(e.contains("line 1"), "{e}");
+        assert!(store.reload_if_changed().is_none(), "reported once");
+        assert_eq!(who(K2).as_deref(), Some("acme/new"));
+        std::fs::remove_file(&path).unwrap();
+        assert!(matches!(
+            store.reload_if_changed(),
+            Some(Err(KeysError::Read { .. }))
+        ));
+        assert!(store.reload_if_changed().is_none());
+        assert_eq!(who(K2).as_deref(), Some("acme/new"));
+        std::fs::write(&path, format!("{K1}=acme:back\n")).unwrap();
+        assert!(matches!(store.reload_if_changed(), Some(Ok(()))));
+        assert_eq!(who(K1).as_deref(), Some("acme/back"));
+        assert_eq!(who(K2), None);
+    }
 
     #[test]
     fn parse_and_authenticate() {

@@ -78,9 +78,18 @@ pub struct Config {
         hide_default_value = true
     )]
     pub api_keys: Secret,
-    /// File with one `key=source` per line (e.g. a mounted Kubernetes secret).
+    /// File with one `key=source` (or `key=source:name`) per line (e.g. a mounted
+    /// Kubernetes secret); re-read when its content changes, no restart needed.
     #[arg(long = "api-keys-file", env = "PULSE_INGEST_API_KEYS_FILE")]
     pub api_keys_file: Option<PathBuf>,
+    /// How often `--api-keys-file` is checked for changes.
+    #[arg(
+        long = "api-keys-reload-interval",
+        env = "PULSE_INGEST_API_KEYS_RELOAD_INTERVAL",
+        default_value = "5s",
+        value_parser = humantime::parse_duration
+    )]
+    pub api_keys_reload_interval: Duration,
     /// Per-key rate limit, events per second (0 = unlimited).
     #[arg(
         long = "rate-limit",
@@ -233,6 +242,14 @@ pub struct Config {
 }
 
 impl Config {
+    /// The keys in force, reloaded from `--api-keys-file` by [`crate::auth::KeyStore::watch`].
+    pub(crate) fn api_key_store(&self) -> Result<crate::auth::KeyStore, KeysError> {
+        crate::auth::KeyStore::load(
+            ApiKeys::parse(self.api_keys.expose())?,
+            self.api_keys_file.clone(),
+        )
+    }
+
     pub(crate) fn api_keys_resolved(&self) -> Result<ApiKeys, KeysError> {
         let mut keys = ApiKeys::parse(self.api_keys.expose())?;
         if let Some(path) = &self.api_keys_file {
@@ -312,6 +329,11 @@ impl Validate for Config {
                 e.to_string(),
             ),
         }
+        p.check(
+            !self.api_keys_reload_interval.is_zero(),
+            "--api-keys-reload-interval / PULSE_INGEST_API_KEYS_RELOAD_INTERVAL",
+            "must be more than 0",
+        );
         if let Err(e) = self.pii() {
             p.add("--pii-policy / PULSE_INGEST_PII_POLICY", e.to_string());
         }

@@ -16,7 +16,7 @@ use serde_json::{Map, Value, json};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::auth::{ApiKeys, RateLimiter, admit, authenticate};
+use crate::auth::{KeyStore, RateLimiter, admit, authenticate};
 use crate::error::{GRPC_KEY_HINT, Refusal};
 use crate::metrics as m;
 use crate::pipeline::{BatchResult, Incoming, IngestError, Ingestor, Status as EventOutcome};
@@ -25,7 +25,7 @@ use crate::pipeline::{BatchResult, Incoming, IngestError, Ingestor, Status as Ev
 #[derive(Debug, Clone)]
 pub struct GrpcIngest {
     pub ingestor: Ingestor,
-    pub keys: Arc<ApiKeys>,
+    pub keys: Arc<KeyStore>,
     pub limiter: Arc<RateLimiter>,
     pub max_batch_events: usize,
     /// Most events one `StreamEvents` call may carry (see the proto).

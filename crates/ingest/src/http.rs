@@ -14,7 +14,7 @@ use opentelemetry::trace::TraceContextExt;
 use serde_json::json;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::auth::{ApiKeys, RateLimiter, admit, authenticate};
+use crate::auth::{KeyStore, RateLimiter, admit, authenticate};
 use crate::body::{self, BodyError, BodyLimits};
 use crate::error::{HTTP_KEY_HINT, Refusal};
 use crate::metrics as m;
@@ -24,7 +24,7 @@ use crate::pipeline::{BatchResult, Incoming, IngestError, Ingestor};
 #[derive(Debug, Clone)]
 pub struct HttpState {
     pub ingestor: Ingestor,
-    pub keys: Arc<ApiKeys>,
+    pub keys: Arc<KeyStore>,
     pub limiter: Arc<RateLimiter>,
     pub body_limits: BodyLimits,
     /// Seconds clients are told to wait on 503.

@@ -78,7 +78,12 @@ pub async fn serve(
     http: TcpListener,
     grpc: TcpListener,
 ) -> Result<Servers, Error> {
-    let keys = Arc::new(config.api_keys_resolved()?);
+    let keys = Arc::new(config.api_key_store()?);
+    let stop = CancellationToken::new();
+    tokio::spawn(
+        keys.clone()
+            .watch(config.api_keys_reload_interval, stop.clone()),
+    );
     let pii = config.pii()?;
     let limiter = Arc::new(RateLimiter::new(config.rate_limit, config.rate_burst));
     let ingestor = Ingestor::new(
@@ -120,7 +125,7 @@ pub async fn serve(
         service,
         pulse_contracts::FILE_DESCRIPTOR_SET,
         &settings,
-        CancellationToken::new(),
+        stop,
     )
     .await?;
     tracing::info!(http_addr = %servers.http_addr, grpc_addr = %servers.grpc_addr, tls = settings.tls.is_some(), "ingest serving");

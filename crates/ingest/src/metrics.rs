@@ -15,6 +15,9 @@ pub const DEDUP_IN_FLIGHT_WAITS_TOTAL: &str = "pulse_ingest_dedup_in_flight_wait
 pub const PRODUCER_QUEUE_DEPTH: &str = "pulse_ingest_producer_queue_depth";
 pub const PII_CHANGES_TOTAL: &str = "pulse_ingest_pii_changes_total";
 pub const AUTH_FAILURES_TOTAL: &str = "pulse_ingest_auth_failures_total";
+pub const AUTHENTICATED_TOTAL: &str = "pulse_ingest_authenticated_requests_total";
+pub const API_KEYS: &str = "pulse_ingest_api_keys";
+pub const API_KEYS_RELOAD_TOTAL: &str = "pulse_ingest_api_keys_reload_total";
 
 pub fn describe() {
     pulse_platform::http::describe_metrics();
@@ -59,6 +62,18 @@ pub fn describe() {
         AUTH_FAILURES_TOTAL,
         "Requests refused for a missing or unknown API key."
     );
+    describe_counter!(
+        AUTHENTICATED_TOTAL,
+        "Requests authenticated, by the API key's name (`key=source:name`, or the source; never the key): during a rotation, the old key's series stops growing once its clients moved."
+    );
+    describe_gauge!(
+        API_KEYS,
+        "API keys in force (inline and from --api-keys-file, after the last good reload)."
+    );
+    describe_counter!(
+        API_KEYS_RELOAD_TOTAL,
+        "Reloads of --api-keys-file after its content changed, by outcome (ok; error: the previous keys stay in force)."
+    );
 }
 
 /// The `outcome` values of [`DEDUP_IN_FLIGHT_WAITS_TOTAL`].
@@ -76,6 +91,9 @@ pub fn init(events_topic: &str, dlq_topic: &str) {
         metrics::counter!(DEDUP_IN_FLIGHT_WAITS_TOTAL, "outcome" => outcome).increment(0);
     }
     metrics::counter!(AUTH_FAILURES_TOTAL).increment(0);
+    for outcome in ["ok", "error"] {
+        metrics::counter!(API_KEYS_RELOAD_TOTAL, "outcome" => outcome).increment(0);
+    }
     metrics::counter!(PII_CHANGES_TOTAL).increment(0);
     pulse_platform::metrics::init_producer(&[events_topic, dlq_topic]);
 }

@@ -6,7 +6,9 @@
 //! None of the routes changes state or reveals configuration (the metrics carry the build
 //! version and operational series only), so they stay open: no token is asked for. The
 //! server speaks TLS when `--admin-tls-cert-file`/`--admin-tls-key-file` are set and has
-//! the same limits as the service's servers (see [`crate::server::ServerSettings`]).
+//! the same header read timeout and limits as the service's servers (see
+//! [`crate::server::ServerSettings`]; a service whose only server is this one takes them
+//! from [`crate::server::AdminServerArgs`]).
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -190,9 +192,7 @@ pub async fn serve_with(
         stop.child_token(),
     )?;
     let app = crate::limits::http(router(health, metrics), &settings.limits, "admin");
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { stop.cancelled().await })
-        .await
+    crate::listener::serve(listener, app, stop).await
 }
 
 #[cfg(test)]

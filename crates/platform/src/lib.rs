@@ -13,6 +13,7 @@ pub mod http;
 pub mod kafka;
 pub mod limits;
 pub mod listener;
+pub mod malloc;
 pub mod metrics;
 pub mod registry_auth;
 pub mod s3;

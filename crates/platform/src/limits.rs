@@ -3,8 +3,9 @@
 //! pause while a body is received), a request timeout (tower's `Timeout`, which covers
 //! reading the body too, so a body trickled just fast enough is still cut), a concurrency
 //! limit per server with load shedding (tower's `GlobalConcurrencyLimit` + `LoadShed`:
-//! refused at once, never queued), and a connection limit per listener (in
-//! [`crate::listener`]: beyond it connections wait in the kernel's backlog).
+//! refused at once, never queued), a connection limit per listener and a header read
+//! timeout per connection (in [`crate::listener`]: beyond the limit connections wait in the
+//! kernel's backlog; headers that take too long close the connection).
 //!
 //! Refusals answer 503 with `Retry-After` over HTTP and `UNAVAILABLE` with `retry-after`
 //! metadata over gRPC, and are counted in [`LIMITED_TOTAL`] by server and limit (fixed
@@ -33,13 +34,14 @@ pub const LIMITS: &[&str] = &[
     "request_timeout",
     "concurrency",
     "connections",
+    "header_timeout",
 ];
 
 /// Describes the limit metric (repeated calls are harmless).
 pub fn describe_metrics() {
     metrics::describe_counter!(
         LIMITED_TOTAL,
-        "Requests and connections cut or refused by a server limit, by server (http, grpc, admin) and limit (body_timeout, request_timeout, concurrency: answered 503/UNAVAILABLE with Retry-After; connections: times a listener reached --max-connections and left new connections waiting)."
+        "Requests and connections cut or refused by a server limit, by server (http, grpc, admin) and limit (body_timeout, request_timeout, concurrency: answered 503/UNAVAILABLE with Retry-After; connections: times a listener reached --max-connections and left new connections waiting; header_timeout: connections closed because a request's headers took longer than --header-read-timeout)."
     );
 }
 

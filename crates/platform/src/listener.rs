@@ -3,12 +3,21 @@
 //! accepting, so new connections wait in the kernel's backlog, and the time is counted),
 //! and, when TLS is configured, the handshake — run beside the loop, with a timeout, so a
 //! client that never finishes its handshake holds up nobody. The connections come out as
-//! [`ServerIo`], plain or TLS, for axum ([`HttpListener`]) or tonic ([`grpc_incoming`]).
+//! [`ServerIo`], plain or TLS, for the HTTP servers ([`HttpListener`], served by [`serve`]:
+//! hyper-util's server builder with the HTTP/1 header read timeout) or tonic
+//! ([`grpc_incoming`]).
+//!
+//! `--header-read-timeout` bounds how long a client may take to send its request headers
+//! (slowloris): a [`ServerIo`] fails its reads once the timeout passed before its first
+//! bytes told HTTP/1 from the HTTP/2 preface (a client that connects and sends nothing, or
+//! dribbles the preface), and from there hyper's HTTP/1 `header_read_timeout` bounds each
+//! request's headers. Either closes the connection and counts `limit="header_timeout"`.
 
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -26,9 +35,37 @@ pub struct AcceptSettings {
     pub tls: Option<Arc<ReloadingTls>>,
     pub alpn: Alpn,
     pub handshake_timeout: Duration,
+    /// See the module documentation.
+    pub header_read_timeout: Duration,
     pub max_connections: usize,
     /// The `server` label of the limit metric (`http`, `grpc`, `admin`).
     pub server: &'static str,
+}
+
+/// The HTTP/2 connection preface; until a connection's first bytes match it or differ from
+/// it, [`ServerIo`] bounds how long they may take.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// The deadline of a connection's first bytes (see the module documentation).
+struct Preface {
+    deadline: Pin<Box<tokio::time::Sleep>>,
+    /// How many bytes matched [`H2_PREFACE`] so far.
+    seen: usize,
+    timeout: Duration,
+    server: &'static str,
+}
+
+impl Preface {
+    /// Takes `read` (the bytes a read returned); true once the protocol is known.
+    fn decided(&mut self, read: &[u8]) -> bool {
+        let end = (self.seen + read.len()).min(H2_PREFACE.len());
+        let expected = &H2_PREFACE[self.seen..end];
+        if read.is_empty() || read[..expected.len()] != *expected {
+            return true;
+        }
+        self.seen = end;
+        self.seen == H2_PREFACE.len()
+    }
 }
 
 enum Stream {
@@ -42,6 +79,11 @@ pub struct ServerIo {
     stream: Stream,
     local: SocketAddr,
     remote: SocketAddr,
+    /// Until the protocol is known: when the first bytes must have come.
+    preface: Option<Preface>,
+    /// Whether bytes were read since bytes were last written: a request under way, as
+    /// opposed to a keep-alive connection idle after its last answer (see [`serve`]).
+    reading: Arc<AtomicBool>,
     _slot: OwnedSemaphorePermit,
 }
 
@@ -55,6 +97,28 @@ impl std::fmt::Debug for ServerIo {
 }
 
 impl ServerIo {
+    fn new(
+        stream: Stream,
+        local: SocketAddr,
+        remote: SocketAddr,
+        settings: &AcceptSettings,
+        slot: OwnedSemaphorePermit,
+    ) -> Self {
+        Self {
+            stream,
+            local,
+            remote,
+            preface: Some(Preface {
+                deadline: Box::pin(tokio::time::sleep(settings.header_read_timeout)),
+                seen: 0,
+                timeout: settings.header_read_timeout,
+                server: settings.server,
+            }),
+            reading: Arc::new(AtomicBool::new(false)),
+            _slot: slot,
+        }
+    }
+
     /// Whether the connection is TLS.
     pub fn is_tls(&self) -> bool {
         matches!(self.stream, Stream::Tls(_))
@@ -82,7 +146,41 @@ impl AsyncRead for ServerIo {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        delegate!(self, s => s.poll_read(cx, buf))
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let read = match &mut this.stream {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        };
+        if matches!(read, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            this.reading.store(true, Ordering::Relaxed);
+        }
+        let Some(preface) = &mut this.preface else {
+            return read;
+        };
+        match read {
+            Poll::Ready(Ok(())) => {
+                if preface.decided(&buf.filled()[before..]) {
+                    this.preface = None;
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending if preface.deadline.as_mut().poll(cx).is_ready() => {
+                crate::limits::count(preface.server, "header_timeout");
+                tracing::debug!(
+                    server = preface.server,
+                    remote = %this.remote,
+                    "closing a connection that sent no request within the header read timeout"
+                );
+                let timeout = preface.timeout;
+                this.preface = None;
+                Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("no request within the header read timeout of {timeout:?}"),
+                )))
+            }
+            other => other,
+        }
     }
 }
 
@@ -92,6 +190,7 @@ impl AsyncWrite for ServerIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
+        self.reading.store(false, Ordering::Relaxed);
         delegate!(self, s => s.poll_write(cx, buf))
     }
     fn poll_write_vectored(
@@ -99,6 +198,7 @@ impl AsyncWrite for ServerIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
+        self.reading.store(false, Ordering::Relaxed);
         delegate!(self, s => s.poll_write_vectored(cx, bufs))
     }
     fn is_write_vectored(&self) -> bool {
@@ -175,20 +275,19 @@ pub fn spawn(
             let local = local.unwrap_or(remote);
             match &settings.tls {
                 None => {
-                    let io = ServerIo {
-                        stream: Stream::Plain(tcp),
-                        local,
-                        remote,
-                        _slot: slot,
-                    };
+                    let io = ServerIo::new(Stream::Plain(tcp), local, remote, &settings, slot);
                     if tx.send((io, remote)).await.is_err() {
                         return;
                     }
                 }
                 Some(tls) => {
                     let acceptor = tls.acceptor(settings.alpn);
-                    let (tx, timeout, listener) =
-                        (tx.clone(), settings.handshake_timeout, tls.listener());
+                    let (tx, timeout, listener, settings) = (
+                        tx.clone(),
+                        settings.handshake_timeout,
+                        tls.listener(),
+                        settings.clone(),
+                    );
                     tokio::spawn(async move {
                         let stream = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await
                         {
@@ -202,12 +301,8 @@ pub fn spawn(
                                 return;
                             }
                         };
-                        let io = ServerIo {
-                            stream: Stream::Tls(Box::new(stream)),
-                            local,
-                            remote,
-                            _slot: slot,
-                        };
+                        let stream = Stream::Tls(Box::new(stream));
+                        let io = ServerIo::new(stream, local, remote, &settings, slot);
                         let _ = tx.send((io, remote)).await;
                     });
                 }
@@ -227,6 +322,8 @@ fn handshake_failed(listener: &'static str, remote: SocketAddr, error: &str) {
 pub struct HttpListener {
     rx: mpsc::Receiver<(ServerIo, SocketAddr)>,
     local: SocketAddr,
+    header_read_timeout: Duration,
+    server: &'static str,
 }
 
 impl HttpListener {
@@ -237,9 +334,12 @@ impl HttpListener {
         stop: CancellationToken,
     ) -> io::Result<Self> {
         let local = listener.local_addr()?;
+        let (header_read_timeout, server) = (settings.header_read_timeout, settings.server);
         Ok(Self {
             rx: spawn(listener, settings, stop),
             local,
+            header_read_timeout,
+            server,
         })
     }
 }
@@ -261,27 +361,66 @@ impl axum::serve::Listener for HttpListener {
     }
 }
 
-/// A router served on an [`HttpListener`] whose handlers can extract the caller's address
-/// as `ConnectInfo<SocketAddr>` (what `Router::into_make_service_with_connect_info` does
-/// for a plain `TcpListener`).
-#[derive(Debug, Clone)]
-pub struct WithConnectInfo(pub axum::Router);
-
-impl<'a> tower::Service<axum::serve::IncomingStream<'a, HttpListener>> for WithConnectInfo {
-    type Response =
-        axum::middleware::AddExtension<axum::Router, axum::extract::ConnectInfo<SocketAddr>>;
-    type Error = std::convert::Infallible;
-    type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
+/// Serves `app` on the connections of `listener` (HTTP/1.1, and HTTP/2 by ALPN or prior
+/// knowledge) until `stop` is cancelled, then waits until the open connections finished
+/// their requests (`axum::serve` with graceful shutdown does the same; this is hyper-util's
+/// builder so that HTTP/1 has the listener's header read timeout). Handlers can extract
+/// the caller's address as `ConnectInfo<SocketAddr>`.
+pub async fn serve(
+    mut listener: HttpListener,
+    app: axum::Router,
+    stop: CancellationToken,
+) -> io::Result<()> {
+    use axum::serve::Listener as _;
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use tower::Layer as _;
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(listener.header_read_timeout);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let server = listener.server;
+    loop {
+        let (io, remote) = tokio::select! {
+            _ = stop.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let reading = io.reading.clone();
+        let app = axum::Extension(axum::extract::ConnectInfo(remote)).layer(app.clone());
+        let service = hyper_util::service::TowerToHyperService::new(app);
+        let connection = builder
+            .serve_connection_with_upgrades(TokioIo::new(io), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                // hyper's header timeout also closes a keep-alive connection idle after
+                // its last answer: only one with a request under way is counted.
+                if is_header_timeout(e.as_ref()) && reading.load(Ordering::Relaxed) {
+                    crate::limits::count(server, "header_timeout");
+                }
+                tracing::debug!(server, %remote, error = %e, "connection closed with an error");
+            }
+        });
     }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
+}
 
-    fn call(&mut self, incoming: axum::serve::IncomingStream<'a, HttpListener>) -> Self::Future {
-        use tower::Layer as _;
-        let info = axum::extract::ConnectInfo(*incoming.remote_addr());
-        std::future::ready(Ok(axum::Extension(info).layer(self.0.clone())))
+/// Whether hyper closed a connection because its request headers took too long.
+fn is_header_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(e);
+    while let Some(e) = source {
+        if e.downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_timeout)
+        {
+            return true;
+        }
+        source = e.source();
     }
+    false
 }
 
 /// The accepted connections of `listener` as a tonic incoming stream.
@@ -306,6 +445,7 @@ mod tests {
             tls: None,
             alpn: Alpn::Http,
             handshake_timeout: Duration::from_secs(1),
+            header_read_timeout: Duration::from_secs(10),
             max_connections,
             server: "http",
         }
@@ -388,5 +528,136 @@ mod tests {
             "plain HTTP got an HTTP answer"
         );
         stop.cancel();
+    }
+
+    /// Serves a one-route app on a plain listener with a 500 ms header read timeout.
+    async fn slow_header_server() -> (
+        SocketAddr,
+        CancellationToken,
+        tokio::task::JoinHandle<io::Result<()>>,
+    ) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let mut settings = plain(10);
+        settings.header_read_timeout = Duration::from_millis(500);
+        let l = HttpListener::new(listener, settings, stop.clone()).unwrap();
+        let app = axum::Router::new().route(
+            "/",
+            axum::routing::get(
+                |axum::extract::ConnectInfo(from): axum::extract::ConnectInfo<SocketAddr>| async move {
+                    format!("hello {}", from.ip())
+                },
+            ),
+        );
+        let server = tokio::spawn(serve(l, app, stop.clone()));
+        (addr, stop, server)
+    }
+
+    /// Writes `head` a byte every 100 ms until the server closes the connection (or
+    /// answers); returns after how long and what it answered.
+    async fn dribble(addr: SocketAddr, head: &[u8]) -> (Duration, String) {
+        let started = std::time::Instant::now();
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        let mut bytes = head.iter().cycle();
+        let mut buf = [0u8; 256];
+        loop {
+            tokio::select! {
+                n = tcp.read(&mut buf) => {
+                    let n = n.unwrap_or(0);
+                    return (started.elapsed(), String::from_utf8_lossy(&buf[..n]).into_owned());
+                }
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                    let byte = *bytes.next().unwrap();
+                    if tcp.write_all(&[byte]).await.is_err() {
+                        return (started.elapsed(), String::new());
+                    }
+                }
+            }
+            assert!(started.elapsed() < Duration::from_secs(10), "never closed");
+        }
+    }
+
+    fn header_timeouts(handle: &metrics_exporter_prometheus::PrometheusHandle) -> f64 {
+        handle
+            .render()
+            .lines()
+            .find(|l| {
+                l.starts_with("pulse_server_limited_total")
+                    && l.contains("server=\"http\"")
+                    && l.contains("limit=\"header_timeout\"")
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    #[tokio::test]
+    async fn a_client_dribbling_its_headers_is_closed_after_the_header_read_timeout() {
+        let handle = crate::metrics::install("listener-test").unwrap();
+        let (addr, stop, server) = slow_header_server().await;
+        let counted_before = header_timeouts(&handle);
+        // A normal request is answered, with the caller's address for the handler.
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = String::new();
+        tcp.read_to_string(&mut answer).await.unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(answer.ends_with("hello 127.0.0.1"), "{answer}");
+
+        // HTTP/1 headers one byte every 100 ms (never finished: the header value repeats),
+        // a client that sends nothing, and one that dribbles the HTTP/2 preface: each is
+        // closed after the 500 ms bound, without an answer.
+        let headers = b"GET / HTTP/1.1\r\nHost: t\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+        let cases = [
+            ("http/1 headers", tokio::spawn(dribble(addr, headers))),
+            (
+                "silent",
+                tokio::spawn(async move {
+                    let started = std::time::Instant::now();
+                    let mut tcp = TcpStream::connect(addr).await.unwrap();
+                    let mut buf = [0u8; 64];
+                    let n = tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buf))
+                        .await
+                        .expect("never closed")
+                        .unwrap_or(0);
+                    (
+                        started.elapsed(),
+                        String::from_utf8_lossy(&buf[..n]).into_owned(),
+                    )
+                }),
+            ),
+            ("http/2 preface", tokio::spawn(dribble(addr, H2_PREFACE))),
+        ];
+        for (case, task) in cases {
+            let (took, answer) = task.await.unwrap();
+            assert!(
+                took >= Duration::from_millis(450) && took < Duration::from_millis(1500),
+                "{case}: closed after {took:?}"
+            );
+            assert!(!answer.contains("200"), "{case}: answered {answer}");
+        }
+        assert_eq!(header_timeouts(&handle), counted_before + 3.0);
+
+        // A keep-alive connection idle after its answer is closed after the timeout too,
+        // but not counted: it is not a slow client.
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 512];
+        let n = tcp.read(&mut buf).await.unwrap();
+        assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+        let started = std::time::Instant::now();
+        let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf))
+            .await
+            .expect("the idle connection was never closed")
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+        assert!(started.elapsed() >= Duration::from_millis(400));
+        assert_eq!(header_timeouts(&handle), counted_before + 3.0);
+        stop.cancel();
+        server.await.unwrap().unwrap();
     }
 }

@@ -133,7 +133,7 @@ fn describe() {
     );
     describe_gauge!(
         KAFKA_CONSUMER_LAG,
-        "Records between the group's committed offset and the partition's high watermark (librdkafka consumer_lag). Large by design for the processor and the Parquet writer, which hold commits back; alert and scale on the processing lag instead."
+        "Records between the group's committed offset and the partition's high watermark, read from the broker on a timer (also while paused). Large by design for the processor and the Parquet writer, which hold commits back; alert and scale on the processing lag instead."
     );
     describe_gauge!(
         KAFKA_PROCESSING_LAG,

@@ -31,23 +31,13 @@ fn parse_duration(s: &str) -> Result<Duration, humantime::DurationError> {
     humantime::parse_duration(s)
 }
 
-/// The server flags of a service: TLS of its servers and of its admin server, and the
-/// limits of all of them. A service flattens it into its config as `server`.
-#[derive(Debug, Clone, clap::Args)]
-pub struct ServerArgs {
-    /// PEM certificate chain (leaf first) of the service's HTTP and gRPC servers; with
-    /// `--tls-key-file` they speak TLS only. Reloaded when the file changes.
-    #[arg(long = "tls-cert-file", env = "PULSE_TLS_CERT_FILE")]
-    pub tls_cert_file: Option<PathBuf>,
-    /// PEM private key of `--tls-cert-file`.
-    #[arg(long = "tls-key-file", env = "PULSE_TLS_KEY_FILE")]
-    pub tls_key_file: Option<PathBuf>,
-    /// PEM CA certificate(s): when set, clients must present a certificate one of them
-    /// signed (mutual TLS).
-    #[arg(long = "tls-client-ca-file", env = "PULSE_TLS_CLIENT_CA_FILE")]
-    pub tls_client_ca_file: Option<PathBuf>,
-    /// PEM certificate chain of the admin server (/metrics, /livez, /readyz); plain HTTP
-    /// without it (the service's own certificate is not used there).
+/// The TLS flags of a service's admin server (/metrics, /livez, /readyz): plain HTTP
+/// without them (the service's own certificate is not used there). Part of [`ServerArgs`]
+/// and of [`AdminServerArgs`].
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct AdminTlsArgs {
+    /// PEM certificate chain (leaf first) of the admin server (/metrics, /livez, /readyz);
+    /// with `--admin-tls-key-file` it speaks TLS only. Reloaded when the file changes.
     #[arg(long = "admin-tls-cert-file", env = "PULSE_ADMIN_TLS_CERT_FILE")]
     pub admin_tls_cert_file: Option<PathBuf>,
     /// PEM private key of `--admin-tls-cert-file`.
@@ -59,6 +49,25 @@ pub struct ServerArgs {
         env = "PULSE_ADMIN_TLS_CLIENT_CA_FILE"
     )]
     pub admin_tls_client_ca_file: Option<PathBuf>,
+}
+
+impl AdminTlsArgs {
+    /// The TLS files of the admin server, if TLS is on there.
+    pub fn files(&self) -> Result<Option<TlsFiles>, (String, String)> {
+        tls_files(
+            &self.admin_tls_cert_file,
+            &self.admin_tls_key_file,
+            &self.admin_tls_client_ca_file,
+            "admin-",
+        )
+    }
+}
+
+/// What every listener of a service shares (its HTTP and gRPC servers and its admin
+/// server alike): how TLS files are watched, how long a handshake and a request's headers
+/// may take, and the limits. Part of [`ServerArgs`] and of [`AdminServerArgs`].
+#[derive(Debug, Clone, clap::Args)]
+pub struct ListenerArgs {
     /// How often the certificate, key and client CA files are checked for changes.
     #[arg(
         long = "tls-reload-interval",
@@ -75,24 +84,103 @@ pub struct ServerArgs {
         value_parser = parse_duration
     )]
     pub tls_handshake_timeout: Duration,
+    /// Longest time a client may take to send a request's headers (HTTP/1: from the
+    /// connection, or the end of the previous request, to the end of the headers, so an
+    /// idle keep-alive connection is closed after it too; HTTP/2 and gRPC: the connection
+    /// preface). The connection is closed after it (slowloris) and counted, unless it was
+    /// an idle keep-alive connection.
+    #[arg(
+        long = "header-read-timeout",
+        env = "PULSE_HEADER_READ_TIMEOUT",
+        default_value = "10s",
+        value_parser = parse_duration
+    )]
+    pub header_read_timeout: Duration,
     #[command(flatten)]
     pub limits: LimitArgs,
 }
 
-impl Default for ServerArgs {
+impl Default for ListenerArgs {
     fn default() -> Self {
         Self {
-            tls_cert_file: None,
-            tls_key_file: None,
-            tls_client_ca_file: None,
-            admin_tls_cert_file: None,
-            admin_tls_key_file: None,
-            admin_tls_client_ca_file: None,
             tls_reload_interval: Duration::from_secs(5),
             tls_handshake_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(10),
             limits: LimitArgs::default(),
         }
     }
+}
+
+impl Validate for ListenerArgs {
+    fn validate(&self, p: &mut Problems) {
+        p.check(
+            !self.tls_reload_interval.is_zero(),
+            "--tls-reload-interval / PULSE_TLS_RELOAD_INTERVAL",
+            "must be more than 0",
+        );
+        p.check(
+            !self.tls_handshake_timeout.is_zero(),
+            "--tls-handshake-timeout / PULSE_TLS_HANDSHAKE_TIMEOUT",
+            "must be more than 0",
+        );
+        p.check(
+            !self.header_read_timeout.is_zero(),
+            "--header-read-timeout / PULSE_HEADER_READ_TIMEOUT",
+            "must be more than 0",
+        );
+        self.limits.validate(p);
+    }
+}
+
+impl ListenerArgs {
+    /// The settings of a listener with the TLS `files` (loaded now), labelled `listener`
+    /// (`service` or `admin`) in the TLS metrics.
+    fn settings_of(
+        &self,
+        files: Option<TlsFiles>,
+        listener: &'static str,
+    ) -> Result<ServerSettings, TlsError> {
+        Ok(ServerSettings {
+            tls: files.map(|f| ReloadingTls::load(f, listener)).transpose()?,
+            tls_reload_interval: self.tls_reload_interval,
+            tls_handshake_timeout: self.tls_handshake_timeout,
+            header_read_timeout: self.header_read_timeout,
+            limits: self.limits.clone(),
+        })
+    }
+}
+
+/// The server flags of a service with HTTP and gRPC servers of its own: their TLS, the TLS
+/// of its admin server, and what all its listeners share. A service flattens it into its
+/// config as `server`.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ServerArgs {
+    /// PEM certificate chain (leaf first) of the service's HTTP and gRPC servers; with
+    /// `--tls-key-file` they speak TLS only. Reloaded when the file changes.
+    #[arg(long = "tls-cert-file", env = "PULSE_TLS_CERT_FILE")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of `--tls-cert-file`.
+    #[arg(long = "tls-key-file", env = "PULSE_TLS_KEY_FILE")]
+    pub tls_key_file: Option<PathBuf>,
+    /// PEM CA certificate(s): when set, clients must present a certificate one of them
+    /// signed (mutual TLS).
+    #[arg(long = "tls-client-ca-file", env = "PULSE_TLS_CLIENT_CA_FILE")]
+    pub tls_client_ca_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub admin_tls: AdminTlsArgs,
+    #[command(flatten)]
+    pub listener: ListenerArgs,
+}
+
+/// The server flags of a service whose only server is its admin server (the processor,
+/// the writers): its TLS and the listener settings. Flattened into the config as
+/// `admin_server`.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct AdminServerArgs {
+    #[command(flatten)]
+    pub admin_tls: AdminTlsArgs,
+    #[command(flatten)]
+    pub listener: ListenerArgs,
 }
 
 /// The TLS files of one listener from its three flags, or a problem naming them.
@@ -131,6 +219,39 @@ fn tls_files(
     }
 }
 
+/// The problem of a listener's TLS flags or files, if any (the files are loaded once, so a
+/// bad file is reported with the other problems at start).
+fn validate_tls(
+    files: Result<Option<TlsFiles>, (String, String)>,
+    listener: &'static str,
+    p: &mut Problems,
+) {
+    match files {
+        Err((key, reason)) => p.add(key, reason),
+        Ok(Some(files)) => {
+            if let Err(e) = ReloadingTls::load(files, listener) {
+                let key = if listener == "admin" {
+                    "--admin-tls-*"
+                } else {
+                    "--tls-*"
+                };
+                p.add(key, e.to_string());
+            }
+        }
+        Ok(None) => {}
+    }
+}
+
+fn flags_error((key, reason): (String, String)) -> TlsError {
+    TlsError::Flags { key, reason }
+}
+
+/// The settings of a service's admin server, from whichever flag group the service has.
+pub trait AdminSettingsArgs {
+    /// The settings of the admin server (loads its certificate if TLS is on).
+    fn admin_settings(&self) -> Result<ServerSettings, TlsError>;
+}
+
 impl ServerArgs {
     /// The TLS files of the service's HTTP and gRPC servers, if TLS is on.
     pub fn tls_files(&self) -> Result<Option<TlsFiles>, (String, String)> {
@@ -144,77 +265,47 @@ impl ServerArgs {
 
     /// The TLS files of the admin server, if TLS is on there.
     pub fn admin_tls_files(&self) -> Result<Option<TlsFiles>, (String, String)> {
-        tls_files(
-            &self.admin_tls_cert_file,
-            &self.admin_tls_key_file,
-            &self.admin_tls_client_ca_file,
-            "admin-",
-        )
+        self.admin_tls.files()
     }
 
     /// The settings of the service's servers (loads the certificate if TLS is on).
     pub fn settings(&self) -> Result<ServerSettings, TlsError> {
-        let files = self
-            .tls_files()
-            .map_err(|(key, reason)| TlsError::Flags { key, reason })?;
-        self.settings_of(files, "service")
+        let files = self.tls_files().map_err(flags_error)?;
+        self.listener.settings_of(files, "service")
     }
 
     /// The settings of the admin server.
     pub fn admin_settings(&self) -> Result<ServerSettings, TlsError> {
-        let files = self
-            .admin_tls_files()
-            .map_err(|(key, reason)| TlsError::Flags { key, reason })?;
-        self.settings_of(files, "admin")
+        let files = self.admin_tls_files().map_err(flags_error)?;
+        self.listener.settings_of(files, "admin")
     }
+}
 
-    fn settings_of(
-        &self,
-        files: Option<TlsFiles>,
-        listener: &'static str,
-    ) -> Result<ServerSettings, TlsError> {
-        Ok(ServerSettings {
-            tls: files.map(|f| ReloadingTls::load(f, listener)).transpose()?,
-            tls_reload_interval: self.tls_reload_interval,
-            tls_handshake_timeout: self.tls_handshake_timeout,
-            limits: self.limits.clone(),
-        })
+impl AdminSettingsArgs for ServerArgs {
+    fn admin_settings(&self) -> Result<ServerSettings, TlsError> {
+        ServerArgs::admin_settings(self)
+    }
+}
+
+impl AdminSettingsArgs for AdminServerArgs {
+    fn admin_settings(&self) -> Result<ServerSettings, TlsError> {
+        let files = self.admin_tls.files().map_err(flags_error)?;
+        self.listener.settings_of(files, "admin")
     }
 }
 
 impl Validate for ServerArgs {
     fn validate(&self, p: &mut Problems) {
-        for (files, listener) in [
-            (self.tls_files(), "service"),
-            (self.admin_tls_files(), "admin"),
-        ] {
-            match files {
-                Err((key, reason)) => p.add(key, reason),
-                // Load once at start, so a bad file is reported with the other problems.
-                Ok(Some(files)) => {
-                    if let Err(e) = crate::tls::ReloadingTls::load(files, listener) {
-                        let key = if listener == "admin" {
-                            "--admin-tls-*"
-                        } else {
-                            "--tls-*"
-                        };
-                        p.add(key, e.to_string());
-                    }
-                }
-                Ok(None) => {}
-            }
-        }
-        p.check(
-            !self.tls_reload_interval.is_zero(),
-            "--tls-reload-interval / PULSE_TLS_RELOAD_INTERVAL",
-            "must be more than 0",
-        );
-        p.check(
-            !self.tls_handshake_timeout.is_zero(),
-            "--tls-handshake-timeout / PULSE_TLS_HANDSHAKE_TIMEOUT",
-            "must be more than 0",
-        );
-        self.limits.validate(p);
+        validate_tls(self.tls_files(), "service", p);
+        validate_tls(self.admin_tls.files(), "admin", p);
+        self.listener.validate(p);
+    }
+}
+
+impl Validate for AdminServerArgs {
+    fn validate(&self, p: &mut Problems) {
+        validate_tls(self.admin_tls.files(), "admin", p);
+        self.listener.validate(p);
     }
 }
 
@@ -225,16 +316,19 @@ pub struct ServerSettings {
     pub tls: Option<Arc<ReloadingTls>>,
     pub tls_reload_interval: Duration,
     pub tls_handshake_timeout: Duration,
+    /// See [`ListenerArgs::header_read_timeout`].
+    pub header_read_timeout: Duration,
     pub limits: LimitArgs,
 }
 
 impl Default for ServerSettings {
     fn default() -> Self {
-        let args = ServerArgs::default();
+        let args = ListenerArgs::default();
         Self {
             tls: None,
             tls_reload_interval: args.tls_reload_interval,
             tls_handshake_timeout: args.tls_handshake_timeout,
+            header_read_timeout: args.header_read_timeout,
             limits: args.limits,
         }
     }
@@ -247,14 +341,17 @@ impl ServerSettings {
             tls: self.tls.clone(),
             alpn,
             handshake_timeout: self.tls_handshake_timeout,
+            header_read_timeout: self.header_read_timeout,
             max_connections: self.limits.max_connections,
             server,
         }
     }
 
-    /// Watches the certificate files (if TLS is on) until `stop` is cancelled.
+    /// Watches the certificate files (if TLS is on) until `stop` is cancelled, and
+    /// publishes the certificate's metrics (see [`ReloadingTls::init_metrics`]).
     pub fn watch(&self, stop: CancellationToken) {
         if let Some(tls) = &self.tls {
+            tls.init_metrics();
             tokio::spawn(tls.clone().watch(self.tls_reload_interval, stop));
         }
     }
@@ -368,11 +465,7 @@ impl ServerPair {
                 source,
             })?;
             let app = crate::limits::http(app, &settings.limits, "http");
-            tokio::spawn(async move {
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(async move { stop.cancelled().await })
-                    .await
-            })
+            tokio::spawn(crate::listener::serve(listener, app, stop))
         };
         let grpc = {
             let stop = stop.clone();
@@ -480,6 +573,50 @@ mod tests {
         let found = problems(&["--tls-cert-file", missing, "--tls-key-file", missing]);
         assert_eq!(found.len(), 1, "{found:?}");
         assert!(found[0].starts_with("--tls-*: reading "), "{found:?}");
+    }
+
+    #[test]
+    fn a_service_with_only_an_admin_server_has_the_admin_and_listener_flags() {
+        #[derive(Debug, clap::Parser)]
+        struct AdminOnly {
+            #[command(flatten)]
+            admin_server: AdminServerArgs,
+        }
+        let problems = |args: &[&str]| {
+            let flags = AdminOnly::parse_from(std::iter::once("test").chain(args.iter().copied()));
+            let mut p = Problems::default();
+            flags.admin_server.validate(&mut p);
+            p.into_result()
+                .err()
+                .map(|e| e.0.into_iter().map(|e| e.key).collect::<Vec<_>>())
+                .unwrap_or_default()
+        };
+        assert!(problems(&[]).is_empty());
+        assert_eq!(
+            problems(&[
+                "--admin-tls-cert-file",
+                "c.pem",
+                "--header-read-timeout",
+                "0s",
+                "--max-connections",
+                "0"
+            ]),
+            [
+                "--admin-tls-key-file / PULSE_ADMIN_TLS_KEY_FILE",
+                "--header-read-timeout / PULSE_HEADER_READ_TIMEOUT",
+                "--max-connections / PULSE_MAX_CONNECTIONS",
+            ]
+        );
+        // The service's own TLS flags are not offered where there is no such server.
+        assert!(AdminOnly::try_parse_from(["test", "--tls-cert-file", "c.pem"]).is_err());
+        let flags = AdminOnly::parse_from(["test", "--header-read-timeout", "750ms"]);
+        let settings = flags.admin_server.admin_settings().unwrap();
+        assert!(settings.tls.is_none());
+        assert_eq!(settings.header_read_timeout, Duration::from_millis(750));
+        assert_eq!(
+            settings.accept(Alpn::Http, "admin").header_read_timeout,
+            Duration::from_millis(750)
+        );
     }
 
     #[test]

@@ -11,8 +11,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{ConfigErrors, Validate};
-use crate::server::{ServerArgs, ServerSettings};
+use crate::server::ServerSettings;
 use crate::telemetry::{self, TelemetryConfig};
+use crate::tls::TlsError;
 use crate::{Health, Shutdown, admin};
 
 /// What a running service gets from the platform.
@@ -134,16 +135,18 @@ pub fn start_with(
 pub trait ServiceConfig: Parser + Validate {
     fn telemetry(&self) -> &TelemetryConfig;
     fn admin_addr(&self) -> SocketAddr;
-    /// The server flags (TLS, limits), for a service that has them; the admin server
-    /// takes its TLS and limits from them. Without: plain, default limits.
-    fn server_args(&self) -> Option<&ServerArgs> {
-        None
+    /// The settings of the admin server (TLS, header read timeout, limits) from the
+    /// service's server flags ([`crate::server::ServerArgs`] or
+    /// [`crate::server::AdminServerArgs`]). Without them: plain, default limits.
+    fn admin_settings(&self) -> Result<ServerSettings, TlsError> {
+        Ok(ServerSettings::default())
     }
 }
 
 /// Implements [`ServiceConfig`] for a service config with `telemetry: TelemetryConfig` and
-/// `admin_addr: SocketAddr` fields, and with `server: ServerArgs` when written
-/// `impl_service_config!(Config, server)`.
+/// `admin_addr: SocketAddr` fields, and with a field of server flags (`server: ServerArgs`,
+/// or `admin_server: AdminServerArgs` for a service whose only server is its admin server)
+/// when written `impl_service_config!(Config, server)`.
 #[macro_export]
 macro_rules! impl_service_config {
     ($config:ty) => {
@@ -164,8 +167,10 @@ macro_rules! impl_service_config {
             fn admin_addr(&self) -> ::std::net::SocketAddr {
                 self.admin_addr
             }
-            fn server_args(&self) -> Option<&$crate::server::ServerArgs> {
-                Some(&self.$server)
+            fn admin_settings(
+                &self,
+            ) -> ::std::result::Result<$crate::server::ServerSettings, $crate::tls::TlsError> {
+                $crate::server::AdminSettingsArgs::admin_settings(&self.$server)
             }
         }
     };
@@ -184,19 +189,21 @@ where
     Fut: Future<Output = Result<(), E>>,
     E: std::error::Error + Send + Sync + 'static,
 {
+    // First: re-executes the process with glibc's allocator tuned (returns on failure).
+    let untuned = crate::malloc::tune();
     let config = C::parse();
     crate::config::validate_all(&[&config])
         .map_err(|e: ConfigErrors| -> MainError { e.to_string().into() })?;
     let _telemetry = telemetry::init(service, config.telemetry())?;
+    if let Some(reason) = untuned {
+        tracing::warn!(%reason, "glibc's allocator runs with its defaults");
+    }
     let listener = TcpListener::bind(config.admin_addr())
         .await
         .map_err(|e| -> MainError {
             format!("binding the admin server to {}: {e}", config.admin_addr()).into()
         })?;
-    let admin_settings = match config.server_args() {
-        Some(args) => args.admin_settings()?,
-        None => ServerSettings::default(),
-    };
+    let admin_settings = config.admin_settings()?;
     let (ctx, admin) = start_with(service, listener, admin_settings)?;
     ctx.shutdown.install_signal_handlers()?;
     let result = body(config, ctx).await;

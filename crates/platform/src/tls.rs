@@ -112,17 +112,32 @@ impl ReloadingTls {
         describe_metrics();
         let stamps = stamps(&files);
         let loaded = build(&files)?;
+        let tls = Arc::new(Self {
+            files,
+            listener,
+            current: RwLock::new(Arc::new(loaded)),
+            stamps: Mutex::new(stamps),
+        });
+        tls.init_metrics();
+        Ok(tls)
+    }
+
+    /// Sets this listener's expiry gauge and creates its counters at zero. [`load`](Self::load)
+    /// does; the servers do again when they start (see
+    /// [`crate::server::ServerSettings::watch`]), since a service's admin certificate is
+    /// loaded before its metrics recorder is installed.
+    pub fn init_metrics(&self) {
+        let listener = self.listener;
+        let loaded = self
+            .current
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
         record_expiry(listener, &loaded);
         metrics::counter!(TLS_RELOAD_TOTAL, "listener" => listener, "outcome" => "ok").increment(0);
         metrics::counter!(TLS_RELOAD_TOTAL, "listener" => listener, "outcome" => "error")
             .increment(0);
         metrics::counter!(TLS_HANDSHAKE_FAILURES_TOTAL, "listener" => listener).increment(0);
-        Ok(Arc::new(Self {
-            files,
-            listener,
-            current: RwLock::new(Arc::new(loaded)),
-            stamps: Mutex::new(stamps),
-        }))
     }
 
     /// The `listener` label of this listener's metrics.

@@ -44,7 +44,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 
-use crate::engine::Checkpoint;
+use crate::engine::{Checkpoint, CheckpointUpdate, SessionChanges};
 use crate::metrics as m;
 
 /// Most bytes of sessions in one part or delta: well under librdkafka's default
@@ -87,6 +87,41 @@ pub struct Chain {
     last: Option<Checkpoint>,
     /// Its sessions are inline in its header (format 1): the next checkpoint writes a base.
     inline: bool,
+    /// [`entry_bytes`] of `last`'s sessions, kept up to date (for the state gauge).
+    held: usize,
+}
+
+/// Why a checkpoint could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error(transparent)]
+    Produce(#[from] ProduceError),
+    /// Changes came for a partition without a checkpoint in force to apply them to (a
+    /// bug: the engine is asked for a whole checkpoint then).
+    #[error("partition {0}: checkpoint changes without a checkpoint in force to apply them to")]
+    NoBase(i32),
+}
+
+impl CheckpointError {
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Produce(e) => e.is_retryable(),
+            Self::NoBase(_) => true,
+        }
+    }
+}
+
+/// Estimated heap bytes of one user in a kept checkpoint's map (before B-tree slack).
+fn entry_bytes(user: &str) -> usize {
+    user.len().div_ceil(16) * 16 + 32
+}
+
+fn held_of(cp: &Checkpoint) -> usize {
+    cp.open_sessions
+        .keys()
+        .chain(cp.continued_sessions.iter())
+        .map(|u| entry_bytes(u))
+        .sum()
 }
 
 /// The header record: the checkpoint without its sessions (those are in the base's parts
@@ -179,6 +214,48 @@ impl Delta {
         d
     }
 
+    /// Applies `changes` to `cp` (keeping `held` up to date) and returns what they
+    /// changed in it: the changes that repeat what `cp` already holds are left out.
+    fn apply_changes(
+        generation: u64,
+        cp: &mut Checkpoint,
+        changes: &SessionChanges,
+        held: &mut usize,
+    ) -> Self {
+        let mut d = Self {
+            generation,
+            ..Self::default()
+        };
+        for (user, start) in &changes.set {
+            if cp.open_sessions.get(user) != Some(start) {
+                if cp.open_sessions.insert(user.clone(), *start).is_none() {
+                    *held += entry_bytes(user);
+                }
+                d.set.insert(user.clone(), *start);
+            }
+        }
+        for user in &changes.removed {
+            if cp.open_sessions.remove(user).is_some() {
+                *held = held.saturating_sub(entry_bytes(user));
+                d.removed.insert(user.clone());
+            }
+        }
+        for user in &changes.continued {
+            if !cp.continued_sessions.contains(user) {
+                cp.continued_sessions.insert(user.clone());
+                *held += entry_bytes(user);
+                d.continued.insert(user.clone());
+            }
+        }
+        for user in &changes.uncontinued {
+            if cp.continued_sessions.remove(user) {
+                *held = held.saturating_sub(entry_bytes(user));
+                d.uncontinued.insert(user.clone());
+            }
+        }
+        d
+    }
+
     fn is_empty(&self) -> bool {
         self.set.is_empty()
             && self.removed.is_empty()
@@ -215,11 +292,7 @@ enum Key {
 
 /// The checkpoint without its sessions.
 fn scalars(cp: &Checkpoint) -> Checkpoint {
-    Checkpoint {
-        open_sessions: BTreeMap::new(),
-        continued_sessions: BTreeSet::new(),
-        ..cp.clone()
-    }
+    cp.scalars()
 }
 
 /// The parts of a base of `cp` written with `generation`.
@@ -262,26 +335,64 @@ fn base_parts(generation: u64, cp: &Checkpoint) -> Vec<Part> {
     parts
 }
 
+/// The records of one checkpoint write with their full keys: (key, value, kind).
+pub type KeyedRecords = Vec<(Vec<u8>, Vec<u8>, &'static str)>;
+
 /// What one checkpoint write is: its records, (key suffix after the prefix, value, kind),
 /// the header last.
 type Records = Vec<(String, Vec<u8>, &'static str)>;
 
 impl Chain {
-    /// The records of `cp` as the next checkpoint of `partition`, and the chain after
-    /// them; no records when `cp` is the checkpoint in force.
-    fn next(&self, partition: i32, cp: &Checkpoint) -> (Records, Self) {
-        if self.last.as_ref() == Some(cp) {
-            return (Vec::new(), self.clone());
-        }
+    /// The records of `update` as the next checkpoint of `partition`, the chain advanced
+    /// past them; no records when the checkpoint it makes is the one in force. A whole
+    /// checkpoint is compared with the one in force (O(sessions)); changes cost the users
+    /// they name, except when the chain is rewritten into a new base (every
+    /// [`MAX_DELTAS`] checkpoints at most, or when its deltas outgrow the base).
+    fn next(
+        &mut self,
+        partition: i32,
+        update: &CheckpointUpdate,
+    ) -> Result<Records, CheckpointError> {
         let generation = self.generation.saturating_add(1);
-        let mut out: Records = Vec::new();
-        let mut chain = Self {
-            generation,
-            last: Some(cp.clone()),
-            ..self.clone()
+        let had_last = self.last.is_some();
+        // The delta on the checkpoint in force; None: a new base.
+        let delta = match update {
+            CheckpointUpdate::Full(cp) => {
+                if self.last.as_ref() == Some(cp) {
+                    return Ok(Vec::new());
+                }
+                let delta = self
+                    .last
+                    .as_ref()
+                    .filter(|_| !self.inline)
+                    .map(|old| Delta::between(generation, old, cp));
+                self.held = held_of(cp);
+                self.last = Some(cp.clone());
+                delta
+            }
+            CheckpointUpdate::Changes { scalars, sessions } => {
+                let Some(last) = self.last.as_mut() else {
+                    return Err(CheckpointError::NoBase(partition));
+                };
+                let delta = Delta::apply_changes(generation, last, sessions, &mut self.held);
+                let moved = last.scalars() != *scalars;
+                *last = Checkpoint {
+                    open_sessions: std::mem::take(&mut last.open_sessions),
+                    continued_sessions: std::mem::take(&mut last.continued_sessions),
+                    ..scalars.scalars()
+                };
+                if delta.is_empty() && !moved {
+                    return Ok(Vec::new());
+                }
+                Some(delta).filter(|_| !self.inline)
+            }
         };
-        let delta = self.last.as_ref().filter(|_| !self.inline).map(|old| {
-            let d = Delta::between(generation, old, cp);
+        let Some(cp) = self.last.as_ref() else {
+            return Ok(Vec::new());
+        };
+        self.generation = generation;
+        let mut out: Records = Vec::new();
+        let delta = delta.map(|d| {
             let bytes = if d.is_empty() {
                 Vec::new()
             } else {
@@ -298,28 +409,28 @@ impl Chain {
                     && self.delta_bytes + bytes.len() <= self.base_bytes.max(MIN_REBASE_BYTES) =>
             {
                 let position = self.deltas.len();
-                chain.delta_bytes += bytes.len();
-                chain.deltas.push(generation);
+                self.delta_bytes += bytes.len();
+                self.deltas.push(generation);
                 out.push((format!("{partition}|d|{position}"), bytes, "delta"));
             }
             // No checkpoint in force, or the chain is full: a new base in the other slot.
             _ => {
-                chain.inline = false;
-                let slot = if self.last.is_some() {
+                self.inline = false;
+                let slot = if had_last {
                     1 - self.base_slot % 2
                 } else {
                     generation % 2
                 };
                 let parts = base_parts(generation, cp);
-                chain.base_generation = generation;
-                chain.base_slot = slot;
-                chain.base_parts = u32::try_from(parts.len()).unwrap_or(u32::MAX);
-                chain.base_bytes = 0;
-                chain.deltas = Vec::new();
-                chain.delta_bytes = 0;
+                self.base_generation = generation;
+                self.base_slot = slot;
+                self.base_parts = u32::try_from(parts.len()).unwrap_or(u32::MAX);
+                self.base_bytes = 0;
+                self.deltas = Vec::new();
+                self.delta_bytes = 0;
                 for (i, part) in parts.iter().enumerate() {
                     let value = serde_json::to_vec(part).unwrap_or_default();
-                    chain.base_bytes += value.len();
+                    self.base_bytes += value.len();
                     out.push((format!("{partition}|{slot}|{i}"), value, "base"));
                 }
             }
@@ -327,17 +438,17 @@ impl Chain {
         let header = Header {
             checkpoint: scalars(cp),
             generation,
-            parts: chain.base_parts,
-            base_generation: Some(chain.base_generation),
-            base_slot: Some(chain.base_slot),
-            deltas: chain.deltas.clone(),
+            parts: self.base_parts,
+            base_generation: Some(self.base_generation),
+            base_slot: Some(self.base_slot),
+            deltas: self.deltas.clone(),
         };
         out.push((
             partition.to_string(),
             serde_json::to_vec(&header).unwrap_or_default(),
             "header",
         ));
-        (out, chain)
+        Ok(out)
     }
 }
 
@@ -452,6 +563,7 @@ impl Assembler {
             }
         }
         Ok(Chain {
+            held: held_of(&checkpoint),
             generation,
             base_generation,
             base_slot,
@@ -480,38 +592,42 @@ impl CheckpointStore {
     /// `delta` or `header`), the header last, and the chain is advanced as if they were
     /// written; none when `cp` is the checkpoint in force. For [`Self::write`] and for
     /// measuring what a checkpoint costs without a broker.
-    pub fn prepare(
+    pub fn prepare(&self, partition: i32, cp: &Checkpoint) -> KeyedRecords {
+        // A whole checkpoint always applies.
+        self.prepare_update(partition, &CheckpointUpdate::Full(cp.clone()))
+            .unwrap_or_default()
+    }
+
+    /// [`Self::prepare`] for an engine's [`CheckpointUpdate`]: changes cost the users
+    /// they name (see `Chain::next`). Changes need a checkpoint in force
+    /// ([`Self::has_checkpoint`]).
+    pub fn prepare_update(
         &self,
         partition: i32,
-        cp: &Checkpoint,
-    ) -> Vec<(Vec<u8>, Vec<u8>, &'static str)> {
+        update: &CheckpointUpdate,
+    ) -> Result<KeyedRecords, CheckpointError> {
         let mut chains = self.chains();
         let chain = chains.entry(partition).or_default();
-        let (records, next) = chain.next(partition, cp);
-        *chain = next;
+        let records = chain.next(partition, update)?;
         let prefix = self.prefix();
-        records
+        Ok(records
             .into_iter()
             .map(|(key, value, kind)| (format!("{prefix}{key}").into_bytes(), value, kind))
-            .collect()
+            .collect())
+    }
+
+    /// Whether a checkpoint of `partition` is in force here, so changes can be applied
+    /// to it (else the engine is asked for a whole one).
+    pub fn has_checkpoint(&self, partition: i32) -> bool {
+        self.chains()
+            .get(&partition)
+            .is_some_and(|c| c.last.is_some())
     }
 
     /// Estimated heap bytes of the checkpoints in force this store keeps (one whole copy
     /// per partition, to write the next one as a delta).
     pub fn held_bytes(&self) -> usize {
-        self.chains()
-            .values()
-            .filter_map(|c| c.last.as_ref())
-            .map(|cp| {
-                let entries: usize = cp
-                    .open_sessions
-                    .keys()
-                    .chain(cp.continued_sessions.iter())
-                    .map(|u| u.len().div_ceil(16) * 16 + 32)
-                    .sum();
-                entries * 3 / 2
-            })
-            .sum()
+        self.chains().values().map(|c| c.held * 3 / 2).sum()
     }
 
     /// Forgets the chain of `partition` (revoked: its next owner writes it; if it comes
@@ -528,8 +644,26 @@ impl CheckpointStore {
         partition: i32,
         cp: &Checkpoint,
     ) -> Result<Vec<AckFuture>, ProduceError> {
+        match self
+            .write_update(producer, partition, &CheckpointUpdate::Full(cp.clone()))
+            .await
+        {
+            Ok(acks) => Ok(acks),
+            Err(CheckpointError::Produce(e)) => Err(e),
+            // A whole checkpoint always applies.
+            Err(CheckpointError::NoBase(_)) => Ok(Vec::new()),
+        }
+    }
+
+    /// [`Self::write`] for an engine's [`CheckpointUpdate`].
+    pub async fn write_update(
+        &self,
+        producer: &KafkaProducer,
+        partition: i32,
+        update: &CheckpointUpdate,
+    ) -> Result<Vec<AckFuture>, CheckpointError> {
         let mut acks = Vec::new();
-        for (key, value, kind) in self.prepare(partition, cp) {
+        for (key, value, kind) in self.prepare_update(partition, update)? {
             metrics::counter!(m::CHECKPOINT_BYTES_TOTAL, "kind" => kind)
                 .increment(u64::try_from(value.len()).unwrap_or(u64::MAX));
             acks.push(
@@ -573,7 +707,9 @@ impl CheckpointStore {
     }
 
     fn read_blocking(&self, timeout: Duration) -> Result<HashMap<i32, Chain>, KafkaError> {
-        let mut c = self.kafka.client_config("pulse-processor-checkpoints");
+        let mut c = self
+            .kafka
+            .consumer_client_config("pulse-processor-checkpoints");
         c.set(
             "group.id",
             format!("pulse-processor-checkpoints-{}", std::process::id()),
@@ -676,8 +812,15 @@ mod tests {
 
     impl Topic {
         fn write(&mut self, partition: i32, cp: &Checkpoint) -> Vec<(String, Vec<u8>)> {
-            let (records, next) = self.chain.next(partition, cp);
-            self.chain = next;
+            self.write_update(partition, &CheckpointUpdate::Full(cp.clone()))
+        }
+
+        fn write_update(
+            &mut self,
+            partition: i32,
+            update: &CheckpointUpdate,
+        ) -> Vec<(String, Vec<u8>)> {
+            let records = self.chain.next(partition, update).unwrap();
             let records: Vec<(String, Vec<u8>)> =
                 records.into_iter().map(|(k, v, _)| (k, v)).collect();
             self.log.extend(records.clone());
@@ -876,6 +1019,49 @@ mod tests {
     }
 
     #[test]
+    fn changes_apply_to_the_checkpoint_in_force_and_need_one() {
+        let mut t = Topic::default();
+        let changes = CheckpointUpdate::Changes {
+            scalars: checkpoint(0, 1),
+            sessions: SessionChanges::default(),
+        };
+        assert!(matches!(
+            t.chain.next(4, &changes),
+            Err(CheckpointError::NoBase(4))
+        ));
+        let mut cp = checkpoint(1_000, 3);
+        t.write(4, &cp);
+        let held = t.chain.held;
+        // Repeated entries are not written again; a new one is, in a delta.
+        let mut s = SessionChanges::default();
+        s.set
+            .insert("user-00000001".into(), cp.open_sessions["user-00000001"]);
+        s.set.insert("new".into(), 7);
+        s.removed.insert("absent".into());
+        s.uncontinued.insert("user-00000003".into());
+        let records = t.write_update(
+            4,
+            &CheckpointUpdate::Changes {
+                scalars: cp.scalars(),
+                sessions: s,
+            },
+        );
+        assert_eq!(records.len(), 2);
+        let delta: Delta = serde_json::from_slice(&records[0].1).unwrap();
+        assert_eq!(delta.set, BTreeMap::from([("new".to_owned(), 7)]));
+        assert!(delta.removed.is_empty() && delta.continued.is_empty());
+        assert_eq!(
+            delta.uncontinued,
+            BTreeSet::from(["user-00000003".to_owned()])
+        );
+        cp.open_sessions.insert("new".into(), 7);
+        cp.continued_sessions.remove("user-00000003");
+        assert_eq!(assemble(&t.log)[&4], cp);
+        assert_eq!(t.chain.held, held_of(&cp));
+        assert_eq!(t.chain.held, held, "one entry in, one out");
+    }
+
+    #[test]
     fn keys_of_headers_parts_and_deltas_are_told_apart() {
         assert_eq!(parse_key("12"), Some(Key::Header(12)));
         assert_eq!(
@@ -917,12 +1103,14 @@ mod tests {
         /// before: no record of a write overwrites one the header in force lists.
         #[test]
         fn every_prefix_of_the_topic_reads_back_a_checkpoint_that_was_written(
-            steps in prop::collection::vec(step(), 1..80),
+            steps in prop::collection::vec((step(), any::<bool>()), 1..80),
         ) {
             let mut t = Topic::default();
             let mut cp = checkpoint(50, 7);
             let mut previous: Option<Checkpoint> = None;
-            for (set, removed, continued, moved) in steps {
+            for ((set, removed, continued, moved), changes) in steps {
+                // Changes need a checkpoint in force.
+                let changes = changes && previous.is_some();
                 for (u, start) in set {
                     cp.open_sessions.insert(format!("u{u}"), start);
                 }
@@ -939,7 +1127,32 @@ mod tests {
                     cp.last_offset += 1;
                 }
                 let before = t.log.len();
-                let records = t.write(0, &cp);
+                let records = if changes {
+                    // As the engine sends them: every user touched, with its entry now.
+                    let mut touched: BTreeSet<String> = BTreeSet::new();
+                    touched.extend(t.chain.last.iter().flat_map(|l| l.open_sessions.keys().cloned()));
+                    touched.extend(cp.open_sessions.keys().cloned());
+                    touched.extend(t.chain.last.iter().flat_map(|l| l.continued_sessions.iter().cloned()));
+                    let mut s = SessionChanges::default();
+                    for u in touched {
+                        match cp.open_sessions.get(&u) {
+                            Some(start) => {
+                                s.set.insert(u.clone(), *start);
+                            }
+                            None => {
+                                s.removed.insert(u.clone());
+                            }
+                        }
+                        if cp.continued_sessions.contains(&u) {
+                            s.continued.insert(u);
+                        } else {
+                            s.uncontinued.insert(u);
+                        }
+                    }
+                    t.write_update(0, &CheckpointUpdate::Changes { scalars: cp.scalars(), sessions: s })
+                } else {
+                    t.write(0, &cp)
+                };
                 for cut in 0..records.len() {
                     let got = assemble(&t.log[..before + cut]).remove(&0);
                     prop_assert_eq!(got.as_ref(), previous.as_ref(), "cut after {} of {}", cut, records.len());

@@ -114,6 +114,33 @@ pub fn insert_exact<T>(v: &mut Vec<T>, at: usize, x: T) {
     v.insert(at, x);
 }
 
+/// A multiset of (partition, value) — the earliest offset, or the start, each open window
+/// or session holds per partition — so the smallest value of a partition is a range lookup
+/// instead of a walk over every open aggregate.
+pub type PartitionMins = std::collections::BTreeMap<(i32, i64), usize>;
+
+/// Adds one (partition, value) to `set`.
+pub fn hold(set: &mut PartitionMins, partition: i32, value: i64) {
+    *set.entry((partition, value)).or_insert(0) += 1;
+}
+
+/// Removes one (partition, value) from `set`.
+pub fn release(set: &mut PartitionMins, partition: i32, value: i64) {
+    if let Some(n) = set.get_mut(&(partition, value)) {
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            set.remove(&(partition, value));
+        }
+    }
+}
+
+/// The smallest value of `partition` in `set`.
+pub fn smallest(set: &PartitionMins, partition: i32) -> Option<i64> {
+    set.range((partition, i64::MIN)..=(partition, i64::MAX))
+        .next()
+        .map(|((_, v), _)| *v)
+}
+
 /// Per partition, the (min, max) offset folded in: inline for one partition (the normal
 /// case: a user's events come from one partition), sorted by partition beyond.
 #[derive(Debug, Clone, Default)]

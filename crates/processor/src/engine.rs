@@ -5,7 +5,7 @@
 //! rebuilds every open aggregate from the log itself. Pure logic: no Kafka, no clocks
 //! (processing time is passed in).
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use pulse_contracts::pb::aggregates::v1::{Session, UserWindowActivity};
@@ -66,6 +66,52 @@ pub struct Checkpoint {
     pub max_session_ms: Option<i64>,
 }
 
+impl Checkpoint {
+    /// The checkpoint without its sessions.
+    pub fn scalars(&self) -> Self {
+        Self {
+            resume_offset: self.resume_offset,
+            last_offset: self.last_offset,
+            max_event_ms: self.max_event_ms,
+            closed_watermark: self.closed_watermark,
+            open_sessions: BTreeMap::new(),
+            continued_sessions: BTreeSet::new(),
+            max_session_ms: self.max_session_ms,
+        }
+    }
+}
+
+/// How a partition's checkpoint changed since the engine's previous update of it (taken at
+/// every emission, written in emission order): whole, or — so a tick costs the users that
+/// changed, not every open session (issue #15) — its scalars and the sessions' changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckpointUpdate {
+    /// The whole checkpoint: the first after an assignment, a restore, the end of a
+    /// replay or a rebalance, or when the store has no checkpoint in force to apply
+    /// changes to.
+    Full(Checkpoint),
+    /// The checkpoint without its sessions (`scalars`) and the sessions' changes since the
+    /// previous update.
+    Changes {
+        scalars: Checkpoint,
+        sessions: SessionChanges,
+    },
+}
+
+/// Changes of a checkpoint's `open_sessions` and `continued_sessions`: per user changed, its
+/// entry now. May repeat what is already in force (the store writes only what differs).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SessionChanges {
+    /// Users with an open session, and its earliest start.
+    pub set: BTreeMap<String, i64>,
+    /// Users without an open session.
+    pub removed: BTreeSet<String>,
+    /// Users in `continued_sessions`.
+    pub continued: BTreeSet<String>,
+    /// Users not in `continued_sessions`.
+    pub uncontinued: BTreeSet<String>,
+}
+
 /// A partition being replayed after a restore.
 #[derive(Debug, Clone)]
 struct Replay {
@@ -85,6 +131,11 @@ struct Replay {
     seen: bool,
     /// The replay reached `until`.
     done: bool,
+    /// A whole checkpoint was taken since the replay was done (the live state replaces
+    /// the restored one).
+    live_synced: bool,
+    /// Estimated heap bytes of `checkpoint` and `open_sessions` (for the state gauge).
+    bytes: usize,
 }
 
 /// Results to produce.
@@ -117,6 +168,9 @@ pub struct Engine {
     now_ms: i64,
     /// Running average length of the event ids folded in (for the state estimate).
     id_len: usize,
+    /// Partitions whose last checkpoint update is known to the caller as a base for
+    /// changes (see [`Self::checkpoint_update`]); others get a whole checkpoint next.
+    synced: HashSet<i32>,
 }
 
 impl Engine {
@@ -131,6 +185,7 @@ impl Engine {
             replays: HashMap::new(),
             now_ms: i64::MIN,
             id_len: 0,
+            synced: HashSet::new(),
         }
     }
 
@@ -158,6 +213,7 @@ impl Engine {
                 self.sessions.restore_continuation(user, *start, partition);
             }
         }
+        let bytes = cp.open_sessions.keys().map(|u| u.len() + 64).sum::<usize>() * 2;
         self.replays.insert(
             partition,
             Replay {
@@ -168,8 +224,11 @@ impl Engine {
                 since_ms: now_ms,
                 seen: false,
                 done: false,
+                live_synced: false,
+                bytes,
             },
         );
+        self.synced.remove(&partition);
         self.high_watermark = None;
     }
 
@@ -238,6 +297,79 @@ impl Engine {
         })
     }
 
+    /// The checkpoint of `partition` as an update of the previous one this returned (see
+    /// [`CheckpointUpdate`]): whole when `full`, or when the engine has no previous update
+    /// the caller can build on (the first after an assignment, a restore, the end of a
+    /// replay, or [`Self::resync_checkpoints`]); else the scalars and the sessions that
+    /// changed since, which costs those users only. Updates must be applied in the order
+    /// they were taken. None before any record of the partition.
+    pub fn checkpoint_update(&mut self, partition: i32, full: bool) -> Option<CheckpointUpdate> {
+        if let Some(r) = self.replays.get_mut(&partition)
+            && r.done
+            && !r.live_synced
+        {
+            r.live_synced = true;
+            self.synced.remove(&partition);
+        }
+        if full || !self.synced.contains(&partition) {
+            let cp = self.checkpoint(partition)?;
+            self.synced.insert(partition);
+            self.sessions.track_changes(partition);
+            return Some(CheckpointUpdate::Full(cp));
+        }
+        if let Some(r) = self.replays.get(&partition)
+            && !r.done
+        {
+            // The restored checkpoint stays in force; only its resume offset follows.
+            let scalars = Checkpoint {
+                resume_offset: self
+                    .resume_offset(partition)
+                    .unwrap_or(r.checkpoint.resume_offset),
+                ..r.checkpoint.scalars()
+            };
+            self.sessions.track_changes(partition);
+            return Some(CheckpointUpdate::Changes {
+                scalars,
+                sessions: SessionChanges::default(),
+            });
+        }
+        let scalars = Checkpoint {
+            resume_offset: self.resume_offset(partition)?,
+            last_offset: *self.last_offset.get(&partition)?,
+            max_event_ms: self.watermarks.max_event_time(partition),
+            closed_watermark: self.capped(self.high_watermark, self.now_ms),
+            open_sessions: BTreeMap::new(),
+            continued_sessions: BTreeSet::new(),
+            max_session_ms: Some(self.sessions.max_session_ms()),
+        };
+        let mut sessions = SessionChanges::default();
+        for user in self.sessions.take_changed(partition) {
+            let name = user.to_string();
+            match self.sessions.checkpoint_entry(&user, partition) {
+                Some((start, continued)) => {
+                    sessions.set.insert(name.clone(), start);
+                    if continued {
+                        sessions.continued.insert(name);
+                    } else {
+                        sessions.uncontinued.insert(name);
+                    }
+                }
+                None => {
+                    sessions.removed.insert(name.clone());
+                    sessions.uncontinued.insert(name);
+                }
+            }
+        }
+        Some(CheckpointUpdate::Changes { scalars, sessions })
+    }
+
+    /// The next checkpoint update of every partition is whole (updates taken before were
+    /// dropped, e.g. by a rebalance, so the caller's base may not be the last one taken).
+    pub fn resync_checkpoints(&mut self) {
+        self.synced.clear();
+        self.sessions.untrack_changes();
+    }
+
     /// The watermark in force: the combined watermark, never below one already used.
     fn advance_watermark(&mut self, now_ms: i64) -> Option<i64> {
         let current = self.watermarks.current(now_ms);
@@ -252,6 +384,7 @@ impl Engine {
     /// the combined watermark is recomputed from scratch.
     pub fn assign(&mut self, partition: i32, now_ms: i64) {
         self.watermarks.assign(partition, now_ms);
+        self.synced.remove(&partition);
         self.high_watermark = None;
     }
 
@@ -262,6 +395,8 @@ impl Engine {
         self.sessions.revoke(partition);
         self.last_offset.remove(&partition);
         self.replays.remove(&partition);
+        // Whole runs of other partitions may have gone with it.
+        self.resync_checkpoints();
     }
 
     /// A record of `partition` that could not be decoded: it still counts as processed.
@@ -428,16 +563,23 @@ impl Engine {
         self.sessions.open_count()
     }
 
+    /// User states (of windows and of sessions) visited by emissions so far: what the
+    /// ticks cost. An emission visits the users with something due or (early) changed,
+    /// not every open one.
+    pub fn emit_visits(&self) -> u64 {
+        self.windows.emit_visits() + self.sessions.emit_visits()
+    }
+
     /// Estimated heap bytes of the engine's state: open windows and sessions (with the
     /// user and event ids they share) and the checkpoints restored while their partitions
     /// replay. An estimate from the structures' sizes (see `Windows::heap_bytes`,
-    /// `Sessions::heap_bytes`); it walks the state, so call it once an emission.
+    /// `Sessions::heap_bytes`), kept up to date as the state changes: O(1).
     pub fn state_bytes(&self) -> usize {
         let replays: usize = self
             .replays
             .values()
             .filter(|r| !r.done)
-            .map(|r| r.open_sessions.keys().map(|u| u.len() + 64).sum::<usize>() * 2)
+            .map(|r| r.bytes)
             .sum();
         self.windows.heap_bytes() + self.sessions.heap_bytes(self.id_len) + replays
     }
@@ -895,6 +1037,110 @@ mod tests {
         assert!(y[0].r#final && y[0].event_count == 1, "{y:?}");
     }
 
+    /// `update` applied to the checkpoint it updates (what the checkpoint store keeps).
+    fn apply(cp: &mut Option<Checkpoint>, update: CheckpointUpdate) {
+        match update {
+            CheckpointUpdate::Full(full) => *cp = Some(full),
+            CheckpointUpdate::Changes { scalars, sessions } => {
+                let cp = cp
+                    .as_mut()
+                    .expect("changes without a whole checkpoint first");
+                for u in &sessions.removed {
+                    cp.open_sessions.remove(u);
+                }
+                cp.open_sessions.extend(sessions.set);
+                for u in &sessions.uncontinued {
+                    cp.continued_sessions.remove(u);
+                }
+                cp.continued_sessions.extend(sessions.continued);
+                *cp = Checkpoint {
+                    open_sessions: std::mem::take(&mut cp.open_sessions),
+                    continued_sessions: std::mem::take(&mut cp.continued_sessions),
+                    ..scalars
+                };
+            }
+        }
+    }
+
+    /// Issue #15: with ~400k open sessions the processor stopped making progress, because
+    /// every tick walked every open window and session (to emit, to find the commit
+    /// point) and copied and compared every open session (the checkpoint). A tick must
+    /// cost the users that changed: counted in users visited and checkpoint entries and
+    /// bytes, not time.
+    #[test]
+    fn a_tick_costs_the_users_that_changed_not_every_open_session() {
+        use crate::checkpoint::CheckpointStore;
+        let t0: i64 = 1_700_000_000_000;
+        let at = |i: i64, t: i64| InputEvent {
+            event_id: format!("e{i}"),
+            ..ev(i, &format!("u{i:07}"), t)
+        };
+        let mut e = Engine::new(TimeConfig::default());
+        e.assign(0, t0);
+        let store = CheckpointStore {
+            topic: "checkpoints".into(),
+            group: "g".into(),
+            input_topic: "events".into(),
+            kafka: pulse_platform::kafka::KafkaConfig::for_brokers("127.0.0.1:1"),
+            generations: Default::default(),
+        };
+        let users = 400_000;
+        for i in 0..users {
+            e.process(&at(i, t0), t0);
+        }
+        e.emit(t0, true);
+        let first = e.checkpoint_update(0, !store.has_checkpoint(0)).unwrap();
+        assert!(matches!(first, CheckpointUpdate::Full(_)));
+        store.prepare_update(0, &first).unwrap();
+        let mut kept = None;
+        apply(&mut kept, first);
+        let per_tick = 1_000;
+        let mut next = users;
+        for tick in 1..=10 {
+            let t = t0 + tick * 1_000;
+            for _ in 0..per_tick {
+                e.process(&at(next, t), t);
+                next += 1;
+            }
+            let visits = e.emit_visits();
+            let out = e.emit(t, true);
+            // The new users' windows and sessions, early: nothing else is due or changed.
+            assert_eq!(
+                out.activity.len() + out.sessions.len(),
+                2 * per_tick as usize
+            );
+            let visited = e.emit_visits() - visits;
+            assert!(
+                visited <= 2 * per_tick as u64,
+                "tick {tick}: {visited} user states visited for {per_tick} new users"
+            );
+            let update = e.checkpoint_update(0, !store.has_checkpoint(0)).unwrap();
+            let CheckpointUpdate::Changes { sessions, .. } = &update else {
+                panic!(
+                    "tick {tick}: a whole checkpoint of {} sessions",
+                    e.open_sessions()
+                );
+            };
+            assert_eq!(sessions.set.len(), per_tick as usize, "tick {tick}");
+            assert!(sessions.removed.is_empty() && sessions.continued.is_empty());
+            let bytes: usize = store
+                .prepare_update(0, &update)
+                .unwrap()
+                .iter()
+                .map(|(_, v, _)| v.len())
+                .sum();
+            assert!(
+                bytes < per_tick as usize * 64 + 2_048,
+                "tick {tick}: {bytes} checkpoint bytes for {per_tick} new users"
+            );
+            apply(&mut kept, update);
+            assert_eq!(e.resume_offset(0), Some(0));
+        }
+        assert_eq!(e.open_sessions(), (users + 10 * per_tick) as usize);
+        // What the changes built is the whole checkpoint.
+        assert_eq!(kept, e.checkpoint(0));
+    }
+
     mod crashes {
         use std::collections::{BTreeMap, BTreeSet};
 
@@ -964,12 +1210,20 @@ mod tests {
             }
             let mut committed: BTreeMap<i32, i64> = BTreeMap::new();
             let mut written: BTreeMap<i32, Checkpoint> = BTreeMap::new();
+            // The checkpoints built from the engine's updates (as the store builds them).
+            let mut kept: BTreeMap<i32, Option<Checkpoint>> = BTreeMap::new();
             let mut activity: Vec<UserWindowActivity> = Vec::new();
             let mut late = BTreeSet::new();
             let mut ticks = 0;
             let mut arrived = 0;
             let mut engine = None;
             while arrived < arrivals.len() || engine.is_none() {
+                if engine.is_none() {
+                    kept = written
+                        .iter()
+                        .map(|(p, cp)| (*p, Some(cp.clone())))
+                        .collect();
+                }
                 let e = engine.get_or_insert_with(|| {
                     let mut e = Engine::new(cfg());
                     for p in [0, 1] {
@@ -1010,7 +1264,12 @@ mod tests {
                         ticks += 1;
                         activity.extend(e.emit(0, true).activity);
                         for p in [0, 1] {
+                            let base = kept.entry(p).or_default();
+                            if let Some(update) = e.checkpoint_update(p, base.is_none()) {
+                                apply(base, update);
+                            }
                             if let Some(cp) = e.checkpoint(p) {
+                                assert_eq!(base.as_ref(), Some(&cp), "partition {p}");
                                 committed.insert(p, cp.resume_offset);
                                 written.insert(p, cp);
                             }

@@ -50,6 +50,9 @@ pub struct Config {
         default_value = "127.0.0.1:9102"
     )]
     pub admin_addr: SocketAddr,
+    /// TLS, header read timeout and limits of the admin server.
+    #[command(flatten)]
+    pub admin_server: pulse_platform::server::AdminServerArgs,
     /// Schema registry base URL (outputs are framed with their registered schema ids).
     #[arg(
         long = "schema-registry-url",
@@ -249,10 +252,11 @@ impl Validate for Config {
         );
         self.kafka.validate(p);
         self.telemetry.validate(p);
+        self.admin_server.validate(p);
     }
 }
 
-pulse_platform::impl_service_config!(Config);
+pulse_platform::impl_service_config!(Config, admin_server);
 
 /// Why the service stopped with an error.
 #[derive(Debug, thiserror::Error)]

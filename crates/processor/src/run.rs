@@ -27,8 +27,8 @@ use rdkafka::message::{BorrowedMessage, Headers, OwnedHeaders};
 use tokio_util::sync::CancellationToken;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::checkpoint::CheckpointStore;
-use crate::engine::{Checkpoint, Engine, Outcome, Outputs};
+use crate::checkpoint::{CheckpointError, CheckpointStore};
+use crate::engine::{CheckpointUpdate, Engine, Outcome, Outputs};
 use crate::metrics as m;
 use crate::model::InputEvent;
 
@@ -54,6 +54,10 @@ pub enum RunError {
         "framing outputs failed (the offsets were not committed; a restart re-emits them): {0}"
     )]
     Frame(#[from] wire::WireError),
+    #[error(
+        "writing a checkpoint failed (the offsets were not committed; a restart re-emits them): {0}"
+    )]
+    Checkpoint(#[from] CheckpointError),
 }
 
 impl RunError {
@@ -63,6 +67,7 @@ impl RunError {
             Self::Kafka(_) => true,
             Self::Produce(e) => e.is_retryable(),
             Self::Frame(e) => e.is_retryable(),
+            Self::Checkpoint(e) => e.is_retryable(),
         }
     }
 }
@@ -185,8 +190,9 @@ impl std::fmt::Debug for Processor {
 struct Emission {
     /// The rebalance epoch it was taken in; after a rebalance it no longer counts.
     epoch: u64,
-    /// Each assigned partition's checkpoint at the time of the emission.
-    checkpoints: Vec<(i32, Checkpoint)>,
+    /// Each assigned partition's checkpoint at the time of the emission, as an update of
+    /// the previous emission's (emissions write them in order).
+    checkpoints: Vec<(i32, CheckpointUpdate)>,
     /// Each assigned partition's resume offset at the time of the emission.
     resumes: Vec<(i32, i64)>,
     started: Instant,
@@ -297,6 +303,9 @@ impl Processor {
         // they cover may have changed hands (what they had queued was flushed before the
         // revoke's commit; see `build`).
         pipe.epoch += 1;
+        // The checkpoint updates of those emissions are dropped with them: the next of
+        // every partition is whole.
+        self.engine.resync_checkpoints();
         let assigned = &mut pipe.assigned;
         match ev {
             RebalanceEvent::Assigned(parts) => {
@@ -440,8 +449,12 @@ impl Processor {
             started,
         };
         for p in &pipe.assigned {
-            if let Some(cp) = self.engine.checkpoint(*p) {
-                emission.checkpoints.push((*p, cp));
+            // Changes since the previous emission's, or whole when the store has no
+            // checkpoint in force to apply them to (an update of an emission in flight
+            // is applied before this one: emissions are written in order).
+            let full = !self.checkpoints.has_checkpoint(*p);
+            if let Some(update) = self.engine.checkpoint_update(*p, full) {
+                emission.checkpoints.push((*p, update));
             }
             let label = p.to_string();
             if let Some(wm) = self.engine.partition_watermark(*p) {
@@ -499,7 +512,7 @@ impl Processor {
             if pipe.assigned.contains(p) {
                 acks.extend(
                     self.checkpoints
-                        .write(&self.producer, *p, cp)
+                        .write_update(&self.producer, *p, cp)
                         .await
                         .map_err(RunError::from)?,
                 );

@@ -13,10 +13,12 @@
 //! runs bridges (merges) them, and an event that moves a run's first event back moves
 //! every cut after it. Everything here is pure logic: no I/O, no clocks.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
-use crate::compact::{IdSet, Offsets, arc_str_bytes, insert_exact};
+use crate::compact::{
+    IdSet, Offsets, PartitionMins, arc_str_bytes, hold, insert_exact, release, smallest,
+};
 
 use pulse_contracts::pb::aggregates::v1::Session;
 use sha2::{Digest, Sha256};
@@ -187,6 +189,188 @@ impl UserState {
     }
 }
 
+/// When `state` next needs an emission's attention: the earliest end of an open session +
+/// `horizon` (it becomes final), or with none open, the closed record's end + `gap` +
+/// `horizon` (it is forgotten). None: nothing to do.
+fn deadline(state: &UserState, horizon: i64, gap: i64) -> Option<i64> {
+    let open = state
+        .open
+        .iter()
+        .map(|o| o.end_ms.saturating_add(horizon))
+        .min();
+    match (open, state.closed) {
+        (Some(d), _) => Some(d),
+        (None, Some(c)) => Some(c.end_ms.saturating_add(gap).saturating_add(horizon)),
+        (None, None) => None,
+    }
+}
+
+/// Estimated heap bytes of one user's state, its event ids' own bytes excepted (see
+/// [`Sessions::heap_bytes`]).
+fn user_bytes(user: &str, s: &UserState) -> usize {
+    let entry = (std::mem::size_of::<Arc<str>>() + std::mem::size_of::<UserState>()) * 3 / 2;
+    let open: usize = s
+        .open
+        .iter()
+        .map(|o| {
+            o.events.capacity() * std::mem::size_of::<Ev>()
+                + o.offsets.heap_bytes()
+                + 48
+                + o.merged.iter().map(|m| m.len() + 48).sum::<usize>()
+        })
+        .sum();
+    entry
+        + arc_str_bytes(user.len())
+        + s.ids.heap_bytes()
+        + s.open.capacity() * std::mem::size_of::<Open>()
+        + open
+}
+
+/// What one user's state counts for in the [`Index`].
+#[derive(Debug, Default)]
+struct Snap {
+    /// (partition, min offset, start) of each open session, per partition it holds.
+    held: Vec<(i32, i64, i64)>,
+    /// Per partition with an open session: (partition, earliest start, continued) — the
+    /// user's checkpoint entry (see [`Sessions::checkpoint_entry`]).
+    entries: Vec<(i32, i64, bool)>,
+    due: Option<i64>,
+    dirty: bool,
+    open: usize,
+    events: usize,
+    bytes: usize,
+}
+
+impl Snap {
+    fn of(user: &str, state: &UserState, horizon: i64, gap: i64) -> Self {
+        let mut held = Vec::new();
+        let mut events = 0;
+        let mut dirty = false;
+        for o in &state.open {
+            events += o.events.len();
+            dirty |= o.dirty;
+            for (p, min) in o.offsets.mins() {
+                held.push((p, min, o.start_ms));
+            }
+        }
+        let next = state.closed.and_then(|c| c.next_start_ms);
+        let mut entries: Vec<(i32, i64, bool)> = Vec::new();
+        for (p, _, start) in &held {
+            match entries.iter_mut().find(|e| e.0 == *p) {
+                Some(e) => e.1 = e.1.min(*start),
+                None => entries.push((*p, *start, false)),
+            }
+        }
+        for e in &mut entries {
+            e.2 = next == Some(e.1);
+        }
+        Self {
+            held,
+            entries,
+            due: deadline(state, horizon, gap),
+            dirty,
+            open: state.open.len(),
+            events,
+            bytes: user_bytes(user, state),
+        }
+    }
+}
+
+/// What the sessions' per-tick and per-checkpoint questions need, kept up to date as each
+/// user's state changes (issue #15: a tick, a commit point or a checkpoint costs the users
+/// that changed, not every open session). Every change of a user's state is bracketed by
+/// [`Index::account`] (`false` before, `true` after).
+#[derive(Debug, Default)]
+struct Index {
+    /// (partition, min offset) of every open session, per partition it holds.
+    held: PartitionMins,
+    /// (partition, start) of every open session, per partition it holds.
+    starts: PartitionMins,
+    /// (deadline, user): see [`deadline`].
+    due: BTreeSet<(i64, Arc<str>)>,
+    /// Users with an open session changed since it was last emitted (a hash set: no
+    /// string comparisons down a tree per event; an emission sorts the few it visits).
+    dirty: HashSet<Arc<str>>,
+    /// Per partition tracked, the users whose checkpoint entry may have changed since the
+    /// partition's changes were last taken.
+    changed: HashMap<i32, HashSet<Arc<str>>>,
+    /// Partitions whose changes are tracked (see [`Sessions::track_changes`]).
+    tracked: HashSet<i32>,
+    /// What the user being changed counted for (see [`Index::begin`]).
+    pending: Option<Snap>,
+    open: usize,
+    events: usize,
+    /// Sum of [`user_bytes`] (wrapping: added and removed symmetrically).
+    bytes: usize,
+    /// Users visited by emissions so far (what a tick costs; see `Engine::emit_visits`).
+    visits: u64,
+}
+
+impl Index {
+    /// Before `user`'s state changes: what it counts for now (see [`Self::end`]).
+    fn begin(&mut self, user: &str, state: &UserState, horizon: i64, gap: i64) {
+        self.pending = Some(Snap::of(user, state, horizon, gap));
+    }
+
+    /// After `user`'s state changed (None: it was removed): the index entries that differ
+    /// from what it counted for at [`Self::begin`] (nothing, without one) are moved, and
+    /// the partitions whose checkpoint entry of the user changed are marked.
+    fn end(&mut self, user: &Arc<str>, state: Option<&UserState>, horizon: i64, gap: i64) {
+        let before = self.pending.take().unwrap_or_default();
+        let after = state.map_or_else(Snap::default, |s| Snap::of(user, s, horizon, gap));
+        if before.held != after.held {
+            for (p, min, start) in &before.held {
+                release(&mut self.held, *p, *min);
+                release(&mut self.starts, *p, *start);
+            }
+            for (p, min, start) in &after.held {
+                hold(&mut self.held, *p, *min);
+                hold(&mut self.starts, *p, *start);
+            }
+        }
+        if before.entries != after.entries {
+            for (p, ..) in before.entries.iter().chain(&after.entries) {
+                let was = before.entries.iter().find(|e| e.0 == *p);
+                let is = after.entries.iter().find(|e| e.0 == *p);
+                if was != is {
+                    self.mark(*p, user);
+                }
+            }
+        }
+        if before.due != after.due {
+            if let Some(d) = before.due {
+                self.due.remove(&(d, user.clone()));
+            }
+            if let Some(d) = after.due {
+                self.due.insert((d, user.clone()));
+            }
+        }
+        if before.dirty != after.dirty {
+            if after.dirty {
+                self.dirty.insert(user.clone());
+            } else {
+                self.dirty.remove(user);
+            }
+        }
+        self.open = (self.open + after.open).saturating_sub(before.open);
+        self.events = (self.events + after.events).saturating_sub(before.events);
+        self.bytes = self
+            .bytes
+            .wrapping_add(after.bytes)
+            .wrapping_sub(before.bytes);
+    }
+
+    fn mark(&mut self, partition: i32, user: &Arc<str>) {
+        if !self.tracked.contains(&partition) {
+            return;
+        }
+        let set = self.changed.entry(partition).or_default();
+        if !set.contains(user) {
+            set.insert(user.clone());
+        }
+    }
+}
+
 /// Gap-based session windows per user (event time), cut at a maximum duration. start_ms =
 /// first event time, end_ms = last event time, duration_ms = end - start (< the maximum),
 /// page_count = page_view events, event_count = all events.
@@ -194,7 +378,10 @@ impl UserState {
 pub struct Sessions {
     cfg: TimeConfig,
     max_session_ms: i64,
-    users: BTreeMap<Arc<str>, UserState>,
+    /// A hash map: an event's lookups hash the user id once instead of comparing it down
+    /// a tree; emissions visit the users they need in order (see [`Self::emit`]).
+    users: HashMap<Arc<str>, UserState>,
+    index: Index,
     /// Event times at or below this may touch a finalized session whose record was pruned:
     /// a watermark-late event there is late even if it touches an open session.
     floor_ms: i64,
@@ -211,7 +398,8 @@ impl Sessions {
         Self {
             cfg,
             max_session_ms: max_session_ms.max(1),
-            users: BTreeMap::new(),
+            users: HashMap::new(),
+            index: Index::default(),
             floor_ms: i64::MIN,
         }
     }
@@ -344,56 +532,17 @@ impl Sessions {
             page: event.is_page_view(),
             id,
         };
+        let horizon = self.horizon();
         let state = match self.users.get_mut(&**user_key) {
-            Some(s) => s,
+            Some(s) => {
+                self.index.begin(user_key, s, horizon, gap);
+                s
+            }
             None => self.users.entry(user_key.clone()).or_default(),
         };
-        state.ids.insert(ev.id.clone());
-        let open = &mut state.open;
-        let Some(mut lo) = open.iter().position(|o| o.near(t, gap)) else {
-            // A new run.
-            let at = open.partition_point(|o| o.start_ms < t);
-            insert_exact(open, at, Open::new(user, vec![ev], false, max));
-            // Its id may be one an open session lists as superseded (a start that moved
-            // away earlier): a session must never list a live one.
-            state.unlist_current_ids();
-            return Admit::Added;
-        };
-        // The touched sessions are consecutive; widen them to whole runs.
-        let mut hi = lo;
-        while hi + 1 < open.len() && open[hi + 1].near(t, gap) {
-            hi += 1;
-        }
-        while lo > 0 && open[lo - 1].split {
-            lo -= 1;
-        }
-        while open[hi].split && hi + 1 < open.len() {
-            hi += 1;
-        }
-        let one_run = (lo..hi).all(|i| open[i].split);
-        if one_run && t >= open[lo].start_ms {
-            // Within one run, not before its first event: the session whose start is the
-            // latest at or before t.
-            let j = lo + open[lo..=hi].partition_point(|o| o.start_ms <= t) - 1;
-            if t < open[j].start_ms.saturating_add(max) {
-                open[j].push(ev);
-                return Admit::Added;
-            }
-            if j == hi {
-                // The run's last session reached the maximum: this event starts the next.
-                open[j].close_at_max(user, max);
-                insert_exact(open, j + 1, Open::new(user, vec![ev], false, max));
-                state.unlist_current_ids();
-                return Admit::Added;
-            }
-            // Before the start of the session after j, past j's maximum: it becomes that
-            // session's start, and the cuts after it move.
-            recut(open, j + 1, hi, ev, user, max);
-        } else {
-            recut(open, lo, hi, ev, user, max);
-        }
-        state.unlist_current_ids();
-        Admit::Added
+        let admit = fold(state, ev, user, gap, max);
+        self.index.end(user_key, Some(state), horizon, gap);
+        admit
     }
 
     /// Sessions to emit now: every open session with end_ms + session_gap_ms +
@@ -401,80 +550,59 @@ impl Sessions {
     /// `early`, every other dirty session is emitted with final = false (dirty flag
     /// cleared). Deterministic order (user, start). version = model::version(max offset
     /// folded in, event_count, final).
+    ///
+    /// Only the users that need it are visited: those with a session due (see
+    /// [`deadline`]) and, when `early`, those with a dirty session.
     pub fn emit(&mut self, watermark: Option<i64>, early: bool) -> Vec<Session> {
         let horizon = self.horizon();
         let gap = self.gap();
+        let mut visit: BTreeSet<Arc<str>> = BTreeSet::new();
+        if let Some(wm) = watermark {
+            visit.extend(
+                self.index
+                    .due
+                    .iter()
+                    .take_while(|(d, _)| *d <= wm)
+                    .map(|(_, u)| u.clone()),
+            );
+        }
+        if early {
+            visit.extend(self.index.dirty.iter().cloned());
+        }
         let mut out = Vec::new();
-        let mut floor = self.floor_ms;
-        for (user, state) in &mut self.users {
-            let mut kept = Vec::with_capacity(state.open.len());
-            let mut sessions = std::mem::take(&mut state.open).into_iter().peekable();
-            while let Some(mut open) = sessions.next() {
-                let is_final =
-                    watermark.is_some_and(|wm| open.end_ms.saturating_add(horizon) <= wm);
-                if is_final {
-                    out.push(open.to_session(user, true));
-                    for e in &open.events {
-                        state.ids.remove(&e.id);
-                    }
-                    let partition = open.offsets.last_partition().unwrap_or_default();
-                    let next_start_ms = if open.split {
-                        sessions.peek().map(|next| next.start_ms)
-                    } else {
-                        None
-                    };
-                    let this = Closed {
-                        end_ms: open.end_ms,
-                        partition,
-                        next_start_ms,
-                    };
-                    state.closed = Some(match state.closed {
-                        Some(c) if c.end_ms > open.end_ms => c,
-                        _ => this,
-                    });
-                } else {
-                    if early && open.dirty {
-                        out.push(open.to_session(user, false));
-                        open.dirty = false;
-                    }
-                    kept.push(open);
-                }
-            }
-            state.open = kept;
-            // Forget the closed record once no admissible event can reach it: with no open
-            // session left, any event not late by the watermark is beyond end + gap; the
-            // floor keeps watermark-late events from chaining back onto it later.
-            if let (Some(closed), Some(wm)) = (state.closed, watermark)
-                && state.open.is_empty()
-                && closed.end_ms.saturating_add(gap).saturating_add(horizon) <= wm
-            {
-                floor = floor.max(closed.end_ms.saturating_add(gap));
-                state.closed = None;
+        for user in visit {
+            let Some(state) = self.users.get_mut(&*user) else {
+                continue;
+            };
+            self.index.visits += 1;
+            self.index.begin(&user, state, horizon, gap);
+            self.floor_ms = emit_user(
+                &user,
+                state,
+                watermark,
+                early,
+                (horizon, gap),
+                self.floor_ms,
+                &mut out,
+            );
+            if state.open.is_empty() && state.closed.is_none() {
+                self.users.remove(&*user);
+                self.index.end(&user, None, horizon, gap);
+            } else {
+                self.index.end(&user, Some(state), horizon, gap);
             }
         }
-        self.floor_ms = floor;
-        self.users
-            .retain(|_, s| !s.open.is_empty() || s.closed.is_some());
         out
     }
 
     /// Smallest offset of `partition` still held by an open session, None if none.
     pub fn min_open_offset(&self, partition: i32) -> Option<i64> {
-        self.users
-            .values()
-            .flat_map(|s| s.open.iter())
-            .filter_map(|o| o.offsets.min(partition))
-            .min()
+        smallest(&self.index.held, partition)
     }
 
     /// Earliest start of an open session holding records of `partition`, None if none.
     pub fn min_open_start(&self, partition: i32) -> Option<i64> {
-        self.users
-            .values()
-            .flat_map(|s| s.open.iter())
-            .filter(|o| o.offsets.contains(partition))
-            .map(|o| o.start_ms)
-            .min()
+        smallest(&self.index.starts, partition)
     }
 
     /// Per user with an open session holding records of `partition`: the earliest start of
@@ -517,12 +645,56 @@ impl Sessions {
     /// final (cut at the maximum), so an event before `start_ms` is late, as it was before.
     pub fn restore_continuation(&mut self, user_id: &str, start_ms: i64, partition: i32) {
         let gap = self.gap();
-        let state = self.users.entry(Arc::from(user_id)).or_default();
+        let horizon = self.horizon();
+        let user = self.user_key(user_id).unwrap_or_else(|| Arc::from(user_id));
+        let state = match self.users.get_mut(&*user) {
+            Some(s) => {
+                self.index.begin(&user, s, horizon, gap);
+                s
+            }
+            None => self.users.entry(user.clone()).or_default(),
+        };
         state.closed = Some(Closed {
             end_ms: start_ms.saturating_sub(gap),
             partition,
             next_start_ms: Some(start_ms),
         });
+        self.index.end(&user, Some(state), horizon, gap);
+    }
+
+    /// `user`'s entry in the checkpoint of `partition`: the earliest start of its open
+    /// sessions holding records of the partition (as in [`Self::open_starts`]) and whether
+    /// that session continues one already final (as in [`Self::continued`]); None when it
+    /// has none.
+    pub fn checkpoint_entry(&self, user: &str, partition: i32) -> Option<(i64, bool)> {
+        let s = self.users.get(user)?;
+        let first = s
+            .open
+            .iter()
+            .filter(|o| o.offsets.contains(partition))
+            .map(|o| o.start_ms)
+            .min()?;
+        Some((first, s.closed.and_then(|c| c.next_start_ms) == Some(first)))
+    }
+
+    /// The users whose entry in the checkpoint of `partition` may have changed since the
+    /// last call (or [`Self::clear_changed`]).
+    pub fn take_changed(&mut self, partition: i32) -> HashSet<Arc<str>> {
+        self.index.changed.remove(&partition).unwrap_or_default()
+    }
+
+    /// Tracks the changes of `partition` from now on (its checkpoint was just taken
+    /// whole): what [`Self::take_changed`] returns.
+    pub fn track_changes(&mut self, partition: i32) {
+        self.index.tracked.insert(partition);
+        self.index.changed.remove(&partition);
+    }
+
+    /// Stops tracking the changes of every partition (their next checkpoints are taken
+    /// whole), so an engine whose checkpoints are not taken keeps no changes.
+    pub fn untrack_changes(&mut self) {
+        self.index.tracked.clear();
+        self.index.changed.clear();
     }
 
     /// Drops the open sessions of `partition` (revoked in a rebalance) — a whole run when
@@ -557,43 +729,179 @@ impl Sessions {
         }
         self.users
             .retain(|_, s| !s.open.is_empty() || s.closed.is_some());
+        // Rare (a rebalance): the index is rebuilt; the changes of the other partitions
+        // are kept, the revoked one's dropped.
+        let mut changed = std::mem::take(&mut self.index.changed);
+        changed.remove(&partition);
+        let mut tracked = std::mem::take(&mut self.index.tracked);
+        tracked.remove(&partition);
+        let visits = self.index.visits;
+        let (horizon, gap) = (self.horizon(), self.gap());
+        self.index = Index::default();
+        for (user, state) in &self.users {
+            self.index.end(user, Some(state), horizon, gap);
+        }
+        self.index.changed = changed;
+        self.index.tracked = tracked;
+        self.index.visits = visits;
+    }
+
+    /// Users visited by emissions so far.
+    pub fn emit_visits(&self) -> u64 {
+        self.index.visits
+    }
+
+    /// Panics unless the index kept up to date equals one built from scratch.
+    #[cfg(test)]
+    fn assert_indexed(&self) {
+        let (horizon, gap) = (self.horizon(), self.gap());
+        let mut fresh = Index::default();
+        for (user, state) in &self.users {
+            fresh.end(user, Some(state), horizon, gap);
+        }
+        let i = &self.index;
+        assert_eq!(
+            (
+                &i.held, &i.starts, &i.due, &i.dirty, i.open, i.events, i.bytes
+            ),
+            (
+                &fresh.held,
+                &fresh.starts,
+                &fresh.due,
+                &fresh.dirty,
+                fresh.open,
+                fresh.events,
+                fresh.bytes
+            )
+        );
     }
 
     pub fn open_count(&self) -> usize {
-        self.users.values().map(|s| s.open.len()).sum()
+        self.index.open
     }
 
-    /// Estimated heap bytes of the sessions' state (walks it: for the state gauge, once an
-    /// emission, not per event): per user its shared id (user ids are counted here only,
+    /// Estimated heap bytes of the sessions' state (kept up to date per change, so O(1)):
+    /// per user its shared id (user ids are counted here only,
     /// the windows share them), its map entry and event-id set; per open session its
     /// events, with each event id as an `Arc<str>` of `id_len` bytes on average (shared
-    /// with the user's window, counted here only), its id and superseded ids.
+    /// with the user's window, counted here only), its id and superseded ids; and the
+    /// index entries.
     pub fn heap_bytes(&self, id_len: usize) -> usize {
-        let entry = (std::mem::size_of::<Arc<str>>() + std::mem::size_of::<UserState>()) * 3 / 2;
-        let id_bytes = arc_str_bytes(id_len);
-        self.users
-            .iter()
-            .map(|(user, s)| {
-                let ids = s.ids.heap_bytes();
-                let open: usize = s
-                    .open
-                    .iter()
-                    .map(|o| {
-                        o.events.capacity() * std::mem::size_of::<Ev>()
-                            + o.events.len() * id_bytes
-                            + o.offsets.heap_bytes()
-                            + 48
-                            + o.merged.iter().map(|m| m.len() + 48).sum::<usize>()
-                    })
-                    .sum();
-                entry
-                    + arc_str_bytes(user.len())
-                    + ids
-                    + s.open.capacity() * std::mem::size_of::<Open>()
-                    + open
-            })
-            .sum()
+        let index = &self.index;
+        let entries = index.held.len() + index.starts.len() + index.due.len() + index.dirty.len();
+        let changed: usize = index.changed.values().map(|c| c.capacity() * 24).sum();
+        index.bytes + index.events * arc_str_bytes(id_len) + entries * 48 + changed
     }
+}
+
+/// One user's part of [`Sessions::emit`]: its final sessions (removed), its dirty ones
+/// when `early`, and its closed record forgotten once no admissible event can reach it.
+/// Returns the floor of pruned final sessions, raised if so.
+fn emit_user(
+    user: &str,
+    state: &mut UserState,
+    watermark: Option<i64>,
+    early: bool,
+    (horizon, gap): (i64, i64),
+    mut floor: i64,
+    out: &mut Vec<Session>,
+) -> i64 {
+    let mut kept = Vec::with_capacity(state.open.len());
+    let mut sessions = std::mem::take(&mut state.open).into_iter().peekable();
+    while let Some(mut open) = sessions.next() {
+        let is_final = watermark.is_some_and(|wm| open.end_ms.saturating_add(horizon) <= wm);
+        if is_final {
+            out.push(open.to_session(user, true));
+            for e in &open.events {
+                state.ids.remove(&e.id);
+            }
+            let partition = open.offsets.last_partition().unwrap_or_default();
+            let next_start_ms = if open.split {
+                sessions.peek().map(|next| next.start_ms)
+            } else {
+                None
+            };
+            let this = Closed {
+                end_ms: open.end_ms,
+                partition,
+                next_start_ms,
+            };
+            state.closed = Some(match state.closed {
+                Some(c) if c.end_ms > open.end_ms => c,
+                _ => this,
+            });
+        } else {
+            if early && open.dirty {
+                out.push(open.to_session(user, false));
+                open.dirty = false;
+            }
+            kept.push(open);
+        }
+    }
+    state.open = kept;
+    // Forget the closed record once no admissible event can reach it: with no open
+    // session left, any event not late by the watermark is beyond end + gap; the
+    // floor keeps watermark-late events from chaining back onto it later.
+    if let (Some(closed), Some(wm)) = (state.closed, watermark)
+        && state.open.is_empty()
+        && closed.end_ms.saturating_add(gap).saturating_add(horizon) <= wm
+    {
+        floor = floor.max(closed.end_ms.saturating_add(gap));
+        state.closed = None;
+    }
+    floor
+}
+
+/// Folds `ev` into `user`'s state (the caller checked it is neither a duplicate nor late):
+/// see [`Sessions::add`].
+fn fold(state: &mut UserState, ev: Ev, user: &str, gap: i64, max: i64) -> Admit {
+    let t = ev.t;
+    state.ids.insert(ev.id.clone());
+    let open = &mut state.open;
+    let Some(mut lo) = open.iter().position(|o| o.near(t, gap)) else {
+        // A new run.
+        let at = open.partition_point(|o| o.start_ms < t);
+        insert_exact(open, at, Open::new(user, vec![ev], false, max));
+        // Its id may be one an open session lists as superseded (a start that moved
+        // away earlier): a session must never list a live one.
+        state.unlist_current_ids();
+        return Admit::Added;
+    };
+    // The touched sessions are consecutive; widen them to whole runs.
+    let mut hi = lo;
+    while hi + 1 < open.len() && open[hi + 1].near(t, gap) {
+        hi += 1;
+    }
+    while lo > 0 && open[lo - 1].split {
+        lo -= 1;
+    }
+    while open[hi].split && hi + 1 < open.len() {
+        hi += 1;
+    }
+    let one_run = (lo..hi).all(|i| open[i].split);
+    if one_run && t >= open[lo].start_ms {
+        // Within one run, not before its first event: the session whose start is the
+        // latest at or before t.
+        let j = lo + open[lo..=hi].partition_point(|o| o.start_ms <= t) - 1;
+        if t < open[j].start_ms.saturating_add(max) {
+            open[j].push(ev);
+            return Admit::Added;
+        }
+        if j == hi {
+            // The run's last session reached the maximum: this event starts the next.
+            open[j].close_at_max(user, max);
+            insert_exact(open, j + 1, Open::new(user, vec![ev], false, max));
+            state.unlist_current_ids();
+            return Admit::Added;
+        }
+        // Before the start of the session after j, past j's maximum: it becomes that
+        // session's start, and the cuts after it move.
+        recut(open, j + 1, hi, ev, user, max);
+    } else {
+        recut(open, lo, hi, ev, user, max);
+    }
+    state.unlist_current_ids();
+    Admit::Added
 }
 
 /// Re-cuts sessions `lo..=hi` of `open` (whole runs, or the tail of one run) with the new
@@ -1188,6 +1496,7 @@ mod tests {
                     Op::Advance(d) => wm = Some(wm.unwrap_or(-1_000).saturating_add(d)),
                     Op::Emit(early) => out.extend(s.emit(wm, early)),
                 }
+                s.assert_indexed();
             }
             out.extend(s.emit(Some(i64::MAX), true));
             prop_assert_eq!(s.open_count(), 0);

@@ -9,12 +9,14 @@
 //! State is kept compact (see `compact`): a user's open windows are an exact-size vector
 //! sorted by start (one or two for most users), ids and labels are shared `Arc<str>`s.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use pulse_contracts::pb::aggregates::v1::{CurrencyAmount, UserWindowActivity};
 
-use crate::compact::{Counts, IdSet, Interner, Offsets, arc_str_bytes, insert_exact};
+use crate::compact::{
+    Counts, IdSet, Interner, Offsets, PartitionMins, hold, insert_exact, release, smallest,
+};
 use crate::model::{Admit, InputEvent, TimeConfig, version};
 
 /// One open window of one user.
@@ -132,26 +134,53 @@ fn clamp_i64(v: i128) -> i64 {
     i64::try_from(v).unwrap_or(if v < 0 { i64::MIN } else { i64::MAX })
 }
 
-/// Multiset of (partition, offset): the earliest offset each open window holds per
-/// partition, so the safe commit point is a range lookup.
-type Held = BTreeMap<(i32, i64), usize>;
+/// A B-tree entry (user, windows) in nodes about two-thirds full.
+const USER_ENTRY: usize =
+    (std::mem::size_of::<Arc<str>>() + std::mem::size_of::<Vec<Window>>()) * 3 / 2;
 
-fn hold(held: &mut Held, partition: i32, offset: i64) {
-    *held.entry((partition, offset)).or_insert(0) += 1;
+/// Estimated heap bytes of one user's open windows (the user id is shared with its
+/// session state and counted there).
+fn user_bytes(windows: &[Window], capacity: usize) -> usize {
+    USER_ENTRY
+        + capacity * std::mem::size_of::<Window>()
+        + windows.iter().map(Window::heap_bytes).sum::<usize>()
 }
 
-fn release(held: &mut Held, partition: i32, offset: i64) {
-    if let Some(n) = held.get_mut(&(partition, offset)) {
-        *n = n.saturating_sub(1);
-        if *n == 0 {
-            held.remove(&(partition, offset));
+/// What the windows' per-tick questions need, kept up to date per change (issue #15: a
+/// tick or a commit point costs the windows that changed or close, not every open window).
+#[derive(Debug, Clone, Default)]
+struct Index {
+    /// (partition, earliest offset) of every open window, per partition it holds.
+    held: PartitionMins,
+    /// (partition, start) of every open window, per partition it holds.
+    starts: PartitionMins,
+    /// (end, user) of every open window: the ones a watermark closes are a prefix.
+    ends: BTreeSet<(i64, Arc<str>)>,
+    /// Users with a window changed since it was last emitted (a hash set: no string
+    /// comparisons down a tree per event; an emission sorts the few it visits).
+    dirty: HashSet<Arc<str>>,
+    /// Sum of [`user_bytes`] (wrapping: added and removed symmetrically).
+    bytes: usize,
+    /// Users visited by emissions so far (what a tick costs; see `Engine::emit_visits`).
+    visits: u64,
+}
+
+impl Index {
+    /// Forgets a window of `user` (closed or revoked).
+    fn drop_window(&mut self, user: &Arc<str>, w: &Window) {
+        for (partition, min) in w.offsets.mins() {
+            release(&mut self.held, partition, min);
+            release(&mut self.starts, partition, w.start_ms);
         }
+        self.ends.remove(&(w.end_ms, user.clone()));
     }
-}
 
-fn release_window(held: &mut Held, window: &Window) {
-    for (partition, min) in window.offsets.mins() {
-        release(held, partition, min);
+    fn add_window(&mut self, user: &Arc<str>, w: &Window) {
+        for (partition, min) in w.offsets.mins() {
+            hold(&mut self.held, partition, min);
+            hold(&mut self.starts, partition, w.start_ms);
+        }
+        self.ends.insert((w.end_ms, user.clone()));
     }
 }
 
@@ -165,9 +194,11 @@ fn release_window(held: &mut Held, window: &Window) {
 pub struct Windows {
     window_ms: i64,
     allowed_lateness_ms: i64,
-    /// user → open windows sorted by start; ordered, so emissions are deterministic.
-    users: BTreeMap<Arc<str>, Vec<Window>>,
-    held: Held,
+    /// user → open windows sorted by start. A hash map: an event's lookups hash the user
+    /// id once instead of comparing it down a tree; emissions are still deterministic (they
+    /// visit the users they need in order, see [`Self::emit`]).
+    users: HashMap<Arc<str>, Vec<Window>>,
+    index: Index,
     open: usize,
     labels: Interner,
 }
@@ -177,8 +208,8 @@ impl Windows {
         Self {
             window_ms: cfg.window_ms.max(1),
             allowed_lateness_ms: cfg.allowed_lateness_ms.max(0),
-            users: BTreeMap::new(),
-            held: BTreeMap::new(),
+            users: HashMap::new(),
+            index: Index::default(),
             open: 0,
             labels: Interner::default(),
         }
@@ -240,14 +271,19 @@ impl Windows {
             return Admit::Duplicate;
         }
         let (start, end) = self.window_bounds(event.event_time_ms);
+        let index = &mut self.index;
         let windows = match self.users.get_mut(&**user) {
-            Some(ws) => ws,
+            Some(ws) => {
+                index.bytes = index.bytes.wrapping_sub(user_bytes(ws, ws.capacity()));
+                ws
+            }
             None => self.users.entry(user.clone()).or_default(),
         };
         let at = match windows.binary_search_by_key(&start, |w| w.start_ms) {
             Ok(at) => at,
             Err(at) => {
                 insert_exact(windows, at, Window::new(start, end));
+                index.ends.insert((end, user.clone()));
                 self.open = self.open.saturating_add(1);
                 at
             }
@@ -255,14 +291,23 @@ impl Windows {
         let window = &mut windows[at];
         let (partition, offset) = (event.partition, event.offset);
         match window.offsets.fold(partition, offset) {
-            None => hold(&mut self.held, partition, offset),
+            None => {
+                hold(&mut index.held, partition, offset);
+                hold(&mut index.starts, partition, start);
+            }
             Some(min) if offset < min => {
-                release(&mut self.held, partition, min);
-                hold(&mut self.held, partition, offset);
+                release(&mut index.held, partition, min);
+                hold(&mut index.held, partition, offset);
             }
             Some(_) => {}
         }
         window.fold(event, id, &mut self.labels);
+        if !index.dirty.contains(&**user) {
+            index.dirty.insert(user.clone());
+        }
+        index.bytes = index
+            .bytes
+            .wrapping_add(user_bytes(windows, windows.capacity()));
         Admit::Added
     }
 
@@ -271,30 +316,59 @@ impl Windows {
     /// window is emitted with final = false (and its dirty flag cleared). Ordered by user,
     /// then window start. A window finalized without having changed since its last early
     /// emission is still emitted once as final.
+    ///
+    /// Only the users that need it are visited: those with a window the watermark closes
+    /// and, when `early`, those with a dirty window.
     pub fn emit(&mut self, watermark: Option<i64>, early: bool) -> Vec<UserWindowActivity> {
         let mut out = Vec::new();
         let lateness = self.allowed_lateness_ms;
+        let mut visit: BTreeSet<Arc<str>> = self
+            .index
+            .ends
+            .iter()
+            .take_while(|(end, _)| closed(*end, lateness, watermark))
+            .map(|(_, user)| user.clone())
+            .collect();
+        if early {
+            visit.extend(self.index.dirty.iter().cloned());
+        }
         let Self {
-            users, held, open, ..
+            users, index, open, ..
         } = self;
-        users.retain(|user, windows| {
+        for user in visit {
+            let Some(windows) = users.get_mut(&*user) else {
+                continue;
+            };
+            index.visits += 1;
+            index.bytes = index
+                .bytes
+                .wrapping_sub(user_bytes(windows, windows.capacity()));
             windows.retain_mut(|w| {
                 if closed(w.end_ms, lateness, watermark) {
-                    out.push(w.output(user, true));
-                    release_window(held, w);
+                    out.push(w.output(&user, true));
+                    index.drop_window(&user, w);
                     *open = open.saturating_sub(1);
                     false
                 } else {
                     if early && w.dirty {
-                        out.push(w.output(user, false));
+                        out.push(w.output(&user, false));
                         w.dirty = false;
                     }
                     true
                 }
             });
             windows.shrink_to_fit();
-            !windows.is_empty()
-        });
+            if !windows.iter().any(|w| w.dirty) {
+                index.dirty.remove(&user);
+            }
+            if windows.is_empty() {
+                users.remove(&*user);
+            } else {
+                index.bytes = index
+                    .bytes
+                    .wrapping_add(user_bytes(windows, windows.capacity()));
+            }
+        }
         self.labels.prune();
         out
     }
@@ -302,34 +376,21 @@ impl Windows {
     /// The smallest offset of `partition` still held by an open window (the earliest
     /// record a restart must re-read), None if none.
     pub fn min_open_offset(&self, partition: i32) -> Option<i64> {
-        self.held
-            .range((partition, i64::MIN)..=(partition, i64::MAX))
-            .next()
-            .map(|((_, offset), _)| *offset)
+        smallest(&self.index.held, partition)
     }
 
     /// The earliest start of an open window holding records of `partition`, None if none.
     pub fn min_open_start(&self, partition: i32) -> Option<i64> {
-        self.users
-            .values()
-            .filter_map(|ws| {
-                ws.iter()
-                    .find(|w| w.offsets.contains(partition))
-                    .map(|w| w.start_ms)
-            })
-            .min()
+        smallest(&self.index.starts, partition)
     }
 
     /// Drops the open windows holding events of `partition` (it was revoked; a new owner
     /// rebuilds them from the log).
     pub fn revoke(&mut self, partition: i32) {
-        let Self {
-            users, held, open, ..
-        } = self;
+        let Self { users, open, .. } = self;
         users.retain(|_, windows| {
             windows.retain(|w| {
                 if w.offsets.contains(partition) {
-                    release_window(held, w);
                     *open = open.saturating_sub(1);
                     false
                 } else {
@@ -338,6 +399,23 @@ impl Windows {
             });
             !windows.is_empty()
         });
+        // Rare (a rebalance): the index is rebuilt.
+        let mut index = Index {
+            visits: self.index.visits,
+            ..Index::default()
+        };
+        for (user, windows) in &self.users {
+            for w in windows {
+                index.add_window(user, w);
+            }
+            if windows.iter().any(|w| w.dirty) {
+                index.dirty.insert(user.clone());
+            }
+            index.bytes = index
+                .bytes
+                .wrapping_add(user_bytes(windows, windows.capacity()));
+        }
+        self.index = index;
     }
 
     /// Number of open windows over all users.
@@ -345,23 +423,47 @@ impl Windows {
         self.open
     }
 
-    /// Estimated heap bytes of the open windows (walks them: for the state gauge, once an
-    /// emission, not per event). User and event ids are shared with the sessions and
-    /// counted there, except the ids of users without a session state.
+    /// Users visited by emissions so far.
+    pub fn emit_visits(&self) -> u64 {
+        self.index.visits
+    }
+
+    /// Panics unless the index kept up to date equals one built from scratch.
+    #[cfg(test)]
+    fn assert_indexed(&self) {
+        let mut fresh = Index::default();
+        for (user, windows) in &self.users {
+            for w in windows {
+                fresh.add_window(user, w);
+            }
+            if windows.iter().any(|w| w.dirty) {
+                fresh.dirty.insert(user.clone());
+            }
+            fresh.bytes = fresh
+                .bytes
+                .wrapping_add(user_bytes(windows, windows.capacity()));
+        }
+        let i = &self.index;
+        assert_eq!(
+            (&i.held, &i.starts, &i.ends, &i.dirty, i.bytes),
+            (
+                &fresh.held,
+                &fresh.starts,
+                &fresh.ends,
+                &fresh.dirty,
+                fresh.bytes
+            )
+        );
+        let open: usize = self.users.values().map(Vec::len).sum();
+        assert_eq!(self.open, open);
+    }
+
+    /// Estimated heap bytes of the open windows (kept up to date per change, so O(1)):
+    /// their containers and the index entries. User and event ids are shared with the
+    /// sessions and counted there.
     pub fn heap_bytes(&self) -> usize {
-        // A B-tree entry (key, value) in nodes about two-thirds full.
-        let entry = (std::mem::size_of::<Arc<str>>() + std::mem::size_of::<Vec<Window>>()) * 3 / 2;
-        self.users
-            .iter()
-            .map(|(user, ws)| {
-                let shared = Arc::strong_count(user) > 1;
-                entry
-                    + if shared { 0 } else { arc_str_bytes(user.len()) }
-                    + ws.capacity() * std::mem::size_of::<Window>()
-                    + ws.iter().map(Window::heap_bytes).sum::<usize>()
-            })
-            .sum::<usize>()
-            + self.held.len() * 48
+        let i = &self.index;
+        i.bytes + (i.held.len() + i.starts.len() + i.ends.len() + i.dirty.len()) * 48
     }
 }
 
@@ -863,6 +965,7 @@ mod tests {
                     Op::Advance(d) => wm = Some(wm.unwrap_or(-400_000).saturating_add(d)),
                     Op::Emit(early) => emitted.extend(w.emit(wm, early)),
                 }
+                w.assert_indexed();
             }
             emitted.extend(w.emit(Some(i64::MAX), true));
             prop_assert_eq!(w.open_count(), 0);

@@ -1,7 +1,8 @@
 //! `pulsectl dlq inspect|redrive`: lists the records of `pulse.events.dlq.v1` with their
 //! error code, detail and a preview of the original bytes, and re-submits chosen records'
-//! original bytes to ingest's HTTP API. Reading the topic is `dlq::read`; talking to ingest
-//! is `ingest_client`.
+//! original bytes to ingest's HTTP API (`https://` with `--ca-file` for a TLS ingest).
+//! Reading the topic is `dlq::read`; talking to ingest is `ingest_client`; both show their
+//! progress on stderr (`crate::progress`).
 
 pub mod read;
 
@@ -15,7 +16,8 @@ use serde_json::{Value, json};
 use tokio_util::sync::CancellationToken;
 
 pub use self::read::{ReadError, Record, preview, read_topic};
-use crate::ingest_client::{Answer, ClientError, HttpIngest, Retry, SendError};
+use crate::ingest_client::{Answer, ClientError, IngestArgs, Retry, SendError};
+use crate::progress::{Progress, ProgressArgs};
 
 /// Characters of the original bytes shown per record.
 const PREVIEW_CHARS: usize = 120;
@@ -66,20 +68,8 @@ pub struct RedriveArgs {
     /// Re-submit every record with this `pulse-error-code`.
     #[arg(long)]
     pub code: Option<String>,
-    /// Ingest's HTTP base URL.
-    #[arg(
-        long,
-        env = "PULSE_LOADGEN_TARGET",
-        default_value = "http://127.0.0.1:8080"
-    )]
-    pub target: String,
-    #[arg(
-        long,
-        env = "PULSE_API_KEY",
-        default_value = "pulse-dev-key",
-        hide_env_values = true
-    )]
-    pub api_key: String,
+    #[command(flatten)]
+    pub ingest: IngestArgs,
     #[command(flatten)]
     pub topic: TopicArgs,
 }
@@ -117,8 +107,9 @@ pub async fn inspect(
     topic: &TopicArgs,
     code: Option<&str>,
     limit: Option<usize>,
+    progress: &Progress,
 ) -> Result<Vec<Record>, DlqError> {
-    let records = read_topic(&topic.kafka, &topic.topic, topic.read_timeout).await?;
+    let records = read_topic(&topic.kafka, &topic.topic, topic.read_timeout, progress).await?;
     Ok(records
         .into_iter()
         .filter(|r| code.is_none_or(|c| r.code.as_deref() == Some(c)))
@@ -168,9 +159,16 @@ pub enum Redriven {
 }
 
 /// Re-submits the selected records; returns each position with its outcome, in order.
-pub async fn redrive(args: &RedriveArgs) -> Result<Vec<((i32, i64), Redriven)>, DlqError> {
+/// With `progress`, shows reading the topic (records in range) and then re-submitting
+/// (records to send) on stderr.
+pub async fn redrive(
+    args: &RedriveArgs,
+    progress: Option<&ProgressArgs>,
+) -> Result<Vec<((i32, i64), Redriven)>, DlqError> {
     let t = &args.topic;
-    let records = read_topic(&t.kafka, &t.topic, t.read_timeout).await?;
+    let reading = Progress::maybe(progress, "dlq read", "records", None);
+    let records = read_topic(&t.kafka, &t.topic, t.read_timeout, &reading).await?;
+    reading.finish();
     let wanted: BTreeSet<(i32, i64)> = args.offsets.iter().copied().collect();
     let selected: Vec<&Record> = records
         .iter()
@@ -214,7 +212,14 @@ pub async fn redrive(args: &RedriveArgs) -> Result<Vec<((i32, i64), Redriven)>, 
             )),
         }
     }
-    let ingest = HttpIngest::new(&args.target, &args.api_key, Duration::from_secs(30))?;
+    let ingest = args.ingest.http(Duration::from_secs(30))?;
+    let sending = Progress::maybe(
+        progress,
+        "dlq redrive",
+        "records",
+        Some(json_records.len() as u64),
+    );
+    let skipped = out.len();
     let retry = Retry {
         max_retry: Duration::from_secs(60),
     };
@@ -239,9 +244,28 @@ pub async fn redrive(args: &RedriveArgs) -> Result<Vec<((i32, i64), Redriven)>, 
         for (r, a) in chunk.iter().zip(answers) {
             out.push(((r.partition, r.offset), Redriven::Answered(a)));
         }
+        sending.inc(chunk.len() as u64);
+        sending.set_message(redrive_message(&out[skipped..], skipped));
     }
+    sending.finish();
     out.sort_by_key(|(pos, _)| *pos);
     Ok(out)
+}
+
+/// The counts beside the redrive progress: answers by status, and records not sent.
+fn redrive_message(answered: &[((i32, i64), Redriven)], not_sent: usize) -> String {
+    let mut by_status: std::collections::BTreeMap<&str, usize> = Default::default();
+    for (_, r) in answered {
+        if let Redriven::Answered(a) = r {
+            *by_status.entry(a.status.as_str()).or_default() += 1;
+        }
+    }
+    let mut parts: Vec<String> = by_status
+        .iter()
+        .map(|(status, n)| format!("{status} {n}"))
+        .collect();
+    parts.push(format!("skipped or not found {not_sent}"));
+    parts.join(", ")
 }
 
 fn redriven_line((p, o): (i32, i64), r: &Redriven) -> String {
@@ -262,11 +286,13 @@ fn redriven_line((p, o): (i32, i64), r: &Redriven) -> String {
     }
 }
 
-pub async fn run(command: DlqCommand) -> Result<(), crate::Error> {
+pub async fn run(command: DlqCommand, progress: &ProgressArgs) -> Result<(), crate::Error> {
     match command {
         DlqCommand::Inspect(args) => {
             validate_all(&[&args.topic.kafka])?;
-            let records = inspect(&args.topic, args.code.as_deref(), args.limit).await?;
+            let reading = Progress::start(progress, "dlq read", "records", None);
+            let records = inspect(&args.topic, args.code.as_deref(), args.limit, &reading).await?;
+            reading.finish();
             for r in &records {
                 if args.json {
                     println!("{}", json_line(r));
@@ -279,8 +305,8 @@ pub async fn run(command: DlqCommand) -> Result<(), crate::Error> {
             }
         }
         DlqCommand::Redrive(args) => {
-            validate_all(&[&args.topic.kafka])?;
-            for (pos, r) in redrive(&args).await? {
+            validate_all(&[&args.topic.kafka, &args.ingest])?;
+            for (pos, r) in redrive(&args, Some(progress)).await? {
                 println!("{}", redriven_line(pos, &r));
             }
         }

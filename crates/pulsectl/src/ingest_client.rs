@@ -1,8 +1,10 @@
 //! The client of ingest's API: one batch over HTTP (`POST /v1/events`, a JSON array) or
 //! gRPC (unary `SendEvents`), answered with one result per event; retries of 503/429 (and
 //! `UNAVAILABLE`/`RESOURCE_EXHAUSTED`) honouring Retry-After, and of transport failures,
-//! with backoff. Shared by `loadgen` and `dlq redrive`; what to send is left to them.
+//! with backoff; and the flags that say where ingest is ([`IngestArgs`]: URL, CA file, API
+//! key). Shared by `loadgen` and `dlq redrive`; what to send is left to them.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,6 +13,70 @@ use pulse_contracts::pb::ingest::v1::ingest_service_client::IngestServiceClient;
 use pulse_contracts::pb::ingest::v1::{EventStatus, SendEventsRequest};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
+
+/// Where ingest's HTTP API is and how to talk to it; flattened into every command that
+/// sends to ingest (`loadgen`, `dlq redrive`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct IngestArgs {
+    /// Ingest's HTTP base URL (events are POSTed to /v1/events as JSON arrays); `https://`
+    /// for an ingest with `--tls-cert-file` (see `--ca-file`).
+    #[arg(
+        long,
+        env = "PULSE_LOADGEN_TARGET",
+        default_value = "http://127.0.0.1:8080"
+    )]
+    pub target: String,
+    /// PEM CA certificate(s) to trust for an `https://` target or gRPC URL (ingest with
+    /// `--tls-cert-file`); unset: the built-in web roots over HTTPS, and gRPC over TLS is
+    /// not possible.
+    #[arg(long = "ca-file", env = "PULSE_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// API key, sent as `Authorization: Bearer <key>`.
+    #[arg(
+        long,
+        env = "PULSE_API_KEY",
+        default_value = "pulse-dev-key",
+        hide_env_values = true
+    )]
+    pub api_key: String,
+}
+
+impl Default for IngestArgs {
+    fn default() -> Self {
+        Self {
+            target: "http://127.0.0.1:8080".into(),
+            ca_file: None,
+            api_key: "pulse-dev-key".into(),
+        }
+    }
+}
+
+impl pulse_platform::config::Validate for IngestArgs {
+    fn validate(&self, p: &mut pulse_platform::config::Problems) {
+        p.check(
+            self.target.starts_with("http://") || self.target.starts_with("https://"),
+            "--target",
+            format!("must be an http(s) URL, got {:?}", self.target),
+        );
+    }
+}
+
+impl IngestArgs {
+    /// A client of the HTTP API at `--target`, trusting `--ca-file`.
+    pub fn http(&self, timeout: Duration) -> Result<HttpIngest, ClientError> {
+        HttpIngest::new_with_ca(
+            &self.target,
+            &self.api_key,
+            timeout,
+            self.ca_file.as_deref(),
+        )
+    }
+
+    /// A client of the gRPC API at `url`, over TLS trusting `--ca-file` when given.
+    pub async fn grpc(&self, url: &str, timeout: Duration) -> Result<GrpcIngest, ClientError> {
+        GrpcIngest::connect_with_ca(url, &self.api_key, timeout, self.ca_file.as_deref()).await
+    }
+}
 
 /// Ingest's answer for one event.
 #[derive(Debug, Clone, PartialEq, Eq)]

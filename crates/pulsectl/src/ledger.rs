@@ -110,6 +110,17 @@ pub struct SourceArgs {
     /// Ids printed per difference.
     #[arg(long = "max-ids", default_value_t = 20)]
     pub max_ids: usize,
+    /// The memory budget, in events held at once (accepted events of the span not yet
+    /// reconciled, with their late and dead-lettered ones; ~200 bytes each, plus as many
+    /// archive rows). `ledger watch` defers the windows that do not fit and reads their
+    /// events again once the earlier ones are reconciled; `ledger --from --to` refuses a
+    /// range holding more (split it).
+    #[arg(
+        long = "max-held-events",
+        env = "PULSE_LEDGER_MAX_HELD_EVENTS",
+        default_value_t = DEFAULT_MAX_HELD_EVENTS
+    )]
+    pub max_held_events: usize,
     /// Window size and allowed lateness: the processor's (`PULSE_WINDOW_MS`,
     /// `PULSE_ALLOWED_LATENESS_MS`).
     #[command(flatten)]
@@ -145,6 +156,11 @@ impl Validate for SourceArgs {
             !self.read_timeout.is_zero(),
             "--read-timeout",
             "must be longer than 0",
+        );
+        p.check(
+            self.max_held_events >= 1,
+            "--max-held-events / PULSE_LEDGER_MAX_HELD_EVENTS",
+            "must be at least 1",
         );
         self.windowing.validate(p);
         self.kafka.validate(p);
@@ -208,8 +224,13 @@ pub fn check_range(from: i64, to: i64, window_ms: i64, p: &mut Problems) {
     );
 }
 
-/// The longest range one run reconciles (every id of it is held in memory).
+/// The longest range one run reconciles (every id of it is held in memory, up to
+/// `--max-held-events`).
 pub const MAX_HOURS: i64 = 24;
+
+/// `--max-held-events`' default: ~200,000 events ≈ 40 MiB of book (plus as many archive
+/// rows), about 50 s of the local benchmark's 4,000 events/s.
+pub const DEFAULT_MAX_HELD_EVENTS: usize = 200_000;
 
 /// Why the ledger could not reconcile, or found a difference.
 #[derive(Debug, thiserror::Error)]
@@ -228,6 +249,10 @@ pub enum LedgerError {
     Revenue(#[from] revenue::RevenueError),
     #[error("{0}")]
     NotClosed(String),
+    #[error(
+        "the range holds more than {max} events (read so far: {held}), the memory budget --max-held-events / PULSE_LEDGER_MAX_HELD_EVENTS; split it into shorter ranges or raise the budget"
+    )]
+    OverBudget { held: usize, max: usize },
     #[error("admin server: {0}")]
     Admin(#[from] std::io::Error),
     #[error("mismatch in [{from}, {to}): {summary}")]

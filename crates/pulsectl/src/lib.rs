@@ -1,6 +1,8 @@
 //! `pulsectl`, the operator CLI. Each subcommand is a module; this file holds the
 //! command tree and dispatch. Implemented: `topics create|list`, `schemas register|check`,
-//! `migrate`, `loadgen`, `dlq inspect|redrive`, `slo`, `replay`, `ledger [watch]`.
+//! `migrate`, `loadgen`, `dlq inspect|redrive`, `slo`, `replay`, `ledger [watch]`. What
+//! several commands share sits beside them: `ingest_client` (ingest's flags and clients),
+//! `progress` (long work shown on stderr; the global `--progress` flags), `duration`.
 
 pub mod dlq;
 pub mod duration;
@@ -8,6 +10,7 @@ pub mod ingest_client;
 pub mod ledger;
 pub mod loadgen;
 pub mod migrate;
+pub mod progress;
 pub mod replay;
 pub mod schemas;
 pub mod slo;
@@ -23,6 +26,8 @@ use pulse_platform::kafka::KafkaConfig;
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    #[command(flatten)]
+    pub progress: progress::ProgressArgs,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -85,14 +90,15 @@ pub enum Error {
 
 /// Runs one command.
 pub async fn run(cli: Cli) -> Result<(), Error> {
+    let progress = &cli.progress;
     match cli.command {
         Command::Topics { command, kafka } => topics::run(command, &kafka).await,
         Command::Schemas { command } => schemas::run(command).await,
-        Command::Migrate { clickhouse } => migrate::run(&clickhouse).await,
-        Command::Loadgen(args) => loadgen::run(*args).await,
-        Command::Dlq { command } => dlq::run(command).await,
+        Command::Migrate { clickhouse } => migrate::run(&clickhouse, progress).await,
+        Command::Loadgen(args) => loadgen::run(*args, progress).await,
+        Command::Dlq { command } => dlq::run(command, progress).await,
         Command::Slo(args) => slo::run(args).await,
-        Command::Replay(args) => replay::run(*args).await,
+        Command::Replay(args) => replay::run(*args, progress).await,
         Command::Ledger(args) => ledger::run(*args).await,
     }
 }
@@ -144,7 +150,58 @@ mod tests {
         assert_eq!(r.offsets, vec![(0, 1), (2, 3)]);
         assert_eq!(r.topic.kafka.brokers, "k:9092");
         assert!(Cli::try_parse_from(["pulsectl", "dlq", "redrive"]).is_err());
+        let cli = Cli::parse_from([
+            "pulsectl",
+            "dlq",
+            "redrive",
+            "--code",
+            "missing_field",
+            "--target",
+            "https://ingest:8443",
+            "--ca-file",
+            "/etc/pulse/ca.pem",
+        ]);
+        let Command::Dlq {
+            command: dlq::DlqCommand::Redrive(r),
+        } = cli.command
+        else {
+            panic!("not dlq redrive")
+        };
+        assert_eq!(r.ingest.target, "https://ingest:8443");
+        assert_eq!(
+            r.ingest.ca_file.as_deref(),
+            Some(std::path::Path::new("/etc/pulse/ca.pem"))
+        );
         let cli = Cli::parse_from(["pulsectl", "slo", "--check"]);
-        assert!(matches!(cli.command, Command::Slo(s) if s.check && s.metrics.len() == 2));
+        assert!(matches!(cli.command, Command::Slo(s) if s.check && s.metrics.len() == 4));
+    }
+
+    #[test]
+    fn the_progress_flags_are_global_and_the_interval_is_checked() {
+        use clap::Parser;
+        let cli = Cli::parse_from(["pulsectl", "migrate"]);
+        assert_eq!(cli.progress.mode, progress::Mode::Auto);
+        assert_eq!(cli.progress.interval, std::time::Duration::from_secs(5));
+        let cli = Cli::parse_from([
+            "pulsectl",
+            "replay",
+            "--from",
+            "0",
+            "--to",
+            "1",
+            "--progress",
+            "plain",
+            "--progress-interval",
+            "1s",
+        ]);
+        assert_eq!(cli.progress.mode, progress::Mode::Plain);
+        assert_eq!(cli.progress.interval, std::time::Duration::from_secs(1));
+        let cli = Cli::parse_from(["pulsectl", "--progress", "off", "migrate"]);
+        assert_eq!(cli.progress.mode, progress::Mode::Off);
+        let err = Cli::try_parse_from(["pulsectl", "migrate", "--progress-interval", "0s"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("at least 100ms"), "{err}");
+        assert!(Cli::try_parse_from(["pulsectl", "migrate", "--progress", "fancy"]).is_err());
     }
 }

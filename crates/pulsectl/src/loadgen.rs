@@ -11,7 +11,6 @@ pub mod workload;
 
 use pulse_platform::clock::now_ms;
 use std::collections::BTreeMap;
-use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -24,39 +23,24 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use self::expect::{Answered, Settings, Status};
-use self::stats::{Counts, Summary, progress_line};
+use self::stats::{Counts, Summary, progress_message};
 use self::workload::{GenEvent, Kind, UserOrder, Workload, WorkloadConfig};
 use crate::duration::parse_duration;
-use crate::ingest_client::{ClientError, Delivery, GrpcIngest, HttpIngest, Retry, SendError};
+use crate::ingest_client::{
+    ClientError, Delivery, GrpcIngest, HttpIngest, IngestArgs, Retry, SendError,
+};
+use crate::progress::{Progress, ProgressArgs};
 
 /// A partial batch waits at most this long for more events before it is sent.
 const LINGER: Duration = Duration::from_millis(500);
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct LoadgenArgs {
-    /// Ingest's HTTP base URL (events are POSTed to /v1/events as JSON arrays).
-    #[arg(
-        long,
-        env = "PULSE_LOADGEN_TARGET",
-        default_value = "http://127.0.0.1:8080"
-    )]
-    pub target: String,
+    #[command(flatten)]
+    pub ingest: IngestArgs,
     /// Send over gRPC to this URL instead (unary SendEvents), e.g. http://127.0.0.1:50051.
     #[arg(long)]
     pub grpc: Option<String>,
-    /// PEM CA certificate(s) to trust for an `https://` target or gRPC URL (ingest with
-    /// `--tls-cert-file`); unset: the built-in web roots over HTTPS, and gRPC over TLS is
-    /// not possible.
-    #[arg(long = "ca-file", env = "PULSE_CA_FILE")]
-    pub ca_file: Option<PathBuf>,
-    /// API key, sent as `Authorization: Bearer <key>`.
-    #[arg(
-        long,
-        env = "PULSE_API_KEY",
-        default_value = "pulse-dev-key",
-        hide_env_values = true
-    )]
-    pub api_key: String,
     /// Simulated users.
     #[arg(long, default_value_t = 200)]
     pub users: u32,
@@ -68,9 +52,12 @@ pub struct LoadgenArgs {
     /// Events per second (planned; the summary shows what was achieved).
     #[arg(long, default_value_t = 50.0)]
     pub rate: f64,
-    /// How long to run (`90s`, `5m`, `1h`, `500ms`; `0` = until Ctrl-C).
+    /// How long to run (`90s`, `5m`, `1h`, `500ms`; `0` = until Ctrl-C or `--events`).
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub duration: Duration,
+    /// Send this many events, then stop (with `--duration`: whichever comes first).
+    #[arg(long)]
+    pub events: Option<u64>,
     /// Events per request (at most; a partial batch is sent after 500 ms).
     #[arg(long, default_value_t = 20)]
     pub batch_size: usize,
@@ -129,10 +116,11 @@ pub struct LoadgenArgs {
 impl Validate for LoadgenArgs {
     fn validate(&self, p: &mut Problems) {
         let url_ok = |u: &str| u.starts_with("http://") || u.starts_with("https://");
+        self.ingest.validate(p);
         p.check(
-            url_ok(&self.target),
-            "--target",
-            format!("must be an http(s) URL, got {:?}", self.target),
+            self.events != Some(0),
+            "--events",
+            "must be >= 1 (leave it out to run for --duration)",
         );
         if let Some(g) = &self.grpc {
             p.check(
@@ -208,10 +196,10 @@ pub enum LoadgenError {
 }
 
 /// How the library run behaves beyond the arguments.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct RunOptions {
-    /// Print the live progress line on stderr.
-    pub progress: bool,
+    /// Show the seed line and live progress on stderr, as these flags say (None: neither).
+    pub progress: Option<ProgressArgs>,
     /// Keep every answered event in the report (always on with `--expect-out`).
     pub keep_answers: bool,
 }
@@ -290,8 +278,23 @@ fn record(
     d: Delivery,
     start_ms: i64,
     keep: bool,
+    progress: &Progress,
 ) -> bool {
     let mut s = lock(shared);
+    let stop = book(&mut s, batch, d, start_ms, keep, progress);
+    progress.set_position(s.counts.done());
+    progress.set_message(progress_message(&s.counts));
+    stop
+}
+
+fn book(
+    s: &mut Shared,
+    batch: &[GenEvent],
+    d: Delivery,
+    start_ms: i64,
+    keep: bool,
+    progress: &Progress,
+) -> bool {
     s.counts.requests += u64::from(d.attempts);
     s.counts.retries += u64::from(d.attempts.saturating_sub(1));
     for l in &d.latencies {
@@ -335,7 +338,7 @@ fn record(
         Ok(answers) => {
             s.counts.failed += n;
             if keep {
-                unanswered(&mut s, batch, "failed");
+                unanswered(s, batch, "failed");
             }
             let msg = format!(
                 "ingest answered {} results for {} events",
@@ -348,20 +351,20 @@ fn record(
         Err(_) if d.abandoned => {
             s.counts.unsent += n;
             if keep {
-                unanswered(&mut s, batch, "unsent");
+                unanswered(s, batch, "unsent");
             }
             false
         }
         Err(e) => {
             s.counts.failed += n;
             if keep {
-                unanswered(&mut s, batch, "failed");
+                unanswered(s, batch, "failed");
             }
             let msg = e.to_string();
             let first = !s.errors.contains_key(&msg);
             *s.errors.entry(msg.clone()).or_default() += 1;
             if first {
-                eprintln!("loadgen: a batch of {n} event(s) failed: {msg}");
+                progress.println(&format!("loadgen: a batch of {n} event(s) failed: {msg}"));
             }
             matches!(&e, SendError::Refused { status, .. }
                 if status.starts_with("401") || status == "Unauthenticated")
@@ -369,42 +372,15 @@ fn record(
     }
 }
 
-fn spawn_progress(
-    shared: Arc<Mutex<Shared>>,
-    started: Instant,
-    stop: CancellationToken,
-) -> tokio::task::JoinHandle<()> {
-    let tty = std::io::stderr().is_terminal();
-    let every = if tty {
-        Duration::from_secs(1)
-    } else {
-        Duration::from_secs(5)
-    };
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval_at(started + every, every);
-        let mut last_sent = 0;
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => break,
-                _ = tick.tick() => {}
-            }
-            let line = {
-                let s = lock(&shared);
-                let sent = s.counts.sent();
-                let rate = (sent - last_sent) as f64 / every.as_secs_f64();
-                last_sent = sent;
-                progress_line(&s.counts, rate, started.elapsed())
-            };
-            if tty {
-                eprint!("\r\x1b[2K{line}");
-            } else {
-                eprintln!("{line}");
-            }
-        }
-        if tty {
-            eprintln!();
-        }
-    })
+/// Events the run will send: `--events`, or what `--rate` plans for `--duration` (one
+/// event every 1/rate s from 0), whichever is fewer; None when it runs until Ctrl-C.
+pub fn planned_events(args: &LoadgenArgs) -> Option<u64> {
+    let by_time = (!args.duration.is_zero())
+        .then(|| (args.duration.as_secs_f64() * args.rate).ceil().max(0.0) as u64);
+    match (by_time, args.events) {
+        (Some(t), Some(e)) => Some(t.min(e)),
+        (t, e) => t.or(e),
+    }
 }
 
 /// Runs the workload until `--duration` has passed (or `stop` is cancelled) and every
@@ -419,23 +395,15 @@ pub async fn run_load(
     let keep = opts.keep_answers || args.expect_out.is_some() || args.record.is_some();
     let transport = match &args.grpc {
         Some(url) => Transport::Grpc(
-            GrpcIngest::connect_with_ca(
-                url,
-                &args.api_key,
-                args.request_timeout,
-                args.ca_file.as_deref(),
-            )
-            .await
-            .map_err(LoadgenError::Connect)?,
+            args.ingest
+                .grpc(url, args.request_timeout)
+                .await
+                .map_err(LoadgenError::Connect)?,
         ),
         None => Transport::Http(
-            HttpIngest::new_with_ca(
-                &args.target,
-                &args.api_key,
-                args.request_timeout,
-                args.ca_file.as_deref(),
-            )
-            .map_err(LoadgenError::Connect)?,
+            args.ingest
+                .http(args.request_timeout)
+                .map_err(LoadgenError::Connect)?,
         ),
     };
     let mut workload = Workload::new(WorkloadConfig {
@@ -452,14 +420,18 @@ pub async fn run_load(
         duplicate_min_distance: (args.batch_size * args.concurrency) as u64,
         user_order: args.user_order,
     });
-    if opts.progress {
-        eprintln!(
-            "loadgen: seed {seed}, {} events/s, {} users, to {}",
-            args.rate,
-            args.users,
-            args.grpc.as_deref().unwrap_or(&args.target)
-        );
-    }
+    let progress = match &opts.progress {
+        Some(p) => {
+            eprintln!(
+                "loadgen: seed {seed}, {} events/s, {} users, to {}",
+                args.rate,
+                args.users,
+                args.grpc.as_deref().unwrap_or(&args.ingest.target)
+            );
+            Progress::start(p, "loadgen", "events", planned_events(args))
+        }
+        None => Progress::hidden(),
+    };
 
     let shared = Arc::new(Mutex::new(Shared::default()));
     // Cancelled by Ctrl-C (via `stop`) or when ingest refuses the API key.
@@ -472,21 +444,20 @@ pub async fn run_load(
     let started = Instant::now();
     let start_ms = now_ms();
     let end = (!args.duration.is_zero()).then(|| started + args.duration);
-    let progress_stop = CancellationToken::new();
-    let progress = opts
-        .progress
-        .then(|| spawn_progress(shared.clone(), started, progress_stop.clone()));
 
     let due = |e: &GenEvent| started + Duration::from_millis(e.send_offset_ms.max(0) as u64);
     let mut next = workload.next();
     let mut pending: Vec<GenEvent> = Vec::new();
     let mut first_due = started;
+    let mut generated: u64 = 0;
     loop {
         while tasks.try_join_next().is_some() {}
         let Some(event) = next.take() else { break };
         let event_due = due(&event);
         // Ctrl-C (or a refused key) ends generating; what was generated is still sent.
-        let finished = halt.is_cancelled() || end.is_some_and(|e| event_due >= e);
+        let finished = halt.is_cancelled()
+            || end.is_some_and(|e| event_due >= e)
+            || args.events.is_some_and(|n| generated >= n);
         let now = Instant::now();
         // A partial batch waits for more events only while the next one is not due yet:
         // behind schedule, due events fill it first (else every batch would be one event
@@ -506,8 +477,13 @@ pub async fn run_load(
                 }
                 break;
             };
-            let (transport, shared, halt, retry) =
-                (transport.clone(), shared.clone(), halt.clone(), retry);
+            let (transport, shared, halt, retry, progress) = (
+                transport.clone(),
+                shared.clone(),
+                halt.clone(),
+                retry,
+                progress.clone(),
+            );
             tasks.spawn(async move {
                 let _permit = permit;
                 let delivery = match &transport {
@@ -525,7 +501,7 @@ pub async fn run_load(
                             .await
                     }
                 };
-                if record(&shared, &batch, delivery, start_ms, keep) {
+                if record(&shared, &batch, delivery, start_ms, keep, &progress) {
                     halt.cancel();
                 }
             });
@@ -539,6 +515,7 @@ pub async fn run_load(
                 first_due = event_due;
             }
             pending.push(event);
+            generated += 1;
             lock(&shared).counts.generated += 1;
             next = workload.next();
             continue;
@@ -560,10 +537,12 @@ pub async fn run_load(
         }
     }
     let elapsed = started.elapsed();
-    progress_stop.cancel();
-    if let Some(p) = progress {
-        let _ = p.await;
+    {
+        let s = lock(&shared);
+        progress.set_position(s.counts.done());
+        progress.set_message(progress_message(&s.counts));
     }
+    progress.finish();
     let mut s = std::mem::take(&mut *lock(&shared));
     s.answered.sort_by_key(|(seq, _)| *seq);
     s.unanswered.sort_by_key(|(seq, _, _)| *seq);
@@ -609,7 +588,7 @@ fn outcomes_ndjson(report: &Report) -> String {
 
 /// The command: runs until the duration or Ctrl-C, prints the summary, writes the expect
 /// file; fails when events were lost.
-pub async fn run(args: LoadgenArgs) -> Result<(), crate::Error> {
+pub async fn run(args: LoadgenArgs, progress: &ProgressArgs) -> Result<(), crate::Error> {
     let stop = CancellationToken::new();
     let on_signal = stop.clone();
     tokio::spawn(async move {
@@ -627,7 +606,7 @@ pub async fn run(args: LoadgenArgs) -> Result<(), crate::Error> {
         &args,
         stop,
         RunOptions {
-            progress: true,
+            progress: Some(progress.clone()),
             keep_answers: false,
         },
     )
@@ -681,7 +660,7 @@ mod tests {
     fn defaults_are_valid_and_every_bad_setting_is_reported() {
         let ok = Cli::parse_from(["x"]).args;
         validate_all(&[&ok]).unwrap();
-        assert_eq!(ok.api_key, "pulse-dev-key");
+        assert_eq!(ok.ingest.api_key, "pulse-dev-key");
         let bad = Cli::parse_from([
             "x",
             "--rate",
@@ -700,6 +679,24 @@ mod tests {
         for needle in ["--rate", "--batch-size", "add up", "--target"] {
             assert!(err.contains(needle), "{needle} missing in {err}");
         }
+    }
+
+    #[test]
+    fn the_planned_event_count_is_rate_times_duration_or_events_whichever_is_fewer() {
+        let planned = |extra: &[&str]| {
+            let mut argv = vec!["x"];
+            argv.extend_from_slice(extra);
+            planned_events(&Cli::parse_from(argv).args)
+        };
+        assert_eq!(planned(&[]), Some(3_000), "50/s for 60 s");
+        assert_eq!(planned(&["--rate", "2.5", "--duration", "3s"]), Some(8));
+        assert_eq!(planned(&["--events", "100"]), Some(100));
+        assert_eq!(planned(&["--events", "10000"]), Some(3_000));
+        assert_eq!(planned(&["--duration", "0", "--events", "7"]), Some(7));
+        assert_eq!(planned(&["--duration", "0"]), None, "until Ctrl-C");
+        let bad = Cli::parse_from(["x", "--events", "0"]).args;
+        let err = validate_all(&[&bad]).unwrap_err().to_string();
+        assert!(err.contains("--events"), "{err}");
     }
 
     /// A workload of well-formed, in-order, unique events.
@@ -732,7 +729,7 @@ mod tests {
             unanswered_attempt: true,
             abandoned: false,
         };
-        assert!(!record(&shared, &batch, d, 0, true));
+        assert!(!record(&shared, &batch, d, 0, true, &Progress::hidden()));
         let s = lock(&shared);
         assert_eq!((s.counts.accepted, s.counts.duplicates), (2, 0));
         assert_eq!(s.counts.retries, 1);
@@ -757,7 +754,7 @@ mod tests {
             unanswered_attempt: false,
             abandoned: false,
         };
-        record(&shared, &batch[..1], answered, 0, true);
+        record(&shared, &batch[..1], answered, 0, true, &Progress::hidden());
         let lost = Delivery {
             result: Err(SendError::transport(std::io::Error::from(
                 std::io::ErrorKind::TimedOut,
@@ -767,7 +764,7 @@ mod tests {
             unanswered_attempt: true,
             abandoned: false,
         };
-        record(&shared, &batch[1..], lost, 0, true);
+        record(&shared, &batch[1..], lost, 0, true, &Progress::hidden());
         let mut s = std::mem::take(&mut *lock(&shared));
         let report = Report {
             summary: Summary::new(1, &s.counts, Duration::from_secs(1)),

@@ -4,6 +4,7 @@
 //! least once) are published once, and each event goes out with its original bytes, id,
 //! ingest time and trace id, Confluent-framed with the topic's registered schema id.
 //! Reading the archive is `replay::read`; the archive format is `pulse_storage::archive`.
+//! Progress (objects read out of those listed) goes to stderr (`crate::progress`).
 
 mod publish;
 pub mod read;
@@ -22,6 +23,7 @@ use rdkafka::error::KafkaError;
 use self::publish::{Publisher, topic_exists};
 pub use self::publish::{Target, record, registered_schema, w3c_trace_id};
 pub use self::read::{ArchivedEvent, hour_folders, in_range, parse_time};
+use crate::progress::{Progress, ProgressArgs};
 
 /// Error messages kept for the summary (the counts are always complete).
 const MAX_ERRORS: usize = 20;
@@ -165,13 +167,15 @@ impl Summary {
 /// Then folder by folder, in time order: its objects are read, rows in range are sorted by
 /// event time (then id), and each event id not seen before in this replay is published.
 /// An unreadable object is counted and skipped; every acknowledgement is awaited before
-/// this returns.
+/// this returns. `progress` counts the objects read (the total is known once every folder
+/// is listed), with the rows and events published so far.
 pub async fn replay_archive(
     store: &Arc<dyn ObjectStore>,
     s3: &S3Config,
     from_ms: i64,
     to_ms: i64,
     target: Option<Target<'_>>,
+    progress: &Progress,
 ) -> Result<Summary, ReplayError> {
     let mut summary = Summary {
         schema_id: target.map(|t| t.schema_id),
@@ -179,7 +183,12 @@ pub async fn replay_archive(
     };
     let folders = read::hour_folders(from_ms, to_ms);
     let mut listed = Vec::with_capacity(folders.len());
-    for f in &folders {
+    for (i, f) in folders.iter().enumerate() {
+        progress.set_message(format!(
+            "listing hour folder {} of {}",
+            i + 1,
+            folders.len()
+        ));
         let folder = read::folder_path(s3, f);
         let keys = read::list_folder(store.as_ref(), &folder)
             .await
@@ -190,6 +199,7 @@ pub async fn replay_archive(
         listed.push(keys);
     }
     summary.folders = folders.len();
+    progress.set_total(Some(listed.iter().map(|k| k.len() as u64).sum()));
     let mut publisher = target.map(Publisher::new);
     let mut seen: HashSet<String> = HashSet::new();
     for keys in listed {
@@ -207,6 +217,8 @@ pub async fn replay_archive(
                     summary.note(format!("{key}: {e}"));
                 }
             }
+            progress.inc(1);
+            progress.set_message(progress_message(&summary));
         }
         // Event-time order; folders come in time order too, so the whole replay is in
         // event-time order and a processor sees no replayed event behind its watermark
@@ -221,20 +233,48 @@ pub async fn replay_archive(
                 p.send(&e, &mut summary).await;
             }
         }
+        progress.set_message(progress_message(&summary));
     }
     if let Some(p) = publisher.as_mut() {
         p.drain(&mut summary).await;
     }
+    progress.set_message(progress_message(&summary));
     Ok(summary)
 }
 
+/// The counts beside the progress.
+fn progress_message(s: &Summary) -> String {
+    let mut m = format!(
+        "rows in range {}, duplicates {}",
+        s.rows_in_range, s.duplicates
+    );
+    if s.schema_id.is_some() {
+        m.push_str(&format!(", published {}, failed {}", s.published, s.failed));
+    }
+    if s.objects_failed > 0 {
+        m.push_str(&format!(", unreadable objects {}", s.objects_failed));
+    }
+    m
+}
+
 /// Runs a replay as configured (validated first): the registry lookup, the topic check and
-/// the producer only when not a dry run.
-pub async fn replay(args: &ReplayArgs) -> Result<Summary, ReplayError> {
+/// the producer only when not a dry run. With `progress`, shows it on stderr.
+pub async fn replay(
+    args: &ReplayArgs,
+    progress: Option<&ProgressArgs>,
+) -> Result<Summary, ReplayError> {
     validate_all(&[&args.s3, &args.kafka, args])?;
     let store = args.s3.object_store()?;
+    let label = if args.dry_run {
+        "replay (dry run)"
+    } else {
+        "replay"
+    };
     if args.dry_run {
-        return replay_archive(&store, &args.s3, args.from, args.to, None).await;
+        let bar = Progress::maybe(progress, label, "objects", None);
+        let summary = replay_archive(&store, &args.s3, args.from, args.to, None, &bar).await;
+        bar.finish();
+        return summary;
     }
     let (schema_id, message_indexes) =
         registered_schema(&args.registry_auth, &args.schema_registry_url, &args.topic).await?;
@@ -248,7 +288,10 @@ pub async fn replay(args: &ReplayArgs) -> Result<Summary, ReplayError> {
         schema_id,
         message_indexes: &message_indexes,
     };
-    replay_archive(&store, &args.s3, args.from, args.to, Some(target)).await
+    let bar = Progress::maybe(progress, label, "objects", None);
+    let summary = replay_archive(&store, &args.s3, args.from, args.to, Some(target), &bar).await;
+    bar.finish();
+    summary
 }
 
 /// The summary lines `run` prints.
@@ -281,8 +324,8 @@ pub fn summary_lines(args: &ReplayArgs, s: &Summary) -> Vec<String> {
     lines
 }
 
-pub async fn run(args: ReplayArgs) -> Result<(), crate::Error> {
-    let summary = replay(&args).await?;
+pub async fn run(args: ReplayArgs, progress: &ProgressArgs) -> Result<(), crate::Error> {
+    let summary = replay(&args, Some(progress)).await?;
     for e in &summary.errors {
         eprintln!("error: {e}");
     }
@@ -469,9 +512,16 @@ mod tests {
     async fn replay_publishes_each_in_range_event_once_in_event_time_order() {
         let store = archive().await;
         let fake = Fake::default();
-        let s = replay_archive(&store, &s3(), FROM, TO, Some(target(&fake)))
-            .await
-            .unwrap();
+        let s = replay_archive(
+            &store,
+            &s3(),
+            FROM,
+            TO,
+            Some(target(&fake)),
+            &Progress::hidden(),
+        )
+        .await
+        .unwrap();
         assert_eq!(
             fake.ids(),
             ["first", "a", "b", "midnight", "early", "last"],
@@ -506,7 +556,9 @@ mod tests {
     #[tokio::test]
     async fn a_dry_run_counts_the_same_and_publishes_nothing() {
         let store = archive().await;
-        let s = replay_archive(&store, &s3(), FROM, TO, None).await.unwrap();
+        let s = replay_archive(&store, &s3(), FROM, TO, None, &Progress::hidden())
+            .await
+            .unwrap();
         assert_eq!((s.rows_in_range, s.duplicates, s.unique()), (8, 2, 6));
         assert_eq!((s.published, s.schema_id), (0, None));
     }
@@ -518,9 +570,16 @@ mod tests {
             refuse: vec!["early".into()],
             ..Fake::default()
         };
-        let s = replay_archive(&store, &s3(), FROM, MIDNIGHT + 2, Some(target(&fake)))
-            .await
-            .unwrap();
+        let s = replay_archive(
+            &store,
+            &s3(),
+            FROM,
+            MIDNIGHT + 2,
+            Some(target(&fake)),
+            &Progress::hidden(),
+        )
+        .await
+        .unwrap();
         assert_eq!(fake.ids(), ["first", "a", "b", "midnight", "early"]);
         assert_eq!((s.published, s.failed), (4, 1));
         assert!(!s.complete());
@@ -535,9 +594,16 @@ mod tests {
     async fn a_range_with_no_archive_publishes_nothing_and_is_complete() {
         let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
         let fake = Fake::default();
-        let s = replay_archive(&store, &s3(), FROM, TO, Some(target(&fake)))
-            .await
-            .unwrap();
+        let s = replay_archive(
+            &store,
+            &s3(),
+            FROM,
+            TO,
+            Some(target(&fake)),
+            &Progress::hidden(),
+        )
+        .await
+        .unwrap();
         assert_eq!(s.folders, 2);
         assert_eq!((s.objects, s.published), (0, 0));
         assert!(s.complete());

@@ -1,8 +1,12 @@
 //! `pulsectl slo`: scrapes the services' `/metrics` and reports Pulse's service-level
-//! indicators against their targets — freshness (p95 of the writer's end-to-end latency),
-//! correctness (rows the ClickHouse writer stored vs events ingest accepted) and
-//! availability (ingest HTTP requests that were not 5xx). Parsing the exposition format is
-//! `slo::prom`; the metric names come from the services' `metrics.rs`.
+//! indicators against the product's targets, with the definitions of the recording rules
+//! (`deploy/prometheus/rules/pulse-slis.rules.yaml`, targets in
+//! `pulse-slo-objectives.rules.yaml`), computed from counters since each process started
+//! instead of over windows: freshness (p95 of the writer's ingest → ClickHouse latency ≤ 3 s,
+//! with the share within 3 s beside it), correctness (the ledger's missing / checked
+//! (event, path) pairs; rows stored / events accepted when no ledger is scraped) and
+//! availability (ingest and query-API requests not failed by the server). Parsing the
+//! exposition format is `slo::prom`; the metric names come from the services' `metrics.rs`.
 
 pub mod prom;
 
@@ -19,28 +23,48 @@ pub const WRITER_ROWS_WRITTEN: &str = "pulse_writer_rows_written_total";
 pub const INGEST_EVENTS: &str = "pulse_ingest_events_total";
 /// `pulse_platform::http::HTTP_REQUESTS_TOTAL`.
 pub const HTTP_REQUESTS: &str = pulse_platform::http::HTTP_REQUESTS_TOTAL;
+/// `pulse_query_api::metrics::GRPC_REQUESTS_TOTAL` (label `code`).
+pub const QUERY_GRPC_REQUESTS: &str = "pulse_query_grpc_requests_total";
+/// The gRPC codes that count as the server's failure, as in the availability rule.
+pub const GRPC_SERVER_FAILURES: [&str; 6] = [
+    "Unknown",
+    "DeadlineExceeded",
+    "Unimplemented",
+    "Internal",
+    "Unavailable",
+    "DataLoss",
+];
+/// The freshness threshold of the objective: the `le="3"` bucket the rules count.
+pub const FRESHNESS_THRESHOLD_SECS: f64 = 3.0;
+/// The objective's share of events within the threshold (`pulse:slo_objective:ratio`).
+pub const FRESHNESS_OBJECTIVE: f64 = 0.95;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct SloArgs {
-    /// The services' metrics endpoints, `name=url`, comma-separated; names `ingest` and
-    /// `writer` feed the SLIs (repeat a name for replicas: their series are summed).
+    /// The services' metrics endpoints, `name=url`, comma-separated; names `ingest`,
+    /// `writer` (the ClickHouse writer), `query-api` and `ledger` feed the SLIs (repeat a
+    /// name for replicas: their series are summed). Defaults: the local stack's admin ports.
     #[arg(
         long,
         value_delimiter = ',',
         value_parser = parse_target,
-        default_value = "ingest=http://127.0.0.1:9101/metrics,writer=http://127.0.0.1:9103/metrics"
+        default_value = "ingest=http://127.0.0.1:9101/metrics,writer=http://127.0.0.1:9103/metrics,query-api=http://127.0.0.1:9104/metrics,ledger=http://127.0.0.1:9107/metrics"
     )]
     pub metrics: Vec<(String, String)>,
     /// Exit 1 when an SLI misses its target (or cannot be measured).
     #[arg(long)]
     pub check: bool,
-    /// Freshness target: p95 of ingest → ClickHouse latency, seconds.
-    #[arg(long, default_value_t = 3.0)]
+    /// Freshness target: p95 of ingest → ClickHouse latency, seconds (the product's
+    /// objective: 95 % of events within 3 s).
+    #[arg(long, default_value_t = FRESHNESS_THRESHOLD_SECS)]
     pub freshness_p95_secs: f64,
-    /// Correctness target: rows stored / events accepted (a fraction).
+    /// Correctness target (a fraction): (event, path) pairs the ledger found in a terminal
+    /// state / pairs checked; without a `ledger` target, rows stored / events accepted.
     #[arg(long, default_value_t = 0.999)]
     pub correctness: f64,
-    /// Availability target: non-5xx ingest HTTP requests / all (a fraction).
+    /// Availability target (a fraction): ingest and query-API requests not failed by the
+    /// server (HTTP 5xx; gRPC Unknown, DeadlineExceeded, Unimplemented, Internal,
+    /// Unavailable, DataLoss) / all.
     #[arg(long, default_value_t = 0.9995)]
     pub availability: f64,
     /// Timeout of one scrape.
@@ -130,73 +154,121 @@ impl Sli {
 /// The SLIs from the samples scraped per service name (replicas concatenated).
 pub fn evaluate(scraped: &BTreeMap<String, Vec<Sample>>, args: &SloArgs) -> Vec<Sli> {
     let none = Vec::new();
-    let ingest = scraped.get("ingest").unwrap_or(&none);
-    let writer = scraped.get("writer").unwrap_or(&none);
+    let get = |name: &str| scraped.get(name).unwrap_or(&none);
+    vec![
+        freshness(get("writer"), args),
+        correctness(get("ingest"), get("writer"), get("ledger"), args),
+        availability(get("ingest"), get("query-api"), args),
+    ]
+}
 
+fn freshness(writer: &[Sample], args: &SloArgs) -> Sli {
     let b = buckets(writer, WRITER_END_TO_END, &[("sink", "clickhouse")]);
     let observations = b.last().map_or(0.0, |(_, n)| *n);
     let p95 = histogram_quantile(0.95, &b);
-    let freshness = Sli {
+    // The rules' SLI: the share in the `le="3"` bucket.
+    let within = b
+        .iter()
+        .find(|(le, _)| (*le - FRESHNESS_THRESHOLD_SECS).abs() < 1e-9)
+        .map(|(_, n)| *n);
+    Sli {
         name: "freshness p95",
         value: p95,
         target: args.freshness_p95_secs,
         at_most: true,
-        detail: if p95.is_some() {
-            format!("{WRITER_END_TO_END}, {observations:.0} records")
-        } else {
-            format!("no {WRITER_END_TO_END} observations from writer")
+        detail: match (p95, within) {
+            (None, _) => format!("no {WRITER_END_TO_END} observations from writer"),
+            (Some(_), Some(w)) if observations > 0.0 => format!(
+                "{:.2} % of {observations:.0} records within {FRESHNESS_THRESHOLD_SECS} s (objective {} %); {WRITER_END_TO_END}",
+                w / observations * 100.0,
+                FRESHNESS_OBJECTIVE * 100.0
+            ),
+            (Some(_), _) => format!("{WRITER_END_TO_END}, {observations:.0} records"),
         },
-    };
+    }
+}
 
+fn correctness(ingest: &[Sample], writer: &[Sample], ledger: &[Sample], args: &SloArgs) -> Sli {
+    let sli = |value, detail| Sli {
+        name: "correctness",
+        value,
+        target: args.correctness,
+        at_most: false,
+        detail,
+    };
+    use crate::ledger::metrics::{CHECKED_TOTAL, MISSING_TOTAL};
+    if let Some(checked) = sum(ledger, CHECKED_TOTAL, &[]).filter(|c| *c > 0.0) {
+        let missing = sum(ledger, MISSING_TOTAL, &[]).unwrap_or(0.0);
+        return sli(
+            Some(1.0 - missing / checked),
+            format!("ledger: {missing:.0} of {checked:.0} (event, path) pairs missing"),
+        );
+    }
     let accepted = sum(ingest, INGEST_EVENTS, &[("outcome", "accepted")]);
     let written = sum(
         writer,
         WRITER_ROWS_WRITTEN,
         &[("sink", "clickhouse"), ("table", "events")],
     );
-    let correctness = match (accepted, written) {
+    match (accepted, written) {
         (Some(a), w) if a > 0.0 => {
             let w = w.unwrap_or(0.0);
-            Sli {
-                name: "correctness",
-                // Capped at 1: rows accepted after the first scrape (or rewritten after a
-                // writer restart) are stored too, and do not make up for lost ones.
-                value: Some((w / a).min(1.0)),
-                target: args.correctness,
-                at_most: false,
-                detail: format!("{w:.0} rows stored of {a:.0} events accepted"),
-            }
+            // Capped at 1: rows accepted after the first scrape (or rewritten after a
+            // writer restart) are stored too, and do not make up for lost ones.
+            sli(
+                Some((w / a).min(1.0)),
+                format!("{w:.0} rows stored of {a:.0} events accepted (no ledger checks scraped)"),
+            )
         }
-        _ => Sli {
-            name: "correctness",
-            value: None,
-            target: args.correctness,
-            at_most: false,
-            detail: "no accepted events counted by ingest".into(),
-        },
-    };
+        _ => sli(
+            None,
+            "no ledger checks and no accepted events counted by ingest".into(),
+        ),
+    }
+}
 
-    let total = sum(ingest, HTTP_REQUESTS, &[]).unwrap_or(0.0);
-    let errors: f64 = ingest
+fn availability(ingest: &[Sample], query: &[Sample], args: &SloArgs) -> Sli {
+    let http = |samples: &[Sample]| {
+        let total = sum(samples, HTTP_REQUESTS, &[]).unwrap_or(0.0);
+        let failed: f64 = samples
+            .iter()
+            .filter(|s| {
+                s.name == HTTP_REQUESTS
+                    && s.labels.get("status").is_some_and(|v| v.starts_with('5'))
+            })
+            .map(|s| s.value)
+            // fold from +0.0: an empty f64 `sum()` is -0.0, shown as "-0".
+            .fold(0.0, |a, b| a + b);
+        (failed, total)
+    };
+    let (ingest_failed, ingest_total) = http(ingest);
+    let (query_failed, query_total) = http(query);
+    let grpc_total = sum(query, QUERY_GRPC_REQUESTS, &[]).unwrap_or(0.0);
+    let grpc_failed: f64 = query
         .iter()
         .filter(|s| {
-            s.name == HTTP_REQUESTS && s.labels.get("status").is_some_and(|v| v.starts_with('5'))
+            s.name == QUERY_GRPC_REQUESTS
+                && s.labels
+                    .get("code")
+                    .is_some_and(|c| GRPC_SERVER_FAILURES.contains(&c.as_str()))
         })
         .map(|s| s.value)
-        // fold from +0.0: an empty f64 `sum()` is -0.0, shown as "-0".
         .fold(0.0, |a, b| a + b);
-    let availability = Sli {
+    let failed = ingest_failed + query_failed + grpc_failed;
+    let total = ingest_total + query_total + grpc_total;
+    Sli {
         name: "availability",
-        value: (total > 0.0).then(|| 1.0 - errors / total),
+        value: (total > 0.0).then(|| 1.0 - failed / total),
         target: args.availability,
         at_most: false,
         detail: if total > 0.0 {
-            format!("{errors:.0} of {total:.0} ingest HTTP requests answered 5xx")
+            format!(
+                "{failed:.0} of {total:.0} requests failed by the server (ingest HTTP {ingest_failed:.0}/{ingest_total:.0}, query HTTP {query_failed:.0}/{query_total:.0}, query gRPC {grpc_failed:.0}/{grpc_total:.0})"
+            )
         } else {
-            "no ingest HTTP requests counted".into()
+            "no ingest or query-API requests counted".into()
         },
-    };
-    vec![freshness, correctness, availability]
+    }
 }
 
 /// Scrapes every target; returns the samples per name and one line per target.
@@ -325,6 +397,7 @@ pulse_writer_rows_written_total{{service="writer",sink="clickhouse",table="event
 pulse_writer_rows_written_total{{service="writer",sink="clickhouse",table="user_activity"}} 555
 pulse_writer_end_to_end_latency_seconds_bucket{{service="writer",sink="clickhouse",le="1"}} 50
 pulse_writer_end_to_end_latency_seconds_bucket{{service="writer",sink="clickhouse",le="2.5"}} 100
+pulse_writer_end_to_end_latency_seconds_bucket{{service="writer",sink="clickhouse",le="3"}} 100
 pulse_writer_end_to_end_latency_seconds_bucket{{service="writer",sink="clickhouse",le="10"}} 100
 pulse_writer_end_to_end_latency_seconds_bucket{{service="writer",sink="clickhouse",le="30"}} {}
 pulse_writer_end_to_end_latency_seconds_bucket{{service="writer",sink="clickhouse",le="+Inf"}} {}
@@ -365,6 +438,86 @@ pulse_writer_end_to_end_latency_seconds_bucket{{service="writer",sink="clickhous
         assert_eq!(failed, vec!["freshness p95", "correctness", "availability"]);
         assert!(slis[0].value.unwrap() > 10.0);
         assert!(slis[1].line().contains("99.800 %"), "{}", slis[1].line());
+        assert!(
+            slis[0]
+                .detail
+                .starts_with("83.33 % of 120 records within 3 s (objective 95 %)"),
+            "{}",
+            slis[0].detail
+        );
+    }
+
+    #[test]
+    fn the_defaults_are_the_objectives_of_the_rules() {
+        let args = Cli::parse_from(["x"]).args;
+        let rules =
+            include_str!("../../../deploy/prometheus/rules/pulse-slo-objectives.rules.yaml");
+        let objective = |slo: &str| -> f64 {
+            let at = rules
+                .find(&format!("slo: {slo}"))
+                .unwrap_or_else(|| panic!("no objective for {slo}"));
+            let expr = rules[..at].rfind("expr: vector(").unwrap() + "expr: vector(".len();
+            let end = expr + rules[expr..].find(')').unwrap();
+            rules[expr..end].parse().unwrap()
+        };
+        assert_eq!(args.correctness, objective("correctness"));
+        assert_eq!(args.availability, objective("availability"));
+        assert_eq!(FRESHNESS_OBJECTIVE, objective("freshness"));
+        assert!(
+            rules.contains("pulse:slo_freshness_threshold:seconds\n        expr: vector(3)\n"),
+            "the rules' threshold is 3 s"
+        );
+        assert_eq!(args.freshness_p95_secs, FRESHNESS_THRESHOLD_SECS);
+        assert_eq!(FRESHNESS_THRESHOLD_SECS, 3.0);
+        let names: Vec<&str> = args.metrics.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["ingest", "writer", "query-api", "ledger"]);
+    }
+
+    #[test]
+    fn the_ledger_decides_correctness_and_query_api_failures_count_against_availability() {
+        let args = Cli::parse_from(["x"]).args;
+        let mut m = scraped(INGEST, &writer(5_000, 0));
+        m.insert(
+            "ledger".into(),
+            prom::parse(
+                r#"
+pulse_ledger_checked_events_total{path="clickhouse"} 6000
+pulse_ledger_checked_events_total{path="archive"} 4000
+pulse_ledger_missing_events_total{path="archive"} 20
+"#,
+            )
+            .unwrap(),
+        );
+        m.insert(
+            "query-api".into(),
+            prom::parse(
+                r#"
+pulse_http_requests_total{service="query-api",route="/v1/top_pages",method="GET",status="200"} 3990
+pulse_http_requests_total{service="query-api",route="/v1/top_pages",method="GET",status="504"} 5
+pulse_query_grpc_requests_total{method="ActiveUsers",code="Ok"} 995
+pulse_query_grpc_requests_total{method="ActiveUsers",code="InvalidArgument"} 5
+pulse_query_grpc_requests_total{method="ActiveUsers",code="Unavailable"} 5
+"#,
+            )
+            .unwrap(),
+        );
+        let slis = evaluate(&m, &args);
+        // 20 of 10,000 pairs missing, although rows / accepted would say 50 %.
+        assert_eq!(slis[1].value, Some(0.998));
+        assert!(
+            slis[1].detail.starts_with("ledger: 20 of 10000"),
+            "{}",
+            slis[1].detail
+        );
+        // 5 (504) + 5 (Unavailable) of 5000 + 3995 + 1005 requests; 400 and InvalidArgument
+        // are the client's.
+        assert_eq!(slis[2].value, Some(1.0 - 10.0 / 10_000.0));
+        assert!(!slis[2].passed(), "99.9 % < 99.95 %");
+        assert!(
+            slis[2].detail.contains("query gRPC 5/1005"),
+            "{}",
+            slis[2].detail
+        );
     }
 
     #[test]

@@ -265,4 +265,44 @@ impl QueryService for GrpcQuery {
         })
         .await
     }
+
+    async fn find_events(
+        &self,
+        request: Request<pb::FindEventsRequest>,
+    ) -> Result<Response<pb::FindEventsResponse>, Status> {
+        self.handle("FindEvents", request, |s, r| async move {
+            let id = params::parse_source_trace_id(Some(r.source_trace_id.as_str()))?;
+            let range = range(r.range.as_ref())?;
+            let limit = params::events_limit_from_grpc(r.limit)?;
+            let a = s.engine.events_by_source_trace(&id, range, limit).await?;
+            Ok(pb::FindEventsResponse {
+                events: a
+                    .data
+                    .events
+                    .into_iter()
+                    .map(|e| {
+                        let (currency, amount) = e.amount.unwrap_or_default();
+                        pb::StoredEvent {
+                            event_id: e.event_id,
+                            event_type: e.event_type,
+                            user_id: e.user_id,
+                            session_id: e.session_id,
+                            event_time_ms: e.event_time_ms,
+                            ingest_time_ms: e.ingest_time_ms,
+                            trace_id: e.trace_id.unwrap_or_default(),
+                            source_trace_id: e.source_trace_id,
+                            source: e.source,
+                            schema_version: e.schema_version,
+                            page: e.page,
+                            currency,
+                            amount,
+                        }
+                    })
+                    .collect(),
+                truncated: a.data.truncated,
+                freshness: freshness(a.freshness),
+            })
+        })
+        .await
+    }
 }

@@ -19,9 +19,10 @@ use utoipa_axum::routes;
 use crate::AppState;
 use crate::error::{ErrorBody, QueryError};
 use crate::model::{
-    self, ActiveUsersCurrentResponse, ActiveUsersResponse, CurrentParams, FreshnessResponse,
-    RangeParams, RevenueLastHourResponse, RevenueParams, RevenueResponse, SeriesParams,
-    SessionsResponse, TopPagesParams, TopPagesResponse, UserResponse,
+    self, ActiveUsersCurrentResponse, ActiveUsersResponse, CurrentParams, EventsParams,
+    EventsResponse, FreshnessResponse, RangeParams, RevenueLastHourResponse, RevenueParams,
+    RevenueResponse, SeriesParams, SessionsResponse, TopPagesParams, TopPagesResponse,
+    UserResponse,
 };
 use crate::params::{self, Step, TimeRange, Window, now_ms};
 
@@ -53,6 +54,7 @@ pub fn router(state: AppState) -> Router {
         .routes(routes!(user))
         .routes(routes!(sessions))
         .routes(routes!(freshness))
+        .routes(routes!(events))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     let public = OpenApiRouter::new()
         .routes(routes!(crate::openapi::openapi_json))
@@ -254,4 +256,29 @@ async fn freshness(State(s): State<AppState>) -> Answer<FreshnessResponse> {
     Ok(Json(FreshnessResponse {
         stages: stages.into_iter().map(Into::into).collect(),
     }))
+}
+
+/// Stored events by the producer's own trace id.
+#[utoipa::path(
+    get, path = "/v1/events", tag = "analytics", params(EventsParams),
+    security(("bearer" = [])),
+    responses(
+        (status = 200, description = "The stored events whose `metadata.trace_id` is `source_trace_id` and whose event time is in the range, each with its W3C trace id; `truncated` when more matched than `limit`", body = EventsResponse),
+        (status = 400, description = "A parameter is missing or invalid (named in `error.parameter`)", body = ErrorBody),
+        (status = 401, description = "Missing or unknown bearer token", body = ErrorBody),
+        (status = 503, description = "ClickHouse is unreachable", body = ErrorBody),
+        (status = 422, description = "The query went over a ClickHouse limit (memory, result rows)", body = ErrorBody),
+        (status = 504, description = "The query timed out", body = ErrorBody),
+    )
+)]
+async fn events(
+    State(s): State<AppState>,
+    q: Result<Query<EventsParams>, QueryRejection>,
+) -> Answer<EventsResponse> {
+    let Query(p) = q.map_err(bad_query)?;
+    let id = params::parse_source_trace_id(p.source_trace_id.as_deref())?;
+    let range = TimeRange::parse(p.from.as_deref(), p.to.as_deref(), now_ms())?;
+    let limit = params::parse_events_limit(p.limit.as_deref())?;
+    let a = s.engine.events_by_source_trace(&id, range, limit).await?;
+    Ok(Json(model::events(id, range, a)))
 }

@@ -1,7 +1,8 @@
 //! The query-api service: analytics over the processor's aggregates in ClickHouse, served
 //! as JSON over HTTP (axum) and as the `pulse.query.v1.QueryService` over gRPC (tonic,
-//! with health and reflection), every answer with data-freshness metadata, plus an
-//! OpenAPI document and a live dashboard.
+//! with health and reflection), every answer with data-freshness metadata; a search of
+//! the stored events by the producer's own trace id; plus an OpenAPI document and a live
+//! dashboard.
 //!
 //! Modules: `config` (flags), `auth` (bearer tokens), `params` (request parsing), `store`
 //! (all SQL), `freshness`, `query` (the one implementation of every number), `model`

@@ -63,6 +63,7 @@ pub const GRPC_METHODS: &[&str] = &[
     "User",
     "Sessions",
     "GetFreshness",
+    "FindEvents",
 ];
 /// The status codes a `QueryService` method answers with (`Ok` and `QueryError::grpc_code`).
 pub const GRPC_CODES: &[tonic::Code] = &[

@@ -57,6 +57,21 @@ pub struct TopPagesParams {
     pub limit: Option<String>,
 }
 
+/// Query parameters of `/v1/events`.
+#[derive(Debug, Default, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct EventsParams {
+    /// Required: the producer's `metadata.trace_id` as it sent it (any form, e.g.
+    /// `abcd-1234`; matched exactly), 1 to 256 bytes.
+    pub source_trace_id: Option<String>,
+    /// Event-time start (inclusive): RFC 3339 or epoch ms; default `to` − 1 h.
+    pub from: Option<String>,
+    /// Event-time end (exclusive): RFC 3339 or epoch ms; default now.
+    pub to: Option<String>,
+    /// Most events answered, 1..=1000; default 100.
+    pub limit: Option<String>,
+}
+
 /// Query parameters of `/v1/active_users/current`.
 #[derive(Debug, Default, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
@@ -181,6 +196,44 @@ pub struct SessionsResponse {
     pub p50_duration_seconds: f64,
     pub p95_duration_seconds: f64,
     pub avg_pages: f64,
+    pub freshness: Freshness,
+}
+
+/// A stored event found by its producer trace id.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct StoredEvent {
+    pub event_id: String,
+    pub event_type: String,
+    pub user_id: String,
+    pub session_id: String,
+    /// The producer's `metadata.event_timestamp`.
+    pub event_time: String,
+    /// When ingest accepted it.
+    pub ingest_time: String,
+    /// The W3C trace id (32 hex digits) of the request and record that carried the event:
+    /// search it in the trace backend. Null when it came without W3C trace context.
+    pub trace_id: Option<String>,
+    /// The producer's `metadata.trace_id`, as sent.
+    pub source_trace_id: String,
+    pub source: String,
+    /// The producer's own schema version of the event.
+    pub schema_version: u32,
+    pub page: String,
+    /// ISO-4217 code, null for an event without an amount.
+    pub currency: Option<String>,
+    /// Exact decimal, null for an event without an amount.
+    pub amount: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct EventsResponse {
+    pub source_trace_id: String,
+    pub from: String,
+    pub to: String,
+    /// By event time, then event id; at most `limit`.
+    pub events: Vec<StoredEvent>,
+    /// True when more events matched than `limit` (narrow the range or raise `limit`).
+    pub truncated: bool,
     pub freshness: Freshness,
 }
 
@@ -311,6 +364,43 @@ pub fn sessions(range: TimeRange, a: query::Answer<query::SessionStats>) -> Sess
         p50_duration_seconds: s.p50_duration_seconds,
         p95_duration_seconds: s.p95_duration_seconds,
         avg_pages: s.avg_pages,
+        freshness: a.freshness.into(),
+    }
+}
+
+pub fn events(
+    source_trace_id: String,
+    range: TimeRange,
+    a: query::Answer<query::EventSearch>,
+) -> EventsResponse {
+    EventsResponse {
+        source_trace_id,
+        from: rfc3339(range.from_ms),
+        to: rfc3339(range.to_ms),
+        events: a
+            .data
+            .events
+            .into_iter()
+            .map(|e| {
+                let (currency, amount) = e.amount.unzip();
+                StoredEvent {
+                    event_id: e.event_id,
+                    event_type: e.event_type,
+                    user_id: e.user_id,
+                    session_id: e.session_id,
+                    event_time: rfc3339(e.event_time_ms),
+                    ingest_time: rfc3339(e.ingest_time_ms),
+                    trace_id: e.trace_id,
+                    source_trace_id: e.source_trace_id,
+                    source: e.source,
+                    schema_version: e.schema_version,
+                    page: e.page,
+                    currency,
+                    amount,
+                }
+            })
+            .collect(),
+        truncated: a.data.truncated,
         freshness: a.freshness.into(),
     }
 }

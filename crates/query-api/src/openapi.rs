@@ -40,13 +40,13 @@ impl Modify for BearerAuth {
 #[openapi(
     info(
         title = "Pulse query API",
-        description = "Product analytics over the processor's aggregates in ClickHouse. Every analytic answer carries `freshness`. Times are RFC 3339 UTC (or epoch ms in requests); ranges are half-open [from, to); money is an exact decimal string.",
+        description = "Product analytics over the processor's aggregates in ClickHouse, and stored events by the producer's own trace id (`/v1/events`). Every analytic answer carries `freshness`. Times are RFC 3339 UTC (or epoch ms in requests); ranges are half-open [from, to); money is an exact decimal string.",
         license(name = "Apache-2.0")
     ),
     modifiers(&BearerAuth),
     components(schemas(ErrorBody)),
     tags(
-        (name = "analytics", description = "Aggregates with freshness metadata (bearer token required)"),
+        (name = "analytics", description = "Aggregates and the event search, with freshness metadata (bearer token required)"),
         (name = "meta", description = "This document and the dashboard (no token)")
     )
 )]

@@ -241,6 +241,63 @@ pub fn parse_currency(raw: Option<&str>) -> Result<Option<String>, QueryError> {
     }
 }
 
+/// Default and most events of one `/v1/events` answer.
+pub const DEFAULT_EVENTS_LIMIT: u32 = 100;
+pub const MAX_EVENTS_LIMIT: u32 = 1000;
+/// Longest producer trace id searched (ingest keeps at most 128 bytes of it).
+pub const MAX_SOURCE_TRACE_ID_BYTES: usize = 256;
+
+/// `limit` of `/v1/events`: 1..=1000, absent means 100 (gRPC: 0 means 100).
+pub fn parse_events_limit(raw: Option<&str>) -> Result<u32, QueryError> {
+    let bad = |s: &str| {
+        QueryError::invalid(
+            "limit",
+            format!("{s:?} is not an integer in 1..={MAX_EVENTS_LIMIT}"),
+        )
+    };
+    match raw {
+        None => Ok(DEFAULT_EVENTS_LIMIT),
+        Some(s) => s
+            .trim()
+            .parse::<u32>()
+            .ok()
+            .filter(|n| (1..=MAX_EVENTS_LIMIT).contains(n))
+            .ok_or_else(|| bad(s)),
+    }
+}
+
+/// The gRPC `limit` of `FindEvents`, where 0 means the default.
+pub fn events_limit_from_grpc(limit: u32) -> Result<u32, QueryError> {
+    match limit {
+        0 => Ok(DEFAULT_EVENTS_LIMIT),
+        n if n <= MAX_EVENTS_LIMIT => Ok(n),
+        n => Err(QueryError::invalid(
+            "limit",
+            format!("{n} is not an integer in 1..={MAX_EVENTS_LIMIT}"),
+        )),
+    }
+}
+
+/// The producer trace id searched (`metadata.trace_id` as the producer sent it, any
+/// form, matched exactly): required, 1 to 256 bytes, no control characters.
+pub fn parse_source_trace_id(raw: Option<&str>) -> Result<String, QueryError> {
+    let bad = |why: String| QueryError::invalid("source_trace_id", why);
+    match raw {
+        None | Some("") => Err(bad(
+            "is required: the producer's `metadata.trace_id`, e.g. source_trace_id=abcd-1234"
+                .to_owned(),
+        )),
+        Some(s) if s.len() > MAX_SOURCE_TRACE_ID_BYTES => Err(bad(format!(
+            "is {} bytes; at most {MAX_SOURCE_TRACE_ID_BYTES}",
+            s.len()
+        ))),
+        Some(s) if s.chars().any(char::is_control) => {
+            Err(bad(format!("{s:?} contains a control character")))
+        }
+        Some(s) => Ok(s.to_owned()),
+    }
+}
+
 /// A user id from the path: non-empty, at most 256 bytes.
 pub fn parse_user_id(raw: &str) -> Result<String, QueryError> {
     if raw.is_empty() || raw.len() > 256 {
@@ -440,6 +497,43 @@ mod tests {
         }
         assert_eq!(limit_from_grpc(0).unwrap(), 10);
         assert_eq!(param_of(limit_from_grpc(1001).unwrap_err()), "limit");
+    }
+
+    #[test]
+    fn events_limits_are_1_to_1000_and_default_to_100() {
+        assert_eq!(parse_events_limit(None).unwrap(), 100);
+        assert_eq!(parse_events_limit(Some(" 1000 ")).unwrap(), 1000);
+        for bad in ["0", "1001", "-1", "many", ""] {
+            assert_eq!(
+                param_of(parse_events_limit(Some(bad)).unwrap_err()),
+                "limit",
+                "{bad}"
+            );
+        }
+        assert_eq!(events_limit_from_grpc(0).unwrap(), 100);
+        assert_eq!(events_limit_from_grpc(7).unwrap(), 7);
+        assert_eq!(param_of(events_limit_from_grpc(1001).unwrap_err()), "limit");
+    }
+
+    #[test]
+    fn source_trace_ids_are_required_bounded_and_printable() {
+        assert_eq!(
+            parse_source_trace_id(Some("abcd-1234")).unwrap(),
+            "abcd-1234"
+        );
+        let w3c = "4bf92f3577b34da6a3ce929d0e0e4736";
+        assert_eq!(parse_source_trace_id(Some(w3c)).unwrap(), w3c);
+        let long = "x".repeat(MAX_SOURCE_TRACE_ID_BYTES + 1);
+        for bad in [None, Some(""), Some(long.as_str()), Some("a\nb")] {
+            let e = parse_source_trace_id(bad).unwrap_err();
+            assert_eq!(param_of(e), "source_trace_id", "{bad:?}");
+        }
+        assert!(
+            parse_source_trace_id(None)
+                .unwrap_err()
+                .to_string()
+                .contains("required")
+        );
     }
 
     #[test]

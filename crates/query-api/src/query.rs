@@ -10,7 +10,7 @@ use pulse_contracts::money::micros_to_decimal;
 use crate::error::QueryError;
 use crate::freshness::{self, Freshness, FreshnessCache, StageFreshness};
 use crate::params::{DAY_MS, HOUR_MS, MINUTE_MS, Step, TimeRange, Window, now_ms, rfc3339};
-use crate::store::{RevenueRow, SessionsRow, Store};
+use crate::store::{EventRow, RevenueRow, SessionsRow, Store};
 
 /// An answer and the freshness of the data it was computed from.
 #[derive(Debug, Clone, PartialEq)]
@@ -63,6 +63,63 @@ pub struct SessionStats {
     pub p50_duration_seconds: f64,
     pub p95_duration_seconds: f64,
     pub avg_pages: f64,
+}
+
+/// A stored event found by its producer trace id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEvent {
+    pub event_id: String,
+    pub event_type: String,
+    pub user_id: String,
+    pub session_id: String,
+    pub event_time_ms: i64,
+    pub ingest_time_ms: i64,
+    /// The W3C trace id of the record that carried it (32 lowercase hex digits), `None`
+    /// when it came without W3C trace context.
+    pub trace_id: Option<String>,
+    /// The producer's `metadata.trace_id`, as sent.
+    pub source_trace_id: String,
+    pub source: String,
+    pub schema_version: u32,
+    pub page: String,
+    /// Currency and exact decimal amount, `None` for an event without an amount.
+    pub amount: Option<(String, String)>,
+}
+
+/// The events of one producer trace id, and whether more matched than the limit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventSearch {
+    pub events: Vec<StoredEvent>,
+    pub truncated: bool,
+}
+
+/// Whether `id` is a W3C trace id: 32 lowercase hex digits, not all zero.
+pub fn is_w3c_trace_id(id: &str) -> bool {
+    id.len() == 32
+        && id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        && id.bytes().any(|b| b != b'0')
+}
+
+impl From<EventRow> for StoredEvent {
+    fn from(r: EventRow) -> Self {
+        // The `trace_id` column falls back to the producer's id when the record had no
+        // W3C context: only a W3C id is reported as one.
+        let trace_id = is_w3c_trace_id(&r.trace_id).then_some(r.trace_id);
+        Self {
+            event_id: r.event_id,
+            event_type: r.event_type,
+            user_id: r.user_id,
+            session_id: r.session_id,
+            event_time_ms: r.event_time_ms,
+            ingest_time_ms: r.ingest_time_ms,
+            trace_id,
+            source_trace_id: r.source_trace_id,
+            source: r.source,
+            schema_version: r.schema_version,
+            page: r.page,
+            amount: (r.has_amount != 0).then(|| (r.currency, micros_to_decimal(r.amount_micros))),
+        }
+    }
 }
 
 /// Knobs the answers depend on.
@@ -332,6 +389,34 @@ impl Engine {
             .await
     }
 
+    /// Up to `limit` stored events whose producer trace id is `source_trace_id`, with an
+    /// event time in the range, by event time; `truncated` when more matched.
+    pub async fn events_by_source_trace(
+        &self,
+        source_trace_id: &str,
+        range: TimeRange,
+        limit: u32,
+    ) -> Result<Answer<EventSearch>, QueryError> {
+        self.check_range(range)?;
+        let fetch = self.store.events_by_source_trace(
+            source_trace_id,
+            range.from_ms,
+            range.to_ms,
+            limit.saturating_add(1),
+        );
+        self.answer(range.to_ms, async move {
+            let mut rows = fetch.await?;
+            let keep = usize::try_from(limit).unwrap_or(usize::MAX);
+            let truncated = rows.len() > keep;
+            rows.truncate(keep);
+            Ok(EventSearch {
+                events: rows.into_iter().map(StoredEvent::from).collect(),
+                truncated,
+            })
+        })
+        .await
+    }
+
     /// Freshness of each pipeline stage.
     pub async fn stages(&self) -> Result<Vec<StageFreshness>, QueryError> {
         freshness::stages(&self.store, &self.freshness, now_ms()).await
@@ -373,6 +458,44 @@ mod tests {
         assert_eq!((e.code(), e.parameter()), ("range_too_long", Some("from")));
         assert!(e.to_string().contains("at most 1 d"), "{e}");
         assert!(e.to_string().contains("--max-range-ms"), "{e}");
+    }
+
+    #[test]
+    fn only_w3c_trace_ids_are_reported_as_such() {
+        assert!(is_w3c_trace_id("4bf92f3577b34da6a3ce929d0e0e4736"));
+        for not in [
+            "abcd-1234",
+            "",
+            "00000000000000000000000000000000",
+            "4BF92F3577B34DA6A3CE929D0E0E4736",
+            "4bf92f3577b34da6a3ce929d0e0e47",
+        ] {
+            assert!(!is_w3c_trace_id(not), "{not}");
+        }
+        let row = |trace: &str, has_amount| EventRow {
+            event_id: "e1".into(),
+            event_type: "purchase".into(),
+            user_id: "u1".into(),
+            session_id: "s1".into(),
+            event_time_ms: 1,
+            ingest_time_ms: 2,
+            trace_id: trace.into(),
+            source_trace_id: "abcd-1234".into(),
+            source: "web".into(),
+            schema_version: 3,
+            page: "/".into(),
+            currency: "JPY".into(),
+            amount_micros: 1_500_000_000,
+            has_amount,
+        };
+        let e = StoredEvent::from(row("abcd-1234", 0));
+        assert_eq!((e.trace_id, e.amount), (None, None));
+        let e = StoredEvent::from(row("4bf92f3577b34da6a3ce929d0e0e4736", 1));
+        assert_eq!(
+            e.trace_id.as_deref(),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
+        assert_eq!(e.amount, Some(("JPY".into(), "1500.00".into())));
     }
 
     #[test]

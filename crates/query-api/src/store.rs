@@ -175,6 +175,21 @@ const STAGES: &str = "SELECT stage, toInt64(max(event_ms)) AS last_event_time, \
      written_at_ms AS _v FROM freshness) GROUP BY stage, kafka_partition) \
      GROUP BY stage ORDER BY stage";
 
+/// Stored events whose producer trace id (`metadata.trace_id`, any form) is one value:
+/// the keys come from the `events_by_source_trace` lookup (migration 0003, ordered by that
+/// id), the rows from `events` by its key; each event once (`LIMIT 1 BY` its key, the
+/// latest ingest first, as ReplacingMergeTree keeps it). Binds: id, from, to, from, to,
+/// limit (the caller asks for one more than it answers, to know whether it cut).
+const EVENTS_BY_SOURCE_TRACE: &str = "SELECT event_id, event_type, user_id, session_id, \
+     event_time_ms, ingest_time_ms, trace_id, source_trace_id, source, schema_version, page, \
+     currency, amount_micros, has_amount FROM events \
+     WHERE (user_id, event_time_ms, event_id) IN (SELECT user_id, event_time_ms, event_id \
+     FROM events_by_source_trace WHERE source_trace_id = ? \
+     AND event_time_ms >= ? AND event_time_ms < ?) \
+     AND event_time_ms >= ? AND event_time_ms < ? \
+     ORDER BY event_time_ms, event_id, user_id, ingest_time_ms DESC \
+     LIMIT 1 BY user_id, event_time_ms, event_id LIMIT ?";
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clickhouse::Row, Deserialize)]
 pub struct BucketUsers {
     pub bucket: i64,
@@ -247,6 +262,26 @@ pub struct StageRow {
     pub last_event_time_ms: i64,
     pub last_ingest_ms: i64,
     pub written_at_ms: i64,
+}
+
+/// One stored event found by its producer trace id.
+#[derive(Debug, Clone, PartialEq, Eq, clickhouse::Row, Deserialize)]
+pub struct EventRow {
+    pub event_id: String,
+    pub event_type: String,
+    pub user_id: String,
+    pub session_id: String,
+    pub event_time_ms: i64,
+    pub ingest_time_ms: i64,
+    /// The record's W3C trace id, or the producer's id when the record had none.
+    pub trace_id: String,
+    pub source_trace_id: String,
+    pub source: String,
+    pub schema_version: u32,
+    pub page: String,
+    pub currency: String,
+    pub amount_micros: i64,
+    pub has_amount: u8,
 }
 
 /// A statement as the store sent it: its name (the `query` label of its timing) and its
@@ -525,6 +560,28 @@ impl Store {
         }
     }
 
+    /// Up to `limit` events with producer trace id `source_trace_id` and an event time in
+    /// `[from, to)`, by event time.
+    pub async fn events_by_source_trace(
+        &self,
+        source_trace_id: &str,
+        from: i64,
+        to: i64,
+        limit: u32,
+    ) -> Result<Vec<EventRow>, QueryError> {
+        let q = self
+            .client
+            .query(EVENTS_BY_SOURCE_TRACE)
+            .bind(source_trace_id)
+            .bind(from)
+            .bind(to)
+            .bind(from)
+            .bind(to)
+            .bind(limit);
+        self.fetch("events_by_source_trace", EVENTS_BY_SOURCE_TRACE, q)
+            .await
+    }
+
     pub async fn activity_freshness(&self) -> Result<ActivityFreshnessRow, QueryError> {
         let q = self.client.query(ACTIVITY_FRESHNESS);
         self.fetch_one("activity_freshness", ACTIVITY_FRESHNESS, q)
@@ -558,6 +615,7 @@ mod tests {
         assert_eq!(count(USER), 3);
         assert_eq!(count(SESSIONS), 4);
         assert_eq!(count(USER_SESSIONS), 6);
+        assert_eq!(count(EVENTS_BY_SOURCE_TRACE), 6);
         assert_eq!(
             count(STAGES) + count(ACTIVITY_FRESHNESS) + count(SESSIONS_FRESHNESS),
             0

@@ -23,7 +23,7 @@ use std::time::Duration;
 use pulse_platform::config::{Problems, Validate};
 use pulse_platform::kafka::KafkaConfig;
 use pulse_platform::kafka::topics::{TopicError, TopicSpec, ensure_topics};
-use pulse_platform::listener::{HttpListener, WithConnectInfo};
+use pulse_platform::listener::HttpListener;
 use pulse_platform::server::{ServerArgs, ServerSettings};
 use pulse_platform::service::ServiceContext;
 use pulse_platform::telemetry::TelemetryConfig;
@@ -234,19 +234,17 @@ impl Replica {
             stop_http.child_token(),
         )
         .map_err(Error::Serve)?;
-        let app = WithConnectInfo(pulse_platform::limits::http(
+        // Handlers see the caller's address (ConnectInfo) for the auth failure log.
+        let app = pulse_platform::limits::http(
             api::router(log.clone(), access),
             &settings.limits,
             "http",
+        );
+        let server = tokio::spawn(pulse_platform::listener::serve(
+            listener,
+            app,
+            stop_http.clone(),
         ));
-        let server = {
-            let stop = stop_http.clone();
-            tokio::spawn(async move {
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(async move { stop.cancelled().await })
-                    .await
-            })
-        };
         tracing::info!(%addr, topic, tls = settings.tls.is_some(), "schema registry serving");
         Ok(Self {
             addr,

@@ -68,7 +68,7 @@ impl SchemaLog {
         stop: CancellationToken,
     ) -> Result<(Self, tokio::task::JoinHandle<Result<(), KafkaError>>), KafkaError> {
         let producer = KafkaProducer::new(cfg, "pulse-schema-registry")?;
-        let mut c = cfg.client_config("pulse-schema-registry-reader");
+        let mut c = cfg.consumer_client_config("pulse-schema-registry-reader");
         // Every replica reads the whole log; no group offsets are committed.
         c.set(
             "group.id",

@@ -5,6 +5,7 @@ use metrics::{describe_counter, describe_gauge};
 pub const SUBJECTS: &str = "pulse_schema_registry_subjects";
 pub const SCHEMAS: &str = "pulse_schema_registry_schemas";
 pub const VERSIONS: &str = "pulse_schema_registry_versions";
+/// Registered at zero (`describe`).
 pub const COMPATIBILITY_REJECTIONS_TOTAL: &str =
     "pulse_schema_registry_compatibility_rejections_total";
 pub const LOG_APPLIED_TOTAL: &str = "pulse_schema_registry_log_records_applied_total";
@@ -24,6 +25,9 @@ pub fn describe() {
         COMPATIBILITY_REJECTIONS_TOTAL,
         "Registrations refused because the schema is incompatible with earlier versions."
     );
+    // Registered at zero, so the series exists (and `rate()` sees the first rejection)
+    // before any registration was refused.
+    metrics::counter!(COMPATIBILITY_REJECTIONS_TOTAL).increment(0);
     describe_counter!(
         LOG_APPLIED_TOTAL,
         "Records of the _schemas log applied by this replica, by outcome."
@@ -44,4 +48,18 @@ pub fn describe() {
         LOG_OFFSET,
         "Offset of the last _schemas record this replica applied."
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fresh_registry_scrape_has_the_rejection_counter_at_zero() {
+        let text = pulse_platform::metrics::scrape_with(describe);
+        assert!(
+            text.contains(&format!("{COMPATIBILITY_REJECTIONS_TOTAL} 0")),
+            "{COMPATIBILITY_REJECTIONS_TOTAL} missing from\n{text}"
+        );
+    }
 }

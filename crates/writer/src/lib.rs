@@ -64,6 +64,9 @@ pub struct Config {
         default_value = "127.0.0.1:9103"
     )]
     pub admin_addr: SocketAddr,
+    /// TLS, header read timeout and limits of the admin server.
+    #[command(flatten)]
+    pub admin_server: pulse_platform::server::AdminServerArgs,
     /// Which sink this instance runs.
     #[arg(
         long = "sink",
@@ -175,7 +178,7 @@ pub struct Config {
     pub parquet_max_age_ms: u64,
     /// ...or once the memory it holds reaches this many bytes (estimated from the decoded
     /// rows and the column copy their encoding makes): the bound of the sink's memory.
-    #[arg(long = "parquet-max-buffer-bytes", env = "PULSE_WRITER_PARQUET_MAX_BUFFER_BYTES", default_value_t = 24 * 1024 * 1024)]
+    #[arg(long = "parquet-max-buffer-bytes", env = "PULSE_WRITER_PARQUET_MAX_BUFFER_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub parquet_max_buffer_bytes: usize,
     /// Parquet sink: after each confirmed upload, write a `freshness` row per partition
     /// (stage `writer-parquet`) to ClickHouse, best effort.
@@ -251,10 +254,11 @@ impl Validate for Config {
         }
         self.kafka.validate(p);
         self.telemetry.validate(p);
+        self.admin_server.validate(p);
     }
 }
 
-pulse_platform::impl_service_config!(Config);
+pulse_platform::impl_service_config!(Config, admin_server);
 
 /// Why the service stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -622,7 +626,7 @@ mod tests {
         assert_eq!(cfg.parquet_max_rows, 100_000);
         assert_eq!(cfg.parquet_max_bytes, 64 * 1024 * 1024);
         assert_eq!(cfg.parquet_max_age_ms, 60_000);
-        assert_eq!(cfg.parquet_max_buffer_bytes, 24 * 1024 * 1024);
+        assert_eq!(cfg.parquet_max_buffer_bytes, 16 * 1024 * 1024);
         assert!(cfg.parquet_freshness);
     }
 

@@ -524,18 +524,30 @@ ConfigMap; the volumes are pulse.serverTlsVolumeMounts / pulse.serverTlsVolumes.
 {{- if and $t.enabled (has .c.name $t.components) }}true{{ end -}}
 {{- end -}}
 
+{{/* "true" for a component whose only server is its admin server (the processor, the
+writers): listed in serverTls.components, that server speaks TLS. */}}
+{{- define "pulse.adminOnly" -}}
+{{- if has .c.name (list "processor" "writer-clickhouse" "writer-parquet") }}true{{ end -}}
+{{- end -}}
+
+{{/* "true" when a component's admin port speaks TLS: listed, and serverTls.admin or a
+component with only an admin server. */}}
+{{- define "pulse.adminTlsOn" -}}
+{{- if and (include "pulse.serverTlsOn" .) (or .root.Values.serverTls.admin (include "pulse.adminOnly" .)) }}true{{ end -}}
+{{- end -}}
+
 {{- define "pulse.settings.serverTls" -}}
 {{- $t := .root.Values.serverTls -}}
-{{- if include "pulse.serverTlsOn" . }}
+{{- if and (include "pulse.serverTlsOn" .) (not (include "pulse.adminOnly" .)) }}
 PULSE_TLS_CERT_FILE: /etc/pulse/tls/tls.crt
 PULSE_TLS_KEY_FILE: /etc/pulse/tls/tls.key
 {{- if $t.clientCaSecret }}
 PULSE_TLS_CLIENT_CA_FILE: {{ printf "/etc/pulse/tls-client-ca/%s" $t.clientCaKey }}
 {{- end }}
-{{- if $t.admin }}
+{{- end }}
+{{- if include "pulse.adminTlsOn" . }}
 PULSE_ADMIN_TLS_CERT_FILE: /etc/pulse/tls/tls.crt
 PULSE_ADMIN_TLS_KEY_FILE: /etc/pulse/tls/tls.key
-{{- end }}
 {{- end }}
 {{- end -}}
 
@@ -544,7 +556,7 @@ PULSE_ADMIN_TLS_KEY_FILE: /etc/pulse/tls/tls.key
 - name: server-tls
   mountPath: /etc/pulse/tls
   readOnly: true
-{{- if .root.Values.serverTls.clientCaSecret }}
+{{- if and .root.Values.serverTls.clientCaSecret (not (include "pulse.adminOnly" .)) }}
 - name: server-tls-client-ca
   mountPath: /etc/pulse/tls-client-ca
   readOnly: true
@@ -564,7 +576,7 @@ PULSE_ADMIN_TLS_KEY_FILE: /etc/pulse/tls/tls.key
         path: tls.crt
       - key: tls.key
         path: tls.key
-{{- if $t.clientCaSecret }}
+{{- if and $t.clientCaSecret (not (include "pulse.adminOnly" .)) }}
 - name: server-tls-client-ca
   secret:
     secretName: {{ $t.clientCaSecret }}

@@ -841,3 +841,117 @@ async fn a_refused_schema_version_is_rejected_naming_the_field_and_the_setting()
     assert!(error.reason.contains("refused"), "{error:?}");
     assert_eq!(resp.results[1].status, EventStatus::Accepted as i32);
 }
+
+/// Waits until a post with `key` answers 401 (`refused`) or not.
+async fn wait_key(url: &str, key: &str, refused: bool) {
+    let what = format!(
+        "the key {key} to be {}",
+        if refused { "refused" } else { "accepted" }
+    );
+    wait_until(Duration::from_secs(10), what, async || {
+        let (status, body, _) = post(url, Some(key), b"[]".to_vec(), &[]).await;
+        if (status == 401) == refused {
+            Ok(())
+        } else {
+            Err((status, body))
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn api_keys_rotate_through_the_key_file_without_a_restart_counted_by_key_name() {
+    let handle = pulse_platform::metrics::install("ingest-test").unwrap();
+    let dir = cleanup::TempDir::new("api-keys");
+    let file = dir.path().join("api-keys");
+    let (old, new) = (
+        pulse_tests::unique("old-key"),
+        pulse_tests::unique("new-key"),
+    );
+    let (old_name, new_name) = (
+        pulse_tests::short_unique("old"),
+        pulse_tests::short_unique("new"),
+    );
+    std::fs::write(
+        &file,
+        format!("# rotation test\n{old}=rotating:{old_name}\n"),
+    )
+    .unwrap();
+    let h = start(&[
+        "--api-keys-file",
+        file.to_str().unwrap(),
+        "--api-keys-reload-interval",
+        "200ms",
+    ])
+    .await;
+    let count = |name: &str| {
+        crate::support::metric_sum(
+            &handle.render(),
+            "pulse_ingest_authenticated_requests_total",
+            &[&format!("key=\"{name}\"")],
+        )
+    };
+    // The new key's series exists (at zero) only once the file names it.
+    assert_eq!(count(&new_name), None);
+    let (status, body, _) = post(&h.http, Some(&old), b"[]".to_vec(), &[]).await;
+    assert_ne!(status, 401, "{body}");
+    let (status, _, _) = post(&h.http, Some(&new), b"[]".to_vec(), &[]).await;
+    assert_eq!(status, 401, "not in the file yet");
+
+    // Both keys of the source valid at once…
+    std::fs::write(
+        &file,
+        format!("{old}=rotating:{old_name}\n{new}=rotating:{new_name}\n"),
+    )
+    .unwrap();
+    wait_key(&h.http, &new, false).await;
+    wait_key(&h.http, &old, false).await;
+    // …then the old one removed: refused, the new one and the inline keys still served.
+    std::fs::write(&file, format!("{new}=rotating:{new_name}\n")).unwrap();
+    wait_key(&h.http, &old, true).await;
+    wait_key(&h.http, &new, false).await;
+    wait_key(&h.http, "test-key", false).await;
+    // A broken file keeps the keys in force (once its reload failed).
+    std::fs::write(&file, "not a key line\n").unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        "the broken key file's reload to fail",
+        async || {
+            let failed = crate::support::metric_sum(
+                &handle.render(),
+                "pulse_ingest_api_keys_reload_total",
+                &["outcome=\"error\""],
+            )
+            .unwrap_or(0.0);
+            if failed >= 1.0 { Ok(()) } else { Err(failed) }
+        },
+    )
+    .await;
+    wait_key(&h.http, &new, false).await;
+
+    // Requests are counted under each key's name; no series carries a key.
+    assert!(
+        count(&old_name).is_some_and(|n| n >= 2.0),
+        "{:?}",
+        count(&old_name)
+    );
+    assert!(
+        count(&new_name).is_some_and(|n| n >= 3.0),
+        "{:?}",
+        count(&new_name)
+    );
+    let text = handle.render();
+    assert!(
+        !text.contains(&old) && !text.contains(&new),
+        "a key is in the metrics"
+    );
+    let reloads = |outcome: &str| {
+        crate::support::metric_sum(
+            &text,
+            "pulse_ingest_api_keys_reload_total",
+            &[&format!("outcome=\"{outcome}\"")],
+        )
+        .unwrap_or(0.0)
+    };
+    assert!(reloads("ok") >= 2.0 && reloads("error") >= 1.0, "{text}");
+}

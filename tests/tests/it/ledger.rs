@@ -383,6 +383,13 @@ async fn the_ledger_reconciles_a_clean_range_and_names_what_a_store_lost() {
         "{lines}"
     );
 
+    // A range holding more events than the memory budget is refused, naming the knob.
+    let mut small = p.sources();
+    small.max_held_events = 10;
+    let e = check(B0, B0 + 2 * M, &small).await.unwrap_err();
+    assert!(matches!(e, LedgerError::OverBudget { max: 10, .. }), "{e}");
+    assert!(e.to_string().contains("--max-held-events"), "{e}");
+
     // A range that is not closed yet is refused, naming why.
     let e = check(B0 + 10 * M, B0 + 11 * M, &p.sources())
         .await
@@ -509,7 +516,9 @@ async fn the_ledger_reconciles_a_clean_range_and_names_what_a_store_lost() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    // `ledger watch` reconciles every closed window from its look-back and exports it.
+    // `ledger watch` reconciles every closed window from its look-back and exports it —
+    // with a memory budget of 4 events, so it defers windows and reads the events topic
+    // again, and must still find exactly what an unbounded ledger finds.
     let lookback_s = (pulse_platform::clock::now_ms() - B0) / 1000 + 1;
     let mut argv = vec![
         "pulsectl".to_owned(),
@@ -519,6 +528,8 @@ async fn the_ledger_reconciles_a_clean_range_and_names_what_a_store_lost() {
         "200ms".to_owned(),
         "--lookback".to_owned(),
         format!("{lookback_s}s"),
+        "--max-held-events".to_owned(),
+        "4".to_owned(),
     ];
     argv.extend(p.argv(&[]));
     let pulsectl::Command::Ledger(args) = pulsectl::Cli::parse_from(argv).command else {
@@ -627,6 +638,14 @@ async fn the_ledger_reconciles_a_clean_range_and_names_what_a_store_lost() {
     assert_eq!(
         sum("pulse_ledger_unchecked_events_total", &[]),
         0.0,
+        "{scrape}"
+    );
+    assert!(
+        sum("pulse_ledger_rereads_total", &[]) >= 1.0,
+        "the budget of 4 deferred windows: {scrape}"
+    );
+    assert!(
+        sum("pulse_ledger_held_events", &["kind=\"book\""]) >= 0.0,
         "{scrape}"
     );
     // An event of a window `watch` has reconciled already is counted as unchecked, not

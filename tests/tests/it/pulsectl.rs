@@ -2,7 +2,9 @@
 //! the topics (accepted records on the events topic, rejected ones on the DLQ, nothing for
 //! duplicates) over HTTP and gRPC; `dlq inspect` returns the rejected records with their
 //! codes; `dlq redrive` re-submits JSON records and skips protobuf ones; `migrate` applies
-//! the schema once.
+//! the schema once. Run as a child process with stderr on a pipe, `loadgen`, `dlq redrive`
+//! and `migrate` print plain progress lines (done/total, rate, ETA) on stderr and keep
+//! stdout their own output.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -12,8 +14,10 @@ use clap::Parser;
 use pulse_contracts::headers;
 use pulse_ingest::pipeline::{FixedSchemaId, Framer};
 use pulsectl::dlq::{self, Redriven, TopicArgs};
+use pulsectl::ingest_client::IngestArgs;
 use pulsectl::loadgen::expect::Settings;
 use pulsectl::loadgen::{LoadgenArgs, Report, RunOptions, run_load};
+use pulsectl::progress::Progress;
 use rdkafka::Message;
 use rdkafka::message::{Headers, OwnedMessage};
 use tokio_util::sync::CancellationToken;
@@ -25,8 +29,9 @@ const MALFORMED_CODES: [&str; 4] = [
     "invalid_event_type",
 ];
 
-use crate::support::cleanup;
+use crate::support::child_process::binary;
 use crate::support::ingest_server::{self, read_exactly};
+use crate::support::{cleanup, tls};
 
 struct Ingest {
     http: String,
@@ -40,6 +45,11 @@ struct Ingest {
 /// An in-process ingest on 127.0.0.1:0 against the real broker, with its own topics (the
 /// pattern of the `ingest` tests, framing with a fixed schema id instead of a registry).
 async fn start_ingest() -> Ingest {
+    start_ingest_with(&[]).await
+}
+
+/// [`start_ingest`] with more `pulse-ingest` flags (e.g. its TLS certificate).
+async fn start_ingest_with(extra: &[&str]) -> Ingest {
     let kafka = pulse_tests::kafka();
     let events_topic = pulse_tests::unique("events");
     let dlq_topic = pulse_tests::unique("dlq");
@@ -50,7 +60,7 @@ async fn start_ingest() -> Ingest {
         "test-hmac",
         &events_topic,
         &dlq_topic,
-        &[],
+        extra,
     );
     let framer: Arc<dyn Framer> = Arc::new(FixedSchemaId(1));
     let servers = ingest_server::serve(&kafka, &cfg, framer, "pulsectl-test").await;
@@ -70,6 +80,14 @@ fn loadgen_args(extra: &[&str]) -> LoadgenArgs {
     match pulsectl::Cli::parse_from(argv).command {
         pulsectl::Command::Loadgen(args) => *args,
         other => panic!("parsed as {other:?}"),
+    }
+}
+
+fn ingest_args(http: &str) -> IngestArgs {
+    IngestArgs {
+        target: http.to_owned(),
+        api_key: "test-key".into(),
+        ca_file: None,
     }
 }
 
@@ -117,9 +135,14 @@ async fn assert_counts_match_the_topics(ingest: &Ingest, report: &Report) -> Vec
 
     // Rejected events are on the DLQ with the code ingest answered.
     read_exactly(&ingest.dlq_topic, s.rejected as usize).await;
-    let dlq = dlq::inspect(&topic_args(&ingest.dlq_topic), None, None)
-        .await
-        .unwrap();
+    let dlq = dlq::inspect(
+        &topic_args(&ingest.dlq_topic),
+        None,
+        None,
+        &Progress::hidden(),
+    )
+    .await
+    .unwrap();
     let on_dlq: BTreeMap<String, String> = dlq
         .iter()
         .map(|r| (r.event_id.clone().unwrap(), r.code.clone().unwrap()))
@@ -173,7 +196,7 @@ async fn loadgen_over_http_matches_the_topics_and_dlq_inspect_and_redrive_see_th
         &args,
         CancellationToken::new(),
         RunOptions {
-            progress: false,
+            progress: None,
             keep_answers: true,
         },
     )
@@ -183,9 +206,14 @@ async fn loadgen_over_http_matches_the_topics_and_dlq_inspect_and_redrive_see_th
 
     // inspect: filtered by code and limited.
     let code = dlq[0].code.clone().unwrap();
-    let some = dlq::inspect(&topic_args(&ingest.dlq_topic), Some(&code), Some(1))
-        .await
-        .unwrap();
+    let some = dlq::inspect(
+        &topic_args(&ingest.dlq_topic),
+        Some(&code),
+        Some(1),
+        &Progress::hidden(),
+    )
+    .await
+    .unwrap();
     assert_eq!(some.len(), 1);
     assert_eq!(some[0].code.as_deref(), Some(code.as_str()));
     assert!(
@@ -202,13 +230,15 @@ async fn loadgen_over_http_matches_the_topics_and_dlq_inspect_and_redrive_see_th
         .collect();
     let mut offsets = positions.clone();
     offsets.push((0, 1_000_000));
-    let redriven = dlq::redrive(&dlq::RedriveArgs {
-        offsets,
-        code: None,
-        target: ingest.http.clone(),
-        api_key: "test-key".into(),
-        topic: topic_args(&ingest.dlq_topic),
-    })
+    let redriven = dlq::redrive(
+        &dlq::RedriveArgs {
+            offsets,
+            code: None,
+            ingest: ingest_args(&ingest.http),
+            topic: topic_args(&ingest.dlq_topic),
+        },
+        None,
+    )
     .await
     .unwrap();
     assert_eq!(redriven.len(), positions.len() + 1);
@@ -226,9 +256,14 @@ async fn loadgen_over_http_matches_the_topics_and_dlq_inspect_and_redrive_see_th
     // The redriven events are still invalid and claim the same ids within the dedup window:
     // ingest answers each `rejected` again without a second DLQ record (a rejected event is
     // dead-lettered once per id; README, Dedup).
-    let after = dlq::inspect(&topic_args(&ingest.dlq_topic), None, None)
-        .await
-        .unwrap();
+    let after = dlq::inspect(
+        &topic_args(&ingest.dlq_topic),
+        None,
+        None,
+        &Progress::hidden(),
+    )
+    .await
+    .unwrap();
     assert_eq!(after.len(), dlq.len());
 }
 
@@ -261,20 +296,22 @@ async fn loadgen_over_grpc_matches_the_topics_and_redrive_skips_protobuf_records
         &args,
         CancellationToken::new(),
         RunOptions {
-            progress: false,
+            progress: None,
             keep_answers: true,
         },
     )
     .await
     .unwrap();
     let dlq = assert_counts_match_the_topics(&ingest, &report).await;
-    let redriven = dlq::redrive(&dlq::RedriveArgs {
-        offsets: Vec::new(),
-        code: dlq[0].code.clone(),
-        target: ingest.http.clone(),
-        api_key: "test-key".into(),
-        topic: topic_args(&ingest.dlq_topic),
-    })
+    let redriven = dlq::redrive(
+        &dlq::RedriveArgs {
+            offsets: Vec::new(),
+            code: dlq[0].code.clone(),
+            ingest: ingest_args(&ingest.http),
+            topic: topic_args(&ingest.dlq_topic),
+        },
+        None,
+    )
     .await
     .unwrap();
     assert!(!redriven.is_empty());
@@ -299,4 +336,287 @@ async fn migrate_applies_the_schema_once() {
             .collect::<Vec<_>>()
     );
     assert!(pulsectl::migrate::apply(&ch).await.unwrap().is_empty());
+}
+
+/// Runs `pulsectl ARGS` with stdout and stderr on pipes (not a terminal); returns both.
+async fn run_pulsectl(args: &[&str]) -> (String, String) {
+    let mut cmd = tokio::process::Command::new(binary("pulsectl"));
+    cmd.args(args)
+        .env_remove("PULSE_PROGRESS")
+        .env_remove("PULSE_PROGRESS_INTERVAL")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(120), cmd.output())
+        .await
+        .expect("pulsectl did not finish in 120 s")
+        .expect("running pulsectl");
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    );
+    assert!(
+        out.status.success(),
+        "pulsectl {args:?}: {}\nstdout:\n{stdout}\nstderr:\n{stderr}",
+        out.status
+    );
+    (stdout, stderr)
+}
+
+/// The `(done, total)` of each periodic line `label: done/total unit (p%), r unit/s, ETA e, …`.
+fn periodic_lines(stderr: &str, label: &str, unit: &str) -> Vec<(u64, u64)> {
+    stderr
+        .lines()
+        .filter_map(|l| l.strip_prefix(&format!("{label}: ")))
+        // Not the done line, nor the other messages (`loadgen: seed …`).
+        .filter(|rest| {
+            rest.split_whitespace()
+                .next()
+                .is_some_and(|t| t.starts_with(|c: char| c.is_ascii_digit()) && t.contains('/'))
+        })
+        .map(|rest| {
+            assert!(
+                rest.contains(&format!(" {unit}/s, ETA ")) && rest.contains(", elapsed "),
+                "a progress line without rate and ETA: {rest}"
+            );
+            let counts = rest.split_whitespace().next().unwrap();
+            let (done, total) = counts.split_once('/').unwrap();
+            (done.parse().unwrap(), total.parse().unwrap())
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn on_a_pipe_loadgen_redrive_and_migrate_print_plain_progress_lines_on_stderr_only() {
+    let ingest = start_ingest().await;
+    // 30 events/s for 4 s = 120 events, a line every 500 ms.
+    let (stdout, stderr) = run_pulsectl(&[
+        "loadgen",
+        "--target",
+        &ingest.http,
+        "--api-key",
+        "test-key",
+        "--rate",
+        "30",
+        "--duration",
+        "4s",
+        "--seed",
+        "5",
+        "--batch-size",
+        "5",
+        "--malformed",
+        "0.2",
+        "--duplicates",
+        "0",
+        "--late",
+        "0",
+        "--progress-interval",
+        "500ms",
+    ])
+    .await;
+    let lines = periodic_lines(&stderr, "loadgen", "events");
+    assert!(lines.len() >= 4, "a line every 500 ms of 4 s:\n{stderr}");
+    assert!(lines.iter().all(|&(_, total)| total == 120), "{lines:?}");
+    assert!(
+        lines.windows(2).all(|w| w[0].0 <= w[1].0) && lines.iter().any(|&(done, _)| done > 0),
+        "done grows: {lines:?}"
+    );
+    assert!(
+        stderr.contains("loadgen: done, 120 events in "),
+        "the done line:\n{stderr}"
+    );
+    assert!(
+        stdout.starts_with("loadgen summary (seed 5)\n")
+            && stdout.contains("  sent          120\n"),
+        "stdout is the summary:\n{stdout}"
+    );
+    assert!(!stdout.contains("ETA"), "no progress on stdout:\n{stdout}");
+
+    // Redrive three rejected events: reading the DLQ, then re-submitting, each with its lines.
+    let dlq = dlq::inspect(
+        &topic_args(&ingest.dlq_topic),
+        None,
+        None,
+        &Progress::hidden(),
+    )
+    .await
+    .unwrap();
+    assert!(dlq.len() >= 3, "malformed events were rejected: {stdout}");
+    let positions: Vec<String> = dlq[..3]
+        .iter()
+        .map(|r| format!("{}:{}", r.partition, r.offset))
+        .collect();
+    let kafka = pulse_tests::kafka();
+    let (stdout, stderr) = run_pulsectl(&[
+        "--progress",
+        "plain",
+        "dlq",
+        "redrive",
+        "--offsets",
+        &positions.join(","),
+        "--target",
+        &ingest.http,
+        "--api-key",
+        "test-key",
+        "--topic",
+        &ingest.dlq_topic,
+        "--kafka-brokers",
+        &kafka.brokers,
+    ])
+    .await;
+    assert!(
+        stderr.contains(&format!("dlq read: done, {} records in ", dlq.len())),
+        "reading ends with its done line:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("dlq redrive: done, 3 records in ") && stderr.contains("rejected 3"),
+        "re-submitting ends with its done line and the answers:\n{stderr}"
+    );
+    let answered: Vec<&str> = stdout.lines().collect();
+    assert_eq!(
+        answered.len(),
+        3,
+        "stdout holds only the answers:\n{stdout}"
+    );
+    for (line, pos) in answered.iter().zip(&positions) {
+        assert!(
+            line.starts_with(&format!("{pos}  ")) && line.contains("  rejected  "),
+            "{line}"
+        );
+    }
+
+    let ch = cleanup::Database::unique("pulsectl_progress");
+    let (stdout, stderr) = run_pulsectl(&[
+        "migrate",
+        "--clickhouse-url",
+        &ch.url,
+        "--clickhouse-database",
+        &ch.database,
+    ])
+    .await;
+    let n = pulse_storage::migrate::MIGRATIONS.len();
+    assert!(
+        stderr.contains(&format!("migrate: done, {n} migrations in ")),
+        "{stderr}"
+    );
+    assert_eq!(
+        stdout.lines().count(),
+        n,
+        "one line per migration:\n{stdout}"
+    );
+    assert!(stdout.starts_with("applied migration 0001 "), "{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn loadgen_and_dlq_redrive_reach_an_ingest_over_tls_with_the_ca_file() {
+    let dir = tls::work_dir("pulsectl-tls");
+    let ca = tls::make_ca(&dir, "pulsectl-ca");
+    let (cert, key) = tls::make_server_cert(&dir, "pulsectl-ca");
+    let ingest = start_ingest_with(&[
+        "--tls-cert-file",
+        cert.to_str().unwrap(),
+        "--tls-key-file",
+        key.to_str().unwrap(),
+    ])
+    .await;
+    let https = ingest.http.replace("http://", "https://");
+    let grpcs = ingest.grpc.replace("http://", "https://");
+    let ca_file = ca.to_str().unwrap();
+    // Seeds differ: the same seed would send the same event ids (duplicates the second time).
+    for (transport, seed) in [
+        (["--target", https.as_str()], "11"),
+        (["--grpc", grpcs.as_str()], "12"),
+    ] {
+        let args = loadgen_args(&[
+            transport[0],
+            transport[1],
+            "--ca-file",
+            ca_file,
+            "--rate",
+            "20",
+            "--duration",
+            "1s",
+            "--seed",
+            seed,
+            "--malformed",
+            "0.3",
+            "--duplicates",
+            "0",
+            "--late",
+            "0",
+        ]);
+        let report = run_load(
+            &args,
+            CancellationToken::new(),
+            RunOptions {
+                progress: None,
+                keep_answers: false,
+            },
+        )
+        .await
+        .unwrap();
+        let s = &report.summary;
+        assert_eq!((s.sent, s.failed), (20, 0), "{transport:?}: {s}");
+        assert!(s.accepted > 0 && s.rejected > 0, "{transport:?}: {s}");
+    }
+
+    // `dlq redrive --target https://… --ca-file`: answered over TLS (the HTTP rejects only;
+    // the gRPC ones are protobuf and skipped, whatever the transport).
+    let records = dlq::inspect(
+        &topic_args(&ingest.dlq_topic),
+        None,
+        None,
+        &Progress::hidden(),
+    )
+    .await
+    .unwrap();
+    let json: Vec<(i32, i64)> = records
+        .iter()
+        .filter(|r| r.payload.starts_with(b"{"))
+        .map(|r| (r.partition, r.offset))
+        .collect();
+    assert!(!json.is_empty(), "the HTTP run's rejects are JSON");
+    let redriven = dlq::redrive(
+        &dlq::RedriveArgs {
+            offsets: json.clone(),
+            code: None,
+            ingest: IngestArgs {
+                target: https.clone(),
+                api_key: "test-key".into(),
+                ca_file: Some(ca.clone()),
+            },
+            topic: topic_args(&ingest.dlq_topic),
+        },
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(redriven.len(), json.len());
+    for (pos, r) in &redriven {
+        match r {
+            Redriven::Answered(a) => assert_eq!(a.status, "rejected", "{pos:?}"),
+            other => panic!("{pos:?}: {other:?}"),
+        }
+    }
+    // A CA file that holds no certificate is refused before anything is sent.
+    let not_pem = dir.join("not-a-ca.pem");
+    std::fs::write(&not_pem, "hello").unwrap();
+    let err = dlq::redrive(
+        &dlq::RedriveArgs {
+            offsets: json,
+            code: None,
+            ingest: IngestArgs {
+                target: https,
+                api_key: "test-key".into(),
+                ca_file: Some(not_pem),
+            },
+            topic: topic_args(&ingest.dlq_topic),
+        },
+        None,
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("holds no PEM certificate"),
+        "{err}"
+    );
 }

@@ -19,7 +19,7 @@ use pulsectl::replay::{ReplayArgs, ReplayError, replay};
 use rdkafka::Message;
 use rdkafka::message::{Headers, OwnedMessage};
 
-use crate::support::{archive, cleanup, events, kafka, registry};
+use crate::support::{archive, child_process, cleanup, events, kafka, registry};
 
 /// 2025-11-25T00:00:00Z.
 const MIDNIGHT: i64 = 1_764_028_800_000;
@@ -107,7 +107,9 @@ fn header<'a>(m: &'a OwnedMessage, name: &str) -> Option<&'a str> {
         .and_then(|v| std::str::from_utf8(v).ok())
 }
 
-fn args(prefix: &str, topic: &str, registry: &str, extra: &[&str]) -> ReplayArgs {
+/// `pulsectl replay` and its flags for the range, `topic`, `registry` and the archive under
+/// `prefix`, then `extra`.
+fn argv(prefix: &str, topic: &str, registry: &str, extra: &[&str]) -> Vec<String> {
     let mut argv: Vec<String> = [
         "pulsectl",
         "replay",
@@ -127,7 +129,11 @@ fn args(prefix: &str, topic: &str, registry: &str, extra: &[&str]) -> ReplayArgs
     .collect();
     argv.extend(archive::s3_flags(prefix));
     argv.extend(extra.iter().map(|s| s.to_string()));
-    match pulsectl::Cli::parse_from(argv).command {
+    argv
+}
+
+fn args(prefix: &str, topic: &str, registry: &str, extra: &[&str]) -> ReplayArgs {
+    match pulsectl::Cli::parse_from(argv(prefix, topic, registry, extra)).command {
         pulsectl::Command::Replay(a) => *a,
         other => panic!("not replay: {other:?}"),
     }
@@ -218,7 +224,7 @@ async fn replay_republishes_exactly_the_archived_events_of_the_range_once_with_t
     let expected: BTreeSet<&str> = ["e-from", "e-2359", "e-0000", "e-0030", "e-last"].into();
 
     // A dry run reads and counts the same, and publishes nothing.
-    let dry = replay(&args(&prefix, &target, &registry_url, &["--dry-run"]))
+    let dry = replay(&args(&prefix, &target, &registry_url, &["--dry-run"]), None)
         .await
         .unwrap();
     assert_eq!(dry.folders, 2, "23:00 and 00:00 only");
@@ -227,14 +233,47 @@ async fn replay_republishes_exactly_the_archived_events_of_the_range_once_with_t
     assert_eq!((dry.published, dry.objects_failed), (0, 0));
     assert!(read_all(&target).await.is_empty(), "a dry run published");
 
+    // The same dry run as a child process with stderr on a pipe: its progress in plain lines
+    // on stderr (objects read of those listed), the summary alone on stdout.
+    let cmd = argv(
+        &prefix,
+        &target,
+        &registry_url,
+        &["--dry-run", "--progress", "plain"],
+    );
+    let out = tokio::process::Command::new(child_process::binary("pulsectl"))
+        .args(&cmd[1..])
+        .env_remove("PULSE_PROGRESS")
+        .output()
+        .await
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "replay (dry run): done, {} objects in ",
+            dry.objects
+        )) && stderr.contains(&format!("rows in range {}", dry.rows_in_range)),
+        "{stderr}"
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 3, "the summary only:\n{stdout}");
+    assert!(
+        lines[2].starts_with("dry run: 5 event(s) would be published"),
+        "{stdout}"
+    );
+
     // A topic whose subject has no schema: refused before anything is published.
-    let err = replay(&args(&prefix, &unregistered, &registry_url, &[]))
+    let err = replay(&args(&prefix, &unregistered, &registry_url, &[]), None)
         .await
         .unwrap_err();
     assert!(matches!(err, ReplayError::Registry { .. }), "{err}");
     assert!(read_all(&unregistered).await.is_empty());
 
-    let s = replay(&args(&prefix, &target, &registry_url, &[]))
+    let s = replay(&args(&prefix, &target, &registry_url, &[]), None)
         .await
         .unwrap();
     assert!(s.complete(), "{s:?}");

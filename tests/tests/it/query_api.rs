@@ -2,8 +2,12 @@
 //! hand-computed expectation over hand-written aggregate rows (bucket edges, duplicates,
 //! early and final versions, a late correction, merged sessions), gRPC answers the same
 //! numbers as HTTP, and every error path has its status, code and parameter, including a
-//! range longer than `--max-range-ms` and a query over a ClickHouse limit. One test renders
-//! the dashboard in headless Chromium and reads the numbers from its DOM; the last ones run
+//! range longer than `--max-range-ms` and a query over a ClickHouse limit. Stored events
+//! are found by the producer's own (non-W3C) trace id, each with its W3C trace id. Two
+//! tests render the dashboard in headless Chromium and read its DOM: the numbers (money in
+//! each currency's minor units, one scale per currency, the open minute marked, each
+//! panel's freshness) and the states of a refused token, an unreachable API and an
+//! unavailable ClickHouse; the last ones run
 //! the real binary: every answer names its trace (continuing an incoming `traceparent`)
 //! and that span reaches an OTLP collector, and made-up methods and paths add no metric
 //! series.
@@ -16,7 +20,7 @@ use pulse_contracts::pb::query::v1::query_service_client::QueryServiceClient;
 use pulse_platform::clickhouse::ClickHouseConfig;
 use pulse_platform::clock::now_ms;
 use pulse_query_api::{AppState, Servers};
-use pulse_storage::rows::{ActivityRow, FreshnessRow, SessionRow, epoch_day};
+use pulse_storage::rows::{ActivityRow, EventRow, FreshnessRow, SessionRow, epoch_day};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -1128,6 +1132,7 @@ async fn openapi_json_lists_every_route_without_a_token() {
         "/v1/users/{user_id}",
         "/v1/sessions",
         "/v1/freshness",
+        "/v1/events",
         "/openapi.json",
         "/",
     ] {
@@ -1137,7 +1142,7 @@ async fn openapi_json_lists_every_route_without_a_token() {
             paths.keys()
         );
     }
-    assert_eq!(paths.len(), 10, "{:?}", paths.keys());
+    assert_eq!(paths.len(), 11, "{:?}", paths.keys());
     // Parameters and schemas are generated from the code.
     let params: Vec<&str> = paths["/v1/revenue"]["get"]["parameters"]
         .as_array()
@@ -1146,7 +1151,15 @@ async fn openapi_json_lists_every_route_without_a_token() {
         .map(|p| p["name"].as_str().unwrap())
         .collect();
     assert_eq!(params, ["from", "to", "step", "currency"]);
+    let params: Vec<&str> = paths["/v1/events"]["get"]["parameters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(params, ["source_trace_id", "from", "to", "limit"]);
     assert!(doc["components"]["schemas"]["Freshness"].is_object());
+    assert!(doc["components"]["schemas"]["StoredEvent"].is_object());
     assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
     // The dashboard is public too.
     let (status, _, page) = api.get_with("/", None).await;
@@ -1174,6 +1187,8 @@ async fn chromium(url: &str, extra: &[String]) -> String {
         "--disable-component-update",
         "--disable-sync",
         "--virtual-time-budget=10000",
+        // Digit grouping and currency symbols follow the browser's locale.
+        "--lang=en-US",
     ])
     .arg(format!("--user-data-dir={}", profile.path().display()))
     .args(extra)
@@ -1219,31 +1234,84 @@ fn element_text(dom: &str, id: &str) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-#[tokio::test]
-async fn the_dashboard_renders_the_seeded_numbers_in_chromium() {
+/// The markup inside the element with `id` (tags kept).
+fn element_html<'a>(dom: &'a str, id: &str) -> &'a str {
+    let at = dom
+        .find(&format!("id=\"{id}\""))
+        .unwrap_or_else(|| panic!("no element #{id} in the DOM"));
+    let open_end = at + dom[at..].find('>').unwrap() + 1;
+    let tag_start = dom[..at].rfind('<').unwrap() + 1;
+    let tag: String = dom[tag_start..]
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric())
+        .collect();
+    let close = open_end + dom[open_end..].find(&format!("</{tag}>")).unwrap();
+    &dom[open_end..close]
+}
+
+/// The `data-state` (final or open) of the chart point of bucket `ts_ms` in `svg` markup.
+fn point_state(svg: &str, ts_ms: i64) -> String {
+    let ts = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ts_ms) * 1_000_000)
+        .unwrap()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    // toISOString() always writes milliseconds.
+    let ts = ts.replacen('Z', ".000Z", 1);
+    let at = svg
+        .find(&format!("data-ts=\"{ts}\""))
+        .unwrap_or_else(|| panic!("no point {ts} in {svg}"));
+    let tag_end = at + svg[at..].find('>').unwrap();
+    let tag_start = svg[..at].rfind('<').unwrap();
+    let tag = &svg[tag_start..tag_end];
+    let state = tag.split("data-state=\"").nth(1).unwrap();
+    state[..state.find('"').unwrap()].to_owned()
+}
+
+/// Every panel of the dashboard with the element that shows its freshness or failure.
+const PANEL_FRESHNESS: [&str; 6] = [
+    "active-users-now-freshness",
+    "revenue-last-hour-freshness",
+    "sessions-freshness",
+    "active-users-chart-freshness",
+    "revenue-chart-freshness",
+    "top-pages-freshness",
+];
+
+fn assert_chromium_installed() {
     assert!(
         std::path::Path::new(CHROMIUM).exists(),
         "{CHROMIUM} is missing: scripts/install-deps.sh installs the Debian package chromium"
     );
+}
+
+#[tokio::test]
+async fn the_dashboard_renders_the_seeded_numbers_in_chromium() {
+    assert_chromium_installed();
     let ch = database().await;
     let now = now_ms();
     let minute = |t: i64| t - t.rem_euclid(M);
-    let recent = minute(now - 2 * M);
-    let earlier = minute(now - 20 * M);
+    // The current minute is open (not final, after the watermark); three minutes ago is
+    // final: the latest final window ends at cur − 2m, so the watermark (+ 60 s allowed
+    // lateness) is cur − 1m, and the buckets cur − 1m and cur are still open.
+    let cur = minute(now);
+    let done = cur - 3 * M;
+    let earlier = cur - 20 * M;
     let base = W {
         user: "",
-        start: recent,
+        start: done,
         events: 3,
         pages: &[],
         revenue: &[],
-        first: recent,
-        last: recent + 30_000,
+        first: done,
+        last: done + 30_000,
         version: 1,
-        fin: false,
+        fin: true,
         written: now - 3_000,
     };
     // Active in the last 5 minutes: u1, u2, u3; u4 only 20 minutes ago.
     // Top pages over the last hour: /pricing 4 + 3 = 7 (2 users), / 1 + 2 = 3, /docs 2.
+    // Revenue: EUR 19.99 (final) + 5.00 (open minute); JPY 1500 (no minor unit); USD
+    // 1234567.891 (shown rounded to cents, grouped).
     insert(
         &ch,
         "user_activity",
@@ -1251,17 +1319,23 @@ async fn the_dashboard_renders_the_seeded_numbers_in_chromium() {
             window(W {
                 user: "u1",
                 pages: &[("/", 1), ("/pricing", 4)],
-                revenue: &[("EUR", 19_990_000)],
+                revenue: &[("EUR", 19_990_000), ("JPY", 1_500_000_000)],
                 ..base
             }),
             window(W {
                 user: "u2",
                 pages: &[("/pricing", 3)],
+                revenue: &[("USD", 1_234_567_891_000)],
                 ..base
             }),
             window(W {
                 user: "u3",
+                start: cur,
                 pages: &[("/docs", 2)],
+                revenue: &[("EUR", 5_000_000)],
+                first: cur,
+                last: cur + 1_000,
+                fin: false,
                 ..base
             }),
             window(W {
@@ -1288,19 +1362,65 @@ async fn the_dashboard_renders_the_seeded_numbers_in_chromium() {
     let url = format!("{}/#token={TOKEN}", api.base);
 
     let dom = chromium(&url, &["--dump-dom".to_owned()]).await;
+    assert_eq!(element_text(&dom, "status"), "", "{dom}");
     assert_eq!(element_text(&dom, "active-users-now"), "3", "{dom}");
     assert_eq!(element_text(&dom, "top-page-1"), "1 /pricing 7 2");
     assert_eq!(element_text(&dom, "top-page-2"), "2 / 3 2");
     assert_eq!(element_text(&dom, "top-page-3"), "3 /docs 2 1");
     assert_eq!(element_text(&dom, "sessions-count"), "2");
     assert_eq!(element_text(&dom, "sessions-p95"), "120 s");
-    assert_eq!(element_text(&dom, "revenue-last-hour"), "19.99 EUR");
+
+    // Money: each currency's own minor units, grouped digits, its symbol.
+    assert_eq!(element_text(&dom, "revenue-total-EUR"), "€24.99");
+    assert_eq!(element_text(&dom, "revenue-total-JPY"), "¥1,500");
+    assert_eq!(element_text(&dom, "revenue-total-USD"), "$1,234,567.89");
+    assert!(
+        dom.contains("title=\"1234567.891 USD (exact)\""),
+        "the exact amount is kept in the title"
+    );
+
+    // Revenue per minute: one chart per currency, each on its own scale (the axis tops at
+    // a round value above that currency's peak), ticks in the currency's format (compact
+    // for large values, so they fit the margin).
+    let ticks = |c: &str| element_text(&dom, &format!("revenue-chart-{c}"));
+    let (eur, jpy, usd) = (ticks("EUR"), ticks("JPY"), ticks("USD"));
+    assert!(eur.contains("€20.00") && eur.contains("€10.00"), "{eur}");
+    assert!(jpy.contains("¥2,000") && jpy.contains("¥1,000"), "{jpy}");
+    assert!(!jpy.contains('.'), "no minor unit for JPY: {jpy}");
+    assert!(
+        usd.contains("$2M") && usd.contains("$1M"),
+        "compact beyond 100,000: {usd}"
+    );
+    assert_eq!(element_text(&dom, "revenue-peak-JPY"), "peak ¥1,500 / min");
+
+    // The open minute is marked, the finished one is not.
+    let eur_svg = element_html(&dom, "revenue-chart-EUR");
+    assert_eq!(point_state(eur_svg, done), "final", "{eur_svg}");
+    assert_eq!(point_state(eur_svg, cur), "open", "{eur_svg}");
+    assert!(eur.contains("open"), "{eur}");
+    let users_svg = element_html(&dom, "active-users-chart");
+    assert_eq!(point_state(users_svg, done), "final");
+    assert_eq!(point_state(users_svg, done + M), "final");
+    assert_eq!(point_state(users_svg, cur - M), "open");
+    assert_eq!(point_state(users_svg, cur), "open");
+
+    // Each panel shows the freshness of its own answer.
+    let watermark = &pulse_query_api::params::rfc3339(cur - M)[11..19];
+    for id in PANEL_FRESHNESS {
+        let line = element_text(&dom, id);
+        assert!(
+            line.starts_with("data refreshed ")
+                && line.contains(&format!("watermark {watermark}"))
+                && line.ends_with("recent minutes may still change"),
+            "{id}: {line}"
+        );
+    }
+    assert!(element_text(&dom, "stages-freshness").starts_with("as of "));
     let badge = element_text(&dom, "freshness-badge");
     assert!(
         badge.starts_with("data last refreshed ") && badge.ends_with(" s ago"),
         "{badge}"
     );
-    assert_eq!(element_text(&dom, "status"), "");
 
     let dir = std::path::PathBuf::from(
         std::env::var("PULSE_TEST_STATE")
@@ -1314,7 +1434,7 @@ async fn the_dashboard_renders_the_seeded_numbers_in_chromium() {
         &url,
         &[
             format!("--screenshot={}", png.display()),
-            "--window-size=1280,900".to_owned(),
+            "--window-size=1280,1100".to_owned(),
         ],
     )
     .await;
@@ -1327,6 +1447,85 @@ async fn the_dashboard_renders_the_seeded_numbers_in_chromium() {
     println!("dashboard screenshot: {}", png.display());
 
     api.stop().await;
+}
+
+#[tokio::test]
+async fn the_dashboard_says_when_the_token_is_refused_the_api_is_unreachable_or_clickhouse_is_down()
+{
+    assert_chromium_installed();
+    let ch = database().await;
+    let api = serve_api(&ch, &[]).await;
+
+    // A wrong token: the page says so, asks for another, and every panel says why it
+    // is empty.
+    let dom = chromium(
+        &format!("{}/#token=not-the-token", api.base),
+        &["--dump-dom".to_owned()],
+    )
+    .await;
+    let status = element_text(&dom, "status");
+    assert!(status.contains("token was refused (401)"), "{status}");
+    assert!(
+        dom.contains("id=\"token-form\" style=\"display: block;\""),
+        "the token form is shown"
+    );
+    assert_eq!(element_text(&dom, "freshness-badge"), "no access");
+    for id in PANEL_FRESHNESS {
+        let line = element_text(&dom, id);
+        assert!(line.starts_with("token refused (401): "), "{id}: {line}");
+    }
+    api.stop().await;
+
+    // ClickHouse down: the API answers 503, the page names ClickHouse.
+    let down = ClickHouseConfig {
+        url: format!(
+            "http://127.0.0.1:{}",
+            crate::support::child_process::free_port()
+        ),
+        database: "pulse_unreachable".into(),
+        ..pulse_tests::clickhouse()
+    };
+    let api = serve_api(&down, &[]).await;
+    let dom = chromium(
+        &format!("{}/#token={TOKEN}", api.base),
+        &["--dump-dom".to_owned()],
+    )
+    .await;
+    let status = element_text(&dom, "status");
+    assert!(status.contains("cannot reach ClickHouse (503)"), "{status}");
+    for id in PANEL_FRESHNESS {
+        let line = element_text(&dom, id);
+        assert!(
+            line.starts_with("ClickHouse unavailable (503): "),
+            "{id}: {line}"
+        );
+    }
+    api.stop().await;
+
+    // The API unreachable: the same page opened where no API answers (a file), every
+    // request fails at the network level.
+    let dir = TempDir::new("pulse-dashboard");
+    let page = dir.path().join("index.html");
+    std::fs::write(&page, pulse_query_api::dashboard::DASHBOARD_HTML).unwrap();
+    let dom = chromium(
+        &format!("file://{}#token={TOKEN}", page.display()),
+        &["--dump-dom".to_owned()],
+    )
+    .await;
+    let status = element_text(&dom, "status");
+    assert!(
+        status.contains("The query API cannot be reached"),
+        "{status}"
+    );
+    assert_eq!(element_text(&dom, "freshness-badge"), "offline");
+    for id in PANEL_FRESHNESS {
+        let line = element_text(&dom, id);
+        assert!(line.starts_with("API unreachable: "), "{id}: {line}");
+    }
+    assert!(
+        element_text(&dom, "stages-freshness").starts_with("API unreachable: "),
+        "{dom}"
+    );
 }
 
 #[tokio::test]
@@ -1444,6 +1643,11 @@ async fn grpc_serves_health_and_reflection_listing_only_the_query_service() {
                 "GetFreshness",
                 ".pulse.query.v1.FreshnessRequest",
                 ".pulse.query.v1.FreshnessResponse",
+            ),
+            unary(
+                "FindEvents",
+                ".pulse.query.v1.FindEventsRequest",
+                ".pulse.query.v1.FindEventsResponse",
             ),
         ],
     )
@@ -1570,6 +1774,261 @@ async fn queries_over_a_clickhouse_limit_are_refused_with_422_naming_the_limit()
         "{message}"
     );
     memory.stop().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Trace search: stored events by the producer's own trace id
+
+/// The reference event's time, 2026-06-04T11:01:23.456Z.
+const REF_TIME: i64 = 1_780_570_883_456;
+const REF_W3C: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+
+/// The `events` row the ClickHouse writer stores for an event (`EventRow::from_event`,
+/// the writer's own conversion), carried by a record with W3C trace `w3c` if any.
+fn stored_event(
+    id: &str,
+    at: i64,
+    source_trace_id: &str,
+    w3c: Option<&str>,
+    amount: Option<(&str, i64)>,
+) -> EventRow {
+    use pulse_contracts::pb::events::v1 as ev;
+    let event = ev::Event {
+        event_id: id.into(),
+        schema_version: 3,
+        event_type: "page_view".into(),
+        key: Some(ev::EventKey {
+            user_id: "u123".into(),
+            session_id: "s456".into(),
+        }),
+        payload: Some(ev::Payload {
+            page: "/home".into(),
+            referrer: "google".into(),
+            currency: amount.map(|(c, _)| c.to_owned()).unwrap_or_default(),
+            amount_micros: amount.map(|(_, a)| a),
+            properties: Default::default(),
+        }),
+        metadata: Some(ev::Metadata {
+            event_timestamp_ms: at,
+            trace_id: source_trace_id.into(),
+            source: "web-frontend".into(),
+        }),
+        ingest: Some(ev::IngestInfo {
+            ingest_timestamp_ms: at + 250,
+            ingest_source: "test".into(),
+            protocol: "http".into(),
+        }),
+    };
+    EventRow::from_event(&event, 0, 7, w3c, at + 900)
+}
+
+#[tokio::test]
+async fn stored_events_are_found_by_their_non_w3c_producer_trace_id_with_their_w3c_trace_id() {
+    let ch = database().await;
+    // The reference event (USD 0, producer trace id "abcd-1234", W3C context on its
+    // record), stored twice by a retried batch; a second event of the same producer
+    // trace two minutes later that came without W3C context (its `trace_id` column falls
+    // back to the producer's id); a look-alike id; one of the same id two days earlier
+    // (outside the range); one without a producer trace id.
+    let reference = stored_event(
+        "ev-ref",
+        REF_TIME,
+        "abcd-1234",
+        Some(REF_W3C),
+        Some(("USD", 0)),
+    );
+    insert(&ch, "events", std::slice::from_ref(&reference)).await;
+    insert(
+        &ch,
+        "events",
+        &[
+            reference,
+            stored_event("ev-2", REF_TIME + 2 * M, "abcd-1234", None, None),
+            stored_event("ev-alike", REF_TIME + M, "abcd-12345", Some(REF_W3C), None),
+            stored_event(
+                "ev-old",
+                REF_TIME - 2 * 1440 * M,
+                "abcd-1234",
+                Some(REF_W3C),
+                None,
+            ),
+            stored_event("ev-none", REF_TIME + M, "", Some(REF_W3C), None),
+        ],
+    )
+    .await;
+    let api = serve_api(&ch, &[]).await;
+    let hour = "from=2026-06-04T11:00:00Z&to=2026-06-04T12:00:00Z";
+
+    let body = api
+        .ok(&format!("/v1/events?source_trace_id=abcd-1234&{hour}"))
+        .await;
+    assert_eq!(body["source_trace_id"], "abcd-1234");
+    assert_eq!(body["from"], "2026-06-04T11:00:00Z");
+    assert_eq!(body["truncated"], false);
+    let events = body["events"].as_array().unwrap();
+    let ids: Vec<&str> = events
+        .iter()
+        .map(|e| e["event_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["ev-ref", "ev-2"], "{body}");
+    assert_eq!(
+        events[0],
+        json!({
+            "event_id": "ev-ref", "event_type": "page_view", "user_id": "u123",
+            "session_id": "s456", "event_time": "2026-06-04T11:01:23.456Z",
+            "ingest_time": "2026-06-04T11:01:23.706Z", "trace_id": REF_W3C,
+            "source_trace_id": "abcd-1234", "source": "web-frontend", "schema_version": 3,
+            "page": "/home", "currency": "USD", "amount": "0.00"
+        })
+    );
+    assert_eq!(events[1]["trace_id"], Value::Null, "no W3C context: {body}");
+    assert_eq!(events[1]["amount"], Value::Null);
+    let freshness = body["freshness"].as_object().unwrap();
+    for key in [
+        "data_last_refreshed_at",
+        "watermark",
+        "lag_seconds",
+        "complete",
+    ] {
+        assert!(freshness.contains_key(key), "{key}: {body}");
+    }
+
+    // `limit` cuts, and says so; an unknown id finds nothing.
+    let body = api
+        .ok(&format!(
+            "/v1/events?source_trace_id=abcd-1234&{hour}&limit=1"
+        ))
+        .await;
+    assert_eq!(body["events"].as_array().unwrap().len(), 1);
+    assert_eq!(body["events"][0]["event_id"], "ev-ref");
+    assert_eq!(body["truncated"], true);
+    let body = api
+        .ok(&format!("/v1/events?source_trace_id=abcd-12&{hour}"))
+        .await;
+    assert_eq!(body["events"], json!([]));
+    // A value with characters that mean something in SQL or URLs is bound, not spliced.
+    let body = api
+        .ok(&format!(
+            "/v1/events?source_trace_id=%27%3F%20OR%201%3D1&{hour}"
+        ))
+        .await;
+    assert_eq!(body["events"], json!([]));
+
+    // Bad requests name the parameter.
+    for (path, parameter, code) in [
+        (format!("/v1/events?{hour}"), "source_trace_id", "invalid_parameter"),
+        (
+            format!("/v1/events?source_trace_id=&{hour}"),
+            "source_trace_id",
+            "invalid_parameter",
+        ),
+        (
+            format!("/v1/events?source_trace_id={}&{hour}", "x".repeat(257)),
+            "source_trace_id",
+            "invalid_parameter",
+        ),
+        (
+            format!("/v1/events?source_trace_id=a%0Ab&{hour}"),
+            "source_trace_id",
+            "invalid_parameter",
+        ),
+        (
+            format!("/v1/events?source_trace_id=abcd-1234&{hour}&limit=0"),
+            "limit",
+            "invalid_parameter",
+        ),
+        (
+            format!("/v1/events?source_trace_id=abcd-1234&{hour}&limit=1001"),
+            "limit",
+            "invalid_parameter",
+        ),
+        (
+            "/v1/events?source_trace_id=abcd-1234&from=soon".to_owned(),
+            "from",
+            "invalid_parameter",
+        ),
+        (
+            "/v1/events?source_trace_id=abcd-1234&from=2026-01-01T00:00:00Z&to=2026-06-04T12:00:00Z"
+                .to_owned(),
+            "from",
+            "range_too_long",
+        ),
+    ] {
+        let (status, _, body) = api.get(&path).await;
+        assert_eq!(status, 400, "{path}: {body}");
+        assert_eq!(body["error"]["parameter"], parameter, "{path}: {body}");
+        assert_eq!(body["error"]["code"], code, "{path}: {body}");
+    }
+    let (status, _, _) = api
+        .get_with(
+            &format!("/v1/events?source_trace_id=abcd-1234&{hour}"),
+            None,
+        )
+        .await;
+    assert_eq!(status, 401);
+
+    // gRPC: the same events; an absent W3C trace id is "".
+    let mut client = api.client().await;
+    let answer = client
+        .find_events(req(pb::FindEventsRequest {
+            source_trace_id: "abcd-1234".into(),
+            range: Some(range(
+                REF_TIME - REF_TIME % (60 * M),
+                REF_TIME - REF_TIME % (60 * M) + 60 * M,
+                "",
+            )),
+            limit: 0,
+        }))
+        .await
+        .unwrap()
+        .into_inner();
+    let found: Vec<(&str, &str, &str)> = answer
+        .events
+        .iter()
+        .map(|e| {
+            (
+                e.event_id.as_str(),
+                e.trace_id.as_str(),
+                e.source_trace_id.as_str(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        found,
+        [("ev-ref", REF_W3C, "abcd-1234"), ("ev-2", "", "abcd-1234")]
+    );
+    assert_eq!(answer.events[0].event_time_ms, REF_TIME);
+    assert_eq!(
+        (
+            answer.events[0].currency.as_str(),
+            answer.events[0].amount.as_str()
+        ),
+        ("USD", "0.00")
+    );
+    assert!(!answer.truncated);
+    assert!(answer.freshness.is_some());
+    let e = client
+        .find_events(req(pb::FindEventsRequest::default()))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert_eq!(
+        e.metadata().get("pulse-parameter").unwrap(),
+        "source_trace_id"
+    );
+    let e = client
+        .find_events(authed(
+            pb::FindEventsRequest {
+                source_trace_id: "abcd-1234".into(),
+                ..Default::default()
+            },
+            None,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated);
+
+    api.stop().await;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1820,4 +2279,31 @@ async fn made_up_methods_and_paths_add_no_http_metric_series() {
             .any(|s| s.contains("MADEUP") || s.contains("/no/such") || s.contains("no_such")),
         "{after:#?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_event_search_is_counted_by_route_query_and_grpc_method_in_a_live_scrape() {
+    let ch = database().await;
+    let api = ApiProcess::spawn(&ch, None).await;
+    let status = reqwest::Client::new()
+        .get(format!("{}/v1/events?source_trace_id=abcd-1234", api.base))
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .send()
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(status, 200);
+    let text = reqwest::get(format!("{}/metrics", api.admin))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for series in [
+        r#"pulse_http_requests_total{service="query-api",route="/v1/events",method="GET",status="200"} 1"#,
+        r#"pulse_query_clickhouse_query_seconds_count{service="query-api",query="events_by_source_trace"} 1"#,
+        r#"pulse_query_grpc_requests_total{service="query-api",method="FindEvents",code="Ok"} 0"#,
+    ] {
+        assert!(text.contains(series), "{series} missing from\n{text}");
+    }
 }

@@ -728,3 +728,318 @@ async fn a_grpc_call_over_the_concurrency_limit_gets_unavailable_with_retry_afte
         "{metrics}"
     );
 }
+
+// ---------------------------------------------------------------------------------------
+// Services whose only server is the admin server: the processor and the writers
+
+/// A `pulse-processor` or `pulse-writer` process (killed when dropped) that stays up
+/// waiting for a dependency (a schema registry or a broker nothing answers for), so that
+/// only its admin server is exercised.
+struct AdminOnly {
+    child: Child,
+    admin: String,
+    log: PathBuf,
+    _topics: Option<cleanup::Topics>,
+}
+
+impl Drop for AdminOnly {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl AdminOnly {
+    /// The processor on the test broker, with topics of its own and a schema registry URL
+    /// where nothing listens: it waits for its schemas, alive and not ready.
+    fn processor(dir: &Path, args: &[&str]) -> Self {
+        let names = ["events", "activity", "sessions", "late", "checkpoints"]
+            .map(|kind| pulse_tests::unique(&format!("admin_tls_{kind}")));
+        let mut all: Vec<String> = [
+            "--events-topic",
+            &names[0],
+            "--user-activity-topic",
+            &names[1],
+            "--sessions-topic",
+            &names[2],
+            "--late-topic",
+            &names[3],
+            "--checkpoint-topic",
+            &names[4],
+            "--group-id",
+            &pulse_tests::unique("admin_tls"),
+            "--schema-registry-url",
+            &format!("http://127.0.0.1:{}", free_port()),
+            "--kafka-brokers",
+            &pulse_tests::kafka().brokers,
+            "--kafka-partitions",
+            "1",
+            "--kafka-replication-factor",
+            "1",
+            "--kafka-min-insync-replicas",
+            "1",
+        ]
+        .map(String::from)
+        .to_vec();
+        all.extend(args.iter().map(|a| a.to_string()));
+        let mut p = Self::spawn(dir, "pulse-processor", &all);
+        p._topics = Some(cleanup::Topics::adopt(names));
+        p
+    }
+
+    /// A writer of `sink` whose broker does not answer: it waits for it, alive and not
+    /// ready (the parquet writer is given an S3 endpoint where nothing listens either).
+    fn writer(dir: &Path, sink: &str, args: &[&str]) -> Self {
+        let nowhere = format!("127.0.0.1:{}", free_port());
+        let mut all: Vec<String> = ["--sink", sink, "--kafka-brokers", &nowhere]
+            .map(String::from)
+            .to_vec();
+        if sink == "parquet" {
+            all.extend(
+                [
+                    "--s3-endpoint",
+                    &format!("http://{nowhere}"),
+                    "--s3-access-key-file",
+                    &pulse_tests::secret_file("admin-tls-s3-access", "a"),
+                    "--s3-secret-key-file",
+                    &pulse_tests::secret_file("admin-tls-s3-secret", "s"),
+                ]
+                .map(String::from),
+            );
+        } else {
+            all.extend(["--clickhouse-url".into(), format!("http://{nowhere}")]);
+        }
+        all.extend(args.iter().map(|a| a.to_string()));
+        Self::spawn(dir, "pulse-writer", &all)
+    }
+
+    fn spawn(dir: &Path, binary_name: &str, args: &[String]) -> Self {
+        let admin = format!("127.0.0.1:{}", free_port());
+        let log = dir.join(format!("{binary_name}-{}.log", port(&admin)));
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new(binary(binary_name))
+            .args(["--admin-addr", &admin, "--log-format", "text"])
+            .args(args)
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        Self {
+            child,
+            admin,
+            log,
+            _topics: None,
+        }
+    }
+
+    /// Waits until `/livez` answers 200 over HTTPS (curl trusting `ca`, with `extra`).
+    async fn wait_live(&mut self, ca: &Path, extra: &[&str]) {
+        let url = format!("https://localhost:{}/livez", port(&self.admin));
+        let what = format!("{url} to answer 200; see {}", self.log.display());
+        wait_until(Duration::from_secs(30), what, async || {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!(
+                    "{} exited ({status}): {}",
+                    self.log.display(),
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                );
+            }
+            match curl(&url, ca, extra) {
+                (0, code) if code == "200" => Ok(()),
+                other => Err(other),
+            }
+        })
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_processor_and_both_writers_serve_their_admin_endpoints_over_tls() {
+    let (ca, cert, key) = pki("admin-tls");
+    let (wrong_ca, _, _) = pki("admin-tls-wrong");
+    let dir = ca.parent().unwrap().to_owned();
+    let clients = work_dir("admin-tls-clients");
+    make_ca(&clients, "admin-client-ca");
+    let (client_cert, client_key) = make_client_cert(&clients, "admin-client-ca");
+    let tls = [
+        "--admin-tls-cert-file",
+        cert.to_str().unwrap(),
+        "--admin-tls-key-file",
+        key.to_str().unwrap(),
+    ];
+    let mut mtls = tls.to_vec();
+    let client_ca = clients.join("admin-client-ca.pem");
+    mtls.extend(["--admin-tls-client-ca-file", client_ca.to_str().unwrap()]);
+    let identity = [
+        "--cert",
+        client_cert.to_str().unwrap(),
+        "--key",
+        client_key.to_str().unwrap(),
+    ];
+
+    let mut services = [
+        ("processor", AdminOnly::processor(&dir, &tls), false),
+        (
+            "writer clickhouse",
+            AdminOnly::writer(&dir, "clickhouse", &tls),
+            false,
+        ),
+        (
+            "writer parquet",
+            AdminOnly::writer(&dir, "parquet", &mtls),
+            true,
+        ),
+    ];
+    for (name, service, mutual) in &mut services {
+        let extra: &[&str] = if *mutual { &identity } else { &[] };
+        service.wait_live(&ca, extra).await;
+        let url = |path: &str| format!("https://localhost:{}{path}", port(&service.admin));
+        // curl trusting the CA reads all three endpoints over TLS; /readyz is 503 while
+        // the service waits for its dependency.
+        assert_eq!(
+            curl(&url("/metrics"), &ca, extra),
+            (0, "200".into()),
+            "{name}"
+        );
+        assert_eq!(
+            curl(&url("/readyz"), &ca, extra),
+            (0, "503".into()),
+            "{name}"
+        );
+        // A CA that did not sign the certificate: curl refuses (exit 60).
+        let (code, text) = curl(&url("/livez"), &wrong_ca, extra);
+        assert_eq!(code, 60, "{name}: {text}");
+        // Plain HTTP to the TLS port gets no HTTP answer.
+        let (code, text) = curl(&format!("http://{}/livez", service.admin), &ca, &[]);
+        assert!(code != 0 || text == "000", "{name}: plain HTTP got {text}");
+        if *mutual {
+            let (code, text) = curl(&url("/livez"), &ca, &[]);
+            assert_ne!(code, 0, "{name}: no client certificate, yet {text}");
+        }
+        // The admin listener's certificate and handshake failures are in its metrics.
+        let scraped = Command::new("curl")
+            .args(["-sS", "--max-time", "10", "--cacert"])
+            .arg(&ca)
+            .args(extra)
+            .arg(url("/metrics"))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&scraped.stdout);
+        let expiry = metric_sum(
+            &text,
+            "pulse_tls_cert_expiry_timestamp_seconds",
+            &["listener=\"admin\""],
+        );
+        assert!(expiry.is_some_and(|t| t > 1.0e9), "{name}: {text}");
+        let failures = metric_sum(
+            &text,
+            "pulse_tls_handshake_failures_total",
+            &["listener=\"admin\""],
+        )
+        .unwrap_or(0.0);
+        assert!(
+            failures >= 2.0,
+            "{name}: {failures} handshake failures\n{text}"
+        );
+    }
+}
+
+/// A rustls client stream to `addr` (127.0.0.1) trusting `ca`.
+async fn tls_connect(addr: &str, ca: &Path) -> tokio_rustls::client::TlsStream<TcpStream> {
+    use std::sync::Arc;
+    use tokio_rustls::rustls::pki_types::CertificateDer;
+    use tokio_rustls::rustls::pki_types::pem::PemObject as _;
+    use tokio_rustls::rustls::{ClientConfig, RootCertStore};
+    let mut roots = RootCertStore::empty();
+    roots
+        .add(CertificateDer::from_pem_file(ca).unwrap())
+        .unwrap();
+    let provider = Arc::new(tokio_rustls::rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    connector
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_dribbling_its_headers_to_an_admin_server_is_closed_after_the_header_read_timeout()
+{
+    let (ca, cert, key) = pki("header-timeout");
+    let dir = ca.parent().unwrap().to_owned();
+    let mut writer = AdminOnly::writer(
+        &dir,
+        "clickhouse",
+        &[
+            "--admin-tls-cert-file",
+            cert.to_str().unwrap(),
+            "--admin-tls-key-file",
+            key.to_str().unwrap(),
+            "--header-read-timeout",
+            "1s",
+        ],
+    );
+    writer.wait_live(&ca, &[]).await;
+
+    // Over TLS, a request's headers one byte every 200 ms (never finished): the writer
+    // closes the connection about a second after it opened, without an answer.
+    let mut tls = tls_connect(&writer.admin, &ca).await;
+    let started = Instant::now();
+    let head = b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nX-Slow: ";
+    let mut bytes = head.iter().chain(std::iter::repeat(&b'a'));
+    let mut buf = [0u8; 256];
+    let (took, answer) = loop {
+        tokio::select! {
+            n = tls.read(&mut buf) => {
+                let n = n.unwrap_or(0);
+                break (started.elapsed(), String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {
+                if tls.write_all(&[*bytes.next().unwrap()]).await.is_err() {
+                    break (started.elapsed(), String::new());
+                }
+            }
+        }
+        assert!(started.elapsed() < Duration::from_secs(15), "never closed");
+    };
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_millis(3000),
+        "closed after {took:?}"
+    );
+    assert!(!answer.contains("200"), "answered: {answer}");
+    // A client that connects and sends nothing is closed likewise.
+    let mut silent = tls_connect(&writer.admin, &ca).await;
+    let started = Instant::now();
+    let n = tokio::time::timeout(Duration::from_secs(15), silent.read(&mut buf))
+        .await
+        .expect("the silent connection was never closed")
+        .unwrap_or(0);
+    let took = started.elapsed();
+    assert_eq!(n, 0, "{}", String::from_utf8_lossy(&buf[..n]));
+    assert!(took < Duration::from_millis(3000), "closed after {took:?}");
+
+    // Both are counted; a normal request is still served.
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "10", "--cacert"])
+        .arg(&ca)
+        .arg(format!("https://localhost:{}/metrics", port(&writer.admin)))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let n = metric_sum(
+        &text,
+        "pulse_server_limited_total",
+        &["server=\"admin\"", "limit=\"header_timeout\""],
+    )
+    .unwrap_or(0.0);
+    assert!(n >= 2.0, "{n} header timeouts counted\n{text}");
+}

@@ -92,6 +92,22 @@ fn refused_option(key: &str) -> Option<String> {
         })
 }
 
+/// Every consumer's prefetch bounds (librdkafka's defaults in brackets): what librdkafka
+/// fetches ahead of the application and queues in memory while it is busy (a Parquet
+/// upload, a ClickHouse insert, a slow window emission). librdkafka's defaults let one
+/// consumer hold 64 MiB of queued records plus 50 MiB fetch responses, more than a
+/// stateless service's whole memory goal (64 MiB; issue #15); these keep it to a few MiB
+/// and still fetch thousands of records per request. Each can be overridden with
+/// `--kafka-option key=value` (README, Configuration).
+pub const CONSUMER_PREFETCH_DEFAULTS: [(&str, &str); 3] = [
+    // Queued pre-fetched records, KiB, for the whole consumer [65536].
+    ("queued.max.messages.kbytes", "4096"),
+    // Records librdkafka tries to keep queued [100000].
+    ("queued.min.messages", "10000"),
+    // Bytes one fetch response may hold [52428800]; a larger record is still returned.
+    ("fetch.max.bytes", "4194304"),
+];
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct KafkaConfig {
     /// Bootstrap brokers, comma-separated host:port.
@@ -165,7 +181,9 @@ pub struct KafkaConfig {
         value_parser = humantime::parse_duration
     )]
     pub consumer_stuck_timeout: std::time::Duration,
-    /// Interval of librdkafka statistics (consumer lag metrics); 0 turns them off.
+    /// How often each consumer reads its committed offsets, position and the high watermarks
+    /// from the broker to refresh the lag gauges (also while consumption is paused or
+    /// stuck); 0 turns the refresh off.
     #[arg(
         long = "kafka-statistics-interval-ms",
         env = "PULSE_KAFKA_STATISTICS_INTERVAL_MS",
@@ -298,6 +316,30 @@ impl KafkaConfig {
                 ),
             }
         }
+        c
+    }
+
+    /// The base config of a consumer: [`Self::client_config`] plus the bounded prefetch of
+    /// [`CONSUMER_PREFETCH_DEFAULTS`] (an extra option of the same key wins).
+    pub fn consumer_client_config(&self, client_id: &str) -> ClientConfig {
+        let mut c = self.client_config(client_id);
+        for (k, v) in CONSUMER_PREFETCH_DEFAULTS {
+            if self.option(k).is_none() {
+                c.set(k, v);
+            }
+        }
+        c
+    }
+
+    /// This config with [`CONSUMER_PREFETCH_DEFAULTS`] put before the extra options (which
+    /// still win): for consumers created from [`Self::client_config`] elsewhere.
+    pub fn with_consumer_prefetch_defaults(&self) -> Self {
+        let mut c = self.clone();
+        c.options = CONSUMER_PREFETCH_DEFAULTS
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .chain(self.options.iter().cloned())
+            .collect();
         c
     }
 
@@ -611,6 +653,33 @@ mod tests {
         let c = cfg.client_config("pulse");
         assert_eq!(c.get("client.id"), Some("override"));
         assert_eq!(c.get("socket.timeout.ms"), Some("5000"));
+    }
+
+    #[test]
+    fn consumers_get_the_bounded_prefetch_and_an_extra_option_wins_over_it() {
+        let c = KafkaConfig::default().consumer_client_config("pulse");
+        assert_eq!(c.get("queued.max.messages.kbytes"), Some("4096"));
+        assert_eq!(c.get("queued.min.messages"), Some("10000"));
+        assert_eq!(c.get("fetch.max.bytes"), Some("4194304"));
+        // Producers are not given consumer properties (librdkafka would warn).
+        let p = KafkaConfig::default().client_config("pulse");
+        assert_eq!(p.get("queued.max.messages.kbytes"), None);
+        let cfg = KafkaConfig {
+            options: vec!["queued.max.messages.kbytes=65536".into()],
+            ..KafkaConfig::default()
+        };
+        let c = cfg.consumer_client_config("pulse");
+        assert_eq!(c.get("queued.max.messages.kbytes"), Some("65536"));
+        assert_eq!(c.get("fetch.max.bytes"), Some("4194304"));
+        let c = cfg.with_consumer_prefetch_defaults().client_config("pulse");
+        assert_eq!(c.get("queued.max.messages.kbytes"), Some("65536"));
+        assert_eq!(c.get("queued.min.messages"), Some("10000"));
+        // And librdkafka takes them all (a consumer is created with them).
+        let consumer: Result<rdkafka::consumer::BaseConsumer, _> = KafkaConfig::default()
+            .consumer_client_config("pulse")
+            .set("group.id", "g")
+            .create();
+        assert!(consumer.is_ok(), "{:?}", consumer.err());
     }
 
     /// A temporary folder removed on drop.

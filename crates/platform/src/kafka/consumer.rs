@@ -1,10 +1,11 @@
 //! The Kafka consumer: a group member that stores an offset only when the caller says the
 //! record's output is durable (`mark_durable`), commits stored offsets periodically and
 //! before giving partitions away in a rebalance, reports rebalances to the service, and
-//! exports consumer lag from librdkafka statistics. A watchdog ([`StuckDetector`]) makes a
-//! member that owns no partition while nobody consumes its topics leave and rejoin the group.
+//! exports consumer lag, refreshed on a timer from the broker ([`refresh_lag`]) so that it
+//! keeps growing while consumption is paused or stuck. A watchdog ([`StuckDetector`]) makes
+//! a member that owns no partition while nobody consumes its topics leave and rejoin the group.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
@@ -15,7 +16,6 @@ use rdkafka::consumer::{
 };
 use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::message::BorrowedMessage;
-use rdkafka::statistics::Statistics;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio::sync::mpsc;
 
@@ -36,7 +36,7 @@ pub enum RebalanceEvent {
 /// Called before the commit that hands partitions away (see [`KafkaConsumer::before_revoke`]).
 type RevokeHook = Box<dyn Fn() + Send + Sync>;
 
-/// librdkafka callbacks: rebalances, commits, statistics and logs.
+/// librdkafka callbacks: rebalances, commits and logs.
 pub struct PulseConsumerContext {
     events: mpsc::UnboundedSender<RebalanceEvent>,
     before_revoke: OnceLock<RevokeHook>,
@@ -50,24 +50,120 @@ impl std::fmt::Debug for PulseConsumerContext {
     }
 }
 
-/// Processing lag of one partition from librdkafka's statistics: the high watermark minus
-/// the offset after the last record handed to the application (`app_offset`), i.e. what
-/// this consumer still has to read. 0 for a partition it does not fetch (revoked, or never
-/// assigned: `fetch_state` other than `active`), so a sum over replicas counts each
-/// partition once; None while either offset is unknown (-1 before the first fetch).
-pub fn processing_lag(fetch_state: &str, hi_offset: i64, app_offset: i64) -> Option<i64> {
-    if fetch_state != "active" {
-        return Some(0);
+/// Where this consumer stands on one partition it owns, as read from the broker by
+/// [`refresh_lag`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PartitionLag {
+    pub topic: String,
+    pub partition: i32,
+    /// The group's committed offset (None: the group never committed one).
+    pub committed: Option<i64>,
+    /// The offset after the last record handed to the application (None: nothing read
+    /// since the partition was assigned).
+    pub position: Option<i64>,
+    /// The partition's low and high watermarks.
+    pub low: i64,
+    pub high: i64,
+}
+
+impl PartitionLag {
+    /// `pulse_kafka_consumer_lag_records`: high watermark minus the committed offset (from
+    /// the log start when nothing was committed, as a new group reads from the earliest).
+    pub fn committed_lag(&self) -> i64 {
+        (self.high - self.committed.unwrap_or(self.low).max(self.low)).max(0)
     }
-    if hi_offset < 0 {
-        return None;
+
+    /// `pulse_kafka_consumer_processing_lag_records`: high watermark minus what this
+    /// consumer reads next: its position, else (nothing read yet since the assignment)
+    /// where it resumes, the committed offset or the log start. Never negative (a
+    /// position past a watermark read a moment earlier).
+    pub fn processing_lag(&self) -> i64 {
+        let next = self
+            .position
+            .or(self.committed)
+            .unwrap_or(self.low)
+            .max(self.low);
+        (self.high - next).max(0)
     }
-    if app_offset < 0 {
-        // Assigned and fetching but nothing handed over yet: everything is still ahead,
-        // unless librdkafka has not resolved the start offset (reported as unknown).
-        return None;
+}
+
+/// Reads, for every partition this consumer owns, the committed offset, the position and
+/// the watermarks (blocking broker calls: the assignment's committed offsets in one
+/// request, then one watermark request per partition).
+fn read_lag(
+    consumer: &StreamConsumer<PulseConsumerContext>,
+    timeout: Duration,
+) -> KafkaResult<Vec<PartitionLag>> {
+    let assignment = consumer.assignment()?;
+    if assignment.count() == 0 {
+        return Ok(Vec::new());
     }
-    Some((hi_offset - app_offset).max(0))
+    let committed = consumer.committed_offsets(assignment.clone(), timeout)?;
+    let position = consumer.position()?;
+    let offset_of = |tpl: &TopicPartitionList, topic: &str, partition: i32| match tpl
+        .find_partition(topic, partition)
+        .map(|e| e.offset())
+    {
+        Some(Offset::Offset(o)) if o >= 0 => Some(o),
+        _ => None,
+    };
+    let mut out = Vec::with_capacity(assignment.count());
+    for e in assignment.elements() {
+        let (topic, partition) = (e.topic(), e.partition());
+        let (low, high) = consumer.fetch_watermarks(topic, partition, timeout)?;
+        out.push(PartitionLag {
+            topic: topic.to_owned(),
+            partition,
+            committed: offset_of(&committed, topic, partition),
+            position: offset_of(&position, topic, partition),
+            low,
+            high,
+        });
+    }
+    Ok(out)
+}
+
+/// Refreshes both lag gauges every `every` until the consumer is dropped, from the broker
+/// rather than from what the consumer fetched: librdkafka's own statistics only move while
+/// the partition is fetched and the consumer polled, so a paused consumer (a writer whose
+/// breaker is open) or a stuck one would show a frozen, small lag while the backlog grows.
+/// Partitions this member reported before and no longer owns are set to 0, so a sum over
+/// replicas counts each partition once. A round whose broker calls fail changes nothing
+/// (logged at debug; the next round retries).
+async fn refresh_lag(consumer: Weak<StreamConsumer<PulseConsumerContext>>, every: Duration) {
+    let timeout = every.clamp(Duration::from_secs(1), Duration::from_secs(5));
+    let mut reported: HashSet<(String, i32)> = HashSet::new();
+    loop {
+        tokio::time::sleep(every).await;
+        let c = consumer.clone();
+        let read =
+            tokio::task::spawn_blocking(move || c.upgrade().map(|c| read_lag(&c, timeout))).await;
+        let lags = match read {
+            Ok(Some(Ok(lags))) => lags,
+            Ok(Some(Err(e))) => {
+                tracing::debug!(error = %e, "reading the consumer lag from the broker failed; retrying");
+                continue;
+            }
+            _ => return, // the consumer was dropped (or the runtime is shutting down)
+        };
+        let mut now = HashSet::with_capacity(lags.len());
+        for l in &lags {
+            let (topic, partition) = (l.topic.clone(), l.partition.to_string());
+            #[allow(clippy::cast_precision_loss)]
+            {
+                metrics::gauge!(m::KAFKA_CONSUMER_LAG, "topic" => topic.clone(), "partition" => partition.clone())
+                    .set(l.committed_lag() as f64);
+                metrics::gauge!(m::KAFKA_PROCESSING_LAG, "topic" => topic, "partition" => partition)
+                    .set(l.processing_lag() as f64);
+            }
+            now.insert((l.topic.clone(), l.partition));
+        }
+        for (topic, partition) in reported.difference(&now) {
+            metrics::gauge!(m::KAFKA_CONSUMER_LAG, "topic" => topic.clone(), "partition" => partition.to_string()).set(0.0);
+            metrics::gauge!(m::KAFKA_PROCESSING_LAG, "topic" => topic.clone(), "partition" => partition.to_string()).set(0.0);
+        }
+        reported = now;
+    }
 }
 
 fn partitions(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
@@ -78,25 +174,6 @@ fn partitions(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
 }
 
 impl ClientContext for PulseConsumerContext {
-    fn stats(&self, stats: Statistics) {
-        for (topic, t) in &stats.topics {
-            for (partition, p) in &t.partitions {
-                // Partition -1 is librdkafka's internal "unassigned" bucket; lag -1 means unknown.
-                if *partition < 0 {
-                    continue;
-                }
-                if p.consumer_lag >= 0 {
-                    metrics::gauge!(m::KAFKA_CONSUMER_LAG, "topic" => topic.clone(), "partition" => partition.to_string())
-                        .set(p.consumer_lag as f64);
-                }
-                if let Some(lag) = processing_lag(&p.fetch_state, p.hi_offset, p.app_offset) {
-                    metrics::gauge!(m::KAFKA_PROCESSING_LAG, "topic" => topic.clone(), "partition" => partition.to_string())
-                        .set(lag as f64);
-                }
-            }
-        }
-    }
-
     fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
         match level {
             RDKafkaLogLevel::Emerg
@@ -232,7 +309,7 @@ impl KafkaConsumer {
         topics: &[&str],
     ) -> Result<(Self, mpsc::UnboundedReceiver<RebalanceEvent>), KafkaError> {
         let (tx, rx) = mpsc::unbounded_channel();
-        let mut c = cfg.client_config(client_id);
+        let mut c = cfg.consumer_client_config(client_id);
         c.set("group.id", group_id)
             .set("enable.auto.commit", "true")
             .set(
@@ -242,11 +319,7 @@ impl KafkaConsumer {
             // Offsets are stored only by mark_durable, never on delivery to the app.
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
-            .set("session.timeout.ms", cfg.session_timeout_ms.to_string())
-            .set(
-                "statistics.interval.ms",
-                cfg.statistics_interval_ms.to_string(),
-            );
+            .set("session.timeout.ms", cfg.session_timeout_ms.to_string());
         cfg.apply_options(&mut c);
         let consumer: StreamConsumer<PulseConsumerContext> =
             c.create_with_context(PulseConsumerContext {
@@ -272,6 +345,16 @@ impl KafkaConsumer {
                 topics.iter().map(|t| (*t).to_owned()).collect(),
                 group_id.to_owned(),
                 cfg.consumer_stuck_timeout,
+            ));
+        }
+        // The lag gauges, every --kafka-statistics-interval-ms (0: none).
+        if let (false, Ok(rt)) = (
+            cfg.statistics_interval_ms == 0,
+            tokio::runtime::Handle::try_current(),
+        ) {
+            rt.spawn(refresh_lag(
+                Arc::downgrade(&this.inner),
+                Duration::from_millis(u64::from(cfg.statistics_interval_ms)),
             ));
         }
         this.stuck.set(None);
@@ -604,22 +687,42 @@ async fn watchdog(
 
 #[cfg(test)]
 mod tests {
-    use super::processing_lag;
+    use super::PartitionLag;
 
-    #[test]
-    fn processing_lag_is_what_is_left_to_read_of_an_active_partition() {
-        assert_eq!(processing_lag("active", 1_000, 400), Some(600));
-        assert_eq!(processing_lag("active", 1_000, 1_000), Some(0));
-        // A position past a watermark read earlier never shows as negative lag.
-        assert_eq!(processing_lag("active", 1_000, 1_005), Some(0));
+    fn lag(committed: Option<i64>, position: Option<i64>, low: i64, high: i64) -> PartitionLag {
+        PartitionLag {
+            topic: "t".into(),
+            partition: 0,
+            committed,
+            position,
+            low,
+            high,
+        }
     }
 
     #[test]
-    fn partitions_not_fetched_count_zero_and_unknown_offsets_are_skipped() {
-        assert_eq!(processing_lag("stopped", 1_000, 400), Some(0));
-        assert_eq!(processing_lag("none", -1, -1), Some(0));
-        assert_eq!(processing_lag("active", -1, 5), None);
-        assert_eq!(processing_lag("active", 1_000, -1), None);
+    fn processing_lag_is_what_is_left_to_read_and_grows_while_the_position_stands_still() {
+        assert_eq!(lag(Some(100), Some(400), 0, 1_000).processing_lag(), 600);
+        assert_eq!(lag(Some(100), Some(1_000), 0, 1_000).processing_lag(), 0);
+        // Paused or stuck: the position stays, the high watermark moves on.
+        assert_eq!(lag(Some(100), Some(400), 0, 5_000).processing_lag(), 4_600);
+        // A position past a watermark read earlier never shows as negative lag.
+        assert_eq!(lag(None, Some(1_005), 0, 1_000).processing_lag(), 0);
+    }
+
+    #[test]
+    fn nothing_read_yet_counts_from_where_the_consumer_resumes() {
+        assert_eq!(lag(Some(300), None, 0, 1_000).processing_lag(), 700);
+        assert_eq!(lag(None, None, 200, 1_000).processing_lag(), 800);
+        // A committed offset deleted by retention resumes at the log start.
+        assert_eq!(lag(Some(50), None, 200, 1_000).processing_lag(), 800);
+    }
+
+    #[test]
+    fn committed_lag_counts_from_the_committed_offset_or_the_log_start() {
+        assert_eq!(lag(Some(300), Some(900), 0, 1_000).committed_lag(), 700);
+        assert_eq!(lag(None, Some(900), 100, 1_000).committed_lag(), 900);
+        assert_eq!(lag(Some(1_000), None, 0, 1_000).committed_lag(), 0);
     }
 
     mod stuck {

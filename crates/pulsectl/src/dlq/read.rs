@@ -13,6 +13,8 @@ use rdkafka::message::{Headers, Message};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Serialize;
 
+use crate::progress::Progress;
+
 /// One record of the DLQ (or any topic), with the headers the DLQ uses.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Record {
@@ -58,14 +60,16 @@ fn header(h: Option<&rdkafka::message::BorrowedHeaders>, name: &str) -> Option<S
         .map(|v| String::from_utf8_lossy(v).into_owned())
 }
 
-/// Every record of `topic` up to its current end, ordered by partition and offset.
+/// Every record of `topic` up to its current end, ordered by partition and offset;
+/// `progress` counts the records read out of the offsets in range.
 pub async fn read_topic(
     kafka: &KafkaConfig,
     topic: &str,
     timeout: Duration,
+    progress: &Progress,
 ) -> Result<Vec<Record>, ReadError> {
-    let (kafka, topic) = (kafka.clone(), topic.to_owned());
-    tokio::task::spawn_blocking(move || read_blocking(&kafka, &topic, timeout))
+    let (kafka, topic, progress) = (kafka.clone(), topic.to_owned(), progress.clone());
+    tokio::task::spawn_blocking(move || read_blocking(&kafka, &topic, timeout, &progress))
         .await
         .map_err(|_| ReadError::Kafka(KafkaError::Canceled))?
 }
@@ -84,7 +88,7 @@ pub(crate) fn assigned_consumer(
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or(0);
-    let mut c = kafka.client_config(client_id);
+    let mut c = kafka.consumer_client_config(client_id);
     c.set(
         "group.id",
         format!("{group_prefix}-{}-{nanos}", std::process::id()),
@@ -111,19 +115,24 @@ fn read_blocking(
     kafka: &KafkaConfig,
     topic: &str,
     timeout: Duration,
+    progress: &Progress,
 ) -> Result<Vec<Record>, ReadError> {
     let (consumer, partitions) =
         assigned_consumer(kafka, "pulsectl", "pulsectl-read", topic, timeout)?;
     // partition → last offset to read.
     let mut remaining: BTreeMap<i32, i64> = BTreeMap::new();
+    // Offsets in range; compaction may leave fewer records.
+    let mut total = 0u64;
     let mut tpl = TopicPartitionList::new();
     for p in partitions {
         let (low, high) = consumer.fetch_watermarks(topic, p, timeout)?;
         if high > low {
             tpl.add_partition_offset(topic, p, Offset::Offset(low))?;
             remaining.insert(p, high - 1);
+            total += u64::try_from(high - low).unwrap_or(0);
         }
     }
+    progress.set_total(Some(total));
     let mut out = Vec::new();
     if remaining.is_empty() {
         return Ok(out);
@@ -160,6 +169,7 @@ fn read_blocking(
             original_size: header(h, headers::ORIGINAL_SIZE).and_then(|v| v.parse().ok()),
             payload: msg.payload().map(<[u8]>::to_vec).unwrap_or_default(),
         });
+        progress.inc(1);
         if msg.offset() >= last {
             remaining.remove(&msg.partition());
         }

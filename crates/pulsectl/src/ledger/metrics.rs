@@ -18,6 +18,8 @@ pub const UNCHECKED_TOTAL: &str = "pulse_ledger_unchecked_events_total";
 pub const REVENUE_DELTA: &str = "pulse_ledger_revenue_delta_micros";
 pub const LAST_RECONCILED: &str = "pulse_ledger_last_reconciled_timestamp_seconds";
 pub const CLOSED: &str = "pulse_ledger_closed_timestamp_seconds";
+pub const HELD_EVENTS: &str = "pulse_ledger_held_events";
+pub const REREADS_TOTAL: &str = "pulse_ledger_rereads_total";
 
 /// The `currency` label: one of `known`, else `other` (labels stay bounded).
 pub fn currency_label(currency: &str, known: &[String]) -> String {
@@ -83,6 +85,23 @@ pub fn describe() {
         Unit::Seconds,
         "The closed horizon (epoch seconds): ranges ending at or before it may be reconciled."
     );
+    describe_gauge!(
+        HELD_EVENTS,
+        Unit::Count,
+        "Entries the ledger holds in memory, by kind: book (accepted, late and dead-lettered events not reconciled yet; bounded by --max-held-events) and archive (archive rows read, not reconciled yet)."
+    );
+    describe_counter!(
+        REREADS_TOTAL,
+        Unit::Count,
+        "Times the ledger read the events topic again from its first deferred record: windows over the --max-held-events budget were deferred and are reconciled later."
+    );
+}
+
+/// Sets the held-entries gauge: `(book entries, archive rows)`.
+#[allow(clippy::cast_precision_loss)]
+pub fn set_held((book, archive): (usize, usize)) {
+    metrics::gauge!(HELD_EVENTS, "kind" => "book").set(book as f64);
+    metrics::gauge!(HELD_EVENTS, "kind" => "archive").set(archive as f64);
 }
 
 /// Creates every series at zero so that rules see them before the first difference.
@@ -112,6 +131,8 @@ pub fn init(currencies: &[String]) {
         metrics::gauge!(REVENUE_DELTA, "currency" => c.to_owned()).set(0.0);
     }
     metrics::counter!(UNCHECKED_TOTAL).absolute(0);
+    metrics::counter!(REREADS_TOTAL).absolute(0);
+    set_held((0, 0));
     for result in ["ok", "mismatch", "error"] {
         metrics::counter!(RUNS_TOTAL, "result" => result).absolute(0);
     }
@@ -203,6 +224,8 @@ mod init_tests {
             r#"pulse_ledger_revenue_mismatches_total{currency="other"} 0"#,
             r#"pulse_ledger_runs_total{result="error"} 0"#,
             "pulse_ledger_unchecked_events_total 0",
+            "pulse_ledger_rereads_total 0",
+            r#"pulse_ledger_held_events{kind="book"} 0"#,
         ] {
             assert!(text.contains(series), "{series} missing from\n{text}");
         }

@@ -158,16 +158,18 @@ pub fn reconcile(
 ) -> Report {
     let (from, to) = range;
     let in_range = |t: i64| (from..to).contains(&t);
-    let (accepted, in_flight): (Vec<&Accepted>, Vec<&Accepted>) = book
+    type Entry<'a> = (&'a str, &'a Accepted);
+    let (accepted, in_flight): (Vec<Entry>, Vec<Entry>) = book
         .accepted
-        .values()
-        .filter(|a| in_range(a.event_time_ms))
-        .partition(|a| a.ingest_ms < accepted_before);
-    let ids: HashSet<&str> = accepted.iter().map(|a| a.event_id.as_str()).collect();
-    let flying: HashSet<&str> = in_flight.iter().map(|a| a.event_id.as_str()).collect();
+        .iter()
+        .map(|(id, a)| (&**id, a))
+        .filter(|(_, a)| in_range(a.event_time_ms))
+        .partition(|(_, a)| a.ingest_ms < accepted_before);
+    let ids: HashSet<&str> = accepted.iter().map(|(id, _)| *id).collect();
+    let flying: HashSet<&str> = in_flight.iter().map(|(id, _)| *id).collect();
     let in_range = |t: i64, id: &str| (from..to).contains(&t) && !flying.contains(id);
-    let is_late = |a: &Accepted| book.late.contains_key(&a.event_id);
-    let is_dlq = |a: &Accepted| book.dlq.contains(&a.hash);
+    let is_late = |id: &str| book.late.contains_key(id);
+    let is_dlq = |a: &Accepted| book.dlq.contains_key(&a.hash);
 
     let mut rows: BTreeMap<i64, WindowRow> = BTreeMap::new();
     let mut w = from;
@@ -190,9 +192,9 @@ pub fn reconcile(
         in_flight: in_flight.len() as u64,
         ..Report::default()
     };
-    let id_at = |a: &Accepted| IdAt {
+    let id_at = |(id, a): &Entry| IdAt {
         event_time_ms: a.event_time_ms,
-        event_id: a.event_id.clone(),
+        event_id: (*id).to_owned(),
     };
 
     // The id paths.
@@ -201,8 +203,9 @@ pub fn reconcile(
             checked: accepted.len() as u64,
             ..PathResult::default()
         };
-        for a in &accepted {
-            let (stored_there, dead) = (store.contains_key(&a.event_id), is_dlq(a));
+        for e in &accepted {
+            let (id, a) = *e;
+            let (stored_there, dead) = (store.contains_key(id), is_dlq(a));
             let slot = rows.get_mut(&window_of(a.event_time_ms, from, window_ms));
             if let Some(slot) = slot {
                 match path {
@@ -214,8 +217,8 @@ pub fn reconcile(
                 }
             }
             match (stored_there, dead) {
-                (false, false) => r.missing.push(id_at(a)),
-                (true, true) => r.duplicate.push(id_at(a)),
+                (false, false) => r.missing.push(id_at(e)),
+                (true, true) => r.duplicate.push(id_at(e)),
                 _ => {}
             }
         }
@@ -244,11 +247,11 @@ pub fn reconcile(
 
     // Per-window late and DLQ counts, and the expected aggregate per user and window.
     let mut expected: BTreeMap<(String, i64), u64> = BTreeMap::new();
-    for a in &accepted {
+    for &(id, a) in &accepted {
         let w = window_of(a.event_time_ms, from, window_ms);
         if let Some(slot) = rows.get_mut(&w) {
             slot.accepted += 1;
-            if is_late(a) {
+            if is_late(id) {
                 slot.late += 1;
             }
             if is_dlq(a) {
@@ -256,14 +259,14 @@ pub fn reconcile(
             }
         }
         report.topic_copies += u64::from(a.copies.saturating_sub(1));
-        if !is_late(a) {
-            *expected.entry((a.user_id.clone(), w)).or_insert(0) += 1;
+        if !is_late(id) {
+            *expected.entry((a.user_id.to_string(), w)).or_insert(0) += 1;
         }
     }
     let late_unexpected = book
         .late
         .iter()
-        .filter(|(id, t)| in_range(**t, id) && !ids.contains(id.as_str()))
+        .filter(|(id, t)| in_range(**t, id) && !ids.contains(&***id))
         .count() as u64;
 
     // The aggregate path, by count per user and window.
@@ -311,13 +314,13 @@ pub fn reconcile(
     // Revenue per hour and currency.
     if let Some(served) = &stored.served_revenue {
         let mut raw: BTreeMap<(i64, String), i128> = BTreeMap::new();
-        for a in &accepted {
-            if is_late(a) {
+        for &(id, a) in &accepted {
+            if is_late(id) {
                 continue;
             }
             if let Some((currency, micros)) = &a.revenue {
                 let hour = a.event_time_ms.div_euclid(HOUR_MS) * HOUR_MS;
-                *raw.entry((hour, currency.clone())).or_insert(0) += i128::from(*micros);
+                *raw.entry((hour, currency.to_string())).or_insert(0) += i128::from(*micros);
             }
         }
         let keys: std::collections::BTreeSet<&(i64, String)> =

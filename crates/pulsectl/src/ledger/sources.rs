@@ -11,7 +11,7 @@ use object_store::ObjectStore;
 use object_store::path::Path as ObjectPath;
 use pulse_storage::ledger as store;
 
-use super::book::Book;
+use super::book::{Book, Budget};
 use super::reconcile::{Report, Stored, reconcile};
 use super::topic::{TopicTail, open_async, read_async};
 use super::{LedgerError, SourceArgs, revenue};
@@ -63,6 +63,17 @@ pub fn check_closed(to: i64, h: &Horizon) -> Result<(), LedgerError> {
     }
 }
 
+/// An archive object read: what is kept of it until its rows are reconciled.
+#[derive(Debug, Clone)]
+struct CachedObject {
+    /// Its hour folder's start.
+    hour_ms: i64,
+    /// Ids and event times of its rows not reconciled yet (and not deferred).
+    rows: Vec<(Box<str>, i64)>,
+    /// False when rows of deferred windows were left out: read again after the deferral.
+    complete: bool,
+}
+
 /// The ledger's open sources.
 pub struct Sources {
     args: SourceArgs,
@@ -71,8 +82,10 @@ pub struct Sources {
     dlq: Arc<Mutex<TopicTail>>,
     pub book: Book,
     store: Option<Arc<dyn ObjectStore>>,
-    /// Archive object → (its hour folder's start, its rows' ids and event times).
-    archive_cache: HashMap<ObjectPath, (i64, Vec<(String, i64)>)>,
+    /// Archive object → its rows of times not reconciled yet.
+    archive_cache: HashMap<ObjectPath, CachedObject>,
+    /// Whether the book defers windows over the budget (else a range over it is refused).
+    bounded: bool,
     http: reqwest::Client,
     token: pulse_platform::secret::Secret,
 }
@@ -113,25 +126,54 @@ impl Sources {
             book: Book::new(keep_from, keep_to),
             store,
             archive_cache: HashMap::new(),
+            bounded: false,
             http: reqwest::Client::new(),
             token: args.token()?,
         })
     }
 
-    /// Reads what the topics got since the last call into the book.
+    /// Reads what the topics got since the last call into the book, a bounded chunk at a
+    /// time. Without a budget on the book (`pulsectl ledger --from --to`), a range holding
+    /// more than `--max-held-events` events is refused as soon as it is seen.
     pub async fn catch_up(&mut self) -> Result<(), LedgerError> {
         let t = self.args.read_timeout;
         // Events first: the late and dead-letter records of every event read are produced
         // after it, so reading them second finds those of all but the newest events (which
         // `reconcile` leaves out as in flight).
-        // Each read is kept as soon as it succeeded: a tail does not give records twice.
-        let events = read_async(&self.events, t).await?;
-        self.book.add_events(&events);
-        let late = read_async(&self.late, t).await?;
-        self.book.add_late(&late);
-        let dlq = read_async(&self.dlq, t).await?;
-        self.book.add_dlq(&dlq, &self.args.events_topic);
+        // Each chunk is kept as soon as it was read: a tail does not give records twice.
+        for tail in [&self.events, &self.late, &self.dlq] {
+            loop {
+                let (records, more) = read_async(tail, t).await?;
+                if Arc::ptr_eq(tail, &self.events) {
+                    self.book.add_events(&records);
+                } else if Arc::ptr_eq(tail, &self.late) {
+                    self.book.add_late(&records);
+                } else {
+                    self.book.add_dlq(&records, &self.args.events_topic);
+                }
+                drop(records);
+                if !self.bounded && self.book.held() > self.args.max_held_events {
+                    return Err(LedgerError::OverBudget {
+                        held: self.book.held(),
+                        max: self.args.max_held_events,
+                    });
+                }
+                if !more {
+                    break;
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// Bounds the book by `--max-held-events`, deferring windows that do not fit (`ledger
+    /// watch`; see `book`).
+    pub fn bound_memory(&mut self) {
+        self.bounded = true;
+        self.book.set_budget(Budget {
+            max_held: self.args.max_held_events,
+            window_ms: self.args.window_ms(),
+        });
     }
 
     /// Where closed ranges end now, looking at final windows starting at or after
@@ -167,16 +209,30 @@ impl Sources {
                             key: key.to_string(),
                             reason: e.to_string(),
                         })?;
-                    let rows = rows
+                    // Only what is still to reconcile is kept: rows of reconciled times
+                    // are not, nor those of deferred windows (the object is read again).
+                    let (keep_from, keep_to) =
+                        (from, self.book.deferred_from().unwrap_or(i64::MAX));
+                    let complete = rows.iter().all(|r| r.event_time_ms < keep_to);
+                    let rows: Vec<(Box<str>, i64)> = rows
                         .into_iter()
-                        .map(|r| (r.event_id, r.event_time_ms))
+                        .filter(|r| r.event_time_ms >= keep_from)
+                        .filter(|r| r.event_time_ms < keep_to)
+                        .map(|r| (r.event_id.into_boxed_str(), r.event_time_ms))
                         .collect();
-                    self.archive_cache.insert(key.clone(), (hour_ms, rows));
+                    self.archive_cache.insert(
+                        key.clone(),
+                        CachedObject {
+                            hour_ms,
+                            rows,
+                            complete,
+                        },
+                    );
                 }
-                if let Some((_, rows)) = self.archive_cache.get(&key) {
-                    for (id, t) in rows {
+                if let Some(o) = self.archive_cache.get(&key) {
+                    for (id, t) in &o.rows {
                         if (from..to).contains(t) {
-                            out.insert(id.clone(), *t);
+                            out.insert(id.to_string(), *t);
                         }
                     }
                 }
@@ -235,16 +291,38 @@ impl Sources {
     }
 
     /// Forgets what came before `t` (reconciled): book entries and archive objects of
-    /// hours ending at or before it.
-    pub fn forget_before(&mut self, t: i64) {
+    /// hours ending at or before it. When that ends a deferral of the book, the events
+    /// topic is read again from the first deferred record (and archive objects read in
+    /// part are read again): returns true, and the caller catches up before reconciling
+    /// the next window.
+    pub fn forget_before(&mut self, t: i64) -> bool {
         self.book.forget_before(t);
         // Objects of hours still open stay listed (not read again); only their rows of
         // times not reconciled yet are kept, so memory follows the open span, not the hour.
         self.archive_cache
-            .retain(|_, (hour_ms, _)| hour_ms.saturating_add(HOUR_MS) > t);
-        for (_, rows) in self.archive_cache.values_mut() {
-            rows.retain(|(_, et)| *et >= t);
+            .retain(|_, o| o.hour_ms.saturating_add(HOUR_MS) > t);
+        for o in self.archive_cache.values_mut() {
+            o.rows.retain(|(_, et)| *et >= t);
         }
+        let Some(rewind) = self.book.take_rewind() else {
+            return false;
+        };
+        self.events
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .rewind(&rewind);
+        self.archive_cache.retain(|_, o| o.complete);
+        metrics::counter!(super::metrics::REREADS_TOTAL).increment(1);
+        tracing::info!(from = %crate::rfc3339(t), partitions = rewind.len(), "ledger: reading the deferred windows' events again");
+        true
+    }
+
+    /// Entries the book holds and archive rows kept (the memory that grows with events).
+    pub fn held(&self) -> (usize, usize) {
+        (
+            self.book.held(),
+            self.archive_cache.values().map(|o| o.rows.len()).sum(),
+        )
     }
 }
 

@@ -1,7 +1,8 @@
 //! Reading a topic for the ledger, incrementally: a [`TopicTail`] starts at the first record
 //! produced at or after a time (or the partition's beginning when the broker cannot look
-//! offsets up by time) and each [`TopicTail::read_to_end`] returns the records up to the end
-//! the partitions have at that moment, then remembers where it stopped. Partitions are
+//! offsets up by time) and [`TopicTail::read_chunk`] returns the records up to the end the
+//! partitions had when the round of reads began, a bounded chunk at a time, then remembers
+//! where it stopped. Partitions are
 //! assigned directly (no group membership, no commits), so the ledger never moves anyone's
 //! offsets. What the records mean is `ledger::decode`'s.
 
@@ -37,6 +38,8 @@ pub struct TopicTail {
     topic: String,
     /// partition → next offset to read.
     next: BTreeMap<i32, i64>,
+    /// partition → the end of the round of reads in progress (`read_chunk`).
+    round: Option<BTreeMap<i32, i64>>,
 }
 
 impl std::fmt::Debug for TopicTail {
@@ -64,9 +67,10 @@ impl TopicTail {
         start_ms: Option<i64>,
         timeout: Duration,
     ) -> Result<Self, ReadError> {
-        // Assigned, never subscribed: nothing is committed.
+        // Assigned, never subscribed: nothing is committed. The services' bounded prefetch
+        // (three tails are open at once).
         let (consumer, partitions) = crate::dlq::read::assigned_consumer(
-            kafka,
+            &kafka.with_consumer_prefetch_defaults(),
             "pulsectl-ledger",
             "pulsectl-ledger",
             topic,
@@ -105,6 +109,7 @@ impl TopicTail {
             consumer,
             topic: topic.to_owned(),
             next,
+            round: None,
         })
     }
 
@@ -113,30 +118,62 @@ impl TopicTail {
         &self.topic
     }
 
-    /// The records from where the last read stopped up to the partitions' current ends,
-    /// ordered by partition and offset. Blocking; call from a blocking task. On an error
-    /// nothing is remembered, so the next read returns the same records again.
-    pub fn read_to_end(&mut self, timeout: Duration) -> Result<Vec<RawRecord>, ReadError> {
+    /// Reads from the given offsets again (a deferral of the book): each partition's next
+    /// read starts at the lower of its position and the offset given.
+    pub fn rewind(&mut self, offsets: &BTreeMap<i32, i64>) {
+        for (p, o) in offsets {
+            if let Some(next) = self.next.get_mut(p) {
+                *next = (*next).min(*o);
+            }
+        }
+    }
+
+    /// Up to `max_records` records from where the last read stopped towards the ends the
+    /// partitions had when this round of reads began, ordered by partition and offset,
+    /// and whether more are left of the round (`false`: the round reached those ends; the
+    /// next call starts a new round at the ends the partitions have then). Memory is
+    /// bounded by `max_records` (and librdkafka's prefetch) whatever the backlog. Blocking;
+    /// call from a blocking task. On an error nothing is remembered, so the next read
+    /// returns the same records again.
+    pub fn read_chunk(
+        &mut self,
+        timeout: Duration,
+        max_records: usize,
+    ) -> Result<(Vec<RawRecord>, bool), ReadError> {
         let topic = self.topic.clone();
+        let ends = match self.round.take() {
+            Some(ends) => ends,
+            None => {
+                let mut ends = BTreeMap::new();
+                for p in self.next.keys() {
+                    let (_, high) = self.consumer.fetch_watermarks(&topic, *p, timeout)?;
+                    ends.insert(*p, high);
+                }
+                ends
+            }
+        };
         // partition → (next offset, end offset)
         let mut todo: BTreeMap<i32, (i64, i64)> = BTreeMap::new();
         let mut tpl = TopicPartitionList::new();
         for (p, from) in &self.next {
-            let (low, high) = self.consumer.fetch_watermarks(&topic, *p, timeout)?;
+            let (low, _) = self.consumer.fetch_watermarks(&topic, *p, timeout)?;
             let from = (*from).max(low);
-            if high > from {
+            let end = ends.get(p).copied().unwrap_or(from);
+            if end > from {
                 tpl.add_partition_offset(&topic, *p, Offset::Offset(from))?;
-                todo.insert(*p, (from, high));
+                todo.insert(*p, (from, end));
             }
         }
         let mut out = Vec::new();
         if todo.is_empty() {
-            return Ok(out);
+            return Ok((out, false));
         }
         self.consumer.assign(&tpl)?;
         let deadline = Instant::now() + timeout;
         let mut remaining = todo.clone();
-        while !remaining.is_empty() {
+        // partition → next offset after what `out` holds
+        let mut reached: BTreeMap<i32, i64> = BTreeMap::new();
+        while !remaining.is_empty() && out.len() < max_records.max(1) {
             if Instant::now() > deadline {
                 return Err(ReadError::Timeout {
                     topic,
@@ -162,34 +199,42 @@ impl TopicTail {
                         .and_then(|v| v.parse().ok()),
                     payload: msg.payload().map(<[u8]>::to_vec).unwrap_or_default(),
                 });
+                reached.insert(msg.partition(), msg.offset() + 1);
             }
             if msg.offset() + 1 >= end {
                 remaining.remove(&msg.partition());
+                reached.insert(msg.partition(), end);
             }
         }
         // Stop fetching until the next read.
         self.consumer.unassign().map_err(ReadError::Kafka)?;
-        for (p, (_, end)) in todo {
-            self.next.insert(p, end);
+        for (p, at) in reached {
+            self.next.insert(p, at);
+        }
+        if !remaining.is_empty() {
+            self.round = Some(ends);
         }
         out.sort_by_key(|r| (r.partition, r.offset));
-        Ok(out)
+        Ok((out, !remaining.is_empty()))
     }
 }
 
 /// The header the writers put on the records they dead-letter: the topic it came from.
 pub const SOURCE_TOPIC: &str = "pulse-source-topic";
 
-/// Runs a blocking read of `tail` on the blocking pool.
+/// Records read per chunk: what one read holds in memory at most (~0.5 KB a record).
+pub const CHUNK_RECORDS: usize = 20_000;
+
+/// Runs a blocking [`TopicTail::read_chunk`] of `tail` on the blocking pool.
 pub async fn read_async(
     tail: &Arc<Mutex<TopicTail>>,
     timeout: Duration,
-) -> Result<Vec<RawRecord>, ReadError> {
+) -> Result<(Vec<RawRecord>, bool), ReadError> {
     let tail = Arc::clone(tail);
     tokio::task::spawn_blocking(move || {
         tail.lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .read_to_end(timeout)
+            .read_chunk(timeout, CHUNK_RECORDS)
     })
     .await
     .map_err(|_| ReadError::Kafka(KafkaError::Canceled))?

@@ -79,9 +79,15 @@ fn ms(d: Duration) -> i64 {
 /// The binary's `ledger watch`: telemetry, admin server, signals, then [`watch`] until
 /// a signal.
 pub async fn run(args: WatchArgs) -> Result<(), LedgerError> {
+    // A long-running process like the services: glibc's allocator tuned the same way
+    // (re-executes the process; returns on failure).
+    let untuned = pulse_platform::malloc::tune();
     validate_all(&[&args])?;
     let _telemetry = pulse_platform::telemetry::init(SERVICE, &args.telemetry)
         .map_err(|e| LedgerError::Admin(std::io::Error::other(e.to_string())))?;
+    if let Some(reason) = untuned {
+        tracing::warn!(%reason, "glibc's allocator runs with its defaults");
+    }
     let listener = TcpListener::bind(args.admin_addr).await.map_err(|e| {
         LedgerError::Admin(std::io::Error::new(
             e.kind(),
@@ -122,6 +128,7 @@ pub async fn watch(args: &WatchArgs, ctx: &ServiceContext) -> Result<(), LedgerE
             }
         }
     };
+    sources.bound_memory();
     ctx.health.unblock("ledger");
     ctx.health.set_ready(true);
     tracing::info!(from = %crate::rfc3339(next), window_ms = window, "ledger: reconciling closed windows");
@@ -155,6 +162,7 @@ async fn step(
 ) -> Result<(), LedgerError> {
     let window = args.sources.window_ms();
     sources.catch_up().await?;
+    m::set_held(sources.held());
     let now_outside = sources.book.outside;
     if let Some(before) = outside.replace(now_outside) {
         metrics::counter!(m::UNCHECKED_TOTAL).increment(now_outside.saturating_sub(before));
@@ -186,7 +194,11 @@ async fn step(
             tracing::debug!(from = %crate::rfc3339(from), "ledger: window reconciled");
         }
         *next = to;
-        sources.forget_before(to);
+        if sources.forget_before(to) {
+            // The deferred windows' events are read again before the next is reconciled.
+            sources.catch_up().await?;
+        }
+        m::set_held(sources.held());
     }
     Ok(())
 }

@@ -1,6 +1,7 @@
 //! Load-run accounting: event counts by outcome, request latencies (a log-bucket
-//! histogram, so memory stays fixed however long the run), the live progress line and the
-//! final summary. Sending and generating are left to the other loadgen modules.
+//! histogram, so memory stays fixed however long the run), the counts shown beside the
+//! live progress and the final summary. Sending and generating are left to the other
+//! loadgen modules.
 
 use std::time::Duration;
 
@@ -75,6 +76,11 @@ impl Counts {
     pub fn sent(&self) -> u64 {
         self.accepted + self.duplicates + self.rejected
     }
+
+    /// Events whose fate is settled: answered, failed or dropped unsent.
+    pub fn done(&self) -> u64 {
+        self.sent() + self.failed + self.unsent
+    }
 }
 
 fn ms(d: Option<Duration>) -> String {
@@ -84,17 +90,15 @@ fn ms(d: Option<Duration>) -> String {
     )
 }
 
-/// The live progress line; `rate` is events answered per second over the last interval.
-pub fn progress_line(c: &Counts, rate: f64, elapsed: Duration) -> String {
+/// The counts shown beside the progress (`crate::progress`): outcomes so far and the
+/// request latency percentiles.
+pub fn progress_message(c: &Counts) -> String {
     format!(
-        "[{:>5.0}s] sent {}  accepted {}  duplicates {}  rejected {}  failed {}  rate {:.1}/s  p50 {}  p99 {}",
-        elapsed.as_secs_f64(),
-        c.sent(),
+        "accepted {}, duplicates {}, rejected {}, failed {}, p50 {}, p99 {}",
         c.accepted,
         c.duplicates,
         c.rejected,
         c.failed,
-        rate,
         ms(c.latencies.quantile(0.5)),
         ms(c.latencies.quantile(0.99)),
     )
