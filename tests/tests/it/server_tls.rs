@@ -481,9 +481,15 @@ async fn mutual_tls_refuses_a_client_without_a_certificate_of_the_client_ca() {
     api.wait_ready(&reqwest::Client::new(), "http").await;
     let openapi = format!("https://{}/openapi.json", api.http);
 
+    // Refused either way; which error the client reports races the request's write against
+    // the server's alert (TLS 1.3 refuses the missing certificate after the client's side of
+    // the handshake is done): the alert ("certificate required") or the closed connection.
     let e = client_trusting(&ca).get(&openapi).send().await.unwrap_err();
-    let text = chain(&e);
-    assert!(text.to_lowercase().contains("certificate"), "{text}");
+    let text = chain(&e).to_lowercase();
+    assert!(
+        text.contains("certificate") || text.contains("connection"),
+        "{text}"
+    );
     let (code, text) = curl(&openapi, &ca, &[]);
     assert_ne!(code, 0, "curl without a client certificate got {text}");
 
