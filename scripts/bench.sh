@@ -122,6 +122,7 @@ case "$what" in
     log "vs raw = each http/grpc phase's events/s ÷ mean of the raw rdkafka producer runs just before and after its round (same records, broker and topic); the median is the figure; goal >= 0.8" ;;
   processor)
     log "figures: the table above; events/cpu-s counts the whole process's CPU time (librdkafka threads included)"
+    log "core + decode = the windowing core with each event read from its record (trace context, framed protobuf, pulse-ingest-ts); goal >= 300000 events/cpu-s (issue #19), printed beside decode alone (the floor)"
     log "vs raw = each processor loop run's events/s ÷ mean of the raw consumer runs just before and after it (same topic and records); the median is the figure; goal >= 0.8" ;;
   writer)
     log "figures: the two tables above; progress lines went to stderr"

@@ -7,7 +7,8 @@ local processes instead of pods:
    (`value`, `configMapKeyRef`, `secretKeyRef`, `$(VAR)` references to earlier
    variables); `$(VAR)` is expanded in `command` and `args` too (and `$$` is `$`);
    Secret volumes are written to files in a temporary folder;
-2. static checks, for this render and for every helm/pulse/ci/*-values.yaml render: each
+2. static checks, for this render and for every helm/pulse/ci/*-values.yaml render (the
+   shadow's too, check_shadow_render: never scaled, scraped apart from the live rules): each
    `PULSE_*`/`OTEL_*` name a container gets must be listed in its binary's `--help`
    (clap ignores unknown env vars, so a renamed env var would otherwise pass silently);
    any other name must be used through `$(NAME)` by another variable of the container;
@@ -25,6 +26,13 @@ local processes instead of pods:
    by `pulse-schema-registry hash-password`): it refuses anonymous requests and a read
    user's config change, and accepts ingest's user and password file as the chart gives
    them (ingest, the processor and the schemas Job authenticate to get ready / register);
+   the schema registry serves TLS (serverTls.components: schema-registry, with a CA and a
+   server certificate this test makes with the openssl CLI, as an existing Secret): its
+   clients get an https:// URL and the CA file from the chart, a client trusting only
+   the system's CAs is refused with a certificate error, and plain HTTP gets no answer;
+   a shadow processor and ClickHouse writer (shadow.enabled) run beside the live ones:
+   the schemas Job registers the shadow's subjects (its processor is ready only then),
+   and their /metrics say service="processor-shadow" / "writer-shadow";
 5. every process gets SIGTERM and must exit 0 within its terminationGracePeriodSeconds;
    then the Parquet archive must hold the events under the run's S3 prefix.
 
@@ -49,6 +57,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import base64
+import http.client
 import os
 import random
 import re
@@ -56,6 +65,7 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -163,7 +173,44 @@ def external_secrets(values_file: Path) -> dict[str, dict]:
     auth = (v.get("schemaRegistry") or {}).get("auth") or {}
     if auth.get("existingSecret"):
         out[auth["existingSecret"]] = {auth.get("usersKey", "users"): "stand-in:read:$argon2id$\n"}
+    st = v.get("serverTls") or {}
+    if st.get("enabled"):
+        if st.get("secret"):
+            out[st["secret"]] = {"tls.crt": "-----BEGIN CERTIFICATE-----\n", "tls.key": "-----BEGIN PRIVATE KEY-----\n",
+                                 st.get("caKey", "ca.crt"): "-----BEGIN CERTIFICATE-----\n"}
+        for key, default in (("clientCaSecret", "clientCaKey"), ("caSecret", "caKey")):
+            if st.get(key):
+                out[st[key]] = {st.get(default, "ca.crt"): "-----BEGIN CERTIFICATE-----\n"}
     return out
+
+
+# The existing kubernetes.io/tls Secret of the run's serverTls (keys tls.crt, tls.key and,
+# as cert-manager writes it, ca.crt).
+SERVER_TLS_SECRET = "pulse-chart-tls"
+
+
+def server_tls_secret(work: Path) -> dict[str, str]:
+    """A CA and a server certificate it signed for 127.0.0.1 (the Service names become
+    127.0.0.1 here) and the registry Service's names, as the Secret's keys."""
+    d = work / "pki"
+    d.mkdir(parents=True, exist_ok=True)
+
+    def openssl(*args: str) -> None:
+        out = subprocess.run(["openssl", *args], cwd=d, capture_output=True, text=True, timeout=60)
+        if out.returncode != 0:
+            raise Failure(f"openssl {' '.join(args)} failed: {out.stderr.strip()}")
+
+    ec = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=pulse-chart-test-ca",
+            "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    svc = f"{RELEASE}-schema-registry"
+    (d / "server.ext").write_text(f"subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:{svc},DNS:{svc}.{NAMESPACE}.svc\n"
+                                  "extendedKeyUsage=serverAuth\n")
+    openssl("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", f"/CN={svc}")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", "server.pem", "-days", "2", "-extfile", "server.ext")
+    return {"tls.crt": (d / "server.pem").read_text(), "tls.key": (d / "server.key").read_text(),
+            "ca.crt": (d / "ca.pem").read_text()}
 
 
 @dataclass
@@ -368,6 +415,159 @@ def static_checks(objs: Objects, help_cache: HelpCache, what: str) -> int:
     return n
 
 
+# ---------------------------------------------------------------- shadows
+
+SHADOWS = ("processor-shadow", "writer-clickhouse-shadow")
+PROMQL_WORDS = {"and", "or", "unless", "by", "without", "on", "ignoring", "group_left", "group_right",
+                "bool", "offset", "inf", "nan"}
+
+
+def rule_series_names(expr: str) -> set[str]:
+    """The series names a PromQL expression selects: identifiers outside `{…}`, not
+    called (`f(`), not keywords, not inside `by (…)` / `on (…)` label lists."""
+    expr = re.sub(r"#[^\n]*", " ", expr)
+    expr = re.sub(r'"(?:[^"\\]|\\.)*"', " ", expr)
+    expr = re.sub(r"\{[^}]*\}", " ", expr)
+    expr = re.sub(r"\b(by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", " ", expr)
+    expr = re.sub(r"\[[^\]]*\]", " ", expr)
+    names = set()
+    for m in re.finditer(r"(?<![\w.])([a-zA-Z_:][a-zA-Z0-9_:]*)(\s*\()?", expr):
+        if m.group(2) or m.group(1).lower() in PROMQL_WORDS:
+            continue
+        names.add(m.group(1))
+    return names
+
+
+def check_shadow_render(objs: Objects, what: str, required: bool) -> None:
+    if not required and not any(d["metadata"]["labels"].get("app.kubernetes.io/component") in SHADOWS
+                                for d in objs.of_kind("Deployment")):
+        return
+    problems = shadow_problems(objs, what, required)
+    for p_ in problems:
+        log(f"FAIL {what}: {p_}")
+    if problems:
+        raise Failure(f"{what}: {len(problems)} shadow problem(s)")
+    log(f"{what}: shadow: fixed replicas, no HPA/KEDA/PDB, scraped apart from the live rules, subjects registered")
+
+
+def shadow_checker_refuses(chart: Path) -> None:
+    """check_shadow_render can fail: each of these breakages of ci/shadow-values.yaml's
+    render must be reported (a shadow scraped like a live service, not renamed, selected by a
+    live ServiceMonitor, scaled by KEDA, a rule reading a series the rename misses, no
+    shadow schema registration)."""
+    import copy
+    base = render(chart, [chart / "ci" / "shadow-values.yaml"])
+
+    def sm(d: dict) -> bool:
+        return d["kind"] == "ServiceMonitor" and d["metadata"]["name"].endswith("-shadow")
+
+    def breakages():
+        yield "component label", lambda d: sm(d) and d["spec"]["endpoints"][0]["relabelings"].append({"targetLabel": "component"})
+        yield "no rename", lambda d: sm(d) and d["spec"]["endpoints"][0].pop("metricRelabelings")
+        yield "live ServiceMonitor selects shadows", lambda d: (
+            d["kind"] == "ServiceMonitor" and d["metadata"]["name"].endswith("-processor")
+            and d["spec"]["selector"]["matchLabels"].pop("app.kubernetes.io/component"))
+        yield "KEDA scales a shadow", lambda d: (
+            d["kind"] == "ScaledObject" and d["metadata"]["name"].endswith("-processor")
+            and d["spec"]["scaleTargetRef"].update(name=d["spec"]["scaleTargetRef"]["name"] + "-shadow"))
+        yield "a rule reads a non-pulse_ series", lambda d: (
+            d["kind"] == "PrometheusRule" and d["spec"]["groups"][0]["rules"][0].update(expr="rate(process_cpu_seconds_total[5m]) > 1"))
+        yield "no shadow schemas", lambda d: (
+            d["kind"] == "Job" and d["metadata"]["labels"].get("app.kubernetes.io/component") == "schemas"
+            and pod_spec(d).update(containers=pod_spec(d)["containers"][:1]))
+
+    for label, breaks in breakages():
+        docs = copy.deepcopy(base)
+        for d in docs:
+            breaks(d)
+        if not shadow_problems(Objects(docs, {}), label, True):
+            raise Failure(f"the shadow check accepted a render with {label}: it cannot catch that")
+
+
+def shadow_problems(objs: Objects, what: str, required: bool) -> list[str]:
+    """A render with shadow.enabled: the shadow Deployments run `--shadow <name>`, are never
+    scaled or budgeted (no HPA, ScaledObject, PDB targets them), carry no prometheus.io
+    scrape annotations, get a NetworkPolicy when the live ones do, and their series cannot
+    reach the shipped rules: no live ServiceMonitor selects a shadow Service, and each
+    shadow's own ServiceMonitor sets no `component`/`pulse_release` and renames `pulse_*` to
+    `pulse_shadow_*` while every series a rule reads is `pulse_*`, `up` (matched on
+    `component`) or a recording rule; the schemas Job registers the shadow's subjects."""
+    deps = {d["metadata"]["name"]: d for d in objs.of_kind("Deployment")}
+    shadows = {n: d for n, d in deps.items() if d["metadata"]["labels"].get("app.kubernetes.io/component") in SHADOWS}
+    if not shadows:
+        return ["shadow.enabled renders no shadow Deployment"] if required else []
+    problems = []
+    if sorted(d["metadata"]["labels"]["app.kubernetes.io/component"] for d in shadows.values()) != sorted(SHADOWS):
+        problems.append(f"shadow Deployments {sorted(shadows)}, expected one per {SHADOWS}")
+    names = set()
+    for n, d in shadows.items():
+        pod = d["spec"]["template"]
+        (c,) = pod["spec"]["containers"]
+        args = c.get("args") or []
+        if "--shadow" not in args or args.index("--shadow") + 1 >= len(args):
+            problems.append(f"{n}: args {args} lack --shadow <name>")
+        else:
+            names.add(args[args.index("--shadow") + 1])
+        if "replicas" not in d["spec"]:
+            problems.append(f"{n}: no fixed replicas (a shadow is never autoscaled)")
+        if any(k.startswith("prometheus.io/") for k in (pod["metadata"].get("annotations") or {})):
+            problems.append(f"{n}: prometheus.io annotations (an annotation scrape would feed the live rules)")
+    if len(names) != 1:
+        problems.append(f"the shadow Deployments disagree on --shadow: {sorted(names)}")
+    for kind in ("HorizontalPodAutoscaler", "ScaledObject"):
+        for o in objs.of_kind(kind):
+            if o["spec"]["scaleTargetRef"]["name"] in shadows:
+                problems.append(f"{kind} {o['metadata']['name']} scales a shadow")
+
+    def selects(sel: dict, labels: dict) -> bool:
+        return bool(sel) and all(labels.get(k) == v for k, v in sel.items())
+
+    pod_labels = {n: d["spec"]["template"]["metadata"]["labels"] for n, d in shadows.items()}
+    for pdb in objs.of_kind("PodDisruptionBudget"):
+        for n, labels in pod_labels.items():
+            if selects(pdb["spec"]["selector"].get("matchLabels") or {}, labels):
+                problems.append(f"PodDisruptionBudget {pdb['metadata']['name']} selects {n}")
+    if objs.of_kind("NetworkPolicy"):
+        for n, labels in pod_labels.items():
+            if not any(selects(np_["spec"]["podSelector"].get("matchLabels") or {}, labels)
+                       for np_ in objs.of_kind("NetworkPolicy")):
+                problems.append(f"no NetworkPolicy selects {n}, though the live services have them")
+    shadow_svcs = {s_["metadata"]["name"]: s_["metadata"]["labels"] for s_ in objs.services
+                   if s_["metadata"]["labels"].get("app.kubernetes.io/component") in SHADOWS}
+    monitors = objs.of_kind("ServiceMonitor")
+    if monitors:
+        own = set()
+        for sm in monitors:
+            hit = [sv for sv, labels in shadow_svcs.items() if selects(sm["spec"]["selector"].get("matchLabels") or {}, labels)]
+            if not hit:
+                continue
+            own.update(hit)
+            for ep in sm["spec"]["endpoints"]:
+                targets = {r.get("targetLabel") for r in ep.get("relabelings") or []}
+                if targets & {"component", "pulse_release"}:
+                    problems.append(f"ServiceMonitor {sm['metadata']['name']} (of {hit}) sets {sorted(targets & {'component', 'pulse_release'})}, which the live rules match/aggregate on")
+                renames = [r for r in ep.get("metricRelabelings") or []
+                           if r.get("targetLabel") == "__name__" and r.get("regex") == "pulse_(.+)"
+                           and r.get("replacement", "").startswith("pulse_shadow_")]
+                if not renames:
+                    problems.append(f"ServiceMonitor {sm['metadata']['name']} (of {hit}) keeps the pulse_* names the live rules read")
+        # Everything the rules read is renamed away from a shadow (or is `up` on `component`).
+        for pr in objs.of_kind("PrometheusRule"):
+            for g in pr["spec"]["groups"]:
+                for r in g["rules"]:
+                    for name in rule_series_names(str(r["expr"])):
+                        if name == "up":
+                            if 'component!=""' not in str(r["expr"]):
+                                problems.append(f"rule {r.get('alert') or r.get('record')}: reads `up` without requiring `component`")
+                        elif not (name.startswith("pulse_") or ":" in name) or name.startswith("pulse_shadow_"):
+                            problems.append(f"rule {r.get('alert') or r.get('record')}: reads {name}, which a shadow's ServiceMonitor does not rename")
+    jobs = [j for j in objs.of_kind("Job") if j["metadata"]["labels"].get("app.kubernetes.io/component") == "schemas"]
+    if jobs and not any(["shadow", "schemas", "--shadow", *names] == (c.get("args") or [])
+                        for j in jobs for c in pod_spec(j)["containers"]):
+        problems.append(f"the schemas Job does not run `pulsectl shadow schemas --shadow {sorted(names)}`")
+    return problems
+
+
 # ---------------------------------------------------------------- running
 
 
@@ -570,22 +770,27 @@ def check_scaling_metrics(objs: "Objects", running: list["Service"]) -> None:
             raise Failure(f"{svc.c.label} has no port named admin")
         for trig in so["spec"]["triggers"]:
             query = trig["metadata"]["query"]
-            names = sorted(set(re.findall(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\{", query)))
-            topics = re.search(r'topic=~"([^"]+)"', query)
-            wanted = topics.group(1).split("|") if topics else []
+            # Each selector `name{...}`, with the topics it selects (none: any series of it),
+            # e.g. the lag per input topic and the writers' circuit/blocked gate.
+            wanted: dict[str, set[str]] = {}
+            for n, body in re.findall(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\{([^}]*)\}", query):
+                topics = re.search(r'topic=~"([^"]+)"', body)
+                wanted.setdefault(n, set()).update(topics.group(1).split("|") if topics else [])
+            names = sorted(wanted)
             if not names:
                 raise Failure(f"cannot read a metric name from the KEDA query {query!r}")
             deadline = time.monotonic() + 30  # the lag gauges follow librdkafka's statistics interval
             while True:
                 with urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics", timeout=5) as r:
                     text = r.read().decode()
-                missing = [n for n in names
-                           if not any(l.startswith(n + "{") and (not wanted or any(f'topic="{t}"' in l for t in wanted))
+                missing = [f"{n} (topics {sorted(wanted[n])})" if wanted[n] else n for n in names
+                           if not any(l.startswith(n + "{")
+                                      and (not wanted[n] or any(f'topic="{t}"' in l for t in wanted[n]))
                                       for l in text.splitlines())]
                 if not missing:
                     break
                 if time.monotonic() > deadline:
-                    raise Failure(f"{target}: the KEDA query reads {missing} (topics {wanted}), absent from its live /metrics")
+                    raise Failure(f"{target}: the KEDA query reads {missing}, absent from its live /metrics")
                 time.sleep(1)
             log(f"{target}: KEDA's {', '.join(names)} present in the live /metrics scrape")
 
@@ -597,6 +802,27 @@ def http_status(url: str, token: str | None) -> int:
             return r.status
     except urllib.error.HTTPError as e:
         return e.code
+
+
+def check_shadow_live(running: list["Service"]) -> None:
+    """The rendered shadow processor and writer run as shadows: their /metrics label every
+    Pulse series with the shadow's service (processor-shadow, writer-shadow), never the
+    live one, which is what keeps them apart from the live processor's and writer's series."""
+    want = {"processor-shadow": "processor-shadow", "writer-clickhouse-shadow": "writer-shadow"}
+    seen = 0
+    for svc in running:
+        comp = next((k for k in want if svc.c.owner.endswith(f"-{k}")), None)
+        if comp is None:
+            continue
+        seen += 1
+        with urllib.request.urlopen(f"http://127.0.0.1:{svc.c.ports['admin']}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        services = set(re.findall(r'^pulse_[a-z0-9_]+\{[^}]*\bservice="([^"]+)"', text, re.M))
+        if services != {want[comp]}:
+            raise Failure(f"{svc.c.owner}: its pulse_* series carry service={sorted(services)}, not only {want[comp]!r}")
+        log(f"{svc.c.owner}: every pulse_* series says service=\"{want[comp]}\"")
+    if seen != len(want):
+        raise Failure(f"the test values enable a shadow, but {seen} of {len(want)} shadow Deployments ran")
 
 
 def check_ledger(objs: "Objects", running: list["Service"]) -> None:
@@ -637,19 +863,25 @@ def check_ledger(objs: "Objects", running: list["Service"]) -> None:
 
 
 def check_registry_auth(running: list["Service"]) -> None:
-    """Schema-registry authentication as the chart wires it (schemaRegistry.auth in the
-    test values): the registry Service refuses an anonymous request (401), accepts ingest's
-    user and password file as the chart gives them (200), and refuses that read user a
-    config change (403). Ingest and the processor being ready, and the schemas Job having
-    registered, already show that each authenticated."""
+    """Schema-registry authentication and TLS as the chart wires them (schemaRegistry.auth
+    and serverTls in the test values): the registry Service refuses an anonymous request
+    (401), accepts ingest's user and password file as the chart gives them (200), and
+    refuses that read user a config change (403), all over HTTPS trusting the CA file the
+    chart gives ingest; a client trusting only the system's CAs is refused with a
+    certificate error, and plain HTTP gets no answer. Ingest and the processor being ready,
+    and the schemas Job having registered, already show that each connected over TLS and
+    authenticated."""
     ingest = [s for s in running if Path(s.argv[0]).name == "pulse-ingest"]
     if len(ingest) != 1:
         raise Failure(f"expected one running pulse-ingest Deployment, found {len(ingest)}")
     env = ingest[0].env
-    url, user, pw_file = (env.get(k, "") for k in
-                          ("PULSE_SCHEMA_REGISTRY_URL", "PULSE_REGISTRY_USERNAME", "PULSE_REGISTRY_PASSWORD_FILE"))
-    if not (url.startswith("http://127.0.0.1:") and user and pw_file):
-        raise Failure(f"{ingest[0].c.label}: registry URL {url!r}, user {user!r}, password file {pw_file!r}: not all set")
+    url, user, pw_file, ca_file = (env.get(k, "") for k in
+                                   ("PULSE_SCHEMA_REGISTRY_URL", "PULSE_REGISTRY_USERNAME", "PULSE_REGISTRY_PASSWORD_FILE",
+                                    "PULSE_SCHEMA_REGISTRY_CA_FILE"))
+    if not (url.startswith("https://127.0.0.1:") and user and pw_file and ca_file):
+        raise Failure(f"{ingest[0].c.label}: registry URL {url!r} (want https://), user {user!r}, password file {pw_file!r}, "
+                      f"CA file {ca_file!r}: not all set")
+    trusting = ssl.create_default_context(cafile=ca_file)
     basic = "Basic " + base64.b64encode(f"{user}:{Path(pw_file).read_text().rstrip(chr(10))}".encode()).decode()
 
     def status(method: str, path: str, auth: str | None) -> int:
@@ -659,7 +891,7 @@ def check_registry_auth(running: list["Service"]) -> None:
             headers["Authorization"] = auth
         try:
             with urllib.request.urlopen(urllib.request.Request(f"{url}{path}", data=body, method=method,
-                                                               headers=headers), timeout=10) as r:
+                                                               headers=headers), timeout=10, context=trusting) as r:
                 return r.status
         except urllib.error.HTTPError as e:
             return e.code
@@ -668,6 +900,22 @@ def check_registry_auth(running: list["Service"]) -> None:
     if got != (401, 200, 403):
         raise Failure(f"schema registry: anonymous GET /subjects, GET as {user}, PUT /config as {user} answered {got}, want (401, 200, 403)")
     log(f"schema registry: anonymous 401, {user} (password file from the chart's Secret) 200, its PUT /config 403")
+    try:
+        urllib.request.urlopen(f"{url}/subjects", timeout=10, context=ssl.create_default_context())
+        raise Failure(f"schema registry: {url} answered a client that does not trust the chart's CA")
+    except urllib.error.URLError as e:
+        if not isinstance(e.reason, ssl.SSLCertVerificationError):
+            raise Failure(f"schema registry: a client without the CA failed with {e.reason!r}, want a certificate error")
+    plain = url.replace("https://", "http://", 1)
+    try:
+        urllib.request.urlopen(f"{plain}/subjects", timeout=10)
+        raise Failure(f"schema registry: {plain} answered plain HTTP while serverTls lists it")
+    except urllib.error.HTTPError as e:
+        raise Failure(f"schema registry: plain HTTP got HTTP {e.code}, want no answer (TLS only)")
+    except (urllib.error.URLError, OSError, http.client.HTTPException):
+        pass  # refused, reset or not HTTP: the port speaks TLS only
+    log(f"schema registry: serves TLS ({url}), trusted through the chart's CA file {Path(ca_file).name}; "
+        "a client without it gets a certificate error, plain HTTP no answer")
 
 
 def registry_users(bin_dir: Path, users: list[tuple[str, str, str]]) -> str:
@@ -730,6 +978,13 @@ def test_values(run_id: str, bin_dir: Path) -> dict:
             "enabled": True, "readUser": "pulse-read", "writeUser": "pulse-write",
             "users": registry_users(bin_dir, [("pulse-read", "read", read_pw), ("pulse-write", "write", write_pw)])}},
         "ledger": {"enabled": True},
+        # The registry serves TLS; its clients (ingest, the processor, the schemas Job) get
+        # https:// and the CA from the Secret (caSecret empty: the Secret's ca.crt).
+        "serverTls": {"enabled": True, "secret": SERVER_TLS_SECRET, "components": ["schema-registry"]},
+        # A shadow processor and writer beside the live ones (their group, topics and tables
+        # follow from the live names above plus `.shadow.<name>`): the schemas Job registers
+        # its subjects, both must get ready, drain and identify as shadows in /metrics.
+        "shadow": {"enabled": True, "name": f"t{run_id}", "processor": {"config": {"PULSE_PROCESSOR_SESSION_GAP_MS": "600000"}}},
     }
 
 
@@ -748,14 +1003,19 @@ def main() -> int:
     help_cache = HelpCache(args.bin_dir)
     try:
         checker_refuses_unknown_names(help_cache)
+        shadow_checker_refuses(args.chart)
         for values in sorted((args.chart / "ci").glob("*-values.yaml")):
-            static_checks(Objects(render(args.chart, [values]), external_secrets(values)), help_cache, f"ci/{values.name}")
+            ci_objs = Objects(render(args.chart, [values]), external_secrets(values))
+            static_checks(ci_objs, help_cache, f"ci/{values.name}")
+            check_shadow_render(ci_objs, f"ci/{values.name}", required=values.name == "shadow-values.yaml")
+        if not (args.chart / "ci" / "shadow-values.yaml").exists():
+            raise Failure("helm/pulse/ci/shadow-values.yaml is missing: no render checks the shadow Deployments")
         if args.static_only:
             return 0
         run_id = "c" + secrets.token_hex(4)
         values_file = args.work / "values.yaml"
         values_file.write_text(yaml.safe_dump(test_values(run_id, args.bin_dir)))
-        objs = Objects(render(args.chart, [values_file]))
+        objs = Objects(render(args.chart, [values_file]), {SERVER_TLS_SECRET: server_tls_secret(args.work)})
         static_checks(objs, help_cache, "test values")
         runner = Runner(objs, args.work, args.bin_dir, help_cache)
         runner.plan_ports()
@@ -820,6 +1080,8 @@ def main() -> int:
 
         check_scaling_metrics(objs, running)
         check_ledger(objs, running)
+        check_shadow_render(objs, "test values", required=True)
+        check_shadow_live(running)
         check_registry_auth(running)
 
         for svc in running:

@@ -4,7 +4,9 @@
 `static`: promtool check/test of deploy/prometheus; every alert has `severity` (page or
 ticket), a summary, a description and a `runbook_url` pointing at an existing heading of
 docs/runbooks/; every alert has a promtool test case where it fires and one where it must
-not.
+not; promtool evaluates the writers' rendered KEDA queries (helm/pulse ScaledObjects): no
+value while a circuit is open or the store blocked (KEDA errors, the HPA holds), the lag
+otherwise.
 
 `prepare DIR`: writes the test copy of the rules (every range selector `[Nm]` of the symptom
 alerts shortened to WINDOW, every `for:` there to FOR; the SLIs' windows compressed by
@@ -24,7 +26,9 @@ receiver, `dev.sh up`, a query workload (HTTP and gRPC), then real faults one at
   3. kill ClickHouse and the S3 server while a second loadgen sends 400 events/s ->
      PulseClickHouseInsertErrors, PulseS3UploadErrors, PulseWriterCircuitOpen of each
      writer, PulseEventsNotArchived, PulseConsumerLagGrowing{component=writer-clickhouse}
-     (its breaker paused consumption), PulseLedgerStalled (its runs fail);
+     (its breaker paused consumption), PulseLedgerStalled (its runs fail); meanwhile the
+     writers' KEDA queries (helm/pulse ScaledObjects, on this stack's `component` label)
+     have no value although their lag has one, and have a value again after the recovery;
   4. stall ClickHouse (SIGSTOP) while 8 clients query -> PulseQueryLatencyHigh,
      PulseAvailabilityBudgetFastBurn and SlowBurn; after SIGCONT the backlog is written
      late -> PulseFreshnessBudgetFastBurn and SlowBurn;
@@ -40,7 +44,8 @@ a final user window the ledger has not reconciled yet is corrupted in ClickHouse
 tenth of its minute's events deleted, its revenue raised by 1 unit): once the minute closes,
 PulseLedgerMismatch, PulseRevenueDelta and the correctness burn (fast and slow) fire and
 resolve, and the ledger's missing count grows by at least the deleted events. Then every metric name used by a
-rule must be in the live Prometheus (/api/v1/label/__name__/values), and
+rule or by the chart's KEDA queries must be in the live Prometheus
+(/api/v1/label/__name__/values), and
 tests/python/dashboards_check.py runs against the same Prometheus.
 """
 
@@ -189,6 +194,121 @@ def check_chart_rules() -> list[str]:
     return [] if r.returncode == 0 else [f"promtool refuses the chart's rendered rules: {r.stdout}{r.stderr}"]
 
 
+# KEDA's queries (helm/pulse/templates/scaledobject.yaml), rendered as `helm template pulse
+# --namespace pulse --set keda.enabled=true`: ScaledObject name -> (query, threshold).
+def keda_queries() -> dict[str, tuple[str, int]]:
+    helm = Path(os.environ.get("PULSE_CACHE", Path.home() / ".cache/pulse")) / "tools/bin/helm"
+    r = subprocess.run([str(helm), "template", "pulse", str(REPO / "helm/pulse"), "--namespace", "pulse",
+                        "--set", "keda.enabled=true", "--show-only", "templates/scaledobject.yaml"],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        fail(f"helm template of the ScaledObjects failed: {r.stderr.strip()}")
+    out = {}
+    for d in yaml.safe_load_all(r.stdout):
+        if d:
+            trig = d["spec"]["triggers"][0]["metadata"]
+            # The hold needs KEDA to treat "no value" as an error, not as 0 (a scale-in).
+            if trig.get("ignoreNullValues") != "false":
+                fail(f"ScaledObject {d['metadata']['name']}: ignoreNullValues is {trig.get('ignoreNullValues')!r}, "
+                     "not \"false\": KEDA would read the gated query's empty result as 0 and scale in")
+            out[d["metadata"]["name"]] = (trig["query"], int(trig["threshold"]))
+    return out
+
+
+def keda_metric_names() -> set[str]:
+    return {n for q, _ in keda_queries().values() for n in re.findall(r"([a-zA-Z_:][a-zA-Z0-9_:]*)\{", q)}
+
+
+def keda_local_query(name: str) -> tuple[str, str]:
+    """ScaledObject `name`'s query on this stack's series (selected by `component`, not by
+    namespace and pod): (the query, its lag part alone)."""
+    query = keda_queries()[name][0]
+    local = re.sub(r'namespace="[^"]*", pod=~"[^"]*"', f'component="{name.removeprefix("pulse-")}"', query)
+    if local == query:
+        fail(f"cannot point the KEDA query of {name} at the local stack: {query}")
+    return local, local.split(" unless ")[0]
+
+
+def check_keda_gate() -> list[str]:
+    """promtool evaluates each writer's rendered KEDA query (and HPA's desired replicas,
+    ceil(value / threshold)) on series of two pods of that writer: lag high with every
+    circuit closed -> the lag (a scale-out); lag high while one pod's circuit is open, or
+    its store is blocked -> no value (KEDA errors, the HPA holds its replica count). The
+    other writer's open circuit, and this writer's in another namespace, do not gate it; the
+    processor's query is never gated by a writer's circuit. A case that expects no value
+    where the query returns one fails promtool (checked, so the cases can fail)."""
+    queries = keda_queries()
+    writers = {n: q for n, q in queries.items() if n.startswith("pulse-writer-")}
+    if set(writers) != {"pulse-writer-clickhouse", "pulse-writer-parquet"} or "pulse-processor" not in queries:
+        return [f"expected ScaledObjects for the processor and both writers, got {sorted(queries)}"]
+    lag = 60000  # 3 replicas' worth at the default threshold of 20000
+    pods = ["5d8f7c9b4-x2x7q", "5d8f7c9b4-k9zzl"]
+
+    def series(name: str, labels: dict, values: str) -> dict:
+        body = ",".join(f'{k}="{v}"' for k, v in labels.items())
+        return {"series": f"{name}{{{body}}}", "values": values}
+
+    tests = []
+    for name, (query, threshold) in sorted(writers.items()):
+        sink = name.removeprefix("pulse-writer-")
+        other = "parquet" if sink == "clickhouse" else "clickhouse"
+        pod = [f"{name}-{p}" for p in pods]
+        # Minutes 0-12: closed (0-2), pod 0's circuit open (3-5), pod 1's open (6-8),
+        # pod 0 blocked (9-10), all clear again (11-12) while the other writer's circuit and
+        # this writer's in another namespace are open.
+        inputs = [
+            series("pulse_kafka_consumer_processing_lag_records",
+                   {"namespace": "pulse", "pod": pod[0], "topic": "pulse.events.v1", "partition": "0"}, f"{lag}x12"),
+            series("pulse_kafka_consumer_processing_lag_records",
+                   {"namespace": "pulse", "pod": pod[1], "topic": "pulse.events.v1", "partition": "1"}, "0x12"),
+            series("pulse_writer_circuit_open", {"namespace": "pulse", "pod": pod[0], "sink": sink},
+                   "0 0 0 1 1 1 0 0 0 0 0 0 0"),
+            series("pulse_writer_circuit_open", {"namespace": "pulse", "pod": pod[1], "sink": sink},
+                   "0 0 0 0 0 0 1 1 1 0 0 0 0"),
+            series("pulse_writer_blocked", {"namespace": "pulse", "pod": pod[0], "sink": sink, "reason": "auth"},
+                   "0 0 0 0 0 0 0 0 0 1 1 0 0"),
+            series("pulse_writer_blocked", {"namespace": "pulse", "pod": pod[1], "sink": sink, "reason": "auth"},
+                   "0x12"),
+            series("pulse_writer_circuit_open",
+                   {"namespace": "pulse", "pod": f"pulse-writer-{other}-{pods[0]}", "sink": other}, "1x12"),
+            series("pulse_writer_circuit_open", {"namespace": "other", "pod": pod[0], "sink": sink}, "1x12"),
+            series("pulse_kafka_consumer_processing_lag_records",
+                   {"namespace": "pulse", "pod": f"pulse-processor-{pods[0]}", "topic": "pulse.events.v1",
+                    "partition": "0"}, f"{lag}x12"),
+        ]
+        desired = f"ceil(({query}) / {threshold})"
+        cases = []
+        for minute, scaled in ((1, True), (4, False), (7, False), (10, False), (12, True)):
+            cases.append({"expr": query, "eval_time": f"{minute}m",
+                          "exp_samples": [{"labels": "{}", "value": lag}] if scaled else []})
+            cases.append({"expr": desired, "eval_time": f"{minute}m",
+                          "exp_samples": [{"labels": "{}", "value": -(-lag // threshold)}] if scaled else []})
+        # The processor is not gated by any writer's circuit.
+        cases.append({"expr": queries["pulse-processor"][0], "eval_time": "4m",
+                      "exp_samples": [{"labels": "{}", "value": lag}]})
+        tests.append({"interval": "1m", "input_series": inputs, "promql_expr_test": cases})
+    tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"pulse-keda-{os.getpid()}.test.yaml"
+    problems = []
+    try:
+        tmp.write_text(yaml.safe_dump({"rule_files": [], "evaluation_interval": "1m", "tests": tests}))
+        r = subprocess.run(["promtool", "test", "rules", str(tmp)], capture_output=True, text=True)
+        if r.returncode != 0:
+            problems.append(f"promtool: the writers' KEDA queries do not hold during a store outage:\n"
+                            f"{r.stdout}{r.stderr}")
+        # The same cases with the gate flipped (an outage expected to scale) must fail.
+        for t in tests:
+            for c in t["promql_expr_test"]:
+                if c["eval_time"] == "4m" and c["expr"] in {q for q, _ in writers.values()}:
+                    c["exp_samples"] = [{"labels": "{}", "value": lag}]
+        tmp.write_text(yaml.safe_dump({"rule_files": [], "evaluation_interval": "1m", "tests": tests}))
+        r = subprocess.run(["promtool", "test", "rules", str(tmp)], capture_output=True, text=True)
+        if r.returncode == 0:
+            problems.append("promtool passed a KEDA case expecting a scale-out while a circuit is open")
+    finally:
+        tmp.unlink(missing_ok=True)
+    return problems
+
+
 # The labels that tell Pulse installs apart (the ServiceMonitor sets both): every rule's
 # aggregation keeps them, so two releases, in one namespace or several, alert separately.
 SCOPE_LABELS = ("namespace", "pulse_release")
@@ -257,7 +377,8 @@ def static() -> None:
             fail(f"{' '.join(cmd[:3])} failed:\n{r.stdout}{r.stderr}")
     alerts = load_alerts()
     problems = (check_annotations(alerts) + check_runbook_links() + check_test_coverage(alerts)
-                + check_chart_rules() + check_release_scope() + check_two_releases_render())
+                + check_chart_rules() + check_release_scope() + check_two_releases_render()
+                + check_keda_gate())
     if problems:
         fail("\n  " + "\n  ".join(problems))
     say(f"static: {len(rules)} rule files, {len(alerts)} alerting rules ({len({a['alert'] for a in alerts})} "
@@ -265,7 +386,8 @@ def static() -> None:
         f"an existing runbook anchor, and promtool tests that fire it and keep it silent; "
         f"the chart's PrometheusRule holds the same groups; every aggregation keeps "
         f"{' and '.join(SCOPE_LABELS)}, and two releases in one namespace render ServiceMonitors "
-        f"that label their series with their own pulse_release")
+        f"that label their series with their own pulse_release; promtool holds the writers' KEDA "
+        f"queries at no value while a circuit is open or the store blocked, and at the lag otherwise")
 
 
 # ---------------------------------------------------------------- prepare
@@ -487,8 +609,12 @@ class Fault:
     def __init__(self, label: str, expect: list, silent: list, stop: list | None = None,
                  traffic: list | None = None, pause: list | None = None,
                  sql: tuple[list, list] | None = None, queries: bool = False,
-                 after: list | None = None, restart: dict | None = None):
+                 after: list | None = None, restart: dict | None = None, keda: list | None = None):
         self.label, self.expect, self.silent = label, expect, silent
+        # ScaledObjects (helm/pulse) whose query, on this stack's labels, must have no value
+        # once the expected alerts fired (KEDA holds the replica count) and a value again
+        # after the recovery.
+        self.keda = keda or []
         # {process name: {VAR: value or callable(state dir) -> value}}: restarted with these
         # variables added, not waited for (its readiness may be what the fault breaks);
         # recovery stops it and `dev.sh up` starts it as configured.
@@ -548,7 +674,8 @@ FAULTS = [
                   ("PulseEventsNotArchived", "writer-parquet"),
                   ("PulseConsumerLagGrowing", "writer-clickhouse"),
                   ("PulseLedgerStalled", "ledger")],
-          silent=["PulseProcessorStalled"]),
+          silent=["PulseProcessorStalled"],
+          keda=["pulse-writer-clickhouse", "pulse-writer-parquet"]),
     # ClickHouse hangs (SIGSTOP: a stalled server, not a dead one) while dashboards query:
     # every query waits for the query API's timeout (10 s) and answers 504, so query p95
     # latency passes 1 s and the availability budget burns (fast and slow); the writer's
@@ -830,6 +957,15 @@ def live(webhook_port: int) -> None:
                               lambda: hook.first("firing", alert, comp, t_stop), FIRE_TIMEOUT)
                 fired[(alert, comp)] = at
                 results.append((f.label, named(alert, comp), "fired", at - t_stopped))
+            for so in f.keda:
+                gated, lag = keda_local_query(so)
+                raw = wait_for(f"{so}'s lag in Prometheus during: {f.label}", lambda: prom_query(prom, lag), 30)
+                held = prom_query(prom, gated)
+                if held:
+                    fail(f"{so}: the KEDA query has a value ({held}) while its circuit is open or its store "
+                         f"blocked during: {f.label} (KEDA would scale on it): {gated}")
+                say(f"{so}: KEDA query has no value during the outage (lag alone: {raw[0]['value'][1]} records): "
+                    "KEDA errors and the HPA holds its replicas")
         finally:
             # Whatever happens, the fault ends: a paused ClickHouse would hang dev.sh down.
             if traffic is not None:
@@ -866,6 +1002,11 @@ def live(webhook_port: int) -> None:
             at = wait_for(f"{named(alert, comp)} resolved at the webhook after: {f.label}",
                           lambda: hook.first("resolved", alert, comp, since), RESOLVE_TIMEOUT)
             results.append((f.label, named(alert, comp), "resolved", at - t_up))
+        for so in f.keda:
+            gated, _ = keda_local_query(so)
+            got = wait_for(f"{so}'s KEDA query to have a value again after: {f.label}",
+                           lambda: prom_query(prom, gated), RESOLVE_TIMEOUT)
+            say(f"{so}: KEDA query back after the recovery ({got[0]['value'][1]} records)")
         for alert in f.silent:
             if hook.first("firing", alert, None, t_stop) is not None:
                 fail(f"{alert} fired during or after: {f.label}")
@@ -910,7 +1051,8 @@ def live(webhook_port: int) -> None:
 
     # The last two checks both run (one platform serves both); either failing fails.
     failures = []
-    used = rule_metric_names()
+    # The rules' metrics and those of the chart's KEDA queries (the writers' gate included).
+    used = rule_metric_names() | keda_metric_names()
     # Series created by a first occurrence (e.g. the ledger's, after its first range) may
     # still be on their way: wait up to 30 s for all of them, then report what is missing.
     deadline = time.monotonic() + 30
@@ -920,10 +1062,10 @@ def live(webhook_port: int) -> None:
             break
         time.sleep(1)
     if missing:
-        failures.append("metrics used by deploy/prometheus rules but absent from the live Prometheus:\n  "
-                        + "\n  ".join(missing))
+        failures.append("metrics used by deploy/prometheus rules or the chart's KEDA queries but absent "
+                        "from the live Prometheus:\n  " + "\n  ".join(missing))
     else:
-        say(f"all {len(used)} metric names used by the rules exist in the live Prometheus")
+        say(f"all {len(used)} metric names used by the rules and the KEDA queries exist in the live Prometheus")
 
     dashboards = REPO / "tests/python/dashboards_check.py"
     if dashboards.exists():

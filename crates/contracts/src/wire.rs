@@ -143,6 +143,17 @@ pub struct RegistryEncoder {
     inner: ProtoRawEncoder,
 }
 
+/// How a [`RegistryEncoder`] reaches the registry.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RegistryClientOptions<'a> {
+    /// `(username, password)` sent as HTTP basic credentials with every registry call, as
+    /// Confluent's clients do; `None`: no credentials.
+    pub credentials: Option<(&'a str, &'a str)>,
+    /// PEM CA certificates (one or more) trusted for an `https://` registry in addition to
+    /// the system's roots (`--schema-registry-ca-file`); `None`: the system's roots only.
+    pub ca_pem: Option<&'a [u8]>,
+}
+
 impl RegistryEncoder {
     /// An encoder against the registry at `url` (e.g. `http://127.0.0.1:8081`), without
     /// credentials.
@@ -155,16 +166,13 @@ impl RegistryEncoder {
     /// An encoder that sends HTTP basic credentials (`username`, `password`) with every
     /// registry call, as Confluent's clients do.
     pub fn with_basic_auth(url: &str, username: &str, password: &str) -> Result<Self, WireError> {
-        let settings = SrSettings::new_builder(url.to_owned())
-            .set_basic_authorization(username, Some(password))
-            .build()
-            .map_err(|e| WireError::Registry {
-                message: format!("building the registry client: {}", e.error),
-                retryable: false,
-            })?;
-        Ok(Self {
-            inner: ProtoRawEncoder::new(settings),
-        })
+        Self::with_options(
+            url,
+            RegistryClientOptions {
+                credentials: Some((username, password)),
+                ca_pem: None,
+            },
+        )
     }
 
     /// [`RegistryEncoder::with_basic_auth`] with `credentials` (`(username, password)`),
@@ -173,10 +181,44 @@ impl RegistryEncoder {
         url: &str,
         credentials: Option<(&str, &str)>,
     ) -> Result<Self, WireError> {
-        match credentials {
-            None => Ok(Self::new(url)),
-            Some((username, password)) => Self::with_basic_auth(url, username, password),
+        Self::with_options(
+            url,
+            RegistryClientOptions {
+                credentials,
+                ca_pem: None,
+            },
+        )
+    }
+
+    /// An encoder whose HTTP client sends `options.credentials` and trusts
+    /// `options.ca_pem`. A CA bundle that holds no usable certificate is an error here,
+    /// not at the first call.
+    pub fn with_options(url: &str, options: RegistryClientOptions<'_>) -> Result<Self, WireError> {
+        let building = |message: String| WireError::Registry {
+            message: format!("building the registry client: {message}"),
+            retryable: false,
+        };
+        let mut builder = SrSettings::new_builder(url.to_owned());
+        if let Some((username, password)) = options.credentials {
+            builder.set_basic_authorization(username, Some(password));
         }
+        let client = match options.ca_pem {
+            None => reqwest_registry::Client::builder(),
+            Some(pem) => {
+                let certs = reqwest_registry::Certificate::from_pem_bundle(pem)
+                    .map_err(|e| building(format!("the CA certificates: {}", chain(&e))))?;
+                if certs.is_empty() {
+                    return Err(building("the CA file holds no PEM certificate".into()));
+                }
+                reqwest_registry::Client::builder().tls_certs_merge(certs)
+            }
+        };
+        let settings = builder
+            .build_with(client)
+            .map_err(|e| building(describe(&e)))?;
+        Ok(Self {
+            inner: ProtoRawEncoder::new(settings),
+        })
     }
 
     /// Frames `payload`, a prost-encoded message named `full_name`
@@ -195,10 +237,31 @@ impl RegistryEncoder {
                 self.inner.remove_errors_from_cache();
                 WireError::Registry {
                     retryable: e.retriable,
-                    message: e.error,
+                    message: describe(&e),
                 }
             })
     }
+}
+
+/// A registry client error with its causes (the HTTP error, the connection's, the TLS
+/// verifier's), since `SRCError::error` alone says only that the call failed.
+fn describe(e: &schema_registry_converter::error::SRCError) -> String {
+    match std::error::Error::source(e) {
+        Some(source) => format!("{}: {}", e.error, chain(source)),
+        None => e.error.clone(),
+    }
+}
+
+/// An error and its sources, joined by ": ".
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
 }
 
 #[cfg(test)]
@@ -287,5 +350,19 @@ mod tests {
             .await
             .unwrap_err();
         assert!(matches!(err, WireError::Registry { .. }), "{err}");
+        // The connection's own reason is in the message, not only "the call failed".
+        assert!(err.to_string().contains("Connection refused"), "{err}");
+    }
+
+    #[test]
+    fn a_ca_bundle_without_a_certificate_is_refused_when_the_encoder_is_built() {
+        let options = |pem: &'static [u8]| RegistryClientOptions {
+            credentials: None,
+            ca_pem: Some(pem),
+        };
+        let err = RegistryEncoder::with_options("https://registry:8081", options(b"not pem"))
+            .unwrap_err();
+        assert!(err.to_string().contains("no PEM certificate"), "{err}");
+        assert!(!err.is_retryable());
     }
 }

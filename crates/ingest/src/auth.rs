@@ -25,6 +25,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::error::Refusal;
+use pulse_platform::audit::{AuditLog, AuditRecord, Outcome, action};
 use sha2::{Digest, Sha256};
 use subtle::{ConditionallySelectable, ConstantTimeEq};
 
@@ -192,12 +193,63 @@ impl ApiKeys {
             .map(|e| (e.source.as_str(), e.name.as_str()))
     }
 
+    /// What changed from `before` to `self`, by key name (never a key): names that
+    /// appeared, names that went, and names whose set of keys changed (a rotation).
+    pub fn changes_from(&self, before: &ApiKeys) -> KeyChanges {
+        use std::collections::{BTreeMap, BTreeSet};
+        let by_name = |keys: &ApiKeys| {
+            let mut m: BTreeMap<String, BTreeSet<KeyDigest>> = BTreeMap::new();
+            for e in &keys.entries {
+                m.entry(e.name.clone()).or_default().insert(e.digest);
+            }
+            m
+        };
+        let (old, new) = (by_name(before), by_name(self));
+        KeyChanges {
+            added: new
+                .keys()
+                .filter(|n| !old.contains_key(*n))
+                .cloned()
+                .collect(),
+            removed: old
+                .keys()
+                .filter(|n| !new.contains_key(*n))
+                .cloned()
+                .collect(),
+            replaced: new
+                .iter()
+                .filter(|(n, d)| old.get(*n).is_some_and(|o| o != *d))
+                .map(|(n, _)| n.clone())
+                .collect(),
+        }
+    }
+
     /// The keys' names, sorted, each once.
     pub fn names(&self) -> Vec<&str> {
         let mut names: Vec<&str> = self.entries.iter().map(|e| e.name.as_str()).collect();
         names.sort_unstable();
         names.dedup();
         names
+    }
+}
+
+/// Key names added, removed and re-keyed by a reload (see [`ApiKeys::changes_from`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyChanges {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub replaced: Vec<String>,
+}
+
+impl std::fmt::Display for KeyChanges {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "added [{}]; removed [{}]; re-keyed [{}]",
+            self.added.join(", "),
+            self.removed.join(", "),
+            self.replaced.join(", ")
+        )
     }
 }
 
@@ -335,40 +387,63 @@ impl KeyStore {
         Some(outcome)
     }
 
-    /// Checks the file every `interval` until `stop` is cancelled, logging each reload
-    /// (key names and counts, never keys).
+    /// Checks the file every `interval` until `stop` is cancelled, logging and auditing
+    /// each reload (actor `file`; key names added, removed and re-keyed, never keys).
     pub async fn watch(
         self: std::sync::Arc<Self>,
         interval: Duration,
         stop: tokio_util::sync::CancellationToken,
+        audit: AuditLog,
     ) {
-        if self.file.is_none() {
+        let Some(path) = self.file.clone() else {
             return;
-        }
-        let mut tick = tokio::time::interval(interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tick.tick().await;
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            match self.reload_if_changed() {
-                None => {}
-                Some(Ok(())) => {
-                    let keys = self.current();
-                    tracing::info!(
-                        keys = keys.len(),
-                        names = ?keys.names(),
-                        "API keys reloaded from the key file; they apply to new requests"
-                    );
+        };
+        let target = path.display().to_string();
+        pulse_platform::shutdown::every(interval, &stop, || {
+            let (this, before, target, audit) = (&self, self.current(), &target, &audit);
+            async move {
+                match this.reload_if_changed() {
+                    None => {}
+                    Some(Ok(())) => {
+                        let keys = this.current();
+                        let changes = keys.changes_from(&before);
+                        tracing::info!(
+                            keys = keys.len(),
+                            names = ?keys.names(),
+                            %changes,
+                            "API keys reloaded from the key file; they apply to new requests"
+                        );
+                        audit.record(
+                            AuditRecord::new(
+                                crate::SERVICE,
+                                "file",
+                                action::KEYS_RELOAD,
+                                target,
+                                Outcome::Ok,
+                            )
+                            .with_detail(format!("{changes}; {} key(s) in force", keys.len())),
+                        );
+                    }
+                    Some(Err(e)) => {
+                        tracing::error!(
+                            error = %e,
+                            "API key file reload failed; the previous keys stay in force"
+                        );
+                        audit.record(
+                            AuditRecord::new(
+                                crate::SERVICE,
+                                "file",
+                                action::KEYS_RELOAD,
+                                target,
+                                Outcome::Failed,
+                            )
+                            .with_detail(format!("{e}; the previous keys stay in force")),
+                        );
+                    }
                 }
-                Some(Err(e)) => tracing::error!(
-                    error = %e,
-                    "API key file reload failed; the previous keys stay in force"
-                ),
             }
-        }
+        })
+        .await;
     }
 }
 
@@ -575,6 +650,22 @@ mod tests {
         assert!(matches!(store.reload_if_changed(), Some(Ok(()))));
         assert_eq!(who(K1).as_deref(), Some("acme/back"));
         assert_eq!(who(K2), None);
+    }
+
+    #[test]
+    fn changes_between_key_sets_name_keys_never_show_them() {
+        let before = ApiKeys::parse("k1=web:web-2025,k2=ios,k3=old").unwrap();
+        let after = ApiKeys::parse("k1=web:web-2025,k9=ios,k4=android").unwrap();
+        let c = after.changes_from(&before);
+        assert_eq!(c.added, ["android"]);
+        assert_eq!(c.removed, ["old"]);
+        assert_eq!(c.replaced, ["ios"]);
+        let text = c.to_string();
+        assert_eq!(text, "added [android]; removed [old]; re-keyed [ios]");
+        for key in ["k1", "k2", "k3", "k4", "k9"] {
+            assert!(!text.contains(key), "{text}");
+        }
+        assert_eq!(after.changes_from(&after), KeyChanges::default());
     }
 
     #[test]

@@ -136,6 +136,16 @@ pub struct Config {
         default_value_t = 900 * 1024
     )]
     pub max_dlq_original_bytes: usize,
+    /// What a DLQ record keeps of a rejected event: `keep` (the bytes as received, the
+    /// default, so redrive re-submits them unchanged) or `redact` (the PII policy applied
+    /// to what parses, JSON or a protobuf event; bytes that parse as neither are not kept).
+    #[arg(
+        long = "dlq-original",
+        env = "PULSE_INGEST_DLQ_ORIGINAL",
+        value_enum,
+        default_value = "keep"
+    )]
+    pub dlq_original: crate::pipeline::DlqOriginal,
     /// Maximum size of one event, bytes.
     #[arg(long = "max-event-bytes", env = "PULSE_INGEST_MAX_EVENT_BYTES", default_value_t = 32 * 1024)]
     pub max_event_bytes: usize,
@@ -232,6 +242,9 @@ pub struct Config {
     /// Dead-letter topic.
     #[arg(long = "dlq-topic", env = "PULSE_DLQ_TOPIC", default_value = topics::EVENTS_DLQ)]
     pub dlq_topic: String,
+    /// The append-only audit topic API key file reloads are recorded to.
+    #[arg(long = "audit-topic", env = "PULSE_AUDIT_TOPIC", default_value = topics::AUDIT)]
+    pub audit_topic: String,
     #[command(flatten)]
     pub kafka: KafkaConfig,
     #[command(flatten)]

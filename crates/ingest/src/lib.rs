@@ -42,6 +42,12 @@ pub use crate::config::{Config, DEV_API_KEY};
 /// Service name: metrics label, OpenTelemetry `service.name`, log field.
 pub const SERVICE: &str = "ingest";
 
+/// Audit records (key file reloads) that may wait for the broker before new ones are
+/// dropped (counted in `pulse_audit_records_failed_total{reason="queue_full"}`, logged).
+const AUDIT_QUEUE: usize = 64;
+/// How long one audit record may wait for the broker's acknowledgement.
+const AUDIT_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Why the service stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -80,9 +86,15 @@ pub async fn serve(
 ) -> Result<Servers, Error> {
     let keys = Arc::new(config.api_key_store()?);
     let stop = CancellationToken::new();
+    let audit = pulse_platform::audit::AuditLog::spawn(
+        producer.clone(),
+        config.audit_topic.clone(),
+        AUDIT_QUEUE,
+        AUDIT_WRITE_TIMEOUT,
+    );
     tokio::spawn(
         keys.clone()
-            .watch(config.api_keys_reload_interval, stop.clone()),
+            .watch(config.api_keys_reload_interval, stop.clone(), audit),
     );
     let pii = config.pii()?;
     let limiter = Arc::new(RateLimiter::new(config.rate_limit, config.rate_burst));
@@ -94,6 +106,7 @@ pub async fn serve(
             max_backpressure_wait: Duration::from_millis(config.max_backpressure_wait_ms),
             in_flight_wait: config.in_flight_wait,
             max_dlq_original_bytes: config.max_dlq_original_bytes,
+            dlq_original: config.dlq_original,
         },
         producer,
         framer,
@@ -138,9 +151,16 @@ pub fn registry_encoder(config: &Config) -> Result<RegistryEncoder, Error> {
         .registry_auth
         .credentials()
         .map_err(Error::RegistryClient)?;
-    RegistryEncoder::with_credentials(
+    let ca_pem = config
+        .registry_auth
+        .ca_pem()
+        .map_err(Error::RegistryClient)?;
+    RegistryEncoder::with_options(
         &config.schema_registry_url,
-        credentials.as_ref().map(|(u, p)| (u.as_str(), p.expose())),
+        pulse_contracts::wire::RegistryClientOptions {
+            credentials: credentials.as_ref().map(|(u, p)| (u.as_str(), p.expose())),
+            ca_pem: ca_pem.as_deref(),
+        },
     )
     .map_err(|e| Error::RegistryClient(e.to_string()))
 }
@@ -164,6 +184,7 @@ pub async fn run(config: Config, ctx: ServiceContext) -> Result<(), Error> {
             config.kafka.partitions,
         ),
         TopicSpec::of(TopicKind::Dlq, &config.dlq_topic, config.kafka.partitions),
+        pulse_platform::audit::topic_spec(&config.audit_topic),
     ];
     ensure_topics(&config.kafka, &specs).await?;
     let producer = Arc::new(KafkaProducer::new(&config.kafka, "pulse-ingest")?);

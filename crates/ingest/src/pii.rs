@@ -16,6 +16,15 @@
 //! * `payload.properties.<name>` — the property with exactly that name
 //! * `payload.properties.*` — every property without an exact rule
 //! * `email` — values that look like an e-mail address (see below)
+//! * `key.user_id` — the user id, which is also the events' Kafka key: `keep` or `hash`
+//!   only (`hash` pseudonymizes it with the same keyed HMAC, so it stays stable per user
+//!   and per-user metrics, sessions and partitioning still work)
+//! * `key.user_id.email` — a user id that looks like an e-mail address: `keep`, `hash`
+//!   or `refuse` (the event is rejected with code `pii_refused` naming `key.user_id`;
+//!   the DLQ record's key is then the hash, never the address)
+//!
+//! The `email` rule does not apply to `key.user_id`; its own two rules do. For a user id
+//! that looks like an e-mail address: `key.user_id.email` > `key.user_id` > keep.
 //!
 //! The default is [`PiiPolicy::DEFAULT_SPEC`].
 //!
@@ -54,6 +63,8 @@ use hmac::{Hmac, Mac};
 use pulse_contracts::pb::events::v1::Event;
 use sha2::Sha256;
 
+use crate::validate::FieldError;
+
 type HmacSha256 = Hmac<Sha256>;
 
 const PROPERTIES_PREFIX: &str = "payload.properties.";
@@ -89,10 +100,26 @@ impl PiiAction {
     }
 }
 
+/// What to do with a `key.user_id` that looks like an e-mail address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EmailUserId {
+    Keep,
+    Hash,
+    /// Reject the event (code [`REFUSED`], field `key.user_id`).
+    Refuse,
+}
+
+/// The rejection code of an event the PII policy refuses.
+pub const REFUSED: &str = "pii_refused";
+
+const USER_ID: &str = "key.user_id";
+
 /// Rules by field path plus the e-mail rule (see the module docs for the spec
 /// and precedence). `Debug` never prints the HMAC key.
 #[derive(Clone)]
 pub struct PiiPolicy {
+    user_id: Option<PiiAction>,
+    user_id_email: Option<EmailUserId>,
     page: Option<PiiAction>,
     referrer: Option<PiiAction>,
     source: Option<PiiAction>,
@@ -105,6 +132,8 @@ pub struct PiiPolicy {
 impl std::fmt::Debug for PiiPolicy {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PiiPolicy")
+            .field("user_id", &self.user_id)
+            .field("user_id_email", &self.user_id_email)
             .field("page", &self.page)
             .field("referrer", &self.referrer)
             .field("source", &self.source)
@@ -137,6 +166,8 @@ impl PiiPolicy {
         let mut properties = HashMap::new();
         let mut any_property = None;
         let mut email = None;
+        let mut user_id = None;
+        let mut user_id_email = None;
         let mut keyed_rule: Option<String> = None;
 
         for (i, item) in spec.split(',').enumerate() {
@@ -149,13 +180,39 @@ impl PiiPolicy {
                 return Err(format!("{at}: expected path=action (missing '=')"));
             };
             let path = path.trim();
+            if path == "key.user_id.email" {
+                let choice = match action.trim().to_ascii_lowercase().as_str() {
+                    "keep" => EmailUserId::Keep,
+                    "hash" => EmailUserId::Hash,
+                    "refuse" => EmailUserId::Refuse,
+                    other => {
+                        return Err(format!(
+                            "{at}: unknown action {other:?} for key.user_id.email (expected keep, hash or refuse)"
+                        ));
+                    }
+                };
+                if user_id_email.replace(choice).is_some() {
+                    return Err(format!("{at}: duplicate rule for {path:?}"));
+                }
+                if choice != EmailUserId::Keep && keyed_rule.is_none() {
+                    keyed_rule = Some(item.to_owned());
+                }
+                continue;
+            }
             let action = PiiAction::parse(action).ok_or_else(|| {
                 format!(
                     "{at}: unknown action {:?} (expected keep, drop, hash or truncate)",
                     action.trim()
                 )
             })?;
+            if path == USER_ID && !matches!(action, PiiAction::Keep | PiiAction::Hash) {
+                return Err(format!(
+                    "{at}: key.user_id takes keep or hash only (it is the events' Kafka key: \
+                     dropping or truncating it would merge users)"
+                ));
+            }
             let slot = match path {
+                USER_ID => &mut user_id,
                 "payload.page" => &mut page,
                 "payload.referrer" => &mut referrer,
                 "metadata.source" => &mut source,
@@ -174,7 +231,8 @@ impl PiiPolicy {
                     _ => {
                         return Err(format!(
                             "{at}: unknown path {path:?} (expected payload.page, payload.referrer, \
-                             metadata.source, payload.properties.<name>, payload.properties.* or email)"
+                             metadata.source, payload.properties.<name>, payload.properties.*, email, \
+                             key.user_id or key.user_id.email)"
                         ));
                     }
                 },
@@ -198,6 +256,8 @@ impl PiiPolicy {
         let mac = HmacSha256::new_from_slice(hmac_key)
             .map_err(|e| format!("PII policy: invalid HMAC key: {e}"))?;
         Ok(Self {
+            user_id,
+            user_id_email,
             page,
             referrer,
             source,
@@ -213,6 +273,12 @@ impl PiiPolicy {
     /// (e.g. an IP already truncated) are not counted.
     pub fn apply(&self, event: &mut Event) -> usize {
         let mut changed = 0;
+        if let Some(key) = event.key.as_mut()
+            && let Some(hashed) = self.user_id_value(&key.user_id)
+        {
+            key.user_id = hashed;
+            changed += 1;
+        }
         if let Some(payload) = event.payload.as_mut() {
             changed += self.apply_field(&mut payload.page, self.page, true);
             changed += self.apply_field(&mut payload.referrer, self.referrer, true);
@@ -238,6 +304,119 @@ impl PiiPolicy {
         changed
     }
 
+    /// Why the policy refuses `event` (a user id that looks like an e-mail address under
+    /// `key.user_id.email=refuse`), if it does. The reason never holds the value.
+    pub fn refusal(&self, event: &Event) -> Option<FieldError> {
+        let user_id = event.key.as_ref().map_or("", |k| k.user_id.as_str());
+        (self.user_id_email == Some(EmailUserId::Refuse) && looks_like_email(user_id)).then(|| {
+            FieldError {
+                field: USER_ID.to_owned(),
+                code: REFUSED,
+                reason: "looks like an e-mail address, which the PII policy refuses as a user id \
+                         (key.user_id.email=refuse); send a pseudonymous id"
+                    .to_owned(),
+            }
+        })
+    }
+
+    /// What a user id becomes under the `key.user_id` rules: `Some(hash)` when it is to be
+    /// pseudonymized (a refused e-mail address too, so that it is not kept in clear
+    /// anywhere, e.g. as a DLQ record's key), `None` when it is kept.
+    pub fn user_id_value(&self, user_id: &str) -> Option<String> {
+        if user_id.is_empty() || is_hash(user_id) {
+            return None;
+        }
+        let email = self.user_id_email.filter(|_| looks_like_email(user_id));
+        let hash = match email {
+            Some(EmailUserId::Hash | EmailUserId::Refuse) => true,
+            Some(EmailUserId::Keep) => false,
+            None => self.user_id == Some(PiiAction::Hash),
+        };
+        hash.then(|| self.hash(user_id))
+    }
+
+    /// The Kafka key of a DLQ record whose event claimed `user_id`: the key an accepted
+    /// event would have had (hashed where the policy hashes user ids).
+    pub fn dlq_key(&self, user_id: Option<Vec<u8>>) -> Option<Vec<u8>> {
+        let raw = user_id?;
+        match std::str::from_utf8(&raw)
+            .ok()
+            .and_then(|u| self.user_id_value(u))
+        {
+            Some(hashed) => Some(hashed.into_bytes()),
+            // Not UTF-8 cannot be a user id a rule matches; keep it.
+            None => Some(raw),
+        }
+    }
+
+    /// Applies the policy to an event's JSON shape as far as it can be read (the DLQ
+    /// keeps rejected events, which may not parse as an event): `key.user_id`,
+    /// `payload.page`, `payload.referrer`, `payload.properties.*` string values and
+    /// `metadata.source`; other fields are left as they are. Returns the number of values
+    /// changed.
+    pub fn apply_json(&self, value: &mut serde_json::Value) -> usize {
+        use serde_json::Value;
+        let mut changed = 0;
+        let mut set = |slot: Option<&mut Value>, f: &dyn Fn(&str) -> Outcome| {
+            let Some(slot) = slot else { return };
+            let Some(text) = slot.as_str() else { return };
+            match f(text) {
+                Outcome::Unchanged => {}
+                Outcome::Replace(new) => {
+                    *slot = Value::String(new);
+                    changed += 1;
+                }
+                Outcome::Remove => {
+                    if !text.is_empty() {
+                        *slot = Value::String(String::new());
+                        changed += 1;
+                    }
+                }
+            }
+        };
+        set(value.pointer_mut("/key/user_id"), &|u| {
+            self.user_id_value(u)
+                .map_or(Outcome::Unchanged, Outcome::Replace)
+        });
+        set(value.pointer_mut("/payload/page"), &|v| {
+            self.run(self.field_action(self.page, true, v), v)
+        });
+        set(value.pointer_mut("/payload/referrer"), &|v| {
+            self.run(self.field_action(self.referrer, true, v), v)
+        });
+        set(value.pointer_mut("/metadata/source"), &|v| {
+            self.run(self.field_action(self.source, false, v), v)
+        });
+        if let Some(Value::Object(props)) = value.pointer_mut("/payload/properties") {
+            props.retain(|name, v| {
+                let Some(text) = v.as_str() else {
+                    return true;
+                };
+                match self.run(self.property_action(name, text), text) {
+                    Outcome::Unchanged => true,
+                    Outcome::Replace(new) => {
+                        *v = Value::String(new);
+                        changed += 1;
+                        true
+                    }
+                    Outcome::Remove => {
+                        changed += 1;
+                        false
+                    }
+                }
+            });
+        }
+        changed
+    }
+
+    fn field_action(&self, rule: Option<PiiAction>, email_rule: bool, value: &str) -> PiiAction {
+        match (rule, self.email) {
+            (Some(action), _) => action,
+            (None, Some(email)) if email_rule && looks_like_email(value) => email,
+            _ => PiiAction::Keep,
+        }
+    }
+
     fn property_action(&self, name: &str, value: &str) -> PiiAction {
         if let Some(action) = self.properties.get(name) {
             return *action;
@@ -251,11 +430,7 @@ impl PiiPolicy {
     }
 
     fn apply_field(&self, value: &mut String, rule: Option<PiiAction>, email_rule: bool) -> usize {
-        let action = match (rule, self.email) {
-            (Some(action), _) => action,
-            (None, Some(email)) if email_rule && looks_like_email(value) => email,
-            _ => PiiAction::Keep,
-        };
+        let action = self.field_action(rule, email_rule, value);
         match self.run(action, value) {
             Outcome::Unchanged => 0,
             Outcome::Replace(new) => {
@@ -297,6 +472,16 @@ impl PiiPolicy {
         let tag = mac.finalize().into_bytes();
         format!("hmac:{}", hex::encode(&tag[..16]))
     }
+}
+
+/// Whether `value` is already a hash of this module (`hmac:` + 32 lowercase hex digits),
+/// so that a user id is not hashed twice (a redriven or replayed event).
+fn is_hash(value: &str) -> bool {
+    value.len() == 37
+        && value.starts_with("hmac:")
+        && value[5..]
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 fn truncate_ip(ip: IpAddr) -> IpAddr {
@@ -636,6 +821,175 @@ mod tests {
         let p = PiiPolicy::parse(" , ", b"").unwrap();
         let mut e = event(&[("ip", "1.2.3.4"), ("m", "a@b.com")]);
         assert_eq!(p.apply(&mut e), 0);
+    }
+
+    fn keyed_event(user_id: &str) -> Event {
+        let mut e = event(&[("plan", "pro")]);
+        e.key = Some(pulse_contracts::pb::events::v1::EventKey {
+            user_id: user_id.into(),
+            session_id: "s1".into(),
+        });
+        e
+    }
+
+    fn user_id(e: &Event) -> &str {
+        &e.key.as_ref().unwrap().user_id
+    }
+
+    #[test]
+    fn user_id_hash_pseudonymizes_every_user_id_stably() {
+        let p = PiiPolicy::parse("key.user_id=hash", KEY).unwrap();
+        let mut a = keyed_event("user-42");
+        assert_eq!(p.apply(&mut a), 1);
+        assert!(is_hash(user_id(&a)), "{}", user_id(&a));
+        assert_eq!(
+            user_id(&a),
+            hash_of("user-42"),
+            "the same HMAC as other fields"
+        );
+        let mut again = keyed_event("user-42");
+        p.apply(&mut again);
+        assert_eq!(user_id(&a), user_id(&again), "stable per user");
+        let mut other = keyed_event("user-43");
+        p.apply(&mut other);
+        assert_ne!(user_id(&a), user_id(&other));
+        // The session id and the rest are untouched; a hashed id is not hashed again.
+        assert_eq!(a.key.as_ref().unwrap().session_id, "s1");
+        assert_eq!(prop(&a, "plan"), Some("pro"));
+        assert_eq!(p.apply(&mut a), 0);
+        // Without a key.user_id rule (the default) the user id is kept, even with email=hash.
+        let default = PiiPolicy::parse(PiiPolicy::DEFAULT_SPEC, KEY).unwrap();
+        let mut e = keyed_event("alice@example.com");
+        default.apply(&mut e);
+        assert_eq!(user_id(&e), "alice@example.com");
+        assert!(default.refusal(&e).is_none());
+    }
+
+    #[test]
+    fn an_email_user_id_is_refused_naming_the_field_but_not_the_value() {
+        let p = PiiPolicy::parse("key.user_id.email=refuse", KEY).unwrap();
+        let e = keyed_event("Alice.Smith@example.com");
+        let err = p.refusal(&e).expect("refused");
+        assert_eq!(err.field, "key.user_id");
+        assert_eq!(err.code, REFUSED);
+        let text = err.to_string();
+        assert!(
+            text.starts_with("key.user_id: looks like an e-mail address"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("Alice") && !text.contains("example"),
+            "{text}"
+        );
+        // Not an address: accepted and kept.
+        let ok = keyed_event("user-42");
+        assert!(p.refusal(&ok).is_none());
+        let mut kept = ok.clone();
+        assert_eq!(p.apply(&mut kept), 0);
+        assert_eq!(user_id(&kept), "user-42");
+        // The DLQ record of a refused event is keyed by the hash, never the address.
+        assert_eq!(
+            p.dlq_key(Some(b"Alice.Smith@example.com".to_vec())),
+            Some(hash_of("Alice.Smith@example.com").into_bytes())
+        );
+        assert_eq!(
+            p.dlq_key(Some(b"user-42".to_vec())),
+            Some(b"user-42".to_vec())
+        );
+        assert_eq!(p.dlq_key(None), None);
+    }
+
+    #[test]
+    fn an_email_user_id_may_be_hashed_while_other_ids_stay() {
+        let p = PiiPolicy::parse("key.user_id.email=hash", KEY).unwrap();
+        let mut e = keyed_event("bob@example.org");
+        assert!(p.refusal(&e).is_none());
+        assert_eq!(p.apply(&mut e), 1);
+        assert_eq!(user_id(&e), hash_of("bob@example.org"));
+        let mut plain = keyed_event("user-7");
+        assert_eq!(p.apply(&mut plain), 0);
+        assert_eq!(user_id(&plain), "user-7");
+        // The address rule wins over key.user_id for an address.
+        let both = PiiPolicy::parse("key.user_id=hash,key.user_id.email=keep", KEY).unwrap();
+        let mut e = keyed_event("bob@example.org");
+        both.apply(&mut e);
+        assert_eq!(user_id(&e), "bob@example.org");
+        let mut e = keyed_event("user-7");
+        both.apply(&mut e);
+        assert_eq!(user_id(&e), hash_of("user-7"));
+    }
+
+    #[test]
+    fn user_id_rules_are_checked() {
+        for (spec, want) in [
+            ("key.user_id=drop", "keep or hash only"),
+            ("key.user_id=truncate", "keep or hash only"),
+            ("key.user_id.email=drop", "expected keep, hash or refuse"),
+            ("key.user_id=hash,key.user_id=keep", "duplicate rule"),
+            (
+                "key.user_id.email=hash,key.user_id.email=refuse",
+                "duplicate rule",
+            ),
+            ("payload.page=refuse", "unknown action"),
+        ] {
+            let err = PiiPolicy::parse(spec, KEY).unwrap_err();
+            assert!(err.contains(want), "{spec}: {err}");
+        }
+        for spec in [
+            "key.user_id=hash",
+            "key.user_id.email=refuse",
+            "key.user_id.email=hash",
+        ] {
+            let err = PiiPolicy::parse(spec, b"").unwrap_err();
+            assert!(err.contains("HMAC key is empty"), "{spec}: {err}");
+        }
+        assert!(PiiPolicy::parse("key.user_id=keep,key.user_id.email=keep", b"").is_ok());
+    }
+
+    #[test]
+    fn the_json_of_a_rejected_event_is_redacted_as_far_as_it_reads() {
+        let p = PiiPolicy::parse(
+            "key.user_id=hash,payload.properties.ip=truncate,email=hash,metadata.source=drop",
+            KEY,
+        )
+        .unwrap();
+        let mut v = serde_json::json!({
+            "event_id": "e1",
+            "key": {"user_id": "carol@example.com", "session_id": "s"},
+            "payload": {
+                "page": "/signup?email=carol%40example.com",
+                "referrer": "https://example.com/",
+                "amount": "not a number",
+                "properties": {"ip": "203.0.113.9", "contact": "carol@example.com", "n": 3}
+            },
+            "metadata": {"source": "web"},
+            "unknown_field": "carol@example.com"
+        });
+        assert_eq!(p.apply_json(&mut v), 5);
+        assert_eq!(v["key"]["user_id"], hash_of("carol@example.com"));
+        assert_eq!(v["key"]["session_id"], "s");
+        assert_eq!(
+            v["payload"]["page"],
+            hash_of("/signup?email=carol%40example.com")
+        );
+        assert_eq!(v["payload"]["referrer"], "https://example.com/");
+        assert_eq!(v["payload"]["properties"]["ip"], "203.0.113.0");
+        assert_eq!(
+            v["payload"]["properties"]["contact"],
+            hash_of("carol@example.com")
+        );
+        assert_eq!(
+            v["payload"]["properties"]["n"], 3,
+            "non-strings are left alone"
+        );
+        assert_eq!(v["metadata"]["source"], "");
+        // Fields outside the contract are not the policy's (the DLQ's raw-bytes setting is).
+        assert_eq!(v["unknown_field"], "carol@example.com");
+        // Shapes it cannot read are left as they are.
+        let mut odd = serde_json::json!({"key": "x", "payload": [1, 2]});
+        assert_eq!(p.apply_json(&mut odd), 0);
+        let mut s = serde_json::json!("carol@example.com");
+        assert_eq!(p.apply_json(&mut s), 0);
     }
 
     #[test]

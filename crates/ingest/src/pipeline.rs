@@ -180,7 +180,25 @@ pub struct PipelineConfig {
     /// Most bytes of an original a DLQ record keeps (below the broker's message limit);
     /// longer originals are cut and flagged with `pulse-original-size`.
     pub max_dlq_original_bytes: usize,
+    /// Whether DLQ records keep the original bytes or the PII policy's redaction of them.
+    pub dlq_original: DlqOriginal,
 }
+
+/// What a DLQ record keeps of a rejected original (`--dlq-original`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum DlqOriginal {
+    /// The bytes as received, unchanged (the default: what redrive re-submits as is).
+    #[default]
+    Keep,
+    /// The PII policy applied to what can be parsed (a JSON event; a protobuf event from
+    /// gRPC, kept as protobuf), flagged with `pulse-pii-redacted: fields`; bytes that parse
+    /// as neither are not kept (`pulse-pii-redacted: dropped`, with `pulse-original-size`).
+    Redact,
+}
+
+/// The DLQ header saying the original was redacted by the PII policy (`fields`) or not
+/// kept (`dropped`).
+pub const PII_REDACTED_HEADER: &str = "pulse-pii-redacted";
 
 /// The intake pipeline; cheap to clone.
 #[derive(Clone)]
@@ -289,6 +307,19 @@ impl Ingestor {
         h = headers::with_str(h, headers::ERROR_CODE, code);
         h = headers::with_str(h, headers::ERROR_DETAIL, detail);
         h = headers::with_str(h, "pulse-source", source);
+        let redacted;
+        let original = match self.inner.cfg.dlq_original {
+            DlqOriginal::Keep => original,
+            DlqOriginal::Redact => {
+                let (bytes, how) = self.redact(original);
+                h = headers::with_str(h, PII_REDACTED_HEADER, how);
+                if how == "dropped" {
+                    h = headers::with_str(h, headers::ORIGINAL_SIZE, &original.len().to_string());
+                }
+                redacted = bytes;
+                &redacted[..]
+            }
+        };
         // An original longer than the broker takes would make every attempt fail (and the
         // client retry forever): keep its first bytes, flagged with the original's size.
         let keep = self.inner.cfg.max_dlq_original_bytes;
@@ -300,6 +331,22 @@ impl Ingestor {
             original
         };
         OutRecord::new(&self.inner.cfg.dlq_topic, key, kept.to_vec()).with_headers(h)
+    }
+
+    /// The PII policy applied to a rejected original as far as it parses: JSON, else a
+    /// protobuf event; anything else is not kept. Returns the bytes and `fields` or
+    /// `dropped`.
+    fn redact(&self, original: &[u8]) -> (Vec<u8>, &'static str) {
+        let pii = &self.inner.pii;
+        if let Ok(mut value) = serde_json::from_slice::<serde_json::Value>(original) {
+            pii.apply_json(&mut value);
+            return (serde_json::to_vec(&value).unwrap_or_default(), "fields");
+        }
+        if let Ok(mut event) = Event::decode(original) {
+            pii.apply(&mut event);
+            return (event.encode_to_vec(), "fields");
+        }
+        (Vec::new(), "dropped")
     }
 
     async fn enqueue(&self, rec: OutRecord) -> Result<AckFuture, IngestError> {
@@ -365,9 +412,18 @@ impl Ingestor {
         let mut by_version: HashMap<String, u64> = HashMap::new();
 
         'events: for (index, incoming) in events.into_iter().enumerate() {
-            match incoming.validate(now, &inner.cfg.limits) {
+            let checked = incoming.validate(now, &inner.cfg.limits).and_then(|event| {
+                match inner.pii.refusal(&event) {
+                    Some(refused) => Err(refused),
+                    None => Ok(event),
+                }
+            });
+            match checked {
                 Err(error) => {
                     let (event_id, user_key) = incoming.claimed_ids();
+                    // Keyed as an accepted event would be: hashed where the policy hashes
+                    // user ids (a refused e-mail address is never a key in clear).
+                    let user_key = inner.pii.dlq_key(user_key);
                     metrics::counter!(m::EVENTS_TOTAL, "outcome" => "invalid", "reason" => error.code).increment(1);
                     // The rejection is written to the DLQ once per claimed id within the
                     // dedup window: a client's retry of a batch whose DLQ record is
@@ -640,6 +696,7 @@ mod tests {
                 max_backpressure_wait: Duration::from_millis(20),
                 in_flight_wait: Duration::from_millis(500),
                 max_dlq_original_bytes: 64,
+                dlq_original: DlqOriginal::Keep,
             },
             producer,
             Arc::new(FixedSchemaId(7)),
@@ -1054,5 +1111,90 @@ mod tests {
         );
         assert_eq!(sent[1].payload, short, "a short original is kept unchanged");
         assert_eq!(header_of(&sent[1], headers::ORIGINAL_SIZE), None);
+    }
+
+    #[tokio::test]
+    async fn with_redact_the_dlq_keeps_what_the_policy_leaves_of_what_parses_and_no_unparseable_bytes()
+     {
+        let p = Arc::new(FakeProducer::default());
+        let i = Ingestor::new(
+            PipelineConfig {
+                max_dlq_original_bytes: 10_000,
+                dlq_original: DlqOriginal::Redact,
+                ..ingestor(p.clone()).inner.cfg.clone()
+            },
+            p.clone(),
+            Arc::new(FixedSchemaId(1)),
+            PiiPolicy::parse("key.user_id=hash,email=hash", b"k").unwrap(),
+            DedupSet::new(100, Duration::from_secs(60)),
+        );
+        // Rejected (no event_type), with an address as user id and in a property.
+        let json_event = br#"{"event_id":"r1","key":{"user_id":"x@y.com"},"payload":{"properties":{"m":"x@y.com"}}}"#;
+        let proto_event = Event {
+            event_id: "r2".into(),
+            key: Some(pulse_contracts::pb::events::v1::EventKey {
+                user_id: "x@y.com".into(),
+                session_id: String::new(),
+            }),
+            ..Default::default()
+        };
+        let proto_json = serde_json::json!({"event_id": "r2", "key": {"user_id": "x@y.com"}});
+        let r = i
+            .ingest(
+                "src",
+                "grpc",
+                vec![
+                    Incoming::json(json_event.to_vec()),
+                    Incoming::parsed(proto_event.encode_to_vec(), proto_json),
+                ],
+                opentelemetry::Context::new(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.rejected, 2);
+        let garbage = b"\xff\xfe not an event x@y.com";
+        i.dead_letter_body(
+            "src",
+            garbage,
+            "invalid_body",
+            "",
+            &opentelemetry::Context::new(),
+        )
+        .await
+        .unwrap();
+        let sent = p.sent.lock().unwrap();
+        assert_eq!(sent.len(), 3);
+        for rec in sent.iter() {
+            assert!(
+                !String::from_utf8_lossy(&rec.payload).contains("x@y.com"),
+                "{:?}",
+                String::from_utf8_lossy(&rec.payload)
+            );
+        }
+        let hashed = sent[0].key.clone().unwrap();
+        assert!(hashed.starts_with(b"hmac:"), "the DLQ key is the pseudonym");
+        let kept: serde_json::Value = serde_json::from_slice(&sent[0].payload).unwrap();
+        assert_eq!(
+            kept["key"]["user_id"].as_str().unwrap().as_bytes(),
+            &hashed[..]
+        );
+        assert_eq!(kept["event_id"], "r1");
+        assert_eq!(
+            header_of(&sent[0], PII_REDACTED_HEADER),
+            Some(&b"fields"[..])
+        );
+        let proto = Event::decode(&sent[1].payload[..]).unwrap();
+        assert_eq!(proto.event_id, "r2", "a protobuf original stays protobuf");
+        assert_eq!(proto.key.unwrap().user_id.as_bytes(), &hashed[..]);
+        assert_eq!(sent[1].key.as_deref(), Some(&hashed[..]));
+        assert!(sent[2].payload.is_empty(), "unparseable bytes are not kept");
+        assert_eq!(
+            header_of(&sent[2], PII_REDACTED_HEADER),
+            Some(&b"dropped"[..])
+        );
+        assert_eq!(
+            header_of(&sent[2], headers::ORIGINAL_SIZE),
+            Some(garbage.len().to_string().as_bytes())
+        );
     }
 }

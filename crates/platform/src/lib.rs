@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod api_error;
+pub mod audit;
 pub mod clickhouse;
 pub mod clock;
 pub mod config;

@@ -1,7 +1,13 @@
 //! The credentials a schema-registry client (ingest, the processor, `pulsectl schemas`
-//! and `replay`) sends: one set of flags for every one of them.
+//! and `replay`) sends, and the CA it trusts for an `https://` registry: one set of flags
+//! for every one of them. The HTTP clients themselves are built by their users
+//! (`pulse_contracts::wire::RegistryEncoder`, pulsectl).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+
+use rustls::RootCertStore;
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
 
 use crate::config::Problems;
 use crate::secret::Secret;
@@ -22,6 +28,13 @@ pub struct RegistryAuthArgs {
     /// The password from PULSE_REGISTRY_PASSWORD (environment only, never a flag).
     #[arg(skip = Secret::from_env(RegistryAuthArgs::PASSWORD_ENV))]
     pub registry_password: Secret,
+    /// PEM file of CA certificates trusted for an https:// schema registry, in addition to
+    /// the system's roots (e.g. the private CA that signed the registry's certificate).
+    #[arg(
+        long = "schema-registry-ca-file",
+        env = "PULSE_SCHEMA_REGISTRY_CA_FILE"
+    )]
+    pub schema_registry_ca_file: Option<PathBuf>,
 }
 
 impl RegistryAuthArgs {
@@ -29,6 +42,8 @@ impl RegistryAuthArgs {
     pub const PASSWORD_ENV: &'static str = "PULSE_REGISTRY_PASSWORD";
     const KEY: &'static str =
         "--registry-username / --registry-password-file / PULSE_REGISTRY_PASSWORD";
+    /// The CA file setting, as errors name it.
+    pub const CA_KEY: &'static str = "--schema-registry-ca-file / PULSE_SCHEMA_REGISTRY_CA_FILE";
 
     /// `(user, password)`, or `None` without a user; the error names the setting, never
     /// the password.
@@ -51,12 +66,55 @@ impl RegistryAuthArgs {
         }
     }
 
-    /// Adds the problem, if any, to `p`.
+    /// The PEM bytes of `--schema-registry-ca-file`, checked to hold at least one usable CA
+    /// certificate, or `None` without one. The error names the flag and the file.
+    pub fn ca_pem(&self) -> Result<Option<Vec<u8>>, String> {
+        match &self.schema_registry_ca_file {
+            None => Ok(None),
+            Some(path) => read_ca_pem(path)
+                .map(Some)
+                .map_err(|reason| format!("{}: {reason}", Self::CA_KEY)),
+        }
+    }
+
+    /// Adds the problems, if any, to `p`.
     pub fn validate(&self, p: &mut Problems) {
         if let Err(reason) = self.credentials() {
             p.add(Self::KEY, reason);
         }
+        if let Some(path) = &self.schema_registry_ca_file
+            && let Err(reason) = read_ca_pem(path)
+        {
+            p.add(Self::CA_KEY, reason);
+        }
     }
+}
+
+/// The bytes of a PEM file of CA certificates (one or more), checked: readable, holding
+/// at least one certificate, each usable as a trust anchor. The error names the file and
+/// says why it cannot be used.
+pub fn read_ca_pem(path: &Path) -> Result<Vec<u8>, String> {
+    let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{} is not a PEM certificate file: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!(
+            "{} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+            path.display()
+        ));
+    }
+    let mut store = RootCertStore::empty();
+    for (i, cert) in certs.into_iter().enumerate() {
+        store.add(cert).map_err(|e| {
+            format!(
+                "certificate {} of {} is not usable as a CA: {e}",
+                i + 1,
+                path.display()
+            )
+        })?;
+    }
+    Ok(pem)
 }
 
 #[cfg(test)]
@@ -69,6 +127,7 @@ mod tests {
             registry_username: user.map(str::to_owned),
             registry_password_file: file,
             registry_password: Secret::from(env),
+            schema_registry_ca_file: None,
         };
         assert!(args(None, "", None).credentials().unwrap().is_none());
         let (u, p) = args(Some("svc"), "from-env", None)
@@ -97,6 +156,43 @@ mod tests {
                 .credentials()
                 .is_err()
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_registry_ca_file_must_hold_usable_certificates_and_errors_name_the_flag() {
+        let dir = std::env::temp_dir().join(format!("pulse-reg-ca-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let with = |file: PathBuf| RegistryAuthArgs {
+            schema_registry_ca_file: Some(file),
+            ..RegistryAuthArgs::default()
+        };
+        assert!(RegistryAuthArgs::default().ca_pem().unwrap().is_none());
+        let problems = |args: &RegistryAuthArgs| {
+            let mut p = Problems::default();
+            args.validate(&mut p);
+            p.into_result().unwrap_err().to_string()
+        };
+        let missing = with(dir.join("missing.pem"));
+        let text = problems(&missing);
+        assert!(
+            text.contains("--schema-registry-ca-file") && text.contains("cannot read"),
+            "{text}"
+        );
+        let err = missing.ca_pem().unwrap_err();
+        assert!(err.contains("--schema-registry-ca-file"), "{err}");
+        let not_pem = dir.join("not.pem");
+        std::fs::write(&not_pem, "just text\n").unwrap();
+        let text = problems(&with(not_pem));
+        assert!(text.contains("holds no PEM certificate"), "{text}");
+        let garbage = dir.join("garbage.pem");
+        std::fs::write(
+            &garbage,
+            "-----BEGIN CERTIFICATE-----\nbm90IGEgY2VydA==\n-----END CERTIFICATE-----\n",
+        )
+        .unwrap();
+        let text = problems(&with(garbage));
+        assert!(text.contains("not usable as a CA"), "{text}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

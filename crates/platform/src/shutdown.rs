@@ -6,6 +6,27 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::Health;
 
+/// Runs `step` every `interval` until `stop` is cancelled — the polling loop of every file
+/// watcher (TLS certificates, ingest API keys, registry credentials). The first run is one
+/// interval after the call (the caller has just loaded the files); a slow step delays the
+/// next one instead of bunching them up.
+pub async fn every<F, Fut>(interval: std::time::Duration, stop: &CancellationToken, mut step: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        step().await;
+    }
+}
+
 /// Exit code when a second signal forces an immediate exit.
 pub const FORCED_EXIT_CODE: i32 = 130;
 

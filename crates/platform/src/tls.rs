@@ -192,14 +192,7 @@ impl ReloadingTls {
 
     /// Checks the files every `interval` until `stop` is cancelled, logging each reload.
     pub async fn watch(self: Arc<Self>, interval: Duration, stop: CancellationToken) {
-        let mut tick = tokio::time::interval(interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tick.tick().await;
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tick.tick() => {}
-            }
+        crate::shutdown::every(interval, &stop, || async {
             match self.reload_if_changed() {
                 None => {}
                 Some(Ok(())) => tracing::info!(
@@ -213,7 +206,8 @@ impl ReloadingTls {
                     "tls certificate reload failed; the previous certificate stays in use"
                 ),
             }
-        }
+        })
+        .await;
     }
 }
 

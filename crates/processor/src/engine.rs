@@ -421,16 +421,17 @@ impl Engine {
         self.last_offset.insert(event.partition, event.offset);
         self.now_ms = self.now_ms.max(now_ms);
         let watermark = self.advance_watermark(now_ms);
-        if self.windows.contains(&event.user_id, &event.event_id)
-            || self.sessions.contains(&event.user_id, &event.event_id)
-        {
+        let (in_windows, window_user) = self.windows.find(&event.user_id, &event.event_id);
+        if in_windows {
+            return Outcome::Duplicate;
+        }
+        let (in_sessions, session_user) = self.sessions.find(&event.user_id, &event.event_id);
+        if in_sessions {
             return Outcome::Duplicate;
         }
         // One shared copy of the user's and the event's ids for its window and session.
-        let user = self
-            .windows
-            .user_key(&event.user_id)
-            .or_else(|| self.sessions.user_key(&event.user_id))
+        let user = window_user
+            .or(session_user)
             .unwrap_or_else(|| Arc::from(event.user_id.as_str()));
         let id: Arc<str> = Arc::from(event.event_id.as_str());
         self.id_len = (self.id_len * 63 + event.event_id.len()).div_ceil(64);
@@ -453,13 +454,13 @@ impl Engine {
             // only if that session was still open at the checkpoint (no lateness check: the
             // record was accepted then).
             if session_open {
-                let _ = self.sessions.add_shared(event, &user, id.clone(), None);
+                let _ = self.sessions.add_new(event, &user, id.clone(), None);
             }
             if self.windows.is_late(event.event_time_ms, closed) {
                 // Its window's final (or its late record) was produced before.
                 return Outcome::Replayed;
             }
-            let _ = self.windows.add_shared(event, &user, id, closed);
+            let _ = self.windows.add_new(event, &user, id, closed);
             return Outcome::Added { future };
         }
         let watermark = self.capped(watermark, now_ms);
@@ -472,11 +473,11 @@ impl Engine {
                 ),
             };
         }
-        match self.windows.add_shared(event, &user, id.clone(), watermark) {
+        match self.windows.add_new(event, &user, id.clone(), watermark) {
             Admit::Added => {
                 // A session may judge the event late on its own (gap-based); the window
                 // result still counts it.
-                let _ = self.sessions.add_shared(event, &user, id, watermark);
+                let _ = self.sessions.add_new(event, &user, id, watermark);
                 Outcome::Added { future }
             }
             Admit::Duplicate => Outcome::Duplicate,

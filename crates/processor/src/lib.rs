@@ -34,6 +34,28 @@ use crate::model::TimeConfig;
 
 /// Service name: metrics label, OpenTelemetry `service.name`, log field.
 pub const SERVICE: &str = "processor";
+/// Service name of a shadow processor (`--shadow`): its metrics carry
+/// `service="processor-shadow"`, its traces `service.name=processor-shadow`.
+pub const SHADOW_SERVICE: &str = "processor-shadow";
+
+/// [`SHADOW_SERVICE`] when the command line or environment asks for a shadow, else
+/// [`SERVICE`] (a command line that does not parse is reported by the service's `main`).
+pub fn service_name() -> &'static str {
+    service_name_of(std::env::args_os())
+}
+
+/// [`service_name`] of the command line `args` (and the environment).
+pub fn service_name_of<I, T>(args: I) -> &'static str
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    use clap::Parser as _;
+    match Config::try_parse_from(args) {
+        Ok(c) if c.shadow.is_some() => SHADOW_SERVICE,
+        _ => SERVICE,
+    }
+}
 
 /// Configuration; every flag has a `PULSE_*` environment fallback (see README).
 #[derive(Debug, Clone, clap::Parser)]
@@ -140,6 +162,16 @@ pub struct Config {
     /// Compacted topic of per-partition checkpoints (resume offset, last offset, event-time progress).
     #[arg(long = "checkpoint-topic", env = "PULSE_PROCESSOR_CHECKPOINT_TOPIC", default_value = topics::PROCESSOR_CHECKPOINTS)]
     pub checkpoint_topic: String,
+    /// Run as the shadow `<name>` (1–32 of a-z, 0-9, -): read the same events topic in
+    /// the group `<group-id>-shadow-<name>`, and write the outputs, late events and
+    /// checkpoints to `<topic>.shadow.<name>` instead of the live topics (see
+    /// docs/operations.md). Unset: the live processor.
+    #[arg(
+        long = "shadow",
+        env = "PULSE_PROCESSOR_SHADOW",
+        value_parser = parse_shadow_name
+    )]
+    pub shadow: Option<String>,
     /// Start even when the events topic's retention is shorter than the longest span an
     /// open window or session holds (see README, Topics): records it still needs may be
     /// deleted, and their aggregates lose them after a restart.
@@ -154,7 +186,79 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
 }
 
+/// `--shadow`'s value parser (clap names the flag in its error).
+fn parse_shadow_name(s: &str) -> Result<String, String> {
+    topics::validate_shadow_name(s).map(str::to_owned)
+}
+
 impl Config {
+    /// The consumer group: `--group-id`, or for a shadow `<group-id>-shadow-<name>`.
+    pub fn group(&self) -> String {
+        match &self.shadow {
+            Some(name) => topics::shadow_group(&self.group_id, name),
+            None => self.group_id.clone(),
+        }
+    }
+
+    /// The topic this instance writes instead of the live topic `live`: `live` itself,
+    /// or for a shadow `<live>.shadow.<name>`.
+    fn output(&self, live: &str) -> String {
+        match &self.shadow {
+            Some(name) => topics::shadow_topic(live, name),
+            None => live.to_owned(),
+        }
+    }
+
+    /// The checkpoint topic this instance reads and writes (a shadow has its own).
+    pub fn checkpoint_topic(&self) -> String {
+        self.output(&self.checkpoint_topic)
+    }
+
+    /// The topics this instance produces to (outputs, late events, checkpoints).
+    pub fn produced_topics(&self) -> Vec<String> {
+        let t = self.topics();
+        vec![t.user_activity, t.sessions, t.late, self.checkpoint_topic()]
+    }
+
+    /// The live topics a shadow must never produce to: the configured ones and the
+    /// defaults.
+    pub fn live_topics(&self) -> Vec<String> {
+        let mut live: Vec<String> = [
+            &self.events_topic,
+            &self.user_activity_topic,
+            &self.sessions_topic,
+            &self.late_topic,
+            &self.checkpoint_topic,
+        ]
+        .into_iter()
+        .cloned()
+        .collect();
+        live.extend(
+            topics::ALL_DATA_TOPICS
+                .iter()
+                .chain(&[topics::PROCESSOR_CHECKPOINTS, topics::SCHEMAS])
+                .map(|t| (*t).to_owned()),
+        );
+        live
+    }
+
+    /// For a shadow: refuses any produced topic that is a live one (a guard behind the
+    /// naming, checked before the processor starts).
+    pub fn check_shadow_outputs(&self) -> Result<(), Error> {
+        if self.shadow.is_none() {
+            return Ok(());
+        }
+        let live = self.live_topics();
+        match self
+            .produced_topics()
+            .into_iter()
+            .find(|t| live.contains(t))
+        {
+            Some(topic) => Err(Error::ShadowWritesLive(topic)),
+            None => Ok(()),
+        }
+    }
+
     pub fn time(&self) -> TimeConfig {
         TimeConfig {
             window_ms: self.windowing.window_ms,
@@ -191,21 +295,23 @@ impl Config {
     /// The topics the processor reads and writes, with their kinds.
     pub fn topic_specs(&self) -> Vec<TopicSpec> {
         let partitions = self.kafka.partitions;
+        let t = self.topics();
         vec![
-            TopicSpec::of(TopicKind::Events, &self.events_topic, partitions),
-            TopicSpec::of(TopicKind::Aggregates, &self.user_activity_topic, partitions),
-            TopicSpec::of(TopicKind::Aggregates, &self.sessions_topic, partitions),
-            TopicSpec::of(TopicKind::Late, &self.late_topic, partitions),
-            TopicSpec::compacted(&self.checkpoint_topic),
+            TopicSpec::of(TopicKind::Events, &t.events, partitions),
+            TopicSpec::of(TopicKind::Aggregates, &t.user_activity, partitions),
+            TopicSpec::of(TopicKind::Aggregates, &t.sessions, partitions),
+            TopicSpec::of(TopicKind::Late, &t.late, partitions),
+            TopicSpec::compacted(self.checkpoint_topic()),
         ]
     }
 
+    /// The topics the loop reads and writes (for a shadow, its shadow topics).
     pub fn topics(&self) -> run::Topics {
         run::Topics {
             events: self.events_topic.clone(),
-            user_activity: self.user_activity_topic.clone(),
-            sessions: self.sessions_topic.clone(),
-            late: self.late_topic.clone(),
+            user_activity: self.output(&self.user_activity_topic),
+            sessions: self.output(&self.sessions_topic),
+            late: self.output(&self.late_topic),
         }
     }
 }
@@ -271,6 +377,8 @@ pub enum Error {
     ShortRetention(#[from] retention::ShortRetention),
     #[error("schema registry client: {0}")]
     RegistryClient(String),
+    #[error("--shadow: the shadow would produce to the live topic {0}; refusing to start")]
+    ShadowWritesLive(String),
 }
 
 /// The registry client, with the configured credentials.
@@ -279,9 +387,16 @@ pub fn registry_encoder(config: &Config) -> Result<RegistryEncoder, Error> {
         .registry_auth
         .credentials()
         .map_err(Error::RegistryClient)?;
-    RegistryEncoder::with_credentials(
+    let ca_pem = config
+        .registry_auth
+        .ca_pem()
+        .map_err(Error::RegistryClient)?;
+    RegistryEncoder::with_options(
         &config.schema_registry_url,
-        credentials.as_ref().map(|(u, p)| (u.as_str(), p.expose())),
+        pulse_contracts::wire::RegistryClientOptions {
+            credentials: credentials.as_ref().map(|(u, p)| (u.as_str(), p.expose())),
+            ca_pem: ca_pem.as_deref(),
+        },
     )
     .map_err(|e| Error::RegistryClient(e.to_string()))
 }
@@ -291,14 +406,15 @@ const REVOKE_FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Builds the processor loop for `config` (used by `run` and by tests).
 pub async fn build(config: &Config) -> Result<run::Processor, Error> {
+    config.check_shadow_outputs()?;
     ensure_topics(&config.kafka, &config.topic_specs()).await?;
     let (consumer, rebalances) = KafkaConsumer::new(
         &config.kafka,
-        "pulse-processor",
-        &config.group_id,
+        client_id(config),
+        &config.group(),
         &[&config.events_topic],
     )?;
-    let producer = KafkaProducer::new(&config.kafka, "pulse-processor")?;
+    let producer = KafkaProducer::new(&config.kafka, client_id(config))?;
     // Outputs and checkpoints already queued land before a revoke's commit, so the next
     // owner of a partition reads the newest checkpoint (see `run::Pipeline`).
     let flusher = producer.clone();
@@ -316,8 +432,8 @@ pub async fn build(config: &Config) -> Result<run::Processor, Error> {
         topics: config.topics(),
         tick: Duration::from_millis(config.emit_interval_ms),
         checkpoints: checkpoint::CheckpointStore {
-            topic: config.checkpoint_topic.clone(),
-            group: config.group_id.clone(),
+            topic: config.checkpoint_topic(),
+            group: config.group(),
             input_topic: config.events_topic.clone(),
             kafka: config.kafka.clone(),
             generations: Default::default(),
@@ -325,6 +441,16 @@ pub async fn build(config: &Config) -> Result<run::Processor, Error> {
         health: Default::default(),
         state_budget_bytes: config.state_budget_bytes,
     })
+}
+
+/// The Kafka client id: `pulse-processor`, or `pulse-processor-shadow` for a shadow (so
+/// broker-side logs and quotas tell them apart).
+fn client_id(config: &Config) -> &'static str {
+    if config.shadow.is_some() {
+        "pulse-processor-shadow"
+    } else {
+        "pulse-processor"
+    }
 }
 
 /// Refuses to start (unless `--allow-short-retention`) when the events topic's
@@ -376,12 +502,17 @@ pub async fn check_events_retention(config: &Config) -> Result<(), Error> {
 /// Runs the service until shutdown.
 pub async fn run(config: Config, ctx: ServiceContext) -> Result<(), Error> {
     crate::metrics::describe();
-    crate::metrics::init(&[
-        &config.user_activity_topic,
-        &config.sessions_topic,
-        &config.late_topic,
-        &config.checkpoint_topic,
-    ]);
+    config.check_shadow_outputs()?;
+    if let Some(name) = &config.shadow {
+        tracing::info!(
+            shadow = name,
+            group = config.group(),
+            outputs = ?config.produced_topics(),
+            "running as a shadow: nothing is written to the live topics"
+        );
+    }
+    let produced = config.produced_topics();
+    crate::metrics::init(&produced.iter().map(String::as_str).collect::<Vec<_>>());
     // Before anything else, so a topic that would lose records keeps the processor from
     // starting at all (the topics are created first when missing).
     ensure_topics(&config.kafka, &config.topic_specs()).await?;
@@ -390,16 +521,21 @@ pub async fn run(config: Config, ctx: ServiceContext) -> Result<(), Error> {
     // register, the chart's schema Job): wait for them, not ready, instead of failing the
     // first emission and crash-looping on a fresh install.
     let encoder = registry_encoder(&config)?;
+    let outputs = config.topics();
+    let register = match &config.shadow {
+        Some(name) => format!("pulsectl shadow schemas --shadow {name}"),
+        None => "pulsectl schemas register".to_owned(),
+    };
     for (topic, schema) in [
         (
-            &config.user_activity_topic,
+            &outputs.user_activity,
             pulse_contracts::schemas::USER_WINDOW_ACTIVITY,
         ),
-        (&config.sessions_topic, pulse_contracts::schemas::SESSION),
+        (&outputs.sessions, pulse_contracts::schemas::SESSION),
     ] {
         let registered = ctx
             .wait_until_ok(
-                &format!("the schema of {topic} in the registry (run pulsectl schemas register)"),
+                &format!("the schema of {topic} in the registry (run {register})"),
                 || async {
                     encoder
                         .encode(topic, schema.full_name, &[])
@@ -498,6 +634,93 @@ mod tests {
         );
         let c = parse(&["--kafka-events-retention", "1d", "--allow-short-retention"]);
         assert_eq!(problems(&c), "");
+    }
+
+    #[test]
+    fn a_shadow_reads_the_live_events_in_its_own_group_and_writes_only_shadow_topics() {
+        let live = parse(&[]);
+        assert_eq!(live.group(), "pulse-processor");
+        assert_eq!(live.topics().sessions, topics::SESSIONS);
+        assert!(live.check_shadow_outputs().is_ok());
+        let c = parse(&["--shadow", "gap-10m"]);
+        assert_eq!(c.group(), "pulse-processor-shadow-gap-10m");
+        let t = c.topics();
+        assert_eq!(t.events, topics::EVENTS, "the shadow reads the live events");
+        assert_eq!(t.user_activity, "pulse.user-activity.v1.shadow.gap-10m");
+        assert_eq!(t.sessions, "pulse.sessions.v1.shadow.gap-10m");
+        assert_eq!(t.late, "pulse.events.late.v1.shadow.gap-10m");
+        assert_eq!(
+            c.checkpoint_topic(),
+            "pulse.processor.checkpoints.v1.shadow.gap-10m"
+        );
+        // What it creates at start: the shadow topics, and the live events topic it reads.
+        let created: Vec<String> = c.topic_specs().iter().map(|s| s.name.clone()).collect();
+        assert_eq!(created[0], topics::EVENTS);
+        assert_eq!(created[1..].to_vec(), c.produced_topics());
+    }
+
+    #[test]
+    fn no_live_topic_can_be_produced_to_in_shadow_mode() {
+        // Every topic flag set to every live name (and to each other), so a shadow whose
+        // live topics are configured oddly is covered too.
+        let flags = [
+            "--events-topic",
+            "--user-activity-topic",
+            "--sessions-topic",
+            "--late-topic",
+            "--checkpoint-topic",
+        ];
+        let names = [topics::ALL_DATA_TOPICS, &[topics::PROCESSOR_CHECKPOINTS]].concat();
+        for flag in flags {
+            for name in &names {
+                let c = parse(&["--shadow", "x", flag, name]);
+                let live = c.live_topics();
+                for produced in c.produced_topics() {
+                    assert!(!live.contains(&produced), "{flag} {name}: {produced}");
+                    assert!(topics::is_shadow_topic(&produced), "{produced}");
+                }
+                assert!(c.check_shadow_outputs().is_ok());
+            }
+        }
+        // A live topic that is itself named like another's shadow is caught by the guard.
+        let c = parse(&[
+            "--shadow",
+            "x",
+            "--late-topic",
+            "pulse.sessions.v1",
+            "--sessions-topic",
+            "pulse.sessions.v1.shadow.x.shadow.x",
+            "--user-activity-topic",
+            "pulse.sessions.v1.shadow.x",
+        ]);
+        assert!(matches!(
+            c.check_shadow_outputs(),
+            Err(Error::ShadowWritesLive(t)) if t == "pulse.sessions.v1.shadow.x.shadow.x"
+        ));
+    }
+
+    #[test]
+    fn a_shadow_runs_as_its_own_service() {
+        assert_eq!(
+            service_name_of(["pulse-processor", "--shadow", "x"]),
+            SHADOW_SERVICE
+        );
+        assert_eq!(service_name_of(["pulse-processor"]), SERVICE);
+        // A command line that does not parse is reported by the service's main.
+        assert_eq!(
+            service_name_of(["pulse-processor", "--shadow", "X"]),
+            SERVICE
+        );
+    }
+
+    #[test]
+    fn a_bad_shadow_name_is_refused_naming_the_flag() {
+        for bad in ["", "Gap", "gap_10", &"x".repeat(33)] {
+            let err = Config::try_parse_from(["pulse-processor", "--shadow", bad])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("--shadow"), "{err}");
+        }
     }
 
     #[test]

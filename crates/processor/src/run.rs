@@ -15,7 +15,6 @@ use futures::StreamExt as _;
 use futures::stream::FuturesOrdered;
 
 use prost::Message as _;
-use pulse_contracts::pb::events::v1::Event;
 use pulse_contracts::wire::{self, RegistryEncoder};
 use pulse_contracts::{headers, schemas, trace_context};
 use pulse_platform::admin::Health;
@@ -129,32 +128,9 @@ pub fn apply_state_budget(health: &Health, bytes: usize, budget: u64) -> StateBu
 }
 
 /// Decodes a record of the events topic. None when it is not a framed Pulse event.
+/// The lean decode of [`crate::model::decode`]: only the fields the engine reads.
 pub fn decode(msg: &BorrowedMessage<'_>) -> Option<InputEvent> {
-    let framed = wire::unframe(msg.payload()?).ok()?;
-    let e = Event::decode(framed.payload).ok()?;
-    let key = e.key.as_ref()?;
-    let payload = e.payload.clone().unwrap_or_default();
-    let ingest_ms = msg
-        .headers()
-        .and_then(headers::ingest_ts_ms)
-        .or_else(|| e.ingest.as_ref().map(|i| i.ingest_timestamp_ms))
-        .unwrap_or(0);
-    Some(InputEvent {
-        partition: msg.partition(),
-        offset: msg.offset(),
-        event_id: e.event_id.clone(),
-        user_id: key.user_id.clone(),
-        event_type: e.event_type.clone(),
-        page: payload.page,
-        currency: payload.currency,
-        amount_micros: payload.amount_micros,
-        event_time_ms: e
-            .metadata
-            .as_ref()
-            .map(|md| md.event_timestamp_ms)
-            .unwrap_or(0),
-        ingest_ms,
-    })
+    crate::model::decode(msg.partition(), msg.offset(), msg.payload()?, msg.headers())
 }
 
 /// The processor loop.

@@ -17,7 +17,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::compact::{
-    IdSet, Offsets, PartitionMins, arc_str_bytes, hold, insert_exact, release, smallest,
+    FastMap, FastSet, IdSet, Offsets, PartitionMins, arc_str_bytes, hold, insert_exact, release,
+    smallest,
 };
 
 use pulse_contracts::pb::aggregates::v1::Session;
@@ -182,6 +183,9 @@ impl UserState {
     /// Every superseded id that is some open session's current id again is dropped from
     /// the lists (a session must never list a live one).
     fn unlist_current_ids(&mut self) {
+        if self.open.iter().all(|o| o.merged.is_empty()) {
+            return; // Nothing listed (the usual case): no set of the current ids to build.
+        }
         let current: HashSet<String> = self.open.iter().map(|o| o.id.clone()).collect();
         for o in &mut self.open {
             o.merged.retain(|m| !current.contains(m));
@@ -242,37 +246,46 @@ struct Snap {
 }
 
 impl Snap {
-    fn of(user: &str, state: &UserState, horizon: i64, gap: i64) -> Self {
-        let mut held = Vec::new();
+    /// Makes this what `state` counts for, reusing the vectors' room (two snapshots per
+    /// event: no allocation once they have grown).
+    fn fill(&mut self, user: &str, state: &UserState, horizon: i64, gap: i64) {
+        self.held.clear();
+        self.entries.clear();
         let mut events = 0;
         let mut dirty = false;
         for o in &state.open {
             events += o.events.len();
             dirty |= o.dirty;
             for (p, min) in o.offsets.mins() {
-                held.push((p, min, o.start_ms));
+                self.held.push((p, min, o.start_ms));
             }
         }
         let next = state.closed.and_then(|c| c.next_start_ms);
-        let mut entries: Vec<(i32, i64, bool)> = Vec::new();
-        for (p, _, start) in &held {
-            match entries.iter_mut().find(|e| e.0 == *p) {
+        for (p, _, start) in &self.held {
+            match self.entries.iter_mut().find(|e| e.0 == *p) {
                 Some(e) => e.1 = e.1.min(*start),
-                None => entries.push((*p, *start, false)),
+                None => self.entries.push((*p, *start, false)),
             }
         }
-        for e in &mut entries {
+        for e in &mut self.entries {
             e.2 = next == Some(e.1);
         }
-        Self {
-            held,
-            entries,
-            due: deadline(state, horizon, gap),
-            dirty,
-            open: state.open.len(),
-            events,
-            bytes: user_bytes(user, state),
-        }
+        self.due = deadline(state, horizon, gap);
+        self.dirty = dirty;
+        self.open = state.open.len();
+        self.events = events;
+        self.bytes = user_bytes(user, state);
+    }
+
+    /// Makes this what no state counts for (keeping the vectors' room).
+    fn clear(&mut self) {
+        self.held.clear();
+        self.entries.clear();
+        self.due = None;
+        self.dirty = false;
+        self.open = 0;
+        self.events = 0;
+        self.bytes = 0;
     }
 }
 
@@ -290,14 +303,18 @@ struct Index {
     due: BTreeSet<(i64, Arc<str>)>,
     /// Users with an open session changed since it was last emitted (a hash set: no
     /// string comparisons down a tree per event; an emission sorts the few it visits).
-    dirty: HashSet<Arc<str>>,
+    dirty: FastSet<Arc<str>>,
     /// Per partition tracked, the users whose checkpoint entry may have changed since the
     /// partition's changes were last taken.
-    changed: HashMap<i32, HashSet<Arc<str>>>,
+    changed: HashMap<i32, FastSet<Arc<str>>>,
     /// Partitions whose changes are tracked (see [`Sessions::track_changes`]).
     tracked: HashSet<i32>,
-    /// What the user being changed counted for (see [`Index::begin`]).
-    pending: Option<Snap>,
+    /// What the user being changed counted for (see [`Index::begin`]); meaningful while
+    /// `pending`.
+    before: Snap,
+    pending: bool,
+    /// Scratch room for what it counts for after the change (see [`Index::end`]).
+    after: Snap,
     open: usize,
     events: usize,
     /// Sum of [`user_bytes`] (wrapping: added and removed symmetrically).
@@ -309,15 +326,23 @@ struct Index {
 impl Index {
     /// Before `user`'s state changes: what it counts for now (see [`Self::end`]).
     fn begin(&mut self, user: &str, state: &UserState, horizon: i64, gap: i64) {
-        self.pending = Some(Snap::of(user, state, horizon, gap));
+        self.before.fill(user, state, horizon, gap);
+        self.pending = true;
     }
 
     /// After `user`'s state changed (None: it was removed): the index entries that differ
     /// from what it counted for at [`Self::begin`] (nothing, without one) are moved, and
     /// the partitions whose checkpoint entry of the user changed are marked.
     fn end(&mut self, user: &Arc<str>, state: Option<&UserState>, horizon: i64, gap: i64) {
-        let before = self.pending.take().unwrap_or_default();
-        let after = state.map_or_else(Snap::default, |s| Snap::of(user, s, horizon, gap));
+        let mut before = std::mem::take(&mut self.before);
+        let mut after = std::mem::take(&mut self.after);
+        if !std::mem::take(&mut self.pending) {
+            before.clear();
+        }
+        match state {
+            Some(s) => after.fill(user, s, horizon, gap),
+            None => after.clear(),
+        }
         if before.held != after.held {
             for (p, min, start) in &before.held {
                 release(&mut self.held, *p, *min);
@@ -358,6 +383,8 @@ impl Index {
             .bytes
             .wrapping_add(after.bytes)
             .wrapping_sub(before.bytes);
+        self.before = before;
+        self.after = after;
     }
 
     fn mark(&mut self, partition: i32, user: &Arc<str>) {
@@ -380,7 +407,7 @@ pub struct Sessions {
     max_session_ms: i64,
     /// A hash map: an event's lookups hash the user id once instead of comparing it down
     /// a tree; emissions visit the users they need in order (see [`Self::emit`]).
-    users: HashMap<Arc<str>, UserState>,
+    users: FastMap<Arc<str>, UserState>,
     index: Index,
     /// Event times at or below this may touch a finalized session whose record was pruned:
     /// a watermark-late event there is late even if it touches an open session.
@@ -398,7 +425,7 @@ impl Sessions {
         Self {
             cfg,
             max_session_ms: max_session_ms.max(1),
-            users: HashMap::new(),
+            users: FastMap::default(),
             index: Index::default(),
             floor_ms: i64::MIN,
         }
@@ -457,25 +484,9 @@ impl Sessions {
     /// of the open session continuing it — and a watermark-late event at or below the floor
     /// of pruned final sessions.
     pub fn is_late(&self, event: &InputEvent, watermark: Option<i64>) -> bool {
-        let t = event.event_time_ms;
-        let gap = self.gap();
         let state = self.users.get(event.user_id.as_str());
-        if state
-            .and_then(|s| s.closed)
-            .is_some_and(|c| c.reaches(t, gap))
-        {
-            return true;
-        }
-        let Some(wm) = watermark else {
-            return false;
-        };
-        if t.saturating_add(self.horizon()) > wm {
-            return false;
-        }
-        if t <= self.floor_ms {
-            return true;
-        }
-        !state.is_some_and(|s| s.open.iter().any(|o| o.near(t, gap)))
+        let bounds = (self.gap(), self.horizon(), self.floor_ms);
+        late(state, event.event_time_ms, watermark, bounds)
     }
 
     pub fn contains(&self, user_id: &str, event_id: &str) -> bool {
@@ -500,6 +511,14 @@ impl Sessions {
         self.add_shared(event, &user, Arc::from(event.event_id.as_str()), watermark)
     }
 
+    /// [`Self::contains`] and [`Self::user_key`] with one lookup of the user.
+    pub(crate) fn find(&self, user_id: &str, event_id: &str) -> (bool, Option<Arc<str>>) {
+        match self.users.get_key_value(user_id) {
+            Some((k, s)) => (s.ids.contains(event_id), Some(k.clone())),
+            None => (false, None),
+        }
+    }
+
     /// The shared copy of `user_id` if it has state here.
     pub fn user_key(&self, user_id: &str) -> Option<Arc<str>> {
         self.users.get_key_value(user_id).map(|(k, _)| k.clone())
@@ -517,10 +536,21 @@ impl Sessions {
         if self.contains(&event.user_id, &event.event_id) {
             return Admit::Duplicate;
         }
-        if self.is_late(event, watermark) {
-            return Admit::Late;
-        }
+        self.add_new(event, user_key, id, watermark)
+    }
+
+    /// [`Self::add_shared`] for an event the caller knows is in none of the user's open
+    /// sessions (the engine checks windows and sessions once, before either folds it in).
+    pub(crate) fn add_new(
+        &mut self,
+        event: &InputEvent,
+        user_key: &Arc<str>,
+        id: Arc<str>,
+        watermark: Option<i64>,
+    ) -> Admit {
         let gap = self.gap();
+        let horizon = self.horizon();
+        let bounds = (gap, horizon, self.floor_ms);
         let max = self.max_session_ms;
         let t = event.event_time_ms;
         let user = event.user_id.as_str();
@@ -532,13 +562,21 @@ impl Sessions {
             page: event.is_page_view(),
             id,
         };
-        let horizon = self.horizon();
+        // One lookup of the user for the lateness check and the change.
         let state = match self.users.get_mut(&**user_key) {
             Some(s) => {
+                if late(Some(s), t, watermark, bounds) {
+                    return Admit::Late;
+                }
                 self.index.begin(user_key, s, horizon, gap);
                 s
             }
-            None => self.users.entry(user_key.clone()).or_default(),
+            None => {
+                if late(None, t, watermark, bounds) {
+                    return Admit::Late;
+                }
+                self.users.entry(user_key.clone()).or_default()
+            }
         };
         let admit = fold(state, ev, user, gap, max);
         self.index.end(user_key, Some(state), horizon, gap);
@@ -556,7 +594,7 @@ impl Sessions {
     pub fn emit(&mut self, watermark: Option<i64>, early: bool) -> Vec<Session> {
         let horizon = self.horizon();
         let gap = self.gap();
-        let mut visit: BTreeSet<Arc<str>> = BTreeSet::new();
+        let mut visit: Vec<Arc<str>> = Vec::new();
         if let Some(wm) = watermark {
             visit.extend(
                 self.index
@@ -569,7 +607,11 @@ impl Sessions {
         if early {
             visit.extend(self.index.dirty.iter().cloned());
         }
-        let mut out = Vec::new();
+        // In user order (deterministic output), each once.
+        visit.sort_unstable();
+        visit.dedup();
+        // Most visited users emit one session: no regrowth of a large vector.
+        let mut out = Vec::with_capacity(visit.len());
         for user in visit {
             let Some(state) = self.users.get_mut(&*user) else {
                 continue;
@@ -679,7 +721,7 @@ impl Sessions {
 
     /// The users whose entry in the checkpoint of `partition` may have changed since the
     /// last call (or [`Self::clear_changed`]).
-    pub fn take_changed(&mut self, partition: i32) -> HashSet<Arc<str>> {
+    pub fn take_changed(&mut self, partition: i32) -> FastSet<Arc<str>> {
         self.index.changed.remove(&partition).unwrap_or_default()
     }
 
@@ -792,6 +834,32 @@ impl Sessions {
         let changed: usize = index.changed.values().map(|c| c.capacity() * 24).sum();
         index.bytes + index.events * arc_str_bytes(id_len) + entries * 48 + changed
     }
+}
+
+/// See [`Sessions::is_late`]: whether event time `t` of the user whose state is `state`
+/// is late, with `(gap, horizon, floor)` of the sessions.
+fn late(
+    state: Option<&UserState>,
+    t: i64,
+    watermark: Option<i64>,
+    (gap, horizon, floor): (i64, i64, i64),
+) -> bool {
+    if state
+        .and_then(|s| s.closed)
+        .is_some_and(|c| c.reaches(t, gap))
+    {
+        return true;
+    }
+    let Some(wm) = watermark else {
+        return false;
+    };
+    if t.saturating_add(horizon) > wm {
+        return false;
+    }
+    if t <= floor {
+        return true;
+    }
+    !state.is_some_and(|s| s.open.iter().any(|o| o.near(t, gap)))
 }
 
 /// One user's part of [`Sessions::emit`]: its final sessions (removed), its dirty ones

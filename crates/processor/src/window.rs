@@ -9,13 +9,14 @@
 //! State is kept compact (see `compact`): a user's open windows are an exact-size vector
 //! sorted by start (one or two for most users), ids and labels are shared `Arc<str>`s.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use pulse_contracts::pb::aggregates::v1::{CurrencyAmount, UserWindowActivity};
 
 use crate::compact::{
-    Counts, IdSet, Interner, Offsets, PartitionMins, hold, insert_exact, release, smallest,
+    Counts, FastMap, FastSet, IdSet, Interner, Offsets, PartitionMins, hold, insert_exact, release,
+    smallest,
 };
 use crate::model::{Admit, InputEvent, TimeConfig, version};
 
@@ -158,7 +159,7 @@ struct Index {
     ends: BTreeSet<(i64, Arc<str>)>,
     /// Users with a window changed since it was last emitted (a hash set: no string
     /// comparisons down a tree per event; an emission sorts the few it visits).
-    dirty: HashSet<Arc<str>>,
+    dirty: FastSet<Arc<str>>,
     /// Sum of [`user_bytes`] (wrapping: added and removed symmetrically).
     bytes: usize,
     /// Users visited by emissions so far (what a tick costs; see `Engine::emit_visits`).
@@ -197,7 +198,7 @@ pub struct Windows {
     /// user → open windows sorted by start. A hash map: an event's lookups hash the user
     /// id once instead of comparing it down a tree; emissions are still deterministic (they
     /// visit the users they need in order, see [`Self::emit`]).
-    users: HashMap<Arc<str>, Vec<Window>>,
+    users: FastMap<Arc<str>, Vec<Window>>,
     index: Index,
     open: usize,
     labels: Interner,
@@ -208,7 +209,7 @@ impl Windows {
         Self {
             window_ms: cfg.window_ms.max(1),
             allowed_lateness_ms: cfg.allowed_lateness_ms.max(0),
-            users: HashMap::new(),
+            users: FastMap::default(),
             index: Index::default(),
             open: 0,
             labels: Interner::default(),
@@ -238,6 +239,17 @@ impl Windows {
         self.users
             .get(user_id)
             .is_some_and(|ws| ws.iter().any(|w| w.event_ids.contains(event_id)))
+    }
+
+    /// [`Self::contains`] and [`Self::user_key`] with one lookup of the user.
+    pub(crate) fn find(&self, user_id: &str, event_id: &str) -> (bool, Option<Arc<str>>) {
+        match self.users.get_key_value(user_id) {
+            Some((k, ws)) => (
+                ws.iter().any(|w| w.event_ids.contains(event_id)),
+                Some(k.clone()),
+            ),
+            None => (false, None),
+        }
     }
 
     /// The shared copy of `user_id` if it has open windows.
@@ -270,6 +282,21 @@ impl Windows {
         if self.contains(&event.user_id, &event.event_id) {
             return Admit::Duplicate;
         }
+        self.add_new(event, user, id, watermark)
+    }
+
+    /// [`Self::add_shared`] for an event the caller knows is in none of the user's open
+    /// windows (the engine checks windows and sessions once, before either folds it in).
+    pub(crate) fn add_new(
+        &mut self,
+        event: &InputEvent,
+        user: &Arc<str>,
+        id: Arc<str>,
+        watermark: Option<i64>,
+    ) -> Admit {
+        if self.is_late(event.event_time_ms, watermark) {
+            return Admit::Late;
+        }
         let (start, end) = self.window_bounds(event.event_time_ms);
         let index = &mut self.index;
         let windows = match self.users.get_mut(&**user) {
@@ -279,6 +306,7 @@ impl Windows {
             }
             None => self.users.entry(user.clone()).or_default(),
         };
+        let was_dirty = windows.iter().any(|w| w.dirty);
         let at = match windows.binary_search_by_key(&start, |w| w.start_ms) {
             Ok(at) => at,
             Err(at) => {
@@ -302,7 +330,9 @@ impl Windows {
             Some(_) => {}
         }
         window.fold(event, id, &mut self.labels);
-        if !index.dirty.contains(&**user) {
+        // The user is in the dirty set exactly when one of its windows is dirty: only the
+        // first change since its last emission inserts it (no second hash per event).
+        if !was_dirty {
             index.dirty.insert(user.clone());
         }
         index.bytes = index
@@ -320,9 +350,8 @@ impl Windows {
     /// Only the users that need it are visited: those with a window the watermark closes
     /// and, when `early`, those with a dirty window.
     pub fn emit(&mut self, watermark: Option<i64>, early: bool) -> Vec<UserWindowActivity> {
-        let mut out = Vec::new();
         let lateness = self.allowed_lateness_ms;
-        let mut visit: BTreeSet<Arc<str>> = self
+        let mut visit: Vec<Arc<str>> = self
             .index
             .ends
             .iter()
@@ -332,6 +361,11 @@ impl Windows {
         if early {
             visit.extend(self.index.dirty.iter().cloned());
         }
+        // In user order (deterministic output), each once.
+        visit.sort_unstable();
+        visit.dedup();
+        // Most visited users emit one window: no regrowth of a large vector.
+        let mut out = Vec::with_capacity(visit.len());
         let Self {
             users, index, open, ..
         } = self;

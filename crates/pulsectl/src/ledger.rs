@@ -6,6 +6,8 @@
 //! query API serves from the aggregates. Prints the per-window counts per state and every
 //! difference (ids per path), and fails on a mismatch. `pulsectl ledger watch` runs the
 //! same reconciliation on every newly closed window and exports `pulse_ledger_*` metrics.
+//! `ledger --from --to` shows reading the topics (records) and the archive (objects) on
+//! stderr with `crate::progress` (a bar on a terminal, plain lines otherwise).
 //!
 //! Modules: `topic` (reading topics), `book` (the topics' side), `sources` (the stores'
 //! side and the closed-range rule), `reconcile` (the comparison), `revenue` (the query
@@ -31,6 +33,7 @@ use pulse_platform::windowing::WindowSettings;
 
 pub use self::reconcile::{Path, Report};
 pub use self::sources::Sources;
+use crate::progress::ProgressArgs;
 
 /// `ledger`: one closed range, or `ledger watch`.
 #[derive(Debug, Clone, clap::Args)]
@@ -264,12 +267,21 @@ pub enum LedgerError {
 }
 
 /// Reconciles one closed range as configured (validated first; refused when not closed).
-pub async fn check(from: i64, to: i64, args: &SourceArgs) -> Result<Report, LedgerError> {
+/// With `progress`, shows reading the topics and the archive on stderr.
+pub async fn check(
+    from: i64,
+    to: i64,
+    args: &SourceArgs,
+    progress: Option<&ProgressArgs>,
+) -> Result<Report, LedgerError> {
     validate_all(&[args])?;
     let mut p = Problems::default();
     check_range(from, to, args.window_ms(), &mut p);
     p.into_result()?;
     let mut sources = Sources::open(args, from, to).await?;
+    if let Some(p) = progress {
+        sources.show_progress(p);
+    }
     let horizon = sources
         .closed_horizon(to - args.window_ms(), sources::now_ms())
         .await?;
@@ -278,14 +290,14 @@ pub async fn check(from: i64, to: i64, args: &SourceArgs) -> Result<Report, Ledg
     sources.reconcile(from, to).await
 }
 
-pub async fn run(args: LedgerArgs) -> Result<(), crate::Error> {
+pub async fn run(args: LedgerArgs, progress: &ProgressArgs) -> Result<(), crate::Error> {
     match args.command {
         Some(LedgerCommand::Watch(w)) => Ok(watch::run(*w).await?),
         None => {
             let (Some(from), Some(to)) = (args.from, args.to) else {
                 return Err(LedgerError::NotClosed("--from and --to are required".into()).into());
             };
-            let report = check(from, to, &args.sources).await?;
+            let report = check(from, to, &args.sources, Some(progress)).await?;
             for line in report.lines(args.sources.max_ids) {
                 println!("{line}");
             }

@@ -4,6 +4,7 @@
 //! several commands share sits beside them: `ingest_client` (ingest's flags and clients),
 //! `progress` (long work shown on stderr; the global `--progress` flags), `duration`.
 
+pub mod audit;
 pub mod dlq;
 pub mod duration;
 pub mod ingest_client;
@@ -13,6 +14,7 @@ pub mod migrate;
 pub mod progress;
 pub mod replay;
 pub mod schemas;
+pub mod shadow;
 pub mod slo;
 pub mod topics;
 
@@ -28,6 +30,8 @@ pub struct Cli {
     pub command: Command,
     #[command(flatten)]
     pub progress: progress::ProgressArgs,
+    #[command(flatten)]
+    pub audit: audit::AuditArgs,
 }
 
 #[derive(Debug, clap::Subcommand)]
@@ -48,6 +52,9 @@ pub enum Command {
     Migrate {
         #[command(flatten)]
         clickhouse: ClickHouseConfig,
+        /// The broker the audit record of the migration is written to.
+        #[command(flatten)]
+        kafka: KafkaConfig,
     },
     /// Send a realistic, seeded workload to ingest (HTTP or gRPC) and report what happened.
     Loadgen(Box<loadgen::LoadgenArgs>),
@@ -63,6 +70,14 @@ pub enum Command {
     /// Reconcile a closed event-time range: every accepted event in one terminal state per
     /// path, revenue equal to the query API's (`ledger watch`: continuously, with metrics).
     Ledger(Box<ledger::LedgerArgs>),
+    /// List the audit trail: schema changes, refused writes, key reloads, redrives,
+    /// replays and migrations, with who, what, when and the outcome.
+    Audit(Box<audit::ListArgs>),
+    /// A shadow processor: register its schemas, diff it against live, discard it.
+    Shadow {
+        #[command(subcommand)]
+        command: shadow::ShadowCommand,
+    },
 }
 
 /// Why a command failed.
@@ -86,6 +101,10 @@ pub enum Error {
     Replay(#[from] replay::ReplayError),
     #[error("ledger: {0}")]
     Ledger(#[from] ledger::LedgerError),
+    #[error("audit: {0}")]
+    Audit(#[from] audit::AuditListError),
+    #[error("shadow: {0}")]
+    Shadow(#[from] shadow::ShadowError),
 }
 
 /// Runs one command.
@@ -94,12 +113,68 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
     match cli.command {
         Command::Topics { command, kafka } => topics::run(command, &kafka).await,
         Command::Schemas { command } => schemas::run(command).await,
-        Command::Migrate { clickhouse } => migrate::run(&clickhouse, progress).await,
+        Command::Migrate { clickhouse, kafka } => {
+            let result = migrate::run(&clickhouse, progress).await;
+            let outcome = match &result {
+                Ok(()) => Ok(format!("database {} migrated", clickhouse.database)),
+                Err(e) => Err(e.to_string()),
+            };
+            let target = format!("{} database {}", clickhouse.url, clickhouse.database);
+            audit::record(
+                &cli.audit,
+                &kafka,
+                pulse_platform::audit::action::MIGRATE,
+                &target,
+                outcome,
+            )
+            .await;
+            result
+        }
         Command::Loadgen(args) => loadgen::run(*args, progress).await,
+        Command::Dlq {
+            command: dlq::DlqCommand::Redrive(args),
+        } => {
+            let (kafka, target) = (args.topic.kafka.clone(), args.topic.topic.clone());
+            let detail = match &args.code {
+                Some(code) => format!("records with code {code} to {}", args.ingest.target),
+                None => format!("{} record(s) to {}", args.offsets.len(), args.ingest.target),
+            };
+            let result = dlq::run(dlq::DlqCommand::Redrive(args), progress).await;
+            let outcome = result.as_ref().map(|()| detail).map_err(|e| e.to_string());
+            audit::record(
+                &cli.audit,
+                &kafka,
+                pulse_platform::audit::action::DLQ_REDRIVE,
+                &target,
+                outcome,
+            )
+            .await;
+            result
+        }
         Command::Dlq { command } => dlq::run(command, progress).await,
         Command::Slo(args) => slo::run(args).await,
-        Command::Replay(args) => replay::run(*args, progress).await,
-        Command::Ledger(args) => ledger::run(*args).await,
+        Command::Replay(args) if args.dry_run => replay::run(*args, progress).await,
+        Command::Replay(args) => {
+            let (kafka, target) = (args.kafka.clone(), args.topic.clone());
+            let detail = format!("event time {} .. {}", rfc3339(args.from), rfc3339(args.to));
+            let result = replay::run(*args, progress).await;
+            let outcome = match &result {
+                Ok(()) => Ok(detail),
+                Err(e) => Err(format!("{detail}: {e}")),
+            };
+            audit::record(
+                &cli.audit,
+                &kafka,
+                pulse_platform::audit::action::REPLAY,
+                &target,
+                outcome,
+            )
+            .await;
+            result
+        }
+        Command::Ledger(args) => ledger::run(*args, progress).await,
+        Command::Audit(args) => audit::run(*args, &cli.audit, progress).await,
+        Command::Shadow { command } => shadow::run(command).await,
     }
 }
 

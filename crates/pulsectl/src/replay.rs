@@ -435,6 +435,7 @@ mod tests {
             kafka_partition: 0,
             kafka_offset: offset,
             event_proto: format!("proto-{id}").into_bytes(),
+            source_trace_id: None,
         }
     }
 

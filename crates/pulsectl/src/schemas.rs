@@ -45,7 +45,12 @@ pub enum SchemaError {
     },
     #[error("schema registry credentials: {0}")]
     Credentials(String),
-    #[error("schema registry at {url}: {source}")]
+    /// The CA file cannot be used, or the HTTP client cannot be built with it.
+    #[error("schema registry client: {0}")]
+    Client(String),
+    /// The error's sources are printed too: a TLS failure (e.g. an unknown issuer) is in
+    /// them, not in reqwest's own message.
+    #[error("schema registry at {url}: {}", chain(.source))]
     Http { url: String, source: reqwest::Error },
     #[error("subject {subject}: registry answered {status}: {message}")]
     Registry {
@@ -68,6 +73,33 @@ fn source_of(schema: &RecordSchema, dir: Option<&Path>) -> Result<String, Schema
             std::fs::read_to_string(&path).map_err(|source| SchemaError::Read { path, source })
         }
     }
+}
+
+/// An error and its sources, joined by ": ".
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+/// The HTTP client for the registry: it trusts `--schema-registry-ca-file`, if given, in
+/// addition to the system's roots.
+pub fn registry_client(auth: &RegistryAuthArgs) -> Result<reqwest::Client, SchemaError> {
+    let mut builder = reqwest::Client::builder();
+    if let Some(pem) = auth.ca_pem().map_err(SchemaError::Client)? {
+        let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+            SchemaError::Client(format!("{}: {}", RegistryAuthArgs::CA_KEY, chain(&e)))
+        })?;
+        for cert in certs {
+            builder = builder.add_root_certificate(cert);
+        }
+    }
+    builder.build().map_err(|e| SchemaError::Client(chain(&e)))
 }
 
 /// Adds the basic-auth header of `auth` to a registry request (none without a user).
@@ -112,7 +144,7 @@ async fn call(
 
 /// Registers every topic's schema; returns (subject, id) pairs.
 pub async fn register(args: &SchemaArgs) -> Result<Vec<(String, u64)>, SchemaError> {
-    let client = reqwest::Client::new();
+    let client = registry_client(&args.registry_auth)?;
     let base = args.url.trim_end_matches('/');
     let mut out = Vec::new();
     for (topic, schema) in TOPIC_SCHEMAS {
@@ -129,7 +161,7 @@ pub async fn register(args: &SchemaArgs) -> Result<Vec<(String, u64)>, SchemaErr
 /// Checks every topic's schema against the latest registered version. A subject that is
 /// not registered yet passes.
 pub async fn check(args: &SchemaArgs) -> Result<Vec<(String, &'static str)>, SchemaError> {
-    let client = reqwest::Client::new();
+    let client = registry_client(&args.registry_auth)?;
     let base = args.url.trim_end_matches('/');
     let mut out = Vec::new();
     for (topic, schema) in TOPIC_SCHEMAS {

@@ -41,6 +41,7 @@ pub fn all_topics(partitions: i32) -> Vec<TopicSpec> {
         .collect();
     specs.push(TopicSpec::compacted(topics::SCHEMAS));
     specs.push(TopicSpec::compacted(topics::PROCESSOR_CHECKPOINTS));
+    specs.push(pulse_platform::audit::topic_spec(topics::AUDIT));
     specs
 }
 
@@ -110,7 +111,7 @@ mod tests {
     #[test]
     fn every_data_topic_and_the_compacted_logs_are_created() {
         let specs = all_topics(6);
-        assert_eq!(specs.len(), topics::ALL_DATA_TOPICS.len() + 2);
+        assert_eq!(specs.len(), topics::ALL_DATA_TOPICS.len() + 3);
         assert!(
             specs
                 .iter()
@@ -129,6 +130,12 @@ mod tests {
                 .configs(&TopicSettings::default())
                 .contains(&("cleanup.policy".to_string(), "compact".to_string()))
         );
+        // The audit trail: one partition (one order), deleted only after a year.
+        let audit = specs.iter().find(|s| s.name == topics::AUDIT).unwrap();
+        assert_eq!(audit.partitions, 1);
+        let configs = audit.configs(&TopicSettings::default());
+        assert!(configs.contains(&("cleanup.policy".to_string(), "delete".to_string())));
+        assert!(configs.contains(&("retention.ms".to_string(), "31536000000".to_string())));
     }
 
     #[test]

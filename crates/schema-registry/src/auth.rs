@@ -22,6 +22,7 @@ use axum::http::{HeaderValue, Method, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
+use pulse_platform::audit::{AuditLog, AuditRecord, Outcome, action};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
@@ -296,17 +297,14 @@ impl Users {
 
     /// Polls the file every `every` until `stop` is cancelled.
     pub async fn watch(self: Arc<Self>, every: Duration, stop: CancellationToken) {
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tick.tick() => {}
-            }
+        pulse_platform::shutdown::every(every, &stop, || {
             let this = self.clone();
-            // File I/O off the async threads.
-            let _ = tokio::task::spawn_blocking(move || this.reload_if_changed()).await;
-        }
+            async move {
+                // File I/O off the async threads.
+                let _ = tokio::task::spawn_blocking(move || this.reload_if_changed()).await;
+            }
+        })
+        .await;
     }
 
     fn fingerprint(&self, password: &str) -> [u8; 32] {
@@ -422,10 +420,12 @@ pub fn is_write(method: &Method, path: &str) -> bool {
     true
 }
 
-/// Who may call: anyone (no credentials file) or the users of a file.
+/// Who may call: anyone (no credentials file) or the users of a file; and where their
+/// writes and refused attempts are audited.
 #[derive(Debug, Clone, Default)]
 pub struct Access {
     users: Option<Arc<Users>>,
+    audit: AuditLog,
 }
 
 impl Access {
@@ -435,11 +435,40 @@ impl Access {
     }
 
     pub fn users(users: Arc<Users>) -> Self {
-        Self { users: Some(users) }
+        Self {
+            users: Some(users),
+            audit: AuditLog::disabled(),
+        }
+    }
+
+    /// Audits every write (who, what, the status answered) and every refused write to
+    /// `audit`.
+    pub fn with_audit(mut self, audit: AuditLog) -> Self {
+        self.audit = audit;
+        self
     }
 
     pub fn is_anonymous(&self) -> bool {
         self.users.is_none()
+    }
+}
+
+/// The audit action of a write route: register, delete, config change (any other write
+/// is [`action::SCHEMA_OTHER_WRITE`]) and its target (the subject, or `*` for the global
+/// config).
+pub fn audit_action(method: &Method, path: &str) -> (&'static str, String) {
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match segments.as_slice() {
+        ["subjects", subject, "versions"] if *method == Method::POST => {
+            (action::SCHEMA_REGISTER, (*subject).to_owned())
+        }
+        ["subjects", subject, ..] if *method == Method::DELETE => {
+            (action::SCHEMA_DELETE, (*subject).to_owned())
+        }
+        ["config"] => (action::SCHEMA_CONFIG, "*".to_owned()),
+        ["config", subject] => (action::SCHEMA_CONFIG, (*subject).to_owned()),
+        ["mode", ..] => (action::SCHEMA_CONFIG, segments[1..].join("/")),
+        _ => (action::SCHEMA_OTHER_WRITE, path.to_owned()),
     }
 }
 
@@ -452,28 +481,81 @@ pub fn register_metrics() {
 }
 
 /// The middleware: authenticates, authorizes, and answers 401 (with `WWW-Authenticate:
-/// Basic`) or 403 on failure.
+/// Basic`) or 403 on failure. Every write — done, failed or refused — is audited with
+/// the user (`anonymous` without a credentials file), the caller's address and the status.
 pub async fn middleware(State(access): State<Access>, req: Request, next: Next) -> Response {
-    let Some(users) = &access.users else {
-        return next.run(req).await;
-    };
     let write = is_write(req.method(), req.uri().path());
-    let outcome = match users
-        .authenticate(req.headers().get(header::AUTHORIZATION))
-        .await
-    {
-        Ok((name, Role::Read)) if write => Err((Failure::Forbidden, Some(name))),
-        Ok(_) => Ok(()),
-        Err(f) => Err((f, None)),
-    };
-    let Err((failure, user)) = outcome else {
-        return next.run(req).await;
-    };
     let peer = req
         .extensions()
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.to_string())
         .unwrap_or_else(|| "unknown".into());
+    let audit = write.then(|| {
+        let (action, target) = audit_action(req.method(), req.uri().path());
+        let detail = format!(
+            "{} {}",
+            req.method(),
+            req.uri()
+                .path_and_query()
+                .map_or(req.uri().path(), |p| p.as_str())
+        );
+        (action, target, detail)
+    });
+    let record = |actor: &str, outcome: Outcome, status: u16, detail: String| {
+        if let Some((action, target, _)) = &audit {
+            access.audit.record(
+                AuditRecord::new(crate::SERVICE, actor, action, target, outcome)
+                    .with_status(status)
+                    .with_source(peer.clone())
+                    .with_detail(detail),
+            );
+        }
+    };
+    let request_line = audit.as_ref().map(|a| a.2.clone()).unwrap_or_default();
+    let config_change = audit
+        .as_ref()
+        .is_some_and(|(action, _, _)| *action == action::SCHEMA_CONFIG)
+        && req.method() == Method::PUT;
+    // Runs an allowed request and audits it; a config change's new value (a small JSON
+    // body) goes into the record's detail.
+    let run_audited = async |actor: &str, req: Request| -> Response {
+        let (req, request_line) = if config_change {
+            match config_body(req).await {
+                Ok((req, body)) => (req, format!("{request_line} {body}")),
+                Err(resp) => {
+                    let status = resp.status().as_u16();
+                    record(actor, Outcome::Failed, status, request_line.clone());
+                    return resp;
+                }
+            }
+        } else {
+            (req, request_line.clone())
+        };
+        let resp = next.run(req).await;
+        let status = resp.status();
+        let outcome = if status.is_success() {
+            Outcome::Ok
+        } else {
+            Outcome::Failed
+        };
+        record(actor, outcome, status.as_u16(), request_line);
+        resp
+    };
+    let Some(users) = &access.users else {
+        return run_audited("anonymous", req).await;
+    };
+    let outcome = match users
+        .authenticate(req.headers().get(header::AUTHORIZATION))
+        .await
+    {
+        Ok((name, Role::Read)) if write => Err((Failure::Forbidden, Some(name))),
+        Ok((name, _)) => Ok(name),
+        Err(f) => Err((f, None)),
+    };
+    let (failure, user) = match outcome {
+        Ok(name) => return run_audited(&name, req).await,
+        Err(e) => e,
+    };
     metrics::counter!(m::AUTH_FAILURES_TOTAL, "reason" => failure.reason()).increment(1);
     tracing::warn!(
         peer,
@@ -483,8 +565,8 @@ pub async fn middleware(State(access): State<Access>, req: Request, next: Next) 
         path = req.uri().path(),
         "registry request refused"
     );
-    match failure {
-        Failure::Forbidden => ApiError::Forbidden(user.unwrap_or_default()).into_response(),
+    let resp = match failure {
+        Failure::Forbidden => ApiError::Forbidden(user.clone().unwrap_or_default()).into_response(),
         _ => {
             let mut resp = ApiError::Unauthorized.into_response();
             resp.headers_mut().insert(
@@ -495,6 +577,47 @@ pub async fn middleware(State(access): State<Access>, req: Request, next: Next) 
             );
             resp
         }
+    };
+    let actor = match (&user, failure) {
+        (Some(name), _) => name.as_str(),
+        (None, Failure::Missing) => "anonymous",
+        (None, _) => "unauthenticated",
+    };
+    record(
+        actor,
+        Outcome::Refused,
+        resp.status().as_u16(),
+        format!("{request_line} (refused: {})", failure.reason()),
+    );
+    resp
+}
+
+/// Most bytes of a config change's body read for its audit record (a config body is a
+/// few dozen bytes: `{"compatibility":"FULL"}`).
+const CONFIG_BODY_LIMIT: usize = 64 * 1024;
+
+/// Reads a config change's body and gives back the request with it, and the body as one
+/// line of at most 200 printable characters for the audit record.
+async fn config_body(req: Request) -> Result<(Request, String), Response> {
+    let (parts, body) = req.into_parts();
+    match axum::body::to_bytes(body, CONFIG_BODY_LIMIT).await {
+        Ok(bytes) => {
+            let text: String = String::from_utf8_lossy(&bytes)
+                .chars()
+                .filter(|c| !c.is_control())
+                .take(200)
+                .collect();
+            Ok((
+                Request::from_parts(parts, axum::body::Body::from(bytes)),
+                text,
+            ))
+        }
+        Err(e) => Err(
+            ApiError::BadBody(<serde_json::Error as serde::de::Error>::custom(format!(
+                "reading the body failed (at most {CONFIG_BODY_LIMIT} bytes): {e}"
+            )))
+            .into_response(),
+        ),
     }
 }
 
@@ -533,6 +656,63 @@ impl HashPassword {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_write_route_has_an_audit_action_and_target() {
+        let cases = [
+            (
+                Method::POST,
+                "/subjects/s-value/versions",
+                action::SCHEMA_REGISTER,
+                "s-value",
+            ),
+            (
+                Method::DELETE,
+                "/subjects/s-value",
+                action::SCHEMA_DELETE,
+                "s-value",
+            ),
+            (
+                Method::DELETE,
+                "/subjects/s-value/versions/3",
+                action::SCHEMA_DELETE,
+                "s-value",
+            ),
+            (Method::PUT, "/config", action::SCHEMA_CONFIG, "*"),
+            (
+                Method::PUT,
+                "/config/s-value",
+                action::SCHEMA_CONFIG,
+                "s-value",
+            ),
+            (
+                Method::DELETE,
+                "/config/s-value",
+                action::SCHEMA_CONFIG,
+                "s-value",
+            ),
+            (
+                Method::PUT,
+                "/mode/s-value",
+                action::SCHEMA_CONFIG,
+                "s-value",
+            ),
+            (
+                Method::PATCH,
+                "/new/route",
+                action::SCHEMA_OTHER_WRITE,
+                "/new/route",
+            ),
+        ];
+        for (method, path, want, target) in cases {
+            assert!(is_write(&method, path), "{method} {path}");
+            assert_eq!(
+                audit_action(&method, path),
+                (want, target.to_owned()),
+                "{method} {path}"
+            );
+        }
+    }
 
     fn header(name: &str, password: &str) -> HeaderValue {
         let b = base64::engine::general_purpose::STANDARD.encode(format!("{name}:{password}"));

@@ -34,6 +34,15 @@ use tokio_util::sync::CancellationToken;
 /// Service name: metrics label, OpenTelemetry `service.name`, log field.
 pub const SERVICE: &str = "schema-registry";
 
+/// The default audit topic: `pulse_contracts::topics::AUDIT` (the registry does not depend
+/// on the contracts crate; the `audit` integration test checks that they agree).
+pub const AUDIT_TOPIC: &str = "pulse.audit.v1";
+/// Audit records that may wait for the broker before new ones are dropped (counted in
+/// `pulse_audit_records_failed_total{reason="queue_full"}` and logged).
+const AUDIT_QUEUE: usize = 1024;
+/// How long one audit record may wait for the broker's acknowledgement.
+const AUDIT_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Configuration; every flag has a `PULSE_*` environment fallback (see README).
 #[derive(Debug, Clone, clap::Parser)]
 #[command(
@@ -89,6 +98,10 @@ pub struct Config {
         default_value_t = 5_000
     )]
     pub auth_reload_interval_ms: u64,
+    /// The append-only topic every write, failed write and refused write is audited to
+    /// (`pulsectl audit` lists it; created at start when missing).
+    #[arg(long = "audit-topic", env = "PULSE_AUDIT_TOPIC", default_value = AUDIT_TOPIC)]
+    pub audit_topic: String,
     #[command(flatten)]
     pub kafka: KafkaConfig,
     #[command(flatten)]
@@ -109,6 +122,11 @@ impl Validate for Config {
             self.apply_timeout_ms >= 100,
             "--apply-timeout-ms / PULSE_SCHEMA_REGISTRY_APPLY_TIMEOUT_MS",
             format!("must be >= 100, got {}", self.apply_timeout_ms),
+        );
+        p.check(
+            !self.audit_topic.is_empty(),
+            "--audit-topic / PULSE_AUDIT_TOPIC",
+            "must not be empty",
         );
         p.check(
             self.auth_reload_interval_ms >= 100,
@@ -290,6 +308,22 @@ pub async fn run(config: Config, ctx: ServiceContext) -> Result<(), Error> {
         }
     };
     let _stop_watch = stop_watch.drop_guard();
+    ensure_topics(
+        &config.kafka,
+        &[pulse_platform::audit::topic_spec(&config.audit_topic)],
+    )
+    .await?;
+    let audit_producer = Arc::new(pulse_platform::kafka::KafkaProducer::new(
+        &config.kafka,
+        "pulse-schema-registry-audit",
+    )?);
+    let audit = pulse_platform::audit::AuditLog::spawn(
+        audit_producer.clone(),
+        config.audit_topic.clone(),
+        AUDIT_QUEUE,
+        AUDIT_WRITE_TIMEOUT,
+    );
+    let access = access.with_audit(audit);
     let listener = TcpListener::bind(config.http_addr)
         .await
         .map_err(|source| Error::Bind {
@@ -310,7 +344,11 @@ pub async fn run(config: Config, ctx: ServiceContext) -> Result<(), Error> {
     ctx.health.set_ready(true);
     ctx.shutdown.cancelled().await;
     tracing::info!("draining the REST API");
-    replica.stop().await
+    let stopped = replica.stop().await;
+    if let Err(e) = audit_producer.flush(AUDIT_WRITE_TIMEOUT) {
+        tracing::warn!(error = %e, "audit producer flush at shutdown failed");
+    }
+    stopped
 }
 
 #[cfg(test)]

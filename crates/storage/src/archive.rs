@@ -17,6 +17,11 @@ use parquet::errors::ParquetError;
 use parquet::file::properties::WriterProperties;
 use pulse_contracts::pb::events::v1::Event;
 
+/// The column of the producer's `metadata.trace_id`, added after the first release of the
+/// archive: the last column and nullable, so files without it (written before) stay valid
+/// archive files and every reader treats its absence as null.
+pub const SOURCE_TRACE_ID: &str = "source_trace_id";
+
 /// Folder of the raw events under the S3 prefix.
 pub const EVENTS_DIR: &str = "events";
 /// Rows per Parquet row group (a file of more rows has several).
@@ -64,12 +69,18 @@ pub struct ArchiveRow {
     pub kafka_offset: i64,
     /// The event's protobuf bytes without the Confluent framing (for lossless replay).
     pub event_proto: Vec<u8>,
+    /// The producer's own `metadata.trace_id` as sent (any form), kept even when
+    /// `trace_id` holds the record's W3C trace id; `None` when the producer sent none.
+    /// The last column, nullable: files written before it existed lack it and read as
+    /// `None` ([`SOURCE_TRACE_ID`]).
+    pub source_trace_id: Option<String>,
 }
 
 impl ArchiveRow {
     /// The row of `e`, read from `topic`/`partition`/`offset`, whose unframed protobuf
     /// bytes are `event_proto`. `trace_id` is the W3C trace id of the record's headers if
-    /// known; otherwise the producer's `metadata.trace_id` is kept.
+    /// known; otherwise the producer's `metadata.trace_id` is kept. `source_trace_id` is
+    /// always the producer's (`None` when empty).
     pub fn from_event(
         e: &Event,
         event_proto: &[u8],
@@ -99,7 +110,7 @@ impl ArchiveRow {
             ingest_time_ms: ingest.ingest_timestamp_ms,
             trace_id: match trace_id {
                 Some(t) if !t.is_empty() => t.to_owned(),
-                _ => metadata.trace_id,
+                _ => metadata.trace_id.clone(),
             },
             source: metadata.source,
             ingest_source: ingest.ingest_source,
@@ -107,6 +118,7 @@ impl ArchiveRow {
             kafka_partition: partition,
             kafka_offset: offset,
             event_proto: event_proto.to_vec(),
+            source_trace_id: (!metadata.trace_id.is_empty()).then_some(metadata.trace_id),
         }
     }
 }
@@ -213,6 +225,7 @@ pub fn schema() -> SchemaRef {
         Field::new("kafka_partition", DataType::Int32, false),
         Field::new("kafka_offset", DataType::Int64, false),
         Field::new("event_proto", DataType::Binary, false),
+        Field::new(SOURCE_TRACE_ID, DataType::Utf8, true),
     ]))
 }
 
@@ -271,6 +284,11 @@ pub fn record_batch(rows: &[ArchiveRow]) -> Result<RecordBatch, ArchiveError> {
             rows.iter()
                 .map(|r| Some(r.event_proto.as_slice()))
                 .collect::<BinaryArray>(),
+        ),
+        Arc::new(
+            rows.iter()
+                .map(|r| r.source_trace_id.as_deref())
+                .collect::<StringArray>(),
         ),
     ];
     Ok(RecordBatch::try_new(schema(), columns)?)
@@ -391,6 +409,7 @@ mod tests {
             let (event_time, ingest_time) = (ts("event_time"), ts("ingest_time"));
             let props: &MapArray = b.column_by_name("properties").unwrap().as_map();
             let proto = b.column_by_name("event_proto").unwrap().as_binary::<i32>();
+            let source_trace = s(SOURCE_TRACE_ID);
             for i in 0..b.num_rows() {
                 let entries = props.value(i);
                 let keys = entries.column(0).as_string::<i32>();
@@ -417,6 +436,9 @@ mod tests {
                     kafka_partition: partition.value(i),
                     kafka_offset: offset.value(i),
                     event_proto: proto.value(i).to_vec(),
+                    source_trace_id: source_trace
+                        .is_valid(i)
+                        .then(|| source_trace.value(i).into()),
                 });
             }
         }
@@ -476,11 +498,18 @@ mod tests {
         assert_eq!(Event::decode(r.event_proto.as_slice()).unwrap(), e);
         assert_eq!(row(&e, 0, None).trace_id, "producer-trace");
         assert_eq!(row(&e, 0, Some("")).trace_id, "producer-trace");
+        // The producer's id is kept beside the W3C one, whichever `trace_id` holds.
+        assert_eq!(r.source_trace_id.as_deref(), Some("producer-trace"));
+        assert_eq!(
+            row(&e, 0, None).source_trace_id.as_deref(),
+            Some("producer-trace")
+        );
         let big = Event {
             schema_version: u32::MAX,
             ..Event::default()
         };
         assert_eq!(row(&big, 0, None).schema_version, i32::MAX);
+        assert_eq!(row(&big, 0, None).source_trace_id, None, "none sent: null");
     }
 
     #[test]
@@ -515,6 +544,14 @@ mod tests {
                 .unwrap()
                 .is_nullable()
         );
+        assert!(
+            schema
+                .field_with_name(SOURCE_TRACE_ID)
+                .unwrap()
+                .is_nullable()
+        );
+        assert!(back.iter().any(|r| r.source_trace_id.is_some()));
+        assert!(back.iter().any(|r| r.source_trace_id.is_none()));
         assert_eq!(
             encode(&rows).unwrap(),
             bytes,
@@ -544,6 +581,35 @@ mod tests {
                 col.compression()
             );
         }
+    }
+
+    #[test]
+    fn source_trace_id_is_appended_last_so_older_columns_keep_their_positions() {
+        // The columns of files written before `source_trace_id` existed, in their order.
+        const BEFORE: [&str; 19] = [
+            "event_id",
+            "schema_version",
+            "event_type",
+            "user_id",
+            "session_id",
+            "page",
+            "referrer",
+            "currency",
+            "amount_micros",
+            "properties",
+            "event_time",
+            "ingest_time",
+            "trace_id",
+            "source",
+            "ingest_source",
+            "kafka_topic",
+            "kafka_partition",
+            "kafka_offset",
+            "event_proto",
+        ];
+        let names: Vec<String> = schema().fields().iter().map(|f| f.name().clone()).collect();
+        assert_eq!(names[..BEFORE.len()], BEFORE);
+        assert_eq!(names[BEFORE.len()..], [SOURCE_TRACE_ID]);
     }
 
     #[test]

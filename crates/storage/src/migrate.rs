@@ -39,12 +39,76 @@ pub const RETENTION_TABLES: &[&str] = &[
     "sessions",
 ];
 
+/// The live tables a shadow processor's writer has copies of (`--shadow`): the aggregates.
+pub const SHADOW_TABLES: &[&str] = &["user_activity", "sessions"];
+
+/// The shadow `shadow`'s copy of the live table `live`: `<live>_shadow_<shadow>` with `-`
+/// as `_` (a plain identifier; shadow names have no `_`, so two names never share a table).
+pub fn shadow_table(live: &str, shadow: &str) -> String {
+    format!("{live}_shadow_{}", shadow.replace('-', "_"))
+}
+
+fn valid_shadow(name: &str) -> Result<&str, MigrateError> {
+    pulse_contracts::topics::validate_shadow_name(name)
+        .map_err(|_| MigrateError::InvalidShadow(name.to_owned()))
+}
+
+/// Creates the shadow's tables (if missing) as copies of the live ones: same columns,
+/// engine, ordering key and partitioning (`CREATE TABLE … AS`, valid on 18.16). Run after
+/// the migrations; returns the tables' names. A later migration that changes a live
+/// table does not change an existing shadow copy: discard and recreate the shadow.
+pub async fn create_shadow_tables(
+    cfg: &ClickHouseConfig,
+    shadow: &str,
+) -> Result<Vec<String>, MigrateError> {
+    let db = valid_database(&cfg.database)?;
+    let shadow = valid_shadow(shadow)?;
+    let server = cfg.server_client();
+    let mut made = Vec::new();
+    for live in SHADOW_TABLES {
+        let table = shadow_table(live, shadow);
+        server
+            .query_raw(&format!(
+                "CREATE TABLE IF NOT EXISTS {db}.{table} AS {db}.{live}"
+            ))
+            .execute()
+            .await
+            .map_err(query_error(format!("creating {table}")))?;
+        made.push(table);
+    }
+    Ok(made)
+}
+
+/// Drops the shadow's tables (those that exist); returns their names.
+pub async fn drop_shadow_tables(
+    cfg: &ClickHouseConfig,
+    shadow: &str,
+) -> Result<Vec<String>, MigrateError> {
+    let db = valid_database(&cfg.database)?;
+    let shadow = valid_shadow(shadow)?;
+    let server = cfg.server_client();
+    let mut dropped = Vec::new();
+    for live in SHADOW_TABLES {
+        let table = shadow_table(live, shadow);
+        server
+            .query_raw(&format!("DROP TABLE IF EXISTS {db}.{table}"))
+            .execute()
+            .await
+            .map_err(query_error(format!("dropping {table}")))?;
+        dropped.push(table);
+    }
+    Ok(dropped)
+}
+
 /// Why migrating or trimming failed.
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
     /// The database name would not be a plain identifier.
     #[error("invalid ClickHouse database name {0:?}: letters, digits and _ only")]
     InvalidDatabase(String),
+    /// The shadow name would not make a plain identifier.
+    #[error("invalid shadow name {0:?}: 1 to 32 of a-z, 0-9 and - only")]
+    InvalidShadow(String),
     /// A statement of a migration failed.
     #[error("migration {version} failed at `{statement}`: {source}")]
     Sql {
@@ -440,6 +504,23 @@ mod tests {
         assert!(valid_database("").is_err());
         assert!(valid_database("pulse; DROP").is_err());
         assert!(valid_database("a.b").is_err());
+    }
+
+    #[test]
+    fn shadow_tables_are_plain_identifiers_distinct_from_the_live_ones() {
+        assert_eq!(
+            shadow_table("sessions", "gap-10m"),
+            "sessions_shadow_gap_10m"
+        );
+        for live in SHADOW_TABLES {
+            let t = shadow_table(live, "a-1");
+            assert!(valid_database(&t).is_ok(), "{t}");
+            assert!(!RETENTION_TABLES.contains(&t.as_str()));
+        }
+        assert!(valid_shadow("a-1").is_ok());
+        for bad in ["", "A", "a_b", "a;b", "a b"] {
+            assert!(valid_shadow(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

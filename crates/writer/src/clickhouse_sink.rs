@@ -43,6 +43,24 @@ pub struct SinkTopics {
     pub dlq: String,
 }
 
+/// The tables the sink writes: the live ones, or a shadow's copies (`--shadow`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SinkTables {
+    pub events: String,
+    pub user_activity: String,
+    pub sessions: String,
+}
+
+impl Default for SinkTables {
+    fn default() -> Self {
+        Self {
+            events: "events".into(),
+            user_activity: "user_activity".into(),
+            sessions: "sessions".into(),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
     #[error("kafka: {0}")]
@@ -59,6 +77,8 @@ pub struct ClickHouseSink {
     pub consumer: KafkaConsumer,
     pub producer: KafkaProducer,
     pub topics: SinkTopics,
+    /// Where each topic's rows go.
+    pub tables: SinkTables,
     pub limits: BatchLimits,
     pub backoff: Backoff,
     /// Readiness: 503 with the reason while ClickHouse refuses every write for a reason
@@ -422,9 +442,14 @@ impl ClickHouseSink {
                 .chain(&sessions.sources)
                 .chain(&skipped),
         );
-        let ok = self.write("events", events, blocked, stop).await?
-            && self.write("user_activity", activity, blocked, stop).await?
-            && self.write("sessions", sessions, blocked, stop).await?;
+        let tables = self.tables.clone();
+        let ok = self.write(&tables.events, events, blocked, stop).await?
+            && self
+                .write(&tables.user_activity, activity, blocked, stop)
+                .await?
+            && self
+                .write(&tables.sessions, sessions, blocked, stop)
+                .await?;
         if !ok {
             // Stopped while ClickHouse was down: nothing of this batch is committed; the next
             // owner re-reads and rewrites it (idempotently).

@@ -33,7 +33,7 @@ use pulse_platform::service::ServiceContext;
 use pulse_platform::telemetry::TelemetryConfig;
 
 use crate::batch::BatchLimits;
-use crate::clickhouse_sink::{ClickHouseSink, SinkTopics};
+use crate::clickhouse_sink::{ClickHouseSink, SinkTables, SinkTopics};
 use crate::parquet_sink::{ParquetSink, ParquetTopics, RollLimits};
 use crate::retry::Backoff;
 
@@ -78,6 +78,18 @@ pub struct Config {
     /// Consumer group (default: pulse-writer-<sink>).
     #[arg(long = "group-id", env = "PULSE_WRITER_GROUP_ID")]
     pub group_id: Option<String>,
+    /// ClickHouse sink only: write the outputs of the shadow processor `<name>` (1–32 of
+    /// a-z, 0-9, -): consume `<topic>.shadow.<name>` of the user-activity and sessions
+    /// topics (not the events) in the group `<group>-shadow-<name>`, into the tables
+    /// `user_activity_shadow_<name>` and `sessions_shadow_<name>` (`-` as `_`; created at
+    /// start as copies of the live tables); refused records go to `<dlq>.shadow.<name>`.
+    /// Live tables and topics are never written. Unset: the live writer.
+    #[arg(
+        long = "shadow",
+        env = "PULSE_WRITER_SHADOW",
+        value_parser = parse_shadow_name
+    )]
+    pub shadow: Option<String>,
     /// A batch is written at this many rows...
     #[arg(
         long = "batch-max-rows",
@@ -248,6 +260,11 @@ impl Validate for Config {
             "--parquet-max-age-ms",
             "must be >= 10",
         );
+        p.check(
+            self.shadow.is_none() || self.sink == Sink::Clickhouse,
+            "--shadow",
+            "only the ClickHouse sink (--sink clickhouse) writes a shadow's tables",
+        );
         self.clickhouse.validate(p);
         if self.sink == Sink::Parquet {
             self.s3.validate(p);
@@ -283,12 +300,89 @@ pub enum Error {
     ClickHouseSettings(#[source] migrate::MigrateError),
 }
 
+/// `--shadow`'s value parser (clap names the flag in its error).
+fn parse_shadow_name(s: &str) -> Result<String, String> {
+    topics::validate_shadow_name(s).map(str::to_owned)
+}
+
+/// Service name of a shadow writer (`--shadow`): its metrics carry
+/// `service="writer-shadow"`, its traces `service.name=writer-shadow`.
+pub const SHADOW_SERVICE: &str = "writer-shadow";
+
+/// [`SHADOW_SERVICE`] when the command line or environment asks for a shadow, else
+/// [`SERVICE`] (a command line that does not parse is reported by the service's `main`).
+pub fn service_name() -> &'static str {
+    service_name_of(std::env::args_os())
+}
+
+/// [`service_name`] of the command line `args` (and the environment).
+pub fn service_name_of<I, T>(args: I) -> &'static str
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    use clap::Parser as _;
+    match Config::try_parse_from(args) {
+        Ok(c) if c.shadow.is_some() => SHADOW_SERVICE,
+        _ => SERVICE,
+    }
+}
+
 impl Config {
+    /// The consumer group: `--group-id` or `pulse-writer-<sink>`; for a shadow,
+    /// `<that>-shadow-<name>`.
     pub fn group(&self) -> String {
-        self.group_id.clone().unwrap_or_else(|| match self.sink {
+        let group = self.group_id.clone().unwrap_or_else(|| match self.sink {
             Sink::Clickhouse => "pulse-writer-clickhouse".into(),
             Sink::Parquet => "pulse-writer-parquet".into(),
-        })
+        });
+        match &self.shadow {
+            Some(name) => topics::shadow_group(&group, name),
+            None => group,
+        }
+    }
+
+    fn output(&self, live: &str) -> String {
+        match &self.shadow {
+            Some(name) => topics::shadow_topic(live, name),
+            None => live.to_owned(),
+        }
+    }
+
+    /// The ClickHouse sink's topics: for a shadow, the shadow copies of the aggregate
+    /// topics and the DLQ (the events topic stays the live one's, and is not consumed).
+    pub fn sink_topics(&self) -> SinkTopics {
+        SinkTopics {
+            events: self.events_topic.clone(),
+            user_activity: self.output(&self.user_activity_topic),
+            sessions: self.output(&self.sessions_topic),
+            dlq: self.output(&self.dlq_topic),
+        }
+    }
+
+    /// The topics the ClickHouse sink consumes: all three, or for a shadow its two
+    /// aggregate topics.
+    pub fn consumed_topics(&self) -> Vec<String> {
+        let t = self.sink_topics();
+        if self.shadow.is_some() {
+            vec![t.user_activity, t.sessions]
+        } else {
+            vec![t.events, t.user_activity, t.sessions]
+        }
+    }
+
+    /// The ClickHouse tables written: the live ones, or the shadow's copies.
+    pub fn sink_tables(&self) -> SinkTables {
+        match &self.shadow {
+            Some(name) => SinkTables {
+                // Never written by a shadow (it does not consume the events topic); a
+                // name that does not exist keeps it that way if that ever changed.
+                events: migrate::shadow_table("events", name),
+                user_activity: migrate::shadow_table("user_activity", name),
+                sessions: migrate::shadow_table("sessions", name),
+            },
+            None => SinkTables::default(),
+        }
     }
 }
 
@@ -300,6 +394,10 @@ pub async fn build_clickhouse(config: &Config) -> Result<ClickHouseSink, Error> 
         let applied = migrate::migrate(&config.clickhouse).await?;
         tracing::info!(?applied, "ClickHouse migrations applied");
     }
+    if let Some(name) = &config.shadow {
+        let tables = migrate::create_shadow_tables(&config.clickhouse, name).await?;
+        tracing::info!(?tables, "shadow tables ready");
+    }
     clickhouse_sink(config)
 }
 
@@ -308,12 +406,15 @@ async fn ensure_clickhouse_topics(config: &Config) -> Result<(), Error> {
 }
 
 async fn ensure_clickhouse_topics_of(config: &Config) -> Result<(), TopicError> {
-    let topics = [
-        (TopicKind::Events, &config.events_topic),
-        (TopicKind::Aggregates, &config.user_activity_topic),
-        (TopicKind::Aggregates, &config.sessions_topic),
-        (TopicKind::Dlq, &config.dlq_topic),
+    let t = config.sink_topics();
+    let mut topics = vec![
+        (TopicKind::Aggregates, &t.user_activity),
+        (TopicKind::Aggregates, &t.sessions),
+        (TopicKind::Dlq, &t.dlq),
     ];
+    if config.shadow.is_none() {
+        topics.insert(0, (TopicKind::Events, &t.events));
+    }
     let specs: Vec<TopicSpec> = topics
         .iter()
         .map(|(kind, t)| TopicSpec::of(*kind, t.as_str(), config.kafka.partitions))
@@ -325,27 +426,20 @@ async fn ensure_clickhouse_topics_of(config: &Config) -> Result<(), TopicError> 
 /// The ClickHouse sink loop: its consumer joins the group here, so only once ClickHouse
 /// answered (and the migrations are applied).
 fn clickhouse_sink(config: &Config) -> Result<ClickHouseSink, Error> {
+    let consumed = config.consumed_topics();
     let (consumer, _rebalances) = KafkaConsumer::new(
         &config.kafka,
         "pulse-writer",
         &config.group(),
-        &[
-            &config.events_topic,
-            &config.user_activity_topic,
-            &config.sessions_topic,
-        ],
+        &consumed.iter().map(String::as_str).collect::<Vec<_>>(),
     )?;
     Ok(ClickHouseSink {
         insert_timeout: Duration::from_millis(config.insert_timeout_ms),
         client: config.clickhouse.client(),
         consumer,
         producer: KafkaProducer::new(&config.kafka, "pulse-writer")?,
-        topics: SinkTopics {
-            events: config.events_topic.clone(),
-            user_activity: config.user_activity_topic.clone(),
-            sessions: config.sessions_topic.clone(),
-            dlq: config.dlq_topic.clone(),
-        },
+        topics: config.sink_topics(),
+        tables: config.sink_tables(),
         limits: BatchLimits {
             max_rows: config.batch_max_rows,
             max_bytes: config.batch_max_bytes,
@@ -448,7 +542,7 @@ pub async fn run(config: Config, ctx: ServiceContext) -> Result<(), Error> {
         Sink::Parquet => "parquet",
         Sink::Clickhouse => "clickhouse",
     };
-    crate::metrics::init(sink_label, &config.dlq_topic);
+    crate::metrics::init(sink_label, &config.sink_topics().dlq);
     startup::describe(sink_label);
     match config.sink {
         Sink::Parquet => {
@@ -503,7 +597,12 @@ pub async fn run(config: Config, ctx: ServiceContext) -> Result<(), Error> {
             );
             let retention = {
                 let cfg = config.clickhouse.clone();
-                let days = config.retention_days;
+                // A shadow's tables are not trimmed (it is short-lived; discard drops them).
+                let days = if config.shadow.is_some() {
+                    0
+                } else {
+                    config.retention_days
+                };
                 tokio::spawn(async move {
                     if days == 0 {
                         return;
@@ -618,6 +717,67 @@ mod tests {
         );
         assert!(pulse_platform::config::validate_all(&[&cfg]).is_ok());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_shadow_writer_reads_only_the_shadow_topics_into_the_shadow_tables() {
+        let live = Config::try_parse_from(["pulse-writer"]).unwrap();
+        assert_eq!(live.group(), "pulse-writer-clickhouse");
+        assert_eq!(live.sink_tables(), SinkTables::default());
+        assert_eq!(
+            live.consumed_topics(),
+            [topics::EVENTS, topics::USER_ACTIVITY, topics::SESSIONS]
+        );
+        let c = Config::try_parse_from(["pulse-writer", "--shadow", "gap-10m"]).unwrap();
+        assert!(pulse_platform::config::validate_all(&[&c]).is_ok());
+        assert_eq!(c.group(), "pulse-writer-clickhouse-shadow-gap-10m");
+        assert_eq!(
+            c.consumed_topics(),
+            [
+                "pulse.user-activity.v1.shadow.gap-10m",
+                "pulse.sessions.v1.shadow.gap-10m"
+            ]
+        );
+        assert_eq!(c.sink_topics().dlq, "pulse.events.dlq.v1.shadow.gap-10m");
+        let tables = c.sink_tables();
+        assert_eq!(tables.user_activity, "user_activity_shadow_gap_10m");
+        assert_eq!(tables.sessions, "sessions_shadow_gap_10m");
+        let live_tables = SinkTables::default();
+        for t in [&tables.events, &tables.user_activity, &tables.sessions] {
+            assert!(
+                ![
+                    &live_tables.events,
+                    &live_tables.user_activity,
+                    &live_tables.sessions
+                ]
+                .contains(&t),
+                "{t}"
+            );
+        }
+        for t in c.consumed_topics().iter().chain([&c.sink_topics().dlq]) {
+            assert!(!topics::ALL_DATA_TOPICS.contains(&t.as_str()), "{t}");
+        }
+    }
+
+    #[test]
+    fn a_shadow_writer_runs_as_its_own_service() {
+        assert_eq!(
+            service_name_of(["pulse-writer", "--shadow", "x"]),
+            SHADOW_SERVICE
+        );
+        assert_eq!(service_name_of(["pulse-writer"]), SERVICE);
+    }
+
+    #[test]
+    fn a_shadow_is_for_the_clickhouse_sink_with_a_valid_name() {
+        let c =
+            Config::try_parse_from(["pulse-writer", "--sink", "parquet", "--shadow", "x"]).unwrap();
+        let problems = pulse_platform::config::validate_all(&[&c]).unwrap_err().0;
+        assert!(problems.iter().any(|p| p.key == "--shadow"), "{problems:?}");
+        let err = Config::try_parse_from(["pulse-writer", "--shadow", "Not_Ok"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--shadow"), "{err}");
     }
 
     #[test]

@@ -157,6 +157,10 @@ fn row_footprint(row: &ArchiveRow) -> usize {
         text += k.len() + v.len();
         heap += alloc_bytes(k.capacity()) + alloc_bytes(v.capacity());
     }
+    if let Some(t) = &row.source_trace_id {
+        text += t.len();
+        heap += alloc_bytes(t.capacity());
+    }
     let proto = row.event_proto.len();
     heap += alloc_bytes(row.event_proto.capacity());
     heap + text + proto + proto / 2 + ENCODE_ROW_OVERHEAD
@@ -632,6 +636,7 @@ mod tests {
             kafka_partition: partition,
             kafka_offset: offset,
             event_proto: vec![0; proto_len],
+            source_trace_id: None,
         }
     }
 

@@ -71,7 +71,9 @@ fn clickhouse_failure(e: MigrateError) -> Failure {
     use clickhouse::error::Error as E;
     let source = match &e {
         MigrateError::Sql { source, .. } | MigrateError::Query { source, .. } => source,
-        MigrateError::InvalidDatabase(_) | MigrateError::InvalidDate(_) => {
+        MigrateError::InvalidDatabase(_)
+        | MigrateError::InvalidDate(_)
+        | MigrateError::InvalidShadow(_) => {
             return Failure::Fatal(Error::ClickHouseSettings(e));
         }
     };
@@ -97,6 +99,18 @@ fn clickhouse_failure(e: MigrateError) -> Failure {
 
 /// One attempt: the migrations (with `--migrate`), else a `SELECT 1`.
 async fn clickhouse_attempt(config: &Config) -> Result<(), Failure> {
+    migrate_or_check(config).await?;
+    // A shadow writer's tables: copies of the live ones, made once these exist.
+    if let Some(name) = &config.shadow {
+        let tables = migrate::create_shadow_tables(&config.clickhouse, name)
+            .await
+            .map_err(clickhouse_failure)?;
+        tracing::info!(?tables, "shadow tables ready");
+    }
+    Ok(())
+}
+
+async fn migrate_or_check(config: &Config) -> Result<(), Failure> {
     if config.migrate {
         let applied = migrate::migrate(&config.clickhouse)
             .await

@@ -156,10 +156,66 @@ The enabled components as a list of dicts: the table's facts plus `name` and `va
 {{- $c := index $table $name -}}
 {{- $v := index $.Values $c.key -}}
 {{- if $v.enabled -}}
-{{- $out = append $out (merge (dict "name" $name "values" $v) $c) -}}
+{{- $out = append $out (merge (dict "name" $name "values" $v "image" (include "pulse.image" $)) $c) -}}
 {{- end -}}
+{{- end -}}
+{{- with include "pulse.shadowComponents" . | fromYaml -}}
+{{- $out = concat $out .items -}}
 {{- end -}}
 {{- toYaml (dict "items" $out) -}}
+{{- end -}}
+
+{{/*
+The shadow's components (shadow.enabled): `<live>-shadow` for the processor and the
+ClickHouse writer. Each is its live component (the table's facts, its values) with
+`--shadow <name>` added to the args, its own admin port (a pod of its own, but distinct
+ports let both run on one host, as chart_runs.py does), its own image (shadow.image) and
+the values of shadow.processor / shadow.writer over the live block's (config merged,
+non-empty lists and resources replace). `shadow: true` keeps it out of the HPA, KEDA, PDB
+and the live ServiceMonitors; `live` names the counterpart whose serverTls setting it
+follows. Values that are not copied: autoscaling and pdb (off), the Service (ClusterIP,
+no annotations).
+*/}}
+{{- define "pulse.shadowComponents" -}}
+{{- $s := .Values.shadow -}}
+{{- if $s.enabled -}}
+{{- $table := include "pulse.componentTable" . | fromYaml -}}
+{{- $image := include "pulse.image" . -}}
+{{- if or $s.image.repository $s.image.tag -}}
+{{- $image = printf "%s:%s" (default .Values.image.repository $s.image.repository) (default (default .Chart.AppVersion .Values.image.tag) $s.image.tag) -}}
+{{- end -}}
+{{- $out := list -}}
+{{- range $spec := list (list "processor" "processor" 9112) (list "writer-clickhouse" "writer" 9113) -}}
+{{- $live := index $spec 0 -}}
+{{- $c := deepCopy (index $table $live) -}}
+{{- $lv := index $.Values $c.key -}}
+{{- if not $lv.enabled -}}
+{{- fail (printf "shadow.enabled needs %s.enabled: the shadow runs beside the live %s" $c.key $live) -}}
+{{- end -}}
+{{- $sv := index $s (index $spec 1) -}}
+{{- $v := deepCopy $lv -}}
+{{- $_ := set $v "replicas" $sv.replicas -}}
+{{- range $k := list "resources" "extraArgs" "extraEnv" -}}
+{{- if index $sv $k -}}
+{{- $_ := set $v $k (index $sv $k) -}}
+{{- end -}}
+{{- end -}}
+{{- $_ := set $v "config" (merge (deepCopy ($sv.config | default dict)) ($lv.config | default dict)) -}}
+{{- $_ := set $v "autoscaling" (merge (dict "enabled" false) $lv.autoscaling) -}}
+{{- $_ := set $v "pdb" (dict "enabled" false) -}}
+{{- $_ := set $v "service" (dict "type" "ClusterIP" "annotations" dict) -}}
+{{- $_ := set $c "args" (concat $c.args (list "--shadow" $s.name)) -}}
+{{- $_ := set $c "ports" (dict "admin" (index $spec 2)) -}}
+{{- $_ := set $c "key" (printf "shadow.%s" (index $spec 1)) -}}
+{{- $name := printf "%s-shadow" $live -}}
+{{- $full := printf "%s-%s" (include "pulse.fullname" $) $name -}}
+{{- if gt (len $full) 63 -}}
+{{- fail (printf "shadow.enabled: the Service name %s is %d characters, more than Kubernetes' 63; shorten the release name or set fullnameOverride (at most %d characters)" $full (len $full) (sub 62 (len $name))) -}}
+{{- end -}}
+{{- $out = append $out (merge (dict "name" $name "live" $live "shadow" true "values" $v "image" $image) $c) -}}
+{{- end -}}
+{{- toYaml (dict "items" $out) -}}
+{{- end -}}
 {{- end -}}
 
 {{/* Secret name (chart-created or existing). */}}
@@ -381,7 +437,8 @@ PULSE_S3_SSE_KMS_KEY_ID: {{ . | quote }}
 {{/*
 Files mounted from Secrets (never with subPath, so an edited Secret reaches the running
 pod): the ClickHouse CA (containers using ClickHouse), the registry's users file (the
-registry) and a registry client's password (ingest, processor, the schemas Job). Each
+registry), a registry client's password and, when the registry serves TLS, the CA it
+trusts (ingest, processor, the schemas Job). Each
 takes (dict "root" $ "c" component); the Jobs pass a c of their own (`uses`, `name`).
 */}}
 {{- define "pulse.fileVolumeMounts" -}}
@@ -399,6 +456,11 @@ takes (dict "root" $ "c" component); the Jobs pass a c of their own (`uses`, `na
 {{- if and $auth.enabled (has "registry" .c.uses) }}
 - name: registry-client
   mountPath: /etc/pulse/registry-client
+  readOnly: true
+{{- end }}
+{{- if and (has "registry" .c.uses) (include "pulse.registryTlsOn" .root) }}
+- name: registry-ca
+  mountPath: /etc/pulse/registry-ca
   readOnly: true
 {{- end }}
 {{- end -}}
@@ -431,11 +493,24 @@ takes (dict "root" $ "c" component); the Jobs pass a c of their own (`uses`, `na
       - key: {{ ternary "registry-write-password" "registry-read-password" (eq .c.name "schemas") }}
         path: password
 {{- end }}
+{{- if and (has "registry" .c.uses) (include "pulse.registryTlsOn" .root) }}
+{{- $t := .root.Values.serverTls }}
+- name: registry-ca
+  secret:
+    secretName: {{ default (required "serverTls.secret is required when serverTls.enabled is true" $t.secret) $t.caSecret }}
+    items:
+      - key: {{ $t.caKey }}
+        path: {{ $t.caKey }}
+{{- end }}
 {{- end -}}
 
-{{/* Registry auth settings of a component (ConfigMap / Job env map): (dict "root" $ "c" c). */}}
+{{/* Registry auth settings of a component (ConfigMap / Job env map), and the CA a registry
+client trusts when the registry serves TLS: (dict "root" $ "c" c). */}}
 {{- define "pulse.settings.registryAuth" -}}
 {{- $auth := .root.Values.schemaRegistry.auth -}}
+{{- if and (has "registry" .c.uses) (include "pulse.registryTlsOn" .root) }}
+PULSE_SCHEMA_REGISTRY_CA_FILE: {{ printf "/etc/pulse/registry-ca/%s" .root.Values.serverTls.caKey }}
+{{- end }}
 {{- if $auth.enabled }}
 {{- if eq .c.name "schema-registry" }}
 PULSE_REGISTRY_AUTH_FILE: /etc/pulse/registry-auth/users
@@ -476,10 +551,11 @@ securityContext:
   {{- toYaml .Values.podSecurityContext | nindent 2 }}
 {{- end -}}
 
-{{/* A pulsectl container: (dict "root" $ "name" "x" "args" list "env" yaml-string). */}}
+{{/* A pulsectl container: (dict "root" $ "name" "x" "args" list "env" yaml-string), optional
+"mounts" (yaml-string) and "image" (default: the chart's). */}}
 {{- define "pulse.pulsectlContainer" -}}
 - name: {{ .name }}
-  image: {{ include "pulse.image" .root | quote }}
+  image: {{ default (include "pulse.image" .root) .image | quote }}
   imagePullPolicy: {{ .root.Values.image.pullPolicy }}
   command: [pulsectl]
   args:
@@ -508,6 +584,20 @@ spec:
   {{- include "pulse.jobPodSpec" .root | nindent 2 }}
   containers:
     {{- include "pulse.pulsectlContainer" (dict "root" .root "name" "schemas" "args" (list "schemas" "register") "env" .env "mounts" (include "pulse.fileVolumeMounts" .ctx | trim)) | nindent 4 }}
+    {{- $s := .root.Values.shadow }}
+    {{- if $s.enabled }}
+    {{- /* The shadow's output subjects (`<topic>.shadow.<name>`), named after the live
+    topics the processor is given; the shadow processor is ready only once they exist. */}}
+    {{- $env := .env }}
+    {{- range $k := list "PULSE_USER_ACTIVITY_TOPIC" "PULSE_SESSIONS_TOPIC" }}
+    {{- with index ($.root.Values.processor.config | default dict) $k }}
+    {{- $env = printf "%s\n- name: %s\n  value: %s" $env $k (toString . | quote) }}
+    {{- end }}
+    {{- end }}
+    {{- /* pulsectl of the shadow's image: the schemas its processor produces with. */}}
+    {{- $image := (index (include "pulse.shadowComponents" .root | fromYaml).items 0).image }}
+    {{- include "pulse.pulsectlContainer" (dict "root" .root "name" "shadow-schemas" "image" $image "args" (list "shadow" "schemas" "--shadow" $s.name) "env" $env "mounts" (include "pulse.fileVolumeMounts" .ctx | trim)) | nindent 4 }}
+    {{- end }}
   {{- with include "pulse.fileVolumes" .ctx | trim }}
   volumes:
     {{- . | nindent 4 }}
@@ -521,13 +611,13 @@ ConfigMap; the volumes are pulse.serverTlsVolumeMounts / pulse.serverTlsVolumes.
 */}}
 {{- define "pulse.serverTlsOn" -}}
 {{- $t := .root.Values.serverTls -}}
-{{- if and $t.enabled (has .c.name $t.components) }}true{{ end -}}
+{{- if and $t.enabled (has (default .c.name .c.live) $t.components) }}true{{ end -}}
 {{- end -}}
 
 {{/* "true" for a component whose only server is its admin server (the processor, the
 writers): listed in serverTls.components, that server speaks TLS. */}}
 {{- define "pulse.adminOnly" -}}
-{{- if has .c.name (list "processor" "writer-clickhouse" "writer-parquet") }}true{{ end -}}
+{{- if has (default .c.name .c.live) (list "processor" "writer-clickhouse" "writer-parquet") }}true{{ end -}}
 {{- end -}}
 
 {{/* "true" when a component's admin port speaks TLS: listed, and serverTls.admin or a
@@ -536,12 +626,36 @@ component with only an admin server. */}}
 {{- if and (include "pulse.serverTlsOn" .) (or .root.Values.serverTls.admin (include "pulse.adminOnly" .)) }}true{{ end -}}
 {{- end -}}
 
+{{/* "true" when a component's HTTP/gRPC ports require client certificates of
+serverTls.clientCaSecret: listed, not admin-only, and not the schema registry (its clients,
+ingest, the processor and the schemas Job, have no client certificate to present). */}}
+{{- define "pulse.clientCaOn" -}}
+{{- if and (include "pulse.serverTlsOn" .) .root.Values.serverTls.clientCaSecret (not (include "pulse.adminOnly" .)) (ne .c.name "schema-registry") }}true{{ end -}}
+{{- end -}}
+
+{{/* "true" when this release's schema registry serves TLS (serverTls on, `schema-registry`
+listed); its clients then get the https:// URL and the CA file. Call with $. */}}
+{{- define "pulse.registryTlsOn" -}}
+{{- $t := .Values.serverTls -}}
+{{- if and $t.enabled (has "schema-registry" $t.components) }}true{{ end -}}
+{{- end -}}
+
+{{/* The URL of this release's schema registry: https:// when it serves TLS. Call with $. */}}
+{{- define "pulse.registryURL" -}}
+{{- $url := include "pulse.serviceURL" (list . "schema-registry" "http") -}}
+{{- if include "pulse.registryTlsOn" . -}}
+{{- $url | replace "http://" "https://" -}}
+{{- else -}}
+{{- $url -}}
+{{- end -}}
+{{- end -}}
+
 {{- define "pulse.settings.serverTls" -}}
 {{- $t := .root.Values.serverTls -}}
 {{- if and (include "pulse.serverTlsOn" .) (not (include "pulse.adminOnly" .)) }}
 PULSE_TLS_CERT_FILE: /etc/pulse/tls/tls.crt
 PULSE_TLS_KEY_FILE: /etc/pulse/tls/tls.key
-{{- if $t.clientCaSecret }}
+{{- if include "pulse.clientCaOn" . }}
 PULSE_TLS_CLIENT_CA_FILE: {{ printf "/etc/pulse/tls-client-ca/%s" $t.clientCaKey }}
 {{- end }}
 {{- end }}
@@ -556,7 +670,7 @@ PULSE_ADMIN_TLS_KEY_FILE: /etc/pulse/tls/tls.key
 - name: server-tls
   mountPath: /etc/pulse/tls
   readOnly: true
-{{- if and .root.Values.serverTls.clientCaSecret (not (include "pulse.adminOnly" .)) }}
+{{- if include "pulse.clientCaOn" . }}
 - name: server-tls-client-ca
   mountPath: /etc/pulse/tls-client-ca
   readOnly: true
@@ -576,7 +690,7 @@ PULSE_ADMIN_TLS_KEY_FILE: /etc/pulse/tls/tls.key
         path: tls.crt
       - key: tls.key
         path: tls.key
-{{- if and $t.clientCaSecret (not (include "pulse.adminOnly" .)) }}
+{{- if include "pulse.clientCaOn" . }}
 - name: server-tls-client-ca
   secret:
     secretName: {{ $t.clientCaSecret }}

@@ -3,6 +3,11 @@
 //! 1. **Windowing core**: `pulse_processor::engine::Engine` alone (no Kafka) folds a
 //!    generated stream of out-of-order events from many users and emits early and final
 //!    results as processing time advances. Prints events/s and events per CPU-second.
+//!    Then the same with each event read from a record as ingest writes it (**core +
+//!    decode**: its trace context extracted from the headers, the Confluent-framed
+//!    protobuf decoded by `pulse_processor::model::decode` with `pulse-ingest-ts`), the
+//!    figure of issue #19's goal (>= 300,000 events per CPU-second), printed beside the
+//!    **decode** alone (extract + decode, no engine: the floor under it).
 //! 2. **Whole loop vs raw consumer**: the same kind of stream is produced once to a topic,
 //!    as ingest writes it (its event fields and record headers), and read once unmeasured;
 //!    then a raw consumer (the platform's `KafkaConsumer`, a fresh group, nothing done per
@@ -27,13 +32,14 @@ use anyhow::{Context as _, Result, bail};
 use clap::Parser;
 use prost::Message as _;
 use pulse_contracts::pb::events::v1 as ev;
-use pulse_contracts::{headers, schemas, wire};
+use pulse_contracts::{headers, schemas, trace_context, wire};
 use pulse_platform::kafka::{
     KafkaConfig, KafkaConsumer, KafkaProducer, OutRecord, TopicSpec, ensure_topics,
 };
 use pulse_processor::engine::Engine;
-use pulse_processor::model::{InputEvent, TimeConfig};
+use pulse_processor::model::{self, InputEvent, TimeConfig};
 use pulse_tests::cpu_seconds;
+use rdkafka::message::OwnedHeaders;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
@@ -49,6 +55,9 @@ struct Args {
     /// Events fed to the windowing core.
     #[arg(long, default_value_t = 1_000_000)]
     core_events: usize,
+    /// The goal of the core with decoding, events per CPU-second (issue #19).
+    #[arg(long, default_value_t = 300_000.0)]
+    core_goal: f64,
     /// The core emits (early results, and finals the watermark allows) after every this
     /// many events: one emit tick of the loop (1 s) at ~10k events/s.
     #[arg(long, default_value_t = 10_000)]
@@ -204,6 +213,81 @@ fn bench_core(events: &[InputEvent], partitions: i32, emit_every: usize) -> (Fig
     )
 }
 
+/// A benchmark event as ingest writes it to the events topic: the framed value and the
+/// headers (trace context, event id, ingest time).
+fn record(e: &InputEvent) -> (Vec<u8>, OwnedHeaders) {
+    let h = pulse_tests::ingest_trace_headers(&traceparent(e.offset));
+    let h = headers::with_str(h, headers::EVENT_ID, &e.event_id);
+    let h = headers::with_str(h, headers::INGEST_TS, &e.ingest_ms.to_string());
+    (wire::frame(1, &[0], &to_event(e).encode_to_vec()), h)
+}
+
+/// What the processor loop does with a record before the engine: the trace context
+/// extracted (the parent of its span) and the value decoded.
+fn read(partition: i32, offset: i64, value: &[u8], h: &OwnedHeaders) -> Option<InputEvent> {
+    let parent = trace_context::extract(Some(h));
+    std::hint::black_box(&parent);
+    model::decode(partition, offset, value, Some(h.as_borrowed()))
+}
+
+/// The core with each event read from its record ([`read`]): `engine` false measures the
+/// reading alone.
+fn bench_core_decoded(
+    events: &[InputEvent],
+    partitions: i32,
+    emit_every: usize,
+    engine_too: bool,
+) -> (Figures, u64) {
+    let records: Vec<(Vec<u8>, OwnedHeaders)> = events.iter().map(record).collect();
+    let mut engine = Engine::new(time_config());
+    let start_ms = events.first().map(|e| e.ingest_ms).unwrap_or_default();
+    for p in 0..partitions {
+        engine.assign(p, start_ms);
+    }
+    let mut outputs = 0u64;
+    let mut undecoded = 0u64;
+    let cpu0 = cpu_seconds(None);
+    let t0 = Instant::now();
+    let every = emit_every.max(1);
+    for (chunk, recs) in events.chunks(every).zip(records.chunks(every)) {
+        let now = chunk.last().map(|e| e.ingest_ms).unwrap_or(start_ms);
+        for (e, (value, h)) in chunk.iter().zip(recs) {
+            match read(e.partition, e.offset, value, h) {
+                Some(input) if engine_too => {
+                    engine.process(&input, now);
+                }
+                Some(input) => {
+                    std::hint::black_box(input);
+                }
+                None => undecoded += 1,
+            }
+        }
+        if engine_too {
+            let out = engine.emit(now, true);
+            outputs += (out.activity.len() + out.sessions.len()) as u64;
+        }
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(None) - cpu0;
+    if undecoded > 0 {
+        eprintln!("warning: {undecoded} benchmark records did not decode");
+    }
+    (
+        Figures {
+            name: if engine_too {
+                "core + decode"
+            } else {
+                "decode"
+            },
+            events: events.len(),
+            secs,
+            cpu,
+            broker_cpu: f64::NAN,
+        },
+        outputs,
+    )
+}
+
 fn to_event(e: &InputEvent) -> ev::Event {
     ev::Event {
         event_id: e.event_id.clone(),
@@ -246,16 +330,10 @@ async fn produce(kafka: &KafkaConfig, topic: &str, events: &[InputEvent]) -> Res
     let producer = KafkaProducer::new(kafka, "bench-processor-load")?;
     let mut acks = Vec::with_capacity(10_000);
     for e in events {
-        // The headers ingest puts on every record.
-        let h = pulse_tests::ingest_trace_headers(&traceparent(e.offset));
-        let h = headers::with_str(h, headers::EVENT_ID, &e.event_id);
-        let h = headers::with_str(h, headers::INGEST_TS, &e.ingest_ms.to_string());
-        let rec = OutRecord::new(
-            topic,
-            Some(e.user_id.clone().into_bytes()),
-            wire::frame(1, &[0], &to_event(e).encode_to_vec()),
-        )
-        .with_headers(h);
+        // The value and headers ingest puts on every record.
+        let (value, h) = record(e);
+        let rec =
+            OutRecord::new(topic, Some(e.user_id.clone().into_bytes()), value).with_headers(h);
         acks.push(
             producer
                 .enqueue_with_wait(rec, Duration::from_secs(60))
@@ -467,6 +545,15 @@ async fn main() -> Result<()> {
     // 1. The core, before any Kafka client exists (so its CPU time is its own).
     let core_events = stream(args.core_events, args.users, args.step_ms, args.partitions);
     let (core, outputs_core) = bench_core(&core_events, args.partitions, args.core_emit_every);
+    let (decode_only, _) =
+        bench_core_decoded(&core_events, args.partitions, args.core_emit_every, false);
+    let (core_decoded, outputs_decoded) =
+        bench_core_decoded(&core_events, args.partitions, args.core_emit_every, true);
+    if outputs_decoded != outputs_core {
+        eprintln!(
+            "warning: the core emitted {outputs_core} results from the events and {outputs_decoded} from their records"
+        );
+    }
     drop(core_events);
 
     // 2. The loop against the broker.
@@ -545,6 +632,8 @@ async fn main() -> Result<()> {
         "vs raw"
     );
     print(&core, None);
+    print(&decode_only, None);
+    print(&core_decoded, None);
     let mut ratios = Vec::new();
     for (i, raw) in raws.iter().enumerate() {
         print(raw, Some(baseline));
@@ -576,6 +665,19 @@ async fn main() -> Result<()> {
     println!(
         "loop vs raw (each loop run against the mean of the raw runs either side): {}",
         pulse_tests::ratio_summary(&ratios)
+    );
+    // The core's goal, beside its floor (reading the records alone) measured in this run.
+    println!(
+        "core + decode: {:.0} events/cpu-s, goal >= {:.0}: {}; decode alone {:.0} events/cpu-s ({:.0} % of the core + decode CPU)",
+        core_decoded.per_cpu(),
+        args.core_goal,
+        if core_decoded.per_cpu() >= args.core_goal {
+            "pass"
+        } else {
+            "FAIL"
+        },
+        decode_only.per_cpu(),
+        100.0 * decode_only.cpu / core_decoded.cpu
     );
     Ok(())
 }

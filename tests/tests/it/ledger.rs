@@ -25,6 +25,22 @@ use tokio_util::sync::CancellationToken;
 use crate::support::child_process::binary;
 use crate::support::{archive, cleanup, events, kafka, metric_sum, registry, wait_until};
 
+/// The archive objects in the hour folders of `[from, to)` under `prefix`.
+async fn archive_objects(prefix: &str, from: i64, to: i64) -> usize {
+    use pulsectl::replay::read;
+    let mut s3 = pulse_tests::s3();
+    s3.prefix = prefix.to_owned();
+    let store = s3.object_store().unwrap();
+    let mut n = 0;
+    for bucket in read::hour_folders(from, to) {
+        n += read::list_folder(store.as_ref(), &read::folder_path(&s3, &bucket))
+            .await
+            .unwrap()
+            .len();
+    }
+    n
+}
+
 /// 2025-11-24T16:00:00Z: an hour boundary in the past.
 const B0: i64 = 1_764_000_000_000 / 3_600_000 * 3_600_000;
 const M: i64 = 60_000;
@@ -71,6 +87,11 @@ async fn pipeline() -> Pipeline {
         "pulse-processor",
         "--kafka-brokers",
         &kafka.brokers,
+        // The settings the chart run creates the fixed topics (the checkpoints) with.
+        "--kafka-replication-factor",
+        "1",
+        "--kafka-min-insync-replicas",
+        "1",
         "--schema-registry-url",
         &format!("http://{}", registry.addr),
         "--group-id",
@@ -243,7 +264,7 @@ impl Pipeline {
     }
 
     async fn ledger(&self, from: i64, to: i64) -> Report {
-        check(from, to, &self.sources()).await.unwrap()
+        check(from, to, &self.sources(), None).await.unwrap()
     }
 
     async fn produce(&self, es: &[ev::Event]) {
@@ -386,12 +407,12 @@ async fn the_ledger_reconciles_a_clean_range_and_names_what_a_store_lost() {
     // A range holding more events than the memory budget is refused, naming the knob.
     let mut small = p.sources();
     small.max_held_events = 10;
-    let e = check(B0, B0 + 2 * M, &small).await.unwrap_err();
+    let e = check(B0, B0 + 2 * M, &small, None).await.unwrap_err();
     assert!(matches!(e, LedgerError::OverBudget { max: 10, .. }), "{e}");
     assert!(e.to_string().contains("--max-held-events"), "{e}");
 
     // A range that is not closed yet is refused, naming why.
-    let e = check(B0 + 10 * M, B0 + 11 * M, &p.sources())
+    let e = check(B0 + 10 * M, B0 + 11 * M, &p.sources(), None)
         .await
         .unwrap_err();
     assert!(matches!(e, LedgerError::NotClosed(_)), "{e}");
@@ -484,11 +505,12 @@ async fn the_ledger_reconciles_a_clean_range_and_names_what_a_store_lost() {
             "--to".to_owned(),
             to.to_string(),
         ];
-        argv.extend(p.argv(&[]));
+        argv.extend(p.argv(&["--progress-interval", "100ms"]));
         // On the blocking pool: the in-process query API must keep answering meanwhile.
         tokio::task::spawn_blocking(move || {
             std::process::Command::new(binary("pulsectl"))
                 .args(argv)
+                .env_remove("PULSE_PROGRESS")
                 .output()
                 .unwrap()
         })
@@ -509,12 +531,49 @@ async fn the_ledger_reconciles_a_clean_range_and_names_what_a_store_lost() {
         "{stderr}"
     );
     let out = run(B0 + 2 * M, B0 + 4 * M).await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success(),
-        "{}\n{}",
+        "{}\n{stderr}",
         String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
     );
+    // Its stderr is a pipe: reading the topics and the archive shows plain progress lines,
+    // each ending with a done line counting every record of the three topics and every
+    // object of the range's hour folder.
+    let mut records = 0;
+    for topic in [&p.events, &p.late, &p.dlq] {
+        records += kafka::read_to_end(&pulse_tests::kafka(), topic).await.len();
+    }
+    let objects = archive_objects(&p.prefix, B0 + 2 * M, B0 + 4 * M).await;
+    assert!(
+        records > 0 && objects > 0,
+        "{records} records, {objects} objects"
+    );
+    assert!(
+        stderr.contains(&format!("ledger topics: done, {records} records in "))
+            && stderr.contains(&format!("ledger archive: done, {objects} objects in ")),
+        "{stderr}"
+    );
+    assert!(!stderr.contains('\r'), "plain lines, no bar: {stderr:?}");
+    for line in stderr.lines().filter(|l| l.starts_with("ledger topics: ")) {
+        let rest = &line["ledger topics: ".len()..];
+        if let Some((done, total)) = rest
+            .split_whitespace()
+            .next()
+            .and_then(|c| c.split_once('/'))
+        {
+            assert!(
+                line.contains(" records/s, ETA ") && line.contains(", elapsed "),
+                "{line}"
+            );
+            assert_eq!(
+                total,
+                records.to_string(),
+                "the backlog is the total: {line}"
+            );
+            assert!(done.parse::<usize>().unwrap() <= records, "{line}");
+        }
+    }
 
     // `ledger watch` reconciles every closed window from its look-back and exports it —
     // with a memory budget of 4 events, so it defers windows and reads the events topic

@@ -8,6 +8,7 @@
 
 mod support;
 
+mod audit;
 mod clickhouse_schema;
 mod clickhouse_server;
 mod clickhouse_tls;
@@ -27,7 +28,9 @@ mod query_api;
 mod s3_server;
 mod s3_sse;
 mod schema_registry;
+mod schema_registry_tls;
 mod server_tls;
+mod shadow;
 mod topic_durability;
 mod writer_blocking;
 mod writer_clickhouse;

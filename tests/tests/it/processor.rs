@@ -53,6 +53,11 @@ fn config(
         "pulse-processor",
         "--kafka-brokers",
         &pulse_tests::kafka().brokers,
+        // The settings the chart run creates the fixed topics (the checkpoints) with.
+        "--kafka-replication-factor",
+        "1",
+        "--kafka-min-insync-replicas",
+        "1",
         "--schema-registry-url",
         &format!("http://{}", registry.addr),
         "--group-id",

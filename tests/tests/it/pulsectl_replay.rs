@@ -15,7 +15,7 @@ use pulse_contracts::{headers, trace_context, wire};
 use pulse_platform::kafka::{KafkaProducer, TopicSpec};
 use pulse_storage::archive::{ArchiveRow, encode, hour_bucket, object_key};
 use pulse_tests::short_unique;
-use pulsectl::replay::{ReplayArgs, ReplayError, replay};
+use pulsectl::replay::{ReplayArgs, ReplayError, read, replay};
 use rdkafka::Message;
 use rdkafka::message::{Headers, OwnedMessage};
 
@@ -92,6 +92,24 @@ async fn put_object(prefix: &str, hour_of: i64, topic: &str, partition: i32, row
         .put(&key, PutPayload::from(encode(rows).unwrap()))
         .await
         .unwrap();
+}
+
+/// Every archived row under `prefix` with an event time in `[from, to)`, read as replay
+/// reads them.
+async fn read_archive(prefix: &str, from: i64, to: i64) -> Vec<read::ArchivedEvent> {
+    let mut s3 = pulse_tests::s3();
+    s3.prefix = prefix.to_owned();
+    let store = s3.object_store().unwrap();
+    let mut out = Vec::new();
+    for bucket in read::hour_folders(from, to) {
+        let keys = read::list_folder(store.as_ref(), &read::folder_path(&s3, &bucket))
+            .await
+            .unwrap();
+        for key in keys {
+            out.extend(read::read_object(&store, &key, from, to).await.unwrap().1);
+        }
+    }
+    out
 }
 
 /// Every record of `topic` (all partitions, from the beginning to the current end).
@@ -205,6 +223,18 @@ async fn replay_republishes_exactly_the_archived_events_of_the_range_once_with_t
     send(&producer, &source, 1, &again, None).await;
     let prefix = short_unique("rp");
     archive_with_the_parquet_sink(&source, &dlq, &prefix).await;
+    // The archive reader sees the producer's trace id in the `source_trace_id` column of
+    // every object the sink wrote.
+    let archived_rows = read_archive(&prefix, FROM - HOUR, TO + 2 * HOUR).await;
+    assert_eq!(archived_rows.len(), times.len() + 1, "{archived_rows:?}");
+    for r in &archived_rows {
+        assert_eq!(
+            r.source_trace_id.as_deref(),
+            Some(format!("producer-{}", r.event_id).as_str()),
+            "{}",
+            r.event_id
+        );
+    }
 
     // An at-least-once re-upload: rows of e-from and e-0030 again, in another object.
     let row = |id: &str| {
@@ -299,10 +329,16 @@ async fn replay_republishes_exactly_the_archived_events_of_the_range_once_with_t
             a.proto.as_slice(),
             "{id}: the original bytes"
         );
+        let replayed = ev::Event::decode(framed.payload).unwrap();
         assert_eq!(
-            ev::Event::decode(framed.payload).unwrap().event_id,
-            id,
+            replayed.event_id, id,
             "the header names the event in the value"
+        );
+        // The producer's trace id travels in the event: stored again as `source_trace_id`.
+        assert_eq!(
+            replayed.metadata.unwrap().trace_id,
+            format!("producer-{id}"),
+            "{id}: the producer's trace id"
         );
         assert_eq!(m.key(), Some(a.user.as_bytes()));
         assert_eq!(
@@ -332,4 +368,59 @@ async fn replay_republishes_exactly_the_archived_events_of_the_range_once_with_t
         "{partition_of:?}"
     );
     registry.stop().await.unwrap();
+}
+
+/// An archive object written by the previous release's writer (no `source_trace_id`
+/// column; kept as it wrote it): `old-1` (producer trace id `abcd-1234`) at
+/// 2025-11-25T00:00Z and `old-2` (none) a minute later.
+const BEFORE_SOURCE_TRACE_ID: &[u8] =
+    include_bytes!("../../../crates/pulsectl/testdata/archive-before-source-trace-id.parquet");
+
+#[tokio::test]
+async fn objects_of_the_previous_and_the_current_archive_schema_are_read_side_by_side() {
+    let prefix = short_unique("rp_upg");
+    let topic = "pulse.events.v1";
+    // The old object where the previous writer left it, and a new one in the same folder.
+    let mut s3 = pulse_tests::s3();
+    s3.prefix = prefix.clone();
+    let key = s3.key(&object_key(&hour_bucket(MIDNIGHT), topic, 0, 120, 121));
+    s3.object_store()
+        .unwrap()
+        .put(&key, PutPayload::from(BEFORE_SOURCE_TRACE_ID.to_vec()))
+        .await
+        .unwrap();
+    let e = events::event("new-1", "u1", MIDNIGHT + 2 * MINUTE)
+        .trace_id("abcd-5678")
+        .ingested(MIDNIGHT + 2 * MINUTE + 5, "shop")
+        .build();
+    let row = ArchiveRow::from_event(&e, &e.encode_to_vec(), topic, 1, 0, None);
+    put_object(&prefix, MIDNIGHT, topic, 1, &[row]).await;
+
+    let mut rows = read_archive(&prefix, FROM, TO).await;
+    rows.sort_by(|a, b| a.event_id.cmp(&b.event_id));
+    let got: Vec<(&str, Option<&str>)> = rows
+        .iter()
+        .map(|r| (r.event_id.as_str(), r.source_trace_id.as_deref()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("new-1", Some("abcd-5678")),
+            ("old-1", None),
+            ("old-2", None)
+        ]
+    );
+    // The old object's events still carry the producer's id inside, for a replay.
+    let old = ev::Event::decode(rows[1].event_proto.as_slice()).unwrap();
+    assert_eq!(old.metadata.unwrap().trace_id, "abcd-1234");
+
+    // A dry run over both reads every object and row.
+    let s = replay(
+        &args(&prefix, topic, "http://127.0.0.1:1", &["--dry-run"]),
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!((s.objects, s.objects_failed), (2, 0), "{s:?}");
+    assert_eq!((s.rows_in_range, s.unique()), (3, 3), "{s:?}");
 }

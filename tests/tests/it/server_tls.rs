@@ -63,7 +63,7 @@ fn make_client_cert(dir: &Path, ca: &str) -> (PathBuf, PathBuf) {
 
 /// A CA (named after `name`) and a server certificate for 127.0.0.1/localhost it signed,
 /// in a folder of their own: (CA, server certificate, server key).
-fn pki(name: &str) -> (PathBuf, PathBuf, PathBuf) {
+pub(crate) fn pki(name: &str) -> (PathBuf, PathBuf, PathBuf) {
     let dir = work_dir(name);
     // A CA name of its own (its subject), so that another test CA is not mistaken for it.
     let ca_name = format!("{name}-ca");
@@ -138,7 +138,7 @@ impl Api {
 }
 
 /// An error with all its sources, as a user would read them.
-fn chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
@@ -151,7 +151,7 @@ fn chain(e: &dyn std::error::Error) -> String {
 
 /// A reqwest client that trusts only `ca` (and opens a new connection per request, so each
 /// request makes a new handshake).
-fn client_trusting(ca: &Path) -> reqwest::Client {
+pub(crate) fn client_trusting(ca: &Path) -> reqwest::Client {
     let pem = std::fs::read(ca).unwrap();
     reqwest::Client::builder()
         .tls_built_in_root_certs(false)

@@ -83,11 +83,17 @@ struct Sent {
 }
 
 /// Event `e<i>`: a purchase every third, in a session unless `i` is a multiple of 4, with
-/// a referrer and properties when `i` is even.
+/// a referrer and properties when `i` is even, and a non-W3C producer trace id
+/// (`metadata.trace_id`, as in the reference event) unless `i % 5 == 2`.
 fn event(i: i64, event_time_ms: i64) -> ev::Event {
+    let producer_trace = if i % 5 == 2 {
+        String::new()
+    } else {
+        format!("abcd-{i}")
+    };
     let mut e = events::event(format!("e{i}"), format!("u{}", i % 3), event_time_ms)
         .page(format!("/p/{i}"))
-        .trace_id(format!("producer-{i}"))
+        .trace_id(producer_trace)
         .source("web")
         .ingested(event_time_ms + 500, "shop");
     if i % 3 == 0 {
@@ -251,6 +257,7 @@ fn check_object(
         types["properties"]
     );
     assert_eq!(types["session_id"], "string");
+    assert_eq!(types["source_trace_id"], "string");
     assert_eq!(obj["codecs"], serde_json::json!(["ZSTD"]), "{key}");
     let rows = obj["rows"].as_array().unwrap();
     assert!(!rows.is_empty(), "{key} has no rows");
@@ -287,6 +294,12 @@ fn check_object(
             e.ingest.as_ref().unwrap().ingest_timestamp_ms
         );
         assert_eq!(r["trace_id"], s.trace_id.as_str());
+        // The producer's own trace id beside the W3C one; null when it sent none.
+        if m.trace_id.is_empty() {
+            assert!(r["source_trace_id"].is_null(), "{}", e.event_id);
+        } else {
+            assert_eq!(r["source_trace_id"], m.trace_id.as_str(), "{}", e.event_id);
+        }
         assert_eq!(r["source"], "web");
         assert_eq!(r["ingest_source"], "shop");
         assert_eq!(r["kafka_topic"], topic);

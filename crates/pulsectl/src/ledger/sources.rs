@@ -2,7 +2,9 @@
 //! each topic record and each archive object once): the tails of the events, late and DLQ
 //! topics feeding a [`Book`], ClickHouse (`pulse_storage::ledger`), the Parquet archive
 //! (objects cached by key: their names are deterministic and their content fixed), and
-//! the query API. Also the rule that says when a range is closed.
+//! the query API. Also the rule that says when a range is closed. With
+//! [`Sources::show_progress`], reading the topics (records) and the archive (objects)
+//! shows progress on stderr (`crate::progress`; `pulsectl ledger --from --to`).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -13,8 +15,9 @@ use pulse_storage::ledger as store;
 
 use super::book::{Book, Budget};
 use super::reconcile::{Report, Stored, reconcile};
-use super::topic::{TopicTail, open_async, read_async};
+use super::topic::{TopicTail, backlog_async, open_async, read_async};
 use super::{LedgerError, SourceArgs, revenue};
+use crate::progress::{Mode, Progress, ProgressArgs};
 use crate::replay::read;
 
 const HOUR_MS: i64 = 3_600_000;
@@ -88,6 +91,8 @@ pub struct Sources {
     bounded: bool,
     http: reqwest::Client,
     token: pulse_platform::secret::Secret,
+    /// How to show the progress of reading the topics and the archive (None: not shown).
+    progress: Option<ProgressArgs>,
 }
 
 impl std::fmt::Debug for Sources {
@@ -129,7 +134,23 @@ impl Sources {
             bounded: false,
             http: reqwest::Client::new(),
             token: args.token()?,
+            progress: None,
         })
+    }
+
+    /// Shows the progress of the next catch-ups and archive reads as `args` say.
+    pub fn show_progress(&mut self, args: &ProgressArgs) {
+        self.progress = Some(args.clone());
+    }
+
+    /// The records the topics hold beyond where their tails are (None: not known).
+    async fn backlog(&self) -> Option<u64> {
+        let t = self.args.read_timeout;
+        let mut total = 0;
+        for tail in [&self.events, &self.late, &self.dlq] {
+            total += backlog_async(tail, t).await.ok()?;
+        }
+        Some(total)
     }
 
     /// Reads what the topics got since the last call into the book, a bounded chunk at a
@@ -141,9 +162,26 @@ impl Sources {
         // after it, so reading them second finds those of all but the newest events (which
         // `reconcile` leaves out as in flight).
         // Each chunk is kept as soon as it was read: a tail does not give records twice.
-        for tail in [&self.events, &self.late, &self.dlq] {
+        let progress = match &self.progress {
+            // The backlog costs a watermark request per partition: only when shown.
+            Some(a) if a.mode != Mode::Off => {
+                Progress::start(a, "ledger topics", "records", self.backlog().await)
+            }
+            _ => Progress::hidden(),
+        };
+        let mut read = [0_usize; 3];
+        for (n, tail) in [&self.events, &self.late, &self.dlq]
+            .into_iter()
+            .enumerate()
+        {
             loop {
                 let (records, more) = read_async(tail, t).await?;
+                read[n] += records.len();
+                progress.inc(records.len() as u64);
+                progress.set_message(format!(
+                    "events {}, late {}, dlq {}",
+                    read[0], read[1], read[2]
+                ));
                 if Arc::ptr_eq(tail, &self.events) {
                     self.book.add_events(&records);
                 } else if Arc::ptr_eq(tail, &self.late) {
@@ -163,6 +201,7 @@ impl Sources {
                 }
             }
         }
+        progress.finish();
         Ok(())
     }
 
@@ -198,10 +237,27 @@ impl Sources {
     ) -> Result<HashMap<String, i64>, LedgerError> {
         let mut out = HashMap::new();
         let first_hour = from.div_euclid(HOUR_MS) * HOUR_MS;
+        // Every folder is listed first, so the progress knows how many objects to read.
+        let mut listed = Vec::new();
         for (i, bucket) in read::hour_folders(from, to).iter().enumerate() {
             let hour_ms = first_hour + i64::try_from(i).unwrap_or(0) * HOUR_MS;
             let folder = read::folder_path(&self.args.s3, bucket);
-            for key in read::list_folder(store.as_ref(), &folder).await? {
+            listed.push((hour_ms, read::list_folder(store.as_ref(), &folder).await?));
+        }
+        let to_read = listed
+            .iter()
+            .flat_map(|(_, keys)| keys)
+            .filter(|k| !self.archive_cache.contains_key(*k))
+            .count();
+        let progress = Progress::maybe(
+            self.progress.as_ref(),
+            "ledger archive",
+            "objects",
+            Some(to_read as u64),
+        );
+        let mut rows_read = 0_usize;
+        for (hour_ms, keys) in listed {
+            for key in keys {
                 if !self.archive_cache.contains_key(&key) {
                     let (_, rows) = read::read_object(store, &key, i64::MIN, i64::MAX)
                         .await
@@ -209,6 +265,9 @@ impl Sources {
                             key: key.to_string(),
                             reason: e.to_string(),
                         })?;
+                    rows_read += rows.len();
+                    progress.inc(1);
+                    progress.set_message(format!("rows {rows_read}"));
                     // Only what is still to reconcile is kept: rows of reconciled times
                     // are not, nor those of deferred windows (the object is read again).
                     let (keep_from, keep_to) =
@@ -238,6 +297,7 @@ impl Sources {
                 }
             }
         }
+        progress.finish();
         Ok(out)
     }
 

@@ -118,6 +118,17 @@ impl TopicTail {
         &self.topic
     }
 
+    /// Records between where the tail is and the current end of every partition: what a
+    /// catch-up reads now (for its progress).
+    pub fn backlog(&self, timeout: Duration) -> Result<u64, ReadError> {
+        let mut left = 0_u64;
+        for (p, next) in &self.next {
+            let (low, high) = self.consumer.fetch_watermarks(&self.topic, *p, timeout)?;
+            left += u64::try_from(high - (*next).max(low)).unwrap_or(0);
+        }
+        Ok(left)
+    }
+
     /// Reads from the given offsets again (a deferral of the book): each partition's next
     /// read starts at the lower of its position and the offset given.
     pub fn rewind(&mut self, offsets: &BTreeMap<i32, i64>) {
@@ -235,6 +246,21 @@ pub async fn read_async(
         tail.lock()
             .unwrap_or_else(PoisonError::into_inner)
             .read_chunk(timeout, CHUNK_RECORDS)
+    })
+    .await
+    .map_err(|_| ReadError::Kafka(KafkaError::Canceled))?
+}
+
+/// [`TopicTail::backlog`] of `tail` on the blocking pool.
+pub async fn backlog_async(
+    tail: &Arc<Mutex<TopicTail>>,
+    timeout: Duration,
+) -> Result<u64, ReadError> {
+    let tail = Arc::clone(tail);
+    tokio::task::spawn_blocking(move || {
+        tail.lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .backlog(timeout)
     })
     .await
     .map_err(|_| ReadError::Kafka(KafkaError::Canceled))?

@@ -9,7 +9,7 @@ use futures::stream::FuturesUnordered;
 use opentelemetry::Context;
 use opentelemetry::trace::{SpanContext, TraceContextExt, TraceFlags, TraceId, TraceState};
 use opentelemetry_sdk::trace::{IdGenerator, RandomIdGenerator};
-use pulse_contracts::wire::{self, RegistryEncoder, WireError};
+use pulse_contracts::wire::{self, RegistryClientOptions, RegistryEncoder, WireError};
 use pulse_contracts::{headers, schemas, trace_context};
 use pulse_platform::kafka::producer::enqueue_with_wait;
 use pulse_platform::kafka::{AckFuture, KafkaConfig, OutRecord, RecordProducer};
@@ -157,9 +157,18 @@ pub async fn registered_schema(
             retryable: false,
         })
     })?;
-    let encoder = RegistryEncoder::with_credentials(
+    let ca_pem = auth.ca_pem().map_err(|message| {
+        registry(WireError::Registry {
+            message,
+            retryable: false,
+        })
+    })?;
+    let encoder = RegistryEncoder::with_options(
         registry_url,
-        credentials.as_ref().map(|(u, p)| (u.as_str(), p.expose())),
+        RegistryClientOptions {
+            credentials: credentials.as_ref().map(|(u, p)| (u.as_str(), p.expose())),
+            ca_pem: ca_pem.as_deref(),
+        },
     )
     .map_err(registry)?;
     let framed = encoder
@@ -200,6 +209,7 @@ mod tests {
             ingest_time_ms: 1_764_028_800_250,
             trace_id: trace_id.into(),
             event_proto: b"\x0a\x03e-1".to_vec(),
+            source_trace_id: None,
         }
     }
 

@@ -1,7 +1,9 @@
 //! Reading the Parquet archive for `pulsectl replay`: the time range flags, the hour folders
 //! (`events/dt=YYYY-MM-DD/hour=HH/`) that overlap a range, listing them, and decoding one
 //! object into the rows whose event time is in the range. The folder layout, object names
-//! and schema are the writer's (`pulse_storage::archive`); publishing is `replay`'s.
+//! and schema are the writer's (`pulse_storage::archive`); publishing is `replay`'s. Files
+//! of every archive schema so far are read: those written before the `source_trace_id`
+//! column existed read as if it were null.
 
 use std::sync::Arc;
 
@@ -15,7 +17,7 @@ use object_store::{ObjectStore, ObjectStoreExt};
 use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use pulse_platform::s3::S3Config;
-use pulse_storage::archive::{EVENTS_DIR, HourBucket, hour_bucket};
+use pulse_storage::archive::{EVENTS_DIR, HourBucket, SOURCE_TRACE_ID, hour_bucket};
 
 const MS_PER_HOUR: i64 = 3_600_000;
 /// 9999-12-31T23:00:00Z, the last hour folder: `archive::hour_bucket` clamps event times to
@@ -24,7 +26,8 @@ const LAST_FOLDER_HOUR_MS: i64 = 253_402_297_200_000;
 /// The longest range one replay may cover (one LIST request per hour folder).
 pub const MAX_HOURS: i64 = 24 * 366;
 
-/// The columns replay reads; the others of the archive are not decoded.
+/// The columns replay needs (every archive file has them), plus [`SOURCE_TRACE_ID`] when the
+/// file has it; the others of the archive are not decoded.
 const COLUMNS: [&str; 6] = [
     "event_id",
     "user_id",
@@ -46,6 +49,9 @@ pub struct ArchivedEvent {
     pub trace_id: String,
     /// The `pulse.events.v1.Event` protobuf bytes, unframed.
     pub event_proto: Vec<u8>,
+    /// The producer's `metadata.trace_id` (the `source_trace_id` column); `None` when the
+    /// producer sent none or the file predates the column (`event_proto` still holds it).
+    pub source_trace_id: Option<String>,
 }
 
 /// Why an archive object could not be read.
@@ -147,6 +153,9 @@ pub fn decode(
             .ok_or_else(|| ObjectError::Format(format!("no column {name}")))?;
         roots.push(i);
     }
+    if let Some(i) = fields.iter().position(|f| f.name() == SOURCE_TRACE_ID) {
+        roots.push(i);
+    }
     let mask = ProjectionMask::roots(builder.parquet_schema(), roots);
     let reader = builder.with_projection(mask).build()?;
     let (mut total, mut out) = (0_u64, Vec::new());
@@ -193,6 +202,14 @@ fn rows_in_range(
     let protos = column(b, "event_proto")?
         .as_binary_opt::<i32>()
         .ok_or_else(|| wrong_type("event_proto", "binary"))?;
+    // Optional and nullable: absent in files written before it existed.
+    let source_traces = match b.column_by_name(SOURCE_TRACE_ID) {
+        Some(c) => Some(
+            c.as_string_opt::<i32>()
+                .ok_or_else(|| wrong_type(SOURCE_TRACE_ID, "a string"))?,
+        ),
+        None => None,
+    };
     for i in 0..b.num_rows() {
         let event_time_ms = event_times.value(i);
         if !in_range(event_time_ms, from_ms, to_ms) {
@@ -205,6 +222,9 @@ fn rows_in_range(
             ingest_time_ms: ingest_times.value(i),
             trace_id: traces.value(i).to_owned(),
             event_proto: protos.value(i).to_vec(),
+            source_trace_id: source_traces
+                .filter(|c| c.is_valid(i))
+                .map(|c| c.value(i).to_owned()),
         });
     }
     Ok(())
@@ -247,6 +267,7 @@ mod tests {
             kafka_partition: 0,
             kafka_offset: 0,
             event_proto: format!("proto-{id}").into_bytes(),
+            source_trace_id: None,
         }
     }
 
@@ -349,7 +370,10 @@ mod tests {
         let rows = vec![
             row("before", MIDNIGHT - MINUTE - 1),
             row("first", MIDNIGHT - MINUTE),
-            row("inside", MIDNIGHT),
+            ArchiveRow {
+                source_trace_id: Some("abcd-1234".into()),
+                ..row("inside", MIDNIGHT)
+            },
             row("last", MIDNIGHT + 60 * MINUTE - 1),
             row("at-to", MIDNIGHT + 60 * MINUTE),
         ];
@@ -367,8 +391,72 @@ mod tests {
                 ingest_time_ms: MIDNIGHT + 7,
                 trace_id: "trace-inside".into(),
                 event_proto: b"proto-inside".to_vec(),
+                source_trace_id: Some("abcd-1234".into()),
             }
         );
+        assert_eq!(kept[0].source_trace_id, None, "null reads as None");
+    }
+
+    /// An archive file written by the writer before the `source_trace_id` column existed
+    /// (the previous release's `archive::encode`, kept as written): two events at
+    /// 2025-11-25T00:00Z and 00:01Z, the first with producer trace id `abcd-1234` and a
+    /// W3C record trace id, the second with neither.
+    const BEFORE_SOURCE_TRACE_ID: &[u8] =
+        include_bytes!("../../testdata/archive-before-source-trace-id.parquet");
+
+    #[test]
+    fn a_file_written_before_the_source_trace_id_column_reads_with_none() {
+        use prost::Message as _;
+        let bytes = Bytes::from_static(BEFORE_SOURCE_TRACE_ID);
+        let schema = ParquetRecordBatchReaderBuilder::try_new(bytes.clone())
+            .unwrap()
+            .schema()
+            .clone();
+        assert!(
+            schema.field_with_name(SOURCE_TRACE_ID).is_err(),
+            "the fixture must be in the old schema"
+        );
+        assert_eq!(schema.fields().len(), 19);
+        let (total, kept) = decode(bytes, MIDNIGHT, MIDNIGHT + MS_PER_HOUR).unwrap();
+        assert_eq!(total, 2);
+        let got: Vec<_> = kept
+            .iter()
+            .map(|e| {
+                (
+                    e.event_id.as_str(),
+                    e.user_id.as_str(),
+                    e.event_time_ms,
+                    e.ingest_time_ms,
+                    e.trace_id.as_str(),
+                    e.source_trace_id.as_deref(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                (
+                    "old-1",
+                    "u123",
+                    MIDNIGHT,
+                    MIDNIGHT + 250,
+                    "0af7651916cd43dd8448eb211c80319c",
+                    None
+                ),
+                (
+                    "old-2",
+                    "u124",
+                    MIDNIGHT + MINUTE,
+                    MIDNIGHT + MINUTE + 250,
+                    "",
+                    None
+                ),
+            ]
+        );
+        // The producer's id is still in the event itself, so a replay of an old file keeps it.
+        let e =
+            pulse_contracts::pb::events::v1::Event::decode(kept[0].event_proto.as_slice()).unwrap();
+        assert_eq!(e.metadata.unwrap().trace_id, "abcd-1234");
     }
 
     #[test]

@@ -56,6 +56,11 @@ pub fn config(
         dlq,
         "--pii-hmac-key",
         hmac_key,
+        // The settings the chart run creates the fixed topics (pulse.audit.v1) with.
+        "--kafka-replication-factor",
+        "1",
+        "--kafka-min-insync-replicas",
+        "1",
     ]
     .iter()
     .map(|s| s.to_string())

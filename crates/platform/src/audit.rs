@@ -1,0 +1,457 @@
+//! The audit trail: one record format for every administrative change (schema register,
+//! delete and config change, refused attempts, API key reloads, DLQ redrive, replay,
+//! migrations) and the producer every service and `pulsectl` writes it with, to the
+//! append-only topic `pulse.audit.v1` (`pulse_contracts::topics::AUDIT`).
+//!
+//! Owns: [`AuditRecord`] (JSON, versioned by `v`), [`AuditLog`] (a bounded, never-blocking
+//! queue in front of the Kafka producer, for request paths) and [`write_now`] (one record,
+//! awaited with a deadline, for the CLI), and the audit metrics. Which changes are audited
+//! and who the actor is are the callers' decisions. Records never hold secrets: keys appear
+//! by name only.
+//!
+//! A record that cannot be written (queue full, broker error, no acknowledgement within the
+//! deadline) is counted in `pulse_audit_records_failed_total{reason}` and logged at error
+//! level with its fields, so the change is still on record in the service's log.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use crate::kafka::producer::enqueue_with_wait;
+use crate::kafka::topics::{TopicKind, TopicSpec};
+use crate::kafka::{OutRecord, RecordProducer};
+
+/// The version of [`AuditRecord`]'s JSON shape. Additive changes keep it; a reader skips
+/// records of a version it does not know.
+pub const VERSION: u32 = 1;
+
+/// Records written to the audit topic.
+pub const RECORDS_WRITTEN_TOTAL: &str = "pulse_audit_records_written_total";
+/// Records that could not be written, by `reason` (`queue_full`, `produce`, `timeout`).
+pub const RECORDS_FAILED_TOTAL: &str = "pulse_audit_records_failed_total";
+
+const FAILURE_REASONS: [&str; 3] = ["queue_full", "produce", "timeout"];
+
+/// Actions (the `action` field). Prefixes group them: `schema.`, `keys.`, `dlq.`, …
+pub mod action {
+    /// `POST /subjects/{s}/versions`.
+    pub const SCHEMA_REGISTER: &str = "schema.register";
+    /// `DELETE /subjects/{s}` or `/subjects/{s}/versions/{v}`.
+    pub const SCHEMA_DELETE: &str = "schema.delete";
+    /// `PUT|DELETE /config` or `/config/{s}`.
+    pub const SCHEMA_CONFIG: &str = "schema.config";
+    /// Any other registry write (a route added later).
+    pub const SCHEMA_OTHER_WRITE: &str = "schema.write";
+    /// Ingest reloaded its API key file.
+    pub const KEYS_RELOAD: &str = "keys.reload";
+    /// `pulsectl dlq redrive`.
+    pub const DLQ_REDRIVE: &str = "dlq.redrive";
+    /// `pulsectl replay`.
+    pub const REPLAY: &str = "replay";
+    /// `pulsectl migrate`.
+    pub const MIGRATE: &str = "migrate";
+}
+
+/// How an audited change ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Done.
+    Ok,
+    /// Refused before it ran: authentication or authorization failed.
+    Refused,
+    /// Ran and failed (an error answer, a failed command).
+    Failed,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::Refused => "refused",
+            Outcome::Failed => "failed",
+        }
+    }
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One audited change. Serialized as one JSON object per Kafka record (key: `service`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditRecord {
+    /// Format version ([`VERSION`]).
+    pub v: u32,
+    /// Unique id of the record (a retried write may store it twice; readers may dedup).
+    pub id: String,
+    /// When the change ended, epoch ms.
+    pub ts_ms: i64,
+    /// The service (or `pulsectl`) that made or refused the change.
+    pub service: String,
+    /// Who: the registry user, the API key name, `file` (a key file reload), the operator
+    /// (`pulsectl --actor`, else `$USER`), or `anonymous`.
+    pub actor: String,
+    /// What, one of [`action`].
+    pub action: String,
+    /// What it applied to: a subject, a topic, a database (may be empty).
+    pub target: String,
+    pub outcome: Outcome,
+    /// The HTTP status answered, where there was one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    /// The caller's address, where known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+    /// Free text: the request, the keys added/removed by name, the error. Never a secret.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub detail: String,
+}
+
+impl AuditRecord {
+    /// A record stamped now, with a fresh id.
+    pub fn new(service: &str, actor: &str, action: &str, target: &str, outcome: Outcome) -> Self {
+        let ts_ms = crate::clock::now_ms();
+        Self {
+            v: VERSION,
+            id: new_id(ts_ms),
+            ts_ms,
+            service: service.to_owned(),
+            actor: actor.to_owned(),
+            action: action.to_owned(),
+            target: target.to_owned(),
+            outcome,
+            status: None,
+            source: None,
+            detail: String::new(),
+        }
+    }
+
+    pub fn with_status(mut self, status: u16) -> Self {
+        self.status = Some(status);
+        self
+    }
+
+    pub fn with_source(mut self, source: impl Into<String>) -> Self {
+        self.source = Some(source.into());
+        self
+    }
+
+    pub fn with_detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = detail.into();
+        self
+    }
+
+    /// The JSON bytes written to the topic.
+    pub fn to_json(&self) -> Vec<u8> {
+        // A struct of strings and numbers always serializes.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Parses a record of a known version; `None` for anything else (another version, not
+    /// JSON), which readers skip.
+    pub fn from_json(bytes: &[u8]) -> Option<Self> {
+        let r: Self = serde_json::from_slice(bytes).ok()?;
+        (r.v == VERSION).then_some(r)
+    }
+
+    fn out_record(&self, topic: &str) -> OutRecord {
+        OutRecord::new(
+            topic,
+            Some(self.service.as_bytes().to_vec()),
+            self.to_json(),
+        )
+    }
+
+    /// The record as structured log fields (what remains when it could not be written).
+    fn log_failed(&self, reason: &str, error: &str) {
+        tracing::error!(
+            reason,
+            error,
+            audit.id = %self.id,
+            audit.actor = %self.actor,
+            audit.action = %self.action,
+            audit.target = %self.target,
+            audit.outcome = %self.outcome,
+            audit.status = self.status,
+            audit.source = self.source.as_deref().unwrap_or(""),
+            audit.detail = %self.detail,
+            "audit record not written to the audit topic"
+        );
+    }
+}
+
+/// `<ts hex>-<64 random bits hex>`: unique enough for a trail (no uuid dependency here).
+fn new_id(ts_ms: i64) -> String {
+    use std::hash::{BuildHasher, Hasher};
+    static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    h.write_u32(std::process::id());
+    format!("{ts_ms:x}-{:016x}", h.finish())
+}
+
+/// The audit topic's spec: one partition (one total order), delete policy, retention of a
+/// year (`retention.ms`; longer-lived copies belong in a store of their own).
+pub fn topic_spec(topic: &str) -> TopicSpec {
+    let mut spec = TopicSpec::of(TopicKind::Other, topic, 1);
+    spec.configs = vec![
+        ("cleanup.policy".into(), "delete".into()),
+        ("retention.ms".into(), (365u64 * 86_400_000).to_string()),
+    ];
+    spec
+}
+
+/// Describes the audit metrics and registers them at zero, so they are scraped before the
+/// first record.
+pub fn describe() {
+    metrics::describe_counter!(
+        RECORDS_WRITTEN_TOTAL,
+        "Audit records the broker acknowledged on the audit topic."
+    );
+    metrics::describe_counter!(
+        RECORDS_FAILED_TOTAL,
+        "Audit records that could not be written (reason: queue_full, produce, timeout); each is logged at error level with its fields."
+    );
+    metrics::counter!(RECORDS_WRITTEN_TOTAL).increment(0);
+    for reason in FAILURE_REASONS {
+        metrics::counter!(RECORDS_FAILED_TOTAL, "reason" => reason).increment(0);
+    }
+}
+
+/// Why one record was not written.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    #[error("producing the audit record: {0}")]
+    Produce(#[from] crate::kafka::ProduceError),
+    #[error("the broker did not acknowledge the audit record within {0:?}")]
+    Timeout(Duration),
+}
+
+impl AuditError {
+    fn reason(&self) -> &'static str {
+        match self {
+            AuditError::Produce(_) => "produce",
+            AuditError::Timeout(_) => "timeout",
+        }
+    }
+}
+
+/// Writes one record and waits for the broker's acknowledgement, at most `timeout` in all
+/// (for the CLI, where the operator should see that the record was not written). A failure
+/// is counted and logged like [`AuditLog`]'s, and returned.
+pub async fn write_now(
+    producer: &(impl RecordProducer + ?Sized),
+    topic: &str,
+    record: &AuditRecord,
+    timeout: Duration,
+) -> Result<(), AuditError> {
+    let result = tokio::time::timeout(timeout, async {
+        let ack = enqueue_with_wait(producer, record.out_record(topic), timeout).await?;
+        ack.await?;
+        Ok::<(), AuditError>(())
+    })
+    .await
+    .unwrap_or(Err(AuditError::Timeout(timeout)));
+    match &result {
+        Ok(()) => metrics::counter!(RECORDS_WRITTEN_TOTAL).increment(1),
+        Err(e) => {
+            metrics::counter!(RECORDS_FAILED_TOTAL, "reason" => e.reason()).increment(1);
+            record.log_failed(e.reason(), &e.to_string());
+        }
+    }
+    result
+}
+
+/// The audit trail of a service: [`AuditLog::record`] never blocks (a bounded queue; a full
+/// queue counts and logs the record as not written), a background task writes each record
+/// and waits for its acknowledgement for at most the write timeout. Cheap to clone;
+/// [`AuditLog::disabled`] drops every record (tests, embedded use) after logging it.
+#[derive(Clone, Debug, Default)]
+pub struct AuditLog {
+    tx: Option<mpsc::Sender<AuditRecord>>,
+}
+
+impl AuditLog {
+    /// An audit log that writes nowhere (records are still logged at info level).
+    pub fn disabled() -> Self {
+        Self::default()
+    }
+
+    /// Starts the writer task: at most `capacity` records wait; each write is given
+    /// `timeout`. The task ends when every clone of the returned log is dropped.
+    pub fn spawn(
+        producer: Arc<dyn RecordProducer>,
+        topic: impl Into<String>,
+        capacity: usize,
+        timeout: Duration,
+    ) -> Self {
+        describe();
+        let topic = topic.into();
+        let (tx, mut rx) = mpsc::channel::<AuditRecord>(capacity.max(1));
+        tokio::spawn(async move {
+            while let Some(record) = rx.recv().await {
+                let _ = write_now(producer.as_ref(), &topic, &record, timeout).await;
+            }
+        });
+        Self { tx: Some(tx) }
+    }
+
+    /// Queues `record` for writing; never waits. Every record is also logged at info level.
+    pub fn record(&self, record: AuditRecord) {
+        tracing::info!(
+            audit.actor = %record.actor,
+            audit.action = %record.action,
+            audit.target = %record.target,
+            audit.outcome = %record.outcome,
+            audit.status = record.status,
+            audit.source = record.source.as_deref().unwrap_or(""),
+            audit.detail = %record.detail,
+            "audit"
+        );
+        let Some(tx) = &self.tx else {
+            return;
+        };
+        if let Err(e) = tx.try_send(record) {
+            let (mpsc::error::TrySendError::Full(record)
+            | mpsc::error::TrySendError::Closed(record)) = e;
+            metrics::counter!(RECORDS_FAILED_TOTAL, "reason" => "queue_full").increment(1);
+            record.log_failed("queue_full", "the audit queue is full");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kafka::{AckFuture, Acked, ProduceError};
+    use std::sync::Mutex;
+
+    #[test]
+    fn a_record_round_trips_as_versioned_json_without_empty_fields() {
+        let r = AuditRecord::new(
+            "schema-registry",
+            "alice",
+            action::SCHEMA_REGISTER,
+            "pulse.events.v1-value",
+            Outcome::Ok,
+        )
+        .with_status(200)
+        .with_source("10.0.0.1:5555");
+        let json: serde_json::Value = serde_json::from_slice(&r.to_json()).unwrap();
+        assert_eq!(json["v"], 1);
+        assert_eq!(json["actor"], "alice");
+        assert_eq!(json["action"], "schema.register");
+        assert_eq!(json["outcome"], "ok");
+        assert_eq!(json["status"], 200);
+        assert!(json.get("detail").is_none(), "{json}");
+        assert_eq!(AuditRecord::from_json(&r.to_json()), Some(r.clone()));
+        let mut other = json.clone();
+        other["v"] = 2.into();
+        assert_eq!(
+            AuditRecord::from_json(other.to_string().as_bytes()),
+            None,
+            "an unknown version is skipped"
+        );
+        assert_eq!(AuditRecord::from_json(b"not json"), None);
+        let second = AuditRecord::new("s", "a", "x", "", Outcome::Failed);
+        assert_ne!(r.id, second.id);
+    }
+
+    /// Acknowledges after `delay`, or never (`None`).
+    struct Slow {
+        delay: Option<Duration>,
+        sent: Mutex<Vec<OutRecord>>,
+    }
+
+    impl RecordProducer for Slow {
+        fn enqueue(&self, record: OutRecord) -> Result<AckFuture, ProduceError> {
+            self.sent.lock().unwrap().push(record);
+            let delay = self.delay;
+            Ok(Box::pin(async move {
+                match delay {
+                    Some(d) => tokio::time::sleep(d).await,
+                    None => std::future::pending::<()>().await,
+                }
+                Ok(Acked {
+                    partition: 0,
+                    offset: 0,
+                })
+            }))
+        }
+    }
+
+    #[tokio::test]
+    async fn write_now_gives_up_after_its_timeout() {
+        let p = Slow {
+            delay: None,
+            sent: Mutex::default(),
+        };
+        let r = AuditRecord::new("pulsectl", "op", action::MIGRATE, "db", Outcome::Ok);
+        let started = std::time::Instant::now();
+        let e = write_now(&p, "audit", &r, Duration::from_millis(100))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, AuditError::Timeout(_)), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(2));
+        let sent = p.sent.lock().unwrap();
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].topic, "audit");
+        assert_eq!(sent[0].key.as_deref(), Some(&b"pulsectl"[..]));
+        assert_eq!(AuditRecord::from_json(&sent[0].payload), Some(r));
+    }
+
+    #[tokio::test]
+    async fn record_never_blocks_when_the_broker_does_not_answer() {
+        let p = Arc::new(Slow {
+            delay: None,
+            sent: Mutex::default(),
+        });
+        let log = AuditLog::spawn(p.clone(), "audit", 2, Duration::from_secs(3600));
+        let started = std::time::Instant::now();
+        for i in 0..1000 {
+            log.record(AuditRecord::new(
+                "t",
+                "a",
+                action::SCHEMA_CONFIG,
+                &i.to_string(),
+                Outcome::Ok,
+            ));
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "record() must not wait for the broker"
+        );
+        // One write in flight, the queue's two waiting; the rest were dropped (counted).
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(p.sent.lock().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn queued_records_are_written_in_order() {
+        let p = Arc::new(Slow {
+            delay: Some(Duration::from_millis(1)),
+            sent: Mutex::default(),
+        });
+        let log = AuditLog::spawn(p.clone(), "audit", 16, Duration::from_secs(5));
+        for i in 0..5 {
+            log.record(AuditRecord::new("t", "a", "x", &i.to_string(), Outcome::Ok));
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while p.sent.lock().unwrap().len() < 5 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let targets: Vec<String> = p
+            .sent
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|r| AuditRecord::from_json(&r.payload).unwrap().target)
+            .collect();
+        assert_eq!(targets, ["0", "1", "2", "3", "4"]);
+    }
+}

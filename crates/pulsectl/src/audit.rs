@@ -1,0 +1,290 @@
+//! `pulsectl audit`: lists the audit trail (`pulse.audit.v1`, records of
+//! `pulse_platform::audit`) as text or JSON lines, filtered by time, action and actor; and
+//! [`record`], with which the commands that change things (`dlq redrive`, `replay`,
+//! `migrate`) write their own record: who (`--actor`, else `$USER`), what, the outcome.
+//! The record format and its producer are platform's; reading the topic is `dlq::read`'s.
+
+use std::time::Duration;
+
+use pulse_contracts::topics;
+use pulse_platform::audit::{AuditRecord, Outcome, topic_spec, write_now};
+use pulse_platform::config::validate_all;
+use pulse_platform::kafka::{KafkaConfig, KafkaProducer, ensure_topics};
+use serde_json::json;
+
+use crate::dlq::{ReadError, read_topic};
+use crate::progress::{Progress, ProgressArgs};
+
+/// Who runs `pulsectl` and where its audit records go; global flags, so they may be
+/// given before or after the subcommand.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AuditArgs {
+    /// Who runs this command, recorded in the audit trail of the changes it makes
+    /// (default: `$USER`).
+    #[arg(long = "actor", env = "PULSE_ACTOR", global = true)]
+    pub actor: Option<String>,
+    /// The audit topic: written by `dlq redrive`, `replay` and `migrate`, read by `audit`.
+    #[arg(
+        long = "audit-topic",
+        env = "PULSE_AUDIT_TOPIC",
+        default_value = topics::AUDIT,
+        global = true
+    )]
+    pub audit_topic: String,
+    /// How long writing an audit record may take before the command gives up on it (with
+    /// a warning on stderr; the command's own result stands).
+    #[arg(
+        long = "audit-timeout",
+        env = "PULSE_AUDIT_TIMEOUT",
+        default_value = "10s",
+        value_parser = crate::duration::parse_duration,
+        global = true
+    )]
+    pub audit_timeout: Duration,
+}
+
+impl AuditArgs {
+    /// `--actor`, else `$USER`, else `unknown`.
+    pub fn actor(&self) -> String {
+        self.actor
+            .clone()
+            .filter(|a| !a.trim().is_empty())
+            .or_else(|| std::env::var("USER").ok().filter(|u| !u.is_empty()))
+            .unwrap_or_else(|| "unknown".into())
+    }
+}
+
+/// Writes the audit record of a command's change and waits for the broker, at most
+/// `--audit-timeout`; a record that cannot be written is a warning on stderr (the change
+/// itself happened or failed regardless). `outcome` is the command's: `Ok(detail)` or
+/// `Err(error)`.
+pub async fn record(
+    args: &AuditArgs,
+    kafka: &KafkaConfig,
+    action: &str,
+    target: &str,
+    outcome: Result<String, String>,
+) {
+    let (outcome, detail) = match outcome {
+        Ok(d) => (Outcome::Ok, d),
+        Err(e) => (Outcome::Failed, e),
+    };
+    let rec = AuditRecord::new("pulsectl", &args.actor(), action, target, outcome)
+        .with_detail(detail)
+        .with_source(hostname());
+    let written = async {
+        tokio::time::timeout(
+            args.audit_timeout,
+            ensure_topics(kafka, &[topic_spec(&args.audit_topic)]),
+        )
+        .await
+        .map_err(|_| format!("creating {} timed out", args.audit_topic))?
+        .map_err(|e| e.to_string())?;
+        let producer = KafkaProducer::new(kafka, "pulsectl-audit").map_err(|e| e.to_string())?;
+        write_now(&producer, &args.audit_topic, &rec, args.audit_timeout)
+            .await
+            .map_err(|e| e.to_string())
+    };
+    if let Err(e) = written.await {
+        eprintln!(
+            "pulsectl: warning: the audit record of this {action} was not written to {}: {e}",
+            args.audit_topic
+        );
+    }
+}
+
+/// The machine the operator runs `pulsectl` on (`$HOSTNAME`, else `/etc/hostname`).
+fn hostname() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .map_or_else(|| "pulsectl".into(), |h| format!("pulsectl@{h}"))
+}
+
+/// `pulsectl audit`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ListArgs {
+    /// Only records of the last DURATION (`90s`, `5m`, `24h`) or since a time (RFC 3339 or
+    /// epoch ms).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Only this action (`schema.register`) or family of actions (`schema`).
+    #[arg(long)]
+    pub action: Option<String>,
+    /// Only records of this actor.
+    #[arg(long)]
+    pub who: Option<String>,
+    /// One JSON object per line (the stored record) instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// How long reading the topic may take.
+    #[arg(long = "read-timeout", default_value = "30s", value_parser = crate::duration::parse_duration)]
+    pub read_timeout: Duration,
+    #[command(flatten)]
+    pub kafka: KafkaConfig,
+}
+
+/// Why `audit` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditListError {
+    #[error("--since {0:?}: not a duration (90s, 5m, 24h), RFC 3339 time or epoch ms")]
+    Since(String),
+    #[error("{0}")]
+    Read(#[from] ReadError),
+}
+
+/// `--since` as epoch ms: a duration before `now_ms`, or a time.
+pub fn since_ms(since: &str, now_ms: i64) -> Result<i64, AuditListError> {
+    if let Ok(d) = crate::duration::parse_duration(since)
+        && since.trim().parse::<i64>().is_err()
+    {
+        return Ok(now_ms.saturating_sub(i64::try_from(d.as_millis()).unwrap_or(i64::MAX)));
+    }
+    crate::replay::read::parse_time(since).map_err(|_| AuditListError::Since(since.to_owned()))
+}
+
+/// Whether `action` is `filter` or one of its family (`schema` matches `schema.register`).
+pub fn action_matches(action: &str, filter: &str) -> bool {
+    action == filter
+        || action
+            .strip_prefix(filter.trim_end_matches('.'))
+            .is_some_and(|rest| rest.starts_with('.'))
+}
+
+/// The records of the audit topic that pass the filters, oldest first (records of another
+/// format version are skipped).
+pub async fn list(
+    args: &ListArgs,
+    topic: &str,
+    progress: &Progress,
+) -> Result<Vec<AuditRecord>, AuditListError> {
+    let since = match &args.since {
+        Some(s) => Some(since_ms(s, pulse_platform::clock::now_ms())?),
+        None => None,
+    };
+    let records = read_topic(&args.kafka, topic, args.read_timeout, progress).await?;
+    let mut out: Vec<AuditRecord> = records
+        .iter()
+        .filter_map(|r| AuditRecord::from_json(&r.payload))
+        .filter(|r| since.is_none_or(|s| r.ts_ms >= s))
+        .filter(|r| {
+            args.action
+                .as_deref()
+                .is_none_or(|a| action_matches(&r.action, a))
+        })
+        .filter(|r| args.who.as_deref().is_none_or(|w| r.actor == w))
+        .collect();
+    out.sort_by_key(|r| r.ts_ms);
+    Ok(out)
+}
+
+/// `TIME  SERVICE  ACTOR  ACTION  TARGET  OUTCOME[ STATUS]  [SOURCE]  DETAIL`.
+pub fn text_line(r: &AuditRecord) -> String {
+    let status = r.status.map(|s| format!(" {s}")).unwrap_or_default();
+    format!(
+        "{}  {}  {}  {}  {}  {}{status}  {}  {}",
+        crate::rfc3339(r.ts_ms),
+        r.service,
+        r.actor,
+        r.action,
+        if r.target.is_empty() { "-" } else { &r.target },
+        r.outcome,
+        r.source.as_deref().unwrap_or("-"),
+        r.detail
+    )
+}
+
+pub async fn run(
+    args: ListArgs,
+    audit: &AuditArgs,
+    progress: &ProgressArgs,
+) -> Result<(), crate::Error> {
+    validate_all(&[&args.kafka])?;
+    let reading = Progress::start(progress, "audit read", "records", None);
+    let records = list(&args, &audit.audit_topic, &reading).await?;
+    reading.finish();
+    for r in &records {
+        if args.json {
+            println!("{}", json!(r));
+        } else {
+            println!("{}", text_line(r));
+        }
+    }
+    if !args.json {
+        eprintln!("{} record(s)", records.len());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn actions_match_exactly_or_by_family() {
+        assert!(action_matches("schema.register", "schema.register"));
+        assert!(action_matches("schema.register", "schema"));
+        assert!(action_matches("schema.register", "schema."));
+        assert!(!action_matches("schema.register", "schema.reg"));
+        assert!(!action_matches("schemas.x", "schema"));
+        assert!(!action_matches("replay", "re"));
+    }
+
+    #[test]
+    fn since_is_a_duration_ago_or_a_time() {
+        let now = 10_000_000;
+        assert_eq!(since_ms("1h", now).unwrap(), now - 3_600_000);
+        assert_eq!(since_ms("90s", now).unwrap(), now - 90_000);
+        assert_eq!(
+            since_ms("1234", now).unwrap(),
+            1234,
+            "a bare number is epoch ms"
+        );
+        assert_eq!(
+            since_ms("1970-01-01T00:00:01Z", now).unwrap(),
+            1000,
+            "RFC 3339"
+        );
+        let e = since_ms("yesterday", now).unwrap_err().to_string();
+        assert!(e.contains("--since \"yesterday\""), "{e}");
+    }
+
+    #[test]
+    fn the_actor_is_the_flag_then_user() {
+        let mut a = AuditArgs {
+            actor: Some("alice".into()),
+            audit_topic: topics::AUDIT.into(),
+            audit_timeout: Duration::from_secs(1),
+        };
+        assert_eq!(a.actor(), "alice");
+        a.actor = Some("  ".into());
+        let fallback = std::env::var("USER")
+            .ok()
+            .filter(|u| !u.is_empty())
+            .unwrap_or_else(|| "unknown".into());
+        assert_eq!(a.actor(), fallback);
+    }
+
+    #[test]
+    fn a_text_line_shows_who_what_and_the_outcome() {
+        let r = AuditRecord {
+            ts_ms: 0,
+            ..AuditRecord::new(
+                "schema-registry",
+                "alice",
+                "schema.config",
+                "s-value",
+                Outcome::Refused,
+            )
+            .with_status(401)
+            .with_source("127.0.0.1:1")
+            .with_detail("PUT /config/s-value")
+        };
+        assert_eq!(
+            text_line(&r),
+            "1970-01-01T00:00:00Z  schema-registry  alice  schema.config  s-value  refused 401  127.0.0.1:1  PUT /config/s-value"
+        );
+    }
+}

@@ -1,0 +1,596 @@
+//! The audit trail and the user-id PII policy against the real broker: a schema registry
+//! process with credentials audits a register, a config change and refused writes (an
+//! anonymous one, a read-only user's) to its audit topic, and `pulsectl audit` lists them
+//! with the right actor, outcome, status and caller address; `pulsectl dlq redrive` audits
+//! itself with the operator from `--actor`. An ingest with `key.user_id=hash` stores an
+//! e-mail user id only as its HMAC (record key and value), and with
+//! `key.user_id.email=refuse` rejects it naming `key.user_id`, keeping neither the address
+//! as the DLQ key nor (with `--dlq-original redact`) in the DLQ record's bytes.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prost::Message as _;
+use pulse_contracts::pb::events::v1 as ev;
+use pulse_ingest::pipeline::{FixedSchemaId, Framer};
+use pulse_platform::audit::{AuditRecord, Outcome};
+use pulse_platform::clock::now_ms;
+use pulse_schema_registry::auth::{Role, hash_line};
+use rdkafka::Message;
+use rdkafka::message::{Headers, OwnedMessage};
+use serde_json::{Value, json};
+use tokio::process::{Child, Command};
+
+use crate::support::child_process::{binary, free_port};
+use crate::support::wait::wait_until;
+use crate::support::{cleanup, events, ingest_server, metric_sum};
+
+const WRITER: (&str, &str) = ("ci-deploy", "write-pass-audit");
+const READER: (&str, &str) = ("dashboards", "read-pass-audit");
+
+/// A registry process with `WRITER` and `READER`, auditing to a topic of its own.
+struct Registry {
+    _child: Child,
+    base: String,
+    admin: String,
+    audit_topic: String,
+    _dir: cleanup::TempDir,
+    _topics: cleanup::Topics,
+}
+
+impl Registry {
+    async fn start() -> Self {
+        let dir = cleanup::TempDir::new("audit-sr");
+        let file: PathBuf = dir.path().join("users");
+        let lines = [
+            hash_line(WRITER.0, Role::Write, WRITER.1).unwrap(),
+            hash_line(READER.0, Role::Read, READER.1).unwrap(),
+        ];
+        std::fs::write(&file, lines.join("\n") + "\n").unwrap();
+        let schemas = pulse_tests::unique("_schemas");
+        let audit_topic = pulse_tests::unique("audit");
+        let (port, admin) = (free_port(), free_port());
+        let log = std::fs::File::create(dir.path().join("registry.log")).unwrap();
+        let mut child = Command::new(binary("pulse-schema-registry"))
+            .env("PULSE_KAFKA_BROKERS", pulse_tests::kafka().brokers)
+            .env("PULSE_KAFKA_REPLICATION_FACTOR", "1")
+            .env("PULSE_KAFKA_MIN_INSYNC_REPLICAS", "1")
+            .env("PULSE_SCHEMAS_TOPIC", &schemas)
+            .env("PULSE_AUDIT_TOPIC", &audit_topic)
+            .env("PULSE_SCHEMA_REGISTRY_ADDR", format!("127.0.0.1:{port}"))
+            .env("PULSE_ADMIN_ADDR", format!("127.0.0.1:{admin}"))
+            .env("PULSE_REGISTRY_AUTH_FILE", &file)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let ready = format!("http://127.0.0.1:{admin}/readyz");
+        let log_path = dir.path().join("registry.log");
+        wait_until(
+            Duration::from_secs(90),
+            "the registry to be ready",
+            async || {
+                if let Ok(Some(status)) = child.try_wait() {
+                    panic!(
+                        "the registry exited ({status}): {}",
+                        std::fs::read_to_string(&log_path).unwrap_or_default()
+                    );
+                }
+                match reqwest::get(&ready).await {
+                    Ok(resp) if resp.status() == 200 => Ok(()),
+                    Ok(resp) => Err(resp.status().to_string()),
+                    Err(e) => Err(e.to_string()),
+                }
+            },
+        )
+        .await;
+        Self {
+            _child: child,
+            base: format!("http://127.0.0.1:{port}"),
+            admin: format!("http://127.0.0.1:{admin}"),
+            audit_topic: audit_topic.clone(),
+            _dir: dir,
+            _topics: cleanup::Topics::adopt([schemas, audit_topic]),
+        }
+    }
+
+    /// A request as `user` (`None`: anonymous); returns the status.
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        user: Option<(&str, &str)>,
+        body: Value,
+    ) -> u16 {
+        let mut req = reqwest::Client::new()
+            .request(method, format!("{}{path}", self.base))
+            .header("Content-Type", "application/vnd.schemaregistry.v1+json")
+            .json(&body);
+        if let Some((u, p)) = user {
+            req = req.basic_auth(u, Some(p));
+        }
+        req.send().await.unwrap().status().as_u16()
+    }
+}
+
+/// Runs `pulsectl ARGS`; returns (success, stdout, stderr).
+async fn pulsectl(args: &[&str], envs: &[(&str, &str)]) -> (bool, String, String) {
+    let mut cmd = Command::new(binary("pulsectl"));
+    cmd.args(args)
+        .env_remove("PULSE_ACTOR")
+        .env_remove("PULSE_AUDIT_TOPIC")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(120), cmd.output())
+        .await
+        .expect("pulsectl did not finish in 120 s")
+        .expect("running pulsectl");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `pulsectl audit --json` on `topic` with `extra` filters: the records it prints.
+async fn audit_json(topic: &str, extra: &[&str]) -> Vec<AuditRecord> {
+    let brokers = pulse_tests::kafka().brokers;
+    let mut args = vec![
+        "audit",
+        "--json",
+        "--audit-topic",
+        topic,
+        "--kafka-brokers",
+        &brokers,
+    ];
+    args.extend_from_slice(extra);
+    let (ok, stdout, stderr) = pulsectl(&args, &[]).await;
+    assert!(ok, "pulsectl audit failed:\n{stderr}");
+    stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+fn find<'a>(records: &'a [AuditRecord], action: &str, actor: &str) -> Option<&'a AuditRecord> {
+    records
+        .iter()
+        .find(|r| r.action == action && r.actor == actor)
+}
+
+#[tokio::test]
+async fn registry_writes_and_refused_writes_are_listed_by_pulsectl_audit_with_actor_and_outcome() {
+    use reqwest::Method as M;
+    let registry = Registry::start().await;
+    let subject = format!("{}-value", pulse_tests::unique("audited"));
+    let schema = json!({
+        "schemaType": "PROTOBUF",
+        "schema": "syntax = \"proto3\";\npackage audited;\nmessage M {\n  string f = 1;\n}\n",
+    });
+    let versions = format!("/subjects/{subject}/versions");
+    let config = format!("/config/{subject}");
+    assert_eq!(
+        registry
+            .call(M::POST, &versions, Some(WRITER), schema)
+            .await,
+        200
+    );
+    let full = json!({ "compatibility": "FULL" });
+    assert_eq!(
+        registry
+            .call(M::PUT, &config, Some(WRITER), full.clone())
+            .await,
+        200
+    );
+    assert_eq!(
+        registry.call(M::PUT, "/config", None, full.clone()).await,
+        401
+    );
+    assert_eq!(
+        registry.call(M::PUT, &config, Some(READER), full).await,
+        403
+    );
+    // A read is not an administrative change: not audited.
+    assert_eq!(
+        registry
+            .call(M::GET, "/subjects", Some(READER), Value::Null)
+            .await,
+        200
+    );
+
+    let records = wait_until(Duration::from_secs(30), "four audit records", async || {
+        let r = audit_json(&registry.audit_topic, &[]).await;
+        if r.len() >= 4 { Ok(r) } else { Err(r) }
+    })
+    .await;
+    assert_eq!(records.len(), 4, "{records:#?}");
+    assert!(records.iter().all(|r| r.service == "schema-registry"));
+    assert!(
+        records.iter().all(|r| r
+            .source
+            .as_deref()
+            .is_some_and(|s| s.starts_with("127.0.0.1:"))),
+        "the caller's address: {records:#?}"
+    );
+
+    let register = find(&records, "schema.register", WRITER.0).expect("register");
+    assert_eq!(
+        (register.outcome, register.status, register.target.as_str()),
+        (Outcome::Ok, Some(200), subject.as_str())
+    );
+    let change = find(&records, "schema.config", WRITER.0).expect("config change");
+    assert_eq!(
+        (change.outcome, change.status, change.target.as_str()),
+        (Outcome::Ok, Some(200), subject.as_str())
+    );
+    assert_eq!(
+        change.detail,
+        format!("PUT {config} {{\"compatibility\":\"FULL\"}}"),
+        "what was set"
+    );
+    let anonymous = find(&records, "schema.config", "anonymous").expect("anonymous refusal");
+    assert_eq!(
+        (
+            anonymous.outcome,
+            anonymous.status,
+            anonymous.target.as_str()
+        ),
+        (Outcome::Refused, Some(401), "*")
+    );
+    assert!(
+        anonymous.detail.contains("refused: missing"),
+        "{anonymous:?}"
+    );
+    let forbidden = find(&records, "schema.config", READER.0).expect("read-only refusal");
+    assert_eq!(
+        (forbidden.outcome, forbidden.status),
+        (Outcome::Refused, Some(403))
+    );
+    assert!(
+        forbidden.detail.contains("refused: forbidden"),
+        "{forbidden:?}"
+    );
+    // Oldest first.
+    assert!(records.windows(2).all(|w| w[0].ts_ms <= w[1].ts_ms));
+
+    // Filters: by action (exact and family) and time; the text form names the actors.
+    let only = audit_json(&registry.audit_topic, &["--action", "schema.register"]).await;
+    assert_eq!(only.len(), 1, "{only:#?}");
+    let family = audit_json(
+        &registry.audit_topic,
+        &["--action", "schema", "--since", "1h"],
+    )
+    .await;
+    assert_eq!(family.len(), 4);
+    let future = (now_ms() + 3_600_000).to_string();
+    assert!(
+        audit_json(&registry.audit_topic, &["--since", &future])
+            .await
+            .is_empty()
+    );
+    let brokers = pulse_tests::kafka().brokers;
+    let (ok, text, _) = pulsectl(
+        &[
+            "audit",
+            "--audit-topic",
+            &registry.audit_topic,
+            "--kafka-brokers",
+            &brokers,
+            "--who",
+            "anonymous",
+        ],
+        &[],
+    )
+    .await;
+    assert!(ok);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 1, "{text}");
+    assert!(
+        lines[0]
+            .contains("  schema-registry  anonymous  schema.config  *  refused 401  127.0.0.1:"),
+        "{text}"
+    );
+
+    // The writes were counted; the failure series exists (at zero) in a live scrape.
+    let metrics = reqwest::get(format!("{}/metrics", registry.admin))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        metric_sum(&metrics, "pulse_audit_records_written_total", &[]),
+        Some(4.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        metric_sum(&metrics, "pulse_audit_records_failed_total", &[]),
+        Some(0.0)
+    );
+    assert_eq!(
+        pulse_schema_registry::AUDIT_TOPIC,
+        pulse_contracts::topics::AUDIT
+    );
+}
+
+/// An in-process ingest with its own topics and `extra` flags, framing with a fixed id.
+async fn start_ingest(extra: &[&str]) -> (pulse_ingest::Servers, String, String, cleanup::Topics) {
+    let kafka = pulse_tests::kafka();
+    let events_topic = pulse_tests::unique("events");
+    let dlq_topic = pulse_tests::unique("dlq");
+    let topics = ingest_server::create_topics(&events_topic, &dlq_topic, 1).await;
+    let cfg = ingest_server::config(
+        &kafka,
+        "audit-key=audit",
+        "audit-hmac-key",
+        &events_topic,
+        &dlq_topic,
+        extra,
+    );
+    let framer: Arc<dyn Framer> = Arc::new(FixedSchemaId(1));
+    let servers = ingest_server::serve(&kafka, &cfg, framer, "audit-test").await;
+    (servers, events_topic, dlq_topic, topics)
+}
+
+async fn post(servers: &pulse_ingest::Servers, body: Vec<u8>) -> Value {
+    let resp = reqwest::Client::new()
+        .post(format!("http://{}/v1/events", servers.http_addr))
+        .header("Authorization", "Bearer audit-key")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    resp.json().await.unwrap()
+}
+
+#[tokio::test]
+async fn a_dlq_redrive_is_audited_with_the_operator_and_its_outcome() {
+    let (servers, _events, dlq, _topics) = start_ingest(&[]).await;
+    // An event without a user id is rejected onto the DLQ.
+    let bad = json!({ "event_id": "audit-bad-1", "schema_version": 1, "event_type": "page_view",
+                      "key": {}, "metadata": { "event_timestamp": now_ms() } });
+    let answer = post(&servers, serde_json::to_vec(&bad).unwrap()).await;
+    assert_eq!(answer["rejected"], 1, "{answer}");
+    let on_dlq = ingest_server::read_exactly(&dlq, 1).await;
+    let position = format!("{}:{}", on_dlq[0].partition(), on_dlq[0].offset());
+
+    let audit_topic = pulse_tests::unique("audit");
+    let _audit = cleanup::Topics::adopt([audit_topic.clone()]);
+    let brokers = pulse_tests::kafka().brokers;
+    let target = format!("http://{}", servers.http_addr);
+    let (ok, stdout, stderr) = pulsectl(
+        &[
+            "--actor",
+            "ops-alice",
+            "dlq",
+            "redrive",
+            "--offsets",
+            &position,
+            "--target",
+            &target,
+            "--api-key",
+            "audit-key",
+            "--topic",
+            &dlq,
+            "--kafka-brokers",
+            &brokers,
+            "--audit-topic",
+            &audit_topic,
+        ],
+        &[
+            ("PULSE_KAFKA_REPLICATION_FACTOR", "1"),
+            ("PULSE_KAFKA_MIN_INSYNC_REPLICAS", "1"),
+        ],
+    )
+    .await;
+    assert!(ok, "redrive failed:\n{stdout}\n{stderr}");
+    assert!(
+        !stderr.contains("audit record"),
+        "the record was written:\n{stderr}"
+    );
+    // A redrive that ingest refuses (a wrong API key) fails, and is audited as failed,
+    // with the operator from $USER.
+    let (ok, _, stderr) = pulsectl(
+        &[
+            "dlq",
+            "redrive",
+            "--offsets",
+            &position,
+            "--target",
+            &target,
+            "--api-key",
+            "not-a-key",
+            "--topic",
+            &dlq,
+            "--kafka-brokers",
+            &brokers,
+            "--audit-topic",
+            &audit_topic,
+        ],
+        &[("USER", "ops-bob")],
+    )
+    .await;
+    assert!(!ok, "a redrive with a wrong key fails:\n{stderr}");
+
+    let records = audit_json(&audit_topic, &["--action", "dlq.redrive"]).await;
+    assert_eq!(records.len(), 2, "{records:#?}");
+    let done = find(&records, "dlq.redrive", "ops-alice").expect("alice's redrive");
+    assert_eq!(
+        (done.outcome, done.target.as_str()),
+        (Outcome::Ok, dlq.as_str())
+    );
+    assert_eq!(done.service, "pulsectl");
+    assert!(
+        done.detail.contains("1 record(s) to http://127.0.0.1:"),
+        "{done:?}"
+    );
+    let failed = find(&records, "dlq.redrive", "ops-bob").expect("bob's redrive");
+    assert_eq!(failed.outcome, Outcome::Failed);
+    assert!(failed.detail.contains("401"), "the error: {failed:?}");
+}
+
+#[tokio::test]
+async fn an_email_user_id_is_stored_only_as_its_hmac_on_the_events_topic() {
+    let (servers, events_topic, _dlq, _topics) =
+        start_ingest(&["--pii-policy", "key.user_id=hash,email=hash"]).await;
+    let address = "dana.doe@example.com";
+    let sample = events::event("pii-1", address, now_ms()).page("/home");
+    let answer = post(&servers, serde_json::to_vec(&sample.json()).unwrap()).await;
+    assert_eq!(answer["accepted"], 1, "{answer}");
+    let records = ingest_server::read_exactly(&events_topic, 1).await;
+    let record: &OwnedMessage = &records[0];
+    let key = String::from_utf8(record.key().unwrap().to_vec()).unwrap();
+    assert!(
+        key.starts_with("hmac:") && key.len() == 37,
+        "the Kafka key is the HMAC: {key}"
+    );
+    let value = record.payload().unwrap();
+    let event = ev::Event::decode(pulse_contracts::wire::unframe(value).unwrap().payload).unwrap();
+    assert_eq!(
+        event.key.as_ref().unwrap().user_id,
+        key,
+        "the same pseudonym"
+    );
+    for bytes in [record.key().unwrap(), value] {
+        let text = String::from_utf8_lossy(bytes);
+        assert!(
+            !text.contains("dana") && !text.contains("example.com"),
+            "{text}"
+        );
+    }
+    // Stable: the same user's next event has the same pseudonym (per-user metrics work).
+    let next = events::event("pii-2", address, now_ms()).page("/cart");
+    post(&servers, serde_json::to_vec(&next.json()).unwrap()).await;
+    let both = ingest_server::read_exactly(&events_topic, 2).await;
+    assert!(both.iter().all(|m| m.key() == record.key()));
+}
+
+#[tokio::test]
+async fn a_refused_email_user_id_names_the_field_and_stays_out_of_the_dlq() {
+    let (servers, _events, dlq, _topics) = start_ingest(&[
+        "--pii-policy",
+        "key.user_id.email=refuse",
+        "--dlq-original",
+        "redact",
+    ])
+    .await;
+    let sample = events::event("pii-3", "erin@example.org", now_ms()).page("/home");
+    let answer = post(&servers, serde_json::to_vec(&sample.json()).unwrap()).await;
+    assert_eq!(answer["rejected"], 1, "{answer}");
+    let text = answer.to_string();
+    assert_eq!(
+        answer["results"][0]["error"]["field"], "key.user_id",
+        "{text}"
+    );
+    assert_eq!(
+        answer["results"][0]["error"]["code"], "pii_refused",
+        "{text}"
+    );
+    assert!(
+        !text.contains("erin"),
+        "the answer does not echo the address: {text}"
+    );
+    let on_dlq = ingest_server::read_exactly(&dlq, 1).await;
+    let record = &on_dlq[0];
+    let key = String::from_utf8_lossy(record.key().unwrap()).into_owned();
+    assert!(key.starts_with("hmac:"), "{key}");
+    let kept: Value = serde_json::from_slice(record.payload().unwrap()).unwrap();
+    assert_eq!(
+        kept["key"]["user_id"],
+        key.as_str(),
+        "the bytes are redacted"
+    );
+    assert_eq!(kept["event_id"], "pii-3");
+    let all = format!(
+        "{key}{}{:?}",
+        String::from_utf8_lossy(record.payload().unwrap()),
+        record.headers().map(|h| h
+            .iter()
+            .map(|x| String::from_utf8_lossy(x.value.unwrap_or_default()).into_owned())
+            .collect::<Vec<_>>())
+    );
+    assert!(!all.contains("erin"), "{all}");
+    assert!(all.contains("fields"), "flagged as redacted: {all}");
+}
+
+#[tokio::test]
+async fn an_api_key_file_reload_is_audited_by_key_name_never_by_key() {
+    let dir = cleanup::TempDir::new("audit-keys");
+    let file = dir.path().join("api-keys");
+    let (old, new, other) = (
+        pulse_tests::unique("old-secret"),
+        pulse_tests::unique("new-secret"),
+        pulse_tests::unique("ios-secret"),
+    );
+    std::fs::write(&file, format!("{old}=web:web-old\n")).unwrap();
+    let audit_topic = pulse_tests::unique("audit");
+    let single = pulse_platform::kafka::KafkaConfig {
+        topics: pulse_platform::kafka::TopicSettings::single_broker(),
+        ..pulse_tests::kafka()
+    };
+    pulse_platform::kafka::ensure_topics(
+        &single,
+        &[pulse_platform::audit::topic_spec(&audit_topic)],
+    )
+    .await
+    .unwrap();
+    let _audit = cleanup::Topics::adopt([audit_topic.clone()]);
+    let (_servers, _events, _dlq, _topics) = start_ingest(&[
+        "--api-keys-file",
+        file.to_str().unwrap(),
+        "--api-keys-reload-interval",
+        "200ms",
+        "--audit-topic",
+        &audit_topic,
+    ])
+    .await;
+
+    // Rotate: the old key goes, a new one for the same source and one more come.
+    std::fs::write(&file, format!("{new}=web:web-new\n{other}=ios\n")).unwrap();
+    wait_until(
+        Duration::from_secs(30),
+        "the reload's audit record",
+        async || {
+            let r = audit_json(&audit_topic, &["--action", "keys"]).await;
+            if r.is_empty() { Err(r) } else { Ok(()) }
+        },
+    )
+    .await;
+    // A file that does not parse keeps the keys, and is audited as failed.
+    std::fs::write(&file, "not a key line\n").unwrap();
+    let records = wait_until(Duration::from_secs(30), "two reload records", async || {
+        let r = audit_json(&audit_topic, &["--action", "keys.reload"]).await;
+        if r.len() >= 2 { Ok(r) } else { Err(r) }
+    })
+    .await;
+    assert_eq!(records.len(), 2, "{records:#?}");
+    let (ok, failed) = (&records[0], &records[1]);
+    assert_eq!(
+        (ok.service.as_str(), ok.actor.as_str(), ok.outcome),
+        ("ingest", "file", Outcome::Ok)
+    );
+    assert_eq!(ok.target, file.display().to_string());
+    assert_eq!(
+        ok.detail, "added [ios, web-new]; removed [web-old]; re-keyed []; 3 key(s) in force",
+        "the inline key counts too"
+    );
+    assert_eq!(
+        (failed.actor.as_str(), failed.outcome),
+        ("file", Outcome::Failed)
+    );
+    assert!(failed.detail.contains("line 1"), "{failed:?}");
+    for r in &records {
+        let json = serde_json::to_string(r).unwrap();
+        for secret in [&old, &new, &other] {
+            assert!(
+                !json.contains(secret.as_str()),
+                "a key in the audit trail: {json}"
+            );
+        }
+    }
+}
