@@ -17,6 +17,7 @@ use std::path::PathBuf;
 use crate::config::{Problems, Validate};
 use crate::secret::{Secret, removed_secret_flag};
 
+pub(crate) use tls::ca_roots;
 pub use tls::{ConnectError, error_chain};
 
 /// The environment variable holding the password when no file is given.

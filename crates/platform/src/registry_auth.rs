@@ -5,10 +5,6 @@
 
 use std::path::{Path, PathBuf};
 
-use rustls::RootCertStore;
-use rustls::pki_types::CertificateDer;
-use rustls::pki_types::pem::PemObject;
-
 use crate::config::Problems;
 use crate::secret::Secret;
 
@@ -95,25 +91,7 @@ impl RegistryAuthArgs {
 /// says why it cannot be used.
 pub fn read_ca_pem(path: &Path) -> Result<Vec<u8>, String> {
     let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let certs = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("{} is not a PEM certificate file: {e}", path.display()))?;
-    if certs.is_empty() {
-        return Err(format!(
-            "{} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
-            path.display()
-        ));
-    }
-    let mut store = RootCertStore::empty();
-    for (i, cert) in certs.into_iter().enumerate() {
-        store.add(cert).map_err(|e| {
-            format!(
-                "certificate {} of {} is not usable as a CA: {e}",
-                i + 1,
-                path.display()
-            )
-        })?;
-    }
+    crate::clickhouse::ca_roots(path, &pem)?;
     Ok(pem)
 }
 

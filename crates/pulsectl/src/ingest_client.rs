@@ -4,6 +4,7 @@
 //! with backoff; and the flags that say where ingest is ([`IngestArgs`]: URL, CA file, API
 //! key). Shared by `loadgen` and `dlq redrive`; what to send is left to them.
 
+use pulse_platform::clickhouse::error_chain as chain;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -155,21 +156,6 @@ impl SendError {
             source: Arc::new(e),
         }
     }
-}
-
-/// An error with its causes (`error sending request: connection refused`).
-fn chain(e: &(dyn std::error::Error + '_)) -> String {
-    let mut text = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        let more = c.to_string();
-        if !text.contains(&more) {
-            text.push_str(": ");
-            text.push_str(&more);
-        }
-        cause = c.source();
-    }
-    text
 }
 
 /// Ingest's HTTP intake.

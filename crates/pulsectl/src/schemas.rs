@@ -2,6 +2,7 @@
 //! with the schema registry under `<topic>-value`, and checks the current protos against
 //! the last registered versions, failing with the registry's reasons on a break.
 
+use pulse_platform::clickhouse::error_chain as chain;
 use std::path::{Path, PathBuf};
 
 use pulse_contracts::schemas::{RecordSchema, TOPIC_SCHEMAS, value_subject};
@@ -73,18 +74,6 @@ fn source_of(schema: &RecordSchema, dir: Option<&Path>) -> Result<String, Schema
             std::fs::read_to_string(&path).map_err(|source| SchemaError::Read { path, source })
         }
     }
-}
-
-/// An error and its sources, joined by ": ".
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 /// The HTTP client for the registry: it trusts `--schema-registry-ca-file`, if given, in

@@ -32,7 +32,13 @@ const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(2);
 /// says why none could be used.
 pub fn read_ca_file(path: &Path) -> Result<RootCertStore, String> {
     let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    let certs = CertificateDer::pem_slice_iter(&pem)
+    ca_roots(path, &pem)
+}
+
+/// The trust anchors of `pem`, the contents of the CA file `path` (named in the error):
+/// at least one certificate, each usable as a CA.
+pub(crate) fn ca_roots(path: &Path, pem: &[u8]) -> Result<RootCertStore, String> {
+    let certs = CertificateDer::pem_slice_iter(pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("{} is not a PEM certificate file: {e}", path.display()))?;
     if certs.is_empty() {
@@ -219,7 +225,7 @@ impl tower_service::Service<Uri> for Broken {
 /// line already holds (many errors repeat their source in their own message). Use it to
 /// log or report a `clickhouse` error: its own `Display` of a failed connection is only
 /// "network error: client error (Connect)".
-pub fn error_chain(error: &(dyn StdError + 'static)) -> String {
+pub fn error_chain(error: &(dyn StdError + '_)) -> String {
     let mut text = error.to_string();
     let mut cause = error.source();
     while let Some(c) = cause {
