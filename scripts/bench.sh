@@ -14,6 +14,24 @@
 #                                                     --profile debug|release, --users, --rate,
 #                                                     --duration; table also in
 #                                                     $PULSE_CACHE/bench/memory-<profile>.md)
+#   scripts/bench.sh freshness [bench_freshness.py args]  the whole local platform the same way,
+#                                                     loadgen at 50 % of the rate it sustains here
+#                                                     (measured first) and probe events: ingest's
+#                                                     acknowledgement → visible in the query API,
+#                                                     p50/p95/p99 end to end and per stage, RSS and
+#                                                     CPU per service (tests/python/bench_freshness.py;
+#                                                     --rate, --duration, the knobs --emit-interval-ms,
+#                                                     --writer-max-age-ms, --fetch-wait-ms, …; report
+#                                                     also in $PULSE_CACHE/bench/freshness.md)
+#   scripts/bench.sh all [--profile tiny|short] [--binaries release|debug]
+#                                                     every part above with a short profile (short:
+#                                                     about 10 min on 2 cores; tiny: a smoke run),
+#                                                     then ONE table (ratios and goals, events per
+#                                                     CPU-second, freshness, RSS, the broker's CPU
+#                                                     share) printed and written to
+#                                                     $PULSE_CACHE/bench/bench-all.md with a PNG chart
+#                                                     (tests/python/bench_all.py; memory's RSS comes
+#                                                     from the freshness run's platform at its load)
 # (writer and query start a throwaway ClickHouse on two free ports instead of Tansu and pass
 # --clickhouse-url http://127.0.0.1:<http>; writer also --clickhouse-tcp-port <native>)
 # installs missing dependencies, starts Tansu on a free port in a temporary folder, builds
@@ -21,6 +39,9 @@
 # arguments), then stops the broker.
 # ingest and processor also get --broker-pid, so each phase prints the broker's CPU use.
 # PULSE_BENCH_KEEP=1 keeps the temporary folder (broker log and data).
+# PULSE_BENCH_BINARIES=debug runs the debug build of bench-<what> (default release; `all
+# --binaries debug` sets it for its parts); PULSE_BENCH_SKIP_SETUP=1 skips install-deps and
+# the build (`all` builds once, then runs each part with it).
 # PULSE_BENCH_PIN=1 (the default, on machines with 2+ cores) pins Tansu to core 0 and the
 # ingest/processor benchmark to the other cores, as if the broker had its own host;
 # PULSE_BENCH_PIN=0 lets them share every core.
@@ -34,18 +55,38 @@ usage() {
   echo "       scripts/bench.sh writer [--events N] [--roll-rows N] [--insert-rows N] [--insert-batch N]" >&2
   echo "       scripts/bench.sh query [--users N] [--hours N] [--active-share F] [--requests N] [--warmup N]" >&2
   echo "       scripts/bench.sh memory [--profile debug|release] [--users N] [--rate F] [--duration SECS] [--settle SECS] [--keep]" >&2
+  echo "       scripts/bench.sh freshness [--profile debug|release] [--rate F] [--duration SECS] [--emit-interval-ms N] [--writer-max-age-ms N] [--fetch-wait-ms N] [--json FILE] (--help: all)" >&2
+  echo "       scripts/bench.sh all [--profile tiny|short] [--binaries release|debug] [--out DIR]" >&2
   exit 2
 }
 [ $# -ge 1 ] || usage
 what=$1; shift
 case "$what" in
-  ingest|processor|writer|query|memory) ;;
+  ingest|processor|writer|query|memory|freshness|all) ;;
   *) usage ;;
 esac
 
-bash scripts/install-deps.sh
+skip_setup=${PULSE_BENCH_SKIP_SETUP:-0}
+[ "$skip_setup" = 1 ] || bash scripts/install-deps.sh
 
-if [ "$what" = memory ]; then
+if [ "$what" = all ]; then
+  # One build of every binary (the services, pulsectl and bench-*), then each part.
+  binaries=release
+  prev=
+  for a in "$@"; do
+    [ "$prev" = --binaries ] && binaries=$a
+    case "$a" in --binaries=*) binaries=${a#--binaries=} ;; esac
+    prev=$a
+  done
+  case "$binaries" in
+    release) log "building every binary (release)"; cargo build --release --quiet --bins ;;
+    debug) log "building every binary (debug; figures are not release figures)"; cargo build --quiet --bins ;;
+    *) die "--binaries must be release or debug, not '$binaries'" ;;
+  esac
+  exec "$PULSE_CACHE/venv/bin/python" tests/python/bench_all.py "$@"
+fi
+
+if [ "$what" = memory ] || [ "$what" = freshness ]; then
   # Its own platform (dev.sh up/down inside the driver): no throwaway broker here.
   profile=release
   prev=
@@ -55,11 +96,20 @@ if [ "$what" = memory ]; then
     prev=$a
   done
   case "$profile" in
-    release) log "building the Pulse binaries (release)"; cargo build --release --quiet --bins ;;
-    debug) log "building the Pulse binaries (debug; figures are not release figures)"; cargo build --quiet --bins ;;
+    release|debug) ;;
     *) die "--profile must be debug or release, not '$profile'" ;;
   esac
-  exec "$PULSE_CACHE/venv/bin/python" tests/python/memory_bench.py "$@"
+  if [ "$skip_setup" = 1 ]; then
+    :
+  elif [ "$profile" = release ]; then
+    log "building the Pulse binaries (release)"; cargo build --release --quiet --bins
+  else
+    log "building the Pulse binaries (debug; figures are not release figures)"; cargo build --quiet --bins
+  fi
+  if [ "$what" = memory ]; then
+    exec "$PULSE_CACHE/venv/bin/python" tests/python/memory_bench.py "$@"
+  fi
+  exec "$PULSE_CACHE/venv/bin/python" tests/python/bench_freshness.py "$@"
 fi
 
 STATE=$(mktemp -d "${TMPDIR:-/tmp}/pulse-bench.XXXXXX")
@@ -76,8 +126,12 @@ cleanup() {
 }
 trap_cleanup cleanup
 
-log "building bench-$what (release)"
-cargo build --release --quiet -p pulse-tests --bin "bench-$what"
+BIN=$CARGO_TARGET_DIR/${PULSE_BENCH_BINARIES:-release}
+case "${PULSE_BENCH_BINARIES:-release}" in
+  release) [ "$skip_setup" = 1 ] || { log "building bench-$what (release)"; cargo build --release --quiet -p pulse-tests --bin "bench-$what"; } ;;
+  debug) [ "$skip_setup" = 1 ] || { log "building bench-$what (debug)"; cargo build --quiet -p pulse-tests --bin "bench-$what"; } ;;
+  *) die "PULSE_BENCH_BINARIES must be release or debug" ;;
+esac
 
 if [ "$what" = writer ] || [ "$what" = query ]; then
   CH_HTTP_PORT=$(free_port)
@@ -87,11 +141,11 @@ if [ "$what" = writer ] || [ "$what" = query ]; then
   start_clickhouse "$STATE" "$CH_HTTP_PORT" "$CH_TCP_PORT"
   if [ "$what" = writer ]; then
     log "running bench-writer against ClickHouse 127.0.0.1:$CH_HTTP_PORT (HTTP) and :$CH_TCP_PORT (native)"
-    "$CARGO_TARGET_DIR/release/bench-writer" --clickhouse-url "http://127.0.0.1:$CH_HTTP_PORT" \
+    "$BIN/bench-writer" --clickhouse-url "http://127.0.0.1:$CH_HTTP_PORT" \
       --clickhouse-tcp-port "$CH_TCP_PORT" "$@"
   else
     log "running bench-query against ClickHouse 127.0.0.1:$CH_HTTP_PORT (HTTP)"
-    "$CARGO_TARGET_DIR/release/bench-query" --clickhouse-url "http://127.0.0.1:$CH_HTTP_PORT" "$@"
+    "$BIN/bench-query" --clickhouse-url "http://127.0.0.1:$CH_HTTP_PORT" "$@"
   fi
 else
   KAFKA_PORT=$(free_port)
@@ -112,7 +166,7 @@ else
     log "pinned: Tansu on core 0, bench-$what on cores 1-$((cores - 1)) (PULSE_BENCH_PIN=0 turns this off)"
   fi
   log "running bench-$what against 127.0.0.1:$KAFKA_PORT"
-  "${pin[@]}" "$CARGO_TARGET_DIR/release/bench-$what" --brokers "127.0.0.1:$KAFKA_PORT" \
+  "${pin[@]}" "$BIN/bench-$what" --brokers "127.0.0.1:$KAFKA_PORT" \
     --broker-pid "$broker_pid" "$@"
 fi
 

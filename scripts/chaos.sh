@@ -4,7 +4,7 @@
 # killed and restarted, the broker is paused and restarted, ClickHouse is paused and
 # stopped, S3 is stopped; then every accepted event is reconciled against ClickHouse, the
 # Parquet archive, the DLQ, the late topic and the query API's aggregates.
-#   scripts/chaos.sh                 quick profile (scripts/test.sh runs it; ~3-4 min)
+#   scripts/chaos.sh                 quick profile (scripts/test.sh runs it; ~4-5 min)
 #   scripts/chaos.sh --soak          every fault, three rounds (~15-20 min)
 #   scripts/chaos.sh --seed N        replay a run's faults and workload (the seed is printed)
 #   scripts/chaos.sh --keep          keep the state folder (logs, data) even on success

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # The local Pulse platform.
-#   scripts/dev.sh up       install what is missing, start Kafka API (Tansu), ClickHouse and
-#                           S3 (s3s-fs), create topics, build and start the Pulse services,
-#                           then Prometheus (rules of deploy/prometheus) and Alertmanager
+#   scripts/dev.sh up       install what is missing, start Kafka API (Tansu, with a
+#                           supervisor that restarts it when it fails its probe: stack.sh),
+#                           ClickHouse and S3 (s3s-fs), create topics, build and start the
+#                           Pulse services, then Prometheus (rules of deploy/prometheus) and
+#                           Alertmanager
 #   scripts/dev.sh down     stop exactly what `up` started (by recorded pid)
 #   scripts/dev.sh status   what runs, with pids and health (the broker by a real produce,
 #                           each service by its /readyz); exits 1 if anything is unhealthy
 #   scripts/dev.sh logs [NAME]  follow the logs (all, or one of: kafka clickhouse s3 ingest
 #                           processor writer-clickhouse writer-parquet query-api schema-registry
-#                           loadgen prometheus alertmanager)
+#                           loadgen prometheus alertmanager kafka-supervisor)
 # Everything lives in $PULSE_STATE (default: .pulse/ in the checkout). `up` is safe to
 # run again: what runs is left running. Every port can be moved with an environment
 # variable (README, Ports); PULSE_DEV_PROFILE=debug runs debug binaries, PULSE_DEV_BUILD=0
@@ -196,6 +198,7 @@ up() {
       && die "port ${pair#*:} is in use by another process; free it or set the PULSE_*_PORT variables (README, Ports)"
   done
   start_kafka "$STATE" "$KAFKA_PORT"
+  start_kafka_supervisor "$STATE" "$KAFKA_PORT"
   start_clickhouse "$STATE" "$CH_HTTP_PORT" "$CH_TCP_PORT"
   start_s3 "$STATE" "$S3_PORT"
 
@@ -301,6 +304,8 @@ TXT
 down() {
   local spec name i
   stop_proc "$STATE" loadgen
+  # The broker's supervisor first, so it does not restart the broker being stopped.
+  stop_proc "$STATE" kafka-supervisor
   stop_proc "$STATE" prometheus
   stop_proc "$STATE" alertmanager
   for ((i = ${#SERVICES[@]} - 1; i >= 0; i--)); do
@@ -314,35 +319,11 @@ down() {
 # broker_health PORT: "ok", or why the broker fails a real request. A TCP connect is not
 # enough: a stalled broker, or Tansu after its storage task panicked, accepts connections
 # and fails every request. This creates (once) and produces one record to `_pulse_health`
-# with a 10 s deadline, through PyPI's confluent-kafka in the cache's venv.
+# with a 5 s deadline, and checks Tansu's group coordinator for a group waiting on a
+# leader that is no longer a member (kafka_probe in stack.sh; the broker supervisor runs
+# the same probe every few seconds).
 broker_health() {
-  timeout 20 "$PULSE_CACHE/venv/bin/python" - "$1" <<'PY' 2>/dev/null || echo "no answer within 20 s"
-import sys
-from confluent_kafka import Producer
-from confluent_kafka.admin import AdminClient, NewTopic
-bootstrap = f"127.0.0.1:{sys.argv[1]}"
-try:
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    if "_pulse_health" not in admin.list_topics(timeout=10).topics:
-        for f in admin.create_topics([NewTopic("_pulse_health", 1, 1)]).values():
-            try:
-                f.result(10)
-            except Exception as e:  # already created by a concurrent check
-                if "TOPIC_ALREADY_EXISTS" not in str(e):
-                    raise
-    outcome = []
-    p = Producer({"bootstrap.servers": bootstrap, "message.timeout.ms": 10000})
-    p.produce("_pulse_health", b"ping", on_delivery=lambda err, msg: outcome.append(err))
-    p.flush(15)
-    if not outcome:
-        print("produce not acknowledged within 10 s")
-    elif outcome[0] is not None:
-        print(f"produce failed: {outcome[0]}")
-    else:
-        print("ok")
-except Exception as e:
-    print(f"request failed: {e}")
-PY
+  kafka_probe "$1" "$STATE/kafka/tansu.db"
 }
 
 # service_health ADMIN_PORT: "ready", or /readyz's reason.
@@ -357,7 +338,7 @@ service_health() {
 status() {
   local name pidfile spec health port rc=0
   printf '%-20s %-9s %-8s %s\n' NAME STATE PID HEALTH
-  for name in "${BACKING[@]}" $(printf '%s\n' "${SERVICES[@]}" | cut -d: -f1) loadgen prometheus alertmanager; do
+  for name in "${BACKING[@]}" kafka-supervisor $(printf '%s\n' "${SERVICES[@]}" | cut -d: -f1) loadgen prometheus alertmanager; do
     pidfile="$STATE/pids/$name.pid"
     if is_running "$STATE" "$name"; then
       health=-
@@ -397,5 +378,5 @@ case "${1:-}" in
   down) down ;;
   status) status ;;
   logs) shift; logs "$@" ;;
-  *) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+  *) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
 esac

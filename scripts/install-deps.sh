@@ -163,4 +163,17 @@ else
 fi
 # <<< Observability check tools <<<
 
+# >>> Benchmark tools (scripts/bench.sh all) >>>
+# matplotlib draws the benchmark table's chart (freshness per stage, throughput per service)
+# as a PNG; it joins the existing venv with its own marker, like the tools above.
+BENCH_PY_PACKAGES=(matplotlib==3.11.2)
+if [ ! -f "$VENV/.ok-bench-v1" ]; then
+  log "adding ${BENCH_PY_PACKAGES[*]} to the Python venv"
+  "$VENV/bin/pip" install -q "${BENCH_PY_PACKAGES[@]}" || die "pip install of the benchmark tools failed"
+  touch "$VENV/.ok-bench-v1"
+else
+  log "benchmark tools present in the Python venv"
+fi
+# <<< Benchmark tools <<<
+
 log "dependencies ready in $PULSE_CACHE"

@@ -204,3 +204,218 @@ stack_stop() {
   local state=$1 name
   for name in "${@:2}"; do stop_proc "$state" "$name"; done
 }
+
+# --- the local broker's supervisor (local-stack behaviour, not Pulse behaviour) ---------
+# Tansu 0.6 (the local broker) can end up alive but useless: its storage task panics after
+# a long stall and it then fails every request, or its group coordinator keeps a group
+# waiting for a leader that is no longer a member (after a stall longer than the session
+# timeout; every JoinGroup/SyncGroup then answers RebalanceInProgress). Tansu repairs the
+# second when it reloads the group from its database, i.e. on a restart. In Kubernetes a
+# liveness probe restarts such a broker; locally `start_kafka_supervisor` does the same:
+# every PULSE_KAFKA_SUPERVISOR_INTERVAL seconds (default 3) it probes the broker the way
+# `dev.sh status` does, and after PULSE_KAFKA_SUPERVISOR_FAILURES (default 3) failed probes
+# in a row it restarts Tansu with its own command line, folder and environment, then waits
+# PULSE_KAFKA_SUPERVISOR_GRACE seconds (default 6) before the next probe (logged to
+# $STATE/logs/kafka-supervisor.log). A stopped broker (SIGSTOP) is not probed, a broker that
+# is not running is left alone (`dev.sh up` starts it). PULSE_KAFKA_SUPERVISOR=0: none.
+
+# The probe and the supervisor loop, in the cache's venv (PyPI's confluent-kafka).
+#   probe PORT DB        prints "ok" or why the broker is unhealthy
+#   supervise STATE PORT the loop; exits when its pid file is gone or names another process
+KAFKA_SUPERVISOR_PY=$(cat <<'PY'
+import json, os, signal, sqlite3, subprocess, sys, time
+
+def produce_check(port):
+    from confluent_kafka import Producer
+    from confluent_kafka.admin import AdminClient, NewTopic
+    bootstrap = f"127.0.0.1:{port}"
+    try:
+        admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 0})
+        if "_pulse_health" not in admin.list_topics(timeout=5).topics:
+            for f in admin.create_topics([NewTopic("_pulse_health", 1, 1)]).values():
+                try:
+                    f.result(5)
+                except Exception as e:  # created meanwhile by another probe
+                    if "TOPIC_ALREADY_EXISTS" not in str(e):
+                        raise
+        outcome = []
+        p = Producer({"bootstrap.servers": bootstrap, "message.timeout.ms": 5000,
+                      "socket.timeout.ms": 5000, "log_level": 0})
+        p.produce("_pulse_health", b"ping", on_delivery=lambda err, msg: outcome.append(err))
+        p.flush(8)
+    except Exception as e:
+        return f"request failed: {e}"
+    if not outcome:
+        return "produce not acknowledged within 5 s"
+    return "ok" if outcome[0] is None else f"produce failed: {outcome[0]}"
+
+def wedged_groups(db):
+    """Tansu 0.6's group coordinator (its sqlite database): {group: (e_tag, why)} of every
+    forming group whose leader is no longer a member; such a group never completes, and
+    only a reload of the group (a restart) clears that leader."""
+    if not os.path.exists(db):
+        return {}
+    try:
+        c = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5)
+        try:
+            rows = c.execute("select cg.name, d.e_tag, d.detail from consumer_group_detail d "
+                             "join consumer_group cg on cg.id = d.consumer_group").fetchall()
+        finally:
+            c.close()
+    except sqlite3.Error:
+        return {}  # locked or not created yet: no evidence either way
+    wedged = {}
+    for name, e_tag, detail in rows:
+        try:
+            d = json.loads(detail)
+        except ValueError:
+            continue
+        forming = (d.get("state") or {}).get("Forming")
+        members = d.get("members") or {}
+        if forming and forming.get("leader") and members and forming["leader"] not in members:
+            wedged[name] = (e_tag, f"{name} (leader {forming['leader']} is not a member)")
+    return wedged
+
+def groups_why(wedged):
+    if not wedged:
+        return "ok"
+    return ("group coordinator stuck: " + ", ".join(why for _, why in wedged.values())
+            + " (Tansu 0.6; a restart repairs it)")
+
+def probe(port, db):
+    why = produce_check(port)
+    return why if why != "ok" else groups_why(wedged_groups(db))
+
+def proc_state(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+def supervise(state, port):
+    interval = float(os.environ.get("PULSE_KAFKA_SUPERVISOR_INTERVAL", "3"))
+    threshold = int(os.environ.get("PULSE_KAFKA_SUPERVISOR_FAILURES", "3"))
+    pids, me = os.path.join(state, "pids"), os.getpid()
+    kafka_pid_file = os.path.join(pids, "kafka.pid")
+    db = os.path.join(state, "kafka", "tansu.db")
+    # After starting a broker: no probe for this long (a liveness probe's initial delay),
+    # so the clients reconnect and the stored groups are reloaded first.
+    grace = float(os.environ.get("PULSE_KAFKA_SUPERVISOR_GRACE", "6"))
+    children, spec, failures, last_tags, quiet_until = [], None, 0, {}, 0.0
+    marker = os.path.join(pids, "kafka.restarting")
+    if os.path.exists(marker):
+        os.unlink(marker)  # left by a supervisor stopped in the middle of a restart
+
+    def say(msg):
+        print(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), msg, flush=True)
+
+    say(f"supervising the broker on port {port}: probe every {interval:g} s, restart after {threshold} failures in a row")
+    while True:
+        time.sleep(interval)
+        for ch in children:
+            ch.poll()  # reap a broker this loop started and that exited
+        try:
+            with open(os.path.join(pids, "kafka-supervisor.pid")) as f:
+                if int(f.read().strip()) != me:
+                    return
+            with open(kafka_pid_file) as f:
+                pid = int(f.read().strip())
+        except (OSError, ValueError):
+            return  # stopped (`dev.sh down` removes the pid files)
+        st = proc_state(pid)
+        if st is None or st == "Z" or st == "T":
+            failures = 0  # not running (dev.sh starts it) or paused on purpose: not probed
+            continue
+        if spec is None or spec[0] != pid:
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    argv = [a.decode() for a in f.read().split(b"\0") if a]
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    env = dict(kv.decode().split("=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+                spec = (pid, argv, env, os.readlink(f"/proc/{pid}/cwd"))
+            except OSError:
+                continue
+        if time.monotonic() < quiet_until:
+            continue
+        why = produce_check(port)
+        if why == "ok":
+            # A stuck group counts once its stored state changed while it stayed stuck (its
+            # members keep joining and expiring, and the leader stays one that left): a
+            # restarted broker shows the stored state until a request of the group
+            # reloads it, and a group nobody uses may keep a stale leader harmlessly.
+            wedged = wedged_groups(db)
+            last_tags = {g: last_tags.get(g, v[0]) for g, v in wedged.items()}
+            active = {g: v for g, v in wedged.items() if last_tags[g] != v[0]}
+            why = groups_why(active)
+        if why == "ok":
+            if failures:
+                say(f"broker healthy again after {failures} failed probe(s)")
+            failures = 0
+            continue
+        failures += 1
+        say(f"probe {failures}/{threshold} failed: {why}")
+        if failures < threshold:
+            continue
+        say(f"restarting the broker (pid {pid}) as a liveness probe would")
+        # While this marker exists the broker's pid file names a process being replaced:
+        # a harness that restarts exited processes (tests/python/chaos.py) leaves it alone.
+        with open(marker, "w") as f:
+            f.write(f"{me}\n")
+        try:
+            os.killpg(pid, signal.SIGTERM)
+        except OSError:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except OSError:
+                pass
+        for _ in range(40):
+            if proc_state(pid) in (None, "Z"):
+                break
+            time.sleep(0.5)
+        else:
+            say("the broker did not stop in 20 s; killing it")
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except OSError:
+                pass
+            for _ in range(20):
+                if proc_state(pid) in (None, "Z"):
+                    break
+                time.sleep(0.25)
+        for ch in children:
+            ch.poll()
+        _, argv, env, cwd = spec
+        with open(os.path.join(state, "logs", "kafka.log"), "ab") as log:
+            ch = subprocess.Popen(argv, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
+                                  stdin=subprocess.DEVNULL, start_new_session=True)
+        children.append(ch)
+        with open(kafka_pid_file + ".new", "w") as f:
+            f.write(f"{ch.pid}\n")
+        os.replace(kafka_pid_file + ".new", kafka_pid_file)
+        os.unlink(marker)
+        say(f"broker restarted (pid {ch.pid})")
+        failures, spec, last_tags = 0, None, {}
+        quiet_until = time.monotonic() + grace
+
+if sys.argv[1] == "probe":
+    print(probe(sys.argv[2], sys.argv[3]))
+else:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    supervise(sys.argv[2], sys.argv[3])
+PY
+)
+
+# kafka_probe PORT DB: "ok", or why the broker fails (see KAFKA_SUPERVISOR_PY).
+kafka_probe() {
+  timeout 20 "$PULSE_CACHE/venv/bin/python" -c "$KAFKA_SUPERVISOR_PY" probe "$1" "$2" 2>/dev/null \
+    || echo "no answer within 20 s"
+}
+
+# start_kafka_supervisor STATE PORT — the loop above, as process "kafka-supervisor".
+start_kafka_supervisor() {
+  local state=$1 port=$2
+  [ "${PULSE_KAFKA_SUPERVISOR:-1}" = 1 ] || return 0
+  start_proc "$state" kafka-supervisor "$PULSE_CACHE/venv/bin/python" -c "$KAFKA_SUPERVISOR_PY" supervise "$state" "$port"
+  log "broker supervisor started (restarts a broker that fails ${PULSE_KAFKA_SUPERVISOR_FAILURES:-3} probes in a row; log: $state/logs/kafka-supervisor.log)"
+}

@@ -75,6 +75,19 @@ bash scripts/chaos.sh
 log "ingest memory under a hostile body (scripts/check-ingest-memory.sh)"
 bash scripts/check-ingest-memory.sh
 
+# The benchmark table (issue #19): `scripts/bench.sh all` with the tiny profile on the debug
+# build just made (every part with its own broker, ClickHouse or platform on free ports); the
+# figures mean nothing, the check is that the table and its chart are produced.
+log "benchmark table, tiny profile (scripts/bench.sh all --profile tiny)"
+bench_started=$(date +%s)
+bash scripts/bench.sh all --profile tiny --binaries debug --out "$STATE/bench" \
+  || die "scripts/bench.sh all --profile tiny failed; see $STATE/bench/bench-all-<part>.log"
+grep -q '^| freshness | ack → `/v1/users/{id}`, p95' "$STATE/bench/bench-all.md" \
+  || die "the benchmark table $STATE/bench/bench-all.md has no freshness row"
+[ "$(head -c 8 "$STATE/bench/bench-all.png" | od -An -tx1 | tr -d ' \n')" = 89504e470d0a1a0a ] \
+  || die "$STATE/bench/bench-all.png is not a PNG"
+log "benchmark table and chart produced in $(( $(date +%s) - bench_started )) s"
+
 log "cargo test --workspace"
 cargo test --workspace "$@"
 

@@ -158,4 +158,87 @@ mod tests {
             pb::aggregates::v1::UserWindowActivity::decode(a.encode_to_vec().as_slice()).unwrap();
         assert_eq!(a, back);
     }
+
+    /// The aggregates as registered before `rules_version` (fields 14 and 12) existed: the
+    /// text of `fixtures/aggregates-v1-before-rules-version.proto`, in part.
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct ActivityBefore {
+        #[prost(string, tag = "1")]
+        user_id: String,
+        #[prost(uint64, tag = "8")]
+        event_count: u64,
+        #[prost(uint64, tag = "11")]
+        version: u64,
+        #[prost(int64, tag = "13")]
+        last_ingest_ms: i64,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct SessionBefore {
+        #[prost(string, tag = "1")]
+        session_id: String,
+        #[prost(uint64, tag = "8")]
+        version: u64,
+        #[prost(string, repeated, tag = "11")]
+        merged_session_ids: Vec<String>,
+    }
+
+    #[test]
+    fn records_from_before_rules_versions_decode_with_an_empty_one_and_back() {
+        use pb::aggregates::v1::{Session, UserWindowActivity};
+        let old = ActivityBefore {
+            user_id: "u".into(),
+            event_count: 3,
+            version: 9,
+            last_ingest_ms: 77,
+        };
+        let new = UserWindowActivity::decode(old.encode_to_vec().as_slice()).unwrap();
+        assert_eq!(new.rules_version, "");
+        assert_eq!(
+            (
+                new.user_id.as_str(),
+                new.event_count,
+                new.version,
+                new.last_ingest_ms
+            ),
+            ("u", 3, 9, 77)
+        );
+        // An old reader skips the new field.
+        let stamped = UserWindowActivity {
+            rules_version: "2026-12-rc1+b6320f5f73b1".into(),
+            ..new
+        };
+        assert_eq!(
+            ActivityBefore::decode(stamped.encode_to_vec().as_slice()).unwrap(),
+            old
+        );
+        let old = SessionBefore {
+            session_id: "s".into(),
+            version: 4,
+            merged_session_ids: vec!["s0".into()],
+        };
+        let new = Session::decode(old.encode_to_vec().as_slice()).unwrap();
+        assert_eq!((new.rules_version.as_str(), new.version), ("", 4));
+        let stamped = Session {
+            rules_version: "b6320f5f73b1".into(),
+            ..new
+        };
+        assert_eq!(
+            SessionBefore::decode(stamped.encode_to_vec().as_slice()).unwrap(),
+            old
+        );
+    }
+
+    #[test]
+    fn the_fixture_of_the_previous_aggregates_differs_only_by_the_rules_version() {
+        let before = include_str!("../fixtures/aggregates-v1-before-rules-version.proto");
+        assert!(!before.contains("rules_version"));
+        assert!(AGGREGATES.source.contains("string rules_version = 14;"));
+        assert!(AGGREGATES.source.contains("string rules_version = 12;"));
+        // Every line of the previous schema is still there, in order.
+        let mut now = AGGREGATES.source.lines();
+        for line in before.lines() {
+            assert!(now.any(|l| l == line), "{line:?} is gone or moved");
+        }
+    }
 }

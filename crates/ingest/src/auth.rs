@@ -278,24 +278,62 @@ pub fn presented_key<'a>(
         .or_else(|| x_api_key.map(str::trim).filter(|k| valid_token(k)))
 }
 
+/// Who a request authenticated as: the source its events are charged to and the key's
+/// name (never the key).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    pub source: String,
+    pub key: String,
+}
+
+impl Caller {
+    /// The span the rest of an authenticated request runs in: every log line and trace
+    /// span of the request below it carries the key's name (`auth.key`), its source and
+    /// the caller's address; never the key.
+    pub fn span(&self, peer: &str, transport: &'static str) -> tracing::Span {
+        tracing::info_span!(
+            "ingest.authenticated",
+            auth.key = %self.key,
+            ingest.source = %self.source,
+            client.address = %peer,
+            transport,
+        )
+    }
+}
+
 /// Authenticates a request by its `Authorization` and `X-Api-Key` values (HTTP headers or
-/// gRPC metadata) against the current keys of `keys`; returns the key's source name. The
-/// request is counted under the key's name, a refusal as an authentication failure.
+/// gRPC metadata) against the current keys of `keys`. The request is counted under the
+/// key's name; a refusal is counted as an authentication failure and logged at warn level
+/// with the caller's address `peer` and why (no key presented, or an unknown one), never
+/// with what was presented.
 pub fn authenticate(
     keys: &KeyStore,
     authorization: Option<&str>,
     x_api_key: Option<&str>,
-) -> Option<String> {
+    peer: &str,
+) -> Option<Caller> {
     let current = keys.current();
-    let found = presented_key(authorization, x_api_key).and_then(|k| current.authenticate_named(k));
-    match found {
+    let presented = presented_key(authorization, x_api_key);
+    match presented.and_then(|k| current.authenticate_named(k)) {
         Some((source, name)) => {
             metrics::counter!(crate::metrics::AUTHENTICATED_TOTAL, "key" => name.to_owned())
                 .increment(1);
-            Some(source.to_owned())
+            Some(Caller {
+                source: source.to_owned(),
+                key: name.to_owned(),
+            })
         }
         None => {
             metrics::counter!(crate::metrics::AUTH_FAILURES_TOTAL).increment(1);
+            tracing::warn!(
+                client.address = peer,
+                reason = if presented.is_some() {
+                    "unknown_key"
+                } else {
+                    "no_key"
+                },
+                "ingest request refused: no valid API key"
+            );
             None
         }
     }

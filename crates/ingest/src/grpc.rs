@@ -20,6 +20,7 @@ use crate::auth::{KeyStore, RateLimiter, admit, authenticate};
 use crate::error::{GRPC_KEY_HINT, Refusal};
 use crate::metrics as m;
 use crate::pipeline::{BatchResult, Incoming, IngestError, Ingestor, Status as EventOutcome};
+use tracing::Instrument as _;
 
 /// The gRPC service.
 #[derive(Debug, Clone)]
@@ -122,16 +123,22 @@ fn response(r: &BatchResult, offset: usize) -> SendEventsResponse {
 }
 
 impl GrpcIngest {
-    fn source<T>(&self, req: &Request<T>) -> Result<String, Status> {
+    /// The call's source and the span its work runs in: the key's name, source and the
+    /// caller's address (see [`crate::auth::Caller::span`]).
+    fn caller<T>(&self, req: &Request<T>) -> Result<(String, tracing::Span), Status> {
         let md = req.metadata();
         let auth = md.get("authorization").and_then(|v| v.to_str().ok());
         let key = md.get("x-api-key").and_then(|v| v.to_str().ok());
-        authenticate(&self.keys, auth, key).ok_or_else(|| {
-            Refusal::Unauthenticated {
+        let peer = req
+            .remote_addr()
+            .map_or_else(|| "unknown".to_owned(), |a| a.to_string());
+        let caller = authenticate(&self.keys, auth, key, &peer).ok_or_else(|| {
+            Status::from(Refusal::Unauthenticated {
                 hint: GRPC_KEY_HINT,
-            }
-            .into()
-        })
+            })
+        })?;
+        let span = caller.span(&peer, "grpc");
+        Ok((caller.source, span))
     }
 
     async fn batch(
@@ -170,13 +177,14 @@ impl IngestService for GrpcIngest {
         &self,
         request: Request<SendEventsRequest>,
     ) -> Result<Response<SendEventsResponse>, Status> {
-        let source = self.source(&request)?;
+        let (source, span) = self.caller(&request)?;
         // The call's `grpc.request` span (platform::grpc::Traced) continues the caller's
         // `traceparent` or starts the trace the answer names.
         let parent =
             crate::http::current_or(pulse_platform::grpc::extract_context(request.metadata()));
         let result = self
             .batch(&source, request.into_inner().events, &parent)
+            .instrument(span)
             .await?;
         Ok(Response::new(response(&result, 0)))
     }
@@ -185,12 +193,69 @@ impl IngestService for GrpcIngest {
         &self,
         request: Request<Streaming<SendEventsRequest>>,
     ) -> Result<Response<SendEventsResponse>, Status> {
-        let source = self.source(&request)?;
+        let (source, span) = self.caller(&request)?;
+        // The call's `grpc.request` span (platform::grpc::Traced) continues the caller's
+        // `traceparent` or starts the trace the answer names.
+        let parent =
+            crate::http::current_or(pulse_platform::grpc::extract_context(request.metadata()));
+        self.stream_in(source, parent, request.into_inner())
+            .instrument(span)
+            .await
+    }
+
+    type SendEventsStreamStream = ReceiverStream<Result<SendEventsResponse, Status>>;
+
+    async fn send_events_stream(
+        &self,
+        request: Request<Streaming<SendEventsRequest>>,
+    ) -> Result<Response<Self::SendEventsStreamStream>, Status> {
+        let (source, span) = self.caller(&request)?;
         // The call's `grpc.request` span (platform::grpc::Traced) continues the caller's
         // `traceparent` or starts the trace the answer names.
         let parent =
             crate::http::current_or(pulse_platform::grpc::extract_context(request.metadata()));
         let mut stream = request.into_inner();
+        // Few answers in flight: a client that stops reading stops the intake (backpressure).
+        let (tx, rx) = tokio::sync::mpsc::channel(STREAM_ANSWERS_IN_FLIGHT);
+        let this = self.clone();
+        tokio::spawn(
+            async move {
+                let mut offset = 0usize;
+                loop {
+                    let answer = match stream.message().await {
+                        Ok(Some(chunk)) => {
+                            let n = chunk.events.len();
+                            let answer = this
+                                .batch(&source, chunk.events, &parent)
+                                .await
+                                .map(|result| response(&result, offset));
+                            offset += n;
+                            answer
+                        }
+                        Ok(None) => return,
+                        Err(status) => Err(status),
+                    };
+                    let failed = answer.is_err();
+                    // A closed receiver is a client that went away: stop reading its stream.
+                    if tx.send(answer).await.is_err() || failed {
+                        return;
+                    }
+                }
+            }
+            .instrument(span),
+        );
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+impl GrpcIngest {
+    /// `StreamEvents` once the key is known (in the key's span).
+    async fn stream_in(
+        &self,
+        source: String,
+        parent: opentelemetry::Context,
+        mut stream: Streaming<SendEventsRequest>,
+    ) -> Result<Response<SendEventsResponse>, Status> {
         let mut total = SendEventsResponse::default();
         let mut offset = 0usize;
         while let Some(chunk) = stream.message().await? {
@@ -213,47 +278,6 @@ impl IngestService for GrpcIngest {
             offset += n;
         }
         Ok(Response::new(total))
-    }
-
-    type SendEventsStreamStream = ReceiverStream<Result<SendEventsResponse, Status>>;
-
-    async fn send_events_stream(
-        &self,
-        request: Request<Streaming<SendEventsRequest>>,
-    ) -> Result<Response<Self::SendEventsStreamStream>, Status> {
-        let source = self.source(&request)?;
-        // The call's `grpc.request` span (platform::grpc::Traced) continues the caller's
-        // `traceparent` or starts the trace the answer names.
-        let parent =
-            crate::http::current_or(pulse_platform::grpc::extract_context(request.metadata()));
-        let mut stream = request.into_inner();
-        // Few answers in flight: a client that stops reading stops the intake (backpressure).
-        let (tx, rx) = tokio::sync::mpsc::channel(STREAM_ANSWERS_IN_FLIGHT);
-        let this = self.clone();
-        tokio::spawn(async move {
-            let mut offset = 0usize;
-            loop {
-                let answer = match stream.message().await {
-                    Ok(Some(chunk)) => {
-                        let n = chunk.events.len();
-                        let answer = this
-                            .batch(&source, chunk.events, &parent)
-                            .await
-                            .map(|result| response(&result, offset));
-                        offset += n;
-                        answer
-                    }
-                    Ok(None) => return,
-                    Err(status) => Err(status),
-                };
-                let failed = answer.is_err();
-                // A closed receiver is a client that went away: stop reading its stream.
-                if tx.send(answer).await.is_err() || failed {
-                    return;
-                }
-            }
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
 

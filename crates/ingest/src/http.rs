@@ -6,12 +6,13 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Body;
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Request, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use opentelemetry::trace::TraceContextExt;
 use serde_json::json;
+use tracing::Instrument as _;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::auth::{KeyStore, RateLimiter, admit, authenticate};
@@ -78,14 +79,33 @@ async fn post_events(State(state): State<HttpState>, req: Request) -> Result<Res
     // `traceparent` or starts the trace the answer's `x-trace-id` names: continue it (the
     // header itself when no OpenTelemetry layer is installed).
     let parent = current_or(pulse_platform::http::extract_context(&headers));
-    let source = authenticate(
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<std::net::SocketAddr>>()
+        .map_or_else(|| "unknown".to_owned(), |c| c.0.to_string());
+    let caller = authenticate(
         &state.keys,
         header_str(&headers, "authorization"),
         header_str(&headers, "x-api-key"),
+        &peer,
     )
     .ok_or(Refusal::Unauthenticated {
         hint: HTTP_KEY_HINT,
     })?;
+    let span = caller.span(&peer, "http");
+    serve_authenticated(state, req, headers, caller.source, parent)
+        .instrument(span)
+        .await
+}
+
+/// The rest of `POST /v1/events` once the key is known (in the key's span).
+async fn serve_authenticated(
+    state: HttpState,
+    req: Request,
+    headers: HeaderMap,
+    source: String,
+    parent: opentelemetry::Context,
+) -> Result<Response, Refusal> {
     let format = body::format_for(body_header(&headers, "content-type").as_deref())?;
     // Rate-limit before the body is read, decoded and split: a source whose bucket is
     // empty costs no decompression or parsing. (The request's events are charged below,
@@ -148,4 +168,152 @@ pub fn result_json(r: &BatchResult) -> serde_json::Value {
         "rejected": r.rejected,
         "results": results,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::Duration;
+
+    use pulse_platform::kafka::{AckFuture, Acked, OutRecord, ProduceError, RecordProducer};
+    use tracing::field::{Field, Visit};
+    use tracing::span::{Attributes, Id, Record};
+
+    /// A subscriber that writes every span (name and fields) and event (fields) as text.
+    #[derive(Clone, Default)]
+    struct Capture(Arc<Mutex<String>>, Arc<AtomicU64>);
+
+    struct Text<'a>(&'a mut String);
+
+    impl Visit for Text<'_> {
+        fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+            use std::fmt::Write as _;
+            let _ = write!(self.0, " {}={value:?}", field.name());
+        }
+    }
+
+    impl tracing::Subscriber for Capture {
+        fn enabled(&self, _: &tracing::Metadata<'_>) -> bool {
+            true
+        }
+        fn new_span(&self, span: &Attributes<'_>) -> Id {
+            let mut text = self.0.lock().unwrap();
+            text.push_str("\nspan ");
+            text.push_str(span.metadata().name());
+            span.record(&mut Text(&mut text));
+            Id::from_u64(self.1.fetch_add(1, Ordering::SeqCst) + 1)
+        }
+        fn record(&self, _: &Id, values: &Record<'_>) {
+            values.record(&mut Text(&mut self.0.lock().unwrap()));
+        }
+        fn record_follows_from(&self, _: &Id, _: &Id) {}
+        fn event(&self, event: &tracing::Event<'_>) {
+            let mut text = self.0.lock().unwrap();
+            text.push_str("\nevent");
+            event.record(&mut Text(&mut text));
+        }
+        fn enter(&self, _: &Id) {}
+        fn exit(&self, _: &Id) {}
+    }
+
+    /// Acknowledges every record.
+    struct Ack;
+
+    impl RecordProducer for Ack {
+        fn enqueue(&self, _: OutRecord) -> Result<AckFuture, ProduceError> {
+            Ok(Box::pin(async {
+                Ok(Acked {
+                    partition: 0,
+                    offset: 0,
+                })
+            }))
+        }
+    }
+
+    const SECRET: &str = "s3cret-ingest-key-0123456789";
+    const WRONG: &str = "wrong-ingest-key-9876543210";
+
+    fn state() -> HttpState {
+        use crate::pipeline::{DlqOriginal, FixedSchemaId, PipelineConfig};
+        let keys = crate::auth::ApiKeys::parse(&format!("{SECRET}=web:web-2026")).unwrap();
+        HttpState {
+            ingestor: Ingestor::new(
+                PipelineConfig {
+                    events_topic: "events".into(),
+                    dlq_topic: "dlq".into(),
+                    limits: crate::validate::Limits::default(),
+                    max_backpressure_wait: Duration::from_millis(20),
+                    in_flight_wait: Duration::from_millis(500),
+                    max_dlq_original_bytes: 1024,
+                    dlq_original: DlqOriginal::Keep,
+                },
+                Arc::new(Ack),
+                Arc::new(FixedSchemaId(1)),
+                crate::pii::PiiPolicy::parse(crate::pii::PiiPolicy::DEFAULT_SPEC, b"k").unwrap(),
+                crate::dedup::DedupSet::new(100, Duration::from_secs(60)),
+            ),
+            keys: Arc::new(KeyStore::load(keys, None).unwrap()),
+            limiter: Arc::new(RateLimiter::new(0.0, 0.0)),
+            body_limits: BodyLimits::default(),
+            retry_after_secs: 1,
+        }
+    }
+
+    fn request(key: &str) -> Request {
+        let body = serde_json::json!({
+            "event_id": "log-1", "schema_version": 1, "event_type": "page_view",
+            "key": { "user_id": "u1" },
+            "metadata": { "event_timestamp": pulse_platform::clock::now_ms() }
+        });
+        let mut req = Request::builder()
+            .method("POST")
+            .uri("/v1/events")
+            .header("authorization", format!("Bearer {key}"))
+            .header("content-type", "application/json")
+            .body(Body::from(body.to_string()))
+            .unwrap();
+        let peer: std::net::SocketAddr = "10.9.8.7:1234".parse().unwrap();
+        req.extensions_mut().insert(ConnectInfo(peer));
+        req
+    }
+
+    #[tokio::test]
+    async fn an_authenticated_request_runs_under_its_key_name_and_a_refusal_logs_the_caller() {
+        let capture = Capture::default();
+        let _default = tracing::subscriber::set_default(capture.clone());
+        let answer = post_events(State(state()), request(SECRET)).await.unwrap();
+        assert_eq!(answer.status(), 200);
+        let refused = post_events(State(state()), request(WRONG))
+            .await
+            .unwrap_err();
+        assert!(matches!(refused, Refusal::Unauthenticated { .. }));
+        let text = capture.0.lock().unwrap().clone();
+        let span = text
+            .lines()
+            .find(|l| l.starts_with("span ingest.authenticated"))
+            .unwrap_or_else(|| panic!("no request span:{text}"));
+        for want in [
+            "auth.key=web-2026",
+            "ingest.source=web",
+            "client.address=10.9.8.7:1234",
+            "transport=\"http\"",
+        ] {
+            assert!(span.contains(want), "{want} in {span}");
+        }
+        let refusal = text
+            .lines()
+            .find(|l| l.contains("no valid API key"))
+            .unwrap_or_else(|| panic!("no refusal log:{text}"));
+        assert!(
+            refusal.contains("client.address=\"10.9.8.7:1234\"")
+                && refusal.contains("reason=\"unknown_key\""),
+            "{refusal}"
+        );
+        assert!(
+            !text.contains(SECRET) && !text.contains(WRONG),
+            "a key in the logs:{text}"
+        );
+    }
 }

@@ -46,6 +46,10 @@ pub mod action {
     pub const SCHEMA_OTHER_WRITE: &str = "schema.write";
     /// Ingest reloaded its API key file.
     pub const KEYS_RELOAD: &str = "keys.reload";
+    /// The schema registry reloaded its credentials file (`--auth-file`).
+    pub const CREDENTIALS_RELOAD: &str = "keys.registry-users.reload";
+    /// The query API reloaded its token file (`--api-tokens-file`).
+    pub const TOKENS_RELOAD: &str = "keys.query-tokens.reload";
     /// `pulsectl dlq redrive`.
     pub const DLQ_REDRIVE: &str = "dlq.redrive";
     /// `pulsectl replay`.
@@ -110,6 +114,11 @@ pub struct AuditRecord {
     /// Free text: the request, the keys added/removed by name, the error. Never a secret.
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub detail: String,
+    /// The W3C trace id (32 hex) of the request or task that made the change, when it ran
+    /// in a recorded span; empty otherwise. Added in format version 1 (older records lack
+    /// it).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub trace_id: String,
 }
 
 impl AuditRecord {
@@ -128,6 +137,7 @@ impl AuditRecord {
             status: None,
             source: None,
             detail: String::new(),
+            trace_id: current_trace_id(),
         }
     }
 
@@ -182,6 +192,103 @@ impl AuditRecord {
             audit.detail = %self.detail,
             "audit record not written to the audit topic"
         );
+    }
+}
+
+/// The ClickHouse table the writer copies the audit topic into (migration
+/// `0005_audit_log.sql`): append-only, one row per record, exactly once per topic position.
+pub const TABLE: &str = "audit_log";
+
+/// The columns of [`TABLE`] in [`AuditRow`]'s order, for `SELECT`s.
+pub const COLUMNS: &str = "ts_ms, id, service, actor, action, target, outcome, status, \
+     source, detail, trace_id, kafka_topic, kafka_partition, kafka_offset, written_at_ms";
+
+/// One row of [`TABLE`]: an [`AuditRecord`] and where it was read from the topic.
+#[derive(Debug, Clone, PartialEq, Eq, clickhouse::Row, Serialize, Deserialize)]
+pub struct AuditRow {
+    pub ts_ms: i64,
+    pub id: String,
+    pub service: String,
+    pub actor: String,
+    pub action: String,
+    pub target: String,
+    /// `ok`, `refused` or `failed`.
+    pub outcome: String,
+    /// The HTTP status, 0 when there was none.
+    pub status: u16,
+    /// The caller's address, empty when unknown.
+    pub source: String,
+    pub detail: String,
+    pub trace_id: String,
+    pub kafka_topic: String,
+    pub kafka_partition: i32,
+    pub kafka_offset: i64,
+    /// When the writer inserted the row, epoch ms.
+    pub written_at_ms: i64,
+}
+
+impl AuditRow {
+    /// The row of `record`, read from `topic`/`partition` at `offset`.
+    pub fn from_record(
+        record: &AuditRecord,
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        written_at_ms: i64,
+    ) -> Self {
+        Self {
+            ts_ms: record.ts_ms,
+            id: record.id.clone(),
+            service: record.service.clone(),
+            actor: record.actor.clone(),
+            action: record.action.clone(),
+            target: record.target.clone(),
+            outcome: record.outcome.as_str().to_owned(),
+            status: record.status.unwrap_or(0),
+            source: record.source.clone().unwrap_or_default(),
+            detail: record.detail.clone(),
+            trace_id: record.trace_id.clone(),
+            kafka_topic: topic.to_owned(),
+            kafka_partition: partition,
+            kafka_offset: offset,
+            written_at_ms,
+        }
+    }
+
+    /// The record the row holds (an outcome the format does not know reads as `failed`).
+    pub fn to_record(&self) -> AuditRecord {
+        let outcome = match self.outcome.as_str() {
+            "ok" => Outcome::Ok,
+            "refused" => Outcome::Refused,
+            _ => Outcome::Failed,
+        };
+        AuditRecord {
+            v: VERSION,
+            id: self.id.clone(),
+            ts_ms: self.ts_ms,
+            service: self.service.clone(),
+            actor: self.actor.clone(),
+            action: self.action.clone(),
+            target: self.target.clone(),
+            outcome,
+            status: (self.status != 0).then_some(self.status),
+            source: (!self.source.is_empty()).then(|| self.source.clone()),
+            detail: self.detail.clone(),
+            trace_id: self.trace_id.clone(),
+        }
+    }
+}
+
+/// The OpenTelemetry trace id of the current span, if it is a valid (recorded) one.
+fn current_trace_id() -> String {
+    use opentelemetry::trace::TraceContextExt as _;
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    let cx = tracing::Span::current().context();
+    let sc = cx.span().span_context().clone();
+    if sc.is_valid() {
+        sc.trace_id().to_string()
+    } else {
+        String::new()
     }
 }
 
@@ -360,6 +467,37 @@ mod tests {
         assert_eq!(AuditRecord::from_json(b"not json"), None);
         let second = AuditRecord::new("s", "a", "x", "", Outcome::Failed);
         assert_ne!(r.id, second.id);
+    }
+
+    #[test]
+    fn a_row_holds_the_record_and_its_topic_position() {
+        let r = AuditRecord::new(
+            "ingest",
+            "file",
+            action::KEYS_RELOAD,
+            "/k",
+            Outcome::Refused,
+        )
+        .with_status(401)
+        .with_source("10.0.0.2:1")
+        .with_detail("d");
+        let row = AuditRow::from_record(&r, "pulse.audit.v1", 0, 41, 7);
+        assert_eq!((row.status, row.outcome.as_str()), (401, "refused"));
+        assert_eq!((row.kafka_partition, row.kafka_offset), (0, 41));
+        assert_eq!(row.to_record(), r);
+        let bare = AuditRecord::new("pulsectl", "op", action::MIGRATE, "", Outcome::Ok);
+        let row = AuditRow::from_record(&bare, "t", 0, 0, 0);
+        assert_eq!((row.status, row.source.as_str()), (0, ""));
+        assert_eq!(
+            row.to_record(),
+            bare,
+            "no status or source reads back as none"
+        );
+        assert_eq!(
+            COLUMNS.split(',').count(),
+            15,
+            "one column per field of AuditRow"
+        );
     }
 
     /// Acknowledges after `delay`, or never (`None`).

@@ -16,6 +16,10 @@ use pulse_processor::engine::Engine;
 use pulse_processor::model::{self, InputEvent, TimeConfig};
 use rdkafka::message::{Headers as _, OwnedHeaders};
 
+/// The processor's allocator (`pulse_platform::malloc`), so this measures what it runs.
+#[global_allocator]
+static ALLOC: pulse_platform::malloc::Allocator = pulse_platform::malloc::ALLOCATOR;
+
 fn arg(name: &str, default: i64) -> i64 {
     let args: Vec<String> = std::env::args().collect();
     args.iter()
@@ -163,6 +167,10 @@ fn cpu_seconds() -> f64 {
 }
 
 fn main() {
+    // The processor's allocator settings (re-executes once, as the service does).
+    if let Some(why) = pulse_platform::malloc::tune() {
+        eprintln!("warning: {why}");
+    }
     let events = arg("--events", 300_000) as usize;
     let users = arg("--users", 5_000) as usize;
     let partitions = arg("--partitions", 3) as i32;

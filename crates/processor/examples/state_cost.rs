@@ -16,16 +16,54 @@
 
 use std::collections::HashMap;
 
+use prost::Message as _;
 use pulse_platform::kafka::KafkaConfig;
 use pulse_processor::checkpoint::CheckpointStore;
 use pulse_processor::engine::Engine;
 use pulse_processor::model::{InputEvent, TimeConfig};
+
+/// The processor's allocator (`pulse_platform::malloc`), so this measures what it runs.
+#[global_allocator]
+static ALLOC: pulse_platform::malloc::Allocator = pulse_platform::malloc::ALLOCATOR;
 
 fn rss() -> i64 {
     std::fs::read_to_string("/proc/self/statm")
         .ok()
         .and_then(|s| s.split_whitespace().nth(1)?.parse::<i64>().ok())
         .map_or(0, |pages| pages * 4096)
+}
+
+/// Peak resident memory so far (VmHWM), bytes.
+fn hwm() -> i64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+            line.split_whitespace().nth(1)?.parse::<i64>().ok()
+        })
+        .map_or(0, |kib| kib * 1024)
+}
+
+fn mib(bytes: i64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+/// One emission as the processor loop makes it: in slices of `chunk` users (0: at once),
+/// each result encoded (as produced) and dropped before the next slice is built.
+fn emit(engine: &mut Engine, now: i64, chunk: usize) {
+    let mut plan = engine.begin_emit(now, true);
+    let mut buf = Vec::new();
+    while !plan.done() {
+        let out = engine.emit_chunk(&mut plan, if chunk == 0 { usize::MAX } else { chunk });
+        for a in out.activity {
+            buf.clear();
+            let _ = a.encode(&mut buf);
+        }
+        for s in out.sessions {
+            buf.clear();
+            let _ = s.encode(&mut buf);
+        }
+    }
 }
 
 fn arg(name: &str, default: i64) -> i64 {
@@ -53,10 +91,17 @@ fn event(u: i64, seq: i64, partitions: i64, t: i64) -> InputEvent {
 }
 
 fn main() {
+    // The processor's allocator settings (re-executes once, as the service does).
+    if let Some(why) = pulse_platform::malloc::tune() {
+        eprintln!("warning: {why}");
+    }
     let users = arg("--users", 100_000).max(1);
     let partitions = arg("--partitions", 3).max(1);
     let ticks = arg("--ticks", 60).max(1);
     let per_tick = arg("--new-per-tick", 4_000).max(1);
+    // Users emitted at a time, as the processor loop does (run.rs EMIT_CHUNK_USERS);
+    // 0: the whole emission at once.
+    let chunk = arg("--chunk", 1_024).max(0) as usize;
     let now = pulse_platform::clock::now_ms();
     let t0 = (now / 60_000 - 2) * 60_000;
     let mut engine = Engine::new(TimeConfig::default());
@@ -102,7 +147,16 @@ fn main() {
                 seq += 1;
             }
         }
-        let _ = engine.emit(now, true);
+        let high = rss();
+        emit(&mut engine, now, chunk);
+        if tick == 0 {
+            println!(
+                "first emission (every user changed, --chunk {chunk}): RSS {:.1} -> {:.1} MiB, peak so far (VmHWM) {:.1} MiB",
+                mib(high),
+                mib(rss()),
+                mib(hwm())
+            );
+        }
         for p in 0..partitions {
             let Some(cp) = engine.checkpoint(p as i32) else {
                 continue;

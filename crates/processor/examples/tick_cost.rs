@@ -17,6 +17,10 @@ use pulse_processor::checkpoint::CheckpointStore;
 use pulse_processor::engine::Engine;
 use pulse_processor::model::{InputEvent, TimeConfig};
 
+/// The processor's allocator (`pulse_platform::malloc`), so this measures what it runs.
+#[global_allocator]
+static ALLOC: pulse_platform::malloc::Allocator = pulse_platform::malloc::ALLOCATOR;
+
 fn arg(name: &str, default: i64) -> i64 {
     let args: Vec<String> = std::env::args().collect();
     args.iter()
@@ -72,6 +76,10 @@ impl Phases {
 }
 
 fn main() {
+    // The processor's allocator settings (re-executes once, as the service does).
+    if let Some(why) = pulse_platform::malloc::tune() {
+        eprintln!("warning: {why}");
+    }
     let users = arg("--users", 1_000_000).max(1);
     let partitions = arg("--partitions", 3).max(1);
     let per_tick = arg("--per-tick", 4_000).max(1);

@@ -151,6 +151,25 @@ impl Outputs {
     }
 }
 
+/// An emission in progress: see [`Engine::begin_emit`].
+#[derive(Debug, Default)]
+pub struct EmitPlan {
+    watermark: Option<i64>,
+    early: bool,
+    windows: Vec<Arc<str>>,
+    sessions: Vec<Arc<str>>,
+    next_window: usize,
+    next_session: usize,
+    windows_done: bool,
+}
+
+impl EmitPlan {
+    /// Whether every user of the plan was emitted.
+    pub fn done(&self) -> bool {
+        self.windows_done && self.next_session >= self.sessions.len()
+    }
+}
+
 #[derive(Debug)]
 pub struct Engine {
     cfg: TimeConfig,
@@ -490,6 +509,17 @@ impl Engine {
     /// Results due at processing time `now_ms`: finals for closed windows and sessions,
     /// and (when `early`) updates of changed open ones.
     pub fn emit(&mut self, now_ms: i64, early: bool) -> Outputs {
+        let mut plan = self.begin_emit(now_ms, early);
+        self.emit_chunk(&mut plan, usize::MAX)
+    }
+
+    /// [`Self::emit`] in slices, so that the results of a large emission (100,000 users
+    /// changed) need not all be built and held at once (issue #15): the users to visit are
+    /// chosen now, and each [`Self::emit_chunk`] emits the next of them. The results, in
+    /// order, are those `emit` returns (windows first, then sessions). Nothing else may
+    /// change the engine until the plan is [`EmitPlan::done`] (`process`, `restore`,
+    /// `revoke` or another emission would act on a half-done one).
+    pub fn begin_emit(&mut self, now_ms: i64, early: bool) -> EmitPlan {
         self.now_ms = self.now_ms.max(now_ms);
         let watermark = self.advance_watermark(now_ms);
         // A finished replay's copy of the restored sessions is no longer read.
@@ -499,12 +529,61 @@ impl Engine {
             r.checkpoint.continued_sessions = Default::default();
         }
         if self.replaying(now_ms) {
-            return Outputs::default();
+            // Nothing to emit (and no emission to end).
+            return EmitPlan {
+                windows_done: true,
+                ..EmitPlan::default()
+            };
         }
-        Outputs {
-            activity: self.windows.emit(watermark, early),
-            sessions: self.sessions.emit(watermark, early),
+        EmitPlan {
+            watermark,
+            early,
+            windows: self.windows.emit_plan(watermark, early),
+            sessions: self.sessions.emit_plan(watermark, early),
+            next_window: 0,
+            next_session: 0,
+            windows_done: false,
         }
+    }
+
+    /// The results of the next `max_users` users of `plan` (at least one user while any is
+    /// left; a user may give more than one result): empty once the plan is done.
+    pub fn emit_chunk(&mut self, plan: &mut EmitPlan, max_users: usize) -> Outputs {
+        let mut out = Outputs::default();
+        let mut budget = max_users.max(1);
+        if !plan.windows_done {
+            let end = plan
+                .windows
+                .len()
+                .min(plan.next_window.saturating_add(budget));
+            let visit = &plan.windows[plan.next_window..end];
+            out.activity.reserve(visit.len());
+            self.windows
+                .emit_users(visit, plan.watermark, plan.early, &mut out.activity);
+            budget -= visit.len();
+            plan.next_window = end;
+            if end == plan.windows.len() {
+                self.windows.emit_done();
+                plan.windows_done = true;
+                plan.windows = Vec::new();
+            }
+        }
+        if budget > 0 && plan.windows_done {
+            let end = plan
+                .sessions
+                .len()
+                .min(plan.next_session.saturating_add(budget));
+            let visit = &plan.sessions[plan.next_session..end];
+            out.sessions.reserve(visit.len());
+            self.sessions
+                .emit_users(visit, plan.watermark, plan.early, &mut out.sessions);
+            plan.next_session = end;
+            if end == plan.sessions.len() {
+                plan.sessions = Vec::new();
+                plan.next_session = 0;
+            }
+        }
+        out
     }
 
     /// The offset a consumer of `partition` must resume from so that every open window
@@ -1321,6 +1400,65 @@ mod tests {
                         ids.len() as u64,
                         "window {:?}: {} counted + {} late of {} events", key, c, l, ids.len()
                     );
+                }
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(200))]
+        /// An emission in slices of any size gives exactly what one whole emission gives,
+        /// in the same order, tick after tick (early and final results, windows and
+        /// sessions), and leaves the engines in the same state (open windows and sessions,
+        /// resume offsets, checkpoints).
+        #[test]
+        fn an_emission_in_slices_equals_a_whole_one(
+            events in proptest::collection::vec((0..2i32, 0..9u8, 0..120_000i64), 1..150),
+            slice in 1..6usize,
+            tick in 1..20usize,
+        ) {
+            let cfg = TimeConfig { session_gap_ms: 40_000, ..TimeConfig::default() };
+            let (mut whole, mut sliced) = (Engine::new(cfg), Engine::new(cfg));
+            for e in [&mut whole, &mut sliced] {
+                e.assign(0, 0);
+                e.assign(1, 0);
+            }
+            let mut offsets = [0i64; 2];
+            let n = events.len();
+            for (i, (p, u, back)) in events.into_iter().enumerate() {
+                let t = 1_000_000 + i as i64 * 3_000 - back;
+                let x = InputEvent {
+                    partition: p,
+                    event_id: format!("id{i}"),
+                    ..ev(offsets[p as usize], &format!("u{u}"), t)
+                };
+                offsets[p as usize] += 1;
+                let now = 1_000_000 + i as i64 * 3_000;
+                proptest::prop_assert_eq!(whole.process(&x, now), sliced.process(&x, now));
+                if i % tick == 0 || i + 1 == n {
+                    // The last tick is far ahead: everything closes.
+                    let now = if i + 1 == n { now + 10_000_000 } else { now };
+                    let early = i % 2 == 0;
+                    let all = whole.emit(now, early);
+                    let mut plan = sliced.begin_emit(now, early);
+                    let mut parts = Outputs::default();
+                    while !plan.done() {
+                        // A slice may give nothing (its users had nothing due).
+                        let chunk = sliced.emit_chunk(&mut plan, slice);
+                        parts.activity.extend(chunk.activity);
+                        parts.sessions.extend(chunk.sessions);
+                    }
+                    proptest::prop_assert!(sliced.emit_chunk(&mut plan, slice).is_empty());
+                    proptest::prop_assert_eq!(&parts.activity, &all.activity);
+                    proptest::prop_assert_eq!(&parts.sessions, &all.sessions);
+                    proptest::prop_assert_eq!(whole.open_windows(), sliced.open_windows());
+                    proptest::prop_assert_eq!(whole.open_sessions(), sliced.open_sessions());
+                    // (Not `state_bytes`: it counts hash table capacities, which depend on
+                    // each map's random seed.)
+                    for p in [0, 1] {
+                        proptest::prop_assert_eq!(whole.resume_offset(p), sliced.resume_offset(p));
+                        proptest::prop_assert_eq!(whole.checkpoint(p), sliced.checkpoint(p));
+                    }
                 }
             }
         }

@@ -11,6 +11,7 @@ pub mod engine;
 pub mod metrics;
 pub mod model;
 pub mod retention;
+pub mod rules;
 pub mod run;
 pub mod session;
 pub mod watermark;
@@ -180,6 +181,22 @@ pub struct Config {
         env = "PULSE_PROCESSOR_ALLOW_SHORT_RETENTION"
     )]
     pub allow_short_retention: bool,
+    /// The name of the processing rules in force (1–64 of A-Z a-z 0-9 . _ -, e.g.
+    /// `2026-12-rc1`). Every output carries the rules version `<name>+<fingerprint>`, the
+    /// fingerprint being 12 hex digits of a hash of the rule values (window, allowed
+    /// lateness, out-of-orderness, session gap, maximum session duration); unset: the
+    /// fingerprint alone (see docs/operations.md, Processing rules and their version).
+    #[arg(
+        long = "rules-version",
+        env = "PULSE_PROCESSOR_RULES_VERSION",
+        value_parser = rules::parse_name
+    )]
+    pub rules_version: Option<String>,
+    /// The append-only audit topic the rules in force are recorded to at every start
+    /// (`processor.rules`, or `processor.rules.changed` when they differ from the last
+    /// record of this consumer group).
+    #[arg(long = "audit-topic", env = "PULSE_AUDIT_TOPIC", default_value = topics::AUDIT)]
+    pub audit_topic: String,
     #[command(flatten)]
     pub kafka: KafkaConfig,
     #[command(flatten)]
@@ -268,6 +285,23 @@ impl Config {
             max_future_skew_ms: self.max_future_skew_ms,
             session_gap_ms: self.session_gap_ms,
         }
+    }
+
+    /// The processing rules: the settings that change the numbers.
+    pub fn rules(&self) -> rules::Rules {
+        rules::Rules {
+            window_ms: self.windowing.window_ms,
+            allowed_lateness_ms: self.windowing.allowed_lateness_ms,
+            max_out_of_orderness_ms: self.max_out_of_orderness_ms,
+            session_gap_ms: self.session_gap_ms,
+            max_session_ms: self.max_session_ms(),
+        }
+    }
+
+    /// The rules version every output carries: `<--rules-version>+<fingerprint>`, or the
+    /// fingerprint alone.
+    pub fn rules_version(&self) -> String {
+        rules::rules_version(self.rules_version.as_deref(), &self.rules())
     }
 
     /// The maximum session duration in ms (saturating).
@@ -440,7 +474,44 @@ pub async fn build(config: &Config) -> Result<run::Processor, Error> {
         },
         health: Default::default(),
         state_budget_bytes: config.state_budget_bytes,
+        rules_version: config.rules_version(),
     })
+}
+
+/// How long reading the audit trail, and writing its record, may take at start.
+const AUDIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Records the rules in force in the audit trail (`--audit-topic`, created if missing):
+/// `processor.rules`, or `processor.rules.changed` when the last record of this consumer
+/// group holds another version. Never fails the start (see [`rules::audit_start`]).
+pub async fn audit_rules(
+    config: &Config,
+    producer: &KafkaProducer,
+) -> pulse_platform::audit::AuditRecord {
+    pulse_platform::audit::describe();
+    let spec = pulse_platform::audit::topic_spec(&config.audit_topic);
+    if let Err(e) = ensure_topics(&config.kafka, &[spec]).await {
+        tracing::warn!(topic = config.audit_topic, error = %e, "cannot create the audit topic");
+    }
+    let (version, rules, group) = (config.rules_version(), config.rules(), config.group());
+    let now = rules::InForce {
+        service: if config.shadow.is_some() {
+            SHADOW_SERVICE
+        } else {
+            SERVICE
+        },
+        group: &group,
+        version: &version,
+        rules: &rules,
+    };
+    rules::audit_start(
+        &config.kafka,
+        producer,
+        &config.audit_topic,
+        &now,
+        AUDIT_TIMEOUT,
+    )
+    .await
 }
 
 /// The Kafka client id: `pulse-processor`, or `pulse-processor-shadow` for a shadow (so
@@ -550,6 +621,7 @@ pub async fn run(config: Config, ctx: ServiceContext) -> Result<(), Error> {
     }
     let mut processor = build(&config).await?;
     processor.health = ctx.health.clone();
+    audit_rules(&config, &processor.producer).await;
     // An output producer that cannot deliver (a stalled or broken broker) makes the
     // processor not ready and is recreated (see platform::kafka::producer); the emission
     // that failed stops the loop, and the orchestrator restarts it from its checkpoints.
@@ -720,6 +792,55 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(err.contains("--shadow"), "{err}");
+        }
+    }
+
+    #[test]
+    fn the_rules_version_follows_the_rule_flags_and_nothing_else() {
+        let base = parse(&[]);
+        let v = base.rules_version();
+        assert_eq!(
+            v,
+            base.rules().fingerprint(),
+            "no name: the fingerprint alone"
+        );
+        // Settings that are not rules leave it as it is.
+        for unrelated in [
+            &["--emit-interval-ms", "250"][..],
+            &["--idle-timeout-ms", "5000"],
+            &["--max-future-skew-ms", "1000"],
+            &["--state-budget-bytes", "1000000"],
+            &["--group-id", "other"],
+            &["--shadow", "x"],
+            &["--sessions-topic", "s"],
+            &["--kafka-partitions", "8"],
+            &["--allow-short-retention"],
+        ] {
+            assert_eq!(parse(unrelated).rules_version(), v, "{unrelated:?}");
+        }
+        // Each rule changes it.
+        let mut seen = std::collections::BTreeSet::from([v.clone()]);
+        for rule in [
+            &["--window-ms", "30000"][..],
+            &["--allowed-lateness-ms", "0"],
+            &["--max-out-of-orderness-ms", "1000"],
+            &["--session-gap-ms", "600000"],
+            &["--max-session-duration", "12h"],
+        ] {
+            assert!(seen.insert(parse(rule).rules_version()), "{rule:?}");
+        }
+        let named = parse(&["--rules-version", "2026-12-rc1"]);
+        assert_eq!(named.rules_version(), format!("2026-12-rc1+{v}"));
+    }
+
+    #[test]
+    fn a_bad_rules_version_name_is_refused_naming_the_flag() {
+        for bad in ["", "a+b", "-x", "a b"] {
+            let arg = format!("--rules-version={bad}");
+            let err = Config::try_parse_from(["pulse-processor", arg.as_str()])
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("--rules-version"), "{err}");
         }
     }
 

@@ -133,6 +133,8 @@ impl Open {
             r#final: is_final,
             last_ingest_ms: self.last_ingest_ms,
             merged_session_ids: self.merged.iter().cloned().collect(),
+            // Stamped by the run loop on the way out (`run::Processor::rules_version`).
+            rules_version: String::new(),
         }
     }
 }
@@ -592,8 +594,17 @@ impl Sessions {
     /// Only the users that need it are visited: those with a session due (see
     /// [`deadline`]) and, when `early`, those with a dirty session.
     pub fn emit(&mut self, watermark: Option<i64>, early: bool) -> Vec<Session> {
-        let horizon = self.horizon();
-        let gap = self.gap();
+        let visit = self.emit_plan(watermark, early);
+        let mut out = Vec::with_capacity(visit.len());
+        self.emit_users(&visit, watermark, early, &mut out);
+        out
+    }
+
+    /// The users an emission visits, in user order (deterministic output), each once:
+    /// those with a session due by `watermark` and, if `early`, those with a changed one.
+    /// [`Self::emit_users`] then emits them, in as many slices as the caller likes (as long
+    /// as nothing else changes the sessions in between).
+    pub fn emit_plan(&self, watermark: Option<i64>, early: bool) -> Vec<Arc<str>> {
         let mut visit: Vec<Arc<str>> = Vec::new();
         if let Some(wm) = watermark {
             visit.extend(
@@ -610,31 +621,41 @@ impl Sessions {
         // In user order (deterministic output), each once.
         visit.sort_unstable();
         visit.dedup();
-        // Most visited users emit one session: no regrowth of a large vector.
-        let mut out = Vec::with_capacity(visit.len());
+        visit
+    }
+
+    /// Emits the sessions of `visit` (a slice of [`Self::emit_plan`]'s users) into `out`.
+    pub fn emit_users(
+        &mut self,
+        visit: &[Arc<str>],
+        watermark: Option<i64>,
+        early: bool,
+        out: &mut Vec<Session>,
+    ) {
+        let horizon = self.horizon();
+        let gap = self.gap();
         for user in visit {
-            let Some(state) = self.users.get_mut(&*user) else {
+            let Some(state) = self.users.get_mut(&**user) else {
                 continue;
             };
             self.index.visits += 1;
-            self.index.begin(&user, state, horizon, gap);
+            self.index.begin(user, state, horizon, gap);
             self.floor_ms = emit_user(
-                &user,
+                user,
                 state,
                 watermark,
                 early,
                 (horizon, gap),
                 self.floor_ms,
-                &mut out,
+                out,
             );
             if state.open.is_empty() && state.closed.is_none() {
-                self.users.remove(&*user);
-                self.index.end(&user, None, horizon, gap);
+                self.users.remove(&**user);
+                self.index.end(user, None, horizon, gap);
             } else {
-                self.index.end(&user, Some(state), horizon, gap);
+                self.index.end(user, Some(state), horizon, gap);
             }
         }
-        out
     }
 
     /// Smallest offset of `partition` still held by an open session, None if none.

@@ -117,6 +117,8 @@ impl Window {
             version: version(self.max_offset, self.event_count, is_final),
             r#final: is_final,
             last_ingest_ms: self.last_ingest_ms,
+            // Stamped by the run loop on the way out (`run::Processor::rules_version`).
+            rules_version: String::new(),
         }
     }
 
@@ -350,6 +352,18 @@ impl Windows {
     /// Only the users that need it are visited: those with a window the watermark closes
     /// and, when `early`, those with a dirty window.
     pub fn emit(&mut self, watermark: Option<i64>, early: bool) -> Vec<UserWindowActivity> {
+        let visit = self.emit_plan(watermark, early);
+        let mut out = Vec::with_capacity(visit.len());
+        self.emit_users(&visit, watermark, early, &mut out);
+        self.emit_done();
+        out
+    }
+
+    /// The users an emission visits, in user order (deterministic output), each once:
+    /// those with a window closed by `watermark` and, if `early`, those with a changed one.
+    /// [`Self::emit_users`] then emits them, in as many slices as the caller likes (as long
+    /// as nothing else changes the windows in between), and [`Self::emit_done`] ends it.
+    pub fn emit_plan(&self, watermark: Option<i64>, early: bool) -> Vec<Arc<str>> {
         let lateness = self.allowed_lateness_ms;
         let mut visit: Vec<Arc<str>> = self
             .index
@@ -364,13 +378,24 @@ impl Windows {
         // In user order (deterministic output), each once.
         visit.sort_unstable();
         visit.dedup();
-        // Most visited users emit one window: no regrowth of a large vector.
-        let mut out = Vec::with_capacity(visit.len());
+        visit
+    }
+
+    /// Emits the windows of `visit` (a slice of [`Self::emit_plan`]'s users) into `out`:
+    /// closed ones final (and dropped), changed ones early.
+    pub fn emit_users(
+        &mut self,
+        visit: &[Arc<str>],
+        watermark: Option<i64>,
+        early: bool,
+        out: &mut Vec<UserWindowActivity>,
+    ) {
+        let lateness = self.allowed_lateness_ms;
         let Self {
             users, index, open, ..
         } = self;
         for user in visit {
-            let Some(windows) = users.get_mut(&*user) else {
+            let Some(windows) = users.get_mut(&**user) else {
                 continue;
             };
             index.visits += 1;
@@ -379,13 +404,13 @@ impl Windows {
                 .wrapping_sub(user_bytes(windows, windows.capacity()));
             windows.retain_mut(|w| {
                 if closed(w.end_ms, lateness, watermark) {
-                    out.push(w.output(&user, true));
-                    index.drop_window(&user, w);
+                    out.push(w.output(user, true));
+                    index.drop_window(user, w);
                     *open = open.saturating_sub(1);
                     false
                 } else {
                     if early && w.dirty {
-                        out.push(w.output(&user, false));
+                        out.push(w.output(user, false));
                         w.dirty = false;
                     }
                     true
@@ -393,18 +418,21 @@ impl Windows {
             });
             windows.shrink_to_fit();
             if !windows.iter().any(|w| w.dirty) {
-                index.dirty.remove(&user);
+                index.dirty.remove(user);
             }
             if windows.is_empty() {
-                users.remove(&*user);
+                users.remove(&**user);
             } else {
                 index.bytes = index
                     .bytes
                     .wrapping_add(user_bytes(windows, windows.capacity()));
             }
         }
+    }
+
+    /// Ends an emission: labels no window counts any more are forgotten.
+    pub fn emit_done(&mut self) {
         self.labels.prune();
-        out
     }
 
     /// The smallest offset of `partition` still held by an open window (the earliest

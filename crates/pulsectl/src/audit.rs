@@ -1,5 +1,7 @@
 //! `pulsectl audit`: lists the audit trail (`pulse.audit.v1`, records of
-//! `pulse_platform::audit`) as text or JSON lines, filtered by time, action and actor; and
+//! `pulse_platform::audit`) as text or JSON lines, filtered by time, action and actor, from
+//! the topic (`--source topic`, the default) or from the writer's ClickHouse copy
+//! (`--source clickhouse`, table `audit_log`); and
 //! [`record`], with which the commands that change things (`dlq redrive`, `replay`,
 //! `migrate`) write their own record: who (`--actor`, else `$USER`), what, the outcome.
 //! The record format and its producer are platform's; reading the topic is `dlq::read`'s.
@@ -7,8 +9,9 @@
 use std::time::Duration;
 
 use pulse_contracts::topics;
-use pulse_platform::audit::{AuditRecord, Outcome, topic_spec, write_now};
-use pulse_platform::config::validate_all;
+use pulse_platform::audit::{AuditRecord, AuditRow, Outcome, topic_spec, write_now};
+use pulse_platform::clickhouse::ClickHouseConfig;
+use pulse_platform::config::{Validate, validate_all};
 use pulse_platform::kafka::{KafkaConfig, KafkaProducer, ensure_topics};
 use serde_json::json;
 
@@ -103,9 +106,24 @@ fn hostname() -> String {
         .map_or_else(|| "pulsectl".into(), |h| format!("pulsectl@{h}"))
 }
 
+/// Where `pulsectl audit` reads the trail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Source {
+    /// The audit topic: the system of record, every record as soon as it is written,
+    /// kept for the topic's retention (a year); needs only the broker.
+    Topic,
+    /// The ClickHouse table `audit_log` the writer fills: the trail beyond the topic's
+    /// retention, filtered in the server; lags the topic by a writer batch (about a
+    /// second) and holds nothing if no ClickHouse writer copies the topic.
+    Clickhouse,
+}
+
 /// `pulsectl audit`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ListArgs {
+    /// Where to read the trail: `topic` (default) or `clickhouse`.
+    #[arg(long, value_enum, default_value = "topic")]
+    pub source: Source,
     /// Only records of the last DURATION (`90s`, `5m`, `24h`) or since a time (RFC 3339 or
     /// epoch ms).
     #[arg(long)]
@@ -119,11 +137,14 @@ pub struct ListArgs {
     /// One JSON object per line (the stored record) instead of text.
     #[arg(long)]
     pub json: bool,
-    /// How long reading the topic may take.
+    /// How long reading the topic (or querying ClickHouse) may take.
     #[arg(long = "read-timeout", default_value = "30s", value_parser = crate::duration::parse_duration)]
     pub read_timeout: Duration,
     #[command(flatten)]
     pub kafka: KafkaConfig,
+    /// The ClickHouse holding `audit_log` (`--source clickhouse`).
+    #[command(flatten)]
+    pub clickhouse: ClickHouseConfig,
 }
 
 /// Why `audit` failed.
@@ -133,6 +154,14 @@ pub enum AuditListError {
     Since(String),
     #[error("{0}")]
     Read(#[from] ReadError),
+    #[error("reading {table} from ClickHouse: {source}")]
+    ClickHouse {
+        table: String,
+        #[source]
+        source: clickhouse::error::Error,
+    },
+    #[error("reading audit_log from ClickHouse: no answer within {0:?} (--read-timeout)")]
+    ClickHouseTimeout(Duration),
 }
 
 /// `--since` as epoch ms: a duration before `now_ms`, or a time.
@@ -153,8 +182,8 @@ pub fn action_matches(action: &str, filter: &str) -> bool {
             .is_some_and(|rest| rest.starts_with('.'))
 }
 
-/// The records of the audit topic that pass the filters, oldest first (records of another
-/// format version are skipped).
+/// The records of the audit topic (or of its ClickHouse copy, `--source clickhouse`)
+/// that pass the filters, oldest first (records of another format version are skipped).
 pub async fn list(
     args: &ListArgs,
     topic: &str,
@@ -164,10 +193,16 @@ pub async fn list(
         Some(s) => Some(since_ms(s, pulse_platform::clock::now_ms())?),
         None => None,
     };
-    let records = read_topic(&args.kafka, topic, args.read_timeout, progress).await?;
+    let records = match args.source {
+        Source::Topic => read_topic(&args.kafka, topic, args.read_timeout, progress)
+            .await?
+            .iter()
+            .filter_map(|r| AuditRecord::from_json(&r.payload))
+            .collect(),
+        Source::Clickhouse => read_table(args, topic, since).await?,
+    };
     let mut out: Vec<AuditRecord> = records
-        .iter()
-        .filter_map(|r| AuditRecord::from_json(&r.payload))
+        .into_iter()
         .filter(|r| since.is_none_or(|s| r.ts_ms >= s))
         .filter(|r| {
             args.action
@@ -178,6 +213,44 @@ pub async fn list(
         .collect();
     out.sort_by_key(|r| r.ts_ms);
     Ok(out)
+}
+
+/// The rows of `audit_log` copied from `topic`, each topic position once (`LIMIT 1 BY`,
+/// in case a re-delivery was ever stored twice), since `since` and of `--who`; the action
+/// filter (a family prefix) is applied by the caller, like for the topic.
+async fn read_table(
+    args: &ListArgs,
+    topic: &str,
+    since: Option<i64>,
+) -> Result<Vec<AuditRecord>, AuditListError> {
+    let table = pulse_platform::audit::TABLE;
+    let who = if args.who.is_some() {
+        " AND actor = ?"
+    } else {
+        ""
+    };
+    let sql = format!(
+        "SELECT {} FROM {table} WHERE kafka_topic = ? AND ts_ms >= ?{who} \
+         ORDER BY ts_ms, id LIMIT 1 BY kafka_topic, kafka_partition, kafka_offset",
+        pulse_platform::audit::COLUMNS
+    );
+    let mut query = args
+        .clickhouse
+        .client()
+        .query(&sql)
+        .bind(topic)
+        .bind(since.unwrap_or(i64::MIN));
+    if let Some(w) = &args.who {
+        query = query.bind(w.as_str());
+    }
+    let rows: Vec<AuditRow> = tokio::time::timeout(args.read_timeout, query.fetch_all())
+        .await
+        .map_err(|_| AuditListError::ClickHouseTimeout(args.read_timeout))?
+        .map_err(|source| AuditListError::ClickHouse {
+            table: format!("{}.{table}", args.clickhouse.database),
+            source,
+        })?;
+    Ok(rows.iter().map(AuditRow::to_record).collect())
 }
 
 /// `TIME  SERVICE  ACTOR  ACTION  TARGET  OUTCOME[ STATUS]  [SOURCE]  DETAIL`.
@@ -201,7 +274,11 @@ pub async fn run(
     audit: &AuditArgs,
     progress: &ProgressArgs,
 ) -> Result<(), crate::Error> {
-    validate_all(&[&args.kafka])?;
+    let settings: &dyn Validate = match args.source {
+        Source::Topic => &args.kafka,
+        Source::Clickhouse => &args.clickhouse,
+    };
+    validate_all(&[settings])?;
     let reading = Progress::start(progress, "audit read", "records", None);
     let records = list(&args, &audit.audit_topic, &reading).await?;
     reading.finish();
@@ -265,6 +342,32 @@ mod tests {
             .filter(|u| !u.is_empty())
             .unwrap_or_else(|| "unknown".into());
         assert_eq!(a.actor(), fallback);
+    }
+
+    #[test]
+    fn the_source_is_the_topic_unless_clickhouse_is_asked_for() {
+        use clap::Parser as _;
+        let list = |argv: &[&str]| match crate::Cli::try_parse_from(argv).unwrap().command {
+            crate::Command::Audit(a) => *a,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(list(&["pulsectl", "audit"]).source, Source::Topic);
+        let ch = list(&[
+            "pulsectl",
+            "audit",
+            "--source",
+            "clickhouse",
+            "--clickhouse-database",
+            "audits",
+        ]);
+        assert_eq!(
+            (ch.source, ch.clickhouse.database.as_str()),
+            (Source::Clickhouse, "audits")
+        );
+        let err = crate::Cli::try_parse_from(["pulsectl", "audit", "--source", "s3"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--source"), "{err}");
     }
 
     #[test]

@@ -5,6 +5,9 @@
 //! ingest time and trace id, Confluent-framed with the topic's registered schema id.
 //! Reading the archive is `replay::read`; the archive format is `pulse_storage::archive`.
 //! Progress (objects read out of those listed) goes to stderr (`crate::progress`).
+//! `--source-trace-id` keeps only the events whose producer trace id (`metadata.trace_id`,
+//! the archive's `source_trace_id` column) is that value; rows of files written before the
+//! column existed never match.
 
 mod publish;
 pub mod read;
@@ -40,6 +43,11 @@ pub struct ReplayArgs {
     /// neither Kafka nor the schema registry).
     #[arg(long)]
     pub dry_run: bool,
+    /// Replay only the events whose producer trace id (`metadata.trace_id`, archived as
+    /// `source_trace_id`) equals this value exactly. Archive files written before that
+    /// column existed have no such ids: none of their events match.
+    #[arg(long = "source-trace-id")]
+    pub source_trace_id: Option<String>,
     /// The topic to publish to.
     #[arg(long, default_value = topics::EVENTS)]
     pub topic: String,
@@ -79,6 +87,11 @@ impl Validate for ReplayArgs {
             ),
         );
         p.check(!self.topic.is_empty(), "--topic", "must not be empty");
+        p.check(
+            self.source_trace_id.as_ref().is_none_or(|t| !t.is_empty()),
+            "--source-trace-id",
+            "must not be empty (leave the flag out to replay every event)",
+        );
         if !self.dry_run {
             self.registry_auth.validate(p);
         }
@@ -130,6 +143,9 @@ pub struct Summary {
     pub rows_read: u64,
     /// Rows with an event time in `[from, to)`.
     pub rows_in_range: u64,
+    /// Rows in range left out because their producer trace id is not `--source-trace-id`
+    /// (0 without the flag).
+    pub not_matching: u64,
     /// Rows in range whose event id was already taken (published once).
     pub duplicates: u64,
     /// Events acknowledged by the broker (0 in a dry run).
@@ -148,9 +164,10 @@ impl Summary {
         self.objects_failed == 0 && self.failed == 0
     }
 
-    /// Distinct events in the range: what a replay publishes.
+    /// Distinct events in the range (that match `--source-trace-id`, when given): what a
+    /// replay publishes.
     pub fn unique(&self) -> u64 {
-        self.rows_in_range - self.duplicates
+        self.rows_in_range - self.not_matching - self.duplicates
     }
 
     pub(crate) fn note(&mut self, error: String) {
@@ -160,8 +177,25 @@ impl Summary {
     }
 }
 
+/// Which archived events of the range a replay publishes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Select<'a> {
+    /// Only events whose producer trace id (`source_trace_id`) is exactly this.
+    pub source_trace_id: Option<&'a str>,
+}
+
+impl Select<'_> {
+    /// Whether `e` is selected: a row without a producer trace id (none sent, or a file
+    /// older than the column) never matches a `source_trace_id`.
+    pub fn matches(&self, e: &ArchivedEvent) -> bool {
+        self.source_trace_id
+            .is_none_or(|want| e.source_trace_id.as_deref() == Some(want))
+    }
+}
+
 /// Replays `[from_ms, to_ms)` from the archive in `store` (keys under `s3`'s prefix) to
-/// `target`, or only counts when `target` is `None` (dry run).
+/// `target`, or only counts when `target` is `None` (dry run); only the events `select`
+/// keeps.
 ///
 /// Every overlapping hour folder is listed first, so a listing failure publishes nothing.
 /// Then folder by folder, in time order: its objects are read, rows in range are sorted by
@@ -174,6 +208,7 @@ pub async fn replay_archive(
     s3: &S3Config,
     from_ms: i64,
     to_ms: i64,
+    select: Select<'_>,
     target: Option<Target<'_>>,
     progress: &Progress,
 ) -> Result<Summary, ReplayError> {
@@ -206,10 +241,13 @@ pub async fn replay_archive(
         let mut rows: Vec<ArchivedEvent> = Vec::new();
         for key in keys {
             match read::read_object(store, &key, from_ms, to_ms).await {
-                Ok((total, kept)) => {
+                Ok((total, mut kept)) => {
                     summary.objects += 1;
                     summary.rows_read += total;
                     summary.rows_in_range += kept.len() as u64;
+                    let before = kept.len();
+                    kept.retain(|e| select.matches(e));
+                    summary.not_matching += (before - kept.len()) as u64;
                     rows.extend(kept);
                 }
                 Err(e) => {
@@ -244,10 +282,11 @@ pub async fn replay_archive(
 
 /// The counts beside the progress.
 fn progress_message(s: &Summary) -> String {
-    let mut m = format!(
-        "rows in range {}, duplicates {}",
-        s.rows_in_range, s.duplicates
-    );
+    let mut m = format!("rows in range {}", s.rows_in_range);
+    if s.not_matching > 0 {
+        m.push_str(&format!(", not matching {}", s.not_matching));
+    }
+    m.push_str(&format!(", duplicates {}", s.duplicates));
     if s.schema_id.is_some() {
         m.push_str(&format!(", published {}, failed {}", s.published, s.failed));
     }
@@ -265,6 +304,9 @@ pub async fn replay(
 ) -> Result<Summary, ReplayError> {
     validate_all(&[&args.s3, &args.kafka, args])?;
     let store = args.s3.object_store()?;
+    let select = Select {
+        source_trace_id: args.source_trace_id.as_deref(),
+    };
     let label = if args.dry_run {
         "replay (dry run)"
     } else {
@@ -272,7 +314,8 @@ pub async fn replay(
     };
     if args.dry_run {
         let bar = Progress::maybe(progress, label, "objects", None);
-        let summary = replay_archive(&store, &args.s3, args.from, args.to, None, &bar).await;
+        let summary =
+            replay_archive(&store, &args.s3, args.from, args.to, select, None, &bar).await;
         bar.finish();
         return summary;
     }
@@ -289,7 +332,16 @@ pub async fn replay(
         message_indexes: &message_indexes,
     };
     let bar = Progress::maybe(progress, label, "objects", None);
-    let summary = replay_archive(&store, &args.s3, args.from, args.to, Some(target), &bar).await;
+    let summary = replay_archive(
+        &store,
+        &args.s3,
+        args.from,
+        args.to,
+        select,
+        Some(target),
+        &bar,
+    )
+    .await;
     bar.finish();
     summary
 }
@@ -310,6 +362,13 @@ pub fn summary_lines(args: &ReplayArgs, s: &Summary) -> Vec<String> {
             s.objects, s.objects_failed, s.rows_read, s.rows_in_range, s.duplicates
         ),
     ];
+    if let Some(id) = &args.source_trace_id {
+        lines.push(format!(
+            "source trace id {id:?}: {} row(s) in range matched, {} did not",
+            s.rows_in_range - s.not_matching,
+            s.not_matching
+        ));
+    }
     lines.push(match s.schema_id {
         None => format!(
             "dry run: {} event(s) would be published to {}; nothing was sent",
@@ -518,6 +577,7 @@ mod tests {
             &s3(),
             FROM,
             TO,
+            Select::default(),
             Some(target(&fake)),
             &Progress::hidden(),
         )
@@ -557,9 +617,17 @@ mod tests {
     #[tokio::test]
     async fn a_dry_run_counts_the_same_and_publishes_nothing() {
         let store = archive().await;
-        let s = replay_archive(&store, &s3(), FROM, TO, None, &Progress::hidden())
-            .await
-            .unwrap();
+        let s = replay_archive(
+            &store,
+            &s3(),
+            FROM,
+            TO,
+            Select::default(),
+            None,
+            &Progress::hidden(),
+        )
+        .await
+        .unwrap();
         assert_eq!((s.rows_in_range, s.duplicates, s.unique()), (8, 2, 6));
         assert_eq!((s.published, s.schema_id), (0, None));
     }
@@ -576,6 +644,7 @@ mod tests {
             &s3(),
             FROM,
             MIDNIGHT + 2,
+            Select::default(),
             Some(target(&fake)),
             &Progress::hidden(),
         )
@@ -600,6 +669,7 @@ mod tests {
             &s3(),
             FROM,
             TO,
+            Select::default(),
             Some(target(&fake)),
             &Progress::hidden(),
         )
@@ -704,6 +774,84 @@ mod tests {
             summary_lines(&args, &s)[2],
             "published: 6, failed: 0 (to pulse.events.v1, schema id 4)"
         );
+    }
+
+    #[tokio::test]
+    async fn a_source_trace_id_selects_only_the_events_that_carry_it() {
+        let store: Arc<dyn ObjectStore> = Arc::new(InMemory::new());
+        let traced = |id: &str, t: i64, off: i64, trace: Option<&str>| ArchiveRow {
+            source_trace_id: trace.map(str::to_owned),
+            ..row(id, t, off)
+        };
+        let rows = vec![
+            traced("x1", FROM, 0, Some("abcd-1234")),
+            traced("y", FROM + 1, 1, Some("abcd-12345")),
+            traced("none", FROM + 2, 2, None),
+            traced("x2", MIDNIGHT, 3, Some("abcd-1234")),
+            traced("x-out", TO, 4, Some("abcd-1234")),
+        ];
+        put(
+            &store,
+            &object_key(&hour_bucket(FROM), "t", 0, 0, 4),
+            encode(&rows).unwrap(),
+        )
+        .await;
+        // x1 again in another object (at least once): still published once.
+        put(
+            &store,
+            &object_key(&hour_bucket(FROM), "t", 1, 0, 0),
+            encode(&rows[..1]).unwrap(),
+        )
+        .await;
+        let fake = Fake::default();
+        let select = Select {
+            source_trace_id: Some("abcd-1234"),
+        };
+        let s = replay_archive(
+            &store,
+            &s3(),
+            FROM,
+            TO,
+            select,
+            Some(target(&fake)),
+            &Progress::hidden(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(fake.ids(), ["x1", "x2"], "exact match only, in range");
+        assert_eq!((s.rows_in_range, s.not_matching, s.duplicates), (5, 2, 1));
+        assert_eq!((s.unique(), s.published), (2, 2));
+        let dry = replay_archive(&store, &s3(), FROM, TO, select, None, &Progress::hidden())
+            .await
+            .unwrap();
+        assert_eq!((dry.unique(), dry.not_matching, dry.published), (2, 2, 0));
+        let nobody = Select {
+            source_trace_id: Some("abcd"),
+        };
+        let none = replay_archive(&store, &s3(), FROM, TO, nobody, None, &Progress::hidden())
+            .await
+            .unwrap();
+        assert_eq!((none.unique(), none.not_matching), (0, 5));
+    }
+
+    #[test]
+    fn an_empty_source_trace_id_is_refused_naming_the_flag() {
+        use clap::Parser;
+        let cli = crate::Cli::parse_from([
+            "pulsectl",
+            "replay",
+            "--from",
+            "0",
+            "--to",
+            "1",
+            "--source-trace-id",
+            "",
+        ]);
+        let crate::Command::Replay(args) = cli.command else {
+            panic!("not replay")
+        };
+        let errors = validate_all(&[args.as_ref()]).unwrap_err().to_string();
+        assert!(errors.contains("--source-trace-id"), "{errors}");
     }
 
     #[test]

@@ -1,11 +1,13 @@
-//! `pulsectl shadow schemas|diff|discard`: the operator's side of a shadow processor
+//! `pulsectl shadow schemas|diff|discard|promote`: the operator's side of a shadow processor
 //! (`pulse-processor --shadow <name>` with `pulse-writer --shadow <name>`, see
 //! docs/operations.md). `schemas` registers the aggregate schemas under the shadow
 //! topics' subjects; `diff` compares the live and the shadow aggregates of closed windows
 //! in ClickHouse, per metric, window and key, and fails when they differ beyond the
 //! tolerance; `discard` drops the shadow's tables, consumer groups and topics. The table
 //! and topic names come from `pulse_storage::migrate` and `pulse_contracts::topics`;
-//! promotion is a procedure (docs/operations.md), not a command yet.
+//! `promote` (the checks around a promotion, then discard) is `shadow::promote`.
+
+pub mod promote;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -33,6 +35,13 @@ pub enum ShadowCommand {
     Diff(Box<DiffArgs>),
     /// Drop the shadow's tables and delete its consumer groups and topics.
     Discard(Box<DiscardArgs>),
+    /// Promote the shadow's version to live: `check` before the switch (refuses unless
+    /// the diff is within the tolerance on a closed range), `finish` after it (refuses
+    /// unless live equals the shadow after the switch; then discards the shadow).
+    Promote {
+        #[command(subcommand)]
+        command: promote::PromoteCommand,
+    },
 }
 
 /// `--shadow`'s value parser (clap names the flag in its error).
@@ -168,6 +177,8 @@ pub enum ShadowError {
     Differs(usize),
     #[error("discard finished with {0} failed step(s) (listed above)")]
     Discard(usize),
+    #[error("refused for {0} reason(s) (listed above)")]
+    Refused(usize),
 }
 
 /// One user's window, as compared.
@@ -342,8 +353,14 @@ pub struct DiffReport {
     pub summary: BTreeMap<String, MetricSummary>,
     /// The metric windows that differ beyond the tolerance, in metric and window order.
     pub differing: Vec<WindowDiff>,
-    /// Windows (and session buckets) left out: not final on both sides yet.
+    /// Windows left out: not final on both sides yet (the watermark has not passed them).
     pub open_windows: BTreeSet<i64>,
+    /// Windows whose sessions were left out: a session starting there is still open on
+    /// one side (a long session, or its window reaches past `--to`).
+    pub open_session_windows: BTreeSet<i64>,
+    /// Per side, the start of the latest window of the range with final rows (live,
+    /// shadow): a shadow behind live has an earlier one.
+    pub last_final: (Option<i64>, Option<i64>),
 }
 
 impl DiffReport {
@@ -367,6 +384,13 @@ impl DiffReport {
                 out,
                 "{} window(s) not final on both sides were not compared",
                 self.open_windows.len()
+            );
+        }
+        if !self.open_session_windows.is_empty() {
+            let _ = writeln!(
+                out,
+                "{} window(s) with a session still open: their sessions were not compared",
+                self.open_session_windows.len()
             );
         }
         if self.differing.is_empty() {
@@ -547,8 +571,16 @@ pub async fn diff(args: &DiffArgs) -> Result<DiffReport, ShadowError> {
         window_ms,
         &mut compared,
     );
+    let last_final = |m: &ActivityMap| {
+        m.iter()
+            .filter(|(_, a)| a.is_final)
+            .map(|((w, _), _)| *w)
+            .max()
+    };
     let mut report = DiffReport {
-        open_windows: open.union(&open_sessions).copied().collect(),
+        last_final: (last_final(&live_a), last_final(&shadow_a)),
+        open_windows: open,
+        open_session_windows: open_sessions,
         ..DiffReport::default()
     };
     for ((metric, window), (l, s, keys)) in compared {
@@ -719,6 +751,7 @@ pub async fn run(command: ShadowCommand) -> Result<(), crate::Error> {
                 return Err(ShadowError::Discard(failed).into());
             }
         }
+        ShadowCommand::Promote { command } => promote::run(command).await?,
     }
     Ok(())
 }

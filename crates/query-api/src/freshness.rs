@@ -38,6 +38,7 @@ impl TableFreshness {
                 .map(|end| end.saturating_add(allowed_lateness_ms)),
             lag_seconds: self.last_event_ms.map(|t| seconds_between(t, now_ms)),
             complete: self.final_window_end_ms.is_some_and(|end| to_ms <= end),
+            rules_versions: Vec::new(),
         }
     }
 }
@@ -48,7 +49,7 @@ pub fn seconds_between(earlier_ms: i64, later_ms: i64) -> f64 {
 }
 
 /// The freshness carried by every analytic answer (README "Query API").
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct Freshness {
     /// Latest `written_at_ms` of `user_activity`/`sessions`.
     pub data_last_refreshed_at_ms: Option<i64>,
@@ -59,6 +60,16 @@ pub struct Freshness {
     pub lag_seconds: Option<f64>,
     /// `to` ≤ the latest final window end: no window of the range can change any more.
     pub complete: bool,
+    /// The processing rules versions of the windows and sessions the answer used (each at
+    /// its latest version), sorted, distinct; `""` stands for rows written before rules
+    /// versions existed. Empty when the answer used no aggregate.
+    pub rules_versions: Vec<String>,
+}
+
+/// The distinct rules versions of `lists`, sorted.
+pub fn rules_versions<'a>(lists: impl IntoIterator<Item = &'a Vec<String>>) -> Vec<String> {
+    let set: std::collections::BTreeSet<&String> = lists.into_iter().flatten().collect();
+    set.into_iter().cloned().collect()
 }
 
 /// One pipeline stage in `GET /v1/freshness`.
@@ -178,5 +189,13 @@ mod tests {
     fn nothing_final_means_no_watermark_and_incomplete() {
         let f = TableFreshness::default().for_answer(1, 2, 60_000);
         assert_eq!(f, Freshness::default());
+    }
+
+    #[test]
+    fn the_rules_versions_of_an_answer_are_distinct_and_sorted() {
+        let a = vec!["b+1".to_owned(), String::new()];
+        let b = vec!["a+2".to_owned(), "b+1".to_owned()];
+        assert_eq!(rules_versions([&a, &b]), ["", "a+2", "b+1"]);
+        assert!(rules_versions([]).is_empty());
     }
 }

@@ -55,10 +55,22 @@ impl GrpcQuery {
             .get("authorization")
             .and_then(|v| v.to_str().ok())
             .map(str::to_owned);
+        let peer = request
+            .remote_addr()
+            .map_or_else(|| "unknown".to_owned(), |a| a.to_string());
         let state = self.state.clone();
         let result = async move {
-            state.tokens.authorize(auth.as_deref())?;
-            f(state.clone(), request.into_inner()).await
+            // The call's work runs under the token's name (never the token).
+            let key_span = match state.tokens.authorize(auth.as_deref()) {
+                Ok(name) => crate::auth::request_span(name, &peer, "grpc"),
+                Err(e) => {
+                    crate::auth::log_refusal(&peer, "grpc", auth.as_deref());
+                    return Err(e);
+                }
+            };
+            f(state.clone(), request.into_inner())
+                .instrument(key_span)
+                .await
         }
         .instrument(span.clone())
         .await;
@@ -83,6 +95,7 @@ fn freshness(f: Freshness) -> Option<pb::Freshness> {
         watermark_ms: f.watermark_ms.unwrap_or(0),
         lag_seconds: f.lag_seconds.unwrap_or(0.0),
         complete: f.complete,
+        rules_versions: f.rules_versions,
     })
 }
 

@@ -37,9 +37,20 @@ async fn require_token(State(state): State<AppState>, req: Request, next: Next) 
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
+    let peer = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map_or_else(|| "unknown".to_owned(), |c| c.0.to_string());
     match state.tokens.authorize(auth) {
-        Ok(()) => next.run(req).await,
-        Err(e) => e.into_response(),
+        Ok(name) => {
+            // The rest of the request runs under the token's name (never the token).
+            let span = crate::auth::request_span(name, &peer, "http");
+            tracing::Instrument::instrument(next.run(req), span).await
+        }
+        Err(e) => {
+            crate::auth::log_refusal(&peer, "http", auth);
+            e.into_response()
+        }
     }
 }
 

@@ -92,6 +92,13 @@ pub struct Freshness {
     pub lag_seconds: Option<f64>,
     /// True when every window of the range is final and can no longer change.
     pub complete: bool,
+    /// The processing rules versions of the aggregates the answer used (each window and
+    /// session at its latest version), sorted and distinct: `<name>+<fingerprint>` or
+    /// `<fingerprint>` (docs/operations.md, "Processing rules and their version"); `""` stands for
+    /// rows written before rules versions existed. More than one means the answer mixes
+    /// rules (a rules change inside the range). Empty when no aggregate was used.
+    #[serde(default)]
+    pub rules_versions: Vec<String>,
 }
 
 impl From<freshness::Freshness> for Freshness {
@@ -101,6 +108,7 @@ impl From<freshness::Freshness> for Freshness {
             watermark: f.watermark_ms.map(rfc3339),
             lag_seconds: f.lag_seconds,
             complete: f.complete,
+            rules_versions: f.rules_versions,
         }
     }
 }

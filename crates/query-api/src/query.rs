@@ -8,7 +8,7 @@ use std::time::Duration;
 use pulse_contracts::money::micros_to_decimal;
 
 use crate::error::QueryError;
-use crate::freshness::{self, Freshness, FreshnessCache, StageFreshness};
+use crate::freshness::{self, Freshness, FreshnessCache, StageFreshness, rules_versions};
 use crate::params::{DAY_MS, HOUR_MS, MINUTE_MS, Step, TimeRange, Window, now_ms, rfc3339};
 use crate::store::{EventRow, RevenueRow, SessionsRow, Store};
 
@@ -205,17 +205,18 @@ impl Engine {
         }
     }
 
-    /// Runs `data` and the (cached) freshness together; the answer covers times before `to_ms`.
+    /// Runs `data` and the (cached) freshness together; the answer covers times before
+    /// `to_ms`, and `data` also gives the rules versions of the aggregates it used.
     async fn answer<T>(
         &self,
         to_ms: i64,
-        data: impl Future<Output = Result<T, QueryError>>,
+        data: impl Future<Output = Result<(T, Vec<String>), QueryError>>,
     ) -> Result<Answer<T>, QueryError> {
-        let (data, table) = tokio::try_join!(data, self.freshness.get(&self.store))?;
-        Ok(Answer {
-            data,
-            freshness: table.for_answer(to_ms, now_ms(), self.limits.allowed_lateness_ms),
-        })
+        let ((data, rules_versions), table) =
+            tokio::try_join!(data, self.freshness.get(&self.store))?;
+        let mut freshness = table.for_answer(to_ms, now_ms(), self.limits.allowed_lateness_ms);
+        freshness.rules_versions = rules_versions;
+        Ok(Answer { data, freshness })
     }
 
     /// Refuses a range longer than `max_range_ms` (every endpoint with `from`/`to`).
@@ -262,7 +263,7 @@ impl Engine {
         let fetch = self.store.active_users(step.ms, range.from_ms, range.to_ms);
         self.answer(range.to_ms, async move {
             let rows = fetch.await?;
-            Ok(buckets
+            let points = buckets
                 .into_iter()
                 .map(|ts_ms| ActiveUsersPoint {
                     ts_ms,
@@ -271,7 +272,11 @@ impl Engine {
                         .find(|r| r.bucket == ts_ms)
                         .map_or(0, |r| r.users),
                 })
-                .collect())
+                .collect();
+            Ok((
+                points,
+                rules_versions(rows.iter().map(|r| &r.rules_versions)),
+            ))
         })
         .await
     }
@@ -279,8 +284,12 @@ impl Engine {
     /// Distinct users with a window starting at or after now − `window`.
     pub async fn active_users_current(&self, window: &Window) -> Result<Answer<u64>, QueryError> {
         let now = now_ms();
-        self.answer(now, self.store.active_users_since(now - window.ms))
-            .await
+        let fetch = self.store.active_users_since(now - window.ms);
+        self.answer(now, async move {
+            let row = fetch.await?;
+            Ok((row.users, rules_versions([&row.rules_versions])))
+        })
+        .await
     }
 
     /// Revenue per bucket and currency (only pairs with data), ts asc then currency asc.
@@ -295,8 +304,8 @@ impl Engine {
             .store
             .revenue(step.ms, range.from_ms, range.to_ms, currency);
         self.answer(range.to_ms, async move {
-            fetch
-                .await?
+            let rows = fetch.await?;
+            let points = rows
                 .iter()
                 .map(|r| {
                     Ok(RevenuePoint {
@@ -305,7 +314,11 @@ impl Engine {
                         amount: amount(r)?,
                     })
                 })
-                .collect()
+                .collect::<Result<_, QueryError>>()?;
+            Ok((
+                points,
+                rules_versions(rows.iter().map(|r| &r.rules_versions)),
+            ))
         })
         .await
     }
@@ -315,8 +328,8 @@ impl Engine {
         let now = now_ms();
         let fetch = self.store.revenue_since(now - HOUR_MS);
         self.answer(now, async move {
-            fetch
-                .await?
+            let rows = fetch.await?;
+            let totals = rows
                 .iter()
                 .map(|r| {
                     Ok(CurrencyTotal {
@@ -324,7 +337,11 @@ impl Engine {
                         amount: amount(r)?,
                     })
                 })
-                .collect()
+                .collect::<Result<_, QueryError>>()?;
+            Ok((
+                totals,
+                rules_versions(rows.iter().map(|r| &r.rules_versions)),
+            ))
         })
         .await
     }
@@ -338,15 +355,17 @@ impl Engine {
         self.check_range(range)?;
         let fetch = self.store.top_pages(range.from_ms, range.to_ms, limit);
         self.answer(range.to_ms, async move {
-            Ok(fetch
-                .await?
+            let rows = fetch.await?;
+            let versions = rules_versions(rows.iter().map(|r| &r.rules_versions));
+            let pages = rows
                 .into_iter()
                 .map(|r| PageViews {
                     page: r.page,
                     views: r.views,
                     unique_users: r.viewers,
                 })
-                .collect())
+                .collect();
+            Ok((pages, versions))
         })
         .await
     }
@@ -369,14 +388,18 @@ impl Engine {
                     "user {user_id:?} has no activity in the range"
                 )));
             }
-            Ok(UserSummary {
+            let summary = UserSummary {
                 user_id: user_id.to_owned(),
                 first_seen_ms: w.first_seen,
                 last_seen_ms: w.last_seen,
                 page_views: w.page_views,
                 events: w.events,
                 sessions: s.count,
-            })
+            };
+            Ok((
+                summary,
+                rules_versions([&w.rules_versions, &s.rules_versions]),
+            ))
         })
         .await
     }
@@ -385,8 +408,11 @@ impl Engine {
     pub async fn sessions(&self, range: TimeRange) -> Result<Answer<SessionStats>, QueryError> {
         self.check_range(range)?;
         let fetch = self.store.sessions(range.from_ms, range.to_ms, None);
-        self.answer(range.to_ms, async move { Ok(session_stats(&fetch.await?)) })
-            .await
+        self.answer(range.to_ms, async move {
+            let row = fetch.await?;
+            Ok((session_stats(&row), rules_versions([&row.rules_versions])))
+        })
+        .await
     }
 
     /// Up to `limit` stored events whose producer trace id is `source_trace_id`, with an
@@ -409,10 +435,12 @@ impl Engine {
             let keep = usize::try_from(limit).unwrap_or(usize::MAX);
             let truncated = rows.len() > keep;
             rows.truncate(keep);
-            Ok(EventSearch {
+            let found = EventSearch {
                 events: rows.into_iter().map(StoredEvent::from).collect(),
                 truncated,
-            })
+            };
+            // Stored events, not aggregates: no processing rules involved.
+            Ok((found, Vec::new()))
         })
         .await
     }
@@ -525,6 +553,7 @@ mod tests {
             total_pages: 10,
             p50_ms: 2_000,
             p95_ms: 4_000,
+            rules_versions: Vec::new(),
         };
         let s = session_stats(&row);
         assert_eq!(s.sessions, 4);
@@ -542,6 +571,7 @@ mod tests {
             total_pages: 0,
             p50_ms: 0,
             p95_ms: 0,
+            rules_versions: Vec::new(),
         });
         assert_eq!(
             (

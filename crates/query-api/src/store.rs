@@ -24,15 +24,18 @@ use crate::error::QueryError;
 use crate::metrics as m;
 
 /// Latest version of every window in `[?, ?)` of `window_start_ms`, with `$cols` (argMax
-/// expressions over `_v`) computed from the raw columns `$raw`.
+/// expressions over `_v`) computed from the raw columns `$raw`, and `rv`: the rules
+/// version of that latest version (migration 0004), which each statement collects with
+/// `groupUniqArray(rv) AS rules_versions` over the windows it uses (the `freshness` of
+/// the answer).
 macro_rules! latest_windows {
     ($raw:literal, $cols:literal, $filter:literal) => {
         concat!(
             "(SELECT user_id, window_start_ms, ",
             $cols,
-            " FROM (SELECT user_id, window_start_ms, ",
+            ", argMax(rules_version, _v) AS rv FROM (SELECT user_id, window_start_ms, ",
             $raw,
-            ", version AS _v FROM user_activity WHERE ",
+            ", rules_version, version AS _v FROM user_activity WHERE ",
             $filter,
             ") GROUP BY user_id, window_start_ms)"
         )
@@ -41,7 +44,8 @@ macro_rules! latest_windows {
 
 /// Active users per bucket. Binds: step, step, from, to.
 const ACTIVE_USERS: &str = concat!(
-    "SELECT toInt64(intDiv(window_start_ms, ?) * ?) AS bucket, toUInt64(uniqExact(user_id)) AS users FROM ",
+    "SELECT toInt64(intDiv(window_start_ms, ?) * ?) AS bucket, toUInt64(uniqExact(user_id)) AS users, ",
+    "groupUniqArray(rv) AS rules_versions FROM ",
     latest_windows!(
         "event_count",
         "argMax(event_count, _v) AS events",
@@ -52,7 +56,7 @@ const ACTIVE_USERS: &str = concat!(
 
 /// Active users with a window starting at or after a time. Binds: since.
 const ACTIVE_USERS_SINCE: &str = concat!(
-    "SELECT toUInt64(uniqExact(user_id)) AS users FROM ",
+    "SELECT toUInt64(uniqExact(user_id)) AS users, groupUniqArray(rv) AS rules_versions FROM ",
     latest_windows!(
         "event_count",
         "argMax(event_count, _v) AS events",
@@ -65,7 +69,8 @@ const ACTIVE_USERS_SINCE: &str = concat!(
 /// exact total can be checked for overflow. Binds: step, step, from, to, currency, currency.
 const REVENUE: &str = concat!(
     "SELECT toInt64(intDiv(window_start_ms, ?) * ?) AS bucket, currency, ",
-    "toInt64(sum(intDiv(micros, 1000000))) AS units, toInt64(sum(micros % 1000000)) AS rest FROM ",
+    "toInt64(sum(intDiv(micros, 1000000))) AS units, toInt64(sum(micros % 1000000)) AS rest, ",
+    "groupUniqArray(rv) AS rules_versions FROM ",
     latest_windows!(
         "revenue_currencies, revenue_micros",
         "argMax(revenue_currencies, _v) AS currencies, argMax(revenue_micros, _v) AS amounts",
@@ -79,7 +84,8 @@ const REVENUE: &str = concat!(
 /// Revenue per currency over windows starting at or after a time. Binds: since.
 const REVENUE_SINCE: &str = concat!(
     "SELECT toInt64(0) AS bucket, currency, ",
-    "toInt64(sum(intDiv(micros, 1000000))) AS units, toInt64(sum(micros % 1000000)) AS rest FROM ",
+    "toInt64(sum(intDiv(micros, 1000000))) AS units, toInt64(sum(micros % 1000000)) AS rest, ",
+    "groupUniqArray(rv) AS rules_versions FROM ",
     latest_windows!(
         "revenue_currencies, revenue_micros",
         "argMax(revenue_currencies, _v) AS currencies, argMax(revenue_micros, _v) AS amounts",
@@ -91,7 +97,8 @@ const REVENUE_SINCE: &str = concat!(
 
 /// Page views and distinct viewers per page. Binds: from, to, limit.
 const TOP_PAGES: &str = concat!(
-    "SELECT page, toUInt64(sum(n)) AS views, toUInt64(uniqExactIf(user_id, n > 0)) AS viewers FROM ",
+    "SELECT page, toUInt64(sum(n)) AS views, toUInt64(uniqExactIf(user_id, n > 0)) AS viewers, ",
+    "groupUniqArray(rv) AS rules_versions FROM ",
     latest_windows!(
         "pages, page_views_by_page",
         "argMax(pages, _v) AS page_list, argMax(page_views_by_page, _v) AS view_list",
@@ -104,12 +111,12 @@ const TOP_PAGES: &str = concat!(
 /// One user's windows in a range. Binds: user, from, to.
 const USER: &str = "SELECT toUInt64(count()) AS windows, toInt64(min(first_ms)) AS first_seen, \
      toInt64(max(last_ms)) AS last_seen, toUInt64(sum(views)) AS page_views, \
-     toUInt64(sum(events)) AS event_total \
+     toUInt64(sum(events)) AS event_total, groupUniqArray(rv) AS rules_versions \
      FROM (SELECT window_start_ms, argMax(first_event_ms, _v) AS first_ms, \
      argMax(last_event_ms, _v) AS last_ms, argMax(page_views, _v) AS views, \
-     argMax(event_count, _v) AS events \
+     argMax(event_count, _v) AS events, argMax(rules_version, _v) AS rv \
      FROM (SELECT window_start_ms, first_event_ms, last_event_ms, page_views, event_count, \
-     version AS _v FROM user_activity \
+     rules_version, version AS _v FROM user_activity \
      WHERE user_id = ? AND window_start_ms >= ? AND window_start_ms < ?) \
      GROUP BY window_start_ms)";
 
@@ -126,11 +133,13 @@ macro_rules! current_sessions {
         concat!(
             "SELECT n, total_ms, total_pages, ",
             "toInt64(durations[greatest(1, intDiv(50 * n + 99, 100))]) AS p50_ms, ",
-            "toInt64(durations[greatest(1, intDiv(95 * n + 99, 100))]) AS p95_ms FROM (",
+            "toInt64(durations[greatest(1, intDiv(95 * n + 99, 100))]) AS p95_ms, rules_versions FROM (",
             "SELECT toUInt64(count()) AS n, toInt64(sum(dur)) AS total_ms, ",
-            "toUInt64(sum(pages)) AS total_pages, arraySort(groupArray(dur)) AS durations FROM (",
-            "SELECT user_id, session_id, argMax(duration_ms, _v) AS dur, argMax(page_count, _v) AS pages ",
-            "FROM (SELECT user_id, session_id, duration_ms, page_count, version AS _v FROM sessions ",
+            "toUInt64(sum(pages)) AS total_pages, arraySort(groupArray(dur)) AS durations, ",
+            "groupUniqArray(rv) AS rules_versions FROM (",
+            "SELECT user_id, session_id, argMax(duration_ms, _v) AS dur, argMax(page_count, _v) AS pages, ",
+            "argMax(rules_version, _v) AS rv ",
+            "FROM (SELECT user_id, session_id, duration_ms, page_count, rules_version, version AS _v FROM sessions ",
             "WHERE start_ms >= ? AND start_ms < ?",
             $user_filter,
             ") GROUP BY user_id, session_id) ",
@@ -190,10 +199,19 @@ const EVENTS_BY_SOURCE_TRACE: &str = "SELECT event_id, event_type, user_id, sess
      ORDER BY event_time_ms, event_id, user_id, ingest_time_ms DESC \
      LIMIT 1 BY user_id, event_time_ms, event_id LIMIT ?";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clickhouse::Row, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, clickhouse::Row, Deserialize)]
 pub struct BucketUsers {
     pub bucket: i64,
     pub users: u64,
+    /// The rules versions of the windows counted.
+    pub rules_versions: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, clickhouse::Row, Deserialize)]
+pub struct UsersRow {
+    pub users: u64,
+    /// The rules versions of the windows counted.
+    pub rules_versions: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, clickhouse::Row, Deserialize)]
@@ -204,6 +222,8 @@ pub struct RevenueRow {
     pub units: i64,
     /// Sum of the remainders (micros % 1e6) of each amount.
     pub rest: i64,
+    /// The rules versions of the windows summed.
+    pub rules_versions: Vec<String>,
 }
 
 impl RevenueRow {
@@ -219,15 +239,19 @@ pub struct PageRow {
     pub page: String,
     pub views: u64,
     pub viewers: u64,
+    /// The rules versions of the windows counted.
+    pub rules_versions: Vec<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clickhouse::Row, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, clickhouse::Row, Deserialize)]
 pub struct UserRow {
     pub windows: u64,
     pub first_seen: i64,
     pub last_seen: i64,
     pub page_views: u64,
     pub events: u64,
+    /// The rules versions of the windows summed.
+    pub rules_versions: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, clickhouse::Row, Deserialize)]
@@ -239,6 +263,8 @@ pub struct SessionsRow {
     pub p50_ms: i64,
     /// Nearest-rank 95th percentile duration (0 without sessions).
     pub p95_ms: i64,
+    /// The rules versions of the sessions counted.
+    pub rules_versions: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clickhouse::Row, Deserialize)]
@@ -482,7 +508,7 @@ impl Store {
         self.fetch("active_users", ACTIVE_USERS, q).await
     }
 
-    pub async fn active_users_since(&self, since: i64) -> Result<u64, QueryError> {
+    pub async fn active_users_since(&self, since: i64) -> Result<UsersRow, QueryError> {
         let q = self.client.query(ACTIVE_USERS_SINCE).bind(since);
         self.fetch_one("active_users_current", ACTIVE_USERS_SINCE, q)
             .await
@@ -708,6 +734,7 @@ mod tests {
             currency: "EUR".into(),
             units,
             rest,
+            rules_versions: Vec::new(),
         };
         assert_eq!(row(12, 340_000).micros(), Some(12_340_000));
         // -2.5 + 1.25 = -1.25: units -2 + 1, remainders -500000 + 250000.

@@ -265,20 +265,26 @@ impl Users {
         self.users.read().unwrap_or_else(|e| e.into_inner()).len()
     }
 
-    /// Reloads the file when its modification time or size changed. A file that cannot
-    /// be read or parsed keeps the previous users (logged and counted).
-    pub fn reload_if_changed(&self) {
+    /// Reloads the file when its modification time or size changed: `None` when it did
+    /// not, else what changed (user names added, removed and changed, never a hash) or why
+    /// the file was not taken. A file that cannot be read or parsed keeps the previous
+    /// users (logged and counted).
+    pub fn reload_if_changed(&self) -> Option<Result<String, AuthFileError>> {
         let now = stamp(&self.path).ok();
         {
             let mut last = self.stamp.lock().unwrap_or_else(|e| e.into_inner());
             if *last == now {
-                return;
+                return None;
             }
             *last = now;
         }
         match Self::read(&self.path) {
             Ok(users) => {
                 let n = users.len();
+                let changes = {
+                    let before = self.users.read().unwrap_or_else(|e| e.into_inner());
+                    user_changes(&before, &users)
+                };
                 *self.users.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(users);
                 self.verified
                     .lock()
@@ -286,22 +292,50 @@ impl Users {
                     .clear();
                 metrics::gauge!(m::AUTH_USERS).set(n as f64);
                 metrics::counter!(m::AUTH_RELOADS_TOTAL, "outcome" => "ok").increment(1);
-                tracing::info!(path = %self.path.display(), users = n, "registry credentials reloaded");
+                tracing::info!(path = %self.path.display(), users = n, %changes, "registry credentials reloaded");
+                Some(Ok(format!("{changes}; {n} user(s)")))
             }
             Err(e) => {
                 metrics::counter!(m::AUTH_RELOADS_TOTAL, "outcome" => "error").increment(1);
                 tracing::error!(error = %e, "registry credentials not reloaded; the previous users stay valid");
+                Some(Err(e))
             }
         }
     }
 
-    /// Polls the file every `every` until `stop` is cancelled.
-    pub async fn watch(self: Arc<Self>, every: Duration, stop: CancellationToken) {
+    /// Polls the file every `every` until `stop` is cancelled, auditing each reload to
+    /// `audit` (actor `file`, action `keys.registry-users.reload`, target the file; a file
+    /// that is not taken as `failed`).
+    pub async fn watch(self: Arc<Self>, every: Duration, stop: CancellationToken, audit: AuditLog) {
+        let target = self.path.display().to_string();
         pulse_platform::shutdown::every(every, &stop, || {
-            let this = self.clone();
+            let (this, audit, target) = (self.clone(), audit.clone(), target.clone());
             async move {
                 // File I/O off the async threads.
-                let _ = tokio::task::spawn_blocking(move || this.reload_if_changed()).await;
+                let reloaded = tokio::task::spawn_blocking(move || this.reload_if_changed())
+                    .await
+                    .ok()
+                    .flatten();
+                let record = |outcome, detail: String| {
+                    audit.record(
+                        AuditRecord::new(
+                            crate::SERVICE,
+                            "file",
+                            action::CREDENTIALS_RELOAD,
+                            &target,
+                            outcome,
+                        )
+                        .with_detail(detail),
+                    );
+                };
+                match reloaded {
+                    None => {}
+                    Some(Ok(changes)) => record(Outcome::Ok, changes),
+                    Some(Err(e)) => record(
+                        Outcome::Failed,
+                        format!("{e}; the previous users stay valid"),
+                    ),
+                }
             }
         })
         .await;
@@ -388,6 +422,41 @@ fn verify(hash: &str, password: &str) -> bool {
     })
 }
 
+/// What a reload changed, by user name: `added [..]; removed [..]; changed [..]` (a new
+/// password or role). Names only: never a hash.
+fn user_changes(before: &HashMap<String, User>, after: &HashMap<String, User>) -> String {
+    let sorted = |mut v: Vec<&str>| {
+        v.sort_unstable();
+        v.join(", ")
+    };
+    let added = sorted(
+        after
+            .keys()
+            .filter(|n| !before.contains_key(*n))
+            .map(String::as_str)
+            .collect(),
+    );
+    let removed = sorted(
+        before
+            .keys()
+            .filter(|n| !after.contains_key(*n))
+            .map(String::as_str)
+            .collect(),
+    );
+    let changed = sorted(
+        after
+            .iter()
+            .filter(|(n, u)| {
+                before
+                    .get(*n)
+                    .is_some_and(|b| b.hash != u.hash || b.role != u.role)
+            })
+            .map(|(n, _)| n.as_str())
+            .collect(),
+    );
+    format!("added [{added}]; removed [{removed}]; changed [{changed}]")
+}
+
 /// `Basic base64(name:password)` → (name, password).
 fn decode_basic(value: &HeaderValue) -> Result<(String, String), Failure> {
     let text = value.to_str().map_err(|_| Failure::Malformed)?;
@@ -446,6 +515,14 @@ impl Access {
     pub fn with_audit(mut self, audit: AuditLog) -> Self {
         self.audit = audit;
         self
+    }
+
+    /// Starts re-reading the credentials file every `every` until `stop`, each reload
+    /// audited to this access's audit log (nothing to watch without a file).
+    pub fn watch_users(&self, every: Duration, stop: CancellationToken) {
+        if let Some(users) = &self.users {
+            tokio::spawn(users.clone().watch(every, stop, self.audit.clone()));
+        }
     }
 
     pub fn is_anonymous(&self) -> bool {
@@ -804,7 +881,14 @@ mod tests {
             ),
         )
         .unwrap();
-        users.reload_if_changed();
+        let changes = users
+            .reload_if_changed()
+            .expect("the file changed")
+            .unwrap();
+        assert_eq!(
+            changes, "added [dave]; removed []; changed [alice]; 2 user(s)",
+            "by name, never a hash"
+        );
         assert_eq!(users.count(), 2);
         // The old password no longer works, even though it was cached.
         assert_eq!(
@@ -819,8 +903,13 @@ mod tests {
         );
         assert!(users.authenticate(Some(&header("dave", "d"))).await.is_ok());
         std::fs::write(&path, "garbage line without the format but longer\n").unwrap();
-        users.reload_if_changed();
+        let refused = users.reload_if_changed().expect("the file changed");
+        assert!(refused.is_err());
         assert_eq!(users.count(), 2, "a broken file keeps the previous users");
+        assert!(
+            users.reload_if_changed().is_none(),
+            "unchanged: nothing to do"
+        );
     }
 
     #[test]

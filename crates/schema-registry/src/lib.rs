@@ -294,10 +294,6 @@ pub async fn run(config: Config, ctx: ServiceContext) -> Result<(), Error> {
         Some(path) => {
             let users = Arc::new(auth::Users::load(path)?);
             tracing::info!(path = %path.display(), users = users.count(), "registry authentication on");
-            tokio::spawn(users.clone().watch(
-                Duration::from_millis(config.auth_reload_interval_ms),
-                stop_watch.clone(),
-            ));
             auth::Access::users(users)
         }
         None => {
@@ -307,7 +303,7 @@ pub async fn run(config: Config, ctx: ServiceContext) -> Result<(), Error> {
             auth::Access::anonymous()
         }
     };
-    let _stop_watch = stop_watch.drop_guard();
+    let _stop_watch = stop_watch.clone().drop_guard();
     ensure_topics(
         &config.kafka,
         &[pulse_platform::audit::topic_spec(&config.audit_topic)],
@@ -324,6 +320,11 @@ pub async fn run(config: Config, ctx: ServiceContext) -> Result<(), Error> {
         AUDIT_WRITE_TIMEOUT,
     );
     let access = access.with_audit(audit);
+    // Credential file reloads are audited too (actor `file`).
+    access.watch_users(
+        Duration::from_millis(config.auth_reload_interval_ms),
+        stop_watch.clone(),
+    );
     let listener = TcpListener::bind(config.http_addr)
         .await
         .map_err(|source| Error::Bind {

@@ -25,6 +25,16 @@ pub const MIGRATIONS: &[(u32, &str, &str)] = &[
         "events_by_source_trace",
         include_str!("../clickhouse/0003_events_by_source_trace.sql"),
     ),
+    (
+        4,
+        "rules_version",
+        include_str!("../clickhouse/0004_rules_version.sql"),
+    ),
+    (
+        5,
+        "audit_log",
+        include_str!("../clickhouse/0005_audit_log.sql"),
+    ),
 ];
 
 /// The bookkeeping table, created before it is read (migration 0001 declares it too).
@@ -224,6 +234,11 @@ pub fn split_statements(sql: &str) -> Vec<String> {
     out
 }
 
+/// Whether `error` of `statement` says that the column it adds exists already.
+fn is_added_column(statement: &str, error: &str) -> bool {
+    statement.to_ascii_uppercase().contains("ADD COLUMN") && error.contains("already exists")
+}
+
 fn head(statement: &str) -> String {
     let flat = statement.split_whitespace().collect::<Vec<_>>().join(" ");
     flat.chars().take(80).collect()
@@ -260,15 +275,16 @@ pub async fn migrate(cfg: &ClickHouseConfig) -> Result<Vec<u32>, MigrateError> {
             continue;
         }
         for statement in split_statements(&render(sql, db)) {
-            server
-                .query_raw(&statement)
-                .execute()
-                .await
-                .map_err(|source| MigrateError::Sql {
+            match server.query_raw(&statement).execute().await {
+                // No `ADD COLUMN IF NOT EXISTS` on 18.16: a column an interrupted run of
+                // this migration already added is done (migration 0004 adds two).
+                Err(e) if is_added_column(&statement, &e.to_string()) => {}
+                result => result.map_err(|source| MigrateError::Sql {
                     version,
                     statement: head(&statement),
                     source,
-                })?;
+                })?,
+            }
         }
         let mut insert = client
             .insert::<MigrationRow>("schema_migrations")
@@ -403,6 +419,22 @@ mod tests {
     }
 
     #[test]
+    fn only_an_added_column_that_exists_counts_as_done() {
+        let add = "ALTER TABLE pulse.sessions ADD COLUMN rules_version String DEFAULT ''";
+        // 18.16 and current releases word it alike.
+        let exists = "Code: 44, e.displayText() = DB::Exception: Cannot add column rules_version: column with this name already exists";
+        assert!(is_added_column(add, exists));
+        assert!(!is_added_column(
+            add,
+            "Code: 60, e.displayText() = DB::Exception: Table pulse.sessions doesn't exist"
+        ));
+        assert!(!is_added_column(
+            "CREATE TABLE pulse.x (a String) ENGINE = Log",
+            exists
+        ));
+    }
+
+    #[test]
     fn the_last_statement_needs_no_semicolon() {
         assert_eq!(
             split_statements("SELECT 1; SELECT 2"),
@@ -477,12 +509,18 @@ mod tests {
                 }
             }
         }
-        // 18.16 has no `ADD COLUMN IF NOT EXISTS`: a column addition is alone in its
-        // migration, so a failed one is retried from the start.
+        // 18.16 has no `ADD COLUMN IF NOT EXISTS`: a migration with a column addition
+        // holds only column additions (one column each), which the runner treats as done
+        // when the column exists, so a failed one is retried from the start.
         for &(version, _, sql) in MIGRATIONS {
             let statements = split_statements(sql);
             if statements.iter().any(|s| s.contains("ADD COLUMN")) {
-                assert_eq!(statements.len(), 1, "migration {version}");
+                for s in &statements {
+                    assert!(
+                        s.starts_with("ALTER TABLE") && s.matches("ADD COLUMN").count() == 1,
+                        "migration {version}: {s}"
+                    );
+                }
             }
         }
     }

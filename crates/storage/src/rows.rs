@@ -130,6 +130,8 @@ pub struct ActivityRow {
     pub written_at_ms: i64,
     /// `epoch_day(window_start_ms)`: the partition day.
     pub window_date: u16,
+    /// The rules version that produced the emission (migration 0004; '' on older rows).
+    pub rules_version: String,
 }
 
 fn sorted_pairs<V: Clone>(map: &std::collections::HashMap<String, V>) -> (Vec<String>, Vec<V>) {
@@ -172,6 +174,7 @@ impl ActivityRow {
             last_ingest_ms: a.last_ingest_ms,
             written_at_ms,
             window_date: epoch_day(a.window_start_ms),
+            rules_version: a.rules_version.clone(),
         }
     }
 }
@@ -193,6 +196,8 @@ pub struct SessionRow {
     pub written_at_ms: i64,
     /// `epoch_day(start_ms)`: the partition day.
     pub start_date: u16,
+    /// The rules version that produced the emission (migration 0004; '' on older rows).
+    pub rules_version: String,
 }
 
 impl SessionRow {
@@ -212,6 +217,7 @@ impl SessionRow {
             merged_session_ids: s.merged_session_ids.clone(),
             written_at_ms,
             start_date: epoch_day(s.start_ms),
+            rules_version: s.rules_version.clone(),
         }
     }
 }
@@ -407,6 +413,7 @@ mod tests {
             version: 5,
             r#final: true,
             last_ingest_ms: T + 3,
+            rules_version: "2026-12-rc1+0123456789ab".into(),
         };
         let row = ActivityRow::from_activity(&a, 10);
         assert_eq!(row.pages, ["/a", "/b"]);
@@ -423,6 +430,7 @@ mod tests {
         assert_eq!((row.last_ingest_ms, row.written_at_ms), (T + 3, 10));
         assert_eq!((row.window_end_ms, row.page_views), (T + 60_000, 3));
         assert_eq!(row.window_date, 19_782);
+        assert_eq!(row.rules_version, "2026-12-rc1+0123456789ab");
     }
 
     #[test]
@@ -439,6 +447,7 @@ mod tests {
             r#final: false,
             last_ingest_ms: T + 91_000,
             merged_session_ids: vec!["s7".into(), "s8".into()],
+            rules_version: "0123456789ab".into(),
         };
         assert_eq!(
             SessionRow::from_session(&s, 77),
@@ -456,6 +465,7 @@ mod tests {
                 merged_session_ids: vec!["s7".into(), "s8".into()],
                 written_at_ms: 77,
                 start_date: 19_782,
+                rules_version: "0123456789ab".into(),
             }
         );
     }

@@ -4,9 +4,11 @@
 //! Modules: `batch` (batching and commit points), `retry` (error kinds, backoff, circuit
 //! breaker), `blocked` (readiness and metric while the store refuses every write),
 //! `pause` (paused consumption that keeps the group membership), `dlq` (dead-lettering), `clickhouse_sink` (the ClickHouse loop),
+//! `audit` (the audit topic's exactly-once copy into `audit_log`, next to the ClickHouse loop),
 //! `parquet_sink` (the S3 loop), `metrics`. The schema, its migrations and retention, the
 //! row types and the archive layout are the storage contract in `pulse-storage`.
 
+pub mod audit;
 pub mod batch;
 pub mod blocked;
 pub mod clickhouse_sink;
@@ -171,6 +173,13 @@ pub struct Config {
     pub sessions_topic: String,
     #[arg(long = "dlq-topic", env = "PULSE_DLQ_TOPIC", default_value = topics::EVENTS_DLQ)]
     pub dlq_topic: String,
+    /// ClickHouse sink (not a shadow): also copy the audit topic into the append-only table
+    /// `audit_log`, exactly once, in the consumer group `<group>-audit` (see `audit`).
+    #[arg(long = "audit-copy", env = "PULSE_WRITER_AUDIT_COPY", default_value_t = true, action = clap::ArgAction::Set)]
+    pub audit_copy: bool,
+    /// The audit topic copied into `audit_log` (created at start when missing).
+    #[arg(long = "audit-topic", env = "PULSE_AUDIT_TOPIC", default_value = topics::AUDIT)]
+    pub audit_topic: String,
     /// Parquet sink: a roll (the objects of one upload) is written at this many rows...
     #[arg(
         long = "parquet-max-rows",
@@ -264,6 +273,11 @@ impl Validate for Config {
             self.shadow.is_none() || self.sink == Sink::Clickhouse,
             "--shadow",
             "only the ClickHouse sink (--sink clickhouse) writes a shadow's tables",
+        );
+        p.check(
+            !self.copies_audit() || !self.audit_topic.trim().is_empty(),
+            "--audit-topic",
+            "must not be empty (or turn the copy off with --audit-copy false)",
         );
         self.clickhouse.validate(p);
         if self.sink == Sink::Parquet {
@@ -418,6 +432,11 @@ async fn ensure_clickhouse_topics_of(config: &Config) -> Result<(), TopicError> 
     let specs: Vec<TopicSpec> = topics
         .iter()
         .map(|(kind, t)| TopicSpec::of(*kind, t.as_str(), config.kafka.partitions))
+        .chain(
+            config
+                .copies_audit()
+                .then(|| pulse_platform::audit::topic_spec(&config.audit_topic)),
+        )
         .collect();
     ensure_topics(&config.kafka, &specs).await?;
     Ok(())
@@ -621,9 +640,18 @@ pub async fn run(config: Config, ctx: ServiceContext) -> Result<(), Error> {
                     }
                 })
             };
+            // The audit topic's copy into `audit_log`, next to the sink (its own group);
+            // it stops with the sink.
+            let stop_copy = ctx.shutdown.child_token();
+            let audit_copy =
+                audit::build(&config)?.map(|copy| tokio::spawn(copy.run(stop_copy.clone())));
             ctx.health.set_ready(true);
             let result = sink.run(ctx.shutdown.child_token()).await;
             retention.abort();
+            stop_copy.cancel();
+            if let Some(copy) = audit_copy {
+                let _ = copy.await;
+            }
             Ok(result?)
         }
     }

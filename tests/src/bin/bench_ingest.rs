@@ -73,6 +73,10 @@ struct Args {
     /// used, to show whether it was the limit (`scripts/bench.sh` passes it).
     #[arg(long)]
     broker_pid: Option<u32>,
+    /// Also write every phase's figures and the medians as JSON to this file
+    /// (`scripts/bench.sh all` reads it).
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
 }
 
 fn now_ms() -> i64 {
@@ -759,5 +763,47 @@ async fn main() -> Result<()> {
          latency = one request (raw: one batch until every ack)",
         args.batch, args.concurrency, args.duration_secs, args.warmup_secs
     );
+    if let Some(path) = &args.json {
+        let phase = |s: &PhaseStats, ratio: Option<f64>| {
+            json!({
+                "phase": s.name,
+                "events_per_s": s.rate(),
+                "p50_ms": s.percentile_ms(0.50),
+                "p99_ms": s.percentile_ms(0.99),
+                "errors": s.errors,
+                "broker_busy_pct": s.broker_busy,
+                "vs_raw": ratio,
+            })
+        };
+        let mut all = Vec::new();
+        for (i, raw_s) in raws.iter().enumerate() {
+            all.push(phase(raw_s, None));
+            if let Some((h, g)) = phases.get(i) {
+                all.push(phase(h, http_r.get(i).copied()));
+                all.push(phase(g, grpc_r.get(i).copied()));
+            }
+        }
+        let out = json!({
+            "bench": "ingest",
+            "batch": args.batch,
+            "concurrency": args.concurrency,
+            "duration_secs": args.duration_secs,
+            "rounds": rounds,
+            "phases": all,
+            "raw_events_per_s_mean": overall,
+            "http_vs_raw_median": median(&http_r),
+            "grpc_vs_raw_median": median(&grpc_r),
+            "goal_vs_raw": 0.8,
+        });
+        std::fs::write(path, serde_json::to_vec_pretty(&out)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
     Ok(())
+}
+
+/// The median as `pulse_tests::ratio_summary` prints it (the upper middle of an even count).
+fn median(v: &[f64]) -> Option<f64> {
+    let mut sorted = v.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted.get(sorted.len() / 2).copied()
 }

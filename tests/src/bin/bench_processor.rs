@@ -42,6 +42,11 @@ use pulse_tests::cpu_seconds;
 use rdkafka::message::OwnedHeaders;
 use tokio_util::sync::CancellationToken;
 
+/// The processor's allocator (`pulse_platform::malloc`): the core phases measure what it
+/// runs.
+#[global_allocator]
+static ALLOC: pulse_platform::malloc::Allocator = pulse_platform::malloc::ALLOCATOR;
+
 #[derive(Debug, Parser)]
 #[command(
     name = "bench-processor",
@@ -86,6 +91,10 @@ struct Args {
     /// whether the broker was the limit (`scripts/bench.sh` passes it).
     #[arg(long)]
     broker_pid: Option<u32>,
+    /// Also write every phase's figures and the goals as JSON to this file
+    /// (`scripts/bench.sh all` reads it).
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
 }
 
 /// A small deterministic generator (xorshift), so every run sees the same stream.
@@ -534,6 +543,10 @@ fn print(f: &Figures, baseline: Option<f64>) {
 
 #[tokio::main]
 async fn main() -> Result<()> {
+    // The processor's allocator settings (re-executes once, as the service does).
+    if let Some(why) = pulse_platform::malloc::tune() {
+        eprintln!("warning: {why}");
+    }
     let args = Args::parse();
     if args.core_events == 0 || args.loop_events == 0 || args.users == 0 {
         bail!("--core-events, --loop-events and --users must be >= 1");
@@ -668,7 +681,7 @@ async fn main() -> Result<()> {
     );
     // The core's goal, beside its floor (reading the records alone) measured in this run.
     println!(
-        "core + decode: {:.0} events/cpu-s, goal >= {:.0}: {}; decode alone {:.0} events/cpu-s ({:.0} % of the core + decode CPU)",
+        "core + decode: {:.0} events/cpu-s, goal >= {:.0}: {}; decode alone {:.0} events/cpu-s ({:.0} % of the core + decode CPU); allocator: jemalloc, as the processor's",
         core_decoded.per_cpu(),
         args.core_goal,
         if core_decoded.per_cpu() >= args.core_goal {
@@ -679,5 +692,35 @@ async fn main() -> Result<()> {
         decode_only.per_cpu(),
         100.0 * decode_only.cpu / core_decoded.cpu
     );
+    if let Some(path) = &args.json {
+        let fig = |f: &Figures| {
+            serde_json::json!({
+                "phase": f.name,
+                "events": f.events,
+                "secs": f.secs,
+                "events_per_s": f.rate(),
+                "cpu_s": f.cpu,
+                "events_per_cpu_s": f.per_cpu(),
+                "broker_cpu_s": f.broker_cpu,
+            })
+        };
+        let mut sorted = ratios.clone();
+        sorted.sort_by(f64::total_cmp);
+        let out = serde_json::json!({
+            "bench": "processor",
+            "users": args.users,
+            "core": fig(&core),
+            "decode": fig(&decode_only),
+            "core_decode": fig(&core_decoded),
+            "core_goal_events_per_cpu_s": args.core_goal,
+            "raw": raws.iter().map(fig).collect::<Vec<_>>(),
+            "loops": loops.iter().map(|(f, _)| fig(f)).collect::<Vec<_>>(),
+            "loop_vs_raw": ratios,
+            "loop_vs_raw_median": sorted.get(sorted.len() / 2),
+            "goal_vs_raw": 0.8,
+        });
+        std::fs::write(path, serde_json::to_vec_pretty(&out)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
     Ok(())
 }

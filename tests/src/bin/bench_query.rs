@@ -81,6 +81,10 @@ struct Args {
     /// Keep the database afterwards (its name is printed).
     #[arg(long)]
     keep_database: bool,
+    /// Also write every endpoint's figures as JSON to this file (`scripts/bench.sh all`
+    /// reads it).
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
 }
 
 // ---------------------------------------------------------------------------------------
@@ -195,6 +199,7 @@ fn window(rng: &mut Rng, args: &Args, user: &str, start: i64, t_end: i64, seed: 
             start + 2 * MINUTE + rng.below(2_000) as i64
         },
         window_date: epoch_day(start),
+        rules_version: String::new(),
     };
     if early {
         let mid = first + (last - first) / 2;
@@ -306,6 +311,7 @@ fn generate(args: &Args, t_end: i64) -> Seed {
                     visit.last_ms + 30 * MINUTE + 1_000
                 },
                 start_date: epoch_day(visit.first_ms),
+                rules_version: String::new(),
             };
             if early {
                 seed.sessions.push(SessionRow {
@@ -914,6 +920,37 @@ async fn run(args: &Args, cfg: &ClickHouseConfig, stop: &CancellationToken) -> R
         results.push(bench.measure(&e, args).await?);
     }
     report(&results, default.freshness_cache_ms, args);
+    if let Some(path) = &args.json {
+        let cache = format!("cache {} ms", default.freshness_cache_ms);
+        let endpoints: Vec<serde_json::Value> = results
+            .iter()
+            .map(|m| {
+                let rows: Vec<serde_json::Value> = rows(m, &cache)
+                    .iter()
+                    .map(|(api, base, a, d)| {
+                        let ((a50, a95), (d50, d95)) = (a.p50_p95(), d.p50_p95());
+                        serde_json::json!({
+                            "api": api, "baseline": base,
+                            "api_p50_ms": a50, "api_p95_ms": a95,
+                            "direct_p50_ms": d50, "direct_p95_ms": d95,
+                            "ratio_p50": ratio(a50, d50), "ratio_p95": ratio(a95, d95),
+                        })
+                    })
+                    .collect();
+                serde_json::json!({"endpoint": m.label, "rows": rows})
+            })
+            .collect();
+        let out = serde_json::json!({
+            "bench": "query",
+            "requests": args.requests,
+            "users": args.users,
+            "hours": args.hours,
+            "endpoints": endpoints,
+            "goal_ratio": 1.2,
+        });
+        std::fs::write(path, serde_json::to_vec_pretty(&out)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
     stop.cancel();
     for s in servers {
         s.wait().await?;

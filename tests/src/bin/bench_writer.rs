@@ -65,6 +65,9 @@ struct Args {
     /// Skip the ClickHouse part.
     #[arg(long)]
     no_clickhouse: bool,
+    /// Also write the figures as JSON to this file (`scripts/bench.sh all` reads it).
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
 }
 
 /// A small deterministic generator (xorshift), so every run measures the same data.
@@ -187,7 +190,7 @@ fn decode_and_encode(records: &[Vec<u8>], roll_rows: usize) -> Result<(f64, usiz
     Ok((started.elapsed().as_secs_f64(), bytes))
 }
 
-fn parquet_part(args: &Args) -> Result<()> {
+fn parquet_part(args: &Args) -> Result<serde_json::Value> {
     eprintln!("[bench] generating {} events", args.events);
     let records: Vec<Vec<u8>> = events(args.events)
         .iter()
@@ -233,7 +236,14 @@ fn parquet_part(args: &Args) -> Result<()> {
         parquet_bytes as f64 / 1e6,
         record_bytes as f64 / parquet_bytes.max(1) as f64
     );
-    Ok(())
+    Ok(serde_json::json!({
+        "events": n,
+        "decode_rows_per_s": [rate(n, d1), rate(n, d2)],
+        "archive_rows_per_s": archived,
+        "archive_vs_decode": archived / base,
+        "record_bytes": record_bytes,
+        "parquet_bytes": parquet_bytes,
+    }))
 }
 
 /// TabSeparated escaping of a string field.
@@ -386,7 +396,7 @@ fn insert_client(args: &Args, database: &str, table: &str, batches: &[String]) -
     Ok(started.elapsed().as_secs_f64())
 }
 
-async fn clickhouse_part(args: &Args) -> Result<()> {
+async fn clickhouse_part(args: &Args) -> Result<serde_json::Value> {
     let database = format!("bench_writer_{}", uuid::Uuid::new_v4().simple());
     let cfg = ClickHouseConfig {
         url: args.clickhouse_url.clone(),
@@ -408,7 +418,7 @@ async fn clickhouse_part(args: &Args) -> Result<()> {
     result
 }
 
-async fn clickhouse_runs(args: &Args, cfg: &ClickHouseConfig) -> Result<()> {
+async fn clickhouse_runs(args: &Args, cfg: &ClickHouseConfig) -> Result<serde_json::Value> {
     let n = args.insert_rows;
     let batch = args.insert_batch.max(1);
     eprintln!("[bench] preparing {n} event rows (RowBinary structs and TabSeparated text)");
@@ -489,7 +499,14 @@ async fn clickhouse_runs(args: &Args, cfg: &ClickHouseConfig) -> Result<()> {
         by_crate / by_client,
         tsv_bytes as f64 / 1e6
     );
-    Ok(())
+    Ok(serde_json::json!({
+        "rows": n,
+        "insert_batch": batch,
+        "crate_rows_per_s": crate_secs.iter().map(|(_, s)| rate(n, *s)).collect::<Vec<_>>(),
+        "client_rows_per_s": client_secs.iter().map(|(_, s)| rate(n, *s)).collect::<Vec<_>>(),
+        "crate_vs_client": by_crate / by_client,
+        "goal_vs_client": 0.8,
+    }))
 }
 
 #[tokio::main]
@@ -498,9 +515,17 @@ async fn main() -> Result<()> {
     if args.events == 0 || args.insert_rows == 0 || args.roll_rows == 0 {
         bail!("--events, --roll-rows and --insert-rows must be at least 1");
     }
-    parquet_part(&args)?;
-    if !args.no_clickhouse {
-        clickhouse_part(&args).await?;
+    let parquet = parquet_part(&args)?;
+    let clickhouse = if args.no_clickhouse {
+        serde_json::Value::Null
+    } else {
+        clickhouse_part(&args).await?
+    };
+    if let Some(path) = &args.json {
+        let out =
+            serde_json::json!({"bench": "writer", "parquet": parquet, "clickhouse": clickhouse});
+        std::fs::write(path, serde_json::to_vec_pretty(&out)?)
+            .with_context(|| format!("writing {}", path.display()))?;
     }
     Ok(())
 }

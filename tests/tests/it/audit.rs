@@ -35,6 +35,8 @@ struct Registry {
     base: String,
     admin: String,
     audit_topic: String,
+    /// The credentials file (`--auth-file`), re-read every 200 ms.
+    users_file: PathBuf,
     _dir: cleanup::TempDir,
     _topics: cleanup::Topics,
 }
@@ -61,6 +63,7 @@ impl Registry {
             .env("PULSE_SCHEMA_REGISTRY_ADDR", format!("127.0.0.1:{port}"))
             .env("PULSE_ADMIN_ADDR", format!("127.0.0.1:{admin}"))
             .env("PULSE_REGISTRY_AUTH_FILE", &file)
+            .env("PULSE_REGISTRY_AUTH_RELOAD_INTERVAL_MS", "200")
             .stdout(log.try_clone().unwrap())
             .stderr(log)
             .kill_on_drop(true)
@@ -91,6 +94,7 @@ impl Registry {
             base: format!("http://127.0.0.1:{port}"),
             admin: format!("http://127.0.0.1:{admin}"),
             audit_topic: audit_topic.clone(),
+            users_file: file,
             _dir: dir,
             _topics: cleanup::Topics::adopt([schemas, audit_topic]),
         }
@@ -316,6 +320,79 @@ async fn registry_writes_and_refused_writes_are_listed_by_pulsectl_audit_with_ac
         pulse_schema_registry::AUDIT_TOPIC,
         pulse_contracts::topics::AUDIT
     );
+}
+
+#[tokio::test]
+async fn a_registry_credentials_reload_is_audited_by_user_name_never_by_hash() {
+    let registry = Registry::start().await;
+    // Rotate: the writer gets a new password, a second writer comes, the reader goes.
+    let new_pass = "write-pass-audit-2";
+    let lines = [
+        hash_line(WRITER.0, Role::Write, new_pass).unwrap(),
+        hash_line("ci-deploy-2", Role::Write, "second-writer-pass").unwrap(),
+    ];
+    // Written beside and renamed over, so a reload never sees half a file.
+    let replace = |text: String| {
+        let next = registry.users_file.with_extension("next");
+        std::fs::write(&next, text).unwrap();
+        std::fs::rename(&next, &registry.users_file).unwrap();
+    };
+    replace(lines.join("\n") + "\n");
+    wait_until(Duration::from_secs(30), "the reload's record", async || {
+        let r = audit_json(&registry.audit_topic, &["--action", "keys"]).await;
+        if r.is_empty() { Err(r) } else { Ok(()) }
+    })
+    .await;
+    // A broken file keeps the users, and is audited as failed.
+    replace("not a credentials line\n".into());
+    let records = wait_until(Duration::from_secs(30), "two reload records", async || {
+        let r = audit_json(
+            &registry.audit_topic,
+            &["--action", "keys.registry-users.reload"],
+        )
+        .await;
+        if r.len() >= 2 { Ok(r) } else { Err(r) }
+    })
+    .await;
+    assert_eq!(records.len(), 2, "{records:#?}");
+    let (ok, failed) = (&records[0], &records[1]);
+    assert_eq!(
+        (ok.service.as_str(), ok.actor.as_str(), ok.outcome),
+        ("schema-registry", "file", Outcome::Ok)
+    );
+    assert_eq!(ok.target, registry.users_file.display().to_string());
+    assert_eq!(
+        ok.detail,
+        "added [ci-deploy-2]; removed [dashboards]; changed [ci-deploy]; 2 user(s)"
+    );
+    assert_eq!(failed.outcome, Outcome::Failed);
+    assert!(failed.detail.contains("line 1"), "{failed:?}");
+    // The new password works, the old one no longer does.
+    let config = json!({ "compatibility": "FULL" });
+    assert_eq!(
+        registry
+            .call(
+                reqwest::Method::PUT,
+                "/config",
+                Some((WRITER.0, new_pass)),
+                config.clone()
+            )
+            .await,
+        200
+    );
+    assert_eq!(
+        registry
+            .call(reqwest::Method::PUT, "/config", Some(WRITER), config)
+            .await,
+        401
+    );
+    for r in &records {
+        let text = serde_json::to_string(r).unwrap();
+        assert!(
+            !text.contains("argon2") && !text.contains("pass"),
+            "a hash or password in the audit trail: {text}"
+        );
+    }
 }
 
 /// An in-process ingest with its own topics and `extra` flags, framing with a fixed id.
@@ -593,4 +670,226 @@ async fn an_api_key_file_reload_is_audited_by_key_name_never_by_key() {
             );
         }
     }
+}
+
+/// `pulsectl audit --json --source clickhouse` on `topic`'s copy in `ch`, with `extra`.
+async fn audit_json_from_clickhouse(
+    topic: &str,
+    ch: &pulse_platform::clickhouse::ClickHouseConfig,
+    extra: &[&str],
+) -> Vec<AuditRecord> {
+    let mut args = vec![
+        "--source",
+        "clickhouse",
+        "--clickhouse-url",
+        &ch.url,
+        "--clickhouse-database",
+        &ch.database,
+    ];
+    args.extend_from_slice(extra);
+    audit_json(topic, &args).await
+}
+
+/// The rows of `audit_log` copied from `topic`, as stored (no dedup): (offset, actor, action).
+async fn stored_rows(
+    ch: &pulse_platform::clickhouse::ClickHouseConfig,
+    topic: &str,
+) -> Vec<(i64, String, String)> {
+    ch.client()
+        .query(
+            "SELECT kafka_offset, actor, action FROM audit_log WHERE kafka_topic = ? \
+             ORDER BY kafka_offset",
+        )
+        .bind(topic)
+        .fetch_all()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_writer_copies_the_audit_topic_into_clickhouse_exactly_once_across_a_restart() {
+    use crate::support::writer_process::{WriterProcess, WriterTopics};
+    use pulse_platform::audit::{action, write_now};
+    use pulse_platform::kafka::{KafkaProducer, RecordProducer as _};
+
+    let ch = cleanup::Database::unique("pulse_audit");
+    let dir = cleanup::TempDir::new("audit-writer");
+    let single = pulse_platform::kafka::KafkaConfig {
+        topics: pulse_platform::kafka::TopicSettings::single_broker(),
+        ..pulse_tests::kafka()
+    };
+    let audit_topic = pulse_tests::unique("audit");
+    pulse_platform::kafka::ensure_topics(
+        &single,
+        &[pulse_platform::audit::topic_spec(&audit_topic)],
+    )
+    .await
+    .unwrap();
+    let _audit = cleanup::Topics::adopt([audit_topic.clone()]);
+    let producer = KafkaProducer::new(&single, "audit-copy-test").unwrap();
+    let write = async |record: AuditRecord| {
+        write_now(&producer, &audit_topic, &record, Duration::from_secs(10))
+            .await
+            .unwrap();
+    };
+    // Three replays by one operator, then a record that is not audit JSON (skipped).
+    for i in 0..3 {
+        write(
+            AuditRecord::new(
+                "pulsectl",
+                "ops-carol",
+                action::REPLAY,
+                &format!("range-{i}"),
+                Outcome::Ok,
+            )
+            .with_source("pulsectl@bastion")
+            .with_detail(format!("replay {i}")),
+        )
+        .await;
+    }
+    let unreadable = producer
+        .enqueue(pulse_platform::kafka::OutRecord::new(
+            &audit_topic,
+            None,
+            b"not an audit record".to_vec(),
+        ))
+        .unwrap()
+        .await
+        .unwrap()
+        .offset;
+
+    let topics = WriterTopics::create("audit").await;
+    let args = |group: &str| -> Vec<String> {
+        let mut a: Vec<String> = [
+            "--sink",
+            "clickhouse",
+            "--clickhouse-url",
+            &ch.url,
+            "--clickhouse-database",
+            &ch.database,
+            "--group-id",
+            group,
+            "--audit-topic",
+            &audit_topic,
+            "--batch-max-age-ms",
+            "100",
+        ]
+        .map(String::from)
+        .to_vec();
+        a.extend(topics.flags());
+        a
+    };
+    let log = dir.path().join("writer.log");
+    let mut first = WriterProcess::spawn(&args(&pulse_tests::unique("w")), &[], log.clone());
+    first
+        .wait_metric("pulse_writer_audit_rows_written_total", &[], 3.0)
+        .await;
+    first
+        .wait_metric(
+            "pulse_writer_audit_rows_skipped_total",
+            &["reason=\"unreadable\""],
+            1.0,
+        )
+        .await;
+    let rows = stored_rows(&ch, &audit_topic).await;
+    assert_eq!(rows.len(), 3, "{rows:?}");
+    assert!(rows.iter().all(|r| r.0 < unreadable && r.1 == "ops-carol"));
+    // The failure series is in the live scrape, at zero.
+    assert_eq!(
+        first
+            .metric("pulse_writer_audit_rows_failed_total", &[])
+            .await,
+        Some(0.0)
+    );
+
+    // A crash (SIGKILL: no final commit), and the next writer re-reads the whole topic
+    // (a group of its own: the worst case of a crash before any commit). Nothing stored
+    // is inserted again; a new record is.
+    first.kill();
+    let mut second = WriterProcess::spawn(&args(&pulse_tests::unique("w")), &[], log.clone());
+    second
+        .wait_metric(
+            "pulse_writer_audit_rows_skipped_total",
+            &["reason=\"duplicate\""],
+            3.0,
+        )
+        .await;
+    write(
+        AuditRecord::new(
+            "pulsectl",
+            "ops-dave",
+            action::MIGRATE,
+            "pulse",
+            Outcome::Failed,
+        )
+        .with_detail("migration 5 failed"),
+    )
+    .await;
+    second
+        .wait_metric("pulse_writer_audit_rows_written_total", &[], 1.0)
+        .await;
+    let rows = stored_rows(&ch, &audit_topic).await;
+    let offsets: Vec<i64> = rows.iter().map(|r| r.0).collect();
+    assert_eq!(offsets.len(), 4, "each record once: {rows:?}");
+    assert!(
+        offsets.windows(2).all(|w| w[0] < w[1]) && !offsets.contains(&unreadable),
+        "each offset once, the unreadable record's not at all: {rows:?}"
+    );
+    assert_eq!(
+        (rows[3].1.as_str(), rows[3].2.as_str()),
+        ("ops-dave", "migrate")
+    );
+    assert_eq!(
+        second
+            .metric("pulse_writer_audit_rows_written_total", &[])
+            .await,
+        Some(1.0),
+        "the restarted writer inserted only the new record"
+    );
+
+    // `pulsectl audit --source clickhouse` lists them like the topic does, with filters.
+    let from_table = audit_json_from_clickhouse(&audit_topic, &ch, &[]).await;
+    let from_topic = audit_json(&audit_topic, &[]).await;
+    assert_eq!(from_table.len(), 4, "{from_table:#?}");
+    let by_id = |mut v: Vec<AuditRecord>| {
+        v.sort_by(|a, b| a.id.cmp(&b.id));
+        v
+    };
+    assert_eq!(
+        by_id(from_table),
+        by_id(from_topic),
+        "the copy holds the records unchanged"
+    );
+    let carol = audit_json_from_clickhouse(&audit_topic, &ch, &["--who", "ops-carol"]).await;
+    let mut targets: Vec<&str> = carol.iter().map(|r| r.target.as_str()).collect();
+    targets.sort_unstable();
+    assert_eq!(targets, ["range-0", "range-1", "range-2"]);
+    assert!(
+        carol
+            .iter()
+            .all(|r| r.source.as_deref() == Some("pulsectl@bastion"))
+    );
+    let failed = audit_json_from_clickhouse(&audit_topic, &ch, &["--action", "migrate"]).await;
+    assert_eq!(failed.len(), 1, "{failed:#?}");
+    assert_eq!(
+        (
+            failed[0].actor.as_str(),
+            failed[0].outcome,
+            failed[0].status
+        ),
+        ("ops-dave", Outcome::Failed, None)
+    );
+    let future = (now_ms() + 3_600_000).to_string();
+    assert!(
+        audit_json_from_clickhouse(&audit_topic, &ch, &["--since", &future])
+            .await
+            .is_empty()
+    );
+    assert!(
+        audit_json_from_clickhouse(&audit_topic, &ch, &["--since", "1h"])
+            .await
+            .len()
+            == 4
+    );
+    second.kill();
 }

@@ -59,6 +59,7 @@ const ACTIVITY_COLUMNS: &[&str] = &[
     "last_ingest_ms",
     "written_at_ms",
     "window_date",
+    "rules_version",
 ];
 
 /// The documented `argMax` read pattern (crates/storage/clickhouse/README.md): key columns as is,
@@ -138,6 +139,7 @@ fn window(user: &str, start: i64, version: u64, page_views: u64, last: bool) -> 
         version,
         r#final: last,
         last_ingest_ms: start + 3,
+        rules_version: String::new(),
     };
     ActivityRow::from_activity(&a, NOW + i64::try_from(version).unwrap())
 }
@@ -159,6 +161,7 @@ async fn migrations_apply_on_a_fresh_database_and_a_second_run_applies_nothing()
     assert_eq!(
         tables,
         [
+            "audit_log",
             "events",
             "events_by_source_trace",
             "events_by_source_trace_mv",

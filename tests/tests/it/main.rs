@@ -25,6 +25,8 @@ mod processor_recovery;
 mod pulsectl;
 mod pulsectl_replay;
 mod query_api;
+mod rollback;
+mod rules_version;
 mod s3_server;
 mod s3_sse;
 mod schema_registry;

@@ -3,7 +3,9 @@
 //! the hours just outside the range) are re-published for a sub-range into a fresh topic —
 //! exactly the events in range, each once, with their original ids, bytes, keys and ingest
 //! times, framed with the topic's registered schema id; a dry run publishes nothing, and a
-//! topic without a registered schema publishes nothing and fails.
+//! topic without a registered schema publishes nothing and fails. `--source-trace-id`
+//! re-publishes only the events with that producer trace id; rows of archive files older
+//! than the `source_trace_id` column never match it.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -164,11 +166,13 @@ async fn replay_republishes_exactly_the_archived_events_of_the_range_once_with_t
     let dlq = pulse_tests::unique("rp_dlq");
     let target = pulse_tests::unique("rp_target");
     let unregistered = pulse_tests::unique("rp_unreg");
+    let traced = pulse_tests::unique("rp_traced");
     let _topics = cleanup::Topics::create(&[
         TopicSpec::new(&source, 2),
         TopicSpec::new(&dlq, 2),
         TopicSpec::new(&target, 2),
         TopicSpec::new(&unregistered, 2),
+        TopicSpec::new(&traced, 2),
     ])
     .await;
     let registry = registry::start(&kafka).await;
@@ -178,6 +182,7 @@ async fn replay_republishes_exactly_the_archived_events_of_the_range_once_with_t
     for (subject, schema) in [
         (&dlq, pulse_contracts::schemas::AGGREGATES.source),
         (&target, pulse_contracts::schemas::EVENTS.source),
+        (&traced, pulse_contracts::schemas::EVENTS.source),
     ] {
         let r: serde_json::Value = registry::register(&registry_url, subject, schema)
             .await
@@ -367,6 +372,70 @@ async fn replay_republishes_exactly_the_archived_events_of_the_range_once_with_t
         partition_of.values().all(|p| p.len() == 1),
         "{partition_of:?}"
     );
+
+    // One producer trace id: e-0030 is archived twice (the re-upload), published once; a
+    // trace id that is only a prefix of others, or of no event, selects nothing.
+    let dry = replay(
+        &args(
+            &prefix,
+            &traced,
+            &registry_url,
+            &["--dry-run", "--source-trace-id", "producer-e-0030"],
+        ),
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (
+            dry.rows_in_range,
+            dry.not_matching,
+            dry.duplicates,
+            dry.unique()
+        ),
+        (8, 6, 1, 1),
+        "{dry:?}"
+    );
+    for nobody in ["producer-e", "producer-e-22h", "e-0030"] {
+        let s = replay(
+            &args(
+                &prefix,
+                &traced,
+                &registry_url,
+                &["--dry-run", "--source-trace-id", nobody],
+            ),
+            None,
+        )
+        .await
+        .unwrap();
+        assert_eq!((s.unique(), s.not_matching), (0, 8), "{nobody}: {s:?}");
+    }
+    assert!(read_all(&traced).await.is_empty(), "a dry run published");
+    let s = replay(
+        &args(
+            &prefix,
+            &traced,
+            &registry_url,
+            &["--source-trace-id", "producer-e-0030"],
+        ),
+        None,
+    )
+    .await
+    .unwrap();
+    assert!(s.complete(), "{s:?}");
+    assert_eq!(
+        (s.published, s.not_matching, s.duplicates),
+        (1, 6, 1),
+        "{s:?}"
+    );
+    let records = read_all(&traced).await;
+    let got: Vec<&str> = records
+        .iter()
+        .map(|m| header(m, headers::EVENT_ID).unwrap())
+        .collect();
+    assert_eq!(got, ["e-0030"]);
+    let framed = wire::unframe(records[0].payload().unwrap()).unwrap();
+    assert_eq!(framed.payload, archived["e-0030"].proto.as_slice());
     registry.stop().await.unwrap();
 }
 
@@ -423,4 +492,27 @@ async fn objects_of_the_previous_and_the_current_archive_schema_are_read_side_by
     .unwrap();
     assert_eq!((s.objects, s.objects_failed), (2, 0), "{s:?}");
     assert_eq!((s.rows_in_range, s.unique()), (3, 3), "{s:?}");
+
+    // --source-trace-id: the new object's event matches its id; the old object's events
+    // never match, not even by the id their event bytes carry (`abcd-1234`), since that
+    // file has no `source_trace_id` column.
+    for (id, want) in [("abcd-5678", 1), ("abcd-1234", 0)] {
+        let s = replay(
+            &args(
+                &prefix,
+                topic,
+                "http://127.0.0.1:1",
+                &["--dry-run", "--source-trace-id", id],
+            ),
+            None,
+        )
+        .await
+        .unwrap();
+        assert_eq!((s.objects, s.objects_failed), (2, 0), "{id}: {s:?}");
+        assert_eq!(
+            (s.rows_in_range, s.unique(), s.not_matching),
+            (3, want, 3 - want),
+            "{id}: {s:?}"
+        );
+    }
 }

@@ -96,6 +96,7 @@ fn window(w: W<'_>) -> ActivityRow {
         last_ingest_ms: w.last + 100,
         written_at_ms: w.written,
         window_date: epoch_day(w.start),
+        rules_version: String::new(),
     }
 }
 
@@ -124,6 +125,7 @@ fn session(
         merged_session_ids: merged.iter().map(|s| (*s).to_owned()).collect(),
         written_at_ms: written,
         start_date: epoch_day(start),
+        rules_version: String::new(),
     }
 }
 

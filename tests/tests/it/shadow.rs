@@ -22,20 +22,20 @@ use crate::support::cleanup;
 use crate::support::registry;
 use crate::support::{events, wait_until};
 
-const WINDOW_MS: i64 = 10_000;
+pub(crate) const WINDOW_MS: i64 = 10_000;
 /// The live session gap, and the shadow `gap`'s.
-const GAP_MS: i64 = 20_000;
+pub(crate) const GAP_MS: i64 = 20_000;
 const SHADOW_GAP_MS: i64 = 5_000;
-const PARTITIONS: i32 = 2;
-const WAIT: Duration = Duration::from_secs(60);
+pub(crate) const PARTITIONS: i32 = 2;
+pub(crate) const WAIT: Duration = Duration::from_secs(60);
 
 /// One event: id, user, event time, purchase (currency, micros).
 #[derive(Debug, Clone)]
-struct Event {
-    id: String,
-    user: String,
-    t: i64,
-    purchase: Option<(&'static str, i64)>,
+pub(crate) struct Event {
+    pub(crate) id: String,
+    pub(crate) user: String,
+    pub(crate) t: i64,
+    pub(crate) purchase: Option<(&'static str, i64)>,
 }
 
 /// xorshift64*, seeded: the same workload every run.
@@ -51,14 +51,14 @@ impl Rng {
 }
 
 /// Event times span this much after `base`.
-const SPAN_MS: i64 = 200_000;
+pub(crate) const SPAN_MS: i64 = 200_000;
 
 /// 6 users over 200 s from `base`, events mostly 1–4 s apart (within both gaps); about one
 /// step in twelve is a pause of 25–35 s (longer than both gaps: a new session on both
 /// sides), and users u1 and u4 each have one pause of 8–12 s at their 20th event (between
 /// the gaps: a new session only in the shadow). One event in five is a purchase. Sorted
 /// by event time (no lateness involved).
-fn workload(base: i64) -> Vec<Event> {
+pub(crate) fn workload(base: i64) -> Vec<Event> {
     let mut rng = Rng(0x5ad0_0001_c0ff_ee42);
     let mut out = Vec::new();
     for u in 0..6 {
@@ -92,7 +92,7 @@ fn workload(base: i64) -> Vec<Event> {
 }
 
 /// Per user, the sessions of `events` with `gap`: (start, end, event count).
-fn sessions(events: &[Event], gap: i64) -> BTreeSet<(String, i64, i64, u64)> {
+pub(crate) fn sessions(events: &[Event], gap: i64) -> BTreeSet<(String, i64, i64, u64)> {
     let mut times: BTreeMap<&str, Vec<i64>> = BTreeMap::new();
     for e in events {
         times.entry(&e.user).or_default().push(e.t);
@@ -121,7 +121,7 @@ fn session_windows_that_differ(events: &[Event]) -> BTreeSet<i64> {
         .collect()
 }
 
-async fn produce(topic: &str, events: &[Event]) {
+pub(crate) async fn produce(topic: &str, events: &[Event]) {
     let p = KafkaProducer::new(&pulse_tests::kafka(), "shadow-test").unwrap();
     let mut acks = Vec::new();
     for e in events {
@@ -146,17 +146,17 @@ async fn produce(topic: &str, events: &[Event]) {
 }
 
 /// The live topics of this test (outputs unique; shadows derive theirs from them).
-struct Topics {
-    events: String,
-    activity: String,
-    sessions: String,
-    late: String,
-    checkpoints: String,
-    dlq: String,
+pub(crate) struct Topics {
+    pub(crate) events: String,
+    pub(crate) activity: String,
+    pub(crate) sessions: String,
+    pub(crate) late: String,
+    pub(crate) checkpoints: String,
+    pub(crate) dlq: String,
 }
 
 impl Topics {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let u = |k: &str| pulse_tests::unique(&format!("shadow_{k}"));
         Self {
             events: u("events"),
@@ -170,13 +170,13 @@ impl Topics {
 }
 
 /// A service loop running in this process until stopped.
-struct Running {
+pub(crate) struct Running {
     stop: CancellationToken,
     task: tokio::task::JoinHandle<Result<(), String>>,
 }
 
 impl Running {
-    async fn stop(self) {
+    pub(crate) async fn stop(self) {
         self.stop.cancel();
         tokio::time::timeout(WAIT, self.task)
             .await
@@ -187,7 +187,13 @@ impl Running {
 }
 
 /// A processor with the session gap `gap` and the flags `extra`.
-async fn processor(t: &Topics, registry: &str, group: &str, gap: i64, extra: &[&str]) -> Running {
+pub(crate) async fn processor(
+    t: &Topics,
+    registry: &str,
+    group: &str,
+    gap: i64,
+    extra: &[&str],
+) -> Running {
     let mut args: Vec<String> = [
         "pulse-processor",
         "--kafka-brokers",
@@ -232,7 +238,7 @@ async fn processor(t: &Topics, registry: &str, group: &str, gap: i64, extra: &[&
     Running { stop, task }
 }
 
-async fn writer(t: &Topics, db: &str, group: &str, extra: &[&str]) -> Running {
+pub(crate) async fn writer(t: &Topics, db: &str, group: &str, extra: &[&str]) -> Running {
     let ch = pulse_tests::clickhouse();
     let mut args: Vec<String> = [
         "pulse-writer",
@@ -304,7 +310,7 @@ fn diff_flags(shadow: &str, db: &str, from: i64, to: i64) -> Vec<String> {
     .to_vec()
 }
 
-async fn diff(shadow: &str, db: &str, from: i64, to: i64) -> DiffReport {
+pub(crate) async fn diff(shadow: &str, db: &str, from: i64, to: i64) -> DiffReport {
     diff_with(shadow, db, from, to, &[]).await
 }
 
@@ -730,4 +736,415 @@ async fn the_shadow_binaries_label_their_metrics_as_shadows() {
             .all(|l| l.contains(r#"service="writer-shadow""#)),
         "{lines:?}"
     );
+}
+
+/// The start of the window `t` falls in.
+fn window_of(t: i64) -> i64 {
+    t.div_euclid(WINDOW_MS) * WINDOW_MS
+}
+
+/// `user`'s events from `from` to `to`, 1–4 s apart, with one pause of 8–12 s (between the
+/// two gaps) after `pause_at`; one in five a purchase.
+fn run_of(rng: &mut Rng, user: &str, from: i64, to: i64, pause_at: Option<i64>) -> Vec<Event> {
+    let (mut t, mut out, mut paused) = (from + rng.below(1_000) as i64, Vec::new(), false);
+    while t < to {
+        let purchase = (rng.below(5) == 0).then(|| {
+            (
+                if rng.below(2) == 0 { "EUR" } else { "USD" },
+                1_000_000 + rng.below(9_000_000) as i64,
+            )
+        });
+        out.push(Event {
+            id: format!("{user}-e{}", out.len()),
+            user: user.to_owned(),
+            t,
+            purchase,
+        });
+        t += match pause_at {
+            Some(p) if t >= p && !paused => {
+                paused = true;
+                8_000 + rng.below(4_000) as i64
+            }
+            _ => 1_000 + rng.below(3_000) as i64,
+        };
+    }
+    out
+}
+
+#[derive(Debug, clickhouse::Row, serde::Deserialize)]
+struct StoredSession {
+    user_id: String,
+    session_id: String,
+    start_ms: i64,
+    end_ms: i64,
+    events: u64,
+    is_final: u8,
+    merged: Vec<String>,
+}
+
+/// The current sessions of `table` starting in `[from, to)` (latest version of each id,
+/// superseded ids left out): (user, start, end, event count, final).
+async fn stored_sessions(
+    db: &cleanup::Database,
+    table: &str,
+    from: i64,
+    to: i64,
+) -> BTreeSet<(String, i64, i64, u64, bool)> {
+    let sql = format!(
+        "SELECT user_id, session_id, any(start_ms) AS start_ms, argMax(end_ms, version) AS end_ms, \
+         argMax(event_count, version) AS events, argMax(is_final, version) AS is_final, \
+         argMax(merged_session_ids, version) AS merged FROM {table} \
+         GROUP BY user_id, session_id"
+    );
+    let rows: Vec<StoredSession> = db.client().query(&sql).fetch_all().await.unwrap();
+    let superseded: BTreeSet<(String, String)> = rows
+        .iter()
+        .flat_map(|r| {
+            r.merged
+                .iter()
+                .filter(|m| **m != r.session_id)
+                .map(|m| (r.user_id.clone(), m.clone()))
+        })
+        .collect();
+    rows.into_iter()
+        .filter(|r| (from..to).contains(&r.start_ms))
+        .filter(|r| !superseded.contains(&(r.user_id.clone(), r.session_id.clone())))
+        .map(|r| (r.user_id, r.start_ms, r.end_ms, r.events, r.is_final == 1))
+        .collect()
+}
+
+/// A promotion under a changed session gap: live runs gap A (20 s), a shadow gap B (5 s).
+/// `promote check` refuses an open range and an exact diff, passes with a tolerance; the
+/// live processor is then replaced by gap B on the live group, topics and checkpoints while
+/// events keep coming; afterwards the live sessions are exactly A's (from the workload, in
+/// the test) for those closed before the switch and B's for the rest — each event in one
+/// session, no window missing or counted twice — and `promote finish` refuses a range
+/// before the switch, then passes on one after it and discards the shadow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_promotion_switches_live_to_the_new_rules_without_a_gap_or_a_double_count() {
+    let kafka = pulse_tests::kafka();
+    let t = Topics::new();
+    let database = cleanup::Database::unique("pulse_promote");
+    let db = database.database.clone();
+    let mut specs = vec![TopicSpec::new(t.events.as_str(), PARTITIONS)];
+    for name in [&t.activity, &t.sessions, &t.late, &t.dlq] {
+        specs.push(TopicSpec::new(name.as_str(), 1));
+    }
+    let mut guard = cleanup::Topics::create(&specs).await;
+    guard.add(&t.checkpoints);
+    for live in [&t.activity, &t.sessions, &t.late, &t.checkpoints, &t.dlq] {
+        guard.add(names::shadow_topic(live, "b"));
+    }
+    let registry = registry::start(&kafka).await;
+    let registry_url = format!("http://{}", registry.addr);
+    registry::register_aggregates(&registry, &[&t.activity, &t.sessions]).await;
+    let ShadowCommand::Schemas(args) = shadow_command(&[
+        "shadow",
+        "schemas",
+        "--shadow",
+        "b",
+        "--schema-registry-url",
+        &registry_url,
+        "--user-activity-topic",
+        &t.activity,
+        "--sessions-topic",
+        &t.sessions,
+    ]) else {
+        panic!("not schemas")
+    };
+    pulsectl::shadow::register_schemas(&args).await.unwrap();
+
+    let group = pulse_tests::unique("promote_proc");
+    let wgroup = pulse_tests::unique("promote_writer");
+    let live_writer = writer(&t, &db, &wgroup, &[]).await;
+    let shadow_writer = writer(&t, &db, &wgroup, &["--shadow", "b"]).await;
+    let live_a = processor(&t, &registry_url, &group, GAP_MS, &[]).await;
+    let shadow_b = processor(&t, &registry_url, &group, SHADOW_GAP_MS, &["--shadow", "b"]).await;
+
+    // The workload: users done before the switch (b*), users active across it (c*: their
+    // pause between the gaps comes after it), users starting after it (a*).
+    let now = pulse_platform::clock::now_ms();
+    let base = window_of(now - 7_200_000);
+    let switch = base + 200_000;
+    let end = base + 340_000;
+    let mut rng = Rng(0x9a0d_0002_beef_cafe);
+    let mut work = Vec::new();
+    for (user, from, to, pause) in [
+        ("b0", 0, 150, Some(40)),
+        ("b1", 0, 150, None),
+        ("b2", 20, 140, Some(90)),
+        ("b3", 5, 120, Some(60)),
+        ("c0", 100, 330, Some(250)),
+        ("c1", 120, 330, Some(270)),
+        ("a0", 215, 330, Some(260)),
+        ("a1", 220, 320, None),
+    ] {
+        work.extend(run_of(
+            &mut rng,
+            user,
+            base + from * 1_000,
+            base + to * 1_000,
+            pause.map(|p| base + p * 1_000),
+        ));
+    }
+    // Ticks just before the switch on many users (so every partition's watermark gets there).
+    let ticks: Vec<Event> = (0..10)
+        .map(|i| Event {
+            id: format!("tick-{i}"),
+            user: format!("tick-{i}"),
+            t: switch - 500,
+            purchase: None,
+        })
+        .collect();
+    work.sort_by_key(|e| (e.t, e.id.clone()));
+    let (before, after): (Vec<Event>, Vec<Event>) =
+        work.iter().cloned().partition(|e| e.t < switch);
+    let mut all = work.clone();
+    all.extend(ticks.iter().cloned());
+
+    produce(&t.events, &before).await;
+    produce(&t.events, &ticks).await;
+    // Live (gap A) has read everything before the switch once the window ending 8 s before
+    // it is final there (the ticks' watermark closes it); the shadow likewise.
+    let settled = window_of(switch) - WINDOW_MS;
+    for table in [
+        "user_activity".to_owned(),
+        pulse_storage::migrate::shadow_table("user_activity", "b"),
+    ] {
+        wait_until(
+            WAIT,
+            format!("{table}: window {settled} final"),
+            async || {
+                let n: u64 = database
+                    .client()
+                    .query(&format!(
+                        "SELECT count() FROM {table} WHERE window_start_ms = ? AND is_final = 1"
+                    ))
+                    .bind(settled - WINDOW_MS)
+                    .fetch_one()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if n > 0 {
+                    Ok(())
+                } else {
+                    Err("not yet".to_owned())
+                }
+            },
+        )
+        .await;
+    }
+
+    // `promote check` before the switch. A range with open windows: refused, not caught up.
+    let check_flags = |from: i64, to: i64, extra: &[&str]| -> Vec<String> {
+        let mut f = diff_flags("b", &db, from, to);
+        f[1] = "check".to_owned();
+        f.insert(1, "promote".to_owned());
+        f.extend(extra.iter().map(|s| (*s).to_owned()));
+        f
+    };
+    let (code, out) =
+        run_pulsectl(&check_flags(base, switch + 60_000, &["--tolerance", "1"])).await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("REFUSED") && out.contains("not final on both sides"),
+        "{out}"
+    );
+    // The closed range before the switch, exact: refused, the session windows differ.
+    let closed_to = settled - WINDOW_MS;
+    let (code, out) = run_pulsectl(&check_flags(base, closed_to, &[])).await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("differ beyond the tolerance"), "{out}");
+    assert!(!out.contains("not final on both sides"), "{out}");
+    // With a tolerance that accepts the change: may be promoted, and the steps are printed.
+    let (code, out) = run_pulsectl(&check_flags(base, closed_to, &["--tolerance", "1"])).await;
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("may be promoted") && out.contains("without --shadow"),
+        "{out}"
+    );
+
+    // The switch: live stops, the new rules start on the live group, topics and
+    // checkpoints (no --shadow); events keep coming meanwhile.
+    let producing = tokio::spawn({
+        let (topic, after) = (t.events.clone(), after.clone());
+        async move { produce(&topic, &after[..after.len() / 2]).await }
+    });
+    live_a.stop().await;
+    let live_b = processor(&t, &registry_url, &group, SHADOW_GAP_MS, &[]).await;
+    producing.await.unwrap();
+    produce(&t.events, &after[after.len() / 2..]).await;
+    let flush: Vec<Event> = (0..20)
+        .map(|i| Event {
+            id: format!("flush-{i}"),
+            user: format!("flush-{i}"),
+            t: base + 900_000,
+            purchase: None,
+        })
+        .collect();
+    produce(&t.events, &flush).await;
+
+    // The answers, computed here. B: the shadow's (gap B over every event). Live: per user,
+    // A's sessions closed before the switch (their last event more than gap A + allowed
+    // lateness before the ticks' watermark), then gap B over the user's remaining events
+    // (the session open at the switch is re-cut by the new rules from its first event).
+    let shadow_want: BTreeSet<_> = sessions(&all, SHADOW_GAP_MS)
+        .into_iter()
+        .map(|(u, s, e, n)| (u, s, e, n, true))
+        .collect();
+    let watermark_at_switch = switch - 500 - 1_000;
+    let mut live_want = BTreeSet::new();
+    let users: BTreeSet<&str> = all.iter().map(|e| e.user.as_str()).collect();
+    for user in users {
+        let mine: Vec<Event> = all.iter().filter(|e| e.user == user).cloned().collect();
+        let a = sessions(&mine, GAP_MS);
+        let closed: Vec<_> = a
+            .iter()
+            .filter(|(_, _, end, _)| end + GAP_MS + 2_000 < watermark_at_switch)
+            .cloned()
+            .collect();
+        let rest_from = closed
+            .iter()
+            .map(|(_, _, end, _)| end + 1)
+            .max()
+            .unwrap_or(i64::MIN);
+        let rest: Vec<Event> = mine.into_iter().filter(|e| e.t >= rest_from).collect();
+        live_want.extend(closed.into_iter().map(|(u, s, e, n)| (u, s, e, n, true)));
+        if !rest.is_empty() {
+            live_want.extend(
+                sessions(&rest, SHADOW_GAP_MS)
+                    .into_iter()
+                    .map(|(u, s, e, n)| (u, s, e, n, true)),
+            );
+        }
+    }
+    assert_ne!(
+        live_want, shadow_want,
+        "the switch must leave A's sessions before it"
+    );
+    let changed_after: Vec<_> = sessions(&all, GAP_MS)
+        .symmetric_difference(&sessions(&all, SHADOW_GAP_MS))
+        .filter(|(_, s, _, _)| *s >= switch)
+        .cloned()
+        .collect();
+    assert!(
+        !changed_after.is_empty(),
+        "gap B must change sessions after the switch"
+    );
+
+    let range_end = window_of(end) + WINDOW_MS;
+    let activity_windows: BTreeSet<i64> = all.iter().map(|e| window_of(e.t)).collect();
+    let shadow_table = pulse_storage::migrate::shadow_table("sessions", "b");
+    wait_until(
+        WAIT,
+        "every window and session of the range final on both sides",
+        async || {
+            let (live, shadow) = (
+                stored_sessions(&database, "sessions", base, range_end).await,
+                stored_sessions(&database, &shadow_table, base, range_end).await,
+            );
+            let r = diff("b", &db, base, range_end).await;
+            let done = shadow == shadow_want
+                && live.len() >= live_want.len()
+                && live.iter().all(|s| s.4)
+                && r.summary.get("page_views").map(|s| s.windows) == Some(activity_windows.len());
+            if done {
+                Ok(())
+            } else {
+                Err(format!("live {live:?}\n{}", r.render(5)))
+            }
+        },
+    )
+    .await;
+
+    // Live: exactly A's sessions before the switch and B's after — every event in one
+    // session (nothing counted twice, nothing missing).
+    let live = stored_sessions(&database, "sessions", base, range_end).await;
+    assert_eq!(live, live_want, "live sessions after the promotion");
+    let counted: u64 = live.iter().map(|s| s.3).sum();
+    assert_eq!(
+        counted,
+        all.len() as u64,
+        "each event in exactly one live session"
+    );
+    // Window metrics do not depend on the gap: every window once, equal to the workload's.
+    let r = diff("b", &db, base, range_end).await;
+    let s = &r.summary;
+    let page_views = all.iter().filter(|e| e.purchase.is_none()).count();
+    let active: usize = all
+        .iter()
+        .map(|e| (window_of(e.t), e.user.as_str()))
+        .collect::<BTreeSet<_>>()
+        .len();
+    assert_eq!(s["page_views"].live_total, page_views as f64);
+    assert_eq!(s["active_users"].live_total, active as f64);
+    for metric in ["page_views", "active_users", "revenue[EUR]", "revenue[USD]"] {
+        assert_eq!(s[metric].differing, 0, "{metric}: {}", r.render(10));
+    }
+    live_b.stop().await;
+    shadow_b.stop().await;
+    live_writer.stop().await;
+    shadow_writer.stop().await;
+
+    // `promote finish`: refused on a range before the switch (live kept A there), passes on
+    // the windows after it and discards the shadow.
+    let finish_flags = |from: i64| -> Vec<String> {
+        [
+            "shadow",
+            "promote",
+            "finish",
+            "--shadow",
+            "b",
+            "--from",
+            &from.to_string(),
+            "--to",
+            &range_end.to_string(),
+            "--window-ms",
+            &WINDOW_MS.to_string(),
+            "--keep-topics",
+            "--processor-group-id",
+            &group,
+            "--writer-group-id",
+            &wgroup,
+            "--user-activity-topic",
+            &t.activity,
+            "--sessions-topic",
+            &t.sessions,
+            "--late-topic",
+            &t.late,
+            "--checkpoint-topic",
+            &t.checkpoints,
+            "--dlq-topic",
+            &t.dlq,
+            "--kafka-brokers",
+            &kafka.brokers,
+            "--clickhouse-url",
+            &pulse_tests::clickhouse().url,
+            "--clickhouse-database",
+            &db,
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    };
+    let (code, out) = run_pulsectl(&finish_flags(base)).await;
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("nothing was discarded") && out.contains("sessions"),
+        "{out}"
+    );
+    let (code, out) = run_pulsectl(&finish_flags(window_of(switch) + WINDOW_MS)).await;
+    eprintln!("finish:\n{out}");
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("no differences") && out.contains("promotion of shadow b finished"),
+        "{out}"
+    );
+    let tables: Vec<String> = database
+        .client()
+        .query("SELECT name FROM system.tables WHERE database = ? ORDER BY name")
+        .bind(&db)
+        .fetch_all()
+        .await
+        .unwrap();
+    assert!(!tables.iter().any(|t| t.contains("_shadow_")), "{tables:?}");
+    registry.stop().await.unwrap();
 }

@@ -40,6 +40,26 @@ type RevokeHook = Box<dyn Fn() + Send + Sync>;
 pub struct PulseConsumerContext {
     events: mpsc::UnboundedSender<RebalanceEvent>,
     before_revoke: OnceLock<RevokeHook>,
+    /// Set when the last rebalance assigned this member nothing (librdkafka applied an
+    /// empty assignment); cleared by a non-empty assignment or a revoke. Read by the
+    /// watchdog ([`StuckDetector`]'s fast path).
+    assigned_nothing: Mutex<bool>,
+}
+
+impl PulseConsumerContext {
+    fn set_assigned_nothing(&self, value: bool) {
+        *self
+            .assigned_nothing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = value;
+    }
+
+    fn assigned_nothing(&self) -> bool {
+        *self
+            .assigned_nothing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 impl std::fmt::Debug for PulseConsumerContext {
@@ -214,6 +234,7 @@ impl ConsumerContext for PulseConsumerContext {
             metrics::counter!(m::KAFKA_COMMITS_TOTAL, "outcome" => outcome).increment(1);
             metrics::counter!(m::KAFKA_REBALANCES_TOTAL, "kind" => "revoke").increment(1);
             let parts = partitions(tpl);
+            self.set_assigned_nothing(false);
             tracing::info!(partitions = ?parts, "partitions revoked");
             let _ = self.events.send(RebalanceEvent::Revoked(parts));
         }
@@ -224,6 +245,7 @@ impl ConsumerContext for PulseConsumerContext {
             Rebalance::Assign(tpl) => {
                 metrics::counter!(m::KAFKA_REBALANCES_TOTAL, "kind" => "assign").increment(1);
                 let parts = partitions(tpl);
+                self.set_assigned_nothing(parts.is_empty());
                 tracing::info!(partitions = ?parts, "partitions assigned");
                 let _ = self.events.send(RebalanceEvent::Assigned(parts));
             }
@@ -325,6 +347,7 @@ impl KafkaConsumer {
             c.create_with_context(PulseConsumerContext {
                 events: tx,
                 before_revoke: OnceLock::new(),
+                assigned_nothing: Mutex::new(false),
             })?;
         consumer.subscribe(topics)?;
         let this = Self {
@@ -486,20 +509,37 @@ pub enum Verdict {
     /// This member owns nothing and nothing advances, for less than the timeout so far
     /// (or the broker could not be asked).
     Watching,
-    /// Owns nothing while nothing advances for `stalled`: rejoin now.
-    Stuck { stalled: Duration, pending: usize },
+    /// Owns nothing while nothing advances for `stalled` (`orphaned`: since a rebalance
+    /// assigned it nothing, which is sooner): rejoin now.
+    Stuck {
+        stalled: Duration,
+        pending: usize,
+        orphaned: bool,
+    },
 }
 
 /// Decides when a consumer-group member is stuck: it owns no partition while partitions of
 /// its topics have records left to read and none of the group's committed offsets advanced,
 /// for the stuck timeout. A member beyond the partition count also owns nothing, but then
-/// the members that own the partitions commit, which resets the clock. After each `Stuck`
-/// the next one needs twice as long (at most 8 timeouts), so a cause a rejoin does not
-/// fix (an owner that legitimately does not commit) costs a rebalance rarely.
+/// the members that own the partitions commit, which resets the clock.
+///
+/// A member whose last rebalance assigned it nothing (librdkafka applied an empty
+/// assignment) while records are left and nothing advances is stuck sooner: after two
+/// watchdog rounds (a third of the stuck timeout). That is the broken generation Tansu
+/// 0.6's group coordinator forms when a killed member was the leader and expires between a
+/// follower's JoinGroup and SyncGroup: the follower's empty SyncGroup completes the
+/// generation and every member is assigned nothing until one rejoins. (Asking the
+/// coordinator how many members the group has would tell that from a spare replica, but
+/// Tansu 0.6 drops the connection on DescribeGroups.) A spare replica whose owners do not
+/// commit for that long rejoins too, which costs the group a rebalance, no data. After
+/// each `Stuck` the next one needs twice as long (at most 8 times), so a cause a rejoin
+/// does not fix (an owner that legitimately does not commit) costs a rebalance rarely.
 #[derive(Debug)]
 pub struct StuckDetector {
     timeout: Duration,
+    grace: Duration,
     since: Option<Instant>,
+    orphaned_since: Option<Instant>,
     last: HashMap<(String, i32), i64>,
     strikes: u32,
 }
@@ -508,7 +548,9 @@ impl StuckDetector {
     pub fn new(timeout: Duration) -> Self {
         Self {
             timeout,
+            grace: watchdog_round(timeout) * 2,
             since: None,
+            orphaned_since: None,
             last: HashMap::new(),
             strikes: 0,
         }
@@ -519,17 +561,25 @@ impl StuckDetector {
         self.timeout * 2u32.pow(self.strikes.min(3))
     }
 
+    /// The time an orphaned member waits before the next `Stuck`.
+    pub fn required_orphaned(&self) -> Duration {
+        self.grace * 2u32.pow(self.strikes.min(3))
+    }
+
     /// One observation at `now`: the partitions this member owns and, when it owns none,
     /// the group's progress on every partition of its topics (None: the broker could not
-    /// be asked; that is no evidence of progress, so the clock starts or keeps running).
+    /// be asked; that is no evidence of progress, so the clock starts or keeps running),
+    /// and whether its last rebalance assigned it nothing.
     pub fn observe(
         &mut self,
         now: Instant,
         assigned: usize,
         progress: Option<&[PartitionProgress]>,
+        assigned_nothing: bool,
     ) -> Verdict {
         if assigned > 0 {
             self.since = None;
+            self.orphaned_since = None;
             self.last.clear();
             self.strikes = 0;
             return Verdict::Fine;
@@ -537,8 +587,8 @@ impl StuckDetector {
         // Unknown progress (the broker did not answer) is no evidence that anyone consumes:
         // the clock runs; `pending` 0 then stands for "unknown".
         let mut pending = 0;
+        let mut advanced = false;
         if let Some(parts) = progress {
-            let mut advanced = false;
             for p in parts {
                 let key = (p.topic.clone(), p.partition);
                 // Only a committed offset that moved up counts as progress (a commit that
@@ -553,20 +603,46 @@ impl StuckDetector {
                     pending += 1;
                 }
             }
-            if advanced || pending == 0 {
-                self.since = None;
-                return Verdict::Fine;
+        }
+        if assigned_nothing && progress.is_some() && pending > 0 && !advanced {
+            let since = *self.orphaned_since.get_or_insert(now);
+            let held = now.saturating_duration_since(since);
+            if held >= self.required_orphaned() {
+                self.orphaned_since = None;
+                self.since = Some(now);
+                self.strikes += 1;
+                return Verdict::Stuck {
+                    stalled: held,
+                    pending,
+                    orphaned: true,
+                };
             }
+        } else {
+            self.orphaned_since = None;
+        }
+        if progress.is_some() && (advanced || pending == 0) {
+            self.since = None;
+            return Verdict::Fine;
         }
         let since = *self.since.get_or_insert(now);
         let stalled = now.saturating_duration_since(since);
         if stalled >= self.required() {
             self.since = Some(now);
+            self.orphaned_since = None;
             self.strikes += 1;
-            return Verdict::Stuck { stalled, pending };
+            return Verdict::Stuck {
+                stalled,
+                pending,
+                orphaned: false,
+            };
         }
         Verdict::Watching
     }
+}
+
+/// How often the watchdog observes a member: a sixth of the stuck timeout, 1 s to 10 s.
+fn watchdog_round(timeout: Duration) -> Duration {
+    (timeout / 6).clamp(Duration::from_secs(1), Duration::from_secs(10))
 }
 
 /// Reads the group's progress on every partition of `topics` (blocking broker calls).
@@ -608,6 +684,13 @@ fn read_progress(
     Ok(parts)
 }
 
+/// What the watchdog observed in one round.
+struct Observation {
+    assigned: usize,
+    progress: Option<Vec<PartitionProgress>>,
+    assigned_nothing: bool,
+}
+
 /// The stuck-member watchdog: observes the consumer every few seconds until it is dropped;
 /// when [`StuckDetector`] says stuck, blocks readiness (if wired) and leaves and rejoins
 /// the group (unsubscribe, subscribe: the broker sees a new member join and rebalances,
@@ -620,7 +703,7 @@ async fn watchdog(
     timeout: Duration,
 ) {
     let mut detector = StuckDetector::new(timeout);
-    let every = (timeout / 6).clamp(Duration::from_secs(1), Duration::from_secs(10));
+    let every = watchdog_round(timeout);
     loop {
         tokio::time::sleep(every).await;
         let (c, t) = (consumer.clone(), topics.clone());
@@ -628,21 +711,35 @@ async fn watchdog(
             let c = c.upgrade()?;
             let assigned = c.assignment().map(|a| a.count()).unwrap_or(0);
             if assigned > 0 {
-                return Some((assigned, None));
+                return Some(Observation {
+                    assigned,
+                    progress: None,
+                    assigned_nothing: false,
+                });
             }
-            match read_progress(&c, &t) {
-                Ok(p) => Some((0, Some(p))),
+            let progress = match read_progress(&c, &t) {
+                Ok(p) => Some(p),
                 Err(e) => {
                     tracing::warn!(error = %e, "stuck-member watchdog: reading the group's progress failed; counting it as no progress");
-                    Some((0, None))
+                    None
                 }
-            }
+            };
+            Some(Observation {
+                assigned,
+                progress,
+                assigned_nothing: c.context().assigned_nothing(),
+            })
         })
         .await;
-        let Ok(Some((assigned, progress))) = observed else {
+        let Ok(Some(o)) = observed else {
             return; // the consumer was dropped (or the runtime is shutting down)
         };
-        let verdict = detector.observe(Instant::now(), assigned, progress.as_deref());
+        let verdict = detector.observe(
+            Instant::now(),
+            o.assigned,
+            o.progress.as_deref(),
+            o.assigned_nothing,
+        );
         match verdict {
             Verdict::Fine => {
                 if state.get().is_some() {
@@ -651,16 +748,26 @@ async fn watchdog(
                 }
             }
             Verdict::Watching => {}
-            Verdict::Stuck { stalled, pending } => {
-                let left = if pending > 0 {
-                    format!("{pending} partition(s) of {topics:?} have records left")
+            Verdict::Stuck {
+                stalled,
+                pending,
+                orphaned,
+            } => {
+                let stalled = humantime::format_duration(Duration::from_secs(stalled.as_secs()));
+                let reason = if orphaned {
+                    format!(
+                        "consumer of group {group_id} was assigned no partition by the last rebalance while {pending} partition(s) of {topics:?} have records left and no committed offset advanced for {stalled}; rejoining the group"
+                    )
                 } else {
-                    format!("the group's progress on {topics:?} cannot be read")
+                    let left = if pending > 0 {
+                        format!("{pending} partition(s) of {topics:?} have records left")
+                    } else {
+                        format!("the group's progress on {topics:?} cannot be read")
+                    };
+                    format!(
+                        "consumer of group {group_id} owns no partition while {left} and no committed offset advanced for {stalled}; rejoining the group"
+                    )
                 };
-                let reason = format!(
-                    "consumer of group {group_id} owns no partition while {left} and no committed offset advanced for {}; rejoining the group",
-                    humantime::format_duration(Duration::from_secs(stalled.as_secs()))
-                );
                 tracing::warn!(group = %group_id, "{reason}");
                 state.set(Some(reason));
                 metrics::counter!(m::KAFKA_CONSUMER_REJOINS_TOTAL, "group" => group_id.clone())
@@ -669,6 +776,7 @@ async fn watchdog(
                 let rejoined = tokio::task::spawn_blocking(move || {
                     let c = c.upgrade()?;
                     c.unsubscribe();
+                    c.context().set_assigned_nothing(false);
                     let refs: Vec<&str> = t.iter().map(String::as_str).collect();
                     Some(c.subscribe(&refs))
                 })
@@ -751,24 +859,25 @@ mod tests {
             let mut d = StuckDetector::new(T);
             let t0 = Instant::now();
             let p = parts(&[(Some(10), 50), (None, 20), (Some(5), 5)]);
-            assert_eq!(d.observe(t0, 0, Some(&p)), Verdict::Watching);
-            assert_eq!(d.observe(t0 + T / 2, 0, Some(&p)), Verdict::Watching);
+            assert_eq!(d.observe(t0, 0, Some(&p), false), Verdict::Watching);
+            assert_eq!(d.observe(t0 + T / 2, 0, Some(&p), false), Verdict::Watching);
             assert_eq!(
-                d.observe(t0 + T, 0, Some(&p)),
+                d.observe(t0 + T, 0, Some(&p), false),
                 Verdict::Stuck {
                     stalled: T,
-                    pending: 2
+                    pending: 2,
+                    orphaned: false
                 }
             );
             // The clock restarts, and the next verdict needs twice as long.
-            assert_eq!(d.observe(t0 + T * 2, 0, Some(&p)), Verdict::Watching);
+            assert_eq!(d.observe(t0 + T * 2, 0, Some(&p), false), Verdict::Watching);
             assert!(matches!(
-                d.observe(t0 + T * 3, 0, Some(&p)),
+                d.observe(t0 + T * 3, 0, Some(&p), false),
                 Verdict::Stuck { .. }
             ));
             assert_eq!(d.required(), T * 4);
             // Owning partitions again resets everything.
-            assert_eq!(d.observe(t0 + T * 4, 3, None), Verdict::Fine);
+            assert_eq!(d.observe(t0 + T * 4, 3, None, false), Verdict::Fine);
             assert_eq!(d.required(), T);
         }
 
@@ -779,7 +888,7 @@ mod tests {
             for i in 0..10u32 {
                 let committed = 10 + i64::from(i);
                 let p = parts(&[(Some(committed), 100), (Some(7), 100)]);
-                let v = d.observe(t0 + T * i, 0, Some(&p));
+                let v = d.observe(t0 + T * i, 0, Some(&p), false);
                 assert!(
                     matches!(v, Verdict::Fine | Verdict::Watching),
                     "{v:?} at {i}"
@@ -796,8 +905,11 @@ mod tests {
             let t0 = Instant::now();
             let caught_up = parts(&[(Some(50), 50), (None, 0)]);
             for i in 0..5u32 {
-                assert_eq!(d.observe(t0 + T * i, 0, Some(&caught_up)), Verdict::Fine);
-                assert_eq!(d.observe(t0 + T * i, 0, Some(&[])), Verdict::Fine);
+                assert_eq!(
+                    d.observe(t0 + T * i, 0, Some(&caught_up), false),
+                    Verdict::Fine
+                );
+                assert_eq!(d.observe(t0 + T * i, 0, Some(&[]), false), Verdict::Fine);
             }
         }
 
@@ -805,14 +917,15 @@ mod tests {
         fn unknown_progress_is_no_progress() {
             let mut d = StuckDetector::new(T);
             let t0 = Instant::now();
-            assert_eq!(d.observe(t0, 0, None), Verdict::Watching);
+            assert_eq!(d.observe(t0, 0, None, false), Verdict::Watching);
             let p = parts(&[(Some(1), 9)]);
-            assert_eq!(d.observe(t0 + T / 2, 0, Some(&p)), Verdict::Watching);
+            assert_eq!(d.observe(t0 + T / 2, 0, Some(&p), false), Verdict::Watching);
             assert_eq!(
-                d.observe(t0 + T, 0, None),
+                d.observe(t0 + T, 0, None, false),
                 Verdict::Stuck {
                     stalled: T,
-                    pending: 0
+                    pending: 0,
+                    orphaned: false
                 }
             );
         }
@@ -822,13 +935,92 @@ mod tests {
             let mut d = StuckDetector::new(T);
             let t0 = Instant::now();
             let five = parts(&[(Some(5), 9)]);
-            assert_eq!(d.observe(t0, 0, Some(&five)), Verdict::Watching);
+            assert_eq!(d.observe(t0, 0, Some(&five), false), Verdict::Watching);
             let unknown = parts(&[(None, 9)]);
-            assert_eq!(d.observe(t0 + T / 3, 0, Some(&unknown)), Verdict::Watching);
+            assert_eq!(
+                d.observe(t0 + T / 3, 0, Some(&unknown), false),
+                Verdict::Watching
+            );
             assert!(matches!(
-                d.observe(t0 + T, 0, Some(&five)),
+                d.observe(t0 + T, 0, Some(&five), false),
                 Verdict::Stuck { .. }
             ));
+        }
+
+        #[test]
+        fn a_member_assigned_nothing_is_stuck_after_two_rounds_and_then_backs_off() {
+            let mut d = StuckDetector::new(T);
+            let grace = T / 3; // two watchdog rounds of T / 6
+            let t0 = Instant::now();
+            let p = parts(&[(Some(10), 50), (None, 20), (Some(5), 5)]);
+            assert_eq!(d.observe(t0, 0, Some(&p), true), Verdict::Watching);
+            assert_eq!(
+                d.observe(t0 + grace / 2, 0, Some(&p), true),
+                Verdict::Watching
+            );
+            assert_eq!(
+                d.observe(t0 + grace, 0, Some(&p), true),
+                Verdict::Stuck {
+                    stalled: grace,
+                    pending: 2,
+                    orphaned: true
+                }
+            );
+            // A rejoin that did not help: the next one waits twice as long.
+            assert_eq!(
+                d.observe(t0 + grace * 2, 0, Some(&p), true),
+                Verdict::Watching
+            );
+            assert_eq!(
+                d.observe(t0 + grace * 3, 0, Some(&p), true),
+                Verdict::Watching
+            );
+            assert!(matches!(
+                d.observe(t0 + grace * 4, 0, Some(&p), true),
+                Verdict::Stuck { orphaned: true, .. }
+            ));
+        }
+
+        #[test]
+        fn an_empty_assignment_is_not_stuck_early_while_the_group_advances_or_nothing_is_left() {
+            let mut d = StuckDetector::new(T);
+            let round = T / 6;
+            let t0 = Instant::now();
+            // A spare replica while the owners commit.
+            for i in 0..8u32 {
+                let p = parts(&[(Some(10 + i64::from(i)), 100)]);
+                let v = d.observe(t0 + round * i, 0, Some(&p), true);
+                assert!(
+                    matches!(v, Verdict::Fine | Verdict::Watching),
+                    "{v:?} at {i}"
+                );
+            }
+            // Nothing left to read, or the broker cannot be asked (the slow path decides).
+            let mut d = StuckDetector::new(T);
+            let idle = parts(&[(Some(5), 5)]);
+            for i in 0..4u32 {
+                assert_eq!(
+                    d.observe(t0 + round * i, 0, Some(&idle), true),
+                    Verdict::Fine
+                );
+            }
+            let mut d = StuckDetector::new(T);
+            for i in 0..4u32 {
+                assert_eq!(d.observe(t0 + round * i, 0, None, true), Verdict::Watching);
+            }
+            // Assigned nothing once, then a new rebalance is under way: the clock restarts.
+            let mut d = StuckDetector::new(T);
+            let p = parts(&[(Some(10), 50)]);
+            assert_eq!(d.observe(t0, 0, Some(&p), true), Verdict::Watching);
+            assert_eq!(d.observe(t0 + round, 0, Some(&p), false), Verdict::Watching);
+            assert_eq!(
+                d.observe(t0 + round * 2, 0, Some(&p), true),
+                Verdict::Watching
+            );
+            assert_eq!(
+                d.observe(t0 + round * 3, 0, Some(&p), true),
+                Verdict::Watching
+            );
         }
 
         #[test]
@@ -838,7 +1030,7 @@ mod tests {
             let mut p = parts(&[(Some(3), 10)]);
             p[0].low = 10;
             // Everything left was deleted by retention: nothing to read.
-            assert_eq!(d.observe(t0, 0, Some(&p)), Verdict::Fine);
+            assert_eq!(d.observe(t0, 0, Some(&p), false), Verdict::Fine);
         }
     }
 }
