@@ -770,6 +770,8 @@ mod tests {
                 .map(|i| format!("user-{i:08}"))
                 .collect(),
             max_session_ms: Some(86_400_000),
+            session_gap_ms: Some(1_800_000),
+            prior_session_rules: None,
         }
     }
 

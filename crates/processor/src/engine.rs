@@ -64,6 +64,31 @@ pub struct Checkpoint {
     /// change (see the README).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_session_ms: Option<i64>,
+    /// The session gap the open sessions were cut with; None in checkpoints written before
+    /// it was recorded (then the gap is taken as unchanged). A different value at restore
+    /// is a rules change: see [`PriorSessionRules`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_gap_ms: Option<i64>,
+    /// The session rules in force before the last change, while an open session still holds
+    /// records processed under them (see [`PriorSessionRules`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prior_session_rules: Option<PriorSessionRules>,
+}
+
+/// Session rules in force before a change (a promotion, a rollback, a new flag) whose
+/// results may still be superseded. A session open at the change was emitted (early) under
+/// the old rules; after the restart its records are cut again under the new ones, and each
+/// old result must be superseded by the new session holding its first event, or it would
+/// stay beside them (a double count; issue #21). The old results are rebuilt by running the
+/// old rules over the replayed records processed up to `until` (nothing is stored per
+/// session), so they are known again after a later restart, until no open session holds a
+/// record at or before `until`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PriorSessionRules {
+    pub session_gap_ms: i64,
+    pub max_session_ms: i64,
+    /// The last offset processed under them.
+    pub until: i64,
 }
 
 impl Checkpoint {
@@ -77,6 +102,8 @@ impl Checkpoint {
             open_sessions: BTreeMap::new(),
             continued_sessions: BTreeSet::new(),
             max_session_ms: self.max_session_ms,
+            session_gap_ms: self.session_gap_ms,
+            prior_session_rules: self.prior_session_rules,
         }
     }
 }
@@ -113,7 +140,7 @@ pub struct SessionChanges {
 }
 
 /// A partition being replayed after a restore.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Replay {
     /// The checkpoint restored. Until the replay reaches its last offset, it is still the
     /// partition's checkpoint: a checkpoint of the partly rebuilt state would move the
@@ -136,6 +163,9 @@ struct Replay {
     live_synced: bool,
     /// Estimated heap bytes of `checkpoint` and `open_sessions` (for the state gauge).
     bytes: usize,
+    /// The sessions the prior rules made of the replayed records processed under them
+    /// (up to `prior.until`), when the session rules changed (see [`PriorSessionRules`]).
+    prior: Option<(PriorSessionRules, Sessions)>,
 }
 
 /// Results to produce.
@@ -190,6 +220,11 @@ pub struct Engine {
     /// Partitions whose last checkpoint update is known to the caller as a base for
     /// changes (see [`Self::checkpoint_update`]); others get a whole checkpoint next.
     synced: HashSet<i32>,
+    /// Per restored partition: session rules before a change whose results may still need
+    /// superseding (carried in its checkpoints while they matter).
+    prior_rules: HashMap<i32, PriorSessionRules>,
+    /// Session ids superseded after a change of session rules, since the start.
+    superseded: u64,
 }
 
 impl Engine {
@@ -205,6 +240,8 @@ impl Engine {
             now_ms: i64::MIN,
             id_len: 0,
             synced: HashSet::new(),
+            prior_rules: HashMap::new(),
+            superseded: 0,
         }
     }
 
@@ -220,9 +257,28 @@ impl Engine {
         self.sessions.max_session_ms()
     }
 
+    /// Session ids superseded after a change of session rules since the start (see
+    /// [`PriorSessionRules`]).
+    pub fn sessions_superseded(&self) -> u64 {
+        self.superseded
+    }
+
+    /// The session gap in force, ms.
+    pub fn session_gap_ms(&self) -> i64 {
+        self.sessions.gap_ms()
+    }
+
     /// Continues `partition` from its last checkpoint: restores its event-time progress and
     /// remembers which records a replay re-reads.
-    pub fn restore(&mut self, partition: i32, cp: Checkpoint, now_ms: i64) {
+    ///
+    /// Returns the prior session rules whose results the replay supersedes, if any (see
+    /// [`PriorSessionRules`]).
+    pub fn restore(
+        &mut self,
+        partition: i32,
+        cp: Checkpoint,
+        now_ms: i64,
+    ) -> Option<PriorSessionRules> {
         self.now_ms = self.now_ms.max(now_ms);
         if let Some(t) = cp.max_event_ms {
             self.watermarks.observe(partition, t, now_ms);
@@ -233,6 +289,23 @@ impl Engine {
             }
         }
         let bytes = cp.open_sessions.keys().map(|u| u.len() + 64).sum::<usize>() * 2;
+        let prior = self.prior_rules_at_restore(&cp).map(|rules| {
+            let cfg = TimeConfig {
+                session_gap_ms: rules.session_gap_ms,
+                ..self.cfg
+            };
+            let mut old = Sessions::with_max_session_ms(cfg, rules.max_session_ms);
+            for user in &cp.continued_sessions {
+                if let Some(start) = cp.open_sessions.get(user) {
+                    old.restore_continuation(user, *start, partition);
+                }
+            }
+            self.prior_rules.insert(partition, rules);
+            (rules, old)
+        });
+        if prior.is_none() {
+            self.prior_rules.remove(&partition);
+        }
         self.replays.insert(
             partition,
             Replay {
@@ -245,10 +318,42 @@ impl Engine {
                 done: false,
                 live_synced: false,
                 bytes,
+                prior,
             },
         );
         self.synced.remove(&partition);
         self.high_watermark = None;
+        self.prior_rules.get(&partition).copied()
+    }
+
+    /// The session rules before a change that the replay of `cp` must supersede the
+    /// results of: the checkpoint's own rules when they differ from this engine's (a
+    /// checkpoint without a gap is taken as written with this one; one without a maximum is
+    /// handled by the split ids), else a change it still carries. A change while another's
+    /// sessions are still open keeps only the latest (documented in docs/operations.md).
+    fn prior_rules_at_restore(&self, cp: &Checkpoint) -> Option<PriorSessionRules> {
+        let (gap, max) = (self.sessions.gap_ms(), self.sessions.max_session_ms());
+        let old_gap = cp.session_gap_ms.map_or(gap, |g| g.max(0));
+        let old_max = cp.max_session_ms.unwrap_or(max);
+        if old_gap != gap || old_max != max {
+            return Some(PriorSessionRules {
+                session_gap_ms: old_gap,
+                max_session_ms: old_max,
+                until: cp.last_offset,
+            });
+        }
+        cp.prior_session_rules
+            .filter(|p| p.session_gap_ms != gap || p.max_session_ms != max)
+    }
+
+    /// The prior session rules `partition`'s checkpoint carries: while an open session
+    /// still holds a record processed under them.
+    fn prior_rules_in_force(&self, partition: i32) -> Option<PriorSessionRules> {
+        let rules = self.prior_rules.get(&partition)?;
+        self.sessions
+            .min_open_offset(partition)
+            .is_some_and(|m| m <= rules.until)
+            .then_some(*rules)
     }
 
     /// Whether some restored partition is still replaying records processed before the
@@ -313,6 +418,8 @@ impl Engine {
             open_sessions: self.sessions.open_starts(partition),
             continued_sessions: self.sessions.continued(partition),
             max_session_ms: Some(self.sessions.max_session_ms()),
+            session_gap_ms: Some(self.sessions.gap_ms()),
+            prior_session_rules: self.prior_rules_in_force(partition),
         })
     }
 
@@ -360,6 +467,8 @@ impl Engine {
             open_sessions: BTreeMap::new(),
             continued_sessions: BTreeSet::new(),
             max_session_ms: Some(self.sessions.max_session_ms()),
+            session_gap_ms: Some(self.sessions.gap_ms()),
+            prior_session_rules: self.prior_rules_in_force(partition),
         };
         let mut sessions = SessionChanges::default();
         for user in self.sessions.take_changed(partition) {
@@ -414,6 +523,7 @@ impl Engine {
         self.sessions.revoke(partition);
         self.last_offset.remove(&partition);
         self.replays.remove(&partition);
+        self.prior_rules.remove(&partition);
         // Whole runs of other partitions may have gone with it.
         self.resync_checkpoints();
     }
@@ -465,6 +575,13 @@ impl Engine {
                     .open_sessions
                     .get(&event.user_id)
                     .is_some_and(|start| event.event_time_ms >= *start);
+                if let Some((rules, old)) = r.prior.as_mut()
+                    && session_open
+                    && event.offset <= rules.until
+                {
+                    // What the prior rules made of it (see [`PriorSessionRules`]).
+                    let _ = old.add_shared(event, &user, id.clone(), None);
+                }
                 replay = Some((r.closed_watermark, session_open));
             }
         }
@@ -534,6 +651,18 @@ impl Engine {
                 windows_done: true,
                 ..EmitPlan::default()
             };
+        }
+        // Before anything rebuilt under changed session rules is emitted: each result the
+        // prior rules emitted is superseded by the session now holding its first event.
+        // Again at every emission while a replay is not done (idempotent).
+        for r in self.replays.values_mut() {
+            if let Some((_, old)) = &r.prior {
+                let n = self.sessions.supersede(old);
+                self.superseded = self.superseded.saturating_add(n as u64);
+            }
+            if r.done {
+                r.prior = None;
+            }
         }
         EmitPlan {
             watermark,
@@ -1071,6 +1200,8 @@ mod tests {
             open_sessions: [("b".to_owned(), 150_000)].into(),
             continued_sessions: Default::default(),
             max_session_ms: None,
+            session_gap_ms: None,
+            prior_session_rules: None,
         };
         let p1: Vec<InputEvent> = (0..6)
             .map(|i| on(1, i, "b", 150_000 + i * 10_000))
@@ -1462,5 +1593,162 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// What the query API counts (`current_sessions!` in the query API's store): per
+    /// session id its row with the highest version, less the ids any of those rows lists
+    /// as superseded.
+    fn counted(rows: &[Session]) -> Vec<Session> {
+        let mut best: BTreeMap<String, Session> = BTreeMap::new();
+        for s in rows {
+            if best
+                .get(&s.session_id)
+                .is_none_or(|b| b.version <= s.version)
+            {
+                best.insert(s.session_id.clone(), s.clone());
+            }
+        }
+        let gone: BTreeSet<String> = best
+            .values()
+            .flat_map(|s| s.merged_session_ids.iter().filter(|m| **m != s.session_id))
+            .cloned()
+            .collect();
+        best.into_values()
+            .filter(|s| !gone.contains(&s.session_id))
+            .collect()
+    }
+
+    fn with_gap(gap: i64) -> TimeConfig {
+        TimeConfig {
+            session_gap_ms: gap,
+            ..cfg()
+        }
+    }
+
+    /// (start, end, events) of the counted sessions of `user`, sorted.
+    fn spans(rows: &[Session], user: &str) -> Vec<(i64, i64, u64)> {
+        let mut v: Vec<_> = counted(rows)
+            .into_iter()
+            .filter(|s| s.user_id == user)
+            .map(|s| (s.start_ms, s.end_ms, s.event_count))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// u: 3 events a second apart, a 12 s pause, 3 more (offsets 0..=5); the previous rules
+    /// (gap `old_gap`) emit early results and write a checkpoint; the engine of `new_gap`
+    /// restores it, replays, gets one more event of u (offset 6, 18 s) and, if `restart`,
+    /// is itself restarted (same rules) from its checkpoint; then u's event at 4 s (offset
+    /// 7) and a far event (offset 8) that closes everything. Returns every session row
+    /// written.
+    fn change_session_gap(old_gap: i64, new_gap: i64, restart: bool) -> Vec<Session> {
+        let events: Vec<InputEvent> = [1_000, 2_000, 3_000, 15_000, 16_000, 17_000, 18_000, 4_000]
+            .iter()
+            .enumerate()
+            .map(|(i, t)| ev(i as i64, "u", *t))
+            .chain([ev(8, "far", 5_000_000)])
+            .collect();
+        let mut rows = Vec::new();
+        let mut old = Engine::new(with_gap(old_gap));
+        old.assign(0, 0);
+        for x in &events[..6] {
+            old.process(x, 0);
+        }
+        rows.extend(old.emit(0, true).sessions);
+        assert!(rows.iter().all(|s| !s.r#final));
+        let cp = old.checkpoint(0).unwrap();
+        assert_eq!(cp.session_gap_ms, Some(old_gap));
+        assert_eq!(cp.prior_session_rules, None);
+
+        let mut new = Engine::new(with_gap(new_gap));
+        new.assign(0, 0);
+        let resume = usize::try_from(cp.resume_offset).unwrap();
+        new.restore(0, cp, 0);
+        for x in &events[resume..7] {
+            new.process(x, 0);
+        }
+        rows.extend(new.emit(0, true).sessions);
+        if restart {
+            let cp = new.checkpoint(0).unwrap();
+            assert_eq!(cp.session_gap_ms, Some(new_gap));
+            assert_eq!(
+                cp.prior_session_rules,
+                Some(PriorSessionRules {
+                    session_gap_ms: old_gap,
+                    max_session_ms: crate::model::DEFAULT_MAX_SESSION_MS,
+                    until: 5
+                }),
+                "carried while a session holds records processed under the old rules"
+            );
+            let resume = usize::try_from(cp.resume_offset).unwrap();
+            new = Engine::new(with_gap(new_gap));
+            new.assign(0, 0);
+            new.restore(0, cp, 0);
+            for x in &events[resume..7] {
+                new.process(x, 0);
+            }
+            rows.extend(new.emit(0, true).sessions);
+        }
+        // After the (second) restart: u's first part gets one more event, then far closes
+        // everything.
+        new.process(&events[7], 0);
+        rows.extend(new.emit(0, true).sessions);
+        new.process(&events[8], 0);
+        rows.extend(new.emit(0, true).sessions);
+        assert_eq!(
+            new.checkpoint(0).unwrap().prior_session_rules,
+            None,
+            "no open session holds an old record any more"
+        );
+        rows
+    }
+
+    #[test]
+    fn a_shorter_session_gap_supersedes_the_open_session_emitted_under_the_old_one() {
+        for restart in [false, true] {
+            let rows = change_session_gap(30_000, 5_000, restart);
+            // Under 5 s: [1 s, 4 s] and [15 s, 18 s]; the old 6-event result of the same
+            // start (a higher version than the new first part) is superseded, not counted
+            // beside them.
+            assert_eq!(
+                spans(&rows, "u"),
+                vec![(1_000, 4_000, 4), (15_000, 18_000, 4)],
+                "restart {restart}"
+            );
+            let first = counted(&rows)
+                .into_iter()
+                .find(|s| s.start_ms == 1_000)
+                .unwrap();
+            let old_id = Sessions::session_id("u", 1_000);
+            assert_eq!(first.session_id, Sessions::rules_session_id(&old_id, 5_000));
+            assert!(first.merged_session_ids.contains(&old_id));
+        }
+    }
+
+    #[test]
+    fn a_longer_session_gap_supersedes_the_sessions_it_joins() {
+        for restart in [false, true] {
+            let rows = change_session_gap(5_000, 30_000, restart);
+            assert_eq!(
+                spans(&rows, "u"),
+                vec![(1_000, 18_000, 8)],
+                "restart {restart}"
+            );
+        }
+    }
+
+    #[test]
+    fn unchanged_session_rules_carry_no_prior_rules() {
+        let rows = change_session_gap(30_000, 30_000, false);
+        assert_eq!(spans(&rows, "u"), vec![(1_000, 18_000, 8)]);
+        let ids: BTreeSet<String> = rows.iter().map(|s| s.session_id.clone()).collect();
+        assert_eq!(
+            ids,
+            BTreeSet::from([
+                Sessions::session_id("u", 1_000),
+                Sessions::session_id("far", 5_000_000)
+            ])
+        );
     }
 }

@@ -14,6 +14,7 @@ pub const PARTITION_WATERMARK_MS: &str = "pulse_processor_partition_watermark_ms
 pub const HELD_RECORDS: &str = "pulse_processor_held_records";
 pub const COMMIT_HOLD_SECONDS: &str = "pulse_processor_commit_hold_seconds";
 pub const CORRECTIONS_TOTAL: &str = "pulse_processor_corrections_total";
+pub const SESSIONS_SUPERSEDED_TOTAL: &str = "pulse_processor_sessions_superseded_total";
 pub const EMISSIONS_IN_FLIGHT: &str = "pulse_processor_emissions_in_flight";
 pub const CHECKPOINT_BYTES_TOTAL: &str = "pulse_processor_checkpoint_bytes_total";
 pub const STATE_BYTES: &str = "pulse_processor_state_bytes";
@@ -66,6 +67,10 @@ pub fn describe() {
         "Results re-emitted for a window the watermark had already passed (late events within the allowed lateness)."
     );
     describe_counter!(
+        SESSIONS_SUPERSEDED_TOTAL,
+        "Session ids emitted under the prior session rules that a restart under other rules superseded (listed in merged_session_ids of the session now holding their first event, or retired and renamed); see docs/operations.md, Sessions across the switch."
+    );
+    describe_counter!(
         CHECKPOINT_BYTES_TOTAL,
         metrics::Unit::Bytes,
         "Bytes of checkpoint records queued, by kind: base (a full rewrite of the open sessions), delta (the sessions changed since the previous checkpoint), header."
@@ -109,6 +114,7 @@ pub fn init(output_topics: &[&str]) {
         metrics::counter!(EVENTS_TOTAL, "outcome" => outcome).increment(0);
     }
     metrics::counter!(CORRECTIONS_TOTAL).increment(0);
+    metrics::counter!(SESSIONS_SUPERSEDED_TOTAL).increment(0);
     metrics::counter!(STATE_BUDGET_EXCEEDED_TOTAL).increment(0);
     metrics::gauge!(STATE_BYTES).set(0.0);
     metrics::gauge!(STATE_BUDGET_BYTES).set(0.0);

@@ -323,7 +323,17 @@ impl Processor {
                                 "the maximum session duration differs from the checkpoint's: open sessions are re-cut by the new maximum"
                             );
                         }
-                        self.engine.restore(p, cp.clone(), now_ms());
+                        if let Some(prior) = self.engine.restore(p, cp.clone(), now_ms()) {
+                            tracing::warn!(
+                                partition = p,
+                                prior_session_gap_ms = prior.session_gap_ms,
+                                prior_max_session_ms = prior.max_session_ms,
+                                prior_until_offset = prior.until,
+                                session_gap_ms = self.engine.session_gap_ms(),
+                                max_session_ms = self.engine.max_session_ms(),
+                                "session rules changed: the replay supersedes the results the prior rules emitted for sessions still open"
+                            );
+                        }
                     }
                     assigned.insert(p);
                 }
@@ -482,6 +492,7 @@ impl Processor {
         }
         metrics::gauge!(m::OPEN_WINDOWS).set(self.engine.open_windows() as f64);
         metrics::gauge!(m::OPEN_SESSIONS).set(self.engine.open_sessions() as f64);
+        metrics::counter!(m::SESSIONS_SUPERSEDED_TOTAL).absolute(self.engine.sessions_superseded());
         self.account_state();
         Ok(())
     }

@@ -103,9 +103,12 @@ impl Open {
     /// A later session now continues this one's run: it is closed at the maximum, takes
     /// its split id and supersedes the id it had while it was the run's last session.
     fn close_at_max(&mut self, user_id: &str, max_ms: i64) {
-        let plain = Sessions::session_id(user_id, self.start_ms);
-        self.id = Sessions::split_session_id(user_id, self.start_ms, max_ms);
-        self.merged.insert(plain);
+        // Its id until now: the plain id, or the id it was renamed to (see `retire_ids`).
+        let before = std::mem::replace(
+            &mut self.id,
+            Sessions::split_session_id(user_id, self.start_ms, max_ms),
+        );
+        self.merged.insert(before);
         self.merged.remove(&self.id);
         self.split = true;
         self.dirty = true;
@@ -179,9 +182,31 @@ struct UserState {
     closed: Option<Closed>,
     /// Event ids of the open sessions (deduplication).
     ids: IdSet,
+    /// Ids the prior session rules emitted that no open session may have again (see
+    /// [`Sessions::supersede`]); None for nearly every user. Boxed: 8 bytes per user
+    /// instead of an empty set's 24, on every open user.
+    #[allow(clippy::box_collection)]
+    retired: Option<Box<BTreeSet<String>>>,
 }
 
 impl UserState {
+    /// Every open session whose id is retired takes the id for the same start under the
+    /// rules in force (`gap`) and lists the retired one: a result the prior rules emitted
+    /// with that id, and more records, would otherwise outrank it by its version.
+    fn retire_ids(&mut self, gap: i64) {
+        let Some(retired) = self.retired.as_deref() else {
+            return;
+        };
+        for o in &mut self.open {
+            if retired.contains(&o.id) {
+                let renamed = Sessions::rules_session_id(&o.id, gap);
+                let before = std::mem::replace(&mut o.id, renamed);
+                o.merged.insert(before);
+                o.dirty = true;
+            }
+        }
+    }
+
     /// Every superseded id that is some open session's current id again is dropped from
     /// the lists (a session must never list a live one).
     fn unlist_current_ids(&mut self) {
@@ -441,6 +466,67 @@ impl Sessions {
         self.cfg.session_gap_ms.max(0)
     }
 
+    /// The session gap in force, ms (never negative).
+    pub fn gap_ms(&self) -> i64 {
+        self.gap()
+    }
+
+    /// After a replay under changed session rules (see
+    /// [`crate::engine::PriorSessionRules`]): `prior` holds the sessions the prior rules
+    /// made of the same records. Each of them that is not also an open session here (same
+    /// id, same events) is superseded: listed in `merged_session_ids` of the open session
+    /// holding its first event, or — when an open session here has its id with other
+    /// events — retired, that session renamed (see `UserState::retire_ids`). Idempotent.
+    /// A session already emitted final here can no longer list anything (only when a
+    /// replayed partition went idle and emissions went on before its replay ended).
+    /// Returns how many ids were newly listed or retired.
+    pub fn supersede(&mut self, prior: &Sessions) -> usize {
+        let (gap, horizon) = (self.gap(), self.horizon());
+        let mut count = 0;
+        for (user, old) in &prior.users {
+            let Some(state) = self.users.get_mut(&**user) else {
+                continue;
+            };
+            self.index.begin(user, state, horizon, gap);
+            for o in &old.open {
+                let same = state.open.iter().any(|n| {
+                    n.id == o.id
+                        && n.events.len() == o.events.len()
+                        && o.events
+                            .iter()
+                            .all(|e| n.events.iter().any(|x| x.id == e.id))
+                });
+                if same {
+                    continue;
+                }
+                if state.open.iter().any(|n| n.id == o.id) {
+                    if state.retired.get_or_insert_default().insert(o.id.clone()) {
+                        count += 1;
+                    }
+                    continue;
+                }
+                let Some(first) = o.events.iter().min_by_key(|e| (e.t, e.partition, e.offset))
+                else {
+                    continue;
+                };
+                if let Some(n) = state
+                    .open
+                    .iter_mut()
+                    .find(|n| n.events.iter().any(|e| e.id == first.id))
+                    && !n.merged.contains(&o.id)
+                {
+                    n.merged.insert(o.id.clone());
+                    n.dirty = true;
+                    count += 1;
+                }
+            }
+            state.retire_ids(gap);
+            state.unlist_current_ids();
+            self.index.end(user, Some(state), horizon, gap);
+        }
+        count
+    }
+
     /// How far behind the watermark a session's end must be before it is final.
     fn horizon(&self) -> i64 {
         self.gap()
@@ -461,6 +547,18 @@ impl Sessions {
     /// larger one) is superseded instead of outranking the cut session by its version.
     pub fn split_session_id(user_id: &str, start_ms: i64, max_session_ms: i64) -> String {
         Self::hash_id(user_id, start_ms, Some(max_session_ms))
+    }
+
+    /// The id a session whose id the prior rules used (`id`) takes under the rules in
+    /// force, with session gap `gap_ms`: "s-" + 32 hex chars of SHA-256 over ("rules", '\0',
+    /// id, '\0', "gap=" gap_ms). Deterministic, so a restart renames it the same way.
+    pub fn rules_session_id(id: &str, gap_ms: i64) -> String {
+        let mut hasher = Sha256::new();
+        hasher.update(b"rules\0");
+        hasher.update(id.as_bytes());
+        hasher.update(format!("\0gap={gap_ms}").as_bytes());
+        let digest = hasher.finalize();
+        format!("s-{}", hex::encode(&digest[..16]))
     }
 
     fn hash_id(user_id: &str, start_ms: i64, max_session_ms: Option<i64>) -> String {
@@ -953,6 +1051,7 @@ fn fold(state: &mut UserState, ev: Ev, user: &str, gap: i64, max: i64) -> Admit 
         insert_exact(open, at, Open::new(user, vec![ev], false, max));
         // Its id may be one an open session lists as superseded (a start that moved
         // away earlier): a session must never list a live one.
+        state.retire_ids(gap);
         state.unlist_current_ids();
         return Admit::Added;
     };
@@ -980,6 +1079,7 @@ fn fold(state: &mut UserState, ev: Ev, user: &str, gap: i64, max: i64) -> Admit 
             // The run's last session reached the maximum: this event starts the next.
             open[j].close_at_max(user, max);
             insert_exact(open, j + 1, Open::new(user, vec![ev], false, max));
+            state.retire_ids(gap);
             state.unlist_current_ids();
             return Admit::Added;
         }
@@ -989,6 +1089,7 @@ fn fold(state: &mut UserState, ev: Ev, user: &str, gap: i64, max: i64) -> Admit 
     } else {
         recut(open, lo, hi, ev, user, max);
     }
+    state.retire_ids(gap);
     state.unlist_current_ids();
     Admit::Added
 }

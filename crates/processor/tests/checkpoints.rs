@@ -25,6 +25,8 @@ fn checkpoint(users: usize, last_offset: i64) -> Checkpoint {
             .map(|i| format!("user-{i:09}"))
             .collect(),
         max_session_ms: Some(86_400_000),
+        session_gap_ms: Some(1_800_000),
+        prior_session_rules: None,
     }
 }
 

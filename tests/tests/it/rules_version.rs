@@ -597,3 +597,101 @@ async fn a_store_at_migration_3_gets_the_rules_version_column_even_after_a_half_
         ]
     );
 }
+
+/// `sessions` and `avg_pages` of the query API's `/v1/sessions` answer for `range`.
+async fn session_answer(api: &Api, range: &str) -> (u64, f64) {
+    let resp = reqwest::Client::new()
+        .get(format!("{}/v1/sessions?{range}", api.base))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.unwrap();
+    (
+        body["sessions"].as_u64().unwrap(),
+        body["avg_pages"].as_f64().unwrap(),
+    )
+}
+
+/// Issue #21: a shorter session gap at a restart (a promotion, a rollback) splits a
+/// session that was open at the switch. Its early result under the old gap (6 events)
+/// must not stay beside the new parts (3 + 4 events) — before the fix its id was the new
+/// first part's, with a higher version, and the query API counted 10 page views in two
+/// sessions instead of 7.
+#[tokio::test]
+async fn a_shorter_session_gap_at_a_restart_supersedes_the_open_session_it_splits() {
+    let kafka = pulse_tests::kafka();
+    let t = Topics::new();
+    let mut topics = cleanup::Topics::create(
+        &[&t.events, &t.activity, &t.sessions, &t.late, &t.dlq]
+            .map(|n| TopicSpec::new(n.as_str(), 1)),
+    )
+    .await;
+    topics.add(&t.checkpoints);
+    topics.add(&t.audit);
+    let registry = registry::start(&kafka).await;
+    registry::register_aggregates(&registry, &[&t.activity, &t.sessions]).await;
+    let registry_url = format!("http://{}", registry.addr);
+    let db = Database::unique("pulse_rules_gap");
+
+    let (processor, _) = start_processor(&processor_config(&t, &registry_url, 20_000)).await;
+    let writer = start_writer(&t, &db.database).await;
+    let base = (pulse_platform::clock::now_ms() - 600_000).div_euclid(WINDOW_MS) * WINDOW_MS;
+    // p: three views a second apart, a 12 s pause (within 20 s, beyond 5 s), three more.
+    let first: Vec<(String, i64)> = [1_000, 2_000, 3_000, 15_000, 16_000, 17_000]
+        .iter()
+        .enumerate()
+        .map(|(i, dt)| (format!("p{i}"), base + dt))
+        .collect();
+    let batch: Vec<(&str, &str, i64)> =
+        first.iter().map(|(id, t)| (id.as_str(), "p", *t)).collect();
+    produce(&t.events, &batch).await;
+    wait_until(
+        WAIT,
+        "p's open 6-event session (early) in ClickHouse",
+        async || {
+            let n: Vec<(u64, u8)> = db
+                .client()
+                .query("SELECT event_count, is_final FROM sessions WHERE user_id = 'p'")
+                .fetch_all()
+                .await
+                .unwrap_or_default();
+            if n.contains(&(6, 0)) { Ok(()) } else { Err(n) }
+        },
+    )
+    .await;
+    processor.stop().await;
+
+    // The new rules: a 5 s gap. One more view of p, then a far event closes everything.
+    let (processor, record) = start_processor(&processor_config(&t, &registry_url, 5_000)).await;
+    assert_eq!(record.action, rules::ACTION_RULES_CHANGED, "{record:?}");
+    produce(
+        &t.events,
+        &[("p6", "p", base + 18_000), ("z0", "z", base + 300_000)],
+    )
+    .await;
+    wait_until(WAIT, "p's sessions final in ClickHouse", async || {
+        let n: Vec<(i64, u64)> = db
+            .client()
+            .query("SELECT DISTINCT start_ms, event_count FROM sessions WHERE user_id = 'p' AND is_final = 1 ORDER BY start_ms")
+            .fetch_all()
+            .await
+            .unwrap_or_default();
+        if n == [(base + 1_000, 3), (base + 15_000, 4)] { Ok(()) } else { Err(n) }
+    })
+    .await;
+    processor.stop().await;
+    writer.stop().await;
+
+    let api = Api::start(&db).await;
+    let range = format!("from={}&to={}", base, base + 60_000);
+    assert_eq!(
+        session_answer(&api, &range).await,
+        (2, 3.5),
+        "two sessions of 3 and 4 page views; the old 6-view result is superseded"
+    );
+    api.stop().await;
+    registry.stop().await.unwrap();
+    drop(topics);
+}
