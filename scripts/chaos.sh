@@ -8,6 +8,7 @@
 #   scripts/chaos.sh --soak          every fault, three rounds (~15-20 min)
 #   scripts/chaos.sh --seed N        replay a run's faults and workload (the seed is printed)
 #   scripts/chaos.sh --keep          keep the state folder (logs, data) even on success
+#   scripts/chaos.sh --plan --seed N print the faults a seed injects, in order (no platform)
 #   scripts/chaos.sh --faults broker-stall,kill-ingest   only these faults (names: --help of
 #                                    tests/python/chaos.py)
 # Needs `cargo build --bins` first (scripts/test.sh does it); exits 1 naming each failed check.
@@ -16,6 +17,7 @@ REPO="$(cd "$(dirname "$0")/.." && pwd)"
 source "$REPO/scripts/lib.sh"
 
 args=()
+plan=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --soak) args+=(--profile soak) ;;
@@ -24,11 +26,13 @@ while [ $# -gt 0 ]; do
     --rate) args+=(--rate "${2:?--rate needs a number}"); shift ;;
     --keep) args+=(--keep) ;;
     --faults) args+=(--faults "${2:?--faults needs a list}"); shift ;;
-    *) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
+    --plan) args+=(--plan); plan=1 ;;
+    *) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 2 ;;
   esac
   shift
 done
 
+[ "$plan" = 0 ] || exec python3 "$REPO/tests/python/chaos.py" "${args[@]}"
 for bin in pulse-ingest pulse-processor pulse-writer pulse-query-api pulse-schema-registry pulsectl; do
   [ -x "$CARGO_TARGET_DIR/debug/$bin" ] || die "$CARGO_TARGET_DIR/debug/$bin is missing: run cargo build --bins"
 done

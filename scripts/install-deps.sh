@@ -43,7 +43,9 @@ fi
 # cargo_tool NAME VERSION BINARY WHY ESTIMATE FEATURES...: WHY says what the stack or the
 # tests use it for, ESTIMATE is the first build's time on 2 cores (a rough figure, each
 # tool its own; s3s-fs and cargo-machete measured at low priority on a busy 2-core machine:
-# 7.0 and 3.7 min, so upper bounds). The marker file keeps how long the build really took; a
+# 7.0 and 3.7 min, so upper bounds; on a fresh 2-core machine while a debug build of the
+# workspace and other cargo runs shared the cores: Tansu 31 min 44 s, s3s-fs 4 min 40 s,
+# cargo-machete 2 min 30 s). The marker file keeps how long the build really took; a
 # later run says the tool is cached and skips the build.
 cargo_tool() {
   local name=$1 version=$2 bin=$3 why=$4 estimate=$5 marker t0 took; shift 5
@@ -62,7 +64,7 @@ cargo_tool() {
   log "built $name $version in $took"
 }
 
-cargo_tool tansu "$TANSU_VERSION" tansu "the Kafka-API broker of the local stack and the tests" "~20 min" \
+cargo_tool tansu "$TANSU_VERSION" tansu "the Kafka-API broker of the local stack and the tests" "~20-32 min" \
   --no-default-features --features dynostore,libsql
 cargo_tool s3s-fs "$S3S_FS_VERSION" s3s-fs "the S3 server holding the Parquet archive" "~3-7 min" --features binary
 cargo_tool cargo-machete 0.9.2 cargo-machete "the unused-dependency check of scripts/checks.sh" "~2-4 min"

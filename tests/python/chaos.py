@@ -24,8 +24,9 @@ liveness probe would, and the table says so; if the broker is still broken 60 s 
 fault the suite restarts it as an operator would, and that fails the run); ClickHouse paused
 (a hung server); ClickHouse stopped for longer than the writers' max.poll.interval.ms, with
 a SIGTERM of the ClickHouse writer during the outage; S3 stopped. `quick` (run by
-scripts/test.sh) injects a seeded subset (every consumer kill, the broker stall, both
-ClickHouse faults, S3, one of the ingest/query-API kills); `soak` all of them, repeated.
+scripts/test.sh) injects a seeded subset (every consumer kill, the registry kill, a broker
+restart, the broker stall, both ClickHouse faults, S3, one of the ingest/query-API kills);
+`soak` all of them, repeated. `--plan` prints a seed's faults without running them.
 
 Restarts reuse each process's own command line, environment and working folder, read
 from /proc after `dev.sh up` started it, so they follow dev.sh as it changes. Any process
@@ -552,37 +553,46 @@ def stop_start(p: Platform, name: str, seconds: float) -> Fault:
     return f
 
 
-def plan(profile: str, rng: random.Random, only: list[str] | None = None) -> list:
-    """The faults, in order: each a callable taking the platform and returning a Fault."""
-    kills = [lambda p, n=n: kill_and_restart(p, n) for n in SERVICES]
-    stall = lambda p: pause(p, "kafka", MESSAGE_TIMEOUT_MS / 1000 * 2 + 2, "> producers' message timeout")
-    hung_ch = lambda p: pause(p, "clickhouse", 8, "hung server")
-    ch_out = lambda p: stop_clickhouse_and_term_writer(p, MAX_POLL_INTERVAL_MS / 1000 + 4)
-    s3_out = lambda p: stop_start(p, "s3", 8)
+def fault_table() -> dict:
+    """Every fault by its `--faults` name: a callable taking the platform, returning a Fault."""
+    named = {f"kill-{n}": (lambda p, n=n: kill_and_restart(p, n)) for n in SERVICES}
+    named.update({
+        "broker-restart": restart_broker,
+        "broker-stall": lambda p: pause(p, "kafka", MESSAGE_TIMEOUT_MS / 1000 * 2 + 2,
+                                        "> producers' message timeout"),
+        "clickhouse-pause": lambda p: pause(p, "clickhouse", 8, "hung server"),
+        "clickhouse-outage": lambda p: stop_clickhouse_and_term_writer(p, MAX_POLL_INTERVAL_MS / 1000 + 4),
+        "s3-outage": lambda p: stop_start(p, "s3", 8),
+    })
+    return named
+
+
+def plan(profile: str, rng: random.Random, only: list[str] | None = None) -> list[str]:
+    """The faults' names (keys of fault_table()), in order."""
     if only:
-        named = {f"kill-{n}": k for n, k in zip(SERVICES, kills)}
-        named.update({"broker-restart": lambda p: restart_broker(p), "broker-stall": stall,
-                      "clickhouse-pause": hung_ch, "clickhouse-outage": ch_out, "s3-outage": s3_out})
-        unknown = [n for n in only if n not in named]
+        unknown = [n for n in only if n not in fault_table()]
         if unknown:
-            raise SystemExit(f"--faults: unknown {unknown}; known: {', '.join(named)}")
-        return [named[n] for n in only]
+            raise SystemExit(f"--faults: unknown {unknown}; known: {', '.join(fault_table())}")
+        return list(only)
+    sinks = ["broker-stall", "clickhouse-pause", "clickhouse-outage", "s3-outage"]
     if profile == "quick":
         # A kill -9 of every consumer-group member (the processor and both writers: on
         # Tansu 0.6 a member's kill can leave its group formed with no assignment, which the
         # consumer watchdog repairs), one of ingest and the query API (seeded), the broker
         # stall (Tansu may then keep a group waiting for a leader that left, which the local
         # stack's broker supervisor repairs with a restart), a hung and a stopped ClickHouse
-        # (with the writer's SIGTERM), S3 stopped; in a seeded order. The registry kill and
-        # the broker restart are left to the soak.
-        others = [kills[SERVICES.index(n)] for n in ("ingest", "query-api")]
-        members = [kills[SERVICES.index(n)] for n in ("processor", "writer-clickhouse", "writer-parquet")]
-        chosen = [rng.choice(others), *members, stall, hung_ch, ch_out, s3_out]
+        # (with the writer's SIGTERM), S3 stopped; in a seeded order. Then the registry's
+        # kill -9 and a broker restart, each at a seeded position: drawn after the shuffle,
+        # so a seed orders the faults above as it did before these two joined.
+        members = ["kill-processor", "kill-writer-clickhouse", "kill-writer-parquet"]
+        chosen = [rng.choice(["kill-ingest", "kill-query-api"]), *members, *sinks]
         rng.shuffle(chosen)
+        for name in ("kill-schema-registry", "broker-restart"):
+            chosen.insert(rng.randrange(len(chosen) + 1), name)
         return chosen
-    rounds = []
+    rounds: list[str] = []
     for _ in range(3):
-        r = kills + [lambda p: restart_broker(p), stall, hung_ch, ch_out, s3_out]
+        r = [f"kill-{n}" for n in SERVICES] + ["broker-restart", *sinks]
         rng.shuffle(r)
         rounds += r
     return rounds
@@ -705,6 +715,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=None, help="faults' and workload's seed (default: clock)")
     ap.add_argument("--rate", type=float, default=None, help="loadgen events/s")
     ap.add_argument("--keep", action="store_true", help="keep the state folder even on success")
+    ap.add_argument("--plan", action="store_true", help="print the seed's faults in order and exit")
     ap.add_argument("--faults", default="", help="only these faults, in order (comma-separated; "
                     "kill-<service>, broker-restart, broker-stall, clickhouse-pause, clickhouse-outage, s3-outage)")
     args = ap.parse_args()
@@ -717,7 +728,12 @@ def main() -> int:
     rng = random.Random(seed)
     soak = args.profile == "soak"
     rate = args.rate or (40.0 if soak else 30.0)
-    say(f"profile {args.profile}, seed {seed} (re-run: scripts/chaos.sh {'--soak ' if soak else ''}--seed {seed})")
+    planned = plan(args.profile, rng, [f for f in args.faults.split(",") if f])
+    if args.plan:
+        print(f"profile {args.profile}, seed {seed}: {', '.join(planned)}")
+        return 0
+    say(f"profile {args.profile}, seed {seed} (re-run: scripts/chaos.sh {'--soak ' if soak else ''}--seed {seed}): "
+        + ", ".join(planned))
 
     state = Path(tempfile.mkdtemp(prefix="pulse-chaos."))
     env = dict(os.environ)
@@ -775,12 +791,12 @@ def main() -> int:
              "--expect-out", str(expect_file), "--record", str(record_file)],
             stdout=lg_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         time.sleep(6)
-        for inject in plan(args.profile, rng, [f for f in args.faults.split(",") if f]):
+        for name in planned:
             time.sleep(rng.uniform(2, 6))
             at = now()
-            say("injecting fault")
+            say(f"injecting fault {name}")
             sup_at = p.supervisor_log_at()
-            f = inject(p)
+            f = fault_table()[name](p)
             f._supervisor_at = sup_at  # type: ignore[attr-defined]
             f.at_s, f.lasted_s = at, now() - at
             say(f"{f.name}: lifted after {f.lasted_s:.1f}s; waiting for recovery")

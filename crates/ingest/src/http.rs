@@ -92,6 +92,8 @@ async fn post_events(State(state): State<HttpState>, req: Request) -> Result<Res
     .ok_or(Refusal::Unauthenticated {
         hint: HTTP_KEY_HINT,
     })?;
+    // The key's name (never the key) on the platform's completion line too.
+    pulse_platform::http::record_auth_key(req.extensions(), &caller.key);
     let span = caller.span(&peer, "http");
     serve_authenticated(state, req, headers, caller.source, parent)
         .instrument(span)

@@ -56,6 +56,12 @@ pub mod action {
     pub const REPLAY: &str = "replay";
     /// `pulsectl migrate`.
     pub const MIGRATE: &str = "migrate";
+    /// `pulsectl shadow promote check` (passed, or refused with the reasons).
+    pub const SHADOW_PROMOTE_CHECK: &str = "shadow.promote.check";
+    /// `pulsectl shadow promote finish` (refused, or passed and the shadow discarded).
+    pub const SHADOW_PROMOTE_FINISH: &str = "shadow.promote.finish";
+    /// `pulsectl shadow discard`.
+    pub const SHADOW_DISCARD: &str = "shadow.discard";
 }
 
 /// How an audited change ended.

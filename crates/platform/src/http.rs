@@ -4,7 +4,11 @@
 //! errors included, names that span in its `traceresponse` and `x-trace-id` headers.
 //! Label values stay bounded: routes are the matched templates (`/subjects/{subject}`) or
 //! `unmatched`, never raw paths, and methods other than the standard nine are `other`.
+//! A service's auth layer names the key a request authenticated with ([`record_auth_key`]):
+//! the name (never the key) is then on the request's span and its completion line as
+//! `auth.key`.
 
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request};
@@ -29,6 +33,29 @@ pub const X_TRACE_ID: HeaderName = HeaderName::from_static("x-trace-id");
 pub const UNMATCHED_ROUTE: &str = "unmatched";
 /// The `method` label of a request whose method is none of RFC 9110's eight and PATCH.
 pub const OTHER_METHOD: &str = "other";
+
+/// The request extension [`observe`] puts on every request for the service's auth layer
+/// to leave the name of the key (API key, bearer token) the request authenticated with;
+/// [`observe`] reads it when the answer is ready. Only a name, never a key: the platform
+/// knows nothing of a service's keys, the service calls [`record_auth_key`].
+#[derive(Debug, Clone, Default)]
+pub struct AuthKeySlot(Arc<OnceLock<String>>);
+
+impl AuthKeySlot {
+    /// The name recorded for this request, if any.
+    pub fn get(&self) -> Option<&str> {
+        self.0.get().map(String::as_str)
+    }
+}
+
+/// Records `name`, the name of the key the request with `extensions` authenticated with
+/// (never the key), for its completion line; the first name recorded stays. Without
+/// [`observe`] in front (no slot) it does nothing.
+pub fn record_auth_key(extensions: &axum::http::Extensions, name: &str) {
+    if let Some(slot) = extensions.get::<AuthKeySlot>() {
+        let _ = slot.0.set(name.to_owned());
+    }
+}
 
 /// Describes the HTTP metrics (call once per process; repeated calls are harmless).
 pub fn describe_metrics() {
@@ -107,7 +134,7 @@ pub fn insert_trace_headers(headers: &mut HeaderMap, span: &tracing::Span) {
 }
 
 /// Middleware: `Router::layer(axum::middleware::from_fn(pulse_platform::http::observe))`.
-pub async fn observe(req: Request, next: Next) -> Response {
+pub async fn observe(mut req: Request, next: Next) -> Response {
     let route = req
         .extensions()
         .get::<MatchedPath>()
@@ -119,14 +146,21 @@ pub async fn observe(req: Request, next: Next) -> Response {
         http.request.method = %method,
         http.route = %route,
         http.response.status_code = tracing::field::Empty,
+        auth.key = tracing::field::Empty,
     );
     let _ = span.set_parent(extract_context(req.headers()));
+    let slot = AuthKeySlot::default();
+    req.extensions_mut().insert(slot.clone());
     let started = Instant::now();
     let mut response = next.run(req).instrument(span.clone()).await;
     insert_trace_headers(response.headers_mut(), &span);
     let status = response.status().as_u16();
     let elapsed = started.elapsed().as_secs_f64();
     span.record("http.response.status_code", status);
+    let key = slot.get();
+    if let Some(key) = key {
+        span.record("auth.key", key);
+    }
     metrics::counter!(HTTP_REQUESTS_TOTAL, "route" => route.clone(), "method" => method, "status" => status.to_string())
         .increment(1);
     metrics::histogram!(HTTP_REQUEST_SECONDS, "route" => route.clone(), "method" => method)
@@ -137,6 +171,7 @@ pub async fn observe(req: Request, next: Next) -> Response {
                 status,
                 route,
                 method,
+                auth.key = key,
                 elapsed_ms = elapsed * 1e3,
                 "request failed"
             );
@@ -145,6 +180,7 @@ pub async fn observe(req: Request, next: Next) -> Response {
                 status,
                 route,
                 method,
+                auth.key = key,
                 elapsed_ms = elapsed * 1e3,
                 "request served"
             );
@@ -240,6 +276,64 @@ mod tests {
             assert_ne!(id.as_str(), "4bf92f3577b34da6a3ce929d0e0e4736");
         }
         assert_ne!(a, b, "each request starts its own trace");
+    }
+
+    /// A writer capturing log lines in memory.
+    #[derive(Clone, Default)]
+    struct Capture(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Capture {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    impl<'w> tracing_subscriber::fmt::MakeWriter<'w> for Capture {
+        type Writer = Capture;
+        fn make_writer(&'w self) -> Capture {
+            self.clone()
+        }
+    }
+
+    #[tokio::test]
+    async fn the_completion_line_names_the_key_the_auth_layer_recorded() {
+        let capture = Capture::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(capture.clone())
+            .with_max_level(tracing::Level::DEBUG)
+            .with_ansi(false)
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let app = axum::Router::new()
+            .route(
+                "/keyed",
+                axum::routing::get(|req: Request<Body>| async move {
+                    super::record_auth_key(req.extensions(), "grafana-2026");
+                    super::record_auth_key(req.extensions(), "second-name-ignored");
+                    (axum::http::StatusCode::BAD_REQUEST, "bad")
+                }),
+            )
+            .route("/anonymous", axum::routing::get(|| async { "ok" }))
+            .layer(axum::middleware::from_fn(super::observe));
+        for path in ["/keyed", "/anonymous"] {
+            let req = Request::get(path).body(Body::empty()).unwrap();
+            let r = app.clone().into_service().call(req).await.unwrap();
+            assert!(r.status().as_u16() < 500, "{path}");
+        }
+        let text = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+        let line = |route: &str| {
+            text.lines()
+                .find(|l| l.contains("request served") && l.contains(&format!("route=\"{route}\"")))
+                .unwrap_or_else(|| panic!("no completion line of {route} in\n{text}"))
+                .to_owned()
+        };
+        let keyed = line("/keyed");
+        assert!(keyed.contains("auth.key=\"grafana-2026\""), "{keyed}");
+        assert!(!text.contains("second-name-ignored"), "{text}");
+        let anonymous = line("/anonymous");
+        assert!(!anonymous.contains("auth.key"), "{anonymous}");
     }
 
     #[test]

@@ -11,14 +11,11 @@
 //! machine and run; any rule value changes it; settings that are not rules (emit interval,
 //! idle timeout, topics, budgets, …) are not in it.
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use pulse_platform::audit::{AuditRecord, Outcome, write_now};
-use pulse_platform::kafka::{KafkaConfig, RecordProducer};
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError;
-use rdkafka::message::Message;
-use rdkafka::{Offset, TopicPartitionList};
+use pulse_platform::kafka::reader::ReadError;
+use pulse_platform::kafka::{KafkaConfig, RecordProducer, Start, TopicReader};
 use sha2::{Digest, Sha256};
 
 /// Audit action of a start whose rules version equals the last one recorded (or the first
@@ -36,7 +33,7 @@ pub const MAX_NAME_LEN: usize = 64;
 
 /// At most this many of the newest records per partition of the audit topic are read to
 /// find the last rules version (the trail holds administrative changes, not data).
-const AUDIT_READ_MAX_RECORDS: i64 = 100_000;
+const AUDIT_READ_MAX_RECORDS: u64 = 100_000;
 
 /// The rules that change the numbers. Event types are fixed in the code today
 /// ([`crate::model::InputEvent`]); they are part of the canonical text so that making one
@@ -189,91 +186,35 @@ pub fn last_recorded<'a>(
         .map(|(_, v)| v.to_owned())
 }
 
-/// Reads the newest records (at most [`AUDIT_READ_MAX_RECORDS`] per partition) of the
-/// audit topic `topic`, up to its end when the read started. Blocking; assigns the
-/// partitions directly (no group membership, nothing committed).
-fn read_audit_blocking(
-    kafka: &KafkaConfig,
-    topic: &str,
-    timeout: Duration,
-) -> Result<Vec<AuditRecord>, KafkaError> {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_nanos())
-        .unwrap_or(0);
-    let mut c = kafka.consumer_client_config("pulse-processor-audit");
-    c.set(
-        "group.id",
-        format!("pulse-processor-audit-{}-{nanos}", std::process::id()),
-    )
-    .set("enable.auto.commit", "false")
-    .set("enable.auto.offset.store", "false")
-    .set("enable.partition.eof", "false")
-    .set("auto.offset.reset", "earliest");
-    let consumer: BaseConsumer = c.create()?;
-    let metadata = consumer.fetch_metadata(Some(topic), timeout)?;
-    let partitions: Vec<i32> = metadata
-        .topics()
-        .iter()
-        .filter(|t| t.name() == topic && t.error().is_none())
-        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-        .collect();
-    let mut remaining = std::collections::BTreeMap::new();
-    let mut tpl = TopicPartitionList::new();
-    for p in partitions {
-        let (low, high) = consumer.fetch_watermarks(topic, p, timeout)?;
-        if high > low {
-            let from = low.max(high - AUDIT_READ_MAX_RECORDS);
-            tpl.add_partition_offset(topic, p, Offset::Offset(from))?;
-            remaining.insert(p, high - 1);
-        }
-    }
-    let mut out = Vec::new();
-    if remaining.is_empty() {
-        return Ok(out);
-    }
-    consumer.assign(&tpl)?;
-    let deadline = Instant::now() + timeout;
-    while !remaining.is_empty() {
-        if Instant::now() > deadline {
-            return Err(KafkaError::Canceled);
-        }
-        let Some(msg) = consumer.poll(Duration::from_millis(200)) else {
-            continue;
-        };
-        let msg = msg?;
-        let Some(last) = remaining.get(&msg.partition()).copied() else {
-            continue;
-        };
-        if let Some(r) = msg.payload().and_then(AuditRecord::from_json) {
-            out.push(r);
-        }
-        if msg.offset() >= last {
-            remaining.remove(&msg.partition());
-        }
-    }
-    Ok(out)
-}
-
-/// The last rules version recorded for `target` in the audit topic.
+/// The last rules version recorded for `target` in the audit topic: read from the newest
+/// records (at most [`AUDIT_READ_MAX_RECORDS`] per partition) up to the topic's end when
+/// the read started, within `timeout` (partitions assigned directly: no group membership,
+/// nothing committed). A topic that does not exist holds no record.
 pub async fn previous(
     kafka: &KafkaConfig,
     topic: &str,
     target: &str,
     timeout: Duration,
 ) -> Previous {
-    let (kafka, topic_owned) = (kafka.clone(), topic.to_owned());
-    let read =
-        tokio::task::spawn_blocking(move || read_audit_blocking(&kafka, &topic_owned, timeout))
-            .await
-            .map_err(|_| KafkaError::Canceled)
-            .and_then(|r| r);
+    let read = TopicReader::new(kafka, "pulse-processor-audit", topic)
+        .with_start(Start::Last(AUDIT_READ_MAX_RECORDS))
+        .with_timeout(timeout)
+        .read()
+        .await;
     match read {
-        Ok(records) => match last_recorded(&records, target) {
-            Some(v) => Previous::Recorded(v),
-            None => Previous::None,
-        },
-        Err(e) => Previous::Unknown(format!("reading {topic}: {e}")),
+        Ok(records) => {
+            let records: Vec<AuditRecord> = records
+                .iter()
+                .filter_map(|r| r.value.as_deref().and_then(AuditRecord::from_json))
+                .collect();
+            match last_recorded(&records, target) {
+                Some(v) => Previous::Recorded(v),
+                None => Previous::None,
+            }
+        }
+        Err(ReadError::NoTopic(_)) => Previous::None,
+        // The message names the topic and the reason.
+        Err(e) => Previous::Unknown(e.to_string()),
     }
 }
 

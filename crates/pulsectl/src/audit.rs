@@ -3,8 +3,9 @@
 //! the topic (`--source topic`, the default) or from the writer's ClickHouse copy
 //! (`--source clickhouse`, table `audit_log`); and
 //! [`record`], with which the commands that change things (`dlq redrive`, `replay`,
-//! `migrate`) write their own record: who (`--actor`, else `$USER`), what, the outcome.
-//! The record format and its producer are platform's; reading the topic is `dlq::read`'s.
+//! `migrate`, `shadow discard`, `shadow promote check|finish`) write their own record: who (`--actor`, else `$USER`), what, the outcome.
+//! The record format and its producer are platform's; reading the topic is `dlq::read`'s
+//! (platform's `kafka::reader`).
 
 use std::time::Duration;
 
@@ -15,7 +16,8 @@ use pulse_platform::config::{Validate, validate_all};
 use pulse_platform::kafka::{KafkaConfig, KafkaProducer, ensure_topics};
 use serde_json::json;
 
-use crate::dlq::{ReadError, read_topic};
+use crate::dlq::ReadError;
+use crate::dlq::read::read_records;
 use crate::progress::{Progress, ProgressArgs};
 
 /// Who runs `pulsectl` and where its audit records go; global flags, so they may be
@@ -26,7 +28,8 @@ pub struct AuditArgs {
     /// (default: `$USER`).
     #[arg(long = "actor", env = "PULSE_ACTOR", global = true)]
     pub actor: Option<String>,
-    /// The audit topic: written by `dlq redrive`, `replay` and `migrate`, read by `audit`.
+    /// The audit topic: written by `dlq redrive`, `replay`, `migrate`, `shadow discard` and
+    /// `shadow promote`, read by `audit`.
     #[arg(
         long = "audit-topic",
         env = "PULSE_AUDIT_TOPIC",
@@ -194,10 +197,10 @@ pub async fn list(
         None => None,
     };
     let records = match args.source {
-        Source::Topic => read_topic(&args.kafka, topic, args.read_timeout, progress)
+        Source::Topic => read_records(&args.kafka, topic, args.read_timeout, progress)
             .await?
             .iter()
-            .filter_map(|r| AuditRecord::from_json(&r.payload))
+            .filter_map(|r| AuditRecord::from_json(r.value_or_empty()))
             .collect(),
         Source::Clickhouse => read_table(args, topic, since).await?,
     };

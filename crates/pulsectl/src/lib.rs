@@ -71,7 +71,8 @@ pub enum Command {
     /// path, revenue equal to the query API's (`ledger watch`: continuously, with metrics).
     Ledger(Box<ledger::LedgerArgs>),
     /// List the audit trail: schema changes, refused writes, key reloads, redrives,
-    /// replays and migrations, with who, what, when and the outcome.
+    /// replays, migrations and shadow discards and promotions, with who, what, when and
+    /// the outcome.
     Audit(Box<audit::ListArgs>),
     /// A shadow processor: register its schemas, diff it against live, discard it.
     Shadow {
@@ -174,7 +175,7 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
         }
         Command::Ledger(args) => ledger::run(*args, progress).await,
         Command::Audit(args) => audit::run(*args, &cli.audit, progress).await,
-        Command::Shadow { command } => shadow::run(command).await,
+        Command::Shadow { command } => shadow::run(command, &cli.audit).await,
     }
 }
 

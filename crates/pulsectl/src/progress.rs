@@ -1,5 +1,6 @@
-//! Progress of long `pulsectl` work (`replay`, `dlq redrive`, `loadgen`, `migrate`) on
-//! stderr: an indicatif bar with rate and ETA on a terminal, plain lines every
+//! Progress of long `pulsectl` work (`replay`, `dlq redrive` and `dlq inspect`'s topic read,
+//! `loadgen`, `migrate`, `ledger --from --to`, `audit`'s topic read) on stderr: an indicatif
+//! bar with rate and ETA (`unknown` until something moved) on a terminal, plain lines every
 //! `--progress-interval` (done/total, rate, ETA) when stderr is a file or pipe, or nothing
 //! (`--progress off`). stdout stays the commands' own, machine-readable output. What counts
 //! as done and what the total is belongs to each command; this module only shows it.
@@ -30,9 +31,9 @@ pub enum Mode {
 /// The progress flags, global to every command.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ProgressArgs {
-    /// How long-running commands (replay, dlq redrive, loadgen, migrate) show progress on
-    /// stderr: `auto` (a bar with rate and ETA on a terminal, plain lines otherwise),
-    /// `bar`, `plain` or `off`.
+    /// How long-running commands (replay, dlq redrive and inspect, loadgen, migrate,
+    /// ledger --from --to, audit) show progress on stderr: `auto` (a bar with rate and ETA
+    /// on a terminal, plain lines otherwise), `bar`, `plain` or `off`.
     #[arg(
         long = "progress",
         global = true,
@@ -306,6 +307,17 @@ fn bar_style(unit: &str, known_total: bool) -> ProgressStyle {
     ProgressStyle::with_template(&bar_template(unit, known_total))
         .unwrap_or_else(|_| ProgressStyle::default_bar())
         .progress_chars("=> ")
+        .with_key("eta", bar_eta)
+}
+
+/// The bar's `{eta}`: what is left at the bar's rate, as in the plain lines; `unknown`
+/// while nothing moves (indicatif's own says `0s` until the first unit is done).
+fn bar_eta(state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write) {
+    let text = match eta(state.pos(), state.len(), Some(state.per_sec())) {
+        Some(left) => short_duration(left),
+        None => "unknown".to_owned(),
+    };
+    let _ = w.write_str(&text);
 }
 
 impl Progress {
@@ -583,6 +595,79 @@ mod tests {
             assert!(t.contains("{per_sec:1}") && t.contains("objects"), "{t}");
         }
         assert!(bar_template("x", true).contains("ETA {eta}"));
+    }
+
+    /// A terminal that keeps what is written to it.
+    #[derive(Debug, Clone, Default)]
+    struct Screen(Arc<Mutex<String>>);
+
+    impl Screen {
+        fn take(&self) -> String {
+            std::mem::take(&mut *self.0.lock().unwrap())
+        }
+    }
+
+    impl indicatif::TermLike for Screen {
+        fn width(&self) -> u16 {
+            160
+        }
+        fn move_cursor_up(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_down(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_right(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn move_cursor_left(&self, _: usize) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn write_line(&self, s: &str) -> std::io::Result<()> {
+            self.write_str(&format!("{s}\n"))
+        }
+        fn write_str(&self, s: &str) -> std::io::Result<()> {
+            self.0.lock().unwrap().push_str(s);
+            Ok(())
+        }
+        fn clear_line(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+        fn flush(&self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_bar_shows_rate_and_eta_and_an_unknown_eta_before_anything_moved() {
+        let screen = Screen::default();
+        let bar = ProgressBar::with_draw_target(
+            Some(90),
+            ProgressDrawTarget::term_like(Box::new(screen.clone())),
+        )
+        .with_style(bar_style("events", true))
+        .with_prefix("loadgen");
+        bar.tick();
+        let first = screen.take();
+        assert!(
+            first.contains("loadgen [") && first.contains("0/90 events (0%) 0/s ETA unknown"),
+            "{first:?}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        bar.set_position(9);
+        let moving = screen.take();
+        let moved = moving.lines().last().unwrap_or_default();
+        assert!(
+            moved.contains("[===>") && moved.contains("9/90 events (10%) "),
+            "{moving:?}"
+        );
+        let eta = moved.split(" ETA ").nth(1).unwrap_or_default().trim();
+        assert!(
+            moved.contains("/s ETA ") && !["", "0s", "unknown"].contains(&eta),
+            "a rate and a time left: {moving:?}"
+        );
+        bar.set_position(90);
+        assert!(screen.take().contains("90/90 events (100%)"));
     }
 
     #[test]

@@ -3,9 +3,10 @@
 //! docs/operations.md). `schemas` registers the aggregate schemas under the shadow
 //! topics' subjects; `diff` compares the live and the shadow aggregates of closed windows
 //! in ClickHouse, per metric, window and key, and fails when they differ beyond the
-//! tolerance; `discard` drops the shadow's tables, consumer groups and topics. The table
-//! and topic names come from `pulse_storage::migrate` and `pulse_contracts::topics`;
-//! `promote` (the checks around a promotion, then discard) is `shadow::promote`.
+//! tolerance; `discard` drops the shadow's tables, consumer groups, topics and registry
+//! subjects. The table and topic names come from `pulse_storage::migrate` and
+//! `pulse_contracts::topics`; `promote` (the checks around a promotion, then discard) is
+//! `shadow::promote`. `discard` and `promote` write an audit record (`crate::audit`).
 
 pub mod promote;
 
@@ -15,15 +16,20 @@ use std::time::Duration;
 
 use pulse_contracts::schemas::{SESSION, USER_WINDOW_ACTIVITY, value_subject};
 use pulse_contracts::topics;
+use pulse_platform::audit::action;
 use pulse_platform::clickhouse::ClickHouseConfig;
-use pulse_platform::config::validate_all;
+use pulse_platform::config::{Validate as _, validate_all};
 use pulse_platform::kafka::KafkaConfig;
 use pulse_platform::registry_auth::RegistryAuthArgs;
+use pulse_platform::secret::Secret;
 use pulse_platform::windowing::WindowSettings;
 use pulse_storage::migrate;
 use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
+use rdkafka::types::RDKafkaErrorCode;
 use serde_json::json;
+
+use crate::audit::{self, AuditArgs};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum ShadowCommand {
@@ -33,7 +39,8 @@ pub enum ShadowCommand {
     /// Compare the live and the shadow aggregates of the closed windows of a range; exits
     /// 1 when a metric differs beyond the tolerance, 0 when they are equal.
     Diff(Box<DiffArgs>),
-    /// Drop the shadow's tables and delete its consumer groups and topics.
+    /// Drop the shadow's tables and delete its consumer groups, topics and schema-registry
+    /// subjects (audited as `shadow.discard`).
     Discard(Box<DiscardArgs>),
     /// Promote the shadow's version to live: `check` before the switch (refuses unless
     /// the diff is within the tolerance on a closed range), `finish` after it (refuses
@@ -124,8 +131,21 @@ pub struct DiscardArgs {
     /// Keep the consumer groups.
     #[arg(long = "keep-groups")]
     pub keep_groups: bool,
+    /// Keep the shadow topics' schema-registry subjects (`<topic>-value`).
+    #[arg(long = "keep-subjects")]
+    pub keep_subjects: bool,
+    /// Schema registry base URL, where the shadow topics' subjects are deleted.
+    #[arg(
+        long = "schema-registry-url",
+        env = "PULSE_SCHEMA_REGISTRY_URL",
+        default_value = "http://127.0.0.1:8081"
+    )]
+    pub registry_url: String,
+    #[command(flatten)]
+    pub registry_auth: RegistryAuthArgs,
     #[command(flatten)]
     pub clickhouse: ClickHouseConfig,
+    /// The broker of the shadow's groups and topics, and of the audit record.
     #[command(flatten)]
     pub kafka: KafkaConfig,
 }
@@ -152,6 +172,24 @@ impl DiscardArgs {
             topics::shadow_group(&self.writer_group, &self.shadow),
         ]
     }
+
+    /// The registry subjects of the shadow topics (TopicNameStrategy, `<topic>-value`):
+    /// `shadow schemas` registers those of the aggregates' topics; the others are
+    /// deleted too in case something registered them.
+    pub fn subjects(&self) -> Vec<String> {
+        self.topics().iter().map(|t| value_subject(t)).collect()
+    }
+
+    /// Checks the flags `discard` needs (ClickHouse, Kafka, registry credentials).
+    fn validate(&self) -> Result<(), pulse_platform::config::ConfigErrors> {
+        let mut problems = pulse_platform::config::Problems::default();
+        self.clickhouse.validate(&mut problems);
+        self.kafka.validate(&mut problems);
+        if !self.keep_subjects {
+            self.registry_auth.validate(&mut problems);
+        }
+        problems.into_result()
+    }
 }
 
 /// Why a shadow command failed.
@@ -171,8 +209,6 @@ pub enum ShadowError {
     Migrate(#[from] migrate::MigrateError),
     #[error("schema registry: {0}")]
     Registry(String),
-    #[error("kafka admin client: {0}")]
-    Kafka(#[from] rdkafka::error::KafkaError),
     #[error("the shadow differs from live in {0} metric window(s) beyond the tolerance")]
     Differs(usize),
     #[error("discard finished with {0} failed step(s) (listed above)")]
@@ -616,18 +652,13 @@ pub async fn register_schemas(args: &SchemasArgs) -> Result<Vec<(String, u64)>, 
     ] {
         let subject = value_subject(&topics::shadow_topic(live, &args.shadow));
         let url = format!("{base}/subjects/{subject}/versions");
-        let mut req = client
-            .post(&url)
-            .header("Content-Type", "application/vnd.schemaregistry.v1+json")
-            .json(&json!({ "schemaType": "PROTOBUF", "schema": schema.file.source }));
-        if let Some((user, password)) = args
+        let credentials = args
             .registry_auth
             .credentials()
-            .map_err(ShadowError::Registry)?
-        {
-            req = req.basic_auth(user, Some(password.expose()));
-        }
-        let resp = req
+            .map_err(ShadowError::Registry)?;
+        let resp = authenticated(client.post(&url), credentials.as_ref())
+            .header("Content-Type", "application/vnd.schemaregistry.v1+json")
+            .json(&json!({ "schemaType": "PROTOBUF", "schema": schema.file.source }))
             .send()
             .await
             .map_err(|e| ShadowError::Registry(format!("{url}: {e}")))?;
@@ -644,84 +675,328 @@ pub async fn register_schemas(args: &SchemasArgs) -> Result<Vec<(String, u64)>, 
     Ok(out)
 }
 
-/// Drops the tables, then deletes the groups and topics (unless kept); prints each step.
-/// Returns the number of failed steps (every step is attempted).
-pub async fn discard(args: &DiscardArgs) -> Result<usize, ShadowError> {
-    let mut failed = 0;
-    match migrate::drop_shadow_tables(&args.clickhouse, &args.shadow).await {
-        Ok(tables) => {
-            for t in tables {
-                println!(
-                    "dropped table {}.{t} (if it existed)",
-                    args.clickhouse.database
-                );
+/// What `discard` did, step by step: `<kind> <name>` per table, group, topic and subject.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DiscardSummary {
+    /// Removed (a table: dropped if it existed).
+    pub removed: Vec<String>,
+    /// Not there: nothing to remove.
+    pub missing: Vec<String>,
+    /// Kept by a `--keep-*` flag.
+    pub kept: Vec<String>,
+    /// Failed, with the reason (every step is attempted).
+    pub failed: Vec<String>,
+}
+
+impl DiscardSummary {
+    /// One line for the audit record and the end of the output.
+    pub fn detail(&self) -> String {
+        let part = |what: &str, items: &[String]| {
+            (!items.is_empty()).then(|| format!("{what} {}", items.join(", ")))
+        };
+        let parts: Vec<String> = [
+            part("removed", &self.removed),
+            part("not found", &self.missing),
+            part("kept", &self.kept),
+            part("FAILED", &self.failed),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if parts.is_empty() {
+            "nothing to do".to_owned()
+        } else {
+            parts.join("; ")
+        }
+    }
+}
+
+/// Consumer groups or topics, as `discard` deletes them.
+#[derive(Debug, Clone, Copy)]
+enum KafkaKind {
+    Group,
+    Topic,
+}
+
+impl KafkaKind {
+    fn noun(self) -> &'static str {
+        match self {
+            Self::Group => "consumer group",
+            Self::Topic => "topic",
+        }
+    }
+
+    fn keep_flag(self) -> &'static str {
+        match self {
+            Self::Group => "--keep-groups",
+            Self::Topic => "--keep-topics",
+        }
+    }
+
+    /// The broker's answer for a name that is not there: nothing to delete (a group
+    /// that never committed, a topic never created).
+    fn absent(self) -> RDKafkaErrorCode {
+        match self {
+            Self::Group => RDKafkaErrorCode::GroupIdNotFound,
+            Self::Topic => RDKafkaErrorCode::UnknownTopicOrPartition,
+        }
+    }
+}
+
+/// Deletes the consumer groups or topics `names` (unless `keep`), printing and counting
+/// each one in `summary`.
+async fn delete_kafka(
+    admin: &AdminClient<DefaultClientContext>,
+    kind: KafkaKind,
+    names: &[String],
+    keep: bool,
+    summary: &mut DiscardSummary,
+) {
+    let noun = kind.noun();
+    if keep {
+        println!("kept {noun}s {names:?} ({})", kind.keep_flag());
+        summary
+            .kept
+            .extend(names.iter().map(|n| format!("{noun} {n}")));
+        return;
+    }
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let answer = match kind {
+        KafkaKind::Group => admin.delete_groups(&refs, &opts).await,
+        KafkaKind::Topic => admin.delete_topics(&refs, &opts).await,
+    };
+    match answer {
+        Ok(results) => {
+            for r in results {
+                match r {
+                    Ok(n) => {
+                        println!("deleted {noun} {n}");
+                        summary.removed.push(format!("{noun} {n}"));
+                    }
+                    Err((n, code)) if code == kind.absent() => {
+                        println!("{noun} {n} does not exist");
+                        summary.missing.push(format!("{noun} {n}"));
+                    }
+                    Err((n, code)) => {
+                        println!("FAILED deleting {noun} {n}: {code}");
+                        summary.failed.push(format!("{noun} {n}: {code}"));
+                    }
+                }
             }
         }
         Err(e) => {
-            failed += 1;
-            println!("FAILED dropping the shadow tables: {e}");
+            println!("FAILED deleting {noun}s {names:?}: {e}");
+            summary
+                .failed
+                .extend(names.iter().map(|n| format!("{noun} {n}: {e}")));
         }
     }
-    let admin: AdminClient<DefaultClientContext> =
-        args.kafka.client_config("pulsectl-shadow").create()?;
-    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-    if args.keep_groups {
-        println!("kept consumer groups {:?} (--keep-groups)", args.groups());
-    } else {
-        let groups = args.groups();
-        let names: Vec<&str> = groups.iter().map(String::as_str).collect();
-        match admin.delete_groups(&names, &opts).await {
-            Ok(results) => {
-                for r in results {
-                    match r {
-                        Ok(g) => println!("deleted consumer group {g}"),
-                        // A group that never committed is not there: nothing to delete.
-                        Err((g, rdkafka::types::RDKafkaErrorCode::GroupIdNotFound)) => {
-                            println!("consumer group {g} does not exist")
-                        }
-                        Err((g, code)) => {
-                            failed += 1;
-                            println!("FAILED deleting consumer group {g}: {code}");
-                        }
-                    }
-                }
-            }
-            Err(e) => {
-                failed += 1;
-                println!("FAILED deleting consumer groups {groups:?}: {e}");
-            }
-        }
-    }
-    if args.keep_topics {
-        println!("kept topics {:?} (--keep-topics)", args.topics());
-    } else {
-        let topics = args.topics();
-        let names: Vec<&str> = topics.iter().map(String::as_str).collect();
-        match admin.delete_topics(&names, &opts).await {
-            Ok(results) => {
-                for r in results {
-                    match r {
-                        Ok(t) => println!("deleted topic {t}"),
-                        Err((t, rdkafka::types::RDKafkaErrorCode::UnknownTopicOrPartition)) => {
-                            println!("topic {t} does not exist")
-                        }
-                        Err((t, code)) => {
-                            failed += 1;
-                            println!("FAILED deleting topic {t}: {code}");
-                        }
-                    }
-                }
-            }
-            Err(e) => {
-                failed += 1;
-                println!("FAILED deleting topics {topics:?}: {e}");
-            }
-        }
-    }
-    Ok(failed)
 }
 
-pub async fn run(command: ShadowCommand) -> Result<(), crate::Error> {
+/// Adds the basic-auth header of `credentials`, if any.
+fn authenticated(
+    req: reqwest::RequestBuilder,
+    credentials: Option<&(String, Secret)>,
+) -> reqwest::RequestBuilder {
+    match credentials {
+        Some((user, password)) => req.basic_auth(user, Some(password.expose())),
+        None => req,
+    }
+}
+
+/// A registry answer: the status, and the body as JSON (`Null` if it is not).
+async fn registry_call(
+    req: reqwest::RequestBuilder,
+    url: &str,
+) -> Result<(reqwest::StatusCode, serde_json::Value), String> {
+    let resp = req
+        .send()
+        .await
+        .map_err(|e| format!("{url}: {}", pulse_platform::clickhouse::error_chain(&e)))?;
+    let status = resp.status();
+    Ok((status, resp.json().await.unwrap_or(serde_json::Value::Null)))
+}
+
+/// The versions a registry DELETE answered with.
+fn versions_of(body: &serde_json::Value) -> Vec<u64> {
+    body.as_array()
+        .map(|a| a.iter().filter_map(serde_json::Value::as_u64).collect())
+        .unwrap_or_default()
+}
+
+/// Deletes `subject` as Confluent's API requires: soft (`DELETE /subjects/{s}`), then
+/// permanently (`?permanent=true`, refused for a subject not soft-deleted first). A
+/// subject already soft-deleted answers 404 to the first and is then removed by the
+/// second. Returns the versions removed, or `None` when the subject does not exist.
+async fn delete_subject(
+    client: &reqwest::Client,
+    base: &str,
+    credentials: Option<&(String, Secret)>,
+    subject: &str,
+) -> Result<Option<Vec<u64>>, String> {
+    let refusal = |step: &str, status: reqwest::StatusCode, body: &serde_json::Value| {
+        format!(
+            "{step} delete: registry answered {status}: {}",
+            body["message"].as_str().unwrap_or("no message")
+        )
+    };
+    let url = format!("{base}/subjects/{subject}");
+    let (status, body) =
+        registry_call(authenticated(client.delete(&url), credentials), &url).await?;
+    let soft = if status.is_success() {
+        Some(versions_of(&body))
+    } else if status == reqwest::StatusCode::NOT_FOUND {
+        // 40401: no such subject; 40404: soft-deleted already.
+        None
+    } else {
+        return Err(refusal("soft", status, &body));
+    };
+    let url = format!("{url}?permanent=true");
+    let (status, body) =
+        registry_call(authenticated(client.delete(&url), credentials), &url).await?;
+    if status.is_success() {
+        Ok(Some(versions_of(&body)))
+    } else if status == reqwest::StatusCode::NOT_FOUND && body["error_code"] == 40401 {
+        Ok(soft)
+    } else {
+        Err(refusal("permanent", status, &body))
+    }
+}
+
+/// Deletes the shadow topics' subjects (unless `--keep-subjects`), printing and counting
+/// each one in `summary`.
+async fn delete_subjects(args: &DiscardArgs, summary: &mut DiscardSummary) {
+    let subjects = args.subjects();
+    if args.keep_subjects {
+        println!("kept subjects {subjects:?} (--keep-subjects)");
+        summary
+            .kept
+            .extend(subjects.iter().map(|s| format!("subject {s}")));
+        return;
+    }
+    let client = crate::schemas::registry_client(&args.registry_auth).map_err(|e| e.to_string());
+    let credentials = args
+        .registry_auth
+        .credentials()
+        .map_err(|e| format!("schema registry credentials: {e}"));
+    let (client, credentials) = match (client, credentials) {
+        (Ok(c), Ok(creds)) => (c, creds),
+        (Err(e), _) | (_, Err(e)) => {
+            println!("FAILED deleting subjects {subjects:?}: {e}");
+            summary
+                .failed
+                .extend(subjects.iter().map(|s| format!("subject {s}: {e}")));
+            return;
+        }
+    };
+    let base = args.registry_url.trim_end_matches('/');
+    for subject in subjects {
+        match delete_subject(&client, base, credentials.as_ref(), &subject).await {
+            Ok(Some(versions)) => {
+                println!("deleted subject {subject} (versions {versions:?}, permanently)");
+                summary.removed.push(format!("subject {subject}"));
+            }
+            Ok(None) => {
+                println!("subject {subject} does not exist");
+                summary.missing.push(format!("subject {subject}"));
+            }
+            Err(e) => {
+                println!("FAILED deleting subject {subject}: {e}");
+                summary.failed.push(format!("subject {subject}: {e}"));
+            }
+        }
+    }
+}
+
+/// Drops the tables, then deletes the groups, topics and registry subjects (unless
+/// kept); prints each step. Every step is attempted; the failed ones are in the summary.
+pub async fn discard(args: &DiscardArgs) -> DiscardSummary {
+    let mut summary = DiscardSummary::default();
+    let db = &args.clickhouse.database;
+    match migrate::drop_shadow_tables(&args.clickhouse, &args.shadow).await {
+        Ok(tables) => {
+            for t in tables {
+                println!("dropped table {db}.{t} (if it existed)");
+                summary.removed.push(format!("table {db}.{t}"));
+            }
+        }
+        Err(e) => {
+            println!("FAILED dropping the shadow tables: {e}");
+            summary.failed.push(format!("tables: {e}"));
+        }
+    }
+    let admin: Result<AdminClient<DefaultClientContext>, _> =
+        args.kafka.client_config("pulsectl-shadow").create();
+    match admin {
+        Ok(admin) => {
+            delete_kafka(
+                &admin,
+                KafkaKind::Group,
+                &args.groups(),
+                args.keep_groups,
+                &mut summary,
+            )
+            .await;
+            delete_kafka(
+                &admin,
+                KafkaKind::Topic,
+                &args.topics(),
+                args.keep_topics,
+                &mut summary,
+            )
+            .await;
+        }
+        Err(e) => {
+            println!("FAILED creating the Kafka admin client: {e}");
+            summary.failed.push(format!("kafka admin client: {e}"));
+        }
+    }
+    delete_subjects(args, &mut summary).await;
+    println!("shadow {}: {}", args.shadow, summary.detail());
+    summary
+}
+
+/// The audit outcome of a discard: its summary, failed if a step failed.
+fn discard_outcome(summary: &DiscardSummary) -> Result<String, String> {
+    if summary.failed.is_empty() {
+        Ok(summary.detail())
+    } else {
+        Err(summary.detail())
+    }
+}
+
+/// `discard` with its audit record (`shadow.discard`, target the shadow's name).
+async fn discard_audited(args: &DiscardArgs, audit: &AuditArgs) -> Result<(), crate::Error> {
+    if let Err(e) = args.validate() {
+        audit::record(
+            audit,
+            &args.kafka,
+            action::SHADOW_DISCARD,
+            &args.shadow,
+            Err(e.to_string()),
+        )
+        .await;
+        return Err(e.into());
+    }
+    let summary = discard(args).await;
+    audit::record(
+        audit,
+        &args.kafka,
+        action::SHADOW_DISCARD,
+        &args.shadow,
+        discard_outcome(&summary),
+    )
+    .await;
+    match summary.failed.len() {
+        0 => Ok(()),
+        n => Err(ShadowError::Discard(n).into()),
+    }
+}
+
+/// Runs a shadow command; `discard` and `promote` write their audit record (`--actor`,
+/// `--audit-topic`) whatever their outcome.
+pub async fn run(command: ShadowCommand, audit: &AuditArgs) -> Result<(), crate::Error> {
     match command {
         ShadowCommand::Schemas(args) => {
             let mut problems = pulse_platform::config::Problems::default();
@@ -744,14 +1019,8 @@ pub async fn run(command: ShadowCommand) -> Result<(), crate::Error> {
                 return Err(ShadowError::Differs(differing).into());
             }
         }
-        ShadowCommand::Discard(args) => {
-            validate_all(&[&args.clickhouse, &args.kafka])?;
-            let failed = discard(&args).await?;
-            if failed > 0 {
-                return Err(ShadowError::Discard(failed).into());
-            }
-        }
-        ShadowCommand::Promote { command } => promote::run(command).await?,
+        ShadowCommand::Discard(args) => discard_audited(&args, audit).await?,
+        ShadowCommand::Promote { command } => promote::run(command, audit).await?,
     }
     Ok(())
 }
@@ -819,6 +1088,30 @@ mod tests {
     }
 
     #[test]
+    fn a_discard_summary_names_every_step_and_fails_on_a_failed_one() {
+        let mut s = DiscardSummary::default();
+        assert_eq!(s.detail(), "nothing to do");
+        s.removed.push("table pulse.sessions_shadow_v2".into());
+        s.missing.push("subject a-value".into());
+        s.missing.push("subject b-value".into());
+        s.kept.push("topic t.shadow.v2".into());
+        assert_eq!(
+            discard_outcome(&s),
+            Ok(
+                "removed table pulse.sessions_shadow_v2; not found subject a-value, \
+                subject b-value; kept topic t.shadow.v2"
+                    .to_owned()
+            )
+        );
+        s.failed.push("consumer group g: timed out".into());
+        let failed = discard_outcome(&s).unwrap_err();
+        assert!(
+            failed.ends_with("; FAILED consumer group g: timed out"),
+            "{failed}"
+        );
+    }
+
+    #[test]
     fn discard_names_only_shadow_topics_and_groups() {
         use clap::Parser as _;
         let cli = crate::Cli::parse_from(["pulsectl", "shadow", "discard", "--shadow", "v2"]);
@@ -838,6 +1131,14 @@ mod tests {
                 "pulse-writer-clickhouse-shadow-v2"
             ]
         );
+        assert_eq!(d.subjects().len(), d.topics().len());
+        assert!(
+            d.subjects()
+                .contains(&"pulse.sessions.v1.shadow.v2-value".to_owned()),
+            "{:?}",
+            d.subjects()
+        );
+        assert!(!d.keep_subjects);
         let err = crate::Cli::try_parse_from(["pulsectl", "shadow", "diff", "--shadow", "V2"])
             .unwrap_err()
             .to_string();

@@ -6,8 +6,17 @@
 //! An entry is `token` or `token=name` (as ingest's `key=source:name`): split at the last
 //! `=` when what follows is a name (1–64 of `A-Z a-z 0-9 . _ -`), so base64 padding
 //! (`abc==`) stays part of the token. An entry without a name is named `unnamed`.
+//!
+//! [`TokenStore`] holds the tokens in force and re-reads `--api-tokens-file` when its
+//! content changes (polled by the platform's file-watch loop), so tokens are rotated
+//! without a restart: several are valid at once, and requests are counted by token name
+//! (`pulse_query_authenticated_requests_total{key}`) so the old token's use can be watched
+//! going to zero. A file that cannot be read, repeats a token or leaves no token at all
+//! keeps the previous tokens (logged at error level and counted).
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use subtle::{Choice, ConstantTimeEq};
@@ -55,12 +64,38 @@ impl std::fmt::Debug for Tokens {
     }
 }
 
-/// The token file could not be read.
+/// Why the token file was not taken. No variant ever shows a token.
 #[derive(Debug, thiserror::Error)]
-#[error("reading {}: {source}", path.display())]
-pub struct TokenFileError {
-    pub path: PathBuf,
-    pub source: std::io::Error,
+pub enum TokenFileError {
+    #[error("reading token file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The same token on two lines (under one name or two): which name a request gets
+    /// would be a guess.
+    #[error(
+        "token file {} line {line}: duplicate token (the same token is on line {first})",
+        path.display()
+    )]
+    Duplicate {
+        path: PathBuf,
+        line: usize,
+        first: usize,
+    },
+    /// Taking the file would leave no token at all (every request refused).
+    #[error(
+        "token file {}: no token in it and none given with --api-tokens; at least one is required",
+        path.display()
+    )]
+    NoTokens { path: PathBuf },
+}
+
+fn read_text(path: &Path) -> Result<String, TokenFileError> {
+    std::fs::read_to_string(path).map_err(|source| TokenFileError::Read {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 impl Tokens {
@@ -69,15 +104,35 @@ impl Tokens {
         Self::from_iter(list.split(','))
     }
 
-    /// Tokens from a file with one per line (blank lines and `#` comments ignored).
+    /// Tokens from a file with one per line (blank lines and `#` comments ignored); a
+    /// token on two lines is refused (the error names both lines, never the token).
     pub fn read_file(path: &Path) -> Result<Self, TokenFileError> {
-        let text = std::fs::read_to_string(path).map_err(|source| TokenFileError {
-            path: path.to_owned(),
-            source,
-        })?;
-        Ok(Self::from_iter(
-            text.lines().filter(|l| !l.trim_start().starts_with('#')),
-        ))
+        Self::from_file_text(&read_text(path)?, path)
+    }
+
+    /// [`Tokens::read_file`] of the file `path` whose content is `text`.
+    fn from_file_text(text: &str, path: &Path) -> Result<Self, TokenFileError> {
+        let mut tokens = Self::default();
+        let mut lines: Vec<usize> = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            let line = line.trim();
+            if line.is_empty() || line.starts_with('#') {
+                continue;
+            }
+            let (token, name) = split_entry(line);
+            let d = digest(token);
+            if let Some(first) = tokens.digests.iter().position(|known| *known == d) {
+                return Err(TokenFileError::Duplicate {
+                    path: path.to_owned(),
+                    line: i + 1,
+                    first: lines.get(first).copied().unwrap_or_default(),
+                });
+            }
+            tokens.digests.push(d);
+            tokens.names.push(name.to_owned());
+            lines.push(i + 1);
+        }
+        Ok(tokens)
     }
 
     pub fn extend(&mut self, other: Self) {
@@ -91,6 +146,46 @@ impl Tokens {
 
     pub fn is_empty(&self) -> bool {
         self.digests.is_empty()
+    }
+
+    /// The tokens' names, sorted, each once.
+    pub fn names(&self) -> Vec<&str> {
+        let mut names: Vec<&str> = self.names.iter().map(String::as_str).collect();
+        names.sort_unstable();
+        names.dedup();
+        names
+    }
+
+    /// What changed from `before` to `self`, by token name (never a token): names that
+    /// appeared, names that went, and names whose set of tokens changed (a rotation under
+    /// one name).
+    pub fn changes_from(&self, before: &Tokens) -> TokenChanges {
+        use std::collections::{BTreeMap, BTreeSet};
+        let by_name = |t: &Tokens| {
+            let mut m: BTreeMap<String, BTreeSet<TokenDigest>> = BTreeMap::new();
+            for (d, n) in t.digests.iter().zip(&t.names) {
+                m.entry(n.clone()).or_default().insert(*d);
+            }
+            m
+        };
+        let (old, new) = (by_name(before), by_name(self));
+        TokenChanges {
+            added: new
+                .keys()
+                .filter(|n| !old.contains_key(*n))
+                .cloned()
+                .collect(),
+            removed: old
+                .keys()
+                .filter(|n| !new.contains_key(*n))
+                .cloned()
+                .collect(),
+            replaced: new
+                .iter()
+                .filter(|(n, d)| old.get(*n).is_some_and(|o| o != *d))
+                .map(|(n, _)| n.clone())
+                .collect(),
+        }
     }
 
     /// Whether `presented` is one of the tokens (see [`Tokens::name_of`]).
@@ -162,6 +257,183 @@ pub fn request_span(name: &str, peer: &str, transport: &'static str) -> tracing:
         client.address = %peer,
         transport,
     )
+}
+
+/// Token names added, removed and re-keyed by a reload (see [`Tokens::changes_from`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TokenChanges {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub replaced: Vec<String>,
+}
+
+impl std::fmt::Display for TokenChanges {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "added [{}]; removed [{}]; re-keyed [{}]",
+            self.added.join(", "),
+            self.removed.join(", "),
+            self.replaced.join(", ")
+        )
+    }
+}
+
+/// The tokens in force: the inline ones (`--api-tokens`) and those of `--api-tokens-file`,
+/// which [`TokenStore::watch`] re-reads every `interval` when its content changed, so
+/// tokens are added and removed without a restart (rotation: add the new token, move the
+/// clients, remove the old one). A file that is not taken keeps the previous tokens.
+pub struct TokenStore {
+    inline: Tokens,
+    file: Option<PathBuf>,
+    interval: Duration,
+    current: RwLock<Arc<Tokens>>,
+    /// The file's content (SHA-256; `None`: unreadable) when it was last tried, good or
+    /// not, so that a bad file is reported once and tried again when it changes.
+    last: Mutex<Option<TokenDigest>>,
+}
+
+impl std::fmt::Debug for TokenStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let current = self.current();
+        f.debug_struct("TokenStore")
+            .field("file", &self.file)
+            .field("interval", &self.interval)
+            .field("tokens", &current.len())
+            .field("names", &current.names())
+            .finish()
+    }
+}
+
+impl TokenStore {
+    /// The inline tokens and those of `file` (read now: an error is returned), the file
+    /// checked for changes every `interval` by [`TokenStore::watch`].
+    pub fn load(
+        inline: Tokens,
+        file: Option<PathBuf>,
+        interval: Duration,
+    ) -> Result<Self, TokenFileError> {
+        let (tokens, last) = match &file {
+            None => (inline.clone(), None),
+            Some(path) => {
+                let text = read_text(path)?;
+                let mut tokens = inline.clone();
+                tokens.extend(Tokens::from_file_text(&text, path)?);
+                (tokens, Some(digest(&text)))
+            }
+        };
+        init_token_metrics(&tokens);
+        Ok(Self {
+            inline,
+            file,
+            interval,
+            current: RwLock::new(Arc::new(tokens)),
+            last: Mutex::new(last),
+        })
+    }
+
+    /// The tokens in force now.
+    pub fn current(&self) -> Arc<Tokens> {
+        self.current
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// [`Tokens::authorize`] against the tokens in force, counting the request under the
+    /// token's name (`pulse_query_authenticated_requests_total{key}`). Refusals are counted
+    /// by the transports as errors of kind `unauthenticated`.
+    pub fn authorize(&self, authorization: Option<&str>) -> Result<String, QueryError> {
+        let current = self.current();
+        let name = current.authorize(authorization)?;
+        metrics::counter!(crate::metrics::AUTHENTICATED_TOTAL, "key" => name.to_owned())
+            .increment(1);
+        Ok(name.to_owned())
+    }
+
+    /// Re-reads the file if its content changed since it was last tried: `None` when it
+    /// did not (or there is no file), else what changed by name or why the file was not
+    /// taken (then the tokens in force stay). Counted by outcome.
+    pub fn reload_if_changed(&self) -> Option<Result<TokenChanges, TokenFileError>> {
+        let path = self.file.as_ref()?;
+        let read = read_text(path);
+        let content = read.as_ref().ok().map(|text| digest(text));
+        {
+            let mut last = self.last.lock().unwrap_or_else(PoisonError::into_inner);
+            if *last == content {
+                return None;
+            }
+            *last = content;
+        }
+        let outcome = read
+            .and_then(|text| Tokens::from_file_text(&text, path))
+            .and_then(|file_tokens| {
+                let mut tokens = self.inline.clone();
+                tokens.extend(file_tokens);
+                if tokens.is_empty() {
+                    return Err(TokenFileError::NoTokens {
+                        path: path.to_owned(),
+                    });
+                }
+                init_token_metrics(&tokens);
+                let mut current = self.current.write().unwrap_or_else(PoisonError::into_inner);
+                let changes = tokens.changes_from(&current);
+                *current = Arc::new(tokens);
+                Ok(changes)
+            });
+        let label = if outcome.is_ok() { "ok" } else { "error" };
+        metrics::counter!(crate::metrics::API_TOKENS_RELOAD_TOTAL, "outcome" => label).increment(1);
+        Some(outcome)
+    }
+
+    /// Checks the file every `interval` until `stop` is cancelled (the platform's
+    /// file-watch loop), logging each reload with the token names added, removed and
+    /// re-keyed (never a token).
+    pub async fn watch(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+        let Some(path) = self.file.clone() else {
+            return;
+        };
+        let path = path.display().to_string();
+        pulse_platform::shutdown::every(self.interval, &stop, || {
+            let (this, path) = (Arc::clone(&self), &path);
+            async move {
+                // File I/O off the async threads.
+                let store = Arc::clone(&this);
+                let reloaded = tokio::task::spawn_blocking(move || store.reload_if_changed())
+                    .await
+                    .ok()
+                    .flatten();
+                match reloaded {
+                    None => {}
+                    Some(Ok(changes)) => {
+                        let tokens = this.current();
+                        tracing::info!(
+                            path = %path,
+                            tokens = tokens.len(),
+                            names = ?tokens.names(),
+                            %changes,
+                            "query API tokens reloaded from the token file; they apply to new requests"
+                        );
+                    }
+                    Some(Err(e)) => tracing::error!(
+                        path = %path,
+                        error = %e,
+                        "query API token file reload failed; the previous tokens stay in force"
+                    ),
+                }
+            }
+        })
+        .await;
+    }
+}
+
+/// Creates the per-name request series at zero and sets the token count.
+fn init_token_metrics(tokens: &Tokens) {
+    for name in tokens.names() {
+        metrics::counter!(crate::metrics::AUTHENTICATED_TOTAL, "key" => name.to_owned())
+            .increment(0);
+    }
+    metrics::gauge!(crate::metrics::API_TOKENS).set(tokens.len() as f64);
 }
 
 impl<'a> FromIterator<&'a str> for Tokens {
@@ -297,6 +569,159 @@ mod tests {
     fn debug_output_never_shows_tokens() {
         let text = format!("{:?}", Tokens::parse_list("s3cret"));
         assert!(!text.contains("s3cret"), "{text}");
+    }
+
+    /// A unique temporary file path for one test.
+    fn temp_path(tag: &str) -> PathBuf {
+        std::env::temp_dir().join(format!(
+            "pulse-query-tokens-{tag}-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ))
+    }
+
+    #[test]
+    fn a_token_repeated_in_the_file_is_refused_naming_the_lines_never_the_token() {
+        let path = temp_path("dup");
+        std::fs::write(&path, "# c\ns3cret-a=one\n\ns3cret-b\ns3cret-a=two\n").unwrap();
+        let e = Tokens::read_file(&path).unwrap_err();
+        std::fs::remove_file(&path).unwrap();
+        let text = e.to_string();
+        assert!(
+            text.contains("line 5") && text.contains("line 2") && !text.contains("s3cret"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn the_store_takes_a_changed_file_and_keeps_its_tokens_when_the_file_is_broken() {
+        let path = temp_path("reload");
+        let (old, new) = ("q-old-s3cret", "q-new-s3cret");
+        std::fs::write(&path, format!("{old}=ops-2025\n")).unwrap();
+        let bearer = |t: &str| format!("Bearer {t}");
+        let text = pulse_platform::metrics::scrape_with(|| {
+            let store = TokenStore::load(
+                Tokens::parse_list("inline-s3cret=cli"),
+                Some(path.clone()),
+                Duration::from_millis(5),
+            )
+            .unwrap();
+            assert!(store.reload_if_changed().is_none(), "nothing changed yet");
+            assert_eq!(store.authorize(Some(&bearer(old))).unwrap(), "ops-2025");
+            assert!(store.authorize(Some(&bearer(new))).is_err());
+
+            // Old and new at once.
+            std::fs::write(&path, format!("{old}=ops-2025\n{new}=ops-2026\n")).unwrap();
+            let changes = store.reload_if_changed().unwrap().unwrap();
+            assert_eq!(changes.added, ["ops-2026"]);
+            assert!(changes.removed.is_empty() && changes.replaced.is_empty());
+            assert_eq!(store.authorize(Some(&bearer(old))).unwrap(), "ops-2025");
+            assert_eq!(store.authorize(Some(&bearer(new))).unwrap(), "ops-2026");
+            assert!(store.reload_if_changed().is_none(), "same content");
+
+            // The old one removed; the inline token stays.
+            std::fs::write(&path, format!("# rotated\n{new}=ops-2026\n")).unwrap();
+            let changes = store.reload_if_changed().unwrap().unwrap();
+            assert_eq!(changes.removed, ["ops-2025"]);
+            assert!(store.authorize(Some(&bearer(old))).is_err());
+            assert_eq!(store.authorize(Some(&bearer(new))).unwrap(), "ops-2026");
+            assert_eq!(
+                store.authorize(Some("Bearer inline-s3cret")).unwrap(),
+                "cli"
+            );
+
+            // A broken file (a token twice), then no file at all: the tokens stay.
+            std::fs::write(&path, format!("{old}=a\n{old}=b\n")).unwrap();
+            assert!(matches!(
+                store.reload_if_changed(),
+                Some(Err(TokenFileError::Duplicate {
+                    line: 2,
+                    first: 1,
+                    ..
+                }))
+            ));
+            assert!(store.reload_if_changed().is_none(), "reported once");
+            std::fs::remove_file(&path).unwrap();
+            assert!(matches!(
+                store.reload_if_changed(),
+                Some(Err(TokenFileError::Read { .. }))
+            ));
+            assert_eq!(store.authorize(Some(&bearer(new))).unwrap(), "ops-2026");
+            assert!(store.authorize(Some(&bearer(old))).is_err());
+            assert_eq!(store.current().len(), 2);
+            let debug = format!("{store:?}");
+            assert!(
+                !debug.contains("s3cret") && debug.contains("ops-2026"),
+                "{debug}"
+            );
+        });
+        for series in [
+            r#"pulse_query_api_tokens_reload_total{outcome="ok"} 2"#,
+            r#"pulse_query_api_tokens_reload_total{outcome="error"} 2"#,
+            r#"pulse_query_api_tokens 2"#,
+            r#"pulse_query_authenticated_requests_total{key="ops-2025"} 2"#,
+            r#"pulse_query_authenticated_requests_total{key="ops-2026"} 3"#,
+            r#"pulse_query_authenticated_requests_total{key="cli"} 1"#,
+        ] {
+            assert!(text.contains(series), "{series} missing from\n{text}");
+        }
+        assert!(!text.contains("s3cret"), "a token in the metrics: {text}");
+    }
+
+    #[test]
+    fn a_file_that_would_leave_no_token_is_not_taken() {
+        let path = temp_path("empty");
+        std::fs::write(&path, "only=ledger\n").unwrap();
+        let store = TokenStore::load(
+            Tokens::default(),
+            Some(path.clone()),
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        std::fs::write(&path, "# everything commented out\n").unwrap();
+        let outcome = store.reload_if_changed();
+        std::fs::remove_file(&path).unwrap();
+        assert!(
+            matches!(outcome, Some(Err(TokenFileError::NoTokens { .. }))),
+            "{outcome:?}"
+        );
+        assert_eq!(
+            store.authorize(Some("Bearer only")).unwrap(),
+            "ledger",
+            "the previous token stays"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_watch_applies_a_rotation_without_a_restart_and_stops_with_the_token() {
+        let path = temp_path("watch");
+        std::fs::write(&path, "first-s3cret=first\n").unwrap();
+        let store = Arc::new(
+            TokenStore::load(
+                Tokens::default(),
+                Some(path.clone()),
+                Duration::from_millis(10),
+            )
+            .unwrap(),
+        );
+        let stop = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(store.clone().watch(stop.clone()));
+        std::fs::write(&path, "second-s3cret=second\n").unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while store.authorize(Some("Bearer second-s3cret")).is_err() {
+            assert!(tokio::time::Instant::now() < deadline, "never reloaded");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(store.authorize(Some("Bearer first-s3cret")).is_err());
+        stop.cancel();
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("the watch stops when cancelled")
+            .unwrap();
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]

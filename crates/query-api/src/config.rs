@@ -12,7 +12,7 @@ use pulse_platform::server::ServerArgs;
 use pulse_platform::telemetry::TelemetryConfig;
 use pulse_platform::windowing::WindowSettings;
 
-use crate::auth::{TokenFileError, Tokens};
+use crate::auth::{TokenFileError, TokenStore, Tokens};
 use crate::params::DAY_MS;
 use crate::query::Limits;
 use crate::store::QueryLimits;
@@ -58,9 +58,17 @@ pub struct Config {
         hide_default_value = true
     )]
     pub api_tokens: Secret,
-    /// File with one bearer token per line (e.g. a mounted Kubernetes secret).
+    /// File with one bearer token (or `token=name`) per line (e.g. a mounted Kubernetes
+    /// secret); re-read when its content changes, no restart needed.
     #[arg(long = "api-tokens-file", env = "PULSE_QUERY_API_TOKENS_FILE")]
     pub api_tokens_file: Option<PathBuf>,
+    /// How often `--api-tokens-file` is checked for changes, ms.
+    #[arg(
+        long = "api-tokens-reload-interval-ms",
+        env = "PULSE_QUERY_API_TOKENS_RELOAD_INTERVAL_MS",
+        default_value_t = 5000
+    )]
+    pub api_tokens_reload_interval_ms: u64,
     /// Window size and allowed lateness, shared with the processor: the watermark
     /// reported is the latest final window end plus the lateness, and a series step must
     /// be a whole number of windows.
@@ -128,6 +136,15 @@ impl Config {
         Ok(tokens)
     }
 
+    /// The tokens in force, reloaded from `--api-tokens-file` by [`TokenStore::watch`].
+    pub fn token_store(&self) -> Result<TokenStore, TokenFileError> {
+        TokenStore::load(
+            Tokens::parse_list(self.api_tokens.expose()),
+            self.api_tokens_file.clone(),
+            Duration::from_millis(self.api_tokens_reload_interval_ms),
+        )
+    }
+
     pub fn limits(&self) -> Limits {
         Limits {
             window_ms: self.windowing.window_ms,
@@ -166,6 +183,11 @@ impl Validate for Config {
             ),
             Err(e) => p.add(TOKENS_KEY, e.to_string()),
         }
+        p.check(
+            self.api_tokens_reload_interval_ms >= 1,
+            "--api-tokens-reload-interval-ms / PULSE_QUERY_API_TOKENS_RELOAD_INTERVAL_MS",
+            "must be >= 1",
+        );
         self.windowing.validate(p);
         p.check(self.max_points >= 1, "--max-points", "must be >= 1");
         p.check(
@@ -211,6 +233,7 @@ mod tests {
             (1500, 10_000, 1000)
         );
         assert_eq!(c.max_range_ms, 2_678_400_000, "31 days");
+        assert_eq!(c.api_tokens_reload_interval_ms, 5000);
         assert_eq!(
             (c.query_max_memory_bytes, c.query_max_result_rows),
             (1_073_741_824, 100_000)

@@ -43,8 +43,10 @@ async fn require_token(State(state): State<AppState>, req: Request, next: Next) 
         .map_or_else(|| "unknown".to_owned(), |c| c.0.to_string());
     match state.tokens.authorize(auth) {
         Ok(name) => {
-            // The rest of the request runs under the token's name (never the token).
-            let span = crate::auth::request_span(name, &peer, "http");
+            // The rest of the request runs under the token's name (never the token), which
+            // the platform's completion line also names.
+            pulse_platform::http::record_auth_key(req.extensions(), &name);
+            let span = crate::auth::request_span(&name, &peer, "http");
             tracing::Instrument::instrument(next.run(req), span).await
         }
         Err(e) => {

@@ -31,7 +31,7 @@ use pulse_platform::service::ServiceContext;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::{TokenFileError, Tokens};
+use crate::auth::{TokenFileError, TokenStore};
 pub use crate::config::{Config, DEV_TOKEN};
 use crate::query::Engine;
 use crate::store::Store;
@@ -57,18 +57,19 @@ pub enum Error {
     Tls(#[from] pulse_platform::tls::TlsError),
 }
 
-/// What both transports share: the query engine and the accepted tokens.
+/// What both transports share: the query engine and the accepted tokens (reloaded from
+/// `--api-tokens-file` while the servers run).
 #[derive(Debug, Clone)]
 pub struct AppState {
     pub engine: Arc<Engine>,
-    pub tokens: Arc<Tokens>,
+    pub tokens: Arc<TokenStore>,
 }
 
 impl AppState {
     /// The state of `config`: a ClickHouse store (no connection is made yet) and the tokens.
     pub fn new(config: &Config) -> Result<Self, Error> {
-        let tokens = config.tokens()?;
-        if tokens.is_empty() {
+        let tokens = config.token_store()?;
+        if tokens.current().is_empty() {
             return Err(Error::NoTokens);
         }
         let store = Store::new(&config.clickhouse, config.query_timeout())
@@ -95,7 +96,8 @@ pub async fn serve(
     serve_with(http, grpc, state, &ServerSettings::default(), shutdown).await
 }
 
-/// [`serve`] with TLS and limits from `settings`.
+/// [`serve`] with TLS and limits from `settings`. The token file is watched for changes
+/// until `shutdown` is cancelled.
 pub async fn serve_with(
     http: TcpListener,
     grpc: TcpListener,
@@ -103,6 +105,7 @@ pub async fn serve_with(
     settings: &ServerSettings,
     shutdown: CancellationToken,
 ) -> Result<Servers, Error> {
+    tokio::spawn(state.tokens.clone().watch(shutdown.child_token()));
     let app = http::router(state.clone());
     let service = QueryServiceServer::new(grpc::GrpcQuery::new(state));
     let servers = Servers::start_with(
@@ -124,6 +127,14 @@ pub async fn run(config: Config, ctx: ServiceContext) -> Result<(), Error> {
     crate::metrics::describe();
     crate::metrics::init();
     let state = AppState::new(&config)?;
+    let tokens = state.tokens.current();
+    tracing::info!(
+        tokens = tokens.len(),
+        names = ?tokens.names(),
+        file = ?config.api_tokens_file,
+        reload_interval_ms = config.api_tokens_reload_interval_ms,
+        "bearer tokens loaded (names only)"
+    );
     let bind = |addr: SocketAddr| async move {
         TcpListener::bind(addr)
             .await

@@ -1,15 +1,19 @@
 //! The query API's metrics. HTTP requests by route template and status are counted by
 //! `pulse_platform::http::observe` (`pulse_http_requests_total`,
 //! `pulse_http_request_duration_seconds`); gRPC requests, ClickHouse query latency,
-//! errors and the freshness cache are counted here.
+//! errors, the freshness cache and the bearer tokens (by name, never a token) are counted
+//! here.
 
-use metrics::{Unit, describe_counter, describe_histogram};
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
 
 pub const CLICKHOUSE_QUERY_SECONDS: &str = "pulse_query_clickhouse_query_seconds";
 pub const ERRORS_TOTAL: &str = "pulse_query_errors_total";
 pub const GRPC_REQUESTS_TOTAL: &str = "pulse_query_grpc_requests_total";
 pub const GRPC_REQUEST_SECONDS: &str = "pulse_query_grpc_request_duration_seconds";
 pub const FRESHNESS_CACHE_TOTAL: &str = "pulse_query_freshness_cache_total";
+pub const AUTHENTICATED_TOTAL: &str = "pulse_query_authenticated_requests_total";
+pub const API_TOKENS: &str = "pulse_query_api_tokens";
+pub const API_TOKENS_RELOAD_TOTAL: &str = "pulse_query_api_tokens_reload_total";
 
 /// Describes every metric (call once per process; repeated calls are harmless).
 pub fn describe() {
@@ -35,6 +39,18 @@ pub fn describe() {
     describe_counter!(
         FRESHNESS_CACHE_TOTAL,
         "Lookups of the table-wide freshness, by outcome (hit, miss)."
+    );
+    describe_counter!(
+        AUTHENTICATED_TOTAL,
+        "Requests (HTTP and gRPC) authenticated, by the bearer token's name (`token=name`, or `unnamed`; never the token): during a rotation, the old token's series stops growing once its clients moved."
+    );
+    describe_gauge!(
+        API_TOKENS,
+        "Bearer tokens in force (inline and from --api-tokens-file, after the last good reload)."
+    );
+    describe_counter!(
+        API_TOKENS_RELOAD_TOTAL,
+        "Reloads of --api-tokens-file after its content changed, by outcome (ok; error: the previous tokens stay in force)."
     );
 }
 
@@ -79,10 +95,14 @@ pub const GRPC_CODES: &[tonic::Code] = &[
 
 /// Creates, at zero, the series that only an error or a first gRPC call would otherwise
 /// create (metrics-rs registers a series at its first update), so rules and dashboards see
-/// them from the first scrape: errors by every kind and transport, gRPC requests by every
-/// method and status code, and each method's (empty) latency histogram. Label values come
+/// them from the first scrape: token file reloads by outcome, errors by every kind and
+/// transport, gRPC requests by every method and status code, and each method's (empty)
+/// latency histogram. Label values come
 /// from these fixed lists, never from a request.
 pub fn init() {
+    for outcome in ["ok", "error"] {
+        metrics::counter!(API_TOKENS_RELOAD_TOTAL, "outcome" => outcome).increment(0);
+    }
     for &kind in ERROR_KINDS {
         for &transport in TRANSPORTS {
             metrics::counter!(ERRORS_TOTAL, "kind" => kind, "transport" => transport).increment(0);
@@ -111,6 +131,7 @@ mod init_tests {
             r#"pulse_query_grpc_requests_total{method="ActiveUsers",code="Ok"} 0"#,
             r#"pulse_query_grpc_requests_total{method="GetFreshness",code="Internal"} 0"#,
             r#"pulse_query_grpc_request_duration_seconds_count{method="TopPages"} 0"#,
+            r#"pulse_query_api_tokens_reload_total{outcome="error"} 0"#,
         ] {
             assert!(text.contains(series), "{series} missing from\n{text}");
         }

@@ -630,7 +630,11 @@ pub async fn middleware(State(access): State<Access>, req: Request, next: Next) 
         Err(f) => Err((f, None)),
     };
     let (failure, user) = match outcome {
-        Ok(name) => return run_audited(&name, req).await,
+        Ok(name) => {
+            // The user name (never the password) on the request's completion line.
+            pulse_platform::http::record_auth_key(req.extensions(), &name);
+            return run_audited(&name, req).await;
+        }
         Err(e) => e,
     };
     metrics::counter!(m::AUTH_FAILURES_TOTAL, "reason" => failure.reason()).increment(1);

@@ -63,10 +63,28 @@ fn valid_shadow(name: &str) -> Result<&str, MigrateError> {
         .map_err(|_| MigrateError::InvalidShadow(name.to_owned()))
 }
 
+/// The column additions of the migrations to the live table `live` (`ALTER TABLE
+/// {db}.{live} ADD COLUMN …`), rewritten for its copy `table`, in migration order: what
+/// brings a copy made before those migrations to the live table's columns.
+pub fn shadow_column_additions(db: &str, live: &str, table: &str) -> Vec<String> {
+    let prefix = format!("ALTER TABLE {db}.{live} ");
+    MIGRATIONS
+        .iter()
+        .flat_map(|(_, _, sql)| split_statements(&render(sql, db)))
+        .filter(|s| s.to_ascii_uppercase().contains("ADD COLUMN"))
+        .filter_map(|s| {
+            s.strip_prefix(&prefix)
+                .map(|rest| format!("ALTER TABLE {db}.{table} {rest}"))
+        })
+        .collect()
+}
+
 /// Creates the shadow's tables (if missing) as copies of the live ones: same columns,
 /// engine, ordering key and partitioning (`CREATE TABLE … AS`, valid on 18.16). Run after
-/// the migrations; returns the tables' names. A later migration that changes a live
-/// table does not change an existing shadow copy: discard and recreate the shadow.
+/// the migrations; returns the tables' names. A copy made before a migration that added
+/// a column to the live table (0004's `rules_version`) gets the column here: each
+/// addition is applied to the copy, "already exists" counting as done, as in [`migrate`].
+/// Other changes to a live table do not reach an existing copy: discard and recreate it.
 pub async fn create_shadow_tables(
     cfg: &ClickHouseConfig,
     shadow: &str,
@@ -84,6 +102,15 @@ pub async fn create_shadow_tables(
             .execute()
             .await
             .map_err(query_error(format!("creating {table}")))?;
+        for statement in shadow_column_additions(db, live, &table) {
+            match server.query_raw(&statement).execute().await {
+                Err(e) if is_added_column(&statement, &e.to_string()) => {}
+                result => result.map_err(query_error(format!(
+                    "adding a column to {table}: {}",
+                    head(&statement)
+                )))?,
+            }
+        }
         made.push(table);
     }
     Ok(made)
@@ -432,6 +459,29 @@ mod tests {
             "CREATE TABLE pulse.x (a String) ENGINE = Log",
             exists
         ));
+    }
+
+    #[test]
+    fn a_shadow_copy_gets_the_column_additions_of_its_live_table_only() {
+        let adds = shadow_column_additions("pulse", "sessions", "sessions_shadow_v2");
+        assert_eq!(
+            adds,
+            ["ALTER TABLE pulse.sessions_shadow_v2 ADD COLUMN rules_version String DEFAULT ''"]
+        );
+        let adds = shadow_column_additions("pulse", "user_activity", "user_activity_shadow_v2");
+        assert_eq!(adds.len(), 1, "{adds:?}");
+        assert!(
+            adds[0]
+                .starts_with("ALTER TABLE pulse.user_activity_shadow_v2 ADD COLUMN rules_version")
+        );
+        // events' source_trace_id (0002) is no aggregate's.
+        for live in SHADOW_TABLES {
+            let adds = shadow_column_additions("pulse", live, "x");
+            assert!(
+                adds.iter().all(|a| !a.contains("source_trace_id")),
+                "{adds:?}"
+            );
+        }
     }
 
     #[test]

@@ -490,7 +490,7 @@ async fn capture_instance(
     let store = Store::new(&config.clickhouse, config.query_timeout()).recording(log.clone());
     let state = AppState {
         engine: Arc::new(Engine::new(store, freshness_ttl, config.limits())),
-        tokens: Arc::new(config.tokens().map_err(anyhow::Error::msg)?),
+        tokens: Arc::new(config.token_store().map_err(anyhow::Error::msg)?),
     };
     let (base, s) = serve(state, stop).await?;
     servers.push(s);

@@ -893,3 +893,90 @@ async fn a_writer_copies_the_audit_topic_into_clickhouse_exactly_once_across_a_r
     );
     second.kill();
 }
+
+/// `pulsectl replay` audits itself like a redrive: the operator, the topic republished to,
+/// the event-time range and the outcome (a failed replay with its error); a dry run changes
+/// nothing and is not audited.
+#[tokio::test]
+async fn a_replay_is_audited_with_its_range_and_outcome() {
+    use pulse_platform::kafka::TopicSpec;
+
+    let kafka = pulse_tests::kafka();
+    let topic = pulse_tests::unique("audit_replay");
+    let unregistered = pulse_tests::unique("audit_replay_unreg");
+    let _topics = cleanup::Topics::create(&[
+        TopicSpec::new(topic.as_str(), 1),
+        TopicSpec::new(unregistered.as_str(), 1),
+    ])
+    .await;
+    let audit_topic = pulse_tests::unique("audit");
+    let _audit = cleanup::Topics::adopt([audit_topic.clone()]);
+    let registry = crate::support::registry::start(&kafka).await;
+    let registry_url = format!("http://{}", registry.addr);
+    let r = crate::support::registry::register(
+        &registry_url,
+        &topic,
+        pulse_contracts::schemas::EVENTS.source,
+    )
+    .await;
+    assert!(r.status().is_success(), "{}", r.status());
+    // Nothing is archived under this prefix: the replay has nothing to republish.
+    let prefix = pulse_tests::unique("audit-replay");
+    let replay = |to: &str, extra: &[&str]| -> Vec<String> {
+        let mut argv: Vec<String> = [
+            "replay",
+            "--from",
+            "2026-01-01T00:00:00Z",
+            "--to",
+            "2026-01-01T01:00:00Z",
+            "--topic",
+            to,
+            "--schema-registry-url",
+            &registry_url,
+            "--kafka-brokers",
+            &kafka.brokers,
+            "--audit-topic",
+            &audit_topic,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        argv.extend(crate::support::archive::s3_flags(&prefix));
+        argv.extend(extra.iter().map(|s| s.to_string()));
+        argv
+    };
+    let run = async |argv: Vec<String>, user: &str| {
+        let args: Vec<&str> = argv.iter().map(String::as_str).collect();
+        pulsectl(&args, &[("USER", user)]).await
+    };
+    let (ok, stdout, stderr) = run(replay(&topic, &["--actor", "ops-carol"]), "x").await;
+    assert!(ok, "replay failed:\n{stdout}\n{stderr}");
+    let (ok, stdout, stderr) = run(replay(&topic, &["--dry-run"]), "ops-dry").await;
+    assert!(ok, "dry run failed:\n{stdout}\n{stderr}");
+    // No events schema for this topic: the replay fails before it publishes anything.
+    let (ok, _, stderr) = run(replay(&unregistered, &[]), "ops-dave").await;
+    assert!(!ok, "a replay to an unregistered topic fails:\n{stderr}");
+
+    let records = audit_json(&audit_topic, &["--action", "replay"]).await;
+    assert_eq!(records.len(), 2, "the dry run is not audited: {records:#?}");
+    let done = find(&records, "replay", "ops-carol").expect("carol's replay");
+    assert_eq!(
+        (done.outcome, done.target.as_str(), done.service.as_str()),
+        (Outcome::Ok, topic.as_str(), "pulsectl")
+    );
+    assert_eq!(
+        done.detail, "event time 2026-01-01T00:00:00Z .. 2026-01-01T01:00:00Z",
+        "{done:?}"
+    );
+    let failed = find(&records, "replay", "ops-dave").expect("dave's replay");
+    assert_eq!(
+        (failed.outcome, failed.target.as_str()),
+        (Outcome::Failed, unregistered.as_str())
+    );
+    assert!(
+        failed.detail.starts_with("event time 2026-01-01T00:00:00Z")
+            && failed.detail.contains("schema id"),
+        "the range and the error: {failed:?}"
+    );
+    registry.stop().await.unwrap();
+}

@@ -4,7 +4,8 @@
 //! codes; `dlq redrive` re-submits JSON records and skips protobuf ones; `migrate` applies
 //! the schema once. Run as a child process with stderr on a pipe, `loadgen`, `dlq redrive`
 //! and `migrate` print plain progress lines (done/total, rate, ETA) on stderr and keep
-//! stdout their own output.
+//! stdout their own output; on a pseudo-terminal (`script`), `loadgen` draws a bar with its
+//! rate and ETA instead.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -504,6 +505,92 @@ async fn on_a_pipe_loadgen_redrive_and_migrate_print_plain_progress_lines_on_std
         "one line per migration:\n{stdout}"
     );
     assert!(stdout.starts_with("applied migration 0001 "), "{stdout}");
+}
+
+/// Terminal output as text: ANSI escape sequences (`ESC [ … letter`, `ESC letter`) removed,
+/// carriage returns as line ends.
+fn terminal_text(raw: &str) -> String {
+    let mut out = String::with_capacity(raw.len());
+    let mut chars = raw.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\u{1b}' => {
+                if chars.next_if_eq(&'[').is_some() {
+                    // Parameters and intermediates up to the final byte (@ to ~).
+                    for c in chars.by_ref() {
+                        if ('@'..='~').contains(&c) {
+                            break;
+                        }
+                    }
+                } else {
+                    chars.next();
+                }
+            }
+            '\r' => out.push('\n'),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn on_a_terminal_loadgen_draws_a_bar_with_rate_and_eta_instead_of_plain_lines() {
+    let ingest = start_ingest().await;
+    // `script` (util-linux) runs the command on a new pseudo-terminal, as a user's shell
+    // would, and copies what is drawn there to its own stdout; the terminal gets a size.
+    let command = format!(
+        "stty cols 160 rows 40; exec {} loadgen --target {} --api-key test-key --rate 30 \
+         --duration 4s --seed 6 --batch-size 5 --malformed 0 --duplicates 0 --late 0",
+        binary("pulsectl").display(),
+        ingest.http
+    );
+    let mut cmd = tokio::process::Command::new("script");
+    cmd.args(["--quiet", "--return", "--command", &command, "/dev/null"])
+        .env_remove("PULSE_PROGRESS")
+        .env_remove("PULSE_PROGRESS_INTERVAL")
+        .env("TERM", "xterm-256color")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(120), cmd.output())
+        .await
+        .expect("pulsectl on a terminal did not finish in 120 s")
+        .expect("running script (util-linux)");
+    let text = terminal_text(&String::from_utf8_lossy(&out.stdout));
+    assert!(
+        out.status.success(),
+        "{}\n{text}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The bar: `loadgen [====>    ] 60/120 events (50%) 30.0/s ETA 2s`, redrawn in place.
+    let bars: Vec<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("loadgen [") && l.contains("/120 events ("))
+        .collect();
+    assert!(!bars.is_empty(), "no progress bar on the terminal:\n{text}");
+    assert!(
+        bars.iter()
+            .any(|l| l.contains("=") && l.contains("/s ETA ") && !l.contains(" 0/120 ")),
+        "a bar that moved, with its rate and ETA: {bars:#?}"
+    );
+    assert!(
+        bars.iter()
+            .filter(|l| l.contains(" 0/120 events (0%)"))
+            .all(|l| l.contains(" ETA unknown")),
+        "no time left is claimed before anything moved: {bars:#?}"
+    );
+    assert!(
+        !text.contains(" events/s, ETA "),
+        "no plain progress lines on a terminal:\n{text}"
+    );
+    assert!(
+        text.contains("loadgen: done, 120 events in "),
+        "the done line after the bar:\n{text}"
+    );
+    assert!(
+        text.contains("loadgen summary (seed 6)"),
+        "the summary:\n{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -252,9 +252,11 @@ impl Api {
     }
 }
 
-#[tokio::test]
-async fn every_row_and_answer_carries_the_rules_version_and_a_change_is_audited() {
-    let kafka = pulse_tests::kafka();
+/// A test's topics (deleted when the guard drops) and a registry holding the aggregates
+/// schema under the test's output topics.
+async fn setup(
+    kafka: &pulse_platform::kafka::KafkaConfig,
+) -> (Topics, cleanup::Topics, registry::Registry, String) {
     let t = Topics::new();
     let mut topics = cleanup::Topics::create(
         &[&t.events, &t.activity, &t.sessions, &t.late, &t.dlq]
@@ -263,9 +265,16 @@ async fn every_row_and_answer_carries_the_rules_version_and_a_change_is_audited(
     .await;
     topics.add(&t.checkpoints);
     topics.add(&t.audit);
-    let registry = registry::start(&kafka).await;
+    let registry = registry::start(kafka).await;
     registry::register_aggregates(&registry, &[&t.activity, &t.sessions]).await;
     let registry_url = format!("http://{}", registry.addr);
+    (t, topics, registry, registry_url)
+}
+
+#[tokio::test]
+async fn every_row_and_answer_carries_the_rules_version_and_a_change_is_audited() {
+    let kafka = pulse_tests::kafka();
+    let (t, topics, registry, registry_url) = setup(&kafka).await;
     let db = Database::unique("pulse_rules");
 
     // Phase 1: session gap 20 s. Window W0 gets u1's and u2's views; u3's view in W2 moves
@@ -622,17 +631,7 @@ async fn session_answer(api: &Api, range: &str) -> (u64, f64) {
 #[tokio::test]
 async fn a_shorter_session_gap_at_a_restart_supersedes_the_open_session_it_splits() {
     let kafka = pulse_tests::kafka();
-    let t = Topics::new();
-    let mut topics = cleanup::Topics::create(
-        &[&t.events, &t.activity, &t.sessions, &t.late, &t.dlq]
-            .map(|n| TopicSpec::new(n.as_str(), 1)),
-    )
-    .await;
-    topics.add(&t.checkpoints);
-    topics.add(&t.audit);
-    let registry = registry::start(&kafka).await;
-    registry::register_aggregates(&registry, &[&t.activity, &t.sessions]).await;
-    let registry_url = format!("http://{}", registry.addr);
+    let (t, topics, registry, registry_url) = setup(&kafka).await;
     let db = Database::unique("pulse_rules_gap");
 
     let (processor, _) = start_processor(&processor_config(&t, &registry_url, 20_000)).await;

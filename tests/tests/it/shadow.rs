@@ -12,6 +12,7 @@ use std::time::Duration;
 use clap::Parser as _;
 use prost::Message as _;
 use pulse_contracts::{headers, topics as names, wire};
+use pulse_platform::audit::{AuditRecord, Outcome};
 use pulse_platform::kafka::{KafkaProducer, OutRecord, TopicSpec};
 use pulsectl::shadow::{DiffReport, ShadowCommand};
 use rdkafka::message::OwnedHeaders;
@@ -549,37 +550,44 @@ async fn a_shadow_with_live_settings_diffs_to_zero_and_a_shorter_gap_changes_onl
     }
     // Nothing of the shadows reached the live topics' consumers: the live sessions count
     // above is the live gap's, and the shadow tables exist beside the live ones.
-    let (code, out) = run_pulsectl(
-        &[
-            "shadow",
-            "discard",
-            "--shadow",
-            "gap",
-            "--keep-topics",
-            "--processor-group-id",
-            &group,
-            "--writer-group-id",
-            &wgroup,
-            "--user-activity-topic",
-            &t.activity,
-            "--sessions-topic",
-            &t.sessions,
-            "--late-topic",
-            &t.late,
-            "--checkpoint-topic",
-            &t.checkpoints,
-            "--dlq-topic",
-            &t.dlq,
-            "--kafka-brokers",
-            &kafka.brokers,
-            "--clickhouse-url",
-            &pulse_tests::clickhouse().url,
-            "--clickhouse-database",
-            &db,
-        ]
-        .map(str::to_owned),
-    )
-    .await;
+    let audit_topic = pulse_tests::unique("shadow_audit");
+    guard.add(&audit_topic);
+    let mut discard_flags: Vec<String> = [
+        "shadow",
+        "discard",
+        "--shadow",
+        "gap",
+        "--keep-topics",
+        "--processor-group-id",
+        &group,
+        "--writer-group-id",
+        &wgroup,
+        "--user-activity-topic",
+        &t.activity,
+        "--sessions-topic",
+        &t.sessions,
+        "--late-topic",
+        &t.late,
+        "--checkpoint-topic",
+        &t.checkpoints,
+        "--dlq-topic",
+        &t.dlq,
+        "--schema-registry-url",
+        &registry_url,
+        "--clickhouse-url",
+        &pulse_tests::clickhouse().url,
+        "--clickhouse-database",
+        &db,
+    ]
+    .map(str::to_owned)
+    .to_vec();
+    discard_flags.extend(audit_flags(&audit_topic, "ops-carol"));
+    let subject = |live: &str, shadow: &str| format!("{}-value", names::shadow_topic(live, shadow));
+    let before = subjects_with_deleted(&registry_url).await;
+    for live in [&t.activity, &t.sessions] {
+        assert!(before.contains(&subject(live, "gap")), "{before:?}");
+    }
+    let (code, out) = run_pulsectl(&discard_flags).await;
     assert_eq!(code, Some(0), "{out}");
     eprintln!("discard:\n{out}");
     for g in [&group, &wgroup] {
@@ -590,6 +598,58 @@ async fn a_shadow_with_live_settings_diffs_to_zero_and_a_shorter_gap_changes_onl
         out.contains(&names::shadow_topic(&t.sessions, "gap")),
         "{out}"
     );
+    // The shadow's subjects are gone for good (not even soft-deleted); the other
+    // shadow's stay; a subject never registered is no error.
+    for live in [&t.activity, &t.sessions] {
+        let deleted = format!("deleted subject {}", subject(live, "gap"));
+        assert!(out.contains(&deleted), "{out}");
+    }
+    let missing = format!("subject {} does not exist", subject(&t.late, "gap"));
+    assert!(out.contains(&missing), "{out}");
+    let after = subjects_with_deleted(&registry_url).await;
+    assert!(
+        !after.iter().any(|s| s.contains(".shadow.gap")),
+        "{after:?}"
+    );
+    for live in [&t.activity, &t.sessions] {
+        assert!(after.contains(&subject(live, "same")), "{after:?}");
+    }
+    // Discarding again finds nothing, and is no error.
+    let (code, again) = run_pulsectl(&discard_flags).await;
+    assert_eq!(code, Some(0), "{again}");
+    assert!(!again.contains("deleted subject"), "{again}");
+    // Both discards are in the audit trail: who, what, which shadow, what was removed.
+    let records = shadow_audit(&audit_topic).await;
+    assert_eq!(records.len(), 2, "{records:#?}");
+    for r in &records {
+        assert_eq!(
+            (
+                r.action.as_str(),
+                r.actor.as_str(),
+                r.target.as_str(),
+                r.outcome,
+                r.service.as_str()
+            ),
+            (
+                "shadow.discard",
+                "ops-carol",
+                "gap",
+                Outcome::Ok,
+                "pulsectl"
+            ),
+            "{r:#?}"
+        );
+    }
+    let first = &records[0].detail;
+    for part in [
+        format!("table {db}.sessions_shadow_gap"),
+        format!("consumer group {}", names::shadow_group(&group, "gap")),
+        format!("subject {}", subject(&t.sessions, "gap")),
+        format!("kept topic {}", names::shadow_topic(&t.activity, "gap")),
+    ] {
+        assert!(first.contains(&part), "{part}: {first}");
+    }
+    assert!(records[1].detail.contains("not found"), "{:?}", records[1]);
     let tables: Vec<String> = database
         .client()
         .query("SELECT name FROM system.tables WHERE database = ? ORDER BY name")
@@ -935,11 +995,14 @@ async fn a_promotion_switches_live_to_the_new_rules_without_a_gap_or_a_double_co
     }
 
     // `promote check` before the switch. A range with open windows: refused, not caught up.
+    let audit_topic = pulse_tests::unique("promote_audit");
+    guard.add(&audit_topic);
     let check_flags = |from: i64, to: i64, extra: &[&str]| -> Vec<String> {
         let mut f = diff_flags("b", &db, from, to);
         f[1] = "check".to_owned();
         f.insert(1, "promote".to_owned());
         f.extend(extra.iter().map(|s| (*s).to_owned()));
+        f.extend(audit_flags(&audit_topic, "ops-dave"));
         f
     };
     let (code, out) =
@@ -1088,7 +1151,7 @@ async fn a_promotion_switches_live_to_the_new_rules_without_a_gap_or_a_double_co
     // `promote finish`: refused on a range before the switch (live kept A there), passes on
     // the windows after it and discards the shadow.
     let finish_flags = |from: i64| -> Vec<String> {
-        [
+        let mut f: Vec<String> = [
             "shadow",
             "promote",
             "finish",
@@ -1115,15 +1178,17 @@ async fn a_promotion_switches_live_to_the_new_rules_without_a_gap_or_a_double_co
             &t.checkpoints,
             "--dlq-topic",
             &t.dlq,
-            "--kafka-brokers",
-            &kafka.brokers,
+            "--schema-registry-url",
+            &registry_url,
             "--clickhouse-url",
             &pulse_tests::clickhouse().url,
             "--clickhouse-database",
             &db,
         ]
         .map(str::to_owned)
-        .to_vec()
+        .to_vec();
+        f.extend(audit_flags(&audit_topic, "ops-dave"));
+        f
     };
     let (code, out) = run_pulsectl(&finish_flags(base)).await;
     assert_eq!(code, Some(1), "{out}");
@@ -1146,5 +1211,210 @@ async fn a_promotion_switches_live_to_the_new_rules_without_a_gap_or_a_double_co
         .await
         .unwrap();
     assert!(!tables.iter().any(|t| t.contains("_shadow_")), "{tables:?}");
+    let subjects = subjects_with_deleted(&registry_url).await;
+    assert!(
+        !subjects.iter().any(|s| s.contains(".shadow.b-")),
+        "{subjects:?}"
+    );
+    // Every check and finish is in the audit trail, in order, with its range and outcome
+    // (a refusal with its reasons).
+    let records = shadow_audit(&audit_topic).await;
+    let got: Vec<(&str, Outcome)> = records
+        .iter()
+        .map(|r| (r.action.as_str(), r.outcome))
+        .collect();
+    let (check, finish) = ("shadow.promote.check", "shadow.promote.finish");
+    assert_eq!(
+        got,
+        [
+            (check, Outcome::Failed),
+            (check, Outcome::Failed),
+            (check, Outcome::Ok),
+            (finish, Outcome::Failed),
+            (finish, Outcome::Ok),
+        ],
+        "{records:#?}"
+    );
+    for r in &records {
+        assert_eq!((r.actor.as_str(), r.target.as_str()), ("ops-dave", "b"));
+        assert!(r.detail.starts_with("windows ["), "{r:?}");
+    }
+    let detail = |i: usize| records[i].detail.as_str();
+    assert!(
+        detail(0).contains("refused: ") && detail(0).contains("not final on both sides"),
+        "{}",
+        detail(0)
+    );
+    assert!(
+        detail(1).contains("differ beyond the tolerance"),
+        "{}",
+        detail(1)
+    );
+    assert!(detail(2).contains("may be promoted"), "{}", detail(2));
+    assert!(detail(3).contains("nothing was discarded"), "{}", detail(3));
+    let discarded = format!("subject {}-value", names::shadow_topic(&t.sessions, "b"));
+    assert!(
+        detail(4).contains("live equals the shadow") && detail(4).contains(&discarded),
+        "{}",
+        detail(4)
+    );
     registry.stop().await.unwrap();
+}
+
+/// The kafka flags of a `pulsectl` command that writes its audit record to `audit_topic`
+/// (created for one broker) as `actor`.
+fn audit_flags(audit_topic: &str, actor: &str) -> Vec<String> {
+    [
+        "--audit-topic",
+        audit_topic,
+        "--actor",
+        actor,
+        "--kafka-brokers",
+        &pulse_tests::kafka().brokers,
+        "--kafka-replication-factor",
+        "1",
+        "--kafka-min-insync-replicas",
+        "1",
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
+/// `pulsectl audit --json --action shadow` on `topic`: the shadow commands' records.
+async fn shadow_audit(topic: &str) -> Vec<AuditRecord> {
+    let out = tokio::time::timeout(
+        WAIT,
+        tokio::process::Command::new(binary("pulsectl"))
+            .args([
+                "audit",
+                "--json",
+                "--action",
+                "shadow",
+                "--audit-topic",
+                topic,
+                "--kafka-brokers",
+                &pulse_tests::kafka().brokers,
+            ])
+            .env_remove("PULSE_AUDIT_TOPIC")
+            .output(),
+    )
+    .await
+    .expect("pulsectl audit did not finish in time")
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "pulsectl audit: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+/// The subjects the registry at `url` holds, soft-deleted ones included.
+async fn subjects_with_deleted(url: &str) -> Vec<String> {
+    reqwest::get(format!("{url}/subjects?deleted=true"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// `(name, type)` of `table`'s columns.
+async fn columns(database: &cleanup::Database, table: &str) -> BTreeSet<(String, String)> {
+    database
+        .client()
+        .query("SELECT name, type FROM system.columns WHERE database = ? AND table = ?")
+        .bind(&database.database)
+        .bind(table)
+        .fetch_all::<(String, String)>()
+        .await
+        .unwrap()
+        .into_iter()
+        .collect()
+}
+
+/// A shadow's tables made by a writer from before migration 0004 lack `rules_version`:
+/// the shadow writer's start-up adds it (as the migration did to the live tables), and the
+/// sessions it then writes there carry their rules version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_shadow_table_made_before_rules_versions_gets_the_column_and_its_rows_carry_it() {
+    let t = Topics::new();
+    let database = cleanup::Database::unique("pulse_shadow_old");
+    let db = database.database.clone();
+    let mut guard =
+        cleanup::Topics::adopt([&t.events, &t.activity, &t.sessions, &t.dlq].map(String::from));
+    for live in [&t.events, &t.activity, &t.sessions, &t.dlq] {
+        guard.add(names::shadow_topic(live, "old"));
+    }
+    pulse_storage::migrate::migrate(&database).await.unwrap();
+    // The shape an older shadow writer left: a copy of live before 0004.
+    let server = database.server_client();
+    for live in pulse_storage::migrate::SHADOW_TABLES {
+        let table = pulse_storage::migrate::shadow_table(live, "old");
+        for sql in [
+            format!("CREATE TABLE {db}.{table} AS {db}.{live}"),
+            format!("ALTER TABLE {db}.{table} DROP COLUMN rules_version"),
+        ] {
+            server.query(&sql).execute().await.unwrap();
+        }
+        let old = columns(&database, &table).await;
+        assert!(!old.iter().any(|(n, _)| n == "rules_version"), "{old:?}");
+        assert!(old.len() > 5, "{table}: {old:?}");
+    }
+
+    let wgroup = pulse_tests::unique("shadow_old_writer");
+    let shadow_writer = writer(&t, &db, &wgroup, &["--shadow", "old"]).await;
+    for live in pulse_storage::migrate::SHADOW_TABLES {
+        let table = pulse_storage::migrate::shadow_table(live, "old");
+        assert_eq!(
+            columns(&database, &table).await,
+            columns(&database, live).await,
+            "{table} has the live table's columns"
+        );
+    }
+    // A session of a shadow processor reaches the upgraded table with its rules version.
+    let session = pulse_contracts::pb::aggregates::v1::Session {
+        session_id: "s-old-1".into(),
+        user_id: "u-old".into(),
+        start_ms: 1_000,
+        end_ms: 2_000,
+        duration_ms: 1_000,
+        event_count: 2,
+        page_count: 2,
+        version: 1,
+        r#final: true,
+        rules_version: "gap-5s+0123456789ab".into(),
+        ..Default::default()
+    };
+    let p = KafkaProducer::new(&pulse_tests::kafka(), "shadow-old-test").unwrap();
+    let rec = OutRecord::new(
+        names::shadow_topic(&t.sessions, "old"),
+        Some(b"u-old".to_vec()),
+        wire::frame(1, &[0], &session.encode_to_vec()),
+    );
+    p.enqueue_with_wait(rec, WAIT).await.unwrap().await.unwrap();
+    let table = pulse_storage::migrate::shadow_table("sessions", "old");
+    let rows = wait_until(WAIT, format!("the session in {table}"), async || {
+        let rows: Vec<(String, String)> = database
+            .client()
+            .query(&format!("SELECT session_id, rules_version FROM {table}"))
+            .fetch_all()
+            .await
+            .map_err(|e| e.to_string())?;
+        if rows.is_empty() {
+            Err("no row yet".to_owned())
+        } else {
+            Ok(rows)
+        }
+    })
+    .await;
+    assert_eq!(
+        rows,
+        [("s-old-1".to_owned(), "gap-5s+0123456789ab".to_owned())]
+    );
+    shadow_writer.stop().await;
 }

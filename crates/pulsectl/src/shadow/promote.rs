@@ -5,16 +5,23 @@
 //! with the same window size as live) and whether the promotion happened (`finish`: after
 //! the switch, live equals the shadow exactly on a range after it, and no live session is
 //! left with an early result that outranks a final one), then discards the shadow.
-//! Reading and comparing is `shadow::diff`; discarding is `shadow::discard`.
+//! Reading and comparing is `shadow::diff`; discarding is `shadow::discard`. Each check and
+//! finish writes an audit record (`shadow.promote.check|finish`), a refusal with its reasons.
 
 use std::collections::BTreeSet;
 
+use pulse_platform::audit::action;
 use pulse_platform::clickhouse::ClickHouseConfig;
 use pulse_platform::config::validate_all;
+use pulse_platform::kafka::KafkaConfig;
 use pulse_platform::windowing::WindowSettings;
 use pulse_storage::migrate;
 
-use super::{DiffArgs, DiffReport, DiscardArgs, ShadowError, diff, discard};
+use super::{
+    DiffArgs, DiffReport, DiscardArgs, DiscardSummary, ShadowError, diff, discard, discard_outcome,
+};
+use crate::audit::{self, AuditArgs};
+use crate::rfc3339;
 
 #[derive(Debug, clap::Subcommand)]
 pub enum PromoteCommand {
@@ -34,6 +41,9 @@ pub struct CheckArgs {
     /// The live processor's group, named in the steps printed.
     #[arg(long = "processor-group-id", default_value = "pulse-processor")]
     pub processor_group: String,
+    /// The broker the audit record of the check is written to.
+    #[command(flatten)]
+    pub kafka: KafkaConfig,
 }
 
 #[derive(Debug, clap::Args)]
@@ -263,74 +273,146 @@ fn print_refusals(what: &str, refusals: &[Refusal]) {
     }
 }
 
-pub async fn run(command: PromoteCommand) -> Result<(), crate::Error> {
+/// The refusals as one line of an audit record's detail.
+fn refused(refusals: &[Refusal]) -> String {
+    let reasons: Vec<String> = refusals.iter().map(ToString::to_string).collect();
+    format!("refused: {}", reasons.join("; "))
+}
+
+/// The range of a check or finish, as its audit record names it.
+fn range(from: i64, to: i64) -> String {
+    format!("windows [{}, {})", rfc3339(from), rfc3339(to))
+}
+
+/// `check`, printed: the refusals (none: the shadow may be promoted, steps printed).
+async fn run_check(args: &CheckArgs) -> Result<Vec<Refusal>, crate::Error> {
+    let d = &args.diff;
+    validate_all(&[&d.clickhouse, &d.windowing, &args.kafka])?;
+    println!(
+        "shadow {}: promotion check on windows in [{}, {}), tolerance {}",
+        d.shadow,
+        rfc3339(d.from),
+        rfc3339(d.to),
+        d.tolerance
+    );
+    let (report, refusals) = check(args).await?;
+    print!("{}", report.render(d.max_keys));
+    if !refusals.is_empty() {
+        print_refusals("promotion", &refusals);
+        return Ok(refusals);
+    }
+    println!(
+        "shadow {} may be promoted. The switch is yours (the chart's values):\n\
+         1. Give the live processor the shadow's image and processing flags, without \
+         --shadow, keeping its group ({}), topics and checkpoint topic; the old \
+         process stops (SIGTERM) before the new one starts, which continues from the \
+         live offsets and checkpoints and re-emits what was open. Leave the shadow \
+         running.\n\
+         2. Once both watermarks have passed a few windows after the switch, stop the \
+         shadow (shadow.enabled=false) and run\n   \
+         pulsectl shadow promote finish --shadow {} --from <a window after the switch> \
+         --to <a time both watermarks passed>\n   \
+         It checks that live now equals the shadow there and discards the shadow.",
+        d.shadow, args.processor_group, d.shadow
+    );
+    Ok(refusals)
+}
+
+/// How a `finish` that ran its checks ended.
+enum Finished {
+    /// Refused: nothing was discarded.
+    Refused(Vec<Refusal>),
+    /// The checks passed and the shadow was discarded (some steps may have failed).
+    Discarded(DiscardSummary),
+}
+
+/// `finish`, printed: its checks, then the discard.
+async fn run_finish(args: &FinishArgs) -> Result<Finished, crate::Error> {
+    validate_all(&[&args.discard.clickhouse, &args.windowing])?;
+    args.discard.validate()?;
+    if args.from >= args.to {
+        return Err(ShadowError::Range {
+            from: args.from,
+            to: args.to,
+        }
+        .into());
+    }
+    println!(
+        "shadow {}: promotion finish: live must equal the shadow on windows in [{}, {})",
+        args.discard.shadow,
+        rfc3339(args.from),
+        rfc3339(args.to)
+    );
+    let (report, refusals) = finish_checks(args).await?;
+    print!("{}", report.render(args.max_keys));
+    if !refusals.is_empty() {
+        print_refusals("finish (nothing was discarded)", &refusals);
+        println!(
+            "  live does not (yet) run the shadow's version on the live group, or the \
+             range starts before the switch; see docs/operations.md, Promote"
+        );
+        return Ok(Finished::Refused(refusals));
+    }
+    println!("live equals the shadow on the range: discarding the shadow");
+    Ok(Finished::Discarded(discard(&args.discard).await))
+}
+
+/// Runs `check` or `finish` and writes its audit record (`shadow.promote.check|finish`,
+/// target the shadow's name, the range in the detail, the reasons of a refusal; a
+/// refusal is recorded as `failed`).
+pub async fn run(command: PromoteCommand, audit: &AuditArgs) -> Result<(), crate::Error> {
     match command {
         PromoteCommand::Check(args) => {
             let d = &args.diff;
-            validate_all(&[&d.clickhouse, &d.windowing])?;
-            println!(
-                "shadow {}: promotion check on windows in [{}, {}), tolerance {}",
-                d.shadow,
-                crate::rfc3339(d.from),
-                crate::rfc3339(d.to),
-                d.tolerance
-            );
-            let (report, refusals) = check(&args).await?;
-            print!("{}", report.render(d.max_keys));
-            if !refusals.is_empty() {
-                print_refusals("promotion", &refusals);
-                return Err(ShadowError::Refused(refusals.len()).into());
+            let range = format!("{}, tolerance {}", range(d.from, d.to), d.tolerance);
+            let result = run_check(&args).await;
+            let outcome = match &result {
+                Ok(r) if r.is_empty() => Ok(format!("{range}: may be promoted")),
+                Ok(r) => Err(format!("{range}: {}", refused(r))),
+                Err(e) => Err(format!("{range}: {e}")),
+            };
+            audit::record(
+                audit,
+                &args.kafka,
+                action::SHADOW_PROMOTE_CHECK,
+                &d.shadow,
+                outcome,
+            )
+            .await;
+            match result? {
+                r if r.is_empty() => {}
+                r => return Err(ShadowError::Refused(r.len()).into()),
             }
-            println!(
-                "shadow {} may be promoted. The switch is yours (the chart's values):\n\
-                 1. Give the live processor the shadow's image and processing flags, without \
-                 --shadow, keeping its group ({}), topics and checkpoint topic; the old \
-                 process stops (SIGTERM) before the new one starts, which continues from the \
-                 live offsets and checkpoints and re-emits what was open. Leave the shadow \
-                 running.\n\
-                 2. Once both watermarks have passed a few windows after the switch, stop the \
-                 shadow (shadow.enabled=false) and run\n   \
-                 pulsectl shadow promote finish --shadow {} --from <a window after the switch> \
-                 --to <a time both watermarks passed>\n   \
-                 It checks that live now equals the shadow there and discards the shadow.",
-                d.shadow, args.processor_group, d.shadow
-            );
         }
         PromoteCommand::Finish(args) => {
-            validate_all(&[
-                &args.discard.clickhouse,
-                &args.windowing,
-                &args.discard.kafka,
-            ])?;
-            if args.from >= args.to {
-                return Err(ShadowError::Range {
-                    from: args.from,
-                    to: args.to,
+            let range = range(args.from, args.to);
+            let result = run_finish(&args).await;
+            let outcome = match &result {
+                Ok(Finished::Refused(r)) => {
+                    Err(format!("{range}: {} (nothing was discarded)", refused(r)))
                 }
-                .into());
+                Ok(Finished::Discarded(summary)) => discard_outcome(summary)
+                    .map(|d| format!("{range}: live equals the shadow; discard: {d}"))
+                    .map_err(|d| format!("{range}: live equals the shadow; discard: {d}")),
+                Err(e) => Err(format!("{range}: {e}")),
+            };
+            audit::record(
+                audit,
+                &args.discard.kafka,
+                action::SHADOW_PROMOTE_FINISH,
+                &args.discard.shadow,
+                outcome,
+            )
+            .await;
+            match result? {
+                Finished::Refused(r) => return Err(ShadowError::Refused(r.len()).into()),
+                Finished::Discarded(s) if !s.failed.is_empty() => {
+                    return Err(ShadowError::Discard(s.failed.len()).into());
+                }
+                Finished::Discarded(_) => {
+                    println!("promotion of shadow {} finished", args.discard.shadow)
+                }
             }
-            println!(
-                "shadow {}: promotion finish: live must equal the shadow on windows in [{}, {})",
-                args.discard.shadow,
-                crate::rfc3339(args.from),
-                crate::rfc3339(args.to)
-            );
-            let (report, refusals) = finish_checks(&args).await?;
-            print!("{}", report.render(args.max_keys));
-            if !refusals.is_empty() {
-                print_refusals("finish (nothing was discarded)", &refusals);
-                println!(
-                    "  live does not (yet) run the shadow's version on the live group, or the \
-                     range starts before the switch; see docs/operations.md, Promote"
-                );
-                return Err(ShadowError::Refused(refusals.len()).into());
-            }
-            println!("live equals the shadow on the range: discarding the shadow");
-            let failed = discard(&args.discard).await?;
-            if failed > 0 {
-                return Err(ShadowError::Discard(failed).into());
-            }
-            println!("promotion of shadow {} finished", args.discard.shadow);
         }
     }
     Ok(())
