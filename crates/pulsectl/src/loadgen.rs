@@ -306,10 +306,12 @@ fn book(
             for (e, a) in batch.iter().zip(answers) {
                 let status = match a.status.as_str() {
                     "accepted" => Status::Accepted,
-                    // An earlier attempt of this batch got no answer but was taken: its
-                    // events come back as duplicates although they are this run's first.
+                    // An earlier attempt of this batch failed (no answer, or 503 for a batch
+                    // the broker stored part of) but some of it was taken: those events come
+                    // back as duplicates although they are this run's first.
                     "duplicate"
-                        if d.unanswered_attempt && !matches!(e.kind, Kind::Duplicate { .. }) =>
+                        if d.earlier_attempt_failed
+                            && !matches!(e.kind, Kind::Duplicate { .. }) =>
                     {
                         Status::Accepted
                     }
@@ -711,7 +713,7 @@ mod tests {
     }
 
     #[test]
-    fn a_duplicate_answer_after_an_unanswered_attempt_counts_as_accepted() {
+    fn a_duplicate_answer_after_an_earlier_attempt_failed_counts_as_accepted() {
         let mut w = plain_workload();
         let batch: Vec<GenEvent> = (0..2).filter_map(|_| w.next()).collect();
         let answer = |status: &str| crate::ingest_client::Answer {
@@ -726,7 +728,7 @@ mod tests {
             result: Ok(vec![answer("duplicate"), answer("accepted")]),
             attempts: 2,
             latencies: vec![Duration::from_millis(3)],
-            unanswered_attempt: true,
+            earlier_attempt_failed: true,
             abandoned: false,
         };
         assert!(!record(&shared, &batch, d, 0, true, &Progress::hidden()));
@@ -751,7 +753,7 @@ mod tests {
             }]),
             attempts: 1,
             latencies: vec![],
-            unanswered_attempt: false,
+            earlier_attempt_failed: false,
             abandoned: false,
         };
         record(&shared, &batch[..1], answered, 0, true, &Progress::hidden());
@@ -761,7 +763,7 @@ mod tests {
             ))),
             attempts: 3,
             latencies: vec![],
-            unanswered_attempt: true,
+            earlier_attempt_failed: true,
             abandoned: false,
         };
         record(&shared, &batch[1..], lost, 0, true, &Progress::hidden());
