@@ -196,32 +196,13 @@ impl ApiKeys {
     /// What changed from `before` to `self`, by key name (never a key): names that
     /// appeared, names that went, and names whose set of keys changed (a rotation).
     pub fn changes_from(&self, before: &ApiKeys) -> KeyChanges {
-        use std::collections::{BTreeMap, BTreeSet};
-        let by_name = |keys: &ApiKeys| {
-            let mut m: BTreeMap<String, BTreeSet<KeyDigest>> = BTreeMap::new();
-            for e in &keys.entries {
-                m.entry(e.name.clone()).or_default().insert(e.digest);
-            }
-            m
-        };
-        let (old, new) = (by_name(before), by_name(self));
-        KeyChanges {
-            added: new
-                .keys()
-                .filter(|n| !old.contains_key(*n))
-                .cloned()
-                .collect(),
-            removed: old
-                .keys()
-                .filter(|n| !new.contains_key(*n))
-                .cloned()
-                .collect(),
-            replaced: new
+        let pairs = |keys: &ApiKeys| -> Vec<(String, KeyDigest)> {
+            keys.entries
                 .iter()
-                .filter(|(n, d)| old.get(*n).is_some_and(|o| o != *d))
-                .map(|(n, _)| n.clone())
-                .collect(),
-        }
+                .map(|e| (e.name.clone(), e.digest))
+                .collect()
+        };
+        KeyChanges::between(pairs(before), pairs(self))
     }
 
     /// The keys' names, sorted, each once.
@@ -234,24 +215,7 @@ impl ApiKeys {
 }
 
 /// Key names added, removed and re-keyed by a reload (see [`ApiKeys::changes_from`]).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct KeyChanges {
-    pub added: Vec<String>,
-    pub removed: Vec<String>,
-    pub replaced: Vec<String>,
-}
-
-impl std::fmt::Display for KeyChanges {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "added [{}]; removed [{}]; re-keyed [{}]",
-            self.added.join(", "),
-            self.removed.join(", "),
-            self.replaced.join(", ")
-        )
-    }
-}
+pub type KeyChanges = pulse_platform::secret::NameChanges;
 
 impl std::fmt::Debug for ApiKeys {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

@@ -115,6 +115,66 @@ impl Drop for Secret {
     }
 }
 
+/// What a reload of a set of named secrets (API keys, query tokens) changed, by name, never
+/// a secret: names that appeared, names that went, and names whose set of secrets changed
+/// (a rotation under one name, "re-keyed").
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NameChanges {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub replaced: Vec<String>,
+}
+
+impl NameChanges {
+    /// The changes from `before` to `after`, each (name, what identifies the secret without
+    /// revealing it: its digest) pairs; names come out sorted.
+    pub fn between<D: Ord>(
+        before: impl IntoIterator<Item = (String, D)>,
+        after: impl IntoIterator<Item = (String, D)>,
+    ) -> Self {
+        use std::collections::{BTreeMap, BTreeSet};
+        fn by_name<D: Ord>(
+            pairs: impl IntoIterator<Item = (String, D)>,
+        ) -> BTreeMap<String, BTreeSet<D>> {
+            let mut m: BTreeMap<String, BTreeSet<D>> = BTreeMap::new();
+            for (n, d) in pairs {
+                m.entry(n).or_default().insert(d);
+            }
+            m
+        }
+        let (old, new) = (by_name(before), by_name(after));
+        Self {
+            added: new
+                .keys()
+                .filter(|n| !old.contains_key(*n))
+                .cloned()
+                .collect(),
+            removed: old
+                .keys()
+                .filter(|n| !new.contains_key(*n))
+                .cloned()
+                .collect(),
+            replaced: new
+                .iter()
+                .filter(|(n, d)| old.get(*n).is_some_and(|o| o != *d))
+                .map(|(n, _)| n.clone())
+                .collect(),
+        }
+    }
+}
+
+impl fmt::Display for NameChanges {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "added [{}]; removed [{}]; re-keyed [{}]",
+            self.added.join(", "),
+            self.removed.join(", "),
+            self.replaced.join(", ")
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

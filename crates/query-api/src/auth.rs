@@ -160,32 +160,14 @@ impl Tokens {
     /// appeared, names that went, and names whose set of tokens changed (a rotation under
     /// one name).
     pub fn changes_from(&self, before: &Tokens) -> TokenChanges {
-        use std::collections::{BTreeMap, BTreeSet};
-        let by_name = |t: &Tokens| {
-            let mut m: BTreeMap<String, BTreeSet<TokenDigest>> = BTreeMap::new();
-            for (d, n) in t.digests.iter().zip(&t.names) {
-                m.entry(n.clone()).or_default().insert(*d);
-            }
-            m
-        };
-        let (old, new) = (by_name(before), by_name(self));
-        TokenChanges {
-            added: new
-                .keys()
-                .filter(|n| !old.contains_key(*n))
-                .cloned()
-                .collect(),
-            removed: old
-                .keys()
-                .filter(|n| !new.contains_key(*n))
-                .cloned()
-                .collect(),
-            replaced: new
+        let pairs = |t: &Tokens| -> Vec<(String, TokenDigest)> {
+            t.names
                 .iter()
-                .filter(|(n, d)| old.get(*n).is_some_and(|o| o != *d))
-                .map(|(n, _)| n.clone())
-                .collect(),
-        }
+                .cloned()
+                .zip(t.digests.iter().copied())
+                .collect()
+        };
+        TokenChanges::between(pairs(before), pairs(self))
     }
 
     /// Whether `presented` is one of the tokens (see [`Tokens::name_of`]).
@@ -260,24 +242,7 @@ pub fn request_span(name: &str, peer: &str, transport: &'static str) -> tracing:
 }
 
 /// Token names added, removed and re-keyed by a reload (see [`Tokens::changes_from`]).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct TokenChanges {
-    pub added: Vec<String>,
-    pub removed: Vec<String>,
-    pub replaced: Vec<String>,
-}
-
-impl std::fmt::Display for TokenChanges {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "added [{}]; removed [{}]; re-keyed [{}]",
-            self.added.join(", "),
-            self.removed.join(", "),
-            self.replaced.join(", ")
-        )
-    }
-}
+pub type TokenChanges = pulse_platform::secret::NameChanges;
 
 /// The tokens in force: the inline ones (`--api-tokens`) and those of `--api-tokens-file`,
 /// which [`TokenStore::watch`] re-reads every `interval` when its content changed, so
