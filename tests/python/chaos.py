@@ -765,6 +765,10 @@ def main() -> int:
             return 1  # the finally block reports and stops what started
         ok_up = True
         say(f"platform up in {now() - t:.0f}s (state {state})")
+        # What dev.sh up told its user: step estimates, step times, banner URLs (issue #20).
+        from devsh_up_output import check as devsh_up_problems
+        up_log = (state / "dev-up.log").read_text(errors="replace")
+        failures += [f"dev.sh up output: {x}" for x in devsh_up_problems(up_log, env)]
         for name in BACKING + SERVICES:
             p.capture(name)
         # The writers get a short max.poll.interval.ms (a consumer setting that would refuse

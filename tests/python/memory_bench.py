@@ -41,6 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from chaos import ADMIN_ENV, BACKING, CACHE, PORT_ENV, SERVICES, TARGET, Platform, free_ports, http  # noqa: E402
+from devsh_up_output import check as devsh_up_problems  # noqa: E402
 
 MIB = 1024 * 1024
 GOAL_MIB = 64
@@ -329,6 +330,9 @@ def main() -> int:
             return 1
         ok_up = True
         say(f"platform up in {time.monotonic() - t:.0f}s ({args.profile} binaries, state {state})")
+        # What dev.sh up told its user (issue #20; the chaos suite fails on it, here it is shown).
+        up_problems = devsh_up_problems((state / "dev-up.log").read_text(errors="replace"), env)
+        say("dev.sh up output: " + ("; ".join(up_problems) or "every step with an estimate, banner URLs present"))
         threading.Thread(target=sampler.run, daemon=True).start()
         time.sleep(5)
         sampler.phase = "load"
@@ -455,6 +459,11 @@ def report(args, s: Sampler, counts: dict, failures: list[str], state_table: str
             v = counts[k]
             lines.append(f"| {k.replace('_', ' ')} | {v:,.1f} |" if isinstance(v, float) and not v.is_integer()
                          else f"| {k.replace('_', ' ')} | {v:,.0f} |")
+    processed, accepted = s.gauge_last.get("pulse_processor_events_total", 0), counts.get("accepted", 0)
+    if accepted and processed < accepted:
+        # Its state then covers fewer users than the workload: say so beside the figures.
+        lines += ["", f"The processor processed {processed:,.0f} of the {accepted:,.0f} accepted events by the end "
+                  f"(its open sessions peaked at {sessions:,.0f}): it stopped or fell behind (see its log)."]
     if state_table:
         lines += ["", "The processor's state per user, measured alone (`bench-memory`: RSS growth while "
                   "folding one event per user into each structure):", "", "```", state_table, "```"]

@@ -137,6 +137,8 @@ impl GrpcIngest {
                 hint: GRPC_KEY_HINT,
             })
         })?;
+        // For the call's completion line (platform::grpc::Traced).
+        pulse_platform::http::record_auth_key(req.extensions(), &caller.key);
         let span = caller.span(&peer, "grpc");
         Ok((caller.source, span))
     }

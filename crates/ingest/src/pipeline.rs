@@ -36,6 +36,13 @@ use crate::validate::{FieldError, Limits, schema_version, validate, validate_par
 #[async_trait::async_trait]
 pub trait Framer: Send + Sync {
     async fn frame(&self, topic: &str, payload: &[u8]) -> Result<Vec<u8>, WireError>;
+
+    /// The bytes every framed payload of `topic` starts with (magic byte, schema id,
+    /// message indexes): the Confluent wire format is that prefix followed by the payload,
+    /// so a batch looks it up once and encodes each event straight after it.
+    async fn prefix(&self, topic: &str) -> Result<Vec<u8>, WireError> {
+        self.frame(topic, &[]).await
+    }
 }
 
 #[async_trait::async_trait]
@@ -283,7 +290,8 @@ impl Ingestor {
     ) -> Result<(), IngestError> {
         metrics::counter!(m::EVENTS_TOTAL, "outcome" => "invalid", "reason" => code.to_owned())
             .increment(1);
-        let rec = self.dlq_record(source, original, None, "", code, detail, parent);
+        let trace = trace_headers(parent);
+        let rec = self.dlq_record(source, original, None, "", code, detail, trace);
         let ack = self.enqueue(rec).await?;
         ack.await.map(|_| ()).map_err(IngestError::Produce)
     }
@@ -297,9 +305,9 @@ impl Ingestor {
         event_id: &str,
         code: &str,
         detail: &str,
-        parent: &opentelemetry::Context,
+        trace: OwnedHeaders,
     ) -> OutRecord {
-        let mut h = trace_headers(parent);
+        let mut h = trace;
         h = headers::with_str(h, headers::INGEST_TS, &now_ms().to_string());
         if !event_id.is_empty() {
             h = headers::with_str(h, headers::EVENT_ID, event_id);
@@ -408,8 +416,15 @@ impl Ingestor {
         // that was never stored is never answered `duplicate`.
         let mut reserved: HashMap<String, Reservation> = HashMap::new();
         let mut failure: Option<IngestError> = None;
-        // Accepted events per `schema_version` label, counted once the batch is durable.
-        let mut by_version: HashMap<String, u64> = HashMap::new();
+        // Accepted events per `schema_version`, counted (by label) once the batch is durable.
+        let mut by_version: HashMap<u32, u64> = HashMap::new();
+        // What every record of the batch shares, made once: the trace headers (the current
+        // span's context, the same for the whole batch), the ingest time's text and the
+        // schema's wire-format prefix (looked up at the first accepted event).
+        let mut trace: Option<OwnedHeaders> = None;
+        let ingest_ts = now.to_string();
+        let mut prefix: Option<Vec<u8>> = None;
+        let mut pii_changes = 0u64;
 
         'events: for (index, incoming) in events.into_iter().enumerate() {
             let checked = incoming.validate(now, &inner.cfg.limits).and_then(|event| {
@@ -460,7 +475,7 @@ impl Ingestor {
                             &event_id,
                             error.code,
                             &detail,
-                            parent,
+                            trace.get_or_insert_with(|| trace_headers(parent)).clone(),
                         );
                         records.push((key, rec));
                     } else {
@@ -480,10 +495,7 @@ impl Ingestor {
                         ingest_source: source.to_owned(),
                         protocol: protocol.to_owned(),
                     });
-                    let changed = inner.pii.apply(&mut event);
-                    if changed > 0 {
-                        metrics::counter!(m::PII_CHANGES_TOTAL).increment(changed as u64);
-                    }
+                    pii_changes += inner.pii.apply(&mut event) as u64;
                     let event_id = event.event_id.clone();
                     // A second copy in the same request is a duplicate of the first: they
                     // are stored together or the whole request fails.
@@ -510,17 +522,21 @@ impl Ingestor {
                         continue;
                     };
                     reserved.insert(event_id.clone(), reservation);
-                    match self.event_record(&event, now, parent).await {
-                        Ok(rec) => records.push((Some(event_id.clone()), rec)),
-                        Err(e) => {
-                            failure = Some(e);
-                            break;
-                        }
-                    }
+                    let prefix = match &prefix {
+                        Some(p) => p,
+                        None => match inner.framer.prefix(&inner.cfg.events_topic).await {
+                            Ok(p) => prefix.insert(p),
+                            Err(e) => {
+                                failure = Some(IngestError::Framing(e));
+                                break;
+                            }
+                        },
+                    };
+                    let base = trace.get_or_insert_with(|| trace_headers(parent)).clone();
+                    let rec = self.event_record(&event, prefix, base, &ingest_ts);
+                    records.push((Some(event_id.clone()), rec));
                     result.accepted += 1;
-                    *by_version
-                        .entry(schema_version::label(event.schema_version))
-                        .or_default() += 1;
+                    *by_version.entry(event.schema_version).or_default() += 1;
                     result.results.push(EventResult {
                         index,
                         status: Status::Accepted,
@@ -531,6 +547,9 @@ impl Ingestor {
             }
         }
 
+        if pii_changes > 0 {
+            metrics::counter!(m::PII_CHANGES_TOTAL).increment(pii_changes);
+        }
         if failure.is_none() {
             for (event_id, rec) in records {
                 match self.enqueue(rec).await {
@@ -579,7 +598,7 @@ impl Ingestor {
         metrics::counter!(m::EVENTS_TOTAL, "outcome" => "accepted", "reason" => "")
             .increment(result.accepted as u64);
         for (version, n) in by_version {
-            metrics::counter!(m::EVENTS_BY_SCHEMA_VERSION_TOTAL, "version" => version).increment(n);
+            metrics::counter!(m::EVENTS_BY_SCHEMA_VERSION_TOTAL, "version" => schema_version::label(version)).increment(n);
         }
         metrics::gauge!(m::DEDUP_SET_SIZE).set(inner.dedup.len() as f64);
         Ok(result)
@@ -612,25 +631,24 @@ impl Ingestor {
         }
     }
 
-    /// The record of an accepted event: framed with the registered schema id, keyed by user
-    /// id, with trace context, event id and ingest time in its headers.
-    async fn event_record(
+    /// The record of an accepted event: framed with the registered schema id (`prefix`,
+    /// the wire format's bytes before the payload), keyed by user id, with trace context
+    /// (`trace`, the batch's), event id and ingest time in its headers.
+    fn event_record(
         &self,
         event: &Event,
-        now: i64,
-        parent: &opentelemetry::Context,
-    ) -> Result<OutRecord, IngestError> {
+        prefix: &[u8],
+        trace: OwnedHeaders,
+        ingest_ts: &str,
+    ) -> OutRecord {
         let inner = &self.inner;
-        let value = inner
-            .framer
-            .frame(&inner.cfg.events_topic, &event.encode_to_vec())
-            .await
-            .map_err(IngestError::Framing)?;
-        let mut h = trace_headers(parent);
-        h = headers::with_str(h, headers::EVENT_ID, &event.event_id);
-        h = headers::with_str(h, headers::INGEST_TS, &now.to_string());
+        let mut value = Vec::with_capacity(prefix.len() + event.encoded_len());
+        value.extend_from_slice(prefix);
+        event.encode_raw(&mut value);
+        let mut h = headers::with_str(trace, headers::EVENT_ID, &event.event_id);
+        h = headers::with_str(h, headers::INGEST_TS, ingest_ts);
         let key = event.key.as_ref().map(|k| k.user_id.as_bytes().to_vec());
-        Ok(OutRecord::new(&inner.cfg.events_topic, key, value).with_headers(h))
+        OutRecord::new(&inner.cfg.events_topic, key, value).with_headers(h)
     }
 }
 

@@ -64,15 +64,18 @@ pub mod action {
     pub const SHADOW_DISCARD: &str = "shadow.discard";
 }
 
-/// How an audited change ended.
+/// How an audited change ended (`ok`, `refused`, `failed` in the JSON and the table;
+/// every version of the format has had these three).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
     /// Done.
     Ok,
-    /// Refused before it ran: authentication or authorization failed.
+    /// Refused before it changed anything: authentication or authorization failed, or a
+    /// command's own checks or flags said no (`pulsectl shadow promote check|finish`
+    /// finding differences, a discard with invalid flags); `detail` holds the reasons.
     Refused,
-    /// Ran and failed (an error answer, a failed command).
+    /// Tried and failed (an error answer, a failed command or step).
     Failed,
 }
 
@@ -82,6 +85,22 @@ impl Outcome {
             Outcome::Ok => "ok",
             Outcome::Refused => "refused",
             Outcome::Failed => "failed",
+        }
+    }
+}
+
+impl std::str::FromStr for Outcome {
+    type Err = String;
+
+    /// `ok`, `refused` or `failed`.
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "ok" => Ok(Outcome::Ok),
+            "refused" => Ok(Outcome::Refused),
+            "failed" => Ok(Outcome::Failed),
+            other => Err(format!(
+                "{other:?} is not an audit outcome: ok, refused or failed"
+            )),
         }
     }
 }
@@ -263,11 +282,7 @@ impl AuditRow {
 
     /// The record the row holds (an outcome the format does not know reads as `failed`).
     pub fn to_record(&self) -> AuditRecord {
-        let outcome = match self.outcome.as_str() {
-            "ok" => Outcome::Ok,
-            "refused" => Outcome::Refused,
-            _ => Outcome::Failed,
-        };
+        let outcome = self.outcome.parse().unwrap_or(Outcome::Failed);
         AuditRecord {
             v: VERSION,
             id: self.id.clone(),
@@ -443,6 +458,30 @@ mod tests {
     use super::*;
     use crate::kafka::{AckFuture, Acked, ProduceError};
     use std::sync::Mutex;
+
+    #[test]
+    fn every_outcome_round_trips_and_records_written_before_refused_still_read() {
+        for outcome in [Outcome::Ok, Outcome::Refused, Outcome::Failed] {
+            let r = AuditRecord::new("pulsectl", "op", action::SHADOW_PROMOTE_CHECK, "b", outcome)
+                .with_detail("windows [..): refused: x");
+            assert_eq!(AuditRecord::from_json(&r.to_json()), Some(r.clone()));
+            assert_eq!(outcome.as_str().parse::<Outcome>(), Ok(outcome));
+            let row = AuditRow::from_record(&r, "t", 0, 7, 1);
+            assert_eq!(row.outcome, outcome.as_str());
+            assert_eq!(row.to_record(), r);
+        }
+        // As pulsectl wrote a refused promote check before `refused` was used for it.
+        let old = br#"{"v":1,"id":"1-2","ts_ms":5,"service":"pulsectl","actor":"op","action":"shadow.promote.check","target":"b","outcome":"failed","detail":"refused: x"}"#;
+        let r = AuditRecord::from_json(old).unwrap();
+        assert_eq!(
+            (r.outcome, r.detail.as_str()),
+            (Outcome::Failed, "refused: x")
+        );
+        let ok = br#"{"v":1,"id":"1-3","ts_ms":5,"service":"pulsectl","actor":"op","action":"migrate","target":"","outcome":"ok"}"#;
+        assert_eq!(AuditRecord::from_json(ok).unwrap().outcome, Outcome::Ok);
+        let err = "denied".parse::<Outcome>().unwrap_err();
+        assert!(err.contains("ok, refused or failed"), "{err}");
+    }
 
     #[test]
     fn a_record_round_trips_as_versioned_json_without_empty_fields() {

@@ -278,24 +278,7 @@ mod tests {
         assert_ne!(a, b, "each request starts its own trace");
     }
 
-    /// A writer capturing log lines in memory.
-    #[derive(Clone, Default)]
-    struct Capture(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-    impl std::io::Write for Capture {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    impl<'w> tracing_subscriber::fmt::MakeWriter<'w> for Capture {
-        type Writer = Capture;
-        fn make_writer(&'w self) -> Capture {
-            self.clone()
-        }
-    }
+    use crate::test_support::Capture;
 
     #[tokio::test]
     async fn the_completion_line_names_the_key_the_auth_layer_recorded() {

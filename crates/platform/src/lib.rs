@@ -26,5 +26,8 @@ pub mod telemetry;
 pub mod tls;
 pub mod windowing;
 
+#[cfg(test)]
+mod test_support;
+
 pub use admin::Health;
 pub use shutdown::Shutdown;

@@ -13,7 +13,7 @@
 //! happens. An operator's own `GLIBC_TUNABLES` or `MALLOC_ARENA_MAX` (even empty) is left
 //! alone: setting either turns this off. Not glibc (musl, other systems): nothing to do.
 
-/// The processor's Rust heap allocator: jemalloc (tikv-jemallocator, its symbols prefixed,
+/// The Rust heap allocator of the processor and ingest: jemalloc (tikv-jemallocator, its symbols prefixed,
 /// so C libraries keep glibc's malloc). `crates/processor/src/main.rs` declares
 ///
 /// ```ignore

@@ -319,24 +319,7 @@ mod tests {
         );
     }
 
-    /// A writer capturing log lines in memory.
-    #[derive(Clone, Default)]
-    struct Capture(Arc<std::sync::Mutex<Vec<u8>>>);
-    impl std::io::Write for Capture {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    impl<'w> tracing_subscriber::fmt::MakeWriter<'w> for Capture {
-        type Writer = Capture;
-        fn make_writer(&'w self) -> Capture {
-            self.clone()
-        }
-    }
+    use crate::test_support::Capture;
 
     fn log_lines(f: impl FnOnce()) -> Vec<Value> {
         let cfg = TelemetryConfig::default();

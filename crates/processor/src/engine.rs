@@ -221,7 +221,7 @@ pub struct Engine {
     /// changes (see [`Self::checkpoint_update`]); others get a whole checkpoint next.
     synced: HashSet<i32>,
     /// Per restored partition: session rules before a change whose results may still need
-    /// superseding (carried in its checkpoints while they matter).
+    /// superseding (carried in its checkpoints while they matter, then dropped).
     prior_rules: HashMap<i32, PriorSessionRules>,
     /// Session ids superseded after a change of session rules, since the start.
     superseded: u64,
@@ -356,6 +356,19 @@ impl Engine {
             .then_some(*rules)
     }
 
+    /// Drops `partition`'s prior session rules once they no longer matter: its replay is
+    /// done (no record processed under them comes again) and no open session holds one of
+    /// those records (sessions only close or take newer records from then on, so they
+    /// never matter again).
+    fn forget_spent_prior_rules(&mut self, partition: i32) {
+        if self.prior_rules.contains_key(&partition)
+            && self.replays.get(&partition).is_none_or(|r| r.done)
+            && self.prior_rules_in_force(partition).is_none()
+        {
+            self.prior_rules.remove(&partition);
+        }
+    }
+
     /// Whether some restored partition is still replaying records processed before the
     /// restart. Finals wait for it: a window rebuilt from part of its replay must not be
     /// closed. A restored partition that delivers nothing for the idle timeout counts as done.
@@ -437,6 +450,7 @@ impl Engine {
             r.live_synced = true;
             self.synced.remove(&partition);
         }
+        self.forget_spent_prior_rules(partition);
         if full || !self.synced.contains(&partition) {
             let cp = self.checkpoint(partition)?;
             self.synced.insert(partition);
@@ -1701,6 +1715,9 @@ mod tests {
             None,
             "no open session holds an old record any more"
         );
+        // Nor are they kept once they stopped mattering.
+        assert!(new.checkpoint_update(0, false).is_some());
+        assert!(new.prior_rules.is_empty(), "{:?}", new.prior_rules);
         rows
     }
 

@@ -217,8 +217,18 @@ impl Pipeline {
 }
 
 impl Processor {
-    /// Runs until `stop` is cancelled; then emits, flushes and commits what is durable.
+    /// Runs until `stop` is cancelled; then emits, flushes and commits what is durable,
+    /// and closes the consumer (`KafkaConsumer::close_after`). An error stops the loop at
+    /// once: nothing past the last durable emission is committed, and the next owner of the
+    /// partitions (this process, restarted) processes it again.
     pub async fn run(mut self, stop: CancellationToken) -> Result<(), RunError> {
+        let result = self.run_loop(stop).await;
+        let consumer = self.consumer.clone();
+        drop(self);
+        consumer.close_after(result).await
+    }
+
+    async fn run_loop(&mut self, stop: CancellationToken) -> Result<(), RunError> {
         let mut pipe = Pipeline::default();
         let mut pending: Vec<AckFuture> = Vec::new();
         let consumer = self.consumer.clone();

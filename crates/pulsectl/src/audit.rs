@@ -3,7 +3,9 @@
 //! the topic (`--source topic`, the default) or from the writer's ClickHouse copy
 //! (`--source clickhouse`, table `audit_log`); and
 //! [`record`], with which the commands that change things (`dlq redrive`, `replay`,
-//! `migrate`, `shadow discard`, `shadow promote check|finish`) write their own record: who (`--actor`, else `$USER`), what, the outcome.
+//! `migrate`, `shadow discard`, `shadow promote check|finish`) write their own record: who
+//! (`--actor`, else `$USER`), what, and how it ended ([`Ending`]: `ok`, `refused` — the
+//! command's checks or flags said no, nothing changed — or `failed`).
 //! The record format and its producer are platform's; reading the topic is `dlq::read`'s
 //! (platform's `kafka::reader`).
 
@@ -60,21 +62,76 @@ impl AuditArgs {
     }
 }
 
+/// How a command that changes things ended, as its audit record states it: the outcome
+/// and the detail (what was done, the reasons of a refusal, the error).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ending {
+    pub outcome: Outcome,
+    pub detail: String,
+}
+
+impl Ending {
+    /// Done.
+    pub fn ok(detail: impl Into<String>) -> Self {
+        Self::new(Outcome::Ok, detail)
+    }
+
+    /// Not done, nothing changed: the command's own checks said no (`shadow promote`
+    /// found differences) or its flags were refused; `detail` holds the reasons.
+    pub fn refused(detail: impl Into<String>) -> Self {
+        Self::new(Outcome::Refused, detail)
+    }
+
+    /// Tried and failed (an error, a failed step).
+    pub fn failed(detail: impl Into<String>) -> Self {
+        Self::new(Outcome::Failed, detail)
+    }
+
+    fn new(outcome: Outcome, detail: impl Into<String>) -> Self {
+        Self {
+            outcome,
+            detail: detail.into(),
+        }
+    }
+
+    /// The ending of a command that stopped with `error` (`detail` states it): `refused`
+    /// when its flags were refused or its checks said no before it changed anything
+    /// (invalid settings, an empty range, a negative tolerance, a promotion refused), else
+    /// `failed`.
+    pub fn of_error(error: &crate::Error, detail: impl Into<String>) -> Self {
+        use crate::shadow::ShadowError;
+        match error {
+            crate::Error::Config(_)
+            | crate::Error::Shadow(
+                ShadowError::Refused(_) | ShadowError::Range { .. } | ShadowError::Tolerance(_),
+            ) => Self::refused(detail),
+            _ => Self::failed(detail),
+        }
+    }
+}
+
+/// `Ok(detail)`: `ok`; `Err(error)`: `failed`.
+impl From<Result<String, String>> for Ending {
+    fn from(result: Result<String, String>) -> Self {
+        match result {
+            Ok(d) => Self::ok(d),
+            Err(e) => Self::failed(e),
+        }
+    }
+}
+
 /// Writes the audit record of a command's change and waits for the broker, at most
 /// `--audit-timeout`; a record that cannot be written is a warning on stderr (the change
-/// itself happened or failed regardless). `outcome` is the command's: `Ok(detail)` or
-/// `Err(error)`.
+/// itself happened, failed or was refused regardless). `ending` is the command's: an
+/// [`Ending`], or `Ok(detail)` / `Err(error)` for `ok` / `failed`.
 pub async fn record(
     args: &AuditArgs,
     kafka: &KafkaConfig,
     action: &str,
     target: &str,
-    outcome: Result<String, String>,
+    ending: impl Into<Ending>,
 ) {
-    let (outcome, detail) = match outcome {
-        Ok(d) => (Outcome::Ok, d),
-        Err(e) => (Outcome::Failed, e),
-    };
+    let Ending { outcome, detail } = ending.into();
     let rec = AuditRecord::new("pulsectl", &args.actor(), action, target, outcome)
         .with_detail(detail)
         .with_source(hostname());
@@ -137,6 +194,10 @@ pub struct ListArgs {
     /// Only records of this actor.
     #[arg(long)]
     pub who: Option<String>,
+    /// Only records with this outcome: `ok`, `refused` (authentication or authorization
+    /// failed, or a command's checks or flags said no) or `failed`.
+    #[arg(long, value_parser = parse_outcome)]
+    pub outcome: Option<Outcome>,
     /// One JSON object per line (the stored record) instead of text.
     #[arg(long)]
     pub json: bool,
@@ -177,6 +238,11 @@ pub fn since_ms(since: &str, now_ms: i64) -> Result<i64, AuditListError> {
     crate::replay::read::parse_time(since).map_err(|_| AuditListError::Since(since.to_owned()))
 }
 
+/// `--outcome`'s value parser.
+fn parse_outcome(s: &str) -> Result<Outcome, String> {
+    s.parse()
+}
+
 /// Whether `action` is `filter` or one of its family (`schema` matches `schema.register`).
 pub fn action_matches(action: &str, filter: &str) -> bool {
     action == filter
@@ -213,6 +279,7 @@ pub async fn list(
                 .is_none_or(|a| action_matches(&r.action, a))
         })
         .filter(|r| args.who.as_deref().is_none_or(|w| r.actor == w))
+        .filter(|r| args.outcome.is_none_or(|o| r.outcome == o))
         .collect();
     out.sort_by_key(|r| r.ts_ms);
     Ok(out)
@@ -220,7 +287,8 @@ pub async fn list(
 
 /// The rows of `audit_log` copied from `topic`, each topic position once (`LIMIT 1 BY`,
 /// in case a re-delivery was ever stored twice), since `since` and of `--who`; the action
-/// filter (a family prefix) is applied by the caller, like for the topic.
+/// filter (a family prefix) and the outcome filter are applied by the caller, like for the
+/// topic.
 async fn read_table(
     args: &ListArgs,
     topic: &str,
@@ -371,6 +439,61 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("--source"), "{err}");
+    }
+
+    #[test]
+    fn an_ending_is_ok_refused_or_failed_and_flag_refusals_are_refused() {
+        assert_eq!(Ending::from(Ok("d".to_owned())), Ending::ok("d"));
+        assert_eq!(
+            Ending::from(Err("e".to_owned())).outcome,
+            Outcome::Failed,
+            "an error of a command that cannot refuse stays failed"
+        );
+        let refused = [
+            crate::Error::Shadow(crate::shadow::ShadowError::Refused(2)),
+            crate::Error::Shadow(crate::shadow::ShadowError::Range { from: 2, to: 1 }),
+            crate::Error::Shadow(crate::shadow::ShadowError::Tolerance(-1.0)),
+            crate::Error::Config(
+                {
+                    let mut p = pulse_platform::config::Problems::default();
+                    p.add("--x", "bad");
+                    p.into_result()
+                }
+                .unwrap_err(),
+            ),
+        ];
+        for e in &refused {
+            assert_eq!(Ending::of_error(e, "r").outcome, Outcome::Refused, "{e}");
+        }
+        let failed = crate::Error::Shadow(crate::shadow::ShadowError::Discard(1));
+        assert_eq!(Ending::of_error(&failed, "f"), Ending::failed("f"));
+    }
+
+    #[test]
+    fn the_outcome_filter_takes_the_three_outcomes() {
+        use clap::Parser as _;
+        let outcome = |argv: &[&str]| match crate::Cli::try_parse_from(argv).unwrap().command {
+            crate::Command::Audit(a) => a.outcome,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(outcome(&["pulsectl", "audit"]), None);
+        for (text, want) in [
+            ("ok", Outcome::Ok),
+            ("refused", Outcome::Refused),
+            ("failed", Outcome::Failed),
+        ] {
+            assert_eq!(
+                outcome(&["pulsectl", "audit", "--outcome", text]),
+                Some(want)
+            );
+        }
+        let err = crate::Cli::try_parse_from(["pulsectl", "audit", "--outcome", "denied"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("--outcome") && err.contains("refused"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -1,8 +1,10 @@
 //! `pulsectl dlq inspect|redrive`: lists the records of `pulse.events.dlq.v1` with their
 //! error code, detail and a preview of the original bytes, and re-submits chosen records'
 //! original bytes to ingest's HTTP API (`https://` with `--ca-file` for a TLS ingest).
-//! Reading the topic is `dlq::read`; talking to ingest is `ingest_client`; both show their
-//! progress on stderr (`crate::progress`).
+//! Reading the topic is `dlq::read`; talking to ingest is `ingest_client` (503/429 and lost
+//! connections retried for up to a minute; a failed TLS handshake — an untrusted, expired
+//! or misnamed certificate — not retried); both show their progress on stderr
+//! (`crate::progress`).
 
 pub mod read;
 

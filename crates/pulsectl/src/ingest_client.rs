@@ -2,7 +2,9 @@
 //! gRPC (unary `SendEvents`), answered with one result per event; retries of 503/429 (and
 //! `UNAVAILABLE`/`RESOURCE_EXHAUSTED`) honouring Retry-After, and of transport failures,
 //! with backoff; and the flags that say where ingest is ([`IngestArgs`]: URL, CA file, API
-//! key). Shared by `loadgen` and `dlq redrive`; what to send is left to them.
+//! key). A failed TLS handshake (a certificate the CA did not sign, an expired one, a name
+//! mismatch, a plain-HTTP server behind an `https://` URL) is not retried: a retry cannot
+//! fix it. Shared by `loadgen` and `dlq redrive`; what to send is left to them.
 
 use pulse_platform::clickhouse::error_chain as chain;
 use std::path::PathBuf;
@@ -147,6 +149,11 @@ pub enum SendError {
     /// An error answer a retry cannot fix (400, 401, 413, 415, …).
     #[error("ingest answered {status}: {reason}")]
     Refused { status: String, reason: String },
+    /// The TLS handshake with `url` failed (the server's certificate is not trusted,
+    /// expired or for another name; or TLS itself failed): nothing was sent, and a retry
+    /// cannot fix it.
+    #[error("TLS handshake with {url} failed (not retried): {reason}")]
+    Tls { url: String, reason: String },
 }
 
 impl SendError {
@@ -156,6 +163,65 @@ impl SendError {
             source: Arc::new(e),
         }
     }
+
+    /// No answer from `url` because of `e`: [`SendError::Tls`] when a TLS error is among
+    /// its causes, else [`SendError::Transport`].
+    pub fn no_answer(url: &str, e: impl std::error::Error + Send + Sync + 'static) -> Self {
+        match tls_failure(&e) {
+            Some(reason) => Self::Tls {
+                url: url.to_owned(),
+                reason,
+            },
+            None => Self::transport(e),
+        }
+    }
+}
+
+/// The TLS error among `e` and its causes, described, if there is one. rustls reports a
+/// failed handshake as an `io::Error` wrapping a `rustls::Error` (reqwest wraps that in
+/// another `io::Error`); `io::Error::source` skips the wrapped error, so each `io::Error`
+/// is looked into as well.
+pub fn tls_failure(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut next = Some(e);
+    while let Some(err) = next {
+        if let Some(tls) = rustls_error(err) {
+            return Some(describe_tls(tls));
+        }
+        next = err.source();
+    }
+    None
+}
+
+/// `e` as a `rustls::Error`, or the one inside it if `e` is an `io::Error` wrapping one
+/// (through more `io::Error`s).
+fn rustls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+        return Some(tls);
+    }
+    let inner = e.downcast_ref::<std::io::Error>()?.get_ref()?;
+    rustls_error(inner)
+}
+
+/// rustls's description of `e`, with what it means for the common cases.
+fn describe_tls(e: &rustls::Error) -> String {
+    use rustls::{CertificateError as C, Error as E};
+    let hint = match e {
+        E::InvalidCertificate(C::UnknownIssuer | C::BadSignature) => {
+            " (the server's certificate is not signed by a CA in --ca-file)"
+        }
+        E::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => {
+            " (the server's certificate has expired)"
+        }
+        E::InvalidCertificate(C::NotValidYet | C::NotValidYetContext { .. }) => {
+            " (the server's certificate is not valid yet)"
+        }
+        E::InvalidCertificate(C::NotValidForName | C::NotValidForNameContext { .. }) => {
+            " (the server's certificate does not name the URL's host)"
+        }
+        E::InvalidMessage(_) => " (is the server speaking TLS at all?)",
+        _ => "",
+    };
+    format!("{e}{hint}")
 }
 
 /// Ingest's HTTP intake.
@@ -209,7 +275,7 @@ impl HttpIngest {
             .body(body)
             .send()
             .await
-            .map_err(SendError::transport)?;
+            .map_err(|e| SendError::no_answer(&self.url, e))?;
         let status = resp.status();
         let retry_after = resp
             .headers()
@@ -275,6 +341,7 @@ impl HttpIngest {
 #[derive(Debug, Clone)]
 pub struct GrpcIngest {
     client: IngestServiceClient<tonic::transport::Channel>,
+    url: String,
     api_key: String,
 }
 
@@ -312,6 +379,7 @@ impl GrpcIngest {
             })?;
         Ok(Self {
             client: IngestServiceClient::new(channel),
+            url: url.to_owned(),
             api_key: api_key.to_owned(),
         })
     }
@@ -364,7 +432,7 @@ impl GrpcIngest {
                     );
                 let reason = status.message().to_owned();
                 Err(match status.code() {
-                    _ if no_answer => SendError::transport(status),
+                    _ if no_answer => SendError::no_answer(&self.url, status),
                     tonic::Code::Unavailable | tonic::Code::ResourceExhausted => {
                         SendError::Retryable {
                             status: code,
@@ -400,7 +468,8 @@ pub struct Delivery {
 }
 
 /// Retry policy: retryable failures are retried until `max_retry` has passed since the
-/// first attempt, waiting Retry-After when given, else 200 ms doubling up to 5 s.
+/// first attempt, waiting Retry-After when given, else 200 ms doubling up to 5 s. Refusals
+/// and TLS failures end it at once.
 #[derive(Debug, Clone, Copy)]
 pub struct Retry {
     pub max_retry: Duration,
@@ -438,7 +507,7 @@ impl Retry {
             let wait = match &result {
                 Err(SendError::Retryable { retry_after, .. }) => retry_after.unwrap_or(backoff),
                 Err(SendError::Transport { .. }) => backoff,
-                Ok(_) | Err(SendError::Refused { .. }) => {
+                Ok(_) | Err(SendError::Refused { .. } | SendError::Tls { .. }) => {
                     d.result = result;
                     return d;
                 }
@@ -558,5 +627,96 @@ mod tests {
             .await;
         assert!(d.result.is_err());
         assert!(d.attempts > 2 && d.attempts < 10, "{}", d.attempts);
+    }
+
+    /// A certificate rustls refused, as reqwest and tonic carry it: inside an `io::Error`
+    /// (whose `source` skips it) inside the client's own error.
+    #[derive(Debug, thiserror::Error)]
+    #[error("error sending request")]
+    struct Outer(#[source] std::io::Error);
+
+    #[test]
+    fn a_certificate_error_anywhere_among_the_causes_is_a_tls_failure() {
+        let cert = |e| rustls::Error::InvalidCertificate(e);
+        let wrapped =
+            |e: rustls::Error| Outer(std::io::Error::new(std::io::ErrorKind::InvalidData, e));
+        let e = SendError::no_answer(
+            "https://ingest:8443/v1/events",
+            wrapped(cert(rustls::CertificateError::UnknownIssuer)),
+        );
+        let text = e.to_string();
+        assert!(matches!(e, SendError::Tls { .. }), "{e:?}");
+        assert!(text.contains("https://ingest:8443/v1/events"), "{text}");
+        assert!(text.contains("UnknownIssuer"), "{text}");
+        assert!(text.contains("not signed by a CA in --ca-file"), "{text}");
+        let e = SendError::no_answer("u", wrapped(cert(rustls::CertificateError::Expired)));
+        assert!(e.to_string().contains("has expired"), "{e}");
+        let e = SendError::no_answer(
+            "u",
+            wrapped(cert(rustls::CertificateError::NotValidForName)),
+        );
+        assert!(
+            e.to_string().contains("does not name the URL's host"),
+            "{e}"
+        );
+        // A refused connection is a transport failure, retried.
+        let e = SendError::no_answer(
+            "u",
+            Outer(std::io::Error::from(std::io::ErrorKind::ConnectionRefused)),
+        );
+        assert!(matches!(e, SendError::Transport { .. }), "{e:?}");
+    }
+
+    /// An `https://` target whose server speaks plain HTTP: the handshake fails in
+    /// reqwest's own client, and that is a TLS failure naming the URL, not a transport
+    /// failure to retry.
+    #[tokio::test]
+    async fn https_to_a_plain_http_server_is_a_tls_failure() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                let mut hello = [0u8; 512];
+                let _ = s.read(&mut hello).await;
+                let _ = s
+                    .write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+                    .await;
+            }
+        });
+        let target = format!("https://127.0.0.1:{port}");
+        let ingest = HttpIngest::new(&target, "k", Duration::from_secs(5)).unwrap();
+        let e = ingest.post(b"[]".to_vec()).await.unwrap_err();
+        let text = e.to_string();
+        assert!(matches!(e, SendError::Tls { .. }), "{e:?}");
+        assert!(
+            text.starts_with(&format!(
+                "TLS handshake with {target}/v1/events failed (not retried): "
+            )),
+            "{text}"
+        );
+        assert!(
+            text.contains("is the server speaking TLS at all?"),
+            "{text}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_tls_failure_is_not_retried() {
+        let retry = Retry {
+            max_retry: Duration::from_secs(60),
+        };
+        let started = tokio::time::Instant::now();
+        let d = retry
+            .run(&CancellationToken::new(), || async {
+                Err(SendError::Tls {
+                    url: "https://ingest:8443/v1/events".into(),
+                    reason: "invalid peer certificate: UnknownIssuer".into(),
+                })
+            })
+            .await;
+        assert_eq!(d.attempts, 1);
+        assert!(matches!(d.result, Err(SendError::Tls { .. })));
+        assert_eq!(started.elapsed(), Duration::ZERO);
     }
 }

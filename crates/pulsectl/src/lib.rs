@@ -116,10 +116,11 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
         Command::Schemas { command } => schemas::run(command).await,
         Command::Migrate { clickhouse, kafka } => {
             let result = migrate::run(&clickhouse, progress).await;
-            let outcome = match &result {
-                Ok(()) => Ok(format!("database {} migrated", clickhouse.database)),
-                Err(e) => Err(e.to_string()),
-            };
+            let outcome = ending(
+                &result,
+                format!("database {} migrated", clickhouse.database),
+                Error::to_string,
+            );
             let target = format!("{} database {}", clickhouse.url, clickhouse.database);
             audit::record(
                 &cli.audit,
@@ -141,7 +142,7 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
                 None => format!("{} record(s) to {}", args.offsets.len(), args.ingest.target),
             };
             let result = dlq::run(dlq::DlqCommand::Redrive(args), progress).await;
-            let outcome = result.as_ref().map(|()| detail).map_err(|e| e.to_string());
+            let outcome = ending(&result, detail, Error::to_string);
             audit::record(
                 &cli.audit,
                 &kafka,
@@ -159,10 +160,7 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
             let (kafka, target) = (args.kafka.clone(), args.topic.clone());
             let detail = format!("event time {} .. {}", rfc3339(args.from), rfc3339(args.to));
             let result = replay::run(*args, progress).await;
-            let outcome = match &result {
-                Ok(()) => Ok(detail),
-                Err(e) => Err(format!("{detail}: {e}")),
-            };
+            let outcome = ending(&result, detail.clone(), |e| format!("{detail}: {e}"));
             audit::record(
                 &cli.audit,
                 &kafka,
@@ -176,6 +174,19 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
         Command::Ledger(args) => ledger::run(*args, progress).await,
         Command::Audit(args) => audit::run(*args, &cli.audit, progress).await,
         Command::Shadow { command } => shadow::run(command, &cli.audit).await,
+    }
+}
+
+/// How a command ended, for its audit record: `ok` with `done`; else `refused` or `failed`
+/// ([`audit::Ending::of_error`]) with `error`'s statement of it.
+fn ending(
+    result: &Result<(), Error>,
+    done: String,
+    error: impl FnOnce(&Error) -> String,
+) -> audit::Ending {
+    match result {
+        Ok(()) => audit::Ending::ok(done),
+        Err(e) => audit::Ending::of_error(e, error(e)),
     }
 }
 

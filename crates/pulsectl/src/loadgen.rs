@@ -368,8 +368,10 @@ fn book(
             if first {
                 progress.println(&format!("loadgen: a batch of {n} event(s) failed: {msg}"));
             }
-            matches!(&e, SendError::Refused { status, .. }
-                if status.starts_with("401") || status == "Unauthenticated")
+            // A wrong key or an unusable certificate would fail every batch: stop.
+            matches!(&e, SendError::Tls { .. })
+                || matches!(&e, SendError::Refused { status, .. }
+                    if status.starts_with("401") || status == "Unauthenticated")
         }
     }
 }

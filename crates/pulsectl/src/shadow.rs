@@ -29,7 +29,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::types::RDKafkaErrorCode;
 use serde_json::json;
 
-use crate::audit::{self, AuditArgs};
+use crate::audit::{self, AuditArgs, Ending};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum ShadowCommand {
@@ -261,6 +261,29 @@ type ActivityMap = BTreeMap<(i64, String), Activity>;
 /// Per (user, start): the current sessions starting in the range.
 type SessionMap = BTreeMap<(String, i64), SessionVal>;
 
+/// The rows of `sql` (a query of `table` with two parameters, `from` and `to`).
+pub(crate) async fn fetch<R>(
+    cfg: &ClickHouseConfig,
+    table: &str,
+    sql: &str,
+    from: i64,
+    to: i64,
+) -> Result<Vec<R>, ShadowError>
+where
+    R: clickhouse::RowOwned + clickhouse::RowRead,
+{
+    cfg.client()
+        .query(sql)
+        .bind(from)
+        .bind(to)
+        .fetch_all()
+        .await
+        .map_err(|source| ShadowError::Read {
+            table: table.to_owned(),
+            source,
+        })
+}
+
 async fn read_activity(
     cfg: &ClickHouseConfig,
     table: &str,
@@ -276,17 +299,7 @@ async fn read_activity(
          FROM {table} WHERE window_start_ms >= ? AND window_end_ms <= ? \
          GROUP BY user_id, window_start_ms"
     );
-    let rows: Vec<ActivityRow> = cfg
-        .client()
-        .query(&sql)
-        .bind(from)
-        .bind(to)
-        .fetch_all()
-        .await
-        .map_err(|source| ShadowError::Read {
-            table: table.to_owned(),
-            source,
-        })?;
+    let rows: Vec<ActivityRow> = fetch(cfg, table, &sql, from, to).await?;
     Ok(rows
         .into_iter()
         .map(|r| {
@@ -324,17 +337,7 @@ async fn read_sessions(
          (SELECT user_id FROM {table} WHERE start_ms >= ? AND start_ms < ?) \
          GROUP BY user_id, session_id"
     );
-    let rows: Vec<SessionRow> = cfg
-        .client()
-        .query(&sql)
-        .bind(from)
-        .bind(to)
-        .fetch_all()
-        .await
-        .map_err(|source| ShadowError::Read {
-            table: table.to_owned(),
-            source,
-        })?;
+    let rows: Vec<SessionRow> = fetch(cfg, table, &sql, from, to).await?;
     let superseded: BTreeSet<(String, String)> = rows
         .iter()
         .flat_map(|r| {
@@ -966,7 +969,8 @@ fn discard_outcome(summary: &DiscardSummary) -> Result<String, String> {
     }
 }
 
-/// `discard` with its audit record (`shadow.discard`, target the shadow's name).
+/// `discard` with its audit record (`shadow.discard`, target the shadow's name): `refused`
+/// when its flags are (nothing is removed), else `ok` or `failed` with every step.
 async fn discard_audited(args: &DiscardArgs, audit: &AuditArgs) -> Result<(), crate::Error> {
     if let Err(e) = args.validate() {
         audit::record(
@@ -974,7 +978,7 @@ async fn discard_audited(args: &DiscardArgs, audit: &AuditArgs) -> Result<(), cr
             &args.kafka,
             action::SHADOW_DISCARD,
             &args.shadow,
-            Err(e.to_string()),
+            Ending::refused(e.to_string()),
         )
         .await;
         return Err(e.into());

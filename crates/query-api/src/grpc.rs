@@ -62,7 +62,11 @@ impl GrpcQuery {
         let result = async move {
             // The call's work runs under the token's name (never the token).
             let key_span = match state.tokens.authorize(auth.as_deref()) {
-                Ok(name) => crate::auth::request_span(&name, &peer, "grpc"),
+                Ok(name) => {
+                    // For the call's completion line (platform::grpc::Traced).
+                    pulse_platform::http::record_auth_key(request.extensions(), &name);
+                    crate::auth::request_span(&name, &peer, "grpc")
+                }
                 Err(e) => {
                     crate::auth::log_refusal(&peer, "grpc", auth.as_deref());
                     return Err(e);

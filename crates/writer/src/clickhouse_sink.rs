@@ -156,6 +156,13 @@ async fn insert<R: RowOwned + RowWrite>(
 impl ClickHouseSink {
     /// Runs until `stop`; then writes what is buffered and commits.
     pub async fn run(mut self, stop: CancellationToken) -> Result<(), SinkError> {
+        let result = self.run_loop(stop).await;
+        let consumer = self.consumer.clone();
+        drop(self);
+        consumer.close_after(result).await
+    }
+
+    async fn run_loop(&mut self, stop: CancellationToken) -> Result<(), SinkError> {
         let mut blocked = Blocked::new("clickhouse", self.health.clone());
         let mut batches = Batches::default();
         let consumer = self.consumer.clone();

@@ -328,6 +328,13 @@ impl std::fmt::Debug for ParquetSink {
 impl ParquetSink {
     /// Runs until `stop`; then writes the current roll and commits.
     pub async fn run(mut self, stop: CancellationToken) -> Result<(), ParquetSinkError> {
+        let result = self.run_loop(stop).await;
+        let consumer = self.consumer.clone();
+        drop(self);
+        consumer.close_after(result).await
+    }
+
+    async fn run_loop(&mut self, stop: CancellationToken) -> Result<(), ParquetSinkError> {
         let mut blocked = Blocked::new(SINK, self.health.clone());
         let mut roll = Roll::default();
         let mut high = Freshness::new();

@@ -77,6 +77,31 @@ struct Args {
     /// (`scripts/bench.sh all` reads it).
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+    /// Process mode: run THIS `pulse-ingest` binary as its own process (with its default
+    /// topics, framing through `--registry-url`) and measure events per CPU-second of that
+    /// process alone, per format (`--formats`), beside the floor (the same events' parse +
+    /// validate + PII + encode + frame in a tight loop in this process). No raw phases.
+    /// `scripts/bench.sh ingest --process` starts the registry and passes both.
+    #[arg(long, env = "PULSE_BENCH_INGEST_BIN")]
+    ingest_bin: Option<std::path::PathBuf>,
+    /// Process mode: the schema registry the ingest process frames with (Pulse's schemas
+    /// registered).
+    #[arg(long, env = "PULSE_BENCH_REGISTRY_URL")]
+    registry_url: Option<String>,
+    /// Process mode: the phases of each round, in order (json = a JSON array body, ndjson,
+    /// gzip = the JSON array gzipped, grpc = SendEvents).
+    #[arg(long, value_delimiter = ',', default_value = "json,ndjson,gzip,grpc")]
+    formats: Vec<String>,
+    /// Process mode: seconds of the in-process floor loop.
+    #[arg(long, default_value_t = 3)]
+    floor_secs: u64,
+    /// Process mode: where the ingest process's stdout and stderr go (default: a file in
+    /// the temporary folder, printed).
+    #[arg(long)]
+    ingest_log: Option<std::path::PathBuf>,
+    /// Process mode: an extra argument for the ingest process (repeat it).
+    #[arg(long = "ingest-arg", allow_hyphen_values = true)]
+    ingest_args: Vec<String>,
 }
 
 fn now_ms() -> i64 {
@@ -161,6 +186,8 @@ struct RawRecord {
 #[derive(Debug)]
 struct Templates {
     json: Vec<Patchable>,
+    /// The same events as NDJSON (one object per line).
+    ndjson: Vec<Patchable>,
     pb: Vec<Vec<ev::Event>>,
     raw: Vec<Vec<RawRecord>>,
 }
@@ -230,6 +257,7 @@ impl Templates {
         let ts = now_ms();
         let mut out = Self {
             json: Vec::new(),
+            ndjson: Vec::new(),
             pb: Vec::new(),
             raw: Vec::new(),
         };
@@ -266,6 +294,12 @@ impl Templates {
                 events.push(event);
                 placeholders.push(ph);
             }
+            let mut ndjson = Vec::new();
+            for e in &events {
+                serde_json::to_writer(&mut ndjson, e)?;
+                ndjson.push(b'\n');
+            }
+            out.ndjson.push(Patchable::new(ndjson, &placeholders)?);
             out.json.push(Patchable::new(
                 serde_json::to_vec(&Value::Array(events))?,
                 &placeholders,
@@ -295,6 +329,10 @@ enum Target {
     Http {
         client: reqwest::Client,
         url: String,
+        /// NDJSON instead of a JSON array.
+        ndjson: bool,
+        /// The body gzipped (`Content-Encoding: gzip`).
+        gzip: bool,
     },
     Grpc {
         clients: Vec<IngestServiceClient<Channel>>,
@@ -346,15 +384,42 @@ impl Target {
                     None => Ok(acked),
                 }
             }
-            Target::Http { client, url } => {
-                let body_t = &t.json[tmpl];
+            Target::Http {
+                client,
+                url,
+                ndjson,
+                gzip,
+            } => {
+                let body_t = if *ndjson {
+                    &t.ndjson[tmpl]
+                } else {
+                    &t.json[tmpl]
+                };
                 let n = body_t.offsets.len();
-                let body = body_t.render(&ids.take(n));
-                let resp = client
+                let mut body = body_t.render(&ids.take(n));
+                let mut req = client
                     .post(url)
-                    .header("content-type", "application/json")
+                    .header(
+                        "content-type",
+                        if *ndjson {
+                            "application/x-ndjson"
+                        } else {
+                            "application/json"
+                        },
+                    )
                     .header("x-api-key", API_KEY)
-                    .header("traceparent", &tp)
+                    .header("traceparent", &tp);
+                if *gzip {
+                    use std::io::Write as _;
+                    let mut gz = flate2::write::GzEncoder::new(
+                        Vec::with_capacity(body.len() / 4),
+                        flate2::Compression::fast(),
+                    );
+                    gz.write_all(&body).map_err(|e| format!("gzip: {e}"))?;
+                    body = gz.finish().map_err(|e| format!("gzip: {e}"))?;
+                    req = req.header("content-encoding", "gzip");
+                }
+                let resp = req
                     .body(body)
                     .send()
                     .await
@@ -447,9 +512,21 @@ struct PhaseStats {
     latencies: Vec<Duration>,
     /// The broker's CPU use during the measured window, in % of one core (NaN unknown).
     broker_busy: f64,
+    /// CPU seconds the measured ingest process used in the window (process mode; NaN
+    /// otherwise).
+    ingest_cpu: f64,
 }
 
 impl PhaseStats {
+    /// Events per CPU-second of the measured ingest process (NaN unknown).
+    fn per_cpu_second(&self) -> f64 {
+        if self.ingest_cpu > 0.0 {
+            self.events as f64 / self.ingest_cpu
+        } else {
+            f64::NAN
+        }
+    }
+
     fn rate(&self) -> f64 {
         let secs = self.elapsed.as_secs_f64();
         if secs > 0.0 {
@@ -488,6 +565,7 @@ async fn run_phase(
     templates: Arc<Templates>,
     ids: Arc<Ids>,
     args: &Args,
+    ingest_pid: Option<u32>,
 ) -> Result<PhaseStats> {
     let start = Instant::now();
     let measure_from = start + Duration::from_secs(args.warmup_secs);
@@ -496,7 +574,8 @@ async fn run_phase(
     let broker = args.broker_pid;
     let broker_from = tokio::spawn(async move {
         tokio::time::sleep_until(measure_from.into()).await;
-        (Instant::now(), pulse_tests::cpu_seconds(broker))
+        let ingest = ingest_pid.map_or(f64::NAN, |p| pulse_tests::cpu_seconds(Some(p)));
+        (Instant::now(), pulse_tests::cpu_seconds(broker), ingest)
     });
     let mut tasks = Vec::with_capacity(args.concurrency);
     for worker in 0..args.concurrency {
@@ -550,6 +629,7 @@ async fn run_phase(
         elapsed: Duration::ZERO,
         latencies: Vec::new(),
         broker_busy: f64::NAN,
+        ingest_cpu: f64::NAN,
     };
     let mut last_done = end;
     for t in tasks {
@@ -565,20 +645,32 @@ async fn run_phase(
             last_done = last_done.max(d);
         }
     }
-    let (t0, cpu0) = broker_from
+    let (t0, cpu0, ingest0) = broker_from
         .await
         .with_context(|| format!("{name}: the broker CPU sampler failed"))?;
+    if let Some(p) = ingest_pid {
+        stats.ingest_cpu = pulse_tests::cpu_seconds(Some(p)) - ingest0;
+    }
     stats.broker_busy =
         100.0 * (pulse_tests::cpu_seconds(broker) - cpu0) / t0.elapsed().as_secs_f64();
     stats.elapsed = last_done.saturating_duration_since(measure_from);
     stats.latencies.sort_unstable();
     eprintln!(
-        "[bench] {name:<11} {:>9.0} events/s  ({} events, {} requests, {} errors in {:.2} s)",
+        "[bench] {name:<11} {:>9.0} events/s  ({} events, {} requests, {} errors in {:.2} s){}",
         stats.rate(),
         stats.events,
         stats.requests,
         stats.errors,
-        stats.elapsed.as_secs_f64()
+        stats.elapsed.as_secs_f64(),
+        if ingest_pid.is_some() {
+            format!(
+                "; ingest {:.2} CPU-s = {:.0} events per CPU-second",
+                stats.ingest_cpu,
+                stats.per_cpu_second()
+            )
+        } else {
+            String::new()
+        }
     );
     for e in &stats.error_samples {
         eprintln!("[bench]   error: {e}");
@@ -622,6 +714,9 @@ async fn main() -> Result<()> {
     let args = Args::parse();
     if args.batch == 0 || args.concurrency == 0 || args.duration_secs == 0 {
         bail!("--batch, --concurrency and --duration-secs must be >= 1");
+    }
+    if args.ingest_bin.is_some() {
+        return process_mode(&args).await;
     }
     let run = uuid::Uuid::new_v4().simple().to_string();
     let events_topic = format!("bench.events.{run}");
@@ -669,6 +764,8 @@ async fn main() -> Result<()> {
             .build()
             .context("building the HTTP client")?,
         url: format!("http://{}/v1/events", servers.http_addr),
+        ndjson: false,
+        gzip: false,
     });
     let grpc_url = format!("http://{}", servers.grpc_addr);
     let mut clients = Vec::with_capacity(args.concurrency);
@@ -695,13 +792,13 @@ async fn main() -> Result<()> {
     );
     let t = &templates;
     let rounds = args.rounds.max(1);
-    let mut raws = vec![run_phase("raw", raw.clone(), t.clone(), ids.clone(), &args).await?];
+    let mut raws = vec![run_phase("raw", raw.clone(), t.clone(), ids.clone(), &args, None).await?];
     let mut phases: Vec<(PhaseStats, PhaseStats)> = Vec::new();
     for _ in 0..rounds {
-        let http_s = run_phase("http", http.clone(), t.clone(), ids.clone(), &args).await?;
-        let grpc_s = run_phase("grpc", grpc.clone(), t.clone(), ids.clone(), &args).await?;
+        let http_s = run_phase("http", http.clone(), t.clone(), ids.clone(), &args, None).await?;
+        let grpc_s = run_phase("grpc", grpc.clone(), t.clone(), ids.clone(), &args, None).await?;
         phases.push((http_s, grpc_s));
-        raws.push(run_phase("raw", raw.clone(), t.clone(), ids.clone(), &args).await?);
+        raws.push(run_phase("raw", raw.clone(), t.clone(), ids.clone(), &args, None).await?);
     }
 
     servers.stop().await.context("stopping ingest")?;
@@ -794,6 +891,363 @@ async fn main() -> Result<()> {
             "http_vs_raw_median": median(&http_r),
             "grpc_vs_raw_median": median(&grpc_r),
             "goal_vs_raw": 0.8,
+        });
+        std::fs::write(path, serde_json::to_vec_pretty(&out)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Three distinct free local ports for the child, below the kernel's ephemeral range (from
+/// 32768), so no outgoing connection takes one before the child binds it (as
+/// `scripts/lib.sh` `free_port` does).
+fn free_addrs() -> Result<[std::net::SocketAddr; 3]> {
+    let mut held = Vec::with_capacity(3);
+    let mut seed = uuid::Uuid::new_v4().as_u128() as u64 | 1;
+    for _ in 0..1000 {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let port = 20_000 + (seed % 12_000) as u16;
+        if let Ok(l) = std::net::TcpListener::bind(("127.0.0.1", port)) {
+            held.push(l);
+            if held.len() == 3 {
+                let addr = |l: &std::net::TcpListener| l.local_addr().context("a free port");
+                return Ok([addr(&held[0])?, addr(&held[1])?, addr(&held[2])?]);
+            }
+        }
+    }
+    bail!("found no three free ports in 20000..32000")
+}
+
+/// CPU time (user + system) of the calling thread in seconds, from
+/// `/proc/thread-self/stat` (10 ms resolution); NaN when unreadable.
+fn thread_cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/thread-self/stat") else {
+        return f64::NAN;
+    };
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return f64::NAN;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok());
+    match (ticks(11), ticks(12)) {
+        (Some(u), Some(s)) => (u + s) / 100.0,
+        _ => f64::NAN,
+    }
+}
+
+/// The floor: the same JSON batches split, validated, enriched, PII-filtered, encoded and
+/// framed in a tight loop on one thread (what ingest cannot do with less CPU); events per
+/// CPU-second of that thread.
+fn floor(templates: &Templates, secs: u64) -> Result<(u64, f64)> {
+    use pulse_ingest::body::{BodyFormat, BodyLimits, split};
+    let limits = pulse_ingest::validate::Limits::default();
+    let body_limits = BodyLimits {
+        max_batch_events: usize::MAX,
+        ..BodyLimits::default()
+    };
+    let pii = PiiPolicy::parse(PiiPolicy::DEFAULT_SPEC, HMAC_KEY.as_bytes())
+        .map_err(anyhow::Error::msg)?;
+    let bodies: Vec<Vec<u8>> = templates
+        .json
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let ids: Vec<String> = (0..t.offsets.len())
+                .map(|n| Ids::id(0, (i * t.offsets.len() + n) as u64))
+                .collect();
+            t.render(&ids)
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let cpu0 = thread_cpu_seconds();
+    let mut events = 0u64;
+    let mut bytes = 0usize;
+    while Instant::now() < deadline {
+        for body in &bodies {
+            let now = now_ms();
+            for e in split(body, BodyFormat::Json, &body_limits)? {
+                let mut pb = pulse_ingest::validate::validate(&e, now, &limits)
+                    .map_err(|e| anyhow::anyhow!("floor: invalid event: {e}"))?;
+                pb.ingest = Some(ev::IngestInfo {
+                    ingest_timestamp_ms: now,
+                    ingest_source: SOURCE.into(),
+                    protocol: "http".into(),
+                });
+                pii.apply(&mut pb);
+                let framed = pulse_contracts::wire::frame(SCHEMA_ID, &[0], &pb.encode_to_vec());
+                bytes += std::hint::black_box(framed).len();
+                events += 1;
+            }
+        }
+    }
+    let cpu = thread_cpu_seconds() - cpu0;
+    std::hint::black_box(bytes);
+    Ok((events, events as f64 / cpu))
+}
+
+/// Process mode (`--ingest-bin`): the real binary in its own process, its CPU alone.
+async fn process_mode(args: &Args) -> Result<()> {
+    let bin = args.ingest_bin.clone().context("--ingest-bin")?;
+    let registry = args
+        .registry_url
+        .clone()
+        .context("process mode needs --registry-url (the registry ingest frames with)")?;
+    let [http_addr, grpc_addr, admin_addr] = free_addrs()?;
+    let log_path = args.ingest_log.clone().unwrap_or_else(|| {
+        std::env::temp_dir().join(format!("bench-ingest-{}.log", std::process::id()))
+    });
+    let log = std::fs::File::create(&log_path)
+        .with_context(|| format!("creating {}", log_path.display()))?;
+    let max_batch = args.batch.max(1000).to_string();
+    let mut cmd = tokio::process::Command::new(&bin);
+    cmd.args([
+        "--api-keys",
+        &format!("{API_KEY}={SOURCE}"),
+        "--pii-hmac-key",
+        HMAC_KEY,
+        "--rate-limit",
+        "0",
+        "--max-batch-events",
+        &max_batch,
+        "--kafka-brokers",
+        &args.brokers,
+        "--kafka-partitions",
+        &args.partitions.to_string(),
+        "--kafka-linger-ms",
+        &args.linger_ms.to_string(),
+        "--schema-registry-url",
+        &registry,
+        "--http-addr",
+        &http_addr.to_string(),
+        "--grpc-addr",
+        &grpc_addr.to_string(),
+        "--admin-addr",
+        &admin_addr.to_string(),
+    ])
+    .args(&args.ingest_args)
+    .stdin(std::process::Stdio::null())
+    .stdout(log.try_clone().context("ingest log")?)
+    .stderr(log)
+    .kill_on_drop(true);
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    let pid = child.id().context("the ingest process has no pid")?;
+    eprintln!(
+        "[bench] ingest process {} (pid {pid}), log {}, http {http_addr}, grpc {grpc_addr}, admin {admin_addr}",
+        bin.display(),
+        log_path.display()
+    );
+    let result = process_phases(args, pid, http_addr, grpc_addr, admin_addr, &mut child).await;
+    // Peak resident memory of the ingest process over the whole run.
+    if let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        && let Some(hwm) = status.lines().find(|l| l.starts_with("VmHWM:"))
+    {
+        println!("ingest peak RSS (VmHWM): {}", hwm["VmHWM:".len()..].trim());
+    }
+    // SIGTERM: the binary drains and flushes; then it must exit.
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status();
+    match tokio::time::timeout(Duration::from_secs(40), child.wait()).await {
+        Ok(Ok(status)) => eprintln!("[bench] ingest process exited: {status}"),
+        Ok(Err(e)) => eprintln!("[bench] waiting for the ingest process: {e}"),
+        Err(_) => {
+            eprintln!("[bench] the ingest process did not stop in 40 s; killing it");
+            let _ = child.kill().await;
+        }
+    }
+    result
+}
+
+async fn process_phases(
+    args: &Args,
+    pid: u32,
+    http_addr: std::net::SocketAddr,
+    grpc_addr: std::net::SocketAddr,
+    admin_addr: std::net::SocketAddr,
+    child: &mut tokio::process::Child,
+) -> Result<()> {
+    let client = reqwest::Client::builder()
+        .pool_max_idle_per_host(args.concurrency)
+        .build()
+        .context("building the HTTP client")?;
+    // Ready: topics created, the schema found in the registry, servers bound.
+    let ready_url = format!("http://{admin_addr}/readyz");
+    let waited = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().context("checking the ingest process")? {
+            bail!("the ingest process exited before it was ready: {status} (see its log)");
+        }
+        if let Ok(r) = client.get(&ready_url).send().await
+            && r.status().is_success()
+        {
+            break;
+        }
+        if waited.elapsed() > Duration::from_secs(120) {
+            bail!("the ingest process was not ready in 120 s (see its log)");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!(
+        "[bench] ingest ready after {:.1} s",
+        waited.elapsed().as_secs_f64()
+    );
+    let templates = Arc::new(Templates::build(args.batch)?);
+    let floor_t = templates.clone();
+    let floor_secs = args.floor_secs.max(1);
+    let (floor_events, floor_rate) =
+        tokio::task::spawn_blocking(move || floor(&floor_t, floor_secs))
+            .await
+            .context("the floor loop panicked")??;
+    eprintln!(
+        "[bench] floor       {floor_rate:>9.0} events per CPU-second ({floor_events} events: split + validate + PII + encode + frame, one thread)"
+    );
+    let run = uuid::Uuid::new_v4().simple().to_string();
+    let ids = Arc::new(Ids {
+        run: u32::from_str_radix(&run[..8], 16).unwrap_or_default(),
+        next: AtomicU64::new(0),
+    });
+    let url = format!("http://{http_addr}/v1/events");
+    let grpc_url = format!("http://{grpc_addr}");
+    let mut targets: Vec<(&'static str, Arc<Target>)> = Vec::new();
+    for f in &args.formats {
+        let http = |ndjson, gzip| Target::Http {
+            client: client.clone(),
+            url: url.clone(),
+            ndjson,
+            gzip,
+        };
+        let t = match f.as_str() {
+            "json" => ("json", http(false, false)),
+            "ndjson" => ("ndjson", http(true, false)),
+            "gzip" => ("gzip", http(false, true)),
+            "grpc" => {
+                let mut clients = Vec::with_capacity(args.concurrency);
+                for _ in 0..args.concurrency {
+                    clients.push(
+                        IngestServiceClient::connect(grpc_url.clone())
+                            .await
+                            .context("connecting to ingest's gRPC")?,
+                    );
+                }
+                ("grpc", Target::Grpc { clients })
+            }
+            other => bail!("--formats: unknown format {other:?} (json, ndjson, gzip, grpc)"),
+        };
+        targets.push((t.0, Arc::new(t.1)));
+    }
+    eprintln!(
+        "[bench] process mode: brokers {}, batch {}, concurrency {}, warmup {} s + {} s per phase, {} rounds of {}",
+        args.brokers,
+        args.batch,
+        args.concurrency,
+        args.warmup_secs,
+        args.duration_secs,
+        args.rounds.max(1),
+        args.formats.join(", ")
+    );
+    let idle0 = pulse_tests::cpu_seconds(Some(pid));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let idle = (pulse_tests::cpu_seconds(Some(pid)) - idle0) / 2.0;
+    let mut phases: Vec<PhaseStats> = Vec::new();
+    for _ in 0..args.rounds.max(1) {
+        for (name, target) in &targets {
+            phases.push(
+                run_phase(
+                    name,
+                    target.clone(),
+                    templates.clone(),
+                    ids.clone(),
+                    args,
+                    Some(pid),
+                )
+                .await?,
+            );
+        }
+    }
+    println!();
+    println!(
+        "{:<8} {:>10} {:>8} {:>8} {:>9} {:>14} {:>7} {:>9}",
+        "phase", "events/s", "p50 ms", "p99 ms", "ingest %", "events/CPU-s", "errors", "broker %"
+    );
+    for s in &phases {
+        println!(
+            "{:<8} {:>10.0} {:>8.2} {:>8.2} {:>9.1} {:>14.0} {:>7} {:>9.0}",
+            s.name,
+            s.rate(),
+            s.percentile_ms(0.50),
+            s.percentile_ms(0.99),
+            100.0 * s.ingest_cpu / s.elapsed.as_secs_f64().max(1e-9),
+            s.per_cpu_second(),
+            s.errors,
+            s.broker_busy
+        );
+    }
+    println!();
+    println!(
+        "floor (split + validate + PII + encode + frame, one thread, in this process): {floor_rate:.0} events per CPU-second"
+    );
+    println!(
+        "ingest idle (no requests, 2 s before the phases): {:.1} % of a core",
+        100.0 * idle
+    );
+    let mut medians = serde_json::Map::new();
+    for (name, _) in &targets {
+        let v: Vec<f64> = phases
+            .iter()
+            .filter(|s| s.name == *name)
+            .map(PhaseStats::per_cpu_second)
+            .collect();
+        let rates: Vec<f64> = phases
+            .iter()
+            .filter(|s| s.name == *name)
+            .map(PhaseStats::rate)
+            .collect();
+        let m = median(&v).unwrap_or(f64::NAN);
+        println!(
+            "{name:<7} events per CPU-second of the ingest process: median {m:.0} ({}; goal for JSON batches >= 100000), {:.1} % of the floor; events/s median {:.0}",
+            v.iter()
+                .map(|x| format!("{x:.0}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            100.0 * m / floor_rate,
+            median(&rates).unwrap_or(f64::NAN)
+        );
+        medians.insert((*name).to_owned(), json!(m));
+    }
+    println!(
+        "batch {} events, concurrency {}, {} s measured per phase after {} s warmup; events/CPU-s = events of the requests started in the window ÷ the ingest process's CPU (user + system, every thread) from the window's start until the last of them was answered",
+        args.batch, args.concurrency, args.duration_secs, args.warmup_secs
+    );
+    if let Some(path) = &args.json {
+        let all: Vec<Value> = phases
+            .iter()
+            .map(|s| {
+                json!({
+                    "phase": s.name,
+                    "events_per_s": s.rate(),
+                    "p50_ms": s.percentile_ms(0.50),
+                    "p99_ms": s.percentile_ms(0.99),
+                    "errors": s.errors,
+                    "broker_busy_pct": s.broker_busy,
+                    "ingest_cpu_s": s.ingest_cpu,
+                    "events_per_cpu_s": s.per_cpu_second(),
+                })
+            })
+            .collect();
+        let out = json!({
+            "bench": "ingest-process",
+            "batch": args.batch,
+            "concurrency": args.concurrency,
+            "duration_secs": args.duration_secs,
+            "phases": all,
+            "events_per_cpu_s_median": medians,
+            "floor_events_per_cpu_s": floor_rate,
+            "idle_core_share": idle,
+            "goal_events_per_cpu_s": 100_000,
         });
         std::fs::write(path, serde_json::to_vec_pretty(&out)?)
             .with_context(|| format!("writing {}", path.display()))?;

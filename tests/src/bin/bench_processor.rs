@@ -24,7 +24,8 @@
 //! `--broker-pid`, the broker's CPU seconds per phase are read the same way.
 //!
 //! Run it with `scripts/bench.sh processor`, which starts a broker; this binary only needs
-//! `--brokers`. It is a measurement, not a test: it exits 0 whatever the ratio.
+//! `--brokers`. `--core-only` runs part 1 alone (no broker); `--core-repeat N` runs the
+//! core + decode phase N times (its figure: the median run), e.g. under `perf record`. It is a measurement, not a test: it exits 0 whatever the ratio.
 
 use std::time::{Duration, Instant};
 
@@ -54,8 +55,12 @@ static ALLOC: pulse_platform::malloc::Allocator = pulse_platform::malloc::ALLOCA
 )]
 struct Args {
     /// Bootstrap brokers of the broker to measure against.
-    #[arg(long, env = "PULSE_BENCH_KAFKA_BROKERS")]
-    brokers: String,
+    #[arg(
+        long,
+        env = "PULSE_BENCH_KAFKA_BROKERS",
+        required_unless_present = "core_only"
+    )]
+    brokers: Option<String>,
 
     /// Events fed to the windowing core.
     #[arg(long, default_value_t = 1_000_000)]
@@ -67,6 +72,14 @@ struct Args {
     /// many events: one emit tick of the loop (1 s) at ~10k events/s.
     #[arg(long, default_value_t = 10_000)]
     core_emit_every: usize,
+    /// Runs the core + decode phase this many times (each with a fresh engine; its figure
+    /// is the median run's), e.g. to `perf record` it long enough.
+    #[arg(long, default_value_t = 1)]
+    core_repeat: usize,
+    /// Only the core phases (no broker is used; `--brokers` is not read): prints their
+    /// rows and the goal's line.
+    #[arg(long)]
+    core_only: bool,
     /// Events produced to the topic for the loop phases.
     #[arg(long, default_value_t = 200_000)]
     loop_events: usize,
@@ -541,6 +554,22 @@ fn print(f: &Figures, baseline: Option<f64>) {
     );
 }
 
+/// The core's goal, beside its floor (reading the records alone) measured in this run.
+fn print_goal(args: &Args, core_decoded: &Figures, decode_only: &Figures) {
+    println!(
+        "core + decode: {:.0} events/cpu-s, goal >= {:.0}: {}; decode alone {:.0} events/cpu-s ({:.0} % of the core + decode CPU); allocator: jemalloc, as the processor's",
+        core_decoded.per_cpu(),
+        args.core_goal,
+        if core_decoded.per_cpu() >= args.core_goal {
+            "pass"
+        } else {
+            "FAIL"
+        },
+        decode_only.per_cpu(),
+        100.0 * decode_only.cpu / core_decoded.cpu
+    );
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     // The processor's allocator settings (re-executes once, as the service does).
@@ -560,17 +589,42 @@ async fn main() -> Result<()> {
     let (core, outputs_core) = bench_core(&core_events, args.partitions, args.core_emit_every);
     let (decode_only, _) =
         bench_core_decoded(&core_events, args.partitions, args.core_emit_every, false);
-    let (core_decoded, outputs_decoded) =
-        bench_core_decoded(&core_events, args.partitions, args.core_emit_every, true);
+    let mut runs: Vec<(Figures, u64)> = (0..args.core_repeat.max(1))
+        .map(|_| bench_core_decoded(&core_events, args.partitions, args.core_emit_every, true))
+        .collect();
+    if runs.len() > 1 {
+        let all: Vec<String> = runs
+            .iter()
+            .map(|(f, _)| format!("{:.0}", f.per_cpu()))
+            .collect();
+        eprintln!("core + decode runs, events/cpu-s: {}", all.join(", "));
+    }
+    runs.sort_by(|a, b| a.0.per_cpu().total_cmp(&b.0.per_cpu()));
+    let (core_decoded, outputs_decoded) = runs.swap_remove(runs.len() / 2);
     if outputs_decoded != outputs_core {
         eprintln!(
             "warning: the core emitted {outputs_core} results from the events and {outputs_decoded} from their records"
         );
     }
     drop(core_events);
+    if args.core_only {
+        for f in [&core, &decode_only, &core_decoded] {
+            println!(
+                "{:<16} {:>10} events {:>7.2} s {:>12.0} events/s {:>7.2} cpu s {:>10.0} events/cpu-s",
+                f.name,
+                f.events,
+                f.secs,
+                f.rate(),
+                f.cpu,
+                f.per_cpu()
+            );
+        }
+        print_goal(&args, &core_decoded, &decode_only);
+        return Ok(());
+    }
 
     // 2. The loop against the broker.
-    let brokers = args.brokers.clone();
+    let brokers = args.brokers.clone().unwrap_or_default();
     let kafka = KafkaConfig::for_brokers(&brokers);
     let run = uuid::Uuid::new_v4().simple().to_string();
     let topic = format!("bench.events.{run}");
@@ -679,19 +733,7 @@ async fn main() -> Result<()> {
         "loop vs raw (each loop run against the mean of the raw runs either side): {}",
         pulse_tests::ratio_summary(&ratios)
     );
-    // The core's goal, beside its floor (reading the records alone) measured in this run.
-    println!(
-        "core + decode: {:.0} events/cpu-s, goal >= {:.0}: {}; decode alone {:.0} events/cpu-s ({:.0} % of the core + decode CPU); allocator: jemalloc, as the processor's",
-        core_decoded.per_cpu(),
-        args.core_goal,
-        if core_decoded.per_cpu() >= args.core_goal {
-            "pass"
-        } else {
-            "FAIL"
-        },
-        decode_only.per_cpu(),
-        100.0 * decode_only.cpu / core_decoded.cpu
-    );
+    print_goal(&args, &core_decoded, &decode_only);
     if let Some(path) = &args.json {
         let fig = |f: &Figures| {
             serde_json::json!({

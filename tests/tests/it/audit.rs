@@ -690,6 +690,50 @@ async fn audit_json_from_clickhouse(
     audit_json(topic, &args).await
 }
 
+/// A new audit topic named after `prefix` (as the services create it, on the one test
+/// broker; deleted when the guard drops), and those single-broker Kafka settings.
+async fn new_audit_topic(
+    prefix: &str,
+) -> (String, cleanup::Topics, pulse_platform::kafka::KafkaConfig) {
+    let single = pulse_platform::kafka::KafkaConfig {
+        topics: pulse_platform::kafka::TopicSettings::single_broker(),
+        ..pulse_tests::kafka()
+    };
+    let topic = pulse_tests::unique(prefix);
+    pulse_platform::kafka::ensure_topics(&single, &[pulse_platform::audit::topic_spec(&topic)])
+        .await
+        .unwrap();
+    let guard = cleanup::Topics::adopt([topic.clone()]);
+    (topic, guard, single)
+}
+
+/// The flags of a ClickHouse writer in `group` that copies `audit_topic` into `ch`.
+fn audit_copy_args(
+    ch: &pulse_platform::clickhouse::ClickHouseConfig,
+    group: &str,
+    audit_topic: &str,
+    topics: &crate::support::writer_process::WriterTopics,
+) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "--sink",
+        "clickhouse",
+        "--clickhouse-url",
+        &ch.url,
+        "--clickhouse-database",
+        &ch.database,
+        "--group-id",
+        group,
+        "--audit-topic",
+        audit_topic,
+        "--batch-max-age-ms",
+        "100",
+    ]
+    .map(String::from)
+    .to_vec();
+    a.extend(topics.flags());
+    a
+}
+
 /// The rows of `audit_log` copied from `topic`, as stored (no dedup): (offset, actor, action).
 async fn stored_rows(
     ch: &pulse_platform::clickhouse::ClickHouseConfig,
@@ -714,18 +758,7 @@ async fn a_writer_copies_the_audit_topic_into_clickhouse_exactly_once_across_a_r
 
     let ch = cleanup::Database::unique("pulse_audit");
     let dir = cleanup::TempDir::new("audit-writer");
-    let single = pulse_platform::kafka::KafkaConfig {
-        topics: pulse_platform::kafka::TopicSettings::single_broker(),
-        ..pulse_tests::kafka()
-    };
-    let audit_topic = pulse_tests::unique("audit");
-    pulse_platform::kafka::ensure_topics(
-        &single,
-        &[pulse_platform::audit::topic_spec(&audit_topic)],
-    )
-    .await
-    .unwrap();
-    let _audit = cleanup::Topics::adopt([audit_topic.clone()]);
+    let (audit_topic, _audit, single) = new_audit_topic("audit").await;
     let producer = KafkaProducer::new(&single, "audit-copy-test").unwrap();
     let write = async |record: AuditRecord| {
         write_now(&producer, &audit_topic, &record, Duration::from_secs(10))
@@ -759,26 +792,7 @@ async fn a_writer_copies_the_audit_topic_into_clickhouse_exactly_once_across_a_r
         .offset;
 
     let topics = WriterTopics::create("audit").await;
-    let args = |group: &str| -> Vec<String> {
-        let mut a: Vec<String> = [
-            "--sink",
-            "clickhouse",
-            "--clickhouse-url",
-            &ch.url,
-            "--clickhouse-database",
-            &ch.database,
-            "--group-id",
-            group,
-            "--audit-topic",
-            &audit_topic,
-            "--batch-max-age-ms",
-            "100",
-        ]
-        .map(String::from)
-        .to_vec();
-        a.extend(topics.flags());
-        a
-    };
+    let args = |group: &str| audit_copy_args(&ch, group, &audit_topic, &topics);
     let log = dir.path().join("writer.log");
     let mut first = WriterProcess::spawn(&args(&pulse_tests::unique("w")), &[], log.clone());
     first
@@ -979,4 +993,176 @@ async fn a_replay_is_audited_with_its_range_and_outcome() {
         "the range and the error: {failed:?}"
     );
     registry.stop().await.unwrap();
+}
+
+/// Refusals are recorded as `refused` with their reasons, not as `failed`: a `shadow
+/// promote check` and a `promote finish` on a range with nothing to compare, and a `shadow
+/// discard` whose flags are refused (a registry user without a password). Records written
+/// before `refused` existed (`ok`, and a refusal recorded as `failed`) still read, from the
+/// topic and from the writer's ClickHouse copy.
+#[tokio::test]
+async fn refused_shadow_commands_are_recorded_refused_with_their_reasons() {
+    use crate::support::writer_process::{WriterProcess, WriterTopics};
+    use pulse_platform::kafka::{KafkaProducer, OutRecord};
+
+    let ch = cleanup::Database::unique("pulse_audit_refused");
+    pulse_storage::migrate::migrate(&ch).await.unwrap();
+    pulse_storage::migrate::create_shadow_tables(&ch, "next")
+        .await
+        .unwrap();
+    let brokers = pulse_tests::kafka().brokers;
+    let (audit_topic, _audit, single) = new_audit_topic("audit_refused").await;
+    // Two records as pulsectl wrote them before this change: an ok migration and a refused
+    // promote check recorded as `failed`.
+    let producer = KafkaProducer::new(&single, "audit-refused-test").unwrap();
+    for (id, action, outcome, detail) in [
+        ("old-1", "migrate", "ok", "database pulse migrated"),
+        (
+            "old-2",
+            "shadow.promote.check",
+            "failed",
+            "windows [1970-01-01T00:00:00Z, 1970-01-01T00:01:00Z), tolerance 0: refused: x",
+        ),
+    ] {
+        let json = json!({"v": 1, "id": id, "ts_ms": 1_000, "service": "pulsectl",
+            "actor": "ops-old", "action": action, "target": "next", "outcome": outcome,
+            "source": "pulsectl@old", "detail": detail});
+        producer
+            .send(
+                OutRecord::new(&audit_topic, None, json.to_string().into_bytes()),
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap();
+    }
+
+    let common: Vec<String> = [
+        "--shadow",
+        "next",
+        "--clickhouse-url",
+        &ch.url,
+        "--clickhouse-database",
+        &ch.database,
+        "--audit-topic",
+        &audit_topic,
+        "--actor",
+        "ops-erin",
+        "--kafka-brokers",
+        &brokers,
+        "--kafka-replication-factor",
+        "1",
+        "--kafka-min-insync-replicas",
+        "1",
+    ]
+    .map(String::from)
+    .to_vec();
+    let run = async |head: &[&str], tail: &[&str]| {
+        let mut args: Vec<&str> = head.to_vec();
+        args.extend(common.iter().map(String::as_str));
+        args.extend_from_slice(tail);
+        pulsectl(&args, &[]).await
+    };
+    let range = ["--from", "0", "--to", "60000", "--window-ms", "10000"];
+    let (ok, stdout, stderr) = run(&["shadow", "promote", "check"], &range).await;
+    assert!(!ok, "an empty range is refused:\n{stdout}\n{stderr}");
+    assert!(stdout.contains("promotion: REFUSED"), "{stdout}");
+    let mut finish = range.to_vec();
+    finish.extend(["--keep-topics", "--keep-groups", "--keep-subjects"]);
+    let (ok, stdout, stderr) = run(&["shadow", "promote", "finish"], &finish).await;
+    assert!(!ok, "an empty range is refused:\n{stdout}\n{stderr}");
+    assert!(stdout.contains("nothing was discarded"), "{stdout}");
+    let (ok, stdout, stderr) = run(
+        &["shadow", "discard"],
+        &["--keep-topics", "--registry-username", "ops"],
+    )
+    .await;
+    assert!(
+        !ok,
+        "a registry user without a password:\n{stdout}\n{stderr}"
+    );
+
+    let records = audit_json(&audit_topic, &[]).await;
+    let got: Vec<(&str, &str, Outcome)> = records
+        .iter()
+        .map(|r| (r.actor.as_str(), r.action.as_str(), r.outcome))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("ops-old", "migrate", Outcome::Ok),
+            ("ops-old", "shadow.promote.check", Outcome::Failed),
+            ("ops-erin", "shadow.promote.check", Outcome::Refused),
+            ("ops-erin", "shadow.promote.finish", Outcome::Refused),
+            ("ops-erin", "shadow.discard", Outcome::Refused),
+        ],
+        "{records:#?}"
+    );
+    let nothing = "no window of the range has final rows on both sides";
+    let check = &records[2].detail;
+    assert!(
+        check.starts_with(
+            "windows [1970-01-01T00:00:00Z, 1970-01-01T00:01:00Z), tolerance 0: refused: "
+        ) && check.contains(nothing),
+        "the range and the reasons: {check}"
+    );
+    let finish = &records[3].detail;
+    assert!(
+        finish.contains(nothing) && finish.ends_with("(nothing was discarded)"),
+        "{finish}"
+    );
+    let discard = &records[4].detail;
+    assert!(
+        discard.contains("--registry-username is set but no password"),
+        "the reason names the flag: {discard}"
+    );
+    // `--outcome` lists only those, and the text line shows the outcome.
+    let ids = |v: &[AuditRecord]| -> Vec<String> {
+        let mut ids: Vec<String> = v.iter().map(|r| r.id.clone()).collect();
+        ids.sort();
+        ids
+    };
+    let refused = audit_json(&audit_topic, &["--outcome", "refused"]).await;
+    assert_eq!(ids(&refused), ids(&records[2..]), "{refused:#?}");
+    let failed = audit_json(&audit_topic, &["--outcome", "failed"]).await;
+    assert_eq!(ids(&failed), ["old-2"], "{failed:#?}");
+    let (ok, text, stderr) = pulsectl(
+        &[
+            "audit",
+            "--audit-topic",
+            &audit_topic,
+            "--kafka-brokers",
+            &brokers,
+            "--outcome",
+            "refused",
+            "--action",
+            "shadow.discard",
+        ],
+        &[],
+    )
+    .await;
+    assert!(ok, "{stderr}");
+    assert!(
+        text.contains("  pulsectl  ops-erin  shadow.discard  next  refused  "),
+        "{text}"
+    );
+
+    // The writer's ClickHouse copy holds the same records and outcomes, old ones included.
+    let topics = WriterTopics::create("auditref").await;
+    let args = audit_copy_args(&ch, &pulse_tests::unique("w"), &audit_topic, &topics);
+    let dir = cleanup::TempDir::new("audit-refused");
+    let mut writer = WriterProcess::spawn(&args, &[], dir.path().join("writer.log"));
+    writer
+        .wait_metric("pulse_writer_audit_rows_written_total", &[], 5.0)
+        .await;
+    let mut from_table = audit_json_from_clickhouse(&audit_topic, &ch, &[]).await;
+    let mut from_topic = records.clone();
+    from_table.sort_by(|a, b| a.id.cmp(&b.id));
+    from_topic.sort_by(|a, b| a.id.cmp(&b.id));
+    assert_eq!(
+        from_table, from_topic,
+        "the copy holds the records unchanged"
+    );
+    let refused = audit_json_from_clickhouse(&audit_topic, &ch, &["--outcome", "refused"]).await;
+    assert_eq!(ids(&refused), ids(&records[2..]), "{refused:#?}");
+    writer.kill();
 }

@@ -315,3 +315,75 @@ async fn a_paused_writer_exports_the_backlog_as_lag_and_zero_once_written() {
     drop(writer);
     drop(logs);
 }
+
+/// Sends `signal` (`-STOP`, `-CONT`) to `pid`.
+fn signal(pid: u32, signal: &str) {
+    let status = std::process::Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "kill {signal} {pid}: {status}");
+}
+
+/// Closing a consumer group member is bounded. librdkafka's close runs the last rebalance
+/// and waits for the group coordinator: in the 1,000,000-user memory run of 2026-12-07,
+/// after the overloaded local broker was restarted three times, a processor whose loop had
+/// ended hung in that close (gdb: `BaseConsumer::drop` → rebalance → `assignment()`), up,
+/// live and silent for 7 minutes. That hang was not reproduced here; a broker paused with
+/// SIGSTOP (connections accepted, nothing answered) makes a plain drop take ~5 s, so this
+/// checks that `close_within` gives up at its bound (1 s) while such a close goes on, and
+/// that against a broker that answers it closes.
+#[tokio::test]
+async fn closing_a_consumer_is_bounded_when_its_broker_stops_answering() {
+    use crate::kafka_tls::Tansu;
+    use pulse_platform::kafka::{KafkaConfig, TopicSettings};
+
+    let dir = crate::support::tls::work_dir("close-hung");
+    let port = free_port();
+    let tansu = Tansu::start(&dir, port, port, false).await;
+    let cfg = KafkaConfig {
+        topics: TopicSettings::single_broker(),
+        ..KafkaConfig::for_brokers(format!("127.0.0.1:{port}"))
+    };
+    let topic = pulse_tests::unique("close");
+    ensure_topics(&cfg, &[TopicSpec::new(&topic, 1)])
+        .await
+        .unwrap();
+    let producer = KafkaProducer::new(&cfg, "pulse-test").unwrap();
+    produce_events(&producer, &topic, (0..2).map(|i| format!("close-{i}"))).await;
+    let member = |group: &str| {
+        let (consumer, _rebalances) =
+            KafkaConsumer::new(&cfg, "pulse-test", group, &[&topic]).unwrap();
+        consumer
+    };
+
+    // A broker that answers: the member leaves its group and closes.
+    let healthy = member(&pulse_tests::unique("close-ok"));
+    recv(&healthy).await;
+    let started = std::time::Instant::now();
+    assert!(healthy.close_within(Duration::from_secs(30)).await);
+    let healthy_close = started.elapsed();
+
+    // A broker that stopped answering: the close gives up at its bound.
+    let member2 = member(&pulse_tests::unique("close-hung"));
+    recv(&member2).await;
+    signal(tansu.pid(), "-STOP");
+    let started = std::time::Instant::now();
+    let closed = member2.close_within(Duration::from_secs(1)).await;
+    let hung_close = started.elapsed();
+    signal(tansu.pid(), "-CONT");
+    assert!(
+        !closed,
+        "the close finished against a paused broker in {hung_close:?}: the test paused nothing"
+    );
+    assert!(
+        hung_close < Duration::from_secs(3),
+        "close_within(1 s) took {hung_close:?}"
+    );
+    eprintln!(
+        "closed in {healthy_close:?} against a broker that answers; gave up after {hung_close:?} against a paused one"
+    );
+    drop(producer);
+    drop(tansu);
+    let _ = std::fs::remove_dir_all(&dir);
+}

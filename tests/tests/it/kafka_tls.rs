@@ -3,7 +3,8 @@
 //! behind a TLS terminator (tokio-rustls, in this test) with certificates the test makes
 //! with the `openssl` CLI. Tansu advertises the terminator's address, so every connection
 //! a client makes after bootstrap goes through TLS as well. (Tansu 0.6 has `--cert/--key`
-//! flags but does not use them: its acceptor is built and dropped.)
+//! flags but does not use them: its acceptor is built and dropped.) For mutual TLS the
+//! terminator requires a client certificate signed by the test's CA.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -21,12 +22,14 @@ use rdkafka::{ClientContext, Message};
 use tokio::net::TcpStream;
 
 use crate::support::child_process::free_port;
-use crate::support::tls::{Terminator, make_ca, make_server_cert, work_dir};
+use crate::support::tls::{
+    ClientAuth, Terminator, cert_der, make_ca, make_client_cert, make_server_cert, work_dir,
+};
 use crate::support::wait_until;
 
 /// A Tansu broker of this test on `port` (plaintext, sqlite storage in `dir`) that tells
 /// clients to connect to `advertised` instead; killed on drop.
-struct Tansu(Child);
+pub(crate) struct Tansu(Child);
 
 impl Tansu {
     fn stop(mut self) {
@@ -36,7 +39,12 @@ impl Tansu {
 }
 
 impl Tansu {
-    async fn start(dir: &Path, port: u16, advertised: u16, authentication: bool) -> Self {
+    pub(crate) async fn start(
+        dir: &Path,
+        port: u16,
+        advertised: u16,
+        authentication: bool,
+    ) -> Self {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -83,6 +91,12 @@ impl Tansu {
     }
 }
 
+impl Tansu {
+    pub(crate) fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
+
 impl Drop for Tansu {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -95,6 +109,8 @@ struct TlsBroker {
     dir: PathBuf,
     ca: PathBuf,
     terminator: Terminator,
+    /// Tansu's own (plaintext) port, behind the terminator.
+    tansu_port: u16,
     _tansu: Tansu,
 }
 
@@ -103,10 +119,19 @@ impl TlsBroker {
         Self::start_with(name, None).await
     }
 
+    /// A broker whose terminator requires a client certificate signed by [`Self::ca`].
+    async fn start_mutual(name: &str) -> Self {
+        Self::start_full(name, None, true).await
+    }
+
     /// With `scram_user` (user, password): the broker requires SASL authentication and
     /// knows that SCRAM-SHA-512 user. Tansu refuses every request before authentication,
     /// so the user is created first, through a plaintext start of the same broker.
     async fn start_with(name: &str, scram_user: Option<(&str, &str)>) -> Self {
+        Self::start_full(name, scram_user, false).await
+    }
+
+    async fn start_full(name: &str, scram_user: Option<(&str, &str)>, mutual: bool) -> Self {
         let dir = work_dir(name);
         let ca = make_ca(&dir, "pulse-test-ca");
         let (cert, key) = make_server_cert(&dir, "pulse-test-ca");
@@ -116,12 +141,18 @@ impl TlsBroker {
             create_scram_user(tansu_port, user, password);
             plain.stop();
         }
-        let terminator = Terminator::start(&cert, &key, tansu_port).await;
+        let client_auth = if mutual {
+            ClientAuth::Require(&ca)
+        } else {
+            ClientAuth::None
+        };
+        let terminator = Terminator::start_with(&cert, &key, tansu_port, client_auth).await;
         let tansu = Tansu::start(&dir, tansu_port, terminator.port, scram_user.is_some()).await;
         Self {
             dir,
             ca,
             terminator,
+            tansu_port,
             _tansu: tansu,
         }
     }
@@ -208,13 +239,14 @@ impl ClientContext for Errors {
 impl rdkafka::consumer::ConsumerContext for Errors {}
 
 /// What a client built from `kafka` reports when it asks for the cluster's metadata:
-/// `Ok` with the broker count, or the errors librdkafka raised meanwhile.
+/// `Ok` with the broker count, or the errors librdkafka raised meanwhile (or why the
+/// client could not be created).
 async fn metadata_or_errors(kafka: &KafkaConfig) -> Result<usize, Vec<String>> {
     let errors = Errors::default();
     let consumer: BaseConsumer<Errors> = kafka
         .client_config("pulse-test-tls-probe")
         .create_with_context(errors.clone())
-        .unwrap();
+        .map_err(|e| vec![e.to_string()])?;
     let seen = errors.clone();
     let result = tokio::task::spawn_blocking(move || {
         let result = consumer
@@ -359,4 +391,135 @@ async fn sasl_scram_over_tls_with_the_password_from_a_file() {
         metadata_or_errors(&anonymous).await.is_err(),
         "an unauthenticated client got metadata"
     );
+}
+
+/// Mutual TLS: the terminator requires a client certificate signed by the test's CA.
+/// Pulse's producer and consumer present theirs (`ssl.certificate.location`,
+/// `ssl.key.location`, the key encrypted, its password from `--kafka-ssl-key-password-file`)
+/// and produce and consume; the terminator saw that very certificate on every connection.
+/// No client certificate, one from another CA, or a wrong key password fail with a clear
+/// error.
+#[tokio::test]
+async fn mutual_tls_with_an_encrypted_client_key_whose_password_is_in_a_file() {
+    let broker = TlsBroker::start_mutual("kafka-mtls").await;
+    let (cert, key) = make_client_cert(
+        &broker.dir,
+        "pulse-test-ca",
+        "pulse-client",
+        Some("client-key-password"),
+    );
+    assert!(
+        std::fs::read_to_string(&key)
+            .unwrap()
+            .contains("BEGIN ENCRYPTED PRIVATE KEY"),
+        "the client key is encrypted"
+    );
+    let password = broker.dir.join("ssl-key-password");
+    std::fs::write(&password, "client-key-password\n").unwrap();
+    let mut options = broker.tls_options(&broker.ca);
+    options.extend([
+        format!("ssl.certificate.location={}", cert.display()),
+        format!("ssl.key.location={}", key.display()),
+    ]);
+    let kafka = KafkaConfig {
+        ssl_key_password_file: Some(password.clone()),
+        ..broker.kafka(&options)
+    };
+    pulse_platform::config::validate_all(&[&kafka]).unwrap();
+    round_trip(&kafka).await;
+    let presented = broker.terminator.client_certificates();
+    assert!(
+        presented.len() >= 3 && presented.len() == broker.terminator.handshakes(),
+        "{} client certificates in {} handshakes",
+        presented.len(),
+        broker.terminator.handshakes()
+    );
+    let ours = cert_der(&cert);
+    assert!(
+        presented.iter().all(|c| *c == ours),
+        "a client certificate that is not ours"
+    );
+    assert!(
+        broker.terminator.failures().is_empty(),
+        "{:?}",
+        broker.terminator.failures()
+    );
+
+    // No client certificate: the terminator refuses the handshake, and librdkafka says why.
+    let anonymous = broker.kafka(&broker.tls_options(&broker.ca));
+    let text = metadata_or_errors(&anonymous)
+        .await
+        .expect_err("metadata without a client certificate")
+        .join("\n");
+    assert!(
+        text.contains("Receive failed") && text.contains("alert certificate required"),
+        "{text}"
+    );
+    assert!(
+        broker
+            .terminator
+            .failures()
+            .iter()
+            .any(|f| f.contains("peer sent no certificates")),
+        "{:?}",
+        broker.terminator.failures()
+    );
+
+    // A client certificate another CA signed. The broker's certificate request names the
+    // CA it accepts, so OpenSSL does not even send this one: the same error as none.
+    make_ca(&broker.dir, "other-client-ca");
+    let (other_cert, other_key) =
+        make_client_cert(&broker.dir, "other-client-ca", "stranger", None);
+    let mut stranger = broker.tls_options(&broker.ca);
+    stranger.extend([
+        format!("ssl.certificate.location={}", other_cert.display()),
+        format!("ssl.key.location={}", other_key.display()),
+    ]);
+    let stranger = broker.kafka(&stranger);
+    let text = metadata_or_errors(&stranger)
+        .await
+        .expect_err("metadata with a client certificate of another CA")
+        .join("\n");
+    assert!(text.contains("alert certificate required"), "{text}");
+    // A broker that names no CA gets the certificate, and refuses it as unknown.
+    let naming_no_ca = Terminator::start_with(
+        &broker.dir.join("server.pem"),
+        &broker.dir.join("server.key"),
+        broker.tansu_port,
+        ClientAuth::RequireNamingNoCa(&broker.ca),
+    )
+    .await;
+    let text = metadata_or_errors(&KafkaConfig {
+        brokers: format!("127.0.0.1:{}", naming_no_ca.port),
+        ..stranger.clone()
+    })
+    .await
+    .expect_err("metadata with a client certificate of another CA, sent")
+    .join("\n");
+    assert!(text.contains("alert unknown ca"), "{text}");
+    assert!(
+        naming_no_ca
+            .failures()
+            .iter()
+            .any(|f| f.contains("UnknownIssuer")),
+        "{:?}",
+        naming_no_ca.failures()
+    );
+    assert_eq!(naming_no_ca.handshakes(), 0);
+
+    // A wrong key password, or none: the key cannot be read and no client is created.
+    std::fs::write(&password, "not-the-password").unwrap();
+    for kafka in [
+        kafka.clone(),
+        KafkaConfig {
+            ssl_key_password_file: None,
+            ..kafka.clone()
+        },
+    ] {
+        let Err(err) = KafkaProducer::new(&kafka, "pulse-test-tls") else {
+            panic!("a producer whose client key cannot be decrypted");
+        };
+        let err = err.to_string();
+        assert!(err.contains("ssl.key.location failed"), "{err}");
+    }
 }

@@ -12,6 +12,7 @@ mod audit;
 mod clickhouse_schema;
 mod clickhouse_server;
 mod clickhouse_tls;
+mod dlq;
 mod e2e;
 mod ingest;
 mod ingest_fuzz;

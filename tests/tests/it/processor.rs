@@ -5,7 +5,6 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use clap::Parser;
 use prost::Message as _;
 use pulse_contracts::pb::aggregates::v1::{Session, UserWindowActivity};
 use pulse_contracts::pb::events::v1 as ev;
@@ -15,6 +14,7 @@ use rdkafka::Message;
 use rdkafka::message::{Headers, OwnedHeaders};
 use tokio_util::sync::CancellationToken;
 
+use crate::support::pipeline::{self, Rules};
 use crate::support::registry::{self, Registry};
 use crate::support::{Deadline, cleanup, events, wait_until};
 
@@ -49,38 +49,31 @@ fn config(
     registry: &pulse_schema_registry::Replica,
     group: &str,
 ) -> pulse_processor::Config {
-    pulse_processor::Config::parse_from([
-        "pulse-processor",
-        "--kafka-brokers",
-        &pulse_tests::kafka().brokers,
-        // The settings the chart run creates the fixed topics (the checkpoints) with.
-        "--kafka-replication-factor",
-        "1",
-        "--kafka-min-insync-replicas",
-        "1",
-        "--schema-registry-url",
+    let rules = Rules {
+        window_ms: 60_000,
+        allowed_lateness_ms: 30_000,
+        max_out_of_orderness_ms: 1_000,
+        session_gap_ms: 120_000,
+    };
+    let topics = [
+        ("--events-topic", t.events.as_str()),
+        ("--user-activity-topic", &t.activity),
+        ("--sessions-topic", &t.sessions),
+        ("--late-topic", &t.late),
+    ];
+    pipeline::processor_config(
         &format!("http://{}", registry.addr),
-        "--group-id",
         group,
-        "--window-ms",
-        "60000",
-        "--allowed-lateness-ms",
-        "30000",
-        "--max-out-of-orderness-ms",
-        "1000",
-        "--session-gap-ms",
-        "120000",
-        "--emit-interval-ms",
-        "100",
-        "--events-topic",
-        &t.events,
-        "--user-activity-topic",
-        &t.activity,
-        "--sessions-topic",
-        &t.sessions,
-        "--late-topic",
-        &t.late,
-    ])
+        rules,
+        &topics,
+        // The settings the chart run creates the fixed topics (the checkpoints) with.
+        &[
+            "--kafka-replication-factor",
+            "1",
+            "--kafka-min-insync-replicas",
+            "1",
+        ],
+    )
 }
 
 /// A page view of /home (or purchase of `amount` EUR micros) of `user` at event time `t`

@@ -19,95 +19,42 @@ use pulse_processor::rules;
 use pulse_storage::migrate::{MIGRATIONS, migrate, split_statements};
 use rdkafka::message::OwnedHeaders;
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 use crate::support::cleanup::{self, Database};
+use crate::support::pipeline::{self, QueryApi, Rules, Running, Topics};
 use crate::support::{events, registry, wait_until};
 
 const WINDOW_MS: i64 = 10_000;
 const WAIT: Duration = Duration::from_secs(60);
-const TOKEN: &str = "rules-token";
 const NAME: &str = "it-rc1";
 
-struct Topics {
-    events: String,
-    activity: String,
-    sessions: String,
-    late: String,
-    checkpoints: String,
-    dlq: String,
-    audit: String,
-}
-
-impl Topics {
-    fn new() -> Self {
-        let u = |k: &str| pulse_tests::unique(&format!("rules_{k}"));
-        Self {
-            events: u("events"),
-            activity: u("activity"),
-            sessions: u("sessions"),
-            late: u("late"),
-            checkpoints: u("checkpoints"),
-            dlq: u("dlq"),
-            audit: u("audit"),
-        }
-    }
-}
-
-/// A loop running in this process until stopped.
-struct Running {
-    stop: CancellationToken,
-    task: tokio::task::JoinHandle<Result<(), String>>,
-}
-
-impl Running {
-    async fn stop(self) {
-        self.stop.cancel();
-        tokio::time::timeout(WAIT, self.task)
-            .await
-            .expect("a loop did not stop in time")
-            .unwrap()
-            .unwrap();
-    }
+/// The audit topic of the test's processor (deleted with its topics).
+fn audit_topic(t: &Topics) -> String {
+    format!("{}_audit", t.events)
 }
 
 fn processor_config(t: &Topics, registry: &str, gap_ms: i64) -> pulse_processor::Config {
-    pulse_processor::Config::parse_from([
-        "pulse-processor",
-        "--kafka-brokers",
-        &pulse_tests::kafka().brokers,
-        "--schema-registry-url",
+    let rules = Rules {
+        window_ms: WINDOW_MS,
+        allowed_lateness_ms: 0,
+        max_out_of_orderness_ms: 0,
+        session_gap_ms: gap_ms,
+    };
+    let audit = audit_topic(t);
+    pipeline::processor_config(
         registry,
-        "--group-id",
         &format!("{}-group", t.events),
-        "--events-topic",
-        &t.events,
-        "--user-activity-topic",
-        &t.activity,
-        "--sessions-topic",
-        &t.sessions,
-        "--late-topic",
-        &t.late,
-        "--checkpoint-topic",
-        &t.checkpoints,
-        "--audit-topic",
-        &t.audit,
-        "--window-ms",
-        &WINDOW_MS.to_string(),
-        "--allowed-lateness-ms",
-        "0",
-        "--max-out-of-orderness-ms",
-        "0",
-        "--idle-timeout-ms",
-        "600000",
-        "--emit-interval-ms",
-        "100",
-        "--session-gap-ms",
-        &gap_ms.to_string(),
-        "--rules-version",
-        NAME,
-    ])
+        rules,
+        &t.processor_flags(),
+        &[
+            "--audit-topic",
+            &audit,
+            "--idle-timeout-ms",
+            "600000",
+            "--rules-version",
+            NAME,
+        ],
+    )
 }
 
 /// Builds the processor of `cfg`, records its rules in the audit trail as `run` does at
@@ -115,43 +62,12 @@ fn processor_config(t: &Topics, registry: &str, gap_ms: i64) -> pulse_processor:
 async fn start_processor(cfg: &pulse_processor::Config) -> (Running, AuditRecord) {
     let p = pulse_processor::build(cfg).await.unwrap();
     let record = pulse_processor::audit_rules(cfg, &p.producer).await;
-    let stop = CancellationToken::new();
-    let task = tokio::spawn({
-        let stop = stop.clone();
-        async move { p.run(stop).await.map_err(|e| e.to_string()) }
-    });
-    (Running { stop, task }, record)
+    (Running::spawn(|stop| p.run(stop)), record)
 }
 
 async fn start_writer(t: &Topics, db: &str) -> Running {
-    let cfg = pulse_writer::Config::parse_from([
-        "pulse-writer",
-        "--kafka-brokers",
-        &pulse_tests::kafka().brokers,
-        "--clickhouse-url",
-        &pulse_tests::clickhouse().url,
-        "--clickhouse-database",
-        db,
-        "--group-id",
-        &format!("{}-writer", t.events),
-        "--batch-max-age-ms",
-        "200",
-        "--events-topic",
-        &t.events,
-        "--user-activity-topic",
-        &t.activity,
-        "--sessions-topic",
-        &t.sessions,
-        "--dlq-topic",
-        &t.dlq,
-    ]);
-    let sink = pulse_writer::build_clickhouse(&cfg).await.unwrap();
-    let stop = CancellationToken::new();
-    let task = tokio::spawn({
-        let stop = stop.clone();
-        async move { sink.run(stop).await.map_err(|e| e.to_string()) }
-    });
-    Running { stop, task }
+    let group = format!("{}-writer", t.events);
+    pipeline::start_writer(&pipeline::writer_config(db, &group, &t.writer_flags(), &[])).await
 }
 
 /// Page views `(id, user, event time)`, in this order, on the one partition.
@@ -198,58 +114,9 @@ async fn all_versions(db: &Database, table: &str) -> Vec<String> {
         .unwrap()
 }
 
-struct Api {
-    base: String,
-    stop: CancellationToken,
-    servers: pulse_query_api::Servers,
-}
-
-impl Api {
-    async fn start(db: &Database) -> Self {
-        let config = pulse_query_api::Config::parse_from([
-            "pulse-query-api",
-            "--api-tokens",
-            TOKEN,
-            "--clickhouse-url",
-            &db.url,
-            "--clickhouse-database",
-            &db.database,
-            "--window-ms",
-            &WINDOW_MS.to_string(),
-            "--freshness-cache-ms",
-            "0",
-        ]);
-        let state = pulse_query_api::AppState::new(&config).unwrap();
-        let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let stop = CancellationToken::new();
-        let servers = pulse_query_api::serve(http, grpc, state, stop.clone())
-            .await
-            .unwrap();
-        Self {
-            base: format!("http://{}", servers.http_addr),
-            stop,
-            servers,
-        }
-    }
-
-    /// The `freshness.rules_versions` of a 200 answer to `path`.
-    async fn rules_versions(&self, path: &str) -> Value {
-        let resp = reqwest::Client::new()
-            .get(format!("{}{path}", self.base))
-            .bearer_auth(TOKEN)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status(), 200, "{path}");
-        let body: Value = resp.json().await.unwrap();
-        body["freshness"]["rules_versions"].clone()
-    }
-
-    async fn stop(self) {
-        self.stop.cancel();
-        self.servers.wait().await.unwrap();
-    }
+/// The `freshness.rules_versions` of the query API's 200 answer to `path`.
+async fn rules_versions(api: &QueryApi, path: &str) -> Value {
+    api.get(path).await["freshness"]["rules_versions"].clone()
 }
 
 /// A test's topics (deleted when the guard drops) and a registry holding the aggregates
@@ -257,14 +124,14 @@ impl Api {
 async fn setup(
     kafka: &pulse_platform::kafka::KafkaConfig,
 ) -> (Topics, cleanup::Topics, registry::Registry, String) {
-    let t = Topics::new();
+    let t = Topics::unique("rules");
     let mut topics = cleanup::Topics::create(
         &[&t.events, &t.activity, &t.sessions, &t.late, &t.dlq]
             .map(|n| TopicSpec::new(n.as_str(), 1)),
     )
     .await;
     topics.add(&t.checkpoints);
-    topics.add(&t.audit);
+    topics.add(audit_topic(&t));
     let registry = registry::start(kafka).await;
     registry::register_aggregates(&registry, &[&t.activity, &t.sessions]).await;
     let registry_url = format!("http://{}", registry.addr);
@@ -372,6 +239,7 @@ async fn every_row_and_answer_carries_the_rules_version_and_a_change_is_audited(
     writer.stop().await;
 
     // An unchanged restart is a plain `processor.rules` record with the same version.
+    let audit = audit_topic(&t);
     let again = pulse_processor::Config::parse_from([
         "pulse-processor",
         "--kafka-brokers",
@@ -379,7 +247,7 @@ async fn every_row_and_answer_carries_the_rules_version_and_a_change_is_audited(
         "--group-id",
         &second.group(),
         "--audit-topic",
-        &t.audit,
+        &audit,
         "--window-ms",
         &WINDOW_MS.to_string(),
         "--allowed-lateness-ms",
@@ -416,9 +284,13 @@ async fn every_row_and_answer_carries_the_rules_version_and_a_change_is_audited(
     let pulsectl::Command::Audit(args) = cli.command else {
         panic!("not the audit command");
     };
-    let listed = pulsectl::audit::list(&args, &t.audit, &pulsectl::progress::Progress::hidden())
-        .await
-        .unwrap();
+    let listed = pulsectl::audit::list(
+        &args,
+        &audit_topic(&t),
+        &pulsectl::progress::Progress::hidden(),
+    )
+    .await
+    .unwrap();
     let trail: Vec<(&str, Option<&str>)> = listed
         .iter()
         .map(|r| (r.action.as_str(), rules::recorded_version(&r.detail)))
@@ -433,46 +305,43 @@ async fn every_row_and_answer_carries_the_rules_version_and_a_change_is_audited(
     );
 
     // The query API: each answer reports the versions of the rows it used.
-    let api = Api::start(&db).await;
+    let api = QueryApi::start(&db, WINDOW_MS).await;
     let range = |from: i64, to: i64| format!("from={from}&to={to}");
     let old = range(base, base + 20_000);
     let new = range(base + 80_000, base + 90_000);
     let all = range(base, base + 120_000);
     assert_eq!(
-        api.rules_versions(&format!("/v1/active_users?{old}&step=1m"))
-            .await,
+        rules_versions(&api, &format!("/v1/active_users?{old}&step=1m")).await,
         json!([v1])
     );
     assert_eq!(
-        api.rules_versions(&format!("/v1/active_users?{new}&step=1m"))
-            .await,
+        rules_versions(&api, &format!("/v1/active_users?{new}&step=1m")).await,
         json!([v2])
     );
     let mut both = [v1.clone(), v2.clone()];
     both.sort();
     assert_eq!(
-        api.rules_versions(&format!("/v1/active_users?{all}&step=1m"))
-            .await,
+        rules_versions(&api, &format!("/v1/active_users?{all}&step=1m")).await,
         json!(both)
     );
     assert_eq!(
-        api.rules_versions(&format!("/v1/sessions?{old}")).await,
+        rules_versions(&api, &format!("/v1/sessions?{old}")).await,
         json!([v1])
     );
     assert_eq!(
-        api.rules_versions(&format!("/v1/users/u1?{new}")).await,
+        rules_versions(&api, &format!("/v1/users/u1?{new}")).await,
         json!([v2])
     );
     assert_eq!(
-        api.rules_versions(&format!("/v1/top_pages?{all}")).await,
+        rules_versions(&api, &format!("/v1/top_pages?{all}")).await,
         json!(both)
     );
     // No aggregate in the range: no version.
     assert_eq!(
-        api.rules_versions(&format!(
-            "/v1/active_users?{}&step=1m",
-            range(base - 60_000, base)
-        ))
+        rules_versions(
+            &api,
+            &format!("/v1/active_users?{}&step=1m", range(base - 60_000, base))
+        )
         .await,
         json!([])
     );
@@ -607,22 +476,6 @@ async fn a_store_at_migration_3_gets_the_rules_version_column_even_after_a_half_
     );
 }
 
-/// `sessions` and `avg_pages` of the query API's `/v1/sessions` answer for `range`.
-async fn session_answer(api: &Api, range: &str) -> (u64, f64) {
-    let resp = reqwest::Client::new()
-        .get(format!("{}/v1/sessions?{range}", api.base))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), 200);
-    let body: Value = resp.json().await.unwrap();
-    (
-        body["sessions"].as_u64().unwrap(),
-        body["avg_pages"].as_f64().unwrap(),
-    )
-}
-
 /// Issue #21: a shorter session gap at a restart (a promotion, a rollback) splits a
 /// session that was open at the switch. Its early result under the old gap (6 events)
 /// must not stay beside the new parts (3 + 4 events) — before the fix its id was the new
@@ -683,10 +536,9 @@ async fn a_shorter_session_gap_at_a_restart_supersedes_the_open_session_it_split
     processor.stop().await;
     writer.stop().await;
 
-    let api = Api::start(&db).await;
-    let range = format!("from={}&to={}", base, base + 60_000);
+    let api = QueryApi::start(&db, WINDOW_MS).await;
     assert_eq!(
-        session_answer(&api, &range).await,
+        api.sessions(base, base + 60_000).await,
         (2, 3.5),
         "two sessions of 3 and 4 page views; the old 6-view result is superseded"
     );

@@ -13,53 +13,10 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
 use crate::support::child_process::{binary, free_port};
-use crate::support::tls::{make_ca, make_server_cert, openssl, work_dir};
+use crate::support::tls::{make_ca, make_client_cert, make_server_cert, work_dir};
 use crate::support::{cleanup, metric_sum, wait_until};
 
 const TOKEN: &str = "server-tls-test-token";
-
-/// A client certificate (`client.pem`, `client.key`) signed by the CA `ca` in `dir`.
-fn make_client_cert(dir: &Path, ca: &str) -> (PathBuf, PathBuf) {
-    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
-    openssl(
-        dir,
-        &[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            "client.key",
-            "-out",
-            "client.csr",
-            "-subj",
-            "/CN=pulse-test-client",
-        ],
-    );
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "client.csr",
-            "-CA",
-            &format!("{ca}.pem"),
-            "-CAkey",
-            &format!("{ca}.key"),
-            "-CAcreateserial",
-            "-out",
-            "client.pem",
-            "-days",
-            "2",
-            "-extfile",
-            "client.ext",
-        ],
-    );
-    (dir.join("client.pem"), dir.join("client.key"))
-}
 
 /// A CA (named after `name`) and a server certificate for 127.0.0.1/localhost it signed,
 /// in a folder of their own: (CA, server certificate, server key).
@@ -277,7 +234,8 @@ async fn the_query_api_serves_https_and_grpc_over_tls_and_refuses_what_it_should
         assert!(matches!(e, SendError::Refused { .. }), "{e}");
         let without = HttpIngest::new(&https, "k", timeout).unwrap();
         let e = without.post(b"[]".to_vec()).await.unwrap_err();
-        assert!(matches!(e, SendError::Transport { .. }), "{e}");
+        // A certificate error: not retried (see tests/it/dlq.rs).
+        assert!(matches!(e, SendError::Tls { .. }), "{e}");
         assert!(e.to_string().contains("UnknownIssuer"), "{e}");
         let grpc =
             GrpcIngest::connect_with_ca(&format!("https://{}", api.grpc), "k", timeout, Some(&ca))
@@ -466,7 +424,8 @@ async fn mutual_tls_refuses_a_client_without_a_certificate_of_the_client_ca() {
     let dir = ca.parent().unwrap().to_owned();
     let clients = work_dir("server-mtls-clients");
     make_ca(&clients, "client-ca");
-    let (client_cert, client_key) = make_client_cert(&clients, "client-ca");
+    let (client_cert, client_key) =
+        make_client_cert(&clients, "client-ca", "pulse-test-client", None);
     let mut api = Api::spawn(
         &dir,
         &[
@@ -868,7 +827,8 @@ async fn the_processor_and_both_writers_serve_their_admin_endpoints_over_tls() {
     let dir = ca.parent().unwrap().to_owned();
     let clients = work_dir("admin-tls-clients");
     make_ca(&clients, "admin-client-ca");
-    let (client_cert, client_key) = make_client_cert(&clients, "admin-client-ca");
+    let (client_cert, client_key) =
+        make_client_cert(&clients, "admin-client-ca", "pulse-test-client", None);
     let tls = [
         "--admin-tls-cert-file",
         cert.to_str().unwrap(),

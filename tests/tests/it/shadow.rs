@@ -16,10 +16,11 @@ use pulse_platform::audit::{AuditRecord, Outcome};
 use pulse_platform::kafka::{KafkaProducer, OutRecord, TopicSpec};
 use pulsectl::shadow::{DiffReport, ShadowCommand};
 use rdkafka::message::OwnedHeaders;
-use tokio_util::sync::CancellationToken;
 
 use crate::support::child_process::binary;
 use crate::support::cleanup;
+use crate::support::pipeline::{self, Rules};
+pub(crate) use crate::support::pipeline::{Running, Topics};
 use crate::support::registry;
 use crate::support::{events, wait_until};
 
@@ -122,6 +123,19 @@ fn session_windows_that_differ(events: &[Event]) -> BTreeSet<i64> {
         .collect()
 }
 
+/// One page view at `t` for each of `n` users `<name>-<i>` (spread over the partitions: far
+/// later ones move every partition's watermark).
+fn one_each(name: &str, n: usize, t: i64) -> Vec<Event> {
+    (0..n)
+        .map(|i| Event {
+            id: format!("{name}-{i}"),
+            user: format!("{name}-{i}"),
+            t,
+            purchase: None,
+        })
+        .collect()
+}
+
 pub(crate) async fn produce(topic: &str, events: &[Event]) {
     let p = KafkaProducer::new(&pulse_tests::kafka(), "shadow-test").unwrap();
     let mut acks = Vec::new();
@@ -146,44 +160,20 @@ pub(crate) async fn produce(topic: &str, events: &[Event]) {
     }
 }
 
-/// The live topics of this test (outputs unique; shadows derive theirs from them).
-pub(crate) struct Topics {
-    pub(crate) events: String,
-    pub(crate) activity: String,
-    pub(crate) sessions: String,
-    pub(crate) late: String,
-    pub(crate) checkpoints: String,
-    pub(crate) dlq: String,
-}
-
+/// The shadow tests' topics, named `shadow_*` (shadows derive theirs from them).
 impl Topics {
     pub(crate) fn new() -> Self {
-        let u = |k: &str| pulse_tests::unique(&format!("shadow_{k}"));
-        Self {
-            events: u("events"),
-            activity: u("activity"),
-            sessions: u("sessions"),
-            late: u("late"),
-            checkpoints: u("checkpoints"),
-            dlq: u("dlq"),
-        }
+        Self::unique("shadow")
     }
 }
 
-/// A service loop running in this process until stopped.
-pub(crate) struct Running {
-    stop: CancellationToken,
-    task: tokio::task::JoinHandle<Result<(), String>>,
-}
-
-impl Running {
-    pub(crate) async fn stop(self) {
-        self.stop.cancel();
-        tokio::time::timeout(WAIT, self.task)
-            .await
-            .expect("a loop did not stop in time")
-            .unwrap()
-            .unwrap();
+/// The rules of the shadow tests' processors, with the session gap `gap`.
+fn rules(gap: i64) -> Rules {
+    Rules {
+        window_ms: WINDOW_MS,
+        allowed_lateness_ms: 2_000,
+        max_out_of_orderness_ms: 1_000,
+        session_gap_ms: gap,
     }
 }
 
@@ -195,84 +185,27 @@ pub(crate) async fn processor(
     gap: i64,
     extra: &[&str],
 ) -> Running {
-    let mut args: Vec<String> = [
-        "pulse-processor",
-        "--kafka-brokers",
-        &pulse_tests::kafka().brokers,
-        "--schema-registry-url",
+    let mut flags = vec!["--idle-timeout-ms", "600000"];
+    flags.extend_from_slice(extra);
+    let topics = t.processor_flags();
+    pipeline::start_processor(&pipeline::processor_config(
         registry,
-        "--group-id",
         group,
-        "--events-topic",
-        &t.events,
-        "--user-activity-topic",
-        &t.activity,
-        "--sessions-topic",
-        &t.sessions,
-        "--late-topic",
-        &t.late,
-        "--checkpoint-topic",
-        &t.checkpoints,
-        "--window-ms",
-        &WINDOW_MS.to_string(),
-        "--allowed-lateness-ms",
-        "2000",
-        "--max-out-of-orderness-ms",
-        "1000",
-        "--idle-timeout-ms",
-        "600000",
-        "--emit-interval-ms",
-        "100",
-        "--session-gap-ms",
-        &gap.to_string(),
-    ]
-    .map(str::to_owned)
-    .to_vec();
-    args.extend(extra.iter().map(|s| (*s).to_owned()));
-    let cfg = pulse_processor::Config::parse_from(args);
-    let p = pulse_processor::build(&cfg).await.unwrap();
-    let stop = CancellationToken::new();
-    let task = tokio::spawn({
-        let stop = stop.clone();
-        async move { p.run(stop).await.map_err(|e| e.to_string()) }
-    });
-    Running { stop, task }
+        rules(gap),
+        &topics,
+        &flags,
+    ))
+    .await
 }
 
 pub(crate) async fn writer(t: &Topics, db: &str, group: &str, extra: &[&str]) -> Running {
-    let ch = pulse_tests::clickhouse();
-    let mut args: Vec<String> = [
-        "pulse-writer",
-        "--kafka-brokers",
-        &pulse_tests::kafka().brokers,
-        "--clickhouse-url",
-        &ch.url,
-        "--clickhouse-database",
+    pipeline::start_writer(&pipeline::writer_config(
         db,
-        "--group-id",
         group,
-        "--batch-max-age-ms",
-        "200",
-        "--events-topic",
-        &t.events,
-        "--user-activity-topic",
-        &t.activity,
-        "--sessions-topic",
-        &t.sessions,
-        "--dlq-topic",
-        &t.dlq,
-    ]
-    .map(str::to_owned)
-    .to_vec();
-    args.extend(extra.iter().map(|s| (*s).to_owned()));
-    let cfg = pulse_writer::Config::parse_from(args);
-    let sink = pulse_writer::build_clickhouse(&cfg).await.unwrap();
-    let stop = CancellationToken::new();
-    let task = tokio::spawn({
-        let stop = stop.clone();
-        async move { sink.run(stop).await.map_err(|e| e.to_string()) }
-    });
-    Running { stop, task }
+        &t.writer_flags(),
+        extra,
+    ))
+    .await
 }
 
 fn pulsectl_args(args: &[&str]) -> Vec<String> {
@@ -342,27 +275,35 @@ async fn run_pulsectl(args: &[String]) -> (Option<i32>, String) {
     (out.status.code(), format!("{stdout}\n{stderr}"))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_shadow_with_live_settings_diffs_to_zero_and_a_shorter_gap_changes_only_sessions() {
-    let kafka = pulse_tests::kafka();
+/// A shadow test's topics and registry.
+struct Setup {
+    t: Topics,
+    /// Deletes the live and the shadows' topics.
+    guard: cleanup::Topics,
+    registry: registry::Registry,
+    registry_url: String,
+}
+
+/// The topics (the events topic with `partitions`, the outputs with one; the `shadows`'
+/// topics deleted with them) and a registry holding the aggregates schema under the live
+/// output topics and, registered by `pulsectl shadow schemas`, the `shadows`' ones.
+async fn setup(shadows: &[&str], partitions: i32) -> Setup {
     let t = Topics::new();
-    let database = cleanup::Database::unique("pulse_shadow");
-    let db = database.database.clone();
-    let mut specs = vec![TopicSpec::new(t.events.as_str(), PARTITIONS)];
+    let mut specs = vec![TopicSpec::new(t.events.as_str(), partitions)];
     for name in [&t.activity, &t.sessions, &t.late, &t.dlq] {
         specs.push(TopicSpec::new(name.as_str(), 1));
     }
     let mut guard = cleanup::Topics::create(&specs).await;
     guard.add(&t.checkpoints);
-    for shadow in ["same", "gap"] {
+    for shadow in shadows {
         for live in [&t.activity, &t.sessions, &t.late, &t.checkpoints, &t.dlq] {
             guard.add(names::shadow_topic(live, shadow));
         }
     }
-    let registry = registry::start(&kafka).await;
+    let registry = registry::start(&pulse_tests::kafka()).await;
     let registry_url = format!("http://{}", registry.addr);
     registry::register_aggregates(&registry, &[&t.activity, &t.sessions]).await;
-    for shadow in ["same", "gap"] {
+    for shadow in shadows {
         let ShadowCommand::Schemas(args) = shadow_command(&[
             "shadow",
             "schemas",
@@ -380,6 +321,79 @@ async fn a_shadow_with_live_settings_diffs_to_zero_and_a_shorter_gap_changes_onl
         let ids = pulsectl::shadow::register_schemas(&args).await.unwrap();
         assert_eq!(ids.len(), 2, "{ids:?}");
     }
+    Setup {
+        t,
+        guard,
+        registry,
+        registry_url,
+    }
+}
+
+/// The flags of `shadow discard` (and `promote finish`) for `shadow` of the pipeline `t`
+/// with the live (processor, writer) `groups`, keeping its topics.
+fn discard_flags_of(
+    shadow: &str,
+    t: &Topics,
+    groups: (&str, &str),
+    registry_url: &str,
+    db: &str,
+) -> Vec<String> {
+    [
+        "--shadow",
+        shadow,
+        "--keep-topics",
+        "--processor-group-id",
+        groups.0,
+        "--writer-group-id",
+        groups.1,
+        "--user-activity-topic",
+        &t.activity,
+        "--sessions-topic",
+        &t.sessions,
+        "--late-topic",
+        &t.late,
+        "--checkpoint-topic",
+        &t.checkpoints,
+        "--dlq-topic",
+        &t.dlq,
+        "--schema-registry-url",
+        registry_url,
+        "--clickhouse-url",
+        &pulse_tests::clickhouse().url,
+        "--clickhouse-database",
+        db,
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
+/// `shadow promote finish` on the windows of `[from, to)` (the discard flags follow).
+fn finish_flags_of(from: i64, to: i64) -> Vec<String> {
+    [
+        "shadow",
+        "promote",
+        "finish",
+        "--from",
+        &from.to_string(),
+        "--to",
+        &to.to_string(),
+        "--window-ms",
+        &WINDOW_MS.to_string(),
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_shadow_with_live_settings_diffs_to_zero_and_a_shorter_gap_changes_only_sessions() {
+    let Setup {
+        t,
+        mut guard,
+        registry,
+        registry_url,
+    } = setup(&["same", "gap"], PARTITIONS).await;
+    let database = cleanup::Database::unique("pulse_shadow");
+    let db = database.database.clone();
 
     // The live pair first (its writer applies the migrations), then the shadows.
     let group = pulse_tests::unique("shadow_proc");
@@ -407,15 +421,7 @@ async fn a_shadow_with_live_settings_diffs_to_zero_and_a_shorter_gap_changes_onl
     let (from, to) = (base, base + SPAN_MS + WINDOW_MS);
     produce(&t.events, &work).await;
     // Far later events on every partition close every window and session of the range.
-    let flush: Vec<Event> = (0..20)
-        .map(|i| Event {
-            id: format!("flush-{i}"),
-            user: format!("flush-{i}"),
-            t: base + 900_000,
-            purchase: None,
-        })
-        .collect();
-    produce(&t.events, &flush).await;
+    produce(&t.events, &one_each("flush", 20, base + 900_000)).await;
 
     // The answer the workload implies.
     let windows: BTreeSet<i64> = work
@@ -552,35 +558,14 @@ async fn a_shadow_with_live_settings_diffs_to_zero_and_a_shorter_gap_changes_onl
     // above is the live gap's, and the shadow tables exist beside the live ones.
     let audit_topic = pulse_tests::unique("shadow_audit");
     guard.add(&audit_topic);
-    let mut discard_flags: Vec<String> = [
-        "shadow",
-        "discard",
-        "--shadow",
+    let mut discard_flags = vec!["shadow".to_owned(), "discard".to_owned()];
+    discard_flags.extend(discard_flags_of(
         "gap",
-        "--keep-topics",
-        "--processor-group-id",
-        &group,
-        "--writer-group-id",
-        &wgroup,
-        "--user-activity-topic",
-        &t.activity,
-        "--sessions-topic",
-        &t.sessions,
-        "--late-topic",
-        &t.late,
-        "--checkpoint-topic",
-        &t.checkpoints,
-        "--dlq-topic",
-        &t.dlq,
-        "--schema-registry-url",
+        &t,
+        (&group, &wgroup),
         &registry_url,
-        "--clickhouse-url",
-        &pulse_tests::clickhouse().url,
-        "--clickhouse-database",
         &db,
-    ]
-    .map(str::to_owned)
-    .to_vec();
+    ));
     discard_flags.extend(audit_flags(&audit_topic, "ops-carol"));
     let subject = |live: &str, shadow: &str| format!("{}-value", names::shadow_topic(live, shadow));
     let before = subjects_with_deleted(&registry_url).await;
@@ -882,44 +867,23 @@ async fn stored_sessions(
 /// before the switch, then passes on one after it and discards the shadow.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_promotion_switches_live_to_the_new_rules_without_a_gap_or_a_double_count() {
-    let kafka = pulse_tests::kafka();
-    let t = Topics::new();
+    let Setup {
+        t,
+        mut guard,
+        registry,
+        registry_url,
+    } = setup(&["b"], PARTITIONS).await;
     let database = cleanup::Database::unique("pulse_promote");
     let db = database.database.clone();
-    let mut specs = vec![TopicSpec::new(t.events.as_str(), PARTITIONS)];
-    for name in [&t.activity, &t.sessions, &t.late, &t.dlq] {
-        specs.push(TopicSpec::new(name.as_str(), 1));
-    }
-    let mut guard = cleanup::Topics::create(&specs).await;
-    guard.add(&t.checkpoints);
-    for live in [&t.activity, &t.sessions, &t.late, &t.checkpoints, &t.dlq] {
-        guard.add(names::shadow_topic(live, "b"));
-    }
-    let registry = registry::start(&kafka).await;
-    let registry_url = format!("http://{}", registry.addr);
-    registry::register_aggregates(&registry, &[&t.activity, &t.sessions]).await;
-    let ShadowCommand::Schemas(args) = shadow_command(&[
-        "shadow",
-        "schemas",
-        "--shadow",
-        "b",
-        "--schema-registry-url",
-        &registry_url,
-        "--user-activity-topic",
-        &t.activity,
-        "--sessions-topic",
-        &t.sessions,
-    ]) else {
-        panic!("not schemas")
-    };
-    pulsectl::shadow::register_schemas(&args).await.unwrap();
 
-    let group = pulse_tests::unique("promote_proc");
-    let wgroup = pulse_tests::unique("promote_writer");
-    let live_writer = writer(&t, &db, &wgroup, &[]).await;
-    let shadow_writer = writer(&t, &db, &wgroup, &["--shadow", "b"]).await;
-    let live_a = processor(&t, &registry_url, &group, GAP_MS, &[]).await;
-    let shadow_b = processor(&t, &registry_url, &group, SHADOW_GAP_MS, &["--shadow", "b"]).await;
+    let Pipelines {
+        group,
+        wgroup,
+        live_writer,
+        shadow_writer,
+        live: live_a,
+        shadow: shadow_b,
+    } = pipelines(&t, &db, &registry_url, "b").await;
 
     // The workload: users done before the switch (b*), users active across it (c*: their
     // pause between the gaps comes after it), users starting after it (a*).
@@ -948,14 +912,7 @@ async fn a_promotion_switches_live_to_the_new_rules_without_a_gap_or_a_double_co
         ));
     }
     // Ticks just before the switch on many users (so every partition's watermark gets there).
-    let ticks: Vec<Event> = (0..10)
-        .map(|i| Event {
-            id: format!("tick-{i}"),
-            user: format!("tick-{i}"),
-            t: switch - 500,
-            purchase: None,
-        })
-        .collect();
+    let ticks = one_each("tick", 10, switch - 500);
     work.sort_by_key(|e| (e.t, e.id.clone()));
     let (before, after): (Vec<Event>, Vec<Event>) =
         work.iter().cloned().partition(|e| e.t < switch);
@@ -967,40 +924,13 @@ async fn a_promotion_switches_live_to_the_new_rules_without_a_gap_or_a_double_co
     // Live (gap A) has read everything before the switch once the window ending 8 s before
     // it is final there (the ticks' watermark closes it); the shadow likewise.
     let settled = window_of(switch) - WINDOW_MS;
-    for table in [
-        "user_activity".to_owned(),
-        pulse_storage::migrate::shadow_table("user_activity", "b"),
-    ] {
-        wait_until(
-            WAIT,
-            format!("{table}: window {settled} final"),
-            async || {
-                let n: u64 = database
-                    .client()
-                    .query(&format!(
-                        "SELECT count() FROM {table} WHERE window_start_ms = ? AND is_final = 1"
-                    ))
-                    .bind(settled - WINDOW_MS)
-                    .fetch_one()
-                    .await
-                    .map_err(|e| e.to_string())?;
-                if n > 0 {
-                    Ok(())
-                } else {
-                    Err("not yet".to_owned())
-                }
-            },
-        )
-        .await;
-    }
+    wait_window_final(&database, "b", settled - WINDOW_MS).await;
 
     // `promote check` before the switch. A range with open windows: refused, not caught up.
     let audit_topic = pulse_tests::unique("promote_audit");
     guard.add(&audit_topic);
     let check_flags = |from: i64, to: i64, extra: &[&str]| -> Vec<String> {
-        let mut f = diff_flags("b", &db, from, to);
-        f[1] = "check".to_owned();
-        f.insert(1, "promote".to_owned());
+        let mut f = check_flags_of("b", &db, from, to);
         f.extend(extra.iter().map(|s| (*s).to_owned()));
         f.extend(audit_flags(&audit_topic, "ops-dave"));
         f
@@ -1036,15 +966,7 @@ async fn a_promotion_switches_live_to_the_new_rules_without_a_gap_or_a_double_co
     let live_b = processor(&t, &registry_url, &group, SHADOW_GAP_MS, &[]).await;
     producing.await.unwrap();
     produce(&t.events, &after[after.len() / 2..]).await;
-    let flush: Vec<Event> = (0..20)
-        .map(|i| Event {
-            id: format!("flush-{i}"),
-            user: format!("flush-{i}"),
-            t: base + 900_000,
-            purchase: None,
-        })
-        .collect();
-    produce(&t.events, &flush).await;
+    produce(&t.events, &one_each("flush", 20, base + 900_000)).await;
 
     // The answers, computed here. B: the shadow's (gap B over every event). Live: per user,
     // A's sessions closed before the switch (their last event more than gap A + allowed
@@ -1151,42 +1073,14 @@ async fn a_promotion_switches_live_to_the_new_rules_without_a_gap_or_a_double_co
     // `promote finish`: refused on a range before the switch (live kept A there), passes on
     // the windows after it and discards the shadow.
     let finish_flags = |from: i64| -> Vec<String> {
-        let mut f: Vec<String> = [
-            "shadow",
-            "promote",
-            "finish",
-            "--shadow",
+        let mut f = finish_flags_of(from, range_end);
+        f.extend(discard_flags_of(
             "b",
-            "--from",
-            &from.to_string(),
-            "--to",
-            &range_end.to_string(),
-            "--window-ms",
-            &WINDOW_MS.to_string(),
-            "--keep-topics",
-            "--processor-group-id",
-            &group,
-            "--writer-group-id",
-            &wgroup,
-            "--user-activity-topic",
-            &t.activity,
-            "--sessions-topic",
-            &t.sessions,
-            "--late-topic",
-            &t.late,
-            "--checkpoint-topic",
-            &t.checkpoints,
-            "--dlq-topic",
-            &t.dlq,
-            "--schema-registry-url",
+            &t,
+            (&group, &wgroup),
             &registry_url,
-            "--clickhouse-url",
-            &pulse_tests::clickhouse().url,
-            "--clickhouse-database",
             &db,
-        ]
-        .map(str::to_owned)
-        .to_vec();
+        ));
         f.extend(audit_flags(&audit_topic, "ops-dave"));
         f
     };
@@ -1219,18 +1113,15 @@ async fn a_promotion_switches_live_to_the_new_rules_without_a_gap_or_a_double_co
     // Every check and finish is in the audit trail, in order, with its range and outcome
     // (a refusal with its reasons).
     let records = shadow_audit(&audit_topic).await;
-    let got: Vec<(&str, Outcome)> = records
-        .iter()
-        .map(|r| (r.action.as_str(), r.outcome))
-        .collect();
+    let got = outcomes(&records);
     let (check, finish) = ("shadow.promote.check", "shadow.promote.finish");
     assert_eq!(
         got,
         [
-            (check, Outcome::Failed),
-            (check, Outcome::Failed),
+            (check, Outcome::Refused),
+            (check, Outcome::Refused),
             (check, Outcome::Ok),
-            (finish, Outcome::Failed),
+            (finish, Outcome::Refused),
             (finish, Outcome::Ok),
         ],
         "{records:#?}"
@@ -1259,6 +1150,263 @@ async fn a_promotion_switches_live_to_the_new_rules_without_a_gap_or_a_double_co
         detail(4)
     );
     registry.stop().await.unwrap();
+}
+
+/// Issue #21 through a promotion: a session open at the switch that the new rules split.
+/// Live runs a 20 s session gap, the shadow `short` 5 s; user p's six views (a 12 s pause
+/// after the third) are one open session for live and two for the shadow when the switch
+/// comes. After `promote check`, the switch to the 5 s gap on the live group and `promote
+/// finish` (docs/operations.md, "Promote"), the live sessions equal the shadow's and the
+/// query API's `/v1/sessions` counts exactly the new rules' sessions (p: 3 and 4 views),
+/// not also the old rules' early 6-view session beside them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_session_open_at_a_promotion_is_counted_once_under_the_new_rules() {
+    // One partition: every event moves the one watermark.
+    let Setup {
+        t,
+        mut guard,
+        registry,
+        registry_url,
+    } = setup(&["short"], 1).await;
+    let database = cleanup::Database::unique("pulse_promote_open");
+    let db = database.database.clone();
+    let Pipelines {
+        group,
+        wgroup,
+        live_writer,
+        shadow_writer,
+        live: live_a,
+        shadow,
+    } = pipelines(&t, &db, &registry_url, "short").await;
+
+    let base = window_of(pulse_platform::clock::now_ms() - 7_200_000);
+    let view = |id: &str, user: &str, dt: i64| Event {
+        id: id.to_owned(),
+        user: user.to_owned(),
+        t: base + dt,
+        purchase: None,
+    };
+    // Before the switch: p at 1, 2, 3 s, then 15, 16, 17 s. The watermark (16 s) closes
+    // window [0, 10 s) on both sides and the shadow's first session of p (3 views); live's
+    // one session of p is open (an early result of 6 views).
+    let before: Vec<Event> = [1_000, 2_000, 3_000, 15_000, 16_000, 17_000]
+        .iter()
+        .enumerate()
+        .map(|(i, dt)| view(&format!("p{i}"), "p", *dt))
+        .collect();
+    produce(&t.events, &before).await;
+    let shadow_sessions = pulse_storage::migrate::shadow_table("sessions", "short");
+    wait_until(
+        WAIT,
+        "live: p's open 6-view session; the shadow: p's first session final",
+        async || {
+            let rows = |table: String| {
+                let client = database.client();
+                async move {
+                    client
+                        .query(&format!(
+                            "SELECT event_count, is_final FROM {table} WHERE user_id = 'p'"
+                        ))
+                        .fetch_all::<(u64, u8)>()
+                        .await
+                        .unwrap_or_default()
+                }
+            };
+            let (live, short) = (
+                rows("sessions".to_owned()).await,
+                rows(shadow_sessions.clone()).await,
+            );
+            if live.contains(&(6, 0)) && short.contains(&(3, 1)) {
+                Ok(())
+            } else {
+                Err(format!("live {live:?} shadow {short:?}"))
+            }
+        },
+    )
+    .await;
+
+    wait_window_final(&database, "short", base).await;
+
+    // 1. `promote check` on the window closed before the switch: equal, may be promoted
+    // (p's sessions there are still open on live, so not compared).
+    let audit_topic = pulse_tests::unique("promote_open_audit");
+    guard.add(&audit_topic);
+    let mut check = check_flags_of("short", &db, base, base + WINDOW_MS);
+    check.extend(audit_flags(&audit_topic, "ops-erin"));
+    let (code, out) = run_pulsectl(&check).await;
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("may be promoted"), "{out}");
+
+    // 2. The switch: live stops, the 5 s gap starts on the live group, topics and
+    // checkpoints. Then p's seventh view (in its second session under 5 s), user a's views
+    // in a window after the switch, and a far event that closes everything.
+    live_a.stop().await;
+    let live_b = processor(&t, &registry_url, &group, SHADOW_GAP_MS, &[]).await;
+    let mut after = vec![view("p6", "p", 18_000)];
+    after.extend((0..3).map(|i| view(&format!("a{i}"), "a", 40_000 + i * 1_000)));
+    produce(&t.events, &after).await;
+    produce(&t.events, &[view("z0", "z", 300_000)]).await;
+    let mut all = before.clone();
+    all.extend(after);
+    let range_end = base + 100_000;
+    let want: BTreeSet<(String, i64, i64, u64, bool)> = sessions(&all, SHADOW_GAP_MS)
+        .into_iter()
+        .map(|(u, s, e, n)| (u, s, e, n, true))
+        .collect();
+    let p_sessions: Vec<u64> = want.iter().filter(|s| s.0 == "p").map(|s| s.3).collect();
+    assert_eq!(p_sessions, [3, 4], "the new rules split p's session");
+    let stored = wait_until(
+        WAIT,
+        "live and shadow sessions final, the new rules' ones",
+        async || {
+            let (live, short) = (
+                stored_sessions(&database, "sessions", base, range_end).await,
+                stored_sessions(&database, &shadow_sessions, base, range_end).await,
+            );
+            if live == want && short == want {
+                Ok(live)
+            } else {
+                Err(format!("live {live:?}\nshadow {short:?}"))
+            }
+        },
+    )
+    .await;
+    let counted: u64 = stored.iter().map(|s| s.3).sum();
+    assert_eq!(counted, all.len() as u64, "each event in one live session");
+    live_b.stop().await;
+    shadow.stop().await;
+    live_writer.stop().await;
+    shadow_writer.stop().await;
+
+    // 3. `promote finish` on the windows after the switch: live equals the shadow, no live
+    // session keeps an early result that outranks its final one; the shadow is discarded.
+    let mut finish = finish_flags_of(base + 40_000, range_end);
+    finish.extend(discard_flags_of(
+        "short",
+        &t,
+        (&group, &wgroup),
+        &registry_url,
+        &db,
+    ));
+    finish.extend(audit_flags(&audit_topic, "ops-erin"));
+    let (code, out) = run_pulsectl(&finish).await;
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("promotion of shadow short finished"), "{out}");
+
+    // The query API counts the new rules' sessions once: p's 3 + 4 views in two sessions
+    // (before the supersede fix: 3 sessions, or 10 views in 2), then a's.
+    let api = pipeline::QueryApi::start(&database, WINDOW_MS).await;
+    let expect = |from: i64, to: i64| {
+        let mine: Vec<_> = want.iter().filter(|s| (from..to).contains(&s.1)).collect();
+        let pages: u64 = mine.iter().map(|s| s.3).sum();
+        (mine.len() as u64, pages as f64 / mine.len() as f64)
+    };
+    assert_eq!(api.sessions(base, base + 30_000).await, (2, 3.5));
+    assert_eq!(
+        api.sessions(base, base + 30_000).await,
+        expect(base, base + 30_000)
+    );
+    assert_eq!(
+        api.sessions(base, range_end).await,
+        expect(base, range_end),
+        "p's two sessions and a's"
+    );
+    api.stop().await;
+    let records = shadow_audit(&audit_topic).await;
+    assert_eq!(
+        outcomes(&records),
+        [
+            ("shadow.promote.check", Outcome::Ok),
+            ("shadow.promote.finish", Outcome::Ok)
+        ],
+        "{records:#?}"
+    );
+    registry.stop().await.unwrap();
+}
+
+/// `shadow promote check` flags for `shadow` over `[from, to)` (the diff's).
+fn check_flags_of(shadow: &str, db: &str, from: i64, to: i64) -> Vec<String> {
+    let mut f = diff_flags(shadow, db, from, to);
+    f[1] = "check".to_owned();
+    f.insert(1, "promote".to_owned());
+    f
+}
+
+/// Waits until the window starting at `window` has final rows in `user_activity` and in
+/// the shadow `shadow`'s copy.
+async fn wait_window_final(database: &cleanup::Database, shadow: &str, window: i64) {
+    for table in [
+        "user_activity".to_owned(),
+        pulse_storage::migrate::shadow_table("user_activity", shadow),
+    ] {
+        wait_until(
+            WAIT,
+            format!("{table}: window {window} final"),
+            async || {
+                let n: u64 = database
+                    .client()
+                    .query(&format!(
+                        "SELECT count() FROM {table} WHERE window_start_ms = ? AND is_final = 1"
+                    ))
+                    .bind(window)
+                    .fetch_one()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if n > 0 {
+                    Ok(())
+                } else {
+                    Err("not yet".to_owned())
+                }
+            },
+        )
+        .await;
+    }
+}
+
+/// A promotion's loops: live (gap A) and the shadow (gap B), each a processor and a writer.
+struct Pipelines {
+    /// The live processor's group (the shadow's derives from it).
+    group: String,
+    /// The live writer's group.
+    wgroup: String,
+    live_writer: Running,
+    shadow_writer: Running,
+    live: Running,
+    shadow: Running,
+}
+
+/// Starts the writers (live first: it applies the migrations), then live with gap A and
+/// the shadow `shadow` with gap B.
+async fn pipelines(t: &Topics, db: &str, registry_url: &str, shadow: &str) -> Pipelines {
+    let group = pulse_tests::unique(&format!("promote_{shadow}_proc"));
+    let wgroup = pulse_tests::unique(&format!("promote_{shadow}_writer"));
+    let live_writer = writer(t, db, &wgroup, &[]).await;
+    let shadow_writer = writer(t, db, &wgroup, &["--shadow", shadow]).await;
+    let live = processor(t, registry_url, &group, GAP_MS, &[]).await;
+    let shadow = processor(
+        t,
+        registry_url,
+        &group,
+        SHADOW_GAP_MS,
+        &["--shadow", shadow],
+    )
+    .await;
+    Pipelines {
+        group,
+        wgroup,
+        live_writer,
+        shadow_writer,
+        live,
+        shadow,
+    }
+}
+
+/// (action, outcome) of each audit record.
+fn outcomes(records: &[AuditRecord]) -> Vec<(&str, Outcome)> {
+    records
+        .iter()
+        .map(|r| (r.action.as_str(), r.outcome))
+        .collect()
 }
 
 /// The kafka flags of a `pulsectl` command that writes its audit record to `audit_topic`

@@ -11,6 +11,7 @@ pub mod forwarder;
 pub mod grpc_meta;
 pub mod ingest_server;
 pub mod kafka;
+pub mod pipeline;
 pub mod registry;
 pub mod tls;
 pub mod wait;

@@ -273,6 +273,9 @@ impl ConsumerContext for PulseConsumerContext {
     }
 }
 
+/// How long closing a consumer (leaving its group) may take when a service's loop ends.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A consumer-group member.
 #[derive(Clone)]
 pub struct KafkaConsumer {
@@ -479,6 +482,57 @@ impl KafkaConsumer {
 
     pub fn group_id(&self) -> &str {
         &self.group_id
+    }
+
+    /// The end of a service's consumer loop that returned `result`: an error is logged
+    /// first (the close may take its whole timeout), then the consumer is closed within
+    /// [`CLOSE_TIMEOUT`] ([`close_within`](Self::close_within)); returns `result`. Drop the
+    /// loop's other clones of the consumer before.
+    pub async fn close_after<E: std::fmt::Display>(self, result: Result<(), E>) -> Result<(), E> {
+        if let Err(e) = &result {
+            tracing::warn!(group = %self.group_id, error = %e, "the consuming loop stopped on an error; closing the consumer, then exiting (what was not committed is read again after the restart)");
+        }
+        self.close_within(CLOSE_TIMEOUT).await;
+        result
+    }
+
+    /// Leaves the group and closes the consumer, waiting at most `timeout`. librdkafka's
+    /// close runs the last rebalance and waits for the group coordinator; with a broker
+    /// that accepts connections but does not answer it never returns (seen: a processor
+    /// whose loop had ended stayed up, live and silent, for minutes after a broker
+    /// restart). The close runs on a thread of its own; past `timeout` it is left there
+    /// (the process is about to exit; the group drops the member after its session
+    /// timeout) and this returns false, logged at WARN. Only the last clone closes: with
+    /// others alive this drops its handle and returns true.
+    pub async fn close_within(self, timeout: Duration) -> bool {
+        let Self {
+            inner, group_id, ..
+        } = self;
+        if Arc::strong_count(&inner) > 1 {
+            return true;
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let spawned = std::thread::Builder::new()
+            .name("kafka-consumer-close".into())
+            .spawn(move || {
+                drop(inner);
+                let _ = tx.send(());
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(group = %group_id, error = %e, "no thread to close the Kafka consumer on; leaving it open");
+            return false;
+        }
+        match tokio::time::timeout(timeout, rx).await {
+            Ok(_) => true,
+            Err(_) => {
+                tracing::warn!(
+                    group = %group_id,
+                    timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
+                    "closing the Kafka consumer did not finish in time (the broker does not answer); leaving it, the group drops this member after its session timeout"
+                );
+                false
+            }
+        }
     }
 }
 

@@ -112,6 +112,12 @@ pub type AckFuture = Pin<Box<dyn Future<Output = Result<Acked, ProduceError>> + 
 pub trait RecordProducer: Send + Sync {
     /// Queues `record`; errors at once if it cannot be queued.
     fn enqueue(&self, record: OutRecord) -> Result<AckFuture, ProduceError>;
+
+    /// Queues a copy of `record` (what a retry after a full queue needs). The default
+    /// clones it; the Kafka producer only borrows it, since librdkafka copies the bytes.
+    fn enqueue_ref(&self, record: &OutRecord) -> Result<AckFuture, ProduceError> {
+        self.enqueue(record.clone())
+    }
 }
 
 /// Queues `record` on any [`RecordProducer`], retrying while its local queue is full (1 ms
@@ -125,7 +131,7 @@ pub async fn enqueue_with_wait(
     let deadline = Instant::now() + max_backpressure_wait;
     let mut pause = Duration::from_millis(1);
     loop {
-        match producer.enqueue(record.clone()) {
+        match producer.enqueue_ref(&record) {
             Err(ProduceError::QueueFull) if Instant::now() < deadline => {
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_millis(50));
@@ -377,6 +383,10 @@ impl KafkaProducer {
 
 impl RecordProducer for KafkaProducer {
     fn enqueue(&self, record: OutRecord) -> Result<AckFuture, ProduceError> {
+        self.enqueue_ref(&record)
+    }
+
+    fn enqueue_ref(&self, record: &OutRecord) -> Result<AckFuture, ProduceError> {
         let topic = record.topic.clone();
         let mut fr = FutureRecord::<Vec<u8>, Vec<u8>>::to(&record.topic)
             .payload(&record.payload)

@@ -6,7 +6,8 @@
 //! the switch, live equals the shadow exactly on a range after it, and no live session is
 //! left with an early result that outranks a final one), then discards the shadow.
 //! Reading and comparing is `shadow::diff`; discarding is `shadow::discard`. Each check and
-//! finish writes an audit record (`shadow.promote.check|finish`), a refusal with its reasons.
+//! finish writes an audit record (`shadow.promote.check|finish`), a refusal as `refused`
+//! with its reasons.
 
 use std::collections::BTreeSet;
 
@@ -19,8 +20,9 @@ use pulse_storage::migrate;
 
 use super::{
     DiffArgs, DiffReport, DiscardArgs, DiscardSummary, ShadowError, diff, discard, discard_outcome,
+    fetch,
 };
-use crate::audit::{self, AuditArgs};
+use crate::audit::{self, AuditArgs, Ending};
 use crate::rfc3339;
 
 #[derive(Debug, clap::Subcommand)]
@@ -182,17 +184,7 @@ async fn window_lengths(
         "SELECT DISTINCT window_end_ms - window_start_ms AS len FROM {table} \
          WHERE window_start_ms >= ? AND window_end_ms <= ? ORDER BY len"
     );
-    let rows: Vec<Length> = cfg
-        .client()
-        .query(&sql)
-        .bind(from)
-        .bind(to)
-        .fetch_all()
-        .await
-        .map_err(|source| ShadowError::Read {
-            table: table.to_owned(),
-            source,
-        })?;
+    let rows: Vec<Length> = fetch(cfg, table, &sql, from, to).await?;
     Ok(rows.into_iter().map(|r| r.len).collect())
 }
 
@@ -215,17 +207,7 @@ pub async fn stale_sessions(
                GROUP BY user_id, session_id \
                HAVING argMax(is_final, version) = 0 AND max(is_final) = 1 \
                ORDER BY user_id, session_id";
-    let rows: Vec<Stale> = cfg
-        .client()
-        .query(sql)
-        .bind(from)
-        .bind(to)
-        .fetch_all()
-        .await
-        .map_err(|source| ShadowError::Read {
-            table: "sessions".to_owned(),
-            source,
-        })?;
+    let rows: Vec<Stale> = fetch(cfg, "sessions", sql, from, to).await?;
     Ok(rows
         .into_iter()
         .map(|r| format!("{}/{}", r.user_id, r.session_id))
@@ -358,25 +340,25 @@ async fn run_finish(args: &FinishArgs) -> Result<Finished, crate::Error> {
 }
 
 /// Runs `check` or `finish` and writes its audit record (`shadow.promote.check|finish`,
-/// target the shadow's name, the range in the detail, the reasons of a refusal; a
-/// refusal is recorded as `failed`).
+/// target the shadow's name, the range in the detail): `refused` with the reasons when
+/// its checks (or flags) said no, `failed` for an error or a failed discard step.
 pub async fn run(command: PromoteCommand, audit: &AuditArgs) -> Result<(), crate::Error> {
     match command {
         PromoteCommand::Check(args) => {
             let d = &args.diff;
             let range = format!("{}, tolerance {}", range(d.from, d.to), d.tolerance);
             let result = run_check(&args).await;
-            let outcome = match &result {
-                Ok(r) if r.is_empty() => Ok(format!("{range}: may be promoted")),
-                Ok(r) => Err(format!("{range}: {}", refused(r))),
-                Err(e) => Err(format!("{range}: {e}")),
+            let ending = match &result {
+                Ok(r) if r.is_empty() => Ending::ok(format!("{range}: may be promoted")),
+                Ok(r) => Ending::refused(format!("{range}: {}", refused(r))),
+                Err(e) => Ending::of_error(e, format!("{range}: {e}")),
             };
             audit::record(
                 audit,
                 &args.kafka,
                 action::SHADOW_PROMOTE_CHECK,
                 &d.shadow,
-                outcome,
+                ending,
             )
             .await;
             match result? {
@@ -387,21 +369,22 @@ pub async fn run(command: PromoteCommand, audit: &AuditArgs) -> Result<(), crate
         PromoteCommand::Finish(args) => {
             let range = range(args.from, args.to);
             let result = run_finish(&args).await;
-            let outcome = match &result {
+            let ending = match &result {
                 Ok(Finished::Refused(r)) => {
-                    Err(format!("{range}: {} (nothing was discarded)", refused(r)))
+                    Ending::refused(format!("{range}: {} (nothing was discarded)", refused(r)))
                 }
                 Ok(Finished::Discarded(summary)) => discard_outcome(summary)
                     .map(|d| format!("{range}: live equals the shadow; discard: {d}"))
-                    .map_err(|d| format!("{range}: live equals the shadow; discard: {d}")),
-                Err(e) => Err(format!("{range}: {e}")),
+                    .map_err(|d| format!("{range}: live equals the shadow; discard: {d}"))
+                    .into(),
+                Err(e) => Ending::of_error(e, format!("{range}: {e}")),
             };
             audit::record(
                 audit,
                 &args.discard.kafka,
                 action::SHADOW_PROMOTE_FINISH,
                 &args.discard.shadow,
-                outcome,
+                ending,
             )
             .await;
             match result? {
