@@ -737,7 +737,9 @@ def main() -> int:
 
     state = Path(tempfile.mkdtemp(prefix="pulse-chaos."))
     env = dict(os.environ)
-    for name, port in zip(PORT_ENV, free_ports(len(PORT_ENV))):
+    # The ledger's admin port too (dev.sh's default 9107 would collide with another stack).
+    ports = PORT_ENV + ["PULSE_LEDGER_ADMIN_PORT"]
+    for name, port in zip(ports, free_ports(len(ports))):
         env[name] = str(port)
     env.update({
         "PULSE_STATE": str(state), "PULSE_DEV_PROFILE": "debug", "PULSE_DEV_BUILD": "0",
