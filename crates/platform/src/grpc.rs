@@ -426,13 +426,7 @@ mod tests {
     async fn every_call_logs_its_completion_with_status_method_and_key_name() {
         use http_body_util::BodyExt as _;
         use tonic::codegen::Service as _;
-        let capture = Capture::default();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(capture.clone())
-            .with_max_level(tracing::Level::DEBUG)
-            .with_ansi(false)
-            .finish();
-        let _guard = tracing::subscriber::set_default(subscriber);
+        let (capture, _guard) = Capture::install();
         let (_, health) = tonic_health::server::health_reporter();
         let mut svc = super::Traced::new(Keyed(health));
         // Check(HealthCheckRequest {}): an uncompressed, empty message.
@@ -448,7 +442,7 @@ mod tests {
             r.headers().get("grpc-status").is_none(),
             "not trailers-only"
         );
-        let text = || String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+        let text = || capture.text();
         assert!(
             !text().contains("request served"),
             "logged before the answer was complete:\n{}",

@@ -282,13 +282,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_completion_line_names_the_key_the_auth_layer_recorded() {
-        let capture = Capture::default();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(capture.clone())
-            .with_max_level(tracing::Level::DEBUG)
-            .with_ansi(false)
-            .finish();
-        let _guard = tracing::subscriber::set_default(subscriber);
+        let (capture, _guard) = Capture::install();
         let app = axum::Router::new()
             .route(
                 "/keyed",
@@ -305,7 +299,7 @@ mod tests {
             let r = app.clone().into_service().call(req).await.unwrap();
             assert!(r.status().as_u16() < 500, "{path}");
         }
-        let text = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+        let text = capture.text();
         let line = |route: &str| {
             text.lines()
                 .find(|l| l.contains("request served") && l.contains(&format!("route=\"{route}\"")))

@@ -327,7 +327,7 @@ mod tests {
         let capture = Capture::default();
         let dispatch = build_dispatch("test", &cfg, &provider, capture.clone()).unwrap();
         tracing::dispatcher::with_default(&dispatch, f);
-        let text = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+        let text = capture.text();
         text.lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect()

@@ -71,49 +71,38 @@ pub fn make_ca(dir: &Path, name: &str) -> PathBuf {
 /// A server certificate for 127.0.0.1 and localhost signed by the CA `ca`:
 /// (`server.pem`, `server.key`).
 pub fn make_server_cert(dir: &Path, ca: &str) -> (PathBuf, PathBuf) {
-    std::fs::write(
-        dir.join("server.ext"),
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
-    )
-    .unwrap();
-    openssl(
+    make_cert(
         dir,
-        &[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-            "-subj",
-            "/CN=localhost",
-        ],
-    );
+        ca,
+        "server",
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n",
+        None,
+    )
+}
+
+/// Signs `{stem}.csr` with the CA `ca` into `{stem}.pem`, valid for two days, with the
+/// extensions of `{stem}.ext`.
+fn sign(dir: &Path, ca: &str, stem: &str) {
     openssl(
         dir,
         &[
             "x509",
             "-req",
             "-in",
-            "server.csr",
+            &format!("{stem}.csr"),
             "-CA",
             &format!("{ca}.pem"),
             "-CAkey",
             &format!("{ca}.key"),
             "-CAcreateserial",
             "-out",
-            "server.pem",
+            &format!("{stem}.pem"),
             "-days",
             "2",
             "-extfile",
-            "server.ext",
+            &format!("{stem}.ext"),
         ],
     );
-    (dir.join("server.pem"), dir.join("server.key"))
 }
 
 /// A server certificate (`{stem}.pem`, `{stem}.key`, CN=localhost) signed by the CA `ca`
@@ -153,26 +142,7 @@ pub fn make_cert(
     );
     let (ca_pem, ca_key) = (format!("{ca}.pem"), format!("{ca}.key"));
     match dates {
-        None => openssl(
-            dir,
-            &[
-                "x509",
-                "-req",
-                "-in",
-                &csr,
-                "-CA",
-                &ca_pem,
-                "-CAkey",
-                &ca_key,
-                "-CAcreateserial",
-                "-out",
-                &pem,
-                "-days",
-                "2",
-                "-extfile",
-                &extfile,
-            ],
-        ),
+        None => sign(dir, ca, stem),
         Some((not_before, not_after)) => {
             let db = format!("{stem}.index");
             std::fs::write(dir.join(&db), "").unwrap();
@@ -255,26 +225,7 @@ pub fn make_client_cert(
     }
     openssl(dir, &req);
     let _ = std::fs::remove_file(dir.join(&pass_file));
-    openssl(
-        dir,
-        &[
-            "x509",
-            "-req",
-            "-in",
-            &csr,
-            "-CA",
-            &format!("{ca}.pem"),
-            "-CAkey",
-            &format!("{ca}.key"),
-            "-CAcreateserial",
-            "-out",
-            &format!("{name}.pem"),
-            "-days",
-            "2",
-            "-extfile",
-            &format!("{name}.ext"),
-        ],
-    );
+    sign(dir, ca, name);
     (dir.join(format!("{name}.pem")), dir.join(key))
 }
 
