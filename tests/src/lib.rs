@@ -129,10 +129,16 @@ pub fn ingest_trace_headers(traceparent: &str) -> rdkafka::message::OwnedHeaders
 /// `None`, in seconds, from `/proc/<pid>/stat` (Linux). NaN when it cannot be read, so a
 /// figure computed from it shows as NaN instead of a wrong number.
 pub fn cpu_seconds(pid: Option<u32>) -> f64 {
-    let path = match pid {
-        Some(p) => format!("/proc/{p}/stat"),
-        None => "/proc/self/stat".to_owned(),
-    };
+    match pid {
+        Some(p) => stat_cpu_seconds(&format!("/proc/{p}/stat")),
+        None => stat_cpu_seconds("/proc/self/stat"),
+    }
+}
+
+/// CPU time (user + system) in seconds from a `/proc` stat file: a process's
+/// (`/proc/<pid>/stat`) or the calling thread's (`/proc/thread-self/stat`); NaN when
+/// unreadable.
+pub fn stat_cpu_seconds(path: &str) -> f64 {
     let Ok(stat) = std::fs::read_to_string(path) else {
         return f64::NAN;
     };

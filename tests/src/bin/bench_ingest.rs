@@ -920,23 +920,6 @@ fn free_addrs() -> Result<[std::net::SocketAddr; 3]> {
     bail!("found no three free ports in 20000..32000")
 }
 
-/// CPU time (user + system) of the calling thread in seconds, from
-/// `/proc/thread-self/stat` (10 ms resolution); NaN when unreadable.
-fn thread_cpu_seconds() -> f64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/thread-self/stat") else {
-        return f64::NAN;
-    };
-    let Some((_, rest)) = stat.rsplit_once(')') else {
-        return f64::NAN;
-    };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok());
-    match (ticks(11), ticks(12)) {
-        (Some(u), Some(s)) => (u + s) / 100.0,
-        _ => f64::NAN,
-    }
-}
-
 /// The floor: the same JSON batches split, validated, enriched, PII-filtered, encoded and
 /// framed in a tight loop on one thread (what ingest cannot do with less CPU); events per
 /// CPU-second of that thread.
@@ -961,7 +944,7 @@ fn floor(templates: &Templates, secs: u64) -> Result<(u64, f64)> {
         })
         .collect();
     let deadline = Instant::now() + Duration::from_secs(secs);
-    let cpu0 = thread_cpu_seconds();
+    let cpu0 = pulse_tests::stat_cpu_seconds("/proc/thread-self/stat");
     let mut events = 0u64;
     let mut bytes = 0usize;
     while Instant::now() < deadline {
@@ -982,7 +965,7 @@ fn floor(templates: &Templates, secs: u64) -> Result<(u64, f64)> {
             }
         }
     }
-    let cpu = thread_cpu_seconds() - cpu0;
+    let cpu = pulse_tests::stat_cpu_seconds("/proc/thread-self/stat") - cpu0;
     std::hint::black_box(bytes);
     Ok((events, events as f64 / cpu))
 }
