@@ -558,6 +558,9 @@ def main() -> int:
         w_hist0 = {"write": hist(wport, "pulse_writer_batch_write_seconds", {"sink": "clickhouse"}),
                    "e2e": hist(wport, "pulse_writer_end_to_end_latency_seconds", {"sink": "clickhouse"}),
                    "emit": hist(pport, "pulse_processor_emit_seconds")}
+        tables = ("events", "user_activity", "sessions")
+        ins0 = {t: hist(wport, "pulse_writer_batch_rows", {"sink": "clickhouse", "table": t}).get(float("inf"), 0.0)
+                for t in tables}
         m0 = time.monotonic()
         stop = threading.Event()
         pt = threading.Thread(target=fr.probe_loop, args=(stop,), daemon=True)
@@ -566,6 +569,8 @@ def main() -> int:
         stop.set()
         c1 = counters(p)
         m1 = time.monotonic()
+        ins1 = {t: hist(wport, "pulse_writer_batch_rows", {"sink": "clickhouse", "table": t}).get(float("inf"), 0.0)
+                for t in tables}
         w_hist1 = {"write": hist(wport, "pulse_writer_batch_write_seconds", {"sink": "clickhouse"}),
                    "e2e": hist(wport, "pulse_writer_end_to_end_latency_seconds", {"sink": "clickhouse"}),
                    "emit": hist(pport, "pulse_processor_emit_seconds")}
@@ -586,6 +591,8 @@ def main() -> int:
         fr.kafka_timestamps(f"127.0.0.1:{env['PULSE_KAFKA_PORT']}")
         w = w_hist1["write"].get(float("inf"), 0.0) - w_hist0["write"].get(float("inf"), 0.0)
         result["ch_inserts_per_s"] = w / secs
+        # Per table (ClickHouse's advice is about one INSERT a second per table).
+        result["ch_inserts_per_s_by_table"] = {t: (ins1[t] - ins0[t]) / secs for t in tables}
         try:
             parts = clickhouse(fr.ch, "SELECT table, count() FROM system.parts WHERE database = 'pulse' AND active "
                                       "GROUP BY table ORDER BY table FORMAT TSV")
@@ -735,9 +742,11 @@ def report(r: dict, args) -> str:
         lines.append(f"- raw events, ingest → written (`pulse_writer_end_to_end_latency_seconds`): p50 "
                      f"{fmt(h['e2e'].get('p50'), ' s')}, p95 {fmt(h['e2e'].get('p95'), ' s')}")
         parts = r.get("active_parts_at_end") or {}
+        by_table = r.get("ch_inserts_per_s_by_table") or {}
         lines.append(f"- ClickHouse writer INSERTs: {fmt(r.get('ch_inserts_per_s'), ' per second', 1)} over all its "
-                     f"tables (events, user_activity, sessions; plus one freshness INSERT per batch); active parts "
-                     f"at the end: " + (", ".join(f"{k} {v}" for k, v in parts.items()) or "-"))
+                     f"tables (" + (", ".join(f"{k} {fmt(v, '', 1)}/s" for k, v in by_table.items())
+                                    or "events, user_activity, sessions") + "; plus one freshness INSERT per batch); "
+                     f"active parts at the end: " + (", ".join(f"{k} {v}" for k, v in parts.items()) or "-"))
         lines.append(f"- processor emission until offsets stored (`pulse_processor_emit_seconds`): p50 "
                      f"{fmt(h['emit'].get('p50'), ' s')}, p95 {fmt(h['emit'].get('p95'), ' s')}")
     e2e = ps.get("end_to_end_users", {})

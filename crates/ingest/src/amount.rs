@@ -29,6 +29,16 @@ pub fn to_micros(value: &serde_json::Value) -> Result<i64, String> {
     }
 }
 
+/// [`to_micros`] of a value as validation parses it.
+pub(crate) fn json_to_micros(value: &crate::validate::json::Json<'_>) -> Result<i64, String> {
+    use crate::validate::json::Json;
+    match value {
+        Json::Number(n) => parse_decimal(&n.to_string()),
+        Json::String(s) => parse_decimal(s),
+        _ => Err("must be a number or a decimal string".to_owned()),
+    }
+}
+
 /// Largest magnitude in micros: `i64::MAX`, or one more for a negative amount (`i64::MIN`).
 fn magnitude_limit(negative: bool) -> u64 {
     if negative {

@@ -98,10 +98,19 @@ struct Inner {
     /// Sequence numbers of the live entries; a power of two long (or empty), at most
     /// three quarters full.
     slots: Vec<u32>,
+    /// One byte of each indexed entry's key ([`tag`]), beside its slot (meaningless for
+    /// an empty slot): a probe compares it before reading the ring, so a lookup passes
+    /// the other entries of its probe run without a (cache-missing) ring read each.
+    tags: Vec<u8>,
     /// Live (indexed) entries.
     live: usize,
     next_generation: u32,
     evicted_early: u64,
+}
+
+/// The byte of `key` kept beside its index slot: from the half the home slot does not use.
+fn tag(key: &Key) -> u8 {
+    (key[1] >> 56) as u8
 }
 
 impl Inner {
@@ -123,15 +132,18 @@ impl Inner {
             return None;
         }
         let mask = self.mask();
+        let tag = tag(key);
         let mut slot = self.home(key);
         loop {
             let seq = self.slots[slot];
             if seq == EMPTY {
                 return None;
             }
-            let pos = self.position(seq);
-            if self.ring.get(pos).is_some_and(|e| e.key == *key) {
-                return Some((slot, pos));
+            if self.tags[slot] == tag {
+                let pos = self.position(seq);
+                if self.ring.get(pos).is_some_and(|e| e.key == *key) {
+                    return Some((slot, pos));
+                }
             }
             slot = (slot + 1) & mask;
         }
@@ -140,11 +152,13 @@ impl Inner {
     /// Indexes the entry at ring position `pos` (its key is not indexed yet).
     fn index(&mut self, pos: usize) {
         let mask = self.mask();
-        let mut slot = self.home(&self.ring[pos].key);
+        let key = self.ring[pos].key;
+        let mut slot = self.home(&key);
         while self.slots[slot] != EMPTY {
             slot = (slot + 1) & mask;
         }
         self.slots[slot] = self.head.wrapping_add(pos as u32);
+        self.tags[slot] = tag(&key);
     }
 
     /// Empties index slot `hole`, shifting later entries of its probe run back.
@@ -162,6 +176,7 @@ impl Inner {
             // its slot (cyclically).
             if slot.wrapping_sub(home) & mask >= slot.wrapping_sub(hole) & mask {
                 self.slots[hole] = seq;
+                self.tags[hole] = self.tags[slot];
                 hole = slot;
             }
         }
@@ -226,6 +241,8 @@ impl Inner {
     fn reindex(&mut self, slots: usize) {
         self.slots.clear();
         self.slots.resize(slots, EMPTY);
+        self.tags.clear();
+        self.tags.resize(slots, 0);
         for pos in 0..self.ring.len() {
             if !self.ring[pos].dead() {
                 self.index(pos);
@@ -233,8 +250,8 @@ impl Inner {
         }
     }
 
-    /// Appends a live entry and indexes it.
-    fn push(&mut self, entry: Entry, capacity: usize) {
+    /// Appends a live entry and indexes it; returns its sequence number.
+    fn push(&mut self, entry: Entry, capacity: usize) -> u32 {
         let dead = self.ring.len() - self.live;
         // Dead entries make up at least half of a ring twice the capacity (as before:
         // the ring stays within `2 * capacity`), or a quarter of a ring about to grow
@@ -250,8 +267,10 @@ impl Inner {
             self.reindex(slots);
         }
         self.ring.push_back(entry);
-        self.index(self.ring.len() - 1);
+        let pos = self.ring.len() - 1;
+        self.index(pos);
         self.live += 1;
+        self.head.wrapping_add(pos as u32)
     }
 
     fn clear(&mut self) {
@@ -305,8 +324,8 @@ pub fn is_dlq_key(key: &str) -> bool {
 ///
 /// An id costs 24 bytes in the ring (its 128-bit keyed hash, see [`Key`], the
 /// second of its first sighting and its attempt's generation) and one 4-byte index
-/// slot; with the growth of both (doubling) that is 28–56 bytes, ≈ 34 bytes per id
-/// with 1,000,000 ids (32 MiB; [`allocated_bytes`](Self::allocated_bytes)).
+/// slot with its 1-byte tag; with the growth of both (doubling) that is 29–58 bytes,
+/// ≈ 36 bytes per id with 1,000,000 ids (34 MiB; [`allocated_bytes`](Self::allocated_bytes)).
 ///
 /// Time is kept in whole seconds since the set was created: an id sighted in second
 /// `s` is remembered until second `s + window` begins (for between `window − 1 s` and
@@ -343,13 +362,16 @@ pub struct Reservation {
     set: Option<Arc<DedupSet>>,
     key: Key,
     generation: u32,
+    /// The entry's sequence number when it was pushed: where [`DedupSet::resolve`] looks
+    /// first (stale after a compaction, then the index is searched).
+    seq: u32,
 }
 
 impl Reservation {
     /// The id is durably stored: later sightings within the window are duplicates.
     pub fn confirm(mut self) {
         if let Some(set) = self.set.take() {
-            set.resolve(&self.key, self.generation, true);
+            set.resolve(&self.key, self.generation, self.seq, true);
         }
     }
 }
@@ -357,7 +379,7 @@ impl Reservation {
 impl Drop for Reservation {
     fn drop(&mut self) {
         if let Some(set) = self.set.take() {
-            set.resolve(&self.key, self.generation, false);
+            set.resolve(&self.key, self.generation, self.seq, false);
         }
     }
 }
@@ -404,16 +426,18 @@ impl DedupSet {
     pub fn claim(self: &Arc<Self>, id: &str, now: Instant) -> Claim {
         let key = self.key(id);
         match self.reserve(key, now) {
-            Ok(Some(generation)) => Claim::New(Reservation {
+            Ok(Some((generation, seq))) => Claim::New(Reservation {
                 set: Some(Arc::clone(self)),
                 key,
                 generation,
+                seq,
             }),
             // Deduplication is disabled: nothing to confirm or release.
             Ok(None) => Claim::New(Reservation {
                 set: None,
                 key,
                 generation: 0,
+                seq: 0,
             }),
             Err(true) => Claim::Duplicate,
             Err(false) => Claim::InFlight,
@@ -427,8 +451,8 @@ impl DedupSet {
     pub fn insert_if_new(&self, id: &str, now: Instant) -> bool {
         let key = self.key(id);
         match self.reserve(key, now) {
-            Ok(Some(generation)) => {
-                self.resolve(&key, generation, true);
+            Ok(Some((generation, seq))) => {
+                self.resolve(&key, generation, seq, true);
                 true
             }
             Ok(None) => true,
@@ -461,9 +485,10 @@ impl DedupSet {
         tokio::time::timeout(timeout, wait).await.is_ok()
     }
 
-    /// Reserves `key`: `Ok(Some(generation))` for a first sighting, `Ok(None)` when
-    /// deduplication is disabled, `Err(durable)` when the id is already present.
-    fn reserve(&self, key: Key, now: Instant) -> Result<Option<u32>, bool> {
+    /// Reserves `key`: `Ok(Some((generation, sequence number)))` for a first sighting,
+    /// `Ok(None)` when deduplication is disabled, `Err(durable)` when the id is already
+    /// present.
+    fn reserve(&self, key: Key, now: Instant) -> Result<Option<(u32, u32)>, bool> {
         if self.capacity == 0 || self.window == 0 {
             return Ok(None);
         }
@@ -489,7 +514,7 @@ impl DedupSet {
         }
         let generation = inner.next_generation;
         inner.next_generation = generation.wrapping_add(1);
-        inner.push(
+        let seq = inner.push(
             Entry {
                 key,
                 at: now,
@@ -497,21 +522,38 @@ impl DedupSet {
             },
             self.capacity,
         );
-        Ok(Some(generation))
+        Ok(Some((generation, seq)))
     }
 
-    /// Ends the attempt `generation` of `key`: durable, or released (forgotten).
-    /// A newer attempt of the same id (after eviction) is left alone.
-    fn resolve(&self, key: &Key, generation: u32, durable: bool) {
+    /// Ends the attempt `generation` of `key`, pushed as sequence number `seq`: durable,
+    /// or released (forgotten). A newer attempt of the same id (after eviction) is left
+    /// alone.
+    fn resolve(&self, key: &Key, generation: u32, seq: u32, durable: bool) {
         {
             let mut inner = self.lock();
-            if let Some((slot, pos)) = inner.find(key) {
-                let seen = inner.ring[pos];
-                if seen.generation == generation && !seen.durable() {
-                    if durable {
-                        inner.ring[pos].at |= DURABLE;
-                    } else {
-                        inner.kill(slot, pos);
+            // The entry is where it was pushed unless the ring was compacted since (then
+            // `seq` names another entry or none, and the index finds it). Key and
+            // generation together name one attempt; a dead one was released already.
+            let pos = inner.position(seq);
+            let at_seq = inner
+                .ring
+                .get(pos)
+                .filter(|e| e.key == *key && e.generation == generation)
+                .copied();
+            match at_seq {
+                Some(seen) if seen.dead() || seen.durable() => {}
+                Some(_) if durable => inner.ring[pos].at |= DURABLE,
+                // Released: the index slot is needed to take it out.
+                _ => {
+                    if let Some((slot, pos)) = inner.find(key) {
+                        let seen = inner.ring[pos];
+                        if seen.generation == generation && !seen.durable() {
+                            if durable {
+                                inner.ring[pos].at |= DURABLE;
+                            } else {
+                                inner.kill(slot, pos);
+                            }
+                        }
                     }
                 }
             }
@@ -554,6 +596,7 @@ impl DedupSet {
         let inner = self.lock();
         inner.ring.capacity() * std::mem::size_of::<Entry>()
             + inner.slots.capacity() * std::mem::size_of::<u32>()
+            + inner.tags.capacity()
     }
 
     #[cfg(test)]

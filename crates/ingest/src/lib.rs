@@ -182,19 +182,6 @@ pub fn registry_encoder(config: &Config) -> Result<RegistryEncoder, Error> {
 pub const PRODUCER_DEFAULT_OPTIONS: &[(&str, &str)] =
     &[("max.in.flight.requests.per.connection", "1")];
 
-/// `kafka` with [`PRODUCER_DEFAULT_OPTIONS`] put before its extra options (which still win).
-pub fn producer_kafka_config(
-    kafka: &pulse_platform::kafka::KafkaConfig,
-) -> pulse_platform::kafka::KafkaConfig {
-    let mut c = kafka.clone();
-    c.options = PRODUCER_DEFAULT_OPTIONS
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .chain(kafka.options.iter().cloned())
-        .collect();
-    c
-}
-
 /// Runs the service until shutdown.
 pub async fn run(config: Config, ctx: ServiceContext) -> Result<(), Error> {
     crate::metrics::describe();
@@ -218,7 +205,7 @@ pub async fn run(config: Config, ctx: ServiceContext) -> Result<(), Error> {
     ];
     ensure_topics(&config.kafka, &specs).await?;
     let producer = Arc::new(KafkaProducer::new(
-        &producer_kafka_config(&config.kafka),
+        &config.kafka.with_default_options(PRODUCER_DEFAULT_OPTIONS),
         "pulse-ingest",
     )?);
     // A producer that stops delivering (a stalled broker, or one failing every request)
@@ -280,24 +267,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_producer_defaults_come_first_so_an_operators_option_wins() {
-        let mut kafka = pulse_platform::kafka::KafkaConfig::for_brokers("b:9092");
+    fn one_request_in_flight_per_connection_by_default() {
+        let c = pulse_platform::kafka::KafkaConfig::for_brokers("b:9092")
+            .with_default_options(PRODUCER_DEFAULT_OPTIONS);
         assert_eq!(
-            producer_kafka_config(&kafka).options,
+            c.options,
             vec!["max.in.flight.requests.per.connection=1".to_owned()]
         );
-        kafka.options = vec![
-            "max.in.flight.requests.per.connection=5".into(),
-            "linger.ms=20".into(),
-        ];
-        let c = producer_kafka_config(&kafka);
-        let mif: Vec<&str> = c
-            .parsed_options()
-            .filter(|(k, _)| *k == "max.in.flight.requests.per.connection")
-            .map(|(_, v)| v)
-            .collect();
-        // Applied in order: the operator's value is the last one set, so it wins.
-        assert_eq!(mif, vec!["1", "5"]);
-        assert_eq!(c.brokers, "b:9092");
     }
 }

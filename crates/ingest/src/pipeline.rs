@@ -22,7 +22,7 @@ use pulse_contracts::wire::{RegistryEncoder, WireError};
 use pulse_contracts::{headers, schemas, trace_context};
 use pulse_platform::kafka::producer::enqueue_with_wait;
 use pulse_platform::kafka::{AckFuture, OutRecord, ProduceError, RecordProducer};
-use rdkafka::message::OwnedHeaders;
+use rdkafka::message::{Header, Headers, OwnedHeaders};
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
@@ -30,6 +30,9 @@ use crate::dedup::{Claim, DedupSet, Reservation, dlq_key, is_dlq_key};
 use crate::metrics as m;
 use crate::pii::PiiPolicy;
 use crate::validate::{FieldError, Limits, schema_version, validate, validate_parsed};
+
+/// The field number of `Event.ingest` (proto/pulse/events/v1/event.proto), the last one.
+const INGEST_FIELD: u32 = 7;
 
 /// Frames protobuf bytes for a topic (Confluent wire format). The registry-backed
 /// implementation is used in production; tests may use a fixed schema id.
@@ -424,6 +427,19 @@ impl Ingestor {
         let mut trace: Option<OwnedHeaders> = None;
         let ingest_ts = now.to_string();
         let mut prefix: Option<Vec<u8>> = None;
+        // The `ingest` field (7, the last of `Event`) of every accepted event, encoded
+        // once: prost writes fields in order, so an event encoded without it followed by
+        // these bytes is the same record as the event encoded with it.
+        let ingest_field = {
+            let info = IngestInfo {
+                ingest_timestamp_ms: now,
+                ingest_source: source.to_owned(),
+                protocol: protocol.to_owned(),
+            };
+            let mut field = Vec::with_capacity(info.encoded_len() + 4);
+            prost::encoding::message::encode(INGEST_FIELD, &info, &mut field);
+            field
+        };
         let mut pii_changes = 0u64;
 
         'events: for (index, incoming) in events.into_iter().enumerate() {
@@ -490,11 +506,8 @@ impl Ingestor {
                     });
                 }
                 Ok(mut event) => {
-                    event.ingest = Some(IngestInfo {
-                        ingest_timestamp_ms: now,
-                        ingest_source: source.to_owned(),
-                        protocol: protocol.to_owned(),
-                    });
+                    // `ingest` is written as `ingest_field` (see there).
+                    debug_assert!(event.ingest.is_none());
                     pii_changes += inner.pii.apply(&mut event) as u64;
                     let event_id = event.event_id.clone();
                     // A second copy in the same request is a duplicate of the first: they
@@ -532,8 +545,8 @@ impl Ingestor {
                             }
                         },
                     };
-                    let base = trace.get_or_insert_with(|| trace_headers(parent)).clone();
-                    let rec = self.event_record(&event, prefix, base, &ingest_ts);
+                    let base = trace.get_or_insert_with(|| trace_headers(parent));
+                    let rec = self.event_record(&event, prefix, &ingest_field, base, &ingest_ts);
                     records.push((Some(event_id.clone()), rec));
                     result.accepted += 1;
                     *by_version.entry(event.schema_version).or_default() += 1;
@@ -632,20 +645,32 @@ impl Ingestor {
     }
 
     /// The record of an accepted event: framed with the registered schema id (`prefix`,
-    /// the wire format's bytes before the payload), keyed by user id, with trace context
+    /// the wire format's bytes before the payload), the event (without `ingest`) followed
+    /// by the batch's encoded `ingest` field, keyed by user id, with trace context
     /// (`trace`, the batch's), event id and ingest time in its headers.
     fn event_record(
         &self,
         event: &Event,
         prefix: &[u8],
-        trace: OwnedHeaders,
+        ingest_field: &[u8],
+        trace: &OwnedHeaders,
         ingest_ts: &str,
     ) -> OutRecord {
         let inner = &self.inner;
-        let mut value = Vec::with_capacity(prefix.len() + event.encoded_len());
+        let mut value = Vec::with_capacity(prefix.len() + event.encoded_len() + ingest_field.len());
         value.extend_from_slice(prefix);
         event.encode_raw(&mut value);
-        let mut h = headers::with_str(trace, headers::EVENT_ID, &event.event_id);
+        value.extend_from_slice(ingest_field);
+        // Sized for all of them at once (a copy of `trace` plus two would grow librdkafka's
+        // header list, a reallocation per record).
+        let mut h = OwnedHeaders::new_with_capacity(trace.count() + 2);
+        for t in trace.iter() {
+            h = h.insert(Header {
+                key: t.key,
+                value: t.value,
+            });
+        }
+        h = headers::with_str(h, headers::EVENT_ID, &event.event_id);
         h = headers::with_str(h, headers::INGEST_TS, ingest_ts);
         let key = event.key.as_ref().map(|k| k.user_id.as_bytes().to_vec());
         OutRecord::new(&inner.cfg.events_topic, key, value).with_headers(h)
@@ -1214,5 +1239,55 @@ mod tests {
             header_of(&sent[2], headers::ORIGINAL_SIZE),
             Some(garbage.len().to_string().as_bytes())
         );
+    }
+
+    /// The batch's `ingest` field appended to each event's encoding gives the bytes of the
+    /// event encoded with `ingest` set (prost's own encoding), framed.
+    #[tokio::test]
+    async fn an_accepted_record_is_the_event_encoded_with_its_ingest_info() {
+        let p = Arc::new(FakeProducer::default());
+        let i = ingestor(p.clone());
+        let raw = serde_json::json!({
+            "event_id": "enc-1", "schema_version": 2, "event_type": "purchase",
+            "key": { "user_id": "u1", "session_id": "s1" },
+            "payload": { "page": "/checkout", "currency": "EUR", "amount": "12.50",
+                         "properties": { "plan": "pro", "ip": "203.0.113.9" } },
+            "metadata": { "event_timestamp": now_ms(), "source": "web" }
+        })
+        .to_string()
+        .into_bytes();
+        let r = i
+            .ingest(
+                "web-src",
+                "grpc",
+                vec![Incoming::json(raw.clone())],
+                opentelemetry::Context::new(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.accepted, 1);
+        let sent = p.sent.lock().unwrap();
+        let ingest_ts: i64 =
+            String::from_utf8(header_of(&sent[0], headers::INGEST_TS).unwrap().to_vec())
+                .unwrap()
+                .parse()
+                .unwrap();
+        let mut expected = validate(&raw, ingest_ts, &Limits::default()).unwrap();
+        expected.ingest = Some(IngestInfo {
+            ingest_timestamp_ms: ingest_ts,
+            ingest_source: "web-src".into(),
+            protocol: "grpc".into(),
+        });
+        PiiPolicy::parse(PiiPolicy::DEFAULT_SPEC, b"k")
+            .unwrap()
+            .apply(&mut expected);
+        assert_eq!(
+            sent[0].payload,
+            pulse_contracts::wire::frame(7, &[0], &expected.encode_to_vec())
+        );
+        let decoded =
+            Event::decode(&sent[0].payload[pulse_contracts::wire::frame(7, &[0], &[]).len()..])
+                .unwrap();
+        assert_eq!(decoded, expected);
     }
 }

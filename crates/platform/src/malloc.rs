@@ -41,6 +41,49 @@ pub const JEMALLOC_CONF_VAR: &str = "_RJEM_MALLOC_CONF";
 /// MiB): glibc 215, jemalloc's defaults 226–245, these 215.
 pub const JEMALLOC_CONF: &str = "narenas:2,dirty_decay_ms:1000,muzzy_decay_ms:0";
 
+/// What jemalloc holds, bytes (its `stats.*` mallctls; see jemalloc's manual). In the
+/// processor: `allocated` is what the Rust heap holds (its state, buffers, everything
+/// allocated and not freed); `active − allocated` the free room inside its pages (size-class
+/// rounding, freed slots among live ones: fragmentation); `resident` adds jemalloc's own
+/// metadata and the freed pages not yet given back (dirty, see [`JEMALLOC_CONF`]'s decay). The
+/// process's RSS beyond `resident` is outside the Rust heap: the mapped binary, thread stacks
+/// and C libraries' own malloc (librdkafka's queues and buffers).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HeapStats {
+    /// `stats.allocated`: bytes allocated by the application.
+    pub allocated: u64,
+    /// `stats.active`: bytes in the pages holding allocations (≥ `allocated`).
+    pub active: u64,
+    /// `stats.metadata`: jemalloc's own bookkeeping.
+    pub metadata: u64,
+    /// `stats.resident`: bytes in physically resident pages jemalloc maps (active,
+    /// metadata, dirty pages not purged yet).
+    pub resident: u64,
+    /// `stats.mapped`: bytes in the extents jemalloc has mapped and in use (≥ `active`).
+    pub mapped: u64,
+    /// `stats.retained`: virtual memory kept mapped but given back to the system (not
+    /// resident).
+    pub retained: u64,
+}
+
+/// jemalloc's statistics now (it refreshes them when asked: one `epoch` advance, then six
+/// reads; microseconds). `None` when jemalloc does not answer (a build without its
+/// statistics). Meaningful in a binary whose `#[global_allocator]` is [`Allocator`]; in
+/// another, jemalloc serves nothing and they stay near zero.
+pub fn heap_stats() -> Option<HeapStats> {
+    use tikv_jemalloc_ctl::{epoch, stats};
+    epoch::advance().ok()?;
+    let read = |v: Result<usize, tikv_jemalloc_ctl::Error>| v.ok().map(|b| b as u64);
+    Some(HeapStats {
+        allocated: read(stats::allocated::read())?,
+        active: read(stats::active::read())?,
+        metadata: read(stats::metadata::read())?,
+        resident: read(stats::resident::read())?,
+        mapped: read(stats::mapped::read())?,
+        retained: read(stats::retained::read())?,
+    })
+}
+
 /// What [`tune`] sets: two arenas, and a fixed 128 KiB mmap threshold (larger blocks are
 /// mapped and unmapped, so their memory goes back to the system when freed).
 pub const TUNABLES: &str = "glibc.malloc.arena_max=2:glibc.malloc.mmap_threshold=131072";
@@ -117,6 +160,31 @@ mod tests {
         assert_eq!(
             JEMALLOC_CONF.split(',').collect::<Vec<_>>(),
             ["narenas:2", "dirty_decay_ms:1000", "muzzy_decay_ms:0"]
+        );
+    }
+
+    /// This test binary's heap is jemalloc too, so its statistics see what it allocates.
+    #[global_allocator]
+    static ALLOC: Allocator = ALLOCATOR;
+
+    #[test]
+    fn heap_stats_see_what_the_heap_holds() {
+        let before = heap_stats().expect("jemalloc statistics (the stats feature)");
+        let block = vec![1u8; 64 << 20];
+        let during = heap_stats().expect("jemalloc statistics");
+        // Other tests run meanwhile: a margin of 16 MiB for what they allocate or free.
+        assert!(
+            during.allocated >= before.allocated + (48 << 20),
+            "{before:?} -> {during:?}"
+        );
+        assert!(during.active >= during.allocated, "{during:?}");
+        assert!(during.resident >= during.active, "{during:?}");
+        assert!(during.mapped >= during.active, "{during:?}");
+        drop(block);
+        let after = heap_stats().expect("jemalloc statistics");
+        assert!(
+            after.allocated + (48 << 20) <= during.allocated,
+            "{during:?} -> {after:?}"
         );
     }
 

@@ -12,6 +12,21 @@
 //!    checkpoint) and as this one does (`CheckpointStore::prepare`: deltas, headers and
 //!    the occasional new base).
 //!
+//! 3. Then closes the windows (one event per partition `--close-after-ms` later moves the
+//!    watermark past them: finals emitted, the sessions stay open, as at the memory
+//!    benchmark's first window close) and feeds `--refill-users` new users (default a
+//!    quarter of `--users`), to show whether the freed window memory is reused.
+//!
+//! At each step it prints the memory side by side (`mem` lines): the process's RSS
+//! (VmRSS; RssAnon: its anonymous part, without the mapped binary), jemalloc's statistics
+//! (`pulse_platform::malloc::heap_stats`: allocated, active, resident, metadata) and the
+//! processor's estimate (`Engine::state_bytes` + `CheckpointStore::held_bytes`, the
+//! `pulse_processor_state_bytes` gauge), then where RSS − estimate goes: `omitted`
+//! (allocated − estimate: what the heap holds that the estimate does not count), `frag`
+//! (active − allocated: size-class rounding and freed slots among live ones), `dirty`
+//! (resident − active − metadata: freed pages not given back yet) and `outside` (RSS −
+//! jemalloc's resident: the binary, stacks, glibc's malloc).
+//!
 //! `cargo run --release -p pulse-processor --example state_cost -- --users 100000`
 
 use std::collections::HashMap;
@@ -48,6 +63,48 @@ fn mib(bytes: i64) -> f64 {
     bytes as f64 / (1024.0 * 1024.0)
 }
 
+/// A `/proc/self/status` field in KiB, as bytes.
+fn status_bytes(field: &str) -> i64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            let line = s.lines().find(|l| l.starts_with(field))?;
+            line.split_whitespace().nth(1)?.parse::<i64>().ok()
+        })
+        .map_or(0, |kib| kib * 1024)
+}
+
+/// One line of memory side by side (MiB): RSS, jemalloc's statistics, the estimate, and
+/// where RSS − estimate goes (see the module docs).
+fn mem(label: &str, estimate: usize) {
+    let rss = rss();
+    let anon = status_bytes("RssAnon:");
+    let h = pulse_platform::malloc::heap_stats().unwrap_or_default();
+    let (allocated, active, resident, metadata) = (
+        h.allocated as i64,
+        h.active as i64,
+        h.resident as i64,
+        h.metadata as i64,
+    );
+    let est = estimate as i64;
+    println!(
+        "mem {label:<34} RSS {:>7.1} (anon {:>7.1})  heap allocated {:>7.1} active {:>7.1} resident {:>7.1} metadata {:>5.1}  estimate {:>7.1}  RSS-estimate {:>6.1} = omitted {:>6.1} + frag {:>5.1} + metadata {:>5.1} + dirty {:>5.1} + outside {:>5.1}",
+        mib(rss),
+        mib(anon),
+        mib(allocated),
+        mib(active),
+        mib(resident),
+        mib(metadata),
+        mib(est),
+        mib(rss - est),
+        mib(allocated - est),
+        mib(active - allocated),
+        mib(metadata),
+        mib(resident - active - metadata),
+        mib(rss - resident),
+    );
+}
+
 /// One emission as the processor loop makes it: in slices of `chunk` users (0: at once),
 /// each result encoded (as produced) and dropped before the next slice is built.
 fn emit(engine: &mut Engine, now: i64, chunk: usize) {
@@ -62,6 +119,18 @@ fn emit(engine: &mut Engine, now: i64, chunk: usize) {
         for s in out.sessions {
             buf.clear();
             let _ = s.encode(&mut buf);
+        }
+    }
+}
+
+/// Each partition's checkpoint as the processor loop takes it (changes against the one
+/// in force), prepared and dropped (as if written).
+fn checkpoint(engine: &mut Engine, store: &CheckpointStore, partitions: i64) {
+    for p in 0..partitions {
+        let p = p as i32;
+        let full = !store.has_checkpoint(p);
+        if let Some(update) = engine.checkpoint_update(p, full) {
+            let _ = store.prepare_update(p, &update);
         }
     }
 }
@@ -102,12 +171,15 @@ fn main() {
     // Users emitted at a time, as the processor loop does (run.rs EMIT_CHUNK_USERS);
     // 0: the whole emission at once.
     let chunk = arg("--chunk", 1_024).max(0) as usize;
+    let close_after_ms = arg("--close-after-ms", 190_000).max(0);
+    let refill = arg("--refill-users", users / 4).max(0);
     let now = pulse_platform::clock::now_ms();
     let t0 = (now / 60_000 - 2) * 60_000;
     let mut engine = Engine::new(TimeConfig::default());
     for p in 0..partitions {
         engine.assign(p as i32, now);
     }
+    mem("start", engine.state_bytes());
     let before = rss();
     let mut seq = 0;
     for u in 0..users {
@@ -126,6 +198,7 @@ fn main() {
         grown / users,
         estimate as i64 / users
     );
+    mem(&format!("{users} users folded in"), estimate);
 
     let store = CheckpointStore {
         topic: "checkpoints".into(),
@@ -150,6 +223,7 @@ fn main() {
         let high = rss();
         emit(&mut engine, now, chunk);
         if tick == 0 {
+            mem("first emission", engine.state_bytes());
             println!(
                 "first emission (every user changed, --chunk {chunk}): RSS {:.1} -> {:.1} MiB, peak so far (VmHWM) {:.1} MiB",
                 mib(high),
@@ -172,6 +246,44 @@ fn main() {
             }
         }
     }
+    mem(
+        &format!("after {ticks} ticks"),
+        engine.state_bytes() + store.held_bytes(),
+    );
+    // 3. The windows close (the sessions stay open), then new users come.
+    let t_close = t0 + close_after_ms;
+    for _ in 0..partitions {
+        let _ = engine.process(&event(next_user, seq, partitions, t_close), now);
+        next_user += 1;
+        seq += 1;
+    }
+    let windows_before = engine.open_windows();
+    emit(&mut engine, now, chunk);
+    checkpoint(&mut engine, &store, partitions);
+    println!(
+        "windows closed: {} -> {} open windows, {} open sessions",
+        windows_before,
+        engine.open_windows(),
+        engine.open_sessions()
+    );
+    mem("windows closed", engine.state_bytes() + store.held_bytes());
+    for _ in 0..refill {
+        let _ = engine.process(&event(next_user, seq, partitions, t_close), now);
+        next_user += 1;
+        seq += 1;
+    }
+    emit(&mut engine, now, chunk);
+    checkpoint(&mut engine, &store, partitions);
+    mem(
+        &format!("{refill} users more"),
+        engine.state_bytes() + store.held_bytes(),
+    );
+    println!(
+        "  ({} open windows, {} open sessions; peak RSS so far {:.1} MiB)",
+        engine.open_windows(),
+        engine.open_sessions(),
+        mib(hwm())
+    );
     println!(
         "checkpoints: {ticks} ticks, {per_tick} new open sessions a tick, {} open sessions at the end",
         engine.open_sessions()

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use pulse_contracts::pb::aggregates::v1::{Session, UserWindowActivity};
 
+use crate::compact::FastMap;
 use crate::model::{Admit, InputEvent, TimeConfig};
 use crate::session::Sessions;
 use crate::watermark::{Observation, Watermarks};
@@ -206,10 +207,12 @@ pub struct Engine {
     watermarks: Watermarks,
     windows: Windows,
     sessions: Sessions,
-    /// Last offset processed per partition.
-    last_offset: HashMap<i32, i64>,
-    /// Partitions restored from a checkpoint and their replay progress.
-    replays: HashMap<i32, Replay>,
+    /// Last offset processed per partition (read and written per event: foldhash, not
+    /// SipHash).
+    last_offset: FastMap<i32, i64>,
+    /// Partitions restored from a checkpoint and their replay progress (looked up per
+    /// event).
+    replays: FastMap<i32, Replay>,
     /// The highest watermark used so far: the combined watermark may step back when an
     /// idle partition wakes up, but a closed window must never reopen.
     high_watermark: Option<i64>,
@@ -234,9 +237,9 @@ impl Engine {
             watermarks: Watermarks::new(cfg),
             windows: Windows::new(cfg),
             sessions: Sessions::new(cfg),
-            last_offset: HashMap::new(),
+            last_offset: FastMap::default(),
             high_watermark: None,
-            replays: HashMap::new(),
+            replays: FastMap::default(),
             now_ms: i64::MIN,
             id_len: 0,
             synced: HashSet::new(),
@@ -653,6 +656,10 @@ impl Engine {
     pub fn begin_emit(&mut self, now_ms: i64, early: bool) -> EmitPlan {
         self.now_ms = self.now_ms.max(now_ms);
         let watermark = self.advance_watermark(now_ms);
+        // Hash tables keep their room when emptied: give back what closed users and the
+        // previous emission left mostly empty (issue #15).
+        self.windows.shrink();
+        self.sessions.shrink();
         // A finished replay's copy of the restored sessions is no longer read.
         for r in self.replays.values_mut().filter(|r| r.done) {
             r.open_sessions = Default::default();
@@ -700,7 +707,10 @@ impl Engine {
                 .len()
                 .min(plan.next_window.saturating_add(budget));
             let visit = &plan.windows[plan.next_window..end];
-            out.activity.reserve(visit.len());
+            // A user visited gives one result per window due or changed: often two (the
+            // window just closed and the next), so room for two each instead of growing
+            // (and copying) the vector of results on the way.
+            out.activity.reserve(visit.len().saturating_mul(2));
             self.windows
                 .emit_users(visit, plan.watermark, plan.early, &mut out.activity);
             budget -= visit.len();
@@ -854,6 +864,11 @@ mod tests {
         }
         assert!(e.state_bytes() > per_user * 1_050);
         e.process(&ev(2_000, "late-closer", 10_000_000), 0);
+        e.emit(0, false);
+        // The hash tables keep the room of the closed users (and the estimate counts it)
+        // until the next emission gives it back.
+        let kept = e.state_bytes();
+        assert!(kept > 20_000, "{kept}");
         e.emit(0, false);
         assert!(e.state_bytes() < 2_000, "{}", e.state_bytes());
     }

@@ -20,6 +20,9 @@ pub const CHECKPOINT_BYTES_TOTAL: &str = "pulse_processor_checkpoint_bytes_total
 pub const STATE_BYTES: &str = "pulse_processor_state_bytes";
 pub const STATE_BUDGET_BYTES: &str = "pulse_processor_state_budget_bytes";
 pub const STATE_BUDGET_EXCEEDED_TOTAL: &str = "pulse_processor_state_budget_exceeded_total";
+pub const HEAP_ALLOCATED_BYTES: &str = "pulse_processor_heap_allocated_bytes";
+pub const HEAP_ACTIVE_BYTES: &str = "pulse_processor_heap_active_bytes";
+pub const HEAP_RESIDENT_BYTES: &str = "pulse_processor_heap_resident_bytes";
 
 pub fn describe() {
     describe_counter!(
@@ -90,6 +93,21 @@ pub fn describe() {
         "Emission ticks at which the estimated state exceeded the state budget (the processor is then not ready: blocked: state budget exceeded)."
     );
     describe_gauge!(
+        HEAP_ALLOCATED_BYTES,
+        metrics::Unit::Bytes,
+        "Bytes the Rust heap (jemalloc) holds allocated: the state, and every buffer in use (jemalloc's stats.allocated, read each emission tick). Compare with pulse_processor_state_bytes."
+    );
+    describe_gauge!(
+        HEAP_ACTIVE_BYTES,
+        metrics::Unit::Bytes,
+        "Bytes in the Rust heap's pages that hold allocations (jemalloc's stats.active); minus the allocated bytes: free room inside them (size-class rounding, freed slots among live ones)."
+    );
+    describe_gauge!(
+        HEAP_RESIDENT_BYTES,
+        metrics::Unit::Bytes,
+        "Resident bytes of the Rust heap (jemalloc's stats.resident: active pages, its metadata, freed pages not yet given back). The process's RSS beyond it is outside the Rust heap: the binary, thread stacks, librdkafka's queues."
+    );
+    describe_gauge!(
         LAST_EVENT_TIME_MS,
         "Latest event time folded in, epoch ms (freshness)."
     );
@@ -122,6 +140,17 @@ pub fn init(output_topics: &[&str]) {
         metrics::counter!(CHECKPOINT_BYTES_TOTAL, "kind" => kind).increment(0);
     }
     pulse_platform::metrics::init_producer(output_topics);
+    record_heap();
+}
+
+/// Sets the heap gauges from jemalloc's statistics (left as they were if it does not
+/// answer).
+pub fn record_heap() {
+    if let Some(h) = pulse_platform::malloc::heap_stats() {
+        metrics::gauge!(HEAP_ALLOCATED_BYTES).set(h.allocated as f64);
+        metrics::gauge!(HEAP_ACTIVE_BYTES).set(h.active as f64);
+        metrics::gauge!(HEAP_RESIDENT_BYTES).set(h.resident as f64);
+    }
 }
 
 #[cfg(test)]
@@ -137,6 +166,9 @@ mod tests {
             "pulse_processor_events_total{outcome=\"undecodable\"} 0",
             "pulse_processor_state_budget_exceeded_total 0",
             "pulse_processor_state_bytes 0",
+            "pulse_processor_heap_allocated_bytes ",
+            "pulse_processor_heap_active_bytes ",
+            "pulse_processor_heap_resident_bytes ",
             "pulse_processor_checkpoint_bytes_total{kind=\"delta\"} 0",
             "pulse_kafka_produce_errors_total{topic=\"pulse.events.late.v1\",kind=\"enqueue\"} 0",
             "pulse_kafka_produce_backpressure_total{topic=\"pulse.events.late.v1\"} 0",

@@ -100,16 +100,36 @@ pub fn decode(
     record_headers: Option<&BorrowedHeaders>,
 ) -> Option<InputEvent> {
     let framed = wire::unframe(value).ok()?;
-    let e = LeanEvent::decode(framed.payload).ok()?;
-    let user_id = e.key?.user_id;
-    let payload = e.payload.unwrap_or_default();
+    let (e, ingest) = match read_in_place(framed.payload) {
+        Some(e) => {
+            let ingest = e.ingest_timestamp_ms;
+            (e.owned()?, ingest)
+        }
+        // Anything unusual: prost's decoding decides.
+        None => decode_with_prost(framed.payload)?,
+    };
     let ingest_ms = record_headers
         .and_then(headers::ingest_ts_ms)
-        .or_else(|| e.ingest.map(|i| i.ingest_timestamp_ms))
+        .or(ingest)
         .unwrap_or(0);
     Some(InputEvent {
         partition,
         offset,
+        ingest_ms,
+        ..e
+    })
+}
+
+/// [`decode`]'s event by prost's decoding of a [`LeanEvent`] (partition, offset and
+/// processing time left for the caller), and its `ingest.ingest_timestamp_ms` (None
+/// without `ingest`).
+fn decode_with_prost(payload: &[u8]) -> Option<(InputEvent, Option<i64>)> {
+    let e = LeanEvent::decode(payload).ok()?;
+    let user_id = e.key?.user_id;
+    let payload = e.payload.unwrap_or_default();
+    let event = InputEvent {
+        partition: 0,
+        offset: 0,
         event_id: e.event_id,
         user_id,
         event_type: e.event_type,
@@ -117,8 +137,175 @@ pub fn decode(
         currency: payload.currency,
         amount_micros: payload.amount_micros,
         event_time_ms: e.metadata.map_or(0, |m| m.event_timestamp_ms),
-        ingest_ms,
-    })
+        ingest_ms: 0,
+    };
+    Some((event, e.ingest.map(|i| i.ingest_timestamp_ms)))
+}
+
+/// The fields of a [`LeanEvent`] read in place (borrowed from the record's value): one
+/// exact-size allocation per non-empty string kept, none for the message structure
+/// (prost's generic decoding of the nested messages was ~6 % of the core + decode
+/// profile, issue #19).
+#[derive(Debug, Default, PartialEq)]
+struct LeanRef<'a> {
+    event_id: &'a str,
+    event_type: &'a str,
+    /// `key.user_id` ("" when the key has none); None without a key.
+    user_id: Option<&'a str>,
+    page: &'a str,
+    currency: &'a str,
+    amount_micros: Option<i64>,
+    event_timestamp_ms: i64,
+    /// None without `ingest`.
+    ingest_timestamp_ms: Option<i64>,
+}
+
+impl LeanRef<'_> {
+    /// The event (partition, offset and processing time left for the caller); None
+    /// without a key, as [`decode`].
+    fn owned(&self) -> Option<InputEvent> {
+        Some(InputEvent {
+            partition: 0,
+            offset: 0,
+            event_id: self.event_id.to_owned(),
+            user_id: self.user_id?.to_owned(),
+            event_type: self.event_type.to_owned(),
+            page: self.page.to_owned(),
+            currency: self.currency.to_owned(),
+            amount_micros: self.amount_micros,
+            event_time_ms: self.event_timestamp_ms,
+            ingest_ms: 0,
+        })
+    }
+}
+
+/// Reads the fields [`LeanEvent`] declares from an encoded `pulse.events.v1.Event` in
+/// place, with prost's semantics (the last value of a field wins, a message field given
+/// twice is merged, other fields are skipped unread, a string must be UTF-8). None when the
+/// value holds anything this reader leaves to prost (a group, a varint of 10 bytes such as
+/// a negative number, a wrong wire type, a bad length, invalid UTF-8, …): the caller then
+/// decodes with prost, which decides — so a value read here reads the same with prost (a
+/// test compares them on every kind of field).
+fn read_in_place(mut buf: &[u8]) -> Option<LeanRef<'_>> {
+    let mut e = LeanRef::default();
+    while !buf.is_empty() {
+        let (tag, wire) = pb::key(&mut buf)?;
+        match tag {
+            1 => e.event_id = pb::string(&mut buf, wire)?,
+            3 => e.event_type = pb::string(&mut buf, wire)?,
+            4 => {
+                let mut key = pb::message(&mut buf, wire)?;
+                let user_id = e.user_id.get_or_insert("");
+                while !key.is_empty() {
+                    match pb::key(&mut key)? {
+                        (1, wire) => *user_id = pb::string(&mut key, wire)?,
+                        (_, wire) => pb::skip(&mut key, wire)?,
+                    }
+                }
+            }
+            5 => {
+                let mut payload = pb::message(&mut buf, wire)?;
+                while !payload.is_empty() {
+                    match pb::key(&mut payload)? {
+                        (1, wire) => e.page = pb::string(&mut payload, wire)?,
+                        (3, wire) => e.currency = pb::string(&mut payload, wire)?,
+                        (4, wire) => e.amount_micros = Some(pb::int64(&mut payload, wire)?),
+                        (_, wire) => pb::skip(&mut payload, wire)?,
+                    }
+                }
+            }
+            6 => {
+                let mut metadata = pb::message(&mut buf, wire)?;
+                while !metadata.is_empty() {
+                    match pb::key(&mut metadata)? {
+                        (1, wire) => e.event_timestamp_ms = pb::int64(&mut metadata, wire)?,
+                        (_, wire) => pb::skip(&mut metadata, wire)?,
+                    }
+                }
+            }
+            7 => {
+                let mut ingest = pb::message(&mut buf, wire)?;
+                let ts = e.ingest_timestamp_ms.get_or_insert(0);
+                while !ingest.is_empty() {
+                    match pb::key(&mut ingest)? {
+                        (1, wire) => *ts = pb::int64(&mut ingest, wire)?,
+                        (_, wire) => pb::skip(&mut ingest, wire)?,
+                    }
+                }
+            }
+            _ => pb::skip(&mut buf, wire)?,
+        }
+    }
+    Some(e)
+}
+
+/// The protobuf wire format as far as [`read_in_place`] reads it; None for anything it
+/// leaves to prost.
+mod pb {
+    const VARINT: u8 = 0;
+    const FIXED64: u8 = 1;
+    const LEN: u8 = 2;
+    const FIXED32: u8 = 5;
+
+    /// A varint of up to 9 bytes (values below 2^63; prost reads the longer ones).
+    pub fn varint(buf: &mut &[u8]) -> Option<u64> {
+        let mut value = 0u64;
+        for (i, &b) in buf.iter().take(9).enumerate() {
+            value |= u64::from(b & 0x7f) << (7 * i);
+            if b < 0x80 {
+                *buf = &buf[i + 1..];
+                return Some(value);
+            }
+        }
+        None
+    }
+
+    /// A field's (tag, wire type): a tag of at least 1 and a key below 2^32, as prost
+    /// requires; groups (wire types 3 and 4) are left to prost.
+    pub fn key(buf: &mut &[u8]) -> Option<(u64, u8)> {
+        let key = varint(buf)?;
+        let wire = (key & 7) as u8;
+        let tag = key >> 3;
+        (key <= u64::from(u32::MAX) && tag >= 1 && matches!(wire, VARINT | FIXED64 | LEN | FIXED32))
+            .then_some((tag, wire))
+    }
+
+    fn take<'a>(buf: &mut &'a [u8], n: usize) -> Option<&'a [u8]> {
+        let (head, rest) = buf.split_at_checked(n)?;
+        *buf = rest;
+        Some(head)
+    }
+
+    /// A length-delimited field's bytes (a string or a message).
+    pub fn message<'a>(buf: &mut &'a [u8], wire: u8) -> Option<&'a [u8]> {
+        if wire != LEN {
+            return None;
+        }
+        let len = usize::try_from(varint(buf)?).ok()?;
+        take(buf, len)
+    }
+
+    pub fn string<'a>(buf: &mut &'a [u8], wire: u8) -> Option<&'a str> {
+        std::str::from_utf8(message(buf, wire)?).ok()
+    }
+
+    pub fn int64(buf: &mut &[u8], wire: u8) -> Option<i64> {
+        if wire != VARINT {
+            return None;
+        }
+        varint(buf).map(|v| v as i64)
+    }
+
+    /// Skips a field this reader does not keep.
+    pub fn skip(buf: &mut &[u8], wire: u8) -> Option<()> {
+        match wire {
+            VARINT => varint(buf).map(drop),
+            FIXED64 => take(buf, 8).map(drop),
+            LEN => message(buf, wire).map(drop),
+            FIXED32 => take(buf, 4).map(drop),
+            _ => None,
+        }
+    }
 }
 
 /// Event-time settings (all durations in ms).
@@ -185,6 +372,7 @@ pub fn version(max_offset: i64, event_count: u64, is_final: bool) -> u64 {
 mod tests {
     use super::*;
 
+    use proptest::prelude::*;
     use pulse_contracts::pb::events::v1 as ev;
     use rdkafka::message::OwnedHeaders;
 
@@ -253,6 +441,107 @@ mod tests {
         assert_eq!(decode(0, 0, &unframed, None), None);
         assert_eq!(decode(0, 0, &[], None), None);
         assert_eq!(decode(0, 0, &[0, 0, 0, 0, 7, 0, 0xff, 0xff], None), None);
+    }
+
+    /// What [`decode`] makes of `payload` without its frame and headers: read in place
+    /// when it can (Some), else by prost.
+    /// An event and its `ingest.ingest_timestamp_ms`, as [`decode_with_prost`] gives them.
+    type Decoded = Option<(InputEvent, Option<i64>)>;
+
+    fn both_ways(payload: &[u8]) -> (Option<Decoded>, Decoded) {
+        let in_place =
+            read_in_place(payload).map(|e| e.owned().map(|owned| (owned, e.ingest_timestamp_ms)));
+        (in_place, decode_with_prost(payload))
+    }
+
+    fn event_strategy() -> impl Strategy<Value = ev::Event> {
+        let text = || prop_oneof![Just(String::new()), "[a-z0-9/_-]{1,12}", "\\PC{0,6}"];
+        let int = || prop_oneof![0i64..2_000_000_000_000, any::<i64>()];
+        (
+            (
+                text(),
+                text(),
+                any::<u32>(),
+                prop::option::of((text(), text())),
+            ),
+            prop::option::of((text(), text(), text(), prop::option::of(int()), text())),
+            prop::option::of((int(), text(), text())),
+            prop::option::of((int(), text(), text())),
+        )
+            .prop_map(
+                |((id, kind, version, key), payload, metadata, ingest)| ev::Event {
+                    event_id: id,
+                    schema_version: version,
+                    event_type: kind,
+                    key: key.map(|(user_id, session_id)| ev::EventKey {
+                        user_id,
+                        session_id,
+                    }),
+                    payload: payload.map(|(page, referrer, currency, amount_micros, prop)| {
+                        ev::Payload {
+                            page,
+                            referrer,
+                            currency,
+                            amount_micros,
+                            properties: [(prop.clone(), prop)].into(),
+                        }
+                    }),
+                    metadata: metadata.map(|(event_timestamp_ms, trace_id, source)| ev::Metadata {
+                        event_timestamp_ms,
+                        trace_id,
+                        source,
+                    }),
+                    ingest: ingest.map(|(ingest_timestamp_ms, ingest_source, protocol)| {
+                        ev::IngestInfo {
+                            ingest_timestamp_ms,
+                            ingest_source,
+                            protocol,
+                        }
+                    }),
+                },
+            )
+    }
+
+    proptest::proptest! {
+        /// Reading in place gives what prost's decoding gives: for events of every shape,
+        /// for two concatenated (protobuf's merge: the last value of a field wins, message
+        /// fields merge), and with bytes changed or appended (then either both read the
+        /// same, or reading in place leaves it to prost).
+        #[test]
+        fn reading_in_place_reads_what_prost_decodes(
+            events in prop::collection::vec(event_strategy(), 1..3),
+            noise in prop::collection::vec(any::<u8>(), 0..4),
+            flip in prop::option::of((any::<prop::sample::Index>(), any::<u8>())),
+        ) {
+            let mut value: Vec<u8> = events.iter().flat_map(|e| e.encode_to_vec()).collect();
+            let plain = value.clone();
+            let (in_place, prost) = both_ways(&plain);
+            let small = |e: &ev::Event| {
+                [
+                    e.metadata.as_ref().map_or(0, |m| m.event_timestamp_ms),
+                    e.ingest.as_ref().map_or(0, |i| i.ingest_timestamp_ms),
+                    e.payload.as_ref().and_then(|p| p.amount_micros).unwrap_or(0),
+                ]
+                .iter()
+                .all(|v| *v >= 0)
+            };
+            if events.iter().all(small) {
+                // Nothing here is left to prost.
+                prop_assert!(in_place.is_some());
+            }
+            if let Some(got) = in_place {
+                prop_assert_eq!(got, prost);
+            }
+            value.extend(&noise);
+            if let Some((at, byte)) = flip {
+                let i = at.index(value.len());
+                value[i] ^= byte;
+            }
+            let (in_place, prost) = both_ways(&value);
+            if let Some(got) = in_place {
+                prop_assert_eq!(got, prost);
+            }
+        }
     }
 
     #[test]

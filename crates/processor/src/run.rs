@@ -189,6 +189,23 @@ struct Emission {
 type Stage = Pin<Box<dyn Future<Output = Result<Emission, RunError>> + Send>>;
 
 /// Waits for every acknowledgement in `acks`, then hands `emission` on.
+/// At most this many acknowledgements wait in `pending` (issue #15: one boxed future per
+/// result; an emission of ~187,000 finals held ≈ 73 MiB of them in the 1M-user run): past
+/// it the oldest half is awaited before the next result is produced. Outputs are still all
+/// acknowledged before their emission's checkpoints; with the producer's queue bounded in
+/// bytes (`PRODUCER_DEFAULT_OPTIONS`) the oldest are normally acknowledged already.
+const MAX_PENDING_ACKS: usize = 8_192;
+
+/// Awaits the oldest half of `pending` once it holds [`MAX_PENDING_ACKS`].
+async fn settle_oldest(pending: &mut Vec<AckFuture>) -> Result<(), RunError> {
+    if pending.len() >= MAX_PENDING_ACKS {
+        for ack in pending.drain(..MAX_PENDING_ACKS / 2) {
+            ack.await.map_err(RunError::from)?;
+        }
+    }
+    Ok(())
+}
+
 fn after_acks(acks: Vec<AckFuture>, emission: Emission) -> Stage {
     Box::pin(async move {
         for ack in acks {
@@ -514,6 +531,7 @@ impl Processor {
         let bytes = self.engine.state_bytes() + self.checkpoints.held_bytes();
         metrics::gauge!(m::STATE_BYTES).set(bytes as f64);
         metrics::gauge!(m::STATE_BUDGET_BYTES).set(self.state_budget_bytes as f64);
+        m::record_heap();
         apply_state_budget(&self.health, bytes, self.state_budget_bytes);
     }
 
@@ -602,6 +620,7 @@ impl Processor {
                     .await
                     .map_err(RunError::from)?,
             );
+            settle_oldest(pending).await?;
             activity[usize::from(fin)].increment(1);
         }
         for mut s in outputs.sessions {
@@ -626,6 +645,7 @@ impl Processor {
                     .await
                     .map_err(RunError::from)?,
             );
+            settle_oldest(pending).await?;
             session[usize::from(fin)].increment(1);
         }
         Ok(())
@@ -635,6 +655,42 @@ impl Processor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Acknowledgements waiting in an emission stay bounded: past the bound the oldest
+    /// half is awaited (in order), the newest kept; a failed one ends the loop.
+    #[tokio::test]
+    async fn waiting_acknowledgements_stay_bounded_and_the_oldest_are_awaited_first() {
+        let awaited = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let ack = |i: usize, ok: bool| -> AckFuture {
+            let awaited = awaited.clone();
+            Box::pin(async move {
+                awaited.lock().unwrap().push(i);
+                if ok {
+                    Ok(pulse_platform::kafka::Acked {
+                        partition: 0,
+                        offset: i as i64,
+                    })
+                } else {
+                    Err(pulse_platform::kafka::ProduceError::QueueFull)
+                }
+            })
+        };
+        let mut pending = Vec::new();
+        for i in 0..MAX_PENDING_ACKS - 1 {
+            pending.push(ack(i, true));
+            settle_oldest(&mut pending).await.unwrap();
+        }
+        assert_eq!(pending.len(), MAX_PENDING_ACKS - 1);
+        assert!(awaited.lock().unwrap().is_empty());
+        pending.push(ack(MAX_PENDING_ACKS - 1, true));
+        settle_oldest(&mut pending).await.unwrap();
+        assert_eq!(pending.len(), MAX_PENDING_ACKS / 2);
+        let done = awaited.lock().unwrap().clone();
+        assert_eq!(done, (0..MAX_PENDING_ACKS / 2).collect::<Vec<_>>());
+
+        let mut failing: Vec<AckFuture> = (0..MAX_PENDING_ACKS).map(|i| ack(i, i != 3)).collect();
+        assert!(settle_oldest(&mut failing).await.is_err());
+    }
 
     #[test]
     fn a_state_over_its_budget_makes_the_processor_not_ready_until_it_shrinks() {

@@ -15,8 +15,8 @@ use std::sync::Arc;
 use pulse_contracts::pb::aggregates::v1::{CurrencyAmount, UserWindowActivity};
 
 use crate::compact::{
-    Counts, FastMap, FastSet, IdSet, Interner, Offsets, PartitionMins, hold, insert_exact, release,
-    smallest,
+    Counts, FastMap, FastSet, IdBloom, IdSet, Interner, Offsets, PartitionMins, hold, id_bits,
+    insert_exact, release, shrink_map, shrink_set, smallest, table_bytes,
 };
 use crate::model::{Admit, InputEvent, TimeConfig, version};
 
@@ -26,6 +26,8 @@ struct Window {
     start_ms: i64,
     end_ms: i64,
     event_ids: IdSet,
+    /// Rules out most ids not in `event_ids` without scanning them.
+    bloom: IdBloom,
     /// Per partition the (min, max) offset folded in. Normally a user's events come from
     /// one partition; keeping them all keeps commit points right even when they do not.
     offsets: Offsets,
@@ -49,6 +51,7 @@ impl Window {
             start_ms,
             end_ms,
             event_ids: IdSet::default(),
+            bloom: IdBloom::default(),
             offsets: Offsets::default(),
             max_offset: i64::MIN,
             page_views: 0,
@@ -65,6 +68,7 @@ impl Window {
 
     /// Folds the event's content in (offsets are handled by the caller).
     fn fold(&mut self, event: &InputEvent, id: Arc<str>, labels: &mut Interner) {
+        self.bloom.add(id_bits(&id));
         self.event_ids.insert(id);
         self.max_offset = self.max_offset.max(event.offset);
         if event.is_page_view() {
@@ -85,6 +89,12 @@ impl Window {
         self.last_event_ms = self.last_event_ms.max(event.event_time_ms);
         self.last_ingest_ms = self.last_ingest_ms.max(event.ingest_ms);
         self.dirty = true;
+    }
+
+    /// Whether `id` (with [`id_bits`] `bits`) is folded in.
+    #[inline]
+    fn holds(&self, id: &str, bits: u32) -> bool {
+        self.bloom.may_contain(bits) && self.event_ids.contains(id)
     }
 
     fn output(&self, user_id: &str, is_final: bool) -> UserWindowActivity {
@@ -137,16 +147,11 @@ fn clamp_i64(v: i128) -> i64 {
     i64::try_from(v).unwrap_or(if v < 0 { i64::MIN } else { i64::MAX })
 }
 
-/// A B-tree entry (user, windows) in nodes about two-thirds full.
-const USER_ENTRY: usize =
-    (std::mem::size_of::<Arc<str>>() + std::mem::size_of::<Vec<Window>>()) * 3 / 2;
-
 /// Estimated heap bytes of one user's open windows (the user id is shared with its
-/// session state and counted there).
+/// session state and counted there; its entry in the users' table is counted with the
+/// table, see [`Windows::heap_bytes`]).
 fn user_bytes(windows: &[Window], capacity: usize) -> usize {
-    USER_ENTRY
-        + capacity * std::mem::size_of::<Window>()
-        + windows.iter().map(Window::heap_bytes).sum::<usize>()
+    capacity * std::mem::size_of::<Window>() + windows.iter().map(Window::heap_bytes).sum::<usize>()
 }
 
 /// What the windows' per-tick questions need, kept up to date per change (issue #15: a
@@ -238,18 +243,17 @@ impl Windows {
 
     /// Whether this event id is already folded into one of `user_id`'s open windows.
     pub fn contains(&self, user_id: &str, event_id: &str) -> bool {
+        let bits = id_bits(event_id);
         self.users
             .get(user_id)
-            .is_some_and(|ws| ws.iter().any(|w| w.event_ids.contains(event_id)))
+            .is_some_and(|ws| ws.iter().any(|w| w.holds(event_id, bits)))
     }
 
     /// [`Self::contains`] and [`Self::user_key`] with one lookup of the user.
     pub(crate) fn find(&self, user_id: &str, event_id: &str) -> (bool, Option<Arc<str>>) {
+        let bits = id_bits(event_id);
         match self.users.get_key_value(user_id) {
-            Some((k, ws)) => (
-                ws.iter().any(|w| w.event_ids.contains(event_id)),
-                Some(k.clone()),
-            ),
+            Some((k, ws)) => (ws.iter().any(|w| w.holds(event_id, bits)), Some(k.clone())),
             None => (false, None),
         }
     }
@@ -520,12 +524,22 @@ impl Windows {
         assert_eq!(self.open, open);
     }
 
+    /// Gives back the room of its hash tables left mostly empty (after many windows
+    /// closed; the changed users' set after a large emission).
+    pub fn shrink(&mut self) {
+        shrink_map(&mut self.users);
+        shrink_set(&mut self.index.dirty);
+    }
+
     /// Estimated heap bytes of the open windows (kept up to date per change, so O(1)):
     /// their containers and the index entries. User and event ids are shared with the
     /// sessions and counted there.
     pub fn heap_bytes(&self) -> usize {
         let i = &self.index;
-        i.bytes + (i.held.len() + i.starts.len() + i.ends.len() + i.dirty.len()) * 48
+        i.bytes
+            + (i.held.len() + i.starts.len() + i.ends.len()) * 48
+            + table_bytes::<(Arc<str>, Vec<Window>)>(self.users.capacity())
+            + table_bytes::<Arc<str>>(i.dirty.capacity())
     }
 }
 

@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
+use pulse_platform::audit::{AuditLog, AuditRecord, Outcome, action};
 use sha2::{Digest, Sha256};
 use subtle::{Choice, ConstantTimeEq};
 
@@ -379,17 +380,45 @@ impl TokenStore {
                             %changes,
                             "query API tokens reloaded from the token file; they apply to new requests"
                         );
+                        AuditLog::disabled().record(reload_record(path, Ok((&changes, tokens.len()))));
                     }
-                    Some(Err(e)) => tracing::error!(
-                        path = %path,
-                        error = %e,
-                        "query API token file reload failed; the previous tokens stay in force"
-                    ),
+                    Some(Err(e)) => {
+                        tracing::error!(
+                            path = %path,
+                            error = %e,
+                            "query API token file reload failed; the previous tokens stay in force"
+                        );
+                        AuditLog::disabled().record(reload_record(path, Err(&e)));
+                    }
                 }
             }
         })
         .await;
     }
+}
+
+/// The audit record of a reload of the token file `path` (action `keys.query-tokens.reload`,
+/// actor `file`, as ingest's `keys.reload`): `ok` with the names added, removed and
+/// re-keyed (never a token) and the count in force, or `failed` with the reason. The query
+/// API has no Kafka producer, so it does not go to the audit topic: [`AuditLog::record`] of
+/// a log that writes nowhere logs it (INFO `audit`, fields `audit.*`), and that line is the
+/// query API's audit record (README, Audit trail).
+fn reload_record(
+    path: &str,
+    outcome: Result<(&TokenChanges, usize), &TokenFileError>,
+) -> AuditRecord {
+    let (result, detail) = match outcome {
+        Ok((changes, in_force)) => (
+            Outcome::Ok,
+            format!("{changes}; {in_force} token(s) in force"),
+        ),
+        Err(e) => (
+            Outcome::Failed,
+            format!("{e}; the previous tokens stay in force"),
+        ),
+    };
+    AuditRecord::new(crate::SERVICE, "file", action::TOKENS_RELOAD, path, result)
+        .with_detail(detail)
 }
 
 /// Creates the per-name request series at zero and sets the token count.
@@ -658,6 +687,51 @@ mod tests {
             "ledger",
             "the previous token stays"
         );
+    }
+
+    /// A reload's audit record (which the watch logs as INFO `audit` with the `audit.*`
+    /// fields, like every service's records): `ok` with the names that changed, `failed`
+    /// with the reason; never a token. (The watch's log line is not asserted here: a
+    /// capture subscriber set for this test's thread now and then missed the watch's
+    /// events while the other watch test ran in parallel.)
+    #[test]
+    fn a_reload_is_audited_by_name_never_by_token() {
+        let path = temp_path("audit");
+        std::fs::write(&path, "old-s3cret=ledger\n").unwrap();
+        let store = TokenStore::load(
+            Tokens::default(),
+            Some(path.clone()),
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        std::fs::write(&path, "new-s3cret=ledger\nother-s3cret=dashboards\n").unwrap();
+        let changes = store.reload_if_changed().unwrap().unwrap();
+        let r = reload_record("/etc/pulse/tokens", Ok((&changes, store.current().len())));
+        assert_eq!(
+            (r.service.as_str(), r.actor.as_str(), r.action.as_str()),
+            ("query-api", "file", "keys.query-tokens.reload")
+        );
+        assert_eq!(
+            (r.target.as_str(), r.outcome),
+            ("/etc/pulse/tokens", Outcome::Ok)
+        );
+        assert_eq!(
+            r.detail,
+            "added [dashboards]; removed []; re-keyed [ledger]; 2 token(s) in force"
+        );
+
+        std::fs::write(&path, "# none\n").unwrap();
+        let error = store.reload_if_changed().unwrap().unwrap_err();
+        std::fs::remove_file(&path).unwrap();
+        let r = reload_record("/etc/pulse/tokens", Err(&error));
+        assert_eq!(r.outcome, Outcome::Failed);
+        assert!(
+            r.detail.contains("no token in it")
+                && r.detail.ends_with("; the previous tokens stay in force"),
+            "{}",
+            r.detail
+        );
+        assert!(!r.detail.contains("s3cret"), "{}", r.detail);
     }
 
     #[tokio::test]

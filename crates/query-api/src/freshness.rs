@@ -1,9 +1,11 @@
 //! Data freshness: the table-wide part (latest write, latest final window, latest event),
-//! cached for `--freshness-cache-ms` so a burst of requests costs one pair of scans; the
+//! cached for `--freshness-cache-ms` so a burst of requests costs one pair of scans (and,
+//! once it is older, served while one background read replaces it); the
 //! `freshness` object of every answer derived from it; and the per-stage view of
 //! `GET /v1/freshness`. SQL lives in `store`.
 
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::error::QueryError;
@@ -86,45 +88,83 @@ pub struct StageFreshness {
 
 pub const STAGES: [&str; 4] = ["ingest", "processor", "writer-clickhouse", "writer-parquet"];
 
-/// The cached table-wide freshness.
+/// The cached table-wide freshness. Once the value is older than the TTL, a request still
+/// gets it (up to twice the TTL old) while one background read replaces it: the freshness
+/// scans (a pass over `user_activity` and `sessions`, slower as they grow) never add to a
+/// request's time as long as requests keep coming. Older than twice the TTL (or never
+/// read), a request reads it itself.
 #[derive(Debug)]
 pub struct FreshnessCache {
     ttl: Duration,
-    cached: Mutex<Option<(Instant, TableFreshness)>>,
+    cached: Arc<Mutex<Option<(Instant, TableFreshness)>>>,
+    /// A background read is under way (at most one).
+    refreshing: Arc<AtomicBool>,
 }
 
 impl FreshnessCache {
     pub fn new(ttl: Duration) -> Self {
         Self {
             ttl,
-            cached: Mutex::new(None),
+            cached: Arc::new(Mutex::new(None)),
+            refreshing: Arc::new(AtomicBool::new(false)),
         }
     }
 
-    /// The table-wide freshness, read again once the cached value is older than the TTL.
-    /// The lock is not held during the read: when ClickHouse hangs, each request waits
-    /// for its own query timeout, never for the others'.
+    /// The table-wide freshness: the cached value while younger than the TTL; up to twice
+    /// the TTL old, the cached value while one background read replaces it; else read now.
+    /// The lock is not held during a read: when ClickHouse hangs, each request waits for
+    /// its own query timeout, never for the others'.
     pub async fn get(&self, store: &Store) -> Result<TableFreshness, QueryError> {
         let cached = *self.cached.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((at, value)) = cached
-            && at.elapsed() < self.ttl
-        {
-            ::metrics::counter!(m::FRESHNESS_CACHE_TOTAL, "outcome" => "hit").increment(1);
-            return Ok(value);
+        if let Some((at, value)) = cached {
+            let age = at.elapsed();
+            if age < self.ttl {
+                ::metrics::counter!(m::FRESHNESS_CACHE_TOTAL, "outcome" => "hit").increment(1);
+                return Ok(value);
+            }
+            if age < self.ttl.saturating_mul(2) {
+                ::metrics::counter!(m::FRESHNESS_CACHE_TOTAL, "outcome" => "stale").increment(1);
+                self.refresh_in_background(store);
+                return Ok(value);
+            }
         }
         ::metrics::counter!(m::FRESHNESS_CACHE_TOTAL, "outcome" => "miss").increment(1);
-        let (activity, sessions) =
-            tokio::try_join!(store.activity_freshness(), store.sessions_freshness())?;
-        let present = |rows: u64, v: i64| (rows > 0).then_some(v);
-        let value = TableFreshness {
-            activity_written_ms: present(activity.rows, activity.written_ms),
-            sessions_written_ms: present(sessions.rows, sessions.written_ms),
-            final_window_end_ms: present(activity.final_rows, activity.final_end_ms),
-            last_event_ms: present(activity.rows, activity.last_event_ms),
-        };
-        *self.cached.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), value));
-        Ok(value)
+        read_into(store, &self.cached).await
     }
+
+    /// Starts one background read unless one is under way (a failure is logged; the next
+    /// request past the TTL tries again).
+    fn refresh_in_background(&self, store: &Store) {
+        if self.refreshing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (store, cached, refreshing) =
+            (store.clone(), self.cached.clone(), self.refreshing.clone());
+        tokio::spawn(async move {
+            if let Err(e) = read_into(&store, &cached).await {
+                tracing::warn!(error = %e, "reading the table-wide freshness failed; the cached value is served until it is twice the cache TTL old");
+            }
+            refreshing.store(false, Ordering::Release);
+        });
+    }
+}
+
+/// Reads the table-wide freshness and caches it.
+async fn read_into(
+    store: &Store,
+    cached: &Mutex<Option<(Instant, TableFreshness)>>,
+) -> Result<TableFreshness, QueryError> {
+    let (activity, sessions) =
+        tokio::try_join!(store.activity_freshness(), store.sessions_freshness())?;
+    let present = |rows: u64, v: i64| (rows > 0).then_some(v);
+    let value = TableFreshness {
+        activity_written_ms: present(activity.rows, activity.written_ms),
+        sessions_written_ms: present(sessions.rows, sessions.written_ms),
+        final_window_end_ms: present(activity.final_rows, activity.final_end_ms),
+        last_event_ms: present(activity.rows, activity.last_event_ms),
+    };
+    *cached.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), value));
+    Ok(value)
 }
 
 /// The four stages: ingest as seen by the store (the `writer-clickhouse` freshness rows:
@@ -183,6 +223,57 @@ mod tests {
         assert_eq!(f.lag_seconds, Some(10.0));
         assert!(f.complete);
         assert!(!t.for_answer(120_001, 160_000, 60_000).complete);
+    }
+
+    fn unreachable_store() -> Store {
+        let cfg = pulse_platform::clickhouse::ClickHouseConfig {
+            // Nothing listens on port 1: every read fails at once.
+            url: "http://127.0.0.1:1".into(),
+            ..Default::default()
+        };
+        Store::new(&cfg, Duration::from_secs(5))
+    }
+
+    fn cached_at(ttl: Duration, age: Duration, value: TableFreshness) -> FreshnessCache {
+        let cache = FreshnessCache::new(ttl);
+        let at = Instant::now()
+            .checked_sub(age)
+            .expect("the clock is past `age`");
+        *cache.cached.lock().unwrap() = Some((at, value));
+        cache
+    }
+
+    #[tokio::test]
+    async fn a_value_past_the_ttl_is_served_while_it_is_read_again_in_the_background() {
+        let value = TableFreshness {
+            activity_written_ms: Some(42),
+            ..TableFreshness::default()
+        };
+        let store = unreachable_store();
+        let ttl = Duration::from_secs(10);
+        // Younger than the TTL: served.
+        let fresh = cached_at(ttl, Duration::from_secs(1), value);
+        assert_eq!(fresh.get(&store).await.unwrap(), value);
+        assert!(!fresh.refreshing.load(Ordering::Acquire));
+        // Past the TTL, under twice it: served without waiting for the read (which fails
+        // here), and one background read started.
+        let stale = cached_at(ttl, Duration::from_secs(15), value);
+        assert_eq!(stale.get(&store).await.unwrap(), value);
+        // The failed background read clears its flag and leaves the value in place.
+        for _ in 0..500 {
+            if !stale.refreshing.load(Ordering::Acquire) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(!stale.refreshing.load(Ordering::Acquire));
+        assert_eq!(stale.get(&store).await.unwrap(), value);
+        // Twice the TTL old: the request reads itself (and fails with the store).
+        let old = cached_at(ttl, Duration::from_secs(25), value);
+        assert!(old.get(&store).await.is_err());
+        // TTL 0: read for every request.
+        let none = cached_at(Duration::ZERO, Duration::ZERO, value);
+        assert!(none.get(&store).await.is_err());
     }
 
     #[test]

@@ -38,7 +38,7 @@ pub fn describe() {
     );
     describe_counter!(
         FRESHNESS_CACHE_TOTAL,
-        "Lookups of the table-wide freshness, by outcome (hit, miss)."
+        "Lookups of the table-wide freshness, by outcome: hit (younger than --freshness-cache-ms), stale (up to twice that old, served while one background read replaces it), miss (read by the request)."
     );
     describe_counter!(
         AUTHENTICATED_TOTAL,

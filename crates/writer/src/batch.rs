@@ -83,6 +83,11 @@ impl<R> Batch<R> {
                     .is_some_and(|s| now.duration_since(s) >= limits.max_age))
     }
 
+    /// When the batch becomes due by age (`None` while it is empty).
+    pub fn due_at(&self, limits: &BatchLimits) -> Option<Instant> {
+        self.started.map(|s| s + limits.max_age)
+    }
+
     /// Takes the rows out, leaving an empty batch.
     pub fn take(&mut self) -> Batch<R> {
         std::mem::take(self)
@@ -127,10 +132,17 @@ mod tests {
         let t0 = Instant::now();
         let mut b = Batch::default();
         assert!(!b.is_due(&limits, t0), "an empty batch is never due");
+        assert_eq!(b.due_at(&limits), None);
         b.push(1, src("t", 0, 0, 10), t0);
         assert!(!b.is_due(&limits, t0));
+        assert_eq!(
+            b.due_at(&limits),
+            Some(t0 + Duration::from_millis(500)),
+            "due by the oldest row's age"
+        );
         assert!(b.is_due(&limits, t0 + Duration::from_millis(500)), "by age");
-        b.push(2, src("t", 0, 1, 10), t0);
+        b.push(2, src("t", 0, 1, 10), t0 + Duration::from_millis(300));
+        assert_eq!(b.due_at(&limits), Some(t0 + Duration::from_millis(500)));
         b.push(3, src("t", 0, 2, 10), t0);
         assert!(b.is_due(&limits, t0), "by rows");
         let mut big = Batch::default();

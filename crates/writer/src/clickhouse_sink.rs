@@ -11,6 +11,10 @@
 
 use pulse_platform::clock::now_ms;
 use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use clickhouse::{Client, RowOwned, RowWrite};
@@ -120,12 +124,29 @@ impl Batches {
     fn bytes(&self) -> usize {
         self.events.bytes() + self.activity.bytes() + self.sessions.bytes()
     }
+    /// The row or byte limit is reached: nothing more is read until it is written.
+    fn is_full(&self, limits: &BatchLimits) -> bool {
+        self.rows() >= limits.max_rows || self.bytes() >= limits.max_bytes
+    }
+    /// When the oldest row reaches the age limit (`None`: nothing buffered).
+    fn due_at(&self, limits: &BatchLimits) -> Option<Instant> {
+        [
+            self.events.due_at(limits),
+            self.activity.due_at(limits),
+            self.sessions.due_at(limits),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+    fn take(&mut self) -> Self {
+        std::mem::take(self)
+    }
     fn is_due(&self, limits: &BatchLimits, now: Instant) -> bool {
         // Dead-lettered records wait for no more rows: their commit is due with what is
         // buffered (the DLQ copy is already acknowledged).
         !self.skipped.is_empty()
-            || self.rows() >= limits.max_rows
-            || self.bytes() >= limits.max_bytes
+            || self.is_full(limits)
             || self.events.is_due(limits, now)
             || self.activity.is_due(limits, now)
             || self.sessions.is_due(limits, now)
@@ -153,6 +174,10 @@ async fn insert<R: RowOwned + RowWrite>(
         .unwrap_or(Err(clickhouse::error::Error::TimedOut))
 }
 
+/// A flush in flight: it owns the [`TableWriter`] and hands it back with its outcome
+/// (`Ok(false)`: stopped while ClickHouse was failing, nothing of the batch committed).
+type Flushing = Pin<Box<dyn Future<Output = (TableWriter, Result<bool, SinkError>)> + Send>>;
+
 impl ClickHouseSink {
     /// Runs until `stop`; then writes what is buffered and commits.
     pub async fn run(mut self, stop: CancellationToken) -> Result<(), SinkError> {
@@ -162,36 +187,106 @@ impl ClickHouseSink {
         consumer.close_after(result).await
     }
 
+    /// The part of the sink that writes a batch (ClickHouse, retries, the DLQ for refused
+    /// rows, offsets), moved into each flush.
+    fn table_writer(&self) -> TableWriter {
+        TableWriter {
+            insert_timeout: self.insert_timeout,
+            client: self.client.clone(),
+            consumer: self.consumer.clone(),
+            producer: self.producer.clone(),
+            dlq: self.topics.dlq.clone(),
+            tables: self.tables.clone(),
+            backoff: self.backoff.clone(),
+            blocked: Blocked::new("clickhouse", self.health.clone()),
+            retrying: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Reads records into a batch while the previous batch is written: one flush at a time
+    /// (offsets are marked in order), and the next batch is not read past its limits
+    /// meanwhile (at most two batches in memory). While a flush retries a failure,
+    /// consumption is paused and nothing is read. A batch is flushed once it is due (rows,
+    /// bytes, age — at its exact age, not on a coarse tick) and no flush is in flight.
     async fn run_loop(&mut self, stop: CancellationToken) -> Result<(), SinkError> {
-        let mut blocked = Blocked::new("clickhouse", self.health.clone());
+        let mut idle = Some(self.table_writer());
+        let retrying = idle
+            .as_ref()
+            .map(|w| w.retrying.clone())
+            .unwrap_or_default();
+        let mut flushing: Option<Flushing> = None;
         let mut batches = Batches::default();
         let consumer = self.consumer.clone();
-        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        // `false` once a flush stopped before its batch was written: what was read after it
+        // must not be committed either (its offsets would cover the unwritten ones).
+        let mut all_written = true;
+        // One timer, moved to the buffered rows' due time when that changes.
+        let far = || Instant::now() + Duration::from_secs(3_600);
+        let age = tokio::time::sleep_until(far().into());
+        tokio::pin!(age);
+        let mut armed: Option<Instant> = None;
         loop {
+            let now = Instant::now();
+            if flushing.is_none()
+                && batches.is_due(&self.limits, now)
+                && let Some(writer) = idle.take()
+            {
+                let batch = batches.take();
+                let stop = stop.clone();
+                flushing = Some(Box::pin(async move {
+                    let mut writer = writer;
+                    let result = writer.flush(batch, &stop).await;
+                    (writer, result)
+                }));
+            }
+            let reading = !batches.is_full(&self.limits) && !retrying.load(Ordering::Relaxed);
+            let due_at = batches.due_at(&self.limits);
+            if due_at != armed {
+                age.as_mut().reset(due_at.unwrap_or_else(far).into());
+                armed = due_at;
+            }
             tokio::select! {
                 _ = stop.cancelled() => break,
-                _ = tick.tick() => {
-                    if batches.is_due(&self.limits, Instant::now()) {
-                        self.flush(&mut batches, &mut blocked, &stop).await?;
+                (writer, result) = async {
+                    match flushing.as_mut() {
+                        Some(f) => f.await,
+                        None => std::future::pending().await,
+                    }
+                }, if flushing.is_some() => {
+                    flushing = None;
+                    idle = Some(writer);
+                    if !result? {
+                        all_written = false;
+                        break;
                     }
                 }
-                msg = consumer.recv() => {
+                _ = &mut age, if flushing.is_none() && armed.is_some() => {}
+                msg = consumer.recv(), if reading => {
                     match msg {
                         Ok(msg) => self.add(&msg, &mut batches).await?,
                         Err(e) => tracing::warn!(error = %e, "consume failed"),
                     }
-                    if batches.rows() >= self.limits.max_rows || batches.bytes() >= self.limits.max_bytes {
-                        self.flush(&mut batches, &mut blocked, &stop).await?;
-                    }
                 }
             }
         }
-        // Shutdown: write what is buffered, but for at most `shutdown_timeout` (an insert in
-        // flight is abandoned then): what is not written is not committed, and the next
-        // owner re-reads it. The offsets of what was written are committed.
-        let (timeout, never) = (self.shutdown_timeout, CancellationToken::new());
+        // Shutdown: finish the flush in flight and write what is buffered, but for at most
+        // `shutdown_timeout` together (an insert in flight is abandoned then): what is not
+        // written is not committed, and the next owner re-reads it. The offsets of what was
+        // written are committed.
+        let timeout = self.shutdown_timeout;
         let rows = batches.rows();
-        let last = self.flush(&mut batches, &mut blocked, &never);
+        let never = CancellationToken::new();
+        let last = async {
+            if let Some(f) = flushing.take() {
+                let (writer, result) = f.await;
+                idle = Some(writer);
+                all_written &= result?;
+            }
+            match idle.as_mut() {
+                Some(writer) if all_written => writer.flush(batches, &never).await.map(|_| ()),
+                _ => Ok(()),
+            }
+        };
         match tokio::time::timeout(timeout, last).await {
             Ok(result) => result?,
             Err(_) => tracing::warn!(
@@ -305,6 +400,44 @@ impl ClickHouseSink {
         .await
         .map_err(SinkError::Dlq)
     }
+}
+
+/// Writes batches: the inserts with their retries (paused consumption, backoff, circuit
+/// breaker, the blocked state), refused rows to the DLQ, and the offsets of what is
+/// durable. Moved into the flush in flight and back.
+struct TableWriter {
+    insert_timeout: Duration,
+    client: Client,
+    consumer: KafkaConsumer,
+    producer: KafkaProducer,
+    dlq: String,
+    tables: SinkTables,
+    backoff: Backoff,
+    blocked: Blocked,
+    /// Set while a write waits to retry (consumption is paused): the loop reads nothing
+    /// then. Cleared by the next successful write.
+    retrying: Arc<AtomicBool>,
+}
+
+impl TableWriter {
+    async fn dead_letter(
+        &self,
+        source: &Source,
+        code: &str,
+        detail: &str,
+    ) -> Result<(), SinkError> {
+        crate::dlq::dead_letter(
+            &self.producer,
+            &self.dlq,
+            "clickhouse",
+            &source.topic,
+            source.value.clone(),
+            code,
+            detail,
+        )
+        .await
+        .map_err(SinkError::Dlq)
+    }
 
     /// Writes one table's batch, retrying transient and blocking failures until it succeeds
     /// (or `stop` ends a wait: then the batch stays unwritten and uncommitted, and `false`
@@ -314,7 +447,6 @@ impl ClickHouseSink {
         &mut self,
         table: &str,
         batch: Batch<R>,
-        blocked: &mut Blocked,
         stop: &CancellationToken,
     ) -> Result<bool, SinkError> {
         if batch.is_empty() {
@@ -324,7 +456,7 @@ impl ClickHouseSink {
         loop {
             match insert(&self.client, table, &batch.rows, self.insert_timeout).await {
                 Ok(()) => {
-                    self.succeeded(blocked);
+                    self.succeeded();
                     metrics::counter!(m::ROWS_WRITTEN_TOTAL, "sink" => "clickhouse", "table" => table.to_owned())
                         .increment(batch.len() as u64);
                     metrics::histogram!(m::BATCH_ROWS, "sink" => "clickhouse", "table" => table.to_owned())
@@ -340,12 +472,9 @@ impl ClickHouseSink {
                     metrics::counter!(m::ERRORS_TOTAL, "sink" => "clickhouse", "kind" => kind.as_str()).increment(1);
                     if kind == ErrorKind::Row {
                         tracing::warn!(table, error = %e, rows = batch.len(), "ClickHouse refused the batch's data; isolating the bad rows");
-                        return self.write_one_by_one(table, batch, blocked, stop).await;
+                        return self.write_one_by_one(table, batch, stop).await;
                     }
-                    if !self
-                        .retry_wait(table, kind, &e, batch.len(), blocked, stop)
-                        .await?
-                    {
+                    if !self.retry_wait(table, kind, &e, batch.len(), stop).await? {
                         return Ok(false);
                     }
                 }
@@ -361,13 +490,13 @@ impl ClickHouseSink {
         kind: ErrorKind,
         e: &clickhouse::error::Error,
         rows: usize,
-        blocked: &mut Blocked,
         stop: &CancellationToken,
     ) -> Result<bool, SinkError> {
+        self.retrying.store(true, Ordering::Relaxed);
         let wait = pause::failed(
             &self.consumer,
             &mut self.backoff,
-            blocked,
+            &mut self.blocked,
             "clickhouse",
             kind,
             e,
@@ -376,8 +505,14 @@ impl ClickHouseSink {
         Ok(wait_polling(&self.consumer, wait, stop).await?)
     }
 
-    fn succeeded(&mut self, blocked: &mut Blocked) {
-        pause::succeeded(&self.consumer, &mut self.backoff, blocked, "clickhouse");
+    fn succeeded(&mut self) {
+        self.retrying.store(false, Ordering::Relaxed);
+        pause::succeeded(
+            &self.consumer,
+            &mut self.backoff,
+            &mut self.blocked,
+            "clickhouse",
+        );
     }
 
     /// Inserts each row alone: a row refused for what it holds goes to the DLQ; any other
@@ -389,7 +524,6 @@ impl ClickHouseSink {
         &mut self,
         table: &str,
         batch: Batch<R>,
-        blocked: &mut Blocked,
         stop: &CancellationToken,
     ) -> Result<bool, SinkError> {
         for (row, source) in batch.rows.iter().zip(&batch.sources) {
@@ -402,7 +536,7 @@ impl ClickHouseSink {
                 )
                 .await
                 else {
-                    self.succeeded(blocked);
+                    self.succeeded();
                     metrics::counter!(m::ROWS_WRITTEN_TOTAL, "sink" => "clickhouse", "table" => table.to_owned())
                         .increment(1);
                     break;
@@ -415,7 +549,7 @@ impl ClickHouseSink {
                 }
                 metrics::counter!(m::ERRORS_TOTAL, "sink" => "clickhouse", "kind" => kind.as_str())
                     .increment(1);
-                if !self.retry_wait(table, kind, &e, 1, blocked, stop).await? {
+                if !self.retry_wait(table, kind, &e, 1, stop).await? {
                     return Ok(false);
                 }
             }
@@ -423,62 +557,53 @@ impl ClickHouseSink {
         Ok(true)
     }
 
-    /// Writes every table's batch; only when all are durable are the offsets marked.
-    async fn flush(
-        &mut self,
-        b: &mut Batches,
-        blocked: &mut Blocked,
-        stop: &CancellationToken,
-    ) -> Result<(), SinkError> {
+    /// Writes every table's batch; only when all are durable are the offsets marked. The
+    /// aggregates go first: what the query API reads is visible without waiting for the
+    /// raw events' insert. `Ok(false)`: `stop` ended a retry wait, nothing of `b` is
+    /// committed (the next owner re-reads and rewrites it, idempotently).
+    async fn flush(&mut self, mut b: Batches, stop: &CancellationToken) -> Result<bool, SinkError> {
         if b.rows() == 0 {
             // Only dead-lettered records: nothing earlier is pending, commit them.
-            for ((topic, partition), offset) in commit_points(&std::mem::take(&mut b.skipped)) {
+            for ((topic, partition), offset) in commit_points(&b.skipped) {
                 self.mark_durable(&topic, partition, offset);
             }
-            return Ok(());
+            return Ok(true);
         }
-        let events = b.events.take();
-        let activity = b.activity.take();
-        let sessions = b.sessions.take();
-        let skipped = std::mem::take(&mut b.skipped);
-        let mut points = commit_points(
-            events
+        let points = commit_points(
+            b.events
                 .sources
                 .iter()
-                .chain(&activity.sources)
-                .chain(&sessions.sources)
-                .chain(&skipped),
+                .chain(&b.activity.sources)
+                .chain(&b.sessions.sources)
+                .chain(&b.skipped),
         );
         let tables = self.tables.clone();
-        let ok = self.write(&tables.events, events, blocked, stop).await?
+        let ok = self
+            .write(&tables.user_activity, b.activity.take(), stop)
+            .await?
             && self
-                .write(&tables.user_activity, activity, blocked, stop)
+                .write(&tables.sessions, b.sessions.take(), stop)
                 .await?
-            && self
-                .write(&tables.sessions, sessions, blocked, stop)
-                .await?;
+            && self.write(&tables.events, b.events.take(), stop).await?;
         if !ok {
-            // Stopped while ClickHouse was down: nothing of this batch is committed; the next
-            // owner re-reads and rewrites it (idempotently).
-            return Ok(());
+            return Ok(false);
         }
         let written_at = now_ms();
-        let fresh =
-            FreshnessRow::for_partitions(STAGE, std::mem::take(&mut b.freshness), written_at);
+        let fresh = FreshnessRow::for_partitions(STAGE, b.freshness, written_at);
         m::record_freshness("clickhouse", &fresh);
         if !fresh.is_empty()
             && let Err(e) = insert(&self.client, "freshness", &fresh, self.insert_timeout).await
         {
             tracing::warn!(error = %e, "writing freshness rows failed (data rows are written)");
         }
-        for ((topic, partition), offset) in std::mem::take(&mut points) {
+        for ((topic, partition), offset) in points {
             self.mark_durable(&topic, partition, offset);
         }
-        for ts in b.ingest_ts.drain(..) {
+        for ts in b.ingest_ts {
             metrics::histogram!(m::END_TO_END_SECONDS, "sink" => "clickhouse")
                 .record((written_at - ts).max(0) as f64 / 1000.0);
         }
-        Ok(())
+        Ok(true)
     }
 
     /// Stores a written record's offset for the next commit. A partition revoked meanwhile

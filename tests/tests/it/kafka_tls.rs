@@ -184,7 +184,7 @@ impl Drop for TlsBroker {
 
 /// Creates a topic, produces three records with Pulse's producer and reads them back
 /// with Pulse's consumer, all built from `kafka`.
-async fn round_trip(kafka: &KafkaConfig) {
+pub(crate) async fn round_trip(kafka: &KafkaConfig) {
     let topic = pulse_tests::unique("tls");
     ensure_topics(kafka, &[TopicSpec::new(&topic, 1)])
         .await
@@ -222,7 +222,7 @@ async fn round_trip(kafka: &KafkaConfig) {
 /// TLS handshake or authentication is logged from librdkafka's threads at once, while an
 /// error event waits for a poll), for asserting on them.
 #[derive(Default, Clone)]
-struct Errors(Arc<Mutex<Vec<String>>>);
+pub(crate) struct Errors(Arc<Mutex<Vec<String>>>);
 
 impl ClientContext for Errors {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
@@ -241,7 +241,7 @@ impl rdkafka::consumer::ConsumerContext for Errors {}
 /// What a client built from `kafka` reports when it asks for the cluster's metadata:
 /// `Ok` with the broker count, or the errors librdkafka raised meanwhile (or why the
 /// client could not be created).
-async fn metadata_or_errors(kafka: &KafkaConfig) -> Result<usize, Vec<String>> {
+pub(crate) async fn metadata_or_errors(kafka: &KafkaConfig) -> Result<usize, Vec<String>> {
     let errors = Errors::default();
     let consumer: BaseConsumer<Errors> = kafka
         .client_config("pulse-test-tls-probe")

@@ -18,6 +18,7 @@ mod ingest;
 mod ingest_fuzz;
 mod ingest_stream;
 mod kafka_broker;
+mod kafka_sasl;
 mod kafka_tls;
 mod ledger;
 mod processor;

@@ -288,6 +288,23 @@ async fn query_tokens_rotate_through_the_token_file_without_a_restart_and_are_na
         .is_empty(),
         "{logs}"
     );
+    // Every reload is the query API's audit record (the INFO `audit` line; it has no audit
+    // topic): `ok` naming the tokens, `failed` with the reason.
+    let audits = lines_with(&logs, "audit");
+    let audited = |outcome: &str, text: &str| {
+        audits.iter().any(|l| {
+            let f = &l["fields"];
+            f["audit.action"] == "keys.query-tokens.reload"
+                && f["audit.actor"] == "file"
+                && f["audit.outcome"] == outcome
+                && f["audit.detail"].as_str().is_some_and(|d| d.contains(text))
+        })
+    };
+    assert!(
+        audited("ok", &new_name) && audited("ok", &old_name),
+        "{logs}"
+    );
+    assert!(audited("failed", "previous tokens stay in force"), "{logs}");
     assert!(
         !logs.contains(&old) && !logs.contains(&new),
         "a token in the log:\n{logs}"

@@ -13,6 +13,7 @@ pub mod ingest_server;
 pub mod kafka;
 pub mod pipeline;
 pub mod registry;
+pub mod sasl_proxy;
 pub mod tls;
 pub mod wait;
 pub mod writer_process;

@@ -2,7 +2,7 @@
 
 use super::*;
 use proptest::prelude::*;
-use serde_json::json;
+use serde_json::{Map, json};
 
 /// 2024-06-01T12:00:00Z.
 const NOW: i64 = 1_717_243_200_000;
@@ -902,8 +902,29 @@ fn canonical_text_equals_serde_jsons_sorted_compact_output() {
         "m": {}
     });
     let mut text = String::new();
-    write_canonical(&value, false, &mut text);
+    write_canonical(&json::Json::from_value(&value), false, &mut text);
     assert_eq!(text, serde_json::to_string(&value).unwrap());
+}
+
+/// The id derived while validating the event's bytes (parsed as `json::Json`) is the one
+/// `derive_event_id` gives for its `serde_json::Value`: escapes, a repeated key (the last
+/// value counts), numbers and nesting alike.
+#[test]
+fn the_derived_id_of_the_bytes_equals_derive_event_id_of_the_value() {
+    let text = format!(
+        r#"{{"schema_version":1,"event_type":"page_view","event_type":"click",
+            "key":{{"user_id":"u\u0031","session_id":"s"}},
+            "payload":{{"page":"/a\"b","properties":{{"z":"1","a":"\u00e9"}},"amount":12.50,"currency":"EUR"}},
+            "metadata":{{"event_timestamp":{NOW},"source":"web"}}}}"#
+    );
+    let event = validate(text.as_bytes(), NOW, &Limits::default()).unwrap();
+    let value: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(event.event_id, derive_event_id(&value));
+    assert_eq!(
+        event.event_type, "click",
+        "a repeated key's last value counts"
+    );
+    assert_eq!(event.key.unwrap().user_id, "u1");
 }
 
 #[test]

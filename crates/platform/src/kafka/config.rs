@@ -397,6 +397,18 @@ impl KafkaConfig {
             .filter_map(|o| o.split_once('='))
             .map(|(k, v)| (k.trim(), v.trim()))
     }
+
+    /// This configuration with a service's own `defaults` put before the extra options,
+    /// which are applied after them and so still win (an operator's `--kafka-option`).
+    pub fn with_default_options(&self, defaults: &[(&str, &str)]) -> KafkaConfig {
+        let mut c = self.clone();
+        c.options = defaults
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .chain(self.options.iter().cloned())
+            .collect();
+        c
+    }
 }
 
 impl Validate for KafkaConfig {
@@ -551,6 +563,29 @@ impl KafkaConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_services_default_options_come_first_so_an_operators_option_wins() {
+        let mut kafka = KafkaConfig::for_brokers("b:9092");
+        let defaults = [("queue.buffering.max.kbytes", "2048")];
+        assert_eq!(
+            kafka.with_default_options(&defaults).options,
+            vec!["queue.buffering.max.kbytes=2048".to_owned()]
+        );
+        kafka.options = vec![
+            "queue.buffering.max.kbytes=65536".into(),
+            "linger.ms=20".into(),
+        ];
+        let c = kafka.with_default_options(&defaults);
+        let kbytes: Vec<&str> = c
+            .parsed_options()
+            .filter(|(k, _)| *k == "queue.buffering.max.kbytes")
+            .map(|(_, v)| v)
+            .collect();
+        // Applied in order: the operator's value is the last one set, so it wins.
+        assert_eq!(kbytes, vec!["2048", "65536"]);
+        assert_eq!(c.brokers, "b:9092");
+    }
     use crate::config::validate_all;
 
     #[test]

@@ -195,19 +195,7 @@ fn partitions(tpl: &TopicPartitionList) -> Vec<(String, i32)> {
 
 impl ClientContext for PulseConsumerContext {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
-        match level {
-            RDKafkaLogLevel::Emerg
-            | RDKafkaLogLevel::Alert
-            | RDKafkaLogLevel::Critical
-            | RDKafkaLogLevel::Error => {
-                tracing::error!(facility = fac, "librdkafka: {log_message}")
-            }
-            RDKafkaLogLevel::Warning => tracing::warn!(facility = fac, "librdkafka: {log_message}"),
-            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
-                tracing::info!(facility = fac, "librdkafka: {log_message}")
-            }
-            RDKafkaLogLevel::Debug => tracing::debug!(facility = fac, "librdkafka: {log_message}"),
-        }
+        crate::kafka::log_to_tracing(level, fac, log_message);
     }
 
     fn error(&self, error: KafkaError, reason: &str) {

@@ -201,6 +201,10 @@ struct PulseProducerContext {
 }
 
 impl ClientContext for PulseProducerContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        crate::kafka::log_to_tracing(level, fac, log_message);
+    }
+
     fn error(&self, error: KafkaError, reason: &str) {
         if error.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal) {
             tracing::error!(error = %error, reason, "kafka producer: fatal error");

@@ -1,0 +1,442 @@
+//! Kafka SASL PLAIN and OAUTHBEARER through Pulse's one client builder
+//! ([`KafkaConfig::client_config`]), configured as an operator does (`--kafka-option`,
+//! `--kafka-sasl-password-file`, `PULSE_KAFKA_SASL_PASSWORD`). Tansu 0.6 offers SCRAM only
+//! (tested in `kafka_tls`), so each test starts its own Tansu behind a SASL-terminating
+//! Kafka protocol proxy ([`SaslProxy`]): the proxy does the broker's side of SaslHandshake
+//! and SaslAuthenticate, refuses every other request before authentication, and then
+//! forwards to Tansu byte for byte. Tansu advertises the proxy's address (or that of a TLS
+//! terminator in front of it, for SASL_SSL), so every connection a client makes after
+//! bootstrap authenticates too. This tests Pulse's settings and librdkafka's client side of
+//! SASL against a faithful server side of the protocol — not a broker's SASL
+//! implementation.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use pulse_platform::kafka::KafkaConfig;
+use pulse_schema_registry::auth::{Role, hash_line};
+use tokio::process::Command;
+
+use crate::kafka_tls::{Tansu, metadata_or_errors, round_trip};
+use crate::support::child_process::{binary, free_port};
+use crate::support::sasl_proxy::{Credentials, OAUTHBEARER_FAILED, PLAIN_FAILED, SaslProxy};
+use crate::support::tls::{Terminator, make_ca, make_server_cert, work_dir};
+use crate::support::wait_until;
+
+const USER: &str = "pulse";
+const PASSWORD: &str = "sasl-secret-7f3a9c";
+const PRINCIPAL: &str = "pulse-oauth";
+
+/// A Tansu reachable only through the SASL proxy (and, with TLS, a TLS terminator in
+/// front of the proxy).
+struct SaslBroker {
+    dir: PathBuf,
+    proxy: SaslProxy,
+    /// With TLS: the terminator and the CA that signed its certificate.
+    tls: Option<(Terminator, PathBuf)>,
+    _tansu: Tansu,
+}
+
+impl SaslBroker {
+    /// PLAIN user `USER` with `PASSWORD`, and OAUTHBEARER principal `PRINCIPAL`.
+    async fn start(name: &str, tls: bool) -> Self {
+        let dir = work_dir(name);
+        let tansu_port = free_port();
+        let credentials = Credentials {
+            plain: vec![(USER.into(), PASSWORD.into())],
+            oauthbearer: vec![PRINCIPAL.into()],
+        };
+        let proxy = SaslProxy::start(tansu_port, credentials).await;
+        let tls = if tls {
+            let ca = make_ca(&dir, "pulse-test-ca");
+            let (cert, key) = make_server_cert(&dir, "pulse-test-ca");
+            Some((Terminator::start(&cert, &key, proxy.port).await, ca))
+        } else {
+            None
+        };
+        let advertised = tls.as_ref().map_or(proxy.port, |(t, _)| t.port);
+        let tansu = Tansu::start(&dir, tansu_port, advertised, false).await;
+        Self {
+            dir,
+            proxy,
+            tls,
+            _tansu: tansu,
+        }
+    }
+
+    fn bootstrap(&self) -> String {
+        let port = self.tls.as_ref().map_or(self.proxy.port, |(t, _)| t.port);
+        format!("127.0.0.1:{port}")
+    }
+
+    /// Pulse's Kafka settings for this broker from the command line `args`, as a service
+    /// parses them (one replica: a single broker).
+    fn kafka(&self, args: &[&str]) -> KafkaConfig {
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            kafka: KafkaConfig,
+        }
+        let bootstrap = self.bootstrap();
+        let base = [
+            "pulse",
+            "--kafka-brokers",
+            &bootstrap,
+            "--kafka-replication-factor",
+            "1",
+            "--kafka-min-insync-replicas",
+            "1",
+        ];
+        let cli = Cli::try_parse_from(base.iter().chain(args)).unwrap();
+        pulse_platform::config::validate_all(&[&cli.kafka]).unwrap();
+        cli.kafka
+    }
+
+    fn password_file(&self, password: &str) -> PathBuf {
+        let file = self.dir.join("sasl-password");
+        std::fs::write(&file, format!("{password}\n")).unwrap();
+        file
+    }
+}
+
+impl Drop for SaslBroker {
+    fn drop(&mut self) {
+        if std::env::var("PULSE_TEST_KEEP").as_deref() != Ok("1") {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// How long a client with wrong credentials may take to say so.
+const FAIL_WITHIN: Duration = Duration::from_secs(15);
+
+/// The errors of a metadata request that must fail, and that it failed within
+/// [`FAIL_WITHIN`].
+async fn refused(kafka: &KafkaConfig) -> String {
+    let started = Instant::now();
+    let errors = metadata_or_errors(kafka)
+        .await
+        .expect_err("metadata with credentials the broker refuses");
+    assert!(
+        started.elapsed() < FAIL_WITHIN,
+        "failed after {:?}",
+        started.elapsed()
+    );
+    errors.join("\n")
+}
+
+/// The command-line options of PLAIN with the password from `file`.
+fn plain_args(protocol: &str, file: &Path) -> Vec<String> {
+    vec![
+        "--kafka-option".into(),
+        format!("security.protocol={protocol}"),
+        "--kafka-option".into(),
+        "sasl.mechanisms=PLAIN".into(),
+        "--kafka-option".into(),
+        format!("sasl.username={USER}"),
+        "--kafka-sasl-password-file".into(),
+        file.display().to_string(),
+    ]
+}
+
+fn strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
+/// SASL_PLAINTEXT with PLAIN, the password from `--kafka-sasl-password-file`: Pulse's admin
+/// client, producer and consumer authenticate on every connection and produce and
+/// consume. A wrong password fails with the broker's message within 15 s; a client without
+/// SASL, or with a mechanism the broker does not offer, gets nothing.
+#[tokio::test]
+async fn plain_with_the_password_from_a_file_produces_and_consumes() {
+    let broker = SaslBroker::start("kafka-sasl-plain", false).await;
+    let file = broker.password_file(PASSWORD);
+    let args = plain_args("SASL_PLAINTEXT", &file);
+    let kafka = broker.kafka(&strs(&args));
+    round_trip(&kafka).await;
+    let authenticated = broker.proxy.authenticated();
+    // The admin client, the producer, the consumer and its group coordinator connection.
+    assert!(authenticated.len() >= 3, "{authenticated:?}");
+    assert!(
+        authenticated.iter().all(|(m, p)| m == "PLAIN" && p == USER),
+        "{authenticated:?}"
+    );
+    assert!(
+        broker.proxy.refused().is_empty(),
+        "{:?}",
+        broker.proxy.refused()
+    );
+
+    // A wrong password: the broker's answer, within a bounded time.
+    std::fs::write(&file, "not-the-password").unwrap();
+    let text = refused(&kafka).await;
+    assert!(
+        text.contains(&format!("SASL authentication error: {PLAIN_FAILED}")),
+        "{text}"
+    );
+    assert!(
+        broker
+            .proxy
+            .refused()
+            .iter()
+            .any(|r| r.contains("PLAIN: wrong password or unknown user pulse")),
+        "{:?}",
+        broker.proxy.refused()
+    );
+    std::fs::write(&file, PASSWORD).unwrap();
+
+    // No SASL: the first request after ApiVersions closes the connection, nothing comes back.
+    let before = broker.proxy.authenticated().len();
+    let anonymous = broker.kafka(&[]);
+    assert!(
+        metadata_or_errors(&anonymous).await.is_err(),
+        "an unauthenticated client got metadata"
+    );
+    assert_eq!(broker.proxy.authenticated().len(), before);
+    assert!(
+        broker
+            .proxy
+            .refused()
+            .iter()
+            .any(|r| r.starts_with("api key 3 ") && r.ends_with("before authentication")),
+        "no Metadata request refused: {:?}",
+        broker.proxy.refused()
+    );
+
+    // A mechanism the broker does not offer.
+    let scram = broker.kafka(&[
+        "--kafka-option",
+        "security.protocol=SASL_PLAINTEXT,sasl.mechanism=SCRAM-SHA-256",
+        "--kafka-option",
+        &format!("sasl.username={USER}"),
+        "--kafka-sasl-password-file",
+        &file.display().to_string(),
+    ]);
+    let text = refused(&scram).await;
+    assert!(
+        text.contains(
+            "SASL SCRAM-SHA-256 mechanism handshake failed: Broker: Unsupported SASL mechanism: \
+             broker's supported mechanisms: PLAIN,OAUTHBEARER"
+        ),
+        "{text}"
+    );
+}
+
+/// SASL_PLAINTEXT with OAUTHBEARER and librdkafka's unsecured JWT
+/// (`enable.sasl.oauthbearer.unsecure.jwt=true`, `sasl.oauthbearer.config=principal=…`):
+/// the proxy reads the token's `sub`. A principal the broker does not accept fails with the
+/// broker's message within 15 s.
+#[tokio::test]
+async fn oauthbearer_with_an_unsecured_jwt_produces_and_consumes() {
+    let broker = SaslBroker::start("kafka-sasl-oauthbearer", false).await;
+    let args = |principal: &str| {
+        vec![
+            "--kafka-option".to_owned(),
+            "security.protocol=SASL_PLAINTEXT,sasl.mechanism=OAUTHBEARER".to_owned(),
+            "--kafka-option".to_owned(),
+            "enable.sasl.oauthbearer.unsecure.jwt=true".to_owned(),
+            "--kafka-option".to_owned(),
+            format!("sasl.oauthbearer.config=principal={principal}"),
+        ]
+    };
+    let kafka = broker.kafka(&strs(&args(PRINCIPAL)));
+    round_trip(&kafka).await;
+    let authenticated = broker.proxy.authenticated();
+    assert!(authenticated.len() >= 3, "{authenticated:?}");
+    assert!(
+        authenticated
+            .iter()
+            .all(|(m, p)| m == "OAUTHBEARER" && p == PRINCIPAL),
+        "{authenticated:?}"
+    );
+    assert!(
+        broker.proxy.refused().is_empty(),
+        "{:?}",
+        broker.proxy.refused()
+    );
+
+    let stranger = broker.kafka(&strs(&args("stranger")));
+    let text = refused(&stranger).await;
+    assert!(
+        text.contains(&format!("SASL authentication error: {OAUTHBEARER_FAILED}")),
+        "{text}"
+    );
+    assert!(
+        broker
+            .proxy
+            .refused()
+            .iter()
+            .any(|r| r.contains("principal stranger not accepted")),
+        "{:?}",
+        broker.proxy.refused()
+    );
+}
+
+/// SASL_SSL: a TLS terminator in front of the SASL proxy; PLAIN inside TLS with the CA of
+/// the terminator's certificate. Every connection did both: a TLS handshake and an
+/// authentication.
+#[tokio::test]
+async fn plain_over_tls_produces_and_consumes() {
+    let broker = SaslBroker::start("kafka-sasl-plain-ssl", true).await;
+    let (terminator, ca) = broker.tls.as_ref().unwrap();
+    let file = broker.password_file(PASSWORD);
+    let mut args = plain_args("SASL_SSL", &file);
+    args.extend([
+        "--kafka-option".into(),
+        format!("ssl.ca.location={}", ca.display()),
+    ]);
+    let kafka = broker.kafka(&strs(&args));
+    round_trip(&kafka).await;
+    let authenticated = broker.proxy.authenticated();
+    assert!(authenticated.len() >= 3, "{authenticated:?}");
+    assert!(
+        authenticated.iter().all(|(m, p)| m == "PLAIN" && p == USER),
+        "{authenticated:?}"
+    );
+    assert!(
+        terminator.handshakes() >= authenticated.len(),
+        "{} TLS handshakes, {} authentications",
+        terminator.handshakes(),
+        authenticated.len()
+    );
+
+    // SASL_PLAINTEXT to the TLS port: no TLS, no authentication.
+    let plaintext = broker.kafka(&strs(&plain_args("SASL_PLAINTEXT", &file)));
+    assert!(metadata_or_errors(&plaintext).await.is_err());
+    assert_eq!(broker.proxy.authenticated().len(), authenticated.len());
+}
+
+/// The schema registry (a service whose store is a Kafka topic) as a child process on
+/// `broker`, PLAIN with `password` only in `PULSE_KAFKA_SASL_PASSWORD`, all of
+/// librdkafka's debug logging asked for (`--kafka-option debug=all`; its configuration
+/// dump redacts secrets) and Pulse's at debug, its output in `log`. (None of librdkafka's
+/// lines reach the registry's log today: its admin client, producer and reader keep
+/// rdkafka's default `ClientContext::log`, which writes to the `log` crate.)
+fn start_registry(broker: &SaslBroker, password: &str, log: &Path) -> tokio::process::Child {
+    let users = broker.dir.join("registry-users");
+    std::fs::write(
+        &users,
+        hash_line("admin", Role::Write, "registry-pass").unwrap() + "\n",
+    )
+    .unwrap();
+    let out = std::fs::File::create(log).unwrap();
+    Command::new(binary("pulse-schema-registry"))
+        .args([
+            "--kafka-brokers",
+            &broker.bootstrap(),
+            "--kafka-replication-factor",
+            "1",
+            "--kafka-min-insync-replicas",
+            "1",
+            "--kafka-option",
+            "security.protocol=SASL_PLAINTEXT",
+            "--kafka-option",
+            "sasl.mechanism=PLAIN",
+            "--kafka-option",
+            &format!("sasl.username={USER}"),
+            "--kafka-option",
+            "debug=all",
+        ])
+        .env("PULSE_KAFKA_SASL_PASSWORD", password)
+        .env("PULSE_LOG", "debug")
+        .env(
+            "PULSE_SCHEMA_REGISTRY_ADDR",
+            format!("127.0.0.1:{}", free_port()),
+        )
+        .env("PULSE_ADMIN_ADDR", format!("127.0.0.1:{}", free_port()))
+        .env("PULSE_REGISTRY_AUTH_FILE", &users)
+        .stdout(out.try_clone().unwrap())
+        .stderr(out)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+/// The command line of the running process `pid` as `ps` shows it.
+/// Waits (up to 10 s) for the exec to have happened: until then /proc shows the test's own
+/// command line.
+fn cmdline(pid: Option<u32>) -> String {
+    let pid = pid.expect("the process is running");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let args = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/cmdline")).unwrap())
+            .into_owned();
+        if args.contains("--kafka-brokers") || Instant::now() > deadline {
+            return args;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A service with the SASL password only in `PULSE_KAFKA_SASL_PASSWORD` authenticates and
+/// becomes ready through the proxy; the password is in neither its command line
+/// (/proc/PID/cmdline, what `ps` shows) nor its log.
+#[tokio::test]
+async fn a_service_with_the_password_from_the_environment_never_shows_it() {
+    let broker = SaslBroker::start("kafka-sasl-env", false).await;
+    let log_path = broker.dir.join("registry.log");
+    let mut child = start_registry(&broker, PASSWORD, &log_path);
+    let args = cmdline(child.id());
+    wait_until(
+        Duration::from_secs(90),
+        "the registry to authenticate through the SASL proxy",
+        async || {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "the registry exited ({status}): {}",
+                    std::fs::read_to_string(&log_path).unwrap_or_default()
+                );
+            }
+            let logged = std::fs::read_to_string(&log_path).unwrap_or_default();
+            if logged.contains("schema registry serving") {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{} authentications",
+                    broker.proxy.authenticated().len()
+                ))
+            }
+        },
+    )
+    .await;
+    child.kill().await.unwrap();
+    let authenticated = broker.proxy.authenticated();
+    assert!(
+        !authenticated.is_empty() && authenticated.iter().all(|(m, p)| m == "PLAIN" && p == USER),
+        "{authenticated:?}"
+    );
+    assert!(args.contains("sasl.username=pulse"), "{args}");
+    assert!(!args.contains(PASSWORD), "{args}");
+    let logged = std::fs::read_to_string(&log_path).unwrap();
+    assert!(!logged.contains(PASSWORD), "the password is in the log");
+}
+
+/// A service with a wrong SASL password does not start, says that SASL authentication
+/// failed, and shows the wrong password neither in its command line nor its log.
+#[tokio::test]
+#[ignore = "known gap: rdkafka 0.39 queues librdkafka's log lines and errors on a client's \
+            main queue and its AdminClient (the services' topic creation) never polls it, so \
+            the registry exits after 60 s with `OperationTimedOut` and never names SASL; \
+            serving that queue needs FFI, which the workspace forbids"]
+async fn a_service_with_a_wrong_password_says_sasl_failed_without_showing_it() {
+    let broker = SaslBroker::start("kafka-sasl-env-wrong", false).await;
+    const WRONG: &str = "wrong-secret-b41e0d";
+    let log_path = broker.dir.join("registry-wrong.log");
+    let mut child = start_registry(&broker, WRONG, &log_path);
+    let args = cmdline(child.id());
+    let started = Instant::now();
+    let status = tokio::time::timeout(Duration::from_secs(90), child.wait())
+        .await
+        .expect("the registry to exit within 90 s with a wrong SASL password")
+        .unwrap();
+    let logged = std::fs::read_to_string(&log_path).unwrap();
+    assert!(!status.success(), "{logged}");
+    assert!(
+        logged.contains("SASL authentication error"),
+        "exited ({status}) after {:?} without naming SASL:\n{logged}",
+        started.elapsed()
+    );
+    assert!(!args.contains(WRONG), "{args}");
+    assert!(!logged.contains(WRONG), "the wrong password is in the log");
+}
