@@ -373,7 +373,14 @@ impl ClickHouseSink {
         drop(entered); // never held across the await below
         if let Err(reason) = result {
             // Not a record this sink can store: kept on the DLQ, never dropped.
-            self.dead_letter(&source, "undecodable", &reason).await?;
+            dead_letter(
+                &self.producer,
+                &self.topics.dlq,
+                &source,
+                "undecodable",
+                &reason,
+            )
+            .await?;
             b.skipped.push(Source {
                 value: Vec::new(),
                 ..source
@@ -381,25 +388,28 @@ impl ClickHouseSink {
         }
         Ok(())
     }
+}
 
-    async fn dead_letter(
-        &self,
-        source: &Source,
-        code: &str,
-        detail: &str,
-    ) -> Result<(), SinkError> {
-        crate::dlq::dead_letter(
-            &self.producer,
-            &self.topics.dlq,
-            "clickhouse",
-            &source.topic,
-            source.value.clone(),
-            code,
-            detail,
-        )
-        .await
-        .map_err(SinkError::Dlq)
-    }
+/// `source`'s record to the DLQ topic `dlq` as refused by this sink, with `code` and `detail`
+/// (the sink's undecodable records and the rows ClickHouse refused).
+async fn dead_letter(
+    producer: &KafkaProducer,
+    dlq: &str,
+    source: &Source,
+    code: &str,
+    detail: &str,
+) -> Result<(), SinkError> {
+    crate::dlq::dead_letter(
+        producer,
+        dlq,
+        "clickhouse",
+        &source.topic,
+        source.value.clone(),
+        code,
+        detail,
+    )
+    .await
+    .map_err(SinkError::Dlq)
 }
 
 /// Writes batches: the inserts with their retries (paused consumption, backoff, circuit
@@ -420,25 +430,6 @@ struct TableWriter {
 }
 
 impl TableWriter {
-    async fn dead_letter(
-        &self,
-        source: &Source,
-        code: &str,
-        detail: &str,
-    ) -> Result<(), SinkError> {
-        crate::dlq::dead_letter(
-            &self.producer,
-            &self.dlq,
-            "clickhouse",
-            &source.topic,
-            source.value.clone(),
-            code,
-            detail,
-        )
-        .await
-        .map_err(SinkError::Dlq)
-    }
-
     /// Writes one table's batch, retrying transient and blocking failures until it succeeds
     /// (or `stop` ends a wait: then the batch stays unwritten and uncommitted, and `false`
     /// is returned). Rows refused for what they hold are written one by one and the
@@ -543,8 +534,14 @@ impl TableWriter {
                 };
                 let kind = classify(&e);
                 if kind == ErrorKind::Row {
-                    self.dead_letter(source, "rejected_by_clickhouse", &e.to_string())
-                        .await?;
+                    dead_letter(
+                        &self.producer,
+                        &self.dlq,
+                        source,
+                        "rejected_by_clickhouse",
+                        &e.to_string(),
+                    )
+                    .await?;
                     break;
                 }
                 metrics::counter!(m::ERRORS_TOTAL, "sink" => "clickhouse", "kind" => kind.as_str())
