@@ -113,6 +113,30 @@ const FAIL_WITHIN: Duration = Duration::from_secs(15);
 
 /// The errors of a metadata request that must fail, and that it failed within
 /// [`FAIL_WITHIN`].
+/// `kafka` is refused (see [`refused`]) with librdkafka's `SASL authentication error:
+/// <client_failed>`, and the proxy recorded a refusal naming `proxy_reason`.
+async fn refused_by_sasl(
+    broker: &SaslBroker,
+    kafka: &KafkaConfig,
+    client_failed: &str,
+    proxy_reason: &str,
+) {
+    let text = refused(kafka).await;
+    assert!(
+        text.contains(&format!("SASL authentication error: {client_failed}")),
+        "{text}"
+    );
+    assert!(
+        broker
+            .proxy
+            .refused()
+            .iter()
+            .any(|r| r.contains(proxy_reason)),
+        "{:?}",
+        broker.proxy.refused()
+    );
+}
+
 async fn refused(kafka: &KafkaConfig) -> String {
     let started = Instant::now();
     let errors = metadata_or_errors(kafka)
@@ -170,20 +194,13 @@ async fn plain_with_the_password_from_a_file_produces_and_consumes() {
 
     // A wrong password: the broker's answer, within a bounded time.
     std::fs::write(&file, "not-the-password").unwrap();
-    let text = refused(&kafka).await;
-    assert!(
-        text.contains(&format!("SASL authentication error: {PLAIN_FAILED}")),
-        "{text}"
-    );
-    assert!(
-        broker
-            .proxy
-            .refused()
-            .iter()
-            .any(|r| r.contains("PLAIN: wrong password or unknown user pulse")),
-        "{:?}",
-        broker.proxy.refused()
-    );
+    refused_by_sasl(
+        &broker,
+        &kafka,
+        PLAIN_FAILED,
+        "PLAIN: wrong password or unknown user pulse",
+    )
+    .await;
     std::fs::write(&file, PASSWORD).unwrap();
 
     // No SASL: the first request after ApiVersions closes the connection, nothing comes back.
@@ -257,20 +274,13 @@ async fn oauthbearer_with_an_unsecured_jwt_produces_and_consumes() {
     );
 
     let stranger = broker.kafka(&strs(&args("stranger")));
-    let text = refused(&stranger).await;
-    assert!(
-        text.contains(&format!("SASL authentication error: {OAUTHBEARER_FAILED}")),
-        "{text}"
-    );
-    assert!(
-        broker
-            .proxy
-            .refused()
-            .iter()
-            .any(|r| r.contains("principal stranger not accepted")),
-        "{:?}",
-        broker.proxy.refused()
-    );
+    refused_by_sasl(
+        &broker,
+        &stranger,
+        OAUTHBEARER_FAILED,
+        "principal stranger not accepted",
+    )
+    .await;
 }
 
 /// SASL_SSL: a TLS terminator in front of the SASL proxy; PLAIN inside TLS with the CA of
