@@ -296,10 +296,80 @@ impl crate::Config {
         self.audit_copy && self.sink == crate::Sink::Clickhouse && self.shadow.is_none()
     }
 
+    /// Whether this writer needs the audit topic: it copies it, or it is a ClickHouse
+    /// writer that applies the migrations at start (`--migrate`) and records them there
+    /// ([`record_migrations`]; an empty `--audit-topic` turns that off).
+    pub fn audits(&self) -> bool {
+        self.copies_audit()
+            || (self.sink == crate::Sink::Clickhouse
+                && self.migrate
+                && !self.audit_topic.trim().is_empty())
+    }
+
     /// The audit copy's consumer group: `<group>-audit`.
     pub fn audit_group(&self) -> String {
         format!("{}-audit", self.group())
     }
+}
+
+/// How much longer than the producer's message timeout the migrations' audit record may
+/// wait for its acknowledgement (librdkafka's own verdict comes first).
+const RECORD_MARGIN: Duration = Duration::from_secs(5);
+
+/// The audit record of the ClickHouse migrations this writer applied at start
+/// (`--migrate`): action `migrate` as `pulsectl migrate`'s, actor `pulse-writer`, the
+/// database as target, the versions in the detail and the host (pod) as source. `None` when
+/// nothing was applied (every start after the first) or the writer has no audit topic.
+pub fn migrations_record(config: &crate::Config, applied: &[u32]) -> Option<AuditRecord> {
+    if applied.is_empty() || !config.migrate || !config.audits() {
+        return None;
+    }
+    let versions: Vec<String> = applied.iter().map(|v| format!("{v:04}")).collect();
+    let target = format!(
+        "{} database {}",
+        config.clickhouse.url, config.clickhouse.database
+    );
+    let record = AuditRecord::new(
+        "writer",
+        "pulse-writer",
+        pulse_platform::audit::action::MIGRATE,
+        &target,
+        pulse_platform::audit::Outcome::Ok,
+    )
+    .with_detail(format!(
+        "applied at start (--migrate): {}",
+        versions.join(", ")
+    ));
+    Some(match std::env::var("HOSTNAME") {
+        Ok(host) if !host.trim().is_empty() => record.with_source(host.trim()),
+        _ => record,
+    })
+}
+
+/// Writes [`migrations_record`] to the audit topic in the background: the writer does not
+/// wait for it; a record that is not acknowledged is counted in
+/// `pulse_audit_records_failed_total` and logged at error level, as every audit record.
+pub fn record_migrations(
+    config: &crate::Config,
+    producer: &pulse_platform::kafka::KafkaProducer,
+    applied: &[u32],
+) {
+    let Some(record) = migrations_record(config, applied) else {
+        return;
+    };
+    pulse_platform::audit::describe();
+    tracing::info!(
+        audit.action = %record.action,
+        audit.target = %record.target,
+        audit.detail = %record.detail,
+        "audit"
+    );
+    let producer = producer.clone();
+    let topic = config.audit_topic.clone();
+    let timeout = Duration::from_millis(config.kafka.message_timeout_ms.into()) + RECORD_MARGIN;
+    tokio::spawn(async move {
+        let _ = pulse_platform::audit::write_now(&producer, &topic, &record, timeout).await;
+    });
 }
 
 /// The audit copy of `config` (`None` when [`crate::Config::copies_audit`] is off): its
@@ -379,6 +449,38 @@ mod tests {
         ] {
             let c = crate::Config::try_parse_from(args).unwrap();
             assert!(!c.copies_audit(), "{args:?}");
+        }
+    }
+
+    #[test]
+    fn applied_migrations_are_recorded_once_and_only_where_there_is_an_audit_topic() {
+        use clap::Parser as _;
+        let live = crate::Config::try_parse_from(["pulse-writer"]).unwrap();
+        assert!(migrations_record(&live, &[]).is_none(), "nothing applied");
+        let r = migrations_record(&live, &[4, 5]).unwrap();
+        assert_eq!(
+            (r.service.as_str(), r.actor.as_str(), r.action.as_str()),
+            ("writer", "pulse-writer", action::MIGRATE)
+        );
+        assert_eq!(r.outcome, Outcome::Ok);
+        assert_eq!(r.target, "http://127.0.0.1:8123 database pulse");
+        assert!(r.detail.ends_with("0004, 0005"), "{}", r.detail);
+        // A shadow or a writer without the copy still records its migrations; not without
+        // --migrate, not the Parquet writer, not with an empty audit topic.
+        for args in [
+            &["pulse-writer", "--shadow", "x"][..],
+            &["pulse-writer", "--audit-copy", "false"],
+        ] {
+            let c = crate::Config::try_parse_from(args).unwrap();
+            assert!(migrations_record(&c, &[1]).is_some(), "{args:?}");
+        }
+        for args in [
+            &["pulse-writer", "--migrate", "false"][..],
+            &["pulse-writer", "--sink", "parquet"],
+            &["pulse-writer", "--audit-copy", "false", "--audit-topic", ""],
+        ] {
+            let c = crate::Config::try_parse_from(args).unwrap();
+            assert!(migrations_record(&c, &[1]).is_none(), "{args:?}");
         }
     }
 

@@ -177,7 +177,9 @@ pub struct Config {
     /// `audit_log`, exactly once, in the consumer group `<group>-audit` (see `audit`).
     #[arg(long = "audit-copy", env = "PULSE_WRITER_AUDIT_COPY", default_value_t = true, action = clap::ArgAction::Set)]
     pub audit_copy: bool,
-    /// The audit topic copied into `audit_log` (created at start when missing).
+    /// The audit topic copied into `audit_log`, and where the ClickHouse writer records
+    /// the migrations it applied at start (created at start when missing; empty with
+    /// `--audit-copy false`: neither).
     #[arg(long = "audit-topic", env = "PULSE_AUDIT_TOPIC", default_value = topics::AUDIT)]
     pub audit_topic: String,
     /// Parquet sink: a roll (the objects of one upload) is written at this many rows...
@@ -434,7 +436,7 @@ async fn ensure_clickhouse_topics_of(config: &Config) -> Result<(), TopicError> 
         .map(|(kind, t)| TopicSpec::of(*kind, t.as_str(), config.kafka.partitions))
         .chain(
             config
-                .copies_audit()
+                .audits()
                 .then(|| pulse_platform::audit::topic_spec(&config.audit_topic)),
         )
         .collect();
@@ -600,10 +602,11 @@ pub async fn run(config: Config, ctx: ServiceContext) -> Result<(), Error> {
             {
                 return Ok(()); // shutdown while waiting: nothing was consumed
             }
-            if !startup::wait_for_clickhouse(&config, &ctx).await? {
+            let Some(applied) = startup::wait_for_clickhouse(&config, &ctx).await? else {
                 return Ok(()); // shutdown while waiting: nothing was consumed
-            }
+            };
             let mut sink = clickhouse_sink(&config)?;
+            audit::record_migrations(&config, &sink.producer, &applied);
             sink.health = ctx.health.clone();
             // A member left owning nothing while the group does not advance: not ready.
             sink.consumer

@@ -97,9 +97,10 @@ fn clickhouse_failure(e: MigrateError) -> Failure {
     }
 }
 
-/// One attempt: the migrations (with `--migrate`), else a `SELECT 1`.
-async fn clickhouse_attempt(config: &Config) -> Result<(), Failure> {
-    migrate_or_check(config).await?;
+/// One attempt: the migrations (with `--migrate`), else a `SELECT 1`. Returns the versions
+/// of the migrations it applied (none: all were there already, or `--migrate false`).
+async fn clickhouse_attempt(config: &Config) -> Result<Vec<u32>, Failure> {
+    let applied = migrate_or_check(config).await?;
     // A shadow writer's tables: copies of the live ones, made once these exist.
     if let Some(name) = &config.shadow {
         let tables = migrate::create_shadow_tables(&config.clickhouse, name)
@@ -107,16 +108,16 @@ async fn clickhouse_attempt(config: &Config) -> Result<(), Failure> {
             .map_err(clickhouse_failure)?;
         tracing::info!(?tables, "shadow tables ready");
     }
-    Ok(())
+    Ok(applied)
 }
 
-async fn migrate_or_check(config: &Config) -> Result<(), Failure> {
+async fn migrate_or_check(config: &Config) -> Result<Vec<u32>, Failure> {
     if config.migrate {
         let applied = migrate::migrate(&config.clickhouse)
             .await
             .map_err(clickhouse_failure)?;
         tracing::info!(?applied, "ClickHouse migrations applied");
-        Ok(())
+        Ok(applied)
     } else {
         config
             .clickhouse
@@ -124,6 +125,7 @@ async fn migrate_or_check(config: &Config) -> Result<(), Failure> {
             .query("SELECT 1")
             .execute()
             .await
+            .map(|()| Vec::new())
             .map_err(|source| {
                 clickhouse_failure(MigrateError::Query {
                     step: "SELECT 1".into(),
@@ -133,16 +135,33 @@ async fn migrate_or_check(config: &Config) -> Result<(), Failure> {
     }
 }
 
-/// Waits until ClickHouse answers and the migrations are applied. `Ok(false)`: shutdown
-/// started first.
-pub async fn wait_for_clickhouse(config: &Config, ctx: &ServiceContext) -> Result<bool, Error> {
-    wait(
+/// Waits until ClickHouse answers and the migrations are applied: `Ok(Some(versions))`
+/// with the versions of the migrations applied while waiting (for the audit trail),
+/// `Ok(None)`: shutdown started first.
+pub async fn wait_for_clickhouse(
+    config: &Config,
+    ctx: &ServiceContext,
+) -> Result<Option<Vec<u32>>, Error> {
+    let applied = std::sync::Mutex::new(Vec::new());
+    let applied_ref = &applied;
+    let ready = wait(
         config,
         ctx,
         Labels::store(config, "clickhouse", "clickhouse"),
-        || clickhouse_attempt(config),
+        move || async move {
+            let versions = clickhouse_attempt(config).await?;
+            applied_ref
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .extend(versions);
+            Ok(())
+        },
     )
-    .await
+    .await?;
+    let applied = applied
+        .into_inner()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    Ok(ready.then_some(applied))
 }
 
 /// What a failure to check or create the topics means at start: the broker is down, hangs

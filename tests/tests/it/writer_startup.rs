@@ -134,6 +134,7 @@ async fn a_clickhouse_writer_started_while_clickhouse_is_down_waits_then_stores_
     let topics = WriterTopics::create("stu").await;
     let ch = cleanup::Database::unique("pulse_writer_startup");
     let group = pulse_tests::unique("writer");
+    let (audit_topic, _audit_guard, _) = crate::audit::new_audit_topic("writer-migrate").await;
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
     let args: Vec<String> = [
@@ -147,6 +148,8 @@ async fn a_clickhouse_writer_started_while_clickhouse_is_down_waits_then_stores_
         &group,
         "--batch-max-age-ms",
         "200",
+        "--audit-topic",
+        &audit_topic,
     ]
     .map(String::from)
     .into_iter()
@@ -191,6 +194,55 @@ async fn a_clickhouse_writer_started_while_clickhouse_is_down_waits_then_stores_
     .await;
     assert_eq!(stored, ["after", "before"]);
     writer.assert_running();
+
+    // The migrations it applied are in the audit trail, once: a restart applies none and
+    // records nothing.
+    let migrations = || async {
+        crate::audit::audit_json(&audit_topic, &["--action", "migrate"])
+            .await
+            .into_iter()
+            .filter(|r| r.service == "writer")
+            .collect::<Vec<_>>()
+    };
+    let records = wait_until(DEADLINE, "the migrations' audit record", async || {
+        let records = migrations().await;
+        if records.is_empty() {
+            Err("none yet")
+        } else {
+            Ok(records)
+        }
+    })
+    .await;
+    let [record] = &records[..] else {
+        panic!("want one migrate record, got {records:?}")
+    };
+    assert_eq!(record.actor, "pulse-writer");
+    assert_eq!(record.outcome, pulse_platform::audit::Outcome::Ok);
+    assert_eq!(
+        record.target,
+        format!("{url} database {}", ch.database),
+        "{record:?}"
+    );
+    let all: Vec<String> = pulse_storage::migrate::MIGRATIONS
+        .iter()
+        .map(|(v, _, _)| format!("{v:04}"))
+        .collect();
+    assert!(
+        record.detail.ends_with(&all.join(", ")),
+        "every migration of a new database in {:?}",
+        record.detail
+    );
+    drop(writer);
+    let mut again = spawn(&args, logs.path().join("writer-again.log"));
+    again.wait_readyz(200, "ready").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let records = migrations().await;
+    assert_eq!(
+        records.len(),
+        1,
+        "a start that applied nothing: {records:?}"
+    );
+    again.assert_running();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
