@@ -426,6 +426,14 @@ impl Store {
         }
     }
 
+    /// The ClickHouse client with the settings every query of this store runs with
+    /// (`readonly=1`, the timeout and the limits): for tests that check what the service's
+    /// access can and cannot do.
+    #[doc(hidden)]
+    pub fn client(&self) -> &clickhouse::Client {
+        &self.client
+    }
+
     /// This store, also appending every statement it sends to `log` (for benchmarks; the
     /// service never records).
     pub fn recording(self, log: StatementLog) -> Self {

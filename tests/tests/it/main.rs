@@ -27,6 +27,7 @@ mod processor_recovery;
 mod pulsectl;
 mod pulsectl_replay;
 mod query_api;
+mod query_api_readonly;
 mod query_api_tokens;
 mod rollback;
 mod rules_version;
