@@ -274,8 +274,9 @@ up() {
   if [ "${PULSE_DEV_LOADGEN:-1}" = 1 ] && ! is_running "$STATE" loadgen; then
     # A live synthetic workload: users browsing, buying in several currencies, with a few
     # out-of-order, late, duplicate and malformed events (README, pulsectl loadgen).
-    start_proc "$STATE" loadgen "$BIN_DIR/pulsectl" loadgen \
-      --target "http://127.0.0.1:$INGEST_HTTP_PORT" --api-key pulse-dev-key \
+    # The API key from the environment (a secret is never a process argument).
+    PULSE_API_KEY=pulse-dev-key start_proc "$STATE" loadgen "$BIN_DIR/pulsectl" loadgen \
+      --target "http://127.0.0.1:$INGEST_HTTP_PORT" \
       --rate "$LOADGEN_RATE" --duration 0
     log "loadgen sending ~$LOADGEN_RATE events/s (log: $STATE/logs/loadgen.log)"
   fi

@@ -878,7 +878,9 @@ def start_traffic(env, args: list[str]) -> subprocess.Popen:
     log = open(Path(env["PULSE_STATE"]) / "logs" / "check-traffic.log", "ab")
     return subprocess.Popen(
         [str(pulsectl), "loadgen", "--target", f"http://127.0.0.1:{env['PULSE_INGEST_HTTP_PORT']}",
-         "--api-key", "pulse-dev-key", "--duration", "0", *args],
+         "--duration", "0", *args],
+        # The API key from the environment: a secret is never a process argument.
+        env={**os.environ, "PULSE_API_KEY": "pulse-dev-key"},
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 

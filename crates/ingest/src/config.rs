@@ -10,7 +10,7 @@ use pulse_contracts::topics;
 use pulse_platform::config::{Problems, Validate};
 use pulse_platform::kafka::KafkaConfig;
 use pulse_platform::registry_auth::RegistryAuthArgs;
-use pulse_platform::secret::Secret;
+use pulse_platform::secret::{Secret, removed_secret_flag};
 use pulse_platform::server::ServerArgs;
 use pulse_platform::telemetry::TelemetryConfig;
 
@@ -18,6 +18,11 @@ use crate::auth::{ApiKeys, KeysError};
 use crate::body::BodyLimits;
 use crate::pii::PiiPolicy;
 use crate::validate::{Limits, RefusedVersions};
+
+/// The environment variable holding API keys (`key=source,…`); environment only, never a flag.
+pub const API_KEYS_ENV: &str = "PULSE_INGEST_API_KEYS";
+/// The environment variable holding the PII HMAC key; environment only, never a flag.
+pub const PII_HMAC_KEY_ENV: &str = "PULSE_INGEST_PII_HMAC_KEY";
 
 /// Why the PII policy could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -69,19 +74,20 @@ pub struct Config {
     pub schema_registry_url: String,
     #[command(flatten)]
     pub registry_auth: RegistryAuthArgs,
-    /// API keys as `key=source,…`. Prefer the env var or a file; never logged.
-    #[arg(
-        long = "api-keys",
-        env = "PULSE_INGEST_API_KEYS",
-        default_value = "",
-        hide_env_values = true,
-        hide_default_value = true
-    )]
+    /// API keys as `key=source,…` from PULSE_INGEST_API_KEYS (environment only, never a
+    /// flag). Never logged.
+    #[arg(skip = Secret::from_env(API_KEYS_ENV))]
     pub api_keys: Secret,
     /// File with one `key=source` (or `key=source:name`) per line (e.g. a mounted
-    /// Kubernetes secret); re-read when its content changes, no restart needed.
+    /// Kubernetes secret); re-read when its content changes, no restart needed. Or set the
+    /// key list itself in PULSE_INGEST_API_KEYS (environment only, no flag; the keys of
+    /// both are used).
     #[arg(long = "api-keys-file", env = "PULSE_INGEST_API_KEYS_FILE")]
     pub api_keys_file: Option<PathBuf>,
+    /// Removed: took the API keys as a process argument. Refused at start, naming the
+    /// replacement.
+    #[arg(long = "api-keys", hide = true)]
+    pub removed_api_keys_flag: Option<Secret>,
     /// How often `--api-keys-file` is checked for changes.
     #[arg(
         long = "api-keys-reload-interval",
@@ -200,18 +206,18 @@ pub struct Config {
     /// PII policy: `path=keep|drop|hash|truncate,…,email=<action>` (see README).
     #[arg(long = "pii-policy", env = "PULSE_INGEST_PII_POLICY", default_value = PiiPolicy::DEFAULT_SPEC)]
     pub pii_policy: String,
-    /// HMAC key for hashed PII. Prefer the env var or a file; never logged.
-    #[arg(
-        long = "pii-hmac-key",
-        env = "PULSE_INGEST_PII_HMAC_KEY",
-        default_value = "",
-        hide_env_values = true,
-        hide_default_value = true
-    )]
+    /// HMAC key for hashed PII from PULSE_INGEST_PII_HMAC_KEY (environment only, never a
+    /// flag). Never logged.
+    #[arg(skip = Secret::from_env(PII_HMAC_KEY_ENV))]
     pub pii_hmac_key: Secret,
-    /// File holding the HMAC key for hashed PII.
+    /// File holding the HMAC key for hashed PII. Or set the key itself in
+    /// PULSE_INGEST_PII_HMAC_KEY (environment only, no flag; the file wins).
     #[arg(long = "pii-hmac-key-file", env = "PULSE_INGEST_PII_HMAC_KEY_FILE")]
     pub pii_hmac_key_file: Option<PathBuf>,
+    /// Removed: took the HMAC key as a process argument. Refused at start, naming the
+    /// replacement.
+    #[arg(long = "pii-hmac-key", hide = true)]
+    pub removed_pii_hmac_key_flag: Option<Secret>,
     /// How long a request may wait for room in a full producer queue before 503.
     #[arg(
         long = "max-backpressure-wait-ms",
@@ -331,16 +337,25 @@ impl Config {
 
 impl Validate for Config {
     fn validate(&self, p: &mut Problems) {
+        removed_secret_flag(
+            p,
+            "--api-keys",
+            self.removed_api_keys_flag.is_some(),
+            "--api-keys-file or the environment variable PULSE_INGEST_API_KEYS",
+        );
+        removed_secret_flag(
+            p,
+            "--pii-hmac-key",
+            self.removed_pii_hmac_key_flag.is_some(),
+            "--pii-hmac-key-file or the environment variable PULSE_INGEST_PII_HMAC_KEY",
+        );
         match self.api_keys_resolved() {
             Ok(k) => p.check(
                 !k.is_empty(),
-                "--api-keys / PULSE_INGEST_API_KEYS / --api-keys-file",
+                "PULSE_INGEST_API_KEYS / --api-keys-file",
                 "at least one API key is required",
             ),
-            Err(e) => p.add(
-                "--api-keys / PULSE_INGEST_API_KEYS / --api-keys-file",
-                e.to_string(),
-            ),
+            Err(e) => p.add("PULSE_INGEST_API_KEYS / --api-keys-file", e.to_string()),
         }
         p.check(
             !self.api_keys_reload_interval.is_zero(),
@@ -401,5 +416,55 @@ mod flag_tests {
         // clap's debug assertions: duplicate argument ids or flags (ingest's own and the
         // flattened platform ones) panic here rather than at start.
         super::Config::command().debug_assert();
+    }
+
+    #[test]
+    fn the_removed_secret_flags_are_refused_naming_the_replacement_not_the_value() {
+        use clap::Parser as _;
+        let c = super::Config::try_parse_from([
+            "x",
+            "--api-keys",
+            "k-from-arg=web",
+            "--pii-hmac-key",
+            "hmac-from-arg",
+        ])
+        .unwrap();
+        let text = pulse_platform::config::validate_all(&[&c])
+            .unwrap_err()
+            .to_string();
+        for expected in [
+            "--api-keys: this flag was removed",
+            "--api-keys-file or the environment variable PULSE_INGEST_API_KEYS",
+            "--pii-hmac-key: this flag was removed",
+            "--pii-hmac-key-file or the environment variable PULSE_INGEST_PII_HMAC_KEY",
+        ] {
+            assert!(text.contains(expected), "{expected} missing in {text}");
+        }
+        for value in ["k-from-arg", "hmac-from-arg"] {
+            assert!(!text.contains(value), "{value} echoed in {text}");
+        }
+        assert!(
+            c.api_keys_resolved().unwrap().is_empty(),
+            "a flag never sets keys"
+        );
+    }
+
+    #[test]
+    fn help_never_shows_secret_values() {
+        let help = super::Config::command().render_long_help().to_string();
+        for env in [super::API_KEYS_ENV, super::PII_HMAC_KEY_ENV] {
+            // Environment only: named in the text of the file flag, never a flag itself.
+            assert!(
+                help.contains(&format!("itself in {env} (environment only")),
+                "{env} missing"
+            );
+            assert!(
+                !help.contains(&format!("[env: {env}]")) && !help.contains(&format!("{env}=")),
+                "--help offers {env} as a flag or shows its value"
+            );
+        }
+        for removed in ["--api-keys ", "--pii-hmac-key "] {
+            assert!(!help.contains(removed), "{removed}in --help");
+        }
     }
 }

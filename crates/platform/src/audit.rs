@@ -4,8 +4,10 @@
 //! append-only topic `pulse.audit.v1` (`pulse_contracts::topics::AUDIT`).
 //!
 //! Owns: [`AuditRecord`] (JSON, versioned by `v`), [`AuditLog`] (a bounded, never-blocking
-//! queue in front of the Kafka producer, for request paths) and [`write_now`] (one record,
-//! awaited with a deadline, for the CLI), and the audit metrics. Which changes are audited
+//! queue in front of the Kafka producer, for request paths), [`AuditTrail`] (an
+//! [`AuditLog`] with a producer of its own that never makes its service wait for the
+//! broker, for the query API) and [`write_now`] (one record, awaited with a deadline, for
+//! the CLI), and the audit metrics. Which changes are audited
 //! and who the actor is are the callers' decisions. Records never hold secrets: keys appear
 //! by name only.
 //!
@@ -16,12 +18,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use rdkafka::error::KafkaError;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::kafka::producer::enqueue_with_wait;
 use crate::kafka::topics::{TopicKind, TopicSpec};
-use crate::kafka::{OutRecord, RecordProducer};
+use crate::kafka::{KafkaConfig, KafkaProducer, OutRecord, RecordProducer};
 
 /// The version of [`AuditRecord`]'s JSON shape. Additive changes keep it; a reader skips
 /// records of a version it does not know.
@@ -453,6 +457,133 @@ impl AuditLog {
     }
 }
 
+/// Records an [`AuditTrail`] lets wait for the broker before new ones are dropped
+/// (counted in `pulse_audit_records_failed_total{reason="queue_full"}`, logged).
+pub const TRAIL_QUEUE: usize = 64;
+
+/// How long one audit record written with `kafka`'s producer may wait for its
+/// acknowledgement: the producer's message timeout (`--kafka-message-timeout-ms`) and 5 s
+/// more, so librdkafka's own verdict comes first and a failed delivery is seen by the
+/// producer's health (an [`AuditTrail`] repairs its producer by it).
+pub fn write_timeout(kafka: &KafkaConfig) -> Duration {
+    Duration::from_millis(kafka.message_timeout_ms.into()) + Duration::from_secs(5)
+}
+
+/// How often an [`AuditTrail`] tries again to create its topic while the broker does not
+/// answer.
+const TOPIC_RETRY: Duration = Duration::from_secs(30);
+
+/// An [`AuditLog`] with a Kafka producer of its own, for a service whose audit records are
+/// its only Kafka writes and whose availability must not depend on Kafka (the query API).
+/// Nothing here waits for the broker or touches readiness or liveness: creating the
+/// producer contacts no broker (librdkafka connects in the background), the audit topic is
+/// created in the background when it is missing, and a producer whose deliveries keep
+/// failing is recreated with a new client (as the services' producer watchdog does, minus
+/// the readiness block). While the broker is down a record fails after the producer's
+/// message timeout: counted and logged at error level as every [`AuditLog`]'s.
+#[derive(Debug)]
+pub struct AuditTrail {
+    log: AuditLog,
+    producer: KafkaProducer,
+}
+
+impl AuditTrail {
+    /// Starts the producer (client id `client_id`), the writer task and the background
+    /// tasks (topic creation, producer repair), which end when `stop` is cancelled. Fails
+    /// only for a client configuration librdkafka refuses, never for the broker.
+    pub fn start(
+        kafka: &KafkaConfig,
+        client_id: &str,
+        topic: &str,
+        stop: CancellationToken,
+    ) -> Result<Self, KafkaError> {
+        let producer = KafkaProducer::new(kafka, client_id)?;
+        let log = AuditLog::spawn(
+            Arc::new(producer.clone()),
+            topic,
+            TRAIL_QUEUE,
+            write_timeout(kafka),
+        );
+        tokio::spawn(create_topic(kafka.clone(), topic_spec(topic), stop.clone()));
+        tokio::spawn(repair(
+            producer.clone(),
+            kafka.producer_stall_timeout.max(Duration::from_secs(1)),
+            stop,
+        ));
+        Ok(Self { log, producer })
+    }
+
+    /// The log to record to (cheap to clone).
+    pub fn log(&self) -> AuditLog {
+        self.log.clone()
+    }
+
+    /// At shutdown: waits at most `timeout` for the records the producer still holds (off
+    /// the async threads); what is not acknowledged by then is logged, not waited for.
+    pub async fn flush(&self, timeout: Duration) {
+        let producer = self.producer.clone();
+        match tokio::task::spawn_blocking(move || producer.flush(timeout)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::warn!(error = %e, "audit producer flush at shutdown failed"),
+            Err(e) => tracing::warn!(error = %e, "audit producer flush task failed"),
+        }
+    }
+}
+
+/// Creates the audit topic when missing, trying again every [`TOPIC_RETRY`] while the
+/// broker does not answer, until `stop`. A broker's refusal (no permission to create
+/// topics, say) ends it: the topic is then the other services' or the operator's to create
+/// (`pulsectl topics create`), and records fail until it exists.
+async fn create_topic(kafka: KafkaConfig, spec: TopicSpec, stop: CancellationToken) {
+    let specs = [spec];
+    loop {
+        let attempt = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = crate::kafka::ensure_topics(&kafka, &specs) => r,
+        };
+        match attempt {
+            Ok(_) => return,
+            Err(e @ crate::kafka::topics::TopicError::Request(_)) => {
+                tracing::warn!(topic = %specs[0].name, error = %e, retry_in_s = TOPIC_RETRY.as_secs(),
+                    "audit topic not checked: the broker did not answer; audit records fail until it does");
+            }
+            Err(e) => {
+                tracing::warn!(topic = %specs[0].name, error = %e,
+                    "audit topic not created; audit records fail until it exists");
+                return;
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(TOPIC_RETRY) => {}
+        }
+    }
+}
+
+/// Recreates `producer` while its deliveries have all failed for `stall` (at most once per
+/// `stall`), until `stop`: a client the broker left in a state it cannot produce from
+/// gets a new producer id. Readiness and liveness are left alone.
+async fn repair(producer: KafkaProducer, stall: Duration, stop: CancellationToken) {
+    let mut recreated_at: Option<std::time::Instant> = None;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        let Some(reason) = producer.unhealthy(stall) else {
+            continue;
+        };
+        if recreated_at.is_some_and(|t| t.elapsed() < stall) {
+            continue;
+        }
+        recreated_at = Some(std::time::Instant::now());
+        tracing::warn!(reason, "recreating the audit producer");
+        if let Err(e) = producer.recreate() {
+            tracing::error!(error = %e, "recreating the audit producer failed");
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -566,6 +697,13 @@ mod tests {
                 })
             }))
         }
+    }
+
+    #[test]
+    fn a_trail_record_waits_longer_than_the_producer_message_timeout() {
+        let mut kafka = KafkaConfig::for_brokers("b:9092");
+        kafka.message_timeout_ms = 2_000;
+        assert_eq!(write_timeout(&kafka), Duration::from_secs(7));
     }
 
     #[tokio::test]

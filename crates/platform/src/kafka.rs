@@ -5,12 +5,14 @@
 
 pub mod config;
 pub mod consumer;
+mod preflight;
 pub mod producer;
 pub mod reader;
 pub mod topics;
 
 pub use config::KafkaConfig;
 pub use consumer::{KafkaConsumer, RebalanceEvent};
+pub use preflight::Refused;
 pub use producer::{AckFuture, Acked, KafkaProducer, OutRecord, ProduceError, RecordProducer};
 pub use reader::{Start, TopicReader, TopicRecord};
 pub use topics::{TopicKind, TopicSettings, TopicSpec, ensure_topics};
@@ -20,7 +22,10 @@ pub use topics::{TopicKind, TopicSettings, TopicSpec, ensure_topics};
 /// producer's contexts log through it, so a failed TLS handshake or SASL authentication is
 /// in the service's log as it happens. (Not the topic admin client: rdkafka 0.39 queues
 /// librdkafka's log lines and errors on a client's main queue, and its `AdminClient` never
-/// polls that queue — serving it would need FFI, which this workspace forbids.)
+/// polls that queue — serving it would need FFI, which this workspace forbids. The
+/// connection check beside each admin operation, [`preflight`], polls its own client's
+/// queue instead: its lines come through here, and a refused SASL authentication or TLS
+/// handshake fails the admin operation at once.)
 pub(crate) fn log_to_tracing(level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
     use rdkafka::config::RDKafkaLogLevel as L;
     match level {

@@ -17,6 +17,12 @@ pub mod session;
 pub mod watermark;
 pub mod window;
 
+/// The unit tests' heap is the binary's (jemalloc), so its counters see what the state
+/// holds (`engine` tests: the estimate against the heap).
+#[cfg(test)]
+#[global_allocator]
+static ALLOC: pulse_platform::malloc::Allocator = pulse_platform::malloc::ALLOCATOR;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 

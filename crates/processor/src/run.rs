@@ -278,7 +278,9 @@ impl Processor {
                         self.on_rebalance(ev, &mut pipe).await?;
                     }
                     if let Some(ack) = self.on_record(&msg).await? {
+                        // Late records between ticks are bounded like an emission's.
                         pending.push(ack);
+                        settle_oldest(&mut pending).await?;
                     }
                 }
             }

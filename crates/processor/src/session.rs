@@ -17,8 +17,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::compact::{
-    FastMap, FastSet, IdSet, Offsets, PartitionMins, arc_str_bytes, hold, insert_exact, release,
-    shrink_map, shrink_set, smallest, table_bytes,
+    FastMap, FastSet, IdSet, Offsets, PartitionMins, alloc_bytes, arc_str_bytes, hold,
+    insert_exact, release, shrink_map, shrink_set, smallest, table_bytes,
 };
 
 use pulse_contracts::pb::aggregates::v1::Session;
@@ -243,15 +243,18 @@ fn user_bytes(user: &str, s: &UserState) -> usize {
         .open
         .iter()
         .map(|o| {
-            o.events.capacity() * std::mem::size_of::<Ev>()
+            alloc_bytes(o.events.capacity() * std::mem::size_of::<Ev>())
                 + o.offsets.heap_bytes()
-                + 48
-                + o.merged.iter().map(|m| m.len() + 48).sum::<usize>()
+                + alloc_bytes(o.id.capacity())
+                + o.merged
+                    .iter()
+                    .map(|m| alloc_bytes(m.capacity()) + 48)
+                    .sum::<usize>()
         })
         .sum();
     arc_str_bytes(user.len())
         + s.ids.heap_bytes()
-        + s.open.capacity() * std::mem::size_of::<Open>()
+        + alloc_bytes(s.open.capacity() * std::mem::size_of::<Open>())
         + open
 }
 
@@ -1023,9 +1026,15 @@ impl Sessions {
                 .values()
                 .map(|c| table_bytes::<Arc<str>>(c.capacity()))
                 .sum::<usize>();
-        index.bytes + index.events * arc_str_bytes(id_len) + entries * 48 + tables
+        index.bytes + index.events * arc_str_bytes(id_len) + entries * TREE_ENTRY_BYTES + tables
     }
 }
+
+/// Estimated heap bytes of one entry of the index's B-trees: a leaf node (11 entries, up to
+/// 280 bytes: the allocator's 320-byte class) holds 6 or 7 when entries come in order, as
+/// offsets and deadlines do, and the inner nodes add a few (measured against the heap in
+/// `engine` tests).
+const TREE_ENTRY_BYTES: usize = 56;
 
 /// The most common change, an event pushed into open session `j` of `user`'s state (see
 /// [`Place::Push`]) whose partition the session holds at an offset at or before the
@@ -1040,7 +1049,8 @@ fn push(index: &mut Index, user: &Arc<str>, state: &mut UserState, j: usize, ev:
     let (ids, events) = (state.ids.heap_bytes(), state.open[j].events.capacity());
     state.ids.insert(ev.id.clone());
     state.open[j].push(ev);
-    let grown = (state.open[j].events.capacity() - events) * std::mem::size_of::<Ev>();
+    let size = std::mem::size_of::<Ev>();
+    let grown = alloc_bytes(state.open[j].events.capacity() * size) - alloc_bytes(events * size);
     index.bytes = index
         .bytes
         .wrapping_add(grown + state.ids.heap_bytes())

@@ -9,14 +9,14 @@
 //! State is kept compact (see `compact`): a user's open windows are an exact-size vector
 //! sorted by start (one or two for most users), ids and labels are shared `Arc<str>`s.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use pulse_contracts::pb::aggregates::v1::{CurrencyAmount, UserWindowActivity};
 
 use crate::compact::{
-    Counts, FastMap, FastSet, IdBloom, IdSet, Interner, Offsets, PartitionMins, hold, id_bits,
-    insert_exact, release, shrink_map, shrink_set, smallest, table_bytes,
+    Counts, FastMap, FastSet, IdBloom, IdSet, Interner, Offsets, alloc_bytes, id_bits,
+    insert_exact, push_exact, shrink_map, shrink_set, table_bytes,
 };
 use crate::model::{Admit, InputEvent, TimeConfig, version};
 
@@ -151,19 +151,52 @@ fn clamp_i64(v: i128) -> i64 {
 /// session state and counted there; its entry in the users' table is counted with the
 /// table, see [`Windows::heap_bytes`]).
 fn user_bytes(windows: &[Window], capacity: usize) -> usize {
-    capacity * std::mem::size_of::<Window>() + windows.iter().map(Window::heap_bytes).sum::<usize>()
+    alloc_bytes(capacity * std::mem::size_of::<Window>())
+        + windows.iter().map(Window::heap_bytes).sum::<usize>()
+}
+
+/// The open windows ending at one time, closed together by one watermark and dropped
+/// together. Tumbling windows end at one time per window length, so there are a handful
+/// (window + allowed lateness over the window length, and the future-dated ones). Issue
+/// #15: a tree entry per window in three trees (~150 B each) freed, at a mass close, slots
+/// among the sessions' tree nodes in the allocator's pages — freed memory the process kept;
+/// one vector per end time is a few large allocations given back whole.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Cohort {
+    /// The users with an open window ending here, each once (a user has one window per
+    /// end), in no order.
+    users: Vec<Arc<str>>,
+    /// (partition, earliest offset, earliest start) of these windows, per partition they
+    /// hold. A window leaves only with its cohort (closed) or at a revoke (rebuilt), and
+    /// its earliest offset only moves back, so these are kept by `min` alone.
+    held: Vec<(i32, i64, i64)>,
+}
+
+impl Cohort {
+    fn hold(&mut self, partition: i32, offset: i64, start: i64) {
+        match self.held.iter_mut().find(|(p, _, _)| *p == partition) {
+            Some((_, min, first)) => {
+                *min = (*min).min(offset);
+                *first = (*first).min(start);
+            }
+            None => push_exact(&mut self.held, (partition, offset, start)),
+        }
+    }
+
+    /// Estimated heap bytes of its vectors, and its entry in the tree of cohorts.
+    fn heap_bytes(&self) -> usize {
+        alloc_bytes(self.users.capacity() * std::mem::size_of::<Arc<str>>())
+            + alloc_bytes(self.held.capacity() * std::mem::size_of::<(i32, i64, i64)>())
+            + 64
+    }
 }
 
 /// What the windows' per-tick questions need, kept up to date per change (issue #15: a
 /// tick or a commit point costs the windows that changed or close, not every open window).
 #[derive(Debug, Clone, Default)]
 struct Index {
-    /// (partition, earliest offset) of every open window, per partition it holds.
-    held: PartitionMins,
-    /// (partition, start) of every open window, per partition it holds.
-    starts: PartitionMins,
-    /// (end, user) of every open window: the ones a watermark closes are a prefix.
-    ends: BTreeSet<(i64, Arc<str>)>,
+    /// The open windows by end: the ones a watermark closes are a prefix.
+    ends: BTreeMap<i64, Cohort>,
     /// Users with a window changed since it was last emitted (a hash set: no string
     /// comparisons down a tree per event; an emission sorts the few it visits).
     dirty: FastSet<Arc<str>>,
@@ -174,21 +207,32 @@ struct Index {
 }
 
 impl Index {
-    /// Forgets a window of `user` (closed or revoked).
-    fn drop_window(&mut self, user: &Arc<str>, w: &Window) {
+    fn add_window(&mut self, user: &Arc<str>, w: &Window) {
+        let cohort = self.ends.entry(w.end_ms).or_default();
+        cohort.users.push(user.clone());
         for (partition, min) in w.offsets.mins() {
-            release(&mut self.held, partition, min);
-            release(&mut self.starts, partition, w.start_ms);
+            cohort.hold(partition, min, w.start_ms);
         }
-        self.ends.remove(&(w.end_ms, user.clone()));
     }
 
-    fn add_window(&mut self, user: &Arc<str>, w: &Window) {
-        for (partition, min) in w.offsets.mins() {
-            hold(&mut self.held, partition, min);
-            hold(&mut self.starts, partition, w.start_ms);
+    /// Forgets the cohorts `watermark` closed (their windows were emitted and dropped).
+    fn drop_closed(&mut self, allowed_lateness_ms: i64, watermark: Option<i64>) {
+        while let Some(entry) = self.ends.first_entry() {
+            if !closed(*entry.key(), allowed_lateness_ms, watermark) {
+                break;
+            }
+            entry.remove();
         }
-        self.ends.insert((w.end_ms, user.clone()));
+    }
+
+    /// The smallest (offset, start) of `partition` over the open windows: `pick` chooses.
+    fn smallest(&self, partition: i32, pick: impl Fn(&(i32, i64, i64)) -> i64) -> Option<i64> {
+        self.ends
+            .values()
+            .flat_map(|c| c.held.iter())
+            .filter(|h| h.0 == partition)
+            .map(pick)
+            .min()
     }
 }
 
@@ -317,7 +361,7 @@ impl Windows {
             Ok(at) => at,
             Err(at) => {
                 insert_exact(windows, at, Window::new(start, end));
-                index.ends.insert((end, user.clone()));
+                index.ends.entry(end).or_default().users.push(user.clone());
                 self.open = self.open.saturating_add(1);
                 at
             }
@@ -325,15 +369,12 @@ impl Windows {
         let window = &mut windows[at];
         let (partition, offset) = (event.partition, event.offset);
         match window.offsets.fold(partition, offset) {
-            None => {
-                hold(&mut index.held, partition, offset);
-                hold(&mut index.starts, partition, start);
+            Some(min) if offset >= min => {}
+            _ => {
+                if let Some(cohort) = index.ends.get_mut(&end) {
+                    cohort.hold(partition, offset, start);
+                }
             }
-            Some(min) if offset < min => {
-                release(&mut index.held, partition, min);
-                hold(&mut index.held, partition, offset);
-            }
-            Some(_) => {}
         }
         window.fold(event, id, &mut self.labels);
         // The user is in the dirty set exactly when one of its windows is dirty: only the
@@ -359,7 +400,7 @@ impl Windows {
         let visit = self.emit_plan(watermark, early);
         let mut out = Vec::with_capacity(visit.len());
         self.emit_users(&visit, watermark, early, &mut out);
-        self.emit_done();
+        self.emit_done(watermark);
         out
     }
 
@@ -373,8 +414,8 @@ impl Windows {
             .index
             .ends
             .iter()
-            .take_while(|(end, _)| closed(*end, lateness, watermark))
-            .map(|(_, user)| user.clone())
+            .take_while(|(end, _)| closed(**end, lateness, watermark))
+            .flat_map(|(_, cohort)| cohort.users.iter().cloned())
             .collect();
         if early {
             visit.extend(self.index.dirty.iter().cloned());
@@ -408,8 +449,8 @@ impl Windows {
                 .wrapping_sub(user_bytes(windows, windows.capacity()));
             windows.retain_mut(|w| {
                 if closed(w.end_ms, lateness, watermark) {
+                    // Its cohort is dropped whole at the end of the emission.
                     out.push(w.output(user, true));
-                    index.drop_window(user, w);
                     *open = open.saturating_sub(1);
                     false
                 } else {
@@ -434,20 +475,22 @@ impl Windows {
         }
     }
 
-    /// Ends an emission: labels no window counts any more are forgotten.
-    pub fn emit_done(&mut self) {
+    /// Ends an emission at `watermark` (the plan's): the cohorts it closed are dropped
+    /// (their windows were), and labels no window counts any more are forgotten.
+    pub fn emit_done(&mut self, watermark: Option<i64>) {
+        self.index.drop_closed(self.allowed_lateness_ms, watermark);
         self.labels.prune();
     }
 
     /// The smallest offset of `partition` still held by an open window (the earliest
     /// record a restart must re-read), None if none.
     pub fn min_open_offset(&self, partition: i32) -> Option<i64> {
-        smallest(&self.index.held, partition)
+        self.index.smallest(partition, |h| h.1)
     }
 
     /// The earliest start of an open window holding records of `partition`, None if none.
     pub fn min_open_start(&self, partition: i32) -> Option<i64> {
-        smallest(&self.index.starts, partition)
+        self.index.smallest(partition, |h| h.2)
     }
 
     /// Drops the open windows holding events of `partition` (it was revoked; a new owner
@@ -509,16 +552,20 @@ impl Windows {
                 .bytes
                 .wrapping_add(user_bytes(windows, windows.capacity()));
         }
+        let sorted = |i: &Index| {
+            let mut ends = i.ends.clone();
+            for c in ends.values_mut() {
+                c.users.sort_unstable();
+                c.users.shrink_to_fit();
+                c.held.sort_unstable();
+                c.held.shrink_to_fit();
+            }
+            ends
+        };
         let i = &self.index;
         assert_eq!(
-            (&i.held, &i.starts, &i.ends, &i.dirty, i.bytes),
-            (
-                &fresh.held,
-                &fresh.starts,
-                &fresh.ends,
-                &fresh.dirty,
-                fresh.bytes
-            )
+            (sorted(i), &i.dirty, i.bytes),
+            (sorted(&fresh), &fresh.dirty, fresh.bytes)
         );
         let open: usize = self.users.values().map(Vec::len).sum();
         assert_eq!(self.open, open);
@@ -531,13 +578,13 @@ impl Windows {
         shrink_set(&mut self.index.dirty);
     }
 
-    /// Estimated heap bytes of the open windows (kept up to date per change, so O(1)):
-    /// their containers and the index entries. User and event ids are shared with the
-    /// sessions and counted there.
+    /// Estimated heap bytes of the open windows (kept up to date per change, plus a sum
+    /// over the few end times): their containers and the index's cohorts. User and event
+    /// ids are shared with the sessions and counted there.
     pub fn heap_bytes(&self) -> usize {
         let i = &self.index;
         i.bytes
-            + (i.held.len() + i.starts.len() + i.ends.len()) * 48
+            + i.ends.values().map(Cohort::heap_bytes).sum::<usize>()
             + table_bytes::<(Arc<str>, Vec<Window>)>(self.users.capacity())
             + table_bytes::<Arc<str>>(i.dirty.capacity())
     }

@@ -7,6 +7,7 @@
 //! fix it. Shared by `loadgen` and `dlq redrive`; what to send is left to them.
 
 use pulse_platform::clickhouse::error_chain as chain;
+use pulse_platform::secret::{Secret, removed_secret_flag};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,28 +35,50 @@ pub struct IngestArgs {
     /// not possible.
     #[arg(long = "ca-file", env = "PULSE_CA_FILE")]
     pub ca_file: Option<PathBuf>,
-    /// API key, sent as `Authorization: Bearer <key>`.
-    #[arg(
-        long,
-        env = "PULSE_API_KEY",
-        default_value = "pulse-dev-key",
-        hide_env_values = true
-    )]
-    pub api_key: String,
+    /// API key, sent as `Authorization: Bearer <key>`, from PULSE_API_KEY (environment
+    /// only, never a flag). Never logged.
+    #[arg(skip = Secret::from_env(API_KEY_ENV))]
+    pub api_key: Secret,
+    /// File holding the API key (e.g. a mounted Kubernetes Secret). Or set the key itself
+    /// in PULSE_API_KEY (environment only, no flag; not both). Neither: the dev stack's
+    /// `pulse-dev-key`.
+    #[arg(long = "api-key-file", env = "PULSE_API_KEY_FILE")]
+    pub api_key_file: Option<PathBuf>,
+    /// Removed: took the API key as a process argument. Refused at start, naming the
+    /// replacement.
+    #[arg(long = "api-key", hide = true)]
+    pub removed_api_key_flag: Option<Secret>,
 }
+
+/// The environment variable holding the API key; environment only, never a flag.
+pub const API_KEY_ENV: &str = "PULSE_API_KEY";
+/// The API key of the local dev stack, used when none is set.
+pub const DEV_API_KEY: &str = "pulse-dev-key";
+const API_KEY_FILE: &str = "--api-key-file / PULSE_API_KEY_FILE";
 
 impl Default for IngestArgs {
     fn default() -> Self {
         Self {
             target: "http://127.0.0.1:8080".into(),
             ca_file: None,
-            api_key: "pulse-dev-key".into(),
+            api_key: Secret::default(),
+            api_key_file: None,
+            removed_api_key_flag: None,
         }
     }
 }
 
 impl pulse_platform::config::Validate for IngestArgs {
     fn validate(&self, p: &mut pulse_platform::config::Problems) {
+        removed_secret_flag(
+            p,
+            "--api-key",
+            self.removed_api_key_flag.is_some(),
+            "--api-key-file or the environment variable PULSE_API_KEY",
+        );
+        if let Err(ClientError::ApiKey(reason)) = self.key() {
+            p.add(API_KEY_FILE, reason);
+        }
         p.check(
             self.target.starts_with("http://") || self.target.starts_with("https://"),
             "--target",
@@ -65,11 +88,23 @@ impl pulse_platform::config::Validate for IngestArgs {
 }
 
 impl IngestArgs {
+    /// The API key: `--api-key-file`'s content, else PULSE_API_KEY, else the dev stack's
+    /// key. The error names the file, never a key.
+    pub fn key(&self) -> Result<Secret, ClientError> {
+        let key = Secret::resolve(&self.api_key, self.api_key_file.as_deref())
+            .map_err(ClientError::ApiKey)?;
+        Ok(if key.is_empty() {
+            Secret::new(DEV_API_KEY)
+        } else {
+            key
+        })
+    }
+
     /// A client of the HTTP API at `--target`, trusting `--ca-file`.
     pub fn http(&self, timeout: Duration) -> Result<HttpIngest, ClientError> {
         HttpIngest::new_with_ca(
             &self.target,
-            &self.api_key,
+            self.key()?.expose(),
             timeout,
             self.ca_file.as_deref(),
         )
@@ -77,7 +112,8 @@ impl IngestArgs {
 
     /// A client of the gRPC API at `url`, over TLS trusting `--ca-file` when given.
     pub async fn grpc(&self, url: &str, timeout: Duration) -> Result<GrpcIngest, ClientError> {
-        GrpcIngest::connect_with_ca(url, &self.api_key, timeout, self.ca_file.as_deref()).await
+        let key = self.key()?;
+        GrpcIngest::connect_with_ca(url, key.expose(), timeout, self.ca_file.as_deref()).await
     }
 }
 
@@ -108,6 +144,8 @@ pub enum ClientError {
         url: String,
         source: tonic::transport::Error,
     },
+    #[error("--api-key-file / PULSE_API_KEY_FILE: {0}")]
+    ApiKey(String),
     #[error("--ca-file {}: {reason}", path.display())]
     CaFile {
         path: std::path::PathBuf,
@@ -532,6 +570,83 @@ impl Retry {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU32, Ordering};
+
+    #[derive(Debug, clap::Parser)]
+    struct Cli {
+        #[command(flatten)]
+        ingest: IngestArgs,
+    }
+
+    fn parse(args: &[&str]) -> IngestArgs {
+        <Cli as clap::Parser>::try_parse_from(std::iter::once("x").chain(args.iter().copied()))
+            .unwrap()
+            .ingest
+    }
+
+    #[test]
+    fn the_removed_api_key_flag_is_refused_naming_the_replacement_not_the_value() {
+        let old = parse(&["--api-key", "key-from-arg"]);
+        let text = pulse_platform::config::validate_all(&[&old])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            text.contains("--api-key: this flag was removed")
+                && text.contains("--api-key-file or the environment variable PULSE_API_KEY"),
+            "{text}"
+        );
+        assert!(!text.contains("key-from-arg"), "{text}");
+        assert_ne!(old.key().unwrap().expose(), "key-from-arg");
+    }
+
+    #[test]
+    fn the_api_key_comes_from_its_file_or_the_environment_never_both() {
+        let dir = std::env::temp_dir().join(format!("pulsectl-api-key-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("key");
+        std::fs::write(&file, "from-file\n").unwrap();
+        let path = file.to_str().unwrap();
+        assert_eq!(
+            parse(&["--api-key-file", path]).key().unwrap().expose(),
+            "from-file"
+        );
+        let from_env = IngestArgs {
+            api_key: "from-env".into(),
+            ..parse(&[])
+        };
+        assert_eq!(from_env.key().unwrap().expose(), "from-env");
+        let both = IngestArgs {
+            api_key: "from-env".into(),
+            ..parse(&["--api-key-file", path])
+        };
+        let text = pulse_platform::config::validate_all(&[&both])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            text.contains("--api-key-file") && text.contains("set only one"),
+            "{text}"
+        );
+        assert!(
+            !text.contains("from-env") && !text.contains("from-file"),
+            "{text}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn help_never_shows_secret_values() {
+        use clap::CommandFactory as _;
+        let help = Cli::command().render_long_help().to_string();
+        assert!(
+            help.contains(&format!("itself in {API_KEY_ENV} (environment only")),
+            "{API_KEY_ENV} missing in --help"
+        );
+        assert!(
+            !help.contains(&format!("[env: {API_KEY_ENV}]"))
+                && !help.contains(&format!("{API_KEY_ENV}=")),
+            "--help offers {API_KEY_ENV} as a flag or shows its value"
+        );
+        assert!(!help.contains("--api-key "), "--api-key in --help");
+    }
 
     fn accepted() -> Vec<Answer> {
         vec![Answer {

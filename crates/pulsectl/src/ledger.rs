@@ -28,7 +28,7 @@ use pulse_platform::clickhouse::ClickHouseConfig;
 use pulse_platform::config::{Problems, Validate, validate_all};
 use pulse_platform::kafka::KafkaConfig;
 use pulse_platform::s3::S3Config;
-use pulse_platform::secret::Secret;
+use pulse_platform::secret::{Secret, removed_secret_flag};
 use pulse_platform::windowing::WindowSettings;
 
 pub use self::reconcile::{Path, Report};
@@ -88,19 +88,19 @@ pub struct SourceArgs {
         default_value = "http://127.0.0.1:8090"
     )]
     pub query_url: String,
-    /// A bearer token of the query API; prefer the environment. Never logged.
-    #[arg(
-        long = "query-token",
-        env = "PULSE_LEDGER_QUERY_TOKEN",
-        default_value = "pulse-dev-token",
-        hide_env_values = true,
-        hide_default_value = true
-    )]
+    /// A bearer token of the query API from PULSE_LEDGER_QUERY_TOKEN (environment only,
+    /// never a flag). Never logged.
+    #[arg(skip = Secret::from_env(QUERY_TOKEN_ENV))]
     pub query_token: Secret,
-    /// A file holding the bearer token (e.g. a mounted Kubernetes Secret); wins over
-    /// `--query-token`.
+    /// A file holding the bearer token (e.g. a mounted Kubernetes Secret). Or set the token
+    /// itself in PULSE_LEDGER_QUERY_TOKEN (environment only, no flag; the file wins).
+    /// Neither: the dev stack's token.
     #[arg(long = "query-token-file", env = "PULSE_LEDGER_QUERY_TOKEN_FILE")]
     pub query_token_file: Option<std::path::PathBuf>,
+    /// Removed: took the token as a process argument. Refused at start, naming the
+    /// replacement.
+    #[arg(long = "query-token", hide = true)]
+    pub removed_query_token_flag: Option<Secret>,
     /// Do not check the Parquet archive (no S3).
     #[arg(long = "skip-archive", env = "PULSE_LEDGER_SKIP_ARCHIVE")]
     pub skip_archive: bool,
@@ -136,8 +136,19 @@ pub struct SourceArgs {
     pub s3: S3Config,
 }
 
+/// The environment variable holding the query API token; environment only, never a flag.
+pub const QUERY_TOKEN_ENV: &str = "PULSE_LEDGER_QUERY_TOKEN";
+/// The query API token of the local dev stack, used when none is set.
+pub const DEV_QUERY_TOKEN: &str = "pulse-dev-token";
+
 impl Validate for SourceArgs {
     fn validate(&self, p: &mut Problems) {
+        removed_secret_flag(
+            p,
+            "--query-token",
+            self.removed_query_token_flag.is_some(),
+            "--query-token-file or the environment variable PULSE_LEDGER_QUERY_TOKEN",
+        );
         for (v, flag) in [
             (&self.events_topic, "--events-topic"),
             (&self.late_topic, "--late-topic"),
@@ -178,7 +189,8 @@ impl SourceArgs {
         self.windowing.window_ms
     }
 
-    /// The query API token: from `--query-token-file` when set, else `--query-token`.
+    /// The query API token: from `--query-token-file` when set, else
+    /// PULSE_LEDGER_QUERY_TOKEN, else the dev stack's token.
     pub fn token(&self) -> Result<Secret, LedgerError> {
         match &self.query_token_file {
             Some(path) => Secret::from_file(path).map_err(|reason| {
@@ -189,6 +201,7 @@ impl SourceArgs {
                     },
                 ]))
             }),
+            None if self.query_token.is_empty() => Ok(Secret::new(DEV_QUERY_TOKEN)),
             None => Ok(self.query_token.clone()),
         }
     }
@@ -369,5 +382,58 @@ mod tests {
             "{e}"
         );
         assert!(errors(T, T + 25 * 3_600_000).contains("at most 24 per run"));
+    }
+
+    #[test]
+    fn the_removed_query_token_flag_is_refused_naming_the_replacement_not_the_value() {
+        let a = parse(&[
+            "--from",
+            "0",
+            "--to",
+            "60000",
+            "--query-token",
+            "tok-from-arg",
+        ])
+        .unwrap();
+        let text = validate_all(&[&a.sources]).unwrap_err().to_string();
+        assert!(
+            text.contains("--query-token: this flag was removed")
+                && text.contains(
+                    "--query-token-file or the environment variable PULSE_LEDGER_QUERY_TOKEN"
+                ),
+            "{text}"
+        );
+        assert!(!text.contains("tok-from-arg"), "{text}");
+        assert_ne!(a.sources.token().unwrap().expose(), "tok-from-arg");
+        let default = parse(&["--from", "0", "--to", "60000"]).unwrap().sources;
+        if std::env::var_os(QUERY_TOKEN_ENV).is_none() {
+            assert_eq!(default.token().unwrap().expose(), DEV_QUERY_TOKEN);
+        }
+        let from_env = SourceArgs {
+            query_token: "from-env".into(),
+            ..default
+        };
+        assert_eq!(from_env.token().unwrap().expose(), "from-env");
+    }
+
+    #[test]
+    fn help_never_shows_secret_values() {
+        use clap::CommandFactory as _;
+        let mut cli = Cli::command();
+        let ledger = cli.find_subcommand_mut("ledger").unwrap();
+        let mut help = ledger.render_long_help().to_string();
+        let watch = ledger.find_subcommand_mut("watch").unwrap();
+        help.push_str(&watch.render_long_help().to_string());
+        assert!(
+            help.contains(&format!("itself in {QUERY_TOKEN_ENV} (environment only")),
+            "{QUERY_TOKEN_ENV} missing in --help"
+        );
+        assert!(
+            !help.contains(&format!("[env: {QUERY_TOKEN_ENV}]"))
+                && !help.contains(&format!("{QUERY_TOKEN_ENV}="))
+                && !help.contains(DEV_QUERY_TOKEN),
+            "--help offers {QUERY_TOKEN_ENV} as a flag or shows a token"
+        );
+        assert!(!help.contains("--query-token "), "--query-token in --help");
     }
 }

@@ -664,7 +664,7 @@ mod tests {
     fn defaults_are_valid_and_every_bad_setting_is_reported() {
         let ok = Cli::parse_from(["x"]).args;
         validate_all(&[&ok]).unwrap();
-        assert_eq!(ok.ingest.api_key, "pulse-dev-key");
+        assert_eq!(ok.ingest.key().unwrap().expose(), "pulse-dev-key");
         let bad = Cli::parse_from([
             "x",
             "--rate",

@@ -1,4 +1,4 @@
-//! Bearer tokens of the query API: loaded from `--api-tokens` and `--api-tokens-file`,
+//! Bearer tokens of the query API: loaded from PULSE_QUERY_API_TOKENS and `--api-tokens-file`,
 //! kept only as SHA-256 digests, compared in constant time, never logged. Both
 //! transports call [`Tokens::authorize`] with the `authorization` header or metadata and
 //! get the token's name, which the request's span carries (`auth.key`; never the token).
@@ -12,7 +12,9 @@
 //! without a restart: several are valid at once, and requests are counted by token name
 //! (`pulse_query_authenticated_requests_total{key}`) so the old token's use can be watched
 //! going to zero. A file that cannot be read, repeats a token or leaves no token at all
-//! keeps the previous tokens (logged at error level and counted).
+//! keeps the previous tokens (logged at error level and counted). Every reload, taken or
+//! not, is an audit record (`keys.query-tokens.reload`, actor `file`) on the audit topic,
+//! through the [`AuditLog`] given with [`TokenStore::with_audit`].
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -86,7 +88,7 @@ pub enum TokenFileError {
     },
     /// Taking the file would leave no token at all (every request refused).
     #[error(
-        "token file {}: no token in it and none given with --api-tokens; at least one is required",
+        "token file {}: no token in it and none given in PULSE_QUERY_API_TOKENS; at least one is required",
         path.display()
     )]
     NoTokens { path: PathBuf },
@@ -245,7 +247,7 @@ pub fn request_span(name: &str, peer: &str, transport: &'static str) -> tracing:
 /// Token names added, removed and re-keyed by a reload (see [`Tokens::changes_from`]).
 pub type TokenChanges = pulse_platform::secret::NameChanges;
 
-/// The tokens in force: the inline ones (`--api-tokens`) and those of `--api-tokens-file`,
+/// The tokens in force: the inline ones (PULSE_QUERY_API_TOKENS) and those of `--api-tokens-file`,
 /// which [`TokenStore::watch`] re-reads every `interval` when its content changed, so
 /// tokens are added and removed without a restart (rotation: add the new token, move the
 /// clients, remove the old one). A file that is not taken keeps the previous tokens.
@@ -257,6 +259,9 @@ pub struct TokenStore {
     /// The file's content (SHA-256; `None`: unreadable) when it was last tried, good or
     /// not, so that a bad file is reported once and tried again when it changes.
     last: Mutex<Option<TokenDigest>>,
+    /// Where [`TokenStore::watch`] records each reload (a log that writes nowhere until
+    /// [`TokenStore::with_audit`]).
+    audit: AuditLog,
 }
 
 impl std::fmt::Debug for TokenStore {
@@ -295,7 +300,14 @@ impl TokenStore {
             interval,
             current: RwLock::new(Arc::new(tokens)),
             last: Mutex::new(last),
+            audit: AuditLog::disabled(),
         })
+    }
+
+    /// This store, recording each reload of the file to `audit`.
+    pub fn with_audit(mut self, audit: AuditLog) -> Self {
+        self.audit = audit;
+        self
     }
 
     /// The tokens in force now.
@@ -354,7 +366,7 @@ impl TokenStore {
 
     /// Checks the file every `interval` until `stop` is cancelled (the platform's
     /// file-watch loop), logging each reload with the token names added, removed and
-    /// re-keyed (never a token).
+    /// re-keyed (never a token) and recording it to the store's audit log.
     pub async fn watch(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
         let Some(path) = self.file.clone() else {
             return;
@@ -380,7 +392,7 @@ impl TokenStore {
                             %changes,
                             "query API tokens reloaded from the token file; they apply to new requests"
                         );
-                        AuditLog::disabled().record(reload_record(path, Ok((&changes, tokens.len()))));
+                        this.audit.record(reload_record(path, Ok((&changes, tokens.len()))));
                     }
                     Some(Err(e)) => {
                         tracing::error!(
@@ -388,7 +400,7 @@ impl TokenStore {
                             error = %e,
                             "query API token file reload failed; the previous tokens stay in force"
                         );
-                        AuditLog::disabled().record(reload_record(path, Err(&e)));
+                        this.audit.record(reload_record(path, Err(&e)));
                     }
                 }
             }
@@ -399,10 +411,9 @@ impl TokenStore {
 
 /// The audit record of a reload of the token file `path` (action `keys.query-tokens.reload`,
 /// actor `file`, as ingest's `keys.reload`): `ok` with the names added, removed and
-/// re-keyed (never a token) and the count in force, or `failed` with the reason. The query
-/// API has no Kafka producer, so it does not go to the audit topic: [`AuditLog::record`] of
-/// a log that writes nowhere logs it (INFO `audit`, fields `audit.*`), and that line is the
-/// query API's audit record (README, Audit trail).
+/// re-keyed (never a token) and the count in force, or `failed` with the reason.
+/// [`AuditLog::record`] logs it (INFO `audit`, fields `audit.*`) and queues it for the
+/// audit topic (README, Audit trail).
 fn reload_record(
     path: &str,
     outcome: Result<(&TokenChanges, usize), &TokenFileError>,
@@ -732,6 +743,63 @@ mod tests {
             r.detail
         );
         assert!(!r.detail.contains("s3cret"), "{}", r.detail);
+    }
+
+    /// Takes every record at once, acknowledging it.
+    #[derive(Default)]
+    struct Sent(Mutex<Vec<pulse_platform::kafka::OutRecord>>);
+
+    impl pulse_platform::kafka::RecordProducer for Sent {
+        fn enqueue(
+            &self,
+            record: pulse_platform::kafka::OutRecord,
+        ) -> Result<pulse_platform::kafka::AckFuture, pulse_platform::kafka::ProduceError> {
+            self.0.lock().unwrap().push(record);
+            Ok(Box::pin(async {
+                Ok(pulse_platform::kafka::Acked {
+                    partition: 0,
+                    offset: 0,
+                })
+            }))
+        }
+    }
+
+    #[tokio::test]
+    async fn the_watch_writes_each_reload_to_the_audit_log_it_was_given() {
+        let path = temp_path("audit-log");
+        std::fs::write(&path, "one-s3cret=one\n").unwrap();
+        let sent = Arc::new(Sent::default());
+        let audit = AuditLog::spawn(sent.clone(), "audit", 8, Duration::from_secs(5));
+        let store = Arc::new(
+            TokenStore::load(
+                Tokens::default(),
+                Some(path.clone()),
+                Duration::from_millis(10),
+            )
+            .unwrap()
+            .with_audit(audit),
+        );
+        let stop = tokio_util::sync::CancellationToken::new();
+        let task = tokio::spawn(store.clone().watch(stop.clone()));
+        std::fs::write(&path, "two-s3cret=two\n").unwrap();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while sent.0.lock().unwrap().is_empty() {
+            assert!(tokio::time::Instant::now() < deadline, "nothing written");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        stop.cancel();
+        task.await.unwrap();
+        std::fs::remove_file(&path).unwrap();
+        let sent = sent.0.lock().unwrap();
+        assert_eq!(sent.len(), 1);
+        assert_eq!(sent[0].topic, "audit");
+        let r = AuditRecord::from_json(&sent[0].payload).unwrap();
+        assert_eq!(
+            (r.actor.as_str(), r.action.as_str(), r.outcome),
+            ("file", action::TOKENS_RELOAD, Outcome::Ok)
+        );
+        assert_eq!(r.target, path.display().to_string());
+        assert!(r.detail.starts_with("added [two]; removed [one]"), "{r:?}");
     }
 
     #[tokio::test]

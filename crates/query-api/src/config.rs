@@ -5,9 +5,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use pulse_contracts::topics;
 use pulse_platform::clickhouse::ClickHouseConfig;
 use pulse_platform::config::{Problems, Validate};
-use pulse_platform::secret::Secret;
+use pulse_platform::kafka::KafkaConfig;
+use pulse_platform::secret::{Secret, removed_secret_flag};
 use pulse_platform::server::ServerArgs;
 use pulse_platform::telemetry::TelemetryConfig;
 use pulse_platform::windowing::WindowSettings;
@@ -19,6 +21,9 @@ use crate::store::QueryLimits;
 
 /// The token of the local dev stack (documented in the README; never use it elsewhere).
 pub const DEV_TOKEN: &str = "pulse-dev-token";
+
+/// The environment variable holding the bearer tokens; environment only, never a flag.
+pub const API_TOKENS_ENV: &str = "PULSE_QUERY_API_TOKENS";
 
 /// Configuration; every flag has a `PULSE_*` environment fallback (see README).
 #[derive(Debug, Clone, clap::Parser)]
@@ -49,19 +54,20 @@ pub struct Config {
         default_value = "127.0.0.1:9104"
     )]
     pub admin_addr: SocketAddr,
-    /// Bearer tokens, comma-separated. Prefer the env var or a file; never logged.
-    #[arg(
-        long = "api-tokens",
-        env = "PULSE_QUERY_API_TOKENS",
-        default_value = "",
-        hide_env_values = true,
-        hide_default_value = true
-    )]
+    /// Bearer tokens, comma-separated, from PULSE_QUERY_API_TOKENS (environment only, never
+    /// a flag). Never logged.
+    #[arg(skip = Secret::from_env(API_TOKENS_ENV))]
     pub api_tokens: Secret,
     /// File with one bearer token (or `token=name`) per line (e.g. a mounted Kubernetes
-    /// secret); re-read when its content changes, no restart needed.
+    /// secret); re-read when its content changes, no restart needed. Or set the token list
+    /// itself in PULSE_QUERY_API_TOKENS (environment only, no flag; the tokens of both are
+    /// used).
     #[arg(long = "api-tokens-file", env = "PULSE_QUERY_API_TOKENS_FILE")]
     pub api_tokens_file: Option<PathBuf>,
+    /// Removed: took the tokens as a process argument. Refused at start, naming the
+    /// replacement.
+    #[arg(long = "api-tokens", hide = true)]
+    pub removed_api_tokens_flag: Option<Secret>,
     /// How often `--api-tokens-file` is checked for changes, ms.
     #[arg(
         long = "api-tokens-reload-interval-ms",
@@ -119,6 +125,15 @@ pub struct Config {
     pub freshness_cache_ms: u64,
     #[command(flatten)]
     pub clickhouse: ClickHouseConfig,
+    /// The broker the audit records (token file reloads) are written to. Queries never
+    /// wait for it: while it is down the service starts, serves and stays ready, and the
+    /// records fail (counted in `pulse_audit_records_failed_total`, logged at error level).
+    #[command(flatten)]
+    pub kafka: KafkaConfig,
+    /// The append-only audit topic token file reloads are recorded to (`pulsectl audit`
+    /// lists it; created in the background when missing).
+    #[arg(long = "audit-topic", env = "PULSE_AUDIT_TOPIC", default_value = topics::AUDIT)]
+    pub audit_topic: String,
     #[command(flatten)]
     pub telemetry: TelemetryConfig,
     /// TLS and limits of the HTTP, gRPC and admin servers.
@@ -171,10 +186,16 @@ impl Config {
     }
 }
 
-const TOKENS_KEY: &str = "--api-tokens / PULSE_QUERY_API_TOKENS / --api-tokens-file";
+const TOKENS_KEY: &str = "PULSE_QUERY_API_TOKENS / --api-tokens-file";
 
 impl Validate for Config {
     fn validate(&self, p: &mut Problems) {
+        removed_secret_flag(
+            p,
+            "--api-tokens",
+            self.removed_api_tokens_flag.is_some(),
+            "--api-tokens-file or the environment variable PULSE_QUERY_API_TOKENS",
+        );
         match self.tokens() {
             Ok(t) => p.check(
                 !t.is_empty(),
@@ -204,6 +225,12 @@ impl Validate for Config {
             "must be >= 1",
         );
         self.clickhouse.validate(p);
+        self.kafka.validate(p);
+        p.check(
+            !self.audit_topic.trim().is_empty(),
+            "--audit-topic / PULSE_AUDIT_TOPIC",
+            "must not be empty",
+        );
         self.telemetry.validate(p);
         self.server.validate(p);
     }
@@ -218,9 +245,18 @@ mod tests {
 
     use super::*;
 
+    /// The config of `args` with `tokens` as if from PULSE_QUERY_API_TOKENS (tests must not
+    /// set the process environment: they run in parallel).
+    fn with_tokens<const N: usize>(tokens: &str, args: [&str; N]) -> Result<Config, clap::Error> {
+        Config::try_parse_from(args).map(|c| Config {
+            api_tokens: tokens.into(),
+            ..c
+        })
+    }
+
     #[test]
     fn defaults_match_the_readme() {
-        let c = Config::try_parse_from(["q", "--api-tokens", "t"]).unwrap();
+        let c = with_tokens("t", ["q"]).unwrap();
         assert_eq!(c.http_addr.to_string(), "127.0.0.1:8090");
         assert_eq!(c.grpc_addr.to_string(), "127.0.0.1:50052");
         assert_eq!(c.admin_addr.to_string(), "127.0.0.1:9104");
@@ -238,44 +274,87 @@ mod tests {
             (c.query_max_memory_bytes, c.query_max_result_rows),
             (1_073_741_824, 100_000)
         );
+        assert_eq!(
+            (c.kafka.brokers.as_str(), c.audit_topic.as_str()),
+            ("127.0.0.1:9092", "pulse.audit.v1")
+        );
         validate_all(&[&c]).unwrap();
     }
 
     #[test]
     fn a_config_without_tokens_is_refused() {
-        let c = Config::try_parse_from(["q", "--api-tokens", " , "]).unwrap();
+        let c = with_tokens(" , ", ["q"]).unwrap();
         let err = validate_all(&[&c]).unwrap_err();
         assert!(err.to_string().contains("at least one API token"), "{err}");
     }
 
     #[test]
     fn debug_output_never_shows_tokens() {
-        let c = Config::try_parse_from(["q", "--api-tokens", "hunter2"]).unwrap();
+        let c = with_tokens("hunter2", ["q"]).unwrap();
         assert!(!format!("{c:?}").contains("hunter2"));
     }
 
     #[test]
     fn bad_knobs_are_all_reported() {
-        let c = Config::try_parse_from([
-            "q",
-            "--api-tokens",
+        let c = with_tokens(
             "t",
-            "--window-ms",
-            "7",
-            "--max-points",
-            "0",
-            "--query-timeout-ms",
-            "0",
-            "--max-range-ms",
-            "59999",
-        ])
+            [
+                "q",
+                "--window-ms",
+                "7",
+                "--max-points",
+                "0",
+                "--query-timeout-ms",
+                "0",
+                "--max-range-ms",
+                "59999",
+                "--audit-topic",
+                " ",
+            ],
+        )
         .unwrap();
-        assert_eq!(validate_all(&[&c]).unwrap_err().0.len(), 4);
+        assert_eq!(validate_all(&[&c]).unwrap_err().0.len(), 5);
     }
 
     #[test]
     fn every_flag_has_a_name_of_its_own() {
         use clap::CommandFactory as _;
         Config::command().debug_assert();
+    }
+
+    #[test]
+    fn the_removed_tokens_flag_is_refused_naming_the_replacement_not_the_value() {
+        let c = with_tokens("t", ["q", "--api-tokens", "tok-from-arg"]).unwrap();
+        let text = validate_all(&[&c]).unwrap_err().to_string();
+        assert!(
+            text.contains("--api-tokens: this flag was removed")
+                && text.contains(
+                    "--api-tokens-file or the environment variable PULSE_QUERY_API_TOKENS"
+                ),
+            "{text}"
+        );
+        assert!(!text.contains("tok-from-arg"), "{text}");
+        let tokens = Config::try_parse_from(["q", "--api-tokens", "tok-from-arg"])
+            .unwrap()
+            .tokens()
+            .unwrap();
+        assert!(tokens.is_empty(), "a flag never sets tokens");
+    }
+
+    #[test]
+    fn help_never_shows_secret_values() {
+        use clap::CommandFactory as _;
+        let help = Config::command().render_long_help().to_string();
+        // Environment only: named in the text of the file flag, never a flag itself.
+        assert!(
+            help.contains(&format!("itself in {API_TOKENS_ENV} (environment only")),
+            "{API_TOKENS_ENV} missing in --help"
+        );
+        assert!(
+            !help.contains(&format!("[env: {API_TOKENS_ENV}]"))
+                && !help.contains(&format!("{API_TOKENS_ENV}=")),
+            "--help offers {API_TOKENS_ENV} as a flag or shows its value"
+        );
+        assert!(!help.contains("--api-tokens "), "--api-tokens in --help");
     }
 }

@@ -7,6 +7,10 @@
 //! Modules: `config` (flags), `auth` (bearer tokens), `params` (request parsing), `store`
 //! (all SQL), `freshness`, `query` (the one implementation of every number), `model`
 //! (JSON shapes), `http`, `grpc`, `openapi`, `dashboard`, `metrics`, `error`.
+//!
+//! Kafka: the service's only Kafka writes are its audit records (token file reloads), through
+//! `pulse_platform::audit::AuditTrail`, which never makes a query, the start or readiness
+//! wait for the broker (README, Audit trail).
 
 pub mod auth;
 pub mod config;
@@ -24,8 +28,10 @@ pub mod store;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use pulse_contracts::pb::query::v1::query_service_server::QueryServiceServer;
+use pulse_platform::audit::{AuditLog, AuditTrail};
 use pulse_platform::server::{ServeError, ServerSettings};
 use pulse_platform::service::ServiceContext;
 use tokio::net::TcpListener;
@@ -38,6 +44,10 @@ use crate::store::Store;
 
 /// Service name: metrics label, OpenTelemetry `service.name`, log field.
 pub const SERVICE: &str = "query-api";
+
+/// How long shutdown waits for audit records the broker has not acknowledged yet (a
+/// broker that is down delays the exit by at most this).
+const AUDIT_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why the service stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +65,8 @@ pub enum Error {
     Serve(#[from] ServeError),
     #[error("configuration: TLS: {0}")]
     Tls(#[from] pulse_platform::tls::TlsError),
+    #[error("configuration: the audit producer: {0}")]
+    AuditProducer(#[from] rdkafka::error::KafkaError),
 }
 
 /// What both transports share: the query engine and the accepted tokens (reloaded from
@@ -66,9 +78,15 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// The state of `config`: a ClickHouse store (no connection is made yet) and the tokens.
+    /// The state of `config`: a ClickHouse store (no connection is made yet) and the tokens,
+    /// whose reloads are logged but written to no audit topic (see [`AppState::audited`]).
     pub fn new(config: &Config) -> Result<Self, Error> {
-        let tokens = config.token_store()?;
+        Self::audited(config, AuditLog::disabled())
+    }
+
+    /// [`AppState::new`] with the token file's reloads recorded to `audit`.
+    pub fn audited(config: &Config, audit: AuditLog) -> Result<Self, Error> {
+        let tokens = config.token_store()?.with_audit(audit);
         if tokens.current().is_empty() {
             return Err(Error::NoTokens);
         }
@@ -126,7 +144,17 @@ pub async fn serve_with(
 pub async fn run(config: Config, ctx: ServiceContext) -> Result<(), Error> {
     crate::metrics::describe();
     crate::metrics::init();
-    let state = AppState::new(&config)?;
+    // The audit trail's own producer: nothing waits for the broker, and readiness and
+    // liveness never depend on it (no producer watchdog here, unlike ingest's).
+    let stop_audit = CancellationToken::new();
+    let _stop_audit = stop_audit.clone().drop_guard();
+    let audit = AuditTrail::start(
+        &config.kafka,
+        "pulse-query-api-audit",
+        &config.audit_topic,
+        stop_audit,
+    )?;
+    let state = AppState::audited(&config, audit.log())?;
     let tokens = state.tokens.current();
     tracing::info!(
         tokens = tokens.len(),
@@ -152,5 +180,7 @@ pub async fn run(config: Config, ctx: ServiceContext) -> Result<(), Error> {
     ctx.health.set_ready(true);
     ctx.shutdown.cancelled().await;
     tracing::info!("draining: no new requests; finishing in-flight ones");
-    Ok(servers.wait().await?)
+    let served = servers.wait().await;
+    audit.flush(AUDIT_FLUSH_TIMEOUT).await;
+    Ok(served?)
 }

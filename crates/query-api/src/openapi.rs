@@ -28,7 +28,7 @@ impl Modify for BearerAuth {
                 HttpBuilder::new()
                     .scheme(HttpAuthScheme::Bearer)
                     .description(Some(
-                        "A token of --api-tokens / PULSE_QUERY_API_TOKENS (dev stack: pulse-dev-token)",
+                        "A token of PULSE_QUERY_API_TOKENS / --api-tokens-file (dev stack: pulse-dev-token)",
                     ))
                     .build(),
             ),

@@ -312,10 +312,6 @@ impl crate::Config {
     }
 }
 
-/// How much longer than the producer's message timeout the migrations' audit record may
-/// wait for its acknowledgement (librdkafka's own verdict comes first).
-const RECORD_MARGIN: Duration = Duration::from_secs(5);
-
 /// The audit record of the ClickHouse migrations this writer applied at start
 /// (`--migrate`): action `migrate` as `pulsectl migrate`'s, actor `pulse-writer`, the
 /// database as target, the versions in the detail and the host (pod) as source. `None` when
@@ -366,7 +362,7 @@ pub fn record_migrations(
     );
     let producer = producer.clone();
     let topic = config.audit_topic.clone();
-    let timeout = Duration::from_millis(config.kafka.message_timeout_ms.into()) + RECORD_MARGIN;
+    let timeout = pulse_platform::audit::write_timeout(&config.kafka);
     tokio::spawn(async move {
         let _ = pulse_platform::audit::write_now(&producer, &topic, &record, timeout).await;
     });

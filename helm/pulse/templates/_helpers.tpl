@@ -113,13 +113,15 @@ writer-parquet:
   consumer: true
   topics: [pulse.events.v1, pulse.user-activity.v1, pulse.sessions.v1]
   secrets: [clickhouse-password, s3-access-key, s3-secret-key]
+# The query API's Kafka use is its audit records (token file reloads) alone: it serves
+# and stays ready while the brokers are down.
 query-api:
   key: queryApi
   command: [pulse-query-api]
   args: []
   ports: {http: 8090, grpc: 50052, admin: 9104}
   addrEnv: {http: PULSE_QUERY_HTTP_ADDR, grpc: PULSE_QUERY_GRPC_ADDR}
-  uses: [clickhouse, windowing]
+  uses: [kafka, clickhouse, windowing]
   consumer: false
   secrets: [query-api-tokens, clickhouse-password]
 schema-registry:
@@ -615,9 +617,9 @@ ConfigMap; the volumes are pulse.serverTlsVolumeMounts / pulse.serverTlsVolumes.
 {{- end -}}
 
 {{/* "true" for a component whose only server is its admin server (the processor, the
-writers): listed in serverTls.components, that server speaks TLS. */}}
+writers, the ledger): listed in serverTls.components, that server speaks TLS. */}}
 {{- define "pulse.adminOnly" -}}
-{{- if has (default .c.name .c.live) (list "processor" "writer-clickhouse" "writer-parquet") }}true{{ end -}}
+{{- if has (default .c.name .c.live) (list "processor" "writer-clickhouse" "writer-parquet" "ledger") }}true{{ end -}}
 {{- end -}}
 
 {{/* "true" when a component's admin port speaks TLS: listed, and serverTls.admin or a

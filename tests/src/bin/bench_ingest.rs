@@ -680,12 +680,8 @@ async fn run_phase(
 
 fn ingest_config(args: &Args, events: &str, dlq: &str) -> pulse_ingest::Config {
     let max_batch = args.batch.max(1000).to_string();
-    pulse_ingest::Config::parse_from([
+    let cfg = pulse_ingest::Config::parse_from([
         "pulse-ingest",
-        "--api-keys",
-        &format!("{API_KEY}={SOURCE}"),
-        "--pii-hmac-key",
-        HMAC_KEY,
         "--rate-limit",
         "0",
         "--dedup-capacity",
@@ -706,7 +702,13 @@ fn ingest_config(args: &Args, events: &str, dlq: &str) -> pulse_ingest::Config {
         events,
         "--dlq-topic",
         dlq,
-    ])
+    ]);
+    // As if from PULSE_INGEST_API_KEYS / PULSE_INGEST_PII_HMAC_KEY (never flags).
+    pulse_ingest::Config {
+        api_keys: format!("{API_KEY}={SOURCE}").into(),
+        pii_hmac_key: HMAC_KEY.into(),
+        ..cfg
+    }
 }
 
 #[tokio::main]
@@ -985,11 +987,9 @@ async fn process_mode(args: &Args) -> Result<()> {
         .with_context(|| format!("creating {}", log_path.display()))?;
     let max_batch = args.batch.max(1000).to_string();
     let mut cmd = tokio::process::Command::new(&bin);
+    cmd.env("PULSE_INGEST_API_KEYS", format!("{API_KEY}={SOURCE}"))
+        .env("PULSE_INGEST_PII_HMAC_KEY", HMAC_KEY);
     cmd.args([
-        "--api-keys",
-        &format!("{API_KEY}={SOURCE}"),
-        "--pii-hmac-key",
-        HMAC_KEY,
         "--rate-limit",
         "0",
         "--max-batch-events",

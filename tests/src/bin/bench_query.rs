@@ -454,8 +454,6 @@ async fn seed_database(args: &Args, cfg: &ClickHouseConfig, t_end: i64) -> Resul
 fn config(cfg: &ClickHouseConfig, cache_ms: Option<u64>) -> Config {
     let mut args = vec![
         "pulse-query-api".to_owned(),
-        "--api-tokens".into(),
-        TOKEN.into(),
         "--clickhouse-url".into(),
         cfg.url.clone(),
         "--clickhouse-database".into(),
@@ -464,7 +462,11 @@ fn config(cfg: &ClickHouseConfig, cache_ms: Option<u64>) -> Config {
     if let Some(ms) = cache_ms {
         args.extend(["--freshness-cache-ms".into(), ms.to_string()]);
     }
-    Config::parse_from(args)
+    // As if from PULSE_QUERY_API_TOKENS (a secret is never a flag).
+    Config {
+        api_tokens: TOKEN.into(),
+        ..Config::parse_from(args)
+    }
 }
 
 async fn serve(state: AppState, stop: &CancellationToken) -> Result<(String, Servers)> {

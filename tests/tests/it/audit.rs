@@ -5,7 +5,8 @@
 //! itself with the operator from `--actor`. An ingest with `key.user_id=hash` stores an
 //! e-mail user id only as its HMAC (record key and value), and with
 //! `key.user_id.email=refuse` rejects it naming `key.user_id`, keeping neither the address
-//! as the DLQ key nor (with `--dlq-original redact`) in the DLQ record's bytes.
+//! as the DLQ key nor (with `--dlq-original redact`) in the DLQ record's bytes. (The query
+//! API's token file reloads are asserted in `query_api_tokens`, with these helpers.)
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -142,7 +143,7 @@ async fn pulsectl(args: &[&str], envs: &[(&str, &str)]) -> (bool, String, String
 }
 
 /// `pulsectl audit --json` on `topic` with `extra` filters: the records it prints.
-async fn audit_json(topic: &str, extra: &[&str]) -> Vec<AuditRecord> {
+pub(crate) async fn audit_json(topic: &str, extra: &[&str]) -> Vec<AuditRecord> {
     let brokers = pulse_tests::kafka().brokers;
     let mut args = vec![
         "audit",
@@ -450,8 +451,6 @@ async fn a_dlq_redrive_is_audited_with_the_operator_and_its_outcome() {
             &position,
             "--target",
             &target,
-            "--api-key",
-            "audit-key",
             "--topic",
             &dlq,
             "--kafka-brokers",
@@ -462,6 +461,7 @@ async fn a_dlq_redrive_is_audited_with_the_operator_and_its_outcome() {
         &[
             ("PULSE_KAFKA_REPLICATION_FACTOR", "1"),
             ("PULSE_KAFKA_MIN_INSYNC_REPLICAS", "1"),
+            ("PULSE_API_KEY", "audit-key"),
         ],
     )
     .await;
@@ -480,8 +480,6 @@ async fn a_dlq_redrive_is_audited_with_the_operator_and_its_outcome() {
             &position,
             "--target",
             &target,
-            "--api-key",
-            "not-a-key",
             "--topic",
             &dlq,
             "--kafka-brokers",
@@ -489,7 +487,7 @@ async fn a_dlq_redrive_is_audited_with_the_operator_and_its_outcome() {
             "--audit-topic",
             &audit_topic,
         ],
-        &[("USER", "ops-bob")],
+        &[("USER", "ops-bob"), ("PULSE_API_KEY", "not-a-key")],
     )
     .await;
     assert!(!ok, "a redrive with a wrong key fails:\n{stderr}");
@@ -673,7 +671,7 @@ async fn an_api_key_file_reload_is_audited_by_key_name_never_by_key() {
 }
 
 /// `pulsectl audit --json --source clickhouse` on `topic`'s copy in `ch`, with `extra`.
-async fn audit_json_from_clickhouse(
+pub(crate) async fn audit_json_from_clickhouse(
     topic: &str,
     ch: &pulse_platform::clickhouse::ClickHouseConfig,
     extra: &[&str],
@@ -692,7 +690,7 @@ async fn audit_json_from_clickhouse(
 
 /// A new audit topic named after `prefix` (as the services create it, on the one test
 /// broker; deleted when the guard drops), and those single-broker Kafka settings.
-async fn new_audit_topic(
+pub(crate) async fn new_audit_topic(
     prefix: &str,
 ) -> (String, cleanup::Topics, pulse_platform::kafka::KafkaConfig) {
     let single = pulse_platform::kafka::KafkaConfig {
@@ -708,7 +706,7 @@ async fn new_audit_topic(
 }
 
 /// The flags of a ClickHouse writer in `group` that copies `audit_topic` into `ch`.
-fn audit_copy_args(
+pub(crate) fn audit_copy_args(
     ch: &pulse_platform::clickhouse::ClickHouseConfig,
     group: &str,
     audit_topic: &str,
@@ -792,6 +790,9 @@ async fn a_writer_copies_the_audit_topic_into_clickhouse_exactly_once_across_a_r
         .offset;
 
     let topics = WriterTopics::create("audit").await;
+    // The database migrated beforehand: a writer that applies migrations records them on
+    // this topic (`migrate`, actor `pulse-writer`), which would be copied as a fourth row.
+    pulse_storage::migrate::migrate(&ch).await.unwrap();
     let args = |group: &str| audit_copy_args(&ch, group, &audit_topic, &topics);
     let log = dir.path().join("writer.log");
     let mut first = WriterProcess::spawn(&args(&pulse_tests::unique("w")), &[], log.clone());

@@ -70,6 +70,7 @@ fn redrive_args(dlq: &str, target: String, ca: &std::path::Path) -> dlq::Redrive
             target,
             api_key: "test-key".into(),
             ca_file: Some(ca.to_owned()),
+            ..IngestArgs::default()
         },
         topic: TopicArgs {
             topic: dlq.to_owned(),

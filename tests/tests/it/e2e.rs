@@ -158,8 +158,6 @@ fn run_loadgen(p: &Platform, expect: &Path) -> Value {
             "loadgen",
             "--target",
             &p.ingest,
-            "--api-key",
-            API_KEY,
             "--seed",
             "7",
             "--users",
@@ -181,6 +179,7 @@ fn run_loadgen(p: &Platform, expect: &Path) -> Value {
             "--expect-out",
         ])
         .arg(expect)
+        .env("PULSE_API_KEY", API_KEY)
         .output()
         .unwrap();
     assert!(

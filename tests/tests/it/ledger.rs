@@ -168,8 +168,6 @@ async fn pipeline() -> Pipeline {
 
     let api = pulse_query_api::Config::parse_from([
         "pulse-query-api",
-        "--api-tokens",
-        TOKEN,
         "--clickhouse-url",
         &ch.url,
         "--clickhouse-database",
@@ -181,6 +179,11 @@ async fn pipeline() -> Pipeline {
         "--freshness-cache-ms",
         "0",
     ]);
+    // As if from PULSE_QUERY_API_TOKENS (a secret is never a flag).
+    let api = pulse_query_api::Config {
+        api_tokens: TOKEN.into(),
+        ..api
+    };
     let state = pulse_query_api::AppState::new(&api).unwrap();
     let api = pulse_query_api::serve(
         TcpListener::bind("127.0.0.1:0").await.unwrap(),
@@ -210,7 +213,8 @@ async fn pipeline() -> Pipeline {
 }
 
 impl Pipeline {
-    /// The ledger's flags for this pipeline, then `extra`.
+    /// The ledger's flags for this pipeline, then `extra`; the query token is not a flag
+    /// (PULSE_LEDGER_QUERY_TOKEN, or `SourceArgs::query_token` in process).
     fn argv(&self, extra: &[&str]) -> Vec<String> {
         let mut v: Vec<String> = [
             "--events-topic",
@@ -227,8 +231,6 @@ impl Pipeline {
             &self.ch.database,
             "--query-url",
             &self.api_base,
-            "--query-token",
-            TOKEN,
             "--window-ms",
             "60000",
             "--allowed-lateness-ms",
@@ -257,7 +259,10 @@ impl Pipeline {
         match pulsectl::Cli::parse_from(argv).command {
             pulsectl::Command::Ledger(a) => {
                 let LedgerArgs { sources, .. } = *a;
-                sources
+                SourceArgs {
+                    query_token: TOKEN.into(),
+                    ..sources
+                }
             }
             other => panic!("not ledger: {other:?}"),
         }
@@ -510,6 +515,7 @@ async fn the_ledger_reconciles_a_clean_range_and_names_what_a_store_lost() {
         tokio::task::spawn_blocking(move || {
             std::process::Command::new(binary("pulsectl"))
                 .args(argv)
+                .env("PULSE_LEDGER_QUERY_TOKEN", TOKEN)
                 .env_remove("PULSE_PROGRESS")
                 .output()
                 .unwrap()
@@ -594,9 +600,10 @@ async fn the_ledger_reconciles_a_clean_range_and_names_what_a_store_lost() {
     let pulsectl::Command::Ledger(args) = pulsectl::Cli::parse_from(argv).command else {
         panic!("not ledger")
     };
-    let Some(pulsectl::ledger::LedgerCommand::Watch(watch)) = args.command else {
+    let Some(pulsectl::ledger::LedgerCommand::Watch(mut watch)) = args.command else {
         panic!("not ledger watch")
     };
+    watch.sources.query_token = TOKEN.into();
     let (ctx, admin) =
         pulse_platform::service::start("ledger", TcpListener::bind("127.0.0.1:0").await.unwrap())
             .unwrap();

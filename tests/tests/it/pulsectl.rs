@@ -76,10 +76,14 @@ async fn start_ingest_with(extra: &[&str]) -> Ingest {
 }
 
 fn loadgen_args(extra: &[&str]) -> LoadgenArgs {
-    let mut argv = vec!["pulsectl", "loadgen", "--api-key", "test-key"];
+    let mut argv = vec!["pulsectl", "loadgen"];
     argv.extend_from_slice(extra);
     match pulsectl::Cli::parse_from(argv).command {
-        pulsectl::Command::Loadgen(args) => *args,
+        pulsectl::Command::Loadgen(mut args) => {
+            // As if from PULSE_API_KEY (a secret is never a flag).
+            args.ingest.api_key = "test-key".into();
+            *args
+        }
         other => panic!("parsed as {other:?}"),
     }
 }
@@ -89,6 +93,7 @@ fn ingest_args(http: &str) -> IngestArgs {
         target: http.to_owned(),
         api_key: "test-key".into(),
         ca_file: None,
+        ..IngestArgs::default()
     }
 }
 
@@ -343,6 +348,7 @@ async fn migrate_applies_the_schema_once() {
 async fn run_pulsectl(args: &[&str]) -> (String, String) {
     let mut cmd = tokio::process::Command::new(binary("pulsectl"));
     cmd.args(args)
+        .env("PULSE_API_KEY", "test-key")
         .env_remove("PULSE_PROGRESS")
         .env_remove("PULSE_PROGRESS_INTERVAL")
         .stdin(std::process::Stdio::null())
@@ -394,8 +400,6 @@ async fn on_a_pipe_loadgen_redrive_and_migrate_print_plain_progress_lines_on_std
         "loadgen",
         "--target",
         &ingest.http,
-        "--api-key",
-        "test-key",
         "--rate",
         "30",
         "--duration",
@@ -456,8 +460,6 @@ async fn on_a_pipe_loadgen_redrive_and_migrate_print_plain_progress_lines_on_std
         &positions.join(","),
         "--target",
         &ingest.http,
-        "--api-key",
-        "test-key",
         "--topic",
         &ingest.dlq_topic,
         "--kafka-brokers",
@@ -539,7 +541,7 @@ async fn on_a_terminal_loadgen_draws_a_bar_with_rate_and_eta_instead_of_plain_li
     // `script` (util-linux) runs the command on a new pseudo-terminal, as a user's shell
     // would, and copies what is drawn there to its own stdout; the terminal gets a size.
     let command = format!(
-        "stty cols 160 rows 40; exec {} loadgen --target {} --api-key test-key --rate 30 \
+        "stty cols 160 rows 40; exec {} loadgen --target {} --rate 30 \
          --duration 4s --seed 6 --batch-size 5 --malformed 0 --duplicates 0 --late 0",
         binary("pulsectl").display(),
         ingest.http
@@ -548,6 +550,7 @@ async fn on_a_terminal_loadgen_draws_a_bar_with_rate_and_eta_instead_of_plain_li
     cmd.args(["--quiet", "--return", "--command", &command, "/dev/null"])
         .env_remove("PULSE_PROGRESS")
         .env_remove("PULSE_PROGRESS_INTERVAL")
+        .env("PULSE_API_KEY", "test-key")
         .env("TERM", "xterm-256color")
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true);
@@ -670,6 +673,7 @@ async fn loadgen_and_dlq_redrive_reach_an_ingest_over_tls_with_the_ca_file() {
                 target: https.clone(),
                 api_key: "test-key".into(),
                 ca_file: Some(ca.clone()),
+                ..IngestArgs::default()
             },
             topic: topic_args(&ingest.dlq_topic),
         },
@@ -695,6 +699,7 @@ async fn loadgen_and_dlq_redrive_reach_an_ingest_over_tls_with_the_ca_file() {
                 target: https,
                 api_key: "test-key".into(),
                 ca_file: Some(not_pem),
+                ..IngestArgs::default()
             },
             topic: topic_args(&ingest.dlq_topic),
         },

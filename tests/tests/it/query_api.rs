@@ -38,14 +38,7 @@ const M: i64 = 60_000;
 
 /// A fresh database with Pulse's schema, dropped with the guard.
 async fn database() -> Database {
-    let ch = Database::unique("pulse_query");
-    ch.server_client()
-        .query(&format!("CREATE DATABASE {}", ch.database))
-        .execute()
-        .await
-        .unwrap();
-    pulse_storage::migrate::migrate(&ch).await.unwrap();
-    ch
+    Database::migrated("pulse_query").await
 }
 
 /// One INSERT (one part): rows inserted by separate calls stay separate until a merge.
@@ -334,8 +327,6 @@ struct Api {
 async fn serve_api(ch: &ClickHouseConfig, extra: &[&str]) -> Api {
     let mut args = vec![
         "pulse-query-api",
-        "--api-tokens",
-        TOKEN,
         "--clickhouse-url",
         &ch.url,
         "--clickhouse-database",
@@ -346,7 +337,11 @@ async fn serve_api(ch: &ClickHouseConfig, extra: &[&str]) -> Api {
         args.extend(["--freshness-cache-ms", "0"]);
     }
     args.extend_from_slice(extra);
-    let config = pulse_query_api::Config::parse_from(args);
+    // As if from PULSE_QUERY_API_TOKENS (a secret is never a flag).
+    let config = pulse_query_api::Config {
+        api_tokens: TOKEN.into(),
+        ..pulse_query_api::Config::parse_from(args)
+    };
     let state = AppState::new(&config).unwrap();
     let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -2062,7 +2057,8 @@ impl ApiProcess {
         let logs = TempDir::new("pulse-query-api");
         let log = std::fs::File::create(logs.path().join("query-api.log")).unwrap();
         let mut cmd = std::process::Command::new(binary("pulse-query-api"));
-        cmd.args(["--api-tokens", TOKEN, "--log-format", "text"])
+        cmd.args(["--log-format", "text"])
+            .env("PULSE_QUERY_API_TOKENS", TOKEN)
             .args(["--clickhouse-url", &ch.url])
             .args(["--clickhouse-database", &ch.database])
             .args(["--http-addr", &http, "--grpc-addr", &grpc])

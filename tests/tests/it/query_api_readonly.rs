@@ -12,13 +12,7 @@ use pulse_query_api::store::{QueryLimits, Store};
 
 #[tokio::test]
 async fn the_query_store_cannot_write_drop_create_or_lift_its_limits() {
-    let ch = Database::unique("pulse_query_ro");
-    ch.server_client()
-        .query(&format!("CREATE DATABASE {}", ch.database))
-        .execute()
-        .await
-        .unwrap();
-    pulse_storage::migrate::migrate(&ch).await.unwrap();
+    let ch = Database::migrated("pulse_query_ro").await;
     let store = Store::new(&ch, Duration::from_secs(5)).with_limits(QueryLimits {
         max_memory_bytes: 1 << 30,
         max_result_rows: 1_000,

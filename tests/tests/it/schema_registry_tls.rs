@@ -325,10 +325,6 @@ async fn a_wrong_registry_ca_names_the_certificate_problem_and_a_missing_one_the
     // lookup fails with the certificate problem in the error.
     let ingest = pulse_ingest::Config::parse_from([
         "pulse-ingest",
-        "--api-keys",
-        "k=s",
-        "--pii-hmac-key",
-        "h",
         "--schema-registry-url",
         &url,
         "--schema-registry-ca-file",

@@ -53,7 +53,8 @@ impl Api {
         let log = dir.join("query-api.log");
         let out = std::fs::File::create(&log).unwrap();
         let child = Command::new(binary("pulse-query-api"))
-            .args(["--api-tokens", TOKEN, "--log-format", "text"])
+            .args(["--log-format", "text"])
+            .env("PULSE_QUERY_API_TOKENS", TOKEN)
             .args(["--clickhouse-url", &pulse_tests::clickhouse().url])
             .args(["--http-addr", &http, "--grpc-addr", &grpc])
             .args(["--admin-addr", &admin])
@@ -747,7 +748,7 @@ impl AdminOnly {
         .map(String::from)
         .to_vec();
         all.extend(args.iter().map(|a| a.to_string()));
-        let mut p = Self::spawn(dir, "pulse-processor", &all);
+        let mut p = Self::spawn(dir, "pulse-processor", &[], &all);
         p._topics = Some(cleanup::Topics::adopt(names));
         p
     }
@@ -775,14 +776,42 @@ impl AdminOnly {
             all.extend(["--clickhouse-url".into(), format!("http://{nowhere}")]);
         }
         all.extend(args.iter().map(|a| a.to_string()));
-        Self::spawn(dir, "pulse-writer", &all)
+        Self::spawn(dir, "pulse-writer", &[], &all)
     }
 
-    fn spawn(dir: &Path, binary_name: &str, args: &[String]) -> Self {
+    /// `pulsectl ledger watch` whose sources do not answer (broker, ClickHouse, S3 and query
+    /// API where nothing listens): it retries opening them, alive and not ready.
+    fn ledger(dir: &Path, args: &[&str]) -> Self {
+        let nowhere = format!("127.0.0.1:{}", free_port());
+        let http = format!("http://{nowhere}");
+        let mut all: Vec<String> = [
+            "--kafka-brokers",
+            &nowhere,
+            "--clickhouse-url",
+            &http,
+            "--s3-endpoint",
+            &http,
+            "--s3-access-key-file",
+            &pulse_tests::secret_file("admin-tls-ledger-access", "a"),
+            "--s3-secret-key-file",
+            &pulse_tests::secret_file("admin-tls-ledger-secret", "s"),
+            "--query-url",
+            &http,
+            "--interval",
+            "1s",
+        ]
+        .map(String::from)
+        .to_vec();
+        all.extend(args.iter().map(|a| a.to_string()));
+        Self::spawn(dir, "pulsectl", &["ledger", "watch"], &all)
+    }
+
+    fn spawn(dir: &Path, binary_name: &str, command: &[&str], args: &[String]) -> Self {
         let admin = format!("127.0.0.1:{}", free_port());
         let log = dir.join(format!("{binary_name}-{}.log", port(&admin)));
         let out = std::fs::File::create(&log).unwrap();
         let child = Command::new(binary(binary_name))
+            .args(command)
             .args(["--admin-addr", &admin, "--log-format", "text"])
             .args(args)
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
@@ -821,7 +850,7 @@ impl AdminOnly {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn the_processor_and_both_writers_serve_their_admin_endpoints_over_tls() {
+async fn the_processor_both_writers_and_the_ledger_serve_their_admin_endpoints_over_tls() {
     let (ca, cert, key) = pki("admin-tls");
     let (wrong_ca, _, _) = pki("admin-tls-wrong");
     let dir = ca.parent().unwrap().to_owned();
@@ -857,6 +886,7 @@ async fn the_processor_and_both_writers_serve_their_admin_endpoints_over_tls() {
             AdminOnly::writer(&dir, "parquet", &mtls),
             true,
         ),
+        ("ledger watch", AdminOnly::ledger(&dir, &mtls), true),
     ];
     for (name, service, mutual) in &mut services {
         let extra: &[&str] = if *mutual { &identity } else { &[] };

@@ -671,6 +671,9 @@ async fn scrape_child(
         .env("PULSE_KAFKA_BROKERS", pulse_tests::kafka().brokers)
         .env("PULSE_ADMIN_ADDR", &admin)
         .env("PULSE_LOG_FORMAT", "text")
+        // One test broker: topics it creates (a writer's `pulse.audit.v1`) get one replica.
+        .env("PULSE_KAFKA_REPLICATION_FACTOR", "1")
+        .env("PULSE_KAFKA_MIN_INSYNC_REPLICAS", "1")
         .stdout(out)
         .stderr(err)
         .kill_on_drop(true)

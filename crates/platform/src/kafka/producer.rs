@@ -118,6 +118,22 @@ pub trait RecordProducer: Send + Sync {
     fn enqueue_ref(&self, record: &OutRecord) -> Result<AckFuture, ProduceError> {
         self.enqueue(record.clone())
     }
+
+    /// Queues `record`, handing it back with the error when it could not be queued (what
+    /// a retry after a full queue needs, without copying the record first). The default
+    /// queues a copy ([`enqueue_ref`](Self::enqueue_ref)); the Kafka producer moves the
+    /// headers into librdkafka and gets them back only on a refusal.
+    fn try_enqueue(&self, record: OutRecord) -> Result<AckFuture, Box<NotQueued>> {
+        self.enqueue_ref(&record)
+            .map_err(|error| Box::new(NotQueued { error, record }))
+    }
+}
+
+/// A record [`RecordProducer::try_enqueue`] could not queue, and why.
+#[derive(Debug)]
+pub struct NotQueued {
+    pub error: ProduceError,
+    pub record: OutRecord,
 }
 
 /// Queues `record` on any [`RecordProducer`], retrying while its local queue is full (1 ms
@@ -128,15 +144,26 @@ pub async fn enqueue_with_wait(
     record: OutRecord,
     max_backpressure_wait: Duration,
 ) -> Result<AckFuture, ProduceError> {
-    let deadline = Instant::now() + max_backpressure_wait;
+    let mut record = record;
+    let mut deadline: Option<Instant> = None;
     let mut pause = Duration::from_millis(1);
     loop {
-        match producer.enqueue_ref(&record) {
-            Err(ProduceError::QueueFull) if Instant::now() < deadline => {
+        match producer.try_enqueue(record) {
+            Ok(ack) => return Ok(ack),
+            Err(refused) => {
+                let NotQueued {
+                    error,
+                    record: back,
+                } = *refused;
+                let deadline =
+                    *deadline.get_or_insert_with(|| Instant::now() + max_backpressure_wait);
+                if !matches!(error, ProduceError::QueueFull) || Instant::now() >= deadline {
+                    return Err(error);
+                }
+                record = back;
                 tokio::time::sleep(pause).await;
                 pause = (pause * 2).min(Duration::from_millis(50));
             }
-            other => return other,
         }
     }
 }
@@ -230,6 +257,29 @@ struct Shared {
     client: RwLock<Client>,
     delivery: Arc<Mutex<Delivery>>,
     recreated: AtomicU64,
+    /// The acknowledgement metrics of each topic written so far (a handful: the topics
+    /// of the service's configuration).
+    topics: RwLock<Vec<Arc<TopicMetrics>>>,
+}
+
+/// The handles of one topic's acknowledgement metrics, resolved once per producer and
+/// topic: a record's acknowledgement then updates them without building a label set and
+/// looking the series up in the registry (per record, that was a topic-name copy and two
+/// lookups; the recorder in place when a topic is first written is the one they count in).
+struct TopicMetrics {
+    topic: String,
+    produced: metrics::Counter,
+    ack_seconds: metrics::Histogram,
+}
+
+impl TopicMetrics {
+    fn new(topic: &str) -> Self {
+        Self {
+            topic: topic.to_owned(),
+            produced: metrics::counter!(m::KAFKA_PRODUCED_TOTAL, "topic" => topic.to_owned()),
+            ack_seconds: metrics::histogram!(m::KAFKA_PRODUCE_ACK_SECONDS, "topic" => topic.to_owned()),
+        }
+    }
 }
 
 impl std::fmt::Debug for KafkaProducer {
@@ -252,6 +302,7 @@ impl KafkaProducer {
                 client: RwLock::new(client),
                 delivery,
                 recreated: AtomicU64::new(0),
+                topics: RwLock::new(Vec::new()),
             }),
         })
     }
@@ -276,6 +327,99 @@ impl KafkaProducer {
         c.create_with_context(PulseProducerContext {
             delivery: Arc::clone(delivery),
         })
+    }
+
+    /// The acknowledgement metrics of `topic`.
+    fn topic_metrics(&self, topic: &str) -> Arc<TopicMetrics> {
+        let found = |list: &[Arc<TopicMetrics>]| list.iter().find(|t| t.topic == topic).cloned();
+        let known = found(
+            &self
+                .shared
+                .topics
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        known.unwrap_or_else(|| {
+            let mut list = self
+                .shared
+                .topics
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            found(&list).unwrap_or_else(|| {
+                let fresh = Arc::new(TopicMetrics::new(topic));
+                list.push(Arc::clone(&fresh));
+                fresh
+            })
+        })
+    }
+
+    /// Queues one record with `headers` (librdkafka takes them over); a record that could
+    /// not be queued gives its headers back with the error.
+    fn queue(
+        &self,
+        topic: &str,
+        key: Option<&[u8]>,
+        payload: &[u8],
+        headers: OwnedHeaders,
+        partition: Option<i32>,
+    ) -> Result<AckFuture, (ProduceError, OwnedHeaders)> {
+        let mut fr = FutureRecord::<[u8], [u8]>::to(topic)
+            .payload(payload)
+            .headers(headers);
+        if let Some(k) = key {
+            fr = fr.key(k);
+        }
+        if let Some(p) = partition {
+            fr = fr.partition(p);
+        }
+        let started = Instant::now();
+        let health = Arc::clone(&self.shared.delivery);
+        let (error, fr) = match self.current().send_result(fr) {
+            Ok(delivery) => {
+                let metrics = self.topic_metrics(topic);
+                return Ok(delivery
+                    .map(move |r| {
+                        let result = match r {
+                            Ok(Ok(d)) => Ok(Acked {
+                                partition: d.partition,
+                                offset: d.offset,
+                            }),
+                            Ok(Err((e, _msg))) => Err(ProduceError::Delivery(e)),
+                            Err(_canceled) => Err(ProduceError::Cancelled),
+                        };
+                        match &result {
+                            Ok(_) => {
+                                lock(&health).acknowledged();
+                                metrics.produced.increment(1);
+                                metrics
+                                    .ack_seconds
+                                    .record(started.elapsed().as_secs_f64());
+                            }
+                            Err(e) => {
+                                // A refusal of this record (too large, invalid) proves the
+                                // broker answers: it says nothing about the producer.
+                                if e.is_retryable() {
+                                    lock(&health).failed(Instant::now());
+                                }
+                                metrics::counter!(m::KAFKA_PRODUCE_ERRORS_TOTAL, "topic" => metrics.topic.clone(), "kind" => e.kind())
+                                    .increment(1);
+                            }
+                        }
+                        result
+                    })
+                    .boxed());
+            }
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), fr)) => {
+                metrics::counter!(m::KAFKA_PRODUCE_BACKPRESSURE_TOTAL, "topic" => topic.to_owned())
+                    .increment(1);
+                (ProduceError::QueueFull, fr)
+            }
+            Err((e, fr)) => {
+                metrics::counter!(m::KAFKA_PRODUCE_ERRORS_TOTAL, "topic" => topic.to_owned(), "kind" => "enqueue").increment(1);
+                (ProduceError::Enqueue(e), fr)
+            }
+        };
+        Err((error, fr.headers.unwrap_or_default()))
     }
 
     /// The current client (a cheap handle).
@@ -387,62 +531,42 @@ impl KafkaProducer {
 
 impl RecordProducer for KafkaProducer {
     fn enqueue(&self, record: OutRecord) -> Result<AckFuture, ProduceError> {
-        self.enqueue_ref(&record)
+        self.try_enqueue(record).map_err(|refused| refused.error)
     }
 
     fn enqueue_ref(&self, record: &OutRecord) -> Result<AckFuture, ProduceError> {
-        let topic = record.topic.clone();
-        let mut fr = FutureRecord::<Vec<u8>, Vec<u8>>::to(&record.topic)
-            .payload(&record.payload)
-            .headers(record.headers.clone());
-        if let Some(k) = &record.key {
-            fr = fr.key(k);
-        }
-        if let Some(p) = record.partition {
-            fr = fr.partition(p);
-        }
-        let started = Instant::now();
-        let health = Arc::clone(&self.shared.delivery);
-        match self.current().send_result(fr) {
-            Ok(delivery) => Ok(delivery
-                .map(move |r| {
-                    let result = match r {
-                        Ok(Ok(d)) => Ok(Acked {
-                            partition: d.partition,
-                            offset: d.offset,
-                        }),
-                        Ok(Err((e, _msg))) => Err(ProduceError::Delivery(e)),
-                        Err(_canceled) => Err(ProduceError::Cancelled),
-                    };
-                    match &result {
-                        Ok(_) => {
-                            lock(&health).acknowledged();
-                            metrics::counter!(m::KAFKA_PRODUCED_TOTAL, "topic" => topic.clone()).increment(1);
-                            metrics::histogram!(m::KAFKA_PRODUCE_ACK_SECONDS, "topic" => topic)
-                                .record(started.elapsed().as_secs_f64());
-                        }
-                        Err(e) => {
-                            // A refusal of this record (too large, invalid) proves the
-                            // broker answers: it says nothing about the producer.
-                            if e.is_retryable() {
-                                lock(&health).failed(Instant::now());
-                            }
-                            metrics::counter!(m::KAFKA_PRODUCE_ERRORS_TOTAL, "topic" => topic, "kind" => e.kind())
-                                .increment(1);
-                        }
-                    }
-                    result
+        self.queue(
+            &record.topic,
+            record.key.as_deref(),
+            &record.payload,
+            record.headers.clone(),
+            record.partition,
+        )
+        .map_err(|(error, _headers)| error)
+    }
+
+    /// Moves the record's headers into librdkafka (no copy of them per record).
+    fn try_enqueue(&self, record: OutRecord) -> Result<AckFuture, Box<NotQueued>> {
+        let OutRecord {
+            topic,
+            key,
+            payload,
+            headers,
+            partition,
+        } = record;
+        self.queue(&topic, key.as_deref(), &payload, headers, partition)
+            .map_err(|(error, headers)| {
+                Box::new(NotQueued {
+                    error,
+                    record: OutRecord {
+                        topic,
+                        key,
+                        payload,
+                        headers,
+                        partition,
+                    },
                 })
-                .boxed()),
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                metrics::counter!(m::KAFKA_PRODUCE_BACKPRESSURE_TOTAL, "topic" => topic).increment(1);
-                Err(ProduceError::QueueFull)
-            }
-            Err((e, _)) => {
-                metrics::counter!(m::KAFKA_PRODUCE_ERRORS_TOTAL, "topic" => topic, "kind" => "enqueue").increment(1);
-                Err(ProduceError::Enqueue(e))
-            }
-        }
+            })
     }
 }
 
@@ -499,6 +623,82 @@ mod tests {
     use super::*;
 
     const MIN: Duration = Duration::from_secs(60);
+
+    fn header_list<H: rdkafka::message::Headers>(h: &H) -> Vec<(String, Vec<u8>)> {
+        h.iter()
+            .map(|h| (h.key.to_owned(), h.value.unwrap_or_default().to_vec()))
+            .collect()
+    }
+
+    /// `try_enqueue` moves a record's headers into librdkafka: a record refused for a full
+    /// local queue comes back whole, headers included, and `enqueue_with_wait` then stores
+    /// it with them (on rdkafka's in-process mock broker).
+    #[tokio::test]
+    async fn a_record_refused_for_a_full_queue_comes_back_whole_and_is_stored_with_its_headers() {
+        use rdkafka::Message;
+        use rdkafka::message::Header;
+        let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+        cluster.create_topic("full", 1, 1).unwrap();
+        let cfg = KafkaConfig {
+            queue_max_messages: 1,
+            // Holds the first record, so the queue is still full for the second.
+            linger_ms: 1_000,
+            ..KafkaConfig::for_brokers(cluster.bootstrap_servers())
+        };
+        let producer = KafkaProducer::new(&cfg, "refused-test").unwrap();
+        let first = producer
+            .enqueue(OutRecord::new("full", None, b"first".to_vec()))
+            .unwrap();
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "h1",
+                value: Some("v1"),
+            })
+            .insert(Header {
+                key: "h2",
+                value: Some("v2"),
+            });
+        let expected = header_list(&headers);
+        let record =
+            OutRecord::new("full", Some(b"k".to_vec()), b"second".to_vec()).with_headers(headers);
+        let refused = producer
+            .try_enqueue(record)
+            .err()
+            .expect("the queue is full");
+        assert!(
+            matches!(refused.error, ProduceError::QueueFull),
+            "{}",
+            refused.error
+        );
+        let back = refused.record;
+        assert_eq!(
+            (back.topic.as_str(), back.key.as_deref(), &back.payload[..]),
+            ("full", Some(&b"k"[..]), &b"second"[..])
+        );
+        assert_eq!(header_list(&back.headers), expected);
+        let second = enqueue_with_wait(&producer, back, Duration::from_secs(30))
+            .await
+            .unwrap();
+        assert_eq!(first.await.unwrap().offset, 0);
+        assert_eq!(second.await.unwrap().offset, 1);
+
+        let (consumer, _) =
+            crate::kafka::KafkaConsumer::new(&cfg, "refused-test", "refused-reader", &["full"])
+                .unwrap();
+        let mut stored = Vec::new();
+        while stored.len() < 2 {
+            let m = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+                .await
+                .expect("a record within 30 s")
+                .unwrap();
+            stored.push((
+                m.payload().unwrap_or_default().to_vec(),
+                m.headers().map(header_list).unwrap_or_default(),
+            ));
+        }
+        assert_eq!(stored[0], (b"first".to_vec(), Vec::new()));
+        assert_eq!(stored[1], (b"second".to_vec(), expected));
+    }
 
     #[test]
     fn every_produce_error_kind_is_initialised_at_start_up() {

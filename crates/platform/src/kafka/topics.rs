@@ -3,7 +3,10 @@
 //! `min.insync.replicas`, cleanup policy and retention per kind of topic
 //! ([`TopicSettings`]), and reads back what an existing topic has ([`describe_topics`],
 //! [`TopicState::drift`]) so `pulsectl topics create` can report topics that differ and the
-//! processor can check the events topic's retention. Existing topics are never altered
+//! processor can check the events topic's retention. Each admin operation runs beside the
+//! connection check of [`preflight`], so a broker that refuses the client's SASL
+//! authentication or TLS handshake fails it at once, naming why ([`TopicError::Refused`]),
+//! instead of a timeout a minute later. Existing topics are never altered
 //! here: the `rdkafka` crate offers only the legacy AlterConfigs request, which replaces
 //! every setting of a topic and which the local broker does not implement.
 
@@ -20,6 +23,7 @@ use rdkafka::types::RDKafkaErrorCode;
 
 use crate::config::{Problems, Validate};
 use crate::kafka::KafkaConfig;
+use crate::kafka::preflight::{self, Refused};
 
 /// What a topic holds; decides its cleanup policy and retention.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -235,6 +239,10 @@ pub enum TopicError {
     },
     #[error("reading topic metadata: {0}")]
     Metadata(#[source] KafkaError),
+    /// The broker refused the client (SASL authentication, TLS handshake): no retry helps
+    /// until the settings or credentials change.
+    #[error(transparent)]
+    Refused(#[from] Refused),
     #[error("the topic metadata task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
     #[error("describing the configs of topic {topic}: {source}")]
@@ -266,6 +274,11 @@ pub async fn ensure_topics(
     cfg: &KafkaConfig,
     specs: &[TopicSpec],
 ) -> Result<Vec<String>, TopicError> {
+    let first = specs.first().map(|s| s.name.as_str());
+    preflight::guarded(cfg, first, create_topics(cfg, specs)).await
+}
+
+async fn create_topics(cfg: &KafkaConfig, specs: &[TopicSpec]) -> Result<Vec<String>, TopicError> {
     let admin = admin(cfg)?;
     let configs: Vec<Vec<(String, String)>> =
         specs.iter().map(|s| s.configs(&cfg.topics)).collect();
@@ -350,6 +363,13 @@ pub async fn describe_topics(
     cfg: &KafkaConfig,
     names: &[&str],
 ) -> Result<Vec<Option<TopicState>>, TopicError> {
+    preflight::guarded(cfg, names.first().copied(), describe(cfg, names)).await
+}
+
+async fn describe(
+    cfg: &KafkaConfig,
+    names: &[&str],
+) -> Result<Vec<Option<TopicState>>, TopicError> {
     let admin = std::sync::Arc::new(admin(cfg)?);
     let metadata = {
         let admin = std::sync::Arc::clone(&admin);
@@ -388,7 +408,10 @@ pub async fn topic_configs(
     cfg: &KafkaConfig,
     topic: &str,
 ) -> Result<Option<BTreeMap<String, String>>, TopicError> {
-    describe_configs(&admin(cfg)?, topic).await
+    preflight::guarded(cfg, Some(topic), async {
+        describe_configs(&admin(cfg)?, topic).await
+    })
+    .await
 }
 
 async fn describe_configs(

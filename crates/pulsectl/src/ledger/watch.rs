@@ -46,6 +46,9 @@ pub struct WatchArgs {
     pub currencies: Vec<String>,
     #[command(flatten)]
     pub sources: SourceArgs,
+    /// The admin server's TLS (`--admin-tls-*`) and limits, as every service's.
+    #[command(flatten)]
+    pub admin_server: pulse_platform::server::AdminServerArgs,
     #[command(flatten)]
     pub telemetry: TelemetryConfig,
 }
@@ -68,6 +71,7 @@ impl Validate for WatchArgs {
             ),
         );
         self.sources.validate(p);
+        self.admin_server.validate(p);
         self.telemetry.validate(p);
     }
 }
@@ -94,7 +98,9 @@ pub async fn run(args: WatchArgs) -> Result<(), LedgerError> {
             format!("binding {}: {e}", args.admin_addr),
         ))
     })?;
-    let (ctx, admin) = pulse_platform::service::start(SERVICE, listener)?;
+    let settings = pulse_platform::server::AdminSettingsArgs::admin_settings(&args.admin_server)
+        .map_err(|e| LedgerError::Admin(std::io::Error::other(e.to_string())))?;
+    let (ctx, admin) = pulse_platform::service::start_with(SERVICE, listener, settings)?;
     ctx.shutdown.install_signal_handlers()?;
     let result = watch(&args, &ctx).await;
     admin.stop().await;

@@ -107,6 +107,14 @@ impl Database {
             ..pulse_tests::clickhouse()
         })
     }
+
+    /// [`Database::unique`], created and migrated to Pulse's schema (`pulse_storage`'s
+    /// migrations, as the writer applies them).
+    pub async fn migrated(prefix: &str) -> Self {
+        let ch = Self::unique(prefix);
+        pulse_storage::migrate::migrate(&ch).await.unwrap();
+        ch
+    }
 }
 
 impl Deref for Database {

@@ -35,7 +35,8 @@ pub async fn create_topics(events: &str, dlq: &str, dlq_partitions: i32) -> clea
     cleanup::Topics::adopt([events, dlq])
 }
 
-/// `pulse-ingest` flags for `kafka`, the topics, `api_keys` and `hmac_key`, then `extra`.
+/// `pulse-ingest` flags for `kafka` and the topics, then `extra`, with `api_keys` and
+/// `hmac_key` set as the environment would.
 pub fn config(
     kafka: &KafkaConfig,
     api_keys: &str,
@@ -46,16 +47,12 @@ pub fn config(
 ) -> pulse_ingest::Config {
     let mut args: Vec<String> = [
         "pulse-ingest",
-        "--api-keys",
-        api_keys,
         "--kafka-brokers",
         &kafka.brokers,
         "--events-topic",
         events,
         "--dlq-topic",
         dlq,
-        "--pii-hmac-key",
-        hmac_key,
         // The settings the chart run creates the fixed topics (pulse.audit.v1) with.
         "--kafka-replication-factor",
         "1",
@@ -66,7 +63,13 @@ pub fn config(
     .map(|s| s.to_string())
     .collect();
     args.extend(extra.iter().map(|s| s.to_string()));
-    pulse_ingest::Config::parse_from(args)
+    // The secrets as if from PULSE_INGEST_API_KEYS / PULSE_INGEST_PII_HMAC_KEY (never flags;
+    // the tests run in parallel, so not through the process environment).
+    pulse_ingest::Config {
+        api_keys: api_keys.into(),
+        pii_hmac_key: hmac_key.into(),
+        ..pulse_ingest::Config::parse_from(args)
+    }
 }
 
 /// Serves `cfg` on two free 127.0.0.1 ports (HTTP, gRPC), producing as `client_id`.

@@ -186,8 +186,6 @@ impl QueryApi {
     pub async fn start(db: &pulse_platform::clickhouse::ClickHouseConfig, window_ms: i64) -> Self {
         let config = pulse_query_api::Config::parse_from([
             "pulse-query-api",
-            "--api-tokens",
-            TOKEN,
             "--clickhouse-url",
             &db.url,
             "--clickhouse-database",
@@ -197,6 +195,11 @@ impl QueryApi {
             "--freshness-cache-ms",
             "0",
         ]);
+        // As if from PULSE_QUERY_API_TOKENS (a secret is never a flag).
+        let config = pulse_query_api::Config {
+            api_tokens: TOKEN.into(),
+            ..config
+        };
         let state = pulse_query_api::AppState::new(&config).unwrap();
         let http = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let grpc = TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -91,6 +91,12 @@ impl WriterProcess {
                 "text",
             ])
             .args(args)
+            // One test broker: the topics a writer creates (its audit topic, the contract's
+            // `pulse.audit.v1` unless the test names another) get one replica, as the other
+            // services' tests and `pulsectl topics create` in topic_durability give them;
+            // with the defaults (3 and 2) that test would find the shared topic differing.
+            .env("PULSE_KAFKA_REPLICATION_FACTOR", "1")
+            .env("PULSE_KAFKA_MIN_INSYNC_REPLICAS", "1")
             .envs(envs.iter().copied())
             .stdin(Stdio::null())
             .stdout(out)
