@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Tests the Helm chart (helm/pulse) offline (~15 s; ~30 s with the chart-runs test):
+# Tests the Helm chart (helm/pulse) offline (~50 s at load 8; ~135 s with the chart-runs test):
 #   1. `helm lint --strict` and `helm template` for the default values and every
 #      helm/pulse/ci/*-values.yaml, with Helm 4 and (when installed) Helm 3, which must
 #      render the same objects;
@@ -9,9 +9,14 @@
 #   3. checkov on the rendered manifests and deploy/Dockerfile (skips and their reasons:
 #      helm/checkov.yaml), hadolint on deploy/Dockerfile;
 #   4. bad values refused, naming the key: by values.schema.json (wrong type, unknown key,
-#      replicas < 0, …) and by templates/validate.yaml (a credential in args, SASL without
-#      a password);
-#   5. the values table of helm/pulse/README.md in sync with values.yaml; the Grafana
+#      replicas < 0, a registry password over bcrypt's 72 bytes, …) and by
+#      templates/validate.yaml (a credential in args, SASL without a password, generated
+#      registry users with secrets.existingSecret);
+#   5. the generated schema-registry credentials (tests/python/chart_upgrade.py): each
+#      password verifies against its bcrypt line, and an upgrade (rendered with
+#      --dry-run=server against a fake API that answers `lookup`) changes no Secret and no
+#      pod checksum, a rotation re-hashes only the rotated user;
+#      the values table of helm/pulse/README.md in sync with values.yaml; the Grafana
 #      dashboards' static check (tests/python/dashboards_check.py);
 #   6. with the service binaries in $CARGO_TARGET_DIR/debug: every PULSE_* env name and
 #      flag the chart (every ci/*-values.yaml render) and docker-compose.yml give a Pulse
@@ -64,10 +69,12 @@ for h in "${HELMS[@]}"; do
 done
 [ -f "$OUT/rendered/default.yaml" ] || die "$CHART/ci/default-values.yaml is missing (CI renders the defaults through it)"
 if [ "${#HELMS[@]}" -gt 1 ]; then
-  # Same objects from both (the generated credentials and their checksum differ by design).
+  # Same objects from both (the generated credentials, the registry users' bcrypt hashes
+  # and fingerprints, and the checksum differ by design).
+  generated='^  (ingest-api-keys|query-api-tokens|pii-hmac-key|ledger-query-token|registry-read-password|registry-write-password|users|fingerprints): |checksum/secret'
   for f in "$OUT"/rendered/*.yaml; do
-    diff <(grep -vE '^  (ingest-api-keys|query-api-tokens|pii-hmac-key|ledger-query-token): |checksum/secret' "$f") \
-         <(grep -vE '^  (ingest-api-keys|query-api-tokens|pii-hmac-key|ledger-query-token): |checksum/secret' "$OUT/rendered-helm3/$(basename "$f")") >&2 \
+    diff <(grep -vE "$generated" "$f") \
+         <(grep -vE "$generated" "$OUT/rendered-helm3/$(basename "$f")") >&2 \
       || die "helm and helm3 render $(basename "$f") differently (above)"
   done
   log "chart: helm 4 and helm 3 render the same manifests"
@@ -117,6 +124,14 @@ refused "a credential in extraArgs" "ingest\.extraArgs" "template" --set 'ingest
 refused "SASL without a password" "secrets\.kafkaSaslPassword" "template" --set kafka.sasl.enabled=true,kafka.sasl.username=u
 refused "a second ledger replica" "ledger\.replicas" "template" --set ledger.replicas=2
 refused "an autoscaled ledger" "ledger\.autoscaling" "template" --set ledger.autoscaling.enabled=true
+refused "generated registry users with secrets.existingSecret" "schemaRegistry\.auth\.users or schemaRegistry\.auth\.existingSecret" "template" --set secrets.existingSecret=mine
+refused "one registry user for read and write" "schemaRegistry\.auth\.readUser and writeUser" "template" --set schemaRegistry.auth.writeUser=pulse-read
+refused "a registry password bcrypt cannot hold" "registryWritePassword" "lint template" --set "secrets.registryWritePassword=$(printf 'p%.0s' {1..73})"
+refused "a registry user name with a space" "readUser" "lint template" --set "schemaRegistry.auth.readUser=a b"
+
+log "chart: generated registry credentials across install, upgrade and rotation (fake API for lookup)"
+"$PY" tests/python/chart_upgrade.py "$CHART" "${HELMS[@]}" \
+  || die "the generated registry users/passwords are not stable or do not verify (above)"
 
 log "chart: README values table"
 "$PY" tests/python/chart_docs.py "$CHART" || die "helm/pulse/README.md's values table is stale (above)"

@@ -15,7 +15,9 @@
 # run again: what runs is left running. Every port can be moved with an environment
 # variable (README, Ports); PULSE_DEV_PROFILE=debug runs debug binaries, PULSE_DEV_BUILD=0
 # skips the build, PULSE_DEV_LOADGEN=0 skips the synthetic workload (the end-to-end test
-# uses all three).
+# uses all three). The schema registry refuses anonymous callers: `up` makes its users once
+# per state folder (passwords in $PULSE_STATE/registry-auth/, README, Local stack);
+# PULSE_DEV_REGISTRY_AUTH=0 runs it without users (anonymous writes: local experiments only).
 set -euo pipefail
 REPO="$(cd "$(dirname "$0")/.." && pwd)"
 source "$REPO/scripts/stack.sh"
@@ -40,6 +42,13 @@ PROM_RULES="${PULSE_PROMETHEUS_RULES:-$REPO/deploy/prometheus/rules}"
 AM_CONFIG="${PULSE_ALERTMANAGER_CONFIG:-}"
 PROFILE="${PULSE_DEV_PROFILE:-release}"
 LOADGEN_RATE="${PULSE_DEV_LOADGEN_RATE:-20}"
+# The schema registry's users (registry_credentials below); 0: anonymous registry.
+REGISTRY_AUTH="${PULSE_DEV_REGISTRY_AUTH:-1}"
+REGISTRY_AUTH_DIR="$STATE/registry-auth"
+case "$REGISTRY_AUTH" in
+  0|1) ;;
+  *) die "PULSE_DEV_REGISTRY_AUTH must be 1 (the registry needs credentials) or 0 (anonymous), not '$REGISTRY_AUTH'" ;;
+esac
 
 BACKING=(kafka clickhouse s3)
 # name:binary:admin-port[:extra args]
@@ -61,6 +70,65 @@ admin_port() { # NAME
   for spec in "${SERVICES[@]}"; do
     [ "${spec%%:*}" = "$1" ] && { IFS=: read -r _ _ port _ <<<"$spec"; echo "$port"; return; }
   done
+}
+
+# registry_credentials: the schema registry's two users, made on the first `up` of a state
+# folder and reused by every later one (a restart never changes a password): a random
+# password per user in REGISTRY_AUTH_DIR/<user>.password (mode 600; pulse-read may look
+# schemas up, pulse-write may also register, delete and change config), and the registry's
+# users file REGISTRY_AUTH_DIR/users (name:role:argon2id-hash lines from `pulse-schema-registry
+# hash-password`), rewritten only when it is missing or older than a password file.
+registry_credentials() {
+  local user role pw users="$REGISTRY_AUTH_DIR/users" old_umask
+  old_umask=$(umask)
+  umask 077
+  mkdir -p "$REGISTRY_AUTH_DIR" && chmod 700 "$REGISTRY_AUTH_DIR" \
+    || die "cannot make $REGISTRY_AUTH_DIR for the registry's credentials"
+  for user in pulse-read pulse-write; do
+    [ -s "$REGISTRY_AUTH_DIR/$user.password" ] && continue
+    pw=$(od -An -tx1 -N24 /dev/urandom | tr -d ' \n')
+    [ "${#pw}" = 48 ] || die "could not read 24 random bytes from /dev/urandom"
+    printf '%s\n' "$pw" > "$REGISTRY_AUTH_DIR/$user.password.new" \
+      && mv "$REGISTRY_AUTH_DIR/$user.password.new" "$REGISTRY_AUTH_DIR/$user.password" \
+      || die "cannot write $REGISTRY_AUTH_DIR/$user.password"
+    log "schema registry: new random password for $user in $REGISTRY_AUTH_DIR/$user.password"
+  done
+  if [ ! -s "$users" ] || [ "$REGISTRY_AUTH_DIR/pulse-read.password" -nt "$users" ] \
+    || [ "$REGISTRY_AUTH_DIR/pulse-write.password" -nt "$users" ]; then
+    echo "# The local schema registry's users, made by scripts/dev.sh up from the *.password files beside it." > "$users.new" \
+      || die "cannot write $users.new"
+    for user in pulse-read:read pulse-write:write; do
+      role=${user#*:} user=${user%%:*}
+      "$BIN_DIR/pulse-schema-registry" hash-password --user "$user" --role "$role" \
+        < "$REGISTRY_AUTH_DIR/$user.password" >> "$users.new" \
+        || die "pulse-schema-registry hash-password failed for $user ($BIN_DIR/pulse-schema-registry)"
+    done
+    mv "$users.new" "$users" || die "cannot write $users"
+    log "schema registry: users pulse-read (read) and pulse-write (write) in $users"
+  else
+    log "schema registry: users pulse-read and pulse-write of an earlier up (passwords unchanged) in $REGISTRY_AUTH_DIR"
+  fi
+  umask "$old_umask"
+}
+
+# registry_user_env USER: sets REG_ENV to the client settings of registry user USER
+# (PULSE_REGISTRY_USERNAME, PULSE_REGISTRY_PASSWORD_FILE); empty with PULSE_DEV_REGISTRY_AUTH=0.
+registry_user_env() {
+  REG_ENV=()
+  [ "$REGISTRY_AUTH" = 1 ] || return 0
+  REG_ENV=(PULSE_REGISTRY_USERNAME="$1" PULSE_REGISTRY_PASSWORD_FILE="$REGISTRY_AUTH_DIR/$1.password")
+}
+
+# registry_env NAME: sets REG_ENV to what service NAME needs of the registry's auth: its
+# users file for the registry, the read user for ingest and the processor (they look their
+# schemas up, never register), nothing for the others (they never call the registry).
+registry_env() {
+  REG_ENV=()
+  [ "$REGISTRY_AUTH" = 1 ] || return 0
+  case "$1" in
+    schema-registry) REG_ENV=(PULSE_REGISTRY_AUTH_FILE="$REGISTRY_AUTH_DIR/users") ;;
+    ingest|processor) registry_user_env pulse-read ;;
+  esac
 }
 
 port_owned_by_other() { # PORT NAME: the port answers but not from our recorded process
@@ -249,15 +317,24 @@ up() {
   export PULSE_QUERY_API_TOKENS="${PULSE_QUERY_API_TOKENS:-pulse-dev-token}"
   "$BIN_DIR/pulsectl" migrate >/dev/null || die "applying the ClickHouse migrations failed"
 
+  if [ "$REGISTRY_AUTH" = 1 ]; then
+    registry_credentials
+  else
+    log "PULSE_DEV_REGISTRY_AUTH=0: the schema registry runs without users (anyone may register, delete and change config)"
+  fi
+
   local spec name bin port extra
   # The registry first: the other services need Pulse's schemas registered.
   for spec in "${SERVICES[@]}"; do
     IFS=: read -r name bin port extra <<<"$spec"
+    registry_env "$name"
     # shellcheck disable=SC2086 # extra holds separate arguments
-    start_proc "$STATE" "$name" env PULSE_ADMIN_ADDR="127.0.0.1:$port" "$BIN_DIR/$bin" $extra
+    start_proc "$STATE" "$name" env "${REG_ENV[@]}" PULSE_ADMIN_ADDR="127.0.0.1:$port" "$BIN_DIR/$bin" $extra
     if [ "$name" = schema-registry ]; then
       wait_ready "$name" "$port"
-      "$BIN_DIR/pulsectl" schemas register \
+      # Registering writes: the write user.
+      registry_user_env pulse-write
+      env "${REG_ENV[@]}" "$BIN_DIR/pulsectl" schemas register \
         || die "registering Pulse's schemas failed; see $STATE/logs/schema-registry.log"
     fi
   done
@@ -285,6 +362,12 @@ up() {
   ap_ingest=$(admin_port ingest); ap_proc=$(admin_port processor); ap_wc=$(admin_port writer-clickhouse)
   ap_wp=$(admin_port writer-parquet); ap_q=$(admin_port query-api); ap_sr=$(admin_port schema-registry)
   ap_ledger=$(admin_port ledger)
+  local sr_auth="(anonymous: PULSE_DEV_REGISTRY_AUTH=0)"
+  local sr_try="curl -s http://127.0.0.1:$SR_PORT/subjects"
+  if [ "$REGISTRY_AUTH" = 1 ]; then
+    sr_auth="(HTTP basic auth: users pulse-read, pulse-write; passwords in $REGISTRY_AUTH_DIR/<user>.password)"
+    sr_try="curl -s -u \"pulse-read:\$(cat '$REGISTRY_AUTH_DIR/pulse-read.password')\" http://127.0.0.1:$SR_PORT/subjects"
+  fi
   cat <<TXT
 
 Pulse is up. State, data and logs: $STATE
@@ -297,7 +380,8 @@ Pulse is up. State, data and logs: $STATE
   Ingest              http://127.0.0.1:$INGEST_HTTP_PORT/v1/events, gRPC 127.0.0.1:$INGEST_GRPC_PORT  (API key: pulse-dev-key)
     try: curl -s http://127.0.0.1:$INGEST_HTTP_PORT/v1/events -H 'Authorization: Bearer pulse-dev-key' -H 'Content-Type: application/json' \\
            -d '{"schema_version":1,"event_type":"page_view","key":{"user_id":"u-1"},"payload":{"page":"/"},"metadata":{"event_timestamp":'\$(date +%s000)'}}'
-  Schema registry     http://127.0.0.1:$SR_PORT/subjects
+  Schema registry     http://127.0.0.1:$SR_PORT/subjects  $sr_auth
+    try: $sr_try
   Kafka API (Tansu)   127.0.0.1:$KAFKA_PORT      (dead letters: $BIN_DIR/pulsectl dlq inspect)
   ClickHouse HTTP     http://127.0.0.1:$CH_HTTP_PORT  database 'pulse'
     try: curl 'http://127.0.0.1:$CH_HTTP_PORT/?query=SELECT+count()+FROM+pulse.events+FINAL'

@@ -744,6 +744,8 @@ def main() -> int:
     env.update({
         "PULSE_STATE": str(state), "PULSE_DEV_PROFILE": "debug", "PULSE_DEV_BUILD": "0",
         "PULSE_DEV_LOADGEN": "0",
+        # The default (a registry with users), whatever the caller's shell says.
+        "PULSE_DEV_REGISTRY_AUTH": "1",
         "PULSE_PROCESSOR_IDLE_TIMEOUT_MS": "3000", "PULSE_WRITER_PARQUET_MAX_AGE_MS": "2000",
         "PULSE_KAFKA_MESSAGE_TIMEOUT_MS": str(MESSAGE_TIMEOUT_MS),
         "PULSE_KAFKA_PRODUCER_STALL_TIMEOUT": STALL_TIMEOUT,
@@ -771,6 +773,14 @@ def main() -> int:
         from devsh_up_output import check as devsh_up_problems
         up_log = (state / "dev-up.log").read_text(errors="replace")
         failures += [f"dev.sh up output: {x}" for x in devsh_up_problems(up_log, env)]
+        # The registry dev.sh started refuses anonymous and read-only writes (issue #17).
+        from devsh_registry_auth import banner_problems as registry_banner_problems
+        from devsh_registry_auth import check as registry_auth_problems
+        t = now()
+        registry_failures = registry_banner_problems(up_log, env) + registry_auth_problems(env)
+        failures += [f"registry auth: {x}" for x in registry_failures]
+        verdict = "; ".join(registry_failures) or "anonymous and read-only writes refused, the write user's applied"
+        say(f"registry auth: {verdict} ({now() - t:.1f}s)")
         for name in BACKING + SERVICES:
             p.capture(name)
         # The writers get a short max.poll.interval.ms (a consumer setting that would refuse

@@ -8,7 +8,10 @@ local processes instead of pods:
    variables); `$(VAR)` is expanded in `command` and `args` too (and `$$` is `$`);
    Secret volumes are written to files in a temporary folder;
 2. static checks, for this render and for every helm/pulse/ci/*-values.yaml render (the
-   shadow's too, check_shadow_render: never scaled, scraped apart from the live rules): each
+   shadow's too, check_shadow_render: never scaled, scraped apart from the live rules; the
+   defaults' registry auth, check_default_registry_auth: the registry reads the generated
+   users file, ingest and the processor get the read user and its password file, the
+   schemas Job the write user; the users file holds their bcrypt lines): each
    `PULSE_*`/`OTEL_*` name a container gets must be listed in its binary's `--help`
    (clap ignores unknown env vars, so a renamed env var would otherwise pass silently);
    any other name must be used through `$(NAME)` by another variable of the container;
@@ -22,10 +25,14 @@ local processes instead of pods:
 4. the `helm test` Pods run and must exit 0: they post an event to ingest and read it back
    from the query API; the ledger's query URL and token (as the chart gives them) are
    accepted by the query API, and the rules' pulse_ledger_* series are in its /metrics;
-   the schema registry runs with authentication (users file from its own Secret, hashed
-   by `pulse-schema-registry hash-password`): it refuses anonymous requests and a read
-   user's config change, and accepts ingest's user and password file as the chart gives
-   them (ingest, the processor and the schemas Job authenticate to get ready / register);
+   the schema registry runs with authentication as the chart's defaults make it (random
+   passwords in the main Secret, bcrypt users file made by Helm's `htpasswd` in its own
+   Secret): anonymous `PUT /config/<s>` is refused (401), the read user's too (403), the
+   read user's GET and the write user's PUT are accepted (200), with the passwords of the
+   rendered Secret; ingest's user and password file as the chart gives them are accepted
+   (ingest, the processor and the schemas Job authenticate to get ready / register); a
+   second render's users file (new passwords and hashes) written over the mounted one is
+   reloaded without a restart: its passwords work, the first render's are refused;
    the schema registry serves TLS (serverTls.components: schema-registry, with a CA and a
    server certificate this test makes with the openssl CLI, as an existing Secret): its
    clients get an https:// URL and the CA file from the chart, a client trusting only
@@ -57,6 +64,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import base64
+import hashlib
 import http.client
 import os
 import random
@@ -140,10 +148,12 @@ def helm_binary() -> str:
     return found
 
 
-def render(chart: Path, values: list[Path]) -> list[dict]:
+def render(chart: Path, values: list[Path], *sets: str) -> list[dict]:
     cmd = [helm_binary(), "template", RELEASE, str(chart), "--namespace", NAMESPACE]
     for v in values:
         cmd += ["-f", str(v)]
+    for s_ in sets:
+        cmd += ["--set", s_]
     out = subprocess.run(cmd, capture_output=True, text=True)
     if out.returncode != 0:
         raise Failure(f"helm template failed: {out.stderr}")
@@ -181,6 +191,9 @@ def external_secrets(values_file: Path) -> dict[str, dict]:
         for key, default in (("clientCaSecret", "clientCaKey"), ("caSecret", "caKey")):
             if st.get(key):
                 out[st[key]] = {st.get(default, "ca.crt"): "-----BEGIN CERTIFICATE-----\n"}
+    client = (v.get("ledger") or {}).get("queryClientTlsSecret")
+    if client:
+        out[client] = {"tls.crt": "-----BEGIN CERTIFICATE-----\n", "tls.key": "-----BEGIN PRIVATE KEY-----\n"}
     return out
 
 
@@ -413,6 +426,180 @@ def static_checks(objs: Objects, help_cache: HelpCache, what: str) -> int:
         raise Failure(f"{what}: {len(problems)} env/flag problem(s)")
     log(f"{what}: env names and flags of {n} containers match the binaries' --help")
     return n
+
+
+# ---------------------------------------------------------------- registry auth
+
+BCRYPT_LINE = re.compile(r"^([^:\s]+):(read|write):(\$2[aby]\$(\d{2})\$[./A-Za-z0-9]{53})$")
+
+
+def mounted_secret_key(c: Container, path: str) -> tuple[str, str] | None:
+    """The (Secret, key) a file path of a container comes from, through its Secret volumes
+    (mountPath + item path), or None."""
+    volumes = {v["name"]: v for v in c.pod.get("volumes") or []}
+    for m in c.spec.get("volumeMounts") or []:
+        v = volumes.get(m["name"]) or {}
+        mount = m["mountPath"].rstrip("/") + "/"
+        if "secret" not in v or not path.startswith(mount):
+            continue
+        rel = path[len(mount):]
+        for it in v["secret"].get("items") or []:
+            if it["path"] == rel:
+                return v["secret"]["secretName"], it["key"]
+        if not v["secret"].get("items"):
+            return v["secret"]["secretName"], rel
+    return None
+
+
+def ledger_query_tls_problems(objs: Objects, values: dict) -> list[str]:
+    """The ledger reaches a query API that serves TLS (`query-api` in serverTls.components)
+    over https, trusting the CA file mounted from serverTls' CA Secret and key; under mutual
+    TLS (serverTls.clientCaSecret) it presents the certificate and key mounted from
+    ledger.queryClientTlsSecret, or, without one, skips its revenue check; a plain query API
+    is read over http with neither."""
+    st, ledger = values.get("serverTls") or {}, values.get("ledger") or {}
+    if ledger.get("enabled") is False or (values.get("queryApi") or {}).get("enabled") is False:
+        return []
+    tls = bool(st.get("enabled")) and "query-api" in (st.get("components") or ["ingest", "query-api"])
+    client = ledger.get("queryClientTlsSecret") or ""
+    skip = tls and bool(st.get("clientCaSecret")) and not client
+    ca = (st.get("caSecret") or st.get("secret") or "", st.get("caKey", "ca.crt"))
+    problems = []
+    cs = [c for d in objs.docs if d["kind"] == "Deployment"
+          and d["metadata"]["labels"].get("app.kubernetes.io/component") == "ledger" for c in containers_of(d, objs)]
+    if not cs:
+        return ["no ledger container rendered"]
+    for c in cs:
+        url, skips = c.env.get("PULSE_LEDGER_QUERY_URL", ""), c.env.get("PULSE_LEDGER_SKIP_REVENUE") == "true"
+        if not url.startswith("https://" if tls else "http://"):
+            problems.append(f"{c.label}: PULSE_LEDGER_QUERY_URL={url!r}, want {'https' if tls else 'http'}://")
+        if skips != skip:
+            problems.append(f"{c.label}: PULSE_LEDGER_SKIP_REVENUE is {skips}, want {skip}")
+        want = {"PULSE_LEDGER_QUERY_CA_FILE": ca if tls and not skip else None,
+                "PULSE_LEDGER_QUERY_CLIENT_CERT_FILE": (client, "tls.crt") if tls and client and st.get("clientCaSecret") else None,
+                "PULSE_LEDGER_QUERY_CLIENT_KEY_FILE": (client, "tls.key") if tls and client and st.get("clientCaSecret") else None}
+        for name, expect in want.items():
+            got = c.env.get(name)
+            if expect is None and got is not None:
+                problems.append(f"{c.label}: {name}={got!r} set, want none")
+            elif expect is not None and (got is None or mounted_secret_key(c, got) != expect):
+                problems.append(f"{c.label}: {name}={got!r} is {got and mounted_secret_key(c, got)} mounted, want {expect}")
+    return problems
+
+
+def default_registry_auth_problems(objs: Objects) -> list[str]:
+    """The chart's defaults authenticate the schema registry: its container reads
+    PULSE_REGISTRY_AUTH_FILE from the rendered users Secret; ingest and the processor send
+    the read user with PULSE_REGISTRY_PASSWORD_FILE from the main Secret's
+    registry-read-password, the schemas Job the write user with registry-write-password;
+    the users file is exactly `<read>:read:<bcrypt>` and `<write>:write:<bcrypt>` (what
+    Helm's htpasswd makes), the passwords are generated (32 characters, different), and
+    each fingerprint the chart keeps for upgrades is sha256("<hash>:<password>")."""
+    problems = []
+    by_component: dict[str, list[Container]] = {}
+    for doc in objs.docs:
+        if doc["kind"] in ("Deployment", "Job"):
+            comp = doc["metadata"]["labels"].get("app.kubernetes.io/component", "")
+            by_component.setdefault(comp, []).extend(containers_of(doc, objs))
+    secret = f"{RELEASE}-secrets"  # the release is named like the chart: fullname = release
+    users_secret = next((n for n in objs.secrets if n.endswith("-registry-users")), None)
+    if users_secret is None:
+        return ["no registry users Secret is rendered"]
+    main = objs.secrets.get(secret, {})
+    passwords = {role: main.get(f"registry-{role}-password", "") for role in ("read", "write")}
+    for role, pw in passwords.items():
+        if not re.fullmatch(r"[A-Za-z0-9]{32}", pw):
+            problems.append(f"{secret}: registry-{role}-password is not a generated 32-character password")
+    if passwords["read"] == passwords["write"]:
+        problems.append(f"{secret}: the read and write passwords are the same")
+
+    def wiring(comp: str, want: dict[str, object]) -> None:
+        cs = by_component.get(comp) or []
+        if not cs:
+            problems.append(f"no {comp} container rendered")
+        for c in cs:
+            for name, expect in want.items():
+                got = c.env.get(name)
+                if got is None:
+                    problems.append(f"{c.label}: no {name}")
+                elif isinstance(expect, tuple):
+                    src = mounted_secret_key(c, got)
+                    if src != expect:
+                        problems.append(f"{c.label}: {name}={got} is {src} mounted, want {expect}")
+                elif got != expect:
+                    problems.append(f"{c.label}: {name}={got!r}, want {expect!r}")
+
+    wiring("schema-registry", {"PULSE_REGISTRY_AUTH_FILE": (users_secret, "users")})
+    for comp in ("ingest", "processor"):
+        wiring(comp, {"PULSE_REGISTRY_USERNAME": "pulse-read",
+                      "PULSE_REGISTRY_PASSWORD_FILE": (secret, "registry-read-password")})
+    wiring("schemas", {"PULSE_REGISTRY_USERNAME": "pulse-write",
+                       "PULSE_REGISTRY_PASSWORD_FILE": (secret, "registry-write-password")})
+    users = objs.secrets[users_secret]
+    lines = users.get("users", "").splitlines()
+    parsed = [BCRYPT_LINE.match(l) for l in lines]
+    got = [(m.group(1), m.group(2), m.group(4)) for m in parsed if m]
+    if len(got) != len(lines) or got != [("pulse-read", "read", "10"), ("pulse-write", "write", "10")]:
+        problems.append(f"{users_secret}: users file is not the two bcrypt lines pulse-read:read:$2a$10$… and "
+                        f"pulse-write:write:$2a$10$… ({len(lines)} line(s), parsed {got})")
+    else:
+        want = [f"{m.group(1)}:{hashlib.sha256(f'{m.group(3)}:{passwords[m.group(2)]}'.encode()).hexdigest()}"
+                for m in parsed]
+        if users.get("fingerprints", "").splitlines() != want:
+            problems.append(f"{users_secret}: the fingerprints are not sha256(<hash>:<password>) of the lines and passwords")
+    return problems
+
+
+def check_default_registry_auth(objs: Objects, what: str) -> None:
+    problems = default_registry_auth_problems(objs)
+    for p_ in problems:
+        log(f"FAIL {what}: {p_}")
+    if problems:
+        raise Failure(f"{what}: {len(problems)} registry auth problem(s)")
+    log(f"{what}: registry auth on: users file (bcrypt, generated) mounted as PULSE_REGISTRY_AUTH_FILE; "
+        "ingest/processor send pulse-read, the schemas Job pulse-write, password files from the main Secret")
+
+
+def registry_auth_checker_refuses(chart: Path) -> None:
+    """default_registry_auth_problems can fail: auth off, a client without its password
+    file, the schemas Job as the read user, an Argon2 users file in place of the chart's."""
+    import copy
+    base = render(chart, [chart / "ci" / "default-values.yaml"])
+    off = render(chart, [], "schemaRegistry.auth.enabled=false")
+
+    def env_of(d: dict, comp: str) -> list | None:
+        if d["kind"] in ("Deployment", "Job") and d["metadata"]["labels"].get("app.kubernetes.io/component") == comp:
+            return pod_spec(d)["containers"][0].setdefault("env", [])
+        return None
+
+    def drop_password_file(d: dict) -> None:
+        env = env_of(d, "processor")
+        if env is not None:
+            env[:] = [e for e in env if e["name"] != "PULSE_REGISTRY_PASSWORD_FILE"]
+        if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-processor"):
+            (d.get("data") or {}).pop("PULSE_REGISTRY_PASSWORD_FILE", None)
+
+    def job_as_reader(d: dict) -> None:
+        env = env_of(d, "schemas")
+        if env is not None:
+            for e in env:
+                if e["name"] == "PULSE_REGISTRY_USERNAME":
+                    e["value"] = "pulse-read"
+
+    def argon2_users(d: dict) -> None:
+        if d["kind"] == "Secret" and d["metadata"]["name"].endswith("-registry-users"):
+            d["data"]["users"] = base64.b64encode(b"pulse-read:read:$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA\n"
+                                                  b"pulse-write:write:$argon2id$v=19$m=19456,t=2,p=1$c2FsdA$aGFzaA\n").decode()
+
+    cases = [("auth off", off, None), ("no password file", base, drop_password_file),
+             ("the schemas Job as the read user", base, job_as_reader), ("Argon2 users", base, argon2_users)]
+    for label, docs, breaks in cases:
+        docs = copy.deepcopy(docs)
+        for d in docs:
+            if breaks:
+                breaks(d)
+        if not default_registry_auth_problems(Objects(docs, {})):
+            raise Failure(f"the registry auth check accepted a render with {label}: it cannot catch that")
 
 
 # ---------------------------------------------------------------- shadows
@@ -862,27 +1049,52 @@ def check_ledger(objs: "Objects", running: list["Service"]) -> None:
     log(f"{svc.c.owner}: the rules' {', '.join(names)} present in its live /metrics")
 
 
-def check_registry_auth(running: list["Service"]) -> None:
-    """Schema-registry authentication and TLS as the chart wires them (schemaRegistry.auth
-    and serverTls in the test values): the registry Service refuses an anonymous request
-    (401), accepts ingest's user and password file as the chart gives them (200), and
-    refuses that read user a config change (403), all over HTTPS trusting the CA file the
-    chart gives ingest; a client trusting only the system's CAs is refused with a
-    certificate error, and plain HTTP gets no answer. Ingest and the processor being ready,
-    and the schemas Job having registered, already show that each connected over TLS and
+def check_registry_auth(objs: "Objects", running: list["Service"], second: "Objects") -> None:
+    """Schema-registry authentication and TLS as the chart's defaults wire them (serverTls
+    in the test values): with the passwords of the rendered main Secret, the registry
+    Service refuses an anonymous `PUT /config/x` and GET (401) and the read user's PUT
+    (403), and accepts the read user's GETs and the write user's PUT (200); ingest's user
+    and password file as the chart gives them are that read user and its password; all
+    over HTTPS trusting the CA file the chart gives ingest. Then a second render's users
+    file (`second`: new random passwords, new bcrypt hashes, as a fresh install would
+    make) is written over the registry's mounted file, as the kubelet does after a Secret
+    edit: the registry reloads it without a restart, the second render's passwords work
+    and the first's are refused; the first file is put back (and works again) for the
+    rest of the run. A client trusting only the system's CAs is refused with a certificate
+    error, and plain HTTP gets no answer. Ingest and the processor being ready, and the
+    schemas Job having registered, already show that each connected over TLS and
     authenticated."""
-    ingest = [s for s in running if Path(s.argv[0]).name == "pulse-ingest"]
-    if len(ingest) != 1:
-        raise Failure(f"expected one running pulse-ingest Deployment, found {len(ingest)}")
-    env = ingest[0].env
+    by_name = {Path(s.argv[0]).name: s for s in running}
+    ingest, registry = by_name.get("pulse-ingest"), by_name.get("pulse-schema-registry")
+    if ingest is None or registry is None:
+        raise Failure("expected running pulse-ingest and pulse-schema-registry Deployments")
+    env = ingest.env
     url, user, pw_file, ca_file = (env.get(k, "") for k in
                                    ("PULSE_SCHEMA_REGISTRY_URL", "PULSE_REGISTRY_USERNAME", "PULSE_REGISTRY_PASSWORD_FILE",
                                     "PULSE_SCHEMA_REGISTRY_CA_FILE"))
     if not (url.startswith("https://127.0.0.1:") and user and pw_file and ca_file):
-        raise Failure(f"{ingest[0].c.label}: registry URL {url!r} (want https://), user {user!r}, password file {pw_file!r}, "
+        raise Failure(f"{ingest.c.label}: registry URL {url!r} (want https://), user {user!r}, password file {pw_file!r}, "
                       f"CA file {ca_file!r}: not all set")
+    users_file = Path(registry.env.get("PULSE_REGISTRY_AUTH_FILE", "/nonexistent"))
+    if not users_file.is_file():
+        raise Failure(f"{registry.c.label}: PULSE_REGISTRY_AUTH_FILE={users_file} is not a mounted file")
+
+    def creds(o: "Objects") -> tuple[str, str, str]:
+        main = o.secrets[f"{RELEASE}-secrets"]
+        users = next(v for n, v in o.secrets.items() if n.endswith("-registry-users"))
+        return main["registry-read-password"], main["registry-write-password"], users["users"]
+
+    read_pw, write_pw, users1 = creds(objs)
+    jobs = [c for j in objs.of_kind("Job") if j["metadata"]["labels"].get("app.kubernetes.io/component") == "schemas"
+            for c in containers_of(j, objs)]
+    writer = jobs[0].env.get("PULSE_REGISTRY_USERNAME", "") if jobs else ""
+    if Path(pw_file).read_text().rstrip("\n") != read_pw or not writer or writer == user:
+        raise Failure(f"{ingest.c.label}: its password file is not the Secret's registry-read-password, or the schemas "
+                      f"Job's user {writer!r} is not a second user")
     trusting = ssl.create_default_context(cafile=ca_file)
-    basic = "Basic " + base64.b64encode(f"{user}:{Path(pw_file).read_text().rstrip(chr(10))}".encode()).decode()
+
+    def basic(name: str, password: str) -> str:
+        return "Basic " + base64.b64encode(f"{name}:{password}".encode()).decode()
 
     def status(method: str, path: str, auth: str | None) -> int:
         body = b'{"compatibility":"NONE"}' if method == "PUT" else None
@@ -891,15 +1103,51 @@ def check_registry_auth(running: list["Service"]) -> None:
             headers["Authorization"] = auth
         try:
             with urllib.request.urlopen(urllib.request.Request(f"{url}{path}", data=body, method=method,
-                                                               headers=headers), timeout=10, context=trusting) as r:
+                                                               headers=headers), timeout=20, context=trusting) as r:
                 return r.status
         except urllib.error.HTTPError as e:
             return e.code
 
-    got = (status("GET", "/subjects", None), status("GET", "/subjects", basic), status("PUT", "/config", basic))
-    if got != (401, 200, 403):
-        raise Failure(f"schema registry: anonymous GET /subjects, GET as {user}, PUT /config as {user} answered {got}, want (401, 200, 403)")
-    log(f"schema registry: anonymous 401, {user} (password file from the chart's Secret) 200, its PUT /config 403")
+    def expect(cases: list[tuple[str, str, str, str | None, int]], what: str) -> None:
+        bad = []
+        for who, m, p_, auth, want in cases:
+            st = status(m, p_, auth)
+            if st != want:
+                bad.append(f"{m} {p_} as {who} answered {st}, want {want}")
+        if bad:
+            raise Failure(f"schema registry, {what}: " + "; ".join(bad))
+
+    def wait_status(method: str, path: str, auth: str, want: int, what: str, timeout: float = 40) -> None:
+        deadline = time.monotonic() + timeout
+        while (st := status(method, path, auth)) != want:
+            if time.monotonic() > deadline:
+                raise Failure(f"schema registry: {what}: {method} {path} still answers {st} after {timeout:.0f} s, want {want}")
+            time.sleep(0.5)
+
+    r1, w1 = basic(user, read_pw), basic(writer, write_pw)
+    expect([("anonymous", "PUT", "/config/x", None, 401), ("anonymous", "GET", "/subjects", None, 401),
+            (user, "PUT", "/config/x", r1, 403), (user, "GET", "/subjects", r1, 200), (user, "GET", "/config", r1, 200),
+            (writer, "PUT", "/config/x", w1, 200), (user, "GET", "/config/x", r1, 200)],
+           "the rendered Secret's passwords")
+    log(f"schema registry (chart defaults: generated passwords, bcrypt users file): anonymous PUT /config/x 401, "
+        f"{user} PUT 403 and GET 200, {writer} PUT 200; ingest's password file is {user}'s")
+
+    read2, write2, users2 = creds(second)
+    if read2 == read_pw or write2 == write_pw or users2 == users1:
+        raise Failure("a second render without a cluster reused the first's registry passwords or hashes")
+    users_file.write_text(users2)
+    r2, w2 = basic(user, read2), basic(writer, write2)
+    wait_status("PUT", "/config/x", w2, 200, "after the second render's users file was written")
+    expect([(f"{writer} (first password)", "PUT", "/config/x", w1, 401),
+            (f"{user} (first password)", "GET", "/subjects", r1, 401),
+            (f"{user} (second password)", "GET", "/subjects", r2, 200),
+            (f"{user} (second password)", "PUT", "/config/x", r2, 403)], "after the second render's users file")
+    users_file.write_text(users1)
+    wait_status("PUT", "/config/x", w1, 200, "after the first users file was put back")
+    expect([(f"{user} (first password)", "GET", "/subjects", r1, 200),
+            (f"{writer} (second password)", "PUT", "/config/x", w2, 401)], "after the first users file was put back")
+    log("schema registry: a second render's users file (new bcrypt hashes of new passwords) reloaded without a "
+        "restart: its passwords 200, the first's 401; the first file put back works again")
     try:
         urllib.request.urlopen(f"{url}/subjects", timeout=10, context=ssl.create_default_context())
         raise Failure(f"schema registry: {url} answered a client that does not trust the chart's CA")
@@ -918,25 +1166,11 @@ def check_registry_auth(running: list["Service"]) -> None:
         "a client without it gets a certificate error, plain HTTP no answer")
 
 
-def registry_users(bin_dir: Path, users: list[tuple[str, str, str]]) -> str:
-    """The registry's users file for (name, role, password) triples, each line made by
-    `pulse-schema-registry hash-password` (the chart cannot hash; its README says so)."""
-    lines = []
-    for name, role, password in users:
-        out = subprocess.run([str(bin_dir / "pulse-schema-registry"), "hash-password", "--user", name, "--role", role],
-                             input=password + "\n", capture_output=True, text=True, timeout=60)
-        if out.returncode != 0:
-            raise Failure(f"pulse-schema-registry hash-password failed: {out.stderr.strip()}")
-        lines.append(out.stdout.strip())
-    return "\n".join(lines) + "\n"
-
-
-def test_values(run_id: str, bin_dir: Path) -> dict:
+def test_values(run_id: str) -> dict:
     e = os.environ
-    # The registry requires authentication: ingest and the processor read as pulse-read,
-    # the schemas Job registers as pulse-write (passwords as Secret files, hashes in the
-    # registry's users Secret).
-    read_pw, write_pw = f"read-{run_id}", f"write-{run_id}"
+    # The registry's authentication is the chart's default: ingest and the processor read
+    # as pulse-read, the schemas Job registers as pulse-write, with passwords the chart
+    # generates (Secret files) and a users file it hashes with htpasswd (bcrypt).
     return {
         "kafka": {"brokers": e["PULSE_TEST_KAFKA_BROKERS"], "partitions": 3, "replicationFactor": 1, "minInsyncReplicas": 1,
                   "compression": "lz4"},
@@ -955,8 +1189,6 @@ def test_values(run_id: str, bin_dir: Path) -> dict:
             "piiHmacKey": f"hmac-{run_id}",
             "s3AccessKey": e["PULSE_TEST_S3_ACCESS_KEY"],
             "s3SecretKey": e["PULSE_TEST_S3_SECRET_KEY"],
-            "registryReadPassword": read_pw,
-            "registryWritePassword": write_pw,
         },
         "telemetry": {"logFormat": "text", "traceSampleRatio": 1.0},
         "tests": {"timeoutSeconds": 120},
@@ -974,9 +1206,7 @@ def test_values(run_id: str, bin_dir: Path) -> dict:
         "writerClickhouse": {"replicas": 1, "config": {"PULSE_WRITER_GROUP_ID": f"pulse-writer-clickhouse-{run_id}"}},
         "writerParquet": {"replicas": 1, "config": {"PULSE_WRITER_GROUP_ID": f"pulse-writer-parquet-{run_id}"}},
         "queryApi": {"replicas": 1},
-        "schemaRegistry": {"replicas": 1, "schemasTopic": f"_schemas_{run_id}", "auth": {
-            "enabled": True, "readUser": "pulse-read", "writeUser": "pulse-write",
-            "users": registry_users(bin_dir, [("pulse-read", "read", read_pw), ("pulse-write", "write", write_pw)])}},
+        "schemaRegistry": {"replicas": 1, "schemasTopic": f"_schemas_{run_id}"},
         "ledger": {"enabled": True},
         # The registry serves TLS; its clients (ingest, the processor, the schemas Job) get
         # https:// and the CA from the Secret (caSecret empty: the Secret's ca.crt).
@@ -1004,17 +1234,23 @@ def main() -> int:
     try:
         checker_refuses_unknown_names(help_cache)
         shadow_checker_refuses(args.chart)
+        registry_auth_checker_refuses(args.chart)
         for values in sorted((args.chart / "ci").glob("*-values.yaml")):
             ci_objs = Objects(render(args.chart, [values]), external_secrets(values))
             static_checks(ci_objs, help_cache, f"ci/{values.name}")
             check_shadow_render(ci_objs, f"ci/{values.name}", required=values.name == "shadow-values.yaml")
+            if values.name == "default-values.yaml":
+                check_default_registry_auth(ci_objs, f"ci/{values.name}")
+            ledger_problems = ledger_query_tls_problems(ci_objs, yaml.safe_load(values.read_text()) or {})
+            if ledger_problems:
+                raise Failure(f"ci/{values.name}: " + "; ".join(ledger_problems))
         if not (args.chart / "ci" / "shadow-values.yaml").exists():
             raise Failure("helm/pulse/ci/shadow-values.yaml is missing: no render checks the shadow Deployments")
         if args.static_only:
             return 0
         run_id = "c" + secrets.token_hex(4)
         values_file = args.work / "values.yaml"
-        values_file.write_text(yaml.safe_dump(test_values(run_id, args.bin_dir)))
+        values_file.write_text(yaml.safe_dump(test_values(run_id)))
         objs = Objects(render(args.chart, [values_file]), {SERVER_TLS_SECRET: server_tls_secret(args.work)})
         static_checks(objs, help_cache, "test values")
         runner = Runner(objs, args.work, args.bin_dir, help_cache)
@@ -1082,7 +1318,7 @@ def main() -> int:
         check_ledger(objs, running)
         check_shadow_render(objs, "test values", required=True)
         check_shadow_live(running)
-        check_registry_auth(running)
+        check_registry_auth(objs, running, Objects(render(args.chart, [values_file]), {}))
 
         for svc in running:
             if svc.proc.poll() is not None:

@@ -552,16 +552,31 @@ def short_lived_cert(state: str) -> dict[str, str]:
     return {"PULSE_TLS_CERT_FILE": str(cert), "PULSE_TLS_KEY_FILE": str(key)}
 
 
+def registry_read_auth(env) -> dict[str, str]:
+    """The Authorization header of the registry's read user that `dev.sh up` made
+    (tests/python/devsh_registry_auth.py); none with PULSE_DEV_REGISTRY_AUTH=0."""
+    if env.get("PULSE_DEV_REGISTRY_AUTH", "1") == "0":
+        return {}
+    from devsh_registry_auth import READ_USER, basic, password
+    try:
+        secret = password(env, READ_USER)
+    except OSError as e:
+        fail(f"no password file of the registry's read user ({e}); dev.sh up makes it")
+    return basic(READ_USER, secret)
+
+
 def workload(env: dict) -> None:
     """Every query-API route over HTTP and every gRPC method once, so their series exist;
     and a client's lookups in the schema registry (its dashboard's latency panels)."""
     registry = f"http://127.0.0.1:{env['PULSE_SCHEMA_REGISTRY_PORT']}"
+    # As a client: the read user dev.sh made (its password in the state folder).
+    read_user = registry_read_auth(env)
     for path in ("/subjects", "/schemas/ids/1", "/subjects/pulse.events.v1-value/versions/latest"):
         try:
-            urllib.request.urlopen(registry + path, timeout=10).read()
+            urllib.request.urlopen(urllib.request.Request(registry + path, headers=read_user), timeout=10).read()
         except urllib.error.HTTPError as e:
-            if e.code >= 500:
-                fail(f"schema registry GET {path} answered {e.code}")
+            if e.code >= 500 or e.code in (401, 403):
+                fail(f"schema registry GET {path} as the read user answered {e.code}")
     base = f"http://127.0.0.1:{env['PULSE_QUERY_HTTP_PORT']}"
     for path in ("/v1/active_users?step=1m", "/v1/active_users/current", "/v1/revenue?step=1m",
                  "/v1/revenue_last_hour", "/v1/top_pages", "/v1/sessions", "/v1/freshness",

@@ -1,9 +1,16 @@
 """Drives Pulse's schema registry with PyPI's confluent-kafka SchemaRegistryClient, a
 client we did not write. Usage: python schema_registry_client.py REGISTRY_URL SUBJECT_PREFIX
 
-Exits 0 when every check holds; otherwise prints the failed check and exits 1.
-Run by tests/tests/schema_registry.rs (scripts/test.sh provides the venv)."""
+With SR_WRITE_USER_INFO and SR_READ_USER_INFO set (`name:password`, from the environment so
+no secret is a process argument) the registry is expected to have a credentials file: the
+client authenticates with `basic.auth.user.info`; the read user can read but its
+registration is refused with 403 (40301), an anonymous client gets 401 (40101), and the
+write user does every write.
 
+Exits 0 when every check holds; otherwise prints the failed check and exits 1.
+Run by tests/tests/it/schema_registry.rs (scripts/test.sh provides the venv)."""
+
+import os
 import sys
 
 from confluent_kafka.schema_registry import Schema, SchemaRegistryClient
@@ -33,12 +40,45 @@ def expect_error(code, fn, *args, **kwargs):
     raise AssertionError(f"{fn.__name__}: expected error {code}, got success")
 
 
+def config(user_info):
+    conf = {"url": URL}
+    if user_info:
+        conf["basic.auth.user.info"] = user_info
+    return conf
+
+
+def check_roles(subject, id1):
+    """With credentials: what the read user and an anonymous client may do."""
+    reader = SchemaRegistryClient(config(READ_USER_INFO))
+    e = expect_error(40301, reader.register_schema, subject, Schema(V2, "PROTOBUF"))
+    assert e.http_status_code == 403, e.http_status_code
+    expect_error(40301, reader.set_compatibility, subject, "NONE")
+    expect_error(40301, reader.delete_subject, subject)
+    assert reader.get_versions(subject) == [1], "the refused writes changed nothing"
+    got = reader.get_schema(id1)
+    assert got.schema_str == V1, got
+    assert reader.lookup_schema(subject, Schema(V1, "PROTOBUF")).schema_id == id1
+    assert reader.test_compatibility(subject, Schema(V2, "PROTOBUF")) is True
+    anonymous = SchemaRegistryClient(config(None))
+    e = expect_error(40101, anonymous.get_subjects)
+    assert e.http_status_code == 401, e.http_status_code
+    wrong = SchemaRegistryClient(config(READ_USER_INFO.split(":", 1)[0] + ":not-the-password"))
+    expect_error(40101, wrong.get_versions, subject)
+
+
+WRITE_USER_INFO = os.environ.get("SR_WRITE_USER_INFO")
+READ_USER_INFO = os.environ.get("SR_READ_USER_INFO")
+
+
 def main():
-    client = SchemaRegistryClient({"url": URL})
-    fresh = SchemaRegistryClient({"url": URL})  # no cache: every call reaches the server
+    client = SchemaRegistryClient(config(WRITE_USER_INFO))
+    # no cache: every call reaches the server
+    fresh = SchemaRegistryClient(config(WRITE_USER_INFO))
     subject = f"{PREFIX}-value"
 
     id1 = client.register_schema(subject, Schema(V1, "PROTOBUF"))
+    if READ_USER_INFO:
+        check_roles(subject, id1)
     assert fresh.register_schema(subject, Schema(V1, "PROTOBUF")) == id1, "identical schema keeps its id"
     got = fresh.get_schema(id1)
     assert got.schema_type == "PROTOBUF" and got.schema_str == V1, got
@@ -69,7 +109,8 @@ def main():
     assert fresh.delete_subject(subject) == [1, 2, 3]
     expect_error(40401, fresh.get_versions, subject)
     assert fresh.delete_subject(subject, permanent=True) == [1, 2, 3]
-    print("confluent-kafka SchemaRegistryClient: all checks passed")
+    mode = "with basic auth (read and write users)" if READ_USER_INFO else "anonymous"
+    print(f"confluent-kafka SchemaRegistryClient {mode}: all checks passed")
 
 
 if __name__ == "__main__":

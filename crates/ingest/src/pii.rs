@@ -153,8 +153,12 @@ enum Outcome {
 }
 
 impl PiiPolicy {
-    /// The documented default: truncate the `ip` property, hash e-mail addresses.
-    pub const DEFAULT_SPEC: &'static str = "payload.properties.ip=truncate,email=hash";
+    /// The documented default: truncate the `ip` property, hash e-mail addresses — in
+    /// payload values and as user ids (a user id that looks like an e-mail address would
+    /// otherwise be a Kafka key, a ClickHouse and Parquet column and a checkpoint entry in
+    /// clear); other user ids are kept.
+    pub const DEFAULT_SPEC: &'static str =
+        "payload.properties.ip=truncate,email=hash,key.user_id.email=hash";
 
     /// Parses a spec (see the module docs). Empty items are skipped; an empty
     /// spec keeps everything. `hmac_key` must be non-empty when any rule hashes
@@ -857,12 +861,25 @@ mod tests {
         assert_eq!(a.key.as_ref().unwrap().session_id, "s1");
         assert_eq!(prop(&a, "plan"), Some("pro"));
         assert_eq!(p.apply(&mut a), 0);
-        // Without a key.user_id rule (the default) the user id is kept, even with email=hash.
+        // Without a key.user_id rule an e-mail user id is kept, even with email=hash.
+        let no_rule = PiiPolicy::parse("payload.properties.ip=truncate,email=hash", KEY).unwrap();
+        let mut e = keyed_event("alice@example.com");
+        no_rule.apply(&mut e);
+        assert_eq!(user_id(&e), "alice@example.com");
+        assert!(no_rule.refusal(&e).is_none());
+        // The default hashes a user id that looks like an e-mail address (and only that).
         let default = PiiPolicy::parse(PiiPolicy::DEFAULT_SPEC, KEY).unwrap();
         let mut e = keyed_event("alice@example.com");
-        default.apply(&mut e);
-        assert_eq!(user_id(&e), "alice@example.com");
+        assert_eq!(default.apply(&mut e), 1);
+        assert_eq!(user_id(&e), hash_of("alice@example.com"));
         assert!(default.refusal(&e).is_none());
+        assert_eq!(
+            default.dlq_key(Some(b"alice@example.com".to_vec())),
+            Some(hash_of("alice@example.com").into_bytes())
+        );
+        let mut opaque = keyed_event("user-42");
+        assert_eq!(default.apply(&mut opaque), 0);
+        assert_eq!(user_id(&opaque), "user-42");
     }
 
     #[test]

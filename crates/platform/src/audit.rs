@@ -60,6 +60,8 @@ pub mod action {
     pub const REPLAY: &str = "replay";
     /// `pulsectl migrate`.
     pub const MIGRATE: &str = "migrate";
+    /// `pulsectl topics create` that created topics, or was refused or failed.
+    pub const TOPICS_CREATE: &str = "topics.create";
     /// `pulsectl shadow promote check` (passed, or refused with the reasons).
     pub const SHADOW_PROMOTE_CHECK: &str = "shadow.promote.check";
     /// `pulsectl shadow promote finish` (refused, or passed and the shadow discarded).
@@ -207,7 +209,7 @@ impl AuditRecord {
     }
 
     /// The record as structured log fields (what remains when it could not be written).
-    fn log_failed(&self, reason: &str, error: &str) {
+    pub fn log_failed(&self, reason: &str, error: &str) {
         tracing::error!(
             reason,
             error,

@@ -4,14 +4,18 @@
 //! reading the body too, so a body trickled just fast enough is still cut), a concurrency
 //! limit per server with load shedding (tower's `GlobalConcurrencyLimit` + `LoadShed`:
 //! refused at once, never queued), a connection limit per listener and a header read
-//! timeout per connection (in [`crate::listener`]: beyond the limit connections wait in the
-//! kernel's backlog; headers that take too long close the connection).
+//! timeout per connection (in [`crate::listener`]: a connection beyond the limit is
+//! answered 503 / `UNAVAILABLE` and closed; headers that take too long close the
+//! connection).
 //!
 //! Refusals answer 503 with `Retry-After` over HTTP and `UNAVAILABLE` with `retry-after`
-//! metadata over gRPC, and are counted in [`LIMITED_TOTAL`] by server and limit (fixed
-//! label values).
+//! metadata over gRPC; a body that stalls is answered 408 Request Timeout with
+//! `Retry-After` and `Connection: close` (a 4xx: the pause is the client's, not the
+//! server's load) and `UNAVAILABLE` with `retry-after` over gRPC.
+//! Each is counted in [`LIMITED_TOTAL`] by server and limit (fixed label values).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::http::{Request, StatusCode};
@@ -41,7 +45,7 @@ pub const LIMITS: &[&str] = &[
 pub fn describe_metrics() {
     metrics::describe_counter!(
         LIMITED_TOTAL,
-        "Requests and connections cut or refused by a server limit, by server (http, grpc, admin) and limit (body_timeout, request_timeout, concurrency: answered 503/UNAVAILABLE with Retry-After; connections: times a listener reached --max-connections and left new connections waiting; header_timeout: connections closed because a request's headers took longer than --header-read-timeout)."
+        "Requests and connections cut or refused by a server limit, by server (http, grpc, admin) and limit (request_timeout, concurrency: answered 503/UNAVAILABLE with Retry-After; body_timeout: a body paused longer than --request-body-timeout, answered 408/UNAVAILABLE with Retry-After; connections: connections beyond --max-connections, answered 503/UNAVAILABLE with Retry-After and closed, or closed at once while too many refusals are under way; header_timeout: connections closed because a request's headers took longer than --header-read-timeout)."
     );
 }
 
@@ -66,7 +70,8 @@ fn parse_duration(s: &str) -> Result<Duration, humantime::DurationError> {
 #[derive(Debug, Clone, clap::Args)]
 pub struct LimitArgs {
     /// Longest pause while a request body is received (HTTP bodies and the messages of a
-    /// gRPC client stream); the request is cut after it. E.g. `10s`, `500ms`.
+    /// gRPC client stream); the request is cut after it and answered 408 (gRPC:
+    /// UNAVAILABLE) with Retry-After. E.g. `10s`, `500ms`.
     #[arg(
         long = "request-body-timeout",
         env = "PULSE_REQUEST_BODY_TIMEOUT",
@@ -91,8 +96,8 @@ pub struct LimitArgs {
         default_value_t = 512
     )]
     pub max_concurrent_requests: usize,
-    /// Most open connections per listener; further connections are not accepted (they
-    /// wait in the kernel's backlog) until one closes.
+    /// Most open connections per listener; a connection beyond it is answered 503
+    /// (gRPC: UNAVAILABLE) with Retry-After and closed.
     #[arg(
         long = "max-connections",
         env = "PULSE_MAX_CONNECTIONS",
@@ -152,12 +157,17 @@ pub enum Refusal {
     Concurrency(usize),
     #[error("the request took longer than the server's limit of {0:?}")]
     Timeout(Duration),
+    #[error("the request body paused for longer than the server's limit of {0:?}")]
+    BodyTimeout(Duration),
+    #[error("the server is at its limit of {0} open connections; retry later")]
+    Connections(usize),
 }
 
+/// A refusal with its `Retry-After` seconds: the answer of a limit.
 #[derive(Debug)]
-struct Refused {
-    why: Refusal,
-    retry_after: u64,
+pub(crate) struct Refused {
+    pub(crate) why: Refusal,
+    pub(crate) retry_after: u64,
 }
 
 impl std::fmt::Display for Refused {
@@ -173,10 +183,15 @@ impl ApiError for Refused {
         match self.why {
             Refusal::Concurrency(_) => "overloaded",
             Refusal::Timeout(_) => "request_timeout",
+            Refusal::BodyTimeout(_) => "body_timeout",
+            Refusal::Connections(_) => "too_many_connections",
         }
     }
     fn http_status(&self) -> StatusCode {
-        StatusCode::SERVICE_UNAVAILABLE
+        match self.why {
+            Refusal::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            _ => StatusCode::SERVICE_UNAVAILABLE,
+        }
     }
     fn grpc_code(&self) -> tonic::Code {
         tonic::Code::Unavailable
@@ -204,21 +219,129 @@ fn refusal(e: &BoxError, limits: &LimitArgs, server: &'static str) -> Refused {
     }
 }
 
-/// `body` cut after `timeout` without a frame, counted for `server`.
+/// `body` cut after `timeout` without a frame, counted for `server`; `cut` is set when
+/// it was.
 fn timed_body<B>(
     body: B,
     timeout: Duration,
     server: &'static str,
+    cut: Arc<AtomicBool>,
 ) -> http_body_util::combinators::MapErr<TimeoutBody<B>, impl FnMut(BoxError) -> BoxError + Clone>
 where
     B: http_body::Body,
     B::Error: Into<BoxError>,
 {
     TimeoutBody::new(timeout, body).map_err(move |e: BoxError| {
-        if e.is::<TimeoutError>() {
+        if e.is::<TimeoutError>() && !cut.swap(true, Ordering::Relaxed) {
             count(server, "body_timeout");
         }
         e
+    })
+}
+
+/// A body type the limits wrap and answer with: axum's (HTTP servers) or tonic's (gRPC).
+trait LimitedBody: http_body::Body + Sized + Send + 'static {
+    /// `body` as this type (the request body handed to the service).
+    fn wrap<B>(body: B) -> Self
+    where
+        B: http_body::Body<Data = axum::body::Bytes> + Send + 'static,
+        B::Error: Into<BoxError>;
+    /// The answer of `refused`.
+    fn answer(refused: &Refused) -> Response<Self>;
+}
+
+impl LimitedBody for axum::body::Body {
+    fn wrap<B>(body: B) -> Self
+    where
+        B: http_body::Body<Data = axum::body::Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        Self::new(body)
+    }
+    fn answer(refused: &Refused) -> Response<Self> {
+        let mut response = crate::api_error::http_response(refused);
+        // The rest of the body is still on its way (or never comes): this connection
+        // cannot carry another request.
+        response.headers_mut().insert(
+            axum::http::header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+        response
+    }
+}
+
+impl LimitedBody for tonic::body::Body {
+    fn wrap<B>(body: B) -> Self
+    where
+        B: http_body::Body<Data = axum::body::Bytes> + Send + 'static,
+        B::Error: Into<BoxError>,
+    {
+        Self::new(body)
+    }
+    fn answer(refused: &Refused) -> Response<Self> {
+        crate::api_error::grpc_status(refused).into_http()
+    }
+}
+
+/// The request-body timeout as a service: the body cut after the longest pause, and the
+/// answer of a request whose body was cut replaced by the limit's (whatever the handler
+/// made of the unreadable body), so that the client learns it was a limit and when to
+/// retry.
+#[derive(Debug, Clone)]
+struct BodyTimeout<S> {
+    inner: S,
+    timeout: Duration,
+    retry_after: u64,
+    server: &'static str,
+}
+
+impl<S, B> tower::Service<Request<B>> for BodyTimeout<S>
+where
+    S: tower::Service<Request<B>, Response = Response<B>>,
+    S::Future: Send + 'static,
+    B: LimitedBody<Data = axum::body::Bytes>,
+    B::Error: Into<BoxError>,
+{
+    type Response = Response<B>;
+    type Error = S::Error;
+    type Future = futures::future::BoxFuture<'static, Result<Response<B>, S::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let cut = Arc::new(AtomicBool::new(false));
+        let (timeout, server) = (self.timeout, self.server);
+        let req = req.map(|b| B::wrap(timed_body(b, timeout, server, cut.clone())));
+        let response = self.inner.call(req);
+        let retry_after = self.retry_after;
+        Box::pin(async move {
+            let response = response.await?;
+            if cut.load(Ordering::Relaxed) {
+                return Ok(B::answer(&Refused {
+                    why: Refusal::BodyTimeout(timeout),
+                    retry_after,
+                }));
+            }
+            Ok(response)
+        })
+    }
+}
+
+fn body_timeout_layer<S>(
+    limits: &LimitArgs,
+    server: &'static str,
+) -> impl tower::Layer<S, Service = BodyTimeout<S>> + Clone + use<S> {
+    let (timeout, retry_after) = (limits.request_body_timeout, limits.limit_retry_after_secs);
+    tower::layer::layer_fn(move |inner| BodyTimeout {
+        inner,
+        timeout,
+        retry_after,
+        server,
     })
 }
 
@@ -226,7 +349,7 @@ where
 /// the limit metric (`http` or `admin`).
 pub fn http(app: axum::Router, limits: &LimitArgs, server: &'static str) -> axum::Router {
     init_metrics(server);
-    let (body_timeout, l) = (limits.request_body_timeout, limits.clone());
+    let l = limits.clone();
     app.layer(
         ServiceBuilder::new()
             .layer(axum::error_handling::HandleErrorLayer::new(
@@ -240,9 +363,7 @@ pub fn http(app: axum::Router, limits: &LimitArgs, server: &'static str) -> axum
                 tokio::sync::Semaphore::new(limits.max_concurrent_requests),
             )))
             .layer(TimeoutLayer::new(limits.request_timeout))
-            .map_request(move |req: Request<axum::body::Body>| {
-                req.map(|b| axum::body::Body::new(timed_body(b, body_timeout, server)))
-            }),
+            .layer(body_timeout_layer(limits, server)),
     )
 }
 
@@ -263,12 +384,8 @@ pub fn grpc_layer(
 > + Clone {
     const SERVER: &str = "grpc";
     init_metrics(SERVER);
-    let (body_timeout, timeout, max) = (
-        limits.request_body_timeout,
-        limits.request_timeout,
-        limits.max_concurrent_requests,
-    );
-    let l = limits;
+    let (timeout, max) = (limits.request_timeout, limits.max_concurrent_requests);
+    let l = limits.clone();
     ServiceBuilder::new()
         .map_result(
             move |r: Result<Response<tonic::body::Body>, BoxError>| -> Result<_, BoxError> {
@@ -285,9 +402,7 @@ pub fn grpc_layer(
             tokio::sync::Semaphore::new(max),
         )))
         .layer(TimeoutLayer::new(timeout))
-        .map_request(move |req: Request<tonic::body::Body>| {
-            req.map(|b| tonic::body::Body::new(timed_body(b, body_timeout, SERVER)))
-        })
+        .layer(body_timeout_layer(&limits, SERVER))
 }
 
 #[cfg(test)]
@@ -296,7 +411,7 @@ mod tests {
 
     use axum::body::Body;
     use axum::http::Request;
-    use tower::ServiceExt as _;
+    use tower::{Layer as _, Service as _, ServiceExt as _};
 
     use std::convert::Infallible;
 
@@ -378,11 +493,47 @@ mod tests {
             .await
             .unwrap();
         let elapsed = started.elapsed();
-        assert!(r.status().is_client_error(), "{}", r.status());
+        assert_eq!(r.status(), 408);
+        assert_eq!(r.headers()["retry-after"], "3");
+        assert_eq!(r.headers()["connection"], "close");
         assert!(
             elapsed >= Duration::from_millis(200) && elapsed < Duration::from_millis(400),
             "{elapsed:?}"
         );
+        let body = axum::body::to_bytes(r.into_body(), 1 << 16).await.unwrap();
+        assert!(
+            String::from_utf8_lossy(&body).contains("\"body_timeout\""),
+            "{body:?}"
+        );
+        drop(tx);
+    }
+
+    #[tokio::test]
+    async fn a_grpc_request_whose_body_stalls_gets_unavailable_with_retry_after() {
+        // A service that reads the whole body and answers OK whatever the read gave: the
+        // limit's answer replaces it.
+        let service = tower::service_fn(|req: Request<tonic::body::Body>| async move {
+            let _ = req.into_body().collect().await;
+            Ok::<_, Infallible>(tonic::Status::ok("").into_http::<tonic::body::Body>())
+        });
+        let mut service = body_timeout_layer(&limits(), "grpc").layer(service);
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<axum::body::Bytes, Infallible>>(1);
+        tx.send(Ok("a".into())).await.unwrap();
+        let body = tonic::body::Body::new(http_body_util::StreamBody::new(
+            futures::StreamExt::map(tokio_stream_from(rx), |b| b.map(http_body::Frame::data)),
+        ));
+        let started = std::time::Instant::now();
+        let r = service
+            .ready()
+            .await
+            .unwrap()
+            .call(Request::post("/s/m").body(body).unwrap())
+            .await
+            .unwrap();
+        assert!(started.elapsed() >= Duration::from_millis(200));
+        let status = tonic::Status::from_header_map(r.headers()).unwrap();
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        assert_eq!(r.headers()["retry-after"], "3");
         drop(tx);
     }
 

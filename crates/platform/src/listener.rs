@@ -1,8 +1,10 @@
 //! The accept loop every Pulse server runs its listener with: `TCP_NODELAY` on each
-//! connection, at most `--max-connections` open at once (beyond it the loop stops
-//! accepting, so new connections wait in the kernel's backlog, and the time is counted),
-//! and, when TLS is configured, the handshake — run beside the loop, with a timeout, so a
-//! client that never finishes its handshake holds up nobody. The connections come out as
+//! connection, at most `--max-connections` open at once (a connection beyond it is
+//! accepted and refused at once by the `refuse` module: `503` with `Retry-After` and
+//! `Connection: close` over HTTP/1, `UNAVAILABLE` with `retry-after` over gRPC, then
+//! closed — TLS listeners answer after the handshake; each refusal is counted), and, when
+//! TLS is configured, the handshake — run beside the loop, with a timeout, so a client that
+//! never finishes its handshake holds up nobody. The connections come out as
 //! [`ServerIo`], plain or TLS, for the HTTP servers ([`HttpListener`], served by [`serve`]:
 //! hyper-util's server builder with the HTTP/1 header read timeout) or tonic
 //! ([`grpc_incoming`]).
@@ -28,6 +30,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::tls::{Alpn, ReloadingTls, TLS_HANDSHAKE_FAILURES_TOTAL};
 
+mod refuse;
+
 /// How one listener accepts connections.
 #[derive(Debug, Clone)]
 pub struct AcceptSettings {
@@ -38,6 +42,8 @@ pub struct AcceptSettings {
     /// See the module documentation.
     pub header_read_timeout: Duration,
     pub max_connections: usize,
+    /// `Retry-After` seconds of a connection refused beyond `max_connections`.
+    pub retry_after_secs: u64,
     /// The `server` label of the limit metric (`http`, `grpc`, `admin`).
     pub server: &'static str,
 }
@@ -235,27 +241,15 @@ pub fn spawn(
 ) -> mpsc::Receiver<(ServerIo, SocketAddr)> {
     let (tx, rx) = mpsc::channel(64);
     let slots = Arc::new(Semaphore::new(settings.max_connections));
+    let refuser = refuse::Refuser::new(settings.clone());
     tokio::spawn(async move {
         let local = listener.local_addr().ok();
+        // The limit's warning: at most one per WARN_EVERY, with the connections refused
+        // since the last one (each is counted in the limit metric too).
+        const WARN_EVERY: Duration = Duration::from_secs(10);
+        let mut warned: Option<tokio::time::Instant> = None;
+        let mut refused_since = 0u64;
         loop {
-            let slot = match slots.clone().try_acquire_owned() {
-                Ok(slot) => slot,
-                Err(_) => {
-                    crate::limits::count(settings.server, "connections");
-                    tracing::warn!(
-                        server = settings.server,
-                        max_connections = settings.max_connections,
-                        "connection limit reached; not accepting until a connection closes"
-                    );
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        slot = slots.clone().acquire_owned() => match slot {
-                            Ok(slot) => slot,
-                            Err(_) => return,
-                        },
-                    }
-                }
-            };
             let (tcp, remote) = tokio::select! {
                 _ = stop.cancelled() => return,
                 accepted = listener.accept() => match accepted {
@@ -272,6 +266,21 @@ pub fn spawn(
             if let Err(e) = tcp.set_nodelay(true) {
                 tracing::debug!(error = %e, "could not set TCP_NODELAY on an accepted connection");
             }
+            let Ok(slot) = slots.clone().try_acquire_owned() else {
+                refused_since += 1;
+                if warned.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
+                    tracing::warn!(
+                        server = settings.server,
+                        max_connections = settings.max_connections,
+                        refused = refused_since,
+                        "connection limit reached; refusing new connections with 503 until one closes"
+                    );
+                    warned = Some(tokio::time::Instant::now());
+                    refused_since = 0;
+                }
+                refuser.refuse(tcp, remote);
+                continue;
+            };
             let local = local.unwrap_or(remote);
             match &settings.tls {
                 None => {
@@ -447,12 +456,30 @@ mod tests {
             handshake_timeout: Duration::from_secs(1),
             header_read_timeout: Duration::from_secs(10),
             max_connections,
+            retry_after_secs: 5,
             server: "http",
         }
     }
 
+    /// Sends `request` on a new connection to `addr` and reads until the server closes
+    /// it; the answer, and after how long it was complete.
+    async fn exchange(addr: SocketAddr, request: &[u8]) -> (String, Duration) {
+        let started = std::time::Instant::now();
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        tcp.write_all(request).await.unwrap();
+        let mut answer = Vec::new();
+        // A reset ends the answer too (what came before it is kept).
+        let _ = tokio::time::timeout(Duration::from_secs(5), tcp.read_to_end(&mut answer))
+            .await
+            .expect("the refused connection was never closed");
+        (
+            String::from_utf8_lossy(&answer).into_owned(),
+            started.elapsed(),
+        )
+    }
+
     #[tokio::test]
-    async fn connections_beyond_the_limit_wait_until_one_closes() {
+    async fn a_connection_beyond_the_limit_gets_503_with_retry_after_at_once_and_is_closed() {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
@@ -460,13 +487,26 @@ mod tests {
         let _a = TcpStream::connect(addr).await.unwrap();
         let (first, _) = l.accept().await;
         assert!(!first.is_tls());
-        let _b = TcpStream::connect(addr).await.unwrap();
+
+        // A request, and one whose body is mostly unsent (never read by the refusal):
+        // both get the answer, not a reset, at once.
+        let mut post = b"POST /x HTTP/1.1\r\nHost: t\r\nContent-Length: 100000\r\n\r\n".to_vec();
+        post.extend(std::iter::repeat_n(b'a', 50_000));
+        for request in [&b"GET / HTTP/1.1\r\nHost: t\r\n\r\n"[..], &post] {
+            let (answer, took) = exchange(addr, request).await;
+            assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+            let head = answer.to_lowercase();
+            assert!(head.contains("retry-after: 5\r\n"), "{answer}");
+            assert!(head.contains("connection: close\r\n"), "{answer}");
+            assert!(answer.contains("\"too_many_connections\""), "{answer}");
+            assert!(took < Duration::from_millis(500), "took {took:?}");
+        }
         let waited = tokio::time::timeout(Duration::from_millis(300), l.accept()).await;
-        assert!(
-            waited.is_err(),
-            "the second connection was accepted over the limit"
-        );
+        assert!(waited.is_err(), "a connection was accepted over the limit");
+
+        // Once the first closes, the next connection is accepted.
         drop(first);
+        let _c = TcpStream::connect(addr).await.unwrap();
         let (second, _) = tokio::time::timeout(Duration::from_secs(5), l.accept())
             .await
             .expect("accepted once the first closed");
@@ -478,9 +518,79 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_http2_or_grpc_request_beyond_the_limit_gets_503_or_unavailable() {
+        use http_body_util::Empty;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let mut l = HttpListener::new(listener, plain(1), stop.clone()).unwrap();
+        let _a = TcpStream::connect(addr).await.unwrap();
+        let _first = l.accept().await;
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .http2_only(true)
+                .build_http::<Empty<axum::body::Bytes>>();
+        let r = client
+            .get(format!("http://{addr}/").parse().unwrap())
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 503);
+        assert_eq!(r.headers()["retry-after"], "5");
+        let grpc = axum::http::Request::post(format!("http://{addr}/s.S/M"))
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(Empty::new())
+            .unwrap();
+        let r = client.request(grpc).await.unwrap();
+        assert_eq!(r.status(), 200);
+        let status = tonic::Status::from_header_map(r.headers()).unwrap();
+        assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+        assert!(status.message().contains("open connections"), "{status:?}");
+        assert_eq!(r.headers()["retry-after"], "5");
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn refusals_are_bounded_in_number_and_in_time() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let mut l = HttpListener::new(listener, plain(1), stop.clone()).unwrap();
+        let _a = TcpStream::connect(addr).await.unwrap();
+        let _first = l.accept().await;
+        // Clients beyond the limit that send nothing each hold a refusal…
+        let started = std::time::Instant::now();
+        let mut silent = Vec::new();
+        for _ in 0..refuse::REFUSALS_AT_ONCE {
+            silent.push(TcpStream::connect(addr).await.unwrap());
+        }
+        // …so once they are all under way the next is closed at once, unanswered.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (answer, took) = exchange(addr, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").await;
+        assert_eq!(answer, "", "answered while the refusals were full");
+        assert!(took < Duration::from_millis(500), "took {took:?}");
+        // Each is cut after the refusal deadline; then refusals are answered again.
+        for mut tcp in silent {
+            let mut buf = [0u8; 64];
+            let n = tokio::time::timeout(Duration::from_secs(5), tcp.read(&mut buf))
+                .await
+                .expect("a silent refused connection was never closed")
+                .unwrap_or(0);
+            assert_eq!(n, 0);
+        }
+        let took = started.elapsed();
+        assert!(
+            took >= refuse::REFUSAL_DEADLINE - Duration::from_millis(100)
+                && took < refuse::REFUSAL_DEADLINE + Duration::from_secs(1),
+            "closed after {took:?}"
+        );
+        let (answer, _) = exchange(addr, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").await;
+        assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+        stop.cancel();
+    }
+
+    #[tokio::test]
     async fn a_client_that_never_handshakes_does_not_block_others() {
-        use tokio_rustls::rustls::pki_types::pem::PemObject as _;
-        use tokio_rustls::rustls::{ClientConfig, RootCertStore, pki_types::CertificateDer};
         let dir = tempfile::tempdir().unwrap();
         let files = crate::tls::tests::self_signed(dir.path(), "s", 2);
         let tls = ReloadingTls::load(files.clone(), "service").unwrap();
@@ -497,17 +607,7 @@ mod tests {
         let mut plain = TcpStream::connect(addr).await.unwrap();
         plain.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
         // A TLS client is accepted meanwhile.
-        let mut roots = RootCertStore::empty();
-        roots
-            .add(CertificateDer::from_pem_file(&files.cert).unwrap())
-            .unwrap();
-        let provider = Arc::new(tokio_rustls::rustls::crypto::aws_lc_rs::default_provider());
-        let config = ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let connector = tls_connector(&files.cert);
         let client = tokio::spawn(async move {
             let tcp = TcpStream::connect(addr).await.unwrap();
             let name = "localhost".try_into().unwrap();
@@ -528,6 +628,65 @@ mod tests {
             "plain HTTP got an HTTP answer"
         );
         stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_tls_connection_beyond_the_limit_gets_503_after_its_handshake() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = crate::tls::tests::self_signed(dir.path(), "s", 2);
+        let tls = ReloadingTls::load(files.clone(), "service").unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let mut settings = plain(1);
+        settings.tls = Some(tls);
+        let mut l = HttpListener::new(listener, settings, stop.clone()).unwrap();
+        let connector = tls_connector(&files.cert);
+        let connect = async || {
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            connector
+                .connect("localhost".try_into().unwrap(), tcp)
+                .await
+                .unwrap()
+        };
+        let _held = connect().await;
+        let (first, _) = tokio::time::timeout(Duration::from_secs(5), l.accept())
+            .await
+            .unwrap();
+        assert!(first.is_tls());
+        let mut refused = connect().await;
+        refused
+            .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(2), refused.read_to_end(&mut answer))
+            .await
+            .expect("the refused TLS connection was never closed");
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+        assert!(
+            answer.to_lowercase().contains("retry-after: 5\r\n"),
+            "{answer}"
+        );
+        stop.cancel();
+    }
+
+    /// A TLS client trusting the (self-signed) certificate in `cert`.
+    fn tls_connector(cert: &std::path::Path) -> tokio_rustls::TlsConnector {
+        use tokio_rustls::rustls::pki_types::pem::PemObject as _;
+        use tokio_rustls::rustls::{ClientConfig, RootCertStore, pki_types::CertificateDer};
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(CertificateDer::from_pem_file(cert).unwrap())
+            .unwrap();
+        let provider = Arc::new(tokio_rustls::rustls::crypto::aws_lc_rs::default_provider());
+        let config = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        tokio_rustls::TlsConnector::from(Arc::new(config))
     }
 
     /// Serves a one-route app on a plain listener with a 500 ms header read timeout.

@@ -343,6 +343,7 @@ impl ServerSettings {
             handshake_timeout: self.tls_handshake_timeout,
             header_read_timeout: self.header_read_timeout,
             max_connections: self.limits.max_connections,
+            retry_after_secs: self.limits.limit_retry_after_secs,
             server,
         }
     }

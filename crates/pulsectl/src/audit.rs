@@ -3,7 +3,8 @@
 //! the topic (`--source topic`, the default) or from the writer's ClickHouse copy
 //! (`--source clickhouse`, table `audit_log`); and
 //! [`record`], with which the commands that change things (`dlq redrive`, `replay`,
-//! `migrate`, `shadow discard`, `shadow promote check|finish`) write their own record: who
+//! `migrate`, `topics create`, `shadow discard`, `shadow promote check|finish`) write their
+//! own record: who
 //! (`--actor`, else `$USER`), what, and how it ended ([`Ending`]: `ok`, `refused` — the
 //! command's checks or flags said no, nothing changed — or `failed`).
 //! The record format and its producer are platform's; reading the topic is `dlq::read`'s
@@ -30,8 +31,8 @@ pub struct AuditArgs {
     /// (default: `$USER`).
     #[arg(long = "actor", env = "PULSE_ACTOR", global = true)]
     pub actor: Option<String>,
-    /// The audit topic: written by `dlq redrive`, `replay`, `migrate`, `shadow discard` and
-    /// `shadow promote`, read by `audit`.
+    /// The audit topic: written by `dlq redrive`, `replay`, `migrate`, `topics create`,
+    /// `shadow discard` and `shadow promote`, read by `audit`.
     #[arg(
         long = "audit-topic",
         env = "PULSE_AUDIT_TOPIC",
@@ -102,6 +103,7 @@ impl Ending {
         use crate::shadow::ShadowError;
         match error {
             crate::Error::Config(_)
+            | crate::Error::Topics(pulse_platform::kafka::topics::TopicError::Drift { .. })
             | crate::Error::Shadow(
                 ShadowError::Refused(_) | ShadowError::Range { .. } | ShadowError::Tolerance(_),
             ) => Self::refused(detail),

@@ -220,10 +220,18 @@ impl SendError {
 /// another `io::Error`); `io::Error::source` skips the wrapped error, so each `io::Error`
 /// is looked into as well.
 pub fn tls_failure(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    rustls_error_among(e).map(describe_tls)
+}
+
+/// The `rustls::Error` among `e` and its causes (looking into each `io::Error`, as
+/// [`tls_failure`] says), if there is one; each client describes it in its own terms.
+pub(crate) fn rustls_error_among<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a rustls::Error> {
     let mut next = Some(e);
     while let Some(err) = next {
         if let Some(tls) = rustls_error(err) {
-            return Some(describe_tls(tls));
+            return Some(tls);
         }
         next = err.source();
     }

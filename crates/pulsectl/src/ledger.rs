@@ -11,10 +11,12 @@
 //!
 //! Modules: `topic` (reading topics), `book` (the topics' side), `sources` (the stores'
 //! side and the closed-range rule), `reconcile` (the comparison), `revenue` (the query
-//! API's answer), `watch` (the continuous mode and its metrics).
+//! API's answer), `query_tls` (trusting an `https://` query API), `watch` (the continuous
+//! mode and its metrics).
 
 pub mod book;
 pub mod metrics;
+pub mod query_tls;
 pub mod reconcile;
 pub mod revenue;
 pub mod sources;
@@ -101,6 +103,10 @@ pub struct SourceArgs {
     /// replacement.
     #[arg(long = "query-token", hide = true)]
     pub removed_query_token_flag: Option<Secret>,
+    /// The query API's TLS: `--query-ca-file`, `--query-client-cert-file`,
+    /// `--query-client-key-file`.
+    #[command(flatten)]
+    pub query_tls: query_tls::QueryTlsArgs,
     /// Do not check the Parquet archive (no S3).
     #[arg(long = "skip-archive", env = "PULSE_LEDGER_SKIP_ARCHIVE")]
     pub skip_archive: bool,
@@ -165,6 +171,7 @@ impl Validate for SourceArgs {
                     self.query_url
                 ),
             );
+            self.query_tls.check(&self.query_url, p);
         }
         p.check(
             !self.read_timeout.is_zero(),

@@ -112,6 +112,35 @@ pub enum Error {
 pub async fn run(cli: Cli) -> Result<(), Error> {
     let progress = &cli.progress;
     match cli.command {
+        Command::Topics {
+            command: topics::TopicsCommand::Create { allow_drift },
+            kafka,
+        } => {
+            // Audited when it changed something (topics created) or did not go through
+            // (refused: bad flags, topics that differ; failed: the broker); a run that
+            // found everything in place changed nothing and writes no record.
+            let mut created = Vec::new();
+            let result = topics::create(&kafka, allow_drift, &mut created).await;
+            if !created.is_empty() || result.is_err() {
+                let done = format!("created {}", created.join(", "));
+                let outcome = ending(&result, done.clone(), |e| {
+                    if created.is_empty() {
+                        e.to_string()
+                    } else {
+                        format!("{done}; then: {e}")
+                    }
+                });
+                audit::record(
+                    &cli.audit,
+                    &kafka,
+                    pulse_platform::audit::action::TOPICS_CREATE,
+                    &kafka.brokers,
+                    outcome,
+                )
+                .await;
+            }
+            result
+        }
         Command::Topics { command, kafka } => topics::run(command, &kafka).await,
         Command::Schemas { command } => schemas::run(command).await,
         Command::Migrate { clickhouse, kafka } => {

@@ -46,59 +46,73 @@ pub fn all_topics(partitions: i32) -> Vec<TopicSpec> {
 }
 
 pub async fn run(command: TopicsCommand, kafka: &KafkaConfig) -> Result<(), Error> {
+    match command {
+        TopicsCommand::Create { allow_drift } => create(kafka, allow_drift, &mut Vec::new()).await,
+        TopicsCommand::List => list(kafka),
+    }
+}
+
+/// `topics create`: creates the missing topics (their names pushed to `created` as soon as
+/// the broker made them, so the caller can audit them whatever the outcome) and checks the
+/// existing ones.
+pub async fn create(
+    kafka: &KafkaConfig,
+    allow_drift: bool,
+    created: &mut Vec<String>,
+) -> Result<(), Error> {
     validate_all(&[kafka])?;
     let rf = kafka.topics.replication_factor;
-    match command {
-        TopicsCommand::Create { allow_drift } => {
-            let specs = all_topics(kafka.partitions);
-            let created = ensure_topics(kafka, &specs).await?;
-            let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
-            let states = describe_topics(kafka, &names).await?;
-            let mut drifted = 0;
-            for (s, state) in specs.iter().zip(&states) {
-                let drift = match state {
-                    Some(state) if !created.contains(&s.name) => state.drift(s, &kafka.topics),
-                    _ => Vec::new(),
-                };
-                let status = if created.contains(&s.name) {
-                    "created"
-                } else if drift.is_empty() {
-                    "exists"
-                } else {
-                    "differs"
-                };
-                println!(
-                    "{:<32} {:>3} partition(s)  rf {rf}  {status}",
-                    s.name, s.partitions
-                );
-                for d in &drift {
-                    println!("    {d}");
-                }
-                drifted += usize::from(!drift.is_empty());
-            }
-            if drifted > 0 {
-                let err = TopicError::Drift { count: drifted };
-                if !allow_drift {
-                    return Err(err.into());
-                }
-                eprintln!("pulsectl: warning: {err}");
-            }
+    let specs = all_topics(kafka.partitions);
+    created.extend(ensure_topics(kafka, &specs).await?);
+    let names: Vec<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+    let states = describe_topics(kafka, &names).await?;
+    let mut drifted = 0;
+    for (s, state) in specs.iter().zip(&states) {
+        let drift = match state {
+            Some(state) if !created.contains(&s.name) => state.drift(s, &kafka.topics),
+            _ => Vec::new(),
+        };
+        let status = if created.contains(&s.name) {
+            "created"
+        } else if drift.is_empty() {
+            "exists"
+        } else {
+            "differs"
+        };
+        println!(
+            "{:<32} {:>3} partition(s)  rf {rf}  {status}",
+            s.name, s.partitions
+        );
+        for d in &drift {
+            println!("    {d}");
         }
-        TopicsCommand::List => {
-            for s in all_topics(kafka.partitions) {
-                let configs: Vec<String> = s
-                    .configs(&kafka.topics)
-                    .into_iter()
-                    .map(|(k, v)| format!("{k}={v}"))
-                    .collect();
-                println!(
-                    "{:<32} {:>3} partition(s)  rf {rf}  {}",
-                    s.name,
-                    s.partitions,
-                    configs.join(" ")
-                );
-            }
+        drifted += usize::from(!drift.is_empty());
+    }
+    if drifted > 0 {
+        let err = TopicError::Drift { count: drifted };
+        if !allow_drift {
+            return Err(err.into());
         }
+        eprintln!("pulsectl: warning: {err}");
+    }
+    Ok(())
+}
+
+fn list(kafka: &KafkaConfig) -> Result<(), Error> {
+    validate_all(&[kafka])?;
+    let rf = kafka.topics.replication_factor;
+    for s in all_topics(kafka.partitions) {
+        let configs: Vec<String> = s
+            .configs(&kafka.topics)
+            .into_iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        println!(
+            "{:<32} {:>3} partition(s)  rf {rf}  {}",
+            s.name,
+            s.partitions,
+            configs.join(" ")
+        );
     }
     Ok(())
 }

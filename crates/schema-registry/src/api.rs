@@ -344,6 +344,17 @@ async fn delete_subject(
     Query(query): Query<HashMap<String, String>>,
 ) -> Result<Response, ApiError> {
     let flags = Flags::from(query);
+    // Checked here, not in the state machine (which must decide logs of earlier releases
+    // as they did).
+    if flags.permanent
+        && let Some((by, version)) = read(&log).referenced_by(&subject)
+    {
+        return Err(ApiError::ReferenceExists {
+            subject,
+            by,
+            version,
+        });
+    }
     let command = Command::DeleteSubject {
         subject: subject.clone(),
         permanent: flags.permanent,
@@ -392,9 +403,7 @@ async fn compatibility(
     let flags = Flags::from(query);
     let content = parse_body::<SchemaRequest>(&body)?.content();
     let v = find_version(&log, &subject, &version, false)?;
-    let reasons = read(&log)
-        .check_compatibility(&subject, &content, Some(v.version))
-        .map_err(ApiError::InvalidSchema)?;
+    let reasons = check_compatibility(&log, subject, content, Some(v.version)).await?;
     Ok(compatibility_answer(reasons, flags.verbose))
 }
 
@@ -406,10 +415,27 @@ async fn compatibility_all(
 ) -> Result<Response, ApiError> {
     let flags = Flags::from(query);
     let content = parse_body::<SchemaRequest>(&body)?.content();
-    let reasons = read(&log)
-        .check_compatibility(&subject, &content, None)
-        .map_err(ApiError::InvalidSchema)?;
+    let reasons = check_compatibility(&log, subject, content, None).await?;
     Ok(compatibility_answer(reasons, flags.verbose))
+}
+
+/// Parsing and the compatibility check run on the blocking pool (like [`preview`]).
+async fn check_compatibility(
+    log: &SchemaLog,
+    subject: String,
+    content: SchemaContent,
+    version: Option<u32>,
+) -> Result<Vec<String>, ApiError> {
+    let registry = log.registry().clone();
+    tokio::task::spawn_blocking(move || {
+        registry
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .check_compatibility(&subject, &content, version)
+    })
+    .await
+    .map_err(|e| ApiError::InvalidSchema(format!("internal error while checking: {e}")))?
+    .map_err(ApiError::InvalidSchema)
 }
 
 #[derive(Debug, Deserialize)]

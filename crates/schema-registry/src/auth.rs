@@ -1,6 +1,8 @@
 //! Who may call the REST API: HTTP basic authentication against a credentials file of
-//! `name:role:hash` lines (role `read` or `write`, hash an Argon2id PHC string), checked on
-//! every route, with the set reloaded when the file changes. Read users may call every
+//! `name:role:hash` lines (role `read` or `write`; hash an Argon2id PHC string, as
+//! `pulse-schema-registry hash-password` prints, or a bcrypt hash `$2a$`/`$2b$`/`$2y$`, as
+//! Helm's `htpasswd` and `htpasswd -B` make: the chart generates its users that way), checked
+//! on every route, with the set reloaded when the file changes. Read users may call every
 //! read route; registering, deleting and changing config need `write`. With no file
 //! configured every caller is anonymous and allowed (local development only).
 //!
@@ -64,8 +66,51 @@ impl std::fmt::Display for Role {
 #[derive(Debug, Clone)]
 struct User {
     role: Role,
-    /// The Argon2 PHC string (`$argon2id$v=19$m=…$salt$hash`).
+    /// The Argon2 PHC string (`$argon2id$v=19$m=…$salt$hash`) or the bcrypt hash
+    /// (`$2b$10$` + salt and hash), checked at load.
     hash: String,
+}
+
+/// The bcrypt variants accepted: `$2a$` (Go's `x/crypto/bcrypt`, so Helm's `htpasswd`),
+/// `$2b$` (OpenBSD, the `bcrypt` crate) and `$2y$` (Apache's `htpasswd -B`, PHP). `$2x$`
+/// marks hashes of a buggy implementation and is refused.
+const BCRYPT_PREFIXES: [&str; 3] = ["$2a$", "$2b$", "$2y$"];
+
+/// The longest password bcrypt reads: it ignores bytes after the 72nd, so a longer password
+/// is refused rather than matched on its prefix (Go's bcrypt refuses to hash one).
+const BCRYPT_MAX_PASSWORD: usize = 72;
+
+/// The cost of the bcrypt decoy when the file has no bcrypt line to copy: Go's (and so
+/// Helm's `htpasswd`) default.
+const BCRYPT_DEFAULT_COST: u32 = 10;
+
+fn is_bcrypt(hash: &str) -> bool {
+    hash.starts_with("$2")
+}
+
+/// Why a hash cannot be used, without the hash itself; `None` when it can.
+fn hash_problem(hash: &str) -> Option<String> {
+    if is_bcrypt(hash) {
+        if !BCRYPT_PREFIXES.iter().any(|p| hash.starts_with(p)) {
+            return Some(format!(
+                "the bcrypt variant is not one of {} (regenerate the hash)",
+                BCRYPT_PREFIXES.join(", ")
+            ));
+        }
+        return match hash.parse::<bcrypt::HashParts>() {
+            Err(e) => Some(format!("the bcrypt hash is malformed ({e})")),
+            Ok(parts) if !(4..=31).contains(&parts.get_cost()) => Some(format!(
+                "the bcrypt cost {} is outside 4..=31",
+                parts.get_cost()
+            )),
+            Ok(_) => None,
+        };
+    }
+    PasswordHash::new(hash).err().map(|e| {
+        format!(
+            "the hash is neither a PHC string ({e}) nor bcrypt; generate the line with `pulse-schema-registry hash-password`"
+        )
+    })
 }
 
 /// Why authentication or authorization failed; the label of
@@ -146,10 +191,8 @@ fn parse(text: &str) -> Result<HashMap<String, User>, Vec<String>> {
                 continue;
             }
         };
-        if let Err(e) = PasswordHash::new(hash) {
-            problems.push(format!(
-                "line {n}: the hash is not a PHC string ({e}); generate the line with `pulse-schema-registry hash-password`"
-            ));
+        if let Some(problem) = hash_problem(hash) {
+            problems.push(format!("line {n}: {problem}"));
             continue;
         }
         if users
@@ -211,16 +254,17 @@ pub struct Users {
     users: RwLock<Arc<HashMap<String, User>>>,
     stamp: Mutex<Option<Stamp>>,
     /// user → SHA-256(pepper, password) of the password last verified for that user, so
-    /// that a client's repeated requests cost one Argon2 check, not one each. Cleared on
-    /// every reload.
+    /// that a client's repeated requests cost one Argon2/bcrypt check, not one each.
+    /// Cleared on every reload.
     verified: Mutex<HashMap<String, [u8; 32]>>,
     pepper: [u8; 16],
-    /// At most this many Argon2 checks run at once (on the blocking pool), so a flood of
-    /// wrong passwords cannot take every core.
+    /// At most this many Argon2/bcrypt checks run at once (on the blocking pool), so a
+    /// flood of wrong passwords cannot take every core.
     checks: tokio::sync::Semaphore,
     /// A hash of a random password, checked for unknown users so that an unknown name
-    /// costs the same time as a wrong password (no user-name probing by timing).
-    decoy: String,
+    /// costs the same time as a wrong password (no user-name probing by timing): of the
+    /// kind most of the file's users have (see [`decoy_for`]), remade on every reload.
+    decoy: RwLock<String>,
 }
 
 impl std::fmt::Debug for Users {
@@ -237,6 +281,7 @@ impl Users {
     pub fn load(path: &Path) -> Result<Self, AuthFileError> {
         let before = stamp(path).ok();
         let users = Self::read(path)?;
+        let decoy = decoy_for(&users);
         let this = Self {
             path: path.to_owned(),
             users: RwLock::new(Arc::new(users)),
@@ -244,7 +289,7 @@ impl Users {
             verified: Mutex::default(),
             pepper: *uuid::Uuid::new_v4().as_bytes(),
             checks: tokio::sync::Semaphore::new(2),
-            decoy: decoy_hash(),
+            decoy: RwLock::new(decoy),
         };
         metrics::gauge!(m::AUTH_USERS).set(this.count() as f64);
         Ok(this)
@@ -281,11 +326,13 @@ impl Users {
         match Self::read(&self.path) {
             Ok(users) => {
                 let n = users.len();
+                let decoy = decoy_for(&users);
                 let changes = {
                     let before = self.users.read().unwrap_or_else(|e| e.into_inner());
                     user_changes(&before, &users)
                 };
                 *self.users.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(users);
+                *self.decoy.write().unwrap_or_else(|e| e.into_inner()) = decoy;
                 self.verified
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -361,7 +408,8 @@ impl Users {
             .get(&name)
             .cloned();
         let Some(user) = found else {
-            self.argon2_check(self.decoy.clone(), password).await;
+            let decoy = self.decoy.read().unwrap_or_else(|e| e.into_inner()).clone();
+            self.hash_check(decoy, password).await;
             return Err(Failure::UnknownUser);
         };
         let fingerprint = self.fingerprint(&password);
@@ -374,7 +422,7 @@ impl Users {
         if known {
             return Ok((name, user.role));
         }
-        if !self.argon2_check(user.hash.clone(), password).await {
+        if !self.hash_check(user.hash.clone(), password).await {
             return Err(Failure::WrongPassword);
         }
         // Remember it only if the user was not changed by a reload meanwhile.
@@ -395,8 +443,8 @@ impl Users {
 }
 
 impl Users {
-    /// One Argon2 verification on the blocking pool, at most `checks` at once.
-    async fn argon2_check(&self, hash: String, password: String) -> bool {
+    /// One Argon2 or bcrypt verification on the blocking pool, at most `checks` at once.
+    async fn hash_check(&self, hash: String, password: String) -> bool {
         let Ok(_permit) = self.checks.acquire().await else {
             return false;
         };
@@ -406,15 +454,39 @@ impl Users {
     }
 }
 
-fn decoy_hash() -> String {
+/// The decoy of a set of users: a bcrypt hash (at the highest cost among their bcrypt
+/// hashes) when most of them are bcrypt, else an Argon2id one, so that an unknown name
+/// costs what a known one does. Costs one hash; called where loading the file runs (at
+/// start, and off the async threads on reloads).
+fn decoy_for(users: &HashMap<String, User>) -> String {
+    let bcrypt_costs: Vec<u32> = users
+        .values()
+        .filter_map(|u| u.hash.parse::<bcrypt::HashParts>().ok())
+        .map(|p| p.get_cost())
+        .collect();
+    let random = uuid::Uuid::new_v4();
+    if bcrypt_costs.len() * 2 > users.len() {
+        let cost = bcrypt_costs
+            .into_iter()
+            .max()
+            .unwrap_or(BCRYPT_DEFAULT_COST);
+        return bcrypt::hash(random.as_bytes(), cost).unwrap_or_default();
+    }
     let salt = SaltString::generate(&mut OsRng);
     Argon2::default()
-        .hash_password(uuid::Uuid::new_v4().as_bytes(), &salt)
+        .hash_password(random.as_bytes(), &salt)
         .map(|h| h.to_string())
         .unwrap_or_default()
 }
 
+/// Whether `password` matches `hash` (Argon2 PHC string or bcrypt). CPU-bound: callers run
+/// it on the blocking pool.
 fn verify(hash: &str, password: &str) -> bool {
+    if is_bcrypt(hash) {
+        return password.len() <= BCRYPT_MAX_PASSWORD
+            && BCRYPT_PREFIXES.iter().any(|p| hash.starts_with(p))
+            && bcrypt::verify(password, hash).unwrap_or(false);
+    }
     PasswordHash::new(hash).is_ok_and(|h| {
         Argon2::default()
             .verify_password(password.as_bytes(), &h)
@@ -633,6 +705,7 @@ pub async fn middleware(State(access): State<Access>, req: Request, next: Next) 
         Ok(name) => {
             // The user name (never the password) on the request's completion line.
             pulse_platform::http::record_auth_key(req.extensions(), &name);
+            metrics::counter!(m::AUTHENTICATED_TOTAL, "user" => name.clone()).increment(1);
             return run_audited(&name, req).await;
         }
         Err(e) => e,
@@ -707,7 +780,10 @@ async fn config_body(req: Request) -> Result<(Request, String), Response> {
 #[derive(Debug, clap::Parser)]
 #[command(
     name = "pulse-schema-registry hash-password",
-    about = "Print a credentials-file line (name:role:argon2id-hash); the password is read from stdin."
+    about = "Print a credentials-file line (name:role:argon2id-hash); the password is read from stdin.",
+    long_about = "Print a credentials-file line (name:role:argon2id-hash); the password is read from stdin.\n\n\
+The file also accepts bcrypt lines (name:role:$2a$/$2b$/$2y$…), e.g. from Helm's `htpasswd` \
+(the chart's generated users) or `htpasswd -nbB NAME PASSWORD` (put `:read` or `:write` after the name)."
 )]
 pub struct HashPassword {
     /// User name (no ':' or whitespace).
@@ -929,6 +1005,126 @@ mod tests {
             !problems.iter().any(|p| p.contains("plaintext-secret")),
             "{problems:?}"
         );
+    }
+
+    /// A line as Helm's `htpasswd "u" "correct horse"` printed it (Sprig, Go's bcrypt,
+    /// `$2a$`, cost 10), with a role added: what the chart writes into the users Secret.
+    const HELM_HTPASSWD_LINE: &str =
+        "u:read:$2a$10$vF.9bsRDjTh.FY9ayczGjuuWIyrw5P8z/fjiwXtEBvicaVQqLQetC";
+
+    #[tokio::test]
+    async fn a_bcrypt_line_from_helm_authenticates_with_its_password_only() {
+        // $2b$ as the bcrypt crate writes it and the same hash as $2y$ (Apache's `htpasswd
+        // -B`): the three variants are one algorithm.
+        let b = bcrypt::hash("w-pass", 4).unwrap();
+        assert!(b.starts_with("$2b$04$"), "{b}");
+        let y = b.replacen("$2b$", "$2y$", 1);
+        let (_d, path) = file(&[
+            HELM_HTPASSWD_LINE.into(),
+            format!("w:write:{b}"),
+            format!("y:read:{y}"),
+            hash_line("argon", Role::Read, "a-pass").unwrap(),
+        ]);
+        let users = Users::load(&path).unwrap();
+        for _ in 0..2 {
+            // Twice: the second answer comes from the verified cache and agrees.
+            assert_eq!(
+                users
+                    .authenticate(Some(&header("u", "correct horse")))
+                    .await,
+                Ok(("u".into(), Role::Read))
+            );
+        }
+        assert_eq!(
+            users
+                .authenticate(Some(&header("u", "correct horse!")))
+                .await,
+            Err(Failure::WrongPassword)
+        );
+        assert_eq!(
+            users
+                .authenticate(Some(&header("u", "Correct horse")))
+                .await,
+            Err(Failure::WrongPassword)
+        );
+        assert_eq!(
+            users.authenticate(Some(&header("w", "w-pass"))).await,
+            Ok(("w".into(), Role::Write))
+        );
+        assert_eq!(
+            users.authenticate(Some(&header("w", "w-pas"))).await,
+            Err(Failure::WrongPassword)
+        );
+        assert_eq!(
+            users.authenticate(Some(&header("y", "w-pass"))).await,
+            Ok(("y".into(), Role::Read))
+        );
+        // Argon2id lines keep working beside them.
+        assert_eq!(
+            users.authenticate(Some(&header("argon", "a-pass"))).await,
+            Ok(("argon".into(), Role::Read))
+        );
+        assert_eq!(
+            users.authenticate(Some(&header("nobody", "x"))).await,
+            Err(Failure::UnknownUser)
+        );
+        // Three of four users are bcrypt: the decoy for unknown names is bcrypt at their
+        // highest cost (10), so an unknown name costs what a known one does.
+        let decoy = users.decoy.read().unwrap().clone();
+        assert!(decoy.starts_with("$2b$10$"), "{decoy}");
+    }
+
+    #[test]
+    fn bcrypt_reads_72_bytes_so_a_longer_password_is_refused() {
+        let password = "p".repeat(72);
+        let hash = bcrypt::hash(&password, 4).unwrap();
+        assert!(verify(&hash, &password));
+        // bcrypt itself would accept this (it ignores the bytes after the 72nd).
+        let longer = format!("{password}-anything");
+        assert!(bcrypt::verify(&longer, &hash).unwrap());
+        assert!(!verify(&hash, &longer));
+    }
+
+    #[test]
+    fn a_malformed_bcrypt_hash_is_refused_at_load_naming_its_line() {
+        let good = bcrypt::hash("x", 4).unwrap();
+        let lines = [
+            HELM_HTPASSWD_LINE.to_owned(),
+            // Cut short (a copy-paste that lost its end).
+            format!("short:read:{}", &good[..40]),
+            // Not base64 of bcrypt's alphabet.
+            format!("bad64:read:{}!!", &good[..58]),
+            // The buggy-implementation variant.
+            format!("x:read:{}", good.replacen("$2b$", "$2x$", 1)),
+            // A cost bcrypt does not allow.
+            format!("cost:write:{}", good.replacen("$2b$04$", "$2b$99$", 1)),
+            format!("fine:write:{good}"),
+        ];
+        let (_d, path) = file(&lines);
+        let err = Users::load(&path).unwrap_err().to_string();
+        for (n, what) in [
+            (2, "malformed"),
+            (3, "malformed"),
+            (4, "variant"),
+            (5, "cost 99"),
+        ] {
+            assert!(
+                err.contains(&format!("line {n}: ")) && err.contains(what),
+                "line {n} ({what}) not named in: {err}"
+            );
+        }
+        assert!(
+            !err.contains("line 1:") && !err.contains("line 6:"),
+            "{err}"
+        );
+        assert!(
+            !err.contains(&good[7..40]),
+            "the error must not echo the hash: {err}"
+        );
+        // The same file without the bad lines loads.
+        let ok = [lines[0].clone(), lines[5].clone()];
+        let (_d2, path2) = file(&ok);
+        assert_eq!(Users::load(&path2).unwrap().count(), 2);
     }
 
     #[test]

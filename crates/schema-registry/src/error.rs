@@ -20,6 +20,14 @@ pub enum ApiError {
     SchemaNotFound(String),
     #[error("Subject '{0}' was not deleted first before being permanently deleted")]
     SubjectNotSoftDeleted(String),
+    #[error(
+        "One or more references exist to the schema: subject '{subject}' is referenced by subject '{by}' version {version}; delete that first"
+    )]
+    ReferenceExists {
+        subject: String,
+        by: String,
+        version: u32,
+    },
     #[error("Subject '{0}' does not have subject-level compatibility configured")]
     SubjectLevelNotConfigured(String),
     #[error("Schema being registered is incompatible with an earlier schema for subject \"{subject}\", details: [{}]", .reasons.join("; "))]
@@ -59,6 +67,7 @@ impl ApiError {
             ApiError::SchemaNotFound(_) => (StatusCode::NOT_FOUND, 40403),
             ApiError::SubjectNotSoftDeleted(_) => (StatusCode::NOT_FOUND, 40405),
             ApiError::SubjectLevelNotConfigured(_) => (StatusCode::NOT_FOUND, 40408),
+            ApiError::ReferenceExists { .. } => (StatusCode::UNPROCESSABLE_ENTITY, 42206),
             ApiError::Incompatible { .. } => (StatusCode::CONFLICT, 409),
             ApiError::InvalidSchema(_) => (StatusCode::UNPROCESSABLE_ENTITY, 42201),
             ApiError::InvalidVersion(_) => (StatusCode::UNPROCESSABLE_ENTITY, 42202),
@@ -82,6 +91,7 @@ impl api_error::ApiError for ApiError {
             ApiError::SchemaNotFound(_) => "schema_not_found",
             ApiError::SubjectNotSoftDeleted(_) => "subject_not_soft_deleted",
             ApiError::SubjectLevelNotConfigured(_) => "subject_level_not_configured",
+            ApiError::ReferenceExists { .. } => "reference_exists",
             ApiError::Incompatible { .. } => "incompatible",
             ApiError::InvalidSchema(_) => "invalid_schema",
             ApiError::InvalidVersion(_) => "invalid_version",
@@ -105,7 +115,9 @@ impl api_error::ApiError for ApiError {
             | ApiError::SchemaNotFound(_)
             | ApiError::SubjectNotSoftDeleted(_)
             | ApiError::SubjectLevelNotConfigured(_) => GrpcCode::NotFound,
-            ApiError::Incompatible { .. } => GrpcCode::FailedPrecondition,
+            ApiError::Incompatible { .. } | ApiError::ReferenceExists { .. } => {
+                GrpcCode::FailedPrecondition
+            }
             ApiError::InvalidSchema(_)
             | ApiError::InvalidVersion(_)
             | ApiError::InvalidLevel(_)
@@ -185,6 +197,16 @@ mod tests {
                 },
                 409,
                 409,
+                GrpcCode::FailedPrecondition,
+            ),
+            (
+                ApiError::ReferenceExists {
+                    subject: "common".into(),
+                    by: "order".into(),
+                    version: 1,
+                },
+                422,
+                42206,
                 GrpcCode::FailedPrecondition,
             ),
             (

@@ -179,6 +179,7 @@ pub struct Replica {
     stop_reader: CancellationToken,
     server: tokio::task::JoinHandle<std::io::Result<()>>,
     reader: tokio::task::JoinHandle<Result<(), rdkafka::error::KafkaError>>,
+    settler: tokio::task::JoinHandle<()>,
 }
 
 impl Replica {
@@ -243,6 +244,8 @@ impl Replica {
         log.catch_up(kafka, startup_timeout)
             .await
             .map_err(|_| Error::CatchUp(startup_timeout))?;
+        // Keeps the log bounded (see `log`); its first pass runs now, in the background.
+        let settler = log.spawn_settler(log::SETTLE_INTERVAL, stop_reader.clone());
         let addr = listener.local_addr().map_err(Error::Serve)?;
         let stop_http = CancellationToken::new();
         settings.watch(stop_http.clone());
@@ -271,6 +274,7 @@ impl Replica {
             stop_reader,
             server,
             reader,
+            settler,
         })
     }
 
@@ -279,6 +283,7 @@ impl Replica {
         self.stop_http.cancel();
         let served = self.server.await;
         self.stop_reader.cancel();
+        let _ = self.settler.await;
         let _ = self.reader.await;
         match served {
             Ok(r) => r.map_err(Error::Serve),

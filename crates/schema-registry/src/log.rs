@@ -1,25 +1,39 @@
 //! The `_schemas` log: proposing commands (produce, then wait until this replica has
-//! read its own record back and applied it) and the reader that applies every record
-//! from the beginning of the log to the local [`Registry`], in log order.
+//! read its own record back and applied it), the reader that applies every record from
+//! the beginning of the log to the local [`Registry`], in log order, and the settler that
+//! keeps the log bounded.
 //!
-//! Every record has a unique key (its request id), so log compaction never removes a
-//! record and a replay always yields the same state. A record delivered twice is applied
-//! once (the registry remembers request ids).
+//! Records (keys are JSON, see [`RecordKey`]): a command (`keytype` COMMAND, a unique
+//! request id; the only kind the previous release wrote, and still read) is decided by
+//! every replica in log order. Once decided, the proposer *settles* it: it writes the
+//! resulting facts under stable keys (ID, SCHEMA per subject version, CONFIG per subject)
+//! and then a tombstone for the command's key, so compaction keeps one record per key
+//! and drops the commands. A command whose proposer died before settling is settled by
+//! any replica that still sees it unsettled one settle interval later (and by every
+//! replica right after start, which also converts a log written by the previous
+//! release). A record delivered twice is applied once.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use pulse_platform::kafka::{KafkaConfig, KafkaProducer, OutRecord, ProduceError, RecordProducer};
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics as m;
-use crate::store::{Command, Outcome, Registry};
+use crate::store::{Command, Fact, Outcome, RecordKey, Registry};
+
+/// How often every replica settles what another replica left unsettled (a command or a
+/// key still unsettled at two ticks in a row).
+pub const SETTLE_INTERVAL: Duration = Duration::from_secs(10);
+/// The log reader's `fetch.wait.max.ms` unless an extra Kafka option sets it.
+const READER_FETCH_WAIT_MS: &str = "100";
 
 /// The value of a log record.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -42,6 +56,18 @@ pub enum LogError {
     Timeout(Duration),
     #[error("the log reader stopped")]
     ReaderStopped,
+    #[error("settling the schema log: {0}")]
+    Settle(#[source] KafkaError),
+}
+
+/// The producer of facts and tombstones.
+#[derive(Clone)]
+struct Settler(FutureProducer);
+
+impl std::fmt::Debug for Settler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Settler")
+    }
 }
 
 type Pending = Arc<Mutex<HashMap<String, oneshot::Sender<Outcome>>>>;
@@ -56,6 +82,11 @@ pub struct SchemaLog {
     /// Offset of the last record applied (-1 before any).
     applied: watch::Receiver<i64>,
     apply_timeout: Duration,
+    /// Writes facts and tombstones (a tombstone has no value, which `KafkaProducer`
+    /// cannot send).
+    settler: Settler,
+    /// One settle at a time per replica (fewer duplicate facts).
+    settling: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl SchemaLog {
@@ -68,6 +99,13 @@ impl SchemaLog {
         stop: CancellationToken,
     ) -> Result<(Self, tokio::task::JoinHandle<Result<(), KafkaError>>), KafkaError> {
         let producer = KafkaProducer::new(cfg, "pulse-schema-registry")?;
+        let mut sc = cfg.client_config("pulse-schema-registry-settle");
+        sc.set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .set("message.timeout.ms", cfg.message_timeout_ms.to_string());
+        cfg.apply_options(&mut sc);
+        let settler = Settler(sc.create()?);
         let mut c = cfg.consumer_client_config("pulse-schema-registry-reader");
         // Every replica reads the whole log; no group offsets are committed.
         c.set(
@@ -77,6 +115,13 @@ impl SchemaLog {
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")
         .set("auto.offset.reset", "earliest");
+        // A write is answered when this reader has read it back: a broker that holds an
+        // empty fetch for its whole wait (Tansu) would add up to the default 500 ms to
+        // every write. An idle replica then fetches 10 times a second. `--kafka-option`
+        // still wins.
+        if !cfg.parsed_options().any(|(k, _)| k == "fetch.wait.max.ms") {
+            c.set("fetch.wait.max.ms", READER_FETCH_WAIT_MS);
+        }
         let consumer: StreamConsumer = c.create()?;
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(topic, 0, Offset::Beginning)?;
@@ -100,6 +145,8 @@ impl SchemaLog {
                 registry,
                 applied: applied_rx,
                 apply_timeout,
+                settler,
+                settling: Arc::default(),
             },
             reader,
         ))
@@ -118,9 +165,10 @@ impl SchemaLog {
             command,
         };
         let value = serde_json::to_vec(&record)?;
-        let key = serde_json::to_vec(
-            &serde_json::json!({ "keytype": "COMMAND", "request_id": request_id }),
-        )?;
+        // The same bytes as the previous release's key (its tombstone must match them).
+        let key = serde_json::to_vec(&RecordKey::Command {
+            request_id: request_id.clone(),
+        })?;
         let (tx, rx) = oneshot::channel();
         self.pending
             .lock()
@@ -143,7 +191,125 @@ impl SchemaLog {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&request_id);
+        if result.is_ok() {
+            // The outcome is decided and answered now; writing its facts (which only bounds
+            // the log) runs behind the answer. If it fails, the settle loop retries.
+            let log = self.clone();
+            tokio::spawn(async move {
+                if let Err(e) = log.settle(None).await {
+                    tracing::warn!(error = %e, "settling the schema log failed; the settle loop retries");
+                }
+            });
+        }
         result
+    }
+
+    /// Writes the facts of dirty keys and, after them, tombstones for the commands those
+    /// facts settle; then waits until this replica has applied them. `only`: restrict to
+    /// these keys and commands (the settle loop passes what was unsettled at its previous
+    /// tick). Returns the number of records written.
+    pub async fn settle(
+        &self,
+        only: Option<&(BTreeSet<RecordKey>, BTreeSet<String>)>,
+    ) -> Result<usize, LogError> {
+        let _one = self.settling.lock().await;
+        let (facts, commands) = {
+            let r = self.registry.read().unwrap_or_else(|e| e.into_inner());
+            let facts = r.facts_to_write(only.map(|o| &o.0));
+            let writing: BTreeSet<RecordKey> = facts.iter().map(Fact::key).collect();
+            let commands = r.settleable(only.map(|o| &o.1), &writing);
+            (facts, commands)
+        };
+        let mut records = Vec::with_capacity(facts.len() + commands.len());
+        for fact in &facts {
+            records.push((
+                serde_json::to_vec(&fact.key())?,
+                Some(serde_json::to_vec(fact)?),
+            ));
+        }
+        for request_id in commands {
+            records.push((
+                serde_json::to_vec(&RecordKey::Command { request_id })?,
+                None,
+            ));
+        }
+        self.write_and_wait(records).await
+    }
+
+    /// Produces `(key, value)` records (`None`: a tombstone), then waits until this
+    /// replica's reader has applied the last one.
+    async fn write_and_wait(
+        &self,
+        records: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    ) -> Result<usize, LogError> {
+        let mut acks = Vec::with_capacity(records.len());
+        for (key, value) in &records {
+            let mut r = FutureRecord::<[u8], [u8]>::to(&self.topic).key(key);
+            if let Some(v) = value {
+                r = r.payload(v);
+            }
+            let ack = self
+                .settler
+                .0
+                .send_result(r)
+                .map_err(|(e, _)| LogError::Settle(e))?;
+            acks.push(ack);
+        }
+        let mut last = -1;
+        for ack in acks {
+            match ack.await {
+                Ok(Ok(delivered)) => last = last.max(delivered.offset),
+                Ok(Err((e, _))) => return Err(LogError::Settle(e)),
+                Err(_) => return Err(LogError::Settle(KafkaError::Canceled)),
+            }
+        }
+        let tombstones = records.iter().filter(|(_, v)| v.is_none()).count() as u64;
+        metrics::counter!(m::LOG_SETTLED_TOTAL, "kind" => "tombstone").increment(tombstones);
+        metrics::counter!(m::LOG_SETTLED_TOTAL, "kind" => "fact")
+            .increment(records.len() as u64 - tombstones);
+        if last >= 0 {
+            let mut applied = self.applied.clone();
+            match tokio::time::timeout(self.apply_timeout, applied.wait_for(|&a| a >= last)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(_)) => return Err(LogError::ReaderStopped),
+                Err(_) => return Err(LogError::Timeout(self.apply_timeout)),
+            }
+        }
+        Ok(records.len())
+    }
+
+    /// Settles everything now (start: also converts a log of the previous release), then
+    /// every `every` what was still unsettled at the previous tick, until `stop`.
+    pub fn spawn_settler(
+        &self,
+        every: Duration,
+        stop: CancellationToken,
+    ) -> tokio::task::JoinHandle<()> {
+        let log = self.clone();
+        tokio::spawn(async move {
+            let mut previous = None;
+            loop {
+                match log.settle(previous.as_ref()).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(records = n, "schema log settled"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "settling the schema log failed; retrying at the next tick")
+                    }
+                }
+                export_gauges(&log.registry);
+                let now = log
+                    .registry
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .unsettled();
+                metrics::gauge!(m::LOG_UNSETTLED).set((now.0.len() + now.1.len()) as f64);
+                previous = Some(now);
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(every) => {}
+                }
+            }
+        })
     }
 
     /// Waits until the reader has applied every record that was in the log when this was
@@ -173,6 +339,7 @@ async fn read_loop(
     applied: watch::Sender<i64>,
     stop: CancellationToken,
 ) -> Result<(), KafkaError> {
+    let mut gauges_at: Option<Instant> = None;
     loop {
         let msg = tokio::select! {
             _ = stop.cancelled() => return Ok(()),
@@ -187,45 +354,80 @@ async fn read_loop(
             }
         };
         let offset = msg.offset();
-        match msg.payload().map(serde_json::from_slice::<LogRecord>) {
-            Some(Ok(record)) => {
-                let outcome = apply(&registry, record.clone()).await;
-                metrics::counter!(m::LOG_APPLIED_TOTAL, "outcome" => outcome_label(&outcome))
-                    .increment(1);
-                if matches!(outcome, Outcome::Incompatible(_)) {
-                    metrics::counter!(m::COMPATIBILITY_REJECTIONS_TOTAL).increment(1);
-                }
-                let waiter = pending
-                    .lock()
+        let key = msg
+            .key()
+            .and_then(|k| serde_json::from_slice::<RecordKey>(k).ok());
+        match (key, msg.payload()) {
+            // A settled command's tombstone.
+            (Some(RecordKey::Command { request_id }), None) => {
+                registry
+                    .write()
                     .unwrap_or_else(|e| e.into_inner())
-                    .remove(&record.request_id);
-                if let Some(tx) = waiter {
-                    let _ = tx.send(outcome);
+                    .settled(&request_id);
+                metrics::counter!(m::LOG_APPLIED_TOTAL, "outcome" => "tombstone").increment(1);
+            }
+            (Some(RecordKey::Command { .. }) | None, Some(payload)) => {
+                match serde_json::from_slice::<LogRecord>(payload) {
+                    Ok(record) => {
+                        let outcome = apply(&registry, record.clone(), offset).await;
+                        metrics::counter!(m::LOG_APPLIED_TOTAL, "outcome" => outcome_label(&outcome))
+                            .increment(1);
+                        if matches!(outcome, Outcome::Incompatible(_)) {
+                            metrics::counter!(m::COMPATIBILITY_REJECTIONS_TOTAL).increment(1);
+                        }
+                        let waiter = pending
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .remove(&record.request_id);
+                        if let Some(tx) = waiter {
+                            let _ = tx.send(outcome);
+                        }
+                    }
+                    Err(e) => skip(offset, &e),
                 }
             }
-            // Tombstones (no payload) and foreign records are skipped, never fatal.
-            None => {}
-            Some(Err(e)) => {
-                tracing::warn!(offset, error = %e, "skipping a schema log record that is not a Pulse command");
-                metrics::counter!(m::LOG_APPLIED_TOTAL, "outcome" => "skipped").increment(1);
-            }
+            (Some(key), Some(payload)) => match serde_json::from_slice::<Fact>(payload) {
+                Ok(fact) if fact.key() == key => {
+                    registry
+                        .write()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .apply_fact(fact);
+                    metrics::counter!(m::LOG_APPLIED_TOTAL, "outcome" => "fact").increment(1);
+                }
+                Ok(_) => skip(offset, &"the value's key differs from the record's key"),
+                Err(e) => skip(offset, &e),
+            },
+            // Other tombstones (we write none for facts) and keyless empty records.
+            (_, None) => {}
         }
-        {
-            let r = registry.read().unwrap_or_else(|e| e.into_inner());
-            metrics::gauge!(m::SUBJECTS).set(r.subjects(false).len() as f64);
-            metrics::gauge!(m::SCHEMAS).set(r.schema_count() as f64);
-            metrics::gauge!(m::VERSIONS).set(r.version_count() as f64);
+        // Counting is O(subjects): at most 4 times a second while replaying (and at every
+        // settle tick, so a burst's last state is exported too).
+        if gauges_at.is_none_or(|t| t.elapsed() >= Duration::from_millis(250)) {
+            gauges_at = Some(Instant::now());
+            export_gauges(&registry);
         }
         metrics::gauge!(m::LOG_OFFSET).set(offset as f64);
         let _ = applied.send(offset);
     }
 }
 
-/// Applies one record: the plan (parsing, compatibility checks) is made on the blocking
-/// pool under the read lock, so readers and the async runtime are not held up; only the
-/// commit takes the write lock. This task is the registry's only writer, so the state
-/// cannot change between the two.
-async fn apply(registry: &Arc<RwLock<Registry>>, record: LogRecord) -> Outcome {
+fn export_gauges(registry: &RwLock<Registry>) {
+    let r = registry.read().unwrap_or_else(|e| e.into_inner());
+    metrics::gauge!(m::SUBJECTS).set(r.subjects(false).len() as f64);
+    metrics::gauge!(m::SCHEMAS).set(r.schema_count() as f64);
+    metrics::gauge!(m::VERSIONS).set(r.version_count() as f64);
+}
+
+fn skip(offset: i64, error: &dyn std::fmt::Display) {
+    tracing::warn!(offset, error = %error, "skipping a schema log record that is not a Pulse record");
+    metrics::counter!(m::LOG_APPLIED_TOTAL, "outcome" => "skipped").increment(1);
+}
+
+/// Applies one command record at `offset`: the plan (parsing, compatibility checks) is
+/// made on the blocking pool under the read lock, so readers and the async runtime are
+/// not held up; only the commit takes the write lock. This task is the registry's only
+/// writer, so the state cannot change between the two.
+async fn apply(registry: &Arc<RwLock<Registry>>, record: LogRecord, offset: i64) -> Outcome {
     let shared = registry.clone();
     let request_id = record.request_id.clone();
     let planned = tokio::task::spawn_blocking(move || {
@@ -234,10 +436,12 @@ async fn apply(registry: &Arc<RwLock<Registry>>, record: LogRecord) -> Outcome {
     })
     .await;
     match planned {
-        Ok(Some(plan)) => registry
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .commit(&request_id, plan),
+        Ok(Some(plan)) => {
+            registry
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .commit(&request_id, offset, plan)
+        }
         Ok(None) => Outcome::AlreadyApplied,
         // The planning task panicked (a bug in parsing): nothing was changed.
         Err(e) => Outcome::InvalidSchema(format!("internal error while applying: {e}")),

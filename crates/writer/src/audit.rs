@@ -317,10 +317,36 @@ impl crate::Config {
 /// database as target, the versions in the detail and the host (pod) as source. `None` when
 /// nothing was applied (every start after the first) or the writer has no audit topic.
 pub fn migrations_record(config: &crate::Config, applied: &[u32]) -> Option<AuditRecord> {
-    if applied.is_empty() || !config.migrate || !config.audits() {
+    if applied.is_empty() {
         return None;
     }
     let versions: Vec<String> = applied.iter().map(|v| format!("{v:04}")).collect();
+    migrate_record(
+        config,
+        pulse_platform::audit::Outcome::Ok,
+        format!("applied at start (--migrate): {}", versions.join(", ")),
+    )
+}
+
+/// The audit record of start-up migrations ClickHouse refused (`--migrate`; the writer
+/// retries them, `/readyz` names the error): as [`migrations_record`]'s, outcome `failed`
+/// and the error in the detail. `None` without an audit topic.
+pub fn migration_refused_record(config: &crate::Config, error: &str) -> Option<AuditRecord> {
+    migrate_record(
+        config,
+        pulse_platform::audit::Outcome::Failed,
+        format!("refused at start (--migrate), retrying: {error}"),
+    )
+}
+
+fn migrate_record(
+    config: &crate::Config,
+    outcome: pulse_platform::audit::Outcome,
+    detail: String,
+) -> Option<AuditRecord> {
+    if !config.migrate || !config.audits() {
+        return None;
+    }
     let target = format!(
         "{} database {}",
         config.clickhouse.url, config.clickhouse.database
@@ -330,12 +356,9 @@ pub fn migrations_record(config: &crate::Config, applied: &[u32]) -> Option<Audi
         "pulse-writer",
         pulse_platform::audit::action::MIGRATE,
         &target,
-        pulse_platform::audit::Outcome::Ok,
+        outcome,
     )
-    .with_detail(format!(
-        "applied at start (--migrate): {}",
-        versions.join(", ")
-    ));
+    .with_detail(detail);
     Some(match std::env::var("HOSTNAME") {
         Ok(host) if !host.trim().is_empty() => record.with_source(host.trim()),
         _ => record,
@@ -350,12 +373,67 @@ pub fn record_migrations(
     producer: &pulse_platform::kafka::KafkaProducer,
     applied: &[u32],
 ) {
-    let Some(record) = migrations_record(config, applied) else {
-        return;
-    };
+    if let Some(record) = migrations_record(config, applied) {
+        write_in_background(config, producer, record);
+    }
+}
+
+/// The start-up migrations ClickHouse refused, each distinct error recorded once
+/// ([`migration_refused_record`]) while the writer retries: an operator reading the trail
+/// sees that and why the schema change did not happen, not one record per attempt. Its
+/// producer is made at the first refusal (a start that succeeds makes none).
+#[derive(Default)]
+pub struct RefusedMigrations {
+    last: Option<String>,
+    producer: Option<pulse_platform::kafka::KafkaProducer>,
+}
+
+impl std::fmt::Debug for RefusedMigrations {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RefusedMigrations")
+            .field("last", &self.last)
+            .field("producer", &self.producer.is_some())
+            .finish()
+    }
+}
+
+impl RefusedMigrations {
+    /// Records `error` unless it is the one recorded last.
+    pub fn refused(&mut self, config: &crate::Config, error: &str) {
+        if self.last.as_deref() == Some(error) {
+            return;
+        }
+        let Some(record) = migration_refused_record(config, error) else {
+            return;
+        };
+        self.last = Some(error.to_owned());
+        if self.producer.is_none() {
+            match pulse_platform::kafka::KafkaProducer::new(&config.kafka, "pulse-writer-audit") {
+                Ok(p) => self.producer = Some(p),
+                Err(e) => {
+                    pulse_platform::audit::describe();
+                    metrics::counter!(pulse_platform::audit::RECORDS_FAILED_TOTAL, "reason" => "produce")
+                        .increment(1);
+                    record.log_failed("produce", &e.to_string());
+                    return;
+                }
+            }
+        }
+        if let Some(producer) = &self.producer {
+            write_in_background(config, producer, record);
+        }
+    }
+}
+
+fn write_in_background(
+    config: &crate::Config,
+    producer: &pulse_platform::kafka::KafkaProducer,
+    record: AuditRecord,
+) {
     pulse_platform::audit::describe();
     tracing::info!(
         audit.action = %record.action,
+        audit.outcome = %record.outcome,
         audit.target = %record.target,
         audit.detail = %record.detail,
         "audit"
@@ -477,6 +555,28 @@ mod tests {
         ] {
             let c = crate::Config::try_parse_from(args).unwrap();
             assert!(migrations_record(&c, &[1]).is_none(), "{args:?}");
+        }
+    }
+
+    #[test]
+    fn a_refused_migration_is_recorded_as_failed_with_the_error_where_applied_ones_would_be() {
+        use clap::Parser as _;
+        let live = crate::Config::try_parse_from(["pulse-writer"]).unwrap();
+        let r = migration_refused_record(&live, "clickhouse refused: Code: 47").unwrap();
+        assert_eq!(
+            (r.actor.as_str(), r.action.as_str(), r.outcome),
+            ("pulse-writer", action::MIGRATE, Outcome::Failed)
+        );
+        assert_eq!(
+            r.detail,
+            "refused at start (--migrate), retrying: clickhouse refused: Code: 47"
+        );
+        for args in [
+            &["pulse-writer", "--migrate", "false"][..],
+            &["pulse-writer", "--audit-copy", "false", "--audit-topic", ""],
+        ] {
+            let c = crate::Config::try_parse_from(args).unwrap();
+            assert!(migration_refused_record(&c, "x").is_none(), "{args:?}");
         }
     }
 

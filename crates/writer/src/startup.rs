@@ -143,13 +143,31 @@ pub async fn wait_for_clickhouse(
     ctx: &ServiceContext,
 ) -> Result<Option<Vec<u32>>, Error> {
     let applied = std::sync::Mutex::new(Vec::new());
-    let applied_ref = &applied;
+    let refused = std::sync::Mutex::new(crate::audit::RefusedMigrations::default());
+    let (applied_ref, refused_ref) = (&applied, &refused);
     let ready = wait(
         config,
         ctx,
         Labels::store(config, "clickhouse", "clickhouse"),
         move || async move {
-            let versions = clickhouse_attempt(config).await?;
+            let versions = match clickhouse_attempt(config).await {
+                Ok(versions) => versions,
+                Err(failure) => {
+                    // ClickHouse answered and said no: the schema change did not happen,
+                    // which belongs in the audit trail (an unreachable server is not one).
+                    if let Failure::Retry {
+                        reason: "refused",
+                        detail,
+                    } = &failure
+                    {
+                        refused_ref
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .refused(config, detail);
+                    }
+                    return Err(failure);
+                }
+            };
             applied_ref
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner)

@@ -269,6 +269,76 @@ argument (e.g. "%s=default"). Call with (list $ "secret-key") or (list $ "key" "
 {{- index $memo $key -}}
 {{- end -}}
 
+{{/*
+"true" when the chart makes the schema registry's users itself: auth on, and neither
+schemaRegistry.auth.users nor schemaRegistry.auth.existingSecret given. Call with $.
+*/}}
+{{- define "pulse.registryUsersGenerated" -}}
+{{- $auth := .Values.schemaRegistry.auth -}}
+{{- if and $auth.enabled (not $auth.users) (not $auth.existingSecret) }}true{{ end -}}
+{{- end -}}
+
+{{/*
+The password of a registry client, (list $ "read") or (list $ "write"):
+secrets.registryReadPassword / registryWritePassword when set, else a random one
+(pulse.generated: kept across upgrades through the main Secret).
+*/}}
+{{- define "pulse.registryPassword" -}}
+{{- $root := index . 0 -}}
+{{- $role := index . 1 -}}
+{{- $given := ternary $root.Values.secrets.registryWritePassword $root.Values.secrets.registryReadPassword (eq $role "write") -}}
+{{- if $given -}}
+{{- $given -}}
+{{- else -}}
+{{- include "pulse.generated" (list $root (printf "registry-%s-password" $role)) -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+The generated users file of the schema registry (pulse.registryUsersGenerated), as YAML
+{users, fingerprints}: the lines `<readUser>:read:<bcrypt>` and `<writeUser>:write:<bcrypt>`,
+made by Sprig's htpasswd (Go's bcrypt: `$2a$`, cost 10) from pulse.registryPassword.
+bcrypt salts every hash, so hashing on every render would change the Secret on every
+upgrade: a user's hash is taken over from the existing users Secret (lookup) when its
+fingerprint, sha256 of "<hash>:<password>" kept in the same Secret (key `fingerprints`,
+not mounted), says it was made for the current password; it is made anew on a first
+install, a new password, a renamed user or an edited line. The fingerprints are as secret
+as the passwords in the main Secret beside them. Call with $.
+*/}}
+{{- define "pulse.registryUsersFile" -}}
+{{- $root := . -}}
+{{- $auth := .Values.schemaRegistry.auth -}}
+{{- $existing := lookup "v1" "Secret" .Release.Namespace (printf "%s-registry-users" (include "pulse.fullname" .)) -}}
+{{- $data := dict -}}
+{{- if $existing }}{{ $data = $existing.data | default dict }}{{ end -}}
+{{- $oldLines := splitList "\n" (index $data $auth.usersKey | default "" | b64dec) -}}
+{{- $oldPrints := splitList "\n" (index $data "fingerprints" | default "" | b64dec) -}}
+{{- $lines := list -}}
+{{- $prints := list -}}
+{{- range $role := list "read" "write" -}}
+{{- $user := ternary $auth.writeUser $auth.readUser (eq $role "write") -}}
+{{- $password := include "pulse.registryPassword" (list $root $role) -}}
+{{- if gt (len $password) 72 -}}
+{{- fail (printf "secrets.registry%sPassword is %d bytes: at most 72 (bcrypt reads no more)" (title $role) (len $password)) -}}
+{{- end -}}
+{{- $prefix := printf "%s:%s:" $user $role -}}
+{{- $hash := "" -}}
+{{- range $oldLines -}}
+{{- if hasPrefix $prefix . }}{{ $hash = trimPrefix $prefix . | trim }}{{ end -}}
+{{- end -}}
+{{- if not (and $hash (has (printf "%s:%s" $user (sha256sum (printf "%s:%s" $hash $password))) $oldPrints)) -}}
+{{- $hash = htpasswd $user $password | trimPrefix (printf "%s:" $user) -}}
+{{- end -}}
+{{- if not (regexMatch "^\\$2[aby]\\$[0-9]{2}\\$[./A-Za-z0-9]{53}$" $hash) -}}
+{{- fail (printf "schemaRegistry.auth: htpasswd made no bcrypt hash for user %q (a name with ':'?)" $user) -}}
+{{- end -}}
+{{- $lines = append $lines (printf "%s%s" $prefix $hash) -}}
+{{- $prints = append $prints (printf "%s:%s" $user (sha256sum (printf "%s:%s" $hash $password))) -}}
+{{- end -}}
+users: {{ printf "%s\n" (join "\n" $lines) | quote }}
+fingerprints: {{ printf "%s\n" (join "\n" $prints) | quote }}
+{{- end -}}
+
 {{/* The librdkafka options string (PULSE_KAFKA_OPTIONS): values, SASL, TLS CA. */}}
 {{- define "pulse.kafkaOptions" -}}
 {{- $opts := list -}}
@@ -465,6 +535,19 @@ takes (dict "root" $ "c" component); the Jobs pass a c of their own (`uses`, `na
   mountPath: /etc/pulse/registry-ca
   readOnly: true
 {{- end }}
+{{- if eq .c.name "ledger" }}
+{{- $qtls := include "pulse.ledgerQueryTls" .root }}
+{{- if or (eq $qtls "ca") (eq $qtls "mtls") }}
+- name: query-api-ca
+  mountPath: /etc/pulse/query-api-ca
+  readOnly: true
+{{- end }}
+{{- if eq $qtls "mtls" }}
+- name: query-api-client
+  mountPath: /etc/pulse/query-api-client
+  readOnly: true
+{{- end }}
+{{- end }}
 {{- end -}}
 
 {{- define "pulse.fileVolumes" -}}
@@ -504,6 +587,41 @@ takes (dict "root" $ "c" component); the Jobs pass a c of their own (`uses`, `na
       - key: {{ $t.caKey }}
         path: {{ $t.caKey }}
 {{- end }}
+{{- if eq .c.name "ledger" }}
+{{- $qtls := include "pulse.ledgerQueryTls" .root }}
+{{- $t := .root.Values.serverTls }}
+{{- if or (eq $qtls "ca") (eq $qtls "mtls") }}
+- name: query-api-ca
+  secret:
+    secretName: {{ default (required "serverTls.secret is required when serverTls.enabled is true" $t.secret) $t.caSecret }}
+    items:
+      - key: {{ $t.caKey }}
+        path: {{ $t.caKey }}
+{{- end }}
+{{- if eq $qtls "mtls" }}
+- name: query-api-client
+  secret:
+    secretName: {{ .root.Values.ledger.queryClientTlsSecret }}
+    defaultMode: 0440
+    items:
+      - key: tls.crt
+        path: tls.crt
+      - key: tls.key
+        path: tls.key
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* How the ledger reaches this release's query API when that serves TLS (`query-api` in
+serverTls.components): "" (plain HTTP, or no query API), "ca" (https, trusting serverTls'
+CA), "mtls" (also presenting ledger.queryClientTlsSecret, as serverTls.clientCaSecret
+requires) or "skip" (mutual TLS without a client certificate for the ledger: it skips its
+revenue check). */}}
+{{- define "pulse.ledgerQueryTls" -}}
+{{- $t := .Values.serverTls -}}
+{{- if and .Values.queryApi.enabled $t.enabled (has "query-api" $t.components) -}}
+{{- if not $t.clientCaSecret -}}ca{{- else if .Values.ledger.queryClientTlsSecret -}}mtls{{- else -}}skip{{- end -}}
+{{- end -}}
 {{- end -}}
 
 {{/* Registry auth settings of a component (ConfigMap / Job env map), and the CA a registry

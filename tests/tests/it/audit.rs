@@ -1167,3 +1167,81 @@ async fn refused_shadow_commands_are_recorded_refused_with_their_reasons() {
     assert_eq!(ids(&refused), ids(&records[2..]), "{refused:#?}");
     writer.kill();
 }
+
+#[tokio::test]
+async fn a_registry_subject_delete_soft_and_permanent_is_audited_with_actor_and_outcome() {
+    use reqwest::Method as M;
+    let registry = Registry::start().await;
+    let subject = format!("{}-value", pulse_tests::unique("deleted"));
+    let schema = json!({
+        "schemaType": "PROTOBUF",
+        "schema": "syntax = \"proto3\";\npackage deleted;\nmessage M {\n  string f = 1;\n}\n",
+    });
+    let path = format!("/subjects/{subject}");
+    assert_eq!(
+        registry
+            .call(M::POST, &format!("{path}/versions"), Some(WRITER), schema)
+            .await,
+        200
+    );
+    // A read-only user's delete is refused (and audited as refused); the writer's soft
+    // delete, then its permanent delete, are done; a second permanent delete finds
+    // nothing (audited as failed).
+    assert_eq!(
+        registry
+            .call(M::DELETE, &path, Some(READER), Value::Null)
+            .await,
+        403
+    );
+    assert_eq!(
+        registry
+            .call(M::DELETE, &path, Some(WRITER), Value::Null)
+            .await,
+        200
+    );
+    let permanent = format!("{path}?permanent=true");
+    assert_eq!(
+        registry
+            .call(M::DELETE, &permanent, Some(WRITER), Value::Null)
+            .await,
+        200
+    );
+    assert_eq!(
+        registry
+            .call(M::DELETE, &permanent, Some(WRITER), Value::Null)
+            .await,
+        404
+    );
+
+    let deletes = wait_until(Duration::from_secs(30), "four delete records", async || {
+        let r = audit_json(&registry.audit_topic, &["--action", "schema.delete"]).await;
+        if r.len() >= 4 { Ok(r) } else { Err(r) }
+    })
+    .await;
+    assert_eq!(deletes.len(), 4, "{deletes:#?}");
+    assert!(deletes.iter().all(|r| r.target == subject), "{deletes:#?}");
+    let outcomes: Vec<(String, Outcome, Option<u16>)> = deletes
+        .iter()
+        .map(|r| (r.actor.clone(), r.outcome, r.status))
+        .collect();
+    assert_eq!(
+        outcomes,
+        vec![
+            (READER.0.to_owned(), Outcome::Refused, Some(403)),
+            (WRITER.0.to_owned(), Outcome::Ok, Some(200)),
+            (WRITER.0.to_owned(), Outcome::Ok, Some(200)),
+            (WRITER.0.to_owned(), Outcome::Failed, Some(404)),
+        ]
+    );
+    // The permanent one is told apart by its request line.
+    assert!(
+        !deletes[1].detail.contains("permanent=true"),
+        "{:?}",
+        deletes[1]
+    );
+    assert!(
+        deletes[2].detail.contains("permanent=true"),
+        "{:?}",
+        deletes[2]
+    );
+}

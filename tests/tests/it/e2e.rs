@@ -10,7 +10,7 @@
 //! in the test).
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -20,8 +20,8 @@ use pulse_tests::header;
 use rdkafka::Message;
 use serde_json::{Value, json};
 
-use crate::support::child_process::{binary, free_port};
-use crate::support::cleanup::TempDir;
+use crate::support::child_process::binary;
+use crate::support::dev_stack::DevStack;
 use crate::support::wait::Text;
 use crate::support::{Deadline, events, kafka, metric_sum, wait_until};
 
@@ -33,126 +33,23 @@ const SENTINELS: usize = 30;
 /// The processor's allowed lateness (its default), ms.
 const LATENESS_MS: i64 = 60_000;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
-/// The platform started by `scripts/dev.sh up`; `down` when dropped.
-struct Platform {
-    env: Vec<(String, String)>,
-    state: TempDir,
-    kafka: String,
-    clickhouse: String,
-    ingest: String,
-    query: String,
-    ok: bool,
-}
-
-impl Platform {
-    /// The port `dev.sh` was given in `name` (e.g. `PULSE_INGEST_ADMIN_PORT`).
-    fn port(&self, name: &str) -> &str {
-        self.env
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
-            .unwrap_or_else(|| panic!("no {name}"))
-    }
-
-    fn dev_sh(&self, arg: &str) -> std::process::Output {
-        Command::new("bash")
-            .arg(repo().join("scripts/dev.sh"))
-            .arg(arg)
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .output()
-            .unwrap()
-    }
-
-    fn up(otlp: &str) -> Self {
-        let state = TempDir::new("pulse-e2e");
-        let p = |name: &str| (name.to_owned(), free_port().to_string());
-        let ports = [
-            p("PULSE_KAFKA_PORT"),
-            p("PULSE_CLICKHOUSE_HTTP_PORT"),
-            p("PULSE_CLICKHOUSE_TCP_PORT"),
-            p("PULSE_S3_PORT"),
-            p("PULSE_SCHEMA_REGISTRY_PORT"),
-            p("PULSE_INGEST_HTTP_PORT"),
-            p("PULSE_INGEST_GRPC_PORT"),
-            p("PULSE_QUERY_HTTP_PORT"),
-            p("PULSE_QUERY_GRPC_PORT"),
-            p("PULSE_SCHEMA_REGISTRY_ADMIN_PORT"),
-            p("PULSE_INGEST_ADMIN_PORT"),
-            p("PULSE_PROCESSOR_ADMIN_PORT"),
-            p("PULSE_WRITER_CLICKHOUSE_ADMIN_PORT"),
-            p("PULSE_WRITER_PARQUET_ADMIN_PORT"),
-            p("PULSE_QUERY_ADMIN_PORT"),
-        ];
-        let port = |name: &str| ports.iter().find(|(k, _)| k == name).unwrap().1.clone();
-        let mut env: Vec<(String, String)> = ports.to_vec();
-        for (k, v) in [
-            ("PULSE_STATE", state.path().display().to_string()),
-            ("PULSE_DEV_PROFILE", "debug".into()),
-            ("PULSE_DEV_BUILD", "0".into()),
-            ("PULSE_DEV_LOADGEN", "0".into()),
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", otlp.into()),
-            // Settle fast: silent partitions stop holding the watermark after 3 s, the
-            // archive rolls every 2 s.
-            ("PULSE_PROCESSOR_IDLE_TIMEOUT_MS", "3000".into()),
-            ("PULSE_WRITER_PARQUET_MAX_AGE_MS", "2000".into()),
-            ("PULSE_LOG_FORMAT", "json".into()),
-        ] {
-            env.push((k.into(), v));
-        }
-        let mut platform = Platform {
-            kafka: format!("127.0.0.1:{}", port("PULSE_KAFKA_PORT")),
-            clickhouse: format!("http://127.0.0.1:{}", port("PULSE_CLICKHOUSE_HTTP_PORT")),
-            ingest: format!("http://127.0.0.1:{}", port("PULSE_INGEST_HTTP_PORT")),
-            query: format!("http://127.0.0.1:{}", port("PULSE_QUERY_HTTP_PORT")),
-            env,
-            state,
-            ok: false,
-        };
-        let out = platform.dev_sh("up");
-        let stdout = String::from_utf8_lossy(&out.stdout);
+/// The platform (`scripts/dev.sh up`), exporting its traces to `otlp`; the banner's
+/// promises checked.
+fn platform_up(otlp: &str) -> DevStack {
+    let platform = DevStack::up("pulse-e2e", &[("OTEL_EXPORTER_OTLP_ENDPOINT", otlp)], &[]);
+    // The README promises these in the banner.
+    for promised in ["Dashboard", "pulse-dev-token", "pulse-dev-key", "Stop:"] {
         assert!(
-            out.status.success(),
-            "scripts/dev.sh up failed:\n{stdout}\n{}",
-            String::from_utf8_lossy(&out.stderr)
+            platform.banner.contains(promised),
+            "banner lacks {promised}:\n{}",
+            platform.banner
         );
-        // The README promises these in the banner.
-        for promised in ["Dashboard", "pulse-dev-token", "pulse-dev-key", "Stop:"] {
-            assert!(
-                stdout.contains(promised),
-                "banner lacks {promised}:\n{stdout}"
-            );
-        }
-        platform.ok = true;
-        platform
     }
-}
-
-impl Drop for Platform {
-    /// Stops the platform; its state folder (data and logs) goes with the `TempDir`, kept
-    /// if `dev.sh down` failed (something may still run there) or the platform never came
-    /// up.
-    fn drop(&mut self) {
-        let out = self.dev_sh("down");
-        if !self.ok || !out.status.success() {
-            eprintln!(
-                "platform state and logs kept in {} (dev.sh down: {})",
-                self.state.path().display(),
-                String::from_utf8_lossy(&out.stderr)
-            );
-            self.state.keep();
-        }
-    }
+    platform
 }
 
 /// Runs the deterministic workload; returns loadgen's expected answers.
-fn run_loadgen(p: &Platform, expect: &Path) -> Value {
+fn run_loadgen(p: &DevStack, expect: &Path) -> Value {
     let out = Command::new(binary("pulsectl"))
         .args([
             "loadgen",
@@ -193,7 +90,7 @@ fn run_loadgen(p: &Platform, expect: &Path) -> Value {
 
 /// Events dated after the workload's range for users of every partition, so every
 /// partition's watermark passes the range's last window end + the allowed lateness.
-async fn send_sentinels(p: &Platform, wave: u32, after_ms: i64) -> Vec<String> {
+async fn send_sentinels(p: &DevStack, wave: u32, after_ms: i64) -> Vec<String> {
     let ids: Vec<String> = (0..SENTINELS)
         .map(|i| format!("e2e-sentinel-{wave}-{i}"))
         .collect();
@@ -220,7 +117,7 @@ async fn send_sentinels(p: &Platform, wave: u32, after_ms: i64) -> Vec<String> {
     ids
 }
 
-async fn query(p: &Platform, path: &str) -> Value {
+async fn query(p: &DevStack, path: &str) -> Value {
     let r = reqwest::Client::new()
         .get(format!("{}{path}", p.query))
         .bearer_auth(TOKEN)
@@ -242,7 +139,7 @@ fn rfc3339_ms(v: &Value) -> i64 {
 
 /// The query API's answers in the shape of loadgen's expectations (times as epoch ms,
 /// empty active-user buckets left out).
-async fn answers(p: &Platform, exp: &Value) -> Value {
+async fn answers(p: &DevStack, exp: &Value) -> Value {
     let (from, to) = (
         exp["range"]["from_ms"].as_i64().unwrap(),
         exp["range"]["to_ms"].as_i64().unwrap(),
@@ -331,7 +228,7 @@ async fn read_topic(kafka: &str, topic: &str) -> Vec<(Option<String>, Option<Str
         .collect()
 }
 
-async fn clickhouse(p: &Platform, sql: &str) -> String {
+async fn clickhouse(p: &DevStack, sql: &str) -> String {
     let r = reqwest::Client::new()
         .post(&p.clickhouse)
         .body(sql.to_owned())
@@ -385,7 +282,7 @@ fn strings(v: &Value) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_platform_answers_exactly_what_loadgen_expects_and_one_trace_links_the_stages() {
     let receiver = pulse_tests::otlp::Receiver::start().await.unwrap();
-    let platform = Platform::up(&receiver.endpoint());
+    let platform = platform_up(&receiver.endpoint());
     let expect_file = platform.state.path().join("expected.json");
     let exp = run_loadgen(&platform, &expect_file);
 

@@ -1,14 +1,15 @@
-//! Kafka SASL PLAIN and OAUTHBEARER through Pulse's one client builder
-//! ([`KafkaConfig::client_config`]), configured as an operator does (`--kafka-option`,
-//! `--kafka-sasl-password-file`, `PULSE_KAFKA_SASL_PASSWORD`). Tansu 0.6 offers SCRAM only
-//! (tested in `kafka_tls`), so each test starts its own Tansu behind a SASL-terminating
+//! Kafka SASL PLAIN, OAUTHBEARER, SCRAM-SHA-256 and SCRAM-SHA-512 through Pulse's one
+//! client builder ([`KafkaConfig::client_config`]), configured as an operator does
+//! (`--kafka-option`, `--kafka-sasl-password-file`, `PULSE_KAFKA_SASL_PASSWORD`). SCRAM is
+//! Tansu's own (`--authentication`; over TLS in `kafka_tls`). Tansu 0.6 offers SCRAM only,
+//! so the PLAIN and OAUTHBEARER tests start their own Tansu behind a SASL-terminating
 //! Kafka protocol proxy ([`SaslProxy`]): the proxy does the broker's side of SaslHandshake
 //! and SaslAuthenticate, refuses every other request before authentication, and then
 //! forwards to Tansu byte for byte. Tansu advertises the proxy's address (or that of a TLS
 //! terminator in front of it, for SASL_SSL), so every connection a client makes after
-//! bootstrap authenticates too. This tests Pulse's settings and librdkafka's client side of
-//! SASL against a faithful server side of the protocol — not a broker's SASL
-//! implementation.
+//! bootstrap authenticates too. Those tests check Pulse's settings and librdkafka's client
+//! side of SASL against a faithful server side of the protocol — not a broker's SASL
+//! implementation; the SCRAM tests check against Tansu's.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -19,7 +20,7 @@ use pulse_platform::kafka::{KafkaConfig, Refused, TopicSpec, ensure_topics};
 use pulse_schema_registry::auth::{Role, hash_line};
 use tokio::process::Command;
 
-use crate::kafka_tls::{Tansu, metadata_or_errors, round_trip};
+use crate::kafka_tls::{Tansu, create_scram_user, metadata_or_errors, round_trip};
 use crate::support::child_process::{binary, free_port};
 use crate::support::sasl_proxy::{Credentials, OAUTHBEARER_FAILED, PLAIN_FAILED, SaslProxy};
 use crate::support::tls::{Terminator, make_ca, make_server_cert, work_dir};
@@ -197,6 +198,24 @@ fn strs(args: &[String]) -> Vec<&str> {
     args.iter().map(String::as_str).collect()
 }
 
+/// The proxy's authentications after a round trip: at least three (the admin client, the
+/// producer, the consumer and its group coordinator connection), every one PLAIN by
+/// [`USER`], and nothing refused. Returns them.
+fn assert_plain_authenticated(broker: &SaslBroker) -> Vec<(String, String)> {
+    let authenticated = broker.proxy.authenticated();
+    assert!(authenticated.len() >= 3, "{authenticated:?}");
+    assert!(
+        authenticated.iter().all(|(m, p)| m == "PLAIN" && p == USER),
+        "{authenticated:?}"
+    );
+    assert!(
+        broker.proxy.refused().is_empty(),
+        "{:?}",
+        broker.proxy.refused()
+    );
+    authenticated
+}
+
 /// SASL_PLAINTEXT with PLAIN, the password from `--kafka-sasl-password-file`: Pulse's admin
 /// client, producer and consumer authenticate on every connection and produce and
 /// consume. A wrong password fails with the broker's message within 15 s; a client without
@@ -208,18 +227,7 @@ async fn plain_with_the_password_from_a_file_produces_and_consumes() {
     let args = plain_args("SASL_PLAINTEXT", &file);
     let kafka = broker.kafka(&strs(&args));
     round_trip(&kafka).await;
-    let authenticated = broker.proxy.authenticated();
-    // The admin client, the producer, the consumer and its group coordinator connection.
-    assert!(authenticated.len() >= 3, "{authenticated:?}");
-    assert!(
-        authenticated.iter().all(|(m, p)| m == "PLAIN" && p == USER),
-        "{authenticated:?}"
-    );
-    assert!(
-        broker.proxy.refused().is_empty(),
-        "{:?}",
-        broker.proxy.refused()
-    );
+    assert_plain_authenticated(&broker);
 
     // A wrong password: the broker's answer, within a bounded time.
     std::fs::write(&file, "not-the-password").unwrap();
@@ -329,12 +337,7 @@ async fn plain_over_tls_produces_and_consumes() {
     ]);
     let kafka = broker.kafka(&strs(&args));
     round_trip(&kafka).await;
-    let authenticated = broker.proxy.authenticated();
-    assert!(authenticated.len() >= 3, "{authenticated:?}");
-    assert!(
-        authenticated.iter().all(|(m, p)| m == "PLAIN" && p == USER),
-        "{authenticated:?}"
-    );
+    let authenticated = assert_plain_authenticated(&broker);
     assert!(
         terminator.handshakes() >= authenticated.len(),
         "{} TLS handshakes, {} authentications",
@@ -373,6 +376,118 @@ async fn plain_over_tls_produces_and_consumes() {
         "{text}"
     );
     assert_eq!(broker.proxy.authenticated().len(), authenticated.len());
+}
+
+/// A Tansu with its own SASL (`--authentication`, no proxy), plaintext (SASL_PLAINTEXT):
+/// it refuses every request before authentication and checks SCRAM proofs against the
+/// credentials of [`USER`], stored for one mechanism only (first through a plaintext start
+/// of the same broker: an authenticating Tansu answers nothing before authentication).
+struct ScramBroker {
+    dir: PathBuf,
+    port: u16,
+    _tansu: Tansu,
+}
+
+impl ScramBroker {
+    async fn start(name: &str, mechanism: &str) -> Self {
+        let dir = work_dir(name);
+        let port = free_port();
+        let open = Tansu::start(&dir, port, port, false).await;
+        create_scram_user(port, mechanism, USER, PASSWORD);
+        drop(open);
+        let tansu = Tansu::start(&dir, port, port, true).await;
+        Self {
+            dir,
+            port,
+            _tansu: tansu,
+        }
+    }
+
+    /// Pulse's Kafka settings for SASL_PLAINTEXT with `mechanism`, [`USER`] and the
+    /// password from `file` (one replica: a single broker).
+    fn kafka(&self, mechanism: &str, file: &Path) -> KafkaConfig {
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            kafka: KafkaConfig,
+        }
+        let cli = Cli::try_parse_from([
+            "pulse",
+            "--kafka-brokers",
+            &format!("127.0.0.1:{}", self.port),
+            "--kafka-replication-factor",
+            "1",
+            "--kafka-min-insync-replicas",
+            "1",
+            "--kafka-option",
+            &format!("security.protocol=SASL_PLAINTEXT,sasl.mechanism={mechanism}"),
+            "--kafka-option",
+            &format!("sasl.username={USER}"),
+            "--kafka-sasl-password-file",
+            &file.display().to_string(),
+        ])
+        .unwrap();
+        pulse_platform::config::validate_all(&[&cli.kafka]).unwrap();
+        cli.kafka
+    }
+}
+
+impl Drop for ScramBroker {
+    fn drop(&mut self) {
+        if std::env::var("PULSE_TEST_KEEP").as_deref() != Ok("1") {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// SASL_PLAINTEXT with `mechanism` (SCRAM-SHA-256 or SCRAM-SHA-512) against the broker's
+/// own SCRAM, the password from `--kafka-sasl-password-file`: Pulse's admin client,
+/// producer and consumer authenticate and produce and consume. A wrong password, the
+/// other SCRAM mechanism (the user's credentials are stored for `mechanism` only) and no
+/// SASL at all are refused, each within 15 s.
+async fn scram_produces_and_consumes(name: &str, mechanism: &str, other: &str) {
+    let broker = ScramBroker::start(name, mechanism).await;
+    let file = broker.dir.join("sasl-password");
+    std::fs::write(&file, format!("{PASSWORD}\n")).unwrap();
+    let kafka = broker.kafka(mechanism, &file);
+    round_trip(&kafka).await;
+
+    // A wrong password: the broker refuses the proof.
+    std::fs::write(&file, "not-the-password").unwrap();
+    let text = refused(&kafka).await;
+    assert!(text.contains("SASL SCRAM authentication failed"), "{text}");
+    std::fs::write(&file, PASSWORD).unwrap();
+
+    // The right password with the other SCRAM mechanism: no credentials for it.
+    let text = refused(&broker.kafka(other, &file)).await;
+    assert!(
+        text.contains("SASL") && text.contains("authentication failed"),
+        "{other} with credentials stored for {mechanism} only: {text}"
+    );
+
+    // No SASL: the broker answers nothing.
+    let anonymous = KafkaConfig {
+        options: Vec::new(),
+        sasl_password_file: None,
+        ..broker.kafka(mechanism, &file)
+    };
+    assert!(
+        metadata_or_errors(&anonymous).await.is_err(),
+        "an unauthenticated client got metadata"
+    );
+
+    // The right settings still work: the failures were the settings, not the broker.
+    assert_eq!(metadata_or_errors(&kafka).await, Ok(1));
+}
+
+#[tokio::test]
+async fn scram_sha_256_with_the_password_from_a_file_produces_and_consumes() {
+    scram_produces_and_consumes("kafka-sasl-scram-256", "SCRAM-SHA-256", "SCRAM-SHA-512").await;
+}
+
+#[tokio::test]
+async fn scram_sha_512_with_the_password_from_a_file_produces_and_consumes() {
+    scram_produces_and_consumes("kafka-sasl-scram-512", "SCRAM-SHA-512", "SCRAM-SHA-256").await;
 }
 
 /// The schema registry (a service whose store is a Kafka topic) as a child process on

@@ -138,7 +138,7 @@ impl TlsBroker {
         let tansu_port = free_port();
         if let Some((user, password)) = scram_user {
             let plain = Tansu::start(&dir, tansu_port, tansu_port, false).await;
-            create_scram_user(tansu_port, user, password);
+            create_scram_user(tansu_port, "SCRAM-SHA-512", user, password);
             plain.stop();
         }
         let client_auth = if mutual {
@@ -311,10 +311,11 @@ async fn a_wrong_ca_fails_with_a_certificate_verification_error() {
     assert_eq!(metadata_or_errors(&right).await, Ok(1));
 }
 
-/// Creates the SCRAM-SHA-512 user `user` with `password` (given on stdin) on the plaintext
-/// broker at `port`, with a client Pulse did not write (confluent-kafka in the test venv):
-/// the Rust client has no AlterUserScramCredentials.
-fn create_scram_user(port: u16, user: &str, password: &str) {
+/// Creates the SCRAM user `user` with `password` (given on stdin) for `mechanism`
+/// (`SCRAM-SHA-256` or `SCRAM-SHA-512`) on the plaintext broker at `port`, with a client
+/// Pulse did not write (confluent-kafka in the test venv): the Rust client has no
+/// AlterUserScramCredentials.
+pub(crate) fn create_scram_user(port: u16, mechanism: &str, user: &str, password: &str) {
     use std::io::Write as _;
     let python = std::env::var("PULSE_TEST_PYTHON").expect(
         "PULSE_TEST_PYTHON is not set: run the tests with scripts/test.sh (it provides the venv)",
@@ -323,16 +324,16 @@ fn create_scram_user(port: u16, user: &str, password: &str) {
 import sys
 from confluent_kafka.admin import (AdminClient, ScramCredentialInfo, ScramMechanism,
                                    UserScramCredentialUpsertion)
-bootstrap, user = sys.argv[1:3]
+bootstrap, mechanism, user = sys.argv[1:4]
 password = sys.stdin.read().encode()
 admin = AdminClient({"bootstrap.servers": bootstrap})
 upsert = UserScramCredentialUpsertion(
-    user, ScramCredentialInfo(ScramMechanism.SCRAM_SHA_512, 4096), password)
+    user, ScramCredentialInfo(ScramMechanism[mechanism.replace("-", "_")], 4096), password)
 for f in admin.alter_user_scram_credentials([upsert], request_timeout=30).values():
     f.result()
 "#;
     let mut child = Command::new(python)
-        .args(["-c", script, &format!("127.0.0.1:{port}"), user])
+        .args(["-c", script, &format!("127.0.0.1:{port}"), mechanism, user])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

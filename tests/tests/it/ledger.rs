@@ -741,3 +741,170 @@ async fn the_ledger_reconciles_a_clean_range_and_names_what_a_store_lost() {
     admin.stop().await;
     p.shutdown().await;
 }
+
+/// A query API over TLS on `db`, requiring client certificates signed by `client_ca`
+/// (mutual TLS): its HTTPS base URL, its stop token and its servers.
+async fn tls_query_api(
+    db: &ClickHouseConfig,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    client_ca: &std::path::Path,
+) -> (String, CancellationToken, Servers) {
+    let config = pulse_query_api::Config::parse_from([
+        "pulse-query-api",
+        "--clickhouse-url",
+        &db.url,
+        "--clickhouse-database",
+        &db.database,
+        "--window-ms",
+        "60000",
+        "--allowed-lateness-ms",
+        "30000",
+        "--freshness-cache-ms",
+        "0",
+        "--tls-cert-file",
+        cert.to_str().unwrap(),
+        "--tls-key-file",
+        key.to_str().unwrap(),
+        "--tls-client-ca-file",
+        client_ca.to_str().unwrap(),
+    ]);
+    let config = pulse_query_api::Config {
+        api_tokens: TOKEN.into(),
+        ..config
+    };
+    let settings = config.server.settings().unwrap();
+    let state = pulse_query_api::AppState::new(&config).unwrap();
+    let stop = CancellationToken::new();
+    let servers = pulse_query_api::serve_with(
+        TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        state,
+        &settings,
+        stop.clone(),
+    )
+    .await
+    .unwrap();
+    (format!("https://{}", servers.http_addr), stop, servers)
+}
+
+impl Pipeline {
+    /// The ledger's settings as `pulsectl ledger` parses them, with `--query-url url`
+    /// and `extra` flags.
+    fn sources_for(&self, url: &str, extra: &[&str]) -> SourceArgs {
+        let mut argv = vec!["pulsectl", "ledger", "--from", "0", "--to", "1"]
+            .into_iter()
+            .map(str::to_owned)
+            .collect::<Vec<_>>();
+        let mut rest = self.argv(extra);
+        let at = rest.iter().position(|a| a == "--query-url").unwrap();
+        rest[at + 1] = url.to_owned();
+        argv.extend(rest);
+        match pulsectl::Cli::try_parse_from(argv).unwrap().command {
+            pulsectl::Command::Ledger(a) => {
+                let LedgerArgs { sources, .. } = *a;
+                SourceArgs {
+                    query_token: TOKEN.into(),
+                    ..sources
+                }
+            }
+            other => panic!("not ledger: {other:?}"),
+        }
+    }
+}
+
+/// The revenue check against a query API that serves HTTPS and requires client
+/// certificates: with `--query-ca-file` and `--query-client-cert-file` /
+/// `--query-client-key-file` the ledger reads the revenue there (not skipped) and finds
+/// what it finds over plain HTTP; without the CA it fails naming the certificate check and
+/// the setting; without a client certificate it is refused.
+#[tokio::test]
+async fn the_ledger_reads_the_revenue_from_a_query_api_over_mutual_tls_with_its_ca() {
+    let p = pipeline().await;
+    p.produce(&range_a()).await;
+    p.produce(&[event("close1", "u9", 200_000, None)]).await;
+    p.wait_stored(B0 + 2 * M, 25).await;
+    archive::wait_committed_to_end("ledger-test", &p.parquet_group, &p.events, 1).await;
+    let plain = p.ledger(B0, B0 + 2 * M).await;
+    let served = plain
+        .revenue
+        .clone()
+        .expect("plain HTTP: the revenue checked");
+    assert!(!served.is_empty(), "{}", plain.lines(20).join("\n"));
+
+    let (ca, cert, key) = crate::server_tls::pki("ledger-query-tls");
+    let clients = crate::support::tls::work_dir("ledger-query-tls-clients");
+    crate::support::tls::make_ca(&clients, "ledger-client-ca");
+    let (client_cert, client_key) =
+        crate::support::tls::make_client_cert(&clients, "ledger-client-ca", "pulse-ledger", None);
+    let (url, stop, servers) =
+        tls_query_api(&p.ch, &cert, &key, &clients.join("ledger-client-ca.pem")).await;
+    let (ca, client_cert, client_key) = (
+        ca.to_str().unwrap(),
+        client_cert.to_str().unwrap(),
+        client_key.to_str().unwrap(),
+    );
+
+    // The CA and a client certificate: the same revenue, read over mutual TLS.
+    let trusted = p.sources_for(
+        &url,
+        &[
+            "--query-ca-file",
+            ca,
+            "--query-client-cert-file",
+            client_cert,
+            "--query-client-key-file",
+            client_key,
+        ],
+    );
+    let r = check(B0, B0 + 2 * M, &trusted, None).await.unwrap();
+    let lines = r.lines(20).join("\n");
+    assert!(!r.is_mismatch(), "{lines}");
+    assert_eq!(r.revenue.as_ref(), Some(&served), "{lines}");
+
+    // No CA (the built-in roots only): the handshake fails, naming why and what to set.
+    let untrusted = p.sources_for(
+        &url,
+        &[
+            "--query-client-cert-file",
+            client_cert,
+            "--query-client-key-file",
+            client_key,
+        ],
+    );
+    let e = check(B0, B0 + 2 * M, &untrusted, None).await.unwrap_err();
+    let text = e.to_string();
+    assert!(
+        matches!(
+            e,
+            LedgerError::Revenue(pulsectl::ledger::revenue::RevenueError::Tls { .. })
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("TLS handshake failed")
+            && text.contains("UnknownIssuer")
+            && text.contains("--query-ca-file / PULSE_LEDGER_QUERY_CA_FILE"),
+        "{text}"
+    );
+
+    // The CA but no client certificate: refused. (Whether the client sees the server's
+    // alert or the closed connection races TLS 1.3's late refusal; either fails.)
+    let anonymous = p.sources_for(&url, &["--query-ca-file", ca]);
+    let e = check(B0, B0 + 2 * M, &anonymous, None).await.unwrap_err();
+    assert!(matches!(e, LedgerError::Revenue(_)), "{e}");
+
+    // A CA file with an http:// query URL is refused at start, naming the setting.
+    let mixed = p.sources_for(&p.api_base, &["--query-ca-file", ca]);
+    let e = check(B0, B0 + 2 * M, &mixed, None).await.unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("--query-ca-file / PULSE_LEDGER_QUERY_CA_FILE")
+            && e.to_string().contains("is not https://"),
+        "{e}"
+    );
+
+    stop.cancel();
+    servers.wait().await.unwrap();
+    p.shutdown().await;
+}

@@ -2305,3 +2305,165 @@ async fn the_event_search_is_counted_by_route_query_and_grpc_method_in_a_live_sc
         assert!(text.contains(series), "{series} missing from\n{text}");
     }
 }
+
+/// The query API's routes that take `from` and `to`, read from its OpenAPI document (so
+/// a new one is covered without a change here), as GET paths with their other required
+/// parameters filled in (`step=1h` on the series, so that a day is 24 points).
+fn range_routes(doc: &Value) -> Vec<(String, String)> {
+    let mut routes = Vec::new();
+    for (route, item) in doc["paths"].as_object().unwrap() {
+        let Some(params) = item["get"]["parameters"].as_array() else {
+            continue;
+        };
+        let named = |name: &str| params.iter().any(|p| p["name"] == name);
+        if !(named("from") && named("to")) {
+            continue;
+        }
+        let mut path = route.replace("{user_id}", "alice");
+        assert!(!path.contains('{'), "a path parameter to fill in: {route}");
+        let mut query = Vec::new();
+        for p in params {
+            match p["name"].as_str().unwrap() {
+                "source_trace_id" => query.push("source_trace_id=abcd-1234"),
+                "step" => query.push("step=1h"),
+                "from" | "to" | "user_id" => {}
+                other => assert!(
+                    p["required"] != true,
+                    "{route}: give the required parameter {other} a value here"
+                ),
+            }
+        }
+        if !query.is_empty() {
+            path = format!("{path}?{}&", query.join("&"));
+        } else {
+            path.push('?');
+        }
+        routes.push((route.clone(), path));
+    }
+    routes
+}
+
+#[tokio::test]
+async fn every_endpoint_with_from_and_to_refuses_the_whole_time_range_and_answers_one_at_the_cap() {
+    let ch = database().await;
+    seed(&ch).await;
+    // A cap of one day (not the default 31): the answers follow the flag.
+    let day = 24 * 60 * M;
+    let api = serve_api(&ch, &["--max-range-ms", &day.to_string()]).await;
+    let (status, _, doc) = api.get_with("/openapi.json", None).await;
+    assert_eq!(status, 200);
+    let routes = range_routes(&doc);
+    let found: Vec<&str> = routes.iter().map(|(r, _)| r.as_str()).collect();
+    for route in [
+        "/v1/active_users",
+        "/v1/revenue",
+        "/v1/top_pages",
+        "/v1/users/{user_id}",
+        "/v1/sessions",
+        "/v1/events",
+    ] {
+        assert!(found.contains(&route), "{route} not found: {found:?}");
+    }
+    for (route, path) in &routes {
+        for range in [
+            // The example: the whole representable time.
+            "from=0&to=253402300799999".to_owned(),
+            // One millisecond over the cap.
+            format!("from={T0}&to={}", T0 + day + 1),
+        ] {
+            let (status, _, body) = api.get(&format!("{path}{range}")).await;
+            assert_eq!(status, 400, "{route} {range}: {body}");
+            assert_eq!(body["error"]["code"], "range_too_long", "{route}: {body}");
+            assert_eq!(body["error"]["parameter"], "from", "{route}: {body}");
+            let message = body["error"]["message"].as_str().unwrap();
+            assert!(
+                message.contains("at most 1 d") && message.contains("--max-range-ms"),
+                "{route}: {message}"
+            );
+        }
+        // Exactly the cap is answered (alice has windows in it).
+        let at_cap = format!("{path}from={T0}&to={}", T0 + day);
+        let (status, _, body) = api.get(&at_cap).await;
+        assert_eq!(status, 200, "{at_cap}: {body}");
+    }
+
+    // gRPC: every method whose request carries a range, read from the descriptors.
+    use prost::Message as _;
+    let set = prost_types::FileDescriptorSet::decode(pulse_contracts::FILE_DESCRIPTOR_SET).unwrap();
+    let file = set
+        .file
+        .iter()
+        .find(|f| f.package() == "pulse.query.v1")
+        .unwrap();
+    let with_range = |input: &str| {
+        let name = input.rsplit('.').next().unwrap();
+        name == "RangeRequest"
+            || file.message_type.iter().any(|m| {
+                m.name() == name
+                    && m.field
+                        .iter()
+                        .any(|f| f.type_name() == ".pulse.query.v1.RangeRequest")
+            })
+    };
+    let methods: Vec<&str> = file.service[0]
+        .method
+        .iter()
+        .filter(|m| with_range(m.input_type()))
+        .map(|m| m.name())
+        .collect();
+    assert_eq!(methods.len(), 6, "{methods:?}");
+    let mut client = api.client().await;
+    for method in methods {
+        for (r, ok) in [
+            (range(1, pulse_query_api::params::MAX_TIME_MS, "1h"), false),
+            (range(T0, T0 + day + 1, "1h"), false),
+            (range(T0, T0 + day, "1h"), true),
+        ] {
+            let (from, to) = (r.from_ms, r.to_ms);
+            let result = match method {
+                "ActiveUsers" => client.active_users(req(r)).await.map(drop),
+                "Sessions" => client.sessions(req(r)).await.map(drop),
+                "Revenue" => client
+                    .revenue(req(pb::RevenueRequest {
+                        range: Some(r),
+                        currency: String::new(),
+                    }))
+                    .await
+                    .map(drop),
+                "TopPages" => client
+                    .top_pages(req(pb::TopPagesRequest {
+                        range: Some(r),
+                        limit: 0,
+                    }))
+                    .await
+                    .map(drop),
+                "User" => client
+                    .user(req(pb::UserRequest {
+                        user_id: "alice".into(),
+                        range: Some(r),
+                    }))
+                    .await
+                    .map(drop),
+                "FindEvents" => client
+                    .find_events(req(pb::FindEventsRequest {
+                        source_trace_id: "abcd-1234".into(),
+                        range: Some(r),
+                        limit: 0,
+                    }))
+                    .await
+                    .map(drop),
+                other => panic!("{other} takes a range: call it here"),
+            };
+            match (result, ok) {
+                (Ok(()), true) => {}
+                (Err(e), false) => {
+                    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{method}: {e:?}");
+                    assert_eq!(e.metadata().get("pulse-parameter").unwrap(), "from");
+                    assert!(e.message().contains("--max-range-ms"), "{method}: {e:?}");
+                }
+                (result, _) => panic!("{method} {from}..{to}: {result:?}"),
+            }
+        }
+    }
+    api.stop().await;
+}

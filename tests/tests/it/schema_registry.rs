@@ -1,28 +1,172 @@
 //! The schema registry against the real broker: replicas agree on ids when registering
 //! concurrently, a new replica rebuilds the same state from the log, and clients we did
 //! not write (Rust `schema_registry_converter`, PyPI `confluent-kafka`) work against it.
+//! The `_schemas` log stays bounded (identical writes append nothing; what compaction
+//! keeps is one record per key, and replays to the same state), a log written by the
+//! previous release is served and converted, and a large log replays within the start-up
+//! timeout.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use clap::Parser as _;
 use prost::Message;
 use pulse_contracts::pb::events::v1 as ev;
+use pulse_platform::kafka::topics::TopicSpec;
 use pulse_schema_registry::Replica;
+use rdkafka::Message as _;
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use serde_json::{Value, json};
 
+use crate::support::wait::wait_until;
 use crate::support::{cleanup, events};
 
 async fn replica(topic: &str) -> Replica {
+    replica_with_startup_timeout(topic, Duration::from_secs(60)).await
+}
+
+async fn replica_with_startup_timeout(topic: &str, startup: Duration) -> Replica {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     Replica::start(
         &pulse_tests::kafka(),
         topic,
         Duration::from_secs(30),
-        Duration::from_secs(60),
+        startup,
         listener,
     )
     .await
     .unwrap()
+}
+
+/// A `_schemas` record as written: (key, value), `None` a tombstone.
+type Record = (Vec<u8>, Option<Vec<u8>>);
+
+fn record(key: Value, value: Option<Value>) -> Record {
+    (
+        key.to_string().into_bytes(),
+        value.map(|v| v.to_string().into_bytes()),
+    )
+}
+
+/// Every record of `topic`, in log order.
+async fn log_records(topic: &str) -> Vec<Record> {
+    crate::support::kafka::read_to_end(&pulse_tests::kafka(), topic)
+        .await
+        .into_iter()
+        .map(|m| {
+            (
+                m.key().unwrap_or_default().to_vec(),
+                m.payload().map(<[u8]>::to_vec),
+            )
+        })
+        .collect()
+}
+
+/// What log compaction keeps of `records`: the last record of each key, in log order,
+/// tombstones (and what they delete) gone.
+fn compacted(records: &[Record]) -> Vec<Record> {
+    let last: BTreeMap<&[u8], usize> = records
+        .iter()
+        .enumerate()
+        .map(|(i, (k, _))| (k.as_slice(), i))
+        .collect();
+    records
+        .iter()
+        .enumerate()
+        .filter(|(i, (k, v))| last[k.as_slice()] == *i && v.is_some())
+        .map(|(_, r)| r.clone())
+        .collect()
+}
+
+fn keytype(r: &Record) -> String {
+    serde_json::from_slice::<Value>(&r.0).unwrap()["keytype"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// The records of `topic` once every command in it is settled (what compaction keeps
+/// holds no command), waiting for the settling that runs behind the answers.
+async fn settled_log(topic: &str) -> Vec<Record> {
+    wait_until(
+        Duration::from_secs(30),
+        "every command in the schemas log to be settled",
+        async || {
+            let records = log_records(topic).await;
+            let kept = compacted(&records);
+            if kept.iter().all(|r| keytype(r) != "COMMAND") {
+                Ok(records)
+            } else {
+                Err(format!("{} records, {} kept", records.len(), kept.len()))
+            }
+        },
+    )
+    .await
+}
+
+/// The end offset of `topic` (one partition).
+fn log_end(topic: &str) -> i64 {
+    let c: BaseConsumer = pulse_tests::kafka()
+        .client_config("schemas-end")
+        .create()
+        .unwrap();
+    c.fetch_watermarks(topic, 0, Duration::from_secs(10))
+        .unwrap()
+        .1
+}
+
+/// Writes `records` to `topic` as fast as the broker takes them (one batch of sends,
+/// acknowledgements awaited at the end), like another registry release would have.
+async fn produce_raw(topic: &str, records: &[Record]) {
+    let producer: FutureProducer = pulse_tests::kafka()
+        .client_config("raw-schemas-writer")
+        .set("linger.ms", "20")
+        .set("batch.num.messages", "5000")
+        .create()
+        .unwrap();
+    let mut acks = Vec::with_capacity(records.len());
+    for (key, value) in records {
+        let mut r = FutureRecord::<[u8], [u8]>::to(topic).key(key);
+        if let Some(v) = value {
+            r = r.payload(v);
+        }
+        acks.push(producer.send_result(r).map_err(|(e, _)| e).unwrap());
+    }
+    for ack in acks {
+        ack.await.unwrap().map_err(|(e, _)| e).unwrap();
+    }
+}
+
+/// Everything a registry serves: every subject (deleted ones too) with each version's id
+/// and schema, the subject levels and the global level.
+async fn dump(client: &reqwest::Client, base: &str) -> Value {
+    let mut subjects = serde_json::Map::new();
+    let names = get(client, format!("{base}/subjects?deleted=true")).await;
+    for name in names.as_array().unwrap() {
+        let name = name.as_str().unwrap();
+        let versions = get(
+            client,
+            format!("{base}/subjects/{name}/versions?deleted=true"),
+        )
+        .await;
+        let mut detail = Vec::new();
+        for v in versions.as_array().unwrap() {
+            let body = get(
+                client,
+                format!("{base}/subjects/{name}/versions/{v}?deleted=true"),
+            )
+            .await;
+            detail.push(json!([body["version"], body["id"], body["schema"]]));
+        }
+        let live = get(client, format!("{base}/subjects/{name}/versions")).await;
+        let level = get(client, format!("{base}/config/{name}")).await;
+        subjects.insert(
+            name.to_owned(),
+            json!({ "versions": detail, "live": live, "level": level }),
+        );
+    }
+    json!({ "subjects": subjects, "global": get(client, format!("{base}/config")).await })
 }
 
 fn proto(package: &str, n: usize) -> String {
@@ -271,6 +415,449 @@ async fn confluent_kafka_python_client_works_against_the_registry() {
     r.stop().await.unwrap();
 }
 
+#[tokio::test]
+async fn repeated_identical_writes_do_not_grow_the_schemas_log_and_compaction_keeps_one_record_per_key()
+ {
+    let topic = pulse_tests::unique("_schemas");
+    let _topics = cleanup::Topics::adopt([&topic]);
+    let r = replica(&topic).await;
+    let b = format!("http://{}", r.addr);
+    let client = reqwest::Client::new();
+    let put = async |url: String, level: &str| {
+        let resp = client
+            .put(url)
+            .json(&json!({ "compatibility": level }))
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json::<Value>().await.unwrap())
+    };
+    let schema = proto("bounded", 1);
+    for url in [format!("{b}/config/c-value"), format!("{b}/config")] {
+        assert_eq!(put(url, "FULL").await.0, 200);
+    }
+    let (s, first) = register(&client, &b, "c-value", &schema).await;
+    assert_eq!(s, 200, "{first}");
+    let end = settled_log(&topic).await.len() as i64;
+    assert_eq!(log_end(&topic), end);
+
+    // 100 identical config writes (subject and global) and re-registrations: nothing.
+    for _ in 0..100 {
+        for url in [format!("{b}/config/c-value"), format!("{b}/config")] {
+            let (s, body) = put(url, "FULL").await;
+            assert_eq!((s, &body["compatibility"]), (200, &json!("FULL")), "{body}");
+        }
+        let (s, body) = register(&client, &b, "c-value", &schema).await;
+        assert_eq!((s, &body["id"]), (200, &first["id"]), "{body}");
+    }
+    assert_eq!(log_end(&topic), end, "identical writes appended records");
+    // Deleting what is already deleted writes nothing either.
+    let resp = client
+        .delete(format!("{b}/config/never-set"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    assert_eq!(log_end(&topic), end);
+
+    // What compaction keeps: one record per key (2 configs, 1 schema id, 1 version);
+    // every command was settled (its record deleted).
+    let kept = compacted(&settled_log(&topic).await);
+    let mut kinds: Vec<String> = kept.iter().map(keytype).collect();
+    kinds.sort();
+    assert_eq!(kinds, ["CONFIG", "CONFIG", "ID", "SCHEMA"], "{kept:?}");
+
+    // 20 real changes (the subject's level flipping) each append a command, its fact and
+    // the command's tombstone; what compaction keeps does not grow.
+    let changes = Instant::now();
+    for i in 0..20 {
+        let level = if i % 2 == 0 { "NONE" } else { "FULL" };
+        assert_eq!(put(format!("{b}/config/c-value"), level).await.0, 200);
+    }
+    let per_change = changes.elapsed() / 20;
+    let records = settled_log(&topic).await;
+    let grown = records.len() as i64 - end;
+    assert!(grown <= 20 * 3, "{grown} records for 20 changes");
+    assert_eq!(compacted(&records).len(), kept.len());
+    println!(
+        "schemas log: {} records written, {} kept by compaction; a config change answered in {per_change:?}",
+        records.len(),
+        kept.len()
+    );
+
+    // A replica replaying only what compaction keeps serves the same state.
+    let copy = pulse_tests::unique("_schemas");
+    let _copy = cleanup::Topics::create(&[TopicSpec::compacted(&copy)]).await;
+    produce_raw(&copy, &compacted(&records)).await;
+    let c = replica(&copy).await;
+    assert_eq!(
+        dump(&client, &b).await,
+        dump(&client, &format!("http://{}", c.addr)).await
+    );
+    let level = get(&client, format!("http://{}/config/c-value", c.addr)).await;
+    assert_eq!(level["compatibilityLevel"], "FULL");
+    c.stop().await.unwrap();
+    r.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_referenced_subject_cannot_be_deleted_permanently_until_its_referrer_is() {
+    let topic = pulse_tests::unique("_schemas");
+    let _topics = cleanup::Topics::adopt([&topic]);
+    let r = replica(&topic).await;
+    let base = format!("http://{}", r.addr);
+    let client = reqwest::Client::new();
+    let (s, body) = register(&client, &base, "common", &proto("t", 1)).await;
+    assert_eq!(s, 200, "{body}");
+    let resp = client
+        .post(format!("{base}/subjects/order/versions"))
+        .json(&json!({ "schemaType": "PROTOBUF",
+            "schema": "syntax = \"proto3\";\npackage o;\nimport \"common.proto\";\nmessage Order {\n  t.M1 total = 1;\n}\n",
+            "references": [{ "name": "common.proto", "subject": "common", "version": 1 }] }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200, "{}", resp.text().await.unwrap());
+    let delete = async |subject: &str, permanent: bool| {
+        let resp = client
+            .delete(format!("{base}/subjects/{subject}?permanent={permanent}"))
+            .send()
+            .await
+            .unwrap();
+        (resp.status().as_u16(), resp.json::<Value>().await.unwrap())
+    };
+    assert_eq!(delete("common", false).await, (200, json!([1])));
+    let (s, body) = delete("common", true).await;
+    assert_eq!((s, &body["error_code"]), (422, &json!(42206)), "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("'order'"),
+        "{body}"
+    );
+    assert_eq!(delete("order", false).await.0, 200);
+    assert_eq!(delete("order", true).await.0, 200);
+    assert_eq!(delete("common", true).await, (200, json!([1])));
+    r.stop().await.unwrap();
+}
+
+/// A protobuf schema of `messages` messages of 20 fields each (slow to parse and check).
+fn big_proto(messages: usize, extra: bool) -> String {
+    let mut text = String::from("syntax = \"proto3\";\npackage slow;\n");
+    for m in 0..messages {
+        let fields: Vec<String> = (1..=20).map(|f| format!("string f{f} = {f};")).collect();
+        text.push_str(&format!("message M{m} {{ {} }}\n", fields.join(" ")));
+    }
+    if extra {
+        text.push_str("message Extra { string x = 1; }\n");
+    }
+    text
+}
+
+/// Parsing and compatibility checks run on the blocking pool: on a single-threaded
+/// runtime (this test's), reads are answered while a slow registration is checked.
+#[tokio::test]
+async fn reads_are_answered_while_a_slow_registration_is_checked() {
+    const MESSAGES: usize = 1_500;
+    let topic = pulse_tests::unique("_schemas");
+    let _topics = cleanup::Topics::adopt([&topic]);
+    let r = replica(&topic).await;
+    let base = format!("http://{}", r.addr);
+    let client = reqwest::Client::new();
+    let (s, body) = register(&client, &base, "slow-value", &big_proto(MESSAGES, false)).await;
+    assert_eq!(s, 200, "{body}");
+
+    // What parsing and checking the new version costs (the same work, alone).
+    let asked = Instant::now();
+    let resp = client
+        .post(format!(
+            "{base}/compatibility/subjects/slow-value/versions/latest"
+        ))
+        .json(&json!({ "schemaType": "PROTOBUF", "schema": big_proto(MESSAGES, true) }))
+        .send()
+        .await
+        .unwrap();
+    let check = asked.elapsed();
+    assert_eq!(resp.json::<Value>().await.unwrap()["is_compatible"], true);
+
+    let started = Instant::now();
+    let slow = tokio::spawn({
+        let (client, base) = (client.clone(), base.clone());
+        async move { register(&client, &base, "slow-value", &big_proto(MESSAGES, true)).await }
+    });
+    let (mut answered, mut slowest) = (0, Duration::ZERO);
+    while !slow.is_finished() {
+        let asked = Instant::now();
+        let body = get(&client, format!("{base}/subjects/slow-value/versions")).await;
+        assert!(body == json!([1]) || body == json!([1, 2]), "{body}");
+        slowest = slowest.max(asked.elapsed());
+        if !slow.is_finished() {
+            answered += 1;
+        }
+    }
+    let registration = started.elapsed();
+    let (s, body) = slow.await.unwrap();
+    assert_eq!(s, 200, "{body}");
+    println!(
+        "a registration of {MESSAGES} messages took {registration:?} (its check alone {check:?}); {answered} reads answered meanwhile, the slowest in {slowest:?}"
+    );
+    assert!(
+        answered >= 5,
+        "{answered} reads answered during {registration:?}"
+    );
+    // Had the check blocked the runtime, one read would have waited at least as long
+    // (with the preview on the runtime a read waited 1.77 s; on the blocking pool the
+    // slowest took 37–167 ms, the check alone 0.44–1.27 s, debug build).
+    assert!(
+        slowest * 4 < check * 3,
+        "a read waited {slowest:?}; the check alone takes {check:?}"
+    );
+    r.stop().await.unwrap();
+}
+
+/// A command record as the previous release wrote it (key and value shapes pinned here,
+/// not taken from the crate's types).
+fn old_command(n: usize, command: Value) -> Record {
+    let request_id = format!("old-{n}-{}", uuid::Uuid::new_v4());
+    let mut value = command;
+    value["request_id"] = json!(request_id);
+    record(
+        json!({ "keytype": "COMMAND", "request_id": request_id }),
+        Some(value),
+    )
+}
+
+#[tokio::test]
+async fn a_log_written_by_the_previous_release_is_served_then_settled_into_compactable_records() {
+    let topic = pulse_tests::unique("_schemas");
+    let _topics = cleanup::Topics::create(&[TopicSpec::compacted(&topic)]).await;
+    let v1 = "syntax = \"proto3\";\npackage up;\nmessage E {\n  int64 amount = 1;\n}\n";
+    let broken = v1.replace("int64", "string");
+    let reg = |subject: &str, schema: &str| {
+        json!({ "command": "register", "subject": subject,
+                "content": { "schemaType": "PROTOBUF", "schema": schema, "references": [] } })
+    };
+    let set = |subject: Option<&str>, level: &str| json!({ "command": "set_config", "subject": subject, "level": level });
+    let del = |subject: &str, permanent: bool| json!({ "command": "delete_subject", "subject": subject, "permanent": permanent });
+    let commands = [
+        set(None, "NONE"),
+        reg("s1", v1),
+        reg("s1", &broken), // accepted: the level is NONE when it is decided
+        set(None, "BACKWARD"),
+        reg("s1", v1), // identical: a no-op
+        reg("s2", v1), // the same schema: id 1 again
+        reg("s3", &proto("up3", 3)),
+        set(Some("s3"), "FULL"),
+        del("s3", false),
+        del("s3", true),
+        reg("s4", &proto("up4", 4)),
+        del("s4", false),
+        set(Some("s2"), "FULL"),
+        set(Some("s1"), "FORWARD"),
+        json!({ "command": "delete_config", "subject": "s1" }),
+    ];
+    let old: Vec<Record> = commands
+        .into_iter()
+        .enumerate()
+        .map(|(n, c)| old_command(n, c))
+        .collect();
+    produce_raw(&topic, &old).await;
+
+    let client = reqwest::Client::new();
+    let a = replica(&topic).await;
+    let ua = format!("http://{}", a.addr);
+    assert_eq!(
+        get(&client, format!("{ua}/subjects")).await,
+        json!(["s1", "s2"])
+    );
+    assert_eq!(
+        get(&client, format!("{ua}/subjects?deleted=true")).await,
+        json!(["s1", "s2", "s4"])
+    );
+    assert_eq!(
+        get(&client, format!("{ua}/subjects/s1/versions")).await,
+        json!([1, 2])
+    );
+    let s2 = get(&client, format!("{ua}/subjects/s2/versions/1")).await;
+    assert_eq!((&s2["id"], s2["schema"].as_str()), (&json!(1), Some(v1)));
+    assert_eq!(
+        get(&client, format!("{ua}/schemas/ids/2")).await["schema"].as_str(),
+        Some(broken.as_str())
+    );
+    assert_eq!(
+        get(&client, format!("{ua}/config")).await["compatibilityLevel"],
+        "BACKWARD"
+    );
+    assert_eq!(
+        get(&client, format!("{ua}/config/s2")).await["compatibilityLevel"],
+        "FULL"
+    );
+    assert_eq!(
+        get(&client, format!("{ua}/config/s1")).await["error_code"],
+        40408
+    );
+
+    // The new release settles the old commands at start: facts under stable keys, then a
+    // tombstone for every command; compaction keeps facts only.
+    let kept = compacted(&settled_log(&topic).await);
+    let mut kinds = BTreeMap::<String, usize>::new();
+    for r in &kept {
+        *kinds.entry(keytype(r)).or_default() += 1;
+    }
+    // Ids 1-4; versions s1:2, s2:1, s4:1 (deleted) and s3's removed one; configs: global,
+    // s2, and the removed ones of s1 and s3.
+    assert_eq!(
+        kinds,
+        BTreeMap::from([
+            ("CONFIG".to_owned(), 4),
+            ("ID".to_owned(), 4),
+            ("SCHEMA".to_owned(), 5)
+        ]),
+        "{kept:?}"
+    );
+
+    // A replica replaying only what compaction keeps serves the same state, and carries
+    // on with the next id and version.
+    let copy = pulse_tests::unique("_schemas");
+    let _copy = cleanup::Topics::create(&[TopicSpec::compacted(&copy)]).await;
+    produce_raw(&copy, &kept).await;
+    let b = replica(&copy).await;
+    let ub = format!("http://{}", b.addr);
+    assert_eq!(dump(&client, &ua).await, dump(&client, &ub).await);
+    // Checked against the latest version (BACKWARD), parsed from its fact.
+    let refused = v1.replace("amount = 1;", "amount = 1;\n  int64 note = 2;");
+    let (status, body) = register(&client, &ub, "s1", &refused).await;
+    assert_eq!(status, 409, "{body}");
+    let next = broken.replace(
+        "string amount = 1;",
+        "string amount = 1;\n  string note = 2;",
+    );
+    let (status, body) = register(&client, &ub, "s1", &next).await;
+    assert_eq!((status, &body["id"]), (200, &json!(5)), "{body}");
+    assert_eq!(
+        get(&client, format!("{ub}/subjects/s1/versions")).await,
+        json!([1, 2, 3])
+    );
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_replica_replays_a_large_schemas_log_within_its_startup_timeout() {
+    const SUBJECTS: usize = 2_000;
+    const LEGACY: usize = 200;
+    let topic = pulse_tests::unique("_schemas");
+    let _topics = cleanup::Topics::create(&[TopicSpec::compacted(&topic)]).await;
+    let subject = |s: usize| format!("big-{s}-value");
+    let mut records = Vec::new();
+    let mut id = 0_u32;
+    // Two versions per subject, each its own schema id.
+    for s in 0..SUBJECTS {
+        for version in 1..=2_u32 {
+            id += 1;
+            let schema = proto(&format!("big{s}"), version as usize);
+            records.push(record(
+                json!({ "keytype": "ID", "id": id }),
+                Some(json!({ "keytype": "ID", "id": id, "schemaType": "PROTOBUF",
+                             "schema": schema, "references": [] })),
+            ));
+            records.push(record(
+                json!({ "keytype": "SCHEMA", "subject": subject(s), "version": version }),
+                Some(
+                    json!({ "keytype": "SCHEMA", "subject": subject(s), "version": version,
+                             "as_of": id, "id": id, "deleted": false }),
+                ),
+            ));
+        }
+    }
+    // Config writes: every 4th subject's level three times over (the last one holds), and
+    // the global level.
+    let levels = ["FULL", "NONE", "FORWARD"];
+    for (round, level) in levels.iter().enumerate() {
+        for s in (0..SUBJECTS).step_by(4) {
+            records.push(record(
+                json!({ "keytype": "CONFIG", "subject": subject(s) }),
+                Some(json!({ "keytype": "CONFIG", "subject": subject(s),
+                             "as_of": 10_000 + round * SUBJECTS + s,
+                             "compatibilityLevel": level })),
+            ));
+        }
+    }
+    records.push(record(
+        json!({ "keytype": "CONFIG", "subject": null }),
+        Some(
+            json!({ "keytype": "CONFIG", "subject": null, "as_of": 20_000,
+                     "compatibilityLevel": "NONE" }),
+        ),
+    ));
+    // And commands a previous release left (each parsed and decided at replay).
+    for n in 0..LEGACY {
+        records.push(old_command(
+            n,
+            json!({ "command": "register", "subject": format!("legacy-{n}-value"),
+                    "content": { "schemaType": "PROTOBUF",
+                                 "schema": proto(&format!("legacy{n}"), n), "references": [] } }),
+        ));
+    }
+    let written = Instant::now();
+    produce_raw(&topic, &records).await;
+    println!(
+        "wrote {} _schemas records in {:?}",
+        records.len(),
+        written.elapsed()
+    );
+
+    // The replica's start-up timeout: the service's default.
+    let timeout = Duration::from_millis(
+        pulse_schema_registry::Config::parse_from(["pulse-schema-registry"]).startup_timeout_ms,
+    );
+    let started = Instant::now();
+    let r = replica_with_startup_timeout(&topic, timeout).await;
+    let took = started.elapsed();
+    println!(
+        "replayed {} records in {took:?} ({:.0} records/s); start-up timeout {timeout:?}",
+        records.len(),
+        records.len() as f64 / took.as_secs_f64()
+    );
+    assert!(took < timeout, "{took:?} >= {timeout:?}");
+
+    // It serves the last state.
+    let client = reqwest::Client::new();
+    let base = format!("http://{}", r.addr);
+    let subjects = get(&client, format!("{base}/subjects")).await;
+    assert_eq!(subjects.as_array().unwrap().len(), SUBJECTS + LEGACY);
+    let last = subject(SUBJECTS - 1);
+    assert_eq!(
+        get(&client, format!("{base}/subjects/{last}/versions")).await,
+        json!([1, 2])
+    );
+    let top = get(&client, format!("{base}/subjects/{last}/versions/2")).await;
+    assert_eq!(top["id"], json!(2 * SUBJECTS));
+    assert_eq!(
+        top["schema"].as_str(),
+        Some(proto(&format!("big{}", SUBJECTS - 1), 2).as_str())
+    );
+    for (s, want) in [(0, json!("FORWARD")), (SUBJECTS - 4, json!("FORWARD"))] {
+        let body = get(&client, format!("{base}/config/{}", subject(s))).await;
+        assert_eq!(body["compatibilityLevel"], want, "{body}");
+    }
+    assert_eq!(
+        get(&client, format!("{base}/config/{}", subject(1))).await["error_code"],
+        40408
+    );
+    assert_eq!(
+        get(&client, format!("{base}/config")).await["compatibilityLevel"],
+        "NONE"
+    );
+    // The commands were decided after the facts: ids continue after theirs.
+    let legacy = get(
+        &client,
+        format!("{base}/subjects/legacy-{}-value/versions/1", LEGACY - 1),
+    )
+    .await;
+    assert_eq!(legacy["id"], json!(2 * SUBJECTS + LEGACY));
+    r.stop().await.unwrap();
+}
+
 // ---------------------------------------------------------------------------------------
 // Authentication: the real `pulse-schema-registry` binary with a credentials file.
 
@@ -283,7 +870,6 @@ mod authenticated {
     use clap::Parser as _;
     use pulse_ingest::pipeline::Framer;
     use pulse_schema_registry::auth::{Role, hash_line};
-    use rdkafka::consumer::{BaseConsumer, Consumer};
     use serde_json::{Value, json};
     use tokio::process::{Child, Command};
 
@@ -298,7 +884,6 @@ mod authenticated {
         child: Child,
         base: String,
         admin: String,
-        topic: String,
         file: PathBuf,
         dir: cleanup::TempDir,
         _topics: cleanup::Topics,
@@ -332,7 +917,6 @@ mod authenticated {
                 child,
                 base: format!("http://127.0.0.1:{port}"),
                 admin: format!("http://127.0.0.1:{admin}"),
-                topic: topic.clone(),
                 file,
                 dir,
                 _topics: cleanup::Topics::adopt([topic]),
@@ -382,15 +966,21 @@ mod authenticated {
             .unwrap_or_else(|| panic!("no failure series for {reason} in /metrics:\n{text}"))
         }
 
-        /// The end offset of the registry's `_schemas` topic.
-        fn log_end(&self) -> i64 {
-            let c: BaseConsumer = pulse_tests::kafka()
-                .client_config("schemas-end")
-                .create()
-                .unwrap();
-            c.fetch_watermarks(&self.topic, 0, Duration::from_secs(10))
+        /// `pulse_schema_registry_authenticated_requests_total{user}` (0 without a series).
+        async fn authenticated(&self, user: &str) -> f64 {
+            let text = reqwest::get(format!("{}/metrics", self.admin))
+                .await
                 .unwrap()
-                .1
+                .text()
+                .await
+                .unwrap();
+            let label = format!("user=\"{user}\"");
+            crate::support::metric_sum(
+                &text,
+                "pulse_schema_registry_authenticated_requests_total",
+                &[&label],
+            )
+            .unwrap_or(0.0)
         }
     }
 
@@ -554,6 +1144,11 @@ mod authenticated {
         .await;
         assert_eq!((s, &body["is_compatible"]), (200, &json!(true)), "{body}");
 
+        // Counted by the user's name: the reader's requests above (a 403 is not counted:
+        // it is a failure of its own); never a password in the series.
+        let reader_requests = r.authenticated(READER.0).await;
+        assert!(reader_requests >= 4.0, "{reader_requests}");
+
         // A wrong password and an unknown user: 401, each counted once under its reason,
         // logged with the caller's address and never with the password.
         let before = r.failures("wrong_password").await;
@@ -573,6 +1168,12 @@ mod authenticated {
         assert_eq!(r.failures("unknown_user").await, before + 1.0);
         assert!(r.failures("forbidden").await >= 3.0);
         assert!(r.failures("missing").await >= 2.0);
+        assert_eq!(
+            r.authenticated(READER.0).await,
+            reader_requests,
+            "a refused request counted as the reader's"
+        );
+        assert_eq!(r.authenticated("nobody").await, 0.0);
         let log = r.log();
         assert!(
             log.contains("registry request refused") && log.contains("127.0.0.1:"),
@@ -625,51 +1226,60 @@ mod authenticated {
     }
 
     #[tokio::test]
-    async fn repeated_identical_writes_do_not_grow_the_schemas_log() {
-        use reqwest::Method as M;
-        let r = Registry::start(&[(WRITER.0, Role::Write, WRITER.1)]).await;
-        let b = &r.base;
-        let config = || Some(json!({ "compatibility": "FULL" }));
-        for url in [format!("{b}/config/c-value"), format!("{b}/config")] {
-            assert_eq!(call(M::PUT, url, Some(WRITER), config()).await.0, 200);
-        }
-        let (s, _, first) = call(
-            M::POST,
-            format!("{b}/subjects/c-value/versions"),
-            Some(WRITER),
-            schema_body(3),
-        )
+    async fn confluent_kafka_python_client_authenticates_with_basic_auth_user_info() {
+        let python = std::env::var("PULSE_TEST_PYTHON").expect(
+            "PULSE_TEST_PYTHON is not set: run the tests with scripts/test.sh (it provides the venv)",
+        );
+        let r = Registry::start(&[
+            (WRITER.0, Role::Write, WRITER.1),
+            (READER.0, Role::Read, READER.1),
+        ])
         .await;
-        assert_eq!(s, 200, "{first}");
-        let end = r.log_end();
-        assert_eq!(end, 3, "one record per distinct write");
-        for _ in 0..5 {
-            for url in [format!("{b}/config/c-value"), format!("{b}/config")] {
-                let (s, _, body) = call(M::PUT, url, Some(WRITER), config()).await;
-                assert_eq!((s, &body["compatibility"]), (200, &json!("FULL")), "{body}");
-            }
-            let (s, _, body) = call(
-                M::POST,
-                format!("{b}/subjects/c-value/versions"),
-                Some(WRITER),
-                schema_body(3),
-            )
-            .await;
-            assert_eq!((s, &body["id"]), (200, &first["id"]), "{body}");
-        }
-        assert_eq!(r.log_end(), end, "identical writes appended records");
-        // A different level is a real change and is written.
-        let (s, _, _) = call(
-            M::PUT,
-            format!("{b}/config/c-value"),
-            Some(WRITER),
-            Some(json!({"compatibility": "NONE"})),
+        let script = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/python/schema_registry_client.py"
+        );
+        let prefix = pulse_tests::unique("py-auth");
+        let out = Command::new(python)
+            .arg(script)
+            .arg(&r.base)
+            .arg(&prefix)
+            .env("SR_WRITE_USER_INFO", format!("{}:{}", WRITER.0, WRITER.1))
+            .env("SR_READ_USER_INFO", format!("{}:{}", READER.0, READER.1))
+            .output()
+            .await
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "{text}");
+        assert!(
+            text.contains("with basic auth (read and write users): all checks passed"),
+            "{text}"
+        );
+        // The server saw the refusals the client reported: the read user's three writes
+        // (403) and the anonymous and wrong-password reads (401).
+        assert!(r.failures("forbidden").await >= 3.0);
+        assert!(r.failures("missing").await >= 1.0);
+        assert!(r.failures("wrong_password").await >= 1.0);
+        let (s, _, body) = call(
+            reqwest::Method::GET,
+            format!("{}/subjects?deleted=true", r.base),
+            Some(READER),
+            None,
         )
         .await;
         assert_eq!(s, 200);
-        assert_eq!(r.log_end(), end + 1);
-        let (_, _, body) = call(M::GET, format!("{b}/config/c-value"), Some(WRITER), None).await;
-        assert_eq!(body["compatibilityLevel"], "NONE");
+        assert!(
+            !body
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|v| v.as_str().is_some_and(|s| s.starts_with(&prefix))),
+            "the script deleted its subject permanently: {body}"
+        );
     }
 
     #[tokio::test]

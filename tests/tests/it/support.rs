@@ -6,6 +6,7 @@
 pub mod archive;
 pub mod child_process;
 pub mod cleanup;
+pub mod dev_stack;
 pub mod events;
 pub mod forwarder;
 pub mod grpc_meta;

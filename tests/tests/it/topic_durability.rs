@@ -3,12 +3,16 @@
 //! or session holds, naming the topic, the retention and the minimum, and saying how to
 //! override; with a long enough retention, or with `--allow-short-retention`, it starts and
 //! becomes ready. `pulsectl topics create` reports existing topics that differ from the
-//! settings and fails unless `--allow-drift`.
+//! settings and fails unless `--allow-drift`; a run that created topics or was stopped is
+//! in the audit trail, a run that found everything in place is not.
 
 use std::process::Stdio;
 use std::time::Duration;
 
+use pulse_platform::audit::{Outcome, action};
 use pulse_platform::kafka::{KafkaConfig, TopicKind, TopicSettings, TopicSpec, ensure_topics};
+
+use crate::audit::audit_json;
 
 use crate::support::child_process::{binary, free_port};
 use crate::support::{Deadline, cleanup, registry, wait_until};
@@ -184,9 +188,15 @@ async fn allow_short_retention_starts_the_processor_anyway() {
 }
 
 /// `pulsectl topics <kafka flags> create <create flags>` on the test broker with one
-/// replica (a single broker) and `kafka` added to the Kafka flags.
-async fn topics_create(kafka: &[&str], create: &[&str]) -> (bool, String, String) {
+/// replica (a single broker) and `kafka` added to the Kafka flags; its audit records go to
+/// `audit_topic`.
+async fn topics_create(
+    audit_topic: &str,
+    kafka: &[&str],
+    create: &[&str],
+) -> (bool, String, String) {
     let out = tokio::process::Command::new(binary("pulsectl"))
+        .args(["--audit-topic", audit_topic, "--actor", "topics-test"])
         .args([
             "topics",
             "--kafka-replication-factor",
@@ -212,9 +222,34 @@ async fn topics_create(kafka: &[&str], create: &[&str]) -> (bool, String, String
 /// creates, with the same settings (one replica, default retention, 3 partitions).
 #[tokio::test(flavor = "multi_thread")]
 async fn topics_create_reports_existing_topics_that_differ_and_fails_unless_allowed() {
-    let (ok, out, err) = topics_create(&[], &["--allow-drift"]).await;
+    let (audit_topic, _audit_guard, _) = crate::audit::new_audit_topic("audit-topics").await;
+    let (ok, out, err) = topics_create(&audit_topic, &[], &["--allow-drift"]).await;
     assert!(ok, "{out}{err}");
-    let (ok, out, err) = topics_create(&[], &[]).await;
+    // Audited when it created something (the contract's names may exist already when
+    // another test made them first): one `ok` record naming exactly what was created.
+    let created: Vec<&str> = out
+        .lines()
+        .filter(|l| l.ends_with(" created"))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    let records = audit_json(&audit_topic, &["--action", action::TOPICS_CREATE]).await;
+    if created.is_empty() {
+        assert!(
+            records.is_empty(),
+            "nothing created, nothing to audit: {records:?}"
+        );
+    } else {
+        assert_eq!(records.len(), 1, "{records:?}");
+        let r = &records[0];
+        assert_eq!(
+            (r.outcome, r.actor.as_str()),
+            (Outcome::Ok, "topics-test"),
+            "{r:?}"
+        );
+        assert_eq!(r.target, pulse_tests::kafka().brokers, "{r:?}");
+        assert_eq!(r.detail, format!("created {}", created.join(", ")), "{r:?}");
+    }
+    let (ok, out, err) = topics_create(&audit_topic, &[], &[]).await;
     assert!(ok, "the same settings again must match:\n{out}{err}");
     assert!(!out.contains("differs"), "{out}");
     assert!(
@@ -223,7 +258,8 @@ async fn topics_create_reports_existing_topics_that_differ_and_fails_unless_allo
         "{out}"
     );
 
-    let (ok, out, err) = topics_create(&["--kafka-events-retention", "2d"], &[]).await;
+    let (ok, out, err) =
+        topics_create(&audit_topic, &["--kafka-events-retention", "2d"], &[]).await;
     assert!(
         !ok,
         "a topic that differs must fail the command:\n{out}{err}"
@@ -242,12 +278,35 @@ async fn topics_create_reports_existing_topics_that_differ_and_fails_unless_allo
         "{err}"
     );
 
-    let (ok, out, err) =
-        topics_create(&["--kafka-events-retention", "2d"], &["--allow-drift"]).await;
+    let (ok, out, err) = topics_create(
+        &audit_topic,
+        &["--kafka-events-retention", "2d"],
+        &["--allow-drift"],
+    )
+    .await;
     assert!(ok, "--allow-drift only reports:\n{out}{err}");
     assert!(
         out.contains("retention.ms is 604800000, want 172800000"),
         "{out}"
     );
     assert!(err.contains("warning"), "{err}");
+
+    // The run in place and the one allowed to drift changed nothing: not audited; the one
+    // the drift check stopped is, as refused, with the reason.
+    let records = audit_json(&audit_topic, &["--action", action::TOPICS_CREATE]).await;
+    let refused: Vec<_> = records
+        .iter()
+        .filter(|r| r.outcome == Outcome::Refused)
+        .collect();
+    assert_eq!(
+        records.len(),
+        usize::from(!created.is_empty()) + 1,
+        "{records:?}"
+    );
+    assert_eq!(refused.len(), 1, "{records:?}");
+    assert!(
+        refused[0].detail.contains("1 existing topic(s) differ"),
+        "{:?}",
+        refused[0]
+    );
 }

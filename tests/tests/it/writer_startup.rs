@@ -13,6 +13,8 @@
 //!   and once the broker answers it checks its topics, becomes ready and archives.
 //! - A ClickHouse URL that can never work ends the process at once with an error naming
 //!   the setting.
+//! - A migration ClickHouse refuses is retried, named by `/readyz` and audited once as
+//!   `failed`; mended, the migrations are applied and audited as `ok`.
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -59,6 +61,31 @@ async fn produce(topic: &str, ids: &[&str]) {
         .with_headers(h);
         p.send(rec, Duration::from_secs(10)).await.unwrap();
     }
+}
+
+/// The writers' `migrate` records in `audit_topic`.
+async fn writer_migrate_records(audit_topic: &str) -> Vec<pulse_platform::audit::AuditRecord> {
+    crate::audit::audit_json(audit_topic, &["--action", "migrate"])
+        .await
+        .into_iter()
+        .filter(|r| r.service == "writer")
+        .collect()
+}
+
+/// Waits until [`writer_migrate_records`] finds at least one, and returns them.
+async fn wait_migrate_records(
+    audit_topic: &str,
+    what: &str,
+) -> Vec<pulse_platform::audit::AuditRecord> {
+    wait_until(DEADLINE, what, async || {
+        let records = writer_migrate_records(audit_topic).await;
+        if records.is_empty() {
+            Err("none yet")
+        } else {
+            Ok(records)
+        }
+    })
+    .await
 }
 
 /// Starts the writer with fast retries, a 2 s attempt deadline and `args`.
@@ -197,22 +224,7 @@ async fn a_clickhouse_writer_started_while_clickhouse_is_down_waits_then_stores_
 
     // The migrations it applied are in the audit trail, once: a restart applies none and
     // records nothing.
-    let migrations = || async {
-        crate::audit::audit_json(&audit_topic, &["--action", "migrate"])
-            .await
-            .into_iter()
-            .filter(|r| r.service == "writer")
-            .collect::<Vec<_>>()
-    };
-    let records = wait_until(DEADLINE, "the migrations' audit record", async || {
-        let records = migrations().await;
-        if records.is_empty() {
-            Err("none yet")
-        } else {
-            Ok(records)
-        }
-    })
-    .await;
+    let records = wait_migrate_records(&audit_topic, "the migrations' audit record").await;
     let [record] = &records[..] else {
         panic!("want one migrate record, got {records:?}")
     };
@@ -236,7 +248,7 @@ async fn a_clickhouse_writer_started_while_clickhouse_is_down_waits_then_stores_
     let mut again = spawn(&args, logs.path().join("writer-again.log"));
     again.wait_readyz(200, "ready").await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let records = migrations().await;
+    let records = writer_migrate_records(&audit_topic).await;
     assert_eq!(
         records.len(),
         1,
@@ -501,4 +513,101 @@ async fn a_clickhouse_url_that_cannot_work_ends_the_writer_with_a_clear_error() 
         text.contains("--clickhouse-url") && text.contains("invalid port number"),
         "the error does not name the setting and the reason:\n{text}"
     );
+}
+
+/// A start-up migration ClickHouse answers and refuses (here: a `schema_migrations` table
+/// of the wrong shape, as a hand edit or another tool could leave) keeps the writer alive
+/// and not ready, naming the error, and is in the audit trail once as `failed` however
+/// often the writer retries; once the table is mended the writer applies every migration,
+/// records that, and becomes ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_clickhouse_refuses_is_audited_once_and_applied_once_mended() {
+    let logs = TempDir::new("writer-startup-refused");
+    let topics = WriterTopics::create("stref").await;
+    let ch = cleanup::Database::unique("pulse_writer_refused");
+    let server = ch.server_client();
+    let db = &ch.database;
+    server
+        .query(&format!("CREATE DATABASE {db}"))
+        .execute()
+        .await
+        .unwrap();
+    server
+        .query(&format!(
+            "CREATE TABLE {db}.schema_migrations (wrong UInt8) ENGINE = Memory"
+        ))
+        .execute()
+        .await
+        .unwrap();
+    let group = pulse_tests::unique("writer");
+    let (audit_topic, _audit_guard, _) = crate::audit::new_audit_topic("writer-refused").await;
+    let args: Vec<String> = [
+        "--sink",
+        "clickhouse",
+        "--clickhouse-url",
+        &ch.url,
+        "--clickhouse-database",
+        db,
+        "--group-id",
+        &group,
+        "--audit-topic",
+        &audit_topic,
+    ]
+    .map(String::from)
+    .into_iter()
+    .chain(topics.flags())
+    .collect();
+    let mut writer = spawn(&args, logs.path().join("writer.log"));
+    assert_waits_without_consuming(
+        &mut writer,
+        "clickhouse",
+        "clickhouse refused the start-up queries: ",
+        "refused",
+    )
+    .await;
+
+    // At least three attempts failed by now (asserted above): one record.
+    let records = wait_migrate_records(&audit_topic, "the refused migration's record").await;
+    let [refused] = &records[..] else {
+        panic!("want one record for the repeated refusal, got {records:?}")
+    };
+    assert_eq!(
+        (refused.outcome, refused.actor.as_str()),
+        (pulse_platform::audit::Outcome::Failed, "pulse-writer"),
+        "{refused:?}"
+    );
+    assert_eq!(refused.target, format!("{} database {db}", ch.url));
+    assert!(
+        refused
+            .detail
+            .starts_with("refused at start (--migrate), retrying: clickhouse refused")
+            && refused.detail.contains("schema_migrations"),
+        "{refused:?}"
+    );
+
+    // Mended: the writer applies everything, records it, and is ready.
+    server
+        .query(&format!("DROP TABLE {db}.schema_migrations"))
+        .execute()
+        .await
+        .unwrap();
+    writer.wait_readyz(200, "ready").await;
+    let records = wait_until(DEADLINE, "the applied migrations' record", async || {
+        let records = writer_migrate_records(&audit_topic).await;
+        if records.len() == 2 {
+            Ok(records)
+        } else {
+            Err(format!("{records:?}"))
+        }
+    })
+    .await;
+    assert_eq!(records[1].outcome, pulse_platform::audit::Outcome::Ok);
+    assert!(
+        records[1]
+            .detail
+            .starts_with("applied at start (--migrate): 0001"),
+        "{:?}",
+        records[1]
+    );
+    writer.assert_running();
 }

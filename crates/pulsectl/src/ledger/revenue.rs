@@ -25,6 +25,9 @@ pub enum RevenueError {
     },
     #[error("query API {url}: unexpected answer: {reason}")]
     Answer { url: String, reason: String },
+    /// The TLS handshake failed: the reason says what to set (see `query_tls`).
+    #[error("query API {url}: TLS handshake failed: {reason}")]
+    Tls { url: String, reason: String },
 }
 
 #[derive(Debug, Deserialize)]
@@ -88,7 +91,13 @@ pub async fn served(
         .timeout(timeout)
         .send()
         .await
-        .map_err(http_err)?;
+        .map_err(|e| match super::query_tls::tls_failure(&e) {
+            Some(reason) => RevenueError::Tls {
+                url: url.clone(),
+                reason,
+            },
+            None => http_err(e),
+        })?;
     let status = resp.status();
     let body = resp.text().await.map_err(http_err)?;
     if !status.is_success() {

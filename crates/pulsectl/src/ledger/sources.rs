@@ -132,7 +132,14 @@ impl Sources {
             store,
             archive_cache: HashMap::new(),
             bounded: false,
-            http: reqwest::Client::new(),
+            http: args.query_tls.client().map_err(|(key, reason)| {
+                LedgerError::Config(pulse_platform::config::ConfigErrors(vec![
+                    pulse_platform::config::ConfigError {
+                        key: key.into(),
+                        reason,
+                    },
+                ]))
+            })?,
             token: args.token()?,
             progress: None,
         })
