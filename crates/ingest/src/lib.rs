@@ -92,6 +92,7 @@ pub async fn serve(
         AUDIT_QUEUE,
         AUDIT_WRITE_TIMEOUT,
     );
+    pulse_platform::audit::set_process_log(SERVICE, audit.clone());
     tokio::spawn(
         keys.clone()
             .watch(config.api_keys_reload_interval, stop.clone(), audit),

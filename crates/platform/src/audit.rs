@@ -54,6 +54,8 @@ pub mod action {
     pub const CREDENTIALS_RELOAD: &str = "keys.registry-users.reload";
     /// The query API reloaded its token file (`--api-tokens-file`).
     pub const TOKENS_RELOAD: &str = "keys.query-tokens.reload";
+    /// A server reloaded its TLS certificate and key files (a rotation), or refused them.
+    pub const TLS_RELOAD: &str = "keys.tls.reload";
     /// `pulsectl dlq redrive`.
     pub const DLQ_REDRIVE: &str = "dlq.redrive";
     /// `pulsectl replay`.
@@ -399,6 +401,23 @@ pub async fn write_now(
         }
     }
     result
+}
+
+/// The audit log of this process for changes that happen below the service's own code
+/// (a TLS certificate reloaded by a listener), and the service it names: set once by a
+/// service that has an audit trail ([`set_process_log`]); elsewhere such changes are only
+/// logged.
+static PROCESS_LOG: std::sync::OnceLock<(&'static str, AuditLog)> = std::sync::OnceLock::new();
+
+/// Makes `log` this process's audit log for [`process_log`], its records naming `service`.
+/// The first call wins; later ones are ignored.
+pub fn set_process_log(service: &'static str, log: AuditLog) {
+    let _ = PROCESS_LOG.set((service, log));
+}
+
+/// The process's audit log and service name, if a service set one.
+pub fn process_log() -> Option<&'static (&'static str, AuditLog)> {
+    PROCESS_LOG.get()
 }
 
 /// The audit trail of a service: [`AuditLog::record`] never blocks (a bounded queue; a full

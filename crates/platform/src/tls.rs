@@ -193,18 +193,47 @@ impl ReloadingTls {
     /// Checks the files every `interval` until `stop` is cancelled, logging each reload.
     pub async fn watch(self: Arc<Self>, interval: Duration, stop: CancellationToken) {
         crate::shutdown::every(interval, &stop, || async {
-            match self.reload_if_changed() {
-                None => {}
-                Some(Ok(())) => tracing::info!(
-                    listener = self.listener,
-                    cert = %self.files.cert.display(),
-                    "tls certificate reloaded; new connections use it"
-                ),
-                Some(Err(e)) => tracing::error!(
-                    listener = self.listener,
-                    error = %e,
-                    "tls certificate reload failed; the previous certificate stays in use"
-                ),
+            let (outcome, detail) = match self.reload_if_changed() {
+                None => return,
+                Some(Ok(())) => {
+                    tracing::info!(
+                        listener = self.listener,
+                        cert = %self.files.cert.display(),
+                        "tls certificate reloaded; new connections use it"
+                    );
+                    (
+                        crate::audit::Outcome::Ok,
+                        format!("{} listener: new connections use it", self.listener),
+                    )
+                }
+                Some(Err(e)) => {
+                    tracing::error!(
+                        listener = self.listener,
+                        error = %e,
+                        "tls certificate reload failed; the previous certificate stays in use"
+                    );
+                    (
+                        crate::audit::Outcome::Failed,
+                        format!(
+                            "{} listener: {e}; the previous certificate stays in use",
+                            self.listener
+                        ),
+                    )
+                }
+            };
+            // A certificate rotation is a key change: in the audit trail where the service
+            // has one (ingest, the query API, the schema registry).
+            if let Some((service, log)) = crate::audit::process_log() {
+                log.record(
+                    crate::audit::AuditRecord::new(
+                        service,
+                        "file",
+                        crate::audit::action::TLS_RELOAD,
+                        &self.files.cert.display().to_string(),
+                        outcome,
+                    )
+                    .with_detail(detail),
+                );
             }
         })
         .await;

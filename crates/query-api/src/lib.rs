@@ -154,6 +154,7 @@ pub async fn run(config: Config, ctx: ServiceContext) -> Result<(), Error> {
         &config.audit_topic,
         stop_audit,
     )?;
+    pulse_platform::audit::set_process_log("query-api", audit.log());
     let state = AppState::audited(&config, audit.log())?;
     let tokens = state.tokens.current();
     tracing::info!(

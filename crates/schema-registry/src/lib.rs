@@ -324,6 +324,7 @@ pub async fn run(config: Config, ctx: ServiceContext) -> Result<(), Error> {
         AUDIT_QUEUE,
         AUDIT_WRITE_TIMEOUT,
     );
+    pulse_platform::audit::set_process_log("schema-registry", audit.clone());
     let access = access.with_audit(audit);
     // Credential file reloads are audited too (actor `file`).
     access.watch_users(

@@ -336,6 +336,8 @@ async fn a_replaced_certificate_is_served_without_a_restart_and_a_bad_one_is_not
     let (ca1, cert, key) = pki("server-tls-reload-1");
     let (ca2, cert2, key2) = pki("server-tls-reload-2");
     let dir = ca1.parent().unwrap().to_owned();
+    let (audit_topic, _audit_guard, _) = crate::audit::new_audit_topic("tls-reload").await;
+    let brokers = pulse_tests::kafka().brokers;
     let mut api = Api::spawn(
         &dir,
         &[
@@ -345,6 +347,10 @@ async fn a_replaced_certificate_is_served_without_a_restart_and_a_bad_one_is_not
             key.to_str().unwrap(),
             "--tls-reload-interval",
             "200ms",
+            "--kafka-brokers",
+            &brokers,
+            "--audit-topic",
+            &audit_topic,
         ],
     );
     let plain = reqwest::Client::new();
@@ -416,6 +422,44 @@ async fn a_replaced_certificate_is_served_without_a_restart_and_a_bad_one_is_not
         api.logs().contains("tls certificate reload failed"),
         "{}",
         api.logs()
+    );
+
+    // Both are key changes in the audit trail: the rotation `ok`, the broken file
+    // `failed` with the reason; actor `file`, target the certificate file.
+    let records = wait_until(
+        Duration::from_secs(20),
+        "both reloads in the audit trail",
+        async || {
+            let records = crate::audit::audit_json(
+                &audit_topic,
+                &["--action", pulse_platform::audit::action::TLS_RELOAD],
+            )
+            .await;
+            let outcomes: Vec<_> = records.iter().map(|r| r.outcome).collect();
+            if outcomes.contains(&pulse_platform::audit::Outcome::Ok)
+                && outcomes.contains(&pulse_platform::audit::Outcome::Failed)
+            {
+                Ok(records)
+            } else {
+                Err(format!("{records:?}"))
+            }
+        },
+    )
+    .await;
+    for r in &records {
+        assert_eq!(
+            (r.service.as_str(), r.actor.as_str(), r.target.as_str()),
+            ("query-api", "file", cert.to_str().unwrap()),
+            "{r:?}"
+        );
+        assert!(r.detail.starts_with("service listener: "), "{r:?}");
+    }
+    assert!(
+        records
+            .iter()
+            .any(|r| r.outcome == pulse_platform::audit::Outcome::Failed
+                && r.detail.contains("the previous certificate stays in use")),
+        "{records:?}"
     );
 }
 
