@@ -228,19 +228,6 @@ async fn read_topic(kafka: &str, topic: &str) -> Vec<(Option<String>, Option<Str
         .collect()
 }
 
-async fn clickhouse(p: &DevStack, sql: &str) -> String {
-    let r = reqwest::Client::new()
-        .post(&p.clickhouse)
-        .body(sql.to_owned())
-        .send()
-        .await
-        .unwrap();
-    let status = r.status();
-    let text = r.text().await.unwrap();
-    assert!(status.is_success(), "{sql}: {text}");
-    text
-}
-
 /// Event ids in every Parquet object of the archive (read by pyarrow from s3s-fs's folder).
 fn parquet_event_ids(state: &Path) -> Vec<String> {
     let python = std::env::var("PULSE_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
@@ -399,9 +386,7 @@ async fn the_platform_answers_exactly_what_loadgen_expects_and_one_trace_links_t
             all_ids.len()
         ),
         async || {
-            let ch = clickhouse(
-                &platform,
-                "SELECT event_id FROM pulse.events FINAL ORDER BY event_id",
+            let ch = platform.clickhouse_query("SELECT event_id FROM pulse.events FINAL ORDER BY event_id",
             )
             .await;
             let ch_ids: Vec<String> = ch.lines().map(str::to_owned).collect();
@@ -464,13 +449,13 @@ async fn the_platform_answers_exactly_what_loadgen_expects_and_one_trace_links_t
         .filter(|id| !non_late.contains(id))
         .collect();
     let probe = counted[counted.len() / 2];
-    let trace_id = clickhouse(
-        &platform,
-        &format!("SELECT any(trace_id) FROM pulse.events FINAL WHERE event_id = '{probe}'"),
-    )
-    .await
-    .trim()
-    .to_owned();
+    let trace_id = platform
+        .clickhouse_query(&format!(
+            "SELECT any(trace_id) FROM pulse.events FINAL WHERE event_id = '{probe}'"
+        ))
+        .await
+        .trim()
+        .to_owned();
     assert_eq!(
         trace_id.len(),
         32,

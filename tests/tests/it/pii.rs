@@ -100,19 +100,6 @@ impl Platform {
         r.json().await.unwrap()
     }
 
-    async fn clickhouse(&self, sql: &str) -> String {
-        let r = reqwest::Client::new()
-            .post(&self.clickhouse)
-            .body(sql.to_owned())
-            .send()
-            .await
-            .unwrap();
-        let status = r.status();
-        let text = r.text().await.unwrap();
-        assert!(status.is_success(), "{sql}: {text}");
-        text
-    }
-
     fn kafka_config(&self) -> KafkaConfig {
         KafkaConfig::for_brokers(&self.kafka)
     }
@@ -231,7 +218,7 @@ async fn an_email_user_id_is_stored_only_as_its_hmac_in_every_topic_table_object
         "the processor's aggregate of the user in ClickHouse",
         async || {
             let n = p
-                .clickhouse("SELECT count() FROM pulse.user_activity")
+                .clickhouse_query("SELECT count() FROM pulse.user_activity")
                 .await;
             if n.trim() == "0" { Err(n) } else { Ok(()) }
         },
@@ -273,13 +260,13 @@ async fn an_email_user_id_is_stored_only_as_its_hmac_in_every_topic_table_object
         "the events in ClickHouse and Parquet, the user's activity, the DLQ, late and checkpoint records",
         async || {
             let ch: Vec<String> = p
-                .clickhouse("SELECT DISTINCT event_id FROM pulse.events ORDER BY event_id")
+                .clickhouse_query("SELECT DISTINCT event_id FROM pulse.events ORDER BY event_id")
                 .await
                 .lines()
                 .map(str::to_owned)
                 .collect();
             let activity = p
-                .clickhouse("SELECT count() FROM pulse.user_activity")
+                .clickhouse_query("SELECT count() FROM pulse.user_activity")
                 .await;
             let parquet = parquet_rows(&s3_root)
                 .iter()
@@ -371,7 +358,7 @@ async fn an_email_user_id_is_stored_only_as_its_hmac_in_every_topic_table_object
 
     // ClickHouse: every table of the database, every row.
     let tables = p
-        .clickhouse("SELECT name FROM system.tables WHERE database = 'pulse' ORDER BY name")
+        .clickhouse_query("SELECT name FROM system.tables WHERE database = 'pulse' ORDER BY name")
         .await;
     let tables: Vec<&str> = tables.lines().collect();
     for t in ["events", "user_activity", "sessions"] {
@@ -379,7 +366,7 @@ async fn an_email_user_id_is_stored_only_as_its_hmac_in_every_topic_table_object
     }
     for t in &tables {
         let rows = p
-            .clickhouse(&format!("SELECT * FROM pulse.`{t}` FORMAT TabSeparated"))
+            .clickhouse_query(&format!("SELECT * FROM pulse.`{t}` FORMAT TabSeparated"))
             .await;
         places.push((format!("table pulse.{t}"), rows.into_bytes()));
     }

@@ -128,6 +128,20 @@ impl DevStack {
         format!("http://127.0.0.1:{}", self.port(name))
     }
 
+    /// Runs `sql` on the platform's ClickHouse (HTTP); its answer's text, asserting success.
+    pub async fn clickhouse_query(&self, sql: &str) -> String {
+        let r = reqwest::Client::new()
+            .post(&self.clickhouse)
+            .body(sql.to_owned())
+            .send()
+            .await
+            .expect("ClickHouse answers");
+        let status = r.status();
+        let text = r.text().await.expect("ClickHouse's answer is text");
+        assert!(status.is_success(), "{sql}: {text}");
+        text
+    }
+
     /// Runs `scripts/dev.sh <arg>` on this platform.
     pub fn dev_sh(&self, arg: &str) -> Output {
         let mut cmd = Command::new("bash");
