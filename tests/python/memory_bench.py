@@ -54,7 +54,10 @@ GAUGES = {
                   "pulse_processor_held_records", "pulse_processor_events_total",
                   "pulse_processor_state_bytes", "pulse_processor_state_budget_bytes",
                   "pulse_processor_heap_allocated_bytes", "pulse_processor_heap_active_bytes",
-                  "pulse_processor_heap_resident_bytes", "pulse_kafka_consumer_lag_records"],
+                  "pulse_processor_heap_resident_bytes", "pulse_kafka_consumer_lag_records",
+                  # Revokes + assignments + errors: 1 (the first assignment) in a run the
+                  # group never rebalanced; more means a restore from checkpoints and a replay.
+                  "pulse_kafka_rebalances_total"],
     "ingest": ["pulse_ingest_dedup_set_size", "pulse_ingest_producer_queue_depth"],
     "writer-clickhouse": ["pulse_kafka_consumer_lag_records"],
     "writer-parquet": ["pulse_kafka_consumer_lag_records"],
@@ -65,7 +68,7 @@ ADMIN_PORT_ENV = {**ADMIN_ENV, "ledger": LEDGER_ENV}
 TUNABLES = "glibc.malloc.arena_max=2:glibc.malloc.mmap_threshold=131072"
 # Shown as "at the end" too: how far each consumer got (a processor that fell behind holds
 # less state than the workload would give it).
-PROGRESS = {"pulse_processor_events_total", "pulse_kafka_consumer_lag_records", "pulse_ledger_rereads_total",
+PROGRESS = {"pulse_processor_events_total", "pulse_kafka_rebalances_total", "pulse_kafka_consumer_lag_records", "pulse_ledger_rereads_total",
             "pulse_processor_state_budget_bytes"}
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -234,7 +237,7 @@ def processor_gap(rows: list[dict]) -> list[str]:
     """Where the processor's RSS beyond its estimated state goes, over the load phase
     samples with state (MiB): RSS − estimate at its largest, at the state's peak and its
     median, each split as the heap gauges tell (jemalloc's statistics, read at the same
-    tick as the estimate): omitted (heap allocated − estimate), free room in the heap's
+    second, the estimate at the loop's emissions): omitted (heap allocated − estimate), free room in the heap's
     pages (active − allocated), the heap's metadata and dirty pages (resident − active)
     and outside the Rust heap (RSS − heap resident: the binary, stacks, librdkafka)."""
     pts = [r for r in rows if r.get("phase") == "load" and r.get("pulse_processor_state_bytes")

@@ -4,7 +4,8 @@
 //! append-only topic `pulse.audit.v1` (`pulse_contracts::topics::AUDIT`).
 //!
 //! Owns: [`AuditRecord`] (JSON, versioned by `v`), [`AuditLog`] (a bounded, never-blocking
-//! queue in front of the Kafka producer, for request paths), [`AuditTrail`] (an
+//! queue in front of the Kafka producer, for request paths; [`AuditLog::on_demand`] makes
+//! its producer only while records wait, for rare ones), [`AuditTrail`] (an
 //! [`AuditLog`] with a producer of its own that never makes its service wait for the
 //! broker, for the query API) and [`write_now`] (one record, awaited with a deadline, for
 //! the CLI), and the audit metrics. Which changes are audited
@@ -405,8 +406,8 @@ pub async fn write_now(
 
 /// The audit log of this process for changes that happen below the service's own code
 /// (a TLS certificate reloaded by a listener), and the service it names: set once by a
-/// service that has an audit trail ([`set_process_log`]); elsewhere such changes are only
-/// logged.
+/// service at start ([`set_process_log`]; [`AuditLog::on_demand`] for one without a
+/// producer of its own); where none is set such changes are only logged.
 static PROCESS_LOG: std::sync::OnceLock<(&'static str, AuditLog)> = std::sync::OnceLock::new();
 
 /// Makes `log` this process's audit log for [`process_log`], its records naming `service`.
@@ -476,7 +477,85 @@ impl AuditLog {
             record.log_failed("queue_full", "the audit queue is full");
         }
     }
+
+    /// An audit log for a process whose audited changes are rare (the processor's, a
+    /// writer's or the ledger's certificate rotations) and that has no producer of its own
+    /// for them: the writer task makes a Kafka producer (client id `client_id`) when a
+    /// record comes, creating the audit topic first if it is missing, writes the records
+    /// queued by then, and drops the producer once none waits, so no Kafka client is held
+    /// between records. [`AuditLog::record`] never waits; a record that cannot be written
+    /// is counted and logged as every [`AuditLog`]'s. An empty `topic` gives
+    /// [`AuditLog::disabled`] (records are only logged).
+    pub fn on_demand(kafka: &KafkaConfig, client_id: &str, topic: &str) -> Self {
+        if topic.trim().is_empty() {
+            return Self::disabled();
+        }
+        let (kafka, client_id) = (kafka.clone(), client_id.to_owned());
+        let spec = topic_spec(topic);
+        let timeout = write_timeout(&kafka);
+        let make = move || {
+            let (kafka, client_id, spec) = (kafka.clone(), client_id.clone(), spec.clone());
+            async move {
+                let specs = [spec];
+                match tokio::time::timeout(timeout, crate::kafka::ensure_topics(&kafka, &specs))
+                    .await
+                {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => {
+                        tracing::warn!(topic = %specs[0].name, error = %e, "audit topic not checked or created");
+                    }
+                    Err(_) => {
+                        tracing::warn!(topic = %specs[0].name, timeout_s = timeout.as_secs(), "audit topic not checked: the broker did not answer in time");
+                    }
+                }
+                KafkaProducer::new(&kafka, &client_id).map_err(|e| e.to_string())
+            }
+        };
+        Self::spawn_on_demand(make, topic, ON_DEMAND_QUEUE, timeout)
+    }
+
+    /// [`AuditLog::on_demand`] with the producer `make` makes.
+    fn spawn_on_demand<P, F, Fut>(
+        make: F,
+        topic: impl Into<String>,
+        capacity: usize,
+        timeout: Duration,
+    ) -> Self
+    where
+        P: RecordProducer + 'static,
+        F: Fn() -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<P, String>> + Send,
+    {
+        describe();
+        let topic = topic.into();
+        let (tx, mut rx) = mpsc::channel::<AuditRecord>(capacity.max(1));
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut next = Some(first);
+                match make().await {
+                    Ok(producer) => {
+                        while let Some(record) = next.take().or_else(|| rx.try_recv().ok()) {
+                            let _ = write_now(&producer, &topic, &record, timeout).await;
+                        }
+                        // Dropping a client joins its threads: off the async threads.
+                        let _ = tokio::task::spawn_blocking(move || drop(producer)).await;
+                    }
+                    Err(e) => {
+                        while let Some(record) = next.take().or_else(|| rx.try_recv().ok()) {
+                            metrics::counter!(RECORDS_FAILED_TOTAL, "reason" => "produce")
+                                .increment(1);
+                            record.log_failed("produce", &format!("making the producer: {e}"));
+                        }
+                    }
+                }
+            }
+        });
+        Self { tx: Some(tx) }
+    }
 }
+
+/// Records an [`AuditLog::on_demand`] lets wait (a listener's reload writes one).
+const ON_DEMAND_QUEUE: usize = 16;
 
 /// Records an [`AuditTrail`] lets wait for the broker before new ones are dropped
 /// (counted in `pulse_audit_records_failed_total{reason="queue_full"}`, logged).
@@ -771,6 +850,106 @@ mod tests {
         // One write in flight, the queue's two waiting; the rest were dropped (counted).
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(p.sent.lock().unwrap().len(), 1);
+    }
+
+    /// Shares its records with the test; counts its drops.
+    struct Counted {
+        sent: Arc<Mutex<Vec<OutRecord>>>,
+        dropped: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl RecordProducer for Counted {
+        fn enqueue(&self, record: OutRecord) -> Result<AckFuture, ProduceError> {
+            self.sent.lock().unwrap().push(record);
+            Ok(Box::pin(async {
+                Ok(Acked {
+                    partition: 0,
+                    offset: 0,
+                })
+            }))
+        }
+    }
+
+    impl Drop for Counted {
+        fn drop(&mut self) {
+            self.dropped
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    async fn until(what: &str, done: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn an_on_demand_log_makes_a_producer_only_while_records_wait() {
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        let sent = Arc::new(Mutex::new(Vec::new()));
+        let (made, dropped) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        // The first attempt fails (the client configuration refused, say); later ones work.
+        let make = {
+            let (sent, made, dropped) = (sent.clone(), made.clone(), dropped.clone());
+            move || {
+                let n = made.fetch_add(1, SeqCst);
+                let p = Counted {
+                    sent: sent.clone(),
+                    dropped: dropped.clone(),
+                };
+                async move {
+                    if n == 0 {
+                        drop(p);
+                        Err("refused".to_owned())
+                    } else {
+                        Ok(p)
+                    }
+                }
+            }
+        };
+        let log = AuditLog::spawn_on_demand(make, "audit", 16, Duration::from_secs(5));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(made.load(SeqCst), 0, "no producer before a record");
+        let rec =
+            |t: &str| AuditRecord::new("processor", "file", action::TLS_RELOAD, t, Outcome::Ok);
+        log.record(rec("lost"));
+        until("the failed attempt", || dropped.load(SeqCst) == 1).await;
+        assert!(sent.lock().unwrap().is_empty(), "no producer, nothing sent");
+        for t in ["a", "b"] {
+            log.record(rec(t));
+        }
+        until("both written and the producer dropped", || {
+            sent.lock().unwrap().len() == 2 && dropped.load(SeqCst) >= 2
+        })
+        .await;
+        log.record(rec("c"));
+        until("a producer made again", || sent.lock().unwrap().len() == 3).await;
+        until("and dropped again", || {
+            dropped.load(SeqCst) == made.load(SeqCst)
+        })
+        .await;
+        let targets: Vec<String> = sent
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                assert_eq!(
+                    (r.topic.as_str(), r.key.as_deref()),
+                    ("audit", Some(&b"processor"[..]))
+                );
+                AuditRecord::from_json(&r.payload).unwrap().target
+            })
+            .collect();
+        assert_eq!(targets, ["a", "b", "c"]);
+        assert_eq!(made.load(SeqCst), 3, "one producer per burst");
+    }
+
+    #[test]
+    fn an_on_demand_log_without_a_topic_only_logs() {
+        let kafka = KafkaConfig::for_brokers("b:9092");
+        assert!(AuditLog::on_demand(&kafka, "c", " ").tx.is_none());
     }
 
     #[tokio::test]

@@ -222,7 +222,7 @@ impl ReloadingTls {
                 }
             };
             // A certificate rotation is a key change: in the audit trail where the service
-            // has one (ingest, the query API, the schema registry).
+            // set one (every service and `pulsectl ledger watch` do).
             if let Some((service, log)) = crate::audit::process_log() {
                 log.record(
                     crate::audit::AuditRecord::new(

@@ -21,6 +21,192 @@ pub type FastSet<T> = HashSet<T, FastHash>;
 /// Above this many ids an [`IdSet`] becomes a hash set (a linear scan below).
 const SMALL_IDS: usize = 24;
 
+/// How many tables a [`ShardedMap`] splits its entries over.
+pub const SHARDS: usize = 64;
+
+/// A hash map over [`SHARDS`] tables, each growing on its own: what holds every user (a
+/// million in the 1M-user run). One hashbrown table doubles all at once — at 458,752 and
+/// 917,504 users the sessions' table went to 2^20 and 2^21 buckets: ~107 MiB more at one
+/// insert the second time, with the old table still held during the move, and the state
+/// estimate stepping up between two emission ticks; those were the 1M-user run's only
+/// samples over 64 MiB above the estimate (issue #15). A shard doubles at 1/64 of that,
+/// and the shards, which fill evenly but not in step, one insert at a time.
+///
+/// The key is hashed once ([`FastHash`]): bits 51..57 pick the shard, hashbrown's table
+/// uses the low bits for the bucket and the top 7 for its control byte, so a shard sees
+/// keys as varied as one table would (and a lookup costs what one map's does).
+#[derive(Clone)]
+pub struct ShardedMap<K, V> {
+    shards: Box<[hashbrown::HashTable<(K, V)>]>,
+    hasher: FastHash,
+}
+
+impl<K, V> std::fmt::Debug for ShardedMap<K, V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShardedMap")
+            .field("len", &self.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<K, V> Default for ShardedMap<K, V> {
+    fn default() -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| hashbrown::HashTable::new()).collect(),
+            hasher: FastHash::default(),
+        }
+    }
+}
+
+/// The shard of a key's hash (see [`ShardedMap`]).
+fn shard_of(hash: u64) -> usize {
+    ((hash >> 51) as usize) % SHARDS
+}
+
+impl<K: Eq + std::hash::Hash, V> ShardedMap<K, V> {
+    fn hash<Q: std::hash::Hash + ?Sized>(&self, key: &Q) -> u64 {
+        use std::hash::BuildHasher;
+        self.hasher.hash_one(key)
+    }
+
+    pub fn get<Q>(&self, key: &Q) -> Option<&V>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: std::hash::Hash + Eq + ?Sized,
+    {
+        self.get_key_value(key).map(|(_, v)| v)
+    }
+
+    pub fn get_key_value<Q>(&self, key: &Q) -> Option<(&K, &V)>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: std::hash::Hash + Eq + ?Sized,
+    {
+        let h = self.hash(key);
+        self.shards[shard_of(h)]
+            .find(h, |(k, _)| k.borrow() == key)
+            .map(|(k, v)| (k, v))
+    }
+
+    pub fn get_mut<Q>(&mut self, key: &Q) -> Option<&mut V>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: std::hash::Hash + Eq + ?Sized,
+    {
+        let h = self.hash(key);
+        self.shards[shard_of(h)]
+            .find_mut(h, |(k, _)| k.borrow() == key)
+            .map(|(_, v)| v)
+    }
+
+    pub fn remove<Q>(&mut self, key: &Q) -> Option<V>
+    where
+        K: std::borrow::Borrow<Q>,
+        Q: std::hash::Hash + Eq + ?Sized,
+    {
+        let h = self.hash(key);
+        self.shards[shard_of(h)]
+            .find_entry(h, |(k, _)| k.borrow() == key)
+            .ok()
+            .map(|e| e.remove().0.1)
+    }
+
+    /// The value of `key`, inserted as `V::default()` when it has none.
+    pub fn get_or_default(&mut self, key: K) -> &mut V
+    where
+        V: Default,
+    {
+        let h = self.hash(&key);
+        let hasher = &self.hasher;
+        let entry = self.shards[shard_of(h)].entry(
+            h,
+            |(k, _)| *k == key,
+            |(k, _)| std::hash::BuildHasher::hash_one(hasher, k),
+        );
+        &mut entry.or_insert_with(|| (key, V::default())).into_mut().1
+    }
+
+    pub fn insert(&mut self, key: K, value: V) -> Option<V> {
+        let h = self.hash(&key);
+        let hasher = &self.hasher;
+        match self.shards[shard_of(h)].entry(
+            h,
+            |(k, _)| *k == key,
+            |(k, _)| std::hash::BuildHasher::hash_one(hasher, k),
+        ) {
+            hashbrown::hash_table::Entry::Occupied(mut e) => {
+                Some(std::mem::replace(&mut e.get_mut().1, value))
+            }
+            hashbrown::hash_table::Entry::Vacant(e) => {
+                e.insert((key, value));
+                None
+            }
+        }
+    }
+
+    pub fn retain(&mut self, mut keep: impl FnMut(&K, &mut V) -> bool) {
+        for shard in self.shards.iter_mut() {
+            shard.retain(|(k, v)| keep(k, v));
+        }
+    }
+
+    /// Gives back the room of the shards left mostly empty, as [`shrink_map`] does for
+    /// one table but without its 64-entry floor (a shard is 1/64 of the map: 64 such
+    /// floors would outlive every user).
+    pub fn shrink(&mut self) {
+        let hasher = &self.hasher;
+        for shard in self.shards.iter_mut() {
+            if shard.len() * 4 < shard.capacity() {
+                shard.shrink_to(shard.len() * 2, |(k, _)| {
+                    std::hash::BuildHasher::hash_one(hasher, k)
+                });
+            }
+        }
+    }
+}
+
+impl<K, V> ShardedMap<K, V> {
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(hashbrown::HashTable::len).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.shards.iter().all(hashbrown::HashTable::is_empty)
+    }
+
+    pub fn clear(&mut self) {
+        for shard in self.shards.iter_mut() {
+            shard.clear();
+        }
+    }
+
+    /// Every entry, shard by shard (in no particular order, as a hash map's).
+    pub fn iter(&self) -> impl Iterator<Item = (&K, &V)> {
+        self.shards
+            .iter()
+            .flat_map(|s| s.iter().map(|(k, v)| (k, v)))
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &V> {
+        self.iter().map(|(_, v)| v)
+    }
+
+    pub fn values_mut(&mut self) -> impl Iterator<Item = &mut V> {
+        self.shards
+            .iter_mut()
+            .flat_map(|s| s.iter_mut().map(|(_, v)| v))
+    }
+
+    /// Heap bytes of the tables ([`table_bytes`] of each shard's capacity: hashbrown's
+    /// tables, laid out as std's).
+    pub fn table_bytes(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| table_bytes::<(K, V)>(s.capacity()))
+            .sum()
+    }
+}
+
 /// Whether two ids are equal, compared inline as words: lengths, then the first and last
 /// 8 (or 4) bytes, which cover an id of up to 16 bytes whole; only a longer id whose ends
 /// match is compared byte for byte. The scan of a user's window ids for duplicates called
@@ -488,6 +674,107 @@ pub(crate) mod tests {
             .expect("jemalloc's thread counters")
             .get();
         allocated as i64 - freed as i64
+    }
+
+    /// The most the heap grows at one insert while `n` users go in, and the tables'
+    /// estimated bytes at the end.
+    fn largest_step(
+        n: usize,
+        mut insert: impl FnMut(Arc<str>),
+        bytes: impl Fn() -> usize,
+    ) -> (i64, usize) {
+        let keys: Vec<Arc<str>> = (0..n).map(|i| Arc::from(format!("u{i:07}"))).collect();
+        let mut largest = 0;
+        for k in keys {
+            let before = thread_heap();
+            insert(k);
+            largest = largest.max(thread_heap() - before);
+        }
+        (largest, bytes())
+    }
+
+    /// Issue #15: a sharded map never grows by more than a shard's table at once, where
+    /// one table grows by all of it (the 1M-user run's +170 MiB at one insert); lookups,
+    /// updates and removals find what one map would.
+    #[test]
+    fn a_sharded_map_grows_a_shard_at_a_time_and_answers_as_one_map() {
+        let n = 200_000;
+        let mut one: FastMap<Arc<str>, u64> = FastMap::default();
+        let one_step = {
+            let one = std::cell::RefCell::new(&mut one);
+            largest_step(
+                n,
+                |k| {
+                    one.borrow_mut().insert(k, 1);
+                },
+                || table_bytes::<(Arc<str>, u64)>(one.borrow().capacity()),
+            )
+        };
+        let mut sharded: ShardedMap<Arc<str>, u64> = ShardedMap::default();
+        let sharded_step = {
+            let sharded = std::cell::RefCell::new(&mut sharded);
+            largest_step(
+                n,
+                |k| {
+                    sharded.borrow_mut().insert(k, 1);
+                },
+                || sharded.borrow().table_bytes(),
+            )
+        };
+        // One table: its last doubling is half its final size at one insert.
+        assert!(
+            one_step.0 as usize >= one_step.1 / 3,
+            "one table: {one_step:?}"
+        );
+        // Sharded: at most a shard's (1/64 of the tables, with room for an uneven shard).
+        assert!(
+            sharded_step.0 as usize <= sharded_step.1 / 16,
+            "sharded: {sharded_step:?}"
+        );
+        assert!(
+            sharded_step.1 <= one_step.1 * 2,
+            "{sharded_step:?} vs {one_step:?}"
+        );
+        // Every shard holds a fair share.
+        let lens: Vec<usize> = sharded
+            .shards
+            .iter()
+            .map(hashbrown::HashTable::len)
+            .collect();
+        let fair = n / SHARDS;
+        assert!(
+            lens.iter().all(|&l| l > fair * 3 / 4 && l < fair * 5 / 4),
+            "{lens:?}"
+        );
+        // Answers as one map.
+        assert_eq!(sharded.len(), n);
+        for i in (0..n).step_by(7) {
+            let k = format!("u{i:07}");
+            *sharded.get_mut(k.as_str()).unwrap() += 1;
+            *one.get_mut(k.as_str()).unwrap() += 1;
+        }
+        for i in (0..n).step_by(11) {
+            let k = format!("u{i:07}");
+            assert_eq!(sharded.remove(k.as_str()), one.remove(k.as_str()));
+        }
+        sharded.retain(|_, v| *v == 1);
+        one.retain(|_, v| *v == 1);
+        let mut a: Vec<(String, u64)> = sharded.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        let mut b: Vec<(String, u64)> = one.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+        a.sort();
+        b.sort();
+        assert_eq!(a, b);
+        assert_eq!(
+            sharded.get_key_value("u0000001").map(|(k, _)| &**k),
+            one.get_key_value("u0000001").map(|(k, _)| &**k)
+        );
+        *sharded.get_or_default(Arc::from("new")) += 5;
+        assert_eq!(sharded.get("new"), Some(&5));
+        assert_eq!(sharded.values().count(), sharded.len());
+        sharded.clear();
+        assert!(sharded.is_empty());
+        sharded.shrink();
+        assert_eq!(sharded.table_bytes(), 0);
     }
 
     #[test]

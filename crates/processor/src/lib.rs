@@ -594,6 +594,20 @@ pub async fn check_events_retention(config: &Config) -> Result<(), Error> {
 /// Runs the service until shutdown.
 pub async fn run(config: Config, ctx: ServiceContext) -> Result<(), Error> {
     crate::metrics::describe();
+    // A rotation of the admin listener's certificate is a key change: audited
+    // (`keys.tls.reload`) by a producer made when one happens.
+    pulse_platform::audit::set_process_log(
+        if config.shadow.is_some() {
+            SHADOW_SERVICE
+        } else {
+            SERVICE
+        },
+        pulse_platform::audit::AuditLog::on_demand(
+            &config.kafka,
+            "pulse-processor-audit",
+            &config.audit_topic,
+        ),
+    );
     config.check_shadow_outputs()?;
     if let Some(name) = &config.shadow {
         tracing::info!(
@@ -605,6 +619,11 @@ pub async fn run(config: Config, ctx: ServiceContext) -> Result<(), Error> {
     }
     let produced = config.produced_topics();
     crate::metrics::init(&produced.iter().map(String::as_str).collect::<Vec<_>>());
+    // The heap gauges every second on their own, not only at the loop's emissions: a
+    // blocked or busy loop (a rebalance's restore, a mass close) would leave them seconds
+    // stale, and RSS compared with a stale reading looked like memory outside the heap
+    // (issue #15, the 1M-user run).
+    tokio::spawn(crate::metrics::refresh_heap(ctx.shutdown.child_token()));
     // Before anything else, so a topic that would lose records keeps the processor from
     // starting at all (the topics are created first when missing).
     ensure_topics(&config.kafka, &config.topic_specs()).await?;

@@ -95,7 +95,7 @@ pub fn describe() {
     describe_gauge!(
         HEAP_ALLOCATED_BYTES,
         metrics::Unit::Bytes,
-        "Bytes the Rust heap (jemalloc) holds allocated: the state, and every buffer in use (jemalloc's stats.allocated, read each emission tick). Compare with pulse_processor_state_bytes."
+        "Bytes the Rust heap (jemalloc) holds allocated: the state, and every buffer in use (jemalloc's stats.allocated, read every second, apart from the loop). Compare with pulse_processor_state_bytes."
     );
     describe_gauge!(
         HEAP_ACTIVE_BYTES,
@@ -145,6 +145,21 @@ pub fn init(output_topics: &[&str]) {
 
 /// Sets the heap gauges from jemalloc's statistics (left as they were if it does not
 /// answer).
+/// Refreshes the heap gauges every [`HEAP_REFRESH`] until `stop` (see `run`).
+pub async fn refresh_heap(stop: tokio_util::sync::CancellationToken) {
+    let mut every = tokio::time::interval(HEAP_REFRESH);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = every.tick() => record_heap(),
+        }
+    }
+}
+
+/// How often [`refresh_heap`] reads jemalloc's statistics (an epoch advance: microseconds).
+pub const HEAP_REFRESH: std::time::Duration = std::time::Duration::from_secs(1);
+
 pub fn record_heap() {
     if let Some(h) = pulse_platform::malloc::heap_stats() {
         metrics::gauge!(HEAP_ALLOCATED_BYTES).set(h.allocated as f64);

@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::compact::{
-    FastMap, FastSet, IdSet, Offsets, PartitionMins, alloc_bytes, arc_str_bytes, hold,
+    FastMap, FastSet, IdSet, Offsets, PartitionMins, ShardedMap, alloc_bytes, arc_str_bytes, hold,
     insert_exact, release, shrink_map, shrink_set, smallest, table_bytes,
 };
 
@@ -447,7 +447,7 @@ pub struct Sessions {
     max_session_ms: i64,
     /// A hash map: an event's lookups hash the user id once instead of comparing it down
     /// a tree; emissions visit the users they need in order (see [`Self::emit`]).
-    users: FastMap<Arc<str>, UserState>,
+    users: ShardedMap<Arc<str>, UserState>,
     index: Index,
     /// Event times at or below this may touch a finalized session whose record was pruned:
     /// a watermark-late event there is late even if it touches an open session.
@@ -465,7 +465,7 @@ impl Sessions {
         Self {
             cfg,
             max_session_ms: max_session_ms.max(1),
-            users: FastMap::default(),
+            users: ShardedMap::default(),
             index: Index::default(),
             floor_ms: i64::MIN,
         }
@@ -496,7 +496,7 @@ impl Sessions {
     pub fn supersede(&mut self, prior: &Sessions) -> usize {
         let (gap, horizon) = (self.gap(), self.horizon());
         let mut count = 0;
-        for (user, old) in &prior.users {
+        for (user, old) in prior.users.iter() {
             let Some(state) = self.users.get_mut(&**user) else {
                 continue;
             };
@@ -700,7 +700,7 @@ impl Sessions {
                 if late(None, t, watermark, bounds) {
                     return Admit::Late;
                 }
-                self.users.entry(user_key.clone()).or_default()
+                self.users.get_or_default(user_key.clone())
             }
         };
         let admit = fold(state, ev, user, gap, max, Place::NewRun);
@@ -859,7 +859,7 @@ impl Sessions {
                 self.index.begin(&user, s, horizon, gap);
                 s
             }
-            None => self.users.entry(user.clone()).or_default(),
+            None => self.users.get_or_default(user.clone()),
         };
         state.closed = Some(Closed {
             end_ms: start_ms.saturating_sub(gap),
@@ -945,7 +945,7 @@ impl Sessions {
         let visits = self.index.visits;
         let (horizon, gap) = (self.horizon(), self.gap());
         self.index = Index::default();
-        for (user, state) in &self.users {
+        for (user, state) in self.users.iter() {
             self.index.end(user, Some(state), horizon, gap);
         }
         self.index.changed = changed;
@@ -963,7 +963,7 @@ impl Sessions {
     fn assert_indexed(&self) {
         let (horizon, gap) = (self.horizon(), self.gap());
         let mut fresh = Index::default();
-        for (user, state) in &self.users {
+        for (user, state) in self.users.iter() {
             fresh.end(user, Some(state), horizon, gap);
         }
         let i = &self.index;
@@ -1001,7 +1001,7 @@ impl Sessions {
     /// Gives back the room of its hash tables left mostly empty (after many sessions
     /// closed; the changed users' sets after a large emission or checkpoint).
     pub fn shrink(&mut self) {
-        shrink_map(&mut self.users);
+        self.users.shrink();
         shrink_set(&mut self.index.dirty);
         shrink_map(&mut self.index.taken);
         for c in self.index.changed.values_mut() {
@@ -1018,7 +1018,7 @@ impl Sessions {
     pub fn heap_bytes(&self, id_len: usize) -> usize {
         let index = &self.index;
         let entries = index.held.len() + index.starts.len() + index.due.len();
-        let tables = table_bytes::<(Arc<str>, UserState)>(self.users.capacity())
+        let tables = self.users.table_bytes()
             + table_bytes::<Arc<str>>(index.dirty.capacity())
             + table_bytes::<(Arc<str>, i64)>(index.taken.capacity())
             + index

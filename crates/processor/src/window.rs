@@ -15,8 +15,8 @@ use std::sync::Arc;
 use pulse_contracts::pb::aggregates::v1::{CurrencyAmount, UserWindowActivity};
 
 use crate::compact::{
-    Counts, FastMap, FastSet, IdBloom, IdSet, Interner, Offsets, alloc_bytes, id_bits,
-    insert_exact, push_exact, shrink_map, shrink_set, table_bytes,
+    Counts, FastSet, IdBloom, IdSet, Interner, Offsets, ShardedMap, alloc_bytes, id_bits,
+    insert_exact, push_exact, shrink_set, table_bytes,
 };
 use crate::model::{Admit, InputEvent, TimeConfig, version};
 
@@ -249,7 +249,7 @@ pub struct Windows {
     /// user → open windows sorted by start. A hash map: an event's lookups hash the user
     /// id once instead of comparing it down a tree; emissions are still deterministic (they
     /// visit the users they need in order, see [`Self::emit`]).
-    users: FastMap<Arc<str>, Vec<Window>>,
+    users: ShardedMap<Arc<str>, Vec<Window>>,
     index: Index,
     open: usize,
     labels: Interner,
@@ -260,7 +260,7 @@ impl Windows {
         Self {
             window_ms: cfg.window_ms.max(1),
             allowed_lateness_ms: cfg.allowed_lateness_ms.max(0),
-            users: FastMap::default(),
+            users: ShardedMap::default(),
             index: Index::default(),
             open: 0,
             labels: Interner::default(),
@@ -354,7 +354,7 @@ impl Windows {
                 index.bytes = index.bytes.wrapping_sub(user_bytes(ws, ws.capacity()));
                 ws
             }
-            None => self.users.entry(user.clone()).or_default(),
+            None => self.users.get_or_default(user.clone()),
         };
         let was_dirty = windows.iter().any(|w| w.dirty);
         let at = match windows.binary_search_by_key(&start, |w| w.start_ms) {
@@ -513,7 +513,7 @@ impl Windows {
             visits: self.index.visits,
             ..Index::default()
         };
-        for (user, windows) in &self.users {
+        for (user, windows) in self.users.iter() {
             for w in windows {
                 index.add_window(user, w);
             }
@@ -541,7 +541,7 @@ impl Windows {
     #[cfg(test)]
     fn assert_indexed(&self) {
         let mut fresh = Index::default();
-        for (user, windows) in &self.users {
+        for (user, windows) in self.users.iter() {
             for w in windows {
                 fresh.add_window(user, w);
             }
@@ -574,7 +574,7 @@ impl Windows {
     /// Gives back the room of its hash tables left mostly empty (after many windows
     /// closed; the changed users' set after a large emission).
     pub fn shrink(&mut self) {
-        shrink_map(&mut self.users);
+        self.users.shrink();
         shrink_set(&mut self.index.dirty);
     }
 
@@ -585,7 +585,7 @@ impl Windows {
         let i = &self.index;
         i.bytes
             + i.ends.values().map(Cohort::heap_bytes).sum::<usize>()
-            + table_bytes::<(Arc<str>, Vec<Window>)>(self.users.capacity())
+            + self.users.table_bytes()
             + table_bytes::<Arc<str>>(i.dirty.capacity())
     }
 }

@@ -32,7 +32,8 @@ pub struct AuditArgs {
     #[arg(long = "actor", env = "PULSE_ACTOR", global = true)]
     pub actor: Option<String>,
     /// The audit topic: written by `dlq redrive`, `replay`, `migrate`, `topics create`,
-    /// `shadow discard` and `shadow promote`, read by `audit`.
+    /// `shadow discard` and `shadow promote` (and by `ledger watch` when its admin
+    /// certificate is reloaded), read by `audit`.
     #[arg(
         long = "audit-topic",
         env = "PULSE_AUDIT_TOPIC",

@@ -310,9 +310,15 @@ pub async fn check(
     sources.reconcile(from, to).await
 }
 
-pub async fn run(args: LedgerArgs, progress: &ProgressArgs) -> Result<(), crate::Error> {
+/// `ledger --from --to`, or `ledger watch` (whose admin certificate reloads are audited
+/// to `audit`'s topic).
+pub async fn run(
+    args: LedgerArgs,
+    progress: &ProgressArgs,
+    audit: &crate::audit::AuditArgs,
+) -> Result<(), crate::Error> {
     match args.command {
-        Some(LedgerCommand::Watch(w)) => Ok(watch::run(*w).await?),
+        Some(LedgerCommand::Watch(w)) => Ok(watch::run(*w, audit).await?),
         None => {
             let (Some(from), Some(to)) = (args.from, args.to) else {
                 return Err(LedgerError::NotClosed("--from and --to are required".into()).into());

@@ -200,7 +200,7 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
             .await;
             result
         }
-        Command::Ledger(args) => ledger::run(*args, progress).await,
+        Command::Ledger(args) => ledger::run(*args, progress, &cli.audit).await,
         Command::Audit(args) => audit::run(*args, &cli.audit, progress).await,
         Command::Shadow { command } => shadow::run(command, &cli.audit).await,
     }

@@ -310,6 +310,32 @@ impl crate::Config {
     pub fn audit_group(&self) -> String {
         format!("{}-audit", self.group())
     }
+
+    /// The service its certificate reloads are recorded as (`keys.tls.reload`): the
+    /// chart's component names, `writer-clickhouse` and `writer-parquet`, so the two
+    /// deployments are told apart, or `writer-shadow` (the shadow's service name).
+    pub fn tls_audit_service(&self) -> &'static str {
+        match (self.sink, &self.shadow) {
+            (_, Some(_)) => crate::SHADOW_SERVICE,
+            (crate::Sink::Clickhouse, None) => "writer-clickhouse",
+            (crate::Sink::Parquet, None) => "writer-parquet",
+        }
+    }
+}
+
+/// Makes the process's audit log (`pulse_platform::audit::set_process_log`) one whose
+/// producer is made when a record comes, so a rotation of the admin listener's certificate
+/// is audited (`keys.tls.reload`); an empty `--audit-topic` leaves it logged and counted
+/// only.
+pub fn audit_certificate_reloads(config: &crate::Config) {
+    pulse_platform::audit::set_process_log(
+        config.tls_audit_service(),
+        pulse_platform::audit::AuditLog::on_demand(
+            &config.kafka,
+            "pulse-writer-audit",
+            &config.audit_topic,
+        ),
+    );
 }
 
 /// The audit record of the ClickHouse migrations this writer applied at start
@@ -524,6 +550,21 @@ mod tests {
             let c = crate::Config::try_parse_from(args).unwrap();
             assert!(!c.copies_audit(), "{args:?}");
         }
+    }
+
+    #[test]
+    fn certificate_reloads_name_the_writer_as_the_chart_does() {
+        use clap::Parser as _;
+        let service = |args: &[&str]| {
+            crate::Config::try_parse_from(
+                std::iter::once("pulse-writer").chain(args.iter().copied()),
+            )
+            .unwrap()
+            .tls_audit_service()
+        };
+        assert_eq!(service(&[]), "writer-clickhouse");
+        assert_eq!(service(&["--sink", "parquet"]), "writer-parquet");
+        assert_eq!(service(&["--shadow", "x"]), crate::SHADOW_SERVICE);
     }
 
     #[test]

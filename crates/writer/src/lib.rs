@@ -177,9 +177,10 @@ pub struct Config {
     /// `audit_log`, exactly once, in the consumer group `<group>-audit` (see `audit`).
     #[arg(long = "audit-copy", env = "PULSE_WRITER_AUDIT_COPY", default_value_t = true, action = clap::ArgAction::Set)]
     pub audit_copy: bool,
-    /// The audit topic copied into `audit_log`, and where the ClickHouse writer records
-    /// the migrations it applied at start (created at start when missing; empty with
-    /// `--audit-copy false`: neither).
+    /// The audit topic copied into `audit_log`, where the ClickHouse writer records the
+    /// migrations it applied at start (created at start when missing), and where either
+    /// sink records a reload of its admin certificate (`keys.tls.reload`; the topic is
+    /// created then if missing). Empty with `--audit-copy false`: none of these.
     #[arg(long = "audit-topic", env = "PULSE_AUDIT_TOPIC", default_value = topics::AUDIT)]
     pub audit_topic: String,
     /// Parquet sink: a roll (the objects of one upload) is written at this many rows...
@@ -559,6 +560,7 @@ fn today_yyyymmdd() -> u32 {
 /// Runs the service until shutdown.
 pub async fn run(config: Config, ctx: ServiceContext) -> Result<(), Error> {
     crate::metrics::describe();
+    audit::audit_certificate_reloads(&config);
     let sink_label = match config.sink {
         Sink::Parquet => "parquet",
         Sink::Clickhouse => "clickhouse",

@@ -26,6 +26,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::support::cleanup::{Database, TempDir};
+use crate::support::service_process::{ServiceCommand, ServiceProcess, free_addr};
 use crate::support::{grpc_meta, wait_until};
 
 const TOKEN: &str = "test-token-1";
@@ -2034,77 +2035,38 @@ async fn stored_events_are_found_by_their_non_w3c_producer_trace_id_with_their_w
 /// The `pulse-query-api` binary on free ports (text logs in a temporary folder), killed
 /// when dropped.
 struct ApiProcess {
-    child: std::process::Child,
+    process: ServiceProcess,
     base: String,
     grpc: String,
-    admin: String,
-    logs: TempDir,
-}
-
-impl Drop for ApiProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+    _logs: TempDir,
 }
 
 impl ApiProcess {
     /// Starts it on `ch`, exporting spans to `otlp` if given, and waits until it is ready.
     async fn spawn(ch: &ClickHouseConfig, otlp: Option<&str>) -> Self {
-        use crate::support::child_process::{binary, free_port};
-        let addr = || format!("127.0.0.1:{}", free_port());
-        let (http, grpc, admin) = (addr(), addr(), addr());
+        let (http, grpc) = (free_addr(), free_addr());
         let logs = TempDir::new("pulse-query-api");
-        let log = std::fs::File::create(logs.path().join("query-api.log")).unwrap();
-        let mut cmd = std::process::Command::new(binary("pulse-query-api"));
-        cmd.args(["--log-format", "text"])
-            .env("PULSE_QUERY_API_TOKENS", TOKEN)
+        let mut cmd = ServiceCommand::new("pulse-query-api");
+        cmd.env("PULSE_QUERY_API_TOKENS", TOKEN)
             .args(["--clickhouse-url", &ch.url])
             .args(["--clickhouse-database", &ch.database])
-            .args(["--http-addr", &http, "--grpc-addr", &grpc])
-            .args(["--admin-addr", &admin])
-            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-            .stdin(std::process::Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
+            .args(["--http-addr", &http, "--grpc-addr", &grpc]);
         if let Some(endpoint) = otlp {
             cmd.env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint);
         }
-        let mut api = Self {
-            child: cmd.spawn().unwrap(),
+        let mut process = cmd.spawn(logs.path().join("query-api.log"));
+        process.wait_ready(Duration::from_secs(30)).await;
+        Self {
+            process,
             base: format!("http://{http}"),
             grpc: format!("http://{grpc}"),
-            admin: format!("http://{admin}"),
-            logs,
-        };
-        let http = reqwest::Client::new();
-        let ready = format!("{}/readyz", api.admin);
-        wait_until(Duration::from_secs(30), "query-api ready", async || {
-            if let Some(status) = api.child.try_wait().unwrap() {
-                panic!(
-                    "query-api exited ({status}): {}",
-                    std::fs::read_to_string(api.logs.path().join("query-api.log"))
-                        .unwrap_or_default()
-                );
-            }
-            match http.get(&ready).send().await {
-                Ok(r) if r.status() == 200 => Ok(()),
-                Ok(r) => Err(r.status().to_string()),
-                Err(e) => Err(e.to_string()),
-            }
-        })
-        .await;
-        api
+            _logs: logs,
+        }
     }
 
     /// The label sets of every `pulse_http_*` series in a `/metrics` scrape.
     async fn http_series(&self) -> std::collections::BTreeSet<String> {
-        let text = reqwest::get(format!("{}/metrics", self.admin))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let text = self.process.metrics().await;
         text.lines()
             .filter(|l| l.starts_with("pulse_http_"))
             .filter_map(|l| l.rsplit_once(' ').map(|(series, _)| series.to_owned()))
@@ -2291,12 +2253,7 @@ async fn the_event_search_is_counted_by_route_query_and_grpc_method_in_a_live_sc
         .unwrap()
         .status();
     assert_eq!(status, 200);
-    let text = reqwest::get(format!("{}/metrics", api.admin))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = api.process.metrics().await;
     for series in [
         r#"pulse_http_requests_total{service="query-api",route="/v1/events",method="GET",status="200"} 1"#,
         r#"pulse_query_clickhouse_query_seconds_count{service="query-api",query="events_by_source_trace"} 1"#,

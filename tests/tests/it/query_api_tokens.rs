@@ -16,8 +16,8 @@ use pulse_platform::audit::{AuditRecord, Outcome};
 use pulse_platform::clickhouse::ClickHouseConfig;
 use serde_json::Value;
 
-use crate::support::child_process::{binary, free_port};
 use crate::support::cleanup::{Database, TempDir};
+use crate::support::service_process::{ServiceCommand, ServiceProcess, free_addr};
 use crate::support::writer_process::{WriterProcess, WriterTopics};
 use crate::support::{metric_sum, wait_until};
 
@@ -37,19 +37,10 @@ fn replace(file: &Path, content: &str) {
 /// The binary on free ports with JSON logs (the completion lines included), killed when
 /// dropped.
 struct Api {
-    child: std::process::Child,
+    process: ServiceProcess,
     base: String,
     grpc: String,
-    admin: String,
-    log: std::path::PathBuf,
     http: reqwest::Client,
-}
-
-impl Drop for Api {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl Api {
@@ -60,53 +51,31 @@ impl Api {
         logs: &TempDir,
         kafka: &[&str],
     ) -> Self {
-        let addr = || format!("127.0.0.1:{}", free_port());
-        let (http, grpc, admin) = (addr(), addr(), addr());
-        let log = logs.path().join("query-api.log");
-        let out = std::fs::File::create(&log).unwrap();
-        let mut cmd = std::process::Command::new(binary("pulse-query-api"));
-        cmd.args(["--api-tokens-file", tokens_file.to_str().unwrap()])
+        let (http, grpc) = (free_addr(), free_addr());
+        let mut process = ServiceCommand::new("pulse-query-api")
+            .args(["--api-tokens-file", tokens_file.to_str().unwrap()])
             .args(["--api-tokens-reload-interval-ms", "100"])
-            .args(["--log-format", "json"])
+            .log_format("json")
             .args(["--log-level", "info,pulse_platform::http=debug"])
             .args(["--freshness-cache-ms", "0"])
             .args(["--clickhouse-url", &ch.url])
             .args(["--clickhouse-database", &ch.database])
             .args(["--http-addr", &http, "--grpc-addr", &grpc])
-            .args(["--admin-addr", &admin])
             .args(kafka)
             .env_remove("PULSE_QUERY_API_TOKENS")
             .env_remove("PULSE_AUDIT_TOPIC")
-            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-            .stdin(std::process::Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out);
-        let mut api = Self {
-            child: cmd.spawn().unwrap(),
+            .spawn(logs.path().join("query-api.log"));
+        process.wait_ready(Duration::from_secs(30)).await;
+        Self {
+            process,
             base: format!("http://{http}"),
             grpc: format!("http://{grpc}"),
-            admin: format!("http://{admin}"),
-            log,
             http: reqwest::Client::new(),
-        };
-        let ready = format!("{}/readyz", api.admin);
-        let client = api.http.clone();
-        wait_until(Duration::from_secs(30), "query-api ready", async || {
-            if let Some(status) = api.child.try_wait().unwrap() {
-                panic!("query-api exited ({status}): {}", api.logs());
-            }
-            match client.get(&ready).send().await {
-                Ok(r) if r.status() == 200 => Ok(()),
-                Ok(r) => Err(r.status().to_string()),
-                Err(e) => Err(e.to_string()),
-            }
-        })
-        .await;
-        api
+        }
     }
 
     fn logs(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.process.logs()
     }
 
     /// The status of `GET /v1/freshness` with `token`.
@@ -148,20 +117,11 @@ impl Api {
         }
     }
 
-    async fn scrape(&self) -> String {
-        reqwest::get(format!("{}/metrics", self.admin))
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    }
-
     /// Waits until the series of `name` with `labels` add up to at least `min`; returns
     /// that scrape.
     async fn wait_metric(&self, what: &str, name: &str, labels: &[&str], min: f64) -> String {
         wait_until(Duration::from_secs(30), what, async || {
-            let text = self.scrape().await;
+            let text = self.process.metrics().await;
             match metric_sum(&text, name, labels) {
                 Some(n) if n >= min => Ok(text),
                 n => Err(n),
@@ -172,7 +132,7 @@ impl Api {
 
     /// The status of the admin server's `path` (`/readyz`, `/livez`).
     async fn admin_status(&self, path: &str) -> u16 {
-        reqwest::get(format!("{}{path}", self.admin))
+        reqwest::get(format!("http://{}{path}", self.process.admin()))
             .await
             .unwrap()
             .status()
@@ -423,7 +383,7 @@ async fn query_api_serves_and_stays_ready_while_the_audit_broker_is_down() {
     );
     replace(&file, &format!("{old}=before\n"));
     // A port nothing listens on: the broker is down for the whole test.
-    let down = format!("127.0.0.1:{}", free_port());
+    let down = free_addr();
     let audit_topic = pulse_tests::unique("audit-down");
     let kafka = [
         "--kafka-brokers",

@@ -5,8 +5,8 @@
 //! all through `--schema-registry-ca-file`; a wrong CA fails with the certificate problem
 //! named, and a missing CA file is a start-up error naming the flag.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use clap::Parser as _;
@@ -16,10 +16,11 @@ use pulse_platform::kafka::{KafkaConfig, TopicKind, TopicSettings, TopicSpec, en
 use pulse_platform::server::ServerArgs;
 use serde_json::{Value, json};
 
-use crate::server_tls::{chain, client_trusting, pki};
+use crate::server_tls::{client_trusting, pki};
 use crate::support::child_process::{binary, free_port};
 use crate::support::ingest_server::read_exactly;
-use crate::support::{cleanup, events, wait_until};
+use crate::support::service_process::{ServiceCommand, ServiceProcess};
+use crate::support::{cleanup, events};
 
 /// A registry replica serving HTTPS with `cert`/`key` on a port of its own, keeping its
 /// schemas in a topic of its own (deleted when dropped).
@@ -92,69 +93,12 @@ fn pulsectl_schemas(command: &str, url: &str, extra: &[&str]) -> (bool, String) 
     (out.status.success(), text)
 }
 
-/// A Pulse service binary (killed when dropped), its admin address and log file.
-struct Service {
-    child: Child,
-    admin: String,
-    log: PathBuf,
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Service {
-    fn spawn(dir: &Path, name: &str, args: &[String], env: &[(&str, &str)]) -> Self {
-        let admin = format!("127.0.0.1:{}", free_port());
-        let log = dir.join(format!("{name}.log"));
-        let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(binary(name))
-            .args(["--admin-addr", &admin, "--log-format", "text"])
-            .args(args)
-            .envs(env.iter().copied())
-            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap();
-        Self { child, admin, log }
-    }
-
-    fn logs(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Waits until `/readyz` answers 200 (failing at once if the process exits).
-    async fn wait_ready(&mut self) {
-        let url = format!("http://{}/readyz", self.admin);
-        let what = format!("{url} to answer 200; see {}", self.log.display());
-        let client = reqwest::Client::new();
-        wait_until(Duration::from_secs(30), what, async || {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("{} exited ({status}): {}", self.log.display(), self.logs());
-            }
-            match client.get(&url).send().await {
-                Ok(r) if r.status() == 200 => Ok(()),
-                Ok(r) => Err(r.status().to_string()),
-                Err(e) => Err(chain(&e)),
-            }
-        })
-        .await;
-    }
-
-    /// Waits for the process to exit on its own; its exit code and log.
-    async fn wait_exit(&mut self) -> (Option<i32>, String) {
-        let what = format!("{} to exit", self.log.display());
-        let status = wait_until(Duration::from_secs(20), what, async || {
-            self.child.try_wait().unwrap().ok_or("running")
-        })
-        .await;
-        (status.code(), self.logs())
-    }
+/// A Pulse service binary with `args` and `env` (killed when dropped), its log in `dir`.
+fn spawn_service(dir: &Path, name: &str, args: &[String], env: &[(&str, &str)]) -> ServiceProcess {
+    ServiceCommand::new(name)
+        .args(args)
+        .envs(env)
+        .spawn(dir.join(format!("{name}.log")))
 }
 
 fn now_ms() -> i64 {
@@ -250,7 +194,7 @@ async fn pulsectl_ingest_and_the_processor_use_an_https_registry_through_its_ca_
         ("PULSE_INGEST_API_KEYS", "tls-key=registry-tls"),
         ("PULSE_INGEST_PII_HMAC_KEY", "registry-tls-hmac"),
     ];
-    let mut ingest = Service::spawn(&dir, "pulse-ingest", &args, &env);
+    let mut ingest = spawn_service(&dir, "pulse-ingest", &args, &env);
     // The processor: ready only once it found its output subjects through the registry.
     let mut args: Vec<String> = [
         "--events-topic",
@@ -273,9 +217,9 @@ async fn pulsectl_ingest_and_the_processor_use_an_https_registry_through_its_ca_
     .map(String::from)
     .to_vec();
     args.extend(kafka_flags(&kafka));
-    let mut processor = Service::spawn(&dir, "pulse-processor", &args, &[]);
-    ingest.wait_ready().await;
-    processor.wait_ready().await;
+    let mut processor = spawn_service(&dir, "pulse-processor", &args, &[]);
+    ingest.wait_ready(Duration::from_secs(30)).await;
+    processor.wait_ready(Duration::from_secs(30)).await;
 
     let event = events::event("tls-1", "u-tls", now_ms())
         .page("/tls")
@@ -384,8 +328,9 @@ async fn a_wrong_registry_ca_names_the_certificate_problem_and_a_missing_one_the
         ("PULSE_INGEST_API_KEYS", "k=s"),
         ("PULSE_INGEST_PII_HMAC_KEY", "h"),
     ];
-    let mut bad = Service::spawn(&dir, "pulse-ingest", &args, &env);
-    let (code, log) = bad.wait_exit().await;
+    let mut bad = spawn_service(&dir, "pulse-ingest", &args, &env);
+    let code = bad.wait_exit(Duration::from_secs(20)).await.code();
+    let log = bad.logs();
     assert_ne!(code, Some(0), "{log}");
     assert!(
         log.contains("--schema-registry-ca-file") && log.contains("holds no PEM certificate"),

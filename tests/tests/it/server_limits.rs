@@ -7,8 +7,6 @@
 //! HTTP port) and `UNAVAILABLE` with `retry-after` (the query API's gRPC port). Each is
 //! counted in `pulse_server_limited_total`.
 
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -16,140 +14,79 @@ use tokio::net::TcpStream;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 
-use crate::support::child_process::{binary, free_port};
+use crate::support::service_process::{ServiceCommand, ServiceProcess, free_addr};
 use crate::support::tls::work_dir;
-use crate::support::{cleanup, metric_sum, wait_until};
+use crate::support::{cleanup, wait_until};
 
-/// A service binary (killed when dropped) with its HTTP (or registry), gRPC and admin
-/// addresses.
+/// A service binary (killed when dropped) with its HTTP (or registry) and gRPC addresses.
 struct Server {
-    child: Child,
+    process: ServiceProcess,
     http: String,
     grpc: String,
-    admin: String,
-    log: PathBuf,
     _topics: Option<cleanup::Topics>,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl Server {
     /// `pulse-query-api` with `args` and `env`.
     async fn query_api(args: &[&str], env: &[(&str, &str)]) -> Self {
-        let addr = || format!("127.0.0.1:{}", free_port());
-        let (http, grpc, admin) = (addr(), addr(), addr());
-        let mut command = Command::new(binary("pulse-query-api"));
+        let (http, grpc) = (free_addr(), free_addr());
+        let mut command = ServiceCommand::new("pulse-query-api");
         command
             .env("PULSE_QUERY_API_TOKENS", "server-limits-test-token")
             .args(["--clickhouse-url", &pulse_tests::clickhouse().url])
-            .args(["--http-addr", &http, "--grpc-addr", &grpc]);
-        Self::start(command, "query-api", http, grpc, admin, args, env, None).await
+            .args(["--http-addr", &http, "--grpc-addr", &grpc])
+            .args(args)
+            .envs(env);
+        Self::start(command, "query-api", http, grpc, None).await
     }
 
     /// `pulse-schema-registry` (anonymous access, schemas in a topic of its own) with
     /// `args`.
     async fn schema_registry(args: &[&str]) -> Self {
-        let addr = || format!("127.0.0.1:{}", free_port());
-        let (http, admin) = (addr(), addr());
+        let http = free_addr();
         let topic = pulse_tests::unique("_schemas");
-        let mut command = Command::new(binary("pulse-schema-registry"));
+        let mut command = ServiceCommand::new("pulse-schema-registry");
         command
             .env("PULSE_KAFKA_BROKERS", pulse_tests::kafka().brokers)
             .env("PULSE_KAFKA_REPLICATION_FACTOR", "1")
             .env("PULSE_KAFKA_MIN_INSYNC_REPLICAS", "1")
             .env("PULSE_SCHEMAS_TOPIC", &topic)
-            .env("PULSE_SCHEMA_REGISTRY_ADDR", &http);
+            .env("PULSE_SCHEMA_REGISTRY_ADDR", &http)
+            .args(args);
         let topics = Some(cleanup::Topics::adopt([topic]));
-        Self::start(
-            command,
-            "schema-registry",
-            http,
-            String::new(),
-            admin,
-            args,
-            &[],
-            topics,
-        )
-        .await
+        Self::start(command, "schema-registry", http, String::new(), topics).await
     }
 
-    #[allow(clippy::too_many_arguments)] // the two constructors above, nothing else
     async fn start(
-        mut command: Command,
+        mut command: ServiceCommand,
         name: &str,
         http: String,
         grpc: String,
-        admin: String,
-        args: &[&str],
-        env: &[(&str, &str)],
         topics: Option<cleanup::Topics>,
     ) -> Self {
         let log = work_dir(&format!("server-limits-{name}")).join(format!("{name}.log"));
-        let out = std::fs::File::create(&log).unwrap();
-        let child = command
-            .args(["--log-format", "text", "--admin-addr", &admin])
-            .args(args)
-            .envs(env.iter().copied())
-            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap();
-        let mut server = Self {
-            child,
+        let mut process = command.spawn(log);
+        process.wait_ready(Duration::from_secs(90)).await;
+        Self {
+            process,
             http,
             grpc,
-            admin,
-            log,
             _topics: topics,
-        };
-        server.wait_ready(name).await;
-        server
-    }
-
-    fn logs(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    async fn wait_ready(&mut self, name: &str) {
-        let url = format!("http://{}/readyz", self.admin);
-        // A client per attempt: the admin server has the same connection limit.
-        wait_until(Duration::from_secs(90), "ready", async || {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("{name} exited ({status}): {}", self.logs());
-            }
-            match reqwest::get(&url).await {
-                Ok(r) if r.status() == 200 => Ok(()),
-                Ok(r) => Err(r.status().to_string()),
-                Err(e) => Err(e.to_string()),
-            }
-        })
-        .await;
+        }
     }
 
     /// `pulse_server_limited_total` of `server` and `limit`.
     async fn limited(&self, server: &str, limit: &str) -> f64 {
-        let text = reqwest::get(format!("http://{}/metrics", self.admin))
+        self.process
+            .metric(
+                "pulse_server_limited_total",
+                &[
+                    &format!("server=\"{server}\""),
+                    &format!("limit=\"{limit}\""),
+                ],
+            )
             .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
-        metric_sum(
-            &text,
-            "pulse_server_limited_total",
-            &[
-                &format!("server=\"{server}\""),
-                &format!("limit=\"{limit}\""),
-            ],
-        )
-        .unwrap_or(0.0)
+            .unwrap_or(0.0)
     }
 }
 
@@ -255,9 +192,9 @@ async fn a_connection_beyond_max_connections_gets_503_with_retry_after_at_once_u
     assert!(api.limited("http", "connections").await >= 1.0);
     assert!(api.limited("grpc", "connections").await >= 1.0);
     assert!(
-        api.logs().contains("connection limit reached"),
+        api.process.logs().contains("connection limit reached"),
         "{}",
-        api.logs()
+        api.process.logs()
     );
     drop(held);
 }

@@ -13,6 +13,7 @@ use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
 use crate::support::child_process::{binary, free_port};
+use crate::support::service_process::{ServiceCommand, ServiceProcess};
 use crate::support::tls::{make_ca, make_client_cert, make_server_cert, work_dir};
 use crate::support::{cleanup, metric_sum, wait_until};
 
@@ -746,55 +747,29 @@ async fn a_grpc_call_over_the_concurrency_limit_gets_unavailable_with_retry_afte
 /// waiting for a dependency (a schema registry or a broker nothing answers for), so that
 /// only its admin server is exercised.
 struct AdminOnly {
-    child: Child,
-    admin: String,
-    log: PathBuf,
+    process: ServiceProcess,
     _topics: Option<cleanup::Topics>,
-}
-
-impl Drop for AdminOnly {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl AdminOnly {
     /// The processor on the test broker, with topics of its own and a schema registry URL
     /// where nothing listens: it waits for its schemas, alive and not ready.
     fn processor(dir: &Path, args: &[&str]) -> Self {
-        let names = ["events", "activity", "sessions", "late", "checkpoints"]
-            .map(|kind| pulse_tests::unique(&format!("admin_tls_{kind}")));
-        let mut all: Vec<String> = [
-            "--events-topic",
-            &names[0],
-            "--user-activity-topic",
-            &names[1],
-            "--sessions-topic",
-            &names[2],
-            "--late-topic",
-            &names[3],
-            "--checkpoint-topic",
-            &names[4],
-            "--group-id",
-            &pulse_tests::unique("admin_tls"),
-            "--schema-registry-url",
-            &format!("http://127.0.0.1:{}", free_port()),
-            "--kafka-brokers",
-            &pulse_tests::kafka().brokers,
-            "--kafka-partitions",
-            "1",
-            "--kafka-replication-factor",
-            "1",
-            "--kafka-min-insync-replicas",
-            "1",
-        ]
-        .map(String::from)
-        .to_vec();
+        let mut all: Vec<String> = vec![
+            "--group-id".into(),
+            pulse_tests::unique("admin_tls"),
+            "--schema-registry-url".into(),
+            format!("http://127.0.0.1:{}", free_port()),
+        ];
         all.extend(args.iter().map(|a| a.to_string()));
-        let mut p = Self::spawn(dir, "pulse-processor", &[], &all);
-        p._topics = Some(cleanup::Topics::adopt(names));
-        p
+        let topics = [
+            "--events-topic",
+            "--user-activity-topic",
+            "--sessions-topic",
+            "--late-topic",
+            "--checkpoint-topic",
+        ];
+        Self::on_broker(dir, "pulse-processor", &[], &topics, &all)
     }
 
     /// A writer of `sink` whose broker does not answer: it waits for it, alive and not
@@ -851,45 +826,30 @@ impl AdminOnly {
     }
 
     fn spawn(dir: &Path, binary_name: &str, command: &[&str], args: &[String]) -> Self {
-        let admin = format!("127.0.0.1:{}", free_port());
-        let log = dir.join(format!("{binary_name}-{}.log", port(&admin)));
-        let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(binary(binary_name))
-            .args(command)
-            .args(["--admin-addr", &admin, "--log-format", "text"])
-            .args(args)
-            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap();
+        let mut service = ServiceCommand::new(binary_name);
+        service.args(command).args(args);
+        let log = dir.join(format!("{binary_name}-{}.log", port(service.admin())));
         Self {
-            child,
-            admin,
-            log,
+            process: service.spawn(log),
             _topics: None,
         }
     }
 
+    fn admin(&self) -> &str {
+        self.process.admin()
+    }
+
     /// Waits until `/livez` answers 200 over HTTPS (curl trusting `ca`, with `extra`).
     async fn wait_live(&mut self, ca: &Path, extra: &[&str]) {
-        let url = format!("https://localhost:{}/livez", port(&self.admin));
-        let what = format!("{url} to answer 200; see {}", self.log.display());
-        wait_until(Duration::from_secs(30), what, async || {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!(
-                    "{} exited ({status}): {}",
-                    self.log.display(),
-                    std::fs::read_to_string(&self.log).unwrap_or_default()
-                );
-            }
-            match curl(&url, ca, extra) {
-                (0, code) if code == "200" => Ok(()),
-                other => Err(other),
-            }
-        })
-        .await;
+        let url = format!("https://localhost:{}/livez", port(self.admin()));
+        let what = format!("{url} to answer 200");
+        let live = async || match curl(&url, ca, extra) {
+            (0, code) if code == "200" => Ok(()),
+            other => Err(other),
+        };
+        self.process
+            .wait_for(Duration::from_secs(30), what, live)
+            .await;
     }
 }
 
@@ -935,7 +895,7 @@ async fn the_processor_both_writers_and_the_ledger_serve_their_admin_endpoints_o
     for (name, service, mutual) in &mut services {
         let extra: &[&str] = if *mutual { &identity } else { &[] };
         service.wait_live(&ca, extra).await;
-        let url = |path: &str| format!("https://localhost:{}{path}", port(&service.admin));
+        let url = |path: &str| format!("https://localhost:{}{path}", port(service.admin()));
         // curl trusting the CA reads all three endpoints over TLS; /readyz is 503 while
         // the service waits for its dependency.
         assert_eq!(
@@ -952,7 +912,7 @@ async fn the_processor_both_writers_and_the_ledger_serve_their_admin_endpoints_o
         let (code, text) = curl(&url("/livez"), &wrong_ca, extra);
         assert_eq!(code, 60, "{name}: {text}");
         // Plain HTTP to the TLS port gets no HTTP answer.
-        let (code, text) = curl(&format!("http://{}/livez", service.admin), &ca, &[]);
+        let (code, text) = curl(&format!("http://{}/livez", service.admin()), &ca, &[]);
         assert!(code != 0 || text == "000", "{name}: plain HTTP got {text}");
         if *mutual {
             let (code, text) = curl(&url("/livez"), &ca, &[]);
@@ -1032,7 +992,7 @@ async fn a_client_dribbling_its_headers_to_an_admin_server_is_closed_after_the_h
 
     // Over TLS, a request's headers one byte every 200 ms (never finished): the writer
     // closes the connection about a second after it opened, without an answer.
-    let mut tls = tls_connect(&writer.admin, &ca).await;
+    let mut tls = tls_connect(writer.admin(), &ca).await;
     let started = Instant::now();
     let head = b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nX-Slow: ";
     let mut bytes = head.iter().chain(std::iter::repeat(&b'a'));
@@ -1057,7 +1017,7 @@ async fn a_client_dribbling_its_headers_to_an_admin_server_is_closed_after_the_h
     );
     assert!(!answer.contains("200"), "answered: {answer}");
     // A client that connects and sends nothing is closed likewise.
-    let mut silent = tls_connect(&writer.admin, &ca).await;
+    let mut silent = tls_connect(writer.admin(), &ca).await;
     let started = Instant::now();
     let n = tokio::time::timeout(Duration::from_secs(15), silent.read(&mut buf))
         .await
@@ -1071,7 +1031,10 @@ async fn a_client_dribbling_its_headers_to_an_admin_server_is_closed_after_the_h
     let out = Command::new("curl")
         .args(["-sS", "--max-time", "10", "--cacert"])
         .arg(&ca)
-        .arg(format!("https://localhost:{}/metrics", port(&writer.admin)))
+        .arg(format!(
+            "https://localhost:{}/metrics",
+            port(writer.admin())
+        ))
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -1082,4 +1045,257 @@ async fn a_client_dribbling_its_headers_to_an_admin_server_is_closed_after_the_h
     )
     .unwrap_or(0.0);
     assert!(n >= 2.0, "{n} header timeouts counted\n{text}");
+}
+
+// ---------------------------------------------------------------------------------------
+// The admin-only services' certificate rotations in the audit trail
+
+impl AdminOnly {
+    /// `binary_name` (with `command`) on the test broker (single-broker topic settings),
+    /// each of `topic_flags` given a topic of its own (removed when it is dropped), and
+    /// `args`: the writers and the ledger as the constructors above give them, but with a
+    /// broker that answers, which their audit records need.
+    fn on_broker(
+        dir: &Path,
+        binary_name: &str,
+        command: &[&str],
+        topic_flags: &[&str],
+        args: &[String],
+    ) -> Self {
+        let names: Vec<String> = topic_flags
+            .iter()
+            .map(|flag| pulse_tests::unique(&format!("admin_audit_{}", flag.trim_matches('-'))))
+            .collect();
+        let mut all: Vec<String> = [
+            "--kafka-brokers",
+            &pulse_tests::kafka().brokers,
+            "--kafka-partitions",
+            "1",
+            "--kafka-replication-factor",
+            "1",
+            "--kafka-min-insync-replicas",
+            "1",
+        ]
+        .map(String::from)
+        .to_vec();
+        for (flag, name) in topic_flags.iter().zip(&names) {
+            all.extend([flag.to_string(), name.clone()]);
+        }
+        all.extend(args.iter().cloned());
+        let mut p = Self::spawn(dir, binary_name, command, &all);
+        p._topics = Some(cleanup::Topics::adopt(names));
+        p
+    }
+}
+
+/// The `keys.tls.reload` records of `topic` written at or after `since_ms`.
+async fn tls_reloads_since(topic: &str, since_ms: i64) -> Vec<pulse_platform::audit::AuditRecord> {
+    crate::audit::audit_json(
+        topic,
+        &["--action", pulse_platform::audit::action::TLS_RELOAD],
+    )
+    .await
+    .into_iter()
+    .filter(|r| r.ts_ms >= since_ms)
+    .collect()
+}
+
+/// Waits until every service of `services` has a `keys.tls.reload` record of `outcome`
+/// written at or after `since_ms` in `topic`; returns those records.
+async fn wait_for_reload_records(
+    topic: &str,
+    services: &[&str],
+    outcome: pulse_platform::audit::Outcome,
+    since_ms: i64,
+) -> Vec<pulse_platform::audit::AuditRecord> {
+    wait_until(
+        Duration::from_secs(60),
+        format!("a {outcome} keys.tls.reload record of each of {services:?}"),
+        async || {
+            let records: Vec<_> = tls_reloads_since(topic, since_ms)
+                .await
+                .into_iter()
+                .filter(|r| r.outcome == outcome)
+                .collect();
+            let missing: Vec<&str> = services
+                .iter()
+                .copied()
+                .filter(|s| !records.iter().any(|r| r.service == *s))
+                .collect();
+            if missing.is_empty() {
+                Ok(records)
+            } else {
+                Err(format!("missing {missing:?}; records {records:?}"))
+            }
+        },
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_processor_both_writers_and_the_ledger_audit_their_admin_certificate_reloads() {
+    use pulse_platform::audit::Outcome;
+    let (ca1, cert, key) = pki("admin-tls-audit-1");
+    let (ca2, cert2, key2) = pki("admin-tls-audit-2");
+    let dir = ca1.parent().unwrap().to_owned();
+    let (audit_topic, _audit_guard, _) = crate::audit::new_audit_topic("admin-tls-audit").await;
+    let key_pem = std::fs::read_to_string(&key2).unwrap();
+    let tls_audit: Vec<String> = [
+        "--admin-tls-cert-file",
+        cert.to_str().unwrap(),
+        "--admin-tls-key-file",
+        key.to_str().unwrap(),
+        "--tls-reload-interval",
+        "200ms",
+        "--audit-topic",
+        &audit_topic,
+    ]
+    .map(String::from)
+    .to_vec();
+    let with = |args: &[&str]| -> Vec<String> {
+        args.iter()
+            .map(|a| a.to_string())
+            .chain(tls_audit.iter().cloned())
+            .collect()
+    };
+    // Each waits for a dependency where nothing listens (the schema registry, ClickHouse,
+    // S3), alive and not ready, with its admin server up; the broker answers.
+    let nowhere = format!("http://127.0.0.1:{}", free_port());
+    let s3_keys = [
+        "--s3-access-key-file",
+        &pulse_tests::secret_file("admin-tls-audit-s3-access", "a"),
+        "--s3-secret-key-file",
+        &pulse_tests::secret_file("admin-tls-audit-s3-secret", "s"),
+    ]
+    .map(String::from);
+    let s3 = |args: &[&str]| -> Vec<String> {
+        let mut all = with(args);
+        all.extend(s3_keys.iter().cloned());
+        all
+    };
+    let tls_audit_refs: Vec<&str> = tls_audit.iter().map(String::as_str).collect();
+    let mut services = [
+        ("processor", AdminOnly::processor(&dir, &tls_audit_refs)),
+        (
+            "writer-clickhouse",
+            AdminOnly::on_broker(
+                &dir,
+                "pulse-writer",
+                &[],
+                &[
+                    "--events-topic",
+                    "--user-activity-topic",
+                    "--sessions-topic",
+                    "--dlq-topic",
+                ],
+                &with(&["--sink", "clickhouse", "--clickhouse-url", &nowhere]),
+            ),
+        ),
+        (
+            "writer-parquet",
+            AdminOnly::on_broker(
+                &dir,
+                "pulse-writer",
+                &[],
+                &["--events-topic", "--dlq-topic"],
+                &s3(&["--sink", "parquet", "--s3-endpoint", &nowhere]),
+            ),
+        ),
+        (
+            "ledger",
+            AdminOnly::on_broker(
+                &dir,
+                "pulsectl",
+                &["ledger", "watch"],
+                &["--events-topic", "--late-topic", "--dlq-topic"],
+                &s3(&[
+                    "--clickhouse-url",
+                    &nowhere,
+                    "--s3-endpoint",
+                    &nowhere,
+                    "--query-url",
+                    &nowhere,
+                    "--interval",
+                    "1s",
+                ]),
+            ),
+        ),
+    ];
+    let names: Vec<&str> = services.iter().map(|(name, _)| *name).collect();
+    for (_, service) in &mut services {
+        service.wait_live(&ca1, &[]).await;
+    }
+
+    // A rotation (key first, as a secret update may do it in any order): each serves the
+    // new certificate and records an `ok` reload naming itself.
+    let swapped_at = pulse_platform::clock::now_ms();
+    std::fs::copy(&key2, &key).unwrap();
+    std::fs::copy(&cert2, &cert).unwrap();
+    for (name, service) in &mut services {
+        let url = format!("https://localhost:{}/livez", port(service.admin()));
+        wait_until(
+            Duration::from_secs(15),
+            format!("{name} serving the new certificate"),
+            async || match curl(&url, &ca2, &[]) {
+                (0, code) if code == "200" => Ok(()),
+                other => Err(other),
+            },
+        )
+        .await;
+    }
+    let ok = wait_for_reload_records(&audit_topic, &names, Outcome::Ok, swapped_at).await;
+    // And counted what it wrote.
+    for (name, service) in &services {
+        let url = format!("https://localhost:{}/metrics", port(service.admin()));
+        wait_until(
+            Duration::from_secs(10),
+            format!("{name} counting its audit record"),
+            async || {
+                let out = Command::new("curl")
+                    .args(["-sS", "--max-time", "10", "--cacert"])
+                    .arg(&ca2)
+                    .arg(&url)
+                    .output()
+                    .unwrap();
+                let text = String::from_utf8_lossy(&out.stdout).into_owned();
+                match metric_sum(&text, pulse_platform::audit::RECORDS_WRITTEN_TOTAL, &[]) {
+                    Some(n) if n >= 1.0 => Ok(()),
+                    _ => Err(text),
+                }
+            },
+        )
+        .await;
+    }
+
+    // A broken certificate file is refused by each (the new one stays in use) and
+    // recorded as `failed` with the reason.
+    let broken_at = pulse_platform::clock::now_ms();
+    std::fs::write(&cert, "-----BEGIN CERTIFICATE-----\nbroken\n").unwrap();
+    let failed = wait_for_reload_records(&audit_topic, &names, Outcome::Failed, broken_at).await;
+    for (name, service) in &mut services {
+        let url = format!("https://localhost:{}/livez", port(service.admin()));
+        assert_eq!(curl(&url, &ca2, &[]), (0, "200".into()), "{name}");
+    }
+    for r in ok.iter().chain(&failed) {
+        assert!(names.contains(&r.service.as_str()), "{r:?}");
+        assert_eq!(
+            (r.actor.as_str(), r.target.as_str()),
+            ("file", cert.to_str().unwrap()),
+            "{r:?}"
+        );
+        assert!(r.detail.starts_with("admin listener: "), "{r:?}");
+        let json = String::from_utf8(r.to_json()).unwrap();
+        assert!(
+            !json.contains("PRIVATE KEY") && !json.contains(key_pem.lines().nth(1).unwrap()),
+            "a key in the record: {json}"
+        );
+    }
+    for s in &names {
+        assert!(
+            failed.iter().any(|r| r.service == *s
+                && r.outcome == Outcome::Failed
+                && r.detail.contains("the previous certificate stays in use")),
+            "{s}: {failed:?}"
+        );
+    }
 }

@@ -1,7 +1,8 @@
 //! What the test modules share: waiting on a condition ([`wait`]), sample events
 //! ([`events`]), guards that remove a test's databases, topics and folders ([`cleanup`]),
 //! and the harnesses of several modules (an in-process ingest, schema registry or Parquet
-//! sink, gRPC health and reflection checks, the service binaries as child processes).
+//! sink, gRPC health and reflection checks, the service binaries as child processes,
+//! [`service_process`] for any of them).
 
 pub mod archive;
 pub mod child_process;
@@ -15,6 +16,7 @@ pub mod kafka;
 pub mod pipeline;
 pub mod registry;
 pub mod sasl_proxy;
+pub mod service_process;
 pub mod tls;
 pub mod wait;
 pub mod writer_process;

@@ -81,8 +81,9 @@ fn ms(d: Duration) -> i64 {
 }
 
 /// The binary's `ledger watch`: telemetry, admin server, signals, then [`watch`] until
-/// a signal.
-pub async fn run(args: WatchArgs) -> Result<(), LedgerError> {
+/// a signal. A reload of the admin server's certificate is audited (`keys.tls.reload`,
+/// service `ledger`) to `--audit-topic`, by a producer made when one happens.
+pub async fn run(args: WatchArgs, audit: &crate::audit::AuditArgs) -> Result<(), LedgerError> {
     // A long-running process like the services: glibc's allocator tuned the same way
     // (re-executes the process; returns on failure).
     let untuned = pulse_platform::malloc::tune();
@@ -101,6 +102,15 @@ pub async fn run(args: WatchArgs) -> Result<(), LedgerError> {
     let settings = pulse_platform::server::AdminSettingsArgs::admin_settings(&args.admin_server)
         .map_err(|e| LedgerError::Admin(std::io::Error::other(e.to_string())))?;
     let (ctx, admin) = pulse_platform::service::start_with(SERVICE, listener, settings)?;
+    // After the metrics recorder is installed, so the audit metrics are exported at zero.
+    pulse_platform::audit::set_process_log(
+        SERVICE,
+        pulse_platform::audit::AuditLog::on_demand(
+            &args.sources.kafka,
+            "pulse-ledger-audit",
+            &audit.audit_topic,
+        ),
+    );
     ctx.shutdown.install_signal_handlers()?;
     let result = watch(&args, &ctx).await;
     admin.stop().await;
