@@ -5,15 +5,15 @@
 //! requests than allowed) on a schema registry replica.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use pulse_platform::server::ServerArgs;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
-use crate::support::child_process::{binary, free_port};
-use crate::support::service_process::{ServiceCommand, ServiceProcess};
+use crate::support::child_process::free_port;
+use crate::support::service_process::{ServiceCommand, ServiceProcess, free_addr};
 use crate::support::tls::{make_ca, make_client_cert, make_server_cert, work_dir};
 use crate::support::{cleanup, metric_sum, wait_until};
 
@@ -33,41 +33,28 @@ pub(crate) fn pki(name: &str) -> (PathBuf, PathBuf, PathBuf) {
 /// A `pulse-query-api` process (killed when dropped). ClickHouse is not needed for what
 /// these tests call: the OpenAPI document, gRPC health and the admin server.
 struct Api {
-    child: Child,
+    process: ServiceProcess,
     http: String,
     grpc: String,
     admin: String,
+    /// Its log file (also a file that holds no certificate, for a test).
     log: PathBuf,
-}
-
-impl Drop for Api {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 impl Api {
     fn spawn(dir: &Path, args: &[&str]) -> Self {
-        let addr = || format!("127.0.0.1:{}", free_port());
-        let (http, grpc, admin) = (addr(), addr(), addr());
-        let log = dir.join("query-api.log");
-        let out = std::fs::File::create(&log).unwrap();
-        let child = Command::new(binary("pulse-query-api"))
-            .args(["--log-format", "text"])
+        let (http, grpc) = (free_addr(), free_addr());
+        let mut command = ServiceCommand::new("pulse-query-api");
+        command
             .env("PULSE_QUERY_API_TOKENS", TOKEN)
             .args(["--clickhouse-url", &pulse_tests::clickhouse().url])
             .args(["--http-addr", &http, "--grpc-addr", &grpc])
-            .args(["--admin-addr", &admin])
-            .args(args)
-            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-            .stdin(Stdio::null())
-            .stdout(out.try_clone().unwrap())
-            .stderr(out)
-            .spawn()
-            .unwrap();
+            .args(args);
+        let admin = command.admin().to_owned();
+        let log = dir.join("query-api.log");
+        let process = command.spawn(log.clone());
         Self {
-            child,
+            process,
             http,
             grpc,
             admin,
@@ -76,23 +63,23 @@ impl Api {
     }
 
     fn logs(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.process.logs()
     }
 
     /// Waits until `/readyz` of the admin server answers 200 to `client` over `scheme`.
     async fn wait_ready(&mut self, client: &reqwest::Client, scheme: &str) {
         let url = format!("{scheme}://{}/readyz", self.admin);
-        wait_until(Duration::from_secs(30), "query-api ready", async || {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("query-api exited ({status}): {}", self.logs());
-            }
-            match client.get(&url).send().await {
-                Ok(r) if r.status() == 200 => Ok(()),
-                Ok(r) => Err(r.status().to_string()),
-                Err(e) => Err(chain(&e)),
-            }
-        })
-        .await;
+        self.process
+            .wait_for(
+                Duration::from_secs(30),
+                "query-api ready",
+                async || match client.get(&url).send().await {
+                    Ok(r) if r.status() == 200 => Ok(()),
+                    Ok(r) => Err(r.status().to_string()),
+                    Err(e) => Err(chain(&e)),
+                },
+            )
+            .await;
     }
 }
 
@@ -356,7 +343,7 @@ async fn a_replaced_certificate_is_served_without_a_restart_and_a_bad_one_is_not
     );
     let plain = reqwest::Client::new();
     api.wait_ready(&plain, "http").await;
-    let pid = api.child.id();
+    let pid = api.process.pid();
     let openapi = format!("https://{}/openapi.json", api.http);
     let metrics_url = format!("http://{}/metrics", api.admin);
     let (old, new) = (client_trusting(&ca1), client_trusting(&ca2));
@@ -381,8 +368,8 @@ async fn a_replaced_certificate_is_served_without_a_restart_and_a_bad_one_is_not
     let e = old.get(&openapi).send().await.unwrap_err();
     assert!(chain(&e).contains("UnknownIssuer"), "{}", chain(&e));
     assert_eq!(curl(&openapi, &ca2, &[]), (0, "200".into()));
-    assert!(api.child.try_wait().unwrap().is_none(), "no restart");
-    assert_eq!(api.child.id(), pid);
+    api.process.assert_running();
+    assert_eq!(api.process.pid(), pid, "no restart");
     let metrics = scrape(&plain, &metrics_url).await;
     let ok = |m: &str| {
         metric_sum(
