@@ -461,6 +461,26 @@ mod tests {
         }
     }
 
+    /// A listener on a free port with `settings`: it, its address and its stop token.
+    async fn listen(settings: AcceptSettings) -> (HttpListener, SocketAddr, CancellationToken) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let l = HttpListener::new(listener, settings, stop.clone()).unwrap();
+        (l, addr, stop)
+    }
+
+    /// [`plain`] with a self-signed certificate written to `dir`, and its files.
+    fn with_tls(
+        dir: &std::path::Path,
+        max_connections: usize,
+    ) -> (AcceptSettings, crate::tls::TlsFiles) {
+        let files = crate::tls::tests::self_signed(dir, "s", 2);
+        let mut settings = plain(max_connections);
+        settings.tls = Some(ReloadingTls::load(files.clone(), "service").unwrap());
+        (settings, files)
+    }
+
     /// Sends `request` on a new connection to `addr` and reads until the server closes
     /// it; the answer, and after how long it was complete.
     async fn exchange(addr: SocketAddr, request: &[u8]) -> (String, Duration) {
@@ -480,10 +500,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_connection_beyond_the_limit_gets_503_with_retry_after_at_once_and_is_closed() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let stop = CancellationToken::new();
-        let mut l = HttpListener::new(listener, plain(1), stop.clone()).unwrap();
+        let (mut l, addr, stop) = listen(plain(1)).await;
         let _a = TcpStream::connect(addr).await.unwrap();
         let (first, _) = l.accept().await;
         assert!(!first.is_tls());
@@ -520,10 +537,7 @@ mod tests {
     #[tokio::test]
     async fn an_http2_or_grpc_request_beyond_the_limit_gets_503_or_unavailable() {
         use http_body_util::Empty;
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let stop = CancellationToken::new();
-        let mut l = HttpListener::new(listener, plain(1), stop.clone()).unwrap();
+        let (mut l, addr, stop) = listen(plain(1)).await;
         let _a = TcpStream::connect(addr).await.unwrap();
         let _first = l.accept().await;
         let client =
@@ -552,10 +566,7 @@ mod tests {
 
     #[tokio::test]
     async fn refusals_are_bounded_in_number_and_in_time() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let stop = CancellationToken::new();
-        let mut l = HttpListener::new(listener, plain(1), stop.clone()).unwrap();
+        let (mut l, addr, stop) = listen(plain(1)).await;
         let _a = TcpStream::connect(addr).await.unwrap();
         let _first = l.accept().await;
         // Clients beyond the limit that send nothing each hold a refusal…
@@ -592,15 +603,9 @@ mod tests {
     #[tokio::test]
     async fn a_client_that_never_handshakes_does_not_block_others() {
         let dir = tempfile::tempdir().unwrap();
-        let files = crate::tls::tests::self_signed(dir.path(), "s", 2);
-        let tls = ReloadingTls::load(files.clone(), "service").unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let stop = CancellationToken::new();
-        let mut settings = plain(10);
-        settings.tls = Some(tls);
+        let (mut settings, files) = with_tls(dir.path(), 10);
         settings.handshake_timeout = Duration::from_secs(30);
-        let mut l = HttpListener::new(listener, settings, stop.clone()).unwrap();
+        let (mut l, addr, stop) = listen(settings).await;
         // A client that connects and never starts its handshake…
         let _silent = TcpStream::connect(addr).await.unwrap();
         // …and one that speaks plain HTTP to the TLS port (its handshake fails).
@@ -633,14 +638,8 @@ mod tests {
     #[tokio::test]
     async fn a_tls_connection_beyond_the_limit_gets_503_after_its_handshake() {
         let dir = tempfile::tempdir().unwrap();
-        let files = crate::tls::tests::self_signed(dir.path(), "s", 2);
-        let tls = ReloadingTls::load(files.clone(), "service").unwrap();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let stop = CancellationToken::new();
-        let mut settings = plain(1);
-        settings.tls = Some(tls);
-        let mut l = HttpListener::new(listener, settings, stop.clone()).unwrap();
+        let (settings, files) = with_tls(dir.path(), 1);
+        let (mut l, addr, stop) = listen(settings).await;
         let connector = tls_connector(&files.cert);
         let connect = async || {
             let tcp = TcpStream::connect(addr).await.unwrap();

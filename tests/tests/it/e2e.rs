@@ -23,7 +23,7 @@ use serde_json::{Value, json};
 use crate::support::child_process::binary;
 use crate::support::dev_stack::DevStack;
 use crate::support::wait::Text;
-use crate::support::{Deadline, events, kafka, metric_sum, wait_until};
+use crate::support::{Deadline, events, kafka, metric_sum, python, wait_until};
 
 const TOKEN: &str = "pulse-dev-token";
 const API_KEY: &str = "pulse-dev-key";
@@ -230,27 +230,15 @@ async fn read_topic(kafka: &str, topic: &str) -> Vec<(Option<String>, Option<Str
 
 /// Event ids in every Parquet object of the archive (read by pyarrow from s3s-fs's folder).
 fn parquet_event_ids(state: &Path) -> Vec<String> {
-    let python = std::env::var("PULSE_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
-    let root = state.join("s3");
-    let out = Command::new(python)
-        .args([
-            "-c",
-            "import sys, glob, json, pyarrow.parquet as pq\n\
-             ids = []\n\
-             for f in sorted(glob.glob(sys.argv[1] + '/**/*.parquet', recursive=True)):\n\
-             \x20   ids += pq.read_table(f, columns=['event_id']).column('event_id').to_pylist()\n\
-             print(json.dumps(ids), flush=True)\n\
-             import os; os._exit(0)  # skip teardown: pyarrow's pools can abort it",
-        ])
-        .arg(&root)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "pyarrow: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    python::json(
+        "import sys, glob, json, pyarrow.parquet as pq\n\
+         ids = []\n\
+         for f in sorted(glob.glob(sys.argv[1] + '/**/*.parquet', recursive=True)):\n\
+         \x20   ids += pq.read_table(f, columns=['event_id']).column('event_id').to_pylist()\n\
+         print(json.dumps(ids), flush=True)\n\
+         import os; os._exit(0)  # skip teardown: pyarrow's pools can abort it",
+        [state.join("s3")],
+    )
 }
 
 fn sorted(mut v: Vec<String>) -> Vec<String> {

@@ -15,7 +15,6 @@
 //! (README, PII). The test checks that value is exactly the bytes sent, and nothing else.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use pulse_contracts::{headers, topics};
@@ -26,7 +25,7 @@ use rdkafka::message::{Headers, OwnedMessage};
 use serde_json::Value;
 
 use crate::support::dev_stack::DevStack;
-use crate::support::{Deadline, events, kafka, wait_until};
+use crate::support::{Deadline, events, kafka, python, wait_until};
 
 const API_KEY: &str = "pulse-dev-key";
 /// The HMAC key of this test's ingest (`PULSE_INGEST_PII_HMAC_KEY`).
@@ -38,30 +37,17 @@ const POLICY: Option<&str> = None;
 /// How long the pipeline may take to store what was sent.
 const SETTLE: Duration = Duration::from_secs(120);
 
-fn python() -> String {
-    std::env::var("PULSE_TEST_PYTHON").unwrap_or_else(|_| "python3".into())
-}
-
 /// The pseudonym ingest gives `value` under `key`, computed independently of ingest's code
 /// (Python's hmac): `hmac:` + hex of the first 16 bytes of HMAC-SHA256.
 fn expected_hash(key: &str, value: &str) -> String {
-    let out = Command::new(python())
-        .args([
-            "-c",
-            "import hmac, hashlib, sys\n\
-             print('hmac:' + hmac.new(sys.argv[1].encode(), sys.argv[2].encode(), \
-             hashlib.sha256).hexdigest()[:32])",
-            key,
-            value,
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    python::run(
+        "import hmac, hashlib, sys\n\
+         print('hmac:' + hmac.new(sys.argv[1].encode(), sys.argv[2].encode(), \
+         hashlib.sha256).hexdigest()[:32])",
+        [key, value],
+    )
+    .trim()
+    .to_owned()
 }
 
 /// The platform of `scripts/dev.sh up` with ingest's PII policy under test ([`POLICY`]:
@@ -154,26 +140,16 @@ fn files(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
 
 /// The rows of every Parquet file under `dir`, decoded (pyarrow) into JSON text per file.
 fn parquet_rows(dir: &Path) -> Vec<(String, String)> {
-    let out = Command::new(python())
-        .args([
-            "-c",
-            "import sys, glob, json, pyarrow.parquet as pq\n\
-             out = []\n\
-             for f in sorted(glob.glob(sys.argv[1] + '/**/*.parquet', recursive=True)):\n\
-             \x20   rows = pq.read_table(f).to_pylist()\n\
-             \x20   out.append([f, json.dumps(rows, default=str, ensure_ascii=False)])\n\
-             print(json.dumps(out), flush=True)\n\
-             import os; os._exit(0)  # skip teardown: pyarrow's pools can abort it",
-        ])
-        .arg(dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "pyarrow: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    python::json(
+        "import sys, glob, json, pyarrow.parquet as pq\n\
+         out = []\n\
+         for f in sorted(glob.glob(sys.argv[1] + '/**/*.parquet', recursive=True)):\n\
+         \x20   rows = pq.read_table(f).to_pylist()\n\
+         \x20   out.append([f, json.dumps(rows, default=str, ensure_ascii=False)])\n\
+         print(json.dumps(out), flush=True)\n\
+         import os; os._exit(0)  # skip teardown: pyarrow's pools can abort it",
+        [dir],
+    )
 }
 
 /// Whether `haystack` holds `needle`, ignoring ASCII case.

@@ -14,6 +14,7 @@ pub mod grpc_meta;
 pub mod ingest_server;
 pub mod kafka;
 pub mod pipeline;
+pub mod python;
 pub mod registry;
 pub mod sasl_proxy;
 pub mod service_process;
